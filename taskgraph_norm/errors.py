@@ -1,0 +1,115 @@
+"""Every exception taskgraph_norm raises on purpose, under one root.
+
+Each class builds its own message from the facts it is given, so the message
+shape is the same wherever the error is raised.  Errors about the user's
+*parameters* also derive from :class:`ValueError`; errors that mirror
+``torch.nn.functional.rms_norm`` derive from the builtin type torch raises, so
+``except RuntimeError`` code written against torch keeps working.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class TaskGraphError(Exception):
+    """Root of every error raised by taskgraph_norm."""
+
+
+# --- graph validation -------------------------------------------------------
+
+
+class GraphError(TaskGraphError, ValueError):
+    """A graph breaks a structural rule; the message names the offending node."""
+
+    def __init__(self, node_id: str | None, problem: str, hint: str = "") -> None:
+        self.node_id = node_id
+        self.problem = problem
+        where = f"node {node_id!r}: " if node_id is not None else ""
+        text = f"{where}{problem}"
+        if hint:
+            text = f"{text} ({hint})"
+        super().__init__(text)
+
+
+class CycleError(GraphError):
+    """The graph has a cycle; ``path`` lists it, first node repeated at the end."""
+
+    def __init__(self, path: Sequence[str]) -> None:
+        self.path = tuple(path)
+        super().__init__(
+            self.path[0] if self.path else None,
+            "the graph has a cycle: " + " -> ".join(self.path),
+            "a merge DAG must be acyclic; remove one of these edges",
+        )
+
+
+# --- user parameters -------------------------------------------------------
+
+
+class ConfigError(TaskGraphError, ValueError):
+    """A taskgraph_norm parameter (topology, chunk size, executor...) is invalid."""
+
+    def __init__(self, name: str, value: object, expected: str) -> None:
+        self.name = name
+        self.value = value
+        super().__init__(f"{name}={value!r} is invalid: expected {expected}")
+
+
+# --- input tensors (mirror torch.nn.functional.rms_norm) -------------------
+
+
+class InputRankError(TaskGraphError, ValueError):
+    """Input of too few dimensions; torch raises ValueError with this message."""
+
+    def __init__(self, need: int, got: int) -> None:
+        super().__init__(
+            f"Input tensor must have at least {need} dimensions, but got {got}"
+        )
+
+
+class InputShapeError(TaskGraphError, RuntimeError):
+    """Input trailing shape does not match ``normalized_shape`` (torch: RuntimeError)."""
+
+    def __init__(self, normalized_shape: Sequence[int], got: Sequence[int]) -> None:
+        shape = list(normalized_shape)
+        star = "*" + ", ".join(str(s) for s in shape)
+        super().__init__(
+            f"Given normalized_shape={shape}, expected input with shape "
+            f"[{star}], but got input of size{list(got)}"
+        )
+
+
+class WeightShapeError(TaskGraphError, RuntimeError):
+    """Weight shape differs from ``normalized_shape`` (torch: RuntimeError)."""
+
+    def __init__(self, weight_shape: Sequence[int], normalized_shape: Sequence[int]) -> None:
+        super().__init__(
+            "Expected weight to be of same shape as normalized_shape, but got "
+            f"weight of shape {list(weight_shape)} and normalized_shape = "
+            f"{list(normalized_shape)}"
+        )
+
+
+class DeviceMismatchError(TaskGraphError, RuntimeError):
+    """Weight and input live on different devices (torch: RuntimeError)."""
+
+    def __init__(self, weight_device: object, input_device: object) -> None:
+        super().__init__(
+            f"Tensor on device {weight_device} is not on the expected device "
+            f"{input_device}!"
+        )
+
+
+class DtypeError(TaskGraphError, NotImplementedError):
+    """RMSNorm is not defined for this dtype (torch: NotImplementedError)."""
+
+    def __init__(self, dtype_name: str) -> None:
+        super().__init__(f'"rms_norm" not implemented for {dtype_name!r}')
+
+
+# --- execution ------------------------------------------------------------
+
+
+class ExecutionError(TaskGraphError, RuntimeError):
+    """A graph could not be executed as asked (e.g. an executor is unavailable)."""

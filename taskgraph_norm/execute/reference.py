@@ -1,0 +1,135 @@
+"""The reference executor: a sequential interpreter, the oracle for every other one.
+
+It walks the graph in its deterministic topological order and dispatches each
+node to the method named after its op (``Op.SUMSQ`` -> :meth:`sumsq`), so a
+subclass can override one op in a few lines, as with ``torch.fx.Interpreter``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from .. import kernels
+from ..errors import ConfigError, GraphError
+from ..graph import Graph, Node, Op, validate
+
+__all__ = ["ReferenceInterpreter", "run_reference"]
+
+
+class ReferenceInterpreter:
+    """Runs one graph on one input, sequentially.
+
+    Parameters
+    ----------
+    graph:
+        A graph; it is validated first, so a malformed one never runs a node.
+    arrival:
+        For ``ACCUMULATE`` nodes, the order in which their operands arrive, as a
+        permutation of operand positions (``{"accumulate": (2, 0, 1)}``).  Without
+        an entry, operands arrive in index order.
+    """
+
+    def __init__(self, graph: Graph, *, arrival: Mapping[str, Sequence[int]] | None = None) -> None:
+        self.graph = validate(graph)
+        self.arrival = _check_arrival(graph, arrival or {})
+        self._order = graph.topological_order
+        self._last_use = _last_uses(graph, self._order)
+
+    def run(self, x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+        self.x, self.weight, self.eps = x, weight, eps
+        env: dict[str, Any] = {}
+        for step, node_id in enumerate(self._order):
+            node = self.graph.by_id[node_id]
+            args = [env[i] for i in node.inputs]
+            env[node_id] = getattr(self, node.op.value)(node, args)
+            for done in self._last_use.get(step, ()):
+                del env[done]  # free partials as soon as their last user has run
+        return env[self.graph.output]
+
+    # -- one method per op ------------------------------------------------------
+
+    def input(self, node: Node, args: list[Any]) -> torch.Tensor:
+        return self.x
+
+    def sumsq(self, node: Node, args: list[Any]) -> torch.Tensor:
+        start, stop, leaf = node.attrs["start"], node.attrs["stop"], node.attrs["leaf"]
+        if node.attrs.get("domain") == "exact":
+            return kernels.sumsq_exact(args[0], start, stop, args[1], leaf)
+        if leaf == "native":
+            return kernels.sumsq_native(args[0], start, stop)
+        return kernels.sumsq_pairwise(args[0], start, stop)
+
+    def add(self, node: Node, args: list[Any]) -> torch.Tensor:
+        return kernels.add(args[0], args[1])
+
+    def accumulate(self, node: Node, args: list[Any]) -> torch.Tensor:
+        order = self.arrival.get(node.id, range(len(args)))
+        return kernels.accumulate([args[i] for i in order])
+
+    def catsum(self, node: Node, args: list[Any]) -> torch.Tensor:
+        return kernels.catsum(args)
+
+    def rowmax(self, node: Node, args: list[Any]) -> torch.Tensor:
+        return kernels.rowmax_sq(args[0], node.attrs["start"], node.attrs["stop"])
+
+    def max(self, node: Node, args: list[Any]) -> torch.Tensor:
+        return kernels.maximum(args[0], args[1])
+
+    def scale(self, node: Node, args: list[Any]) -> torch.Tensor:
+        return kernels.exact_scale(args[0], node.attrs["hidden_size"])
+
+    def rmsnorm(self, node: Node, args: list[Any]) -> torch.Tensor:
+        return kernels.rms_norm_standard(args[0], node.attrs["hidden_size"], self.eps, self.weight)
+
+    def finalize(self, node: Node, args: list[Any]) -> torch.Tensor:
+        return kernels.finalize(args[0], args[1], node.attrs["hidden_size"], self.eps, self.weight)
+
+    def output(self, node: Node, args: list[Any]) -> torch.Tensor:
+        return args[0]
+
+
+def _check_arrival(
+    graph: Graph, arrival: Mapping[str, Sequence[int]]
+) -> dict[str, tuple[int, ...]]:
+    checked: dict[str, tuple[int, ...]] = {}
+    for node_id, order in arrival.items():
+        node = graph.by_id.get(node_id)
+        if node is None or node.op is not Op.ACCUMULATE:
+            raise GraphError(node_id, "an arrival order is given, but it is not an ACCUMULATE node")
+        perm = tuple(order)
+        if sorted(perm) != list(range(len(node.inputs))):
+            raise ConfigError(
+                f"arrival[{node_id!r}]", perm,
+                f"a permutation of 0..{len(node.inputs) - 1}",
+            )
+        checked[node_id] = perm
+    return checked
+
+
+def _last_uses(graph: Graph, order: Sequence[str]) -> dict[int, tuple[str, ...]]:
+    """Step index -> ids whose last consumer runs at that step (the output is kept)."""
+    position = {nid: i for i, nid in enumerate(order)}
+    last: dict[str, int] = {}
+    for nid in order:
+        for src in graph.by_id[nid].inputs:
+            last[src] = max(last.get(src, -1), position[nid])
+    by_step: dict[int, list[str]] = {}
+    for src, step in last.items():
+        if src != graph.output:
+            by_step.setdefault(step, []).append(src)
+    return {k: tuple(v) for k, v in by_step.items()}
+
+
+def run_reference(
+    graph: Graph,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    eps: float,
+    *,
+    arrival: Mapping[str, Sequence[int]] | None = None,
+) -> torch.Tensor:
+    """Execute ``graph`` sequentially on ``x`` (already checked) and return ``y``."""
+    return ReferenceInterpreter(graph, arrival=arrival).run(x, weight, eps)

@@ -1,0 +1,365 @@
+"""The merge-DAG IR: frozen nodes with ordered operands, an immutable graph, validation.
+
+This module is pure Python on purpose: it imports neither torch nor anything
+else of ours, so the prover and the drawing code can read graphs without
+loading a tensor library.  Operand order is semantics (``ADD(a, b)`` is not
+``ADD(b, a)`` once rounding is involved), so inputs are tuples, never sets.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+
+from .errors import CycleError, GraphError
+
+if TYPE_CHECKING:
+    import networkx as nx
+
+__all__ = ["Op", "Attrs", "Node", "Graph", "validate", "ARITY"]
+
+
+class Op(enum.Enum):
+    """The operations a node may perform.  Each value's docstring is its semantics."""
+
+    INPUT = "input"
+    """The input tensor ``x`` of shape ``(..., D)``; no operands."""
+    SUMSQ = "sumsq"
+    """Sum of squares of ``x[..., start:stop]`` per row (attrs ``start``, ``stop``,
+    ``leaf``).  ``leaf="pairwise"`` sums by explicit halving (see kernels), so its
+    order is fully specified; ``leaf="native"`` calls ``torch.sum``, whose order is
+    the backend's.  Operands: ``(x,)``, or ``(x, scale)`` in the exact domain."""
+    ADD = "add"
+    """Ordered binary merge ``a + b`` of two partial sums; operands ``(a, b)``."""
+    ACCUMULATE = "accumulate"
+    """``acc += p`` for every operand, in the order the operands *arrive*.  The
+    operand tuple lists the partials; it does not fix the order of the additions."""
+    CATSUM = "catsum"
+    """``torch.sum(torch.cat(parts, -1), -1)``: the order inside is the backend's."""
+    ROWMAX = "rowmax"
+    """Exact domain: maximum of the squares of ``x[..., start:stop]`` per row."""
+    MAX = "max"
+    """Exact domain: elementwise maximum of two row maxima (exact in any order)."""
+    SCALE = "scale"
+    """Exact domain: the power-of-two pre-rounding scale from the row maximum."""
+    RMSNORM = "rmsnorm"
+    """Opaque ``torch.nn.functional.rms_norm`` over the last dim (the baseline)."""
+    FINALIZE = "finalize"
+    """``x / sqrt(total / D + eps) * w`` computed in the accumulation dtype and cast
+    back to the input dtype; operands ``(x, total)``, attr ``hidden_size``."""
+    OUTPUT = "output"
+    """Marks the graph's single result; operand ``(y,)``."""
+
+
+#: Allowed operand counts per op: ``(minimum, maximum)``; ``None`` is unbounded.
+ARITY: Mapping[Op, tuple[int, int | None]] = {
+    Op.INPUT: (0, 0),
+    Op.SUMSQ: (1, 2),
+    Op.ADD: (2, 2),
+    Op.ACCUMULATE: (1, None),
+    Op.CATSUM: (1, None),
+    Op.ROWMAX: (1, 1),
+    Op.MAX: (2, 2),
+    Op.SCALE: (1, 1),
+    Op.RMSNORM: (1, 1),
+    Op.FINALIZE: (2, 2),
+    Op.OUTPUT: (1, 1),
+}
+
+
+class Attrs(Mapping[str, Any]):
+    """An immutable, hashable mapping of node attributes (values must be hashable)."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: Mapping[str, Any] | Iterable[tuple[str, Any]] = ()) -> None:
+        pairs = dict(items)
+        self._items: tuple[tuple[str, Any], ...] = tuple(sorted(pairs.items()))
+        hash(self._items)  # fail now, not when the node is first put in a set
+
+    def __getitem__(self, key: str) -> Any:
+        for k, v in self._items:
+            if k == key:
+                return v
+        raise KeyError(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return (k for k, _ in self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __hash__(self) -> int:
+        return hash(self._items)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Attrs):
+            return self._items == other._items
+        return isinstance(other, Mapping) and dict(self._items) == dict(other)
+
+    def __repr__(self) -> str:
+        return "Attrs({" + ", ".join(f"{k!r}: {v!r}" for k, v in self._items) + "})"
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    """One task: ``op`` applied to the results of ``inputs`` (ids, in operand order)."""
+
+    id: str
+    op: Op
+    inputs: tuple[str, ...] = ()
+    attrs: Attrs = field(default_factory=Attrs)
+
+    def __post_init__(self) -> None:
+        # Accept lists and dicts from hand-written graphs, but store frozen values.
+        if not isinstance(self.inputs, tuple):
+            object.__setattr__(self, "inputs", tuple(self.inputs))
+        if not isinstance(self.attrs, Attrs):
+            object.__setattr__(self, "attrs", Attrs(self.attrs))
+
+    def replace(self, **changes: Any) -> Node:
+        """A copy of this node with some fields changed (the node itself is frozen)."""
+        fields = {"id": self.id, "op": self.op, "inputs": self.inputs, "attrs": self.attrs}
+        fields.update(changes)
+        return Node(**fields)
+
+
+class Graph:
+    """An immutable merge DAG: nodes in build order and the id of the output node.
+
+    ``meta`` records how a builder made the graph (hidden size, chunk size,
+    topology, leaf, accumulate); it is informational and never read by executors,
+    which look only at nodes.  Construction does not validate, so that broken
+    graphs can be built and reported on: call :func:`validate` (every executor,
+    the prover and the drawing code do).
+    """
+
+    __slots__ = ("_nodes", "_output", "_meta", "__dict__")
+
+    def __init__(
+        self, nodes: Iterable[Node], output: str, meta: Mapping[str, Any] | None = None
+    ) -> None:
+        self._nodes: tuple[Node, ...] = tuple(nodes)
+        self._output = output
+        self._meta = Attrs(meta or {})
+
+    @property
+    def nodes(self) -> tuple[Node, ...]:
+        """All nodes, in the order they were added (a valid build order for builders)."""
+        return self._nodes
+
+    @property
+    def output(self) -> str:
+        return self._output
+
+    @property
+    def meta(self) -> Attrs:
+        return self._meta
+
+    @cached_property
+    def by_id(self) -> Mapping[str, Node]:
+        """Nodes by id (the last one wins if ids repeat; :func:`validate` rejects that)."""
+        return {n.id: n for n in self._nodes}
+
+    def __getitem__(self, node_id: str) -> Node:
+        return self.by_id[node_id]
+
+    def __contains__(self, node_id: object) -> bool:
+        return node_id in self.by_id
+
+    def __iter__(self) -> Iterator[Node]:
+        return iter(self._nodes)
+
+    def __len__(self) -> int:
+        return len(self._nodes)
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, Graph)
+            and self._nodes == other._nodes
+            and self._output == other._output
+        )
+
+    def __hash__(self) -> int:
+        return hash((self._nodes, self._output))
+
+    def __repr__(self) -> str:
+        desc = ", ".join(f"{k}={v!r}" for k, v in self._meta.items())
+        return f"<Graph {len(self._nodes)} nodes, output={self._output!r}{', ' if desc else ''}{desc}>"
+
+    # -- derived views -------------------------------------------------------
+
+    @cached_property
+    def users(self) -> Mapping[str, tuple[str, ...]]:
+        """For each node id, the ids of the nodes that consume it (in build order)."""
+        out: dict[str, list[str]] = {n.id: [] for n in self._nodes}
+        for n in self._nodes:
+            for src in n.inputs:
+                if src in out and n.id not in out[src]:
+                    out[src].append(n.id)
+        return {k: tuple(v) for k, v in out.items()}
+
+    @cached_property
+    def topological_order(self) -> tuple[str, ...]:
+        """Ids in a deterministic topological order (Kahn's algorithm, build order
+        breaking ties).  Raises :class:`CycleError` on a cycle."""
+        validate(self)
+        return _kahn(self)
+
+    def to_networkx(self) -> nx.DiGraph:
+        """A fresh ``networkx.DiGraph``: node attrs ``op``/``attrs``, and one edge per
+        operand with ``position`` (its index in the consumer's ``inputs``)."""
+        import networkx as nx
+
+        g = nx.DiGraph()
+        for n in self._nodes:
+            g.add_node(n.id, op=n.op, attrs=n.attrs)
+        for n in self._nodes:
+            for pos, src in enumerate(n.inputs):
+                g.add_edge(src, n.id, position=pos)
+        return g
+
+    # -- edits (each returns a new graph) -----------------------------------
+
+    def replace_node(self, node: Node) -> Graph:
+        """A new graph in which the node with ``node.id`` is replaced by ``node``."""
+        if node.id not in self.by_id:
+            raise GraphError(node.id, "no such node to replace")
+        return self._with(tuple(node if n.id == node.id else n for n in self._nodes))
+
+    def add_nodes(self, *nodes: Node, output: str | None = None) -> Graph:
+        """A new graph with extra nodes appended (and optionally a new output)."""
+        return Graph(self._nodes + nodes, output or self._output, self._meta)
+
+    def remove_nodes(self, *node_ids: str) -> Graph:
+        """A new graph without the given nodes (their users are left dangling)."""
+        drop = set(node_ids)
+        return self._with(tuple(n for n in self._nodes if n.id not in drop))
+
+    def relabel(self, mapping: Mapping[str, str]) -> Graph:
+        """A new graph whose ids are renamed by ``mapping`` (missing ids are kept)."""
+
+        def new(i: str) -> str:
+            return mapping.get(i, i)
+
+        nodes = tuple(
+            n.replace(id=new(n.id), inputs=tuple(new(i) for i in n.inputs))
+            for n in self._nodes
+        )
+        return Graph(nodes, new(self._output), self._meta)
+
+    def _with(self, nodes: tuple[Node, ...]) -> Graph:
+        return Graph(nodes, self._output, self._meta)
+
+
+def _kahn(graph: Graph) -> tuple[str, ...]:
+    pending = {n.id: len(set(n.inputs)) for n in graph.nodes}
+    ready = [n.id for n in graph.nodes if pending[n.id] == 0]
+    rank = {n.id: i for i, n in enumerate(graph.nodes)}
+    order: list[str] = []
+    import heapq
+
+    heap = [(rank[i], i) for i in ready]
+    heapq.heapify(heap)
+    while heap:
+        _, nid = heapq.heappop(heap)
+        order.append(nid)
+        for user in graph.users[nid]:
+            pending[user] -= 1
+            if pending[user] == 0:
+                heapq.heappush(heap, (rank[user], user))
+    return tuple(order)
+
+
+def _find_cycle(graph: Graph) -> list[str] | None:
+    """A cycle as a list of ids ``[a, b, ..., a]`` in edge direction, or None."""
+    WHITE, GREY, BLACK = 0, 1, 2
+    colour = {n.id: WHITE for n in graph.nodes}
+    for root in graph.nodes:
+        if colour[root.id] != WHITE:
+            continue
+        stack: list[tuple[str, Iterator[str]]] = [(root.id, iter(graph.users[root.id]))]
+        path = [root.id]
+        colour[root.id] = GREY
+        while stack:
+            nid, it = stack[-1]
+            nxt = next(it, None)
+            if nxt is None:
+                stack.pop()
+                path.pop()
+                colour[nid] = BLACK
+            elif colour[nxt] == GREY:
+                return path[path.index(nxt):] + [nxt]
+            elif colour[nxt] == WHITE:
+                colour[nxt] = GREY
+                stack.append((nxt, iter(graph.users[nxt])))
+                path.append(nxt)
+    return None
+
+
+def validate(graph: Graph) -> Graph:
+    """Check the structural rules every consumer of a graph relies on.
+
+    Rules: ids are unique non-empty strings; every op is an :class:`Op`; every
+    operand names an existing node; operand counts fit :data:`ARITY`; exactly
+    one ``INPUT`` node; the output id exists and is the only ``OUTPUT`` node; the
+    graph is acyclic; every node is needed by the output.
+
+    Returns the graph itself so calls can be chained.
+
+    Raises
+    ------
+    GraphError
+        naming the first offending node and what to do about it.
+    CycleError
+        with the cycle's path ``a -> b -> a``.
+    """
+    seen: set[str] = set()
+    for n in graph.nodes:
+        if not isinstance(n.id, str) or not n.id:
+            raise GraphError(repr(n.id), "node ids must be non-empty strings")
+        if n.id in seen:
+            raise GraphError(n.id, "duplicate node id", "every id must be unique")
+        seen.add(n.id)
+        if not isinstance(n.op, Op):
+            raise GraphError(n.id, f"unknown op {n.op!r}", f"use one of {[o.name for o in Op]}")
+    for n in graph.nodes:
+        lo, hi = ARITY[n.op]
+        if len(n.inputs) < lo or (hi is not None and len(n.inputs) > hi):
+            want = f"{lo}" if lo == hi else f"{lo}..{hi if hi is not None else 'n'}"
+            raise GraphError(n.id, f"{n.op.name} takes {want} operands, got {len(n.inputs)}")
+        for src in n.inputs:
+            if src not in seen:
+                raise GraphError(n.id, f"operand {src!r} does not exist")
+    inputs = [n.id for n in graph.nodes if n.op is Op.INPUT]
+    if len(inputs) != 1:
+        raise GraphError(None, f"a graph needs exactly one INPUT node, found {inputs}")
+    if graph.output not in seen:
+        raise GraphError(graph.output, "the output node does not exist")
+    outputs = [n.id for n in graph.nodes if n.op is Op.OUTPUT]
+    if outputs != [graph.output]:
+        raise GraphError(
+            graph.output, f"the output must be the graph's only OUTPUT node, found {outputs}"
+        )
+    cycle = _find_cycle(graph)
+    if cycle is not None:
+        raise CycleError(cycle)
+    needed = _ancestors(graph, graph.output)
+    for n in graph.nodes:
+        if n.id not in needed:
+            raise GraphError(n.id, "does not contribute to the output", "remove it or wire it in")
+    return graph
+
+
+def _ancestors(graph: Graph, node_id: str) -> set[str]:
+    found = {node_id}
+    stack = [node_id]
+    while stack:
+        for src in graph.by_id[stack.pop()].inputs:
+            if src not in found:
+                found.add(src)
+                stack.append(src)
+    return found

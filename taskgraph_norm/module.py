@@ -1,0 +1,95 @@
+"""``taskgraph_norm.RMSNorm``: a drop-in ``torch.nn.RMSNorm`` with a fixed reduction order."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .api import check_input, normalize_sync
+from .errors import ConfigError
+from .topologies import build_graph
+
+__all__ = ["RMSNorm"]
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square normalisation over the trailing ``normalized_shape`` dims.
+
+    Takes the same arguments as :class:`torch.nn.RMSNorm` and loads its
+    ``state_dict``; the keyword-only options choose the merge graph (see
+    :func:`taskgraph_norm.build_graph`).  A multi-dimensional
+    ``normalized_shape`` reduces over all those dims as one hidden dim of size
+    ``prod(normalized_shape)``, flattened in row-major order.
+
+    Examples
+    --------
+    >>> norm = RMSNorm(8, topology="linear", chunk_size=4)
+    >>> norm(torch.ones(2, 8)).shape
+    torch.Size([2, 8])
+    """
+
+    __constants__ = ["normalized_shape", "eps", "elementwise_affine"]
+
+    def __init__(
+        self,
+        normalized_shape: int | Sequence[int] | torch.Size,
+        eps: float | None = None,
+        elementwise_affine: bool = True,
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+        *,
+        topology: str = "tree",
+        chunk_size: int = 64,
+        leaf: str = "pairwise",
+        accumulate: str = "float",
+    ) -> None:
+        super().__init__()
+        if isinstance(normalized_shape, numbers.Integral):
+            normalized_shape = (int(normalized_shape),)
+        self.normalized_shape: tuple[int, ...] = tuple(int(d) for d in normalized_shape)
+        if not self.normalized_shape:
+            raise ConfigError("normalized_shape", normalized_shape, "at least one dimension")
+        self.eps = eps
+        self.elementwise_affine = elementwise_affine
+        self.topology, self.chunk_size, self.leaf, self.accumulate = (
+            topology, chunk_size, leaf, accumulate,
+        )
+        # Build once now: a bad option fails at construction, not at the first forward.
+        build_graph(
+            max(math.prod(self.normalized_shape), 1),
+            chunk_size=chunk_size, topology=topology, leaf=leaf, accumulate=accumulate,
+        )
+        if elementwise_affine:
+            self.weight = nn.Parameter(torch.empty(self.normalized_shape, device=device, dtype=dtype))
+        else:
+            self.register_parameter("weight", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(x, self.normalized_shape, self.weight)
+        k = len(self.normalized_shape)
+        hidden = math.prod(self.normalized_shape)
+        flat = x if k == 1 else x.reshape(*x.shape[: x.dim() - k], hidden)
+        w = self.weight if self.weight is None or k == 1 else self.weight.reshape(hidden)
+        y = normalize_sync(
+            flat, w, self.eps,
+            topology=self.topology, chunk_size=self.chunk_size,
+            leaf=self.leaf, accumulate=self.accumulate,
+        )
+        return y if k == 1 else y.reshape(x.shape)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.normalized_shape}, eps={self.eps}, "
+            f"elementwise_affine={self.elementwise_affine}, topology={self.topology!r}, "
+            f"chunk_size={self.chunk_size}, leaf={self.leaf!r}, accumulate={self.accumulate!r}"
+        )

@@ -1,0 +1,218 @@
+"""Builders: RMSNorm merge DAGs for every topology of the original report.
+
+A graph is a function of ``(hidden_size, chunk_size, topology, leaf,
+accumulate)`` and nothing else: never of the batch size, the thread count or
+the device.  That is what lets the prover certify batch invariance from the
+graph alone.
+
+Chunks are ``[k * chunk_size, min((k + 1) * chunk_size, hidden_size))``; a ragged
+last chunk is normal.  The merge topologies over the chunk partials
+``p0 .. p(n-1)`` are:
+
+``linear``   left fold ``((p0 + p1) + p2) + ...`` (the report's V1, fixed index order)
+``tree``     pairwise levels, an odd element carried up unchanged (the report's V3)
+``race``     one ACCUMULATE: ``acc += p`` in arrival order (the report's V2, and its
+             unlocked "variant")
+``cat``      one CATSUM: ``torch.sum(torch.cat(parts))`` (the report's V4)
+``standard`` no chunks: one opaque ``torch.nn.functional.rms_norm`` node
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+from .errors import ConfigError
+from .graph import Graph, Node, Op
+
+__all__ = [
+    "TOPOLOGIES",
+    "LEAVES",
+    "ACCUMULATES",
+    "build_graph",
+    "chunk_bounds",
+    "merge_linear",
+    "merge_tree",
+]
+
+TOPOLOGIES: tuple[str, ...] = ("standard", "linear", "tree", "race", "cat")
+LEAVES: tuple[str, ...] = ("pairwise", "native")
+ACCUMULATES: tuple[str, ...] = ("float", "exact")
+
+INPUT_ID = "x"
+OUTPUT_ID = "y"
+
+
+def _check_positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(name, value, "an integer >= 1")
+    return value
+
+
+def _check_choice(name: str, value: object, choices: Sequence[str]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ConfigError(name, value, "one of " + ", ".join(repr(c) for c in choices))
+    return value
+
+
+def chunk_bounds(hidden_size: int, chunk_size: int) -> tuple[tuple[int, int], ...]:
+    """``[(start, stop), ...]`` of every chunk; the last one may be shorter."""
+    _check_positive_int("hidden_size", hidden_size)
+    _check_positive_int("chunk_size", chunk_size)
+    return tuple(
+        (start, min(start + chunk_size, hidden_size))
+        for start in range(0, hidden_size, chunk_size)
+    )
+
+
+def merge_linear(parts: Sequence[str], op: Op = Op.ADD, prefix: str = "fold") -> tuple[list[Node], str]:
+    """Left fold over ``parts``: returns the new nodes and the id of the root."""
+    nodes: list[Node] = []
+    acc = parts[0]
+    for k, part in enumerate(parts[1:], start=1):
+        node = Node(f"{prefix}{k}", op, (acc, part))
+        nodes.append(node)
+        acc = node.id
+    return nodes, acc
+
+
+def merge_tree(parts: Sequence[str], op: Op = Op.ADD, prefix: str = "tree") -> tuple[list[Node], str]:
+    """Pairwise levels; an odd last element is carried up unchanged (the report's V3)."""
+    nodes: list[Node] = []
+    level_ids = list(parts)
+    level = 0
+    while len(level_ids) > 1:
+        level += 1
+        nxt: list[str] = []
+        for i in range(0, len(level_ids), 2):
+            if i + 1 < len(level_ids):
+                node = Node(
+                    f"{prefix}{level}.{i // 2}",
+                    op,
+                    (level_ids[i], level_ids[i + 1]),
+                    {"level": level},
+                )
+                nodes.append(node)
+                nxt.append(node.id)
+            else:
+                nxt.append(level_ids[i])
+        level_ids = nxt
+    return nodes, level_ids[0]
+
+
+def _merge(topology: str, parts: Sequence[str]) -> tuple[list[Node], str]:
+    if topology == "linear":
+        return merge_linear(parts)
+    if topology == "tree":
+        return merge_tree(parts)
+    if topology == "race":
+        node = Node("accumulate", Op.ACCUMULATE, tuple(parts))
+        return [node], node.id
+    node = Node("catsum", Op.CATSUM, tuple(parts))
+    return [node], node.id
+
+
+def build_graph(
+    hidden_size: int,
+    *,
+    chunk_size: int = 64,
+    topology: str = "tree",
+    leaf: str = "pairwise",
+    accumulate: str = "float",
+) -> Graph:
+    """Build the RMSNorm merge DAG for one configuration.
+
+    Parameters
+    ----------
+    hidden_size:
+        ``D``, the length of the normalised (last) dimension; ``>= 1``.
+    chunk_size:
+        Length of each chunk; ``>= 1``.  ``chunk_size >= hidden_size`` gives one chunk.
+    topology:
+        ``"tree"`` (default), ``"linear"``, ``"race"``, ``"cat"`` or ``"standard"``.
+    leaf:
+        ``"pairwise"`` (explicit halving, fully specified order) or ``"native"``
+        (``torch.sum``; its order is the backend's).  Ignored by ``"standard"``.
+    accumulate:
+        ``"float"``: partial sums in the accumulation dtype (fp32, or fp64 for fp64
+        inputs).  ``"exact"``: Demmel-Nguyen pre-rounded fp64 sums (DESIGN.md s.5).
+
+    Returns
+    -------
+    Graph
+        Validated and cached: the same arguments return the same object.
+
+    Raises
+    ------
+    ConfigError (a ValueError)
+        for a parameter outside its domain.
+
+    Examples
+    --------
+    >>> g = build_graph(256, chunk_size=64, topology="tree")
+    >>> [n.id for n in g if n.op.name == "ADD"]
+    ['tree1.0', 'tree1.1', 'tree2.0']
+    """
+    _check_positive_int("hidden_size", hidden_size)
+    _check_positive_int("chunk_size", chunk_size)
+    _check_choice("topology", topology, TOPOLOGIES)
+    _check_choice("leaf", leaf, LEAVES)
+    _check_choice("accumulate", accumulate, ACCUMULATES)
+    if topology == "standard" and accumulate != "float":
+        raise ConfigError(
+            "accumulate", accumulate, "'float' with topology='standard' (torch's own kernel)"
+        )
+    return _build_cached(hidden_size, chunk_size, topology, leaf, accumulate)
+
+
+@functools.lru_cache(maxsize=512)
+def _build_cached(
+    hidden_size: int, chunk_size: int, topology: str, leaf: str, accumulate: str
+) -> Graph:
+    from .graph import validate
+
+    meta = {
+        "hidden_size": hidden_size,
+        "chunk_size": chunk_size,
+        "topology": topology,
+        "leaf": leaf,
+        "accumulate": accumulate,
+    }
+    x = Node(INPUT_ID, Op.INPUT)
+    if topology == "standard":
+        meta["chunk_size"] = hidden_size
+        nodes = [x, Node("rmsnorm", Op.RMSNORM, (x.id,), {"hidden_size": hidden_size})]
+        nodes.append(Node(OUTPUT_ID, Op.OUTPUT, ("rmsnorm",)))
+        return validate(Graph(nodes, OUTPUT_ID, meta))
+
+    bounds = chunk_bounds(hidden_size, chunk_size)
+    nodes = [x]
+    leaf_inputs: tuple[str, ...] = (x.id,)
+    if accumulate == "exact":
+        maxima = [
+            Node(f"m{k}", Op.ROWMAX, (x.id,), {"start": a, "stop": b, "index": k})
+            for k, (a, b) in enumerate(bounds)
+        ]
+        nodes += maxima
+        max_nodes, max_root = merge_tree([m.id for m in maxima], op=Op.MAX, prefix="max")
+        nodes += max_nodes
+        scale = Node("scale", Op.SCALE, (max_root,), {"hidden_size": hidden_size})
+        nodes.append(scale)
+        leaf_inputs = (x.id, scale.id)
+    leaves = [
+        Node(
+            f"p{k}",
+            Op.SUMSQ,
+            leaf_inputs,
+            {"start": a, "stop": b, "leaf": leaf, "index": k, "domain": accumulate},
+        )
+        for k, (a, b) in enumerate(bounds)
+    ]
+    nodes += leaves
+    merge_nodes, total = _merge(topology, [p.id for p in leaves])
+    nodes += merge_nodes
+    nodes.append(
+        Node("finalize", Op.FINALIZE, (x.id, total), {"hidden_size": hidden_size, "domain": accumulate})
+    )
+    nodes.append(Node(OUTPUT_ID, Op.OUTPUT, ("finalize",)))
+    return validate(Graph(nodes, OUTPUT_ID, meta))
