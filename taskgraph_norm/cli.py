@@ -1,0 +1,71 @@
+"""The ``taskgraph-norm`` command line.  Each subcommand is one ``_cmd_*`` function
+registered in :func:`build_parser`; the work itself lives in library modules."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+__all__ = ["build_parser", "main"]
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(p) for p in text.lower().replace("x", ",").split(",") if p.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"shape must look like 4x256x4096, got {text!r}") from None
+    if not dims or any(d < 0 for d in dims):
+        raise argparse.ArgumentTypeError(f"shape must be non-negative integers, got {text!r}")
+    return dims
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .report import ReportConfig, run_report
+
+    config = ReportConfig(
+        shape=args.shape, dtype=args.dtype, seed=args.seed, chunk_size=args.chunk_size,
+        repeats=args.repeats,
+    )
+    run_report(config, stream=sys.stdout)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="taskgraph-norm",
+        description="RMSNorm as an explicit merge DAG: run, prove and compare reduction orders.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    report = sub.add_parser(
+        "report", help="run every row of the original report and print one table",
+        description="Run every RMSNorm system of the original report on one input and "
+        "print time, run-to-run and batch-size invariance, and accuracy.",
+    )
+    report.add_argument("--shape", type=_shape, default=(4, 256, 4096),
+                        help="input shape, e.g. 4x256x4096 (default)")
+    report.add_argument("--dtype", choices=("float32", "float64", "float16", "bfloat16"),
+                        default="float32")
+    report.add_argument("--seed", type=int, default=0)
+    report.add_argument("--chunk-size", type=int, default=64)
+    report.add_argument("--repeats", type=int, default=10,
+                        help="timed and compared runs per row (default 10)")
+    report.set_defaults(func=_cmd_report)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from .errors import TaskGraphError
+
+    try:
+        return int(args.func(args))
+    except TaskGraphError as exc:
+        print(f"taskgraph-norm: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
