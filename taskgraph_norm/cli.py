@@ -20,12 +20,22 @@ def _shape(text: str) -> tuple[int, ...]:
     return dims
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from .report import ReportConfig, run_report
 
     config = ReportConfig(
         shape=args.shape, dtype=args.dtype, seed=args.seed, chunk_size=args.chunk_size,
-        repeats=args.repeats,
+        leaf=args.leaf, repeats=args.repeats,
     )
     run_report(config, stream=sys.stdout)
     return 0
@@ -49,7 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
                         default="float32")
     report.add_argument("--seed", type=int, default=0)
     report.add_argument("--chunk-size", type=int, default=64)
-    report.add_argument("--repeats", type=int, default=10,
+    report.add_argument("--leaf", choices=("pairwise", "native"), default="pairwise",
+                        help="how each chunk is summed (default pairwise: a fixed halving order)")
+    report.add_argument("--repeats", type=_positive_int, default=10,
                         help="timed and compared runs per row (default 10)")
     report.set_defaults(func=_cmd_report)
     return parser

@@ -175,5 +175,13 @@ def finalize(
 def rms_norm_standard(
     x: torch.Tensor, hidden_size: int, eps: float, weight: torch.Tensor | None
 ) -> torch.Tensor:
-    """torch's own kernel, the report's baseline (its order is the backend's)."""
-    return F.rms_norm(x, (hidden_size,), weight, eps)
+    """torch's own kernel, the report's baseline (its order is the backend's).
+
+    torch's CPU kernel reduces a strided row in another order than a contiguous
+    one, so the kernel sees a contiguous copy and the result is put back in the
+    input's layout: every topology gives a strided input its contiguous copy's bits.
+    """
+    if x.is_contiguous():
+        return F.rms_norm(x, (hidden_size,), weight, eps)
+    y = F.rms_norm(x.contiguous(), (hidden_size,), weight, eps)
+    return torch.empty_like(x).copy_(y)

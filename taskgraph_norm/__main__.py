@@ -1,0 +1,7 @@
+"""``python -m taskgraph_norm`` is the ``taskgraph-norm`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

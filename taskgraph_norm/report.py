@@ -1,0 +1,265 @@
+"""``taskgraph-norm report``: every system of the original report, run and checked.
+
+Each row is one way of computing RMSNorm (the report's standard kernel, its
+unordered "variant", V1-V4, and the best certified configuration).  For each
+row the same input is run ``repeats`` times and measured for:
+
+* median wall time per call;
+* run-to-run spread: the largest absolute difference between any run and the
+  first one (``0`` means every run gave the same bits);
+* the largest difference from torch's ``F.rms_norm`` on the same input;
+* batch invariance, measured: rows computed alone, in a small batch and at
+  shuffled positions of the full batch must have identical bits;
+* accuracy against an fp64 reference: max absolute error and max ULP error.
+
+Race rows need a source of arrival orders.  Until the concurrent executor
+drives them, each run draws a fresh random arrival order for the race's
+ACCUMULATE node (``reference+shuffled arrivals``), which is exactly the freedom
+a thread pool has; the executor column says which was used.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TextIO
+
+import torch
+
+from . import kernels
+from .api import check_input, normalize_sync
+from .errors import ConfigError
+from .execute import run_reference
+from .graph import Graph, Op
+from .testing import bits_equal
+from .topologies import build_graph
+
+__all__ = ["ReportConfig", "ReportRow", "SYSTEMS", "measure_rows", "format_table", "run_report"]
+
+DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+_MANTISSA_BITS = {torch.float32: 24, torch.float64: 53, torch.float16: 11, torch.bfloat16: 8}
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    """What to run: the input and the measurement effort."""
+
+    shape: tuple[int, ...] = (4, 256, 4096)
+    dtype: str = "float32"
+    seed: int = 0
+    chunk_size: int = 64
+    leaf: str = "pairwise"
+    repeats: int = 10
+
+
+@dataclass(frozen=True)
+class System:
+    """One row of the original report and the graph configuration that realises it."""
+
+    name: str
+    seed_row: str
+    topology: str
+    shuffled_arrivals: bool = False
+
+
+#: The original report's rows, in its order.  ``best`` is added by :func:`measure_rows`.
+SYSTEMS: tuple[System, ...] = (
+    System("standard", "标准RMSNorm", "standard"),
+    System("variant (unordered)", "分块并行Variant", "race", shuffled_arrivals=True),
+    System("V1 linear", "Invariant V1", "linear"),
+    System("V2 race (lock)", "Invariant V2", "race", shuffled_arrivals=True),
+    System("V3 tree", "Invariant V3", "tree"),
+    System("V4 cat", "Invariant V4", "cat"),
+)
+
+
+@dataclass(frozen=True)
+class ReportRow:
+    """The measured facts of one system on one input."""
+
+    name: str
+    topology: str
+    executor: str
+    median_ms: float
+    run_spread: float
+    diff_vs_standard: float
+    batch_invariant: bool
+    max_abs_err: float
+    max_ulp_err: float
+
+
+def _max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
+    if a.numel() == 0:
+        return 0.0
+    d = (a.double() - b.double()).abs()
+    both_nan = a.isnan() & b.isnan()
+    d = torch.where(both_nan, torch.zeros_like(d), d)
+    return float(d.nan_to_num(nan=float("inf")).max())
+
+
+def fp64_reference(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """RMSNorm computed in fp64 throughout (the accuracy yardstick)."""
+    x64 = x.double()
+    y = x64 / torch.sqrt(x64.square().mean(-1, keepdim=True) + eps)
+    return y if weight is None else y * weight.double()
+
+
+def ulp_error(y: torch.Tensor, ref64: torch.Tensor) -> float:
+    """Largest ``|y - ref| / ulp(ref)`` in ``y``'s format (normal range)."""
+    if y.numel() == 0:
+        return 0.0
+    _, exponent = torch.frexp(ref64)
+    ulp = torch.ldexp(torch.ones_like(ref64), exponent - _MANTISSA_BITS[y.dtype])
+    err = (y.double() - ref64).abs() / ulp
+    finite = torch.isfinite(err)
+    return float(err[finite].max()) if bool(finite.any()) else 0.0
+
+
+class _Runner:
+    """Runs one system on 2-D input, drawing arrival orders for race rows."""
+
+    def __init__(self, system: System, hidden: int, config: ReportConfig, weight: torch.Tensor) -> None:
+        self.system = system
+        self.weight = weight
+        self.eps = kernels.default_eps(DTYPES[config.dtype])
+        self.graph: Graph = build_graph(
+            hidden, chunk_size=config.chunk_size, topology=system.topology, leaf=config.leaf
+        )
+        self.race_nodes = [n for n in self.graph.nodes if n.op is Op.ACCUMULATE]
+        self.rng = random.Random(config.seed)
+
+    @property
+    def executor(self) -> str:
+        return "reference+shuffled arrivals" if self.system.shuffled_arrivals else "reference"
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        arrival = {}
+        if self.system.shuffled_arrivals:
+            for node in self.race_nodes:
+                order = list(range(len(node.inputs)))
+                self.rng.shuffle(order)
+                arrival[node.id] = tuple(order)
+        return run_reference(self.graph, x, self.weight, self.eps, arrival=arrival)
+
+
+def _batch_invariant(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, full: torch.Tensor, seed: int) -> bool:
+    """Rows alone, a small prefix batch and a shuffled full batch all match ``full``."""
+    rows = x.shape[0]
+    probe = sorted({0, rows // 2, rows - 1})
+    for r in probe:
+        if not bits_equal(run(x[r : r + 1]), full[r : r + 1]):
+            return False
+    prefix = min(rows, 7)
+    if not bits_equal(run(x[:prefix]), full[:prefix]):
+        return False
+    perm = torch.randperm(rows, generator=torch.Generator().manual_seed(seed))
+    return bits_equal(run(x[perm]), full[perm])
+
+
+def _time_runs(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, repeats: int) -> tuple[list[float], list[torch.Tensor]]:
+    run(x)  # warm-up: first-call allocations and dispatch caches
+    times, outs = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        y = run(x)
+        times.append(time.perf_counter() - t0)
+        outs.append(y)
+    return times, outs
+
+
+def _measure(system: System, x2: torch.Tensor, weight: torch.Tensor, config: ReportConfig, standard: torch.Tensor, ref64: torch.Tensor) -> ReportRow:
+    run = _Runner(system, x2.shape[-1], config, weight)
+    times, outs = _time_runs(run, x2, config.repeats)
+    return ReportRow(
+        name=system.name,
+        topology=system.topology,
+        executor=run.executor,
+        median_ms=statistics.median(times) * 1e3,
+        run_spread=max(_max_abs(o, outs[0]) for o in outs),
+        diff_vs_standard=_max_abs(outs[0], standard),
+        batch_invariant=_batch_invariant(run, x2, outs[0], config.seed),
+        max_abs_err=_max_abs(outs[0], ref64),
+        max_ulp_err=ulp_error(outs[0], ref64),
+    )
+
+
+def make_input(config: ReportConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The report's seeded input ``x`` and weight (weight ~ 1 + N(0, 0.1))."""
+    gen = torch.Generator().manual_seed(config.seed)
+    dtype = DTYPES[config.dtype]
+    x = torch.randn(config.shape, generator=gen, dtype=torch.float64).to(dtype)
+    w = (1.0 + 0.1 * torch.randn(config.shape[-1], generator=gen, dtype=torch.float64)).to(dtype)
+    return x, w
+
+
+def measure_rows(config: ReportConfig) -> list[ReportRow]:
+    """Run every system of :data:`SYSTEMS` plus the best certified one; return the rows."""
+    x, weight = make_input(config)
+    check_input(x, (x.shape[-1],), weight)
+    if x.numel() == 0:
+        raise ConfigError("shape", config.shape, "a shape with no zero dimension")
+    x2 = x.reshape(-1, x.shape[-1])
+    eps = kernels.default_eps(x.dtype)
+    standard = kernels.rms_norm_standard(x2, x2.shape[-1], eps, weight)
+    ref64 = fp64_reference(x2, weight, eps)
+    rows = [_measure(s, x2, weight, config, standard, ref64) for s in SYSTEMS]
+    # "Best certified": the fastest chunked row that gave identical bits run to run
+    # and across batch sizes (measured; standard is torch's opaque kernel).
+    candidates = [r for r in rows if r.topology in ("linear", "tree", "cat") and r.run_spread == 0 and r.batch_invariant]
+    if candidates:
+        best = min(candidates, key=lambda r: r.median_ms)
+        rows.append(
+            ReportRow(**{**best.__dict__, "name": f"best: {best.name}"})
+        )
+    # Sanity: our graphs must agree with normalize_sync, the public path.
+    if not bits_equal(normalize_sync(x2, weight, topology="tree", chunk_size=config.chunk_size, leaf=config.leaf),
+                      run_reference(build_graph(x2.shape[-1], chunk_size=config.chunk_size, topology="tree", leaf=config.leaf), x2, weight, eps)):
+        raise RuntimeError("normalize_sync disagrees with the reference executor: this is a bug")
+    return rows
+
+
+_HEADERS = (
+    "system", "topology", "executor", "median ms", "run-to-run max diff",
+    "max diff vs standard", "batch-invariant (measured)", "max abs err vs fp64", "max ULP err",
+)
+
+
+def format_table(rows: list[ReportRow]) -> str:
+    """A Markdown table of the rows (aligned, readable as plain text too)."""
+    cells = [
+        (
+            r.name, r.topology, r.executor, f"{r.median_ms:.3f}", f"{r.run_spread:.2e}",
+            f"{r.diff_vs_standard:.2e}", "yes" if r.batch_invariant else "NO",
+            f"{r.max_abs_err:.2e}", f"{r.max_ulp_err:.2f}",
+        )
+        for r in rows
+    ]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(_HEADERS)]
+
+    def line(values: tuple[str, ...]) -> str:
+        return "| " + " | ".join(v.ljust(w) for v, w in zip(values, widths)) + " |"
+
+    out = [line(_HEADERS), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    out += [line(c) for c in cells]
+    return "\n".join(out)
+
+
+def run_report(config: ReportConfig, stream: TextIO) -> list[ReportRow]:
+    """Measure every row and print the table with a short header."""
+    rows = measure_rows(config)
+    torch_threads = torch.get_num_threads()
+    stream.write(
+        f"taskgraph-norm report: input {'x'.join(map(str, config.shape))} {config.dtype}, "
+        f"seed {config.seed}, chunk_size {config.chunk_size}, leaf {config.leaf}, "
+        f"{config.repeats} runs per row, torch {torch.__version__} ({torch_threads} threads)\n\n"
+    )
+    stream.write(format_table(rows) + "\n")
+    return rows

@@ -1,0 +1,111 @@
+from __future__ import annotations
+
+import inspect
+import threading
+
+import anyio
+import pytest
+import torch
+
+import taskgraph_norm as tgn
+from taskgraph_norm import kernels
+from taskgraph_norm.testing import assert_bits_equal
+
+from .conftest import gen
+
+
+async def test_normalize_equals_normalize_sync_and_execute() -> None:
+    x = torch.randn(64, 1000, generator=gen(0))
+    w = torch.randn(1000, generator=gen(1))
+    for topology in ("linear", "tree", "race", "cat", "standard"):
+        a = await tgn.normalize(x, w, topology=topology, chunk_size=100)
+        b = tgn.normalize_sync(x, w, topology=topology, chunk_size=100)
+        c = await tgn.execute(tgn.build_graph(1000, chunk_size=100, topology=topology), x, w)
+        d = await tgn.execute(tgn.build_graph(1000, chunk_size=100, topology=topology), x, w, executor="reference")
+        assert_bits_equal(a, b)
+        assert_bits_equal(a, c)
+        assert_bits_equal(a, d)
+
+
+def _record_threads(monkeypatch) -> list[int]:
+    seen: list[int] = []
+    original = kernels.finalize
+
+    def spy(*args, **kwargs):
+        seen.append(threading.get_ident())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "finalize", spy)
+    return seen
+
+
+async def test_large_inputs_run_off_the_event_loop_thread(monkeypatch) -> None:
+    seen = _record_threads(monkeypatch)
+    loop_thread = threading.get_ident()
+    await tgn.normalize(torch.randn(64, 4096))
+    await tgn.normalize(torch.randn(1, 16))
+    assert seen[0] != loop_thread, "a large input was computed on the event-loop thread"
+    assert seen[1] == loop_thread, "a tiny input should not pay for a thread hop"
+
+
+async def test_event_loop_keeps_ticking_during_a_large_normalize() -> None:
+    ticks = 0
+    done = anyio.Event()
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while not done.is_set():
+            ticks += 1
+            await anyio.sleep(0)
+
+    x = torch.randn(2048, 4096)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(ticker)
+        await anyio.sleep(0)
+        start = ticks
+        await tgn.normalize(x, topology="linear", chunk_size=16)
+        done.set()
+    assert ticks - start > 1
+
+
+async def test_out_writes_into_the_callers_buffer() -> None:
+    x = torch.randn(8, 256, generator=gen(2))
+    out = torch.empty_like(x)
+    got = await tgn.normalize(x, out=out)
+    assert got is out
+    assert_bits_equal(out, tgn.normalize_sync(x))
+    out2 = torch.empty_like(x)
+    assert tgn.normalize_sync(x, out=out2) is out2
+
+
+def test_normalize_sync_works_inside_a_running_loop() -> None:
+    async def main() -> torch.Tensor:
+        return tgn.normalize_sync(torch.ones(2, 8))
+
+    assert torch.equal(anyio.run(main), torch.ones(2, 8))
+
+
+def test_graphs_are_built_once_per_configuration(monkeypatch) -> None:
+    from taskgraph_norm import topologies
+
+    topologies._build_cached.cache_clear()
+    tgn.normalize_sync(torch.randn(2, 96), chunk_size=32)
+    tgn.normalize_sync(torch.randn(5, 96), chunk_size=32)
+    info = topologies._build_cached.cache_info()
+    assert info.misses == 1 and info.hits >= 1
+
+
+def test_all_matches_the_real_exports() -> None:
+    public = {name for name in dir(tgn) if not name.startswith("_")}
+    modules = {n for n in public if inspect.ismodule(getattr(tgn, n))}
+    assert set(tgn.__all__) == public - modules - {"annotations"}
+    # The execute/ subpackage must never shadow the public coroutine function.
+    assert inspect.iscoroutinefunction(tgn.execute)
+    for name in tgn.__all__:
+        assert getattr(tgn, name) is not None
+
+
+@pytest.mark.parametrize("bad", ["gpu", "compiled-ish"])
+async def test_unknown_executor_fails_before_running(bad: str) -> None:
+    with pytest.raises(ValueError, match=f"executor='{bad}'"):
+        await tgn.execute(tgn.build_graph(8), torch.ones(1, 8), executor=bad)

@@ -1,0 +1,61 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from taskgraph_norm.cli import main
+from taskgraph_norm.report import SYSTEMS, ReportConfig, measure_rows
+
+
+def test_report_prints_every_row_of_the_original_report(capsys) -> None:
+    assert main(["report", "--shape", "3x20x256", "--repeats", "3", "--chunk-size", "32"]) == 0
+    out = capsys.readouterr().out
+    for system in SYSTEMS:
+        assert f"| {system.name} " in out
+    assert "| best: " in out
+    for column in ("median ms", "run-to-run max diff", "max diff vs standard",
+                   "batch-invariant (measured)", "max abs err vs fp64"):
+        assert column in out
+
+
+def test_report_measures_what_it_claims() -> None:
+    rows = {r.name: r for r in measure_rows(ReportConfig(shape=(64, 1024), repeats=8, seed=1))}
+    for name in ("V1 linear", "V3 tree", "V4 cat"):
+        assert rows[name].run_spread == 0 and rows[name].batch_invariant
+    # The race rows draw arrival orders per run: their spread is measured, not assumed.
+    assert rows["V2 race (lock)"].run_spread > 0
+    assert not rows["V2 race (lock)"].batch_invariant
+    assert rows["standard"].diff_vs_standard == 0
+    assert all(r.max_ulp_err < 16 for r in rows.values())
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float64"])
+def test_report_other_dtypes(dtype: str, capsys) -> None:
+    assert main(["report", "--shape", "8x128", "--dtype", dtype, "--repeats", "2", "--seed", "3"]) == 0
+    assert dtype in capsys.readouterr().out
+
+
+def test_bad_arguments_exit_with_usage(capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["report", "--shape", "4xabc"])
+    assert info.value.code == 2
+    assert "shape must look like" in capsys.readouterr().err
+    assert main(["report", "--shape", "4x64", "--chunk-size", "0"]) == 2
+    assert "chunk_size=0 is invalid" in capsys.readouterr().err
+
+
+def test_module_entry_point_runs() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "taskgraph_norm", "report", "--shape", "4x64", "--repeats", "1"],
+        capture_output=True, text=True, check=True,
+    )
+    assert "V3 tree" in out.stdout
+
+
+def test_report_rejects_empty_shapes_and_zero_repeats(capsys) -> None:
+    assert main(["report", "--shape", "0x64"]) == 2
+    assert "shape=(0, 64) is invalid" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["report", "--repeats", "0"])

@@ -1,0 +1,74 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from taskgraph_norm import kernels
+from taskgraph_norm.testing import assert_bits_equal
+
+from .conftest import gen
+
+
+def halving_spec(values: list[np.float32]) -> np.float32:
+    """The documented pairwise order, one float32 addition at a time."""
+    s = list(values)
+    length = len(s)
+    while length > 1:
+        half = (length + 1) // 2
+        for i in range(length - half):
+            s[i] = np.float32(s[i] + s[i + half])
+        length = half
+    return s[0]
+
+
+@pytest.mark.parametrize("length", [1, 2, 3, 5, 7, 8, 31, 64, 100])
+def test_pairwise_leaf_follows_its_documented_order(length: int) -> None:
+    x = torch.randn(4, length, generator=gen(length)) * torch.logspace(-6, 6, length)
+    got = kernels.sumsq_pairwise(x, 0, length)
+    sq = (x * x).numpy().astype(np.float32)
+    want = torch.tensor([[halving_spec(list(row))] for row in sq])
+    assert_bits_equal(got, want)
+
+
+def test_pairwise_order_differs_from_a_left_fold() -> None:
+    # Negative control for the test above: the spec check must be able to see a
+    # different order, so a sequential left fold has to disagree on some rows.
+    x = torch.randn(64, 37, generator=gen(1)) * torch.logspace(-6, 6, 37)
+    sq = (x * x).numpy().astype(np.float32)
+    fold = np.zeros(64, dtype=np.float32)
+    for j in range(37):
+        fold = (fold + sq[:, j]).astype(np.float32)
+    got = kernels.sumsq_pairwise(x, 0, 37)[:, 0]
+    assert int((got != torch.from_numpy(fold)).sum()) > 0
+
+
+def test_leaves_accumulate_low_precision_in_fp32() -> None:
+    x = torch.randn(3, 16).to(torch.bfloat16)
+    assert kernels.sumsq_pairwise(x, 0, 16).dtype == torch.float32
+    assert kernels.sumsq_native(x, 0, 16).dtype == torch.float32
+    assert kernels.sumsq_pairwise(x.double(), 0, 16).dtype == torch.float64
+
+
+def test_accumulate_follows_the_given_order() -> None:
+    parts = [torch.tensor([[1.0]]), torch.tensor([[1e8]]), torch.tensor([[-1e8]])]
+    assert kernels.accumulate(parts).item() == 0.0  # (1 + 1e8) - 1e8 loses the 1
+    assert kernels.accumulate([parts[1], parts[2], parts[0]]).item() == 1.0
+
+
+def test_exact_scale_is_a_power_of_two_bound() -> None:
+    m = torch.tensor([[0.0], [1.0], [3.0], [2.0**-140], [float("inf")], [float("nan")]], dtype=torch.float64)
+    sigma = kernels.exact_scale(m, 10)
+    assert sigma[0].item() == 1.0  # zero row
+    assert sigma[1].item() == 32.0  # 2*10*1 = 20 -> 32
+    assert sigma[2].item() == 64.0  # 60 -> 64
+    assert sigma[3].item() == 2.0 ** (-140 + 5)
+    assert sigma[4].item() == 0.0 and sigma[5].item() == 0.0  # pre-rounding becomes the identity
+
+
+def test_finalize_uses_sqrt_and_division() -> None:
+    x = torch.randn(8, 32, generator=gen(3))
+    total = (x.double() ** 2).sum(-1, keepdim=True).float()
+    y = kernels.finalize(x, total, 32, 1e-6, None)
+    want = x / torch.sqrt(total / 32 + 1e-6)
+    assert_bits_equal(y, want)
