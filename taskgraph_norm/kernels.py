@@ -28,6 +28,7 @@ __all__ = [
     "rowmax_sq",
     "maximum",
     "exact_scale",
+    "combine_exact",
     "finalize",
     "rms_norm_standard",
 ]
@@ -97,11 +98,29 @@ def accumulate(parts: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def catsum(parts: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``torch.sum(torch.cat(parts, -1), -1)``: the order inside is the backend's."""
-    return torch.sum(torch.cat(list(parts), dim=-1), dim=-1, keepdim=True)
+    """``torch.sum(torch.cat(parts, -1), -1)``: the order inside is the backend's.
+
+    Exact-domain pairs ``(..., 2)`` are summed channel by channel (each fold on its
+    own grid), which is exact in any order.
+    """
+    channels = parts[0].shape[-1]
+    cat = torch.cat(list(parts), dim=-1)
+    if channels == 1:
+        return torch.sum(cat, dim=-1, keepdim=True)
+    return torch.sum(cat.unflatten(-1, (len(parts), channels)), dim=-2)
 
 
 # --- exact domain (DESIGN.md section 5) -------------------------------------
+#
+# A partial sum in the exact domain is a pair ``(S1, S2)`` stored in the last dim
+# (shape ``(..., 2)``, fp64): two Demmel-Nguyen folds.  Fold 1 rounds every square
+# ``v`` to the grid of ``ulp(sigma1)``; the remainder ``r = v - q1`` (exact) is
+# rounded to the finer grid of ``ulp(sigma2)``.  Every partial sum of either fold is
+# a multiple of its grid unit far below ``2**53`` units, so every addition is exact
+# and the pair is the same for any merge order, chunking or topology.  The pair is
+# combined once, in FINALIZE.
+
+EXACT_CHANNELS = 2
 
 
 def rowmax_sq(x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
@@ -115,37 +134,60 @@ def maximum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.maximum(a, b)
 
 
-def exact_scale(row_max: torch.Tensor, hidden_size: int) -> torch.Tensor:
-    """``sigma = 2 ** ceil(log2(2 * D * M))`` per row, in fp64.
+def _pow2_at_least(bound: torch.Tensor) -> torch.Tensor:
+    """The smallest power of two ``>= bound`` for positive finite ``bound``."""
+    mantissa, exponent = torch.frexp(bound)
+    # bound = mantissa * 2**exponent with mantissa in [0.5, 1): an exact power of
+    # two has mantissa 0.5 and needs no rounding up.
+    exponent = torch.where(mantissa == 0.5, exponent - 1, exponent)
+    return torch.ldexp(torch.ones_like(bound), exponent)
 
-    Rows whose maximum is zero get ``sigma = 1`` (every square pre-rounds to 0);
-    rows whose maximum is Inf or NaN get ``sigma = 0``, so pre-rounding is the
-    identity and the Inf or NaN reaches the sum as it would in torch's kernel.
+
+def exact_scale(row_max: torch.Tensor, hidden_size: int) -> torch.Tensor:
+    """The two pre-rounding scales ``(sigma1, sigma2)`` per row, shape ``(..., 2)``.
+
+    ``sigma1 = 2**ceil(log2(2 D M))`` bounds every fold-1 partial sum;
+    ``sigma2 = 2**ceil(log2(D ulp(sigma1)))`` bounds the sum of the fold-1
+    remainders (each at most ``ulp(sigma1) / 2``).  A zero row gets
+    ``sigma1 = 1``.  A row whose bound is not finite (an Inf or NaN square, or an
+    fp64 row with ``2 D M`` past the fp64 range) gets ``sigma1 = sigma2 = 0``:
+    pre-rounding becomes the identity and the Inf or NaN reaches the sum as it
+    does in torch's kernel.
     """
     bound = row_max * (2.0 * hidden_size)
-    mantissa, exponent = torch.frexp(bound)
-    # bound = mantissa * 2**exponent with mantissa in [0.5, 1): an exact power of two
-    # has mantissa 0.5 and needs no rounding up.
-    exponent = torch.where(mantissa == 0.5, exponent - 1, exponent)
-    sigma = torch.ldexp(torch.ones_like(bound), exponent)
-    sigma = torch.where(row_max == 0, torch.ones_like(sigma), sigma)
-    return torch.where(torch.isfinite(bound), sigma, torch.zeros_like(sigma))
+    finite = torch.isfinite(bound)
+    safe = torch.where(finite & (row_max > 0), bound, torch.ones_like(bound))
+    sigma1 = _pow2_at_least(safe)
+    sigma2 = _pow2_at_least(sigma1 * (hidden_size * 2.0**-52))
+    zero = torch.zeros_like(sigma1)
+    return torch.cat([torch.where(finite, sigma1, zero), torch.where(finite, sigma2, zero)], dim=-1)
 
 
-def sumsq_exact(
-    x: torch.Tensor, start: int, stop: int, sigma: torch.Tensor, leaf: str
-) -> torch.Tensor:
-    """Pre-rounded fp64 sum of squares: ``q = (sigma + v) - sigma`` for every square.
+def _preround(v: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    return (v + sigma) - sigma
 
-    Every ``q`` and every partial sum is a multiple of ``ulp(sigma)`` far below
-    ``2**53 * ulp(sigma)``, so every addition is exact and ``leaf`` only changes
-    speed, never bits.
+
+def sumsq_exact(x: torch.Tensor, start: int, stop: int, sigmas: torch.Tensor) -> torch.Tensor:
+    """The exact pair ``(S1, S2)`` of the squares of ``x[..., start:stop]``, ``(..., 2)``.
+
+    Every addition here and in any later merge is exact, so the order inside the
+    chunk is irrelevant and ``torch.sum`` (the fastest) is used for both folds.
     """
-    s = _squares(x, start, stop, torch.float64)
-    s = (s + sigma) - sigma
-    if leaf == "native":
-        return torch.sum(s, dim=-1, keepdim=True)
-    return pairwise_halving_(s)
+    sigma1, sigma2 = sigmas[..., :1], sigmas[..., 1:]
+    v = _squares(x, start, stop, torch.float64)
+    q1 = _preround(v, sigma1)
+    # v - q1 is exact (Sterbenz-style: q1 is v rounded to a coarser grid).  Rows with
+    # no scale (Inf/NaN) keep everything in fold 1: inf - inf must not become NaN.
+    r = torch.where(sigma1 > 0, v - q1, torch.zeros_like(v))
+    q2 = _preround(r, sigma2)
+    return torch.cat(
+        [torch.sum(q1, dim=-1, keepdim=True), torch.sum(q2, dim=-1, keepdim=True)], dim=-1
+    )
+
+
+def combine_exact(total: torch.Tensor) -> torch.Tensor:
+    """``S1 + S2`` of an exact pair in fp64: the one rounding of the exact domain."""
+    return total[..., :1] + total[..., 1:]
 
 
 # --- the end of every graph -----------------------------------------------------
@@ -161,10 +203,12 @@ def finalize(
     """``x / sqrt(total / D + eps) * w`` in the accumulation dtype, cast back.
 
     ``sqrt`` and ``/`` are correctly rounded on every IEEE backend and ``rsqrt``
-    is not, so this form gives the same bits on every device.  An fp64 ``total``
-    from the exact domain is rounded once to the accumulation dtype first.
+    is not, so this form gives the same bits on every device.  An exact pair
+    ``(S1, S2)`` is combined in fp64 and rounded once to the accumulation dtype.
     """
     dtype = accumulation_dtype(x.dtype)
+    if total.shape[-1] == EXACT_CHANNELS:
+        total = combine_exact(total)
     rms = torch.sqrt(total.to(dtype) / hidden_size + eps)
     y = x.to(dtype) / rms
     if weight is not None:

@@ -6,9 +6,17 @@ Floating-point equality is the wrong tool for invariance claims: ``==`` says
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-__all__ = ["bits", "bits_equal", "assert_bits_equal", "count_bit_differences"]
+__all__ = [
+    "assert_bits_equal",
+    "bits",
+    "bits_equal",
+    "correctly_rounded_sumsq",
+    "count_bit_differences",
+]
 
 _INT_VIEW = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}
 
@@ -44,3 +52,44 @@ def assert_bits_equal(actual: torch.Tensor, expected: torch.Tensor, msg: str = "
             f"{msg}{': ' if msg else ''}{int(diff.sum())} of {diff.numel()} elements differ in "
             f"their bits; first at {idx}: {actual[idx].item()!r} vs {expected[idx].item()!r}"
         )
+
+
+def _round_int_to_float(n: int, exponent: int, bits: int) -> float:
+    """``n * 2**exponent`` (``n >= 0``) rounded to ``bits`` significant bits, ties to even."""
+    excess = n.bit_length() - bits
+    if excess > 0:
+        q, r = divmod(n, 1 << excess)
+        half = 1 << (excess - 1)
+        if r > half or (r == half and q & 1):
+            q += 1
+        n, exponent = q, exponent + excess
+    return math.ldexp(float(n), exponent)  # n has <= bits + 1 bits: exact
+
+
+def correctly_rounded_sumsq(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Per-row ``sum(x**2)`` over the last dim, correctly rounded to ``dtype``.
+
+    Squares of fp32/fp16/bf16 values are exact in fp64; they are summed as Python
+    integers (exact) and rounded once, so this avoids the double rounding of
+    ``float32(math.fsum(...))``.  Rows with Inf or NaN give ``inf`` / ``nan``.
+    For fp64 ``x`` the squares themselves are rounded first.  Slow: for tests and
+    benchmarks.  Subnormal results of ``dtype`` are not handled (the range here).
+    """
+    bits_of = {torch.float32: 24, torch.float64: 53, torch.float16: 11, torch.bfloat16: 8}[dtype]
+    sq = x.double().square().reshape(-1, x.shape[-1]).tolist()
+    out = []
+    for row in sq:
+        if any(math.isnan(v) for v in row):
+            out.append(math.nan)
+            continue
+        if any(math.isinf(v) for v in row):
+            out.append(math.inf)
+            continue
+        pairs = [math.frexp(v) for v in row if v != 0.0]
+        if not pairs:
+            out.append(0.0)
+            continue
+        emin = min(e for _, e in pairs) - 53
+        total = sum(int(math.ldexp(m, 53)) << (e - 53 - emin) for m, e in pairs)
+        out.append(_round_int_to_float(total, emin, bits_of))
+    return torch.tensor(out, dtype=torch.float64).to(dtype).reshape(*x.shape[:-1], 1)

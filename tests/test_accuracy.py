@@ -27,13 +27,7 @@ ULP_BOUND = {torch.float32: 8.0, torch.float64: 8.0, torch.float16: 1.0, torch.b
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(("topology", "leaf", "accumulate"), CONFIGS)
-def test_matches_torch_and_fp64(topology: str, leaf: str, accumulate: str, dtype: torch.dtype, request) -> None:
-    if accumulate == "exact" and dtype == torch.float64:
-        request.applymarker(pytest.mark.xfail(
-            strict=True,
-            reason="one pre-rounding fold keeps ~53 - log2(2 D^2) bits of an fp64 sum: "
-            "deterministic but not fp64-accurate yet (issue 5 adds the second fold)",
-        ))
+def test_matches_torch_and_fp64(topology: str, leaf: str, accumulate: str, dtype: torch.dtype) -> None:
     x = (torch.randn(33, 1000, generator=gen(0), dtype=torch.float64) * 2).to(dtype)
     w = (1 + 0.1 * torch.randn(1000, generator=gen(1), dtype=torch.float64)).to(dtype)
     y = tgn.normalize_sync(x, w, topology=topology, leaf=leaf, accumulate=accumulate, chunk_size=64)

@@ -56,14 +56,23 @@ def test_accumulate_follows_the_given_order() -> None:
     assert kernels.accumulate([parts[1], parts[2], parts[0]]).item() == 1.0
 
 
-def test_exact_scale_is_a_power_of_two_bound() -> None:
+def test_exact_scales_are_power_of_two_bounds() -> None:
     m = torch.tensor([[0.0], [1.0], [3.0], [2.0**-140], [float("inf")], [float("nan")]], dtype=torch.float64)
     sigma = kernels.exact_scale(m, 10)
-    assert sigma[0].item() == 1.0  # zero row
-    assert sigma[1].item() == 32.0  # 2*10*1 = 20 -> 32
-    assert sigma[2].item() == 64.0  # 60 -> 64
-    assert sigma[3].item() == 2.0 ** (-140 + 5)
-    assert sigma[4].item() == 0.0 and sigma[5].item() == 0.0  # pre-rounding becomes the identity
+    assert sigma[:, 0].tolist()[:4] == [1.0, 32.0, 64.0, 2.0 ** (-140 + 5)]  # 2*10*M rounded up
+    # sigma2 = 2**ceil(log2(D * ulp(sigma1))) = sigma1 * 2**-52 * 16 for D = 10
+    assert sigma[:4, 1].tolist() == [s * 2.0**-48 for s in sigma[:4, 0].tolist()]
+    assert sigma[4:].abs().sum().item() == 0.0  # non-finite rows: pre-rounding is the identity
+
+
+def test_exact_pair_is_the_same_for_every_chunking() -> None:
+    x = torch.randn(16, 999, generator=gen(4)) * torch.logspace(-20, 20, 999)
+    sigma = kernels.exact_scale(kernels.rowmax_sq(x, 0, 999), 999)
+    whole = kernels.sumsq_exact(x, 0, 999, sigma)
+    for chunk in (1, 3, 64, 500):
+        parts = [kernels.sumsq_exact(x, a, min(a + chunk, 999), sigma) for a in range(0, 999, chunk)]
+        assert_bits_equal(kernels.accumulate(parts[::-1]), whole)
+        assert_bits_equal(kernels.catsum(parts), whole)
 
 
 def test_finalize_uses_sqrt_and_division() -> None:

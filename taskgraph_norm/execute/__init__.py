@@ -14,9 +14,15 @@ import torch
 
 from ..errors import ConfigError
 from ..graph import Graph
-from .reference import ReferenceInterpreter, run_reference
+from .reference import ReferenceInterpreter, reference_sum_of_squares, run_reference
 
-__all__ = ["EXECUTORS", "ReferenceInterpreter", "resolve_executor", "run_reference"]
+__all__ = [
+    "EXECUTORS",
+    "ReferenceInterpreter",
+    "reference_sum_of_squares",
+    "resolve_executor",
+    "run_reference",
+]
 
 Runner = Callable[..., torch.Tensor]
 

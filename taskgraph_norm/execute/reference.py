@@ -7,7 +7,7 @@ subclass can override one op in a few lines, as with ``torch.fx.Interpreter``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -16,7 +16,7 @@ from .. import kernels
 from ..errors import ConfigError, GraphError
 from ..graph import Graph, Node, Op, validate
 
-__all__ = ["ReferenceInterpreter", "run_reference"]
+__all__ = ["ReferenceInterpreter", "reference_sum_of_squares", "run_reference"]
 
 
 class ReferenceInterpreter:
@@ -39,15 +39,25 @@ class ReferenceInterpreter:
         self._last_use = _last_uses(graph, self._order)
 
     def run(self, x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+        """The graph's output for ``x``."""
+        return self.run_values(x, weight, eps, keep=())[self.graph.output]
+
+    def run_values(
+        self, x: torch.Tensor, weight: torch.Tensor | None, eps: float, *, keep: Collection[str]
+    ) -> dict[str, Any]:
+        """The output and the values of the ``keep`` nodes (e.g. a merge root, to read
+        the sum of squares itself); every other intermediate is freed after its last use."""
         self.x, self.weight, self.eps = x, weight, eps
+        kept = set(keep) | {self.graph.output}
         env: dict[str, Any] = {}
         for step, node_id in enumerate(self._order):
             node = self.graph.by_id[node_id]
             args = [env[i] for i in node.inputs]
             env[node_id] = getattr(self, node.op.value)(node, args)
             for done in self._last_use.get(step, ()):
-                del env[done]  # free partials as soon as their last user has run
-        return env[self.graph.output]
+                if done not in kept:
+                    del env[done]
+        return {k: env[k] for k in kept}
 
     # -- one method per op ------------------------------------------------------
 
@@ -57,7 +67,7 @@ class ReferenceInterpreter:
     def sumsq(self, node: Node, args: list[Any]) -> torch.Tensor:
         start, stop, leaf = node.attrs["start"], node.attrs["stop"], node.attrs["leaf"]
         if node.attrs.get("domain") == "exact":
-            return kernels.sumsq_exact(args[0], start, stop, args[1], leaf)
+            return kernels.sumsq_exact(args[0], start, stop, args[1])
         if leaf == "native":
             return kernels.sumsq_native(args[0], start, stop)
         return kernels.sumsq_pairwise(args[0], start, stop)
@@ -133,3 +143,16 @@ def run_reference(
 ) -> torch.Tensor:
     """Execute ``graph`` sequentially on ``x`` (already checked) and return ``y``."""
     return ReferenceInterpreter(graph, arrival=arrival).run(x, weight, eps)
+
+
+def reference_sum_of_squares(graph: Graph, x: torch.Tensor) -> torch.Tensor:
+    """The per-row sum of squares a chunked graph computes, as FINALIZE receives it,
+    rounded once to the accumulation dtype (shape ``(..., 1)``)."""
+    finalize = next((n for n in graph.nodes if n.op is Op.FINALIZE), None)
+    if finalize is None:
+        raise GraphError(None, "the graph has no FINALIZE node to read a sum of squares from")
+    total_id = finalize.inputs[1]
+    total = ReferenceInterpreter(graph).run_values(x, None, 0.0, keep=(total_id,))[total_id]
+    if total.shape[-1] == kernels.EXACT_CHANNELS:
+        total = kernels.combine_exact(total)
+    return total.to(kernels.accumulation_dtype(x.dtype))
