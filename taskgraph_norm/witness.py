@@ -136,7 +136,8 @@ class Witness:
         a, b = self.replay()
         reproduced = _bits_equal(a, self.outputs[0]) and _bits_equal(b, self.outputs[1])
         lines = [
-            f"witness: ACCUMULATE {self.node!r}, arrival {self.orders[0]} vs {self.orders[1]}",
+            f"witness: ACCUMULATE {self.node!r}, arrival {_order_code(self.orders[0])} vs "
+            f"{_order_code(self.orders[1])}",
             f"input: seed {self.seed}, {self.dtype}{list(self.shape)}"
             + (f" row {self.row}" if self.row is not None else "")
             + f", exponents in [-{self.spread}, {self.spread}], eps={self.eps!r}",
@@ -178,7 +179,8 @@ class Witness:
         ) + ")"
         recipe = (
             f"node={self.node!r}, seed={self.seed!r}, shape={self.shape!r}, row={self.row!r}, "
-            f"dtype={self.dtype!r}, spread={self.spread!r}, orders={self.orders!r}, "
+            f"dtype={self.dtype!r}, spread={self.spread!r}, "
+            f"orders=({_order_code(self.orders[0])}, {_order_code(self.orders[1])}), "
             f"observed={self.observed!r}"
         )
         code = (
@@ -329,6 +331,19 @@ def _order_pairs(n: int) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
     pairs = [(index, tuple(reversed(index)))]
     pairs += [(index, index[k:] + index[:k]) for k in (1, n - 1) if 0 < k < n]
     return pairs
+
+
+def _order_code(order: tuple[int, ...]) -> str:
+    """Python source for a permutation, short for the ones the search tries."""
+    n = len(order)
+    if n > 4:
+        for k in range(n):
+            if order == tuple(range(k, n)) + tuple(range(k)):
+                return f"tuple(range({n}))" if k == 0 else (
+                    f"tuple(range({k}, {n})) + tuple(range({k}))")
+        if order == tuple(range(n - 1, -1, -1)):
+            return f"tuple(range({n - 1}, -1, -1))"
+    return repr(order)
 
 
 def _observed_graph(graph: Graph, node: str, observed: str) -> Graph:
