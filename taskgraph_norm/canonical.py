@@ -54,11 +54,8 @@ _OPERAND_KINDS: Mapping[Op, tuple[str, ...]] = {
     Op.OUTPUT: ("y",),
 }
 
-_RESULT_KIND: Mapping[Op, str] = {
-    Op.INPUT: "x", Op.SUMSQ: "partial", Op.ADD: "partial", Op.ACCUMULATE: "partial",
-    Op.CATSUM: "partial", Op.ROWMAX: "max", Op.MAX: "max", Op.SCALE: "scale",
-    Op.RMSNORM: "y", Op.FINALIZE: "y", Op.OUTPUT: "out",
-}
+#: Ops whose result is a partial sum; their dependence marks live in the expression.
+_PARTIAL_OPS = frozenset({Op.SUMSQ, Op.ADD, Op.ACCUMULATE, Op.CATSUM})
 
 #: Longest expression the reader builds; heavy operand sharing could otherwise
 #: blow a small DAG up into an exponentially long tree.
@@ -132,6 +129,9 @@ def read_graph(graph: Graph) -> Reading:
 
 
 def _read_node(node: Node, args: list[_Value]) -> _Value:
+    if node.op not in _KNOWN_ATTRS:
+        raise _Unreadable(f"node {node.id!r}: op {node.op!r} is one the prover does not "
+                          "understand")
     unknown = set(node.attrs) - _KNOWN_ATTRS[node.op] - {"depends_on"}
     if unknown:
         raise _Unreadable(f"node {node.id!r} ({node.op.name}) has attributes the prover "
@@ -231,77 +231,97 @@ def _int_attr(node: Node, name: str, *, minimum: int) -> int:
 # --- the whole graph --------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _Facts:
+    """What every conclusion needs about the whole graph."""
+
+    graph: Graph
+    values: Mapping[str, _Value]
+    exprs: dict[str, str]
+    ops: Counter[Op]
+    marks: tuple[str, ...]  # dependence marks of nodes outside the expression
+    deps: tuple[str, ...]  # every dependence any node declares
+    blockers: tuple[str, ...]  # why batch invariance cannot be certified
+
+
 def _conclude(graph: Graph, values: Mapping[str, _Value], exprs: dict[str, str]) -> Reading:
-    ops = Counter(n.op for n in graph.nodes)
-    leaves = [n for n in graph.nodes if n.op is Op.SUMSQ]
-    marks = sorted(
-        f"{n.op.value}{_dependence_mark(n)}" for n in graph.nodes
-        if n.attrs.get("depends_on") and n.op not in (Op.SUMSQ, Op.ADD, Op.ACCUMULATE, Op.CATSUM)
+    deps = tuple(sorted({d for n in graph.nodes for d in _as_tuple(n.attrs.get("depends_on", ()))}))
+    facts = _Facts(
+        graph, values, exprs, Counter(n.op for n in graph.nodes),
+        marks=tuple(sorted(
+            f"{n.op.value}{_dependence_mark(n)}" for n in graph.nodes
+            if n.attrs.get("depends_on") and n.op not in _PARTIAL_OPS
+        )),
+        deps=deps,
+        blockers=tuple(
+            f"a node declares depends_on={d!r}: the graph is not a function of the "
+            "configuration alone, so a row's bits may change with the " + d.replace("_", " ")
+            for d in deps
+        ),
     )
-    deps = sorted({d for n in graph.nodes for d in _as_tuple(n.attrs.get("depends_on", ()))})
-    blockers = [
-        f"a node declares depends_on={d!r}: the graph is not a function of the "
-        "configuration alone, so a row's bits may change with the " + d.replace("_", " ")
-        for d in deps
-    ]
-    if ops[Op.RMSNORM]:
-        hidden = int(graph.by_id[graph.by_id[graph.output].inputs[0]].attrs["hidden_size"])
-        expression = values[graph.output].expr
-        blockers.append("RMSNORM is torch's opaque kernel: torch does not promise batch "
-                        "invariance (its reduction may be split differently for another "
-                        "number of rows or threads), so it is not certified")
-        return Reading(
-            expression=expression,
-            canonical="\n".join(["standard", f"D={hidden}", expression, *marks]),
-            assumptions=(_ASSUME_STANDARD,),
-            why_deterministic=("RMSNORM: one opaque torch kernel; deterministic only under "
-                               "the assumption below",),
-            batch_blockers=tuple(blockers),
-            node_expressions=exprs,
-        )
-    finalize = graph.by_id[graph.by_id[graph.output].inputs[0]]
-    hidden = int(finalize.attrs["hidden_size"])
-    total = values[finalize.inputs[1]]
+    last = graph.by_id[graph.by_id[graph.output].inputs[0]]
+    if last.op is Op.RMSNORM:
+        return _conclude_standard(facts, last)
+    leaves = [n for n in graph.nodes if n.op is Op.SUMSQ]
     domains = {n.attrs.get("domain", "float") for n in leaves}
-    if len(domains) != 1 or finalize.attrs.get("domain", "float") not in domains:
+    if len(domains) != 1 or last.attrs.get("domain", "float") not in domains:
         raise _Unreadable("the graph mixes exact-domain and float-domain nodes "
                           f"(leaves: {sorted(domains)}, FINALIZE: "
-                          f"{finalize.attrs.get('domain', 'float')!r})")
-    coverage = _coverage_note(total.segments, hidden)
-    row_local = _row_local(ops, bool(leaves) and "exact" in domains)
+                          f"{last.attrs.get('domain', 'float')!r})")
     if "exact" in domains:
-        return _conclude_exact(values, total, hidden, coverage, marks, deps, row_local,
-                               tuple(blockers), exprs)
+        return _conclude_exact(facts, last)
+    return _conclude_float(facts, last, leaves)
+
+
+def _conclude_standard(facts: _Facts, rmsnorm: Node) -> Reading:
+    expression = facts.values[rmsnorm.id].expr
+    blocker = ("RMSNORM is torch's opaque kernel: torch does not promise batch invariance "
+               "(its reduction may be split differently for another number of rows or "
+               "threads), so it is not certified")
+    return Reading(
+        expression=expression,
+        canonical="\n".join(["standard", f"D={rmsnorm.attrs['hidden_size']}", expression,
+                             *facts.marks]),
+        assumptions=(_ASSUME_STANDARD,),
+        why_deterministic=("RMSNORM: one opaque torch kernel; deterministic only under the "
+                           "assumption below",),
+        batch_blockers=facts.blockers + (blocker,),
+        node_expressions=facts.exprs,
+    )
+
+
+def _conclude_float(facts: _Facts, finalize: Node, leaves: list[Node]) -> Reading:
+    hidden = int(finalize.attrs["hidden_size"])
+    total = facts.values[finalize.inputs[1]]
     races = tuple(
-        (n.id, len(n.inputs)) for n in graph.nodes
+        (n.id, len(n.inputs)) for n in facts.graph.nodes
         if n.op is Op.ACCUMULATE and len(n.inputs) >= 3
     )
     assumptions = []
     if any(n.attrs.get("leaf") == "native" for n in leaves):
         assumptions.append(_ASSUME_NATIVE)
-    if ops[Op.CATSUM]:
+    if facts.ops[Op.CATSUM]:
         assumptions.append(_ASSUME_CATSUM)
     return Reading(
         expression=total.expr,
-        canonical="\n".join(["float", f"D={hidden}", total.expr, *marks]),
+        canonical="\n".join(["float", f"D={hidden}", total.expr, *facts.marks]),
         races=races,
         assumptions=tuple(assumptions),
-        why_deterministic=_why_structure(ops, leaves) + (coverage,),
-        row_local=row_local,
-        batch_blockers=tuple(blockers),
-        node_expressions=exprs,
+        why_deterministic=_why_structure(facts.ops, leaves)
+        + (_coverage_note(total.segments, hidden),),
+        row_local=_row_local(facts.ops),
+        batch_blockers=facts.blockers,
+        node_expressions=facts.exprs,
     )
 
 
-def _conclude_exact(
-    values: Mapping[str, _Value], total: _Value, hidden: int, coverage: str,
-    marks: list[str], deps: list[str], row_local: tuple[str, ...],
-    blockers: tuple[str, ...], exprs: dict[str, str],
-) -> Reading:
+def _conclude_exact(facts: _Facts, finalize: Node) -> Reading:
+    hidden = int(finalize.attrs["hidden_size"])
+    total = facts.values[finalize.inputs[1]]
     if len(total.scales) != 1:
         raise _Unreadable("exact leaves must share one SCALE node, found "
                           f"{len(total.scales)}")
-    scale = values[next(iter(total.scales))]
+    scale = facts.values[next(iter(total.scales))]
     summed = _merged(total.segments)
     maximised = _merged(scale.segments)
     if not _contains(maximised, summed):
@@ -314,30 +334,31 @@ def _conclude_exact(
     expression = "exact_sum(" + ", ".join(_segment_text(s) for s in _multiset(total.segments))
     if maximised != summed:
         expression += "; max over " + ", ".join(f"x[{a}:{b}]" for a, b in maximised)
-    expression += ")" + ("@" + "+".join(deps) if deps else "")
-    why = (
-        "every leaf pre-rounds each square v to q = (sigma + v) - sigma with "
-        "sigma = 2^ceil(log2(2*D*M)), M the row maximum of the squares; the SCALE's "
-        "maximum covers every summed element (checked), so every q and every partial sum "
-        "is a multiple of ulp(sigma) below 2^53*ulp(sigma)",
-        "so every addition (ADD, ACCUMULATE in any arrival order, CATSUM, torch.sum "
-        "inside a native leaf) is exact: the total is the same in every order, topology, "
-        "chunking and leaf kind, and the expression ignores them",
-        "ROWMAX/MAX: the maximum is exact, so its merge order never matters",
-        "FINALIZE: one rounding of the exact total, then correctly rounded division and sqrt",
-        coverage,
-    )
+    expression += ")" + ("@" + "+".join(facts.deps) if facts.deps else "")
     return Reading(
         expression=expression,
         canonical="\n".join(["exact", f"D={hidden}", f"sigma_D={scale.hidden_size}",
-                             expression, *marks]),
+                             expression, *facts.marks]),
         exact=True,
         assumptions=(_ASSUME_EXACT,),
-        why_deterministic=why,
-        row_local=row_local,
-        batch_blockers=blockers,
-        node_expressions=exprs,
+        why_deterministic=_WHY_EXACT + (_coverage_note(total.segments, hidden),),
+        row_local=_row_local(facts.ops),
+        batch_blockers=facts.blockers,
+        node_expressions=facts.exprs,
     )
+
+
+_WHY_EXACT = (
+    "every leaf pre-rounds each square v to q = (sigma + v) - sigma with "
+    "sigma = 2^ceil(log2(2*D*M)), M the row maximum of the squares; the SCALE's "
+    "maximum covers every summed element (checked), so every q and every partial sum "
+    "is a multiple of ulp(sigma) below 2^53*ulp(sigma)",
+    "so every addition (ADD, ACCUMULATE in any arrival order, CATSUM, torch.sum "
+    "inside a native leaf) is exact: the total is the same in every order, topology, "
+    "chunking and leaf kind, and the expression ignores them",
+    "ROWMAX/MAX: the maximum is exact, so its merge order never matters",
+    "FINALIZE: one rounding of the exact total, then correctly rounded division and sqrt",
+)
 
 
 def _why_structure(ops: Counter[Op], leaves: list[Node]) -> tuple[str, ...]:
@@ -364,7 +385,7 @@ def _why_structure(ops: Counter[Op], leaves: list[Node]) -> tuple[str, ...]:
     return tuple(why)
 
 
-def _row_local(ops: Counter[Op], exact: bool) -> tuple[str, ...]:
+def _row_local(ops: Counter[Op]) -> tuple[str, ...]:
     said = {
         Op.INPUT: "INPUT: rows are independent; no node reads another row",
         Op.ROWMAX: "ROWMAX/MAX: maxima of one row's squares (exact)",

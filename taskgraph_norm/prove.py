@@ -212,7 +212,7 @@ def _refute(graph: Graph, reading: Reading, fingerprint: str, witness_dtype: str
 
     node_id, count = reading.races[0]
     witness = find_witness(graph, node_id, dtype=witness_dtype)
-    why = (
+    why: tuple[str, ...] = (
         f"ACCUMULATE {_node_expr(reading, node_id)} adds {count} inexact partials in arrival "
         "order; float addition is not associative, so different arrival orders round "
         "differently",

@@ -97,6 +97,8 @@ class Witness:
         dims = tuple(int(d) for d in shape)
         if len(dims) != 2 or min(dims) < 1:
             raise ConfigError("shape", shape, "(rows, hidden_size), both >= 1")
+        if row is not None and not 0 <= row < dims[0]:
+            raise ConfigError("row", row, f"None or a row index below {dims[0]}")
         pair = (tuple(orders[0]), tuple(orders[1]))
         from .kernels import default_eps
 

@@ -411,6 +411,30 @@ def test_what_the_prover_cannot_read_is_never_certified(tree4: Graph, edit: obje
     assert "refused to certify" in p.explain()
 
 
+def test_an_op_the_prover_does_not_know_is_never_certified(monkeypatch: pytest.MonkeyPatch) -> None:
+    from taskgraph_norm import canonical
+
+    g = tgn.build_graph(256, chunk_size=64, topology="cat")
+    assert tgn.prove(g).certified  # negative control: known, it is certified
+    known = {op: a for op, a in canonical._KNOWN_ATTRS.items() if op is not Op.CATSUM}
+    monkeypatch.setattr(canonical, "_KNOWN_ATTRS", known)
+    _prove_cached.cache_clear()
+    p = tgn.prove(g)
+    assert (p.deterministic, p.rule) == (False, U) and "does not understand" in p.explain()
+    _prove_cached.cache_clear()
+
+
+def test_witness_recipe_is_checked() -> None:
+    g = tgn.build_graph(192, chunk_size=64, topology="race")
+    recipe = dict(node="accumulate", seed=0, shape=(4, 192), dtype="float32", orders=((0, 1, 2), (2, 1, 0)))
+    with pytest.raises(tgn.ConfigError):
+        tgn.Witness.rebuild(g, row=4, **recipe)  # type: ignore[arg-type]
+    with pytest.raises(tgn.ConfigError):
+        tgn.Witness.rebuild(g, row=None, **{**recipe, "dtype": "int32"})  # type: ignore[arg-type]
+    with pytest.raises(tgn.GraphError):
+        tgn.Witness.rebuild(g, row=None, **{**recipe, "node": "finalize"})  # type: ignore[arg-type]
+
+
 def test_invalid_graphs_raise() -> None:
     g = tgn.build_graph(256, chunk_size=64, topology="linear")
     cyclic = g.replace_node(g["fold1"].replace(inputs=("fold3", "p1")))
@@ -429,6 +453,12 @@ def test_proof_is_frozen_cached_and_explains_itself() -> None:
     assert tgn.prove(g) is p
     text = str(p)
     assert text.startswith("CERTIFIED") and "why deterministic" in text and p.expression in text
+
+
+def test_public_names() -> None:
+    for name in ("prove", "Proof", "Witness"):
+        assert name in tgn.__all__
+    assert callable(tgn.prove) and not isinstance(tgn.prove, type(sys))  # not the module
 
 
 def test_prove_is_cheap_for_64_chunks() -> None:
