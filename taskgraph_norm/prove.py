@@ -82,6 +82,17 @@ class Proof:
         """Deterministic *and* batch-invariant: the same bits every time, in every batch."""
         return self.deterministic and self.batch_invariant
 
+    @property
+    def summary(self) -> str:
+        """A few words for a table cell: ``"certified (structure)"``, ``"refuted"``..."""
+        if self.rule == "refuted":
+            return "refuted (witness)"
+        if self.rule == "unknown":
+            return "not certified (unknown)"
+        if self.certified:
+            return f"certified ({self.rule})"
+        return f"deterministic only ({self.rule})"
+
     def short_expression(self, width: int = 96) -> str:
         """The expression, cut in the middle to at most ``width`` characters."""
         text = self.expression

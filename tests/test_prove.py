@@ -478,6 +478,16 @@ def test_public_names() -> None:
     assert callable(tgn.prove) and not isinstance(tgn.prove, type(sys))  # not the module
 
 
+@pytest.mark.parametrize(
+    ("topology", "accumulate", "summary"),
+    [("tree", "float", "certified (structure)"), ("race", "exact", "certified (exact)"),
+     ("race", "float", "refuted (witness)"), ("standard", "float", "deterministic only (structure)")],
+)
+def test_summary_for_a_table_cell(topology: str, accumulate: str, summary: str) -> None:
+    g = tgn.build_graph(256, chunk_size=64, topology=topology, accumulate=accumulate)
+    assert tgn.prove(g).summary == summary
+
+
 def test_prove_is_cheap_for_64_chunks() -> None:
     g = tgn.build_graph(4096, chunk_size=64, topology="race")
     _prove_cached.cache_clear()
