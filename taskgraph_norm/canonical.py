@@ -73,6 +73,10 @@ _ASSUME_STANDARD = (
     "standard topology: torch's opaque rms_norm kernel gives the same bits for the same "
     "input shape, dtype and thread count, run after run"
 )
+_ASSUME_TWO_WAY = (
+    "two-partial ACCUMULATE: a+b and b+a have the same bits; IEEE 754 guarantees it "
+    "except when both are NaN, where it does not say whose payload survives"
+)
 _ASSUME_EXACT = (
     "exact domain: fp64 arithmetic is IEEE round-to-nearest as torch runs it eagerly "
     "(no fast-math reassociation, no flush-to-zero of the pre-rounded squares)"
@@ -302,6 +306,8 @@ def _conclude_float(facts: _Facts, finalize: Node, leaves: list[Node]) -> Readin
         assumptions.append(_ASSUME_NATIVE)
     if facts.ops[Op.CATSUM]:
         assumptions.append(_ASSUME_CATSUM)
+    if any(n.op is Op.ACCUMULATE and len(n.inputs) == 2 for n in facts.graph.nodes):
+        assumptions.append(_ASSUME_TWO_WAY)
     return Reading(
         expression=total.expr,
         canonical="\n".join(["float", f"D={hidden}", total.expr, *facts.marks]),
