@@ -59,6 +59,8 @@ class Proof:
         Canonical form of the reduction; leaves named by chunk bounds.
     fingerprint:
         16 hex digits of sha256 over the canonical form: the same on every machine.
+        For ``"unknown"`` it also hashes the problem found, which names a node, so
+        only certified and refuted fingerprints are independent of node ids.
     assumptions:
         What the verdict takes on trust (the backend's order inside ``torch.sum``...).
     witness:
