@@ -17,8 +17,11 @@ from .graph import Node as Node
 from .graph import Op as Op
 from .graph import validate as validate
 from .module import RMSNorm as RMSNorm
+from .prove import Proof as Proof
+from .prove import prove as prove
 from .topologies import TOPOLOGIES as TOPOLOGIES
 from .topologies import build_graph as build_graph
+from .witness import Witness as Witness
 
 __version__ = "0.1.0"
 
@@ -29,12 +32,15 @@ __all__ = [
     "GraphError",
     "Node",
     "Op",
+    "Proof",
     "RMSNorm",
     "TOPOLOGIES",
     "TaskGraphError",
+    "Witness",
     "build_graph",
     "execute",
     "normalize",
     "normalize_sync",
+    "prove",
     "validate",
 ]

@@ -41,6 +41,19 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_prove(args: argparse.Namespace) -> int:
+    from .prove import prove
+    from .topologies import build_graph
+
+    graph = build_graph(
+        args.hidden_size, chunk_size=args.chunk_size, topology=args.topology,
+        leaf=args.leaf, accumulate=args.accumulate,
+    )
+    proof = prove(graph, witness_dtype=args.dtype)
+    print(proof.explain(full=args.full))
+    return 0 if proof.certified else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="taskgraph-norm",
@@ -64,6 +77,24 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--repeats", type=_positive_int, default=10,
                         help="timed and compared runs per row (default 10)")
     report.set_defaults(func=_cmd_report)
+
+    prove = sub.add_parser(
+        "prove", help="certify or refute that a merge DAG gives the same bits every time",
+        description="Build one merge DAG and prove, from its structure, whether it is "
+        "deterministic and batch-invariant.  Exit status 0: certified (deterministic and "
+        "batch-invariant); 1: refuted or not certified.  A refutation prints a replay command.",
+    )
+    prove.add_argument("--topology", choices=("standard", "linear", "tree", "race", "cat"),
+                       default="tree")
+    prove.add_argument("--hidden-size", type=int, required=True, help="D, the row length")
+    prove.add_argument("--chunk-size", type=int, default=64)
+    prove.add_argument("--leaf", choices=("pairwise", "native"), default="pairwise")
+    prove.add_argument("--accumulate", choices=("float", "exact"), default="float")
+    prove.add_argument("--dtype", choices=("float32", "float64", "float16", "bfloat16"),
+                       default="float32", help="input dtype of a counterexample (default float32)")
+    prove.add_argument("--full", action="store_true",
+                       help="print the whole expression (long graphs are shortened otherwise)")
+    prove.set_defaults(func=_cmd_prove)
     return parser
 
 

@@ -1,0 +1,278 @@
+"""The prover: read a merge DAG and certify, or refute, determinism and batch invariance.
+
+:func:`prove` reads only the IR.  It walks the graph once, gives every node a
+canonical expression built from what the node computes (chunk bounds, leaf
+kind, operand order), never from node ids, and checks one of three rules:
+
+``structure``  every merge has a fixed order (ordered ``ADD``, an ``ACCUMULATE``
+               over at most two partials, an op whose inside order is the
+               backend's, listed as an assumption) => every valid schedule
+               evaluates one expression => deterministic.
+``exact``      every summand is pre-rounded onto one fixed-point grid (DESIGN.md
+               section 5) => every addition is exact => any order, topology and
+               chunking give the same bits.
+``refuted``    an ``ACCUMULATE`` adds three or more inexact partials in arrival
+               order; a :class:`~taskgraph_norm.witness.Witness` shows two orders
+               giving different bits.
+
+A fourth answer, ``unknown``, is the prover refusing to certify what it cannot
+read (an unknown attribute, an operand of the wrong kind, inconsistent domains).
+Batch invariance is certified when the graph is deterministic, every op is
+row-local, and no node declares a dependence on the batch size, the thread
+count, the row tiling or the device (attribute ``depends_on``).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+from .canonical import DEPENDENCIES, Reading, read_graph
+from .graph import Graph, validate
+from .witness import Witness
+
+__all__ = ["Proof", "prove", "RULES", "DEPENDENCIES", "FINGERPRINT_VERSION"]
+
+#: The rules a proof can rest on.  ``unknown``: the prover refused to certify.
+RULES: tuple[str, ...] = ("structure", "exact", "refuted", "unknown")
+
+#: Bumped whenever the canonical form changes, so old fingerprints never collide.
+FINGERPRINT_VERSION = "tgn-proof-1"
+
+
+@dataclass(frozen=True)
+class Proof:
+    """The prover's verdict on one graph.  :meth:`explain` says why, in words.
+
+    Attributes
+    ----------
+    deterministic:
+        Every run on the same input gives the same bits (under ``assumptions``).
+    batch_invariant:
+        A row's bits do not depend on the batch it is in, the thread count or the
+        row tiling (implies ``deterministic``).
+    rule:
+        ``"structure"``, ``"exact"``, ``"refuted"`` or ``"unknown"`` (refused).
+    expression:
+        Canonical form of the reduction; leaves named by chunk bounds.
+    fingerprint:
+        16 hex digits of sha256 over the canonical form: the same on every machine.
+        For ``"unknown"`` it also hashes the problem found, which names a node, so
+        only certified and refuted fingerprints are independent of node ids.
+    assumptions:
+        What the verdict takes on trust (the backend's order inside ``torch.sum``...).
+    witness:
+        For ``"refuted"``: a replayable counterexample.
+    why_deterministic, why_batch_invariant:
+        The argument, one line per op kind.
+    """
+
+    deterministic: bool
+    batch_invariant: bool
+    rule: str
+    expression: str
+    fingerprint: str
+    assumptions: tuple[str, ...] = ()
+    witness: Witness | None = None
+    why_deterministic: tuple[str, ...] = ()
+    why_batch_invariant: tuple[str, ...] = ()
+
+    @property
+    def certified(self) -> bool:
+        """Deterministic *and* batch-invariant: the same bits every time, in every batch."""
+        return self.deterministic and self.batch_invariant
+
+    @property
+    def summary(self) -> str:
+        """A few words for a table cell: ``"certified (structure)"``, ``"refuted"``..."""
+        if self.rule == "refuted":
+            return "refuted (witness)"
+        if self.rule == "unknown":
+            return "not certified (unknown)"
+        if self.certified:
+            return f"certified ({self.rule})"
+        return f"deterministic only ({self.rule})"
+
+    def short_expression(self, width: int = 96) -> str:
+        """The expression, cut in the middle to at most ``width`` characters."""
+        text = self.expression
+        if len(text) <= width:
+            return text
+        keep = max(8, (width - 24) // 2)
+        return f"{text[:keep]} ...<{len(text) - 2 * keep} chars>... {text[-keep:]}"
+
+    def explain(self, *, full: bool = True, width: int = 96) -> str:
+        """The verdict and the argument for it, as a few readable lines.
+
+        Parameters
+        ----------
+        full:
+            Print the whole expression; otherwise shorten it to ``width``.
+        width:
+            Target width of a shortened expression.
+        """
+        if self.rule == "refuted":
+            verdict = "REFUTED: not deterministic"
+        elif self.rule == "unknown":
+            verdict = "NOT CERTIFIED: the prover cannot read this graph"
+        elif self.certified:
+            verdict = "CERTIFIED: deterministic and batch-invariant"
+        else:
+            verdict = "deterministic, NOT certified batch-invariant"
+        lines = [
+            f"{verdict} (rule: {self.rule})",
+            "expression: " + (self.expression if full else self.short_expression(width)),
+            f"fingerprint: {self.fingerprint}",
+            "why deterministic:" if self.deterministic else "why not deterministic:",
+        ]
+        lines += [f"  - {r}" for r in self.why_deterministic]
+        lines.append(
+            "why batch-invariant (and thread-count and row-tiling invariant):"
+            if self.batch_invariant else "why not batch-invariant:"
+        )
+        lines += [f"  - {r}" for r in self.why_batch_invariant]
+        lines.append("assumptions:" + ("" if self.assumptions else " none"))
+        lines += [f"  - {a}" for a in self.assumptions]
+        if self.witness is not None:
+            w = self.witness
+            lines.append(
+                f"witness: {w.dtype} input (seed {w.seed}, {w.shape[0]}x{w.shape[1]}"
+                + (f", row {w.row}" if w.row is not None else "")
+                + f"), arrival {_short(w.orders[0])} vs {_short(w.orders[1])}: "
+                f"the {w.observed} bits differ"
+            )
+            command = w.replay_command()
+            if command is not None:
+                lines.append(f"replay: {command}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.explain(full=False)
+
+
+def prove(graph: Graph, *, witness_dtype: str = "float32") -> Proof:
+    """Certify or refute that ``graph`` gives the same bits every time, in every batch.
+
+    The graph is validated first.  Results are cached per graph (and its ``meta``),
+    so calling this for every report row is cheap; a refutation searches for a
+    witness once (well under a second for 64 chunks).
+
+    Parameters
+    ----------
+    graph:
+        Any merge DAG; builder-made or edited by hand.
+    witness_dtype:
+        Input dtype of the counterexample searched for a refutation:
+        ``"float32"`` (default), ``"float64"``, ``"float16"`` or ``"bfloat16"``.
+
+    Returns
+    -------
+    Proof
+        frozen; ``str(proof)`` explains it.
+
+    Raises
+    ------
+    GraphError, CycleError
+        if the graph breaks a structural rule (see :func:`validate`).
+    ConfigError
+        for an unknown ``witness_dtype``.
+
+    Examples
+    --------
+    >>> import taskgraph_norm as tgn
+    >>> p = tgn.prove(tgn.build_graph(256, chunk_size=64, topology="tree"))
+    >>> p.deterministic, p.batch_invariant, p.rule
+    (True, True, 'structure')
+    >>> p.expression
+    '((s[0:64]+s[64:128])+(s[128:192]+s[192:256]))'
+    """
+    from .witness import WITNESS_DTYPES
+
+    if witness_dtype not in WITNESS_DTYPES:
+        from .errors import ConfigError
+
+        raise ConfigError("witness_dtype", witness_dtype, "one of " + ", ".join(WITNESS_DTYPES))
+    validate(graph)
+    return _prove_cached(graph, tuple(graph.meta.items()), witness_dtype)
+
+
+@functools.lru_cache(maxsize=256)
+def _prove_cached(graph: Graph, meta: tuple[tuple[str, Any], ...], witness_dtype: str) -> Proof:
+    reading = read_graph(graph)
+    if reading.problem is not None:
+        return _unknown(reading.expression, reading.problem)
+    fingerprint = _fingerprint(reading.canonical)
+    if reading.races:
+        return _refute(graph, reading, fingerprint, witness_dtype)
+    batch_invariant = not reading.batch_blockers
+    return Proof(
+        deterministic=True,
+        batch_invariant=batch_invariant,
+        rule="exact" if reading.exact else "structure",
+        expression=reading.expression,
+        fingerprint=fingerprint,
+        assumptions=reading.assumptions,
+        witness=None,
+        why_deterministic=reading.why_deterministic,
+        why_batch_invariant=reading.batch_blockers if reading.batch_blockers else reading.row_local,
+    )
+
+
+def _refute(graph: Graph, reading: Reading, fingerprint: str, witness_dtype: str) -> Proof:
+    from .witness import find_witness
+
+    node_id, count = reading.races[0]
+    witness = find_witness(graph, node_id, dtype=witness_dtype)
+    why: tuple[str, ...] = (
+        f"ACCUMULATE {_node_expr(reading, node_id)} adds {count} inexact partials in arrival "
+        "order; float addition is not associative, so different arrival orders round "
+        "differently",
+    )
+    if witness is None:
+        why += ("no counterexample was found in the search budget, but the structure "
+                "does not fix one order, so determinism is not certified",)
+    else:
+        why += (f"counterexample: arrival {_short(witness.orders[0])} and "
+                f"{_short(witness.orders[1])} give different {witness.observed} bits",)
+    return Proof(
+        deterministic=False,
+        batch_invariant=False,
+        rule="refuted" if witness is not None else "unknown",
+        expression=reading.expression,
+        fingerprint=fingerprint,
+        assumptions=reading.assumptions,
+        witness=witness,
+        why_deterministic=why,
+        why_batch_invariant=("a graph that is not deterministic cannot be batch-invariant",),
+    )
+
+
+def _unknown(expression: str, problem: str) -> Proof:
+    return Proof(
+        deterministic=False,
+        batch_invariant=False,
+        rule="unknown",
+        expression=expression,
+        fingerprint=_fingerprint("unknown\n" + expression + "\n" + problem),
+        why_deterministic=(f"refused to certify: {problem}",),
+        why_batch_invariant=("refused to certify (see above)",),
+    )
+
+
+def _fingerprint(canonical: str) -> str:
+    digest = hashlib.sha256(f"{FINGERPRINT_VERSION}\n{canonical}".encode()).hexdigest()
+    return digest[:16]
+
+
+def _node_expr(reading: Reading, node_id: str) -> str:
+    text: str = reading.node_expressions.get(node_id, node_id)
+    return text if len(text) <= 60 else text[:28] + "..." + text[-28:]
+
+
+def _short(order: tuple[int, ...]) -> str:
+    if len(order) <= 8:
+        return str(order)
+    return "(" + ", ".join(str(i) for i in order[:3]) + ", ..., " + ", ".join(
+        str(i) for i in order[-2:]) + ")"
