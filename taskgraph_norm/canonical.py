@@ -355,15 +355,17 @@ def _conclude_exact(facts: _Facts, finalize: Node) -> Reading:
 
 
 _WHY_EXACT = (
-    "every leaf pre-rounds each square v to q = (sigma + v) - sigma with "
-    "sigma = 2^ceil(log2(2*D*M)), M the row maximum of the squares; the SCALE's "
-    "maximum covers every summed element (checked), so every q and every partial sum "
-    "is a multiple of ulp(sigma) below 2^53*ulp(sigma)",
+    "every leaf splits each square v into two pre-rounded folds: q1 = (sigma1 + v) - sigma1 "
+    "with sigma1 = 2^ceil(log2(2*D*M)), M the row maximum of the squares, and "
+    "q2 = (sigma2 + r) - sigma2 for the exact remainder r = v - q1, with "
+    "sigma2 = 2^ceil(log2(D*ulp(sigma1))); the SCALE's maximum covers every summed "
+    "element (checked), so every q and every partial sum of a fold is a multiple of its "
+    "grid unit ulp(sigma) below 2^53 units",
     "so every addition (ADD, ACCUMULATE in any arrival order, CATSUM, torch.sum "
-    "inside a native leaf) is exact: the total is the same in every order, topology, "
-    "chunking and leaf kind, and the expression ignores them",
+    "inside a native leaf) is exact, fold by fold: the pair (S1, S2) is the same in every "
+    "order, topology, chunking and leaf kind, and the expression ignores them",
     "ROWMAX/MAX: the maximum is exact, so its merge order never matters",
-    "FINALIZE: one rounding of the exact total, then correctly rounded division and sqrt",
+    "FINALIZE: S1 + S2 rounded once, then correctly rounded division and sqrt",
 )
 
 

@@ -37,8 +37,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
         shape=args.shape, dtype=args.dtype, seed=args.seed, chunk_size=args.chunk_size,
         leaf=args.leaf, repeats=args.repeats,
     )
-    run_report(config, stream=sys.stdout)
-    return 0
+    rows = run_report(config, stream=sys.stdout)
+    return 0 if all(r.agrees for r in rows) else 1
 
 
 def _cmd_prove(args: argparse.Namespace) -> int:
