@@ -120,11 +120,13 @@ def fp64_reference(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> 
 
 
 def ulp_error(y: torch.Tensor, ref64: torch.Tensor) -> float:
-    """Largest ``|y - ref| / ulp(ref)`` in ``y``'s format (normal range)."""
+    """Largest ``|y - ref| / ulp(ref)`` in ``y``'s format (subnormals use their fixed spacing)."""
     if y.numel() == 0:
         return 0.0
     _, exponent = torch.frexp(ref64)
     ulp = torch.ldexp(torch.ones_like(ref64), exponent - _MANTISSA_BITS[y.dtype])
+    info = torch.finfo(y.dtype)
+    ulp = torch.clamp(ulp, min=info.smallest_normal * info.eps)
     err = (y.double() - ref64).abs() / ulp
     finite = torch.isfinite(err)
     return float(err[finite].max()) if bool(finite.any()) else 0.0

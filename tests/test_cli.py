@@ -28,6 +28,11 @@ def test_report_measures_what_it_claims() -> None:
     assert rows["V2 race (lock)"].run_spread > 0
     assert not rows["V2 race (lock)"].batch_invariant
     assert rows["standard"].diff_vs_standard == 0
+    # The exact accumulator makes the very same shuffled race order-free.
+    assert rows["V2 race + exact"].run_spread == 0 and rows["V2 race + exact"].batch_invariant
+    assert rows["V2 race (lock)"].proved.startswith("refuted")
+    assert rows["V3 tree"].proved.startswith("certified")
+    assert all(r.agrees for r in rows.values()), "a measurement contradicts a certificate"
     assert all(r.max_ulp_err < 16 for r in rows.values())
 
 
