@@ -11,6 +11,7 @@ from .api import normalize_sync as normalize_sync
 from .errors import ConfigError as ConfigError
 from .errors import CycleError as CycleError
 from .errors import GraphError as GraphError
+from .errors import MissingDependencyError as MissingDependencyError
 from .errors import TaskGraphError as TaskGraphError
 from .graph import Graph as Graph
 from .graph import Node as Node
@@ -19,6 +20,9 @@ from .graph import validate as validate
 from .module import RMSNorm as RMSNorm
 from .topologies import TOPOLOGIES as TOPOLOGIES
 from .topologies import build_graph as build_graph
+from .viz import render as render
+from .viz import to_dot as to_dot
+from .viz import to_mermaid as to_mermaid
 
 __version__ = "0.1.0"
 
@@ -27,6 +31,7 @@ __all__ = [
     "CycleError",
     "Graph",
     "GraphError",
+    "MissingDependencyError",
     "Node",
     "Op",
     "RMSNorm",
@@ -36,5 +41,8 @@ __all__ = [
     "execute",
     "normalize",
     "normalize_sync",
+    "render",
+    "to_dot",
+    "to_mermaid",
     "validate",
 ]

@@ -31,6 +31,20 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_viz(args: argparse.Namespace) -> int:
+    from .topologies import build_graph
+    from .viz import render
+
+    graph = build_graph(
+        args.hidden_size, chunk_size=args.chunk_size, topology=args.topology,
+        leaf=args.leaf, accumulate=args.accumulate,
+    )
+    collapse = {"auto": None, "always": True, "never": False}[args.collapse]
+    written = render(graph, args.output, engine=args.engine, collapse=collapse)
+    print(f"wrote {written}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="taskgraph-norm",
@@ -52,6 +66,24 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--repeats", type=int, default=10,
                         help="timed and compared runs per row (default 10)")
     report.set_defaults(func=_cmd_report)
+
+    viz = sub.add_parser(
+        "viz", help="draw a merge DAG (.svg, .png, .dot or .mmd by the output's extension)",
+        description="Draw the merge DAG of one configuration.  Node colours tell leaves, "
+        "ordered merges, races and exact-domain nodes apart; edge labels give operand order.",
+    )
+    viz.add_argument("--topology", choices=("standard", "linear", "tree", "race", "cat"),
+                     default="tree")
+    viz.add_argument("--hidden-size", type=int, required=True, help="D, the normalised length")
+    viz.add_argument("--chunk-size", type=int, default=64)
+    viz.add_argument("--leaf", choices=("pairwise", "native"), default="pairwise")
+    viz.add_argument("--accumulate", choices=("float", "exact"), default="float")
+    viz.add_argument("--engine", choices=("auto", "graphviz", "matplotlib"), default="auto",
+                     help="picture back end (auto: Graphviz if installed, else matplotlib)")
+    viz.add_argument("--collapse", choices=("auto", "always", "never"), default="auto",
+                     help="per-level summary boxes (auto: above 32 chunks)")
+    viz.add_argument("-o", "--output", required=True, help="e.g. dag.svg, dag.png, dag.dot, dag.mmd")
+    viz.set_defaults(func=_cmd_viz)
     return parser
 
 
