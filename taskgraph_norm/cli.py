@@ -67,17 +67,18 @@ def build_parser() -> argparse.ArgumentParser:
                         help="timed and compared runs per row (default 10)")
     report.set_defaults(func=_cmd_report)
 
+    from .topologies import ACCUMULATES, LEAVES, TOPOLOGIES
+
     viz = sub.add_parser(
         "viz", help="draw a merge DAG (.svg, .png, .dot or .mmd by the output's extension)",
         description="Draw the merge DAG of one configuration.  Node colours tell leaves, "
         "ordered merges, races and exact-domain nodes apart; edge labels give operand order.",
     )
-    viz.add_argument("--topology", choices=("standard", "linear", "tree", "race", "cat"),
-                     default="tree")
+    viz.add_argument("--topology", choices=TOPOLOGIES, default="tree")
     viz.add_argument("--hidden-size", type=int, required=True, help="D, the normalised length")
     viz.add_argument("--chunk-size", type=int, default=64)
-    viz.add_argument("--leaf", choices=("pairwise", "native"), default="pairwise")
-    viz.add_argument("--accumulate", choices=("float", "exact"), default="float")
+    viz.add_argument("--leaf", choices=LEAVES, default="pairwise")
+    viz.add_argument("--accumulate", choices=ACCUMULATES, default="float")
     viz.add_argument("--engine", choices=("auto", "graphviz", "matplotlib"), default="auto",
                      help="picture back end (auto: Graphviz if installed, else matplotlib)")
     viz.add_argument("--collapse", choices=("auto", "always", "never"), default="auto",

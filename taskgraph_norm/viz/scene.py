@@ -169,12 +169,19 @@ def _label(consumer: Node | None, positions: Sequence[int], count: int) -> str:
     """Edge label naming operand positions; blank where there is only one operand."""
     if consumer is not None and len(consumer.inputs) < 2:
         return ""
+    text = positions_text(positions)
+    return text if count == 1 else f"{text} \u00d7{count}"
+
+
+def positions_text(positions: Sequence[int]) -> str:
+    """``"0"``, ``"0,1"`` or ``"0..4095"``: short enough for any label or DOT
+    attribute (Graphviz rejects quoted strings over 16 KiB)."""
     pos = sorted(set(positions))
     if len(pos) > 2 and pos == list(range(pos[0], pos[-1] + 1)):
-        text = f"{pos[0]}..{pos[-1]}"
-    else:
-        text = ",".join(str(p) for p in pos)
-    return text if count == 1 else f"{text} \u00d7{count}"
+        return f"{pos[0]}..{pos[-1]}"
+    if len(pos) > 8:
+        return ",".join(str(p) for p in pos[:4]) + ",...," + str(pos[-1])
+    return ",".join(str(p) for p in pos)
 
 
 def _blamed(graph: Graph, proof: Any) -> tuple[str, ...]:

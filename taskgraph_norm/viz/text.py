@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..graph import Graph
-from .scene import HIGHLIGHT, KIND_STYLE, Box, Scene, build_scene
+from .scene import HIGHLIGHT, KIND_STYLE, Box, Scene, build_scene, positions_text
 
 __all__ = ["to_dot", "to_mermaid", "scene_to_dot", "scene_to_mermaid"]
 
@@ -63,7 +63,7 @@ def scene_to_dot(scene: Scene, *, dpi: int | None = None) -> str:
             if len(row) > 1:
                 out.append("  { rank=same; " + "; ".join(row) + "; }")
     for link in scene.links:
-        attrs = [f"position={_dot_str(','.join(map(str, link.positions)))}"]
+        attrs = [f"position={_dot_str(positions_text(link.positions))}"]
         if link.label:
             attrs.append(f"label={_dot_str(' ' + link.label + ' ')}")
             attrs.append('fontcolor="#1c4587"')
