@@ -139,6 +139,8 @@ def _layer_positions(scene: Scene) -> dict[str, tuple[float, int]]:
     boxes keep one unit apart.
     """
     fanout = _fanout(scene)
+    unit = _unit_width(scene)
+    widths = {b.key: _box_inches(b) / unit for b in scene.boxes}
     preds: dict[str, list[str]] = {b.key: [] for b in scene.boxes}
     for link in scene.links:
         if link.src != link.dst and fanout[link.src] <= 2 and link.src not in preds[link.dst]:
@@ -158,8 +160,40 @@ def _layer_positions(scene: Scene) -> dict[str, tuple[float, int]]:
                 x[b.key] = sum(placed) / len(placed)
         ordered = sorted(row, key=lambda b: x[b.key])
         for left, right in zip(ordered, ordered[1:]):
-            x[right.key] = max(x[right.key], x[left.key] + 1.0)
+            gap = max(1.0, (widths[left.key] + widths[right.key]) / 2)
+            x[right.key] = max(x[right.key], x[left.key] + gap)
     return {b.key: (x[b.key], b.rank) for b in scene.boxes}
+
+
+def _rank_depths(scene: Scene, pos: Mapping[str, tuple[float, int]]) -> list[float]:
+    """Vertical position of each rank, in rank heights.  Where many edges fan
+    into the next rank from far apart (a race over 16 leaves) the gap grows, so
+    the edges are steep enough to clear the neighbouring boxes."""
+    n_ranks = max(p[1] for p in pos.values()) + 1
+    spread = [0.0] * n_ranks
+    for link in scene.links:
+        (xs, rs), (xd, rd) = pos[link.src], pos[link.dst]
+        if rd == rs + 1:
+            spread[rd] = max(spread[rd], abs(xs - xd))
+    depth = [0.0]
+    for r in range(1, n_ranks):
+        depth.append(depth[-1] + min(max(spread[r] / 4, 1.0), 2.5))
+    return depth
+
+
+def _box_inches(box: Box) -> float:
+    return max(len(line) for line in box.lines) * _CHAR_W + 0.45
+
+
+def _unit_width(scene: Scene) -> float:
+    """Inches per layout unit: the widest box of the most crowded rank, so a
+    wide label elsewhere (``16 parts, arrival order``) does not spread the
+    leaves apart; wider boxes get extra room in :func:`_layer_positions`."""
+    ranks: dict[int, list[Box]] = {}
+    for box in scene.boxes:
+        ranks.setdefault(box.rank, []).append(box)
+    crowded = max(ranks.values(), key=len)
+    return max(_box_inches(b) for b in crowded)
 
 
 def _render_matplotlib(scene: Scene, out: Path, dpi: int, needed_by: str) -> None:
@@ -178,10 +212,11 @@ def _render_matplotlib(scene: Scene, out: Path, dpi: int, needed_by: str) -> Non
     if scene.highlighted:
         handles.append(Patch(facecolor=HIGHLIGHT.fill, edgecolor=HIGHLIGHT.stroke,
                              label=HIGHLIGHT.legend))
-    fig, ax, unit, ncol = _frame(scene, pos, dpi, len(handles))
+    depth = _rank_depths(scene, pos)
+    fig, ax, unit, ncol = _frame(scene, pos, depth, dpi, len(handles))
 
     def centre(key: str) -> tuple[float, float]:
-        return pos[key][0] * unit[0], -pos[key][1] * unit[1]
+        return pos[key][0] * unit[0], -depth[pos[key][1]] * unit[1]
 
     texts = {}
     for box in scene.boxes:
@@ -200,7 +235,7 @@ def _render_matplotlib(scene: Scene, out: Path, dpi: int, needed_by: str) -> Non
     fig.savefig(out, format=out.suffix[1:].lower())
 
 
-def _frame(scene: Scene, pos: Mapping[str, tuple[float, int]], dpi: int,
+def _frame(scene: Scene, pos: Mapping[str, tuple[float, int]], depth: list[float], dpi: int,
            n_legend: int) -> tuple[Any, Any, tuple[float, float], int]:
     """Figure and axes sized so one data unit is one inch on both axes (loops
     and bends keep their shape), with room below for the legend and caption.
@@ -208,18 +243,16 @@ def _frame(scene: Scene, pos: Mapping[str, tuple[float, int]], dpi: int,
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    chars = max(max(len(line) for line in b.lines) for b in scene.boxes)
     lines = max(len(b.lines) for b in scene.boxes)
-    unit_w, unit_h = chars * _CHAR_W + 0.45, lines * _LINE_H + 0.55
+    unit_w, unit_h = _unit_width(scene), lines * _LINE_H + 0.55
     xs = [p[0] for p in pos.values()]
-    n_ranks = max(p[1] for p in pos.values()) + 1
     # One extra column on the left is the lane for broadcast edges; one more on
     # the right leaves room for a collapsed fold's self-loop.
     lo, hi = (min(xs) - 1.0) * unit_w, (max(xs) + 1.0) * unit_w
     width = max(hi - lo, 6.5)
     ncol = max(1, min(n_legend, int(width / 3.3)))
     bottom = 0.22 * (1 + len(scene.caption)) + 0.2 * -(-n_legend // ncol) + 0.45
-    body = n_ranks * unit_h
+    body = (depth[-1] + 1) * unit_h
     height = body + bottom
     # Agg cannot make an image over 2**16 pixels a side; huge forced-full drawings
     # get a lower resolution rather than an error.
@@ -230,7 +263,7 @@ def _frame(scene: Scene, pos: Mapping[str, tuple[float, int]], dpi: int,
     ax.set_axis_off()
     spare = (width - (hi - lo)) / 2
     ax.set_xlim(lo - spare, hi + spare)
-    ax.set_ylim(-(n_ranks - 0.5) * unit_h, 0.5 * unit_h)
+    ax.set_ylim(-(depth[-1] + 0.5) * unit_h, 0.5 * unit_h)
     return fig, ax, (unit_w, unit_h), ncol
 
 
@@ -265,6 +298,9 @@ def _label_text(ax: Any, x: float, y: float, text: str, ha: str = "center") -> N
 def _draw_links(ax: Any, scene: Scene, texts: Mapping[str, Any], centre: Any,
                 pos: Mapping[str, tuple[float, int]], unit: tuple[float, float]) -> None:
     fanout = _fanout(scene)
+    n_in: dict[str, int] = {b.key: 0 for b in scene.boxes}
+    for link in scene.links:
+        n_in[link.dst] += 1
     lane_x = (min(p[0] for p in pos.values()) - 0.7) * unit[0]
     for link in scene.links:
         colour = "#555555" if link.ordered else "#990000"
@@ -298,5 +334,8 @@ def _draw_links(ax: Any, scene: Scene, texts: Mapping[str, Any], centre: Any,
                             "shrinkB": 2},
             )
             if link.label:
-                # Near the head, so each number sits by the merge it orders.
-                _label_text(ax, sx + 0.72 * (dx - sx), sy + 0.72 * (dy - sy), link.label)
+                # Near the head, so each number sits by the merge it orders; but
+                # where many edges converge (a race, a cat) near the tail, where
+                # they are still apart.
+                t = 0.72 if n_in[link.dst] <= 3 else 0.3
+                _label_text(ax, sx + t * (dx - sx), sy + t * (dy - sy), link.label)
