@@ -418,3 +418,74 @@ def test_cli_viz_errors_are_clean(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert main(["viz", "--hidden-size", "0", "-o", str(tmp_path / "dag.dot")]) == 2
     with pytest.raises(SystemExit):
         main(["viz", "--topology", "bogus", "--hidden-size", "8", "-o", "x.dot"])
+
+
+# --- timelines ------------------------------------------------------------------
+
+
+def _simulated_trace(graph: Graph, workers: int, cost: dict[str, float]) -> list[dict[str, Any]]:
+    """List-schedule the graph on ``workers`` (earliest-free worker first), the
+    way a recorder would log it: one dict per node."""
+    free = [0.0] * workers
+    done: dict[str, float] = {}
+    events = []
+    for nid in graph.topological_order:
+        ready = max((done[i] for i in graph[nid].inputs), default=0.0)
+        w = min(range(workers), key=lambda k: max(free[k], ready))
+        start = max(free[w], ready)
+        end = start + cost.get(graph[nid].op.name, 1e-4)
+        free[w], done[nid] = end, end
+        events.append({"node": nid, "stream": f"worker-{w}", "start": 5.0 + start, "end": 5.0 + end})
+    return events
+
+
+def test_critical_path_follows_the_slowest_operand() -> None:
+    from taskgraph_norm.viz import TimelineEvent, critical_path
+
+    graph = tgn.build_graph(256, chunk_size=64, topology="tree")
+    slow = {"p2": 9.0}
+    events = [TimelineEvent(n, "w", 0.0, slow.get(n, 1.0)) for n in ("x", "p0", "p1", "p2", "p3")]
+    events += [TimelineEvent("tree1.0", "w", 1.0, 2.0), TimelineEvent("tree1.1", "w", 9.0, 10.0),
+               TimelineEvent("tree2.0", "w", 10.0, 11.0), TimelineEvent("finalize", "w", 11, 12),
+               TimelineEvent("y", "w", 12, 12.5)]
+    assert critical_path(events, graph) == ("x", "p2", "tree1.1", "tree2.0", "finalize", "y")
+    # Negative control: make p0 the slow one and the path moves with it.
+    moved = [e if e.node != "p0" else TimelineEvent("p0", "w", 0.0, 9.5) for e in events]
+    moved = [e if e.node != "tree1.0" else TimelineEvent("tree1.0", "w", 9.5, 10.0) for e in moved]
+    assert critical_path(moved, graph)[1:3] == ("p0", "tree1.0")
+    assert critical_path(events, None) == ("y",)
+
+
+@pytest.mark.parametrize("suffix", [".png", ".svg"])
+def test_render_timeline_from_synthetic_trace(suffix: str, tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    from taskgraph_norm.viz import render_timeline
+
+    graph = tgn.build_graph(512, chunk_size=64, topology="tree")
+    trace = _simulated_trace(graph, 3, {"SUMSQ": 3e-4, "ADD": 1e-4})
+    out = render_timeline(trace, tmp_path / f"t{suffix}", graph)
+    data = out.read_bytes()
+    if suffix == ".png":
+        assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    else:
+        assert ET.fromstring(data).tag.endswith("svg")
+
+    @dataclass
+    class Trace:  # the attribute form: .events and .graph
+        events: list[Any]
+        graph: Graph
+
+    render_timeline(Trace(trace, graph), tmp_path / "attr.png")
+
+
+def test_render_timeline_rejects_bad_traces(tmp_path: Path) -> None:
+    from taskgraph_norm.viz import render_timeline
+
+    with pytest.raises(ConfigError, match="at least one event"):
+        render_timeline([], tmp_path / "t.png")
+    with pytest.raises(ConfigError, match="end >= start"):
+        render_timeline([{"node": "a", "worker": 0, "start": 2, "end": 1}], tmp_path / "t.png")
+    with pytest.raises(ConfigError, match="worker"):
+        render_timeline([{"node": "a", "start": 0, "end": 1}], tmp_path / "t.png")
+    with pytest.raises(ConfigError, match=r"\.svg or \.png"):
+        render_timeline([{"node": "a", "worker": 0, "start": 0, "end": 1}], tmp_path / "t.pdf")
