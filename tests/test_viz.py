@@ -489,3 +489,14 @@ def test_render_timeline_rejects_bad_traces(tmp_path: Path) -> None:
         render_timeline([{"node": "a", "start": 0, "end": 1}], tmp_path / "t.png")
     with pytest.raises(ConfigError, match=r"\.svg or \.png"):
         render_timeline([{"node": "a", "worker": 0, "start": 0, "end": 1}], tmp_path / "t.pdf")
+
+
+def test_doc_page_images_exist_and_are_pngs_or_svgs() -> None:
+    root = Path(__file__).resolve().parent.parent
+    page = (root / "docs" / "viz.md").read_text()
+    images = re.findall(r"\]\((images/[^)]+)\)", page)
+    assert len(images) >= 7
+    for rel in images:
+        data = (root / "docs" / rel).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" if rel.endswith(".png") else b"<svg" in data[:2000]
+    assert "python scripts/make_doc_images.py" in page
