@@ -112,7 +112,7 @@ _BOXSTYLE = {
     "io": "round,pad=0.3,rounding_size=0.8",
     "leaf": "square,pad=0.3",
     "merge": "round,pad=0.3,rounding_size=0.5",
-    "race": "sawtooth,pad=0.35",
+    "race": "sawtooth,pad=0.5,tooth_size=0.12",
     "catsum": "round4,pad=0.3",
     "exact": "roundtooth,pad=0.3",
     "finalize": "round,pad=0.3,rounding_size=0.15",
@@ -271,11 +271,22 @@ def _box_extent(ax: Any, text: Any) -> tuple[float, float, float, float]:
     """``(x0, y0, x1, y1)`` of a label's box (text plus padding) in data coordinates."""
     renderer = ax.figure.canvas.get_renderer()
     bbox = text.get_window_extent(renderer)
-    pad = 0.3 * _FONT * ax.figure.dpi / 72  # the boxstyles' pad=0.3 is in font sizes
+    # A boxstyle's pad is in font sizes; the race style's sawtooth needs more than the rest.
+    pad = getattr(text.get_bbox_patch().get_boxstyle(), "pad", 0.3) * _FONT * ax.figure.dpi / 72
     (x0, y0), (x1, y1) = ax.transData.inverted().transform(
         [(bbox.x0 - pad, bbox.y0 - pad), (bbox.x1 + pad, bbox.y1 + pad)]
     )
     return float(x0), float(y0), float(x1), float(y1)
+
+
+def _clip(inside: tuple[float, float], toward: tuple[float, float],
+          box: tuple[float, float, float, float]) -> tuple[float, float]:
+    """Where the segment from ``inside`` (a box centre) to ``toward`` leaves ``box``."""
+    (x, y), (tx, ty) = inside, toward
+    hw, hh = (box[2] - box[0]) / 2 + 0.03, (box[3] - box[1]) / 2 + 0.03
+    ddx, ddy = tx - x, ty - y
+    scale = min(hw / abs(ddx) if ddx else float("inf"), hh / abs(ddy) if ddy else float("inf"), 1.0)
+    return x + ddx * scale, y + ddy * scale
 
 
 def _path_arrow(ax: Any, verts: list[tuple[float, float]], curve: bool, colour: str,
@@ -326,16 +337,13 @@ def _draw_links(ax: Any, scene: Scene, texts: Mapping[str, Any], centre: Any,
             if link.label:
                 _label_text(ax, drop_x - 0.04, (bus_y + dst[3]) / 2, link.label, ha="right")
         else:
-            ax.annotate(
-                "", xy=(dx, dy), xytext=(sx, sy), zorder=1,
-                arrowprops={"arrowstyle": "-|>", "color": colour, "linestyle": style, "lw": 0.8,
-                            "patchA": texts[link.src].get_bbox_patch(),
-                            "patchB": texts[link.dst].get_bbox_patch(), "shrinkA": 2,
-                            "shrinkB": 2},
-            )
+            # Clip to the box outlines ourselves: label boxes get their size only
+            # at draw time, too late for matplotlib's own patchA/patchB clipping.
+            (ax0, ay0), (ax1, ay1) = _clip((sx, sy), (dx, dy), src), _clip((dx, dy), (sx, sy), dst)
+            _path_arrow(ax, [(ax0, ay0), (ax1, ay1)], False, colour, style)
             if link.label:
                 # Near the head, so each number sits by the merge it orders; but
                 # where many edges converge (a race, a cat) near the tail, where
                 # they are still apart.
-                t = 0.72 if n_in[link.dst] <= 3 else 0.3
-                _label_text(ax, sx + t * (dx - sx), sy + t * (dy - sy), link.label)
+                t = 0.6 if n_in[link.dst] <= 3 else 0.3
+                _label_text(ax, ax0 + t * (ax1 - ax0), ay0 + t * (ay1 - ay0), link.label)
