@@ -251,6 +251,8 @@ def test_collapsed_4096_chunks_is_fast_and_accounts_for_every_node(topology: str
         assert "ADD level 1 \u00d72048" in dot and "0,1 \u00d74096" in dot
     if topology == "linear":
         assert '"ADD" -> "ADD"' in dot  # the fold feeds itself at operand 0
+    if not HAVE_DOT:
+        pytest.importorskip("matplotlib")
     start = time.perf_counter()
     tgn.render(graph, tmp_path / "big.svg")
     assert time.perf_counter() - start < 20
@@ -361,6 +363,15 @@ def test_missing_graphviz_falls_back_to_matplotlib(monkeypatch: pytest.MonkeyPat
     assert out.read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(MissingDependencyError, match="apt-get install graphviz"):
         tgn.render(graph, tmp_path / "g.svg", engine="graphviz")
+
+
+def test_missing_dot_program_falls_back_to_matplotlib(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    graph = tgn.build_graph(256, chunk_size=64, topology="tree")
+    svg = tgn.render(graph, tmp_path / "g.svg")
+    # matplotlib's SVG says who made it; Graphviz's does not.
+    assert "Matplotlib" in svg.read_text()[:2000]
 
 
 def test_missing_dot_program_gives_hint(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

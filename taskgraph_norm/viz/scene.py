@@ -29,7 +29,11 @@ __all__ = [
     "Link",
     "Scene",
     "KindStyle",
+    "HIGHLIGHT",
     "build_scene",
+    "kinds_in",
+    "positions_text",
+    "should_collapse",
 ]
 
 #: Graphs with more than this many chunks (``SUMSQ`` leaves), or more than
