@@ -44,7 +44,7 @@ def scene_to_dot(scene: Scene, *, dpi: int | None = None) -> str:
     out = [
         "digraph merge_dag {",
         # ordering=in keeps each node's operands left-to-right in operand order.
-        f'  graph [rankdir=TB, ordering=in, nodesep=0.25, ranksep=0.45, labelloc=b, '
+        f'  graph [rankdir=TB, ordering=in, concentrate=true, nodesep=0.25, ranksep=0.5, labelloc=b, '
         f'labeljust=c, fontname="Helvetica", fontsize=13, label="{caption}"'
         + (f", dpi={dpi}" if dpi else "")
         + "];",
@@ -62,6 +62,11 @@ def scene_to_dot(scene: Scene, *, dpi: int | None = None) -> str:
         for row in by_rank.values():
             if len(row) > 1:
                 out.append("  { rank=same; " + "; ".join(row) + "; }")
+    rank = {b.key: b.rank for b in scene.boxes}
+    kind = {b.key: b.kind for b in scene.boxes}
+    fanout: dict[str, int] = {b.key: 0 for b in scene.boxes}
+    for link in scene.links:
+        fanout[link.src] += 1
     for link in scene.links:
         attrs = [f"position={_dot_str(positions_text(link.positions))}"]
         if link.label:
@@ -73,6 +78,10 @@ def scene_to_dot(scene: Scene, *, dpi: int | None = None) -> str:
         if not link.ordered:
             attrs.append("style=dashed")
             attrs.append('color="#990000"')
+        if kind[link.dst] == "leaf" and rank[link.dst] - rank[link.src] > 1 and fanout[link.src] > 2:
+            # In exact mode the input also feeds every leaf far below it; letting
+            # those long edges pull the layout straight scatters the leaves across the page.
+            attrs.append("weight=0")
         out.append(f"  {_dot_str(link.src)} -> {_dot_str(link.dst)} [{', '.join(attrs)}];")
     out.append("}")
     return "\n".join(out) + "\n"
