@@ -39,8 +39,17 @@ def _cmd_viz(args: argparse.Namespace) -> int:
         args.hidden_size, chunk_size=args.chunk_size, topology=args.topology,
         leaf=args.leaf, accumulate=args.accumulate,
     )
+    proof = None
+    if args.prove:
+        try:
+            from .prove import prove
+        except ImportError:
+            print("taskgraph-norm: error: --prove needs the prover (taskgraph_norm.prove), "
+                  "which this build does not have", file=sys.stderr)
+            return 2
+        proof = prove(graph)
     collapse = {"auto": None, "always": True, "never": False}[args.collapse]
-    written = render(graph, args.output, engine=args.engine, collapse=collapse)
+    written = render(graph, args.output, proof, engine=args.engine, collapse=collapse)
     print(f"wrote {written}")
     return 0
 
@@ -83,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="picture back end (auto: Graphviz if installed, else matplotlib)")
     viz.add_argument("--collapse", choices=("auto", "always", "never"), default="auto",
                      help="per-level summary boxes (auto: above 32 chunks)")
+    viz.add_argument("--prove", action="store_true",
+                     help="prove the graph and show the verdict, rule and fingerprint in the "
+                     "caption; a refuted race node is drawn red")
     viz.add_argument("-o", "--output", required=True, help="e.g. dag.svg, dag.png, dag.dot, dag.mmd")
     viz.set_defaults(func=_cmd_viz)
     return parser

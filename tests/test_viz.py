@@ -90,6 +90,21 @@ def test_dot_parses_with_matching_counts_and_operand_order(config: dict[str, Any
         assert tuple(got[i] for i in range(len(got))) == node.inputs
 
 
+def test_dot_structure_does_not_lean_on_node_names() -> None:
+    """Rename every node (reversing name order); the drawing keeps the same shape."""
+    graph = tgn.build_graph(300, chunk_size=64, topology="tree", accumulate="exact")
+    ids = [n.id for n in graph.nodes]
+    renamed = graph.relabel({old: f"n{len(ids) - i:03d}" for i, old in enumerate(ids)})
+
+    def shape(g: Graph) -> list[tuple[str, str, str]]:
+        index = {n.id: i for i, n in enumerate(g.nodes)}
+        edges = re.findall(r'^  "([^"]+)" -> "([^"]+)" \[position="(\d+)"', tgn.to_dot(g), re.M)
+        return sorted((str(index[a]), str(index[b]), p) for a, b, p in edges)
+
+    assert shape(renamed) == shape(graph)
+    assert tgn.to_dot(graph) == tgn.to_dot(graph)  # and the text is reproducible
+
+
 def test_operand_order_swap_is_visible() -> None:
     """Negative control: swapping the operands of one ADD changes the labels."""
     graph = tgn.build_graph(256, chunk_size=64, topology="tree")
@@ -421,6 +436,20 @@ def test_cli_viz_writes_each_format(suffix: str, tmp_path: Path, capsys: pytest.
     assert str(out) in capsys.readouterr().out
     if suffix == ".dot":
         assert "ACCUMULATE" in out.read_text() and "ROWMAX" in out.read_text()
+
+
+def test_cli_viz_prove_puts_the_verdict_in_the_caption(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "race.dot"
+    rc = main(["viz", "--topology", "race", "--hidden-size", "512", "--prove", "-o", str(out)])
+    try:
+        from taskgraph_norm.prove import prove
+    except ImportError:  # a build without the prover says so cleanly
+        assert rc == 2 and "needs the prover" in capsys.readouterr().err
+        return
+    assert rc == 0
+    text = out.read_text()
+    assert "rule: refuted" in text and prove(tgn.build_graph(512, topology="race")).fingerprint in text
+    assert re.search(r'"accumulate" \[[^]]*penwidth="3"', text)
 
 
 def test_cli_viz_errors_are_clean(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
