@@ -170,8 +170,10 @@ def _node_lines(node: Node, race_note: bool, caption_leaf: str | None) -> tuple[
 
 
 def _label(consumer: Node | None, positions: Sequence[int], count: int) -> str:
-    """Edge label naming operand positions; blank where there is only one operand."""
-    if consumer is not None and len(consumer.inputs) < 2:
+    """Edge label naming operand positions; blank where order cannot be misread: a
+    single operand, or an exact-mode leaf's ``(x, scale)``, whose roles differ in
+    kind (those labels would crowd every leaf; the DOT ``position`` still says it)."""
+    if consumer is not None and (len(consumer.inputs) < 2 or consumer.op is Op.SUMSQ):
         return ""
     text = positions_text(positions)
     return text if count == 1 else f"{text} \u00d7{count}"

@@ -70,8 +70,14 @@ def scene_to_dot(scene: Scene, *, dpi: int | None = None) -> str:
     for link in scene.links:
         attrs = [f"position={_dot_str(positions_text(link.positions))}"]
         if link.label:
-            attrs.append(f"label={_dot_str(' ' + link.label + ' ')}")
+            # A label sits mid-edge; on an edge that skips ranks (a leaf into a
+            # late fold, the input into FINALIZE) that is far from the merge it
+            # orders, so put it by the arrowhead instead.
+            where = "headlabel" if rank[link.dst] - rank[link.src] > 1 else "label"
+            attrs.append(f"{where}={_dot_str(' ' + link.label + ' ')}")
             attrs.append('fontcolor="#1c4587"')
+            if where == "headlabel":
+                attrs.append("labelfontcolor=\"#1c4587\", labeldistance=1.8, labelangle=-30")
         if link.count > 1:
             attrs.append(f"count={link.count}")
             attrs.append("penwidth=2")
