@@ -63,7 +63,7 @@ def scene_to_dot(scene: Scene, *, dpi: int | None = None) -> str:
             if len(row) > 1:
                 out.append("  { rank=same; " + "; ".join(row) + "; }")
     rank = {b.key: b.rank for b in scene.boxes}
-    kind = {b.key: b.kind for b in scene.boxes}
+    kind_of = {b.key: b.kind for b in scene.boxes}
     fanout: dict[str, int] = {b.key: 0 for b in scene.boxes}
     for link in scene.links:
         fanout[link.src] += 1
@@ -84,7 +84,7 @@ def scene_to_dot(scene: Scene, *, dpi: int | None = None) -> str:
         if not link.ordered:
             attrs.append("style=dashed")
             attrs.append('color="#990000"')
-        if kind[link.dst] == "leaf" and rank[link.dst] - rank[link.src] > 1 and fanout[link.src] > 2:
+        if kind_of[link.dst] == "leaf" and rank[link.dst] - rank[link.src] > 1 and fanout[link.src] > 2:
             # In exact mode the input also feeds every leaf far below it; letting
             # those long edges pull the layout straight scatters the leaves across the page.
             attrs.append("weight=0")
