@@ -11,6 +11,7 @@ from .api import normalize_sync as normalize_sync
 from .errors import ConfigError as ConfigError
 from .errors import CycleError as CycleError
 from .errors import GraphError as GraphError
+from .errors import MissingDependencyError as MissingDependencyError
 from .errors import TaskGraphError as TaskGraphError
 from .graph import Graph as Graph
 from .graph import Node as Node
@@ -21,6 +22,9 @@ from .prove import Proof as Proof
 from .prove import prove as prove
 from .topologies import TOPOLOGIES as TOPOLOGIES
 from .topologies import build_graph as build_graph
+from .viz import render as render
+from .viz import to_dot as to_dot
+from .viz import to_mermaid as to_mermaid
 from .witness import Witness as Witness
 
 __version__ = "0.1.0"
@@ -30,6 +34,7 @@ __all__ = [
     "CycleError",
     "Graph",
     "GraphError",
+    "MissingDependencyError",
     "Node",
     "Op",
     "Proof",
@@ -42,5 +47,8 @@ __all__ = [
     "normalize",
     "normalize_sync",
     "prove",
+    "render",
+    "to_dot",
+    "to_mermaid",
     "validate",
 ]

@@ -113,3 +113,23 @@ class DtypeError(TaskGraphError, NotImplementedError):
 
 class ExecutionError(TaskGraphError, RuntimeError):
     """A graph could not be executed as asked (e.g. an executor is unavailable)."""
+
+
+# --- optional dependencies -------------------------------------------------
+
+
+class MissingDependencyError(TaskGraphError, ImportError):
+    """An optional dependency (matplotlib, graphviz...) is needed and not installed.
+
+    The message names what needs it and the command that installs it, so the
+    caller never has to guess which extra to ask for.
+    """
+
+    def __init__(self, package: str, purpose: str, install: str) -> None:
+        self.package = package
+        self.purpose = purpose
+        self.install = install
+        super().__init__(
+            f"{purpose} needs {package!r}, which is not installed; install it with: {install}",
+            name=package,
+        )
