@@ -1,0 +1,431 @@
+"""The concurrent executor: dependency counting, a ready set, a persistent pool.
+
+One run is one :class:`_Run`: a state machine under one lock that counts each
+node's unfinished operands, keeps the ready set, and asks the schedule policy
+(:mod:`.schedules`) for every decision -- dispatch a ready node, or complete
+(commit) a dispatched one.  Worker threads of a shared :class:`~.devices.WorkerPool`
+run the nodes and then drive the state machine themselves, so the event loop is
+touched once per run (to wake the awaiting task), not once per node.
+
+ACCUMULATE nodes merge their operands in the order those operands completed
+(the order the policy committed them): under :class:`~.schedules.Fifo` that is
+the order worker threads really finished, so ``race`` graphs really race; under
+a seeded policy or a replay it is the policy's order, so a run is reproducible
+bit for bit.  Each node is computed by the reference interpreter's method for
+its op (one set of numerics), plus ``CALL`` for general graphs.
+
+Failure and cancellation (structured concurrency): the first node that raises
+stops the run -- no node starts after it -- and, once the nodes already running
+on threads have returned, its original exception object is raised unwrapped
+(with a note naming the node).  Cancelling the awaiting task (a cancel scope,
+``fail_after``) stops the run the same way and waits, shielded, only for nodes
+already running on a thread: a torch kernel cannot be interrupted, and waiting
+guarantees no node of the run is still computing when ``execute`` returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import anyio
+import torch
+
+from ..errors import ConfigError, GraphError
+from ..graph import Graph, Node, Op
+from .devices import Lane, WorkerPool, default_pool
+from .reference import ReferenceInterpreter
+from .schedules import ANY, COMPLETE, DISPATCH, Scheduler, resolve_schedule
+from .trace import Decision, NodeSpan, Trace
+
+__all__ = ["GraphInterpreter", "run_concurrent"]
+
+_KINDS = ("dispatch", "complete")
+_INLINE = (Op.INPUT, Op.OUTPUT)  # identities: not worth a thread hop
+
+
+class GraphInterpreter(ReferenceInterpreter):
+    """The reference interpreter's op methods, plus ``CALL`` through ``functions``.
+
+    Raises GraphError before anything runs if a CALL node names a function that
+    ``functions`` does not have.
+    """
+
+    def __init__(self, graph: Graph, functions: Mapping[str, Callable[..., Any]] | None = None) -> None:
+        super().__init__(graph)
+        self.functions = dict(functions or {})
+        for node in graph.nodes:
+            if node.op is Op.CALL:
+                name = node.attrs.get("fn")
+                if not isinstance(name, str) or name not in self.functions:
+                    raise GraphError(
+                        node.id, f"CALL names function {name!r}, which is not registered",
+                        "pass functions={name: callable} to execute",
+                    )
+
+    def call(self, node: Node, args: list[Any]) -> Any:
+        return self.functions[node.attrs["fn"]](*args)
+
+
+def _waker(event: anyio.Event) -> Callable[[], None]:
+    """A thread-safe, non-blocking ``event.set`` for the running event loop."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        loop = None
+    if loop is not None:
+        return lambda: loop.call_soon_threadsafe(event.set)
+    import trio
+
+    token = trio.lowlevel.current_trio_token()
+    return lambda: token.run_sync_soon(event.set)
+
+
+class _Run:
+    """One execution of one graph; every mutable field is guarded by ``lock``."""
+
+    def __init__(
+        self, graph: Graph, interp: GraphInterpreter, pool: WorkerPool, scheduler: Scheduler,
+        limit: int, tracing: bool,
+    ) -> None:
+        nodes = graph.nodes
+        index = {n.id: i for i, n in enumerate(nodes)}
+        self.nodes = nodes
+        self.inputs = [tuple(index[s] for s in n.inputs) for n in nodes]
+        self.users: list[list[int]] = [[] for _ in nodes]
+        self.pending = [0] * len(nodes)
+        self.accumulating: dict[int, list[int]] = {}  # ACCUMULATE node -> arrived positions
+        for i, ins in enumerate(self.inputs):
+            for s in dict.fromkeys(ins):
+                self.users[s].append(i)
+                self.pending[i] += 1
+            if nodes[i].op is Op.ACCUMULATE:
+                self.accumulating[i] = []
+        self.sources = [tuple(dict.fromkeys(ins)) for ins in self.inputs]
+        self.uses = [len(u) for u in self.users]
+        self.fns = [getattr(interp, n.op.value) for n in nodes]
+        self.output = index[graph.output]
+        self.pool, self.scheduler, self.limit, self.tracing = pool, scheduler, limit, tracing
+        self.lock = threading.Lock()
+        self.values: list[Any] = [None] * len(nodes)
+        self.ready: deque[int] = deque(i for i in range(len(nodes)) if self.pending[i] == 0)
+        self.in_flight: list[int] = []
+        self.finished: dict[int, Any] = {}  # physically finished, not yet committed
+        self.awaiting: int | None = None
+        self.running = 0
+        self.stopped = self.done = self.woken = False
+        self.error: BaseException | None = None
+        self.error_node: int | None = None
+        self.result: Any = None
+        self.decisions: list[tuple[int, int]] = []
+        self.spans: list[NodeSpan] = []
+        self.events: list[Any] = [None] * len(nodes)  # accelerator: (stream, event) per node
+        self.t0 = time.perf_counter_ns()
+        self.wake: Callable[[], None] = lambda: None
+        self.event: anyio.Event | None = None
+
+    # -- the state machine (lock held) --------------------------------------------
+
+    def _advance(self) -> None:
+        while not self.stopped:
+            if self.awaiting is None:
+                ready = self.ready
+                if not ready and not self.in_flight:
+                    return
+                kind, k = self.scheduler.decide(ready, self.in_flight, self.limit - len(self.in_flight))
+                if kind == DISPATCH:
+                    if k == 0:
+                        node = ready.popleft()
+                    else:
+                        node = ready[k]
+                        del ready[k]
+                    self._dispatch(node)
+                    continue
+                self.awaiting = ANY if k == ANY else self.in_flight[k]
+            if self.awaiting == ANY:
+                if not self.finished:
+                    return
+                node = next(iter(self.finished))
+            else:
+                node = self.awaiting
+                if node not in self.finished:
+                    return
+            self.awaiting = None
+            self._commit(node, self.finished.pop(node))
+
+    def _dispatch(self, i: int) -> None:
+        ins = self.inputs[i]
+        values = self.values
+        arrived = self.accumulating.get(i)
+        if arrived is not None:  # merge in arrival order: the interpreter folds in list order
+            args = [values[ins[p]] for p in arrived]
+        else:
+            args = [values[s] for s in ins]
+        uses = self.uses
+        for s in self.sources[i]:
+            uses[s] -= 1
+            if uses[s] == 0:
+                values[s] = None  # free a partial once its last user has it
+        self.in_flight.append(i)
+        if self.tracing:
+            self.decisions.append((DISPATCH, i))
+        op = self.nodes[i].op
+        if op in _INLINE:
+            self.finished[i] = self.fns[i](self.nodes[i], args)
+            if self.events[i] is None and ins:
+                self.events[i] = self.events[ins[0]]
+            return
+        if self.pool.uses_streams:
+            self.pool.submit(self._work, i, (args, [self.events[s] for s in ins]))
+        else:
+            self.pool.submit(self._work, i, args)
+
+    def _commit(self, i: int, value: Any) -> None:
+        self.in_flight.remove(i)
+        if self.tracing:
+            self.decisions.append((COMPLETE, i))
+        if i == self.output:
+            self.result, self.done = value, True
+            return
+        self.values[i] = value
+        pending, ready = self.pending, self.ready
+        for u in self.users[i]:
+            arrived = self.accumulating.get(u)
+            if arrived is not None:
+                arrived.extend(p for p, s in enumerate(self.inputs[u]) if s == i)
+            pending[u] -= 1
+            if pending[u] == 0:
+                ready.append(u)
+
+    def _fail(self, i: int | None, exc: BaseException) -> None:
+        if not self.stopped:
+            self.stopped = True
+            self.error, self.error_node = exc, i
+
+    def _settled(self) -> bool:
+        return (self.done or self.stopped) and self.running == 0
+
+    # -- worker side ------------------------------------------------------------------
+
+    def _work(self, i: int, payload: Any, lane: Lane) -> None:
+        with self.lock:
+            if self.stopped:
+                return  # dispatched before the run stopped: never starts
+            self.running += 1
+        start = time.perf_counter_ns()
+        exc: BaseException | None = None
+        value: Any = None
+        produced: Any = None
+        try:
+            if lane.stream is None:
+                value = self._compute(i, payload)
+            else:
+                value, produced = self._launch(i, payload, lane)
+        except BaseException as e:  # noqa: BLE001 - KeyboardInterrupt too: it is re-raised by execute
+            exc = e
+        end = time.perf_counter_ns()
+        with self.lock:
+            self.running -= 1
+            if exc is not None:
+                self._fail(i, exc)
+            elif not self.stopped:
+                self.finished[i] = value
+                if lane.stream is not None:
+                    self.events[i] = produced
+                if self.tracing:
+                    self.spans.append(NodeSpan(
+                        self.nodes[i].id, self.nodes[i].op.value, lane.name,
+                        start - self.t0, end - self.t0,
+                        None if lane.stream is None else f"{lane.name}-stream",
+                    ))
+                try:
+                    self._advance()
+                except BaseException as e:  # noqa: BLE001 - a policy error fails the run
+                    self._fail(None, e)
+            wake = self._settled() and not self.woken
+            if wake:
+                self.woken = True
+        if wake:
+            try:
+                self.wake()
+            except RuntimeError:  # the event loop is gone; nobody is waiting any more
+                pass
+
+    def _compute(self, i: int, args: list[Any]) -> Any:
+        node = self.nodes[i]
+        if torch.autograd._profiler_enabled():
+            with torch.profiler.record_function(f"tgn.{node.op.value}:{node.id}"):
+                return self.fns[i](node, args)
+        return self.fns[i](node, args)
+
+    def _launch(self, i: int, payload: tuple[list[Any], list[Any]], lane: Lane) -> tuple[Any, Any]:
+        """Enqueue node ``i`` on the lane's stream after its producers' events."""
+        args, producer_events = payload
+        stream = lane.stream
+        for produced in producer_events:
+            if produced is not None and produced[0] is not stream:
+                stream.wait_event(produced[1])
+        for a in args:
+            if isinstance(a, torch.Tensor) and a.device.type != "cpu":
+                a.record_stream(stream)  # keep the caching allocator off it until we are done
+        with stream:
+            value = self._compute(i, args)
+            event = torch.Event(device=lane.device)
+            event.record(stream)
+        return value, (stream, event)
+
+    # -- event-loop side ------------------------------------------------------------
+
+    async def wait(self) -> Any:
+        """Run to the end; return the output value or raise the first failure."""
+        self.event = anyio.Event()
+        self.wake = _waker(self.event)
+        with self.lock:
+            try:
+                self._advance()
+            except BaseException as e:  # noqa: BLE001 - e.g. a replay that does not fit
+                self._fail(None, e)
+            settled = self._settled()
+            if settled:
+                self.woken = True
+        if not settled:
+            try:
+                await self.event.wait()
+            except BaseException:
+                with self.lock:
+                    self.stopped = True  # nothing new starts; queued nodes are dropped
+                    must_wait = not self.woken and self.running > 0
+                if must_wait:
+                    with anyio.CancelScope(shield=True):
+                        await self.event.wait()
+                raise
+        if self.error is not None:
+            if self.error_node is not None:
+                node = self.nodes[self.error_node]
+                self.error.add_note(f"raised by node {node.id!r} ({node.op.name}) of a concurrent run")
+            raise self.error
+        return self.result
+
+    def trace(self, schedule: object) -> Trace:
+        ids = tuple(n.id for n in self.nodes)
+        return Trace(
+            node_ids=ids,
+            spans=tuple(self.spans),
+            decisions=tuple(Decision(_KINDS[k], ids[i]) for k, i in self.decisions),  # type: ignore[arg-type]
+            arrival={ids[i]: tuple(p) for i, p in self.accumulating.items()},
+            schedule=repr(schedule),
+            device=str(self.pool.device),
+        )
+
+
+def _pick_pool(
+    x: Any, device: str | torch.device | None, max_workers: int | None, pool: WorkerPool | None
+) -> WorkerPool:
+    x_device = x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
+    if device is not None:
+        try:
+            want = torch.device(device)
+        except (RuntimeError, TypeError) as exc:
+            raise ConfigError("device", device, "a torch device such as 'cpu' or 'cuda'") from exc
+        if want.type != x_device.type:
+            raise ConfigError("device", device, f"the input's device ({x_device}); move x first")
+    if pool is not None:
+        if not isinstance(pool, WorkerPool):
+            raise ConfigError("pool", pool, "a taskgraph_norm WorkerPool")
+        if pool.device.type != x_device.type:
+            raise ConfigError("pool", pool, f"a pool for the input's device ({x_device})")
+        return pool
+    return default_pool(x_device, max_workers)
+
+
+async def run_concurrent(
+    graph: Graph,
+    x: Any,
+    weight: torch.Tensor | None,
+    eps: float | None,
+    *,
+    device: str | torch.device | None = None,
+    max_workers: int | None = None,
+    schedule: object = None,
+    trace: Callable[[Trace], object] | None = None,
+    pool: WorkerPool | None = None,
+    functions: Mapping[str, Callable[..., Any]] | None = None,
+) -> Any:
+    """Execute ``graph`` concurrently and return its output value.
+
+    Parameters
+    ----------
+    device:
+        Must match the input's device type (default: the input's device).
+    max_workers:
+        The most nodes of this run in flight at once.  Without ``pool`` it also
+        picks the shared pool of that size (one per device and size, persistent).
+    schedule:
+        A policy from :mod:`taskgraph_norm.schedules` (default ``Fifo()``).
+    trace:
+        Called with the run's :class:`Trace` when the run ends, failed or not.
+    pool:
+        An explicit :class:`WorkerPool` to run on (you close it).
+    functions:
+        ``{name: callable}`` for the graph's CALL nodes.
+
+    Raises
+    ------
+    GraphError, CycleError
+        for a malformed graph, before any node runs.
+    ConfigError
+        for a bad option.
+    BaseException
+        the original exception of the first node that failed.
+    """
+    interp = GraphInterpreter(graph, functions)  # validates the graph first
+    if max_workers is not None and (
+        isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers < 1
+    ):
+        raise ConfigError("max_workers", max_workers, "an integer >= 1")
+    if trace is not None and not callable(trace):
+        raise ConfigError("trace", trace, "a callable taking a Trace (e.g. list.append) or None")
+    chosen = _pick_pool(x, device, max_workers, pool)
+    policy = resolve_schedule(schedule)
+    scheduler = policy.start(graph)
+    interp.x, interp.weight, interp.eps = x, weight, eps
+    limit = max_workers or chosen.max_workers
+    run = _Run(graph, interp, chosen, scheduler, limit, tracing=trace is not None)
+    if chosen.uses_streams:
+        _bind_input_stream(run, x, weight, chosen)
+    try:
+        value = await run.wait()
+    finally:
+        if trace is not None:
+            trace(run.trace(policy))
+    if chosen.uses_streams and isinstance(value, torch.Tensor):
+        _join_caller_stream(run, value)
+    return value
+
+
+def _bind_input_stream(run: _Run, x: Any, weight: Any, pool: WorkerPool) -> None:
+    """Lanes must see ``x`` and ``weight`` as the caller's stream left them."""
+    current = torch.accelerator.current_stream(pool.device)
+    ready = torch.Event(device=pool.device)
+    ready.record(current)
+    for i, node in enumerate(run.nodes):
+        if node.op is Op.INPUT:
+            run.events[i] = (current, ready)
+    if isinstance(weight, torch.Tensor):
+        for lane in pool.lanes:  # FINALIZE reads it on a lane's stream
+            weight.record_stream(lane.stream)
+
+
+def _join_caller_stream(run: _Run, value: torch.Tensor) -> None:
+    """Order the caller's stream after the output's producer: no host wait."""
+    produced = run.events[run.output]
+    if produced is None:
+        return
+    current = torch.accelerator.current_stream(value.device)
+    if produced[0] is not current:
+        current.wait_event(produced[1])
+        value.record_stream(current)
