@@ -324,6 +324,8 @@ def validate(graph: Graph) -> Graph:
     CycleError
         with the cycle's path ``a -> b -> a``.
     """
+    if graph.__dict__.get("_validated"):
+        return graph  # a graph is immutable: once valid, always valid
     seen: set[str] = set()
     for n in graph.nodes:
         if not isinstance(n.id, str) or not n.id:
@@ -358,6 +360,7 @@ def validate(graph: Graph) -> Graph:
     for n in graph.nodes:
         if n.id not in needed:
             raise GraphError(n.id, "does not contribute to the output", "remove it or wire it in")
+    graph.__dict__["_validated"] = True
     return graph
 
 

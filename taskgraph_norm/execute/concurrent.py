@@ -38,6 +38,7 @@ import torch
 from ..errors import ConfigError, GraphError
 from ..graph import Graph, Node, Op
 from .devices import Lane, WorkerPool, default_pool
+from .plan import plan_for
 from .reference import ReferenceInterpreter
 from .schedules import ANY, COMPLETE, DISPATCH, Scheduler, resolve_schedule
 from .trace import Decision, NodeSpan, Trace
@@ -45,7 +46,7 @@ from .trace import Decision, NodeSpan, Trace
 __all__ = ["GraphInterpreter", "run_concurrent"]
 
 _KINDS = ("dispatch", "complete")
-_INLINE = (Op.INPUT, Op.OUTPUT)  # identities: not worth a thread hop
+_LOCAL_BUDGET = 256  # nodes a worker runs in a row before going back to the queue
 
 
 class GraphInterpreter(ReferenceInterpreter):
@@ -56,16 +57,18 @@ class GraphInterpreter(ReferenceInterpreter):
     """
 
     def __init__(self, graph: Graph, functions: Mapping[str, Callable[..., Any]] | None = None) -> None:
-        super().__init__(graph)
+        # Not super().__init__: it validates and orders the graph for a sequential
+        # walk, which plan_for does once per graph.  Only the op methods are used.
+        plan = plan_for(graph)
+        self.graph = graph
+        self.arrival = {}
         self.functions = dict(functions or {})
-        for node in graph.nodes:
-            if node.op is Op.CALL:
-                name = node.attrs.get("fn")
-                if not isinstance(name, str) or name not in self.functions:
-                    raise GraphError(
-                        node.id, f"CALL names function {name!r}, which is not registered",
-                        "pass functions={name: callable} to execute",
-                    )
+        for node, name in zip(graph.nodes, plan.calls):
+            if node.op is Op.CALL and (not isinstance(name, str) or name not in self.functions):
+                raise GraphError(
+                    node.id, f"CALL names function {name!r}, which is not registered",
+                    "pass functions={name: callable} to execute",
+                )
 
     def call(self, node: Node, args: list[Any]) -> Any:
         return self.functions[node.attrs["fn"]](*args)
@@ -85,6 +88,13 @@ def _waker(event: anyio.Event) -> Callable[[], None]:
     return lambda: token.run_sync_soon(event.set)
 
 
+def _call_with(fn: Callable[..., Any]) -> Callable[[Any, Node, list[Any]], Any]:
+    def call(interp: Any, node: Node, args: list[Any]) -> Any:
+        return fn(*args)
+
+    return call
+
+
 class _Run:
     """One execution of one graph; every mutable field is guarded by ``lock``."""
 
@@ -92,27 +102,25 @@ class _Run:
         self, graph: Graph, interp: GraphInterpreter, pool: WorkerPool, scheduler: Scheduler,
         limit: int, tracing: bool,
     ) -> None:
+        plan = plan_for(graph)
         nodes = graph.nodes
-        index = {n.id: i for i, n in enumerate(nodes)}
-        self.nodes = nodes
-        self.inputs = [tuple(index[s] for s in n.inputs) for n in nodes]
-        self.users: list[list[int]] = [[] for _ in nodes]
-        self.pending = [0] * len(nodes)
-        self.accumulating: dict[int, list[int]] = {}  # ACCUMULATE node -> arrived positions
-        for i, ins in enumerate(self.inputs):
-            for s in dict.fromkeys(ins):
-                self.users[s].append(i)
-                self.pending[i] += 1
-            if nodes[i].op is Op.ACCUMULATE:
-                self.accumulating[i] = []
-        self.sources = [tuple(dict.fromkeys(ins)) for ins in self.inputs]
-        self.uses = [len(u) for u in self.users]
-        self.fns = [getattr(interp, n.op.value) for n in nodes]
-        self.output = index[graph.output]
+        self.nodes, self.inputs, self.users, self.sources = nodes, plan.inputs, plan.users, plan.sources
+        self.inline, self.output, self.interp = plan.inline, plan.output, interp
+        self.pending = list(plan.pending)
+        self.uses = [len(u) for u in plan.users]
+        self.accumulating: dict[int, list[int]] = {i: [] for i in plan.accumulates}
+        # Unbound methods, called as fn(interp, node, args); CALL nodes get their
+        # function resolved once per run instead of once per node.
+        methods = {m: getattr(type(interp), m) for m in set(plan.methods)}
+        calls = {name: _call_with(interp.functions[name]) for name in set(plan.calls) if name is not None}
+        self.fns = [
+            methods[m] if name is None else calls[name] for m, name in zip(plan.methods, plan.calls)
+        ]
         self.pool, self.scheduler, self.limit, self.tracing = pool, scheduler, limit, tracing
+        self.uses_streams = pool.uses_streams
         self.lock = threading.Lock()
         self.values: list[Any] = [None] * len(nodes)
-        self.ready: deque[int] = deque(i for i in range(len(nodes)) if self.pending[i] == 0)
+        self.ready: deque[int] = deque(plan.ready)
         self.in_flight: list[int] = []
         self.finished: dict[int, Any] = {}  # physically finished, not yet committed
         self.awaiting: int | None = None
@@ -126,6 +134,7 @@ class _Run:
         self.events: list[Any] = [None] * len(nodes)  # accelerator: (stream, event) per node
         self.t0 = time.perf_counter_ns()
         self.wake: Callable[[], None] = lambda: None
+        self.outbox: list[tuple[int, Any]] | None = None  # set while a worker advances
         self.event: anyio.Event | None = None
 
     # -- the state machine (lock held) --------------------------------------------
@@ -173,16 +182,16 @@ class _Run:
         self.in_flight.append(i)
         if self.tracing:
             self.decisions.append((DISPATCH, i))
-        op = self.nodes[i].op
-        if op in _INLINE:
-            self.finished[i] = self.fns[i](self.nodes[i], args)
+        if self.inline[i]:
+            self.finished[i] = self.fns[i](self.interp, self.nodes[i], args)
             if self.events[i] is None and ins:
                 self.events[i] = self.events[ins[0]]
             return
-        if self.pool.uses_streams:
-            self.pool.submit(self._work, i, (args, [self.events[s] for s in ins]))
+        payload: Any = (args, [self.events[s] for s in ins]) if self.uses_streams else args
+        if self.outbox is not None:
+            self.outbox.append((i, payload))
         else:
-            self.pool.submit(self._work, i, args)
+            self.pool.submit(self._work, i, payload)
 
     def _commit(self, i: int, value: Any) -> None:
         self.in_flight.remove(i)
@@ -212,55 +221,91 @@ class _Run:
     # -- worker side ------------------------------------------------------------------
 
     def _work(self, i: int, payload: Any, lane: Lane) -> None:
+        """Run node ``i`` on this worker, then drive the state machine.
+
+        The first node the state machine dispatches in response is kept and run
+        right here (the rest go to the pool's queue): a chain then runs on one
+        thread with no queue hand-off per node.  After ``_LOCAL_BUDGET`` nodes
+        in a row the worker yields to the queue, so runs sharing a pool take turns.
+        """
         with self.lock:
             if self.stopped:
                 return  # dispatched before the run stopped: never starts
             self.running += 1
-        start = time.perf_counter_ns()
-        exc: BaseException | None = None
-        value: Any = None
-        produced: Any = None
-        try:
-            if lane.stream is None:
-                value = self._compute(i, payload)
-            else:
-                value, produced = self._launch(i, payload, lane)
-        except BaseException as e:  # noqa: BLE001 - KeyboardInterrupt too: it is re-raised by execute
-            exc = e
-        end = time.perf_counter_ns()
-        with self.lock:
-            self.running -= 1
-            if exc is not None:
-                self._fail(i, exc)
-            elif not self.stopped:
-                self.finished[i] = value
-                if lane.stream is not None:
-                    self.events[i] = produced
-                if self.tracing:
-                    self.spans.append(NodeSpan(
-                        self.nodes[i].id, self.nodes[i].op.value, lane.name,
-                        start - self.t0, end - self.t0,
-                        None if lane.stream is None else f"{lane.name}-stream",
-                    ))
-                try:
-                    self._advance()
-                except BaseException as e:  # noqa: BLE001 - a policy error fails the run
-                    self._fail(None, e)
-            wake = self._settled() and not self.woken
-            if wake:
-                self.woken = True
-        if wake:
+        budget = _LOCAL_BUDGET
+        tracing, stream = self.tracing, lane.stream
+        while True:
+            start = time.perf_counter_ns() if tracing else 0
+            exc: BaseException | None = None
+            value: Any = None
+            produced: Any = None
             try:
-                self.wake()
-            except RuntimeError:  # the event loop is gone; nobody is waiting any more
-                pass
+                if stream is None:
+                    value = self._compute(i, payload)
+                else:
+                    value, produced = self._launch(i, payload, lane)
+            except BaseException as e:  # noqa: BLE001 - KeyboardInterrupt too: execute re-raises it
+                exc = e
+            with self.lock:
+                self.running -= 1
+                keep = self._finish(i, value, produced, exc, lane, start)
+                budget -= 1
+                if keep is not None and budget <= 0:
+                    self.pool.submit(self._work, *keep)
+                    keep = None
+                if keep is not None:
+                    self.running += 1
+                wake = (self.done or self.stopped) and self.running == 0 and not self.woken
+                if wake:
+                    self.woken = True
+            if wake:
+                try:
+                    self.wake()
+                except RuntimeError:  # the event loop is gone; nobody is waiting any more
+                    pass
+            if keep is None:
+                return
+            i, payload = keep
+
+    def _finish(
+        self, i: int, value: Any, produced: Any, exc: BaseException | None, lane: Lane, start: int
+    ) -> tuple[int, Any] | None:
+        """Record node ``i``'s outcome and advance (lock held); returns the first
+        newly dispatched work item for the calling worker to keep, if any."""
+        if exc is not None:
+            self._fail(i, exc)
+            return None
+        if self.stopped:
+            return None
+        self.finished[i] = value
+        if produced is not None:
+            self.events[i] = produced
+        if self.tracing:
+            self.spans.append(NodeSpan(
+                self.nodes[i].id, self.nodes[i].op.value, lane.name,
+                start - self.t0, time.perf_counter_ns() - self.t0,
+                None if lane.stream is None else f"{lane.name}-stream",
+            ))
+        outbox: list[tuple[int, Any]] = []
+        self.outbox = outbox
+        try:
+            self._advance()
+        except BaseException as e:  # noqa: BLE001 - a policy error fails the run
+            self._fail(None, e)
+        finally:
+            self.outbox = None
+        if not outbox or self.stopped:
+            return None
+        for item in outbox[1:]:
+            self.pool.submit(self._work, *item)
+        return outbox[0]
 
     def _compute(self, i: int, args: list[Any]) -> Any:
         node = self.nodes[i]
         if torch.autograd._profiler_enabled():
             with torch.profiler.record_function(f"tgn.{node.op.value}:{node.id}"):
-                return self.fns[i](node, args)
-        return self.fns[i](node, args)
+                return self.fns[i](self.interp, node, args)
+        return self.fns[i](self.interp, node, args)
 
     def _launch(self, i: int, payload: tuple[list[Any], list[Any]], lane: Lane) -> tuple[Any, Any]:
         """Enqueue node ``i`` on the lane's stream after its producers' events."""
