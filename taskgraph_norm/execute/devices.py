@@ -137,6 +137,7 @@ class WorkerPool:
         self.lanes = tuple(
             Lane(f"{self.name}-{i}", dev, streams[i] if streams else None) for i in range(max_workers)
         )
+        self._uses_streams = streams is not None
         self._streams_held = len(streams or ())
         self._add_streams(self._streams_held)
         self._queue: queue.SimpleQueue[tuple[WorkFn, Any, Any] | None] = queue.SimpleQueue()
@@ -159,7 +160,7 @@ class WorkerPool:
     @property
     def uses_streams(self) -> bool:
         """Whether lanes launch on their own streams (events order cross-lane work)."""
-        return self.lanes[0].stream is not None
+        return self._uses_streams
 
     @property
     def closed(self) -> bool:
