@@ -34,6 +34,7 @@ from typing import Any
 
 import anyio
 import torch
+import torch.autograd.profiler as _torch_profiler
 
 from ..errors import ConfigError, GraphError
 from ..graph import Graph, Node, Op
@@ -86,6 +87,13 @@ def _waker(event: anyio.Event) -> Callable[[], None]:
 
     token = trio.lowlevel.current_trio_token()
     return lambda: token.run_sync_soon(event.set)
+
+
+def _profiling() -> bool:
+    """Whether a torch profiler is on.  Its per-thread flag is off in our worker
+    threads, so the module-level flag that ``profile.__enter__`` sets is read too;
+    recording those threads needs ``profile_all_threads=True`` (docs/executor.md)."""
+    return bool(getattr(_torch_profiler, "_is_profiler_enabled", False)) or torch.autograd._profiler_enabled()
 
 
 def _call_with(fn: Callable[..., Any]) -> Callable[[Any, Node, list[Any]], Any]:
@@ -302,7 +310,7 @@ class _Run:
 
     def _compute(self, i: int, args: list[Any]) -> Any:
         node = self.nodes[i]
-        if torch.autograd._profiler_enabled():
+        if _profiling():
             with torch.profiler.record_function(f"tgn.{node.op.value}:{node.id}"):
                 return self.fns[i](self.interp, node, args)
         return self.fns[i](self.interp, node, args)
