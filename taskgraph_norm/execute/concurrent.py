@@ -82,18 +82,29 @@ def _waker(event: anyio.Event) -> Callable[[], None]:
     except RuntimeError:
         loop = None
     if loop is not None:
-        return lambda: loop.call_soon_threadsafe(event.set)
+        asyncio_loop = loop
+
+        def wake_asyncio() -> None:
+            asyncio_loop.call_soon_threadsafe(event.set)
+
+        return wake_asyncio
     import trio
 
     token = trio.lowlevel.current_trio_token()
-    return lambda: token.run_sync_soon(event.set)
+
+    def wake_trio() -> None:
+        token.run_sync_soon(event.set)
+
+    return wake_trio
 
 
 def _profiling() -> bool:
     """Whether a torch profiler is on.  Its per-thread flag is off in our worker
     threads, so the module-level flag that ``profile.__enter__`` sets is read too;
     recording those threads needs ``profile_all_threads=True`` (docs/executor.md)."""
-    return bool(getattr(_torch_profiler, "_is_profiler_enabled", False)) or torch.autograd._profiler_enabled()
+    return bool(getattr(_torch_profiler, "_is_profiler_enabled", False)) or bool(
+        torch.autograd._profiler_enabled()  # type: ignore[attr-defined]
+    )
 
 
 def _call_with(fn: Callable[..., Any]) -> Callable[[Any, Node, list[Any]], Any]:
@@ -120,9 +131,9 @@ class _Run:
         # Unbound methods, called as fn(interp, node, args); CALL nodes get their
         # function resolved once per run instead of once per node.
         methods = {m: getattr(type(interp), m) for m in set(plan.methods)}
-        calls = {name: _call_with(interp.functions[name]) for name in set(plan.calls) if name is not None}
+        calls = {name: _call_with(interp.functions[name]) for name in set(plan.calls) if isinstance(name, str)}
         self.fns = [
-            methods[m] if name is None else calls[name] for m, name in zip(plan.methods, plan.calls)
+            calls[name] if isinstance(name, str) else methods[m] for m, name in zip(plan.methods, plan.calls)
         ]
         self.pool, self.scheduler, self.limit, self.tracing = pool, scheduler, limit, tracing
         self.uses_streams = pool.uses_streams
@@ -445,7 +456,8 @@ async def run_concurrent(
     chosen = _pick_pool(x, device, max_workers, pool)
     policy = resolve_schedule(schedule)
     scheduler = policy.start(graph)
-    interp.x, interp.weight, interp.eps = x, weight, eps
+    interp.x, interp.weight = x, weight
+    interp.eps = eps  # type: ignore[assignment]  # None for a general graph that takes no eps
     limit = max_workers or chosen.max_workers
     run = _Run(graph, interp, chosen, scheduler, limit, tracing=trace is not None)
     if chosen.uses_streams:

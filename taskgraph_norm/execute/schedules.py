@@ -35,9 +35,9 @@ from __future__ import annotations
 
 import os
 import random as _random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, cast
 
 from ..errors import ConfigError, ScheduleError
 from ..graph import Graph
@@ -265,10 +265,10 @@ def resolve_schedule(schedule: object) -> Schedule:
     if schedule is None:
         return Fifo()
     if isinstance(schedule, str):
-        named = {"fifo": Fifo, "random": Random, "pct": PCT}
+        named: dict[str, Callable[[], Schedule]] = {"fifo": Fifo, "random": Random, "pct": PCT}
         if schedule in named:
-            return named[schedule]()  # type: ignore[return-value]
+            return named[schedule]()
         raise ConfigError("schedule", schedule, "'fifo', 'random', 'pct' or a schedule object")
     if callable(getattr(schedule, "start", None)):
-        return schedule  # type: ignore[return-value]
+        return cast(Schedule, schedule)
     raise ConfigError("schedule", schedule, "a schedule policy such as tgn.schedules.Random(seed)")
