@@ -51,6 +51,5 @@ __all__ = [
     "execute",
     "normalize",
     "normalize_sync",
-    "schedules",
     "validate",
 ]

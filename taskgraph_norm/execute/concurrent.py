@@ -29,6 +29,7 @@ import asyncio
 import threading
 import time
 from collections import deque
+from types import MappingProxyType
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -380,7 +381,7 @@ class _Run:
             node_ids=ids,
             spans=tuple(self.spans),
             decisions=tuple(Decision(_KINDS[k], ids[i]) for k, i in self.decisions),  # type: ignore[arg-type]
-            arrival={ids[i]: tuple(p) for i, p in self.accumulating.items()},
+            arrival=MappingProxyType({ids[i]: tuple(p) for i, p in self.accumulating.items()}),
             schedule=repr(schedule),
             device=str(self.pool.device),
         )
