@@ -29,19 +29,20 @@ import asyncio
 import threading
 import time
 from collections import deque
+from functools import partial
 from types import MappingProxyType
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import anyio
 import torch
-import torch.autograd.profiler as _torch_profiler
 
-from ..errors import ConfigError, GraphError
-from ..graph import Graph, Node, Op
+from ..errors import ConfigError
+from ..graph import Graph, Op
 from .devices import Lane, WorkerPool, default_pool
+from .interpreter import GraphInterpreter, call_with, profiling
 from .plan import plan_for
-from .reference import ReferenceInterpreter
+from .streams import caller_event, join_caller_stream, launch_on_lane, pin_to_lanes
 from .schedules import ANY, COMPLETE, DISPATCH, Scheduler, resolve_schedule
 from .trace import Decision, NodeSpan, Trace
 
@@ -49,31 +50,6 @@ __all__ = ["GraphInterpreter", "run_concurrent"]
 
 _KINDS = ("dispatch", "complete")
 _LOCAL_BUDGET = 256  # nodes a worker runs in a row before going back to the queue
-
-
-class GraphInterpreter(ReferenceInterpreter):
-    """The reference interpreter's op methods, plus ``CALL`` through ``functions``.
-
-    Raises GraphError before anything runs if a CALL node names a function that
-    ``functions`` does not have.
-    """
-
-    def __init__(self, graph: Graph, functions: Mapping[str, Callable[..., Any]] | None = None) -> None:
-        # Not super().__init__: it validates and orders the graph for a sequential
-        # walk, which plan_for does once per graph.  Only the op methods are used.
-        plan = plan_for(graph)
-        self.graph = graph
-        self.arrival = {}
-        self.functions = dict(functions or {})
-        for node, name in zip(graph.nodes, plan.calls):
-            if node.op is Op.CALL and (not isinstance(name, str) or name not in self.functions):
-                raise GraphError(
-                    node.id, f"CALL names function {name!r}, which is not registered",
-                    "pass functions={name: callable} to execute",
-                )
-
-    def call(self, node: Node, args: list[Any]) -> Any:
-        return self.functions[node.attrs["fn"]](*args)
 
 
 def _waker(event: anyio.Event) -> Callable[[], None]:
@@ -99,22 +75,6 @@ def _waker(event: anyio.Event) -> Callable[[], None]:
     return wake_trio
 
 
-def _profiling() -> bool:
-    """Whether a torch profiler is on.  Its per-thread flag is off in our worker
-    threads, so the module-level flag that ``profile.__enter__`` sets is read too;
-    recording those threads needs ``profile_all_threads=True`` (docs/executor.md)."""
-    return bool(getattr(_torch_profiler, "_is_profiler_enabled", False)) or bool(
-        torch.autograd._profiler_enabled()  # type: ignore[attr-defined]
-    )
-
-
-def _call_with(fn: Callable[..., Any]) -> Callable[[Any, Node, list[Any]], Any]:
-    def call(interp: Any, node: Node, args: list[Any]) -> Any:
-        return fn(*args)
-
-    return call
-
-
 class _Run:
     """One execution of one graph; every mutable field is guarded by ``lock``."""
 
@@ -132,7 +92,7 @@ class _Run:
         # Unbound methods, called as fn(interp, node, args); CALL nodes get their
         # function resolved once per run instead of once per node.
         methods = {m: getattr(type(interp), m) for m in set(plan.methods)}
-        calls = {name: _call_with(interp.functions[name]) for name in set(plan.calls) if isinstance(name, str)}
+        calls = {name: call_with(interp.functions[name]) for name in set(plan.calls) if isinstance(name, str)}
         self.fns = [
             calls[name] if isinstance(name, str) else methods[m] for m, name in zip(plan.methods, plan.calls)
         ]
@@ -263,7 +223,7 @@ class _Run:
                 if stream is None:
                     value = self._compute(i, payload)
                 else:
-                    value, produced = self._launch(i, payload, lane)
+                    value, produced = launch_on_lane(partial(self._compute, i), payload[0], payload[1], lane)
             except BaseException as e:  # noqa: BLE001 - KeyboardInterrupt too: execute re-raises it
                 exc = e
             with self.lock:
@@ -322,26 +282,10 @@ class _Run:
 
     def _compute(self, i: int, args: list[Any]) -> Any:
         node = self.nodes[i]
-        if _profiling():
+        if profiling():
             with torch.profiler.record_function(f"tgn.{node.op.value}:{node.id}"):
                 return self.fns[i](self.interp, node, args)
         return self.fns[i](self.interp, node, args)
-
-    def _launch(self, i: int, payload: tuple[list[Any], list[Any]], lane: Lane) -> tuple[Any, Any]:
-        """Enqueue node ``i`` on the lane's stream after its producers' events."""
-        args, producer_events = payload
-        stream = lane.stream
-        for produced in producer_events:
-            if produced is not None and produced[0] is not stream:
-                stream.wait_event(produced[1])
-        for a in args:
-            if isinstance(a, torch.Tensor) and a.device.type != "cpu":
-                a.record_stream(stream)  # keep the caching allocator off it until we are done
-        with stream:
-            value = self._compute(i, args)
-            event = torch.Event(device=lane.device)
-            event.record(stream)
-        return value, (stream, event)
 
     # -- event-loop side ------------------------------------------------------------
 
@@ -462,36 +406,16 @@ async def run_concurrent(
     limit = max_workers or chosen.max_workers
     run = _Run(graph, interp, chosen, scheduler, limit, tracing=trace is not None)
     if chosen.uses_streams:
-        _bind_input_stream(run, x, weight, chosen)
+        ready = caller_event(chosen)
+        for i, node in enumerate(graph.nodes):
+            if node.op is Op.INPUT:
+                run.events[i] = ready
+        pin_to_lanes(weight, chosen)
     try:
         value = await run.wait()
     finally:
         if trace is not None:
             trace(run.trace(policy))
     if chosen.uses_streams and isinstance(value, torch.Tensor):
-        _join_caller_stream(run, value)
+        join_caller_stream(run.events[run.output], value)
     return value
-
-
-def _bind_input_stream(run: _Run, x: Any, weight: Any, pool: WorkerPool) -> None:
-    """Lanes must see ``x`` and ``weight`` as the caller's stream left them."""
-    current = torch.accelerator.current_stream(pool.device)
-    ready = torch.Event(device=pool.device)
-    ready.record(current)
-    for i, node in enumerate(run.nodes):
-        if node.op is Op.INPUT:
-            run.events[i] = (current, ready)
-    if isinstance(weight, torch.Tensor):
-        for lane in pool.lanes:  # FINALIZE reads it on a lane's stream
-            weight.record_stream(lane.stream)
-
-
-def _join_caller_stream(run: _Run, value: torch.Tensor) -> None:
-    """Order the caller's stream after the output's producer: no host wait."""
-    produced = run.events[run.output]
-    if produced is None:
-        return
-    current = torch.accelerator.current_stream(value.device)
-    if produced[0] is not current:
-        current.wait_event(produced[1])
-        value.record_stream(current)
