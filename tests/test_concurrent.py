@@ -243,3 +243,22 @@ def test_bad_options_are_config_errors() -> None:
 
 def test_bits_helper_is_an_int_view() -> None:
     assert bits(torch.tensor([1.0])).dtype == torch.int32
+
+
+def test_accumulate_with_a_repeated_operand_matches_reference() -> None:
+    """A hand-edited race node that lists one partial twice: both positions arrive
+    when that partial completes, and the reference agrees at the recorded order."""
+    g = tgn.build_graph(512, chunk_size=64, topology="race")
+    acc = g["accumulate"]
+    g = g.replace_node(acc.replace(inputs=acc.inputs + (acc.inputs[0],)))
+    x = wide_input(2, 512, seed=9)
+
+    async def main() -> None:
+        for seed in range(4):
+            traces: list[tgn.Trace] = []
+            y = await tgn.execute(g, x, executor="concurrent", schedule=Random(seed), trace=traces.append)
+            order = traces[0].arrival["accumulate"]
+            assert sorted(order) == list(range(9))
+            assert same_bits(y, await tgn.execute(g, x, executor="reference", arrival=order))
+
+    run(main)

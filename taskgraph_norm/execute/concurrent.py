@@ -29,9 +29,9 @@ import asyncio
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Mapping
 from functools import partial
 from types import MappingProxyType
-from collections.abc import Callable, Mapping
 from typing import Any
 
 import anyio
@@ -42,8 +42,8 @@ from ..graph import Graph, Op
 from .devices import Lane, WorkerPool, default_pool
 from .interpreter import GraphInterpreter, call_with, profiling
 from .plan import plan_for
-from .streams import caller_event, join_caller_stream, launch_on_lane, pin_to_lanes
 from .schedules import ANY, COMPLETE, DISPATCH, Scheduler, resolve_schedule
+from .streams import caller_event, join_caller_stream, launch_on_lane, pin_to_lanes
 from .trace import Decision, NodeSpan, Trace
 
 __all__ = ["GraphInterpreter", "run_concurrent"]
@@ -86,6 +86,7 @@ class _Run:
         nodes = graph.nodes
         self.nodes, self.inputs, self.users, self.sources = nodes, plan.inputs, plan.users, plan.sources
         self.inline, self.output, self.interp = plan.inline, plan.output, interp
+        self.positions = plan.positions
         self.pending = list(plan.pending)
         self.uses = [len(u) for u in plan.users]
         self.accumulating: dict[int, list[int]] = {i: [] for i in plan.accumulates}
@@ -185,7 +186,7 @@ class _Run:
         for u in self.users[i]:
             arrived = self.accumulating.get(u)
             if arrived is not None:
-                arrived.extend(p for p, s in enumerate(self.inputs[u]) if s == i)
+                arrived.extend(self.positions[u][i])
             pending[u] -= 1
             if pending[u] == 0:
                 ready.append(u)

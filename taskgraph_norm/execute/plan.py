@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ..graph import Graph, Op, validate
@@ -28,7 +29,8 @@ class RunPlan:
     dependency count a run starts from); ``ready``: nodes with none;
     ``accumulates``: ACCUMULATE nodes; ``inline``: identity nodes the executor
     runs without a worker; ``methods``: the interpreter method name per node;
-    ``calls``: a CALL node's ``fn`` attr (None for other nodes).
+    ``calls``: a CALL node's ``fn`` attr (None for other nodes);
+    ``positions[u][s]``: for an ACCUMULATE ``u``, where operand ``s`` appears.
     """
 
     graph: Graph
@@ -41,7 +43,15 @@ class RunPlan:
     inline: tuple[bool, ...]
     methods: tuple[str, ...]
     calls: tuple[object, ...]
+    positions: Mapping[int, Mapping[int, tuple[int, ...]]]
     output: int
+
+
+def _positions(operands: tuple[int, ...]) -> dict[int, tuple[int, ...]]:
+    found: dict[int, list[int]] = {}
+    for p, s in enumerate(operands):
+        found.setdefault(s, []).append(p)
+    return {s: tuple(ps) for s, ps in found.items()}
 
 
 def _build(graph: Graph) -> RunPlan:
@@ -66,6 +76,7 @@ def _build(graph: Graph) -> RunPlan:
         inline=tuple(n.op in _INLINE for n in nodes),
         methods=tuple(n.op.value for n in nodes),
         calls=tuple(n.attrs.get("fn") if n.op is Op.CALL else None for n in nodes),
+        positions={u: _positions(inputs[u]) for u, n in enumerate(nodes) if n.op is Op.ACCUMULATE},
         output=index[graph.output],
     )
 

@@ -165,7 +165,10 @@ class _PCTScheduler:
 
     def _pick(self, candidates: Sequence[int]) -> int:
         prio = self._priority
-        best = max(range(len(candidates)), key=lambda i: prio[candidates[i]])
+        best, best_priority = 0, -1
+        for k, node in enumerate(candidates):  # one pass: candidates may be a deque
+            if prio[node] > best_priority:
+                best, best_priority = k, prio[node]
         self._step += 1
         demote = self._changes.get(self._step)
         if demote is not None:
