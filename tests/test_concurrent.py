@@ -259,6 +259,6 @@ def test_accumulate_with_a_repeated_operand_matches_reference() -> None:
             y = await tgn.execute(g, x, executor="concurrent", schedule=Random(seed), trace=traces.append)
             order = traces[0].arrival["accumulate"]
             assert sorted(order) == list(range(9))
-            assert same_bits(y, await tgn.execute(g, x, executor="reference", arrival=order))
+            assert same_bits(y, await tgn.execute(g, x, executor="reference", arrival={"accumulate": order}))
 
     run(main)
