@@ -84,13 +84,19 @@ def test_cross_stream_dependencies_use_events_not_host_waits() -> None:
     before that (nothing waits on the host), and the values must still be right
     (the consumers' streams waited on the producers' events)."""
     assert DEVICE is not None
-    cycles = int(torch.cuda.get_device_properties(DEVICE).clock_rate * 1e3 * 0.3)  # ~0.3 s
+    khz = getattr(torch.cuda.get_device_properties(DEVICE), "clock_rate", 2_000_000)
+    cycles = int(khz * 1e3 * 0.3)  # ~0.3 s of GPU time
 
     def slow_plus_one(x: torch.Tensor) -> torch.Tensor:
+        time.sleep(0.02)  # host time too, so the two producers overlap on two lanes
         torch.cuda._sleep(cycles)
         return x + 1
 
-    functions = {"slow": slow_plus_one, "fast": lambda x: x * 3, "join": lambda a, b: a * 2 + b}
+    def times_three(x: torch.Tensor) -> torch.Tensor:
+        time.sleep(0.02)
+        return x * 3
+
+    functions = {"slow": slow_plus_one, "fast": times_three, "join": lambda a, b: a * 2 + b}
     g = call_graph({"a": ("slow", ("x",)), "b": ("fast", ("x",)), "c": ("join", ("a", "b"))}, "c")
     x = torch.arange(1 << 20, device=DEVICE, dtype=torch.float32)
     expected = (x + 1) * 2 + x * 3
