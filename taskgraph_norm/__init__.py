@@ -11,8 +11,8 @@ from .api import normalize as normalize
 from .api import normalize_sync as normalize_sync
 from .errors import ConfigError as ConfigError
 from .errors import CycleError as CycleError
-from .errors import GraphError as GraphError
 from .errors import ExecutionError as ExecutionError
+from .errors import GraphError as GraphError
 from .errors import PoolClosedError as PoolClosedError
 from .errors import ScheduleError as ScheduleError
 from .errors import TaskGraphError as TaskGraphError

@@ -140,8 +140,9 @@ def _prepare_execute(
     validate(graph)
     hidden = graph.meta.get("hidden_size")
     if not isinstance(hidden, int) and any(n.op is Op.CALL for n in graph.nodes):
-        # A general graph (docs/executor.md): its CALL functions check their own inputs.
-        return cast(torch.Tensor, x), cast("torch.Tensor | None", weight), eps  # type: ignore[return-value]
+        # A general graph (docs/executor.md): x goes to its INPUT node as it is,
+        # and its CALL functions check what they are given.
+        return x, weight, eps  # type: ignore[return-value]
     if not isinstance(hidden, int):
         raise ConfigError("graph", graph, "a graph made by build_graph (meta has no hidden_size)")
     check_input(x, (hidden,), weight)
