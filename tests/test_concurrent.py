@@ -219,16 +219,18 @@ def test_max_workers_bounds_one_run() -> None:
 
 
 def test_pool_threads_are_persistent_and_closed() -> None:
-    before = {t.ident for t in threading.enumerate()}
+    def ours() -> set[threading.Thread]:
+        return {t for t in threading.enumerate() if t.name.startswith("tgn-life-")}
+
+    assert ours() == set()
     g = call_graph({f"l{i}": ("f", ("x",)) for i in range(20)} | {"m": ("f", tuple(f"l{i}" for i in range(20)))}, "m")
     with tgn.WorkerPool(3, name="tgn-life") as pool:
-        started = {t.ident for t in threading.enumerate()} - before
+        started = ours()
         assert len(started) == 3
         for _ in range(5):
             run(lambda: tgn.execute(g, 0, executor="concurrent", pool=pool, functions={"f": lambda *a: 0}))
-        assert {t.ident for t in threading.enumerate()} - before == started  # no thread per run/node
-    time.sleep(0.01)
-    assert {t.ident for t in threading.enumerate()} - before == set()
+        assert ours() == started  # no thread per run or per node
+    assert ours() == set() and not any(t.is_alive() for t in started)
     with pytest.raises(tgn.PoolClosedError):
         run(lambda: tgn.execute(g, 0, executor="concurrent", pool=pool, functions={"f": lambda *a: 0}))
 
