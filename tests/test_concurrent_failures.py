@@ -115,7 +115,7 @@ def test_cancellation_stops_the_run_promptly(backend: str, how: str) -> None:
     elapsed = run(main, backend=backend)
     assert elapsed < 0.6, elapsed
     started = len(rec.starts())
-    assert 1 <= started < 30  # stopped long before the 60-node chain was done
+    assert started < 30  # stopped long before the 60-node chain was done (0 on a stalled box)
     time.sleep(0.05)
     assert len(rec.starts()) == started
 

@@ -232,7 +232,7 @@ class _Run:
                 keep = self._finish(i, value, produced, exc, lane, start)
                 budget -= 1
                 if keep is not None and budget <= 0:
-                    self.pool.submit(self._work, *keep)
+                    self._submit(keep)
                     keep = None
                 if keep is not None:
                     self.running += 1
@@ -278,8 +278,15 @@ class _Run:
         if not outbox or self.stopped:
             return None
         for item in outbox[1:]:
+            self._submit(item)
+        return None if self.stopped else outbox[0]
+
+    def _submit(self, item: tuple[int, Any]) -> None:
+        """Queue a work item (lock held); a closed pool fails the run, not the worker."""
+        try:
             self.pool.submit(self._work, *item)
-        return outbox[0]
+        except BaseException as e:  # noqa: BLE001
+            self._fail(None, e)
 
     def _compute(self, i: int, args: list[Any]) -> Any:
         node = self.nodes[i]
