@@ -152,3 +152,31 @@ def test_no_worker_threads_leak_across_failures_and_cancellations() -> None:
         run(churn, backend=backend)
     assert {t.ident for t in tgn_threads()} == before
     assert threading.active_count() >= len(before)
+
+
+def test_closing_a_pool_under_a_running_graph_never_strands_it() -> None:
+    """close() lets work already queued or kept by a worker finish; a run that
+    needs to queue more afterwards fails with PoolClosedError.  Either way the
+    awaiting task ends."""
+    rec = Recorder()
+    spec = {f"l{i}": ("slow", ("x",)) for i in range(40)}
+    spec["m"] = ("slow", tuple(spec))
+    g = call_graph(spec, "m")
+    pool = tgn.WorkerPool(2, name="tgn-closing")
+
+    async def main() -> None:
+        async def close_soon() -> None:
+            await anyio.sleep(0.03)
+            await pool.aclose()
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(close_soon)
+                await tgn.execute(g, 0, executor="concurrent", pool=pool,
+                                  functions={"slow": rec.task("slow", 0.005)})
+
+    try:
+        run(main)
+    except tgn.PoolClosedError:
+        pass
+    assert rec.running == 0 and pool.closed
