@@ -104,9 +104,12 @@ def bench_shapes(n: int, repeats: int, workers: int) -> list[tuple[str, float, f
     return rows
 
 
-def bench_normalize(repeats: int) -> list[tuple[str, float, float]]:
+def bench_normalize(repeats: int) -> list[tuple[str, float, float, float]]:
+    """Per-call times of ``await normalize`` and ``normalize_sync``, measured in
+    alternating pairs so that load drifting on a shared box hits both alike;
+    returns medians and the median of the per-pair ratios."""
     x = torch.randn(1, 4096, generator=torch.Generator().manual_seed(0))
-    loops = 50
+    loops = 20
 
     def sync_loop() -> None:
         for _ in range(loops):
@@ -119,9 +122,18 @@ def bench_normalize(repeats: int) -> list[tuple[str, float, float]]:
             for _ in range(loops):
                 await tgn.normalize(x, executor=executor)
 
-        t_sync = median_seconds(sync_loop, repeats) / loops
-        t_async = median_seconds(lambda: anyio.run(async_loop), repeats) / loops
-        rows.append((executor, t_async * 1e6, t_sync * 1e6))
+        sync_loop()
+        anyio.run(async_loop)  # warm up both
+        t_sync, t_async = [], []
+        for _ in range(max(repeats, 3) * 2 + 1):
+            t = time.perf_counter()
+            sync_loop()
+            t_sync.append((time.perf_counter() - t) / loops)
+            t = time.perf_counter()
+            anyio.run(async_loop)
+            t_async.append((time.perf_counter() - t) / loops)
+        ratio = statistics.median(a / b for a, b in zip(t_async, t_sync))
+        rows.append((executor, statistics.median(t_async) * 1e6, statistics.median(t_sync) * 1e6, ratio))
     return rows
 
 
@@ -142,10 +154,10 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print("await normalize() vs normalize_sync(), (1, 4096) fp32, tree/64, per call "
           "(baseline: normalize_sync, same run)")
-    print(f"{'executor':<11} {'async us':>9} {'sync us':>8} {'overhead us':>12} {'ratio':>6}")
-    for executor, t_async, t_sync in bench_normalize(args.repeats):
-        print(f"{executor:<11} {t_async:>9.1f} {t_sync:>8.1f} {t_async - t_sync:>12.1f}"
-              f" {t_async / t_sync:>6.2f}")
+    print(f"{'executor':<11} {'async us':>9} {'sync us':>8} {'overhead us':>12} {'ratio':>6}"
+          "  (ratio: median of paired runs)")
+    for executor, t_async, t_sync, ratio in bench_normalize(args.repeats):
+        print(f"{executor:<11} {t_async:>9.1f} {t_sync:>8.1f} {t_async - t_sync:>12.1f} {ratio:>6.2f}")
 
 
 if __name__ == "__main__":
