@@ -4,6 +4,7 @@ propagates, and no worker thread leaks."""
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 
@@ -87,6 +88,7 @@ def test_trace_is_delivered_for_a_failed_run(backend: str) -> None:
 def test_cancellation_stops_the_run_promptly(backend: str, how: str) -> None:
     """A 60-node chain of 20 ms nodes (1.2 s) cancelled after 0.1 s returns within
     one node's time of the cancel; no node of it runs or starts afterwards."""
+    gc.collect()  # a full collection inside the 0.1 s window would starve it of nodes
     rec = Recorder()
     g = chain(60)
 
@@ -115,7 +117,7 @@ def test_cancellation_stops_the_run_promptly(backend: str, how: str) -> None:
     elapsed = run(main, backend=backend)
     assert elapsed < 0.6, elapsed
     started = len(rec.starts())
-    assert started < 30  # stopped long before the 60-node chain was done (0 on a stalled box)
+    assert 1 <= started < 30  # stopped long before the 60-node chain was done
     time.sleep(0.05)
     assert len(rec.starts()) == started
 
