@@ -9,7 +9,12 @@ import time
 import anyio
 import pytest
 import torch
-from _executor_helpers import (
+
+import taskgraph_norm as tgn
+from taskgraph_norm.execute.devices import default_pool
+from taskgraph_norm.schedules import Random
+
+from ._executor_helpers import (
     BACKENDS,
     Recorder,
     bits,
@@ -19,10 +24,6 @@ from _executor_helpers import (
     tgn_threads,
     wide_input,
 )
-
-import taskgraph_norm as tgn
-from taskgraph_norm.execute.devices import default_pool
-from taskgraph_norm.schedules import Random
 
 CERTIFIED = [
     ("tree", "pairwise", "float"),

@@ -10,10 +10,11 @@ import time
 
 import anyio
 import pytest
-from _executor_helpers import BACKENDS, Recorder, call_graph, run, tgn_threads
 
 import taskgraph_norm as tgn
 from taskgraph_norm.execute.devices import default_pool
+
+from ._executor_helpers import BACKENDS, Recorder, call_graph, run, tgn_threads
 
 
 class Boom(Exception):

@@ -11,11 +11,12 @@ import time
 
 import pytest
 import torch
-from _executor_helpers import call_graph, run, same_bits, wide_input
 
 import taskgraph_norm as tgn
 from taskgraph_norm.execute.devices import live_streams
 from taskgraph_norm.schedules import Random, Replay
+
+from ._executor_helpers import call_graph, run, same_bits, wide_input
 
 
 def _accelerator() -> torch.device | None:

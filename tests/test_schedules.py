@@ -8,10 +8,11 @@ import itertools
 
 import pytest
 import torch
-from _executor_helpers import BACKENDS, FULL, call_graph, run, same_bits, wide_input
 
 import taskgraph_norm as tgn
 from taskgraph_norm.schedules import PCT, Fifo, Random, Replay
+
+from ._executor_helpers import BACKENDS, FULL, call_graph, run, same_bits, wide_input
 
 RACE = tgn.build_graph(1024, chunk_size=64, topology="race")  # 16 chunks
 X = wide_input(4, 1024, seed=11)

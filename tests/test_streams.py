@@ -11,10 +11,11 @@ from typing import Any
 
 import pytest
 import torch
-from _executor_helpers import call_graph, run
 
 import taskgraph_norm as tgn
 from taskgraph_norm.execute import devices, streams
+
+from ._executor_helpers import call_graph, run
 
 
 class FakeEvent:

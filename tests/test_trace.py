@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from _executor_helpers import BACKENDS, run, wide_input
 
 import taskgraph_norm as tgn
 from taskgraph_norm.schedules import Random
+
+from ._executor_helpers import BACKENDS, run, wide_input
 
 G = tgn.build_graph(512, chunk_size=64, topology="race")
 X = wide_input(2, 512, seed=21)
