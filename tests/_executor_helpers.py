@@ -12,7 +12,6 @@ from typing import Any
 import anyio
 import torch
 
-import taskgraph_norm as tgn
 from taskgraph_norm import Graph, Node, Op
 
 FULL = os.environ.get("TGN_FULL") == "1"
@@ -92,6 +91,6 @@ def tgn_threads() -> list[threading.Thread]:
 
 
 __all__ = [
-    "BACKENDS", "FULL", "Recorder", "bits", "call_graph", "run", "same_bits", "tgn", "tgn_threads",
+    "BACKENDS", "FULL", "Recorder", "bits", "call_graph", "run", "same_bits", "tgn_threads",
     "wide_input",
 ]

@@ -4,7 +4,6 @@ backends, bounded concurrency under load, pool lifecycle."""
 from __future__ import annotations
 
 import threading
-import time
 
 import anyio
 import pytest
