@@ -165,3 +165,34 @@ def test_fuzz_race_differs_within_50_schedules(rows: int, hidden: int, chunk: in
         return -1
 
     assert run(main) > 0
+
+
+def test_fifo_accumulates_in_the_order_workers_really_finish() -> None:
+    """Leaves that sleep longer the earlier they are listed finish in reverse
+    order; under Fifo the ACCUMULATE merges them in exactly that order."""
+    import time
+
+    n = 4
+
+    def leaf(k: int) -> object:
+        def fn(x: torch.Tensor) -> torch.Tensor:
+            time.sleep(0.04 * (n - k))
+            return x + k
+        return fn
+
+    nodes = [tgn.Node("x", tgn.Op.INPUT)]
+    nodes += [tgn.Node(f"p{k}", tgn.Op.CALL, ("x",), {"fn": f"leaf{k}"}) for k in range(n)]
+    nodes += [tgn.Node("acc", tgn.Op.ACCUMULATE, tuple(f"p{k}" for k in range(n))),
+              tgn.Node("y", tgn.Op.OUTPUT, ("acc",))]
+    g = tgn.Graph(nodes, "y")
+
+    async def main() -> tuple[tuple[int, ...], torch.Tensor]:
+        traces: list[tgn.Trace] = []
+        async with tgn.WorkerPool(n, name="tgn-fifo") as pool:
+            y = await tgn.execute(g, torch.zeros(1), executor="concurrent", pool=pool, schedule=Fifo(),
+                                  trace=traces.append, functions={f"leaf{k}": leaf(k) for k in range(n)})
+        return traces[0].arrival["acc"], y
+
+    arrival, y = run(main)
+    assert arrival == (3, 2, 1, 0)
+    assert torch.equal(y, torch.tensor([6.0]))
