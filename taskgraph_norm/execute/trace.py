@@ -49,7 +49,8 @@ class Trace:
     node_ids:
         The graph's node ids in build order (a replay checks them).
     spans:
-        One :class:`NodeSpan` per node that ran, in the order they finished.
+        One :class:`NodeSpan` per node that ran on a worker, in the order they
+        finished (INPUT and OUTPUT are identities run inline: they have none).
     decisions:
         Every dispatch and completion, in the order the run took them.
     arrival:
