@@ -5,14 +5,22 @@ The public names are re-exported here explicitly; ``__all__`` is the API.
 
 from __future__ import annotations
 
+from . import schedules as schedules
 from .api import execute as execute
 from .api import normalize as normalize
 from .api import normalize_sync as normalize_sync
 from .errors import ConfigError as ConfigError
 from .errors import CycleError as CycleError
+from .errors import ExecutionError as ExecutionError
 from .errors import GraphError as GraphError
 from .errors import MissingDependencyError as MissingDependencyError
+from .errors import PoolClosedError as PoolClosedError
+from .errors import ScheduleError as ScheduleError
 from .errors import TaskGraphError as TaskGraphError
+from .execute.devices import WorkerPool as WorkerPool
+from .execute.trace import Decision as Decision
+from .execute.trace import NodeSpan as NodeSpan
+from .execute.trace import Trace as Trace
 from .graph import Graph as Graph
 from .graph import Node as Node
 from .graph import Op as Op
@@ -32,16 +40,23 @@ __version__ = "0.1.0"
 __all__ = [
     "ConfigError",
     "CycleError",
+    "Decision",
+    "ExecutionError",
     "Graph",
     "GraphError",
     "MissingDependencyError",
     "Node",
+    "NodeSpan",
     "Op",
     "Proof",
+    "PoolClosedError",
     "RMSNorm",
+    "ScheduleError",
     "TOPOLOGIES",
     "TaskGraphError",
     "Witness",
+    "Trace",
+    "WorkerPool",
     "build_graph",
     "execute",
     "normalize",

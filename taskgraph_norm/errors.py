@@ -115,6 +115,20 @@ class ExecutionError(TaskGraphError, RuntimeError):
     """A graph could not be executed as asked (e.g. an executor is unavailable)."""
 
 
+class ScheduleError(ExecutionError):
+    """A schedule policy cannot go on: a replayed trace diverged from the graph or run."""
+
+    def __init__(self, problem: str, hint: str = "") -> None:
+        super().__init__(f"{problem} ({hint})" if hint else problem)
+
+
+class PoolClosedError(ExecutionError):
+    """A worker pool was used after it was closed."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"worker pool {name!r} is closed; create a new one or use the default pool")
+
+
 # --- optional dependencies -------------------------------------------------
 
 
