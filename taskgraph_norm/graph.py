@@ -19,7 +19,7 @@ from .errors import CycleError, GraphError
 if TYPE_CHECKING:
     import networkx as nx
 
-__all__ = ["Op", "Attrs", "Node", "Graph", "validate", "ARITY"]
+__all__ = ["Op", "Attrs", "Node", "Graph", "validate", "ancestors", "ARITY"]
 
 
 class Op(enum.Enum):
@@ -356,7 +356,7 @@ def validate(graph: Graph) -> Graph:
     cycle = _find_cycle(graph)
     if cycle is not None:
         raise CycleError(cycle)
-    needed = _ancestors(graph, graph.output)
+    needed = ancestors(graph, graph.output)
     for n in graph.nodes:
         if n.id not in needed:
             raise GraphError(n.id, "does not contribute to the output", "remove it or wire it in")
@@ -364,7 +364,8 @@ def validate(graph: Graph) -> Graph:
     return graph
 
 
-def _ancestors(graph: Graph, node_id: str) -> set[str]:
+def ancestors(graph: Graph, node_id: str) -> set[str]:
+    """``node_id`` and every node it depends on, directly or not."""
     found = {node_id}
     stack = [node_id]
     while stack:
