@@ -31,6 +31,7 @@ from .prove import prove as prove
 from .topologies import TOPOLOGIES as TOPOLOGIES
 from .topologies import build_graph as build_graph
 from .viz import render as render
+from .viz import render_timeline as render_timeline
 from .viz import to_dot as to_dot
 from .viz import to_mermaid as to_mermaid
 from .witness import Witness as Witness
@@ -63,6 +64,7 @@ __all__ = [
     "normalize_sync",
     "prove",
     "render",
+    "render_timeline",
     "to_dot",
     "to_mermaid",
     "validate",

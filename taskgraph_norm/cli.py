@@ -62,6 +62,21 @@ def _cmd_viz(args: argparse.Namespace) -> int:
         args.hidden_size, chunk_size=args.chunk_size, topology=args.topology,
         leaf=args.leaf, accumulate=args.accumulate,
     )
+    if args.timeline:
+        from .report import traced_run
+        from .viz import render_timeline
+
+        trace = traced_run(graph, rows=args.rows, max_workers=args.workers, schedule=args.schedule)
+        written = render_timeline(
+            trace, args.output, graph,
+            title=f"{args.topology} D={args.hidden_size} chunk={args.chunk_size}: "
+            f"{args.rows} rows, {args.schedule} schedule, {len(trace.workers)} workers",
+        )
+        if args.chrome:
+            trace.to_chrome(args.chrome)
+            print(f"wrote {args.chrome}")
+        print(f"wrote {written}")
+        return 0
     proof = None
     if args.prove:
         from .prove import prove
@@ -134,6 +149,14 @@ def build_parser() -> argparse.ArgumentParser:
     viz.add_argument("--prove", action="store_true",
                      help="prove the graph and show the verdict, rule and fingerprint in the "
                      "caption; a refuted race node is drawn red")
+    viz.add_argument("--timeline", action="store_true",
+                     help="run the graph once on the concurrent executor and draw its trace as a "
+                     "timeline (.svg or .png) instead of the DAG")
+    viz.add_argument("--rows", type=_positive_int, default=64, help="rows of the --timeline input")
+    viz.add_argument("--workers", type=_positive_int, default=2, help="worker threads for --timeline")
+    viz.add_argument("--schedule", choices=("fifo", "random"), default="fifo",
+                     help="schedule policy for --timeline (random: unseeded)")
+    viz.add_argument("--chrome", metavar="PATH", help="with --timeline: also write Chrome trace JSON")
     viz.add_argument("-o", "--output", required=True, help="e.g. dag.svg, dag.png, dag.dot, dag.mmd")
     viz.set_defaults(func=_cmd_viz)
     return parser

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TextIO
 
+import anyio
 import torch
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
@@ -33,12 +34,21 @@ from . import kernels, schedules
 from .api import check_input, normalize_sync
 from .errors import ConfigError
 from .execute import run_concurrent, run_reference
+from .execute.trace import Trace
 from .graph import Graph
 from .prove import prove
 from .testing import bits_equal
 from .topologies import build_graph
 
-__all__ = ["ReportConfig", "ReportRow", "SYSTEMS", "measure_rows", "format_table", "run_report"]
+__all__ = [
+    "ReportConfig",
+    "ReportRow",
+    "SYSTEMS",
+    "format_table",
+    "measure_rows",
+    "run_report",
+    "traced_run",
+]
 
 DTYPES = {
     "float32": torch.float32,
@@ -164,6 +174,22 @@ class _Runner:
             lambda: run_concurrent(self.graph, x, self.weight, self.eps, schedule=schedule)
         )
         return result
+
+
+def traced_run(
+    graph: Graph, *, rows: int = 64, max_workers: int = 2, schedule: str = "fifo", seed: int = 0
+) -> Trace:
+    """Run ``graph`` once on the concurrent executor over a seeded random input and
+    return its :class:`~taskgraph_norm.execute.trace.Trace` (for timelines)."""
+    hidden = graph.meta["hidden_size"]
+    x = torch.randn(rows, hidden, generator=torch.Generator().manual_seed(seed))
+    policy = schedules.Fifo() if schedule == "fifo" else schedules.Random()
+    traces: list[Trace] = []
+    anyio.run(
+        lambda: run_concurrent(graph, x, None, kernels.default_eps(x.dtype), schedule=policy,
+                               max_workers=max_workers, trace=traces.append)
+    )
+    return traces[0]
 
 
 def _batch_invariant(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, full: torch.Tensor, seed: int) -> bool:

@@ -12,14 +12,16 @@ Each event is an object (or a mapping) with:
 ``node``    id of the graph node that ran (str)
 ``worker``  the worker thread or stream that ran it (any value with ``str()``);
             ``stream`` is accepted instead
-``start``   start time in seconds (float, any common origin)
-``end``     end time in seconds, ``>= start``
+``start``   start time in seconds (float, any common origin); or ``start_ns``
+``end``     end time in seconds, ``>= start``; or ``end_ns`` (nanoseconds)
 ``op``      optional: the :class:`~taskgraph_norm.graph.Op` (or its name / value);
             looked up in the graph when absent (``kind`` is accepted instead)
 
 The trace itself is either an iterable of events or an object with an
-``events`` attribute; it may carry its ``graph``, which supplies dependencies
-for the critical path.
+``events`` (or ``spans``) attribute; it may carry its ``graph``, which supplies
+dependencies for the critical path.  The concurrent executor's
+:class:`~taskgraph_norm.execute.trace.Trace` is such an object (its ``spans``
+are :class:`NodeSpan` records in nanoseconds); pass the graph alongside it.
 """
 
 from __future__ import annotations
@@ -77,13 +79,17 @@ def timeline_events(trace: Any, graph: Graph | None = None) -> tuple[TimelineEve
         if the trace is empty, an event lacks ``node``/``worker``/``start``/``end``,
         or ends before it starts.
     """
-    raw = _field(trace, "events")
+    raw = _field(trace, "events", "spans")
     items: Iterable[Any] = raw if raw is not None else trace
     graph = graph if graph is not None else _field(trace, "graph")
     events = []
     for item in items:
         node, worker = _field(item, "node", "node_id"), _field(item, "worker", "stream")
         start, end = _field(item, "start"), _field(item, "end")
+        if start is None and end is None:  # the executor's NodeSpan records nanoseconds
+            start_ns, end_ns = _field(item, "start_ns"), _field(item, "end_ns")
+            if start_ns is not None and end_ns is not None:
+                start, end = start_ns * 1e-9, end_ns * 1e-9
         if node is None or worker is None or start is None or end is None:
             raise ConfigError("trace", item, "events with node, worker (or stream), start and end")
         if end < start:
