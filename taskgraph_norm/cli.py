@@ -37,7 +37,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
         shape=args.shape, dtype=args.dtype, seed=args.seed, chunk_size=args.chunk_size,
         leaf=args.leaf, repeats=args.repeats,
     )
-    rows = run_report(config, stream=sys.stdout)
+    rows = run_report(config, stream=sys.stdout, out_dir=args.out)
     return 0 if all(r.agrees for r in rows) else 1
 
 
@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
                         default="float32")
     report.add_argument("--seed", type=int, default=0)
     report.add_argument("--chunk-size", type=int, default=64)
+    report.add_argument("--out", metavar="DIR",
+                        help="also write DIR/report.md with the table, merge-DAG pictures and a "
+                        "timeline of the race row's run")
     report.add_argument("--leaf", choices=("pairwise", "native"), default="pairwise",
                         help="how each chunk is summed (default pairwise: a fixed halving order)")
     report.add_argument("--repeats", type=_positive_int, default=10,

@@ -20,6 +20,7 @@ finish), its unordered "variant" and the exact race under an unseeded
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -46,6 +47,7 @@ __all__ = [
     "SYSTEMS",
     "format_table",
     "measure_rows",
+    "report_text",
     "run_report",
     "traced_run",
 ]
@@ -309,23 +311,35 @@ def format_table(rows: list[ReportRow]) -> str:
     return "\n".join(out)
 
 
-def run_report(config: ReportConfig, stream: TextIO) -> list[ReportRow]:
-    """Measure every row and print the table with a short header."""
-    rows = measure_rows(config)
-    torch_threads = torch.get_num_threads()
-    stream.write(
+def report_text(config: ReportConfig, rows: list[ReportRow]) -> str:
+    """The report as printed: a header line, the table and the verdict lines."""
+    lines = [
         f"taskgraph-norm report: input {'x'.join(map(str, config.shape))} {config.dtype}, "
         f"seed {config.seed}, chunk_size {config.chunk_size}, leaf {config.leaf}, "
-        f"{config.repeats} runs per row, torch {torch.__version__} ({torch_threads} threads)\n\n"
-    )
-    stream.write(format_table(rows) + "\n")
+        f"{config.repeats} runs per row, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads)",
+        "",
+        format_table(rows),
+    ]
     best = next((r for r in rows if r.name.startswith("best: ")), None)
     standard = next(r for r in rows if r.topology == "standard")
     if best is not None:
-        stream.write(
-            f"\nbest certified configuration: {best.name[6:]} ({best.proved}), "
-            f"{standard.median_ms / best.median_ms:.2f}x the speed of standard on this input\n"
-        )
+        lines += ["", f"best certified configuration: {best.name[6:]} ({best.proved}), "
+                  f"{standard.median_ms / best.median_ms:.2f}x the speed of standard on this input"]
     if not all(r.agrees for r in rows):
-        stream.write("\nA measurement CONTRADICTS a certificate above: this is a bug, please report it.\n")
+        lines += ["", "A measurement CONTRADICTS a certificate above: this is a bug, please report it."]
+    return "\n".join(lines) + "\n"
+
+
+def run_report(config: ReportConfig, stream: TextIO, out_dir: str | os.PathLike[str] | None = None) -> list[ReportRow]:
+    """Measure every row and print the report; with ``out_dir`` also write
+    ``report.md`` and its pictures there (see :mod:`taskgraph_norm.report_files`)."""
+    rows = measure_rows(config)
+    text = report_text(config, rows)
+    stream.write(text)
+    if out_dir is not None:
+        from .report_files import write_report_dir
+
+        for path in write_report_dir(config, text, out_dir):
+            stream.write(f"wrote {path}\n")
     return rows

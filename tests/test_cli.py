@@ -64,3 +64,16 @@ def test_report_rejects_empty_shapes_and_zero_repeats(capsys) -> None:
     assert "shape=(0, 64) is invalid" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["report", "--repeats", "0"])
+
+
+def test_report_out_writes_markdown_with_pictures(tmp_path, capsys) -> None:
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "rep"
+    assert main(["report", "--shape", "16x256", "--repeats", "2", "--chunk-size", "64", "--out", str(out)]) == 0
+    page = (out / "report.md").read_text()
+    assert "| V3 tree " in page
+    for name in ("dag-linear.svg", "dag-tree.svg", "dag-race.svg", "dag-cat.svg", "timeline-race.svg"):
+        assert f"]({name})" in page
+        assert (out / name).stat().st_size > 0
+        assert (out / name).read_text().lstrip().startswith(("<?xml", "<svg"))
+    assert f"wrote {out / 'report.md'}" in capsys.readouterr().out
