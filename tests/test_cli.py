@@ -24,9 +24,11 @@ def test_report_measures_what_it_claims() -> None:
     rows = {r.name: r for r in measure_rows(ReportConfig(shape=(64, 1024), repeats=8, seed=1))}
     for name in ("V1 linear", "V3 tree", "V4 cat"):
         assert rows[name].run_spread == 0 and rows[name].batch_invariant
-    # The race rows draw arrival orders per run: their spread is measured, not assumed.
-    assert rows["V2 race (lock)"].run_spread > 0
-    assert not rows["V2 race (lock)"].batch_invariant
+    # The unordered variant draws a fresh random schedule per run: its spread is
+    # measured, not assumed.  (V2 under Fifo races on real thread timing, which may
+    # or may not reorder within a few runs on a quiet machine, so it is not asserted.)
+    assert rows["variant (unordered)"].run_spread > 0
+    assert not rows["variant (unordered)"].batch_invariant
     assert rows["standard"].diff_vs_standard == 0
     # The exact accumulator makes the very same shuffled race order-free.
     assert rows["V2 race + exact"].run_spread == 0 and rows["V2 race + exact"].batch_invariant
