@@ -11,6 +11,7 @@ from .api import normalize_sync as normalize_sync
 from .errors import ConfigError as ConfigError
 from .errors import CycleError as CycleError
 from .errors import GraphError as GraphError
+from .errors import ShardMismatchError as ShardMismatchError
 from .errors import TaskGraphError as TaskGraphError
 from .graph import Graph as Graph
 from .graph import Node as Node
@@ -23,6 +24,9 @@ from .topologies import TOPOLOGIES as TOPOLOGIES
 from .topologies import build_graph as build_graph
 from .witness import Witness as Witness
 
+# A submodule, not a name in __all__: ``tgn.distributed.normalize`` etc.
+from . import distributed as distributed  # noqa: E402  (needs the names above)
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -34,6 +38,7 @@ __all__ = [
     "Op",
     "Proof",
     "RMSNorm",
+    "ShardMismatchError",
     "TOPOLOGIES",
     "TaskGraphError",
     "Witness",

@@ -113,3 +113,11 @@ class DtypeError(TaskGraphError, NotImplementedError):
 
 class ExecutionError(TaskGraphError, RuntimeError):
     """A graph could not be executed as asked (e.g. an executor is unavailable)."""
+
+
+class ShardMismatchError(TaskGraphError, ValueError):
+    """The ranks of a distributed call do not fit together (shard sizes, row counts,
+    dtypes, options), or there is no process group; every rank raises it together."""
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(problem)
