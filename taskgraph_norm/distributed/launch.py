@@ -55,6 +55,7 @@ def run_local(
     timeout: float = 120.0,
     collective_timeout: float = 60.0,
     threads: int = 1,
+    port: int | None = None,
 ) -> list[Any]:
     """``[fn(0, W, *args), ..., fn(W-1, W, *args)]``, each run in its own spawned rank.
 
@@ -74,6 +75,8 @@ def run_local(
         The process group's timeout: a collective waiting on a dead peer fails after it.
     threads:
         ``torch.set_num_threads`` in each rank (ranks share the machine's cores).
+    port:
+        The rendezvous port on 127.0.0.1 (default: :func:`free_port`).
 
     Raises
     ------
@@ -85,7 +88,7 @@ def run_local(
     with tempfile.TemporaryDirectory(prefix="tgn-dist-") as out_dir:
         context = mp.start_processes(
             _worker,
-            args=(fn, world_size, free_port(), backend, collective_timeout, threads, out_dir,
+            args=(fn, world_size, port or free_port(), backend, collective_timeout, threads, out_dir,
                   args),
             nprocs=world_size, join=False, start_method="spawn",
         )
