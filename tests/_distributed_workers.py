@@ -81,6 +81,13 @@ def run_extras(rank: int, world: int, hidden: int) -> dict[str, Any]:
     return result
 
 
+def run_group_checks(rank: int, world: int, cases: list[Case], rows: int,
+                     extras_hidden: int) -> dict[str, Any]:
+    """One spawned group, many checks: the matrix, then the extras."""
+    return {"matrix": run_matrix(rank, world, cases, rows),
+            "extras": run_extras(rank, world, extras_hidden)}
+
+
 def die_before_collective(rank: int, world: int) -> None:
     """Rank 1 dies abruptly; the others block in a collective it never joins."""
     if rank == 1:

@@ -227,47 +227,49 @@ def assemble(shards: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(shards, dim=-1)
 
 
-#: What the real groups measured, for the report at the end of the run.
-MATRIX: dict[tuple[int, str, str, int], bool] = {}
-
-
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 def test_process_group_bits_equal_single_process(world: int) -> None:
-    cases = group_cases(world)
-    rows = 8
-    results = run_local(workers.run_matrix, world, cases, rows, timeout=240)
+    """One group per world size: the matrix, the naive control, async, module, errors."""
+    cases, rows, extras_hidden = group_cases(world), 8, 300
+    port = tgn.distributed.launch.free_port()
+    results = run_local(workers.run_group_checks, world, cases, rows, extras_hidden,
+                        port=port, timeout=240)
     naive_differs = 0
     for n, case in enumerate(cases):
         dtype, hidden, _, topology, leaf, accumulate, chunk = case
         x, w = workers.make_input(n, rows, hidden, dtype)
         expected = tgn.normalize_sync(x, w, topology=topology, leaf=leaf,
                                       accumulate=accumulate, chunk_size=chunk)
-        got = assemble([r["ours"][n] for r in results])
-        same = bits_equal(got, expected)
-        MATRIX[(world, dtype, f"{topology}/{leaf}/{accumulate}", hidden)] = same
-        assert same, f"world {world}: {case} differs from single-process normalize_sync"
-        naive = assemble([r["naive"][n] for r in results])
+        got = assemble([r["matrix"]["ours"][n] for r in results])
+        assert_bits_equal(got, expected, f"world {world}: {case} vs single-process")
+        naive = assemble([r["matrix"]["naive"][n] for r in results])
         naive_differs += not bits_equal(naive, expected)
     # Negative control: the naive all-reduce on the same exponent-spread inputs.
     if world >= 3:
         assert naive_differs > 0, "the naive all-reduce matched every case: the test cannot fail"
+    check_extras([r["extras"] for r in results], world, extras_hidden)
+    # The group is gone: no child process left, and the rendezvous port binds again.
+    assert not multiprocessing.active_children()
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", port))
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_process_group_async_module_and_mismatch(world: int) -> None:
-    hidden = 300
-    results = run_local(workers.run_extras, world, hidden, timeout=180)
+def check_extras(results: list[dict[str, object]], world: int, hidden: int) -> None:
     x, w = workers.make_input(1234, 5, hidden, "float32")
-    assert_bits_equal(assemble([r["async"] for r in results]),
-                      tgn.normalize_sync(x, w, topology="linear"))
+    assert_bits_equal(assemble([r["async"] for r in results]),  # type: ignore[misc]
+                      tgn.normalize_sync(x, w, topology="linear"), "async")
     reference = tgn.RMSNorm(hidden, topology="tree", chunk_size=16)
     with torch.no_grad():
         reference.weight.copy_(w)
     for call in range(2):  # the first call gathers the shard sizes, the second reuses them
-        assert_bits_equal(assemble([r["module"][call] for r in results]), reference(x))
-    for r in results:  # every rank rejected both mismatched calls instead of hanging
-        assert len(r["errors"]) == 2
-        assert "hidden_size" in r["errors"][0] and "row count" in r["errors"][1]
+        shards = [r["module"][call] for r in results]  # type: ignore[index]
+        assert_bits_equal(assemble(shards), reference(x), f"module call {call}")
+    for r in results:  # every rank rejected the mismatched calls instead of hanging
+        errors = r["errors"]
+        assert "hidden_size" in errors[0]  # type: ignore[index]
+        if world > 1:
+            assert len(errors) == 2 and "row count" in errors[1]  # type: ignore[arg-type,index]
 
 
 def test_a_dead_rank_fails_the_run_instead_of_hanging() -> None:
@@ -276,16 +278,6 @@ def test_a_dead_rank_fails_the_run_instead_of_hanging() -> None:
         run_local(workers.die_before_collective, 2, timeout=90, collective_timeout=30)
     assert time.monotonic() - start < 90
     assert not multiprocessing.active_children()
-
-
-def test_process_group_releases_its_port() -> None:
-    port = tgn.distributed.launch.free_port()
-    results = run_local(workers.run_matrix, 1, group_cases(1)[:1], 2, port=port, timeout=90)
-    assert len(results) == 1
-    assert not multiprocessing.active_children()
-    with socket.socket() as s:  # the rendezvous server is gone: the port can be bound again
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind(("127.0.0.1", port))
 
 
 @pytest.mark.slow
