@@ -31,6 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import taskgraph_norm as tgn  # noqa: E402
 from taskgraph_norm.distributed import even_shard_sizes, payload_bytes_per_row, shard_offsets  # noqa: E402
+from taskgraph_norm.testing import bits_equal  # noqa: E402
 
 
 def _input(rows: int, hidden: int, dtype: torch.dtype) -> torch.Tensor:
@@ -98,7 +99,7 @@ def main() -> None:
                 key = (rows, hidden, name)
                 seconds = max(r[key][0] for r in results)
                 y = torch.cat([r[key][1] for r in results], dim=-1)
-                same = tgn.testing.bits_equal(y, expected_exact if "exact" in name else expected)
+                same = bits_equal(y, expected_exact if "exact" in name else expected)
                 sent, ring = _bytes(name, rows, hidden, sizes, dtype, world)
                 print(f"| {world} | {rows}x{hidden} | {name} | {seconds * 1e6:.0f} | {sent} "
                       f"| {ring} | {'yes' if same else 'NO'} |")

@@ -271,6 +271,9 @@ class DistributedPlan:
         build order: they lead that rank's payload, one column each.
     fragments:
         Per rank, the raw elements of its cut chunks; they follow the frontier.
+    batched:
+        Per rank, its run of consecutive full-length pairwise leaves
+        ``(global start, count, chunk length, leaf ids)``, summed in one kernel call.
     width:
         Payload columns per row, the same on every rank (shorter payloads are padded).
     """
@@ -279,6 +282,7 @@ class DistributedPlan:
     offsets: tuple[int, ...]
     frontier: tuple[tuple[str, ...], ...]
     fragments: tuple[tuple[Fragment, ...], ...]
+    batched: tuple[tuple[int, int, int, tuple[str, ...]] | None, ...]
     width: int
 
     @property
@@ -312,8 +316,21 @@ def _plan_cached(graph: Graph, sizes: tuple[int, ...]) -> DistributedPlan:
             for r in _owners(start, stop, sizes):
                 lo, hi = max(start, offsets[r]), min(stop, offsets[r] + sizes[r])
                 fragments[r].append(Fragment(r, lo, hi, (start, stop)))
+    batched = tuple(_leaf_run(graph, r) for r in range(len(sizes)))
     plan = DistributedPlan(
-        graph, offsets, tuple(map(tuple, frontier)), tuple(map(tuple, fragments)), 0
+        graph, offsets, tuple(map(tuple, frontier)), tuple(map(tuple, fragments)), batched, 0
     )
     width = max(plan.payload_width(r) for r in range(len(sizes)))
-    return DistributedPlan(graph, offsets, plan.frontier, plan.fragments, width)
+    return DistributedPlan(graph, offsets, plan.frontier, plan.fragments, batched, width)
+
+
+def _leaf_run(graph: Graph, rank: int) -> tuple[int, int, int, tuple[str, ...]] | None:
+    """Rank ``rank``'s pairwise leaves of the full chunk length, if there are two or more
+    (they are consecutive: chunks are global and a shard is contiguous)."""
+    length = graph.meta["chunk_size"]
+    leaves = [n for n in graph.nodes if n.op is Op.SUMSQ and n.attrs["placement"] == rank
+              and n.attrs["leaf"] == "pairwise"
+              and n.attrs["stop"] - n.attrs["start"] == length]
+    if len(leaves) < 2:
+        return None
+    return leaves[0].attrs["start"], len(leaves), length, tuple(n.id for n in leaves)

@@ -39,7 +39,9 @@ class _RankInterpreter(ReferenceInterpreter):
 
     def __init__(self, plan: DistributedPlan, rank: int, x_local: torch.Tensor,
                  weight: torch.Tensor | None, eps: float) -> None:
-        super().__init__(plan.graph)
+        # The plan's graph was validated when it was built; skip re-validating per call.
+        self.graph, self.arrival = plan.graph, {}
+        self._order = plan.graph.topological_order
         self.plan, self.rank = plan, rank
         self.x, self.weight, self.eps = x_local, weight, eps
         self.env: dict[str, Any] = {}
@@ -77,6 +79,7 @@ def float_payload(plan: DistributedPlan, rank: int, x_local: torch.Tensor) -> to
     """
     run = _RankInterpreter(plan, rank, x_local, None, 0.0)
     run.env[_input_id(plan.graph)] = x_local
+    _batched_leaves(plan, rank, x_local, run.env)
     run.run_where(lambda n: n.attrs["placement"] == rank)
     dtype = kernels.accumulation_dtype(x_local.dtype)
     offset = plan.offsets[rank]
@@ -87,6 +90,23 @@ def float_payload(plan: DistributedPlan, rank: int, x_local: torch.Tensor) -> to
     if pad:
         columns.append(x_local.new_zeros((*x_local.shape[:-1], pad), dtype=dtype))
     return torch.cat(columns, dim=-1)
+
+
+def _batched_leaves(plan: DistributedPlan, rank: int, x_local: torch.Tensor,
+                    env: dict[str, Any]) -> None:
+    """This rank's full-length pairwise leaves, all at once: the same kernel on a
+    ``(..., n, C)`` view does each chunk's halving elementwise, so each leaf has the
+    bits it gets alone.  (Native leaves stay one by one: torch.sum's order for a
+    different outer shape is not ours to promise.)"""
+    run = plan.batched[rank]
+    if run is None:
+        return
+    first, count, length, ids = run
+    start = first - plan.offsets[rank]
+    block = x_local[..., start:start + count * length]
+    sums = kernels.sumsq_pairwise(block.unflatten(-1, (count, length)), 0, length)
+    for k, node_id in enumerate(ids):
+        env[node_id] = sums[..., k, :]
 
 
 def float_finish(
