@@ -11,8 +11,12 @@ naive all-reduce (the negative control, which must differ at 3 and 4 ranks).
 from __future__ import annotations
 
 import multiprocessing
+import os
 import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -38,6 +42,8 @@ from taskgraph_norm.testing import assert_bits_equal, bits_equal
 
 from . import _distributed_workers as workers
 from .conftest import FULL
+
+ROOT = Path(__file__).resolve().parents[1]
 
 CERTIFIED = [  # (topology, leaf, accumulate): every configuration the prover certifies
     ("tree", "pairwise", "float"),
@@ -291,6 +297,26 @@ def test_process_group_world_size_8() -> None:
         expected = tgn.normalize_sync(x, w, topology=topology, leaf=leaf,
                                       accumulate=accumulate, chunk_size=chunk)
         assert_bits_equal(assemble([r["ours"][n] for r in results]), expected, str(case))
+
+
+def test_docs_example_under_torchrun(tmp_path: Path) -> None:
+    """The torchrun example of docs/distributed.md, run by torchrun at three ranks."""
+    page = (ROOT / "docs" / "distributed.md").read_text()
+    example = page.split("## Runnable example")[1].split("```python\n")[1].split("```")[0]
+    script = tmp_path / "tp_rmsnorm.py"
+    script.write_text(example)
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+                        "OMP_NUM_THREADS": "1"}
+    if interface := tgn.distributed.launch._loopback_interface():
+        env.setdefault("GLOO_SOCKET_IFNAME", interface)
+    port = tgn.distributed.launch.free_port()
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "3",
+         "--master-addr", "127.0.0.1", "--master-port", str(port), str(script)],
+        env=env, capture_output=True, text=True, timeout=180, cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "world size 3: bit-identical to one process: True" in done.stdout
 
 
 def test_shard_offsets() -> None:

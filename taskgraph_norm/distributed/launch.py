@@ -33,9 +33,22 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _loopback_interface() -> str | None:
+    """The loopback interface's name ("lo" on Linux, "lo0" on macOS), if there is one."""
+    try:
+        names = [name for _, name in socket.if_nameindex()]
+    except OSError:
+        return None
+    return next((n for n in names if n.startswith("lo")), None)
+
+
 def _worker(rank: int, fn: Callable[..., Any], world_size: int, port: int, backend: str,
             timeout_s: float, threads: int, out_dir: str, args: tuple[Any, ...]) -> None:
     torch.set_num_threads(threads)
+    # gloo picks its transport interface from the host name unless told: keep it on loopback.
+    interface = _loopback_interface()
+    if backend == "gloo" and interface and "GLOO_SOCKET_IFNAME" not in os.environ:
+        os.environ["GLOO_SOCKET_IFNAME"] = interface
     dist.init_process_group(
         backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
         timeout=datetime.timedelta(seconds=timeout_s),
