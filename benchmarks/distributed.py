@@ -2,6 +2,11 @@
 
     python benchmarks/distributed.py [--worlds 2,4] [--shapes 1x4096,64x4096,64x1000]
                                      [--repeats 30] [--dtype float32]
+    python benchmarks/distributed.py --matrix [--worlds 1,2,3,4]
+
+``--matrix`` prints instead the world-size invariance matrix: for each world size,
+dtype, certified configuration and hidden size (even shards), whether the gathered
+result has the single-process bits, and the same for the naive all-reduce.
 
 Spawns a gloo group over loopback per world size (CPU, one torch thread per rank)
 and times, on every rank, back-to-back calls of:
@@ -72,6 +77,57 @@ def bench_rank(rank: int, world: int, shapes: list[tuple[int, int]], repeats: in
     return out
 
 
+MATRIX_CONFIGS = [("tree", "pairwise", "float"), ("linear", "pairwise", "float"),
+                  ("cat", "pairwise", "float"), ("tree", "native", "float"),
+                  ("tree", "pairwise", "exact"), ("race", "pairwise", "exact")]
+MATRIX_HIDDEN = (97, 256, 1000, 4096)
+MATRIX_DTYPES = ("float32", "bfloat16")
+
+
+def matrix_rank(rank: int, world: int, rows: int) -> dict[Any, Any]:
+    out: dict[Any, Any] = {}
+    for dtype_name in MATRIX_DTYPES:
+        for hidden in MATRIX_HIDDEN:
+            sizes = even_shard_sizes(hidden, world)
+            start = shard_offsets(sizes)[rank]
+            x = _input(rows, hidden, getattr(torch, dtype_name))[:, start:start + sizes[rank]]
+            out[(dtype_name, hidden, "naive")] = tgn.distributed.naive_normalize_sync(
+                x, hidden_size=hidden)
+            for topology, leaf, accumulate in MATRIX_CONFIGS:
+                out[(dtype_name, hidden, topology, leaf, accumulate)] = (
+                    tgn.distributed.normalize_sync(x, hidden_size=hidden, topology=topology,
+                                                   leaf=leaf, accumulate=accumulate))
+    return out
+
+
+def print_matrix(worlds: list[int], rows: int) -> None:
+    print(f"gloo over loopback, {rows} rows per input with an exponent spread of 2^+-14, "
+          "even shards; 'same' = bit-identical to single-process normalize_sync with the "
+          "same options (naive: compared with topology='tree')\n")
+    print("| W | dtype | D | " + " | ".join("/".join(c) for c in MATRIX_CONFIGS)
+          + " | naive all_reduce |")
+    print("|---|---|---|" + "---|" * (len(MATRIX_CONFIGS) + 1))
+    for world in worlds:
+        results = tgn.distributed.run_local(matrix_rank, world, rows, timeout=600)
+        for dtype_name in MATRIX_DTYPES:
+            for hidden in MATRIX_HIDDEN:
+                x = _input(rows, hidden, getattr(torch, dtype_name))
+                cells = []
+                for topology, leaf, accumulate in MATRIX_CONFIGS:
+                    key = (dtype_name, hidden, topology, leaf, accumulate)
+                    got = torch.cat([r[key] for r in results], dim=-1)
+                    want = tgn.normalize_sync(x, topology=topology, leaf=leaf,
+                                              accumulate=accumulate)
+                    cells.append("same" if bits_equal(got, want) else "DIFFERENT")
+                naive = torch.cat([r[(dtype_name, hidden, "naive")] for r in results], dim=-1)
+                tree = tgn.normalize_sync(x)
+                differ = int((naive.view(torch.int16 if naive.element_size() == 2
+                                         else torch.int32) != tree.view(
+                    torch.int16 if tree.element_size() == 2 else torch.int32)).any(-1).sum())
+                cells.append("same" if differ == 0 else f"differs in {differ}/{rows} rows")
+                print(f"| {world} | {dtype_name} | {hidden} | " + " | ".join(cells) + " |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -79,7 +135,12 @@ def main() -> None:
     parser.add_argument("--shapes", default="1x4096,64x4096,64x1000")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--matrix", action="store_true")
+    parser.add_argument("--rows", type=int, default=64)
     args = parser.parse_args()
+    if args.matrix:
+        print_matrix([int(w) for w in args.worlds.split(",")], args.rows)
+        return
     shapes = [tuple(int(d) for d in s.split("x")) for s in args.shapes.split(",")]
     dtype = getattr(torch, args.dtype)
     print(f"gloo over loopback, {args.dtype}, tree topology, chunk_size 64, mean of "

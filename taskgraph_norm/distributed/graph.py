@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..errors import ConfigError
-from ..graph import Graph, Node, Op, validate
+from ..graph import Attrs, Graph, Node, Op, validate
 from ..topologies import INPUT_ID, OUTPUT_ID, build_graph, chunk_bounds, merge_tree
 
 __all__ = [
@@ -186,29 +186,29 @@ def _exact_nodes(single: Graph, sizes: tuple[int, ...]) -> list[Node]:
     leaf = single.meta["leaf"]
     offsets = shard_offsets(sizes)
     ranks = [r for r, size in enumerate(sizes) if size]
-    nodes = [Node(INPUT_ID, Op.INPUT, (), {"placement": "sharded"})]
+    nodes = [Node(INPUT_ID, Op.INPUT, (), Attrs({"placement": "sharded"}))]
     maxima = [
         Node(f"m@{r}", Op.ROWMAX, (INPUT_ID,),
-             {"start": offsets[r], "stop": offsets[r] + sizes[r], "placement": r})
+             Attrs({"start": offsets[r], "stop": offsets[r] + sizes[r], "placement": r}))
         for r in ranks
     ]
     nodes += maxima
     max_nodes, max_root = merge_tree([m.id for m in maxima], op=Op.MAX, prefix="allmax")
     nodes += [n.replace(attrs=dict(n.attrs) | {"placement": "all_reduce"}) for n in max_nodes]
     nodes.append(Node("scale", Op.SCALE, (max_root,),
-                      {"hidden_size": hidden, "placement": "replicated"}))
+                      Attrs({"hidden_size": hidden, "placement": "replicated"})))
     leaves = [
         Node(f"p@{r}", Op.SUMSQ, (INPUT_ID, "scale"),
-             {"start": offsets[r], "stop": offsets[r] + sizes[r], "leaf": leaf,
-              "domain": "exact", "placement": r})
+             Attrs({"start": offsets[r], "stop": offsets[r] + sizes[r], "leaf": leaf,
+              "domain": "exact", "placement": r}))
         for r in ranks
     ]
     nodes += leaves
     nodes.append(Node("allsum", Op.ACCUMULATE, tuple(p.id for p in leaves),
-                      {"placement": "all_reduce"}))
+                      Attrs({"placement": "all_reduce"})))
     nodes.append(Node("finalize", Op.FINALIZE, (INPUT_ID, "allsum"),
-                      {"hidden_size": hidden, "domain": "exact", "placement": "sharded"}))
-    nodes.append(Node(OUTPUT_ID, Op.OUTPUT, ("finalize",), {"placement": "sharded"}))
+                      Attrs({"hidden_size": hidden, "domain": "exact", "placement": "sharded"})))
+    nodes.append(Node(OUTPUT_ID, Op.OUTPUT, ("finalize",), Attrs({"placement": "sharded"})))
     return nodes
 
 
@@ -225,18 +225,18 @@ def build_naive_graph(hidden_size: int, shard_sizes: Sequence[int]) -> Graph:
     sizes = check_shard_sizes(hidden_size, shard_sizes)
     offsets = shard_offsets(sizes)
     ranks = [r for r, size in enumerate(sizes) if size]
-    nodes = [Node(INPUT_ID, Op.INPUT, (), {"placement": "sharded"})]
+    nodes = [Node(INPUT_ID, Op.INPUT, (), Attrs({"placement": "sharded"}))]
     nodes += [
         Node(f"p@{r}", Op.SUMSQ, (INPUT_ID,),
-             {"start": offsets[r], "stop": offsets[r] + sizes[r], "leaf": "native",
-              "placement": r})
+             Attrs({"start": offsets[r], "stop": offsets[r] + sizes[r], "leaf": "native",
+              "placement": r}))
         for r in ranks
     ]
     nodes.append(Node("allsum", Op.ACCUMULATE, tuple(f"p@{r}" for r in ranks),
-                      {"placement": "all_reduce"}))
+                      Attrs({"placement": "all_reduce"})))
     nodes.append(Node("finalize", Op.FINALIZE, (INPUT_ID, "allsum"),
-                      {"hidden_size": hidden_size, "placement": "sharded"}))
-    nodes.append(Node(OUTPUT_ID, Op.OUTPUT, ("finalize",), {"placement": "sharded"}))
+                      Attrs({"hidden_size": hidden_size, "placement": "sharded"})))
+    nodes.append(Node(OUTPUT_ID, Op.OUTPUT, ("finalize",), Attrs({"placement": "sharded"})))
     meta = {"hidden_size": hidden_size, "topology": "naive-all-reduce",
             "world_size": len(sizes), "shard_sizes": sizes}
     return validate(Graph(nodes, OUTPUT_ID, meta))

@@ -99,7 +99,7 @@ def run_local(
         when the run takes longer than ``timeout``.
     """
     with tempfile.TemporaryDirectory(prefix="tgn-dist-") as out_dir:
-        context = mp.start_processes(
+        context = mp.start_processes(  # type: ignore[attr-defined,no-untyped-call]
             _worker,
             args=(fn, world_size, port or free_port(), backend, collective_timeout, threads, out_dir,
                   args),

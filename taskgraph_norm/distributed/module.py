@@ -60,7 +60,7 @@ class RMSNorm(nn.Module):
             raise ConfigError("shard_size", shard_size, "an integer >= 0 or None")
         self.hidden_size, self.shard_size, self.eps = hidden_size, shard_size, eps
         self.elementwise_affine, self.group = elementwise_affine, group
-        self.options = {"topology": topology, "chunk_size": chunk_size, "leaf": leaf,
+        self.options: dict[str, Any] = {"topology": topology, "chunk_size": chunk_size, "leaf": leaf,
                         "accumulate": accumulate}
         # Fail on a bad option now (the one-rank layout is always valid), not at forward.
         build_distributed_graph(hidden_size, (hidden_size,), **self.options)

@@ -104,7 +104,7 @@ def _batched_leaves(plan: DistributedPlan, rank: int, x_local: torch.Tensor,
     first, count, length, ids = run
     start = first - plan.offsets[rank]
     block = x_local[..., start:start + count * length]
-    sums = kernels.sumsq_pairwise(block.unflatten(-1, (count, length)), 0, length)
+    sums = kernels.sumsq_pairwise(block.reshape(*block.shape[:-1], count, length), 0, length)
     for k, node_id in enumerate(ids):
         env[node_id] = sums[..., k, :]
 
