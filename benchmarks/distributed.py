@@ -36,6 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import taskgraph_norm as tgn  # noqa: E402
 from taskgraph_norm.distributed import even_shard_sizes, payload_bytes_per_row, shard_offsets  # noqa: E402
+from taskgraph_norm import kernels  # noqa: E402
 from taskgraph_norm.testing import bits_equal  # noqa: E402
 
 
@@ -100,13 +101,20 @@ def matrix_rank(rank: int, world: int, rows: int) -> dict[Any, Any]:
     return out
 
 
+def _rows_differing(a: torch.Tensor, b: torch.Tensor) -> int:
+    view = torch.int16 if a.element_size() == 2 else torch.int32
+    return int((a.view(view) != b.view(view)).any(-1).sum())
+
+
 def print_matrix(worlds: list[int], rows: int) -> None:
     print(f"gloo over loopback, {rows} rows per input with an exponent spread of 2^+-14, "
           "even shards; 'same' = bit-identical to single-process normalize_sync with the "
-          "same options (naive: compared with topology='tree')\n")
+          "same options.  Naive on 1 process = torch.sum over the whole row, the "
+          "non-parallel model's bits.\n")
     print("| W | dtype | D | " + " | ".join("/".join(c) for c in MATRIX_CONFIGS)
-          + " | naive all_reduce |")
-    print("|---|---|---|" + "---|" * (len(MATRIX_CONFIGS) + 1))
+          + " | naive: rows differing from naive on 1 process | naive: rows differing "
+          "from tree |")
+    print("|---|---|---|" + "---|" * (len(MATRIX_CONFIGS) + 2))
     for world in worlds:
         results = tgn.distributed.run_local(matrix_rank, world, rows, timeout=600)
         for dtype_name in MATRIX_DTYPES:
@@ -120,11 +128,10 @@ def print_matrix(worlds: list[int], rows: int) -> None:
                                               accumulate=accumulate)
                     cells.append("same" if bits_equal(got, want) else "DIFFERENT")
                 naive = torch.cat([r[(dtype_name, hidden, "naive")] for r in results], dim=-1)
-                tree = tgn.normalize_sync(x)
-                differ = int((naive.view(torch.int16 if naive.element_size() == 2
-                                         else torch.int32) != tree.view(
-                    torch.int16 if tree.element_size() == 2 else torch.int32)).any(-1).sum())
-                cells.append("same" if differ == 0 else f"differs in {differ}/{rows} rows")
+                one_process = kernels.finalize(x, kernels.sumsq_native(x, 0, hidden), hidden,
+                                               kernels.default_eps(x.dtype), None)
+                cells.append(f"{_rows_differing(naive, one_process)}/{rows}")
+                cells.append(f"{_rows_differing(naive, tgn.normalize_sync(x))}/{rows}")
                 print(f"| {world} | {dtype_name} | {hidden} | " + " | ".join(cells) + " |")
 
 

@@ -240,7 +240,7 @@ def test_process_group_bits_equal_single_process(world: int) -> None:
     port = tgn.distributed.launch.free_port()
     results = run_local(workers.run_group_checks, world, cases, rows, extras_hidden,
                         port=port, timeout=240)
-    naive_differs = 0
+    naive_differs = naive_moves = 0
     for n, case in enumerate(cases):
         dtype, hidden, _, topology, leaf, accumulate, chunk = case
         x, w = workers.make_input(n, rows, hidden, dtype)
@@ -250,9 +250,15 @@ def test_process_group_bits_equal_single_process(world: int) -> None:
         assert_bits_equal(got, expected, f"world {world}: {case} vs single-process")
         naive = assemble([r["matrix"]["naive"][n] for r in results])
         naive_differs += not bits_equal(naive, expected)
-    # Negative control: the naive all-reduce on the same exponent-spread inputs.
+        # The naive code on one process: torch.sum over the whole row.
+        one_process = kernels.finalize(x, kernels.sumsq_native(x, 0, hidden), hidden,
+                                       kernels.default_eps(x.dtype), w)
+        naive_moves += not bits_equal(naive, one_process)
+    # Negative control on the same exponent-spread inputs: the naive all-reduce gives
+    # other bits than our single-process result, and than its own one-process bits.
     if world >= 3:
         assert naive_differs > 0, "the naive all-reduce matched every case: the test cannot fail"
+        assert naive_moves > 0, "the naive all-reduce did not change with the world size"
     check_extras([r["extras"] for r in results], world, extras_hidden)
     # The group is gone: no child process left, and the rendezvous port binds again.
     assert not multiprocessing.active_children()
