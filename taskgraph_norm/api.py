@@ -9,9 +9,12 @@ so awaiting them never stalls other tasks.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
+import anyio
 import anyio.to_thread
 import torch
 
@@ -25,7 +28,7 @@ from .errors import (
     WeightShapeError,
 )
 from .execute import resolve_executor
-from .graph import Graph, validate
+from .graph import Graph, Op, validate
 from .topologies import build_graph
 
 __all__ = ["execute", "normalize", "normalize_sync", "check_input", "OFFLOAD_NUMEL"]
@@ -118,8 +121,10 @@ def _run(
 ) -> torch.Tensor:
     """The one code path every API call ends in (input already checked)."""
     _, runner = resolve_executor(executor, graph)
-    if x.numel() == 0:
+    if "hidden_size" in graph.meta and x.numel() == 0:
         y = torch.empty_like(x)
+    elif inspect.iscoroutinefunction(runner):  # an async executor, called from sync code
+        y = anyio.run(functools.partial(runner, graph, x, weight, eps, **(options or {})))
     else:
         y = runner(graph, x, weight, eps, **(options or {}))
     if out is None:
@@ -134,6 +139,10 @@ def _prepare_execute(
         raise TypeError(f"graph must be a taskgraph_norm.Graph, got {type(graph).__name__}")
     validate(graph)
     hidden = graph.meta.get("hidden_size")
+    if not isinstance(hidden, int) and any(n.op is Op.CALL for n in graph.nodes):
+        # A general graph (docs/executor.md): x goes to its INPUT node as it is,
+        # and its CALL functions check what they are given.
+        return x, weight, eps  # type: ignore[return-value]
     if not isinstance(hidden, int):
         raise ConfigError("graph", graph, "a graph made by build_graph (meta has no hidden_size)")
     check_input(x, (hidden,), weight)
@@ -145,6 +154,24 @@ async def _maybe_offload(fn: Any, x: torch.Tensor) -> torch.Tensor:
     if x.numel() >= OFFLOAD_NUMEL:
         return await anyio.to_thread.run_sync(fn)
     return fn()
+
+
+async def _arun(
+    graph: Graph,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    eps: float,
+    executor: str,
+    out: torch.Tensor | None = None,
+    options: Mapping[str, Any] | None = None,
+) -> torch.Tensor:
+    """:func:`_run` from async code: an async executor is awaited on the event
+    loop (it manages its own workers); a sync one runs inline or on a thread."""
+    _, runner = resolve_executor(executor, graph)
+    if not inspect.iscoroutinefunction(runner) or ("hidden_size" in graph.meta and x.numel() == 0):
+        return await _maybe_offload(lambda: _run(graph, x, weight, eps, executor, out, options), x)
+    y = await runner(graph, x, weight, eps, **(options or {}))
+    return y if out is None else out.copy_(y)
 
 
 async def execute(
@@ -161,11 +188,15 @@ async def execute(
     ``executor`` is ``"auto"`` (the best this version has for the graph) or a
     name from :data:`taskgraph_norm.execute.EXECUTORS`.  ``options`` go to the
     executor (the reference executor takes ``arrival``, the arrival order of
-    each race node).
+    each race node; the concurrent one takes ``device``, ``max_workers``,
+    ``schedule``, ``trace``, ``pool`` and ``functions``: see docs/executor.md).
+
+    A general graph -- one with CALL nodes and no ``hidden_size`` in its meta --
+    is run as it is: ``x`` is passed to its INPUT node unchecked.
     """
     x, w, e = _prepare_execute(graph, x, weight, eps)
     resolve_executor(executor, graph)  # fail before any thread hop
-    return await _maybe_offload(lambda: _run(graph, x, w, e, executor, None, options), x)
+    return await _arun(graph, x, w, e, executor, None, options)
 
 
 def _prepare_normalize(
@@ -249,7 +280,7 @@ async def normalize(
     if graph is None:
         return _empty_result(x, out)
     resolve_executor(executor, graph)
-    return await _maybe_offload(lambda: _run(graph, x, w, e, executor, out), x)
+    return await _arun(graph, x, w, e, executor, out)
 
 
 def _empty_result(x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:

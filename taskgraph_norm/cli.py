@@ -54,6 +54,25 @@ def _cmd_prove(args: argparse.Namespace) -> int:
     return 0 if proof.certified else 1
 
 
+def _cmd_viz(args: argparse.Namespace) -> int:
+    from .topologies import build_graph
+    from .viz import render
+
+    graph = build_graph(
+        args.hidden_size, chunk_size=args.chunk_size, topology=args.topology,
+        leaf=args.leaf, accumulate=args.accumulate,
+    )
+    proof = None
+    if args.prove:
+        from .prove import prove
+
+        proof = prove(graph)
+    collapse = {"auto": None, "always": True, "never": False}[args.collapse]
+    written = render(graph, args.output, proof, engine=args.engine, collapse=collapse)
+    print(f"wrote {written}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="taskgraph-norm",
@@ -95,6 +114,28 @@ def build_parser() -> argparse.ArgumentParser:
     prove.add_argument("--full", action="store_true",
                        help="print the whole expression (long graphs are shortened otherwise)")
     prove.set_defaults(func=_cmd_prove)
+
+    from .topologies import ACCUMULATES, LEAVES, TOPOLOGIES
+
+    viz = sub.add_parser(
+        "viz", help="draw a merge DAG (.svg, .png, .dot or .mmd by the output's extension)",
+        description="Draw the merge DAG of one configuration.  Node colours tell leaves, "
+        "ordered merges, races and exact-domain nodes apart; edge labels give operand order.",
+    )
+    viz.add_argument("--topology", choices=TOPOLOGIES, default="tree")
+    viz.add_argument("--hidden-size", type=int, required=True, help="D, the normalised length")
+    viz.add_argument("--chunk-size", type=int, default=64)
+    viz.add_argument("--leaf", choices=LEAVES, default="pairwise")
+    viz.add_argument("--accumulate", choices=ACCUMULATES, default="float")
+    viz.add_argument("--engine", choices=("auto", "graphviz", "matplotlib"), default="auto",
+                     help="picture back end (auto: Graphviz if installed, else matplotlib)")
+    viz.add_argument("--collapse", choices=("auto", "always", "never"), default="auto",
+                     help="per-level summary boxes (auto: above 32 chunks)")
+    viz.add_argument("--prove", action="store_true",
+                     help="prove the graph and show the verdict, rule and fingerprint in the "
+                     "caption; a refuted race node is drawn red")
+    viz.add_argument("-o", "--output", required=True, help="e.g. dag.svg, dag.png, dag.dot, dag.mmd")
+    viz.set_defaults(func=_cmd_viz)
     return parser
 
 

@@ -115,6 +115,40 @@ class ExecutionError(TaskGraphError, RuntimeError):
     """A graph could not be executed as asked (e.g. an executor is unavailable)."""
 
 
+class ScheduleError(ExecutionError):
+    """A schedule policy cannot go on: a replayed trace diverged from the graph or run."""
+
+    def __init__(self, problem: str, hint: str = "") -> None:
+        super().__init__(f"{problem} ({hint})" if hint else problem)
+
+
+class PoolClosedError(ExecutionError):
+    """A worker pool was used after it was closed."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"worker pool {name!r} is closed; create a new one or use the default pool")
+
+
+# --- optional dependencies -------------------------------------------------
+
+
+class MissingDependencyError(TaskGraphError, ImportError):
+    """An optional dependency (matplotlib, graphviz...) is needed and not installed.
+
+    The message names what needs it and the command that installs it, so the
+    caller never has to guess which extra to ask for.
+    """
+
+    def __init__(self, package: str, purpose: str, install: str) -> None:
+        self.package = package
+        self.purpose = purpose
+        self.install = install
+        super().__init__(
+            f"{purpose} needs {package!r}, which is not installed; install it with: {install}",
+            name=package,
+        )
+
+
 class ShardMismatchError(TaskGraphError, ValueError):
     """The ranks of a distributed call do not fit together (shard sizes, row counts,
     dtypes, options), or there is no process group; every rank raises it together."""

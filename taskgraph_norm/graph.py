@@ -19,7 +19,7 @@ from .errors import CycleError, GraphError
 if TYPE_CHECKING:
     import networkx as nx
 
-__all__ = ["Op", "Attrs", "Node", "Graph", "validate", "ARITY"]
+__all__ = ["Op", "Attrs", "Node", "Graph", "validate", "ancestors", "ARITY"]
 
 
 class Op(enum.Enum):
@@ -52,6 +52,12 @@ class Op(enum.Enum):
     back to the input dtype; operands ``(x, total)``, attr ``hidden_size``."""
     OUTPUT = "output"
     """Marks the graph's single result; operand ``(y,)``."""
+    CALL = "call"
+    """A user function, for general graphs run by the concurrent executor: attr
+    ``fn`` is a *name* (a string, so the graph stays hashable and printable) that
+    the executor resolves through its ``functions`` mapping, and the result is
+    ``functions[fn](*operands)`` with operands in order.  Any number of operands.
+    The prover treats it as opaque: nothing about its order is known."""
 
 
 #: Allowed operand counts per op: ``(minimum, maximum)``; ``None`` is unbounded.
@@ -67,6 +73,7 @@ ARITY: Mapping[Op, tuple[int, int | None]] = {
     Op.RMSNORM: (1, 1),
     Op.FINALIZE: (2, 2),
     Op.OUTPUT: (1, 1),
+    Op.CALL: (0, None),
 }
 
 
@@ -317,6 +324,8 @@ def validate(graph: Graph) -> Graph:
     CycleError
         with the cycle's path ``a -> b -> a``.
     """
+    if graph.__dict__.get("_validated"):
+        return graph  # a graph is immutable: once valid, always valid
     seen: set[str] = set()
     for n in graph.nodes:
         if not isinstance(n.id, str) or not n.id:
@@ -347,14 +356,16 @@ def validate(graph: Graph) -> Graph:
     cycle = _find_cycle(graph)
     if cycle is not None:
         raise CycleError(cycle)
-    needed = _ancestors(graph, graph.output)
+    needed = ancestors(graph, graph.output)
     for n in graph.nodes:
         if n.id not in needed:
             raise GraphError(n.id, "does not contribute to the output", "remove it or wire it in")
+    graph.__dict__["_validated"] = True
     return graph
 
 
-def _ancestors(graph: Graph, node_id: str) -> set[str]:
+def ancestors(graph: Graph, node_id: str) -> set[str]:
+    """``node_id`` and every node it depends on, directly or not."""
     found = {node_id}
     stack = [node_id]
     while stack:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .errors import ConfigError, GraphError
-from .graph import Graph, Node, Op
+from .graph import Graph, Node, Op, ancestors
 
 if TYPE_CHECKING:
     import torch
@@ -352,13 +352,7 @@ def _observed_graph(graph: Graph, node: str, observed: str) -> Graph:
     """The graph itself, or its sub-graph that ends at ``node`` (the accumulator)."""
     if observed == "output":
         return graph
-    needed = {node}
-    stack = [node]
-    while stack:
-        for src in graph.by_id[stack.pop()].inputs:
-            if src not in needed:
-                needed.add(src)
-                stack.append(src)
+    needed = ancestors(graph, node)
     out_id = f"{node}:observed"
     kept = [n for n in graph.nodes if n.id in needed]
     return Graph(kept + [Node(out_id, Op.OUTPUT, (node,))], out_id, graph.meta)

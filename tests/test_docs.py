@@ -1,10 +1,17 @@
-"""Every ```python block in README.md and docs/*.md runs as written."""
+"""Every ```python block in README.md and docs/*.md runs as written.
+
+Blocks may use top-level ``await`` (as in an async REPL): they are then run on an
+anyio event loop.
+"""
 
 from __future__ import annotations
 
+import ast
+import inspect
 import re
 from pathlib import Path
 
+import anyio
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -17,5 +24,14 @@ BLOCKS = [
 
 
 @pytest.mark.parametrize("code", BLOCKS)
-def test_doc_example_runs(code: str) -> None:
-    exec(compile(code, "<doc>", "exec"), {"__name__": "__doc_example__"})
+def test_doc_example_runs(code: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # examples may write files (traces, pictures)
+    compiled = compile(code, "<doc>", "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
+    namespace = {"__name__": "__doc_example__"}
+    if compiled.co_flags & inspect.CO_COROUTINE:
+        async def main() -> None:
+            await eval(compiled, namespace)
+
+        anyio.run(main)
+    else:
+        exec(compiled, namespace)
