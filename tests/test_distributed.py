@@ -224,7 +224,8 @@ def group_cases(world: int) -> list[workers.Case]:
     for dtype in GROUP_DTYPES:
         for hidden in GROUP_HIDDEN:
             for topology, leaf, accumulate in CERTIFIED:
-                for sizes in layouts(hidden, world)[:2]:
+                # Even and uneven shards everywhere; empty shards too at D=1000.
+                for sizes in layouts(hidden, world)[: 3 if hidden == 1000 else 2]:
                     cases.append((dtype, hidden, sizes, topology, leaf, accumulate, 64))
     return cases
 
