@@ -5,6 +5,7 @@ The public names are re-exported here explicitly; ``__all__`` is the API.
 
 from __future__ import annotations
 
+from . import distributed as distributed
 from . import schedules as schedules
 from .api import execute as execute
 from .api import normalize as normalize
@@ -16,6 +17,7 @@ from .errors import GraphError as GraphError
 from .errors import MissingDependencyError as MissingDependencyError
 from .errors import PoolClosedError as PoolClosedError
 from .errors import ScheduleError as ScheduleError
+from .errors import ShardMismatchError as ShardMismatchError
 from .errors import TaskGraphError as TaskGraphError
 from .execute.devices import WorkerPool as WorkerPool
 from .execute.trace import Decision as Decision
@@ -53,6 +55,7 @@ __all__ = [
     "PoolClosedError",
     "RMSNorm",
     "ScheduleError",
+    "ShardMismatchError",
     "TOPOLOGIES",
     "TaskGraphError",
     "Witness",

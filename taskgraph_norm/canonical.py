@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from .graph import Graph, Node, Op
 
-__all__ = ["Reading", "read_graph", "DEPENDENCIES"]
+__all__ = ["Reading", "read_graph", "read_placement", "DEPENDENCIES", "PLACEMENTS"]
 
 DEPENDENCIES: tuple[str, ...] = ("batch_size", "thread_count", "row_tiling", "device")
 
@@ -136,11 +136,12 @@ def _read_node(node: Node, args: list[_Value]) -> _Value:
     if node.op not in _KNOWN_ATTRS:
         raise _Unreadable(f"node {node.id!r}: op {node.op!r} is one the prover does not "
                           "understand")
-    unknown = set(node.attrs) - _KNOWN_ATTRS[node.op] - {"depends_on"}
+    unknown = set(node.attrs) - _KNOWN_ATTRS[node.op] - {"depends_on", "placement"}
     if unknown:
         raise _Unreadable(f"node {node.id!r} ({node.op.name}) has attributes the prover "
                           f"does not understand: {sorted(unknown)}")
     _check_operands(node, args)
+    _check_placement(node)
     mark = _dependence_mark(node)
     if node.op is Op.SUMSQ:
         return _read_sumsq(node, args, mark)
@@ -183,6 +184,92 @@ def _check_operands(node: Node, args: list[_Value]) -> None:
         if arg.kind != kind:
             raise _Unreadable(f"node {node.id!r} ({node.op.name}): operand {pos} is a "
                               f"{arg.kind!r} value, the prover expects a {kind!r} value")
+
+
+#: Placements a node of a distributed graph may carry (besides an int, one rank).
+PLACEMENTS: tuple[str, ...] = ("replicated", "sharded", "all_reduce")
+
+
+def _check_placement(node: Node) -> None:
+    """Where a node runs never enters its expression: values cross ranks only as
+    copies, except in a collective reduction, whose order is the backend's and so
+    must be an op whose operand order means nothing (ACCUMULATE, MAX)."""
+    if "placement" not in node.attrs:
+        return
+    where = node.attrs["placement"]
+    is_rank = isinstance(where, int) and not isinstance(where, bool) and where >= 0
+    if not is_rank and where not in PLACEMENTS:
+        raise _Unreadable(f"node {node.id!r}: placement={where!r} is not a rank (int >= 0) "
+                          f"or one of {list(PLACEMENTS)}")
+    if where == "all_reduce" and node.op not in (Op.ACCUMULATE, Op.MAX):
+        raise _Unreadable(f"node {node.id!r}: an all_reduce adds in the backend's order, so "
+                          f"it must be an ACCUMULATE or a MAX, not {node.op.name}")
+
+
+#: What a placed graph takes on trust about the collectives.
+ASSUME_COLLECTIVES = (
+    "distributed: the collectives deliver every byte unchanged (all-gather, broadcast) and "
+    "an all-reduce combines with IEEE operations (max; fp64 round-to-nearest addition), as "
+    "gloo and nccl do; no compression or reduced-precision transport"
+)
+
+
+def read_placement(graph: Graph, reading: Reading, rule: str) -> tuple[bool | None, tuple[str, ...]]:
+    """Is the graph's result the same at every world size, and why.
+
+    ``(None, ())`` for a graph without ``placement`` attributes (one process).  A
+    placed graph is world-size invariant when its reduction does not depend on where
+    nodes run: always in the exact domain, and in the float domain when its
+    expression is that of the single-process graph its ``meta`` names.
+    """
+    placed = [n for n in graph.nodes if "placement" in n.attrs]
+    if not placed:
+        return None, ()
+    ranks = sorted({n.attrs["placement"] for n in placed if isinstance(n.attrs["placement"], int)})
+    world = graph.meta.get("world_size", (ranks[-1] + 1) if ranks else 1)
+    collectives = sum(1 for n in placed if n.attrs["placement"] == "all_reduce")
+    where = (f"the graph spans {world} rank(s); placement says where each node runs, and "
+             "values cross ranks as copies (an all-gather moves partials and raw elements "
+             f"bit for bit)" + (f" or through {collectives} all-reduce node(s)" if collectives else ""))
+    if rule in ("refuted", "unknown"):
+        return False, (where, "the graph is not certified deterministic, so the world size "
+                              "cannot be shown not to matter")
+    if rule == "exact":
+        return True, (where, "exact domain: the MAX all-reduce is exact in any order and the "
+                      "SUM all-reduce adds pre-rounded pairs whose every partial sum is a "
+                      "multiple of the row's grid unit below 2^53 units (the scale is sized for "
+                      "the global D and maximum), so every addition is exact whichever rank or "
+                      "collective algorithm makes it: the bits are the single-process bits at "
+                      "every world size")
+    reference = _single_process_expression(graph.meta)
+    if reference is None:
+        return False, (where, "meta names no single-process configuration (hidden_size, "
+                       "chunk_size, topology, leaf, accumulate) whose expression this graph "
+                       "would have to equal")
+    if reference != reading.expression:
+        return False, (where, "the expression differs from the single-process graph's for the "
+                       "same options: the reduction follows the shard boundaries, so its "
+                       "rounding changes with the world size")
+    return True, (where, "the expression is exactly the single-process graph's for the same "
+                  "(hidden_size, chunk_size, topology, leaf, accumulate): chunks are global, "
+                  "and every merge keeps its operands and their order wherever it runs, so "
+                  "every rank gets the single-process bits at every world size")
+
+
+def _single_process_expression(meta: Mapping[str, object]) -> str | None:
+    from .topologies import ACCUMULATES, LEAVES, TOPOLOGIES, build_graph
+
+    try:
+        hidden, chunk = meta["hidden_size"], meta["chunk_size"]
+        topology, leaf, accumulate = meta["topology"], meta["leaf"], meta["accumulate"]
+    except KeyError:
+        return None
+    if (topology not in TOPOLOGIES or leaf not in LEAVES or accumulate not in ACCUMULATES
+            or not isinstance(hidden, int) or not isinstance(chunk, int)):
+        return None
+    single = build_graph(hidden, chunk_size=chunk, topology=str(topology), leaf=str(leaf),
+                         accumulate=str(accumulate))
+    return read_graph(single).expression
 
 
 def _dependence_mark(node: Node) -> str:

@@ -147,3 +147,11 @@ class MissingDependencyError(TaskGraphError, ImportError):
             f"{purpose} needs {package!r}, which is not installed; install it with: {install}",
             name=package,
         )
+
+
+class ShardMismatchError(TaskGraphError, ValueError):
+    """The ranks of a distributed call do not fit together (shard sizes, row counts,
+    dtypes, options), or there is no process group; every rank raises it together."""
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(problem)

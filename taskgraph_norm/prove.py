@@ -24,12 +24,13 @@ count, the row tiling or the device (attribute ``depends_on``).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 from dataclasses import dataclass
 from typing import Any
 
-from .canonical import DEPENDENCIES, Reading, read_graph
+from .canonical import ASSUME_COLLECTIVES, DEPENDENCIES, Reading, read_graph, read_placement
 from .graph import Graph, validate
 from .witness import Witness
 
@@ -67,6 +68,9 @@ class Proof:
         For ``"refuted"``: a replayable counterexample.
     why_deterministic, why_batch_invariant:
         The argument, one line per op kind.
+    world_size_invariant, why_world_size_invariant:
+        For a distributed graph (nodes with a ``placement``): whether every rank gets
+        the single-process bits at every world size, and why.  None on one process.
     """
 
     deterministic: bool
@@ -78,6 +82,8 @@ class Proof:
     witness: Witness | None = None
     why_deterministic: tuple[str, ...] = ()
     why_batch_invariant: tuple[str, ...] = ()
+    world_size_invariant: bool | None = None
+    why_world_size_invariant: tuple[str, ...] = ()
 
     @property
     def certified(self) -> bool:
@@ -133,6 +139,10 @@ class Proof:
             if self.batch_invariant else "why not batch-invariant:"
         )
         lines += [f"  - {r}" for r in self.why_batch_invariant]
+        if self.world_size_invariant is not None:
+            lines.append("why world-size invariant:" if self.world_size_invariant
+                         else "why NOT world-size invariant:")
+            lines += [f"  - {r}" for r in self.why_world_size_invariant]
         lines.append("assumptions:" + ("" if self.assumptions else " none"))
         lines += [f"  - {a}" for a in self.assumptions]
         if self.witness is not None:
@@ -200,6 +210,17 @@ def prove(graph: Graph, *, witness_dtype: str = "float32") -> Proof:
 
 @functools.lru_cache(maxsize=256)
 def _prove_cached(graph: Graph, meta: tuple[tuple[str, Any], ...], witness_dtype: str) -> Proof:
+    proof = _prove_structure(graph, witness_dtype)
+    invariant, why = read_placement(graph, read_graph(graph), proof.rule)
+    if invariant is None:
+        return proof
+    return dataclasses.replace(
+        proof, world_size_invariant=invariant, why_world_size_invariant=why,
+        assumptions=proof.assumptions + (ASSUME_COLLECTIVES,),
+    )
+
+
+def _prove_structure(graph: Graph, witness_dtype: str) -> Proof:
     reading = read_graph(graph)
     if reading.problem is not None:
         return _unknown(reading.expression, reading.problem)

@@ -1,0 +1,38 @@
+"""RMSNorm over a hidden dim sharded across ranks, with the single-process bits.
+
+The ranks run the single-process merge graph, split by placement: chunks stay
+global, rank-local subtrees are merged where their chunks live, one all-gather
+moves their roots (and the elements of chunks a shard boundary cuts), and every
+rank finishes the same merge.  In the exact domain a MAX and a SUM all-reduce
+suffice, because every addition is exact.  See docs/distributed.md.
+"""
+
+from __future__ import annotations
+
+from .api import naive_normalize_sync as naive_normalize_sync
+from .api import normalize as normalize
+from .api import normalize_sync as normalize_sync
+from .api import payload_bytes_per_row as payload_bytes_per_row
+from .graph import DistributedPlan as DistributedPlan
+from .graph import build_distributed_graph as build_distributed_graph
+from .graph import build_naive_graph as build_naive_graph
+from .graph import distributed_plan as distributed_plan
+from .graph import even_shard_sizes as even_shard_sizes
+from .graph import shard_offsets as shard_offsets
+from .launch import run_local as run_local
+from .module import RMSNorm as RMSNorm
+
+__all__ = [
+    "DistributedPlan",
+    "RMSNorm",
+    "build_distributed_graph",
+    "build_naive_graph",
+    "distributed_plan",
+    "even_shard_sizes",
+    "naive_normalize_sync",
+    "normalize",
+    "normalize_sync",
+    "payload_bytes_per_row",
+    "run_local",
+    "shard_offsets",
+]
