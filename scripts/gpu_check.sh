@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The prepared accelerator check, run on a lent GPU machine from the repository root:
+# the gpu-marked tests, a CPU-vs-device bit comparison of every method, and the rest of
+# the suite on that machine's torch.  Test-only wheels the image lacks (pytest-asyncio,
+# trio and its deps) travel in .whl/ (see docs/performance.md "GPU check").
+set -uo pipefail
+out=${OUT:-/tmp/gpu-check}
+mkdir -p "$out"
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1
+nvidia-smi -L 2>&1 | tee "$out/device.txt"
+python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" | tee -a "$out/device.txt"
+timeout 240 python3 -m pytest -m gpu -q -rs -p no:cacheprovider 2>&1 | tee "$out/gpu_tests.log"
+timeout 60 python3 benchmarks/device_bits.py 2>&1 | tee "$out/device_bits.md"
+timeout 200 python3 -m pytest -q -p no:cacheprovider -m "not gpu and not slow" \
+    --ignore=tests/test_distributed.py 2>&1 | tail -40 | tee "$out/suite_tail.log"
