@@ -193,6 +193,21 @@ def combine_exact(total: torch.Tensor) -> torch.Tensor:
 # --- the end of every graph -----------------------------------------------------
 
 
+def _sqrt_correctly_rounded(t: torch.Tensor) -> torch.Tensor:
+    """IEEE sqrt of ``t`` on every device.
+
+    torch's CUDA float32 ``sqrt`` is an approximation (it disagrees with the CPU in
+    about 0.6% of elements on an H100), while fp64 ``sqrt`` is correctly rounded on
+    both.  A square root computed in fp64 and rounded to fp32 is the correctly
+    rounded fp32 one (double rounding is innocuous for sqrt when the wider format
+    has at least 2p + 2 bits: 53 >= 2 * 24 + 2), so fp32 goes through fp64.  It is
+    one value per row, so the cost is nil.
+    """
+    if t.dtype == torch.float64:
+        return torch.sqrt(t)
+    return torch.sqrt(t.double()).to(t.dtype)
+
+
 def finalize(
     x: torch.Tensor,
     total: torch.Tensor,
@@ -202,14 +217,19 @@ def finalize(
 ) -> torch.Tensor:
     """``x / sqrt(total / D + eps) * w`` in the accumulation dtype, cast back.
 
-    ``sqrt`` and ``/`` are correctly rounded on every IEEE backend and ``rsqrt``
-    is not, so this form gives the same bits on every device.  An exact pair
+    Division and an fp64-computed ``sqrt`` are correctly rounded on every IEEE
+    backend (``rsqrt`` and torch's CUDA fp32 ``sqrt`` are not), so this form gives
+    the same bits on every device.  An exact pair
     ``(S1, S2)`` is combined in fp64 and rounded once to the accumulation dtype.
     """
     dtype = accumulation_dtype(x.dtype)
     if total.shape[-1] == EXACT_CHANNELS:
         total = combine_exact(total)
-    rms = torch.sqrt(total.to(dtype) / hidden_size + eps)
+    total = total.to(dtype)
+    # A tensor divisor, not a Python number: CUDA turns division by a host scalar
+    # into multiplication by its reciprocal, which rounds differently from the CPU.
+    mean = total / torch.full_like(total, hidden_size) + eps
+    rms = _sqrt_correctly_rounded(mean)
     y = x.to(dtype) / rms
     if weight is not None:
         y = y * weight.to(dtype)
