@@ -1,8 +1,10 @@
 """Executors: each runs a validated graph on a checked input and returns ``y``.
 
-``reference`` is the sequential oracle.  ``auto`` picks the best executor this
-version has for a graph; today that is ``reference``.  The concurrent and
-compiled executors named in DESIGN.md section 6 plug in here.
+``reference`` is the sequential oracle.  ``compiled`` runs a certified graph
+through its lowered plan (same bits, a few fused tensor ops).  ``auto`` picks
+``compiled`` for every certified graph it can lower and ``reference`` otherwise
+(an uncertified graph, e.g. a float race over three or more chunks, is never
+compiled).  The concurrent executor named in DESIGN.md section 6 plugs in here.
 """
 
 from __future__ import annotations
@@ -14,10 +16,15 @@ import torch
 
 from ..errors import ConfigError
 from ..graph import Graph
+from .compiled import compile_graph, plan_or_error, run_compiled
+from .plan import Plan
 from .reference import ReferenceInterpreter, reference_sum_of_squares, run_reference
 
 __all__ = [
     "EXECUTORS",
+    "Plan",
+    "compile_graph",
+    "run_compiled",
     "ReferenceInterpreter",
     "reference_sum_of_squares",
     "resolve_executor",
@@ -28,6 +35,7 @@ Runner = Callable[..., torch.Tensor]
 
 #: The executors this version can run, by name.
 EXECUTORS: dict[str, Runner] = {"reference": run_reference}
+EXECUTORS["compiled"] = run_compiled
 
 
 def resolve_executor(name: str, graph: Graph) -> tuple[str, Runner]:
@@ -36,8 +44,13 @@ def resolve_executor(name: str, graph: Graph) -> tuple[str, Runner]:
     Raises ConfigError (a ValueError) for a name this version does not provide.
     """
     if name == "auto":
-        name = "reference"
+        name = _auto_executor(graph)
     runner: Any = EXECUTORS.get(name)
     if runner is None:
         raise ConfigError("executor", name, "'auto' or one of " + ", ".join(repr(k) for k in EXECUTORS))
     return name, runner
+
+
+def _auto_executor(graph: Graph) -> str:
+    """``compiled`` for a certified graph that lowers, else ``reference`` (cached)."""
+    return "reference" if isinstance(plan_or_error(graph), Exception) else "compiled"

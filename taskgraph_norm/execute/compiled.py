@@ -1,0 +1,402 @@
+"""The compiled executor: a certified graph's :class:`Plan` run over row tiles.
+
+Each tile of rows is squared once into a preallocated workspace; the leaves,
+merges and FINALIZE run as a few tensor ops on views of it (views are built
+once per workspace, so a call allocates nothing beyond the output).  Every op
+is the reference's op on the same values in the same order, applied to more
+elements at once: elementwise adds and divisions do not care how many
+elements they see, and ``torch.sum`` is called on the same row shapes as the
+reference calls it.  So the bits are the reference's, which the tests check
+for every certified configuration.
+
+Tiles can be spread over a small pool of worker threads (torch releases the
+GIL inside ops); each thread has its own workspaces.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+from .. import kernels
+from ..errors import ConfigError, ExecutionError, GraphError
+from ..graph import Graph
+from .plan import Plan, halving_steps, lower, tree_levels
+
+__all__ = ["compile_graph", "plan_or_error", "run_compiled", "default_tile_rows", "TILE_BYTES", "WORKSPACES_PER_THREAD"]
+
+#: Target size of one tile's square workspace; a tile's working set (x tile,
+#: squares, output tile) then stays in this machine's L2 cache.
+TILE_BYTES = 256 * 1024
+
+#: Workspaces a thread keeps (one per plan, tile and dtype); the oldest goes first.
+WORKSPACES_PER_THREAD = 8
+
+_local = threading.local()
+_pool_lock = threading.Lock()
+_pools: dict[int, ThreadPoolExecutor] = {}
+
+
+#: Plans (or the reason there is none) by graph identity: hashing a graph walks
+#: every node, too slow for a decode-sized call.  Holding the graph keeps its id unique.
+_PLANS: OrderedDict[int, tuple[Graph, Plan | Exception]] = OrderedDict()
+_PLANS_MAX = 256
+
+
+def plan_or_error(graph: Graph) -> Plan | Exception:
+    """The graph's plan, or the error that says why it has none (cached)."""
+    hit = _PLANS.get(id(graph))
+    if hit is not None and hit[0] is graph:
+        return hit[1]
+    result: Plan | Exception
+    try:
+        result = _compile(graph)
+    except (ExecutionError, GraphError) as exc:
+        result = exc
+    with _pool_lock:
+        _PLANS[id(graph)] = (graph, result)
+        while len(_PLANS) > _PLANS_MAX:
+            _PLANS.popitem(last=False)
+    return result
+
+
+def compile_graph(graph: Graph) -> Plan:
+    """The plan of a certified graph (cached per graph object).
+
+    Raises
+    ------
+    ExecutionError
+        if the prover does not certify the graph: an uncertified graph is never compiled.
+    GraphError
+        if the graph is certified but has a shape the plan cannot express.
+    """
+    result = plan_or_error(graph)
+    if isinstance(result, Exception):
+        raise result
+    return result
+
+
+def _compile(graph: Graph) -> Plan:
+    from ..prove import prove
+
+    proof = prove(graph)
+    if not proof.certified:
+        raise ExecutionError(
+            f"the compiled executor runs only certified graphs; this one is {proof.summary} "
+            "(use executor='reference', or 'auto', which falls back for you)"
+        )
+    return lower(graph, proof.fingerprint)
+
+
+def default_tile_rows(plan: Plan, dtype: torch.dtype) -> int:
+    """Rows per tile so that one tile's squares fill :data:`TILE_BYTES`."""
+    elem = 8 if plan.accumulate == "exact" else kernels.accumulation_dtype(dtype).itemsize
+    return max(1, TILE_BYTES // (plan.hidden_size * elem))
+
+
+class _Views:
+    """Every operand view of one tile height, built once."""
+
+    def __init__(self, plan: Plan, ws: _Workspace, rows: int) -> None:
+        d, c, nf = plan.hidden_size, plan.chunk_size, plan.n_full
+        self.sq = ws.sq[:rows]
+        self.rms = ws.rms[:rows]
+        self.ybuf = ws.ybuf[:rows] if ws.ybuf is not None else None
+        if plan.accumulate == "exact":
+            self.q = ws.q[:rows]
+            self.maxima, self.pair, self.total64 = ws.maxima[:rows], ws.pair[:rows], ws.total64[:rows]
+            return
+        full = self.sq[:, : nf * c].view(rows, nf, c)
+        tail = self.sq[:, nf * c : d]
+        self.full, self.tail = full, tail
+        self.full_steps = [(full[..., : n - h], full[..., h:n]) for n, h in plan.halving_steps]
+        self.tail_steps = [(tail[:, : n - h], tail[:, h:n]) for n, h in halving_steps(plan.tail)]
+        self.parts = ws.parts[:rows]
+        self.native_out = self.parts[:, :nf]
+        self.tail_copy = ws.tail_copy[:rows] if ws.tail_copy is not None else None
+        # Copies that put every leaf's result into one (rows, n) partials array.
+        self.gather: list[tuple[torch.Tensor, torch.Tensor]] = []
+        if plan.leaf == "pairwise" and (plan.tail == 0 or nf == 0) and plan.merge != "cat":
+            # The partials can be read where the halving left them (stride C).
+            self.leaf_parts = full[..., 0] if nf else tail[:, :1]
+        else:
+            self.leaf_parts = self.parts
+            if plan.leaf == "pairwise":
+                if nf:
+                    self.gather.append((self.parts[:, :nf], full[..., 0]))
+                if plan.tail:
+                    self.gather.append((self.parts[:, nf:], tail[:, :1]))
+        self.merge: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.total = self._merge_ops(plan, ws, rows)
+
+    def _merge_ops(self, plan: Plan, ws: _Workspace, rows: int) -> torch.Tensor:
+        parts = self.leaf_parts
+        if plan.merge == "single":
+            return parts[:, :1]
+        if plan.merge == "cat":
+            return self.rms  # torch.sum writes the total straight into the rms buffer
+        if plan.merge == "tree":
+            bufs = (ws.ping[:rows], ws.pong[:rows])
+            src = parts
+            for i, n in enumerate(tree_levels(plan.n_chunks)):
+                p, dst = n // 2, bufs[i % 2]
+                self.merge.append(("add", dst[:, :p], src[:, 0 : 2 * p : 2], src[:, 1 : 2 * p : 2]))
+                if n % 2:
+                    self.merge.append(("copy", dst[:, p : p + 1], src[:, n - 1 : n], src[:, n - 1 : n]))
+                src = dst[:, : p + n % 2]
+            return src[:, :1]
+        slots = ws.slots[:rows]
+        if parts is not self.parts:
+            self.gather.append((slots[:, : plan.n_chunks], parts))
+        for level in plan.adds:
+            for dst, a, b in level:
+                self.merge.append(("add", slots[:, dst : dst + 1], slots[:, a : a + 1], slots[:, b : b + 1]))
+        return slots[:, plan.root : plan.root + 1]
+
+
+class _Workspace:
+    """Preallocated buffers of one (plan, tile height, dtype, device), for one thread."""
+
+    def __init__(self, plan: Plan, rows: int, dtype: torch.dtype, device: torch.device) -> None:
+        acc = kernels.accumulation_dtype(dtype)
+        d, n = plan.hidden_size, plan.n_chunks
+
+        def buf(*shape: int, of: torch.dtype = acc) -> torch.Tensor:
+            return torch.empty(shape, dtype=of, device=device)
+
+        exact = plan.accumulate == "exact"
+        self.sq = buf(rows, d, of=torch.float64 if exact else acc)
+        self.rms = buf(rows, 1)
+        self.ybuf = buf(rows, d) if dtype != acc else None
+        if exact:
+            self.q = buf(rows, d, of=torch.float64)
+            self.maxima, self.pair = buf(rows, 1, of=torch.float64), buf(rows, 2, of=torch.float64)
+            self.total64 = buf(rows, 1, of=torch.float64)
+        else:
+            half = (n + 1) // 2
+            self.ping, self.pong = buf(rows, half), buf(rows, half)
+            if plan.merge == "adds":
+                self.slots = buf(rows, n + sum(len(level) for level in plan.adds))
+                self.parts = self.slots[:, :n]  # the leaves are the first slots
+            else:
+                self.parts = buf(rows, n)
+            # torch.sum of the ragged chunk sees a contiguous copy, as in kernels.sumsq_native.
+            self.tail_copy = buf(rows, plan.tail) if plan.leaf == "native" and plan.tail else None
+        self._views: dict[int, _Views] = {}
+        self.plan = plan
+
+    def views(self, rows: int) -> _Views:
+        v = self._views.get(rows)
+        if v is None:
+            v = self._views[rows] = _Views(self.plan, self, rows)
+        return v
+
+
+def _workspace(plan: Plan, rows: int, dtype: torch.dtype, device: torch.device) -> _Workspace:
+    cache: OrderedDict[Any, _Workspace] | None = getattr(_local, "workspaces", None)
+    if cache is None:
+        cache = _local.workspaces = OrderedDict()
+    key = (plan, rows, dtype, device)
+    ws = cache.get(key)
+    if ws is None:
+        ws = cache[key] = _Workspace(plan, rows, dtype, device)
+        while len(cache) > WORKSPACES_PER_THREAD:
+            cache.popitem(last=False)
+    else:
+        cache.move_to_end(key)
+    return ws
+
+
+# --- one tile ------------------------------------------------------------------
+
+
+def _square(v: _Views, xt: torch.Tensor, sq: torch.Tensor) -> None:
+    # The reference squares x.to(acc) in acc: converting first keeps a bf16
+    # product from being rounded to bf16.
+    if xt.dtype == sq.dtype:
+        torch.mul(xt, xt, out=sq)
+    else:
+        sq.copy_(xt)
+        sq.mul_(sq)
+
+
+def _float_total(plan: Plan, v: _Views, xt: torch.Tensor) -> torch.Tensor:
+    _square(v, xt, v.sq)
+    if plan.leaf == "native":
+        if plan.n_full:
+            torch.sum(v.full, dim=-1, out=v.native_out)
+        if v.tail_copy is not None:
+            v.tail_copy.copy_(v.tail)
+            torch.sum(v.tail_copy, dim=-1, keepdim=True, out=v.parts[:, plan.n_full :])
+    else:
+        for dst, src in v.full_steps:
+            dst.add_(src)
+        for dst, src in v.tail_steps:
+            dst.add_(src)
+    for dst, src in v.gather:
+        dst.copy_(src)
+    if plan.merge == "cat":
+        torch.sum(v.parts, dim=-1, keepdim=True, out=v.rms)
+    for kind, dst, a, b in v.merge:
+        if kind == "add":
+            torch.add(a, b, out=dst)
+        else:
+            dst.copy_(a)
+    return v.total
+
+
+def _exact_total(plan: Plan, v: _Views, xt: torch.Tensor) -> torch.Tensor:
+    """The exact pair of every row, summed over whole rows (exact in any order),
+    combined and rounded: what the graph's FINALIZE computes from its merge."""
+    sq, q = v.sq, v.q
+    _square(v, xt, sq)
+    torch.amax(sq, dim=-1, keepdim=True, out=v.maxima)
+    sigmas = kernels.exact_scale(v.maxima, plan.hidden_size)
+    sigma1, sigma2 = sigmas[:, :1], sigmas[:, 1:]
+    torch.add(sq, sigma1, out=q)
+    q.sub_(sigma1)  # q1 = (v + sigma1) - sigma1
+    sq.sub_(q)  # the remainder v - q1 (exact)
+    unscaled = sigma1 == 0
+    if bool(unscaled.any()):  # Inf/NaN rows keep everything in fold 1
+        sq.masked_fill_(unscaled, 0.0)
+    sq.add_(sigma2)
+    sq.sub_(sigma2)  # q2 = (r + sigma2) - sigma2
+    torch.sum(q, dim=-1, keepdim=True, out=v.pair[:, :1])
+    torch.sum(sq, dim=-1, keepdim=True, out=v.pair[:, 1:])
+    torch.add(v.pair[:, :1], v.pair[:, 1:], out=v.total64)
+    return v.total64
+
+
+def _finalize(
+    plan: Plan, v: _Views, xt: torch.Tensor, total: torch.Tensor, yt: torch.Tensor,
+    weight: torch.Tensor | None, eps: float,
+) -> None:
+    """kernels.finalize's op sequence, written into preallocated buffers."""
+    rms = v.rms
+    if total is rms:
+        rms.div_(plan.hidden_size)
+    elif total.dtype == rms.dtype:
+        torch.div(total, plan.hidden_size, out=rms)
+    else:
+        rms.copy_(total)  # the exact sum's one rounding to the accumulation dtype
+        rms.div_(plan.hidden_size)
+    rms.add_(eps)
+    rms.sqrt_()
+    y = yt if v.ybuf is None else v.ybuf
+    torch.div(xt, rms, out=y)
+    if weight is not None:
+        y.mul_(weight)
+    if y is not yt:
+        yt.copy_(y)
+
+
+def _run_tiles(
+    plan: Plan, x2: torch.Tensor, y2: torch.Tensor, weight: torch.Tensor | None, eps: float,
+    tile: int, start: int, stop: int, fixup: Callable[[int, int], None] | None,
+) -> None:
+    ws = _workspace(plan, tile, x2.dtype, x2.device)
+    total_of = _exact_total if plan.accumulate == "exact" else _float_total
+    for r0 in range(start, stop, tile):
+        r1 = min(r0 + tile, stop)
+        v = ws.views(r1 - r0)
+        xt = x2[r0:r1]
+        total = total_of(plan, v, xt)
+        _finalize(plan, v, xt, total, y2[r0:r1], weight, eps)
+        if fixup is not None and bool(v.pair[:, :1].isnan().any()):
+            fixup(r0, r1)
+
+
+# --- entry point -----------------------------------------------------------------
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    with _pool_lock:
+        pool = _pools.get(workers)
+        if pool is None:
+            pool = _pools[workers] = ThreadPoolExecutor(workers, thread_name_prefix="tgn-compiled")
+        return pool
+
+
+def _weight_for(weight: torch.Tensor | None, acc: torch.dtype) -> torch.Tensor | None:
+    # y * w.to(acc): a narrower weight multiplies exactly in acc as it is; a wider
+    # one must be rounded to acc first, or the product would be computed wider.
+    if weight is None or weight.dtype == acc or weight.dtype in (torch.float16, torch.bfloat16):
+        return weight
+    return weight.to(acc)
+
+
+def run_compiled(
+    graph: Graph,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    eps: float,
+    *,
+    out: torch.Tensor | None = None,
+    tile_rows: int | None = None,
+    threads: int = 1,
+) -> torch.Tensor:
+    """Run a certified ``graph`` on ``x`` (already checked) through its compiled plan.
+
+    Parameters
+    ----------
+    out:
+        Written in place and returned, when given (same shape, dtype, device as ``x``).
+    tile_rows:
+        Rows per tile (default: :func:`default_tile_rows`).  The bits never depend on it.
+    threads:
+        Worker threads the tiles are spread over (``1``: the caller's thread).
+        The bits never depend on it.
+    """
+    for name, value in (("tile_rows", tile_rows), ("threads", threads)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(name, value, "an integer >= 1")
+    plan = compile_graph(graph)
+    d = plan.hidden_size
+    x2 = x.reshape(-1, d)
+    direct = out is not None and out.is_contiguous()
+    y = out if direct else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    y2 = y.view(-1, d)  # type: ignore[union-attr]
+    rows = x2.shape[0]
+    if x.device.type != "cpu":
+        tile = rows  # tiling buys nothing on an accelerator, and keeps reduction shapes
+    else:
+        tile = tile_rows or default_tile_rows(plan, x.dtype)
+    w = _weight_for(weight, kernels.accumulation_dtype(x.dtype))
+    fixup = functools.partial(_nan_rows, graph, x2, y2, weight, eps) if plan.accumulate == "exact" else None
+    tiles = -(-rows // tile) if rows else 0
+    workers = min(threads, tiles)
+    if workers <= 1:
+        _run_tiles(plan, x2, y2, w, eps, tile, 0, rows, fixup)
+    else:
+        per = -(-tiles // workers) * tile
+        futures = [
+            _pool(workers).submit(_run_tiles, plan, x2, y2, w, eps, tile, s, min(s + per, rows), fixup)
+            for s in range(0, rows, per)
+        ]
+        for f in futures:
+            f.result()
+    if out is not None and not direct:
+        out.copy_(y)
+        return out
+    return y  # type: ignore[return-value]
+
+
+def _nan_rows(
+    graph: Graph, x2: torch.Tensor, y2: torch.Tensor, weight: torch.Tensor | None, eps: float,
+    r0: int, r1: int,
+) -> None:
+    """Rows whose exact sum is NaN take the reference's bits: with NaNs of both
+    signs in a row, which NaN survives a sum depends on its order."""
+    from .reference import run_reference
+
+    y2[r0:r1] = run_reference(graph, x2[r0:r1], weight, eps)
+
+
+#: Marks runners that write ``out`` themselves (see ``api._run``).
+run_compiled.writes_out = True  # type: ignore[attr-defined]
