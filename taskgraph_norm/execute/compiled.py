@@ -33,7 +33,7 @@ __all__ = ["compile_graph", "plan_or_error", "run_compiled", "default_tile_rows"
 
 #: Target size of one tile's square workspace; a tile's working set (x tile,
 #: squares, output tile) then stays in this machine's L2 cache.
-TILE_BYTES = 256 * 1024
+TILE_BYTES = 2 * 1024 * 1024
 
 #: Workspaces a thread keeps (one per plan, tile and dtype); the oldest goes first.
 WORKSPACES_PER_THREAD = 8
@@ -357,11 +357,20 @@ def run_compiled(
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ConfigError(name, value, "an integer >= 1")
     plan = compile_graph(graph)
+    if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)):
+        # out= ops do not record gradients: the reference's ops (same bits) do.
+        from .reference import run_reference
+
+        y_ref = run_reference(graph, x, weight, eps)
+        return y_ref if out is None else out.copy_(y_ref)
     d = plan.hidden_size
     x2 = x.reshape(-1, d)
-    direct = out is not None and out.is_contiguous()
-    y = out if direct else torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    y2 = y.view(-1, d)  # type: ignore[union-attr]
+    direct = x.is_contiguous() and (out is None or out.is_contiguous())
+    if direct:
+        y = out if out is not None else torch.empty_like(x)
+    else:
+        y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    y2 = y.view(-1, d)
     rows = x2.shape[0]
     if x.device.type != "cpu":
         tile = rows  # tiling buys nothing on an accelerator, and keeps reduction shapes
@@ -381,10 +390,10 @@ def run_compiled(
         ]
         for f in futures:
             f.result()
-    if out is not None and not direct:
-        out.copy_(y)
-        return out
-    return y  # type: ignore[return-value]
+    if not direct:
+        # A strided input or output: the result keeps the input's layout, as torch's does.
+        return (out if out is not None else torch.empty_like(x)).copy_(y)
+    return y
 
 
 def _nan_rows(
