@@ -142,14 +142,14 @@ class _Views:
         if plan.merge == "cat":
             return self.rms  # torch.sum writes the total straight into the rms buffer
         if plan.merge == "tree":
-            bufs = (ws.ping[:rows], ws.pong[:rows])
+            # In place: a level's sum p[2i] + p[2i+1] lands on p[2i], so the next
+            # level reads every other element, and an odd last element is already
+            # where the next level expects it (carried up without a copy).
             src = parts
-            for i, n in enumerate(tree_levels(plan.n_chunks)):
-                p, dst = n // 2, bufs[i % 2]
-                self.merge.append(("add", dst[:, :p], src[:, 0 : 2 * p : 2], src[:, 1 : 2 * p : 2]))
-                if n % 2:
-                    self.merge.append(("copy", dst[:, p : p + 1], src[:, n - 1 : n], src[:, n - 1 : n]))
-                src = dst[:, : p + n % 2]
+            for n in tree_levels(plan.n_chunks):
+                p = n // 2
+                self.merge.append(("iadd", src[:, 0 : 2 * p : 2], src[:, 1 : 2 * p : 2], src))
+                src = src[:, 0::2]
             return src[:, :1]
         slots = ws.slots[:rows]
         if parts is not self.parts:
@@ -179,8 +179,6 @@ class _Workspace:
             self.maxima, self.pair = buf(rows, 1, of=torch.float64), buf(rows, 2, of=torch.float64)
             self.total64 = buf(rows, 1, of=torch.float64)
         else:
-            half = (n + 1) // 2
-            self.ping, self.pong = buf(rows, half), buf(rows, half)
             if plan.merge == "adds":
                 self.slots = buf(rows, n + sum(len(level) for level in plan.adds))
                 self.parts = self.slots[:, :n]  # the leaves are the first slots
@@ -202,9 +200,11 @@ def _workspace(plan: Plan, rows: int, dtype: torch.dtype, device: torch.device) 
     cache: OrderedDict[Any, _Workspace] | None = getattr(_local, "workspaces", None)
     if cache is None:
         cache = _local.workspaces = OrderedDict()
-    key = (plan, rows, dtype, device)
+    # Keyed by the plan's identity (plans are cached objects): hashing a plan
+    # walks its fields, which a decode-sized call cannot afford.
+    key = (id(plan), rows, dtype, device)
     ws = cache.get(key)
-    if ws is None:
+    if ws is None or ws.plan is not plan:
         ws = cache[key] = _Workspace(plan, rows, dtype, device)
         while len(cache) > WORKSPACES_PER_THREAD:
             cache.popitem(last=False)
@@ -244,10 +244,10 @@ def _float_total(plan: Plan, v: _Views, xt: torch.Tensor) -> torch.Tensor:
     if plan.merge == "cat":
         torch.sum(v.parts, dim=-1, keepdim=True, out=v.rms)
     for kind, dst, a, b in v.merge:
-        if kind == "add":
-            torch.add(a, b, out=dst)
+        if kind == "iadd":
+            dst.add_(a)
         else:
-            dst.copy_(a)
+            torch.add(a, b, out=dst)
     return v.total
 
 
@@ -353,9 +353,10 @@ def run_compiled(
         Worker threads the tiles are spread over (``1``: the caller's thread).
         The bits never depend on it.
     """
-    for name, value in (("tile_rows", tile_rows), ("threads", threads)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ConfigError(name, value, "an integer >= 1")
+    if tile_rows is not None or threads != 1:
+        for name, value in (("tile_rows", tile_rows), ("threads", threads)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigError(name, value, "an integer >= 1")
     plan = compile_graph(graph)
     if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)):
         # out= ops do not record gradients: the reference's ops (same bits) do.
