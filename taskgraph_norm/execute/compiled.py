@@ -353,7 +353,7 @@ def run_compiled(
         Worker threads the tiles are spread over (``1``: the caller's thread).
         The bits never depend on it.
     """
-    if tile_rows is not None or threads != 1:
+    if tile_rows is not None or type(threads) is not int or threads != 1:
         for name, value in (("tile_rows", tile_rows), ("threads", threads)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ConfigError(name, value, "an integer >= 1")
