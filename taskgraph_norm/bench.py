@@ -177,7 +177,11 @@ method, dtype, rows, hidden = sys.argv[1], getattr(torch, sys.argv[2]), int(sys.
 # Made in place, so no temporary raises the high-water mark before we read it.
 x = torch.empty(rows, hidden, dtype=dtype).normal_(); w = torch.ones(hidden, dtype=dtype)
 out = torch.empty_like(x).fill_(0)
-def kb(): return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def kb():  # VmHWM: this process's own peak (ru_maxrss would inherit the parent's across fork+exec)
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 def run(x, w, out):
     if method == "eager": out.copy_(F.rms_norm(x, (x.shape[-1],), w))
     elif method == "copy": out.copy_(x)
@@ -192,7 +196,7 @@ print(json.dumps({"extra_kb": kb() - before}))
 
 
 def peak_extra_memory(method: str, dtype: str, rows: int, hidden: int) -> float:
-    """Peak RSS growth in MiB of a fresh process running ``method`` into a preallocated
+    """Peak RSS (VmHWM) growth in MiB of a fresh process running ``method`` into a preallocated
     output (``"float"`` / ``"exact"``: compiled normalize; ``"eager"``; ``"copy"``)."""
     done = subprocess.run(
         [sys.executable, "-c", _MEMORY_PROBE, method, dtype, str(rows), str(hidden)],

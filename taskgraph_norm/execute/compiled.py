@@ -35,6 +35,9 @@ __all__ = ["compile_graph", "plan_or_error", "run_compiled", "default_tile_rows"
 #: squares, output tile) then stays in this machine's L2 cache.
 TILE_BYTES = 2 * 1024 * 1024
 
+#: Worker threads for inputs of two tiles or more (each with its own workspaces).
+DEFAULT_THREADS = 2
+
 #: Workspaces a thread keeps (one per plan, tile and dtype); the oldest goes first.
 WORKSPACES_PER_THREAD = 8
 
@@ -339,7 +342,7 @@ def run_compiled(
     *,
     out: torch.Tensor | None = None,
     tile_rows: int | None = None,
-    threads: int = 1,
+    threads: int | None = None,
 ) -> torch.Tensor:
     """Run a certified ``graph`` on ``x`` (already checked) through its compiled plan.
 
@@ -351,12 +354,16 @@ def run_compiled(
         Rows per tile (default: :func:`default_tile_rows`).  The bits never depend on it.
     threads:
         Worker threads the tiles are spread over (``1``: the caller's thread).
+        Default: :data:`DEFAULT_THREADS` capped by torch's intra-op thread count
+        (measured fastest on the 2-core machine of docs/performance.md).
         The bits never depend on it.
     """
-    if tile_rows is not None or type(threads) is not int or threads != 1:
+    if tile_rows is not None or (threads is not None and (type(threads) is not int or threads < 1)):
         for name, value in (("tile_rows", tile_rows), ("threads", threads)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ConfigError(name, value, "an integer >= 1")
+    if threads is None:
+        threads = min(DEFAULT_THREADS, torch.get_num_threads())
     plan = compile_graph(graph)
     if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)):
         # out= ops do not record gradients: the reference's ops (same bits) do.
