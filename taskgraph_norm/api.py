@@ -121,7 +121,7 @@ def _run(
     if x.numel() == 0:
         y = torch.empty_like(x)
     elif getattr(runner, "writes_out", False):  # e.g. compiled: writes into `out` itself
-        return cast(torch.Tensor, runner(graph, x, weight, eps, out=out, **(options or {})))
+        return runner(graph, x, weight, eps, out=out, **(options or {}))
     else:
         y = runner(graph, x, weight, eps, **(options or {}))
     if out is None:

@@ -81,7 +81,7 @@ def _compiled_rms_norm() -> Callable[..., torch.Tensor] | None:
     try:
         fn = torch.compile(F.rms_norm)
         fn(torch.ones(2, 8), (8,))
-        return fn  # type: ignore[no-any-return]
+        return fn
     except Exception:  # no C++ compiler, unsupported platform...
         return None
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 import functools
 from collections import Counter
 from dataclasses import dataclass
+from typing import Any
 
 from ..errors import GraphError
 from ..graph import Graph, Node, Op, validate
@@ -201,13 +202,13 @@ def _lower_cached(graph: Graph, fingerprint: str) -> Plan:
         raise GraphError(leaves[0].id, "leaves mix kinds or domains; the compiled plan needs one")
     domain = domains.pop()
     slots = {n.id: k for k, n in enumerate(leaves)}
-    common = dict(
+    common: dict[str, Any] = dict(
         hidden_size=hidden, chunk_size=chunk, n_full=n_full, tail=tail,
         leaf=leaf_kinds.pop(), fingerprint=fingerprint,
     )
     total_id = finalize.inputs[1]
     if domain == "exact":
-        _check_exact(graph, leaves, total_id, hidden)
+        _check_exact(graph, leaves, total_id, n_full * chunk + tail)
         return Plan(accumulate="exact", merge="exact", **common)
     if total_id in slots:
         return Plan(accumulate="float", merge="single" if len(leaves) == 1 else "adds",
