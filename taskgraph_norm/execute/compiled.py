@@ -219,7 +219,7 @@ def _workspace(plan: Plan, rows: int, dtype: torch.dtype, device: torch.device) 
 # --- one tile ------------------------------------------------------------------
 
 
-def _square(v: _Views, xt: torch.Tensor, sq: torch.Tensor) -> None:
+def _square(xt: torch.Tensor, sq: torch.Tensor) -> None:
     # The reference squares x.to(acc) in acc: converting first keeps a bf16
     # product from being rounded to bf16.
     if xt.dtype == sq.dtype:
@@ -230,7 +230,13 @@ def _square(v: _Views, xt: torch.Tensor, sq: torch.Tensor) -> None:
 
 
 def _float_total(plan: Plan, v: _Views, xt: torch.Tensor) -> torch.Tensor:
-    _square(v, xt, v.sq)
+    if v.ybuf is not None:
+        # x.to(acc) once, kept in ybuf for FINALIZE: a mixed-dtype op would
+        # convert x again into a temporary of its own.
+        v.ybuf.copy_(xt)
+        torch.mul(v.ybuf, v.ybuf, out=v.sq)
+    else:
+        torch.mul(xt, xt, out=v.sq)
     if plan.leaf == "native":
         if plan.n_full:
             torch.sum(v.full, dim=-1, out=v.native_out)
@@ -258,7 +264,7 @@ def _exact_total(plan: Plan, v: _Views, xt: torch.Tensor) -> torch.Tensor:
     """The exact pair of every row, summed over whole rows (exact in any order),
     combined and rounded: what the graph's FINALIZE computes from its merge."""
     sq, q = v.sq, v.q
-    _square(v, xt, sq)
+    _square(xt, sq)
     torch.amax(sq, dim=-1, keepdim=True, out=v.maxima)
     sigmas = kernels.exact_scale(v.maxima, plan.hidden_size)
     sigma1, sigma2 = sigmas[:, :1], sigmas[:, 1:]
@@ -278,9 +284,10 @@ def _exact_total(plan: Plan, v: _Views, xt: torch.Tensor) -> torch.Tensor:
 
 def _finalize(
     plan: Plan, v: _Views, xt: torch.Tensor, total: torch.Tensor, yt: torch.Tensor,
-    weight: torch.Tensor | None, eps: float,
+    weight: torch.Tensor | None, eps: float, x_in_ybuf: bool,
 ) -> None:
-    """kernels.finalize's op sequence, written into preallocated buffers."""
+    """kernels.finalize's op sequence, written into preallocated buffers.  A
+    narrower x is divided as ``x.to(acc)`` held in ybuf (``x_in_ybuf``: already there)."""
     rms = v.rms
     if total is rms:
         rms.div_(plan.hidden_size)
@@ -292,7 +299,12 @@ def _finalize(
     rms.add_(eps)
     rms.sqrt_()
     y = yt if v.ybuf is None else v.ybuf
-    torch.div(xt, rms, out=y)
+    if y is yt:
+        torch.div(xt, rms, out=y)
+    else:
+        if not x_in_ybuf:
+            y.copy_(xt)
+        y.div_(rms)
     if weight is not None:
         y.mul_(weight)
     if y is not yt:
@@ -310,7 +322,7 @@ def _run_tiles(
         v = ws.views(r1 - r0)
         xt = x2[r0:r1]
         total = total_of(plan, v, xt)
-        _finalize(plan, v, xt, total, y2[r0:r1], weight, eps)
+        _finalize(plan, v, xt, total, y2[r0:r1], weight, eps, plan.accumulate == "float")
         if fixup is not None and bool(v.pair[:, :1].isnan().any()):
             fixup(r0, r1)
 
