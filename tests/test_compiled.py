@@ -325,3 +325,16 @@ def test_hand_made_graph_with_accumulate_of_two() -> None:
     g = Graph(nodes, "y", {"hidden_size": 128})
     x = spread_input(5, 128, torch.float32)
     assert_bits_equal(run_compiled(g, x, None, EPS), run_reference(g, x, None, EPS))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_whole_row_max_equals_the_chunked_max(dtype: torch.dtype) -> None:
+    from taskgraph_norm import kernels
+
+    x = spread_input(6, 130, torch.float64).to(dtype)
+    x[1, 3], x[2, 4], x[3] = float("nan"), float("-inf"), -0.0
+    if dtype == torch.float64:
+        x[4, 7] = 1e200  # its square overflows to inf
+    chunked = kernels.maximum(kernels.rowmax_sq(x, 0, 64), kernels.rowmax_sq(x, 64, 130))
+    assert_bits_equal(kernels.rowmax_sq_whole(x)[~chunked.isnan()], chunked[~chunked.isnan()])
+    assert torch.equal(kernels.rowmax_sq_whole(x).isnan(), chunked.isnan())

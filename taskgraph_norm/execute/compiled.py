@@ -15,10 +15,8 @@ GIL inside ops); each thread has its own workspaces.
 
 from __future__ import annotations
 
-import functools
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -113,7 +111,7 @@ class _Views:
         self.ybuf = ws.ybuf[:rows] if ws.ybuf is not None else None
         if plan.accumulate == "exact":
             self.q = ws.q[:rows]
-            self.maxima, self.pair, self.total64 = ws.maxima[:rows], ws.pair[:rows], ws.total64[:rows]
+            self.pair, self.total64 = ws.pair[:rows], ws.total64[:rows]
             return
         full = self.sq[:, : nf * c].view(rows, nf, c)
         tail = self.sq[:, nf * c : d]
@@ -179,7 +177,7 @@ class _Workspace:
         self.ybuf = buf(rows, d) if dtype != acc else None
         if exact:
             self.q = buf(rows, d, of=torch.float64)
-            self.maxima, self.pair = buf(rows, 1, of=torch.float64), buf(rows, 2, of=torch.float64)
+            self.pair = buf(rows, 2, of=torch.float64)
             self.total64 = buf(rows, 1, of=torch.float64)
         else:
             if plan.merge == "adds":
@@ -260,20 +258,20 @@ def _float_total(plan: Plan, v: _Views, xt: torch.Tensor) -> torch.Tensor:
     return v.total
 
 
-def _exact_total(plan: Plan, v: _Views, xt: torch.Tensor) -> torch.Tensor:
+def _exact_total(
+    plan: Plan, v: _Views, xt: torch.Tensor, sigmas: torch.Tensor, any_unscaled: bool
+) -> torch.Tensor:
     """The exact pair of every row, summed over whole rows (exact in any order),
-    combined and rounded: what the graph's FINALIZE computes from its merge."""
+    combined in fp64: what the graph's FINALIZE computes from its merge.  The
+    scales of the tile's rows come in ``sigmas`` (computed once per call)."""
     sq, q = v.sq, v.q
     _square(xt, sq)
-    torch.amax(sq, dim=-1, keepdim=True, out=v.maxima)
-    sigmas = kernels.exact_scale(v.maxima, plan.hidden_size)
     sigma1, sigma2 = sigmas[:, :1], sigmas[:, 1:]
     torch.add(sq, sigma1, out=q)
     q.sub_(sigma1)  # q1 = (v + sigma1) - sigma1
     sq.sub_(q)  # the remainder v - q1 (exact)
-    unscaled = sigma1 == 0
-    if bool(unscaled.any()):  # Inf/NaN rows keep everything in fold 1
-        sq.masked_fill_(unscaled, 0.0)
+    if any_unscaled:  # Inf/NaN rows keep everything in fold 1
+        sq.masked_fill_(sigma1 == 0, 0.0)
     sq.add_(sigma2)
     sq.sub_(sigma2)  # q2 = (r + sigma2) - sigma2
     torch.sum(q, dim=-1, keepdim=True, out=v.pair[:, :1])
@@ -313,18 +311,18 @@ def _finalize(
 
 def _run_tiles(
     plan: Plan, x2: torch.Tensor, y2: torch.Tensor, weight: torch.Tensor | None, eps: float,
-    tile: int, start: int, stop: int, fixup: Callable[[int, int], None] | None,
+    tile: int, start: int, stop: int, exact: tuple[torch.Tensor, bool] | None,
 ) -> None:
     ws = _workspace(plan, tile, x2.dtype, x2.device)
-    total_of = _exact_total if plan.accumulate == "exact" else _float_total
     for r0 in range(start, stop, tile):
         r1 = min(r0 + tile, stop)
         v = ws.views(r1 - r0)
         xt = x2[r0:r1]
-        total = total_of(plan, v, xt)
-        _finalize(plan, v, xt, total, y2[r0:r1], weight, eps, plan.accumulate == "float")
-        if fixup is not None and bool(v.pair[:, :1].isnan().any()):
-            fixup(r0, r1)
+        if exact is None:
+            total = _float_total(plan, v, xt)
+        else:
+            total = _exact_total(plan, v, xt, exact[0][r0:r1], exact[1])
+        _finalize(plan, v, xt, total, y2[r0:r1], weight, eps, exact is None)
 
 
 # --- entry point -----------------------------------------------------------------
@@ -412,19 +410,27 @@ def run_compiled(
     else:
         tile = tile_rows or default_tile_rows(plan, x.dtype)
     w = _weight_for(weight, kernels.accumulation_dtype(x.dtype))
-    fixup = functools.partial(_nan_rows, graph, x2, y2, weight, eps) if plan.accumulate == "exact" else None
+    exact = None
+    if plan.accumulate == "exact" and rows:
+        # The row maxima and scales of the whole input, once: a dozen small ops per
+        # call instead of per tile, and a pass over x instead of over fp64 squares.
+        row_max = kernels.rowmax_sq_whole(x2)
+        sigmas = kernels.exact_scale(row_max, d)
+        exact = (sigmas, bool((sigmas[:, :1] == 0).any()))
     tiles = -(-rows // tile) if rows else 0
     workers = min(threads, tiles)
     if workers <= 1:
-        _run_tiles(plan, x2, y2, w, eps, tile, 0, rows, fixup)
+        _run_tiles(plan, x2, y2, w, eps, tile, 0, rows, exact)
     else:
         per = -(-tiles // workers) * tile
         futures = [
-            _pool(workers).submit(_run_tiles, plan, x2, y2, w, eps, tile, s, min(s + per, rows), fixup)
+            _pool(workers).submit(_run_tiles, plan, x2, y2, w, eps, tile, s, min(s + per, rows), exact)
             for s in range(0, rows, per)
         ]
         for f in futures:
             f.result()
+    if exact is not None and exact[1]:
+        _nan_rows(graph, x2, y2, weight, eps, row_max)
     if not direct:
         # A strided input or output: the result keeps the input's layout, as torch's does.
         return (out if out is not None else torch.empty_like(x)).copy_(y)
@@ -433,13 +439,16 @@ def run_compiled(
 
 def _nan_rows(
     graph: Graph, x2: torch.Tensor, y2: torch.Tensor, weight: torch.Tensor | None, eps: float,
-    r0: int, r1: int,
+    row_max: torch.Tensor,
 ) -> None:
-    """Rows whose exact sum is NaN take the reference's bits: with NaNs of both
-    signs in a row, which NaN survives a sum depends on its order."""
+    """Rows with a NaN take the reference's bits: with NaNs of both signs in a row,
+    which NaN survives a sum depends on its order.  (The reference is row-local, so
+    running it on those rows alone gives their bits in the whole batch.)"""
     from .reference import run_reference
 
-    y2[r0:r1] = run_reference(graph, x2[r0:r1], weight, eps)
+    rows = row_max[:, 0].isnan().nonzero()[:, 0]
+    if len(rows):
+        y2[rows] = run_reference(graph, x2[rows], weight, eps)
 
 
 #: Marks runners that write ``out`` themselves (see ``api._run``).
