@@ -16,6 +16,7 @@ import taskgraph_norm as tgn
 from taskgraph_norm.errors import ExecutionError, GraphError
 from taskgraph_norm.execute import EXECUTORS, compile_graph, resolve_executor, run_compiled, run_reference
 from taskgraph_norm.execute import compiled as compiled_mod
+from taskgraph_norm.execute import workspace as workspace_mod
 from taskgraph_norm.graph import Graph, Node, Op
 from taskgraph_norm.testing import assert_bits_equal, bits_equal
 
@@ -291,11 +292,11 @@ def test_workspaces_are_reused_across_calls() -> None:
     x = torch.randn(70, 512)
     run_compiled(g, x, None, EPS, tile_rows=32)
     plan = compile_graph(g)
-    ws = compiled_mod._workspace(plan, 32, x.dtype, x.device)
+    ws = workspace_mod.workspace(plan, 32, x.dtype, x.device)
     ptr = ws.sq.data_ptr()
     for _ in range(3):
         run_compiled(g, x, None, EPS, tile_rows=32)
-    assert compiled_mod._workspace(plan, 32, x.dtype, x.device).sq.data_ptr() == ptr
+    assert workspace_mod.workspace(plan, 32, x.dtype, x.device).sq.data_ptr() == ptr
     assert ws.sq.numel() * ws.sq.element_size() <= 4 * 1024 * 1024
 
 

@@ -18,28 +18,23 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 import torch
 
 from .. import kernels
 from ..errors import ConfigError, ExecutionError, GraphError
 from ..graph import Graph
-from .plan import Plan, halving_steps, lower, tree_levels
+from .plan import Plan, lower
+from .workspace import TILE_BYTES, WORKSPACES_PER_THREAD, Views, default_tile_rows, workspace
 
-__all__ = ["compile_graph", "plan_or_error", "run_compiled", "default_tile_rows", "TILE_BYTES", "WORKSPACES_PER_THREAD"]
-
-#: Target size of one tile's square workspace; a tile's working set (x tile,
-#: squares, output tile) then stays in this machine's L2 cache.
-TILE_BYTES = 2 * 1024 * 1024
+__all__ = [
+    "compile_graph", "plan_or_error", "run_compiled", "default_tile_rows", "DEFAULT_THREADS",
+    "TILE_BYTES", "WORKSPACES_PER_THREAD",
+]
 
 #: Worker threads for inputs of two tiles or more (each with its own workspaces).
 DEFAULT_THREADS = 2
 
-#: Workspaces a thread keeps (one per plan, tile and dtype); the oldest goes first.
-WORKSPACES_PER_THREAD = 8
-
-_local = threading.local()
 _pool_lock = threading.Lock()
 _pools: dict[int, ThreadPoolExecutor] = {}
 
@@ -95,125 +90,6 @@ def _compile(graph: Graph) -> Plan:
     return lower(graph, proof.fingerprint)
 
 
-def default_tile_rows(plan: Plan, dtype: torch.dtype) -> int:
-    """Rows per tile so that one tile's squares fill :data:`TILE_BYTES`."""
-    elem = 8 if plan.accumulate == "exact" else kernels.accumulation_dtype(dtype).itemsize
-    return max(1, TILE_BYTES // (plan.hidden_size * elem))
-
-
-class _Views:
-    """Every operand view of one tile height, built once."""
-
-    def __init__(self, plan: Plan, ws: _Workspace, rows: int) -> None:
-        d, c, nf = plan.hidden_size, plan.chunk_size, plan.n_full
-        self.sq = ws.sq[:rows]
-        self.rms = ws.rms[:rows]
-        self.ybuf = ws.ybuf[:rows] if ws.ybuf is not None else None
-        if plan.accumulate == "exact":
-            self.q = ws.q[:rows]
-            self.pair, self.total64 = ws.pair[:rows], ws.total64[:rows]
-            return
-        full = self.sq[:, : nf * c].view(rows, nf, c)
-        tail = self.sq[:, nf * c : d]
-        self.full, self.tail = full, tail
-        self.full_steps = [(full[..., : n - h], full[..., h:n]) for n, h in plan.halving_steps]
-        self.tail_steps = [(tail[:, : n - h], tail[:, h:n]) for n, h in halving_steps(plan.tail)]
-        self.parts = ws.parts[:rows]
-        self.native_out = self.parts[:, :nf]
-        self.tail_copy = ws.tail_copy[:rows] if ws.tail_copy is not None else None
-        # Copies that put every leaf's result into one (rows, n) partials array.
-        self.gather: list[tuple[torch.Tensor, torch.Tensor]] = []
-        if plan.leaf == "pairwise" and (plan.tail == 0 or nf == 0) and plan.merge != "cat":
-            # The partials can be read where the halving left them (stride C).
-            self.leaf_parts = full[..., 0] if nf else tail[:, :1]
-        else:
-            self.leaf_parts = self.parts
-            if plan.leaf == "pairwise":
-                if nf:
-                    self.gather.append((self.parts[:, :nf], full[..., 0]))
-                if plan.tail:
-                    self.gather.append((self.parts[:, nf:], tail[:, :1]))
-        self.merge: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        self.total = self._merge_ops(plan, ws, rows)
-
-    def _merge_ops(self, plan: Plan, ws: _Workspace, rows: int) -> torch.Tensor:
-        parts = self.leaf_parts
-        if plan.merge == "single":
-            return parts[:, :1]
-        if plan.merge == "cat":
-            return self.rms  # torch.sum writes the total straight into the rms buffer
-        if plan.merge == "tree":
-            # In place: a level's sum p[2i] + p[2i+1] lands on p[2i], so the next
-            # level reads every other element, and an odd last element is already
-            # where the next level expects it (carried up without a copy).
-            src = parts
-            for n in tree_levels(plan.n_chunks):
-                p = n // 2
-                self.merge.append(("iadd", src[:, 0 : 2 * p : 2], src[:, 1 : 2 * p : 2], src))
-                src = src[:, 0::2]
-            return src[:, :1]
-        slots = ws.slots[:rows]
-        if parts is not self.parts:
-            self.gather.append((slots[:, : plan.n_chunks], parts))
-        for level in plan.adds:
-            for dst, a, b in level:
-                self.merge.append(("add", slots[:, dst : dst + 1], slots[:, a : a + 1], slots[:, b : b + 1]))
-        return slots[:, plan.root : plan.root + 1]
-
-
-class _Workspace:
-    """Preallocated buffers of one (plan, tile height, dtype, device), for one thread."""
-
-    def __init__(self, plan: Plan, rows: int, dtype: torch.dtype, device: torch.device) -> None:
-        acc = kernels.accumulation_dtype(dtype)
-        d, n = plan.hidden_size, plan.n_chunks
-
-        def buf(*shape: int, of: torch.dtype = acc) -> torch.Tensor:
-            return torch.empty(shape, dtype=of, device=device)
-
-        exact = plan.accumulate == "exact"
-        self.sq = buf(rows, d, of=torch.float64 if exact else acc)
-        self.rms = buf(rows, 1)
-        self.ybuf = buf(rows, d) if dtype != acc else None
-        if exact:
-            self.q = buf(rows, d, of=torch.float64)
-            self.pair = buf(rows, 2, of=torch.float64)
-            self.total64 = buf(rows, 1, of=torch.float64)
-        else:
-            if plan.merge == "adds":
-                self.slots = buf(rows, n + sum(len(level) for level in plan.adds))
-                self.parts = self.slots[:, :n]  # the leaves are the first slots
-            else:
-                self.parts = buf(rows, n)
-            # torch.sum of the ragged chunk sees a contiguous copy, as in kernels.sumsq_native.
-            self.tail_copy = buf(rows, plan.tail) if plan.leaf == "native" and plan.tail else None
-        self._views: dict[int, _Views] = {}
-        self.plan = plan
-
-    def views(self, rows: int) -> _Views:
-        v = self._views.get(rows)
-        if v is None:
-            v = self._views[rows] = _Views(self.plan, self, rows)
-        return v
-
-
-def _workspace(plan: Plan, rows: int, dtype: torch.dtype, device: torch.device) -> _Workspace:
-    cache: OrderedDict[Any, _Workspace] | None = getattr(_local, "workspaces", None)
-    if cache is None:
-        cache = _local.workspaces = OrderedDict()
-    # Keyed by the plan's identity (plans are cached objects): hashing a plan
-    # walks its fields, which a decode-sized call cannot afford.
-    key = (id(plan), rows, dtype, device)
-    ws = cache.get(key)
-    if ws is None or ws.plan is not plan:
-        ws = cache[key] = _Workspace(plan, rows, dtype, device)
-        while len(cache) > WORKSPACES_PER_THREAD:
-            cache.popitem(last=False)
-    else:
-        cache.move_to_end(key)
-    return ws
-
-
 # --- one tile ------------------------------------------------------------------
 
 
@@ -227,7 +103,7 @@ def _square(xt: torch.Tensor, sq: torch.Tensor) -> None:
         sq.mul_(sq)
 
 
-def _float_total(plan: Plan, v: _Views, xt: torch.Tensor) -> torch.Tensor:
+def _float_total(plan: Plan, v: Views, xt: torch.Tensor) -> torch.Tensor:
     if v.ybuf is not None:
         # x.to(acc) once, kept in ybuf for FINALIZE: a mixed-dtype op would
         # convert x again into a temporary of its own.
@@ -259,7 +135,7 @@ def _float_total(plan: Plan, v: _Views, xt: torch.Tensor) -> torch.Tensor:
 
 
 def _exact_total(
-    plan: Plan, v: _Views, xt: torch.Tensor, sigmas: torch.Tensor, any_unscaled: bool
+    plan: Plan, v: Views, xt: torch.Tensor, sigmas: torch.Tensor, any_unscaled: bool
 ) -> torch.Tensor:
     """The exact pair of every row, summed over whole rows (exact in any order),
     combined in fp64: what the graph's FINALIZE computes from its merge.  The
@@ -281,7 +157,7 @@ def _exact_total(
 
 
 def _finalize(
-    plan: Plan, v: _Views, xt: torch.Tensor, total: torch.Tensor, yt: torch.Tensor,
+    plan: Plan, v: Views, xt: torch.Tensor, total: torch.Tensor, yt: torch.Tensor,
     weight: torch.Tensor | None, eps: float, x_in_ybuf: bool,
 ) -> None:
     """kernels.finalize's op sequence, written into preallocated buffers.  A
@@ -313,7 +189,7 @@ def _run_tiles(
     plan: Plan, x2: torch.Tensor, y2: torch.Tensor, weight: torch.Tensor | None, eps: float,
     tile: int, start: int, stop: int, exact: tuple[torch.Tensor, bool] | None,
 ) -> None:
-    ws = _workspace(plan, tile, x2.dtype, x2.device)
+    ws = workspace(plan, tile, x2.dtype, x2.device)
     for r0 in range(start, stop, tile):
         r1 = min(r0 + tile, stop)
         v = ws.views(r1 - r0)
