@@ -40,6 +40,8 @@ def certified_configs(hiddens, chunks):
     for topology, leaf, acc, hidden, chunk in itertools.product(
         ("tree", "linear", "cat", "race"), ("pairwise", "native"), ("float", "exact"), hiddens, chunks
     ):
+        if topology == "race" and acc == "float" and -(-hidden // chunk) > 2:
+            continue  # refuted (a float race over 3+ partials); skip the witness search
         g = tgn.build_graph(hidden, chunk_size=chunk, topology=topology, leaf=leaf, accumulate=acc)
         if tgn.prove(g).certified:
             yield pytest.param(g, id=f"{topology}-{leaf}-{acc}-D{hidden}-C{chunk}")
@@ -48,7 +50,10 @@ def certified_configs(hiddens, chunks):
 # -- bits: compiled == reference ---------------------------------------------------
 
 REDUCED = list(certified_configs((7, 1000), (64, 9)))
-FULL_MATRIX = list(certified_configs((1, 7, 64, 130, 1000, 4096), (1, 3, 64, 100, 4096)))
+FULL_MATRIX = list(
+    certified_configs((1, 7, 64, 130, 1000, 4096), (1, 3, 64, 100, 4096))
+    if FULL else certified_configs((1, 64, 130, 4096), (1, 64, 100))
+)
 
 
 def check_against_reference(graph: Graph, dtype: torch.dtype, rows: int, tiles, threads) -> None:
@@ -75,7 +80,7 @@ def test_compiled_matches_reference_fp64_fp16(dtype: torch.dtype, accumulate: st
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("graph", FULL_MATRIX if FULL else FULL_MATRIX[::25])
+@pytest.mark.parametrize("graph", FULL_MATRIX if FULL else FULL_MATRIX[::5])
 def test_compiled_matches_reference_full_matrix(graph: Graph) -> None:
     for dtype, rows in itertools.product(DTYPES, (1, 3, 64, 129)):
         check_against_reference(graph, dtype, rows, tiles=(1, 7, 64, None), threads=(1, 2))
