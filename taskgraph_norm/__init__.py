@@ -15,7 +15,7 @@ from .errors import TaskGraphError as TaskGraphError
 from .graph import Graph as Graph
 from .graph import Node as Node
 from .graph import Op as Op
-from .execute.plan import Plan as Plan
+from .execute.lowering import Plan as Plan
 from .graph import validate as validate
 from .module import RMSNorm as RMSNorm
 from .prove import Proof as Proof

@@ -17,7 +17,7 @@ import torch
 from ..errors import ConfigError
 from ..graph import Graph
 from .compiled import compile_graph, plan_or_error, run_compiled
-from .plan import Plan
+from .lowering import Plan
 from .reference import ReferenceInterpreter, reference_sum_of_squares, run_reference
 
 __all__ = [

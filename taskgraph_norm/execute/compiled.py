@@ -24,7 +24,7 @@ import torch
 from .. import kernels
 from ..errors import ConfigError, ExecutionError, GraphError
 from ..graph import Graph
-from .plan import Plan, lower
+from .lowering import Plan, lower
 from .workspace import TILE_BYTES, WORKSPACES_PER_THREAD, Views, default_tile_rows, workspace
 
 __all__ = [

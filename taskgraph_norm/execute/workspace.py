@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from .. import kernels
-from .plan import Plan, halving_steps, tree_levels
+from .lowering import Plan, halving_steps, tree_levels
 
 __all__ = ["TILE_BYTES", "WORKSPACES_PER_THREAD", "Views", "Workspace", "default_tile_rows", "workspace"]
 
