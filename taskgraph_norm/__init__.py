@@ -26,6 +26,7 @@ from .execute.trace import Trace as Trace
 from .graph import Graph as Graph
 from .graph import Node as Node
 from .graph import Op as Op
+from .execute.lowering import Plan as Plan
 from .graph import validate as validate
 from .module import RMSNorm as RMSNorm
 from .prove import Proof as Proof
@@ -51,6 +52,7 @@ __all__ = [
     "Node",
     "NodeSpan",
     "Op",
+    "Plan",
     "Proof",
     "PoolClosedError",
     "RMSNorm",

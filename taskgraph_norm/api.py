@@ -123,6 +123,8 @@ def _run(
     _, runner = resolve_executor(executor, graph)
     if "hidden_size" in graph.meta and x.numel() == 0:
         y = torch.empty_like(x)
+    elif getattr(runner, "writes_out", False):  # e.g. compiled: writes into `out` itself
+        return runner(graph, x, weight, eps, out=out, **(options or {}))
     elif inspect.iscoroutinefunction(runner):  # an async executor, called from sync code
         y = anyio.run(functools.partial(runner, graph, x, weight, eps, **(options or {})))
     else:

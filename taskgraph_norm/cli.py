@@ -88,6 +88,21 @@ def _cmd_viz(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .bench import BenchConfig, run_bench
+
+    config = BenchConfig(out_dir=Path(args.out), rounds=args.rounds,
+                         torch_compile=not args.no_torch_compile, memory=not args.no_memory)
+    if args.quick:
+        config = BenchConfig(shapes=((1024, 4096),), batches=(1, 64, 1024), rounds=min(args.rounds, 3),
+                             out_dir=config.out_dir, torch_compile=config.torch_compile,
+                             memory=config.memory)
+    run_bench(config, stream=sys.stdout)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="taskgraph-norm",
@@ -162,6 +177,18 @@ def build_parser() -> argparse.ArgumentParser:
     viz.add_argument("--chrome", metavar="PATH", help="with --timeline: also write Chrome trace JSON")
     viz.add_argument("-o", "--output", required=True, help="e.g. dag.svg, dag.png, dag.dot, dag.mmd")
     viz.set_defaults(func=_cmd_viz)
+
+    bench = sub.add_parser(
+        "bench", help="time the compiled executor against torch's kernels; table and plot",
+        description="Time the compiled executor against eager and torch.compile'd F.rms_norm "
+        "and the copy_ bandwidth floor, in one run; write bench.md and bench.png.",
+    )
+    bench.add_argument("--out", default="bench-results", help="output folder (default bench-results)")
+    bench.add_argument("--rounds", type=_positive_int, default=7, help="timed rounds (default 7)")
+    bench.add_argument("--quick", action="store_true", help="one small shape, 3 rounds")
+    bench.add_argument("--no-torch-compile", action="store_true", help="skip torch.compile (slow to build)")
+    bench.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    bench.set_defaults(func=_cmd_bench)
     return parser
 
 

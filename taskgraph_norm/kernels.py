@@ -26,6 +26,7 @@ __all__ = [
     "accumulate",
     "catsum",
     "rowmax_sq",
+    "rowmax_sq_whole",
     "maximum",
     "exact_scale",
     "combine_exact",
@@ -127,6 +128,21 @@ def rowmax_sq(x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     """Per-row maximum of the squares of ``x[..., start:stop]`` in fp64 (NaN wins)."""
     s = _squares(x, start, stop, torch.float64)
     return torch.amax(s, dim=-1, keepdim=True)
+
+
+def rowmax_sq_whole(x: torch.Tensor) -> torch.Tensor:
+    """Per-row maximum of the squares of the whole row, in fp64 (NaN wins).
+
+    The same value as the MAX merge of :func:`rowmax_sq` over any chunking of the
+    row: squaring is monotone in ``|x|`` (and fp64 rounding is monotone), so the
+    largest square is the square of the largest magnitude.  One pass over ``x``
+    in its own dtype, instead of one over its fp64 squares.
+    """
+    # amax and amin, not aminmax: aminmax is not vectorised on CPU (10x slower here).
+    hi = torch.amax(x, dim=-1, keepdim=True)
+    lo = torch.amin(x, dim=-1, keepdim=True)
+    magnitude = torch.maximum(hi.to(torch.float64), lo.to(torch.float64).neg())
+    return magnitude * magnitude
 
 
 def maximum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ row the same input is run ``repeats`` times and measured for:
   shuffled positions of the full batch must have identical bits;
 * accuracy against an fp64 reference: max absolute error and max ULP error.
 
+Certified rows run on the compiled executor (the path ``normalize`` takes).
 Race rows run on the concurrent executor, so their arrival orders are real:
 the report's V2 under ``Fifo`` (partials merge in the order worker threads
 finish), its unordered "variant" and the exact race under an unseeded
@@ -34,7 +35,7 @@ from anyio.from_thread import BlockingPortal, start_blocking_portal
 from . import kernels, schedules
 from .api import check_input, normalize_sync
 from .errors import ConfigError
-from .execute import run_concurrent, run_reference
+from .execute import resolve_executor, run_compiled, run_concurrent, run_reference
 from .execute.trace import Trace
 from .graph import Graph
 from .prove import prove
@@ -159,15 +160,20 @@ class _Runner:
             hidden, chunk_size=config.chunk_size, topology=system.topology, leaf=config.leaf,
             accumulate=system.accumulate,
         )
+        # Certified rows run compiled (what normalize() uses); race rows run on the
+        # concurrent executor, because real arrival orders are their point.
+        self.compiled = system.schedule is None and resolve_executor("auto", self.graph)[0] == "compiled"
 
     @property
     def executor(self) -> str:
-        if self.system.schedule is None:
-            return "reference"
-        return f"concurrent, {self.system.schedule} schedule"
+        if self.system.schedule is not None:
+            return f"concurrent, {self.system.schedule} schedule"
+        return "compiled" if self.compiled else "reference"
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.system.schedule is None:
+            if self.compiled:
+                return run_compiled(self.graph, x, self.weight, self.eps)
             return run_reference(self.graph, x, self.weight, self.eps)
         # Fifo: partials merge in the order worker threads really finish; unseeded
         # Random: a fresh arbitrary order every run.  Both are real races.
@@ -324,8 +330,9 @@ def report_text(config: ReportConfig, rows: list[ReportRow]) -> str:
     best = next((r for r in rows if r.name.startswith("best: ")), None)
     standard = next(r for r in rows if r.topology == "standard")
     if best is not None:
-        lines += ["", f"best certified configuration: {best.name[6:]} ({best.proved}), "
-                  f"{standard.median_ms / best.median_ms:.2f}x the speed of standard on this input"]
+        lines += ["", f"best certified configuration: {best.name[6:]} ({best.proved}, executor "
+                  f"{best.executor}), {standard.median_ms / best.median_ms:.2f}x the speed of "
+                  "standard on this input"]
     if not all(r.agrees for r in rows):
         lines += ["", "A measurement CONTRADICTS a certificate above: this is a bug, please report it."]
     return "\n".join(lines) + "\n"

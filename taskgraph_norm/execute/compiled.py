@@ -1,0 +1,344 @@
+"""The compiled executor: a certified graph's :class:`Plan` run over row tiles.
+
+Each tile of rows is squared once into a preallocated workspace; the leaves,
+merges and FINALIZE run as a few tensor ops on views of it (views are built
+once per workspace, so a call allocates nothing beyond the output).  Every op
+is the reference's op on the same values in the same order, applied to more
+elements at once: elementwise adds and divisions do not care how many
+elements they see, and ``torch.sum`` is called on the same row shapes as the
+reference calls it.  So the bits are the reference's, which the tests check
+for every certified configuration.
+
+Tiles can be spread over a small pool of worker threads (torch releases the
+GIL inside ops); each thread has its own workspaces.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import threading
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from .. import kernels
+from ..errors import ConfigError, ExecutionError, GraphError
+from ..graph import Graph
+from .lowering import Plan, lower
+from .workspace import TILE_BYTES, WORKSPACES_PER_THREAD, Views, default_tile_rows, workspace
+
+__all__ = [
+    "compile_graph", "plan_or_error", "run_compiled", "default_tile_rows", "DEFAULT_THREADS",
+    "TILE_BYTES", "WORKSPACES_PER_THREAD",
+]
+
+#: Worker threads for inputs of two tiles or more (each with its own workspaces).
+DEFAULT_THREADS = 2
+
+_pool_lock = threading.Lock()
+_pools: dict[int, ThreadPoolExecutor] = {}
+
+
+#: Plans (or the reason there is none) by graph identity: hashing a graph walks
+#: every node, too slow for a decode-sized call.  Holding the graph keeps its id unique.
+_PLANS: OrderedDict[int, tuple[Graph, Plan | Exception]] = OrderedDict()
+_PLANS_MAX = 256
+
+
+def plan_or_error(graph: Graph) -> Plan | Exception:
+    """The graph's plan, or the error that says why it has none (cached)."""
+    hit = _PLANS.get(id(graph))
+    if hit is not None and hit[0] is graph:
+        return hit[1]
+    result: Plan | Exception
+    try:
+        result = _compile(graph)
+    except (ExecutionError, GraphError) as exc:
+        result = exc
+    with _pool_lock:
+        _PLANS[id(graph)] = (graph, result)
+        while len(_PLANS) > _PLANS_MAX:
+            _PLANS.popitem(last=False)
+    return result
+
+
+def compile_graph(graph: Graph) -> Plan:
+    """The plan of a certified graph (cached per graph object).
+
+    Raises
+    ------
+    ExecutionError
+        if the prover does not certify the graph: an uncertified graph is never compiled.
+    GraphError
+        if the graph is certified but has a shape the plan cannot express.
+    """
+    result = plan_or_error(graph)
+    if isinstance(result, Exception):
+        raise result
+    return result
+
+
+def _compile(graph: Graph) -> Plan:
+    from ..prove import prove
+
+    proof = prove(graph)
+    if not proof.certified:
+        raise ExecutionError(
+            f"the compiled executor runs only certified graphs; this one is {proof.summary} "
+            "(use executor='reference', or 'auto', which falls back for you)"
+        )
+    return lower(graph, proof.fingerprint)
+
+
+# --- one tile ------------------------------------------------------------------
+
+
+def _square(xt: torch.Tensor, sq: torch.Tensor) -> None:
+    # The reference squares x.to(acc) in acc: converting first keeps a bf16
+    # product from being rounded to bf16.
+    if xt.dtype == sq.dtype:
+        torch.mul(xt, xt, out=sq)
+    else:
+        sq.copy_(xt)
+        sq.mul_(sq)
+
+
+def _float_total(plan: Plan, v: Views, xt: torch.Tensor) -> torch.Tensor:
+    if v.ybuf is not None:
+        # x.to(acc) once, kept in ybuf for FINALIZE: a mixed-dtype op would
+        # convert x again into a temporary of its own.
+        v.ybuf.copy_(xt)
+        torch.mul(v.ybuf, v.ybuf, out=v.sq)
+    else:
+        torch.mul(xt, xt, out=v.sq)
+    if plan.leaf == "native":
+        if plan.n_full:
+            torch.sum(v.full, dim=-1, out=v.native_out)
+        if v.tail_copy is not None:
+            v.tail_copy.copy_(v.tail)
+            torch.sum(v.tail_copy, dim=-1, keepdim=True, out=v.parts[:, plan.n_full :])
+    else:
+        for dst, src in v.full_steps:
+            dst.add_(src)
+        for dst, src in v.tail_steps:
+            dst.add_(src)
+    for dst, src in v.gather:
+        dst.copy_(src)
+    if plan.merge == "cat":
+        torch.sum(v.parts, dim=-1, keepdim=True, out=v.rms)
+    for kind, dst, a, b in v.merge:
+        if kind == "iadd":
+            dst.add_(a)
+        else:
+            torch.add(a, b, out=dst)
+    return v.total
+
+
+def _exact_total(
+    plan: Plan, v: Views, xt: torch.Tensor, sigmas: torch.Tensor, any_unscaled: bool
+) -> torch.Tensor:
+    """The exact pair of every row, summed over whole rows (exact in any order),
+    combined in fp64: what the graph's FINALIZE computes from its merge.  The
+    scales of the tile's rows come in ``sigmas`` (computed once per call)."""
+    sq, q = v.sq, v.q
+    _square(xt, sq)
+    sigma1, sigma2 = sigmas[:, :1], sigmas[:, 1:]
+    torch.add(sq, sigma1, out=q)
+    q.sub_(sigma1)  # q1 = (v + sigma1) - sigma1
+    sq.sub_(q)  # the remainder v - q1 (exact)
+    if any_unscaled:  # Inf/NaN rows keep everything in fold 1
+        sq.masked_fill_(sigma1 == 0, 0.0)
+    sq.add_(sigma2)
+    sq.sub_(sigma2)  # q2 = (r + sigma2) - sigma2
+    torch.sum(q, dim=-1, keepdim=True, out=v.pair[:, :1])
+    torch.sum(sq, dim=-1, keepdim=True, out=v.pair[:, 1:])
+    torch.add(v.pair[:, :1], v.pair[:, 1:], out=v.total64)
+    return v.total64
+
+
+@functools.lru_cache(maxsize=64)
+def _hidden_divisor(hidden_size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.tensor(float(hidden_size), dtype=dtype, device=device)
+
+
+def _finalize(
+    plan: Plan, v: Views, xt: torch.Tensor, total: torch.Tensor, yt: torch.Tensor,
+    weight: torch.Tensor | None, eps: float, x_in_ybuf: bool,
+) -> None:
+    """kernels.finalize's op sequence, written into preallocated buffers.  A
+    narrower x is divided as ``x.to(acc)`` held in ybuf (``x_in_ybuf``: already there)."""
+    rms = v.rms
+    # As in kernels.finalize: divide by a tensor (CUDA would multiply by the
+    # reciprocal of a host scalar) and take the square root in fp64.
+    divisor = _hidden_divisor(plan.hidden_size, rms.dtype, rms.device)
+    if total is rms:
+        rms.div_(divisor)
+    elif total.dtype == rms.dtype:
+        torch.div(total, divisor, out=rms)
+    else:
+        rms.copy_(total)  # the exact sum's one rounding to the accumulation dtype
+        rms.div_(divisor)
+    rms.add_(eps)
+    if rms.dtype == torch.float64:
+        rms.sqrt_()
+    else:
+        rms.copy_(rms.double().sqrt_())
+    y = yt if v.ybuf is None else v.ybuf
+    if y is yt:
+        torch.div(xt, rms, out=y)
+    else:
+        if not x_in_ybuf:
+            y.copy_(xt)
+        y.div_(rms)
+    if weight is not None:
+        y.mul_(weight)
+    if y is not yt:
+        yt.copy_(y)
+
+
+def _run_tiles(
+    plan: Plan, x2: torch.Tensor, y2: torch.Tensor, weight: torch.Tensor | None, eps: float,
+    tile: int, start: int, stop: int, exact: tuple[torch.Tensor, bool] | None,
+) -> None:
+    ws = workspace(plan, tile, x2.dtype, x2.device)
+    for r0 in range(start, stop, tile):
+        r1 = min(r0 + tile, stop)
+        v = ws.views(r1 - r0)
+        xt = x2[r0:r1]
+        if exact is None:
+            total = _float_total(plan, v, xt)
+        else:
+            total = _exact_total(plan, v, xt, exact[0][r0:r1], exact[1])
+        _finalize(plan, v, xt, total, y2[r0:r1], weight, eps, exact is None)
+
+
+# --- entry point -----------------------------------------------------------------
+
+
+def _serial_worker() -> None:
+    # Each worker runs its ops single-threaded: the tiles are the parallelism, and a
+    # torch intra-op team inside every worker would oversubscribe the cores (measured
+    # ~10% slower here).  Reading the count first finishes torch's lazy per-thread
+    # set-up, which would otherwise reset the count on the worker's first op.
+    torch.get_num_threads()
+    torch.set_num_threads(1)
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    with _pool_lock:
+        pool = _pools.get(workers)
+        if pool is None:
+            caller_threads = torch.get_num_threads()
+            pool = ThreadPoolExecutor(workers, thread_name_prefix="tgn-compiled", initializer=_serial_worker)
+            started = threading.Barrier(workers)
+            list(pool.map(lambda _: started.wait(), range(workers)))  # start every worker now
+            # set_num_threads also moved torch's process-wide default: put it back.
+            torch.set_num_threads(caller_threads)
+            _pools[workers] = pool
+        return pool
+
+
+def _weight_for(weight: torch.Tensor | None, acc: torch.dtype) -> torch.Tensor | None:
+    # y * w.to(acc): a narrower weight multiplies exactly in acc as it is; a wider
+    # one must be rounded to acc first, or the product would be computed wider.
+    if weight is None or weight.dtype == acc or weight.dtype in (torch.float16, torch.bfloat16):
+        return weight
+    return weight.to(acc)
+
+
+def run_compiled(
+    graph: Graph,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    eps: float,
+    *,
+    out: torch.Tensor | None = None,
+    tile_rows: int | None = None,
+    threads: int | None = None,
+) -> torch.Tensor:
+    """Run a certified ``graph`` on ``x`` (already checked) through its compiled plan.
+
+    Parameters
+    ----------
+    out:
+        Written in place and returned, when given (same shape, dtype, device as ``x``).
+    tile_rows:
+        Rows per tile (default: :func:`default_tile_rows`).  The bits never depend on it.
+    threads:
+        Worker threads the tiles are spread over (``1``: the caller's thread).
+        Default: :data:`DEFAULT_THREADS` capped by torch's intra-op thread count
+        (measured fastest on the 2-core machine of docs/performance.md).
+        The bits never depend on it.
+    """
+    if tile_rows is not None or (threads is not None and (type(threads) is not int or threads < 1)):
+        for name, value in (("tile_rows", tile_rows), ("threads", threads)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigError(name, value, "an integer >= 1")
+    if threads is None:
+        threads = min(DEFAULT_THREADS, torch.get_num_threads())
+    plan = compile_graph(graph)
+    if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)):
+        # out= ops do not record gradients: the reference's ops (same bits) do.
+        from .reference import run_reference
+
+        y_ref = run_reference(graph, x, weight, eps)
+        return y_ref if out is None else out.copy_(y_ref)
+    d = plan.hidden_size
+    x2 = x.reshape(-1, d)
+    direct = x.is_contiguous() and (out is None or out.is_contiguous())
+    if direct:
+        y = out if out is not None else torch.empty_like(x)
+    else:
+        y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    y2 = y.view(-1, d)
+    rows = x2.shape[0]
+    if x.device.type != "cpu":
+        tile = rows  # tiling buys nothing on an accelerator, and keeps reduction shapes
+    else:
+        tile = tile_rows or default_tile_rows(plan, x.dtype)
+    w = _weight_for(weight, kernels.accumulation_dtype(x.dtype))
+    exact = None
+    if plan.accumulate == "exact" and rows:
+        # The row maxima and scales of the whole input, once: a dozen small ops per
+        # call instead of per tile, and a pass over x instead of over fp64 squares.
+        row_max = kernels.rowmax_sq_whole(x2)
+        sigmas = kernels.exact_scale(row_max, d)
+        exact = (sigmas, bool((sigmas[:, :1] == 0).any()))
+    tiles = -(-rows // tile) if rows else 0
+    workers = min(threads, tiles)
+    if workers <= 1:
+        _run_tiles(plan, x2, y2, w, eps, tile, 0, rows, exact)
+    else:
+        per = -(-tiles // workers) * tile
+        futures = [
+            _pool(workers).submit(_run_tiles, plan, x2, y2, w, eps, tile, s, min(s + per, rows), exact)
+            for s in range(0, rows, per)
+        ]
+        for f in futures:
+            f.result()
+    if exact is not None and exact[1]:
+        _nan_rows(graph, x2, y2, weight, eps, row_max)
+    if not direct:
+        # A strided input or output: the result keeps the input's layout, as torch's does.
+        return (out if out is not None else torch.empty_like(x)).copy_(y)
+    return y
+
+
+def _nan_rows(
+    graph: Graph, x2: torch.Tensor, y2: torch.Tensor, weight: torch.Tensor | None, eps: float,
+    row_max: torch.Tensor,
+) -> None:
+    """Rows with a NaN take the reference's bits: with NaNs of both signs in a row,
+    which NaN survives a sum depends on its order.  (The reference is row-local, so
+    running it on those rows alone gives their bits in the whole batch.)"""
+    from .reference import run_reference
+
+    rows = row_max[:, 0].isnan().nonzero()[:, 0]
+    if len(rows):
+        y2[rows] = run_reference(graph, x2[rows], weight, eps)
+
+
+#: Marks runners that write ``out`` themselves (see ``api._run``).
+run_compiled.writes_out = True  # type: ignore[attr-defined]

@@ -1,0 +1,329 @@
+"""Lowering: a certified merge DAG becomes a :class:`Plan` of level-batched steps.
+
+The plan is pure data (no torch): which chunks the row splits into, how the
+leaves sum them, how their partials merge, and the exact-domain recipe.  The
+compiled executor (:mod:`.compiled`) turns it into a handful of tensor ops
+per row tile.  Lowering reads only the graph's nodes, never its ``meta``, so a
+hand-edited graph is lowered as what it is, or refused.
+
+What lowers
+-----------
+* leaves: ``SUMSQ`` nodes over a uniform chunking ``[k C, min((k+1) C, D))`` with
+  one leaf kind.  All full chunks become one op per halving step over a
+  ``(rows, n_full, C)`` view; a ragged last chunk gets its own steps.
+* float merges: every ``ADD`` (and an ``ACCUMULATE`` of at most two partials,
+  which commutes exactly) becomes a slot triple; the triples are grouped into
+  levels (a level's ADDs depend only on earlier levels).  The builder's tree is
+  recognised and run as one strided add per level; anything else (a linear fold,
+  a hand-made shape) runs one column add per ADD, in level order.  A ``CATSUM``
+  over all leaves in index order is one ``torch.sum`` over the partials, exactly
+  as :func:`kernels.catsum` does it.
+* exact domain: every addition is exact, so the sum of all pre-rounded squares
+  is the same in any order and any chunking.  The plan checks that the leaves
+  and row maxima cover the row once each and that every leaf reaches the root
+  exactly once; it then sums whole rows.
+
+Anything else raises :class:`~taskgraph_norm.errors.GraphError` saying why; the
+``auto`` executor then falls back to the reference interpreter.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import GraphError
+from ..graph import Graph, Node, Op, validate
+
+__all__ = ["Plan", "lower", "tree_levels"]
+
+#: Merge kinds a plan can carry.
+MERGES = ("single", "tree", "adds", "cat", "exact")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A certified graph lowered to level-batched tensor steps (frozen, printable).
+
+    Attributes
+    ----------
+    hidden_size, chunk_size:
+        ``D`` and ``C``; ``n_full`` chunks of length ``C`` and a ragged ``tail``
+        (``0`` when ``C`` divides ``D``).
+    leaf:
+        ``"pairwise"`` or ``"native"`` (float domain; the exact domain sums with
+        ``torch.sum``, which is exact there).
+    accumulate:
+        ``"float"`` or ``"exact"``.
+    merge:
+        ``"single"`` (one chunk), ``"tree"`` (strided levels), ``"adds"`` (one
+        column add per ADD, by level), ``"cat"`` (one ``torch.sum``) or ``"exact"``.
+    adds:
+        For ``"adds"``: levels of ``(dst, a, b)`` slot triples; slots ``0..n-1``
+        are the leaves, ``n + j`` the j-th ADD.  ``root`` is the total's slot.
+    fingerprint:
+        The proof's fingerprint of the graph this plan was lowered from.
+    """
+
+    hidden_size: int
+    chunk_size: int
+    n_full: int
+    tail: int
+    leaf: str
+    accumulate: str
+    merge: str
+    adds: tuple[tuple[tuple[int, int, int], ...], ...] = ()
+    root: int = 0
+    fingerprint: str = ""
+
+    @property
+    def n_chunks(self) -> int:
+        return self.n_full + (1 if self.tail else 0)
+
+    @property
+    def halving_steps(self) -> tuple[tuple[int, int], ...]:
+        """``(L, h)`` of every pairwise step of a full chunk: ``s[:L-h] += s[h:L]``."""
+        return halving_steps(self.chunk_size)
+
+    @property
+    def steps(self) -> tuple[str, ...]:
+        """The plan as readable lines, one per tensor-op group, per row tile."""
+        d, c, n = self.hidden_size, self.chunk_size, self.n_chunks
+        lines: list[str] = []
+        if self.accumulate == "exact":
+            lines += [
+                f"square: v = x.to(fp64)**2 over the tile, shape (rows, {d})",
+                "rowmax: M = amax(v, -1)  (max is exact: chunking and merge order are irrelevant)",
+                "scale: (sigma1, sigma2) = kernels.exact_scale(M, D)",
+                "preround fold 1: q1 = (v + sigma1) - sigma1; remainder r = v - q1",
+                "preround fold 2: q2 = (r + sigma2) - sigma2",
+                f"sum: (S1, S2) = (sum q1, sum q2) over whole rows (every addition exact, "
+                f"so equal to the graph's {n}-leaf merge in any order)",
+                "combine: total = (S1 + S2) in fp64, rounded to the accumulation dtype",
+            ]
+        else:
+            lines.append(f"square: s = x.to(acc)**2 over the tile, shape (rows, {d})")
+            if self.n_full:
+                what = (
+                    f"{len(self.halving_steps)} halving steps on the last dim"
+                    if self.leaf == "pairwise" else "torch.sum on the last dim"
+                )
+                lines.append(f"leaves: view s[:, :{self.n_full * c}] as (rows, {self.n_full}, {c}); {what}")
+            if self.tail:
+                what = (
+                    f"{len(halving_steps(self.tail))} halving steps"
+                    if self.leaf == "pairwise" else "torch.sum"
+                )
+                lines.append(f"ragged leaf: s[:, {self.n_full * c}:{d}] ({self.tail} wide); {what}")
+            lines += self._merge_lines()
+        lines += [
+            "finalize: rms = sqrt(total / D + eps); y = x.to(acc) / rms; y *= w.to(acc)",
+            "cast: y.to(x.dtype) into the output tile (skipped when acc is x.dtype)",
+        ]
+        return tuple(lines)
+
+    def _merge_lines(self) -> list[str]:
+        n = self.n_chunks
+        if self.merge == "single":
+            return ["merge: none (one chunk)"]
+        if self.merge == "cat":
+            return [f"merge: torch.sum over the ({n},) partials per row (kernels.catsum order)"]
+        if self.merge == "tree":
+            levels = tree_levels(n)
+            return [
+                f"merge level {i + 1}: p[:, :{k // 2}] = p[:, 0:{2 * (k // 2)}:2] + p[:, 1:{2 * (k // 2)}:2]"
+                + (f"; carry p[:, {k - 1}]" if k % 2 else "")
+                for i, k in enumerate(levels)
+            ]
+        total = sum(len(level) for level in self.adds)
+        return [f"merge: {total} ordered column adds in {len(self.adds)} levels over the partials"]
+
+    def __str__(self) -> str:
+        head = (
+            f"Plan(D={self.hidden_size}, chunk={self.chunk_size}: {self.n_full} full"
+            + (f" + 1 ragged ({self.tail})" if self.tail else "")
+            + f", leaf={self.leaf}, accumulate={self.accumulate}, merge={self.merge}"
+            + (f", proof {self.fingerprint}" if self.fingerprint else "")
+            + ")"
+        )
+        return "\n".join([head] + [f"  {i + 1}. {s}" for i, s in enumerate(self.steps)])
+
+
+@functools.lru_cache(maxsize=256)
+def halving_steps(length: int) -> tuple[tuple[int, int], ...]:
+    """The ``(L, h)`` sequence of :func:`kernels.pairwise_halving_` for one length."""
+    steps = []
+    while length > 1:
+        half = (length + 1) // 2
+        steps.append((length, half))
+        length = half
+    return tuple(steps)
+
+
+def tree_levels(n: int) -> tuple[int, ...]:
+    """The operand count of each level of the builder's tree over ``n`` partials."""
+    levels = []
+    while n > 1:
+        levels.append(n)
+        n = (n + 1) // 2
+    return tuple(levels)
+
+
+def lower(graph: Graph, fingerprint: str = "") -> Plan:
+    """Lower a (certified) graph to a :class:`Plan`.
+
+    The caller decides certification (see :func:`resolve_executor`); lowering
+    itself refuses what it cannot run bit-identically to the reference: a race
+    over three or more float partials, a non-uniform chunking, an opaque node.
+
+    Raises
+    ------
+    GraphError
+        naming the node that stops the lowering.
+    """
+    validate(graph)
+    return _lower_cached(graph, fingerprint)
+
+
+@functools.lru_cache(maxsize=256)
+def _lower_cached(graph: Graph, fingerprint: str) -> Plan:
+    by_id = graph.by_id
+    finalize = _single(graph, Op.FINALIZE)
+    leaves = sorted((n for n in graph if n.op is Op.SUMSQ), key=lambda n: n.attrs["start"])
+    if not leaves:
+        raise GraphError(finalize.id, "nothing to lower: no SUMSQ leaves")
+    hidden = finalize.attrs.get("hidden_size")
+    chunk, n_full, tail = _uniform_chunking(leaves, hidden)
+    leaf_kinds = {n.attrs.get("leaf") for n in leaves}
+    domains = {n.attrs.get("domain", "float") for n in leaves}
+    if len(leaf_kinds) != 1 or len(domains) != 1 or not leaf_kinds <= {"pairwise", "native"}:
+        raise GraphError(leaves[0].id, "leaves mix kinds or domains; the compiled plan needs one")
+    domain = domains.pop()
+    slots = {n.id: k for k, n in enumerate(leaves)}
+    common: dict[str, Any] = dict(
+        hidden_size=hidden, chunk_size=chunk, n_full=n_full, tail=tail,
+        leaf=leaf_kinds.pop(), fingerprint=fingerprint,
+    )
+    total_id = finalize.inputs[1]
+    if domain == "exact":
+        _check_exact(graph, leaves, total_id, n_full * chunk + tail)
+        return Plan(accumulate="exact", merge="exact", **common)
+    if total_id in slots:
+        return Plan(accumulate="float", merge="single" if len(leaves) == 1 else "adds",
+                    root=slots[total_id], **common)
+    root = by_id[total_id]
+    if root.op is Op.CATSUM and list(root.inputs) == [n.id for n in leaves]:
+        return Plan(accumulate="float", merge="cat", **common)
+    adds, root_slot = _add_levels(graph, slots, total_id)
+    if adds == _builder_tree(len(leaves)) and root_slot == len(leaves) + sum(map(len, adds)) - 1:
+        return Plan(accumulate="float", merge="tree", root=root_slot, adds=adds, **common)
+    return Plan(accumulate="float", merge="adds", adds=adds, root=root_slot, **common)
+
+
+def _single(graph: Graph, op: Op) -> Node:
+    found = [n for n in graph if n.op is op]
+    if len(found) != 1:
+        bad = next((n.id for n in graph if n.op is Op.RMSNORM), None)
+        raise GraphError(bad, f"the compiled plan needs exactly one {op.name} node, found {len(found)}")
+    return found[0]
+
+
+def _uniform_chunking(leaves: list[Node], hidden: object) -> tuple[int, int, int]:
+    if not isinstance(hidden, int) or hidden < 1:
+        raise GraphError(leaves[0].id, "FINALIZE has no valid hidden_size")
+    bounds = [(n.attrs["start"], n.attrs["stop"]) for n in leaves]
+    chunk = bounds[0][1] - bounds[0][0]
+    expected = [(a, min(a + chunk, hidden)) for a in range(0, hidden, chunk)] if chunk > 0 else []
+    if bounds != expected:
+        raise GraphError(leaves[0].id, "the leaves are not a uniform chunking of the row",
+                         "the compiled plan batches equal chunks; use executor='reference'")
+    return chunk, hidden // chunk, hidden % chunk
+
+
+def _add_levels(
+    graph: Graph, slots: dict[str, int], root_id: str
+) -> tuple[tuple[tuple[tuple[int, int, int], ...], ...], int]:
+    """The float merge as levels of ``(dst, a, b)`` slot triples (ASAP levels)."""
+    level_of = {leaf: 0 for leaf in slots}
+    slot_of = dict(slots)
+    triples: list[tuple[int, tuple[int, int, int]]] = []
+    for node_id in graph.topological_order:
+        node = graph.by_id[node_id]
+        if node.op in (Op.INPUT, Op.SUMSQ, Op.FINALIZE, Op.OUTPUT):
+            continue
+        if node.op is Op.ACCUMULATE and len(node.inputs) == 1:
+            slot_of[node.id], level_of[node.id] = slot_of[node.inputs[0]], level_of[node.inputs[0]]
+            continue
+        # Two float addends commute exactly: an ACCUMULATE of two is an ADD.
+        if node.op not in (Op.ADD, Op.ACCUMULATE) or len(node.inputs) != 2:
+            raise GraphError(node.id, f"{node.op.name} with {len(node.inputs)} operands cannot be "
+                             "lowered in the float domain", "use executor='reference'")
+        a, b = node.inputs
+        level = max(level_of[a], level_of[b]) + 1
+        slot_of[node.id], level_of[node.id] = len(slots) + len(triples), level
+        triples.append((level, (slot_of[node.id], slot_of[a], slot_of[b])))
+    depth = max((lvl for lvl, _ in triples), default=0)
+    levels = tuple(
+        tuple(t for lvl, t in triples if lvl == d) for d in range(1, depth + 1)
+    )
+    return levels, slot_of[root_id]
+
+
+@functools.lru_cache(maxsize=64)
+def _builder_tree(n: int) -> tuple[tuple[tuple[int, int, int], ...], ...]:
+    """The slot triples :func:`topologies.merge_tree` builds over ``n`` leaves."""
+    level_slots = list(range(n))
+    nxt_slot = n
+    levels = []
+    while len(level_slots) > 1:
+        nxt, level = [], []
+        for i in range(0, len(level_slots), 2):
+            if i + 1 < len(level_slots):
+                level.append((nxt_slot, level_slots[i], level_slots[i + 1]))
+                nxt.append(nxt_slot)
+                nxt_slot += 1
+            else:
+                nxt.append(level_slots[i])
+        levels.append(tuple(level))
+        level_slots = nxt
+    return tuple(levels)
+
+
+def _check_exact(graph: Graph, leaves: list[Node], total_id: str, hidden: int) -> None:
+    """Whole-row exact sums equal the graph's iff each leaf reaches the root once
+    and the row maxima cover the row (the chunking itself was checked)."""
+    scales = {leaf.inputs[1] for leaf in leaves if len(leaf.inputs) == 2}
+    scale = graph.by_id[scales.pop()] if len(scales) == 1 else None
+    if scale is None or scale.op is not Op.SCALE or any(len(leaf.inputs) != 2 for leaf in leaves):
+        raise GraphError(leaves[0].id, "exact leaves must all read one SCALE node")
+    maxima = sorted(_reachable(graph, scale.inputs[0], Op.MAX, Op.ROWMAX), key=lambda n: n.attrs["start"])
+    covered = [(n.attrs["start"], n.attrs["stop"]) for n in maxima]
+    if not covered or covered[0][0] != 0 or covered[-1][1] != hidden or any(
+        b[0] != a[1] for a, b in zip(covered, covered[1:])
+    ):
+        raise GraphError(maxima[0].id if maxima else total_id,
+                         "the row maxima do not cover the row once", "use executor='reference'")
+    uses = Counter(n.id for n in _walk(graph, total_id, (Op.ADD, Op.ACCUMULATE, Op.CATSUM), Op.SUMSQ))
+    if len(uses) != len(leaves) or set(uses.values()) != {1}:
+        raise GraphError(total_id, "some leaf reaches the total more or less than once")
+
+
+def _reachable(graph: Graph, start: str, through: Op, leaf_op: Op) -> list[Node]:
+    return list({n.id: n for n in _walk(graph, start, (through,), leaf_op)}.values())
+
+
+def _walk(graph: Graph, start: str, through: tuple[Op, ...], leaf_op: Op) -> list[Node]:
+    """Every ``leaf_op`` node reached from ``start`` through ``through`` nodes, once
+    per path (so a leaf used twice appears twice); any other op is refused."""
+    found, stack = [], [start]
+    while stack:
+        node = graph.by_id[stack.pop()]
+        if node.op is leaf_op:
+            found.append(node)
+        elif node.op in through:
+            stack.extend(node.inputs)
+        else:
+            raise GraphError(node.id, f"{node.op.name} inside an exact merge cannot be lowered")
+    return found
