@@ -111,12 +111,12 @@ def bench_normalize(repeats: int) -> list[tuple[str, float, float, float]]:
     x = torch.randn(1, 4096, generator=torch.Generator().manual_seed(0))
     loops = 20
 
-    def sync_loop() -> None:
-        for _ in range(loops):
-            tgn.normalize_sync(x)
-
     rows = []
     for executor in ("auto", "concurrent"):
+
+        def sync_loop(executor: str = executor) -> None:
+            for _ in range(loops):
+                tgn.normalize_sync(x, executor=executor)
 
         async def async_loop(executor: str = executor) -> None:
             for _ in range(loops):
