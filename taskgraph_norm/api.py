@@ -124,7 +124,8 @@ def _run(
     if "hidden_size" in graph.meta and x.numel() == 0:
         y = torch.empty_like(x)
     elif getattr(runner, "writes_out", False):  # e.g. compiled: writes into `out` itself
-        return runner(graph, x, weight, eps, out=out, **(options or {}))
+        written: torch.Tensor = runner(graph, x, weight, eps, out=out, **(options or {}))
+        return written
     elif inspect.iscoroutinefunction(runner):  # an async executor, called from sync code
         y = anyio.run(functools.partial(runner, graph, x, weight, eps, **(options or {})))
     else:
@@ -153,9 +154,8 @@ def _prepare_execute(
 
 
 async def _maybe_offload(fn: Any, x: torch.Tensor) -> torch.Tensor:
-    if x.numel() >= OFFLOAD_NUMEL:
-        return await anyio.to_thread.run_sync(fn)
-    return fn()
+    y: torch.Tensor = await anyio.to_thread.run_sync(fn) if x.numel() >= OFFLOAD_NUMEL else fn()
+    return y
 
 
 async def _arun(

@@ -8,6 +8,7 @@ loading a tensor library.  Operand order is semantics (``ADD(a, b)`` is not
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import CycleError, GraphError
 
 if TYPE_CHECKING:
-    import networkx as nx
+    import networkx as nx  # type: ignore[import-untyped]
 
 __all__ = ["Op", "Attrs", "Node", "Graph", "validate", "ancestors", "ARITY"]
 
@@ -118,7 +119,9 @@ class Node:
     id: str
     op: Op
     inputs: tuple[str, ...] = ()
-    attrs: Attrs = field(default_factory=Attrs)
+    # Typed as a Mapping so that builders may pass dicts; __post_init__ always
+    # stores an immutable, hashable Attrs.
+    attrs: Mapping[str, Any] = field(default_factory=Attrs)
 
     def __post_init__(self) -> None:
         # Accept lists and dicts from hand-written graphs, but store frozen values.
@@ -129,9 +132,7 @@ class Node:
 
     def replace(self, **changes: Any) -> Node:
         """A copy of this node with some fields changed (the node itself is frozen)."""
-        fields = {"id": self.id, "op": self.op, "inputs": self.inputs, "attrs": self.attrs}
-        fields.update(changes)
-        return Node(**fields)
+        return dataclasses.replace(self, **changes)
 
 
 class Graph:

@@ -108,7 +108,7 @@ def catsum(parts: Sequence[torch.Tensor]) -> torch.Tensor:
     cat = torch.cat(list(parts), dim=-1)
     if channels == 1:
         return torch.sum(cat, dim=-1, keepdim=True)
-    return torch.sum(cat.unflatten(-1, (len(parts), channels)), dim=-2)
+    return torch.sum(cat.reshape(*cat.shape[:-1], len(parts), channels), dim=-2)
 
 
 # --- exact domain (DESIGN.md section 5) -------------------------------------

@@ -49,9 +49,11 @@ class RMSNorm(nn.Module):
         accumulate: str = "float",
     ) -> None:
         super().__init__()
-        if isinstance(normalized_shape, numbers.Integral):
-            normalized_shape = (int(normalized_shape),)
-        self.normalized_shape: tuple[int, ...] = tuple(int(d) for d in normalized_shape)
+        dims: Sequence[int] = (
+            (int(normalized_shape),) if isinstance(normalized_shape, numbers.Integral)
+            else normalized_shape  # type: ignore[assignment]
+        )
+        self.normalized_shape: tuple[int, ...] = tuple(int(d) for d in dims)
         if not self.normalized_shape:
             raise ConfigError("normalized_shape", normalized_shape, "at least one dimension")
         self.eps = eps

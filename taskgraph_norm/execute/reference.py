@@ -40,7 +40,8 @@ class ReferenceInterpreter:
 
     def run(self, x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
         """The graph's output for ``x``."""
-        return self.run_values(x, weight, eps, keep=())[self.graph.output]
+        y: torch.Tensor = self.run_values(x, weight, eps, keep=())[self.graph.output]
+        return y
 
     def run_values(
         self, x: torch.Tensor, weight: torch.Tensor | None, eps: float, *, keep: Collection[str]
@@ -98,7 +99,8 @@ class ReferenceInterpreter:
         return kernels.finalize(args[0], args[1], node.attrs["hidden_size"], self.eps, self.weight)
 
     def output(self, node: Node, args: list[Any]) -> torch.Tensor:
-        return args[0]
+        y: torch.Tensor = args[0]
+        return y
 
 
 def _check_arrival(
@@ -152,7 +154,7 @@ def reference_sum_of_squares(graph: Graph, x: torch.Tensor) -> torch.Tensor:
     if finalize is None:
         raise GraphError(None, "the graph has no FINALIZE node to read a sum of squares from")
     total_id = finalize.inputs[1]
-    total = ReferenceInterpreter(graph).run_values(x, None, 0.0, keep=(total_id,))[total_id]
+    total: torch.Tensor = ReferenceInterpreter(graph).run_values(x, None, 0.0, keep=(total_id,))[total_id]
     if total.shape[-1] == kernels.EXACT_CHANNELS:
         total = kernels.combine_exact(total)
     return total.to(kernels.accumulation_dtype(x.dtype))
