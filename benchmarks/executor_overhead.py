@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -28,6 +27,7 @@ import torch
 
 import taskgraph_norm as tgn
 from taskgraph_norm import Graph, Node, Op
+from common import median_seconds  # benchmarks/common.py (this script's folder)
 
 
 def noop(*args: Any) -> int:
@@ -67,16 +67,6 @@ def dask_fan_in(n: int) -> tuple[dict[str, Any], str]:
     return dsk, "merge"
 
 
-def median_seconds(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm up (pools, caches)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
 def bench_shapes(n: int, repeats: int, workers: int) -> list[tuple[str, float, float]]:
     import dask.threaded
 
@@ -94,9 +84,9 @@ def bench_shapes(n: int, repeats: int, workers: int) -> list[tuple[str, float, f
                     graph, 0, executor="concurrent", pool=pool, functions={"noop": noop}
                 )
 
-            t_ours = median_seconds(lambda: anyio.run(ours), repeats)
+            t_ours = median_seconds(lambda: anyio.run(ours), repeats=repeats)
             t_dask = median_seconds(
-                lambda: dask.threaded.get(dsk, key, num_workers=workers), repeats
+                lambda: dask.threaded.get(dsk, key, num_workers=workers), repeats=repeats
             )
             rows.append((shape, t_ours / n * 1e6, t_dask / n * 1e6))
     finally:
