@@ -6,6 +6,7 @@ Each invariance claim has a negative control that must find a difference.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import threading
 
@@ -16,6 +17,7 @@ import taskgraph_norm as tgn
 from taskgraph_norm.errors import ExecutionError, GraphError
 from taskgraph_norm.execute import EXECUTORS, compile_graph, resolve_executor, run_compiled, run_reference
 from taskgraph_norm.execute import compiled as compiled_mod
+from taskgraph_norm.execute import native
 from taskgraph_norm.execute import workspace as workspace_mod
 from taskgraph_norm.graph import Graph, Node, Op
 from taskgraph_norm.testing import assert_bits_equal, bits_equal
@@ -56,13 +58,23 @@ FULL_MATRIX = list(
 )
 
 
+def kernel_sets():
+    """Run the block under each of the compiled executor's kernel sets: the native
+    kernels (when a C compiler is there, as on CI) and the torch ops."""
+    modes = [("native", contextlib.nullcontext)] if native.available() else []
+    for name, ctx in modes + [("torch-ops", native.disabled)]:
+        with ctx():
+            yield name
+
+
 def check_against_reference(graph: Graph, dtype: torch.dtype, rows: int, tiles, threads) -> None:
     hidden = graph.meta["hidden_size"]
     x, w = spread_input(rows, hidden, dtype), weight_for(hidden, dtype)
     expected = run_reference(graph, x, w, EPS)
-    for tile, thread_count in itertools.product(tiles, threads):
-        got = run_compiled(graph, x, w, EPS, tile_rows=tile, threads=thread_count)
-        assert_bits_equal(got, expected, f"tile {tile}, threads {thread_count}, rows {rows}")
+    for kernels in kernel_sets():
+        for tile, thread_count in itertools.product(tiles, threads):
+            got = run_compiled(graph, x, w, EPS, tile_rows=tile, threads=thread_count)
+            assert_bits_equal(got, expected, f"{kernels}, tile {tile}, threads {thread_count}, rows {rows}")
 
 
 @pytest.mark.parametrize("graph", REDUCED)
@@ -97,19 +109,24 @@ def test_special_values_match_reference(accumulate: str) -> None:
     rows[5] = 3e38
     rows[6, ::2] = -0.0
     rows[7, 3], rows[7, 100] = nan, -nan  # NaNs of both signs: which one survives is order-dependent
-    for topology in ("tree", "linear", "cat"):
-        g = tgn.build_graph(130, chunk_size=64, topology=topology, accumulate=accumulate)
-        for tile in (1, 3, None):
-            assert_bits_equal(run_compiled(g, rows, None, EPS, tile_rows=tile), run_reference(g, rows, None, EPS))
+    for kernels in kernel_sets():  # a generator of contexts: loop over it directly, never product() it
+        for topology, tile in itertools.product(("tree", "linear", "cat"), (1, 3, None)):
+            g = tgn.build_graph(130, chunk_size=64, topology=topology, accumulate=accumulate)
+            assert_bits_equal(run_compiled(g, rows, None, EPS, tile_rows=tile), run_reference(g, rows, None, EPS),
+                              f"{topology}, {kernels}, tile {tile}")
 
 
-def test_strided_inputs_match_reference() -> None:
-    g = tgn.build_graph(96, chunk_size=64)
+@pytest.mark.parametrize("accumulate", ["float", "exact"])
+def test_strided_inputs_match_reference(accumulate: str) -> None:
+    g = tgn.build_graph(96, chunk_size=64, accumulate=accumulate)
     base = spread_input(96, 40, torch.float32)
-    for x in (base.t(), spread_input(4, 2 * 96, torch.float32)[:, ::2],
-              spread_input(2 * 3 * 5, 96, torch.float32).view(2, 3, 5, 96)):
-        assert_bits_equal(tgn.normalize_sync(x, chunk_size=64), run_reference(g, x.reshape(-1, 96), None,
-                          torch.finfo(torch.float32).eps).reshape(x.shape))
+    rows_with_a_gap = spread_input(6, 128, torch.float32)[:, :96]  # unit stride along rows, rows 128 apart
+    inputs = (base.t(), spread_input(4, 2 * 96, torch.float32)[:, ::2], rows_with_a_gap,
+              spread_input(2 * 3 * 5, 96, torch.float32).view(2, 3, 5, 96))
+    for kernels in kernel_sets():
+        for x in inputs:
+            expected = run_reference(g, x.reshape(-1, 96), None, torch.finfo(torch.float32).eps).reshape(x.shape)
+            assert_bits_equal(tgn.normalize_sync(x, chunk_size=64, accumulate=accumulate), expected, kernels)
 
 
 # -- batch invariance on the compiled path ------------------------------------------
@@ -138,11 +155,12 @@ STRADDLE = (1, 15, 16, 17, 31, 33, 64, 65)  # around tiles of 16 rows
 def test_compiled_rows_are_batch_invariant_across_tile_boundaries(topology: str, accumulate: str) -> None:
     g = tgn.build_graph(1000, chunk_size=64, topology=topology, accumulate=accumulate)
     rows = spread_input(3, 1000, torch.float32)
-    for threads in (1, 2):
-        def fn(t: torch.Tensor, threads: int = threads) -> torch.Tensor:
-            return run_compiled(g, t, None, EPS, tile_rows=16, threads=threads)
+    for kernels in kernel_sets():
+        for threads in (1, 2):
+            def fn(t: torch.Tensor, threads: int = threads) -> torch.Tensor:
+                return run_compiled(g, t, None, EPS, tile_rows=16, threads=threads)
 
-        assert rows_alone_vs_batched(fn, rows, STRADDLE) == []
+            assert rows_alone_vs_batched(fn, rows, STRADDLE) == [], kernels
 
 
 def test_negative_control_batch_dependent_chunking_is_caught() -> None:

@@ -24,15 +24,20 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from .. import kernels
+from . import native as _native
 from ..errors import ConfigError, ExecutionError, GraphError
 from ..graph import Graph
 from .lowering import Plan, lower
-from .workspace import TILE_BYTES, WORKSPACES_PER_THREAD, Views, default_tile_rows, workspace
+from .workspace import TILE_BYTES, WORKSPACES_PER_THREAD, Views, Workspace, default_tile_rows, workspace
 
 __all__ = [
     "compile_graph", "plan_or_error", "run_compiled", "default_tile_rows", "DEFAULT_THREADS",
     "TILE_BYTES", "WORKSPACES_PER_THREAD",
 ]
+
+#: Float merges the native kernel runs (a ``cat`` merge and ``native`` leaves keep
+#: ``torch.sum``'s own order, so they stay on torch ops).
+NATIVE_FLOAT_MERGES = ("single", "tree", "adds")
 
 #: Worker threads for inputs of two tiles or more (each with its own workspaces).
 DEFAULT_THREADS = 2
@@ -158,6 +163,35 @@ def _exact_total(
     return v.total64
 
 
+def _float_total_native(
+    ws: Workspace, v: Views, xt: torch.Tensor, r0: int, redo: list[int]
+) -> torch.Tensor:
+    """The same total as :func:`_float_total`, from the native kernel, written into
+    rms.  A narrower x is widened into ybuf first (exactly), where FINALIZE reads it.
+    Rows with a NaN total go to ``redo`` (global row numbers): which of two NaNs a
+    sum keeps is the reference's business."""
+    if v.ybuf is not None:
+        v.ybuf.copy_(xt)
+        xt = v.ybuf
+    if _native.float_rows(xt, ws.recipe, v.rms):
+        redo.extend((v.rms[:, 0].isnan().nonzero()[:, 0] + r0).tolist())
+    return v.rms
+
+
+def _exact_total_native(v: Views, xt: torch.Tensor, r0: int, unscaled: list[int]) -> torch.Tensor:
+    """The same total as :func:`_exact_total`, from the native kernel (one pass per
+    row, scales included).  A narrower x is widened into ybuf first (exactly), where
+    FINALIZE then reads it.  Rows with no scale are appended to ``unscaled`` (global
+    row numbers) for the reference to finish."""
+    if v.ybuf is not None:
+        v.ybuf.copy_(xt)
+        xt = v.ybuf
+    if _native.exact_rows(xt, v.pair):
+        unscaled.extend((v.pair[:, 0].isnan().nonzero()[:, 0] + r0).tolist())
+    torch.add(v.pair[:, :1], v.pair[:, 1:], out=v.total64)
+    return v.total64
+
+
 @functools.lru_cache(maxsize=64)
 def _hidden_divisor(hidden_size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return torch.tensor(float(hidden_size), dtype=dtype, device=device)
@@ -200,18 +234,27 @@ def _finalize(
 
 def _run_tiles(
     plan: Plan, x2: torch.Tensor, y2: torch.Tensor, weight: torch.Tensor | None, eps: float,
-    tile: int, start: int, stop: int, exact: tuple[torch.Tensor, bool] | None,
+    tile: int, start: int, stop: int, scales: tuple[torch.Tensor, bool] | None, redo: list[int] | None,
 ) -> None:
-    ws = workspace(plan, tile, x2.dtype, x2.device)
+    """Tiles of rows ``[start, stop)``.  ``scales``: an exact plan's ``(sigmas,
+    any_unscaled)`` for the torch ops.  ``redo``: ``None`` on the torch ops; on the
+    native kernels, a list that collects the rows the reference must finish."""
+    native = redo is not None
+    exact = plan.accumulate == "exact"
+    ws = workspace(plan, tile, x2.dtype, x2.device, native)
     for r0 in range(start, stop, tile):
         r1 = min(r0 + tile, stop)
         v = ws.views(r1 - r0)
         xt = x2[r0:r1]
-        if exact is None:
-            total = _float_total(plan, v, xt)
+        if redo is not None:
+            total = (_exact_total_native(v, xt, r0, redo) if exact
+                     else _float_total_native(ws, v, xt, r0, redo))
+        elif scales is not None:
+            total = _exact_total(plan, v, xt, scales[0][r0:r1], scales[1])
         else:
-            total = _exact_total(plan, v, xt, exact[0][r0:r1], exact[1])
-        _finalize(plan, v, xt, total, y2[r0:r1], weight, eps, exact is None)
+            total = _float_total(plan, v, xt)
+        # Every path but the exact torch ops has put x.to(acc) in ybuf already.
+        _finalize(plan, v, xt, total, y2[r0:r1], weight, eps, native or not exact)
 
 
 # --- entry point -----------------------------------------------------------------
@@ -294,48 +337,57 @@ def run_compiled(
         y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     y2 = y.view(-1, d)
     rows = x2.shape[0]
+    use_native = (
+        (plan.accumulate == "exact" or plan.leaf == "pairwise" and plan.merge in NATIVE_FLOAT_MERGES)
+        and x.device.type == "cpu" and (d == 1 or x2.stride(1) == 1) and _native.available()
+    )
     if x.device.type != "cpu":
         tile = rows  # tiling buys nothing on an accelerator, and keeps reduction shapes
     else:
-        tile = tile_rows or default_tile_rows(plan, x.dtype)
+        tile = tile_rows or default_tile_rows(plan, x.dtype, use_native)
     w = _weight_for(weight, kernels.accumulation_dtype(x.dtype))
-    exact = None
-    if plan.accumulate == "exact" and rows:
+    scales: tuple[torch.Tensor, bool] | None = None
+    # On the native kernels: rows the reference must finish (the exact kernel
+    # computes each row's scale itself).
+    redo: list[int] | None = [] if use_native else None
+    if plan.accumulate == "exact" and rows and not use_native:
         # The row maxima and scales of the whole input, once: a dozen small ops per
         # call instead of per tile, and a pass over x instead of over fp64 squares.
         row_max = kernels.rowmax_sq_whole(x2)
         sigmas = kernels.exact_scale(row_max, d)
-        exact = (sigmas, bool((sigmas[:, :1] == 0).any()))
+        scales = (sigmas, bool((sigmas[:, :1] == 0).any()))
     tiles = -(-rows // tile) if rows else 0
     workers = min(threads, tiles)
     if workers <= 1:
-        _run_tiles(plan, x2, y2, w, eps, tile, 0, rows, exact)
+        _run_tiles(plan, x2, y2, w, eps, tile, 0, rows, scales, redo)
     else:
         per = -(-tiles // workers) * tile
         futures = [
-            _pool(workers).submit(_run_tiles, plan, x2, y2, w, eps, tile, s, min(s + per, rows), exact)
+            _pool(workers).submit(_run_tiles, plan, x2, y2, w, eps, tile, s, min(s + per, rows), scales, redo)
             for s in range(0, rows, per)
         ]
         for f in futures:
             f.result()
-    if exact is not None and exact[1]:
-        _nan_rows(graph, x2, y2, weight, eps, row_max)
+    if redo:
+        _reference_rows(graph, x2, y2, weight, eps, torch.tensor(sorted(redo), dtype=torch.long))
+    elif scales is not None and scales[1]:
+        _reference_rows(graph, x2, y2, weight, eps, row_max[:, 0].isnan().nonzero()[:, 0])
     if not direct:
         # A strided input or output: the result keeps the input's layout, as torch's does.
         return (out if out is not None else torch.empty_like(x)).copy_(y)
     return y
 
 
-def _nan_rows(
+def _reference_rows(
     graph: Graph, x2: torch.Tensor, y2: torch.Tensor, weight: torch.Tensor | None, eps: float,
-    row_max: torch.Tensor,
+    rows: torch.Tensor,
 ) -> None:
-    """Rows with a NaN take the reference's bits: with NaNs of both signs in a row,
-    which NaN survives a sum depends on its order.  (The reference is row-local, so
-    running it on those rows alone gives their bits in the whole batch.)"""
+    """These rows take the reference's bits: rows with a NaN (with NaNs of both signs
+    in a row, which NaN survives a sum depends on its order), and, on the native
+    path, every row without a scale.  The reference is row-local, so running it on
+    those rows alone gives their bits in the whole batch."""
     from .reference import run_reference
 
-    rows = row_max[:, 0].isnan().nonzero()[:, 0]
     if len(rows):
         y2[rows] = run_reference(graph, x2[rows], weight, eps)
 

@@ -28,9 +28,11 @@ WORKSPACES_PER_THREAD = 8
 
 _local = threading.local()
 
-def default_tile_rows(plan: Plan, dtype: torch.dtype) -> int:
-    """Rows per tile so that one tile's squares fill :data:`TILE_BYTES`."""
-    elem = 8 if plan.accumulate == "exact" else kernels.accumulation_dtype(dtype).itemsize
+def default_tile_rows(plan: Plan, dtype: torch.dtype, native: bool = False) -> int:
+    """Rows per tile so that one tile's squares fill :data:`TILE_BYTES` (the native
+    exact kernel keeps no squares: its tile is sized like a float one)."""
+    wide = plan.accumulate == "exact" and not native
+    elem = 8 if wide else kernels.accumulation_dtype(dtype).itemsize
     return max(1, TILE_BYTES // (plan.hidden_size * elem))
 
 
@@ -40,13 +42,16 @@ class Views:
 
     def __init__(self, plan: Plan, ws: Workspace, rows: int) -> None:
         d, c, nf = plan.hidden_size, plan.chunk_size, plan.n_full
-        self.sq = ws.sq[:rows]
         self.rms = ws.rms[:rows]
         self.ybuf = ws.ybuf[:rows] if ws.ybuf is not None else None
         if plan.accumulate == "exact":
-            self.q = ws.q[:rows]
             self.pair, self.total64 = ws.pair[:rows], ws.total64[:rows]
+            if not ws.native:
+                self.sq, self.q = ws.sq[:rows], ws.q[:rows]
             return
+        if ws.native:
+            return  # the native kernel writes the total straight into rms
+        self.sq = ws.sq[:rows]
         full = self.sq[:, : nf * c].view(rows, nf, c)
         tail = self.sq[:, nf * c : d]
         self.full, self.tail = full, tail
@@ -96,9 +101,16 @@ class Views:
 
 
 class Workspace:
-    """Preallocated buffers of one (plan, tile height, dtype, device), for one thread."""
+    """Preallocated buffers of one (plan, tile height, dtype, device), for one thread.
 
-    def __init__(self, plan: Plan, rows: int, dtype: torch.dtype, device: torch.device) -> None:
+    ``native``: the sums come from the native kernels (:mod:`.native`), which need
+    no squares, only the exact pair (or the float plan's recipe) and the FINALIZE
+    buffers.
+    """
+
+    def __init__(
+        self, plan: Plan, rows: int, dtype: torch.dtype, device: torch.device, native: bool = False
+    ) -> None:
         acc = kernels.accumulation_dtype(dtype)
         d, n = plan.hidden_size, plan.n_chunks
 
@@ -106,13 +118,21 @@ class Workspace:
             return torch.empty(shape, dtype=of, device=device)
 
         exact = plan.accumulate == "exact"
-        self.sq = buf(rows, d, of=torch.float64 if exact else acc)
+        self.native = native
         self.rms = buf(rows, 1)
         self.ybuf = buf(rows, d) if dtype != acc else None
+        if not native:
+            self.sq = buf(rows, d, of=torch.float64 if exact else acc)
         if exact:
-            self.q = buf(rows, d, of=torch.float64)
+            if not native:
+                self.q = buf(rows, d, of=torch.float64)
             self.pair = buf(rows, 2, of=torch.float64)
             self.total64 = buf(rows, 1, of=torch.float64)
+        elif native:
+            from .native import FloatRecipe
+
+            adds = tuple(t for level in plan.adds for t in level)
+            self.recipe = FloatRecipe(plan.chunk_size, plan.n_chunks, adds, plan.root)
         else:
             if plan.merge == "adds":
                 self.slots = buf(rows, n + sum(len(level) for level in plan.adds))
@@ -131,16 +151,18 @@ class Workspace:
         return v
 
 
-def workspace(plan: Plan, rows: int, dtype: torch.dtype, device: torch.device) -> Workspace:
+def workspace(
+    plan: Plan, rows: int, dtype: torch.dtype, device: torch.device, native: bool = False
+) -> Workspace:
     cache: OrderedDict[Any, Workspace] | None = getattr(_local, "workspaces", None)
     if cache is None:
         cache = _local.workspaces = OrderedDict()
     # Keyed by the plan's identity (plans are cached objects): hashing a plan
     # walks its fields, which a decode-sized call cannot afford.
-    key = (id(plan), rows, dtype, device)
+    key = (id(plan), rows, dtype, device, native)
     ws = cache.get(key)
     if ws is None or ws.plan is not plan:
-        ws = cache[key] = Workspace(plan, rows, dtype, device)
+        ws = cache[key] = Workspace(plan, rows, dtype, device, native)
         while len(cache) > WORKSPACES_PER_THREAD:
             cache.popitem(last=False)
     else:

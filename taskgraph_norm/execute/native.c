@@ -1,0 +1,229 @@
+/* The compiled executor's native kernels: whole rows of sums of squares, in C.
+ *
+ * Two kernels, each the C form of the torch ops it replaces, bit for bit (the tests
+ * compare them with the reference interpreter):
+ *
+ *   tgn_exact_rows_*  the exact domain (DESIGN.md section 5), below;
+ *   tgn_float_rows_*  pairwise leaves and ordered ADD merges (at the end).
+ *
+ * The exact kernel is kernels.rowmax_sq_whole + kernels.exact_scale +
+ * kernels.sumsq_exact over whole rows: a max pass and a sum pass per row, with the
+ * row in cache.  Every operation
+ * is the same IEEE binary64 operation the torch kernels perform, in round to
+ * nearest even:
+ *
+ *   M      = max|x|^2                       (fp64; NaN wins)
+ *   bound  = M * (2 D)
+ *   sigma1 = 2^ceil(log2(bound))            (1 for a zero row)
+ *   sigma2 = 2^ceil(log2(sigma1 * D 2^-52))
+ *   v      = x * x                          (fp64; exact for fp32 x)
+ *   q1     = (v + sigma1) - sigma1,  r = v - q1,  q2 = (r + sigma2) - sigma2
+ *   S1     = sum q1,  S2 = sum q2
+ *
+ * Every addition of q1 (resp. q2) values is exact (a multiple of ulp(sigma) far below
+ * 2^53 ulps), so the sums are the same in any order: the lanes below sum them in
+ * another order than torch.sum, with the same result.  The compile flags keep the
+ * expressions as written: no -ffast-math (which would fold (v + s) - s into v and
+ * set flush-to-zero) and -ffp-contract=off (an fma would round an fp64 x * x + s
+ * once instead of twice).
+ *
+ * A row whose bound is not finite (an Inf or NaN square, or an fp64 row past the
+ * range) is not summed here: its pair is set to NaN and the row is counted, and
+ * the caller gives it the reference interpreter's bits.
+ */
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#ifdef __FAST_MATH__
+#error "native.c must not be compiled with -ffast-math"
+#endif
+
+static double pow2_at_least(double bound)
+{
+    /* torch.frexp / torch.ldexp, as kernels._pow2_at_least uses them. */
+    int exponent;
+    double mantissa = frexp(bound, &exponent);
+    if (mantissa == 0.5)
+        exponent -= 1;
+    return ldexp(1.0, exponent);
+}
+
+/* kernels.exact_scale for one row maximum; returns 0 when the row has no scale. */
+int tgn_exact_scale(double row_max, int64_t hidden, double *sigma1, double *sigma2)
+{
+    double bound = row_max * (2.0 * (double)hidden);
+    if (!isfinite(bound)) {
+        *sigma1 = 0.0;
+        *sigma2 = 0.0;
+        return 0;
+    }
+    double safe = row_max > 0.0 ? bound : 1.0;
+    double s1 = pow2_at_least(safe);
+    *sigma1 = s1;
+    *sigma2 = pow2_at_least(s1 * ((double)hidden * 0x1p-52));
+    return 1;
+}
+
+/* GCC/Clang vector extensions: 4 fp64 lanes (one AVX2 register, or
+ * two SSE2 ones), two of them per step.  memcpy loads are unaligned-safe. */
+typedef double v4d __attribute__((vector_size(32)));
+typedef int64_t v4l __attribute__((vector_size(32)));
+typedef float v4f __attribute__((vector_size(16)));
+
+#define INLINE static inline __attribute__((always_inline))
+
+INLINE v4d load4_f32(const float *p)
+{
+    v4f f;
+    memcpy(&f, p, sizeof f);
+    return __builtin_convertvector(f, v4d);
+}
+
+INLINE v4d load4_f64(const double *p)
+{
+    v4d d;
+    memcpy(&d, p, sizeof d);
+    return d;
+}
+
+/* max|x| of a row, in fp64 (exact: |x| widens exactly), and whether it has a NaN. */
+#define ROW_MAX(T, LOAD)                                                              \
+    static inline double row_max_##T(const T *row, int64_t hidden)                    \
+    {                                                                                 \
+        const v4l absmask = {INT64_MAX, INT64_MAX, INT64_MAX, INT64_MAX};             \
+        v4d top0 = {0}, top1 = {0};                                                   \
+        v4l nan = {0};                                                                \
+        int64_t j = 0;                                                                \
+        for (; j + 8 <= hidden; j += 8) {                                             \
+            v4d a = (v4d)((v4l)LOAD(row + j) & absmask);                              \
+            v4d b = (v4d)((v4l)LOAD(row + j + 4) & absmask);                          \
+            v4l ga = a > top0, gb = b > top1;                                         \
+            top0 = (v4d)(((v4l)a & ga) | ((v4l)top0 & ~ga));                          \
+            top1 = (v4d)(((v4l)b & gb) | ((v4l)top1 & ~gb));                          \
+            nan |= (a != a) | (b != b);                                               \
+        }                                                                             \
+        double m = 0.0;                                                               \
+        int has_nan = 0;                                                              \
+        for (int l = 0; l < 4; ++l) {                                                 \
+            m = top0[l] > m ? top0[l] : m;                                            \
+            m = top1[l] > m ? top1[l] : m;                                            \
+            has_nan |= nan[l] != 0;                                                   \
+        }                                                                             \
+        for (; j < hidden; ++j) {                                                     \
+            double a = fabs((double)row[j]);                                          \
+            m = a > m ? a : m;                                                        \
+            has_nan |= a != a;                                                        \
+        }                                                                             \
+        return has_nan ? (double)NAN : m * m;                                         \
+    }
+
+ROW_MAX(float, load4_f32)
+ROW_MAX(double, load4_f64)
+
+#define EXACT_ROWS(NAME, T, LOAD)                                                      \
+    int64_t NAME(const T *x, int64_t rows, int64_t hidden, int64_t row_stride,       \
+                 double *pair)                                                        \
+    {                                                                                 \
+        int64_t unscaled = 0;                                                         \
+        for (int64_t i = 0; i < rows; ++i) {                                          \
+            const T *row = x + i * row_stride;                                        \
+            double s1, s2;                                                            \
+            if (!tgn_exact_scale(row_max_##T(row, hidden), hidden, &s1, &s2)) {       \
+                pair[2 * i] = NAN;                                                    \
+                pair[2 * i + 1] = NAN;                                                \
+                ++unscaled;                                                           \
+                continue;                                                             \
+            }                                                                         \
+            const v4d s1v = {s1, s1, s1, s1}, s2v = {s2, s2, s2, s2};                 \
+            v4d a1 = {0}, a2 = {0}, b1 = {0}, b2 = {0};                               \
+            int64_t j = 0;                                                            \
+            for (; j + 8 <= hidden; j += 8) {                                         \
+                v4d xa = LOAD(row + j), xb = LOAD(row + j + 4);                       \
+                v4d va = xa * xa, vb = xb * xb;                                       \
+                v4d qa = (va + s1v) - s1v, qb = (vb + s1v) - s1v;                     \
+                v4d ra = va - qa, rb = vb - qb;                                       \
+                a1 += qa;                                                             \
+                b1 += qb;                                                             \
+                a2 += (ra + s2v) - s2v;                                               \
+                b2 += (rb + s2v) - s2v;                                               \
+            }                                                                         \
+            v4d acc1 = a1 + b1, acc2 = a2 + b2;                                       \
+            double t1 = 0.0, t2 = 0.0;                                                \
+            for (int l = 0; l < 4; ++l) {                                             \
+                t1 += acc1[l];                                                        \
+                t2 += acc2[l];                                                        \
+            }                                                                         \
+            for (; j < hidden; ++j) {                                                 \
+                double xv = (double)row[j];                                           \
+                double v = xv * xv;                                                   \
+                double q1 = (v + s1) - s1;                                            \
+                double r = v - q1;                                                    \
+                t1 += q1;                                                             \
+                t2 += (r + s2) - s2;                                                  \
+            }                                                                         \
+            pair[2 * i] = t1;                                                         \
+            pair[2 * i + 1] = t2;                                                     \
+        }                                                                             \
+        return unscaled;                                                              \
+    }
+
+EXACT_ROWS(tgn_exact_rows_f32, float, load4_f32)
+EXACT_ROWS(tgn_exact_rows_f64, double, load4_f64)
+
+/* --- the float domain: pairwise leaves and ordered ADD merges -------------------
+ *
+ * kernels.sumsq_pairwise per chunk (the halving order of kernels.pairwise_halving_:
+ * while L > 1, h = ceil(L/2), s[i] += s[i + h] for i < L - h) and then the plan's ADD
+ * triples (dst, a, b) in level order: slots[dst] = slots[a] + slots[b].  These
+ * additions are not exact, so the order is the plan's, operation for operation;
+ * each one is the same IEEE operation in the accumulation dtype as the torch ops'.
+ * ``work`` holds chunk + n_slots values.  The count of rows whose total is NaN is
+ * returned: C does not keep an operand order for NaNs (which of two NaNs a sum
+ * returns), so the caller gives those rows the reference interpreter's bits.
+ */
+#define FLOAT_ROWS(NAME, T)                                                            \
+    int64_t NAME(const T *x, int64_t rows, int64_t hidden, int64_t row_stride,           \
+              int64_t chunk, const int64_t *adds, int64_t n_adds, int64_t root,       \
+              T *total, T *work)                                                      \
+    {                                                                                 \
+        int64_t n_chunks = (hidden + chunk - 1) / chunk, nan_rows = 0;                \
+        T *buf = work, *slots = work + chunk;                                         \
+        for (int64_t i = 0; i < rows; ++i) {                                          \
+            const T *row = x + i * row_stride;                                        \
+            for (int64_t c = 0; c < n_chunks; ++c) {                                  \
+                const T *src = row + c * chunk;                                       \
+                int64_t length = hidden - c * chunk < chunk ? hidden - c * chunk : chunk; \
+                if (length == 1) {                                                    \
+                    slots[c] = src[0] * src[0];                                       \
+                    continue;                                                         \
+                }                                                                     \
+                /* the first halving step straight from the squares */               \
+                int64_t half = (length + 1) / 2;                                      \
+                for (int64_t k = 0; k < length - half; ++k)                           \
+                    buf[k] = src[k] * src[k] + src[k + half] * src[k + half];         \
+                if (length & 1)                                                       \
+                    buf[half - 1] = src[half - 1] * src[half - 1];                    \
+                for (length = half; length > 1; length = half) {                      \
+                    half = (length + 1) / 2;                                          \
+                    T *restrict lo = buf;                                             \
+                    const T *restrict hi = buf + half;                                \
+                    for (int64_t k = 0; k < length - half; ++k)                       \
+                        lo[k] += hi[k];                                               \
+                }                                                                     \
+                slots[c] = buf[0];                                                    \
+            }                                                                         \
+            for (int64_t t = 0; t < n_adds; ++t)                                      \
+                slots[adds[3 * t]] = slots[adds[3 * t + 1]] + slots[adds[3 * t + 2]]; \
+            total[i] = slots[root];                                                   \
+            nan_rows += total[i] != total[i];                                         \
+        }                                                                             \
+        return nan_rows;                                                              \
+    }
+
+FLOAT_ROWS(tgn_float_rows_f32, float)
+FLOAT_ROWS(tgn_float_rows_f64, double)
+
+/* A version number the loader checks, so a stale cached library is never used. */
+int tgn_native_abi(void) { return 3; }

@@ -1,0 +1,252 @@
+"""The compiled executor's native kernels: whole rows of sums of squares, in C.
+
+``native.c`` holds two kernels, each the C form of torch ops the compiled
+executor would otherwise run, computed row by row while the row is in cache:
+
+* :func:`exact_rows`: what :func:`kernels.rowmax_sq_whole`,
+  :func:`kernels.exact_scale` and :func:`kernels.sumsq_exact` compute (the torch
+  ops make about ten passes over an fp64 tile).  Every addition of the exact
+  domain is exact, so its sums are the same in any order and the native pair
+  ``(S1, S2)`` is bit-identical to the torch ops' pair.
+* :func:`float_rows`: a plan's pairwise leaves (the halving order of
+  :func:`kernels.pairwise_halving_`) and its ordered ADD merges, operation for
+  operation in the plan's order.
+
+``tests/test_native.py`` checks both against the torch ops and the reference
+interpreter, edge cases included.
+
+The library is built on first use with the system C compiler (``$CC``, else
+``cc``) and cached, keyed by the source, the compiler and the CPU, in
+``$TGN_CACHE_DIR`` (default ``$XDG_CACHE_HOME/taskgraph_norm`` or
+``~/.cache/taskgraph_norm``).  With no compiler, or with ``TGN_NATIVE=0``, the
+compiled executor uses its torch ops instead: the same bits, slower.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+__all__ = [
+    "available", "disabled", "exact_rows", "exact_scale", "float_rows", "FloatRecipe", "library_path",
+    "why_unavailable",
+]
+
+_SOURCE = Path(__file__).with_name("native.c")
+_ABI = 3
+#: The flags that keep the C expressions as written (see native.c).
+_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-fast-math", "-fPIC", "-shared"]
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_error: str | None = None
+_loaded = False
+_enabled = os.environ.get("TGN_NATIVE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _cache_dir() -> Path:
+    explicit = os.environ.get("TGN_CACHE_DIR")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "taskgraph_norm"
+
+
+def _cpu_signature() -> str:
+    # -march=native makes the library specific to this CPU: key it by the CPU's flags.
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _compiler() -> str | None:
+    cc = os.environ.get("CC") or "cc"
+    return shutil.which(cc)
+
+
+def library_path() -> Path | None:
+    """Where the compiled library is (or would be) cached; ``None`` with no compiler."""
+    cc = _compiler()
+    if cc is None:
+        return None
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    key = hashlib.sha256(
+        "\0".join([_SOURCE.read_text(), cc, version, " ".join(_FLAGS), _cpu_signature(),
+                   platform.machine(), sys.platform]).encode()
+    ).hexdigest()[:16]
+    return _cache_dir() / f"native-{key}.so"
+
+
+def _build(target: Path, cc: str) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Build under a temporary name and rename: concurrent processes never load half a file.
+    fd, tmp = tempfile.mkstemp(prefix=target.stem + "-", suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        proc = subprocess.run([cc, *_FLAGS, "-o", tmp, str(_SOURCE), "-lm"],
+                              capture_output=True, text=True, timeout=120)
+        if proc.returncode != 0:
+            raise OSError(f"{cc} failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _load() -> ctypes.CDLL | None:
+    global _lib, _error, _loaded
+    with _lock:
+        if _loaded:
+            return _lib
+        _loaded = True
+        try:
+            cc = _compiler()
+            path = library_path()
+            if cc is None or path is None:
+                raise OSError("no C compiler found (set $CC, or install gcc or clang)")
+            if not path.exists():
+                _build(path, cc)
+            lib = ctypes.CDLL(str(path))
+            if lib.tgn_native_abi() != _ABI:
+                raise OSError(f"{path} is a stale build (ABI {lib.tgn_native_abi()}, want {_ABI})")
+            for name in ("tgn_exact_rows_f32", "tgn_exact_rows_f64"):
+                fn = getattr(lib, name)
+                fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                               ctypes.c_void_p]
+                fn.restype = ctypes.c_int64
+            for name in ("tgn_float_rows_f32", "tgn_float_rows_f64"):
+                fn = getattr(lib, name)
+                fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                               ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                               ctypes.c_void_p, ctypes.c_void_p]
+                fn.restype = ctypes.c_int64
+            lib.tgn_exact_scale.argtypes = [ctypes.c_double, ctypes.c_int64,
+                                            ctypes.POINTER(ctypes.c_double), ctypes.POINTER(ctypes.c_double)]
+            lib.tgn_exact_scale.restype = ctypes.c_int
+            _lib = lib
+        except OSError as exc:  # no compiler, a failed build, an unloadable file
+            _error = str(exc)
+            _lib = None
+        return _lib
+
+
+def available() -> bool:
+    """Whether the native kernel is built and enabled (builds it on first call)."""
+    return _enabled and _load() is not None
+
+
+def why_unavailable() -> str | None:
+    """``None`` when :func:`available`; else the reason, in words."""
+    if not _enabled:
+        return "disabled (TGN_NATIVE=0 or native.disabled())"
+    if _load() is None:
+        return _error
+    return None
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Run the compiled executor on its torch ops inside this block (tests, benchmarks)."""
+    global _enabled
+    before = _enabled
+    _enabled = False
+    try:
+        yield
+    finally:
+        _enabled = before
+
+
+#: The dtypes the C kernel reads directly; fp16 and bf16 are widened to fp32 first.
+_FUNCS = {torch.float32: "tgn_exact_rows_f32", torch.float64: "tgn_exact_rows_f64"}
+
+
+def _check_rows(x: torch.Tensor) -> None:
+    if x.dim() != 2 or x.device.type != "cpu" or x.dtype not in _FUNCS or (x.shape[1] > 1 and x.stride(1) != 1):
+        raise ValueError("the native kernels need a 2-D CPU float32/float64 tensor with unit stride along rows")
+
+
+def _library() -> ctypes.CDLL:
+    lib = _load()
+    if lib is None:
+        raise RuntimeError(f"the native kernel is unavailable: {_error}")
+    return lib
+
+
+def exact_rows(x: torch.Tensor, pair: torch.Tensor) -> int:
+    """Write each row's exact pair ``(S1, S2)`` of ``x`` (2-D, CPU) into ``pair``.
+
+    ``x`` must be float32 or float64 with a unit stride along the row; ``pair`` a
+    contiguous ``(rows, 2)`` float64 tensor.  Rows with no scale (Inf or NaN, or an
+    fp64 bound past the range) get ``NaN`` pairs; their count is returned.
+    """
+    lib = _library()
+    _check_rows(x)
+    rows, hidden = x.shape
+    if pair.shape != (rows, 2) or pair.dtype != torch.float64 or not pair.is_contiguous():
+        raise ValueError("pair must be a contiguous (rows, 2) float64 tensor")
+    if rows == 0:
+        return 0
+    fn = getattr(lib, _FUNCS[x.dtype])
+    return int(fn(x.data_ptr(), rows, hidden, x.stride(0), pair.data_ptr()))
+
+
+def exact_scale(row_max: float, hidden_size: int) -> tuple[float, float]:
+    """The C form of :func:`kernels.exact_scale` for one row (for tests)."""
+    lib = _library()
+    s1, s2 = ctypes.c_double(), ctypes.c_double()
+    lib.tgn_exact_scale(row_max, hidden_size, ctypes.byref(s1), ctypes.byref(s2))
+    return s1.value, s2.value
+
+
+class FloatRecipe:
+    """What :func:`float_rows` needs of a float plan: chunk size, ADD triples, root.
+
+    ``adds`` is the plan's ``(dst, a, b)`` slot triples in level order (slots
+    ``0..n-1`` are the chunks' leaves), flattened into an int64 tensor once.
+    """
+
+    def __init__(self, chunk_size: int, n_chunks: int, adds: tuple[tuple[int, int, int], ...], root: int) -> None:
+        self.chunk_size, self.n_chunks, self.root = chunk_size, n_chunks, root
+        self.n_adds = len(adds)
+        self.adds = torch.tensor([i for t in adds for i in t] or [0], dtype=torch.int64)
+        self.slots = n_chunks + self.n_adds
+
+
+def float_rows(x: torch.Tensor, recipe: FloatRecipe, total: torch.Tensor) -> int:
+    """Write each row's float sum of squares of ``x`` into ``total`` (``(rows, 1)``,
+    contiguous, ``x``'s dtype): pairwise leaves, then the recipe's ADDs in order.
+
+    Returns the number of rows whose total is NaN: their NaN's sign and payload
+    are C's, not necessarily torch's, so the caller recomputes them.
+    """
+    lib = _library()
+    _check_rows(x)
+    rows, hidden = x.shape
+    if total.shape != (rows, 1) or total.dtype != x.dtype or not total.is_contiguous():
+        raise ValueError("total must be a contiguous (rows, 1) tensor of x's dtype")
+    if rows == 0:
+        return 0
+    work = torch.empty(recipe.chunk_size + recipe.slots, dtype=x.dtype)
+    fn = lib.tgn_float_rows_f32 if x.dtype == torch.float32 else lib.tgn_float_rows_f64
+    return int(fn(x.data_ptr(), rows, hidden, x.stride(0), recipe.chunk_size, recipe.adds.data_ptr(),
+                  recipe.n_adds, recipe.root, total.data_ptr(), work.data_ptr()))

@@ -1,0 +1,295 @@
+"""The compiled executor's native kernels (execute/native.c) against the torch ops.
+
+The native kernels must give the torch ops' bits: the exact pair ``(S1, S2)`` and
+the scales of every row, and the float plan's total, operation for operation.
+Bits are compared as int views; each equality has a negative control that must
+find a difference.  tests/test_compiled.py runs its bit checks under both kernel
+sets as well.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import taskgraph_norm as tgn
+from taskgraph_norm import kernels
+from taskgraph_norm.execute import compiled as compiled_mod
+from taskgraph_norm.execute import native, run_compiled, run_reference
+from taskgraph_norm.execute.native import FloatRecipe
+from taskgraph_norm.graph import Graph, Node, Op
+from taskgraph_norm.testing import assert_bits_equal, bits_equal
+
+from .conftest import gen
+
+HAVE_CC = shutil.which(os.environ.get("CC") or "cc") is not None
+needs_native = pytest.mark.skipif(not native.available(), reason=f"native kernels: {native.why_unavailable()}")
+
+
+def spread(rows: int, hidden: int, dtype: torch.dtype, binades: int = 60, seed: int = 0) -> torch.Tensor:
+    """Random signs and mantissas over +-``binades`` binades (clamped to the dtype's range)."""
+    mant = torch.randn(rows, hidden, generator=gen(seed), dtype=torch.float64)
+    exps = torch.randint(-binades, binades + 1, (rows, hidden), generator=gen(seed + 1)).double()
+    return (mant * torch.exp2(exps)).to(dtype)
+
+
+def adversarial_rows(hidden: int, dtype: torch.dtype) -> torch.Tensor:
+    """Zeros, subnormals, extremes, Inf and NaN rows, among ordinary ones."""
+    fi = torch.finfo(dtype)
+    x = spread(24, hidden, dtype)
+    x[0] = 0.0
+    x[1] = -0.0
+    x[2] = fi.smallest_normal * 2.0**-3 if dtype != torch.bfloat16 else 0.0  # subnormal
+    x[3, 0] = float("inf")
+    x[4, -1] = float("nan")
+    x[5, 0], x[5, -1] = float("nan"), -float("nan")
+    x[6] = fi.max
+    x[7, :] = fi.tiny
+    x[8, 0] = fi.max
+    x[9, ::2] = float("-inf")
+    x[10] = torch.linspace(-1, 1, hidden, dtype=torch.float64).to(dtype)
+    return x
+
+
+# -- the build ------------------------------------------------------------------------
+
+
+def test_native_kernels_are_built_where_a_compiler_is() -> None:
+    """Where cc exists (this machine, CI), the native kernels are built and enabled
+    (unless TGN_NATIVE=0): the speed figures in docs/ depend on it."""
+    if not HAVE_CC or os.environ.get("TGN_NATIVE") == "0":
+        pytest.skip("no C compiler here, or TGN_NATIVE=0")
+    assert native.available(), native.why_unavailable()
+    path = native.library_path()
+    assert path is not None and path.exists()
+
+
+def _run_python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
+    full_env = {**os.environ, **env}
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          env=full_env, timeout=300)
+
+
+PROBE = """
+    import torch, taskgraph_norm as tgn
+    from taskgraph_norm.execute import native
+    from taskgraph_norm.testing import bits
+    x = (torch.randn(33, 1000, generator=torch.Generator().manual_seed(1)) * 100)
+    outs = [tgn.normalize_sync(x, accumulate=a, executor="compiled") for a in ("float", "exact")]
+    print(native.available(), repr(native.why_unavailable()))
+    print(*(int(bits(o).sum()) for o in outs))
+"""
+
+
+def test_without_a_compiler_the_torch_ops_give_the_same_bits(tmp_path) -> None:
+    """No compiler: the kernels are unavailable, with a reason, and the compiled
+    executor gives the same bits on its torch ops."""
+    no_cc = _run_python(PROBE, CC="/nonexistent/cc", TGN_CACHE_DIR=str(tmp_path / "a"))
+    off = _run_python(PROBE, TGN_NATIVE="0", TGN_CACHE_DIR=str(tmp_path / "b"))
+    on = _run_python(PROBE, TGN_CACHE_DIR=str(tmp_path / "c"))
+    for proc in (no_cc, off, on):
+        assert proc.returncode == 0, proc.stderr
+    assert no_cc.stdout.splitlines()[0].startswith("False 'no C compiler found")
+    assert off.stdout.splitlines()[0].startswith("False 'disabled")
+    assert list((tmp_path / "a").glob("*.so")) == [] and list((tmp_path / "b").glob("*.so")) == []
+    assert no_cc.stdout.splitlines()[1] == off.stdout.splitlines()[1]
+    if HAVE_CC:
+        assert on.stdout.splitlines()[0] == "True None"
+        assert on.stdout.splitlines()[1] == off.stdout.splitlines()[1]
+        assert len(list((tmp_path / "c").glob("native-*.so"))) == 1
+
+
+@pytest.mark.skipif(not HAVE_CC, reason="no C compiler")
+def test_concurrent_first_builds_share_one_cache(tmp_path) -> None:
+    """Processes that build at the same time each load a whole library (built under a
+    temporary name, then renamed), and leave one file."""
+    env = {**os.environ, "TGN_CACHE_DIR": str(tmp_path)}
+    code = "from taskgraph_norm.execute import native; assert native.available(), native.why_unavailable()"
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE, text=True)
+             for _ in range(4)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    assert [f.name.startswith("native-") for f in tmp_path.iterdir()] == [True]
+
+
+def test_a_broken_compiler_is_reported_not_raised(tmp_path) -> None:
+    fake = tmp_path / "cc"
+    fake.write_text("#!/bin/sh\necho 'fake cc 1.0'; [ \"$1\" = --version ] && exit 0; echo nope >&2; exit 1\n")
+    fake.chmod(0o755)
+    proc = _run_python(PROBE, CC=str(fake), TGN_CACHE_DIR=str(tmp_path / "cache"))
+    assert proc.returncode == 0, proc.stderr
+    first = proc.stdout.splitlines()[0]
+    assert first.startswith("False") and "failed" in first and "nope" in first
+
+
+# -- the exact kernel -------------------------------------------------------------------
+
+
+def torch_pair(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The torch ops' pair and scales of whole rows (kernels.*)."""
+    hidden = x.shape[-1]
+    sigmas = kernels.exact_scale(kernels.rowmax_sq_whole(x), hidden)
+    return kernels.sumsq_exact(x, 0, hidden, sigmas), sigmas
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("hidden", [1, 2, 3, 7, 8, 9, 15, 64, 100, 1000, 4096])
+def test_exact_pair_equals_the_torch_ops(dtype: torch.dtype, hidden: int) -> None:
+    x = adversarial_rows(hidden, dtype)
+    expected, sigmas = torch_pair(x)
+    pair = torch.empty(len(x), 2, dtype=torch.float64)
+    unscaled = native.exact_rows(x, pair)
+    scaled = sigmas[:, 0] > 0
+    assert unscaled == int((~scaled).sum()) > 0
+    assert_bits_equal(pair[scaled], expected[scaled])
+    assert pair[~scaled].isnan().all()  # marked for the reference
+
+
+@needs_native
+def test_exact_pair_reads_rows_with_a_stride() -> None:
+    wide = spread(40, 300, torch.float32)
+    x = wide[:, 17:273]  # unit stride along rows, rows 300 apart
+    pair = torch.empty(40, 2, dtype=torch.float64)
+    native.exact_rows(x, pair)
+    assert_bits_equal(pair, torch_pair(x.contiguous())[0])
+    with pytest.raises(ValueError, match="unit stride"):
+        native.exact_rows(wide.t(), torch.empty(300, 2, dtype=torch.float64))
+
+
+@needs_native
+def test_exact_pair_negative_control() -> None:
+    """The pair is sensitive: one ulp more on each row's largest element changes S1 or S2."""
+    x = spread(16, 1000, torch.float32, binades=20)
+    y = x.clone()
+    at = x.abs().argmax(-1, keepdim=True)
+    y.scatter_(1, at, torch.nextafter(x.gather(1, at), torch.tensor(float("inf"))))
+    a, b = torch.empty(16, 2, dtype=torch.float64), torch.empty(16, 2, dtype=torch.float64)
+    native.exact_rows(x, a)
+    native.exact_rows(y, b)
+    assert (a != b).any(-1).all()
+
+
+SCALE_MAXIMA = [0.0, 5e-324, 2.0**-1074 * 3, 2.0**-1022, 2.0**-600, 1e-90, 2.0**-298, 0.5, 1.0,
+                1.0 + 2.0**-52, 3.0, 2.0**60, 2.0**255 * 1.5, 1e300, 2.0**1000, 1.7e308, float("inf"),
+                float("nan")]
+
+
+@needs_native
+@pytest.mark.parametrize("hidden", [1, 2, 3, 64, 1000, 4096, 2**20, 2**40 + 1])
+def test_exact_scale_equals_kernels(hidden: int) -> None:
+    maxima = SCALE_MAXIMA + [math.ldexp(1.0 + k / 7, e) for k in range(7) for e in range(-1070, 1020, 37)]
+    expected = kernels.exact_scale(torch.tensor(maxima, dtype=torch.float64)[:, None], hidden)
+    got = torch.tensor([native.exact_scale(m, hidden) for m in maxima], dtype=torch.float64)
+    assert_bits_equal(got, expected)
+
+
+# -- the float kernel -------------------------------------------------------------------
+
+
+def torch_total(graph: Graph, x: torch.Tensor) -> torch.Tensor:
+    """The reference interpreter's float total of every row (the graph's FINALIZE input)."""
+    from taskgraph_norm.execute.reference import reference_sum_of_squares
+
+    return reference_sum_of_squares(graph, x)
+
+
+@needs_native
+@pytest.mark.parametrize("topology", ["tree", "linear"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("hidden,chunk", [(1, 1), (7, 1), (7, 3), (64, 64), (130, 64), (1000, 100), (1000, 7),
+                                          (4096, 64), (4097, 4096), (96, 1)])
+def test_float_total_equals_the_reference(topology: str, dtype: torch.dtype, hidden: int, chunk: int) -> None:
+    graph = tgn.build_graph(hidden, chunk_size=chunk, topology=topology)
+    plan = compiled_mod.compile_graph(graph)
+    x = spread(23, hidden, dtype, binades=20)
+    recipe = FloatRecipe(plan.chunk_size, plan.n_chunks, tuple(t for lv in plan.adds for t in lv), plan.root)
+    total = torch.empty(23, 1, dtype=dtype)
+    assert native.float_rows(x, recipe, total) == 0
+    assert_bits_equal(total, torch_total(graph, x).to(dtype))
+
+
+@needs_native
+def test_float_total_negative_control() -> None:
+    """The same rows through the linear recipe and the tree recipe differ: the kernel
+    really follows the plan's order (so the equalities above are not vacuous)."""
+    x = spread(64, 1000, torch.float32, binades=20)
+    totals = []
+    for topology in ("tree", "linear"):
+        plan = compiled_mod.compile_graph(tgn.build_graph(1000, chunk_size=10, topology=topology))
+        recipe = FloatRecipe(plan.chunk_size, plan.n_chunks, tuple(t for lv in plan.adds for t in lv), plan.root)
+        total = torch.empty(64, 1)
+        native.float_rows(x, recipe, total)
+        totals.append(total)
+    assert not bits_equal(totals[0], totals[1])
+
+
+@needs_native
+def test_float_nan_rows_are_counted() -> None:
+    plan = compiled_mod.compile_graph(tgn.build_graph(100, chunk_size=10))
+    recipe = FloatRecipe(plan.chunk_size, plan.n_chunks, tuple(t for lv in plan.adds for t in lv), plan.root)
+    x = spread(5, 100, torch.float32, binades=5)
+    x[1, 3], x[3, 99] = float("nan"), -float("nan")
+    x[2, 0] = float("inf")
+    total = torch.empty(5, 1)
+    assert native.float_rows(x, recipe, total) == 2
+    assert total[:, 0].isnan().tolist() == [False, True, False, True, False]
+
+
+@needs_native
+def test_hand_made_adds_plan_runs_natively() -> None:
+    """A merge the builder never makes ((p2 + p0) + p1, a 'adds' plan) runs on the
+    native kernel in the plan's order, and matches the reference."""
+    nodes = [Node("x", Op.INPUT)]
+    for k in range(3):
+        nodes.append(Node(f"s{k}", Op.SUMSQ, ("x",), {"start": 10 * k, "stop": 10 * k + 10, "leaf": "pairwise"}))
+    nodes += [Node("a", Op.ADD, ("s2", "s0")), Node("b", Op.ADD, ("a", "s1")),
+              Node("f", Op.FINALIZE, ("x", "b"), {"hidden_size": 30}), Node("y", Op.OUTPUT, ("f",))]
+    graph = Graph(nodes, "y", {"hidden_size": 30})
+    plan = compiled_mod.compile_graph(graph)
+    assert plan.merge == "adds"
+    x = spread(9, 30, torch.float32, binades=20)
+    calls = []
+    real = native.float_rows
+
+    def spy(*args):
+        calls.append(1)
+        return real(*args)
+
+    compiled_mod._native.float_rows = spy  # type: ignore[assignment]
+    try:
+        got = run_compiled(graph, x, None, 1e-6)
+    finally:
+        compiled_mod._native.float_rows = real  # type: ignore[assignment]
+    assert calls
+    assert_bits_equal(got, run_reference(graph, x, None, 1e-6))
+
+
+@needs_native
+def test_native_kernels_are_used_and_disabled(monkeypatch) -> None:
+    """The compiled executor calls the native kernels for pairwise float plans and
+    exact plans (not for cat or native leaves), and none inside native.disabled()."""
+    used = []
+    for name in ("exact_rows", "float_rows"):
+        real = getattr(native, name)
+        monkeypatch.setattr(native, name, lambda *a, _r=real, _n=name: used.append(_n) or _r(*a))
+    x = spread(8, 256, torch.float32, binades=5)
+    cases = [({"topology": "tree"}, "float_rows"), ({"topology": "linear"}, "float_rows"),
+             ({"topology": "race", "accumulate": "exact"}, "exact_rows"), ({"topology": "cat"}, None),
+             ({"topology": "tree", "leaf": "native"}, None)]
+    for options, kernel in cases:
+        used.clear()
+        tgn.normalize_sync(x, executor="compiled", **options)
+        assert used == ([kernel] if kernel else []), options
+        used.clear()
+        with native.disabled():
+            tgn.normalize_sync(x, executor="compiled", **options)
+        assert used == [], options
