@@ -1,50 +1,80 @@
 """Cost of accumulate="exact" against accumulate="float", same shapes, same run.
 
-    python benchmarks/exact_cost.py [--shape 4096x4096] [--repeats 5] [--executor auto]
+    python benchmarks/exact_cost.py [--shape 4096x4096] [--repeats 7] [--executor auto]
 
-Prints the median time of each and the ratio exact / float for every topology.
-The issue's target is exact <= 1.5x float on (4096, 4096) fp32 with the fastest
-executor available.
+For each kernel set of the compiled executor (its native C kernels, when a C
+compiler is there, and its torch ops, what a machine without one runs), prints
+the median time of float and exact normalize and the ratio exact / float for
+every topology, into a fresh output and into ``out=``.  The issue's target is
+exact <= 1.5x float on (4096, 4096) fp32 with the fastest executor available.
+Float and exact are timed interleaved, call by call, so machine noise hits both.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import statistics
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import taskgraph_norm as tgn  # noqa: E402
-from common import median_seconds  # noqa: E402
+from taskgraph_norm.bench import kernels_line  # noqa: E402
+from taskgraph_norm.execute import native  # noqa: E402
+
+
+def interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="4096x4096")
     parser.add_argument("--chunk-size", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--executor", default="auto")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--topologies", default="tree,linear,cat,race")
     args = parser.parse_args()
     shape = tuple(int(d) for d in args.shape.split("x"))
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(getattr(torch, args.dtype))
+    out = torch.empty_like(x)
     print(f"input {args.shape} {args.dtype}, chunk_size {args.chunk_size}, executor {args.executor}, "
-          f"median of {args.repeats}, torch {torch.__version__} ({torch.get_num_threads()} threads)\n")
-    print("| topology | float ms | exact ms | exact / float |")
-    print("|---|---|---|---|")
-    for topology in ("tree", "linear", "cat", "race"):
-        times = {}
-        for acc in ("float", "exact"):
-            times[acc] = median_seconds(
-                lambda acc=acc: tgn.normalize_sync(
-                    x, topology=topology, chunk_size=args.chunk_size, accumulate=acc, executor=args.executor
-                ),
-                repeats=args.repeats,
-            )
-        print(f"| {topology} | {times['float'] * 1e3:.1f} | {times['exact'] * 1e3:.1f} | "
-              f"{times['exact'] / times['float']:.2f}x |")
+          f"median of {args.repeats} interleaved calls, torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads)")
+    sets = [("native", contextlib.nullcontext)] if native.available() else []
+    sets.append(("torch ops", native.disabled))
+    for name, ctx in sets:
+        with ctx():
+            print(f"\n{kernels_line(name == 'native')}\n")
+            print("| kernels | topology | float ms | exact ms | exact / float | float out= ms | exact out= ms "
+                  "| exact / float, out= |")
+            print("|---|---|---|---|---|---|---|---|")
+            for topology in args.topologies.split(","):
+                fns: dict[str, Callable[[], object]] = {}
+                for acc in ("float", "exact"):
+                    for o in (None, out):
+                        fns[f"{acc}{'' if o is None else ' out'}"] = (
+                            lambda acc=acc, o=o: tgn.normalize_sync(
+                                x, topology=topology, chunk_size=args.chunk_size, accumulate=acc,
+                                executor=args.executor, out=o))
+                t = interleaved(fns, args.repeats)
+                print(f"| {name} | {topology} | {t['float'] * 1e3:.1f} | {t['exact'] * 1e3:.1f} "
+                      f"| {t['exact'] / t['float']:.2f}x | {t['float out'] * 1e3:.1f} | {t['exact out'] * 1e3:.1f} "
+                      f"| {t['exact out'] / t['float out']:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from other work on the machine hits all of them alike.  Rows:
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -48,6 +49,9 @@ class BenchConfig:
     rounds: int = 7
     torch_compile: bool = True
     memory: bool = True
+    #: Use the compiled executor's native kernels when they are available; ``False``
+    #: measures its torch ops (the path of a machine with no C compiler).
+    native: bool = True
     out_dir: Path = field(default_factory=lambda: Path("bench-results"))
 
 
@@ -195,12 +199,16 @@ print(json.dumps({"extra_kb": kb() - before}))
 """
 
 
-def peak_extra_memory(method: str, dtype: str, rows: int, hidden: int) -> float:
+def peak_extra_memory(method: str, dtype: str, rows: int, hidden: int, native: bool = True) -> float:
     """Peak RSS (VmHWM) growth in MiB of a fresh process running ``method`` into a preallocated
-    output (``"float"`` / ``"exact"``: compiled normalize; ``"eager"``; ``"copy"``)."""
+    output (``"float"`` / ``"exact"``: compiled normalize; ``"eager"``; ``"copy"``);
+    ``native=False`` runs the compiled executor on its torch ops."""
+    env = dict(os.environ)
+    if not native:
+        env["TGN_NATIVE"] = "0"
     done = subprocess.run(
         [sys.executable, "-c", _MEMORY_PROBE, method, dtype, str(rows), str(hidden)],
-        capture_output=True, text=True, check=True,
+        capture_output=True, text=True, check=True, env=env,
     )
     return float(json.loads(done.stdout.strip().splitlines()[-1])["extra_kb"]) / 1024
 
@@ -210,7 +218,8 @@ def _memory_rows(config: BenchConfig, progress: _Progress) -> list[str]:
     for method, label in (("copy", "out.copy_(x)"), ("eager", "eager F.rms_norm + copy"),
                           ("float", "compiled tree, out="), ("exact", "compiled tree exact, out=")):
         for dtype in config.dtypes:
-            lines.append(f"| {label} {dtype} | {peak_extra_memory(method, dtype, 4096, 4096):.1f} |")
+            extra = peak_extra_memory(method, dtype, 4096, 4096, config.native)
+            lines.append(f"| {label} {dtype} | {extra:.1f} |")
             progress.step(f"memory {label} {dtype}")
     return lines
 
@@ -278,8 +287,28 @@ def plot(series: dict[str, dict[int, float]], path: Path) -> None:
     plt.close(fig)
 
 
+def kernels_line(native_enabled: bool = True) -> str:
+    """Which kernels the compiled executor runs here, in words (benchmark headers)."""
+    from .execute import native
+
+    if not native_enabled:
+        return "compiled executor kernels: torch ops (native kernels off for this run)"
+    if native.available():
+        return "compiled executor kernels: native C (execute/native.c, built with the system compiler)"
+    return f"compiled executor kernels: torch ops (native kernels unavailable: {native.why_unavailable()})"
+
+
 def run_bench(config: BenchConfig, stream: TextIO, progress_stream: TextIO | None = None) -> str:
     """Run the suite, print the Markdown report, write ``bench.md`` and ``bench.png``."""
+    if not config.native:
+        from .execute import native
+
+        with native.disabled():
+            return _run_bench(config, stream, progress_stream)
+    return _run_bench(config, stream, progress_stream)
+
+
+def _run_bench(config: BenchConfig, stream: TextIO, progress_stream: TextIO | None) -> str:
     steps = len(config.dtypes) * (len(config.shapes) + 1) + len(config.batches) + 1
     steps += 4 * len(config.dtypes) if config.memory else 0
     progress = _Progress(steps, progress_stream or sys.stderr)
@@ -287,7 +316,8 @@ def run_bench(config: BenchConfig, stream: TextIO, progress_stream: TextIO | Non
     header = (
         f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads, "
         f"median of {config.rounds} interleaved rounds; compiled = this library's default "
-        "normalize (tree, chunk 64, pairwise leaf, executor auto -> compiled)"
+        "normalize (tree, chunk 64, pairwise leaf, executor auto -> compiled); "
+        + kernels_line(config.native)
     )
     parts = [header, "", *_large_rows(config, tc, progress), "", *_decode_rows(config, progress)]
     if config.memory:

@@ -94,11 +94,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from .bench import BenchConfig, run_bench
 
     config = BenchConfig(out_dir=Path(args.out), rounds=args.rounds,
-                         torch_compile=not args.no_torch_compile, memory=not args.no_memory)
+                         torch_compile=not args.no_torch_compile, memory=not args.no_memory,
+                         native=not args.torch_ops)
     if args.quick:
         config = BenchConfig(shapes=((1024, 4096),), batches=(1, 64, 1024), rounds=min(args.rounds, 3),
                              out_dir=config.out_dir, torch_compile=config.torch_compile,
-                             memory=config.memory)
+                             memory=config.memory, native=config.native)
     run_bench(config, stream=sys.stdout)
     return 0
 
@@ -188,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="one small shape, 3 rounds")
     bench.add_argument("--no-torch-compile", action="store_true", help="skip torch.compile (slow to build)")
     bench.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    bench.add_argument("--torch-ops", action="store_true",
+                       help="run the compiled executor on its torch ops, not its native kernels "
+                       "(what a machine with no C compiler gets)")
     bench.set_defaults(func=_cmd_bench)
     return parser
 
