@@ -165,13 +165,16 @@ def exact_scale(row_max: torch.Tensor, hidden_size: int) -> torch.Tensor:
     ``sigma1 = 2**ceil(log2(2 D M))`` bounds every fold-1 partial sum;
     ``sigma2 = 2**ceil(log2(D ulp(sigma1)))`` bounds the sum of the fold-1
     remainders (each at most ``ulp(sigma1) / 2``).  A zero row gets
-    ``sigma1 = 1``.  A row whose bound is not finite (an Inf or NaN square, or an
-    fp64 row with ``2 D M`` past the fp64 range) gets ``sigma1 = sigma2 = 0``:
-    pre-rounding becomes the identity and the Inf or NaN reaches the sum as it
-    does in torch's kernel.
+    ``sigma1 = 1``.  A row with no finite scale (an Inf or NaN square, or an fp64
+    row with ``2 D M`` above ``2**1023``, whose ``sigma1`` would round up to inf)
+    gets ``sigma1 = sigma2 = 0``: pre-rounding becomes the identity and the Inf or
+    NaN reaches the sum as it does in torch's kernel.  (Only fp64 rows reach such
+    bounds: an fp32 square is below ``2**256``.)
     """
     bound = row_max * (2.0 * hidden_size)
-    finite = torch.isfinite(bound)
+    # sigma1 must be finite too: a bound above 2**1023 (fp64 rows near the top of
+    # the range) would round up to 2**1024 = inf, and (v + inf) - inf is NaN.
+    finite = torch.isfinite(bound) & (bound <= 2.0**1023)
     safe = torch.where(finite & (row_max > 0), bound, torch.ones_like(bound))
     sigma1 = _pow2_at_least(safe)
     sigma2 = _pow2_at_least(sigma1 * (hidden_size * 2.0**-52))

@@ -9,6 +9,7 @@ sets as well.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -187,9 +188,31 @@ SCALE_MAXIMA = [0.0, 5e-324, 2.0**-1074 * 3, 2.0**-1022, 2.0**-600, 1e-90, 2.0**
 @pytest.mark.parametrize("hidden", [1, 2, 3, 64, 1000, 4096, 2**20, 2**40 + 1])
 def test_exact_scale_equals_kernels(hidden: int) -> None:
     maxima = SCALE_MAXIMA + [math.ldexp(1.0 + k / 7, e) for k in range(7) for e in range(-1070, 1020, 37)]
+    top = 2.0**1023 / (2.0 * hidden)  # the largest M with a finite sigma1 = 2**1023
+    maxima += [top, top * (1 + 2.0**-52), top * 1.5, math.nextafter(top, 0.0)]
     expected = kernels.exact_scale(torch.tensor(maxima, dtype=torch.float64)[:, None], hidden)
     got = torch.tensor([native.exact_scale(m, hidden) for m in maxima], dtype=torch.float64)
     assert_bits_equal(got, expected)
+
+
+@pytest.mark.parametrize("kernels", ["native", "torch-ops"])
+def test_fp64_rows_near_the_top_of_the_range_are_finite(kernels: str) -> None:
+    """A row whose bound 2 D M passes 2**1023 would get sigma1 = inf and a NaN sum;
+    it gets no scale instead (a plain fp64 sum, as torch's), on every executor."""
+    if kernels == "native" and not native.available():
+        pytest.skip(f"native kernels: {native.why_unavailable()}")
+    hidden = 1000
+    x = spread(6, hidden, torch.float64, binades=3)
+    x = x / x.abs().amax(-1, keepdim=True)  # max |x| = 1 in every row
+    magnitudes = [2.0**1023 / (2.0 * hidden) * f for f in (0.5, 1.0, 1.0001, 1.5, 4.0, 16.0)]
+    x = x * torch.tensor(magnitudes, dtype=torch.float64).sqrt()[:, None]
+    graph = tgn.build_graph(hidden, chunk_size=64, topology="tree", accumulate="exact")
+    expected = run_reference(graph, x, None, 1e-6)
+    assert torch.isfinite(expected).all()
+    with native.disabled() if kernels == "torch-ops" else contextlib.nullcontext():
+        assert_bits_equal(run_compiled(graph, x, None, 1e-6), expected)
+    # Against torch's own kernel: close (a plain fp64 sum of squares there too).
+    torch.testing.assert_close(expected, torch.nn.functional.rms_norm(x, (hidden,), eps=1e-6))
 
 
 # -- the float kernel -------------------------------------------------------------------

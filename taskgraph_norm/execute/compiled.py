@@ -371,7 +371,7 @@ def run_compiled(
     if redo:
         _reference_rows(graph, x2, y2, weight, eps, torch.tensor(sorted(redo), dtype=torch.long))
     elif scales is not None and scales[1]:
-        _reference_rows(graph, x2, y2, weight, eps, row_max[:, 0].isnan().nonzero()[:, 0])
+        _reference_rows(graph, x2, y2, weight, eps, (scales[0][:, 0] == 0).nonzero()[:, 0])
     if not direct:
         # A strided input or output: the result keeps the input's layout, as torch's does.
         return (out if out is not None else torch.empty_like(x)).copy_(y)
@@ -382,10 +382,12 @@ def _reference_rows(
     graph: Graph, x2: torch.Tensor, y2: torch.Tensor, weight: torch.Tensor | None, eps: float,
     rows: torch.Tensor,
 ) -> None:
-    """These rows take the reference's bits: rows with a NaN (with NaNs of both signs
-    in a row, which NaN survives a sum depends on its order), and, on the native
-    path, every row without a scale.  The reference is row-local, so running it on
-    those rows alone gives their bits in the whole batch."""
+    """These rows take the reference's bits: exact rows with no scale (Inf, NaN, or
+    fp64 rows near the top of the range: their sums are plain, order-dependent
+    fp64 sums, and with NaNs of both signs which NaN survives depends on the order
+    too), and, on the native kernels, float rows whose total is NaN.  The
+    reference is row-local, so running it on those rows alone gives their bits in
+    the whole batch."""
     from .reference import run_reference
 
     if len(rows):

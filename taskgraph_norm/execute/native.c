@@ -12,7 +12,7 @@
  * is the same IEEE binary64 operation the torch kernels perform, in round to
  * nearest even:
  *
- *   M      = max|x|^2                       (fp64; NaN wins)
+ *   M      = max|x|^2                       (fp64)
  *   bound  = M * (2 D)
  *   sigma1 = 2^ceil(log2(bound))            (1 for a zero row)
  *   sigma2 = 2^ceil(log2(sigma1 * D 2^-52))
@@ -27,9 +27,9 @@
  * set flush-to-zero) and -ffp-contract=off (an fma would round an fp64 x * x + s
  * once instead of twice).
  *
- * A row whose bound is not finite (an Inf or NaN square, or an fp64 row past the
- * range) is not summed here: its pair is set to NaN and the row is counted, and
- * the caller gives it the reference interpreter's bits.
+ * A row with no scale (an Inf square, or an fp64 row whose bound passes 2^1023)
+ * or with a NaN (seen as a NaN sum) is not finished here: its pair is set to NaN
+ * and the row is counted, and the caller gives it the reference interpreter's bits.
  */
 
 #include <math.h>
@@ -54,7 +54,7 @@ static double pow2_at_least(double bound)
 int tgn_exact_scale(double row_max, int64_t hidden, double *sigma1, double *sigma2)
 {
     double bound = row_max * (2.0 * (double)hidden);
-    if (!isfinite(bound)) {
+    if (!isfinite(bound) || bound > 0x1p1023) { /* sigma1 would be 2^1024 = inf */
         *sigma1 = 0.0;
         *sigma2 = 0.0;
         return 0;
@@ -66,20 +66,41 @@ int tgn_exact_scale(double row_max, int64_t hidden, double *sigma1, double *sigm
     return 1;
 }
 
-/* GCC/Clang vector extensions: 4 fp64 lanes (one AVX2 register, or
- * two SSE2 ones), two of them per step.  memcpy loads are unaligned-safe. */
+/* GCC/Clang vector extensions: 4 fp64 lanes (one AVX register, or two SSE2 or NEON
+ * ones), two of them per step; with AVX the loads, widening and maxima are the
+ * one-instruction intrinsics.  memcpy loads are unaligned-safe. */
 typedef double v4d __attribute__((vector_size(32)));
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
 typedef int64_t v4l __attribute__((vector_size(32)));
 typedef float v4f __attribute__((vector_size(16)));
 
 #define INLINE static inline __attribute__((always_inline))
 
+#if defined(__AVX__)
+#include <immintrin.h>
+INLINE v4d load4_f32(const float *p) { return (v4d)_mm256_cvtps_pd(_mm_loadu_ps(p)); }
+INLINE v8f max8_f32(v8f a, v8f b) { return (v8f)_mm256_max_ps((__m256)a, (__m256)b); }
+INLINE v4d max4_f64(v4d a, v4d b) { return (v4d)_mm256_max_pd((__m256d)a, (__m256d)b); }
+#else
 INLINE v4d load4_f32(const float *p)
 {
     v4f f;
     memcpy(&f, p, sizeof f);
     return __builtin_convertvector(f, v4d);
 }
+/* a > b ? a : b per lane (a NaN a gives b): what maxps does. */
+INLINE v8f max8_f32(v8f a, v8f b)
+{
+    v8i gt = a > b;
+    return (v8f)(((v8i)a & gt) | ((v8i)b & ~gt));
+}
+INLINE v4d max4_f64(v4d a, v4d b)
+{
+    v4l gt = a > b;
+    return (v4d)(((v4l)a & gt) | ((v4l)b & ~gt));
+}
+#endif
 
 INLINE v4d load4_f64(const double *p)
 {
@@ -88,39 +109,53 @@ INLINE v4d load4_f64(const double *p)
     return d;
 }
 
-/* max|x| of a row, in fp64 (exact: |x| widens exactly), and whether it has a NaN. */
-#define ROW_MAX(T, LOAD)                                                              \
-    static inline double row_max_##T(const T *row, int64_t hidden)                    \
-    {                                                                                 \
-        const v4l absmask = {INT64_MAX, INT64_MAX, INT64_MAX, INT64_MAX};             \
-        v4d top0 = {0}, top1 = {0};                                                   \
-        v4l nan = {0};                                                                \
-        int64_t j = 0;                                                                \
-        for (; j + 8 <= hidden; j += 8) {                                             \
-            v4d a = (v4d)((v4l)LOAD(row + j) & absmask);                              \
-            v4d b = (v4d)((v4l)LOAD(row + j + 4) & absmask);                          \
-            v4l ga = a > top0, gb = b > top1;                                         \
-            top0 = (v4d)(((v4l)a & ga) | ((v4l)top0 & ~ga));                          \
-            top1 = (v4d)(((v4l)b & gb) | ((v4l)top1 & ~gb));                          \
-            nan |= (a != a) | (b != b);                                               \
-        }                                                                             \
-        double m = 0.0;                                                               \
-        int has_nan = 0;                                                              \
-        for (int l = 0; l < 4; ++l) {                                                 \
-            m = top0[l] > m ? top0[l] : m;                                            \
-            m = top1[l] > m ? top1[l] : m;                                            \
-            has_nan |= nan[l] != 0;                                                   \
-        }                                                                             \
-        for (; j < hidden; ++j) {                                                     \
-            double a = fabs((double)row[j]);                                          \
-            m = a > m ? a : m;                                                        \
-            has_nan |= a != a;                                                        \
-        }                                                                             \
-        return has_nan ? (double)NAN : m * m;                                         \
+/* max|x| of a row over its non-NaN elements, squared in fp64 (|x| widens exactly).
+ * A NaN is not seen here: it makes the row's sums NaN, which the caller checks. */
+static double row_max_float(const float *row, int64_t hidden)
+{
+    const v8i absmask = {INT32_MAX, INT32_MAX, INT32_MAX, INT32_MAX,
+                         INT32_MAX, INT32_MAX, INT32_MAX, INT32_MAX};
+    v8f top0 = {0}, top1 = {0};
+    int64_t j = 0;
+    for (; j + 16 <= hidden; j += 16) {
+        v8f a, b;
+        memcpy(&a, row + j, sizeof a);
+        memcpy(&b, row + j + 8, sizeof b);
+        top0 = max8_f32((v8f)((v8i)a & absmask), top0);
+        top1 = max8_f32((v8f)((v8i)b & absmask), top1);
     }
+    float m = 0.0f;
+    for (int l = 0; l < 8; ++l) {
+        m = top0[l] > m ? top0[l] : m;
+        m = top1[l] > m ? top1[l] : m;
+    }
+    for (; j < hidden; ++j) {
+        float a = fabsf(row[j]);
+        m = a > m ? a : m;
+    }
+    return (double)m * (double)m;
+}
 
-ROW_MAX(float, load4_f32)
-ROW_MAX(double, load4_f64)
+static double row_max_double(const double *row, int64_t hidden)
+{
+    const v4l absmask = {INT64_MAX, INT64_MAX, INT64_MAX, INT64_MAX};
+    v4d top0 = {0}, top1 = {0};
+    int64_t j = 0;
+    for (; j + 8 <= hidden; j += 8) {
+        top0 = max4_f64((v4d)((v4l)load4_f64(row + j) & absmask), top0);
+        top1 = max4_f64((v4d)((v4l)load4_f64(row + j + 4) & absmask), top1);
+    }
+    double m = 0.0;
+    for (int l = 0; l < 4; ++l) {
+        m = top0[l] > m ? top0[l] : m;
+        m = top1[l] > m ? top1[l] : m;
+    }
+    for (; j < hidden; ++j) {
+        double a = fabs(row[j]);
+        m = a > m ? a : m;
+    }
+    return m * m;
+}
 
 #define EXACT_ROWS(NAME, T, LOAD)                                                      \
     int64_t NAME(const T *x, int64_t rows, int64_t hidden, int64_t row_stride,       \
@@ -162,6 +197,10 @@ ROW_MAX(double, load4_f64)
                 double r = v - q1;                                                    \
                 t1 += q1;                                                             \
                 t2 += (r + s2) - s2;                                                  \
+            }                                                                         \
+            if (t1 != t1 || t2 != t2) { /* a NaN in the row */                        \
+                t1 = t2 = NAN;                                                        \
+                ++unscaled;                                                           \
             }                                                                         \
             pair[2 * i] = t1;                                                         \
             pair[2 * i + 1] = t2;                                                     \
