@@ -79,13 +79,14 @@ def _run_python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
 
 
 PROBE = """
-    import torch, taskgraph_norm as tgn
+    import hashlib, torch, taskgraph_norm as tgn
     from taskgraph_norm.execute import native
     from taskgraph_norm.testing import bits
+    def digest(t): return hashlib.sha256(bits(t).numpy().tobytes()).hexdigest()[:16]
     x = (torch.randn(33, 1000, generator=torch.Generator().manual_seed(1)) * 100)
     outs = [tgn.normalize_sync(x, accumulate=a, executor="compiled") for a in ("float", "exact")]
     print(native.available(), repr(native.why_unavailable()))
-    print(*(int(bits(o).sum()) for o in outs))
+    print(*(digest(o) for o in outs))
 """
 
 
@@ -105,6 +106,31 @@ def test_without_a_compiler_the_torch_ops_give_the_same_bits(tmp_path) -> None:
         assert on.stdout.splitlines()[0] == "True None"
         assert on.stdout.splitlines()[1] == off.stdout.splitlines()[1]
         assert len(list((tmp_path / "c").glob("native-*.so"))) == 1
+
+
+@pytest.mark.skipif(not HAVE_CC or os.uname().machine != "x86_64", reason="needs cc on x86-64")
+def test_portable_build_gives_the_same_bits(tmp_path) -> None:
+    """Built for plain x86-64 (SSE2: the generic vector code, no AVX intrinsics), the
+    kernels give the same bits as this CPU's build and as the torch ops."""
+    code = PROBE + """
+    from taskgraph_norm.execute.native import library_path
+    print(library_path().name)
+    rows = torch.randn(50, 777, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    rows[3, 5] = float("nan"); rows[4] = 0.0; rows[5, 0] = float("inf")
+    rows = rows * torch.exp2(torch.randint(-30, 30, (50, 777), generator=torch.Generator().manual_seed(3)))
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        for acc in ("float", "exact"):
+            print(dtype, acc, digest(tgn.normalize_sync(rows.to(dtype), accumulate=acc, chunk_size=10)))
+    """
+    portable = _run_python(code, TGN_NATIVE_MARCH="x86-64", TGN_CACHE_DIR=str(tmp_path / "p"))
+    here = _run_python(code, TGN_CACHE_DIR=str(tmp_path / "h"))
+    off = _run_python(code, TGN_NATIVE="0", TGN_CACHE_DIR=str(tmp_path / "o"))
+    for proc in (portable, here, off):
+        assert proc.returncode == 0, proc.stderr
+    p, h, o = (proc.stdout.splitlines() for proc in (portable, here, off))
+    assert p[0] == h[0] == "True None"
+    assert p[2] != h[2]  # two different builds (the cache key has the flags)
+    assert p[1] == h[1] == o[1] and p[3:] == h[3:] == o[3:]
 
 
 @pytest.mark.skipif(not HAVE_CC, reason="no C compiler")
