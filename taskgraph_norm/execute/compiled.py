@@ -9,8 +9,14 @@ elements they see, and ``torch.sum`` is called on the same row shapes as the
 reference calls it.  So the bits are the reference's, which the tests check
 for every certified configuration.
 
+Where a C compiler is available, the sums of a tile come from the native
+kernels (:mod:`.native`): pairwise leaves with ADD merges, and every exact plan,
+row by row in C with the same bits (tested against these torch ops and the
+reference).  FINALIZE is the same torch ops either way.
+
 Tiles can be spread over a small pool of worker threads (torch releases the
-GIL inside ops); each thread has its own workspaces.
+GIL inside ops, ctypes around the native calls); each thread has its own
+workspaces.
 """
 
 from __future__ import annotations

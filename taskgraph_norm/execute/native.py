@@ -118,10 +118,11 @@ def _build(target: Path, cc: str) -> None:
 
 def _load() -> ctypes.CDLL | None:
     global _lib, _error, _loaded
+    if _loaded:  # the fast path of every call after the first
+        return _lib
     with _lock:
         if _loaded:
             return _lib
-        _loaded = True
         try:
             cc = _compiler()
             path = library_path()
@@ -147,9 +148,12 @@ def _load() -> ctypes.CDLL | None:
                                             ctypes.POINTER(ctypes.c_double), ctypes.POINTER(ctypes.c_double)]
             lib.tgn_exact_scale.restype = ctypes.c_int
             _lib = lib
-        except OSError as exc:  # no compiler, a failed build, an unloadable file
+        except (OSError, AttributeError, subprocess.SubprocessError) as exc:
+            # no compiler, a failed or timed-out build, an unloadable file, a missing symbol
             _error = str(exc)
             _lib = None
+        # Set last: the lock-free fast path above must never see a half-made state.
+        _loaded = True
         return _lib
 
 
