@@ -211,6 +211,11 @@ class Graph:
         return {k: tuple(v) for k, v in out.items()}
 
     @cached_property
+    def ops(self) -> frozenset[Op]:
+        """The set of ops the graph uses (cached: executors ask on every call)."""
+        return frozenset(n.op for n in self._nodes)
+
+    @cached_property
     def topological_order(self) -> tuple[str, ...]:
         """Ids in a deterministic topological order (Kahn's algorithm, build order
         breaking ties).  Raises :class:`CycleError` on a cycle."""

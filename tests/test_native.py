@@ -282,6 +282,51 @@ def test_float_total_negative_control() -> None:
 
 
 @needs_native
+def test_bad_arguments_are_value_errors() -> None:
+    x = spread(4, 100, torch.float32)
+    plan = compiled_mod.compile_graph(tgn.build_graph(100, chunk_size=10))
+    recipe = FloatRecipe(plan.chunk_size, plan.n_chunks, tuple(t for lv in plan.adds for t in lv), plan.root)
+    total, pair = torch.empty(4, 1), torch.empty(4, 2, dtype=torch.float64)
+    with pytest.raises(ValueError, match="chunks"):
+        native.float_rows(spread(4, 130, torch.float32), recipe, total)
+    with pytest.raises(ValueError, match="total"):
+        native.float_rows(x, recipe, torch.empty(4, 1, dtype=torch.float64))
+    with pytest.raises(ValueError, match="y must"):
+        native.float_rows(x, recipe, total, y=torch.empty(4, 99))
+    with pytest.raises(ValueError, match="weight"):
+        native.exact_rows(x, pair, y=torch.empty_like(x), weight=torch.ones(100, dtype=torch.float64))
+    with pytest.raises(ValueError, match="pair"):
+        native.exact_rows(x, torch.empty(4, 2))
+    with pytest.raises(ValueError, match="slots"):
+        FloatRecipe(10, 10, ((10, 0, 11),), 10)
+    with pytest.raises(ValueError, match="float32/float64"):
+        native.exact_rows(x.half(), pair)
+
+
+@needs_native
+def test_fused_finalize_equals_the_reference() -> None:
+    """The kernels' own FINALIZE (fp32 accumulation) against kernels.finalize, with a
+    weight and an eps that fp32 cannot hold; fp64 rows keep torch's FINALIZE."""
+    x = spread(40, 1000, torch.float32, binades=20)
+    w = 1 + 0.1 * torch.randn(1000, generator=gen(5))
+    for accumulate in ("float", "exact"):
+        graph = tgn.build_graph(1000, chunk_size=64, accumulate=accumulate)
+        total = torch.empty(40, 1)
+        y = torch.empty_like(x)
+        if accumulate == "exact":
+            native.exact_rows(x, torch.empty(40, 2, dtype=torch.float64), y, w, 1e-6)
+        else:
+            plan = compiled_mod.compile_graph(graph)
+            recipe = FloatRecipe(plan.chunk_size, plan.n_chunks, tuple(t for lv in plan.adds for t in lv),
+                                 plan.root)
+            native.float_rows(x, recipe, total, y, w, 1e-6)
+        assert_bits_equal(y, run_reference(graph, x, w, 1e-6), accumulate)
+        # Negative control: the same rows with a reciprocal multiply instead of the division.
+        rms = torch.sqrt((torch_total(graph, x) / 1000 + 1e-6).double()).float()
+        assert not bits_equal(x * (1 / rms) * w, y)
+
+
+@needs_native
 def test_float_nan_rows_are_counted() -> None:
     plan = compiled_mod.compile_graph(tgn.build_graph(100, chunk_size=10))
     recipe = FloatRecipe(plan.chunk_size, plan.n_chunks, tuple(t for lv in plan.adds for t in lv), plan.root)
@@ -309,9 +354,9 @@ def test_hand_made_adds_plan_runs_natively() -> None:
     calls = []
     real = native.float_rows
 
-    def spy(*args):
+    def spy(*args, **kwargs):
         calls.append(1)
-        return real(*args)
+        return real(*args, **kwargs)
 
     compiled_mod._native.float_rows = spy  # type: ignore[assignment]
     try:
@@ -329,7 +374,7 @@ def test_native_kernels_are_used_and_disabled(monkeypatch) -> None:
     used = []
     for name in ("exact_rows", "float_rows"):
         real = getattr(native, name)
-        monkeypatch.setattr(native, name, lambda *a, _r=real, _n=name: used.append(_n) or _r(*a))
+        monkeypatch.setattr(native, name, lambda *a, _r=real, _n=name, **k: used.append(_n) or _r(*a, **k))
     x = spread(8, 256, torch.float32, binades=5)
     cases = [({"topology": "tree"}, "float_rows"), ({"topology": "linear"}, "float_rows"),
              ({"topology": "race", "accumulate": "exact"}, "exact_rows"), ({"topology": "cat"}, None),

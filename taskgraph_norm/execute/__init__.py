@@ -49,7 +49,7 @@ def resolve_executor(name: str, graph: Graph) -> tuple[str, Runner]:
     Raises ConfigError (a ValueError) for a name this version does not provide.
     """
     if name == "auto":
-        if any(n.op is Op.CALL for n in graph.nodes):
+        if Op.CALL in graph.ops:
             name = "concurrent"
         else:
             name = _auto_executor(graph)

@@ -169,33 +169,39 @@ def _exact_total(
     return v.total64
 
 
-def _float_total_native(
-    ws: Workspace, v: Views, xt: torch.Tensor, r0: int, redo: list[int]
-) -> torch.Tensor:
-    """The same total as :func:`_float_total`, from the native kernel, written into
-    rms.  A narrower x is widened into ybuf first (exactly), where FINALIZE reads it.
-    Rows with a NaN total go to ``redo`` (global row numbers): which of two NaNs a
-    sum keeps is the reference's business."""
-    if v.ybuf is not None:
-        v.ybuf.copy_(xt)
-        xt = v.ybuf
-    if _native.float_rows(xt, ws.recipe, v.rms):
+def _native_tile(
+    plan: Plan, ws: Workspace, v: Views, xt: torch.Tensor, yt: torch.Tensor, weight: torch.Tensor | None,
+    eps: float, r0: int, redo: list[int],
+) -> None:
+    """One tile on the native kernels, with the bits of :func:`_float_total` /
+    :func:`_exact_total` + :func:`_finalize`.  A narrower x is widened into ybuf
+    (exactly), normalised there in fp32 and cast back.  With fp32 accumulation the
+    kernels run FINALIZE too, row by row; fp64 accumulation keeps the torch ops'
+    FINALIZE, because torch's CPU fp64 ``sqrt`` is not correctly rounded (about 1%
+    of values differ from IEEE ``sqrt`` here), while every fp32 square root taken in
+    fp64 and rounded is.  Rows the reference must finish (a NaN total, an exact row
+    with no scale) are appended to ``redo`` as global row numbers."""
+    wide = v.ybuf
+    x_acc = xt
+    if wide is not None:
+        wide.copy_(xt)
+        x_acc = wide
+    fused = x_acc.dtype == torch.float32
+    target = (yt if wide is None else wide) if fused else None
+    if plan.accumulate == "exact":
+        if _native.exact_rows(x_acc, v.pair, target, weight, eps, check=False):
+            redo.extend((v.pair[:, 0].isnan().nonzero()[:, 0] + r0).tolist())
+    elif _native.float_rows(x_acc, ws.recipe, v.rms, target, weight, eps, check=False):
         redo.extend((v.rms[:, 0].isnan().nonzero()[:, 0] + r0).tolist())
-    return v.rms
-
-
-def _exact_total_native(v: Views, xt: torch.Tensor, r0: int, unscaled: list[int]) -> torch.Tensor:
-    """The same total as :func:`_exact_total`, from the native kernel (one pass per
-    row, scales included).  A narrower x is widened into ybuf first (exactly), where
-    FINALIZE then reads it.  Rows with no scale are appended to ``unscaled`` (global
-    row numbers) for the reference to finish."""
-    if v.ybuf is not None:
-        v.ybuf.copy_(xt)
-        xt = v.ybuf
-    if _native.exact_rows(xt, v.pair):
-        unscaled.extend((v.pair[:, 0].isnan().nonzero()[:, 0] + r0).tolist())
-    torch.add(v.pair[:, :1], v.pair[:, 1:], out=v.total64)
-    return v.total64
+    if not fused:
+        if plan.accumulate == "exact":
+            torch.add(v.pair[:, :1], v.pair[:, 1:], out=v.total64)
+            total = v.total64
+        else:
+            total = v.rms
+        _finalize(plan, v, xt, total, yt, weight, eps, True)
+    elif wide is not None:
+        yt.copy_(wide)
 
 
 @functools.lru_cache(maxsize=64)
@@ -244,23 +250,23 @@ def _run_tiles(
 ) -> None:
     """Tiles of rows ``[start, stop)``.  ``scales``: an exact plan's ``(sigmas,
     any_unscaled)`` for the torch ops.  ``redo``: ``None`` on the torch ops; on the
-    native kernels, a list that collects the rows the reference must finish."""
+    native kernels, a list that collects the rows the reference must finish (and
+    ``weight`` is then a contiguous tensor of the accumulation dtype)."""
     native = redo is not None
-    exact = plan.accumulate == "exact"
     ws = workspace(plan, tile, x2.dtype, x2.device, native)
     for r0 in range(start, stop, tile):
         r1 = min(r0 + tile, stop)
         v = ws.views(r1 - r0)
-        xt = x2[r0:r1]
+        xt, yt = x2[r0:r1], y2[r0:r1]
         if redo is not None:
-            total = (_exact_total_native(v, xt, r0, redo) if exact
-                     else _float_total_native(ws, v, xt, r0, redo))
-        elif scales is not None:
+            _native_tile(plan, ws, v, xt, yt, weight, eps, r0, redo)
+            continue
+        if scales is not None:
             total = _exact_total(plan, v, xt, scales[0][r0:r1], scales[1])
         else:
             total = _float_total(plan, v, xt)
-        # Every path but the exact torch ops has put x.to(acc) in ybuf already.
-        _finalize(plan, v, xt, total, y2[r0:r1], weight, eps, native or not exact)
+        # The float path has put x.to(acc) in ybuf already; the exact torch ops have not.
+        _finalize(plan, v, xt, total, yt, weight, eps, scales is None)
 
 
 # --- entry point -----------------------------------------------------------------
@@ -351,7 +357,12 @@ def run_compiled(
         tile = rows  # tiling buys nothing on an accelerator, and keeps reduction shapes
     else:
         tile = tile_rows or default_tile_rows(plan, x.dtype, use_native)
-    w = _weight_for(weight, kernels.accumulation_dtype(x.dtype))
+    acc = kernels.accumulation_dtype(x.dtype)
+    w = _weight_for(weight, acc)
+    if use_native and w is not None:
+        # The C FINALIZE reads the weight in the accumulation dtype: exact for a
+        # narrower weight, and what _weight_for already did to a wider one.
+        w = w.to(acc).contiguous()
     scales: tuple[torch.Tensor, bool] | None = None
     # On the native kernels: rows the reference must finish (the exact kernel
     # computes each row's scale itself).

@@ -4,7 +4,9 @@
  * compare them with the reference interpreter):
  *
  *   tgn_exact_rows_*  the exact domain (DESIGN.md section 5), below;
- *   tgn_float_rows_*  pairwise leaves and ordered ADD merges (at the end).
+ *   tgn_float_rows_*  pairwise leaves and ordered ADD merges (at the end);
+ *
+ * each optionally followed, row by row, by FINALIZE (kernels.finalize) into y.
  *
  * The exact kernel is kernels.rowmax_sq_whole + kernels.exact_scale +
  * kernels.sumsq_exact over whole rows: a max pass and a sum pass per row, with the
@@ -34,6 +36,7 @@
 
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #ifdef __FAST_MATH__
@@ -157,9 +160,45 @@ static double row_max_double(const double *row, int64_t hidden)
     return m * m;
 }
 
+/* --- FINALIZE, fused: kernels.finalize for one row, while the row is in cache -----
+ *
+ *   mean = total / D + eps      (in the accumulation dtype; torch rounds a Python
+ *                                eps to it before adding, as (float)eps does here)
+ *   rms  = sqrt(mean)           (taken in fp64 and rounded, as kernels does)
+ *   y    = x / rms; y *= w      (two roundings, no fma, no reciprocal)
+ *
+ * y may be x itself (a bf16/fp16 row widened into fp32 scratch): each element is
+ * read before it is written.  The caller casts a narrow result back with torch.
+ */
+static void finalize_row_float(const float *row, float *y, const float *w, int64_t hidden,
+                               float total, double eps)
+{
+    float mean = total / (float)(double)hidden + (float)eps;
+    float rms = (float)sqrt((double)mean);
+    if (w)
+        for (int64_t j = 0; j < hidden; ++j)
+            y[j] = (row[j] / rms) * w[j];
+    else
+        for (int64_t j = 0; j < hidden; ++j)
+            y[j] = row[j] / rms;
+}
+
+static void finalize_row_double(const double *row, double *y, const double *w, int64_t hidden,
+                                double total, double eps)
+{
+    double mean = total / (double)hidden + eps;
+    double rms = sqrt(mean);
+    if (w)
+        for (int64_t j = 0; j < hidden; ++j)
+            y[j] = (row[j] / rms) * w[j];
+    else
+        for (int64_t j = 0; j < hidden; ++j)
+            y[j] = row[j] / rms;
+}
+
 #define EXACT_ROWS(NAME, T, LOAD)                                                      \
     int64_t NAME(const T *x, int64_t rows, int64_t hidden, int64_t row_stride,       \
-                 double *pair)                                                        \
+                 double *pair, T *y, int64_t y_stride, const T *w, double eps)        \
     {                                                                                 \
         int64_t unscaled = 0;                                                         \
         for (int64_t i = 0; i < rows; ++i) {                                          \
@@ -204,6 +243,8 @@ static double row_max_double(const double *row, int64_t hidden)
             }                                                                         \
             pair[2 * i] = t1;                                                         \
             pair[2 * i + 1] = t2;                                                     \
+            if (y)                                                                    \
+                finalize_row_##T(row, y + i * y_stride, w, hidden, (T)(t1 + t2), eps); \
         }                                                                             \
         return unscaled;                                                              \
     }
@@ -218,16 +259,21 @@ EXACT_ROWS(tgn_exact_rows_f64, double, load4_f64)
  * triples (dst, a, b) in level order: slots[dst] = slots[a] + slots[b].  These
  * additions are not exact, so the order is the plan's, operation for operation;
  * each one is the same IEEE operation in the accumulation dtype as the torch ops'.
- * ``work`` holds chunk + n_slots values.  The count of rows whose total is NaN is
- * returned: C does not keep an operand order for NaNs (which of two NaNs a sum
+ * The scratch (chunk + slots values) is on the stack, or malloc'd when large (-1 is
+ * returned if that fails).  The count of rows whose total is NaN is returned: C does not keep an operand order for NaNs (which of two NaNs a sum
  * returns), so the caller gives those rows the reference interpreter's bits.
  */
 #define FLOAT_ROWS(NAME, T)                                                            \
     int64_t NAME(const T *x, int64_t rows, int64_t hidden, int64_t row_stride,           \
               int64_t chunk, const int64_t *adds, int64_t n_adds, int64_t root,       \
-              T *total, T *work)                                                      \
+              T *total, T *y, int64_t y_stride, const T *w, double eps)               \
     {                                                                                 \
         int64_t n_chunks = (hidden + chunk - 1) / chunk, nan_rows = 0;                \
+        int64_t need = chunk + n_chunks + n_adds;                                     \
+        T small[2048];                                                                \
+        T *work = need <= 2048 ? small : (T *)malloc((size_t)need * sizeof(T));       \
+        if (!work)                                                                    \
+            return -1;                                                                \
         T *buf = work, *slots = work + chunk;                                         \
         for (int64_t i = 0; i < rows; ++i) {                                          \
             const T *row = x + i * row_stride;                                        \
@@ -256,8 +302,12 @@ EXACT_ROWS(tgn_exact_rows_f64, double, load4_f64)
             for (int64_t t = 0; t < n_adds; ++t)                                      \
                 slots[adds[3 * t]] = slots[adds[3 * t + 1]] + slots[adds[3 * t + 2]]; \
             total[i] = slots[root];                                                   \
+            if (y)                                                                    \
+                finalize_row_##T(row, y + i * y_stride, w, hidden, total[i], eps);    \
             nan_rows += total[i] != total[i];                                         \
         }                                                                             \
+        if (work != small)                                                            \
+            free(work);                                                               \
         return nan_rows;                                                              \
     }
 
@@ -265,4 +315,4 @@ FLOAT_ROWS(tgn_float_rows_f32, float)
 FLOAT_ROWS(tgn_float_rows_f64, double)
 
 /* A version number the loader checks, so a stale cached library is never used. */
-int tgn_native_abi(void) { return 3; }
+int tgn_native_abi(void) { return 5; }

@@ -45,7 +45,7 @@ __all__ = [
 ]
 
 _SOURCE = Path(__file__).with_name("native.c")
-_ABI = 3
+_ABI = 5
 #: The flags that keep the C expressions as written (see native.c).  The target is
 #: this CPU (``$TGN_NATIVE_MARCH`` overrides it, e.g. ``x86-64`` for the portable
 #: vector code, which the tests check too).
@@ -133,16 +133,17 @@ def _load() -> ctypes.CDLL | None:
             lib = ctypes.CDLL(str(path))
             if lib.tgn_native_abi() != _ABI:
                 raise OSError(f"{path} is a stale build (ABI {lib.tgn_native_abi()}, want {_ABI})")
+            finalize_args = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_double]
             for name in ("tgn_exact_rows_f32", "tgn_exact_rows_f64"):
                 fn = getattr(lib, name)
                 fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-                               ctypes.c_void_p]
+                               ctypes.c_void_p, *finalize_args]
                 fn.restype = ctypes.c_int64
             for name in ("tgn_float_rows_f32", "tgn_float_rows_f64"):
                 fn = getattr(lib, name)
                 fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
                                ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-                               ctypes.c_void_p, ctypes.c_void_p]
+                               ctypes.c_void_p, *finalize_args]
                 fn.restype = ctypes.c_int64
             lib.tgn_exact_scale.argtypes = [ctypes.c_double, ctypes.c_int64,
                                             ctypes.POINTER(ctypes.c_double), ctypes.POINTER(ctypes.c_double)]
@@ -199,22 +200,52 @@ def _library() -> ctypes.CDLL:
     return lib
 
 
-def exact_rows(x: torch.Tensor, pair: torch.Tensor) -> int:
+def _finalize_args(
+    x: torch.Tensor, y: torch.Tensor | None, weight: torch.Tensor | None, eps: float
+) -> tuple[int | None, int, int | None, float]:
+    """``(y, y_stride, w, eps)`` for a kernel's fused FINALIZE (``y=None``: none)."""
+    if y is None:
+        return None, 0, None, 0.0
+    if y.shape != x.shape or y.dtype != x.dtype or y.device.type != "cpu" or (
+        x.shape[1] > 1 and y.stride(1) != 1
+    ):
+        raise ValueError("y must be a CPU tensor of x's shape and dtype with unit stride along rows")
+    if weight is not None and (
+        weight.shape != (x.shape[1],) or weight.dtype != x.dtype or not weight.is_contiguous()
+    ):
+        raise ValueError("weight must be a contiguous (hidden,) tensor of x's dtype")
+    return y.data_ptr(), y.stride(0), None if weight is None else weight.data_ptr(), float(eps)
+
+
+def exact_rows(
+    x: torch.Tensor, pair: torch.Tensor, y: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None, eps: float = 0.0, *, check: bool = True,
+) -> int:
     """Write each row's exact pair ``(S1, S2)`` of ``x`` (2-D, CPU) into ``pair``.
 
     ``x`` must be float32 or float64 with a unit stride along the row; ``pair`` a
-    contiguous ``(rows, 2)`` float64 tensor.  Rows with no scale (Inf or NaN, or an
-    fp64 bound past the range) get ``NaN`` pairs; their count is returned.
+    contiguous ``(rows, 2)`` float64 tensor.  Rows with no scale (Inf, or an fp64
+    bound past ``2**1023``) or with a NaN get ``NaN`` pairs; their count is
+    returned.  With ``y`` (x's shape and dtype; may be ``x`` itself), FINALIZE
+    follows row by row: ``y = x / sqrt((S1 + S2) / D + eps) * weight``, as
+    :func:`kernels.finalize` computes it in ``x``'s dtype (rows with NaN pairs get
+    garbage there, for the caller to replace).  ``check=False`` skips the argument
+    checks (the compiled executor, whose buffers are right by construction).
     """
     lib = _library()
-    _check_rows(x)
     rows, hidden = x.shape
-    if pair.shape != (rows, 2) or pair.dtype != torch.float64 or not pair.is_contiguous():
-        raise ValueError("pair must be a contiguous (rows, 2) float64 tensor")
+    if check:
+        _check_rows(x)
+        if pair.shape != (rows, 2) or pair.dtype != torch.float64 or not pair.is_contiguous():
+            raise ValueError("pair must be a contiguous (rows, 2) float64 tensor")
+        fin = _finalize_args(x, y, weight, eps)
+    else:
+        fin = (None, 0, None, 0.0) if y is None else (
+            y.data_ptr(), y.stride(0), None if weight is None else weight.data_ptr(), eps)
     if rows == 0:
         return 0
     fn = getattr(lib, _FUNCS[x.dtype])
-    return int(fn(x.data_ptr(), rows, hidden, x.stride(0), pair.data_ptr()))
+    return int(fn(x.data_ptr(), rows, hidden, x.stride(0), pair.data_ptr(), *fin))
 
 
 def exact_scale(row_max: float, hidden_size: int) -> tuple[float, float]:
@@ -233,27 +264,43 @@ class FloatRecipe:
     """
 
     def __init__(self, chunk_size: int, n_chunks: int, adds: tuple[tuple[int, int, int], ...], root: int) -> None:
+        slots = n_chunks + len(adds)
+        if not all(0 <= i < slots for t in adds for i in t) or not 0 <= root < slots or chunk_size < 1:
+            raise ValueError("the ADD triples and root must name slots 0..n_chunks + len(adds) - 1")
         self.chunk_size, self.n_chunks, self.root = chunk_size, n_chunks, root
         self.n_adds = len(adds)
         self.adds = torch.tensor([i for t in adds for i in t] or [0], dtype=torch.int64)
-        self.slots = n_chunks + self.n_adds
+        self.slots = slots
 
 
-def float_rows(x: torch.Tensor, recipe: FloatRecipe, total: torch.Tensor) -> int:
+def float_rows(
+    x: torch.Tensor, recipe: FloatRecipe, total: torch.Tensor, y: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None, eps: float = 0.0, *, check: bool = True,
+) -> int:
     """Write each row's float sum of squares of ``x`` into ``total`` (``(rows, 1)``,
     contiguous, ``x``'s dtype): pairwise leaves, then the recipe's ADDs in order.
+    With ``y``, FINALIZE follows row by row, as in :func:`exact_rows`.
 
     Returns the number of rows whose total is NaN: their NaN's sign and payload
     are C's, not necessarily torch's, so the caller recomputes them.
     """
     lib = _library()
-    _check_rows(x)
     rows, hidden = x.shape
-    if total.shape != (rows, 1) or total.dtype != x.dtype or not total.is_contiguous():
-        raise ValueError("total must be a contiguous (rows, 1) tensor of x's dtype")
+    if check:
+        _check_rows(x)
+        if total.shape != (rows, 1) or total.dtype != x.dtype or not total.is_contiguous():
+            raise ValueError("total must be a contiguous (rows, 1) tensor of x's dtype")
+        if -(-hidden // recipe.chunk_size) != recipe.n_chunks:
+            raise ValueError(f"the recipe has {recipe.n_chunks} chunks; x's rows make {-(-hidden // recipe.chunk_size)}")
+        fin = _finalize_args(x, y, weight, eps)
+    else:
+        fin = (None, 0, None, 0.0) if y is None else (
+            y.data_ptr(), y.stride(0), None if weight is None else weight.data_ptr(), eps)
     if rows == 0:
         return 0
-    work = torch.empty(recipe.chunk_size + recipe.slots, dtype=x.dtype)
     fn = lib.tgn_float_rows_f32 if x.dtype == torch.float32 else lib.tgn_float_rows_f64
-    return int(fn(x.data_ptr(), rows, hidden, x.stride(0), recipe.chunk_size, recipe.adds.data_ptr(),
-                  recipe.n_adds, recipe.root, total.data_ptr(), work.data_ptr()))
+    nan_rows = int(fn(x.data_ptr(), rows, hidden, x.stride(0), recipe.chunk_size, recipe.adds.data_ptr(),
+                      recipe.n_adds, recipe.root, total.data_ptr(), *fin))
+    if nan_rows < 0:
+        raise MemoryError("the native float kernel could not allocate its scratch")
+    return nan_rows
