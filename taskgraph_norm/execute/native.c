@@ -170,17 +170,22 @@ static double row_max_double(const double *row, int64_t hidden)
  * y may be x itself (a bf16/fp16 row widened into fp32 scratch): each element is
  * read before it is written.  The caller casts a narrow result back with torch.
  */
+#define NORMALIZE_ROW(row, y, w, hidden, rms)                                          \
+    do {                                                                               \
+        if (w)                                                                         \
+            for (int64_t j = 0; j < (hidden); ++j)                                     \
+                (y)[j] = ((row)[j] / (rms)) * (w)[j];                                  \
+        else                                                                           \
+            for (int64_t j = 0; j < (hidden); ++j)                                     \
+                (y)[j] = (row)[j] / (rms);                                             \
+    } while (0)
+
 static void finalize_row_float(const float *row, float *y, const float *w, int64_t hidden,
                                float total, double eps)
 {
     float mean = total / (float)(double)hidden + (float)eps;
     float rms = (float)sqrt((double)mean);
-    if (w)
-        for (int64_t j = 0; j < hidden; ++j)
-            y[j] = (row[j] / rms) * w[j];
-    else
-        for (int64_t j = 0; j < hidden; ++j)
-            y[j] = row[j] / rms;
+    NORMALIZE_ROW(row, y, w, hidden, rms);
 }
 
 static void finalize_row_double(const double *row, double *y, const double *w, int64_t hidden,
@@ -188,12 +193,7 @@ static void finalize_row_double(const double *row, double *y, const double *w, i
 {
     double mean = total / (double)hidden + eps;
     double rms = sqrt(mean);
-    if (w)
-        for (int64_t j = 0; j < hidden; ++j)
-            y[j] = (row[j] / rms) * w[j];
-    else
-        for (int64_t j = 0; j < hidden; ++j)
-            y[j] = row[j] / rms;
+    NORMALIZE_ROW(row, y, w, hidden, rms);
 }
 
 #define EXACT_ROWS(NAME, T, LOAD)                                                      \
