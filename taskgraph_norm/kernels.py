@@ -216,11 +216,16 @@ def _sqrt_correctly_rounded(t: torch.Tensor) -> torch.Tensor:
     """IEEE sqrt of ``t`` on every device.
 
     torch's CUDA float32 ``sqrt`` is an approximation (it disagrees with the CPU in
-    about 0.6% of elements on an H100), while fp64 ``sqrt`` is correctly rounded on
-    both.  A square root computed in fp64 and rounded to fp32 is the correctly
-    rounded fp32 one (double rounding is innocuous for sqrt when the wider format
-    has at least 2p + 2 bits: 53 >= 2 * 24 + 2), so fp32 goes through fp64.  It is
-    one value per row, so the cost is nil.
+    about 0.6% of elements on an H100), so fp32 goes through fp64.  A square root
+    of an fp32 value computed in fp64 and rounded to fp32 is the correctly rounded
+    fp32 one: the exact root of a 24-bit value is at least ``2**-49`` (relative)
+    away from every midpoint between fp32 neighbours, far more than the fp64
+    root's error.  That holds even where torch's fp64 ``sqrt`` is itself not
+    correctly rounded, as on this project's CPU build (about 1.3% of random fp64
+    inputs differ from IEEE ``sqrt`` there, within one ulp): so fp32 results are
+    the same on every device, but an fp64 input's ``rms`` may differ in its last
+    bit between devices (docs/design.md).  It is one value per row, so the cost
+    is nil.
     """
     if t.dtype == torch.float64:
         return torch.sqrt(t)
@@ -236,9 +241,10 @@ def finalize(
 ) -> torch.Tensor:
     """``x / sqrt(total / D + eps) * w`` in the accumulation dtype, cast back.
 
-    Division and an fp64-computed ``sqrt`` are correctly rounded on every IEEE
-    backend (``rsqrt`` and torch's CUDA fp32 ``sqrt`` are not), so this form gives
-    the same bits on every device.  An exact pair
+    Division and an fp64-computed ``sqrt`` rounded to fp32 are correctly rounded on
+    every IEEE backend (``rsqrt`` and torch's CUDA fp32 ``sqrt`` are not), so this
+    form gives the same bits on every device for fp32, fp16 and bf16 inputs (fp64
+    inputs: see :func:`_sqrt_correctly_rounded`).  An exact pair
     ``(S1, S2)`` is combined in fp64 and rounded once to the accumulation dtype.
     """
     dtype = accumulation_dtype(x.dtype)
