@@ -301,6 +301,8 @@ def test_bad_arguments_are_value_errors() -> None:
         FloatRecipe(10, 10, ((10, 0, 11),), 10)
     with pytest.raises(ValueError, match="float32/float64"):
         native.exact_rows(x.half(), pair)
+    with pytest.raises(ValueError, match="float32 rows only"):
+        native.exact_rows(x.double(), pair, y=torch.empty(4, 100, dtype=torch.float64))
 
 
 @needs_native

@@ -188,6 +188,9 @@ static void finalize_row_float(const float *row, float *y, const float *w, int64
     NORMALIZE_ROW(row, y, w, hidden, rms);
 }
 
+/* The fp64 form is IEEE throughout, but torch's CPU fp64 sqrt is not correctly
+ * rounded (docs/design.md), so native.py never asks for it: fp64 rows keep torch's
+ * FINALIZE.  It is here because the kernels are written once for both dtypes. */
 static void finalize_row_double(const double *row, double *y, const double *w, int64_t hidden,
                                 double total, double eps)
 {
@@ -260,8 +263,9 @@ EXACT_ROWS(tgn_exact_rows_f64, double, load4_f64)
  * additions are not exact, so the order is the plan's, operation for operation;
  * each one is the same IEEE operation in the accumulation dtype as the torch ops'.
  * The scratch (chunk + slots values) is on the stack, or malloc'd when large (-1 is
- * returned if that fails).  The count of rows whose total is NaN is returned: C does not keep an operand order for NaNs (which of two NaNs a sum
- * returns), so the caller gives those rows the reference interpreter's bits.
+ * returned if that fails).  The count of rows whose total is NaN is returned: C
+ * does not keep an operand order for NaNs (which of two NaNs a sum returns), so
+ * the caller gives those rows the reference interpreter's bits.
  */
 #define FLOAT_ROWS(NAME, T)                                                            \
     int64_t NAME(const T *x, int64_t rows, int64_t hidden, int64_t row_stride,           \

@@ -206,6 +206,9 @@ def _finalize_args(
     """``(y, y_stride, w, eps)`` for a kernel's fused FINALIZE (``y=None``: none)."""
     if y is None:
         return None, 0, None, 0.0
+    if x.dtype != torch.float32:
+        raise ValueError("the fused FINALIZE is for float32 rows only: torch's CPU fp64 sqrt is not "
+                         "correctly rounded, so an IEEE one in C would not give torch's bits")
     if y.shape != x.shape or y.dtype != x.dtype or y.device.type != "cpu" or (
         x.shape[1] > 1 and y.stride(1) != 1
     ):
