@@ -291,11 +291,7 @@ def kernels_line(native_enabled: bool = True) -> str:
     """Which kernels the compiled executor runs here, in words (benchmark headers)."""
     from .execute import native
 
-    if not native_enabled:
-        return "compiled executor kernels: torch ops (native kernels off for this run)"
-    if native.available():
-        return "compiled executor kernels: native C (execute/native.c, built with the system compiler)"
-    return f"compiled executor kernels: torch ops (native kernels unavailable: {native.why_unavailable()})"
+    return native.describe(native_enabled)
 
 
 def run_bench(config: BenchConfig, stream: TextIO, progress_stream: TextIO | None = None) -> str:

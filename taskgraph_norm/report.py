@@ -331,11 +331,12 @@ def format_table(rows: list[ReportRow]) -> str:
 
 def report_text(config: ReportConfig, rows: list[ReportRow]) -> str:
     """The report as printed: a header line, the table and the verdict lines."""
+    from .execute.native import describe
     lines = [
         f"taskgraph-norm report: input {'x'.join(map(str, config.shape))} {config.dtype}, "
         f"seed {config.seed}, chunk_size {config.chunk_size}, leaf {config.leaf}, "
         f"{config.repeats} runs per row, torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads)",
+        f"({torch.get_num_threads()} threads); {describe()}",
         "",
         format_table(rows),
     ]

@@ -389,3 +389,12 @@ def test_native_kernels_are_used_and_disabled(monkeypatch) -> None:
         with native.disabled():
             tgn.normalize_sync(x, executor="compiled", **options)
         assert used == [], options
+
+
+def test_describe_says_which_kernels_run() -> None:
+    """The report and bench headers say which kernels their timings come from."""
+    expected = "native C" if native.available() else "unavailable"
+    assert expected in native.describe()
+    with native.disabled():
+        assert "torch ops" in native.describe() and "off" in native.describe()
+    assert "off" in native.describe(False)

@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 __all__ = [
-    "available", "disabled", "exact_rows", "exact_scale", "float_rows", "FloatRecipe", "library_path",
+    "available", "describe", "disabled", "exact_rows", "exact_scale", "float_rows", "FloatRecipe", "library_path",
     "why_unavailable",
 ]
 
@@ -170,6 +170,16 @@ def why_unavailable() -> str | None:
     if _load() is None:
         return _error
     return None
+
+
+def describe(enabled: bool = True) -> str:
+    """Which kernels the compiled executor runs here, in words (report and bench
+    headers); ``enabled=False`` describes a run made inside :func:`disabled`."""
+    if not enabled or not _enabled:
+        return "compiled executor kernels: torch ops (native kernels off for this run)"
+    if available():
+        return "compiled executor kernels: native C (execute/native.c, built with the system compiler)"
+    return f"compiled executor kernels: torch ops (native kernels unavailable: {why_unavailable()})"
 
 
 @contextlib.contextmanager
