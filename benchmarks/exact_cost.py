@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,20 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import taskgraph_norm as tgn  # noqa: E402
-from taskgraph_norm.bench import kernels_line  # noqa: E402
+from taskgraph_norm.bench import interleaved_medians  # noqa: E402
 from taskgraph_norm.execute import native  # noqa: E402
-
-
-def interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main() -> None:
@@ -59,7 +45,7 @@ def main() -> None:
     sets.append(("torch ops", native.disabled))
     for name, ctx in sets:
         with ctx():
-            print(f"\n{kernels_line(name == 'native')}\n")
+            print(f"\n{native.describe(name == 'native')}\n")
             print("| kernels | topology | float ms | exact ms | exact / float | float out= ms | exact out= ms "
                   "| exact / float, out= |")
             print("|---|---|---|---|---|---|---|---|")
@@ -71,7 +57,7 @@ def main() -> None:
                             lambda acc=acc, o=o: tgn.normalize_sync(
                                 x, topology=topology, chunk_size=args.chunk_size, accumulate=acc,
                                 executor=args.executor, out=o))
-                t = interleaved(fns, args.repeats)
+                t = interleaved_medians(fns, args.repeats)
                 print(f"| {name} | {topology} | {t['float'] * 1e3:.1f} | {t['exact'] * 1e3:.1f} "
                       f"| {t['exact'] / t['float']:.2f}x | {t['float out'] * 1e3:.1f} | {t['exact out'] * 1e3:.1f} "
                       f"| {t['exact out'] / t['float out']:.2f}x |")

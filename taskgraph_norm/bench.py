@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from .api import normalize, normalize_sync
+from .execute import native
 from .testing import bits_equal
 
 __all__ = ["BenchConfig", "run_bench", "interleaved_medians", "peak_extra_memory"]
@@ -287,18 +288,9 @@ def plot(series: dict[str, dict[int, float]], path: Path) -> None:
     plt.close(fig)
 
 
-def kernels_line(native_enabled: bool = True) -> str:
-    """Which kernels the compiled executor runs here, in words (benchmark headers)."""
-    from .execute import native
-
-    return native.describe(native_enabled)
-
-
 def run_bench(config: BenchConfig, stream: TextIO, progress_stream: TextIO | None = None) -> str:
     """Run the suite, print the Markdown report, write ``bench.md`` and ``bench.png``."""
     if not config.native:
-        from .execute import native
-
         with native.disabled():
             return _run_bench(config, stream, progress_stream)
     return _run_bench(config, stream, progress_stream)
@@ -313,7 +305,7 @@ def _run_bench(config: BenchConfig, stream: TextIO, progress_stream: TextIO | No
         f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads, "
         f"median of {config.rounds} interleaved rounds; compiled = this library's default "
         "normalize (tree, chunk 64, pairwise leaf, executor auto -> compiled); "
-        + kernels_line(config.native)
+        + native.describe(config.native)
     )
     parts = [header, "", *_large_rows(config, tc, progress), "", *_decode_rows(config, progress)]
     if config.memory:

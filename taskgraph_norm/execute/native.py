@@ -211,11 +211,14 @@ def _library() -> ctypes.CDLL:
 
 
 def _finalize_args(
-    x: torch.Tensor, y: torch.Tensor | None, weight: torch.Tensor | None, eps: float
+    x: torch.Tensor, y: torch.Tensor | None, weight: torch.Tensor | None, eps: float, check: bool
 ) -> tuple[int | None, int, int | None, float]:
-    """``(y, y_stride, w, eps)`` for a kernel's fused FINALIZE (``y=None``: none)."""
+    """``(y, y_stride, w, eps)`` for a kernel's fused FINALIZE (``y=None``: none),
+    checked against ``x`` unless ``check`` is false."""
     if y is None:
         return None, 0, None, 0.0
+    if not check:
+        return y.data_ptr(), y.stride(0), None if weight is None else weight.data_ptr(), float(eps)
     if x.dtype != torch.float32:
         raise ValueError("the fused FINALIZE is for float32 rows only: torch's CPU fp64 sqrt is not "
                          "correctly rounded, so an IEEE one in C would not give torch's bits")
@@ -251,10 +254,7 @@ def exact_rows(
         _check_rows(x)
         if pair.shape != (rows, 2) or pair.dtype != torch.float64 or not pair.is_contiguous():
             raise ValueError("pair must be a contiguous (rows, 2) float64 tensor")
-        fin = _finalize_args(x, y, weight, eps)
-    else:
-        fin = (None, 0, None, 0.0) if y is None else (
-            y.data_ptr(), y.stride(0), None if weight is None else weight.data_ptr(), eps)
+    fin = _finalize_args(x, y, weight, eps, check)
     if rows == 0:
         return 0
     fn = getattr(lib, _FUNCS[x.dtype])
@@ -283,7 +283,6 @@ class FloatRecipe:
         self.chunk_size, self.n_chunks, self.root = chunk_size, n_chunks, root
         self.n_adds = len(adds)
         self.adds = torch.tensor([i for t in adds for i in t] or [0], dtype=torch.int64)
-        self.slots = slots
 
 
 def float_rows(
@@ -305,10 +304,7 @@ def float_rows(
             raise ValueError("total must be a contiguous (rows, 1) tensor of x's dtype")
         if -(-hidden // recipe.chunk_size) != recipe.n_chunks:
             raise ValueError(f"the recipe has {recipe.n_chunks} chunks; x's rows make {-(-hidden // recipe.chunk_size)}")
-        fin = _finalize_args(x, y, weight, eps)
-    else:
-        fin = (None, 0, None, 0.0) if y is None else (
-            y.data_ptr(), y.stride(0), None if weight is None else weight.data_ptr(), eps)
+    fin = _finalize_args(x, y, weight, eps, check)
     if rows == 0:
         return 0
     fn = lib.tgn_float_rows_f32 if x.dtype == torch.float32 else lib.tgn_float_rows_f64
