@@ -17,8 +17,8 @@ import argparse
 import torch
 
 import taskgraph_norm as tgn
-from taskgraph_norm.execute import reference_sum_of_squares
-from taskgraph_norm.report import fp64_reference, ulp_error
+from taskgraph_norm.executors import reference_sum_of_squares
+from taskgraph_norm.tools.report import fp64_reference, ulp_error
 from taskgraph_norm.testing import correctly_rounded_sumsq
 
 METHODS = (

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 
-from taskgraph_norm.cli import main
+from taskgraph_norm.tools.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["bench", *sys.argv[1:]]))

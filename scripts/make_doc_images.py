@@ -8,7 +8,7 @@ Run from the repository root::
 It draws the four chunked topologies of the original report (hidden size 512,
 chunk size 64: eight chunks), each as SVG and PNG, puts the four PNGs side by
 side in ``topologies.png`` for the user guide, and draws a 4096-chunk tree to
-show the collapsed mode.  When the prover is available (``taskgraph_norm.prove``)
+show the collapsed mode.  When the prover is available (``taskgraph_norm.prover.rules``)
 each picture's caption carries its verdict, rule and fingerprint.
 """
 
@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import taskgraph_norm as tgn  # noqa: E402
-from taskgraph_norm.report import traced_run  # noqa: E402
+from taskgraph_norm.tools.report import traced_run  # noqa: E402
 
 TOPOLOGIES = ("linear", "tree", "race", "cat")
 HIDDEN_SIZE = 512

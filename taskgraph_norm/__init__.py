@@ -6,62 +6,66 @@ The public names are re-exported here explicitly; ``__all__`` is the API.
 from __future__ import annotations
 
 from . import distributed as distributed
-from . import schedules as schedules
+from .executors import schedules as schedules
 from .api import execute as execute
 from .api import normalize as normalize
 from .api import normalize_sync as normalize_sync
 from .errors import ConfigError as ConfigError
 from .errors import CycleError as CycleError
+from .errors import DeviceMismatchError as DeviceMismatchError
+from .errors import DtypeError as DtypeError
 from .errors import ExecutionError as ExecutionError
 from .errors import GraphError as GraphError
+from .errors import InputRankError as InputRankError
+from .errors import InputShapeError as InputShapeError
 from .errors import MissingDependencyError as MissingDependencyError
 from .errors import PoolClosedError as PoolClosedError
 from .errors import ScheduleError as ScheduleError
 from .errors import ShardMismatchError as ShardMismatchError
 from .errors import TaskGraphError as TaskGraphError
-from .execute.devices import WorkerPool as WorkerPool
-from .execute.trace import Decision as Decision
-from .execute.trace import NodeSpan as NodeSpan
-from .execute.trace import Trace as Trace
+from .errors import WeightShapeError as WeightShapeError
+from .executors.devices import WorkerPool as WorkerPool
+from .executors.trace import Trace as Trace
 from .graph import Graph as Graph
 from .graph import Node as Node
 from .graph import Op as Op
-from .execute.lowering import Plan as Plan
 from .graph import validate as validate
 from .module import RMSNorm as RMSNorm
-from .prove import Proof as Proof
-from .prove import prove as prove
+from .prover import Proof as Proof
+from .prover import prove as prove
 from .topologies import TOPOLOGIES as TOPOLOGIES
 from .topologies import build_graph as build_graph
 from .viz import render as render
 from .viz import render_timeline as render_timeline
 from .viz import to_dot as to_dot
 from .viz import to_mermaid as to_mermaid
-from .witness import Witness as Witness
+from .prover import Witness as Witness
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ConfigError",
     "CycleError",
-    "Decision",
+    "DeviceMismatchError",
+    "DtypeError",
     "ExecutionError",
     "Graph",
     "GraphError",
+    "InputRankError",
+    "InputShapeError",
     "MissingDependencyError",
     "Node",
-    "NodeSpan",
     "Op",
-    "Plan",
-    "Proof",
     "PoolClosedError",
+    "Proof",
     "RMSNorm",
     "ScheduleError",
     "ShardMismatchError",
     "TOPOLOGIES",
     "TaskGraphError",
-    "Witness",
     "Trace",
+    "WeightShapeError",
+    "Witness",
     "WorkerPool",
     "build_graph",
     "execute",

@@ -27,7 +27,7 @@ from .errors import (
     InputShapeError,
     WeightShapeError,
 )
-from .execute import resolve_executor
+from .executors import resolve_executor
 from .graph import Graph, Op, validate
 from .topologies import build_graph
 
@@ -188,7 +188,7 @@ async def execute(
     """Run ``graph`` on ``x`` (shape ``(..., D)``) and return the normalised tensor.
 
     ``executor`` is ``"auto"`` (the best this version has for the graph) or a
-    name from :data:`taskgraph_norm.execute.EXECUTORS`.  ``options`` go to the
+    name from :data:`taskgraph_norm.executors.EXECUTORS`.  ``options`` go to the
     executor (the reference executor takes ``arrival``, the arrival order of
     each race node; the concurrent one takes ``device``, ``max_workers``,
     ``schedule``, ``trace``, ``pool`` and ``functions``: see docs/executor.md).

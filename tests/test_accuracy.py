@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import taskgraph_norm as tgn
-from taskgraph_norm.report import fp64_reference, ulp_error
+from taskgraph_norm.tools.report import fp64_reference, ulp_error
 
 from .conftest import gen
 

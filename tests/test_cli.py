@@ -5,8 +5,8 @@ import sys
 
 import pytest
 
-from taskgraph_norm.cli import main
-from taskgraph_norm.report import SYSTEMS, ReportConfig, measure_rows
+from taskgraph_norm.tools.cli import main
+from taskgraph_norm.tools.report import SYSTEMS, ReportConfig, measure_rows
 
 
 def test_report_prints_every_row_of_the_original_report(capsys) -> None:

@@ -14,11 +14,12 @@ import pytest
 import torch
 
 import taskgraph_norm as tgn
+from taskgraph_norm.executors.lowering import Plan
 from taskgraph_norm.errors import ExecutionError, GraphError
-from taskgraph_norm.execute import EXECUTORS, compile_graph, resolve_executor, run_compiled, run_reference
-from taskgraph_norm.execute import compiled as compiled_mod
-from taskgraph_norm.execute import native
-from taskgraph_norm.execute import workspace as workspace_mod
+from taskgraph_norm.executors import EXECUTORS, compile_graph, resolve_executor, run_compiled, run_reference
+from taskgraph_norm.executors import compiled as compiled_mod
+from taskgraph_norm.executors import native
+from taskgraph_norm.executors import workspace as workspace_mod
 from taskgraph_norm.graph import Graph, Node, Op
 from taskgraph_norm.testing import assert_bits_equal, bits_equal
 
@@ -254,7 +255,7 @@ def test_gradients_fall_back_to_the_reference_ops() -> None:
 
 def test_plan_is_frozen_and_printable() -> None:
     plan = compile_graph(tgn.build_graph(4096, chunk_size=64))
-    assert isinstance(plan, tgn.Plan) and plan.merge == "tree" and plan.n_full == 64
+    assert isinstance(plan, Plan) and plan.merge == "tree" and plan.n_full == 64
     with pytest.raises(AttributeError):
         plan.merge = "cat"  # type: ignore[misc]
     text = str(plan)

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import taskgraph_norm as tgn
-from taskgraph_norm.execute.devices import live_streams
-from taskgraph_norm.schedules import Random, Replay
+from taskgraph_norm.executors.devices import live_streams
+from taskgraph_norm.executors.schedules import Random, Replay
 
 from ._executor_helpers import call_graph, run, same_bits, wide_input
 

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import taskgraph_norm as tgn
-from taskgraph_norm.execute import reference_sum_of_squares, run_reference
+from taskgraph_norm.executors import reference_sum_of_squares, run_reference
 from taskgraph_norm.testing import assert_bits_equal, bits, correctly_rounded_sumsq
 
 from .conftest import FULL, gen
@@ -177,7 +177,7 @@ def test_property_any_two_configurations_agree(rows, hidden, chunk_a, chunk_b, t
 
 
 async def test_concurrent_executor_under_random_schedules_gives_the_same_bits() -> None:
-    from taskgraph_norm.schedules import Random
+    from taskgraph_norm.executors.schedules import Random
 
     x = spread_input(16, 700, 60)
     want = tgn.normalize_sync(x, accumulate="exact")

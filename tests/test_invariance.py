@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import taskgraph_norm as tgn
-from taskgraph_norm.execute import run_reference
+from taskgraph_norm.executors import run_reference
 from taskgraph_norm.testing import bits, bits_equal
 
 from .conftest import gen

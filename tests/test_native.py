@@ -1,4 +1,4 @@
-"""The compiled executor's native kernels (execute/native.c) against the torch ops.
+"""The compiled executor's native kernels (executors/native.c) against the torch ops.
 
 The native kernels must give the torch ops' bits: the exact pair ``(S1, S2)`` and
 the scales of every row, and the float plan's total, operation for operation.
@@ -22,9 +22,9 @@ import torch
 
 import taskgraph_norm as tgn
 from taskgraph_norm import kernels
-from taskgraph_norm.execute import compiled as compiled_mod
-from taskgraph_norm.execute import native, run_compiled, run_reference
-from taskgraph_norm.execute.native import FloatRecipe
+from taskgraph_norm.executors import compiled as compiled_mod
+from taskgraph_norm.executors import native, run_compiled, run_reference
+from taskgraph_norm.executors.native import FloatRecipe
 from taskgraph_norm.graph import Graph, Node, Op
 from taskgraph_norm.testing import assert_bits_equal, bits_equal
 
@@ -80,7 +80,7 @@ def _run_python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
 
 PROBE = """
     import hashlib, torch, taskgraph_norm as tgn
-    from taskgraph_norm.execute import native
+    from taskgraph_norm.executors import native
     from taskgraph_norm.testing import bits
     def digest(t): return hashlib.sha256(bits(t).numpy().tobytes()).hexdigest()[:16]
     x = (torch.randn(33, 1000, generator=torch.Generator().manual_seed(1)) * 100)
@@ -113,7 +113,7 @@ def test_portable_build_gives_the_same_bits(tmp_path) -> None:
     """Built for plain x86-64 (SSE2: the generic vector code, no AVX intrinsics), the
     kernels give the same bits as this CPU's build and as the torch ops."""
     code = PROBE + """
-    from taskgraph_norm.execute.native import library_path
+    from taskgraph_norm.executors.native import library_path
     print(library_path().name)
     rows = torch.randn(50, 777, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     rows[3, 5] = float("nan"); rows[4] = 0.0; rows[5, 0] = float("inf")
@@ -138,7 +138,7 @@ def test_concurrent_first_builds_share_one_cache(tmp_path) -> None:
     """Processes that build at the same time each load a whole library (built under a
     temporary name, then renamed), and leave one file."""
     env = {**os.environ, "TGN_CACHE_DIR": str(tmp_path)}
-    code = "from taskgraph_norm.execute import native; assert native.available(), native.why_unavailable()"
+    code = "from taskgraph_norm.executors import native; assert native.available(), native.why_unavailable()"
     procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE, text=True)
              for _ in range(4)]
     for p in procs:
@@ -246,7 +246,7 @@ def test_fp64_rows_near_the_top_of_the_range_are_finite(kernels: str) -> None:
 
 def torch_total(graph: Graph, x: torch.Tensor) -> torch.Tensor:
     """The reference interpreter's float total of every row (the graph's FINALIZE input)."""
-    from taskgraph_norm.execute.reference import reference_sum_of_squares
+    from taskgraph_norm.executors.reference import reference_sum_of_squares
 
     return reference_sum_of_squares(graph, x)
 

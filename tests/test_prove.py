@@ -1,4 +1,4 @@
-"""Tests for the prover (taskgraph_norm.prove, .canonical, .witness) and `taskgraph-norm prove`.
+"""Tests for the prover (taskgraph_norm.prover.rules, .canonical, .witness) and `taskgraph-norm prove`.
 
 Every invariance claim is checked on bits (int views), and each has a negative
 control that must find a difference, so a test that cannot fail is caught.
@@ -21,11 +21,11 @@ import pytest
 import torch
 
 import taskgraph_norm as tgn
-from taskgraph_norm import cli
-from taskgraph_norm.execute.reference import run_reference
+from taskgraph_norm.tools import cli
+from taskgraph_norm.executors.reference import run_reference
 from taskgraph_norm.graph import Graph, Node, Op
-from taskgraph_norm.prove import _prove_cached
-from taskgraph_norm.witness import bits, find_witness, witness_input
+from taskgraph_norm.prover.rules import _prove_cached
+from taskgraph_norm.prover.witness import bits, find_witness, witness_input
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -429,7 +429,7 @@ def test_what_the_prover_cannot_read_is_never_certified(tree4: Graph, edit: obje
 
 
 def test_an_op_the_prover_does_not_know_is_never_certified(monkeypatch: pytest.MonkeyPatch) -> None:
-    from taskgraph_norm import canonical
+    from taskgraph_norm.prover import canonical
 
     g = tgn.build_graph(256, chunk_size=64, topology="cat")
     assert tgn.prove(g).certified  # negative control: known, it is certified
@@ -497,14 +497,14 @@ def test_prove_is_cheap_for_64_chunks() -> None:
 
 
 def test_the_prover_imports_torch_only_lazily() -> None:
-    for name in ("prove.py", "canonical.py", "witness.py"):
-        tree = ast.parse((ROOT / "taskgraph_norm" / name).read_text())
+    for name in ("rules.py", "canonical.py", "witness.py"):
+        tree = ast.parse((ROOT / "taskgraph_norm" / "prover" / name).read_text())
         for stmt in tree.body:
             if isinstance(stmt, ast.Import):
                 assert not any(a.name.startswith("torch") for a in stmt.names), name
             if isinstance(stmt, ast.ImportFrom):
                 mod = stmt.module or ""
-                assert not mod.startswith(("torch", "kernels", "execute")), (name, mod)
+                assert not mod.startswith(("torch", "kernels", "executors")), (name, mod)
 
 
 # --- command line ------------------------------------------------------------------------

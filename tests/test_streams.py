@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import taskgraph_norm as tgn
-from taskgraph_norm.execute import devices, streams
+from taskgraph_norm.executors import devices, streams
 
 from ._executor_helpers import call_graph, run
 

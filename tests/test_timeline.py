@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 import taskgraph_norm as tgn
-from taskgraph_norm.cli import main
-from taskgraph_norm.report import traced_run
+from taskgraph_norm.tools.cli import main
+from taskgraph_norm.tools.report import traced_run
 from taskgraph_norm.viz.timeline import critical_path, timeline_events
 
 pytest.importorskip("matplotlib")

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 import taskgraph_norm as tgn
-from taskgraph_norm.cli import main
+from taskgraph_norm.tools.cli import main
 from taskgraph_norm.errors import ConfigError, MissingDependencyError
 from taskgraph_norm.graph import Graph, Node, Op
 from taskgraph_norm.viz import COLLAPSE_THRESHOLD, build_scene
@@ -441,7 +441,7 @@ def test_cli_viz_writes_each_format(suffix: str, tmp_path: Path, capsys: pytest.
 def test_cli_viz_prove_puts_the_verdict_in_the_caption(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "race.dot"
     rc = main(["viz", "--topology", "race", "--hidden-size", "512", "--prove", "-o", str(out)])
-    from taskgraph_norm.prove import prove
+    from taskgraph_norm.prover.rules import prove
 
     assert rc == 0
     text = out.read_text()

@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .errors import ConfigError, GraphError
-from .graph import Graph, Node, Op, ancestors
+from ..errors import ConfigError, GraphError
+from ..graph import Graph, Node, Op, ancestors
 
 if TYPE_CHECKING:
     import torch
@@ -100,7 +100,7 @@ class Witness:
         if row is not None and not 0 <= row < dims[0]:
             raise ConfigError("row", row, f"None or a row index below {dims[0]}")
         pair = (tuple(orders[0]), tuple(orders[1]))
-        from .kernels import default_eps
+        from ..kernels import default_eps
 
         eps = default_eps(_torch_dtype(dtype))
         x = _select_row(witness_input(seed, dims, dtype, spread), row)
@@ -167,7 +167,7 @@ class Witness:
         keys = ("hidden_size", "chunk_size", "topology", "leaf", "accumulate")
         if any(k not in meta for k in keys):
             return None
-        from .topologies import build_graph
+        from ..topologies import build_graph
 
         args = {k: meta[k] for k in keys[1:]}
         try:
@@ -269,7 +269,7 @@ def find_witness(
     width = input_width(graph)
     rows = max(1, min(4096, _BUDGET_ELEMENTS // width))
     pairs = _order_pairs(len(acc.inputs))
-    from .kernels import default_eps
+    from ..kernels import default_eps
 
     eps = default_eps(_torch_dtype(dtype))
     # The output is what users see, so try it first, but only briefly: in bf16 a
@@ -359,7 +359,7 @@ def _observed_graph(graph: Graph, node: str, observed: str) -> Graph:
 
 
 def _run(graph: Graph, node: str, x: torch.Tensor, eps: float, order: Sequence[int]) -> torch.Tensor:
-    from .execute.reference import run_reference
+    from ..executors.reference import run_reference
 
     return run_reference(graph, x, None, eps, arrival={node: tuple(order)})
 

@@ -382,7 +382,7 @@ async def run_concurrent(
         The most nodes of this run in flight at once.  Without ``pool`` it also
         picks the shared pool of that size (one per device and size, persistent).
     schedule:
-        A policy from :mod:`taskgraph_norm.schedules` (default ``Fifo()``).
+        A policy from :mod:`taskgraph_norm.executors.schedules` (default ``Fifo()``).
     trace:
         Called with the run's :class:`Trace` when the run ends, failed or not.
     pool:

@@ -178,7 +178,7 @@ def describe(enabled: bool = True) -> str:
     if not enabled or not _enabled:
         return "compiled executor kernels: torch ops (native kernels off for this run)"
     if available():
-        return "compiled executor kernels: native C (execute/native.c, built with the system compiler)"
+        return "compiled executor kernels: native C (executors/native.c, built with the system compiler)"
     return f"compiled executor kernels: torch ops (native kernels unavailable: {why_unavailable()})"
 
 

@@ -8,7 +8,7 @@ ACCUMULATE (operands sorted: their order means nothing), ``catsum(a, b)`` a
 CATSUM.  Node ids never appear, so relabelling a graph never changes its form.
 
 A node may declare ``depends_on=("batch_size", ...)`` (values from
-:data:`taskgraph_norm.prove.DEPENDENCIES`): a builder never does, and a hand-made
+:data:`taskgraph_norm.prover.rules.DEPENDENCIES`): a builder never does, and a hand-made
 graph that does is marked ``@batch_size`` in the expression and is never
 certified batch-invariant.  Any attribute or operand the reader does not
 understand sets :attr:`Reading.problem`: the prover then refuses to certify.
@@ -20,7 +20,7 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from .graph import Graph, Node, Op
+from ..graph import Graph, Node, Op
 
 __all__ = ["Reading", "read_graph", "read_placement", "DEPENDENCIES", "PLACEMENTS"]
 
@@ -257,7 +257,7 @@ def read_placement(graph: Graph, reading: Reading, rule: str) -> tuple[bool | No
 
 
 def _single_process_expression(meta: Mapping[str, object]) -> str | None:
-    from .topologies import ACCUMULATES, LEAVES, TOPOLOGIES, build_graph
+    from ..topologies import ACCUMULATES, LEAVES, TOPOLOGIES, build_graph
 
     try:
         hidden, chunk = meta["hidden_size"], meta["chunk_size"]

@@ -42,8 +42,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_prove(args: argparse.Namespace) -> int:
-    from .prove import prove
-    from .topologies import build_graph
+    from ..prover import prove
+    from ..topologies import build_graph
 
     graph = build_graph(
         args.hidden_size, chunk_size=args.chunk_size, topology=args.topology,
@@ -55,8 +55,8 @@ def _cmd_prove(args: argparse.Namespace) -> int:
 
 
 def _cmd_viz(args: argparse.Namespace) -> int:
-    from .topologies import build_graph
-    from .viz import render
+    from ..topologies import build_graph
+    from ..viz import render
 
     graph = build_graph(
         args.hidden_size, chunk_size=args.chunk_size, topology=args.topology,
@@ -64,7 +64,7 @@ def _cmd_viz(args: argparse.Namespace) -> int:
     )
     if args.timeline:
         from .report import traced_run
-        from .viz import render_timeline
+        from ..viz import render_timeline
 
         trace = traced_run(graph, rows=args.rows, max_workers=args.workers, schedule=args.schedule)
         written = render_timeline(
@@ -79,7 +79,7 @@ def _cmd_viz(args: argparse.Namespace) -> int:
         return 0
     proof = None
     if args.prove:
-        from .prove import prove
+        from ..prover import prove
 
         proof = prove(graph)
     collapse = {"auto": None, "always": True, "never": False}[args.collapse]
@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="print the whole expression (long graphs are shortened otherwise)")
     prove.set_defaults(func=_cmd_prove)
 
-    from .topologies import ACCUMULATES, LEAVES, TOPOLOGIES
+    from ..topologies import ACCUMULATES, LEAVES, TOPOLOGIES
 
     viz = sub.add_parser(
         "viz", help="draw a merge DAG (.svg, .png, .dot or .mmd by the output's extension)",
@@ -199,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from .errors import TaskGraphError
+    from ..errors import TaskGraphError
 
     try:
         return int(args.func(args))

@@ -31,9 +31,9 @@ from typing import Any, TextIO
 import torch
 import torch.nn.functional as F
 
-from .api import normalize, normalize_sync
-from .execute import native
-from .testing import bits_equal
+from ..api import normalize, normalize_sync
+from ..executors import native
+from ..testing import bits_equal
 
 __all__ = ["BenchConfig", "run_bench", "interleaved_medians", "peak_extra_memory"]
 

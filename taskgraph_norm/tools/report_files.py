@@ -10,10 +10,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .prove import prove
+from ..prover import prove
 from .report import ReportConfig, traced_run
-from .topologies import build_graph
-from .viz import render, render_timeline
+from ..topologies import build_graph
+from ..viz import render, render_timeline
 
 __all__ = ["write_report_dir", "PICTURED_TOPOLOGIES"]
 

@@ -92,7 +92,7 @@ def compile_graph(graph: Graph) -> Plan:
 
 
 def _compile(graph: Graph) -> Plan:
-    from ..prove import prove
+    from ..prover import prove
 
     proof = prove(graph)
     if not proof.certified:

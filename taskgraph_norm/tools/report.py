@@ -32,15 +32,16 @@ import anyio
 import torch
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
-from . import kernels, schedules
-from .api import check_input, normalize_sync
-from .errors import ConfigError
-from .execute import resolve_executor, run_compiled, run_concurrent, run_reference
-from .execute.trace import Trace
-from .graph import Graph
-from .prove import prove
-from .testing import bits_equal
-from .topologies import build_graph
+from .. import kernels
+from ..executors import schedules
+from ..api import check_input, normalize_sync
+from ..errors import ConfigError
+from ..executors import resolve_executor, run_compiled, run_concurrent, run_reference
+from ..executors.trace import Trace
+from ..graph import Graph
+from ..prover import prove
+from ..testing import bits_equal
+from ..topologies import build_graph
 
 __all__ = [
     "ReportConfig",
@@ -188,7 +189,7 @@ def traced_run(
     graph: Graph, *, rows: int = 64, max_workers: int = 2, schedule: str = "fifo", seed: int = 0
 ) -> Trace:
     """Run ``graph`` once on the concurrent executor over a seeded random input and
-    return its :class:`~taskgraph_norm.execute.trace.Trace` (for timelines)."""
+    return its :class:`~taskgraph_norm.executors.trace.Trace` (for timelines)."""
     hidden = graph.meta["hidden_size"]
     x = torch.randn(rows, hidden, generator=torch.Generator().manual_seed(seed))
     policy = schedules.Fifo() if schedule == "fifo" else schedules.Random()
@@ -331,7 +332,7 @@ def format_table(rows: list[ReportRow]) -> str:
 
 def report_text(config: ReportConfig, rows: list[ReportRow]) -> str:
     """The report as printed: a header line, the table and the verdict lines."""
-    from .execute.native import describe
+    from ..executors.native import describe
     lines = [
         f"taskgraph-norm report: input {'x'.join(map(str, config.shape))} {config.dtype}, "
         f"seed {config.seed}, chunk_size {config.chunk_size}, leaf {config.leaf}, "
@@ -353,7 +354,7 @@ def report_text(config: ReportConfig, rows: list[ReportRow]) -> str:
 
 def run_report(config: ReportConfig, stream: TextIO, out_dir: str | os.PathLike[str] | None = None) -> list[ReportRow]:
     """Measure every row and print the report; with ``out_dir`` also write
-    ``report.md`` and its pictures there (see :mod:`taskgraph_norm.report_files`)."""
+    ``report.md`` and its pictures there (see :mod:`taskgraph_norm.tools.report_files`)."""
     rows = measure_rows(config)
     text = report_text(config, rows)
     stream.write(text)

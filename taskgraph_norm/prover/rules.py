@@ -12,7 +12,7 @@ kind, operand order), never from node ids, and checks one of three rules:
                section 5) => every addition is exact => any order, topology and
                chunking give the same bits.
 ``refuted``    an ``ACCUMULATE`` adds three or more inexact partials in arrival
-               order; a :class:`~taskgraph_norm.witness.Witness` shows two orders
+               order; a :class:`~taskgraph_norm.prover.witness.Witness` shows two orders
                giving different bits.
 
 A fourth answer, ``unknown``, is the prover refusing to certify what it cannot
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .canonical import ASSUME_COLLECTIVES, DEPENDENCIES, Reading, read_graph, read_placement
-from .graph import Graph, validate
+from ..graph import Graph, validate
 from .witness import Witness
 
 __all__ = ["Proof", "prove", "RULES", "DEPENDENCIES", "FINGERPRINT_VERSION"]
@@ -201,7 +201,7 @@ def prove(graph: Graph, *, witness_dtype: str = "float32") -> Proof:
     from .witness import WITNESS_DTYPES
 
     if witness_dtype not in WITNESS_DTYPES:
-        from .errors import ConfigError
+        from ..errors import ConfigError
 
         raise ConfigError("witness_dtype", witness_dtype, "one of " + ", ".join(WITNESS_DTYPES))
     validate(graph)

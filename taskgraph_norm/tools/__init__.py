@@ -1,0 +1,2 @@
+"""The command line and what it runs: ``cli`` (``taskgraph-norm``), ``report`` (the
+main job), ``report_files`` (its Markdown page and pictures) and ``bench``."""

@@ -1,0 +1,156 @@
+"""The package's imports point one way (docs/design.md, "Layout and layering").
+
+Every ``import`` and ``from ... import`` in the package is read with ``ast``, at
+module level and inside functions alike (a lazy import is still an arrow), and
+importing ``a.b.c`` counts as importing the packages ``a.b`` too, since Python
+runs their ``__init__`` first.  The test fails on any cycle between files, on an
+executor importing the prover (executors are handed a proof), and on any family
+importing one it may not.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import networkx as nx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent / "taskgraph_norm"
+
+#: Which families each family may import (besides itself).  A family is a
+#: top-level module or folder of the package.
+ALLOWED: dict[str, set[str]] = {
+    "errors": set(),
+    "testing": set(),
+    "graph": {"errors"},
+    "kernels": {"errors"},
+    "topologies": {"errors", "graph"},
+    "prover": {"errors", "graph", "topologies", "kernels", "executors.reference"},
+    "viz": {"errors", "graph"},
+    "executors": {"errors", "graph", "kernels", "topologies"},
+    "api": {"errors", "graph", "kernels", "topologies", "prover", "executors"},
+    "ops": {"errors", "graph", "kernels", "topologies", "prover", "executors", "api"},
+    "module": {"errors", "graph", "kernels", "topologies", "prover", "executors", "api", "ops"},
+    "integrations": {"errors", "kernels", "api", "ops", "module"},
+    "distributed": {"errors", "graph", "kernels", "topologies", "prover", "executors", "api", "ops", "module"},
+    "tools": {"errors", "graph", "kernels", "topologies", "prover", "executors", "api", "ops", "module",
+              "viz", "testing", "distributed"},
+    "__main__": {"tools"},
+}
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _modules() -> dict[str, Path]:
+    return {_module_name(p): p for p in ROOT.rglob("*.py")}
+
+
+def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
+    """The package's modules that ``name`` imports, anywhere in the file."""
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        targets: list[str] = []
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                module = node.module or ""
+            targets = [f"{module}.{a.name}" if f"{module}.{a.name}" in modules else module for a in node.names]
+        elif isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        for target in targets:
+            if not target.startswith("taskgraph_norm."):
+                continue
+            # Importing a.b.c runs a.b's __init__ first (the root package excepted:
+            # every module of ours is inside it).
+            parts = target.split(".")
+            for i in range(2, len(parts) + 1):
+                found.add(".".join(parts[:i]))
+    return {t for t in found if t in modules and t != name and not name.startswith(t + ".")}
+
+
+def import_graph() -> nx.DiGraph:
+    modules = _modules()
+    graph: nx.DiGraph = nx.DiGraph()
+    for name, path in modules.items():
+        graph.add_node(name)
+        for target in _imports(name, path, modules):
+            graph.add_edge(name, target)
+    return graph
+
+
+def _family(module: str) -> str:
+    return module.split(".")[1] if module.count(".") >= 1 else module
+
+
+def test_the_reader_sees_the_package() -> None:
+    graph = import_graph()
+    # A check that reads nothing proves nothing: these arrows exist today.
+    assert graph.has_edge("taskgraph_norm.api", "taskgraph_norm.executors")
+    assert graph.has_edge("taskgraph_norm.prover.rules", "taskgraph_norm.prover.canonical")
+    assert len(graph) > 30
+
+
+def test_no_import_cycles() -> None:
+    graph = import_graph()
+    graph.remove_node("taskgraph_norm")  # the root re-exports; nothing inside imports it
+    cycles = list(nx.simple_cycles(graph))
+    assert not cycles, "import cycles: " + "; ".join(" -> ".join(c + [c[0]]) for c in cycles[:5])
+
+
+def test_executors_never_import_the_prover() -> None:
+    graph = import_graph()
+    bad = [(a, b) for a, b in graph.edges if _family(a) == "executors" and _family(b) == "prover"]
+    assert not bad, f"executors are handed a proof, they never import the prover: {bad}"
+
+
+def test_every_family_imports_only_what_it_may() -> None:
+    graph = import_graph()
+    bad = []
+    for a, b in graph.edges:
+        fa, fb = _family(a), _family(b)
+        if a == "taskgraph_norm" or fa == fb:
+            continue
+        allowed = ALLOWED.get(fa)
+        assert allowed is not None, f"{a}: a family this test does not know; add it to ALLOWED"
+        sub = ".".join(b.split(".")[1:3])
+        if fb not in allowed and sub not in allowed:
+            bad.append(f"{a} -> {b}")
+    assert not bad, "imports against the layering:\n" + "\n".join(sorted(bad))
+
+
+@pytest.mark.parametrize("module", ["graph", "topologies", "prover.canonical", "prover.rules"])
+def test_the_ir_and_prover_never_import_torch(module: str) -> None:
+    path = ROOT / (module.replace(".", "/") + ".py")
+    tree = ast.parse(path.read_text())
+    names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    names |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert not {n for n in names if n == "torch" or n.startswith("torch.")}, module
+
+
+def test_a_planted_cycle_is_caught(tmp_path: Path) -> None:
+    # Negative control: the same reader on a two-file package with a lazy import cycle.
+    pkg = tmp_path / "taskgraph_norm"
+    (pkg / "executors").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "executors" / "__init__.py").write_text("")
+    (pkg / "executors" / "a.py").write_text("def f():\n    from ..prover import b\n")
+    (pkg / "prover").mkdir()
+    (pkg / "prover" / "__init__.py").write_text("")
+    (pkg / "prover" / "b.py").write_text("from ..executors import a\n")
+    global ROOT
+    saved, ROOT = ROOT, pkg
+    try:
+        graph = import_graph()
+    finally:
+        ROOT = saved
+    assert graph.has_edge("taskgraph_norm.executors.a", "taskgraph_norm.prover.b")
+    assert list(nx.simple_cycles(graph))
