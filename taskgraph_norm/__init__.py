@@ -8,8 +8,10 @@ from __future__ import annotations
 from . import distributed as distributed
 from .executors import schedules as schedules
 from .api import execute as execute
+from .api import execute_sync as execute_sync
 from .api import normalize as normalize
 from .api import normalize_sync as normalize_sync
+from .caches import clear_caches as clear_caches
 from .errors import ConfigError as ConfigError
 from .errors import CycleError as CycleError
 from .errors import DeviceMismatchError as DeviceMismatchError
@@ -35,6 +37,7 @@ from .prover import Proof as Proof
 from .prover import prove as prove
 from .topologies import TOPOLOGIES as TOPOLOGIES
 from .topologies import build_graph as build_graph
+from .pipeline import Pipeline as Pipeline
 from .viz import render as render
 from .viz import render_timeline as render_timeline
 from .viz import to_dot as to_dot
@@ -56,6 +59,7 @@ __all__ = [
     "MissingDependencyError",
     "Node",
     "Op",
+    "Pipeline",
     "PoolClosedError",
     "Proof",
     "RMSNorm",
@@ -68,7 +72,9 @@ __all__ = [
     "Witness",
     "WorkerPool",
     "build_graph",
+    "clear_caches",
     "execute",
+    "execute_sync",
     "normalize",
     "normalize_sync",
     "prove",

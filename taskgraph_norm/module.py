@@ -10,7 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .api import check_input, normalize_sync
+from .api import normalize_sync
+from .checks import check_input
 from .errors import ConfigError
 from .topologies import build_graph
 
@@ -77,8 +78,13 @@ class RMSNorm(nn.Module):
             nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input(x, self.normalized_shape, self.weight)
         k = len(self.normalized_shape)
+        if k == 1 and isinstance(x, torch.Tensor) and x.dim() and x.shape[-1] == self.normalized_shape[0]:
+            return normalize_sync(  # the warm path: normalize_sync checks the rest
+                x, self.weight, self.eps, topology=self.topology, chunk_size=self.chunk_size,
+                leaf=self.leaf, accumulate=self.accumulate,
+            )
+        check_input(x, self.normalized_shape, self.weight)
         hidden = math.prod(self.normalized_shape)
         flat = x if k == 1 else x.reshape(*x.shape[: x.dim() - k], hidden)
         w = self.weight if self.weight is None or k == 1 else self.weight.reshape(hidden)

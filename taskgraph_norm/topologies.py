@@ -23,6 +23,7 @@ import functools
 from collections.abc import Sequence
 
 from .errors import ConfigError
+from . import caches
 from .graph import Graph, Node, Op
 
 __all__ = [
@@ -216,3 +217,5 @@ def _build_cached(
     )
     nodes.append(Node(OUTPUT_ID, Op.OUTPUT, ("finalize",)))
     return validate(Graph(nodes, OUTPUT_ID, meta))
+
+caches.register(_build_cached.cache_clear)

@@ -87,14 +87,48 @@ def test_normalize_sync_works_inside_a_running_loop() -> None:
     assert torch.equal(anyio.run(main), torch.ones(2, 8))
 
 
-def test_graphs_are_built_once_per_configuration(monkeypatch) -> None:
-    from taskgraph_norm import topologies
+def test_one_pipeline_per_configuration(monkeypatch: pytest.MonkeyPatch) -> None:
+    from taskgraph_norm import pipeline, topologies
 
-    topologies._build_cached.cache_clear()
+    tgn.clear_caches()
+    built: list[tgn.Pipeline] = []
+    real_init = pipeline.Pipeline.__init__
+
+    def spy(self: pipeline.Pipeline, *args: object, **kwargs: object) -> None:
+        built.append(self)
+        real_init(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(pipeline.Pipeline, "__init__", spy)
+    for rows in (2, 5, 1, 300):
+        tgn.normalize_sync(torch.randn(rows, 96), chunk_size=32)
+    tgn.normalize_sync(torch.randn(2, 96), chunk_size=32, topology="linear")
+    assert len(built) == 2  # one per configuration, not per call or batch size
+    assert topologies._build_cached.cache_info().misses == 2
+    pipe = pipeline.for_config(96, 32, "tree", "pairwise", "float", "auto")
+    assert pipe is built[0] and pipe.executor == "compiled" and pipe.plan is not None
+
+
+def test_clear_caches_empties_every_cache() -> None:
+    from taskgraph_norm import pipeline, topologies
+    from taskgraph_norm.prover import rules
+
     tgn.normalize_sync(torch.randn(2, 96), chunk_size=32)
-    tgn.normalize_sync(torch.randn(5, 96), chunk_size=32)
-    info = topologies._build_cached.cache_info()
-    assert info.misses == 1 and info.hits >= 1
+    before = pipeline.for_config(96, 32, "tree", "pairwise", "float", "auto")
+    tgn.clear_caches()
+    assert topologies._build_cached.cache_info().currsize == 0
+    assert rules._prove_cached.cache_info().currsize == 0
+    assert not pipeline._by_config and not pipeline._by_graph
+    after = pipeline.for_config(96, 32, "tree", "pairwise", "float", "auto")
+    assert after is not before
+    x = torch.randn(3, 96)
+    assert_bits_equal(after(x), before(x))  # caches change the time of a call, never its bits
+
+
+def test_execute_sync_is_execute_from_sync_code() -> None:
+    g = tgn.build_graph(96, chunk_size=32, topology="linear")
+    x, w = torch.randn(4, 96), torch.randn(96)
+    assert_bits_equal(tgn.execute_sync(g, x, w), anyio.run(lambda: tgn.execute(g, x, w)))
+    assert_bits_equal(tgn.execute_sync(g, x, w, executor="reference"), tgn.normalize_sync(x, w, chunk_size=32, topology="linear"))
 
 
 def test_all_matches_the_real_exports() -> None:

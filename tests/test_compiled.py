@@ -16,7 +16,10 @@ import torch
 import taskgraph_norm as tgn
 from taskgraph_norm.executors.lowering import Plan
 from taskgraph_norm.errors import ExecutionError, GraphError
-from taskgraph_norm.executors import EXECUTORS, compile_graph, resolve_executor, run_compiled, run_reference
+from taskgraph_norm.executors import EXECUTORS, run_reference
+from taskgraph_norm.executors import run_compiled as compiled_runner
+
+from .helpers import compile_graph, executor_of, run_compiled
 from taskgraph_norm.executors import compiled as compiled_mod
 from taskgraph_norm.executors import native
 from taskgraph_norm.executors import workspace as workspace_mod
@@ -191,20 +194,35 @@ def test_negative_control_topologies_give_different_bits() -> None:
 def test_auto_picks_compiled_for_certified_graphs() -> None:
     for topology, acc in (("tree", "float"), ("linear", "float"), ("cat", "float"), ("race", "exact")):
         g = tgn.build_graph(4096, topology=topology, accumulate=acc)
-        assert resolve_executor("auto", g)[0] == "compiled"
-    assert resolve_executor("auto", tgn.build_graph(128, topology="race"))[0] == "compiled"  # 2 partials
+        assert executor_of(g) == "compiled"
+    assert executor_of(tgn.build_graph(128, topology="race")) == "compiled"  # 2 partials
 
 
 def test_uncertified_graph_is_never_compiled() -> None:
     race = tgn.build_graph(4096, topology="race")
     assert not tgn.prove(race).certified
-    assert resolve_executor("auto", race)[0] == "reference"
+    assert executor_of(race) == "reference"
     with pytest.raises(ExecutionError, match="certified"):
         compile_graph(race)
     with pytest.raises(ExecutionError):
         tgn.normalize_sync(torch.randn(2, 4096), topology="race", executor="compiled")
     standard = tgn.build_graph(64, topology="standard")
-    assert resolve_executor("auto", standard)[0] == "reference"
+    assert executor_of(standard) == "reference"
+
+
+def _spy_direct(monkeypatch: pytest.MonkeyPatch, hidden: int, seen: list[int]) -> None:
+    from taskgraph_norm import pipeline
+
+    tgn.normalize_sync(torch.randn(1, hidden))  # make the pipeline and its small call
+    pipe = pipeline.for_config(hidden, 64, "tree", "pairwise", "float", "auto")
+    small = pipe._direct
+    assert small is not None, "the native kernels are built in this environment"
+
+    def spy(*args):
+        seen.append(threading.get_ident())
+        return small(*args)
+
+    monkeypatch.setattr(pipe, "_direct", spy)
 
 
 def test_normalize_uses_compiled_by_default(monkeypatch) -> None:
@@ -216,10 +234,19 @@ def test_normalize_uses_compiled_by_default(monkeypatch) -> None:
         return original(*args, **kwargs)
 
     monkeypatch.setattr(compiled_mod, "_run_tiles", spy)
+    small: list[int] = []
+    _spy_direct(monkeypatch, 256, small)
     x = spread_input(5, 256, torch.float32)
     y = tgn.normalize_sync(x, chunk_size=64)
-    assert calls, "normalize did not go through the compiled executor"
+    assert small and not calls, "an fp32 call goes straight to the native kernel"
     assert_bits_equal(y, tgn.normalize_sync(x, chunk_size=64, executor="reference"))
+    wide = spread_input(5000, 256, torch.float32)  # the direct path splits it over two threads
+    assert_bits_equal(tgn.normalize_sync(wide, chunk_size=64)[:5], y)
+    assert not calls
+    half = spread_input(5000, 256, torch.bfloat16)  # not the direct kernel's dtype: tiles
+    y = tgn.normalize_sync(half, chunk_size=64)
+    assert calls, "normalize did not go through the compiled executor"
+    assert_bits_equal(y[:5], tgn.normalize_sync(half[:5], chunk_size=64, executor="reference"))
 
 
 async def test_large_inputs_run_off_the_event_loop_thread_compiled(monkeypatch) -> None:
@@ -231,9 +258,11 @@ async def test_large_inputs_run_off_the_event_loop_thread_compiled(monkeypatch) 
         return original(*args, **kwargs)
 
     monkeypatch.setattr(compiled_mod, "_run_tiles", spy)
+    small: list[int] = []
+    _spy_direct(monkeypatch, 16, small)
     await tgn.normalize(torch.randn(64, 4096))
     await tgn.normalize(torch.randn(1, 16))
-    assert seen[0] != threading.get_ident() and seen[1] == threading.get_ident()
+    assert seen[0] != threading.get_ident() and small == [threading.get_ident()]
 
 
 def test_bad_options_are_config_errors() -> None:
@@ -282,7 +311,7 @@ def test_non_uniform_chunking_is_refused_and_auto_falls_back() -> None:
     with pytest.raises(GraphError, match="uniform"):
         compile_graph(moved)
     if tgn.prove(moved).certified:
-        assert resolve_executor("auto", moved)[0] == "reference"
+        assert executor_of(moved) == "reference"
 
 
 # -- out= and workspaces ------------------------------------------------------------------
@@ -325,7 +354,7 @@ def test_workspaces_are_reused_across_calls() -> None:
 
 
 def test_compiled_is_registered() -> None:
-    assert EXECUTORS["compiled"] is run_compiled
+    assert EXECUTORS["compiled"] is compiled_runner
 
 
 def test_plan_handles_one_chunk_and_tiny_rows() -> None:

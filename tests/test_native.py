@@ -23,10 +23,10 @@ import torch
 import taskgraph_norm as tgn
 from taskgraph_norm import kernels
 from taskgraph_norm.executors import compiled as compiled_mod
-from taskgraph_norm.executors import native, run_compiled, run_reference
+from taskgraph_norm.executors import native, run_reference
 from taskgraph_norm.executors.native import FloatRecipe
 from taskgraph_norm.graph import Graph, Node, Op
-from taskgraph_norm.testing import assert_bits_equal, bits_equal
+from .helpers import assert_bits_equal, bits_equal, compile_graph, run_compiled
 
 from .conftest import gen
 
@@ -258,7 +258,7 @@ def torch_total(graph: Graph, x: torch.Tensor) -> torch.Tensor:
                                           (4096, 64), (4097, 4096), (96, 1)])
 def test_float_total_equals_the_reference(topology: str, dtype: torch.dtype, hidden: int, chunk: int) -> None:
     graph = tgn.build_graph(hidden, chunk_size=chunk, topology=topology)
-    plan = compiled_mod.compile_graph(graph)
+    plan = compile_graph(graph)
     x = spread(23, hidden, dtype, binades=20)
     recipe = FloatRecipe(plan.chunk_size, plan.n_chunks, tuple(t for lv in plan.adds for t in lv), plan.root)
     total = torch.empty(23, 1, dtype=dtype)
@@ -273,7 +273,7 @@ def test_float_total_negative_control() -> None:
     x = spread(64, 1000, torch.float32, binades=20)
     totals = []
     for topology in ("tree", "linear"):
-        plan = compiled_mod.compile_graph(tgn.build_graph(1000, chunk_size=10, topology=topology))
+        plan = compile_graph(tgn.build_graph(1000, chunk_size=10, topology=topology))
         recipe = FloatRecipe(plan.chunk_size, plan.n_chunks, tuple(t for lv in plan.adds for t in lv), plan.root)
         total = torch.empty(64, 1)
         native.float_rows(x, recipe, total)
@@ -284,7 +284,7 @@ def test_float_total_negative_control() -> None:
 @needs_native
 def test_bad_arguments_are_value_errors() -> None:
     x = spread(4, 100, torch.float32)
-    plan = compiled_mod.compile_graph(tgn.build_graph(100, chunk_size=10))
+    plan = compile_graph(tgn.build_graph(100, chunk_size=10))
     recipe = FloatRecipe(plan.chunk_size, plan.n_chunks, tuple(t for lv in plan.adds for t in lv), plan.root)
     total, pair = torch.empty(4, 1), torch.empty(4, 2, dtype=torch.float64)
     with pytest.raises(ValueError, match="chunks"):
@@ -318,7 +318,7 @@ def test_fused_finalize_equals_the_reference() -> None:
         if accumulate == "exact":
             native.exact_rows(x, torch.empty(40, 2, dtype=torch.float64), y, w, 1e-6)
         else:
-            plan = compiled_mod.compile_graph(graph)
+            plan = compile_graph(graph)
             recipe = FloatRecipe(plan.chunk_size, plan.n_chunks, tuple(t for lv in plan.adds for t in lv),
                                  plan.root)
             native.float_rows(x, recipe, total, y, w, 1e-6)
@@ -330,7 +330,7 @@ def test_fused_finalize_equals_the_reference() -> None:
 
 @needs_native
 def test_float_nan_rows_are_counted() -> None:
-    plan = compiled_mod.compile_graph(tgn.build_graph(100, chunk_size=10))
+    plan = compile_graph(tgn.build_graph(100, chunk_size=10))
     recipe = FloatRecipe(plan.chunk_size, plan.n_chunks, tuple(t for lv in plan.adds for t in lv), plan.root)
     x = spread(5, 100, torch.float32, binades=5)
     x[1, 3], x[3, 99] = float("nan"), -float("nan")
@@ -350,7 +350,7 @@ def test_hand_made_adds_plan_runs_natively() -> None:
     nodes += [Node("a", Op.ADD, ("s2", "s0")), Node("b", Op.ADD, ("a", "s1")),
               Node("f", Op.FINALIZE, ("x", "b"), {"hidden_size": 30}), Node("y", Op.OUTPUT, ("f",))]
     graph = Graph(nodes, "y", {"hidden_size": 30})
-    plan = compiled_mod.compile_graph(graph)
+    plan = compile_graph(graph)
     assert plan.merge == "adds"
     x = spread(9, 30, torch.float32, binades=20)
     calls = []
@@ -372,23 +372,39 @@ def test_hand_made_adds_plan_runs_natively() -> None:
 @needs_native
 def test_native_kernels_are_used_and_disabled(monkeypatch) -> None:
     """The compiled executor calls the native kernels for pairwise float plans and
-    exact plans (not for cat or native leaves), and none inside native.disabled()."""
+    exact plans (not for cat or native leaves), and none inside native.disabled();
+    so does the one-call path of small inputs."""
+    from taskgraph_norm import pipeline
+
     used = []
     for name in ("exact_rows", "float_rows"):
         real = getattr(native, name)
         monkeypatch.setattr(native, name, lambda *a, _r=real, _n=name, **k: used.append(_n) or _r(*a, **k))
-    x = spread(8, 256, torch.float32, binades=5)
+    big = spread(3000, 256, torch.float32, binades=5)  # more rows than one tile
+    small = big[:8]
     cases = [({"topology": "tree"}, "float_rows"), ({"topology": "linear"}, "float_rows"),
              ({"topology": "race", "accumulate": "exact"}, "exact_rows"), ({"topology": "cat"}, None),
              ({"topology": "tree", "leaf": "native"}, None)]
     for options, kernel in cases:
         used.clear()
-        tgn.normalize_sync(x, executor="compiled", **options)
-        assert used == ([kernel] if kernel else []), options
+        graph = tgn.build_graph(256, **options)  # type: ignore[arg-type]
+        y = tgn.execute_sync(graph, big, executor="compiled", tile_rows=1024)  # the tiled path
+        assert set(used) == ({kernel} if kernel else set()), options
         used.clear()
         with native.disabled():
-            tgn.normalize_sync(x, executor="compiled", **options)
+            assert_bits_equal(tgn.execute_sync(graph, big, executor="compiled", tile_rows=1024), y)
+            assert_bits_equal(tgn.normalize_sync(big, executor="compiled", **options), y)
         assert used == [], options
+        assert_bits_equal(tgn.normalize_sync(big, executor="compiled", **options), y)  # direct path
+        config = (256, 64, options["topology"], options.get("leaf", "pairwise"),
+                  options.get("accumulate", "float"), "compiled")
+        pipe = pipeline.for_config(*config)
+        assert_bits_equal(tgn.normalize_sync(small, executor="compiled", **options), y[:8])
+        assert (pipe._direct is not None) == (kernel is not None), options
+        if pipe._direct is not None:
+            assert pipe._direct(small, None, 1e-6, None) is not None
+            with native.disabled():
+                assert pipe._direct(small, None, 1e-6, None) is None  # declined: torch ops run
 
 
 def test_describe_says_which_kernels_run() -> None:

@@ -25,7 +25,8 @@ import torch
 import torch.distributed as dist
 
 from .. import kernels
-from ..api import _resolve_eps, check_input
+from ..checks import check_input
+from ..checks import resolve_eps as _resolve_eps
 from ..errors import ShardMismatchError
 from .graph import build_distributed_graph, check_shard_sizes, distributed_plan
 from .runtime import run_exact, run_float

@@ -31,6 +31,7 @@ import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from .. import caches
 from ..errors import ConfigError
 from ..graph import Attrs, Graph, Node, Op, validate
 from ..topologies import INPUT_ID, OUTPUT_ID, build_graph, chunk_bounds, merge_tree
@@ -334,3 +335,7 @@ def _leaf_run(graph: Graph, rank: int) -> tuple[int, int, int, tuple[str, ...]] 
     if len(leaves) < 2:
         return None
     return leaves[0].attrs["start"], len(leaves), length, tuple(n.id for n in leaves)
+
+
+for _cached in (_build_cached, _plan_cached):
+    caches.register(_cached.cache_clear)

@@ -22,22 +22,24 @@ workspaces.
 from __future__ import annotations
 
 import functools
-
 import threading
-from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Protocol
 
 import torch
 
 from .. import kernels
+from .. import caches
 from . import native as _native
 from ..errors import ConfigError, ExecutionError, GraphError
 from ..graph import Graph
 from .lowering import Plan, lower
+from .reference import Cancelled
 from .workspace import TILE_BYTES, WORKSPACES_PER_THREAD, Views, Workspace, default_tile_rows, workspace
 
 __all__ = [
-    "compile_graph", "plan_or_error", "run_compiled", "default_tile_rows", "DEFAULT_THREADS",
+    "lower_certified", "run_compiled", "default_tile_rows", "DEFAULT_THREADS",
     "TILE_BYTES", "WORKSPACES_PER_THREAD",
 ]
 
@@ -52,49 +54,29 @@ _pool_lock = threading.Lock()
 _pools: dict[int, ThreadPoolExecutor] = {}
 
 
-#: Plans (or the reason there is none) by graph identity: hashing a graph walks
-#: every node, too slow for a decode-sized call.  Holding the graph keeps its id unique.
-_PLANS: OrderedDict[int, tuple[Graph, Plan | Exception]] = OrderedDict()
-_PLANS_MAX = 256
+class _Certificate(Protocol):
+    """What the compiled executor reads of a proof (it is handed one; it never proves)."""
+
+    @property
+    def certified(self) -> bool: ...
+    @property
+    def summary(self) -> str: ...
+    @property
+    def fingerprint(self) -> str: ...
 
 
-def plan_or_error(graph: Graph) -> Plan | Exception:
-    """The graph's plan, or the error that says why it has none (cached)."""
-    hit = _PLANS.get(id(graph))
-    if hit is not None and hit[0] is graph:
-        return hit[1]
-    result: Plan | Exception
-    try:
-        result = _compile(graph)
-    except (ExecutionError, GraphError) as exc:
-        result = exc
-    with _pool_lock:
-        _PLANS[id(graph)] = (graph, result)
-        while len(_PLANS) > _PLANS_MAX:
-            _PLANS.popitem(last=False)
-    return result
-
-
-def compile_graph(graph: Graph) -> Plan:
-    """The plan of a certified graph (cached per graph object).
+def lower_certified(graph: Graph, proof: _Certificate) -> Plan:
+    """The plan of ``graph``, whose ``proof`` (from :func:`taskgraph_norm.prove`) the
+    caller hands over: the compiled executor never proves, and runs only what is
+    certified.
 
     Raises
     ------
     ExecutionError
-        if the prover does not certify the graph: an uncertified graph is never compiled.
+        if the proof does not certify the graph: an uncertified graph is never compiled.
     GraphError
         if the graph is certified but has a shape the plan cannot express.
     """
-    result = plan_or_error(graph)
-    if isinstance(result, Exception):
-        raise result
-    return result
-
-
-def _compile(graph: Graph) -> Plan:
-    from ..prover import prove
-
-    proof = prove(graph)
     if not proof.certified:
         raise ExecutionError(
             f"the compiled executor runs only certified graphs; this one is {proof.summary} "
@@ -247,14 +229,18 @@ def _finalize(
 def _run_tiles(
     plan: Plan, x2: torch.Tensor, y2: torch.Tensor, weight: torch.Tensor | None, eps: float,
     tile: int, start: int, stop: int, scales: tuple[torch.Tensor, bool] | None, redo: list[int] | None,
+    cancel: threading.Event | None = None,
 ) -> None:
-    """Tiles of rows ``[start, stop)``.  ``scales``: an exact plan's ``(sigmas,
+    """Tiles of rows ``[start, stop)``; ``cancel``, when set, stops the loop before
+    the next tile (:class:`Cancelled`).  ``scales``: an exact plan's ``(sigmas,
     any_unscaled)`` for the torch ops.  ``redo``: ``None`` on the torch ops; on the
     native kernels, a list that collects the rows the reference must finish (and
     ``weight`` is then a contiguous tensor of the accumulation dtype)."""
     native = redo is not None
     ws = workspace(plan, tile, x2.dtype, x2.device, native)
     for r0 in range(start, stop, tile):
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("the caller was cancelled; stopped between tiles")
         r1 = min(r0 + tile, stop)
         v = ws.views(r1 - r0)
         xt, yt = x2[r0:r1], y2[r0:r1]
@@ -272,7 +258,11 @@ def _run_tiles(
 # --- entry point -----------------------------------------------------------------
 
 
+_on_tile_worker = threading.local()
+
+
 def _serial_worker() -> None:
+    _on_tile_worker.value = True
     # Each worker runs its ops single-threaded: the tiles are the parallelism, and a
     # torch intra-op team inside every worker would oversubscribe the cores (measured
     # ~10% slower here).  Reading the count first finishes torch's lazy per-thread
@@ -309,14 +299,19 @@ def run_compiled(
     weight: torch.Tensor | None,
     eps: float,
     *,
+    plan: Plan,
     out: torch.Tensor | None = None,
     tile_rows: int | None = None,
     threads: int | None = None,
+    cancel: threading.Event | None = None,
 ) -> torch.Tensor:
     """Run a certified ``graph`` on ``x`` (already checked) through its compiled plan.
 
     Parameters
     ----------
+    plan:
+        The graph's plan, from :func:`lower_certified` (the pipeline lowers each
+        configuration once and hands the plan over).
     out:
         Written in place and returned, when given (same shape, dtype, device as ``x``).
     tile_rows:
@@ -325,7 +320,11 @@ def run_compiled(
         Worker threads the tiles are spread over (``1``: the caller's thread).
         Default: :data:`DEFAULT_THREADS` capped by torch's intra-op thread count
         (measured fastest on the 2-core machine of docs/performance.md).
-        The bits never depend on it.
+        The bits never depend on it.  A call made from one of the tile workers
+        (a nested call) runs on its own thread.
+    cancel:
+        An event the caller sets to stop the run between tiles (it then raises
+        :class:`Cancelled`): how ``await normalize`` honours cancellation.
     """
     if tile_rows is not None or (threads is not None and (type(threads) is not int or threads < 1)):
         for name, value in (("tile_rows", tile_rows), ("threads", threads)):
@@ -333,7 +332,8 @@ def run_compiled(
                 raise ConfigError(name, value, "an integer >= 1")
     if threads is None:
         threads = min(DEFAULT_THREADS, torch.get_num_threads())
-    plan = compile_graph(graph)
+    if getattr(_on_tile_worker, "value", False):
+        threads = 1  # a nested call from inside a tile must not wait on its own pool
     if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)):
         # out= ops do not record gradients: the reference's ops (same bits) do.
         from .reference import run_reference
@@ -376,11 +376,11 @@ def run_compiled(
     tiles = -(-rows // tile) if rows else 0
     workers = min(threads, tiles)
     if workers <= 1:
-        _run_tiles(plan, x2, y2, w, eps, tile, 0, rows, scales, redo)
+        _run_tiles(plan, x2, y2, w, eps, tile, 0, rows, scales, redo, cancel)
     else:
         per = -(-tiles // workers) * tile
         futures = [
-            _pool(workers).submit(_run_tiles, plan, x2, y2, w, eps, tile, s, min(s + per, rows), scales, redo)
+            _pool(workers).submit(_run_tiles, plan, x2, y2, w, eps, tile, s, min(s + per, rows), scales, redo, cancel)
             for s in range(0, rows, per)
         ]
         for f in futures:
@@ -411,5 +411,7 @@ def _reference_rows(
         y2[rows] = run_reference(graph, x2[rows], weight, eps)
 
 
-#: Marks runners that write ``out`` themselves (see ``api._run``).
+#: Marks runners that write ``out`` themselves (see ``pipeline.Pipeline.run``).
 run_compiled.writes_out = True  # type: ignore[attr-defined]
+
+caches.register(_hidden_divisor.cache_clear)

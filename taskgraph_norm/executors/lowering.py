@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import GraphError
+from .. import caches
 from ..graph import Graph, Node, Op, validate
 
 __all__ = ["Plan", "lower", "tree_levels"]
@@ -174,7 +175,7 @@ def tree_levels(n: int) -> tuple[int, ...]:
 def lower(graph: Graph, fingerprint: str = "") -> Plan:
     """Lower a (certified) graph to a :class:`Plan`.
 
-    The caller decides certification (see :func:`resolve_executor`); lowering
+    The caller decides certification (see :class:`taskgraph_norm.pipeline.Pipeline`); lowering
     itself refuses what it cannot run bit-identically to the reference: a race
     over three or more float partials, a non-uniform chunking, an opaque node.
 
@@ -327,3 +328,6 @@ def _walk(graph: Graph, start: str, through: tuple[Op, ...], leaf_op: Op) -> lis
         else:
             raise GraphError(node.id, f"{node.op.name} inside an exact merge cannot be lowered")
     return found
+
+for _cached in (halving_steps, _lower_cached, _builder_tree):
+    caches.register(_cached.cache_clear)

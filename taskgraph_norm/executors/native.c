@@ -267,6 +267,45 @@ EXACT_ROWS(tgn_exact_rows_f64, double, load4_f64)
  * does not keep an operand order for NaNs (which of two NaNs a sum returns), so
  * the caller gives those rows the reference interpreter's bits.
  */
+/* One chunk of a power-of-two length C, with C a compile-time constant: the same
+ * halving order (h = C/2, C/4, ..., 1; s[k] += s[k + h] for k < h), which the
+ * compiler unrolls and vectorises; the general loop below serves other lengths. */
+#define CHUNK_POW2(T, C)                                                               \
+    INLINE T chunk_##T##_##C(const T *restrict src)                                    \
+    {                                                                                  \
+        T buf[(C) / 2];                                                                \
+        for (int k = 0; k < (C) / 2; ++k)                                              \
+            buf[k] = src[k] * src[k] + src[k + (C) / 2] * src[k + (C) / 2];            \
+        for (int h = (C) / 4; h >= 1; h /= 2)                                          \
+            for (int k = 0; k < h; ++k)                                                \
+                buf[k] += buf[k + h];                                                  \
+        return buf[0];                                                                 \
+    }
+#define CHUNK_POW2_ALL(T) CHUNK_POW2(T, 2) CHUNK_POW2(T, 4) CHUNK_POW2(T, 8) CHUNK_POW2(T, 16) \
+    CHUNK_POW2(T, 32) CHUNK_POW2(T, 64) CHUNK_POW2(T, 128) CHUNK_POW2(T, 256)
+CHUNK_POW2_ALL(float)
+CHUNK_POW2_ALL(double)
+
+/* The chunk sums of one row's full power-of-two chunks into slots; returns 0 when
+ * the chunk length has no specialised form. */
+#define FULL_CHUNKS_POW2(T)                                                            \
+    static int full_chunks_##T(const T *row, int64_t chunk, int64_t n_full, T *slots) \
+    {                                                                                  \
+        switch (chunk) {                                                               \
+        case 2: for (int64_t c = 0; c < n_full; ++c) slots[c] = chunk_##T##_2(row + c * 2); return 1; \
+        case 4: for (int64_t c = 0; c < n_full; ++c) slots[c] = chunk_##T##_4(row + c * 4); return 1; \
+        case 8: for (int64_t c = 0; c < n_full; ++c) slots[c] = chunk_##T##_8(row + c * 8); return 1; \
+        case 16: for (int64_t c = 0; c < n_full; ++c) slots[c] = chunk_##T##_16(row + c * 16); return 1; \
+        case 32: for (int64_t c = 0; c < n_full; ++c) slots[c] = chunk_##T##_32(row + c * 32); return 1; \
+        case 64: for (int64_t c = 0; c < n_full; ++c) slots[c] = chunk_##T##_64(row + c * 64); return 1; \
+        case 128: for (int64_t c = 0; c < n_full; ++c) slots[c] = chunk_##T##_128(row + c * 128); return 1; \
+        case 256: for (int64_t c = 0; c < n_full; ++c) slots[c] = chunk_##T##_256(row + c * 256); return 1; \
+        default: return 0;                                                             \
+        }                                                                              \
+    }
+FULL_CHUNKS_POW2(float)
+FULL_CHUNKS_POW2(double)
+
 #define FLOAT_ROWS(NAME, T)                                                            \
     int64_t NAME(const T *x, int64_t rows, int64_t hidden, int64_t row_stride,           \
               int64_t chunk, const int64_t *adds, int64_t n_adds, int64_t root,       \
@@ -281,7 +320,8 @@ EXACT_ROWS(tgn_exact_rows_f64, double, load4_f64)
         T *buf = work, *slots = work + chunk;                                         \
         for (int64_t i = 0; i < rows; ++i) {                                          \
             const T *row = x + i * row_stride;                                        \
-            for (int64_t c = 0; c < n_chunks; ++c) {                                  \
+            int64_t c0 = full_chunks_##T(row, chunk, hidden / chunk, slots) ? hidden / chunk : 0; \
+            for (int64_t c = c0; c < n_chunks; ++c) {                                 \
                 const T *src = row + c * chunk;                                       \
                 int64_t length = hidden - c * chunk < chunk ? hidden - c * chunk : chunk; \
                 if (length == 1) {                                                    \

@@ -163,6 +163,12 @@ def available() -> bool:
     return _enabled and _load() is not None
 
 
+def enabled() -> bool:
+    """Whether the native kernels may be used now (not ``TGN_NATIVE=0``, not inside
+    :func:`disabled`); says nothing of whether they are built."""
+    return _enabled
+
+
 def why_unavailable() -> str | None:
     """``None`` when :func:`available`; else the reason, in words."""
     if not _enabled:

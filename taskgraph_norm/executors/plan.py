@@ -13,6 +13,7 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from .. import caches
 from ..graph import Graph, Op, validate
 
 __all__ = ["RunPlan", "plan_for"]
@@ -104,3 +105,9 @@ def plan_for(graph: Graph) -> RunPlan:
         while len(_plans) > _MAX_PLANS:
             _plans.popitem(last=False)
     return plan
+
+
+@caches.register
+def _clear() -> None:
+    with _lock:
+        _plans.clear()

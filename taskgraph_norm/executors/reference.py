@@ -7,6 +7,7 @@ subclass can override one op in a few lines, as with ``torch.fx.Interpreter``.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
@@ -17,6 +18,10 @@ from ..errors import ConfigError, GraphError
 from ..graph import Graph, Node, Op, validate
 
 __all__ = ["ReferenceInterpreter", "reference_sum_of_squares", "run_reference"]
+
+
+class Cancelled(Exception):
+    """Raised inside a run whose ``cancel`` event was set (the async caller has gone)."""
 
 
 class ReferenceInterpreter:
@@ -37,6 +42,7 @@ class ReferenceInterpreter:
         self.arrival = _check_arrival(graph, arrival or {})
         self._order = graph.topological_order
         self._last_use = _last_uses(graph, self._order)
+        self.cancel: threading.Event | None = None
 
     def run(self, x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
         """The graph's output for ``x``."""
@@ -51,7 +57,10 @@ class ReferenceInterpreter:
         self.x, self.weight, self.eps = x, weight, eps
         kept = set(keep) | {self.graph.output}
         env: dict[str, Any] = {}
+        cancel = self.cancel
         for step, node_id in enumerate(self._order):
+            if cancel is not None and cancel.is_set():
+                raise Cancelled("the caller was cancelled; stopped between nodes")
             node = self.graph.by_id[node_id]
             args = [env[i] for i in node.inputs]
             env[node_id] = getattr(self, node.op.value)(node, args)
@@ -142,9 +151,15 @@ def run_reference(
     eps: float,
     *,
     arrival: Mapping[str, Sequence[int]] | None = None,
+    cancel: threading.Event | None = None,
 ) -> torch.Tensor:
-    """Execute ``graph`` sequentially on ``x`` (already checked) and return ``y``."""
-    return ReferenceInterpreter(graph, arrival=arrival).run(x, weight, eps)
+    """Execute ``graph`` sequentially on ``x`` (already checked) and return ``y``.
+
+    ``cancel``: an event the caller sets to stop the run between nodes (it then
+    raises :class:`Cancelled`)."""
+    interpreter = ReferenceInterpreter(graph, arrival=arrival)
+    interpreter.cancel = cancel
+    return interpreter.run(x, weight, eps)
 
 
 def reference_sum_of_squares(graph: Graph, x: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .. import kernels
+from .. import caches, kernels
 from .lowering import Plan, halving_steps, tree_levels
 
 __all__ = ["TILE_BYTES", "WORKSPACES_PER_THREAD", "Views", "Workspace", "default_tile_rows", "workspace"]
@@ -155,8 +155,10 @@ def workspace(
     plan: Plan, rows: int, dtype: torch.dtype, device: torch.device, native: bool = False
 ) -> Workspace:
     cache: OrderedDict[Any, Workspace] | None = getattr(_local, "workspaces", None)
-    if cache is None:
+    if cache is None or _local.generation != caches.generation():
+        # First call on this thread, or clear_caches() ran since: start afresh.
         cache = _local.workspaces = OrderedDict()
+        _local.generation = caches.generation()
     # Keyed by the plan's identity (plans are cached objects): hashing a plan
     # walks its fields, which a decode-sized call cannot afford.
     key = (id(plan), rows, dtype, device, native)

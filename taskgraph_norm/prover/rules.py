@@ -32,6 +32,7 @@ from typing import Any
 
 from .canonical import ASSUME_COLLECTIVES, DEPENDENCIES, Reading, read_graph, read_placement
 from ..graph import Graph, validate
+from .. import caches
 from .witness import Witness
 
 __all__ = ["Proof", "prove", "RULES", "DEPENDENCIES", "FINGERPRINT_VERSION"]
@@ -297,3 +298,5 @@ def _short(order: tuple[int, ...]) -> str:
         return str(order)
     return "(" + ", ".join(str(i) for i in order[:3]) + ", ..., " + ", ".join(
         str(i) for i in order[-2:]) + ")"
+
+caches.register(_prove_cached.cache_clear)

@@ -36,7 +36,8 @@ from .. import kernels
 from ..executors import schedules
 from ..api import check_input, normalize_sync
 from ..errors import ConfigError
-from ..executors import resolve_executor, run_compiled, run_concurrent, run_reference
+from ..executors import run_concurrent, run_reference
+from ..pipeline import for_graph
 from ..executors.trace import Trace
 from ..graph import Graph
 from ..prover import prove
@@ -163,7 +164,8 @@ class _Runner:
         )
         # Certified rows run compiled (what normalize() uses); race rows run on the
         # concurrent executor, because real arrival orders are their point.
-        self.compiled = system.schedule is None and resolve_executor("auto", self.graph)[0] == "compiled"
+        self.pipeline = for_graph(self.graph)
+        self.compiled = system.schedule is None and self.pipeline.executor == "compiled"
 
     @property
     def executor(self) -> str:
@@ -174,7 +176,7 @@ class _Runner:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.system.schedule is None:
             if self.compiled:
-                return run_compiled(self.graph, x, self.weight, self.eps)
+                return self.pipeline.run(x, self.weight, self.eps)
             return run_reference(self.graph, x, self.weight, self.eps)
         # Fifo: partials merge in the order worker threads really finish; unseeded
         # Random: a fresh arbitrary order every run.  Both are real races.

@@ -1,0 +1,99 @@
+"""Input checks shared by every entry point: reject what
+``torch.nn.functional.rms_norm`` rejects, with torch's error types and messages.
+
+Our own parameters (topology, chunk size, ...) are checked by the builders; this
+module checks tensors and ``eps``.  Pure functions, no state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from . import kernels
+from .errors import (
+    ConfigError,
+    DeviceMismatchError,
+    DtypeError,
+    InputRankError,
+    InputShapeError,
+    WeightShapeError,
+)
+
+__all__ = ["SUPPORTED_DTYPES", "check_input", "check_out", "resolve_eps"]
+
+#: The input dtypes every executor accepts (fp16/bf16 accumulate in fp32).
+SUPPORTED_DTYPES = frozenset({torch.float32, torch.float64, torch.float16, torch.bfloat16})
+
+# torch's own names in its "not implemented for 'Int'" messages.
+_TORCH_TYPE_NAMES = {
+    torch.bool: "Bool",
+    torch.uint8: "Byte",
+    torch.int8: "Char",
+    torch.int16: "Short",
+    torch.int32: "Int",
+    torch.int64: "Long",
+    torch.complex64: "ComplexFloat",
+    torch.complex128: "ComplexDouble",
+    torch.complex32: "ComplexHalf",
+}
+
+
+def check_input(
+    x: object, normalized_shape: Sequence[int], weight: object | None
+) -> None:
+    """Reject what ``torch.nn.functional.rms_norm`` rejects, with torch's error type.
+
+    Raises
+    ------
+    TypeError
+        ``x`` or ``weight`` is not a tensor.
+    InputRankError (ValueError)
+        ``x`` is 0-d.
+    DtypeError (NotImplementedError)
+        ``x`` is not fp32, fp64, fp16 or bf16 (integer, bool and complex inputs).
+    InputShapeError (RuntimeError)
+        ``x``'s trailing dims differ from ``normalized_shape``.
+    WeightShapeError, DeviceMismatchError (RuntimeError)
+        ``weight`` has the wrong shape or lives on another device.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() == 0:
+        raise InputRankError(1, 0)
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise DtypeError(_TORCH_TYPE_NAMES.get(x.dtype, str(x.dtype).removeprefix("torch.")))
+    shape = tuple(normalized_shape)
+    if tuple(x.shape[x.dim() - len(shape):]) != shape or x.dim() < len(shape):
+        raise InputShapeError(shape, tuple(x.shape))
+    if weight is None:
+        return
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight must be a torch.Tensor or None, got {type(weight).__name__}")
+    if tuple(weight.shape) != shape:
+        raise WeightShapeError(tuple(weight.shape), shape)
+    if weight.device != x.device:
+        raise DeviceMismatchError(weight.device, x.device)
+
+
+def resolve_eps(eps: float | None, dtype: torch.dtype) -> float:
+    """``eps=None`` means ``torch.finfo(dtype).eps``, as in ``F.rms_norm``."""
+    if eps is None:
+        return kernels.default_eps(dtype)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise ConfigError("eps", eps, "a float or None")
+    return float(eps)
+
+
+def check_out(out: object | None, x: torch.Tensor) -> None:
+    """``out`` must be a tensor of ``x``'s shape, dtype and device."""
+    if out is None:
+        return
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a torch.Tensor or None, got {type(out).__name__}")
+    if out.shape != x.shape or out.dtype != x.dtype or out.device != x.device:
+        raise ConfigError(
+            "out", f"tensor{list(out.shape)} {out.dtype} on {out.device}",
+            f"a tensor of shape {list(x.shape)}, dtype {x.dtype} on {x.device}",
+        )

@@ -1,0 +1,153 @@
+"""Calls straight to the native kernel: whole rows in C, no tiles, no workspaces.
+
+The native kernels work row by row with the row in cache, so on fp32 CPU input they
+need no tiling: the pipeline asks :func:`direct_call` once per configuration for a
+function that takes a checked input and makes one native call per worker (the
+caller's thread runs one share of the rows, a pool thread the other when the input
+is large enough to pay for the hand-off).  Same kernel, same per-row order, same
+bits as the compiled executor's tiles (the tests compare them).  It returns
+``None`` for an input it does not take (another dtype or device, a strided input,
+a NaN row, a gradient to record, the native kernels switched off), and the caller
+runs the general path.
+
+A fresh output of several MiB is advised to the kernel as a huge-page candidate
+(``madvise(MADV_HUGEPAGE)``, Linux) before the kernel first writes it: faulting in a
+fresh output page by page costs more than normalising it (docs/performance.md).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from . import native as _native
+from . import pools
+from .lowering import Plan
+
+__all__ = ["DirectCall", "SPLIT_NUMEL", "HUGE_BYTES", "direct_call"]
+
+#: ``fn(x, weight, eps, out) -> y | None`` (``None``: not taken, run the general path).
+DirectCall = Callable[[torch.Tensor, "torch.Tensor | None", float, "torch.Tensor | None"], "torch.Tensor | None"]
+
+#: Inputs with at least this many elements are split between the caller's thread and
+#: a pool thread (below it the hand-off costs more than it saves; measured here).
+SPLIT_NUMEL = 1 << 16
+
+#: Fresh outputs of at least this many bytes are advised as huge-page candidates.
+HUGE_BYTES = 4 << 20
+
+#: Float merges the native float kernel runs (as in the compiled executor).
+_NATIVE_FLOAT_MERGES = ("single", "tree", "adds")
+
+
+class _Scratch(threading.local):
+    """A per-thread buffer the kernel writes row totals into (grown on demand)."""
+
+    def __init__(self) -> None:
+        self.buf = torch.empty(0, dtype=torch.float64)
+
+    def pointer(self, elements: int) -> int:
+        if self.buf.numel() < elements:
+            self.buf = torch.empty(max(elements, 2 * self.buf.numel()), dtype=torch.float64)
+        return int(self.buf.data_ptr())
+
+
+_scratch = _Scratch()
+
+
+def _advise_huge() -> Callable[[int, int], None] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        madvise = libc.madvise
+    except (OSError, AttributeError):
+        return None
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    madvise.restype = ctypes.c_int
+    page, huge_advice = 4096, 14  # MADV_HUGEPAGE
+
+    def advise(ptr: int, nbytes: int) -> None:
+        start = -(-ptr // page) * page
+        if nbytes > start - ptr:
+            madvise(start, (nbytes - (start - ptr)) // page * page, huge_advice)  # advice only: ignore errors
+
+    return advise
+
+
+_advise = _advise_huge()
+
+
+def direct_call(plan: Plan) -> DirectCall | None:
+    """The direct kernel for ``plan``, or ``None`` when the plan has no native kernel.
+
+    The returned function takes an input already checked by the caller (shape,
+    weight shape and device, ``out``'s shape, dtype and device) and ``eps`` resolved.
+    """
+    exact = plan.accumulate == "exact"
+    if not (exact or plan.leaf == "pairwise" and plan.merge in _NATIVE_FLOAT_MERGES):
+        return None
+    if not _native.available():
+        return None
+    lib = _native._library()
+    hidden = plan.hidden_size
+    row_bytes = hidden * 4
+    keep: list[Any] = []
+    rows_call: Callable[[int, int, int, int | None, float], int]
+    if exact:
+        exact_fn = lib.tgn_exact_rows_f32
+
+        def rows_call(xp: int, yp: int, rows: int, w: int | None, eps: float) -> int:
+            return int(exact_fn(xp, rows, hidden, hidden, _scratch.pointer(2 * rows), yp, hidden, w, eps))
+    else:
+        float_fn = lib.tgn_float_rows_f32
+        adds = tuple(t for level in plan.adds for t in level)
+        recipe = _native.FloatRecipe(plan.chunk_size, plan.n_chunks, adds, plan.root)
+        keep.append(recipe)  # holds the adds tensor whose pointer the kernel reads
+        adds_ptr, n_adds, root, chunk = recipe.adds.data_ptr(), recipe.n_adds, recipe.root, recipe.chunk_size
+
+        def rows_call(xp: int, yp: int, rows: int, w: int | None, eps: float) -> int:
+            return int(float_fn(xp, rows, hidden, hidden, chunk, adds_ptr, n_adds, root,
+                                _scratch.pointer(rows), yp, hidden, w, eps))
+
+    fp32 = torch.float32
+
+    def call(x: torch.Tensor, weight: torch.Tensor | None, eps: float,
+             out: torch.Tensor | None) -> torch.Tensor | None:
+        if x.dtype is not fp32 or x.device.type != "cpu" or not x.is_contiguous() or not _native._enabled:
+            return None
+        if weight is not None and (weight.dtype is not fp32 or not weight.is_contiguous()):
+            return None
+        if out is not None and not out.is_contiguous():
+            return None
+        if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)):
+            return None
+        numel = x.numel()
+        if out is None:
+            y = torch.empty_like(x)
+            if _advise is not None and numel * 4 >= HUGE_BYTES:
+                _advise(y.data_ptr(), numel * 4)
+        else:
+            y = out
+        rows = numel // hidden
+        w = None if weight is None else weight.data_ptr()
+        xp, yp = x.data_ptr(), y.data_ptr()
+        pool = pools.helper() if numel >= SPLIT_NUMEL and rows >= 2 else None
+        if pool is None:
+            bad = rows_call(xp, yp, rows, w, eps)
+        else:
+            half = rows // 2
+            share = pool.submit(rows_call, xp + half * row_bytes, yp + half * row_bytes, rows - half, w, eps)
+            bad = rows_call(xp, yp, half, w, eps)
+            bad += share.result()
+        # A NaN total (or an exact row with no scale): the general path gives it the
+        # reference's bits; what was written to a caller's out is overwritten there.
+        return None if bad else y
+
+    call.keep = keep  # type: ignore[attr-defined]
+    return call

@@ -1,0 +1,289 @@
+"""The pipeline: build → prove → lower → run, one cached object per configuration.
+
+A :class:`Pipeline` is to a graph what ``torch.fx.GraphModule`` is to an fx graph:
+the graph is the program, the pipeline is the thing you call.  It holds the graph,
+its proof, the lowered plan and the executor chosen for it, all made once; a warm
+call checks its input and makes one kernel call.  ``normalize``, ``normalize_sync``,
+``execute``, ``execute_sync`` and ``RMSNorm`` all call through it
+(:mod:`taskgraph_norm.api` is their faces).
+
+Two caches hold pipelines: one per normalize configuration (hidden size, chunk
+size, topology, leaf, accumulate, executor) and one per (graph, executor) for
+``execute``.  Both are bounded and emptied by :func:`taskgraph_norm.clear_caches`.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import sniffio
+import torch
+
+from . import caches
+from .checks import check_input, check_out, resolve_eps
+from .errors import ConfigError, ExecutionError, GraphError
+from .executors import ASYNC_EXECUTORS, EXECUTORS, Plan, direct_call, lower_certified
+from .executors.direct import DirectCall
+from .graph import Graph, Op, validate
+from .prover import Proof, prove
+from .topologies import build_graph
+
+__all__ = ["OFFLOAD_NUMEL", "Pipeline", "for_config", "for_graph", "run_coroutine_sync"]
+
+#: Inputs with at least this many elements are computed on a worker thread by the
+#: async faces; smaller ones run inline, where a thread hop would cost more than the work.
+OFFLOAD_NUMEL = 1 << 15
+
+#: How many pipelines each cache keeps (the oldest goes first).
+CACHE_SIZE = 256
+
+_DEFAULT_EPS = {dt: torch.finfo(torch.float32 if dt in (torch.float16, torch.bfloat16) else dt).eps
+                for dt in (torch.float32, torch.float64, torch.float16, torch.bfloat16)}
+
+
+class Pipeline:
+    """One configuration, built once: ``graph``, ``proof``, ``plan`` and ``executor``.
+
+    ``executor`` is the name actually run (``"auto"`` resolved: ``concurrent`` for
+    a general graph with CALL nodes, ``compiled`` for a certified graph that lowers,
+    else ``reference``).  Calling it::
+
+        pipe = Pipeline(tgn.build_graph(4096))
+        y = pipe(x, weight)            # sync, input checked like F.rms_norm
+        y = await pipe.acall(x, weight)
+
+    Raises ConfigError for an unknown executor name, ExecutionError when
+    ``executor="compiled"`` is asked of a graph the prover does not certify.
+    """
+
+    __slots__ = ("graph", "executor", "plan", "hidden_size", "_proof", "_runner", "_direct", "_direct_known")
+
+    def __init__(self, graph: Graph, executor: str = "auto") -> None:
+        if not isinstance(graph, Graph):
+            raise TypeError(f"graph must be a taskgraph_norm.Graph, got {type(graph).__name__}")
+        if executor != "auto" and executor not in EXECUTORS:
+            raise ConfigError("executor", executor, "'auto' or one of " + ", ".join(repr(k) for k in EXECUTORS))
+        validate(graph)
+        self.graph = graph
+        hidden = graph.meta.get("hidden_size")
+        self.hidden_size: int | None = hidden if isinstance(hidden, int) else None
+        if self.hidden_size is None and Op.CALL not in graph.ops:
+            raise ConfigError("graph", graph, "a graph made by build_graph (meta has no hidden_size)")
+        self._proof: Proof | None = None
+        self.plan: Plan | None = None
+        if executor == "auto":
+            executor = "concurrent" if Op.CALL in graph.ops else "compiled"
+            if executor == "compiled":
+                try:
+                    self.plan = lower_certified(graph, self.proof)
+                except (ExecutionError, GraphError):
+                    executor = "reference"
+        elif executor == "compiled":
+            self.plan = lower_certified(graph, self.proof)
+        self.executor = executor
+        self._runner = EXECUTORS[executor]
+        self._direct: DirectCall | None = None
+        self._direct_known = self.plan is None
+
+    @property
+    def proof(self) -> Proof:
+        """The graph's proof (made on first use; the witness of a refutation is
+        searched only when ``proof.witness`` is read)."""
+        if self._proof is None:
+            self._proof = prove(self.graph)
+        return self._proof
+
+    def __repr__(self) -> str:
+        return (f"Pipeline(graph={len(self.graph)} nodes, hidden_size={self.hidden_size}, "
+                f"executor={self.executor!r}, proof={self.proof.summary!r})")
+
+    # -- the sync core ------------------------------------------------------------
+
+    def __call__(
+        self, x: torch.Tensor, weight: torch.Tensor | None = None, eps: float | None = None,
+        out: torch.Tensor | None = None, **options: Any,
+    ) -> torch.Tensor:
+        """``y`` for ``x`` (shape ``(..., hidden_size)``), checked like ``F.rms_norm``."""
+        if not options:
+            direct = self._direct if self._direct_known else self._resolve_direct()
+            if direct is not None and isinstance(x, torch.Tensor):
+                y = self._try_direct(direct, x, weight, eps, out)
+                if y is not None:
+                    return y
+        x, weight, e = self.check(x, weight, eps, out)
+        return self.run(x, weight, e, out, options)
+
+    def _try_direct(
+        self, direct: DirectCall, x: torch.Tensor, weight: torch.Tensor | None, eps: float | None,
+        out: torch.Tensor | None,
+    ) -> torch.Tensor | None:
+        # The checks of check_input/check_out that the direct path needs, inline: the
+        # direct kernel takes only fp32 CPU tensors, so any other input falls through
+        # to the full checks, which raise torch's errors.
+        if x.dim() == 0 or x.shape[-1] != self.hidden_size:
+            return None
+        if weight is not None and (not isinstance(weight, torch.Tensor) or weight.dim() != 1
+                                   or weight.shape[0] != self.hidden_size or weight.device != x.device):
+            return None
+        if out is not None and (not isinstance(out, torch.Tensor) or out.shape != x.shape
+                                or out.dtype != x.dtype or out.device != x.device):
+            return None
+        if eps is None:
+            e = _DEFAULT_EPS.get(x.dtype)
+            if e is None:
+                return None
+        elif type(eps) is float:
+            e = eps
+        else:
+            return None
+        return direct(x, weight, e, out)
+
+    def _resolve_direct(self) -> DirectCall | None:
+        from .executors import native
+
+        if not native.enabled():
+            return None  # native.disabled() is in force: ask again on a later call
+        assert self.plan is not None
+        self._direct = direct_call(self.plan)
+        self._direct_known = True
+        return self._direct
+
+    def check(
+        self, x: object, weight: object | None, eps: float | None, out: object | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+        """Reject what ``F.rms_norm`` rejects; returns ``(x, weight, eps)`` with ``eps``
+        resolved.  A general graph's input goes to its INPUT node unchecked."""
+        if self.hidden_size is None:
+            return x, weight, eps  # type: ignore[return-value]
+        check_input(x, (self.hidden_size,), weight)
+        assert isinstance(x, torch.Tensor)
+        check_out(out, x)
+        return x, weight if isinstance(weight, torch.Tensor) else None, resolve_eps(eps, x.dtype)
+
+    def run(
+        self, x: torch.Tensor, weight: torch.Tensor | None, eps: float, out: torch.Tensor | None = None,
+        options: Mapping[str, Any] | None = None, cancel: threading.Event | None = None,
+    ) -> torch.Tensor:
+        """The one code path every call ends in (input already checked, ``eps`` resolved)."""
+        opts = dict(options or {})
+        if self.hidden_size is not None and x.numel() == 0:
+            return out if out is not None else torch.empty_like(x)
+        if self.executor == "compiled":
+            written: torch.Tensor = self._runner(self.graph, x, weight, eps, plan=self.plan, out=out,
+                                                 cancel=cancel, **opts)
+            return written
+        if self.executor in ASYNC_EXECUTORS:
+            y = run_coroutine_sync(functools.partial(self._runner, self.graph, x, weight, eps, **opts))
+        elif self.executor == "reference":
+            y = self._runner(self.graph, x, weight, eps, cancel=cancel, **opts)
+        else:
+            y = self._runner(self.graph, x, weight, eps, **opts)
+        return y if out is None else out.copy_(y)
+
+    # -- the async face -----------------------------------------------------------
+
+    async def acall(
+        self, x: torch.Tensor, weight: torch.Tensor | None = None, eps: float | None = None,
+        out: torch.Tensor | None = None, **options: Any,
+    ) -> torch.Tensor:
+        """:meth:`__call__` from async code.  An async executor is awaited on the event
+        loop; a sync one runs inline for a small input and on a worker thread for a
+        large one, stopped between tiles (or nodes) when the caller is cancelled."""
+        if (self.executor not in ASYNC_EXECUTORS and isinstance(x, torch.Tensor)
+                and x.numel() < OFFLOAD_NUMEL):
+            return self(x, weight, eps, out, **options)
+        x, weight, e = self.check(x, weight, eps, out)
+        if self.executor in ASYNC_EXECUTORS and not (self.hidden_size is not None and x.numel() == 0):
+            y: torch.Tensor = await self._runner(self.graph, x, weight, e, **options)
+            return y if out is None else out.copy_(y)
+        cancel = threading.Event()
+        try:
+            result: torch.Tensor = await anyio.to_thread.run_sync(
+                functools.partial(self.run, x, weight, e, out, options, cancel), abandon_on_cancel=True,
+            )
+        finally:
+            cancel.set()  # a cancelled caller's thread stops before its next tile
+        return result
+
+
+# --- the caches ----------------------------------------------------------------------
+
+_lock = threading.Lock()
+_by_config: dict[tuple[Any, ...], Pipeline] = {}
+_by_graph: dict[tuple[Graph, str], Pipeline] = {}
+
+
+def _store(cache: dict[Any, Pipeline], key: Any, pipe: Pipeline) -> Pipeline:
+    with _lock:
+        pipe = cache.setdefault(key, pipe)
+        while len(cache) > CACHE_SIZE:
+            cache.pop(next(iter(cache)))
+    return pipe
+
+
+@caches.register
+def _clear() -> None:
+    with _lock:
+        _by_config.clear()
+        _by_graph.clear()
+
+
+def for_config(
+    hidden_size: int, chunk_size: int, topology: str, leaf: str, accumulate: str, executor: str
+) -> Pipeline:
+    """The pipeline of one ``normalize`` configuration (cached)."""
+    key = (hidden_size, chunk_size, topology, leaf, accumulate, executor)
+    try:
+        pipe = _by_config.get(key)
+    except TypeError:  # an unhashable option: let the builder say what is wrong with it
+        pipe = None
+    if pipe is not None:
+        return pipe
+    graph = build_graph(hidden_size, chunk_size=chunk_size, topology=topology, leaf=leaf, accumulate=accumulate)
+    return _store(_by_config, key, Pipeline(graph, executor))
+
+
+def for_graph(graph: Graph, executor: str = "auto") -> Pipeline:
+    """The pipeline of a graph someone built (cached per graph and executor name)."""
+    if not isinstance(graph, Graph):
+        raise TypeError(f"graph must be a taskgraph_norm.Graph, got {type(graph).__name__}")
+    key = (graph, executor)
+    try:
+        pipe = _by_graph.get(key)
+    except TypeError:
+        raise ConfigError("executor", executor, "a string") from None
+    if pipe is not None:
+        return pipe
+    return _store(_by_graph, key, Pipeline(graph, executor))
+
+
+# --- async executors from sync code ---------------------------------------------------------
+
+
+def run_coroutine_sync(fn: Callable[[], Any]) -> Any:
+    """``anyio.run(fn)``, also from a thread whose event loop is running (a notebook
+    cell, an async web handler): there the loop runs on a fresh thread, joined."""
+    try:
+        sniffio.current_async_library()
+    except sniffio.AsyncLibraryNotFoundError:
+        return anyio.run(fn)
+    result: list[Any] = []
+    error: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            result.append(anyio.run(fn))
+        except BaseException as exc:  # handed to the caller's thread below
+            error.append(exc)
+
+    thread = threading.Thread(target=target, name="tgn-sync-in-loop")
+    thread.start()
+    thread.join()
+    if error:
+        raise error[0]
+    return result[0]

@@ -1,0 +1,57 @@
+"""What the tests share: the bits helpers and short ways into the pipeline.
+
+Bits: :mod:`taskgraph_norm.testing` is the one bits helper (int views of the
+tensors: NaN-safe, tells -0.0 from +0.0); the tests import it from here.
+
+Executors are handed their plan by the pipeline; ``compile_graph`` and
+``run_compiled`` below do what the pipeline does, for tests that drive the
+compiled executor directly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+import taskgraph_norm as tgn
+from taskgraph_norm.executors import compiled
+from taskgraph_norm.executors.lowering import Plan
+from taskgraph_norm.testing import (
+    assert_bits_equal,
+    bits,
+    bits_equal,
+    correctly_rounded_sumsq,
+    count_bit_differences,
+)
+
+__all__ = [
+    "assert_bits_equal",
+    "bits",
+    "bits_equal",
+    "compile_graph",
+    "correctly_rounded_sumsq",
+    "count_bit_differences",
+    "executor_of",
+    "run_compiled",
+]
+
+
+def compile_graph(graph: tgn.Graph) -> Plan:
+    """The plan the pipeline lowers for ``graph`` with ``executor="compiled"``
+    (raises ExecutionError for a graph the prover does not certify)."""
+    plan = tgn.Pipeline(graph, "compiled").plan
+    assert plan is not None
+    return plan
+
+
+def run_compiled(
+    graph: tgn.Graph, x: torch.Tensor, weight: torch.Tensor | None, eps: float, **options: Any
+) -> torch.Tensor:
+    """The compiled executor on ``graph`` with the plan the pipeline would hand it."""
+    return compiled.run_compiled(graph, x, weight, eps, plan=compile_graph(graph), **options)
+
+
+def executor_of(graph: tgn.Graph, executor: str = "auto") -> str:
+    """The executor the pipeline resolves ``executor`` to for ``graph``."""
+    return tgn.Pipeline(graph, executor).executor
