@@ -56,16 +56,27 @@ class BenchConfig:
     out_dir: Path = field(default_factory=lambda: Path("bench-results"))
 
 
-def interleaved_medians(methods: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
-    """Median seconds per method; each round calls every method once, in turn."""
+def interleaved_medians(
+    methods: dict[str, Callable[[], object]], rounds: int,
+    *, observe: Callable[[str, object], None] | None = None,
+) -> dict[str, float]:
+    """Median seconds per method; each round calls every method once, in turn.
+
+    ``observe(name, result)``, when given, sees each timed call's result outside
+    the timed region (the warm-up call's is not shown); the result is dropped
+    before the next call, so no method runs beside a pile of live outputs.
+    """
     for fn in methods.values():
         fn()  # warm-up: workspaces, dispatch caches, compiled kernels
     times: dict[str, list[float]] = {k: [] for k in methods}
     for _ in range(rounds):
         for name, fn in methods.items():
             t0 = time.perf_counter()
-            fn()
+            result = fn()
             times[name].append(time.perf_counter() - t0)
+            if observe is not None:
+                observe(name, result)
+            del result
     return {k: statistics.median(v) for k, v in times.items()}
 
 

@@ -37,7 +37,12 @@ def _cmd_report(args: argparse.Namespace) -> int:
         shape=args.shape, dtype=args.dtype, seed=args.seed, chunk_size=args.chunk_size,
         leaf=args.leaf, repeats=args.repeats,
     )
-    rows = run_report(config, stream=sys.stdout, out_dir=args.out)
+    rows, text = run_report(config, stream=sys.stdout)
+    if args.out is not None:
+        from .report_files import write_report_dir
+
+        for path in write_report_dir(config, text, args.out):
+            print(f"wrote {path}")
     return 0 if all(r.agrees for r in rows) else 1
 
 
