@@ -170,7 +170,9 @@ def main(argv: list[str] | None = None) -> None:
     from taskgraph_norm.executors import native
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads "
-          f"(OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', 'unset')}); median of "
+          f"(OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', 'unset')}), load average "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (torch's threads stall when it passes "
+          f"the CPU count); median of "
           f"{args.rounds} interleaved rounds; {native.describe()}\n")
     compiled = _compiled_rms_norm()
     lines = [
