@@ -26,7 +26,6 @@ finish), its unordered "variant" and the exact race under an unseeded
 from __future__ import annotations
 
 import functools
-import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TextIO
@@ -43,9 +42,9 @@ from ..executors import resolve_executor, run_compiled, run_concurrent, run_refe
 from ..executors.trace import Trace
 from ..graph import Graph
 from ..prover import prove
-from ..testing import bits, bits_equal
+from ..testing import bits_equal
 from ..topologies import build_graph
-from .bench import interleaved_times
+from .report_timing import RoundTimes, max_abs, time_rounds
 
 __all__ = [
     "ReportConfig",
@@ -127,21 +126,6 @@ class ReportRow:
     slower_kernel_ms: float | None = None
     #: Median over rounds of standard's time / this row's time in the same round.
     speedup: float = 1.0
-
-
-def _max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Largest ``|a - b|`` in fp64 (NaN against NaN counts 0, NaN against a number inf)."""
-    if a.dtype == b.dtype:
-        # Only elements whose bits differ can differ: a cheap pass first, then the
-        # fp64 arithmetic on those alone.
-        differ = bits(a) != bits(b)
-        a, b = a[differ], b[differ]
-    if a.numel() == 0:
-        return 0.0
-    d = (a.double() - b.double()).abs()
-    both_nan = a.isnan() & b.isnan()
-    d = torch.where(both_nan, torch.zeros_like(d), d)
-    return float(d.nan_to_num(nan=float("inf")).max())
 
 
 def fp64_reference(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -252,51 +236,11 @@ def _batch_invariant(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tenso
     return bits_equal(run(x[perm]), full[perm])
 
 
-class _Observed:
-    """What a row's timed outputs showed: a copy of the first (an ``out=`` buffer
-    is overwritten by the next call), the run-to-run spread (max abs difference
-    from the first) and whether every output had the first one's bits."""
-
-    def __init__(self) -> None:
-        self.first: torch.Tensor | None = None
-        self.spread = 0.0
-        self.same_bits = True
-
-    def __call__(self, y: torch.Tensor) -> None:
-        if self.first is None:
-            self.first = y.clone()
-        elif not bits_equal(y, self.first):
-            self.same_bits = False
-            self.spread = max(self.spread, _max_abs(y, self.first))
-
-
 #: The standard row's second timing: torch's unweighted kernel.
 _UNWEIGHTED = "standard, unweighted"
 
 
-@dataclass(frozen=True)
-class _Timing:
-    """Seconds of every timed call per row (and for :data:`_UNWEIGHTED`), round by
-    round, and what each row's outputs showed."""
-
-    times: dict[str, list[float]]
-    observed: dict[str, _Observed]
-
-    def median(self, name: str) -> float:
-        return statistics.median(self.times[name])
-
-    @property
-    def standard(self) -> str:
-        """The faster of torch's two eager kernels in this run (by median)."""
-        return min(("standard", _UNWEIGHTED), key=self.median)
-
-    def speedup(self, name: str) -> float:
-        """Median over rounds of the faster standard kernel's time / ``name``'s time in
-        the same round: paired by round, so a load that comes and goes cancels."""
-        return statistics.median(s / t for s, t in zip(self.times[self.standard], self.times[name]))
-
-
-def _time_interleaved(runners: list[_Runner], x2: torch.Tensor, repeats: int) -> _Timing:
+def _time_interleaved(runners: list[_Runner], x2: torch.Tensor, repeats: int) -> RoundTimes:
     """Every row called once per round, ``repeats`` rounds; the standard row is also
     timed without its weight (torch's faster kernel on some CPUs), in the same rounds."""
     methods: dict[str, Callable[[], object]] = {}
@@ -306,29 +250,23 @@ def _time_interleaved(runners: list[_Runner], x2: torch.Tensor, repeats: int) ->
         methods[run.system.name] = run.timed(x2)
         if run.eager:
             methods[_UNWEIGHTED] = functools.partial(kernels.rms_norm_standard, x2, x2.shape[-1], run.eps, None)
-    observed = {run.system.name: _Observed() for run in runners}
-
-    def observe(name: str, y: object) -> None:
-        if name in observed:
-            assert isinstance(y, torch.Tensor)
-            observed[name](y)
-
-    return _Timing(interleaved_times(methods, repeats, observe=observe), observed)
+    return time_rounds(methods, repeats, observed=[run.system.name for run in runners])
 
 
 def _measure(
-    run: _Runner, x2: torch.Tensor, timing: _Timing, config: ReportConfig,
+    run: _Runner, x2: torch.Tensor, timing: RoundTimes, config: ReportConfig,
     standard: torch.Tensor, ref64: torch.Tensor,
 ) -> ReportRow:
     seen = timing.observed[run.system.name]
     assert seen.first is not None
     first = seen.first
+    baseline = timing.fastest("standard", _UNWEIGHTED)
     seconds = timing.median(run.system.name)
-    speedup = timing.speedup(run.system.name)
+    speedup = timing.speedup(run.system.name, over=baseline)
     timed, slower = "out=" if run.compiled else "fresh output", None
     if run.eager:
         unweighted = timing.median(_UNWEIGHTED)
-        timed = "without weight" if timing.standard == _UNWEIGHTED else "with weight"
+        timed = "without weight" if baseline == _UNWEIGHTED else "with weight"
         seconds, slower = min(seconds, unweighted), max(seconds, unweighted) * 1e3
         speedup = 1.0
     proof = prove(run.graph)
@@ -342,9 +280,9 @@ def _measure(
         executor=run.executor,
         median_ms=seconds * 1e3,
         run_spread=seen.spread,
-        diff_vs_standard=_max_abs(first, standard),
+        diff_vs_standard=max_abs(first, standard),
         batch_invariant=invariant,
-        max_abs_err=_max_abs(first, ref64),
+        max_abs_err=max_abs(first, ref64),
         max_ulp_err=ulp_error(first, ref64),
         accumulate=system.accumulate,
         proved=proof.summary,
@@ -370,6 +308,8 @@ def measure_rows(config: ReportConfig) -> list[ReportRow]:
     check_input(x, (x.shape[-1],), weight)
     if x.numel() == 0:
         raise ConfigError("shape", config.shape, "a shape with no zero dimension")
+    if isinstance(config.repeats, bool) or not isinstance(config.repeats, int) or config.repeats < 1:
+        raise ConfigError("repeats", config.repeats, "an integer >= 1 (timed rounds)")
     x2 = x.reshape(-1, x.shape[-1])
     eps = kernels.default_eps(x.dtype)
     standard = kernels.rms_norm_standard(x2, x2.shape[-1], eps, weight)
