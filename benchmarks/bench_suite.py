@@ -4,7 +4,7 @@
     taskgraph-norm bench [same options]            # the same suite, installed
 
 Every ratio compares methods timed in the same process, interleaved round by
-round, median over rounds (see taskgraph_norm/bench.py).  Writes bench.md and
+round, median over rounds (see taskgraph_norm/tools/bench.py).  Writes bench.md and
 bench.png (matplotlib: pip install 'taskgraph-norm[bench]') into --out.
 """
 

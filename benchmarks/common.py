@@ -6,6 +6,10 @@ import statistics
 import time
 from collections.abc import Callable
 
+from taskgraph_norm.tools.bench import interleaved_medians
+
+__all__ = ["interleaved_medians", "median_seconds", "repeated", "fastest", "target_row", "TARGET_HEADER"]
+
 
 def median_seconds(fn: Callable[[], object], *, repeats: int = 7, warmup: int = 1) -> float:
     """Median wall time of ``fn()`` over ``repeats`` calls, after ``warmup`` calls."""
@@ -17,3 +21,33 @@ def median_seconds(fn: Callable[[], object], *, repeats: int = 7, warmup: int = 
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def repeated(fn: Callable[[], object], calls: int) -> Callable[[], None]:
+    """``fn`` called ``calls`` times in a row: one timing of a call too short to time alone
+    (divide the median by ``calls``)."""
+
+    def run() -> None:
+        for _ in range(calls):
+            fn()
+
+    return run
+
+
+def fastest(times: dict[str, float], *names: str) -> str:
+    """Which of ``names`` has the smallest time in ``times`` (ignoring names not there)."""
+    return min((n for n in names if n in times), key=times.__getitem__)
+
+
+TARGET_HEADER = (
+    "| case | ours us | baseline us | baseline | ratio | target | met |\n"
+    "|---|---|---|---|---|---|---|"
+)
+
+
+def target_row(case: str, ours_s: float, base_s: float, baseline: str, target: float | None) -> str:
+    """One line of a ``TARGET_HEADER`` table: times in microseconds, ratio ours / baseline
+    (``target=None``: a line for scale, with no target)."""
+    ratio = ours_s / base_s
+    goal, met = ("-", "-") if target is None else (f"<= {target:.1f}x", "yes" if ratio <= target else "**no**")
+    return f"| {case} | {ours_s * 1e6:.1f} | {base_s * 1e6:.1f} | {baseline} | {ratio:.2f}x | {goal} | {met} |"

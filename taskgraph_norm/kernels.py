@@ -111,7 +111,7 @@ def catsum(parts: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.sum(cat.reshape(*cat.shape[:-1], len(parts), channels), dim=-2)
 
 
-# --- exact domain (DESIGN.md section 5) -------------------------------------
+# --- exact domain (docs/exact.md) --------------------------------------------
 #
 # A partial sum in the exact domain is a pair ``(S1, S2)`` stored in the last dim
 # (shape ``(..., 2)``, fp64): two Demmel-Nguyen folds.  Fold 1 rounds every square

@@ -136,7 +136,7 @@ def build_graph(
         (``torch.sum``; its order is the backend's).  Ignored by ``"standard"``.
     accumulate:
         ``"float"``: partial sums in the accumulation dtype (fp32, or fp64 for fp64
-        inputs).  ``"exact"``: Demmel-Nguyen pre-rounded fp64 sums (DESIGN.md s.5).
+        inputs).  ``"exact"``: Demmel-Nguyen pre-rounded fp64 sums (docs/exact.md).
 
     Returns
     -------

@@ -135,7 +135,7 @@ def test_all_matches_the_real_exports() -> None:
     public = {name for name in dir(tgn) if not name.startswith("_")}
     modules = {n for n in public if inspect.ismodule(getattr(tgn, n))}
     assert set(tgn.__all__) == public - modules - {"annotations"}
-    # The execute/ subpackage must never shadow the public coroutine function.
+    # No subpackage (executors/ was once execute/) may shadow the public coroutine function.
     assert inspect.iscoroutinefunction(tgn.execute)
     for name in tgn.__all__:
         assert getattr(tgn, name) is not None

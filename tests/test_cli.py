@@ -1,11 +1,12 @@
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 
 import pytest
 
-from taskgraph_norm.tools.cli import main
+from taskgraph_norm.tools.cli import build_parser, main
 from taskgraph_norm.tools.report import SYSTEMS, ReportConfig, measure_rows
 
 
@@ -79,3 +80,42 @@ def test_report_out_writes_markdown_with_pictures(tmp_path, capsys) -> None:
         assert (out / name).stat().st_size > 0
         assert (out / name).read_text().lstrip().startswith(("<?xml", "<svg"))
     assert f"wrote {out / 'report.md'}" in capsys.readouterr().out
+
+
+def _undocumented_options(parser: argparse.ArgumentParser) -> list[str]:
+    """Options of every subcommand with no help, or whose help does not end with
+    ``(default: X)`` where the option has a default."""
+    problems = []
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for command, subparser in sub.choices.items():
+        text = " ".join(subparser.format_help().split())
+        for action in subparser._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            name = f"{command} {'/'.join(action.option_strings) or action.dest}"
+            if not action.help:
+                problems.append(f"{name}: no help")
+            elif action.default is not None:
+                shown = " ".join(action.help.split())
+                if f"{shown} (default: {action.default})" not in text:
+                    problems.append(f"{name}: help does not state the default {action.default!r}")
+    return problems
+
+
+def test_every_option_has_help_with_its_default(monkeypatch) -> None:
+    monkeypatch.setenv("COLUMNS", "10000")  # one line per help, so no wrap splits a default
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(sub.choices) == {"report", "prove", "viz", "bench"}
+    assert _undocumented_options(parser) == []
+    assert "(default: 4x256x4096)" in sub.choices["report"].format_help()
+    # Negative control: argparse's plain formatter states no default, and an option
+    # without help is caught.
+    plain = argparse.ArgumentParser()
+    toy = plain.add_subparsers().add_parser("toy")
+    toy.add_argument("--rounds", type=int, default=7, help="timed rounds")
+    toy.add_argument("--seed", type=int, default=0)
+    toy.add_argument("--out", help="no default, nothing to state")
+    assert _undocumented_options(plain) == [
+        "toy --rounds: help does not state the default 7", "toy --seed: no help",
+    ]

@@ -20,7 +20,7 @@ node) and the cut chunks' elements form one all-gather payload per rank.  So the
 graph at any world size has the nodes, operands and expression of the single-process
 graph: only where each node runs changes.
 
-In the exact domain the order of the sum never matters (DESIGN.md section 5), so the
+In the exact domain the order of the sum never matters (docs/exact.md), so the
 graph is the cheap one: per rank one ROWMAX and one exact SUMSQ over its whole shard,
 a MAX all-reduce, a replicated SCALE and an ACCUMULATE all-reduce.
 """

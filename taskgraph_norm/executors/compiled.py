@@ -12,7 +12,10 @@ for every certified configuration.
 Where a C compiler is available, the sums of a tile come from the native
 kernels (:mod:`.native`): pairwise leaves with ADD merges, and every exact plan,
 row by row in C with the same bits (tested against these torch ops and the
-reference).  FINALIZE is the same torch ops either way.
+reference).  With fp32 accumulation (fp32, fp16 and bf16 inputs) the same C call
+also runs FINALIZE on each row while it is in cache, in ``kernels.finalize``'s op
+order; fp64 keeps the torch FINALIZE (torch's CPU fp64 ``sqrt`` is not correctly
+rounded and C's is), as do the torch-ops path and the rows the reference finishes.
 
 Tiles can be spread over a small pool of worker threads (torch releases the
 GIL inside ops, ctypes around the native calls); each thread has its own

@@ -3,7 +3,7 @@
  * Two kernels, each the C form of the torch ops it replaces, bit for bit (the tests
  * compare them with the reference interpreter):
  *
- *   tgn_exact_rows_*  the exact domain (DESIGN.md section 5), below;
+ *   tgn_exact_rows_*  the exact domain (docs/exact.md), below;
  *   tgn_float_rows_*  pairwise leaves and ordered ADD merges (at the end);
  *
  * each optionally followed, row by row, by FINALIZE (kernels.finalize) into y.

@@ -8,8 +8,8 @@ kind, operand order), never from node ids, and checks one of three rules:
                over at most two partials, an op whose inside order is the
                backend's, listed as an assumption) => every valid schedule
                evaluates one expression => deterministic.
-``exact``      every summand is pre-rounded onto one fixed-point grid (DESIGN.md
-               section 5) => every addition is exact => any order, topology and
+``exact``      every summand is pre-rounded onto one fixed-point grid (docs/exact.md)
+               => every addition is exact => any order, topology and
                chunking give the same bits.
 ``refuted``    an ``ACCUMULATE`` adds three or more inexact partials in arrival
                order; a :class:`~taskgraph_norm.prover.witness.Witness` shows two orders

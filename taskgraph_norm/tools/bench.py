@@ -35,7 +35,7 @@ from ..api import normalize, normalize_sync
 from ..executors import native
 from ..testing import bits_equal
 
-__all__ = ["BenchConfig", "run_bench", "interleaved_medians", "peak_extra_memory"]
+__all__ = ["BenchConfig", "run_bench", "interleaved_medians", "interleaved_times", "peak_extra_memory"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -56,16 +56,37 @@ class BenchConfig:
     out_dir: Path = field(default_factory=lambda: Path("bench-results"))
 
 
-def interleaved_medians(methods: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
-    """Median seconds per method; each round calls every method once, in turn."""
+def interleaved_times(
+    methods: dict[str, Callable[[], object]], rounds: int,
+    *, observe: Callable[[str, object], None] | None = None,
+) -> dict[str, list[float]]:
+    """Seconds of each call per method, in round order; each round calls every
+    method once, in turn, so round ``r`` of two methods saw the same load.
+
+    ``observe(name, result)``, when given, sees each timed call's result outside
+    the timed region (the warm-up call's is not shown); the result is dropped
+    before the next call, so no method runs beside a pile of live outputs.
+    """
     for fn in methods.values():
         fn()  # warm-up: workspaces, dispatch caches, compiled kernels
     times: dict[str, list[float]] = {k: [] for k in methods}
     for _ in range(rounds):
         for name, fn in methods.items():
             t0 = time.perf_counter()
-            fn()
+            result = fn()
             times[name].append(time.perf_counter() - t0)
+            if observe is not None:
+                observe(name, result)
+            del result
+    return times
+
+
+def interleaved_medians(
+    methods: dict[str, Callable[[], object]], rounds: int,
+    *, observe: Callable[[str, object], None] | None = None,
+) -> dict[str, float]:
+    """Median seconds per method over :func:`interleaved_times`' rounds."""
+    times = interleaved_times(methods, rounds, observe=observe)
     return {k: statistics.median(v) for k, v in times.items()}
 
 

@@ -20,6 +20,15 @@ def _shape(text: str) -> tuple[int, ...]:
     return dims
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default, except options with none (``None``)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -37,7 +46,12 @@ def _cmd_report(args: argparse.Namespace) -> int:
         shape=args.shape, dtype=args.dtype, seed=args.seed, chunk_size=args.chunk_size,
         leaf=args.leaf, repeats=args.repeats,
     )
-    rows = run_report(config, stream=sys.stdout, out_dir=args.out)
+    rows, text = run_report(config, stream=sys.stdout)
+    if args.out is not None:
+        from .report_files import write_report_dir
+
+        for path in write_report_dir(config, text, args.out):
+            print(f"wrote {path}")
     return 0 if all(r.agrees for r in rows) else 1
 
 
@@ -106,45 +120,47 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="taskgraph-norm",
+        prog="taskgraph-norm", formatter_class=_HelpFormatter,
         description="RMSNorm as an explicit merge DAG: run, prove and compare reduction orders.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     report = sub.add_parser(
-        "report", help="run every row of the original report and print one table",
+        "report", formatter_class=_HelpFormatter, help="run every row of the original report and print one table",
         description="Run every RMSNorm system of the original report on one input and "
         "print time, run-to-run and batch-size invariance, and accuracy.",
     )
-    report.add_argument("--shape", type=_shape, default=(4, 256, 4096),
-                        help="input shape, e.g. 4x256x4096 (default)")
+    report.add_argument("--shape", type=_shape, default="4x256x4096",
+                        help="input shape; the last dimension is normalised")
     report.add_argument("--dtype", choices=("float32", "float64", "float16", "bfloat16"),
-                        default="float32")
-    report.add_argument("--seed", type=int, default=0)
-    report.add_argument("--chunk-size", type=int, default=64)
+                        default="float32", help="input dtype")
+    report.add_argument("--seed", type=int, default=0, help="seed of the random input and weight")
+    report.add_argument("--chunk-size", type=int, default=64, help="elements per leaf chunk")
     report.add_argument("--out", metavar="DIR",
                         help="also write DIR/report.md with the table, merge-DAG pictures and a "
                         "timeline of the race row's run")
     report.add_argument("--leaf", choices=("pairwise", "native"), default="pairwise",
-                        help="how each chunk is summed (default pairwise: a fixed halving order)")
-    report.add_argument("--repeats", type=_positive_int, default=10,
-                        help="timed and compared runs per row (default 10)")
+                        help="how each chunk is summed (pairwise: a fixed halving order)")
+    report.add_argument("--repeats", type=_positive_int, default=20,
+                        help="interleaved rounds (each runs every row once, timed and compared)")
     report.set_defaults(func=_cmd_report)
 
     prove = sub.add_parser(
-        "prove", help="certify or refute that a merge DAG gives the same bits every time",
+        "prove", formatter_class=_HelpFormatter, help="certify or refute that a merge DAG gives the same bits every time",
         description="Build one merge DAG and prove, from its structure, whether it is "
         "deterministic and batch-invariant.  Exit status 0: certified (deterministic and "
         "batch-invariant); 1: refuted or not certified.  A refutation prints a replay command.",
     )
     prove.add_argument("--topology", choices=("standard", "linear", "tree", "race", "cat"),
-                       default="tree")
+                       default="tree", help="how the chunk partials are merged")
     prove.add_argument("--hidden-size", type=int, required=True, help="D, the row length")
-    prove.add_argument("--chunk-size", type=int, default=64)
-    prove.add_argument("--leaf", choices=("pairwise", "native"), default="pairwise")
-    prove.add_argument("--accumulate", choices=("float", "exact"), default="float")
+    prove.add_argument("--chunk-size", type=int, default=64, help="elements per leaf chunk")
+    prove.add_argument("--leaf", choices=("pairwise", "native"), default="pairwise",
+                       help="how each chunk is summed")
+    prove.add_argument("--accumulate", choices=("float", "exact"), default="float",
+                       help="float sums, or exact (order-free) sums")
     prove.add_argument("--dtype", choices=("float32", "float64", "float16", "bfloat16"),
-                       default="float32", help="input dtype of a counterexample (default float32)")
+                       default="float32", help="input dtype of a counterexample")
     prove.add_argument("--full", action="store_true",
                        help="print the whole expression (long graphs are shortened otherwise)")
     prove.set_defaults(func=_cmd_prove)
@@ -152,15 +168,17 @@ def build_parser() -> argparse.ArgumentParser:
     from ..topologies import ACCUMULATES, LEAVES, TOPOLOGIES
 
     viz = sub.add_parser(
-        "viz", help="draw a merge DAG (.svg, .png, .dot or .mmd by the output's extension)",
+        "viz", formatter_class=_HelpFormatter, help="draw a merge DAG (.svg, .png, .dot or .mmd by the output's extension)",
         description="Draw the merge DAG of one configuration.  Node colours tell leaves, "
         "ordered merges, races and exact-domain nodes apart; edge labels give operand order.",
     )
-    viz.add_argument("--topology", choices=TOPOLOGIES, default="tree")
+    viz.add_argument("--topology", choices=TOPOLOGIES, default="tree",
+                     help="how the chunk partials are merged")
     viz.add_argument("--hidden-size", type=int, required=True, help="D, the normalised length")
-    viz.add_argument("--chunk-size", type=int, default=64)
-    viz.add_argument("--leaf", choices=LEAVES, default="pairwise")
-    viz.add_argument("--accumulate", choices=ACCUMULATES, default="float")
+    viz.add_argument("--chunk-size", type=int, default=64, help="elements per leaf chunk")
+    viz.add_argument("--leaf", choices=LEAVES, default="pairwise", help="how each chunk is summed")
+    viz.add_argument("--accumulate", choices=ACCUMULATES, default="float",
+                     help="float sums, or exact (order-free) sums")
     viz.add_argument("--engine", choices=("auto", "graphviz", "matplotlib"), default="auto",
                      help="picture back end (auto: Graphviz if installed, else matplotlib)")
     viz.add_argument("--collapse", choices=("auto", "always", "never"), default="auto",
@@ -180,12 +198,12 @@ def build_parser() -> argparse.ArgumentParser:
     viz.set_defaults(func=_cmd_viz)
 
     bench = sub.add_parser(
-        "bench", help="time the compiled executor against torch's kernels; table and plot",
+        "bench", formatter_class=_HelpFormatter, help="time the compiled executor against torch's kernels; table and plot",
         description="Time the compiled executor against eager and torch.compile'd F.rms_norm "
         "and the copy_ bandwidth floor, in one run; write bench.md and bench.png.",
     )
-    bench.add_argument("--out", default="bench-results", help="output folder (default bench-results)")
-    bench.add_argument("--rounds", type=_positive_int, default=7, help="timed rounds (default 7)")
+    bench.add_argument("--out", default="bench-results", help="output folder")
+    bench.add_argument("--rounds", type=_positive_int, default=7, help="timed rounds")
     bench.add_argument("--quick", action="store_true", help="one small shape, 3 rounds")
     bench.add_argument("--no-torch-compile", action="store_true", help="skip torch.compile (slow to build)")
     bench.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")

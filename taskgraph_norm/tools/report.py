@@ -1,10 +1,14 @@
 """``taskgraph-norm report``: every system of the original report, run and checked.
 
 Each row is one way of computing RMSNorm (the report's standard kernel, its
-unordered "variant", V1-V4, and the best certified configuration).  For each
-row the same input is run ``repeats`` times and measured for:
+unordered "variant", V1-V4, and the best certified configuration).  Every row
+runs the same input, interleaved: ``repeats`` rounds, each calling every row
+once, so load from other work hits all rows alike.  Each row is measured for:
 
-* median wall time per call;
+* median wall time per call over the rounds (compiled rows write into a
+  preallocated output, ``out=``; the others allocate theirs; ``standard`` is
+  torch's eager ``F.rms_norm``, timed as the faster of its kernels with and
+  without weight in the same rounds, which can differ severalfold on a CPU);
 * run-to-run spread: the largest absolute difference between any run and the
   first one (``0`` means every run gave the same bits);
 * the largest difference from torch's ``F.rms_norm`` on the same input;
@@ -21,9 +25,7 @@ finish), its unordered "variant" and the exact race under an unseeded
 
 from __future__ import annotations
 
-import os
-import statistics
-import time
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TextIO
@@ -34,7 +36,8 @@ from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from .. import kernels
 from ..executors import schedules
-from ..api import check_input, normalize_sync
+from ..api import normalize_sync
+from ..checks import check_input
 from ..errors import ConfigError
 from ..executors import run_concurrent, run_reference
 from ..pipeline import for_graph
@@ -43,6 +46,7 @@ from ..graph import Graph
 from ..prover import prove
 from ..testing import bits_equal
 from ..topologies import build_graph
+from .report_timing import RoundTimes, max_abs, time_rounds
 
 __all__ = [
     "ReportConfig",
@@ -73,7 +77,7 @@ class ReportConfig:
     seed: int = 0
     chunk_size: int = 64
     leaf: str = "pairwise"
-    repeats: int = 10
+    repeats: int = 20
 
 
 @dataclass(frozen=True)
@@ -116,15 +120,14 @@ class ReportRow:
     accumulate: str = "float"
     proved: str = ""
     agrees: bool = True
-
-
-def _max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
-    if a.numel() == 0:
-        return 0.0
-    d = (a.double() - b.double()).abs()
-    both_nan = a.isnan() & b.isnan()
-    d = torch.where(both_nan, torch.zeros_like(d), d)
-    return float(d.nan_to_num(nan=float("inf")).max())
+    #: How the time was taken: ``"out="`` (into a preallocated output),
+    #: ``"fresh output"``, or for ``standard`` the faster of torch's two eager
+    #: kernels in this run: ``"with weight"`` or ``"without weight"``.
+    timed: str = ""
+    #: ``standard`` only: the median ms of the other (slower) of the two kernels.
+    slower_kernel_ms: float | None = None
+    #: Median over rounds of standard's time / this row's time in the same round.
+    speedup: float = 1.0
 
 
 def fp64_reference(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -148,8 +151,9 @@ def ulp_error(y: torch.Tensor, ref64: torch.Tensor) -> float:
 
 
 class _Runner:
-    """Runs one system on 2-D input: on the reference executor, or for race rows on
-    the concurrent executor under the system's schedule, through ``portal``."""
+    """Runs one system on 2-D input: torch's eager kernel for ``standard``, the
+    compiled (or reference) executor for certified rows, and for race rows the
+    concurrent executor under the system's schedule, through ``portal``."""
 
     def __init__(
         self, system: System, hidden: int, config: ReportConfig, weight: torch.Tensor, portal: BlockingPortal
@@ -162,21 +166,29 @@ class _Runner:
             hidden, chunk_size=config.chunk_size, topology=system.topology, leaf=config.leaf,
             accumulate=system.accumulate,
         )
+        self.eager = system.topology == "standard"
         # Certified rows run compiled (what normalize() uses); race rows run on the
         # concurrent executor, because real arrival orders are their point.
         self.pipeline = for_graph(self.graph)
-        self.compiled = system.schedule is None and self.pipeline.executor == "compiled"
+        self.compiled = not self.eager and system.schedule is None and self.pipeline.executor == "compiled"
 
     @property
     def executor(self) -> str:
+        if self.eager:
+            return "torch eager"
         if self.system.schedule is not None:
             return f"concurrent, {self.system.schedule} schedule"
         return "compiled" if self.compiled else "reference"
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``y`` for ``x``; ``out`` is written in place where the row can (compiled rows)."""
+        if self.eager:
+            # The standard graph's one node is this call (same bits as the reference
+            # executor on it), without the interpreter around it.
+            return kernels.rms_norm_standard(x, x.shape[-1], self.eps, self.weight)
         if self.system.schedule is None:
             if self.compiled:
-                return self.pipeline.run(x, self.weight, self.eps)
+                return self.pipeline(x, self.weight, self.eps, out)
             return run_reference(self.graph, x, self.weight, self.eps)
         # Fifo: partials merge in the order worker threads really finish; unseeded
         # Random: a fresh arbitrary order every run.  Both are real races.
@@ -185,6 +197,14 @@ class _Runner:
             lambda: run_concurrent(self.graph, x, self.weight, self.eps, schedule=schedule)
         )
         return result
+
+    def timed(self, x: torch.Tensor) -> Callable[[], torch.Tensor]:
+        """The call that is timed: into one preallocated output where the row takes
+        ``out=``, so a fresh output's page faults are not in its time."""
+        if not self.compiled:
+            return lambda: self(x)
+        out = torch.empty_like(x).zero_()  # faulted in once, here
+        return lambda: self(x, out)
 
 
 def traced_run(
@@ -217,53 +237,60 @@ def _batch_invariant(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tenso
     return bits_equal(run(x[perm]), full[perm])
 
 
-def _time_runs(
-    run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, repeats: int
-) -> tuple[list[float], torch.Tensor, float, bool]:
-    """Median-ready call times, the first timed output, the run-to-run spread (max
-    abs difference of every output from the first) and whether every output has
-    the first one's bits.  Each output is compared and dropped before the next
-    call, so no row runs with a pile of live outputs."""
-    run(x)  # warm-up: first-call allocations and dispatch caches
-    times: list[float] = []
-    first: torch.Tensor | None = None
-    spread, same_bits = 0.0, True
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        y = run(x)
-        times.append(time.perf_counter() - t0)
-        if first is None:
-            first = y
-        else:
-            spread = max(spread, _max_abs(y, first))
-            same_bits = same_bits and bits_equal(y, first)
-    assert first is not None
-    return times, first, spread, same_bits
+#: The standard row's second timing: torch's unweighted kernel.
+_UNWEIGHTED = "standard, unweighted"
+
+
+def _time_interleaved(runners: list[_Runner], x2: torch.Tensor, repeats: int) -> RoundTimes:
+    """Every row called once per round, ``repeats`` rounds; the standard row is also
+    timed without its weight (torch's faster kernel on some CPUs), in the same rounds."""
+    methods: dict[str, Callable[[], object]] = {}
+    # The standard kernels and the certified rows first, next to each other in
+    # every round; the slow race rows after them.
+    for run in sorted(runners, key=lambda r: r.system.schedule is not None):
+        methods[run.system.name] = run.timed(x2)
+        if run.eager:
+            methods[_UNWEIGHTED] = functools.partial(kernels.rms_norm_standard, x2, x2.shape[-1], run.eps, None)
+    return time_rounds(methods, repeats, observed=[run.system.name for run in runners])
 
 
 def _measure(
-    system: System, x2: torch.Tensor, weight: torch.Tensor, config: ReportConfig,
-    standard: torch.Tensor, ref64: torch.Tensor, portal: BlockingPortal,
+    run: _Runner, x2: torch.Tensor, timing: RoundTimes, config: ReportConfig,
+    standard: torch.Tensor, ref64: torch.Tensor,
 ) -> ReportRow:
-    run = _Runner(system, x2.shape[-1], config, weight, portal)
-    times, first, spread, same_bits = _time_runs(run, x2, config.repeats)
+    seen = timing.observed[run.system.name]
+    assert seen.first is not None
+    first = seen.first
+    baseline = timing.fastest("standard", _UNWEIGHTED)
+    seconds = timing.median(run.system.name)
+    speedup = timing.speedup(run.system.name, over=baseline)
+    timed, slower = "out=" if run.compiled else "fresh output", None
+    if run.eager:
+        unweighted = timing.median(_UNWEIGHTED)
+        timed = "without weight" if baseline == _UNWEIGHTED else "with weight"
+        seconds, slower = min(seconds, unweighted), max(seconds, unweighted) * 1e3
+        speedup = 1.0
     proof = prove(run.graph)
     invariant = _batch_invariant(run, x2, first, config.seed)
     # A certificate contradicted by a measurement is a bug, never a footnote.
-    agrees = not (proof.deterministic and not same_bits) and not (proof.batch_invariant and not invariant)
+    agrees = not (proof.deterministic and not seen.same_bits) and not (proof.batch_invariant and not invariant)
+    system = run.system
     return ReportRow(
         name=system.name,
         topology=system.topology,
         executor=run.executor,
-        median_ms=statistics.median(times) * 1e3,
-        run_spread=spread,
-        diff_vs_standard=_max_abs(first, standard),
+        median_ms=seconds * 1e3,
+        run_spread=seen.spread,
+        diff_vs_standard=max_abs(first, standard),
         batch_invariant=invariant,
-        max_abs_err=_max_abs(first, ref64),
+        max_abs_err=max_abs(first, ref64),
         max_ulp_err=ulp_error(first, ref64),
         accumulate=system.accumulate,
         proved=proof.summary,
         agrees=agrees,
+        timed=timed,
+        slower_kernel_ms=slower,
+        speedup=speedup,
     )
 
 
@@ -282,17 +309,21 @@ def measure_rows(config: ReportConfig) -> list[ReportRow]:
     check_input(x, (x.shape[-1],), weight)
     if x.numel() == 0:
         raise ConfigError("shape", config.shape, "a shape with no zero dimension")
+    if isinstance(config.repeats, bool) or not isinstance(config.repeats, int) or config.repeats < 1:
+        raise ConfigError("repeats", config.repeats, "an integer >= 1 (timed rounds)")
     x2 = x.reshape(-1, x.shape[-1])
     eps = kernels.default_eps(x.dtype)
     standard = kernels.rms_norm_standard(x2, x2.shape[-1], eps, weight)
     ref64 = fp64_reference(x2, weight, eps)
     with start_blocking_portal() as portal:
-        rows = [_measure(s, x2, weight, config, standard, ref64, portal) for s in SYSTEMS]
+        runners = [_Runner(s, x2.shape[-1], config, weight, portal) for s in SYSTEMS]
+        timing = _time_interleaved(runners, x2, config.repeats)
+        rows = [_measure(run, x2, timing, config, standard, ref64) for run in runners]
     # "Best certified": the fastest row the prover certifies (deterministic and
     # batch-invariant), among those whose measurements agree with the certificate.
     candidates = [r for r in rows if r.proved.startswith("certified") and r.agrees]
     if candidates:
-        best = min(candidates, key=lambda r: r.median_ms)
+        best = max(candidates, key=lambda r: r.speedup)
         rows.append(
             ReportRow(**{**best.__dict__, "name": f"best: {best.name}"})
         )
@@ -333,36 +364,43 @@ def format_table(rows: list[ReportRow]) -> str:
 
 
 def report_text(config: ReportConfig, rows: list[ReportRow]) -> str:
-    """The report as printed: a header line, the table and the verdict lines."""
+    """The report as printed: a header line, the table, how rows were timed and the verdict lines."""
     from ..executors.native import describe
     lines = [
         f"taskgraph-norm report: input {'x'.join(map(str, config.shape))} {config.dtype}, "
         f"seed {config.seed}, chunk_size {config.chunk_size}, leaf {config.leaf}, "
-        f"{config.repeats} runs per row, torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads); {describe()}",
+        f"median of {config.repeats} interleaved rounds (each round runs every row once), "
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads); {describe()}",
         "",
         format_table(rows),
     ]
-    best = next((r for r in rows if r.name.startswith("best: ")), None)
     standard = next(r for r in rows if r.topology == "standard")
+    fresh = [r.name for r in rows if r.timed != "out=" and not r.name.startswith("best: ")]
+    lines += [
+        "",
+        f"standard is torch's eager F.rms_norm, timed as the faster of its kernels with and "
+        f"without weight in the same rounds: {standard.timed} ({standard.median_ms:.3f} ms; "
+        f"the other {standard.slower_kernel_ms or 0:.3f} ms); its bits and errors are the weighted call's.",
+        "compiled rows are timed writing into a preallocated output (out=); the other rows "
+        f"({', '.join(fresh)}) have no out= and allocate a fresh output per call, "
+        "whose page faults are part of their time.",
+    ]
+    best = next((r for r in rows if r.name.startswith("best: ")), None)
     if best is not None:
         lines += ["", f"best certified configuration: {best.name[6:]} ({best.proved}, executor "
-                  f"{best.executor}), {standard.median_ms / best.median_ms:.2f}x the speed of "
-                  "standard on this input"]
+                  f"{best.executor}), {best.speedup:.2f}x the speed of "
+                  f"standard (torch eager F.rms_norm {standard.timed}) on this input "
+                  f"(median over the rounds of standard's time / its time in the same round; "
+                  f"ratio of the medians: {standard.median_ms / best.median_ms:.2f}x)"]
     if not all(r.agrees for r in rows):
         lines += ["", "A measurement CONTRADICTS a certificate above: this is a bug, please report it."]
     return "\n".join(lines) + "\n"
 
 
-def run_report(config: ReportConfig, stream: TextIO, out_dir: str | os.PathLike[str] | None = None) -> list[ReportRow]:
-    """Measure every row and print the report; with ``out_dir`` also write
-    ``report.md`` and its pictures there (see :mod:`taskgraph_norm.tools.report_files`)."""
+def run_report(config: ReportConfig, stream: TextIO) -> tuple[list[ReportRow], str]:
+    """Measure every row, print the report to ``stream``; return the rows and the text
+    (``taskgraph-norm report --out`` hands the text to :mod:`.report_files`)."""
     rows = measure_rows(config)
     text = report_text(config, rows)
     stream.write(text)
-    if out_dir is not None:
-        from .report_files import write_report_dir
-
-        for path in write_report_dir(config, text, out_dir):
-            stream.write(f"wrote {path}\n")
-    return rows
+    return rows, text
