@@ -16,7 +16,11 @@ returns depends on the hardware, so the caller gives those rows the reference
 interpreter's bits.
 
 This file is loaded by :mod:`.runner` once per mode (compiled, or Triton's
-interpreter under ``TRITON_INTERPRET=1``), as two module objects.
+interpreter under ``TRITON_INTERPRET=1``), as two module objects.  So it calls
+only ``triton.language`` builtins and its own functions: the library's own
+``@jit`` helpers (``tl.sum``, ``tl.max``, ``tl.zeros``, ``tl.cdiv``...) were
+decorated in whichever mode was in force when triton was first imported, and
+fail in the other one.
 """
 
 import triton
@@ -44,8 +48,18 @@ def _fold_pairs(p):
 
 
 @triton.jit
+def _widen(v, BF16: tl.constexpr):
+    """An input value as fp32 (exact).  bf16 is widened with integer ops: Triton's
+    interpreter flushes bf16 subnormals to zero in ``.to(tl.float32)``."""
+    if BF16:
+        bits = (v.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF) << 16
+        return bits.to(tl.float32, bitcast=True)
+    return v.to(tl.float32)
+
+
+@triton.jit
 def _leaf_squares(x_row, table_ptr, first, ROWS: tl.constexpr, CW: tl.constexpr,
-                  D: tl.constexpr, NATURAL: tl.constexpr):
+                  D: tl.constexpr, NATURAL: tl.constexpr, BF16: tl.constexpr):
     """The squares of ``ROWS`` chunks from chunk ``first``, placed for the folds, ``(ROWS, CW)``."""
     slots = first * CW + tl.arange(0, ROWS * CW)
     if NATURAL:
@@ -53,7 +67,7 @@ def _leaf_squares(x_row, table_ptr, first, ROWS: tl.constexpr, CW: tl.constexpr,
     else:
         cols = tl.load(table_ptr + slots)
         v = tl.load(x_row + cols, mask=cols >= 0, other=0.0)
-    v = v.to(tl.float32)
+    v = _widen(v, BF16)
     return tl.reshape(v * v, [ROWS, CW])
 
 
@@ -88,7 +102,7 @@ def _finalize_row(x_row, y_row, w_ptr, flag_ptr, total, eps,
     for start in tl.range(0, D, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         mask = cols < D
-        xv = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+        xv = _widen(tl.load(x_row + cols, mask=mask, other=0.0), BF16)
         y = tl.math.div_rn(xv, tl.broadcast_to(rms, [BLOCK]))
         if HAS_W:
             y = y * tl.load(w_ptr + cols, mask=mask, other=0.0)
@@ -106,7 +120,7 @@ def float_tree_kernel(x_ptr, y_ptr, w_ptr, table_ptr, flag_ptr, x_stride, y_stri
     """Pairwise leaves and the builder's tree (or one chunk): the whole row in registers."""
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * x_stride
-    s = _leaf_squares(x_row, table_ptr, 0, NW, CW, D, NATURAL)
+    s = _leaf_squares(x_row, table_ptr, 0, NW, CW, D, NATURAL, BF16)
     p = _leaf_sums(s, LOG_C)
     for _ in tl.static_range(LOG_N):
         p = _fold_pairs(p)
@@ -122,11 +136,41 @@ def float_linear_kernel(x_ptr, y_ptr, w_ptr, table_ptr, flag_ptr, x_stride, y_st
     """Pairwise leaves and a left fold ``((p0 + p1) + p2) + ...``, chunk by chunk."""
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * x_stride
-    total = tl.reshape(_leaf_sums(_leaf_squares(x_row, table_ptr, 0, 1, CW, D, NATURAL), LOG_C), [])
+    total = tl.reshape(_leaf_sums(_leaf_squares(x_row, table_ptr, 0, 1, CW, D, NATURAL, BF16), LOG_C), [])
     for k in tl.range(1, N):
-        leaf = _leaf_sums(_leaf_squares(x_row, table_ptr, k, 1, CW, D, NATURAL), LOG_C)
+        leaf = _leaf_sums(_leaf_squares(x_row, table_ptr, k, 1, CW, D, NATURAL, BF16), LOG_C)
         total = total + tl.reshape(leaf, [])
     _finalize_row(x_row, y_ptr + row * y_stride, w_ptr, flag_ptr + row, total, eps, D, BLOCK, HAS_W, BF16)
+
+
+@triton.jit
+def _add(a, b):
+    return a + b
+
+
+@triton.jit
+def _max(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _exact_reduce(p, LOG: tl.constexpr, MAX: tl.constexpr, FOLDS: tl.constexpr):
+    """Sum (or max) of a ``2**LOG`` block.  Every addition in the exact domain is
+    exact and max is exact, so any order gives the same bits: ``tl.reduce`` when
+    compiled; ``LOG`` vectorised folds in the interpreter (``FOLDS``), whose
+    ``tl.reduce`` calls the combine function once per element, in Python."""
+    if FOLDS:
+        for _ in tl.static_range(LOG):
+            a, b = tl.split(tl.reshape(p, [p.shape[0] // 2, 2]))
+            if MAX:
+                p = tl.maximum(a, b)
+            else:
+                p = a + b
+        return tl.reshape(p, [])
+    elif MAX:
+        return tl.reduce(p, 0, _max)
+    else:
+        return tl.reduce(p, 0, _add)
 
 
 @triton.jit
@@ -142,34 +186,35 @@ def _pow2_at_least(bound):
 
 @triton.jit
 def exact_kernel(x_ptr, y_ptr, w_ptr, flag_ptr, x_stride, y_stride, eps,
-                 D: tl.constexpr, BLOCK: tl.constexpr, HAS_W: tl.constexpr, BF16: tl.constexpr):
+                 D: tl.constexpr, BLOCK: tl.constexpr, LOG_BLOCK: tl.constexpr, HAS_W: tl.constexpr,
+                 BF16: tl.constexpr, FOLDS: tl.constexpr):
     """The exact domain over whole rows (``kernels.rowmax_sq_whole``, ``exact_scale``,
     ``sumsq_exact``, ``combine_exact``): every addition is exact, so the blocks and
     lanes may add in any order."""
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * x_stride
-    top = tl.zeros([BLOCK], tl.float64)
+    top = tl.full([BLOCK], 0.0, tl.float64)
     for start in tl.range(0, D, BLOCK):
         cols = start + tl.arange(0, BLOCK)
-        xv = tl.load(x_row + cols, mask=cols < D, other=0.0).to(tl.float64)
+        xv = _widen(tl.load(x_row + cols, mask=cols < D, other=0.0), BF16).to(tl.float64)
         top = tl.maximum(top, tl.abs(xv))
-    magnitude = tl.max(top, axis=0)
+    magnitude = _exact_reduce(top, LOG_BLOCK, True, FOLDS)
     bound = (magnitude * magnitude) * (2.0 * D)
     # fp32 squares are below 2**256, so only an Inf or NaN row has no finite scale;
     # its flag sends it to the reference.
     scaled = bound <= 8.98846567431158e307  # 2**1023: sigma1 would round up to inf
     sigma1 = _pow2_at_least(tl.where(scaled & (bound > 0), bound, 1.0))
     sigma2 = _pow2_at_least(sigma1 * (D * 2.220446049250313e-16))  # D * 2**-52
-    s1 = tl.zeros([BLOCK], tl.float64)
-    s2 = tl.zeros([BLOCK], tl.float64)
+    s1 = tl.full([BLOCK], 0.0, tl.float64)
+    s2 = tl.full([BLOCK], 0.0, tl.float64)
     for start in tl.range(0, D, BLOCK):
         cols = start + tl.arange(0, BLOCK)
-        xv = tl.load(x_row + cols, mask=cols < D, other=0.0).to(tl.float64)
+        xv = _widen(tl.load(x_row + cols, mask=cols < D, other=0.0), BF16).to(tl.float64)
         v = xv * xv
         q1 = (v + sigma1) - sigma1
         s1 += q1
         s2 += ((v - q1) + sigma2) - sigma2
-    total64 = tl.sum(s1, axis=0) + tl.sum(s2, axis=0)
+    total64 = _exact_reduce(s1, LOG_BLOCK, False, FOLDS) + _exact_reduce(s2, LOG_BLOCK, False, FOLDS)
     ok = scaled & (total64 == total64)
     total = tl.where(ok, total64, float("nan")).to(tl.float32)
     _finalize_row(x_row, y_ptr + row * y_stride, w_ptr, flag_ptr + row, total, eps, D, BLOCK, HAS_W, BF16)
