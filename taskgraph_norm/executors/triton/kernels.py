@@ -1,3 +1,6 @@
+# mypy: ignore-errors
+# (Triton's language, not typed Python: triton ships no type information, and its
+# kernel parameters take no annotations but tl.constexpr.)
 """Triton kernels of the certified plans: the reference's operations, one row per program.
 
 Every kernel computes one row's total, then FINALIZE (``kernels.finalize``):

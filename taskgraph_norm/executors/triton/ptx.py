@@ -31,8 +31,8 @@ def kernel_ptx(plan: Plan, dtype: torch.dtype, *, weight: bool, arch: int = 90, 
 
     ``fp_fusion=True`` compiles as Triton would by default, with contraction on
     (a negative control: :func:`forbidden_instructions` then finds fmas)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
+    import triton  # type: ignore[import-untyped, import-not-found, unused-ignore]
+    from triton.backends.compiler import GPUTarget  # type: ignore[import-untyped, import-not-found, unused-ignore]
 
     k = _kernels(False)
     shape = kernel_shape(plan)
