@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import struct
 import sys
 import threading
 from pathlib import Path
@@ -40,13 +41,16 @@ _load_lock = threading.Lock()
 @functools.lru_cache(maxsize=1)
 def available() -> bool:
     """True when the ``triton`` package can be imported."""
-    return importlib.util.find_spec("triton") is not None
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):  # ValueError: blocked in sys.modules
+        return False
 
 
 def interpreting() -> bool:
     """True when ``TRITON_INTERPRET`` is set (as Triton reads it): kernels loaded now
     run in Triton's interpreter, on CPU or CUDA tensors."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+    return os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on")  # triton's getenv_bool
 
 
 _modules: dict[bool, ModuleType] = {}
@@ -121,7 +125,8 @@ def _launch(
     w_arg = w if w is not None else y2  # never read: HAS_W is a compile-time False
     common: dict[str, Any] = dict(D=d, BLOCK=block, HAS_W=w is not None,
                               BF16=y2.dtype == torch.bfloat16, enable_fp_fusion=False)
-    eps32 = float(torch.tensor(eps, dtype=torch.float32))  # torch rounds a Python eps to fp32
+    # torch rounds a Python eps to fp32 (to nearest) before adding it, as packing does.
+    eps32: float = struct.unpack("f", struct.pack("f", eps))[0]
     grid = (x2.shape[0],)
     args = (x2, y2, w_arg)
     strides = (x2.stride(0), y2.stride(0), eps32)
