@@ -1,0 +1,122 @@
+"""The triton executor's forward on a CUDA device: bits against the CPU, then time.
+
+    python benchmarks/gpu_bench.py [--rounds 15] [--inner 20] [--shapes 4096x4096,32768x4096]
+
+First a bits check: on the first rows of every shape, the triton forward on the
+device must equal the CPU's compiled executor (the reference's bits) for the float
+tree, the float left fold and the exact plan.  Then interleaved medians (every
+round runs every method once, ``--inner`` calls between two synchronisations):
+the triton float tree and exact plans against ``F.rms_norm`` eager and under
+``torch.compile``, as achieved bandwidth (x read once, y written once) and as a
+fraction of a measured device copy of the same bytes.  Ratios are within one run.
+Without a CUDA device it prints why and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+import taskgraph_norm as tgn
+from taskgraph_norm.executors import run_compiled
+from taskgraph_norm.executors.lowering import Plan, lower
+from taskgraph_norm.testing import count_bit_differences
+from taskgraph_norm.tools.bench import interleaved_medians
+
+EPS = 1e-6
+PLANS = {  # name: (topology, accumulate, chunk)
+    "triton tree": ("tree", "float", 64),
+    "triton linear": ("linear", "float", 256),
+    "triton exact": ("race", "exact", 64),
+}
+TIMED = ("triton tree", "triton exact")
+
+
+def _graph(hidden: int, name: str) -> tuple[tgn.Graph, Plan]:
+    topology, accumulate, chunk = PLANS[name]
+    g = tgn.build_graph(hidden, chunk_size=chunk, topology=topology, accumulate=accumulate)
+    return g, lower(g)
+
+
+def check_bits(rows: int, hidden: int, dtype: torch.dtype) -> bool:
+    """The device forward against the CPU's compiled executor, on ``rows`` rows."""
+    from taskgraph_norm.executors.triton import run_triton
+
+    gen = torch.Generator().manual_seed(rows + hidden)
+    x = (torch.randn(rows, hidden, generator=gen) * torch.logspace(-3, 3, hidden)).to(dtype)
+    w = 1 + 0.1 * torch.randn(hidden, generator=gen)
+    ok = True
+    for name in PLANS:
+        g, plan = _graph(hidden, name)
+        y_dev = run_triton(g, x.cuda(), w.cuda(), EPS, plan=plan).cpu()
+        diff = count_bit_differences(y_dev, run_compiled(g, x, w, EPS))
+        ok &= diff == 0
+        print(f"bits {name:14s} {str(dtype):15s} ({rows}, {hidden}): {diff} of {x.numel()} differ")
+    return ok
+
+
+def _timed(fn: Callable[[], object], inner: int) -> Callable[[], None]:
+    def run() -> None:
+        for _ in range(inner):
+            fn()
+        torch.cuda.synchronize()
+    return run
+
+
+def bench(rows: int, hidden: int, dtype: torch.dtype, rounds: int, inner: int) -> None:
+    from taskgraph_norm.executors.triton import run_triton
+
+    x = torch.randn(rows, hidden, device="cuda").to(dtype)
+    w = torch.ones(hidden, device="cuda", dtype=dtype)
+    y = torch.empty_like(x)
+    compiled = torch.compile(F.rms_norm)
+    methods: dict[str, Callable[[], object]] = {
+        "copy": lambda: y.copy_(x),
+        "F.rms_norm eager": lambda: F.rms_norm(x, (hidden,), w, EPS),
+        "F.rms_norm compiled": lambda: compiled(x, (hidden,), w, EPS),
+    }
+    for name in TIMED:
+        g, plan = _graph(hidden, name)
+        methods[name] = functools.partial(run_triton, g, x, w, EPS, plan=plan, out=y)
+    medians = interleaved_medians({k: _timed(fn, inner) for k, fn in methods.items()}, rounds)
+    moved = 2 * x.numel() * x.element_size()
+    copy_bw = moved * inner / medians["copy"]
+    print(f"\n({rows}, {hidden}) {dtype}: median of {rounds} rounds x {inner} calls")
+    print("| method | us/call | GB/s | of copy | vs F.rms_norm eager |\n|---|---:|---:|---:|---:|")
+    for name, secs in medians.items():
+        bw = moved * inner / secs
+        print(f"| {name} | {secs / inner * 1e6:.1f} | {bw / 1e9:.0f} | {bw / copy_bw:.2f} | "
+              f"{medians['F.rms_norm eager'] / secs:.2f}x |")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--inner", type=int, default=20)
+    parser.add_argument("--shapes", default="4096x4096,32768x4096")
+    parser.add_argument("--check-rows", type=int, default=256)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("gpu_bench: needs a CUDA device; none here, nothing measured", file=sys.stderr)
+        return 2
+    from taskgraph_norm.executors.triton import available
+
+    if not available():
+        print('gpu_bench: needs triton (pip install "taskgraph-norm[triton]")', file=sys.stderr)
+        return 2
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    shapes = [tuple(int(n) for n in s.split("x")) for s in args.shapes.split(",")]
+    ok = all([check_bits(min(args.check_rows, r), h, dt)
+              for r, h in shapes for dt in (torch.float32, torch.bfloat16)])
+    for (rows, hidden), dtype in [(s, dt) for s in shapes for dt in (torch.bfloat16, torch.float32)]:
+        bench(rows, hidden, dtype, args.rounds, args.inner)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

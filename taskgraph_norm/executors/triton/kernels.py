@@ -1,0 +1,223 @@
+# mypy: ignore-errors
+# (Triton's language, not typed Python: triton ships no type information, and its
+# kernel parameters take no annotations but tl.constexpr.)
+"""Triton kernels of the certified plans: the reference's operations, one row per program.
+
+Every kernel computes one row's total, then FINALIZE (``kernels.finalize``):
+
+    mean = total / D + eps        fp32, IEEE division (``div_rn``), eps rounded to fp32 by the caller
+    rms  = sqrt(fp64(mean))       an IEEE fp64 root (``sqrt.rn.f64``), rounded to fp32
+    y    = x_acc / rms; y *= w    IEEE division, then a separate multiply (no rsqrt,
+                                  no reciprocal, no fma), cast once to y's dtype
+
+Launches pass ``enable_fp_fusion=False``: with contraction on, ``x*x + y*y`` and
+``x*x + sigma`` could become fmas, each with one rounding instead of two.
+
+The row's flag is set when its total is not finite (an Inf or NaN input, an fp32
+overflow) or its rms is zero (a zero row with ``eps = 0``): which NaN an operation
+returns depends on the hardware, so the caller gives those rows the reference
+interpreter's bits.
+
+This file is loaded by :mod:`.runner` once per mode (compiled, or Triton's
+interpreter under ``TRITON_INTERPRET=1``), as two module objects.  So it calls
+only ``triton.language`` builtins and its own functions: the library's own
+``@jit`` helpers (``tl.sum``, ``tl.max``, ``tl.zeros``, ``tl.cdiv``...) were
+decorated in whichever mode was in force when triton was first imported, and
+fail in the other one.
+"""
+
+import triton
+import triton.language as tl
+
+# The block shapes come from .layout, whose docstring says why the folds below
+# perform the plan's additions and no others.
+
+
+@triton.jit
+def _fold_halves(s):
+    """``(R, 2W) -> (R, W)``: ``b[:, i] + b[:, i + W]`` (a pairwise halving step)."""
+    r: tl.constexpr = s.shape[0]
+    w: tl.constexpr = s.shape[1] // 2
+    a, b = tl.split(tl.permute(tl.reshape(s, [r, 2, w]), [0, 2, 1]))
+    return a + b
+
+
+@triton.jit
+def _fold_pairs(p):
+    """``(2N,) -> (N,)``: ``p[2i] + p[2i + 1]`` (a level of the builder's tree)."""
+    n: tl.constexpr = p.shape[0] // 2
+    a, b = tl.split(tl.reshape(p, [n, 2]))
+    return a + b
+
+
+@triton.jit
+def _widen(v, BF16: tl.constexpr):
+    """An input value as fp32 (exact).  bf16 is widened with integer ops: Triton's
+    interpreter flushes bf16 subnormals to zero in ``.to(tl.float32)``."""
+    if BF16:
+        bits = (v.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF) << 16
+        return bits.to(tl.float32, bitcast=True)
+    return v.to(tl.float32)
+
+
+@triton.jit
+def _leaf_squares(x_row, table_ptr, first, ROWS: tl.constexpr, CW: tl.constexpr,
+                  D: tl.constexpr, NATURAL: tl.constexpr, BF16: tl.constexpr):
+    """The squares of ``ROWS`` chunks from chunk ``first``, placed for the folds, ``(ROWS, CW)``."""
+    slots = first * CW + tl.arange(0, ROWS * CW)
+    if NATURAL:
+        v = tl.load(x_row + slots, mask=slots < D, other=0.0)
+    else:
+        cols = tl.load(table_ptr + slots)
+        v = tl.load(x_row + cols, mask=cols >= 0, other=0.0)
+    v = _widen(v, BF16)
+    return tl.reshape(v * v, [ROWS, CW])
+
+
+@triton.jit
+def _leaf_sums(s, LOG_C: tl.constexpr):
+    """Pairwise leaves: ``(R, CW)`` squares -> ``(R,)`` chunk sums."""
+    for _ in tl.static_range(LOG_C):
+        s = _fold_halves(s)
+    return tl.reshape(s, [s.shape[0]])
+
+
+@triton.jit
+def _round_to_bf16(y):
+    """fp32 -> bf16, round to nearest even, written out: Triton's interpreter truncates
+    in ``.to(tl.bfloat16)``, the GPU rounds; integer ops give both the same bits
+    (those of torch's conversion; a NaN becomes torch's scalar ``0x7FC0``)."""
+    u = y.to(tl.int32, bitcast=True)
+    r = (u + (0x7FFF + ((u >> 16) & 1))) >> 16
+    r = tl.where(y != y, 0x7FC0, r)
+    return r.to(tl.int16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _finalize_row(x_row, y_row, w_ptr, flag_ptr, total, eps,
+                  D: tl.constexpr, BLOCK: tl.constexpr, HAS_W: tl.constexpr, BF16: tl.constexpr):
+    """FINALIZE of one row from its fp32 ``total`` (see the module docstring)."""
+    mean = tl.math.div_rn(total, tl.full([], D, tl.float32)) + eps
+    rms = tl.sqrt(mean.to(tl.float64)).to(tl.float32)
+    # A zero rms (a zero row with eps = 0) makes 0/0 NaNs, whose bits are the hardware's.
+    bad = (total != total) | (tl.abs(total) == float("inf")) | (rms == 0.0)
+    tl.store(flag_ptr, bad.to(tl.int8))
+    for start in tl.range(0, D, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        mask = cols < D
+        xv = _widen(tl.load(x_row + cols, mask=mask, other=0.0), BF16)
+        y = tl.math.div_rn(xv, tl.broadcast_to(rms, [BLOCK]))
+        if HAS_W:
+            y = y * tl.load(w_ptr + cols, mask=mask, other=0.0)
+        if BF16:
+            tl.store(y_row + cols, _round_to_bf16(y), mask=mask)
+        else:
+            tl.store(y_row + cols, y.to(y_row.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def float_tree_kernel(x_ptr, y_ptr, w_ptr, table_ptr, flag_ptr, x_stride, y_stride, eps,
+                      D: tl.constexpr, NW: tl.constexpr, CW: tl.constexpr, LOG_C: tl.constexpr,
+                      LOG_N: tl.constexpr, NATURAL: tl.constexpr, BLOCK: tl.constexpr,
+                      HAS_W: tl.constexpr, BF16: tl.constexpr):
+    """Pairwise leaves and the builder's tree (or one chunk): the whole row in registers."""
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * x_stride
+    s = _leaf_squares(x_row, table_ptr, 0, NW, CW, D, NATURAL, BF16)
+    p = _leaf_sums(s, LOG_C)
+    for _ in tl.static_range(LOG_N):
+        p = _fold_pairs(p)
+    total = tl.reshape(p, [])
+    _finalize_row(x_row, y_ptr + row * y_stride, w_ptr, flag_ptr + row, total, eps, D, BLOCK, HAS_W, BF16)
+
+
+@triton.jit
+def float_linear_kernel(x_ptr, y_ptr, w_ptr, table_ptr, flag_ptr, x_stride, y_stride, eps,
+                        D: tl.constexpr, N: tl.constexpr, CW: tl.constexpr, LOG_C: tl.constexpr,
+                        NATURAL: tl.constexpr, BLOCK: tl.constexpr, HAS_W: tl.constexpr,
+                        BF16: tl.constexpr):
+    """Pairwise leaves and a left fold ``((p0 + p1) + p2) + ...``, chunk by chunk."""
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * x_stride
+    total = tl.reshape(_leaf_sums(_leaf_squares(x_row, table_ptr, 0, 1, CW, D, NATURAL, BF16), LOG_C), [])
+    for k in tl.range(1, N):
+        leaf = _leaf_sums(_leaf_squares(x_row, table_ptr, k, 1, CW, D, NATURAL, BF16), LOG_C)
+        total = total + tl.reshape(leaf, [])
+    _finalize_row(x_row, y_ptr + row * y_stride, w_ptr, flag_ptr + row, total, eps, D, BLOCK, HAS_W, BF16)
+
+
+@triton.jit
+def _add(a, b):
+    return a + b
+
+
+@triton.jit
+def _max(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _exact_reduce(p, LOG: tl.constexpr, MAX: tl.constexpr, FOLDS: tl.constexpr):
+    """Sum (or max) of a ``2**LOG`` block.  Every addition in the exact domain is
+    exact and max is exact, so any order gives the same bits: ``tl.reduce`` when
+    compiled; ``LOG`` vectorised folds in the interpreter (``FOLDS``), whose
+    ``tl.reduce`` calls the combine function once per element, in Python."""
+    if FOLDS:
+        for _ in tl.static_range(LOG):
+            a, b = tl.split(tl.reshape(p, [p.shape[0] // 2, 2]))
+            if MAX:
+                p = tl.maximum(a, b)
+            else:
+                p = a + b
+        return tl.reshape(p, [])
+    elif MAX:
+        return tl.reduce(p, 0, _max)
+    else:
+        return tl.reduce(p, 0, _add)
+
+
+@triton.jit
+def _pow2_at_least(bound):
+    """The smallest power of two ``>= bound`` for a positive normal fp64 ``bound``
+    (``kernels._pow2_at_least``): ``bound`` itself when its mantissa is zero, else
+    the next binade."""
+    b = bound.to(tl.int64, bitcast=True)
+    exponent = b & 0x7FF0000000000000
+    up = tl.where((b & 0x000FFFFFFFFFFFFF) == 0, b, exponent + 0x0010000000000000)
+    return up.to(tl.float64, bitcast=True)
+
+
+@triton.jit
+def exact_kernel(x_ptr, y_ptr, w_ptr, flag_ptr, x_stride, y_stride, eps,
+                 D: tl.constexpr, BLOCK: tl.constexpr, LOG_BLOCK: tl.constexpr, HAS_W: tl.constexpr,
+                 BF16: tl.constexpr, FOLDS: tl.constexpr):
+    """The exact domain over whole rows (``kernels.rowmax_sq_whole``, ``exact_scale``,
+    ``sumsq_exact``, ``combine_exact``): every addition is exact, so the blocks and
+    lanes may add in any order."""
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * x_stride
+    top = tl.full([BLOCK], 0.0, tl.float64)
+    for start in tl.range(0, D, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        xv = _widen(tl.load(x_row + cols, mask=cols < D, other=0.0), BF16).to(tl.float64)
+        top = tl.maximum(top, tl.abs(xv))
+    magnitude = _exact_reduce(top, LOG_BLOCK, True, FOLDS)
+    bound = (magnitude * magnitude) * (2.0 * D)
+    # fp32 squares are below 2**256, so only an Inf or NaN row has no finite scale;
+    # its flag sends it to the reference.
+    scaled = bound <= 8.98846567431158e307  # 2**1023: sigma1 would round up to inf
+    sigma1 = _pow2_at_least(tl.where(scaled & (bound > 0), bound, 1.0))
+    sigma2 = _pow2_at_least(sigma1 * (D * 2.220446049250313e-16))  # D * 2**-52
+    s1 = tl.full([BLOCK], 0.0, tl.float64)
+    s2 = tl.full([BLOCK], 0.0, tl.float64)
+    for start in tl.range(0, D, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        xv = _widen(tl.load(x_row + cols, mask=cols < D, other=0.0), BF16).to(tl.float64)
+        v = xv * xv
+        q1 = (v + sigma1) - sigma1
+        s1 += q1
+        s2 += ((v - q1) + sigma2) - sigma2
+    total64 = _exact_reduce(s1, LOG_BLOCK, False, FOLDS) + _exact_reduce(s2, LOG_BLOCK, False, FOLDS)
+    ok = scaled & (total64 == total64)
+    total = tl.where(ok, total64, float("nan")).to(tl.float32)
+    _finalize_row(x_row, y_ptr + row * y_stride, w_ptr, flag_ptr + row, total, eps, D, BLOCK, HAS_W, BF16)
