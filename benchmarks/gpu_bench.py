@@ -23,8 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import taskgraph_norm as tgn
-from taskgraph_norm.executors import run_compiled
-from taskgraph_norm.executors.lowering import Plan, lower
+from taskgraph_norm.executors.lowering import Plan
 from taskgraph_norm.testing import count_bit_differences
 from taskgraph_norm.tools.bench import interleaved_medians
 
@@ -40,7 +39,9 @@ TIMED = ("triton tree", "triton exact")
 def _graph(hidden: int, name: str) -> tuple[tgn.Graph, Plan]:
     topology, accumulate, chunk = PLANS[name]
     g = tgn.build_graph(hidden, chunk_size=chunk, topology=topology, accumulate=accumulate)
-    return g, lower(g)
+    plan = tgn.Pipeline(g, "compiled").plan
+    assert plan is not None
+    return g, plan
 
 
 def check_bits(rows: int, hidden: int, dtype: torch.dtype) -> bool:
@@ -54,7 +55,7 @@ def check_bits(rows: int, hidden: int, dtype: torch.dtype) -> bool:
     for name in PLANS:
         g, plan = _graph(hidden, name)
         y_dev = run_triton(g, x.cuda(), w.cuda(), EPS, plan=plan).cpu()
-        diff = count_bit_differences(y_dev, run_compiled(g, x, w, EPS))
+        diff = count_bit_differences(y_dev, tgn.execute_sync(g, x, w, EPS, executor="compiled"))
         ok &= diff == 0
         print(f"bits {name:14s} {str(dtype):15s} ({rows}, {hidden}): {diff} of {x.numel()} differ")
     return ok

@@ -27,7 +27,8 @@ import torch
 from . import caches
 from .checks import check_input, check_out, resolve_eps
 from .errors import ConfigError, ExecutionError, GraphError
-from .executors import ASYNC_EXECUTORS, EXECUTORS, Plan, direct_call, lower_certified
+from .executors import ASYNC_EXECUTORS, EXECUTORS, PLAN_EXECUTORS, Plan, direct_call, lower_certified
+from .executors import triton as _triton
 from .executors.direct import DirectCall
 from .graph import Graph, Op, validate
 from .prover import Proof, prove
@@ -61,7 +62,8 @@ class Pipeline:
     ``executor="compiled"`` is asked of a graph the prover does not certify.
     """
 
-    __slots__ = ("graph", "executor", "plan", "hidden_size", "_proof", "_runner", "_direct", "_direct_known")
+    __slots__ = ("graph", "executor", "plan", "hidden_size", "_proof", "_runner", "_direct", "_direct_known",
+                 "_triton")
 
     def __init__(self, graph: Graph, executor: str = "auto") -> None:
         if not isinstance(graph, Graph):
@@ -83,10 +85,14 @@ class Pipeline:
                     self.plan = lower_certified(graph, self.proof)
                 except (ExecutionError, GraphError):
                     executor = "reference"
-        elif executor == "compiled":
+        elif executor in PLAN_EXECUTORS:
             self.plan = lower_certified(graph, self.proof)
         self.executor = executor
         self._runner = EXECUTORS[executor]
+        # auto on a CUDA tensor: the Triton kernels, where triton is installed and
+        # the plan is one they run; the compiled executor's torch ops otherwise.
+        self._triton = (executor == "compiled" and self.plan is not None and _triton.available()
+                        and _triton.supports(self.plan))
         self._direct: DirectCall | None = None
         self._direct_known = self.plan is None
 
@@ -174,9 +180,15 @@ class Pipeline:
         if self.hidden_size is not None and x.numel() == 0:
             return out if out is not None else torch.empty_like(x)
         if self.executor == "compiled":
+            if self._triton and x.is_cuda and x.dtype != torch.float64 and not opts:
+                on_device: torch.Tensor = EXECUTORS["triton"](self.graph, x, weight, eps, plan=self.plan, out=out)
+                return on_device
             written: torch.Tensor = self._runner(self.graph, x, weight, eps, plan=self.plan, out=out,
                                                  cancel=cancel, **opts)
             return written
+        if self.executor == "triton":
+            launched: torch.Tensor = self._runner(self.graph, x, weight, eps, plan=self.plan, out=out, **opts)
+            return launched
         if self.executor in ASYNC_EXECUTORS:
             y = run_coroutine_sync(functools.partial(self._runner, self.graph, x, weight, eps, **opts))
         elif self.executor == "reference":

@@ -27,7 +27,7 @@ ALLOWED: dict[str, set[str]] = {
     "graph": {"errors"},
     "kernels": {"errors"},
     "topologies": {"errors", "graph"},
-    "prover": {"errors", "graph", "topologies", "kernels", "executors.reference"},
+    "prover": {"errors", "graph", "topologies", "kernels"},
     "viz": {"errors", "graph"},
     "executors": {"errors", "graph", "kernels", "topologies"},
     "checks": {"errors", "kernels"},
@@ -40,6 +40,15 @@ ALLOWED: dict[str, set[str]] = {
     "tools": {"checks", "pipeline", "errors", "graph", "kernels", "topologies", "prover", "executors", "api", "ops", "module",
               "viz", "testing", "distributed"},
     "__main__": {"tools"},
+}
+
+
+#: The one arrow from the prover into the executors: a refutation's witness, when
+#: asked for, is replayed on the reference interpreter (the oracle), lazily, inside
+#: the function that replays it.  Executors never import the prover, so no cycle.
+WITNESS_REPLAY = {
+    ("taskgraph_norm.prover.witness", "taskgraph_norm.executors"),
+    ("taskgraph_norm.prover.witness", "taskgraph_norm.executors.reference"),
 }
 
 
@@ -97,7 +106,7 @@ def _family(module: str) -> str:
 def test_the_reader_sees_the_package() -> None:
     graph = import_graph()
     # A check that reads nothing proves nothing: these arrows exist today.
-    assert graph.has_edge("taskgraph_norm.api", "taskgraph_norm.executors")
+    assert graph.has_edge("taskgraph_norm.pipeline", "taskgraph_norm.executors")
     assert graph.has_edge("taskgraph_norm.prover.rules", "taskgraph_norm.prover.canonical")
     assert len(graph) > 30
 
@@ -120,7 +129,7 @@ def test_every_family_imports_only_what_it_may() -> None:
     bad = []
     for a, b in graph.edges:
         fa, fb = _family(a), _family(b)
-        if a == "taskgraph_norm" or fa == fb or fb == "caches":
+        if a == "taskgraph_norm" or fa == fb or fb == "caches" or (a, b) in WITNESS_REPLAY:
             continue  # the root re-exports; every family may register its caches
         allowed = ALLOWED.get(fa)
         assert allowed is not None, f"{a}: a family this test does not know; add it to ALLOWED"

@@ -18,12 +18,12 @@ import torch
 import taskgraph_norm as tgn
 from taskgraph_norm import kernels
 from taskgraph_norm.errors import ExecutionError
-from taskgraph_norm.executors import reference_sum_of_squares, run_compiled, run_reference
+from taskgraph_norm.executors import reference_sum_of_squares, run_reference
 from taskgraph_norm.executors.lowering import Plan, _builder_tree, lower
 from taskgraph_norm.executors.triton import halving_positions, kernel_shape, run_triton, supports
 from taskgraph_norm.executors.triton import layout, runner
 from taskgraph_norm.graph import Graph
-from taskgraph_norm.testing import assert_bits_equal, bits_equal
+from .helpers import assert_bits_equal, bits_equal, run_compiled
 
 from .conftest import FULL, gen
 

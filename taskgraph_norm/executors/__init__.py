@@ -3,7 +3,9 @@
 ``reference`` is the sequential oracle.  ``concurrent`` is the async executor
 (an ``async def`` runner: the API awaits it on the event loop instead of
 calling it on a thread).  ``compiled`` runs a certified graph through its
-lowered plan (same bits, a few fused tensor ops).  The pipeline's ``auto``
+lowered plan (same bits, a few fused tensor ops, or native C kernels); ``triton``
+runs the same plan as one Triton kernel on CUDA (and on CPU tensors in Triton's
+interpreter, ``TRITON_INTERPRET=1``).  The pipeline's ``auto``
 picks ``concurrent`` for a general graph (one with CALL nodes), ``compiled`` for
 every certified graph it can lower, and ``reference`` otherwise (an uncertified
 graph, e.g. a float race over three or more chunks, is never compiled).
@@ -19,6 +21,7 @@ from .concurrent import run_concurrent
 from .direct import direct_call
 from .lowering import Plan
 from .reference import Cancelled, ReferenceInterpreter, reference_sum_of_squares, run_reference
+from .triton import run_triton
 
 __all__ = [
     "EXECUTORS",
@@ -32,6 +35,8 @@ __all__ = [
     "run_compiled",
     "run_concurrent",
     "run_reference",
+    "run_triton",
+    "PLAN_EXECUTORS",
 ]
 
 Runner = Callable[..., Any]
@@ -43,7 +48,11 @@ EXECUTORS: dict[str, Runner] = {
     "reference": run_reference,
     "concurrent": run_concurrent,
     "compiled": run_compiled,
+    "triton": run_triton,
 }
+
+#: The executors that run a lowered plan (the pipeline hands them ``plan=``).
+PLAN_EXECUTORS = frozenset({"compiled", "triton"})
 
 #: The executors whose runner is ``async def`` (awaited on the event loop).
 ASYNC_EXECUTORS = frozenset({"concurrent"})
