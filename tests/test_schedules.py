@@ -118,7 +118,7 @@ CERTIFIED = [
     ("linear", "pairwise", "float"), ("tree", "pairwise", "float"), ("cat", "pairwise", "float"),
     ("tree", "native", "float"), ("race", "pairwise", "exact"),
 ]
-N_FUZZ = 520 if FULL else 40  # schedules per certified configuration family
+N_FUZZ = 1000 if FULL else 40  # seeded schedules in all (TGN_FULL=1: the full 1,000)
 
 
 def _policy(k: int) -> object:
@@ -127,7 +127,7 @@ def _policy(k: int) -> object:
 
 @pytest.mark.slow
 def test_fuzz_certified_topologies_never_differ() -> None:
-    """>= 500 seeded schedules (TGN_FULL=1) spread over shapes, chunk counts and
+    """1,000 seeded schedules (TGN_FULL=1; 40 in CI) spread over shapes, chunk counts and
     certified topologies: zero bit differences from the reference."""
     cases = list(itertools.product(FUZZ_SHAPES, CERTIFIED))
 
