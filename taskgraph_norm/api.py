@@ -16,6 +16,7 @@ import torch
 from . import pipeline
 from .checks import check_input, check_out
 from .errors import InputRankError
+from .executors import ASYNC_EXECUTORS
 from .graph import Graph
 from .pipeline import OFFLOAD_NUMEL
 from .topologies import build_graph
@@ -103,6 +104,14 @@ async def normalize(
     tensor([[1., 1., 1., 1., 1., 1., 1., 1.],
             [1., 1., 1., 1., 1., 1., 1., 1.]])
     """
+    if isinstance(x, torch.Tensor) and x.dim() and x.numel() < OFFLOAD_NUMEL:
+        # The warm path of a small call: inline, as normalize_sync's (no thread hop).
+        try:
+            pipe = pipeline._by_config.get((x.shape[-1], chunk_size, topology, leaf, accumulate, executor))
+        except TypeError:
+            pipe = None
+        if pipe is not None and pipe.executor not in ASYNC_EXECUTORS:
+            return pipe(x, weight, eps, out)
     found = _pipeline(x, topology, chunk_size, leaf, accumulate, executor, weight, out)
     if found is None:
         return out if out is not None else torch.empty_like(x)
