@@ -18,16 +18,6 @@ FULL = os.environ.get("TGN_FULL") == "1"
 BACKENDS = ("asyncio", "trio")
 
 
-def bits(t: torch.Tensor) -> torch.Tensor:
-    """The tensor's bits as integers: equality that tells -0 from +0 and NaNs apart."""
-    view = {8: torch.int64, 4: torch.int32, 2: torch.int16}[t.element_size()]
-    return t.contiguous().view(view)
-
-
-def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(bits(a), bits(b))
-
-
 def wide_input(rows: int, hidden: int, seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Values over several orders of magnitude, so float sums depend on their order."""
     g = torch.Generator().manual_seed(seed)
@@ -91,6 +81,5 @@ def tgn_threads() -> list[threading.Thread]:
 
 
 __all__ = [
-    "BACKENDS", "FULL", "Recorder", "bits", "call_graph", "run", "same_bits", "tgn_threads",
-    "wide_input",
+    "BACKENDS", "FULL", "Recorder", "call_graph", "run", "tgn_threads", "wide_input",
 ]

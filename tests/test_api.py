@@ -9,7 +9,7 @@ import torch
 
 import taskgraph_norm as tgn
 from taskgraph_norm import kernels
-from taskgraph_norm.testing import assert_bits_equal
+from .helpers import assert_bits_equal
 
 from .conftest import gen
 

@@ -24,7 +24,7 @@ from taskgraph_norm.executors import compiled as compiled_mod
 from taskgraph_norm.executors import native
 from taskgraph_norm.executors import workspace as workspace_mod
 from taskgraph_norm.graph import Graph, Node, Op
-from taskgraph_norm.testing import assert_bits_equal, bits_equal
+from .helpers import assert_bits_equal, bits_equal
 
 from .conftest import FULL, gen
 

@@ -13,16 +13,8 @@ import taskgraph_norm as tgn
 from taskgraph_norm.executors.devices import default_pool
 from taskgraph_norm.executors.schedules import Random
 
-from ._executor_helpers import (
-    BACKENDS,
-    Recorder,
-    bits,
-    call_graph,
-    run,
-    same_bits,
-    tgn_threads,
-    wide_input,
-)
+from ._executor_helpers import BACKENDS, Recorder, call_graph, run, tgn_threads, wide_input
+from .helpers import bits, bits_equal
 
 CERTIFIED = [
     ("tree", "pairwise", "float"),
@@ -50,7 +42,7 @@ def test_concurrent_matches_reference_bits(
         return ref, got
 
     ref, got = run(main, backend=backend)
-    assert same_bits(ref, got)
+    assert bits_equal(ref, got)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -63,13 +55,13 @@ def test_race_matches_reference_at_the_recorded_arrival_order(backend: str) -> N
         for seed in range(8):
             y = await tgn.execute(g, x, executor="concurrent", schedule=Random(seed), trace=traces.append)
             ref = await tgn.execute(g, x, executor="reference", arrival=traces[-1].arrival)
-            agree.append(same_bits(y, ref))
+            agree.append(bits_equal(y, ref))
         # Negative control: against the reference's default (index) order, some differ.
         index_order = await tgn.execute(g, x, executor="reference")
         control = [
             await tgn.execute(g, x, executor="concurrent", schedule=Random(s)) for s in range(8)
         ]
-        agree.append(all(same_bits(index_order, y) for y in control))
+        agree.append(all(bits_equal(index_order, y) for y in control))
         return agree
 
     *matches, all_equal_to_index_order = run(main, backend=backend)
@@ -78,8 +70,8 @@ def test_race_matches_reference_at_the_recorded_arrival_order(backend: str) -> N
 
 
 def test_bit_comparison_tells_zero_signs_apart() -> None:
-    assert not same_bits(torch.tensor([0.0]), torch.tensor([-0.0]))
-    assert same_bits(torch.tensor([float("nan")]), torch.tensor([float("nan")]))
+    assert not bits_equal(torch.tensor([0.0]), torch.tensor([-0.0]))
+    assert bits_equal(torch.tensor([float("nan")]), torch.tensor([float("nan")]))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -98,7 +90,7 @@ def test_general_graph_of_torch_ops(backend: str) -> None:
         return await tgn.execute(g, x, executor="concurrent", functions=functions)
 
     y = run(main, backend=backend)
-    assert same_bits(y, torch.nn.functional.silu(x @ w1) * (x @ w2))
+    assert bits_equal(y, torch.nn.functional.silu(x @ w1) * (x @ w2))
 
 
 def test_auto_picks_concurrent_for_a_general_graph() -> None:
@@ -110,7 +102,7 @@ def test_auto_picks_concurrent_for_a_general_graph() -> None:
 def test_normalize_sync_with_the_concurrent_executor() -> None:
     x = wide_input(2, 300, seed=3)
     ref = tgn.normalize_sync(x, topology="tree", chunk_size=32, executor="reference")
-    assert same_bits(tgn.normalize_sync(x, topology="tree", chunk_size=32, executor="concurrent"), ref)
+    assert bits_equal(tgn.normalize_sync(x, topology="tree", chunk_size=32, executor="concurrent"), ref)
 
 
 def test_unregistered_function_is_rejected_before_any_node_runs() -> None:
@@ -160,7 +152,7 @@ def test_load_many_concurrent_calls_share_a_bounded_pool(backend: str) -> None:
                     else:
                         y = await tgn.execute(g, x, executor="concurrent", pool=pool,
                                               schedule=Random(k * 100 + j) if j % 2 else None)
-                        ok.append(same_bits(y, expected))
+                        ok.append(bits_equal(y, expected))
 
             with anyio.fail_after(120):
                 async with anyio.create_task_group() as tg:
@@ -188,7 +180,7 @@ def test_load_normalize_default_pool_bounded() -> None:
 
         async def client() -> None:
             for _ in range(20):
-                ok.append(same_bits(await tgn.normalize(x, chunk_size=32, executor="concurrent"), expected))
+                ok.append(bits_equal(await tgn.normalize(x, chunk_size=32, executor="concurrent"), expected))
 
         with anyio.fail_after(120):
             async with anyio.create_task_group() as tg:
@@ -261,6 +253,6 @@ def test_accumulate_with_a_repeated_operand_matches_reference() -> None:
             y = await tgn.execute(g, x, executor="concurrent", schedule=Random(seed), trace=traces.append)
             order = traces[0].arrival["accumulate"]
             assert sorted(order) == list(range(9))
-            assert same_bits(y, await tgn.execute(g, x, executor="reference", arrival={"accumulate": order}))
+            assert bits_equal(y, await tgn.execute(g, x, executor="reference", arrival={"accumulate": order}))
 
     run(main)

@@ -16,7 +16,8 @@ import taskgraph_norm as tgn
 from taskgraph_norm.executors.devices import live_streams
 from taskgraph_norm.executors.schedules import Random, Replay
 
-from ._executor_helpers import call_graph, run, same_bits, wide_input
+from ._executor_helpers import call_graph, run, wide_input
+from .helpers import bits_equal
 
 
 def _accelerator() -> torch.device | None:
@@ -55,7 +56,7 @@ def test_gpu_concurrent_matches_reference_bits(topology: str, leaf: str, accumul
             return ref.cpu(), got.cpu()  # .cpu() runs on the caller's stream: it must see the result
 
     ref, got = run(main)
-    assert same_bits(ref, got)
+    assert bits_equal(ref, got)
 
 
 def test_gpu_race_replay_and_arrival_order() -> None:
@@ -72,7 +73,7 @@ def test_gpu_race_replay_and_arrival_order() -> None:
                                       trace=traces.append)
                 again = await tgn.execute(g, x, executor="concurrent", pool=pool, schedule=Replay(traces[0]))
                 ref = await tgn.execute(g, x, executor="reference", arrival=traces[0].arrival)
-                assert same_bits(y.cpu(), again.cpu()) and same_bits(y.cpu(), ref.cpu())
+                assert bits_equal(y.cpu(), again.cpu()) and bits_equal(y.cpu(), ref.cpu())
                 outputs.add(y.cpu().view(torch.int32).numpy().tobytes())
             assert len(outputs) > 1  # negative control: race order shows in the bits on the device too
 

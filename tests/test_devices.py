@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import taskgraph_norm as tgn
-from taskgraph_norm.testing import assert_bits_equal
+from .helpers import assert_bits_equal
 
 from .conftest import gen
 

@@ -38,7 +38,7 @@ from taskgraph_norm.distributed.runtime import (
     float_finish,
     float_payload,
 )
-from taskgraph_norm.testing import assert_bits_equal, bits_equal
+from .helpers import assert_bits_equal, bits_equal
 
 from . import _distributed_workers as workers
 from .conftest import FULL

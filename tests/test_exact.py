@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import taskgraph_norm as tgn
 from taskgraph_norm.executors import reference_sum_of_squares, run_reference
-from taskgraph_norm.testing import assert_bits_equal, bits, correctly_rounded_sumsq
+from .helpers import assert_bits_equal, bits, correctly_rounded_sumsq
 
 from .conftest import FULL, gen
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import taskgraph_norm as tgn
 from taskgraph_norm.errors import TaskGraphError
-from taskgraph_norm.testing import assert_bits_equal, bits_equal
+from .helpers import assert_bits_equal, bits_equal
 
 from .conftest import gen
 

@@ -10,7 +10,7 @@ import torch
 
 import taskgraph_norm as tgn
 from taskgraph_norm.executors import run_reference
-from taskgraph_norm.testing import bits, bits_equal
+from .helpers import bits, bits_equal
 
 from .conftest import gen
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from taskgraph_norm import kernels
-from taskgraph_norm.testing import assert_bits_equal
+from .helpers import assert_bits_equal
 
 from .conftest import gen
 

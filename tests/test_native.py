@@ -81,7 +81,7 @@ def _run_python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
 PROBE = """
     import hashlib, torch, taskgraph_norm as tgn
     from taskgraph_norm.executors import native
-    from taskgraph_norm.testing import bits
+    from .helpers import bits
     def digest(t): return hashlib.sha256(bits(t).numpy().tobytes()).hexdigest()[:16]
     x = (torch.randn(33, 1000, generator=torch.Generator().manual_seed(1)) * 100)
     outs = [tgn.normalize_sync(x, accumulate=a, executor="compiled") for a in ("float", "exact")]

@@ -12,7 +12,8 @@ import torch
 import taskgraph_norm as tgn
 from taskgraph_norm.executors.schedules import PCT, Fifo, Random, Replay
 
-from ._executor_helpers import BACKENDS, FULL, call_graph, run, same_bits, wide_input
+from ._executor_helpers import BACKENDS, FULL, call_graph, run, wide_input
+from .helpers import bits_equal
 
 RACE = tgn.build_graph(1024, chunk_size=64, topology="race")  # 16 chunks
 X = wide_input(4, 1024, seed=11)
@@ -69,7 +70,7 @@ def test_replay_reproduces_completion_order_and_bits(backend: str, recorded_with
                                        trace=again.append, pool=pool)
                 assert again[0].completion_order == traces[0].completion_order
                 assert again[0].decisions == traces[0].decisions
-                assert same_bits(y, y2)
+                assert bits_equal(y, y2)
 
     run(main, backend=backend)
 
@@ -140,7 +141,7 @@ def test_fuzz_certified_topologies_never_differ() -> None:
             ref = await tgn.execute(g, x, executor="reference")
             y = await tgn.execute(g, x, executor="concurrent", schedule=_policy(k), max_workers=1 + k % 3)
             runs += 1
-            differing += not same_bits(ref, y)
+            differing += not bits_equal(ref, y)
         return runs, differing
 
     runs, differing = run(main)
@@ -160,7 +161,7 @@ def test_fuzz_race_differs_within_50_schedules(rows: int, hidden: int, chunk: in
         first = await tgn.execute(g, x, executor="concurrent", schedule=Random(0))
         for k in range(1, 50):
             y = await tgn.execute(g, x, executor="concurrent", schedule=_policy(k))
-            if not same_bits(first, y):
+            if not bits_equal(first, y):
                 return k
         return -1
 
