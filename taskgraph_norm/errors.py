@@ -1,4 +1,4 @@
-"""Every exception taskgraph_norm raises on purpose, under one root.
+"""Every exception taskgraph_norm raises on purpose, under one root, and its one warning.
 
 Each class builds its own message from the facts it is given, so the message
 shape is the same wherever the error is raised.  Errors about the user's
@@ -155,3 +155,12 @@ class ShardMismatchError(TaskGraphError, ValueError):
 
     def __init__(self, problem: str) -> None:
         super().__init__(problem)
+
+
+# --- warnings ----------------------------------------------------------------
+
+
+class NativeKernelsWarning(UserWarning):
+    """The compiled executor's native C kernels are missing or failed to load, so it
+    runs its torch ops (the same bits, slower); the message says why and what it
+    costs.  Once per process; ``TGN_NATIVE=0`` chooses the torch ops without it."""

@@ -358,5 +358,13 @@ FULL_CHUNKS_POW2(double)
 FLOAT_ROWS(tgn_float_rows_f32, float)
 FLOAT_ROWS(tgn_float_rows_f64, double)
 
-/* A version number the loader checks, so a stale cached library is never used. */
-int tgn_native_abi(void) { return 5; }
+/* A version number the loader checks, so a library left from an older install is
+ * never used. */
+int tgn_native_abi(void) { return 6; }
+
+#ifdef TGN_BUILD_CPU
+/* The host variant (setup.py builds it with -march=native): the features of the CPU
+ * that built it, read from the file by native.py (cpu_features.parse_marker) before
+ * it is loaded, so it is loaded only on a CPU that has all of them. */
+const char tgn_build_cpu[] = "tgn-build-cpu:" TGN_BUILD_CPU;
+#endif

@@ -15,151 +15,171 @@ executor would otherwise run, computed row by row while the row is in cache:
 ``tests/test_native.py`` checks both against the torch ops and the reference
 interpreter, edge cases included.
 
-The library is built on first use with the system C compiler (``$CC``, else
-``cc``) and cached, keyed by the source, the compiler and the CPU, in
-``$TGN_CACHE_DIR`` (default ``$XDG_CACHE_HOME/taskgraph_norm`` or
-``~/.cache/taskgraph_norm``).  With no compiler, or with ``TGN_NATIVE=0``, the
-compiled executor uses its torch ops instead: the same bits, slower.
+The library is built when the package is installed (``setup.py``: two optional
+extensions next to this file, ``_native_portable`` for the compiler's default
+target and ``_native_host`` for ``-march=native``) and loaded from this file's
+own directory, never from a cache or a path taken from the environment.  The
+host build carries the features of the CPU that built it, read from the file
+before it is loaded: it is loaded only on a CPU that has all of them, else the
+portable one is (``TGN_NATIVE=portable`` asks for the portable one).  A library
+that is missing or fails to load leaves the compiled executor on its torch ops
+(the same bits, slower), with one :class:`~taskgraph_norm.errors.NativeKernelsWarning`
+per process that says why; ``TGN_NATIVE=0`` chooses the torch ops silently.
+docs/reliability.md has the whole story.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import hashlib
+import importlib.machinery
 import os
-import platform
-import shutil
-import subprocess
-import sys
-import tempfile
+import stat
 import threading
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+
+from ..errors import NativeKernelsWarning
+from . import cpu_features
 
 __all__ = [
     "available", "describe", "disabled", "exact_rows", "exact_scale", "float_rows", "FloatRecipe", "library_path",
     "why_unavailable",
 ]
 
-_SOURCE = Path(__file__).with_name("native.c")
-_ABI = 5
-#: The flags that keep the C expressions as written (see native.c).  The target is
-#: this CPU (``$TGN_NATIVE_MARCH`` overrides it, e.g. ``x86-64`` for the portable
-#: vector code, which the tests check too).
-_FLAGS = ["-O3", f"-march={os.environ.get('TGN_NATIVE_MARCH') or 'native'}", "-ffp-contract=off",
-          "-fno-fast-math", "-Wno-psabi", "-fPIC", "-shared"]
+_DIR = Path(__file__).resolve().parent
+_ABI = 6
+#: What the torch ops cost instead (docs/performance.md, "On torch ops alone").
+_COST = ("the same bits, about 1.3x slower for float plans and 2x to 2.5x for exact ones "
+         "(docs/performance.md)")
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
+_path: Path | None = None
 _error: str | None = None
+_note: str | None = None  # why the host build is not the one loaded, if it is not
 _loaded = False
-_enabled = os.environ.get("TGN_NATIVE", "1").strip().lower() not in ("0", "false", "no", "off")
+_choice = os.environ.get("TGN_NATIVE", "1").strip().lower()
+_enabled = _choice not in ("0", "false", "no", "off")
 
 
-def _cache_dir() -> Path:
-    explicit = os.environ.get("TGN_CACHE_DIR")
-    if explicit:
-        return Path(explicit)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "taskgraph_norm"
+def _after_fork_in_child() -> None:
+    global _lock
+    _lock = threading.Lock()  # another thread may have held it at the fork
 
 
-def _cpu_signature() -> str:
-    # -march=native makes the library specific to this CPU: key it by the CPU's flags.
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    return line.strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _compiler() -> str | None:
-    cc = os.environ.get("CC") or "cc"
-    return shutil.which(cc)
+def _find(variant: str) -> Path | None:
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = _DIR / f"_native_{variant}{suffix}"
+        if os.path.lexists(path):
+            return path
+    return None
 
 
-def library_path() -> Path | None:
-    """Where the compiled library is (or would be) cached; ``None`` with no compiler."""
-    cc = _compiler()
-    if cc is None:
-        return None
-    try:
-        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    key = hashlib.sha256(
-        "\0".join([_SOURCE.read_text(), cc, version, " ".join(_FLAGS), _cpu_signature(),
-                   platform.machine(), sys.platform]).encode()
-    ).hexdigest()[:16]
-    return _cache_dir() / f"native-{key}.so"
+def _trusted(path: Path) -> Path:
+    """The real path of ``path``, if it may be loaded: a regular file owned by root,
+    this user or native.py's owner, neither it nor its folder writable by others."""
+    real = Path(os.path.realpath(path))
+    st = os.lstat(real)
+    if not stat.S_ISREG(st.st_mode):
+        raise OSError(f"{real} is not a regular file")
+    if st.st_uid not in (0, os.geteuid(), os.stat(__file__).st_uid):
+        raise OSError(f"{real} is owned by user {st.st_uid}, not by this user, root or the package's owner")
+    for where, mode in ((real, st.st_mode), (real.parent, os.stat(real.parent).st_mode)):
+        if mode & stat.S_IWOTH:
+            raise OSError(f"{where} is writable by every user: no code is loaded from it")
+    return real
 
 
-def _build(target: Path, cc: str) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Build under a temporary name and rename: concurrent processes never load half a file.
-    fd, tmp = tempfile.mkstemp(prefix=target.stem + "-", suffix=".so", dir=target.parent)
-    os.close(fd)
-    try:
-        proc = subprocess.run([cc, *_FLAGS, "-o", tmp, str(_SOURCE), "-lm"],
-                              capture_output=True, text=True, timeout=120)
-        if proc.returncode != 0:
-            raise OSError(f"{cc} failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+def _host_misfit(path: Path) -> str | None:
+    """``None`` when this CPU has every feature the host build was made for; else why
+    not.  Reads the file only: no code of a build made for another CPU runs."""
+    built = cpu_features.parse_marker(path.read_bytes())
+    here = cpu_features.features()
+    if built is None:  # setup.py always writes it: this file is not what it built
+        raise OSError("it does not say which CPU built it (not a build of setup.py's)")
+    if here is None:
+        return "this machine does not say which CPU features it has"
+    missing = sorted(built - here)
+    if missing:
+        return f"it was built on a CPU with {', '.join(missing[:4])}{'...' if len(missing) > 4 else ''}, which this one lacks"
+    return None
+
+
+def _open(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(_trusted(path)))
+    if lib.tgn_native_abi() != _ABI:
+        raise OSError(f"{path} is a stale build (ABI {lib.tgn_native_abi()}, want {_ABI}): reinstall the package")
+    finalize_args = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_double]
+    for name in ("tgn_exact_rows_f32", "tgn_exact_rows_f64"):
+        fn = getattr(lib, name)
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                       ctypes.c_void_p, *finalize_args]
+        fn.restype = ctypes.c_int64
+    for name in ("tgn_float_rows_f32", "tgn_float_rows_f64"):
+        fn = getattr(lib, name)
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                       ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                       ctypes.c_void_p, *finalize_args]
+        fn.restype = ctypes.c_int64
+    lib.tgn_exact_scale.argtypes = [ctypes.c_double, ctypes.c_int64,
+                                    ctypes.POINTER(ctypes.c_double), ctypes.POINTER(ctypes.c_double)]
+    lib.tgn_exact_scale.restype = ctypes.c_int
+    return lib
 
 
 def _load() -> ctypes.CDLL | None:
-    global _lib, _error, _loaded
+    global _lib, _path, _error, _note, _loaded
     if _loaded:  # the fast path of every call after the first
         return _lib
     with _lock:
         if _loaded:
             return _lib
-        try:
-            cc = _compiler()
-            path = library_path()
-            if cc is None or path is None:
-                raise OSError("no C compiler found (set $CC, or install gcc or clang)")
-            if not path.exists():
-                _build(path, cc)
-            lib = ctypes.CDLL(str(path))
-            if lib.tgn_native_abi() != _ABI:
-                raise OSError(f"{path} is a stale build (ABI {lib.tgn_native_abi()}, want {_ABI})")
-            finalize_args = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_double]
-            for name in ("tgn_exact_rows_f32", "tgn_exact_rows_f64"):
-                fn = getattr(lib, name)
-                fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-                               ctypes.c_void_p, *finalize_args]
-                fn.restype = ctypes.c_int64
-            for name in ("tgn_float_rows_f32", "tgn_float_rows_f64"):
-                fn = getattr(lib, name)
-                fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-                               ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-                               ctypes.c_void_p, *finalize_args]
-                fn.restype = ctypes.c_int64
-            lib.tgn_exact_scale.argtypes = [ctypes.c_double, ctypes.c_int64,
-                                            ctypes.POINTER(ctypes.c_double), ctypes.POINTER(ctypes.c_double)]
-            lib.tgn_exact_scale.restype = ctypes.c_int
-            _lib = lib
-        except (OSError, AttributeError, subprocess.SubprocessError) as exc:
-            # no compiler, a failed or timed-out build, an unloadable file, a missing symbol
-            _error = str(exc)
-            _lib = None
+        reasons: list[str] = []  # why a library that is there was not loaded
+        broken = False  # a library that is there, fits and failed to load
+        for variant in ("portable",) if _choice == "portable" else ("host", "portable"):
+            path = _find(variant)
+            if path is None:
+                continue
+            try:
+                if variant == "host" and (misfit := _host_misfit(path)) is not None:
+                    reasons.append(f"host build not used: {misfit}")
+                    continue
+                _lib, _path = _open(path), path
+                break
+            except (OSError, AttributeError) as exc:  # unreadable, untrusted, not a library, stale
+                reasons.append(f"{path.name} failed to load: {exc}")
+                broken = True
+        if _lib is None and _find("portable") is None:
+            reasons.append(f"not built: no _native_portable library in {_DIR}; they are built when the package "
+                           "is installed, with a C compiler (in a source checkout: `python setup.py build_ext "
+                           "--inplace`)")
+        _error = None if _lib is not None else "; ".join(reasons)
+        _note = "; ".join(reasons) if _lib is not None and reasons else None
         # Set last: the lock-free fast path above must never see a half-made state.
         _loaded = True
-        return _lib
+    if _lib is None:
+        warnings.warn(f"taskgraph_norm's native kernels are unavailable ({_error}). The compiled executor runs "
+                      f"its torch ops instead: {_COST}. Reinstall taskgraph-norm where a C compiler works, or "
+                      "set TGN_NATIVE=0 to choose the torch ops without this warning.",
+                      NativeKernelsWarning, stacklevel=3)
+    elif broken:
+        warnings.warn(f"taskgraph_norm's native kernels: {_note}; running the portable build instead (the same "
+                      "bits, a little slower). Reinstall taskgraph-norm to repair it.",
+                      NativeKernelsWarning, stacklevel=3)
+    return _lib
 
 
 def available() -> bool:
-    """Whether the native kernel is built and enabled (builds it on first call)."""
+    """Whether the native kernels are installed, loadable and enabled (loads them on
+    the first call; a :class:`NativeKernelsWarning` says why when they are not)."""
     return _enabled and _load() is not None
 
 
@@ -178,13 +198,21 @@ def why_unavailable() -> str | None:
     return None
 
 
+def library_path() -> Path | None:
+    """The library that is loaded (next to this file); ``None`` when none is."""
+    return _path if _enabled and _load() is not None else None
+
+
 def describe(enabled: bool = True) -> str:
-    """Which kernels the compiled executor runs here, in words (report and bench
-    headers); ``enabled=False`` describes a run made inside :func:`disabled`."""
+    """Which kernels the compiled executor runs here, and why, in words (report and
+    bench headers); ``enabled=False`` describes a run made inside :func:`disabled`."""
     if not enabled or not _enabled:
         return "compiled executor kernels: torch ops (native kernels off for this run)"
     if available():
-        return "compiled executor kernels: native C (executors/native.c, built with the system compiler)"
+        assert _path is not None
+        build = ("host build, -march=native for this CPU" if _path.name.startswith("_native_host")
+                 else f"portable build{'; ' + _note if _note else ''}")
+        return f"compiled executor kernels: native C (executors/native.c, {build})"
     return f"compiled executor kernels: torch ops (native kernels unavailable: {why_unavailable()})"
 
 

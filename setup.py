@@ -1,0 +1,65 @@
+"""Builds the compiled executor's native kernels when the package is installed.
+
+``taskgraph_norm/executors/native.c`` becomes two optional extensions next to
+``native.py``, which loads them with ctypes (they are plain C libraries, not
+Python modules):
+
+* ``_native_portable``: the compiler's default target (the baseline every
+  machine that runs this Python runs);
+* ``_native_host``: ``-march=native`` (``$TGN_NATIVE_MARCH`` overrides the
+  target; ``TGN_NATIVE_MARCH=portable`` skips this variant), with the features
+  of the CPU that built it embedded, so that ``native.py`` loads it only on a
+  CPU that has all of them (Linux only: elsewhere only the portable variant is
+  built).
+
+Both are optional: without a working C compiler (``$CC``, else the one Python
+was built with) the install still succeeds, and the compiled executor runs its
+torch ops with a ``NativeKernelsWarning`` at first use.  Everything else about
+the project is in ``pyproject.toml``.
+"""
+
+from __future__ import annotations
+
+import os
+import runpy
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+HERE = Path(__file__).resolve().parent
+SOURCE = "taskgraph_norm/executors/native.c"
+# Keep the C expressions as written (see native.c): no contraction into fmas, no
+# fast-math; -O3 comes after Python's own -O2.
+FLAGS = ["-O3", "-ffp-contract=off", "-fno-fast-math", "-Wno-psabi"]
+
+
+def extensions() -> list[Extension]:
+    common = {"sources": [SOURCE], "libraries": ["m"], "optional": True}
+    exts = [Extension("taskgraph_norm.executors._native_portable", extra_compile_args=FLAGS, **common)]
+    cpu = runpy.run_path(str(HERE / "taskgraph_norm/executors/cpu_features.py"))["features"]()
+    march = os.environ.get("TGN_NATIVE_MARCH", "").strip() or "native"
+    if cpu and march != "portable":
+        exts.append(Extension(
+            "taskgraph_norm.executors._native_host",
+            extra_compile_args=[*FLAGS, f"-march={march}"],
+            define_macros=[("TGN_BUILD_CPU", '"' + " ".join(sorted(cpu)) + '"')],
+            **common,
+        ))
+    return exts
+
+
+class BuildExt(build_ext):
+    """Each extension compiles native.c with its own flags: give each its own
+    object directory, so the two builds of one source never share an object file."""
+
+    def build_extension(self, ext: Extension) -> None:
+        base = self.build_temp
+        self.build_temp = os.path.join(base, ext.name.rpartition(".")[2])
+        try:
+            super().build_extension(ext)
+        finally:
+            self.build_temp = base
+
+
+setup(ext_modules=extensions(), cmdclass={"build_ext": BuildExt})
