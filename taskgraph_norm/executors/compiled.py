@@ -27,7 +27,6 @@ from __future__ import annotations
 import functools
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
 import torch
@@ -38,6 +37,7 @@ from . import native as _native
 from ..errors import ConfigError, ExecutionError, GraphError
 from ..graph import Graph
 from .lowering import Plan, lower
+from .pools import on_worker, tile_pool  # fork-safe: a forked child makes its own
 from .reference import Cancelled
 from .workspace import TILE_BYTES, WORKSPACES_PER_THREAD, Views, Workspace, default_tile_rows, workspace
 
@@ -52,9 +52,6 @@ NATIVE_FLOAT_MERGES = ("single", "tree", "adds")
 
 #: Worker threads for inputs of two tiles or more (each with its own workspaces).
 DEFAULT_THREADS = 2
-
-_pool_lock = threading.Lock()
-_pools: dict[int, ThreadPoolExecutor] = {}
 
 
 class _Certificate(Protocol):
@@ -261,33 +258,6 @@ def _run_tiles(
 # --- entry point -----------------------------------------------------------------
 
 
-_on_tile_worker = threading.local()
-
-
-def _serial_worker() -> None:
-    _on_tile_worker.value = True
-    # Each worker runs its ops single-threaded: the tiles are the parallelism, and a
-    # torch intra-op team inside every worker would oversubscribe the cores (measured
-    # ~10% slower here).  Reading the count first finishes torch's lazy per-thread
-    # set-up, which would otherwise reset the count on the worker's first op.
-    torch.get_num_threads()
-    torch.set_num_threads(1)
-
-
-def _pool(workers: int) -> ThreadPoolExecutor:
-    with _pool_lock:
-        pool = _pools.get(workers)
-        if pool is None:
-            caller_threads = torch.get_num_threads()
-            pool = ThreadPoolExecutor(workers, thread_name_prefix="tgn-compiled", initializer=_serial_worker)
-            started = threading.Barrier(workers)
-            list(pool.map(lambda _: started.wait(), range(workers)))  # start every worker now
-            # set_num_threads also moved torch's process-wide default: put it back.
-            torch.set_num_threads(caller_threads)
-            _pools[workers] = pool
-        return pool
-
-
 def _weight_for(weight: torch.Tensor | None, acc: torch.dtype) -> torch.Tensor | None:
     # y * w.to(acc): a narrower weight multiplies exactly in acc as it is; a wider
     # one must be rounded to acc first, or the product would be computed wider.
@@ -335,7 +305,7 @@ def run_compiled(
                 raise ConfigError(name, value, "an integer >= 1")
     if threads is None:
         threads = min(DEFAULT_THREADS, torch.get_num_threads())
-    if getattr(_on_tile_worker, "value", False):
+    if on_worker():
         threads = 1  # a nested call from inside a tile must not wait on its own pool
     if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)):
         # out= ops do not record gradients: the reference's ops (same bits) do.
@@ -382,8 +352,9 @@ def run_compiled(
         _run_tiles(plan, x2, y2, w, eps, tile, 0, rows, scales, redo, cancel)
     else:
         per = -(-tiles // workers) * tile
+        pool = tile_pool(workers)
         futures = [
-            _pool(workers).submit(_run_tiles, plan, x2, y2, w, eps, tile, s, min(s + per, rows), scales, redo, cancel)
+            pool.submit(_run_tiles, plan, x2, y2, w, eps, tile, s, min(s + per, rows), scales, redo, cancel)
             for s in range(0, rows, per)
         ]
         for f in futures:

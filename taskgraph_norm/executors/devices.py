@@ -17,6 +17,13 @@ per node or per run.  Each worker is a :class:`Lane`:
 Pools are context managers (``with`` / ``async with``); :func:`default_pool`
 returns a shared pool per ``(device, max_workers)`` that lives until the
 interpreter exits (or :func:`close_default_pools`).
+
+Pools are fork-safe: a forked child (a DataLoader worker, ``multiprocessing``
+with the fork start method) inherits the pool objects but none of their
+threads, so at the fork every open pool gets a new queue and lock in the child
+and starts its threads again on its first :meth:`WorkerPool.submit` there
+(docs/reliability.md).  Accelerator streams cannot be used in a forked child
+(torch refuses to re-initialise CUDA there); CPU pools can.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import atexit
 import os
 import queue
 import threading
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -144,12 +152,33 @@ class WorkerPool:
         self._lock = threading.Lock()
         self._busy = self._peak = self._completed = 0
         self._closed = False
+        self._threads: list[threading.Thread] = []
+        self._forked = False  # a forked child's copy, whose threads are to be started again
+        self._start_threads()
+        _open_pools.add(self)
+
+    def _start_threads(self) -> None:
         self._threads = [
             threading.Thread(target=self._work, args=(lane,), name=lane.name, daemon=True)
             for lane in self.lanes
         ]
         for t in self._threads:
             t.start()
+
+    def _after_fork_in_child(self) -> None:
+        # The parent's threads do not exist here, and its lock or queue may have been
+        # in use at the fork: fresh ones, and threads again on the next submit.
+        self._lock = threading.Lock()
+        self._queue = queue.SimpleQueue()
+        self._busy = 0
+        self._threads = []
+        self._forked = True
+
+    def _restart_after_fork(self) -> None:
+        with self._lock:
+            if self._forked and not self._closed:
+                self._start_threads()
+                self._forked = False
 
     @staticmethod
     def _add_streams(n: int) -> None:
@@ -179,6 +208,8 @@ class WorkerPool:
         """
         if self._closed:
             raise PoolClosedError(self.name)
+        if self._forked:
+            self._restart_after_fork()
         self._queue.put((fn, a, b))
 
     def _work(self, lane: Lane) -> None:
@@ -207,6 +238,7 @@ class WorkerPool:
         if self._closed:
             return
         self._closed = True
+        _open_pools.discard(self)
         for _ in self._threads:
             self._queue.put(None)
         current = threading.current_thread()
@@ -242,6 +274,21 @@ class WorkerPool:
 
 _default_lock = threading.Lock()
 _default_pools: dict[tuple[str, int | None], WorkerPool] = {}
+#: Every pool not yet closed, for the fork handler below.
+_open_pools: weakref.WeakSet[WorkerPool] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    global _default_lock, _stream_lock
+    _default_lock = threading.Lock()
+    _stream_lock = threading.Lock()
+    for pool in list(_open_pools):
+        if not pool.closed:
+            pool._after_fork_in_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def default_pool(device: str | torch.device = "cpu", max_workers: int | None = None) -> WorkerPool:

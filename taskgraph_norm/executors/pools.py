@@ -1,10 +1,17 @@
-"""The helper thread the direct native path splits large inputs with.
+"""The executors' worker threads: the compiled executor's tile pools, and the
+helper thread the direct native path splits large inputs with.
 
-One worker, started on first use, serial (torch ops on it run single-threaded: the
-split is the parallelism).  A call made on that worker (a nested call) gets no
-helper, so it can never wait on itself; a process whose torch thread count is 1
-gets none either.  In a forked child the pool is dropped and made afresh on first
-use: threads do not survive ``fork``.
+Each pool is made on first use and kept; its workers run torch ops single-threaded
+(the split is the parallelism).  A call made on one of these workers (a nested
+call) gets no pool, so it can never wait on itself; a process whose torch thread
+count is 1 gets no helper either.
+
+Fork safety: a forked child (a DataLoader worker, ``multiprocessing`` with the
+fork start method) inherits these objects but not their threads, so a task
+submitted there would never run.  At the fork (``os.register_at_fork``) the child
+drops every pool, without waiting on threads that do not exist, and makes its own
+on first use; the lock is new too, since another thread of the parent may have
+held it at the fork (docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -15,45 +22,66 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-__all__ = ["helper", "on_worker"]
+__all__ = ["helper", "on_worker", "tile_pool"]
 
 _lock = threading.Lock()
-_pool: ThreadPoolExecutor | None = None
+_helper: ThreadPoolExecutor | None = None
+_tile_pools: dict[int, ThreadPoolExecutor] = {}
 _local = threading.local()
 
 
-def _init_worker() -> None:
+def _serial_worker() -> None:
     _local.worker = True
-    torch.get_num_threads()  # finish torch's lazy per-thread set-up first
+    # A torch intra-op team inside every worker would oversubscribe the cores
+    # (measured ~10% slower here).  Reading the count first finishes torch's lazy
+    # per-thread set-up, which would otherwise reset the count on the worker's first op.
+    torch.get_num_threads()
     torch.set_num_threads(1)
 
 
 def on_worker() -> bool:
-    """Whether the calling thread is the helper itself."""
+    """Whether the calling thread is one of these pools' workers."""
     return getattr(_local, "worker", False)
 
 
-def helper() -> ThreadPoolExecutor | None:
-    """The helper pool, or ``None`` when a split must not or need not happen."""
-    global _pool
-    if getattr(_local, "worker", False) or torch.get_num_threads() < 2:
-        return None
-    pool = _pool
-    if pool is None:
-        with _lock:
-            if _pool is None:
-                threads = torch.get_num_threads()
-                _pool = ThreadPoolExecutor(1, thread_name_prefix="tgn-direct", initializer=_init_worker)
-                _pool.submit(lambda: None).result()  # start it now
-                torch.set_num_threads(threads)  # the worker's set-up moved the process default
-            pool = _pool
+def _start(workers: int, name: str) -> ThreadPoolExecutor:
+    caller_threads = torch.get_num_threads()
+    pool = ThreadPoolExecutor(workers, thread_name_prefix=name, initializer=_serial_worker)
+    started = threading.Barrier(workers)
+    list(pool.map(lambda _: started.wait(), range(workers)))  # start every worker now
+    torch.set_num_threads(caller_threads)  # the workers' set-up moved the process default
     return pool
 
 
+def helper() -> ThreadPoolExecutor | None:
+    """The direct path's helper (one thread), or ``None`` when a split must not or
+    need not happen."""
+    global _helper
+    if on_worker() or torch.get_num_threads() < 2:
+        return None
+    pool = _helper
+    if pool is None:
+        with _lock:
+            if _helper is None:
+                _helper = _start(1, "tgn-direct")
+            pool = _helper
+    return pool
+
+
+def tile_pool(workers: int) -> ThreadPoolExecutor:
+    """The compiled executor's pool of ``workers`` threads, every thread started."""
+    with _lock:
+        pool = _tile_pools.get(workers)
+        if pool is None:
+            pool = _tile_pools[workers] = _start(workers, "tgn-compiled")
+        return pool
+
+
 def _after_fork_in_child() -> None:
-    global _pool, _lock
-    _pool = None  # its thread did not survive the fork; never wait on it
+    global _lock, _helper, _tile_pools
     _lock = threading.Lock()
+    _helper = None
+    _tile_pools = {}
 
 
 if hasattr(os, "register_at_fork"):

@@ -1,0 +1,53 @@
+"""Child processes for tests/test_trust.py: each loads the native kernels afresh,
+from this package or from a copy of it that a test has altered."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from taskgraph_norm.executors import native
+
+REPO = Path(__file__).resolve().parents[1]
+#: The C compiler the tests build their own libraries with (None: none here).
+CC = shutil.which(shlex.split(os.environ.get("CC") or "cc")[0])
+#: How the warning shows in a child's stderr.
+WARNING_CATEGORY = "NativeKernelsWarning"
+
+
+def package_copy(root: Path) -> Path:
+    """A copy of the imported package (its built libraries included) under ``root``;
+    returns the copy's ``taskgraph_norm`` folder."""
+    source = Path(native.__file__).resolve().parents[1]
+    return Path(shutil.copytree(source, root / "taskgraph_norm", ignore=shutil.ignore_patterns("__pycache__")))
+
+
+def probe(*accumulates: str) -> str:
+    """Code printing ``native <available>`` and then the digests of the compiled
+    executor's output, one per accumulation."""
+    return textwrap.dedent(f"""
+        import hashlib, torch, taskgraph_norm as tgn
+        from taskgraph_norm.executors import native
+        from taskgraph_norm.testing import bits
+        x = torch.randn(33, 1000, generator=torch.Generator().manual_seed(1)) * 100
+        outs = [tgn.normalize_sync(x, accumulate=a, executor="compiled") for a in {accumulates!r}]
+        print("native", native.available())
+        print(*(hashlib.sha256(bits(o).numpy().tobytes()).hexdigest()[:16] for o in outs))
+    """)
+
+
+def run_probe(code: str, root: Path | None = None, warnings_as_errors: bool = False,
+              **env: str) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a fresh interpreter (in ``root``, whose package comes first on
+    the path, when given), every warning shown, or raised with ``warnings_as_errors``."""
+    full_env = {**os.environ, **env}
+    if root is not None:
+        full_env["PYTHONPATH"] = os.pathsep.join([str(root), full_env.get("PYTHONPATH", "")])
+    flag = "error" if warnings_as_errors else "always"
+    return subprocess.run([sys.executable, "-W", flag, "-c", textwrap.dedent(code)], capture_output=True,
+                          text=True, env=full_env, cwd=root, timeout=300)
