@@ -24,7 +24,9 @@ before it is loaded: it is loaded only on a CPU that has all of them, else the
 portable one is (``TGN_NATIVE=portable`` asks for the portable one).  A library
 that is missing or fails to load leaves the compiled executor on its torch ops
 (the same bits, slower), with one :class:`~taskgraph_norm.errors.NativeKernelsWarning`
-per process that says why; ``TGN_NATIVE=0`` chooses the torch ops silently.
+per process that says why and what it costs (so does a host build that cannot be
+used); ``TGN_NATIVE=0`` chooses the torch ops silently, ``TGN_NATIVE=portable``
+the portable build.
 docs/reliability.md has the whole story.
 """
 
@@ -53,8 +55,10 @@ __all__ = [
 _DIR = Path(__file__).resolve().parent
 _ABI = 6
 #: What the torch ops cost instead (docs/performance.md, "On torch ops alone").
-_COST = ("the same bits, about 1.3x slower for float plans and 2x to 2.5x for exact ones "
-         "(docs/performance.md)")
+_COST = ("the same bits, about 1.3x to 2x slower for float plans and 2x to 5x for exact ones "
+         "(docs/performance.md, docs/reliability.md)")
+#: What the portable build costs instead of the host one (docs/reliability.md).
+_PORTABLE_COST = "the same bits; float plans as fast, exact ones about 2.5x slower (docs/reliability.md)"
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -135,6 +139,28 @@ def _open(path: Path) -> ctypes.CDLL:
     return lib
 
 
+def _choose() -> tuple[ctypes.CDLL | None, Path | None, list[str]]:
+    """The best library this CPU can run, its path, and why any library that is
+    there was not loaded."""
+    reasons: list[str] = []
+    for variant in ("portable",) if _choice == "portable" else ("host", "portable"):
+        path = _find(variant)
+        if path is None:
+            continue
+        try:
+            if variant == "host" and (misfit := _host_misfit(path)) is not None:
+                reasons.append(f"host build not used: {misfit}")
+                continue
+            return _open(path), path, reasons
+        except (OSError, AttributeError) as exc:  # unreadable, untrusted, not a library, stale
+            reasons.append(f"{path.name} failed to load: {exc}")
+    if _find("portable") is None:
+        reasons.append(f"not built: no _native_portable library in {_DIR}; they are built when the package "
+                       "is installed, with a C compiler (in a source checkout: `python setup.py build_ext "
+                       "--inplace`)")
+    return None, None, reasons
+
+
 def _load() -> ctypes.CDLL | None:
     global _lib, _path, _error, _note, _loaded
     if _loaded:  # the fast path of every call after the first
@@ -142,37 +168,21 @@ def _load() -> ctypes.CDLL | None:
     with _lock:
         if _loaded:
             return _lib
-        reasons: list[str] = []  # why a library that is there was not loaded
-        broken = False  # a library that is there, fits and failed to load
-        for variant in ("portable",) if _choice == "portable" else ("host", "portable"):
-            path = _find(variant)
-            if path is None:
-                continue
-            try:
-                if variant == "host" and (misfit := _host_misfit(path)) is not None:
-                    reasons.append(f"host build not used: {misfit}")
-                    continue
-                _lib, _path = _open(path), path
-                break
-            except (OSError, AttributeError) as exc:  # unreadable, untrusted, not a library, stale
-                reasons.append(f"{path.name} failed to load: {exc}")
-                broken = True
-        if _lib is None and _find("portable") is None:
-            reasons.append(f"not built: no _native_portable library in {_DIR}; they are built when the package "
-                           "is installed, with a C compiler (in a source checkout: `python setup.py build_ext "
-                           "--inplace`)")
+        _lib, _path, reasons = _choose()
         _error = None if _lib is not None else "; ".join(reasons)
         _note = "; ".join(reasons) if _lib is not None and reasons else None
         # Set last: the lock-free fast path above must never see a half-made state.
         _loaded = True
+    # Only the thread that loaded gets here: one warning per process.
     if _lib is None:
         warnings.warn(f"taskgraph_norm's native kernels are unavailable ({_error}). The compiled executor runs "
                       f"its torch ops instead: {_COST}. Reinstall taskgraph-norm where a C compiler works, or "
                       "set TGN_NATIVE=0 to choose the torch ops without this warning.",
                       NativeKernelsWarning, stacklevel=3)
-    elif broken:
-        warnings.warn(f"taskgraph_norm's native kernels: {_note}; running the portable build instead (the same "
-                      "bits, a little slower). Reinstall taskgraph-norm to repair it.",
+    elif _note is not None:
+        warnings.warn(f"taskgraph_norm's native kernels: {_note}; running the portable build instead: "
+                      f"{_PORTABLE_COST}. Reinstall taskgraph-norm on this machine to rebuild it, or set "
+                      "TGN_NATIVE=portable to choose the portable build without this warning.",
                       NativeKernelsWarning, stacklevel=3)
     return _lib
 
