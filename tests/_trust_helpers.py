@@ -9,8 +9,10 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
+from taskgraph_norm.errors import NativeKernelsWarning
 from taskgraph_norm.executors import native
 
 REPO = Path(__file__).resolve().parents[1]
@@ -18,6 +20,16 @@ REPO = Path(__file__).resolve().parents[1]
 CC = shutil.which(shlex.split(os.environ.get("CC") or "cc")[0])
 #: How the warning shows in a child's stderr.
 WARNING_CATEGORY = "NativeKernelsWarning"
+
+
+def native_status() -> tuple[bool, str | None]:
+    """Whether the native kernels load in this process, and why not.  The one
+    NativeKernelsWarning of a process whose kernels do not load is expected here
+    (the suite then runs on torch ops); where a compiler exists,
+    test_native.py::test_native_kernels_are_built_where_a_compiler_is fails instead."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NativeKernelsWarning)
+        return native.available(), native.why_unavailable()
 
 
 def package_copy(root: Path) -> Path:

@@ -24,9 +24,10 @@ from taskgraph_norm.executors.native import FloatRecipe
 from taskgraph_norm.graph import Graph, Node, Op
 from .helpers import assert_bits_equal, bits_equal, compile_graph, run_compiled
 
-from ._trust_helpers import CC, run_probe
+from ._trust_helpers import CC, native_status, run_probe
 from .conftest import gen
-needs_native = pytest.mark.skipif(not native.available(), reason=f"native kernels: {native.why_unavailable()}")
+NATIVE, WHY_NOT = native_status()
+needs_native = pytest.mark.skipif(not NATIVE, reason=f"native kernels: {WHY_NOT}")
 
 
 def spread(rows: int, hidden: int, dtype: torch.dtype, binades: int = 60, seed: int = 0) -> torch.Tensor:

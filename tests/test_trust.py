@@ -29,9 +29,10 @@ from taskgraph_norm.executors import devices, native, pools
 from taskgraph_norm.executors.cpu_features import MARKER
 from taskgraph_norm.testing import bits
 
-from ._trust_helpers import CC, REPO, WARNING_CATEGORY, package_copy, probe, run_probe
+from ._trust_helpers import CC, REPO, WARNING_CATEGORY, native_status, package_copy, probe, run_probe
 
-needs_native = pytest.mark.skipif(not native.available(), reason=f"native kernels: {native.why_unavailable()}")
+NATIVE, WHY_NOT = native_status()
+needs_native = pytest.mark.skipif(not NATIVE, reason=f"native kernels: {WHY_NOT}")
 needs_cc = pytest.mark.skipif(CC is None, reason="no C compiler")
 
 
@@ -101,9 +102,8 @@ def test_a_planted_library_in_a_shared_folder_never_runs(tmp_path: Path) -> None
     assert control.returncode == 0 and marker.exists()
 
 
+@needs_native
 def test_the_library_is_loaded_from_the_package_folder() -> None:
-    if not native.available():
-        pytest.skip(f"native kernels: {native.why_unavailable()}")
     path = native.library_path()
     assert path is not None and path.parent == Path(native.__file__).resolve().parent
     assert path.name.startswith(("_native_host", "_native_portable"))
