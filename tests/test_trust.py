@@ -27,6 +27,7 @@ import torch
 import taskgraph_norm as tgn
 from taskgraph_norm.executors import devices, native, pools
 from taskgraph_norm.executors.cpu_features import MARKER
+from taskgraph_norm.executors.direct import SPLIT_NUMEL
 from taskgraph_norm.testing import bits
 
 from ._trust_helpers import CC, REPO, WARNING_CATEGORY, native_status, package_copy, probe, run_probe
@@ -219,11 +220,13 @@ def _digest(t: torch.Tensor) -> str:
 
 
 def _run_every_pool(x: torch.Tensor, graph: tgn.Graph) -> list[str]:
-    """The compiled executor over several tiles on two threads, and the concurrent
-    executor on the default worker pool."""
+    """The compiled executor over several tiles on two threads, the direct native
+    path split with its helper thread (fp32, >= SPLIT_NUMEL elements), and the
+    concurrent executor on the default worker pool."""
     compiled = anyio.run(functools.partial(tgn.execute, graph, x, executor="compiled", threads=2, tile_rows=16))
+    direct = tgn.normalize_sync(x)
     concurrent = tgn.normalize_sync(x, executor="concurrent")
-    return [_digest(compiled), _digest(concurrent)]
+    return [_digest(compiled), _digest(direct), _digest(concurrent)]
 
 
 def _child(conn: Any, x: torch.Tensor, graph: tgn.Graph, stale: dict[int, Any] | None) -> None:
@@ -256,13 +259,16 @@ def _in_forked_child(x: torch.Tensor, graph: tgn.Graph, timeout: float, stale: d
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
 def test_a_forked_child_runs_every_pool_and_gets_the_same_bits() -> None:
-    """After the parent used the compiled executor's tile pool and the concurrent
-    executor's worker pool, a child forked from it runs both (no hang) and gets the
-    parent's bits.  Negative control: given back the parent's pools, the child hangs."""
-    x = torch.randn(64, 256)
-    graph = tgn.build_graph(256, chunk_size=16)
+    """After the parent used the compiled executor's tile pool, the direct path's
+    helper and the concurrent executor's worker pool, a child forked from it runs
+    them all (no hang) and gets the parent's bits.  Negative control: given back the parent's pools, the child hangs."""
+    x = torch.randn(64, 1024)
+    assert x.numel() >= SPLIT_NUMEL
+    graph = tgn.build_graph(1024, chunk_size=16)
     expected = _run_every_pool(x, graph)
     assert pools._tile_pools and devices._default_pools  # the parent really used every pool
+    if NATIVE and torch.get_num_threads() >= 2:
+        assert pools._helper is not None
     assert _in_forked_child(x, graph, timeout=120) == expected
     assert _in_forked_child(x, graph, timeout=120) == expected  # and again: nothing left broken
     assert _in_forked_child(x, graph, timeout=5, stale=dict(pools._tile_pools)) is None

@@ -55,10 +55,11 @@ __all__ = [
 _DIR = Path(__file__).resolve().parent
 _ABI = 6
 #: What the torch ops cost instead (docs/performance.md, "On torch ops alone").
-_COST = ("the same bits, about 1.3x to 2x slower for float plans and 2x to 5x for exact ones "
-         "(docs/performance.md, docs/reliability.md)")
+_COST = ("the same bits, about 3x slower for float plans and 5x to 6x for exact ones on (4096, 4096) fp32 "
+         "(docs/reliability.md)")
 #: What the portable build costs instead of the host one (docs/reliability.md).
-_PORTABLE_COST = "the same bits; float plans as fast, exact ones about 2.5x slower (docs/reliability.md)"
+_PORTABLE_COST = ("the same bits; the float kernel about 1.2x slower, the exact one 2x to 3x "
+                  "(docs/reliability.md)")
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
