@@ -18,6 +18,7 @@ import trio
 
 import taskgraph_norm as tgn
 from taskgraph_norm.executors import compiled as compiled_mod
+from taskgraph_norm.executors import pools
 from taskgraph_norm.executors import reference as reference_mod
 
 from .helpers import assert_bits_equal
@@ -110,7 +111,7 @@ def test_a_sync_call_from_a_tile_worker_runs_inline() -> None:
     # wait on its own pool: it runs on the calling thread.
     x = torch.randn(3, 64)
     expected = tgn.normalize_sync(x, executor="reference")
-    pool = compiled_mod._pool(2)
+    pool = pools.tile_pool(2)
     results = list(pool.map(lambda _: tgn.execute_sync(tgn.build_graph(64), x, executor="compiled",
                                                       tile_rows=1), range(4)))
     for y in results:

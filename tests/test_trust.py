@@ -28,9 +28,9 @@ import taskgraph_norm as tgn
 from taskgraph_norm.executors import devices, native, pools
 from taskgraph_norm.executors.cpu_features import MARKER
 from taskgraph_norm.executors.direct import SPLIT_NUMEL
-from taskgraph_norm.testing import bits
 
 from ._trust_helpers import CC, REPO, WARNING_CATEGORY, native_status, package_copy, probe, run_probe
+from .helpers import bits
 
 NATIVE, WHY_NOT = native_status()
 needs_native = pytest.mark.skipif(not NATIVE, reason=f"native kernels: {WHY_NOT}")
