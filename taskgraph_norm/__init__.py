@@ -21,6 +21,7 @@ from .errors import GraphError as GraphError
 from .errors import InputRankError as InputRankError
 from .errors import InputShapeError as InputShapeError
 from .errors import MissingDependencyError as MissingDependencyError
+from .errors import NativeKernelsWarning as NativeKernelsWarning
 from .errors import PoolClosedError as PoolClosedError
 from .errors import ScheduleError as ScheduleError
 from .errors import ShardMismatchError as ShardMismatchError
@@ -57,6 +58,7 @@ __all__ = [
     "InputRankError",
     "InputShapeError",
     "MissingDependencyError",
+    "NativeKernelsWarning",
     "Node",
     "Op",
     "Pipeline",
