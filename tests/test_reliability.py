@@ -116,3 +116,35 @@ def test_a_sync_call_from_a_tile_worker_runs_inline() -> None:
                                                       tile_rows=1), range(4)))
     for y in results:
         assert_bits_equal(y, expected)
+
+
+@pytest.mark.parametrize("executor", ["concurrent", "compiled", "auto"])
+def test_a_node_that_calls_normalize_sync_never_deadlocks_the_pool(executor: str) -> None:
+    # More nodes than the shared pool has workers, each running a graph on the same
+    # executor from inside the node: before, the inner runs queued behind the nodes
+    # waiting for them, on the same shared pool, and every worker waited forever.
+    from taskgraph_norm.executors.devices import default_workers
+
+    from ._executor_helpers import call_graph
+
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(3))
+    expected = tgn.normalize_sync(x, executor="reference")
+
+    def inner(v: torch.Tensor) -> torch.Tensor:
+        return tgn.normalize_sync(v, executor=executor)
+
+    def first(*parts: torch.Tensor) -> torch.Tensor:
+        return parts[0]
+
+    width = 2 * default_workers() + 1
+    spec = {f"n{i}": ("inner", ("x",)) for i in range(width)}
+    spec["out"] = ("first", tuple(spec))
+    g = call_graph(spec, "out")
+    done: list[torch.Tensor] = []
+    t = threading.Thread(target=lambda: done.append(
+        tgn.execute_sync(g, x, executor="concurrent", functions={"inner": inner, "first": first})))
+    t.daemon = True  # a deadlock must fail the test, not hang the suite
+    t.start()
+    t.join(60)
+    assert done, "the nested calls deadlocked"
+    assert_bits_equal(done[0], expected)

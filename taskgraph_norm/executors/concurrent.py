@@ -39,7 +39,7 @@ import torch
 
 from ..errors import ConfigError
 from ..graph import Graph, Op
-from .devices import Lane, WorkerPool, default_pool
+from .devices import Lane, WorkerPool, current_pool, default_pool
 from .interpreter import GraphInterpreter, call_with, profiling
 from .plan import plan_for
 from .schedules import ANY, COMPLETE, DISPATCH, Scheduler, resolve_schedule
@@ -407,6 +407,9 @@ async def run_concurrent(
     if trace is not None and not callable(trace):
         raise ConfigError("trace", trace, "a callable taking a Trace (e.g. list.append) or None")
     chosen = _pick_pool(x, device, max_workers, pool)
+    nested = current_pool() is chosen
+    if nested:  # called from a node running on this pool: a pool of its own, never a wait on itself
+        chosen = WorkerPool(1, device=chosen.device, name="tgn-nested")
     policy = resolve_schedule(schedule)
     scheduler = policy.start(graph)
     interp.x, interp.weight = x, weight
@@ -422,6 +425,8 @@ async def run_concurrent(
     try:
         value = await run.wait()
     finally:
+        if nested:
+            chosen.close()
         if trace is not None:
             trace(run.trace(policy))
     if chosen.uses_streams and isinstance(value, torch.Tensor):

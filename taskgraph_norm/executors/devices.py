@@ -46,6 +46,7 @@ __all__ = [
     "PoolStats",
     "WorkerPool",
     "close_default_pools",
+    "current_pool",
     "default_pool",
     "default_workers",
     "live_streams",
@@ -213,6 +214,7 @@ class WorkerPool:
         self._queue.put((fn, a, b))
 
     def _work(self, lane: Lane) -> None:
+        _on_pool.pool = self
         get, lock = self._queue.get, self._lock
         while True:
             item = get()
@@ -289,6 +291,17 @@ def _after_fork_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+_on_pool = threading.local()
+
+
+def current_pool() -> WorkerPool | None:
+    """The pool whose worker the calling thread is (``None`` off every pool): a run
+    started from inside a node must not queue its nodes behind the node that waits
+    for them."""
+    pool: WorkerPool | None = getattr(_on_pool, "pool", None)
+    return pool
 
 
 def default_pool(device: str | torch.device = "cpu", max_workers: int | None = None) -> WorkerPool:
