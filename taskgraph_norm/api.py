@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from . import pipeline
+from . import kernels, pipeline
 from .checks import check_input, check_out
 from .errors import InputRankError
 from .executors import ASYNC_EXECUTORS
@@ -26,7 +26,8 @@ __all__ = ["execute", "execute_sync", "normalize", "normalize_sync", "OFFLOAD_NU
 
 def _pipeline(
     x: object, topology: str, chunk_size: int, leaf: str, accumulate: str, executor: str,
-    weight: object | None, out: object | None,
+    weight: object | None, out: object | None, casting_mode: str = "torch", offset: float = 0.0,
+    residual: bool = False,
 ) -> pipeline.Pipeline | None:
     """The configuration's pipeline, or ``None`` for a hidden size of 0 (an empty
     result, after the same checks)."""
@@ -37,11 +38,23 @@ def _pipeline(
     hidden = x.shape[-1]
     if hidden == 0:
         # Parameters are checked even when D == 0, so a bad call fails on every input.
-        build_graph(1, chunk_size=chunk_size, topology=topology, leaf=leaf, accumulate=accumulate)
+        build_graph(1, chunk_size=chunk_size, topology=topology, leaf=leaf, accumulate=accumulate,
+                    casting_mode=casting_mode, offset=offset, residual=residual)
         check_input(x, (0,), weight)
-        check_out(out, x)
         return None
-    return pipeline.for_config(hidden, chunk_size, topology, leaf, accumulate, executor)
+    return pipeline.for_config(hidden, chunk_size, topology, leaf, accumulate, executor,
+                               casting_mode, offset, residual)
+
+
+def _empty(x: torch.Tensor, weight: object | None, out: torch.Tensor | None, casting_mode: str,
+           residual: torch.Tensor | None, residual_out: torch.Tensor | None) -> Any:
+    """The result for a hidden size of 0 (no rows to normalise, nothing to add)."""
+    dtype = kernels.output_dtype(x.dtype, weight.dtype if isinstance(weight, torch.Tensor) else None, casting_mode)
+    check_out(out, x, dtype)
+    y = out if out is not None else torch.empty_like(x, dtype=dtype)
+    if residual is None:
+        return y
+    return y, kernels.residual_add(x, residual, out=residual_out)
 
 
 def normalize_sync(
@@ -55,7 +68,11 @@ def normalize_sync(
     accumulate: str = "float",
     executor: str = "auto",
     out: torch.Tensor | None = None,
-) -> torch.Tensor:
+    casting_mode: str = "torch",
+    offset: float = 0.0,
+    residual: torch.Tensor | None = None,
+    residual_out: torch.Tensor | None = None,
+) -> Any:
     """RMSNorm of ``x`` over its last dim through a merge graph, from sync code.
 
     Same arguments and result as :func:`normalize`.  Works from inside a running
@@ -63,15 +80,19 @@ def normalize_sync(
     """
     if isinstance(x, torch.Tensor) and x.dim():  # the warm path: one dict lookup, one call
         try:
-            pipe = pipeline._by_config.get((x.shape[-1], chunk_size, topology, leaf, accumulate, executor))
+            pipe = pipeline._by_config.get((x.shape[-1], chunk_size, topology, leaf, accumulate, executor,
+                                            casting_mode, offset, residual is not None))
         except TypeError:
             pipe = None
         if pipe is not None:
-            return pipe(x, weight, eps, out)
-    found = _pipeline(x, topology, chunk_size, leaf, accumulate, executor, weight, out)
+            if residual is None and residual_out is None:
+                return pipe(x, weight, eps, out)
+            return pipe(x, weight, eps, out, residual=residual, residual_out=residual_out)
+    found = _pipeline(x, topology, chunk_size, leaf, accumulate, executor, weight, out,
+                      casting_mode, offset, residual is not None)
     if found is None:
-        return out if out is not None else torch.empty_like(x)
-    return found(x, weight, eps, out)
+        return _empty(x, weight, out, casting_mode, residual, residual_out)
+    return found(x, weight, eps, out, residual=residual, residual_out=residual_out)
 
 
 async def normalize(
@@ -85,7 +106,11 @@ async def normalize(
     accumulate: str = "float",
     executor: str = "auto",
     out: torch.Tensor | None = None,
-) -> torch.Tensor:
+    casting_mode: str = "torch",
+    offset: float = 0.0,
+    residual: torch.Tensor | None = None,
+    residual_out: torch.Tensor | None = None,
+) -> Any:
     """RMSNorm of ``x`` over its last dim, computed through an explicit merge graph.
 
     ``y = x / sqrt(mean(x**2, -1) + eps) * weight`` where the sum of squares is
@@ -95,6 +120,14 @@ async def normalize(
     fp32 and are cast back.  With ``out``, the result is written there and
     ``out`` is returned.  Large inputs are computed off the event-loop thread;
     cancelling the call stops that work between tiles.
+
+    ``casting_mode`` (``"torch"``, ``"llama"``, ``"gemma"``) and ``offset`` (added to
+    the weight) follow Hugging Face's model families (:func:`taskgraph_norm.kernels.finalize`;
+    ``"llama"`` with a weight returns the promoted dtype of the weight and ``x``).
+    With ``residual`` (``x``'s shape and dtype) the call returns ``(y, h)``:
+    ``h = x + residual`` rounded to ``x``'s dtype, and ``y`` the RMSNorm of ``h``
+    (a fused residual add, one pass on the native kernels); ``out`` receives ``y``
+    and ``residual_out`` receives ``h`` (it may be ``x`` or ``residual`` itself).
 
     Examples
     --------
@@ -107,15 +140,19 @@ async def normalize(
     if isinstance(x, torch.Tensor) and x.dim() and x.numel() < OFFLOAD_NUMEL:
         # The warm path of a small call: inline, as normalize_sync's (no thread hop).
         try:
-            pipe = pipeline._by_config.get((x.shape[-1], chunk_size, topology, leaf, accumulate, executor))
+            pipe = pipeline._by_config.get((x.shape[-1], chunk_size, topology, leaf, accumulate, executor,
+                                            casting_mode, offset, residual is not None))
         except TypeError:
             pipe = None
         if pipe is not None and pipe.executor not in ASYNC_EXECUTORS:
-            return pipe(x, weight, eps, out)
-    found = _pipeline(x, topology, chunk_size, leaf, accumulate, executor, weight, out)
+            if residual is None and residual_out is None:
+                return pipe(x, weight, eps, out)
+            return pipe(x, weight, eps, out, residual=residual, residual_out=residual_out)
+    found = _pipeline(x, topology, chunk_size, leaf, accumulate, executor, weight, out,
+                      casting_mode, offset, residual is not None)
     if found is None:
-        return out if out is not None else torch.empty_like(x)
-    return await found.acall(x, weight, eps, out)
+        return _empty(x, weight, out, casting_mode, residual, residual_out)
+    return await found.acall(x, weight, eps, out, residual=residual, residual_out=residual_out)
 
 
 async def execute(
@@ -126,7 +163,7 @@ async def execute(
     *,
     executor: str = "auto",
     **options: Any,
-) -> torch.Tensor:
+) -> Any:
     """Run ``graph`` on ``x`` (shape ``(..., D)``) and return the normalised tensor.
 
     ``executor`` is ``"auto"`` (the best this version has for the graph) or a
@@ -137,7 +174,9 @@ async def execute(
     ``tile_rows`` and ``threads``: see docs/executor.md).
 
     A general graph -- one with CALL nodes and no ``hidden_size`` in its meta --
-    is run as it is: ``x`` is passed to its INPUT node unchecked.
+    is run as it is: ``x`` is passed to its INPUT node unchecked.  A graph built
+    with ``residual=True`` takes ``residual=`` (and optionally ``residual_out=``)
+    and returns ``(y, h)``, as :func:`normalize` does.
     """
     return await pipeline.for_graph(graph, executor).acall(x, weight, eps, None, **options)
 
@@ -150,7 +189,7 @@ def execute_sync(
     *,
     executor: str = "auto",
     **options: Any,
-) -> torch.Tensor:
+) -> Any:
     """:func:`execute` from sync code (also from inside a running event loop)."""
     return pipeline.for_graph(graph, executor)(x, weight, eps, None, **options)
 

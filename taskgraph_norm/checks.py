@@ -86,14 +86,16 @@ def resolve_eps(eps: float | None, dtype: torch.dtype) -> float:
     return float(eps)
 
 
-def check_out(out: object | None, x: torch.Tensor) -> None:
-    """``out`` must be a tensor of ``x``'s shape, dtype and device."""
+def check_out(out: object | None, x: torch.Tensor, dtype: torch.dtype | None = None) -> None:
+    """``out`` must be a tensor of ``x``'s shape and device and of the result's dtype
+    (``dtype``; default ``x``'s: only ``casting_mode="llama"`` returns another)."""
     if out is None:
         return
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"out must be a torch.Tensor or None, got {type(out).__name__}")
-    if out.shape != x.shape or out.dtype != x.dtype or out.device != x.device:
+    want = x.dtype if dtype is None else dtype
+    if out.shape != x.shape or out.dtype != want or out.device != x.device:
         raise ConfigError(
             "out", f"tensor{list(out.shape)} {out.dtype} on {out.device}",
-            f"a tensor of shape {list(x.shape)}, dtype {x.dtype} on {x.device}",
+            f"a tensor of shape {list(x.shape)}, dtype {want} on {x.device}",
         )

@@ -27,7 +27,9 @@ class Op(enum.Enum):
     """The operations a node may perform.  Each value's docstring is its semantics."""
 
     INPUT = "input"
-    """The input tensor ``x`` of shape ``(..., D)``; no operands."""
+    """The input tensor ``x`` of shape ``(..., D)``; no operands.  With attr
+    ``residual=True`` its value is ``h = x + residual`` rounded to ``x.dtype`` (one
+    elementwise add; the executor also hands ``h`` back), and the graph normalises ``h``."""
     SUMSQ = "sumsq"
     """Sum of squares of ``x[..., start:stop]`` per row (attrs ``start``, ``stop``,
     ``leaf``).  ``leaf="pairwise"`` sums by explicit halving (see kernels), so its
@@ -50,7 +52,10 @@ class Op(enum.Enum):
     """Opaque ``torch.nn.functional.rms_norm`` over the last dim (the baseline)."""
     FINALIZE = "finalize"
     """``x / sqrt(total / D + eps) * w`` computed in the accumulation dtype and cast
-    back to the input dtype; operands ``(x, total)``, attr ``hidden_size``."""
+    back to the input dtype; operands ``(x, total)``, attr ``hidden_size``.  Attrs
+    ``casting_mode`` (``"torch"`` when absent, ``"llama"``, ``"gemma"``) and
+    ``offset`` (``0.0`` when absent; the weight used is ``offset + w``) say how it
+    rounds: :func:`taskgraph_norm.kernels.finalize`."""
     OUTPUT = "output"
     """Marks the graph's single result; operand ``(y,)``."""
     CALL = "call"

@@ -30,6 +30,11 @@ __all__ = [
     "maximum",
     "exact_scale",
     "combine_exact",
+    "CASTING_MODES",
+    "output_dtype",
+    "residual_add",
+    "finalize_weight",
+    "finalize_rms",
     "finalize",
     "rms_norm_standard",
 ]
@@ -232,32 +237,87 @@ def _sqrt_correctly_rounded(t: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(t.double()).to(t.dtype)
 
 
-def finalize(
-    x: torch.Tensor,
-    total: torch.Tensor,
-    hidden_size: int,
-    eps: float,
-    weight: torch.Tensor | None,
-) -> torch.Tensor:
-    """``x / sqrt(total / D + eps) * w`` in the accumulation dtype, cast back.
+#: What FINALIZE may do after the division (docs/user-guide.md, "Casting modes").
+CASTING_MODES: tuple[str, ...] = ("torch", "llama", "gemma")
 
-    Division and an fp64-computed ``sqrt`` rounded to fp32 are correctly rounded on
-    every IEEE backend (``rsqrt`` and torch's CUDA fp32 ``sqrt`` are not), so this
-    form gives the same bits on every device for fp32, fp16 and bf16 inputs (fp64
-    inputs: see :func:`_sqrt_correctly_rounded`).  An exact pair
-    ``(S1, S2)`` is combined in fp64 and rounded once to the accumulation dtype.
-    """
-    dtype = accumulation_dtype(x.dtype)
+
+def output_dtype(x_dtype: torch.dtype, weight_dtype: torch.dtype | None, casting_mode: str) -> torch.dtype:
+    """The dtype FINALIZE returns: ``x``'s, except ``"llama"`` with a weight, which
+    multiplies in (and returns) the promoted dtype of the weight and ``x``, as
+    Hugging Face's ``LlamaRMSNorm`` does (an fp32 weight and bf16 ``x`` give fp32)."""
+    if casting_mode == "llama" and weight_dtype is not None:
+        return torch.promote_types(weight_dtype, x_dtype)
+    return x_dtype
+
+
+def residual_add(x: torch.Tensor, residual: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``h = x + residual`` in ``x``'s dtype: one IEEE addition per element (fp16 and
+    bf16 are added in fp32 and rounded once, which is the correctly rounded sum).
+    ``out`` may be ``x`` or ``residual`` itself (each element is read before it is
+    written)."""
+    if out is None:
+        return x + residual
+    return torch.add(x, residual, out=out)
+
+
+def finalize_weight(weight: torch.Tensor, dtype: torch.dtype, offset: float) -> torch.Tensor:
+    """The weight FINALIZE multiplies by: ``w.to(dtype) + offset`` in ``dtype``
+    (Gemma stores ``w`` and multiplies by ``1 + w``).  ``offset=0`` adds nothing
+    (so a ``-0.0`` weight keeps its sign)."""
+    w = weight.to(dtype)
+    return w + offset if offset else w
+
+
+def finalize_rms(total: torch.Tensor, hidden_size: int, eps: float, dtype: torch.dtype) -> torch.Tensor:
+    """``sqrt(total / D + eps)`` per row in ``dtype`` (an exact pair is combined in
+    fp64 and rounded once to ``dtype`` first)."""
     if total.shape[-1] == EXACT_CHANNELS:
         total = combine_exact(total)
     total = total.to(dtype)
     # A tensor divisor, not a Python number: CUDA turns division by a host scalar
     # into multiplication by its reciprocal, which rounds differently from the CPU.
     mean = total / torch.full_like(total, hidden_size) + eps
-    rms = _sqrt_correctly_rounded(mean)
-    y = x.to(dtype) / rms
+    return _sqrt_correctly_rounded(mean)
+
+
+def finalize(
+    x: torch.Tensor,
+    total: torch.Tensor,
+    hidden_size: int,
+    eps: float,
+    weight: torch.Tensor | None,
+    casting_mode: str = "torch",
+    offset: float = 0.0,
+) -> torch.Tensor:
+    """``x / sqrt(total / D + eps) * (offset + w)``, rounded as ``casting_mode`` says.
+
+    ``acc`` is the accumulation dtype (fp32 for fp32/fp16/bf16 ``x``, fp64 for fp64):
+
+    * ``"torch"`` (``torch.nn.RMSNorm``): ``y = x.to(acc) / rms``, ``y * (w.to(acc) +
+      offset)`` in ``acc``, cast once to ``x.dtype``.
+    * ``"gemma"`` (Hugging Face Gemma, Gemma 2 and 3 with ``offset=1``): everything in
+      ``acc`` with the weight ``(offset + w)`` made in ``acc``, cast once -- the
+      same operations as ``"torch"``, named for the models that use them.
+    * ``"llama"`` (Hugging Face Llama, Qwen, Mistral): ``y = (x.to(acc) / rms).to(x.dtype)``,
+      then ``y.to(p) * (w.to(p) + offset)`` in ``p``, the promoted dtype of the
+      weight and ``x`` (:func:`output_dtype`).
+
+    Division and an fp64-computed ``sqrt`` rounded to fp32 are correctly rounded on
+    every IEEE backend (``rsqrt`` and torch's CUDA fp32 ``sqrt`` are not), so this
+    form gives the same bits on every device for fp32, fp16 and bf16 inputs (fp64
+    inputs: see :func:`_sqrt_correctly_rounded`).  Hugging Face multiplies by
+    ``rsqrt`` instead; that rounding is the only difference from its formulas.
+    """
+    dtype = accumulation_dtype(x.dtype)
+    y = x.to(dtype) / finalize_rms(total, hidden_size, eps, dtype)
+    if casting_mode == "llama":
+        y = y.to(x.dtype)
+        if weight is None:
+            return y
+        wide = torch.promote_types(weight.dtype, x.dtype)
+        return y.to(wide) * finalize_weight(weight, wide, offset)
     if weight is not None:
-        y = y * weight.to(dtype)
+        y = y * finalize_weight(weight, dtype, offset)
     return y.to(x.dtype)
 
 

@@ -48,6 +48,8 @@ class RMSNorm(nn.Module):
         chunk_size: int = 64,
         leaf: str = "pairwise",
         accumulate: str = "float",
+        casting_mode: str = "torch",
+        offset: float = 0.0,
     ) -> None:
         super().__init__()
         dims: Sequence[int] = (
@@ -66,7 +68,11 @@ class RMSNorm(nn.Module):
         build_graph(
             max(math.prod(self.normalized_shape), 1),
             chunk_size=chunk_size, topology=topology, leaf=leaf, accumulate=accumulate,
+            casting_mode=casting_mode, offset=offset,
         )
+        self.casting_mode, self.offset = casting_mode, float(offset)
+        if self.offset and not elementwise_affine:
+            raise ConfigError("offset", offset, "0.0 with elementwise_affine=False (it is added to the weight)")
         if elementwise_affine:
             self.weight = nn.Parameter(torch.empty(self.normalized_shape, device=device, dtype=dtype))
         else:
@@ -77,27 +83,32 @@ class RMSNorm(nn.Module):
         if self.weight is not None:
             nn.init.ones_(self.weight)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> Any:
+        """``y``; with ``residual``, ``(y, h)``: ``h = x + residual`` and ``y`` its RMSNorm
+        (a decoder layer's fused residual add; see :func:`taskgraph_norm.normalize`)."""
         k = len(self.normalized_shape)
+        options = dict(topology=self.topology, chunk_size=self.chunk_size, leaf=self.leaf,
+                       accumulate=self.accumulate, casting_mode=self.casting_mode, offset=self.offset)
         if k == 1 and isinstance(x, torch.Tensor) and x.dim() and x.shape[-1] == self.normalized_shape[0]:
-            return normalize_sync(  # the warm path: normalize_sync checks the rest
-                x, self.weight, self.eps, topology=self.topology, chunk_size=self.chunk_size,
-                leaf=self.leaf, accumulate=self.accumulate,
-            )
+            # the warm path: normalize_sync checks the rest
+            return normalize_sync(x, self.weight, self.eps, residual=residual, **options)  # type: ignore[arg-type]
         check_input(x, self.normalized_shape, self.weight)
         hidden = math.prod(self.normalized_shape)
         flat = x if k == 1 else x.reshape(*x.shape[: x.dim() - k], hidden)
         w = self.weight if self.weight is None or k == 1 else self.weight.reshape(hidden)
-        y = normalize_sync(
-            flat, w, self.eps,
-            topology=self.topology, chunk_size=self.chunk_size,
-            leaf=self.leaf, accumulate=self.accumulate,
-        )
-        return y if k == 1 else y.reshape(x.shape)
+        r = residual if residual is None or k == 1 or residual.shape != x.shape else residual.reshape(flat.shape)
+        result = normalize_sync(flat, w, self.eps, residual=r, **options)  # type: ignore[arg-type]
+        if k == 1:
+            return result
+        if residual is None:
+            return result.reshape(x.shape)
+        return result[0].reshape(x.shape), result[1].reshape(x.shape)
 
     def extra_repr(self) -> str:
         return (
             f"{self.normalized_shape}, eps={self.eps}, "
             f"elementwise_affine={self.elementwise_affine}, topology={self.topology!r}, "
             f"chunk_size={self.chunk_size}, leaf={self.leaf!r}, accumulate={self.accumulate!r}"
+            + (f", casting_mode={self.casting_mode!r}" if self.casting_mode != "torch" else "")
+            + (f", offset={self.offset!r}" if self.offset else "")
         )

@@ -17,16 +17,16 @@ from __future__ import annotations
 import functools
 import threading
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, overload
 
 import anyio
 import anyio.to_thread
 import sniffio
 import torch
 
-from . import caches
+from . import caches, kernels
 from .checks import check_input, check_out, resolve_eps
-from .errors import ConfigError, ExecutionError, GraphError
+from .errors import ConfigError, DeviceMismatchError, ExecutionError, GraphError
 from .executors import ASYNC_EXECUTORS, EXECUTORS, PLAN_EXECUTORS, Plan, direct_call, lower_certified
 from .executors import triton as _triton
 from .executors.direct import DirectCall
@@ -63,7 +63,7 @@ class Pipeline:
     """
 
     __slots__ = ("graph", "executor", "plan", "hidden_size", "_proof", "_runner", "_direct", "_direct_known",
-                 "_triton")
+                 "_triton", "casting_mode", "offset", "residual")
 
     def __init__(self, graph: Graph, executor: str = "auto") -> None:
         if not isinstance(graph, Graph):
@@ -87,12 +87,17 @@ class Pipeline:
                     executor = "reference"
         elif executor in PLAN_EXECUTORS:
             self.plan = lower_certified(graph, self.proof)
+        self.casting_mode, self.offset, self.residual = _semantics(graph)
+        default_semantics = (self.casting_mode, self.offset, self.residual) == ("torch", 0.0, False)
+        if executor == "triton" and not default_semantics:
+            raise ExecutionError("the triton executor runs casting_mode='torch', offset=0 and no residual "
+                                 "for now (use executor='compiled' or 'auto')")
         self.executor = executor
         self._runner = EXECUTORS[executor]
         # auto on a CUDA tensor: the Triton kernels, where triton is installed and
         # the plan is one they run; the compiled executor's torch ops otherwise.
-        self._triton = (executor == "compiled" and self.plan is not None and _triton.available()
-                        and _triton.supports(self.plan))
+        self._triton = (executor == "compiled" and self.plan is not None and default_semantics
+                        and _triton.available() and _triton.supports(self.plan))
         self._direct: DirectCall | None = None
         self._direct_known = self.plan is None
 
@@ -110,11 +115,36 @@ class Pipeline:
 
     # -- the sync core ------------------------------------------------------------
 
+    @overload
     def __call__(
         self, x: torch.Tensor, weight: torch.Tensor | None = None, eps: float | None = None,
-        out: torch.Tensor | None = None, **options: Any,
-    ) -> torch.Tensor:
-        """``y`` for ``x`` (shape ``(..., hidden_size)``), checked like ``F.rms_norm``."""
+        out: torch.Tensor | None = None, *, residual: None = None, residual_out: None = None, **options: Any,
+    ) -> torch.Tensor: ...
+
+    @overload
+    def __call__(
+        self, x: torch.Tensor, weight: torch.Tensor | None = None, eps: float | None = None,
+        out: torch.Tensor | None = None, *, residual: torch.Tensor, residual_out: torch.Tensor | None = None,
+        **options: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    @overload
+    def __call__(
+        self, x: torch.Tensor, weight: torch.Tensor | None = None, eps: float | None = None,
+        out: torch.Tensor | None = None, *, residual: torch.Tensor | None = None,
+        residual_out: torch.Tensor | None = None, **options: Any,
+    ) -> Any: ...
+
+    def __call__(
+        self, x: torch.Tensor, weight: torch.Tensor | None = None, eps: float | None = None,
+        out: torch.Tensor | None = None, *, residual: torch.Tensor | None = None,
+        residual_out: torch.Tensor | None = None, **options: Any,
+    ) -> Any:
+        """``y`` for ``x`` (shape ``(..., hidden_size)``), checked like ``F.rms_norm``;
+        ``(y, h)`` for a residual graph (``h = x + residual``, written into
+        ``residual_out`` when given)."""
+        if self.residual or residual is not None or residual_out is not None:
+            return self._call_residual(x, weight, eps, out, residual, residual_out, options)
         if not options:
             direct = self._direct if self._direct_known else self._resolve_direct()
             if direct is not None and isinstance(x, torch.Tensor):
@@ -147,7 +177,45 @@ class Pipeline:
             e = eps
         else:
             return None
-        return direct(x, weight, e, out)
+        return direct(x, weight, e, out, None, None)
+
+    def _call_residual(
+        self, x: torch.Tensor, weight: torch.Tensor | None, eps: float | None, out: torch.Tensor | None,
+        residual: torch.Tensor | None, residual_out: torch.Tensor | None, options: Mapping[str, Any],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        x, weight, e = self.check(x, weight, eps, out)
+        r, h = self.check_residual(x, residual, residual_out)
+        if not options:
+            direct = self._direct if self._direct_known else self._resolve_direct()
+            if direct is not None:
+                y = direct(x, weight, e, out, r, h)
+                if y is not None:
+                    return y, h
+        return self.run(x, weight, e, out, {**options, "residual": r, "residual_out": h}), h
+
+    def check_residual(
+        self, x: torch.Tensor, residual: object, residual_out: object
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(residual, h)`` for a residual graph: the residual must have ``x``'s
+        shape, dtype and device (as must ``residual_out``, which may be ``x`` or the
+        residual itself); ``h`` is ``residual_out`` or a fresh tensor."""
+        if not self.residual:
+            raise ConfigError("residual", "a tensor", "None: this pipeline's graph adds no residual "
+                              "(build it with residual=True)")
+        checked = []
+        for name, t in (("residual", residual), ("residual_out", residual_out)):
+            if t is None and name == "residual_out":
+                checked.append(torch.empty_like(x))
+                continue
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            if t.device != x.device:
+                raise DeviceMismatchError(t.device, x.device)
+            if t.shape != x.shape or t.dtype != x.dtype:
+                raise ConfigError(name, f"tensor{list(t.shape)} {t.dtype}",
+                                  f"a tensor of x's shape {list(x.shape)} and dtype {x.dtype}")
+            checked.append(t)
+        return checked[0], checked[1]
 
     def _resolve_direct(self) -> DirectCall | None:
         from .executors import native
@@ -168,8 +236,11 @@ class Pipeline:
             return x, weight, eps  # type: ignore[return-value]
         check_input(x, (self.hidden_size,), weight)
         assert isinstance(x, torch.Tensor)
-        check_out(out, x)
-        return x, weight if isinstance(weight, torch.Tensor) else None, resolve_eps(eps, x.dtype)
+        w = weight if isinstance(weight, torch.Tensor) else None
+        if w is None and self.offset:
+            raise ConfigError("offset", self.offset, "0.0 without a weight (the offset is added to the weight)")
+        check_out(out, x, kernels.output_dtype(x.dtype, None if w is None else w.dtype, self.casting_mode))
+        return x, w, resolve_eps(eps, x.dtype)
 
     def run(
         self, x: torch.Tensor, weight: torch.Tensor | None, eps: float, out: torch.Tensor | None = None,
@@ -178,7 +249,10 @@ class Pipeline:
         """The one code path every call ends in (input already checked, ``eps`` resolved)."""
         opts = dict(options or {})
         if self.hidden_size is not None and x.numel() == 0:
-            return out if out is not None else torch.empty_like(x)
+            if "residual" in opts:
+                kernels.residual_add(x, opts["residual"], out=opts["residual_out"])
+            return out if out is not None else torch.empty_like(x, dtype=kernels.output_dtype(
+                x.dtype, None if weight is None else weight.dtype, self.casting_mode))
         if self.executor == "compiled":
             if self._triton and x.is_cuda and x.dtype != torch.float64 and not opts:
                 on_device: torch.Tensor = EXECUTORS["triton"](self.graph, x, weight, eps, plan=self.plan, out=out)
@@ -201,15 +275,27 @@ class Pipeline:
 
     async def acall(
         self, x: torch.Tensor, weight: torch.Tensor | None = None, eps: float | None = None,
-        out: torch.Tensor | None = None, **options: Any,
-    ) -> torch.Tensor:
+        out: torch.Tensor | None = None, *, residual: torch.Tensor | None = None,
+        residual_out: torch.Tensor | None = None, **options: Any,
+    ) -> Any:
         """:meth:`__call__` from async code.  An async executor is awaited on the event
         loop; a sync one runs inline for a small input and on a worker thread for a
         large one, stopped between tiles (or nodes) when the caller is cancelled."""
         if (self.executor not in ASYNC_EXECUTORS and isinstance(x, torch.Tensor)
                 and x.numel() < OFFLOAD_NUMEL):
-            return self(x, weight, eps, out, **options)
+            return self(x, weight, eps, out, residual=residual, residual_out=residual_out, **options)
         x, weight, e = self.check(x, weight, eps, out)
+        if self.residual or residual is not None or residual_out is not None:
+            r, h = self.check_residual(x, residual, residual_out)
+            options = {**options, "residual": r, "residual_out": h}
+            y = await self._arun(x, weight, e, out, options)
+            return y, h
+        return await self._arun(x, weight, e, out, options)
+
+    async def _arun(
+        self, x: torch.Tensor, weight: torch.Tensor | None, e: float, out: torch.Tensor | None,
+        options: Mapping[str, Any],
+    ) -> torch.Tensor:
         if self.executor in ASYNC_EXECUTORS and not (self.hidden_size is not None and x.numel() == 0):
             y: torch.Tensor = await self._runner(self.graph, x, weight, e, **options)
             return y if out is None else out.copy_(y)
@@ -246,18 +332,31 @@ def _clear() -> None:
 
 
 def for_config(
-    hidden_size: int, chunk_size: int, topology: str, leaf: str, accumulate: str, executor: str
+    hidden_size: int, chunk_size: int, topology: str, leaf: str, accumulate: str, executor: str,
+    casting_mode: str = "torch", offset: float = 0.0, residual: bool = False,
 ) -> Pipeline:
     """The pipeline of one ``normalize`` configuration (cached)."""
-    key = (hidden_size, chunk_size, topology, leaf, accumulate, executor)
+    key = (hidden_size, chunk_size, topology, leaf, accumulate, executor, casting_mode, offset, residual)
     try:
         pipe = _by_config.get(key)
     except TypeError:  # an unhashable option: let the builder say what is wrong with it
         pipe = None
     if pipe is not None:
         return pipe
-    graph = build_graph(hidden_size, chunk_size=chunk_size, topology=topology, leaf=leaf, accumulate=accumulate)
+    graph = build_graph(hidden_size, chunk_size=chunk_size, topology=topology, leaf=leaf, accumulate=accumulate,
+                        casting_mode=casting_mode, offset=offset, residual=residual)
     return _store(_by_config, key, Pipeline(graph, executor))
+
+
+def _semantics(graph: Graph) -> tuple[str, float, bool]:
+    """The graph's ``(casting_mode, offset, residual)``, read from its FINALIZE and INPUT nodes."""
+    mode, offset, residual = "torch", 0.0, False
+    for node in graph.nodes:
+        if node.op is Op.FINALIZE:
+            mode, offset = node.attrs.get("casting_mode", "torch"), float(node.attrs.get("offset", 0.0))
+        elif node.op is Op.INPUT:
+            residual = bool(node.attrs.get("residual", False))
+    return mode, offset, residual
 
 
 def for_graph(graph: Graph, executor: str = "auto") -> Pipeline:

@@ -1,7 +1,8 @@
 """Builders: RMSNorm merge DAGs for every topology of the original report.
 
 A graph is a function of ``(hidden_size, chunk_size, topology, leaf,
-accumulate)`` and nothing else: never of the batch size, the thread count or
+accumulate)`` -- plus the model-facing semantics ``casting_mode``, ``offset`` and
+``residual``, attributes of its FINALIZE and INPUT nodes -- and nothing else: never of the batch size, the thread count or
 the device.  That is what lets the prover certify batch invariance from the
 graph alone.
 
@@ -20,6 +21,7 @@ last chunk is normal.  The merge topologies over the chunk partials
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 
 from .errors import ConfigError
@@ -30,7 +32,9 @@ __all__ = [
     "TOPOLOGIES",
     "LEAVES",
     "ACCUMULATES",
+    "CASTING_MODES",
     "build_graph",
+    "check_semantics",
     "chunk_bounds",
     "merge_linear",
     "merge_tree",
@@ -39,6 +43,7 @@ __all__ = [
 TOPOLOGIES: tuple[str, ...] = ("standard", "linear", "tree", "race", "cat")
 LEAVES: tuple[str, ...] = ("pairwise", "native")
 ACCUMULATES: tuple[str, ...] = ("float", "exact")
+CASTING_MODES: tuple[str, ...] = ("torch", "llama", "gemma")  # kernels.CASTING_MODES (no torch here)
 
 INPUT_ID = "x"
 OUTPUT_ID = "y"
@@ -54,6 +59,18 @@ def _check_choice(name: str, value: object, choices: Sequence[str]) -> str:
     if not isinstance(value, str) or value not in choices:
         raise ConfigError(name, value, "one of " + ", ".join(repr(c) for c in choices))
     return value
+
+
+def check_semantics(casting_mode: object, offset: object, residual: object) -> tuple[str, float, bool]:
+    """``(casting_mode, offset, residual)`` checked: ConfigError (a ValueError) for a
+    casting mode outside :data:`CASTING_MODES`, a non-finite or non-number offset,
+    or a residual flag that is not a bool.  ``-0.0`` becomes ``0.0`` (no offset)."""
+    _check_choice("casting_mode", casting_mode, CASTING_MODES)
+    if isinstance(offset, bool) or not isinstance(offset, (int, float)) or not math.isfinite(offset):
+        raise ConfigError("offset", offset, "a finite float")
+    if not isinstance(residual, bool):
+        raise ConfigError("residual", residual, "True or False")
+    return str(casting_mode), float(offset) + 0.0, residual
 
 
 def chunk_bounds(hidden_size: int, chunk_size: int) -> tuple[tuple[int, int], ...]:
@@ -120,6 +137,9 @@ def build_graph(
     topology: str = "tree",
     leaf: str = "pairwise",
     accumulate: str = "float",
+    casting_mode: str = "torch",
+    offset: float = 0.0,
+    residual: bool = False,
 ) -> Graph:
     """Build the RMSNorm merge DAG for one configuration.
 
@@ -137,6 +157,14 @@ def build_graph(
     accumulate:
         ``"float"``: partial sums in the accumulation dtype (fp32, or fp64 for fp64
         inputs).  ``"exact"``: Demmel-Nguyen pre-rounded fp64 sums (docs/exact.md).
+    casting_mode, offset:
+        How FINALIZE rounds (``"torch"``, ``"llama"`` or ``"gemma"``) and what it adds
+        to the weight (:func:`taskgraph_norm.kernels.finalize`); attributes of the
+        FINALIZE node, present only when not the defaults (so a default graph is
+        what it always was).  ``"standard"`` takes only the defaults.
+    residual:
+        ``True``: the INPUT node is ``h = x + residual`` (attribute ``residual``), and
+        the graph normalises ``h`` (a fused residual add).
 
     Returns
     -------
@@ -163,23 +191,40 @@ def build_graph(
         raise ConfigError(
             "accumulate", accumulate, "'float' with topology='standard' (torch's own kernel)"
         )
-    return _build_cached(hidden_size, chunk_size, topology, leaf, accumulate)
+    casting_mode, offset, residual = check_semantics(casting_mode, offset, residual)
+    if topology == "standard" and (casting_mode, offset) != ("torch", 0.0):
+        raise ConfigError(
+            "casting_mode" if casting_mode != "torch" else "offset",
+            casting_mode if casting_mode != "torch" else offset,
+            "the defaults with topology='standard' (torch's own kernel)",
+        )
+    return _build_cached(hidden_size, chunk_size, topology, leaf, accumulate, casting_mode, offset, residual)
 
 
 @functools.lru_cache(maxsize=512)
 def _build_cached(
-    hidden_size: int, chunk_size: int, topology: str, leaf: str, accumulate: str
+    hidden_size: int, chunk_size: int, topology: str, leaf: str, accumulate: str,
+    casting_mode: str = "torch", offset: float = 0.0, residual: bool = False,
 ) -> Graph:
     from .graph import validate
 
-    meta = {
+    meta: dict[str, object] = {
         "hidden_size": hidden_size,
         "chunk_size": chunk_size,
         "topology": topology,
         "leaf": leaf,
         "accumulate": accumulate,
     }
-    x = Node(INPUT_ID, Op.INPUT)
+    # The semantics are written only when not the defaults: a default graph (its
+    # nodes, equality and proof fingerprint) is what it was before they existed.
+    finalize_attrs: dict[str, object] = {}
+    if casting_mode != "torch":
+        meta["casting_mode"] = finalize_attrs["casting_mode"] = casting_mode
+    if offset:
+        meta["offset"] = finalize_attrs["offset"] = offset
+    if residual:
+        meta["residual"] = True
+    x = Node(INPUT_ID, Op.INPUT, (), {"residual": True} if residual else {})
     if topology == "standard":
         meta["chunk_size"] = hidden_size
         nodes = [x, Node("rmsnorm", Op.RMSNORM, (x.id,), {"hidden_size": hidden_size})]
@@ -213,7 +258,8 @@ def _build_cached(
     merge_nodes, total = _merge(topology, [p.id for p in leaves])
     nodes += merge_nodes
     nodes.append(
-        Node("finalize", Op.FINALIZE, (x.id, total), {"hidden_size": hidden_size, "domain": accumulate})
+        Node("finalize", Op.FINALIZE, (x.id, total),
+             {"hidden_size": hidden_size, "domain": accumulate, **finalize_attrs})
     )
     nodes.append(Node(OUTPUT_ID, Op.OUTPUT, ("finalize",)))
     return validate(Graph(nodes, OUTPUT_ID, meta))

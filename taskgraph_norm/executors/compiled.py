@@ -24,7 +24,6 @@ workspaces.
 
 from __future__ import annotations
 
-import functools
 import threading
 from collections.abc import Callable
 from typing import Protocol
@@ -36,9 +35,10 @@ from .. import caches
 from . import native as _native
 from ..errors import ConfigError, ExecutionError, GraphError
 from ..graph import Graph
+from .finish import Finish, finalize_tile, finish_for
 from .lowering import Plan, lower
 from .pools import on_worker, tile_pool  # fork-safe: a forked child makes its own
-from .reference import Cancelled
+from .reference import Cancelled, finish_from_h, run_reference
 from .workspace import TILE_BYTES, WORKSPACES_PER_THREAD, Views, Workspace, default_tile_rows, workspace
 
 __all__ = [
@@ -152,90 +152,65 @@ def _exact_total(
 
 
 def _native_tile(
-    plan: Plan, ws: Workspace, v: Views, xt: torch.Tensor, yt: torch.Tensor, weight: torch.Tensor | None,
-    eps: float, r0: int, redo: list[int],
+    plan: Plan, ws: Workspace, v: Views, xt: torch.Tensor, yt: torch.Tensor, fin: Finish,
+    r0: int, redo: list[int], res: tuple[torch.Tensor, torch.Tensor] | None,
 ) -> None:
     """One tile on the native kernels, with the bits of :func:`_float_total` /
-    :func:`_exact_total` + :func:`_finalize`.  A narrower x is widened into ybuf
+    :func:`_exact_total` + :func:`finalize_tile`.  A narrower x is widened into ybuf
     (exactly), normalised there in fp32 and cast back.  With fp32 accumulation the
-    kernels run FINALIZE too, row by row; fp64 accumulation keeps the torch ops'
-    FINALIZE, because torch's CPU fp64 ``sqrt`` is not correctly rounded (about 1%
-    of values differ from IEEE ``sqrt`` here), while every fp32 square root taken in
-    fp64 and rounded is.  Rows the reference must finish (a NaN total, an exact row
-    with no scale) are appended to ``redo`` as global row numbers."""
+    kernels run FINALIZE too, row by row (where ``fin.c_flags`` says C can); fp64
+    accumulation keeps the torch ops' FINALIZE, because torch's CPU fp64 ``sqrt``
+    is not correctly rounded (about 1% of values differ from IEEE ``sqrt`` here),
+    while every fp32 square root taken in fp64 and rounded is.  ``res``: the tile's
+    residual and ``h`` (C adds them in the same pass for fp32/fp64 rows; torch adds
+    narrower ones before the widening).  Rows the reference must finish (a NaN
+    total, an exact row with no scale) are appended to ``redo`` as global row numbers."""
     wide = v.ybuf
     x_acc = xt
+    rt = ht = None
+    if res is not None:
+        if wide is None:
+            rt, ht = res
+        else:
+            xt = kernels.residual_add(xt, res[0], out=res[1])
     if wide is not None:
         wide.copy_(xt)
         x_acc = wide
-    fused = x_acc.dtype == torch.float32
-    target = (yt if wide is None else wide) if fused else None
+    fused = x_acc.dtype == torch.float32 and fin.c_flags is not None
+    target = (yt if yt.dtype == torch.float32 else wide) if fused else None
+    flags = fin.c_flags or 0
     if plan.accumulate == "exact":
-        if _native.exact_rows(x_acc, v.pair, target, weight, eps, check=False):
+        if _native.exact_rows(x_acc, v.pair, target, fin.c_weight, fin.eps, check=False, flags=flags,
+                              residual=rt, h=ht):
             redo.extend((v.pair[:, 0].isnan().nonzero()[:, 0] + r0).tolist())
-    elif _native.float_rows(x_acc, ws.recipe, v.rms, target, weight, eps, check=False):
+    elif _native.float_rows(x_acc, ws.recipe, v.rms, target, fin.c_weight, fin.eps, check=False, flags=flags,
+                            residual=rt, h=ht):
         redo.extend((v.rms[:, 0].isnan().nonzero()[:, 0] + r0).tolist())
+    if ht is not None:
+        xt = ht
     if not fused:
         if plan.accumulate == "exact":
             torch.add(v.pair[:, :1], v.pair[:, 1:], out=v.total64)
             total = v.total64
         else:
             total = v.rms
-        _finalize(plan, v, xt, total, yt, weight, eps, True)
-    elif wide is not None:
+        finalize_tile(plan, v, xt, total, yt, fin, True)
+    elif target is not yt:
+        assert wide is not None  # a narrower result was normalised in ybuf
         yt.copy_(wide)
 
 
-@functools.lru_cache(maxsize=64)
-def _hidden_divisor(hidden_size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    return torch.tensor(float(hidden_size), dtype=dtype, device=device)
-
-
-def _finalize(
-    plan: Plan, v: Views, xt: torch.Tensor, total: torch.Tensor, yt: torch.Tensor,
-    weight: torch.Tensor | None, eps: float, x_in_ybuf: bool,
-) -> None:
-    """kernels.finalize's op sequence, written into preallocated buffers.  A
-    narrower x is divided as ``x.to(acc)`` held in ybuf (``x_in_ybuf``: already there)."""
-    rms = v.rms
-    # As in kernels.finalize: divide by a tensor (CUDA would multiply by the
-    # reciprocal of a host scalar) and take the square root in fp64.
-    divisor = _hidden_divisor(plan.hidden_size, rms.dtype, rms.device)
-    if total is rms:
-        rms.div_(divisor)
-    elif total.dtype == rms.dtype:
-        torch.div(total, divisor, out=rms)
-    else:
-        rms.copy_(total)  # the exact sum's one rounding to the accumulation dtype
-        rms.div_(divisor)
-    rms.add_(eps)
-    if rms.dtype == torch.float64:
-        rms.sqrt_()
-    else:
-        rms.copy_(rms.double().sqrt_())
-    y = yt if v.ybuf is None else v.ybuf
-    if y is yt:
-        torch.div(xt, rms, out=y)
-    else:
-        if not x_in_ybuf:
-            y.copy_(xt)
-        y.div_(rms)
-    if weight is not None:
-        y.mul_(weight)
-    if y is not yt:
-        yt.copy_(y)
-
-
 def _run_tiles(
-    plan: Plan, x2: torch.Tensor, y2: torch.Tensor, weight: torch.Tensor | None, eps: float,
+    plan: Plan, x2: torch.Tensor, y2: torch.Tensor, fin: Finish,
     tile: int, start: int, stop: int, scales: tuple[torch.Tensor, bool] | None, redo: list[int] | None,
-    cancel: threading.Event | None = None,
+    cancel: threading.Event | None = None, res: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> None:
     """Tiles of rows ``[start, stop)``; ``cancel``, when set, stops the loop before
     the next tile (:class:`Cancelled`).  ``scales``: an exact plan's ``(sigmas,
     any_unscaled)`` for the torch ops.  ``redo``: ``None`` on the torch ops; on the
-    native kernels, a list that collects the rows the reference must finish (and
-    ``weight`` is then a contiguous tensor of the accumulation dtype)."""
+    native kernels, a list that collects the rows the reference must finish.
+    ``res``: the residual and ``h`` of a residual plan on the native kernels (the
+    torch ops get ``x2 = h`` instead)."""
     native = redo is not None
     ws = workspace(plan, tile, x2.dtype, x2.device, native)
     for r0 in range(start, stop, tile):
@@ -245,25 +220,19 @@ def _run_tiles(
         v = ws.views(r1 - r0)
         xt, yt = x2[r0:r1], y2[r0:r1]
         if redo is not None:
-            _native_tile(plan, ws, v, xt, yt, weight, eps, r0, redo)
+            _native_tile(plan, ws, v, xt, yt, fin, r0, redo, None if res is None else (res[0][r0:r1], res[1][r0:r1]))
             continue
         if scales is not None:
             total = _exact_total(plan, v, xt, scales[0][r0:r1], scales[1])
         else:
             total = _float_total(plan, v, xt)
         # The float path has put x.to(acc) in ybuf already; the exact torch ops have not.
-        _finalize(plan, v, xt, total, yt, weight, eps, scales is None)
+        finalize_tile(plan, v, xt, total, yt, fin, scales is None)
 
 
 # --- entry point -----------------------------------------------------------------
 
 
-def _weight_for(weight: torch.Tensor | None, acc: torch.dtype) -> torch.Tensor | None:
-    # y * w.to(acc): a narrower weight multiplies exactly in acc as it is; a wider
-    # one must be rounded to acc first, or the product would be computed wider.
-    if weight is None or weight.dtype == acc or weight.dtype in (torch.float16, torch.bfloat16):
-        return weight
-    return weight.to(acc)
 
 
 def run_compiled(
@@ -277,6 +246,8 @@ def run_compiled(
     tile_rows: int | None = None,
     threads: int | None = None,
     cancel: threading.Event | None = None,
+    residual: torch.Tensor | None = None,
+    residual_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Run a certified ``graph`` on ``x`` (already checked) through its compiled plan.
 
@@ -286,7 +257,11 @@ def run_compiled(
         The graph's plan, from :func:`lower_certified` (the pipeline lowers each
         configuration once and hands the plan over).
     out:
-        Written in place and returned, when given (same shape, dtype, device as ``x``).
+        Written in place and returned, when given (``x``'s shape and device, the
+        dtype of :func:`kernels.output_dtype`).
+    residual, residual_out:
+        A residual plan's residual (``x``'s shape and dtype) and the tensor
+        ``h = x + residual`` is written into (may be ``x`` or ``residual`` itself).
     tile_rows:
         Rows per tile (default: :func:`default_tile_rows`).  The bits never depend on it.
     threads:
@@ -307,35 +282,38 @@ def run_compiled(
         threads = min(DEFAULT_THREADS, torch.get_num_threads())
     if on_worker():
         threads = 1  # a nested call from inside a tile must not wait on its own pool
-    if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)):
+    if plan.residual and (residual is None or residual_out is None):
+        raise ExecutionError("this plan adds a residual: pass residual= and residual_out=")
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, residual)):
         # out= ops do not record gradients: the reference's ops (same bits) do.
-        from .reference import run_reference
-
-        y_ref = run_reference(graph, x, weight, eps)
+        y_ref = run_reference(graph, x, weight, eps, residual=residual, residual_out=residual_out)
         return y_ref if out is None else out.copy_(y_ref)
     d = plan.hidden_size
     x2 = x.reshape(-1, d)
-    direct = x.is_contiguous() and (out is None or out.is_contiguous())
-    if direct:
-        y = out if out is not None else torch.empty_like(x)
-    else:
-        y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    y2 = y.view(-1, d)
     rows = x2.shape[0]
     use_native = (
         (plan.accumulate == "exact" or plan.leaf == "pairwise" and plan.merge in NATIVE_FLOAT_MERGES)
         and x.device.type == "cpu" and (d == 1 or x2.stride(1) == 1) and _native.available()
     )
+    fin = finish_for(plan, x.dtype, weight, eps, use_native)
+    direct = x.is_contiguous() and (out is None or out.is_contiguous())
+    if direct:
+        y = out if out is not None else torch.empty_like(x, dtype=fin.out_dtype)
+    else:
+        y = torch.empty(x.shape, dtype=fin.out_dtype, device=x.device)
+    y2 = y.view(-1, d)
+    res: tuple[torch.Tensor, torch.Tensor] | None = None
+    if plan.residual:
+        assert residual is not None and residual_out is not None
+        h2 = residual_out.view(-1, d) if residual_out.is_contiguous() else torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+        if use_native:
+            res = (residual.contiguous().view(-1, d), h2)
+        else:  # the torch ops run on h, made in one pass first
+            x2 = kernels.residual_add(x2, residual.reshape(-1, d), out=h2)
     if x.device.type != "cpu":
         tile = rows  # tiling buys nothing on an accelerator, and keeps reduction shapes
     else:
         tile = tile_rows or default_tile_rows(plan, x.dtype, use_native)
-    acc = kernels.accumulation_dtype(x.dtype)
-    w = _weight_for(weight, acc)
-    if use_native and w is not None:
-        # The C FINALIZE reads the weight in the accumulation dtype: exact for a
-        # narrower weight, and what _weight_for already did to a wider one.
-        w = w.to(acc).contiguous()
     scales: tuple[torch.Tensor, bool] | None = None
     # On the native kernels: rows the reference must finish (the exact kernel
     # computes each row's scale itself).
@@ -349,43 +327,47 @@ def run_compiled(
     tiles = -(-rows // tile) if rows else 0
     workers = min(threads, tiles)
     if workers <= 1:
-        _run_tiles(plan, x2, y2, w, eps, tile, 0, rows, scales, redo, cancel)
+        _run_tiles(plan, x2, y2, fin, tile, 0, rows, scales, redo, cancel, res)
     else:
         per = -(-tiles // workers) * tile
         pool = tile_pool(workers)
         futures = [
-            pool.submit(_run_tiles, plan, x2, y2, w, eps, tile, s, min(s + per, rows), scales, redo, cancel)
+            pool.submit(_run_tiles, plan, x2, y2, fin, tile, s, min(s + per, rows), scales, redo, cancel, res)
             for s in range(0, rows, per)
         ]
         for f in futures:
             f.result()
+    h_all = x2 if res is None else res[1]  # what the rows were normalised from
     if redo:
-        _reference_rows(graph, x2, y2, weight, eps, torch.tensor(sorted(redo), dtype=torch.long))
+        _reference_rows(graph, h_all, y2, weight, eps, torch.tensor(sorted(redo), dtype=torch.long), plan.residual)
     elif scales is not None and scales[1]:
-        _reference_rows(graph, x2, y2, weight, eps, (scales[0][:, 0] == 0).nonzero()[:, 0])
+        _reference_rows(graph, h_all, y2, weight, eps, (scales[0][:, 0] == 0).nonzero()[:, 0], plan.residual)
+    if plan.residual and residual_out is not None and not residual_out.is_contiguous():
+        residual_out.copy_(h_all.view(x.shape))
     if not direct:
         # A strided input or output: the result keeps the input's layout, as torch's does.
-        return (out if out is not None else torch.empty_like(x)).copy_(y)
+        return (out if out is not None else torch.empty_like(x, dtype=fin.out_dtype)).copy_(y)
     return y
 
 
 def _reference_rows(
     graph: Graph, x2: torch.Tensor, y2: torch.Tensor, weight: torch.Tensor | None, eps: float,
-    rows: torch.Tensor,
+    rows: torch.Tensor, from_h: bool = False,
 ) -> None:
     """These rows take the reference's bits: exact rows with no scale (Inf, NaN, or
     fp64 rows near the top of the range: their sums are plain, order-dependent
     fp64 sums, and with NaNs of both signs which NaN survives depends on the order
-    too), and, on the native kernels, float rows whose total is NaN.  The
-    reference is row-local, so running it on those rows alone gives their bits in
-    the whole batch."""
-    from .reference import run_reference
-
+    too), and, on the native kernels, float rows whose total is NaN (or whose
+    llama rounding met a NaN).  The reference is row-local, so running it on those
+    rows alone gives their bits in the whole batch.  ``from_h``: ``x2`` holds a
+    residual graph's ``h`` (already written), which the rows are normalised from."""
     if len(rows):
-        y2[rows] = run_reference(graph, x2[rows], weight, eps)
+        if from_h:
+            y2[rows] = finish_from_h(graph, x2[rows], weight, eps)
+        else:
+            y2[rows] = run_reference(graph, x2[rows], weight, eps)
 
 
 #: Marks runners that write ``out`` themselves (see ``pipeline.Pipeline.run``).
 run_compiled.writes_out = True  # type: ignore[attr-defined]
 
-caches.register(_hidden_divisor.cache_clear)

@@ -371,6 +371,8 @@ async def run_concurrent(
     trace: Callable[[Trace], object] | None = None,
     pool: WorkerPool | None = None,
     functions: Mapping[str, Callable[..., Any]] | None = None,
+    residual: torch.Tensor | None = None,
+    residual_out: torch.Tensor | None = None,
 ) -> Any:
     """Execute ``graph`` concurrently and return its output value.
 
@@ -389,6 +391,9 @@ async def run_concurrent(
         An explicit :class:`WorkerPool` to run on (you close it).
     functions:
         ``{name: callable}`` for the graph's CALL nodes.
+    residual, residual_out:
+        For a graph whose INPUT adds a residual: the residual, and where
+        ``h = x + residual`` is written (as in :func:`.reference.run_reference`).
 
     Raises
     ------
@@ -413,6 +418,7 @@ async def run_concurrent(
     policy = resolve_schedule(schedule)
     scheduler = policy.start(graph)
     interp.x, interp.weight = x, weight
+    interp.residual, interp.residual_out = residual, residual_out
     interp.eps = eps  # type: ignore[assignment]  # None for a general graph that takes no eps
     limit = max_workers or chosen.max_workers
     run = _Run(graph, interp, chosen, scheduler, limit, tracing=trace is not None)

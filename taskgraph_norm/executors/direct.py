@@ -7,8 +7,10 @@ caller's thread runs one share of the rows, a pool thread the other when the inp
 is large enough to pay for the hand-off).  Same kernel, same per-row order, same
 bits as the compiled executor's tiles (the tests compare them).  It returns
 ``None`` for an input it does not take (another dtype or device, a strided input,
-a NaN row, a gradient to record, the native kernels switched off), and the caller
-runs the general path.
+a NaN row, a gradient to record, the native kernels switched off, a residual
+written over ``x`` or itself), and the caller runs the general path.  The casting
+modes need nothing here: on fp32 rows with an fp32 weight every mode is the
+same operations, and the offset is added to the weight in C.
 
 A fresh output of several MiB is advised to the kernel as a huge-page candidate
 (``madvise(MADV_HUGEPAGE)``, Linux) before the kernel first writes it: faulting in a
@@ -31,8 +33,12 @@ from .lowering import Plan
 
 __all__ = ["DirectCall", "SPLIT_NUMEL", "HUGE_BYTES", "direct_call"]
 
-#: ``fn(x, weight, eps, out) -> y | None`` (``None``: not taken, run the general path).
-DirectCall = Callable[[torch.Tensor, "torch.Tensor | None", float, "torch.Tensor | None"], "torch.Tensor | None"]
+#: ``fn(x, weight, eps, out, residual, residual_out) -> y | None`` (``None``: not
+#: taken, run the general path; with a residual, ``h`` is then in ``residual_out``).
+DirectCall = Callable[
+    [torch.Tensor, "torch.Tensor | None", float, "torch.Tensor | None", "torch.Tensor | None", "torch.Tensor | None"],
+    "torch.Tensor | None",
+]
 
 #: Inputs with at least this many elements are split between the caller's thread and
 #: a pool thread (below it the hand-off costs more than it saves; measured here).
@@ -98,12 +104,14 @@ def direct_call(plan: Plan) -> DirectCall | None:
     hidden = plan.hidden_size
     row_bytes = hidden * 4
     keep: list[Any] = []
-    rows_call: Callable[[int, int, int, int | None, float], int]
+    offset = plan.offset
+    rows_call: Callable[[int, int, int, int | None, float, int | None, int | None], int]
     if exact:
         exact_fn = lib.tgn_exact_rows_f32
 
-        def rows_call(xp: int, yp: int, rows: int, w: int | None, eps: float) -> int:
-            return int(exact_fn(xp, rows, hidden, hidden, _scratch.pointer(2 * rows), yp, hidden, w, eps))
+        def rows_call(xp: int, yp: int, rows: int, w: int | None, eps: float, rp: int | None, hp: int | None) -> int:
+            return int(exact_fn(xp, rows, hidden, hidden, _scratch.pointer(2 * rows), yp, hidden, w, eps, 0, offset,
+                                rp, hidden, hp, hidden))
     else:
         float_fn = lib.tgn_float_rows_f32
         adds = tuple(t for level in plan.adds for t in level)
@@ -111,18 +119,29 @@ def direct_call(plan: Plan) -> DirectCall | None:
         keep.append(recipe)  # holds the adds tensor whose pointer the kernel reads
         adds_ptr, n_adds, root, chunk = recipe.adds.data_ptr(), recipe.n_adds, recipe.root, recipe.chunk_size
 
-        def rows_call(xp: int, yp: int, rows: int, w: int | None, eps: float) -> int:
+        def rows_call(xp: int, yp: int, rows: int, w: int | None, eps: float, rp: int | None, hp: int | None) -> int:
             return int(float_fn(xp, rows, hidden, hidden, chunk, adds_ptr, n_adds, root,
-                                _scratch.pointer(rows), yp, hidden, w, eps))
+                                _scratch.pointer(rows), yp, hidden, w, eps, 0, offset, rp, hidden, hp, hidden))
 
     fp32 = torch.float32
 
-    def call(x: torch.Tensor, weight: torch.Tensor | None, eps: float,
-             out: torch.Tensor | None) -> torch.Tensor | None:
+    def call(x: torch.Tensor, weight: torch.Tensor | None, eps: float, out: torch.Tensor | None,
+             residual: torch.Tensor | None = None, residual_out: torch.Tensor | None = None) -> torch.Tensor | None:
         if x.dtype is not fp32 or x.device.type != "cpu" or not x.is_contiguous() or not _native._enabled:
             return None
-        if weight is not None and (weight.dtype is not fp32 or not weight.is_contiguous()):
+        if weight is None:
+            if offset:
+                return None  # the general path says why an offset needs a weight
+        elif weight.dtype is not fp32 or not weight.is_contiguous():
             return None
+        rp = hp = None
+        if residual is not None:
+            # h over x or the residual could not be undone for a NaN row's general path.
+            if (residual_out is None or residual.dtype is not fp32 or not residual.is_contiguous()
+                    or not residual_out.is_contiguous() or residual_out.data_ptr() in (x.data_ptr(), residual.data_ptr())
+                    or residual.requires_grad and torch.is_grad_enabled()):
+                return None
+            rp, hp = residual.data_ptr(), residual_out.data_ptr()
         if out is not None and not out.is_contiguous():
             return None
         if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)):
@@ -139,11 +158,13 @@ def direct_call(plan: Plan) -> DirectCall | None:
         xp, yp = x.data_ptr(), y.data_ptr()
         pool = pools.helper() if numel >= SPLIT_NUMEL and rows >= 2 else None
         if pool is None:
-            bad = rows_call(xp, yp, rows, w, eps)
+            bad = rows_call(xp, yp, rows, w, eps, rp, hp)
         else:
             half = rows // 2
-            share = pool.submit(rows_call, xp + half * row_bytes, yp + half * row_bytes, rows - half, w, eps)
-            bad = rows_call(xp, yp, half, w, eps)
+            skip = half * row_bytes
+            share = pool.submit(rows_call, xp + skip, yp + skip, rows - half, w, eps,
+                                None if rp is None else rp + skip, None if hp is None else hp + skip)
+            bad = rows_call(xp, yp, half, w, eps, rp, hp)
             bad += share.result()
         # A NaN total (or an exact row with no scale): the general path gives it the
         # reference's bits; what was written to a caller's out is overwritten there.

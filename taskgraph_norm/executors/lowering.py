@@ -66,6 +66,9 @@ class Plan:
         are the leaves, ``n + j`` the j-th ADD.  ``root`` is the total's slot.
     fingerprint:
         The proof's fingerprint of the graph this plan was lowered from.
+    casting_mode, offset, residual:
+        FINALIZE's casting mode and weight offset, and whether INPUT adds a
+        residual (``h = x + r``, then the plan runs on ``h``).
     """
 
     hidden_size: int
@@ -78,6 +81,9 @@ class Plan:
     adds: tuple[tuple[tuple[int, int, int], ...], ...] = ()
     root: int = 0
     fingerprint: str = ""
+    casting_mode: str = "torch"
+    offset: float = 0.0
+    residual: bool = False
 
     @property
     def n_chunks(self) -> int:
@@ -93,6 +99,8 @@ class Plan:
         """The plan as readable lines, one per tensor-op group, per row tile."""
         d, c, n = self.hidden_size, self.chunk_size, self.n_chunks
         lines: list[str] = []
+        if self.residual:
+            lines.append("residual: h = x + r in x's dtype over the tile (written out); x := h")
         if self.accumulate == "exact":
             lines += [
                 f"square: v = x.to(fp64)**2 over the tile, shape (rows, {d})",
@@ -119,8 +127,17 @@ class Plan:
                 )
                 lines.append(f"ragged leaf: s[:, {self.n_full * c}:{d}] ({self.tail} wide); {what}")
             lines += self._merge_lines()
+        weight = "w.to(acc)" + (f" + {self.offset!r}" if self.offset else "")
+        if self.casting_mode == "llama":
+            weight = "w.to(p)" + (f" + {self.offset!r}" if self.offset else "")
+            lines += [
+                "finalize: rms = sqrt(total / D + eps); y = (x.to(acc) / rms).to(x.dtype)",
+                f"llama: y = y.to(p) * ({weight}), p = promote_types(w.dtype, x.dtype), into the output tile",
+            ]
+            return tuple(lines)
         lines += [
-            "finalize: rms = sqrt(total / D + eps); y = x.to(acc) / rms; y *= w.to(acc)",
+            f"finalize: rms = sqrt(total / D + eps); y = x.to(acc) / rms; y *= {weight}"
+            + (" (gemma)" if self.casting_mode == "gemma" else ""),
             "cast: y.to(x.dtype) into the output tile (skipped when acc is x.dtype)",
         ]
         return tuple(lines)
@@ -146,6 +163,9 @@ class Plan:
             f"Plan(D={self.hidden_size}, chunk={self.chunk_size}: {self.n_full} full"
             + (f" + 1 ragged ({self.tail})" if self.tail else "")
             + f", leaf={self.leaf}, accumulate={self.accumulate}, merge={self.merge}"
+            + (f", casting_mode={self.casting_mode}" if self.casting_mode != "torch" else "")
+            + (f", offset={self.offset!r}" if self.offset else "")
+            + (", residual" if self.residual else "")
             + (f", proof {self.fingerprint}" if self.fingerprint else "")
             + ")"
         )
@@ -203,9 +223,13 @@ def _lower_cached(graph: Graph, fingerprint: str) -> Plan:
         raise GraphError(leaves[0].id, "leaves mix kinds or domains; the compiled plan needs one")
     domain = domains.pop()
     slots = {n.id: k for k, n in enumerate(leaves)}
+    inputs = [n for n in graph if n.op is Op.INPUT]
     common: dict[str, Any] = dict(
         hidden_size=hidden, chunk_size=chunk, n_full=n_full, tail=tail,
         leaf=leaf_kinds.pop(), fingerprint=fingerprint,
+        casting_mode=finalize.attrs.get("casting_mode", "torch"),
+        offset=float(finalize.attrs.get("offset", 0.0)),
+        residual=bool(inputs and inputs[0].attrs.get("residual")),
     )
     total_id = finalize.inputs[1]
     if domain == "exact":

@@ -167,9 +167,21 @@ static double row_max_double(const double *row, int64_t hidden)
  *   rms  = sqrt(mean)           (taken in fp64 and rounded, as kernels does)
  *   y    = x / rms; y *= w      (two roundings, no fma, no reciprocal)
  *
+ * with the weight w + offset (one fp32 addition, kernels.finalize_weight; none when
+ * offset is 0) and, for casting_mode="llama" on a bf16 row (flags), the quotient
+ * rounded to bf16 before the weight (TGN_ROUND_QUOTIENT) and, with a bf16 weight,
+ * the product rounded to bf16 too (TGN_ROUND_PRODUCT): the product of two bf16
+ * values is exact in fp32, so rounding it once is torch's bf16 multiply.  The
+ * rounding is torch's float -> bf16 (round to nearest even); a NaN it meets is not
+ * rounded here: the row is reported (return 1) and the caller gives it the
+ * reference's bits, since torch's vector and scalar casts of a NaN differ.
+ *
  * y may be x itself (a bf16/fp16 row widened into fp32 scratch): each element is
  * read before it is written.  The caller casts a narrow result back with torch.
  */
+#define TGN_ROUND_QUOTIENT 1
+#define TGN_ROUND_PRODUCT 2
+
 #define NORMALIZE_ROW(row, y, w, hidden, rms)                                          \
     do {                                                                               \
         if (w)                                                                         \
@@ -180,32 +192,100 @@ static double row_max_double(const double *row, int64_t hidden)
                 (y)[j] = (row)[j] / (rms);                                             \
     } while (0)
 
-static void finalize_row_float(const float *row, float *y, const float *w, int64_t hidden,
-                               float total, double eps)
+/* The weight plus a nonzero offset: y = (x / rms) * (w + offset). */
+#define NORMALIZE_ROW_OFFSET(row, y, w, hidden, rms, off)                              \
+    do {                                                                               \
+        for (int64_t j = 0; j < (hidden); ++j)                                         \
+            (y)[j] = ((row)[j] / (rms)) * ((w)[j] + (off));                            \
+    } while (0)
+
+INLINE float round_bf16(float f)
+{
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    u = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* casting_mode="llama" on a bf16 row (y is fp32 scratch holding bf16 values, or an
+ * fp32 output for an fp32 weight); returns 1 if a NaN was met. */
+static int llama_row_bf16(const float *row, float *y, const float *w, int64_t hidden, float rms,
+                          int64_t flags, float off)
+{
+    int nan = 0;
+    for (int64_t j = 0; j < hidden; ++j) {
+        float q = row[j] / rms;
+        nan |= q != q;
+        q = round_bf16(q);
+        if (w) {
+            q = q * (off != 0.0f ? w[j] + off : w[j]);
+            if (flags & TGN_ROUND_PRODUCT) {
+                nan |= q != q;
+                q = round_bf16(q);
+            }
+        }
+        y[j] = q;
+    }
+    return nan;
+}
+
+static int finalize_row_float(const float *row, float *y, const float *w, int64_t hidden,
+                              float total, double eps, int64_t flags, double offset)
 {
     float mean = total / (float)(double)hidden + (float)eps;
     float rms = (float)sqrt((double)mean);
-    NORMALIZE_ROW(row, y, w, hidden, rms);
+    float off = (float)offset;
+    if (flags & TGN_ROUND_QUOTIENT)
+        return llama_row_bf16(row, y, w, hidden, rms, flags, off);
+    if (w && off != 0.0f)
+        NORMALIZE_ROW_OFFSET(row, y, w, hidden, rms, off);
+    else
+        NORMALIZE_ROW(row, y, w, hidden, rms);
+    return 0;
 }
 
 /* The fp64 form is IEEE throughout, but torch's CPU fp64 sqrt is not correctly
  * rounded (docs/design.md), so native.py never asks for it: fp64 rows keep torch's
  * FINALIZE.  It is here because the kernels are written once for both dtypes. */
-static void finalize_row_double(const double *row, double *y, const double *w, int64_t hidden,
-                                double total, double eps)
+static int finalize_row_double(const double *row, double *y, const double *w, int64_t hidden,
+                               double total, double eps, int64_t flags, double offset)
 {
+    (void)flags;
     double mean = total / (double)hidden + eps;
     double rms = sqrt(mean);
-    NORMALIZE_ROW(row, y, w, hidden, rms);
+    if (w && offset != 0.0)
+        NORMALIZE_ROW_OFFSET(row, y, w, hidden, rms, offset);
+    else
+        NORMALIZE_ROW(row, y, w, hidden, rms);
+    return 0;
 }
+
+/* --- the fused residual add: h = x + r (kernels.residual_add), one IEEE addition
+ * per element; h may be x or r itself (each element is read before it is written).
+ * The kernels then read the row from h, still in cache. */
+#define ADD_RESIDUAL(T)                                                                \
+    static const T *add_residual_##T(const T *row, const T *rrow, T *hrow, int64_t hidden) \
+    {                                                                                  \
+        for (int64_t j = 0; j < hidden; ++j)                                           \
+            hrow[j] = row[j] + rrow[j];                                                \
+        return hrow;                                                                   \
+    }
+ADD_RESIDUAL(float)
+ADD_RESIDUAL(double)
+
+#define RESIDUAL_ARGS(T) const T *r, int64_t r_stride, T *h, int64_t h_stride
+#define FINALIZE_ARGS(T) T *y, int64_t y_stride, const T *w, double eps, int64_t flags, double offset
 
 #define EXACT_ROWS(NAME, T, LOAD)                                                      \
     int64_t NAME(const T *x, int64_t rows, int64_t hidden, int64_t row_stride,       \
-                 double *pair, T *y, int64_t y_stride, const T *w, double eps)        \
+                 double *pair, FINALIZE_ARGS(T), RESIDUAL_ARGS(T))                          \
     {                                                                                 \
         int64_t unscaled = 0;                                                         \
         for (int64_t i = 0; i < rows; ++i) {                                          \
             const T *row = x + i * row_stride;                                        \
+            if (r)                                                                    \
+                row = add_residual_##T(row, r + i * r_stride, h + i * h_stride, hidden); \
             double s1, s2;                                                            \
             if (!tgn_exact_scale(row_max_##T(row, hidden), hidden, &s1, &s2)) {       \
                 pair[2 * i] = NAN;                                                    \
@@ -240,14 +320,16 @@ static void finalize_row_double(const double *row, double *y, const double *w, i
                 t1 += q1;                                                             \
                 t2 += (r + s2) - s2;                                                  \
             }                                                                         \
+            if (y && t1 == t1 && t2 == t2                                             \
+                && finalize_row_##T(row, y + i * y_stride, w, hidden, (T)(t1 + t2), eps, \
+                                    flags, offset))                                   \
+                t1 = NAN; /* a NaN the llama rounding left to the caller */           \
             if (t1 != t1 || t2 != t2) { /* a NaN in the row */                        \
                 t1 = t2 = NAN;                                                        \
                 ++unscaled;                                                           \
             }                                                                         \
             pair[2 * i] = t1;                                                         \
             pair[2 * i + 1] = t2;                                                     \
-            if (y)                                                                    \
-                finalize_row_##T(row, y + i * y_stride, w, hidden, (T)(t1 + t2), eps); \
         }                                                                             \
         return unscaled;                                                              \
     }
@@ -309,7 +391,7 @@ FULL_CHUNKS_POW2(double)
 #define FLOAT_ROWS(NAME, T)                                                            \
     int64_t NAME(const T *x, int64_t rows, int64_t hidden, int64_t row_stride,           \
               int64_t chunk, const int64_t *adds, int64_t n_adds, int64_t root,       \
-              T *total, T *y, int64_t y_stride, const T *w, double eps)               \
+              T *total, FINALIZE_ARGS(T), RESIDUAL_ARGS(T))                                 \
     {                                                                                 \
         int64_t n_chunks = (hidden + chunk - 1) / chunk, nan_rows = 0;                \
         int64_t need = chunk + n_chunks + n_adds;                                     \
@@ -320,6 +402,8 @@ FULL_CHUNKS_POW2(double)
         T *buf = work, *slots = work + chunk;                                         \
         for (int64_t i = 0; i < rows; ++i) {                                          \
             const T *row = x + i * row_stride;                                        \
+            if (r)                                                                    \
+                row = add_residual_##T(row, r + i * r_stride, h + i * h_stride, hidden); \
             int64_t c0 = full_chunks_##T(row, chunk, hidden / chunk, slots) ? hidden / chunk : 0; \
             for (int64_t c = c0; c < n_chunks; ++c) {                                 \
                 const T *src = row + c * chunk;                                       \
@@ -346,8 +430,9 @@ FULL_CHUNKS_POW2(double)
             for (int64_t t = 0; t < n_adds; ++t)                                      \
                 slots[adds[3 * t]] = slots[adds[3 * t + 1]] + slots[adds[3 * t + 2]]; \
             total[i] = slots[root];                                                   \
-            if (y)                                                                    \
-                finalize_row_##T(row, y + i * y_stride, w, hidden, total[i], eps);    \
+            if (y && finalize_row_##T(row, y + i * y_stride, w, hidden, total[i], eps, \
+                                      flags, offset))                                 \
+                total[i] = NAN; /* a NaN the llama rounding left to the caller */     \
             nan_rows += total[i] != total[i];                                         \
         }                                                                             \
         if (work != small)                                                            \
@@ -360,7 +445,7 @@ FLOAT_ROWS(tgn_float_rows_f64, double)
 
 /* A version number the loader checks, so a library left from an older install is
  * never used. */
-int tgn_native_abi(void) { return 6; }
+int tgn_native_abi(void) { return 7; }
 
 #ifdef TGN_BUILD_CPU
 /* The host variant (setup.py builds it with -march=native): the features of the CPU

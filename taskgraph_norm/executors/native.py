@@ -53,7 +53,7 @@ __all__ = [
 ]
 
 _DIR = Path(__file__).resolve().parent
-_ABI = 6
+_ABI = 7
 #: What the torch ops cost instead (docs/performance.md, "On torch ops alone").
 _COST = ("the same bits, about 3x slower for float plans and 5x to 6x for exact ones on (4096, 4096) fp32 "
          "(docs/reliability.md)")
@@ -122,7 +122,10 @@ def _open(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(_trusted(path)))
     if lib.tgn_native_abi() != _ABI:
         raise OSError(f"{path} is a stale build (ABI {lib.tgn_native_abi()}, want {_ABI}): reinstall the package")
-    finalize_args = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_double]
+    # y, y_stride, w, eps, flags, offset; then r, r_stride, h, h_stride (the residual)
+    finalize_args = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_double,
+                     ctypes.c_int64, ctypes.c_double,
+                     ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64]
     for name in ("tgn_exact_rows_f32", "tgn_exact_rows_f64"):
         fn = getattr(lib, name)
         fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
@@ -239,6 +242,11 @@ def disabled() -> Iterator[None]:
         _enabled = before
 
 
+#: FINALIZE flags of casting_mode="llama" on bf16 rows (native.c): round the
+#: quotient to bf16 before the weight; with a bf16 weight, round the product too.
+ROUND_QUOTIENT = 1
+ROUND_PRODUCT = 2
+
 #: The dtypes the C kernel reads directly; fp16 and bf16 are widened to fp32 first.
 _FUNCS = {torch.float32: "tgn_exact_rows_f32", torch.float64: "tgn_exact_rows_f64"}
 
@@ -256,31 +264,52 @@ def _library() -> ctypes.CDLL:
 
 
 def _finalize_args(
-    x: torch.Tensor, y: torch.Tensor | None, weight: torch.Tensor | None, eps: float, check: bool
-) -> tuple[int | None, int, int | None, float]:
-    """``(y, y_stride, w, eps)`` for a kernel's fused FINALIZE (``y=None``: none),
-    checked against ``x`` unless ``check`` is false."""
+    x: torch.Tensor, y: torch.Tensor | None, weight: torch.Tensor | None, eps: float, check: bool,
+    flags: int = 0, offset: float = 0.0,
+) -> tuple[int | None, int, int | None, float, int, float]:
+    """``(y, y_stride, w, eps, flags, offset)`` for a kernel's fused FINALIZE
+    (``y=None``: none), checked against ``x`` unless ``check`` is false."""
     if y is None:
-        return None, 0, None, 0.0
+        return None, 0, None, 0.0, 0, 0.0
     if not check:
-        return y.data_ptr(), y.stride(0), None if weight is None else weight.data_ptr(), float(eps)
+        return (y.data_ptr(), y.stride(0), None if weight is None else weight.data_ptr(), float(eps),
+                flags, float(offset))
     if x.dtype != torch.float32:
         raise ValueError("the fused FINALIZE is for float32 rows only: torch's CPU fp64 sqrt is not "
                          "correctly rounded, so an IEEE one in C would not give torch's bits")
-    if y.shape != x.shape or y.dtype != x.dtype or y.device.type != "cpu" or (
-        x.shape[1] > 1 and y.stride(1) != 1
-    ):
-        raise ValueError("y must be a CPU tensor of x's shape and dtype with unit stride along rows")
+    _check_like(x, y, "y")
     if weight is not None and (
         weight.shape != (x.shape[1],) or weight.dtype != x.dtype or not weight.is_contiguous()
     ):
         raise ValueError("weight must be a contiguous (hidden,) tensor of x's dtype")
-    return y.data_ptr(), y.stride(0), None if weight is None else weight.data_ptr(), float(eps)
+    return y.data_ptr(), y.stride(0), None if weight is None else weight.data_ptr(), float(eps), flags, float(offset)
+
+
+def _check_like(x: torch.Tensor, t: torch.Tensor, name: str) -> None:
+    if t.shape != x.shape or t.dtype != x.dtype or t.device.type != "cpu" or (
+        x.shape[1] > 1 and t.stride(1) != 1
+    ):
+        raise ValueError(f"{name} must be a CPU tensor of x's shape and dtype with unit stride along rows")
+
+
+def _residual_args(
+    x: torch.Tensor, residual: torch.Tensor | None, h: torch.Tensor | None, check: bool
+) -> tuple[int | None, int, int | None, int]:
+    """``(r, r_stride, h, h_stride)`` for a kernel's fused residual add (none without ``residual``)."""
+    if residual is None:
+        return None, 0, None, 0
+    if h is None:
+        raise ValueError("a residual needs h, the tensor h = x + residual is written into")
+    if check:
+        _check_like(x, residual, "residual")
+        _check_like(x, h, "h")
+    return residual.data_ptr(), residual.stride(0), h.data_ptr(), h.stride(0)
 
 
 def exact_rows(
     x: torch.Tensor, pair: torch.Tensor, y: torch.Tensor | None = None,
     weight: torch.Tensor | None = None, eps: float = 0.0, *, check: bool = True,
+    flags: int = 0, offset: float = 0.0, residual: torch.Tensor | None = None, h: torch.Tensor | None = None,
 ) -> int:
     """Write each row's exact pair ``(S1, S2)`` of ``x`` (2-D, CPU) into ``pair``.
 
@@ -292,6 +321,11 @@ def exact_rows(
     :func:`kernels.finalize` computes it in ``x``'s dtype (rows with NaN pairs get
     garbage there, for the caller to replace).  ``check=False`` skips the argument
     checks (the compiled executor, whose buffers are right by construction).
+    ``offset`` is added to the weight and ``flags`` (:data:`ROUND_QUOTIENT`,
+    :data:`ROUND_PRODUCT`) round as ``casting_mode="llama"`` does on bf16 rows
+    (a NaN met there makes the row's pair NaN, for the caller to redo).  With
+    ``residual`` (x's shape and dtype), each row is first replaced by
+    ``h = x + residual``, written into ``h`` (which may be ``x`` or ``residual``).
     """
     lib = _library()
     rows, hidden = x.shape
@@ -299,11 +333,12 @@ def exact_rows(
         _check_rows(x)
         if pair.shape != (rows, 2) or pair.dtype != torch.float64 or not pair.is_contiguous():
             raise ValueError("pair must be a contiguous (rows, 2) float64 tensor")
-    fin = _finalize_args(x, y, weight, eps, check)
+    fin = _finalize_args(x, y, weight, eps, check, flags, offset)
+    res = _residual_args(x, residual, h, check)
     if rows == 0:
         return 0
     fn = getattr(lib, _FUNCS[x.dtype])
-    return int(fn(x.data_ptr(), rows, hidden, x.stride(0), pair.data_ptr(), *fin))
+    return int(fn(x.data_ptr(), rows, hidden, x.stride(0), pair.data_ptr(), *fin, *res))
 
 
 def exact_scale(row_max: float, hidden_size: int) -> tuple[float, float]:
@@ -333,10 +368,12 @@ class FloatRecipe:
 def float_rows(
     x: torch.Tensor, recipe: FloatRecipe, total: torch.Tensor, y: torch.Tensor | None = None,
     weight: torch.Tensor | None = None, eps: float = 0.0, *, check: bool = True,
+    flags: int = 0, offset: float = 0.0, residual: torch.Tensor | None = None, h: torch.Tensor | None = None,
 ) -> int:
     """Write each row's float sum of squares of ``x`` into ``total`` (``(rows, 1)``,
     contiguous, ``x``'s dtype): pairwise leaves, then the recipe's ADDs in order.
-    With ``y``, FINALIZE follows row by row, as in :func:`exact_rows`.
+    With ``y``, FINALIZE follows row by row, and ``residual`` is added first, as in
+    :func:`exact_rows` (a NaN the llama rounding meets makes the row's total NaN).
 
     Returns the number of rows whose total is NaN: their NaN's sign and payload
     are C's, not necessarily torch's, so the caller recomputes them.
@@ -349,12 +386,13 @@ def float_rows(
             raise ValueError("total must be a contiguous (rows, 1) tensor of x's dtype")
         if -(-hidden // recipe.chunk_size) != recipe.n_chunks:
             raise ValueError(f"the recipe has {recipe.n_chunks} chunks; x's rows make {-(-hidden // recipe.chunk_size)}")
-    fin = _finalize_args(x, y, weight, eps, check)
+    fin = _finalize_args(x, y, weight, eps, check, flags, offset)
+    res = _residual_args(x, residual, h, check)
     if rows == 0:
         return 0
     fn = lib.tgn_float_rows_f32 if x.dtype == torch.float32 else lib.tgn_float_rows_f64
     nan_rows = int(fn(x.data_ptr(), rows, hidden, x.stride(0), recipe.chunk_size, recipe.adds.data_ptr(),
-                      recipe.n_adds, recipe.root, total.data_ptr(), *fin))
+                      recipe.n_adds, recipe.root, total.data_ptr(), *fin, *res))
     if nan_rows < 0:
         raise MemoryError("the native float kernel could not allocate its scratch")
     return nan_rows

@@ -14,10 +14,10 @@ from typing import Any
 import torch
 
 from .. import kernels
-from ..errors import ConfigError, GraphError
+from ..errors import ConfigError, ExecutionError, GraphError
 from ..graph import Graph, Node, Op, validate
 
-__all__ = ["ReferenceInterpreter", "reference_sum_of_squares", "run_reference"]
+__all__ = ["ReferenceInterpreter", "finish_from_h", "reference_sum_of_squares", "run_reference"]
 
 
 class Cancelled(Exception):
@@ -43,6 +43,11 @@ class ReferenceInterpreter:
         self._order = graph.topological_order
         self._last_use = _last_uses(graph, self._order)
         self.cancel: threading.Event | None = None
+
+    #: A residual graph's ``residual`` operand and the tensor ``h`` is written into
+    #: (set by the runner; see :func:`run_reference`).
+    residual: torch.Tensor | None = None
+    residual_out: torch.Tensor | None = None
 
     def run(self, x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
         """The graph's output for ``x``."""
@@ -72,7 +77,11 @@ class ReferenceInterpreter:
     # -- one method per op ------------------------------------------------------
 
     def input(self, node: Node, args: list[Any]) -> torch.Tensor:
-        return self.x
+        if not node.attrs.get("residual"):
+            return self.x
+        if self.residual is None or self.residual_out is None:
+            raise ExecutionError(f"node {node.id!r} adds a residual: pass residual= and residual_out=")
+        return kernels.residual_add(self.x, self.residual, out=self.residual_out)
 
     def sumsq(self, node: Node, args: list[Any]) -> torch.Tensor:
         start, stop, leaf = node.attrs["start"], node.attrs["stop"], node.attrs["leaf"]
@@ -105,7 +114,8 @@ class ReferenceInterpreter:
         return kernels.rms_norm_standard(args[0], node.attrs["hidden_size"], self.eps, self.weight)
 
     def finalize(self, node: Node, args: list[Any]) -> torch.Tensor:
-        return kernels.finalize(args[0], args[1], node.attrs["hidden_size"], self.eps, self.weight)
+        return kernels.finalize(args[0], args[1], node.attrs["hidden_size"], self.eps, self.weight,
+                                node.attrs.get("casting_mode", "torch"), node.attrs.get("offset", 0.0))
 
     def output(self, node: Node, args: list[Any]) -> torch.Tensor:
         y: torch.Tensor = args[0]
@@ -152,14 +162,27 @@ def run_reference(
     *,
     arrival: Mapping[str, Sequence[int]] | None = None,
     cancel: threading.Event | None = None,
+    residual: torch.Tensor | None = None,
+    residual_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Execute ``graph`` sequentially on ``x`` (already checked) and return ``y``.
 
     ``cancel``: an event the caller sets to stop the run between nodes (it then
-    raises :class:`Cancelled`)."""
+    raises :class:`Cancelled`).  A graph whose INPUT adds a residual takes
+    ``residual`` (``x``'s shape and dtype) and writes ``h = x + residual`` into
+    ``residual_out`` (which may be ``x`` or ``residual`` itself)."""
     interpreter = ReferenceInterpreter(graph, arrival=arrival)
     interpreter.cancel = cancel
+    interpreter.residual, interpreter.residual_out = residual, residual_out
     return interpreter.run(x, weight, eps)
+
+
+def finish_from_h(graph: Graph, h: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """The reference's ``y`` of a residual graph for rows whose ``h`` is already made
+    (a fast path wrote it, perhaps over ``x`` or the residual).  The INPUT node adds
+    a residual of ``-0.0``, which gives every ``h`` back bit for bit (``+0 + -0`` is
+    ``+0``, ``-0 + -0`` is ``-0``, a NaN keeps its payload)."""
+    return run_reference(graph, h, weight, eps, residual=torch.full_like(h, -0.0), residual_out=torch.empty_like(h))
 
 
 def reference_sum_of_squares(graph: Graph, x: torch.Tensor) -> torch.Tensor:

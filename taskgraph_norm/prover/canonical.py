@@ -28,7 +28,7 @@ DEPENDENCIES: tuple[str, ...] = ("batch_size", "thread_count", "row_tiling", "de
 
 #: Attributes each op may carry; ``index`` and ``level`` are labels no executor reads.
 _KNOWN_ATTRS: Mapping[Op, frozenset[str]] = {
-    Op.INPUT: frozenset(),
+    Op.INPUT: frozenset({"residual"}),
     Op.SUMSQ: frozenset({"start", "stop", "leaf", "index", "domain"}),
     Op.ADD: frozenset({"level"}),
     Op.ACCUMULATE: frozenset(),
@@ -37,7 +37,7 @@ _KNOWN_ATTRS: Mapping[Op, frozenset[str]] = {
     Op.MAX: frozenset({"level"}),
     Op.SCALE: frozenset({"hidden_size"}),
     Op.RMSNORM: frozenset({"hidden_size"}),
-    Op.FINALIZE: frozenset({"hidden_size", "domain"}),
+    Op.FINALIZE: frozenset({"hidden_size", "domain", "casting_mode", "offset"}),
     Op.OUTPUT: frozenset(),
 }
 
@@ -168,10 +168,40 @@ def _read_node(node: Node, args: list[_Value]) -> _Value:
         return _Value("y", f"rms_norm(x[0:{_int_attr(node, 'hidden_size', minimum=1)}]){mark}")
     if node.op is Op.FINALIZE:
         _int_attr(node, "hidden_size", minimum=1)
+        _semantics(node)
         return _Value("y", args[1].expr, args[1].segments, args[1].scales)
     if node.op is Op.OUTPUT:
         return _Value("out", args[0].expr, args[0].segments, args[0].scales)
+    if node.attrs.get("residual", False) is not False and node.attrs["residual"] is not True:
+        raise _Unreadable(f"node {node.id!r}: residual={node.attrs['residual']!r} is not True or False")
     return _Value("x", "x" + mark)
+
+
+_CASTING_MODES = ("torch", "llama", "gemma")
+
+
+def _semantics(node: Node) -> tuple[str, ...]:
+    """FINALIZE's casting mode and offset, as canonical lines (none for the defaults,
+    so a default graph's fingerprint is what it always was).  They change only
+    the elementwise rounding after the reduction, never its order."""
+    mode, offset = node.attrs.get("casting_mode", "torch"), node.attrs.get("offset", 0.0)
+    if mode not in _CASTING_MODES:
+        raise _Unreadable(f"node {node.id!r}: casting_mode={mode!r} is not one of {list(_CASTING_MODES)}")
+    if isinstance(offset, bool) or not isinstance(offset, (int, float)) or offset != offset:
+        raise _Unreadable(f"node {node.id!r}: offset={offset!r} is not a float")
+    lines = []
+    if mode != "torch":
+        lines.append(f"casting_mode={mode}")
+    if offset:
+        lines.append(f"offset={float(offset)!r}")
+    return tuple(lines)
+
+
+def _semantic_lines(graph: Graph, finalize: Node) -> tuple[str, ...]:
+    """The canonical lines of the model-facing semantics (section 10 of the design)."""
+    residual = any(n.op is Op.INPUT and n.attrs.get("residual") for n in graph.nodes)
+    return (("input=x+residual",) if residual else ()) + (
+        _semantics(finalize) if finalize.op is Op.FINALIZE else ())
 
 
 def _check_operands(node: Node, args: list[_Value]) -> None:
@@ -372,7 +402,7 @@ def _conclude_standard(facts: _Facts, rmsnorm: Node) -> Reading:
     return Reading(
         expression=expression,
         canonical="\n".join(["standard", f"D={rmsnorm.attrs['hidden_size']}", expression,
-                             *facts.marks]),
+                             *facts.marks, *_semantic_lines(facts.graph, rmsnorm)]),
         assumptions=(_ASSUME_STANDARD,),
         why_deterministic=("RMSNORM: one opaque torch kernel; deterministic only under the "
                            "assumption below",),
@@ -397,7 +427,8 @@ def _conclude_float(facts: _Facts, finalize: Node, leaves: list[Node]) -> Readin
         assumptions.append(_ASSUME_TWO_WAY)
     return Reading(
         expression=total.expr,
-        canonical="\n".join(["float", f"D={hidden}", total.expr, *facts.marks]),
+        canonical="\n".join(["float", f"D={hidden}", total.expr, *facts.marks,
+                               *_semantic_lines(facts.graph, finalize)]),
         races=races,
         assumptions=tuple(assumptions),
         why_deterministic=_why_structure(facts.ops, leaves)
@@ -431,7 +462,7 @@ def _conclude_exact(facts: _Facts, finalize: Node) -> Reading:
     return Reading(
         expression=expression,
         canonical="\n".join(["exact", f"D={hidden}", f"sigma_D={scale.hidden_size}",
-                             expression, *facts.marks]),
+                             expression, *facts.marks, *_semantic_lines(facts.graph, finalize)]),
         exact=True,
         assumptions=(_ASSUME_EXACT,),
         why_deterministic=_WHY_EXACT + (_coverage_note(total.segments, hidden),),
@@ -476,13 +507,15 @@ def _why_structure(ops: Counter[Op], leaves: list[Node]) -> tuple[str, ...]:
         why.append("CATSUM: one torch.sum over the partials in operand order; its inside "
                    "order is the backend's (see assumptions)")
     why.append("FINALIZE: division and sqrt are correctly rounded, so its bits are a "
-               "function of its operands")
+               "function of its operands (in every casting mode: its casts and weight "
+               "multiply are elementwise)")
     return tuple(why)
 
 
 def _row_local(ops: Counter[Op]) -> tuple[str, ...]:
     said = {
-        Op.INPUT: "INPUT: rows are independent; no node reads another row",
+        Op.INPUT: "INPUT: rows are independent; no node reads another row (a fused "
+                  "residual add h = x + r is elementwise)",
         Op.ROWMAX: "ROWMAX/MAX: maxima of one row's squares (exact)",
         Op.SCALE: "SCALE: a per-row power of two from that row's maximum",
         Op.SUMSQ: "SUMSQ: reads one row's chunk x[a:b]; its order depends only on the "

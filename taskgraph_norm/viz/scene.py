@@ -164,6 +164,11 @@ def _node_lines(node: Node, race_note: bool, caption_leaf: str | None) -> tuple[
         lines.append(f"{len(node.inputs)} parts, arrival order")
     elif node.op is Op.CATSUM:
         lines.append(f"{len(node.inputs)} parts")
+    elif node.op is Op.FINALIZE and ("casting_mode" in node.attrs or "offset" in node.attrs):
+        mode, offset = node.attrs.get("casting_mode", "torch"), node.attrs.get("offset", 0.0)
+        lines.append(mode + (f", w+{offset:g}" if offset else ""))
+    elif node.op is Op.INPUT and node.attrs.get("residual"):
+        lines.append("h = x + residual")
     if race_note:
         lines.append("refuted: order varies")
     return tuple(lines)
