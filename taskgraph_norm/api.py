@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from . import pipeline
+from . import ops, pipeline
 from .checks import check_input, check_out
 from .errors import InputRankError
 from .graph import Graph
@@ -60,6 +60,10 @@ def normalize_sync(
     Same arguments and result as :func:`normalize`.  Works from inside a running
     event loop too (an async executor then runs its loop on a helper thread).
     """
+    if isinstance(x, torch.Tensor) and ops.needs_op(x, weight):
+        # a gradient to record, or a tracer looking: the torch.library op (executor "auto")
+        y = ops.rms_norm(x, weight, eps, topology=topology, chunk_size=chunk_size, leaf=leaf, accumulate=accumulate)
+        return y if out is None else out.copy_(y)
     if isinstance(x, torch.Tensor) and x.dim():  # the warm path: one dict lookup, one call
         try:
             pipe = pipeline._by_config.get((x.shape[-1], chunk_size, topology, leaf, accumulate, executor))

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import ops
 from .api import normalize_sync
 from .checks import check_input
 from .errors import ConfigError
@@ -79,6 +80,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k = len(self.normalized_shape)
+        if isinstance(x, torch.Tensor) and ops.needs_op(x, self.weight):
+            return self._forward_op(x, k)  # a gradient to record, or a tracer looking
         if k == 1 and isinstance(x, torch.Tensor) and x.dim() and x.shape[-1] == self.normalized_shape[0]:
             return normalize_sync(  # the warm path: normalize_sync checks the rest
                 x, self.weight, self.eps, topology=self.topology, chunk_size=self.chunk_size,
@@ -93,6 +96,17 @@ class RMSNorm(nn.Module):
             topology=self.topology, chunk_size=self.chunk_size,
             leaf=self.leaf, accumulate=self.accumulate,
         )
+        return y if k == 1 else y.reshape(x.shape)
+
+    def _forward_op(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        """Through the ``torch.library`` op (:mod:`taskgraph_norm.ops`)."""
+        if not torch.jit.is_tracing():  # (jit sizes are tensors: each check would warn)
+            check_input(x, self.normalized_shape, self.weight)
+        hidden = math.prod(self.normalized_shape)
+        flat = x if k == 1 else x.reshape(*x.shape[: x.dim() - k], hidden)
+        w = self.weight if self.weight is None or k == 1 else self.weight.reshape(hidden)
+        y = ops.rms_norm(flat, w, self.eps, topology=self.topology, chunk_size=self.chunk_size,
+                         leaf=self.leaf, accumulate=self.accumulate)
         return y if k == 1 else y.reshape(x.shape)
 
     def extra_repr(self) -> str:

@@ -149,6 +149,11 @@ class Pipeline:
             return None
         return direct(x, weight, e, out)
 
+    def direct(self) -> DirectCall | None:
+        """This configuration's direct native kernel (:func:`executors.direct_call`), or
+        ``None`` where there is none (no native form, not built, switched off)."""
+        return self._direct if self._direct_known else self._resolve_direct()
+
     def _resolve_direct(self) -> DirectCall | None:
         from .executors import native
 

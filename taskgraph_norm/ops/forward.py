@@ -1,0 +1,95 @@
+"""The real (non-fake) forward of the ops: ``y`` from the pipeline, and each row's ``rms``.
+
+``y`` is the pipeline's (:func:`taskgraph_norm.pipeline.for_config`: graph, proof and
+plan made once per configuration), so the ops give the bits every other face
+gives.  The backward needs each row's ``rms = sqrt(total / D + eps)``, the value
+FINALIZE divided by: fp32 CPU input gets it from the same native call that writes
+``y`` (the direct kernel writes the row totals where it is told); any other input
+gets ``y`` from the pipeline and the totals from the graph's order over the squares
+(:func:`~taskgraph_norm.executors.rowsum.plan_row_sum`: the compiled executor's
+operations, so the same totals; tests compare them with the reference's).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import kernels, pipeline
+from ..errors import ConfigError
+from ..executors.rowsum import plan_row_sum, reference_row_sum
+from ..graph import Op
+
+__all__ = ["CASTING_MODES", "check_model_options", "forward", "forward_residual", "rms_shape"]
+
+#: The casting modes the ops run today (the numerics layer adds "llama" and "gemma").
+CASTING_MODES = ("torch",)
+
+
+def check_model_options(casting_mode: str, offset: float) -> None:
+    """Reject a casting mode or offset this version does not compute yet."""
+    if casting_mode not in CASTING_MODES:
+        raise ConfigError("casting_mode", casting_mode, " or ".join(repr(m) for m in CASTING_MODES))
+    if offset != 0.0:
+        raise ConfigError("offset", offset, "0.0 with casting_mode='torch'")
+
+
+def rms_shape(x: torch.Tensor) -> tuple[int, ...]:
+    """The shape of the per-row ``rms``: ``x``'s with the last dim 1."""
+    return (*x.shape[:-1], 1)
+
+
+def _pipe(x: torch.Tensor, chunk_size: int, topology: str, leaf: str, accumulate: str) -> pipeline.Pipeline:
+    return pipeline.for_config(x.shape[-1], chunk_size, topology, leaf, accumulate, "auto")
+
+
+def row_totals(pipe: pipeline.Pipeline, x: torch.Tensor) -> torch.Tensor:
+    """Each row's sum of squares in the pipeline graph's order, ``(rows, 1)`` (or an
+    exact pair ``(rows, 2)``), for a 2-D ``x``."""
+    exact = Op.SCALE in pipe.graph.ops
+    xa = x.to(torch.float64 if exact else kernels.accumulation_dtype(x.dtype))
+    squares = (xa * xa).contiguous()
+    if pipe.plan is not None:
+        return plan_row_sum(pipe.plan, squares)
+    return reference_row_sum(pipe.graph, squares)
+
+
+def forward(
+    x: torch.Tensor, weight: torch.Tensor | None, eps: float, chunk_size: int, topology: str,
+    leaf: str, accumulate: str, casting_mode: str, offset: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(y, rms)`` of ``x`` (``(..., D)``): ``y`` as ``normalize_sync`` gives it, ``rms``
+    in the accumulation dtype, shape ``(..., 1)``."""
+    check_model_options(casting_mode, offset)
+    acc = kernels.accumulation_dtype(x.dtype)
+    hidden = x.shape[-1] if x.dim() else 0
+    if x.numel() == 0 or hidden == 0:
+        return torch.empty_like(x), x.new_empty(rms_shape(x), dtype=acc)
+    pipe = _pipe(x, chunk_size, topology, leaf, accumulate)
+    x_rows = x.reshape(-1, hidden)
+    direct = pipe.direct()
+    if direct is not None:
+        exact = pipe.plan is not None and pipe.plan.accumulate == "exact"
+        total = torch.empty(x_rows.shape[0], 2 if exact else 1,
+                            dtype=torch.float64 if exact else torch.float32, device=x.device)
+        y = direct(x, weight, eps, None, total)
+        if y is not None:
+            return y, kernels.rms_of_total(total, hidden, eps, acc).view(rms_shape(x))
+    x_checked, w_checked, e = pipe.check(x, weight, eps)
+    y = pipe.run(x_checked, w_checked, e)
+    total = row_totals(pipe, x_rows)
+    return y, kernels.rms_of_total(total, hidden, e, acc).view(rms_shape(x))
+
+
+def residual_sum(x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """``h = x + residual`` rounded to ``x.dtype`` (elementwise: adds no reduction order)."""
+    return (x + residual).to(x.dtype)
+
+
+def forward_residual(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None, eps: float, chunk_size: int,
+    topology: str, leaf: str, accumulate: str, casting_mode: str, offset: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(y, h, rms)``: ``h = x + residual`` (in ``x.dtype``), ``y, rms = forward(h)``."""
+    h = residual_sum(x, residual)
+    y, rms = forward(h, weight, eps, chunk_size, topology, leaf, accumulate, casting_mode, offset)
+    return y, h, rms

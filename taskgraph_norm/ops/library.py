@@ -1,0 +1,148 @@
+"""The ``torch.library`` ops of the ``taskgraph_norm`` namespace, with fake and autograd rules.
+
+Three ops, each a schema of tensors and plain numbers/strings (the configuration
+travels as op arguments, never as a Python object that dynamo would trace)::
+
+    taskgraph_norm::rms_norm(x, weight?, eps, chunk_size, topology, leaf, accumulate,
+                             casting_mode, offset) -> (y, rms)
+    taskgraph_norm::rms_norm_residual(x, residual, weight?, eps, ...) -> (y, h, rms)
+    taskgraph_norm::rms_norm_backward(dy, x, weight?, rms, ..., weight_grad, output_mask)
+                                     -> (dx, dW)
+
+``rms`` (``(..., 1)``, the accumulation dtype) is what the backward needs of the
+forward.  Registration is ``torch.library.Library(..., "DEF")``: ``define``, one
+``CompositeExplicitAutograd`` kernel per op (it calls the pipeline on real
+tensors), ``register_fake`` for shapes (FakeTensor, meta: a traced call never
+reaches the kernels or their caches) and ``register_autograd`` for the backward
+(docs/design.md, "The ops", says why this style and not ``custom_op``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .. import kernels
+from . import backward as _backward
+from . import forward as _forward
+
+__all__ = ["LIBRARY", "rms_norm_op", "rms_norm_residual_op", "rms_norm_backward_op"]
+
+_CONFIG = "int chunk_size, str topology, str leaf, str accumulate, str casting_mode, float offset"
+
+LIBRARY = torch.library.Library("taskgraph_norm", "DEF")
+LIBRARY.define(f"rms_norm(Tensor x, Tensor? weight, float eps, {_CONFIG}) -> (Tensor, Tensor)")
+LIBRARY.define(
+    f"rms_norm_residual(Tensor x, Tensor residual, Tensor? weight, float eps, {_CONFIG}) -> (Tensor, Tensor, Tensor)"
+)
+LIBRARY.define(
+    f"rms_norm_backward(Tensor dy, Tensor x, Tensor? weight, Tensor rms, {_CONFIG}, str weight_grad, "
+    "bool[2] output_mask) -> (Tensor, Tensor)"
+)
+
+LIBRARY.impl("rms_norm", _forward.forward, "CompositeExplicitAutograd")
+LIBRARY.impl("rms_norm_residual", _forward.forward_residual, "CompositeExplicitAutograd")
+LIBRARY.impl("rms_norm_backward", _backward.backward, "CompositeExplicitAutograd")
+
+rms_norm_op = torch.ops.taskgraph_norm.rms_norm.default
+rms_norm_residual_op = torch.ops.taskgraph_norm.rms_norm_residual.default
+rms_norm_backward_op = torch.ops.taskgraph_norm.rms_norm_backward.default
+
+
+# --- fake (meta) implementations: shapes and dtypes only ---------------------------
+
+
+def _rms_like(x: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(_forward.rms_shape(x), dtype=kernels.accumulation_dtype(x.dtype))
+
+
+@torch.library.register_fake("taskgraph_norm::rms_norm", lib=LIBRARY)
+def _rms_norm_fake(x: torch.Tensor, weight: torch.Tensor | None, eps: float, *config: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.empty_like(x), _rms_like(x)
+
+
+@torch.library.register_fake("taskgraph_norm::rms_norm_residual", lib=LIBRARY)
+def _rms_norm_residual_fake(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None, eps: float, *config: Any
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return torch.empty_like(x), torch.empty_like(x), _rms_like(x)
+
+
+@torch.library.register_fake("taskgraph_norm::rms_norm_backward", lib=LIBRARY)
+def _rms_norm_backward_fake(
+    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, rms: torch.Tensor, *rest: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    mask = rest[-1]
+    dx = torch.empty_like(x) if mask[0] else x.new_empty(0)
+    dw = torch.empty_like(weight) if mask[1] and weight is not None else x.new_empty(0)
+    return dx, dw
+
+
+# --- autograd ----------------------------------------------------------------------
+
+
+def _setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
+    x, weight = inputs[0], inputs[-8]
+    ctx.config = inputs[-7:]  # eps, chunk_size, topology, leaf, accumulate, casting_mode, offset
+    ctx.save_for_backward(x, weight, output[-1])
+    ctx.mark_non_differentiable(output[-1])
+
+
+def _grads(ctx: Any, dy: torch.Tensor, x_needs: bool, w_needs: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(dx, dW)`` of the normalisation (``None`` where not needed)."""
+    x, weight, rms = ctx.saved_tensors
+    eps, *config = ctx.config
+    if torch.is_grad_enabled():
+        # create_graph=True: a double backward needs differentiable ops.
+        return _composite_grads(dy, x, weight, eps, x_needs, w_needs)
+    dx, dw = rms_norm_backward_op(dy, x, weight, rms, *config, "float", [x_needs, w_needs])
+    return (dx if x_needs else None), (dw if w_needs and weight is not None else None)
+
+
+def _rms_norm_backward(ctx: Any, dy: torch.Tensor, _drms: torch.Tensor | None) -> tuple[Any, ...]:
+    needs = ctx.needs_input_grad
+    dx, dw = _grads(ctx, dy, needs[0], needs[1])
+    return (dx, dw) + (None,) * 7
+
+
+def _rms_norm_residual_backward(
+    ctx: Any, dy: torch.Tensor, dh: torch.Tensor | None, _drms: torch.Tensor | None
+) -> tuple[Any, ...]:
+    needs = ctx.needs_input_grad
+    dh_norm, dw = _grads(ctx, dy, needs[0] or needs[1], needs[2])
+    if dh_norm is not None and dh is not None:
+        dh_norm = dh_norm + dh
+    elif dh_norm is None:
+        dh_norm = dh
+    dres = None if dh_norm is None or not needs[1] else dh_norm.to(ctx.residual_dtype)
+    return (dh_norm if needs[0] else None, dres, dw) + (None,) * 7
+
+
+def _setup_residual(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
+    y, h, rms = output
+    _setup(ctx, (h,) + tuple(inputs[2:]), (y, rms))
+    ctx.residual_dtype = inputs[1].dtype
+
+
+def _composite_grads(
+    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, eps: float, x_needs: bool, w_needs: bool
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The same gradients as differentiable torch ops (``torch.sum`` order): used only
+    under ``create_graph=True``, so that the double backward exists."""
+    acc = kernels.accumulation_dtype(x.dtype)
+    xa, g = kernels.grad_operands(x, dy, weight)
+    rms = torch.sqrt(torch.mean(xa * xa, dim=-1, keepdim=True) + eps)
+    x_hat = xa / rms
+    dx = dw = None
+    if x_needs:
+        dx = ((g - x_hat * torch.mean(g * x_hat, dim=-1, keepdim=True)) / rms).to(x.dtype)
+    if w_needs and weight is not None:
+        dw = (dy.to(acc) * x_hat).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype).view(weight.shape)
+    return dx, dw
+
+
+torch.library.register_autograd("taskgraph_norm::rms_norm", _rms_norm_backward, setup_context=_setup, lib=LIBRARY)
+torch.library.register_autograd(
+    "taskgraph_norm::rms_norm_residual", _rms_norm_residual_backward, setup_context=_setup_residual, lib=LIBRARY
+)

@@ -1,0 +1,41 @@
+"""When a call must go through the ``torch.library`` ops rather than straight to the kernel.
+
+The direct kernel (:mod:`taskgraph_norm.executors.direct`) reads data pointers and
+keeps per-thread buffers: it must only ever see real tensors, and it records no
+gradient.  So a call goes through the ops when something needs them:
+
+* a gradient to record (grad mode on, and ``x`` or the weight requires grad);
+* tracing: ``torch.compile`` (dynamo), ``torch.export``, ``make_fx``, ``torch.jit.trace``:
+  dynamo is seen by :func:`torch.compiler.is_compiling`, the others by a fake or
+  functional tensor (any tensor subclass), an active dispatch mode, or the jit
+  tracing state.
+
+Everything else (no grad, real tensors, nothing tracing) may take the direct path.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["needs_op", "tracing"]
+
+_PLAIN = (torch.Tensor, nn.Parameter)
+
+
+def tracing(x: torch.Tensor) -> bool:
+    """Whether ``x`` is being traced (or is not a plain tensor): its data must not be read."""
+    return (
+        type(x) not in _PLAIN
+        or torch._C._len_torch_dispatch_stack() > 0
+        or torch._C._get_tracing_state() is not None
+    )
+
+
+def needs_op(x: torch.Tensor, weight: torch.Tensor | None) -> bool:
+    """Whether a call on ``x`` (and ``weight``) must go through the ops (see the module doc)."""
+    if torch.compiler.is_compiling():
+        return True  # constant-folded by dynamo: nothing below is traced
+    if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)):
+        return True
+    return tracing(x) or (weight is not None and type(weight) not in _PLAIN)
