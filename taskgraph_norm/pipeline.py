@@ -25,7 +25,7 @@ import sniffio
 import torch
 
 from . import caches
-from .checks import check_input, check_out, resolve_eps
+from .checks import check_input, check_out, check_real, resolve_eps
 from .errors import ConfigError, ExecutionError, GraphError
 from .executors import ASYNC_EXECUTORS, EXECUTORS, PLAN_EXECUTORS, Plan, direct_call, lower_certified
 from .executors import triton as _triton
@@ -182,6 +182,8 @@ class Pipeline:
     ) -> torch.Tensor:
         """The one code path every call ends in (input already checked, ``eps`` resolved)."""
         opts = dict(options or {})
+        if self.hidden_size is not None:
+            check_real(x)  # a tracer's tensor never reaches a kernel or a workspace cache
         if self.hidden_size is not None and x.numel() == 0:
             return out if out is not None else torch.empty_like(x)
         if self.executor == "compiled":

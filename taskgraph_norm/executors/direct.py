@@ -47,6 +47,9 @@ HUGE_BYTES = 4 << 20
 #: Float merges the native float kernel runs (as in the compiled executor).
 _NATIVE_FLOAT_MERGES = ("single", "tree", "adds")
 
+#: Tensors whose data pointer is real (a FakeTensor or FunctionalTensor has none).
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
 
 class _Scratch(threading.local):
     """A per-thread buffer the kernel writes row totals into (grown on demand)."""
@@ -125,7 +128,8 @@ def direct_call(plan: Plan) -> DirectCall | None:
 
     def call(x: torch.Tensor, weight: torch.Tensor | None, eps: float,
              out: torch.Tensor | None, total: torch.Tensor | None = None) -> torch.Tensor | None:
-        if x.dtype is not fp32 or x.device.type != "cpu" or not x.is_contiguous() or not _native._enabled:
+        if (x.dtype is not fp32 or x.device.type != "cpu" or not x.is_contiguous() or not _native._enabled
+                or type(x) not in _PLAIN):
             return None
         if weight is not None and (weight.dtype is not fp32 or not weight.is_contiguous()):
             return None

@@ -44,6 +44,9 @@ LIBRARY.define(
 LIBRARY.impl("rms_norm", _forward.forward, "CompositeExplicitAutograd")
 LIBRARY.impl("rms_norm_residual", _forward.forward_residual, "CompositeExplicitAutograd")
 LIBRARY.impl("rms_norm_backward", _backward.backward, "CompositeExplicitAutograd")
+# The backward op is not differentiable itself: a double backward (create_graph=True)
+# takes differentiable torch ops instead (_composite_grads below).
+LIBRARY.impl("rms_norm_backward", torch.library.fallthrough_kernel, "Autograd")
 
 rms_norm_op = torch.ops.taskgraph_norm.rms_norm.default
 rms_norm_residual_op = torch.ops.taskgraph_norm.rms_norm_residual.default

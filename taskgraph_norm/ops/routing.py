@@ -16,11 +16,10 @@ Everything else (no grad, real tensors, nothing tracing) may take the direct pat
 from __future__ import annotations
 
 import torch
-from torch import nn
+
+from ..checks import PLAIN_TENSORS as _PLAIN
 
 __all__ = ["needs_op", "tracing"]
-
-_PLAIN = (torch.Tensor, nn.Parameter)
 
 
 def tracing(x: torch.Tensor) -> bool:
