@@ -80,8 +80,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k = len(self.normalized_shape)
-        if isinstance(x, torch.Tensor) and ops.needs_op(x, self.weight):
-            return self._forward_op(x, k)  # a gradient to record, or a tracer looking
+        how = ops.route(x, self.weight) if isinstance(x, torch.Tensor) else ops.DIRECT
+        if how != ops.DIRECT:
+            return self._forward_op(x, k, how)  # a gradient to record, or a tracer looking
         if k == 1 and isinstance(x, torch.Tensor) and x.dim() and x.shape[-1] == self.normalized_shape[0]:
             return normalize_sync(  # the warm path: normalize_sync checks the rest
                 x, self.weight, self.eps, topology=self.topology, chunk_size=self.chunk_size,
@@ -98,15 +99,15 @@ class RMSNorm(nn.Module):
         )
         return y if k == 1 else y.reshape(x.shape)
 
-    def _forward_op(self, x: torch.Tensor, k: int) -> torch.Tensor:
-        """Through the ``torch.library`` op (:mod:`taskgraph_norm.ops`)."""
-        if not torch.jit.is_tracing():  # (jit sizes are tensors: each check would warn)
+    def _forward_op(self, x: torch.Tensor, k: int, how: int) -> torch.Tensor:
+        """Through the ops (:mod:`taskgraph_norm.ops`): ``how`` is :func:`ops.route`'s answer."""
+        if how == ops.EAGER or not ops.jit_tracing():  # (jit sizes are tensors: a check would warn)
             check_input(x, self.normalized_shape, self.weight)
         hidden = math.prod(self.normalized_shape)
         flat = x if k == 1 else x.reshape(*x.shape[: x.dim() - k], hidden)
         w = self.weight if self.weight is None or k == 1 else self.weight.reshape(hidden)
-        y = ops.rms_norm(flat, w, self.eps, topology=self.topology, chunk_size=self.chunk_size,
-                         leaf=self.leaf, accumulate=self.accumulate)
+        y = ops.call_checked(flat, w, ops.resolve_eps_fast(self.eps, x.dtype), self.chunk_size, self.topology,
+                             self.leaf, self.accumulate, how=how)
         return y if k == 1 else y.reshape(x.shape)
 
     def extra_repr(self) -> str:

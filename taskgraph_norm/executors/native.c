@@ -487,3 +487,17 @@ int64_t tgn_backward_rows_f32(const float *x, const float *dy, const float *w, c
     free(work);
     return bad;
 }
+
+/* kernels.rms_of_total for fp32 rows: rms = sqrt(total / D + eps), the value FINALIZE
+ * divides by (finalize_row_float's two lines); an exact pair (channels 2, fp64) is
+ * combined and rounded to fp32 first, as kernels.combine_exact then .to(fp32). */
+void tgn_rms_of_totals_f32(const void *total, int64_t rows, int64_t channels, int64_t hidden, double eps,
+                           float *rms)
+{
+    for (int64_t i = 0; i < rows; ++i) {
+        float t = channels == 2 ? (float)(((const double *)total)[2 * i] + ((const double *)total)[2 * i + 1])
+                                : ((const float *)total)[i];
+        float mean = t / (float)(double)hidden + (float)eps;
+        rms[i] = (float)sqrt((double)mean);
+    }
+}

@@ -44,7 +44,7 @@ from .. import caches
 from .lowering import Plan
 
 __all__ = [
-    "available", "backward_rows", "recipe_of", "describe", "disabled", "exact_rows", "exact_scale", "float_rows", "FloatRecipe", "library_path",
+    "available", "backward_rows", "recipe_of", "rms_of_totals", "describe", "disabled", "exact_rows", "exact_scale", "float_rows", "FloatRecipe", "library_path",
     "why_unavailable",
 ]
 
@@ -152,6 +152,9 @@ def _load() -> ctypes.CDLL | None:
             lib.tgn_backward_rows_f32.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [
                 ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
             lib.tgn_backward_rows_f32.restype = ctypes.c_int64
+            lib.tgn_rms_of_totals_f32.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                                                  ctypes.c_double, ctypes.c_void_p]
+            lib.tgn_rms_of_totals_f32.restype = None
             lib.tgn_exact_scale.argtypes = [ctypes.c_double, ctypes.c_int64,
                                             ctypes.POINTER(ctypes.c_double), ctypes.POINTER(ctypes.c_double)]
             lib.tgn_exact_scale.restype = ctypes.c_int
@@ -366,3 +369,18 @@ def backward_rows(
     if bad < 0:
         raise MemoryError("the native backward could not allocate its scratch")
     return bad
+
+
+def rms_of_totals(total: torch.Tensor, hidden: int, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`kernels.rms_of_total` of fp32 rows in C (the same bits; one call instead of
+    six small torch ops): ``total`` is a contiguous ``(rows, 1)`` fp32 or ``(rows, 2)``
+    fp64 (exact pairs) tensor; returns ``(rows, 1)`` fp32, written into ``out`` if given
+    (which may be a float ``total`` itself: each row is read before it is written)."""
+    rows, channels = total.shape
+    if not total.is_contiguous() or (channels, total.dtype) not in ((1, torch.float32), (2, torch.float64)):
+        raise ValueError("total must be a contiguous (rows, 1) float32 or (rows, 2) float64 tensor")
+    rms = torch.empty(rows, 1, dtype=torch.float32) if out is None else out
+    if rms.shape != (rows, 1) or rms.dtype != torch.float32 or not rms.is_contiguous():
+        raise ValueError("out must be a contiguous (rows, 1) float32 tensor")
+    _library().tgn_rms_of_totals_f32(total.data_ptr(), rows, channels, hidden, float(eps), rms.data_ptr())
+    return rms

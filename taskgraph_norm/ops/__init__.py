@@ -17,11 +17,11 @@ import torch
 
 from ..checks import check_input, resolve_eps
 from ..topologies import build_graph
-from .library import LIBRARY, rms_norm_backward_op, rms_norm_op, rms_norm_residual_op
-from .routing import needs_op, tracing
+from .library import LIBRARY, EagerRMSNorm, eager_apply, rms_norm_backward_op, rms_norm_op, rms_norm_residual_op
+from .routing import DIRECT, EAGER, TRACED, jit_tracing, needs_op, route, tracing
 
 __all__ = [
-    "LIBRARY", "needs_op", "rms_norm", "rms_norm_backward_op", "rms_norm_op", "rms_norm_residual",
+    "DIRECT", "EAGER", "EagerRMSNorm", "LIBRARY", "TRACED", "call_checked", "jit_tracing", "needs_op", "resolve_eps_fast", "route", "rms_norm", "rms_norm_backward_op", "rms_norm_op", "rms_norm_residual",
     "rms_norm_residual_op", "tracing",
 ]
 
@@ -30,7 +30,7 @@ def _checked(
     x: torch.Tensor, weight: torch.Tensor | None, eps: float | None, topology: str, chunk_size: int,
     leaf: str, accumulate: str,
 ) -> float:
-    if torch.jit.is_tracing():
+    if jit_tracing():
         # jit sizes are tensors (every check would warn); the options are checked when
         # the traced call's kernel first runs, the input by the op's schema and kernel.
         return resolve_eps(eps, x.dtype)
@@ -55,8 +55,34 @@ def rms_norm(
     ``torch.jit.trace``.
     """
     e = _checked(x, weight, eps, topology, chunk_size, leaf, accumulate)
-    y: torch.Tensor = rms_norm_op(x, weight, e, chunk_size, topology, leaf, accumulate, casting_mode, offset)[0]
-    return y
+    return call_checked(x, weight, e, chunk_size, topology, leaf, accumulate, casting_mode, offset)
+
+
+def call_checked(
+    x: torch.Tensor, weight: torch.Tensor | None, eps: float, chunk_size: int, topology: str, leaf: str,
+    accumulate: str, casting_mode: str = "torch", offset: float = 0.0, *, how: int | None = None,
+) -> torch.Tensor:
+    """:func:`rms_norm` of a checked input with ``eps`` resolved: the op under a tracer,
+    its kernels under eager autograd (:class:`~.library.EagerRMSNorm`: the same bits
+    without the dispatcher's overhead).  ``how``: the caller's :func:`route`, if known."""
+    if (route(x, weight) if how is None else how) == TRACED:
+        y: torch.Tensor = rms_norm_op(x, weight, eps, chunk_size, topology, leaf, accumulate, casting_mode,
+                                      offset)[0]
+        return y
+    return eager_apply(x, weight, (eps, chunk_size, topology, leaf, accumulate, casting_mode, offset))
+
+
+_DEFAULT_EPS: dict[torch.dtype, float] = {}
+
+
+def resolve_eps_fast(eps: float | None, dtype: torch.dtype) -> float:
+    """:func:`~taskgraph_norm.checks.resolve_eps` with ``eps=None`` answered from a dict."""
+    if eps is None:
+        found = _DEFAULT_EPS.get(dtype)
+        if found is None:
+            found = _DEFAULT_EPS.setdefault(dtype, resolve_eps(None, dtype))
+        return found
+    return resolve_eps(eps, dtype)
 
 
 def rms_norm_residual(

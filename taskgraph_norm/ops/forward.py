@@ -16,6 +16,7 @@ import torch
 
 from .. import kernels, pipeline
 from ..errors import ConfigError
+from ..executors import native
 from ..executors.rowsum import plan_row_sum, reference_row_sum
 from ..graph import Op
 
@@ -38,10 +39,6 @@ def rms_shape(x: torch.Tensor) -> tuple[int, ...]:
     return (*x.shape[:-1], 1)
 
 
-def _pipe(x: torch.Tensor, chunk_size: int, topology: str, leaf: str, accumulate: str) -> pipeline.Pipeline:
-    return pipeline.for_config(x.shape[-1], chunk_size, topology, leaf, accumulate, "auto")
-
-
 def row_totals(pipe: pipeline.Pipeline, x: torch.Tensor) -> torch.Tensor:
     """Each row's sum of squares in the pipeline graph's order, ``(rows, 1)`` (or an
     exact pair ``(rows, 2)``), for a 2-D ``x``."""
@@ -60,24 +57,35 @@ def forward(
     """``(y, rms)`` of ``x`` (``(..., D)``): ``y`` as ``normalize_sync`` gives it, ``rms``
     in the accumulation dtype, shape ``(..., 1)``."""
     check_model_options(casting_mode, offset)
-    acc = kernels.accumulation_dtype(x.dtype)
     hidden = x.shape[-1] if x.dim() else 0
     if x.numel() == 0 or hidden == 0:
-        return torch.empty_like(x), x.new_empty(rms_shape(x), dtype=acc)
-    pipe = _pipe(x, chunk_size, topology, leaf, accumulate)
-    x_rows = x.reshape(-1, hidden)
-    direct = pipe.direct()
-    if direct is not None:
-        exact = pipe.plan is not None and pipe.plan.accumulate == "exact"
-        total = torch.empty(x_rows.shape[0], 2 if exact else 1,
-                            dtype=torch.float64 if exact else torch.float32, device=x.device)
-        y = direct(x, weight, eps, None, total)
-        if y is not None:
-            return y, kernels.rms_of_total(total, hidden, eps, acc).view(rms_shape(x))
+        return torch.empty_like(x), x.new_empty(rms_shape(x), dtype=kernels.accumulation_dtype(x.dtype))
+    pipe = pipeline.for_config(hidden, chunk_size, topology, leaf, accumulate, "auto")
+    if x.dtype is torch.float32 and x.device.type == "cpu":
+        found = _forward_direct(pipe, x, weight, eps, hidden)
+        if found is not None:
+            return found
     x_checked, w_checked, e = pipe.check(x, weight, eps)
     y = pipe.run(x_checked, w_checked, e)
-    total = row_totals(pipe, x_rows)
-    return y, kernels.rms_of_total(total, hidden, e, acc).view(rms_shape(x))
+    total = row_totals(pipe, x.reshape(-1, hidden))
+    return y, kernels.rms_of_total(total, hidden, e, kernels.accumulation_dtype(x.dtype)).view(rms_shape(x))
+
+
+def _forward_direct(
+    pipe: pipeline.Pipeline, x: torch.Tensor, weight: torch.Tensor | None, eps: float, hidden: int
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(y, rms)`` from one direct native call (fp32 CPU), or ``None`` where it does not apply."""
+    direct = pipe.direct()
+    if direct is None or pipe.plan is None:
+        return None
+    exact = pipe.plan.accumulate == "exact"
+    total = torch.empty(x.numel() // hidden, 2 if exact else 1, dtype=torch.float64 if exact else torch.float32)
+    y = direct(x, weight, eps, None, total)
+    if y is None:
+        return None
+    # a float total becomes its rms in place (one buffer); an exact pair needs its own
+    rms = native.rms_of_totals(total, hidden, eps, out=None if exact else total)
+    return y, rms if x.dim() == 2 else rms.view(rms_shape(x))
 
 
 def residual_sum(x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:

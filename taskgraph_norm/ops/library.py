@@ -27,11 +27,15 @@ from .. import kernels
 from . import backward as _backward
 from . import forward as _forward
 
-__all__ = ["LIBRARY", "rms_norm_op", "rms_norm_residual_op", "rms_norm_backward_op"]
+__all__ = ["EagerRMSNorm", "LIBRARY", "eager_apply", "rms_norm_op", "rms_norm_residual_op", "rms_norm_backward_op"]
 
 _CONFIG = "int chunk_size, str topology, str leaf, str accumulate, str casting_mode, float offset"
 
-LIBRARY = torch.library.Library("taskgraph_norm", "DEF")
+# torch.library's functions are untyped: reached through Any, so mypy --strict stays on.
+_library: Any = torch.library
+_register_fake: Any = _library.register_fake
+
+LIBRARY: Any = _library.Library("taskgraph_norm", "DEF")
 LIBRARY.define(f"rms_norm(Tensor x, Tensor? weight, float eps, {_CONFIG}) -> (Tensor, Tensor)")
 LIBRARY.define(
     f"rms_norm_residual(Tensor x, Tensor residual, Tensor? weight, float eps, {_CONFIG}) -> (Tensor, Tensor, Tensor)"
@@ -46,7 +50,7 @@ LIBRARY.impl("rms_norm_residual", _forward.forward_residual, "CompositeExplicitA
 LIBRARY.impl("rms_norm_backward", _backward.backward, "CompositeExplicitAutograd")
 # The backward op is not differentiable itself: a double backward (create_graph=True)
 # takes differentiable torch ops instead (_composite_grads below).
-LIBRARY.impl("rms_norm_backward", torch.library.fallthrough_kernel, "Autograd")
+LIBRARY.impl("rms_norm_backward", _library.fallthrough_kernel, "Autograd")
 
 rms_norm_op = torch.ops.taskgraph_norm.rms_norm.default
 rms_norm_residual_op = torch.ops.taskgraph_norm.rms_norm_residual.default
@@ -60,19 +64,16 @@ def _rms_like(x: torch.Tensor) -> torch.Tensor:
     return x.new_empty(_forward.rms_shape(x), dtype=kernels.accumulation_dtype(x.dtype))
 
 
-@torch.library.register_fake("taskgraph_norm::rms_norm", lib=LIBRARY)
 def _rms_norm_fake(x: torch.Tensor, weight: torch.Tensor | None, eps: float, *config: Any) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.empty_like(x), _rms_like(x)
 
 
-@torch.library.register_fake("taskgraph_norm::rms_norm_residual", lib=LIBRARY)
 def _rms_norm_residual_fake(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None, eps: float, *config: Any
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return torch.empty_like(x), torch.empty_like(x), _rms_like(x)
 
 
-@torch.library.register_fake("taskgraph_norm::rms_norm_backward", lib=LIBRARY)
 def _rms_norm_backward_fake(
     dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, rms: torch.Tensor, *rest: Any
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,6 +81,11 @@ def _rms_norm_backward_fake(
     dx = torch.empty_like(x) if mask[0] else x.new_empty(0)
     dw = torch.empty_like(weight) if mask[1] and weight is not None else x.new_empty(0)
     return dx, dw
+
+
+for _name, _fake in (("rms_norm", _rms_norm_fake), ("rms_norm_residual", _rms_norm_residual_fake),
+                     ("rms_norm_backward", _rms_norm_backward_fake)):
+    _register_fake(f"taskgraph_norm::{_name}", _fake, lib=LIBRARY)
 
 
 # --- autograd ----------------------------------------------------------------------
@@ -92,14 +98,17 @@ def _setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) 
     ctx.mark_non_differentiable(output[-1])
 
 
-def _grads(ctx: Any, dy: torch.Tensor, x_needs: bool, w_needs: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """``(dx, dW)`` of the normalisation (``None`` where not needed)."""
+def _grads(
+    ctx: Any, dy: torch.Tensor, x_needs: bool, w_needs: bool, backward: Any = rms_norm_backward_op
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(dx, dW)`` of the normalisation (``None`` where not needed), by ``backward``
+    (the op, or its kernel called directly from eager autograd)."""
     x, weight, rms = ctx.saved_tensors
     eps, *config = ctx.config
     if torch.is_grad_enabled():
         # create_graph=True: a double backward needs differentiable ops.
         return _composite_grads(dy, x, weight, eps, x_needs, w_needs)
-    dx, dw = rms_norm_backward_op(dy, x, weight, rms, *config, "float", [x_needs, w_needs])
+    dx, dw = backward(dy, x, weight, rms, *config, "float", [x_needs, w_needs])
     return (dx if x_needs else None), (dw if w_needs and weight is not None else None)
 
 
@@ -145,7 +154,50 @@ def _composite_grads(
     return dx, dw
 
 
-torch.library.register_autograd("taskgraph_norm::rms_norm", _rms_norm_backward, setup_context=_setup, lib=LIBRARY)
-torch.library.register_autograd(
+_library.register_autograd("taskgraph_norm::rms_norm", _rms_norm_backward, setup_context=_setup, lib=LIBRARY)
+_library.register_autograd(
     "taskgraph_norm::rms_norm_residual", _rms_norm_residual_backward, setup_context=_setup_residual, lib=LIBRARY
 )
+
+
+class EagerRMSNorm(torch.autograd.Function):
+    """The op's forward and backward kernels under eager autograd, without the dispatcher.
+
+    Same kernels, same bits as ``taskgraph_norm::rms_norm`` with its registered
+    autograd; what it saves is the dispatcher's Python round trips (about 10x a
+    (1, 4096) call: ``benchmarks/op_dispatch.py``).  Tracers never see it: under
+    ``torch.compile``, ``torch.export`` or ``jit.trace`` the op is called instead.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor | None, config: tuple[Any, ...]) -> torch.Tensor:
+        # config: (eps, chunk_size, topology, leaf, accumulate, casting_mode, offset), one
+        # argument (each argument of apply costs time on a small call)
+        y, rms = _forward.forward(x, weight, *config)
+        ctx.config = config
+        ctx.save_for_backward(x, weight, rms)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[Any, ...]:
+        needs = ctx.needs_input_grad
+        dx, dw = _grads(ctx, dy.contiguous(), needs[0], needs[1], _backward.backward)
+        return dx, dw, None
+
+
+#: ``EagerRMSNorm.apply`` without ``Function.apply``'s Python prologue (functorch's dead
+#: wrapper unwrapping, default-argument binding): the C ``apply`` itself, used when no
+#: functorch transform is active (``torch.func``: then the full ``apply``).
+_c_apply: Any = super(torch.autograd.Function, EagerRMSNorm).apply
+
+
+_full_apply: Any = EagerRMSNorm.apply
+
+
+def eager_apply(x: torch.Tensor, weight: torch.Tensor | None, config: tuple[Any, ...]) -> torch.Tensor:
+    """``EagerRMSNorm.apply(x, weight, config)``, by the shortest way that is correct."""
+    if torch._C._are_functorch_transforms_active():
+        full: torch.Tensor = _full_apply(x, weight, config)
+        return full
+    y: torch.Tensor = _c_apply(x, weight, config)
+    return y

@@ -19,7 +19,15 @@ import torch
 
 from ..checks import PLAIN_TENSORS as _PLAIN
 
-__all__ = ["needs_op", "tracing"]
+__all__ = ["DIRECT", "EAGER", "TRACED", "jit_tracing", "needs_op", "route", "tracing"]
+
+#: Where a call goes: straight to the kernel, its kernels under eager autograd, or the op.
+DIRECT, EAGER, TRACED = 0, 1, 2
+
+
+def jit_tracing() -> bool:
+    """Whether ``torch.jit.trace`` is tracing (its sizes are tensors)."""
+    return torch._C._get_tracing_state() is not None
 
 
 def tracing(x: torch.Tensor) -> bool:
@@ -31,10 +39,19 @@ def tracing(x: torch.Tensor) -> bool:
     )
 
 
-def needs_op(x: torch.Tensor, weight: torch.Tensor | None) -> bool:
-    """Whether a call on ``x`` (and ``weight``) must go through the ops (see the module doc)."""
+def route(x: torch.Tensor, weight: torch.Tensor | None) -> int:
+    """:data:`TRACED` when a tracer looks, :data:`EAGER` when eager autograd records a
+    gradient, :data:`DIRECT` otherwise (see the module doc)."""
     if torch.compiler.is_compiling():
-        return True  # constant-folded by dynamo: nothing below is traced
+        return TRACED  # constant-folded by dynamo: nothing below is traced
+    if tracing(x) or (weight is not None and type(weight) not in _PLAIN):
+        return TRACED
     if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)):
-        return True
-    return tracing(x) or (weight is not None and type(weight) not in _PLAIN)
+        return EAGER
+    return DIRECT
+
+
+def needs_op(x: torch.Tensor, weight: torch.Tensor | None) -> bool:
+    """Whether a call on ``x`` (and ``weight``) must go through the ops rather than
+    straight to the kernel."""
+    return route(x, weight) != DIRECT
