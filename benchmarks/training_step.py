@@ -10,9 +10,9 @@ Measured side by side in one run (interleaved rounds, medians), each with its ta
   the two outputs are checked to be the same bits first;
 * forward + backward at (4096, 4096) fp32: ``tgn.RMSNorm`` against
   ``torch.nn.RMSNorm``, ``y.backward(dy)`` each: at most 1.0x;
-* for scale, (1, 4096) forward + backward, and ``normalize_sync`` against
-  ``F.rms_norm`` at (1, 4096) under no_grad (the small-call path the routing must
-  not slow down).
+* for scale, (1, 4096) forward + backward; and ``normalize_sync`` under no_grad at
+  (1, 4096) against ``F.rms_norm`` (at most 1.0x) and against the warm path as it
+  was before the ops (what asking whether a call needs the op costs).
 
 torch's OpenMP threads spin-wait between ops; on a loaded machine that stalls
 them, so run torch baselines with ``OMP_WAIT_POLICY=PASSIVE`` (printed below).
@@ -58,15 +58,14 @@ def grad_vs_no_grad(rows: int, rounds: int) -> str:
     if not torch.equal(norm(xg).detach().view(torch.int32), plain.view(torch.int32)):
         raise SystemExit("grad-enabled output bits differ from no_grad's")
     calls = max(1, 256 // rows)
+    grad_calls = repeated(lambda: norm(xg), calls)
+    plain_calls = repeated(lambda: norm(x), calls)
 
-    def no_grad() -> None:
+    def no_grad() -> None:  # the context entered once per timing, not per call
         with torch.no_grad():
-            norm(x)
+            plain_calls()
 
-    def with_grad() -> None:
-        norm(xg)
-
-    t = interleaved_medians({"grad": repeated(with_grad, calls), "no_grad": repeated(no_grad, calls)}, rounds)
+    t = interleaved_medians({"grad": grad_calls, "no_grad": no_grad}, rounds)
     return target_row(f"forward with grad ({rows}, {D})", t["grad"] / calls, t["no_grad"] / calls,
                       "same call under no_grad", 1.5)
 
@@ -90,16 +89,23 @@ def forward_backward(rows: int, rounds: int, target: float | None) -> str:
                       "torch.nn.RMSNorm", target)
 
 
-def small_no_grad(rounds: int) -> str:
+def small_no_grad(rounds: int) -> list[str]:
+    """``normalize_sync`` now (it asks :func:`ops.route` first), the warm path as it was
+    before the ops (a pipeline lookup and call: ``before``), and ``F.rms_norm``."""
     x, _ = _input(1)
     w = 1 + 0.1 * torch.randn(D)
     calls = 256
+    pipe = tgn.pipeline.for_config(D, 64, "tree", "pairwise", "float", "auto")
+    key = (D, 64, "tree", "pairwise", "float", "auto")
     t = interleaved_medians({
         "ours": repeated(lambda: tgn.normalize_sync(x, w), calls),
+        "before": repeated(lambda: tgn.pipeline._by_config.get(key, pipe)(x, w, None, None), calls),
         "torch": repeated(lambda: F.rms_norm(x, (D,), w), calls),
     }, rounds)
-    return target_row(f"normalize_sync no_grad (1, {D})", t["ours"] / calls, t["torch"] / calls,
-                      "F.rms_norm(x, (D,), w)", None)
+    return [target_row(f"normalize_sync no_grad (1, {D})", t["ours"] / calls, t["torch"] / calls,
+                       "F.rms_norm(x, (D,), w)", 1.0),
+            target_row(f"normalize_sync no_grad (1, {D}), routing cost", t["ours"] / calls, t["before"] / calls,
+                       "the warm path before the ops", None)]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -116,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     print(grad_vs_no_grad(D, max(3, args.rounds // 3)))
     print(forward_backward(D, max(3, args.rounds // 3), 1.0))
     print(forward_backward(1, args.rounds, None))
-    print(small_no_grad(args.rounds))
+    print("\n".join(small_no_grad(args.rounds)))
 
 
 if __name__ == "__main__":

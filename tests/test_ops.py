@@ -249,3 +249,24 @@ def test_native_backward_runs_split_with_the_torch_ops_bits(opts: dict[str, obje
     want = bw.backward_torch(pipe, dy, x, w, rms, True, True)
     assert_bits_equal(found[0], want[0])
     assert_bits_equal(found[1], want[1])
+
+
+def test_registered_autograd_of_the_op_matches_eager_autograd() -> None:
+    """The op's own autograd (what torch.compile and export use) and EagerRMSNorm (what
+    eager autograd runs) give the same bits, forward and backward; so does the residual op."""
+    x, w, dy = torch.randn(40, 96), torch.randn(96), torch.randn(40, 96)
+    y, dx, dw = grads(x, w, dy, chunk_size=16, topology="linear")
+    xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+    y_op = ops.rms_norm_op(xg, wg, kernels.default_eps(x.dtype), 16, "linear", "pairwise", "float", "torch", 0.0)[0]
+    y_op.backward(dy)
+    assert_bits_equal(y_op, y)
+    assert_bits_equal(xg.grad, dx)
+    assert_bits_equal(wg.grad, dw)
+    zero = torch.zeros_like(x)
+    xr, rr, wr = x.clone().requires_grad_(), zero.clone().requires_grad_(), w.clone().requires_grad_()
+    yr, h = ops.rms_norm_residual(xr, rr, wr, chunk_size=16, topology="linear")
+    yr.backward(dy)
+    assert_bits_equal(yr, y)
+    assert_bits_equal(xr.grad, dx)
+    assert_bits_equal(rr.grad, dx)
+    assert_bits_equal(wr.grad, dw)
