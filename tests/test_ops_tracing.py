@@ -100,8 +100,8 @@ def test_jit_trace_gives_eager_bits() -> None:
 @pytest.mark.parametrize("opts", [dict(), dict(leaf="native"), dict(accumulate="exact")],
                          ids=["tree", "native-leaf", "exact"])
 def test_failed_export_leaves_eager_bits_intact(opts: dict[str, str]) -> None:
-    """A trace that dies after the norm ran on fake tensors: later eager calls (larger
-    inputs, so caches grow) still give the reference interpreter's bits."""
+    """Traces that die after the norm ran on fake tensors (export, then compile): later
+    eager calls (larger inputs, so caches grow) still give the reference interpreter's bits."""
 
     class DataDependent(torch.nn.Module):
         def __init__(self) -> None:
@@ -115,6 +115,8 @@ def test_failed_export_leaves_eager_bits_intact(opts: dict[str, str]) -> None:
     model = DataDependent()
     with torch.no_grad(), pytest.raises(Exception, match="(?i)data.dependent|guard"):
         torch.export.export(model, (torch.randn(300, 64),))
+    with pytest.raises((torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError)):  # a data-dependent branch
+        torch.compile(model, fullgraph=True, backend="aot_eager")(torch.randn(400, 64))
     x = torch.randn(500, 64)
     reference = tgn.execute_sync(tgn.build_graph(64, chunk_size=8, **opts), x, model.norm.weight.detach(),
                                  executor="reference")
