@@ -68,6 +68,7 @@ class RMSNorm(nn.Module):
             max(math.prod(self.normalized_shape), 1),
             chunk_size=chunk_size, topology=topology, leaf=leaf, accumulate=accumulate,
         )
+        self._eager_configs: dict[tuple[Any, ...], tuple[Any, ...]] = {}
         if elementwise_affine:
             self.weight = nn.Parameter(torch.empty(self.normalized_shape, device=device, dtype=dtype))
         else:
@@ -80,7 +81,12 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k = len(self.normalized_shape)
-        how = ops.route(x, self.weight) if isinstance(x, torch.Tensor) else ops.DIRECT
+        weight = self.weight  # (once: a parameter is a slow attribute)
+        how = ops.route(x, weight) if isinstance(x, torch.Tensor) else ops.DIRECT
+        if how == ops.EAGER and k == 1:
+            config = self._eager_config(x, weight)
+            if config is not None:  # the warm training path: the op's kernels under autograd
+                return ops.eager_apply(x, weight, config)
         if how != ops.DIRECT:
             return self._forward_op(x, k, how)  # a gradient to record, or a tracer looking
         if k == 1 and isinstance(x, torch.Tensor) and x.dim() and x.shape[-1] == self.normalized_shape[0]:
@@ -98,6 +104,22 @@ class RMSNorm(nn.Module):
             leaf=self.leaf, accumulate=self.accumulate,
         )
         return y if k == 1 else y.reshape(x.shape)
+
+    def _eager_config(self, x: torch.Tensor, w: torch.Tensor | None) -> tuple[Any, ...] | None:
+        """The op's configuration for ``x`` (checked once per dtype and option set), or
+        ``None`` when ``x`` or the weight ``w`` does not fit (the full checks then raise)."""
+        hidden = self.normalized_shape[0]
+        if not x.dim() or x.shape[-1] != hidden or (w is not None and (
+                w.dim() != 1 or w.shape[0] != hidden or w.device != x.device)):
+            return None
+        key = (x.dtype, self.eps, self.chunk_size, self.topology, self.leaf, self.accumulate)
+        config = self._eager_configs.get(key)
+        if config is None:
+            check_input(x, self.normalized_shape, w)  # the dtype
+            config = (ops.resolve_eps_fast(self.eps, x.dtype), self.chunk_size, self.topology, self.leaf,
+                      self.accumulate, "torch", 0.0)
+            self._eager_configs[key] = config
+        return config
 
     def _forward_op(self, x: torch.Tensor, k: int, how: int) -> torch.Tensor:
         """Through the ops (:mod:`taskgraph_norm.ops`): ``how`` is :func:`ops.route`'s answer."""

@@ -270,3 +270,18 @@ def test_registered_autograd_of_the_op_matches_eager_autograd() -> None:
     assert_bits_equal(xr.grad, dx)
     assert_bits_equal(rr.grad, dx)
     assert_bits_equal(wr.grad, dw)
+
+
+def test_module_training_path_checks_like_torch_and_handles_every_shape() -> None:
+    norm = tgn.RMSNorm(16)
+    with pytest.raises(RuntimeError):  # F.rms_norm's error for a wrong trailing dim
+        norm(torch.randn(2, 8, requires_grad=True))
+    with pytest.raises(NotImplementedError):  # and for an integer input
+        norm(torch.ones(2, 16, dtype=torch.int64))
+    multi = tgn.RMSNorm([4, 8], chunk_size=8)
+    x = torch.randn(3, 4, 8, dtype=torch.bfloat16, requires_grad=True)
+    y = multi(x)
+    with torch.no_grad():
+        assert_bits_equal(y, multi(x))
+    y.sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape and multi.weight.grad is not None

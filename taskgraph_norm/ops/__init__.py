@@ -21,7 +21,7 @@ from .library import LIBRARY, EagerRMSNorm, eager_apply, rms_norm_backward_op, r
 from .routing import DIRECT, EAGER, TRACED, jit_tracing, needs_op, route, tracing
 
 __all__ = [
-    "DIRECT", "EAGER", "EagerRMSNorm", "LIBRARY", "TRACED", "call_checked", "jit_tracing", "needs_op", "resolve_eps_fast", "route", "rms_norm", "rms_norm_backward_op", "rms_norm_op", "rms_norm_residual",
+    "DIRECT", "EAGER", "EagerRMSNorm", "LIBRARY", "TRACED", "call_checked", "eager_apply", "jit_tracing", "needs_op", "resolve_eps_fast", "route", "rms_norm", "rms_norm_backward_op", "rms_norm_op", "rms_norm_residual",
     "rms_norm_residual_op", "tracing",
 ]
 
