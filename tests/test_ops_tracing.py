@@ -159,3 +159,18 @@ def test_cuda_graph_capture_replays_eager_bits() -> None:
     graph.replay()
     torch.cuda.synchronize()
     assert_bits_equal(out, want)
+
+
+def test_torch_func_transforms() -> None:
+    """vmap gives the eager bits (rows are independent); func.grad runs the backward with
+    grad mode on (as create_graph does), so it gets the differentiable composite: close,
+    not the native kernel's bits."""
+    norm = tgn.RMSNorm(64, chunk_size=8)
+    x = torch.randn(3, 64)
+    assert_bits_equal(torch.vmap(norm)(x.unsqueeze(1))[:, 0], eager(norm, x))
+    grad = torch.func.grad(lambda a: norm(a).square().sum())(x)
+    xg = x.clone().requires_grad_()
+    norm(xg).square().sum().backward()
+    torch.testing.assert_close(grad, xg.grad)
+    with pytest.raises(NotImplementedError, match="batched weight"):
+        torch.vmap(lambda w: ops.rms_norm(x, w))(torch.ones(2, 64))

@@ -27,7 +27,7 @@ from .. import kernels
 from . import backward as _backward
 from . import forward as _forward
 
-__all__ = ["EagerRMSNorm", "LIBRARY", "eager_apply", "rms_norm_op", "rms_norm_residual_op", "rms_norm_backward_op"]
+__all__ = ["EagerRMSNorm", "FuncRMSNorm", "LIBRARY", "eager_apply", "rms_norm_op", "rms_norm_residual_op", "rms_norm_backward_op"]
 
 _CONFIG = "int chunk_size, str topology, str leaf, str accumulate, str casting_mode, float offset"
 
@@ -185,19 +185,46 @@ class EagerRMSNorm(torch.autograd.Function):
         return dx, dw, None
 
 
+class FuncRMSNorm(torch.autograd.Function):
+    """:class:`EagerRMSNorm` in the form ``torch.func`` transforms need (``setup_context``,
+    a ``vmap`` rule): the same kernels and bits, used while a transform is active."""
+
+    @staticmethod
+    def forward(x: torch.Tensor, weight: torch.Tensor | None, config: tuple[Any, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        return _forward.forward(x, weight, *config)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor]) -> None:
+        ctx.config = inputs[2]
+        ctx.save_for_backward(inputs[0], inputs[1], output[1])
+        ctx.mark_non_differentiable(output[1])
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor, _drms: torch.Tensor | None) -> tuple[Any, ...]:
+        return EagerRMSNorm.backward(ctx, dy)
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple[int | None, ...], x: torch.Tensor, weight: torch.Tensor | None,
+             config: tuple[Any, ...]) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[int, int]]:
+        if in_dims[1] is not None or in_dims[0] is None:
+            raise NotImplementedError("vmap over taskgraph_norm's RMSNorm batches x only (a batched weight "
+                                      "is a different norm per sample: call it per sample)")
+        # rows are independent: the vmapped dim becomes one more leading dim
+        y, rms = _full_func_apply(x.movedim(in_dims[0], 0), weight, config)
+        return (y, rms), (0, 0)
+
+
 #: ``EagerRMSNorm.apply`` without ``Function.apply``'s Python prologue (functorch's dead
 #: wrapper unwrapping, default-argument binding): the C ``apply`` itself, used when no
-#: functorch transform is active (``torch.func``: then the full ``apply``).
+#: functorch transform is active (``torch.func``: then :class:`FuncRMSNorm`).
 _c_apply: Any = super(torch.autograd.Function, EagerRMSNorm).apply
-
-
-_full_apply: Any = EagerRMSNorm.apply
+_full_func_apply: Any = FuncRMSNorm.apply
 
 
 def eager_apply(x: torch.Tensor, weight: torch.Tensor | None, config: tuple[Any, ...]) -> torch.Tensor:
     """``EagerRMSNorm.apply(x, weight, config)``, by the shortest way that is correct."""
     if torch._C._are_functorch_transforms_active():
-        full: torch.Tensor = _full_apply(x, weight, config)
+        full: torch.Tensor = _full_func_apply(x, weight, config)[0]
         return full
     y: torch.Tensor = _c_apply(x, weight, config)
     return y

@@ -5,6 +5,7 @@ keeps per-thread buffers: it must only ever see real tensors, and it records no
 gradient.  So a call goes through the ops when something needs them:
 
 * a gradient to record (grad mode on, and ``x`` or the weight requires grad);
+* a ``torch.func`` transform (``grad``, ``vmap``...): the kernels' ``autograd.Function``;
 * tracing: ``torch.compile`` (dynamo), ``torch.export``, ``make_fx``, ``torch.jit.trace``:
   dynamo is seen by :func:`torch.compiler.is_compiling`, the others by a fake or
   functional tensor (any tensor subclass), an active dispatch mode, or the jit
@@ -46,6 +47,8 @@ def route(x: torch.Tensor, weight: torch.Tensor | None) -> int:
         return TRACED  # constant-folded by dynamo: nothing below is traced
     if tracing(x) or (weight is not None and type(weight) not in _PLAIN):
         return TRACED
+    if torch._C._are_functorch_transforms_active():
+        return EAGER  # torch.func (grad, vmap...): the kernels' autograd.Function and its vmap rule
     if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)):
         return EAGER
     return DIRECT
