@@ -285,3 +285,17 @@ def test_module_training_path_checks_like_torch_and_handles_every_shape() -> Non
         assert_bits_equal(y, multi(x))
     y.sum().backward()
     assert x.grad is not None and x.grad.shape == x.shape and multi.weight.grad is not None
+
+
+def test_one_autograd_node_per_norm() -> None:
+    """The training graph holds one node for the norm (before the ops: about 1,800)."""
+    norm = tgn.RMSNorm(4096)
+    y = norm(torch.randn(2, 4096, requires_grad=True))
+    seen, stack = set(), [y.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        stack.extend(next_fn for next_fn, _ in fn.next_functions)
+    assert sorted(type(fn).__name__ for fn in seen) == ["AccumulateGrad", "AccumulateGrad", "EagerRMSNormBackward"]
