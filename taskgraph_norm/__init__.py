@@ -6,6 +6,7 @@ The public names are re-exported here explicitly; ``__all__`` is the API.
 from __future__ import annotations
 
 from . import distributed as distributed
+from . import ops as ops
 from .executors import schedules as schedules
 from .api import execute as execute
 from .api import execute_sync as execute_sync

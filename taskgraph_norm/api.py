@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from . import kernels, pipeline
+from . import kernels, ops, pipeline
 from .checks import check_input, check_out
 from .errors import InputRankError
 from .executors import ASYNC_EXECUTORS
@@ -78,6 +78,16 @@ def normalize_sync(
     Same arguments and result as :func:`normalize`.  Works from inside a running
     event loop too (an async executor then runs its loop on a helper thread).
     """
+    if isinstance(x, torch.Tensor) and (ops.needs_op(x, weight) or (
+            isinstance(residual, torch.Tensor) and ops.needs_op(residual, None))):
+        # a gradient to record, or a tracer looking: the torch.library ops (executor "auto")
+        options = dict(topology=topology, chunk_size=chunk_size, leaf=leaf, accumulate=accumulate,
+                       casting_mode=casting_mode, offset=offset)
+        if residual is None:
+            y = ops.rms_norm(x, weight, eps, **options)  # type: ignore[arg-type]
+            return y if out is None else out.copy_(y)
+        y, h = ops.rms_norm_residual(x, residual, weight, eps, **options)  # type: ignore[arg-type]
+        return (y if out is None else out.copy_(y)), (h if residual_out is None else residual_out.copy_(h))
     if isinstance(x, torch.Tensor) and x.dim():  # the warm path: one dict lookup, one call
         try:
             pipe = pipeline._by_config.get((x.shape[-1], chunk_size, topology, leaf, accumulate, executor,

@@ -16,12 +16,17 @@ from .errors import (
     ConfigError,
     DeviceMismatchError,
     DtypeError,
+    ExecutionError,
     InputRankError,
     InputShapeError,
     WeightShapeError,
 )
 
-__all__ = ["SUPPORTED_DTYPES", "check_input", "check_out", "resolve_eps"]
+__all__ = ["PLAIN_TENSORS", "SUPPORTED_DTYPES", "check_input", "check_out", "check_real", "resolve_eps"]
+
+#: The tensor types whose data the kernels may read: anything else (a FakeTensor, a
+#: FunctionalTensor, another subclass) belongs to a tracer or a wrapper.
+PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 #: The input dtypes every executor accepts (fp16/bf16 accumulate in fp32).
 SUPPORTED_DTYPES = frozenset({torch.float32, torch.float64, torch.float16, torch.bfloat16})
@@ -98,4 +103,16 @@ def check_out(out: object | None, x: torch.Tensor, dtype: torch.dtype | None = N
         raise ConfigError(
             "out", f"tensor{list(out.shape)} {out.dtype} on {out.device}",
             f"a tensor of shape {list(x.shape)}, dtype {want} on {x.device}",
+        )
+
+
+def check_real(x: torch.Tensor) -> None:
+    """Refuse a traced (fake, functional, subclass) tensor before a kernel reads its data
+    or a cache keeps it: under ``torch.compile``/``torch.export`` the ops
+    (:mod:`taskgraph_norm.ops`) are the way in, and their fake rules answer for shapes."""
+    if type(x) not in PLAIN_TENSORS:
+        raise ExecutionError(
+            f"the pipeline computes on real tensors, got a {type(x).__name__}: under torch.compile, "
+            "torch.export or another tracer call taskgraph_norm.ops.rms_norm (tgn.RMSNorm and "
+            "tgn.normalize_sync do it for you)"
         )

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import ops
 from .api import normalize_sync
 from .checks import check_input
 from .errors import ConfigError
@@ -73,6 +74,7 @@ class RMSNorm(nn.Module):
         self.casting_mode, self.offset = casting_mode, float(offset)
         if self.offset and not elementwise_affine:
             raise ConfigError("offset", offset, "0.0 with elementwise_affine=False (it is added to the weight)")
+        self._eager_configs: dict[tuple[Any, ...], tuple[Any, ...]] = {}
         if elementwise_affine:
             self.weight = nn.Parameter(torch.empty(self.normalized_shape, device=device, dtype=dtype))
         else:
@@ -87,6 +89,19 @@ class RMSNorm(nn.Module):
         """``y``; with ``residual``, ``(y, h)``: ``h = x + residual`` and ``y`` its RMSNorm
         (a decoder layer's fused residual add; see :func:`taskgraph_norm.normalize`)."""
         k = len(self.normalized_shape)
+        weight = self.weight  # (once: a parameter is a slow attribute)
+        how = ops.route(x, weight) if isinstance(x, torch.Tensor) else ops.DIRECT
+        if residual is not None:
+            if how == ops.DIRECT and isinstance(residual, torch.Tensor) and ops.needs_op(residual, None):
+                how = ops.route(residual, None)
+            if how != ops.DIRECT:
+                return self._forward_op_residual(x, residual, k, how)
+        elif how == ops.EAGER and k == 1:
+            config = self._eager_config(x, weight)
+            if config is not None:  # the warm training path: the op's kernels under autograd
+                return ops.eager_apply(x, weight, config)
+        if how != ops.DIRECT:
+            return self._forward_op(x, k, how)  # a gradient to record, or a tracer looking
         options = dict(topology=self.topology, chunk_size=self.chunk_size, leaf=self.leaf,
                        accumulate=self.accumulate, casting_mode=self.casting_mode, offset=self.offset)
         if k == 1 and isinstance(x, torch.Tensor) and x.dim() and x.shape[-1] == self.normalized_shape[0]:
@@ -103,6 +118,47 @@ class RMSNorm(nn.Module):
         if residual is None:
             return result.reshape(x.shape)
         return result[0].reshape(x.shape), result[1].reshape(x.shape)
+
+    def _eager_config(self, x: torch.Tensor, w: torch.Tensor | None) -> tuple[Any, ...] | None:
+        """The op's configuration for ``x`` (checked once per dtype and option set), or
+        ``None`` when ``x`` or the weight ``w`` does not fit (the full checks then raise)."""
+        hidden = self.normalized_shape[0]
+        if not x.dim() or x.shape[-1] != hidden or (w is not None and (
+                w.dim() != 1 or w.shape[0] != hidden or w.device != x.device)):
+            return None
+        key = (x.dtype, self.eps, self.chunk_size, self.topology, self.leaf, self.accumulate,
+               self.casting_mode, self.offset)
+        config = self._eager_configs.get(key)
+        if config is None:
+            check_input(x, self.normalized_shape, w)  # the dtype
+            config = (ops.resolve_eps_fast(self.eps, x.dtype), self.chunk_size, self.topology, self.leaf,
+                      self.accumulate, self.casting_mode, self.offset)
+            self._eager_configs[key] = config
+        return config
+
+    def _forward_op(self, x: torch.Tensor, k: int, how: int) -> torch.Tensor:
+        """Through the ops (:mod:`taskgraph_norm.ops`): ``how`` is :func:`ops.route`'s answer."""
+        if how == ops.EAGER or not ops.jit_tracing():  # (jit sizes are tensors: a check would warn)
+            check_input(x, self.normalized_shape, self.weight)
+        hidden = math.prod(self.normalized_shape)
+        flat = x if k == 1 else x.reshape(*x.shape[: x.dim() - k], hidden)
+        w = self.weight if self.weight is None or k == 1 else self.weight.reshape(hidden)
+        y = ops.call_checked(flat, w, ops.resolve_eps_fast(self.eps, x.dtype), self.chunk_size, self.topology,
+                             self.leaf, self.accumulate, self.casting_mode, self.offset, how=how)
+        return y if k == 1 else y.reshape(x.shape)
+
+    def _forward_op_residual(
+        self, x: torch.Tensor, residual: torch.Tensor, k: int, how: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(y, h)`` through the residual op (a gradient to record, or a tracer looking)."""
+        hidden = math.prod(self.normalized_shape)
+        flat = x if k == 1 else x.reshape(*x.shape[: x.dim() - k], hidden)
+        r = residual if k == 1 or not isinstance(residual, torch.Tensor) else residual.reshape(flat.shape)
+        w = self.weight if self.weight is None or k == 1 else self.weight.reshape(hidden)
+        y, h = ops.rms_norm_residual(flat, r, w, self.eps, topology=self.topology, chunk_size=self.chunk_size,
+                                     leaf=self.leaf, accumulate=self.accumulate, casting_mode=self.casting_mode,
+                                     offset=self.offset)
+        return (y, h) if k == 1 else (y.reshape(x.shape), h.reshape(x.shape))
 
     def extra_repr(self) -> str:
         return (

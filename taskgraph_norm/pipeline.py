@@ -25,7 +25,7 @@ import sniffio
 import torch
 
 from . import caches, kernels
-from .checks import check_input, check_out, resolve_eps
+from .checks import check_input, check_out, check_real, resolve_eps
 from .errors import ConfigError, DeviceMismatchError, ExecutionError, GraphError
 from .executors import ASYNC_EXECUTORS, EXECUTORS, PLAN_EXECUTORS, Plan, direct_call, lower_certified
 from .executors import triton as _triton
@@ -217,6 +217,11 @@ class Pipeline:
             checked.append(t)
         return checked[0], checked[1]
 
+    def direct(self) -> DirectCall | None:
+        """This configuration's direct native kernel (:func:`executors.direct_call`), or
+        ``None`` where there is none (no native form, not built, switched off)."""
+        return self._direct if self._direct_known else self._resolve_direct()
+
     def _resolve_direct(self) -> DirectCall | None:
         from .executors import native
 
@@ -248,6 +253,8 @@ class Pipeline:
     ) -> torch.Tensor:
         """The one code path every call ends in (input already checked, ``eps`` resolved)."""
         opts = dict(options or {})
+        if self.hidden_size is not None:
+            check_real(x)  # a tracer's tensor never reaches a kernel or a workspace cache
         if self.hidden_size is not None and x.numel() == 0:
             if "residual" in opts:
                 kernels.residual_add(x, opts["residual"], out=opts["residual_out"])

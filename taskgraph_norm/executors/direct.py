@@ -33,12 +33,12 @@ from .lowering import Plan
 
 __all__ = ["DirectCall", "SPLIT_NUMEL", "HUGE_BYTES", "direct_call"]
 
-#: ``fn(x, weight, eps, out, residual, residual_out) -> y | None`` (``None``: not
-#: taken, run the general path; with a residual, ``h`` is then in ``residual_out``).
-DirectCall = Callable[
-    [torch.Tensor, "torch.Tensor | None", float, "torch.Tensor | None", "torch.Tensor | None", "torch.Tensor | None"],
-    "torch.Tensor | None",
-]
+#: ``fn(x, weight, eps, out, residual=None, residual_out=None, total=None) -> y | None``
+#: (``None``: not taken, run the general path; with a residual, ``h`` is then in
+#: ``residual_out``).  With ``total`` (contiguous, ``(rows, 1)`` fp32 for a float plan,
+#: ``(rows, 2)`` fp64 exact pairs for an exact one) the row totals are written there:
+#: what the backward needs of the forward (:mod:`taskgraph_norm.ops`).
+DirectCall = Callable[..., "torch.Tensor | None"]
 
 #: Inputs with at least this many elements are split between the caller's thread and
 #: a pool thread (below it the hand-off costs more than it saves; measured here).
@@ -49,6 +49,9 @@ HUGE_BYTES = 4 << 20
 
 #: Float merges the native float kernel runs (as in the compiled executor).
 _NATIVE_FLOAT_MERGES = ("single", "tree", "adds")
+
+#: Tensors whose data pointer is real (a FakeTensor or FunctionalTensor has none).
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 class _Scratch(threading.local):
@@ -105,12 +108,15 @@ def direct_call(plan: Plan) -> DirectCall | None:
     row_bytes = hidden * 4
     keep: list[Any] = []
     offset = plan.offset
-    rows_call: Callable[[int, int, int, int | None, float, int | None, int | None], int]
+    rows_call: Callable[[int, int, int, int | None, float, int | None, int | None, int | None], int]
+    total_bytes = 16 if exact else 4  # per row: an fp64 pair, or one fp32 total
     if exact:
         exact_fn = lib.tgn_exact_rows_f32
 
-        def rows_call(xp: int, yp: int, rows: int, w: int | None, eps: float, rp: int | None, hp: int | None) -> int:
-            return int(exact_fn(xp, rows, hidden, hidden, _scratch.pointer(2 * rows), yp, hidden, w, eps, 0, offset,
+        def rows_call(xp: int, yp: int, rows: int, w: int | None, eps: float, rp: int | None, hp: int | None,
+                      tp: int | None) -> int:
+            tp = _scratch.pointer(2 * rows) if tp is None else tp
+            return int(exact_fn(xp, rows, hidden, hidden, tp, yp, hidden, w, eps, 0, offset,
                                 rp, hidden, hp, hidden))
     else:
         float_fn = lib.tgn_float_rows_f32
@@ -119,15 +125,19 @@ def direct_call(plan: Plan) -> DirectCall | None:
         keep.append(recipe)  # holds the adds tensor whose pointer the kernel reads
         adds_ptr, n_adds, root, chunk = recipe.adds.data_ptr(), recipe.n_adds, recipe.root, recipe.chunk_size
 
-        def rows_call(xp: int, yp: int, rows: int, w: int | None, eps: float, rp: int | None, hp: int | None) -> int:
+        def rows_call(xp: int, yp: int, rows: int, w: int | None, eps: float, rp: int | None, hp: int | None,
+                      tp: int | None) -> int:
+            tp = _scratch.pointer(rows) if tp is None else tp
             return int(float_fn(xp, rows, hidden, hidden, chunk, adds_ptr, n_adds, root,
-                                _scratch.pointer(rows), yp, hidden, w, eps, 0, offset, rp, hidden, hp, hidden))
+                                tp, yp, hidden, w, eps, 0, offset, rp, hidden, hp, hidden))
 
     fp32 = torch.float32
 
     def call(x: torch.Tensor, weight: torch.Tensor | None, eps: float, out: torch.Tensor | None,
-             residual: torch.Tensor | None = None, residual_out: torch.Tensor | None = None) -> torch.Tensor | None:
-        if x.dtype is not fp32 or x.device.type != "cpu" or not x.is_contiguous() or not _native._enabled:
+             residual: torch.Tensor | None = None, residual_out: torch.Tensor | None = None,
+             total: torch.Tensor | None = None) -> torch.Tensor | None:
+        if (x.dtype is not fp32 or x.device.type != "cpu" or not x.is_contiguous() or not _native._enabled
+                or type(x) not in _PLAIN):
             return None
         if weight is None:
             if offset:
@@ -144,8 +154,10 @@ def direct_call(plan: Plan) -> DirectCall | None:
             rp, hp = residual.data_ptr(), residual_out.data_ptr()
         if out is not None and not out.is_contiguous():
             return None
-        if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)):
-            return None
+        if total is None and torch.is_grad_enabled() and (
+            x.requires_grad or (weight is not None and weight.requires_grad)
+        ):
+            return None  # (the ops ask with ``total``, under their own autograd)
         numel = x.numel()
         if out is None:
             y = torch.empty_like(x)
@@ -156,15 +168,17 @@ def direct_call(plan: Plan) -> DirectCall | None:
         rows = numel // hidden
         w = None if weight is None else weight.data_ptr()
         xp, yp = x.data_ptr(), y.data_ptr()
+        tp = None if total is None else total.data_ptr()
         pool = pools.helper() if numel >= SPLIT_NUMEL and rows >= 2 else None
         if pool is None:
-            bad = rows_call(xp, yp, rows, w, eps, rp, hp)
+            bad = rows_call(xp, yp, rows, w, eps, rp, hp, tp)
         else:
             half = rows // 2
             skip = half * row_bytes
             share = pool.submit(rows_call, xp + skip, yp + skip, rows - half, w, eps,
-                                None if rp is None else rp + skip, None if hp is None else hp + skip)
-            bad = rows_call(xp, yp, half, w, eps, rp, hp)
+                                None if rp is None else rp + skip, None if hp is None else hp + skip,
+                                None if tp is None else tp + half * total_bytes)
+            bad = rows_call(xp, yp, half, w, eps, rp, hp, tp)
             bad += share.result()
         # A NaN total (or an exact row with no scale): the general path gives it the
         # reference's bits; what was written to a caller's out is overwritten there.

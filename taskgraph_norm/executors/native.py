@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import importlib.machinery
+import functools
 import os
 import stat
 import threading
@@ -46,14 +47,16 @@ import torch
 
 from ..errors import NativeKernelsWarning
 from . import cpu_features
+from .. import caches
+from .lowering import Plan
 
 __all__ = [
-    "available", "describe", "disabled", "exact_rows", "exact_scale", "float_rows", "FloatRecipe", "library_path",
+    "available", "backward_rows", "recipe_of", "rms_of_totals", "describe", "disabled", "exact_rows", "exact_scale", "float_rows", "FloatRecipe", "library_path",
     "why_unavailable",
 ]
 
 _DIR = Path(__file__).resolve().parent
-_ABI = 7
+_ABI = 8
 #: What the torch ops cost instead (docs/performance.md, "On torch ops alone").
 _COST = ("the same bits, about 3x slower for float plans and 5x to 6x for exact ones on (4096, 4096) fp32 "
          "(docs/reliability.md)")
@@ -137,6 +140,12 @@ def _open(path: Path) -> ctypes.CDLL:
                        ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                        ctypes.c_void_p, *finalize_args]
         fn.restype = ctypes.c_int64
+    lib.tgn_backward_rows_f32.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [
+        ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
+    lib.tgn_backward_rows_f32.restype = ctypes.c_int64
+    lib.tgn_rms_of_totals_f32.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                                          ctypes.c_double, ctypes.c_void_p]
+    lib.tgn_rms_of_totals_f32.restype = None
     lib.tgn_exact_scale.argtypes = [ctypes.c_double, ctypes.c_int64,
                                     ctypes.POINTER(ctypes.c_double), ctypes.POINTER(ctypes.c_double)]
     lib.tgn_exact_scale.restype = ctypes.c_int
@@ -396,3 +405,58 @@ def float_rows(
     if nan_rows < 0:
         raise MemoryError("the native float kernel could not allocate its scratch")
     return nan_rows
+
+
+@functools.lru_cache(maxsize=256)
+def recipe_of(plan: Plan) -> FloatRecipe:
+    """The :class:`FloatRecipe` of a float plan (an exact plan gets a one-chunk dummy)."""
+    if plan.accumulate == "exact":
+        return FloatRecipe(plan.hidden_size, 1, (), 0)
+    return FloatRecipe(plan.chunk_size, plan.n_chunks, tuple(t for level in plan.adds for t in level), plan.root)
+
+
+caches.register(recipe_of.cache_clear)
+
+
+def backward_rows(
+    x: torch.Tensor, dy: torch.Tensor, weight: torch.Tensor | None, rms: torch.Tensor, recipe: FloatRecipe,
+    dx: torch.Tensor | None, blocks: torch.Tensor | None, *, exact: bool,
+) -> int:
+    """The backward of fp32 rows in C (``kernels.input_grad`` and the block sums of
+    ``kernels.weight_grad_float``): ``dx`` (or ``None``) gets each row's input
+    gradient, ``blocks`` (or ``None``, ``(ceil(rows / 32), D)``) each block's sum of
+    ``dy * x_hat``.  ``x``, ``dy``, ``dx`` are contiguous ``(rows, D)`` fp32, ``rms``
+    ``(rows, 1)`` fp32.  ``exact`` picks the exact row sum (an exact plan) over the
+    recipe's float DAG.
+    Returns the number of rows whose ``s`` or ``k`` is not finite (their NaNs are
+    C's: the caller recomputes them with torch ops).
+    """
+    lib = _library()
+    rows, hidden = x.shape
+    tensors = [x, dy, rms] + [t for t in (weight, dx, blocks) if t is not None]
+    if any(t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous() for t in tensors):
+        raise ValueError("backward_rows needs contiguous fp32 CPU tensors")
+    if rows == 0:
+        return 0
+    bad = int(lib.tgn_backward_rows_f32(
+        x.data_ptr(), dy.data_ptr(), None if weight is None else weight.data_ptr(), rms.data_ptr(),
+        rows, hidden, recipe.chunk_size, recipe.adds.data_ptr(), recipe.n_adds, recipe.root, int(exact),
+        None if dx is None else dx.data_ptr(), None if blocks is None else blocks.data_ptr()))
+    if bad < 0:
+        raise MemoryError("the native backward could not allocate its scratch")
+    return bad
+
+
+def rms_of_totals(total: torch.Tensor, hidden: int, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`kernels.finalize_rms` of fp32 rows in C (the same bits; one call instead of
+    six small torch ops): ``total`` is a contiguous ``(rows, 1)`` fp32 or ``(rows, 2)``
+    fp64 (exact pairs) tensor; returns ``(rows, 1)`` fp32, written into ``out`` if given
+    (which may be a float ``total`` itself: each row is read before it is written)."""
+    rows, channels = total.shape
+    if not total.is_contiguous() or (channels, total.dtype) not in ((1, torch.float32), (2, torch.float64)):
+        raise ValueError("total must be a contiguous (rows, 1) float32 or (rows, 2) float64 tensor")
+    rms = torch.empty(rows, 1, dtype=torch.float32) if out is None else out
+    if rms.shape != (rows, 1) or rms.dtype != torch.float32 or not rms.is_contiguous():
+        raise ValueError("out must be a contiguous (rows, 1) float32 tensor")
+    _library().tgn_rms_of_totals_f32(total.data_ptr(), rows, channels, hidden, float(eps), rms.data_ptr())
+    return rms

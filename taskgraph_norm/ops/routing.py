@@ -1,0 +1,60 @@
+"""When a call must go through the ``torch.library`` ops rather than straight to the kernel.
+
+The direct kernel (:mod:`taskgraph_norm.executors.direct`) reads data pointers and
+keeps per-thread buffers: it must only ever see real tensors, and it records no
+gradient.  So a call goes through the ops when something needs them:
+
+* a gradient to record (grad mode on, and ``x`` or the weight requires grad);
+* a ``torch.func`` transform (``grad``, ``vmap``...): the kernels' ``autograd.Function``;
+* tracing: ``torch.compile`` (dynamo), ``torch.export``, ``make_fx``, ``torch.jit.trace``:
+  dynamo is seen by :func:`torch.compiler.is_compiling`, the others by a fake or
+  functional tensor (any tensor subclass), an active dispatch mode, or the jit
+  tracing state.
+
+Everything else (no grad, real tensors, nothing tracing) may take the direct path.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..checks import PLAIN_TENSORS as _PLAIN
+
+__all__ = ["DIRECT", "EAGER", "TRACED", "jit_tracing", "needs_op", "route", "tracing"]
+
+#: Where a call goes: straight to the kernel, its kernels under eager autograd, or the op.
+DIRECT, EAGER, TRACED = 0, 1, 2
+
+
+def jit_tracing() -> bool:
+    """Whether ``torch.jit.trace`` is tracing (its sizes are tensors)."""
+    return torch._C._get_tracing_state() is not None
+
+
+def tracing(x: torch.Tensor) -> bool:
+    """Whether ``x`` is being traced (or is not a plain tensor): its data must not be read."""
+    return (
+        type(x) not in _PLAIN
+        or torch._C._len_torch_dispatch_stack() > 0
+        or torch._C._get_tracing_state() is not None
+    )
+
+
+def route(x: torch.Tensor, weight: torch.Tensor | None) -> int:
+    """:data:`TRACED` when a tracer looks, :data:`EAGER` when eager autograd records a
+    gradient, :data:`DIRECT` otherwise (see the module doc)."""
+    if torch.compiler.is_compiling():
+        return TRACED  # constant-folded by dynamo: nothing below is traced
+    if tracing(x) or (weight is not None and type(weight) not in _PLAIN):
+        return TRACED
+    if torch._C._are_functorch_transforms_active():
+        return EAGER  # torch.func (grad, vmap...): the kernels' autograd.Function and its vmap rule
+    if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)):
+        return EAGER
+    return DIRECT
+
+
+def needs_op(x: torch.Tensor, weight: torch.Tensor | None) -> bool:
+    """Whether a call on ``x`` (and ``weight``) must go through the ops rather than
+    straight to the kernel."""
+    return route(x, weight) != DIRECT
