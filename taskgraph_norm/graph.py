@@ -8,10 +8,12 @@ loading a tensor library.  Operand order is semantics (``ADD(a, b)`` is not
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
+import gc
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +22,7 @@ from .errors import CycleError, GraphError
 if TYPE_CHECKING:
     import networkx as nx  # type: ignore[import-untyped]
 
-__all__ = ["Op", "Attrs", "Node", "Graph", "validate", "ancestors", "ARITY"]
+__all__ = ["Op", "Attrs", "Node", "Graph", "validate", "ancestors", "ARITY", "gc_paused"]
 
 
 class Op(enum.Enum):
@@ -60,6 +62,11 @@ class Op(enum.Enum):
     ``functions[fn](*operands)`` with operands in order.  Any number of operands.
     The prover treats it as opaque: nothing about its order is known."""
 
+    # Members are singletons compared by identity, so identity hashing is exact; it
+    # is C-level, where Enum's own __hash__ is a Python call on every dict lookup
+    # (readers look ops up a few times per node, for millions of nodes).
+    __hash__ = object.__hash__
+
 
 #: Allowed operand counts per op: ``(minimum, maximum)``; ``None`` is unbounded.
 ARITY: Mapping[Op, tuple[int, int | None]] = {
@@ -94,11 +101,30 @@ class Attrs(Mapping[str, Any]):
                 return v
         raise KeyError(key)
 
+    # Mapping's get and `in` go through __getitem__ and a caught KeyError, which
+    # costs more than the scan itself; readers ask for absent keys on every node.
+    def get(self, key: str, default: Any = None) -> Any:
+        for k, v in self._items:
+            if k == key:
+                return v
+        return default
+
+    def __contains__(self, key: object) -> bool:
+        for k, _ in self._items:
+            if k == key:
+                return True
+        return False
+
     def __iter__(self) -> Iterator[str]:
         return (k for k, _ in self._items)
 
     def __len__(self) -> int:
         return len(self._items)
+
+    @property
+    def pairs(self) -> tuple[tuple[str, Any], ...]:
+        """The ``(name, value)`` pairs, sorted by name (``dict(attrs.pairs)`` is fast)."""
+        return self._items
 
     def __hash__(self) -> int:
         return hash(self._items)
@@ -112,6 +138,10 @@ class Attrs(Mapping[str, Any]):
         return "Attrs({" + ", ".join(f"{k!r}: {v!r}" for k, v in self._items) + "})"
 
 
+#: The attributes of a node that has none (shared: builders make millions of them).
+_NO_ATTRS = Attrs()
+
+
 @dataclass(frozen=True, slots=True)
 class Node:
     """One task: ``op`` applied to the results of ``inputs`` (ids, in operand order)."""
@@ -121,7 +151,7 @@ class Node:
     inputs: tuple[str, ...] = ()
     # Typed as a Mapping so that builders may pass dicts; __post_init__ always
     # stores an immutable, hashable Attrs.
-    attrs: Mapping[str, Any] = field(default_factory=Attrs)
+    attrs: Mapping[str, Any] = _NO_ATTRS
 
     def __post_init__(self) -> None:
         # Accept lists and dicts from hand-written graphs, but store frozen values.
@@ -145,7 +175,7 @@ class Graph:
     the prover and the drawing code do).
     """
 
-    __slots__ = ("_nodes", "_output", "_meta", "__dict__")
+    __slots__ = ("_nodes", "_output", "_meta", "_hash", "__dict__")
 
     def __init__(
         self, nodes: Iterable[Node], output: str, meta: Mapping[str, Any] | None = None
@@ -153,6 +183,7 @@ class Graph:
         self._nodes: tuple[Node, ...] = tuple(nodes)
         self._output = output
         self._meta = Attrs(meta or {})
+        self._hash: int | None = None
 
     @property
     def nodes(self) -> tuple[Node, ...]:
@@ -185,14 +216,25 @@ class Graph:
         return len(self._nodes)
 
     def __eq__(self, other: object) -> bool:
+        if self is other:
+            return True
         return (
             isinstance(other, Graph)
-            and self._nodes == other._nodes
             and self._output == other._output
+            and hash(self) == hash(other)
+            and self._nodes == other._nodes
         )
 
     def __hash__(self) -> int:
-        return hash((self._nodes, self._output))
+        # Hashing walks every node; a graph is immutable, so it is done once (caches
+        # keyed by a graph -- prove, lower -- would otherwise pay it on every lookup).
+        if self._hash is None:
+            self._hash = hash((self._nodes, self._output))
+        return self._hash
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # String hashes differ between processes: never carry the cached one over.
+        return (Graph, (self._nodes, self._output, dict(self._meta)))
 
     def __repr__(self) -> str:
         desc = ", ".join(f"{k}={v!r}" for k, v in self._meta.items())
@@ -203,11 +245,14 @@ class Graph:
     @cached_property
     def users(self) -> Mapping[str, tuple[str, ...]]:
         """For each node id, the ids of the nodes that consume it (in build order)."""
-        out: dict[str, list[str]] = {n.id: [] for n in self._nodes}
+        # Dicts as ordered sets: the input node has one user per leaf, so a list
+        # membership test here would be quadratic.
+        out: dict[str, dict[str, None]] = {n.id: {} for n in self._nodes}
         for n in self._nodes:
             for src in n.inputs:
-                if src in out and n.id not in out[src]:
-                    out[src].append(n.id)
+                users = out.get(src)
+                if users is not None:
+                    users[n.id] = None
         return {k: tuple(v) for k, v in out.items()}
 
     @cached_property
@@ -221,6 +266,16 @@ class Graph:
         breaking ties).  Raises :class:`CycleError` on a cycle."""
         validate(self)
         return _kahn(self)
+
+    @cached_property
+    def topological_nodes(self) -> tuple[Node, ...]:
+        """The nodes in :attr:`topological_order` (the node tuple itself when the
+        build order is topological, as it is for every builder's graph)."""
+        order = self.topological_order
+        if self.__dict__.get("_forward"):
+            return self._nodes
+        by_id = self.by_id
+        return tuple(by_id[i] for i in order)
 
     def to_networkx(self) -> nx.DiGraph:
         """A fresh ``networkx.DiGraph``: node attrs ``op``/``attrs``, and one edge per
@@ -269,6 +324,10 @@ class Graph:
 
 
 def _kahn(graph: Graph) -> tuple[str, ...]:
+    if graph.__dict__.get("_forward"):
+        # Every operand is built before its users (builders do this), so build
+        # order is the order Kahn's algorithm with build-order ties would give.
+        return tuple(n.id for n in graph.nodes)
     pending = {n.id: len(set(n.inputs)) for n in graph.nodes}
     ready = [n.id for n in graph.nodes if pending[n.id] == 0]
     rank = {n.id: i for i, n in enumerate(graph.nodes)}
@@ -332,51 +391,99 @@ def validate(graph: Graph) -> Graph:
     """
     if graph.__dict__.get("_validated"):
         return graph  # a graph is immutable: once valid, always valid
-    seen: set[str] = set()
-    for n in graph.nodes:
+    position: dict[str, int] = {}
+    inputs: list[str] = []
+    outputs: list[str] = []
+    for k, n in enumerate(graph.nodes):
         if not isinstance(n.id, str) or not n.id:
             raise GraphError(repr(n.id), "node ids must be non-empty strings")
-        if n.id in seen:
+        if n.id in position:
             raise GraphError(n.id, "duplicate node id", "every id must be unique")
-        seen.add(n.id)
-        if not isinstance(n.op, Op):
+        position[n.id] = k
+        if n.op is Op.INPUT:
+            inputs.append(n.id)
+        elif n.op is Op.OUTPUT:
+            outputs.append(n.id)
+        elif not isinstance(n.op, Op):
             raise GraphError(n.id, f"unknown op {n.op!r}", f"use one of {[o.name for o in Op]}")
-    for n in graph.nodes:
-        lo, hi = ARITY[n.op]
-        if len(n.inputs) < lo or (hi is not None and len(n.inputs) > hi):
-            want = f"{lo}" if lo == hi else f"{lo}..{hi if hi is not None else 'n'}"
-            raise GraphError(n.id, f"{n.op.name} takes {want} operands, got {len(n.inputs)}")
-        for src in n.inputs:
-            if src not in seen:
-                raise GraphError(n.id, f"operand {src!r} does not exist")
-    inputs = [n.id for n in graph.nodes if n.op is Op.INPUT]
+    forward = _check_operands(graph, position)
     if len(inputs) != 1:
         raise GraphError(None, f"a graph needs exactly one INPUT node, found {inputs}")
-    if graph.output not in seen:
+    if graph.output not in position:
         raise GraphError(graph.output, "the output node does not exist")
-    outputs = [n.id for n in graph.nodes if n.op is Op.OUTPUT]
     if outputs != [graph.output]:
         raise GraphError(
             graph.output, f"the output must be the graph's only OUTPUT node, found {outputs}"
         )
-    cycle = _find_cycle(graph)
+    # With every operand built before its user, no edge points back: no cycle.
+    cycle = None if forward else _find_cycle(graph)
     if cycle is not None:
         raise CycleError(cycle)
-    needed = ancestors(graph, graph.output)
-    for n in graph.nodes:
-        if n.id not in needed:
-            raise GraphError(n.id, "does not contribute to the output", "remove it or wire it in")
+    needed = _needed_forward(graph) if forward else ancestors(graph, graph.output)
+    if len(needed) != len(graph.nodes):
+        for n in graph.nodes:
+            if n.id not in needed:
+                raise GraphError(n.id, "does not contribute to the output", "remove it or wire it in")
+    graph.__dict__["_forward"] = forward
     graph.__dict__["_validated"] = True
     return graph
+
+
+def _check_operands(graph: Graph, position: Mapping[str, int]) -> bool:
+    """Arity and existence of every operand; whether each is built before its user."""
+    forward = True
+    for k, n in enumerate(graph.nodes):
+        lo, hi = ARITY[n.op]
+        count = len(n.inputs)
+        if count < lo or (hi is not None and count > hi):
+            want = f"{lo}" if lo == hi else f"{lo}..{hi if hi is not None else 'n'}"
+            raise GraphError(n.id, f"{n.op.name} takes {want} operands, got {count}")
+        for src in n.inputs:
+            at = position.get(src)
+            if at is None:
+                raise GraphError(n.id, f"operand {src!r} does not exist")
+            if at >= k:
+                forward = False
+    return forward
+
+
+def _needed_forward(graph: Graph) -> set[str]:
+    """:func:`ancestors` of the output, for a graph whose build order is topological:
+    one backward sweep (set operations in C) instead of a search."""
+    needed = {graph.output}
+    for n in reversed(graph.nodes):
+        if n.id in needed:
+            needed.update(n.inputs)
+    return needed
 
 
 def ancestors(graph: Graph, node_id: str) -> set[str]:
     """``node_id`` and every node it depends on, directly or not."""
     found = {node_id}
     stack = [node_id]
+    by_id = graph.by_id
     while stack:
-        for src in graph.by_id[stack.pop()].inputs:
+        for src in by_id[stack.pop()].inputs:
             if src not in found:
                 found.add(src)
                 stack.append(src)
     return found
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Hold off Python's cyclic garbage collector while a pass makes millions of objects.
+
+    Building, reading and lowering a graph allocate a few objects per node and free
+    none of them: every collection in between would walk them all again for
+    nothing (about 40% of the time of a million-leaf graph).  Collection resumes
+    afterwards, if it was on, and finds everything it would have found.
+    """
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()

@@ -23,7 +23,7 @@ import functools
 from collections.abc import Sequence
 
 from .errors import ConfigError
-from .graph import Graph, Node, Op
+from .graph import Graph, Node, Op, gc_paused, validate
 
 __all__ = [
     "TOPOLOGIES",
@@ -169,8 +169,11 @@ def build_graph(
 def _build_cached(
     hidden_size: int, chunk_size: int, topology: str, leaf: str, accumulate: str
 ) -> Graph:
-    from .graph import validate
+    with gc_paused():
+        return _build(hidden_size, chunk_size, topology, leaf, accumulate)
 
+
+def _build(hidden_size: int, chunk_size: int, topology: str, leaf: str, accumulate: str) -> Graph:
     meta = {
         "hidden_size": hidden_size,
         "chunk_size": chunk_size,

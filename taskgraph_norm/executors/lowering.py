@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import GraphError
-from ..graph import Graph, Node, Op, validate
+from ..graph import Graph, Node, Op, gc_paused, validate
 
 __all__ = ["Plan", "lower", "tree_levels"]
 
@@ -189,6 +189,11 @@ def lower(graph: Graph, fingerprint: str = "") -> Plan:
 
 @functools.lru_cache(maxsize=256)
 def _lower_cached(graph: Graph, fingerprint: str) -> Plan:
+    with gc_paused():
+        return _lower(graph, fingerprint)
+
+
+def _lower(graph: Graph, fingerprint: str) -> Plan:
     by_id = graph.by_id
     finalize = _single(graph, Op.FINALIZE)
     leaves = sorted((n for n in graph if n.op is Op.SUMSQ), key=lambda n: n.attrs["start"])
@@ -265,10 +270,10 @@ def _add_levels(
         slot_of[node.id], level_of[node.id] = len(slots) + len(triples), level
         triples.append((level, (slot_of[node.id], slot_of[a], slot_of[b])))
     depth = max((lvl for lvl, _ in triples), default=0)
-    levels = tuple(
-        tuple(t for lvl, t in triples if lvl == d) for d in range(1, depth + 1)
-    )
-    return levels, slot_of[root_id]
+    by_level: list[list[tuple[int, int, int]]] = [[] for _ in range(depth)]
+    for lvl, t in triples:  # one pass: a linear fold has as many levels as ADDs
+        by_level[lvl - 1].append(t)
+    return tuple(map(tuple, by_level)), slot_of[root_id]
 
 
 @functools.lru_cache(maxsize=64)
