@@ -19,8 +19,9 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import cast
 
-from ..graph import Graph, Node, Op
+from ..graph import Attrs, Graph, Node, Op
 from .forms import Text, form, length, pair, render
 from .segments import Value as _Value
 from .segments import contains, coverage_note, merged, multiset, segment_text, weighted_segments
@@ -167,7 +168,8 @@ def _read_node(node: Node, args: list[_Value], limit: int, annotated: list[Node]
     if known is None:
         raise _Unreadable(f"node {node.id!r}: op {op!r} is one the prover does not "
                           "understand")
-    attrs = dict(node.attrs.pairs)  # one scan of the node; every lookup below is a dict's
+    # One scan of the node (Node always stores an Attrs); every lookup below is a dict's.
+    attrs = dict(cast(Attrs, node.attrs).pairs)
     plain = known.issuperset(attrs)  # no depends_on, no placement, nothing unknown
     if not plain:
         unknown = set(attrs) - known - {"depends_on", "placement"}
