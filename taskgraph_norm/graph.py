@@ -12,6 +12,9 @@ import contextlib
 import dataclasses
 import enum
 import gc
+import itertools
+import operator
+from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import cached_property
@@ -121,6 +124,14 @@ class Attrs(Mapping[str, Any]):
     def __len__(self) -> int:
         return len(self._items)
 
+    @classmethod
+    def from_sorted(cls, pairs: tuple[tuple[str, Any], ...]) -> Attrs:
+        """Attrs from ``(name, value)`` pairs already sorted by name, with distinct names
+        and hashable values: none of that is checked (builders make millions)."""
+        attrs = object.__new__(cls)
+        attrs._items = pairs
+        return attrs
+
     @property
     def pairs(self) -> tuple[tuple[str, Any], ...]:
         """The ``(name, value)`` pairs, sorted by name (``dict(attrs.pairs)`` is fast)."""
@@ -163,6 +174,11 @@ class Node:
     def replace(self, **changes: Any) -> Node:
         """A copy of this node with some fields changed (the node itself is frozen)."""
         return dataclasses.replace(self, **changes)
+
+
+_node_id = operator.attrgetter("id")
+_node_op = operator.attrgetter("op")
+_node_inputs = operator.attrgetter("inputs")
 
 
 class Graph:
@@ -228,8 +244,13 @@ class Graph:
     def __hash__(self) -> int:
         # Hashing walks every node; a graph is immutable, so it is done once (caches
         # keyed by a graph -- prove, lower -- would otherwise pay it on every lookup).
+        # Ids and operands only, read in C: equal graphs have equal ones, and a graph
+        # that differs only in an op or attribute is told apart by __eq__.
         if self._hash is None:
-            self._hash = hash((self._nodes, self._output))
+            self._hash = hash((
+                tuple(map(_node_id, self._nodes)), tuple(map(_node_inputs, self._nodes)),
+                self._output,
+            ))
         return self._hash
 
     def __reduce__(self) -> tuple[Any, ...]:
@@ -391,70 +412,88 @@ def validate(graph: Graph) -> Graph:
     """
     if graph.__dict__.get("_validated"):
         return graph  # a graph is immutable: once valid, always valid
-    position: dict[str, int] = {}
-    inputs: list[str] = []
-    outputs: list[str] = []
-    for k, n in enumerate(graph.nodes):
-        if not isinstance(n.id, str) or not n.id:
-            raise GraphError(repr(n.id), "node ids must be non-empty strings")
-        if n.id in position:
-            raise GraphError(n.id, "duplicate node id", "every id must be unique")
-        position[n.id] = k
-        if n.op is Op.INPUT:
-            inputs.append(n.id)
-        elif n.op is Op.OUTPUT:
-            outputs.append(n.id)
-        elif not isinstance(n.op, Op):
-            raise GraphError(n.id, f"unknown op {n.op!r}", f"use one of {[o.name for o in Op]}")
-    forward = _check_operands(graph, position)
-    if len(inputs) != 1:
-        raise GraphError(None, f"a graph needs exactly one INPUT node, found {inputs}")
-    if graph.output not in position:
-        raise GraphError(graph.output, "the output node does not exist")
-    if outputs != [graph.output]:
-        raise GraphError(
-            graph.output, f"the output must be the graph's only OUTPUT node, found {outputs}"
-        )
-    # With every operand built before its user, no edge points back: no cycle.
-    cycle = None if forward else _find_cycle(graph)
-    if cycle is not None:
-        raise CycleError(cycle)
-    needed = _needed_forward(graph) if forward else ancestors(graph, graph.output)
-    if len(needed) != len(graph.nodes):
-        for n in graph.nodes:
-            if n.id not in needed:
-                raise GraphError(n.id, "does not contribute to the output", "remove it or wire it in")
+    forward = _valid_forward(graph)
+    if not forward:
+        _validate_in_order(graph)
     graph.__dict__["_forward"] = forward
     graph.__dict__["_validated"] = True
     return graph
 
 
-def _check_operands(graph: Graph, position: Mapping[str, int]) -> bool:
-    """Arity and existence of every operand; whether each is built before its user."""
-    forward = True
-    for k, n in enumerate(graph.nodes):
-        lo, hi = ARITY[n.op]
-        count = len(n.inputs)
+def _valid_forward(graph: Graph) -> bool:
+    """Whether the graph is valid *and* every operand is built before its user (so
+    no cycle is possible): true of every builder's graph.  The checks run over the
+    whole graph in C (maps, sets, zips), a few times faster than a loop over the
+    nodes; :func:`_validate_in_order` keeps that loop, for the graphs this says no
+    to, to name the first offending node."""
+    nodes = graph.nodes
+    ids = list(map(_node_id, nodes))
+    ops = list(map(_node_op, nodes))
+    operands = list(map(_node_inputs, nodes))
+    if set(map(type, ids)) != {str} or not set(map(type, ops)) <= {Op}:
+        return False
+    position = dict(zip(ids, range(len(ids))))
+    if len(position) != len(ids) or "" in position:
+        return False
+    op_counts: Counter[Op] = Counter()
+    for (op, count), times in Counter(zip(ops, map(len, operands))).items():
+        lo, hi = ARITY[op]
         if count < lo or (hi is not None and count > hi):
+            return False
+        op_counts[op] += times
+    at = position.get(graph.output)
+    if op_counts[Op.INPUT] != 1 or op_counts[Op.OUTPUT] != 1 or at is None or ops[at] is not Op.OUTPUT:
+        return False
+    sources = list(itertools.chain.from_iterable(operands))
+    try:
+        source_at = list(map(position.__getitem__, sources))
+    except KeyError:
+        return False
+    user_at = itertools.chain.from_iterable(map(itertools.repeat, range(len(ids)), map(len, operands)))
+    if not all(map(operator.lt, source_at, user_at)):
+        return False
+    # In a DAG the nodes that do not reach the output include one that no node
+    # uses: so all reach it iff every node but the output is some node's operand.
+    used = set(sources)
+    return len(used) == len(ids) - 1 and graph.output not in used
+
+
+def _validate_in_order(graph: Graph) -> None:
+    """The rules of :func:`validate`, node by node, raising for the first offence."""
+    seen: set[str] = set()
+    for n in graph.nodes:
+        if not isinstance(n.id, str) or not n.id:
+            raise GraphError(repr(n.id), "node ids must be non-empty strings")
+        if n.id in seen:
+            raise GraphError(n.id, "duplicate node id", "every id must be unique")
+        seen.add(n.id)
+        if not isinstance(n.op, Op):
+            raise GraphError(n.id, f"unknown op {n.op!r}", f"use one of {[o.name for o in Op]}")
+    for n in graph.nodes:
+        lo, hi = ARITY[n.op]
+        if len(n.inputs) < lo or (hi is not None and len(n.inputs) > hi):
             want = f"{lo}" if lo == hi else f"{lo}..{hi if hi is not None else 'n'}"
-            raise GraphError(n.id, f"{n.op.name} takes {want} operands, got {count}")
+            raise GraphError(n.id, f"{n.op.name} takes {want} operands, got {len(n.inputs)}")
         for src in n.inputs:
-            at = position.get(src)
-            if at is None:
+            if src not in seen:
                 raise GraphError(n.id, f"operand {src!r} does not exist")
-            if at >= k:
-                forward = False
-    return forward
-
-
-def _needed_forward(graph: Graph) -> set[str]:
-    """:func:`ancestors` of the output, for a graph whose build order is topological:
-    one backward sweep (set operations in C) instead of a search."""
-    needed = {graph.output}
-    for n in reversed(graph.nodes):
-        if n.id in needed:
-            needed.update(n.inputs)
-    return needed
+    inputs = [n.id for n in graph.nodes if n.op is Op.INPUT]
+    if len(inputs) != 1:
+        raise GraphError(None, f"a graph needs exactly one INPUT node, found {inputs}")
+    if graph.output not in seen:
+        raise GraphError(graph.output, "the output node does not exist")
+    outputs = [n.id for n in graph.nodes if n.op is Op.OUTPUT]
+    if outputs != [graph.output]:
+        raise GraphError(
+            graph.output, f"the output must be the graph's only OUTPUT node, found {outputs}"
+        )
+    cycle = _find_cycle(graph)
+    if cycle is not None:
+        raise CycleError(cycle)
+    needed = ancestors(graph, graph.output)
+    for n in graph.nodes:
+        if n.id not in needed:
+            raise GraphError(n.id, "does not contribute to the output", "remove it or wire it in")
 
 
 def ancestors(graph: Graph, node_id: str) -> set[str]:

@@ -23,7 +23,7 @@ import functools
 from collections.abc import Sequence
 
 from .errors import ConfigError
-from .graph import Graph, Node, Op, gc_paused, validate
+from .graph import Attrs, Graph, Node, Op, gc_paused, validate
 
 __all__ = [
     "TOPOLOGIES",
@@ -83,15 +83,11 @@ def merge_tree(parts: Sequence[str], op: Op = Op.ADD, prefix: str = "tree") -> t
     level = 0
     while len(level_ids) > 1:
         level += 1
+        attrs = Attrs.from_sorted((("level", level),))  # one per level, shared
         nxt: list[str] = []
         for i in range(0, len(level_ids), 2):
             if i + 1 < len(level_ids):
-                node = Node(
-                    f"{prefix}{level}.{i // 2}",
-                    op,
-                    (level_ids[i], level_ids[i + 1]),
-                    {"level": level},
-                )
+                node = Node(f"{prefix}{level}.{i // 2}", op, (level_ids[i], level_ids[i + 1]), attrs)
                 nodes.append(node)
                 nxt.append(node.id)
             else:
@@ -193,7 +189,8 @@ def _build(hidden_size: int, chunk_size: int, topology: str, leaf: str, accumula
     leaf_inputs: tuple[str, ...] = (x.id,)
     if accumulate == "exact":
         maxima = [
-            Node(f"m{k}", Op.ROWMAX, (x.id,), {"start": a, "stop": b, "index": k})
+            Node(f"m{k}", Op.ROWMAX, (x.id,),
+                 Attrs.from_sorted((("index", k), ("start", a), ("stop", b))))
             for k, (a, b) in enumerate(bounds)
         ]
         nodes += maxima
@@ -202,13 +199,10 @@ def _build(hidden_size: int, chunk_size: int, topology: str, leaf: str, accumula
         scale = Node("scale", Op.SCALE, (max_root,), {"hidden_size": hidden_size})
         nodes.append(scale)
         leaf_inputs = (x.id, scale.id)
+    # Attrs built sorted (domain, index, leaf, start, stop): a graph has a leaf per chunk.
     leaves = [
-        Node(
-            f"p{k}",
-            Op.SUMSQ,
-            leaf_inputs,
-            {"start": a, "stop": b, "leaf": leaf, "index": k, "domain": accumulate},
-        )
+        Node(f"p{k}", Op.SUMSQ, leaf_inputs, Attrs.from_sorted(
+            (("domain", accumulate), ("index", k), ("leaf", leaf), ("start", a), ("stop", b))))
         for k, (a, b) in enumerate(bounds)
     ]
     nodes += leaves

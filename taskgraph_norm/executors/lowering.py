@@ -250,30 +250,32 @@ def _uniform_chunking(leaves: list[Node], hidden: object) -> tuple[int, int, int
 def _add_levels(
     graph: Graph, slots: dict[str, int], root_id: str
 ) -> tuple[tuple[tuple[tuple[int, int, int], ...], ...], int]:
-    """The float merge as levels of ``(dst, a, b)`` slot triples (ASAP levels)."""
-    level_of = {leaf: 0 for leaf in slots}
+    """The float merge as levels of ``(dst, a, b)`` slot triples (ASAP levels), each
+    level in topological order.  One pass: a linear fold has as many levels as ADDs."""
+    level_of = dict.fromkeys(slots, 0)
     slot_of = dict(slots)
-    triples: list[tuple[int, tuple[int, int, int]]] = []
-    for node_id in graph.topological_order:
-        node = graph.by_id[node_id]
-        if node.op in (Op.INPUT, Op.SUMSQ, Op.FINALIZE, Op.OUTPUT):
+    levels: list[list[tuple[int, int, int]]] = []
+    next_slot = len(slots)
+    skip = (Op.INPUT, Op.SUMSQ, Op.FINALIZE, Op.OUTPUT)
+    for node in graph.topological_nodes:
+        op, inputs = node.op, node.inputs
+        if op in skip:
             continue
-        if node.op is Op.ACCUMULATE and len(node.inputs) == 1:
-            slot_of[node.id], level_of[node.id] = slot_of[node.inputs[0]], level_of[node.inputs[0]]
+        if op is Op.ACCUMULATE and len(inputs) == 1:
+            slot_of[node.id], level_of[node.id] = slot_of[inputs[0]], level_of[inputs[0]]
             continue
         # Two float addends commute exactly: an ACCUMULATE of two is an ADD.
-        if node.op not in (Op.ADD, Op.ACCUMULATE) or len(node.inputs) != 2:
-            raise GraphError(node.id, f"{node.op.name} with {len(node.inputs)} operands cannot be "
+        if (op is not Op.ADD and op is not Op.ACCUMULATE) or len(inputs) != 2:
+            raise GraphError(node.id, f"{op.name} with {len(inputs)} operands cannot be "
                              "lowered in the float domain", "use executor='reference'")
-        a, b = node.inputs
+        a, b = inputs
         level = max(level_of[a], level_of[b]) + 1
-        slot_of[node.id], level_of[node.id] = len(slots) + len(triples), level
-        triples.append((level, (slot_of[node.id], slot_of[a], slot_of[b])))
-    depth = max((lvl for lvl, _ in triples), default=0)
-    by_level: list[list[tuple[int, int, int]]] = [[] for _ in range(depth)]
-    for lvl, t in triples:  # one pass: a linear fold has as many levels as ADDs
-        by_level[lvl - 1].append(t)
-    return tuple(map(tuple, by_level)), slot_of[root_id]
+        if level > len(levels):
+            levels.append([])
+        slot_of[node.id], level_of[node.id] = next_slot, level
+        levels[level - 1].append((next_slot, slot_of[a], slot_of[b]))
+        next_slot += 1
+    return tuple(map(tuple, levels)), slot_of[root_id]
 
 
 @functools.lru_cache(maxsize=64)
@@ -322,9 +324,9 @@ def _reachable(graph: Graph, start: str, through: Op, leaf_op: Op) -> list[Node]
 def _walk(graph: Graph, start: str, through: tuple[Op, ...], leaf_op: Op) -> list[Node]:
     """Every ``leaf_op`` node reached from ``start`` through ``through`` nodes, once
     per path (so a leaf used twice appears twice); any other op is refused."""
-    found, stack = [], [start]
+    found, stack, by_id = [], [start], graph.by_id
     while stack:
-        node = graph.by_id[stack.pop()]
+        node = by_id[stack.pop()]
         if node.op is leaf_op:
             found.append(node)
         elif node.op in through:
