@@ -294,8 +294,8 @@ def _refute(graph: Graph, reading: Reading, fingerprint: str, witness_dtype: str
                 "structure does not fix one order, so determinism is not certified",)
         search = None
     else:
-        why += ("proof.witness gives a counterexample: an input and two arrival orders "
-                "whose bits differ (searched for when first asked)",)
+        why += ("a counterexample (an input and two arrival orders whose bits differ) is "
+                "searched for when proof.witness is first read; explain() shows it",)
         search = _WitnessSearch(graph, node_id, witness_dtype)
     return Proof(
         deterministic=False,
