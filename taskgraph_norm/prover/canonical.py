@@ -16,6 +16,7 @@ understand sets :attr:`Reading.problem`: the prover then refuses to certify.
 
 from __future__ import annotations
 
+import operator
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -146,9 +147,10 @@ def read_graph(graph: Graph) -> Reading:
     limit = max(_MAX_EXPRESSION, _MAX_EXPRESSION_PER_NODE * len(graph))
     value_of = values.__getitem__
     try:
-        for node in graph.topological_nodes:
-            values[node.id] = _read_node(node, list(map(value_of, node.inputs)), limit,
-                                         annotated)
+        for index, node in enumerate(graph.topological_nodes):
+            value = _read_node(node, list(map(value_of, node.inputs)), limit, annotated)
+            value.index = index
+            values[node.id] = value
     except _Unreadable as exc:
         partial = next((v.expr for v in reversed(values.values()) if v.kind == "partial"), "")
         return Reading(expression=render(partial), problem=str(exc))
@@ -444,7 +446,7 @@ def _conclude(graph: Graph, values: Mapping[str, _Value], exprs: Mapping[str, st
     declaring = [n for n in annotated if "depends_on" in n.attrs]
     deps = tuple(sorted({d for n in declaring for d in _as_tuple(n.attrs["depends_on"])}))
     facts = _Facts(
-        graph, values, tuple(values.values()), exprs, Counter(n.op for n in graph.nodes),
+        graph, values, tuple(values.values()), exprs, Counter(map(_op_of, graph.nodes)),
         marks=tuple(sorted(
             f"{n.op.value}{_dependence_mark(n)}" for n in declaring
             if n.attrs["depends_on"] and n.op not in _PARTIAL_OPS
@@ -457,18 +459,34 @@ def _conclude(graph: Graph, values: Mapping[str, _Value], exprs: Mapping[str, st
         ),
         annotated=annotated,
     )
-    last = graph.by_id[graph.by_id[graph.output].inputs[0]]
+    last = _node(graph, _node(graph, graph.output).inputs[0])
     if last.op is Op.RMSNORM:
         return _conclude_standard(facts, last)
     leaves = [n for n in graph.nodes if n.op is Op.SUMSQ]
-    domains = {n.attrs.get("domain", "float") for n in leaves}
+    kinds = Counter((n.attrs.get("leaf"), n.attrs.get("domain", "float")) for n in leaves)
+    domains = {domain for _, domain in kinds}
     if len(domains) != 1 or last.attrs.get("domain", "float") not in domains:
         raise _Unreadable("the graph mixes exact-domain and float-domain nodes "
                           f"(leaves: {sorted(domains)}, FINALIZE: "
                           f"{last.attrs.get('domain', 'float')!r})")
     if "exact" in domains:
         return _conclude_exact(facts, last)
-    return _conclude_float(facts, last, leaves)
+    leaf_counts: Counter[str] = Counter()
+    for (leaf, _), count in kinds.items():
+        leaf_counts[str(leaf)] += count
+    return _conclude_float(facts, last, leaf_counts)
+
+
+_op_of = operator.attrgetter("op")
+
+
+def _node(graph: Graph, node_id: str) -> Node:
+    """The node ``node_id``; the output and FINALIZE are last in a builder's order,
+    so look there before building the graph's id index."""
+    for node in graph.nodes[-1:-5:-1]:
+        if node.id == node_id:
+            return node
+    return graph.by_id[node_id]
 
 
 def _conclude_standard(facts: _Facts, rmsnorm: Node) -> Reading:
@@ -489,27 +507,26 @@ def _conclude_standard(facts: _Facts, rmsnorm: Node) -> Reading:
     )
 
 
-def _conclude_float(facts: _Facts, finalize: Node, leaves: list[Node]) -> Reading:
+def _conclude_float(facts: _Facts, finalize: Node, leaf_counts: Counter[str]) -> Reading:
     hidden = int(finalize.attrs["hidden_size"])
     total = facts.values[finalize.inputs[1]]
     expression = render(total.expr)
-    races = tuple(
-        (n.id, len(n.inputs)) for n in facts.graph.nodes
-        if n.op is Op.ACCUMULATE and len(n.inputs) >= 3
-    )
+    merges = [n for n in facts.graph.nodes if n.op is Op.ACCUMULATE] if facts.ops[
+        Op.ACCUMULATE] else []
+    races = tuple((n.id, len(n.inputs)) for n in merges if len(n.inputs) >= 3)
     assumptions = []
-    if any(n.attrs.get("leaf") == "native" for n in leaves):
+    if leaf_counts["native"]:
         assumptions.append(_ASSUME_NATIVE)
     if facts.ops[Op.CATSUM]:
         assumptions.append(_ASSUME_CATSUM)
-    if any(n.op is Op.ACCUMULATE and len(n.inputs) == 2 for n in facts.graph.nodes):
+    if any(len(n.inputs) == 2 for n in merges):
         assumptions.append(_ASSUME_TWO_WAY)
     return Reading(
         expression=expression,
         canonical="\n".join(["float", f"D={hidden}", expression, *facts.marks]),
         races=races,
         assumptions=tuple(assumptions),
-        why_deterministic=_why_structure(facts.ops, leaves)
+        why_deterministic=_why_structure(facts.ops, leaf_counts)
         + (coverage_note(weighted_segments(total, facts.order), hidden),),
         row_local=_row_local(facts.ops),
         batch_blockers=facts.blockers,
@@ -568,15 +585,15 @@ _WHY_EXACT = (
 )
 
 
-def _why_structure(ops: Counter[Op], leaves: list[Node]) -> tuple[str, ...]:
+def _why_structure(ops: Counter[Op], leaf_counts: Counter[str]) -> tuple[str, ...]:
     why = ["every merge has one fixed order, so every valid schedule of the DAG evaluates "
            "the same expression, with the same rounding at every node:"]
-    pairwise = sum(1 for n in leaves if n.attrs.get("leaf") == "pairwise")
+    pairwise = leaf_counts["pairwise"]
     if pairwise:
         why.append(f"SUMSQ pairwise leaves ({pairwise}): explicit halving, an order fixed "
                    "by the chunk length alone")
-    if len(leaves) - pairwise:
-        why.append(f"SUMSQ native leaves ({len(leaves) - pairwise}): torch.sum over one "
+    if sum(leaf_counts.values()) - pairwise:
+        why.append(f"SUMSQ native leaves ({sum(leaf_counts.values()) - pairwise}): torch.sum over one "
                    "chunk; its order is the backend's (see assumptions)")
     if ops[Op.ADD]:
         why.append(f"ADD ({ops[Op.ADD]}): an ordered binary merge, its left and right "

@@ -30,10 +30,11 @@ class Value:
     ``expr`` its canonical expression; ``leaf`` the range it reads itself (a leaf or
     ROWMAX); ``operands`` the values whose segments follow, in operand order;
     ``scales`` the ids of the SCALE nodes its exact leaves use; ``hidden_size``
-    the ``D`` of a SCALE's sigma.
+    the ``D`` of a SCALE's sigma; ``index`` its place in the reading order (set by
+    the reader).
     """
 
-    __slots__ = ("kind", "expr", "leaf", "operands", "scales", "hidden_size")
+    __slots__ = ("kind", "expr", "leaf", "operands", "scales", "hidden_size", "index")
 
     def __init__(self, kind: str, expr: Text, leaf: Segment | None = None,
                  operands: tuple[Value, ...] = (), scales: frozenset[str] = frozenset(),
@@ -44,6 +45,7 @@ class Value:
         self.operands = operands
         self.scales = scales
         self.hidden_size = hidden_size
+        self.index = -1
 
     def segments(self) -> tuple[Segment, ...]:
         """Every summed (or maximised) range, in operand order, with repeats."""
@@ -63,20 +65,21 @@ def weighted_segments(root: Value, values: Sequence[Value]) -> list[tuple[Segmen
     """``(range, times)`` for every leaf under ``root``: ``times`` is the number of
     paths from ``root`` to it, i.e. how often it occurs in the expression.
 
-    ``values`` holds every value, operands before their users (the reading order).
-    One sweep, linear in the DAG however heavily operands are shared.
+    ``values`` holds every value at its ``index``, operands before their users (the
+    reading order).  One sweep, linear in the DAG however heavily operands are shared.
     """
-    paths: dict[int, int] = {id(root): 1}
+    paths = [0] * len(values)
+    paths[root.index] = 1
     found: list[tuple[Segment, int]] = []
-    for value in reversed(values):  # every user before its operands
-        times = paths.get(id(value))
-        if times is None:
+    for at in range(root.index, -1, -1):  # every user before its operands
+        times = paths[at]
+        if not times:
             continue
+        value = values[at]
         if value.leaf is not None:
             found.append((value.leaf, times))
         for operand in value.operands:
-            key = id(operand)
-            paths[key] = paths.get(key, 0) + times
+            paths[operand.index] += times
     return found
 
 
