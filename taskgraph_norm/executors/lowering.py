@@ -32,10 +32,10 @@ from __future__ import annotations
 import functools
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from ..errors import GraphError
-from ..graph import Graph, Node, Op, gc_paused, validate
+from ..graph import Attrs, Graph, Node, Op, gc_paused, validate
 
 __all__ = ["Plan", "lower", "tree_levels"]
 
@@ -194,15 +194,20 @@ def _lower_cached(graph: Graph, fingerprint: str) -> Plan:
 
 
 def _lower(graph: Graph, fingerprint: str) -> Plan:
-    by_id = graph.by_id
     finalize = _single(graph, Op.FINALIZE)
-    leaves = sorted((n for n in graph if n.op is Op.SUMSQ), key=lambda n: n.attrs["start"])
+    found = [n for n in graph if n.op is Op.SUMSQ]
+    # Each leaf's attributes read once, as a dict (a graph may have a million leaves).
+    found_attrs = [dict(cast(Attrs, n.attrs).pairs) for n in found]
+    starts = [a["start"] for a in found_attrs]
+    order = sorted(range(len(found)), key=starts.__getitem__)
+    leaves = [found[k] for k in order]
+    leaf_attrs = [found_attrs[k] for k in order]
     if not leaves:
         raise GraphError(finalize.id, "nothing to lower: no SUMSQ leaves")
     hidden = finalize.attrs.get("hidden_size")
-    chunk, n_full, tail = _uniform_chunking(leaves, hidden)
-    leaf_kinds = {n.attrs.get("leaf") for n in leaves}
-    domains = {n.attrs.get("domain", "float") for n in leaves}
+    chunk, n_full, tail = _uniform_chunking(leaves, leaf_attrs, hidden)
+    leaf_kinds = {a.get("leaf") for a in leaf_attrs}
+    domains = {a.get("domain", "float") for a in leaf_attrs}
     if len(leaf_kinds) != 1 or len(domains) != 1 or not leaf_kinds <= {"pairwise", "native"}:
         raise GraphError(leaves[0].id, "leaves mix kinds or domains; the compiled plan needs one")
     domain = domains.pop()
@@ -218,7 +223,8 @@ def _lower(graph: Graph, fingerprint: str) -> Plan:
     if total_id in slots:
         return Plan(accumulate="float", merge="single" if len(leaves) == 1 else "adds",
                     root=slots[total_id], **common)
-    root = by_id[total_id]
+    # The merge root is built just before FINALIZE: no need to index a million ids.
+    root = next((n for n in graph.nodes[-4:] if n.id == total_id), None) or graph.by_id[total_id]
     if root.op is Op.CATSUM and list(root.inputs) == [n.id for n in leaves]:
         return Plan(accumulate="float", merge="cat", **common)
     adds, root_slot = _add_levels(graph, slots, total_id)
@@ -235,10 +241,12 @@ def _single(graph: Graph, op: Op) -> Node:
     return found[0]
 
 
-def _uniform_chunking(leaves: list[Node], hidden: object) -> tuple[int, int, int]:
+def _uniform_chunking(
+    leaves: list[Node], leaf_attrs: list[dict[str, Any]], hidden: object
+) -> tuple[int, int, int]:
     if not isinstance(hidden, int) or hidden < 1:
         raise GraphError(leaves[0].id, "FINALIZE has no valid hidden_size")
-    bounds = [(n.attrs["start"], n.attrs["stop"]) for n in leaves]
+    bounds = [(a["start"], a["stop"]) for a in leaf_attrs]
     chunk = bounds[0][1] - bounds[0][0]
     expected = [(a, min(a + chunk, hidden)) for a in range(0, hidden, chunk)] if chunk > 0 else []
     if bounds != expected:
