@@ -11,9 +11,11 @@ For every hidden size D, topology and accumulation, a fresh Python process
           proof and plan cached and runs the executor ``auto`` picks (a float
           ``race`` over 3+ chunks is refuted, so it runs on the reference).
 
-The sum is what a first call costs.  ``us/node`` is that sum over the node
-count: near-constant across D is what near-linear means, and the ``x4`` column
-gives the ratio to the row with a quarter of the nodes (4 for linear cost).
+The sum is what a first call costs (wall time).  ``us/node`` is that sum over
+the node count: near-constant across D is what near-linear means, and the
+``x4`` column gives the ratio to the row with a quarter of the nodes (4 for
+linear cost).  ``cpu`` is the process's CPU time for the four steps: on a
+shared machine it is the steadier figure.
 
 Run:  python benchmarks/prover_scale.py [--full] [--sizes 4096 16384 65536]
       [--topologies linear tree race cat standard] [--timeout 600]
@@ -45,6 +47,7 @@ def measure(hidden: int, topology: str, accumulate: str) -> dict[str, object]:
 
     options = dict(chunk_size=1, topology=topology, leaf="pairwise", accumulate=accumulate)
     x = torch.randn(2, hidden, generator=torch.Generator().manual_seed(0))
+    cpu0 = time.process_time()
     t0 = time.perf_counter()
     graph = tgn.build_graph(hidden, **options)  # type: ignore[arg-type]
     t1 = time.perf_counter()
@@ -58,10 +61,11 @@ def measure(hidden: int, topology: str, accumulate: str) -> dict[str, object]:
     t3 = time.perf_counter()
     tgn.normalize_sync(x, **options)  # type: ignore[arg-type]
     t4 = time.perf_counter()
+    cpu = time.process_time() - cpu0
     return {
         "nodes": len(graph), "rule": proof.rule,
         "executor": resolve_executor("auto", graph)[0],
-        "build": t1 - t0, "prove": t2 - t1, "lower": t3 - t2, "run": t4 - t3,
+        "build": t1 - t0, "prove": t2 - t1, "lower": t3 - t2, "run": t4 - t3, "cpu": cpu,
     }
 
 
@@ -92,7 +96,7 @@ def main() -> None:
     sizes = sorted(set(args.sizes) | ({FULL} if args.full else set()))
     print(f"{'D':>8} {'topology':<9} {'acc':<6} {'nodes':>8} {'rule':<9} {'executor':<10} "
           f"{'build':>7} {'prove':>7} {'lower':>7} {'run':>7} {'total':>7} {'us/node':>8} "
-          f"{'x4':>5}")
+          f"{'x4':>5} {'cpu':>7}")
     previous: dict[tuple[str, str], tuple[int, float]] = {}
     for topology in args.topologies:
         for accumulate in args.accumulate:
@@ -114,7 +118,8 @@ def main() -> None:
                 print(f"{hidden:>8} {topology:<9} {accumulate:<6} {nodes:>8} {row['rule']!s:<9} "
                       f"{row['executor']!s:<10} "
                       + " ".join(f"{p:7.2f}" for p in parts)
-                      + f" {total:7.2f} {1e6 * total / nodes:8.2f} {ratio:>5}", flush=True)
+                      + f" {total:7.2f} {1e6 * total / nodes:8.2f} {ratio:>5}"
+                      + f" {float(row.get('cpu', 0.0)):7.2f}", flush=True)  # type: ignore[arg-type]
 
 
 if __name__ == "__main__":
