@@ -26,7 +26,7 @@ from collections.abc import Sequence
 
 from .errors import ConfigError
 from . import caches
-from .graph import Graph, Node, Op
+from .graph import Attrs, Graph, Node, Op, gc_paused, validate
 
 __all__ = [
     "TOPOLOGIES",
@@ -101,15 +101,11 @@ def merge_tree(parts: Sequence[str], op: Op = Op.ADD, prefix: str = "tree") -> t
     level = 0
     while len(level_ids) > 1:
         level += 1
+        attrs = Attrs.from_sorted((("level", level),))  # one per level, shared
         nxt: list[str] = []
         for i in range(0, len(level_ids), 2):
             if i + 1 < len(level_ids):
-                node = Node(
-                    f"{prefix}{level}.{i // 2}",
-                    op,
-                    (level_ids[i], level_ids[i + 1]),
-                    {"level": level},
-                )
+                node = Node(f"{prefix}{level}.{i // 2}", op, (level_ids[i], level_ids[i + 1]), attrs)
                 nodes.append(node)
                 nxt.append(node.id)
             else:
@@ -206,8 +202,14 @@ def _build_cached(
     hidden_size: int, chunk_size: int, topology: str, leaf: str, accumulate: str,
     casting_mode: str = "torch", offset: float = 0.0, residual: bool = False,
 ) -> Graph:
-    from .graph import validate
+    with gc_paused():
+        return _build(hidden_size, chunk_size, topology, leaf, accumulate, casting_mode, offset, residual)
 
+
+def _build(
+    hidden_size: int, chunk_size: int, topology: str, leaf: str, accumulate: str,
+    casting_mode: str, offset: float, residual: bool,
+) -> Graph:
     meta: dict[str, object] = {
         "hidden_size": hidden_size,
         "chunk_size": chunk_size,
@@ -236,7 +238,8 @@ def _build_cached(
     leaf_inputs: tuple[str, ...] = (x.id,)
     if accumulate == "exact":
         maxima = [
-            Node(f"m{k}", Op.ROWMAX, (x.id,), {"start": a, "stop": b, "index": k})
+            Node(f"m{k}", Op.ROWMAX, (x.id,),
+                 Attrs.from_sorted((("index", k), ("start", a), ("stop", b))))
             for k, (a, b) in enumerate(bounds)
         ]
         nodes += maxima
@@ -245,13 +248,10 @@ def _build_cached(
         scale = Node("scale", Op.SCALE, (max_root,), {"hidden_size": hidden_size})
         nodes.append(scale)
         leaf_inputs = (x.id, scale.id)
+    # Attrs built sorted (domain, index, leaf, start, stop): a graph has a leaf per chunk.
     leaves = [
-        Node(
-            f"p{k}",
-            Op.SUMSQ,
-            leaf_inputs,
-            {"start": a, "stop": b, "leaf": leaf, "index": k, "domain": accumulate},
-        )
+        Node(f"p{k}", Op.SUMSQ, leaf_inputs, Attrs.from_sorted(
+            (("domain", accumulate), ("index", k), ("leaf", leaf), ("start", a), ("stop", b))))
         for k, (a, b) in enumerate(bounds)
     ]
     nodes += leaves

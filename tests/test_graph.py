@@ -135,3 +135,77 @@ def test_builder_graphs_are_valid_and_cached() -> None:
     g = build_graph(100, chunk_size=30, topology="linear")
     assert validate(g) is g
     assert build_graph(100, chunk_size=30, topology="linear") is g
+
+
+def test_graph_hash_walks_the_nodes_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    from taskgraph_norm import graph as graph_module
+
+    walked: list[str] = []
+    real = graph_module._node_id
+
+    def spy(node: Node) -> str:
+        walked.append(node.id)
+        return real(node)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(graph_module, "_node_id", spy)
+    g = Graph(small_graph().nodes, "y")  # a fresh graph: nothing cached yet
+    first = hash(g)
+    assert sorted(walked) == sorted(n.id for n in g)  # the first hash reads every node
+    assert hash(g) == first and {g: 1}[g] == 1
+    assert len(walked) == len(g)  # later ones read none
+    # Negative control: another graph object is hashed afresh.
+    hash(Graph(g.nodes, "y"))
+    assert len(walked) == 2 * len(g)
+
+
+def test_graph_hash_agrees_with_equality() -> None:
+    g = small_graph()
+    same = Graph(list(g.nodes), "y", {"other": "meta"})  # meta is not part of equality
+    assert same == g and hash(same) == hash(g)
+    # The hash reads ids and operands only: a graph that differs in an attribute alone
+    # may share it, and equality still tells the two apart.
+    other = g.replace_node(g["f"].replace(attrs={"hidden_size": 5}))
+    assert other != g and hash(other) == hash(g)
+    assert len({g, same, other}) == 2
+
+
+def test_a_pickled_graph_hashes_afresh() -> None:
+    import pickle
+
+    g = small_graph()
+    hash(g)
+    copy = pickle.loads(pickle.dumps(g))
+    assert copy._hash is None  # string hashes differ between processes: never carried
+    assert copy == g and hash(copy) == hash(g) and copy.meta == g.meta
+
+
+def test_validation_without_build_order() -> None:
+    # Operands named before they are built: valid, ordered by Kahn's algorithm.
+    g = small_graph()
+    shuffled = Graph([g["y"], g["f"], g["s"], g["a"], g["x"], g["b"]], "y")
+    assert validate(shuffled) is shuffled
+    assert shuffled.topological_order == ("x", "a", "b", "s", "f", "y")
+    assert [n.id for n in shuffled.topological_nodes] == list(shuffled.topological_order)
+    # A node that names itself is a cycle, not an operand built before its user.
+    loop = g.replace_node(Node("s", Op.ADD, ("s", "a")))
+    with pytest.raises(CycleError):
+        validate(loop)
+    # Negative control: in build order the order is the build order.
+    assert validate(small_graph()).topological_order == tuple(n.id for n in small_graph())
+
+
+def test_a_dead_chain_is_found_in_a_forward_graph() -> None:
+    dead = small_graph().add_nodes(
+        Node("c", Op.SUMSQ, ("x",), {"start": 0, "stop": 1, "leaf": "pairwise"}),
+        Node("d", Op.ADD, ("c", "a")),
+    )
+    with pytest.raises(GraphError, match="node 'c': does not contribute"):
+        validate(dead)
+
+
+def test_builder_attrs_are_what_the_checked_constructor_makes() -> None:
+    for accumulate in ("float", "exact"):
+        g = build_graph(100, chunk_size=30, topology="tree", accumulate=accumulate)
+        for n in g:
+            checked = Attrs(dict(n.attrs))
+            assert checked.pairs == n.attrs.pairs and hash(checked) == hash(n.attrs)  # type: ignore[attr-defined]

@@ -15,6 +15,7 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import redirect_stdout
 
 import pytest
@@ -251,6 +252,68 @@ def test_witness_search_succeeds_in_low_precision(dtype: str, hidden: int, chunk
     assert w is not None and w.input().dtype == getattr(torch, dtype)
     a, b = w.replay()
     assert not same_bits(a, b)
+
+
+@pytest.fixture
+def witness_searches(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """The node of every witness search from now on (a spy on ``find_witness``)."""
+    from taskgraph_norm.prover import witness as witness_module
+
+    searched: list[str] = []
+    real = witness_module.find_witness
+
+    def spy(graph: Graph, node: str, **kwargs: object) -> object:
+        searched.append(node)
+        return real(graph, node, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(witness_module, "find_witness", spy)
+    _prove_cached.cache_clear()  # no proof made before the spy
+    yield searched
+    _prove_cached.cache_clear()  # nor one made with it, for later tests
+
+
+def test_prove_does_not_search_for_a_witness_until_it_is_read(witness_searches: list[str]) -> None:
+    g = tgn.build_graph(192, chunk_size=64, topology="race")  # a float race over 3 chunks
+    p = tgn.prove(g)
+    assert (p.deterministic, p.batch_invariant, p.rule) == (False, False, R)
+    # Nothing but reading the witness searches: not the verdict, repr, hash or equality.
+    assert p.summary == "refuted (witness)" and "Proof(" in repr(p)
+    assert hash(p) == hash(tgn.prove(g)) and p == tgn.prove(g)
+    assert witness_searches == []
+    w = p.witness
+    assert witness_searches == ["accumulate"]
+    assert w is not None and p.witness is w and witness_searches == ["accumulate"]  # kept
+    a, b = w.replay()
+    assert not same_bits(a, b)
+    assert same_bits(a, w.outputs[0]) and same_bits(b, w.outputs[1])
+
+
+def test_explain_searches_for_the_witness(witness_searches: list[str]) -> None:
+    p = tgn.prove(tgn.build_graph(192, chunk_size=64, topology="race"))
+    assert witness_searches == []
+    text = p.explain()
+    assert witness_searches == ["accumulate"] and "witness:" in text and "replay:" in text
+    # Negative control: a certified proof has no witness to search for.
+    tgn.prove(tgn.build_graph(192, chunk_size=64, topology="tree")).explain()
+    assert witness_searches == ["accumulate"]
+
+
+def test_a_race_of_equal_operands_has_no_witness_and_is_not_certified(
+    witness_searches: list[str],
+) -> None:
+    # Every arrival order adds the same values in the same order: no input tells two
+    # orders apart, so the search would fail; the prover refuses without running it.
+    linear = tgn.build_graph(256, chunk_size=64, topology="linear")
+    same = linear.remove_nodes("fold1", "p1", "p2").replace_node(
+        Node("fold2", Op.ACCUMULATE, ("p0", "p0", "p0")))
+    p = tgn.prove(same)
+    assert (p.deterministic, p.rule, p.witness) == (False, U, None)
+    assert witness_searches == []
+    # Negative control: three different operands are refuted, with a witness.
+    different = linear.remove_nodes("fold1").replace_node(
+        Node("fold2", Op.ACCUMULATE, ("p0", "p1", "p2")))
+    assert tgn.prove(different).rule == R and tgn.prove(different).witness is not None
+    assert witness_searches == ["fold2"]
 
 
 def test_prove_searches_the_witness_in_the_dtype_asked_for() -> None:

@@ -32,11 +32,11 @@ from __future__ import annotations
 import functools
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from ..errors import GraphError
 from .. import caches
-from ..graph import Graph, Node, Op, validate
+from ..graph import Attrs, Graph, Node, Op, gc_paused, validate
 
 __all__ = ["Plan", "lower", "tree_levels"]
 
@@ -210,15 +210,25 @@ def lower(graph: Graph, fingerprint: str = "") -> Plan:
 
 @functools.lru_cache(maxsize=256)
 def _lower_cached(graph: Graph, fingerprint: str) -> Plan:
-    by_id = graph.by_id
+    with gc_paused():
+        return _lower(graph, fingerprint)
+
+
+def _lower(graph: Graph, fingerprint: str) -> Plan:
     finalize = _single(graph, Op.FINALIZE)
-    leaves = sorted((n for n in graph if n.op is Op.SUMSQ), key=lambda n: n.attrs["start"])
+    found = [n for n in graph if n.op is Op.SUMSQ]
+    # Each leaf's attributes read once, as a dict (a graph may have a million leaves).
+    found_attrs = [dict(cast(Attrs, n.attrs).pairs) for n in found]
+    starts = [a["start"] for a in found_attrs]
+    order = sorted(range(len(found)), key=starts.__getitem__)
+    leaves = [found[k] for k in order]
+    leaf_attrs = [found_attrs[k] for k in order]
     if not leaves:
         raise GraphError(finalize.id, "nothing to lower: no SUMSQ leaves")
     hidden = finalize.attrs.get("hidden_size")
-    chunk, n_full, tail = _uniform_chunking(leaves, hidden)
-    leaf_kinds = {n.attrs.get("leaf") for n in leaves}
-    domains = {n.attrs.get("domain", "float") for n in leaves}
+    chunk, n_full, tail = _uniform_chunking(leaves, leaf_attrs, hidden)
+    leaf_kinds = {a.get("leaf") for a in leaf_attrs}
+    domains = {a.get("domain", "float") for a in leaf_attrs}
     if len(leaf_kinds) != 1 or len(domains) != 1 or not leaf_kinds <= {"pairwise", "native"}:
         raise GraphError(leaves[0].id, "leaves mix kinds or domains; the compiled plan needs one")
     domain = domains.pop()
@@ -238,7 +248,8 @@ def _lower_cached(graph: Graph, fingerprint: str) -> Plan:
     if total_id in slots:
         return Plan(accumulate="float", merge="single" if len(leaves) == 1 else "adds",
                     root=slots[total_id], **common)
-    root = by_id[total_id]
+    # The merge root is built just before FINALIZE: no need to index a million ids.
+    root = next((n for n in graph.nodes[-4:] if n.id == total_id), None) or graph.by_id[total_id]
     if root.op is Op.CATSUM and list(root.inputs) == [n.id for n in leaves]:
         return Plan(accumulate="float", merge="cat", **common)
     adds, root_slot = _add_levels(graph, slots, total_id)
@@ -255,10 +266,12 @@ def _single(graph: Graph, op: Op) -> Node:
     return found[0]
 
 
-def _uniform_chunking(leaves: list[Node], hidden: object) -> tuple[int, int, int]:
+def _uniform_chunking(
+    leaves: list[Node], leaf_attrs: list[dict[str, Any]], hidden: object
+) -> tuple[int, int, int]:
     if not isinstance(hidden, int) or hidden < 1:
         raise GraphError(leaves[0].id, "FINALIZE has no valid hidden_size")
-    bounds = [(n.attrs["start"], n.attrs["stop"]) for n in leaves]
+    bounds = [(a["start"], a["stop"]) for a in leaf_attrs]
     chunk = bounds[0][1] - bounds[0][0]
     expected = [(a, min(a + chunk, hidden)) for a in range(0, hidden, chunk)] if chunk > 0 else []
     if bounds != expected:
@@ -270,30 +283,32 @@ def _uniform_chunking(leaves: list[Node], hidden: object) -> tuple[int, int, int
 def _add_levels(
     graph: Graph, slots: dict[str, int], root_id: str
 ) -> tuple[tuple[tuple[tuple[int, int, int], ...], ...], int]:
-    """The float merge as levels of ``(dst, a, b)`` slot triples (ASAP levels)."""
-    level_of = {leaf: 0 for leaf in slots}
+    """The float merge as levels of ``(dst, a, b)`` slot triples (ASAP levels), each
+    level in topological order.  One pass: a linear fold has as many levels as ADDs."""
+    level_of = dict.fromkeys(slots, 0)
     slot_of = dict(slots)
-    triples: list[tuple[int, tuple[int, int, int]]] = []
-    for node_id in graph.topological_order:
-        node = graph.by_id[node_id]
-        if node.op in (Op.INPUT, Op.SUMSQ, Op.FINALIZE, Op.OUTPUT):
+    levels: list[list[tuple[int, int, int]]] = []
+    next_slot = len(slots)
+    skip = (Op.INPUT, Op.SUMSQ, Op.FINALIZE, Op.OUTPUT)
+    for node in graph.topological_nodes:
+        op, inputs = node.op, node.inputs
+        if op in skip:
             continue
-        if node.op is Op.ACCUMULATE and len(node.inputs) == 1:
-            slot_of[node.id], level_of[node.id] = slot_of[node.inputs[0]], level_of[node.inputs[0]]
+        if op is Op.ACCUMULATE and len(inputs) == 1:
+            slot_of[node.id], level_of[node.id] = slot_of[inputs[0]], level_of[inputs[0]]
             continue
         # Two float addends commute exactly: an ACCUMULATE of two is an ADD.
-        if node.op not in (Op.ADD, Op.ACCUMULATE) or len(node.inputs) != 2:
-            raise GraphError(node.id, f"{node.op.name} with {len(node.inputs)} operands cannot be "
+        if (op is not Op.ADD and op is not Op.ACCUMULATE) or len(inputs) != 2:
+            raise GraphError(node.id, f"{op.name} with {len(inputs)} operands cannot be "
                              "lowered in the float domain", "use executor='reference'")
-        a, b = node.inputs
+        a, b = inputs
         level = max(level_of[a], level_of[b]) + 1
-        slot_of[node.id], level_of[node.id] = len(slots) + len(triples), level
-        triples.append((level, (slot_of[node.id], slot_of[a], slot_of[b])))
-    depth = max((lvl for lvl, _ in triples), default=0)
-    levels = tuple(
-        tuple(t for lvl, t in triples if lvl == d) for d in range(1, depth + 1)
-    )
-    return levels, slot_of[root_id]
+        if level > len(levels):
+            levels.append([])
+        slot_of[node.id], level_of[node.id] = next_slot, level
+        levels[level - 1].append((next_slot, slot_of[a], slot_of[b]))
+        next_slot += 1
+    return tuple(map(tuple, levels)), slot_of[root_id]
 
 
 @functools.lru_cache(maxsize=64)
@@ -342,9 +357,9 @@ def _reachable(graph: Graph, start: str, through: Op, leaf_op: Op) -> list[Node]
 def _walk(graph: Graph, start: str, through: tuple[Op, ...], leaf_op: Op) -> list[Node]:
     """Every ``leaf_op`` node reached from ``start`` through ``through`` nodes, once
     per path (so a leaf used twice appears twice); any other op is refused."""
-    found, stack = [], [start]
+    found, stack, by_id = [], [start], graph.by_id
     while stack:
-        node = graph.by_id[stack.pop()]
+        node = by_id[stack.pop()]
         if node.op is leaf_op:
             found.append(node)
         elif node.op in through:

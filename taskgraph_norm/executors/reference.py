@@ -7,6 +7,7 @@ subclass can override one op in a few lines, as with ``torch.fx.Interpreter``.
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
@@ -41,7 +42,7 @@ class ReferenceInterpreter:
         self.graph = validate(graph)
         self.arrival = _check_arrival(graph, arrival or {})
         self._order = graph.topological_order
-        self._last_use = _last_uses(graph, self._order)
+        self._frees = _frees(graph)
         self.cancel: threading.Event | None = None
 
     #: A residual graph's ``residual`` operand and the tensor ``h`` is written into
@@ -63,13 +64,14 @@ class ReferenceInterpreter:
         kept = set(keep) | {self.graph.output}
         env: dict[str, Any] = {}
         cancel = self.cancel
-        for step, node_id in enumerate(self._order):
+        value_of = env.__getitem__
+        # The method named after each op, looked up once per run, not once per node.
+        handler = {op: getattr(self, op.value) for op in self.graph.ops}
+        for node, frees in zip(self.graph.topological_nodes, self._frees):
             if cancel is not None and cancel.is_set():
                 raise Cancelled("the caller was cancelled; stopped between nodes")
-            node = self.graph.by_id[node_id]
-            args = [env[i] for i in node.inputs]
-            env[node_id] = getattr(self, node.op.value)(node, args)
-            for done in self._last_use.get(step, ()):
+            env[node.id] = handler[node.op](node, list(map(value_of, node.inputs)))
+            for done in frees:
                 if done not in kept:
                     del env[done]
         return {k: env[k] for k in kept}
@@ -84,8 +86,9 @@ class ReferenceInterpreter:
         return kernels.residual_add(self.x, self.residual, out=self.residual_out)
 
     def sumsq(self, node: Node, args: list[Any]) -> torch.Tensor:
-        start, stop, leaf = node.attrs["start"], node.attrs["stop"], node.attrs["leaf"]
-        if node.attrs.get("domain") == "exact":
+        attrs = node.attrs
+        start, stop, leaf = attrs["start"], attrs["stop"], attrs["leaf"]
+        if attrs.get("domain") == "exact":
             return kernels.sumsq_exact(args[0], start, stop, args[1])
         if leaf == "native":
             return kernels.sumsq_native(args[0], start, stop)
@@ -140,18 +143,20 @@ def _check_arrival(
     return checked
 
 
-def _last_uses(graph: Graph, order: Sequence[str]) -> dict[int, tuple[str, ...]]:
-    """Step index -> ids whose last consumer runs at that step (the output is kept)."""
-    position = {nid: i for i, nid in enumerate(order)}
+@functools.lru_cache(maxsize=64)
+def _frees(graph: Graph) -> tuple[tuple[str, ...], ...]:
+    """For each step of the topological order, the ids whose last consumer runs at
+    that step (the output is kept).  Cached per graph: a witness search or a report
+    runs one graph many times."""
     last: dict[str, int] = {}
-    for nid in order:
-        for src in graph.by_id[nid].inputs:
-            last[src] = max(last.get(src, -1), position[nid])
-    by_step: dict[int, list[str]] = {}
+    for step, node in enumerate(graph.topological_nodes):
+        for src in node.inputs:
+            last[src] = step  # steps only grow: the last write is the last use
+    by_step: list[list[str]] = [[] for _ in graph.topological_nodes]
     for src, step in last.items():
         if src != graph.output:
-            by_step.setdefault(step, []).append(src)
-    return {k: tuple(v) for k, v in by_step.items()}
+            by_step[step].append(src)
+    return tuple(map(tuple, by_step))
 
 
 def run_reference(

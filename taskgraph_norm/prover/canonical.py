@@ -16,11 +16,16 @@ understand sets :attr:`Reading.problem`: the prover then refuses to certify.
 
 from __future__ import annotations
 
+import operator
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import cast
 
-from ..graph import Graph, Node, Op
+from ..graph import Attrs, Graph, Node, Op
+from .forms import Text, form, length, pair, render
+from .segments import Value as _Value
+from .segments import contains, coverage_note, merged, multiset, segment_text, weighted_segments
 
 __all__ = ["Reading", "read_graph", "read_placement", "DEPENDENCIES", "PLACEMENTS"]
 
@@ -54,12 +59,21 @@ _OPERAND_KINDS: Mapping[Op, tuple[str, ...]] = {
     Op.OUTPUT: ("y",),
 }
 
+#: The operand kinds of a node of one or two operands, for the inline check.
+_EXPECTED: Mapping[Op, tuple[str, ...]] = {
+    op: (kinds[0][:-1],) * 2 if kinds[0].endswith("*") else kinds
+    for op, kinds in _OPERAND_KINDS.items()
+} | {Op.SUMSQ: ("x", "scale")}
+
 #: Ops whose result is a partial sum; their dependence marks live in the expression.
 _PARTIAL_OPS = frozenset({Op.SUMSQ, Op.ADD, Op.ACCUMULATE, Op.CATSUM})
 
-#: Longest expression the reader builds; heavy operand sharing could otherwise
-#: blow a small DAG up into an exponentially long tree.
+#: Longest expression the reader accepts: this many characters, or
+#: :data:`_MAX_EXPRESSION_PER_NODE` per node of the graph if that is more.  Heavy
+#: operand sharing could otherwise blow a small DAG up into an exponentially long
+#: tree; a graph without sharing stays far below it (a million leaves need ~22M).
 _MAX_EXPRESSION = 4_000_000
+_MAX_EXPRESSION_PER_NODE = 64
 
 _ASSUME_NATIVE = (
     "native leaf: torch.sum's order over one contiguous chunk is fixed by the backend "
@@ -87,13 +101,21 @@ class _Unreadable(Exception):
     """Internal: the reader met something it does not understand."""
 
 
-@dataclass(frozen=True)
-class _Value:
-    kind: str  # "x", "partial", "max", "scale", "y" or "out"
-    expr: str
-    segments: tuple[tuple[int, int], ...] = ()  # summed (or maximised) ranges, with repeats
-    scales: frozenset[str] = frozenset()  # ids of the SCALE nodes the exact leaves use
-    hidden_size: int = 0  # SCALE: the D in its sigma
+class _Expressions(Mapping[str, str]):
+    """Every node's expression by id, rendered when asked for (rendering them all
+    would cost the sum of their lengths: quadratic for a left fold)."""
+
+    def __init__(self, values: Mapping[str, _Value]) -> None:
+        self._values = values
+
+    def __getitem__(self, node_id: str) -> str:
+        return render(self._values[node_id].expr)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
 
 
 @dataclass(frozen=True)
@@ -110,21 +132,31 @@ class Reading:
     row_local: tuple[str, ...] = ()
     batch_blockers: tuple[str, ...] = ()
     node_expressions: Mapping[str, str] = field(default_factory=dict)
+    annotated: tuple[Node, ...] = ()  # nodes with a depends_on or placement attribute
 
 
 def read_graph(graph: Graph) -> Reading:
-    """Read a validated graph.  Never raises for a graph it cannot read: see ``problem``."""
+    """Read a validated graph.  Never raises for a graph it cannot read: see ``problem``.
+
+    Linear in the graph and its expression's length: expressions are built as
+    shared :class:`~.forms.Form` pieces and rendered once, segments are walked only
+    where they are read.
+    """
     values: dict[str, _Value] = {}
+    annotated: list[Node] = []
+    limit = max(_MAX_EXPRESSION, _MAX_EXPRESSION_PER_NODE * len(graph))
+    value_of = values.__getitem__
     try:
-        for node_id in graph.topological_order:
-            node = graph.by_id[node_id]
-            values[node_id] = _read_node(node, [values[i] for i in node.inputs])
+        for index, node in enumerate(graph.topological_nodes):
+            value = _read_node(node, list(map(value_of, node.inputs)), limit, annotated)
+            value.index = index
+            values[node.id] = value
     except _Unreadable as exc:
         partial = next((v.expr for v in reversed(values.values()) if v.kind == "partial"), "")
-        return Reading(expression=partial, problem=str(exc))
-    exprs = {k: v.expr for k, v in values.items()}
+        return Reading(expression=render(partial), problem=str(exc))
+    exprs = _Expressions(values)
     try:
-        return _conclude(graph, values, exprs)
+        return _conclude(graph, values, exprs, tuple(annotated))
     except _Unreadable as exc:
         return Reading(expression="", problem=str(exc), node_expressions=exprs)
 
@@ -132,49 +164,101 @@ def read_graph(graph: Graph) -> Reading:
 # --- one node ---------------------------------------------------------------------------
 
 
-def _read_node(node: Node, args: list[_Value]) -> _Value:
-    if node.op not in _KNOWN_ATTRS:
-        raise _Unreadable(f"node {node.id!r}: op {node.op!r} is one the prover does not "
+def _read_node(node: Node, args: list[_Value], limit: int, annotated: list[Node]) -> _Value:
+    op = node.op
+    known = _KNOWN_ATTRS.get(op)
+    if known is None:
+        raise _Unreadable(f"node {node.id!r}: op {op!r} is one the prover does not "
                           "understand")
-    unknown = set(node.attrs) - _KNOWN_ATTRS[node.op] - {"depends_on", "placement"}
-    if unknown:
-        raise _Unreadable(f"node {node.id!r} ({node.op.name}) has attributes the prover "
-                          f"does not understand: {sorted(unknown)}")
-    _check_operands(node, args)
-    _check_placement(node)
-    mark = _dependence_mark(node)
-    if node.op is Op.SUMSQ:
-        return _read_sumsq(node, args, mark)
-    if node.op is Op.ADD:
-        return _merge(f"({args[0].expr}+{args[1].expr}){mark}", args)
-    if node.op is Op.ACCUMULATE:
-        # Arrival order is not in the graph, so operands are listed in a canonical
-        # order: by the elements they sum, then by form (never by id).
-        ordered = sorted(args, key=lambda a: (a.segments, a.expr))
-        return _merge("race{" + ", ".join(a.expr for a in ordered) + "}" + mark, args)
-    if node.op is Op.CATSUM:
-        return _merge("catsum(" + ", ".join(a.expr for a in args) + ")" + mark, args)
-    if node.op is Op.ROWMAX:
-        start, stop = _bounds(node)
-        return _Value("max", f"m[{start}:{stop}]{mark}", ((start, stop),))
-    if node.op is Op.MAX:
-        return _Value("max", f"max({args[0].expr}, {args[1].expr}){mark}",
-                      args[0].segments + args[1].segments)
-    if node.op is Op.SCALE:
-        size = _int_attr(node, "hidden_size", minimum=1)
-        return _Value("scale", f"scale[{size}]({args[0].expr}){mark}", args[0].segments,
-                      frozenset({node.id}), size)
-    if node.op is Op.RMSNORM:
-        return _Value("y", f"rms_norm(x[0:{_int_attr(node, 'hidden_size', minimum=1)}]){mark}")
-    if node.op is Op.FINALIZE:
-        _int_attr(node, "hidden_size", minimum=1)
-        _semantics(node)
-        return _Value("y", args[1].expr, args[1].segments, args[1].scales)
-    if node.op is Op.OUTPUT:
-        return _Value("out", args[0].expr, args[0].segments, args[0].scales)
-    if node.attrs.get("residual", False) is not False and node.attrs["residual"] is not True:
-        raise _Unreadable(f"node {node.id!r}: residual={node.attrs['residual']!r} is not True or False")
+    # One scan of the node (Node always stores an Attrs); every lookup below is a dict's.
+    attrs = dict(cast(Attrs, node.attrs).pairs)
+    plain = known.issuperset(attrs)  # no depends_on, no placement, nothing unknown
+    if not plain:
+        unknown = set(attrs) - known - {"depends_on", "placement"}
+        if unknown:
+            raise _Unreadable(f"node {node.id!r} ({op.name}) has attributes the prover "
+                              f"does not understand: {sorted(unknown)}")
+    # The usual operand kinds, checked inline; anything else gets the full check.
+    want = _EXPECTED.get(op, ())
+    count = len(args)
+    if not (count == 0 or (count == 1 and args[0].kind == want[0])
+            or (count == 2 and args[0].kind == want[0] and args[1].kind == want[1])):
+        _check_operands(node, args)
+    mark = ""
+    if not plain:
+        annotated.append(node)
+        _check_placement(node)
+        mark = _dependence_mark(node)
+    return _READERS[op](node, attrs, args, mark, limit)
+
+
+def _read_add(node: Node, attrs: dict[str, object], args: list[_Value], mark: str,
+              limit: int) -> _Value:
+    return _merge(pair("(", args[0].expr, "+", args[1].expr, ")" + mark), args, limit)
+
+
+def _read_accumulate(node: Node, attrs: dict[str, object], args: list[_Value], mark: str,
+                     limit: int) -> _Value:
+    # Arrival order is not in the graph, so operands are listed in a canonical
+    # order: by the elements they sum, then by form (never by id).
+    ordered = sorted(args, key=lambda a: (a.segments(), render(a.expr)))
+    return _merge(form(("race{", *_listed(ordered), "}" + mark)), args, limit)
+
+
+def _read_catsum(node: Node, attrs: dict[str, object], args: list[_Value], mark: str,
+                 limit: int) -> _Value:
+    return _merge(form(("catsum(", *_listed(args), ")" + mark)), args, limit)
+
+
+def _read_rowmax(node: Node, attrs: dict[str, object], args: list[_Value], mark: str,
+                 limit: int) -> _Value:
+    start, stop = _bounds(node, attrs)
+    return _Value("max", f"m[{start}:{stop}]{mark}", (start, stop))
+
+
+def _read_max(node: Node, attrs: dict[str, object], args: list[_Value], mark: str,
+              limit: int) -> _Value:
+    return _Value("max", pair("max(", args[0].expr, ", ", args[1].expr, ")" + mark),
+                  operands=(args[0], args[1]))
+
+
+def _read_scale(node: Node, attrs: dict[str, object], args: list[_Value], mark: str,
+                limit: int) -> _Value:
+    size = _int_attr(node, attrs, "hidden_size", minimum=1)
+    return _Value("scale", form((f"scale[{size}](", args[0].expr, ")" + mark)),
+                  operands=(args[0],), scales=frozenset({node.id}), hidden_size=size)
+
+
+def _read_rmsnorm(node: Node, attrs: dict[str, object], args: list[_Value], mark: str,
+                  limit: int) -> _Value:
+    return _Value("y", f"rms_norm(x[0:{_int_attr(node, attrs, 'hidden_size', minimum=1)}]){mark}")
+
+
+def _read_finalize(node: Node, attrs: dict[str, object], args: list[_Value], mark: str,
+                   limit: int) -> _Value:
+    _int_attr(node, attrs, "hidden_size", minimum=1)
+    _semantics(node)
+    return _Value("y", args[1].expr, operands=(args[1],), scales=args[1].scales)
+
+
+def _read_output(node: Node, attrs: dict[str, object], args: list[_Value], mark: str,
+                 limit: int) -> _Value:
+    return _Value("out", args[0].expr, operands=(args[0],), scales=args[0].scales)
+
+
+def _read_input(node: Node, attrs: dict[str, object], args: list[_Value], mark: str,
+                limit: int) -> _Value:
+    if attrs.get("residual", False) is not False and attrs["residual"] is not True:
+        raise _Unreadable(f"node {node.id!r}: residual={attrs['residual']!r} is not True or False")
     return _Value("x", "x" + mark)
+
+
+def _listed(args: list[_Value]) -> Iterator[Text]:
+    """The operands' expressions separated by ``", "``."""
+    for k, arg in enumerate(args):
+        if k:
+            yield ", "
+        yield arg.expr
 
 
 _CASTING_MODES = ("torch", "llama", "gemma")
@@ -205,12 +289,15 @@ def _semantic_lines(graph: Graph, finalize: Node) -> tuple[str, ...]:
 
 
 def _check_operands(node: Node, args: list[_Value]) -> None:
+    spec = _OPERAND_KINDS.get(node.op, ())
     if node.op is Op.SUMSQ:
-        want = ("x", "scale")[: len(args)]
-    else:
-        spec = _OPERAND_KINDS.get(node.op, ())
-        want = (spec[0][:-1],) * len(args) if spec and spec[0].endswith("*") else spec
-    for pos, (arg, kind) in enumerate(zip(args, want)):
+        spec = ("x", "scale")
+    elif spec and spec[0].endswith("*"):
+        every = spec[0][:-1]
+        if all(arg.kind == every for arg in args):
+            return
+        spec = (every,) * len(args)
+    for pos, (arg, kind) in enumerate(zip(args, spec)):
         if arg.kind != kind:
             raise _Unreadable(f"node {node.id!r} ({node.op.name}): operand {pos} is a "
                               f"{arg.kind!r} value, the prover expects a {kind!r} value")
@@ -252,7 +339,9 @@ def read_placement(graph: Graph, reading: Reading, rule: str) -> tuple[bool | No
     nodes run: always in the exact domain, and in the float domain when its
     expression is that of the single-process graph its ``meta`` names.
     """
-    placed = [n for n in graph.nodes if "placement" in n.attrs]
+    # A reading that stopped early has not seen every node: look at them all.
+    seen = graph.nodes if reading.problem is not None else reading.annotated
+    placed = [n for n in seen if "placement" in n.attrs]
     if not placed:
         return None, ()
     ranks = sorted({n.attrs["placement"] for n in placed if isinstance(n.attrs["placement"], int)})
@@ -312,10 +401,13 @@ def _dependence_mark(node: Node) -> str:
     return "@" + "+".join(sorted(set(deps))) if deps else ""
 
 
-def _read_sumsq(node: Node, args: list[_Value], mark: str) -> _Value:
-    start, stop = _bounds(node)
-    leaf = node.attrs.get("leaf")
-    domain = node.attrs.get("domain", "float")
+def _read_sumsq(node: Node, attrs: dict[str, object], args: list[_Value], mark: str,
+                limit: int) -> _Value:
+    start, stop = attrs.get("start"), attrs.get("stop")
+    if not (type(start) is int and type(stop) is int and 0 <= start < stop):
+        start, stop = _bounds(node, attrs)  # says what is wrong
+    leaf = attrs.get("leaf")
+    domain = attrs.get("domain", "float")
     if leaf not in ("pairwise", "native") or domain not in ("float", "exact"):
         raise _Unreadable(f"node {node.id!r}: leaf={leaf!r}, domain={domain!r} are not "
                           "('pairwise' | 'native', 'float' | 'exact')")
@@ -323,27 +415,39 @@ def _read_sumsq(node: Node, args: list[_Value], mark: str) -> _Value:
         raise _Unreadable(f"node {node.id!r}: an exact leaf takes (x, scale), a float "
                           "leaf takes (x,) only")
     if domain == "exact":
-        return _Value("partial", f"q[{start}:{stop}]{mark}", ((start, stop),),
-                      args[1].scales)
+        return _Value("partial", f"q[{start}:{stop}]{mark}", (start, stop),
+                      scales=args[1].scales)
     name = "s" if leaf == "pairwise" else "n"
-    return _Value("partial", f"{name}[{start}:{stop}]{mark}", ((start, stop),))
+    return _Value("partial", f"{name}[{start}:{stop}]{mark}", (start, stop))
 
 
-def _merge(expr: str, args: list[_Value]) -> _Value:
-    if len(expr) > _MAX_EXPRESSION:
-        raise _Unreadable(f"the expression grows past {_MAX_EXPRESSION} characters")
-    segments = tuple(s for a in args for s in a.segments)
-    return _Value("partial", expr, segments, frozenset().union(*(a.scales for a in args)))
+_READERS = {
+    Op.INPUT: _read_input, Op.SUMSQ: _read_sumsq, Op.ADD: _read_add,
+    Op.ACCUMULATE: _read_accumulate, Op.CATSUM: _read_catsum, Op.ROWMAX: _read_rowmax,
+    Op.MAX: _read_max, Op.SCALE: _read_scale, Op.RMSNORM: _read_rmsnorm,
+    Op.FINALIZE: _read_finalize, Op.OUTPUT: _read_output,
+}
 
 
-def _bounds(node: Node) -> tuple[int, int]:
-    start = _int_attr(node, "start", minimum=0)
-    stop = _int_attr(node, "stop", minimum=start + 1)
+def _merge(expr: Text, args: list[_Value], limit: int) -> _Value:
+    if length(expr) > limit:
+        raise _Unreadable(f"the expression grows past {limit} characters")
+    scales = args[0].scales
+    for a in args:
+        if a.scales is not scales:  # usually one shared set (or none)
+            scales = frozenset().union(*(a.scales for a in args))
+            break
+    return _Value("partial", expr, operands=tuple(args), scales=scales)
+
+
+def _bounds(node: Node, attrs: dict[str, object]) -> tuple[int, int]:
+    start = _int_attr(node, attrs, "start", minimum=0)
+    stop = _int_attr(node, attrs, "stop", minimum=start + 1)
     return start, stop
 
 
-def _int_attr(node: Node, name: str, *, minimum: int) -> int:
-    value = node.attrs.get(name)
+def _int_attr(node: Node, attrs: dict[str, object], name: str, *, minimum: int) -> int:
+    value = attrs.get(name)
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise _Unreadable(f"node {node.id!r}: {name}={value!r} is not an integer >= {minimum}")
     return value
@@ -358,20 +462,24 @@ class _Facts:
 
     graph: Graph
     values: Mapping[str, _Value]
-    exprs: dict[str, str]
+    order: tuple[_Value, ...]  # every value, operands before their users
+    exprs: Mapping[str, str]
     ops: Counter[Op]
     marks: tuple[str, ...]  # dependence marks of nodes outside the expression
     deps: tuple[str, ...]  # every dependence any node declares
     blockers: tuple[str, ...]  # why batch invariance cannot be certified
+    annotated: tuple[Node, ...]  # nodes with a depends_on or placement attribute
 
 
-def _conclude(graph: Graph, values: Mapping[str, _Value], exprs: dict[str, str]) -> Reading:
-    deps = tuple(sorted({d for n in graph.nodes for d in _as_tuple(n.attrs.get("depends_on", ()))}))
+def _conclude(graph: Graph, values: Mapping[str, _Value], exprs: Mapping[str, str],
+              annotated: tuple[Node, ...]) -> Reading:
+    declaring = [n for n in annotated if "depends_on" in n.attrs]
+    deps = tuple(sorted({d for n in declaring for d in _as_tuple(n.attrs["depends_on"])}))
     facts = _Facts(
-        graph, values, exprs, Counter(n.op for n in graph.nodes),
+        graph, values, tuple(values.values()), exprs, Counter(map(_op_of, graph.nodes)),
         marks=tuple(sorted(
-            f"{n.op.value}{_dependence_mark(n)}" for n in graph.nodes
-            if n.attrs.get("depends_on") and n.op not in _PARTIAL_OPS
+            f"{n.op.value}{_dependence_mark(n)}" for n in declaring
+            if n.attrs["depends_on"] and n.op not in _PARTIAL_OPS
         )),
         deps=deps,
         blockers=tuple(
@@ -379,23 +487,40 @@ def _conclude(graph: Graph, values: Mapping[str, _Value], exprs: dict[str, str])
             "configuration alone, so a row's bits may change with the " + d.replace("_", " ")
             for d in deps
         ),
+        annotated=annotated,
     )
-    last = graph.by_id[graph.by_id[graph.output].inputs[0]]
+    last = _node(graph, _node(graph, graph.output).inputs[0])
     if last.op is Op.RMSNORM:
         return _conclude_standard(facts, last)
     leaves = [n for n in graph.nodes if n.op is Op.SUMSQ]
-    domains = {n.attrs.get("domain", "float") for n in leaves}
+    kinds = Counter((n.attrs.get("leaf"), n.attrs.get("domain", "float")) for n in leaves)
+    domains = {domain for _, domain in kinds}
     if len(domains) != 1 or last.attrs.get("domain", "float") not in domains:
         raise _Unreadable("the graph mixes exact-domain and float-domain nodes "
                           f"(leaves: {sorted(domains)}, FINALIZE: "
                           f"{last.attrs.get('domain', 'float')!r})")
     if "exact" in domains:
         return _conclude_exact(facts, last)
-    return _conclude_float(facts, last, leaves)
+    leaf_counts: Counter[str] = Counter()
+    for (leaf, _), count in kinds.items():
+        leaf_counts[str(leaf)] += count
+    return _conclude_float(facts, last, leaf_counts)
+
+
+_op_of = operator.attrgetter("op")
+
+
+def _node(graph: Graph, node_id: str) -> Node:
+    """The node ``node_id``; the output and FINALIZE are last in a builder's order,
+    so look there before building the graph's id index."""
+    for node in graph.nodes[-1:-5:-1]:
+        if node.id == node_id:
+            return node
+    return graph.by_id[node_id]
 
 
 def _conclude_standard(facts: _Facts, rmsnorm: Node) -> Reading:
-    expression = facts.values[rmsnorm.id].expr
+    expression = render(facts.values[rmsnorm.id].expr)
     blocker = ("RMSNORM is torch's opaque kernel: torch does not promise batch invariance "
                "(its reduction may be split differently for another number of rows or "
                "threads), so it is not certified")
@@ -408,34 +533,36 @@ def _conclude_standard(facts: _Facts, rmsnorm: Node) -> Reading:
                            "assumption below",),
         batch_blockers=facts.blockers + (blocker,),
         node_expressions=facts.exprs,
+        annotated=facts.annotated,
     )
 
 
-def _conclude_float(facts: _Facts, finalize: Node, leaves: list[Node]) -> Reading:
+def _conclude_float(facts: _Facts, finalize: Node, leaf_counts: Counter[str]) -> Reading:
     hidden = int(finalize.attrs["hidden_size"])
     total = facts.values[finalize.inputs[1]]
-    races = tuple(
-        (n.id, len(n.inputs)) for n in facts.graph.nodes
-        if n.op is Op.ACCUMULATE and len(n.inputs) >= 3
-    )
+    expression = render(total.expr)
+    merges = [n for n in facts.graph.nodes if n.op is Op.ACCUMULATE] if facts.ops[
+        Op.ACCUMULATE] else []
+    races = tuple((n.id, len(n.inputs)) for n in merges if len(n.inputs) >= 3)
     assumptions = []
-    if any(n.attrs.get("leaf") == "native" for n in leaves):
+    if leaf_counts["native"]:
         assumptions.append(_ASSUME_NATIVE)
     if facts.ops[Op.CATSUM]:
         assumptions.append(_ASSUME_CATSUM)
-    if any(n.op is Op.ACCUMULATE and len(n.inputs) == 2 for n in facts.graph.nodes):
+    if any(len(n.inputs) == 2 for n in merges):
         assumptions.append(_ASSUME_TWO_WAY)
     return Reading(
-        expression=total.expr,
-        canonical="\n".join(["float", f"D={hidden}", total.expr, *facts.marks,
+        expression=expression,
+        canonical="\n".join(["float", f"D={hidden}", expression, *facts.marks,
                                *_semantic_lines(facts.graph, finalize)]),
         races=races,
         assumptions=tuple(assumptions),
-        why_deterministic=_why_structure(facts.ops, leaves)
-        + (_coverage_note(total.segments, hidden),),
+        why_deterministic=_why_structure(facts.ops, leaf_counts)
+        + (coverage_note(weighted_segments(total, facts.order), hidden),),
         row_local=_row_local(facts.ops),
         batch_blockers=facts.blockers,
         node_expressions=facts.exprs,
+        annotated=facts.annotated,
     )
 
 
@@ -446,16 +573,17 @@ def _conclude_exact(facts: _Facts, finalize: Node) -> Reading:
         raise _Unreadable("exact leaves must share one SCALE node, found "
                           f"{len(total.scales)}")
     scale = facts.values[next(iter(total.scales))]
-    summed = _merged(total.segments)
-    maximised = _merged(scale.segments)
-    if not _contains(maximised, summed):
+    segments = weighted_segments(total, facts.order)
+    summed = merged(segments)
+    maximised = merged(weighted_segments(scale, facts.order))
+    if not contains(maximised, summed):
         raise _Unreadable("the SCALE's row maximum does not cover every summed element, "
                           "so the pre-rounding grid may be too fine for exact sums")
-    count = sum(b - a for a, b in total.segments)
+    count = sum((b - a) * times for (a, b), times in segments)
     if count > scale.hidden_size:
         raise _Unreadable(f"{count} summed squares exceed the {scale.hidden_size} the SCALE "
                           "sized its grid for, so a partial sum could round")
-    expression = "exact_sum(" + ", ".join(_segment_text(s) for s in _multiset(total.segments))
+    expression = "exact_sum(" + ", ".join(segment_text(s) for s in multiset(segments))
     if maximised != summed:
         expression += "; max over " + ", ".join(f"x[{a}:{b}]" for a, b in maximised)
     expression += ")" + ("@" + "+".join(facts.deps) if facts.deps else "")
@@ -465,10 +593,11 @@ def _conclude_exact(facts: _Facts, finalize: Node) -> Reading:
                              expression, *facts.marks, *_semantic_lines(facts.graph, finalize)]),
         exact=True,
         assumptions=(_ASSUME_EXACT,),
-        why_deterministic=_WHY_EXACT + (_coverage_note(total.segments, hidden),),
+        why_deterministic=_WHY_EXACT + (coverage_note(segments, hidden),),
         row_local=_row_local(facts.ops),
         batch_blockers=facts.blockers,
         node_expressions=facts.exprs,
+        annotated=facts.annotated,
     )
 
 
@@ -487,15 +616,15 @@ _WHY_EXACT = (
 )
 
 
-def _why_structure(ops: Counter[Op], leaves: list[Node]) -> tuple[str, ...]:
+def _why_structure(ops: Counter[Op], leaf_counts: Counter[str]) -> tuple[str, ...]:
     why = ["every merge has one fixed order, so every valid schedule of the DAG evaluates "
            "the same expression, with the same rounding at every node:"]
-    pairwise = sum(1 for n in leaves if n.attrs.get("leaf") == "pairwise")
+    pairwise = leaf_counts["pairwise"]
     if pairwise:
         why.append(f"SUMSQ pairwise leaves ({pairwise}): explicit halving, an order fixed "
                    "by the chunk length alone")
-    if len(leaves) - pairwise:
-        why.append(f"SUMSQ native leaves ({len(leaves) - pairwise}): torch.sum over one "
+    if sum(leaf_counts.values()) - pairwise:
+        why.append(f"SUMSQ native leaves ({sum(leaf_counts.values()) - pairwise}): torch.sum over one "
                    "chunk; its order is the backend's (see assumptions)")
     if ops[Op.ADD]:
         why.append(f"ADD ({ops[Op.ADD]}): an ordered binary merge, its left and right "
@@ -530,52 +659,6 @@ def _row_local(ops: Counter[Op]) -> tuple[str, ...]:
                  "chunk_size, topology, leaf, accumulate) only, so the same argument holds "
                  "for every batch size, thread count and row tiling")
     return tuple(lines)
-
-
-def _coverage_note(segments: tuple[tuple[int, int], ...], hidden: int) -> str:
-    if _multiset(segments) == [(0, hidden, 1)]:
-        return f"the leaves cover x[0:{hidden}] exactly once"
-    return (f"note: the leaves do not cover x[0:{hidden}] exactly once "
-            f"({', '.join(_segment_text(s) for s in _multiset(segments))}); the result is "
-            "deterministic but it is not the RMSNorm of x")
-
-
-def _multiset(segments: tuple[tuple[int, int], ...]) -> list[tuple[int, int, int]]:
-    """Ranges with multiplicity ``(start, stop, times)``, sorted, adjacent equal merged."""
-    delta: Counter[int] = Counter()
-    for a, b in segments:
-        delta[a] += 1
-        delta[b] -= 1
-    out: list[tuple[int, int, int]] = []
-    depth, prev = 0, 0
-    for pos in sorted(delta):
-        if depth and pos > prev:
-            if out and out[-1][1] == prev and out[-1][2] == depth:
-                out[-1] = (out[-1][0], pos, depth)
-            else:
-                out.append((prev, pos, depth))
-        depth += delta[pos]
-        prev = pos
-    return out
-
-
-def _merged(segments: tuple[tuple[int, int], ...]) -> list[tuple[int, int]]:
-    out: list[tuple[int, int]] = []
-    for a, b, _ in _multiset(segments):
-        if out and out[-1][1] == a:
-            out[-1] = (out[-1][0], b)
-        else:
-            out.append((a, b))
-    return out
-
-
-def _contains(outer: list[tuple[int, int]], inner: list[tuple[int, int]]) -> bool:
-    return all(any(a <= c and d <= b for a, b in outer) for c, d in inner)
-
-
-def _segment_text(seg: tuple[int, int, int]) -> str:
-    a, b, times = seg
-    return f"x[{a}:{b}]" if times == 1 else f"{times}*x[{a}:{b}]"
 
 
 def _as_tuple(value: object) -> tuple[str, ...]:

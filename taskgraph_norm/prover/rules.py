@@ -13,7 +13,8 @@ kind, operand order), never from node ids, and checks one of three rules:
                chunking give the same bits.
 ``refuted``    an ``ACCUMULATE`` adds three or more inexact partials in arrival
                order; a :class:`~taskgraph_norm.prover.witness.Witness` shows two orders
-               giving different bits.
+               giving different bits.  It is searched for when ``proof.witness`` is
+               first read (``explain()`` and the CLI read it), never by :func:`prove`.
 
 A fourth answer, ``unknown``, is the prover refusing to certify what it cannot
 read (an unknown attribute, an operand of the wrong kind, inconsistent domains).
@@ -24,15 +25,15 @@ count, the row tiling or the device (attribute ``depends_on``).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from typing import Any
 
 from .canonical import ASSUME_COLLECTIVES, DEPENDENCIES, Reading, read_graph, read_placement
-from ..graph import Graph, validate
 from .. import caches
+from ..graph import Graph, gc_paused, validate
 from .witness import Witness
 
 __all__ = ["Proof", "prove", "RULES", "DEPENDENCIES", "FINGERPRINT_VERSION"]
@@ -66,7 +67,8 @@ class Proof:
     assumptions:
         What the verdict takes on trust (the backend's order inside ``torch.sum``...).
     witness:
-        For ``"refuted"``: a replayable counterexample.
+        For ``"refuted"``: a replayable counterexample (a property: searched for on
+        first access, then kept; None if the small search budget found none).
     why_deterministic, why_batch_invariant:
         The argument, one line per op kind.
     world_size_invariant, why_world_size_invariant:
@@ -80,11 +82,17 @@ class Proof:
     expression: str
     fingerprint: str
     assumptions: tuple[str, ...] = ()
-    witness: Witness | None = None
     why_deterministic: tuple[str, ...] = ()
     why_batch_invariant: tuple[str, ...] = ()
     world_size_invariant: bool | None = None
     why_world_size_invariant: tuple[str, ...] = ()
+    # The witness search, run on first access; never compared, hashed or printed.
+    _witness: _WitnessSearch | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def witness(self) -> Witness | None:
+        """For ``"refuted"``: a replayable counterexample, searched for on first access."""
+        return None if self._witness is None else self._witness.result()
 
     @property
     def certified(self) -> bool:
@@ -146,6 +154,9 @@ class Proof:
             lines += [f"  - {r}" for r in self.why_world_size_invariant]
         lines.append("assumptions:" + ("" if self.assumptions else " none"))
         lines += [f"  - {a}" for a in self.assumptions]
+        if self._witness is not None and self.witness is None:
+            lines.append("witness: none found in the search budget; the structure does not "
+                         "fix one order, so determinism is not certified")
         if self.witness is not None:
             w = self.witness
             lines.append(
@@ -166,16 +177,17 @@ class Proof:
 def prove(graph: Graph, *, witness_dtype: str = "float32") -> Proof:
     """Certify or refute that ``graph`` gives the same bits every time, in every batch.
 
-    The graph is validated first.  Results are cached per graph (and its ``meta``),
-    so calling this for every report row is cheap; a refutation searches for a
-    witness once (well under a second for 64 chunks).
+    The graph is validated first.  Near-linear in the node count (a million
+    leaves in seconds), and cached per graph (and its ``meta``), so calling this
+    for every report row is cheap.  A refutation does not search for its witness:
+    reading ``proof.witness`` does, once (well under a second for 64 chunks).
 
     Parameters
     ----------
     graph:
         Any merge DAG; builder-made or edited by hand.
     witness_dtype:
-        Input dtype of the counterexample searched for a refutation:
+        Input dtype of the counterexample a refutation searches for when asked:
         ``"float32"`` (default), ``"float64"``, ``"float16"`` or ``"bfloat16"``.
 
     Returns
@@ -211,18 +223,24 @@ def prove(graph: Graph, *, witness_dtype: str = "float32") -> Proof:
 
 @functools.lru_cache(maxsize=256)
 def _prove_cached(graph: Graph, meta: tuple[tuple[str, Any], ...], witness_dtype: str) -> Proof:
-    proof = _prove_structure(graph, witness_dtype)
-    invariant, why = read_placement(graph, read_graph(graph), proof.rule)
+    with gc_paused():
+        reading = read_graph(graph)
+        proof = _prove_structure(graph, reading, witness_dtype)
+        invariant, why = read_placement(graph, reading, proof.rule)
     if invariant is None:
         return proof
-    return dataclasses.replace(
-        proof, world_size_invariant=invariant, why_world_size_invariant=why,
+    return Proof(
+        deterministic=proof.deterministic, batch_invariant=proof.batch_invariant,
+        rule=proof.rule, expression=proof.expression, fingerprint=proof.fingerprint,
         assumptions=proof.assumptions + (ASSUME_COLLECTIVES,),
+        why_deterministic=proof.why_deterministic,
+        why_batch_invariant=proof.why_batch_invariant,
+        world_size_invariant=invariant, why_world_size_invariant=why,
+        _witness=proof._witness,
     )
 
 
-def _prove_structure(graph: Graph, witness_dtype: str) -> Proof:
-    reading = read_graph(graph)
+def _prove_structure(graph: Graph, reading: Reading, witness_dtype: str) -> Proof:
     if reading.problem is not None:
         return _unknown(reading.expression, reading.problem)
     fingerprint = _fingerprint(reading.canonical)
@@ -236,39 +254,68 @@ def _prove_structure(graph: Graph, witness_dtype: str) -> Proof:
         expression=reading.expression,
         fingerprint=fingerprint,
         assumptions=reading.assumptions,
-        witness=None,
         why_deterministic=reading.why_deterministic,
         why_batch_invariant=reading.batch_blockers if reading.batch_blockers else reading.row_local,
     )
 
 
-def _refute(graph: Graph, reading: Reading, fingerprint: str, witness_dtype: str) -> Proof:
-    from .witness import find_witness
+class _WitnessSearch:
+    """The witness search of one refutation, run once, on first demand (it runs the
+    reference executor on thousands of rows: far too slow for the path of a call)."""
 
+    __slots__ = ("_graph", "_node", "_dtype", "_lock", "_done", "_found")
+
+    def __init__(self, graph: Graph, node: str, dtype: str) -> None:
+        self._graph, self._node, self._dtype = graph, node, dtype
+        self._lock = threading.Lock()
+        self._done = False
+        self._found: Witness | None = None
+
+    def result(self) -> Witness | None:
+        with self._lock:
+            if not self._done:
+                from . import witness
+
+                self._found = witness.find_witness(self._graph, self._node, dtype=self._dtype)
+                self._done = True
+            return self._found
+
+
+def _refute(graph: Graph, reading: Reading, fingerprint: str, witness_dtype: str) -> Proof:
     node_id, count = reading.races[0]
-    witness = find_witness(graph, node_id, dtype=witness_dtype)
     why: tuple[str, ...] = (
         f"ACCUMULATE {_node_expr(reading, node_id)} adds {count} inexact partials in arrival "
         "order; float addition is not associative, so different arrival orders round "
         "differently",
     )
-    if witness is None:
-        why += ("no counterexample was found in the search budget, but the structure "
-                "does not fix one order, so determinism is not certified",)
+    if _same_operands(graph, reading, node_id):
+        # Every arrival order adds the same values in the same sequence: no input can
+        # tell two orders apart, so there is no witness to search for.
+        why += ("no counterexample exists among arrival orders of equal operands, but the "
+                "structure does not fix one order, so determinism is not certified",)
+        search = None
     else:
-        why += (f"counterexample: arrival {_short(witness.orders[0])} and "
-                f"{_short(witness.orders[1])} give different {witness.observed} bits",)
+        why += ("a counterexample (an input and two arrival orders whose bits differ) is "
+                "searched for when proof.witness is first read; explain() shows it",)
+        search = _WitnessSearch(graph, node_id, witness_dtype)
     return Proof(
         deterministic=False,
         batch_invariant=False,
-        rule="refuted" if witness is not None else "unknown",
+        rule="refuted" if search is not None else "unknown",
         expression=reading.expression,
         fingerprint=fingerprint,
         assumptions=reading.assumptions,
-        witness=witness,
         why_deterministic=why,
         why_batch_invariant=("a graph that is not deterministic cannot be batch-invariant",),
+        _witness=search,
     )
+
+
+def _same_operands(graph: Graph, reading: Reading, node_id: str) -> bool:
+    first, *rest = graph.by_id[node_id].inputs
+    exprs = reading.node_expressions
+    text = exprs[first]
+    return all(i == first or exprs[i] == text for i in rest)
 
 
 def _unknown(expression: str, problem: str) -> Proof:
