@@ -241,6 +241,8 @@ def test_ptx_of_the_modes_rounds_like_the_reference(hidden: int, chunk: int, top
         assert op in ptx, op
     stores = [line for line in ptx.splitlines() if "st.global" in line]
     assert len(stores) >= (3 if residual else 2)  # the flag, y and (with a residual) h
+    # h may overwrite x or r: their loads must not take the non-coherent (read-only) path.
+    assert "ld.global.nc" not in ptx
     # Negative control: with contraction on, x*x + sigma (exact) or a left fold's
     # x*x + y*y fuses (the tree's folds go through shuffles, which nothing fuses across).
     if topology != "tree":
@@ -278,10 +280,8 @@ CUDA = torch.cuda.is_available()
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
-@pytest.mark.parametrize("hidden,chunk,topology,accumulate", [
-    (4096, 64, "tree", "float"), (1000, 9, "linear", "float"), (4096, 64, "race", "exact"),
-])
-@pytest.mark.parametrize("mode,offset", [("llama", 0.0), ("gemma", 1.0), ("llama", 1.0)])
+@pytest.mark.parametrize("hidden,chunk,topology,accumulate", [(4096, 64, "tree", "float"), (1000, 9, "race", "exact")])
+@pytest.mark.parametrize("mode,offset", [("llama", 0.0), ("gemma", 1.0)])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_gpu_modes_and_residual_match_cpu_reference(hidden: int, chunk: int, topology: str, accumulate: str,
                                                     mode: str, offset: float, dtype: torch.dtype) -> None:
