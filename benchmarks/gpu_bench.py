@@ -4,11 +4,15 @@
 
 First a bits check: on the first rows of every shape, the triton forward on the
 device must equal the CPU's compiled executor (the reference's bits) for the float
-tree, the float left fold and the exact plan.  Then interleaved medians (every
-round runs every method once, ``--inner`` calls between two synchronisations):
-the triton float tree and exact plans against ``F.rms_norm`` eager and under
-``torch.compile``, as achieved bandwidth (x read once, y written once) and as a
-fraction of a measured device copy of the same bytes.  Ratios are within one run.
+tree, the float left fold and the exact plan, and with the model-facing settings:
+``casting_mode="llama"`` and ``"gemma"`` (offset 1) with the fused residual add
+(``y`` and ``h`` both compared).  Then interleaved medians (every round runs every
+method once, ``--inner`` calls between two synchronisations): the triton float
+tree and exact plans against ``F.rms_norm`` eager and under ``torch.compile``, and
+the fused residual add (llama) against ``x + r`` then ``F.rms_norm``, as achieved
+bandwidth (x read once, y written once; with a residual also r read and h written)
+and as a fraction of a measured device copy of the same bytes.  Ratios are within
+one run.
 Without a CUDA device it prints why and exits with status 2.
 """
 
@@ -18,6 +22,7 @@ import argparse
 import functools
 import sys
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -28,36 +33,46 @@ from taskgraph_norm.testing import count_bit_differences
 from taskgraph_norm.tools.bench import interleaved_medians
 
 EPS = 1e-6
-PLANS = {  # name: (topology, accumulate, chunk)
-    "triton tree": ("tree", "float", 64),
-    "triton linear": ("linear", "float", 256),
-    "triton exact": ("race", "exact", 64),
+PLANS: dict[str, tuple[str, str, int, dict[str, Any]]] = {  # name: (topology, accumulate, chunk, settings)
+    "triton tree": ("tree", "float", 64, {}),
+    "triton linear": ("linear", "float", 256, {}),
+    "triton exact": ("race", "exact", 64, {}),
+    "triton tree llama+res": ("tree", "float", 64, {"casting_mode": "llama", "residual": True}),
+    "triton exact gemma+res": ("race", "exact", 64, {"casting_mode": "gemma", "offset": 1.0, "residual": True}),
 }
-TIMED = ("triton tree", "triton exact")
+TIMED = ("triton tree", "triton exact", "triton tree llama+res")
 
 
 def _graph(hidden: int, name: str) -> tuple[tgn.Graph, Plan]:
-    topology, accumulate, chunk = PLANS[name]
-    g = tgn.build_graph(hidden, chunk_size=chunk, topology=topology, accumulate=accumulate)
+    topology, accumulate, chunk, settings = PLANS[name]
+    g = tgn.build_graph(hidden, chunk_size=chunk, topology=topology, accumulate=accumulate, **settings)
     plan = tgn.Pipeline(g, "compiled").plan
     assert plan is not None
     return g, plan
 
 
 def check_bits(rows: int, hidden: int, dtype: torch.dtype) -> bool:
-    """The device forward against the CPU's compiled executor, on ``rows`` rows."""
+    """The device forward against the CPU's compiled executor, on ``rows`` rows (``y``,
+    and ``h`` of the residual plans)."""
     from taskgraph_norm.executors.triton import run_triton
 
     gen = torch.Generator().manual_seed(rows + hidden)
     x = (torch.randn(rows, hidden, generator=gen) * torch.logspace(-3, 3, hidden)).to(dtype)
+    r = torch.randn(rows, hidden, generator=gen).to(dtype)
     w = 1 + 0.1 * torch.randn(hidden, generator=gen)
     ok = True
     for name in PLANS:
         g, plan = _graph(hidden, name)
-        y_dev = run_triton(g, x.cuda(), w.cuda(), EPS, plan=plan).cpu()
-        diff = count_bit_differences(y_dev, tgn.execute_sync(g, x, w, EPS, executor="compiled"))
+        if plan.residual:
+            h_dev = torch.empty_like(x, device="cuda")
+            y_dev = run_triton(g, x.cuda(), w.cuda(), EPS, plan=plan, residual=r.cuda(), residual_out=h_dev)
+            y_cpu, h_cpu = tgn.execute_sync(g, x, w, EPS, executor="compiled", residual=r)
+            diff = count_bit_differences(y_dev.cpu(), y_cpu) + count_bit_differences(h_dev.cpu(), h_cpu)
+        else:
+            y_dev = run_triton(g, x.cuda(), w.cuda(), EPS, plan=plan)
+            diff = count_bit_differences(y_dev.cpu(), tgn.execute_sync(g, x, w, EPS, executor="compiled"))
         ok &= diff == 0
-        print(f"bits {name:14s} {str(dtype):15s} ({rows}, {hidden}): {diff} of {x.numel()} differ")
+        print(f"bits {name:24s} {str(dtype):15s} ({rows}, {hidden}): {diff} of {x.numel()} differ")
     return ok
 
 
@@ -73,26 +88,35 @@ def bench(rows: int, hidden: int, dtype: torch.dtype, rounds: int, inner: int) -
     from taskgraph_norm.executors.triton import run_triton
 
     x = torch.randn(rows, hidden, device="cuda").to(dtype)
+    r = torch.randn(rows, hidden, device="cuda").to(dtype)
     w = torch.ones(hidden, device="cuda", dtype=dtype)
-    y = torch.empty_like(x)
+    y, h = torch.empty_like(x), torch.empty_like(x)
     compiled = torch.compile(F.rms_norm)
     methods: dict[str, Callable[[], object]] = {
         "copy": lambda: y.copy_(x),
         "F.rms_norm eager": lambda: F.rms_norm(x, (hidden,), w, EPS),
         "F.rms_norm compiled": lambda: compiled(x, (hidden,), w, EPS),
+        "x + r, F.rms_norm eager": lambda: F.rms_norm(torch.add(x, r, out=h), (hidden,), w, EPS),
     }
+    with_residual = {"x + r, F.rms_norm eager"}
     for name in TIMED:
         g, plan = _graph(hidden, name)
-        methods[name] = functools.partial(run_triton, g, x, w, EPS, plan=plan, out=y)
+        res = dict(residual=r, residual_out=h) if plan.residual else {}
+        methods[name] = functools.partial(run_triton, g, x, w, EPS, plan=plan, out=y, **res)
+        if plan.residual:
+            with_residual.add(name)
     medians = interleaved_medians({k: _timed(fn, inner) for k, fn in methods.items()}, rounds)
-    moved = 2 * x.numel() * x.element_size()
-    copy_bw = moved * inner / medians["copy"]
+    tensor_bytes = x.numel() * x.element_size()
+    copy_bw = 2 * tensor_bytes * inner / medians["copy"]
     print(f"\n({rows}, {hidden}) {dtype}: median of {rounds} rounds x {inner} calls")
     print("| method | us/call | GB/s | of copy | vs F.rms_norm eager |\n|---|---:|---:|---:|---:|")
     for name, secs in medians.items():
-        bw = moved * inner / secs
+        residual = name in with_residual
+        bw = (4 if residual else 2) * tensor_bytes * inner / secs  # x, y; and r, h
+        baseline = medians["x + r, F.rms_norm eager" if residual else "F.rms_norm eager"]
         print(f"| {name} | {secs / inner * 1e6:.1f} | {bw / 1e9:.0f} | {bw / copy_bw:.2f} | "
-              f"{medians['F.rms_norm eager'] / secs:.2f}x |")
+              f"{baseline / secs:.2f}x |")
+    print("(a residual row is against `x + r, F.rms_norm eager`)")
 
 
 def main() -> int:

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The prepared accelerator check, run on a lent GPU machine from the repository root:
 # the gpu-marked tests (the triton executor's included: its device bits against the
-# CPU reference), a CPU-vs-device bit comparison of every method, the triton forward's
-# bits and interleaved timings (benchmarks/gpu_bench.py), and the rest of the suite on
+# CPU reference, in casting modes llama and gemma with the fused residual add too:
+# tests/test_triton_semantics.py), a CPU-vs-device bit comparison of every method, the
+# triton forward's bits (y and h of the residual plans) and interleaved timings, the
+# fused residual add included (benchmarks/gpu_bench.py), and the rest of the suite on
 # that machine's torch.  Test-only wheels the image lacks (pytest-asyncio,
 # trio and its deps) travel in .whl/ (see docs/performance.md "GPU check").
 set -uo pipefail
@@ -19,10 +21,11 @@ python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_devic
 python3 -c "import triton; print('triton', triton.__version__)" 2>&1 | tail -1 | tee -a "$out/device.txt"
 # TRITON_INTERPRET must not leak in from the caller: the device tests need compiled kernels.
 unset TRITON_INTERPRET
-timeout 300 python3 -m pytest -m gpu -q -rs -p no:cacheprovider 2>&1 | tee "$out/gpu_tests.log"
+# Each dtype and setting compiles its own kernel (the residual and casting-mode tests add 24).
+timeout 360 python3 -m pytest -m gpu -q -rs -p no:cacheprovider 2>&1 | tee "$out/gpu_tests.log"
 timeout 60 python3 benchmarks/device_bits.py 2>&1 | tee "$out/device_bits.md"
-# Bits first (exit 1 on a difference), then the timing tables; torch.compile's first call
-# takes most of the budget.
+# Bits first (exit 1 on a difference; the llama and gemma residual plans compare y and h),
+# then the timing tables; torch.compile's first call takes most of the budget.
 timeout 240 python3 benchmarks/gpu_bench.py --rounds 9 --inner 10 2>&1 | tee "$out/gpu_bench.md"
 timeout 200 python3 -m pytest -q -p no:cacheprovider -m "not gpu and not slow" \
     --ignore=tests/test_distributed.py 2>&1 | tail -40 | tee "$out/suite_tail.log"

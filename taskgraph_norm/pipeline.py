@@ -43,6 +43,9 @@ OFFLOAD_NUMEL = 1 << 15
 #: How many pipelines each cache keeps (the oldest goes first).
 CACHE_SIZE = 256
 
+#: The options ``auto`` hands the triton executor on a CUDA tensor (any other runs the compiled one).
+_TRITON_OPTIONS = frozenset({"residual", "residual_out"})
+
 _DEFAULT_EPS = {dt: torch.finfo(torch.float32 if dt in (torch.float16, torch.bfloat16) else dt).eps
                 for dt in (torch.float32, torch.float64, torch.float16, torch.bfloat16)}
 
@@ -88,15 +91,11 @@ class Pipeline:
         elif executor in PLAN_EXECUTORS:
             self.plan = lower_certified(graph, self.proof)
         self.casting_mode, self.offset, self.residual = _semantics(graph)
-        default_semantics = (self.casting_mode, self.offset, self.residual) == ("torch", 0.0, False)
-        if executor == "triton" and not default_semantics:
-            raise ExecutionError("the triton executor runs casting_mode='torch', offset=0 and no residual "
-                                 "for now (use executor='compiled' or 'auto')")
         self.executor = executor
         self._runner = EXECUTORS[executor]
         # auto on a CUDA tensor: the Triton kernels, where triton is installed and
         # the plan is one they run; the compiled executor's torch ops otherwise.
-        self._triton = (executor == "compiled" and self.plan is not None and default_semantics
+        self._triton = (executor == "compiled" and self.plan is not None
                         and _triton.available() and _triton.supports(self.plan))
         self._direct: DirectCall | None = None
         self._direct_known = self.plan is None
@@ -261,8 +260,9 @@ class Pipeline:
             return out if out is not None else torch.empty_like(x, dtype=kernels.output_dtype(
                 x.dtype, None if weight is None else weight.dtype, self.casting_mode))
         if self.executor == "compiled":
-            if self._triton and x.is_cuda and x.dtype != torch.float64 and not opts:
-                on_device: torch.Tensor = EXECUTORS["triton"](self.graph, x, weight, eps, plan=self.plan, out=out)
+            if self._triton and x.is_cuda and x.dtype != torch.float64 and opts.keys() <= _TRITON_OPTIONS:
+                on_device: torch.Tensor = EXECUTORS["triton"](self.graph, x, weight, eps, plan=self.plan, out=out,
+                                                              **opts)
                 return on_device
             written: torch.Tensor = self._runner(self.graph, x, weight, eps, plan=self.plan, out=out,
                                                  cancel=cancel, **opts)

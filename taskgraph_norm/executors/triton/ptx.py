@@ -13,9 +13,10 @@ import re
 
 import torch
 
+from ... import kernels
 from ..lowering import Plan
-from .layout import kernel_shape, next_pow2
-from .runner import MAX_BLOCK, _kernels
+from .layout import kernel_shape
+from .runner import _kernels, launch_spec
 
 __all__ = ["FORBIDDEN", "forbidden_instructions", "kernel_ptx"]
 
@@ -23,39 +24,35 @@ __all__ = ["FORBIDDEN", "forbidden_instructions", "kernel_ptx"]
 FORBIDDEN = ("fma.", "rsqrt.", "rcp.", "sqrt.approx", "div.approx", "div.full", "ex2.", "lg2.")
 _FLOAT = re.compile(r"\.(f16|bf16|f32|f64)\b")
 
-_PTR = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
+_PTR = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float64: "*fp64"}
 
 
-def kernel_ptx(plan: Plan, dtype: torch.dtype, *, weight: bool, arch: int = 90, fp_fusion: bool = False) -> str:
+def kernel_ptx(
+    plan: Plan, dtype: torch.dtype, *, weight: bool | torch.dtype = True, arch: int = 90, fp_fusion: bool = False,
+) -> str:
     """The PTX of ``plan``'s kernel for ``dtype`` inputs on ``sm_<arch>`` (compiled here).
 
+    ``weight``: the weight's dtype (``True``: fp32, ``False``: none).  The plan's
+    casting mode, offset and residual are compiled in as the runner launches them.
     ``fp_fusion=True`` compiles as Triton would by default, with contraction on
     (a negative control: :func:`forbidden_instructions` then finds fmas)."""
     import triton  # type: ignore[import-untyped, import-not-found, unused-ignore]
     from triton.backends.compiler import GPUTarget  # type: ignore[import-untyped, import-not-found, unused-ignore]
 
-    k = _kernels(False)
+    w_dtype = torch.float32 if weight is True else None if weight is False else weight
+    out_dtype = kernels.output_dtype(dtype, w_dtype, plan.casting_mode)
     shape = kernel_shape(plan)
-    d = shape.hidden_size
-    signature = {"x_ptr": _PTR[dtype], "y_ptr": _PTR[dtype], "w_ptr": "*fp32"}
-    constants: dict[str, object] = {
-        "D": d, "BLOCK": min(next_pow2(d), MAX_BLOCK), "HAS_W": weight, "BF16": dtype == torch.bfloat16,
-    }
-    if shape.kind == "exact":
-        fn = k.exact_kernel
-        constants.update(LOG_BLOCK=min(next_pow2(d), MAX_BLOCK).bit_length() - 1, FOLDS=False)
-    else:
+    name, constants, _ = launch_spec(shape, plan, w_dtype, out_dtype, interpret=False)
+    x_ptr = _PTR[dtype]
+    signature = {"x_ptr": x_ptr, "r_ptr": x_ptr, "h_ptr": x_ptr, "y_ptr": _PTR[out_dtype],
+                 "w_ptr": _PTR[w_dtype or out_dtype]}
+    if shape.kind != "exact":
         signature["table_ptr"] = "*i32"
-        constants.update(CW=shape.chunk_width, LOG_C=shape.log_chunk, NATURAL=shape.natural)
-        if shape.kind == "tree":
-            fn = k.float_tree_kernel
-            constants.update(NW=shape.chunks_width, LOG_N=shape.log_chunks)
-        else:
-            fn = k.float_linear_kernel
-            constants.update(N=shape.n_chunks)
-    signature.update({"flag_ptr": "*i8", "x_stride": "i32", "y_stride": "i32", "eps": "fp32"})
-    signature.update({name: "constexpr" for name in constants})
-    src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constants)
+    signature["flag_ptr"] = "*i8"
+    signature.update({s: "i32" for s in ("x_stride", "r_stride", "h_stride", "y_stride")})
+    signature["eps"] = "fp32"
+    signature.update({c: "constexpr" for c in constants})
+    src = triton.compiler.ASTSource(fn=getattr(_kernels(False), name), signature=signature, constexprs=constants)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"enable_fp_fusion": fp_fusion})
     ptx: str = compiled.asm["ptx"]
     return ptx

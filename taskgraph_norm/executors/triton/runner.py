@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from ... import caches, kernels
 from ...errors import ExecutionError, MissingDependencyError
 from ...graph import Graph
 from ..lowering import Plan
@@ -115,41 +116,73 @@ def _check_input(x: torch.Tensor, plan: Plan, interpret: bool) -> None:
         )
 
 
-def _launch(
-    shape: KernelShape, x2: torch.Tensor, y2: torch.Tensor, w: torch.Tensor | None,
-    flags: torch.Tensor, eps: float, interpret: bool,
-) -> None:
-    k = _kernels(interpret)
+@functools.lru_cache(maxsize=64)
+def _offset_in(offset: float, dtype: torch.dtype) -> float:
+    """``offset`` as ``kernels.finalize_weight`` adds it to a ``dtype`` weight: torch
+    rounds a Python scalar to the tensor's dtype first (then adds in fp32 for bf16
+    and fp16).  ``0 + offset`` in ``dtype`` is that value, by torch's own op."""
+    return float(kernels.finalize_weight(torch.zeros(1, dtype=dtype), dtype, offset)[0])
+
+
+def launch_spec(
+    shape: KernelShape, plan: Plan, weight_dtype: torch.dtype | None, out_dtype: torch.dtype, interpret: bool,
+) -> tuple[str, dict[str, Any], int]:
+    """``(kernel name, compile-time arguments, num_warps)`` of one launch of ``plan``
+    (``out_dtype``: :func:`kernels.output_dtype`'s).  The dtypes of x, the weight and
+    y are the pointers' own, read by the kernel."""
     d = shape.hidden_size
     block = min(next_pow2(d), MAX_BLOCK)
-    w_arg = w if w is not None else y2  # never read: HAS_W is a compile-time False
-    common: dict[str, Any] = dict(D=d, BLOCK=block, HAS_W=w is not None,
-                              BF16=y2.dtype == torch.bfloat16, enable_fp_fusion=False)
+    llama = plan.casting_mode == "llama"
+    offset = 0.0
+    if weight_dtype is not None and plan.offset:
+        offset = _offset_in(plan.offset, out_dtype if llama else torch.float32)  # the weight's dtype in finalize
+    constants: dict[str, Any] = dict(D=d, BLOCK=block, HAS_W=weight_dtype is not None, HAS_R=plan.residual,
+                                     LLAMA=llama, OFFSET=offset)
+    if shape.kind == "exact":
+        constants.update(LOG_BLOCK=block.bit_length() - 1, FOLDS=interpret)
+        return "exact_kernel", constants, _num_warps(block)
+    constants.update(CW=shape.chunk_width, LOG_C=shape.log_chunk, NATURAL=shape.natural)
+    if shape.kind == "tree":
+        constants.update(NW=shape.chunks_width, LOG_N=shape.log_chunks)
+        return "float_tree_kernel", constants, _num_warps(max(shape.chunks_width * shape.chunk_width, block))
+    constants.update(N=shape.n_chunks)
+    return "float_linear_kernel", constants, _num_warps(max(shape.chunk_width, block))
+
+
+def _launch(
+    shape: KernelShape, plan: Plan, x2: torch.Tensor, y2: torch.Tensor, w: torch.Tensor | None,
+    res: tuple[torch.Tensor, torch.Tensor] | None, flags: torch.Tensor, eps: float, interpret: bool,
+) -> None:
+    name, constants, warps = launch_spec(shape, plan, None if w is None else w.dtype, y2.dtype, interpret)
+    r2, h2 = res if res is not None else (x2, x2)  # never read: HAS_R is a compile-time False
+    pointers: list[torch.Tensor] = [x2, r2, h2, y2, w if w is not None else y2]  # HAS_W likewise
+    if shape.kind != "exact":
+        pointers.append(_table(shape, x2.device))
     # torch rounds a Python eps to fp32 (to nearest) before adding it, as packing does.
     eps32: float = struct.unpack("f", struct.pack("f", eps))[0]
-    grid = (x2.shape[0],)
-    args = (x2, y2, w_arg)
-    strides = (x2.stride(0), y2.stride(0), eps32)
-    if shape.kind == "exact":
-        k.exact_kernel[grid](
-            *args, flags, *strides, LOG_BLOCK=block.bit_length() - 1, FOLDS=interpret,
-            num_warps=_num_warps(block), **common,
-        )
+    strides = (x2.stride(0), r2.stride(0) if res else 0, h2.stride(0) if res else 0, y2.stride(0), eps32)
+    kernel = getattr(_kernels(interpret), name)
+    kernel[(x2.shape[0],)](*pointers, flags, *strides, num_warps=warps, enable_fp_fusion=False, **constants)
+
+
+def _rows(t: torch.Tensor, d: int) -> torch.Tensor:
+    """``t`` as ``(rows, d)`` with unit column stride (a copy only where it has none)."""
+    t2 = t.reshape(-1, d)
+    return t2.contiguous() if d > 1 and t2.stride(1) != 1 else t2
+
+
+def _check_residual(plan: Plan, x: torch.Tensor, residual: torch.Tensor | None,
+                    residual_out: torch.Tensor | None) -> None:
+    if not plan.residual:
+        if residual is not None or residual_out is not None:
+            raise ExecutionError("this plan adds no residual: build the graph with residual=True")
         return
-    table = _table(shape, x2.device)
-    width = shape.chunks_width * shape.chunk_width
-    if shape.kind == "tree":
-        k.float_tree_kernel[grid](
-            *args, table, flags, *strides, NW=shape.chunks_width, CW=shape.chunk_width,
-            LOG_C=shape.log_chunk, LOG_N=shape.log_chunks, NATURAL=shape.natural,
-            num_warps=_num_warps(max(width, block)), **common,
-        )
-    else:
-        k.float_linear_kernel[grid](
-            *args, table, flags, *strides, N=shape.n_chunks, CW=shape.chunk_width,
-            LOG_C=shape.log_chunk, NATURAL=shape.natural,
-            num_warps=_num_warps(max(shape.chunk_width, block)), **common,
-        )
+    if residual is None or residual_out is None:
+        raise ExecutionError("this plan adds a residual: pass residual= and residual_out=")
+    for name, t in (("residual", residual), ("residual_out", residual_out)):
+        if t.shape != x.shape or t.dtype != x.dtype or t.device != x.device:
+            raise ExecutionError(f"{name} must have x's shape {list(x.shape)}, dtype {x.dtype} and device "
+                                 f"{x.device}; got {list(t.shape)}, {t.dtype}, {t.device}")
 
 
 def run_triton(
@@ -160,42 +193,61 @@ def run_triton(
     *,
     plan: Plan,
     out: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    residual_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Run ``plan`` (lowered from the certified ``graph``) on ``x`` with Triton kernels.
 
     The bits are the reference's (:func:`~taskgraph_norm.executors.run_reference` on
-    ``graph``) for float32, bfloat16 and float16 inputs.  ``graph`` is only read to
-    finish the rows whose total is not finite (NaN or Inf inputs, fp32 overflow),
-    which the reference interpreter computes row by row.
+    ``graph``) for float32, bfloat16 and float16 inputs, in every casting mode, with
+    the plan's offset.  ``graph`` is only read to finish the rows whose total is not
+    finite (NaN or Inf inputs, fp32 overflow), which the reference interpreter
+    computes row by row.
+
+    Parameters
+    ----------
+    out:
+        Written in place and returned, when given (``x``'s shape and device, the
+        dtype of :func:`kernels.output_dtype`).
+    residual, residual_out:
+        A residual plan's residual (``x``'s shape and dtype) and the tensor
+        ``h = x + residual`` is written into (may be ``x`` or ``residual`` itself);
+        ``y`` is the norm of ``h``.
 
     Raises
     ------
     ExecutionError
         for a plan no kernel runs (native leaves, a ``cat`` merge, a hand-made ADD
         DAG: use executor='compiled'), an fp64 input, a CPU tensor without
-        ``TRITON_INTERPRET=1``, a device Triton does not target.
+        ``TRITON_INTERPRET=1``, a device Triton does not target, a residual missing
+        (or given to a plan without one), an ``out`` of another dtype.
     MissingDependencyError
         if triton is not installed.
     """
     shape = kernel_shape(plan)
     interpret = interpreting()
     _check_input(x, plan, interpret)
-    if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)):
+    _check_residual(plan, x, residual, residual_out)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, residual)):
         from ..reference import run_reference  # its torch ops record gradients
 
-        y_ref = run_reference(graph, x, weight, eps)
+        y_ref = run_reference(graph, x, weight, eps, residual=residual, residual_out=residual_out)
         return y_ref if out is None else out.copy_(y_ref)
+    out_dtype = kernels.output_dtype(x.dtype, None if weight is None else weight.dtype, plan.casting_mode)
+    if out is not None and out.dtype != out_dtype:
+        raise ExecutionError(f"out must have dtype {out_dtype} (casting_mode={plan.casting_mode!r}), not {out.dtype}")
     d = plan.hidden_size
-    x2 = x.reshape(-1, d)
-    if d > 1 and x2.stride(1) != 1:
-        x2 = x2.contiguous()
-    y = out if out is not None and out.is_contiguous() else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    x2 = _rows(x, d)
+    y = out if out is not None and out.is_contiguous() else torch.empty(x.shape, dtype=out_dtype, device=x.device)
     y2 = y.view(-1, d)
+    h: torch.Tensor | None = None
+    res: tuple[torch.Tensor, torch.Tensor] | None = None
+    if residual is not None and residual_out is not None:
+        h = residual_out if residual_out.is_contiguous() else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        res = (_rows(residual, d), h.view(-1, d))
     rows = x2.shape[0]
     if rows:
-        # y *= w.to(acc), as kernels.finalize: exact for a narrower weight, the
-        # reference's own rounding for a wider one.
-        w = None if weight is None else weight.to(torch.float32).contiguous()
+        w = None if weight is None else weight.contiguous()  # widened (or rounded) to fp32 by the kernel
         flags = torch.empty(rows, dtype=torch.int8, device=x.device)
         if interpret:
             import numpy
@@ -203,19 +255,26 @@ def run_triton(
             # The interpreter computes with numpy, which warns where IEEE arithmetic
             # silently overflows or makes a NaN (as the GPU does, and the reference).
             with numpy.errstate(all="ignore"):
-                _launch(shape, x2, y2, w, flags, eps, interpret)
+                _launch(shape, plan, x2, y2, w, res, flags, eps, interpret)
         else:
-            _launch(shape, x2, y2, w, flags, eps, interpret)
+            _launch(shape, plan, x2, y2, w, res, flags, eps, interpret)
         bad = flags.nonzero()[:, 0]
         if len(bad):
-            from ..reference import run_reference
+            from ..reference import finish_from_h, run_reference
 
-            y2[bad] = run_reference(graph, x2[bad], weight, eps)
+            if res is not None:  # from h, already written (perhaps over x or the residual)
+                y2[bad] = finish_from_h(graph, res[1][bad], weight, eps)
+            else:
+                y2[bad] = run_reference(graph, x2[bad], weight, eps)
+    if h is not None and residual_out is not None and h is not residual_out:
+        residual_out.copy_(h)
     if y is not out and (out is not None or not x.is_contiguous()):
         # A strided input or output: the result keeps the input's layout, as torch's does.
-        return (out if out is not None else torch.empty_like(x)).copy_(y)
+        return (out if out is not None else torch.empty_like(x, dtype=out_dtype)).copy_(y)
     return y
 
 
 #: Marks runners that write ``out`` themselves (see ``api._run``).
 run_triton.writes_out = True  # type: ignore[attr-defined]
+
+caches.register(_offset_in.cache_clear)
