@@ -98,7 +98,7 @@ class Pipeline:
         self._triton = (executor == "compiled" and self.plan is not None
                         and _triton.available() and _triton.supports(self.plan))
         self._direct: DirectCall | None = None
-        self._direct_known = self.plan is None
+        self._direct_known = self.plan is None or executor != "compiled"  # triton runs its kernels
 
     @property
     def proof(self) -> Proof:
