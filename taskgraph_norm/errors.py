@@ -155,3 +155,26 @@ class ShardMismatchError(TaskGraphError, ValueError):
 
     def __init__(self, problem: str) -> None:
         super().__init__(problem)
+
+
+# --- exact weight gradients ------------------------------------------------
+
+
+class ExactSumError(TaskGraphError, ValueError):
+    """The exact accumulator cannot take this input (dtype, shape, device), or two
+    states do not fit together; the message says which and what it accepts."""
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(problem)
+
+
+class ExactSumOverflowError(ExactSumError, OverflowError):
+    """An exact sum passed the accumulator's range (docs/training.md, "Bounds"):
+    raised instead of ever returning a wrong value."""
+
+    def __init__(self, columns: int, limit: str) -> None:
+        self.columns = columns
+        super().__init__(
+            f"the exact accumulator overflowed in {columns} column(s): {limit}; "
+            "clear the gradient (zero_grad) more often or reduce fewer ranks at once"
+        )
