@@ -81,28 +81,36 @@ class _ExactScale(torch.autograd.Function):
 
 
 class TinyModel(torch.nn.Module):
+    """``scale`` (a float parameter DDP reduces) then an exact-gradient weight.
+
+    The layer before the norm is elementwise, so the rows' ``x_hat`` and ``dy`` are
+    the same bits in any batch: the norm weight's gradient can then be compared
+    bit for bit.  (A ``Linear`` there would not do: its matmul's bits change with
+    the batch size, which no dW accumulator can undo: docs/training.md.)
+    """
+
     def __init__(self, cols: int) -> None:
         super().__init__()
         g = torch.Generator().manual_seed(0)
-        self.linear = torch.nn.Linear(cols, cols)
-        with torch.no_grad():
-            self.linear.weight.copy_(torch.randn(cols, cols, generator=g) / cols**0.5)
-            self.linear.bias.zero_()
+        self.scale = torch.nn.Parameter(torch.randn(cols, generator=g))
         self.norm_weight = exact_grads.register(torch.nn.Parameter(torch.ones(cols)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.linear(x)
-        x_hat = h / torch.sqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
-        return _ExactScale.apply(x_hat, self.norm_weight)
+        y: torch.Tensor = _ExactScale.apply(x * self.scale, self.norm_weight)
+        return y
 
 
-def ddp_step(rank: int, world: int, rows: int, cols: int) -> dict[str, torch.Tensor]:
+def ddp_step(rank: int, world: int, rows: int, cols: int, naive: bool = False) -> dict[str, Any]:
     """One step of DDP with two micro-batches (no_sync on the first); the norm weight
     kept out of DDP's buckets and reduced exactly after the last backward."""
     from torch.nn.parallel import DistributedDataParallel
 
     model = TinyModel(cols)
-    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ["norm_weight"])
+    out: dict[str, Any] = {}
+    if naive:  # the pitfall: DDP's reducer reads ".norm_weight", so this name is not enough
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ["norm_weight"])
+    else:
+        out["ignored"] = tgn.distributed.exclude_from_ddp(model)
     ddp = DistributedDataParallel(model)
     x, target = make_rows(2, rows, cols)
     mine = list(range(rank, rows, world))
@@ -112,9 +120,13 @@ def ddp_step(rank: int, world: int, rows: int, cols: int) -> dict[str, torch.Ten
         (ddp(x[idx]) * target[idx]).sum().backward()
     idx = torch.tensor(halves[1])
     (ddp(x[idx]) * target[idx]).sum().backward()
-    tgn.distributed.all_reduce_exact_grads(model)
-    assert model.norm_weight.grad is not None and model.linear.weight.grad is not None
-    return {"norm": model.norm_weight.grad.clone(), "linear": model.linear.weight.grad.clone()}
+    try:
+        tgn.distributed.all_reduce_exact_grads(model)
+    except tgn.TaskGraphError as exc:
+        out["error"] = f"{type(exc).__name__}: {exc}"
+        return out
+    assert model.norm_weight.grad is not None and model.scale.grad is not None
+    return out | {"norm": model.norm_weight.grad.clone(), "scale": model.scale.grad.clone()}
 
 
 def single_process_ddp_reference(rows: int, cols: int) -> dict[str, torch.Tensor]:
@@ -123,12 +135,13 @@ def single_process_ddp_reference(rows: int, cols: int) -> dict[str, torch.Tensor
     x, target = make_rows(2, rows, cols)
     for i in range(rows):
         (model(x[i:i + 1]) * target[i:i + 1]).sum().backward()
-    assert model.norm_weight.grad is not None and model.linear.weight.grad is not None
-    return {"norm": model.norm_weight.grad.clone(), "linear": model.linear.weight.grad.clone()}
+    assert model.norm_weight.grad is not None and model.scale.grad is not None
+    return {"norm": model.norm_weight.grad.clone(), "scale": model.scale.grad.clone()}
 
 
 def run_all(rank: int, world: int, cases: list[tuple[str, str]], rows: int, cols: int) -> dict[str, Any]:
     out = exact_matrix(rank, world, cases, rows, cols)
     if world > 1:
         out["ddp"] = ddp_step(rank, world, rows, cols)
+        out["ddp_naive"] = ddp_step(rank, world, rows, cols, naive=True)
     return out

@@ -18,6 +18,7 @@ from .api import normalize_sync as normalize_sync
 from .api import payload_bytes_per_row as payload_bytes_per_row
 from .exact_grads import all_reduce_exact_grads as all_reduce_exact_grads
 from .exact_grads import exact_parameters as exact_parameters
+from .exact_grads import exclude_from_ddp as exclude_from_ddp
 from .graph import DistributedPlan as DistributedPlan
 from .graph import build_distributed_graph as build_distributed_graph
 from .graph import build_naive_graph as build_naive_graph
@@ -36,6 +37,7 @@ __all__ = [
     "distributed_plan",
     "even_shard_sizes",
     "exact_parameters",
+    "exclude_from_ddp",
     "naive_normalize_sync",
     "normalize",
     "normalize_sync",

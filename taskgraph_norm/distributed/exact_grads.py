@@ -18,11 +18,11 @@ from collections.abc import Iterable
 import torch
 import torch.distributed as dist
 
-from ..errors import ShardMismatchError
+from ..errors import ExactSumError, ShardMismatchError
 from ..executors.exact_grad import ExactGrad, ExactSum, exact_grads
 from ..kernels import exact_sum as es
 
-__all__ = ["all_reduce_exact_grads", "exact_parameters"]
+__all__ = ["all_reduce_exact_grads", "exact_parameters", "exclude_from_ddp"]
 
 
 def exact_parameters(module_or_params: torch.nn.Module | Iterable[torch.Tensor],
@@ -33,6 +33,28 @@ def exact_parameters(module_or_params: torch.nn.Module | Iterable[torch.Tensor],
     if isinstance(module_or_params, torch.nn.Module):
         return [p for p in module_or_params.parameters() if p in grads]
     return list(module_or_params)
+
+
+def exclude_from_ddp(model: torch.nn.Module, grads: ExactGrad = exact_grads) -> list[str]:
+    """Keep ``model``'s exact parameters out of DDP's buckets; call before wrapping.
+
+    Uses DDP's ``_set_params_and_buffers_to_ignore_for_model``, naming each
+    parameter both as ``named_parameters()`` does (``"w"``) and as DDP's reducer
+    does (``f"{module_name}.{param_name}"``: ``".w"`` at the top level); torch reads
+    one form in one place and the other in another, and a parameter missed by
+    either is silently all-reduced in float.  Returns the names.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    names: list[str] = []
+    for module_name, module in model.named_modules():
+        for param_name, param in module.named_parameters(recurse=False):
+            if param in grads:
+                names.append(f"{module_name}.{param_name}")
+                if module_name == "":
+                    names.append(param_name)
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
+    return names
 
 
 def _window(states: list[torch.Tensor]) -> tuple[int, int]:
@@ -63,6 +85,9 @@ def all_reduce_exact_grads(
     ShardMismatchError
         (on every rank together) when there is no process group, or the ranks
         hold different numbers or sizes of exact parameters.
+    ExactSumError
+        when an exact parameter's ``grad`` was changed after the exact backward
+        wrote it (DDP reducing it as well, say).
     ExactSumOverflowError
         when the total passes the accumulator's range (docs/training.md).
     """
@@ -70,6 +95,13 @@ def all_reduce_exact_grads(
         raise ShardMismatchError("all_reduce_exact_grads needs a process group: call "
                                  "torch.distributed.init_process_group first")
     params = exact_parameters(module_or_params, grads)
+    changed = [i for i, p in enumerate(params) if grads.changed_since_written(p)]
+    if changed:
+        # Raised before any collective: every rank in this state raises; a rank that is
+        # not would wait in the collective until the group's timeout.
+        raise ExactSumError(
+            f"the gradients of exact parameters {changed} were changed after the exact backward "
+            "wrote them (is DDP reducing them too? call exclude_from_ddp(model) before wrapping)")
     sums = [grads.state(p) for p in params]
     devices = {s.state.device for s in sums}
     device = devices.pop() if len(devices) == 1 else torch.device("cpu")

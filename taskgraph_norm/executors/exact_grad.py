@@ -253,6 +253,15 @@ class ExactGrad:
         carry.remember(ours)
         return ours
 
+    def changed_since_written(self, param: torch.Tensor) -> bool:
+        """Whether ``param.grad`` is a tensor this object wrote or took in, changed
+        since by someone else (e.g. DDP reducing it too)."""
+        with self._lock:
+            carry = self._carries.get(param)
+        grad = param.grad
+        return (carry is not None and carry.grad_ref is not None and grad is not None
+                and not carry.stands_behind(grad))
+
     def forget(self, params: Iterable[torch.Tensor]) -> None:
         """Drop the carried sums of ``params`` (their ``grad`` is left as it is)."""
         with self._lock:
