@@ -309,3 +309,11 @@ def test_state_and_set_state_round_trip() -> None:
     doubled = torch.cat([dy, dy]), torch.cat([x_hat, x_hat])
     assert w.grad is not None
     assert_bits_equal(w.grad, truth(*doubled, torch.float32))
+
+
+def test_rounding_in_column_blocks_matches_column_by_column() -> None:
+    dy, x_hat = wide_rows(3, 2500, 9)  # past the 1024-column blocks of round_state
+    s = ExactSum(2500).add_products(dy, x_hat)
+    for dtype in DTYPES:
+        pieces = torch.cat([es.round_state(s.state[:, c:c + 100], dtype) for c in range(0, 2500, 100)])
+        assert_bits_equal(s.result(dtype), pieces)

@@ -53,7 +53,7 @@ def exclude_from_ddp(model: torch.nn.Module, grads: ExactGrad = exact_grads) -> 
                 names.append(f"{module_name}.{param_name}")
                 if module_name == "":
                     names.append(param_name)
-    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)  # type: ignore[no-untyped-call]
     return names
 
 

@@ -175,7 +175,7 @@ class ExactGrad:
 
     def _carry(self, param: torch.Tensor) -> _Carry:
         with self._lock:
-            carry = self._carries.get(param)
+            carry: _Carry | None = self._carries.get(param)  # type: ignore[no-untyped-call]
             if carry is None:
                 carry = self._carries[param] = _Carry(param)  # zeros: stands behind grad None
             return carry
@@ -257,7 +257,7 @@ class ExactGrad:
         """Whether ``param.grad`` is a tensor this object wrote or took in, changed
         since by someone else (e.g. DDP reducing it too)."""
         with self._lock:
-            carry = self._carries.get(param)
+            carry: _Carry | None = self._carries.get(param)  # type: ignore[no-untyped-call]
         grad = param.grad
         return (carry is not None and carry.grad_ref is not None and grad is not None
                 and not carry.stands_behind(grad))
@@ -266,7 +266,7 @@ class ExactGrad:
         """Drop the carried sums of ``params`` (their ``grad`` is left as it is)."""
         with self._lock:
             for p in params:
-                self._carries.pop(p, None)
+                self._carries.pop(p, None)  # type: ignore[no-untyped-call]
 
 
 def _check_param(param: torch.Tensor) -> None:

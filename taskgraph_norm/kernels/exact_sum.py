@@ -67,6 +67,7 @@ _RADIX = 1 << DIGIT_BITS
 _HALF = 1 << (DIGIT_BITS - 1)
 _LOW = _RADIX - 1
 _ACCEPTED = (torch.float32, torch.bfloat16, torch.float16)
+_ROUND_COLUMNS = 1024  # 19 x 1024 digits: below torch's CPU parallel grain (32768)
 
 
 def empty_state(numel: int, device: torch.device | str | None = None) -> torch.Tensor:
@@ -238,6 +239,11 @@ def round_state(state: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """
     if dtype not in _ACCEPTED:
         raise ExactSumError(f"an exact sum rounds to float32, bfloat16 or float16; not {dtype}")
+    if state.device.type == "cpu" and state.shape[1] > _ROUND_COLUMNS:
+        # Column blocks small enough that each op stays on one thread: torch would
+        # parallelise these short ops, and waking its pool costs more than they do.
+        return torch.cat([round_state(state[:, c:c + _ROUND_COLUMNS], dtype)
+                          for c in range(0, state.shape[1], _ROUND_COLUMNS)])
     negative, mag = _magnitude_digits(state[:DIGITS])
     v = _round_to_odd_f64(mag)
     v = torch.where(negative, -v, v)
