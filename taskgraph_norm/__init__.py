@@ -17,6 +17,8 @@ from .errors import ConfigError as ConfigError
 from .errors import CycleError as CycleError
 from .errors import DeviceMismatchError as DeviceMismatchError
 from .errors import DtypeError as DtypeError
+from .errors import ExactSumError as ExactSumError
+from .errors import ExactSumOverflowError as ExactSumOverflowError
 from .errors import ExecutionError as ExecutionError
 from .errors import GraphError as GraphError
 from .errors import InputRankError as InputRankError
@@ -53,6 +55,8 @@ __all__ = [
     "CycleError",
     "DeviceMismatchError",
     "DtypeError",
+    "ExactSumError",
+    "ExactSumOverflowError",
     "ExecutionError",
     "Graph",
     "GraphError",

@@ -164,3 +164,26 @@ class NativeKernelsWarning(UserWarning):
     """The compiled executor's native C kernels are missing or failed to load, so it
     runs its torch ops (the same bits, slower); the message says why and what it
     costs.  Once per process; ``TGN_NATIVE=0`` chooses the torch ops without it."""
+
+
+# --- exact weight gradients ------------------------------------------------
+
+
+class ExactSumError(TaskGraphError, ValueError):
+    """The exact accumulator cannot take this input (dtype, shape, device), or two
+    states do not fit together; the message says which and what it accepts."""
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(problem)
+
+
+class ExactSumOverflowError(ExactSumError, OverflowError):
+    """An exact sum passed the accumulator's range (docs/training.md, "Bounds"):
+    raised instead of ever returning a wrong value."""
+
+    def __init__(self, columns: int, limit: str) -> None:
+        self.columns = columns
+        super().__init__(
+            f"the exact accumulator overflowed in {columns} column(s): {limit}; "
+            "clear the gradient (zero_grad) more often or reduce fewer ranks at once"
+        )

@@ -5,6 +5,9 @@ global, rank-local subtrees are merged where their chunks live, one all-gather
 moves their roots (and the elements of chunks a shard boundary cuts), and every
 rank finishes the same merge.  In the exact domain a MAX and a SUM all-reduce
 suffice, because every addition is exact.  See docs/distributed.md.
+
+Data parallel: :func:`all_reduce_exact_grads` sums the exact weight-gradient
+accumulators of every rank with one integer all-reduce (docs/training.md).
 """
 
 from __future__ import annotations
@@ -13,6 +16,9 @@ from .api import naive_normalize_sync as naive_normalize_sync
 from .api import normalize as normalize
 from .api import normalize_sync as normalize_sync
 from .api import payload_bytes_per_row as payload_bytes_per_row
+from .exact_grads import all_reduce_exact_grads as all_reduce_exact_grads
+from .exact_grads import exact_parameters as exact_parameters
+from .exact_grads import exclude_from_ddp as exclude_from_ddp
 from .graph import DistributedPlan as DistributedPlan
 from .graph import build_distributed_graph as build_distributed_graph
 from .graph import build_naive_graph as build_naive_graph
@@ -25,10 +31,13 @@ from .module import RMSNorm as RMSNorm
 __all__ = [
     "DistributedPlan",
     "RMSNorm",
+    "all_reduce_exact_grads",
     "build_distributed_graph",
     "build_naive_graph",
     "distributed_plan",
     "even_shard_sizes",
+    "exact_parameters",
+    "exclude_from_ddp",
     "naive_normalize_sync",
     "normalize",
     "normalize_sync",

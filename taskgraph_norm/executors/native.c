@@ -445,7 +445,7 @@ FLOAT_ROWS(tgn_float_rows_f64, double)
 
 /* A version number the loader checks, so a library left from an older install is
  * never used. */
-int tgn_native_abi(void) { return 8; }
+int tgn_native_abi(void) { return 9; }
 
 #ifdef TGN_BUILD_CPU
 /* The host variant (setup.py builds it with -march=native): the features of the CPU
@@ -594,3 +594,202 @@ void tgn_rms_of_totals_f32(const void *total, int64_t rows, int64_t channels, in
         rms[i] = (float)sqrt((double)mean);
     }
 }
+/* --- the exact weight gradient: state += sum over rows of dy * x_hat, exactly ------
+ *
+ * The C route to kernels/exact_sum.py's state (docs/training.md): per column j, an
+ * integer number of units 2^-320 in balanced radix-2^32 digits, state[k * n + j],
+ * with counts of NaN, +inf and -inf products in rows 19..21.  The torch form adds
+ * each product's units digit by digit; this kernel gets the same integers faster:
+ *
+ *   for each block of up to DW_BLOCK rows and each tile of DW_TILE columns:
+ *     p = (double)dy * (double)xh            exact (fp32 x fp32 has 48 bits, and its
+ *                                            exponent lies in [-298, 256])
+ *     M = max |p| per column                 (a NaN or inf product is counted, then 0)
+ *     repeat while some remainder is nonzero (a fold):
+ *       s = ceil(log2 M) + DW_L,  sigma = 2^s   (s >= DW_SMIN)
+ *       q = (p + sigma) - sigma;  p -= q;  S += q;  M = max |p|
+ *       add S (an integer number of 2^(s-53) units) into the digits
+ *
+ * Why every step is exact (Demmel-Nguyen pre-rounding): |p| <= 2^(s-1), so
+ * sigma + p lies in [2^(s-1), 2^s + 2^(s-1)] and q = fl(sigma + p) - sigma is
+ * exact (Sterbenz), a multiple of u = 2^(s-53) (p rounded to the grid of u, or of
+ * 2u where sigma + p >= 2^s) with |q| <= 2^ceil(log2 M); the remainder p - q
+ * (|.| <= u) is exact too.  A block has at most 2^(DW_L-1) rows, so every
+ * partial sum S is a multiple of u with |S| <= 2^(s-1) < 2^53 u: every addition
+ * is exact, S = sum q exactly, and S / u is an integer below 2^53.  Each fold
+ * lowers the largest remainder by a factor of at least 2^(53 - DW_L) (46 bits
+ * here); the fold at s = DW_SMIN rounds to a grid of 2^-298 or finer, the
+ * quantum of every product, so it leaves nothing.  Different blocks (and the torch
+ * form) split the same products differently, but the digits hold the same integer
+ * and normalize() gives it one balanced form: the state is the same.
+ *
+ * Returns the number of columns whose top digit passes 2^40 (the caller raises).
+ * The flags keep (p + sigma) - sigma as written (no -ffast-math).
+ */
+#define DW_DIGITS 19
+#define DW_BASE (-320)
+#define DW_BLOCK 64
+#define DW_L 7 /* ceil(log2(DW_BLOCK)) + 1 */
+#define DW_SMIN (-246) /* 2^(DW_SMIN - 52) = 2^-298: the coarsest grid of that fold */
+#define DW_TILE 32
+#define DW_TOP_LIMIT ((int64_t)1 << 40)
+#define DW_MAX_FOLDS 32 /* (263 + 298) / 46 + 1 = 13 folds cover every product */
+
+/* 2^e for e in fp64's normal range, from its bits (exact; no libm call in the loop). */
+static inline double dw_pow2(int e)
+{
+    uint64_t bits = (uint64_t)(e + 1023) << 52;
+    double d;
+    memcpy(&d, &bits, sizeof d);
+    return d;
+}
+
+/* s = ceil(log2 m) + DW_L (at least DW_SMIN) for a normal m > 0, from its bits. */
+static inline int dw_scale(double m)
+{
+    uint64_t bits;
+    memcpy(&bits, &m, sizeof bits);
+    int e = (int)((bits >> 52) & 0x7ff) - 1023; /* m = 1.f 2^e */
+    int s = e + ((bits & 0xfffffffffffffu) != 0) + DW_L;
+    return s < DW_SMIN ? DW_SMIN : s;
+}
+
+/* digits += S * 2^(s - 53), S an integer number of units 2^(s-53), |S| < 2^53. */
+static void dw_add_units(int64_t *digits, int64_t stride, double sum, int s)
+{
+    int64_t m = (int64_t)(sum * dw_pow2(53 - s)); /* exact: a power of two */
+    int shift = s - 53 - DW_BASE; /* >= 21 */
+    int k = shift >> 5, o = shift & 31;
+    int64_t lo = (int64_t)(((uint64_t)m & 0xffffffffu) << o);
+    int64_t hi = (m >> 32) * ((int64_t)1 << o); /* arithmetic shift: floor */
+    digits[k * stride] += lo & 0xffffffff;
+    digits[(k + 1) * stride] += (lo >> 32) + (hi & 0xffffffff);
+    digits[(k + 2) * stride] += hi >> 32;
+}
+
+/* One block x tile: the products into buf, specials counted, then the folds. */
+static int dw_block(const float *dy, int64_t dy_stride, const float *xh, int64_t xh_stride,
+                     int64_t rows, int64_t cols, int64_t *state, int64_t stride,
+                     double *restrict buf)
+{
+    double mx[DW_TILE], sig[DW_TILE], acc[DW_TILE];
+    int64_t bad[DW_TILE];
+    int s[DW_TILE];
+    for (int j = 0; j < DW_TILE; ++j) {
+        mx[j] = 0.0;
+        bad[j] = 0;
+    }
+    for (int64_t i = 0; i < rows; ++i) {
+        const float *a = dy + i * dy_stride, *b = xh + i * xh_stride;
+        double *restrict row = buf + i * DW_TILE;
+        for (int j = 0; j < cols; ++j) {
+            double p = (double)a[j] * (double)b[j];
+            double ap = fabs(p);
+            row[j] = p;
+            mx[j] = ap > mx[j] ? ap : mx[j];
+            bad[j] |= !(ap <= 0x1.fffffffffffffp+1023);
+        }
+        for (int j = (int)cols; j < DW_TILE; ++j)
+            row[j] = 0.0;
+    }
+    for (int j = 0; j < cols; ++j) {
+        if (!bad[j])
+            continue;
+        mx[j] = 0.0;
+        for (int64_t i = 0; i < rows; ++i) {
+            double p = buf[i * DW_TILE + j];
+            if (p != p)
+                state[(DW_DIGITS + 0) * stride + j] += 1;
+            else if (p == INFINITY)
+                state[(DW_DIGITS + 1) * stride + j] += 1;
+            else if (p == -INFINITY)
+                state[(DW_DIGITS + 2) * stride + j] += 1;
+            else {
+                double ap = fabs(p);
+                mx[j] = ap > mx[j] ? ap : mx[j];
+                continue;
+            }
+            buf[i * DW_TILE + j] = 0.0;
+        }
+    }
+    int live = 0;
+    for (int j = 0; j < DW_TILE; ++j) {
+        live += j < cols && mx[j] > 0.0;
+        s[j] = j < cols && mx[j] > 0.0 ? dw_scale(mx[j]) : DW_SMIN;
+    }
+    for (int folds = 0; live; ++folds) {
+        if (folds == DW_MAX_FOLDS)
+            return 0; /* cannot happen (see above); never loop forever */
+        for (int j = 0; j < DW_TILE; ++j) {
+            sig[j] = dw_pow2(s[j]);
+            acc[j] = 0.0;
+            mx[j] = 0.0;
+        }
+        for (int64_t i = 0; i < rows; ++i) {
+            double *restrict row = buf + i * DW_TILE;
+            for (int j = 0; j < DW_TILE; ++j) {
+                double p = row[j];
+                double q = (p + sig[j]) - sig[j];
+                double r = p - q;
+                double ar = fabs(r);
+                acc[j] += q;
+                row[j] = r;
+                mx[j] = ar > mx[j] ? ar : mx[j];
+            }
+        }
+        live = 0;
+        for (int j = 0; j < cols; ++j) {
+            if (acc[j] != 0.0)
+                dw_add_units(state + j, stride, acc[j], s[j]);
+            live += mx[j] > 0.0;
+            s[j] = mx[j] > 0.0 ? dw_scale(mx[j]) : DW_SMIN;
+        }
+    }
+    return 1;
+}
+
+/* Balanced digits, as kernels/exact_sum.normalize_; returns the count of columns
+ * whose top digit passes DW_TOP_LIMIT. */
+static int64_t dw_normalize(int64_t *state, int64_t cols, int64_t stride)
+{
+    int64_t over = 0;
+    for (int64_t j = 0; j < cols; ++j) {
+        int64_t *d = state + j;
+        for (int k = 0; k < DW_DIGITS - 1; ++k) {
+            int64_t carry = (d[k * stride] + ((int64_t)1 << 31)) >> 32;
+            d[k * stride] -= carry * ((int64_t)1 << 32);
+            d[(k + 1) * stride] += carry;
+        }
+        int64_t top = d[(DW_DIGITS - 1) * stride];
+        over += top > DW_TOP_LIMIT || top < -DW_TOP_LIMIT;
+    }
+    return over;
+}
+
+/* state (22 rows of row stride `stride`, columns 0..cols-1 here) += the exact column
+ * sums of dy * xh over `rows` rows (unit stride along a row), then normalised.
+ * The caller bounds rows (kernels/exact_sum.ROWS_PER_ADD) so no digit overflows.
+ * Returns -1 when the scratch cannot be allocated, -2 if a block did not finish
+ * within DW_MAX_FOLDS folds (impossible by the argument above), else the count of
+ * overflowed columns. */
+int64_t tgn_exact_dw_f32(const float *dy, int64_t dy_stride, const float *xh, int64_t xh_stride,
+                         int64_t rows, int64_t cols, int64_t *state, int64_t stride)
+{
+    double *buf = (double *)malloc(sizeof(double) * DW_BLOCK * DW_TILE);
+    if (!buf)
+        return -1;
+    for (int64_t i0 = 0; i0 < rows; i0 += DW_BLOCK) {
+        int64_t nr = rows - i0 < DW_BLOCK ? rows - i0 : DW_BLOCK;
+        for (int64_t j0 = 0; j0 < cols; j0 += DW_TILE) {
+            int64_t nc = cols - j0 < DW_TILE ? cols - j0 : DW_TILE;
+            if (!dw_block(dy + i0 * dy_stride + j0, dy_stride, xh + i0 * xh_stride + j0, xh_stride,
+                          nr, nc, state + j0, stride, buf)) {
+                free(buf);
+                return -2;
+            }
+        }
+    }
+    free(buf);
+    return dw_normalize(state, cols, stride);
+}
+

@@ -51,12 +51,13 @@ from .. import caches
 from .lowering import Plan
 
 __all__ = [
-    "available", "backward_rows", "recipe_of", "rms_of_totals", "describe", "disabled", "exact_rows", "exact_scale", "float_rows", "FloatRecipe", "library_path",
+    "available", "backward_rows", "recipe_of", "rms_of_totals", "describe", "disabled", "exact_dw", "exact_rows",
+    "exact_scale", "float_rows", "FloatRecipe", "library_path",
     "why_unavailable",
 ]
 
 _DIR = Path(__file__).resolve().parent
-_ABI = 8
+_ABI = 9
 #: What the torch ops cost instead (docs/performance.md, "On torch ops alone").
 _COST = ("the same bits, about 3x slower for float plans and 5x to 6x for exact ones on (4096, 4096) fp32 "
          "(docs/reliability.md)")
@@ -146,6 +147,9 @@ def _open(path: Path) -> ctypes.CDLL:
     lib.tgn_rms_of_totals_f32.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
                                           ctypes.c_double, ctypes.c_void_p]
     lib.tgn_rms_of_totals_f32.restype = None
+    lib.tgn_exact_dw_f32.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
+                                     ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64]
+    lib.tgn_exact_dw_f32.restype = ctypes.c_int64
     lib.tgn_exact_scale.argtypes = [ctypes.c_double, ctypes.c_int64,
                                     ctypes.POINTER(ctypes.c_double), ctypes.POINTER(ctypes.c_double)]
     lib.tgn_exact_scale.restype = ctypes.c_int
@@ -460,3 +464,34 @@ def rms_of_totals(total: torch.Tensor, hidden: int, eps: float, out: torch.Tenso
         raise ValueError("out must be a contiguous (rows, 1) float32 tensor")
     _library().tgn_rms_of_totals_f32(total.data_ptr(), rows, channels, hidden, float(eps), rms.data_ptr())
     return rms
+
+
+def exact_dw(state: torch.Tensor, dy: torch.Tensor, x_hat: torch.Tensor, columns: tuple[int, int] | None = None) -> int:
+    """``state += sum over rows of dy * x_hat``, exactly, for columns ``[c0, c1)``.
+
+    The C route to :func:`kernels.exact_sum.add_products_` (the same state, bit for
+    bit): ``dy`` and ``x_hat`` are 2-D CPU float32 ``(rows, n)`` with unit stride
+    along a row, ``state`` a contiguous ``(22, n)`` int64 state, normalised after.
+    ``columns`` (default all) lets threads share one call's columns.  Returns how
+    many columns overflowed (the caller raises); rows must not pass
+    ``exact_sum.ROWS_PER_ADD``.
+    """
+    lib = _library()
+    rows, n = dy.shape
+    c0, c1 = columns or (0, n)
+    if (dy.dtype != torch.float32 or x_hat.dtype != torch.float32 or x_hat.shape != dy.shape
+            or dy.device.type != "cpu" or x_hat.device.type != "cpu"
+            or (n > 1 and (dy.stride(1) != 1 or x_hat.stride(1) != 1))):
+        raise ValueError("exact_dw needs two 2-D CPU float32 tensors of one shape, unit stride along rows")
+    if state.shape != (22, n) or state.dtype != torch.int64 or not state.is_contiguous() or not 0 <= c0 <= c1 <= n:
+        raise ValueError("state must be a contiguous (22, n) int64 tensor and columns within [0, n]")
+    if rows == 0 or c0 == c1:
+        return 0
+    item = dy.element_size()
+    over = int(lib.tgn_exact_dw_f32(dy.data_ptr() + c0 * item, dy.stride(0), x_hat.data_ptr() + c0 * item,
+                                    x_hat.stride(0), rows, c1 - c0, state.data_ptr() + c0 * 8, n))
+    if over == -1:
+        raise MemoryError("the native exact dW kernel could not allocate its scratch")
+    if over < 0:
+        raise RuntimeError("the native exact dW kernel did not converge (a bug: please report it)")
+    return over

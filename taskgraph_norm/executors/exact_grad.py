@@ -1,0 +1,279 @@
+"""Exact weight gradients: the accumulator's fast path, and its carry across backward calls.
+
+:class:`ExactSum` holds ``n`` exact column sums (the state of
+:mod:`taskgraph_norm.kernels.exact_sum`) and adds blocks of products to it, with
+the native C kernel on CPU float32 (split by columns between the caller and the
+helper thread) and with the torch ops elsewhere: the same state either way.
+
+:class:`ExactGrad` carries one :class:`ExactSum` per parameter across backward
+calls, until the gradient is cleared, and writes ``param.grad`` as the correctly
+rounded sum after each one.  RMSNorm's backward calls the process-wide
+:data:`exact_grads`::
+
+    exact_grads.accumulate(weight, dy, x_hat)   # fp32 (rows, *weight.shape) each
+    exact_grads.finish(weight)                  # weight.grad = round(exact sum)
+
+"Cleared" is read from ``param.grad`` itself: the carry remembers the tensor it
+last wrote (a weak reference) and that tensor's version counter.  ``param.grad``
+set to ``None`` or to another tensor, or changed in place (``zero_()``, clipping,
+an optimizer hook), starts a new sum, seeded with ``param.grad``'s current
+values, exactly (zeros add nothing): ``grad`` always equals the correctly
+rounded value of *what it held when last touched by anyone else* plus *every
+product accumulated since*.  See docs/training.md.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections.abc import Iterable
+from concurrent.futures import Future
+
+import torch
+from torch.utils.weak import WeakIdKeyDictionary
+
+from ..errors import ExactSumError, ExactSumOverflowError
+from ..kernels import exact_sum as es
+from . import native, pools
+
+__all__ = ["ExactGrad", "ExactSum", "exact_grads"]
+
+#: Products per call above which the columns are split with the helper thread.
+SPLIT_PRODUCTS = 1 << 16
+_TILE = 32  # the C kernel's column tile: split on its multiples
+
+
+class ExactSum:
+    """``numel`` exact, order-free sums of products, one per column.
+
+    Exact: every product of two fp32 values is added without rounding.  Order-free:
+    the state (:attr:`state`, an int64 ``(STATE_ROWS, numel)`` tensor in its one
+    normal form) is the same bits for any order and grouping of the rows.
+    Mergeable: ``merge`` adds another state (as ``all_reduce(SUM)`` would).
+    """
+
+    __slots__ = ("state",)
+
+    def __init__(self, numel: int, device: torch.device | str | None = None) -> None:
+        self.state = es.empty_state(numel, device)
+
+    @classmethod
+    def from_state(cls, state: torch.Tensor) -> ExactSum:
+        """An :class:`ExactSum` over a (possibly unnormalised, e.g. summed) ``state``."""
+        es.check_state(state)
+        out = cls.__new__(cls)
+        out.state = es.normalize_(state.contiguous().clone())
+        return out
+
+    @property
+    def numel(self) -> int:
+        return int(self.state.shape[1])
+
+    def add_products(self, dy: torch.Tensor, x_hat: torch.Tensor) -> ExactSum:
+        """Add ``sum over rows of dy * x_hat`` (fp32/bf16/fp16, whole rows of
+        ``numel``), exactly; returns ``self``."""
+        if dy.shape != x_hat.shape:
+            raise ExactSumError(f"dy {list(dy.shape)} and x_hat {list(x_hat.shape)} must have the same shape")
+        if dy.device != self.state.device or x_hat.device != self.state.device:
+            raise ExactSumError(f"dy and x_hat must be on the sum's device {self.state.device}")
+        if self.state.device.type != "cpu" or not native.enabled() or not native.available():
+            es.add_products_(self.state, dy, x_hat)
+            return self
+        a, b = es.as_rows(dy, self.numel, "dy"), es.as_rows(x_hat, self.numel, "x_hat")
+        if a.shape[1] > 1 and (a.stride(1) != 1 or b.stride(1) != 1):
+            a, b = a.contiguous(), b.contiguous()
+        for start in range(0, a.shape[0], es.ROWS_PER_ADD):
+            self._add_native(a[start:start + es.ROWS_PER_ADD], b[start:start + es.ROWS_PER_ADD])
+        return self
+
+    def _add_native(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        n = self.numel
+        pool = pools.helper() if a.numel() >= SPLIT_PRODUCTS and n >= 2 * _TILE else None
+        if pool is None:
+            over = native.exact_dw(self.state, a, b)
+        else:
+            cut = (n // 2 + _TILE - 1) // _TILE * _TILE  # columns are independent: any cut
+            other: Future[int] = pool.submit(native.exact_dw, self.state, a, b, (cut, n))
+            over = native.exact_dw(self.state, a, b, (0, cut)) + other.result()
+        if over:
+            raise ExactSumOverflowError(over, f"|sum| must stay below 2**{40 + 256}")
+
+    def add_values(self, values: torch.Tensor) -> ExactSum:
+        """Add the float values ``values`` (whole rows of ``numel``) exactly."""
+        rows = es.as_rows(values, self.numel, "values")
+        return self.add_products(rows, torch.ones_like(rows))
+
+    def merge(self, other: ExactSum) -> ExactSum:
+        """Add ``other``'s sums into these, exactly; returns ``self``."""
+        if other.state.shape != self.state.shape or other.state.device != self.state.device:
+            raise ExactSumError(f"cannot merge an exact sum of {other.numel} columns on {other.state.device} "
+                                f"into one of {self.numel} on {self.state.device}")
+        self.state += other.state
+        es.normalize_(self.state)
+        return self
+
+    def result(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The sums correctly rounded to ``dtype`` (fp32, bf16, fp16): ``(numel,)``."""
+        return es.round_state(self.state, dtype)
+
+    def copy(self) -> ExactSum:
+        out = ExactSum.__new__(ExactSum)
+        out.state = self.state.clone()
+        return out
+
+
+class _Carry:
+    """One parameter's sum and the ``param.grad`` it stands behind."""
+
+    __slots__ = ("sum", "grad_ref", "grad_version", "lock")
+
+    def __init__(self, param: torch.Tensor) -> None:
+        self.sum = ExactSum(param.numel(), param.device)
+        self.grad_ref: weakref.ref[torch.Tensor] | None = None
+        self.grad_version = -1
+        self.lock = threading.Lock()
+
+    def stands_behind(self, grad: torch.Tensor | None) -> bool:
+        """Whether ``grad`` is what this carry last saw (same tensor, not modified)."""
+        if self.grad_ref is None:
+            return grad is None
+        return grad is not None and self.grad_ref() is grad and grad._version == self.grad_version
+
+    def remember(self, grad: torch.Tensor | None) -> None:
+        self.grad_ref = None if grad is None else weakref.ref(grad)
+        self.grad_version = -1 if grad is None else grad._version
+
+
+_WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class ExactGrad:
+    """Exact weight gradients carried per parameter across backward calls.
+
+    ``accumulate(param, dy, x_hat)`` adds ``sum over rows of dy * x_hat`` to the
+    parameter's exact sum (starting afresh when ``param.grad`` was cleared or
+    changed since this object last wrote it); ``finish(param)`` writes
+    ``param.grad`` as the correctly rounded sum in ``param.dtype``.  Thread-safe.
+    """
+
+    def __init__(self) -> None:
+        self._carries: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self._registered: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self._lock = threading.Lock()
+
+    def register(self, param: torch.Tensor) -> torch.Tensor:
+        """Mark ``param`` as exact (all_reduce_exact_grads then reduces it on every
+        rank, even one that saw no rows); returns it."""
+        _check_param(param)
+        with self._lock:
+            self._registered[param] = True
+        return param
+
+    def __contains__(self, param: object) -> bool:
+        with self._lock:
+            return param in self._registered or param in self._carries
+
+    def _carry(self, param: torch.Tensor) -> _Carry:
+        with self._lock:
+            carry: _Carry | None = self._carries.get(param)  # type: ignore[no-untyped-call]
+            if carry is None:
+                carry = self._carries[param] = _Carry(param)  # zeros: stands behind grad None
+            return carry
+
+    def _restart_unless_current(self, param: torch.Tensor, carry: _Carry) -> None:
+        grad = param.grad
+        if carry.stands_behind(grad):
+            return
+        carry.sum = ExactSum(param.numel(), param.device)
+        if grad is not None:
+            carry.sum.add_values(grad.detach())
+        carry.remember(grad)
+
+    def accumulate(self, param: torch.Tensor, dy: torch.Tensor, x_hat: torch.Tensor) -> None:
+        """``param``'s exact sum += ``sum over rows of dy * x_hat``.
+
+        ``dy`` and ``x_hat``: fp32 (or bf16/fp16) ``(..., *param.shape)``, the same
+        shape, on ``param``'s device.
+        """
+        _check_param(param)
+        if dy.shape != x_hat.shape or tuple(dy.shape[dy.dim() - param.dim():]) != tuple(param.shape):
+            raise ExactSumError(f"dy {list(dy.shape)} and x_hat {list(x_hat.shape)} must both be "
+                                f"(..., {', '.join(map(str, param.shape))}) like the parameter")
+        carry = self._carry(param)
+        with carry.lock:
+            self._restart_unless_current(param, carry)
+            carry.sum.add_products(dy.detach(), x_hat.detach())
+
+    def finish(self, param: torch.Tensor) -> torch.Tensor | None:
+        """Write ``param.grad`` = the correctly rounded exact sum; returns it.
+
+        Does nothing (returns ``param.grad``) when nothing was accumulated since the
+        gradient was last cleared or changed.
+        """
+        carry = self._carry(param)
+        with carry.lock:
+            grad = param.grad
+            if not carry.stands_behind(grad):
+                return grad
+            self._write(param, carry, grad)
+            return param.grad
+
+    def state(self, param: torch.Tensor) -> ExactSum:
+        """A copy of the exact sum behind ``param.grad`` now (from ``param.grad``'s
+        values when this object did not write it; zeros for ``None``)."""
+        _check_param(param)
+        carry = self._carry(param)
+        with carry.lock:
+            self._restart_unless_current(param, carry)
+            return carry.sum.copy()
+
+    def set_state(self, param: torch.Tensor, total: ExactSum) -> torch.Tensor:
+        """Make ``total`` the exact sum behind ``param`` and write ``param.grad``."""
+        _check_param(param)
+        if total.numel != param.numel() or total.state.device != param.device:
+            raise ExactSumError(f"an exact sum of {total.numel} columns on {total.state.device} "
+                                f"cannot stand behind a parameter of {param.numel()} on {param.device}")
+        carry = self._carry(param)
+        with carry.lock:
+            grad = param.grad
+            ours = grad if carry.stands_behind(grad) else None
+            carry.sum = total.copy()
+            return self._write(param, carry, ours)
+
+    @staticmethod
+    def _write(param: torch.Tensor, carry: _Carry, ours: torch.Tensor | None) -> torch.Tensor:
+        """``param.grad`` = the rounded sum: into ``ours`` (the grad the carry stands
+        behind, which the optimizer and hooks may hold) when there is one."""
+        value = carry.sum.result(param.dtype).view(param.shape)
+        if ours is not None and ours.layout == torch.strided and ours.shape == param.shape:
+            with torch.no_grad():
+                ours.copy_(value)
+        else:
+            param.grad = ours = value
+        carry.remember(ours)
+        return ours
+
+    def changed_since_written(self, param: torch.Tensor) -> bool:
+        """Whether ``param.grad`` is a tensor this object wrote or took in, changed
+        since by someone else (e.g. DDP reducing it too)."""
+        with self._lock:
+            carry: _Carry | None = self._carries.get(param)  # type: ignore[no-untyped-call]
+        grad = param.grad
+        return (carry is not None and carry.grad_ref is not None and grad is not None
+                and not carry.stands_behind(grad))
+
+    def forget(self, params: Iterable[torch.Tensor]) -> None:
+        """Drop the carried sums of ``params`` (their ``grad`` is left as it is)."""
+        with self._lock:
+            for p in params:
+                self._carries.pop(p, None)  # type: ignore[no-untyped-call]
+
+
+def _check_param(param: torch.Tensor) -> None:
+    if param.dtype not in _WEIGHT_DTYPES:
+        raise ExactSumError(f"an exact weight gradient needs a float32, bfloat16 or float16 parameter "
+                            f"(the correctly rounded sum is defined in those); got {param.dtype}")
+
+
+#: The process-wide carrier RMSNorm's backward and ``all_reduce_exact_grads`` use.
+exact_grads = ExactGrad()
