@@ -51,8 +51,14 @@ class RMSNorm(nn.Module):
         accumulate: str = "float",
         casting_mode: str = "torch",
         offset: float = 0.0,
+        weight_grad: str = "float",
     ) -> None:
         super().__init__()
+        if weight_grad not in ("float", "exact"):
+            raise ConfigError("weight_grad", weight_grad, "'float' or 'exact'")
+        if weight_grad == "exact" and not elementwise_affine:
+            raise ConfigError("weight_grad", weight_grad, "'float' with elementwise_affine=False (no weight)")
+        self.weight_grad = weight_grad
         dims: Sequence[int] = (
             (int(normalized_shape),) if isinstance(normalized_shape, numbers.Integral)
             else normalized_shape  # type: ignore[assignment]
@@ -91,6 +97,8 @@ class RMSNorm(nn.Module):
         k = len(self.normalized_shape)
         weight = self.weight  # (once: a parameter is a slow attribute)
         how = ops.route(x, weight) if isinstance(x, torch.Tensor) else ops.DIRECT
+        if self.weight_grad == "exact" and how != ops.DIRECT and weight is not None:
+            return self._forward_exact(x, residual)
         if residual is not None:
             if how == ops.DIRECT and isinstance(residual, torch.Tensor) and ops.needs_op(residual, None):
                 how = ops.route(residual, None)
@@ -160,6 +168,29 @@ class RMSNorm(nn.Module):
                                      offset=self.offset)
         return (y, h) if k == 1 else (y.reshape(x.shape), h.reshape(x.shape))
 
+    @torch.compiler.disable  # the accumulator is Python state: eager, a graph break under compile
+    def _forward_exact(self, x: torch.Tensor, residual: torch.Tensor | None) -> Any:
+        """The forward whose weight gradient goes exactly into the weight's accumulator
+        (``weight_grad="exact"``; :mod:`taskgraph_norm.ops.exact_weight`)."""
+        from .ops.exact_weight import exact_apply
+
+        h = x
+        if residual is not None:
+            if not isinstance(residual, torch.Tensor) or residual.shape != x.shape or residual.dtype != x.dtype:
+                raise ConfigError("residual", type(residual).__name__, "a tensor of x's shape and dtype")
+            h = x + residual  # elementwise, x's dtype: the bits of the fused residual's h
+        check_input(h, self.normalized_shape, self.weight)
+        k = len(self.normalized_shape)
+        hidden = math.prod(self.normalized_shape)
+        flat = h if k == 1 else h.reshape(*h.shape[: h.dim() - k], hidden)
+        assert self.weight is not None
+        w = self.weight if k == 1 else self.weight.reshape(hidden)
+        config = (ops.resolve_eps_fast(self.eps, h.dtype), self.chunk_size, self.topology, self.leaf,
+                  self.accumulate, self.casting_mode, self.offset)
+        y = exact_apply(flat, w, config, self.weight)
+        y = y if k == 1 else y.reshape(h.shape)
+        return y if residual is None else (y, h)
+
     def extra_repr(self) -> str:
         return (
             f"{self.normalized_shape}, eps={self.eps}, "
@@ -167,4 +198,5 @@ class RMSNorm(nn.Module):
             f"chunk_size={self.chunk_size}, leaf={self.leaf!r}, accumulate={self.accumulate!r}"
             + (f", casting_mode={self.casting_mode!r}" if self.casting_mode != "torch" else "")
             + (f", offset={self.offset!r}" if self.offset else "")
+            + (f", weight_grad={self.weight_grad!r}" if self.weight_grad != "float" else "")
         )

@@ -139,8 +139,28 @@ def single_process_ddp_reference(rows: int, cols: int) -> dict[str, torch.Tensor
     return {"norm": model.norm_weight.grad.clone(), "scale": model.scale.grad.clone()}
 
 
+def module_grads(rank: int, world: int, rows: int, cols: int, layout: str) -> torch.Tensor:
+    """``tgn.RMSNorm(weight_grad="exact")`` trained on this rank's micro-batches of the
+    rows, then ``all_reduce_exact_grads``: the weight's gradient (``world=1``, no
+    process group: the single-process reference)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(rows, cols, generator=g) * torch.exp2(torch.randint(-8, 8, (rows, 1), generator=g).float())
+    dy = torch.randn(rows, cols, generator=g) * torch.exp2(torch.randint(-20, 20, (rows, cols), generator=g).float())
+    norm = tgn.RMSNorm(cols, weight_grad="exact", chunk_size=8)
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(0.5, 1.5, cols))
+    for micro in assignment(rows, world, layout)[rank]:
+        idx = torch.tensor(micro, dtype=torch.int64)
+        norm(x[idx].clone().requires_grad_()).backward(dy[idx])
+    if dist.is_initialized():
+        tgn.distributed.all_reduce_exact_grads(norm)
+    grad = norm.weight.grad
+    return torch.zeros(cols) if grad is None else grad.clone()
+
+
 def run_all(rank: int, world: int, cases: list[tuple[str, str]], rows: int, cols: int) -> dict[str, Any]:
     out = exact_matrix(rank, world, cases, rows, cols)
+    out["module"] = [module_grads(rank, world, rows, cols, layout) for layout in ("even", "strided", "skewed")]
     if world > 1:
         out["ddp"] = ddp_step(rank, world, rows, cols)
         out["ddp_naive"] = ddp_step(rank, world, rows, cols, naive=True)

@@ -45,6 +45,12 @@ def test_without_a_process_group_it_fails_clearly() -> None:
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 def test_every_world_size_and_split_gives_the_single_process_bits(world: int) -> None:
     results = run_local(workers.run_all, world, CASES, ROWS, COLS, timeout=300)
+    # tgn.RMSNorm(weight_grad="exact") itself: every rank's weight.grad after
+    # all_reduce_exact_grads is the single process's bits, for every split.
+    single = workers.module_grads(0, 1, ROWS, COLS, "even")
+    for rank, result in enumerate(results):
+        for n, layout in enumerate(("even", "strided", "skewed")):
+            assert_bits_equal(result["module"][n], single, f"module, world {world} rank {rank} {layout}")
     float_differs = []
     for n, (dtype_name, layout) in enumerate(CASES):
         expected, float_single = single_process(dtype_name)

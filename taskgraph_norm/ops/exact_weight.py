@@ -1,0 +1,74 @@
+"""``weight_grad="exact"``: the weight gradient as an exact, order-free sum over tokens.
+
+:class:`ExactWeightRMSNorm` is the norm under eager autograd with the forward's
+kernels (the same ``y`` bits as every other path) and a backward whose input
+gradient is the float backward's (``dx`` through the forward's merge DAG) and whose
+weight gradient is not returned to autograd at all: each backward adds
+``dy * x_hat`` of its rows, exactly, to the parameter's accumulator
+(:data:`taskgraph_norm.executors.exact_grad.exact_grads`) and writes
+``weight.grad`` as the correctly rounded total in the weight's dtype.  ``x_hat`` is
+the forward's normalised value without the weight, with the bits
+``normalize(x, None)`` gives (``(x / rms)`` rounded to ``x``'s dtype).
+
+So ``weight.grad`` after the same rows in 1, 2, 8 or N micro-batches, in any order,
+is the same bits; ``tgn.distributed.all_reduce_exact_grads`` extends that across
+data-parallel ranks (docs/training.md).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .. import kernels
+from ..errors import ConfigError
+from ..executors.exact_grad import exact_grads
+from . import backward as _backward
+from . import forward as _forward
+
+__all__ = ["ExactWeightRMSNorm", "exact_apply"]
+
+
+class ExactWeightRMSNorm(torch.autograd.Function):
+    """RMSNorm whose weight gradient goes to the parameter's exact accumulator."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, config: tuple[Any, ...],
+                param: torch.Tensor) -> torch.Tensor:
+        # config: (eps, chunk_size, topology, leaf, accumulate, casting_mode, offset)
+        y, rms = _forward.forward(x, weight, *config)
+        ctx.config, ctx.param = config, param
+        ctx.save_for_backward(x, weight, rms)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[Any, ...]:
+        x, weight, rms = ctx.saved_tensors
+        eps, *config = ctx.config
+        dy = dy.contiguous()
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx, _ = _backward.backward(dy, x, weight, rms, *config, "float", [True, False])
+        if ctx.needs_input_grad[1]:
+            hidden = x.shape[-1]
+            acc = kernels.accumulation_dtype(x.dtype)
+            x_hat = (x.reshape(-1, hidden).to(acc) / rms.reshape(-1, 1)).to(x.dtype)  # normalize(x, None)
+            param = ctx.param
+            exact_grads.accumulate(param, dy.reshape(-1, *param.shape).to(torch.float32),
+                                   x_hat.to(torch.float32).reshape(-1, *param.shape))
+            exact_grads.finish(param)
+        return dx, None, None, None  # the weight's gradient is written by the accumulator
+
+
+def exact_apply(x: torch.Tensor, weight: torch.Tensor, config: tuple[Any, ...],
+                param: torch.Tensor) -> torch.Tensor:
+    """The norm of ``x`` with ``weight`` (``param`` itself, or its flattened view) whose
+    gradient goes exactly into ``param``'s accumulator."""
+    if x.dtype == torch.float64 or param.dtype == torch.float64:
+        raise ConfigError("weight_grad", "exact", "fp32, bf16 or fp16 inputs and weights (the exact "
+                          "accumulator sums products of fp32 values; docs/training.md)")
+    if param not in exact_grads:
+        exact_grads.register(param)
+    y: torch.Tensor = ExactWeightRMSNorm.apply(x, weight, config, param)
+    return y
