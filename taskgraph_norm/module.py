@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -17,6 +17,10 @@ from .errors import ConfigError
 from .topologies import build_graph
 
 __all__ = ["RMSNorm"]
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+_eager_only: Callable[[_F], _F] = torch.compiler.disable  # (typed: torch's decorator is not)
 
 
 class RMSNorm(nn.Module):
@@ -168,7 +172,7 @@ class RMSNorm(nn.Module):
                                      offset=self.offset)
         return (y, h) if k == 1 else (y.reshape(x.shape), h.reshape(x.shape))
 
-    @torch.compiler.disable  # the accumulator is Python state: eager, a graph break under compile
+    @_eager_only  # the accumulator is Python state: eager, a graph break under compile
     def _forward_exact(self, x: torch.Tensor, residual: torch.Tensor | None) -> Any:
         """The forward whose weight gradient goes exactly into the weight's accumulator
         (``weight_grad="exact"``; :mod:`taskgraph_norm.ops.exact_weight`)."""

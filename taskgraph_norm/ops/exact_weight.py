@@ -49,7 +49,8 @@ class ExactWeightRMSNorm(torch.autograd.Function):
         dy = dy.contiguous()
         dx = None
         if ctx.needs_input_grad[0]:
-            dx, _ = _backward.backward(dy, x, weight, rms, *config, "float", [True, False])
+            float_backward: Any = _backward.backward
+            dx, _ = float_backward(dy, x, weight, rms, *config, "float", [True, False])
         if ctx.needs_input_grad[1]:
             hidden = x.shape[-1]
             acc = kernels.accumulation_dtype(x.dtype)
@@ -70,5 +71,5 @@ def exact_apply(x: torch.Tensor, weight: torch.Tensor, config: tuple[Any, ...],
                           "accumulator sums products of fp32 values; docs/training.md)")
     if param not in exact_grads:
         exact_grads.register(param)
-    y: torch.Tensor = ExactWeightRMSNorm.apply(x, weight, config, param)
+    y: torch.Tensor = ExactWeightRMSNorm.apply(x, weight, config, param)  # type: ignore[no-untyped-call]
     return y
