@@ -309,3 +309,21 @@ def test_the_model_is_as_batch_invariant_as_stock_or_more() -> None:
     stock = _alone_vs_batch(model, x)
     replace_rmsnorm(model)
     assert _alone_vs_batch(model, x) or not stock
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3"])
+def test_the_replaced_model_compiles_as_one_graph(family: str) -> None:
+    model = tiny(family)
+    replace_rmsnorm(model)
+    x = ids()
+
+    def forward() -> torch.Tensor:
+        return logits(model, x)
+
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(forward)()
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons[:1]
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        assert bits_equal(compiled(input_ids=x).logits, forward())
+    torch._dynamo.reset()
