@@ -157,6 +157,20 @@ class ShardMismatchError(TaskGraphError, ValueError):
         super().__init__(problem)
 
 
+class UnsupportedNormError(TaskGraphError, ValueError):
+    """A model holds norm modules that no casting mode reproduces exactly (or that
+    cannot be swapped safely); ``modules`` lists ``(name, class, reason)`` and
+    nothing was replaced."""
+
+    def __init__(self, modules: Sequence[tuple[str, str, str]], hint: str = "") -> None:
+        self.modules = tuple(modules)
+        shown = [f"  {name} ({cls}): {reason}" for name, cls, reason in self.modules[:10]]
+        if len(self.modules) > 10:
+            shown.append(f"  ... and {len(self.modules) - 10} more")
+        text = "cannot replace these norm modules, so nothing was replaced:\n" + "\n".join(shown)
+        super().__init__(f"{text}\n{hint}" if hint else text)
+
+
 # --- warnings ----------------------------------------------------------------
 
 

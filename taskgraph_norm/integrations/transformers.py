@@ -1,0 +1,284 @@
+"""Swap a Hugging Face ``transformers`` model's RMSNorm modules for :class:`taskgraph_norm.RMSNorm`.
+
+Each supported norm class belongs to a :class:`NormFamily`: the casting mode and
+weight offset that reproduce its arithmetic (docs/model.md lists them and what
+"reproduce" means: the same operations, with a division by a correctly rounded
+``sqrt`` where Hugging Face multiplies by ``rsqrt``, and a fixed reduction order
+where it uses torch's).  The classes are named by module path and qualified name,
+so ``transformers`` need not import a model to know it, and a copy of a class
+under another name (remote code, a subclass) is not mistaken for the original.
+
+``transformers`` is imported lazily (the ``[hf]`` extra): importing this module
+needs only torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError, MissingDependencyError, UnsupportedNormError
+from ..module import RMSNorm
+
+__all__ = [
+    "FAMILIES", "NormFamily", "register_norm_class", "replace_rmsnorm", "restore_rmsnorm",
+    "rmsnorm_replaced",
+]
+
+HF_EXTRA = "pip install 'taskgraph-norm[hf]'"
+
+
+@dataclass(frozen=True)
+class NormFamily:
+    """How a norm class computes, in :class:`~taskgraph_norm.RMSNorm`'s terms.
+
+    ``eps_attr`` names the attribute holding its epsilon; ``weight_dtypes``, when
+    set, are the weight dtypes for which ``casting_mode`` reproduces the class
+    (outside them it is refused rather than approximated).
+    """
+
+    casting_mode: str
+    offset: float
+    eps_attr: str
+    weight_dtypes: frozenset[torch.dtype] | None = None
+
+
+#: ``(x.float() * rsqrt(mean + eps)).to(x.dtype)``, then ``weight * that``.
+LLAMA = NormFamily("llama", 0.0, "variance_epsilon")
+#: ``(x.float() * rsqrt(...)) * (1 + weight.float())`` in fp32, cast once.
+GEMMA = NormFamily("gemma", 1.0, "eps")
+#: ``(weight * x.float() * rsqrt(...)).to(x.dtype)``: multiply before casting, in the
+#: promoted dtype of the weight and fp32 -- fp32 (``"torch"``) unless the weight is fp64.
+OLMO2 = NormFamily("torch", 0.0, "variance_epsilon",
+                   frozenset({torch.float16, torch.bfloat16, torch.float32}))
+#: ``torch.nn.RMSNorm`` itself: ``"torch"`` is its definition.
+TORCH = NormFamily("torch", 0.0, "eps")
+
+_M = "transformers.models"
+
+#: Norm class (``module.qualname``) -> its family.  tests/test_hf.py checks that every
+#: class of a family has the same ``forward`` source as the family's first class.
+FAMILIES: dict[str, NormFamily] = {
+    **{f"{_M}.{mod}.modeling_{mod}.{cls}": LLAMA for mod, cls in [
+        ("llama", "LlamaRMSNorm"), ("mistral", "MistralRMSNorm"), ("mixtral", "MixtralRMSNorm"),
+        ("qwen2", "Qwen2RMSNorm"), ("qwen2_moe", "Qwen2MoeRMSNorm"), ("qwen3", "Qwen3RMSNorm"),
+        ("qwen3_moe", "Qwen3MoeRMSNorm"), ("phi3", "Phi3RMSNorm"), ("granite", "GraniteRMSNorm"),
+        ("deepseek_v3", "DeepseekV3RMSNorm"), ("glm4", "Glm4RMSNorm"),
+    ]},
+    **{f"{_M}.{mod}.modeling_{mod}.{cls}": GEMMA for mod, cls in [
+        ("gemma", "GemmaRMSNorm"), ("gemma2", "Gemma2RMSNorm"), ("gemma3", "Gemma3RMSNorm"),
+    ]},
+    **{f"{_M}.{mod}.modeling_{mod}.{cls}": OLMO2 for mod, cls in [
+        ("olmo2", "Olmo2RMSNorm"), ("olmo3", "Olmo3RMSNorm"),
+    ]},
+    "torch.nn.modules.normalization.RMSNorm": TORCH,
+}
+
+#: Class names that look like a norm: refused unless mapped, so that a model is never
+#: left with a norm this library did not account for (LayerNorm, T5LayerNorm, gated
+#: RMSNorms, ...).  Containers such as ``...LayerNormConvLayer`` do not match.
+_NORM_NAME = re.compile(r"(rms|layer)_?norm\w{0,5}$", re.IGNORECASE)
+
+#: Where a replacement keeps the module it replaced (a plain attribute, so it is not a
+#: submodule: no state_dict keys, not moved by ``.to()``).
+_ORIGINAL = "_tgn_replaced_module"
+
+#: Forward hooks travel with the module: the replacement shares the original's dicts,
+#: so a hook registered on either (and its handle) keeps working.
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
+               "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
+
+
+def _class_path(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def register_norm_class(cls: type[nn.Module], family: NormFamily) -> None:
+    """Map ``cls`` (exactly this class, not its subclasses) to ``family``.
+
+    For a norm class of your own or of a model family not in :data:`FAMILIES`,
+    once you have checked that ``family.casting_mode`` reproduces its arithmetic.
+
+    Raises
+    ------
+    ConfigError
+        for an unknown casting mode or a non-finite offset (checked by building
+        one :class:`~taskgraph_norm.RMSNorm`).
+    """
+    RMSNorm(8, casting_mode=family.casting_mode, offset=family.offset, device="meta")
+    FAMILIES[_class_path(cls)] = family
+
+
+def _require_transformers() -> None:
+    try:
+        importlib.import_module("transformers")
+    except ImportError as exc:
+        raise MissingDependencyError("transformers", "replacing a Hugging Face model's norms",
+                                     HF_EXTRA) from exc
+
+
+def _family(module: nn.Module) -> NormFamily | None:
+    return FAMILIES.get(_class_path(type(module)))
+
+
+def _looks_like_norm(module: nn.Module) -> bool:
+    """A norm by its class name, or a subclass of a LayerNorm/RMSNorm or of a mapped
+    class (a subclass may compute otherwise, so it is refused unless mapped itself)."""
+    return (isinstance(module, (nn.LayerNorm, nn.RMSNorm))
+            or _NORM_NAME.search(type(module).__name__) is not None
+            or any(_class_path(c) in FAMILIES for c in type(module).__mro__))
+
+
+def _slots(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, nn.Module]]:
+    """``(name, parent, attribute, child)`` for every submodule in ``named_modules``
+    order, a shared module once per place it is held."""
+    seen: dict[str, nn.Module] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        seen[name] = module
+        if name:
+            parent, _, attr = name.rpartition(".")
+            yield name, seen[parent], attr, module
+
+
+def _skipped(name: str, skip: tuple[str, ...]) -> bool:
+    return any(name == s or name.startswith(s + ".") for s in skip)
+
+
+def _why_not(module: nn.Module, family: NormFamily | None) -> str | None:
+    """Why ``module`` cannot be replaced exactly, or ``None`` when it can."""
+    if family is None:
+        return "no casting mode is known to reproduce this class (register_norm_class maps one)"
+    if "forward" in vars(module):
+        return "its forward is wrapped on the instance (an accelerate device_map or offload hook?)"
+    weight = getattr(module, "weight", None)
+    if weight is not None and not isinstance(weight, nn.Parameter):
+        return "its weight is not a Parameter"
+    if weight is not None and family.weight_dtypes is not None and weight.dtype not in family.weight_dtypes:
+        return f"with a {weight.dtype} weight it multiplies in that dtype, which no casting mode does"
+    if not isinstance(getattr(module, family.eps_attr, None), (float, int, type(None))):
+        return f"no numeric eps in its {family.eps_attr!r} attribute"
+    return None
+
+
+def _replacement(module: nn.Module, family: NormFamily, options: dict[str, Any]) -> RMSNorm:
+    weight = getattr(module, "weight", None)
+    shape = tuple(weight.shape) if weight is not None else tuple(getattr(module, "normalized_shape"))
+    eps = getattr(module, family.eps_attr)
+    new = RMSNorm(shape, None if eps is None else float(eps), elementwise_affine=weight is not None,
+                  device="meta", casting_mode=family.casting_mode, offset=family.offset, **options)
+    if weight is not None:
+        new.weight = weight  # the same Parameter: optimizer state and ties keep working
+    new.train(module.training)
+    for hooks in _HOOK_DICTS:
+        object.__setattr__(new, hooks, getattr(module, hooks))
+    object.__setattr__(new, _ORIGINAL, module)
+    return new
+
+
+def replace_rmsnorm(model: nn.Module, *, skip: Iterable[str] = (), **options: Any) -> list[str]:
+    """Replace every RMSNorm module of ``model`` in place with a :class:`taskgraph_norm.RMSNorm`.
+
+    Each replacement gets the casting mode and offset of its class's family
+    (:data:`FAMILIES`), the module's eps, and its weight: the same
+    :class:`~torch.nn.Parameter` object, so ``state_dict`` keys and values, the
+    parameter's dtype, device and ``requires_grad``, weight ties and optimizer
+    state are untouched.  Forward hooks registered on a module carry over.
+    All or nothing: every module is checked and every replacement built before
+    the first one is swapped in.
+
+    Parameters
+    ----------
+    model:
+        A ``transformers`` model (or any ``nn.Module`` holding mapped norm classes).
+    skip:
+        Module names (and everything under them) to leave as they are, e.g. a
+        vision tower's ``"model.vision_tower"`` whose LayerNorms have no mapping.
+    **options:
+        Passed to every :class:`~taskgraph_norm.RMSNorm` (``topology``,
+        ``chunk_size``, ``leaf``, ``accumulate``...), never ``casting_mode`` or
+        ``offset``, which come from the family.
+
+    Returns
+    -------
+    list[str]
+        The replaced modules' names (a module held in two places is named twice).
+        Norms that already are :class:`~taskgraph_norm.RMSNorm` are left alone.
+
+    Raises
+    ------
+    MissingDependencyError
+        without ``transformers`` (``pip install 'taskgraph-norm[hf]'``).
+    ConfigError
+        for ``casting_mode``/``offset`` in ``options``, or a bad option.
+    UnsupportedNormError
+        naming every norm-like module (a class whose name ends in ``RMSNorm`` or
+        ``LayerNorm``, or any ``nn.LayerNorm``/``nn.RMSNorm``) that has no
+        mapping or cannot be swapped safely; nothing is replaced.
+    """
+    _require_transformers()
+    for name in ("casting_mode", "offset"):
+        if name in options:
+            raise ConfigError(name, options[name], "no value: each norm class's family sets it")
+    skipped = tuple(skip)
+    if _looks_like_norm(model) and not isinstance(model, RMSNorm):
+        raise UnsupportedNormError([("<model>", _class_path(type(model)), "the model itself is a norm; "
+                                     "replace it by assignment in its parent")])
+    found: list[tuple[str, nn.Module, str, nn.Module, NormFamily]] = []
+    refused: list[tuple[str, str, str]] = []
+    for name, parent, attr, child in _slots(model):
+        if isinstance(child, RMSNorm) or _skipped(name, skipped) or not _looks_like_norm(child):
+            continue
+        family = _family(child)
+        reason = _why_not(child, family)
+        if reason is not None or family is None:
+            refused.append((name, _class_path(type(child)), reason or ""))
+        else:
+            found.append((name, parent, attr, child, family))
+    if refused:
+        raise UnsupportedNormError(refused, "leave a part of the model as it is with skip=[name, ...]")
+    made: dict[int, RMSNorm] = {}
+    for _, _, _, child, family in found:  # build all first: a bad option fails before any swap
+        if id(child) not in made:
+            made[id(child)] = _replacement(child, family, options)
+    for _, parent, attr, child, _ in found:
+        setattr(parent, attr, made[id(child)])
+    return [name for name, *_ in found]
+
+
+def restore_rmsnorm(model: nn.Module) -> list[str]:
+    """Put back every module :func:`replace_rmsnorm` replaced in ``model``.
+
+    The original gets the replacement's current weight Parameter (the same object
+    unless something swapped it since, e.g. ``load_state_dict(assign=True)``) and
+    training mode.  Returns the restored modules' names; other
+    :class:`~taskgraph_norm.RMSNorm` modules stay.
+    """
+    restored: list[str] = []
+    for name, parent, attr, child in list(_slots(model)):
+        original = vars(child).get(_ORIGINAL)
+        if not isinstance(child, RMSNorm) or not isinstance(original, nn.Module):
+            continue
+        if child.weight is not None:
+            original.weight = child.weight
+        original.train(child.training)
+        setattr(parent, attr, original)
+        restored.append(name)
+    return restored
+
+
+@contextmanager
+def rmsnorm_replaced(model: nn.Module, *, skip: Iterable[str] = (), **options: Any) -> Iterator[list[str]]:
+    """``with rmsnorm_replaced(model, topology="tree") as names:`` -- :func:`replace_rmsnorm`
+    on entry, :func:`restore_rmsnorm` on exit (even on an error)."""
+    names = replace_rmsnorm(model, skip=skip, **options)
+    try:
+        yield names
+    finally:
+        restore_rmsnorm(model)
