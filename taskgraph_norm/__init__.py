@@ -29,6 +29,7 @@ from .errors import PoolClosedError as PoolClosedError
 from .errors import ScheduleError as ScheduleError
 from .errors import ShardMismatchError as ShardMismatchError
 from .errors import TaskGraphError as TaskGraphError
+from .errors import UnsupportedNormError as UnsupportedNormError
 from .errors import WeightShapeError as WeightShapeError
 from .executors.devices import WorkerPool as WorkerPool
 from .executors.trace import Trace as Trace
@@ -74,6 +75,7 @@ __all__ = [
     "ShardMismatchError",
     "TOPOLOGIES",
     "TaskGraphError",
+    "UnsupportedNormError",
     "Trace",
     "WeightShapeError",
     "Witness",
