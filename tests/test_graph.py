@@ -138,7 +138,7 @@ def test_builder_graphs_are_valid_and_cached() -> None:
 
 
 def test_graph_hash_walks_the_nodes_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    from taskgraph_norm import graph as graph_module
+    from taskgraph_norm.graph import dag as graph_module
 
     walked: list[str] = []
     real = graph_module._node_id

@@ -492,12 +492,12 @@ def test_what_the_prover_cannot_read_is_never_certified(tree4: Graph, edit: obje
 
 
 def test_an_op_the_prover_does_not_know_is_never_certified(monkeypatch: pytest.MonkeyPatch) -> None:
-    from taskgraph_norm.prover import canonical
+    from taskgraph_norm.prover import readers
 
     g = tgn.build_graph(256, chunk_size=64, topology="cat")
     assert tgn.prove(g).certified  # negative control: known, it is certified
-    known = {op: a for op, a in canonical._KNOWN_ATTRS.items() if op is not Op.CATSUM}
-    monkeypatch.setattr(canonical, "_KNOWN_ATTRS", known)
+    known = {op: a for op, a in readers._KNOWN_ATTRS.items() if op is not Op.CATSUM}
+    monkeypatch.setattr(readers, "_KNOWN_ATTRS", known)
     _prove_cached.cache_clear()
     p = tgn.prove(g)
     assert (p.deterministic, p.rule) == (False, U) and "does not understand" in p.explain()
@@ -560,7 +560,7 @@ def test_prove_is_cheap_for_64_chunks() -> None:
 
 
 def test_the_prover_imports_torch_only_lazily() -> None:
-    for name in ("rules.py", "canonical.py", "witness.py"):
+    for name in ("rules.py", "canonical.py", "readers.py", "conclusions.py", "placement.py", "witness.py"):
         tree = ast.parse((ROOT / "taskgraph_norm" / "prover" / name).read_text())
         for stmt in tree.body:
             if isinstance(stmt, ast.Import):

@@ -1,185 +1,26 @@
-"""The merge-DAG IR: frozen nodes with ordered operands, an immutable graph, validation.
-
-This module is pure Python on purpose: it imports neither torch nor anything
-else of ours, so the prover and the drawing code can read graphs without
-loading a tensor library.  Operand order is semantics (``ADD(a, b)`` is not
-``ADD(b, a)`` once rounding is involved), so inputs are tuples, never sets.
+"""The immutable merge DAG (:class:`Graph`: nodes in build order, derived views,
+edits that return new graphs) and :func:`validate`, the structural rules every
+consumer relies on.  They share a module because a graph's topological order
+validates it first.  Pure Python.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import enum
-import gc
 import itertools
 import operator
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-from .errors import CycleError, GraphError
+from ..errors import CycleError, GraphError
+from .nodes import Attrs, Node
+from .ops import ARITY, Op
 
 if TYPE_CHECKING:
     import networkx as nx  # type: ignore[import-untyped]
 
-__all__ = ["Op", "Attrs", "Node", "Graph", "validate", "ancestors", "ARITY", "gc_paused"]
-
-
-class Op(enum.Enum):
-    """The operations a node may perform.  Each value's docstring is its semantics."""
-
-    INPUT = "input"
-    """The input tensor ``x`` of shape ``(..., D)``; no operands.  With attr
-    ``residual=True`` its value is ``h = x + residual`` rounded to ``x.dtype`` (one
-    elementwise add; the executor also hands ``h`` back), and the graph normalises ``h``."""
-    SUMSQ = "sumsq"
-    """Sum of squares of ``x[..., start:stop]`` per row (attrs ``start``, ``stop``,
-    ``leaf``).  ``leaf="pairwise"`` sums by explicit halving (see kernels), so its
-    order is fully specified; ``leaf="native"`` calls ``torch.sum``, whose order is
-    the backend's.  Operands: ``(x,)``, or ``(x, scale)`` in the exact domain."""
-    ADD = "add"
-    """Ordered binary merge ``a + b`` of two partial sums; operands ``(a, b)``."""
-    ACCUMULATE = "accumulate"
-    """``acc += p`` for every operand, in the order the operands *arrive*.  The
-    operand tuple lists the partials; it does not fix the order of the additions."""
-    CATSUM = "catsum"
-    """``torch.sum(torch.cat(parts, -1), -1)``: the order inside is the backend's."""
-    ROWMAX = "rowmax"
-    """Exact domain: maximum of the squares of ``x[..., start:stop]`` per row."""
-    MAX = "max"
-    """Exact domain: elementwise maximum of two row maxima (exact in any order)."""
-    SCALE = "scale"
-    """Exact domain: the power-of-two pre-rounding scale from the row maximum."""
-    RMSNORM = "rmsnorm"
-    """Opaque ``torch.nn.functional.rms_norm`` over the last dim (the baseline)."""
-    FINALIZE = "finalize"
-    """``x / sqrt(total / D + eps) * w`` computed in the accumulation dtype and cast
-    back to the input dtype; operands ``(x, total)``, attr ``hidden_size``.  Attrs
-    ``casting_mode`` (``"torch"`` when absent, ``"llama"``, ``"gemma"``) and
-    ``offset`` (``0.0`` when absent; the weight used is ``offset + w``) say how it
-    rounds: :func:`taskgraph_norm.kernels.finalize`."""
-    OUTPUT = "output"
-    """Marks the graph's single result; operand ``(y,)``."""
-    CALL = "call"
-    """A user function, for general graphs run by the concurrent executor: attr
-    ``fn`` is a *name* (a string, so the graph stays hashable and printable) that
-    the executor resolves through its ``functions`` mapping, and the result is
-    ``functions[fn](*operands)`` with operands in order.  Any number of operands.
-    The prover treats it as opaque: nothing about its order is known."""
-
-    # Members are singletons compared by identity, so identity hashing is exact; it
-    # is C-level, where Enum's own __hash__ is a Python call on every dict lookup
-    # (readers look ops up a few times per node, for millions of nodes).
-    __hash__ = object.__hash__
-
-
-#: Allowed operand counts per op: ``(minimum, maximum)``; ``None`` is unbounded.
-ARITY: Mapping[Op, tuple[int, int | None]] = {
-    Op.INPUT: (0, 0),
-    Op.SUMSQ: (1, 2),
-    Op.ADD: (2, 2),
-    Op.ACCUMULATE: (1, None),
-    Op.CATSUM: (1, None),
-    Op.ROWMAX: (1, 1),
-    Op.MAX: (2, 2),
-    Op.SCALE: (1, 1),
-    Op.RMSNORM: (1, 1),
-    Op.FINALIZE: (2, 2),
-    Op.OUTPUT: (1, 1),
-    Op.CALL: (0, None),
-}
-
-
-class Attrs(Mapping[str, Any]):
-    """An immutable, hashable mapping of node attributes (values must be hashable)."""
-
-    __slots__ = ("_items",)
-
-    def __init__(self, items: Mapping[str, Any] | Iterable[tuple[str, Any]] = ()) -> None:
-        pairs = dict(items)
-        self._items: tuple[tuple[str, Any], ...] = tuple(sorted(pairs.items()))
-        hash(self._items)  # fail now, not when the node is first put in a set
-
-    def __getitem__(self, key: str) -> Any:
-        for k, v in self._items:
-            if k == key:
-                return v
-        raise KeyError(key)
-
-    # Mapping's get and `in` go through __getitem__ and a caught KeyError, which
-    # costs more than the scan itself; readers ask for absent keys on every node.
-    def get(self, key: str, default: Any = None) -> Any:
-        for k, v in self._items:
-            if k == key:
-                return v
-        return default
-
-    def __contains__(self, key: object) -> bool:
-        for k, _ in self._items:
-            if k == key:
-                return True
-        return False
-
-    def __iter__(self) -> Iterator[str]:
-        return (k for k, _ in self._items)
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    @classmethod
-    def from_sorted(cls, pairs: tuple[tuple[str, Any], ...]) -> Attrs:
-        """Attrs from ``(name, value)`` pairs already sorted by name, with distinct names
-        and hashable values: none of that is checked (builders make millions)."""
-        attrs = object.__new__(cls)
-        attrs._items = pairs
-        return attrs
-
-    @property
-    def pairs(self) -> tuple[tuple[str, Any], ...]:
-        """The ``(name, value)`` pairs, sorted by name (``dict(attrs.pairs)`` is fast)."""
-        return self._items
-
-    def __hash__(self) -> int:
-        return hash(self._items)
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, Attrs):
-            return self._items == other._items
-        return isinstance(other, Mapping) and dict(self._items) == dict(other)
-
-    def __repr__(self) -> str:
-        return "Attrs({" + ", ".join(f"{k!r}: {v!r}" for k, v in self._items) + "})"
-
-
-#: The attributes of a node that has none (shared: builders make millions of them).
-_NO_ATTRS = Attrs()
-
-
-@dataclass(frozen=True, slots=True)
-class Node:
-    """One task: ``op`` applied to the results of ``inputs`` (ids, in operand order)."""
-
-    id: str
-    op: Op
-    inputs: tuple[str, ...] = ()
-    # Typed as a Mapping so that builders may pass dicts; __post_init__ always
-    # stores an immutable, hashable Attrs.
-    attrs: Mapping[str, Any] = _NO_ATTRS
-
-    def __post_init__(self) -> None:
-        # Accept lists and dicts from hand-written graphs, but store frozen values.
-        if not isinstance(self.inputs, tuple):
-            object.__setattr__(self, "inputs", tuple(self.inputs))
-        if not isinstance(self.attrs, Attrs):
-            object.__setattr__(self, "attrs", Attrs(self.attrs))
-
-    def replace(self, **changes: Any) -> Node:
-        """A copy of this node with some fields changed (the node itself is frozen)."""
-        return dataclasses.replace(self, **changes)
-
+__all__ = ["Graph", "validate", "ancestors"]
 
 _node_id = operator.attrgetter("id")
 _node_op = operator.attrgetter("op")
@@ -513,21 +354,3 @@ def ancestors(graph: Graph, node_id: str) -> set[str]:
                 stack.append(src)
     return found
 
-
-@contextlib.contextmanager
-def gc_paused() -> Iterator[None]:
-    """Hold off Python's cyclic garbage collector while a pass makes millions of objects.
-
-    Building, reading and lowering a graph allocate a few objects per node and free
-    none of them: every collection in between would walk them all again for
-    nothing (about 40% of the time of a million-leaf graph).  Collection resumes
-    afterwards, if it was on, and finds everything it would have found.
-    """
-    if not gc.isenabled():
-        yield
-        return
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()

@@ -1,0 +1,75 @@
+"""The operations a node may perform (:class:`Op`, each member's docstring its
+semantics) and how many operands each takes (:data:`ARITY`).  Pure Python."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+
+__all__ = ["Op", "ARITY"]
+
+
+class Op(enum.Enum):
+    """The operations a node may perform.  Each value's docstring is its semantics."""
+
+    INPUT = "input"
+    """The input tensor ``x`` of shape ``(..., D)``; no operands.  With attr
+    ``residual=True`` its value is ``h = x + residual`` rounded to ``x.dtype`` (one
+    elementwise add; the executor also hands ``h`` back), and the graph normalises ``h``."""
+    SUMSQ = "sumsq"
+    """Sum of squares of ``x[..., start:stop]`` per row (attrs ``start``, ``stop``,
+    ``leaf``).  ``leaf="pairwise"`` sums by explicit halving (see kernels), so its
+    order is fully specified; ``leaf="native"`` calls ``torch.sum``, whose order is
+    the backend's.  Operands: ``(x,)``, or ``(x, scale)`` in the exact domain."""
+    ADD = "add"
+    """Ordered binary merge ``a + b`` of two partial sums; operands ``(a, b)``."""
+    ACCUMULATE = "accumulate"
+    """``acc += p`` for every operand, in the order the operands *arrive*.  The
+    operand tuple lists the partials; it does not fix the order of the additions."""
+    CATSUM = "catsum"
+    """``torch.sum(torch.cat(parts, -1), -1)``: the order inside is the backend's."""
+    ROWMAX = "rowmax"
+    """Exact domain: maximum of the squares of ``x[..., start:stop]`` per row."""
+    MAX = "max"
+    """Exact domain: elementwise maximum of two row maxima (exact in any order)."""
+    SCALE = "scale"
+    """Exact domain: the power-of-two pre-rounding scale from the row maximum."""
+    RMSNORM = "rmsnorm"
+    """Opaque ``torch.nn.functional.rms_norm`` over the last dim (the baseline)."""
+    FINALIZE = "finalize"
+    """``x / sqrt(total / D + eps) * w`` computed in the accumulation dtype and cast
+    back to the input dtype; operands ``(x, total)``, attr ``hidden_size``.  Attrs
+    ``casting_mode`` (``"torch"`` when absent, ``"llama"``, ``"gemma"``) and
+    ``offset`` (``0.0`` when absent; the weight used is ``offset + w``) say how it
+    rounds: :func:`taskgraph_norm.kernels.finalize`."""
+    OUTPUT = "output"
+    """Marks the graph's single result; operand ``(y,)``."""
+    CALL = "call"
+    """A user function, for general graphs run by the concurrent executor: attr
+    ``fn`` is a *name* (a string, so the graph stays hashable and printable) that
+    the executor resolves through its ``functions`` mapping, and the result is
+    ``functions[fn](*operands)`` with operands in order.  Any number of operands.
+    The prover treats it as opaque: nothing about its order is known."""
+
+    # Members are singletons compared by identity, so identity hashing is exact; it
+    # is C-level, where Enum's own __hash__ is a Python call on every dict lookup
+    # (readers look ops up a few times per node, for millions of nodes).
+    __hash__ = object.__hash__
+
+
+#: Allowed operand counts per op: ``(minimum, maximum)``; ``None`` is unbounded.
+ARITY: Mapping[Op, tuple[int, int | None]] = {
+    Op.INPUT: (0, 0),
+    Op.SUMSQ: (1, 2),
+    Op.ADD: (2, 2),
+    Op.ACCUMULATE: (1, None),
+    Op.CATSUM: (1, None),
+    Op.ROWMAX: (1, 1),
+    Op.MAX: (2, 2),
+    Op.SCALE: (1, 1),
+    Op.RMSNORM: (1, 1),
+    Op.FINALIZE: (2, 2),
+    Op.OUTPUT: (1, 1),
+    Op.CALL: (0, None),
+}
+
