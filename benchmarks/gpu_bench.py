@@ -110,7 +110,7 @@ def check_backward_bits(rows: int, hidden: int, dtype: torch.dtype) -> bool:
     for name, (topology, accumulate, chunk, mode, offset) in BACKWARD.items():
         config = (chunk, topology, "pairwise", accumulate, mode, offset, "float", [True, True])
         cpu = backward(dy, x, w, rms, *config)
-        dev = backward(*(t.to(DEVICE) for t in (dy, x, w, rms)), *config)
+        dev = backward(dy.to(DEVICE), x.to(DEVICE), w.to(DEVICE), rms.to(DEVICE), *config)
         diff = [count_bit_differences(d.cpu(), c) for d, c in zip(dev, cpu)]
         ok &= diff == [0, 0]
         print(f"bits backward {name:15s} {str(dtype):15s} ({rows}, {hidden}): dx {diff[0]} of {x.numel()}, "
