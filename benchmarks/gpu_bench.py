@@ -1,6 +1,7 @@
-"""The triton executor's forward on a CUDA device: bits against the CPU, then time.
+"""The triton executor on a CUDA device, forward and backward: bits against the CPU, then time.
 
     python benchmarks/gpu_bench.py [--rounds 15] [--inner 20] [--shapes 4096x4096,32768x4096]
+                                   [--train-shapes 4096x4096]
 
 First a bits check: on the first rows of every shape, the triton forward on the
 device must equal the CPU's compiled executor (the reference's bits) for the float
@@ -13,6 +14,16 @@ the fused residual add (llama) against ``x + r`` then ``F.rms_norm``, as achieve
 bandwidth (x read once, y written once; with a residual also r read and h written)
 and as a fraction of a measured device copy of the same bytes.  Ratios are within
 one run.
+
+The backward (``ops.backward``: Triton kernels on CUDA tensors): ``dx`` and ``dW`` on
+the device against the CPU's (the C kernel or torch ops) for the float tree, the
+left fold, the exact plan and llama with offset 1, with a NaN row (finished on the
+CPU).  Then forward+backward timings (``--train-shapes``, bf16): ``torch.nn.RMSNorm``
+eager and under ``torch.compile``, Liger-Kernel's ``LigerRMSNorm`` when
+``liger_kernel`` imports, this library's op under autograd (``tgn.ops.rms_norm``:
+its forward is torch ops today, its backward the Triton kernels), and the Triton
+kernels alone (``run_triton`` then ``run_backward``), as achieved bandwidth (x read
+twice, y written, dy read, dx written) and against torch's eager pair.
 Without a CUDA device it prints why and exits with status 2.
 """
 
@@ -33,6 +44,7 @@ from taskgraph_norm.testing import count_bit_differences
 from taskgraph_norm.tools.bench import interleaved_medians
 
 EPS = 1e-6
+DEVICE = "cuda"  # the backward's functions take it from here (a CPU dry run sets "cpu")
 PLANS: dict[str, tuple[str, str, int, dict[str, Any]]] = {  # name: (topology, accumulate, chunk, settings)
     "triton tree": ("tree", "float", 64, {}),
     "triton linear": ("linear", "float", 256, {}),
@@ -73,6 +85,36 @@ def check_bits(rows: int, hidden: int, dtype: torch.dtype) -> bool:
             diff = count_bit_differences(y_dev.cpu(), tgn.execute_sync(g, x, w, EPS, executor="compiled"))
         ok &= diff == 0
         print(f"bits {name:24s} {str(dtype):15s} ({rows}, {hidden}): {diff} of {x.numel()} differ")
+    return ok
+
+
+BACKWARD = {  # name: (topology, accumulate, chunk, casting_mode, offset)
+    "tree": ("tree", "float", 64, "torch", 0.0), "linear": ("linear", "float", 256, "torch", 0.0),
+    "exact": ("race", "exact", 64, "torch", 0.0), "tree llama+1": ("tree", "float", 64, "llama", 1.0),
+}
+
+
+def check_backward_bits(rows: int, hidden: int, dtype: torch.dtype) -> bool:
+    """``(dx, dW)`` of the backward op on the device against the CPU's, a NaN row included."""
+    from taskgraph_norm import kernels
+    from taskgraph_norm.ops.backward import backward
+
+    gen = torch.Generator().manual_seed(rows * 7 + hidden)
+    x = (torch.randn(rows, hidden, generator=gen) * torch.logspace(-3, 3, hidden)).to(dtype)
+    x[rows // 2, 1] = float("nan")
+    dy = torch.randn(rows, hidden, generator=gen).to(dtype)
+    w = (1 + 0.1 * torch.randn(hidden, generator=gen)).to(dtype)
+    xa = x.float()
+    rms = kernels.finalize_rms((xa * xa).sum(-1, keepdim=True), hidden, EPS, torch.float32)
+    ok = True
+    for name, (topology, accumulate, chunk, mode, offset) in BACKWARD.items():
+        config = (chunk, topology, "pairwise", accumulate, mode, offset, "float", [True, True])
+        cpu = backward(dy, x, w, rms, *config)
+        dev = backward(dy.to(DEVICE), x.to(DEVICE), w.to(DEVICE), rms.to(DEVICE), *config)
+        diff = [count_bit_differences(d.cpu(), c) for d, c in zip(dev, cpu)]
+        ok &= diff == [0, 0]
+        print(f"bits backward {name:15s} {str(dtype):15s} ({rows}, {hidden}): dx {diff[0]} of {x.numel()}, "
+              f"dW {diff[1]} of {hidden} differ")
     return ok
 
 
@@ -119,11 +161,57 @@ def bench(rows: int, hidden: int, dtype: torch.dtype, rounds: int, inner: int) -
     print("(a residual row is against `x + r, F.rms_norm eager`)")
 
 
+def bench_train(rows: int, hidden: int, dtype: torch.dtype, rounds: int, inner: int) -> None:
+    """Forward+backward (``dx`` and ``dW``) per call, interleaved medians."""
+    from taskgraph_norm import kernels, ops
+    from taskgraph_norm.executors.triton import run_triton
+    from taskgraph_norm.executors.triton.backward import run_backward
+
+    x = torch.randn(rows, hidden, device=DEVICE).to(dtype).requires_grad_()
+    dy = torch.randn(rows, hidden, device=DEVICE).to(dtype)
+    norm = torch.nn.RMSNorm(hidden, eps=EPS, device=DEVICE, dtype=dtype)
+    compiled = torch.compile(norm)
+    w = norm.weight
+
+    def autograd(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[], object]:
+        return lambda: torch.autograd.grad(fn(x), (x, w), dy)
+
+    methods: dict[str, Callable[[], object]] = {
+        "torch.nn.RMSNorm eager": autograd(norm), "torch.nn.RMSNorm compiled": autograd(compiled),
+        "tgn.ops.rms_norm (torch fwd, triton bwd)": autograd(lambda t: ops.rms_norm(t, w, EPS)),
+    }
+    try:
+        from liger_kernel.transformers.rms_norm import LigerRMSNorm  # type: ignore[import-not-found, unused-ignore]
+
+        liger = LigerRMSNorm(hidden, eps=EPS).to(device=DEVICE, dtype=dtype)
+        methods["LigerRMSNorm"] = lambda: torch.autograd.grad(liger(x), (x, liger.weight), dy)
+    except ImportError as exc:
+        print(f"(Liger-Kernel not measured: {exc})")
+    g, plan = _graph(hidden, "triton tree")
+    x0, w0 = x.detach(), w.detach()
+    rms = kernels.finalize_rms((x0.float() ** 2).sum(-1, keepdim=True), hidden, EPS, torch.float32)
+    y = torch.empty_like(x0)
+
+    def kernels_only() -> None:
+        run_triton(g, x0, w0, EPS, plan=plan, out=y)
+        run_backward(plan, dy, x0, w0, rms, True, True)
+
+    methods["triton fwd + triton bwd (kernels)"] = kernels_only
+    medians = interleaved_medians({k: _timed(fn, inner) for k, fn in methods.items()}, rounds)
+    moved = 5 * x0.numel() * x0.element_size()  # x twice, y, dy, dx
+    print(f"\nforward+backward ({rows}, {hidden}) {dtype}: median of {rounds} rounds x {inner} calls")
+    print("| method | us/call | GB/s | vs torch.nn.RMSNorm eager |\n|---|---:|---:|---:|")
+    for name, secs in medians.items():
+        print(f"| {name} | {secs / inner * 1e6:.1f} | {moved * inner / secs / 1e9:.0f} | "
+              f"{medians['torch.nn.RMSNorm eager'] / secs:.2f}x |")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--inner", type=int, default=20)
     parser.add_argument("--shapes", default="4096x4096,32768x4096")
+    parser.add_argument("--train-shapes", default="4096x4096")
     parser.add_argument("--check-rows", type=int, default=256)
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -138,8 +226,12 @@ def main() -> int:
     shapes = [tuple(int(n) for n in s.split("x")) for s in args.shapes.split(",")]
     ok = all([check_bits(min(args.check_rows, r), h, dt)
               for r, h in shapes for dt in (torch.float32, torch.bfloat16)])
+    ok &= all([check_backward_bits(min(args.check_rows, r), h, dt)
+               for r, h in shapes for dt in (torch.float32, torch.bfloat16, torch.float16)])
     for (rows, hidden), dtype in [(s, dt) for s in shapes for dt in (torch.bfloat16, torch.float32)]:
         bench(rows, hidden, dtype, args.rounds, args.inner)
+    for rows, hidden in [tuple(int(n) for n in s.split("x")) for s in args.train_shapes.split(",") if s]:
+        bench_train(rows, hidden, torch.bfloat16, args.rounds, args.inner)
     return 0 if ok else 1
 
 

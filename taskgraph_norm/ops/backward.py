@@ -9,6 +9,9 @@ forward's proof; ``dW`` sums ``dy * x_hat`` over rows in fixed blocks of
 * fp32 CPU, contiguous, a plan with native kernels: one C pass over the rows
   (``native.backward_rows``), split in two halves of whole row blocks over the
   caller's thread and the helper thread; the block sums meet in the caller;
+* CUDA tensors, triton installed, a plan the Triton kernels run: the Triton kernels
+  (:func:`backward_triton`; CPU tensors under ``TRITON_INTERPRET=1`` only when
+  :data:`TRITON_ON_CPU` is set, or called directly, as the tests do);
 * anything else: the same math as torch ops (:func:`backward_torch`).
 
 ``weight_grad`` names how ``dW`` merges over rows: ``"float"`` (this version); the
@@ -20,18 +23,21 @@ from __future__ import annotations
 import torch
 
 from .. import kernels, pipeline
-from ..errors import ConfigError
+from ..errors import ConfigError, ExecutionError
 from ..executors import native as _native
 from ..executors import pools
 from ..executors.direct import SPLIT_NUMEL
 from ..executors.rowsum import plan_row_sum, reference_row_sum
+from ..executors.triton import backward as _triton
 from ..graph import Op
 from .forward import check_model_options
 
-__all__ = ["WEIGHT_GRAD_MODES", "backward", "backward_torch", "row_dot"]
+__all__ = ["TRITON_ON_CPU", "WEIGHT_GRAD_MODES", "backward", "backward_torch", "backward_triton", "row_dot"]
 
 #: How ``dW`` may merge over rows.
 WEIGHT_GRAD_MODES = ("float",)
+#: Run the Triton kernels on CPU tensors too when ``TRITON_INTERPRET=1`` (tests only: slow).
+TRITON_ON_CPU = False
 
 
 def row_dot(pipe: pipeline.Pipeline, xa: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -62,6 +68,30 @@ def backward_torch(
         dx = kernels.input_grad(xa, g, rms, row_dot(pipe, xa, g), x.dtype)
     if weight_grad and weight is not None:
         dw = kernels.weight_grad_float(x, dy, rms, weight.dtype, round_x_hat=round_x_hat)
+    return dx, dw
+
+
+def backward_triton(
+    pipe: pipeline.Pipeline, dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None,
+    rms: torch.Tensor, input_grad: bool, weight_grad: bool, offset: float = 0.0, round_x_hat: bool = False,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """:func:`backward_torch`'s result (the same bits) by the Triton kernels
+    (``executors/triton/backward.py``: CUDA tensors, or CPU tensors under
+    ``TRITON_INTERPRET=1``).  The rows the kernels flag (a non-finite ``s`` or ``rms``,
+    a zero ``rms``, a NaN in ``dx``) and a non-finite ``dW`` are computed again by
+    :func:`backward_torch` on the CPU, whose NaNs they then carry."""
+    if pipe.plan is None:
+        raise ExecutionError("the triton backward runs a lowered plan; this pipeline has none")
+    dx, dw, bad = _triton.run_backward(pipe.plan, dy, x, weight, rms, input_grad, weight_grad, offset, round_x_hat)
+    cpu = torch.device("cpu")
+    w_cpu = None if weight is None else weight.to(cpu)
+    if dx is not None and len(bad):
+        fixed, _ = backward_torch(pipe, dy[bad].to(cpu), x[bad].to(cpu), w_cpu, rms[bad].to(cpu), True, False, offset)
+        assert fixed is not None
+        dx[bad] = fixed.to(dx.device)
+    if dw is not None and not bool(torch.isfinite(dw).all()):
+        dw_cpu = kernels.weight_grad_float(x.to(cpu), dy.to(cpu), rms.to(cpu), dw.dtype, round_x_hat=round_x_hat)
+        dw = dw_cpu.to(dw.device)
     return dx, dw
 
 
@@ -133,7 +163,9 @@ def backward(
     # llama rounds x_hat to x's dtype before the weight: a wider accumulation sees it in dW
     round_x_hat = casting_mode == "llama" and kernels.accumulation_dtype(x.dtype) != x.dtype
     found = None
-    if not round_x_hat:
+    if _triton.supports_backward(pipe.plan, x2, dy2, w, rms2, on_cpu=TRITON_ON_CPU):
+        found = backward_triton(pipe, dy2, x2, w, rms2, input_grad, w_grad, offset, round_x_hat)
+    elif not round_x_hat:
         w_g = w if w is None or not offset else kernels.finalize_weight(w, torch.float32, offset).contiguous()
         found = _backward_native(pipe, dy2, x2, w_g, rms2, input_grad, w_grad, weight_dtype=None if w is None
                                  else w.dtype)

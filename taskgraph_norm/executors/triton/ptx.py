@@ -18,7 +18,7 @@ from ..lowering import Plan
 from .layout import kernel_shape
 from .runner import _kernels, launch_spec
 
-__all__ = ["FORBIDDEN", "forbidden_instructions", "kernel_ptx"]
+__all__ = ["FORBIDDEN", "backward_ptx", "forbidden_instructions", "kernel_ptx"]
 
 #: PTX opcodes (prefixes) that round differently from the CPU reference.
 FORBIDDEN = ("fma.", "rsqrt.", "rcp.", "sqrt.approx", "div.approx", "div.full", "ex2.", "lg2.")
@@ -36,9 +36,6 @@ def kernel_ptx(
     casting mode, offset and residual are compiled in as the runner launches them.
     ``fp_fusion=True`` compiles as Triton would by default, with contraction on
     (a negative control: :func:`forbidden_instructions` then finds fmas)."""
-    import triton  # type: ignore[import-untyped, import-not-found, unused-ignore]
-    from triton.backends.compiler import GPUTarget  # type: ignore[import-untyped, import-not-found, unused-ignore]
-
     w_dtype = torch.float32 if weight is True else None if weight is False else weight
     out_dtype = kernels.output_dtype(dtype, w_dtype, plan.casting_mode)
     shape = kernel_shape(plan)
@@ -52,7 +49,40 @@ def kernel_ptx(
     signature.update({s: "i32" for s in ("x_stride", "r_stride", "h_stride", "y_stride")})
     signature["eps"] = "fp32"
     signature.update({c: "constexpr" for c in constants})
-    src = triton.compiler.ASTSource(fn=getattr(_kernels(False), name), signature=signature, constexprs=constants)
+    return _compile(getattr(_kernels(False), name), signature, constants, arch, fp_fusion)
+
+
+def backward_ptx(
+    plan: Plan, dtype: torch.dtype, *, part: str = "dx", weight: bool | torch.dtype = True, offset: float = 0.0,
+    round_x_hat: bool = False, arch: int = 90, fp_fusion: bool = False,
+) -> str:
+    """The PTX of the backward's kernel for ``dtype`` inputs (``dy`` too) on ``sm_<arch>``:
+    ``part="dx"`` (``plan``'s ``dx`` kernel; ``weight`` as in :func:`kernel_ptx`, with
+    ``offset``) or ``"dw"`` (the row blocks' ``dW`` kernel; ``round_x_hat``: llama's)."""
+    from .backward import dw_launch_spec, dx_launch_spec
+
+    x_ptr = _PTR[dtype]
+    if part == "dw":
+        name, constants, _ = dw_launch_spec(plan.hidden_size, round_x_hat)
+        signature = {"x_ptr": x_ptr, "dy_ptr": x_ptr, "rms_ptr": "*fp32", "tail_ptr": "*i32", "out_ptr": "*fp32",
+                     "n_full": "i32", "x_stride": "i32", "dy_stride": "i32"}
+    else:
+        w_dtype = torch.float32 if weight is True else dtype if weight is False else weight
+        shape = kernel_shape(plan)
+        name, constants, _ = dx_launch_spec(shape, weight is not False, offset, interpret=False)
+        signature = {"x_ptr": x_ptr, "dy_ptr": x_ptr, "dx_ptr": x_ptr, "w_ptr": _PTR[w_dtype], "rms_ptr": "*fp32"}
+        if shape.kind != "exact":
+            signature["table_ptr"] = "*i32"
+        signature.update({"flag_ptr": "*i8", "x_stride": "i32", "dy_stride": "i32", "dx_stride": "i32"})
+    signature.update({c: "constexpr" for c in constants})
+    return _compile(getattr(_kernels(False, "backward_kernels"), name), signature, constants, arch, fp_fusion)
+
+
+def _compile(fn: object, signature: dict[str, str], constants: dict[str, object], arch: int, fp_fusion: bool) -> str:
+    import triton  # type: ignore[import-untyped, import-not-found, unused-ignore]
+    from triton.backends.compiler import GPUTarget  # type: ignore[import-untyped, import-not-found, unused-ignore]
+
+    src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constants)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"enable_fp_fusion": fp_fusion})
     ptx: str = compiled.asm["ptx"]
     return ptx

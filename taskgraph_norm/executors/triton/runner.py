@@ -54,26 +54,30 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on")  # triton's getenv_bool
 
 
-_modules: dict[bool, ModuleType] = {}
+_modules: dict[tuple[str, bool], ModuleType] = {}
 
 
-def _kernels(interpret: bool) -> ModuleType:
-    """The kernels module for one mode (loaded on first use, under that mode)."""
-    module = _modules.get(interpret)
+def _kernels(interpret: bool, stem: str = "kernels") -> ModuleType:
+    """The kernels module ``<stem>.py`` of this package for one mode (loaded on first
+    use, under that mode; the backward's kernels after the forward's, whose helpers
+    they call)."""
+    module = _modules.get((stem, interpret))
     if module is not None:
         return module
     if not available():
         raise MissingDependencyError("triton", "the triton executor", _INSTALL)
+    if stem != "kernels":
+        _kernels(interpret)
     with _load_lock:
-        if interpret not in _modules:
-            name = f"{__package__}._kernels_{'interpreted' if interpret else 'compiled'}"
-            spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("kernels.py"))
+        if (stem, interpret) not in _modules:
+            name = f"{__package__}._{stem}_{'interpreted' if interpret else 'compiled'}"
+            spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{stem}.py"))
             assert spec is not None and spec.loader is not None  # our own file
             module = importlib.util.module_from_spec(spec)
             sys.modules[name] = module  # triton reads the source through the module
             spec.loader.exec_module(module)
-            _modules[interpret] = module
-    return _modules[interpret]
+            _modules[stem, interpret] = module
+    return _modules[stem, interpret]
 
 
 def supports(plan: Plan) -> bool:
