@@ -34,7 +34,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ..errors import ExactSumError, ExactSumOverflowError
 from ..kernels import exact_sum as es
-from . import native, pools
+from . import native, native_grads, pools
 
 __all__ = ["ExactGrad", "ExactSum", "exact_grads"]
 
@@ -90,11 +90,11 @@ class ExactSum:
         n = self.numel
         pool = pools.helper() if a.numel() >= SPLIT_PRODUCTS and n >= 2 * _TILE else None
         if pool is None:
-            over = native.exact_dw(self.state, a, b)
+            over = native_grads.exact_dw(self.state, a, b)
         else:
             cut = (n // 2 + _TILE - 1) // _TILE * _TILE  # columns are independent: any cut
-            other: Future[int] = pool.submit(native.exact_dw, self.state, a, b, (cut, n))
-            over = native.exact_dw(self.state, a, b, (0, cut)) + other.result()
+            other: Future[int] = pool.submit(native_grads.exact_dw, self.state, a, b, (cut, n))
+            over = native_grads.exact_dw(self.state, a, b, (0, cut)) + other.result()
         if over:
             raise ExactSumOverflowError(over, f"|sum| must stay below 2**{40 + 256}")
 

@@ -7,7 +7,7 @@ forward's proof; ``dW`` sums ``dy * x_hat`` over rows in fixed blocks of
 :data:`kernels.ROW_BLOCK` rows.  Paths, all with the same bits (tests compare them):
 
 * fp32 CPU, contiguous, a plan with native kernels: one C pass over the rows
-  (``native.backward_rows``), split in two halves of whole row blocks over the
+  (``native_grads.backward_rows``), split in two halves of whole row blocks over the
   caller's thread and the helper thread; the block sums meet in the caller;
 * CUDA tensors, triton installed, a plan the Triton kernels run: the Triton kernels
   (:func:`backward_triton`; CPU tensors under ``TRITON_INTERPRET=1`` only when
@@ -25,6 +25,7 @@ import torch
 from .. import kernels, pipeline
 from ..errors import ConfigError, ExecutionError
 from ..executors import native as _native
+from ..executors import native_grads as _native_grads
 from ..executors import pools
 from ..executors.direct import SPLIT_NUMEL
 from ..executors.rowsum import plan_row_sum, reference_row_sum
@@ -113,18 +114,18 @@ def _backward_native(
     dx = torch.empty_like(x) if input_grad else None
     n_blocks = -(-rows // kernels.ROW_BLOCK)
     blocks = torch.empty(n_blocks, hidden, dtype=torch.float32) if dw_wanted else None
-    recipe = _native.recipe_of(plan)
+    recipe = _native_grads.recipe_of(plan)
     exact = plan.accumulate == "exact"
     pool = pools.helper() if x.numel() >= SPLIT_NUMEL and n_blocks >= 2 else None
     if pool is None:
-        bad = _native.backward_rows(x, dy, weight, rms, recipe, dx, blocks, exact=exact)
+        bad = _native_grads.backward_rows(x, dy, weight, rms, recipe, dx, blocks, exact=exact)
     else:
         cut = n_blocks // 2 * kernels.ROW_BLOCK  # whole blocks on each side: the blocks do not move
         half = slice(0, cut), slice(cut, rows)
-        share = pool.submit(_native.backward_rows, x[half[1]], dy[half[1]], weight, rms[half[1]], recipe,
+        share = pool.submit(_native_grads.backward_rows, x[half[1]], dy[half[1]], weight, rms[half[1]], recipe,
                             None if dx is None else dx[half[1]],
                             None if blocks is None else blocks[cut // kernels.ROW_BLOCK:], exact=exact)
-        bad = _native.backward_rows(x[half[0]], dy[half[0]], weight, rms[half[0]], recipe,
+        bad = _native_grads.backward_rows(x[half[0]], dy[half[0]], weight, rms[half[0]], recipe,
                                     None if dx is None else dx[half[0]],
                                     None if blocks is None else blocks[: cut // kernels.ROW_BLOCK], exact=exact)
         bad += share.result()

@@ -18,7 +18,7 @@ import torch
 
 from .. import kernels, pipeline
 from ..errors import ConfigError
-from ..executors import native
+from ..executors import native_grads
 from ..executors.rowsum import plan_row_sum, reference_row_sum
 from ..graph import Op
 
@@ -88,7 +88,7 @@ def _forward_direct(
     if y is None:
         return None
     # a float total becomes its rms in place (one buffer); an exact pair needs its own
-    rms = native.rms_of_totals(total, hidden, eps, out=None if exact else total)
+    rms = native_grads.rms_of_totals(total, hidden, eps, out=None if exact else total)
     return y, rms if x.dim() == 2 else rms.view(rms_shape(x))
 
 

@@ -1,0 +1,100 @@
+"""The native kernels of the backward and of the exact weight gradient: their ctypes
+wrappers (the library, its loading and the forward's wrappers are :mod:`.native`)."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .. import caches
+from .lowering import Plan
+from .native import FloatRecipe, _library
+
+__all__ = ["backward_rows", "exact_dw", "recipe_of", "rms_of_totals"]
+
+
+@functools.lru_cache(maxsize=256)
+def recipe_of(plan: Plan) -> FloatRecipe:
+    """The :class:`FloatRecipe` of a float plan (an exact plan gets a one-chunk dummy)."""
+    if plan.accumulate == "exact":
+        return FloatRecipe(plan.hidden_size, 1, (), 0)
+    return FloatRecipe(plan.chunk_size, plan.n_chunks, tuple(t for level in plan.adds for t in level), plan.root)
+
+
+caches.register(recipe_of.cache_clear)
+
+
+def backward_rows(
+    x: torch.Tensor, dy: torch.Tensor, weight: torch.Tensor | None, rms: torch.Tensor, recipe: FloatRecipe,
+    dx: torch.Tensor | None, blocks: torch.Tensor | None, *, exact: bool,
+) -> int:
+    """The backward of fp32 rows in C (``kernels.input_grad`` and the block sums of
+    ``kernels.weight_grad_float``): ``dx`` (or ``None``) gets each row's input
+    gradient, ``blocks`` (or ``None``, ``(ceil(rows / 32), D)``) each block's sum of
+    ``dy * x_hat``.  ``x``, ``dy``, ``dx`` are contiguous ``(rows, D)`` fp32, ``rms``
+    ``(rows, 1)`` fp32.  ``exact`` picks the exact row sum (an exact plan) over the
+    recipe's float DAG.
+    Returns the number of rows whose ``s`` or ``k`` is not finite (their NaNs are
+    C's: the caller recomputes them with torch ops).
+    """
+    lib = _library()
+    rows, hidden = x.shape
+    tensors = [x, dy, rms] + [t for t in (weight, dx, blocks) if t is not None]
+    if any(t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous() for t in tensors):
+        raise ValueError("backward_rows needs contiguous fp32 CPU tensors")
+    if rows == 0:
+        return 0
+    bad = int(lib.tgn_backward_rows_f32(
+        x.data_ptr(), dy.data_ptr(), None if weight is None else weight.data_ptr(), rms.data_ptr(),
+        rows, hidden, recipe.chunk_size, recipe.adds.data_ptr(), recipe.n_adds, recipe.root, int(exact),
+        None if dx is None else dx.data_ptr(), None if blocks is None else blocks.data_ptr()))
+    if bad < 0:
+        raise MemoryError("the native backward could not allocate its scratch")
+    return bad
+
+
+def rms_of_totals(total: torch.Tensor, hidden: int, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`kernels.finalize_rms` of fp32 rows in C (the same bits; one call instead of
+    six small torch ops): ``total`` is a contiguous ``(rows, 1)`` fp32 or ``(rows, 2)``
+    fp64 (exact pairs) tensor; returns ``(rows, 1)`` fp32, written into ``out`` if given
+    (which may be a float ``total`` itself: each row is read before it is written)."""
+    rows, channels = total.shape
+    if not total.is_contiguous() or (channels, total.dtype) not in ((1, torch.float32), (2, torch.float64)):
+        raise ValueError("total must be a contiguous (rows, 1) float32 or (rows, 2) float64 tensor")
+    rms = torch.empty(rows, 1, dtype=torch.float32) if out is None else out
+    if rms.shape != (rows, 1) or rms.dtype != torch.float32 or not rms.is_contiguous():
+        raise ValueError("out must be a contiguous (rows, 1) float32 tensor")
+    _library().tgn_rms_of_totals_f32(total.data_ptr(), rows, channels, hidden, float(eps), rms.data_ptr())
+    return rms
+
+
+def exact_dw(state: torch.Tensor, dy: torch.Tensor, x_hat: torch.Tensor, columns: tuple[int, int] | None = None) -> int:
+    """``state += sum over rows of dy * x_hat``, exactly, for columns ``[c0, c1)``.
+
+    The C route to :func:`kernels.exact_sum.add_products_` (the same state, bit for
+    bit): ``dy`` and ``x_hat`` are 2-D CPU float32 ``(rows, n)`` with unit stride
+    along a row, ``state`` a contiguous ``(22, n)`` int64 state, normalised after.
+    ``columns`` (default all) lets threads share one call's columns.  Returns how
+    many columns overflowed (the caller raises); rows must not pass
+    ``exact_sum.ROWS_PER_ADD``.
+    """
+    lib = _library()
+    rows, n = dy.shape
+    c0, c1 = columns or (0, n)
+    if (dy.dtype != torch.float32 or x_hat.dtype != torch.float32 or x_hat.shape != dy.shape
+            or dy.device.type != "cpu" or x_hat.device.type != "cpu"
+            or (n > 1 and (dy.stride(1) != 1 or x_hat.stride(1) != 1))):
+        raise ValueError("exact_dw needs two 2-D CPU float32 tensors of one shape, unit stride along rows")
+    if state.shape != (22, n) or state.dtype != torch.int64 or not state.is_contiguous() or not 0 <= c0 <= c1 <= n:
+        raise ValueError("state must be a contiguous (22, n) int64 tensor and columns within [0, n]")
+    if rows == 0 or c0 == c1:
+        return 0
+    item = dy.element_size()
+    over = int(lib.tgn_exact_dw_f32(dy.data_ptr() + c0 * item, dy.stride(0), x_hat.data_ptr() + c0 * item,
+                                    x_hat.stride(0), rows, c1 - c0, state.data_ptr() + c0 * 8, n))
+    if over == -1:
+        raise MemoryError("the native exact dW kernel could not allocate its scratch")
+    if over < 0:
+        raise RuntimeError("the native exact dW kernel did not converge (a bug: please report it)")
+    return over
