@@ -123,6 +123,13 @@ def test_float_all_reduce_over_many_ranks_is_not_deterministic() -> None:
     assert w is not None and w.differs() and w.orders[1] == (("all_reduce", (3, 2, 1, 0)),)
 
 
+def test_an_aligned_split_still_gets_a_witness() -> None:
+    # 128 rows in halves is the one call's tree: the search moves on to another split
+    for kw in ({}, {"world_size": 2}):
+        w = tgn.prove(build_weight_grad_graph(128, **kw)).grouping_witness  # type: ignore[arg-type]
+        assert w is not None and w.differs()
+
+
 def test_two_rows_are_invariant_in_float() -> None:
     p = tgn.prove(build_weight_grad_graph(2))
     assert p.certified and p.micro_batch_invariant and p.grouping_witness is None

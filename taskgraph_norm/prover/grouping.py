@@ -146,11 +146,11 @@ class GroupingSearch:
 
     __slots__ = ("_args", "_lock", "_done", "_found")
 
-    def __init__(self, first: Graph, second: Graph,
+    def __init__(self, first: Graph, others: Sequence[Graph],
                  orders: tuple[Mapping[str, Sequence[int]], Mapping[str, Sequence[int]]] = ({}, {})) -> None:
         import threading
 
-        self._args = (first, second, orders)
+        self._args = (first, tuple(others), orders)
         self._lock = threading.Lock()
         self._done = False
         self._found: GroupingWitness | None = None
@@ -158,20 +158,25 @@ class GroupingSearch:
     def result(self) -> GroupingWitness | None:
         with self._lock:
             if not self._done:
-                first, second, orders = self._args
-                self._found = find_grouping_witness(first, second, orders=orders)
+                first, others, orders = self._args
+                for second in others:  # the first grouping that differs
+                    self._found = find_grouping_witness(first, second, orders=orders)
+                    if self._found is not None:
+                        break
                 self._done = True
             return self._found
 
 
-def regrouped(graph: Graph) -> Graph:
-    """Another grouping of ``graph``'s rows to compare with: one backward call on one
-    rank, or, when ``graph`` is that already, two micro-batches (halves)."""
+def regrouped(graph: Graph) -> tuple[Graph, ...]:
+    """Other groupings of ``graph``'s rows (``rows >= 2``) to compare with: one backward
+    call on one rank, two halves, the first row alone (blocks shifted by one row).
+    Aligned splits can coincide with ``graph`` (128 rows on 2 ranks is the one call's
+    own tree), so a search tries them in turn."""
     from ..topologies import build_weight_grad_graph
 
     meta = graph.meta
     rows, kind, block = int(meta["rows"]), str(meta["weight_grad"]), int(meta["row_block"])
-    if meta.get("world_size") == 1 and len(meta.get("micro_batches", ())) == 1:
-        return build_weight_grad_graph(rows, weight_grad=kind, row_block=block,
-                                       micro_batches=[rows // 2, rows - rows // 2])
-    return build_weight_grad_graph(rows, weight_grad=kind, row_block=block)
+    splits = (None, [rows // 2, rows - rows // 2], [1, rows - 1])
+    candidates = (build_weight_grad_graph(rows, weight_grad=kind, row_block=block, micro_batches=s)
+                  for s in splits)
+    return tuple(g for g in candidates if g != graph)

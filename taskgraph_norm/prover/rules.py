@@ -306,8 +306,8 @@ def _prove_weight_grad(graph: Graph) -> Proof:
     search = None
     if reading.races:  # a float all-reduce over 3+ ranks: two arrival orders
         node, count = reading.races[0]
-        search = GroupingSearch(graph, graph, ({}, {node: tuple(range(count))[::-1]}))
-    elif not reading.invariant and "rows" in graph.meta:
+        search = GroupingSearch(graph, (graph,), ({}, {node: tuple(range(count))[::-1]}))
+    elif not reading.invariant and {"rows", "weight_grad", "row_block"} <= set(graph.meta):
         search = GroupingSearch(graph, regrouped(graph))
     why_det = reading.why_deterministic if deterministic else (
         f"ACCUMULATE {reading.races[0][0]!r} adds {reading.races[0][1]} float partials in "
