@@ -8,7 +8,9 @@ Run from the repository root::
 It draws the four chunked topologies of the original report (hidden size 512,
 chunk size 64: eight chunks), each as SVG and PNG, puts the four PNGs side by
 side in ``topologies.png`` for the user guide, and draws a 4096-chunk tree to
-show the collapsed mode.  When the prover is available (``taskgraph_norm.prover.rules``)
+show the collapsed mode.  It also draws the weight gradient's merge DAG
+(``dw-float.png``, ``dw-exact.png``: 192 rows, micro-batches of 64 and 32 rows,
+two ranks); ``--backward-only`` draws just those two.  When the prover is available (``taskgraph_norm.prover.rules``)
 each picture's caption carries its verdict, rule and fingerprint.
 """
 
@@ -63,12 +65,26 @@ def side_by_side(pngs: list[Path], titles: list[str], out: Path) -> None:
     fig.savefig(out, metadata={"Software": None})
 
 
+def backward_images(out: Path, engine: str) -> None:
+    """The weight gradient's merge DAG, float and exact, with their proofs."""
+    from taskgraph_norm.topologies import build_weight_grad_graph
+
+    for kind in ("float", "exact"):
+        graph = build_weight_grad_graph(192, weight_grad=kind, micro_batches=[64, 32], world_size=2)
+        path = tgn.render(graph, out / f"dw-{kind}.png", _proof(graph), engine=engine)
+        print(f"wrote {path.relative_to(ROOT)}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--engine", choices=("auto", "graphviz", "matplotlib"), default="auto")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "images")
+    parser.add_argument("--backward-only", action="store_true")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    backward_images(args.out, args.engine)
+    if args.backward_only:
+        return 0
 
     pngs = []
     for topology in TOPOLOGIES:

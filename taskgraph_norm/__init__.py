@@ -42,6 +42,8 @@ from .prover import Proof as Proof
 from .prover import prove as prove
 from .topologies import TOPOLOGIES as TOPOLOGIES
 from .topologies import build_graph as build_graph
+from .topologies import build_input_grad_graph as build_input_grad_graph
+from .topologies import build_weight_grad_graph as build_weight_grad_graph
 from .pipeline import Pipeline as Pipeline
 from .viz import render as render
 from .viz import render_timeline as render_timeline
@@ -81,6 +83,8 @@ __all__ = [
     "Witness",
     "WorkerPool",
     "build_graph",
+    "build_input_grad_graph",
+    "build_weight_grad_graph",
     "clear_caches",
     "execute",
     "execute_sync",

@@ -34,6 +34,8 @@ __all__ = [
     "ACCUMULATES",
     "CASTING_MODES",
     "build_graph",
+    "build_input_grad_graph",
+    "build_weight_grad_graph",
     "check_semantics",
     "chunk_bounds",
     "merge_linear",
@@ -265,3 +267,112 @@ def _build(
     return validate(Graph(nodes, OUTPUT_ID, meta))
 
 caches.register(_build_cached.cache_clear)
+
+
+# --- the backward's merge DAGs (docs/prover.md, "The backward") --------------------------
+
+WEIGHT_GRADS: tuple[str, ...] = ("float", "exact")
+ROW_BLOCK = 32  # kernels.ROW_BLOCK (no torch here); tests check they agree
+
+
+def build_input_grad_graph(hidden_size: int, **options: object) -> Graph:
+    """The merge DAG of ``dx``'s row sum ``s = sum(dy * w * x)``: the forward's graph
+    itself (the same object as ``build_graph(hidden_size, **options)``).  The
+    backward runs its leaves over the products instead of the squares, and the
+    prover reads only the merges, so ``prove`` of this graph certifies ``dx`` too."""
+    return build_graph(hidden_size, **options)  # type: ignore[arg-type]
+
+
+def build_weight_grad_graph(
+    rows: int,
+    *,
+    weight_grad: str = "float",
+    row_block: int = ROW_BLOCK,
+    micro_batches: Sequence[int] | None = None,
+    world_size: int = 1,
+) -> Graph:
+    """The merge DAG of the weight gradient ``dW = sum over rows of dy * x_hat``.
+
+    ``rows`` rows of one optimizer step are split into ``world_size`` equal,
+    contiguous shares (one per rank); each share into backward calls of
+    ``micro_batches`` rows each (``None``: one call).  A call's rows are split into
+    blocks of ``row_block`` (the last may be shorter), one ROWSUM leaf each.
+
+    ``weight_grad="float"`` (kernels.weight_grad_float): the blocks of a call merge by
+    the fixed tree of ADDs (adjacent pairs, an odd block carried up), ROUNDed to the
+    weight's dtype; a rank's calls add by ``.grad +=`` in call order (a left fold of
+    ADDs); ranks by an all-reduce (an ACCUMULATE, ``placement="all_reduce"``).
+    ``"exact"``: exact leaves, ACCUMULATEs (integer additions of the accumulator's
+    states: any order), and one ROUND at the end.
+
+    Raises ConfigError (a ValueError) for a parameter outside its domain, a world
+    size that does not divide ``rows`` or micro-batches that do not sum to a share.
+    """
+    _check_positive_int("rows", rows)
+    _check_choice("weight_grad", weight_grad, WEIGHT_GRADS)
+    _check_positive_int("row_block", row_block)
+    _check_positive_int("world_size", world_size)
+    if rows % world_size:
+        raise ConfigError("world_size", world_size, f"a divisor of rows={rows}")
+    share = rows // world_size
+    calls = (share,) if micro_batches is None else tuple(micro_batches)
+    for count in calls:
+        _check_positive_int("micro_batches", count)
+    if not calls or sum(calls) != share:
+        raise ConfigError("micro_batches", micro_batches,
+                          f"row counts >= 1 summing to each rank's {share} rows")
+    return _build_weight_grad(rows, weight_grad, row_block, calls, world_size)
+
+
+@functools.lru_cache(maxsize=128)
+def _build_weight_grad(rows: int, weight_grad: str, row_block: int, calls: tuple[int, ...],
+                       world_size: int) -> Graph:
+    exact = weight_grad == "exact"
+    x = Node(INPUT_ID, Op.INPUT)
+    nodes: list[Node] = [x]
+    rank_totals: list[str] = []
+    for rank in range(world_size):
+        at = rank * (rows // world_size)
+        rank_tag = f"r{rank}." if world_size > 1 else ""
+        call_totals: list[str] = []
+        for call, count in enumerate(calls):
+            tag = rank_tag + (f"m{call}." if len(calls) > 1 else "")
+            leaves = [
+                Node(f"{tag}b{k}", Op.ROWSUM, (x.id,), {
+                    "start": a, "stop": min(a + row_block, at + count), "domain": weight_grad,
+                    "index": k, "micro_batch": call, "rank": rank})
+                for k, a in enumerate(range(at, at + count, row_block))
+            ]
+            nodes += leaves
+            at += count
+            ids = [n.id for n in leaves]
+            if exact and len(ids) > 1:  # the accumulator adds blocks in any order
+                merged, total = [Node(f"{tag}accumulate", Op.ACCUMULATE, tuple(ids))], f"{tag}accumulate"
+            else:
+                merged, total = merge_tree(ids, prefix=f"{tag}tree")
+            nodes += merged
+            if not exact:
+                nodes.append(Node(f"{tag}round", Op.ROUND, (total,)))
+                total = f"{tag}round"
+            call_totals.append(total)
+        if exact and len(call_totals) > 1:
+            nodes.append(Node(f"{rank_tag}carry", Op.ACCUMULATE, tuple(call_totals)))
+            call_totals = [f"{rank_tag}carry"]
+        elif len(call_totals) > 1:  # .grad += g, in call order
+            folds, last = merge_linear(call_totals, prefix=f"{rank_tag}grad")
+            nodes += folds
+            call_totals = [last]
+        rank_totals += call_totals
+    total = rank_totals[0]
+    if world_size > 1:
+        nodes.append(Node("all_reduce", Op.ACCUMULATE, tuple(rank_totals), {"placement": "all_reduce"}))
+        total = "all_reduce"
+    if exact:
+        nodes.append(Node("round", Op.ROUND, (total,)))
+        total = "round"
+    nodes.append(Node("dw", Op.OUTPUT, (total,)))
+    meta = {"graph": "weight_grad", "rows": rows, "weight_grad": weight_grad, "row_block": row_block,
+            "micro_batches": calls, "world_size": world_size}
+    return validate(Graph(nodes, "dw", meta))
+
+caches.register(_build_weight_grad.cache_clear)

@@ -51,6 +51,23 @@ class Op(enum.Enum):
     ``functions[fn](*operands)`` with operands in order.  Any number of operands.
     The prover treats it as opaque: nothing about its order is known."""
 
+    ROWSUM = "rowsum"
+    """Weight-gradient leaf: for every column, the sum over the rows ``[start, stop)``
+    of one backward call of ``dy * x_hat`` (``x_hat = x / rms``, the forward's value
+    before the weight); operand ``(x,)``, where INPUT stands for the step's rows.
+    Attrs ``start``, ``stop`` (global row indices), ``domain`` and ``index``;
+    optional labels ``micro_batch`` and ``rank`` say which backward call and which
+    process own the rows.  ``domain="float"``: pairwise halving over the block's rows
+    in the accumulation dtype (one block of :func:`taskgraph_norm.kernels.weight_grad_float`);
+    ``domain="exact"``: every product added without rounding onto the exact
+    accumulator's integer grid (:mod:`taskgraph_norm.kernels.exact_sum`).  ADD and
+    ACCUMULATE over exact partials are integer additions of their states."""
+    ROUND = "round"
+    """Weight gradient: the column sums rounded to the weight's dtype; operand
+    ``(total,)``.  Float domain: one cast, after each backward call (then ``.grad +=``
+    adds the rounded values); exact domain: the accumulator's state correctly
+    rounded once (:func:`taskgraph_norm.kernels.exact_sum.round_state`)."""
+
     # Members are singletons compared by identity, so identity hashing is exact; it
     # is C-level, where Enum's own __hash__ is a Python call on every dict lookup
     # (readers look ops up a few times per node, for millions of nodes).
@@ -71,5 +88,7 @@ ARITY: Mapping[Op, tuple[int, int | None]] = {
     Op.FINALIZE: (2, 2),
     Op.OUTPUT: (1, 1),
     Op.CALL: (0, None),
+    Op.ROWSUM: (1, 1),
+    Op.ROUND: (1, 1),
 }
 

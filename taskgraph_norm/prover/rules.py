@@ -28,12 +28,14 @@ from __future__ import annotations
 import functools
 import hashlib
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+from .backward import is_weight_grad_graph, read_weight_grad
 from .canonical import ASSUME_COLLECTIVES, DEPENDENCIES, Reading, read_graph, read_placement
 from .. import caches
 from ..graph import Graph, gc_paused, validate
+from .grouping import GroupingSearch, GroupingWitness, regrouped
 from .witness import Witness
 
 __all__ = ["Proof", "prove", "RULES", "DEPENDENCIES", "FINGERPRINT_VERSION"]
@@ -74,6 +76,16 @@ class Proof:
     world_size_invariant, why_world_size_invariant:
         For a distributed graph (nodes with a ``placement``): whether every rank gets
         the single-process bits at every world size, and why.  None on one process.
+        For a weight-gradient graph: whether the gradient's bits are the same at
+        every world size (the same rows split over more or fewer ranks).
+    micro_batch_invariant:
+        For a weight-gradient graph (``topologies.build_weight_grad_graph``) only:
+        whether the gradient's bits are the same for every split of the rows into
+        backward calls (then ``batch_invariant`` says the same and
+        ``why_batch_invariant`` argues it); None for any other graph.
+    grouping_witness:
+        For a float weight-gradient graph: two groupings of the same rows whose
+        gradients differ (searched for on first access).
     """
 
     deterministic: bool
@@ -86,8 +98,15 @@ class Proof:
     why_batch_invariant: tuple[str, ...] = ()
     world_size_invariant: bool | None = None
     why_world_size_invariant: tuple[str, ...] = ()
-    # The witness search, run on first access; never compared, hashed or printed.
+    micro_batch_invariant: bool | None = None
+    # The witness searches, run on first access; never compared, hashed or printed.
     _witness: _WitnessSearch | None = field(default=None, repr=False, compare=False)
+    _grouping: GroupingSearch | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def grouping_witness(self) -> GroupingWitness | None:
+        """For a float weight-gradient graph: two groupings whose bits differ."""
+        return None if self._grouping is None else self._grouping.result()
 
     @property
     def witness(self) -> Witness | None:
@@ -128,7 +147,11 @@ class Proof:
         width:
             Target width of a shortened expression.
         """
-        if self.rule == "refuted":
+        if self.micro_batch_invariant is not None and self.rule != "unknown":
+            verdict = ("weight gradient: " + ("deterministic" if self.deterministic else "NOT deterministic")
+                       + (", micro-batch and world-size invariant" if self.certified
+                          else ", NOT micro-batch or world-size invariant"))
+        elif self.rule == "refuted":
             verdict = "REFUTED: not deterministic"
         elif self.rule == "unknown":
             verdict = "NOT CERTIFIED: the prover cannot read this graph"
@@ -144,6 +167,9 @@ class Proof:
         ]
         lines += [f"  - {r}" for r in self.why_deterministic]
         lines.append(
+            ("why micro-batch invariant (any split of the rows into backward calls):"
+             if self.batch_invariant else "why NOT micro-batch invariant:")
+            if self.micro_batch_invariant is not None else
             "why batch-invariant (and thread-count and row-tiling invariant):"
             if self.batch_invariant else "why not batch-invariant:"
         )
@@ -157,6 +183,8 @@ class Proof:
         if self._witness is not None and self.witness is None:
             lines.append("witness: none found in the search budget; the structure does not "
                          "fix one order, so determinism is not certified")
+        if self.grouping_witness is not None:
+            lines.append("witness: " + self.grouping_witness.describe())
         if self.witness is not None:
             w = self.witness
             lines.append(
@@ -218,6 +246,8 @@ def prove(graph: Graph, *, witness_dtype: str = "float32") -> Proof:
 
         raise ConfigError("witness_dtype", witness_dtype, "one of " + ", ".join(WITNESS_DTYPES))
     validate(graph)
+    if is_weight_grad_graph(graph):
+        return _prove_weight_grad(graph)
     return _prove_cached(graph, tuple(graph.meta.items()), witness_dtype)
 
 
@@ -255,7 +285,42 @@ def _prove_structure(graph: Graph, reading: Reading, witness_dtype: str) -> Proo
         fingerprint=fingerprint,
         assumptions=reading.assumptions,
         why_deterministic=reading.why_deterministic,
-        why_batch_invariant=reading.batch_blockers if reading.batch_blockers else reading.row_local,
+        why_batch_invariant=reading.batch_blockers if reading.batch_blockers
+        else reading.row_local + (_DX_LINE,),
+    )
+
+
+#: What the forward's proof says about the backward's dx (its row sum runs through
+#: the same merge DAG: topologies.build_input_grad_graph).
+_DX_LINE = ("backward: dx's row sum s = sum(dy * w * x) is reduced through this same merge "
+            "DAG (kernels.input_grad; the rest of dx is elementwise), so this argument "
+            "certifies dx too")
+
+
+@functools.lru_cache(maxsize=64)
+def _prove_weight_grad(graph: Graph) -> Proof:
+    reading = read_weight_grad(graph)
+    if reading.problem is not None:
+        return replace(_unknown(reading.expression, reading.problem), micro_batch_invariant=False)
+    deterministic = not reading.races
+    search = None
+    if reading.races:  # a float all-reduce over 3+ ranks: two arrival orders
+        node, count = reading.races[0]
+        search = GroupingSearch(graph, (graph,), ({}, {node: tuple(range(count))[::-1]}))
+    elif not reading.invariant and {"rows", "weight_grad", "row_block"} <= set(graph.meta):
+        search = GroupingSearch(graph, regrouped(graph))
+    why_det = reading.why_deterministic if deterministic else (
+        f"ACCUMULATE {reading.races[0][0]!r} adds {reading.races[0][1]} float partials in "
+        "arrival order (the collective's), which the graph does not fix",)
+    return Proof(
+        deterministic=deterministic, batch_invariant=deterministic and reading.invariant,
+        rule="exact" if reading.exact else "structure" if deterministic else "refuted",
+        expression=reading.expression, fingerprint=_fingerprint(reading.canonical),
+        assumptions=reading.assumptions, why_deterministic=why_det,
+        why_batch_invariant=reading.why_invariant,
+        world_size_invariant=deterministic and reading.invariant,
+        why_world_size_invariant=reading.why_invariant,
+        micro_batch_invariant=deterministic and reading.invariant, _grouping=search,
     )
 
 
@@ -347,3 +412,4 @@ def _short(order: tuple[int, ...]) -> str:
         str(i) for i in order[-2:]) + ")"
 
 caches.register(_prove_cached.cache_clear)
+caches.register(_prove_weight_grad.cache_clear)

@@ -117,6 +117,9 @@ _BOXSTYLE = {
     "exact": "roundtooth,pad=0.3",
     "finalize": "round,pad=0.3,rounding_size=0.15",
     "opaque": "square,pad=0.4",
+    "rowleaf": "square,pad=0.3",
+    "exactmerge": "roundtooth,pad=0.3",
+    "round": "round,pad=0.3,rounding_size=0.15",
 }
 
 

@@ -69,6 +69,8 @@ KIND_OF_OP: Mapping[Op, str] = {
     Op.SCALE: "exact",
     Op.FINALIZE: "finalize",
     Op.RMSNORM: "opaque",
+    Op.ROWSUM: "rowleaf",
+    Op.ROUND: "round",
 }
 
 KIND_STYLE: Mapping[str, KindStyle] = {
@@ -80,6 +82,9 @@ KIND_STYLE: Mapping[str, KindStyle] = {
     "exact": KindStyle("#d9d2e9", "#674ea7", "hexagon", "exact domain: ROWMAX / MAX / SCALE"),
     "finalize": KindStyle("#fce5cd", "#b45f06", "box", "FINALIZE: x / sqrt(total/D + eps) * w"),
     "opaque": KindStyle("#cccccc", "#434343", "box3d", "opaque torch kernel"),
+    "rowleaf": KindStyle("#cfe2f3", "#3d85c6", "box", "ROWSUM leaf (a row block's sum of dy * x_hat)"),
+    "exactmerge": KindStyle("#d9d2e9", "#674ea7", "hexagon", "exact merge: integer addition, any order"),
+    "round": KindStyle("#fce5cd", "#b45f06", "box", "ROUND: to the weight's dtype"),
 }
 
 #: Colours of a node the proof blames (a race that breaks determinism).
@@ -152,7 +157,9 @@ def _chunk_text(node: Node) -> str:
 def _node_lines(node: Node, race_note: bool, caption_leaf: str | None) -> tuple[str, ...]:
     """Label lines of one node: its id, its op and what distinguishes it."""
     lines = [node.id, node.op.name]
-    if node.op in (Op.SUMSQ, Op.ROWMAX):
+    if node.op is Op.ROWSUM:
+        lines.append(f"rows {_chunk_text(node)}")
+    elif node.op in (Op.SUMSQ, Op.ROWMAX):
         # The leaf kind is in the caption (graph.meta); name it per node only
         # where a hand-edited node differs from it.
         detail = _chunk_text(node)
@@ -224,12 +231,16 @@ def _caption(graph: Graph, proof: Any, blamed: Sequence[str]) -> tuple[str, tupl
     for key in ("leaf", "accumulate"):
         if key in meta:
             parts.append(f"{key} {meta[key]}")
+    if meta.get("graph") == "weight_grad":  # topologies.build_weight_grad_graph
+        parts = [f"weight gradient \u00b7 {meta['rows']} rows \u00b7 {meta['weight_grad']}",
+                 f"micro_batches {list(meta['micro_batches'])}", f"world_size {meta['world_size']}"]
     title = " \u00b7 ".join(parts) or f"graph of {len(graph)} nodes"
     if proof is None:
         return title, ()
     lines = [
         f"deterministic: {_yes(getattr(proof, 'deterministic', False))}"
-        f" \u00b7 batch-invariant: {_yes(getattr(proof, 'batch_invariant', False))}"
+        f" \u00b7 {'batch' if getattr(proof, 'micro_batch_invariant', None) is None else 'micro-batch- and world-size'}"
+        f"-invariant: {_yes(getattr(proof, 'batch_invariant', False))}"
         f" \u00b7 rule: {getattr(proof, 'rule', '?')}",
         f"fingerprint: {getattr(proof, 'fingerprint', '?')}",
     ]
@@ -246,7 +257,7 @@ def _full_scene(graph: Graph, rank: Mapping[str, int], blamed: Sequence[str]) ->
         Box(
             key=n.id,
             op=n.op,
-            kind=KIND_OF_OP[n.op],
+            kind=_kind(graph, n),
             lines=_node_lines(n, n.id in blamed, leaf),
             rank=rank[n.id],
             highlight=n.id in blamed,
@@ -261,6 +272,13 @@ def _full_scene(graph: Graph, rank: Mapping[str, int], blamed: Sequence[str]) ->
     return boxes, links
 
 
+def _kind(graph: Graph, node: Node) -> str:
+    """The node's kind; an exact weight gradient's ACCUMULATEs add integers (any order)."""
+    if node.op is Op.ACCUMULATE and graph.meta.get("weight_grad") == "exact":
+        return "exactmerge"
+    return KIND_OF_OP[node.op]
+
+
 def _group_key(node: Node) -> str:
     level = node.attrs.get("level")
     return node.op.name if level is None else f"{node.op.name}.{level}"
@@ -273,7 +291,7 @@ def _group_lines(members: Sequence[Node]) -> tuple[str, ...]:
     lines = [f"{head} \u00d7{len(members)}" if len(members) > 1 else head]
     if len(members) == 1:
         lines.insert(0, first.id)
-    if first.op in (Op.SUMSQ, Op.ROWMAX):
+    if first.op in (Op.SUMSQ, Op.ROWMAX, Op.ROWSUM):
         widths = sorted({n.attrs.get("stop", 0) - n.attrs.get("start", 0) for n in members})
         if widths:
             lines.append("width " + "/".join(str(w) for w in widths[::-1][:2]))
@@ -296,7 +314,7 @@ def _collapsed_scene(graph: Graph, rank: Mapping[str, int], blamed: Sequence[str
         hit = any(n.id in blamed for n in members)
         lines = _group_lines(members) + (("refuted: order varies",) if hit else ())
         boxes.append(
-            Box(key, members[0].op, KIND_OF_OP[members[0].op], lines,
+            Box(key, members[0].op, _kind(graph, members[0]), lines,
                 min(rank[n.id] for n in members), len(members), hit)
         )
     # A left fold spans ranks 2..n+1 but is one box: renumber the groups' ranks
@@ -324,7 +342,7 @@ def _collapsed_scene(graph: Graph, rank: Mapping[str, int], blamed: Sequence[str
 def should_collapse(graph: Graph, threshold: int = COLLAPSE_THRESHOLD) -> bool:
     """True when :func:`build_scene` collapses ``graph`` by default (see
     :data:`COLLAPSE_THRESHOLD`)."""
-    leaves = sum(1 for n in graph.nodes if n.op is Op.SUMSQ)
+    leaves = sum(1 for n in graph.nodes if n.op is Op.SUMSQ or n.op is Op.ROWSUM)
     return leaves > threshold or len(graph) > 6 * threshold
 
 
