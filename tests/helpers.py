@@ -33,6 +33,7 @@ __all__ = [
     "correctly_rounded_sumsq",
     "count_bit_differences",
     "executor_of",
+    "spy_direct_calls",
     "run_compiled",
 ]
 
@@ -50,6 +51,36 @@ def run_compiled(
 ) -> torch.Tensor:
     """The compiled executor on ``graph`` with the plan the pipeline would hand it."""
     return compiled.run_compiled(graph, x, weight, eps, plan=compile_graph(graph), **options)
+
+
+def spy_direct_calls(monkeypatch: Any) -> list[bool]:
+    """Count the pipeline's direct native calls from now on (a fresh cache): the list
+    gets ``True`` for each call the direct kernel took, ``False`` for one it declined.
+    Skips the test where the native kernels are not built."""
+    import pytest
+
+    from taskgraph_norm import pipeline
+    from taskgraph_norm.executors import native
+
+    if not native.available():
+        pytest.skip(f"native kernels unavailable: {native.why_unavailable()}")
+    taken: list[bool] = []
+    real = pipeline.direct_call
+
+    def spy(plan: Any) -> Any:
+        call = real(plan)
+        assert call is not None
+
+        def counted(*args: Any) -> Any:
+            y = call(*args)
+            taken.append(y is not None)
+            return y
+
+        return counted
+
+    monkeypatch.setattr(pipeline, "direct_call", spy)
+    tgn.clear_caches()
+    return taken
 
 
 def executor_of(graph: tgn.Graph, executor: str = "auto") -> str:

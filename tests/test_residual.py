@@ -15,7 +15,7 @@ from taskgraph_norm import pipeline
 from taskgraph_norm.executors import native
 from taskgraph_norm.errors import ConfigError, DeviceMismatchError
 
-from .helpers import assert_bits_equal, bits_equal
+from .helpers import spy_direct_calls, assert_bits_equal, bits_equal
 
 D = 200
 EPS = 1e-6
@@ -92,24 +92,7 @@ def test_the_batch_comparison_can_fail() -> None:
 
 
 def test_the_fast_paths_take_the_native_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
-    if not native.available():
-        pytest.skip(f"native kernels unavailable: {native.why_unavailable()}")
-    taken: list[bool] = []
-    real = pipeline.direct_call
-
-    def spy(plan: Any) -> Any:
-        call = real(plan)
-        assert call is not None
-
-        def counted(*args: Any) -> Any:
-            y = call(*args)
-            taken.append(y is not None)
-            return y
-
-        return counted
-
-    monkeypatch.setattr(pipeline, "direct_call", spy)
-    tgn.clear_caches()
+    taken = spy_direct_calls(monkeypatch)
     x, r, w = _inputs(torch.float32)
     _norm(x, w, residual=r)
     assert taken == [True]  # fp32: one C call adds, writes h and normalises

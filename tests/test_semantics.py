@@ -14,7 +14,7 @@ from taskgraph_norm import kernels, pipeline
 from taskgraph_norm.executors import native, reference_sum_of_squares
 from taskgraph_norm.errors import ConfigError
 
-from .helpers import assert_bits_equal, bits_equal
+from .helpers import spy_direct_calls, assert_bits_equal, bits_equal
 
 D = 200  # three full chunks of 64 and a ragged one
 EPS = 1e-6
@@ -113,24 +113,7 @@ def test_bf16_modes_run_the_native_finalize(
 
 @pytest.mark.parametrize(("mode", "offset"), [("llama", 0.0), ("gemma", 1.0)])
 def test_fp32_modes_take_the_direct_path(monkeypatch: pytest.MonkeyPatch, mode: str, offset: float) -> None:
-    if not native.available():
-        pytest.skip(f"native kernels unavailable: {native.why_unavailable()}")
-    taken: list[bool] = []
-    real = pipeline.direct_call
-
-    def spy(plan: Any) -> Any:
-        call = real(plan)
-        assert call is not None
-
-        def counted(*args: Any) -> Any:
-            y = call(*args)
-            taken.append(y is not None)
-            return y
-
-        return counted
-
-    monkeypatch.setattr(pipeline, "direct_call", spy)
-    tgn.clear_caches()
+    taken = spy_direct_calls(monkeypatch)
     x, w = _inputs(torch.float32, torch.float32)
     graph = tgn.build_graph(D, chunk_size=64, casting_mode=mode, offset=offset)
     assert_bits_equal(_run("auto", x, w, casting_mode=mode, offset=offset), _oracle(graph, x, w, mode, offset))
