@@ -145,7 +145,7 @@ def train(cfg: Config, mode: str, run: Run, freeze: bool, rank: int = 0) -> list
         for part in range(run.accum):
             a, b = lo + part * (hi - lo) // run.accum, lo + (part + 1) * (hi - lo) // run.accum
             loss = F.cross_entropy(model(ids[a:b]), targets[a:b], reduction="sum") * scale
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
         if run.world > 1:
             _all_reduce_grads(model, mode)
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
