@@ -17,6 +17,7 @@ data-parallel ranks (docs/training.md).
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import torch
@@ -52,14 +53,37 @@ class ExactWeightRMSNorm(torch.autograd.Function):
             float_backward: Any = _backward.backward
             dx, _ = float_backward(dy, x, weight, rms, *config, "float", [True, False])
         if ctx.needs_input_grad[1]:
-            hidden = x.shape[-1]
-            acc = kernels.accumulation_dtype(x.dtype)
-            x_hat = (x.reshape(-1, hidden).to(acc) / rms.reshape(-1, 1)).to(x.dtype)  # normalize(x, None)
             param = ctx.param
+            x_hat = _x_hat(x, rms)  # the bits of normalize(x, None), as fp32
             exact_grads.accumulate(param, dy.reshape(-1, *param.shape).to(torch.float32),
-                                   x_hat.to(torch.float32).reshape(-1, *param.shape))
+                                   x_hat.reshape(-1, *param.shape))
             exact_grads.finish(param)
         return dx, None, None, None  # the weight's gradient is written by the accumulator
+
+
+class _Scratch(threading.local):
+    """A per-thread buffer for ``x_hat`` (a fresh one per backward would page-fault)."""
+
+    def __init__(self) -> None:
+        self.buf = torch.empty(0)
+
+
+_scratch = _Scratch()
+
+
+def _x_hat(x: torch.Tensor, rms: torch.Tensor) -> torch.Tensor:
+    """``(x / rms)`` rounded to ``x``'s dtype, as fp32 ``(rows, D)``: ``normalize(x, None)``'s
+    bits (FINALIZE without a weight) in a reused buffer."""
+    hidden = x.shape[-1]
+    rows = x.numel() // hidden
+    x2, r2 = x.reshape(rows, hidden), rms.reshape(rows, 1)
+    acc = kernels.accumulation_dtype(x.dtype)
+    if x.dtype != torch.float32 or acc != torch.float32 or x.device.type != "cpu":
+        return (x2.to(acc) / r2).to(x.dtype).to(torch.float32)
+    if _scratch.buf.numel() < rows * hidden:
+        _scratch.buf = torch.empty(rows * hidden)
+    out = _scratch.buf[: rows * hidden].view(rows, hidden)
+    return torch.div(x2, r2, out=out)
 
 
 def exact_apply(x: torch.Tensor, weight: torch.Tensor, config: tuple[Any, ...],
