@@ -42,7 +42,7 @@ def measure(hidden: int, topology: str, accumulate: str) -> dict[str, object]:
 
     import taskgraph_norm as tgn
     from taskgraph_norm.errors import GraphError
-    from taskgraph_norm.executors import resolve_executor
+    from taskgraph_norm import pipeline
     from taskgraph_norm.executors.lowering import lower
 
     options = dict(chunk_size=1, topology=topology, leaf="pairwise", accumulate=accumulate)
@@ -64,7 +64,7 @@ def measure(hidden: int, topology: str, accumulate: str) -> dict[str, object]:
     cpu = time.process_time() - cpu0
     return {
         "nodes": len(graph), "rule": proof.rule,
-        "executor": resolve_executor("auto", graph)[0],
+        "executor": pipeline.for_config(hidden, 1, topology, "pairwise", accumulate, "auto").executor,
         "build": t1 - t0, "prove": t2 - t1, "lower": t3 - t2, "run": t4 - t3, "cpu": cpu,
     }
 

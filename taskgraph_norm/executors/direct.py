@@ -41,8 +41,10 @@ __all__ = ["DirectCall", "SPLIT_NUMEL", "HUGE_BYTES", "direct_call"]
 DirectCall = Callable[..., "torch.Tensor | None"]
 
 #: Inputs with at least this many elements are split between the caller's thread and
-#: a pool thread (below it the hand-off costs more than it saves; measured here).
-SPLIT_NUMEL = 1 << 16
+#: a pool thread.  Handing work to a Python thread and waiting for it costs about
+#: 100 us on the 2-core VM of docs/performance.md (a sleeping thread's wake-up), more
+#: than the kernel takes for 16-64 rows of 4096: below 128 such rows one thread is faster.
+SPLIT_NUMEL = 1 << 19
 
 #: Fresh outputs of at least this many bytes are advised as huge-page candidates.
 HUGE_BYTES = 4 << 20
