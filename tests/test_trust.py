@@ -262,7 +262,7 @@ def test_a_forked_child_runs_every_pool_and_gets_the_same_bits() -> None:
     """After the parent used the compiled executor's tile pool, the direct path's
     helper and the concurrent executor's worker pool, a child forked from it runs
     them all (no hang) and gets the parent's bits.  Negative control: given back the parent's pools, the child hangs."""
-    x = torch.randn(64, 1024)
+    x = torch.randn(512, 1024)
     assert x.numel() >= SPLIT_NUMEL
     graph = tgn.build_graph(1024, chunk_size=16)
     expected = _run_every_pool(x, graph)
