@@ -36,8 +36,9 @@ __all__ = ["DirectCall", "SPLIT_NUMEL", "HUGE_BYTES", "direct_call"]
 #: ``fn(x, weight, eps, out, residual=None, residual_out=None, total=None) -> y | None``
 #: (``None``: not taken, run the general path; with a residual, ``h`` is then in
 #: ``residual_out``).  With ``total`` (contiguous, ``(rows, 1)`` fp32 for a float plan,
-#: ``(rows, 2)`` fp64 exact pairs for an exact one) the row totals are written there:
-#: what the backward needs of the forward (:mod:`taskgraph_norm.ops`).
+#: ``(rows, 2)`` fp64 exact pairs for an exact one) each row's rms (float plans) or
+#: exact total pair (exact plans) is written there: what the backward needs of the
+#: forward (:mod:`taskgraph_norm.ops`).
 DirectCall = Callable[..., "torch.Tensor | None"]
 
 #: Inputs with at least this many elements are split between the caller's thread and
@@ -129,9 +130,10 @@ def direct_call(plan: Plan) -> DirectCall | None:
 
         def rows_call(xp: int, yp: int, rows: int, w: int | None, eps: float, rp: int | None, hp: int | None,
                       tp: int | None) -> int:
+            flags = 0 if tp is None else _native.TOTAL_AS_RMS  # the ops keep each row's rms
             tp = _scratch.pointer(rows) if tp is None else tp
             return int(float_fn(xp, rows, hidden, hidden, chunk, adds_ptr, n_adds, root,
-                                tp, yp, hidden, w, eps, 0, offset, rp, hidden, hp, hidden))
+                                tp, yp, hidden, w, eps, flags, offset, rp, hidden, hp, hidden))
 
     fp32 = torch.float32
 

@@ -181,6 +181,9 @@ static double row_max_double(const double *row, int64_t hidden)
  */
 #define TGN_ROUND_QUOTIENT 1
 #define TGN_ROUND_PRODUCT 2
+/* float rows: after FINALIZE, total[i] holds the row's rms (finalize_row_float's
+ * sqrt(total / D + eps)) instead of its total: what the backward keeps. */
+#define TGN_TOTAL_AS_RMS 4
 
 #define NORMALIZE_ROW(row, y, w, hidden, rms)                                          \
     do {                                                                               \
@@ -433,6 +436,8 @@ FULL_CHUNKS_POW2(double)
             if (y && finalize_row_##T(row, y + i * y_stride, w, hidden, total[i], eps, \
                                       flags, offset))                                 \
                 total[i] = NAN; /* a NaN the llama rounding left to the caller */     \
+            else if (flags & TGN_TOTAL_AS_RMS)                                        \
+                total[i] = (T)sqrt((double)(total[i] / (T)(double)hidden + (T)eps));  \
             nan_rows += total[i] != total[i];                                         \
         }                                                                             \
         if (work != small)                                                            \
@@ -445,7 +450,7 @@ FLOAT_ROWS(tgn_float_rows_f64, double)
 
 /* A version number the loader checks, so a library left from an older install is
  * never used. */
-int tgn_native_abi(void) { return 9; }
+int tgn_native_abi(void) { return 10; }
 
 #ifdef TGN_BUILD_CPU
 /* The host variant (setup.py builds it with -march=native): the features of the CPU

@@ -57,7 +57,7 @@ __all__ = [
 ]
 
 _DIR = Path(__file__).resolve().parent
-_ABI = 9
+_ABI = 10
 #: What the torch ops cost instead (docs/performance.md, "On torch ops alone").
 _COST = ("the same bits, about 3x slower for float plans and 5x to 6x for exact ones on (4096, 4096) fp32 "
          "(docs/reliability.md)")
@@ -259,6 +259,8 @@ def disabled() -> Iterator[None]:
 #: quotient to bf16 before the weight; with a bf16 weight, round the product too.
 ROUND_QUOTIENT = 1
 ROUND_PRODUCT = 2
+#: Float rows: the kernel leaves each row's rms, not its total, in ``total`` (native.c).
+TOTAL_AS_RMS = 4
 
 #: The dtypes the C kernel reads directly; fp16 and bf16 are widened to fp32 first.
 _FUNCS = {torch.float32: "tgn_exact_rows_f32", torch.float64: "tgn_exact_rows_f64"}

@@ -87,8 +87,8 @@ def _forward_direct(
     y = direct(x, weight, eps, None, None, None, total)
     if y is None:
         return None
-    # a float total becomes its rms in place (one buffer); an exact pair needs its own
-    rms = native_grads.rms_of_totals(total, hidden, eps, out=None if exact else total)
+    # a float plan's kernel wrote each row's rms itself; an exact pair becomes its rms here
+    rms = native_grads.rms_of_totals(total, hidden, eps) if exact else total
     return y, rms if x.dim() == 2 else rms.view(rms_shape(x))
 
 
