@@ -14,14 +14,15 @@ size, topology, leaf, accumulate, executor) and one per (graph, executor) for
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import sys
 import threading
 from collections.abc import Callable, Mapping
 from typing import Any, overload
 
 import anyio
 import anyio.to_thread
-import sniffio
 import torch
 
 from . import caches, kernels
@@ -383,12 +384,28 @@ def for_graph(graph: Graph, executor: str = "auto") -> Pipeline:
 # --- async executors from sync code ---------------------------------------------------------
 
 
+def _loop_running() -> bool:
+    """Whether an asyncio or trio event loop runs in the calling thread (no sniffio:
+    it is not a dependency; trio is looked at only if it is already imported)."""
+    try:
+        asyncio.get_running_loop()
+        return True
+    except RuntimeError:
+        pass
+    trio = sys.modules.get("trio")
+    if trio is not None:
+        try:
+            trio.lowlevel.current_trio_token()
+            return True
+        except RuntimeError:
+            pass
+    return False
+
+
 def run_coroutine_sync(fn: Callable[[], Any]) -> Any:
     """``anyio.run(fn)``, also from a thread whose event loop is running (a notebook
     cell, an async web handler): there the loop runs on a fresh thread, joined."""
-    try:
-        sniffio.current_async_library()
-    except sniffio.AsyncLibraryNotFoundError:
+    if not _loop_running():
         return anyio.run(fn)
     result: list[Any] = []
     error: list[BaseException] = []
