@@ -171,3 +171,35 @@ def test_a_planted_cycle_is_caught(tmp_path: Path) -> None:
         ROOT = saved
     assert graph.has_edge("taskgraph_norm.executors.a", "taskgraph_norm.prover.b")
     assert list(nx.simple_cycles(graph))
+
+
+#: What the package may import at module level: the standard library, its declared
+#: dependencies, and triton only in the kernel files the Triton runner loads lazily.
+DEPENDENCIES = {"torch", "anyio", "networkx", "numpy"}
+LAZY_KERNEL_FILES = {"executors/triton/kernels.py", "executors/triton/backward_kernels.py"}
+
+
+def test_module_level_imports_are_declared_dependencies() -> None:
+    # A fresh `pip install .` has only pyproject's dependencies: a module-level import
+    # of anything else (sniffio came in with the test extras once) breaks `import
+    # taskgraph_norm` for users while CI stays green.
+    import sys
+
+    stdlib = set(sys.stdlib_module_names)
+    bad = []
+    for path in ROOT.rglob("*.py"):
+        rel = path.relative_to(ROOT).as_posix()
+        for node in ast.parse(path.read_text()).body:  # module level only
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module or ""]
+            for name in names:
+                top = name.split(".")[0]
+                if top in stdlib or top in DEPENDENCIES or top in ("taskgraph_norm", "__future__"):
+                    continue
+                if top == "triton" and rel in LAZY_KERNEL_FILES:
+                    continue
+                bad.append(f"{rel}: import {name}")
+    assert not bad, "module-level imports outside the declared dependencies:\n" + "\n".join(bad)
