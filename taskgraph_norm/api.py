@@ -89,11 +89,8 @@ def normalize_sync(
         y, h = ops.rms_norm_residual(x, residual, weight, eps, **options)  # type: ignore[arg-type]
         return (y if out is None else out.copy_(y)), (h if residual_out is None else residual_out.copy_(h))
     if isinstance(x, torch.Tensor) and x.dim():  # the warm path: one dict lookup, one call
-        try:
-            pipe = pipeline._by_config.get((x.shape[-1], chunk_size, topology, leaf, accumulate, executor,
-                                            casting_mode, offset, residual is not None))
-        except TypeError:
-            pipe = None
+        pipe = pipeline.cached(x.shape[-1], chunk_size, topology, leaf, accumulate, executor,
+                               casting_mode, offset, residual is not None)
         if pipe is not None:
             if residual is None and residual_out is None:
                 return pipe(x, weight, eps, out)
@@ -149,11 +146,8 @@ async def normalize(
     """
     if isinstance(x, torch.Tensor) and x.dim() and x.numel() < OFFLOAD_NUMEL:
         # The warm path of a small call: inline, as normalize_sync's (no thread hop).
-        try:
-            pipe = pipeline._by_config.get((x.shape[-1], chunk_size, topology, leaf, accumulate, executor,
-                                            casting_mode, offset, residual is not None))
-        except TypeError:
-            pipe = None
+        pipe = pipeline.cached(x.shape[-1], chunk_size, topology, leaf, accumulate, executor,
+                               casting_mode, offset, residual is not None)
         if pipe is not None and pipe.executor not in ASYNC_EXECUTORS:
             if residual is None and residual_out is None:
                 return pipe(x, weight, eps, out)

@@ -35,7 +35,7 @@ from .graph import Graph, Op, validate
 from .prover import Proof, prove
 from .topologies import build_graph
 
-__all__ = ["OFFLOAD_NUMEL", "Pipeline", "for_config", "for_graph", "run_coroutine_sync"]
+__all__ = ["OFFLOAD_NUMEL", "Pipeline", "cached", "for_config", "for_graph", "run_coroutine_sync"]
 
 #: Inputs with at least this many elements are computed on a worker thread by the
 #: async faces; smaller ones run inline, where a thread hop would cost more than the work.
@@ -339,20 +339,31 @@ def _clear() -> None:
         _by_graph.clear()
 
 
+def cached(
+    hidden_size: int, chunk_size: int, topology: str, leaf: str, accumulate: str, executor: str,
+    casting_mode: str = "torch", offset: float = 0.0, residual: bool = False,
+) -> Pipeline | None:
+    """The configuration's pipeline if one is cached, else ``None``: the faces' warm
+    path, one dict lookup (an unhashable option is never cached: ``None``)."""
+    try:
+        return _by_config.get((hidden_size, chunk_size, topology, leaf, accumulate, executor, casting_mode,
+                               offset, residual))
+    except TypeError:
+        return None
+
+
 def for_config(
     hidden_size: int, chunk_size: int, topology: str, leaf: str, accumulate: str, executor: str,
     casting_mode: str = "torch", offset: float = 0.0, residual: bool = False,
 ) -> Pipeline:
     """The pipeline of one ``normalize`` configuration (cached)."""
-    key = (hidden_size, chunk_size, topology, leaf, accumulate, executor, casting_mode, offset, residual)
-    try:
-        pipe = _by_config.get(key)
-    except TypeError:  # an unhashable option: let the builder say what is wrong with it
-        pipe = None
+    pipe = cached(hidden_size, chunk_size, topology, leaf, accumulate, executor, casting_mode, offset, residual)
     if pipe is not None:
         return pipe
+    # (an unhashable option: the builder says what is wrong with it before the key is used)
     graph = build_graph(hidden_size, chunk_size=chunk_size, topology=topology, leaf=leaf, accumulate=accumulate,
                         casting_mode=casting_mode, offset=offset, residual=residual)
+    key = (hidden_size, chunk_size, topology, leaf, accumulate, executor, casting_mode, offset, residual)
     return _store(_by_config, key, Pipeline(graph, executor))
 
 

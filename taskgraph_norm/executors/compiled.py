@@ -233,8 +233,6 @@ def _run_tiles(
 # --- entry point -----------------------------------------------------------------
 
 
-
-
 def run_compiled(
     graph: Graph,
     x: torch.Tensor,

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import ctypes
 import sys
-import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -30,6 +29,7 @@ import torch
 from . import native as _native
 from . import pools
 from .lowering import Plan
+from .workspace import ThreadScratch
 
 __all__ = ["DirectCall", "SPLIT_NUMEL", "HUGE_BYTES", "direct_call"]
 
@@ -57,19 +57,8 @@ _NATIVE_FLOAT_MERGES = ("single", "tree", "adds")
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
-class _Scratch(threading.local):
-    """A per-thread buffer the kernel writes row totals into (grown on demand)."""
-
-    def __init__(self) -> None:
-        self.buf = torch.empty(0, dtype=torch.float64)
-
-    def pointer(self, elements: int) -> int:
-        if self.buf.numel() < elements:
-            self.buf = torch.empty(max(elements, 2 * self.buf.numel()), dtype=torch.float64)
-        return int(self.buf.data_ptr())
-
-
-_scratch = _Scratch()
+#: Where the kernel writes the row totals nobody asked for (per thread).
+_scratch = ThreadScratch(torch.float64)
 
 
 def _advise_huge() -> Callable[[int, int], None] | None:

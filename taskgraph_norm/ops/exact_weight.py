@@ -17,7 +17,6 @@ data-parallel ranks (docs/training.md).
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 import torch
@@ -25,6 +24,7 @@ import torch
 from .. import kernels
 from ..errors import ConfigError
 from ..executors.exact_grad import exact_grads
+from ..executors.workspace import ThreadScratch
 from . import backward as _backward
 from . import forward as _forward
 
@@ -61,14 +61,8 @@ class ExactWeightRMSNorm(torch.autograd.Function):
         return dx, None, None, None  # the weight's gradient is written by the accumulator
 
 
-class _Scratch(threading.local):
-    """A per-thread buffer for ``x_hat`` (a fresh one per backward would page-fault)."""
-
-    def __init__(self) -> None:
-        self.buf = torch.empty(0)
-
-
-_scratch = _Scratch()
+#: ``x_hat``'s buffer (per thread): a fresh one per backward would page-fault.
+_scratch = ThreadScratch(torch.float32)
 
 
 def _x_hat(x: torch.Tensor, rms: torch.Tensor) -> torch.Tensor:
@@ -80,9 +74,7 @@ def _x_hat(x: torch.Tensor, rms: torch.Tensor) -> torch.Tensor:
     acc = kernels.accumulation_dtype(x.dtype)
     if x.dtype != torch.float32 or acc != torch.float32 or x.device.type != "cpu":
         return (x2.to(acc) / r2).to(x.dtype).to(torch.float32)
-    if _scratch.buf.numel() < rows * hidden:
-        _scratch.buf = torch.empty(rows * hidden)
-    out = _scratch.buf[: rows * hidden].view(rows, hidden)
+    out = _scratch.get(rows * hidden).view(rows, hidden)
     return torch.div(x2, r2, out=out)
 
 

@@ -28,7 +28,7 @@ import torch
 from ... import caches, kernels
 from ...errors import ExecutionError
 from ..lowering import Plan
-from .layout import KernelShape, halving_positions, kernel_shape, next_pow2
+from .layout import KernelShape, float_layout, halving_positions, kernel_shape, next_pow2
 from .runner import MAX_BLOCK, _kernels, _num_warps, _offset_in, _table, available, interpreting, supports
 
 __all__ = ["DTYPES", "dw_launch_spec", "dx_launch_spec", "run_backward", "supports_backward"]
@@ -61,12 +61,8 @@ def dx_launch_spec(shape: KernelShape, has_weight: bool, offset: float, interpre
                                      OFFSET=offset_in, FOLDS=interpret)
     if shape.kind == "exact":
         return "dx_exact_kernel", constants, _num_warps(block)
-    constants.update(CW=shape.chunk_width, LOG_C=shape.log_chunk, NATURAL=shape.natural)
-    if shape.kind == "tree":
-        constants.update(NW=shape.chunks_width, LOG_N=shape.log_chunks)
-        return "dx_tree_kernel", constants, _num_warps(max(shape.chunks_width * shape.chunk_width, block))
-    constants.update(N=shape.n_chunks)
-    return "dx_linear_kernel", constants, _num_warps(max(shape.chunk_width, block))
+    name, width = float_layout(shape, block, constants, ("dx_tree_kernel", "dx_linear_kernel"))
+    return name, constants, _num_warps(width)
 
 
 def dw_launch_spec(hidden: int, round_x_hat: bool) -> tuple[str, dict[str, Any], int]:

@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Any
 
 from ...errors import ExecutionError
 from ..lowering import Plan
 
-__all__ = ["KernelShape", "halving_positions", "kernel_shape", "next_pow2"]
+__all__ = ["KernelShape", "float_layout", "halving_positions", "kernel_shape", "next_pow2"]
 
 #: Kernels by what they run: ``tree`` (also ``single``: a tree of one chunk),
 #: ``linear`` (a left fold over the chunks) and ``exact``.
@@ -138,3 +139,18 @@ def kernel_shape(plan: Plan) -> KernelShape:
         for i, p in enumerate(halving_positions(length, cw)):
             table[k * cw + p] = start + i
     return KernelShape(kind, d, n, cw, nw, tuple(table))
+
+
+def float_layout(shape: KernelShape, block: int, constants: dict[str, Any],
+                 kernels: tuple[str, str]) -> tuple[str, int]:
+    """A float plan's row layout as compile-time arguments, added to ``constants``: the
+    one mapping the forward and the ``dx`` kernels share, so both place a row's chunks
+    identically.  Returns the kernel for the plan's merge, ``kernels[0]`` for a tree
+    (or single chunk) and ``kernels[1]`` for a left fold, and the width its warps are
+    sized by."""
+    constants.update(CW=shape.chunk_width, LOG_C=shape.log_chunk, NATURAL=shape.natural)
+    if shape.kind == "tree":
+        constants.update(NW=shape.chunks_width, LOG_N=shape.log_chunks)
+        return kernels[0], max(shape.chunks_width * shape.chunk_width, block)
+    constants.update(N=shape.n_chunks)
+    return kernels[1], max(shape.chunk_width, block)

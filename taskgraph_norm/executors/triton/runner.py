@@ -29,7 +29,7 @@ from ... import caches, kernels
 from ...errors import ExecutionError, MissingDependencyError
 from ...graph import Graph
 from ..lowering import Plan
-from .layout import KernelShape, kernel_shape, next_pow2
+from .layout import KernelShape, float_layout, kernel_shape, next_pow2
 
 __all__ = ["available", "interpreting", "run_triton", "supports"]
 
@@ -145,12 +145,8 @@ def launch_spec(
     if shape.kind == "exact":
         constants.update(LOG_BLOCK=block.bit_length() - 1, FOLDS=interpret)
         return "exact_kernel", constants, _num_warps(block)
-    constants.update(CW=shape.chunk_width, LOG_C=shape.log_chunk, NATURAL=shape.natural)
-    if shape.kind == "tree":
-        constants.update(NW=shape.chunks_width, LOG_N=shape.log_chunks)
-        return "float_tree_kernel", constants, _num_warps(max(shape.chunks_width * shape.chunk_width, block))
-    constants.update(N=shape.n_chunks)
-    return "float_linear_kernel", constants, _num_warps(max(shape.chunk_width, block))
+    name, width = float_layout(shape, block, constants, ("float_tree_kernel", "float_linear_kernel"))
+    return name, constants, _num_warps(width)
 
 
 def _launch(
