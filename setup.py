@@ -1,6 +1,7 @@
 """Builds the compiled executor's native kernels when the package is installed.
 
-``taskgraph_norm/executors/native.c`` becomes two optional extensions next to
+``taskgraph_norm/executors/native.c`` (the kernels) and ``native_team.c`` (the
+two-thread team the forward's rows are shared by) become two optional extensions next to
 ``native.py``, which loads them with ctypes (they are plain C libraries, not
 Python modules):
 
@@ -28,14 +29,14 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 HERE = Path(__file__).resolve().parent
-SOURCE = "taskgraph_norm/executors/native.c"
+SOURCES = ["taskgraph_norm/executors/native.c", "taskgraph_norm/executors/native_team.c"]
 # Keep the C expressions as written (see native.c): no contraction into fmas, no
 # fast-math; -O3 comes after Python's own -O2.
-FLAGS = ["-O3", "-ffp-contract=off", "-fno-fast-math", "-Wno-psabi"]
+FLAGS = ["-O3", "-ffp-contract=off", "-fno-fast-math", "-Wno-psabi", "-pthread"]
 
 
 def extensions() -> list[Extension]:
-    common = {"sources": [SOURCE], "libraries": ["m"], "optional": True}
+    common = {"sources": SOURCES, "libraries": ["m"], "extra_link_args": ["-pthread"], "optional": True}
     exts = [Extension("taskgraph_norm.executors._native_portable", extra_compile_args=FLAGS, **common)]
     cpu = runpy.run_path(str(HERE / "taskgraph_norm/executors/cpu_features.py"))["features"]()
     march = os.environ.get("TGN_NATIVE_MARCH", "").strip() or "native"
@@ -50,7 +51,7 @@ def extensions() -> list[Extension]:
 
 
 class BuildExt(build_ext):
-    """Each extension compiles native.c with its own flags: give each its own
+    """Each extension compiles the sources with its own flags: give each its own
     object directory, so the two builds of one source never share an object file."""
 
     def build_extension(self, ext: Extension) -> None:

@@ -2,9 +2,9 @@
 
 The native kernels work row by row with the row in cache, so on fp32 CPU input they
 need no tiling: the pipeline asks :func:`direct_call` once per configuration for a
-function that takes a checked input and makes one native call per worker (the
-caller's thread runs one share of the rows, a pool thread the other when the input
-is large enough to pay for the hand-off).  Same kernel, same per-row order, same
+function that takes a checked input and makes one native call (whose rows the
+caller's thread shares with the native team's worker thread when the input is large
+enough: ``native_team.c``).  Same kernel, same per-row order, same
 bits as the compiled executor's tiles (the tests compare them).  It returns
 ``None`` for an input it does not take (another dtype or device, a strided input,
 a NaN row, a gradient to record, the native kernels switched off, a residual
@@ -31,7 +31,7 @@ from . import pools
 from .lowering import Plan
 from .workspace import ThreadScratch
 
-__all__ = ["DirectCall", "SPLIT_NUMEL", "HUGE_BYTES", "direct_call"]
+__all__ = ["DirectCall", "HUGE_BYTES", "SPLIT_NUMEL", "TEAM_GRAIN", "direct_call"]
 
 #: ``fn(x, weight, eps, out, residual=None, residual_out=None, total=None) -> y | None``
 #: (``None``: not taken, run the general path; with a residual, ``h`` is then in
@@ -41,11 +41,12 @@ __all__ = ["DirectCall", "SPLIT_NUMEL", "HUGE_BYTES", "direct_call"]
 #: forward (:mod:`taskgraph_norm.ops`).
 DirectCall = Callable[..., "torch.Tensor | None"]
 
-#: Inputs with at least this many elements are split between the caller's thread and
-#: a pool thread.  Handing work to a Python thread and waiting for it costs about
-#: 100 us on the 2-core VM of docs/performance.md (a sleeping thread's wake-up), more
-#: than the kernel takes for 16-64 rows of 4096: below 128 such rows one thread is faster.
-SPLIT_NUMEL = 1 << 19
+#: Inputs with at least this many elements share their rows between the caller's
+#: thread and the native team's worker (``native_team.c``: the two claim blocks of
+#: rows from an atomic counter, so the caller never waits for the worker to wake).
+SPLIT_NUMEL = 1 << 16
+#: Elements per claim of the team (16 rows of 4096).
+TEAM_GRAIN = 1 << 16
 
 #: Fresh outputs of at least this many bytes are advised as huge-page candidates.
 HUGE_BYTES = 4 << 20
@@ -97,33 +98,33 @@ def direct_call(plan: Plan) -> DirectCall | None:
         return None
     lib = _native._library()
     hidden = plan.hidden_size
-    row_bytes = hidden * 4
     keep: list[Any] = []
     offset = plan.offset
-    rows_call: Callable[[int, int, int, int | None, float, int | None, int | None, int | None], int]
-    total_bytes = 16 if exact else 4  # per row: an fp64 pair, or one fp32 total
+    rows_call: Callable[[int, int, int, int | None, float, int | None, int | None, int | None, int], int]
     if exact:
-        exact_fn = lib.tgn_exact_rows_f32
+        exact_fn = lib.tgn_exact_rows_f32_team
 
         def rows_call(xp: int, yp: int, rows: int, w: int | None, eps: float, rp: int | None, hp: int | None,
-                      tp: int | None) -> int:
+                      tp: int | None, grain: int) -> int:
             tp = _scratch.pointer(2 * rows) if tp is None else tp
             return int(exact_fn(xp, rows, hidden, hidden, tp, yp, hidden, w, eps, 0, offset,
-                                rp, hidden, hp, hidden))
+                                rp, hidden, hp, hidden, grain))
     else:
-        float_fn = lib.tgn_float_rows_f32
+        float_fn = lib.tgn_float_rows_f32_team
         adds = tuple(t for level in plan.adds for t in level)
         recipe = _native.FloatRecipe(plan.chunk_size, plan.n_chunks, adds, plan.root)
         keep.append(recipe)  # holds the adds tensor whose pointer the kernel reads
         adds_ptr, n_adds, root, chunk = recipe.adds.data_ptr(), recipe.n_adds, recipe.root, recipe.chunk_size
 
         def rows_call(xp: int, yp: int, rows: int, w: int | None, eps: float, rp: int | None, hp: int | None,
-                      tp: int | None) -> int:
+                      tp: int | None, grain: int) -> int:
             flags = 0 if tp is None else _native.TOTAL_AS_RMS  # the ops keep each row's rms
             tp = _scratch.pointer(rows) if tp is None else tp
             return int(float_fn(xp, rows, hidden, hidden, chunk, adds_ptr, n_adds, root,
-                                tp, yp, hidden, w, eps, flags, offset, rp, hidden, hp, hidden))
+                                tp, yp, hidden, w, eps, flags, offset, rp, hidden, hp, hidden, grain))
 
+    # Rows per claim of the two-thread team: about TEAM_GRAIN elements.
+    grain = max(1, TEAM_GRAIN // max(hidden, 1))
     fp32 = torch.float32
 
     def call(x: torch.Tensor, weight: torch.Tensor | None, eps: float, out: torch.Tensor | None,
@@ -162,17 +163,8 @@ def direct_call(plan: Plan) -> DirectCall | None:
         w = None if weight is None else weight.data_ptr()
         xp, yp = x.data_ptr(), y.data_ptr()
         tp = None if total is None else total.data_ptr()
-        pool = pools.helper() if numel >= SPLIT_NUMEL and rows >= 2 else None
-        if pool is None:
-            bad = rows_call(xp, yp, rows, w, eps, rp, hp, tp)
-        else:
-            half = rows // 2
-            skip = half * row_bytes
-            share = pool.submit(rows_call, xp + skip, yp + skip, rows - half, w, eps,
-                                None if rp is None else rp + skip, None if hp is None else hp + skip,
-                                None if tp is None else tp + half * total_bytes)
-            bad = rows_call(xp, yp, half, w, eps, rp, hp, tp)
-            bad += share.result()
+        share = numel >= SPLIT_NUMEL and rows > grain and pools.may_share()
+        bad = rows_call(xp, yp, rows, w, eps, rp, hp, tp, grain if share else rows)
         # A NaN total (or an exact row with no scale): the general path gives it the
         # reference's bits; what was written to a caller's out is overwritten there.
         return None if bad else y

@@ -53,11 +53,11 @@ from .lowering import Plan
 __all__ = [
     "available", "describe", "disabled", "exact_rows",
     "exact_scale", "float_rows", "FloatRecipe", "library_path",
-    "why_unavailable",
+    "team_worker_rows", "why_unavailable",
 ]
 
 _DIR = Path(__file__).resolve().parent
-_ABI = 10
+_ABI = 11
 #: What the torch ops cost instead (docs/performance.md, "On torch ops alone").
 _COST = ("the same bits, about 3x slower for float plans and 5x to 6x for exact ones on (4096, 4096) fp32 "
          "(docs/reliability.md)")
@@ -141,6 +141,12 @@ def _open(path: Path) -> ctypes.CDLL:
                        ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                        ctypes.c_void_p, *finalize_args]
         fn.restype = ctypes.c_int64
+    lib.tgn_float_rows_f32_team.argtypes = [*lib.tgn_float_rows_f32.argtypes, ctypes.c_int64]
+    lib.tgn_float_rows_f32_team.restype = ctypes.c_int64
+    lib.tgn_exact_rows_f32_team.argtypes = [*lib.tgn_exact_rows_f32.argtypes, ctypes.c_int64]
+    lib.tgn_exact_rows_f32_team.restype = ctypes.c_int64
+    lib.tgn_team_worker_rows.argtypes = []
+    lib.tgn_team_worker_rows.restype = ctypes.c_int64
     lib.tgn_backward_rows_f32.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [
         ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
     lib.tgn_backward_rows_f32.restype = ctypes.c_int64
@@ -264,6 +270,12 @@ TOTAL_AS_RMS = 4
 
 #: The dtypes the C kernel reads directly; fp16 and bf16 are widened to fp32 first.
 _FUNCS = {torch.float32: "tgn_exact_rows_f32", torch.float64: "tgn_exact_rows_f64"}
+
+
+def team_worker_rows() -> int:
+    """Rows the native team's worker thread has run in this process (``native_team.c``;
+    the direct path shares large inputs' rows with it): 0 without the kernels."""
+    return int(_library().tgn_team_worker_rows()) if available() else 0
 
 
 def _check_rows(x: torch.Tensor) -> None:

@@ -27,7 +27,6 @@ from ..errors import ConfigError, ExecutionError
 from ..executors import native as _native
 from ..executors import native_grads as _native_grads
 from ..executors import pools
-from ..executors.direct import SPLIT_NUMEL
 from ..executors.rowsum import plan_row_sum, reference_row_sum
 from ..executors.triton import backward as _triton
 from ..graph import Op
@@ -37,6 +36,9 @@ __all__ = ["TRITON_ON_CPU", "WEIGHT_GRAD_MODES", "backward", "backward_torch", "
 
 #: How ``dW`` may merge over rows.
 WEIGHT_GRAD_MODES = ("float",)
+#: Inputs with at least this many elements split their row blocks over the caller and
+#: the pool's helper thread (a Python thread: its hand-off costs about 100 us here).
+SPLIT_NUMEL = 1 << 19
 #: Run the Triton kernels on CPU tensors too when ``TRITON_INTERPRET=1`` (tests only: slow).
 TRITON_ON_CPU = False
 
