@@ -181,6 +181,19 @@ def test_errors(interpreted: None, monkeypatch: pytest.MonkeyPatch) -> None:
     assert not exact_dw.runs(es.empty_state(4))
 
 
+def test_gpu_bench_exact_dw_dry_run(interpreted: None, monkeypatch: pytest.MonkeyPatch,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """benchmarks/gpu_bench.py's exact-dW bits check and timing table, on CPU tensors
+    through the interpreted kernel (what the GPU run does, at a toy size)."""
+    from benchmarks import gpu_bench
+
+    monkeypatch.setattr(gpu_bench, "DEVICE", "cpu")
+    monkeypatch.setattr(exact_dw, "TRITON_ON_CPU", True)
+    assert gpu_bench.check_exact_dw_bits(6, 40, torch.bfloat16)
+    medians = gpu_bench.bench_exact_dw(6, 40, torch.float32, rounds=1, inner=1)
+    assert len(medians) == 5 and "| exact backward (dx, exact dW) |" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("dtype,from_x", [(torch.float32, False), (torch.bfloat16, True)])
 def test_ptx_rounds_like_the_cpu(dtype: torch.dtype, from_x: bool) -> None:
     """Compiled for sm_90 here: no contraction, flush-to-zero or approximation; fp64
@@ -206,11 +219,11 @@ def test_gpu_state_matches_cpu(dtype: torch.dtype) -> None:
     pytest.importorskip("triton")
     for rows, cols in ((70, 100), (5000, 4096)):
         dy, x_hat = hard_operands(rows, cols, dtype, seed=rows)
-        want = torch_state(dy, x_hat)
+        want = ExactSum(cols).add_products(dy, x_hat).state  # the CPU's: C (or torch ops)
         assert torch.equal(triton_state(dy.cuda(), x_hat.cuda()).cpu(), want), (rows, cols)
         assert torch.equal(ExactSum(cols, "cuda").add_products(dy.cuda(), x_hat.cuda()).state.cpu(), want)
         rms = (x_hat.float().square().mean(-1, keepdim=True) + 1e-6).sqrt()
-        want_x = torch_state(dy, _x_hat(x_hat, rms))
+        want_x = ExactSum(cols).add_products(dy, _x_hat(x_hat, rms)).state
         assert torch.equal(triton_state(dy.cuda(), x_hat.cuda(), rms.cuda()).cpu(), want_x)
     x = torch.randn(3, 300, 512, generator=gen(8)).to(dtype)
     grads = []
