@@ -24,6 +24,13 @@ eager and under ``torch.compile``, Liger-Kernel's ``LigerRMSNorm`` when
 its forward is torch ops today, its backward the Triton kernels), and the Triton
 kernels alone (``run_triton`` then ``run_backward``), as achieved bandwidth (x read
 twice, y written, dy read, dx written) and against torch's eager pair.
+
+The exact weight gradient (``weight_grad="exact"``: the Triton kernel of
+``executors/triton/exact_dw.py``): its state on the device, from ``x_hat`` and fused
+from ``x`` and ``rms``, against the CPU's, and ``tgn.RMSNorm``'s ``weight.grad`` on
+both; then, per shape in bf16 and fp32, the backward op with ``weight_grad="float"``
+against the exact backward's work (``dx``, the exact accumulate, the rounding) and
+the pieces alone.
 Without a CUDA device it prints why and exits with status 2.
 """
 
@@ -118,12 +125,86 @@ def check_backward_bits(rows: int, hidden: int, dtype: torch.dtype) -> bool:
     return ok
 
 
+def _exact_dw_operands(rows: int, hidden: int, dtype: torch.dtype, seed: int,
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(x, dy, rms)`` on the CPU: x over six decades, a NaN row."""
+    from taskgraph_norm import kernels
+
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(rows, hidden, generator=gen) * torch.logspace(-3, 3, hidden)).to(dtype)
+    x[rows // 2, 1] = float("nan")
+    dy = torch.randn(rows, hidden, generator=gen).to(dtype)
+    xa = x.float()
+    rms = kernels.finalize_rms((xa * xa).sum(-1, keepdim=True), hidden, EPS, torch.float32)
+    return x, dy, rms
+
+
+def check_exact_dw_bits(rows: int, hidden: int, dtype: torch.dtype) -> bool:
+    """The exact weight gradient's state on the device (the Triton kernel, from
+    ``x_hat`` and fused from ``x`` and ``rms``) against the CPU's (C or torch ops), and
+    ``weight.grad`` of ``tgn.RMSNorm(weight_grad="exact")`` on the device against the CPU."""
+    from taskgraph_norm.executors.exact_grad import ExactSum
+    from taskgraph_norm.ops.exact_weight import _x_hat
+
+    x, dy, rms = _exact_dw_operands(rows, hidden, dtype, rows * 11 + hidden)
+    want = ExactSum(hidden).add_products(dy, _x_hat(x, rms)).state
+    got = [ExactSum(hidden, DEVICE).add_products(dy.to(DEVICE), _x_hat(x, rms).to(DEVICE)).state.cpu(),
+           ExactSum(hidden, DEVICE).add_products(dy.to(DEVICE), x.to(DEVICE), rms.to(DEVICE)).state.cpu()]
+    grads = []
+    for device in ("cpu", DEVICE):
+        norm = tgn.RMSNorm(hidden, eps=EPS, weight_grad="exact", dtype=dtype, device=device)
+        norm(x[:64].to(device)).backward(dy[:64].to(device))
+        assert norm.weight.grad is not None
+        grads.append(norm.weight.grad.cpu())
+    diff = [int((g != want).any(0).sum()) for g in got] + [count_bit_differences(grads[1], grads[0])]
+    print(f"bits exact dW {str(dtype):15s} ({rows}, {hidden}): state from x_hat {diff[0]}, from x/rms {diff[1]} "
+          f"of {hidden} columns differ; RMSNorm weight.grad {diff[2]} of {hidden}")
+    return diff == [0, 0, 0]
+
+
+def _sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
 def _timed(fn: Callable[[], object], inner: int) -> Callable[[], None]:
     def run() -> None:
         for _ in range(inner):
             fn()
-        torch.cuda.synchronize()
+        _sync()
     return run
+
+
+def bench_exact_dw(rows: int, hidden: int, dtype: torch.dtype, rounds: int, inner: int) -> dict[str, float]:
+    """The exact weight gradient against the float one, interleaved medians (seconds per
+    ``inner`` calls; printed as a table): the backward op with ``weight_grad="float"``
+    (dx and dW: the Triton kernels) against what ``weight_grad="exact"``'s backward runs
+    (dx by the same op, then the exact accumulate from x and rms and the rounding
+    to the weight's dtype), and the pieces."""
+    from taskgraph_norm.executors.exact_grad import ExactSum
+    from taskgraph_norm.ops.backward import backward
+
+    x, dy, rms = (t.to(DEVICE) for t in _exact_dw_operands(rows, hidden, dtype, 5))
+    x[rows // 2, 1] = 1.0  # timings without the CPU's finish of a NaN row
+    w = torch.ones(hidden, device=DEVICE, dtype=dtype)
+    config = (64, "tree", "pairwise", "float", "torch", 0.0, "float")
+
+    def exact_dw() -> torch.Tensor:
+        return ExactSum(hidden, DEVICE).add_products(dy, x, rms).result(dtype)
+
+    methods: dict[str, Callable[[], object]] = {
+        "float backward (dx, dW)": lambda: backward(dy, x, w, rms, *config, [True, True]),
+        "exact backward (dx, exact dW)": lambda: (backward(dy, x, w, rms, *config, [True, False]), exact_dw()),
+        "float dW alone": lambda: backward(dy, x, w, rms, *config, [False, True]),
+        "exact dW alone (accumulate + round)": exact_dw,
+        "exact accumulate (kernels)": lambda: ExactSum(hidden, DEVICE).add_products(dy, x, rms),
+    }
+    medians = interleaved_medians({k: _timed(fn, inner) for k, fn in methods.items()}, rounds)
+    print(f"\nexact vs float weight gradient ({rows}, {hidden}) {dtype}: median of {rounds} rounds x {inner} calls")
+    print("| method | us/call | vs float backward |\n|---|---:|---:|")
+    for name, secs in medians.items():
+        print(f"| {name} | {secs / inner * 1e6:.1f} | {secs / medians['float backward (dx, dW)']:.2f}x |")
+    return medians
 
 
 def bench(rows: int, hidden: int, dtype: torch.dtype, rounds: int, inner: int) -> None:
@@ -228,10 +309,14 @@ def main() -> int:
               for r, h in shapes for dt in (torch.float32, torch.bfloat16)])
     ok &= all([check_backward_bits(min(args.check_rows, r), h, dt)
                for r, h in shapes for dt in (torch.float32, torch.bfloat16, torch.float16)])
+    ok &= all([check_exact_dw_bits(min(args.check_rows, r), h, dt)
+               for r, h in shapes for dt in (torch.float32, torch.bfloat16, torch.float16)])
     for (rows, hidden), dtype in [(s, dt) for s in shapes for dt in (torch.bfloat16, torch.float32)]:
         bench(rows, hidden, dtype, args.rounds, args.inner)
     for rows, hidden in [tuple(int(n) for n in s.split("x")) for s in args.train_shapes.split(",") if s]:
         bench_train(rows, hidden, torch.bfloat16, args.rounds, args.inner)
+    for (rows, hidden), dtype in [(s, dt) for s in shapes for dt in (torch.bfloat16, torch.float32)]:
+        bench_exact_dw(rows, hidden, dtype, args.rounds, args.inner)
     return 0 if ok else 1
 
 

@@ -3,7 +3,8 @@
 :class:`ExactSum` holds ``n`` exact column sums (the state of
 :mod:`taskgraph_norm.kernels.exact_sum`) and adds blocks of products to it, with
 the native C kernel on CPU float32 (split by columns between the caller and the
-helper thread) and with the torch ops elsewhere: the same state either way.
+helper thread), the Triton kernel on CUDA (``executors/triton/exact_dw.py``) and
+the torch ops elsewhere: the same state either way.
 
 :class:`ExactGrad` carries one :class:`ExactSum` per parameter across backward
 calls, until the gradient is cleared, and writes ``param.grad`` as the correctly
@@ -35,6 +36,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from ..errors import ExactSumError, ExactSumOverflowError
 from ..kernels import exact_sum as es
 from . import native, native_grads, pools
+from .triton import exact_dw as triton_dw
 
 __all__ = ["ExactGrad", "ExactSum", "exact_grads"]
 
@@ -69,13 +71,20 @@ class ExactSum:
     def numel(self) -> int:
         return int(self.state.shape[1])
 
-    def add_products(self, dy: torch.Tensor, x_hat: torch.Tensor) -> ExactSum:
+    def add_products(self, dy: torch.Tensor, x_hat: torch.Tensor, rms: torch.Tensor | None = None) -> ExactSum:
         """Add ``sum over rows of dy * x_hat`` (fp32/bf16/fp16, whole rows of
-        ``numel``), exactly; returns ``self``."""
+        ``numel``), exactly; returns ``self``.  With ``rms`` (fp32, one per row; the
+        Triton kernel only, :func:`triton_dw.runs`), ``x_hat`` is ``x`` and the kernel
+        makes ``x_hat = (x / rms)`` rounded to x's dtype."""
         if dy.shape != x_hat.shape:
             raise ExactSumError(f"dy {list(dy.shape)} and x_hat {list(x_hat.shape)} must have the same shape")
         if dy.device != self.state.device or x_hat.device != self.state.device:
             raise ExactSumError(f"dy and x_hat must be on the sum's device {self.state.device}")
+        if triton_dw.runs(self.state):  # CUDA: the Triton kernel (the same state)
+            triton_dw.add_products_(self.state, dy, x_hat, rms)
+            return self
+        if rms is not None:
+            raise ExactSumError("x with rms is taken by the Triton kernel only (CUDA); pass x_hat")
         if self.state.device.type != "cpu" or not native.enabled() or not native.available():
             es.add_products_(self.state, dy, x_hat)
             return self
@@ -189,11 +198,12 @@ class ExactGrad:
             carry.sum.add_values(grad.detach())
         carry.remember(grad)
 
-    def accumulate(self, param: torch.Tensor, dy: torch.Tensor, x_hat: torch.Tensor) -> None:
+    def accumulate(self, param: torch.Tensor, dy: torch.Tensor, x_hat: torch.Tensor,
+                   rms: torch.Tensor | None = None) -> None:
         """``param``'s exact sum += ``sum over rows of dy * x_hat``.
 
         ``dy`` and ``x_hat``: fp32 (or bf16/fp16) ``(..., *param.shape)``, the same
-        shape, on ``param``'s device.
+        shape, on ``param``'s device.  ``rms``: as in :meth:`ExactSum.add_products`.
         """
         _check_param(param)
         if dy.shape != x_hat.shape or tuple(dy.shape[dy.dim() - param.dim():]) != tuple(param.shape):
@@ -202,7 +212,7 @@ class ExactGrad:
         carry = self._carry(param)
         with carry.lock:
             self._restart_unless_current(param, carry)
-            carry.sum.add_products(dy.detach(), x_hat.detach())
+            carry.sum.add_products(dy.detach(), x_hat.detach(), None if rms is None else rms.detach())
 
     def finish(self, param: torch.Tensor) -> torch.Tensor | None:
         """Write ``param.grad`` = the correctly rounded exact sum; returns it.

@@ -85,14 +85,16 @@ def check_state(state: torch.Tensor, numel: int | None = None) -> None:
                             f"{state.dtype}{list(state.shape)}")
 
 
-def as_rows(t: torch.Tensor, numel: int, name: str) -> torch.Tensor:
-    """``t`` as a ``(rows, numel)`` fp32 tensor (fp16/bf16 widen exactly)."""
+def as_rows(t: torch.Tensor, numel: int, name: str, *, widen: bool = True) -> torch.Tensor:
+    """``t`` as a ``(rows, numel)`` fp32 tensor (fp16/bf16 widen exactly; kept in their
+    dtype with ``widen=False``, for a kernel that widens them itself)."""
     if t.dtype not in _ACCEPTED:
         raise ExactSumError(f"{name} must be float32, bfloat16 or float16 (products of two such "
                             f"values are exact in float64); got {t.dtype}")
     if numel == 0 or t.numel() % numel:
         raise ExactSumError(f"{name} of shape {list(t.shape)} is not whole rows of {numel} elements")
-    return t.reshape(-1, numel).to(torch.float32)
+    rows = t.reshape(-1, numel)
+    return rows.to(torch.float32) if widen else rows
 
 
 def normalize_(state: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,7 @@ import torch
 from .. import kernels
 from ..errors import ConfigError
 from ..executors.exact_grad import exact_grads
+from ..executors.triton import exact_dw as triton_dw
 from ..executors.workspace import ThreadScratch
 from . import backward as _backward
 from . import forward as _forward
@@ -54,9 +55,13 @@ class ExactWeightRMSNorm(torch.autograd.Function):
             dx, _ = float_backward(dy, x, weight, rms, *config, "float", [True, False])
         if ctx.needs_input_grad[1]:
             param = ctx.param
-            x_hat = _x_hat(x, rms)  # the bits of normalize(x, None), as fp32
-            exact_grads.accumulate(param, dy.reshape(-1, *param.shape).to(torch.float32),
-                                   x_hat.reshape(-1, *param.shape))
+            if triton_dw.runs(x) and rms.dtype == torch.float32:  # CUDA: the kernel makes x_hat from x and rms (no x_hat tensor)
+                rows = (-1, *param.shape)
+                exact_grads.accumulate(param, dy.reshape(rows), x.reshape(rows), rms.reshape(-1))
+            else:
+                x_hat = _x_hat(x, rms)  # the bits of normalize(x, None), as fp32
+                exact_grads.accumulate(param, dy.reshape(-1, *param.shape).to(torch.float32),
+                                       x_hat.reshape(-1, *param.shape))
             exact_grads.finish(param)
         return dx, None, None, None  # the weight's gradient is written by the accumulator
 

@@ -18,7 +18,7 @@ from ..lowering import Plan
 from .layout import kernel_shape
 from .runner import _kernels, launch_spec
 
-__all__ = ["FORBIDDEN", "backward_ptx", "forbidden_instructions", "kernel_ptx"]
+__all__ = ["FORBIDDEN", "backward_ptx", "exact_dw_ptx", "forbidden_instructions", "kernel_ptx"]
 
 #: PTX opcodes (prefixes) that round differently from the CPU reference.
 FORBIDDEN = ("fma.", "rsqrt.", "rcp.", "sqrt.approx", "div.approx", "div.full", "ex2.", "lg2.")
@@ -76,6 +76,25 @@ def backward_ptx(
         signature.update({"flag_ptr": "*i8", "x_stride": "i32", "dy_stride": "i32", "dx_stride": "i32"})
     signature.update({c: "constexpr" for c in constants})
     return _compile(getattr(_kernels(False, "backward_kernels"), name), signature, constants, arch, fp_fusion)
+
+
+def exact_dw_ptx(dtype: torch.dtype, hidden: int = 4096, *, from_x: bool = False, part: str = "dw",
+                 arch: int = 90, fp_fusion: bool = False) -> str:
+    """The PTX of the exact weight gradient's kernel (``part="dw"``; ``from_x``: the
+    fused ``x / rms`` entry) or of its normalisation (``"normalize"``) for ``dtype``
+    operands and ``hidden`` columns on ``sm_<arch>``."""
+    from .exact_dw import launch_constants
+
+    dw_constants, norm_constants = launch_constants(hidden, from_x, interpret=False)
+    if part == "dw":
+        name, constants = "exact_dw_kernel", dw_constants
+        signature = {"dy_ptr": _PTR[dtype], "b_ptr": _PTR[dtype], "rms_ptr": "*fp32", "state_ptr": "*i64",
+                     "flag_ptr": "*i32", "rows": "i32", "groups": "i32", "dy_stride": "i32", "b_stride": "i32"}
+    else:
+        name, constants = "normalize_kernel", norm_constants
+        signature = {"state_ptr": "*i64", "flag_ptr": "*i32"}
+    signature.update({c: "constexpr" for c in constants})
+    return _compile(getattr(_kernels(False, "exact_dw_kernels"), name), signature, constants, arch, fp_fusion)
 
 
 def _compile(fn: object, signature: dict[str, str], constants: dict[str, object], arch: int, fp_fusion: bool) -> str:
