@@ -329,3 +329,20 @@ def test_docs_example_under_torchrun(tmp_path: Path) -> None:
 def test_shard_offsets() -> None:
     assert shard_offsets((3, 0, 4)) == (0, 3, 3)
     assert even_shard_sizes(10, 4) == (3, 3, 2, 2)
+
+
+def test_each_sharded_configuration_is_built_once() -> None:
+    """``normalize_sync`` calls through one cached ShardedPipeline per configuration:
+    its graph, its proof (world-size invariance) and its plan, emptied by clear_caches."""
+    from taskgraph_norm.distributed import ShardedPipeline, for_shards
+
+    tgn.clear_caches()
+    tree = for_shards(256, (100, 156), 16, "tree")
+    assert isinstance(tree, ShardedPipeline) and for_shards(256, (100, 156), 16, "tree") is tree
+    assert tree.proof.certified and tree.plan is not None and tree.graph.meta["shard_sizes"] == (100, 156)
+    race = for_shards(256, (100, 156), 16, "race")
+    assert not race.proof.certified  # the arrival order is not world-size invariant
+    exact = for_shards(256, (100, 156), 16, "race", accumulate="exact")
+    assert exact.proof.certified and exact.plan is None
+    tgn.clear_caches()
+    assert for_shards(256, (100, 156), 16, "tree") is not tree

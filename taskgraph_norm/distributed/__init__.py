@@ -4,7 +4,9 @@ The ranks run the single-process merge graph, split by placement: chunks stay
 global, rank-local subtrees are merged where their chunks live, one all-gather
 moves their roots (and the elements of chunks a shard boundary cuts), and every
 rank finishes the same merge.  In the exact domain a MAX and a SUM all-reduce
-suffice, because every addition is exact.  See docs/distributed.md.
+suffice, because every addition is exact.  Each sharded configuration is built once
+(:func:`for_shards`: its graph, proof and plan, a :class:`ShardedPipeline`).  See
+docs/distributed.md.
 
 Data parallel: :func:`all_reduce_exact_grads` sums the exact weight-gradient
 accumulators of every rank with one integer all-reduce (docs/training.md).
@@ -26,11 +28,14 @@ from .graph import distributed_plan as distributed_plan
 from .graph import even_shard_sizes as even_shard_sizes
 from .graph import shard_offsets as shard_offsets
 from .launch import run_local as run_local
+from .pipeline import ShardedPipeline as ShardedPipeline
+from .pipeline import for_shards as for_shards
 from .module import RMSNorm as RMSNorm
 
 __all__ = [
     "DistributedPlan",
     "RMSNorm",
+    "ShardedPipeline",
     "all_reduce_exact_grads",
     "build_distributed_graph",
     "build_naive_graph",
@@ -38,6 +43,7 @@ __all__ = [
     "even_shard_sizes",
     "exact_parameters",
     "exclude_from_ddp",
+    "for_shards",
     "naive_normalize_sync",
     "normalize",
     "normalize_sync",

@@ -28,8 +28,8 @@ from .. import kernels
 from ..checks import check_input
 from ..checks import resolve_eps as _resolve_eps
 from ..errors import ShardMismatchError
-from .graph import build_distributed_graph, check_shard_sizes, distributed_plan
-from .runtime import run_exact, run_float
+from .graph import check_shard_sizes
+from .pipeline import for_shards
 
 __all__ = ["normalize", "normalize_sync", "naive_normalize_sync", "payload_bytes_per_row"]
 
@@ -126,21 +126,13 @@ def normalize_sync(
     rank, world = _group_info(group)
     _check_shard(x_shard, weight_shard)
     eps_value = _resolve_eps(eps, x_shard.dtype)
-    graph = build_distributed_graph(
-        hidden_size, _sizes(hidden_size, shard_sizes, x_shard, rank, world, group,
-                            (chunk_size, topology, leaf, accumulate, eps_value)),
-        chunk_size=chunk_size, topology=topology, leaf=leaf, accumulate=accumulate,
-    )
+    sizes = _sizes(hidden_size, shard_sizes, x_shard, rank, world, group,
+                   (chunk_size, topology, leaf, accumulate, eps_value))
+    pipe = for_shards(hidden_size, sizes, chunk_size, topology, leaf, accumulate)
     if x_shard.shape[:-1].numel() == 0:  # no rows on any rank (they agreed on the count)
         return torch.empty_like(x_shard)
-    if accumulate == "exact":
-        return run_exact(
-            x_shard, weight_shard, eps_value, hidden_size,
-            _reducer(dist.ReduceOp.MAX, group, world), _reducer(dist.ReduceOp.SUM, group, world),
-        )
-    plan = distributed_plan(graph)
-    return run_float(plan, rank, x_shard, weight_shard, eps_value,
-                     lambda t: _gather(t, group, world))
+    return pipe(x_shard, weight_shard, eps_value, rank, lambda t: _gather(t, group, world),
+                _reducer(dist.ReduceOp.MAX, group, world), _reducer(dist.ReduceOp.SUM, group, world))
 
 
 def _check_shard(x: object, weight: object | None) -> None:
@@ -214,7 +206,8 @@ def payload_bytes_per_row(
     buffers (8 + 16) for ``"exact"``."""
     if accumulate == "exact":
         return 8 + 16
-    graph = build_distributed_graph(hidden_size, shard_sizes, chunk_size=chunk_size,
-                                    topology=topology, leaf=leaf, accumulate=accumulate)
+    plan = for_shards(hidden_size, check_shard_sizes(hidden_size, shard_sizes), chunk_size, topology, leaf,
+                      accumulate).plan
+    assert plan is not None  # a float configuration
     size = torch.empty((), dtype=kernels.accumulation_dtype(dtype)).element_size()
-    return distributed_plan(graph).width * size
+    return plan.width * size

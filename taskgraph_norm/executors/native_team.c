@@ -36,7 +36,7 @@ int64_t tgn_exact_rows_f32(const float *x, int64_t rows, int64_t hidden, int64_t
                            float *y, int64_t y_stride, const float *w, double eps, int64_t flags,
                            double offset, const float *r, int64_t r_stride, float *h, int64_t h_stride);
 
-#define SPIN_NS 100000 /* how long an idle worker spins before it sleeps */
+#define SPIN_NS 50000 /* how long an idle worker spins before it sleeps (back-to-back calls) */
 
 typedef struct {
     int exact; /* tgn_exact_rows_f32, else tgn_float_rows_f32 */
