@@ -152,6 +152,8 @@ class ExactSum:
 
     def result(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The sums correctly rounded to ``dtype`` (fp32, bf16, fp16): ``(numel,)``."""
+        if dtype in _WEIGHT_DTYPES and self._native() and self.state.is_contiguous():
+            return native_grads.exact_round(self.state, dtype)
         return es.round_state(self.state, dtype)
 
     def copy(self) -> ExactSum:

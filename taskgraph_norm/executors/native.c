@@ -969,3 +969,84 @@ int64_t tgn_exact_dw_rows_f32(const float *dy, int64_t dy_stride, const float *x
 #ifdef DW_WIDE
 #pragma GCC pop_options
 #endif
+
+/* --- the exact sum rounded: kernels/exact_sum.round_state, column by column ---------
+ *
+ * The same operations as the torch form, on one column at a time: the digits'
+ * sign and standard magnitude digits; the top three nonzero-led digits (at least 65
+ * bits) added in fp64 with TwoSum, the digits below as a sticky bit, rounded to 53
+ * bits to odd; then fp32: round to nearest even (fp32 results), or round to odd again
+ * (for bf16 and fp16: the caller converts, ties to even).  NaN and +-inf from the
+ * counters.  The state must be normalised.
+ */
+static double two_sum_error(double a, double b, double s)
+{
+    double bb = s - a;
+    return (a - (s - bb)) + (b - bb);
+}
+
+static float round_column(const int64_t *state, int64_t stride, int to_odd)
+{
+    int64_t nan = state[DW_DIGITS * stride], pos = state[(DW_DIGITS + 1) * stride];
+    int64_t neg = state[(DW_DIGITS + 2) * stride];
+    if (nan > 0 || (pos > 0 && neg > 0))
+        return NAN;
+    if (neg > 0)
+        return -INFINITY;
+    if (pos > 0)
+        return INFINITY;
+    int64_t mag[DW_DIGITS];
+    int top = -1;
+    for (int k = 0; k < DW_DIGITS; ++k) {
+        mag[k] = state[k * stride];
+        top = mag[k] != 0 ? k : top;
+    }
+    if (top < 0)
+        return 0.0f;
+    int negative = mag[top] < 0;
+    for (int k = 0; k < DW_DIGITS; ++k)
+        mag[k] = negative ? -mag[k] : mag[k];
+    for (int k = 0; k < DW_DIGITS - 1; ++k) {
+        int64_t carry = mag[k] >> 32;
+        mag[k] -= carry * ((int64_t)1 << 32);
+        mag[k + 1] += carry;
+    }
+    top = -1;
+    for (int k = 0; k < DW_DIGITS; ++k)
+        top = mag[k] != 0 ? k : top;
+    if (top < 0)
+        return 0.0f; /* cannot happen: a nonzero digit leaves a nonzero magnitude */
+    top = top < 2 ? 2 : top;
+    double a = (double)mag[top] * 0x1p64, b = (double)mag[top - 1] * 0x1p32, c = (double)mag[top - 2];
+    int sticky = 0;
+    for (int k = 0; k <= top - 3; ++k)
+        sticky |= mag[k] != 0;
+    double s1 = a + b;
+    double t = two_sum_error(a, b, s1) + c;
+    double sum = s1 + t;
+    double error = two_sum_error(s1, t, sum);
+    int up = error > 0 || (error == 0 && sticky), inexact = error != 0 || sticky;
+    uint64_t bits;
+    memcpy(&bits, &sum, sizeof bits);
+    if (inexact && !(bits & 1))
+        sum = nextafter(sum, up ? INFINITY : 0.0);
+    double v = sum * dw_pow2(32 * (top - 2) + DW_BASE); /* exact: a power of two */
+    v = negative ? -v : v;
+    float f = (float)v;
+    if (!to_odd || (double)f == v)
+        return f;
+    float toward_zero = fabs((double)f) > fabs(v) ? nextafterf(f, 0.0f) : f;
+    uint32_t fb;
+    memcpy(&fb, &toward_zero, sizeof fb);
+    fb |= 1;
+    memcpy(&toward_zero, &fb, sizeof fb);
+    return toward_zero;
+}
+
+/* out[j] = column j of a normalised (22, n) state (row stride `stride`) rounded to
+ * fp32 (to_odd = 0), or to odd at fp32 for a later bf16/fp16 conversion (1). */
+void tgn_exact_round_f32(const int64_t *state, int64_t n, int64_t stride, int64_t to_odd, float *out)
+{
+    for (int64_t j = 0; j < n; ++j)
+        out[j] = round_column(state + j, stride, (int)to_odd);
+}

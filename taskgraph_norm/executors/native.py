@@ -154,6 +154,9 @@ def _open(path: Path) -> ctypes.CDLL:
                                           ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
                                           ctypes.c_int64]
     lib.tgn_exact_dw_rows_f32.restype = ctypes.c_int64
+    lib.tgn_exact_round_f32.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                                        ctypes.c_void_p]
+    lib.tgn_exact_round_f32.restype = None
     lib.tgn_exact_scale.argtypes = [ctypes.c_double, ctypes.c_int64,
                                     ctypes.POINTER(ctypes.c_double), ctypes.POINTER(ctypes.c_double)]
     lib.tgn_exact_scale.restype = ctypes.c_int

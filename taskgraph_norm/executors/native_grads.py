@@ -11,7 +11,7 @@ from .. import caches
 from .lowering import Plan
 from .native import FloatRecipe, _library
 
-__all__ = ["backward_rows", "exact_dw", "recipe_of", "rms_of_totals"]
+__all__ = ["backward_rows", "exact_dw", "exact_round", "recipe_of", "rms_of_totals"]
 
 
 @functools.lru_cache(maxsize=256)
@@ -109,3 +109,20 @@ def exact_dw(state: torch.Tensor, dy: torch.Tensor, x_hat: torch.Tensor, columns
     if over < 0:
         raise RuntimeError("the native exact dW kernel did not converge (a bug: please report it)")
     return over
+
+
+def exact_round(state: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """:func:`kernels.exact_sum.round_state` in C (the same bits): each column of a
+    normalised, contiguous ``(22, n)`` int64 CPU state correctly rounded to ``dtype``
+    (fp32, bf16, fp16; the last two by rounding to odd at fp32 in C, then torch's
+    ties-to-even conversion, as the torch form does)."""
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"exact_round rounds to float32, bfloat16 or float16; not {dtype}")
+    if (state.dim() != 2 or state.shape[0] != 22 or state.dtype != torch.int64 or state.device.type != "cpu"
+            or not state.is_contiguous()):
+        raise ValueError("state must be a contiguous (22, n) int64 CPU tensor")
+    n = state.shape[1]
+    out = torch.empty(n, dtype=torch.float32)
+    if n:
+        _library().tgn_exact_round_f32(state.data_ptr(), n, n, int(dtype != torch.float32), out.data_ptr())
+    return out if dtype == torch.float32 else out.to(dtype)
