@@ -704,10 +704,11 @@ static void dw_add_units(int64_t *digits, int64_t stride, double sum, int s)
 }
 
 /* One row's products over `cols` columns of a tile: row[j] = p = a[j] * xh[j] in
- * fp64, mx[j] = max |p|, bad[j] set for a NaN or infinite p.  xh = c, or c / r in
- * fp32 when divide.  Inlined with constant cols and divide: one loop per case. */
+ * fp64, mx[j] = max |p| (a NaN p leaves it as it is; an infinite one makes it inf).
+ * xh = c, or c / r in fp32 when divide.  Inlined with constant cols and divide: one
+ * loop per case. */
 INLINE void dw_row(const float *a, const float *c, float r, int divide, int cols, double *restrict row,
-                   double *restrict mx, int64_t *restrict bad)
+                   double *restrict mx)
 {
     for (int j = 0; j < cols; ++j) {
         const float h = divide ? c[j] / r : c[j];
@@ -715,25 +716,20 @@ INLINE void dw_row(const float *a, const float *c, float r, int divide, int cols
         double ap = fabs(p);
         row[j] = p;
         mx[j] = ap > mx[j] ? ap : mx[j];
-        bad[j] |= !(ap <= 0x1.fffffffffffffp+1023);
     }
 }
 
 /* The products of a panel (`rows` rows of `cols` <= DW_PANEL * DW_TILE columns) in
  * one pass along the rows: tile t's rows at buf + t * DW_BLOCK * DW_TILE (a narrow
- * last tile padded with zeros), its columns' max |p| at mx + t * DW_TILE, whether
- * one of its products is NaN or infinite at bad + t * DW_TILE.  rms: NULL (b is
- * x_hat) or the block's rms (b is x). */
+ * last tile padded with zeros), its columns' max |p| (dw_row) at mx + t * DW_TILE.
+ * rms: NULL (b is x_hat) or the block's rms (b is x). */
 static void dw_products(const float *dy, int64_t dy_stride, const float *b, int64_t b_stride, const float *rms,
-                        int64_t rows, int64_t cols, double *restrict buf, double *restrict mx,
-                        int64_t *restrict bad)
+                        int64_t rows, int64_t cols, double *restrict buf, double *restrict mx)
 {
     const int64_t full = cols / DW_TILE, tail = cols - full * DW_TILE;
     const int64_t width = (full + (tail > 0)) * DW_TILE;
-    for (int64_t j = 0; j < width; ++j) {
+    for (int64_t j = 0; j < width; ++j)
         mx[j] = 0.0;
-        bad[j] = 0;
-    }
     if (tail)
         for (int64_t i = 0; i < rows; ++i)
             for (int64_t j = tail; j < DW_TILE; ++j)
@@ -744,17 +740,17 @@ static void dw_products(const float *dy, int64_t dy_stride, const float *b, int6
         for (int64_t t = 0; t < full; ++t) {
             double *restrict row = buf + (t * DW_BLOCK + i) * DW_TILE;
             if (rms)
-                dw_row(a + t * DW_TILE, c + t * DW_TILE, r, 1, DW_TILE, row, mx + t * DW_TILE, bad + t * DW_TILE);
+                dw_row(a + t * DW_TILE, c + t * DW_TILE, r, 1, DW_TILE, row, mx + t * DW_TILE);
             else
-                dw_row(a + t * DW_TILE, c + t * DW_TILE, r, 0, DW_TILE, row, mx + t * DW_TILE, bad + t * DW_TILE);
+                dw_row(a + t * DW_TILE, c + t * DW_TILE, r, 0, DW_TILE, row, mx + t * DW_TILE);
         }
         if (tail) {
             const int64_t o = full * DW_TILE;
             double *restrict row = buf + (full * DW_BLOCK + i) * DW_TILE;
             if (rms)
-                dw_row(a + o, c + o, r, 1, (int)tail, row, mx + o, bad + o);
+                dw_row(a + o, c + o, r, 1, (int)tail, row, mx + o);
             else
-                dw_row(a + o, c + o, r, 0, (int)tail, row, mx + o, bad + o);
+                dw_row(a + o, c + o, r, 0, (int)tail, row, mx + o);
         }
     }
 }
@@ -786,7 +782,8 @@ static void dw_specials(double *restrict buf, int64_t rows, int64_t cols, int64_
 
 /* The first two folds in one pass over buf (above), with s1 from each column's max:
  * their sums go into the digits, each column's largest remainder into mx.  Returns
- * how many columns have a remainder left. */
+ * how many columns have a remainder left, or -1 (and adds nothing) when a sum is NaN:
+ * a NaN product, which the max did not see. */
 static int dw_two_folds(const double *restrict buf, int64_t rows, int64_t cols, const int *s1,
                         int64_t *state, int64_t stride, double *restrict mx)
 {
@@ -809,6 +806,11 @@ static int dw_two_folds(const double *restrict buf, int64_t rows, int64_t cols, 
             m2[j] = ar > m2[j] ? ar : m2[j];
         }
     }
+    int nan = 0;
+    for (int j = 0; j < DW_TILE; ++j)
+        nan |= a1[j] != a1[j];
+    if (nan)
+        return -1;
     int live = 0;
     for (int j = 0; j < cols; ++j) {
         if (a1[j] != 0.0)
@@ -876,21 +878,30 @@ static int dw_more_folds(double *restrict buf, int64_t rows, int64_t cols, const
     return 1;
 }
 
-/* One block x tile after its products: specials counted, then the folds. */
-static int dw_tile(double *restrict buf, int64_t rows, int64_t cols, int64_t *state, int64_t stride,
-                   double *restrict mx, const int64_t *bad)
+static void dw_scales(const double *mx, int64_t cols, int *s1)
 {
-    int s1[DW_TILE];
-    int64_t any = 0;
-    for (int j = 0; j < DW_TILE; ++j)
-        any |= bad[j];
-    if (any)
-        dw_specials(buf, rows, cols, state, stride, mx);
     for (int j = 0; j < DW_TILE; ++j)
         s1[j] = j < cols && mx[j] > 0.0 ? dw_scale(mx[j]) : DW_SMIN;
-    if (!dw_two_folds(buf, rows, cols, s1, state, stride, mx))
-        return 1;
-    return dw_more_folds(buf, rows, cols, s1, state, stride, mx);
+}
+
+/* One block x tile after its products: specials counted (an infinite product shows
+ * in mx, a NaN one in dw_two_folds's sums), then the folds. */
+static int dw_tile(double *restrict buf, int64_t rows, int64_t cols, int64_t *state, int64_t stride,
+                   double *restrict mx)
+{
+    int s1[DW_TILE], inf = 0;
+    for (int j = 0; j < DW_TILE; ++j)
+        inf |= mx[j] == INFINITY;
+    if (inf)
+        dw_specials(buf, rows, cols, state, stride, mx);
+    dw_scales(mx, cols, s1);
+    int live = dw_two_folds(buf, rows, cols, s1, state, stride, mx);
+    if (live < 0) { /* a NaN product: nothing was added; count, zero, and fold again */
+        dw_specials(buf, rows, cols, state, stride, mx);
+        dw_scales(mx, cols, s1);
+        live = dw_two_folds(buf, rows, cols, s1, state, stride, mx);
+    }
+    return live == 0 ? 1 : dw_more_folds(buf, rows, cols, s1, state, stride, mx);
 }
 
 /* Balanced digits, as kernels/exact_sum.normalize_; returns the count of columns
@@ -917,12 +928,8 @@ static int64_t dw_run(const float *dy, int64_t dy_stride, const float *b, int64_
 {
     enum { PANEL = DW_PANEL * DW_TILE };
     double *buf = (double *)malloc(sizeof(double) * (DW_BLOCK + 1) * PANEL);
-    int64_t *bad = (int64_t *)malloc(sizeof(int64_t) * PANEL);
-    if (!buf || !bad) {
-        free(buf);
-        free(bad);
+    if (!buf)
         return -1;
-    }
     double *mx = buf + DW_BLOCK * PANEL;
     int64_t done = 0;
     for (int64_t i0 = 0; i0 < rows && !done; i0 += DW_BLOCK) {
@@ -930,11 +937,11 @@ static int64_t dw_run(const float *dy, int64_t dy_stride, const float *b, int64_
         for (int64_t j0 = 0; j0 < cols && !done; j0 += PANEL) {
             int64_t nc = cols - j0 < PANEL ? cols - j0 : PANEL;
             dw_products(dy + i0 * dy_stride + j0, dy_stride, b + i0 * b_stride + j0, b_stride,
-                        rms ? rms + i0 : NULL, nr, nc, buf, mx, bad);
+                        rms ? rms + i0 : NULL, nr, nc, buf, mx);
             for (int64_t t = 0; t * DW_TILE < nc; ++t) {
                 int64_t w = nc - t * DW_TILE < DW_TILE ? nc - t * DW_TILE : DW_TILE;
                 if (!dw_tile(buf + t * DW_BLOCK * DW_TILE, nr, w, state + j0 + t * DW_TILE, stride,
-                             mx + t * DW_TILE, bad + t * DW_TILE)) {
+                             mx + t * DW_TILE)) {
                     done = -2;
                     break;
                 }
@@ -942,7 +949,6 @@ static int64_t dw_run(const float *dy, int64_t dy_stride, const float *b, int64_
         }
     }
     free(buf);
-    free(bad);
     return done ? done : dw_normalize(state, cols, stride);
 }
 
