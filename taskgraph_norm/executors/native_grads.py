@@ -125,4 +125,7 @@ def exact_round(state: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     out = torch.empty(n, dtype=torch.float32)
     if n:
         _library().tgn_exact_round_f32(state.data_ptr(), n, n, int(dtype != torch.float32), out.data_ptr())
-    return out if dtype == torch.float32 else out.to(dtype)
+    if dtype == torch.float32:
+        return out
+    nan = out.isnan()  # torch's vectorised fp32 -> bf16 gives NaN other bits than a NaN scalar does
+    return out.to(dtype).masked_fill_(nan, float("nan")) if bool(nan.any()) else out.to(dtype)
