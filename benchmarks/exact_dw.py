@@ -10,6 +10,8 @@ Times, interleaved call by call (so machine noise hits every method alike):
   fold of the chunk partials): deterministic for one batch, not across splits;
 * ``exact``: :meth:`ExactSum.add_products` (the native C kernel when built, split
   by columns with the helper thread like the direct path);
+* ``exact x/rms``: :meth:`ExactSum.add_normalized`, what ``tgn.RMSNorm``'s fp32
+  backward runs: the same kernel forming ``x_hat = x / rms`` itself;
 * ``exact round``: turning the state into fp32 ``grad`` (once per backward).
 
 Prints the medians, the ratios exact / float and exact / row-chunk, and the
@@ -53,12 +55,15 @@ def main(argv: list[str] | None = None) -> None:
     rows, cols = (int(v) for v in args.shape.lower().split("x"))
     g = torch.Generator().manual_seed(0)
     dy, x_hat = torch.randn(rows, cols, generator=g), torch.randn(rows, cols, generator=g)
+    rms = torch.rand(rows, generator=g) + 0.5
+    x = x_hat * rms.unsqueeze(1)
     acc = ExactSum(cols)
     acc.add_products(dy, x_hat)  # warm-up (and the library build)
     methods = {
         "float": lambda: (dy * x_hat).sum(0),
         "row-chunk": lambda: row_chunk_dw(dy, x_hat),
         "exact": lambda: acc.add_products(dy, x_hat),
+        "exact x/rms": lambda: acc.add_normalized(dy, x, rms),
         "exact round": lambda: acc.result(torch.float32),
     }
     med = interleaved_medians(methods, args.rounds)

@@ -149,7 +149,7 @@ def check_exact_dw_bits(rows: int, hidden: int, dtype: torch.dtype) -> bool:
     x, dy, rms = _exact_dw_operands(rows, hidden, dtype, rows * 11 + hidden)
     want = ExactSum(hidden).add_products(dy, _x_hat(x, rms)).state
     got = [ExactSum(hidden, DEVICE).add_products(dy.to(DEVICE), _x_hat(x, rms).to(DEVICE)).state.cpu(),
-           ExactSum(hidden, DEVICE).add_products(dy.to(DEVICE), x.to(DEVICE), rms.to(DEVICE)).state.cpu()]
+           ExactSum(hidden, DEVICE).add_normalized(dy.to(DEVICE), x.to(DEVICE), rms.to(DEVICE)).state.cpu()]
     grads = []
     for device in ("cpu", DEVICE):
         norm = tgn.RMSNorm(hidden, eps=EPS, weight_grad="exact", dtype=dtype, device=device)
@@ -190,14 +190,14 @@ def bench_exact_dw(rows: int, hidden: int, dtype: torch.dtype, rounds: int, inne
     config = (64, "tree", "pairwise", "float", "torch", 0.0, "float")
 
     def exact_dw() -> torch.Tensor:
-        return ExactSum(hidden, DEVICE).add_products(dy, x, rms).result(dtype)
+        return ExactSum(hidden, DEVICE).add_normalized(dy, x, rms).result(dtype)
 
     methods: dict[str, Callable[[], object]] = {
         "float backward (dx, dW)": lambda: backward(dy, x, w, rms, *config, [True, True]),
         "exact backward (dx, exact dW)": lambda: (backward(dy, x, w, rms, *config, [True, False]), exact_dw()),
         "float dW alone": lambda: backward(dy, x, w, rms, *config, [False, True]),
         "exact dW alone (accumulate + round)": exact_dw,
-        "exact accumulate (kernels)": lambda: ExactSum(hidden, DEVICE).add_products(dy, x, rms),
+        "exact accumulate (kernels)": lambda: ExactSum(hidden, DEVICE).add_normalized(dy, x, rms),
     }
     medians = interleaved_medians({k: _timed(fn, inner) for k, fn in methods.items()}, rounds)
     print(f"\nexact vs float weight gradient ({rows}, {hidden}) {dtype}: median of {rounds} rounds x {inner} calls")

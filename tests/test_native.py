@@ -83,6 +83,12 @@ PORTABLE_PROBE = """
             for acc in ("float", "exact"):
                 y = tgn.normalize_sync(rows.to(dtype), accumulate=acc, chunk_size=chunk)
                 print(chunk, dtype, acc, hashlib.sha256(bits(y).numpy().tobytes()).hexdigest()[:16])
+    from taskgraph_norm.executors.exact_grad import ExactSum  # the exact weight gradient's kernels
+    x, dy = rows[:, :700].float(), rows[:, 77:].float()
+    total = ExactSum(700).add_normalized(dy, x, x.abs().amax(1).clamp(min=1.0))
+    print("dW", hashlib.sha256(total.state.numpy().tobytes()).hexdigest()[:16],
+          *(hashlib.sha256(bits(total.result(d)).numpy().tobytes()).hexdigest()[:16]
+            for d in (torch.float32, torch.bfloat16)))
 """
 
 
@@ -90,13 +96,15 @@ PORTABLE_PROBE = """
 def test_the_portable_build_gives_the_host_builds_bits() -> None:
     """TGN_NATIVE=portable loads the portable build (the compiler's default target:
     SSE2 on x86-64, no AVX code), which gives the same bits as the -march=native one
-    and as the torch ops, on edge cases too."""
+    (512-bit vectors in the exact weight gradient on AVX-512) and as the torch ops,
+    on edge cases too: the forward, and the exact weight gradient's state and
+    rounding."""
     portable, default, off = (run_probe(PORTABLE_PROBE, TGN_NATIVE=v) for v in ("portable", "1", "0"))
     for proc in (portable, default, off):
         assert proc.returncode == 0, proc.stderr
     p, d, o = (proc.stdout.splitlines() for proc in (portable, default, off))
     assert p[0].startswith("_native_portable") and o[0] == "None"
-    assert p[1:] == d[1:] == o[1:] and len(p) == 13
+    assert p[1:] == d[1:] == o[1:] and len(p) == 14
     # Negative control: the digests see a change of chunk size.
     assert [line.split()[-1] for line in p[1:7]] != [line.split()[-1] for line in p[7:]]
     if not d[0].startswith("_native_host"):

@@ -3,8 +3,9 @@
 :class:`ExactSum` holds ``n`` exact column sums (the state of
 :mod:`taskgraph_norm.kernels.exact_sum`) and adds blocks of products to it, with
 the native C kernel on CPU float32 (split by columns between the caller and the
-helper thread), the Triton kernel on CUDA (``executors/triton/exact_dw.py``) and
-the torch ops elsewhere: the same state either way.
+helper thread; for RMSNorm's fp32 rows it also forms ``x_hat = x / rms``), the
+Triton kernel on CUDA (``executors/triton/exact_dw.py``, which forms ``x_hat`` too)
+and the torch ops elsewhere: the same state either way.
 
 :class:`ExactGrad` carries one :class:`ExactSum` per parameter across backward
 calls, until the gradient is cleared, and writes ``param.grad`` as the correctly
@@ -13,6 +14,9 @@ rounded sum after each one.  RMSNorm's backward calls the process-wide
 
     exact_grads.accumulate(weight, dy, x_hat)   # fp32 (rows, *weight.shape) each
     exact_grads.finish(weight)                  # weight.grad = round(exact sum)
+
+(``accumulate_normalized(weight, dy, x, rms)`` for fp32 ``x``: the same sum with
+``x_hat = x / rms`` formed inside the native kernel.)
 
 "Cleared" is read from ``param.grad`` itself: the carry remembers the tensor it
 last wrote (a weak reference) and that tensor's version counter.  ``param.grad``
@@ -27,7 +31,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 
 import torch
@@ -71,39 +75,76 @@ class ExactSum:
     def numel(self) -> int:
         return int(self.state.shape[1])
 
-    def add_products(self, dy: torch.Tensor, x_hat: torch.Tensor, rms: torch.Tensor | None = None) -> ExactSum:
+    def add_products(self, dy: torch.Tensor, x_hat: torch.Tensor) -> ExactSum:
         """Add ``sum over rows of dy * x_hat`` (fp32/bf16/fp16, whole rows of
-        ``numel``), exactly; returns ``self``.  With ``rms`` (fp32, one per row; the
-        Triton kernel only, :func:`triton_dw.runs`), ``x_hat`` is ``x`` and the kernel
-        makes ``x_hat = (x / rms)`` rounded to x's dtype."""
-        if dy.shape != x_hat.shape:
-            raise ExactSumError(f"dy {list(dy.shape)} and x_hat {list(x_hat.shape)} must have the same shape")
-        if dy.device != self.state.device or x_hat.device != self.state.device:
-            raise ExactSumError(f"dy and x_hat must be on the sum's device {self.state.device}")
+        ``numel``), exactly; returns ``self``."""
+        self._check_pair(dy, x_hat, "x_hat")
         if triton_dw.runs(self.state):  # CUDA: the Triton kernel (the same state)
-            triton_dw.add_products_(self.state, dy, x_hat, rms)
+            triton_dw.add_products_(self.state, dy, x_hat)
             return self
-        if rms is not None:
-            raise ExactSumError("x with rms is taken by the Triton kernel only (CUDA); pass x_hat")
-        if self.state.device.type != "cpu" or not native.enabled() or not native.available():
+        if not self._native():
             es.add_products_(self.state, dy, x_hat)
             return self
-        a, b = es.as_rows(dy, self.numel, "dy"), es.as_rows(x_hat, self.numel, "x_hat")
-        if a.shape[1] > 1 and (a.stride(1) != 1 or b.stride(1) != 1):
-            a, b = a.contiguous(), b.contiguous()
-        for start in range(0, a.shape[0], es.ROWS_PER_ADD):
-            self._add_native(a[start:start + es.ROWS_PER_ADD], b[start:start + es.ROWS_PER_ADD])
+        self._add_rows(es.as_rows(dy, self.numel, "dy"), es.as_rows(x_hat, self.numel, "x_hat"), None)
         return self
 
-    def _add_native(self, a: torch.Tensor, b: torch.Tensor) -> None:
+    def add_normalized(self, dy: torch.Tensor, x: torch.Tensor, rms: torch.Tensor) -> ExactSum:
+        """Add ``sum over rows of dy * (x / rms)``, exactly; returns ``self``.
+
+        RMSNorm's weight gradient of fp32 rows: ``x`` fp32 (whole rows of
+        ``numel``), ``rms`` fp32, one value per row; ``x / rms`` is the fp32
+        division (the bits of ``torch.div(x, rms)``, ``normalize(x, None)``'s).  On
+        CPU the native kernel divides as it goes (no ``x_hat`` tensor); the state is
+        the one :meth:`add_products` gives for ``dy`` and ``x / rms``.  On CUDA the
+        Triton kernel does the same, and takes bf16/fp16 ``x`` too (``x / rms`` then
+        rounded to ``x``'s dtype, as ``normalize(x, None)`` rounds it).
+        """
+        self._check_pair(dy, x, "x")
+        if triton_dw.runs(self.state):
+            # CUDA: the Triton kernel divides as it goes, x_hat rounded to x's dtype (bf16, fp16 too)
+            triton_dw.add_products_(self.state, dy, x, rms)
+            return self
+        if x.dtype != torch.float32 or rms.dtype != torch.float32:
+            raise ExactSumError(f"add_normalized needs float32 x and rms; got {x.dtype} and {rms.dtype} "
+                                "(round x / rms to x's dtype and use add_products)")
+        b = es.as_rows(x, self.numel, "x")
+        if rms.numel() != b.shape[0] or rms.device != self.state.device:
+            raise ExactSumError(f"rms {list(rms.shape)} must hold one value per row of x {list(x.shape)}, "
+                                f"on the sum's device {self.state.device}")
+        r = rms.reshape(-1, 1)
+        if not self._native():
+            return self.add_products(dy, torch.div(b, r))
+        self._add_rows(es.as_rows(dy, self.numel, "dy"), b, r.contiguous())
+        return self
+
+    def _check_pair(self, dy: torch.Tensor, other: torch.Tensor, name: str) -> None:
+        if dy.shape != other.shape:
+            raise ExactSumError(f"dy {list(dy.shape)} and {name} {list(other.shape)} must have the same shape")
+        if dy.device != self.state.device or other.device != self.state.device:
+            raise ExactSumError(f"dy and {name} must be on the sum's device {self.state.device}")
+
+    def _native(self) -> bool:
+        return self.state.device.type == "cpu" and native.enabled() and native.available()
+
+    def _add_rows(self, a: torch.Tensor, b: torch.Tensor, rms: torch.Tensor | None) -> None:
+        """The native kernel over fp32 rows ``a``, ``b`` (``b`` is ``x`` with ``rms``,
+        else ``x_hat``), in pieces of ``ROWS_PER_ADD`` rows."""
+        if a.shape[1] > 1 and (a.stride(1) != 1 or b.stride(1) != 1):
+            a, b = a.contiguous(), b.contiguous()
+        step = es.ROWS_PER_ADD
+        for start in range(0, a.shape[0], step):
+            piece = None if rms is None else rms[start:start + step]
+            self._add_native(a[start:start + step], b[start:start + step], piece)
+
+    def _add_native(self, a: torch.Tensor, b: torch.Tensor, rms: torch.Tensor | None) -> None:
         n = self.numel
         pool = pools.helper() if a.numel() >= SPLIT_PRODUCTS and n >= 2 * _TILE else None
         if pool is None:
-            over = native_grads.exact_dw(self.state, a, b)
+            over = native_grads.exact_dw(self.state, a, b, rms=rms)
         else:
             cut = (n // 2 + _TILE - 1) // _TILE * _TILE  # columns are independent: any cut
-            other: Future[int] = pool.submit(native_grads.exact_dw, self.state, a, b, (cut, n))
-            over = native_grads.exact_dw(self.state, a, b, (0, cut)) + other.result()
+            other: Future[int] = pool.submit(native_grads.exact_dw, self.state, a, b, (cut, n), rms)
+            over = native_grads.exact_dw(self.state, a, b, (0, cut), rms) + other.result()
         if over:
             raise ExactSumOverflowError(over, f"|sum| must stay below 2**{40 + 256}")
 
@@ -123,6 +164,8 @@ class ExactSum:
 
     def result(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The sums correctly rounded to ``dtype`` (fp32, bf16, fp16): ``(numel,)``."""
+        if dtype in _WEIGHT_DTYPES and self._native() and self.state.is_contiguous():
+            return native_grads.exact_round(self.state, dtype)
         return es.round_state(self.state, dtype)
 
     def copy(self) -> ExactSum:
@@ -198,21 +241,35 @@ class ExactGrad:
             carry.sum.add_values(grad.detach())
         carry.remember(grad)
 
-    def accumulate(self, param: torch.Tensor, dy: torch.Tensor, x_hat: torch.Tensor,
-                   rms: torch.Tensor | None = None) -> None:
+    def accumulate(self, param: torch.Tensor, dy: torch.Tensor, x_hat: torch.Tensor) -> None:
         """``param``'s exact sum += ``sum over rows of dy * x_hat``.
 
         ``dy`` and ``x_hat``: fp32 (or bf16/fp16) ``(..., *param.shape)``, the same
-        shape, on ``param``'s device.  ``rms``: as in :meth:`ExactSum.add_products`.
+        shape, on ``param``'s device.
         """
+        self._check_rows(param, dy, x_hat, "x_hat")
+        self._add(param, lambda total: total.add_products(dy.detach(), x_hat.detach()))
+
+    def accumulate_normalized(self, param: torch.Tensor, dy: torch.Tensor, x: torch.Tensor,
+                              rms: torch.Tensor) -> None:
+        """``param``'s exact sum += ``sum over rows of dy * (x / rms)``
+        (:meth:`ExactSum.add_normalized`: fp32 ``x``, one fp32 ``rms`` per row)."""
+        self._check_rows(param, dy, x, "x")
+        self._add(param, lambda total: total.add_normalized(dy.detach(), x.detach(), rms.detach()))
+
+    @staticmethod
+    def _check_rows(param: torch.Tensor, dy: torch.Tensor, other: torch.Tensor, name: str) -> None:
         _check_param(param)
-        if dy.shape != x_hat.shape or tuple(dy.shape[dy.dim() - param.dim():]) != tuple(param.shape):
-            raise ExactSumError(f"dy {list(dy.shape)} and x_hat {list(x_hat.shape)} must both be "
+        if dy.shape != other.shape or tuple(dy.shape[dy.dim() - param.dim():]) != tuple(param.shape):
+            raise ExactSumError(f"dy {list(dy.shape)} and {name} {list(other.shape)} must both be "
                                 f"(..., {', '.join(map(str, param.shape))}) like the parameter")
+
+    def _add(self, param: torch.Tensor, add: Callable[[ExactSum], object]) -> None:
+        """``add`` into ``param``'s carried sum, restarted first if the grad changed."""
         carry = self._carry(param)
         with carry.lock:
             self._restart_unless_current(param, carry)
-            carry.sum.add_products(dy.detach(), x_hat.detach(), None if rms is None else rms.detach())
+            add(carry.sum)
 
     def finish(self, param: torch.Tensor) -> torch.Tensor | None:
         """Write ``param.grad`` = the correctly rounded exact sum; returns it.

@@ -57,7 +57,7 @@ __all__ = [
 ]
 
 _DIR = Path(__file__).resolve().parent
-_ABI = 11
+_ABI = 12
 #: What the torch ops cost instead (docs/performance.md, "On torch ops alone").
 _COST = ("the same bits, about 3x slower for float plans and 5x to 6x for exact ones on (4096, 4096) fp32 "
          "(docs/reliability.md)")
@@ -156,6 +156,13 @@ def _open(path: Path) -> ctypes.CDLL:
     lib.tgn_exact_dw_f32.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
                                      ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64]
     lib.tgn_exact_dw_f32.restype = ctypes.c_int64
+    lib.tgn_exact_dw_rows_f32.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
+                                          ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+                                          ctypes.c_int64]
+    lib.tgn_exact_dw_rows_f32.restype = ctypes.c_int64
+    lib.tgn_exact_round_f32.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                                        ctypes.c_void_p]
+    lib.tgn_exact_round_f32.restype = None
     lib.tgn_exact_scale.argtypes = [ctypes.c_double, ctypes.c_int64,
                                     ctypes.POINTER(ctypes.c_double), ctypes.POINTER(ctypes.c_double)]
     lib.tgn_exact_scale.restype = ctypes.c_int

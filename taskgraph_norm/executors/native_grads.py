@@ -11,7 +11,7 @@ from .. import caches
 from .lowering import Plan
 from .native import FloatRecipe, _library
 
-__all__ = ["backward_rows", "exact_dw", "recipe_of", "rms_of_totals"]
+__all__ = ["backward_rows", "exact_dw", "exact_round", "recipe_of", "rms_of_totals"]
 
 
 @functools.lru_cache(maxsize=256)
@@ -69,12 +69,16 @@ def rms_of_totals(total: torch.Tensor, hidden: int, eps: float, out: torch.Tenso
     return rms
 
 
-def exact_dw(state: torch.Tensor, dy: torch.Tensor, x_hat: torch.Tensor, columns: tuple[int, int] | None = None) -> int:
+def exact_dw(state: torch.Tensor, dy: torch.Tensor, x_hat: torch.Tensor, columns: tuple[int, int] | None = None,
+             rms: torch.Tensor | None = None) -> int:
     """``state += sum over rows of dy * x_hat``, exactly, for columns ``[c0, c1)``.
 
     The C route to :func:`kernels.exact_sum.add_products_` (the same state, bit for
     bit): ``dy`` and ``x_hat`` are 2-D CPU float32 ``(rows, n)`` with unit stride
     along a row, ``state`` a contiguous ``(22, n)`` int64 state, normalised after.
+    With ``rms`` (a contiguous fp32 ``(rows,)`` or ``(rows, 1)``), ``x_hat`` is ``x``
+    and the kernel forms ``x / rms`` row by row, in fp32: the bits
+    ``torch.div(x, rms)`` gives, without writing them anywhere.
     ``columns`` (default all) lets threads share one call's columns.  Returns how
     many columns overflowed (the caller raises); rows must not pass
     ``exact_sum.ROWS_PER_ADD``.
@@ -88,13 +92,40 @@ def exact_dw(state: torch.Tensor, dy: torch.Tensor, x_hat: torch.Tensor, columns
         raise ValueError("exact_dw needs two 2-D CPU float32 tensors of one shape, unit stride along rows")
     if state.shape != (22, n) or state.dtype != torch.int64 or not state.is_contiguous() or not 0 <= c0 <= c1 <= n:
         raise ValueError("state must be a contiguous (22, n) int64 tensor and columns within [0, n]")
+    if rms is not None and (rms.dtype != torch.float32 or rms.device.type != "cpu" or rms.numel() != rows
+                            or not rms.is_contiguous()):
+        raise ValueError(f"rms must be a contiguous CPU float32 tensor of {rows} values, one per row")
     if rows == 0 or c0 == c1:
         return 0
     item = dy.element_size()
-    over = int(lib.tgn_exact_dw_f32(dy.data_ptr() + c0 * item, dy.stride(0), x_hat.data_ptr() + c0 * item,
-                                    x_hat.stride(0), rows, c1 - c0, state.data_ptr() + c0 * 8, n))
+    a, b = dy.data_ptr() + c0 * item, x_hat.data_ptr() + c0 * item
+    if rms is None:
+        over = int(lib.tgn_exact_dw_f32(a, dy.stride(0), b, x_hat.stride(0), rows, c1 - c0, state.data_ptr() + c0 * 8, n))
+    else:
+        over = int(lib.tgn_exact_dw_rows_f32(a, dy.stride(0), b, x_hat.stride(0), rms.data_ptr(), rows, c1 - c0,
+                                             state.data_ptr() + c0 * 8, n))
     if over == -1:
         raise MemoryError("the native exact dW kernel could not allocate its scratch")
     if over < 0:
         raise RuntimeError("the native exact dW kernel did not converge (a bug: please report it)")
     return over
+
+
+def exact_round(state: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """:func:`kernels.exact_sum.round_state` in C (the same bits): each column of a
+    normalised, contiguous ``(22, n)`` int64 CPU state correctly rounded to ``dtype``
+    (fp32, bf16, fp16; the last two by rounding to odd at fp32 in C, then torch's
+    ties-to-even conversion, as the torch form does)."""
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"exact_round rounds to float32, bfloat16 or float16; not {dtype}")
+    if (state.dim() != 2 or state.shape[0] != 22 or state.dtype != torch.int64 or state.device.type != "cpu"
+            or not state.is_contiguous()):
+        raise ValueError("state must be a contiguous (22, n) int64 CPU tensor")
+    n = state.shape[1]
+    out = torch.empty(n, dtype=torch.float32)
+    if n:
+        _library().tgn_exact_round_f32(state.data_ptr(), n, n, int(dtype != torch.float32), out.data_ptr())
+    if dtype == torch.float32:
+        return out
+    nan = out.isnan()  # torch's vectorised fp32 -> bf16 gives NaN other bits than a NaN scalar does
+    return out.to(dtype).masked_fill_(nan, float("nan")) if bool(nan.any()) else out.to(dtype)

@@ -174,7 +174,7 @@ def workspace(
 
 class ThreadScratch(threading.local):
     """A per-thread buffer of one dtype, grown on demand and never shrunk, for values a
-    kernel writes and its caller reads before its next call (row totals, ``x_hat``):
+    kernel writes and its caller reads before its next call (the row totals):
     a fresh tensor per call would be allocated, and page-faulted, every time."""
 
     def __init__(self, dtype: torch.dtype) -> None:

@@ -22,9 +22,10 @@ normalising once.  :func:`round_state` gives the correctly rounded value in
 fp32, bf16 or fp16.
 
 This module is the torch form (any device).  ``executors/native.c``
-(``tgn_exact_dw_f32``) adds products on the CPU by another route to the same
-integers (exact Demmel-Nguyen folds of each block of rows); the tests compare
-the two states.
+(``tgn_exact_dw_f32``, and ``tgn_exact_dw_rows_f32`` forming ``x / rms`` itself)
+adds products on the CPU by another route to the same integers (exact
+Demmel-Nguyen folds of each block of rows), and ``tgn_exact_round_f32`` rounds
+with :func:`round_state`'s operations; the tests compare states and roundings.
 """
 
 from __future__ import annotations

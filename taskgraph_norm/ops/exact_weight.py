@@ -8,7 +8,9 @@ weight gradient is not returned to autograd at all: each backward adds
 (:data:`taskgraph_norm.executors.exact_grad.exact_grads`) and writes
 ``weight.grad`` as the correctly rounded total in the weight's dtype.  ``x_hat`` is
 the forward's normalised value without the weight, with the bits
-``normalize(x, None)`` gives (``(x / rms)`` rounded to ``x``'s dtype).
+``normalize(x, None)`` gives (``(x / rms)`` rounded to ``x``'s dtype); for fp32
+``x`` the accumulator forms it itself (``accumulate_normalized``), so no ``x_hat``
+tensor is written.
 
 So ``weight.grad`` after the same rows in 1, 2, 8 or N micro-batches, in any order,
 is the same bits; ``tgn.distributed.all_reduce_exact_grads`` extends that across
@@ -25,7 +27,6 @@ from .. import kernels
 from ..errors import ConfigError
 from ..executors.exact_grad import exact_grads
 from ..executors.triton import exact_dw as triton_dw
-from ..executors.workspace import ThreadScratch
 from . import backward as _backward
 from . import forward as _forward
 
@@ -55,32 +56,25 @@ class ExactWeightRMSNorm(torch.autograd.Function):
             dx, _ = float_backward(dy, x, weight, rms, *config, "float", [True, False])
         if ctx.needs_input_grad[1]:
             param = ctx.param
-            if triton_dw.runs(x) and rms.dtype == torch.float32:  # CUDA: the kernel makes x_hat from x and rms (no x_hat tensor)
-                rows = (-1, *param.shape)
-                exact_grads.accumulate(param, dy.reshape(rows), x.reshape(rows), rms.reshape(-1))
+            shape = (-1, *param.shape)
+            if rms.dtype == torch.float32 and (x.dtype == torch.float32 or triton_dw.runs(x)):
+                # x_hat = x / rms (rounded to x's dtype): normalize(x, None)'s bits, formed by
+                # the accumulator's kernel (C on CPU fp32; Triton on CUDA, which widens dy itself)
+                dy_rows = dy.reshape(shape) if triton_dw.runs(x) else dy.reshape(shape).to(torch.float32)
+                exact_grads.accumulate_normalized(param, dy_rows, x.reshape(shape), rms.reshape(-1))
             else:
-                x_hat = _x_hat(x, rms)  # the bits of normalize(x, None), as fp32
-                exact_grads.accumulate(param, dy.reshape(-1, *param.shape).to(torch.float32),
-                                       x_hat.reshape(-1, *param.shape))
+                exact_grads.accumulate(param, dy.reshape(shape).to(torch.float32), _x_hat(x, rms).reshape(shape))
             exact_grads.finish(param)
         return dx, None, None, None  # the weight's gradient is written by the accumulator
 
 
-#: ``x_hat``'s buffer (per thread): a fresh one per backward would page-fault.
-_scratch = ThreadScratch(torch.float32)
-
-
 def _x_hat(x: torch.Tensor, rms: torch.Tensor) -> torch.Tensor:
-    """``(x / rms)`` rounded to ``x``'s dtype, as fp32 ``(rows, D)``: ``normalize(x, None)``'s
-    bits (FINALIZE without a weight) in a reused buffer."""
+    """``(x / rms)`` rounded to ``x``'s dtype (bf16, fp16), as fp32 ``(rows, D)``:
+    ``normalize(x, None)``'s bits (FINALIZE without a weight)."""
     hidden = x.shape[-1]
     rows = x.numel() // hidden
     x2, r2 = x.reshape(rows, hidden), rms.reshape(rows, 1)
-    acc = kernels.accumulation_dtype(x.dtype)
-    if x.dtype != torch.float32 or acc != torch.float32 or x.device.type != "cpu":
-        return (x2.to(acc) / r2).to(x.dtype).to(torch.float32)
-    out = _scratch.get(rows * hidden).view(rows, hidden)
-    return torch.div(x2, r2, out=out)
+    return (x2.to(kernels.accumulation_dtype(x.dtype)) / r2).to(x.dtype).to(torch.float32)
 
 
 def exact_apply(x: torch.Tensor, weight: torch.Tensor, config: tuple[Any, ...],
