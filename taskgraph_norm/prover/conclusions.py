@@ -232,7 +232,7 @@ def _conclude_float(facts: _Facts, finalize: Node, leaf_counts: Counter[str]) ->
         races=races,
         assumptions=tuple(assumptions),
         why_deterministic=_why_structure(facts.ops, leaf_counts)
-        + (coverage_note(weighted_segments(total, facts.order), hidden),),
+        + (coverage_note(multiset(weighted_segments(total, facts.order)), hidden),),
         row_local=_row_local(facts.ops),
         batch_blockers=facts.blockers,
         node_expressions=facts.exprs,
@@ -248,8 +248,9 @@ def _conclude_exact(facts: _Facts, finalize: Node) -> Reading:
                           f"{len(total.scales)}")
     scale = facts.values[next(iter(total.scales))]
     segments = weighted_segments(total, facts.order)
-    summed = merged(segments)
-    maximised = merged(weighted_segments(scale, facts.order))
+    ranges = multiset(segments)  # once: a million leaves take a second to sort
+    summed = merged(ranges)
+    maximised = merged(multiset(weighted_segments(scale, facts.order)))
     if not contains(maximised, summed):
         raise Unreadable("the SCALE's row maximum does not cover every summed element, "
                           "so the pre-rounding grid may be too fine for exact sums")
@@ -257,7 +258,7 @@ def _conclude_exact(facts: _Facts, finalize: Node) -> Reading:
     if count > scale.hidden_size:
         raise Unreadable(f"{count} summed squares exceed the {scale.hidden_size} the SCALE "
                           "sized its grid for, so a partial sum could round")
-    expression = "exact_sum(" + ", ".join(segment_text(s) for s in multiset(segments))
+    expression = "exact_sum(" + ", ".join(map(segment_text, ranges))
     if maximised != summed:
         expression += "; max over " + ", ".join(f"x[{a}:{b}]" for a, b in maximised)
     expression += ")" + ("@" + "+".join(facts.deps) if facts.deps else "")
@@ -267,7 +268,7 @@ def _conclude_exact(facts: _Facts, finalize: Node) -> Reading:
                              expression, *facts.marks, *_semantic_lines(facts.graph, finalize)]),
         exact=True,
         assumptions=(_ASSUME_EXACT,),
-        why_deterministic=_WHY_EXACT + (coverage_note(segments, hidden),),
+        why_deterministic=_WHY_EXACT + (coverage_note(ranges, hidden),),
         row_local=_row_local(facts.ops),
         batch_blockers=facts.blockers,
         node_expressions=facts.exprs,
