@@ -109,7 +109,7 @@ class Node:
 def _filled(cls: type, count: int, fields: Iterable[tuple[str, Iterable[Any]]]) -> list[Any]:
     """``count`` new instances of the slotted ``cls``, each slot set from its iterable
     by the slot's own descriptor: all in C (``map``), with no ``__init__`` run."""
-    made = list(map(object.__new__, repeat(cls, count)))
+    made: list[Any] = list(map(object.__new__, repeat(cls, count)))
     for name, values in fields:
         deque(map(cls.__dict__[name].__set__, made, values), 0)
     return made
