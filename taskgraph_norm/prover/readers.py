@@ -71,11 +71,10 @@ class Unreadable(Exception):
 
 def read_node(node: Node, args: list[_Value], limit: int, annotated: list[Node]) -> _Value:
     op = node.op
-    spec = _SPECS.get(op)
-    if spec is None:
+    known = _KNOWN_ATTRS.get(op)
+    if known is None:
         raise Unreadable(f"node {node.id!r}: op {op!r} is one the prover does not "
                           "understand")
-    known, want, reader = spec
     # One scan of the node (Node always stores an Attrs); every lookup below is a dict's.
     attrs: dict[str, object] = dict(_pairs_of(node))
     plain = known.issuperset(attrs)  # no depends_on, no placement, nothing unknown
@@ -85,6 +84,7 @@ def read_node(node: Node, args: list[_Value], limit: int, annotated: list[Node])
             raise Unreadable(f"node {node.id!r} ({op.name}) has attributes the prover "
                               f"does not understand: {sorted(unknown)}")
     # The usual operand kinds, checked inline; anything else gets the full check.
+    want = _EXPECTED.get(op, ())
     count = len(args)
     if not (count == 0 or (count == 1 and args[0].kind == want[0])
             or (count == 2 and args[0].kind == want[0] and args[1].kind == want[1])):
@@ -94,7 +94,7 @@ def read_node(node: Node, args: list[_Value], limit: int, annotated: list[Node])
         annotated.append(node)
         _check_placement(node)
         mark = dependence_mark(node)
-    return reader(node, attrs, args, mark, limit)
+    return _READERS[op](node, attrs, args, mark, limit)
 
 
 def _read_add(node: Node, attrs: dict[str, object], args: list[_Value], mark: str,
@@ -255,9 +255,6 @@ _READERS = {
     Op.MAX: _read_max, Op.SCALE: _read_scale, Op.RMSNORM: _read_rmsnorm,
     Op.FINALIZE: _read_finalize, Op.OUTPUT: _read_output,
 }
-
-#: Per op, in one lookup: its known attributes, usual operand kinds and reader.
-_SPECS = {op: (known, _EXPECTED.get(op, ()), _READERS[op]) for op, known in _KNOWN_ATTRS.items()}
 
 
 def _merge(expr: Text, args: list[_Value], limit: int) -> _Value:
