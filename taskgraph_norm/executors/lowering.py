@@ -226,9 +226,8 @@ def _lower(graph: Graph, fingerprint: str) -> Plan:
     found_attrs = list(map(dict, map(_attr_pairs, map(nodes.__getitem__, found_at))))
     starts = list(map(_start_of, found_attrs))
     order = sorted(range(len(found_at)), key=starts.__getitem__)
-    leaf_at = [found_at[k] for k in order]
+    leaf_at, leaf_attrs = [found_at[k] for k in order], [found_attrs[k] for k in order]
     leaves = list(map(nodes.__getitem__, leaf_at))
-    leaf_attrs = [found_attrs[k] for k in order]
     if not leaves:
         raise GraphError(finalize.id, "nothing to lower: no SUMSQ leaves")
     hidden = finalize.attrs.get("hidden_size")
@@ -267,6 +266,7 @@ def _lower(graph: Graph, fingerprint: str) -> Plan:
 _op_of = operator.attrgetter("op")
 _attr_pairs = operator.attrgetter("attrs.pairs")
 _start_of = operator.itemgetter("start")
+_bounds_of = operator.itemgetter("start", "stop")
 _leaf_of = operator.methodcaller("get", "leaf")
 _domain_of = operator.methodcaller("get", "domain", "float")
 
@@ -296,9 +296,6 @@ def _uniform_chunking(
         raise GraphError(leaves[0].id, "the leaves are not a uniform chunking of the row",
                          "the compiled plan batches equal chunks; use executor='reference'")
     return chunk, hidden // chunk, hidden % chunk
-
-
-_bounds_of = operator.itemgetter("start", "stop")
 
 
 def _add_levels(
@@ -343,8 +340,7 @@ def _add_levels(
 
 
 def _partial(nodes: tuple[Node, ...], level_of: list[int], at: int) -> int:
-    """``at``, if it holds a partial sum (a leaf or a merge already read); else the
-    KeyError of a lookup of its id (a hand-made graph merging, say, INPUT)."""
+    """``at`` if it holds a partial sum (a leaf, a merge read), else KeyError (its id)."""
     if level_of[at] < 0:
         raise KeyError(nodes[at].id)
     return at

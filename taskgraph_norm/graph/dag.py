@@ -10,20 +10,18 @@ import itertools
 import operator
 from array import array
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from functools import cached_property
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from ..errors import CycleError, GraphError
-from .nodes import Attrs, Node
+from .nodes import Attrs, Indexed, Node
 from .ops import ARITY, Op
 
 if TYPE_CHECKING:
     import networkx as nx  # type: ignore[import-untyped]
 
-__all__ = ["Graph", "Indexed", "validate", "ancestors"]
-
-_T = TypeVar("_T")
+__all__ = ["Graph", "validate", "ancestors"]
 
 _node_id = operator.attrgetter("id")
 _node_op = operator.attrgetter("op")
@@ -212,32 +210,6 @@ class Graph:
 
     def _with(self, nodes: tuple[Node, ...]) -> Graph:
         return Graph(nodes, self._output, self._meta)
-
-
-class Indexed(Mapping[str, _T]):
-    """A mapping from id to ``items[index[id]]``: per-node data by id through a
-    graph's :attr:`Graph.index`, without a second million-entry dict."""
-
-    __slots__ = ("_index", "_items")
-
-    def __init__(self, index: Mapping[str, int], items: Sequence[_T]) -> None:
-        self._index, self._items = index, items
-
-    def __getitem__(self, node_id: str) -> _T:
-        return self._items[self._index[node_id]]
-
-    def get(self, node_id: str, default: Any = None) -> Any:
-        at = self._index.get(node_id)
-        return default if at is None else self._items[at]
-
-    def __contains__(self, node_id: object) -> bool:
-        return node_id in self._index
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._index)
-
-    def __len__(self) -> int:
-        return len(self._index)
 
 
 def _kahn(graph: Graph) -> tuple[str, ...]:

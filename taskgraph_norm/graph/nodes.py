@@ -1,6 +1,7 @@
 """Nodes of the IR: :class:`Node` (frozen, slotted, ordered operands) and its
-immutable attribute mapping :class:`Attrs`; :func:`gc_paused` for the passes that
-make millions of them.  Pure Python."""
+immutable attribute mapping :class:`Attrs`; for the passes that make millions of
+them, :func:`make_nodes` / :func:`make_attrs` (in bulk), :class:`Indexed` (per-node
+data by id through one index) and :func:`gc_paused`.  Pure Python."""
 
 from __future__ import annotations
 
@@ -11,11 +12,13 @@ from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import repeat
-from typing import Any
+from typing import Any, TypeVar
 
 from .ops import Op
 
-__all__ = ["Attrs", "Node", "gc_paused", "make_attrs", "make_nodes"]
+__all__ = ["Attrs", "Indexed", "Node", "gc_paused", "make_attrs", "make_nodes"]
+
+_T = TypeVar("_T")
 
 
 class Attrs(Mapping[str, Any]):
@@ -104,6 +107,32 @@ class Node:
     def replace(self, **changes: Any) -> Node:
         """A copy of this node with some fields changed (the node itself is frozen)."""
         return dataclasses.replace(self, **changes)
+
+
+class Indexed(Mapping[str, _T]):
+    """A mapping from id to ``items[index[id]]``: per-node data by id through a
+    graph's :attr:`Graph.index`, without a second million-entry dict."""
+
+    __slots__ = ("_index", "_items")
+
+    def __init__(self, index: Mapping[str, int], items: Sequence[_T]) -> None:
+        self._index, self._items = index, items
+
+    def __getitem__(self, node_id: str) -> _T:
+        return self._items[self._index[node_id]]
+
+    def get(self, node_id: str, default: Any = None) -> Any:
+        at = self._index.get(node_id)
+        return default if at is None else self._items[at]
+
+    def __contains__(self, node_id: object) -> bool:
+        return node_id in self._index
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._index)
+
+    def __len__(self) -> int:
+        return len(self._index)
 
 
 def _filled(cls: type, count: int, fields: Iterable[tuple[str, Iterable[Any]]]) -> list[Any]:

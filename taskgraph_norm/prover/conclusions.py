@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from ..graph import Graph, Node, Op
-from ..graph.dag import Indexed
+from ..graph.nodes import Indexed
 from .forms import render
 from .readers import PARTIAL_OPS, Unreadable, dependence_mark, read_node, semantics
 from .segments import Value as _Value
