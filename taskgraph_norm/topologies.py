@@ -23,10 +23,12 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
+from itertools import repeat
 
 from .errors import ConfigError
 from . import caches
 from .graph import Attrs, Graph, Node, Op, gc_paused, validate
+from .graph.nodes import make_attrs, make_nodes
 
 __all__ = [
     "TOPOLOGIES",
@@ -87,13 +89,10 @@ def chunk_bounds(hidden_size: int, chunk_size: int) -> tuple[tuple[int, int], ..
 
 def merge_linear(parts: Sequence[str], op: Op = Op.ADD, prefix: str = "fold") -> tuple[list[Node], str]:
     """Left fold over ``parts``: returns the new nodes and the id of the root."""
-    nodes: list[Node] = []
-    acc = parts[0]
-    for k, part in enumerate(parts[1:], start=1):
-        node = Node(f"{prefix}{k}", op, (acc, part))
-        nodes.append(node)
-        acc = node.id
-    return nodes, acc
+    ids = list(map(f"{prefix}{{}}".format, range(1, len(parts))))
+    accs = [parts[0], *ids[:-1]]  # fold k adds part k to fold k-1 (to part 0 for k = 1)
+    nodes = make_nodes(ids, op, zip(accs, parts[1:]))
+    return nodes, ids[-1] if ids else parts[0]
 
 
 def merge_tree(parts: Sequence[str], op: Op = Op.ADD, prefix: str = "tree") -> tuple[list[Node], str]:
@@ -104,15 +103,11 @@ def merge_tree(parts: Sequence[str], op: Op = Op.ADD, prefix: str = "tree") -> t
     while len(level_ids) > 1:
         level += 1
         attrs = Attrs.from_sorted((("level", level),))  # one per level, shared
-        nxt: list[str] = []
-        for i in range(0, len(level_ids), 2):
-            if i + 1 < len(level_ids):
-                node = Node(f"{prefix}{level}.{i // 2}", op, (level_ids[i], level_ids[i + 1]), attrs)
-                nodes.append(node)
-                nxt.append(node.id)
-            else:
-                nxt.append(level_ids[i])
-        level_ids = nxt
+        ids = list(map(f"{prefix}{level}.{{}}".format, range(len(level_ids) // 2)))
+        nodes += make_nodes(ids, op, zip(level_ids[0::2], level_ids[1::2]), attrs)
+        if len(level_ids) % 2:
+            ids.append(level_ids[-1])
+        level_ids = ids
     return nodes, level_ids[0]
 
 
@@ -235,29 +230,29 @@ def _build(
         nodes.append(Node(OUTPUT_ID, Op.OUTPUT, ("rmsnorm",)))
         return validate(Graph(nodes, OUTPUT_ID, meta))
 
-    bounds = chunk_bounds(hidden_size, chunk_size)
+    # The chunks [k C, min((k + 1) C, D)), as chunk_bounds gives them, as columns.
+    starts = range(0, hidden_size, chunk_size)
+    stops = list(range(chunk_size, hidden_size + chunk_size, chunk_size))
+    stops[-1] = hidden_size
+    count = len(starts)
     nodes = [x]
     leaf_inputs: tuple[str, ...] = (x.id,)
     if accumulate == "exact":
-        maxima = [
-            Node(f"m{k}", Op.ROWMAX, (x.id,),
-                 Attrs.from_sorted((("index", k), ("start", a), ("stop", b))))
-            for k, (a, b) in enumerate(bounds)
-        ]
-        nodes += maxima
-        max_nodes, max_root = merge_tree([m.id for m in maxima], op=Op.MAX, prefix="max")
+        maxima = list(map("m{}".format, range(count)))
+        nodes += make_nodes(maxima, Op.ROWMAX, repeat((x.id,), count), make_attrs(zip(
+            zip(repeat("index"), range(count)), zip(repeat("start"), starts),
+            zip(repeat("stop"), stops)), count))
+        max_nodes, max_root = merge_tree(maxima, op=Op.MAX, prefix="max")
         nodes += max_nodes
         scale = Node("scale", Op.SCALE, (max_root,), {"hidden_size": hidden_size})
         nodes.append(scale)
         leaf_inputs = (x.id, scale.id)
     # Attrs built sorted (domain, index, leaf, start, stop): a graph has a leaf per chunk.
-    leaves = [
-        Node(f"p{k}", Op.SUMSQ, leaf_inputs, Attrs.from_sorted(
-            (("domain", accumulate), ("index", k), ("leaf", leaf), ("start", a), ("stop", b))))
-        for k, (a, b) in enumerate(bounds)
-    ]
-    nodes += leaves
-    merge_nodes, total = _merge(topology, [p.id for p in leaves])
+    leaves = list(map("p{}".format, range(count)))
+    nodes += make_nodes(leaves, Op.SUMSQ, repeat(leaf_inputs, count), make_attrs(zip(
+        repeat(("domain", accumulate)), zip(repeat("index"), range(count)),
+        repeat(("leaf", leaf)), zip(repeat("start"), starts), zip(repeat("stop"), stops)), count))
+    merge_nodes, total = _merge(topology, leaves)
     nodes += merge_nodes
     nodes.append(
         Node("finalize", Op.FINALIZE, (x.id, total),

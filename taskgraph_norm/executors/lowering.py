@@ -30,13 +30,14 @@ Anything else raises :class:`~taskgraph_norm.errors.GraphError` saying why; the
 from __future__ import annotations
 
 import functools
-from collections import Counter
+import itertools
+import operator
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 from ..errors import GraphError
 from .. import caches
-from ..graph import Attrs, Graph, Node, Op, gc_paused, validate
+from ..graph import Graph, Node, Op, gc_paused, validate
 
 __all__ = ["Plan", "lower", "tree_levels"]
 
@@ -215,55 +216,72 @@ def _lower_cached(graph: Graph, fingerprint: str) -> Plan:
 
 
 def _lower(graph: Graph, fingerprint: str) -> Plan:
-    finalize = _single(graph, Op.FINALIZE)
-    found = [n for n in graph if n.op is Op.SUMSQ]
-    # Each leaf's attributes read once, as a dict (a graph may have a million leaves).
-    found_attrs = [dict(cast(Attrs, n.attrs).pairs) for n in found]
-    starts = [a["start"] for a in found_attrs]
-    order = sorted(range(len(found)), key=starts.__getitem__)
-    leaves = [found[k] for k in order]
-    leaf_attrs = [found_attrs[k] for k in order]
+    nodes = graph.nodes
+    ops = list(map(_op_of, nodes))
+    finalize = _single(graph, ops, Op.FINALIZE)
+    # Positions, not ids, throughout: a graph may have a million leaves, and every
+    # dict keyed by its ids costs about a second (the graph's own index is shared).
+    found_at = _positions(ops, Op.SUMSQ)
+    # Each leaf's attributes read once, as a dict.
+    found_attrs = list(map(dict, map(_attr_pairs, map(nodes.__getitem__, found_at))))
+    starts = list(map(_start_of, found_attrs))
+    order = sorted(range(len(found_at)), key=starts.__getitem__)
+    leaf_at, leaf_attrs = [found_at[k] for k in order], [found_attrs[k] for k in order]
+    leaves = list(map(nodes.__getitem__, leaf_at))
     if not leaves:
         raise GraphError(finalize.id, "nothing to lower: no SUMSQ leaves")
     hidden = finalize.attrs.get("hidden_size")
     chunk, n_full, tail = _uniform_chunking(leaves, leaf_attrs, hidden)
-    leaf_kinds = {a.get("leaf") for a in leaf_attrs}
-    domains = {a.get("domain", "float") for a in leaf_attrs}
+    leaf_kinds = set(map(_leaf_of, leaf_attrs))
+    domains = set(map(_domain_of, leaf_attrs))
     if len(leaf_kinds) != 1 or len(domains) != 1 or not leaf_kinds <= {"pairwise", "native"}:
         raise GraphError(leaves[0].id, "leaves mix kinds or domains; the compiled plan needs one")
     domain = domains.pop()
-    slots = {n.id: k for k, n in enumerate(leaves)}
-    inputs = [n for n in graph if n.op is Op.INPUT]
+    inputs = _positions(ops, Op.INPUT)
     common: dict[str, Any] = dict(
         hidden_size=hidden, chunk_size=chunk, n_full=n_full, tail=tail,
         leaf=leaf_kinds.pop(), fingerprint=fingerprint,
         casting_mode=finalize.attrs.get("casting_mode", "torch"),
         offset=float(finalize.attrs.get("offset", 0.0)),
-        residual=bool(inputs and inputs[0].attrs.get("residual")),
+        residual=bool(inputs and nodes[inputs[0]].attrs.get("residual")),
     )
     total_id = finalize.inputs[1]
+    total_at = graph.index[total_id]
     if domain == "exact":
-        _check_exact(graph, leaves, total_id, n_full * chunk + tail)
+        _check_exact(graph, ops, leaves, total_at, n_full * chunk + tail)
         return Plan(accumulate="exact", merge="exact", **common)
-    if total_id in slots:
+    slots = dict(zip(leaf_at, range(len(leaf_at))))  # leaf position -> its slot
+    if total_at in slots:
         return Plan(accumulate="float", merge="single" if len(leaves) == 1 else "adds",
-                    root=slots[total_id], **common)
-    # The merge root is built just before FINALIZE: no need to index a million ids.
-    root = next((n for n in graph.nodes[-4:] if n.id == total_id), None) or graph.by_id[total_id]
+                    root=slots[total_at], **common)
+    root = nodes[total_at]
     if root.op is Op.CATSUM and list(root.inputs) == [n.id for n in leaves]:
         return Plan(accumulate="float", merge="cat", **common)
-    adds, root_slot = _add_levels(graph, slots, total_id)
+    adds, root_slot = _add_levels(graph, ops, slots, total_at)
     if adds == _builder_tree(len(leaves)) and root_slot == len(leaves) + sum(map(len, adds)) - 1:
         return Plan(accumulate="float", merge="tree", root=root_slot, adds=adds, **common)
     return Plan(accumulate="float", merge="adds", adds=adds, root=root_slot, **common)
 
 
-def _single(graph: Graph, op: Op) -> Node:
-    found = [n for n in graph if n.op is op]
+_op_of = operator.attrgetter("op")
+_attr_pairs = operator.attrgetter("attrs.pairs")
+_start_of = operator.itemgetter("start")
+_bounds_of = operator.itemgetter("start", "stop")
+_leaf_of = operator.methodcaller("get", "leaf")
+_domain_of = operator.methodcaller("get", "domain", "float")
+
+
+def _positions(ops: list[Op], op: Op) -> list[int]:
+    """The positions of the nodes whose op is ``op`` (in C: no loop over the nodes)."""
+    return list(itertools.compress(range(len(ops)), map(operator.is_, ops, itertools.repeat(op))))
+
+
+def _single(graph: Graph, ops: list[Op], op: Op) -> Node:
+    found = _positions(ops, op)
     if len(found) != 1:
         bad = next((n.id for n in graph if n.op is Op.RMSNORM), None)
         raise GraphError(bad, f"the compiled plan needs exactly one {op.name} node, found {len(found)}")
-    return found[0]
+    return graph.nodes[found[0]]
 
 
 def _uniform_chunking(
@@ -271,7 +289,7 @@ def _uniform_chunking(
 ) -> tuple[int, int, int]:
     if not isinstance(hidden, int) or hidden < 1:
         raise GraphError(leaves[0].id, "FINALIZE has no valid hidden_size")
-    bounds = [(a["start"], a["stop"]) for a in leaf_attrs]
+    bounds = list(map(_bounds_of, leaf_attrs))
     chunk = bounds[0][1] - bounds[0][0]
     expected = [(a, min(a + chunk, hidden)) for a in range(0, hidden, chunk)] if chunk > 0 else []
     if bounds != expected:
@@ -281,34 +299,51 @@ def _uniform_chunking(
 
 
 def _add_levels(
-    graph: Graph, slots: dict[str, int], root_id: str
+    graph: Graph, ops: list[Op], slots: dict[int, int], root_at: int
 ) -> tuple[tuple[tuple[tuple[int, int, int], ...], ...], int]:
     """The float merge as levels of ``(dst, a, b)`` slot triples (ASAP levels), each
-    level in topological order.  One pass: a linear fold has as many levels as ADDs."""
-    level_of = dict.fromkeys(slots, 0)
-    slot_of = dict(slots)
+    level in topological order.  One pass: a linear fold has as many levels as ADDs.
+    ``slots`` maps each leaf's position to its slot; nodes are named by position."""
+    count = len(ops)
+    level_of = [-1] * count  # -1: not a partial (yet): an operand no merge may read
+    slot_of = [0] * count
+    for at, slot in slots.items():
+        slot_of[at], level_of[at] = slot, 0
     levels: list[list[tuple[int, int, int]]] = []
     next_slot = len(slots)
+    sources, offsets = graph.operand_positions
     skip = (Op.INPUT, Op.SUMSQ, Op.FINALIZE, Op.OUTPUT)
-    for node in graph.topological_nodes:
-        op, inputs = node.op, node.inputs
+    nodes = graph.nodes
+    order = (range(count) if graph.topological_nodes is nodes
+             else map(graph.index.__getitem__, graph.topological_order))
+    for at in order:
+        op = ops[at]
         if op in skip:
             continue
-        if op is Op.ACCUMULATE and len(inputs) == 1:
-            slot_of[node.id], level_of[node.id] = slot_of[inputs[0]], level_of[inputs[0]]
+        first, end = offsets[at], offsets[at + 1]
+        if op is Op.ACCUMULATE and end - first == 1:
+            a = _partial(nodes, level_of, sources[first])
+            slot_of[at], level_of[at] = slot_of[a], level_of[a]
             continue
         # Two float addends commute exactly: an ACCUMULATE of two is an ADD.
-        if (op is not Op.ADD and op is not Op.ACCUMULATE) or len(inputs) != 2:
-            raise GraphError(node.id, f"{op.name} with {len(inputs)} operands cannot be "
+        if (op is not Op.ADD and op is not Op.ACCUMULATE) or end - first != 2:
+            raise GraphError(nodes[at].id, f"{op.name} with {end - first} operands cannot be "
                              "lowered in the float domain", "use executor='reference'")
-        a, b = inputs
+        a, b = _partial(nodes, level_of, sources[first]), _partial(nodes, level_of, sources[first + 1])
         level = max(level_of[a], level_of[b]) + 1
         if level > len(levels):
             levels.append([])
-        slot_of[node.id], level_of[node.id] = next_slot, level
+        slot_of[at], level_of[at] = next_slot, level
         levels[level - 1].append((next_slot, slot_of[a], slot_of[b]))
         next_slot += 1
-    return tuple(map(tuple, levels)), slot_of[root_id]
+    return tuple(map(tuple, levels)), slot_of[_partial(nodes, level_of, root_at)]
+
+
+def _partial(nodes: tuple[Node, ...], level_of: list[int], at: int) -> int:
+    """``at`` if it holds a partial sum (a leaf, a merge read), else KeyError (its id)."""
+    if level_of[at] < 0:
+        raise KeyError(nodes[at].id)
+    return at
 
 
 @functools.lru_cache(maxsize=64)
@@ -331,41 +366,42 @@ def _builder_tree(n: int) -> tuple[tuple[tuple[int, int, int], ...], ...]:
     return tuple(levels)
 
 
-def _check_exact(graph: Graph, leaves: list[Node], total_id: str, hidden: int) -> None:
+def _check_exact(graph: Graph, ops: list[Op], leaves: list[Node], total_at: int, hidden: int) -> None:
     """Whole-row exact sums equal the graph's iff each leaf reaches the root once
     and the row maxima cover the row (the chunking itself was checked)."""
     scales = {leaf.inputs[1] for leaf in leaves if len(leaf.inputs) == 2}
     scale = graph.by_id[scales.pop()] if len(scales) == 1 else None
     if scale is None or scale.op is not Op.SCALE or any(len(leaf.inputs) != 2 for leaf in leaves):
         raise GraphError(leaves[0].id, "exact leaves must all read one SCALE node")
-    maxima = sorted(_reachable(graph, scale.inputs[0], Op.MAX, Op.ROWMAX), key=lambda n: n.attrs["start"])
-    covered = [(n.attrs["start"], n.attrs["stop"]) for n in maxima]
+    reached = list(dict.fromkeys(_walk(graph, ops, graph.index[scale.inputs[0]], (Op.MAX,), Op.ROWMAX)))
+    maxima = [dict(_attr_pairs(graph.nodes[at])) for at in reached]
+    covered = sorted(map(_bounds_of, maxima), key=operator.itemgetter(0))  # stable, as by start
     if not covered or covered[0][0] != 0 or covered[-1][1] != hidden or any(
         b[0] != a[1] for a, b in zip(covered, covered[1:])
     ):
-        raise GraphError(maxima[0].id if maxima else total_id,
+        first = min(range(len(reached)), key=lambda k: maxima[k]["start"]) if reached else None
+        raise GraphError(graph.nodes[reached[first]].id if first is not None else graph.nodes[total_at].id,
                          "the row maxima do not cover the row once", "use executor='reference'")
-    uses = Counter(n.id for n in _walk(graph, total_id, (Op.ADD, Op.ACCUMULATE, Op.CATSUM), Op.SUMSQ))
-    if len(uses) != len(leaves) or set(uses.values()) != {1}:
-        raise GraphError(total_id, "some leaf reaches the total more or less than once")
+    uses = _walk(graph, ops, total_at, (Op.ADD, Op.ACCUMULATE, Op.CATSUM), Op.SUMSQ)
+    if len(set(uses)) != len(leaves) or len(uses) != len(leaves):
+        raise GraphError(graph.nodes[total_at].id, "some leaf reaches the total more or less than once")
 
 
-def _reachable(graph: Graph, start: str, through: Op, leaf_op: Op) -> list[Node]:
-    return list({n.id: n for n in _walk(graph, start, (through,), leaf_op)}.values())
-
-
-def _walk(graph: Graph, start: str, through: tuple[Op, ...], leaf_op: Op) -> list[Node]:
-    """Every ``leaf_op`` node reached from ``start`` through ``through`` nodes, once
-    per path (so a leaf used twice appears twice); any other op is refused."""
-    found, stack, by_id = [], [start], graph.by_id
+def _walk(graph: Graph, ops: list[Op], start: int, through: tuple[Op, ...], leaf_op: Op) -> list[int]:
+    """The position of every ``leaf_op`` node reached from ``start`` through ``through``
+    nodes, once per path (so a leaf used twice appears twice); any other op is refused."""
+    found: list[int] = []
+    stack = [start]
+    sources, offsets = graph.operand_positions
     while stack:
-        node = by_id[stack.pop()]
-        if node.op is leaf_op:
-            found.append(node)
-        elif node.op in through:
-            stack.extend(node.inputs)
+        at = stack.pop()
+        op = ops[at]
+        if op is leaf_op:
+            found.append(at)
+        elif op in through:
+            stack.extend(sources[offsets[at]:offsets[at + 1]])
         else:
-            raise GraphError(node.id, f"{node.op.name} inside an exact merge cannot be lowered")
+            raise GraphError(graph.nodes[at].id, f"{op.name} inside an exact merge cannot be lowered")
     return found
 
 for _cached in (halving_steps, _lower_cached, _builder_tree):

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import itertools
 import operator
+from array import array
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CycleError, GraphError
-from .nodes import Attrs, Node
+from .nodes import Attrs, Indexed, Node
 from .ops import ARITY, Op
 
 if TYPE_CHECKING:
@@ -61,9 +62,30 @@ class Graph:
         return self._meta
 
     @cached_property
+    def index(self) -> Mapping[str, int]:
+        """Each id's position in :attr:`nodes` (the last one wins if ids repeat;
+        :func:`validate` rejects that).  One dict per graph: a million-node graph's
+        id dict costs about a second, so validation, the prover and the lowering
+        share this one (validation leaves it here)."""
+        return dict(zip(map(_node_id, self._nodes), range(len(self._nodes))))
+
+    @cached_property
     def by_id(self) -> Mapping[str, Node]:
-        """Nodes by id (the last one wins if ids repeat; :func:`validate` rejects that)."""
-        return {n.id: n for n in self._nodes}
+        """Nodes by id: a view over :attr:`index` (the last one wins if ids repeat)."""
+        return Indexed(self.index, self._nodes)
+
+    @cached_property
+    def operand_positions(self) -> tuple[array[int], array[int]]:
+        """``(sources, offsets)``: node ``k``'s operands are the nodes at positions
+        ``sources[offsets[k]:offsets[k + 1]]`` of :attr:`nodes`, in operand order
+        (two flat integer arrays: readers index operands without looking ids up).
+        Raises KeyError if an operand does not exist (:func:`validate` first)."""
+        sources = self.__dict__.pop("_sources", None)
+        if sources is None:
+            sources = array("q", map(self.index.__getitem__,
+                                     itertools.chain.from_iterable(map(_node_inputs, self._nodes))))
+        offsets = array("q", itertools.accumulate(map(len, map(_node_inputs, self._nodes)), initial=0))
+        return sources, offsets
 
     def __getitem__(self, node_id: str) -> Node:
         return self.by_id[node_id]
@@ -281,6 +303,7 @@ def _valid_forward(graph: Graph) -> bool:
     position = dict(zip(ids, range(len(ids))))
     if len(position) != len(ids) or "" in position:
         return False
+    graph.__dict__["index"] = position  # valid or not, this is Graph.index
     op_counts: Counter[Op] = Counter()
     for (op, count), times in Counter(zip(ops, map(len, operands))).items():
         lo, hi = ARITY[op]
@@ -299,9 +322,13 @@ def _valid_forward(graph: Graph) -> bool:
     if not all(map(operator.lt, source_at, user_at)):
         return False
     # In a DAG the nodes that do not reach the output include one that no node
-    # uses: so all reach it iff every node but the output is some node's operand.
-    used = set(sources)
-    return len(used) == len(ids) - 1 and graph.output not in used
+    # uses: so all reach it iff every node but the output is some node's operand
+    # (positions, not ids: a set of ints is built without touching the strings).
+    used = set(source_at)
+    if len(used) != len(ids) - 1 or at in used:
+        return False
+    graph.__dict__["_sources"] = array("q", source_at)  # for Graph.operand_positions
+    return True
 
 
 def _validate_in_order(graph: Graph) -> None:

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import operator
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from ..graph import Graph, Node, Op
+from ..graph.nodes import Indexed
 from .forms import render
 from .readers import PARTIAL_OPS, Unreadable, dependence_mark, read_node, semantics
 from .segments import Value as _Value
@@ -91,21 +92,36 @@ def read_graph(graph: Graph) -> Reading:
     shared :class:`~.forms.Form` pieces and rendered once, segments are walked only
     where they are read.
     """
-    values: dict[str, _Value] = {}
     annotated: list[Node] = []
     limit = max(_MAX_EXPRESSION, _MAX_EXPRESSION_PER_NODE * len(graph))
-    value_of = values.__getitem__
+    nodes = graph.topological_nodes
+    # Values by node position (operands found through the graph's integer operand
+    # arrays: no id dict is built or looked up per node), and in reading order.
+    slots: list[_Value] = [None] * len(nodes)  # type: ignore[list-item]
+    sources, offsets = graph.operand_positions
+    value_at = slots.__getitem__
+    if nodes is graph.nodes:
+        places: Iterable[int] = range(len(nodes))
+        order = slots
+    else:
+        places = list(map(graph.index.__getitem__, graph.topological_order))
+        order = []
     try:
-        for index, node in enumerate(graph.topological_nodes):
-            value = read_node(node, list(map(value_of, node.inputs)), limit, annotated)
+        for index, (node, at) in enumerate(zip(nodes, places)):
+            value = read_node(node, list(map(value_at, sources[offsets[at]:offsets[at + 1]])),
+                              limit, annotated)
             value.index = index
-            values[node.id] = value
+            slots[at] = value
+            if order is not slots:
+                order.append(value)
     except Unreadable as exc:
-        partial = next((v.expr for v in reversed(values.values()) if v.kind == "partial"), "")
+        read = order[:index] if order is slots else order
+        partial = next((v.expr for v in reversed(read) if v.kind == "partial"), "")
         return Reading(expression=render(partial), problem=str(exc))
+    values = Indexed(graph.index, slots)
     exprs = _Expressions(values)
     try:
-        return _conclude(graph, values, exprs, tuple(annotated))
+        return _conclude(graph, values, tuple(order), exprs, tuple(annotated))
     except Unreadable as exc:
         return Reading(expression="", problem=str(exc), node_expressions=exprs)
 
@@ -128,12 +144,13 @@ class _Facts:
     annotated: tuple[Node, ...]  # nodes with a depends_on or placement attribute
 
 
-def _conclude(graph: Graph, values: Mapping[str, _Value], exprs: Mapping[str, str],
+def _conclude(graph: Graph, values: Mapping[str, _Value], order: tuple[_Value, ...],
+              exprs: Mapping[str, str],
               annotated: tuple[Node, ...]) -> Reading:
     declaring = [n for n in annotated if "depends_on" in n.attrs]
     deps = tuple(sorted({d for n in declaring for d in _as_tuple(n.attrs["depends_on"])}))
     facts = _Facts(
-        graph, values, tuple(values.values()), exprs, Counter(map(_op_of, graph.nodes)),
+        graph, values, order, exprs, Counter(map(_op_of, graph.nodes)),
         marks=tuple(sorted(
             f"{n.op.value}{dependence_mark(n)}" for n in declaring
             if n.attrs["depends_on"] and n.op not in PARTIAL_OPS
@@ -215,7 +232,7 @@ def _conclude_float(facts: _Facts, finalize: Node, leaf_counts: Counter[str]) ->
         races=races,
         assumptions=tuple(assumptions),
         why_deterministic=_why_structure(facts.ops, leaf_counts)
-        + (coverage_note(weighted_segments(total, facts.order), hidden),),
+        + (coverage_note(multiset(weighted_segments(total, facts.order)), hidden),),
         row_local=_row_local(facts.ops),
         batch_blockers=facts.blockers,
         node_expressions=facts.exprs,
@@ -231,8 +248,9 @@ def _conclude_exact(facts: _Facts, finalize: Node) -> Reading:
                           f"{len(total.scales)}")
     scale = facts.values[next(iter(total.scales))]
     segments = weighted_segments(total, facts.order)
-    summed = merged(segments)
-    maximised = merged(weighted_segments(scale, facts.order))
+    ranges = multiset(segments)  # once: a million leaves take a second to sort
+    summed = merged(ranges)
+    maximised = merged(multiset(weighted_segments(scale, facts.order)))
     if not contains(maximised, summed):
         raise Unreadable("the SCALE's row maximum does not cover every summed element, "
                           "so the pre-rounding grid may be too fine for exact sums")
@@ -240,7 +258,7 @@ def _conclude_exact(facts: _Facts, finalize: Node) -> Reading:
     if count > scale.hidden_size:
         raise Unreadable(f"{count} summed squares exceed the {scale.hidden_size} the SCALE "
                           "sized its grid for, so a partial sum could round")
-    expression = "exact_sum(" + ", ".join(segment_text(s) for s in multiset(segments))
+    expression = "exact_sum(" + ", ".join(map(segment_text, ranges))
     if maximised != summed:
         expression += "; max over " + ", ".join(f"x[{a}:{b}]" for a, b in maximised)
     expression += ")" + ("@" + "+".join(facts.deps) if facts.deps else "")
@@ -250,7 +268,7 @@ def _conclude_exact(facts: _Facts, finalize: Node) -> Reading:
                              expression, *facts.marks, *_semantic_lines(facts.graph, finalize)]),
         exact=True,
         assumptions=(_ASSUME_EXACT,),
-        why_deterministic=_WHY_EXACT + (coverage_note(segments, hidden),),
+        why_deterministic=_WHY_EXACT + (coverage_note(ranges, hidden),),
         row_local=_row_local(facts.ops),
         batch_blockers=facts.blockers,
         node_expressions=facts.exprs,

@@ -9,10 +9,10 @@ Pure Python over the IR.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterator, Mapping
-from typing import cast
 
-from ..graph import Attrs, Node, Op
+from ..graph import Node, Op
 from .forms import Text, form, length, pair, render
 from .segments import Value as _Value
 
@@ -62,6 +62,9 @@ _EXPECTED: Mapping[Op, tuple[str, ...]] = {
 PARTIAL_OPS = frozenset({Op.SUMSQ, Op.ADD, Op.ACCUMULATE, Op.CATSUM})
 
 
+_pairs_of = operator.attrgetter("attrs.pairs")  # Node always stores an Attrs
+
+
 class Unreadable(Exception):
     """Internal: the reader met something it does not understand."""
 
@@ -73,7 +76,7 @@ def read_node(node: Node, args: list[_Value], limit: int, annotated: list[Node])
         raise Unreadable(f"node {node.id!r}: op {op!r} is one the prover does not "
                           "understand")
     # One scan of the node (Node always stores an Attrs); every lookup below is a dict's.
-    attrs = dict(cast(Attrs, node.attrs).pairs)
+    attrs: dict[str, object] = dict(_pairs_of(node))
     plain = known.issuperset(attrs)  # no depends_on, no placement, nothing unknown
     if not plain:
         unknown = set(attrs) - known - {"depends_on", "placement"}
@@ -114,7 +117,9 @@ def _read_catsum(node: Node, attrs: dict[str, object], args: list[_Value], mark:
 
 def _read_rowmax(node: Node, attrs: dict[str, object], args: list[_Value], mark: str,
                  limit: int) -> _Value:
-    start, stop = _bounds(node, attrs)
+    start, stop = attrs.get("start"), attrs.get("stop")
+    if not (type(start) is int and type(stop) is int and 0 <= start < stop):
+        start, stop = _bounds(node, attrs)  # says what is wrong
     return _Value("max", f"m[{start}:{stop}]{mark}", (start, stop))
 
 
@@ -253,7 +258,7 @@ _READERS = {
 
 
 def _merge(expr: Text, args: list[_Value], limit: int) -> _Value:
-    if length(expr) > limit:
+    if (len(expr) if type(expr) is str else length(expr)) > limit:
         raise Unreadable(f"the expression grows past {limit} characters")
     scales = args[0].scales
     for a in args:

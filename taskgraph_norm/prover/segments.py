@@ -102,10 +102,10 @@ def multiset(segments: Iterable[tuple[Segment, int]]) -> list[tuple[int, int, in
     return out
 
 
-def merged(segments: Iterable[tuple[Segment, int]]) -> list[Segment]:
-    """The union of the ranges, as sorted disjoint ranges."""
+def merged(ranges: Iterable[tuple[int, int, int]]) -> list[Segment]:
+    """The union of :func:`multiset`'s ranges, as sorted disjoint ranges."""
     out: list[Segment] = []
-    for a, b, _ in multiset(segments):
+    for a, b, _ in ranges:
         if out and out[-1][1] == a:
             out[-1] = (out[-1][0], b)
         else:
@@ -130,8 +130,8 @@ def segment_text(seg: tuple[int, int, int]) -> str:
     return f"x[{a}:{b}]" if times == 1 else f"{times}*x[{a}:{b}]"
 
 
-def coverage_note(segments: list[tuple[Segment, int]], hidden: int) -> str:
-    ranges = multiset(segments)
+def coverage_note(ranges: list[tuple[int, int, int]], hidden: int) -> str:
+    """What :func:`multiset`'s ``ranges`` cover of ``x[0:hidden]``."""
     if ranges == [(0, hidden, 1)]:
         return f"the leaves cover x[0:{hidden}] exactly once"
     return (f"note: the leaves do not cover x[0:{hidden}] exactly once "
