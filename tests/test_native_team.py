@@ -1,8 +1,9 @@
-"""The native team (executors/native_team.c): the direct path shares a large input's
-rows between the caller's thread and one C worker thread, which claim blocks of rows
-from an atomic counter.  Which thread runs a row, and how the rows are blocked, must
-not change a bit; the worker must really share; other callers, nested calls and
-forked children must neither hang nor change the bits."""
+"""The native team (executors/team.py, native_team.c): the direct path shares a large
+input's rows among torch's threads (torch's own OpenMP team, or native_team.c's one
+worker thread), which claim blocks of rows from an atomic counter.  Which thread runs
+a row, and how the rows are blocked, must not change a bit; the rows must really be
+shared; other callers, nested calls and forked children must neither hang nor change
+the bits."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 import taskgraph_norm as tgn
-from taskgraph_norm.executors import direct, native
+from taskgraph_norm.executors import direct, team
 
 from ._trust_helpers import native_status
 from .helpers import assert_bits_equal, bits_equal
@@ -32,6 +33,20 @@ def two_threads() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+@pytest.fixture(params=["openmp", "own worker"])
+def runtime(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Each test runs on torch's OpenMP team and on native_team.c's own worker."""
+    want = request.param == "openmp"
+    got = team.use_openmp(want)
+    try:
+        if want and not got:
+            pytest.skip("torch's parallel backend here is not OpenMP")
+        assert got == want
+        yield str(request.param)
+    finally:
+        team.use_openmp(True)
+
+
 def _inputs(rows: int, hidden: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(rows * 7 + hidden)
     x = torch.randn(rows, hidden, generator=g)
@@ -43,18 +58,18 @@ def _inputs(rows: int, hidden: int) -> tuple[torch.Tensor, torch.Tensor, torch.T
 def _shared_calls(fn: object, tries: int = 50) -> int:
     """Call ``fn`` until the worker has run some rows (it may be slow to wake on a busy
     machine); returns the rows it ran."""
-    start = native.team_worker_rows()
+    start = team.worker_rows()
     for _ in range(tries):
         fn()  # type: ignore[operator]
-        if native.team_worker_rows() > start:
+        if team.worker_rows() > start:
             break
-    return native.team_worker_rows() - start
+    return team.worker_rows() - start
 
 
 @pytest.mark.parametrize("accumulate", ["float", "exact"])
 @pytest.mark.parametrize("topology", ["tree", "linear"])
 def test_every_blocking_of_the_rows_gives_the_same_bits(
-    monkeypatch: pytest.MonkeyPatch, two_threads: None, accumulate: str, topology: str
+    monkeypatch: pytest.MonkeyPatch, two_threads: None, runtime: str, accumulate: str, topology: str
 ) -> None:
     rows, hidden = 203, 1024
     x, w, r = _inputs(rows, hidden)
@@ -80,7 +95,9 @@ def test_every_blocking_of_the_rows_gives_the_same_bits(
     assert not bits_equal(tgn.normalize_sync(x2, w, topology=topology, accumulate=accumulate), reference)
 
 
-def test_the_rms_the_ops_keep_is_the_same_bits_over_the_team(monkeypatch: pytest.MonkeyPatch, two_threads: None) -> None:
+def test_the_rms_the_ops_keep_is_the_same_bits_over_the_team(
+    monkeypatch: pytest.MonkeyPatch, two_threads: None, runtime: str
+) -> None:
     """The grad-enabled forward asks the direct call for each row's rms too (``total``)."""
     x, w, _ = _inputs(300, 1024)
     dy = torch.randn_like(x)
@@ -96,8 +113,9 @@ def test_the_rms_the_ops_keep_is_the_same_bits_over_the_team(monkeypatch: pytest
     assert_bits_equal(grads[0], grads[1])
 
 
-def test_concurrent_callers_and_a_busy_team_get_the_same_bits(two_threads: None) -> None:
-    """Eight threads call at once: one owns the team, the others run their rows alone."""
+def test_concurrent_callers_and_a_busy_team_get_the_same_bits(two_threads: None, runtime: str) -> None:
+    """Eight threads call at once: on OpenMP each its own team; on the own worker, one
+    caller owns it and the others run their rows alone."""
     x, w, _ = _inputs(512, 2048)
     assert x.numel() >= direct.SPLIT_NUMEL
     expected = tgn.normalize_sync(x, w, executor="reference")
@@ -117,15 +135,25 @@ def test_concurrent_callers_and_a_busy_team_get_the_same_bits(two_threads: None)
     assert failures == []
 
 
-def test_one_torch_thread_means_no_sharing(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``torch.set_num_threads(1)`` is respected: the worker runs nothing."""
+def test_one_torch_thread_means_no_sharing(runtime: str) -> None:
+    """``torch.set_num_threads(1)`` is respected: no other thread runs a row."""
     x, w, _ = _inputs(512, 2048)
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        start = native.team_worker_rows()
+        start = team.worker_rows()
         for _ in range(5):
             tgn.normalize_sync(x, w)
-        assert native.team_worker_rows() == start
+        assert team.worker_rows() == start
     finally:
         torch.set_num_threads(before)
+
+
+def test_the_openmp_team_is_torch_own_runtime() -> None:
+    """The OpenMP entry is looked up among the libraries already loaded (never loaded
+    anew), and it is the runtime torch reports."""
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        pytest.skip("torch's parallel backend here is not OpenMP")
+    assert team.use_openmp(True) and team.openmp()
+    assert team.use_openmp(False) is False and not team.openmp()
+    assert team.use_openmp(True)

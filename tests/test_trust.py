@@ -25,7 +25,7 @@ import pytest
 import torch
 
 import taskgraph_norm as tgn
-from taskgraph_norm.executors import devices, native, pools
+from taskgraph_norm.executors import devices, native, pools, team
 from taskgraph_norm.executors.cpu_features import MARKER
 from taskgraph_norm.executors.direct import SPLIT_NUMEL
 
@@ -221,19 +221,21 @@ def _digest(t: torch.Tensor) -> str:
 
 def _run_every_pool(x: torch.Tensor, graph: tgn.Graph) -> list[str]:
     """The compiled executor over several tiles on two threads, the direct native
-    path shared with the native team's worker thread (fp32, >= SPLIT_NUMEL elements:
-    called until the worker has run rows, or 50 times), and the concurrent executor
+    path shared with other threads (torch's OpenMP team in the parent, native_team.c's
+    own worker in a child, where an OpenMP runtime the parent used can hang: fp32,
+    >= SPLIT_NUMEL elements, called until another thread has run rows, or 50 times),
+    and the concurrent executor
     on the default worker pool.  (No backward: torch's own CPU autograd hangs in a
     child forked after the parent ran a backward, with or without this library.)"""
     compiled = anyio.run(functools.partial(tgn.execute, graph, x, executor="compiled", threads=2, tile_rows=16))
-    start = native.team_worker_rows()
+    start = team.worker_rows()
     for _ in range(50):
         direct = tgn.normalize_sync(x)
-        if native.team_worker_rows() > start:
+        if team.worker_rows() > start:
             break
-    shared = native.team_worker_rows() > start or not NATIVE or torch.get_num_threads() < 2
+    shared = team.worker_rows() > start or not NATIVE or torch.get_num_threads() < 2
     concurrent = tgn.normalize_sync(x, executor="concurrent")
-    return [_digest(compiled), _digest(direct), _digest(concurrent), str(shared)]
+    return [_digest(compiled), _digest(direct), _digest(concurrent), str(shared), str(team.openmp())]
 
 
 def _child(conn: Any, x: torch.Tensor, graph: tgn.Graph, stale: dict[int, Any] | None) -> None:
@@ -274,12 +276,14 @@ def test_a_forked_child_runs_every_pool_and_gets_the_same_bits() -> None:
     assert x.numel() >= SPLIT_NUMEL
     graph = tgn.build_graph(1024, chunk_size=16)
     expected = _run_every_pool(x, graph)
-    assert expected[-1] == "True", "the native team's worker never ran a row in the parent"
+    assert expected[-2] == "True", "no other thread ran a row in the parent"
+    openmp = expected.pop()  # the parent may share on OpenMP; a child never does
+    expected.append("False")
     assert pools._tile_pools and devices._default_pools  # the parent really used every pool
     assert _in_forked_child(x, graph, timeout=120) == expected
     assert _in_forked_child(x, graph, timeout=120) == expected  # and again: nothing left broken
     assert _in_forked_child(x, graph, timeout=5, stale=dict(pools._tile_pools)) is None
-    assert _run_every_pool(x, graph) == expected  # the parent's pools still work
+    assert _run_every_pool(x, graph) == [*expected[:-1], openmp]  # the parent's pools still work
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")

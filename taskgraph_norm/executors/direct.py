@@ -2,9 +2,8 @@
 
 The native kernels work row by row with the row in cache, so on fp32 CPU input they
 need no tiling: the pipeline asks :func:`direct_call` once per configuration for a
-function that takes a checked input and makes one native call (whose rows the
-caller's thread shares with the native team's worker thread when the input is large
-enough: ``native_team.c``).  Same kernel, same per-row order, same
+function that takes a checked input and makes one native call (whose rows torch's
+threads share when the input is large enough: :mod:`.team`).  Same kernel, same per-row order, same
 bits as the compiled executor's tiles (the tests compare them).  It returns
 ``None`` for an input it does not take (another dtype or device, a strided input,
 a NaN row, a gradient to record, the native kernels switched off, a residual
@@ -27,7 +26,7 @@ from typing import Any
 import torch
 
 from . import native as _native
-from . import pools
+from . import team as _team
 from .lowering import Plan
 from .workspace import ThreadScratch
 
@@ -41,11 +40,11 @@ __all__ = ["DirectCall", "HUGE_BYTES", "SPLIT_NUMEL", "TEAM_GRAIN", "direct_call
 #: forward (:mod:`taskgraph_norm.ops`).
 DirectCall = Callable[..., "torch.Tensor | None"]
 
-#: Inputs with at least this many elements share their rows between the caller's
-#: thread and the native team's worker (``native_team.c``: the two claim blocks of
-#: rows from an atomic counter, so the caller never waits for the worker to wake).
+#: Inputs with at least this many elements share their rows among torch's threads
+#: (:mod:`.team`: torch's own OpenMP team, or ``native_team.c``'s worker; the threads
+#: claim blocks of rows from an atomic counter, so none waits for another to wake).
 SPLIT_NUMEL = 1 << 16
-#: Elements per claim of the team (16 rows of 4096).
+#: Elements per claim (16 rows of 4096).
 TEAM_GRAIN = 1 << 16
 
 #: Fresh outputs of at least this many bytes are advised as huge-page candidates.
@@ -100,15 +99,15 @@ def direct_call(plan: Plan) -> DirectCall | None:
     hidden = plan.hidden_size
     keep: list[Any] = []
     offset = plan.offset
-    rows_call: Callable[[int, int, int, int | None, float, int | None, int | None, int | None, int], int]
+    rows_call: Callable[[int, int, int, int | None, float, int | None, int | None, int | None, int, int], int]
     if exact:
         exact_fn = lib.tgn_exact_rows_f32_team
 
         def rows_call(xp: int, yp: int, rows: int, w: int | None, eps: float, rp: int | None, hp: int | None,
-                      tp: int | None, grain: int) -> int:
+                      tp: int | None, grain: int, threads: int) -> int:
             tp = _scratch.pointer(2 * rows) if tp is None else tp
             return int(exact_fn(xp, rows, hidden, hidden, tp, yp, hidden, w, eps, 0, offset,
-                                rp, hidden, hp, hidden, grain))
+                                rp, hidden, hp, hidden, grain, threads))
     else:
         float_fn = lib.tgn_float_rows_f32_team
         adds = tuple(t for level in plan.adds for t in level)
@@ -117,11 +116,11 @@ def direct_call(plan: Plan) -> DirectCall | None:
         adds_ptr, n_adds, root, chunk = recipe.adds.data_ptr(), recipe.n_adds, recipe.root, recipe.chunk_size
 
         def rows_call(xp: int, yp: int, rows: int, w: int | None, eps: float, rp: int | None, hp: int | None,
-                      tp: int | None, grain: int) -> int:
+                      tp: int | None, grain: int, threads: int) -> int:
             flags = 0 if tp is None else _native.TOTAL_AS_RMS  # the ops keep each row's rms
             tp = _scratch.pointer(rows) if tp is None else tp
             return int(float_fn(xp, rows, hidden, hidden, chunk, adds_ptr, n_adds, root,
-                                tp, yp, hidden, w, eps, flags, offset, rp, hidden, hp, hidden, grain))
+                                tp, yp, hidden, w, eps, flags, offset, rp, hidden, hp, hidden, grain, threads))
 
     # Rows per claim of the two-thread team: about TEAM_GRAIN elements.
     grain = max(1, TEAM_GRAIN // max(hidden, 1))
@@ -163,8 +162,8 @@ def direct_call(plan: Plan) -> DirectCall | None:
         w = None if weight is None else weight.data_ptr()
         xp, yp = x.data_ptr(), y.data_ptr()
         tp = None if total is None else total.data_ptr()
-        share = numel >= SPLIT_NUMEL and rows > grain and pools.may_share()
-        bad = rows_call(xp, yp, rows, w, eps, rp, hp, tp, grain if share else rows)
+        threads = _team.threads() if numel >= SPLIT_NUMEL and rows > grain else 1
+        bad = rows_call(xp, yp, rows, w, eps, rp, hp, tp, grain, threads)
         # A NaN total (or an exact row with no scale): the general path gives it the
         # reference's bits; what was written to a caller's out is overwritten there.
         return None if bad else y

@@ -53,7 +53,7 @@ from .lowering import Plan
 __all__ = [
     "available", "describe", "disabled", "exact_rows",
     "exact_scale", "float_rows", "FloatRecipe", "library_path",
-    "team_worker_rows", "why_unavailable",
+    "why_unavailable",
 ]
 
 _DIR = Path(__file__).resolve().parent
@@ -141,12 +141,16 @@ def _open(path: Path) -> ctypes.CDLL:
                        ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                        ctypes.c_void_p, *finalize_args]
         fn.restype = ctypes.c_int64
-    lib.tgn_float_rows_f32_team.argtypes = [*lib.tgn_float_rows_f32.argtypes, ctypes.c_int64]
-    lib.tgn_float_rows_f32_team.restype = ctypes.c_int64
-    lib.tgn_exact_rows_f32_team.argtypes = [*lib.tgn_exact_rows_f32.argtypes, ctypes.c_int64]
-    lib.tgn_exact_rows_f32_team.restype = ctypes.c_int64
+    for name in ("tgn_float_rows_f32", "tgn_exact_rows_f32"):  # + grain, threads (native_team.c)
+        team = getattr(lib, name + "_team")
+        team.argtypes = [*getattr(lib, name).argtypes, ctypes.c_int64, ctypes.c_int64]
+        team.restype = ctypes.c_int64
     lib.tgn_team_worker_rows.argtypes = []
     lib.tgn_team_worker_rows.restype = ctypes.c_int64
+    lib.tgn_team_use_openmp.argtypes = [ctypes.c_void_p]
+    lib.tgn_team_use_openmp.restype = ctypes.c_int
+    lib.tgn_team_openmp.argtypes = []
+    lib.tgn_team_openmp.restype = ctypes.c_int
     lib.tgn_backward_rows_f32.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [
         ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
     lib.tgn_backward_rows_f32.restype = ctypes.c_int64
@@ -277,12 +281,6 @@ TOTAL_AS_RMS = 4
 
 #: The dtypes the C kernel reads directly; fp16 and bf16 are widened to fp32 first.
 _FUNCS = {torch.float32: "tgn_exact_rows_f32", torch.float64: "tgn_exact_rows_f64"}
-
-
-def team_worker_rows() -> int:
-    """Rows the native team's worker thread has run in this process (``native_team.c``;
-    the direct path shares large inputs' rows with it): 0 without the kernels."""
-    return int(_library().tgn_team_worker_rows()) if available() else 0
 
 
 def _check_rows(x: torch.Tensor) -> None:

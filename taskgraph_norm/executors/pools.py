@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-__all__ = ["helper", "may_share", "on_worker", "tile_pool"]
+__all__ = ["helper", "on_worker", "tile_pool"]
 
 _lock = threading.Lock()
 _helper: ThreadPoolExecutor | None = None
@@ -66,13 +66,6 @@ def helper() -> ThreadPoolExecutor | None:
                 _helper = _start(1, "tgn-direct")
             pool = _helper
     return pool
-
-
-def may_share() -> bool:
-    """Whether a native call may share its rows with the native team's worker thread
-    (``native_team.c``): not on one of these pools' workers, and only when torch may
-    use more than one thread."""
-    return not on_worker() and torch.get_num_threads() >= 2
 
 
 def tile_pool(workers: int) -> ThreadPoolExecutor:
