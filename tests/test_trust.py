@@ -25,7 +25,7 @@ import pytest
 import torch
 
 import taskgraph_norm as tgn
-from taskgraph_norm.executors import devices, native, pools, team
+from taskgraph_norm.executors import devices, native, native_abi, pools, team
 from taskgraph_norm.executors.cpu_features import MARKER
 from taskgraph_norm.executors.direct import SPLIT_NUMEL
 
@@ -207,7 +207,7 @@ def test_the_build_is_optional_and_takes_a_compiler_with_arguments(tmp_path: Pat
     assert libs == (["_native_host", "_native_portable"][-len(libs):] if built else []), libs
     if built:
         assert "_native_portable" in libs
-        assert ctypes.CDLL(str(next((tmp_path / "lib").rglob("_native_portable*")))).tgn_native_abi() == native._ABI
+        assert ctypes.CDLL(str(next((tmp_path / "lib").rglob("_native_portable*")))).tgn_native_abi() == native_abi.ABI
     else:
         assert "failed" in proc.stderr.lower() or "failed" in proc.stdout.lower()
 

@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 
 from ..errors import NativeKernelsWarning
-from . import cpu_features
+from . import cpu_features, native_abi
 from .. import caches
 from .lowering import Plan
 
@@ -57,7 +57,6 @@ __all__ = [
 ]
 
 _DIR = Path(__file__).resolve().parent
-_ABI = 12
 #: What the torch ops cost instead (docs/performance.md, "On torch ops alone").
 _COST = ("the same bits, about 3x slower for float plans and 5x to 6x for exact ones on (4096, 4096) fp32 "
          "(docs/reliability.md)")
@@ -124,52 +123,10 @@ def _host_misfit(path: Path) -> str | None:
 
 def _open(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(_trusted(path)))
-    if lib.tgn_native_abi() != _ABI:
-        raise OSError(f"{path} is a stale build (ABI {lib.tgn_native_abi()}, want {_ABI}): reinstall the package")
-    # y, y_stride, w, eps, flags, offset; then r, r_stride, h, h_stride (the residual)
-    finalize_args = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_double,
-                     ctypes.c_int64, ctypes.c_double,
-                     ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64]
-    for name in ("tgn_exact_rows_f32", "tgn_exact_rows_f64"):
-        fn = getattr(lib, name)
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-                       ctypes.c_void_p, *finalize_args]
-        fn.restype = ctypes.c_int64
-    for name in ("tgn_float_rows_f32", "tgn_float_rows_f64"):
-        fn = getattr(lib, name)
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-                       ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-                       ctypes.c_void_p, *finalize_args]
-        fn.restype = ctypes.c_int64
-    for name in ("tgn_float_rows_f32", "tgn_exact_rows_f32"):  # + grain, threads (native_team.c)
-        team = getattr(lib, name + "_team")
-        team.argtypes = [*getattr(lib, name).argtypes, ctypes.c_int64, ctypes.c_int64]
-        team.restype = ctypes.c_int64
-    lib.tgn_team_worker_rows.argtypes = []
-    lib.tgn_team_worker_rows.restype = ctypes.c_int64
-    lib.tgn_team_use_openmp.argtypes = [ctypes.c_void_p]
-    lib.tgn_team_use_openmp.restype = ctypes.c_int
-    lib.tgn_team_openmp.argtypes = []
-    lib.tgn_team_openmp.restype = ctypes.c_int
-    lib.tgn_backward_rows_f32.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [
-        ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
-    lib.tgn_backward_rows_f32.restype = ctypes.c_int64
-    lib.tgn_rms_of_totals_f32.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-                                          ctypes.c_double, ctypes.c_void_p]
-    lib.tgn_rms_of_totals_f32.restype = None
-    lib.tgn_exact_dw_f32.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
-                                     ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64]
-    lib.tgn_exact_dw_f32.restype = ctypes.c_int64
-    lib.tgn_exact_dw_rows_f32.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
-                                          ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
-                                          ctypes.c_int64]
-    lib.tgn_exact_dw_rows_f32.restype = ctypes.c_int64
-    lib.tgn_exact_round_f32.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-                                        ctypes.c_void_p]
-    lib.tgn_exact_round_f32.restype = None
-    lib.tgn_exact_scale.argtypes = [ctypes.c_double, ctypes.c_int64,
-                                    ctypes.POINTER(ctypes.c_double), ctypes.POINTER(ctypes.c_double)]
-    lib.tgn_exact_scale.restype = ctypes.c_int
+    if lib.tgn_native_abi() != native_abi.ABI:
+        raise OSError(f"{path} is a stale build (ABI {lib.tgn_native_abi()}, want {native_abi.ABI}): "
+                      "reinstall the package")
+    native_abi.declare(lib)
     return lib
 
 

@@ -293,6 +293,7 @@ int tgn_team_openmp(void) { return gomp_parallel && !atomic_load(&forked); }
  * Returns whether the OpenMP team is in use (never in a forked child). */
 int tgn_team_use_openmp(void *fn)
 {
+    pthread_once(&at_fork_once, register_at_fork); /* before the first OpenMP job, too */
     gomp_parallel = (gomp_parallel_t)fn;
     return tgn_team_openmp();
 }
