@@ -14,9 +14,7 @@ size, topology, leaf, accumulate, executor) and one per (graph, executor) for
 
 from __future__ import annotations
 
-import asyncio
 import functools
-import sys
 import threading
 from collections.abc import Callable, Mapping
 from typing import Any, overload
@@ -31,6 +29,7 @@ from .errors import ConfigError, DeviceMismatchError, ExecutionError, GraphError
 from .executors import ASYNC_EXECUTORS, EXECUTORS, PLAN_EXECUTORS, Plan, direct_call, lower_certified
 from .executors import triton as _triton
 from .executors.direct import DirectCall
+from .executors.loops import run_coroutine_sync
 from .graph import Graph, Op, validate
 from .prover import Proof, prove
 from .topologies import build_graph
@@ -390,46 +389,3 @@ def for_graph(graph: Graph, executor: str = "auto") -> Pipeline:
     if pipe is not None:
         return pipe
     return _store(_by_graph, key, Pipeline(graph, executor))
-
-
-# --- async executors from sync code ---------------------------------------------------------
-
-
-def _loop_running() -> bool:
-    """Whether an asyncio or trio event loop runs in the calling thread (no sniffio:
-    it is not a dependency; trio is looked at only if it is already imported)."""
-    try:
-        asyncio.get_running_loop()
-        return True
-    except RuntimeError:
-        pass
-    trio = sys.modules.get("trio")
-    if trio is not None:
-        try:
-            trio.lowlevel.current_trio_token()
-            return True
-        except RuntimeError:
-            pass
-    return False
-
-
-def run_coroutine_sync(fn: Callable[[], Any]) -> Any:
-    """``anyio.run(fn)``, also from a thread whose event loop is running (a notebook
-    cell, an async web handler): there the loop runs on a fresh thread, joined."""
-    if not _loop_running():
-        return anyio.run(fn)
-    result: list[Any] = []
-    error: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            result.append(anyio.run(fn))
-        except BaseException as exc:  # handed to the caller's thread below
-            error.append(exc)
-
-    thread = threading.Thread(target=target, name="tgn-sync-in-loop")
-    thread.start()
-    thread.join()
-    if error:
-        raise error[0]
-    return result[0]
