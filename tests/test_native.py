@@ -78,7 +78,7 @@ PORTABLE_PROBE = """
     rows = torch.randn(50, 777, generator=g, dtype=torch.float64)
     rows = rows * torch.exp2(torch.randint(-30, 30, (50, 777), generator=g))
     rows[3, 5] = float("nan"); rows[4] = 0.0; rows[5, 0] = float("inf")
-    for chunk in (10, 7):
+    for chunk in (10, 7, 16, 64):  # 16, 64: eight chunks at a time on AVX
         for dtype in (torch.float32, torch.float64, torch.bfloat16):
             for acc in ("float", "exact"):
                 y = tgn.normalize_sync(rows.to(dtype), accumulate=acc, chunk_size=chunk)
@@ -104,7 +104,7 @@ def test_the_portable_build_gives_the_host_builds_bits() -> None:
         assert proc.returncode == 0, proc.stderr
     p, d, o = (proc.stdout.splitlines() for proc in (portable, default, off))
     assert p[0].startswith("_native_portable") and o[0] == "None"
-    assert p[1:] == d[1:] == o[1:] and len(p) == 14
+    assert p[1:] == d[1:] == o[1:] and len(p) == 26
     # Negative control: the digests see a change of chunk size.
     assert [line.split()[-1] for line in p[1:7]] != [line.split()[-1] for line in p[7:]]
     if not d[0].startswith("_native_host"):
@@ -209,7 +209,10 @@ def torch_total(graph: Graph, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("topology", ["tree", "linear"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("hidden,chunk", [(1, 1), (7, 1), (7, 3), (64, 64), (130, 64), (1000, 100), (1000, 7),
-                                          (4096, 64), (4097, 4096), (96, 1)])
+                                          (4096, 64), (4097, 4096), (96, 1),
+                                          # eight full chunks at a time on AVX, plus tails
+                                          (464, 16), (4096, 16), (1000, 32), (4096, 128),
+                                          (2148, 256), (2048, 256), (520, 64)])
 def test_float_total_equals_the_reference(topology: str, dtype: torch.dtype, hidden: int, chunk: int) -> None:
     graph = tgn.build_graph(hidden, chunk_size=chunk, topology=topology)
     plan = compile_graph(graph)

@@ -388,8 +388,91 @@ CHUNK_POW2_ALL(double)
         default: return 0;                                                             \
         }                                                                              \
     }
-FULL_CHUNKS_POW2(float)
 FULL_CHUNKS_POW2(double)
+
+#if defined(__AVX__)
+/* fp32 with AVX: eight full chunks of a power-of-two length C >= 16 at a time, the
+ * same additions in the same order (so the same bits; tests/test_native.py compares
+ * this host build with the portable one, which keeps the loop above).  Each chunk's
+ * vertical steps (the squares' pairs, then h = C/4 ... 8) leave an 8-lane vector v
+ * with v[k] = buf[k]; the last steps h = 4, 2, 1 (buf[k] += buf[k + h]) of the eight
+ * vectors then run as a transposing network, each lane one of those additions with
+ * its operands in the scalar order (a + b, a the lower index):
+ *   t = v_c[k] + v_c[k + 4]   two chunks per vector (lanes 0-3 and 4-7)
+ *   u = t[k] + t[k + 2]       four chunks per vector
+ *   w = u[k] + u[k + 1]       eight chunks: lanes [c0 c2 c4 c6 | c1 c3 c5 c7]
+ * Measured on one thread for a row of 4096 in chunks of 64: 405 -> 165 ns. */
+#define VERT8(C)                                                                       \
+    INLINE __m256 vert8_##C(const float *s)                                            \
+    {                                                                                  \
+        __m256 p[(C) / 16];                                                            \
+        for (int i = 0; i < (C) / 16; ++i) {                                           \
+            __m256 a = _mm256_loadu_ps(s + 8 * i), b = _mm256_loadu_ps(s + (C) / 2 + 8 * i); \
+            p[i] = _mm256_add_ps(_mm256_mul_ps(a, a), _mm256_mul_ps(b, b));            \
+        }                                                                              \
+        for (int h = (C) / 32; h >= 1; h /= 2)                                         \
+            for (int i = 0; i < h; ++i)                                                \
+                p[i] = _mm256_add_ps(p[i], p[i + h]);                                  \
+        return p[0];                                                                   \
+    }
+VERT8(16) VERT8(32) VERT8(64) VERT8(128) VERT8(256)
+
+INLINE __m256 pair_halves(__m256 a, __m256 b) /* h = 4 for two chunks */
+{
+    return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+}
+
+INLINE void network8(const __m256 *v, float *slots)
+{
+    __m256 t01 = pair_halves(v[0], v[1]), t23 = pair_halves(v[2], v[3]);
+    __m256 t45 = pair_halves(v[4], v[5]), t67 = pair_halves(v[6], v[7]);
+    __m256 u0 = _mm256_add_ps(_mm256_shuffle_ps(t01, t23, _MM_SHUFFLE(1, 0, 1, 0)),
+                              _mm256_shuffle_ps(t01, t23, _MM_SHUFFLE(3, 2, 3, 2)));
+    __m256 u1 = _mm256_add_ps(_mm256_shuffle_ps(t45, t67, _MM_SHUFFLE(1, 0, 1, 0)),
+                              _mm256_shuffle_ps(t45, t67, _MM_SHUFFLE(3, 2, 3, 2)));
+    __m256 w = _mm256_add_ps(_mm256_shuffle_ps(u0, u1, _MM_SHUFFLE(2, 0, 2, 0)),
+                             _mm256_shuffle_ps(u0, u1, _MM_SHUFFLE(3, 1, 3, 1)));
+#if defined(__AVX2__)
+    _mm256_storeu_ps(slots, _mm256_permutevar8x32_ps(w, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+#else
+    float o[8];
+    _mm256_storeu_ps(o, w);
+    for (int k = 0; k < 4; ++k) {
+        slots[2 * k] = o[k];
+        slots[2 * k + 1] = o[k + 4];
+    }
+#endif
+}
+
+#define EIGHT_CHUNKS(C)                                                                \
+    for (c = 0; c + 8 <= n_full; c += 8) {                                             \
+        __m256 v[8];                                                                   \
+        for (int i = 0; i < 8; ++i)                                                    \
+            v[i] = vert8_##C(row + (c + i) * (C));                                     \
+        network8(v, slots + c);                                                        \
+    }                                                                                  \
+    for (; c < n_full; ++c)                                                            \
+        slots[c] = chunk_float_##C(row + c * (C));                                     \
+    return 1;
+
+static int full_chunks_float(const float *row, int64_t chunk, int64_t n_full, float *slots)
+{
+    int64_t c;
+    switch (chunk) {
+    case 16: EIGHT_CHUNKS(16)
+    case 32: EIGHT_CHUNKS(32)
+    case 64: EIGHT_CHUNKS(64)
+    case 128: EIGHT_CHUNKS(128)
+    case 256: EIGHT_CHUNKS(256)
+    case 2: for (c = 0; c < n_full; ++c) slots[c] = chunk_float_2(row + c * 2); return 1;
+    case 4: for (c = 0; c < n_full; ++c) slots[c] = chunk_float_4(row + c * 4); return 1;
+    case 8: for (c = 0; c < n_full; ++c) slots[c] = chunk_float_8(row + c * 8); return 1;
+    default: return 0;
+    }
+}
+#else
+FULL_CHUNKS_POW2(float)
+#endif
 
 #define FLOAT_ROWS(NAME, T)                                                            \
     int64_t NAME(const T *x, int64_t rows, int64_t hidden, int64_t row_stride,           \
