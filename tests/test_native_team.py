@@ -7,8 +7,10 @@ the bits."""
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -157,3 +159,8 @@ def test_the_openmp_team_is_torch_own_runtime() -> None:
     assert team.use_openmp(True) and team.openmp()
     assert team.use_openmp(False) is False and not team.openmp()
     assert team.use_openmp(True)
+    maps = Path("/proc/self/maps")
+    if maps.exists():  # Linux: exactly one OpenMP runtime is mapped (ours is torch's, none loaded anew)
+        runtimes = {line.split()[-1] for line in maps.read_text().splitlines()
+                    if re.search(r"lib(g|i)?omp[^/]*\.so", line.split()[-1])}
+        assert len(runtimes) == 1, runtimes

@@ -25,6 +25,7 @@ import ctypes
 import os
 import sys
 import threading
+from pathlib import Path
 
 import torch
 
@@ -40,14 +41,24 @@ _lock = threading.Lock()
 _chosen = False
 
 
+def _candidates() -> list[str]:
+    """Where torch's OpenMP runtime may be: the copies torch's wheel ships next to
+    libtorch (their names may carry a hash, ``libgomp-a34b3233.so.1``), then the
+    usual sonames."""
+    lib_dir = Path(torch.__file__).resolve().parent / "lib"
+    shipped = sorted(str(p) for pattern in ("libgomp*.so*", "libiomp*.so*", "libomp*.so*", "libomp*.dylib",
+                                             "libiomp*.dylib") for p in lib_dir.glob(pattern))
+    return [*shipped, *_RUNTIMES]
+
+
 def _torch_gomp_parallel() -> int | None:
     """The address of ``GOMP_parallel`` in the OpenMP runtime torch has loaded, or ``None``."""
     if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
         return None
-    mode = getattr(os, "RTLD_NOLOAD", 0) | getattr(os, "RTLD_LAZY", 1)
     if not getattr(os, "RTLD_NOLOAD", 0) or sys.platform == "win32":
         return None  # without RTLD_NOLOAD a lookup could load a second runtime
-    for name in _RUNTIMES:
+    mode = os.RTLD_NOLOAD | getattr(os, "RTLD_LAZY", 1)
+    for name in _candidates():
         try:
             runtime = ctypes.CDLL(name, mode=mode)  # only one already in the process
             return ctypes.cast(runtime.GOMP_parallel, ctypes.c_void_p).value
