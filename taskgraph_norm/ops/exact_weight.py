@@ -57,10 +57,11 @@ class ExactWeightRMSNorm(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             param = ctx.param
             shape = (-1, *param.shape)
-            if rms.dtype == torch.float32 and (x.dtype == torch.float32 or triton_dw.runs(x)):
+            on_triton = triton_dw.runs(x)
+            if rms.dtype == torch.float32 and (x.dtype == torch.float32 or on_triton):
                 # x_hat = x / rms (rounded to x's dtype): normalize(x, None)'s bits, formed by
                 # the accumulator's kernel (C on CPU fp32; Triton on CUDA, which widens dy itself)
-                dy_rows = dy.reshape(shape) if triton_dw.runs(x) else dy.reshape(shape).to(torch.float32)
+                dy_rows = dy.reshape(shape) if on_triton else dy.reshape(shape).to(torch.float32)
                 exact_grads.accumulate_normalized(param, dy_rows, x.reshape(shape), rms.reshape(-1))
             else:
                 exact_grads.accumulate(param, dy.reshape(shape).to(torch.float32), _x_hat(x, rms).reshape(shape))
