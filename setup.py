@@ -1,9 +1,9 @@
 """Builds the compiled executor's native kernels when the package is installed.
 
-``taskgraph_norm/executors/native.c`` (the kernels) and ``native_team.c`` (the
-two-thread team the forward's rows are shared by) become two optional extensions next to
-``native.py``, which loads them with ctypes (they are plain C libraries, not
-Python modules):
+``taskgraph_norm/executors/native.c`` (the kernels), ``native_team.c`` (the team
+the forward's rows are shared by) and ``native_call.c`` (the forward's call from Python,
+without ctypes) become two optional extensions next to ``native.py``, which loads them
+with ctypes (plain C libraries, but for native_call.c's one-function module):
 
 * ``_native_portable``: the compiler's default target (the baseline every
   machine that runs this Python runs);
@@ -29,22 +29,26 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 HERE = Path(__file__).resolve().parent
-SOURCES = ["taskgraph_norm/executors/native.c", "taskgraph_norm/executors/native_team.c"]
+SOURCES = ["taskgraph_norm/executors/native.c", "taskgraph_norm/executors/native_team.c",
+           "taskgraph_norm/executors/native_call.c"]
+DEPENDS = ["taskgraph_norm/executors/native_quotient.h"]
 # Keep the C expressions as written (see native.c): no contraction into fmas, no
 # fast-math; -O3 comes after Python's own -O2.
 FLAGS = ["-O3", "-ffp-contract=off", "-fno-fast-math", "-Wno-psabi", "-pthread"]
 
 
 def extensions() -> list[Extension]:
-    common = {"sources": SOURCES, "libraries": ["m"], "extra_link_args": ["-pthread"], "optional": True}
-    exts = [Extension("taskgraph_norm.executors._native_portable", extra_compile_args=FLAGS, **common)]
+    common = {"sources": SOURCES, "depends": DEPENDS, "libraries": ["m"], "extra_link_args": ["-pthread"],
+              "optional": True}
+    exts = [Extension("taskgraph_norm.executors._native_portable", extra_compile_args=FLAGS,
+                      define_macros=[("TGN_MODULE", "_native_portable")], **common)]
     cpu = runpy.run_path(str(HERE / "taskgraph_norm/executors/cpu_features.py"))["features"]()
     march = os.environ.get("TGN_NATIVE_MARCH", "").strip() or "native"
     if cpu and march != "portable":
         exts.append(Extension(
             "taskgraph_norm.executors._native_host",
             extra_compile_args=[*FLAGS, f"-march={march}"],
-            define_macros=[("TGN_BUILD_CPU", '"' + " ".join(sorted(cpu)) + '"')],
+            define_macros=[("TGN_BUILD_CPU", '"' + " ".join(sorted(cpu)) + '"'), ("TGN_MODULE", "_native_host")],
             **common,
         ))
     return exts

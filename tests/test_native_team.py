@@ -1,6 +1,7 @@
 """The native team (executors/team.py, native_team.c): the direct path shares a large
 input's rows among torch's threads (torch's own OpenMP team, or native_team.c's one
-worker thread), which claim blocks of rows from an atomic counter.  Which thread runs
+worker thread): each runs its own part of the rows, then steals blocks left in the
+others' parts.  Which thread runs
 a row, and how the rows are blocked, must not change a bit; the rows must really be
 shared; other callers, nested calls and forked children must neither hang nor change
 the bits."""
@@ -8,6 +9,7 @@ the bits."""
 from __future__ import annotations
 
 import re
+import sysconfig
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -164,3 +166,76 @@ def test_the_openmp_team_is_torch_own_runtime() -> None:
         runtimes = {line.split()[-1] for line in maps.read_text().splitlines()
                     if re.search(r"lib(g|i)?omp[^/]*\.so", line.split()[-1])}
         assert len(runtimes) == 1, runtimes
+
+
+@pytest.mark.parametrize("threads", [3, 4, 7])
+def test_more_threads_than_cores_get_the_same_bits(runtime: str, threads: int) -> None:
+    """Each of torch's threads owns a part of the rows and steals from the others; with
+    more threads than cores (parts whose owner runs late) nothing changes a bit."""
+    x, w, _ = _inputs(301, 1024)
+    expected = tgn.normalize_sync(x, w, executor="reference")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        tgn.clear_caches()
+        for _ in range(5):
+            assert_bits_equal(tgn.normalize_sync(x, w), expected)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _configs() -> list[tuple[str, object]]:
+    from taskgraph_norm.executors import native
+    from taskgraph_norm.executors.native_abi import RowsConfig
+    from taskgraph_norm.pipeline import for_config
+
+    plan = for_config(1024, 64, "tree", "pairwise", "float", "auto", "torch", 0.0).plan
+    assert plan is not None
+    recipe = native.FloatRecipe(plan.chunk_size, plan.n_chunks, tuple(t for lv in plan.adds for t in lv), plan.root)
+    float_cfg = RowsConfig(exact=0, hidden=1024, chunk=recipe.chunk_size, adds=recipe.adds.data_ptr(),
+                           n_adds=recipe.n_adds, root=recipe.root, total_flags=native.TOTAL_AS_RMS, grain=3)
+    float_cfg._keep = recipe  # type: ignore[attr-defined]
+    return [("float", float_cfg), ("exact", RowsConfig(exact=1, hidden=1024, grain=3, offset=0.25))]
+
+
+def test_the_fast_entry_and_ctypes_make_the_same_call(two_threads: None, runtime: str) -> None:
+    """native_call.c's ``rows`` (the direct path's call; no ctypes) and ``tgn_rows_call``
+    through ctypes take the same arguments and give the same bits; ``total=None``
+    writes no totals; bad arguments raise, never crash."""
+    import ctypes
+
+    from taskgraph_norm.executors import native
+
+    fast, lib = native.rows_entry(), native._library()
+    if (Path(sysconfig.get_paths()["include"]) / "Python.h").exists():
+        assert fast is not lib.tgn_rows_call, "the library was built without native_call.c's module"
+    x, w, r = _inputs(301, 1024)
+    for kind, cfg in _configs():
+        address = ctypes.addressof(cfg)  # type: ignore[arg-type]
+        width = 1 if kind == "float" else 2
+        dtype = torch.float32 if kind == "float" else torch.float64
+        outs = []
+        for entry in (fast, lib.tgn_rows_call):
+            for residual in (False, True):
+                y, h = torch.empty_like(x), torch.empty_like(x)
+                total = torch.full((301, width), -1.0, dtype=dtype)
+                assert entry(address, x.data_ptr(), y.data_ptr(), 301, w.data_ptr(), 1e-6, total.data_ptr(),
+                             r.data_ptr() if residual else None, h.data_ptr() if residual else None, 2) == 0
+                y2 = torch.empty_like(x)
+                assert entry(address, x.data_ptr(), y2.data_ptr(), 301, w.data_ptr(), 1e-6, None,
+                             r.data_ptr() if residual else None, h.data_ptr() if residual else None, 2) == 0
+                assert_bits_equal(y2, y)  # no totals kept: the same y
+                assert bool((total != -1.0).all()), f"{kind}: a row's total was not written"
+                outs.append((y, total, h if residual else None))
+        for a, b in zip(outs[:2], outs[2:]):
+            assert_bits_equal(a[0], b[0])
+            assert_bits_equal(a[1], b[1])
+        assert not bits_equal(outs[0][0], outs[1][0])  # negative control: the residual changes y
+    address = ctypes.addressof(_configs()[1][1])  # type: ignore[arg-type]
+    assert fast(address, 0, 0, 0, None, 1e-6, None, None, None, 2) == 0  # an empty input
+    with pytest.raises(TypeError):
+        fast(address, x.data_ptr())
+    with pytest.raises(ValueError):
+        fast(address, None, None, 5, None, 1e-6, None, None, None, 2)
+    with pytest.raises(TypeError):
+        fast(address, x.data_ptr(), None, 5, None, "eps", None, None, None, 2)

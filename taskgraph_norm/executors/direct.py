@@ -28,7 +28,7 @@ import torch
 from . import native as _native
 from . import team as _team
 from .lowering import Plan
-from .workspace import ThreadScratch
+from .native_abi import RowsConfig
 
 __all__ = ["DirectCall", "HUGE_BYTES", "SPLIT_NUMEL", "TEAM_GRAIN", "direct_call"]
 
@@ -44,8 +44,8 @@ DirectCall = Callable[..., "torch.Tensor | None"]
 #: (:mod:`.team`: torch's own OpenMP team, or ``native_team.c``'s worker; the threads
 #: claim blocks of rows from an atomic counter, so none waits for another to wake).
 SPLIT_NUMEL = 1 << 16
-#: Elements per claim (16 rows of 4096).
-TEAM_GRAIN = 1 << 16
+#: Elements per block (4 rows of 4096): a thread done with its own part steals blocks this big.
+TEAM_GRAIN = 1 << 14
 
 #: Fresh outputs of at least this many bytes are advised as huge-page candidates.
 HUGE_BYTES = 4 << 20
@@ -55,10 +55,6 @@ _NATIVE_FLOAT_MERGES = ("single", "tree", "adds")
 
 #: Tensors whose data pointer is real (a FakeTensor or FunctionalTensor has none).
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
-
-
-#: Where the kernel writes the row totals nobody asked for (per thread).
-_scratch = ThreadScratch(torch.float64)
 
 
 def _advise_huge() -> Callable[[int, int], None] | None:
@@ -95,35 +91,23 @@ def direct_call(plan: Plan) -> DirectCall | None:
         return None
     if not _native.available():
         return None
-    lib = _native._library()
     hidden = plan.hidden_size
     keep: list[Any] = []
-    offset = plan.offset
-    rows_call: Callable[[int, int, int, int | None, float, int | None, int | None, int | None, int, int], int]
+    # Rows per block of the team: about TEAM_GRAIN elements.
+    grain = max(1, TEAM_GRAIN // max(hidden, 1))
     if exact:
-        exact_fn = lib.tgn_exact_rows_f32_team
-
-        def rows_call(xp: int, yp: int, rows: int, w: int | None, eps: float, rp: int | None, hp: int | None,
-                      tp: int | None, grain: int, threads: int) -> int:
-            tp = _scratch.pointer(2 * rows) if tp is None else tp
-            return int(exact_fn(xp, rows, hidden, hidden, tp, yp, hidden, w, eps, 0, offset,
-                                rp, hidden, hp, hidden, grain, threads))
+        cfg = RowsConfig(exact=1, hidden=hidden, offset=plan.offset, grain=grain)
     else:
-        float_fn = lib.tgn_float_rows_f32_team
         adds = tuple(t for level in plan.adds for t in level)
         recipe = _native.FloatRecipe(plan.chunk_size, plan.n_chunks, adds, plan.root)
-        keep.append(recipe)  # holds the adds tensor whose pointer the kernel reads
-        adds_ptr, n_adds, root, chunk = recipe.adds.data_ptr(), recipe.n_adds, recipe.root, recipe.chunk_size
-
-        def rows_call(xp: int, yp: int, rows: int, w: int | None, eps: float, rp: int | None, hp: int | None,
-                      tp: int | None, grain: int, threads: int) -> int:
-            flags = 0 if tp is None else _native.TOTAL_AS_RMS  # the ops keep each row's rms
-            tp = _scratch.pointer(rows) if tp is None else tp
-            return int(float_fn(xp, rows, hidden, hidden, chunk, adds_ptr, n_adds, root,
-                                tp, yp, hidden, w, eps, flags, offset, rp, hidden, hp, hidden, grain, threads))
-
-    # Rows per claim of the two-thread team: about TEAM_GRAIN elements.
-    grain = max(1, TEAM_GRAIN // max(hidden, 1))
+        keep.append(recipe)  # holds the adds tensor whose address cfg holds
+        cfg = RowsConfig(exact=0, hidden=hidden, chunk=recipe.chunk_size, adds=recipe.adds.data_ptr(),
+                         n_adds=recipe.n_adds, root=recipe.root, total_flags=_native.TOTAL_AS_RMS,
+                         offset=plan.offset, grain=grain)
+    keep.append(cfg)
+    cfg_address = ctypes.addressof(cfg)
+    rows_call = _native.rows_entry()
+    offset = plan.offset
     fp32 = torch.float32
 
     def call(x: torch.Tensor, weight: torch.Tensor | None, eps: float, out: torch.Tensor | None,
@@ -159,11 +143,9 @@ def direct_call(plan: Plan) -> DirectCall | None:
         else:
             y = out
         rows = numel // hidden
-        w = None if weight is None else weight.data_ptr()
-        xp, yp = x.data_ptr(), y.data_ptr()
-        tp = None if total is None else total.data_ptr()
         threads = _team.threads() if numel >= SPLIT_NUMEL and rows > grain else 1
-        bad = rows_call(xp, yp, rows, w, eps, rp, hp, tp, grain, threads)
+        bad = rows_call(cfg_address, x.data_ptr(), y.data_ptr(), rows, None if weight is None else weight.data_ptr(),
+                        eps, None if total is None else total.data_ptr(), rp, hp, threads)
         # A NaN total (or an exact row with no scale): the general path gives it the
         # reference's bits; what was written to a caller's out is overwritten there.
         return None if bad else y

@@ -39,6 +39,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "native_quotient.h"
+
 #ifdef __FAST_MATH__
 #error "native.c must not be compiled with -ffast-math"
 #endif
@@ -165,7 +167,9 @@ static double row_max_double(const double *row, int64_t hidden)
  *   mean = total / D + eps      (in the accumulation dtype; torch rounds a Python
  *                                eps to it before adding, as (float)eps does here)
  *   rms  = sqrt(mean)           (taken in fp64 and rounded, as kernels does)
- *   y    = x / rms; y *= w      (two roundings, no fma, no reciprocal)
+ *   y    = x / rms; y *= w      (two roundings: the quotient is IEEE division's,
+ *                                formed with fmas from one reciprocal per row,
+ *                                native_quotient.h, then one multiply)
  *
  * with the weight w + offset (one fp32 addition, kernels.finalize_weight; none when
  * offset is 0) and, for casting_mode="llama" on a bf16 row (flags), the quotient
@@ -241,10 +245,7 @@ static int finalize_row_float(const float *row, float *y, const float *w, int64_
     float off = (float)offset;
     if (flags & TGN_ROUND_QUOTIENT)
         return llama_row_bf16(row, y, w, hidden, rms, flags, off);
-    if (w && off != 0.0f)
-        NORMALIZE_ROW_OFFSET(row, y, w, hidden, rms, off);
-    else
-        NORMALIZE_ROW(row, y, w, hidden, rms);
+    tgn_quotient_row_f32(row, y, w, w ? off : 0.0f, hidden, rms); /* native_quotient.h */
     return 0;
 }
 
@@ -291,8 +292,10 @@ ADD_RESIDUAL(double)
                 row = add_residual_##T(row, r + i * r_stride, h + i * h_stride, hidden); \
             double s1, s2;                                                            \
             if (!tgn_exact_scale(row_max_##T(row, hidden), hidden, &s1, &s2)) {       \
-                pair[2 * i] = NAN;                                                    \
-                pair[2 * i + 1] = NAN;                                                \
+                if (pair) {                                                           \
+                    pair[2 * i] = NAN;                                                \
+                    pair[2 * i + 1] = NAN;                                            \
+                }                                                                     \
                 ++unscaled;                                                           \
                 continue;                                                             \
             }                                                                         \
@@ -331,8 +334,10 @@ ADD_RESIDUAL(double)
                 t1 = t2 = NAN;                                                        \
                 ++unscaled;                                                           \
             }                                                                         \
-            pair[2 * i] = t1;                                                         \
-            pair[2 * i + 1] = t2;                                                     \
+            if (pair) {                                                               \
+                pair[2 * i] = t1;                                                     \
+                pair[2 * i + 1] = t2;                                                 \
+            }                                                                         \
         }                                                                             \
         return unscaled;                                                              \
     }
@@ -515,13 +520,15 @@ FULL_CHUNKS_POW2(float)
             }                                                                         \
             for (int64_t t = 0; t < n_adds; ++t)                                      \
                 slots[adds[3 * t]] = slots[adds[3 * t + 1]] + slots[adds[3 * t + 2]]; \
-            total[i] = slots[root];                                                   \
-            if (y && finalize_row_##T(row, y + i * y_stride, w, hidden, total[i], eps, \
+            T tot = slots[root];                                                      \
+            if (y && finalize_row_##T(row, y + i * y_stride, w, hidden, tot, eps,     \
                                       flags, offset))                                 \
-                total[i] = NAN; /* a NaN the llama rounding left to the caller */     \
+                tot = NAN; /* a NaN the llama rounding left to the caller */          \
             else if (flags & TGN_TOTAL_AS_RMS)                                        \
-                total[i] = (T)sqrt((double)(total[i] / (T)(double)hidden + (T)eps));  \
-            nan_rows += total[i] != total[i];                                         \
+                tot = (T)sqrt((double)(tot / (T)(double)hidden + (T)eps));            \
+            if (total)                                                                \
+                total[i] = tot;                                                       \
+            nan_rows += tot != tot;                                                   \
         }                                                                             \
         if (work != small)                                                            \
             free(work);                                                               \
@@ -533,7 +540,7 @@ FLOAT_ROWS(tgn_float_rows_f64, double)
 
 /* A version number the loader checks, so a library left from an older install is
  * never used. */
-int tgn_native_abi(void) { return 12; }
+int tgn_native_abi(void) { return 13; }
 
 #ifdef TGN_BUILD_CPU
 /* The host variant (setup.py builds it with -march=native): the features of the CPU

@@ -40,7 +40,7 @@ import os
 import stat
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -66,6 +66,7 @@ _PORTABLE_COST = ("the same bits; the float kernel about 1.2x slower, the exact 
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
+_rows: Callable[..., int] | None = None
 _path: Path | None = None
 _error: str | None = None
 _note: str | None = None  # why the host build is not the one loaded, if it is not
@@ -153,13 +154,15 @@ def _choose() -> tuple[ctypes.CDLL | None, Path | None, list[str]]:
 
 
 def _load() -> ctypes.CDLL | None:
-    global _lib, _path, _error, _note, _loaded
+    global _lib, _rows, _path, _error, _note, _loaded
     if _loaded:  # the fast path of every call after the first
         return _lib
     with _lock:
         if _loaded:
             return _lib
         _lib, _path, reasons = _choose()
+        _rows = None if _lib is None or _path is None else native_abi.rows_entry(
+            _lib, _trusted(_path), f"{__package__}.{_path.name.split('.')[0]}")
         _error = None if _lib is not None else "; ".join(reasons)
         _note = "; ".join(reasons) if _lib is not None and reasons else None
         # Set last: the lock-free fast path above must never see a half-made state.
@@ -250,6 +253,16 @@ def _library() -> ctypes.CDLL:
     if lib is None:
         raise RuntimeError(f"the native kernel is unavailable: {_error}")
     return lib
+
+
+def rows_entry() -> Callable[..., int]:
+    """The direct path's call (direct.py), ``rows(cfg, x, y, rows, w, eps, total, r, h,
+    threads)`` with ``cfg`` the address of a :class:`native_abi.RowsConfig` and the
+    tensors as addresses (or ``None``): native_call.c's function where the library is
+    also a Python module, else ``tgn_rows_call`` through ctypes."""
+    _library()
+    assert _rows is not None
+    return _rows
 
 
 def _finalize_args(

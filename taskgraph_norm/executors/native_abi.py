@@ -9,11 +9,25 @@ called with the new arguments.
 from __future__ import annotations
 
 import ctypes
+import importlib.machinery
+import importlib.util
+from collections.abc import Callable
+from pathlib import Path
 
-__all__ = ["ABI", "declare"]
+__all__ = ["ABI", "RowsConfig", "declare", "rows_entry"]
 
 #: The version ``tgn_native_abi()`` must return.
-ABI = 12
+ABI = 13
+
+
+class RowsConfig(ctypes.Structure):
+    """``tgn_rows_cfg_t`` (native_team.c): one direct-path configuration's constants,
+    passed by address to ``tgn_rows_call`` and to native_call.c's ``rows``."""
+
+    _fields_ = [("exact", ctypes.c_int64), ("hidden", ctypes.c_int64), ("chunk", ctypes.c_int64),
+                ("adds", ctypes.c_void_p), ("n_adds", ctypes.c_int64), ("root", ctypes.c_int64),
+                ("flags", ctypes.c_int64), ("total_flags", ctypes.c_int64), ("offset", ctypes.c_double),
+                ("grain", ctypes.c_int64)]
 
 
 def declare(lib: ctypes.CDLL) -> None:
@@ -38,9 +52,14 @@ def declare(lib: ctypes.CDLL) -> None:
         team = getattr(lib, name + "_team")
         team.argtypes = [*getattr(lib, name).argtypes, ctypes.c_int64, ctypes.c_int64]
         team.restype = ctypes.c_int64
+    # cfg, x, y, rows, w, eps, total, r, h, threads
+    lib.tgn_rows_call.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                  ctypes.c_void_p, ctypes.c_double, ctypes.c_void_p, ctypes.c_void_p,
+                                  ctypes.c_void_p, ctypes.c_int64]
+    lib.tgn_rows_call.restype = ctypes.c_int64
     lib.tgn_team_worker_rows.argtypes = []
     lib.tgn_team_worker_rows.restype = ctypes.c_int64
-    lib.tgn_team_use_openmp.argtypes = [ctypes.c_void_p]
+    lib.tgn_team_use_openmp.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
     lib.tgn_team_use_openmp.restype = ctypes.c_int
     lib.tgn_team_openmp.argtypes = []
     lib.tgn_team_openmp.restype = ctypes.c_int
@@ -63,3 +82,21 @@ def declare(lib: ctypes.CDLL) -> None:
     lib.tgn_exact_scale.argtypes = [ctypes.c_double, ctypes.c_int64,
                                     ctypes.POINTER(ctypes.c_double), ctypes.POINTER(ctypes.c_double)]
     lib.tgn_exact_scale.restype = ctypes.c_int
+
+
+def rows_entry(lib: ctypes.CDLL, path: Path, name: str) -> Callable[..., int]:
+    """native_call.c's ``rows`` from the library ``lib`` loaded from ``path`` (imported
+    as the extension module ``name`` it also is), or ``tgn_rows_call`` through ctypes
+    where the library has no module (built without Python's headers): the same ten
+    arguments either way."""
+    try:
+        loader = importlib.machinery.ExtensionFileLoader(name, str(path))
+        spec = importlib.util.spec_from_file_location(name, str(path), loader=loader)
+        if spec is None:
+            raise ImportError(name)
+        module = importlib.util.module_from_spec(spec)
+        loader.exec_module(module)
+        rows: Callable[..., int] = module.rows
+        return rows
+    except (ImportError, AttributeError, OSError):
+        return lib.tgn_rows_call

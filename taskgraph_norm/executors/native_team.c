@@ -1,23 +1,34 @@
 /* The team that shares one forward call's rows (taskgraph_norm/executors/team.py,
- * direct.py): `threads` threads claim blocks of `grain` rows from an atomic counter
- * and run them with the row kernels.  Every row is computed by the same kernel
- * whichever thread claims it, so the bits do not depend on the split
- * (tests/test_native_team.py).  The threads are:
+ * direct.py): `threads` threads run blocks of `grain` rows with the row kernels.
+ * Every row is computed by the same kernel whichever thread runs it, so the bits do
+ * not depend on the split (tests/test_native_team.py).
  *
- * - torch's own OpenMP team, when team.py hands us its runtime's GOMP_parallel
- *   (tgn_team_use_openmp): our rows run on the threads torch's ops run on, with no
- *   second pool fighting torch's spinning OpenMP threads for the cores;
+ * Who runs which rows: thread t owns the t-th of `threads` contiguous parts of the
+ * rows (the split torch's at::parallel_for makes, so each core finds in its own cache
+ * the rows torch's previous op left there, and its own rows of the last call), and
+ * runs its blocks front to back; a thread done with its part steals the other parts'
+ * blocks from their backs, one at a time, so a thread that wakes late (an idle
+ * OpenMP thread asleep, a preempted one) delays nobody.  Each part is one atomic word
+ * (front and back block, 32 bits each) changed by compare-and-swap.  Measured on the
+ * 2-core VM for (64, 4096): a first call after torch's ops ~90 -> ~60 us with the
+ * parts, against one shared counter of 16-row blocks (docs/performance.md).
+ *
+ * The threads are:
+ *
+ * - torch's own OpenMP team, when team.py hands us its runtime's GOMP_parallel and
+ *   omp_get_thread_num (tgn_team_use_openmp): our rows run on the threads torch's ops
+ *   run on, with no second pool fighting torch's spinning OpenMP threads for the cores;
  * - otherwise, and always in a forked child (where the parent's OpenMP runtime can
- *   hang), the caller and one worker thread of this file's own.  Handing work to a
- *   Python thread costs about 100 us on a 2-core VM; here the caller posts the job
- *   (a generation number, under a mutex so a sleeping worker is never missed) and
- *   starts claiming at once; the worker, spinning for SPIN_NS after its last job or
- *   woken from its condition variable, claims from the same counter.  Once every row
- *   is claimed the caller closes the job and returns when the worker is out of it
- *   (so the worker never touches a job whose caller has returned), spinning briefly
- *   and then sleeping, so that a preempted worker can run on the caller's core.  One
- *   caller at a time owns the worker (`owner`); another thread that calls meanwhile
- *   runs all its rows itself.
+ *   hang), the caller (part 0) and one worker thread of this file's own (part 1).
+ *   Handing work to a Python thread costs about 100 us on a 2-core VM; here the caller
+ *   posts the job (a generation number, under a mutex so a sleeping worker is never
+ *   missed) and starts on its part at once; the worker, spinning for SPIN_NS after its
+ *   last job or woken from its condition variable, joins.  Once no block is left
+ *   the caller closes the job and returns when the worker is out of it (so the
+ *   worker never touches a job whose caller has returned), spinning briefly and then
+ *   sleeping, so that a preempted worker can run on the caller's core.  One caller at
+ *   a time owns the worker (`owner`); another thread that calls meanwhile runs all its
+ *   rows itself.
  *
  * Fork: the worker thread does not exist in a forked child; pthread_atfork resets
  * the team there (and leaves OpenMP), and the child's first call starts its own worker.
@@ -36,6 +47,15 @@ int64_t tgn_exact_rows_f32(const float *x, int64_t rows, int64_t hidden, int64_t
                            float *y, int64_t y_stride, const float *w, double eps, int64_t flags,
                            double offset, const float *r, int64_t r_stride, float *h, int64_t h_stride);
 
+/* One part of a job's blocks: front (low 32 bits) and back (high 32 bits), the blocks
+ * [front, back) not yet taken; a cache line each, so the owners do not share one. */
+typedef struct {
+    _Alignas(64) atomic_uint_fast64_t span;
+} part_t;
+
+#define MAX_PARTS 64 /* more threads than this steal only */
+#define MAX_BLOCKS (INT64_C(1) << 31)
+
 #define SPIN_NS 50000 /* how long an idle worker spins before it sleeps (back-to-back calls) */
 #define WAIT_SPIN_NS 20000 /* how long a caller spins for the worker's last block before it sleeps */
 
@@ -45,7 +65,7 @@ typedef struct {
     int64_t rows, hidden, row_stride, chunk;
     const int64_t *adds;
     int64_t n_adds, root;
-    void *total; /* float per row, or a double pair per row (exact) */
+    void *total; /* float per row, or a double pair per row (exact); NULL: not written */
     float *y;
     int64_t y_stride;
     const float *w;
@@ -57,7 +77,8 @@ typedef struct {
     float *h;
     int64_t h_stride;
     int64_t grain;
-    atomic_int_fast64_t next;   /* the first row not yet claimed */
+    int64_t n_parts;            /* the rows' blocks in n_parts contiguous parts */
+    part_t *parts;
     atomic_int_fast64_t result; /* the sum of the blocks' return values */
     atomic_int failed;          /* a block returned -1 (no scratch) */
 } job_t;
@@ -76,7 +97,9 @@ static atomic_int_fast64_t worker_rows; /* rows threads other than the caller ra
 
 /* torch's OpenMP runtime, when it has one (tgn_team_use_openmp): GOMP_parallel. */
 typedef void (*gomp_parallel_t)(void (*)(void *), void *, unsigned, unsigned);
+typedef int (*omp_thread_num_t)(void);
 static gomp_parallel_t gomp_parallel;
+static omp_thread_num_t omp_thread_num;
 static atomic_int forked;          /* this process is a forked child: OpenMP may hang here */
 static _Thread_local int is_caller; /* set on the calling thread during an OpenMP job */
 
@@ -103,29 +126,50 @@ static int64_t run_rows(const job_t *j, int64_t i, int64_t n)
     float *y = j->y ? j->y + i * j->y_stride : 0;
     if (j->exact)
         return tgn_exact_rows_f32(j->x + i * j->row_stride, n, j->hidden, j->row_stride,
-                                  (double *)j->total + 2 * i, y, j->y_stride, j->w, j->eps, j->flags,
-                                  j->offset, r, j->r_stride, h, j->h_stride);
+                                  j->total ? (double *)j->total + 2 * i : 0, y, j->y_stride, j->w, j->eps,
+                                  j->flags, j->offset, r, j->r_stride, h, j->h_stride);
     return tgn_float_rows_f32(j->x + i * j->row_stride, n, j->hidden, j->row_stride, j->chunk, j->adds,
-                              j->n_adds, j->root, (float *)j->total + i, y, j->y_stride, j->w, j->eps,
-                              j->flags, j->offset, r, j->r_stride, h, j->h_stride);
+                              j->n_adds, j->root, j->total ? (float *)j->total + i : 0, y, j->y_stride, j->w,
+                              j->eps, j->flags, j->offset, r, j->r_stride, h, j->h_stride);
 }
 
-/* Claim and run blocks of the job until none is left; returns the rows run. */
-static int64_t claim(job_t *j)
+/* Runs one block; returns its rows. */
+static int64_t run_block(job_t *j, int64_t block)
+{
+    int64_t i = block * j->grain;
+    int64_t n = j->rows - i < j->grain ? j->rows - i : j->grain;
+    int64_t got = run_rows(j, i, n);
+    if (got < 0)
+        atomic_store(&j->failed, 1);
+    else
+        atomic_fetch_add(&j->result, got);
+    return n;
+}
+
+static inline uint64_t span_of(uint64_t front, uint64_t back) { return front | back << 32; }
+
+/* Run part `own`'s blocks from its front, then steal the other parts' blocks from
+ * their backs until none is left; returns the rows run.  `own` >= n_parts: steal only. */
+static int64_t claim(job_t *j, int64_t own)
 {
     int64_t ran = 0;
-    for (;;) {
-        int64_t i = atomic_fetch_add(&j->next, j->grain);
-        if (i >= j->rows)
-            return ran;
-        int64_t n = j->rows - i < j->grain ? j->rows - i : j->grain;
-        int64_t got = run_rows(j, i, n);
-        if (got < 0)
-            atomic_store(&j->failed, 1);
-        else
-            atomic_fetch_add(&j->result, got);
-        ran += n;
+    for (int64_t k = 0; k < j->n_parts; ++k) {
+        int64_t p = own < j->n_parts ? (own + k) % j->n_parts : k;
+        atomic_uint_fast64_t *span = &j->parts[p].span;
+        uint64_t s = atomic_load(span);
+        for (;;) {
+            uint64_t front = s & 0xffffffffu, back = s >> 32;
+            if (front >= back)
+                break;
+            int mine = p == own;
+            uint64_t taken = mine ? front : back - 1;
+            if (!atomic_compare_exchange_weak(span, &s, mine ? span_of(front + 1, back) : span_of(front, back - 1)))
+                continue; /* s now holds the part's new span */
+            ran += run_block(j, (int64_t)taken);
+            s = atomic_load(span);
+        }
     }
+    return ran;
 }
 
 static void *worker(void *unused)
@@ -149,7 +193,7 @@ static void *worker(void *unused)
          * and waits until this thread has left the job. */
         atomic_store(&inside, 1);
         if (atomic_load(&open_job))
-            atomic_fetch_add(&worker_rows, claim(job));
+            atomic_fetch_add(&worker_rows, claim(job, 1));
         atomic_store(&inside, 0);
         if (atomic_load(&caller_waits)) {
             pthread_mutex_lock(&mu);
@@ -218,9 +262,20 @@ static void wait_for_worker_to_leave(void)
 
 static void omp_body(void *arg)
 {
-    int64_t ran = claim((job_t *)arg);
+    int64_t ran = claim((job_t *)arg, is_caller ? 0 : omp_thread_num());
     if (!is_caller)
         atomic_fetch_add(&worker_rows, ran);
+}
+
+/* Splits the job's blocks into n_parts contiguous parts (part t: blocks
+ * [t B / n, (t + 1) B / n), as at::parallel_for splits a range). */
+static void split(job_t *j, part_t *parts, int64_t n_parts)
+{
+    int64_t blocks = (j->rows + j->grain - 1) / j->grain;
+    for (int64_t t = 0; t < n_parts; ++t)
+        atomic_init(&parts[t].span, span_of((uint64_t)(t * blocks / n_parts), (uint64_t)((t + 1) * blocks / n_parts)));
+    j->parts = parts;
+    j->n_parts = n_parts;
 }
 
 /* Runs the job's rows on `threads` threads (the caller's included): in torch's OpenMP
@@ -229,11 +284,16 @@ static int64_t run_team(job_t *j, int64_t threads)
 {
     if (threads < 2 || j->rows <= j->grain)
         return run_rows(j, 0, j->rows); /* one thread, or too small to share */
+    if ((j->rows + j->grain - 1) / j->grain > MAX_BLOCKS)
+        j->grain = (j->rows + MAX_BLOCKS - 1) / MAX_BLOCKS; /* block numbers fit 32 bits */
+    int64_t blocks = (j->rows + j->grain - 1) / j->grain;
+    part_t parts[MAX_PARTS];
     gomp_parallel_t omp = gomp_parallel;
-    if (omp && !atomic_load(&forked)) {
-        int64_t blocks = (j->rows + j->grain - 1) / j->grain;
+    if (omp && omp_thread_num && !atomic_load(&forked)) {
+        int64_t team = threads < blocks ? threads : blocks;
+        split(j, parts, team < MAX_PARTS ? team : MAX_PARTS);
         is_caller = 1;
-        omp(omp_body, j, (unsigned)(threads < blocks ? threads : blocks), 0);
+        omp(omp_body, j, (unsigned)team, 0);
         is_caller = 0;
         return atomic_load(&j->failed) ? -1 : atomic_load(&j->result);
     }
@@ -243,13 +303,14 @@ static int64_t run_team(job_t *j, int64_t threads)
         atomic_store(&owner, 0);
         return run_rows(j, 0, j->rows);
     }
+    split(j, parts, 2);
     job = j;
     atomic_store(&open_job, 1);
     pthread_mutex_lock(&mu);
     atomic_fetch_add(&posted, 1);
     pthread_cond_signal(&cv);
     pthread_mutex_unlock(&mu);
-    claim(j); /* returns once every row is claimed */
+    claim(j, 0); /* returns once no block is left */
     atomic_store(&open_job, 0);
     wait_for_worker_to_leave();
     atomic_store(&owner, 0);
@@ -280,20 +341,45 @@ int64_t tgn_exact_rows_f32_team(const float *x, int64_t rows, int64_t hidden, in
     return run_team(&j, threads);
 }
 
+/* The direct path's call (direct.py): one configuration's constants, set once, and
+ * the per-call pointers; the same arguments as native_call.c's `rows` (the fast entry
+ * from Python).  total NULL: the rows' totals are not kept; else `total_flags` is
+ * added to the flags (TGN_TOTAL_AS_RMS for float rows). */
+typedef struct tgn_rows_cfg {
+    int64_t exact, hidden, chunk;
+    const int64_t *adds;
+    int64_t n_adds, root, flags, total_flags;
+    double offset;
+    int64_t grain;
+} tgn_rows_cfg_t;
+
+int64_t tgn_rows_call(const tgn_rows_cfg_t *c, const float *x, float *y, int64_t rows, const float *w,
+                      double eps, void *total, const float *r, float *h, int64_t threads)
+{
+    if (rows <= 0)
+        return 0;
+    int64_t d = c->hidden, flags = c->flags | (total ? c->total_flags : 0);
+    job_t j = {(int)c->exact, x, rows, d, d, c->chunk, c->adds, c->n_adds, c->root, total, y, d, w, eps, flags,
+               c->offset, r, d, h, d, c->grain < 1 ? 1 : c->grain};
+    return run_team(&j, threads);
+}
+
 /* How many rows threads other than the callers have run since the process (or
  * forked child) started: the tests check that the rows really are shared. */
 int64_t tgn_team_worker_rows(void) { return atomic_load(&worker_rows); }
 
 /* Whether the teams run in torch's OpenMP runtime now. */
-int tgn_team_openmp(void) { return gomp_parallel && !atomic_load(&forked); }
+int tgn_team_openmp(void) { return gomp_parallel && omp_thread_num && !atomic_load(&forked); }
 
-/* Run the teams in torch's OpenMP runtime: `fn` is its GOMP_parallel (libgomp's
- * entry, which LLVM's and Intel's runtimes export too), found by native.py in the
- * runtime torch already loaded; NULL goes back to this file's worker thread.
- * Returns whether the OpenMP team is in use (never in a forked child). */
-int tgn_team_use_openmp(void *fn)
+/* Run the teams in torch's OpenMP runtime: `parallel` is its GOMP_parallel (libgomp's
+ * entry, which LLVM's and Intel's runtimes export too) and `thread_num` its
+ * omp_get_thread_num, found by team.py in the runtime torch already loaded; NULL goes
+ * back to this file's worker thread.  Returns whether the OpenMP team is in use
+ * (never in a forked child). */
+int tgn_team_use_openmp(void *parallel, void *thread_num)
 {
     pthread_once(&at_fork_once, register_at_fork); /* before the first OpenMP job, too */
-    gomp_parallel = (gomp_parallel_t)fn;
+    gomp_parallel = parallel && thread_num ? (gomp_parallel_t)parallel : 0;
+    omp_thread_num = parallel && thread_num ? (omp_thread_num_t)thread_num : 0;
     return tgn_team_openmp();
 }

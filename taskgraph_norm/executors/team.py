@@ -1,14 +1,17 @@
 """Which threads share the direct path's rows (``native_team.c``).
 
 The direct path makes one native call per input; for a large input the call
-shares its rows among ``torch.get_num_threads()`` threads, which claim blocks of
-rows from an atomic counter (every row is computed by the same kernel whichever
-thread claims it: the split never changes a bit).  The threads are, in order of
+shares its rows among ``torch.get_num_threads()`` threads: thread t runs the t-th
+contiguous part of the rows (as torch's ``at::parallel_for`` splits them, so each
+core finds its rows in its own cache) and then steals blocks left in the others'
+parts (every row is computed by the same kernel whichever thread runs it: the split
+never changes a bit).  The threads are, in order of
 preference:
 
 * **torch's own OpenMP team**, when torch's parallel backend is OpenMP: the C code
-  enters the runtime torch already loaded (its ``GOMP_parallel``, which libgomp,
-  LLVM's libomp and Intel's libiomp5 all export), so our rows run on the very
+  enters the runtime torch already loaded (its ``GOMP_parallel`` and
+  ``omp_get_thread_num``, which libgomp, LLVM's libomp and Intel's libiomp5 all
+  export), so our rows run on the very
   threads torch's ops run on, with no second pool competing with them for the
   cores (torch's idle OpenMP threads spin for a while after each op; a thread of
   our own would fight them for a core, measured up to 4x slower here);
@@ -51,8 +54,9 @@ def _candidates() -> list[str]:
     return [*shipped, *_RUNTIMES]
 
 
-def _torch_gomp_parallel() -> int | None:
-    """The address of ``GOMP_parallel`` in the OpenMP runtime torch has loaded, or ``None``."""
+def _torch_openmp() -> tuple[int, int] | None:
+    """The addresses of ``GOMP_parallel`` and ``omp_get_thread_num`` in the OpenMP
+    runtime torch has loaded, or ``None``."""
     if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
         return None
     if not getattr(os, "RTLD_NOLOAD", 0) or sys.platform == "win32":
@@ -61,9 +65,12 @@ def _torch_gomp_parallel() -> int | None:
     for name in _candidates():
         try:
             runtime = ctypes.CDLL(name, mode=mode)  # only one already in the process
-            return ctypes.cast(runtime.GOMP_parallel, ctypes.c_void_p).value
+            parallel = ctypes.cast(runtime.GOMP_parallel, ctypes.c_void_p).value
+            thread_num = ctypes.cast(runtime.omp_get_thread_num, ctypes.c_void_p).value
         except (OSError, AttributeError):
             continue
+        if parallel and thread_num:
+            return parallel, thread_num
     return None
 
 
@@ -76,8 +83,9 @@ def use_openmp(on: bool = True) -> bool:
         _chosen = True
         if not _native.available():
             return False
-        address = _torch_gomp_parallel() if on else None
-        return bool(_native._library().tgn_team_use_openmp(address))
+        found = _torch_openmp() if on else None
+        parallel, thread_num = found if found is not None else (None, None)
+        return bool(_native._library().tgn_team_use_openmp(parallel, thread_num))
 
 
 def openmp() -> bool:

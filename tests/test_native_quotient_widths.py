@@ -1,0 +1,190 @@
+"""native_quotient.h at every vector width: the fma quotient is IEEE division, bit for bit.
+
+The header is built here on its own, three times (the divider alone, 8 lanes with
+AVX2+FMA, 16 lanes with AVX-512), whichever of them this CPU runs, and each build's
+``(x / rms) * w`` is compared with torch's division over hard quotients:
+
+* every significand of the dividend, for the divisors whose reciprocals round worst
+  (1 / b within a hair of a rounding midpoint, where q0 = RN(a RN(1/b)) strays
+  furthest), for b near 1 and near 2, and at both ends of the divisor range;
+* the edges of the dividend range (2^-60, 2^60 and their neighbours), zeros of both
+  signs, subnormals, infinities, NaN, the largest floats; divisors just outside the
+  range, zero, infinite;
+* a weight, and a weight plus an offset.
+
+Mutants of the header (no correction, one range bound widened to every float) must
+differ from the division on the same data: the data is hard enough to catch them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import subprocess
+from functools import cache
+from pathlib import Path
+
+import pytest
+import torch
+
+from taskgraph_norm.executors import cpu_features
+
+from ._trust_helpers import CC
+from .helpers import assert_bits_equal, bits_equal
+
+HEADER_DIR = Path(__file__).resolve().parents[1] / "taskgraph_norm" / "executors"
+HARNESS = """
+#include <stdint.h>
+#include "native_quotient.h"
+void q_row(const float *x, float *y, const float *w, float off, int64_t n, float rms)
+{ tgn_quotient_row_f32(x, y, w, off, n, rms); }
+int q_lanes(void) { return TGN_QUOTIENT_LANES; }
+"""
+#: name: (compiler flags, CPU features needed, lanes)
+WIDTHS = {
+    "divider": ([], (), 1),
+    "avx2": (["-mavx2", "-mfma"], ("avx2", "fma"), 8),
+    "avx512": (["-mavx512f", "-mfma"], ("avx512f", "fma"), 16),
+}
+
+pytestmark = pytest.mark.skipif(CC is None, reason="no C compiler to build the harness")
+
+
+@cache
+def _build(tmp: Path, name: str, flags: tuple[str, ...]) -> ctypes.CDLL:
+    src = tmp / f"{name}.c"
+    src.write_text(HARNESS)
+    lib = tmp / f"lib{name}.so"
+    assert CC is not None
+    subprocess.run([CC, "-O2", "-shared", "-fPIC", "-ffp-contract=off", "-fno-fast-math", f"-I{HEADER_DIR}",
+                    *flags, "-o", str(lib), str(src)], check=True, capture_output=True)
+    dll = ctypes.CDLL(str(lib))
+    dll.q_row.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float, ctypes.c_int64,
+                          ctypes.c_float]
+    dll.q_row.restype = None
+    dll.q_lanes.restype = ctypes.c_int
+    return dll
+
+
+@pytest.fixture(scope="module")
+def build_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("quotient")
+
+
+def _width(build_dir: Path, name: str, mutant: tuple[str, ...] = ()) -> ctypes.CDLL:
+    flags, needs, lanes = WIDTHS[name]
+    have = cpu_features.features() or frozenset()
+    if not set(needs) <= have:
+        pytest.skip(f"this CPU lacks {', '.join(sorted(set(needs) - have))}")
+    lib = _build(build_dir, name + "".join(m.replace("-D", "_").replace("=", "_") for m in mutant),
+                 (*flags, *mutant))
+    assert lib.q_lanes() == lanes
+    return lib
+
+
+def _run(lib: ctypes.CDLL, x: torch.Tensor, rms: float, w: torch.Tensor | None = None,
+         off: float = 0.0) -> torch.Tensor:
+    y = torch.empty_like(x)
+    lib.q_row(x.data_ptr(), y.data_ptr(), None if w is None else w.data_ptr(), off, x.numel(), rms)
+    return y
+
+
+def _division(x: torch.Tensor, rms: float, w: torch.Tensor | None = None, off: float = 0.0) -> torch.Tensor:
+    q = x / torch.tensor(rms, dtype=torch.float32)
+    if w is None:
+        return q
+    return q * (w + torch.tensor(off, dtype=torch.float32) if off else w)
+
+
+def _f32(bits: int) -> float:
+    return float(torch.tensor([bits], dtype=torch.int32).view(torch.float32)[0])
+
+
+@cache
+def worst_divisors(count: int = 3) -> tuple[float, ...]:
+    """Divisors in [1, 2) whose reciprocal's rounding error is largest (closest to
+    half an ulp), from every significand: where q0 = RN(a RN(1/b)) strays furthest."""
+    b = (torch.arange(1 << 23, dtype=torch.int32) | 0x3F800000).view(torch.float32)
+    exact = 1.0 / b.double()
+    y = exact.float()
+    ulp = (y.view(torch.int32) + 1).view(torch.float32).double() - y.double()
+    err = ((exact - y.double()) / ulp).abs()
+    near_one = torch.topk(err[: 1 << 20], count).indices
+    near_two = (1 << 23) - (1 << 20) + torch.topk(err[-(1 << 20):], count).indices
+    return tuple(float(b[i]) for i in torch.cat([near_one, near_two]))
+
+
+def every_significand(sign_every: int = 3) -> torch.Tensor:
+    """All 2^23 significands in [1, 2), some negated."""
+    a = (torch.arange(1 << 23, dtype=torch.int32) | 0x3F800000).view(torch.float32).clone()
+    a[::sign_every] *= -1
+    return a
+
+
+def edges() -> torch.Tensor:
+    """The dividend range's edges and the values outside it, padded to vectors."""
+    lo, hi = 0x21800000, 0x5D800000  # 2^-60, 2^60
+    bits = [lo - 1, lo, lo + 1, hi - 1, hi, hi + 1, 0x00000001, 0x007FFFFF, 0x00800000, 0x7F7FFFFF,
+            0x7F800000, 0x7FC00000, 0x3F800000, 0x00400000]
+    vals = [_f32(b) for b in bits] + [0.0, -0.0, 1e-30, 3e-39, 1e30]
+    x = torch.tensor(vals + [-v for v in vals], dtype=torch.float32)
+    # each value alone among ordinary ones (one bad lane sends a whole vector to the divider)
+    alone = torch.full((x.numel(), 16), 1.25)
+    alone[:, 5] = x
+    return torch.cat([x, alone.flatten(), torch.linspace(-3, 3, 37)])
+
+
+def divisors() -> list[float]:
+    base = list(worst_divisors()) + [1.0, 1.5, 98.0]
+    scaled = [b * 2.0**e for b in base for e in (-40, -1, 0, 39)]
+    outside = [_f32(0x2B800000 - 1), _f32(0x53800000 + 1), 2.0**-41, 2.0**41, 0.0, float("inf"), 1e-45]
+    return scaled + outside
+
+
+@pytest.mark.parametrize("name", list(WIDTHS))
+def test_every_significand_for_the_hardest_divisors(build_dir: Path, name: str) -> None:
+    lib = _width(build_dir, name)
+    a = every_significand()
+    for b in worst_divisors() + (1.0, 98.0 * 2.0**-40, 1.5 * 2.0**39):
+        for scale in (1.0, 2.0**-59, 2.0**58):  # quotients near 1, and at the range's ends
+            x = a * scale
+            assert_bits_equal(_run(lib, x, b), _division(x, b))
+
+
+@pytest.mark.parametrize("name", list(WIDTHS))
+def test_edges_zeros_specials_weights_and_offsets(build_dir: Path, name: str) -> None:
+    lib = _width(build_dir, name)
+    x = edges()
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(x.numel(), generator=g)
+    for b in divisors():
+        assert_bits_equal(_run(lib, x, b), _division(x, b))
+        assert_bits_equal(_run(lib, x, b, w), _division(x, b, w))
+        assert_bits_equal(_run(lib, x, b, w, 0.5), _division(x, b, w, 0.5))
+    # every tail length past the last whole vector
+    for n in range(1, 40):
+        assert_bits_equal(_run(lib, x[:n].contiguous(), 3.0, w[:n].contiguous()),
+                          _division(x[:n], 3.0, w[:n]))
+
+
+@pytest.mark.parametrize("mutant", [("-DTGN_Q_CORRECTIONS=0",), ("-DTGN_Q_CORRECTIONS=1", "-DTGN_Q_LO=1u"),
+                                    ("-DTGN_Q_HI=0x7f7fffffu",), ("-DTGN_Q_RMS_LO=1u",)])
+def test_mutants_of_the_header_are_caught(build_dir: Path, mutant: tuple[str, ...]) -> None:
+    """No correction; the dividend range open to subnormals (with one correction, so the
+    first mutant is not the only one that fails), or to the largest floats; the
+    divisor range open to subnormals: each differs from the division on this data."""
+    have = cpu_features.features() or frozenset()
+    name = "avx512" if {"avx512f", "fma"} <= have else "avx2"
+    lib = _width(build_dir, name, mutant)
+    a = every_significand()
+    found = False
+    for b in worst_divisors() + (98.0 * 2.0**-40,):
+        for scale in (1.0, 2.0**-59, 2.0**58):
+            x = a * scale
+            found = found or not bits_equal(_run(lib, x, b), _division(x, b))
+    x = edges()
+    tiny = edges() * 2.0**-100  # subnormal and tiny dividends
+    huge = torch.full((64,), 3.0e38)
+    for b in divisors():
+        for data in (x, tiny, huge):
+            found = found or not bits_equal(_run(lib, data, b), _division(data, b))
+    assert found, f"the mutant {mutant} gave the division's bits on every hard quotient"
