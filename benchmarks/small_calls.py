@@ -32,6 +32,7 @@ import cProfile
 import io
 import os
 import pstats
+import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -70,12 +71,30 @@ def _per_call(methods: Methods, calls: int, rounds: int) -> dict[str, float]:
     return {k: v / calls for k, v in times.items()}
 
 
+def _faults_per_call(methods: Methods, rounds: int = 3) -> dict[str, float]:
+    """Minor page faults per call of each method (median over interleaved rounds): a
+    method whose output the C allocator hands back to the OS after every call faults
+    it in again on the next (see docs/performance.md, "Page faults")."""
+    try:
+        import resource
+    except ImportError:  # not a Unix: no fault counts
+        return dict.fromkeys(methods, 0.0)
+    counts: dict[str, list[float]] = {k: [] for k in methods}
+    for _ in range(rounds):
+        for name, fn in methods.items():
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            fn()
+            counts[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    return {k: statistics.median(v) for k, v in counts.items()}
+
+
 def _against_torch(rows: int, rounds: int, compiled: Callable[..., torch.Tensor] | None, target: float) -> str:
     x, w = _input(rows)
     methods: Methods = {"ours": lambda: tgn.normalize_sync(x, w), **_eager(x, w)}
     if compiled is not None:
         methods[COMPILED] = lambda: compiled(x, (D,), w)
     t = _per_call(methods, _calls_per_timing(rows), rounds)
+    faults = _faults_per_call(methods)
     base = fastest(t, EAGER_W, EAGER, COMPILED)
     eager = fastest(t, EAGER_W, EAGER)
     other = EAGER if eager == EAGER_W else EAGER_W
@@ -83,6 +102,8 @@ def _against_torch(rows: int, rounds: int, compiled: Callable[..., torch.Tensor]
     if compiled is not None:
         rival = COMPILED if base != COMPILED else eager
         label += f"; than {rival}: {t[rival] * 1e6:.1f} us"
+    if faults["ours"] or faults[base]:
+        label += f"; page faults per call: ours {faults['ours']:.0f}, baseline {faults[base]:.0f}"
     return target_row(f"normalize_sync ({rows}, {D}) fp32", t["ours"], t[base], label + ")", target)
 
 

@@ -113,14 +113,14 @@ def direct_call(plan: Plan) -> DirectCall | None:
     def call(x: torch.Tensor, weight: torch.Tensor | None, eps: float, out: torch.Tensor | None,
              residual: torch.Tensor | None = None, residual_out: torch.Tensor | None = None,
              total: torch.Tensor | None = None) -> torch.Tensor | None:
-        if (x.dtype is not fp32 or x.device.type != "cpu" or not x.is_contiguous() or not _native._enabled
-                or type(x) not in _PLAIN):
+        if (type(x) not in _PLAIN or x.dtype is not fp32 or not x.is_cpu or not x.is_contiguous()
+                or not _native._enabled):
             return None
         if weight is None:
             if offset:
                 return None  # the general path says why an offset needs a weight
-        elif weight.dtype is not fp32 or not weight.is_contiguous():
-            return None
+        elif weight.dtype is not fp32 or not weight.is_cpu or not weight.is_contiguous():
+            return None  # (another device: the general path raises DeviceMismatchError)
         rp = hp = None
         if residual is not None:
             # h over x or the residual could not be undone for a NaN row's general path.
@@ -129,7 +129,7 @@ def direct_call(plan: Plan) -> DirectCall | None:
                     or residual.requires_grad and torch.is_grad_enabled()):
                 return None
             rp, hp = residual.data_ptr(), residual_out.data_ptr()
-        if out is not None and not out.is_contiguous():
+        if out is not None and (not out.is_cpu or not out.is_contiguous()):
             return None
         if total is None and torch.is_grad_enabled() and (
             x.requires_grad or (weight is not None and weight.requires_grad)

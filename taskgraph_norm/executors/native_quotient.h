@@ -1,49 +1,57 @@
 /* FINALIZE's quotient row, y = (x / rms) * w, with the bits of IEEE division.
  *
- * The divider is FINALIZE's bound: vdivps retires 8 fp32 quotients in about five
- * cycles, so a 4096-wide row spends ~0.7 us dividing once its sums are done
- * (0.22 us).  The divisor is one value per row, so its reciprocal is taken once and
- * every element then costs five fused multiply-adds, which give the correctly
- * rounded quotient, the same bits as x / rms:
+ * The divider bounds FINALIZE: vdivps retires 8 fp32 quotients in about five cycles,
+ * so a 4096-wide row spends ~0.85 us dividing once its sums (0.22 us) are done.  The
+ * divisor is one value per row, so its reciprocal is taken once, as a sum of two
+ * floats, and every element then costs a multiply and three fused multiply-adds,
+ * which give the correctly rounded quotient, the same bits as x / rms:
  *
- *   y  = RN(1 / b)                          once per row (one division)
- *   q0 = RN(a y)
- *   r0 = RN(a - b q0),  q1 = RN(q0 + r0 y)  (fma, fma)
- *   r1 = RN(a - b q1),  q  = RN(q1 + r1 y)  (fma, fma)
+ *   y  = RN(1 / b)                 once per row (one division)
+ *   e  = RN(1 - b y)               once per row (fma; exact)
+ *   yl = RN(e y)                   once per row: y + yl is 1 / b within 2^-47
+ *   q0 = RN(a y + RN(a yl))        (mul, fma)
+ *   r  = RN(a - b q0)              (fma; exact)
+ *   q  = RN(q0 + r y)              (fma)
  *
- * Why q = RN(a / b), for 2^-40 <= b <= 2^40 and a = 0 or 2^-60 <= |a| <= 2^60
- * (fp32, precision 24, round to nearest even):
+ * Why q = RN(a / b), for 2^-40 <= b <= 2^40 and a = +0 or 2^-50 <= |a| <= 2^60
+ * (fp32, precision p = 24, round to nearest even):
  *
- *   1. y = RN(1/b) is normal, with relative error below 2^-24.  So a y is within
- *      relative 2^-24 of a / b, and q0 within 2 ulps of it: e0 = a/b - q0 is small.
- *   2. a - b q0 = b e0 is a nonzero multiple of ulp(b) ulp(q0) >= 2^-107 (or 0), so
- *      r0 is normal and r0 = b e0 (1 + d), |d| <= 2^-24.  The fma's exact value
- *      q0 + r0 y = a/b + e0 (d + d' + d d') (y = (1 + d') / b) is within 2^-22 ulp
- *      of a / b, so q1, its rounding, is a faithful rounding of a / b (one of the two
- *      floats around it).  (q0 itself need not be: when a / b is just below a power
- *      of two and 1 / b's rounding error is at its largest, q0 can be 1.5 ulps off.)
- *   3. Markstein's theorem (P. Markstein, IBM J. Res. Dev. 34(1), 1990; Muller et
+ *   1. y = RN(1/b) is normal, with relative error below 2^-24.
+ *   2. y is a faithful quotient of 1 / b, so its remainder 1 - b y is a float (the
+ *      remainder of a faithful division is exact, away from underflow: b y is near
+ *      1), and e = 1 - b y exactly, with e / b = 1/b - y.  So e y = (1/b - y)(1 - e)
+ *      and yl = (1/b - y)(1 + d1), |d1| <= 2^-23, and y + yl = (1/b)(1 + h) with
+ *      |h| <= 2^-24 2^-23 = 2^-47.  (e is 0 or at least 2^-47, so e y is normal.)
+ *   3. t = RN(a yl) is a yl within 2^-24 of itself (or 2^-150 absolutely, if it is
+ *      subnormal: far below what follows), so the fma's exact value a y + t is
+ *      a/b (1 + h'), |h'| < 2^-46, and q0, its rounding, is a faithful rounding of
+ *      a / b: one of the two floats around it (a value that close to a / b is nearer
+ *      to one of them than to any other float).  (RN(a y) alone need not be: where
+ *      a / b is just below a power of two and 1 / b's rounding error is at its
+ *      largest, it can be 1.5 ulps off.)
+ *   4. Markstein's theorem (P. Markstein, IBM J. Res. Dev. 34(1), 1990; Muller et
  *      al., Handbook of Floating-Point Arithmetic, the division chapter): when y
- *      approximates 1 / b with relative error below 2^-p and q1 is a faithful
- *      rounding of a / b, r1 = a - b q1 is exact and RN(q1 + r1 y) = RN(a / b),
- *      given no underflow or overflow on the way.  The ranges keep every value
- *      normal: |a / b| lies in [2^-100, 2^100], and a - b q1 is a multiple of
- *      2^(e_a - 48) >= 2^-108.
- *   4. a = -0: the steps give +0 (an fma adding -0 to +0 gives +0); the sign of a
- *      is ORed into q, which changes nothing for any other a (q has a's sign).
+ *      approximates 1 / b with relative error below 2^-p and q0 is a faithful
+ *      rounding of a / b, r = a - b q0 is a float and RN(q0 + r y) = RN(a / b), given
+ *      no underflow or overflow on the way.  The ranges keep every value normal:
+ *      |a / b| lies in [2^-90, 2^100], and a - b q0 is a multiple of ulp(b) ulp(q0)
+ *      >= 2^(e_a - 47) >= 2^-97.
+ *   5. a = +0 gives +0 at every step (RN(+0 + -0) is +0).  a = -0 would give +0 where
+ *      yl < 0, so -0 is left to the divider.
  *
- * Rows whose rms is outside [2^-40, 2^40] (zero, inf, NaN, tiny or huge rows),
- * and any vector with an element outside the range above (subnormal quotients,
- * infinities, NaN), divide as before.  Then q is multiplied by w (w + offset)
- * exactly as the scalar loop does.  tests/test_native_quotient.py compares every
- * path with torch's division on hard quotients (every significand for divisors
- * whose reciprocals round worst, ties on subnormal midpoints, the range's edges);
- * tests/test_native_quotient_widths.py builds this file at each vector width on its
- * own (and mutants of it, which must fail); the portable build keeps the divider, and
- * tests/test_native.py compares the two builds' bits.
+ * Rows whose rms is outside [2^-40, 2^40] (zero, inf, NaN, tiny or huge rows), and any
+ * vector with an element outside the range above (-0, subnormals and tiny values,
+ * infinities, NaN), divide as before.  Then q is multiplied by w (w + offset) exactly
+ * as the scalar loop does.  tests/test_native_quotient_widths.py builds this file at
+ * each vector width on its own and compares it with torch's division over every
+ * significand of the divisors whose reciprocals round worst, the ranges' edges,
+ * zeros and specials (and builds mutants of it, which must fail);
+ * tests/test_native_quotient.py compares the kernel's y with the division (ties on
+ * subnormal midpoints, zero and infinite rms); the portable build keeps the divider,
+ * and tests/test_native.py compares the two builds' bits.
  *
- * Measured on one thread (Sapphire Rapids class, a 4096-wide row after its sums):
- * FINALIZE ~700 -> ~250 ns.
+ * Measured (python benchmarks/finalize.py, one thread, a 4096-row): see
+ * docs/performance.md, "FINALIZE's quotient".
  */
 #ifndef TGN_NATIVE_QUOTIENT_H
 #define TGN_NATIVE_QUOTIENT_H
@@ -63,11 +71,11 @@
 #include <immintrin.h>
 #endif
 
-/* |a| bits: 2^-60 and 2^60; rms: 2^-40 and 2^40.  These and the number of
+/* |a| bits: 2^-50 and 2^60; rms: 2^-40 and 2^40.  These and the number of
  * corrections may be set otherwise only by the tests' mutants (a build with one of
  * them changed must fail tests/test_native_quotient_widths.py). */
 #ifndef TGN_Q_LO
-#define TGN_Q_LO 0x21800000u
+#define TGN_Q_LO 0x26800000u
 #endif
 #ifndef TGN_Q_HI
 #define TGN_Q_HI 0x5d800000u
@@ -79,7 +87,7 @@
 #define TGN_Q_RMS_HI 0x53800000u
 #endif
 #ifndef TGN_Q_CORRECTIONS
-#define TGN_Q_CORRECTIONS 2
+#define TGN_Q_CORRECTIONS 1
 #endif
 
 /* The scalar loop: the divider.  w NULL: no weight; off != 0: weight w + off. */
@@ -114,19 +122,15 @@ static inline int tgn_quotient_rms_in_range(float rms)
 #define TGN_Q_DIV _mm512_div_ps
 #define TGN_Q_FMADD _mm512_fmadd_ps
 #define TGN_Q_FNMADD _mm512_fnmadd_ps
-/* All lanes of a: 0 or 2^-60 <= |a| <= 2^60? */
+/* All lanes of a: +0, or 2^-50 <= |a| <= 2^60? */
 static inline int tgn_q_in_range(__m512 a)
 {
-    __m512i mag = _mm512_and_si512(_mm512_castps_si512(a), _mm512_set1_epi32(0x7fffffff));
+    __m512i bits = _mm512_castps_si512(a);
+    __m512i mag = _mm512_and_si512(bits, _mm512_set1_epi32(0x7fffffff));
     __mmask16 ok = _mm512_cmple_epu32_mask(_mm512_sub_epi32(mag, _mm512_set1_epi32((int)TGN_Q_LO)),
                                            _mm512_set1_epi32((int)(TGN_Q_HI - TGN_Q_LO)))
-                   | _mm512_cmpeq_epi32_mask(mag, _mm512_setzero_si512());
+                   | _mm512_cmpeq_epi32_mask(bits, _mm512_setzero_si512());
     return ok == 0xffff;
-}
-static inline __m512 tgn_q_sign_of(__m512 q, __m512 a)
-{
-    return _mm512_castsi512_ps(_mm512_or_si512(
-        _mm512_castps_si512(q), _mm512_and_si512(_mm512_castps_si512(a), _mm512_set1_epi32((int)0x80000000u))));
 }
 #elif TGN_QUOTIENT_LANES == 8
 #define TGN_QV __m256
@@ -140,17 +144,14 @@ static inline __m512 tgn_q_sign_of(__m512 q, __m512 a)
 #define TGN_Q_FNMADD _mm256_fnmadd_ps
 static inline int tgn_q_in_range(__m256 a)
 {
-    /* magnitudes as signed ints (all >= 0): LO <= mag <= HI, or mag == 0 */
-    __m256i mag = _mm256_and_si256(_mm256_castps_si256(a), _mm256_set1_epi32(0x7fffffff));
+    /* magnitudes as signed ints (all >= 0): LO <= mag <= HI, or the bits of +0 */
+    __m256i bits = _mm256_castps_si256(a);
+    __m256i mag = _mm256_and_si256(bits, _mm256_set1_epi32(0x7fffffff));
     __m256i below = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)TGN_Q_LO), mag);
     __m256i above = _mm256_cmpgt_epi32(mag, _mm256_set1_epi32((int)TGN_Q_HI));
-    __m256i zero = _mm256_cmpeq_epi32(mag, _mm256_setzero_si256());
+    __m256i zero = _mm256_cmpeq_epi32(bits, _mm256_setzero_si256());
     __m256i bad = _mm256_andnot_si256(zero, _mm256_or_si256(below, above));
     return _mm256_testz_si256(bad, bad);
-}
-static inline __m256 tgn_q_sign_of(__m256 q, __m256 a)
-{
-    return _mm256_or_ps(q, _mm256_and_ps(a, _mm256_castsi256_ps(_mm256_set1_epi32((int)0x80000000u))));
 }
 #endif
 
@@ -166,16 +167,16 @@ static inline void tgn_quotient_row_f32(const float *x, float *y, const float *w
         return;
     }
     const float inv = 1.0f / rms;
-    const TGN_QV b = TGN_Q_SET1(rms), r = TGN_Q_SET1(inv), o = TGN_Q_SET1(off);
+    const float lo = __builtin_fmaf(-rms, inv, 1.0f) * inv; /* e y: 1/b - y, to 2^-23 */
+    const TGN_QV b = TGN_Q_SET1(rms), r = TGN_Q_SET1(inv), rl = TGN_Q_SET1(lo), o = TGN_Q_SET1(off);
     const int64_t L = TGN_QUOTIENT_LANES;
     int64_t j = 0;
     for (; j + L <= n; j += L) {
         TGN_QV a = TGN_Q_LOAD(x + j), q;
         if (tgn_q_in_range(a)) {
-            q = TGN_Q_MUL(a, r);
+            q = TGN_Q_FMADD(a, r, TGN_Q_MUL(a, rl)); /* faithful */
             for (int k = 0; k < TGN_Q_CORRECTIONS; ++k) /* unrolled: a constant count */
                 q = TGN_Q_FMADD(TGN_Q_FNMADD(q, b, a), r, q);
-            q = tgn_q_sign_of(q, a);
         } else {
             q = TGN_Q_DIV(a, b);
         }
