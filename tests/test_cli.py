@@ -119,3 +119,18 @@ def test_every_option_has_help_with_its_default(monkeypatch) -> None:
     assert _undocumented_options(plain) == [
         "toy --rounds: help does not state the default 7", "toy --seed: no help",
     ]
+
+
+def test_interleaved_rounds_rotate_the_order() -> None:
+    """Each round calls every method once; round r starts at the r-th method, so no
+    method always runs right after the same one (what a call leaves behind, such as a
+    trimmed heap, falls on each in turn)."""
+    from taskgraph_norm.tools.bench import interleaved_times
+
+    calls: list[str] = []
+    methods = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    times = interleaved_times(methods, 4)
+    assert calls[:3] == list("abc")  # the warm-up, in order
+    assert calls[3:] == list("abc" "bca" "cab" "abc")
+    assert {k: len(v) for k, v in times.items()} == {"a": 4, "b": 4, "c": 4}
+    assert interleaved_times({}, 3) == {}

@@ -479,6 +479,9 @@ static int full_chunks_float(const float *row, int64_t chunk, int64_t n_full, fl
 FULL_CHUNKS_POW2(float)
 #endif
 
+/* Each row's total is written to total[i] (its rms with TGN_TOTAL_AS_RMS); total may be
+ * NULL when nobody reads them (the direct path without autograd).  So may the exact
+ * kernel's pair. */
 #define FLOAT_ROWS(NAME, T)                                                            \
     int64_t NAME(const T *x, int64_t rows, int64_t hidden, int64_t row_stride,           \
               int64_t chunk, const int64_t *adds, int64_t n_adds, int64_t root,       \

@@ -61,7 +61,7 @@ _DIR = Path(__file__).resolve().parent
 _COST = ("the same bits, about 3x slower for float plans and 5x to 6x for exact ones on (4096, 4096) fp32 "
          "(docs/reliability.md)")
 #: What the portable build costs instead of the host one (docs/reliability.md).
-_PORTABLE_COST = ("the same bits; the float kernel about 1.2x slower, the exact one 2x to 3x "
+_PORTABLE_COST = ("the same bits; the float kernel about 1.35x slower, the exact one about 3x "
                   "(docs/reliability.md)")
 
 _lock = threading.Lock()

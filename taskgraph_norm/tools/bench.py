@@ -61,7 +61,11 @@ def interleaved_times(
     *, observe: Callable[[str, object], None] | None = None,
 ) -> dict[str, list[float]]:
     """Seconds of each call per method, in round order; each round calls every
-    method once, in turn, so round ``r`` of two methods saw the same load.
+    method once, in turn, so round ``r`` of two methods saw the same load.  Round
+    ``r`` starts at the ``r``-th method (the order rotates), so no method always
+    follows the same one: what a call leaves behind (the C allocator trimming the
+    heap after a torch.compile call, say, which the next fresh output must fault in
+    again) falls on every method in turn, not always on the first.
 
     ``observe(name, result)``, when given, sees each timed call's result outside
     the timed region (the warm-up call's is not shown); the result is dropped
@@ -70,8 +74,10 @@ def interleaved_times(
     for fn in methods.values():
         fn()  # warm-up: workspaces, dispatch caches, compiled kernels
     times: dict[str, list[float]] = {k: [] for k in methods}
-    for _ in range(rounds):
-        for name, fn in methods.items():
+    order = list(methods.items())
+    for r in range(rounds if order else 0):
+        k = r % len(order)
+        for name, fn in order[k:] + order[:k]:
             t0 = time.perf_counter()
             result = fn()
             times[name].append(time.perf_counter() - t0)
