@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "timeline of the race row's run")
     report.add_argument("--leaf", choices=("pairwise", "native"), default="pairwise",
                         help="how each chunk is summed (pairwise: a fixed halving order)")
-    report.add_argument("--repeats", type=_positive_int, default=20,
+    report.add_argument("--repeats", type=_positive_int, default=40,
                         help="interleaved rounds (each runs every row once, timed and compared)")
     report.set_defaults(func=_cmd_report)
 

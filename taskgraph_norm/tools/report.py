@@ -77,7 +77,7 @@ class ReportConfig:
     seed: int = 0
     chunk_size: int = 64
     leaf: str = "pairwise"
-    repeats: int = 20
+    repeats: int = 40
 
 
 @dataclass(frozen=True)
