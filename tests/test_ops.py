@@ -251,6 +251,58 @@ def test_native_backward_runs_split_with_the_torch_ops_bits(opts: dict[str, obje
     assert_bits_equal(found[1], want[1])
 
 
+@pytest.mark.parametrize("accumulate", ["float", "exact"])
+def test_native_backward_quotients_on_hard_rows_have_the_torch_ops_bits(accumulate: str) -> None:
+    """The C backward's g / r and x / r come from native_quotient.h's fma quotient (the
+    divider outside its range): rows of scales 2**-70 to 2**50, zeros of both signs,
+    subnormals, and a width off the vector lanes give the torch ops' bits."""
+    from taskgraph_norm import pipeline
+    from taskgraph_norm.ops import backward as bw
+
+    rows, hidden = 40, 1003
+    g = torch.Generator().manual_seed(5)
+    x, dy = torch.randn(rows, hidden, generator=g), torch.randn(rows, hidden, generator=g)
+    x *= torch.exp2(torch.linspace(-70, 50, rows)).unsqueeze(1)
+    x[3, ::7] = 0.0
+    x[4, ::5] = -0.0
+    x[5, ::3] = 1e-41  # subnormal
+    dy[6, ::4] = -0.0
+    w = torch.randn(hidden, generator=g)
+    pipe = pipeline.for_config(hidden, 64, "tree", "pairwise", accumulate, "auto")
+    _, rms = ops.rms_norm_op(x, w, 1e-6, 64, "tree", "pairwise", accumulate, "torch", 0.0)
+    found = bw._backward_native(pipe, dy, x, w, rms, True, True)
+    assert found is not None
+    want = bw.backward_torch(pipe, dy, x, w, rms, True, True)
+    assert_bits_equal(found[0], want[0])
+    assert_bits_equal(found[1], want[1])
+
+
+def test_native_backward_quotients_on_subnormal_ties() -> None:
+    """A row whose rms is exactly 98 and whose g = dy * w and x are k 49 2**-149 (k odd):
+    g / r and x / r land exactly on subnormal rounding midpoints, where only IEEE
+    division's ties-to-even is right (a quotient formed outside the fma quotient's range
+    fails here)."""
+    from taskgraph_norm import pipeline
+    from taskgraph_norm.ops import backward as bw
+
+    hidden = 4096
+    ties = (torch.arange(1, 2 * hidden - 1, 2, dtype=torch.float64)[: hidden - 1] * 49.0 * 2.0**-149).float()
+    x = torch.zeros(2, hidden)
+    x[:, 0] = 6272.0  # sum of squares / 4096 = 9604 = 98**2
+    x[:, 1:] = ties
+    dy = torch.zeros(2, hidden)
+    dy[:, 1:] = ties
+    w = torch.ones(hidden)
+    pipe = pipeline.for_config(hidden, 64, "tree", "pairwise", "float", "auto")
+    _, rms = ops.rms_norm_op(x, w, 1e-6, 64, "tree", "pairwise", "float", "torch", 0.0)
+    assert float(rms[0]) == 98.0
+    found = bw._backward_native(pipe, dy, x, w, rms, True, True)
+    assert found is not None
+    want = bw.backward_torch(pipe, dy, x, w, rms, True, True)
+    assert_bits_equal(found[0], want[0])
+    assert_bits_equal(found[1], want[1])
+
+
 def test_registered_autograd_of_the_op_matches_eager_autograd() -> None:
     """The op's own autograd (what torch.compile and export use) and EagerRMSNorm (what
     eager autograd runs) give the same bits, forward and backward; so does the residual op."""

@@ -565,7 +565,8 @@ const char tgn_build_cpu[] = "tgn-build-cpu:" TGN_BUILD_CPU;
  * and, with blocks, t = dy * (x / r) summed over each block of ROW_BLOCK rows by
  * pairwise halving over the rows (kernels.weight_grad_float), one row per block in
  * blocks; the caller merges the blocks.  Every operation is the torch ops' IEEE fp32
- * (or fp64) operation in the same order.  A row whose s or k is not finite is
+ * (or fp64) operation in the same order (the quotients g / r and x / r formed as
+ * FINALIZE's are, native_quotient.h: IEEE division's bits).  A row whose s or k is not finite is
  * counted and the caller recomputes everything with torch ops (NaN payloads).
  */
 #define ROW_BLOCK 32
@@ -652,13 +653,15 @@ int64_t tgn_backward_rows_f32(const float *x, const float *dy, const float *w, c
                 if (!isfinite(s) || !isfinite(k))
                     ++bad;
                 float *dxr = dx + i * hidden;
+                tgn_quotient_row_f32(g, dxr, NULL, 0.0f, hidden, r); /* g / r, IEEE's bits */
                 for (int64_t j = 0; j < hidden; ++j)
-                    dxr[j] = g[j] / r - xr[j] * k;
+                    dxr[j] = dxr[j] - xr[j] * k;
             }
             if (blocks) {
                 float *t = tb + (i - b0) * hidden;
+                tgn_quotient_row_f32(xr, t, NULL, 0.0f, hidden, r); /* x / r, IEEE's bits */
                 for (int64_t j = 0; j < hidden; ++j)
-                    t[j] = dyr[j] * (xr[j] / r);
+                    t[j] = dyr[j] * t[j];
             }
         }
         if (blocks) {
