@@ -1,9 +1,10 @@
 """Builds the compiled executor's native kernels when the package is installed.
 
-``taskgraph_norm/executors/native.c`` (the kernels), ``native_team.c`` (the team
-the forward's rows are shared by) and ``native_call.c`` (the forward's call from Python,
-without ctypes) become two optional extensions next to ``native.py``, which loads them
-with ctypes (plain C libraries, but for native_call.c's one-function module):
+``taskgraph_norm/executors/native.c`` (the forward's kernels), ``native_backward.c``
+and ``native_dw.c`` (the backward, the exact weight gradient), ``native_team.c`` (the
+team the forward's rows are shared by) and ``native_call.c`` (the forward's call from
+Python, without ctypes) become two optional extensions next to ``native.py``, which
+loads them with ctypes (plain C libraries, but for native_call.c's one-function module):
 
 * ``_native_portable``: the compiler's default target (the baseline every
   machine that runs this Python runs);
@@ -29,8 +30,8 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 HERE = Path(__file__).resolve().parent
-SOURCES = ["taskgraph_norm/executors/native.c", "taskgraph_norm/executors/native_team.c",
-           "taskgraph_norm/executors/native_call.c"]
+SOURCES = [f"taskgraph_norm/executors/{name}.c"
+           for name in ("native", "native_backward", "native_dw", "native_team", "native_call")]
 DEPENDS = ["taskgraph_norm/executors/native_quotient.h"]
 # Keep the C expressions as written (see native.c): no contraction into fmas, no
 # fast-math; -O3 comes after Python's own -O2.

@@ -1,4 +1,4 @@
-"""The exact weight-gradient accumulator (kernels/exact_sum.py, executors/exact_grad.py, native.c).
+"""The exact weight-gradient accumulator (kernels/exact_sum.py, executors/exact_grad.py, native_dw.c).
 
 Truth is computed independently: every product as a Python ``Fraction`` (exact),
 summed, and rounded to the target format by :func:`round_fraction` (ties to even,

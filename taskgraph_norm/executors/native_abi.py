@@ -1,5 +1,6 @@
-"""The C signatures of the native kernels (``native.c``, ``native_team.c``), declared
-on a loaded library for ctypes, and the ABI version the loader requires.
+"""The C signatures of the native kernels (``native.c``, ``native_backward.c``,
+``native_dw.c``, ``native_team.c``), declared on a loaded library for ctypes, and the
+ABI version the loader requires.
 
 Bump :data:`ABI` (and ``tgn_native_abi`` in ``native.c``) whenever an entry point's
 arguments or meaning change, so that a library left from an older install is never
