@@ -78,6 +78,7 @@ typedef struct {
     int64_t h_stride;
     int64_t grain;
     int64_t n_parts;            /* the rows' blocks in n_parts contiguous parts */
+    int (*thread_num)(void);    /* the OpenMP runtime's omp_get_thread_num, for this job */
     part_t *parts;
     atomic_int_fast64_t result; /* the sum of the blocks' return values */
     atomic_int failed;          /* a block returned -1 (no scratch) */
@@ -97,9 +98,8 @@ static atomic_int_fast64_t worker_rows; /* rows threads other than the caller ra
 
 /* torch's OpenMP runtime, when it has one (tgn_team_use_openmp): GOMP_parallel. */
 typedef void (*gomp_parallel_t)(void (*)(void *), void *, unsigned, unsigned);
-typedef int (*omp_thread_num_t)(void);
 static gomp_parallel_t gomp_parallel;
-static omp_thread_num_t omp_thread_num;
+static int (*omp_thread_num)(void);
 static atomic_int forked;          /* this process is a forked child: OpenMP may hang here */
 static _Thread_local int is_caller; /* set on the calling thread during an OpenMP job */
 
@@ -262,7 +262,8 @@ static void wait_for_worker_to_leave(void)
 
 static void omp_body(void *arg)
 {
-    int64_t ran = claim((job_t *)arg, is_caller ? 0 : omp_thread_num());
+    job_t *j = (job_t *)arg;
+    int64_t ran = claim(j, is_caller ? 0 : j->thread_num());
     if (!is_caller)
         atomic_fetch_add(&worker_rows, ran);
 }
@@ -288,8 +289,9 @@ static int64_t run_team(job_t *j, int64_t threads)
         j->grain = (j->rows + MAX_BLOCKS - 1) / MAX_BLOCKS; /* block numbers fit 32 bits */
     int64_t blocks = (j->rows + j->grain - 1) / j->grain;
     part_t parts[MAX_PARTS];
-    gomp_parallel_t omp = gomp_parallel;
-    if (omp && omp_thread_num && !atomic_load(&forked)) {
+    gomp_parallel_t omp = gomp_parallel; /* read once: tgn_team_use_openmp may change them */
+    j->thread_num = omp_thread_num;
+    if (omp && j->thread_num && !atomic_load(&forked)) {
         int64_t team = threads < blocks ? threads : blocks;
         split(j, parts, team < MAX_PARTS ? team : MAX_PARTS);
         is_caller = 1;
@@ -380,6 +382,6 @@ int tgn_team_use_openmp(void *parallel, void *thread_num)
 {
     pthread_once(&at_fork_once, register_at_fork); /* before the first OpenMP job, too */
     gomp_parallel = parallel && thread_num ? (gomp_parallel_t)parallel : 0;
-    omp_thread_num = parallel && thread_num ? (omp_thread_num_t)thread_num : 0;
+    omp_thread_num = parallel && thread_num ? (int (*)(void))thread_num : 0;
     return tgn_team_openmp();
 }
