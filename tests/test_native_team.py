@@ -239,3 +239,42 @@ def test_the_fast_entry_and_ctypes_make_the_same_call(two_threads: None, runtime
         fast(address, None, None, 5, None, 1e-6, None, None, None, 2)
     with pytest.raises(TypeError):
         fast(address, x.data_ptr(), None, 5, None, "eps", None, None, None, 2)
+
+
+@pytest.mark.parametrize("accumulate", ["float", "exact"])
+def test_the_backward_shares_whole_row_blocks_with_the_same_bits(runtime: str, accumulate: str) -> None:
+    """The native backward runs on the team too (ops/backward.py): whole row blocks of 32
+    per claim, so each block's weight-gradient sum is one thread's; any thread count and
+    grain gives the torch ops' bits, and the other threads really run rows."""
+    from taskgraph_norm import kernels, pipeline
+    from taskgraph_norm.executors import native_grads
+    from taskgraph_norm.ops import backward as bw
+    from taskgraph_norm.ops import library as ops_library
+
+    rows, hidden = 301, 512
+    x, w, dy = _inputs(rows, hidden)
+    pipe = pipeline.for_config(hidden, 64, "tree", "pairwise", accumulate, "auto")
+    _, rms = ops_library.rms_norm_op(x, w, 1e-6, 64, "tree", "pairwise", accumulate, "torch", 0.0)
+    want = bw.backward_torch(pipe, dy, x, w, rms, True, True)
+    recipe = native_grads.recipe_of(pipe.plan)  # type: ignore[arg-type]
+    n_blocks = -(-rows // 32)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            for grain in (1, 32, 33, 64, 1000):
+                dx, blocks = torch.empty_like(x), torch.empty(n_blocks, hidden)
+                start = team.worker_rows()
+                for _ in range(20):  # until a worker has run a block (it may wake late)
+                    assert native_grads.backward_rows(x, dy, w, rms, recipe, dx, blocks,
+                                                      exact=accumulate == "exact", threads=team.threads(),
+                                                      grain=grain) == 0
+                    if threads == 1 or grain >= rows or team.worker_rows() > start:
+                        break
+                assert threads == 1 or grain >= rows or team.worker_rows() > start, "no other thread ran rows"
+                assert_bits_equal(dx, want[0])
+                assert_bits_equal(kernels.merge_blocks_(blocks), want[1])
+    finally:
+        torch.set_num_threads(before)
+    # negative control: the weight gradient of other rows' blocks differs
+    assert not bits_equal(want[1], bw.backward_torch(pipe, dy.flip(0), x, w, rms, True, True)[1])

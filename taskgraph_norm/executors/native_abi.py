@@ -18,7 +18,7 @@ from pathlib import Path
 __all__ = ["ABI", "RowsConfig", "declare", "rows_entry"]
 
 #: The version ``tgn_native_abi()`` must return.
-ABI = 13
+ABI = 14
 
 
 class RowsConfig(ctypes.Structure):
@@ -67,6 +67,8 @@ def declare(lib: ctypes.CDLL) -> None:
     lib.tgn_backward_rows_f32.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [
         ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
     lib.tgn_backward_rows_f32.restype = ctypes.c_int64
+    lib.tgn_backward_rows_f32_team.argtypes = [*lib.tgn_backward_rows_f32.argtypes, ctypes.c_int64, ctypes.c_int64]
+    lib.tgn_backward_rows_f32_team.restype = ctypes.c_int64
     lib.tgn_rms_of_totals_f32.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
                                           ctypes.c_double, ctypes.c_void_p]
     lib.tgn_rms_of_totals_f32.restype = None

@@ -27,14 +27,16 @@ caches.register(recipe_of.cache_clear)
 
 def backward_rows(
     x: torch.Tensor, dy: torch.Tensor, weight: torch.Tensor | None, rms: torch.Tensor, recipe: FloatRecipe,
-    dx: torch.Tensor | None, blocks: torch.Tensor | None, *, exact: bool,
+    dx: torch.Tensor | None, blocks: torch.Tensor | None, *, exact: bool, threads: int = 1, grain: int = 32,
 ) -> int:
     """The backward of fp32 rows in C (``kernels.input_grad`` and the block sums of
     ``kernels.weight_grad_float``): ``dx`` (or ``None``) gets each row's input
     gradient, ``blocks`` (or ``None``, ``(ceil(rows / 32), D)``) each block's sum of
     ``dy * x_hat``.  ``x``, ``dy``, ``dx`` are contiguous ``(rows, D)`` fp32, ``rms``
     ``(rows, 1)`` fp32.  ``exact`` picks the exact row sum (an exact plan) over the
-    recipe's float DAG.
+    recipe's float DAG.  ``threads`` share the rows (native_team.c: torch's OpenMP team
+    or its own worker) in blocks of ``grain`` rows, rounded up to whole row blocks of
+    32, so every block sum is made by one thread: the bits do not depend on the split.
     Returns the number of rows whose ``s`` or ``k`` is not finite (their NaNs are
     C's: the caller recomputes them with torch ops).
     """
@@ -45,10 +47,10 @@ def backward_rows(
         raise ValueError("backward_rows needs contiguous fp32 CPU tensors")
     if rows == 0:
         return 0
-    bad = int(lib.tgn_backward_rows_f32(
+    bad = int(lib.tgn_backward_rows_f32_team(
         x.data_ptr(), dy.data_ptr(), None if weight is None else weight.data_ptr(), rms.data_ptr(),
         rows, hidden, recipe.chunk_size, recipe.adds.data_ptr(), recipe.n_adds, recipe.root, int(exact),
-        None if dx is None else dx.data_ptr(), None if blocks is None else blocks.data_ptr()))
+        None if dx is None else dx.data_ptr(), None if blocks is None else blocks.data_ptr(), grain, threads))
     if bad < 0:
         raise MemoryError("the native backward could not allocate its scratch")
     return bad

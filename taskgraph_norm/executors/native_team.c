@@ -46,6 +46,11 @@ int64_t tgn_float_rows_f32(const float *x, int64_t rows, int64_t hidden, int64_t
 int64_t tgn_exact_rows_f32(const float *x, int64_t rows, int64_t hidden, int64_t row_stride, double *pair,
                            float *y, int64_t y_stride, const float *w, double eps, int64_t flags,
                            double offset, const float *r, int64_t r_stride, float *h, int64_t h_stride);
+int64_t tgn_backward_rows_f32(const float *x, const float *dy, const float *w, const float *rms,
+                              int64_t rows, int64_t hidden, int64_t chunk, const int64_t *adds,
+                              int64_t n_adds, int64_t root, int64_t exact, float *dx, float *blocks);
+
+#define BACKWARD_ROW_BLOCK 32 /* native_backward.c's ROW_BLOCK: a backward job's grain is a multiple */
 
 /* One part of a job's blocks: front (low 32 bits) and back (high 32 bits), the blocks
  * [front, back) not yet taken; a cache line each, so the owners do not share one. */
@@ -59,8 +64,12 @@ typedef struct {
 #define SPIN_NS 50000 /* how long an idle worker spins before it sleeps (back-to-back calls) */
 #define WAIT_SPIN_NS 20000 /* how long a caller spins for the worker's last block before it sleeps */
 
+enum { JOB_FLOAT, JOB_EXACT, JOB_BACKWARD };
+
 typedef struct {
-    int exact; /* tgn_exact_rows_f32, else tgn_float_rows_f32 */
+    int kind; /* JOB_FLOAT: tgn_float_rows_f32; JOB_EXACT: tgn_exact_rows_f32; JOB_BACKWARD:
+               * tgn_backward_rows_f32 (x, w, hidden, chunk, adds, n_adds, root and the
+               * bw_ fields) */
     const float *x;
     int64_t rows, hidden, row_stride, chunk;
     const int64_t *adds;
@@ -79,6 +88,9 @@ typedef struct {
     int64_t grain;
     int64_t n_parts;            /* the rows' blocks in n_parts contiguous parts */
     int (*thread_num)(void);    /* the OpenMP runtime's omp_get_thread_num, for this job */
+    const float *bw_dy, *bw_rms;
+    float *bw_dx, *bw_blocks;
+    int64_t bw_exact;
     part_t *parts;
     atomic_int_fast64_t result; /* the sum of the blocks' return values */
     atomic_int failed;          /* a block returned -1 (no scratch) */
@@ -124,7 +136,12 @@ static int64_t run_rows(const job_t *j, int64_t i, int64_t n)
     const float *r = j->r ? j->r + i * j->r_stride : 0;
     float *h = j->h ? j->h + i * j->h_stride : 0;
     float *y = j->y ? j->y + i * j->y_stride : 0;
-    if (j->exact)
+    if (j->kind == JOB_BACKWARD) /* i is a multiple of the grain, so of the row block */
+        return tgn_backward_rows_f32(j->x + i * j->hidden, j->bw_dy + i * j->hidden, j->w, j->bw_rms + i, n,
+                                     j->hidden, j->chunk, j->adds, j->n_adds, j->root, j->bw_exact,
+                                     j->bw_dx ? j->bw_dx + i * j->hidden : 0,
+                                     j->bw_blocks ? j->bw_blocks + i / BACKWARD_ROW_BLOCK * j->hidden : 0);
+    if (j->kind == JOB_EXACT)
         return tgn_exact_rows_f32(j->x + i * j->row_stride, n, j->hidden, j->row_stride,
                                   j->total ? (double *)j->total + 2 * i : 0, y, j->y_stride, j->w, j->eps,
                                   j->flags, j->offset, r, j->r_stride, h, j->h_stride);
@@ -286,7 +303,8 @@ static int64_t run_team(job_t *j, int64_t threads)
     if (threads < 2 || j->rows <= j->grain)
         return run_rows(j, 0, j->rows); /* one thread, or too small to share */
     if ((j->rows + j->grain - 1) / j->grain > MAX_BLOCKS)
-        j->grain = (j->rows + MAX_BLOCKS - 1) / MAX_BLOCKS; /* block numbers fit 32 bits */
+        j->grain = ((j->rows + MAX_BLOCKS - 1) / MAX_BLOCKS + BACKWARD_ROW_BLOCK - 1) / BACKWARD_ROW_BLOCK
+                   * BACKWARD_ROW_BLOCK; /* block numbers fit 32 bits (and stay whole row blocks) */
     int64_t blocks = (j->rows + j->grain - 1) / j->grain;
     part_t parts[MAX_PARTS];
     gomp_parallel_t omp = gomp_parallel; /* read once: tgn_team_use_openmp may change them */
@@ -327,8 +345,8 @@ int64_t tgn_float_rows_f32_team(const float *x, int64_t rows, int64_t hidden, in
                                 const float *r, int64_t r_stride, float *h, int64_t h_stride, int64_t grain,
                                 int64_t threads)
 {
-    job_t j = {0, x, rows, hidden, row_stride, chunk, adds, n_adds, root, total, y, y_stride, w, eps, flags,
-               offset, r, r_stride, h, h_stride, grain < 1 ? 1 : grain};
+    job_t j = {JOB_FLOAT, x, rows, hidden, row_stride, chunk, adds, n_adds, root, total, y, y_stride, w, eps,
+               flags, offset, r, r_stride, h, h_stride, grain < 1 ? 1 : grain};
     return run_team(&j, threads);
 }
 
@@ -338,8 +356,32 @@ int64_t tgn_exact_rows_f32_team(const float *x, int64_t rows, int64_t hidden, in
                                 double offset, const float *r, int64_t r_stride, float *h, int64_t h_stride,
                                 int64_t grain, int64_t threads)
 {
-    job_t j = {1, x, rows, hidden, row_stride, 0, 0, 0, 0, pair, y, y_stride, w, eps, flags,
+    job_t j = {JOB_EXACT, x, rows, hidden, row_stride, 0, 0, 0, 0, pair, y, y_stride, w, eps, flags,
                offset, r, r_stride, h, h_stride, grain < 1 ? 1 : grain};
+    return run_team(&j, threads);
+}
+
+/* tgn_backward_rows_f32 on `threads` threads (ops/backward.py), in blocks of `grain`
+ * rows, rounded up to a multiple of the backward's row block (the weight gradient's
+ * block sums stay where one thread makes them); returns the sum of the kernel's
+ * return values (rows with a non-finite s or k), -1 when a block had no scratch. */
+int64_t tgn_backward_rows_f32_team(const float *x, const float *dy, const float *w, const float *rms,
+                                   int64_t rows, int64_t hidden, int64_t chunk, const int64_t *adds,
+                                   int64_t n_adds, int64_t root, int64_t exact, float *dx, float *blocks,
+                                   int64_t grain, int64_t threads)
+{
+    if (rows <= 0)
+        return 0;
+    if (grain < 1)
+        grain = 1;
+    grain = (grain + BACKWARD_ROW_BLOCK - 1) / BACKWARD_ROW_BLOCK * BACKWARD_ROW_BLOCK;
+    job_t j = {JOB_BACKWARD, x, rows, hidden, hidden, chunk, adds, n_adds, root, 0, 0, 0, w, 0.0, 0, 0.0,
+               0, 0, 0, 0, grain};
+    j.bw_dy = dy;
+    j.bw_rms = rms;
+    j.bw_dx = dx;
+    j.bw_blocks = blocks;
+    j.bw_exact = exact;
     return run_team(&j, threads);
 }
 
@@ -361,8 +403,8 @@ int64_t tgn_rows_call(const tgn_rows_cfg_t *c, const float *x, float *y, int64_t
     if (rows <= 0)
         return 0;
     int64_t d = c->hidden, flags = c->flags | (total ? c->total_flags : 0);
-    job_t j = {(int)c->exact, x, rows, d, d, c->chunk, c->adds, c->n_adds, c->root, total, y, d, w, eps, flags,
-               c->offset, r, d, h, d, c->grain < 1 ? 1 : c->grain};
+    job_t j = {c->exact ? JOB_EXACT : JOB_FLOAT, x, rows, d, d, c->chunk, c->adds, c->n_adds, c->root, total, y,
+               d, w, eps, flags, c->offset, r, d, h, d, c->grain < 1 ? 1 : c->grain};
     return run_team(&j, threads);
 }
 

@@ -1,5 +1,6 @@
 """The executors' worker threads: the compiled executor's tile pools, and the
-helper thread the direct native path splits large inputs with.
+helper thread the exact weight gradient splits its columns with (the forward's and
+the backward's native rows run on torch's own threads instead: native_team.c).
 
 Each pool is made on first use and kept; its workers run torch ops single-threaded
 (the split is the parallelism).  A call made on one of these workers (a nested

@@ -7,8 +7,9 @@ forward's proof; ``dW`` sums ``dy * x_hat`` over rows in fixed blocks of
 :data:`kernels.ROW_BLOCK` rows.  Paths, all with the same bits (tests compare them):
 
 * fp32 CPU, contiguous, a plan with native kernels: one C pass over the rows
-  (``native_grads.backward_rows``), split in two halves of whole row blocks over the
-  caller's thread and the helper thread; the block sums meet in the caller;
+  (``native_grads.backward_rows``), whose whole row blocks torch's threads share
+  (``native_team.c``, as the forward's rows) from :data:`SPLIT_NUMEL` elements on;
+  the block sums meet in the caller;
 * CUDA tensors, triton installed, a plan the Triton kernels run: the Triton kernels
   (:func:`backward_triton`; CPU tensors under ``TRITON_INTERPRET=1`` only when
   :data:`TRITON_ON_CPU` is set, or called directly, as the tests do);
@@ -26,7 +27,7 @@ from .. import kernels, pipeline
 from ..errors import ConfigError, ExecutionError
 from ..executors import native as _native
 from ..executors import native_grads as _native_grads
-from ..executors import pools
+from ..executors import team as _team
 from ..executors.rowsum import plan_row_sum, reference_row_sum
 from ..executors.triton import backward as _triton
 from ..graph import Op
@@ -36,9 +37,10 @@ __all__ = ["TRITON_ON_CPU", "WEIGHT_GRAD_MODES", "backward", "backward_torch", "
 
 #: How ``dW`` may merge over rows.
 WEIGHT_GRAD_MODES = ("float",)
-#: Inputs with at least this many elements split their row blocks over the caller and
-#: the pool's helper thread (a Python thread: its hand-off costs about 100 us here).
-SPLIT_NUMEL = 1 << 19
+#: Inputs with at least this many elements (and two row blocks) share their row blocks
+#: among torch's threads (executors/team.py: torch's own OpenMP team, no hand-off to a
+#: Python thread).
+SPLIT_NUMEL = 1 << 16
 #: Run the Triton kernels on CPU tensors too when ``TRITON_INTERPRET=1`` (tests only: slow).
 TRITON_ON_CPU = False
 
@@ -118,19 +120,10 @@ def _backward_native(
     blocks = torch.empty(n_blocks, hidden, dtype=torch.float32) if dw_wanted else None
     recipe = _native_grads.recipe_of(plan)
     exact = plan.accumulate == "exact"
-    pool = pools.helper() if x.numel() >= SPLIT_NUMEL and n_blocks >= 2 else None
-    if pool is None:
-        bad = _native_grads.backward_rows(x, dy, weight, rms, recipe, dx, blocks, exact=exact)
-    else:
-        cut = n_blocks // 2 * kernels.ROW_BLOCK  # whole blocks on each side: the blocks do not move
-        half = slice(0, cut), slice(cut, rows)
-        share = pool.submit(_native_grads.backward_rows, x[half[1]], dy[half[1]], weight, rms[half[1]], recipe,
-                            None if dx is None else dx[half[1]],
-                            None if blocks is None else blocks[cut // kernels.ROW_BLOCK:], exact=exact)
-        bad = _native_grads.backward_rows(x[half[0]], dy[half[0]], weight, rms[half[0]], recipe,
-                                    None if dx is None else dx[half[0]],
-                                    None if blocks is None else blocks[: cut // kernels.ROW_BLOCK], exact=exact)
-        bad += share.result()
+    threads = _team.threads() if x.numel() >= SPLIT_NUMEL and n_blocks >= 2 else 1
+    # Each thread runs whole row blocks (the blocks' sums do not depend on the split).
+    bad = _native_grads.backward_rows(x, dy, weight, rms, recipe, dx, blocks, exact=exact, threads=threads,
+                                      grain=kernels.ROW_BLOCK)
     if bad:
         return None  # a non-finite row: its NaNs' signs and payloads are torch's on the torch path
     dw = None

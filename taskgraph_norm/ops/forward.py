@@ -65,7 +65,7 @@ def forward(
         return (torch.empty_like(x, dtype=out_dtype),
                 x.new_empty(rms_shape(x), dtype=kernels.accumulation_dtype(x.dtype)))
     pipe = pipeline.for_config(hidden, chunk_size, topology, leaf, accumulate, "auto", casting_mode, offset)
-    if x.dtype is torch.float32 and x.device.type == "cpu":
+    if x.dtype is torch.float32 and x.is_cpu:
         found = _forward_direct(pipe, x, weight, eps, hidden)
         if found is not None:
             return found
