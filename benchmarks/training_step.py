@@ -10,7 +10,9 @@ Measured side by side in one run (interleaved rounds, medians), each with its ta
   the two outputs are checked to be the same bits first;
 * forward + backward at (4096, 4096) fp32: ``tgn.RMSNorm`` against
   ``torch.nn.RMSNorm``, ``y.backward(dy)`` each: at most 1.0x;
-* for scale, (1, 4096) forward + backward; and ``normalize_sync`` under no_grad at
+* for scale, (1, 4096) forward + backward; forward + backward at (64, 4096),
+  (1024, 4096) and (4096, 4096) with the native backward's row blocks shared among
+  torch's threads against the same on one thread; and ``normalize_sync`` under no_grad at
   (1, 4096) against ``F.rms_norm`` (at most 1.0x) and against the warm path as it
   was before the ops (what asking whether a call needs the op costs).
 
@@ -89,6 +91,35 @@ def forward_backward(rows: int, rounds: int, target: float | None) -> str:
                       "torch.nn.RMSNorm", target)
 
 
+def shared_backward(rows: int, rounds: int) -> str:
+    """Forward + backward of ``tgn.RMSNorm`` with the native backward's row blocks shared
+    among torch's threads (native_team.c) against the same on one thread (the split
+    switched off through ``ops.backward.SPLIT_NUMEL``), interleaved."""
+    from taskgraph_norm.ops import backward as bw
+
+    ours, _ = _norms()
+    x, dy = _input(rows)
+    xo = x.clone().requires_grad_()
+    calls = max(1, 64 // rows)
+    split = bw.SPLIT_NUMEL
+
+    def step(split_at: int) -> Callable[[], None]:
+        def run() -> None:
+            bw.SPLIT_NUMEL = split_at
+            try:
+                xo.grad = None
+                ours.zero_grad(set_to_none=True)
+                ours(xo).backward(dy)
+            finally:
+                bw.SPLIT_NUMEL = split
+        return run
+
+    t = interleaved_medians({"shared": repeated(step(split), calls), "one": repeated(step(1 << 62), calls)},
+                            rounds)
+    return target_row(f"forward+backward ({rows}, {D}), backward rows shared", t["shared"] / calls,
+                      t["one"] / calls, "the backward on one thread", None)
+
+
 def small_no_grad(rounds: int) -> list[str]:
     """``normalize_sync`` now (it asks :func:`ops.route` first), the warm path as it was
     before the ops (a pipeline lookup and call: ``before``), and ``F.rms_norm``."""
@@ -122,6 +153,8 @@ def main(argv: list[str] | None = None) -> None:
     print(grad_vs_no_grad(D, max(3, args.rounds // 3)))
     print(forward_backward(D, max(3, args.rounds // 3), 1.0))
     print(forward_backward(1, args.rounds, None))
+    for rows in (64, 1024, D):
+        print(shared_backward(rows, args.rounds if rows < D else max(3, args.rounds // 3)))
     print("\n".join(small_no_grad(args.rounds)))
 
 
