@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import sysconfig
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -265,12 +266,13 @@ def test_the_backward_shares_whole_row_blocks_with_the_same_bits(runtime: str, a
             for grain in (1, 32, 33, 64, 1000):
                 dx, blocks = torch.empty_like(x), torch.empty(n_blocks, hidden)
                 start = team.worker_rows()
-                for _ in range(20):  # until a worker has run a block (it may wake late)
-                    assert native_grads.backward_rows(x, dy, w, rms, recipe, dx, blocks,
+                for _ in range(50):  # until a worker has run a block (it may wake late:
+                    assert native_grads.backward_rows(x, dy, w, rms, recipe, dx, blocks,  # see below)
                                                       exact=accumulate == "exact", threads=team.threads(),
                                                       grain=grain) == 0
                     if threads == 1 or grain >= rows or team.worker_rows() > start:
                         break
+                    time.sleep(0.002)
                 assert threads == 1 or grain >= rows or team.worker_rows() > start, "no other thread ran rows"
                 assert_bits_equal(dx, want[0])
                 assert_bits_equal(kernels.merge_blocks_(blocks), want[1])
@@ -278,3 +280,46 @@ def test_the_backward_shares_whole_row_blocks_with_the_same_bits(runtime: str, a
         torch.set_num_threads(before)
     # negative control: the weight gradient of other rows' blocks differs
     assert not bits_equal(want[1], bw.backward_torch(pipe, dy.flip(0), x, w, rms, True, True)[1])
+
+
+@pytest.mark.parametrize("with_rms", [False, True], ids=["x_hat", "x and rms"])
+def test_the_exact_weight_gradient_shares_columns_with_the_same_state(runtime: str, with_rms: bool) -> None:
+    """The exact dW kernel's columns run on the team (executors/exact_grad.py): each
+    column's state is one thread's, so any thread count and grain gives the torch
+    form's state, bit for bit, and other threads really run columns."""
+    from taskgraph_norm.executors import native_grads
+    from taskgraph_norm.kernels import exact_sum as es
+
+    rows, cols = 70, 1000
+    g = torch.Generator().manual_seed(11)
+    dy = torch.randn(rows, cols, generator=g)
+    x = torch.randn(rows, cols, generator=g) * torch.exp2(torch.randint(-40, 40, (1, cols), generator=g).float())
+    rms = (1 + torch.rand(rows, 1, generator=g)).contiguous()
+    x_hat = torch.div(x, rms) if with_rms else x
+    want = es.add_products_(es.empty_state(cols), dy, x_hat)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            for grain in (1, 32, 100, 2000):
+                state = es.empty_state(cols)
+                start = team.worker_rows()
+                assert native_grads.exact_dw(state, dy, x, rms=rms if with_rms else None,
+                                             threads=team.threads(), grain=grain) == 0
+                assert_bits_equal(state, want)
+                if threads > 1 and grain < cols:
+                    ran = team.worker_rows() > start
+                    for _ in range(50):  # a worker may wake late (torch's OpenMP threads spin
+                        if ran:          # on the cores a while after its ops): its share went
+                            break        # to the caller; let them go idle and call again
+                        time.sleep(0.002)
+                        native_grads.exact_dw(es.empty_state(cols), dy, x, rms=rms if with_rms else None,
+                                              threads=team.threads(), grain=grain)
+                        ran = team.worker_rows() > start
+                    assert ran, f"no other thread ran columns ({threads} threads, grain {grain})"
+    finally:
+        torch.set_num_threads(before)
+    # negative control: one ulp of one dy changes the state
+    dy2 = dy.clone()
+    dy2.view(torch.int32)[3, 7] += 1
+    assert not bits_equal(es.add_products_(es.empty_state(cols), dy2, x_hat), want)

@@ -2,8 +2,8 @@
 
 :class:`ExactSum` holds ``n`` exact column sums (the state of
 :mod:`taskgraph_norm.kernels.exact_sum`) and adds blocks of products to it, with
-the native C kernel on CPU float32 (split by columns between the caller and the
-helper thread; for RMSNorm's fp32 rows it also forms ``x_hat = x / rms``), the
+the native C kernel on CPU float32 (its columns shared among torch's threads,
+native_team.c; for RMSNorm's fp32 rows it also forms ``x_hat = x / rms``), the
 Triton kernel on CUDA (``executors/triton/exact_dw.py``, which forms ``x_hat`` too)
 and the torch ops elsewhere: the same state either way.
 
@@ -32,19 +32,18 @@ from __future__ import annotations
 import threading
 import weakref
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ..errors import ExactSumError, ExactSumOverflowError
 from ..kernels import exact_sum as es
-from . import native, native_grads, pools
+from . import native, native_grads, team
 from .triton import exact_dw as triton_dw
 
 __all__ = ["ExactGrad", "ExactSum", "exact_grads"]
 
-#: Products per call above which the columns are split with the helper thread.
+#: Products per call above which torch's threads share the columns (native_team.c).
 SPLIT_PRODUCTS = 1 << 16
 _TILE = 32  # the C kernel's column tile: split on its multiples
 
@@ -138,13 +137,12 @@ class ExactSum:
 
     def _add_native(self, a: torch.Tensor, b: torch.Tensor, rms: torch.Tensor | None) -> None:
         n = self.numel
-        pool = pools.helper() if a.numel() >= SPLIT_PRODUCTS and n >= 2 * _TILE else None
-        if pool is None:
-            over = native_grads.exact_dw(self.state, a, b, rms=rms)
-        else:
-            cut = (n // 2 + _TILE - 1) // _TILE * _TILE  # columns are independent: any cut
-            other: Future[int] = pool.submit(native_grads.exact_dw, self.state, a, b, (cut, n), rms)
-            over = native_grads.exact_dw(self.state, a, b, (0, cut), rms) + other.result()
+        threads = team.threads() if a.numel() >= SPLIT_PRODUCTS and n >= 2 * _TILE else 1
+        # columns are independent: one block of whole tiles per thread (each block call
+        # allocates the kernel's 0.5 MiB panel buffer, which a smaller grain would pay
+        # again per block: measured slower)
+        grain = max(_TILE, -(-n // threads // _TILE) * _TILE)
+        over = native_grads.exact_dw(self.state, a, b, rms=rms, threads=threads, grain=grain)
         if over:
             raise ExactSumOverflowError(over, f"|sum| must stay below 2**{40 + 256}")
 

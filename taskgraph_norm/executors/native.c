@@ -546,7 +546,7 @@ FLOAT_ROWS(tgn_float_rows_f64, double)
 
 /* A version number the loader checks, so a library left from an older install is
  * never used. */
-int tgn_native_abi(void) { return 14; }
+int tgn_native_abi(void) { return 15; }
 
 #ifdef TGN_BUILD_CPU
 /* The host variant (setup.py builds it with -march=native): the features of the CPU

@@ -18,7 +18,7 @@ from pathlib import Path
 __all__ = ["ABI", "RowsConfig", "declare", "rows_entry"]
 
 #: The version ``tgn_native_abi()`` must return.
-ABI = 14
+ABI = 15
 
 
 class RowsConfig(ctypes.Structure):
@@ -79,6 +79,11 @@ def declare(lib: ctypes.CDLL) -> None:
                                           ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
                                           ctypes.c_int64]
     lib.tgn_exact_dw_rows_f32.restype = ctypes.c_int64
+    # dy, dy_stride, xh, xh_stride, rms, rows, cols, state, stride, grain, threads
+    lib.tgn_exact_dw_f32_team.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
+                                          ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+                                          ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
+    lib.tgn_exact_dw_f32_team.restype = ctypes.c_int64
     lib.tgn_exact_round_f32.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
                                         ctypes.c_void_p]
     lib.tgn_exact_round_f32.restype = None

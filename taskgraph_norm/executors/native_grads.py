@@ -72,7 +72,7 @@ def rms_of_totals(total: torch.Tensor, hidden: int, eps: float, out: torch.Tenso
 
 
 def exact_dw(state: torch.Tensor, dy: torch.Tensor, x_hat: torch.Tensor, columns: tuple[int, int] | None = None,
-             rms: torch.Tensor | None = None) -> int:
+             rms: torch.Tensor | None = None, *, threads: int = 1, grain: int = 256) -> int:
     """``state += sum over rows of dy * x_hat``, exactly, for columns ``[c0, c1)``.
 
     The C route to :func:`kernels.exact_sum.add_products_` (the same state, bit for
@@ -81,7 +81,10 @@ def exact_dw(state: torch.Tensor, dy: torch.Tensor, x_hat: torch.Tensor, columns
     With ``rms`` (a contiguous fp32 ``(rows,)`` or ``(rows, 1)``), ``x_hat`` is ``x``
     and the kernel forms ``x / rms`` row by row, in fp32: the bits
     ``torch.div(x, rms)`` gives, without writing them anywhere.
-    ``columns`` (default all) lets threads share one call's columns.  Returns how
+    ``columns`` (default all) lets callers share one call's columns; ``threads`` share
+    them inside the call (native_team.c: torch's OpenMP team or its own worker), in
+    blocks of ``grain`` columns: each column's state is one thread's, so the state
+    does not depend on the split.  Returns how
     many columns overflowed (the caller raises); rows must not pass
     ``exact_sum.ROWS_PER_ADD``.
     """
@@ -101,11 +104,8 @@ def exact_dw(state: torch.Tensor, dy: torch.Tensor, x_hat: torch.Tensor, columns
         return 0
     item = dy.element_size()
     a, b = dy.data_ptr() + c0 * item, x_hat.data_ptr() + c0 * item
-    if rms is None:
-        over = int(lib.tgn_exact_dw_f32(a, dy.stride(0), b, x_hat.stride(0), rows, c1 - c0, state.data_ptr() + c0 * 8, n))
-    else:
-        over = int(lib.tgn_exact_dw_rows_f32(a, dy.stride(0), b, x_hat.stride(0), rms.data_ptr(), rows, c1 - c0,
-                                             state.data_ptr() + c0 * 8, n))
+    over = int(lib.tgn_exact_dw_f32_team(a, dy.stride(0), b, x_hat.stride(0), None if rms is None else rms.data_ptr(),
+                                         rows, c1 - c0, state.data_ptr() + c0 * 8, n, grain, threads))
     if over == -1:
         raise MemoryError("the native exact dW kernel could not allocate its scratch")
     if over < 0:

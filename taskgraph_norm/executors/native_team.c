@@ -51,6 +51,10 @@ int64_t tgn_backward_rows_f32(const float *x, const float *dy, const float *w, c
                               int64_t n_adds, int64_t root, int64_t exact, float *dx, float *blocks);
 
 #define BACKWARD_ROW_BLOCK 32 /* native_backward.c's ROW_BLOCK: a backward job's grain is a multiple */
+int64_t tgn_exact_dw_f32(const float *dy, int64_t dy_stride, const float *xh, int64_t xh_stride,
+                         int64_t rows, int64_t cols, int64_t *state, int64_t stride);
+int64_t tgn_exact_dw_rows_f32(const float *dy, int64_t dy_stride, const float *x, int64_t x_stride,
+                              const float *rms, int64_t rows, int64_t cols, int64_t *state, int64_t stride);
 
 /* One part of a job's blocks: front (low 32 bits) and back (high 32 bits), the blocks
  * [front, back) not yet taken; a cache line each, so the owners do not share one. */
@@ -64,12 +68,13 @@ typedef struct {
 #define SPIN_NS 50000 /* how long an idle worker spins before it sleeps (back-to-back calls) */
 #define WAIT_SPIN_NS 20000 /* how long a caller spins for the worker's last block before it sleeps */
 
-enum { JOB_FLOAT, JOB_EXACT, JOB_BACKWARD };
+enum { JOB_FLOAT, JOB_EXACT, JOB_BACKWARD, JOB_EXACT_DW };
 
 typedef struct {
     int kind; /* JOB_FLOAT: tgn_float_rows_f32; JOB_EXACT: tgn_exact_rows_f32; JOB_BACKWARD:
                * tgn_backward_rows_f32 (x, w, hidden, chunk, adds, n_adds, root and the
-               * bw_ fields) */
+               * bw_ fields); JOB_EXACT_DW: the exact weight gradient, whose "rows" are
+               * columns (x, row_stride, bw_dy, bw_rms and the dw_ fields) */
     const float *x;
     int64_t rows, hidden, row_stride, chunk;
     const int64_t *adds;
@@ -91,9 +96,11 @@ typedef struct {
     const float *bw_dy, *bw_rms;
     float *bw_dx, *bw_blocks;
     int64_t bw_exact;
+    int64_t dw_rows, dw_dy_stride, dw_stride;
+    int64_t *dw_state;
     part_t *parts;
     atomic_int_fast64_t result; /* the sum of the blocks' return values */
-    atomic_int failed;          /* a block returned -1 (no scratch) */
+    atomic_int failed;          /* a block's negative return (-1: no scratch), else 0 */
 } job_t;
 
 static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
@@ -136,6 +143,11 @@ static int64_t run_rows(const job_t *j, int64_t i, int64_t n)
     const float *r = j->r ? j->r + i * j->r_stride : 0;
     float *h = j->h ? j->h + i * j->h_stride : 0;
     float *y = j->y ? j->y + i * j->y_stride : 0;
+    if (j->kind == JOB_EXACT_DW) /* columns [i, i + n): each column's state is one thread's */
+        return j->bw_rms ? tgn_exact_dw_rows_f32(j->bw_dy + i, j->dw_dy_stride, j->x + i, j->row_stride, j->bw_rms,
+                                                 j->dw_rows, n, j->dw_state + i, j->dw_stride)
+                         : tgn_exact_dw_f32(j->bw_dy + i, j->dw_dy_stride, j->x + i, j->row_stride, j->dw_rows, n,
+                                            j->dw_state + i, j->dw_stride);
     if (j->kind == JOB_BACKWARD) /* i is a multiple of the grain, so of the row block */
         return tgn_backward_rows_f32(j->x + i * j->hidden, j->bw_dy + i * j->hidden, j->w, j->bw_rms + i, n,
                                      j->hidden, j->chunk, j->adds, j->n_adds, j->root, j->bw_exact,
@@ -157,7 +169,7 @@ static int64_t run_block(job_t *j, int64_t block)
     int64_t n = j->rows - i < j->grain ? j->rows - i : j->grain;
     int64_t got = run_rows(j, i, n);
     if (got < 0)
-        atomic_store(&j->failed, 1);
+        atomic_store(&j->failed, (int)got); /* -1: no scratch (the exact dW: -2, no convergence) */
     else
         atomic_fetch_add(&j->result, got);
     return n;
@@ -315,7 +327,7 @@ static int64_t run_team(job_t *j, int64_t threads)
         is_caller = 1;
         omp(omp_body, j, (unsigned)team, 0);
         is_caller = 0;
-        return atomic_load(&j->failed) ? -1 : atomic_load(&j->result);
+        return atomic_load(&j->failed) ? atomic_load(&j->failed) : atomic_load(&j->result);
     }
     if (atomic_exchange(&owner, 1))
         return run_rows(j, 0, j->rows); /* the team is busy with another caller's rows */
@@ -334,7 +346,7 @@ static int64_t run_team(job_t *j, int64_t threads)
     atomic_store(&open_job, 0);
     wait_for_worker_to_leave();
     atomic_store(&owner, 0);
-    return atomic_load(&j->failed) ? -1 : atomic_load(&j->result);
+    return atomic_load(&j->failed) ? atomic_load(&j->failed) : atomic_load(&j->result);
 }
 
 /* tgn_float_rows_f32 on `threads` threads, `grain` rows per claim; returns the sum
@@ -382,6 +394,28 @@ int64_t tgn_backward_rows_f32_team(const float *x, const float *dy, const float 
     j.bw_dx = dx;
     j.bw_blocks = blocks;
     j.bw_exact = exact;
+    return run_team(&j, threads);
+}
+
+/* tgn_exact_dw_f32 (rms NULL: xh is x_hat) or tgn_exact_dw_rows_f32 (xh is x, divided
+ * by rms[i] per row) on `threads` threads, in blocks of `grain` columns (a multiple of
+ * the kernel's tile is best): columns are independent, each block's state is made by
+ * one thread, so the state does not depend on the split.  Returns how many columns
+ * overflowed, or a block's negative code (-1: no scratch). */
+int64_t tgn_exact_dw_f32_team(const float *dy, int64_t dy_stride, const float *xh, int64_t xh_stride,
+                              const float *rms, int64_t rows, int64_t cols, int64_t *state, int64_t stride,
+                              int64_t grain, int64_t threads)
+{
+    if (rows <= 0 || cols <= 0)
+        return 0;
+    job_t j = {JOB_EXACT_DW, xh, cols, 0, xh_stride, 0, 0, 0, 0, 0, 0, 0, 0, 0.0, 0, 0.0,
+               0, 0, 0, 0, grain < 1 ? 1 : grain};
+    j.bw_dy = dy;
+    j.bw_rms = rms;
+    j.dw_rows = rows;
+    j.dw_dy_stride = dy_stride;
+    j.dw_state = state;
+    j.dw_stride = stride;
     return run_team(&j, threads);
 }
 

@@ -1,11 +1,9 @@
-"""The executors' worker threads: the compiled executor's tile pools, and the
-helper thread the exact weight gradient splits its columns with (the forward's and
-the backward's native rows run on torch's own threads instead: native_team.c).
+"""The executors' worker threads: the compiled executor's tile pools.  (The native
+kernels' rows and columns run on torch's own threads instead: native_team.c.)
 
 Each pool is made on first use and kept; its workers run torch ops single-threaded
 (the split is the parallelism).  A call made on one of these workers (a nested
-call) gets no pool, so it can never wait on itself; a process whose torch thread
-count is 1 gets no helper either.
+call) gets no pool, so it can never wait on itself.
 
 Fork safety: a forked child (a DataLoader worker, ``multiprocessing`` with the
 fork start method) inherits these objects but not their threads, so a task
@@ -23,10 +21,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-__all__ = ["helper", "on_worker", "tile_pool"]
+__all__ = ["on_worker", "tile_pool"]
 
 _lock = threading.Lock()
-_helper: ThreadPoolExecutor | None = None
 _tile_pools: dict[int, ThreadPoolExecutor] = {}
 _local = threading.local()
 
@@ -54,21 +51,6 @@ def _start(workers: int, name: str) -> ThreadPoolExecutor:
     return pool
 
 
-def helper() -> ThreadPoolExecutor | None:
-    """The direct path's helper (one thread), or ``None`` when a split must not or
-    need not happen."""
-    global _helper
-    if on_worker() or torch.get_num_threads() < 2:
-        return None
-    pool = _helper
-    if pool is None:
-        with _lock:
-            if _helper is None:
-                _helper = _start(1, "tgn-direct")
-            pool = _helper
-    return pool
-
-
 def tile_pool(workers: int) -> ThreadPoolExecutor:
     """The compiled executor's pool of ``workers`` threads, every thread started."""
     with _lock:
@@ -79,9 +61,8 @@ def tile_pool(workers: int) -> ThreadPoolExecutor:
 
 
 def _after_fork_in_child() -> None:
-    global _lock, _helper, _tile_pools
+    global _lock, _tile_pools
     _lock = threading.Lock()
-    _helper = None
     _tile_pools = {}
 
 
