@@ -277,6 +277,28 @@ def test_native_backward_quotients_on_hard_rows_have_the_torch_ops_bits(accumula
     assert_bits_equal(found[1], want[1])
 
 
+@pytest.mark.parametrize("chunk", [16, 32, 64, 128, 256, 48])
+def test_native_backward_dot_in_every_chunk_size(chunk: int) -> None:
+    """The C backward sums s = sum(g * x) eight power-of-two chunks at a time (the
+    forward's add network, native.c's tgn_chunk_sums_f32), the rest one by one: every
+    chunk size, with whole groups of eight and tails, over values of many magnitudes
+    (so any other pairing of the additions rounds differently), gives the torch ops' bits."""
+    from taskgraph_norm import pipeline
+    from taskgraph_norm.ops import backward as bw
+
+    hidden = chunk * 19 + 5  # two groups of eight chunks, three more, and a tail
+    g = torch.Generator().manual_seed(chunk)
+    x = torch.randn(37, hidden, generator=g) * torch.exp2(torch.randint(-12, 12, (37, hidden), generator=g).float())
+    dy, w = torch.randn(37, hidden, generator=g), torch.randn(hidden, generator=g)
+    pipe = pipeline.for_config(hidden, chunk, "tree", "pairwise", "float", "auto")
+    _, rms = ops.rms_norm_op(x, w, 1e-6, chunk, "tree", "pairwise", "float", "torch", 0.0)
+    found = bw._backward_native(pipe, dy, x, w, rms, True, True)
+    assert found is not None
+    want = bw.backward_torch(pipe, dy, x, w, rms, True, True)
+    assert_bits_equal(found[0], want[0])
+    assert_bits_equal(found[1], want[1])
+
+
 def test_native_backward_quotients_on_subnormal_ties() -> None:
     """A row whose rms is exactly 98 and whose g = dy * w and x are k 49 2**-149 (k odd):
     g / r and x / r land exactly on subnormal rounding midpoints, where only IEEE

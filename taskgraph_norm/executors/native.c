@@ -410,20 +410,26 @@ FULL_CHUNKS_POW2(double)
  *   u = t[k] + t[k + 2]       four chunks per vector
  *   w = u[k] + u[k + 1]       eight chunks: lanes [c0 c2 c4 c6 | c1 c3 c5 c7]
  * Measured on one thread for a row of 4096 in chunks of 64: 405 -> 165 ns. */
-#define VERT8(C)                                                                       \
-    INLINE __m256 vert8_##C(const float *s)                                            \
+#define VERT8(NAME, C, FIRST)                                                          \
+    INLINE __m256 NAME##_##C(const float *s)                                           \
     {                                                                                  \
         __m256 p[(C) / 16];                                                            \
         for (int i = 0; i < (C) / 16; ++i) {                                           \
             __m256 a = _mm256_loadu_ps(s + 8 * i), b = _mm256_loadu_ps(s + (C) / 2 + 8 * i); \
-            p[i] = _mm256_add_ps(_mm256_mul_ps(a, a), _mm256_mul_ps(b, b));            \
+            p[i] = FIRST(a, b);                                                        \
         }                                                                              \
         for (int h = (C) / 32; h >= 1; h /= 2)                                         \
             for (int i = 0; i < h; ++i)                                                \
                 p[i] = _mm256_add_ps(p[i], p[i + h]);                                  \
         return p[0];                                                                   \
     }
-VERT8(16) VERT8(32) VERT8(64) VERT8(128) VERT8(256)
+/* the first halving step: squares of a pair (the forward), or a pair (the backward's p) */
+#define SQUARES(a, b) _mm256_add_ps(_mm256_mul_ps(a, a), _mm256_mul_ps(b, b))
+#define PAIRS(a, b) _mm256_add_ps(a, b)
+VERT8(vert8, 16, SQUARES) VERT8(vert8, 32, SQUARES) VERT8(vert8, 64, SQUARES) VERT8(vert8, 128, SQUARES)
+VERT8(vert8, 256, SQUARES)
+VERT8(vert8_sum, 16, PAIRS) VERT8(vert8_sum, 32, PAIRS) VERT8(vert8_sum, 64, PAIRS) VERT8(vert8_sum, 128, PAIRS)
+VERT8(vert8_sum, 256, PAIRS)
 
 INLINE __m256 pair_halves(__m256 a, __m256 b) /* h = 4 for two chunks */
 {
@@ -452,13 +458,18 @@ INLINE void network8(const __m256 *v, float *slots)
 #endif
 }
 
-#define EIGHT_CHUNKS(C)                                                                \
+/* Groups of eight full chunks of `row` through the network; leaves c at the first
+ * chunk not summed. */
+#define EIGHT_GROUPS(VERT, C)                                                          \
     for (c = 0; c + 8 <= n_full; c += 8) {                                             \
         __m256 v[8];                                                                   \
         for (int i = 0; i < 8; ++i)                                                    \
-            v[i] = vert8_##C(row + (c + i) * (C));                                     \
+            v[i] = VERT##_##C(row + (c + i) * (C));                                    \
         network8(v, slots + c);                                                        \
-    }                                                                                  \
+    }
+
+#define EIGHT_CHUNKS(C)                                                                \
+    EIGHT_GROUPS(vert8, C)                                                             \
     for (; c < n_full; ++c)                                                            \
         slots[c] = chunk_float_##C(row + c * (C));                                     \
     return 1;
@@ -478,8 +489,35 @@ static int full_chunks_float(const float *row, int64_t chunk, int64_t n_full, fl
     default: return 0;
     }
 }
+
+/* The backward's dot products (native_backward.c): the same halving of each full
+ * chunk of row (here p = g * x, values already formed), eight chunks at a time; the first
+ * step adds pairs where the forward adds squares of pairs.  Returns how many leading
+ * full chunks it summed into slots (a multiple of 8: the caller halves the rest). */
+#define EIGHT_SUMS(C)                                                                  \
+    EIGHT_GROUPS(vert8_sum, C)                                                         \
+    return c;
+
+int64_t tgn_chunk_sums_f32(const float *row, int64_t chunk, int64_t n_full, float *slots)
+{
+    int64_t c;
+    switch (chunk) {
+    case 16: EIGHT_SUMS(16)
+    case 32: EIGHT_SUMS(32)
+    case 64: EIGHT_SUMS(64)
+    case 128: EIGHT_SUMS(128)
+    case 256: EIGHT_SUMS(256)
+    default: return 0;
+    }
+}
 #else
 FULL_CHUNKS_POW2(float)
+
+int64_t tgn_chunk_sums_f32(const float *row, int64_t chunk, int64_t n_full, float *slots)
+{
+    (void)row, (void)chunk, (void)n_full, (void)slots;
+    return 0; /* the caller halves every chunk */
+}
 #endif
 
 /* Each row's total is written to total[i] (its rms with TGN_TOTAL_AS_RMS); total may be

@@ -15,7 +15,9 @@
 
 #include "native_quotient.h"
 
-int tgn_exact_scale(double row_max, int64_t hidden, double *sigma1, double *sigma2); /* native.c */
+/* native.c */
+int tgn_exact_scale(double row_max, int64_t hidden, double *sigma1, double *sigma2);
+int64_t tgn_chunk_sums_f32(const float *p, int64_t chunk, int64_t n_full, float *slots);
 
 /* --- the backward (kernels.py, "the backward"), fp32 rows ------------------------
  *
@@ -53,7 +55,7 @@ static float row_dot_float(float *p, int64_t hidden, int64_t chunk, const int64_
                            int64_t root, float *slots)
 {
     int64_t n_chunks = (hidden + chunk - 1) / chunk;
-    for (int64_t c = 0; c < n_chunks; ++c) {
+    for (int64_t c = tgn_chunk_sums_f32(p, chunk, hidden / chunk, slots); c < n_chunks; ++c) {
         int64_t length = hidden - c * chunk < chunk ? hidden - c * chunk : chunk;
         slots[c] = halve_in_place(p + c * chunk, length);
     }
@@ -84,6 +86,42 @@ static float row_dot_exact(const float *g, const float *x, int64_t hidden)
     return (float)(t1 + t2);
 }
 
+/* dx = g / r - x k with g = dy w (dy without a weight), one pass; the quotient is
+ * native_quotient.h's (IEEE division's bits), the rest the same roundings as written. */
+static void dx_row(const float *dy, const float *w, const float *x, float r, float k, float *dx, int64_t n)
+{
+    int64_t j = 0;
+#if TGN_QUOTIENT_LANES > 1
+    if (tgn_quotient_rms_in_range(r)) {
+        const tgn_q_div_t d = tgn_q_setup(r);
+        const TGN_QV kv = TGN_Q_SET1(k);
+        for (; j + TGN_QUOTIENT_LANES <= n; j += TGN_QUOTIENT_LANES) {
+            TGN_QV g = w ? TGN_Q_MUL(TGN_Q_LOAD(dy + j), TGN_Q_LOAD(w + j)) : TGN_Q_LOAD(dy + j);
+            TGN_Q_STORE(dx + j, TGN_Q_SUB(tgn_q_vec(&d, g), TGN_Q_MUL(TGN_Q_LOAD(x + j), kv)));
+        }
+    }
+#endif
+    for (; j < n; ++j) {
+        float g = w ? dy[j] * w[j] : dy[j];
+        dx[j] = g / r - x[j] * k;
+    }
+}
+
+/* t = dy (x / r), one pass (the weight gradient's term of one row). */
+static void block_row(const float *dy, const float *x, float r, float *t, int64_t n)
+{
+    int64_t j = 0;
+#if TGN_QUOTIENT_LANES > 1
+    if (tgn_quotient_rms_in_range(r)) {
+        const tgn_q_div_t d = tgn_q_setup(r);
+        for (; j + TGN_QUOTIENT_LANES <= n; j += TGN_QUOTIENT_LANES)
+            TGN_Q_STORE(t + j, TGN_Q_MUL(TGN_Q_LOAD(dy + j), tgn_q_vec(&d, TGN_Q_LOAD(x + j))));
+    }
+#endif
+    for (; j < n; ++j)
+        t[j] = dy[j] * (x[j] / r);
+}
+
 int64_t tgn_backward_rows_f32(const float *x, const float *dy, const float *w, const float *rms,
                               int64_t rows, int64_t hidden, int64_t chunk, const int64_t *adds,
                               int64_t n_adds, int64_t root, int64_t exact, float *dx, float *blocks)
@@ -101,33 +139,30 @@ int64_t tgn_backward_rows_f32(const float *x, const float *dy, const float *w, c
             const float *xr = x + i * hidden, *dyr = dy + i * hidden;
             const float r = rms[i];
             if (dx) {
-                if (w)
-                    for (int64_t j = 0; j < hidden; ++j)
-                        g[j] = dyr[j] * w[j];
-                else
-                    memcpy(g, dyr, (size_t)hidden * sizeof(float));
                 float s;
                 if (exact) {
+                    if (w)
+                        for (int64_t j = 0; j < hidden; ++j)
+                            g[j] = dyr[j] * w[j];
+                    else
+                        memcpy(g, dyr, (size_t)hidden * sizeof(float));
                     s = row_dot_exact(g, xr, hidden);
                 } else {
-                    for (int64_t j = 0; j < hidden; ++j)
-                        p[j] = g[j] * xr[j];
+                    if (w) /* p = g x with g = dy w, not kept: dx_row forms g again */
+                        for (int64_t j = 0; j < hidden; ++j)
+                            p[j] = (dyr[j] * w[j]) * xr[j];
+                    else
+                        for (int64_t j = 0; j < hidden; ++j)
+                            p[j] = dyr[j] * xr[j];
                     s = row_dot_float(p, hidden, chunk, adds, n_adds, root, slots);
                 }
                 float k = ((s / fd) / r / r) / r;
                 if (!isfinite(s) || !isfinite(k))
                     ++bad;
-                float *dxr = dx + i * hidden;
-                tgn_quotient_row_f32(g, dxr, NULL, 0.0f, hidden, r); /* g / r, IEEE's bits */
-                for (int64_t j = 0; j < hidden; ++j)
-                    dxr[j] = dxr[j] - xr[j] * k;
+                dx_row(dyr, w, xr, r, k, dx + i * hidden, hidden);
             }
-            if (blocks) {
-                float *t = tb + (i - b0) * hidden;
-                tgn_quotient_row_f32(xr, t, NULL, 0.0f, hidden, r); /* x / r, IEEE's bits */
-                for (int64_t j = 0; j < hidden; ++j)
-                    t[j] = dyr[j] * t[j];
-            }
+            if (blocks)
+                block_row(dyr, xr, r, tb + (i - b0) * hidden, hidden);
         }
         if (blocks) {
             for (int64_t length = in_block; length > 1;) {

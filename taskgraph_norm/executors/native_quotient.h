@@ -119,6 +119,7 @@ static inline int tgn_quotient_rms_in_range(float rms)
 #define TGN_Q_SET1 _mm512_set1_ps
 #define TGN_Q_MUL _mm512_mul_ps
 #define TGN_Q_ADD _mm512_add_ps
+#define TGN_Q_SUB _mm512_sub_ps
 #define TGN_Q_DIV _mm512_div_ps
 #define TGN_Q_FMADD _mm512_fmadd_ps
 #define TGN_Q_FNMADD _mm512_fnmadd_ps
@@ -139,6 +140,7 @@ static inline int tgn_q_in_range(__m512 a)
 #define TGN_Q_SET1 _mm256_set1_ps
 #define TGN_Q_MUL _mm256_mul_ps
 #define TGN_Q_ADD _mm256_add_ps
+#define TGN_Q_SUB _mm256_sub_ps
 #define TGN_Q_DIV _mm256_div_ps
 #define TGN_Q_FMADD _mm256_fmadd_ps
 #define TGN_Q_FNMADD _mm256_fnmadd_ps
@@ -155,6 +157,33 @@ static inline int tgn_q_in_range(__m256 a)
 }
 #endif
 
+#if TGN_QUOTIENT_LANES > 1
+/* One row's divisor, ready for tgn_q_vec: b, y = RN(1/b) and yl (see the top). */
+typedef struct {
+    TGN_QV b, r, rl;
+} tgn_q_div_t;
+
+static inline tgn_q_div_t tgn_q_setup(float rms)
+{
+    const float inv = 1.0f / rms;
+    const float lo = __builtin_fmaf(-rms, inv, 1.0f) * inv; /* e y: 1/b - y, to 2^-23 */
+    tgn_q_div_t d = {TGN_Q_SET1(rms), TGN_Q_SET1(inv), TGN_Q_SET1(lo)};
+    return d;
+}
+
+/* a / b per lane, IEEE division's bits; b from tgn_q_setup of an rms for which
+ * tgn_quotient_rms_in_range holds (a vector with a lane outside a's range divides). */
+static inline TGN_QV tgn_q_vec(const tgn_q_div_t *d, TGN_QV a)
+{
+    if (!tgn_q_in_range(a))
+        return TGN_Q_DIV(a, d->b);
+    TGN_QV q = TGN_Q_FMADD(a, d->r, TGN_Q_MUL(a, d->rl)); /* faithful */
+    for (int k = 0; k < TGN_Q_CORRECTIONS; ++k)            /* unrolled: a constant count */
+        q = TGN_Q_FMADD(TGN_Q_FNMADD(q, d->b, a), d->r, q);
+    return q;
+}
+#endif
+
 /* y[j] = (x[j] / rms) * w[j] ((w[j] + off) when off != 0; no weight when w is NULL),
  * with the bits of the scalar loop.  y may be x (each vector is read before it is
  * written). */
@@ -166,20 +195,12 @@ static inline void tgn_quotient_row_f32(const float *x, float *y, const float *w
         tgn_quotient_div_f32(x, y, w, off, n, rms);
         return;
     }
-    const float inv = 1.0f / rms;
-    const float lo = __builtin_fmaf(-rms, inv, 1.0f) * inv; /* e y: 1/b - y, to 2^-23 */
-    const TGN_QV b = TGN_Q_SET1(rms), r = TGN_Q_SET1(inv), rl = TGN_Q_SET1(lo), o = TGN_Q_SET1(off);
+    const tgn_q_div_t d = tgn_q_setup(rms);
+    const TGN_QV o = TGN_Q_SET1(off);
     const int64_t L = TGN_QUOTIENT_LANES;
     int64_t j = 0;
     for (; j + L <= n; j += L) {
-        TGN_QV a = TGN_Q_LOAD(x + j), q;
-        if (tgn_q_in_range(a)) {
-            q = TGN_Q_FMADD(a, r, TGN_Q_MUL(a, rl)); /* faithful */
-            for (int k = 0; k < TGN_Q_CORRECTIONS; ++k) /* unrolled: a constant count */
-                q = TGN_Q_FMADD(TGN_Q_FNMADD(q, b, a), r, q);
-        } else {
-            q = TGN_Q_DIV(a, b);
-        }
+        TGN_QV q = tgn_q_vec(&d, TGN_Q_LOAD(x + j));
         if (w) {
             TGN_QV wv = TGN_Q_LOAD(w + j);
             if (off != 0.0f)
