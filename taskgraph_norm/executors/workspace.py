@@ -16,7 +16,7 @@ import torch
 from .. import caches, kernels
 from .lowering import Plan, halving_steps, tree_levels
 
-__all__ = ["TILE_BYTES", "WORKSPACES_PER_THREAD", "ThreadScratch", "Views", "Workspace", "default_tile_rows", "workspace"]
+__all__ = ["TILE_BYTES", "WORKSPACES_PER_THREAD", "Views", "Workspace", "default_tile_rows", "workspace"]
 
 #: Target size of one tile's square workspace (128 rows of 4096 fp32): measured the
 #: best trade-off here between cache reuse and per-op overhead (docs/performance.md).
@@ -170,27 +170,3 @@ def workspace(
     else:
         cache.move_to_end(key)
     return ws
-
-
-class ThreadScratch(threading.local):
-    """A per-thread buffer of one dtype, grown on demand and never shrunk, for values a
-    kernel writes and its caller reads before its next call (the row totals):
-    a fresh tensor per call would be allocated, and page-faulted, every time."""
-
-    def __init__(self, dtype: torch.dtype) -> None:
-        self.dtype = dtype
-        self.buf = torch.empty(0, dtype=dtype)
-
-    def _grow(self, elements: int) -> None:
-        if self.buf.numel() < elements:
-            self.buf = torch.empty(max(elements, 2 * self.buf.numel()), dtype=self.dtype)
-
-    def get(self, elements: int) -> torch.Tensor:
-        """The first ``elements`` of this thread's buffer."""
-        self._grow(elements)
-        return self.buf[:elements]
-
-    def pointer(self, elements: int) -> int:
-        """The address of a buffer of at least ``elements`` (a C kernel's scratch)."""
-        self._grow(elements)
-        return int(self.buf.data_ptr())
