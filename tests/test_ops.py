@@ -231,24 +231,31 @@ def test_residual_bits() -> None:
     assert_bits_equal(y, tgn.normalize_sync(h, w, chunk_size=16))
 
 
-@pytest.mark.parametrize("opts", [dict(topology="tree"), dict(topology="linear", chunk_size=48),
-                                  dict(accumulate="exact")], ids=["tree", "linear", "exact"])
-def test_native_backward_runs_split_with_the_torch_ops_bits(opts: dict[str, object]) -> None:
-    """Large enough to split over two threads (whole row blocks each side)."""
+def _native_backward_has_torch_bits(x: torch.Tensor, dy: torch.Tensor, w: torch.Tensor, chunk: int = 64,
+                                    topology: str = "tree", accumulate: str = "float") -> torch.Tensor:
+    """The C backward's dx and dW against the torch ops', bit for bit, given the
+    forward's rms (returned: a test may check it)."""
     from taskgraph_norm import pipeline
     from taskgraph_norm.ops import backward as bw
 
-    rows, hidden = 101, 1000
-    x, w, dy = torch.randn(rows, hidden), torch.randn(hidden), torch.randn(rows, hidden)
-    pipe = pipeline.for_config(hidden, int(opts.get("chunk_size", 64)), str(opts.get("topology", "tree")),
-                               "pairwise", str(opts.get("accumulate", "float")), "auto")
-    _, rms = ops.rms_norm_op(x, w, 1e-6, pipe.plan.chunk_size, str(opts.get("topology", "tree")),  # type: ignore[union-attr]
-                             "pairwise", str(opts.get("accumulate", "float")), "torch", 0.0)
+    pipe = pipeline.for_config(x.shape[-1], chunk, topology, "pairwise", accumulate, "auto")
+    _, rms = ops.rms_norm_op(x, w, 1e-6, chunk, topology, "pairwise", accumulate, "torch", 0.0)
     found = bw._backward_native(pipe, dy, x, w, rms, True, True)
     assert found is not None
     want = bw.backward_torch(pipe, dy, x, w, rms, True, True)
     assert_bits_equal(found[0], want[0])
     assert_bits_equal(found[1], want[1])
+    return rms
+
+
+@pytest.mark.parametrize("opts", [dict(topology="tree"), dict(topology="linear", chunk_size=48),
+                                  dict(accumulate="exact")], ids=["tree", "linear", "exact"])
+def test_native_backward_runs_split_with_the_torch_ops_bits(opts: dict[str, object]) -> None:
+    """Large enough to split over two threads (whole row blocks each side)."""
+    rows, hidden = 101, 1000
+    x, w, dy = torch.randn(rows, hidden), torch.randn(hidden), torch.randn(rows, hidden)
+    _native_backward_has_torch_bits(x, dy, w, int(opts.get("chunk_size", 64)), str(opts.get("topology", "tree")),
+                                    str(opts.get("accumulate", "float")))
 
 
 @pytest.mark.parametrize("accumulate", ["float", "exact"])
@@ -256,9 +263,6 @@ def test_native_backward_quotients_on_hard_rows_have_the_torch_ops_bits(accumula
     """The C backward's g / r and x / r come from native_quotient.h's fma quotient (the
     divider outside its range): rows of scales 2**-70 to 2**50, zeros of both signs,
     subnormals, and a width off the vector lanes give the torch ops' bits."""
-    from taskgraph_norm import pipeline
-    from taskgraph_norm.ops import backward as bw
-
     rows, hidden = 40, 1003
     g = torch.Generator().manual_seed(5)
     x, dy = torch.randn(rows, hidden, generator=g), torch.randn(rows, hidden, generator=g)
@@ -268,13 +272,7 @@ def test_native_backward_quotients_on_hard_rows_have_the_torch_ops_bits(accumula
     x[5, ::3] = 1e-41  # subnormal
     dy[6, ::4] = -0.0
     w = torch.randn(hidden, generator=g)
-    pipe = pipeline.for_config(hidden, 64, "tree", "pairwise", accumulate, "auto")
-    _, rms = ops.rms_norm_op(x, w, 1e-6, 64, "tree", "pairwise", accumulate, "torch", 0.0)
-    found = bw._backward_native(pipe, dy, x, w, rms, True, True)
-    assert found is not None
-    want = bw.backward_torch(pipe, dy, x, w, rms, True, True)
-    assert_bits_equal(found[0], want[0])
-    assert_bits_equal(found[1], want[1])
+    _native_backward_has_torch_bits(x, dy, w, accumulate=accumulate)
 
 
 @pytest.mark.parametrize("chunk", [16, 32, 64, 128, 256, 48])
@@ -283,20 +281,11 @@ def test_native_backward_dot_in_every_chunk_size(chunk: int) -> None:
     forward's add network, native.c's tgn_chunk_sums_f32), the rest one by one: every
     chunk size, with whole groups of eight and tails, over values of many magnitudes
     (so any other pairing of the additions rounds differently), gives the torch ops' bits."""
-    from taskgraph_norm import pipeline
-    from taskgraph_norm.ops import backward as bw
-
     hidden = chunk * 19 + 5  # two groups of eight chunks, three more, and a tail
     g = torch.Generator().manual_seed(chunk)
     x = torch.randn(37, hidden, generator=g) * torch.exp2(torch.randint(-12, 12, (37, hidden), generator=g).float())
     dy, w = torch.randn(37, hidden, generator=g), torch.randn(hidden, generator=g)
-    pipe = pipeline.for_config(hidden, chunk, "tree", "pairwise", "float", "auto")
-    _, rms = ops.rms_norm_op(x, w, 1e-6, chunk, "tree", "pairwise", "float", "torch", 0.0)
-    found = bw._backward_native(pipe, dy, x, w, rms, True, True)
-    assert found is not None
-    want = bw.backward_torch(pipe, dy, x, w, rms, True, True)
-    assert_bits_equal(found[0], want[0])
-    assert_bits_equal(found[1], want[1])
+    _native_backward_has_torch_bits(x, dy, w, chunk)
 
 
 def test_native_backward_quotients_on_subnormal_ties() -> None:
@@ -304,9 +293,6 @@ def test_native_backward_quotients_on_subnormal_ties() -> None:
     g / r and x / r land exactly on subnormal rounding midpoints, where only IEEE
     division's ties-to-even is right (a quotient formed outside the fma quotient's range
     fails here)."""
-    from taskgraph_norm import pipeline
-    from taskgraph_norm.ops import backward as bw
-
     hidden = 4096
     ties = (torch.arange(1, 2 * hidden - 1, 2, dtype=torch.float64)[: hidden - 1] * 49.0 * 2.0**-149).float()
     x = torch.zeros(2, hidden)
@@ -315,14 +301,8 @@ def test_native_backward_quotients_on_subnormal_ties() -> None:
     dy = torch.zeros(2, hidden)
     dy[:, 1:] = ties
     w = torch.ones(hidden)
-    pipe = pipeline.for_config(hidden, 64, "tree", "pairwise", "float", "auto")
-    _, rms = ops.rms_norm_op(x, w, 1e-6, 64, "tree", "pairwise", "float", "torch", 0.0)
+    rms = _native_backward_has_torch_bits(x, dy, w)
     assert float(rms[0]) == 98.0
-    found = bw._backward_native(pipe, dy, x, w, rms, True, True)
-    assert found is not None
-    want = bw.backward_torch(pipe, dy, x, w, rms, True, True)
-    assert_bits_equal(found[0], want[0])
-    assert_bits_equal(found[1], want[1])
 
 
 def test_registered_autograd_of_the_op_matches_eager_autograd() -> None:

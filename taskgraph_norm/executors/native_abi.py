@@ -49,10 +49,6 @@ def declare(lib: ctypes.CDLL) -> None:
                        ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                        ctypes.c_void_p, *finalize_args]
         fn.restype = ctypes.c_int64
-    for name in ("tgn_float_rows_f32", "tgn_exact_rows_f32"):  # + grain, threads (native_team.c)
-        team = getattr(lib, name + "_team")
-        team.argtypes = [*getattr(lib, name).argtypes, ctypes.c_int64, ctypes.c_int64]
-        team.restype = ctypes.c_int64
     # cfg, x, y, rows, w, eps, total, r, h, threads
     lib.tgn_rows_call.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                                   ctypes.c_void_p, ctypes.c_double, ctypes.c_void_p, ctypes.c_void_p,

@@ -312,6 +312,8 @@ static void split(job_t *j, part_t *parts, int64_t n_parts)
  * team when there is one, else on the caller and this file's worker. */
 static int64_t run_team(job_t *j, int64_t threads)
 {
+    if (j->grain < 1)
+        j->grain = 1;
     if (threads < 2 || j->rows <= j->grain)
         return run_rows(j, 0, j->rows); /* one thread, or too small to share */
     if ((j->rows + j->grain - 1) / j->grain > MAX_BLOCKS)
@@ -349,30 +351,6 @@ static int64_t run_team(job_t *j, int64_t threads)
     return atomic_load(&j->failed) ? atomic_load(&j->failed) : atomic_load(&j->result);
 }
 
-/* tgn_float_rows_f32 on `threads` threads, `grain` rows per claim; returns the sum
- * of the kernel's return values (-1 when a block could not allocate its scratch). */
-int64_t tgn_float_rows_f32_team(const float *x, int64_t rows, int64_t hidden, int64_t row_stride, int64_t chunk,
-                                const int64_t *adds, int64_t n_adds, int64_t root, float *total, float *y,
-                                int64_t y_stride, const float *w, double eps, int64_t flags, double offset,
-                                const float *r, int64_t r_stride, float *h, int64_t h_stride, int64_t grain,
-                                int64_t threads)
-{
-    job_t j = {JOB_FLOAT, x, rows, hidden, row_stride, chunk, adds, n_adds, root, total, y, y_stride, w, eps,
-               flags, offset, r, r_stride, h, h_stride, grain < 1 ? 1 : grain};
-    return run_team(&j, threads);
-}
-
-/* tgn_exact_rows_f32 on `threads` threads, `grain` rows per claim. */
-int64_t tgn_exact_rows_f32_team(const float *x, int64_t rows, int64_t hidden, int64_t row_stride, double *pair,
-                                float *y, int64_t y_stride, const float *w, double eps, int64_t flags,
-                                double offset, const float *r, int64_t r_stride, float *h, int64_t h_stride,
-                                int64_t grain, int64_t threads)
-{
-    job_t j = {JOB_EXACT, x, rows, hidden, row_stride, 0, 0, 0, 0, pair, y, y_stride, w, eps, flags,
-               offset, r, r_stride, h, h_stride, grain < 1 ? 1 : grain};
-    return run_team(&j, threads);
-}
-
 /* tgn_backward_rows_f32 on `threads` threads (ops/backward.py), in blocks of `grain`
  * rows, rounded up to a multiple of the backward's row block (the weight gradient's
  * block sums stay where one thread makes them); returns the sum of the kernel's
@@ -387,13 +365,9 @@ int64_t tgn_backward_rows_f32_team(const float *x, const float *dy, const float 
     if (grain < 1)
         grain = 1;
     grain = (grain + BACKWARD_ROW_BLOCK - 1) / BACKWARD_ROW_BLOCK * BACKWARD_ROW_BLOCK;
-    job_t j = {JOB_BACKWARD, x, rows, hidden, hidden, chunk, adds, n_adds, root, 0, 0, 0, w, 0.0, 0, 0.0,
-               0, 0, 0, 0, grain};
-    j.bw_dy = dy;
-    j.bw_rms = rms;
-    j.bw_dx = dx;
-    j.bw_blocks = blocks;
-    j.bw_exact = exact;
+    job_t j = {.kind = JOB_BACKWARD, .x = x, .rows = rows, .hidden = hidden, .row_stride = hidden, .chunk = chunk,
+               .adds = adds, .n_adds = n_adds, .root = root, .w = w, .grain = grain, .bw_dy = dy, .bw_rms = rms,
+               .bw_dx = dx, .bw_blocks = blocks, .bw_exact = exact};
     return run_team(&j, threads);
 }
 
@@ -408,14 +382,8 @@ int64_t tgn_exact_dw_f32_team(const float *dy, int64_t dy_stride, const float *x
 {
     if (rows <= 0 || cols <= 0)
         return 0;
-    job_t j = {JOB_EXACT_DW, xh, cols, 0, xh_stride, 0, 0, 0, 0, 0, 0, 0, 0, 0.0, 0, 0.0,
-               0, 0, 0, 0, grain < 1 ? 1 : grain};
-    j.bw_dy = dy;
-    j.bw_rms = rms;
-    j.dw_rows = rows;
-    j.dw_dy_stride = dy_stride;
-    j.dw_state = state;
-    j.dw_stride = stride;
+    job_t j = {.kind = JOB_EXACT_DW, .x = xh, .rows = cols, .row_stride = xh_stride, .grain = grain, .bw_dy = dy,
+               .bw_rms = rms, .dw_rows = rows, .dw_dy_stride = dy_stride, .dw_state = state, .dw_stride = stride};
     return run_team(&j, threads);
 }
 
@@ -437,8 +405,10 @@ int64_t tgn_rows_call(const tgn_rows_cfg_t *c, const float *x, float *y, int64_t
     if (rows <= 0)
         return 0;
     int64_t d = c->hidden, flags = c->flags | (total ? c->total_flags : 0);
-    job_t j = {c->exact ? JOB_EXACT : JOB_FLOAT, x, rows, d, d, c->chunk, c->adds, c->n_adds, c->root, total, y,
-               d, w, eps, flags, c->offset, r, d, h, d, c->grain < 1 ? 1 : c->grain};
+    job_t j = {.kind = c->exact ? JOB_EXACT : JOB_FLOAT, .x = x, .rows = rows, .hidden = d, .row_stride = d,
+               .chunk = c->chunk, .adds = c->adds, .n_adds = c->n_adds, .root = c->root, .total = total, .y = y,
+               .y_stride = d, .w = w, .eps = eps, .flags = flags, .offset = c->offset, .r = r, .r_stride = d,
+               .h = h, .h_stride = d, .grain = c->grain};
     return run_team(&j, threads);
 }
 
