@@ -25,6 +25,7 @@ from .errors import InputRankError as InputRankError
 from .errors import InputShapeError as InputShapeError
 from .errors import MissingDependencyError as MissingDependencyError
 from .errors import NativeKernelsWarning as NativeKernelsWarning
+from .errors import OverlapError as OverlapError
 from .errors import PoolClosedError as PoolClosedError
 from .errors import ScheduleError as ScheduleError
 from .errors import ShardMismatchError as ShardMismatchError
@@ -70,6 +71,7 @@ __all__ = [
     "Node",
     "Op",
     "Pipeline",
+    "OverlapError",
     "PoolClosedError",
     "Proof",
     "RMSNorm",

@@ -16,21 +16,24 @@ import torch
 from . import kernels, ops, pipeline
 from .checks import check_input, check_out
 from .errors import InputRankError
-from .executors import ASYNC_EXECUTORS
 from .graph import Graph
 from .pipeline import OFFLOAD_NUMEL
 from .topologies import build_graph
 
-__all__ = ["execute", "execute_sync", "normalize", "normalize_sync", "OFFLOAD_NUMEL"]
+__all__ = ["execute", "execute_sync", "find_pipeline", "normalize", "normalize_sync", "OFFLOAD_NUMEL"]
 
 
-def _pipeline(
+def find_pipeline(
     x: object, topology: str, chunk_size: int, leaf: str, accumulate: str, executor: str,
-    weight: object | None, out: object | None, casting_mode: str = "torch", offset: float = 0.0,
-    residual: bool = False,
+    weight: object | None, casting_mode: str, offset: float, residual: bool,
 ) -> pipeline.Pipeline | None:
-    """The configuration's pipeline, or ``None`` for a hidden size of 0 (an empty
-    result, after the same checks)."""
+    """The configuration's pipeline (every option checked, cached or not), or ``None``
+    for a hidden size of 0 (an empty result, after the same checks)."""
+    if isinstance(x, torch.Tensor) and x.dim():
+        pipe = pipeline.cached(x.shape[-1], chunk_size, topology, leaf, accumulate, executor,
+                               casting_mode, offset, residual)
+        if pipe is not None:
+            return pipe  # the warm path: one dict lookup
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() == 0:
@@ -40,6 +43,7 @@ def _pipeline(
         # Parameters are checked even when D == 0, so a bad call fails on every input.
         build_graph(1, chunk_size=chunk_size, topology=topology, leaf=leaf, accumulate=accumulate,
                     casting_mode=casting_mode, offset=offset, residual=residual)
+        pipeline.check_executor(executor)
         check_input(x, (0,), weight)
         return None
     return pipeline.for_config(hidden, chunk_size, topology, leaf, accumulate, executor,
@@ -55,6 +59,50 @@ def _empty(x: torch.Tensor, weight: object | None, out: torch.Tensor | None, cas
     if residual is None:
         return y
     return y, kernels.residual_add(x, residual, out=residual_out)
+
+
+def _how(x: object, weight: object | None, residual: object | None) -> int:
+    """Where a call goes (:func:`taskgraph_norm.ops.route`), for the sync and async faces
+    alike: through the ops when a gradient is recorded or a tracer looks (at ``x``, the
+    weight or the residual), else straight to the pipeline."""
+    if not isinstance(x, torch.Tensor):
+        return ops.DIRECT  # (the pipeline raises the TypeError)
+    w = weight if isinstance(weight, torch.Tensor) else None
+    how = ops.route(x, w)
+    if how == ops.DIRECT and isinstance(residual, torch.Tensor):
+        how = ops.route(residual, None)
+    return how
+
+
+def _traced(
+    x: torch.Tensor, weight: torch.Tensor | None, eps: float | None, options: dict[str, Any],
+    executor: str, out: torch.Tensor | None, residual: torch.Tensor | None, residual_out: torch.Tensor | None,
+) -> Any:
+    """A call a tracer looks at: the ``torch.library`` ops (their fake rules answer for shapes)."""
+    pipeline.check_executor(executor)
+    if residual is None:
+        y = ops.rms_norm(x, weight, eps, **options)
+        check_out(out, x, y.dtype)
+        return y if out is None else out.copy_(y)
+    y, h = ops.rms_norm_residual(x, residual, weight, eps, **options)
+    check_out(out, x, y.dtype)
+    check_out(residual_out, x, x.dtype)
+    return (y if out is None else out.copy_(y)), (h if residual_out is None else residual_out.copy_(h))
+
+
+def _recorded(
+    pipe: pipeline.Pipeline, x: torch.Tensor, weight: torch.Tensor | None, eps: float | None,
+    out: torch.Tensor | None, residual: torch.Tensor | None, residual_out: torch.Tensor | None, how: int,
+) -> Any:
+    """A call whose gradient autograd records: the pipeline's checks, then its kernels
+    under the ops' autograd (the same bits as the direct call)."""
+    xc, w, e = pipe.check(x, weight, eps, out)
+    if residual is None and residual_out is None and not pipe.residual:
+        y = ops.call_checked(xc, w, e, *pipe.options, how=how)
+        return y if out is None else out.copy_(y)
+    r, h_out = pipe.check_residual(xc, residual, residual_out, fresh=False)
+    y, h = ops.call_checked_residual(xc, r, w, e, *pipe.options)
+    return (y if out is None else out.copy_(y)), (h if h_out is None else h_out.copy_(h))
 
 
 def normalize_sync(
@@ -78,28 +126,20 @@ def normalize_sync(
     Same arguments and result as :func:`normalize`.  Works from inside a running
     event loop too (an async executor then runs its loop on a helper thread).
     """
-    if isinstance(x, torch.Tensor) and (ops.needs_op(x, weight) or (
-            isinstance(residual, torch.Tensor) and ops.needs_op(residual, None))):
-        # a gradient to record, or a tracer looking: the torch.library ops (executor "auto")
+    how = _how(x, weight, residual)
+    if how == ops.TRACED:
         options = dict(topology=topology, chunk_size=chunk_size, leaf=leaf, accumulate=accumulate,
                        casting_mode=casting_mode, offset=offset)
-        if residual is None:
-            y = ops.rms_norm(x, weight, eps, **options)  # type: ignore[arg-type]
-            return y if out is None else out.copy_(y)
-        y, h = ops.rms_norm_residual(x, residual, weight, eps, **options)  # type: ignore[arg-type]
-        return (y if out is None else out.copy_(y)), (h if residual_out is None else residual_out.copy_(h))
-    if isinstance(x, torch.Tensor) and x.dim():  # the warm path: one dict lookup, one call
-        pipe = pipeline.cached(x.shape[-1], chunk_size, topology, leaf, accumulate, executor,
-                               casting_mode, offset, residual is not None)
-        if pipe is not None:
-            if residual is None and residual_out is None:
-                return pipe(x, weight, eps, out)
-            return pipe(x, weight, eps, out, residual=residual, residual_out=residual_out)
-    found = _pipeline(x, topology, chunk_size, leaf, accumulate, executor, weight, out,
-                      casting_mode, offset, residual is not None)
-    if found is None:
+        return _traced(x, weight, eps, options, executor, out, residual, residual_out)
+    pipe = find_pipeline(x, topology, chunk_size, leaf, accumulate, executor, weight, casting_mode, offset,
+                 residual is not None)
+    if pipe is None:
         return _empty(x, weight, out, casting_mode, residual, residual_out)
-    return found(x, weight, eps, out, residual=residual, residual_out=residual_out)
+    if how == ops.EAGER:
+        return _recorded(pipe, x, weight, eps, out, residual, residual_out, how)
+    if residual is None and residual_out is None:
+        return pipe(x, weight, eps, out)
+    return pipe(x, weight, eps, out, residual=residual, residual_out=residual_out)
 
 
 async def normalize(
@@ -125,12 +165,15 @@ async def normalize(
     ``accumulate``: see :func:`taskgraph_norm.build_graph`).  ``eps=None`` means
     what it means in ``torch.nn.functional.rms_norm``.  fp16/bf16 accumulate in
     fp32 and are cast back.  With ``out``, the result is written there and
-    ``out`` is returned.  Large inputs are computed off the event-loop thread;
-    cancelling the call stops that work between tiles.
+    ``out`` is returned.  Large inputs are computed off the event-loop thread
+    (under the caller's grad and inference mode); cancelling the call stops that
+    work between tiles.  A call that records a gradient (or is traced) goes through
+    the same ops as :func:`normalize_sync`'s, inline, with the same bits.
 
     ``casting_mode`` (``"torch"``, ``"llama"``, ``"gemma"``) and ``offset`` (added to
-    the weight) follow Hugging Face's model families (:func:`taskgraph_norm.kernels.finalize`;
-    ``"llama"`` with a weight returns the promoted dtype of the weight and ``x``).
+    the weight; no effect without one) follow Hugging Face's model families
+    (:func:`taskgraph_norm.kernels.finalize`; ``"llama"`` with a weight returns the
+    promoted dtype of the weight and ``x``).
     With ``residual`` (``x``'s shape and dtype) the call returns ``(y, h)``:
     ``h = x + residual`` rounded to ``x``'s dtype, and ``y`` the RMSNorm of ``h``
     (a fused residual add, one pass on the native kernels); ``out`` receives ``y``
@@ -144,19 +187,16 @@ async def normalize(
     tensor([[1., 1., 1., 1., 1., 1., 1., 1.],
             [1., 1., 1., 1., 1., 1., 1., 1.]])
     """
-    if isinstance(x, torch.Tensor) and x.dim() and x.numel() < OFFLOAD_NUMEL:
-        # The warm path of a small call: inline, as normalize_sync's (no thread hop).
-        pipe = pipeline.cached(x.shape[-1], chunk_size, topology, leaf, accumulate, executor,
-                               casting_mode, offset, residual is not None)
-        if pipe is not None and pipe.executor not in ASYNC_EXECUTORS:
-            if residual is None and residual_out is None:
-                return pipe(x, weight, eps, out)
-            return pipe(x, weight, eps, out, residual=residual, residual_out=residual_out)
-    found = _pipeline(x, topology, chunk_size, leaf, accumulate, executor, weight, out,
-                      casting_mode, offset, residual is not None)
-    if found is None:
+    if _how(x, weight, residual) != ops.DIRECT:
+        # autograd records on the caller's thread (and a tracer looks there): inline
+        return normalize_sync(x, weight, eps, topology=topology, chunk_size=chunk_size, leaf=leaf,
+                              accumulate=accumulate, executor=executor, out=out, casting_mode=casting_mode,
+                              offset=offset, residual=residual, residual_out=residual_out)
+    pipe = find_pipeline(x, topology, chunk_size, leaf, accumulate, executor, weight, casting_mode, offset,
+                 residual is not None)
+    if pipe is None:
         return _empty(x, weight, out, casting_mode, residual, residual_out)
-    return await found.acall(x, weight, eps, out, residual=residual, residual_out=residual_out)
+    return await pipe.acall(x, weight, eps, out, residual=residual, residual_out=residual_out)
 
 
 async def execute(

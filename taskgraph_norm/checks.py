@@ -19,10 +19,13 @@ from .errors import (
     ExecutionError,
     InputRankError,
     InputShapeError,
+    OverlapError,
     WeightShapeError,
 )
 
-__all__ = ["PLAIN_TENSORS", "SUPPORTED_DTYPES", "check_input", "check_out", "check_real", "resolve_eps"]
+__all__ = ["PLAIN_TENSORS", "SUPPORTED_DTYPES", "check_input", "check_no_partial_overlap", "check_out", "check_real",
+           "check_residual",
+           "resolve_eps"]
 
 #: The tensor types whose data the kernels may read: anything else (a FakeTensor, a
 #: FunctionalTensor, another subclass) belongs to a tracer or a wrapper.
@@ -82,6 +85,18 @@ def check_input(
         raise DeviceMismatchError(weight.device, x.device)
 
 
+def check_residual(x: torch.Tensor, residual: object, name: str = "residual") -> None:
+    """A residual (or ``residual_out``) must be a tensor of ``x``'s shape, dtype and device:
+    ``h = x + residual`` is rounded to ``x``'s dtype, never broadcast or promoted."""
+    if not isinstance(residual, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(residual).__name__}")
+    if residual.device != x.device:
+        raise DeviceMismatchError(residual.device, x.device)
+    if residual.shape != x.shape or residual.dtype != x.dtype:
+        raise ConfigError(name, f"tensor{list(residual.shape)} {residual.dtype}",
+                          f"a tensor of x's shape {list(x.shape)} and dtype {x.dtype}")
+
+
 def resolve_eps(eps: float | None, dtype: torch.dtype) -> float:
     """``eps=None`` means ``torch.finfo(dtype).eps``, as in ``F.rms_norm``."""
     if eps is None:
@@ -91,9 +106,11 @@ def resolve_eps(eps: float | None, dtype: torch.dtype) -> float:
     return float(eps)
 
 
-def check_out(out: object | None, x: torch.Tensor, dtype: torch.dtype | None = None) -> None:
+def check_out(out: object | None, x: torch.Tensor, dtype: torch.dtype | None = None,
+              *inputs: torch.Tensor | None) -> None:
     """``out`` must be a tensor of ``x``'s shape and device and of the result's dtype
-    (``dtype``; default ``x``'s: only ``casting_mode="llama"`` returns another)."""
+    (``dtype``; default ``x``'s: only ``casting_mode="llama"`` returns another), and
+    must not partly overlap ``x`` or the other ``inputs`` (:func:`check_no_partial_overlap`)."""
     if out is None:
         return
     if not isinstance(out, torch.Tensor):
@@ -104,6 +121,20 @@ def check_out(out: object | None, x: torch.Tensor, dtype: torch.dtype | None = N
             "out", f"tensor{list(out.shape)} {out.dtype} on {out.device}",
             f"a tensor of shape {list(x.shape)}, dtype {want} on {x.device}",
         )
+    check_no_partial_overlap(out, x, *inputs)
+
+
+def check_no_partial_overlap(written: torch.Tensor, *inputs: torch.Tensor | None) -> None:
+    """Raise torch's error for an output that shares memory with an input without being
+    that very tensor (the same data pointer, dtype, shape and strides: an in-place call,
+    which every path reads before it writes), as torch's own ``out=`` ops do."""
+    for t in inputs:
+        if t is None or t.device != written.device or not torch._C._overlaps(written, t):
+            continue
+        if (t.data_ptr() == written.data_ptr() and t.dtype == written.dtype and t.shape == written.shape
+                and t.stride() == written.stride()):
+            continue
+        raise OverlapError()
 
 
 def check_real(x: torch.Tensor) -> None:

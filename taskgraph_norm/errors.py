@@ -101,6 +101,17 @@ class DeviceMismatchError(TaskGraphError, RuntimeError):
         )
 
 
+class OverlapError(TaskGraphError, RuntimeError):
+    """An output (``out=``, ``residual_out=``) that partly overlaps an input, as torch's
+    own ``out=`` ops refuse it (the same message)."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "unsupported operation: some elements of the input tensor and the written-to tensor refer to a "
+            "single memory location. Please clone() the tensor before performing the operation."
+        )
+
+
 class DtypeError(TaskGraphError, NotImplementedError):
     """RMSNorm is not defined for this dtype (torch: NotImplementedError)."""
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from . import ops
-from .api import normalize_sync
+from .api import find_pipeline, normalize_sync
 from .checks import check_input
 from .errors import ConfigError
 from .topologies import build_graph
@@ -81,9 +81,8 @@ class RMSNorm(nn.Module):
             chunk_size=chunk_size, topology=topology, leaf=leaf, accumulate=accumulate,
             casting_mode=casting_mode, offset=offset,
         )
+        # (an offset without a weight has no effect, as in Liger-Kernel)
         self.casting_mode, self.offset = casting_mode, float(offset)
-        if self.offset and not elementwise_affine:
-            raise ConfigError("offset", offset, "0.0 with elementwise_affine=False (it is added to the weight)")
         self._eager_configs: dict[tuple[Any, ...], tuple[Any, ...]] = {}
         if elementwise_affine:
             self.weight = nn.Parameter(torch.empty(self.normalized_shape, device=device, dtype=dtype))
@@ -95,41 +94,50 @@ class RMSNorm(nn.Module):
         if self.weight is not None:
             nn.init.ones_(self.weight)
 
+    def _options(self) -> dict[str, Any]:
+        return dict(topology=self.topology, chunk_size=self.chunk_size, leaf=self.leaf, accumulate=self.accumulate,
+                    casting_mode=self.casting_mode, offset=self.offset)
+
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> Any:
         """``y``; with ``residual``, ``(y, h)``: ``h = x + residual`` and ``y`` its RMSNorm
-        (a decoder layer's fused residual add; see :func:`taskgraph_norm.normalize`)."""
-        k = len(self.normalized_shape)
+        (a decoder layer's fused residual add; see :func:`taskgraph_norm.normalize`).
+        Every call goes through :func:`taskgraph_norm.normalize_sync`, which decides where
+        (the direct kernel, or the ops when a gradient is recorded or a tracer looks)."""
         weight = self.weight  # (once: a parameter is a slow attribute)
-        how = ops.route(x, weight) if isinstance(x, torch.Tensor) else ops.DIRECT
-        if self.weight_grad == "exact" and how != ops.DIRECT and weight is not None:
+        if self.weight_grad == "exact" and weight is not None and isinstance(x, torch.Tensor) and (
+                ops.route(x, weight) != ops.DIRECT):
             return self._forward_exact(x, residual)
-        if residual is not None:
-            if how == ops.DIRECT and isinstance(residual, torch.Tensor) and ops.needs_op(residual, None):
-                how = ops.route(residual, None)
-            if how != ops.DIRECT:
-                return self._forward_op_residual(x, residual, k, how)
-        elif how == ops.EAGER and k == 1:
-            config = self._eager_config(x, weight)
-            if config is not None:  # the warm training path: the op's kernels under autograd
-                return ops.eager_apply(x, weight, config)
-        if how != ops.DIRECT:
-            return self._forward_op(x, k, how)  # a gradient to record, or a tracer looking
-        options = dict(topology=self.topology, chunk_size=self.chunk_size, leaf=self.leaf,
-                       accumulate=self.accumulate, casting_mode=self.casting_mode, offset=self.offset)
-        if k == 1 and isinstance(x, torch.Tensor) and x.dim() and x.shape[-1] == self.normalized_shape[0]:
-            # the warm path: normalize_sync checks the rest
-            return normalize_sync(x, self.weight, self.eps, residual=residual, **options)  # type: ignore[arg-type]
-        check_input(x, self.normalized_shape, self.weight)
-        hidden = math.prod(self.normalized_shape)
-        flat = x if k == 1 else x.reshape(*x.shape[: x.dim() - k], hidden)
-        w = self.weight if self.weight is None or k == 1 else self.weight.reshape(hidden)
-        r = residual if residual is None or k == 1 or residual.shape != x.shape else residual.reshape(flat.shape)
-        result = normalize_sync(flat, w, self.eps, residual=r, **options)  # type: ignore[arg-type]
-        if k == 1:
+        if len(self.normalized_shape) == 1 and residual is None and isinstance(x, torch.Tensor):
+            if ops.route(x, weight) == ops.EAGER:
+                config = self._eager_config(x, weight)
+                if config is not None:  # the warm training path: the op's kernels under autograd
+                    return ops.eager_apply(x, weight, config)
+            return normalize_sync(x, weight, self.eps, **self._options())
+        rows, w, r = self._rows(x, weight, residual)
+        result = normalize_sync(rows, w, self.eps, residual=r, **self._options())
+        if len(self.normalized_shape) == 1:
             return result
         if residual is None:
             return result.reshape(x.shape)
         return result[0].reshape(x.shape), result[1].reshape(x.shape)
+
+    def _rows(
+        self, x: torch.Tensor, weight: torch.Tensor | None, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """``x``, the weight and the residual with the ``normalized_shape`` dims flattened
+        into one hidden dim (row-major), after ``F.rms_norm``'s checks of ``x``."""
+        k = len(self.normalized_shape)
+        if k == 1:
+            return x, weight, residual
+        if not ops.jit_tracing():  # (jit sizes are tensors: a check would warn)
+            check_input(x, self.normalized_shape, weight)
+        hidden = math.prod(self.normalized_shape)
+        flat = x.reshape(*x.shape[: x.dim() - k], hidden)
+        w = None if weight is None else weight.reshape(hidden)
+        r = residual
+        if isinstance(residual, torch.Tensor) and residual.shape == x.shape:
+            r = residual.reshape(flat.shape)
+        return flat, w, r
 
     def _eager_config(self, x: torch.Tensor, w: torch.Tensor | None) -> tuple[Any, ...] | None:
         """The op's configuration for ``x`` (checked once per dtype and option set), or
@@ -143,34 +151,13 @@ class RMSNorm(nn.Module):
         config = self._eager_configs.get(key)
         if config is None:
             check_input(x, self.normalized_shape, w)  # the dtype
+            # every option checked as the faces check it (normalize_sync's pipeline lookup)
+            find_pipeline(x, self.topology, self.chunk_size, self.leaf, self.accumulate, "auto", w,
+                  self.casting_mode, self.offset, False)
             config = (ops.resolve_eps_fast(self.eps, x.dtype), self.chunk_size, self.topology, self.leaf,
                       self.accumulate, self.casting_mode, self.offset)
             self._eager_configs[key] = config
         return config
-
-    def _forward_op(self, x: torch.Tensor, k: int, how: int) -> torch.Tensor:
-        """Through the ops (:mod:`taskgraph_norm.ops`): ``how`` is :func:`ops.route`'s answer."""
-        if how == ops.EAGER or not ops.jit_tracing():  # (jit sizes are tensors: a check would warn)
-            check_input(x, self.normalized_shape, self.weight)
-        hidden = math.prod(self.normalized_shape)
-        flat = x if k == 1 else x.reshape(*x.shape[: x.dim() - k], hidden)
-        w = self.weight if self.weight is None or k == 1 else self.weight.reshape(hidden)
-        y = ops.call_checked(flat, w, ops.resolve_eps_fast(self.eps, x.dtype), self.chunk_size, self.topology,
-                             self.leaf, self.accumulate, self.casting_mode, self.offset, how=how)
-        return y if k == 1 else y.reshape(x.shape)
-
-    def _forward_op_residual(
-        self, x: torch.Tensor, residual: torch.Tensor, k: int, how: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(y, h)`` through the residual op (a gradient to record, or a tracer looking)."""
-        hidden = math.prod(self.normalized_shape)
-        flat = x if k == 1 else x.reshape(*x.shape[: x.dim() - k], hidden)
-        r = residual if k == 1 or not isinstance(residual, torch.Tensor) else residual.reshape(flat.shape)
-        w = self.weight if self.weight is None or k == 1 else self.weight.reshape(hidden)
-        y, h = ops.rms_norm_residual(flat, r, w, self.eps, topology=self.topology, chunk_size=self.chunk_size,
-                                     leaf=self.leaf, accumulate=self.accumulate, casting_mode=self.casting_mode,
-                                     offset=self.offset)
-        return (y, h) if k == 1 else (y.reshape(x.shape), h.reshape(x.shape))
 
     @_eager_only  # the accumulator is Python state: eager, a graph break under compile
     def _forward_exact(self, x: torch.Tensor, residual: torch.Tensor | None) -> Any:

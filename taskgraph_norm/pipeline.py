@@ -17,14 +17,14 @@ from __future__ import annotations
 import functools
 import threading
 from collections.abc import Callable, Mapping
-from typing import Any, overload
+from typing import Any, Literal, overload
 
 import anyio
 import anyio.to_thread
 import torch
 
-from . import caches, kernels
-from .checks import check_input, check_out, check_real, resolve_eps
+from . import caches, kernels, torch_state
+from .checks import check_input, check_no_partial_overlap, check_out, check_real, check_residual, resolve_eps
 from .errors import ConfigError, DeviceMismatchError, ExecutionError, GraphError
 from .executors import ASYNC_EXECUTORS, EXECUTORS, PLAN_EXECUTORS, Plan, direct_call, lower_certified
 from .executors import triton as _triton
@@ -35,7 +35,7 @@ from .graph.nodes import gc_paused
 from .prover import Proof, prove
 from .topologies import build_graph
 
-__all__ = ["OFFLOAD_NUMEL", "Pipeline", "cached", "for_config", "for_graph", "run_coroutine_sync"]
+__all__ = ["OFFLOAD_NUMEL", "Pipeline", "cached", "check_executor", "for_config", "for_graph", "run_coroutine_sync"]
 
 #: Inputs with at least this many elements are computed on a worker thread by the
 #: async faces; smaller ones run inline, where a thread hop would cost more than the work.
@@ -46,6 +46,8 @@ CACHE_SIZE = 256
 
 #: The options ``auto`` hands the triton executor on a CUDA tensor (any other runs the compiled one).
 _TRITON_OPTIONS = frozenset({"residual", "residual_out"})
+
+_overlaps = torch._C._overlaps
 
 _DEFAULT_EPS = {dt: torch.finfo(torch.float32 if dt in (torch.float16, torch.bfloat16) else dt).eps
                 for dt in (torch.float32, torch.float64, torch.float16, torch.bfloat16)}
@@ -67,13 +69,12 @@ class Pipeline:
     """
 
     __slots__ = ("graph", "executor", "plan", "hidden_size", "_proof", "_runner", "_direct", "_direct_known",
-                 "_triton", "casting_mode", "offset", "residual")
+                 "_triton", "casting_mode", "offset", "residual", "options")
 
     def __init__(self, graph: Graph, executor: str = "auto") -> None:
         if not isinstance(graph, Graph):
             raise TypeError(f"graph must be a taskgraph_norm.Graph, got {type(graph).__name__}")
-        if executor != "auto" and executor not in EXECUTORS:
-            raise ConfigError("executor", executor, "'auto' or one of " + ", ".join(repr(k) for k in EXECUTORS))
+        check_executor(executor)
         validate(graph)
         self.graph = graph
         hidden = graph.meta.get("hidden_size")
@@ -92,6 +93,12 @@ class Pipeline:
         elif executor in PLAN_EXECUTORS:
             self.plan = lower_certified(graph, self.proof)
         self.casting_mode, self.offset, self.residual = _semantics(graph)
+        meta = graph.meta
+        #: ``(chunk_size, topology, leaf, accumulate, casting_mode, offset)``: the ops'
+        #: configuration arguments for this pipeline's graph (``None`` for a general graph).
+        self.options: tuple[Any, ...] | None = None if self.hidden_size is None else (
+            meta.get("chunk_size"), meta.get("topology"), meta.get("leaf"), meta.get("accumulate"),
+            self.casting_mode, self.offset)
         self.executor = executor
         self._runner = EXECUTORS[executor]
         # auto on a CUDA tensor: the Triton kernels, where triton is installed and
@@ -168,8 +175,9 @@ class Pipeline:
                                    or weight.shape[0] != self.hidden_size):
             return None
         if out is not None and (not isinstance(out, torch.Tensor) or out.shape != x.shape
-                                or out.dtype != x.dtype):
-            return None
+                                or out.dtype != x.dtype or _overlaps(out, x)
+                                or (weight is not None and _overlaps(out, weight))):
+            return None  # (the full checks raise, or run an in-place call)
         if eps is None:
             e = _DEFAULT_EPS.get(x.dtype)
             if e is None:
@@ -194,28 +202,36 @@ class Pipeline:
                     return y, h
         return self.run(x, weight, e, out, {**options, "residual": r, "residual_out": h}), h
 
+    @overload
+    def check_residual(self, x: torch.Tensor, residual: object, residual_out: object,
+                       fresh: Literal[True] = True) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    @overload
+    def check_residual(self, x: torch.Tensor, residual: object, residual_out: object,
+                       fresh: bool) -> tuple[torch.Tensor, torch.Tensor | None]: ...
+
     def check_residual(
-        self, x: torch.Tensor, residual: object, residual_out: object
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self, x: torch.Tensor, residual: object, residual_out: object, fresh: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(residual, h)`` for a residual graph: the residual must have ``x``'s
         shape, dtype and device (as must ``residual_out``, which may be ``x`` or the
-        residual itself); ``h`` is ``residual_out`` or a fresh tensor."""
+        residual itself, and must not partly overlap either); ``h`` is ``residual_out``,
+        else a fresh tensor (``None`` with ``fresh=False``)."""
         if not self.residual:
             raise ConfigError("residual", "a tensor", "None: this pipeline's graph adds no residual "
                               "(build it with residual=True)")
-        checked = []
-        for name, t in (("residual", residual), ("residual_out", residual_out)):
-            if t is None and name == "residual_out":
-                checked.append(torch.empty_like(x))
-                continue
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-            if t.device != x.device:
-                raise DeviceMismatchError(t.device, x.device)
-            if t.shape != x.shape or t.dtype != x.dtype:
-                raise ConfigError(name, f"tensor{list(t.shape)} {t.dtype}",
-                                  f"a tensor of x's shape {list(x.shape)} and dtype {x.dtype}")
-            checked.append(t)
+        check_residual(x, residual)
+        assert isinstance(residual, torch.Tensor)
+        checked: list[torch.Tensor | None] = [residual]
+        if residual_out is None:
+            checked.append(torch.empty_like(x) if fresh else None)
+        else:
+            check_residual(x, residual_out, "residual_out")
+            assert isinstance(residual_out, torch.Tensor)
+            checked.append(residual_out)
+        if checked[1] is not None:
+            check_no_partial_overlap(checked[1], x, checked[0])
+        assert checked[0] is not None
         return checked[0], checked[1]
 
     def direct(self) -> DirectCall | None:
@@ -243,9 +259,8 @@ class Pipeline:
         check_input(x, (self.hidden_size,), weight)
         assert isinstance(x, torch.Tensor)
         w = weight if isinstance(weight, torch.Tensor) else None
-        if w is None and self.offset:
-            raise ConfigError("offset", self.offset, "0.0 without a weight (the offset is added to the weight)")
-        check_out(out, x, kernels.output_dtype(x.dtype, None if w is None else w.dtype, self.casting_mode))
+        # (an offset without a weight has no effect, as in Liger-Kernel)
+        check_out(out, x, kernels.output_dtype(x.dtype, None if w is None else w.dtype, self.casting_mode), w)
         return x, w, resolve_eps(eps, x.dtype)
 
     def run(
@@ -309,9 +324,10 @@ class Pipeline:
             y: torch.Tensor = await self._runner(self.graph, x, weight, e, **options)
             return y if out is None else out.copy_(y)
         cancel = threading.Event()
+        state = torch_state.capture()  # the worker computes under the caller's grad/inference mode
         try:
             result: torch.Tensor = await anyio.to_thread.run_sync(
-                functools.partial(self.run, x, weight, e, out, options, cancel), abandon_on_cancel=True,
+                functools.partial(state.run, self.run, x, weight, e, out, options, cancel), abandon_on_cancel=True,
             )
         finally:
             cancel.set()  # a cancelled caller's thread stops before its next tile
@@ -345,7 +361,11 @@ def cached(
     casting_mode: str = "torch", offset: float = 0.0, residual: bool = False,
 ) -> Pipeline | None:
     """The configuration's pipeline if one is cached, else ``None``: the faces' warm
-    path, one dict lookup (an unhashable option is never cached: ``None``)."""
+    path, one dict lookup (an unhashable option is never cached: ``None``; nor is a
+    chunk size that only compares equal to an int, such as ``16.0`` or ``True``, so
+    whether an option is accepted never depends on what is cached)."""
+    if type(chunk_size) is not int:
+        return None
     try:
         return _by_config.get((hidden_size, chunk_size, topology, leaf, accumulate, executor, casting_mode,
                                offset, residual))
@@ -369,8 +389,15 @@ def for_config(
         graph = build_graph(hidden_size, chunk_size=chunk_size, topology=topology, leaf=leaf,
                             accumulate=accumulate, casting_mode=casting_mode, offset=offset, residual=residual)
         pipe = Pipeline(graph, executor)
+        pipe.options = (chunk_size, topology, leaf, accumulate, pipe.casting_mode, pipe.offset)
     key = (hidden_size, chunk_size, topology, leaf, accumulate, executor, casting_mode, offset, residual)
     return _store(_by_config, key, pipe)
+
+
+def check_executor(executor: object) -> None:
+    """``executor`` must be ``"auto"`` or a name in :data:`taskgraph_norm.executors.EXECUTORS`."""
+    if executor != "auto" and (not isinstance(executor, str) or executor not in EXECUTORS):
+        raise ConfigError("executor", executor, "'auto' or one of " + ", ".join(repr(k) for k in EXECUTORS))
 
 
 def _semantics(graph: Graph) -> tuple[str, float, bool]:

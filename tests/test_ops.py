@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import taskgraph_norm as tgn
+from taskgraph_norm.errors import ConfigError
 from taskgraph_norm import kernels, ops
 from taskgraph_norm.executors import native
 from taskgraph_norm.executors.reference import reference_sum_of_squares
@@ -225,9 +226,14 @@ def test_gradcheck_and_gradgradcheck_fp64(hidden: int, opts: dict[str, object]) 
 
 def test_residual_bits() -> None:
     x, r, w = torch.randn(9, 96, dtype=torch.bfloat16), torch.randn(9, 96), torch.randn(96, dtype=torch.bfloat16)
+    with pytest.raises(ConfigError, match="residual"):  # h is x's dtype: never promoted, as on every face
+        ops.rms_norm_residual(x, r, w, chunk_size=16)
+    with pytest.raises(ConfigError, match="residual"):  # nor broadcast
+        ops.rms_norm_residual(x, r[0].bfloat16(), w, chunk_size=16)
+    r = r.bfloat16()
     y, h = ops.rms_norm_residual(x, r, w, chunk_size=16)
     assert h.dtype == torch.bfloat16
-    assert_bits_equal(h, (x + r).to(torch.bfloat16))
+    assert_bits_equal(h, x + r)
     assert_bits_equal(y, tgn.normalize_sync(h, w, chunk_size=16))
 
 

@@ -31,7 +31,7 @@ from typing import Protocol
 import torch
 
 from .. import kernels
-from .. import caches
+from .. import caches, torch_state
 from . import native as _native
 from ..errors import ConfigError, ExecutionError, GraphError
 from ..graph import Graph
@@ -329,8 +329,9 @@ def run_compiled(
     else:
         per = -(-tiles // workers) * tile
         pool = tile_pool(workers)
+        state = torch_state.capture()  # the workers run under the caller's grad/inference mode
         futures = [
-            pool.submit(_run_tiles, plan, x2, y2, fin, tile, s, min(s + per, rows), scales, redo, cancel, res)
+            pool.submit(state.run, _run_tiles, plan, x2, y2, fin, tile, s, min(s + per, rows), scales, redo, cancel, res)
             for s in range(0, rows, per)
         ]
         for f in futures:

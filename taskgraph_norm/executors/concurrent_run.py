@@ -19,6 +19,7 @@ from typing import Any
 import anyio
 import torch
 
+from .. import torch_state
 from ..graph import Graph
 from .devices import Lane, WorkerPool
 from .interpreter import GraphInterpreter, call_with, profiling
@@ -79,6 +80,7 @@ class Run:
             calls[name] if isinstance(name, str) else methods[m] for m, name in zip(plan.methods, plan.calls)
         ]
         self.pool, self.scheduler, self.limit, self.tracing = pool, scheduler, limit, tracing
+        self.state = torch_state.capture()  # the lanes compute under the caller's grad/inference mode
         self.uses_streams = pool.uses_streams
         self.lock = threading.Lock()
         self.values: list[Any] = [None] * len(nodes)
@@ -203,9 +205,10 @@ class Run:
             produced: Any = None
             try:
                 if stream is None:
-                    value = self._compute(i, payload)
+                    value = self.state.run(self._compute, i, payload)
                 else:
-                    value, produced = launch_on_lane(partial(self._compute, i), payload[0], payload[1], lane)
+                    value, produced = self.state.run(launch_on_lane, partial(self._compute, i), payload[0],
+                                                     payload[1], lane)
             except BaseException as e:  # noqa: BLE001 - KeyboardInterrupt too: execute re-raises it
                 exc = e
             with self.lock:

@@ -16,6 +16,8 @@ from typing import Any
 
 import anyio
 
+from .. import torch_state
+
 __all__ = ["run_coroutine_sync"]
 
 
@@ -45,9 +47,11 @@ def run_coroutine_sync(fn: Callable[[], Any]) -> Any:
     result: list[Any] = []
     error: list[BaseException] = []
 
+    state = torch_state.capture()
+
     def target() -> None:
         try:
-            result.append(anyio.run(fn))
+            result.append(state.run(anyio.run, fn))
         except BaseException as exc:  # handed to the caller's thread below
             error.append(exc)
 

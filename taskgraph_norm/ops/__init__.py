@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import torch
 
-from ..checks import check_input, resolve_eps
+from ..checks import check_input, check_residual, resolve_eps
 from ..topologies import build_graph
 from .library import LIBRARY, EagerRMSNorm, eager_apply, rms_norm_backward_op, rms_norm_op, rms_norm_residual_op
 from .routing import DIRECT, EAGER, TRACED, jit_tracing, needs_op, route, tracing
 
 __all__ = [
-    "DIRECT", "EAGER", "EagerRMSNorm", "LIBRARY", "TRACED", "call_checked", "eager_apply", "jit_tracing", "needs_op", "resolve_eps_fast", "route", "rms_norm", "rms_norm_backward_op", "rms_norm_op", "rms_norm_residual",
+    "DIRECT", "EAGER", "EagerRMSNorm", "LIBRARY", "TRACED", "call_checked", "call_checked_residual", "eager_apply", "jit_tracing", "needs_op", "resolve_eps_fast", "route", "rms_norm", "rms_norm_backward_op", "rms_norm_op", "rms_norm_residual",
     "rms_norm_residual_op", "tracing",
 ]
 
@@ -85,6 +85,16 @@ def resolve_eps_fast(eps: float | None, dtype: torch.dtype) -> float:
     return resolve_eps(eps, dtype)
 
 
+def call_checked_residual(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None, eps: float, chunk_size: int,
+    topology: str, leaf: str, accumulate: str, casting_mode: str = "torch", offset: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`rms_norm_residual` of checked inputs with ``eps`` resolved: ``(y, h)``."""
+    y, h, _ = rms_norm_residual_op(x, residual, weight, eps, chunk_size, topology, leaf, accumulate,
+                                   casting_mode, offset)
+    return y, h
+
+
 def rms_norm_residual(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None = None, eps: float | None = None, *,
     topology: str = "tree", chunk_size: int = 64, leaf: str = "pairwise", accumulate: str = "float",
@@ -93,8 +103,7 @@ def rms_norm_residual(
     """``(y, h)`` with ``h = x + residual`` rounded to ``x.dtype`` and ``y = rms_norm(h)``
     (vLLM's ``fused_add_rms_norm``), through the op ``taskgraph_norm::rms_norm_residual``."""
     e = _checked(x, weight, eps, topology, chunk_size, leaf, accumulate)
-    if not isinstance(residual, torch.Tensor) or residual.shape != x.shape:
-        raise ValueError(f"residual must be a tensor of x's shape {tuple(x.shape)}")
+    check_residual(x, residual)
     y, h, _ = rms_norm_residual_op(x, residual, weight, e, chunk_size, topology, leaf, accumulate,
                                    casting_mode, offset)
     return y, h

@@ -17,12 +17,13 @@ import math
 import torch
 
 from .. import kernels, pipeline
+from ..checks import check_input, check_residual
 from ..errors import ConfigError
 from ..executors import native_grads
 from ..executors.rowsum import plan_row_sum, reference_row_sum
 from ..graph import Op
 
-__all__ = ["CASTING_MODES", "check_model_options", "forward", "forward_residual", "rms_shape"]
+__all__ = ["CASTING_MODES", "check_model_options", "forward", "forward_op", "forward_residual", "rms_shape"]
 
 #: The casting modes the ops run (kernels.finalize defines each).
 CASTING_MODES = kernels.CASTING_MODES
@@ -75,6 +76,17 @@ def forward(
     return y, kernels.finalize_rms(total, hidden, e, kernels.accumulation_dtype(x.dtype)).view(rms_shape(x))
 
 
+def forward_op(
+    x: torch.Tensor, weight: torch.Tensor | None, eps: float, chunk_size: int, topology: str,
+    leaf: str, accumulate: str, casting_mode: str, offset: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The op ``rms_norm``'s kernel: :func:`forward` after the faces' checks (a raw op
+    call gets torch's errors for a 0-d input or a weight of the wrong shape, dtype or
+    device, never a read past a tensor)."""
+    check_input(x, (x.shape[-1] if x.dim() else 1,), weight)
+    return forward(x, weight, eps, chunk_size, topology, leaf, accumulate, casting_mode, offset)
+
+
 def _forward_direct(
     pipe: pipeline.Pipeline, x: torch.Tensor, weight: torch.Tensor | None, eps: float, hidden: int
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -101,7 +113,10 @@ def forward_residual(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None, eps: float, chunk_size: int,
     topology: str, leaf: str, accumulate: str, casting_mode: str, offset: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(y, h, rms)``: ``h = x + residual`` (in ``x.dtype``), ``y, rms = forward(h)``."""
+    """``(y, h, rms)``: ``h = x + residual`` (in ``x.dtype``), ``y, rms = forward(h)``;
+    the residual has ``x``'s shape, dtype and device (never broadcast or promoted)."""
+    check_input(x, (x.shape[-1] if x.dim() else 1,), weight)
+    check_residual(x, residual)
     h = residual_sum(x, residual)
     y, rms = forward(h, weight, eps, chunk_size, topology, leaf, accumulate, casting_mode, offset)
     return y, h, rms

@@ -45,7 +45,7 @@ LIBRARY.define(
     "bool[2] output_mask) -> (Tensor, Tensor)"
 )
 
-LIBRARY.impl("rms_norm", _forward.forward, "CompositeExplicitAutograd")
+LIBRARY.impl("rms_norm", _forward.forward_op, "CompositeExplicitAutograd")
 LIBRARY.impl("rms_norm_residual", _forward.forward_residual, "CompositeExplicitAutograd")
 LIBRARY.impl("rms_norm_backward", _backward.backward, "CompositeExplicitAutograd")
 # The backward op is not differentiable itself: a double backward (create_graph=True)
