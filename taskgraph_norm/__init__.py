@@ -5,6 +5,7 @@ The public names are re-exported here explicitly; ``__all__`` is the API.
 
 from __future__ import annotations
 
+from . import backends as backends
 from . import distributed as distributed
 from . import ops as ops
 from .executors import schedules as schedules

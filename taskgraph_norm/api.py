@@ -97,6 +97,7 @@ def _recorded(
     """A call whose gradient autograd records: the pipeline's checks, then its kernels
     under the ops' autograd (the same bits as the direct call)."""
     xc, w, e = pipe.check(x, weight, eps, out)
+    assert pipe.options is not None  # (a normalize configuration's pipeline)
     if residual is None and residual_out is None and not pipe.residual:
         y = ops.call_checked(xc, w, e, *pipe.options, how=how)
         return y if out is None else out.copy_(y)

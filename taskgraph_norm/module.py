@@ -12,7 +12,7 @@ from torch import nn
 
 from . import ops
 from .api import find_pipeline, normalize_sync
-from .checks import check_input
+from .checks import check_input, resolve_eps
 from .errors import ConfigError
 from .topologies import build_graph
 
@@ -154,7 +154,7 @@ class RMSNorm(nn.Module):
             # every option checked as the faces check it (normalize_sync's pipeline lookup)
             find_pipeline(x, self.topology, self.chunk_size, self.leaf, self.accumulate, "auto", w,
                   self.casting_mode, self.offset, False)
-            config = (ops.resolve_eps_fast(self.eps, x.dtype), self.chunk_size, self.topology, self.leaf,
+            config = (resolve_eps(self.eps, x.dtype), self.chunk_size, self.topology, self.leaf,
                       self.accumulate, self.casting_mode, self.offset)
             self._eager_configs[key] = config
         return config
@@ -176,7 +176,7 @@ class RMSNorm(nn.Module):
         flat = h if k == 1 else h.reshape(*h.shape[: h.dim() - k], hidden)
         assert self.weight is not None
         w = self.weight if k == 1 else self.weight.reshape(hidden)
-        config = (ops.resolve_eps_fast(self.eps, h.dtype), self.chunk_size, self.topology, self.leaf,
+        config = (resolve_eps(self.eps, h.dtype), self.chunk_size, self.topology, self.leaf,
                   self.accumulate, self.casting_mode, self.offset)
         y = exact_apply(flat, w, config, self.weight)
         y = y if k == 1 else y.reshape(h.shape)

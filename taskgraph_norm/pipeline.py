@@ -26,9 +26,11 @@ import torch
 from . import caches, kernels, torch_state
 from .checks import check_input, check_no_partial_overlap, check_out, check_real, check_residual, resolve_eps
 from .errors import ConfigError, DeviceMismatchError, ExecutionError, GraphError
-from .executors import ASYNC_EXECUTORS, EXECUTORS, PLAN_EXECUTORS, Plan, direct_call, lower_certified
-from .executors import triton as _triton
+from .backends.base import Backend, Forward, allowed, triton_asked
+from .backends.registry import BACKENDS, choose
+from .executors import ASYNC_EXECUTORS, EXECUTORS, PLAN_EXECUTORS, Plan, lower_certified
 from .executors.direct import DirectCall
+from .executors.rowsum import graph_backward, graph_rms
 from .executors.loops import run_coroutine_sync
 from .graph import Graph, Op, validate
 from .graph.nodes import gc_paused
@@ -44,13 +46,7 @@ OFFLOAD_NUMEL = 1 << 15
 #: How many pipelines each cache keeps (the oldest goes first).
 CACHE_SIZE = 256
 
-#: The options ``auto`` hands the triton executor on a CUDA tensor (any other runs the compiled one).
-_TRITON_OPTIONS = frozenset({"residual", "residual_out"})
-
 _overlaps = torch._C._overlaps
-
-_DEFAULT_EPS = {dt: torch.finfo(torch.float32 if dt in (torch.float16, torch.bfloat16) else dt).eps
-                for dt in (torch.float32, torch.float64, torch.float16, torch.bfloat16)}
 
 
 class Pipeline:
@@ -69,7 +65,7 @@ class Pipeline:
     """
 
     __slots__ = ("graph", "executor", "plan", "hidden_size", "_proof", "_runner", "_direct", "_direct_known",
-                 "_triton", "casting_mode", "offset", "residual", "options")
+                 "_backends", "casting_mode", "offset", "residual", "options")
 
     def __init__(self, graph: Graph, executor: str = "auto") -> None:
         if not isinstance(graph, Graph):
@@ -101,10 +97,8 @@ class Pipeline:
             self.casting_mode, self.offset)
         self.executor = executor
         self._runner = EXECUTORS[executor]
-        # auto on a CUDA tensor: the Triton kernels, where triton is installed and
-        # the plan is one they run; the compiled executor's torch ops otherwise.
-        self._triton = (executor == "compiled" and self.plan is not None
-                        and _triton.available() and _triton.supports(self.plan))
+        #: The backend chosen per (device type, dtype, allowed backends, options given).
+        self._backends: dict[tuple[Any, ...], Backend] = {}
         self._direct: DirectCall | None = None
         self._direct_known = self.plan is None or executor != "compiled"  # triton runs its kernels
 
@@ -179,7 +173,7 @@ class Pipeline:
                                 or (weight is not None and _overlaps(out, weight))):
             return None  # (the full checks raise, or run an in-place call)
         if eps is None:
-            e = _DEFAULT_EPS.get(x.dtype)
+            e = kernels.DEFAULT_EPS.get(x.dtype)  # (filled by the first cold call's check)
             if e is None:
                 return None
         elif type(eps) is float:
@@ -240,14 +234,67 @@ class Pipeline:
         return self._direct if self._direct_known else self._resolve_direct()
 
     def _resolve_direct(self) -> DirectCall | None:
-        from .executors import native
-
-        if not native.enabled():
-            return None  # native.disabled() is in force: ask again on a later call
+        if "native" not in allowed():
+            return None  # backends.use() without native is in force: ask again on a later call
         assert self.plan is not None
-        self._direct = direct_call(self.plan)
+        self._direct = BACKENDS["native"].direct(self.plan)  # type: ignore[attr-defined]
         self._direct_known = True
         return self._direct
+
+    def backend(self, device: torch.device, dtype: torch.dtype, compiled_options: bool = False) -> Backend:
+        """The backend that runs this pipeline's plan on ``device`` for ``dtype`` input:
+        chosen once per (device type, dtype) and per set of backends this context
+        allows (:func:`taskgraph_norm.backends.use`).  ``executor="triton"`` allows only
+        Triton; ``compiled_options``: the call passes the compiled executor's own options
+        (``tile_rows``, ``threads``), which only the torch-ops and native backends take.
+
+        Raises ExecutionError (``NoBackendError``) listing every backend's reasons when
+        none runs it; a graph with no plan (run node by node) has no backend."""
+        if self.plan is None:
+            raise ExecutionError(f"this pipeline runs its graph on the {self.executor} executor, not a backend")
+        names = allowed()
+        key = (device.type, dtype, names, compiled_options, triton_asked())
+        found = self._backends.get(key)
+        if found is None:
+            if self.executor == "triton":
+                names = ("triton",)
+            elif compiled_options:
+                names = tuple(n for n in names if n != "triton")
+            found = self._backends[key] = choose(self.plan, device, dtype, names, by_name=self.executor == "triton")
+        return found
+
+    def forward(
+        self, x: torch.Tensor, weight: torch.Tensor | None, eps: float, *, out: torch.Tensor | None = None,
+        residual: torch.Tensor | None = None, residual_out: torch.Tensor | None = None, stats: bool = False,
+        cancel: threading.Event | None = None, options: Mapping[str, Any] | None = None,
+    ) -> Forward:
+        """``y`` of a checked ``x`` (``eps`` resolved) and, with ``stats``, each row's ``rms``
+        (``(..., 1)``, the accumulation dtype): what the ops' backward needs.  A plan runs
+        on this pipeline's backend; a graph with no plan on its executor."""
+        opts = dict(options or {})
+        if self.plan is None or self.executor not in PLAN_EXECUTORS:
+            extra = {} if residual is None else {"residual": residual, "residual_out": residual_out}
+            y = self.run(x, weight, eps, out, {**opts, **extra}, cancel)
+            h = x if residual_out is None else residual_out
+            return Forward(y, graph_rms(self.graph, h, eps) if stats else None)
+        backend = self.backend(x.device, x.dtype, bool(opts))
+        if backend.name == "native" and residual is None:
+            opts["direct"] = self.direct()
+        return backend.forward(self.graph, self.plan, x, weight, eps, out=out, residual=residual,
+                               residual_out=residual_out, stats=stats, cancel=cancel, **opts)
+
+    def backward(
+        self, dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, rms: torch.Tensor, *,
+        input_grad: bool, weight_grad: bool, round_x_hat: bool = False,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(dx, dW)`` of 2-D ``dy`` and ``x`` with ``(rows, 1)`` ``rms`` (``None`` where not
+        asked): ``dx`` through the forward graph's merge order (batch-invariant by its
+        proof), ``dW`` over fixed row blocks; on this pipeline's backend."""
+        if self.plan is None:
+            return graph_backward(self.graph, dy, x, weight, rms, input_grad, weight_grad, self.offset, round_x_hat)
+        backend = self.backend(x.device, x.dtype)
+        return backend.backward(self.plan, dy, x, weight, rms, input_grad=input_grad, weight_grad=weight_grad,
+                                offset=self.offset, round_x_hat=round_x_hat)
 
     def check(
         self, x: object, weight: object | None, eps: float | None, out: object | None = None
@@ -276,17 +323,11 @@ class Pipeline:
                 kernels.residual_add(x, opts["residual"], out=opts["residual_out"])
             return out if out is not None else torch.empty_like(x, dtype=kernels.output_dtype(
                 x.dtype, None if weight is None else weight.dtype, self.casting_mode))
-        if self.executor == "compiled":
-            if self._triton and x.is_cuda and x.dtype != torch.float64 and opts.keys() <= _TRITON_OPTIONS:
-                on_device: torch.Tensor = EXECUTORS["triton"](self.graph, x, weight, eps, plan=self.plan, out=out,
-                                                              **opts)
-                return on_device
-            written: torch.Tensor = self._runner(self.graph, x, weight, eps, plan=self.plan, out=out,
-                                                 cancel=cancel, **opts)
-            return written
-        if self.executor == "triton":
-            launched: torch.Tensor = self._runner(self.graph, x, weight, eps, plan=self.plan, out=out, **opts)
-            return launched
+        if self.executor in PLAN_EXECUTORS:
+            residual = opts.pop("residual", None)
+            residual_out = opts.pop("residual_out", None)
+            return self.forward(x, weight, eps, out=out, residual=residual, residual_out=residual_out,
+                                cancel=cancel, options=opts).y
         if self.executor in ASYNC_EXECUTORS:
             y = run_coroutine_sync(functools.partial(self._runner, self.graph, x, weight, eps, **opts))
         elif self.executor == "reference":

@@ -59,13 +59,13 @@ def spy_direct_calls(monkeypatch: Any) -> list[bool]:
     Skips the test where the native kernels are not built."""
     import pytest
 
-    from taskgraph_norm import pipeline
+    from taskgraph_norm.backends import registry
     from taskgraph_norm.executors import native
 
     if not native.available():
         pytest.skip(f"native kernels unavailable: {native.why_unavailable()}")
     taken: list[bool] = []
-    real = pipeline.direct_call
+    real = registry.direct_call
 
     def spy(plan: Any) -> Any:
         call = real(plan)
@@ -78,7 +78,7 @@ def spy_direct_calls(monkeypatch: Any) -> list[bool]:
 
         return counted
 
-    monkeypatch.setattr(pipeline, "direct_call", spy)
+    monkeypatch.setattr(registry, "direct_call", spy)
     tgn.clear_caches()
     return taken
 
@@ -86,3 +86,15 @@ def spy_direct_calls(monkeypatch: Any) -> list[bool]:
 def executor_of(graph: tgn.Graph, executor: str = "auto") -> str:
     """The executor the pipeline resolves ``executor`` to for ``graph``."""
     return tgn.Pipeline(graph, executor).executor
+
+
+def backend_backward(name: str, pipe: Any, dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor | None,
+                     rms: torch.Tensor, input_grad: bool, weight_grad: bool, offset: float = 0.0,
+                     round_x_hat: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The backend ``name``'s ``(dx, dW)`` for ``pipe``'s plan (tests call each backend directly)."""
+    from taskgraph_norm.backends.registry import BACKENDS
+
+    result: tuple[torch.Tensor | None, torch.Tensor | None] = BACKENDS[name].backward(
+        pipe.plan, dy, x, w, rms, input_grad=input_grad, weight_grad=weight_grad, offset=offset,
+        round_x_hat=round_x_hat)
+    return result

@@ -260,9 +260,13 @@ async def test_large_inputs_run_off_the_event_loop_thread_compiled(monkeypatch) 
     monkeypatch.setattr(compiled_mod, "_run_tiles", spy)
     small: list[int] = []
     _spy_direct(monkeypatch, 16, small)
-    await tgn.normalize(torch.randn(64, 4096))
+    large: list[int] = []
+    _spy_direct(monkeypatch, 4096, large)
+    await tgn.normalize(torch.randn(64, 4096))  # fp32: the direct kernel, on a worker thread
+    await tgn.normalize(torch.randn(64, 4096, dtype=torch.bfloat16))  # bf16: tiles, on a worker thread
     await tgn.normalize(torch.randn(1, 16))
-    assert seen[0] != threading.get_ident() and small == [threading.get_ident()]
+    assert large and large[0] != threading.get_ident()
+    assert seen and seen[0] != threading.get_ident() and small == [threading.get_ident()]
 
 
 def test_bad_options_are_config_errors() -> None:

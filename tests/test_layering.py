@@ -29,9 +29,11 @@ ALLOWED: dict[str, set[str]] = {
     "topologies": {"errors", "graph"},
     "prover": {"errors", "graph", "topologies", "kernels"},
     "viz": {"errors", "graph"},
-    "executors": {"errors", "graph", "kernels", "topologies"},
+    "executors": {"errors", "graph", "kernels", "topologies", "caches", "torch_state", "backends"},
+    "backends": {"errors", "graph", "kernels", "executors", "caches", "torch_state"},
+    "torch_state": set(),
     "checks": {"errors", "kernels"},
-    "pipeline": {"errors", "graph", "kernels", "topologies", "prover", "executors", "checks"},
+    "pipeline": {"errors", "graph", "kernels", "topologies", "prover", "executors", "checks", "backends", "torch_state", "caches"},
     # ops sit under api: normalize_sync calls them when a gradient or a tracer needs them
     "ops": {"checks", "pipeline", "errors", "graph", "kernels", "topologies", "prover", "executors"},
     "api": {"errors", "graph", "kernels", "topologies", "prover", "executors", "checks", "pipeline", "ops"},

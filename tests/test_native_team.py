@@ -22,7 +22,7 @@ import taskgraph_norm as tgn
 from taskgraph_norm.executors import direct, team
 
 from ._trust_helpers import native_status
-from .helpers import assert_bits_equal, bits_equal
+from .helpers import assert_bits_equal, backend_backward, bits_equal
 
 NATIVE, WHY_NOT = native_status()
 pytestmark = pytest.mark.skipif(not NATIVE, reason=f"native kernels: {WHY_NOT}")
@@ -256,7 +256,7 @@ def test_the_backward_shares_whole_row_blocks_with_the_same_bits(runtime: str, a
     x, w, dy = _inputs(rows, hidden)
     pipe = pipeline.for_config(hidden, 64, "tree", "pairwise", accumulate, "auto")
     _, rms = ops_library.rms_norm_op(x, w, 1e-6, 64, "tree", "pairwise", accumulate, "torch", 0.0)
-    want = bw.backward_torch(pipe, dy, x, w, rms, True, True)
+    want = backend_backward("torch_ops", pipe, dy, x, w, rms, True, True)
     recipe = native_grads.recipe_of(pipe.plan)  # type: ignore[arg-type]
     n_blocks = -(-rows // 32)
     before = torch.get_num_threads()
@@ -279,7 +279,7 @@ def test_the_backward_shares_whole_row_blocks_with_the_same_bits(runtime: str, a
     finally:
         torch.set_num_threads(before)
     # negative control: the weight gradient of other rows' blocks differs
-    assert not bits_equal(want[1], bw.backward_torch(pipe, dy.flip(0), x, w, rms, True, True)[1])
+    assert not bits_equal(want[1], backend_backward("torch_ops", pipe, dy.flip(0), x, w, rms, True, True)[1])
 
 
 @pytest.mark.parametrize("with_rms", [False, True], ids=["x_hat", "x and rms"])

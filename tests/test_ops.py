@@ -8,13 +8,14 @@ import pytest
 import torch
 
 import taskgraph_norm as tgn
+from taskgraph_norm.backends.registry import BACKENDS
 from taskgraph_norm.errors import ConfigError
 from taskgraph_norm import kernels, ops
 from taskgraph_norm.executors import native
 from taskgraph_norm.executors.reference import reference_sum_of_squares
 from taskgraph_norm.executors.rowsum import reference_row_sum
 
-from .helpers import assert_bits_equal, bits_equal
+from .helpers import assert_bits_equal, backend_backward, bits_equal
 
 #: (hidden, options): float trees and folds, a ragged last chunk, a single chunk,
 #: native leaves, a cat merge, exact accumulation, an uncertified race (reference
@@ -246,9 +247,9 @@ def _native_backward_has_torch_bits(x: torch.Tensor, dy: torch.Tensor, w: torch.
 
     pipe = pipeline.for_config(x.shape[-1], chunk, topology, "pairwise", accumulate, "auto")
     _, rms = ops.rms_norm_op(x, w, 1e-6, chunk, topology, "pairwise", accumulate, "torch", 0.0)
-    found = bw._backward_native(pipe, dy, x, w, rms, True, True)
+    found = BACKENDS["native"].backward_rows(pipe.plan, dy, x, w, rms, True, True)
     assert found is not None
-    want = bw.backward_torch(pipe, dy, x, w, rms, True, True)
+    want = backend_backward("torch_ops", pipe, dy, x, w, rms, True, True)
     assert_bits_equal(found[0], want[0])
     assert_bits_equal(found[1], want[1])
     return rms

@@ -11,13 +11,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from taskgraph_norm import kernels, pipeline
+from taskgraph_norm import backends, kernels, pipeline
 from taskgraph_norm.errors import ExecutionError
 from taskgraph_norm.executors.triton import backward as triton_backward
 from taskgraph_norm.ops import backward as ops_backward
-from taskgraph_norm.ops.backward import backward_torch, backward_triton
 from .conftest import FULL, gen
-from .helpers import assert_bits_equal, bits_equal
+from .helpers import assert_bits_equal, backend_backward, bits_equal
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 CUDA = torch.cuda.is_available()
@@ -58,8 +57,8 @@ def weight_of(hidden: int, dtype: torch.dtype | None, seed: int = 3) -> torch.Te
 def check(pipe: pipeline.Pipeline, dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor | None, rms: torch.Tensor,
           offset: float = 0.0, round_x_hat: bool = False, input_grad: bool = True,
           ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    got = backward_triton(pipe, dy, x, w, rms, input_grad, True, offset, round_x_hat)
-    want = backward_torch(pipe, dy, x, w, rms, input_grad, True, offset, round_x_hat)
+    got = backend_backward("triton", pipe, dy, x, w, rms, input_grad, True, offset, round_x_hat)
+    want = backend_backward("torch_ops", pipe, dy, x, w, rms, input_grad, True, offset, round_x_hat)
     for name, a, b in zip(("dx", "dW"), got, want):
         assert (a is None) == (b is None), name
         if a is not None and b is not None:
@@ -85,7 +84,7 @@ def test_weights_offsets_and_llama(interpreted: None, weight: torch.dtype | None
     llama = mode == "llama"
     dx, dw = check(pipe, dy, x, weight_of(hidden, weight), rms, offset, round_x_hat=llama)
     if weight is not None:  # negative control: the offset and the rounding of x_hat are seen
-        other = backward_torch(pipe, dy, x, weight_of(hidden, weight), rms, True, True, 0.0 if offset else 1.0,
+        other = backend_backward("torch_ops", pipe, dy, x, weight_of(hidden, weight), rms, True, True, 0.0 if offset else 1.0,
                                not llama)
         assert dx is not None and dw is not None and other[0] is not None and other[1] is not None
         assert not bits_equal(dx, other[0]) and not bits_equal(dw, other[1])
@@ -99,7 +98,7 @@ def test_dw_row_blocks(interpreted: None, rows: int, dtype: torch.dtype) -> None
     w = weight_of(40, dtype)
     pipe = pipe_of(40, 8, "tree", "float")
     _, dw = check(pipe, dy, x, w, rms, input_grad=False)
-    again = backward_triton(pipe, dy, x, w, rms, False, True)[1]
+    again = backend_backward("triton", pipe, dy, x, w, rms, False, True)[1]
     assert dw is not None and again is not None
     assert_bits_equal(again, dw, "dW twice")  # determinism
     if rows >= 31 and dtype == torch.float32:  # negative control: another order over rows differs
@@ -152,14 +151,14 @@ def test_dx_batch_invariance(interpreted: None, plan: tuple[int, int, str, str])
     x, dy, rms = operands(12, hidden, torch.float32, seed=11)
     w = weight_of(hidden, torch.float32)
     pipe = pipe_of(*plan)
-    batch = backward_triton(pipe, dy, x, w, rms, True, False)[0]
+    batch = backend_backward("triton", pipe, dy, x, w, rms, True, False)[0]
     assert batch is not None
     for i in (0, 7, 11):
-        alone = backward_triton(pipe, dy[i:i + 1], x[i:i + 1], w, rms[i:i + 1], True, False)[0]
+        alone = backend_backward("triton", pipe, dy[i:i + 1], x[i:i + 1], w, rms[i:i + 1], True, False)[0]
         assert alone is not None
         assert_bits_equal(alone, batch[i:i + 1], f"row {i} alone vs in the batch")
     # Negative control: another merge order gives other bits on these rows.
-    other = backward_triton(pipe_of(hidden, 8, "linear", "float"), dy, x, w, rms, True, False)[0]
+    other = backend_backward("triton", pipe_of(hidden, 8, "linear", "float"), dy, x, w, rms, True, False)[0]
     assert other is not None and not bits_equal(other, batch)
 
 
@@ -177,8 +176,8 @@ def test_the_op_dispatches_to_triton_only_when_asked(interpreted: None, monkeypa
     config = (7, "tree", "pairwise", "float", "torch", 0.0, "float", [True, True])
     default = ops_backward.backward(dy, x, w, rms, *config)
     assert calls == []  # CPU tensors: the C kernel, even under TRITON_INTERPRET=1
-    monkeypatch.setattr(ops_backward, "TRITON_ON_CPU", True)
-    asked = ops_backward.backward(dy, x, w, rms, *config)
+    with backends.use("triton", "native", "torch_ops"):  # Triton on CPU tensors only when asked for by name
+        asked = ops_backward.backward(dy, x, w, rms, *config)
     assert calls == [1]
     for a, b in zip(asked, default):
         assert_bits_equal(a, b, "triton vs the C kernel through the op")

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import taskgraph_norm as tgn
+from taskgraph_norm.backends.registry import NoBackendError
 from taskgraph_norm import kernels
 from taskgraph_norm.errors import ExecutionError
 from taskgraph_norm.executors import run_reference
@@ -214,7 +215,16 @@ def test_the_pipeline_runs_triton_with_the_settings(interpreted: None) -> None:
     assert_bits_equal(y, y_ref)
     assert_bits_equal(h, h_ref)
     graph = tgn.build_graph(100, chunk_size=7, casting_mode="gemma", offset=1.0, residual=True)
-    assert tgn.Pipeline(graph, "compiled")._triton  # auto on a CUDA tensor picks the kernels
+    pipe = tgn.Pipeline(graph, "compiled")
+    # auto (and "compiled") on a CUDA tensor picks the kernels; on a CPU tensor only when asked for
+    assert pipe.backend(torch.device("cuda"), torch.bfloat16).name == "triton"
+    assert pipe.backend(torch.device("cpu"), torch.bfloat16).name == "native"
+    with tgn.backends.use("triton"):
+        assert pipe.backend(torch.device("cpu"), torch.bfloat16).name == "triton"
+    with tgn.backends.use("torch_ops"):
+        assert pipe.backend(torch.device("cuda"), torch.bfloat16).name == "torch_ops"
+    with pytest.raises(NoBackendError, match="triton: .*fp64"):
+        tgn.Pipeline(graph, "triton").backend(torch.device("cuda"), torch.float64)
 
 
 # -- the PTX of the new paths (compiled here for sm_90) --------------------------------

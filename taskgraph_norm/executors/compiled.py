@@ -46,10 +46,6 @@ __all__ = [
     "TILE_BYTES", "WORKSPACES_PER_THREAD",
 ]
 
-#: Float merges the native kernel runs (a ``cat`` merge and ``native`` leaves keep
-#: ``torch.sum``'s own order, so they stay on torch ops).
-NATIVE_FLOAT_MERGES = ("single", "tree", "adds")
-
 #: Worker threads for inputs of two tiles or more (each with its own workspaces).
 DEFAULT_THREADS = 2
 
@@ -246,6 +242,7 @@ def run_compiled(
     cancel: threading.Event | None = None,
     residual: torch.Tensor | None = None,
     residual_out: torch.Tensor | None = None,
+    native: bool | None = None,
 ) -> torch.Tensor:
     """Run a certified ``graph`` on ``x`` (already checked) through its compiled plan.
 
@@ -271,6 +268,10 @@ def run_compiled(
     cancel:
         An event the caller sets to stop the run between tiles (it then raises
         :class:`Cancelled`): how ``await normalize`` honours cancellation.
+    native:
+        Whether the tiles' sums (and fp32 FINALIZE) may run on the native kernels
+        (the native backend) or only on torch ops (``False``: the torch-ops
+        backend); ``None``: wherever the kernels are available.
     """
     if tile_rows is not None or (threads is not None and (type(threads) is not int or threads < 1)):
         for name, value in (("tile_rows", tile_rows), ("threads", threads)):
@@ -290,8 +291,9 @@ def run_compiled(
     x2 = x.reshape(-1, d)
     rows = x2.shape[0]
     use_native = (
-        (plan.accumulate == "exact" or plan.leaf == "pairwise" and plan.merge in NATIVE_FLOAT_MERGES)
-        and x.device.type == "cpu" and (d == 1 or x2.stride(1) == 1) and _native.available()
+        _native.runs_plan(plan)
+        and x.device.type == "cpu" and (d == 1 or x2.stride(1) == 1) and native is not False
+        and _native.available()
     )
     fin = finish_for(plan, x.dtype, weight, eps, use_native)
     direct = x.is_contiguous() and (out is None or out.is_contiguous())
@@ -365,8 +367,3 @@ def _reference_rows(
             y2[rows] = finish_from_h(graph, x2[rows], weight, eps)
         else:
             y2[rows] = run_reference(graph, x2[rows], weight, eps)
-
-
-#: Marks runners that write ``out`` themselves (see ``pipeline.Pipeline.run``).
-run_compiled.writes_out = True  # type: ignore[attr-defined]
-

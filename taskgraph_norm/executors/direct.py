@@ -56,9 +56,6 @@ TEAM_GRAIN = 1 << 14
 #: (glibc's largest dynamic mmap threshold: blocks this big are always fresh mmaps).
 HUGE_BYTES = 32 << 20
 
-#: Float merges the native float kernel runs (as in the compiled executor).
-_NATIVE_FLOAT_MERGES = ("single", "tree", "adds")
-
 #: Tensors whose data pointer is real (a FakeTensor or FunctionalTensor has none).
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
@@ -93,7 +90,7 @@ def direct_call(plan: Plan) -> DirectCall | None:
     weight shape and device, ``out``'s shape, dtype and device) and ``eps`` resolved.
     """
     exact = plan.accumulate == "exact"
-    if not (exact or plan.leaf == "pairwise" and plan.merge in _NATIVE_FLOAT_MERGES):
+    if not _native.runs_plan(plan):
         return None
     if not _native.available():
         return None
@@ -120,7 +117,7 @@ def direct_call(plan: Plan) -> DirectCall | None:
              residual: torch.Tensor | None = None, residual_out: torch.Tensor | None = None,
              total: torch.Tensor | None = None) -> torch.Tensor | None:
         if (type(x) not in _PLAIN or x.dtype is not fp32 or not x.is_cpu or not x.is_contiguous()
-                or not _native._enabled):
+                or not _native.enabled()):
             return None
         if weight is None:
             if offset:

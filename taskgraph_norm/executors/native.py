@@ -48,6 +48,8 @@ import torch
 from ..errors import NativeKernelsWarning
 from . import cpu_features, native_abi
 from .. import caches
+from ..backends.base import allowed as _allowed
+from ..backends.base import use as _use
 from .lowering import Plan
 
 __all__ = [
@@ -72,7 +74,8 @@ _error: str | None = None
 _note: str | None = None  # why the host build is not the one loaded, if it is not
 _loaded = False
 _choice = os.environ.get("TGN_NATIVE", "1").strip().lower()
-_enabled = _choice not in ("0", "false", "no", "off")
+#: ``TGN_NATIVE=0`` (read once at import) turns the kernels off for the process.
+_env_enabled = _choice not in ("0", "false", "no", "off")
 
 
 def _after_fork_in_child() -> None:
@@ -184,19 +187,31 @@ def _load() -> ctypes.CDLL | None:
 def available() -> bool:
     """Whether the native kernels are installed, loadable and enabled (loads them on
     the first call; a :class:`NativeKernelsWarning` says why when they are not)."""
-    return _enabled and _load() is not None
+    return enabled() and _load() is not None
+
+
+#: Float merges the native float kernels run (a ``cat`` merge and ``native`` leaves
+#: keep ``torch.sum``'s own order, so they stay on torch ops).
+FLOAT_MERGES = ("single", "tree", "adds")
+
+
+def runs_plan(plan: Plan) -> bool:
+    """Whether the native kernels have a form for ``plan``: every exact plan, and float
+    plans with pairwise leaves and ADD merges (the one answer every caller reads)."""
+    return plan.accumulate == "exact" or (plan.leaf == "pairwise" and plan.merge in FLOAT_MERGES)
 
 
 def enabled() -> bool:
-    """Whether the native kernels may be used now (not ``TGN_NATIVE=0``, not inside
-    :func:`disabled`); says nothing of whether they are built."""
-    return _enabled
+    """Whether the native kernels may be used now, in this context (not ``TGN_NATIVE=0``,
+    not inside :func:`disabled` or a ``backends.use`` without ``"native"``); says nothing
+    of whether they are built."""
+    return _env_enabled and "native" in _allowed()
 
 
 def why_unavailable() -> str | None:
     """``None`` when :func:`available`; else the reason, in words."""
-    if not _enabled:
-        return "disabled (TGN_NATIVE=0 or native.disabled())"
+    if not enabled():
+        return "disabled (TGN_NATIVE=0, native.disabled() or backends.use() without 'native')"
     if _load() is None:
         return _error
     return None
@@ -204,13 +219,13 @@ def why_unavailable() -> str | None:
 
 def library_path() -> Path | None:
     """The library that is loaded (next to this file); ``None`` when none is."""
-    return _path if _enabled and _load() is not None else None
+    return _path if enabled() and _load() is not None else None
 
 
-def describe(enabled: bool = True) -> str:
+def describe(on: bool = True) -> str:
     """Which kernels the compiled executor runs here, and why, in words (report and
-    bench headers); ``enabled=False`` describes a run made inside :func:`disabled`."""
-    if not enabled or not _enabled:
+    bench headers); ``on=False`` describes a run made inside :func:`disabled`."""
+    if not on or not enabled():
         return "compiled executor kernels: torch ops (native kernels off for this run)"
     if available():
         assert _path is not None
@@ -222,14 +237,11 @@ def describe(enabled: bool = True) -> str:
 
 @contextlib.contextmanager
 def disabled() -> Iterator[None]:
-    """Run the compiled executor on its torch ops inside this block (tests, benchmarks)."""
-    global _enabled
-    before = _enabled
-    _enabled = False
-    try:
+    """Run the plans on torch ops inside this block (this thread or task, and the work it
+    hands to others): ``backends.use`` without ``"native"``, for tests and benchmarks."""
+    others = tuple(name for name in _allowed() if name != "native") or ("torch_ops",)
+    with _use(*others):
         yield
-    finally:
-        _enabled = before
 
 
 #: FINALIZE flags of casting_mode="llama" on bf16 rows (native.c): round the

@@ -17,6 +17,7 @@ whole row with :func:`kernels.sum_exact`; a graph with one opaque ``RMSNORM`` no
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -26,7 +27,7 @@ from ..graph import Graph, Node, Op
 from .lowering import Plan, tree_levels
 from .reference import ReferenceInterpreter
 
-__all__ = ["plan_row_sum", "reference_row_sum"]
+__all__ = ["graph_backward", "graph_rms", "plan_row_sum", "reference_row_sum", "torch_backward"]
 
 
 class _RowSumInterpreter(ReferenceInterpreter):
@@ -100,3 +101,50 @@ def _merge(plan: Plan, p: torch.Tensor) -> torch.Tensor:
         for dst, a, b in level:
             torch.add(slots[:, a], slots[:, b], out=slots[:, dst])
     return slots[:, plan.root : plan.root + 1]
+
+
+RowSum = Callable[[torch.Tensor], torch.Tensor]
+
+
+def torch_backward(
+    row_sum: RowSum, exact: bool, dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None,
+    rms: torch.Tensor, input_grad: bool, weight_grad: bool, offset: float = 0.0, round_x_hat: bool = False,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(dx, dW)`` of 2-D ``dy``, ``x`` and ``(rows, 1)`` ``rms`` as torch ops (``None``
+    where not asked), ``dx``'s row reduction ``sum(g * xa)`` by ``row_sum`` (the graph's
+    or the plan's order; an ``exact`` graph's sum is exact in any order).
+
+    ``offset``: FINALIZE multiplied by ``w + offset``; ``round_x_hat``:
+    ``casting_mode="llama"``, whose ``x_hat`` was rounded to ``x.dtype`` before the
+    weight (``dW`` sums ``dy`` times that rounded value)."""
+    dx = dw = None
+    if input_grad:
+        acc = kernels.accumulation_dtype(x.dtype)
+        w_g = None if weight is None else kernels.finalize_weight(weight, acc, offset)
+        xa, g = kernels.grad_operands(x, dy, w_g)
+        s = (kernels.sum_exact(g.to(torch.float64) * xa.to(torch.float64)) if exact
+             else row_sum((g * xa).contiguous()))
+        dx = kernels.input_grad(xa, g, rms, s, x.dtype)
+    if weight_grad and weight is not None:
+        dw = kernels.weight_grad_float(x, dy, rms, weight.dtype, round_x_hat=round_x_hat)
+    return dx, dw
+
+
+def graph_backward(
+    graph: Graph, dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, rms: torch.Tensor,
+    input_grad: bool, weight_grad: bool, offset: float = 0.0, round_x_hat: bool = False,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """:func:`torch_backward` through ``graph``'s own merge DAG (a graph with no plan)."""
+    return torch_backward(lambda v: reference_row_sum(graph, v), Op.SCALE in graph.ops, dy, x, weight, rms,
+                          input_grad, weight_grad, offset, round_x_hat)
+
+
+def graph_rms(graph: Graph, x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Each row's ``rms`` (``(..., 1)``, the accumulation dtype) from the sum of squares
+    in ``graph``'s order: the value FINALIZE divided by."""
+    hidden = x.shape[-1]
+    exact = Op.SCALE in graph.ops
+    xa = x.reshape(-1, hidden).to(torch.float64 if exact else kernels.accumulation_dtype(x.dtype))
+    total = reference_row_sum(graph, (xa * xa).contiguous())
+    rms = kernels.finalize_rms(total, hidden, eps, kernels.accumulation_dtype(x.dtype))
+    return rms.view(*x.shape[:-1], 1)

@@ -7,6 +7,8 @@ call does no slicing beyond its own input and output tiles.
 
 from __future__ import annotations
 
+import contextlib
+
 import threading
 from collections import OrderedDict
 from typing import Any
@@ -147,8 +149,19 @@ class Workspace:
     def views(self, rows: int) -> Views:
         v = self._views.get(rows)
         if v is None:
-            v = self._views[rows] = Views(self.plan, self, rows)
+            with _plain_tensors():
+                v = self._views[rows] = Views(self.plan, self, rows)
         return v
+
+
+def _plain_tensors() -> contextlib.ExitStack:
+    """Buffers and views that later calls reuse are made as plain tensors, whatever the
+    caller's mode: an inference tensor (made under ``inference_mode``) could not be
+    written by a later call outside it, nor a view made under ``no_grad`` with grad on."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.inference_mode(False))
+    stack.enter_context(torch.no_grad())
+    return stack
 
 
 def workspace(
@@ -164,7 +177,8 @@ def workspace(
     key = (id(plan), rows, dtype, device, native)
     ws = cache.get(key)
     if ws is None or ws.plan is not plan:
-        ws = cache[key] = Workspace(plan, rows, dtype, device, native)
+        with _plain_tensors():
+            ws = cache[key] = Workspace(plan, rows, dtype, device, native)
         while len(cache) > WORKSPACES_PER_THREAD:
             cache.popitem(last=False)
     else:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "accumulation_dtype",
+    "DEFAULT_EPS",
     "default_eps",
     "sumsq_pairwise",
     "sumsq_native",
@@ -53,9 +54,16 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+#: What ``eps=None`` means per input dtype (:func:`default_eps`), read by the warm paths.
+DEFAULT_EPS: dict[torch.dtype, float] = {}
+
+
 def default_eps(dtype: torch.dtype) -> float:
     """What ``eps=None`` means in ``F.rms_norm``: the accumulation dtype's epsilon."""
-    return torch.finfo(accumulation_dtype(dtype)).eps
+    found = DEFAULT_EPS.get(dtype)
+    if found is None:
+        found = DEFAULT_EPS.setdefault(dtype, torch.finfo(accumulation_dtype(dtype)).eps)
+    return found
 
 
 def pairwise_halving_(s: torch.Tensor) -> torch.Tensor:

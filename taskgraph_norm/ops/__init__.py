@@ -21,7 +21,7 @@ from .library import LIBRARY, EagerRMSNorm, eager_apply, rms_norm_backward_op, r
 from .routing import DIRECT, EAGER, TRACED, jit_tracing, needs_op, route, tracing
 
 __all__ = [
-    "DIRECT", "EAGER", "EagerRMSNorm", "LIBRARY", "TRACED", "call_checked", "call_checked_residual", "eager_apply", "jit_tracing", "needs_op", "resolve_eps_fast", "route", "rms_norm", "rms_norm_backward_op", "rms_norm_op", "rms_norm_residual",
+    "DIRECT", "EAGER", "EagerRMSNorm", "LIBRARY", "TRACED", "call_checked", "call_checked_residual", "eager_apply", "jit_tracing", "needs_op", "route", "rms_norm", "rms_norm_backward_op", "rms_norm_op", "rms_norm_residual",
     "rms_norm_residual_op", "tracing",
 ]
 
@@ -70,19 +70,6 @@ def call_checked(
                                       offset)[0]
         return y
     return eager_apply(x, weight, (eps, chunk_size, topology, leaf, accumulate, casting_mode, offset))
-
-
-_DEFAULT_EPS: dict[torch.dtype, float] = {}
-
-
-def resolve_eps_fast(eps: float | None, dtype: torch.dtype) -> float:
-    """:func:`~taskgraph_norm.checks.resolve_eps` with ``eps=None`` answered from a dict."""
-    if eps is None:
-        found = _DEFAULT_EPS.get(dtype)
-        if found is None:
-            found = _DEFAULT_EPS.setdefault(dtype, resolve_eps(None, dtype))
-        return found
-    return resolve_eps(eps, dtype)
 
 
 def call_checked_residual(

@@ -274,7 +274,4 @@ def run_triton(
     return y
 
 
-#: Marks runners that write ``out`` themselves (see ``api._run``).
-run_triton.writes_out = True  # type: ignore[attr-defined]
-
 caches.register(_offset_in.cache_clear)

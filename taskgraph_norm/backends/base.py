@@ -1,0 +1,122 @@
+"""The backend protocol: what the pipeline asks of torch ops, native C and Triton.
+
+A backend runs a lowered :class:`~taskgraph_norm.executors.lowering.Plan` (never a
+graph node by node: that is the executors' work, and never proves anything: it is
+handed a certified plan).  Each is one object with one protocol, in the manner of
+xformers' attention operators:
+
+* :meth:`Backend.not_supported_reasons` -- whether it runs a plan on a device and
+  dtype, and if not, why (an empty list: it does);
+* :meth:`Backend.forward` -- ``y`` (with the fused residual add) and, when asked, the
+  per-row ``rms`` the backward needs;
+* :meth:`Backend.backward` -- ``dx`` through the forward's merge order and the float
+  ``dW`` over fixed row blocks;
+* :meth:`Backend.accumulate_exact` -- the exact weight gradient's accumulate: add
+  ``sum over rows of dy * x_hat`` to an exact state.
+
+The pipeline picks a backend once per (device, dtype) by walking a priority list
+(:func:`taskgraph_norm.backends.choose`); when none fits, the error lists every
+backend's reasons.  Which backends may be chosen is per call or per context
+(:func:`use`, a ``contextvars`` variable), never a process-wide switch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+
+if TYPE_CHECKING:
+    import threading
+
+    from ..executors.lowering import Plan
+    from ..graph import Graph
+
+__all__ = ["Backend", "BACKEND_NAMES", "Forward", "allowed", "triton_asked", "use"]
+
+#: Every backend's name, fastest first (the default priority).
+BACKEND_NAMES = ("triton", "native", "torch_ops")
+
+_allowed: ContextVar[tuple[str, ...]] = ContextVar("taskgraph_norm_backends", default=BACKEND_NAMES)
+#: Whether this context asked for Triton by name (:func:`use`): only then do CPU
+#: tensors run in its interpreter (slow: a test and debugging tool).
+_triton_asked: ContextVar[bool] = ContextVar("taskgraph_norm_triton_asked", default=False)
+
+
+@contextlib.contextmanager
+def use(*names: str) -> Iterator[None]:
+    """Let only the backends ``names`` run the calls made in this block (this thread,
+    this task and what they hand work to); ``use("torch_ops")`` runs every plan on
+    torch ops alone (the portable form: the same bits).  Naming ``"triton"`` also lets
+    CPU tensors run in Triton's interpreter when ``TRITON_INTERPRET=1`` (tests).
+
+    Raises ValueError for an unknown name."""
+    unknown = [n for n in names if n not in BACKEND_NAMES]
+    if unknown or not names:
+        raise ValueError(f"unknown backend {unknown or names!r}: expected names from {BACKEND_NAMES}")
+    token = _allowed.set(tuple(n for n in BACKEND_NAMES if n in names))
+    asked = _triton_asked.set("triton" in names)
+    try:
+        yield
+    finally:
+        _triton_asked.reset(asked)
+        _allowed.reset(token)
+
+
+def triton_asked() -> bool:
+    """Whether this context named Triton in :func:`use` (CPU tensors then run in its
+    interpreter under ``TRITON_INTERPRET=1``)."""
+    return _triton_asked.get()
+
+
+def allowed() -> tuple[str, ...]:
+    """The backends this context lets run (:func:`use`), in priority order."""
+    return _allowed.get()
+
+
+@dataclass(frozen=True, slots=True)
+class Forward:
+    """A backend's forward: ``y``, and each row's ``rms`` (``(..., 1)``, the accumulation
+    dtype) when the caller asked for it (``None`` otherwise)."""
+
+    y: torch.Tensor
+    rms: torch.Tensor | None
+
+
+class Backend(Protocol):
+    """One way to run a plan (see the module doc)."""
+
+    name: str
+
+    def not_supported_reasons(self, plan: Plan, device: torch.device, dtype: torch.dtype) -> list[str]:
+        """Why this backend does not run ``plan`` on ``device`` for ``dtype`` input
+        (empty when it does)."""
+        ...
+
+    def forward(
+        self, graph: Graph, plan: Plan, x: torch.Tensor, weight: torch.Tensor | None, eps: float, *,
+        out: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+        residual_out: torch.Tensor | None = None, stats: bool = False, cancel: threading.Event | None = None,
+    ) -> Forward:
+        """``y`` for a checked ``x`` (``h = x + residual`` written to ``residual_out`` first,
+        for a residual plan) and, with ``stats``, each row's ``rms``."""
+        ...
+
+    def backward(
+        self, plan: Plan, dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, rms: torch.Tensor, *,
+        input_grad: bool, weight_grad: bool, offset: float, round_x_hat: bool,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(dx, dW)`` of 2-D ``dy`` and ``x`` with ``(rows, 1)`` ``rms`` (``None`` where
+        not asked): ``dx`` through the plan's merge order, ``dW`` over fixed row blocks."""
+        ...
+
+    def accumulate_exact(
+        self, state: torch.Tensor, dy: torch.Tensor, b: torch.Tensor, rms: torch.Tensor | None,
+    ) -> bool:
+        """Add ``sum over rows of dy * b`` (``b / rms`` when ``rms`` is given) to the
+        exact ``state``, exactly; ``False`` when this backend does not take these operands."""
+        ...

@@ -1,0 +1,304 @@
+"""The three backends -- torch ops, native C, Triton -- and the choice among them.
+
+Each class answers the protocol of :mod:`.base`; :func:`choose` walks the priority
+list (Triton, native, torch ops) and returns the first that runs a plan on a device
+and dtype, or raises one error listing every backend's reasons.  All three give the
+same bits (the tests compare them): they differ in speed and in where they run.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import torch
+
+from .. import kernels
+from ..errors import ExecutionError
+from ..executors import native as _native
+from ..executors import native_grads as _native_grads
+from ..executors import team as _team
+from ..executors import triton as _triton
+from ..executors.compiled import run_compiled
+from ..executors.direct import DirectCall, direct_call
+from ..executors.lowering import Plan
+from ..executors.rowsum import plan_row_sum, torch_backward
+from ..executors.triton import backward as _triton_backward
+from ..executors.triton import exact_dw as _triton_dw
+from ..graph import Graph
+from ..kernels import exact_sum as _exact_sum
+from .base import Backend, Forward, allowed, triton_asked
+
+__all__ = ["BACKENDS", "NativeBackend", "NoBackendError", "TorchOpsBackend", "TritonBackend", "choose",
+           "row_totals"]
+
+#: Backward inputs with at least this many elements (and two row blocks) share their
+#: row blocks among torch's threads (the native team).
+SPLIT_NUMEL = 1 << 16
+
+
+class NoBackendError(ExecutionError):
+    """No backend runs this plan on this device and dtype; the message lists why, per backend."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype, reasons: dict[str, list[str]]) -> None:
+        lines = "; ".join(f"{name}: {', '.join(why)}" for name, why in reasons.items())
+        super().__init__(f"no backend runs this plan on {device} for {dtype} input ({lines})")
+        self.reasons = reasons
+
+
+def row_totals(plan: Plan, x: torch.Tensor) -> torch.Tensor:
+    """Each row's sum of squares in the plan's order, ``(rows, 1)`` (or an exact pair
+    ``(rows, 2)``), for a 2-D ``x``: torch ops, the compiled executor's operations."""
+    exact = plan.accumulate == "exact"
+    xa = x.to(torch.float64 if exact else kernels.accumulation_dtype(x.dtype))
+    return plan_row_sum(plan, (xa * xa).contiguous())
+
+
+def _rms(plan: Plan, x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Each row's ``rms`` (``(..., 1)``, the accumulation dtype) from :func:`row_totals`."""
+    total = row_totals(plan, x.reshape(-1, plan.hidden_size))
+    rms = kernels.finalize_rms(total, plan.hidden_size, eps, kernels.accumulation_dtype(x.dtype))
+    return rms.view(*x.shape[:-1], 1)
+
+
+class TorchOpsBackend:
+    """The plan as a few level-batched torch ops over row tiles: any device, any dtype."""
+
+    name = "torch_ops"
+
+    def not_supported_reasons(self, plan: Plan, device: torch.device, dtype: torch.dtype) -> list[str]:
+        return []
+
+    def forward(
+        self, graph: Graph, plan: Plan, x: torch.Tensor, weight: torch.Tensor | None, eps: float, *,
+        out: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+        residual_out: torch.Tensor | None = None, stats: bool = False, cancel: threading.Event | None = None,
+        **options: Any,
+    ) -> Forward:
+        y = run_compiled(graph, x, weight, eps, plan=plan, out=out, cancel=cancel, residual=residual,
+                         residual_out=residual_out, native=False, **options)
+        return Forward(y, _rms(plan, x if residual_out is None else residual_out, eps) if stats else None)
+
+    def backward(
+        self, plan: Plan, dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, rms: torch.Tensor, *,
+        input_grad: bool, weight_grad: bool, offset: float = 0.0, round_x_hat: bool = False,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """:func:`~taskgraph_norm.executors.rowsum.torch_backward` in the plan's order."""
+        return torch_backward(lambda v: plan_row_sum(plan, v), plan.accumulate == "exact", dy, x, weight, rms,
+                              input_grad, weight_grad, offset, round_x_hat)
+
+    def accumulate_exact(
+        self, state: torch.Tensor, dy: torch.Tensor, b: torch.Tensor, rms: torch.Tensor | None,
+    ) -> bool:
+        x_hat = b if rms is None else torch.div(b, rms.reshape(-1, 1))
+        _exact_sum.add_products_(state, dy, x_hat)
+        return True
+
+
+class NativeBackend:
+    """The C kernels (built at install): each row read once with the row in cache,
+    rows shared among torch's threads; CPU, every plan with pairwise leaves and ADD
+    merges, and every exact plan."""
+
+    name = "native"
+
+    def __init__(self) -> None:
+        self._torch_ops = TorchOpsBackend()
+
+    def not_supported_reasons(self, plan: Plan, device: torch.device, dtype: torch.dtype) -> list[str]:
+        reasons = []
+        if device.type != "cpu":
+            reasons.append(f"runs on CPU tensors, not {device.type}")
+        if not _native.runs_plan(plan):
+            reasons.append(f"no kernel for {plan.leaf} leaves with a {plan.merge!r} merge (torch.sum's order)")
+        if not _native.available():
+            reasons.append(f"the C kernels are not available ({_native.why_unavailable()})")
+        return reasons
+
+    def direct(self, plan: Plan) -> DirectCall | None:
+        """The plan's one-call entry for fp32 CPU rows (:func:`~taskgraph_norm.executors.direct.direct_call`)."""
+        return direct_call(plan)
+
+    def forward(
+        self, graph: Graph, plan: Plan, x: torch.Tensor, weight: torch.Tensor | None, eps: float, *,
+        out: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+        residual_out: torch.Tensor | None = None, stats: bool = False, cancel: threading.Event | None = None,
+        direct: DirectCall | None = None, **options: Any,
+    ) -> Forward:
+        if direct is not None and not options and x.dtype is torch.float32 and residual is None:
+            found = self._direct_forward(plan, direct, x, weight, eps, out, stats)
+            if found is not None:
+                return found
+        y = run_compiled(graph, x, weight, eps, plan=plan, out=out, cancel=cancel, residual=residual,
+                         residual_out=residual_out, native=True, **options)
+        return Forward(y, _rms(plan, x if residual_out is None else residual_out, eps) if stats else None)
+
+    def _direct_forward(
+        self, plan: Plan, direct: DirectCall, x: torch.Tensor, weight: torch.Tensor | None, eps: float,
+        out: torch.Tensor | None, stats: bool,
+    ) -> Forward | None:
+        """``y`` (and ``rms``) from one native call, or ``None`` where it does not apply."""
+        if not stats:
+            y = direct(x, weight, eps, out, None, None)
+            return None if y is None else Forward(y, None)
+        hidden = plan.hidden_size
+        exact = plan.accumulate == "exact"
+        total = torch.empty(x.numel() // hidden, 2 if exact else 1, dtype=torch.float64 if exact else torch.float32)
+        y = direct(x, weight, eps, out, None, None, total)
+        if y is None:
+            return None
+        # a float plan's kernel wrote each row's rms itself; an exact pair becomes its rms here
+        rms = _native_grads.rms_of_totals(total, hidden, eps) if exact else total
+        return Forward(y, rms if x.dim() == 2 else rms.view(*x.shape[:-1], 1))
+
+    def backward(
+        self, plan: Plan, dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, rms: torch.Tensor, *,
+        input_grad: bool, weight_grad: bool, offset: float = 0.0, round_x_hat: bool = False,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """fp32 rows in one C pass (whose whole row blocks torch's threads share from
+        :data:`SPLIT_NUMEL` elements on); other dtypes, llama's rounded ``x_hat`` and
+        non-finite rows on torch ops (their NaNs' signs and payloads are torch's)."""
+        if x.dtype == torch.float32 and not round_x_hat and (weight is None or weight.dtype == torch.float32):
+            w_g = weight if weight is None or not offset else kernels.finalize_weight(weight, torch.float32, offset)
+            found = self.backward_rows(plan, dy, x, None if w_g is None else w_g.contiguous(), rms,
+                                       input_grad, weight_grad)
+            if found is not None:
+                return found
+        return self._torch_ops.backward(plan, dy, x, weight, rms, input_grad=input_grad, weight_grad=weight_grad,
+                                        offset=offset, round_x_hat=round_x_hat)
+
+    def backward_rows(
+        self, plan: Plan, dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, rms: torch.Tensor,
+        input_grad: bool, weight_grad: bool,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None] | None:
+        """The C pass over fp32 rows (``weight``: what ``g = dy * weight`` multiplies by,
+        ``w + offset`` made in fp32), or ``None`` where a row is not finite."""
+        rows, hidden = x.shape
+        dw_wanted = weight_grad and weight is not None
+        dx = torch.empty_like(x) if input_grad else None
+        n_blocks = -(-rows // kernels.ROW_BLOCK)
+        blocks = torch.empty(n_blocks, hidden, dtype=torch.float32) if dw_wanted else None
+        threads = _team.threads() if x.numel() >= SPLIT_NUMEL and n_blocks >= 2 else 1
+        # Each thread runs whole row blocks (the blocks' sums do not depend on the split).
+        bad = _native_grads.backward_rows(x, dy, weight, rms, _native_grads.recipe_of(plan), dx, blocks,
+                                          exact=plan.accumulate == "exact", threads=threads, grain=kernels.ROW_BLOCK)
+        if bad:
+            return None
+        dw = None
+        if blocks is not None:
+            dw = kernels.merge_blocks_(blocks)
+            if not bool(torch.isfinite(dw).all()):
+                return None
+        return dx, dw
+
+    def accumulate_exact(
+        self, state: torch.Tensor, dy: torch.Tensor, b: torch.Tensor, rms: torch.Tensor | None,
+    ) -> bool:
+        if state.device.type != "cpu" or dy.dtype != torch.float32 or b.dtype != torch.float32:
+            return False
+        over = _native_grads.exact_dw(state, dy.contiguous(), b.contiguous(),
+                                      rms=None if rms is None else rms.reshape(-1, 1).contiguous())
+        if over:
+            raise OverflowError(f"an exact sum left its range (column {over})")
+        return True
+
+
+class TritonBackend:
+    """The Triton kernels: one program per row, the plan's order operation for
+    operation (float) or exactly (exact), FINALIZE fused; CUDA tensors, and CPU
+    tensors in Triton's interpreter (``TRITON_INTERPRET=1``) when asked for by name."""
+
+    name = "triton"
+
+    def __init__(self, by_name: bool = False) -> None:
+        #: Asked for by name (``executor="triton"``): CPU tensors run in the interpreter.
+        self.by_name = by_name
+
+    def not_supported_reasons(self, plan: Plan, device: torch.device, dtype: torch.dtype) -> list[str]:
+        reasons = []
+        if not _triton.available():
+            reasons.append("triton is not installed (pip install 'taskgraph-norm[triton]')")
+        if device.type == "cpu":
+            if not (_triton.interpreting() and (self.by_name or triton_asked())):
+                reasons.append("CPU tensors run only in Triton's interpreter (TRITON_INTERPRET=1), "
+                               "when asked for by name (executor='triton' or backends.use('triton'))")
+        elif device.type != "cuda":
+            reasons.append(f"runs on CUDA tensors, not {device.type}")
+        if dtype == torch.float64:
+            reasons.append("no fp64 kernels")
+        if _triton.available() and not _triton.supports(plan):
+            reasons.append(f"no kernel for {plan.leaf} leaves with a {plan.merge!r} merge")
+        return reasons
+
+    def forward(
+        self, graph: Graph, plan: Plan, x: torch.Tensor, weight: torch.Tensor | None, eps: float, *,
+        out: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+        residual_out: torch.Tensor | None = None, stats: bool = False, cancel: threading.Event | None = None,
+        **options: Any,
+    ) -> Forward:
+        if options:
+            raise ExecutionError(f"the triton backend takes no options {sorted(options)} (the compiled executor's)")
+        extra = {} if residual is None else {"residual": residual, "residual_out": residual_out}
+        y = _triton.run_triton(graph, x, weight, eps, plan=plan, out=out, **extra)
+        return Forward(y, _rms(plan, x if residual_out is None else residual_out, eps) if stats else None)
+
+    def backward(
+        self, plan: Plan, dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, rms: torch.Tensor, *,
+        input_grad: bool, weight_grad: bool, offset: float = 0.0, round_x_hat: bool = False,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The Triton kernels' ``(dx, dW)``; the rows they flag (a non-finite ``s`` or
+        ``rms``, a zero ``rms``, a NaN in ``dx``) and a non-finite ``dW`` are computed
+        again by torch ops on the CPU, whose NaNs they then carry."""
+        if not _triton_backward.supports_backward(plan, x, dy, weight, rms, on_cpu=True):
+            return TorchOpsBackend().backward(plan, dy, x, weight, rms, input_grad=input_grad,
+                                              weight_grad=weight_grad, offset=offset, round_x_hat=round_x_hat)
+        dx, dw, bad = _triton_backward.run_backward(plan, dy, x, weight, rms, input_grad, weight_grad, offset,
+                                                    round_x_hat)
+        cpu = torch.device("cpu")
+        w_cpu = None if weight is None else weight.to(cpu)
+        if dx is not None and len(bad):
+            fixed, _ = TorchOpsBackend().backward(plan, dy[bad].to(cpu), x[bad].to(cpu), w_cpu, rms[bad].to(cpu),
+                                                  input_grad=True, weight_grad=False, offset=offset)
+            assert fixed is not None
+            dx[bad] = fixed.to(dx.device)
+        if dw is not None and not bool(torch.isfinite(dw).all()):
+            dw_cpu = kernels.weight_grad_float(x.to(cpu), dy.to(cpu), rms.to(cpu), dw.dtype, round_x_hat=round_x_hat)
+            dw = dw_cpu.to(dw.device)
+        return dx, dw
+
+    def accumulate_exact(
+        self, state: torch.Tensor, dy: torch.Tensor, b: torch.Tensor, rms: torch.Tensor | None,
+    ) -> bool:
+        if not _triton_dw.runs(state):
+            return False
+        _triton_dw.add_products_(state, dy, b, rms)
+        return True
+
+
+#: Every backend by name, in priority order (:data:`.base.BACKEND_NAMES`).
+BACKENDS: dict[str, Backend] = {b.name: b for b in (TritonBackend(), NativeBackend(), TorchOpsBackend())}
+
+
+#: Triton asked for by name (``executor="triton"``).
+TRITON_BY_NAME = TritonBackend(by_name=True)
+
+
+def choose(plan: Plan, device: torch.device, dtype: torch.dtype, names: tuple[str, ...] | None = None,
+           by_name: bool = False) -> Backend:
+    """The first backend of ``names`` (default: this context's :func:`.base.allowed`, in
+    priority order) that runs ``plan`` on ``device`` for ``dtype`` input (``by_name``:
+    the caller named the backend, as ``executor="triton"`` does).
+
+    Raises
+    ------
+    NoBackendError
+        when none does; its message lists every backend's reasons.
+    """
+    reasons: dict[str, list[str]] = {}
+    for name in (allowed() if names is None else names):
+        backend = TRITON_BY_NAME if by_name and name == "triton" else BACKENDS[name]
+        why = backend.not_supported_reasons(plan, device, dtype)
+        if not why:
+            return backend
+        reasons[name] = why
+    raise NoBackendError(device, dtype, reasons)
