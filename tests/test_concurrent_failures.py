@@ -12,7 +12,8 @@ import anyio
 import pytest
 
 import taskgraph_norm as tgn
-from taskgraph_norm.executors.devices import default_pool
+from taskgraph_norm.executors import concurrent_run
+from taskgraph_norm.executors.devices import WorkerPool, default_pool
 
 from ._executor_helpers import BACKENDS, Recorder, call_graph, run, tgn_threads
 
@@ -183,3 +184,48 @@ def test_closing_a_pool_under_a_running_graph_never_strands_it() -> None:
     except tgn.PoolClosedError:
         pass
     assert rec.running == 0 and pool.closed
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_error_in_the_runs_bookkeeping_reaches_the_awaiting_caller(
+    backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failure after a node returned, in the worker's own bookkeeping
+    (``Run._finish``), fails the run: the caller gets that exception, not a hang."""
+    original = Boom("bookkeeping failed")
+
+    def broken_finish(self: concurrent_run.Run, *args: object) -> None:
+        raise original
+
+    monkeypatch.setattr(concurrent_run.Run, "_finish", broken_finish)
+
+    async def main() -> None:
+        with anyio.fail_after(5):  # without the fix the run never ends
+            async with tgn.WorkerPool(2, name="tgn-finish") as pool:
+                await tgn.execute(fan_in(3), 0, executor="concurrent", pool=pool,
+                                  functions={"bad": lambda x: 0, "slow": lambda *a: 0})
+
+    with pytest.raises(Boom) as info:
+        run(main, backend=backend)
+    assert info.value is original
+
+
+def test_a_work_function_that_raises_is_reported_and_its_lane_lives_on(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pool's contract is that work functions do not raise; one that does is a
+    bug, reported through ``threading.excepthook`` (never swallowed), and the
+    lane goes on taking work."""
+    seen: list[threading.ExceptHookArgs] = []
+    monkeypatch.setattr(threading, "excepthook", seen.append)
+    done = threading.Event()
+
+    def broken(a: object, b: object, lane: object) -> None:
+        raise Boom("a work function raised")
+
+    with WorkerPool(1, name="tgn-report") as pool:
+        pool.submit(broken, None, None)
+        pool.submit(lambda a, b, lane: done.set(), None, None)
+        assert done.wait(5)
+    assert len(seen) == 1 and isinstance(seen[0].exc_value, Boom)
+    assert seen[0].thread is not None and seen[0].thread.name == "tgn-report-cpu-0"

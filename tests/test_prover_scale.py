@@ -1,4 +1,4 @@
-"""Build, prove and lower stay near-linear in the node count (DESIGN.md section 9).
+"""Build, prove and lower stay near-linear in the node count (docs/design.md, "The pipeline").
 
 One leaf per element of D = 65,536 is 65k to 262k nodes: linear work takes a
 second or two here, the quadratic steps this guards against took minutes (a

@@ -1,4 +1,5 @@
-"""The fused residual add (DESIGN.md section 10): ``(y, h) = normalize(x, w, residual=r)``
+"""The fused residual add (docs/design.md, "Casting modes, offset and the
+fused residual add"): ``(y, h) = normalize(x, w, residual=r)``
 gives ``h`` the bits of ``x + r`` and ``y`` those of ``normalize(h, w)``, on every
 executor, batch-invariantly."""
 

@@ -1,4 +1,5 @@
-"""Casting modes and the weight offset (DESIGN.md section 10): every executor gives
+"""Casting modes and the weight offset (docs/design.md, "Casting modes, offset and
+the fused residual add"): every executor gives
 the bits of ``kernels.finalize`` (the oracle), and the modes match Hugging Face's
 own RMSNorm modules up to their ``rsqrt``."""
 

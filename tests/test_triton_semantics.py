@@ -1,4 +1,5 @@
-"""The triton executor with the model-facing semantics (DESIGN.md sections 10 and 12):
+"""The triton executor with the model-facing semantics (docs/gpu.md; docs/design.md,
+"Casting modes, offset and the fused residual add"):
 casting modes, the weight offset and the fused residual add give the reference's
 bits in Triton's interpreter, and in the PTX nothing rounds differently; ``gpu``
 tests check the device.  Helpers and the interpreter fixture: tests/test_triton.py.

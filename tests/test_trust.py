@@ -1,5 +1,6 @@
-"""DESIGN.md section 13: no code loaded from where another user can write, native
-kernels built at install, loud fallbacks, fork safety (docs/reliability.md).
+"""No code loaded from where another user can write, native kernels built at
+install, loud fallbacks, fork safety (docs/reliability.md, "What is loaded from where"
+and "Fork safety").
 
 The loading tests run a copy of the package (tests/_trust_helpers.py) in a child
 process, so that each starts with its own first load and warning.

@@ -213,7 +213,11 @@ class Run:
                 exc = e
             with self.lock:
                 self.running -= 1
-                keep = self._finish(i, value, produced, exc, lane, start)
+                try:
+                    keep = self._finish(i, value, produced, exc, lane, start)
+                except BaseException as e:  # noqa: BLE001 - fails the run; the awaiting caller gets it
+                    self._fail(None, e)
+                    keep = None
                 budget -= 1
                 if keep is not None and budget <= 0:
                     self._submit(keep)

@@ -205,7 +205,9 @@ class WorkerPool:
         """Queue ``fn(a, b, lane)`` to run on the next free lane (FIFO).
 
         ``fn`` must not raise: it is the executor's own wrapper, which records
-        every exception (BaseException included) for its run.
+        every exception (BaseException included) for its run.  One that does
+        anyway is reported through :func:`threading.excepthook`, and its lane
+        goes on taking work.
         """
         if self._closed:
             raise PoolClosedError(self.name)
@@ -227,8 +229,11 @@ class WorkerPool:
                     self._peak = self._busy
             try:
                 fn(a, b, lane)
-            except BaseException:  # noqa: BLE001 - a lane must outlive anything a node does
-                pass
+            except BaseException as e:  # noqa: BLE001 - a lane must outlive anything a node does
+                # fn broke its contract (it records its run's errors itself): a bug,
+                # reported as an exception leaving a thread is, never swallowed.
+                threading.excepthook(threading.ExceptHookArgs(
+                    (type(e), e, e.__traceback__, threading.current_thread())))
             finally:
                 with lock:
                     self._busy -= 1

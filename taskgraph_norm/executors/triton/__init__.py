@@ -1,4 +1,4 @@
-"""The triton executor: a certified plan as one Triton kernel per call (DESIGN.md s.12).
+"""The triton executor: a certified plan as one Triton kernel per call (docs/gpu.md).
 
 Float plans with pairwise leaves and a tree, left-fold or single-chunk merge are
 run operation for operation; exact plans (any topology) over whole rows.
