@@ -1,4 +1,4 @@
-"""Every exception taskgraph_norm raises on purpose, under one root, and its one warning.
+"""The exceptions taskgraph_norm defines, under one root, and its one warning.
 
 Each class builds its own message from the facts it is given, so the message
 shape is the same wherever the error is raised.  Errors about the user's
@@ -13,7 +13,8 @@ from collections.abc import Sequence
 
 
 class TaskGraphError(Exception):
-    """Root of every error raised by taskgraph_norm."""
+    """Root of every error class taskgraph_norm defines (an argument of the wrong Python
+    type is a plain TypeError)."""
 
 
 # --- graph validation -------------------------------------------------------

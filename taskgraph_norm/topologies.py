@@ -214,8 +214,9 @@ def _build(
         "leaf": leaf,
         "accumulate": accumulate,
     }
-    # The semantics are written only when not the defaults: a default graph (its
-    # nodes, equality and proof fingerprint) is what it was before they existed.
+    # The semantics are written only when not the defaults: a graph with the defaults
+    # has no such attributes, so its nodes, equality and proof fingerprint are the
+    # plain RMSNorm graph's.
     finalize_attrs: dict[str, object] = {}
     if casting_mode != "torch":
         meta["casting_mode"] = finalize_attrs["casting_mode"] = casting_mode

@@ -2,7 +2,7 @@
 
 The native kernel's y against torch's division given the kernel's own rms: rows of
 many scales, quotients that land exactly on subnormal rounding midpoints (where a
-faster fp64 route measured in docs/performance.md, "Why 64 rows miss", needs the
+fp64 route described in docs/performance.md, "FINALIZE's quotient", needs the
 divider: x = 147 2^-149, rms = 98), zero and infinite rms, a weight, an offset, llama.
 A kernel that multiplied by a reciprocal, or took the fp64 route without that
 fallback, fails these."""

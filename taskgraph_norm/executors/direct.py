@@ -16,8 +16,9 @@ A fresh output of at least 32 MiB is advised to the kernel as a huge-page candid
 such a block with a fresh ``mmap`` every time, and faulting it in page by page costs
 more than normalising it (docs/performance.md, "Page faults").  Smaller outputs come
 from glibc's heap, where they are usually still mapped from the last call; where the
-heap was trimmed meanwhile, the advice made refaulting them slower, not faster
-(measured: 6.9 against 4.1 ms for a 16 MiB output), so they are not advised.
+heap was trimmed meanwhile, the advice makes refaulting them slower, not faster
+(6.9 against 4.1 ms for a 16 MiB output: docs/performance.md, "Page faults"), so
+they are not advised.
 """
 
 from __future__ import annotations

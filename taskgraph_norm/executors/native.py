@@ -60,7 +60,7 @@ __all__ = [
 
 _DIR = Path(__file__).resolve().parent
 #: What the torch ops cost instead (docs/performance.md, "On torch ops alone").
-_COST = ("the same bits, about 3x slower for float plans and 5x to 6x for exact ones on (4096, 4096) fp32 "
+_COST = ("the same bits, about 2x to 3.5x slower for float plans and 3x to 4.5x for exact ones on (4096, 4096) fp32 "
          "(docs/reliability.md)")
 #: What the portable build costs instead of the host one (docs/reliability.md).
 _PORTABLE_COST = ("the same bits; the float kernel about 1.35x slower, the exact one about 3x "

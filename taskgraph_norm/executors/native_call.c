@@ -1,8 +1,8 @@
 /* The direct path's call from Python without ctypes (direct.py): a METH_FASTCALL
  * function `rows` of a tiny extension module in the same library, taking the same
  * ten arguments as tgn_rows_call (native_team.c), which it calls with the GIL
- * released.  ctypes spends ~0.1 us converting each argument (2.3 us for the 21 of
- * the old call, measured); this spends ~0.13 us in all.  Where Python's headers are
+ * released.  ctypes spends about 0.1 us converting each argument (about 1 us for
+ * these ten); this call spends about 0.13 us in all.  Where Python's headers are
  * missing the module is left out, and native.py calls tgn_rows_call through ctypes,
  * with the same arguments (tests/test_native_team.py runs both).
  *

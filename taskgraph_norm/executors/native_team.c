@@ -9,9 +9,9 @@
  * runs its blocks front to back; a thread done with its part steals the other parts'
  * blocks from their backs, one at a time, so a thread that wakes late (an idle
  * OpenMP thread asleep, a preempted one) delays nobody.  Each part is one atomic word
- * (front and back block, 32 bits each) changed by compare-and-swap.  Measured on the
- * 2-core VM for (64, 4096): a first call after torch's ops ~90 -> ~60 us with the
- * parts, against one shared counter of 16-row blocks (docs/performance.md).
+ * (front and back block, 32 bits each) changed by compare-and-swap.  Owned parts,
+ * rather than one shared counter of blocks, keep each row on the core whose cache
+ * holds it (docs/performance.md, "How the rows are shared").
  *
  * The threads are:
  *

@@ -337,7 +337,7 @@ def _row_local(ops: Counter[Op]) -> tuple[str, ...]:
 
 
 def _semantic_lines(graph: Graph, finalize: Node) -> tuple[str, ...]:
-    """The canonical lines of the model-facing semantics (section 10 of the design)."""
+    """The canonical lines of the model-facing semantics (docs/design.md, "Casting modes, offset and the fused residual add")."""
     residual = any(n.op is Op.INPUT and n.attrs.get("residual") for n in graph.nodes)
     return (("input=x+residual",) if residual else ()) + (
         semantics(finalize) if finalize.op is Op.FINALIZE else ())
