@@ -77,7 +77,7 @@ def draw(out_stem: Path) -> list[Path]:
             ax.add_patch(FancyArrowPatch((x - 0.16, 0.935), (x - 0.08, 0.935), arrowstyle="-|>",
                                          mutation_scale=14, color="#b07d2b"))
     ax.text(0.5, 0.875, "one cached Pipeline per configuration holds graph, proof, plan and kernels "
-            "(pipeline.py)", ha="center", fontsize=9, style="italic")
+            "(pipeline/)", ha="center", fontsize=9, style="italic")
     for a, b, d in fam.edges(data=True):
         ax.add_patch(FancyArrowPatch(pos[a], pos[b], arrowstyle="-|>", mutation_scale=10,
                                      shrinkA=16, shrinkB=16, lw=0.8,

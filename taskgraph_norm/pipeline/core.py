@@ -1,50 +1,42 @@
-"""The pipeline: build → prove → lower → run, one cached object per configuration.
+"""The :class:`Pipeline`: one configuration built, proved, lowered, with its backends.
 
 A :class:`Pipeline` is to a graph what ``torch.fx.GraphModule`` is to an fx graph:
 the graph is the program, the pipeline is the thing you call.  It holds the graph,
-its proof, the lowered plan and the executor chosen for it, all made once; a warm
-call checks its input and makes one kernel call.  ``normalize``, ``normalize_sync``,
-``execute``, ``execute_sync`` and ``RMSNorm`` all call through it
-(:mod:`taskgraph_norm.api` is their faces).
-
-Two caches hold pipelines: one per normalize configuration (hidden size, chunk
-size, topology, leaf, accumulate, executor) and one per (graph, executor) for
-``execute``.  Both are bounded and emptied by :func:`taskgraph_norm.clear_caches`.
+its proof, the lowered plan and the executor chosen for it, all made once, and picks
+a backend once per (device, dtype); a warm call checks its input and makes one
+kernel call.  Every face calls through it: ``normalize``, ``normalize_sync``,
+``execute``, ``execute_sync`` and ``RMSNorm`` call it, and the ops call its
+:meth:`~Pipeline.forward` and :meth:`~Pipeline.backward`.
 """
 
 from __future__ import annotations
 
 import functools
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, Literal, overload
 
 import anyio
 import anyio.to_thread
 import torch
 
-from . import caches, kernels, torch_state
-from .checks import check_input, check_no_partial_overlap, check_out, check_real, check_residual, resolve_eps
-from .errors import ConfigError, DeviceMismatchError, ExecutionError, GraphError
-from .backends.base import Backend, Forward, allowed, triton_asked
-from .backends.registry import BACKENDS, choose
-from .executors import ASYNC_EXECUTORS, EXECUTORS, PLAN_EXECUTORS, Plan, lower_certified
-from .executors.direct import DirectCall
-from .executors.rowsum import graph_backward, graph_rms
-from .executors.loops import run_coroutine_sync
-from .graph import Graph, Op, validate
-from .graph.nodes import gc_paused
-from .prover import Proof, prove
-from .topologies import build_graph
+from .. import kernels, torch_state
+from ..checks import check_input, check_no_partial_overlap, check_out, check_real, check_residual, resolve_eps
+from ..errors import ConfigError, ExecutionError, GraphError
+from ..backends.base import Backend, Forward, allowed, triton_asked
+from ..backends.registry import BACKENDS, choose
+from ..executors import ASYNC_EXECUTORS, EXECUTORS, PLAN_EXECUTORS, Plan, lower_certified
+from ..executors.direct import DirectCall
+from ..executors.rowsum import graph_backward, graph_rms
+from ..executors.loops import run_coroutine_sync
+from ..graph import Graph, Op, validate
+from ..prover import Proof, prove
 
-__all__ = ["OFFLOAD_NUMEL", "Pipeline", "cached", "check_executor", "for_config", "for_graph", "run_coroutine_sync"]
+__all__ = ["OFFLOAD_NUMEL", "Pipeline", "check_executor"]
 
 #: Inputs with at least this many elements are computed on a worker thread by the
 #: async faces; smaller ones run inline, where a thread hop would cost more than the work.
 OFFLOAD_NUMEL = 1 << 15
-
-#: How many pipelines each cache keeps (the oldest goes first).
-CACHE_SIZE = 256
 
 _overlaps = torch._C._overlaps
 
@@ -375,66 +367,6 @@ class Pipeline:
         return result
 
 
-# --- the caches ----------------------------------------------------------------------
-
-_lock = threading.Lock()
-_by_config: dict[tuple[Any, ...], Pipeline] = {}
-_by_graph: dict[tuple[Graph, str], Pipeline] = {}
-
-
-def _store(cache: dict[Any, Pipeline], key: Any, pipe: Pipeline) -> Pipeline:
-    with _lock:
-        pipe = cache.setdefault(key, pipe)
-        while len(cache) > CACHE_SIZE:
-            cache.pop(next(iter(cache)))
-    return pipe
-
-
-@caches.register
-def _clear() -> None:
-    with _lock:
-        _by_config.clear()
-        _by_graph.clear()
-
-
-def cached(
-    hidden_size: int, chunk_size: int, topology: str, leaf: str, accumulate: str, executor: str,
-    casting_mode: str = "torch", offset: float = 0.0, residual: bool = False,
-) -> Pipeline | None:
-    """The configuration's pipeline if one is cached, else ``None``: the faces' warm
-    path, one dict lookup (an unhashable option is never cached: ``None``; nor is a
-    chunk size that only compares equal to an int, such as ``16.0`` or ``True``, so
-    whether an option is accepted never depends on what is cached)."""
-    if type(chunk_size) is not int:
-        return None
-    try:
-        return _by_config.get((hidden_size, chunk_size, topology, leaf, accumulate, executor, casting_mode,
-                               offset, residual))
-    except TypeError:
-        return None
-
-
-def for_config(
-    hidden_size: int, chunk_size: int, topology: str, leaf: str, accumulate: str, executor: str,
-    casting_mode: str = "torch", offset: float = 0.0, residual: bool = False,
-) -> Pipeline:
-    """The pipeline of one ``normalize`` configuration (cached)."""
-    pipe = cached(hidden_size, chunk_size, topology, leaf, accumulate, executor, casting_mode, offset, residual)
-    if pipe is not None:
-        return pipe
-    # (an unhashable option: the builder says what is wrong with it before the key is used)
-    # One pause of the cyclic collector over build, prove and lower: each pass pauses it
-    # itself, and each resume made the next collection walk every node made so far
-    # (1.2 s of a 12 s first call at D = 2**19, chunk_size=1, exact).
-    with gc_paused():
-        graph = build_graph(hidden_size, chunk_size=chunk_size, topology=topology, leaf=leaf,
-                            accumulate=accumulate, casting_mode=casting_mode, offset=offset, residual=residual)
-        pipe = Pipeline(graph, executor)
-        pipe.options = (chunk_size, topology, leaf, accumulate, pipe.casting_mode, pipe.offset)
-    key = (hidden_size, chunk_size, topology, leaf, accumulate, executor, casting_mode, offset, residual)
-    return _store(_by_config, key, pipe)
-
-
 def check_executor(executor: object) -> None:
     """``executor`` must be ``"auto"`` or a name in :data:`taskgraph_norm.executors.EXECUTORS`."""
     if executor != "auto" and (not isinstance(executor, str) or executor not in EXECUTORS):
@@ -450,17 +382,3 @@ def _semantics(graph: Graph) -> tuple[str, float, bool]:
         elif node.op is Op.INPUT:
             residual = bool(node.attrs.get("residual", False))
     return mode, offset, residual
-
-
-def for_graph(graph: Graph, executor: str = "auto") -> Pipeline:
-    """The pipeline of a graph someone built (cached per graph and executor name)."""
-    if not isinstance(graph, Graph):
-        raise TypeError(f"graph must be a taskgraph_norm.Graph, got {type(graph).__name__}")
-    key = (graph, executor)
-    try:
-        pipe = _by_graph.get(key)
-    except TypeError:
-        raise ConfigError("executor", executor, "a string") from None
-    if pipe is not None:
-        return pipe
-    return _store(_by_graph, key, Pipeline(graph, executor))

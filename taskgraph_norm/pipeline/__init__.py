@@ -1,0 +1,20 @@
+"""The pipeline: build → prove → lower → pick a backend → run, one cached object per configuration.
+
+:class:`Pipeline` (:mod:`.core`) is one configuration made once; :func:`for_config`
+and :func:`for_graph` (:mod:`.cache`) find or make the cached pipeline of a normalize
+configuration or of a graph someone built.
+"""
+
+from __future__ import annotations
+
+from ..executors.loops import run_coroutine_sync as run_coroutine_sync
+from .cache import _by_config as _by_config
+from .cache import _by_graph as _by_graph
+from .cache import cached as cached
+from .cache import for_config as for_config
+from .cache import for_graph as for_graph
+from .core import OFFLOAD_NUMEL as OFFLOAD_NUMEL
+from .core import Pipeline as Pipeline
+from .core import check_executor as check_executor
+
+__all__ = ["OFFLOAD_NUMEL", "Pipeline", "cached", "check_executor", "for_config", "for_graph", "run_coroutine_sync"]
