@@ -17,8 +17,9 @@ import torch
 
 from ..checks import check_input, resolve_eps
 from ..topologies import build_graph
-from .library import LIBRARY, EagerRMSNorm, eager_apply, rms_norm_backward_op, rms_norm_op, rms_norm_residual_op
-from .routing import DIRECT, EAGER, TRACED, jit_tracing, needs_op, route, tracing
+from .library import (LIBRARY, EagerRMSNorm, eager_apply, residual_apply, rms_norm_backward_op, rms_norm_op,
+                      rms_norm_residual_op)
+from .routing import DIRECT, EAGER, TRACED, dual, jit_tracing, needs_op, route, tracing
 
 __all__ = [
     "DIRECT", "EAGER", "EagerRMSNorm", "LIBRARY", "TRACED", "call_checked", "eager_apply", "jit_tracing", "needs_op", "resolve_eps_fast", "route", "rms_norm", "rms_norm_backward_op", "rms_norm_op", "rms_norm_residual",
@@ -95,6 +96,9 @@ def rms_norm_residual(
     e = _checked(x, weight, eps, topology, chunk_size, leaf, accumulate)
     if not isinstance(residual, torch.Tensor) or residual.shape != x.shape:
         raise ValueError(f"residual must be a tensor of x's shape {tuple(x.shape)}")
+    if torch._C._are_functorch_transforms_active() or dual(x, residual, weight):
+        # torch.func / forward-mode AD: the op has neither rule; the same bits by pieces
+        return residual_apply(x, residual, weight, (e, chunk_size, topology, leaf, accumulate, casting_mode, offset))
     y, h, _ = rms_norm_residual_op(x, residual, weight, e, chunk_size, topology, leaf, accumulate,
                                    casting_mode, offset)
     return y, h
