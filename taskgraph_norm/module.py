@@ -161,8 +161,9 @@ class RMSNorm(nn.Module):
 
     @_eager_only  # the accumulator is Python state: eager, a graph break under compile
     def _forward_exact(self, x: torch.Tensor, residual: torch.Tensor | None) -> Any:
-        """The forward whose weight gradient goes exactly into the weight's accumulator
-        (``weight_grad="exact"``; :mod:`taskgraph_norm.ops.exact_weight`)."""
+        """The forward whose weight gradient is each call's exact sum, correctly rounded,
+        accumulated exactly into ``weight.grad`` (``weight_grad="exact"``;
+        :mod:`taskgraph_norm.ops.exact_weight`)."""
         from .ops.exact_weight import exact_apply
 
         h = x

@@ -9,14 +9,16 @@ and the torch ops elsewhere: the same state either way.
 
 :class:`ExactGrad` carries one :class:`ExactSum` per parameter across backward
 calls, until the gradient is cleared, and writes ``param.grad`` as the correctly
-rounded sum after each one.  RMSNorm's backward calls the process-wide
-:data:`exact_grads`::
+rounded sum after each one.  RMSNorm's exact weight (``ops/exact_weight.py``)
+forms each call's :class:`ExactSum` in its backward, returns the rounded value to
+autograd, and its hooks hand the process-wide :data:`exact_grads` what autograd
+accumulated::
 
-    exact_grads.accumulate(weight, dy, x_hat)   # fp32 (rows, *weight.shape) each
-    exact_grads.finish(weight)                  # weight.grad = round(exact sum)
+    exact_grads.prepare(weight)                 # before AccumulateGrad touches the grad
+    exact_grads.add_sum(weight, total, ...)     # after it: weight.grad = round(carry + total)
 
-(``accumulate_normalized(weight, dy, x, rms)`` for fp32 ``x``: the same sum with
-``x_hat = x / rms`` formed inside the native kernel.)
+Code that drives the carry by hand adds products directly: ``accumulate(weight, dy,
+x_hat)`` (or ``accumulate_normalized(weight, dy, x, rms)``), then ``finish(weight)``.
 
 "Cleared" is read from ``param.grad`` itself: the carry remembers the tensor it
 last wrote (a weak reference) and that tensor's version counter.  ``param.grad``
@@ -157,7 +159,7 @@ class ExactSum:
             raise ExactSumError(f"cannot merge an exact sum of {other.numel} columns on {other.state.device} "
                                 f"into one of {self.numel} on {self.state.device}")
         self.state += other.state
-        es.normalize_(self.state)
+        _normalize_sum_(self.state)
         return self
 
     def result(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -173,12 +175,14 @@ class ExactSum:
 
 
 class _Carry:
-    """One parameter's sum and the ``param.grad`` it stands behind."""
+    """One parameter's sum and the ``param.grad`` it stands behind (``zero``: the sum
+    is known to be zero, as made)."""
 
-    __slots__ = ("sum", "grad_ref", "grad_version", "lock")
+    __slots__ = ("sum", "zero", "grad_ref", "grad_version", "lock")
 
     def __init__(self, param: torch.Tensor) -> None:
         self.sum = ExactSum(param.numel(), param.device)
+        self.zero = True
         self.grad_ref: weakref.ref[torch.Tensor] | None = None
         self.grad_version = -1
         self.lock = threading.Lock()
@@ -235,6 +239,7 @@ class ExactGrad:
         if carry.stands_behind(grad):
             return
         carry.sum = ExactSum(param.numel(), param.device)
+        carry.zero = grad is None
         if grad is not None:
             carry.sum.add_values(grad.detach())
         carry.remember(grad)
@@ -268,6 +273,7 @@ class ExactGrad:
         with carry.lock:
             self._restart_unless_current(param, carry)
             add(carry.sum)
+            carry.zero = False
 
     def finish(self, param: torch.Tensor) -> torch.Tensor | None:
         """Write ``param.grad`` = the correctly rounded exact sum; returns it.
@@ -282,6 +288,33 @@ class ExactGrad:
                 return grad
             self._write(param, carry, grad)
             return param.grad
+
+    def prepare(self, param: torch.Tensor) -> None:
+        """Restart ``param``'s sum from ``param.grad``'s values unless the carry stands
+        behind it: called before autograd accumulates into the grad (which changes it)."""
+        _check_param(param)
+        carry = self._carry(param)
+        with carry.lock:
+            self._restart_unless_current(param, carry)
+
+    def add_sum(self, param: torch.Tensor, total: ExactSum, *, into_grad: bool,
+                rounded: torch.Tensor | None = None) -> torch.Tensor:
+        """``param``'s sum += ``total`` (one backward's exact states, taken over); write
+        ``param.grad`` as the rounded sum: into the grad tensor itself with ``into_grad``
+        (autograd accumulated into the grad it had), else as a new tensor (autograd may
+        have installed the gradient's own tensor, which hooks may hold a view of).  The
+        sum is the one :meth:`prepare` left standing behind the grad before that
+        accumulation.  ``rounded``: ``total.result(param.dtype)``, if known, written as
+        it is when the carried sum was zero (the first backward after a clear)."""
+        carry = self._carry(param)
+        with carry.lock:
+            if carry.zero:
+                carry.sum = total
+            else:
+                carry.sum.merge(total)
+                rounded = None
+            carry.zero = False
+            return self._write(param, carry, param.grad if into_grad else None, rounded)
 
     def state(self, param: torch.Tensor) -> ExactSum:
         """A copy of the exact sum behind ``param.grad`` now (from ``param.grad``'s
@@ -303,13 +336,16 @@ class ExactGrad:
             grad = param.grad
             ours = grad if carry.stands_behind(grad) else None
             carry.sum = total.copy()
+            carry.zero = False
             return self._write(param, carry, ours)
 
     @staticmethod
-    def _write(param: torch.Tensor, carry: _Carry, ours: torch.Tensor | None) -> torch.Tensor:
-        """``param.grad`` = the rounded sum: into ``ours`` (the grad the carry stands
-        behind, which the optimizer and hooks may hold) when there is one."""
-        value = carry.sum.result(param.dtype).view(param.shape)
+    def _write(param: torch.Tensor, carry: _Carry, ours: torch.Tensor | None,
+               rounded: torch.Tensor | None = None) -> torch.Tensor:
+        """``param.grad`` = the rounded sum (``rounded`` when the caller has it): into
+        ``ours`` (the grad the carry stands behind, which the optimizer and hooks may
+        hold) when there is one."""
+        value = (carry.sum.result(param.dtype) if rounded is None else rounded).view(param.shape)
         if ours is not None and ours.layout == torch.strided and ours.shape == param.shape:
             with torch.no_grad():
                 ours.copy_(value)
@@ -332,6 +368,24 @@ class ExactGrad:
         with self._lock:
             for p in params:
                 self._carries.pop(p, None)  # type: ignore[no-untyped-call]
+
+
+def _normalize_sum_(state: torch.Tensor) -> torch.Tensor:
+    """:func:`~taskgraph_norm.kernels.exact_sum.normalize_` of the sum of two normal
+    forms, over the digits in use only (ordinary data uses 4-6 of the 19): a carry out
+    of the highest nonzero digit stops in the (zero) digit above it, so the other
+    steps are no-ops and the normal form, unique, is the same."""
+    digits = state[:es.DIGITS]
+    used = (digits[:es.DIGITS - 1] != 0).any(1).nonzero().flatten().tolist()
+    half = 1 << (es.DIGIT_BITS - 1)
+    for k in range(used[0], used[-1] + 1) if used else ():
+        carry = (digits[k] + half) >> es.DIGIT_BITS  # floor division: balanced remainder
+        digits[k] -= carry << es.DIGIT_BITS
+        digits[k + 1] += carry
+    over = int((digits[es.DIGITS - 1].abs() > es.TOP_LIMIT).sum())
+    if over:
+        raise ExactSumOverflowError(over, f"|sum| must stay below 2**{40 + 256}")
+    return state
 
 
 def _check_param(param: torch.Tensor) -> None:

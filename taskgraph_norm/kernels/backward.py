@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import torch
 
-from . import EXACT_CHANNELS, _preround, accumulation_dtype, combine_exact, exact_scale, pairwise_halving_
+from . import (EXACT_CHANNELS, _preround, accumulation_dtype, combine_exact, exact_scale, finalize_weight,
+               output_dtype, pairwise_halving_)
 
-__all__ = ["ROW_BLOCK", "grad_operands", "input_grad", "merge_blocks_", "sum_exact", "sum_native",
+__all__ = ["ROW_BLOCK", "grad_operands", "input_grad", "merge_blocks_", "norm_tangent", "sum_exact", "sum_native",
            "sum_pairwise", "weight_grad_float"]
 
 
@@ -143,3 +144,42 @@ def merge_blocks_(p: torch.Tensor) -> torch.Tensor:
         p[:pairs] = merged
         count = pairs + count % 2
     return p[0]
+
+
+# --- forward-mode AD --------------------------------------------------------------
+
+
+def norm_tangent(
+    x: torch.Tensor, weight: torch.Tensor | None, rms: torch.Tensor, t_x: torch.Tensor | None,
+    t_w: torch.Tensor | None, casting_mode: str, offset: float,
+) -> torch.Tensor:
+    """The tangent of ``y = x_hat * (w + offset)`` (``x_hat = x / rms``, ``rms`` the
+    forward's per-row value) along ``t_x`` and ``t_w`` (``None``: zero).
+
+    ``d x_hat = (t_x - x_hat * mean(x_hat * t_x)) / rms`` and ``dy = d x_hat * w_eff +
+    x_hat * t_w``, in the accumulation dtype and cast as the forward casts
+    (:func:`~taskgraph_norm.kernels.finalize`: ``"llama"`` rounds both ``x_hat`` terms to
+    ``x``'s dtype and multiplies in the promoted dtype).  Plain torch ops in
+    ``torch.mean``'s order: differentiable, and batched under ``vmap`` (``jacfwd``).
+    """
+    acc = accumulation_dtype(x.dtype)
+    out = output_dtype(x.dtype, None if weight is None else weight.dtype, casting_mode)
+    xa = x.to(acc)
+    x_hat = xa / rms
+    d_hat = None
+    if t_x is not None:
+        ta = t_x.to(acc)
+        d_hat = (ta - x_hat * torch.mean(x_hat * ta, dim=-1, keepdim=True)) / rms
+    wide = out if casting_mode == "llama" else acc
+    if casting_mode == "llama":  # the forward rounded x_hat to x's dtype before the weight
+        x_hat = x_hat.to(x.dtype).to(wide)
+        d_hat = None if d_hat is None else d_hat.to(x.dtype).to(wide)
+    terms = []
+    if d_hat is not None:
+        terms.append(d_hat if weight is None else d_hat * finalize_weight(weight, wide, offset))
+    if t_w is not None and weight is not None:
+        terms.append(x_hat * t_w.to(wide))
+    if not terms:
+        return torch.zeros_like(x, dtype=out)
+    tangent = terms[0] if len(terms) == 1 else terms[0] + terms[1]
+    return tangent.to(out)

@@ -17,8 +17,9 @@ import torch
 
 from ..checks import check_input, check_residual, resolve_eps
 from ..topologies import build_graph
-from .library import LIBRARY, EagerRMSNorm, eager_apply, rms_norm_backward_op, rms_norm_op, rms_norm_residual_op
-from .routing import DIRECT, EAGER, TRACED, jit_tracing, needs_op, route, tracing
+from .library import (LIBRARY, EagerRMSNorm, eager_apply, residual_apply, rms_norm_backward_op, rms_norm_op,
+                      rms_norm_residual_op)
+from .routing import DIRECT, EAGER, TRACED, dual, jit_tracing, needs_op, route, tracing
 
 __all__ = [
     "DIRECT", "EAGER", "EagerRMSNorm", "LIBRARY", "TRACED", "call_checked", "call_checked_residual", "eager_apply", "jit_tracing", "needs_op", "route", "rms_norm", "rms_norm_backward_op", "rms_norm_op", "rms_norm_residual",
@@ -77,6 +78,9 @@ def call_checked_residual(
     topology: str, leaf: str, accumulate: str, casting_mode: str = "torch", offset: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`rms_norm_residual` of checked inputs with ``eps`` resolved: ``(y, h)``."""
+    if torch._C._are_functorch_transforms_active() or dual(x, residual, weight):
+        # torch.func / forward-mode AD: the op has neither rule; the same bits by pieces
+        return residual_apply(x, residual, weight, (eps, chunk_size, topology, leaf, accumulate, casting_mode, offset))
     y, h, _ = rms_norm_residual_op(x, residual, weight, eps, chunk_size, topology, leaf, accumulate,
                                    casting_mode, offset)
     return y, h
@@ -91,6 +95,5 @@ def rms_norm_residual(
     (vLLM's ``fused_add_rms_norm``), through the op ``taskgraph_norm::rms_norm_residual``."""
     e = _checked(x, weight, eps, topology, chunk_size, leaf, accumulate)
     check_residual(x, residual)
-    y, h, _ = rms_norm_residual_op(x, residual, weight, e, chunk_size, topology, leaf, accumulate,
-                                   casting_mode, offset)
-    return y, h
+    return call_checked_residual(x, residual, weight, e, chunk_size, topology, leaf, accumulate, casting_mode,
+                                 offset)

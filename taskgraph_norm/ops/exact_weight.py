@@ -1,72 +1,177 @@
 """``weight_grad="exact"``: the weight gradient as an exact, order-free sum over tokens.
 
-:class:`ExactWeightRMSNorm` is the norm under eager autograd with the forward's
-kernels (the same ``y`` bits as every other path) and a backward whose input
-gradient is the float backward's (``dx`` through the forward's merge DAG) and whose
-weight gradient is not returned to autograd at all: each backward adds
-``dy * x_hat`` of its rows, exactly, to the parameter's accumulator
-(:data:`taskgraph_norm.executors.exact_grad.exact_grads`) and writes
-``weight.grad`` as the correctly rounded total in the weight's dtype.  ``x_hat`` is
-the forward's normalised value without the weight, with the bits
+:class:`ExactWeightRMSNorm` is the norm with the forward's kernels (the same ``y``
+bits as every other path) and a backward whose input gradient is the float
+backward's (``dx`` through the forward's merge DAG) and whose weight gradient is
+*this call's* exact sum of ``dy * x_hat`` (an :class:`ExactSum`), correctly rounded
+to the weight's dtype and returned to autograd like any gradient: ``autograd.grad``
+with respect to the weight, ``torch.func.grad`` and the weight's hooks see it.
+``x_hat`` is the forward's normalised value without the weight, with the bits
 ``normalize(x, None)`` gives (``(x / rms)`` rounded to ``x``'s dtype); for fp32
-``x`` the accumulator forms it itself (``accumulate_normalized``), so no ``x_hat``
-tensor is written.
+``x`` the accumulator forms it itself (``add_normalized``), so no ``x_hat`` tensor
+is written.
 
-So ``weight.grad`` after the same rows in 1, 2, 8 or N micro-batches, in any order,
-is the same bits; ``tgn.distributed.all_reduce_exact_grads`` extends that across
-data-parallel ranks (docs/training.md).
+Only the accumulation into ``weight.grad`` across backward calls is exact
+(:class:`_GradWatch`, the weight's hooks): after autograd's ``AccumulateGrad`` has
+added the float gradient, the post-accumulate hook replaces ``weight.grad`` with the
+correctly rounded value of the exact sum carried by
+:data:`taskgraph_norm.executors.exact_grad.exact_grads` plus this backward's exact
+states.  So ``weight.grad`` after the same rows in 1, 2, 8 or N micro-batches, in
+any order, is the same bits; ``tgn.distributed.all_reduce_exact_grads`` extends that
+across data-parallel ranks (docs/training.md).
 """
 
 from __future__ import annotations
 
+import threading
+import weakref
 from typing import Any
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import kernels
 from ..errors import ConfigError
-from ..executors.exact_grad import exact_grads
+from ..executors.exact_grad import ExactSum, exact_grads
 from ..executors.triton import exact_dw as triton_dw
+from ..kernels.backward import norm_tangent
 from . import backward as _backward
 from . import forward as _forward
+from .library import _composite_grads
 
 __all__ = ["ExactWeightRMSNorm", "exact_apply"]
 
+_functorch: Any = torch._C._functorch
+_INT_OF_WIDTH = {4: torch.int32, 2: torch.int16}
+
+
+def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same shape, dtype and bits (fp32, bf16 or fp16: the exact weights' dtypes)."""
+    return (a.shape == b.shape and a.dtype == b.dtype and a.element_size() in _INT_OF_WIDTH
+            and torch.equal(a.contiguous().view(_INT_OF_WIDTH[a.element_size()]),
+                            b.contiguous().view(_INT_OF_WIDTH[b.element_size()])))
+
 
 class ExactWeightRMSNorm(torch.autograd.Function):
-    """RMSNorm whose weight gradient goes to the parameter's exact accumulator."""
+    """RMSNorm whose weight gradient is this call's exact sum, correctly rounded."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, config: tuple[Any, ...],
-                param: torch.Tensor) -> torch.Tensor:
+    def forward(x: torch.Tensor, weight: torch.Tensor, config: tuple[Any, ...],
+                watch: _GradWatch | None) -> tuple[torch.Tensor, torch.Tensor]:
         # config: (eps, chunk_size, topology, leaf, accumulate, casting_mode, offset)
-        y, rms = _forward.forward(x, weight, *config)
-        ctx.config, ctx.param = config, param
-        ctx.save_for_backward(x, weight, rms)
-        return y
+        return _forward.forward(x, weight, *config)
 
     @staticmethod
-    def backward(ctx: Any, dy: torch.Tensor) -> tuple[Any, ...]:
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor]) -> None:
+        ctx.config, ctx.watch = inputs[2], inputs[3]
+        ctx.save_for_backward(inputs[0], inputs[1], output[1])
+        ctx.save_for_forward(inputs[0], inputs[1], output[1])
+        ctx.mark_non_differentiable(output[1])
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor, _drms: torch.Tensor | None) -> tuple[Any, ...]:
         x, weight, rms = ctx.saved_tensors
         eps, *config = ctx.config
-        dy = dy.contiguous()
-        dx = None
-        if ctx.needs_input_grad[0]:
+        dx = dw_composite = None
+        w_needs = _weight_grad_wanted(ctx)
+        if torch.is_grad_enabled():  # create_graph=True, torch.func: differentiable ops
+            dx, dw_composite = _composite_grads(dy, x, weight, eps, ctx.needs_input_grad[0], w_needs,
+                                                config[4], config[5])
+        elif ctx.needs_input_grad[0]:
             float_backward: Any = _backward.backward
-            dx, _ = float_backward(dy, x, weight, rms, *config, "float", [True, False])
-        if ctx.needs_input_grad[1]:
-            param = ctx.param
-            shape = (-1, *param.shape)
-            on_triton = triton_dw.runs(x)
-            if rms.dtype == torch.float32 and (x.dtype == torch.float32 or on_triton):
-                # x_hat = x / rms (rounded to x's dtype): normalize(x, None)'s bits, formed by
-                # the accumulator's kernel (C on CPU fp32; Triton on CUDA, which widens dy itself)
-                dy_rows = dy.reshape(shape) if on_triton else dy.reshape(shape).to(torch.float32)
-                exact_grads.accumulate_normalized(param, dy_rows, x.reshape(shape), rms.reshape(-1))
-            else:
-                exact_grads.accumulate(param, dy.reshape(shape).to(torch.float32), _x_hat(x, rms).reshape(shape))
-            exact_grads.finish(param)
-        return dx, None, None, None  # the weight's gradient is written by the accumulator
+            dx, _ = float_backward(dy.contiguous(), x, weight, rms, *config, "float", [True, False])
+        if not w_needs:
+            return dx, None, None, None
+        total = _call_sum(dy, x, rms, weight.numel())
+        with torch._C._DisableFuncTorch():
+            dw = total.result(weight.dtype).view(weight.shape)
+        if ctx.watch is not None:
+            ctx.watch.pending_add(total, dw)
+        if dw_composite is not None:  # the exact value, differentiable as the composite's
+            dw = _exact_value(dw_composite, dw)
+        return dx, dw, None, None
+
+    @staticmethod
+    def jvp(ctx: Any, t_x: torch.Tensor | None, t_w: torch.Tensor | None, *_rest: Any) -> tuple[Any, ...]:
+        x, weight, rms = ctx.saved_tensors
+        return norm_tangent(x, weight, rms, t_x, t_w, ctx.config[5], ctx.config[6]), None
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple[int | None, ...], x: torch.Tensor, weight: torch.Tensor,
+             config: tuple[Any, ...], watch: _GradWatch | None) -> tuple[Any, tuple[int, int]]:
+        if in_dims[1] is not None or in_dims[0] is None:
+            raise NotImplementedError("vmap over taskgraph_norm's RMSNorm batches x only (a batched weight "
+                                      "is a different norm per sample: call it per sample)")
+        return _apply(x.movedim(in_dims[0], 0), weight, config, watch), (0, 0)
+
+
+class _ExactValue(torch.autograd.Function):
+    """``exact``'s value with ``approx``'s derivatives (the exact ``dW`` under
+    ``create_graph=True`` and ``torch.func``, differentiable as the composite's)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(approx: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
+        return exact.clone()
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        return grad, None
+
+    @staticmethod
+    def jvp(ctx: Any, t_approx: torch.Tensor | None, _t_exact: torch.Tensor | None) -> torch.Tensor | None:
+        return t_approx
+
+
+_apply: Any = ExactWeightRMSNorm.apply
+_exact_value: Any = _ExactValue.apply
+
+
+def _weight_grad_wanted(ctx: Any) -> bool:
+    """Whether this backward wants the weight's gradient: not ``backward(inputs=[x])``
+    nor ``autograd.grad(loss, [x])``, which would drop an exact sum formed for nothing."""
+    if not ctx.needs_input_grad[1]:
+        return False
+    try:
+        return bool(torch._C._will_engine_execute_node(ctx.next_functions[1][0]))
+    except (RuntimeError, AttributeError, IndexError, TypeError):
+        return True  # autograd.grad on the leaf itself (torch cannot say), or torch.func's ctx
+
+
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s values as a plain tensor: ``torch.func.grad``'s wrappers peeled off.  A
+    batched tensor (``vmap``: ``jacrev``, per-sample gradients) has one sum per sample."""
+    while _functorch.is_functorch_wrapped_tensor(t):
+        if _functorch.is_batchedtensor(t):
+            raise NotImplementedError(
+                "weight_grad='exact' forms one exact weight gradient per call; under vmap (jacrev, "
+                "hessian or per-sample gradients with respect to the weight) use weight_grad='float'")
+        t = _functorch.get_unwrapped(t)
+    return t
+
+
+def _call_sum(dy: torch.Tensor, x: torch.Tensor, rms: torch.Tensor, numel: int) -> ExactSum:
+    """This call's exact ``sum over rows of dy * x_hat``."""
+    dy, x, rms = _plain(dy), _plain(x), _plain(rms)
+    with torch._C._DisableFuncTorch():  # plain tensors stay plain under torch.func's grad level
+        return _rows_sum(dy, x, rms, numel)
+
+
+def _rows_sum(dy: torch.Tensor, x: torch.Tensor, rms: torch.Tensor, numel: int) -> ExactSum:
+    total = ExactSum(numel, x.device)
+    shape = (-1, numel)
+    on_triton = triton_dw.runs(x)
+    if rms.dtype == torch.float32 and (x.dtype == torch.float32 or on_triton):
+        # x_hat = x / rms (rounded to x's dtype): normalize(x, None)'s bits, formed by the
+        # accumulator's kernel (C on CPU fp32; Triton on CUDA, which widens dy itself)
+        dy_rows = dy.reshape(shape) if on_triton else dy.reshape(shape).to(torch.float32)
+        return total.add_normalized(dy_rows, x.reshape(shape), rms.reshape(-1))
+    return total.add_products(dy.reshape(shape).to(torch.float32), _x_hat(x, rms).reshape(shape))
 
 
 def _x_hat(x: torch.Tensor, rms: torch.Tensor) -> torch.Tensor:
@@ -78,14 +183,132 @@ def _x_hat(x: torch.Tensor, rms: torch.Tensor) -> torch.Tensor:
     return (x2.to(kernels.accumulation_dtype(x.dtype)) / r2).to(x.dtype).to(torch.float32)
 
 
+class _Claim:
+    """What one backward's pre-accumulate hook hands its post-accumulate hook: the
+    exact sum to add, its rounded value if known, the gradient seen and the grad's
+    value before ``AccumulateGrad``."""
+
+    __slots__ = ("total", "rounded", "grad", "before")
+
+    def __init__(self, total: ExactSum, rounded: torch.Tensor | None, grad: torch.Tensor,
+                 before: torch.Tensor | None) -> None:
+        self.total, self.rounded, self.grad, self.before = total, rounded, grad, before
+
+
+class _GradWatch:
+    """A weight's hooks that make the accumulation into ``weight.grad`` exact.
+
+    The backward of each call records its exact state, keyed by the graph task
+    (``pending_add``).  The tensor hook, registered again at every forward so that it
+    runs after every hook registered before it, sees the gradient about to be
+    accumulated: if it is the float sum of this backward's per-call ``dW`` (in their
+    arrival order: what autograd adds), the exact states stand for it; otherwise a
+    hook (or another use of the weight) changed it, and its value, exactly, does.
+    After ``AccumulateGrad`` (``backward()`` only: ``autograd.grad`` and
+    ``backward(inputs=[x])`` accumulate nothing, and their states are dropped at the
+    next backward), the post-accumulate hook adds that to the carried exact sum and
+    writes ``weight.grad`` as its correctly rounded value.  A grad changed after the
+    tensor hook saw it (by a hook registered after the last forward) is left as
+    autograd accumulated it; the next exact backward starts from its values.
+    """
+
+    __slots__ = ("param", "lock", "pending", "claims", "hook", "__weakref__")
+
+    def __init__(self, param: torch.Tensor) -> None:
+        self.param = weakref.ref(param)
+        self.lock = threading.Lock()
+        self.pending: dict[int, list[tuple[ExactSum, torch.Tensor]]] = {}
+        self.claims: dict[int, _Claim] = {}
+        self.hook: Any = None
+        hooked: Any = param  # (torch's hook registration is untyped)
+        hooked.register_post_accumulate_grad_hook(self._after_accumulate)
+
+    def at_forward(self, param: torch.Tensor) -> None:
+        if self.hook is not None:
+            self.hook.remove()
+        hooked: Any = param
+        self.hook = hooked.register_hook(self._before_accumulate)
+
+    def pending_add(self, total: ExactSum, dw: torch.Tensor) -> None:
+        with self.lock:
+            self.pending.setdefault(torch._C._current_graph_task_id(), []).append((total, dw))
+
+    def _before_accumulate(self, grad: torch.Tensor) -> None:
+        param = self.param()
+        task = torch._C._current_graph_task_id()
+        with self.lock:
+            entries = self.pending.pop(task, [])
+            self.pending.clear()  # other backward passes' states: never accumulated
+            self.claims.clear()
+        if param is None:
+            return
+        values = grad.detach().reshape(-1)
+        total = _sum_if_unchanged(entries, values)
+        rounded = None
+        if total is None:  # changed by a hook, or a gradient from elsewhere: its value, exactly
+            total = ExactSum(values.numel(), values.device).add_values(values)
+        elif len(entries) == 1:
+            rounded = values.clone()  # one call's dW: its exact sum, rounded
+        exact_grads.prepare(param)  # before AccumulateGrad changes the grad the carry stands behind
+        before = param.grad
+        with self.lock:
+            self.claims[task] = _Claim(total, rounded, values, None if before is None else before.detach().clone())
+
+    def _after_accumulate(self, param: torch.Tensor) -> None:
+        with self.lock:
+            claim = self.claims.pop(torch._C._current_graph_task_id(), None)
+        grad = param.grad
+        if claim is None or grad is None:
+            return
+        flat = grad.detach().reshape(-1)
+        expected = claim.grad if claim.before is None else claim.before.reshape(-1) + claim.grad
+        if bits_equal(flat, expected):  # AccumulateGrad added what the tensor hook saw
+            # into the grad tensor when it is the one accumulated into, or carries
+            # create_graph's graph (its value becomes the exact one, its graph stays)
+            exact_grads.add_sum(param, claim.total, into_grad=claim.before is not None or grad.requires_grad,
+                                rounded=claim.rounded)
+
+
+def _sum_if_unchanged(entries: list[tuple[ExactSum, torch.Tensor]], values: torch.Tensor) -> ExactSum | None:
+    """The merged exact states of ``entries`` if ``values`` is the float sum autograd
+    forms of their ``dW`` (added in arrival order), else ``None``."""
+    if not entries:
+        return None
+    folded = entries[0][1].reshape(-1)
+    for _, dw in entries[1:]:
+        folded = folded + dw.reshape(-1)
+    if not bits_equal(folded, values):
+        return None
+    total = entries[0][0]
+    for other, _ in entries[1:]:
+        total.merge(other)
+    return total
+
+
+_watches: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_watches_lock = threading.Lock()
+
+
+def _watch(param: torch.Tensor) -> _GradWatch | None:
+    """``param``'s hooks (made on its first exact forward), or ``None`` where there is no
+    ``.grad`` to accumulate into: a non-leaf weight, or a ``torch.func`` transform."""
+    if not (param.is_leaf and param.requires_grad) or torch._C._are_functorch_transforms_active():
+        return None
+    with _watches_lock:
+        watch: _GradWatch | None = _watches.get(param)  # type: ignore[no-untyped-call]
+        if watch is None:
+            exact_grads.register(param)
+            watch = _watches[param] = _GradWatch(param)
+    watch.at_forward(param)
+    return watch
+
+
 def exact_apply(x: torch.Tensor, weight: torch.Tensor, config: tuple[Any, ...],
                 param: torch.Tensor) -> torch.Tensor:
     """The norm of ``x`` with ``weight`` (``param`` itself, or its flattened view) whose
-    gradient goes exactly into ``param``'s accumulator."""
+    gradient is this call's exact sum, accumulated exactly into ``param.grad``."""
     if x.dtype == torch.float64 or param.dtype == torch.float64:
         raise ConfigError("weight_grad", "exact", "fp32, bf16 or fp16 inputs and weights (the exact "
                           "accumulator sums products of fp32 values; docs/training.md)")
-    if param not in exact_grads:
-        exact_grads.register(param)
-    y: torch.Tensor = ExactWeightRMSNorm.apply(x, weight, config, param)  # type: ignore[no-untyped-call]
+    y: torch.Tensor = _apply(x, weight, config, _watch(param))[0]
     return y

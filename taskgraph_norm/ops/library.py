@@ -15,6 +15,12 @@ forward.  Registration is ``torch.library.Library(..., "DEF")``: ``define``, one
 tensors), ``register_fake`` for shapes (FakeTensor, meta: a traced call never
 reaches the kernels or their caches) and ``register_autograd`` for the backward
 (docs/design.md, "The ops", says why this style and not ``custom_op``).
+
+Forward-mode AD: the ops have no forward rule (``torch.library`` registers none), so
+a call whose input carries a tangent is refused with a ``NotImplementedError`` that
+names the faces which carry it (:class:`FuncRMSNorm`'s ``jvp``, reached through
+``taskgraph_norm.ops.rms_norm``, ``tgn.RMSNorm`` and ``tgn.normalize_sync``), never
+answered with a missing tangent.
 """
 
 from __future__ import annotations
@@ -24,10 +30,13 @@ from typing import Any
 import torch
 
 from .. import kernels
+from ..kernels.backward import norm_tangent
 from . import backward as _backward
 from . import forward as _forward
+from .routing import dual, forward_ad_active
 
-__all__ = ["EagerRMSNorm", "FuncRMSNorm", "LIBRARY", "eager_apply", "rms_norm_op", "rms_norm_residual_op", "rms_norm_backward_op"]
+__all__ = ["EagerRMSNorm", "FuncRMSNorm", "LIBRARY", "eager_apply", "residual_apply", "rms_norm_op",
+           "rms_norm_residual_op", "rms_norm_backward_op"]
 
 _CONFIG = "int chunk_size, str topology, str leaf, str accumulate, str casting_mode, float offset"
 
@@ -112,8 +121,8 @@ def _grads(
     x, weight, rms = ctx.saved_tensors
     eps, *config = ctx.config
     if torch.is_grad_enabled():
-        # create_graph=True: a double backward needs differentiable ops.
-        return _composite_grads(dy, x, weight, eps, x_needs, w_needs)
+        # create_graph=True (and torch.func.grad): a double backward needs differentiable ops.
+        return _composite_grads(dy, x, weight, eps, x_needs, w_needs, config[4], config[5])
     dx, dw = backward(dy, x, weight, rms, *config, "float", [x_needs, w_needs])
     return (dx if x_needs else None), (dw if w_needs and weight is not None else None)
 
@@ -144,26 +153,57 @@ def _setup_residual(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tenso
 
 
 def _composite_grads(
-    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, eps: float, x_needs: bool, w_needs: bool
+    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, eps: float, x_needs: bool, w_needs: bool,
+    casting_mode: str = "torch", offset: float = 0.0,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The same gradients as differentiable torch ops (``torch.sum`` order): used only
-    under ``create_graph=True``, so that the double backward exists."""
+    under ``create_graph=True`` (and ``torch.func``), so that the double backward exists.
+
+    ``g = dy * (w + offset)``: the weight FINALIZE multiplied by
+    (:func:`~taskgraph_norm.kernels.finalize_weight`), as the native backward's."""
     acc = kernels.accumulation_dtype(x.dtype)
-    xa, g = kernels.grad_operands(x, dy, weight)
+    w_eff = None if weight is None else kernels.finalize_weight(weight, acc, offset)
+    xa, g = kernels.grad_operands(x, dy, w_eff)
     rms = torch.sqrt(torch.mean(xa * xa, dim=-1, keepdim=True) + eps)
     x_hat = xa / rms
     dx = dw = None
     if x_needs:
         dx = ((g - x_hat * torch.mean(g * x_hat, dim=-1, keepdim=True)) / rms).to(x.dtype)
     if w_needs and weight is not None:
+        if casting_mode == "llama":  # the weight multiplied x_hat rounded to x's dtype
+            x_hat = x_hat.to(x.dtype).to(acc)
         dw = (dy.to(acc) * x_hat).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype).view(weight.shape)
     return dx, dw
 
 
-_library.register_autograd("taskgraph_norm::rms_norm", _rms_norm_backward, setup_context=_setup, lib=LIBRARY)
-_library.register_autograd(
-    "taskgraph_norm::rms_norm_residual", _rms_norm_residual_backward, setup_context=_setup_residual, lib=LIBRARY
-)
+def _register_autograd(name: str, backward: Any, setup_context: Any) -> None:
+    """``torch.library.register_autograd``, with a forward-AD guard in front of its kernel.
+
+    ``register_autograd`` is ``make_autograd_impl`` registered at the ``Autograd`` key
+    (torch/library.py); its kernel runs a dual input's forward below autograd and
+    silently drops the tangent, so the guard refuses such a call first."""
+    op = getattr(torch.ops.taskgraph_norm, name).default
+    autograd_kernel = torch._library.autograd.make_autograd_impl(
+        op, torch._library.autograd.Info(backward, setup_context))
+
+    faces = ("call taskgraph_norm.ops.rms_norm / rms_norm_residual, tgn.RMSNorm or tgn.normalize_sync, "
+             "which support it")
+
+    def guarded(keyset: Any, *args: Any) -> Any:
+        if forward_ad_active() and dual(*(a for a in args if isinstance(a, torch.Tensor))):
+            raise NotImplementedError(f"taskgraph_norm::{name} has no forward-mode AD rule (torch.library "
+                                      f"registers none; forward_ad, torch.func.jvp, jacfwd, hessian): {faces}")
+        if torch._C._are_functorch_transforms_active() and any(
+                isinstance(a, torch.Tensor) and torch._C._functorch.is_gradtrackingtensor(a) for a in args):
+            raise NotImplementedError(f"taskgraph_norm::{name}'s autograd rule does not run under torch.func's "
+                                      f"grad transforms (grad, vjp, jacrev): {faces}")
+        return autograd_kernel(keyset, *args)
+
+    LIBRARY.impl(name, guarded, "Autograd", with_keyset=True)
+
+
+_register_autograd("rms_norm", _rms_norm_backward, _setup)
+_register_autograd("rms_norm_residual", _rms_norm_residual_backward, _setup_residual)
 
 
 class EagerRMSNorm(torch.autograd.Function):
@@ -203,11 +243,19 @@ class FuncRMSNorm(torch.autograd.Function):
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor]) -> None:
         ctx.config = inputs[2]
         ctx.save_for_backward(inputs[0], inputs[1], output[1])
+        ctx.save_for_forward(inputs[0], inputs[1], output[1])
         ctx.mark_non_differentiable(output[1])
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor, _drms: torch.Tensor | None) -> tuple[Any, ...]:
         return EagerRMSNorm.backward(ctx, dy)
+
+    @staticmethod
+    def jvp(ctx: Any, t_x: torch.Tensor | None, t_w: torch.Tensor | None, _t_config: Any) -> tuple[Any, ...]:
+        # forward-mode AD (forward_ad, torch.func.jvp, jacfwd, hessian): y's tangent; rms has none
+        x, weight, rms = ctx.saved_tensors
+        _eps, _chunk, _topology, _leaf, _accumulate, casting_mode, offset = ctx.config
+        return norm_tangent(x, weight, rms, t_x, t_w, casting_mode, offset), None
 
     @staticmethod
     def vmap(info: Any, in_dims: tuple[int | None, ...], x: torch.Tensor, weight: torch.Tensor | None,
@@ -228,9 +276,19 @@ _full_func_apply: Any = FuncRMSNorm.apply
 
 
 def eager_apply(x: torch.Tensor, weight: torch.Tensor | None, config: tuple[Any, ...]) -> torch.Tensor:
-    """``EagerRMSNorm.apply(x, weight, config)``, by the shortest way that is correct."""
-    if torch._C._are_functorch_transforms_active():
+    """``EagerRMSNorm.apply(x, weight, config)``, by the shortest way that is correct:
+    :class:`FuncRMSNorm` under a ``torch.func`` transform or an open forward-AD level."""
+    if torch._C._are_functorch_transforms_active() or forward_ad_active():
         full: torch.Tensor = _full_func_apply(x, weight, config)[0]
         return full
     y: torch.Tensor = _c_apply(x, weight, config)
     return y
+
+
+def residual_apply(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None,
+                   config: tuple[Any, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(y, h)`` of the residual op by differentiable pieces: ``h = x + residual`` (in
+    ``x``'s dtype: the op's bits) as torch ops, ``y`` by :func:`eager_apply`.  For the
+    transforms the op does not support (``torch.func``, forward-mode AD)."""
+    h = _forward.residual_sum(x, residual)
+    return eager_apply(h, weight, config), h

@@ -5,7 +5,9 @@ keeps per-thread buffers: it must only ever see real tensors, and it records no
 gradient.  So a call goes through the ops when something needs them:
 
 * a gradient to record (grad mode on, and ``x`` or the weight requires grad);
-* a ``torch.func`` transform (``grad``, ``vmap``...): the kernels' ``autograd.Function``;
+* a ``torch.func`` transform (``grad``, ``vmap``, ``jvp``...): the kernels' ``autograd.Function``;
+* forward-mode AD (``torch.autograd.forward_ad``): ``x`` or the weight carries a
+  tangent, which only that ``autograd.Function`` (its ``jvp``) carries on;
 * tracing: ``torch.compile`` (dynamo), ``torch.export``, ``make_fx``, ``torch.jit.trace``:
   dynamo is seen by :func:`torch.compiler.is_compiling`, the others by a fake or
   functional tensor (any tensor subclass), an active dispatch mode, or the jit
@@ -16,11 +18,14 @@ Everything else (no grad, real tensors, nothing tracing) may take the direct pat
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+from torch.autograd import forward_ad as _forward_ad
 
 from ..checks import PLAIN_TENSORS as _PLAIN
 
-__all__ = ["DIRECT", "EAGER", "TRACED", "jit_tracing", "needs_op", "route", "tracing"]
+__all__ = ["DIRECT", "EAGER", "TRACED", "dual", "forward_ad_active", "jit_tracing", "needs_op", "route", "tracing"]
 
 #: Where a call goes: straight to the kernel, its kernels under eager autograd, or the op.
 DIRECT, EAGER, TRACED = 0, 1, 2
@@ -40,6 +45,20 @@ def tracing(x: torch.Tensor) -> bool:
     )
 
 
+def forward_ad_active() -> bool:
+    """Whether a forward-mode AD level is open (``forward_ad.dual_level``, which
+    ``torch.func.jvp`` opens too): a plain int read."""
+    return _forward_ad._current_level >= 0
+
+
+def dual(*tensors: torch.Tensor | None) -> bool:
+    """Whether one of ``tensors`` carries a forward-mode tangent at the open level."""
+    if _forward_ad._current_level < 0:
+        return False
+    unpack: Any = _forward_ad.unpack_dual  # (untyped in torch)
+    return any(t is not None and unpack(t).tangent is not None for t in tensors)
+
+
 def route(x: torch.Tensor, weight: torch.Tensor | None) -> int:
     """:data:`TRACED` when a tracer looks, :data:`EAGER` when eager autograd records a
     gradient, :data:`DIRECT` otherwise (see the module doc)."""
@@ -49,6 +68,8 @@ def route(x: torch.Tensor, weight: torch.Tensor | None) -> int:
         return TRACED
     if torch._C._are_functorch_transforms_active():
         return EAGER  # torch.func (grad, vmap...): the kernels' autograd.Function and its vmap rule
+    if _forward_ad._current_level >= 0 and dual(x, weight):
+        return EAGER  # forward AD: the autograd.Function's jvp (the kernel would drop the tangent)
     if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)):
         return EAGER
     return DIRECT
