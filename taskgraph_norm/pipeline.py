@@ -26,12 +26,14 @@ import torch
 from . import caches, kernels
 from .checks import check_input, check_out, check_real, resolve_eps
 from .errors import ConfigError, DeviceMismatchError, ExecutionError, GraphError
-from .executors import ASYNC_EXECUTORS, EXECUTORS, PLAN_EXECUTORS, Plan, direct_call, lower_certified
-from .executors import triton as _triton
-from .executors.direct import DirectCall
-from .executors.loops import run_coroutine_sync
+from .backends import direct_call, lower_certified
+from .backends import triton as _triton
+from .backends.native.direct import DirectCall
+from .executors import ASYNC_EXECUTORS, EXECUTORS, PLAN_EXECUTORS
+from .executors.concurrent.loops import run_coroutine_sync
 from .graph import Graph, Op, validate
 from .graph.nodes import gc_paused
+from .lowering import Plan
 from .prover import Proof, prove
 from .topologies import build_graph
 
@@ -219,12 +221,12 @@ class Pipeline:
         return checked[0], checked[1]
 
     def direct(self) -> DirectCall | None:
-        """This configuration's direct native kernel (:func:`executors.direct_call`), or
+        """This configuration's direct native kernel (:func:`backends.direct_call`), or
         ``None`` where there is none (no native form, not built, switched off)."""
         return self._direct if self._direct_known else self._resolve_direct()
 
     def _resolve_direct(self) -> DirectCall | None:
-        from .executors import native
+        from .backends.native import loader as native
 
         if not native.enabled():
             return None  # native.disabled() is in force: ask again on a later call

@@ -12,7 +12,7 @@ import anyio
 import pytest
 
 import taskgraph_norm as tgn
-from taskgraph_norm.executors.devices import default_pool
+from taskgraph_norm.executors.concurrent.devices import default_pool
 
 from ._executor_helpers import BACKENDS, Recorder, call_graph, run, tgn_threads
 

@@ -15,8 +15,8 @@ import math
 import pytest
 import torch
 
-from taskgraph_norm.executors import native
-from taskgraph_norm.executors.native import FloatRecipe
+from taskgraph_norm.backends.native import loader as native
+from taskgraph_norm.backends.native.loader import FloatRecipe
 from taskgraph_norm.pipeline import for_config
 from .helpers import assert_bits_equal
 

@@ -21,7 +21,7 @@ tensors (any order: integer addition; this is what ``all_reduce(SUM)`` does) and
 normalising once.  :func:`round_state` gives the correctly rounded value in
 fp32, bf16 or fp16.
 
-This module is the torch form (any device).  ``executors/native_dw.c``
+This module is the torch form (any device).  ``backends/native/csrc/native_dw.c``
 (``tgn_exact_dw_f32``, and ``tgn_exact_dw_rows_f32`` forming ``x / rms`` itself)
 adds products on the CPU by another route to the same integers (exact
 Demmel-Nguyen folds of each block of rows), and ``tgn_exact_round_f32`` rounds

@@ -2,7 +2,7 @@
 
 The math is :mod:`taskgraph_norm.kernels`' (the section "the backward"): ``dx``
 needs each row's ``s = sum(g * xa)``, reduced through the forward graph's merge DAG
-(:mod:`taskgraph_norm.executors.rowsum`), so ``dx`` is batch-invariant by the
+(:mod:`taskgraph_norm.backends.torch_ops.rowsum`), so ``dx`` is batch-invariant by the
 forward's proof; ``dW`` sums ``dy * x_hat`` over rows in fixed blocks of
 :data:`kernels.ROW_BLOCK` rows.  Paths, all with the same bits (tests compare them):
 
@@ -25,11 +25,11 @@ import torch
 
 from .. import kernels, pipeline
 from ..errors import ConfigError, ExecutionError
-from ..executors import native as _native
-from ..executors import native_grads as _native_grads
-from ..executors import team as _team
-from ..executors.rowsum import plan_row_sum, reference_row_sum
-from ..executors.triton import backward as _triton
+from ..backends.native import grads as _native_grads
+from ..backends.native import loader as _native
+from ..backends.native import team as _team
+from ..backends.torch_ops.rowsum import plan_row_sum, reference_row_sum
+from ..backends.triton import backward as _triton
 from ..graph import Op
 from .forward import check_model_options
 
@@ -38,7 +38,7 @@ __all__ = ["TRITON_ON_CPU", "WEIGHT_GRAD_MODES", "backward", "backward_torch", "
 #: How ``dW`` may merge over rows.
 WEIGHT_GRAD_MODES = ("float",)
 #: Inputs with at least this many elements (and two row blocks) share their row blocks
-#: among torch's threads (executors/team.py: torch's own OpenMP team, no hand-off to a
+#: among torch's threads (backends/native/team.py: torch's own OpenMP team, no hand-off to a
 #: Python thread).
 SPLIT_NUMEL = 1 << 16
 #: Run the Triton kernels on CPU tensors too when ``TRITON_INTERPRET=1`` (tests only: slow).
@@ -81,7 +81,7 @@ def backward_triton(
     rms: torch.Tensor, input_grad: bool, weight_grad: bool, offset: float = 0.0, round_x_hat: bool = False,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """:func:`backward_torch`'s result (the same bits) by the Triton kernels
-    (``executors/triton/backward.py``: CUDA tensors, or CPU tensors under
+    (``backends/triton/backward.py``: CUDA tensors, or CPU tensors under
     ``TRITON_INTERPRET=1``).  The rows the kernels flag (a non-finite ``s`` or ``rms``,
     a zero ``rms``, a NaN in ``dx``) and a non-finite ``dW`` are computed again by
     :func:`backward_torch` on the CPU, whose NaNs they then carry."""

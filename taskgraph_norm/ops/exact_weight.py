@@ -5,7 +5,7 @@ kernels (the same ``y`` bits as every other path) and a backward whose input
 gradient is the float backward's (``dx`` through the forward's merge DAG) and whose
 weight gradient is not returned to autograd at all: each backward adds
 ``dy * x_hat`` of its rows, exactly, to the parameter's accumulator
-(:data:`taskgraph_norm.executors.exact_grad.exact_grads`) and writes
+(:data:`taskgraph_norm.ops.exact_grad.exact_grads`) and writes
 ``weight.grad`` as the correctly rounded total in the weight's dtype.  ``x_hat`` is
 the forward's normalised value without the weight, with the bits
 ``normalize(x, None)`` gives (``(x / rms)`` rounded to ``x``'s dtype); for fp32
@@ -25,8 +25,8 @@ import torch
 
 from .. import kernels
 from ..errors import ConfigError
-from ..executors.exact_grad import exact_grads
-from ..executors.triton import exact_dw as triton_dw
+from ..backends.triton import exact_dw as triton_dw
+from .exact_grad import exact_grads
 from . import backward as _backward
 from . import forward as _forward
 

@@ -6,7 +6,7 @@ gives.  The backward needs each row's ``rms = sqrt(total / D + eps)``, the value
 FINALIZE divided by: fp32 CPU input gets it from the same native call that writes
 ``y`` (the direct kernel writes the row totals where it is told); any other input
 gets ``y`` from the pipeline and the totals from the graph's order over the squares
-(:func:`~taskgraph_norm.executors.rowsum.plan_row_sum`: the compiled executor's
+(:func:`~taskgraph_norm.backends.torch_ops.rowsum.plan_row_sum`: the compiled executor's
 operations, so the same totals; tests compare them with the reference's).
 """
 
@@ -18,8 +18,8 @@ import torch
 
 from .. import kernels, pipeline
 from ..errors import ConfigError
-from ..executors import native_grads
-from ..executors.rowsum import plan_row_sum, reference_row_sum
+from ..backends.native import grads as native_grads
+from ..backends.torch_ops.rowsum import plan_row_sum, reference_row_sum
 from ..graph import Op
 
 __all__ = ["CASTING_MODES", "check_model_options", "forward", "forward_residual", "rms_shape"]

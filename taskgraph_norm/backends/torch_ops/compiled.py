@@ -10,7 +10,7 @@ reference calls it.  So the bits are the reference's, which the tests check
 for every certified configuration.
 
 Where a C compiler is available, the sums of a tile come from the native
-kernels (:mod:`.native`): pairwise leaves with ADD merges, and every exact plan,
+kernels (:mod:`..native`): pairwise leaves with ADD merges, and every exact plan,
 row by row in C with the same bits (tested against these torch ops and the
 reference).  With fp32 accumulation (fp32, fp16 and bf16 inputs) the same C call
 also runs FINALIZE on each row while it is in cache, in ``kernels.finalize``'s op
@@ -30,15 +30,15 @@ from typing import Protocol
 
 import torch
 
-from .. import kernels
-from .. import caches
-from . import native as _native
-from ..errors import ConfigError, ExecutionError, GraphError
-from ..graph import Graph
+from ... import kernels
+from ... import caches
+from ..native import loader as _native
+from ...errors import ConfigError, ExecutionError, GraphError
+from ...graph import Graph
 from .finish import Finish, finalize_tile, finish_for
-from .lowering import Plan, lower
+from ...lowering import Plan, lower
 from .pools import on_worker, tile_pool  # fork-safe: a forked child makes its own
-from .reference import Cancelled, finish_from_h, run_reference
+from ...kernels.reference import Cancelled, finish_from_h, run_reference
 from .workspace import TILE_BYTES, WORKSPACES_PER_THREAD, Views, Workspace, default_tile_rows, workspace
 
 __all__ = [

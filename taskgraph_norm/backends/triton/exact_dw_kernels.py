@@ -5,7 +5,7 @@
 The state is ``kernels/exact_sum``'s: an int64 ``(22, N)`` tensor, rows ``0..18``
 the digits of a radix-``2**32`` fixed-point number per column (digit ``k`` weighs
 ``2**(32 k - 320)``), rows ``19..21`` the counts of NaN, +inf and -inf products.
-The route is ``executors/native_dw.c``'s ``tgn_exact_dw_f32`` (whose comment has the
+The route is ``backends/native/csrc/native_dw.c``'s ``tgn_exact_dw_f32`` (whose comment has the
 exactness argument in full), per program one tile of ``BN`` columns over ``groups``
 blocks of ``RB`` rows:
 

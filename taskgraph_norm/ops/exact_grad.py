@@ -4,7 +4,7 @@
 :mod:`taskgraph_norm.kernels.exact_sum`) and adds blocks of products to it, with
 the native C kernel on CPU float32 (its columns shared among torch's threads,
 native_team.c; for RMSNorm's fp32 rows it also forms ``x_hat = x / rms``), the
-Triton kernel on CUDA (``executors/triton/exact_dw.py``, which forms ``x_hat`` too)
+Triton kernel on CUDA (``backends/triton/exact_dw.py``, which forms ``x_hat`` too)
 and the torch ops elsewhere: the same state either way.
 
 :class:`ExactGrad` carries one :class:`ExactSum` per parameter across backward
@@ -38,8 +38,10 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ..errors import ExactSumError, ExactSumOverflowError
 from ..kernels import exact_sum as es
-from . import native, native_grads, team
-from .triton import exact_dw as triton_dw
+from ..backends.native import grads as native_grads
+from ..backends.native import loader as native
+from ..backends.native import team
+from ..backends.triton import exact_dw as triton_dw
 
 __all__ = ["ExactGrad", "ExactSum", "exact_grads"]
 

@@ -1,5 +1,5 @@
 """The native kernels of the backward and of the exact weight gradient: their ctypes
-wrappers (the library, its loading and the forward's wrappers are :mod:`.native`)."""
+wrappers (the library, its loading and the forward's wrappers are :mod:`.loader`)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import functools
 
 import torch
 
-from .. import caches
-from .lowering import Plan
-from .native import FloatRecipe, _library
+from ... import caches
+from ...lowering import Plan
+from .loader import FloatRecipe, _library
 
 __all__ = ["backward_rows", "exact_dw", "exact_round", "recipe_of", "rms_of_totals"]
 

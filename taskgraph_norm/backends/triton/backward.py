@@ -27,7 +27,7 @@ import torch
 
 from ... import caches, kernels
 from ...errors import ExecutionError
-from ..lowering import Plan
+from ...lowering import Plan
 from .layout import KernelShape, float_layout, halving_positions, kernel_shape, next_pow2
 from .runner import MAX_BLOCK, _kernels, _num_warps, _offset_in, _table, available, interpreting, supports
 

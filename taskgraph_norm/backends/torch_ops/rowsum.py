@@ -21,10 +21,10 @@ from typing import Any
 
 import torch
 
-from .. import kernels
-from ..graph import Graph, Node, Op
-from .lowering import Plan, tree_levels
-from .reference import ReferenceInterpreter
+from ... import kernels
+from ...graph import Graph, Node, Op
+from ...lowering import Plan, tree_levels
+from ...kernels.reference import ReferenceInterpreter
 
 __all__ = ["plan_row_sum", "reference_row_sum"]
 

@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from .. import caches, kernels
-from .lowering import Plan, halving_steps, tree_levels
+from ... import caches, kernels
+from ...lowering import Plan, halving_steps, tree_levels
 
 __all__ = ["TILE_BYTES", "WORKSPACES_PER_THREAD", "Views", "Workspace", "default_tile_rows", "workspace"]
 
@@ -103,7 +103,7 @@ class Views:
 class Workspace:
     """Preallocated buffers of one (plan, tile height, dtype, device), for one thread.
 
-    ``native``: the sums come from the native kernels (:mod:`.native`), which need
+    ``native``: the sums come from the native kernels (:mod:`..native`), which need
     no squares, only the exact pair (or the float plan's recipe) and the FINALIZE
     buffers.
     """
@@ -129,7 +129,7 @@ class Workspace:
             self.pair = buf(rows, 2, of=torch.float64)
             self.total64 = buf(rows, 1, of=torch.float64)
         elif native:
-            from .native import FloatRecipe
+            from ..native.loader import FloatRecipe
 
             adds = tuple(t for level in plan.adds for t in level)
             self.recipe = FloatRecipe(plan.chunk_size, plan.n_chunks, adds, plan.root)

@@ -11,7 +11,7 @@ addition: any order, the same bits); a second kernel normalises.
 ``x_hat = (x / rms)`` rounded to x's dtype in the kernel (``ops.exact_weight``'s
 ``_x_hat``), so no ``x_hat`` tensor is written.
 
-``executors/exact_grad.ExactSum`` calls it for CUDA tensors (:func:`runs`); on CPU
+``ops/exact_grad.ExactSum`` calls it for CUDA tensors (:func:`runs`); on CPU
 tensors only under ``TRITON_INTERPRET=1`` with :data:`TRITON_ON_CPU` set (tests).
 """
 

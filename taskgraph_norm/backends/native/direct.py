@@ -29,10 +29,10 @@ from typing import Any
 
 import torch
 
-from . import native as _native
+from . import loader as _native
 from . import team as _team
-from .lowering import Plan
-from .native_abi import RowsConfig
+from ...lowering import Plan
+from .abi import RowsConfig
 
 __all__ = ["DirectCall", "HUGE_BYTES", "SPLIT_NUMEL", "TEAM_GRAIN", "direct_call"]
 

@@ -1,4 +1,4 @@
-"""One run of the concurrent executor (:mod:`.concurrent`): the state machine
+"""One run of the concurrent executor (:mod:`.executor`): the state machine
 :class:`Run`, under one lock, counts each node's unfinished operands, keeps the
 ready set and asks the schedule policy for every decision; worker threads run the
 nodes and drive it; :meth:`Run.wait` awaits the end on the event loop, and stops
@@ -19,10 +19,10 @@ from typing import Any
 import anyio
 import torch
 
-from ..graph import Graph
+from ...graph import Graph
 from .devices import Lane, WorkerPool
-from .interpreter import GraphInterpreter, call_with, profiling
-from .plan import plan_for
+from ..interpreter import GraphInterpreter, call_with, profiling
+from .run_plan import plan_for
 from .schedules import ANY, COMPLETE, DISPATCH, Scheduler
 from .streams import launch_on_lane
 from .trace import Decision, NodeSpan, Trace

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import caches, kernels
-from . import native as _native
-from .lowering import Plan
+from ... import caches, kernels
+from ..native import loader as _native
+from ...lowering import Plan
 from .workspace import Views
 
 __all__ = ["Finish", "finalize_tile", "finish_for"]
@@ -80,7 +80,7 @@ def finish_for(plan: Plan, x_dtype: torch.dtype, weight: torch.Tensor | None, ep
         else:
             w = _weight_for(weight, acc)
     if acc != torch.float32:
-        flags = None  # fp64 keeps torch's FINALIZE (its CPU sqrt is not IEEE; native.py)
+        flags = None  # fp64 keeps torch's FINALIZE (its CPU sqrt is not IEEE; native/loader.py)
     c_weight = w.to(acc).contiguous() if native and w is not None and flags is not None else None
     return Finish(eps, out_dtype, w, llama, c_weight, flags)
 

@@ -2,7 +2,7 @@
 
 ``setup.py`` runs this file (without importing the package, which needs torch) to
 record the features of the CPU that built the ``-march=native`` variant of the
-native kernels; :mod:`.native` loads that variant only on a CPU that has every one
+native kernels; :mod:`.loader` loads that variant only on a CPU that has every one
 of them.  Linux only (``/proc/cpuinfo``); elsewhere :func:`features` is ``None``
 and only the portable variant is built and loaded.
 """

@@ -3,6 +3,12 @@
 It walks the graph in its deterministic topological order and dispatches each
 node to the method named after its op (``Op.SUMSQ`` -> :meth:`sumsq`), so a
 subclass can override one op in a few lines, as with ``torch.fx.Interpreter``.
+
+It lives beside the kernels it dispatches to, below both the executors (the
+concurrent executor's interpreter subclasses it) and the backends (their
+fallback rows, and runs that record gradients, take its bits), so neither
+imports the other's family for it.  ``kernels/__init__`` does not import it:
+the kernels themselves never read a graph.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ...errors import ExecutionError
-from ..lowering import Plan
+from ...lowering import Plan
 
 __all__ = ["KernelShape", "float_layout", "halving_positions", "kernel_shape", "next_pow2"]
 

@@ -13,8 +13,8 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .. import caches
-from ..graph import Graph, Op, validate
+from ... import caches
+from ...graph import Graph, Op, validate
 
 __all__ = ["RunPlan", "plan_for"]
 

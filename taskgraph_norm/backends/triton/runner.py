@@ -28,7 +28,7 @@ import torch
 from ... import caches, kernels
 from ...errors import ExecutionError, MissingDependencyError
 from ...graph import Graph
-from ..lowering import Plan
+from ...lowering import Plan
 from .layout import KernelShape, float_layout, kernel_shape, next_pow2
 
 __all__ = ["available", "interpreting", "run_triton", "supports"]
@@ -229,7 +229,7 @@ def run_triton(
     _check_input(x, plan, interpret)
     _check_residual(plan, x, residual, residual_out)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, residual)):
-        from ..reference import run_reference  # its torch ops record gradients
+        from ...kernels.reference import run_reference  # its torch ops record gradients
 
         y_ref = run_reference(graph, x, weight, eps, residual=residual, residual_out=residual_out)
         return y_ref if out is None else out.copy_(y_ref)
@@ -260,7 +260,7 @@ def run_triton(
             _launch(shape, plan, x2, y2, w, res, flags, eps, interpret)
         bad = flags.nonzero()[:, 0]
         if len(bad):
-            from ..reference import finish_from_h, run_reference
+            from ...kernels.reference import finish_from_h, run_reference
 
             if res is not None:  # from h, already written (perhaps over x or the residual)
                 y2[bad] = finish_from_h(graph, res[1][bad], weight, eps)

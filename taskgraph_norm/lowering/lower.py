@@ -2,7 +2,7 @@
 
 The plan is pure data (no torch): which chunks the row splits into, how the
 leaves sum them, how their partials merge, and the exact-domain recipe.  The
-compiled executor (:mod:`.compiled`) turns it into a handful of tensor ops
+compiled executor (:mod:`taskgraph_norm.backends.torch_ops.compiled`) turns it into a handful of tensor ops
 per row tile.  Lowering reads only the graph's nodes, never its ``meta``, so a
 hand-edited graph is lowered as what it is, or refused.
 

@@ -45,10 +45,11 @@ from pathlib import Path
 
 import torch
 
-from ..errors import NativeKernelsWarning
-from . import cpu_features, native_abi
-from .. import caches
-from .lowering import Plan
+from ...errors import NativeKernelsWarning
+from . import abi as native_abi
+from . import cpu_features
+from ... import caches
+from ...lowering import Plan
 
 __all__ = [
     "available", "describe", "disabled", "exact_rows",
@@ -94,7 +95,7 @@ def _find(variant: str) -> Path | None:
 
 def _trusted(path: Path) -> Path:
     """The real path of ``path``, if it may be loaded: a regular file owned by root,
-    this user or native.py's owner, neither it nor its folder writable by others."""
+    this user or loader.py's owner, neither it nor its folder writable by others."""
     real = Path(os.path.realpath(path))
     st = os.lstat(real)
     if not stat.S_ISREG(st.st_mode):
@@ -216,7 +217,7 @@ def describe(enabled: bool = True) -> str:
         assert _path is not None
         build = ("host build, -march=native for this CPU" if _path.name.startswith("_native_host")
                  else f"portable build{'; ' + _note if _note else ''}")
-        return f"compiled executor kernels: native C (executors/native.c, {build})"
+        return f"compiled executor kernels: native C (backends/native/csrc/native.c, {build})"
     return f"compiled executor kernels: torch ops (native kernels unavailable: {why_unavailable()})"
 
 

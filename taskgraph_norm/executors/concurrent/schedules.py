@@ -39,8 +39,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, cast
 
-from ..errors import ConfigError, ScheduleError
-from ..graph import Graph
+from ...errors import ConfigError, ScheduleError
+from ...graph import Graph
 
 if TYPE_CHECKING:
     from .trace import Trace

@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigError, PoolClosedError
+from ...errors import ConfigError, PoolClosedError
 
 __all__ = [
     "Lane",

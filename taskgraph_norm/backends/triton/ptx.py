@@ -14,7 +14,7 @@ import re
 import torch
 
 from ... import kernels
-from ..lowering import Plan
+from ...lowering import Plan
 from .layout import kernel_shape
 from .runner import _kernels, launch_spec
 

@@ -1,6 +1,6 @@
 """The concurrent executor: dependency counting, a ready set, a persistent pool.
 
-One run is one :class:`~.concurrent_run.Run`: a state machine under one lock that
+One run is one :class:`~.run.Run`: a state machine under one lock that
 counts each node's unfinished operands, keeps the ready set, and asks the schedule policy
 (:mod:`.schedules`) for every decision -- dispatch a ready node, or complete
 (commit) a dispatched one.  Worker threads of a shared :class:`~.devices.WorkerPool`
@@ -30,11 +30,11 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigError
-from ..graph import Graph, Op
-from .concurrent_run import Run
+from ...errors import ConfigError
+from ...graph import Graph, Op
+from .run import Run
 from .devices import WorkerPool, current_pool, default_pool
-from .interpreter import GraphInterpreter
+from ..interpreter import GraphInterpreter
 from .schedules import resolve_schedule
 from .streams import caller_event, join_caller_stream, pin_to_lanes
 from .trace import Trace

@@ -32,8 +32,8 @@ from pathlib import Path
 
 import torch
 
-from . import native as _native
-from . import pools
+from . import loader as _native
+from ..torch_ops import pools
 
 __all__ = ["openmp", "threads", "use_openmp", "worker_rows"]
 
