@@ -26,14 +26,14 @@ import torch
 from . import caches, kernels
 from .checks import check_input, check_out, check_real, resolve_eps
 from .errors import ConfigError, DeviceMismatchError, ExecutionError, GraphError
-from .backends import direct_call, lower_certified
+from .backends import direct_call
 from .backends import triton as _triton
 from .backends.native.direct import DirectCall
 from .executors import ASYNC_EXECUTORS, EXECUTORS, PLAN_EXECUTORS
 from .executors.concurrent.loops import run_coroutine_sync
 from .graph import Graph, Op, validate
 from .graph.nodes import gc_paused
-from .lowering import Plan
+from .lowering import Plan, lower_certified
 from .prover import Proof, prove
 from .topologies import build_graph
 

@@ -15,8 +15,7 @@ from __future__ import annotations
 
 from .native.direct import DirectCall as DirectCall
 from .native.direct import direct_call as direct_call
-from .torch_ops.compiled import lower_certified as lower_certified
 from .torch_ops.compiled import run_compiled as run_compiled
 from .triton import run_triton as run_triton
 
-__all__ = ["DirectCall", "direct_call", "lower_certified", "run_compiled", "run_triton"]
+__all__ = ["DirectCall", "direct_call", "run_compiled", "run_triton"]

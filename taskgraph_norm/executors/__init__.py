@@ -19,9 +19,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from ..backends import direct_call, lower_certified, run_compiled, run_triton
+from ..backends import direct_call, run_compiled, run_triton
 from ..kernels.reference import Cancelled, ReferenceInterpreter, reference_sum_of_squares, run_reference
-from ..lowering import Plan
+from ..lowering import Plan, lower_certified
 from .concurrent.executor import run_concurrent
 
 __all__ = [

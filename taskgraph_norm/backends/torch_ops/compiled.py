@@ -26,23 +26,22 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import Protocol
 
 import torch
 
 from ... import kernels
 from ... import caches
 from ..native import loader as _native
-from ...errors import ConfigError, ExecutionError, GraphError
+from ...errors import ConfigError, ExecutionError
 from ...graph import Graph
 from .finish import Finish, finalize_tile, finish_for
-from ...lowering import Plan, lower
+from ...lowering import Plan
 from .pools import on_worker, tile_pool  # fork-safe: a forked child makes its own
 from ...kernels.reference import Cancelled, finish_from_h, run_reference
 from .workspace import TILE_BYTES, WORKSPACES_PER_THREAD, Views, Workspace, default_tile_rows, workspace
 
 __all__ = [
-    "lower_certified", "run_compiled", "default_tile_rows", "DEFAULT_THREADS",
+    "run_compiled", "default_tile_rows", "DEFAULT_THREADS",
     "TILE_BYTES", "WORKSPACES_PER_THREAD",
 ]
 
@@ -52,37 +51,6 @@ NATIVE_FLOAT_MERGES = ("single", "tree", "adds")
 
 #: Worker threads for inputs of two tiles or more (each with its own workspaces).
 DEFAULT_THREADS = 2
-
-
-class _Certificate(Protocol):
-    """What the compiled executor reads of a proof (it is handed one; it never proves)."""
-
-    @property
-    def certified(self) -> bool: ...
-    @property
-    def summary(self) -> str: ...
-    @property
-    def fingerprint(self) -> str: ...
-
-
-def lower_certified(graph: Graph, proof: _Certificate) -> Plan:
-    """The plan of ``graph``, whose ``proof`` (from :func:`taskgraph_norm.prove`) the
-    caller hands over: the compiled executor never proves, and runs only what is
-    certified.
-
-    Raises
-    ------
-    ExecutionError
-        if the proof does not certify the graph: an uncertified graph is never compiled.
-    GraphError
-        if the graph is certified but has a shape the plan cannot express.
-    """
-    if not proof.certified:
-        raise ExecutionError(
-            f"the compiled executor runs only certified graphs; this one is {proof.summary} "
-            "(use executor='reference', or 'auto', which falls back for you)"
-        )
-    return lower(graph, proof.fingerprint)
 
 
 # --- one tile ------------------------------------------------------------------
