@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from .. import kernels, pipeline
+from ..constants import SPLIT_NUMEL  # and two row blocks: the rows are shared among torch's threads
 from ..errors import ConfigError, ExecutionError
 from ..backends.native import grads as _native_grads
 from ..backends.native import loader as _native
@@ -37,10 +38,6 @@ __all__ = ["TRITON_ON_CPU", "WEIGHT_GRAD_MODES", "backward", "backward_torch", "
 
 #: How ``dW`` may merge over rows.
 WEIGHT_GRAD_MODES = ("float",)
-#: Inputs with at least this many elements (and two row blocks) share their row blocks
-#: among torch's threads (backends/native/team.py: torch's own OpenMP team, no hand-off to a
-#: Python thread).
-SPLIT_NUMEL = 1 << 16
 #: Run the Triton kernels on CPU tensors too when ``TRITON_INTERPRET=1`` (tests only: slow).
 TRITON_ON_CPU = False
 

@@ -37,6 +37,8 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ..errors import ExactSumError, ExactSumOverflowError
+from ..constants import EXACT_DW_TILE as _TILE  # the C kernel's column tile: split on its multiples
+from ..constants import SPLIT_PRODUCTS
 from ..kernels import exact_sum as es
 from ..backends.native import grads as native_grads
 from ..backends.native import loader as native
@@ -44,10 +46,6 @@ from ..backends.native import team
 from ..backends.triton import exact_dw as triton_dw
 
 __all__ = ["ExactGrad", "ExactSum", "exact_grads"]
-
-#: Products per call above which torch's threads share the columns (native_team.c).
-SPLIT_PRODUCTS = 1 << 16
-_TILE = 32  # the C kernel's column tile: split on its multiples
 
 
 class ExactSum:

@@ -1,10 +1,12 @@
 """The C signatures of the native kernels (``native.c``, ``native_backward.c``,
 ``native_dw.c``, ``native_team.c``), declared on a loaded library for ctypes, and the
-ABI version the loader requires.
+ABI version and constants the loader requires.
 
-Bump :data:`ABI` (and ``tgn_native_abi`` in ``native.c``) whenever an entry point's
-arguments or meaning change, so that a library left from an older install is never
-called with the new arguments.
+The prototypes are ``csrc/tgn_native.h``'s (``tests/test_constants.py`` checks these
+declarations against it).  Bump :data:`~taskgraph_norm.constants.NATIVE_ABI` whenever
+an entry point's arguments or meaning change, so that a library left from an older
+install is never called with the new arguments; a library built from other values of
+:mod:`taskgraph_norm.constants` is refused too (:func:`check_constants`).
 """
 
 from __future__ import annotations
@@ -15,14 +17,16 @@ import importlib.util
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["ABI", "RowsConfig", "declare", "rows_entry"]
+from ... import constants
+
+__all__ = ["ABI", "RowsConfig", "built_constants", "check_constants", "declare", "rows_entry"]
 
 #: The version ``tgn_native_abi()`` must return.
-ABI = 15
+ABI = constants.NATIVE_ABI
 
 
 class RowsConfig(ctypes.Structure):
-    """``tgn_rows_cfg_t`` (native_team.c): one direct-path configuration's constants,
+    """``tgn_rows_cfg_t`` (tgn_native.h): one direct-path configuration's constants,
     passed by address to ``tgn_rows_call`` and to native_call.c's ``rows``."""
 
     _fields_ = [("exact", ctypes.c_int64), ("hidden", ctypes.c_int64), ("chunk", ctypes.c_int64),
@@ -86,6 +90,40 @@ def declare(lib: ctypes.CDLL) -> None:
     lib.tgn_exact_scale.argtypes = [ctypes.c_double, ctypes.c_int64,
                                     ctypes.POINTER(ctypes.c_double), ctypes.POINTER(ctypes.c_double)]
     lib.tgn_exact_scale.restype = ctypes.c_int
+
+
+class _Constant(ctypes.Structure):
+    """``tgn_constant_t`` (tgn_native.h): one entry of the library's ``tgn_constants``."""
+
+    _fields_ = [("name", ctypes.c_char_p), ("value", ctypes.c_int64)]
+
+
+def built_constants(lib: ctypes.CDLL) -> dict[str, int]:
+    """The values ``lib`` was built with (its ``tgn_constants`` table, by name)."""
+    table = ctypes.cast(ctypes.addressof(_Constant.in_dll(lib, "tgn_constants")), ctypes.POINTER(_Constant))
+    found: dict[str, int] = {}
+    i = 0
+    while table[i].name is not None:
+        found[table[i].name.decode()] = int(table[i].value)
+        i += 1
+    return found
+
+
+def expected_constants() -> dict[str, int]:
+    """What a build of this version must report: every constant of
+    :mod:`taskgraph_norm.constants`."""
+    return {name: value for name, value in vars(constants).items()
+            if name.isupper() and type(value) is int}
+
+
+def check_constants(lib: ctypes.CDLL, path: Path) -> None:
+    """Raise OSError when ``lib`` was built from other constants than this package's
+    (a stale build: its kernels would give other bits)."""
+    built, want = built_constants(lib), expected_constants()
+    if built != want:
+        differ = sorted(n for n in built.keys() | want.keys() if built.get(n) != want.get(n))
+        raise OSError(f"{path} was built from other constants ({', '.join(differ)} differ from "
+                      "taskgraph_norm/constants.py): rebuild it (pip install ., or python setup.py build_ext --inplace)")
 
 
 def rows_entry(lib: ctypes.CDLL, path: Path, name: str) -> Callable[..., int]:

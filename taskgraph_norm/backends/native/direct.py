@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from ...constants import SPLIT_NUMEL, TEAM_GRAIN
 from . import loader as _native
 from . import team as _team
 from ...lowering import Plan
@@ -44,13 +45,10 @@ __all__ = ["DirectCall", "HUGE_BYTES", "SPLIT_NUMEL", "TEAM_GRAIN", "direct_call
 #: forward (:mod:`taskgraph_norm.ops`).
 DirectCall = Callable[..., "torch.Tensor | None"]
 
-#: Inputs with at least this many elements share their rows among torch's threads
-#: (:mod:`.team`: torch's own OpenMP team, or ``native_team.c``'s worker; each thread
-#: runs its own part of the rows, then steals blocks left in the others', so none
-#: waits for another to wake).
-SPLIT_NUMEL = 1 << 16
-#: Elements per block (4 rows of 4096): a thread done with its own part steals blocks this big.
-TEAM_GRAIN = 1 << 14
+# From SPLIT_NUMEL elements on, the rows are shared among torch's threads (:mod:`.team`:
+# torch's own OpenMP team, or ``native_team.c``'s worker; each thread runs its own part
+# of the rows, then steals blocks of about TEAM_GRAIN elements left in the others', so
+# none waits for another to wake).  Both are module attributes the tests set.
 
 #: Fresh outputs of at least this many bytes are advised as huge-page candidates
 #: (glibc's largest dynamic mmap threshold: blocks this big are always fresh mmaps).

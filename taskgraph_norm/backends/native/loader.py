@@ -45,16 +45,17 @@ from pathlib import Path
 
 import torch
 
+from ... import caches
+from ...constants import ROUND_PRODUCT, ROUND_QUOTIENT, TOTAL_AS_RMS  # FINALIZE's flags
 from ...errors import NativeKernelsWarning
 from . import abi as native_abi
 from . import cpu_features
-from ... import caches
 from ...lowering import Plan
 
 __all__ = [
     "available", "describe", "disabled", "exact_rows",
     "exact_scale", "float_rows", "FloatRecipe", "library_path",
-    "why_unavailable",
+    "why_unavailable", "ROUND_PRODUCT", "ROUND_QUOTIENT", "TOTAL_AS_RMS",
 ]
 
 _DIR = Path(__file__).resolve().parent
@@ -128,6 +129,7 @@ def _open(path: Path) -> ctypes.CDLL:
     if lib.tgn_native_abi() != native_abi.ABI:
         raise OSError(f"{path} is a stale build (ABI {lib.tgn_native_abi()}, want {native_abi.ABI}): "
                       "reinstall the package")
+    native_abi.check_constants(lib, path)
     native_abi.declare(lib)
     return lib
 
@@ -233,12 +235,6 @@ def disabled() -> Iterator[None]:
         _enabled = before
 
 
-#: FINALIZE flags of casting_mode="llama" on bf16 rows (native.c): round the
-#: quotient to bf16 before the weight; with a bf16 weight, round the product too.
-ROUND_QUOTIENT = 1
-ROUND_PRODUCT = 2
-#: Float rows: the kernel leaves each row's rms, not its total, in ``total`` (native.c).
-TOTAL_AS_RMS = 4
 
 #: The dtypes the C kernel reads directly; fp16 and bf16 are widened to fp32 first.
 _FUNCS = {torch.float32: "tgn_exact_rows_f32", torch.float64: "tgn_exact_rows_f64"}

@@ -22,6 +22,10 @@ from typing import Any
 
 import torch
 
+from ...constants import EXACT_DW_FOLD_L as FOLD_L
+from ...constants import EXACT_DW_MAX_FOLDS as MAX_FOLDS
+from ...constants import EXACT_DW_MIN_SCALE as SMIN
+from ...constants import EXACT_DW_ROW_BLOCK as ROW_BLOCK
 from ...errors import ExactSumError, ExactSumOverflowError, ExecutionError
 from ...kernels import exact_sum as es
 from .layout import next_pow2
@@ -31,14 +35,10 @@ __all__ = ["ROW_BLOCK", "TILE", "TRITON_ON_CPU", "add_products_", "launch_consta
 
 #: Run the kernels on CPU tensors too when ``TRITON_INTERPRET=1`` (tests only: slow).
 TRITON_ON_CPU = False
-#: Rows of one fold block: ``L = log2(ROW_BLOCK) + 1 = 7`` keeps a block's sum of
-#: pre-rounded products below ``2**53`` units (the C kernel's ``DW_BLOCK``).
-ROW_BLOCK = 64
-FOLD_L = ROW_BLOCK.bit_length()  # log2(ROW_BLOCK) + 1
+# ROW_BLOCK (rows of one fold block), FOLD_L, MAX_FOLDS and SMIN are the C kernel's
+# (taskgraph_norm.constants); FOLD_L is a module attribute a test sets (its negative control).
 #: Columns of one program's tile.
 TILE = 64
-#: A block needs at most 13 folds (docs/training.md); more means a bug: an error, not a hang.
-MAX_FOLDS = 32
 #: Blocks one program may take (its digit contributions meet in registers, then one
 #: atomic add per digit): fewer atomics, while the grid keeps >= ``_PROGRAMS`` programs.
 MAX_GROUPS = 16
@@ -127,7 +127,8 @@ def launch_constants(n: int, from_x: bool, interpret: bool) -> tuple[dict[str, A
     ``n`` columns (``from_x``: the fused ``x / rms`` entry)."""
     tile = min(TILE, next_pow2(n))
     norm = dict(N=n, BN=tile, LOG_BN=tile.bit_length() - 1, FOLDS=interpret)
-    dw = dict(norm, RB=ROW_BLOCK, LOG_RB=ROW_BLOCK.bit_length() - 1, L=FOLD_L, FROM_X=from_x, MAX_FOLDS=MAX_FOLDS)
+    dw = dict(norm, RB=ROW_BLOCK, LOG_RB=ROW_BLOCK.bit_length() - 1, L=FOLD_L, FROM_X=from_x, MAX_FOLDS=MAX_FOLDS,
+              SMIN=SMIN)
     return dw, norm
 
 

@@ -131,12 +131,12 @@ def _count_specials(p, acc, d, LOG_RB: tl.constexpr, FOLDS: tl.constexpr):
 def exact_dw_kernel(dy_ptr, b_ptr, rms_ptr, state_ptr, flag_ptr, rows, groups, dy_stride, b_stride,
                     N: tl.constexpr, RB: tl.constexpr, LOG_RB: tl.constexpr, L: tl.constexpr,
                     BN: tl.constexpr, LOG_BN: tl.constexpr, FROM_X: tl.constexpr, MAX_FOLDS: tl.constexpr,
-                    FOLDS: tl.constexpr):
+                    SMIN: tl.constexpr, FOLDS: tl.constexpr):
     """Blocks ``program_id(0) * groups ...`` (+ ``groups``) of ``RB`` rows, columns of tile
     ``program_id(1)``: their exact column sums of ``dy * b`` into ``state``.  ``flag``
     is raised if a block needed more than ``MAX_FOLDS`` folds (impossible: see C).
-    ``L = LOG_RB + 1`` (a smaller one is the tests' negative control: inexact sums)."""
-    SMIN: tl.constexpr = -246  # 2**(SMIN - 52) = 2**-298: that fold's grid is every product's
+    ``L = LOG_RB + 1`` (a smaller one is the tests' negative control: inexact sums);
+    ``SMIN``: the smallest scale, ``2**(SMIN - 52) = 2**-298``, every product's grid."""
     cols = tl.program_id(1) * BN + tl.arange(0, BN)
     col_ok = cols < N
     d = tl.arange(0, 32)[:, None]  # the state's rows (22 of them) by columns

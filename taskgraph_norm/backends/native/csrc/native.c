@@ -43,6 +43,7 @@
 #include <string.h>
 
 #include "native_quotient.h"
+#include "tgn_native.h"
 
 #ifdef __FAST_MATH__
 #error "native.c must not be compiled with -ffast-math"
@@ -186,11 +187,9 @@ static double row_max_double(const double *row, int64_t hidden)
  * y may be x itself (a bf16/fp16 row widened into fp32 scratch): each element is
  * read before it is written.  The caller casts a narrow result back with torch.
  */
-#define TGN_ROUND_QUOTIENT 1
-#define TGN_ROUND_PRODUCT 2
-/* float rows: after FINALIZE, total[i] holds the row's rms (finalize_row_float's
- * sqrt(total / D + eps)) instead of its total: what the backward keeps. */
-#define TGN_TOTAL_AS_RMS 4
+/* (TGN_ROUND_QUOTIENT, TGN_ROUND_PRODUCT and TGN_TOTAL_AS_RMS: tgn_constants.h.  With
+ * TGN_TOTAL_AS_RMS, float rows leave in total[i] the row's rms (finalize_row_float's
+ * sqrt(total / D + eps)) instead of its total: what the backward keeps.) */
 
 #define NORMALIZE_ROW(row, y, w, hidden, rms)                                          \
     do {                                                                               \
@@ -253,7 +252,7 @@ static int finalize_row_float(const float *row, float *y, const float *w, int64_
 }
 
 /* The fp64 form is IEEE throughout, but torch's CPU fp64 sqrt is not correctly
- * rounded (docs/design.md), so native.py never asks for it: fp64 rows keep torch's
+ * rounded (docs/design.md), so loader.py never asks for it: fp64 rows keep torch's
  * FINALIZE.  It is here because the kernels are written once for both dtypes. */
 static int finalize_row_double(const double *row, double *y, const double *w, int64_t hidden,
                                double total, double eps, int64_t flags, double offset)
@@ -584,11 +583,16 @@ FLOAT_ROWS(tgn_float_rows_f64, double)
 
 /* A version number the loader checks, so a library left from an older install is
  * never used. */
-int tgn_native_abi(void) { return 15; }
+int tgn_native_abi(void) { return TGN_NATIVE_ABI; }
+
+/* The values this library was built with, which the loader checks too. */
+#define TGN_CONSTANT_ENTRY(name) {#name, TGN_##name},
+const tgn_constant_t tgn_constants[] = {TGN_CONSTANTS(TGN_CONSTANT_ENTRY){0, 0}};
+#undef TGN_CONSTANT_ENTRY
 
 #ifdef TGN_BUILD_CPU
 /* The host variant (setup.py builds it with -march=native): the features of the CPU
- * that built it, read from the file by native.py (cpu_features.parse_marker) before
+ * that built it, read from the file by loader.py (cpu_features.parse_marker) before
  * it is loaded, so it is loaded only on a CPU that has all of them. */
 const char tgn_build_cpu[] = "tgn-build-cpu:" TGN_BUILD_CPU;
 #endif

@@ -1,4 +1,4 @@
-/* The native backward of fp32 rows (ops/backward.py through native_grads.py): each
+/* The native backward of fp32 rows (ops/backward.py through backends/native/grads.py): each
  * row's input gradient and the weight gradient's row-block sums, the C form of
  * kernels.input_grad and kernels.weight_grad_float, bit for bit
  * (tests/test_ops.py compares them with the torch ops); and the rms of the forward's
@@ -14,10 +14,7 @@
 #endif
 
 #include "native_quotient.h"
-
-/* native.c */
-int tgn_exact_scale(double row_max, int64_t hidden, double *sigma1, double *sigma2);
-int64_t tgn_chunk_sums_f32(const float *p, int64_t chunk, int64_t n_full, float *slots);
+#include "tgn_native.h"
 
 /* --- the backward (kernels.py, "the backward"), fp32 rows ------------------------
  *
@@ -29,14 +26,14 @@ int64_t tgn_chunk_sums_f32(const float *p, int64_t chunk, int64_t n_full, float 
  *                               products (exact, so any order), S1 + S2 rounded to fp32
  *   k  = ((s / D) / r / r) / r
  *   dx = g / r - x * k
- * and, with blocks, t = dy * (x / r) summed over each block of ROW_BLOCK rows by
+ * and, with blocks, t = dy * (x / r) summed over each block of TGN_BACKWARD_ROW_BLOCK
+ * rows by
  * pairwise halving over the rows (kernels.weight_grad_float), one row per block in
  * blocks; the caller merges the blocks.  Every operation is the torch ops' IEEE fp32
  * (or fp64) operation in the same order (the quotients g / r and x / r formed as
  * FINALIZE's are, native_quotient.h: IEEE division's bits).  A row whose s or k is not finite is
  * counted and the caller recomputes everything with torch ops (NaN payloads).
  */
-#define ROW_BLOCK 32
 
 static float halve_in_place(float *restrict v, int64_t length)
 {
@@ -127,14 +124,14 @@ int64_t tgn_backward_rows_f32(const float *x, const float *dy, const float *w, c
                               int64_t n_adds, int64_t root, int64_t exact, float *dx, float *blocks)
 {
     int64_t n_chunks = (hidden + chunk - 1) / chunk, bad = 0;
-    int64_t need = 2 * hidden + n_chunks + n_adds + (blocks ? ROW_BLOCK * hidden : 0);
+    int64_t need = 2 * hidden + n_chunks + n_adds + (blocks ? TGN_BACKWARD_ROW_BLOCK * hidden : 0);
     float *work = (float *)malloc((size_t)need * sizeof(float));
     if (!work)
         return -1;
     float *g = work, *p = work + hidden, *slots = p + hidden, *tb = slots + n_chunks + n_adds;
     const float fd = (float)(double)hidden;
-    for (int64_t b0 = 0; b0 < rows; b0 += ROW_BLOCK) {
-        int64_t in_block = rows - b0 < ROW_BLOCK ? rows - b0 : ROW_BLOCK;
+    for (int64_t b0 = 0; b0 < rows; b0 += TGN_BACKWARD_ROW_BLOCK) {
+        int64_t in_block = rows - b0 < TGN_BACKWARD_ROW_BLOCK ? rows - b0 : TGN_BACKWARD_ROW_BLOCK;
         for (int64_t i = b0; i < b0 + in_block; ++i) {
             const float *xr = x + i * hidden, *dyr = dy + i * hidden;
             const float r = rms[i];
@@ -175,7 +172,7 @@ int64_t tgn_backward_rows_f32(const float *x, const float *dy, const float *w, c
                 }
                 length = half;
             }
-            memcpy(blocks + (b0 / ROW_BLOCK) * hidden, tb, (size_t)hidden * sizeof(float));
+            memcpy(blocks + (b0 / TGN_BACKWARD_ROW_BLOCK) * hidden, tb, (size_t)hidden * sizeof(float));
         }
     }
     free(work);

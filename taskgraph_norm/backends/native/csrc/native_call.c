@@ -3,11 +3,11 @@
  * ten arguments as tgn_rows_call (native_team.c), which it calls with the GIL
  * released.  ctypes spends ~0.1 us converting each argument (2.3 us for the 21 of
  * the old call, measured); this spends ~0.13 us in all.  Where Python's headers are
- * missing the module is left out, and native.py calls tgn_rows_call through ctypes,
+ * missing the module is left out, and loader.py calls tgn_rows_call through ctypes,
  * with the same arguments (tests/test_native_team.py runs both).
  *
  * rows(cfg, x, y, rows, w, eps, total, r, h, threads) -> int
- *   cfg: the address of a tgn_rows_cfg_t (native.py's RowsConfig, kept alive by the
+ *   cfg: the address of a tgn_rows_cfg_t (abi.py's RowsConfig, kept alive by the
  *   caller); x, y, w, total, r, h: addresses or None; rows, threads: ints; eps: float.
  *   Returns tgn_rows_call's result (rows left to the general path; -1: no scratch).
  */
@@ -17,9 +17,7 @@
 #include <Python.h>
 #include <stdint.h>
 
-struct tgn_rows_cfg;
-int64_t tgn_rows_call(const struct tgn_rows_cfg *c, const float *x, float *y, int64_t rows, const float *w,
-                      double eps, void *total, const float *r, float *h, int64_t threads);
+#include "tgn_native.h"
 
 /* An address, or NULL for None; sets a Python error on anything else. */
 static void *address(PyObject *o)

@@ -1,4 +1,4 @@
-/* The exact weight gradient's C (executors/exact_grad.py through native_grads.py):
+/* The exact weight gradient's C (ops/exact_grad.py through backends/native/grads.py):
  * the accumulator state kernels/exact_sum.py defines, added to from dy and x_hat (or x
  * and the rows' rms), and the state rounded to fp32.  tests/test_exact_grad.py and
  * tests/test_exact_dw_fused.py compare it with the torch form.
@@ -7,6 +7,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "tgn_native.h"
 
 #ifdef __FAST_MATH__
 #error "the native kernels must not be compiled with -ffast-math"
@@ -59,17 +61,18 @@
  * as written (no -ffast-math).  Returns the number of columns whose top digit
  * passes 2^40 (the caller raises).
  */
-#define DW_DIGITS 19
-#define DW_BASE (-320)
-#define DW_BLOCK 64
-#define DW_L 7 /* ceil(log2(DW_BLOCK)) + 1 */
-#define DW_SMIN (-246) /* 2^(DW_SMIN - 52) = 2^-298: the coarsest grid of that fold */
-#define DW_TILE 32
+/* Short names of the values taskgraph_norm/constants.py defines (tgn_constants.h). */
+#define DW_DIGITS TGN_EXACT_DIGITS
+#define DW_BASE TGN_EXACT_BASE_EXPONENT
+#define DW_BLOCK TGN_EXACT_DW_ROW_BLOCK
+#define DW_L TGN_EXACT_DW_FOLD_L /* ceil(log2(DW_BLOCK)) + 1 */
+#define DW_SMIN TGN_EXACT_DW_MIN_SCALE /* 2^(DW_SMIN - 52) = 2^-298: the coarsest grid of that fold */
+#define DW_TILE TGN_EXACT_DW_TILE
 /* Tiles whose products one pass along the rows forms: 4 KiB of each input row at a
  * time (sequential reads) into a 512 KiB buffer that stays in L2. */
 #define DW_PANEL 32
-#define DW_TOP_LIMIT ((int64_t)1 << 40)
-#define DW_MAX_FOLDS 32 /* (263 + 298) / 46 + 1 = 13 folds cover every product */
+#define DW_TOP_LIMIT TGN_EXACT_TOP_LIMIT
+#define DW_MAX_FOLDS TGN_EXACT_DW_MAX_FOLDS /* (263 + 298) / 46 + 1 = 13 folds cover every product */
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__AVX512F__)
 /* A host build on an AVX-512 CPU: gcc's -march=native keeps 256-bit vectors by

@@ -1,4 +1,4 @@
-/* The team that shares one forward call's rows (taskgraph_norm/executors/team.py,
+/* The team that shares one forward call's rows (backends/native/team.py,
  * direct.py): `threads` threads run blocks of `grain` rows with the row kernels.
  * Every row is computed by the same kernel whichever thread runs it, so the bits do
  * not depend on the split (tests/test_native_team.py).
@@ -39,22 +39,7 @@
 #include <stdint.h>
 #include <time.h>
 
-int64_t tgn_float_rows_f32(const float *x, int64_t rows, int64_t hidden, int64_t row_stride, int64_t chunk,
-                           const int64_t *adds, int64_t n_adds, int64_t root, float *total, float *y,
-                           int64_t y_stride, const float *w, double eps, int64_t flags, double offset,
-                           const float *r, int64_t r_stride, float *h, int64_t h_stride);
-int64_t tgn_exact_rows_f32(const float *x, int64_t rows, int64_t hidden, int64_t row_stride, double *pair,
-                           float *y, int64_t y_stride, const float *w, double eps, int64_t flags,
-                           double offset, const float *r, int64_t r_stride, float *h, int64_t h_stride);
-int64_t tgn_backward_rows_f32(const float *x, const float *dy, const float *w, const float *rms,
-                              int64_t rows, int64_t hidden, int64_t chunk, const int64_t *adds,
-                              int64_t n_adds, int64_t root, int64_t exact, float *dx, float *blocks);
-
-#define BACKWARD_ROW_BLOCK 32 /* native_backward.c's ROW_BLOCK: a backward job's grain is a multiple */
-int64_t tgn_exact_dw_f32(const float *dy, int64_t dy_stride, const float *xh, int64_t xh_stride,
-                         int64_t rows, int64_t cols, int64_t *state, int64_t stride);
-int64_t tgn_exact_dw_rows_f32(const float *dy, int64_t dy_stride, const float *x, int64_t x_stride,
-                              const float *rms, int64_t rows, int64_t cols, int64_t *state, int64_t stride);
+#include "tgn_native.h"
 
 /* One part of a job's blocks: front (low 32 bits) and back (high 32 bits), the blocks
  * [front, back) not yet taken; a cache line each, so the owners do not share one. */
@@ -152,7 +137,7 @@ static int64_t run_rows(const job_t *j, int64_t i, int64_t n)
         return tgn_backward_rows_f32(j->x + i * j->hidden, j->bw_dy + i * j->hidden, j->w, j->bw_rms + i, n,
                                      j->hidden, j->chunk, j->adds, j->n_adds, j->root, j->bw_exact,
                                      j->bw_dx ? j->bw_dx + i * j->hidden : 0,
-                                     j->bw_blocks ? j->bw_blocks + i / BACKWARD_ROW_BLOCK * j->hidden : 0);
+                                     j->bw_blocks ? j->bw_blocks + i / TGN_BACKWARD_ROW_BLOCK * j->hidden : 0);
     if (j->kind == JOB_EXACT)
         return tgn_exact_rows_f32(j->x + i * j->row_stride, n, j->hidden, j->row_stride,
                                   j->total ? (double *)j->total + 2 * i : 0, y, j->y_stride, j->w, j->eps,
@@ -317,8 +302,8 @@ static int64_t run_team(job_t *j, int64_t threads)
     if (threads < 2 || j->rows <= j->grain)
         return run_rows(j, 0, j->rows); /* one thread, or too small to share */
     if ((j->rows + j->grain - 1) / j->grain > MAX_BLOCKS)
-        j->grain = ((j->rows + MAX_BLOCKS - 1) / MAX_BLOCKS + BACKWARD_ROW_BLOCK - 1) / BACKWARD_ROW_BLOCK
-                   * BACKWARD_ROW_BLOCK; /* block numbers fit 32 bits (and stay whole row blocks) */
+        j->grain = ((j->rows + MAX_BLOCKS - 1) / MAX_BLOCKS + TGN_BACKWARD_ROW_BLOCK - 1) / TGN_BACKWARD_ROW_BLOCK
+                   * TGN_BACKWARD_ROW_BLOCK; /* block numbers fit 32 bits (and stay whole row blocks) */
     int64_t blocks = (j->rows + j->grain - 1) / j->grain;
     part_t parts[MAX_PARTS];
     gomp_parallel_t omp = gomp_parallel; /* read once: tgn_team_use_openmp may change them */
@@ -364,7 +349,7 @@ int64_t tgn_backward_rows_f32_team(const float *x, const float *dy, const float 
         return 0;
     if (grain < 1)
         grain = 1;
-    grain = (grain + BACKWARD_ROW_BLOCK - 1) / BACKWARD_ROW_BLOCK * BACKWARD_ROW_BLOCK;
+    grain = (grain + TGN_BACKWARD_ROW_BLOCK - 1) / TGN_BACKWARD_ROW_BLOCK * TGN_BACKWARD_ROW_BLOCK;
     job_t j = {.kind = JOB_BACKWARD, .x = x, .rows = rows, .hidden = hidden, .row_stride = hidden, .chunk = chunk,
                .adds = adds, .n_adds = n_adds, .root = root, .w = w, .grain = grain, .bw_dy = dy, .bw_rms = rms,
                .bw_dx = dx, .bw_blocks = blocks, .bw_exact = exact};
@@ -391,14 +376,6 @@ int64_t tgn_exact_dw_f32_team(const float *dy, int64_t dy_stride, const float *x
  * the per-call pointers; the same arguments as native_call.c's `rows` (the fast entry
  * from Python).  total NULL: the rows' totals are not kept; else `total_flags` is
  * added to the flags (TGN_TOTAL_AS_RMS for float rows). */
-typedef struct tgn_rows_cfg {
-    int64_t exact, hidden, chunk;
-    const int64_t *adds;
-    int64_t n_adds, root, flags, total_flags;
-    double offset;
-    int64_t grain;
-} tgn_rows_cfg_t;
-
 int64_t tgn_rows_call(const tgn_rows_cfg_t *c, const float *x, float *y, int64_t rows, const float *w,
                       double eps, void *total, const float *r, float *h, int64_t threads)
 {
