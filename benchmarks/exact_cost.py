@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import taskgraph_norm as tgn  # noqa: E402
 from taskgraph_norm.tools.bench import interleaved_medians  # noqa: E402
-from taskgraph_norm.executors import native  # noqa: E402
+from taskgraph_norm.backends.native import loader as native  # noqa: E402
 
 
 def main() -> None:

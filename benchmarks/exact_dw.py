@@ -29,8 +29,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from taskgraph_norm.executors import native  # noqa: E402
-from taskgraph_norm.executors.exact_grad import ExactSum  # noqa: E402
+from taskgraph_norm.backends.native import loader as native  # noqa: E402
+from taskgraph_norm.ops.exact_grad import ExactSum  # noqa: E402
 from taskgraph_norm.kernels import exact_sum as es  # noqa: E402
 from taskgraph_norm.tools.bench import interleaved_medians  # noqa: E402
 

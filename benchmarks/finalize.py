@@ -2,7 +2,7 @@
 
     python benchmarks/finalize.py [--rounds 15]
 
-Builds ``executors/native_quotient.h`` on its own at each vector width this CPU runs
+Builds ``backends/native/csrc/native_quotient.h`` on its own at each vector width this CPU runs
 (the divider alone, as the portable build has it; 8 lanes with AVX2+FMA; 16 with
 AVX-512), the way tests/test_native_quotient_widths.py does, and times one row of
 4096 against each (interleaved rounds, medians, ns per row):
@@ -28,10 +28,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from taskgraph_norm.executors import cpu_features  # noqa: E402
+from taskgraph_norm.backends.native import cpu_features  # noqa: E402
 from taskgraph_norm.tools.bench import interleaved_medians  # noqa: E402
 
-HEADER_DIR = Path(__file__).resolve().parents[1] / "taskgraph_norm" / "executors"
+HEADER_DIR = Path(__file__).resolve().parents[1] / "taskgraph_norm" / "backends" / "native" / "csrc"
 SOURCE = """
 #include <stdint.h>
 #include "native_quotient.h"

@@ -26,7 +26,7 @@ kernels alone (``run_triton`` then ``run_backward``), as achieved bandwidth (x r
 twice, y written, dy read, dx written) and against torch's eager pair.
 
 The exact weight gradient (``weight_grad="exact"``: the Triton kernel of
-``executors/triton/exact_dw.py``): its state on the device, from ``x_hat`` and fused
+``backends/triton/exact_dw.py``): its state on the device, from ``x_hat`` and fused
 from ``x`` and ``rms``, against the CPU's, and ``tgn.RMSNorm``'s ``weight.grad`` on
 both; then, per shape in bf16 and fp32, the backward op with ``weight_grad="float"``
 against the exact backward's work (``dx``, the exact accumulate, the rounding) and
@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 import taskgraph_norm as tgn
-from taskgraph_norm.executors.lowering import Plan
+from taskgraph_norm.lowering import Plan
 from taskgraph_norm.testing import count_bit_differences
 from taskgraph_norm.tools.bench import interleaved_medians
 
@@ -73,7 +73,7 @@ def _graph(hidden: int, name: str) -> tuple[tgn.Graph, Plan]:
 def check_bits(rows: int, hidden: int, dtype: torch.dtype) -> bool:
     """The device forward against the CPU's compiled executor, on ``rows`` rows (``y``,
     and ``h`` of the residual plans)."""
-    from taskgraph_norm.executors.triton import run_triton
+    from taskgraph_norm.backends.triton import run_triton
 
     gen = torch.Generator().manual_seed(rows + hidden)
     x = (torch.randn(rows, hidden, generator=gen) * torch.logspace(-3, 3, hidden)).to(dtype)
@@ -143,7 +143,7 @@ def check_exact_dw_bits(rows: int, hidden: int, dtype: torch.dtype) -> bool:
     """The exact weight gradient's state on the device (the Triton kernel, from
     ``x_hat`` and fused from ``x`` and ``rms``) against the CPU's (C or torch ops), and
     ``weight.grad`` of ``tgn.RMSNorm(weight_grad="exact")`` on the device against the CPU."""
-    from taskgraph_norm.executors.exact_grad import ExactSum
+    from taskgraph_norm.ops.exact_grad import ExactSum
     from taskgraph_norm.ops.exact_weight import _x_hat
 
     x, dy, rms = _exact_dw_operands(rows, hidden, dtype, rows * 11 + hidden)
@@ -181,7 +181,7 @@ def bench_exact_dw(rows: int, hidden: int, dtype: torch.dtype, rounds: int, inne
     (dx and dW: the Triton kernels) against what ``weight_grad="exact"``'s backward runs
     (dx by the same op, then the exact accumulate from x and rms and the rounding
     to the weight's dtype), and the pieces."""
-    from taskgraph_norm.executors.exact_grad import ExactSum
+    from taskgraph_norm.ops.exact_grad import ExactSum
     from taskgraph_norm.ops.backward import backward
 
     x, dy, rms = (t.to(DEVICE) for t in _exact_dw_operands(rows, hidden, dtype, 5))
@@ -208,7 +208,7 @@ def bench_exact_dw(rows: int, hidden: int, dtype: torch.dtype, rounds: int, inne
 
 
 def bench(rows: int, hidden: int, dtype: torch.dtype, rounds: int, inner: int) -> None:
-    from taskgraph_norm.executors.triton import run_triton
+    from taskgraph_norm.backends.triton import run_triton
 
     x = torch.randn(rows, hidden, device="cuda").to(dtype)
     r = torch.randn(rows, hidden, device="cuda").to(dtype)
@@ -245,8 +245,8 @@ def bench(rows: int, hidden: int, dtype: torch.dtype, rounds: int, inner: int) -
 def bench_train(rows: int, hidden: int, dtype: torch.dtype, rounds: int, inner: int) -> None:
     """Forward+backward (``dx`` and ``dW``) per call, interleaved medians."""
     from taskgraph_norm import kernels, ops
-    from taskgraph_norm.executors.triton import run_triton
-    from taskgraph_norm.executors.triton.backward import run_backward
+    from taskgraph_norm.backends.triton import run_triton
+    from taskgraph_norm.backends.triton.backward import run_backward
 
     x = torch.randn(rows, hidden, device=DEVICE).to(dtype).requires_grad_()
     dy = torch.randn(rows, hidden, device=DEVICE).to(dtype)
@@ -298,7 +298,7 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("gpu_bench: needs a CUDA device; none here, nothing measured", file=sys.stderr)
         return 2
-    from taskgraph_norm.executors.triton import available
+    from taskgraph_norm.backends.triton import available
 
     if not available():
         print('gpu_bench: needs triton (pip install "taskgraph-norm[triton]")', file=sys.stderr)

@@ -46,7 +46,7 @@ def measure(hidden: int, topology: str, accumulate: str) -> dict[str, object]:
     import taskgraph_norm as tgn
     from taskgraph_norm.errors import GraphError
     from taskgraph_norm import pipeline
-    from taskgraph_norm.executors.lowering import lower
+    from taskgraph_norm.lowering import lower
     from taskgraph_norm.graph.nodes import gc_paused
 
     options = dict(chunk_size=1, topology=topology, leaf="pairwise", accumulate=accumulate)

@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile", action="store_true",
                         help="also print a cProfile of 10,000 warm normalize_sync calls on (1, 4096)")
     args = parser.parse_args(argv)
-    from taskgraph_norm.executors import native
+    from taskgraph_norm.backends.native import loader as native
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads "
           f"(OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', 'unset')}), load average "

@@ -45,7 +45,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import taskgraph_norm as tgn  # noqa: E402
-from taskgraph_norm.executors.exact_grad import exact_grads  # noqa: E402
+from taskgraph_norm.ops.exact_grad import exact_grads  # noqa: E402
 from taskgraph_norm.testing import count_bit_differences  # noqa: E402
 from taskgraph_norm.tools.bench import interleaved_medians  # noqa: E402
 

@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     print(f"# training step: torch {torch.__version__}, {torch.get_num_threads()} torch threads, "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}, load {os.getloadavg()[0]:.1f}, "
-          f"{tgn.executors.native.describe()}")
+          f"{tgn.backends.native.loader.describe()}")
     print(TARGET_HEADER)
     print(grad_vs_no_grad(1, args.rounds))
     print(grad_vs_no_grad(D, max(3, args.rounds // 3)))

@@ -24,11 +24,11 @@ from matplotlib.patches import FancyArrowPatch, FancyBboxPatch  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.test_layering import WITNESS_REPLAY, _family, import_graph  # noqa: E402
+from tests.test_layering import _family, import_graph  # noqa: E402
 
 #: Families drawn (helpers every family may use are left out to keep it readable).
 HIDDEN = {"caches", "errors", "testing", "__main__"}
-STAGES = (("build", "topologies"), ("prove", "prover"), ("lower", "executors"), ("run", "executors"))
+STAGES = (("build", "topologies"), ("prove", "prover"), ("lower", "lowering"), ("run", "backends"))
 
 
 def family_graph() -> nx.DiGraph:
@@ -38,7 +38,7 @@ def family_graph() -> nx.DiGraph:
         fa, fb = _family(a), _family(b)
         if a == "taskgraph_norm" or fa == fb or fa in HIDDEN or fb in HIDDEN:
             continue
-        fam.add_edge(fa, fb, witness=(a, b) in WITNESS_REPLAY)
+        fam.add_edge(fa, fb)
     for module in modules.nodes:
         f = _family(module)
         if module != "taskgraph_norm" and f not in HIDDEN:
@@ -48,8 +48,7 @@ def family_graph() -> nx.DiGraph:
 
 def draw(out_stem: Path) -> list[Path]:
     fam = family_graph()
-    plain = nx.DiGraph([(a, b) for a, b, d in fam.edges(data=True) if not d["witness"]])
-    plain.add_nodes_from(fam.nodes)
+    plain = fam
     # Depth: 0 for families nothing of ours is imported by... rows from the top
     # (entry points) to the bottom (the IR).
     height = {n: 0 for n in plain}
@@ -78,17 +77,15 @@ def draw(out_stem: Path) -> list[Path]:
                                          mutation_scale=14, color="#b07d2b"))
     ax.text(0.5, 0.875, "one cached Pipeline per configuration holds graph, proof, plan and kernels "
             "(pipeline/)", ha="center", fontsize=9, style="italic")
-    for a, b, d in fam.edges(data=True):
+    for a, b in fam.edges:
         ax.add_patch(FancyArrowPatch(pos[a], pos[b], arrowstyle="-|>", mutation_scale=10,
-                                     shrinkA=16, shrinkB=16, lw=0.8,
-                                     color="#c0392b" if d["witness"] else "#7f8c8d",
-                                     linestyle="--" if d["witness"] else "-"))
+                                     shrinkA=16, shrinkB=16, lw=0.8, color="#7f8c8d"))
     for n, (x, y) in pos.items():
         ax.add_patch(FancyBboxPatch((x - 0.065, y - 0.025), 0.13, 0.05, boxstyle="round,pad=0.004",
                                     fc="#dbe9f6", ec="#2c5d8a"))
         ax.text(x, y, n, ha="center", va="center", fontsize=9)
-    ax.text(0.01, 0.01, "arrows: imports between families, read from the code (tests/test_layering.py); "
-            "dashed red: the witness replay, lazily, on the reference interpreter", fontsize=8)
+    ax.text(0.01, 0.01, "arrows: imports between families, read from the code (tests/test_layering.py)",
+            fontsize=8)
     written = []
     for ext in ("svg", "png"):
         path = out_stem.with_suffix("." + ext)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from . import backends as backends
 from . import distributed as distributed
 from . import ops as ops
-from .executors import schedules as schedules
+from .executors.concurrent import schedules as schedules
 from .api import execute as execute
 from .api import execute_sync as execute_sync
 from .api import normalize as normalize
@@ -33,8 +33,8 @@ from .errors import ShardMismatchError as ShardMismatchError
 from .errors import TaskGraphError as TaskGraphError
 from .errors import UnsupportedNormError as UnsupportedNormError
 from .errors import WeightShapeError as WeightShapeError
-from .executors.devices import WorkerPool as WorkerPool
-from .executors.trace import Trace as Trace
+from .executors.concurrent.devices import WorkerPool as WorkerPool
+from .executors.concurrent.trace import Trace as Trace
 from .graph import Graph as Graph
 from .graph import Node as Node
 from .graph import Op as Op

@@ -25,8 +25,9 @@ import math
 from collections.abc import Sequence
 from itertools import repeat
 
-from .errors import ConfigError
 from . import caches
+from .constants import BACKWARD_ROW_BLOCK as ROW_BLOCK
+from .errors import ConfigError
 from .graph import Attrs, Graph, Node, Op, gc_paused, validate
 from .graph.nodes import make_attrs, make_nodes
 
@@ -268,7 +269,6 @@ caches.register(_build_cached.cache_clear)
 # --- the backward's merge DAGs (docs/prover.md, "The backward") --------------------------
 
 WEIGHT_GRADS: tuple[str, ...] = ("float", "exact")
-ROW_BLOCK = 32  # kernels.ROW_BLOCK (no torch here); tests check they agree
 
 
 def build_input_grad_graph(hidden_size: int, **options: object) -> Graph:

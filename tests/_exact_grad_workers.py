@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 import taskgraph_norm as tgn
-from taskgraph_norm.executors.exact_grad import exact_grads
+from taskgraph_norm.ops.exact_grad import exact_grads
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -13,7 +13,7 @@ import warnings
 from pathlib import Path
 
 from taskgraph_norm.errors import NativeKernelsWarning
-from taskgraph_norm.executors import native
+from taskgraph_norm.backends.native import loader as native
 
 REPO = Path(__file__).resolve().parents[1]
 #: The C compiler the tests build their own libraries with (None: none here).
@@ -35,7 +35,7 @@ def native_status() -> tuple[bool, str | None]:
 def package_copy(root: Path) -> Path:
     """A copy of the imported package (its built libraries included) under ``root``;
     returns the copy's ``taskgraph_norm`` folder."""
-    source = Path(native.__file__).resolve().parents[1]
+    source = Path(native.__file__).resolve().parents[2]
     return Path(shutil.copytree(source, root / "taskgraph_norm", ignore=shutil.ignore_patterns("__pycache__")))
 
 
@@ -44,7 +44,7 @@ def probe(*accumulates: str) -> str:
     executor's output, one per accumulation."""
     return textwrap.dedent(f"""
         import hashlib, torch, taskgraph_norm as tgn
-        from taskgraph_norm.executors import native
+        from taskgraph_norm.backends.native import loader as native
         from taskgraph_norm.testing import bits
         x = torch.randn(33, 1000, generator=torch.Generator().manual_seed(1)) * 100
         outs = [tgn.normalize_sync(x, accumulate=a, executor="compiled") for a in {accumulates!r}]

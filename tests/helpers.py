@@ -15,8 +15,8 @@ from typing import Any
 import torch
 
 import taskgraph_norm as tgn
-from taskgraph_norm.executors import compiled
-from taskgraph_norm.executors.lowering import Plan
+from taskgraph_norm.backends.torch_ops import compiled
+from taskgraph_norm.lowering import Plan
 from taskgraph_norm.testing import (
     assert_bits_equal,
     bits,
@@ -60,7 +60,7 @@ def spy_direct_calls(monkeypatch: Any) -> list[bool]:
     import pytest
 
     from taskgraph_norm.backends import registry
-    from taskgraph_norm.executors import native
+    from taskgraph_norm.backends.native import loader as native
 
     if not native.available():
         pytest.skip(f"native kernels unavailable: {native.why_unavailable()}")

@@ -14,15 +14,15 @@ import pytest
 import torch
 
 import taskgraph_norm as tgn
-from taskgraph_norm.executors.lowering import Plan
+from taskgraph_norm.lowering import Plan
 from taskgraph_norm.errors import ExecutionError, GraphError
 from taskgraph_norm.executors import EXECUTORS, run_reference
 from taskgraph_norm.executors import run_compiled as compiled_runner
 
 from .helpers import compile_graph, executor_of, run_compiled
-from taskgraph_norm.executors import compiled as compiled_mod
-from taskgraph_norm.executors import native
-from taskgraph_norm.executors import workspace as workspace_mod
+from taskgraph_norm.backends.torch_ops import compiled as compiled_mod
+from taskgraph_norm.backends.native import loader as native
+from taskgraph_norm.backends.torch_ops import workspace as workspace_mod
 from taskgraph_norm.graph import Graph, Node, Op
 from .helpers import assert_bits_equal, bits_equal
 

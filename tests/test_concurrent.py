@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import taskgraph_norm as tgn
-from taskgraph_norm.executors.devices import default_pool
-from taskgraph_norm.executors.schedules import Random
+from taskgraph_norm.executors.concurrent.devices import default_pool
+from taskgraph_norm.executors.concurrent.schedules import Random
 
 from ._executor_helpers import BACKENDS, Recorder, call_graph, run, tgn_threads, wide_input
 from .helpers import bits, bits_equal

@@ -10,7 +10,7 @@ import pytest
 
 import taskgraph_norm as tgn
 from taskgraph_norm import Graph, Node, Op
-from taskgraph_norm.executors.schedules import PCT, Fifo, Random
+from taskgraph_norm.executors.concurrent.schedules import PCT, Fifo, Random
 
 from ._executor_helpers import run
 

@@ -12,8 +12,8 @@ import anyio
 import pytest
 
 import taskgraph_norm as tgn
-from taskgraph_norm.executors import concurrent_run
-from taskgraph_norm.executors.devices import WorkerPool, default_pool
+from taskgraph_norm.executors.concurrent import run as concurrent_run
+from taskgraph_norm.executors.concurrent.devices import WorkerPool, default_pool
 
 from ._executor_helpers import BACKENDS, Recorder, call_graph, run, tgn_threads
 

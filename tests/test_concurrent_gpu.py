@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import taskgraph_norm as tgn
-from taskgraph_norm.executors.devices import live_streams
-from taskgraph_norm.executors.schedules import Random, Replay
+from taskgraph_norm.executors.concurrent.devices import live_streams
+from taskgraph_norm.executors.concurrent.schedules import Random, Replay
 
 from ._executor_helpers import call_graph, run, wide_input
 from .helpers import bits_equal

@@ -177,7 +177,7 @@ def test_property_any_two_configurations_agree(rows, hidden, chunk_a, chunk_b, t
 
 
 async def test_concurrent_executor_under_random_schedules_gives_the_same_bits() -> None:
-    from taskgraph_norm.executors.schedules import Random
+    from taskgraph_norm.executors.concurrent.schedules import Random
 
     x = spread_input(16, 700, 60)
     want = tgn.normalize_sync(x, accumulate="exact")

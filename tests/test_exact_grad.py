@@ -1,4 +1,4 @@
-"""The exact weight-gradient accumulator (kernels/exact_sum.py, executors/exact_grad.py, native_dw.c).
+"""The exact weight-gradient accumulator (kernels/exact_sum.py, ops/exact_grad.py, native_dw.c).
 
 Truth is computed independently: every product as a Python ``Fraction`` (exact),
 summed, and rounded to the target format by :func:`round_fraction` (ties to even,
@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from taskgraph_norm.errors import ExactSumError, ExactSumOverflowError
-from taskgraph_norm.executors import native
-from taskgraph_norm.executors.exact_grad import ExactGrad, ExactSum
+from taskgraph_norm.backends.native import loader as native
+from taskgraph_norm.ops.exact_grad import ExactGrad, ExactSum
 from taskgraph_norm.kernels import exact_sum as es
 
 from .helpers import assert_bits_equal, bits_equal

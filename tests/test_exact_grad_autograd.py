@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import taskgraph_norm as tgn
-from taskgraph_norm.executors.exact_grad import ExactSum
+from taskgraph_norm.ops.exact_grad import ExactSum
 from taskgraph_norm.kernels import exact_sum as es
 
 from .helpers import assert_bits_equal, bits_equal

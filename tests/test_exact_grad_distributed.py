@@ -14,7 +14,7 @@ import torch
 
 import taskgraph_norm as tgn
 from taskgraph_norm.distributed import run_local
-from taskgraph_norm.executors.exact_grad import ExactGrad
+from taskgraph_norm.ops.exact_grad import ExactGrad
 
 from . import _exact_grad_workers as workers
 from .helpers import assert_bits_equal, bits_equal

@@ -3,9 +3,10 @@
 Every ``import`` and ``from ... import`` in the package is read with ``ast``, at
 module level and inside functions alike (a lazy import is still an arrow), and
 importing ``a.b.c`` counts as importing the packages ``a.b`` too, since Python
-runs their ``__init__`` first.  The test fails on any cycle between files, on an
-executor importing the prover (executors are handed a proof), and on any family
-importing one it may not.
+runs their ``__init__`` first.  The test fails on any cycle between files, on a
+backend or an executor importing the prover (they are handed a plan or a proof),
+and on any family importing one it may not.  It also keeps the folders small: no
+folder holds more than a quarter of the package's lines in its own files.
 """
 
 from __future__ import annotations
@@ -22,37 +23,46 @@ ROOT = Path(__file__).resolve().parent.parent / "taskgraph_norm"
 #: top-level module or folder of the package.
 ALLOWED: dict[str, set[str]] = {
     "caches": set(),
+    "constants": set(),
     "errors": set(),
     "testing": set(),
     "graph": {"errors"},
-    "kernels": {"errors"},
+    # kernels/reference.py, the oracle, interprets a graph node by node
+    "kernels": {"errors", "graph"},
     "topologies": {"errors", "graph"},
     "prover": {"errors", "graph", "topologies", "kernels"},
     "viz": {"errors", "graph"},
-    "executors": {"errors", "graph", "kernels", "topologies", "caches", "torch_state", "backends"},
-    "backends": {"errors", "graph", "kernels", "executors", "caches", "torch_state"},
+    "lowering": {"errors", "graph"},
     "torch_state": set(),
+    "backends": {"errors", "graph", "lowering", "kernels", "torch_state"},
+    # executors/__init__'s EXECUTORS names the backends' runners too
+    "executors": {"errors", "graph", "lowering", "kernels", "backends", "torch_state"},
     "checks": {"errors", "kernels"},
-    "pipeline": {"errors", "graph", "kernels", "topologies", "prover", "executors", "checks", "backends", "torch_state", "caches"},
+    # Only these join the pieces.
+    "pipeline": {"errors", "graph", "kernels", "topologies", "prover", "lowering", "backends", "executors", "checks",
+                 "torch_state"},
     # ops sit under api: normalize_sync calls them when a gradient or a tracer needs them
-    "ops": {"checks", "pipeline", "errors", "graph", "kernels", "topologies", "prover", "executors"},
-    "api": {"errors", "graph", "kernels", "topologies", "prover", "executors", "checks", "pipeline", "ops"},
-    "module": {"checks", "pipeline", "errors", "graph", "kernels", "topologies", "prover", "executors", "api", "ops"},
+    "ops": {"checks", "pipeline", "errors", "graph", "kernels", "topologies", "prover", "lowering", "backends",
+            "executors"},
+    "api": {"errors", "graph", "kernels", "topologies", "prover", "lowering", "backends", "executors", "checks",
+            "pipeline", "ops"},
+    "module": {"checks", "pipeline", "errors", "graph", "kernels", "topologies", "prover", "lowering", "backends",
+               "executors", "api", "ops"},
     "integrations": {"checks", "pipeline", "errors", "kernels", "api", "ops", "module"},
-    "distributed": {"checks", "pipeline", "errors", "graph", "kernels", "topologies", "prover", "executors", "api", "ops", "module"},
-    "tools": {"checks", "pipeline", "errors", "graph", "kernels", "topologies", "prover", "executors", "api", "ops", "module",
-              "viz", "testing", "distributed"},
+    "distributed": {"checks", "pipeline", "errors", "graph", "kernels", "topologies", "prover", "lowering", "backends",
+                    "executors", "api", "ops", "module"},
+    "tools": {"checks", "pipeline", "errors", "graph", "kernels", "topologies", "prover", "lowering", "backends",
+              "executors", "api", "ops", "module", "viz", "testing", "distributed"},
     "__main__": {"tools"},
 }
 
+#: What every family may import: its caches' registry, and the constants that decide
+#: the bits (defined once, importing nothing).
+EVERYONES = ("caches", "constants")
 
-#: The one arrow from the prover into the executors: a refutation's witness, when
-#: asked for, is replayed on the reference interpreter (the oracle), lazily, inside
-#: the function that replays it.  Executors never import the prover, so no cycle.
-WITNESS_REPLAY = {
-    ("taskgraph_norm.prover.witness", "taskgraph_norm.executors"),
-    ("taskgraph_norm.prover.witness", "taskgraph_norm.executors.reference"),
-}
+#: The families that run a plan or a graph: they are handed a plan or a proof and
+#: never import the prover.
+NEVER_PROVE = ("lowering", "backends", "executors")
 
 
 def _module_name(path: Path) -> str:
@@ -110,6 +120,7 @@ def test_the_reader_sees_the_package() -> None:
     graph = import_graph()
     # A check that reads nothing proves nothing: these arrows exist today.
     assert graph.has_edge("taskgraph_norm.pipeline", "taskgraph_norm.executors")
+    assert graph.has_edge("taskgraph_norm.backends.torch_ops.compiled", "taskgraph_norm.lowering")
     assert graph.has_edge("taskgraph_norm.prover.rules", "taskgraph_norm.prover.canonical")
     assert len(graph) > 30
 
@@ -121,10 +132,10 @@ def test_no_import_cycles() -> None:
     assert not cycles, "import cycles: " + "; ".join(" -> ".join(c + [c[0]]) for c in cycles[:5])
 
 
-def test_executors_never_import_the_prover() -> None:
+def test_backends_and_executors_never_import_the_prover() -> None:
     graph = import_graph()
-    bad = [(a, b) for a, b in graph.edges if _family(a) == "executors" and _family(b) == "prover"]
-    assert not bad, f"executors are handed a proof, they never import the prover: {bad}"
+    bad = [(a, b) for a, b in graph.edges if _family(a) in NEVER_PROVE and _family(b) == "prover"]
+    assert not bad, f"backends and executors are handed a plan or a proof, they never import the prover: {bad}"
 
 
 def test_every_family_imports_only_what_it_may() -> None:
@@ -132,8 +143,8 @@ def test_every_family_imports_only_what_it_may() -> None:
     bad = []
     for a, b in graph.edges:
         fa, fb = _family(a), _family(b)
-        if a == "taskgraph_norm" or fa == fb or fb == "caches" or (a, b) in WITNESS_REPLAY:
-            continue  # the root re-exports; every family may register its caches
+        if a == "taskgraph_norm" or fa == fb or fb in EVERYONES:
+            continue  # the root re-exports
         allowed = ALLOWED.get(fa)
         assert allowed is not None, f"{a}: a family this test does not know; add it to ALLOWED"
         sub = ".".join(b.split(".")[1:3])
@@ -142,7 +153,7 @@ def test_every_family_imports_only_what_it_may() -> None:
     assert not bad, "imports against the layering:\n" + "\n".join(sorted(bad))
 
 
-@pytest.mark.parametrize("module", ["graph", "topologies", "prover.canonical", "prover.readers",
+@pytest.mark.parametrize("module", ["constants", "graph", "topologies", "prover.canonical", "prover.readers",
                                     "prover.conclusions", "prover.placement", "prover.proof", "prover.rules"])
 def test_the_ir_and_prover_never_import_torch(module: str) -> None:
     path = ROOT / module.replace(".", "/")
@@ -178,8 +189,8 @@ def test_a_planted_cycle_is_caught(tmp_path: Path) -> None:
 #: What the package may import at module level: the standard library, its declared
 #: dependencies, and triton only in the kernel files the Triton runner loads lazily.
 DEPENDENCIES = {"torch", "anyio", "networkx", "numpy"}
-LAZY_KERNEL_FILES = {"executors/triton/kernels.py", "executors/triton/backward_kernels.py",
-                     "executors/triton/exact_dw_kernels.py"}
+LAZY_KERNEL_FILES = {"backends/triton/kernels.py", "backends/triton/backward_kernels.py",
+                     "backends/triton/exact_dw_kernels.py"}
 
 
 def test_module_level_imports_are_declared_dependencies() -> None:
@@ -206,3 +217,48 @@ def test_module_level_imports_are_declared_dependencies() -> None:
                     continue
                 bad.append(f"{rel}: import {name}")
     assert not bad, "module-level imports outside the declared dependencies:\n" + "\n".join(bad)
+
+
+#: The files whose lines count: the package's sources, Python and C.
+SOURCE_SUFFIXES = (".py", ".c", ".h")
+
+#: No folder may hold more than this share of the package's lines in its own files.
+MAX_FOLDER_SHARE = 0.25
+
+
+def folder_lines(root: Path) -> dict[str, int]:
+    """Lines of source per folder of ``root``, each folder counting only its own
+    files (a subfolder is a folder of its own), C sources included."""
+    lines: dict[str, int] = {}
+    for path in root.rglob("*"):
+        if path.suffix in SOURCE_SUFFIXES and path.is_file() and "__pycache__" not in path.parts:
+            folder = path.parent.relative_to(root.parent).as_posix()
+            lines[folder] = lines.get(folder, 0) + len(path.read_text().splitlines())
+    return lines
+
+
+def crowded_folders(root: Path) -> dict[str, float]:
+    """The folders over :data:`MAX_FOLDER_SHARE`, with their share of the lines."""
+    lines = folder_lines(root)
+    total = sum(lines.values())
+    return {f: n / total for f, n in lines.items() if n > MAX_FOLDER_SHARE * total}
+
+
+def test_no_folder_holds_more_than_a_quarter_of_the_lines() -> None:
+    lines = folder_lines(ROOT)
+    # The reader sees the C sources and the subfolders apart.
+    assert lines["taskgraph_norm/backends/native/csrc"] > 1000
+    assert "taskgraph_norm/executors/concurrent" in lines
+    crowded = crowded_folders(ROOT)
+    assert not crowded, "folders over a quarter of the package's lines (split them by family): " + ", ".join(
+        f"{f} {share:.0%}" for f, share in sorted(crowded.items()))
+
+
+def test_a_crowded_folder_is_caught(tmp_path: Path) -> None:
+    # Negative control: one folder with most of a planted package's lines, in C.
+    pkg = tmp_path / "taskgraph_norm"
+    (pkg / "big" / "small").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("x = 1\n" * 10)
+    (pkg / "big" / "a.c").write_text("int x;\n" * 30)
+    (pkg / "big" / "small" / "b.py").write_text("y = 2\n" * 10)
+    assert set(crowded_folders(pkg)) == {"taskgraph_norm/big"}

@@ -1,4 +1,4 @@
-"""The compiled executor's native kernels (executors/native.c) against the torch ops.
+"""The compiled executor's native kernels (backends/native/csrc/native.c) against the torch ops.
 
 The native kernels must give the torch ops' bits: the exact pair ``(S1, S2)`` and
 the scales of every row, and the float plan's total, operation for operation.
@@ -18,9 +18,10 @@ import torch
 
 import taskgraph_norm as tgn
 from taskgraph_norm import kernels
-from taskgraph_norm.executors import compiled as compiled_mod
-from taskgraph_norm.executors import native, run_reference
-from taskgraph_norm.executors.native import FloatRecipe
+from taskgraph_norm.backends.torch_ops import compiled as compiled_mod
+from taskgraph_norm.executors import run_reference
+from taskgraph_norm.backends.native import loader as native
+from taskgraph_norm.backends.native.loader import FloatRecipe
 from taskgraph_norm.graph import Graph, Node, Op
 from .helpers import assert_bits_equal, bits_equal, compile_graph, run_compiled
 
@@ -71,7 +72,7 @@ def test_native_kernels_are_built_where_a_compiler_is() -> None:
 
 PORTABLE_PROBE = """
     import hashlib, torch, taskgraph_norm as tgn
-    from taskgraph_norm.executors import native
+    from taskgraph_norm.backends.native import loader as native
     from taskgraph_norm.testing import bits
     print(native.library_path().name if native.available() else None)
     g = torch.Generator().manual_seed(2)
@@ -83,7 +84,7 @@ PORTABLE_PROBE = """
             for acc in ("float", "exact"):
                 y = tgn.normalize_sync(rows.to(dtype), accumulate=acc, chunk_size=chunk)
                 print(chunk, dtype, acc, hashlib.sha256(bits(y).numpy().tobytes()).hexdigest()[:16])
-    from taskgraph_norm.executors.exact_grad import ExactSum  # the exact weight gradient's kernels
+    from taskgraph_norm.ops.exact_grad import ExactSum  # the exact weight gradient's kernels
     x, dy = rows[:, :700].float(), rows[:, 77:].float()
     total = ExactSum(700).add_normalized(dy, x, x.abs().amax(1).clamp(min=1.0))
     print("dW", hashlib.sha256(total.state.numpy().tobytes()).hexdigest()[:16],
@@ -200,7 +201,7 @@ def test_fp64_rows_near_the_top_of_the_range_are_finite(kernels: str) -> None:
 
 def torch_total(graph: Graph, x: torch.Tensor) -> torch.Tensor:
     """The reference interpreter's float total of every row (the graph's FINALIZE input)."""
-    from taskgraph_norm.executors.reference import reference_sum_of_squares
+    from taskgraph_norm.kernels.reference import reference_sum_of_squares
 
     return reference_sum_of_squares(graph, x)
 

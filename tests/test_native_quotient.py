@@ -15,8 +15,9 @@ import math
 import pytest
 import torch
 
-from taskgraph_norm.executors import native
-from taskgraph_norm.executors.native import FloatRecipe
+from taskgraph_norm.backends.native import loader as native
+from taskgraph_norm.backends.native.loader import FloatRecipe
+from taskgraph_norm.constants import ROUND_QUOTIENT, TOTAL_AS_RMS
 from taskgraph_norm.pipeline import for_config
 from .helpers import assert_bits_equal
 
@@ -24,8 +25,6 @@ TINY = 2.0**-126
 
 
 # --- the kernel -------------------------------------------------------------------
-
-TOTAL_AS_RMS, ROUND_QUOTIENT = 4, 1
 
 
 def kernel(x: torch.Tensor, chunk: int, w: torch.Tensor | None, flags: int = 0,

@@ -26,12 +26,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from taskgraph_norm.executors import cpu_features
+from taskgraph_norm.backends.native import cpu_features
 
 from ._trust_helpers import CC
 from .helpers import assert_bits_equal, bits_equal
 
-HEADER_DIR = Path(__file__).resolve().parents[1] / "taskgraph_norm" / "executors"
+HEADER_DIR = Path(__file__).resolve().parents[1] / "taskgraph_norm" / "backends" / "native" / "csrc"
 HARNESS = """
 #include <stdint.h>
 #include "native_quotient.h"

@@ -1,4 +1,4 @@
-"""The native team (executors/team.py, native_team.c): the direct path shares a large
+"""The native team (backends/native/team.py, native_team.c): the direct path shares a large
 input's rows among torch's threads (torch's own OpenMP team, or native_team.c's one
 worker thread): each runs its own part of the rows, then steals blocks left in the
 others' parts.  Which thread runs
@@ -19,7 +19,8 @@ import pytest
 import torch
 
 import taskgraph_norm as tgn
-from taskgraph_norm.executors import direct, team
+from taskgraph_norm.backends.native import direct
+from taskgraph_norm.backends.native import team
 
 from ._trust_helpers import native_status
 from .helpers import assert_bits_equal, backend_backward, bits_equal
@@ -186,8 +187,8 @@ def test_more_threads_than_cores_get_the_same_bits(runtime: str, threads: int) -
 
 
 def _configs() -> list[tuple[str, object]]:
-    from taskgraph_norm.executors import native
-    from taskgraph_norm.executors.native_abi import RowsConfig
+    from taskgraph_norm.backends.native import loader as native
+    from taskgraph_norm.backends.native.abi import RowsConfig
     from taskgraph_norm.pipeline import for_config
 
     plan = for_config(1024, 64, "tree", "pairwise", "float", "auto", "torch", 0.0).plan
@@ -205,7 +206,7 @@ def test_the_fast_entry_and_ctypes_make_the_same_call(two_threads: None, runtime
     writes no totals; bad arguments raise, never crash."""
     import ctypes
 
-    from taskgraph_norm.executors import native
+    from taskgraph_norm.backends.native import loader as native
 
     fast, lib = native.rows_entry(), native._library()
     if (Path(sysconfig.get_paths()["include"]) / "Python.h").exists():
@@ -248,7 +249,7 @@ def test_the_backward_shares_whole_row_blocks_with_the_same_bits(runtime: str, a
     per claim, so each block's weight-gradient sum is one thread's; any thread count and
     grain gives the torch ops' bits, and the other threads really run rows."""
     from taskgraph_norm import kernels, pipeline
-    from taskgraph_norm.executors import native_grads
+    from taskgraph_norm.backends.native import grads as native_grads
     from taskgraph_norm.ops import backward as bw
     from taskgraph_norm.ops import library as ops_library
 
@@ -284,10 +285,10 @@ def test_the_backward_shares_whole_row_blocks_with_the_same_bits(runtime: str, a
 
 @pytest.mark.parametrize("with_rms", [False, True], ids=["x_hat", "x and rms"])
 def test_the_exact_weight_gradient_shares_columns_with_the_same_state(runtime: str, with_rms: bool) -> None:
-    """The exact dW kernel's columns run on the team (executors/exact_grad.py): each
+    """The exact dW kernel's columns run on the team (ops/exact_grad.py): each
     column's state is one thread's, so any thread count and grain gives the torch
     form's state, bit for bit, and other threads really run columns."""
-    from taskgraph_norm.executors import native_grads
+    from taskgraph_norm.backends.native import grads as native_grads
     from taskgraph_norm.kernels import exact_sum as es
 
     rows, cols = 70, 1000

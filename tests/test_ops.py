@@ -11,9 +11,9 @@ import taskgraph_norm as tgn
 from taskgraph_norm.backends.registry import BACKENDS
 from taskgraph_norm.errors import ConfigError
 from taskgraph_norm import kernels, ops
-from taskgraph_norm.executors import native
-from taskgraph_norm.executors.reference import reference_sum_of_squares
-from taskgraph_norm.executors.rowsum import reference_row_sum
+from taskgraph_norm.backends.native import loader as native
+from taskgraph_norm.kernels.reference import reference_sum_of_squares
+from taskgraph_norm.backends.torch_ops.rowsum import reference_row_sum
 
 from .helpers import assert_bits_equal, backend_backward, bits_equal
 

@@ -9,7 +9,7 @@ import torch
 
 import taskgraph_norm as tgn
 from taskgraph_norm import ops
-from taskgraph_norm.executors import native
+from taskgraph_norm.backends.native import loader as native
 
 from .helpers import assert_bits_equal
 

@@ -23,7 +23,7 @@ import torch
 
 import taskgraph_norm as tgn
 from taskgraph_norm.tools import cli
-from taskgraph_norm.executors.reference import run_reference
+from taskgraph_norm.kernels.reference import run_reference
 from taskgraph_norm.graph import Graph, Node, Op
 from taskgraph_norm.prover.rules import _prove_cached
 from taskgraph_norm.prover.witness import bits, find_witness, witness_input

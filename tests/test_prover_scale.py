@@ -17,7 +17,7 @@ import pytest
 
 import taskgraph_norm as tgn
 from taskgraph_norm.errors import GraphError
-from taskgraph_norm.executors.lowering import _lower_cached, lower
+from taskgraph_norm.lowering.lower import _lower_cached, lower
 from taskgraph_norm.prover.rules import _prove_cached
 from taskgraph_norm.topologies import _build_cached
 

@@ -17,9 +17,9 @@ import torch
 import trio
 
 import taskgraph_norm as tgn
-from taskgraph_norm.executors import compiled as compiled_mod
-from taskgraph_norm.executors import pools
-from taskgraph_norm.executors import reference as reference_mod
+from taskgraph_norm.backends.torch_ops import compiled as compiled_mod
+from taskgraph_norm.backends.torch_ops import pools
+from taskgraph_norm.kernels import reference as reference_mod
 
 from .helpers import assert_bits_equal
 
@@ -121,7 +121,7 @@ def test_a_node_that_calls_normalize_sync_never_deadlocks_the_pool(executor: str
     # More nodes than the shared pool has workers, each running a graph on the same
     # executor from inside the node: before, the inner runs queued behind the nodes
     # waiting for them, on the same shared pool, and every worker waited forever.
-    from taskgraph_norm.executors.devices import default_workers
+    from taskgraph_norm.executors.concurrent.devices import default_workers
 
     from ._executor_helpers import call_graph
 

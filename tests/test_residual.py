@@ -13,7 +13,7 @@ import torch
 
 import taskgraph_norm as tgn
 from taskgraph_norm import pipeline
-from taskgraph_norm.executors import native
+from taskgraph_norm.backends.native import loader as native
 from taskgraph_norm.errors import ConfigError, DeviceMismatchError
 
 from .helpers import spy_direct_calls, assert_bits_equal, bits_equal

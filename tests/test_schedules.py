@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import taskgraph_norm as tgn
-from taskgraph_norm.executors.schedules import PCT, Fifo, Random, Replay
+from taskgraph_norm.executors.concurrent.schedules import PCT, Fifo, Random, Replay
 
 from ._executor_helpers import BACKENDS, FULL, call_graph, run, wide_input
 from .helpers import bits_equal

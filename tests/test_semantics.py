@@ -12,7 +12,8 @@ import torch
 
 import taskgraph_norm as tgn
 from taskgraph_norm import kernels, pipeline
-from taskgraph_norm.executors import native, reference_sum_of_squares
+from taskgraph_norm.executors import reference_sum_of_squares
+from taskgraph_norm.backends.native import loader as native
 from taskgraph_norm.errors import ConfigError
 
 from .helpers import spy_direct_calls, assert_bits_equal, bits_equal

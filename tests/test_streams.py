@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import taskgraph_norm as tgn
-from taskgraph_norm.executors import devices, streams
+from taskgraph_norm.executors.concurrent import devices
+from taskgraph_norm.executors.concurrent import streams
 
 from ._executor_helpers import call_graph, run
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import taskgraph_norm as tgn
-from taskgraph_norm.executors.schedules import Random
+from taskgraph_norm.executors.concurrent.schedules import Random
 
 from ._executor_helpers import BACKENDS, run, wide_input
 

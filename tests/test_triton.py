@@ -19,9 +19,9 @@ import taskgraph_norm as tgn
 from taskgraph_norm import kernels
 from taskgraph_norm.errors import ExecutionError
 from taskgraph_norm.executors import reference_sum_of_squares, run_reference
-from taskgraph_norm.executors.lowering import Plan, _builder_tree, lower
-from taskgraph_norm.executors.triton import halving_positions, kernel_shape, run_triton, supports
-from taskgraph_norm.executors.triton import layout, runner
+from taskgraph_norm.lowering.lower import Plan, _builder_tree, lower
+from taskgraph_norm.backends.triton import halving_positions, kernel_shape, run_triton, supports
+from taskgraph_norm.backends.triton import layout, runner
 from taskgraph_norm.graph import Graph
 from .helpers import assert_bits_equal, bits_equal, run_compiled
 
@@ -266,7 +266,7 @@ def test_gradients_go_through_the_reference(interpreted: None) -> None:
 def test_ptx_rounds_like_the_reference(hidden: int, chunk: int, topology: str, accumulate: str,
                                        dtype: torch.dtype) -> None:
     pytest.importorskip("triton")
-    from taskgraph_norm.executors.triton.ptx import forbidden_instructions, kernel_ptx
+    from taskgraph_norm.backends.triton.ptx import forbidden_instructions, kernel_ptx
 
     plan = graph_and_plan(hidden, chunk, topology, accumulate)[1]
     ptx = kernel_ptx(plan, dtype, weight=True)

@@ -13,7 +13,7 @@ import torch
 
 from taskgraph_norm import backends, kernels, pipeline
 from taskgraph_norm.errors import ExecutionError
-from taskgraph_norm.executors.triton import backward as triton_backward
+from taskgraph_norm.backends.triton import backward as triton_backward
 from taskgraph_norm.ops import backward as ops_backward
 from .conftest import FULL, gen
 from .helpers import assert_bits_equal, backend_backward, bits_equal
@@ -209,7 +209,7 @@ def test_errors(interpreted: None, monkeypatch: pytest.MonkeyPatch) -> None:
 ], ids=["tree-dx", "linear-dx", "exact-dx", "dw-llama"])
 def test_ptx_rounds_like_the_reference(plan: tuple[int, int, str, str], dtype: torch.dtype, part: str) -> None:
     pytest.importorskip("triton")
-    from taskgraph_norm.executors.triton.ptx import backward_ptx, forbidden_instructions
+    from taskgraph_norm.backends.triton.ptx import backward_ptx, forbidden_instructions
 
     p = pipe_of(*plan).plan
     assert p is not None

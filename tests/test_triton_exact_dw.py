@@ -2,7 +2,7 @@
 
 In Triton's interpreter on CPU tensors (``TRITON_INTERPRET`` set per test, as in
 tests/test_triton.py), and on a GPU (``-m gpu``): the int64 state after
-``executors/triton/exact_dw.add_products_`` equals ``kernels.exact_sum.add_products_``'s
+``backends/triton/exact_dw.add_products_`` equals ``kernels.exact_sum.add_products_``'s
 (and the C kernel's) for fp32 / bf16 / fp16 operands, wide dynamic range, zeros,
 subnormal factors and products, NaN and infinities, rows and columns that are not
 multiples of the block and the tile, several calls accumulated; the fused ``x / rms``
@@ -18,9 +18,9 @@ import torch
 
 import taskgraph_norm as tgn
 from taskgraph_norm.errors import ExactSumError, ExactSumOverflowError, ExecutionError
-from taskgraph_norm.executors import native
-from taskgraph_norm.executors.exact_grad import ExactSum
-from taskgraph_norm.executors.triton import exact_dw
+from taskgraph_norm.backends.native import loader as native
+from taskgraph_norm.ops.exact_grad import ExactSum
+from taskgraph_norm.backends.triton import exact_dw
 from taskgraph_norm.kernels import exact_sum as es
 from taskgraph_norm.ops.exact_weight import _x_hat
 from .conftest import gen
@@ -200,7 +200,7 @@ def test_ptx_rounds_like_the_cpu(dtype: torch.dtype, from_x: bool) -> None:
     adds and multiplies, an exact fp64 -> int64 conversion, int64 reductions into
     the state.  Negative control: with contraction on, ``a * b + sigma`` is an fma."""
     pytest.importorskip("triton")
-    from taskgraph_norm.executors.triton.ptx import exact_dw_ptx, forbidden_instructions
+    from taskgraph_norm.backends.triton.ptx import exact_dw_ptx, forbidden_instructions
 
     ptx = exact_dw_ptx(dtype, from_x=from_x)
     assert forbidden_instructions(ptx) == []

@@ -18,9 +18,9 @@ from taskgraph_norm.backends.registry import NoBackendError
 from taskgraph_norm import kernels
 from taskgraph_norm.errors import ExecutionError
 from taskgraph_norm.executors import run_reference
-from taskgraph_norm.executors.lowering import Plan, lower
-from taskgraph_norm.executors.triton import run_triton
-from taskgraph_norm.executors.triton import runner
+from taskgraph_norm.lowering import Plan, lower
+from taskgraph_norm.backends.triton import run_triton
+from taskgraph_norm.backends.triton import runner
 from taskgraph_norm.graph import Graph
 from .conftest import FULL, gen
 from .helpers import assert_bits_equal, bits_equal, run_compiled
@@ -241,7 +241,7 @@ def test_ptx_of_the_modes_rounds_like_the_reference(hidden: int, chunk: int, top
                                                      dtype: torch.dtype, mode: str, offset: float,
                                                      residual: bool, weight: torch.dtype) -> None:
     pytest.importorskip("triton")
-    from taskgraph_norm.executors.triton.ptx import forbidden_instructions, kernel_ptx
+    from taskgraph_norm.backends.triton.ptx import forbidden_instructions, kernel_ptx
 
     plan = semantics_graph(hidden, chunk, topology, accumulate, mode=mode, offset=offset, residual=residual)[1]
     ptx = kernel_ptx(plan, dtype, weight=weight)

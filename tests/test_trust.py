@@ -26,9 +26,13 @@ import pytest
 import torch
 
 import taskgraph_norm as tgn
-from taskgraph_norm.executors import devices, native, native_abi, pools, team
-from taskgraph_norm.executors.cpu_features import MARKER
-from taskgraph_norm.executors.direct import SPLIT_NUMEL
+from taskgraph_norm.executors.concurrent import devices
+from taskgraph_norm.backends.native import loader as native
+from taskgraph_norm.backends.native import abi as native_abi
+from taskgraph_norm.backends.torch_ops import pools
+from taskgraph_norm.backends.native import team
+from taskgraph_norm.backends.native.cpu_features import MARKER
+from taskgraph_norm.backends.native.direct import SPLIT_NUMEL
 
 from ._trust_helpers import CC, REPO, WARNING_CATEGORY, native_status, package_copy, probe, run_probe
 from .helpers import bits
@@ -81,7 +85,7 @@ def test_a_planted_library_in_a_shared_folder_never_runs(tmp_path: Path) -> None
         shutil.copy(planted, cache / "native-0123456789abcdef.so")
     code = textwrap.dedent("""
         import os, shutil
-        from taskgraph_norm.executors import native
+        from taskgraph_norm.backends.native import loader as native
         # Wherever this version says its library is: if that is in the shared folder,
         # the planted library is there under that name.
         path = native.library_path()
@@ -116,7 +120,7 @@ def test_a_library_in_a_world_writable_folder_is_refused(tmp_path: Path) -> None
     """The package's own folder made writable by everyone: the libraries in it are
     refused, loudly, and the torch ops give the same bits."""
     pkg = package_copy(tmp_path)
-    (pkg / "executors").chmod(0o777)
+    (pkg / "backends" / "native").chmod(0o777)
     proc = run_probe(probe("float", "exact"), root=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines()[0] == "native False"
@@ -134,7 +138,7 @@ def test_a_corrupt_library_never_silently_disables_the_kernels(tmp_path: Path, w
     garbage in place of every build: the torch ops run, with a warning that says why
     and what it costs.  Either way the bits are the same."""
     pkg = package_copy(tmp_path)
-    libs = sorted((pkg / "executors").glob("_native_*"))
+    libs = sorted((pkg / "backends" / "native").glob("_native_*"))
     assert libs
     for lib in libs:
         if which == "every" or lib.name.startswith("_native_host"):
@@ -154,7 +158,7 @@ def test_missing_kernels_warn_once_and_opting_out_is_silent(tmp_path: Path) -> N
     however many calls, saying why and what it costs; TGN_NATIVE=0 runs the same
     torch ops with no warning at all (the child turns every warning into an error)."""
     pkg = package_copy(tmp_path)
-    for lib in (pkg / "executors").glob("_native_*"):
+    for lib in (pkg / "backends" / "native").glob("_native_*"):
         lib.unlink()
     code = probe("float", "exact", "float", "exact") + "print(native.describe())\n"
     missing = run_probe(code, root=tmp_path)
@@ -173,7 +177,7 @@ def test_a_host_build_for_another_cpu_is_never_loaded(tmp_path: Path) -> None:
     opened: here it is not a library at all); the portable build runs, with one
     warning (exact plans are slower on it), or none with TGN_NATIVE=portable."""
     pkg = package_copy(tmp_path)
-    host = next((pkg / "executors").glob("_native_host*"), None)
+    host = next((pkg / "backends" / "native").glob("_native_host*"), None)
     if host is None:
         pytest.skip("no host build here")
     host.write_bytes(b"not a library " + MARKER + b"sse2 tgn_no_such_feature\0")

@@ -1,6 +1,6 @@
 """The backend protocol: what the pipeline asks of torch ops, native C and Triton.
 
-A backend runs a lowered :class:`~taskgraph_norm.executors.lowering.Plan` (never a
+A backend runs a lowered :class:`~taskgraph_norm.lowering.Plan` (never a
 graph node by node: that is the executors' work, and never proves anything: it is
 handed a certified plan).  Each is one object with one protocol, in the manner of
 xformers' attention operators:
@@ -33,7 +33,7 @@ import torch
 if TYPE_CHECKING:
     import threading
 
-    from ..executors.lowering import Plan
+    from ..lowering import Plan
     from ..graph import Graph
 
 __all__ = ["Backend", "BACKEND_NAMES", "Forward", "allowed", "triton_asked", "use"]

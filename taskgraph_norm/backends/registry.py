@@ -14,27 +14,24 @@ from typing import Any
 import torch
 
 from .. import kernels
+from ..constants import SPLIT_NUMEL
 from ..errors import ExecutionError
-from ..executors import native as _native
-from ..executors import native_grads as _native_grads
-from ..executors import team as _team
-from ..executors import triton as _triton
-from ..executors.compiled import run_compiled
-from ..executors.direct import DirectCall, direct_call
-from ..executors.lowering import Plan
-from ..executors.rowsum import plan_row_sum, torch_backward
-from ..executors.triton import backward as _triton_backward
-from ..executors.triton import exact_dw as _triton_dw
 from ..graph import Graph
 from ..kernels import exact_sum as _exact_sum
+from ..lowering import Plan
+from . import triton as _triton
 from .base import Backend, Forward, allowed, triton_asked
+from .native import grads as _native_grads
+from .native import loader as _native
+from .native import team as _team
+from .native.direct import DirectCall, direct_call
+from .torch_ops.compiled import run_compiled
+from .torch_ops.rowsum import plan_row_sum, torch_backward
+from .triton import backward as _triton_backward
+from .triton import exact_dw as _triton_dw
 
 __all__ = ["BACKENDS", "NativeBackend", "NoBackendError", "TorchOpsBackend", "TritonBackend", "choose",
            "row_totals"]
-
-#: Backward inputs with at least this many elements (and two row blocks) share their
-#: row blocks among torch's threads (the native team).
-SPLIT_NUMEL = 1 << 16
 
 
 class NoBackendError(ExecutionError):
@@ -83,7 +80,7 @@ class TorchOpsBackend:
         self, plan: Plan, dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, rms: torch.Tensor, *,
         input_grad: bool, weight_grad: bool, offset: float = 0.0, round_x_hat: bool = False,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """:func:`~taskgraph_norm.executors.rowsum.torch_backward` in the plan's order."""
+        """:func:`~taskgraph_norm.backends.torch_ops.rowsum.torch_backward` in the plan's order."""
         return torch_backward(lambda v: plan_row_sum(plan, v), plan.accumulate == "exact", dy, x, weight, rms,
                               input_grad, weight_grad, offset, round_x_hat)
 
@@ -116,7 +113,7 @@ class NativeBackend:
         return reasons
 
     def direct(self, plan: Plan) -> DirectCall | None:
-        """The plan's one-call entry for fp32 CPU rows (:func:`~taskgraph_norm.executors.direct.direct_call`)."""
+        """The plan's one-call entry for fp32 CPU rows (:func:`~taskgraph_norm.backends.native.direct.direct_call`)."""
         return direct_call(plan)
 
     def forward(

@@ -1,6 +1,6 @@
 """Data-parallel exact weight gradients: one integer all-reduce, any world size, the same bits.
 
-Each rank's exact sums (:class:`~taskgraph_norm.executors.exact_grad.ExactSum`,
+Each rank's exact sums (:class:`~taskgraph_norm.ops.exact_grad.ExactSum`,
 int64 digits) are added across ranks by ``all_reduce(SUM)``: integer addition
 is exact and associative, so the order in which the ranks' states meet does not
 matter, and the normalised total is the state one process would have after all
@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import ExactSumError, ShardMismatchError
-from ..executors.exact_grad import ExactGrad, ExactSum, exact_grads
+from ..ops.exact_grad import ExactGrad, ExactSum, exact_grads
 from ..kernels import exact_sum as es
 
 __all__ = ["all_reduce_exact_grads", "exact_parameters", "exclude_from_ddp"]

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from .. import kernels
-from ..executors.reference import ReferenceInterpreter
+from ..kernels.reference import ReferenceInterpreter
 from ..graph import Graph, Node, Op
 from .graph import DistributedPlan
 

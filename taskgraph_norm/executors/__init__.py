@@ -1,14 +1,17 @@
 """Executors: each runs a validated graph on a checked input and returns ``y``.
 
-``reference`` is the sequential oracle.  ``concurrent`` is the async executor
-(an ``async def`` runner: the API awaits it on the event loop instead of
-calling it on a thread).  ``compiled`` runs a certified graph through its
-lowered plan (same bits, a few fused tensor ops, or native C kernels); ``triton``
-runs the same plan as one Triton kernel on CUDA (and on CPU tensors in Triton's
-interpreter, ``TRITON_INTERPRET=1``).  The pipeline's ``auto``
-picks ``concurrent`` for a general graph (one with CALL nodes), ``compiled`` for
-every certified graph it can lower, and ``reference`` otherwise (an uncertified
-graph, e.g. a float race over three or more chunks, is never compiled).
+``reference`` is the sequential oracle (:mod:`taskgraph_norm.kernels.reference`:
+the kernels node by node, where the backends' fallbacks reach it too).
+``concurrent`` is the async executor (:mod:`.concurrent`: an ``async def`` runner
+the API awaits on the event loop instead of calling it on a thread).  ``compiled``
+and ``triton`` are backends (:mod:`taskgraph_norm.backends`) named here too:
+``compiled`` runs a certified graph through its lowered plan (same bits, a few
+fused tensor ops, or native C kernels); ``triton`` runs the same plan as one Triton
+kernel on CUDA (and on CPU tensors in Triton's interpreter, ``TRITON_INTERPRET=1``).
+The pipeline's ``auto`` picks ``concurrent`` for a general graph (one with CALL
+nodes), ``compiled`` for every certified graph it can lower, and ``reference``
+otherwise (an uncertified graph, e.g. a float race over three or more chunks, is
+never compiled).
 """
 
 from __future__ import annotations
@@ -16,12 +19,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from .compiled import lower_certified, run_compiled
-from .concurrent import run_concurrent
-from .direct import direct_call
-from .lowering import Plan
-from .reference import Cancelled, ReferenceInterpreter, reference_sum_of_squares, run_reference
-from .triton import run_triton
+from ..backends.native.direct import direct_call
+from ..backends.torch_ops.compiled import run_compiled
+from ..backends.triton import run_triton
+from ..kernels.reference import Cancelled, ReferenceInterpreter, reference_sum_of_squares, run_reference
+from ..lowering import Plan, lower_certified
+from .concurrent.executor import run_concurrent
 
 __all__ = [
     "EXECUTORS",

@@ -14,8 +14,8 @@ import torch.autograd.profiler as _torch_profiler
 
 from ..errors import GraphError
 from ..graph import Graph, Node, Op
-from .plan import plan_for
-from .reference import ReferenceInterpreter
+from .concurrent.run_plan import plan_for
+from ..kernels.reference import ReferenceInterpreter
 
 __all__ = ["GraphInterpreter", "call_with", "profiling"]
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from ..constants import BACKWARD_ROW_BLOCK as ROW_BLOCK
 from . import (EXACT_CHANNELS, _preround, accumulation_dtype, combine_exact, exact_scale, finalize_weight,
                output_dtype, pairwise_halving_)
 
@@ -92,10 +93,6 @@ def input_grad(
     k = s / torch.full_like(s, xa.shape[-1])
     k = ((k / rms) / rms) / rms
     return (g / rms - xa * k).to(dtype)
-
-
-#: Rows per block of the float weight-gradient merge (a constant: never the batch's).
-ROW_BLOCK = 32
 
 
 def weight_grad_float(

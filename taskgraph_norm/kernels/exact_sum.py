@@ -21,7 +21,7 @@ tensors (any order: integer addition; this is what ``all_reduce(SUM)`` does) and
 normalising once.  :func:`round_state` gives the correctly rounded value in
 fp32, bf16 or fp16.
 
-This module is the torch form (any device).  ``executors/native_dw.c``
+This module is the torch form (any device).  ``backends/native/csrc/native_dw.c``
 (``tgn_exact_dw_f32``, and ``tgn_exact_dw_rows_f32`` forming ``x / rms`` itself)
 adds products on the CPU by another route to the same integers (exact
 Demmel-Nguyen folds of each block of rows), and ``tgn_exact_round_f32`` rounds
@@ -32,6 +32,10 @@ from __future__ import annotations
 
 import torch
 
+from ..constants import EXACT_BASE_EXPONENT as BASE_EXPONENT
+from ..constants import EXACT_DIGIT_BITS as DIGIT_BITS
+from ..constants import EXACT_DIGITS as DIGITS
+from ..constants import EXACT_TOP_LIMIT as TOP_LIMIT
 from ..errors import ExactSumError, ExactSumOverflowError
 
 __all__ = [
@@ -51,15 +55,8 @@ __all__ = [
     "round_state",
 ]
 
-DIGIT_BITS = 32
-BASE_EXPONENT = -320
-DIGITS = 19
 NAN_ROW, POS_INF_ROW, NEG_INF_ROW = DIGITS, DIGITS + 1, DIGITS + 2
 STATE_ROWS = DIGITS + 3
-#: The top digit's bound in a valid state: |value| < 2**(40 + 256), i.e. at least
-#: 2**40 products of the largest fp32 magnitude, and ``2**63 / 2**40`` ranks can
-#: add their states before an int64 digit could overflow.
-TOP_LIMIT = 1 << 40
 #: Rows added between normalisations: each adds less than ``2**33`` to a digit,
 #: far below the ``2**62`` headroom of the int64 digits.
 ROWS_PER_ADD = 1 << 24

@@ -15,7 +15,7 @@ Only the accumulation into ``weight.grad`` across backward calls is exact
 (:class:`_GradWatch`, the weight's hooks): after autograd's ``AccumulateGrad`` has
 added the float gradient, the post-accumulate hook replaces ``weight.grad`` with the
 correctly rounded value of the exact sum carried by
-:data:`taskgraph_norm.executors.exact_grad.exact_grads` plus this backward's exact
+:data:`taskgraph_norm.ops.exact_grad.exact_grads` plus this backward's exact
 states.  So ``weight.grad`` after the same rows in 1, 2, 8 or N micro-batches, in
 any order, is the same bits; ``tgn.distributed.all_reduce_exact_grads`` extends that
 across data-parallel ranks (docs/training.md).
@@ -32,9 +32,9 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import kernels
 from ..errors import ConfigError
-from ..executors.exact_grad import ExactSum, exact_grads
-from ..executors.triton import exact_dw as triton_dw
+from ..backends.triton import exact_dw as triton_dw
 from ..kernels.backward import norm_tangent
+from .exact_grad import ExactSum, exact_grads
 from . import backward as _backward
 from . import forward as _forward
 from .library import _composite_grads

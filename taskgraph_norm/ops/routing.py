@@ -1,6 +1,6 @@
 """When a call must go through the ``torch.library`` ops rather than straight to the kernel.
 
-The direct kernel (:mod:`taskgraph_norm.executors.direct`) reads data pointers and
+The direct kernel (:mod:`taskgraph_norm.backends.native.direct`) reads data pointers and
 keeps per-thread buffers: it must only ever see real tensors, and it records no
 gradient.  So a call goes through the ops when something needs them:
 

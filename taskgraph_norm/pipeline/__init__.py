@@ -7,7 +7,7 @@ configuration or of a graph someone built.
 
 from __future__ import annotations
 
-from ..executors.loops import run_coroutine_sync as run_coroutine_sync
+from ..executors.concurrent.loops import run_coroutine_sync as run_coroutine_sync
 from .cache import _by_config as _by_config
 from .cache import _by_graph as _by_graph
 from .cache import cached as cached

@@ -21,15 +21,16 @@ import anyio.to_thread
 import torch
 
 from .. import kernels, torch_state
+from ..backends.base import Backend, Forward, allowed, triton_asked
+from ..backends.native.direct import DirectCall
+from ..backends.registry import BACKENDS, choose
+from ..backends.torch_ops.rowsum import graph_backward, graph_rms
 from ..checks import check_input, check_no_partial_overlap, check_out, check_real, check_residual, resolve_eps
 from ..errors import ConfigError, ExecutionError, GraphError
-from ..backends.base import Backend, Forward, allowed, triton_asked
-from ..backends.registry import BACKENDS, choose
-from ..executors import ASYNC_EXECUTORS, EXECUTORS, PLAN_EXECUTORS, Plan, lower_certified
-from ..executors.direct import DirectCall
-from ..executors.rowsum import graph_backward, graph_rms
-from ..executors.loops import run_coroutine_sync
+from ..executors import ASYNC_EXECUTORS, EXECUTORS, PLAN_EXECUTORS
+from ..executors.concurrent.loops import run_coroutine_sync
 from ..graph import Graph, Op, validate
+from ..lowering import Plan, lower_certified
 from ..prover import Proof, prove
 
 __all__ = ["OFFLOAD_NUMEL", "Pipeline", "check_executor"]
@@ -221,7 +222,7 @@ class Pipeline:
         return checked[0], checked[1]
 
     def direct(self) -> DirectCall | None:
-        """This configuration's direct native kernel (:func:`executors.direct_call`), or
+        """This configuration's direct native kernel (:func:`backends.native.direct.direct_call`), or
         ``None`` where there is none (no native form, not built, switched off)."""
         return self._direct if self._direct_known else self._resolve_direct()
 

@@ -361,7 +361,7 @@ def _observed_graph(graph: Graph, node: str, observed: str) -> Graph:
 def _run(graph: Graph, node: str, x: torch.Tensor, eps: float, order: Sequence[int]) -> torch.Tensor:
     import torch
 
-    from ..executors.reference import run_reference
+    from ..kernels.reference import run_reference
 
     residual = torch.full_like(x, -0.0)  # h = x + (-0.0) is x, bit for bit, for a residual graph
     return run_reference(graph, x, None, eps, arrival={node: tuple(order)}, residual=residual,

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from ..api import normalize, normalize_sync
-from ..executors import native
+from ..backends.native import loader as native
 from ..testing import bits_equal
 
 __all__ = ["BenchConfig", "run_bench", "interleaved_medians", "interleaved_times", "peak_extra_memory"]

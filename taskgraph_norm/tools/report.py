@@ -35,13 +35,13 @@ import torch
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from .. import kernels
-from ..executors import schedules
+from ..executors.concurrent import schedules
 from ..api import normalize_sync
 from ..checks import check_input
 from ..errors import ConfigError
 from ..executors import run_concurrent, run_reference
 from ..pipeline import for_graph
-from ..executors.trace import Trace
+from ..executors.concurrent.trace import Trace
 from ..graph import Graph
 from ..prover import prove
 from ..testing import bits_equal
@@ -211,7 +211,7 @@ def traced_run(
     graph: Graph, *, rows: int = 64, max_workers: int = 2, schedule: str = "fifo", seed: int = 0
 ) -> Trace:
     """Run ``graph`` once on the concurrent executor over a seeded random input and
-    return its :class:`~taskgraph_norm.executors.trace.Trace` (for timelines)."""
+    return its :class:`~taskgraph_norm.executors.concurrent.trace.Trace` (for timelines)."""
     hidden = graph.meta["hidden_size"]
     x = torch.randn(rows, hidden, generator=torch.Generator().manual_seed(seed))
     policy = schedules.Fifo() if schedule == "fifo" else schedules.Random()
@@ -365,7 +365,7 @@ def format_table(rows: list[ReportRow]) -> str:
 
 def report_text(config: ReportConfig, rows: list[ReportRow]) -> str:
     """The report as printed: a header line, the table, how rows were timed and the verdict lines."""
-    from ..executors.native import describe
+    from ..backends.native.loader import describe
     lines = [
         f"taskgraph-norm report: input {'x'.join(map(str, config.shape))} {config.dtype}, "
         f"seed {config.seed}, chunk_size {config.chunk_size}, leaf {config.leaf}, "

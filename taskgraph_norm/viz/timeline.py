@@ -20,7 +20,7 @@ Each event is an object (or a mapping) with:
 The trace itself is either an iterable of events or an object with an
 ``events`` (or ``spans``) attribute; it may carry its ``graph``, which supplies
 dependencies for the critical path.  The concurrent executor's
-:class:`~taskgraph_norm.executors.trace.Trace` is such an object (its ``spans``
+:class:`~taskgraph_norm.executors.concurrent.trace.Trace` is such an object (its ``spans``
 are :class:`NodeSpan` records in nanoseconds); pass the graph alongside it.
 """
 

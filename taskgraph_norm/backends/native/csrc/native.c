@@ -1,0 +1,598 @@
+/* The compiled executor's native kernels: whole rows of sums of squares, in C.
+ * (The forward's rows; the backward is native_backward.c, the exact weight gradient
+ * native_dw.c, FINALIZE's quotient native_quotient.h, the team that shares the rows
+ * native_team.c, the call from Python native_call.c.)
+ *
+ * Two kernels, each the C form of the torch ops it replaces, bit for bit (the tests
+ * compare them with the reference interpreter):
+ *
+ *   tgn_exact_rows_*  the exact domain (docs/exact.md), below;
+ *   tgn_float_rows_*  pairwise leaves and ordered ADD merges (at the end);
+ *
+ * each optionally followed, row by row, by FINALIZE (kernels.finalize) into y.
+ *
+ * The exact kernel is kernels.rowmax_sq_whole + kernels.exact_scale +
+ * kernels.sumsq_exact over whole rows: a max pass and a sum pass per row, with the
+ * row in cache.  Every operation
+ * is the same IEEE binary64 operation the torch kernels perform, in round to
+ * nearest even:
+ *
+ *   M      = max|x|^2                       (fp64)
+ *   bound  = M * (2 D)
+ *   sigma1 = 2^ceil(log2(bound))            (1 for a zero row)
+ *   sigma2 = 2^ceil(log2(sigma1 * D 2^-52))
+ *   v      = x * x                          (fp64; exact for fp32 x)
+ *   q1     = (v + sigma1) - sigma1,  r = v - q1,  q2 = (r + sigma2) - sigma2
+ *   S1     = sum q1,  S2 = sum q2
+ *
+ * Every addition of q1 (resp. q2) values is exact (a multiple of ulp(sigma) far below
+ * 2^53 ulps), so the sums are the same in any order: the lanes below sum them in
+ * another order than torch.sum, with the same result.  The compile flags keep the
+ * expressions as written: no -ffast-math (which would fold (v + s) - s into v and
+ * set flush-to-zero) and -ffp-contract=off (an fma would round an fp64 x * x + s
+ * once instead of twice).
+ *
+ * A row with no scale (an Inf square, or an fp64 row whose bound passes 2^1023)
+ * or with a NaN (seen as a NaN sum) is not finished here: its pair is set to NaN
+ * and the row is counted, and the caller gives it the reference interpreter's bits.
+ */
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "native_quotient.h"
+#include "tgn_native.h"
+
+#ifdef __FAST_MATH__
+#error "native.c must not be compiled with -ffast-math"
+#endif
+
+static double pow2_at_least(double bound)
+{
+    /* torch.frexp / torch.ldexp, as kernels._pow2_at_least uses them. */
+    int exponent;
+    double mantissa = frexp(bound, &exponent);
+    if (mantissa == 0.5)
+        exponent -= 1;
+    return ldexp(1.0, exponent);
+}
+
+/* kernels.exact_scale for one row maximum; returns 0 when the row has no scale. */
+int tgn_exact_scale(double row_max, int64_t hidden, double *sigma1, double *sigma2)
+{
+    double bound = row_max * (2.0 * (double)hidden);
+    if (!isfinite(bound) || bound > 0x1p1023) { /* sigma1 would be 2^1024 = inf */
+        *sigma1 = 0.0;
+        *sigma2 = 0.0;
+        return 0;
+    }
+    double safe = row_max > 0.0 ? bound : 1.0;
+    double s1 = pow2_at_least(safe);
+    *sigma1 = s1;
+    *sigma2 = pow2_at_least(s1 * ((double)hidden * 0x1p-52));
+    return 1;
+}
+
+/* GCC/Clang vector extensions: 4 fp64 lanes (one AVX register, or two SSE2 or NEON
+ * ones), two of them per step; with AVX the loads, widening and maxima are the
+ * one-instruction intrinsics.  memcpy loads are unaligned-safe. */
+typedef double v4d __attribute__((vector_size(32)));
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+typedef int64_t v4l __attribute__((vector_size(32)));
+typedef float v4f __attribute__((vector_size(16)));
+
+#define INLINE static inline __attribute__((always_inline))
+
+#if defined(__AVX__)
+#include <immintrin.h>
+INLINE v4d load4_f32(const float *p) { return (v4d)_mm256_cvtps_pd(_mm_loadu_ps(p)); }
+INLINE v8f max8_f32(v8f a, v8f b) { return (v8f)_mm256_max_ps((__m256)a, (__m256)b); }
+INLINE v4d max4_f64(v4d a, v4d b) { return (v4d)_mm256_max_pd((__m256d)a, (__m256d)b); }
+#else
+INLINE v4d load4_f32(const float *p)
+{
+    v4f f;
+    memcpy(&f, p, sizeof f);
+    return __builtin_convertvector(f, v4d);
+}
+/* a > b ? a : b per lane (a NaN a gives b): what maxps does. */
+INLINE v8f max8_f32(v8f a, v8f b)
+{
+    v8i gt = a > b;
+    return (v8f)(((v8i)a & gt) | ((v8i)b & ~gt));
+}
+INLINE v4d max4_f64(v4d a, v4d b)
+{
+    v4l gt = a > b;
+    return (v4d)(((v4l)a & gt) | ((v4l)b & ~gt));
+}
+#endif
+
+INLINE v4d load4_f64(const double *p)
+{
+    v4d d;
+    memcpy(&d, p, sizeof d);
+    return d;
+}
+
+/* max|x| of a row over its non-NaN elements, squared in fp64 (|x| widens exactly).
+ * A NaN is not seen here: it makes the row's sums NaN, which the caller checks. */
+static double row_max_float(const float *row, int64_t hidden)
+{
+    const v8i absmask = {INT32_MAX, INT32_MAX, INT32_MAX, INT32_MAX,
+                         INT32_MAX, INT32_MAX, INT32_MAX, INT32_MAX};
+    v8f top0 = {0}, top1 = {0};
+    int64_t j = 0;
+    for (; j + 16 <= hidden; j += 16) {
+        v8f a, b;
+        memcpy(&a, row + j, sizeof a);
+        memcpy(&b, row + j + 8, sizeof b);
+        top0 = max8_f32((v8f)((v8i)a & absmask), top0);
+        top1 = max8_f32((v8f)((v8i)b & absmask), top1);
+    }
+    float m = 0.0f;
+    for (int l = 0; l < 8; ++l) {
+        m = top0[l] > m ? top0[l] : m;
+        m = top1[l] > m ? top1[l] : m;
+    }
+    for (; j < hidden; ++j) {
+        float a = fabsf(row[j]);
+        m = a > m ? a : m;
+    }
+    return (double)m * (double)m;
+}
+
+static double row_max_double(const double *row, int64_t hidden)
+{
+    const v4l absmask = {INT64_MAX, INT64_MAX, INT64_MAX, INT64_MAX};
+    v4d top0 = {0}, top1 = {0};
+    int64_t j = 0;
+    for (; j + 8 <= hidden; j += 8) {
+        top0 = max4_f64((v4d)((v4l)load4_f64(row + j) & absmask), top0);
+        top1 = max4_f64((v4d)((v4l)load4_f64(row + j + 4) & absmask), top1);
+    }
+    double m = 0.0;
+    for (int l = 0; l < 4; ++l) {
+        m = top0[l] > m ? top0[l] : m;
+        m = top1[l] > m ? top1[l] : m;
+    }
+    for (; j < hidden; ++j) {
+        double a = fabs(row[j]);
+        m = a > m ? a : m;
+    }
+    return m * m;
+}
+
+/* --- FINALIZE, fused: kernels.finalize for one row, while the row is in cache -----
+ *
+ *   mean = total / D + eps      (in the accumulation dtype; torch rounds a Python
+ *                                eps to it before adding, as (float)eps does here)
+ *   rms  = sqrt(mean)           (taken in fp64 and rounded, as kernels does)
+ *   y    = x / rms; y *= w      (two roundings: the quotient is IEEE division's,
+ *                                formed with fmas from one reciprocal per row,
+ *                                native_quotient.h, then one multiply)
+ *
+ * with the weight w + offset (one fp32 addition, kernels.finalize_weight; none when
+ * offset is 0) and, for casting_mode="llama" on a bf16 row (flags), the quotient
+ * rounded to bf16 before the weight (TGN_ROUND_QUOTIENT) and, with a bf16 weight,
+ * the product rounded to bf16 too (TGN_ROUND_PRODUCT): the product of two bf16
+ * values is exact in fp32, so rounding it once is torch's bf16 multiply.  The
+ * rounding is torch's float -> bf16 (round to nearest even); a NaN it meets is not
+ * rounded here: the row is reported (return 1) and the caller gives it the
+ * reference's bits, since torch's vector and scalar casts of a NaN differ.
+ *
+ * y may be x itself (a bf16/fp16 row widened into fp32 scratch): each element is
+ * read before it is written.  The caller casts a narrow result back with torch.
+ */
+/* (TGN_ROUND_QUOTIENT, TGN_ROUND_PRODUCT and TGN_TOTAL_AS_RMS: tgn_constants.h.  With
+ * TGN_TOTAL_AS_RMS, float rows leave in total[i] the row's rms (finalize_row_float's
+ * sqrt(total / D + eps)) instead of its total: what the backward keeps.) */
+
+#define NORMALIZE_ROW(row, y, w, hidden, rms)                                          \
+    do {                                                                               \
+        if (w)                                                                         \
+            for (int64_t j = 0; j < (hidden); ++j)                                     \
+                (y)[j] = ((row)[j] / (rms)) * (w)[j];                                  \
+        else                                                                           \
+            for (int64_t j = 0; j < (hidden); ++j)                                     \
+                (y)[j] = (row)[j] / (rms);                                             \
+    } while (0)
+
+/* The weight plus a nonzero offset: y = (x / rms) * (w + offset). */
+#define NORMALIZE_ROW_OFFSET(row, y, w, hidden, rms, off)                              \
+    do {                                                                               \
+        for (int64_t j = 0; j < (hidden); ++j)                                         \
+            (y)[j] = ((row)[j] / (rms)) * ((w)[j] + (off));                            \
+    } while (0)
+
+INLINE float round_bf16(float f)
+{
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    u = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* casting_mode="llama" on a bf16 row (y is fp32 scratch holding bf16 values, or an
+ * fp32 output for an fp32 weight); returns 1 if a NaN was met. */
+static int llama_row_bf16(const float *row, float *y, const float *w, int64_t hidden, float rms,
+                          int64_t flags, float off)
+{
+    int nan = 0;
+    for (int64_t j = 0; j < hidden; ++j) {
+        float q = row[j] / rms;
+        nan |= q != q;
+        q = round_bf16(q);
+        if (w) {
+            q = q * (off != 0.0f ? w[j] + off : w[j]);
+            if (flags & TGN_ROUND_PRODUCT) {
+                nan |= q != q;
+                q = round_bf16(q);
+            }
+        }
+        y[j] = q;
+    }
+    return nan;
+}
+
+static int finalize_row_float(const float *row, float *y, const float *w, int64_t hidden,
+                              float total, double eps, int64_t flags, double offset)
+{
+    float mean = total / (float)(double)hidden + (float)eps;
+    float rms = (float)sqrt((double)mean);
+    float off = (float)offset;
+    if (flags & TGN_ROUND_QUOTIENT)
+        return llama_row_bf16(row, y, w, hidden, rms, flags, off);
+    tgn_quotient_row_f32(row, y, w, w ? off : 0.0f, hidden, rms); /* native_quotient.h */
+    return 0;
+}
+
+/* The fp64 form is IEEE throughout, but torch's CPU fp64 sqrt is not correctly
+ * rounded (docs/design.md), so loader.py never asks for it: fp64 rows keep torch's
+ * FINALIZE.  It is here because the kernels are written once for both dtypes. */
+static int finalize_row_double(const double *row, double *y, const double *w, int64_t hidden,
+                               double total, double eps, int64_t flags, double offset)
+{
+    (void)flags;
+    double mean = total / (double)hidden + eps;
+    double rms = sqrt(mean);
+    if (w && offset != 0.0)
+        NORMALIZE_ROW_OFFSET(row, y, w, hidden, rms, offset);
+    else
+        NORMALIZE_ROW(row, y, w, hidden, rms);
+    return 0;
+}
+
+/* --- the fused residual add: h = x + r (kernels.residual_add), one IEEE addition
+ * per element; h may be x or r itself (each element is read before it is written).
+ * The kernels then read the row from h, still in cache. */
+#define ADD_RESIDUAL(T)                                                                \
+    static const T *add_residual_##T(const T *row, const T *rrow, T *hrow, int64_t hidden) \
+    {                                                                                  \
+        for (int64_t j = 0; j < hidden; ++j)                                           \
+            hrow[j] = row[j] + rrow[j];                                                \
+        return hrow;                                                                   \
+    }
+ADD_RESIDUAL(float)
+ADD_RESIDUAL(double)
+
+#define RESIDUAL_ARGS(T) const T *r, int64_t r_stride, T *h, int64_t h_stride
+#define FINALIZE_ARGS(T) T *y, int64_t y_stride, const T *w, double eps, int64_t flags, double offset
+
+#define EXACT_ROWS(NAME, T, LOAD)                                                      \
+    int64_t NAME(const T *x, int64_t rows, int64_t hidden, int64_t row_stride,       \
+                 double *pair, FINALIZE_ARGS(T), RESIDUAL_ARGS(T))                          \
+    {                                                                                 \
+        int64_t unscaled = 0;                                                         \
+        for (int64_t i = 0; i < rows; ++i) {                                          \
+            const T *row = x + i * row_stride;                                        \
+            if (r)                                                                    \
+                row = add_residual_##T(row, r + i * r_stride, h + i * h_stride, hidden); \
+            double s1, s2;                                                            \
+            if (!tgn_exact_scale(row_max_##T(row, hidden), hidden, &s1, &s2)) {       \
+                if (pair) {                                                           \
+                    pair[2 * i] = NAN;                                                \
+                    pair[2 * i + 1] = NAN;                                            \
+                }                                                                     \
+                ++unscaled;                                                           \
+                continue;                                                             \
+            }                                                                         \
+            const v4d s1v = {s1, s1, s1, s1}, s2v = {s2, s2, s2, s2};                 \
+            v4d a1 = {0}, a2 = {0}, b1 = {0}, b2 = {0};                               \
+            int64_t j = 0;                                                            \
+            for (; j + 8 <= hidden; j += 8) {                                         \
+                v4d xa = LOAD(row + j), xb = LOAD(row + j + 4);                       \
+                v4d va = xa * xa, vb = xb * xb;                                       \
+                v4d qa = (va + s1v) - s1v, qb = (vb + s1v) - s1v;                     \
+                v4d ra = va - qa, rb = vb - qb;                                       \
+                a1 += qa;                                                             \
+                b1 += qb;                                                             \
+                a2 += (ra + s2v) - s2v;                                               \
+                b2 += (rb + s2v) - s2v;                                               \
+            }                                                                         \
+            v4d acc1 = a1 + b1, acc2 = a2 + b2;                                       \
+            double t1 = 0.0, t2 = 0.0;                                                \
+            for (int l = 0; l < 4; ++l) {                                             \
+                t1 += acc1[l];                                                        \
+                t2 += acc2[l];                                                        \
+            }                                                                         \
+            for (; j < hidden; ++j) {                                                 \
+                double xv = (double)row[j];                                           \
+                double v = xv * xv;                                                   \
+                double q1 = (v + s1) - s1;                                            \
+                double r = v - q1;                                                    \
+                t1 += q1;                                                             \
+                t2 += (r + s2) - s2;                                                  \
+            }                                                                         \
+            if (y && t1 == t1 && t2 == t2                                             \
+                && finalize_row_##T(row, y + i * y_stride, w, hidden, (T)(t1 + t2), eps, \
+                                    flags, offset))                                   \
+                t1 = NAN; /* a NaN the llama rounding left to the caller */           \
+            if (t1 != t1 || t2 != t2) { /* a NaN in the row */                        \
+                t1 = t2 = NAN;                                                        \
+                ++unscaled;                                                           \
+            }                                                                         \
+            if (pair) {                                                               \
+                pair[2 * i] = t1;                                                     \
+                pair[2 * i + 1] = t2;                                                 \
+            }                                                                         \
+        }                                                                             \
+        return unscaled;                                                              \
+    }
+
+EXACT_ROWS(tgn_exact_rows_f32, float, load4_f32)
+EXACT_ROWS(tgn_exact_rows_f64, double, load4_f64)
+
+/* --- the float domain: pairwise leaves and ordered ADD merges -------------------
+ *
+ * kernels.sumsq_pairwise per chunk (the halving order of kernels.pairwise_halving_:
+ * while L > 1, h = ceil(L/2), s[i] += s[i + h] for i < L - h) and then the plan's ADD
+ * triples (dst, a, b) in level order: slots[dst] = slots[a] + slots[b].  These
+ * additions are not exact, so the order is the plan's, operation for operation;
+ * each one is the same IEEE operation in the accumulation dtype as the torch ops'.
+ * The scratch (chunk + slots values) is on the stack, or malloc'd when large (-1 is
+ * returned if that fails).  The count of rows whose total is NaN is returned: C
+ * does not keep an operand order for NaNs (which of two NaNs a sum returns), so
+ * the caller gives those rows the reference interpreter's bits.
+ */
+/* One chunk of a power-of-two length C, with C a compile-time constant: the same
+ * halving order (h = C/2, C/4, ..., 1; s[k] += s[k + h] for k < h), which the
+ * compiler unrolls and vectorises; the general loop below serves other lengths. */
+#define CHUNK_POW2(T, C)                                                               \
+    INLINE T chunk_##T##_##C(const T *restrict src)                                    \
+    {                                                                                  \
+        T buf[(C) / 2];                                                                \
+        for (int k = 0; k < (C) / 2; ++k)                                              \
+            buf[k] = src[k] * src[k] + src[k + (C) / 2] * src[k + (C) / 2];            \
+        for (int h = (C) / 4; h >= 1; h /= 2)                                          \
+            for (int k = 0; k < h; ++k)                                                \
+                buf[k] += buf[k + h];                                                  \
+        return buf[0];                                                                 \
+    }
+#define CHUNK_POW2_ALL(T) CHUNK_POW2(T, 2) CHUNK_POW2(T, 4) CHUNK_POW2(T, 8) CHUNK_POW2(T, 16) \
+    CHUNK_POW2(T, 32) CHUNK_POW2(T, 64) CHUNK_POW2(T, 128) CHUNK_POW2(T, 256)
+CHUNK_POW2_ALL(float)
+CHUNK_POW2_ALL(double)
+
+/* The chunk sums of one row's full power-of-two chunks into slots; returns 0 when
+ * the chunk length has no specialised form. */
+#define FULL_CHUNKS_POW2(T)                                                            \
+    static int full_chunks_##T(const T *row, int64_t chunk, int64_t n_full, T *slots) \
+    {                                                                                  \
+        switch (chunk) {                                                               \
+        case 2: for (int64_t c = 0; c < n_full; ++c) slots[c] = chunk_##T##_2(row + c * 2); return 1; \
+        case 4: for (int64_t c = 0; c < n_full; ++c) slots[c] = chunk_##T##_4(row + c * 4); return 1; \
+        case 8: for (int64_t c = 0; c < n_full; ++c) slots[c] = chunk_##T##_8(row + c * 8); return 1; \
+        case 16: for (int64_t c = 0; c < n_full; ++c) slots[c] = chunk_##T##_16(row + c * 16); return 1; \
+        case 32: for (int64_t c = 0; c < n_full; ++c) slots[c] = chunk_##T##_32(row + c * 32); return 1; \
+        case 64: for (int64_t c = 0; c < n_full; ++c) slots[c] = chunk_##T##_64(row + c * 64); return 1; \
+        case 128: for (int64_t c = 0; c < n_full; ++c) slots[c] = chunk_##T##_128(row + c * 128); return 1; \
+        case 256: for (int64_t c = 0; c < n_full; ++c) slots[c] = chunk_##T##_256(row + c * 256); return 1; \
+        default: return 0;                                                             \
+        }                                                                              \
+    }
+FULL_CHUNKS_POW2(double)
+
+#if defined(__AVX__)
+/* fp32 with AVX: eight full chunks of a power-of-two length C >= 16 at a time, the
+ * same additions in the same order (so the same bits; tests/test_native.py compares
+ * this host build with the portable one, which keeps the loop above).  Each chunk's
+ * vertical steps (the squares' pairs, then h = C/4 ... 8) leave an 8-lane vector v
+ * with v[k] = buf[k]; the last steps h = 4, 2, 1 (buf[k] += buf[k + h]) of the eight
+ * vectors then run as a transposing network, each lane one of those additions with
+ * its operands in the scalar order (a + b, a the lower index):
+ *   t = v_c[k] + v_c[k + 4]   two chunks per vector (lanes 0-3 and 4-7)
+ *   u = t[k] + t[k + 2]       four chunks per vector
+ *   w = u[k] + u[k + 1]       eight chunks: lanes [c0 c2 c4 c6 | c1 c3 c5 c7]
+ * docs/performance.md, "The sums, eight chunks at a time", gives its speed. */
+#define VERT8(NAME, C, FIRST)                                                          \
+    INLINE __m256 NAME##_##C(const float *s)                                           \
+    {                                                                                  \
+        __m256 p[(C) / 16];                                                            \
+        for (int i = 0; i < (C) / 16; ++i) {                                           \
+            __m256 a = _mm256_loadu_ps(s + 8 * i), b = _mm256_loadu_ps(s + (C) / 2 + 8 * i); \
+            p[i] = FIRST(a, b);                                                        \
+        }                                                                              \
+        for (int h = (C) / 32; h >= 1; h /= 2)                                         \
+            for (int i = 0; i < h; ++i)                                                \
+                p[i] = _mm256_add_ps(p[i], p[i + h]);                                  \
+        return p[0];                                                                   \
+    }
+/* the first halving step: squares of a pair (the forward), or a pair (the backward's p) */
+#define SQUARES(a, b) _mm256_add_ps(_mm256_mul_ps(a, a), _mm256_mul_ps(b, b))
+#define PAIRS(a, b) _mm256_add_ps(a, b)
+VERT8(vert8, 16, SQUARES) VERT8(vert8, 32, SQUARES) VERT8(vert8, 64, SQUARES) VERT8(vert8, 128, SQUARES)
+VERT8(vert8, 256, SQUARES)
+VERT8(vert8_sum, 16, PAIRS) VERT8(vert8_sum, 32, PAIRS) VERT8(vert8_sum, 64, PAIRS) VERT8(vert8_sum, 128, PAIRS)
+VERT8(vert8_sum, 256, PAIRS)
+
+INLINE __m256 pair_halves(__m256 a, __m256 b) /* h = 4 for two chunks */
+{
+    return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+}
+
+INLINE void network8(const __m256 *v, float *slots)
+{
+    __m256 t01 = pair_halves(v[0], v[1]), t23 = pair_halves(v[2], v[3]);
+    __m256 t45 = pair_halves(v[4], v[5]), t67 = pair_halves(v[6], v[7]);
+    __m256 u0 = _mm256_add_ps(_mm256_shuffle_ps(t01, t23, _MM_SHUFFLE(1, 0, 1, 0)),
+                              _mm256_shuffle_ps(t01, t23, _MM_SHUFFLE(3, 2, 3, 2)));
+    __m256 u1 = _mm256_add_ps(_mm256_shuffle_ps(t45, t67, _MM_SHUFFLE(1, 0, 1, 0)),
+                              _mm256_shuffle_ps(t45, t67, _MM_SHUFFLE(3, 2, 3, 2)));
+    __m256 w = _mm256_add_ps(_mm256_shuffle_ps(u0, u1, _MM_SHUFFLE(2, 0, 2, 0)),
+                             _mm256_shuffle_ps(u0, u1, _MM_SHUFFLE(3, 1, 3, 1)));
+#if defined(__AVX2__)
+    _mm256_storeu_ps(slots, _mm256_permutevar8x32_ps(w, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+#else
+    float o[8];
+    _mm256_storeu_ps(o, w);
+    for (int k = 0; k < 4; ++k) {
+        slots[2 * k] = o[k];
+        slots[2 * k + 1] = o[k + 4];
+    }
+#endif
+}
+
+/* Groups of eight full chunks of `row` through the network; leaves c at the first
+ * chunk not summed. */
+#define EIGHT_GROUPS(VERT, C)                                                          \
+    for (c = 0; c + 8 <= n_full; c += 8) {                                             \
+        __m256 v[8];                                                                   \
+        for (int i = 0; i < 8; ++i)                                                    \
+            v[i] = VERT##_##C(row + (c + i) * (C));                                    \
+        network8(v, slots + c);                                                        \
+    }
+
+#define EIGHT_CHUNKS(C)                                                                \
+    EIGHT_GROUPS(vert8, C)                                                             \
+    for (; c < n_full; ++c)                                                            \
+        slots[c] = chunk_float_##C(row + c * (C));                                     \
+    return 1;
+
+static int full_chunks_float(const float *row, int64_t chunk, int64_t n_full, float *slots)
+{
+    int64_t c;
+    switch (chunk) {
+    case 16: EIGHT_CHUNKS(16)
+    case 32: EIGHT_CHUNKS(32)
+    case 64: EIGHT_CHUNKS(64)
+    case 128: EIGHT_CHUNKS(128)
+    case 256: EIGHT_CHUNKS(256)
+    case 2: for (c = 0; c < n_full; ++c) slots[c] = chunk_float_2(row + c * 2); return 1;
+    case 4: for (c = 0; c < n_full; ++c) slots[c] = chunk_float_4(row + c * 4); return 1;
+    case 8: for (c = 0; c < n_full; ++c) slots[c] = chunk_float_8(row + c * 8); return 1;
+    default: return 0;
+    }
+}
+
+/* The backward's dot products (native_backward.c): the same halving of each full
+ * chunk of row (here p = g * x, values already formed), eight chunks at a time; the first
+ * step adds pairs where the forward adds squares of pairs.  Returns how many leading
+ * full chunks it summed into slots (a multiple of 8: the caller halves the rest). */
+#define EIGHT_SUMS(C)                                                                  \
+    EIGHT_GROUPS(vert8_sum, C)                                                         \
+    return c;
+
+int64_t tgn_chunk_sums_f32(const float *row, int64_t chunk, int64_t n_full, float *slots)
+{
+    int64_t c;
+    switch (chunk) {
+    case 16: EIGHT_SUMS(16)
+    case 32: EIGHT_SUMS(32)
+    case 64: EIGHT_SUMS(64)
+    case 128: EIGHT_SUMS(128)
+    case 256: EIGHT_SUMS(256)
+    default: return 0;
+    }
+}
+#else
+FULL_CHUNKS_POW2(float)
+
+int64_t tgn_chunk_sums_f32(const float *row, int64_t chunk, int64_t n_full, float *slots)
+{
+    (void)row, (void)chunk, (void)n_full, (void)slots;
+    return 0; /* the caller halves every chunk */
+}
+#endif
+
+/* Each row's total is written to total[i] (its rms with TGN_TOTAL_AS_RMS); total may be
+ * NULL when nobody reads them (the direct path without autograd).  So may the exact
+ * kernel's pair. */
+#define FLOAT_ROWS(NAME, T)                                                            \
+    int64_t NAME(const T *x, int64_t rows, int64_t hidden, int64_t row_stride,           \
+              int64_t chunk, const int64_t *adds, int64_t n_adds, int64_t root,       \
+              T *total, FINALIZE_ARGS(T), RESIDUAL_ARGS(T))                                 \
+    {                                                                                 \
+        int64_t n_chunks = (hidden + chunk - 1) / chunk, nan_rows = 0;                \
+        int64_t need = chunk + n_chunks + n_adds;                                     \
+        T small[2048];                                                                \
+        T *work = need <= 2048 ? small : (T *)malloc((size_t)need * sizeof(T));       \
+        if (!work)                                                                    \
+            return -1;                                                                \
+        T *buf = work, *slots = work + chunk;                                         \
+        for (int64_t i = 0; i < rows; ++i) {                                          \
+            const T *row = x + i * row_stride;                                        \
+            if (r)                                                                    \
+                row = add_residual_##T(row, r + i * r_stride, h + i * h_stride, hidden); \
+            int64_t c0 = full_chunks_##T(row, chunk, hidden / chunk, slots) ? hidden / chunk : 0; \
+            for (int64_t c = c0; c < n_chunks; ++c) {                                 \
+                const T *src = row + c * chunk;                                       \
+                int64_t length = hidden - c * chunk < chunk ? hidden - c * chunk : chunk; \
+                if (length == 1) {                                                    \
+                    slots[c] = src[0] * src[0];                                       \
+                    continue;                                                         \
+                }                                                                     \
+                /* the first halving step straight from the squares */               \
+                int64_t half = (length + 1) / 2;                                      \
+                for (int64_t k = 0; k < length - half; ++k)                           \
+                    buf[k] = src[k] * src[k] + src[k + half] * src[k + half];         \
+                if (length & 1)                                                       \
+                    buf[half - 1] = src[half - 1] * src[half - 1];                    \
+                for (length = half; length > 1; length = half) {                      \
+                    half = (length + 1) / 2;                                          \
+                    T *restrict lo = buf;                                             \
+                    const T *restrict hi = buf + half;                                \
+                    for (int64_t k = 0; k < length - half; ++k)                       \
+                        lo[k] += hi[k];                                               \
+                }                                                                     \
+                slots[c] = buf[0];                                                    \
+            }                                                                         \
+            for (int64_t t = 0; t < n_adds; ++t)                                      \
+                slots[adds[3 * t]] = slots[adds[3 * t + 1]] + slots[adds[3 * t + 2]]; \
+            T tot = slots[root];                                                      \
+            if (y && finalize_row_##T(row, y + i * y_stride, w, hidden, tot, eps,     \
+                                      flags, offset))                                 \
+                tot = NAN; /* a NaN the llama rounding left to the caller */          \
+            else if (flags & TGN_TOTAL_AS_RMS)                                        \
+                tot = (T)sqrt((double)(tot / (T)(double)hidden + (T)eps));            \
+            if (total)                                                                \
+                total[i] = tot;                                                       \
+            nan_rows += tot != tot;                                                   \
+        }                                                                             \
+        if (work != small)                                                            \
+            free(work);                                                               \
+        return nan_rows;                                                              \
+    }
+
+FLOAT_ROWS(tgn_float_rows_f32, float)
+FLOAT_ROWS(tgn_float_rows_f64, double)
+
+/* A version number the loader checks, so a library left from an older install is
+ * never used. */
+int tgn_native_abi(void) { return TGN_NATIVE_ABI; }
+
+/* The values this library was built with, which the loader checks too. */
+#define TGN_CONSTANT_ENTRY(name) {#name, TGN_##name},
+const tgn_constant_t tgn_constants[] = {TGN_CONSTANTS(TGN_CONSTANT_ENTRY){0, 0}};
+#undef TGN_CONSTANT_ENTRY
+
+#ifdef TGN_BUILD_CPU
+/* The host variant (setup.py builds it with -march=native): the features of the CPU
+ * that built it, read from the file by loader.py (cpu_features.parse_marker) before
+ * it is loaded, so it is loaded only on a CPU that has all of them. */
+const char tgn_build_cpu[] = "tgn-build-cpu:" TGN_BUILD_CPU;
+#endif

@@ -1,0 +1,476 @@
+/* The exact weight gradient's C (ops/exact_grad.py through backends/native/grads.py):
+ * the accumulator state kernels/exact_sum.py defines, added to from dy and x_hat (or x
+ * and the rows' rms), and the state rounded to fp32.  tests/test_exact_grad.py and
+ * tests/test_exact_dw_fused.py compare it with the torch form.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "tgn_native.h"
+
+#ifdef __FAST_MATH__
+#error "the native kernels must not be compiled with -ffast-math"
+#endif
+
+#define INLINE static inline __attribute__((always_inline))
+
+/* --- the exact weight gradient: state += sum over rows of dy * x_hat, exactly ------
+ *
+ * The C route to kernels/exact_sum.py's state (docs/training.md): per column j, an
+ * integer number of units 2^-320 in balanced radix-2^32 digits, state[k * n + j],
+ * with counts of NaN, +inf and -inf products in rows 19..21.  The torch form adds
+ * each product's units digit by digit; this kernel gets the same integers faster:
+ *
+ *   for each block of up to DW_BLOCK rows and each tile of DW_TILE columns:
+ *     p = (double)dy * (double)xh            exact (fp32 x fp32 has 48 bits, and its
+ *                                            exponent lies in [-298, 256]); xh is
+ *                                            given, or x / rms[i] in fp32 (the bits
+ *                                            of torch.div(x, rms))
+ *     M = max |p| per column                 (a NaN or inf product is counted, then 0)
+ *     repeat while some remainder is nonzero (a fold):
+ *       s = ceil(log2 M) + DW_L,  sigma = 2^s   (s >= DW_SMIN)
+ *       q = (p + sigma) - sigma;  p -= q;  S += q;  M = max |p|
+ *       add S (an integer number of 2^(s-53) units) into the digits
+ *
+ * Why every step is exact (Demmel-Nguyen pre-rounding): |p| <= 2^(s-1), so
+ * sigma + p lies in [2^(s-1), 2^s + 2^(s-1)] and q = fl(sigma + p) - sigma is
+ * exact (Sterbenz), a multiple of u = 2^(s-53) (p rounded to the grid of u, or of
+ * 2u where sigma + p >= 2^s) with |q| <= 2^ceil(log2 M); the remainder p - q
+ * (|.| <= u) is exact too.  A block has at most 2^(DW_L-1) rows, so every
+ * partial sum S is a multiple of u with |S| <= 2^(s-1) < 2^53 u: every addition
+ * is exact, S = sum q exactly, and S / u is an integer below 2^53.  Each fold
+ * lowers the largest remainder by a factor of at least 2^(53 - DW_L) (46 bits
+ * here); the fold at s = DW_SMIN rounds to a grid of 2^-298 or finer, the
+ * quantum of every product, so it leaves nothing.  Different blocks (and the torch
+ * form) split the same products differently, but the digits hold the same integer
+ * and normalize() gives it one balanced form: the state is the same.
+ *
+ * The first two folds are one pass (dw_two_folds): the second fold's M is not
+ * measured but bounded, M2 = 2^(s1-53) >= every remainder of the first (|p - q|
+ * <= u1), so s2 = s1 - (53 - DW_L) (at least DW_SMIN): the general fold's own
+ * argument with a larger M, hence exact.  It leaves the remainders unwritten and
+ * only measures them; random data leaves none (a product needs a third fold only
+ * when it is 2^45 times smaller than its column's block maximum), and a block that
+ * does recomputes them and goes on with the general folds (dw_more_folds).
+ *
+ * Every column's operations are the same IEEE operations in the same order in any
+ * vectorisation (the loops run across columns; the max is order-free), so the
+ * portable and host builds give the same state.  The flags keep (p + sigma) - sigma
+ * as written (no -ffast-math).  Returns the number of columns whose top digit
+ * passes 2^40 (the caller raises).
+ */
+/* Short names of the values taskgraph_norm/constants.py defines (tgn_constants.h). */
+#define DW_DIGITS TGN_EXACT_DIGITS
+#define DW_BASE TGN_EXACT_BASE_EXPONENT
+#define DW_BLOCK TGN_EXACT_DW_ROW_BLOCK
+#define DW_L TGN_EXACT_DW_FOLD_L /* ceil(log2(DW_BLOCK)) + 1 */
+#define DW_SMIN TGN_EXACT_DW_MIN_SCALE /* 2^(DW_SMIN - 52) = 2^-298: the coarsest grid of that fold */
+#define DW_TILE TGN_EXACT_DW_TILE
+/* Tiles whose products one pass along the rows forms: 4 KiB of each input row at a
+ * time (sequential reads) into a 512 KiB buffer that stays in L2. */
+#define DW_PANEL 32
+#define DW_TOP_LIMIT TGN_EXACT_TOP_LIMIT
+#define DW_MAX_FOLDS TGN_EXACT_DW_MAX_FOLDS /* (263 + 298) / 46 + 1 = 13 folds cover every product */
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__AVX512F__)
+/* A host build on an AVX-512 CPU: gcc's -march=native keeps 256-bit vectors by
+ * default; the dW loops run faster at 512 (the bits do not depend on it, above). */
+#pragma GCC push_options
+#pragma GCC target("prefer-vector-width=512")
+#define DW_WIDE 1
+#endif
+
+/* 2^e for e in fp64's normal range, from its bits (exact; no libm call in the loop). */
+static inline double dw_pow2(int e)
+{
+    uint64_t bits = (uint64_t)(e + 1023) << 52;
+    double d;
+    memcpy(&d, &bits, sizeof d);
+    return d;
+}
+
+/* s = ceil(log2 m) + DW_L (at least DW_SMIN) for a normal m > 0, from its bits. */
+static inline int dw_scale(double m)
+{
+    uint64_t bits;
+    memcpy(&bits, &m, sizeof bits);
+    int e = (int)((bits >> 52) & 0x7ff) - 1023; /* m = 1.f 2^e */
+    int s = e + ((bits & 0xfffffffffffffu) != 0) + DW_L;
+    return s < DW_SMIN ? DW_SMIN : s;
+}
+
+/* The second fold's scale in dw_two_folds: dw_scale(2^(s1-53)). */
+static inline int dw_second(int s1)
+{
+    int s = s1 - (53 - DW_L);
+    return s < DW_SMIN ? DW_SMIN : s;
+}
+
+/* digits += S * 2^(s - 53), S an integer number of units 2^(s-53), |S| < 2^53. */
+static void dw_add_units(int64_t *digits, int64_t stride, double sum, int s)
+{
+    int64_t m = (int64_t)(sum * dw_pow2(53 - s)); /* exact: a power of two */
+    int shift = s - 53 - DW_BASE; /* >= 21 */
+    int k = shift >> 5, o = shift & 31;
+    int64_t lo = (int64_t)(((uint64_t)m & 0xffffffffu) << o);
+    int64_t hi = (m >> 32) * ((int64_t)1 << o); /* arithmetic shift: floor */
+    digits[k * stride] += lo & 0xffffffff;
+    digits[(k + 1) * stride] += (lo >> 32) + (hi & 0xffffffff);
+    digits[(k + 2) * stride] += hi >> 32;
+}
+
+/* One row's products over `cols` columns of a tile: row[j] = p = a[j] * xh[j] in
+ * fp64, mx[j] = max |p| (a NaN p leaves it as it is; an infinite one makes it inf).
+ * xh = c, or c / r in fp32 when divide.  Inlined with constant cols and divide: one
+ * loop per case. */
+INLINE void dw_row(const float *a, const float *c, float r, int divide, int cols, double *restrict row,
+                   double *restrict mx)
+{
+    for (int j = 0; j < cols; ++j) {
+        const float h = divide ? c[j] / r : c[j];
+        double p = (double)a[j] * (double)h;
+        double ap = fabs(p);
+        row[j] = p;
+        mx[j] = ap > mx[j] ? ap : mx[j];
+    }
+}
+
+/* The products of a panel (`rows` rows of `cols` <= DW_PANEL * DW_TILE columns) in
+ * one pass along the rows: tile t's rows at buf + t * DW_BLOCK * DW_TILE (a narrow
+ * last tile padded with zeros), its columns' max |p| (dw_row) at mx + t * DW_TILE.
+ * rms: NULL (b is x_hat) or the block's rms (b is x). */
+static void dw_products(const float *dy, int64_t dy_stride, const float *b, int64_t b_stride, const float *rms,
+                        int64_t rows, int64_t cols, double *restrict buf, double *restrict mx)
+{
+    const int64_t full = cols / DW_TILE, tail = cols - full * DW_TILE;
+    const int64_t width = (full + (tail > 0)) * DW_TILE;
+    for (int64_t j = 0; j < width; ++j)
+        mx[j] = 0.0;
+    if (tail)
+        for (int64_t i = 0; i < rows; ++i)
+            for (int64_t j = tail; j < DW_TILE; ++j)
+                buf[(full * DW_BLOCK + i) * DW_TILE + j] = 0.0;
+    for (int64_t i = 0; i < rows; ++i) {
+        const float *a = dy + i * dy_stride, *c = b + i * b_stride;
+        const float r = rms ? rms[i] : 1.0f;
+        for (int64_t t = 0; t < full; ++t) {
+            double *restrict row = buf + (t * DW_BLOCK + i) * DW_TILE;
+            if (rms)
+                dw_row(a + t * DW_TILE, c + t * DW_TILE, r, 1, DW_TILE, row, mx + t * DW_TILE);
+            else
+                dw_row(a + t * DW_TILE, c + t * DW_TILE, r, 0, DW_TILE, row, mx + t * DW_TILE);
+        }
+        if (tail) {
+            const int64_t o = full * DW_TILE;
+            double *restrict row = buf + (full * DW_BLOCK + i) * DW_TILE;
+            if (rms)
+                dw_row(a + o, c + o, r, 1, (int)tail, row, mx + o);
+            else
+                dw_row(a + o, c + o, r, 0, (int)tail, row, mx + o);
+        }
+    }
+}
+
+/* A block with NaN or infinite products: count them per column, zero them in buf,
+ * and take mx over the finite ones. */
+static void dw_specials(double *restrict buf, int64_t rows, int64_t cols, int64_t *state, int64_t stride,
+                        double *restrict mx)
+{
+    for (int64_t j = 0; j < cols; ++j) {
+        mx[j] = 0.0;
+        for (int64_t i = 0; i < rows; ++i) {
+            double p = buf[i * DW_TILE + j];
+            if (p != p)
+                state[(DW_DIGITS + 0) * stride + j] += 1;
+            else if (p == INFINITY)
+                state[(DW_DIGITS + 1) * stride + j] += 1;
+            else if (p == -INFINITY)
+                state[(DW_DIGITS + 2) * stride + j] += 1;
+            else {
+                double ap = fabs(p);
+                mx[j] = ap > mx[j] ? ap : mx[j];
+                continue;
+            }
+            buf[i * DW_TILE + j] = 0.0;
+        }
+    }
+}
+
+/* The first two folds in one pass over buf (above), with s1 from each column's max:
+ * their sums go into the digits, each column's largest remainder into mx.  Returns
+ * how many columns have a remainder left, or -1 (and adds nothing) when a sum is NaN:
+ * a NaN product, which the max did not see. */
+static int dw_two_folds(const double *restrict buf, int64_t rows, int64_t cols, const int *s1,
+                        int64_t *state, int64_t stride, double *restrict mx)
+{
+    double g1[DW_TILE], g2[DW_TILE], a1[DW_TILE], a2[DW_TILE], m2[DW_TILE];
+    for (int j = 0; j < DW_TILE; ++j) {
+        g1[j] = dw_pow2(s1[j]);
+        g2[j] = dw_pow2(dw_second(s1[j]));
+        a1[j] = a2[j] = m2[j] = 0.0;
+    }
+    for (int64_t i = 0; i < rows; ++i) {
+        const double *restrict row = buf + i * DW_TILE;
+        for (int j = 0; j < DW_TILE; ++j) {
+            double p = row[j];
+            double q1 = (p + g1[j]) - g1[j];
+            double r = p - q1;
+            double q2 = (r + g2[j]) - g2[j];
+            double ar = fabs(r - q2);
+            a1[j] += q1;
+            a2[j] += q2;
+            m2[j] = ar > m2[j] ? ar : m2[j];
+        }
+    }
+    int nan = 0;
+    for (int j = 0; j < DW_TILE; ++j)
+        nan |= a1[j] != a1[j];
+    if (nan)
+        return -1;
+    int live = 0;
+    for (int j = 0; j < cols; ++j) {
+        if (a1[j] != 0.0)
+            dw_add_units(state + j, stride, a1[j], s1[j]);
+        if (a2[j] != 0.0)
+            dw_add_units(state + j, stride, a2[j], dw_second(s1[j]));
+        mx[j] = m2[j];
+        live += m2[j] > 0.0;
+    }
+    return live;
+}
+
+/* After dw_two_folds left something: its remainders into buf (the same operations),
+ * then the general folds until none is left.  Returns 0 if DW_MAX_FOLDS did not do. */
+static int dw_more_folds(double *restrict buf, int64_t rows, int64_t cols, const int *s1, int64_t *state,
+                         int64_t stride, double *restrict mx)
+{
+    double sig[DW_TILE], g2[DW_TILE], acc[DW_TILE];
+    int s[DW_TILE];
+    for (int j = 0; j < DW_TILE; ++j) {
+        sig[j] = dw_pow2(s1[j]);
+        g2[j] = dw_pow2(dw_second(s1[j]));
+    }
+    for (int64_t i = 0; i < rows; ++i) {
+        double *restrict row = buf + i * DW_TILE;
+        for (int j = 0; j < DW_TILE; ++j) {
+            double p = row[j];
+            double r = p - ((p + sig[j]) - sig[j]);
+            row[j] = r - ((r + g2[j]) - g2[j]);
+        }
+    }
+    int live = 0;
+    for (int j = 0; j < DW_TILE; ++j) {
+        live += j < cols && mx[j] > 0.0;
+        s[j] = j < cols && mx[j] > 0.0 ? dw_scale(mx[j]) : DW_SMIN;
+    }
+    for (int folds = 0; live; ++folds) {
+        if (folds == DW_MAX_FOLDS)
+            return 0; /* cannot happen (see above); never loop forever */
+        for (int j = 0; j < DW_TILE; ++j) {
+            sig[j] = dw_pow2(s[j]);
+            acc[j] = 0.0;
+            mx[j] = 0.0;
+        }
+        for (int64_t i = 0; i < rows; ++i) {
+            double *restrict row = buf + i * DW_TILE;
+            for (int j = 0; j < DW_TILE; ++j) {
+                double p = row[j];
+                double q = (p + sig[j]) - sig[j];
+                double r = p - q;
+                double ar = fabs(r);
+                acc[j] += q;
+                row[j] = r;
+                mx[j] = ar > mx[j] ? ar : mx[j];
+            }
+        }
+        live = 0;
+        for (int j = 0; j < cols; ++j) {
+            if (acc[j] != 0.0)
+                dw_add_units(state + j, stride, acc[j], s[j]);
+            live += mx[j] > 0.0;
+            s[j] = mx[j] > 0.0 ? dw_scale(mx[j]) : DW_SMIN;
+        }
+    }
+    return 1;
+}
+
+static void dw_scales(const double *mx, int64_t cols, int *s1)
+{
+    for (int j = 0; j < DW_TILE; ++j)
+        s1[j] = j < cols && mx[j] > 0.0 ? dw_scale(mx[j]) : DW_SMIN;
+}
+
+/* One block x tile after its products: specials counted (an infinite product shows
+ * in mx, a NaN one in dw_two_folds's sums), then the folds. */
+static int dw_tile(double *restrict buf, int64_t rows, int64_t cols, int64_t *state, int64_t stride,
+                   double *restrict mx)
+{
+    int s1[DW_TILE], inf = 0;
+    for (int j = 0; j < DW_TILE; ++j)
+        inf |= mx[j] == INFINITY;
+    if (inf)
+        dw_specials(buf, rows, cols, state, stride, mx);
+    dw_scales(mx, cols, s1);
+    int live = dw_two_folds(buf, rows, cols, s1, state, stride, mx);
+    if (live < 0) { /* a NaN product: nothing was added; count, zero, and fold again */
+        dw_specials(buf, rows, cols, state, stride, mx);
+        dw_scales(mx, cols, s1);
+        live = dw_two_folds(buf, rows, cols, s1, state, stride, mx);
+    }
+    return live == 0 ? 1 : dw_more_folds(buf, rows, cols, s1, state, stride, mx);
+}
+
+/* Balanced digits, as kernels/exact_sum.normalize_; returns the count of columns
+ * whose top digit passes DW_TOP_LIMIT. */
+static int64_t dw_normalize(int64_t *state, int64_t cols, int64_t stride)
+{
+    for (int k = 0; k < DW_DIGITS - 1; ++k) {
+        int64_t *restrict d = state + k * stride, *restrict up = d + stride;
+        for (int64_t j = 0; j < cols; ++j) {
+            int64_t carry = (d[j] + ((int64_t)1 << 31)) >> 32;
+            d[j] -= carry * ((int64_t)1 << 32);
+            up[j] += carry;
+        }
+    }
+    int64_t over = 0;
+    const int64_t *top = state + (DW_DIGITS - 1) * stride;
+    for (int64_t j = 0; j < cols; ++j)
+        over += top[j] > DW_TOP_LIMIT || top[j] < -DW_TOP_LIMIT;
+    return over;
+}
+
+static int64_t dw_run(const float *dy, int64_t dy_stride, const float *b, int64_t b_stride, const float *rms,
+                      int64_t rows, int64_t cols, int64_t *state, int64_t stride)
+{
+    enum { PANEL = DW_PANEL * DW_TILE };
+    double *buf = (double *)malloc(sizeof(double) * (DW_BLOCK + 1) * PANEL);
+    if (!buf)
+        return -1;
+    double *mx = buf + DW_BLOCK * PANEL;
+    int64_t done = 0;
+    for (int64_t i0 = 0; i0 < rows && !done; i0 += DW_BLOCK) {
+        int64_t nr = rows - i0 < DW_BLOCK ? rows - i0 : DW_BLOCK;
+        for (int64_t j0 = 0; j0 < cols && !done; j0 += PANEL) {
+            int64_t nc = cols - j0 < PANEL ? cols - j0 : PANEL;
+            dw_products(dy + i0 * dy_stride + j0, dy_stride, b + i0 * b_stride + j0, b_stride,
+                        rms ? rms + i0 : NULL, nr, nc, buf, mx);
+            for (int64_t t = 0; t * DW_TILE < nc; ++t) {
+                int64_t w = nc - t * DW_TILE < DW_TILE ? nc - t * DW_TILE : DW_TILE;
+                if (!dw_tile(buf + t * DW_BLOCK * DW_TILE, nr, w, state + j0 + t * DW_TILE, stride,
+                             mx + t * DW_TILE)) {
+                    done = -2;
+                    break;
+                }
+            }
+        }
+    }
+    free(buf);
+    return done ? done : dw_normalize(state, cols, stride);
+}
+
+/* state (22 rows of row stride `stride`, columns 0..cols-1 here) += the exact column
+ * sums of dy * xh over `rows` rows (unit stride along a row), then normalised.
+ * The caller bounds rows (kernels/exact_sum.ROWS_PER_ADD) so no digit overflows.
+ * Returns -1 when the scratch cannot be allocated, -2 if a block did not finish
+ * within DW_MAX_FOLDS folds (impossible by the argument above), else the count of
+ * overflowed columns. */
+int64_t tgn_exact_dw_f32(const float *dy, int64_t dy_stride, const float *xh, int64_t xh_stride,
+                         int64_t rows, int64_t cols, int64_t *state, int64_t stride)
+{
+    return dw_run(dy, dy_stride, xh, xh_stride, NULL, rows, cols, state, stride);
+}
+
+/* The same with xh = x / rms[i] (fp32, per row; rms contiguous): RMSNorm's x_hat,
+ * the bits of torch.div(x, rms), formed in the loop instead of read. */
+int64_t tgn_exact_dw_rows_f32(const float *dy, int64_t dy_stride, const float *x, int64_t x_stride,
+                              const float *rms, int64_t rows, int64_t cols, int64_t *state, int64_t stride)
+{
+    return dw_run(dy, dy_stride, x, x_stride, rms, rows, cols, state, stride);
+}
+
+#ifdef DW_WIDE
+#pragma GCC pop_options
+#endif
+
+/* --- the exact sum rounded: kernels/exact_sum.round_state, column by column ---------
+ *
+ * The same operations as the torch form, on one column at a time: the digits'
+ * sign and standard magnitude digits; the top three nonzero-led digits (at least 65
+ * bits) added in fp64 with TwoSum, the digits below as a sticky bit, rounded to 53
+ * bits to odd; then fp32: round to nearest even (fp32 results), or round to odd again
+ * (for bf16 and fp16: the caller converts, ties to even).  NaN and +-inf from the
+ * counters.  The state must be normalised.
+ */
+static double two_sum_error(double a, double b, double s)
+{
+    double bb = s - a;
+    return (a - (s - bb)) + (b - bb);
+}
+
+static float round_column(const int64_t *state, int64_t stride, int to_odd)
+{
+    int64_t nan = state[DW_DIGITS * stride], pos = state[(DW_DIGITS + 1) * stride];
+    int64_t neg = state[(DW_DIGITS + 2) * stride];
+    if (nan > 0 || (pos > 0 && neg > 0))
+        return NAN;
+    if (neg > 0)
+        return -INFINITY;
+    if (pos > 0)
+        return INFINITY;
+    int64_t mag[DW_DIGITS];
+    int top = -1;
+    for (int k = 0; k < DW_DIGITS; ++k) {
+        mag[k] = state[k * stride];
+        top = mag[k] != 0 ? k : top;
+    }
+    if (top < 0)
+        return 0.0f;
+    int negative = mag[top] < 0;
+    for (int k = 0; k < DW_DIGITS; ++k)
+        mag[k] = negative ? -mag[k] : mag[k];
+    for (int k = 0; k < DW_DIGITS - 1; ++k) {
+        int64_t carry = mag[k] >> 32;
+        mag[k] -= carry * ((int64_t)1 << 32);
+        mag[k + 1] += carry;
+    }
+    top = -1;
+    for (int k = 0; k < DW_DIGITS; ++k)
+        top = mag[k] != 0 ? k : top;
+    if (top < 0)
+        return 0.0f; /* cannot happen: a nonzero digit leaves a nonzero magnitude */
+    top = top < 2 ? 2 : top;
+    double a = (double)mag[top] * 0x1p64, b = (double)mag[top - 1] * 0x1p32, c = (double)mag[top - 2];
+    int sticky = 0;
+    for (int k = 0; k <= top - 3; ++k)
+        sticky |= mag[k] != 0;
+    double s1 = a + b;
+    double t = two_sum_error(a, b, s1) + c;
+    double sum = s1 + t;
+    double error = two_sum_error(s1, t, sum);
+    int up = error > 0 || (error == 0 && sticky), inexact = error != 0 || sticky;
+    uint64_t bits;
+    memcpy(&bits, &sum, sizeof bits);
+    if (inexact && !(bits & 1))
+        sum = nextafter(sum, up ? INFINITY : 0.0);
+    double v = sum * dw_pow2(32 * (top - 2) + DW_BASE); /* exact: a power of two */
+    v = negative ? -v : v;
+    float f = (float)v;
+    if (!to_odd || (double)f == v)
+        return f;
+    float toward_zero = fabs((double)f) > fabs(v) ? nextafterf(f, 0.0f) : f;
+    uint32_t fb;
+    memcpy(&fb, &toward_zero, sizeof fb);
+    fb |= 1;
+    memcpy(&toward_zero, &fb, sizeof fb);
+    return toward_zero;
+}
+
+/* out[j] = column j of a normalised (22, n) state (row stride `stride`) rounded to
+ * fp32 (to_odd = 0), or to odd at fp32 for a later bf16/fp16 conversion (1). */
+void tgn_exact_round_f32(const int64_t *state, int64_t n, int64_t stride, int64_t to_odd, float *out)
+{
+    for (int64_t j = 0; j < n; ++j)
+        out[j] = round_column(state + j, stride, (int)to_odd);
+}

@@ -1,0 +1,156 @@
+"""Calls straight to the native kernel: whole rows in C, no tiles, no workspaces.
+
+The native kernels work row by row with the row in cache, so on fp32 CPU input they
+need no tiling: the pipeline asks :func:`direct_call` once per configuration for a
+function that takes a checked input and makes one native call (whose rows torch's
+threads share when the input is large enough: :mod:`.team`).  Same kernel, same per-row order, same
+bits as the compiled executor's tiles (the tests compare them).  It returns
+``None`` for an input it does not take (another dtype or device, a strided input,
+a NaN row, a gradient to record, the native kernels switched off, a residual
+written over ``x`` or itself), and the caller runs the general path.  The casting
+modes need nothing here: on fp32 rows with an fp32 weight every mode is the
+same operations, and the offset is added to the weight in C.
+
+A fresh output of at least 32 MiB is advised to the kernel as a huge-page candidate
+(``madvise(MADV_HUGEPAGE)``, Linux) before the kernel first writes it: glibc serves
+such a block with a fresh ``mmap`` every time, and faulting it in page by page costs
+more than normalising it (docs/performance.md, "Page faults").  Smaller outputs come
+from glibc's heap, where they are usually still mapped from the last call; where the
+heap was trimmed meanwhile, the advice makes refaulting them slower, not faster
+(6.9 against 4.1 ms for a 16 MiB output: docs/performance.md, "Page faults"), so
+they are not advised.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ...constants import SPLIT_NUMEL, TEAM_GRAIN
+from . import loader as _native
+from . import team as _team
+from ...lowering import Plan
+from .abi import RowsConfig
+
+__all__ = ["DirectCall", "HUGE_BYTES", "SPLIT_NUMEL", "TEAM_GRAIN", "direct_call"]
+
+#: ``fn(x, weight, eps, out, residual=None, residual_out=None, total=None) -> y | None``
+#: (``None``: not taken, run the general path; with a residual, ``h`` is then in
+#: ``residual_out``).  With ``total`` (contiguous, ``(rows, 1)`` fp32 for a float plan,
+#: ``(rows, 2)`` fp64 exact pairs for an exact one) each row's rms (float plans) or
+#: exact total pair (exact plans) is written there: what the backward needs of the
+#: forward (:mod:`taskgraph_norm.ops`).
+DirectCall = Callable[..., "torch.Tensor | None"]
+
+# From SPLIT_NUMEL elements on, the rows are shared among torch's threads (:mod:`.team`:
+# torch's own OpenMP team, or ``native_team.c``'s worker; each thread runs its own part
+# of the rows, then steals blocks of about TEAM_GRAIN elements left in the others', so
+# none waits for another to wake).  Both are module attributes the tests set.
+
+#: Fresh outputs of at least this many bytes are advised as huge-page candidates
+#: (glibc's largest dynamic mmap threshold: blocks this big are always fresh mmaps).
+HUGE_BYTES = 32 << 20
+
+#: Tensors whose data pointer is real (a FakeTensor or FunctionalTensor has none).
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _advise_huge() -> Callable[[int, int], None] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        madvise = libc.madvise
+    except (OSError, AttributeError):
+        return None
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    madvise.restype = ctypes.c_int
+    page, huge_advice = 4096, 14  # MADV_HUGEPAGE
+
+    def advise(ptr: int, nbytes: int) -> None:
+        start = -(-ptr // page) * page
+        if nbytes > start - ptr:
+            madvise(start, (nbytes - (start - ptr)) // page * page, huge_advice)  # advice only: ignore errors
+
+    return advise
+
+
+_advise = _advise_huge()
+
+
+def direct_call(plan: Plan) -> DirectCall | None:
+    """The direct kernel for ``plan``, or ``None`` when the plan has no native kernel.
+
+    The returned function takes an input already checked by the caller (shape,
+    weight shape and device, ``out``'s shape, dtype and device) and ``eps`` resolved.
+    """
+    exact = plan.accumulate == "exact"
+    if not _native.runs_plan(plan):
+        return None
+    if not _native.available():
+        return None
+    hidden = plan.hidden_size
+    keep: list[Any] = []
+    # Rows per block of the team: about TEAM_GRAIN elements.
+    grain = max(1, TEAM_GRAIN // max(hidden, 1))
+    if exact:
+        cfg = RowsConfig(exact=1, hidden=hidden, offset=plan.offset, grain=grain)
+    else:
+        adds = tuple(t for level in plan.adds for t in level)
+        recipe = _native.FloatRecipe(plan.chunk_size, plan.n_chunks, adds, plan.root)
+        keep.append(recipe)  # holds the adds tensor whose address cfg holds
+        cfg = RowsConfig(exact=0, hidden=hidden, chunk=recipe.chunk_size, adds=recipe.adds.data_ptr(),
+                         n_adds=recipe.n_adds, root=recipe.root, total_flags=_native.TOTAL_AS_RMS,
+                         offset=plan.offset, grain=grain)
+    keep.append(cfg)
+    cfg_address = ctypes.addressof(cfg)
+    rows_call = _native.rows_entry()
+    offset = plan.offset
+    fp32 = torch.float32
+
+    def call(x: torch.Tensor, weight: torch.Tensor | None, eps: float, out: torch.Tensor | None,
+             residual: torch.Tensor | None = None, residual_out: torch.Tensor | None = None,
+             total: torch.Tensor | None = None) -> torch.Tensor | None:
+        if (type(x) not in _PLAIN or x.dtype is not fp32 or not x.is_cpu or not x.is_contiguous()
+                or not _native.enabled()):
+            return None
+        if weight is None:
+            if offset:
+                return None  # the general path says why an offset needs a weight
+        elif weight.dtype is not fp32 or not weight.is_cpu or not weight.is_contiguous():
+            return None  # (another device: the general path raises DeviceMismatchError)
+        rp = hp = None
+        if residual is not None:
+            # h over x or the residual could not be undone for a NaN row's general path.
+            if (residual_out is None or residual.dtype is not fp32 or not residual.is_contiguous()
+                    or not residual_out.is_contiguous() or residual_out.data_ptr() in (x.data_ptr(), residual.data_ptr())
+                    or residual.requires_grad and torch.is_grad_enabled()):
+                return None
+            rp, hp = residual.data_ptr(), residual_out.data_ptr()
+        if out is not None and (not out.is_cpu or not out.is_contiguous()):
+            return None
+        if total is None and torch.is_grad_enabled() and (
+            x.requires_grad or (weight is not None and weight.requires_grad)
+        ):
+            return None  # (the ops ask with ``total``, under their own autograd)
+        numel = x.numel()
+        if out is None:
+            y = torch.empty_like(x)
+            if _advise is not None and numel * 4 >= HUGE_BYTES:
+                _advise(y.data_ptr(), numel * 4)
+        else:
+            y = out
+        rows = numel // hidden
+        threads = _team.threads() if numel >= SPLIT_NUMEL and rows > grain else 1
+        bad = rows_call(cfg_address, x.data_ptr(), y.data_ptr(), rows, None if weight is None else weight.data_ptr(),
+                        eps, None if total is None else total.data_ptr(), rp, hp, threads)
+        # A NaN total (or an exact row with no scale): the general path gives it the
+        # reference's bits; what was written to a caller's out is overwritten there.
+        return None if bad else y
+
+    call.keep = keep  # type: ignore[attr-defined]
+    return call

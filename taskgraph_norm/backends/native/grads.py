@@ -1,0 +1,133 @@
+"""The native kernels of the backward and of the exact weight gradient: their ctypes
+wrappers (the library, its loading and the forward's wrappers are :mod:`.loader`)."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ... import caches
+from ...lowering import Plan
+from .loader import FloatRecipe, _library
+
+__all__ = ["backward_rows", "exact_dw", "exact_round", "recipe_of", "rms_of_totals"]
+
+
+@functools.lru_cache(maxsize=256)
+def recipe_of(plan: Plan) -> FloatRecipe:
+    """The :class:`FloatRecipe` of a float plan (an exact plan gets a one-chunk dummy)."""
+    if plan.accumulate == "exact":
+        return FloatRecipe(plan.hidden_size, 1, (), 0)
+    return FloatRecipe(plan.chunk_size, plan.n_chunks, tuple(t for level in plan.adds for t in level), plan.root)
+
+
+caches.register(recipe_of.cache_clear)
+
+
+def backward_rows(
+    x: torch.Tensor, dy: torch.Tensor, weight: torch.Tensor | None, rms: torch.Tensor, recipe: FloatRecipe,
+    dx: torch.Tensor | None, blocks: torch.Tensor | None, *, exact: bool, threads: int = 1, grain: int = 32,
+) -> int:
+    """The backward of fp32 rows in C (``kernels.input_grad`` and the block sums of
+    ``kernels.weight_grad_float``): ``dx`` (or ``None``) gets each row's input
+    gradient, ``blocks`` (or ``None``, ``(ceil(rows / 32), D)``) each block's sum of
+    ``dy * x_hat``.  ``x``, ``dy``, ``dx`` are contiguous ``(rows, D)`` fp32, ``rms``
+    ``(rows, 1)`` fp32.  ``exact`` picks the exact row sum (an exact plan) over the
+    recipe's float DAG.  ``threads`` share the rows (native_team.c: torch's OpenMP team
+    or its own worker) in blocks of ``grain`` rows, rounded up to whole row blocks of
+    32, so every block sum is made by one thread: the bits do not depend on the split.
+    Returns the number of rows whose ``s`` or ``k`` is not finite (their NaNs are
+    C's: the caller recomputes them with torch ops).
+    """
+    lib = _library()
+    rows, hidden = x.shape
+    tensors = [x, dy, rms] + [t for t in (weight, dx, blocks) if t is not None]
+    if any(t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous() for t in tensors):
+        raise ValueError("backward_rows needs contiguous fp32 CPU tensors")
+    if rows == 0:
+        return 0
+    bad = int(lib.tgn_backward_rows_f32_team(
+        x.data_ptr(), dy.data_ptr(), None if weight is None else weight.data_ptr(), rms.data_ptr(),
+        rows, hidden, recipe.chunk_size, recipe.adds.data_ptr(), recipe.n_adds, recipe.root, int(exact),
+        None if dx is None else dx.data_ptr(), None if blocks is None else blocks.data_ptr(), grain, threads))
+    if bad < 0:
+        raise MemoryError("the native backward could not allocate its scratch")
+    return bad
+
+
+def rms_of_totals(total: torch.Tensor, hidden: int, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`kernels.finalize_rms` of fp32 rows in C (the same bits; one call instead of
+    six small torch ops): ``total`` is a contiguous ``(rows, 1)`` fp32 or ``(rows, 2)``
+    fp64 (exact pairs) tensor; returns ``(rows, 1)`` fp32, written into ``out`` if given
+    (which may be a float ``total`` itself: each row is read before it is written)."""
+    rows, channels = total.shape
+    if not total.is_contiguous() or (channels, total.dtype) not in ((1, torch.float32), (2, torch.float64)):
+        raise ValueError("total must be a contiguous (rows, 1) float32 or (rows, 2) float64 tensor")
+    rms = torch.empty(rows, 1, dtype=torch.float32) if out is None else out
+    if rms.shape != (rows, 1) or rms.dtype != torch.float32 or not rms.is_contiguous():
+        raise ValueError("out must be a contiguous (rows, 1) float32 tensor")
+    _library().tgn_rms_of_totals_f32(total.data_ptr(), rows, channels, hidden, float(eps), rms.data_ptr())
+    return rms
+
+
+def exact_dw(state: torch.Tensor, dy: torch.Tensor, x_hat: torch.Tensor, columns: tuple[int, int] | None = None,
+             rms: torch.Tensor | None = None, *, threads: int = 1, grain: int = 256) -> int:
+    """``state += sum over rows of dy * x_hat``, exactly, for columns ``[c0, c1)``.
+
+    The C route to :func:`kernels.exact_sum.add_products_` (the same state, bit for
+    bit): ``dy`` and ``x_hat`` are 2-D CPU float32 ``(rows, n)`` with unit stride
+    along a row, ``state`` a contiguous ``(22, n)`` int64 state, normalised after.
+    With ``rms`` (a contiguous fp32 ``(rows,)`` or ``(rows, 1)``), ``x_hat`` is ``x``
+    and the kernel forms ``x / rms`` row by row, in fp32: the bits
+    ``torch.div(x, rms)`` gives, without writing them anywhere.
+    ``columns`` (default all) lets callers share one call's columns; ``threads`` share
+    them inside the call (native_team.c: torch's OpenMP team or its own worker), in
+    blocks of ``grain`` columns: each column's state is one thread's, so the state
+    does not depend on the split.  Returns how
+    many columns overflowed (the caller raises); rows must not pass
+    ``exact_sum.ROWS_PER_ADD``.
+    """
+    lib = _library()
+    rows, n = dy.shape
+    c0, c1 = columns or (0, n)
+    if (dy.dtype != torch.float32 or x_hat.dtype != torch.float32 or x_hat.shape != dy.shape
+            or dy.device.type != "cpu" or x_hat.device.type != "cpu"
+            or (n > 1 and (dy.stride(1) != 1 or x_hat.stride(1) != 1))):
+        raise ValueError("exact_dw needs two 2-D CPU float32 tensors of one shape, unit stride along rows")
+    if state.shape != (22, n) or state.dtype != torch.int64 or not state.is_contiguous() or not 0 <= c0 <= c1 <= n:
+        raise ValueError("state must be a contiguous (22, n) int64 tensor and columns within [0, n]")
+    if rms is not None and (rms.dtype != torch.float32 or rms.device.type != "cpu" or rms.numel() != rows
+                            or not rms.is_contiguous()):
+        raise ValueError(f"rms must be a contiguous CPU float32 tensor of {rows} values, one per row")
+    if rows == 0 or c0 == c1:
+        return 0
+    item = dy.element_size()
+    a, b = dy.data_ptr() + c0 * item, x_hat.data_ptr() + c0 * item
+    over = int(lib.tgn_exact_dw_f32_team(a, dy.stride(0), b, x_hat.stride(0), None if rms is None else rms.data_ptr(),
+                                         rows, c1 - c0, state.data_ptr() + c0 * 8, n, grain, threads))
+    if over == -1:
+        raise MemoryError("the native exact dW kernel could not allocate its scratch")
+    if over < 0:
+        raise RuntimeError("the native exact dW kernel did not converge (a bug: please report it)")
+    return over
+
+
+def exact_round(state: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """:func:`kernels.exact_sum.round_state` in C (the same bits): each column of a
+    normalised, contiguous ``(22, n)`` int64 CPU state correctly rounded to ``dtype``
+    (fp32, bf16, fp16; the last two by rounding to odd at fp32 in C, then torch's
+    ties-to-even conversion, as the torch form does)."""
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"exact_round rounds to float32, bfloat16 or float16; not {dtype}")
+    if (state.dim() != 2 or state.shape[0] != 22 or state.dtype != torch.int64 or state.device.type != "cpu"
+            or not state.is_contiguous()):
+        raise ValueError("state must be a contiguous (22, n) int64 CPU tensor")
+    n = state.shape[1]
+    out = torch.empty(n, dtype=torch.float32)
+    if n:
+        _library().tgn_exact_round_f32(state.data_ptr(), n, n, int(dtype != torch.float32), out.data_ptr())
+    if dtype == torch.float32:
+        return out
+    nan = out.isnan()  # torch's vectorised fp32 -> bf16 gives NaN other bits than a NaN scalar does
+    return out.to(dtype).masked_fill_(nan, float("nan")) if bool(nan.any()) else out.to(dtype)

@@ -1,0 +1,109 @@
+"""Which threads share the direct path's rows (``native_team.c``).
+
+The direct path makes one native call per input; for a large input the call
+shares its rows among ``torch.get_num_threads()`` threads: thread t runs the t-th
+contiguous part of the rows (as torch's ``at::parallel_for`` splits them, so each
+core finds its rows in its own cache) and then steals blocks left in the others'
+parts (every row is computed by the same kernel whichever thread runs it: the split
+never changes a bit).  The threads are, in order of
+preference:
+
+* **torch's own OpenMP team**, when torch's parallel backend is OpenMP: the C code
+  enters the runtime torch already loaded (its ``GOMP_parallel`` and
+  ``omp_get_thread_num``, which libgomp, LLVM's libomp and Intel's libiomp5 all
+  export), so our rows run on the very
+  threads torch's ops run on, with no second pool competing with them for the
+  cores (torch's idle OpenMP threads spin for a while after each op; a thread of
+  our own would fight them for a core, measured up to 4x slower here);
+* otherwise, and always in a forked child (where an OpenMP runtime the parent used
+  can hang, as torch's own ops do), one worker thread of ``native_team.c``'s own.
+
+Nothing is loaded here: the OpenMP runtime is looked up among the libraries already
+in the process (``RTLD_NOLOAD``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+import threading
+from pathlib import Path
+
+import torch
+
+from . import loader as _native
+from ..torch_ops import pools
+
+__all__ = ["openmp", "threads", "use_openmp", "worker_rows"]
+
+#: The sonames of the OpenMP runtimes torch builds link (GNU, LLVM, Intel).
+_RUNTIMES = ("libgomp.so.1", "libomp.so", "libomp.so.5", "libiomp5.so", "libomp.dylib", "libiomp5.dylib")
+
+_lock = threading.Lock()
+_chosen = False
+
+
+def _candidates() -> list[str]:
+    """Where torch's OpenMP runtime may be: the copies torch's wheel ships next to
+    libtorch (their names may carry a hash, ``libgomp-a34b3233.so.1``), then the
+    usual sonames."""
+    lib_dir = Path(torch.__file__).resolve().parent / "lib"
+    shipped = sorted(str(p) for pattern in ("libgomp*.so*", "libiomp*.so*", "libomp*.so*", "libomp*.dylib",
+                                             "libiomp*.dylib") for p in lib_dir.glob(pattern))
+    return [*shipped, *_RUNTIMES]
+
+
+def _torch_openmp() -> tuple[int, int] | None:
+    """The addresses of ``GOMP_parallel`` and ``omp_get_thread_num`` in the OpenMP
+    runtime torch has loaded, or ``None``."""
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return None
+    if not getattr(os, "RTLD_NOLOAD", 0) or sys.platform == "win32":
+        return None  # without RTLD_NOLOAD a lookup could load a second runtime
+    mode = os.RTLD_NOLOAD | getattr(os, "RTLD_LAZY", 1)
+    for name in _candidates():
+        try:
+            runtime = ctypes.CDLL(name, mode=mode)  # only one already in the process
+            parallel = ctypes.cast(runtime.GOMP_parallel, ctypes.c_void_p).value
+            thread_num = ctypes.cast(runtime.omp_get_thread_num, ctypes.c_void_p).value
+        except (OSError, AttributeError):
+            continue
+        if parallel and thread_num:
+            return parallel, thread_num
+    return None
+
+
+def use_openmp(on: bool = True) -> bool:
+    """Run the shared rows in torch's OpenMP team (``on``, the default once the
+    kernels load) or on ``native_team.c``'s own worker thread; returns whether the
+    OpenMP team is now in use.  The bits are the same either way (tests compare them)."""
+    global _chosen
+    with _lock:
+        _chosen = True
+        if not _native.available():
+            return False
+        found = _torch_openmp() if on else None
+        parallel, thread_num = found if found is not None else (None, None)
+        return bool(_native._library().tgn_team_use_openmp(parallel, thread_num))
+
+
+def openmp() -> bool:
+    """Whether the shared rows run in torch's OpenMP team (not in a forked child)."""
+    if not _chosen:
+        use_openmp(True)
+    return bool(_native.available() and _native._library().tgn_team_openmp())
+
+
+def threads() -> int:
+    """How many threads a native call may share its rows among: torch's thread count,
+    or 1 on one of this package's own pool workers (a nested call)."""
+    if not _chosen:
+        use_openmp(True)
+    return 1 if pools.on_worker() else torch.get_num_threads()
+
+
+def worker_rows() -> int:
+    """Rows run by threads other than the callers', in this process (0 without the
+    kernels): the tests check that the rows really are shared."""
+    return int(_native._library().tgn_team_worker_rows()) if _native.available() else 0

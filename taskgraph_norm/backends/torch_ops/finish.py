@@ -1,0 +1,137 @@
+"""FINALIZE for the compiled executor: what one call multiplies by and how it rounds.
+
+:func:`finish_for` reads a plan's casting mode and offset once per call and says
+what the tiles do after the sum of squares: the weight the torch ops multiply by
+(``kernels.finalize_weight``, offset included), the weight and flags the native
+C FINALIZE takes (or ``None`` where C cannot give ``kernels.finalize``'s bits: an
+fp16 row in ``"llama"`` mode, an fp64 product), and the output dtype.
+:func:`finalize_tile` is ``kernels.finalize``'s op sequence written into a tile's
+preallocated buffers.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from ... import caches, kernels
+from ..native import loader as _native
+from ...lowering import Plan
+from .workspace import Views
+
+__all__ = ["Finish", "finalize_tile", "finish_for"]
+
+
+@dataclass(frozen=True, slots=True)
+class Finish:
+    """FINALIZE's parameters for one call.
+
+    ``weight``: what the torch ops multiply by (``None``: no weight), in the
+    accumulation dtype or narrower (exact there), or in the promoted dtype for
+    ``llama``.  ``c_weight``/``c_flags``: the contiguous fp32 weight and the
+    flags of the native FINALIZE, ``c_flags=None`` where it does not run it.
+    ``llama``: the quotient is cast to ``x``'s dtype before the weight.
+    """
+
+    eps: float
+    out_dtype: torch.dtype
+    weight: torch.Tensor | None
+    llama: bool
+    c_weight: torch.Tensor | None
+    c_flags: int | None
+
+
+def _weight_for(weight: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    # y * w.to(acc): a narrower weight multiplies exactly in acc as it is; a wider
+    # one must be rounded to acc first, or the product would be computed wider.
+    if weight.dtype == acc or weight.dtype in (torch.float16, torch.bfloat16):
+        return weight
+    return weight.to(acc)
+
+
+def _llama_flags(x_dtype: torch.dtype, product: torch.dtype) -> int | None:
+    if x_dtype == torch.float32:
+        return 0 if product == torch.float32 else None  # fp32 rows: the cast is the identity
+    if x_dtype != torch.bfloat16:
+        return None
+    if product == torch.float32:
+        return _native.ROUND_QUOTIENT
+    if product == torch.bfloat16:
+        return _native.ROUND_QUOTIENT | _native.ROUND_PRODUCT
+    return None
+
+
+def finish_for(plan: Plan, x_dtype: torch.dtype, weight: torch.Tensor | None, eps: float, native: bool) -> Finish:
+    """FINALIZE's parameters for one call of ``plan`` on ``x_dtype`` input (the
+    effective weight ``w + offset`` is made here once, not per tile)."""
+    acc = kernels.accumulation_dtype(x_dtype)
+    out_dtype = kernels.output_dtype(x_dtype, None if weight is None else weight.dtype, plan.casting_mode)
+    llama = plan.casting_mode == "llama" and weight is not None
+    flags: int | None = 0
+    w: torch.Tensor | None = None
+    if weight is not None:
+        if llama:
+            w = kernels.finalize_weight(weight, out_dtype, plan.offset)
+            flags = _llama_flags(x_dtype, out_dtype)
+        elif plan.offset:
+            w = kernels.finalize_weight(weight, acc, plan.offset)
+        else:
+            w = _weight_for(weight, acc)
+    if acc != torch.float32:
+        flags = None  # fp64 keeps torch's FINALIZE (its CPU sqrt is not IEEE; native/loader.py)
+    c_weight = w.to(acc).contiguous() if native and w is not None and flags is not None else None
+    return Finish(eps, out_dtype, w, llama, c_weight, flags)
+
+
+@functools.lru_cache(maxsize=64)
+def _hidden_divisor(hidden_size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.tensor(float(hidden_size), dtype=dtype, device=device)
+
+
+def finalize_tile(
+    plan: Plan, v: Views, xt: torch.Tensor, total: torch.Tensor, yt: torch.Tensor, fin: Finish, x_in_ybuf: bool,
+) -> None:
+    """kernels.finalize's op sequence, written into preallocated buffers.  A
+    narrower x is divided as ``x.to(acc)`` held in ybuf (``x_in_ybuf``: already there)."""
+    rms = v.rms
+    # As in kernels.finalize: divide by a tensor (CUDA would multiply by the
+    # reciprocal of a host scalar) and take the square root in fp64.
+    divisor = _hidden_divisor(plan.hidden_size, rms.dtype, rms.device)
+    if total is rms:
+        rms.div_(divisor)
+    elif total.dtype == rms.dtype:
+        torch.div(total, divisor, out=rms)
+    else:
+        rms.copy_(total)  # the exact sum's one rounding to the accumulation dtype
+        rms.div_(divisor)
+    rms.add_(fin.eps)
+    if rms.dtype == torch.float64:
+        rms.sqrt_()
+    else:
+        rms.copy_(rms.double().sqrt_())
+    if v.ybuf is not None:
+        y = v.ybuf
+    elif yt.dtype == rms.dtype:
+        y = yt
+    else:  # llama's wider product (an fp64 weight): the quotient needs its own buffer
+        y = torch.empty(xt.shape, dtype=rms.dtype, device=xt.device)
+    if y is yt:
+        torch.div(xt, rms, out=y)
+    else:
+        if not x_in_ybuf or y is not v.ybuf:
+            y.copy_(xt)
+        y.div_(rms)
+    if fin.llama:
+        assert fin.weight is not None
+        # (x / rms).to(x.dtype), then the product in the promoted dtype.
+        torch.mul(y.to(xt.dtype).to(yt.dtype), fin.weight, out=yt)
+        return
+    if fin.weight is not None:
+        y.mul_(fin.weight)
+    if y is not yt:
+        yt.copy_(y)
+
+
+caches.register(_hidden_divisor.cache_clear)

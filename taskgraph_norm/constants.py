@@ -1,0 +1,96 @@
+"""Every constant that decides the bits, a layout the C kernels share with Python, or
+when threads share a call's work: each defined here, once.
+
+This module imports nothing (not torch, nothing of ours): the IR's builders read it,
+and ``setup.py`` executes this file on its own at build time to write the C header
+``backends/native/csrc/tgn_constants.h`` (``#define TGN_<NAME> <value>`` for every
+integer here, and ``TGN_CONSTANTS(X)``, the list of their names), which the C sources
+include instead of defining their own.  The built library exports the same values
+(``tgn_constants``); the loader refuses a build whose values differ from these, and
+``tests/test_constants.py`` checks both, and that no other file defines one of these
+names with a literal.
+
+Each constant's docstring says what it decides.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+NATIVE_ABI: Final = 16
+"""The version of the native library's entry points (``tgn_native.h``: their names,
+arguments and meaning, and the values below).  The loader refuses a library that
+reports another, so a build left from an older install is never called with new
+arguments.  Bump it with any change to ``tgn_native.h``'s prototypes."""
+
+BACKWARD_ROW_BLOCK: Final = 32
+"""Rows per block of the float weight gradient's merge: ``dW`` sums each block of
+this many rows pairwise, then merges the blocks in order (``kernels.backward``, the
+native backward, the Triton backward and the weight-gradient graph of
+``topologies``).  A constant, never the batch's: it decides ``dW``'s bits; the native
+team's grain is a multiple of it."""
+
+EXACT_DIGIT_BITS: Final = 32
+"""Bits per digit of the exact sum's state: balanced radix-``2**32`` digits in int64
+(``kernels.exact_sum``, the C and Triton exact dW kernels)."""
+
+EXACT_BASE_EXPONENT: Final = -320
+"""The exact state's unit is ``2**-320``: below the quantum (``2**-298``) of every
+product of two fp32 values, so every product is a whole number of units."""
+
+EXACT_DIGITS: Final = 19
+"""Digits of the exact state (rows ``0..18``; rows 19 to 21 count NaN, +inf and -inf
+products): ``19 * 32`` bits from ``2**-320`` reach past the largest product's
+``2**256`` with room for :data:`EXACT_TOP_LIMIT`."""
+
+EXACT_TOP_LIMIT: Final = 1 << 40
+"""The top digit's bound in a valid exact state: ``|value| < 2**(40 + 256)``, i.e.
+at least ``2**40`` products of the largest fp32 magnitude; past it the sum raises
+``ExactSumOverflowError`` instead of wrapping."""
+
+EXACT_DW_ROW_BLOCK: Final = 64
+"""Rows the exact dW kernels (C and Triton) fold at once: with :data:`EXACT_DW_FOLD_L`
+it keeps a block's sum of pre-rounded products below ``2**53`` units, so every
+addition of a fold is exact."""
+
+EXACT_DW_FOLD_L: Final = EXACT_DW_ROW_BLOCK.bit_length()
+"""``log2(EXACT_DW_ROW_BLOCK) + 1``: a fold's scale is ``2**(ceil(log2 M) + L)`` for a
+block's largest remaining magnitude ``M`` (docs/training.md); each fold lowers the
+largest remainder by at least ``2**(53 - L)``."""
+
+EXACT_DW_MIN_SCALE: Final = -246
+"""The smallest fold scale ``s`` of the exact dW kernels: ``2**(s - 52) = 2**-298``, the
+quantum of every product, so the fold at this scale leaves nothing."""
+
+EXACT_DW_MAX_FOLDS: Final = 32
+"""Folds an exact dW block may take: 13 cover every product (``(263 + 298) / 46 + 1``);
+reaching this many is a bug, reported as an error, not a hang."""
+
+EXACT_DW_TILE: Final = 32
+"""Columns of the C exact dW kernel's tile; when threads share the columns, each
+takes a multiple of it."""
+
+ROUND_QUOTIENT: Final = 1
+"""FINALIZE flag (``casting_mode="llama"`` on bf16 rows): round the quotient
+``x / rms`` to bf16 before the weight."""
+
+ROUND_PRODUCT: Final = 2
+"""FINALIZE flag (llama, bf16 weight): round the product with the weight to bf16 too."""
+
+TOTAL_AS_RMS: Final = 4
+"""Float rows' flag: after FINALIZE the kernel leaves each row's rms, not its total,
+in ``total`` (what the backward keeps)."""
+
+SPLIT_NUMEL: Final = 1 << 16
+"""Elements from which a native call (the forward's direct path, the native
+backward) shares its rows among torch's threads.  The split never changes a bit (the
+tests run both sides of it); it decides only when threads start."""
+
+TEAM_GRAIN: Final = 1 << 14
+"""Elements per block of the forward's rows a thread steals from another's part once
+its own is done (4 rows of 4096).  Never changes a bit: every row is computed by the
+same kernel whichever thread runs it."""
+
+SPLIT_PRODUCTS: Final = 1 << 16
+"""Products per exact dW call from which torch's threads share the columns (in
+multiples of :data:`EXACT_DW_TILE`).  Never changes the state: columns are independent."""
