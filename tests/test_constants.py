@@ -64,7 +64,7 @@ def test_the_modules_that_used_to_define_them_read_them() -> None:
     assert kernels.ROW_BLOCK == topologies.ROW_BLOCK == constants.BACKWARD_ROW_BLOCK
     assert direct.SPLIT_NUMEL == registry.SPLIT_NUMEL == constants.SPLIT_NUMEL
     assert direct.TEAM_GRAIN == constants.TEAM_GRAIN
-    assert exact_grad.SPLIT_PRODUCTS == constants.SPLIT_PRODUCTS
+    assert registry.SPLIT_PRODUCTS == constants.SPLIT_PRODUCTS
     assert (exact_sum.DIGITS, exact_sum.BASE_EXPONENT, exact_sum.DIGIT_BITS, exact_sum.TOP_LIMIT) == (
         constants.EXACT_DIGITS, constants.EXACT_BASE_EXPONENT, constants.EXACT_DIGIT_BITS, constants.EXACT_TOP_LIMIT)
     assert (exact_dw.ROW_BLOCK, exact_dw.FOLD_L, exact_dw.MAX_FOLDS, exact_dw.SMIN) == (

@@ -18,7 +18,8 @@ import torch
 from taskgraph_norm.errors import ExactSumError
 from taskgraph_norm.backends.native import loader as native
 from taskgraph_norm.backends.native import grads as native_grads
-from taskgraph_norm.ops.exact_grad import SPLIT_PRODUCTS, ExactGrad, ExactSum
+from taskgraph_norm.constants import SPLIT_PRODUCTS
+from taskgraph_norm.ops.exact_grad import ExactGrad, ExactSum
 from taskgraph_norm.kernels import exact_sum as es
 
 from .helpers import assert_bits_equal, bits_equal

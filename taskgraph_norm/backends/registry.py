@@ -14,8 +14,8 @@ from typing import Any
 import torch
 
 from .. import kernels
-from ..constants import SPLIT_NUMEL
-from ..errors import ExecutionError
+from ..constants import EXACT_DW_TILE, SPLIT_NUMEL, SPLIT_PRODUCTS
+from ..errors import ExactSumOverflowError, ExecutionError
 from ..graph import Graph
 from ..kernels import exact_sum as _exact_sum
 from ..lowering import Plan
@@ -30,8 +30,8 @@ from .torch_ops.rowsum import plan_row_sum, torch_backward
 from .triton import backward as _triton_backward
 from .triton import exact_dw as _triton_dw
 
-__all__ = ["BACKENDS", "NativeBackend", "NoBackendError", "TorchOpsBackend", "TritonBackend", "choose",
-           "row_totals"]
+__all__ = ["BACKENDS", "NativeBackend", "NoBackendError", "TorchOpsBackend", "TritonBackend", "accumulate_exact",
+           "choose", "row_totals"]
 
 
 class NoBackendError(ExecutionError):
@@ -87,8 +87,9 @@ class TorchOpsBackend:
     def accumulate_exact(
         self, state: torch.Tensor, dy: torch.Tensor, b: torch.Tensor, rms: torch.Tensor | None,
     ) -> bool:
-        x_hat = b if rms is None else torch.div(b, rms.reshape(-1, 1))
-        _exact_sum.add_products_(state, dy, x_hat)
+        if rms is not None:  # x_hat = x / rms, the fp32 division (normalize(x, None)'s bits)
+            b = torch.div(_exact_sum.as_rows(b, state.shape[1], "x"), rms.reshape(-1, 1))
+        _exact_sum.add_products_(state, dy, b)
         return True
 
 
@@ -191,13 +192,34 @@ class NativeBackend:
     def accumulate_exact(
         self, state: torch.Tensor, dy: torch.Tensor, b: torch.Tensor, rms: torch.Tensor | None,
     ) -> bool:
-        if state.device.type != "cpu" or dy.dtype != torch.float32 or b.dtype != torch.float32:
+        """The C kernel over fp32 rows (bf16/fp16 widen exactly), in pieces of
+        ``ROWS_PER_ADD`` rows; with ``rms`` it forms ``x / rms`` itself (no ``x_hat``
+        tensor).  Its columns are shared among torch's threads from
+        :data:`SPLIT_PRODUCTS` products on."""
+        if state.device.type != "cpu" or not _native.available():
             return False
-        over = _native_grads.exact_dw(state, dy.contiguous(), b.contiguous(),
-                                      rms=None if rms is None else rms.reshape(-1, 1).contiguous())
-        if over:
-            raise OverflowError(f"an exact sum left its range (column {over})")
+        n = state.shape[1]
+        a, b = _exact_sum.as_rows(dy, n, "dy"), _exact_sum.as_rows(b, n, "x_hat" if rms is None else "x")
+        if a.shape[1] > 1 and (a.stride(1) != 1 or b.stride(1) != 1):
+            a, b = a.contiguous(), b.contiguous()
+        r = None if rms is None else rms.reshape(-1, 1).contiguous()
+        step = _exact_sum.ROWS_PER_ADD
+        for start in range(0, a.shape[0], step):
+            self._exact_piece(state, a[start:start + step], b[start:start + step],
+                              None if r is None else r[start:start + step])
         return True
+
+    @staticmethod
+    def _exact_piece(state: torch.Tensor, a: torch.Tensor, b: torch.Tensor, rms: torch.Tensor | None) -> None:
+        n = state.shape[1]
+        threads = _team.threads() if a.numel() >= SPLIT_PRODUCTS and n >= 2 * EXACT_DW_TILE else 1
+        # columns are independent: one block of whole tiles per thread (each block call
+        # allocates the kernel's 0.5 MiB panel buffer, which a smaller grain would pay
+        # again per block)
+        grain = max(EXACT_DW_TILE, -(-n // threads // EXACT_DW_TILE) * EXACT_DW_TILE)
+        over = _native_grads.exact_dw(state, a, b, rms=rms, threads=threads, grain=grain)
+        if over:
+            raise ExactSumOverflowError(over, f"|sum| must stay below 2**{40 + 256}")
 
 
 class TritonBackend:
@@ -268,7 +290,7 @@ class TritonBackend:
     ) -> bool:
         if not _triton_dw.runs(state):
             return False
-        _triton_dw.add_products_(state, dy, b, rms)
+        _triton_dw.add_products_(state, dy, b, rms)  # with rms: x / rms rounded to x's dtype in the kernel
         return True
 
 
@@ -278,6 +300,16 @@ BACKENDS: dict[str, Backend] = {b.name: b for b in (TritonBackend(), NativeBacke
 
 #: Triton asked for by name (``executor="triton"``).
 TRITON_BY_NAME = TritonBackend(by_name=True)
+
+
+def accumulate_exact(state: torch.Tensor, dy: torch.Tensor, b: torch.Tensor, rms: torch.Tensor | None) -> None:
+    """Add ``sum over rows of dy * b`` (``b / rms`` with ``rms``) to the exact ``state``
+    on the first backend of this context that takes it (Triton on CUDA, the C kernel on
+    CPU, torch ops anywhere): the same state either way."""
+    for name in allowed():
+        if BACKENDS[name].accumulate_exact(state, dy, b, rms):
+            return
+    BACKENDS["torch_ops"].accumulate_exact(state, dy, b, rms)
 
 
 def choose(plan: Plan, device: torch.device, dtype: torch.dtype, names: tuple[str, ...] | None = None,

@@ -39,12 +39,10 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ..errors import ExactSumError, ExactSumOverflowError
-from ..constants import EXACT_DW_TILE as _TILE  # the C kernel's column tile: split on its multiples
-from ..constants import SPLIT_PRODUCTS
+from ..backends.registry import accumulate_exact
 from ..kernels import exact_sum as es
 from ..backends.native import grads as native_grads
 from ..backends.native import loader as native
-from ..backends.native import team
 from ..backends.triton import exact_dw as triton_dw
 
 __all__ = ["ExactGrad", "ExactSum", "exact_grads"]
@@ -78,15 +76,10 @@ class ExactSum:
 
     def add_products(self, dy: torch.Tensor, x_hat: torch.Tensor) -> ExactSum:
         """Add ``sum over rows of dy * x_hat`` (fp32/bf16/fp16, whole rows of
-        ``numel``), exactly; returns ``self``."""
+        ``numel``), exactly, on the backend that takes it
+        (:func:`taskgraph_norm.backends.registry.accumulate_exact`); returns ``self``."""
         self._check_pair(dy, x_hat, "x_hat")
-        if triton_dw.runs(self.state):  # CUDA: the Triton kernel (the same state)
-            triton_dw.add_products_(self.state, dy, x_hat)
-            return self
-        if not self._native():
-            es.add_products_(self.state, dy, x_hat)
-            return self
-        self._add_rows(es.as_rows(dy, self.numel, "dy"), es.as_rows(x_hat, self.numel, "x_hat"), None)
+        accumulate_exact(self.state, dy, x_hat, None)
         return self
 
     def add_normalized(self, dy: torch.Tensor, x: torch.Tensor, rms: torch.Tensor) -> ExactSum:
@@ -101,21 +94,15 @@ class ExactSum:
         rounded to ``x``'s dtype, as ``normalize(x, None)`` rounds it).
         """
         self._check_pair(dy, x, "x")
-        if triton_dw.runs(self.state):
-            # CUDA: the Triton kernel divides as it goes, x_hat rounded to x's dtype (bf16, fp16 too)
-            triton_dw.add_products_(self.state, dy, x, rms)
-            return self
-        if x.dtype != torch.float32 or rms.dtype != torch.float32:
-            raise ExactSumError(f"add_normalized needs float32 x and rms; got {x.dtype} and {rms.dtype} "
-                                "(round x / rms to x's dtype and use add_products)")
-        b = es.as_rows(x, self.numel, "x")
-        if rms.numel() != b.shape[0] or rms.device != self.state.device:
-            raise ExactSumError(f"rms {list(rms.shape)} must hold one value per row of x {list(x.shape)}, "
-                                f"on the sum's device {self.state.device}")
-        r = rms.reshape(-1, 1)
-        if not self._native():
-            return self.add_products(dy, torch.div(b, r))
-        self._add_rows(es.as_rows(dy, self.numel, "dy"), b, r.contiguous())
+        if not triton_dw.runs(self.state):
+            if x.dtype != torch.float32 or rms.dtype != torch.float32:
+                raise ExactSumError(f"add_normalized needs float32 x and rms; got {x.dtype} and {rms.dtype} "
+                                    "(round x / rms to x's dtype and use add_products)")
+            rows = x.numel() // max(self.numel, 1)
+            if rms.numel() != rows or rms.device != self.state.device:
+                raise ExactSumError(f"rms {list(rms.shape)} must hold one value per row of x {list(x.shape)}, "
+                                    f"on the sum's device {self.state.device}")
+        accumulate_exact(self.state, dy, x, rms)
         return self
 
     def _check_pair(self, dy: torch.Tensor, other: torch.Tensor, name: str) -> None:
@@ -125,28 +112,7 @@ class ExactSum:
             raise ExactSumError(f"dy and {name} must be on the sum's device {self.state.device}")
 
     def _native(self) -> bool:
-        return self.state.device.type == "cpu" and native.enabled() and native.available()
-
-    def _add_rows(self, a: torch.Tensor, b: torch.Tensor, rms: torch.Tensor | None) -> None:
-        """The native kernel over fp32 rows ``a``, ``b`` (``b`` is ``x`` with ``rms``,
-        else ``x_hat``), in pieces of ``ROWS_PER_ADD`` rows."""
-        if a.shape[1] > 1 and (a.stride(1) != 1 or b.stride(1) != 1):
-            a, b = a.contiguous(), b.contiguous()
-        step = es.ROWS_PER_ADD
-        for start in range(0, a.shape[0], step):
-            piece = None if rms is None else rms[start:start + step]
-            self._add_native(a[start:start + step], b[start:start + step], piece)
-
-    def _add_native(self, a: torch.Tensor, b: torch.Tensor, rms: torch.Tensor | None) -> None:
-        n = self.numel
-        threads = team.threads() if a.numel() >= SPLIT_PRODUCTS and n >= 2 * _TILE else 1
-        # columns are independent: one block of whole tiles per thread (each block call
-        # allocates the kernel's 0.5 MiB panel buffer, which a smaller grain would pay
-        # again per block: measured slower)
-        grain = max(_TILE, -(-n // threads // _TILE) * _TILE)
-        over = native_grads.exact_dw(self.state, a, b, rms=rms, threads=threads, grain=grain)
-        if over:
-            raise ExactSumOverflowError(over, f"|sum| must stay below 2**{40 + 256}")
+        return self.state.device.type == "cpu" and native.available()
 
     def add_values(self, values: torch.Tensor) -> ExactSum:
         """Add the float values ``values`` (whole rows of ``numel``) exactly."""
