@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 import taskgraph_norm as tgn
-from taskgraph_norm.executors.exact_grad import exact_grads
+from taskgraph_norm.distributed.exact_grads import exact_grads  # the process-wide accumulator of weight_grad="exact"
 
 __all__ = ["BITS_FILE", "CASES", "Case", "compute", "digest", "load", "record"]
 
@@ -170,7 +170,10 @@ def _exact_cases() -> Iterator[Case]:
     yield Case("exact", "fp32", (300, 4096), "linear", "pairwise", "exact", 100, "gemma", 1.0, seed=7)
 
 
-CASES: dict[str, Case] = {c.name: c for c in itertools.chain(_forward_cases(), _backward_cases(), _exact_cases())}
+_ALL = [*_forward_cases(), *_backward_cases(), *_exact_cases()]
+CASES: dict[str, Case] = {c.name: c for c in _ALL}
+if len(CASES) != len(_ALL):
+    raise ValueError("two golden cases share a name: give one of them another seed")
 
 
 # --- computing -----------------------------------------------------------------------
