@@ -92,9 +92,11 @@ def _rms_norm_residual_fake(
 def _rms_norm_backward_fake(
     dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, rms: torch.Tensor, *rest: Any
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    # The kernel returns contiguous gradients whatever x's layout (a transposed x's dx
+    # too): the fake says so, or a compiled backward's stride assert fails.
     mask = rest[-1]
-    dx = torch.empty_like(x) if mask[0] else x.new_empty(0)
-    dw = torch.empty_like(weight) if mask[1] and weight is not None else x.new_empty(0)
+    dx = x.new_empty(x.shape) if mask[0] else x.new_empty(0)
+    dw = weight.new_empty(weight.shape) if mask[1] and weight is not None else x.new_empty(0)
     return dx, dw
 
 
