@@ -8,7 +8,8 @@ from collections.abc import Callable
 
 from taskgraph_norm.tools.bench import interleaved_medians
 
-__all__ = ["interleaved_medians", "median_seconds", "repeated", "fastest", "target_row", "TARGET_HEADER"]
+__all__ = ["interleaved_medians", "median_seconds", "repeated", "seconds_per_call", "fastest", "target_row",
+           "TARGET_HEADER"]
 
 
 def median_seconds(fn: Callable[[], object], *, repeats: int = 7, warmup: int = 1) -> float:
@@ -32,6 +33,13 @@ def repeated(fn: Callable[[], object], calls: int) -> Callable[[], None]:
             fn()
 
     return run
+
+
+def seconds_per_call(run: Callable[[], object], calls: int) -> float:
+    """One timing of ``run()``, which makes ``calls`` calls, divided back to one call."""
+    t0 = time.perf_counter()
+    run()
+    return (time.perf_counter() - t0) / calls
 
 
 def fastest(times: dict[str, float], *names: str) -> str:
