@@ -16,6 +16,7 @@ import torch
 from . import kernels, ops, pipeline
 from .checks import check_input, check_out
 from .errors import InputRankError
+from .executors import ASYNC_EXECUTORS
 from .graph import Graph
 from .pipeline import OFFLOAD_NUMEL
 from .topologies import build_graph
@@ -127,15 +128,20 @@ def normalize_sync(
     Same arguments and result as :func:`normalize`.  Works from inside a running
     event loop too (an async executor then runs its loop on a helper thread).
     """
-    how = _how(x, weight, residual)
+    how = _how(x, weight, residual) if residual is not None or not isinstance(x, torch.Tensor) else (
+        ops.route(x, weight))
     if how == ops.TRACED:
         options = dict(topology=topology, chunk_size=chunk_size, leaf=leaf, accumulate=accumulate,
                        casting_mode=casting_mode, offset=offset)
         return _traced(x, weight, eps, options, executor, out, residual, residual_out)
-    pipe = find_pipeline(x, topology, chunk_size, leaf, accumulate, executor, weight, casting_mode, offset,
-                 residual is not None)
+    # the warm path: one dict lookup (find_pipeline checks every option of a cold call)
+    pipe = pipeline.cached(x.shape[-1], chunk_size, topology, leaf, accumulate, executor, casting_mode, offset,
+                           residual is not None) if isinstance(x, torch.Tensor) and x.dim() else None
     if pipe is None:
-        return _empty(x, weight, out, casting_mode, residual, residual_out)
+        pipe = find_pipeline(x, topology, chunk_size, leaf, accumulate, executor, weight, casting_mode, offset,
+                             residual is not None)
+        if pipe is None:
+            return _empty(x, weight, out, casting_mode, residual, residual_out)
     if how == ops.EAGER:
         return _recorded(pipe, x, weight, eps, out, residual, residual_out, how)
     if residual is None and residual_out is None:
@@ -188,15 +194,23 @@ async def normalize(
     tensor([[1., 1., 1., 1., 1., 1., 1., 1.],
             [1., 1., 1., 1., 1., 1., 1., 1.]])
     """
-    if _how(x, weight, residual) != ops.DIRECT:
+    how = _how(x, weight, residual) if residual is not None or not isinstance(x, torch.Tensor) else (
+        ops.route(x, weight))
+    if how != ops.DIRECT:
         # autograd records on the caller's thread (and a tracer looks there): inline
         return normalize_sync(x, weight, eps, topology=topology, chunk_size=chunk_size, leaf=leaf,
                               accumulate=accumulate, executor=executor, out=out, casting_mode=casting_mode,
                               offset=offset, residual=residual, residual_out=residual_out)
-    pipe = find_pipeline(x, topology, chunk_size, leaf, accumulate, executor, weight, casting_mode, offset,
-                 residual is not None)
+    pipe = pipeline.cached(x.shape[-1], chunk_size, topology, leaf, accumulate, executor, casting_mode, offset,
+                           residual is not None) if isinstance(x, torch.Tensor) and x.dim() else None
     if pipe is None:
-        return _empty(x, weight, out, casting_mode, residual, residual_out)
+        pipe = find_pipeline(x, topology, chunk_size, leaf, accumulate, executor, weight, casting_mode, offset,
+                             residual is not None)
+        if pipe is None:
+            return _empty(x, weight, out, casting_mode, residual, residual_out)
+    if residual is None and residual_out is None and x.numel() < OFFLOAD_NUMEL and pipe.executor not in (
+            ASYNC_EXECUTORS):
+        return pipe(x, weight, eps, out)  # a small call: inline, no thread hop
     return await pipe.acall(x, weight, eps, out, residual=residual, residual_out=residual_out)
 
 

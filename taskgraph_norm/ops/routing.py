@@ -59,18 +59,27 @@ def dual(*tensors: torch.Tensor | None) -> bool:
     return any(t is not None and unpack(t).tangent is not None for t in tensors)
 
 
+# (bound once: route() runs on every call, and each attribute lookup shows on a 5 us call)
+_is_compiling = torch.compiler.is_compiling
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+_jit_state = torch._C._get_tracing_state
+_functorch_active = torch._C._are_functorch_transforms_active
+_grad_enabled = torch.is_grad_enabled
+
+
 def route(x: torch.Tensor, weight: torch.Tensor | None) -> int:
     """:data:`TRACED` when a tracer looks, :data:`EAGER` when eager autograd records a
     gradient, :data:`DIRECT` otherwise (see the module doc)."""
-    if torch.compiler.is_compiling():
+    if _is_compiling():
         return TRACED  # constant-folded by dynamo: nothing below is traced
-    if tracing(x) or (weight is not None and type(weight) not in _PLAIN):
-        return TRACED
-    if torch._C._are_functorch_transforms_active():
+    if (type(x) not in _PLAIN or _dispatch_modes() > 0 or _jit_state() is not None
+            or (weight is not None and type(weight) not in _PLAIN)):
+        return TRACED  # (tracing(x), inline)
+    if _functorch_active():
         return EAGER  # torch.func (grad, vmap...): the kernels' autograd.Function and its vmap rule
     if _forward_ad._current_level >= 0 and dual(x, weight):
         return EAGER  # forward AD: the autograd.Function's jvp (the kernel would drop the tangent)
-    if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)):
+    if _grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)):
         return EAGER
     return DIRECT
 

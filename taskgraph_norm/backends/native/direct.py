@@ -24,6 +24,7 @@ they are not advised.
 from __future__ import annotations
 
 import ctypes
+import mmap
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -69,7 +70,9 @@ def _advise_huge() -> Callable[[int, int], None] | None:
         return None
     madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     madvise.restype = ctypes.c_int
-    page, huge_advice = 4096, 14  # MADV_HUGEPAGE
+    page, huge_advice = mmap.PAGESIZE, getattr(mmap, "MADV_HUGEPAGE", None)
+    if huge_advice is None:
+        return None
 
     def advise(ptr: int, nbytes: int) -> None:
         start = -(-ptr // page) * page
