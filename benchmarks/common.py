@@ -1,4 +1,6 @@
-"""Shared timing helpers for the benchmark scripts (not part of the library)."""
+"""Shared timing helpers for the benchmark scripts (not part of the library).  Their
+loops show a tqdm bar on a terminal (stderr) and nothing otherwise, as the
+library's :func:`~taskgraph_norm.tools.bench.interleaved_medians` does."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import time
 from collections.abc import Callable
 
 from taskgraph_norm.tools.bench import interleaved_medians
+from taskgraph_norm.tools.progress import progress_bar
 
 __all__ = ["interleaved_medians", "median_seconds", "repeated", "seconds_per_call", "fastest", "target_row",
            "TARGET_HEADER"]
@@ -17,10 +20,12 @@ def median_seconds(fn: Callable[[], object], *, repeats: int = 7, warmup: int = 
     for _ in range(warmup):
         fn()
     times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
+    with progress_bar(repeats, "repeats", unit="call") as bar:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+            bar.update()
     return statistics.median(times)
 
 

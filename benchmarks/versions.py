@@ -29,6 +29,7 @@ run's table, and then one over all runs' rounds with each run's new / old beside
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -36,7 +37,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,21 @@ __all__ = ["VersionsError", "Options", "Tree", "Comparison", "Worker", "parse_ar
 HERE = Path(__file__).resolve().parent
 SUITES = ("small_calls", "training_step", "both")
 Timings = dict[str, list[float]]
+
+
+def _load_progress_bar() -> Any:
+    """``taskgraph_norm.tools.progress.progress_bar`` of this checkout, loaded from its
+    file: this process imports no version of the package (each worker imports its
+    own), and that module needs only tqdm."""
+    spec = importlib.util.spec_from_file_location(
+        "_tgn_progress", HERE.parent / "taskgraph_norm" / "tools" / "progress.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.progress_bar
+
+
+progress_bar = _load_progress_bar()
 
 
 class VersionsError(Exception):
@@ -200,20 +216,22 @@ class Worker:
 
 
 def run_rounds(old: Timer, new: Timer, cases: Sequence[str], rounds: int,
-               progress: Callable[[int], None] | None = None) -> tuple[Timings, Timings]:
+               label: str = "rounds") -> tuple[Timings, Timings]:
     """Per-call seconds of every case, one list per version in round order.  In
     round ``r`` the case order starts at case ``r % len(cases)``, and each case is
-    timed by both versions back to back, old first when ``r`` is even."""
+    timed by both versions back to back, old first when ``r`` is even.  A terminal
+    on stderr shows a bar over the rounds, named ``label``."""
     times: tuple[Timings, Timings] = ({c: [] for c in cases}, {c: [] for c in cases})
     order = list(cases)
-    for r in range(rounds if order else 0):
-        k = r % len(order)
-        pair = ((0, old), (1, new)) if r % 2 == 0 else ((1, new), (0, old))
-        for case in order[k:] + order[:k]:
-            for side, timer in pair:
-                times[side][case].append(timer.time(case))
-        if progress is not None:
-            progress(r + 1)
+    rounds = rounds if order else 0
+    with progress_bar(rounds, label, unit="round") as bar:
+        for r in range(rounds):
+            k = r % len(order)
+            pair = ((0, old), (1, new)) if r % 2 == 0 else ((1, new), (0, old))
+            for case in order[k:] + order[:k]:
+                for side, timer in pair:
+                    times[side][case].append(timer.time(case))
+            bar.update()
     return times
 
 
@@ -321,13 +339,6 @@ def _check_alike(old: Worker, new: Worker) -> None:
             raise VersionsError(f"the two workers differ in {key}: old {old.hello[key]}, new {new.hello[key]}")
 
 
-def _progress(label: str, rounds: int) -> Callable[[int], None]:
-    def show(done: int) -> None:
-        sys.stderr.write(f"\r{label}round {done}/{rounds}" + ("\n" if done == rounds else ""))
-        sys.stderr.flush()
-    return show
-
-
 def _one_run(trees: Sequence[Tree], bench_dir: Path, options: Options, index: int
              ) -> tuple[list[Worker], dict[str, int], Timings, Timings]:
     """A fresh pair of workers (the first run starts old's first, the next new's...),
@@ -340,9 +351,8 @@ def _one_run(trees: Sequence[Tree], bench_dir: Path, options: Options, index: in
             stack.callback(workers[role].close)
         _check_alike(workers["old"], workers["new"])
         calls = {name: n for name, n in workers["old"].hello["cases"]}
-        label = f"run {index + 1}/{options.runs}, " if options.runs > 1 else ""
-        old, new = run_rounds(workers["old"], workers["new"], list(calls), options.rounds,
-                              _progress(label, options.rounds))
+        label = f"run {index + 1}/{options.runs}" if options.runs > 1 else "rounds"
+        old, new = run_rounds(workers["old"], workers["new"], list(calls), options.rounds, label)
         return [workers["old"], workers["new"]], calls, old, new
 
 

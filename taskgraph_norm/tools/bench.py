@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 from ..api import normalize, normalize_sync
 from ..backends.native import loader as native
 from ..testing import bits_equal
+from .progress import ProgressBar, progress_bar
 
 __all__ = ["BenchConfig", "run_bench", "interleaved_medians", "interleaved_times", "peak_extra_memory"]
 
@@ -58,7 +60,7 @@ class BenchConfig:
 
 def interleaved_times(
     methods: dict[str, Callable[[], object]], rounds: int,
-    *, observe: Callable[[str, object], None] | None = None,
+    *, observe: Callable[[str, object], None] | None = None, bar: ProgressBar | None = None,
 ) -> dict[str, list[float]]:
     """Seconds of each call per method, in round order; each round calls every
     method once, in turn, so round ``r`` of two methods saw the same load.  Round
@@ -70,43 +72,37 @@ def interleaved_times(
     ``observe(name, result)``, when given, sees each timed call's result outside
     the timed region (the warm-up call's is not shown); the result is dropped
     before the next call, so no method runs beside a pile of live outputs.
+
+    ``bar``, when given, advances by one per round (a caller's bar over a longer
+    job); without it the rounds show a bar of their own on a terminal
+    (:func:`.progress.progress_bar`).
     """
     for fn in methods.values():
         fn()  # warm-up: workspaces, dispatch caches, compiled kernels
     times: dict[str, list[float]] = {k: [] for k in methods}
     order = list(methods.items())
-    for r in range(rounds if order else 0):
-        k = r % len(order)
-        for name, fn in order[k:] + order[:k]:
-            t0 = time.perf_counter()
-            result = fn()
-            times[name].append(time.perf_counter() - t0)
-            if observe is not None:
-                observe(name, result)
-            del result
+    rounds = rounds if order else 0
+    with nullcontext(bar) if bar is not None else progress_bar(rounds, "rounds", unit="round") as shown:
+        for r in range(rounds):
+            k = r % len(order)
+            for name, fn in order[k:] + order[:k]:
+                t0 = time.perf_counter()
+                result = fn()
+                times[name].append(time.perf_counter() - t0)
+                if observe is not None:
+                    observe(name, result)
+                del result
+            shown.update()
     return times
 
 
 def interleaved_medians(
     methods: dict[str, Callable[[], object]], rounds: int,
-    *, observe: Callable[[str, object], None] | None = None,
+    *, observe: Callable[[str, object], None] | None = None, bar: ProgressBar | None = None,
 ) -> dict[str, float]:
     """Median seconds per method over :func:`interleaved_times`' rounds."""
-    times = interleaved_times(methods, rounds, observe=observe)
+    times = interleaved_times(methods, rounds, observe=observe, bar=bar)
     return {k: statistics.median(v) for k, v in times.items()}
-
-
-class _Progress:
-    def __init__(self, total: int, stream: TextIO) -> None:
-        self.total, self.done, self.stream = total, 0, stream
-
-    def step(self, label: str) -> None:
-        self.done += 1
-        filled = 30 * self.done // max(1, self.total)
-        self.stream.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.total} {label[:40]:<40}")
-        self.stream.flush()
-        if self.done >= self.total:
-            self.stream.write("\n")
 
 
 def _compiled_rms_norm() -> Callable[..., torch.Tensor] | None:
@@ -144,7 +140,7 @@ def _ratio(times: dict[str, float], a: str, b: str) -> str:
     return f"{times[a] / times[b]:.2f}x" if a in times and b in times else "n/a"
 
 
-def _large_rows(config: BenchConfig, tc: Any, progress: _Progress) -> list[str]:
+def _large_rows(config: BenchConfig, tc: Any, progress: ProgressBar) -> list[str]:
     lines = [
         "| input | eager ms | torch.compile ms | copy_ ms | compiled ms | compiled out= ms | exact out= ms "
         "| compiled / eager (<= 0.6) | compiled / torch.compile (<= 1.0) | out= / copy_ (<= 3) "
@@ -153,6 +149,7 @@ def _large_rows(config: BenchConfig, tc: Any, progress: _Progress) -> list[str]:
     ]
     for dtype in config.dtypes:
         for shape in config.shapes:
+            progress.set_postfix_str(f"{shape[0]}x{shape[1]} {dtype}")
             x, w = _input(shape, DTYPES[dtype])
             t = interleaved_medians(_methods(x, w, tc), config.rounds)
             ms = {k: f"{v * 1e3:.1f}" for k, v in t.items()}
@@ -164,17 +161,18 @@ def _large_rows(config: BenchConfig, tc: Any, progress: _Progress) -> list[str]:
                 f"| {_ratio(t, 'compiled tree, out=', 'out.copy_(x)')} "
                 f"| {_ratio(t, 'compiled tree exact, out=', 'compiled tree, out=')} |"
             )
-            progress.step(f"{shape[0]}x{shape[1]} {dtype}")
+            progress.update()
     return lines
 
 
-def _decode_rows(config: BenchConfig, progress: _Progress) -> list[str]:
+def _decode_rows(config: BenchConfig, progress: ProgressBar) -> list[str]:
     import anyio
 
     lines = ["| (1, 4096) | eager us | normalize_sync us | await normalize us | sync / eager (<= 2.5) |",
              "|---|---|---|---|---|"]
     calls = 200
     for dtype in config.dtypes:
+        progress.set_postfix_str(f"decode {dtype}")
         x, w = _input((1, 4096), DTYPES[dtype])
 
         def many(fn: Callable[[], object]) -> Callable[[], None]:
@@ -198,7 +196,7 @@ def _decode_rows(config: BenchConfig, progress: _Progress) -> list[str]:
         us = {k: v / calls * 1e6 for k, v in t.items()}
         lines.append(f"| {dtype} | {us['eager']:.1f} | {us['sync']:.1f} | {us['async']:.1f} "
                      f"| {us['sync'] / us['eager']:.2f}x |")
-        progress.step(f"decode {dtype}")
+        progress.update()
     return lines
 
 
@@ -241,14 +239,15 @@ def peak_extra_memory(method: str, dtype: str, rows: int, hidden: int, native: b
     return float(json.loads(done.stdout.strip().splitlines()[-1])["extra_kb"]) / 1024
 
 
-def _memory_rows(config: BenchConfig, progress: _Progress) -> list[str]:
+def _memory_rows(config: BenchConfig, progress: ProgressBar) -> list[str]:
     lines = ["| (4096, 4096) into a preallocated output | extra peak RSS MiB |", "|---|---|"]
     for method, label in (("copy", "out.copy_(x)"), ("eager", "eager F.rms_norm + copy"),
                           ("float", "compiled tree, out="), ("exact", "compiled tree exact, out=")):
         for dtype in config.dtypes:
+            progress.set_postfix_str(f"memory {label} {dtype}")
             extra = peak_extra_memory(method, dtype, 4096, 4096, config.native)
             lines.append(f"| {label} {dtype} | {extra:.1f} |")
-            progress.step(f"memory {label} {dtype}")
+            progress.update()
     return lines
 
 
@@ -262,7 +261,7 @@ def batch_invariant(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor)
     return bits_equal(small, full[:64])
 
 
-def _invariance_rows(config: BenchConfig, tc: Any, progress: _Progress) -> list[str]:
+def _invariance_rows(config: BenchConfig, tc: Any, progress: ProgressBar) -> list[str]:
     x, w = _input((4096, 4096), torch.float32)
     d = x.shape[-1]
     methods: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -273,20 +272,22 @@ def _invariance_rows(config: BenchConfig, tc: Any, progress: _Progress) -> list[
     if tc is not None:
         methods["torch.compile(F.rms_norm)"] = lambda t: tc(t, (d,), w)
     lines = ["| method (fp32, rows alone vs batch 64 vs 4096) | batch-invariant here |", "|---|---|"]
+    progress.set_postfix_str("batch invariance")
     for name, fn in methods.items():
         lines.append(f"| {name} | {'yes' if batch_invariant(fn, x) else 'NO'} |")
-    progress.step("batch invariance")
+    progress.update()
     return lines
 
 
-def _sweep(config: BenchConfig, tc: Any, progress: _Progress) -> dict[str, dict[int, float]]:
+def _sweep(config: BenchConfig, tc: Any, progress: ProgressBar) -> dict[str, dict[int, float]]:
     """Seconds per call against batch size, fp32, hidden 4096, for the plot."""
     series: dict[str, dict[int, float]] = {}
     for rows in config.batches:
+        progress.set_postfix_str(f"sweep batch {rows}")
         x, w = _input((rows, 4096), torch.float32)
         for name, sec in interleaved_medians(_methods(x, w, tc), config.rounds).items():
             series.setdefault(name, {})[rows] = sec
-        progress.step(f"sweep batch {rows}")
+        progress.update()
     return series
 
 
@@ -315,30 +316,32 @@ def plot(series: dict[str, dict[int, float]], path: Path) -> None:
     plt.close(fig)
 
 
-def run_bench(config: BenchConfig, stream: TextIO, progress_stream: TextIO | None = None) -> str:
-    """Run the suite, print the Markdown report, write ``bench.md`` and ``bench.png``."""
+def run_bench(config: BenchConfig, stream: TextIO) -> str:
+    """Run the suite, print the Markdown report, write ``bench.md`` and ``bench.png``.
+    A terminal on stderr shows a progress bar (:func:`.progress.progress_bar`)."""
     if not config.native:
         with native.disabled():
-            return _run_bench(config, stream, progress_stream)
-    return _run_bench(config, stream, progress_stream)
+            return _run_bench(config, stream)
+    return _run_bench(config, stream)
 
 
-def _run_bench(config: BenchConfig, stream: TextIO, progress_stream: TextIO | None) -> str:
+def _run_bench(config: BenchConfig, stream: TextIO) -> str:
     steps = len(config.dtypes) * (len(config.shapes) + 1) + len(config.batches) + 1
     steps += 4 * len(config.dtypes) if config.memory else 0
-    progress = _Progress(steps, progress_stream or sys.stderr)
-    tc = _compiled_rms_norm() if config.torch_compile else None
     header = (
         f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads, "
         f"median of {config.rounds} interleaved rounds; compiled = this library's default "
         "normalize (tree, chunk 64, pairwise leaf, executor auto -> compiled); "
         + native.describe(config.native)
     )
-    parts = [header, "", *_large_rows(config, tc, progress), "", *_decode_rows(config, progress)]
-    if config.memory:
-        parts += ["", *_memory_rows(config, progress)]
-    parts += ["", *_invariance_rows(config, tc, progress)]
-    series = _sweep(config, tc, progress)
+    with progress_bar(steps, "bench") as progress:
+        progress.set_postfix_str("torch.compile" if config.torch_compile else "")
+        tc = _compiled_rms_norm() if config.torch_compile else None
+        parts = [header, "", *_large_rows(config, tc, progress), "", *_decode_rows(config, progress)]
+        if config.memory:
+            parts += ["", *_memory_rows(config, progress)]
+        parts += ["", *_invariance_rows(config, tc, progress)]
+        series = _sweep(config, tc, progress)
     config.out_dir.mkdir(parents=True, exist_ok=True)
     png = config.out_dir / "bench.png"
     try:

@@ -46,6 +46,7 @@ from ..graph import Graph
 from ..prover import prove
 from ..testing import bits_equal
 from ..topologies import build_graph
+from .progress import ProgressBar, progress_bar
 from .report_timing import RoundTimes, max_abs, time_rounds
 
 __all__ = [
@@ -241,7 +242,7 @@ def _batch_invariant(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tenso
 _UNWEIGHTED = "standard, unweighted"
 
 
-def _time_interleaved(runners: list[_Runner], x2: torch.Tensor, repeats: int) -> RoundTimes:
+def _time_interleaved(runners: list[_Runner], x2: torch.Tensor, repeats: int, bar: ProgressBar) -> RoundTimes:
     """Every row called once per round, ``repeats`` rounds; the standard row is also
     timed without its weight (torch's faster kernel on some CPUs), in the same rounds."""
     methods: dict[str, Callable[[], object]] = {}
@@ -251,7 +252,7 @@ def _time_interleaved(runners: list[_Runner], x2: torch.Tensor, repeats: int) ->
         methods[run.system.name] = run.timed(x2)
         if run.eager:
             methods[_UNWEIGHTED] = functools.partial(kernels.rms_norm_standard, x2, x2.shape[-1], run.eps, None)
-    return time_rounds(methods, repeats, observed=[run.system.name for run in runners])
+    return time_rounds(methods, repeats, observed=[run.system.name for run in runners], bar=bar)
 
 
 def _measure(
@@ -315,10 +316,17 @@ def measure_rows(config: ReportConfig) -> list[ReportRow]:
     eps = kernels.default_eps(x.dtype)
     standard = kernels.rms_norm_standard(x2, x2.shape[-1], eps, weight)
     ref64 = fp64_reference(x2, weight, eps)
-    with start_blocking_portal() as portal:
+    # One bar over the timed rounds, then one step per row checked (proof, batch
+    # invariance, errors); a terminal on stderr shows it, nothing else does.
+    with start_blocking_portal() as portal, progress_bar(config.repeats + len(SYSTEMS), "report") as bar:
         runners = [_Runner(s, x2.shape[-1], config, weight, portal) for s in SYSTEMS]
-        timing = _time_interleaved(runners, x2, config.repeats)
-        rows = [_measure(run, x2, timing, config, standard, ref64) for run in runners]
+        bar.set_postfix_str("timing rounds")
+        timing = _time_interleaved(runners, x2, config.repeats, bar)
+        rows: list[ReportRow] = []
+        for run in runners:
+            bar.set_postfix_str(f"checking {run.system.name}")
+            rows.append(_measure(run, x2, timing, config, standard, ref64))
+            bar.update()
     # "Best certified": the fastest row the prover certifies (deterministic and
     # batch-invariant), among those whose measurements agree with the certificate.
     candidates = [r for r in rows if r.proved.startswith("certified") and r.agrees]

@@ -11,6 +11,7 @@ import torch
 
 from ..testing import bits, bits_equal
 from .bench import interleaved_times
+from .progress import ProgressBar
 
 __all__ = ["Observed", "RoundTimes", "max_abs", "time_rounds"]
 
@@ -69,9 +70,12 @@ class RoundTimes:
         return statistics.median(b / t for b, t in zip(self.times[over], self.times[name]))
 
 
-def time_rounds(methods: dict[str, Callable[[], object]], rounds: int, *, observed: Iterable[str]) -> RoundTimes:
+def time_rounds(
+    methods: dict[str, Callable[[], object]], rounds: int, *, observed: Iterable[str], bar: ProgressBar | None = None,
+) -> RoundTimes:
     """:func:`~.bench.interleaved_times` of ``methods``; the outputs of the
-    ``observed`` ones (tensors) are compared call by call, outside the timing."""
+    ``observed`` ones (tensors) are compared call by call, outside the timing;
+    ``bar``, when given, advances by one per round."""
     seen = {name: Observed() for name in observed}
 
     def observe(name: str, y: object) -> None:
@@ -80,4 +84,4 @@ def time_rounds(methods: dict[str, Callable[[], object]], rounds: int, *, observ
                 raise TypeError(f"{name} returned {type(y).__name__}, not a tensor")
             seen[name](y)
 
-    return RoundTimes(interleaved_times(methods, rounds, observe=observe), seen)
+    return RoundTimes(interleaved_times(methods, rounds, observe=observe, bar=bar), seen)
