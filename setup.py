@@ -2,10 +2,11 @@
 
 ``taskgraph_norm/backends/native/csrc/``: ``native.c`` (the forward's kernels),
 ``native_backward.c`` and ``native_dw.c`` (the backward, the exact weight gradient),
-``native_team.c`` (the team the forward's rows are shared by) and ``native_call.c``
-(the forward's call from Python, without ctypes) become two optional extensions in
-``backends/native/``, next to ``loader.py``, which loads them with ctypes (plain C
-libraries, but for native_call.c's one-function module):
+``native_team.c`` (the team the forward's rows are shared by) and ``native_module.c``
+(the extension module: the functions Python calls, each wrapping one entry point)
+become two optional extension modules in ``backends/native/``, next to ``loader.py``,
+which imports them (setuptools builds every extension with Python's headers, so each
+build is a module; there is no other binding):
 
 * ``_native_portable``: the compiler's default target (the baseline every
   machine that runs this Python runs);
@@ -39,7 +40,7 @@ from setuptools.command.build_ext import build_ext
 HERE = Path(__file__).resolve().parent
 CSRC = "taskgraph_norm/backends/native/csrc"
 SOURCES = [f"{CSRC}/{name}.c"
-           for name in ("native", "native_backward", "native_dw", "native_team", "native_call")]
+           for name in ("native", "native_backward", "native_dw", "native_team", "native_module")]
 CONSTANTS = "taskgraph_norm/constants.py"
 #: Generated from CONSTANTS by BuildExt (.gitignore'd).
 CONSTANTS_HEADER = f"{CSRC}/tgn_constants.h"

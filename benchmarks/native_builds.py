@@ -29,7 +29,7 @@ from taskgraph_norm.tools.bench import interleaved_medians  # noqa: E402
 
 def _with_library(lib: object, fn: Callable[[], object]) -> Callable[[], object]:
     def run() -> object:
-        native._lib = lib  # type: ignore[assignment]  # the kernels look it up on every call
+        native._module = lib  # the kernels look it up on every call
         return fn()
     return run
 
@@ -39,7 +39,7 @@ def kernels(x: torch.Tensor, rounds: int) -> None:
     if not native.available() or None in builds.values():
         print(f"kernels: need both builds here ({native.describe()})")
         return
-    loaded = native._lib
+    loaded = native._module
     libs = {v: native._open(p) for v, p in builds.items() if p is not None}
     rows, hidden = x.shape
     plan = tgn.Pipeline(tgn.build_graph(hidden), "compiled").plan
@@ -54,7 +54,7 @@ def kernels(x: torch.Tensor, rounds: int) -> None:
         medians = interleaved_medians(
             {f"{k} {v}": _with_library(lib, fn) for k, fn in calls.items() for v, lib in libs.items()}, rounds)
     finally:
-        native._lib = loaded
+        native._module = loaded
     for k in calls:
         host, portable = medians[f"{k} host"], medians[f"{k} portable"]
         print(f"kernel {k:5s}: host {host * 1e3:7.1f} ms  portable {portable * 1e3:7.1f} ms  "

@@ -5,8 +5,8 @@ This module imports nothing (not torch, nothing of ours): the IR's builders read
 and ``setup.py`` executes this file on its own at build time to write the C header
 ``backends/native/csrc/tgn_constants.h`` (``#define TGN_<NAME> <value>`` for every
 integer here, and ``TGN_CONSTANTS(X)``, the list of their names), which the C sources
-include instead of defining their own.  The built library exports the same values
-(``tgn_constants``); the loader refuses a build whose values differ from these, and
+include instead of defining their own.  The built extension reports the same values
+(its ``constants()``, from ``tgn_constants``); the loader refuses a build whose values differ from these, and
 ``tests/test_constants.py`` checks both, and that no other file defines one of these
 names with a literal.
 
@@ -17,11 +17,12 @@ from __future__ import annotations
 
 from typing import Final
 
-NATIVE_ABI: Final = 16
-"""The version of the native library's entry points (``tgn_native.h``: their names,
-arguments and meaning, and the values below).  The loader refuses a library that
-reports another, so a build left from an older install is never called with new
-arguments.  Bump it with any change to ``tgn_native.h``'s prototypes."""
+NATIVE_ABI: Final = 17
+"""The version of the native extension's entry points (``tgn_native.h``'s prototypes
+and ``native_module.c``'s functions that wrap them: their names, arguments and
+meaning, and the values below).  The loader refuses a build that reports another, so
+a build left from an older install is never called with new arguments.  Bump it with
+any change to those prototypes or to the module's functions."""
 
 BACKWARD_ROW_BLOCK: Final = 32
 """Rows per block of the float weight gradient's merge: ``dW`` sums each block of

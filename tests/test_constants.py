@@ -4,13 +4,13 @@ The C sources read them from ``tgn_constants.h``, which setup.py writes from tha
 module; the built libraries export the values they were built with, and the loader
 refuses one whose values differ.  No other file may define one of these names with a
 literal, and the C functions' prototypes are written once, in ``tgn_native.h``, which
-the ctypes declarations of ``backends/native/abi.py`` must match.
+the extension module's functions (``native_module.c``) must match.
 """
 
 from __future__ import annotations
 
 import ast
-import ctypes
+import inspect
 import re
 from pathlib import Path
 from typing import Any
@@ -114,74 +114,98 @@ def test_a_second_definition_is_caught(tmp_path: Path) -> None:
                                                  "taskgraph_norm/b.c:1", "taskgraph_norm/b.c:2"]
 
 
-# --- the built libraries ---------------------------------------------------------------
+# --- the built modules -----------------------------------------------------------------
 
 
 def _built() -> list[Path]:
     return [p for p in (native._find(v) for v in ("host", "portable")) if p is not None]
 
 
+def _import(path: Path) -> object:
+    return abi.import_module(path, f"taskgraph_norm.backends.native.{path.name.split('.')[0]}")
+
+
 @pytest.mark.skipif(not _built(), reason="the native kernels are not built here")
 @pytest.mark.parametrize("path", _built(), ids=lambda p: p.name.split(".")[0])
 def test_the_built_kernels_have_the_python_values(path: Path) -> None:
-    lib = ctypes.CDLL(str(path))
-    assert abi.built_constants(lib) == abi.expected_constants()
-    assert lib.tgn_native_abi() == constants.NATIVE_ABI
-    abi.check_constants(lib, path)
+    module: Any = _import(path)  # checks both, and raises if either differs
+    assert module.constants() == abi.expected_constants()
+    assert module.native_abi() == constants.NATIVE_ABI
+    abi.check_constants(module, path)
 
 
 @pytest.mark.skipif(not _built(), reason="the native kernels are not built here")
 def test_a_build_from_other_values_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Negative control: the package's value changes, the library's does not.
+    # Negative control: the package's value changes, the build's does not.
     path = _built()[0]
-    lib = ctypes.CDLL(str(path))
+    module = _import(path)
     monkeypatch.setattr(constants, "BACKWARD_ROW_BLOCK", constants.BACKWARD_ROW_BLOCK + 1)
     with pytest.raises(OSError, match="BACKWARD_ROW_BLOCK differ"):
-        abi.check_constants(lib, path)
+        abi.check_constants(module, path)
+    with pytest.raises(OSError, match="BACKWARD_ROW_BLOCK differ"):
+        _import(path)
 
 
 # --- one set of prototypes ---------------------------------------------------------------
 
-_C_TYPES = {"int64_t": ctypes.c_int64, "int": ctypes.c_int, "double": ctypes.c_double, "void": None}
 _PROTOTYPE = re.compile(r"^(int64_t|int|void|double)\s+(tgn_\w+)\s*\(([^;{)]*)\)\s*;", re.M)
+#: Pointer parameters a wrapper returns instead of taking (exact_scale's two scales).
+_RETURNED = {"tgn_exact_scale": ("sigma1", "sigma2")}
 
 
-def header_prototypes() -> dict[str, tuple[Any, list[Any]]]:
-    """``name: (restype, argtypes)`` of every function ``tgn_native.h`` declares, as
-    ctypes types (every pointer an address)."""
-    found: dict[str, tuple[Any, list[Any]]] = {}
-    for ret, name, params in _PROTOTYPE.findall((CSRC / "tgn_native.h").read_text()):
-        args = []
-        for param in " ".join(params.split()).split(","):
-            if param.strip() in ("void", ""):
-                continue
-            args.append(ctypes.c_void_p if "*" in param else _C_TYPES[param.split()[-2]])
-        found[name] = (_C_TYPES[ret], args)
+def header_prototypes() -> dict[str, list[str]]:
+    """``name: parameter names`` of every function ``tgn_native.h`` declares."""
+    found: dict[str, list[str]] = {}
+    for _, name, params in _PROTOTYPE.findall((CSRC / "tgn_native.h").read_text()):
+        names = [p.split()[-1].lstrip("*") for p in " ".join(params.split()).split(",")
+                 if p.strip() not in ("void", "")]
+        found[name] = names
     return found
 
 
-class _Recorder:
-    """Stands in for a library: records what :func:`abi.declare` sets on each function."""
+def module_functions(module: Any) -> dict[str, list[str]]:
+    """``tgn_<name>: parameter names`` of each of the module's functions that wraps an
+    entry point (all but rows_config and constants, which wrap a struct and a table)."""
+    found: dict[str, list[str]] = {}
+    for name in dir(module):
+        fn = getattr(module, name)
+        if name.startswith("_") or not callable(fn) or name in ("rows_config", "constants"):
+            continue
+        found[f"tgn_{name}"] = list(inspect.signature(fn).parameters)
+    return found
 
-    def __init__(self) -> None:
-        self.functions: dict[str, Any] = {}
 
-    def __getattr__(self, name: str) -> Any:
-        return self.functions.setdefault(name, type("Function", (), {})())
-
-
-def test_the_ctypes_declarations_match_the_header() -> None:
-    lib = _Recorder()
-    abi.declare(lib)  # type: ignore[arg-type]
+@pytest.mark.skipif(not _built(), reason="the native kernels are not built here")
+def test_the_module_functions_match_the_header() -> None:
+    """Each of the module's functions has its entry point's parameters, by name and in
+    order (the C compiler checks each wrapper's call against the prototype), and
+    converts exactly that many arguments (one more is refused before any C runs)."""
     header = header_prototypes()
-    assert len(header) >= 15 and len(lib.functions) >= 15  # the reader sees them
-    for name, fn in lib.functions.items():
-        assert name in header, f"{name} is declared for ctypes but not in tgn_native.h"
-        restype, argtypes = header[name]
-        # a pointer argument may be declared as the address (c_void_p) or a typed pointer
-        declared = [ctypes.c_void_p if t is not None and issubclass(t, ctypes._Pointer) else t for t in fn.argtypes]
-        assert declared == argtypes, name
-        assert fn.restype is restype, name
+    assert len(header) >= 15  # the reader sees them
+    for path in _built():
+        module: Any = _import(path)
+        functions = module_functions(module)
+        assert len(functions) >= 14
+        for name, params in functions.items():
+            assert name in header, f"{path.name}: {name[4:]} wraps nothing tgn_native.h declares"
+            want = [p for p in header[name] if p not in _RETURNED.get(name, ())]
+            assert params == want, name
+            if params:
+                with pytest.raises(TypeError, match=f"takes {len(params)} arguments"):
+                    getattr(module, name[4:])(*[None] * (len(params) + 1))
+
+
+def test_a_signature_that_differs_from_the_header_is_caught() -> None:
+    # Negative control: the reader and the comparison see a wrapper that drifted.
+    header = header_prototypes()
+
+    class Drifted:
+        @staticmethod
+        def exact_round_f32(state: int, n: int, to_odd: int, out: int) -> int:  # stride left out
+            return 0
+
+    functions = module_functions(Drifted)
+    assert functions["tgn_exact_round_f32"] != header["tgn_exact_round_f32"]
 
 
 def test_every_c_file_takes_its_prototypes_from_the_header() -> None:

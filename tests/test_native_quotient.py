@@ -9,7 +9,6 @@ fallback, fails these."""
 
 from __future__ import annotations
 
-import ctypes
 import math
 
 import pytest
@@ -29,16 +28,15 @@ TINY = 2.0**-126
 
 def kernel(x: torch.Tensor, chunk: int, w: torch.Tensor | None, flags: int = 0,
            offset: float = 0.0, eps: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """tgn_float_rows_f32 with FINALIZE: y and the rms of each row."""
+    """float_rows_f32 (tgn_float_rows_f32) with FINALIZE: y and the rms of each row."""
     rows, hidden = x.shape
     plan = for_config(hidden, chunk, "tree", "pairwise", "float", "auto", "torch", 0.0).plan
     rec = FloatRecipe(plan.chunk_size, plan.n_chunks, tuple(t for lv in plan.adds for t in lv), plan.root)
     y, rms = torch.empty_like(x), torch.empty(rows)
-    lib = native._library()
-    wp = None if w is None else ctypes.c_void_p(w.data_ptr())
-    lib.tgn_float_rows_f32(x.data_ptr(), rows, hidden, hidden, rec.chunk_size, rec.adds.data_ptr(),
-                           rec.n_adds, rec.root, rms.data_ptr(), y.data_ptr(), hidden, wp, eps,
-                           flags | TOTAL_AS_RMS, offset, None, hidden, None, hidden)
+    wp = None if w is None else w.data_ptr()
+    native.module().float_rows_f32(x.data_ptr(), rows, hidden, hidden, rec.chunk_size, rec.adds.data_ptr(),
+                                   rec.n_adds, rec.root, rms.data_ptr(), y.data_ptr(), hidden, wp, eps,
+                                   flags | TOTAL_AS_RMS, offset, None, hidden, None, hidden)
     return y, rms
 
 

@@ -9,7 +9,6 @@ the bits."""
 from __future__ import annotations
 
 import re
-import sysconfig
 import threading
 import time
 from collections.abc import Iterator
@@ -186,61 +185,69 @@ def test_more_threads_than_cores_get_the_same_bits(runtime: str, threads: int) -
         torch.set_num_threads(before)
 
 
-def _configs() -> list[tuple[str, object]]:
+def _configs() -> list[tuple[str, bytes, object]]:
+    """``(kind, rows_config bytes, the recipe whose adds tensor they point into)``."""
     from taskgraph_norm.backends.native import loader as native
-    from taskgraph_norm.backends.native.abi import RowsConfig
     from taskgraph_norm.pipeline import for_config
 
     plan = for_config(1024, 64, "tree", "pairwise", "float", "auto", "torch", 0.0).plan
     assert plan is not None
     recipe = native.FloatRecipe(plan.chunk_size, plan.n_chunks, tuple(t for lv in plan.adds for t in lv), plan.root)
-    float_cfg = RowsConfig(exact=0, hidden=1024, chunk=recipe.chunk_size, adds=recipe.adds.data_ptr(),
-                           n_adds=recipe.n_adds, root=recipe.root, total_flags=native.TOTAL_AS_RMS, grain=3)
-    float_cfg._keep = recipe  # type: ignore[attr-defined]
-    return [("float", float_cfg), ("exact", RowsConfig(exact=1, hidden=1024, grain=3, offset=0.25))]
+    kernels = native.module()
+    float_cfg = kernels.rows_config(exact=0, hidden=1024, chunk=recipe.chunk_size, adds=recipe.adds.data_ptr(),
+                                    n_adds=recipe.n_adds, root=recipe.root, total_flags=native.TOTAL_AS_RMS,
+                                    grain=3)
+    return [("float", float_cfg, recipe),
+            ("exact", kernels.rows_config(exact=1, hidden=1024, grain=3, offset=0.25), None)]
 
 
-def test_the_fast_entry_and_ctypes_make_the_same_call(two_threads: None, runtime: str) -> None:
-    """native_call.c's ``rows`` (the direct path's call; no ctypes) and ``tgn_rows_call``
-    through ctypes take the same arguments and give the same bits; ``total=None``
-    writes no totals; bad arguments raise, never crash."""
-    import ctypes
-
+def test_the_direct_call_is_the_row_kernels_call(two_threads: None, runtime: str) -> None:
+    """The module's ``rows_call`` (the direct path's call: a configuration packed once
+    by ``rows_config``, the tensors as addresses) on the team gives the bits of the row
+    kernels called whole on one thread (``float_rows``, ``exact_rows``), totals
+    included; ``total=None`` writes no totals; bad arguments raise, never crash."""
     from taskgraph_norm.backends.native import loader as native
 
-    fast, lib = native.rows_entry(), native._library()
-    if (Path(sysconfig.get_paths()["include"]) / "Python.h").exists():
-        assert fast is not lib.tgn_rows_call, "the library was built without native_call.c's module"
+    rows_call = native.module().rows_call
     x, w, r = _inputs(301, 1024)
-    for kind, cfg in _configs():
-        address = ctypes.addressof(cfg)  # type: ignore[arg-type]
+    for kind, cfg, recipe in _configs():
         width = 1 if kind == "float" else 2
         dtype = torch.float32 if kind == "float" else torch.float64
         outs = []
-        for entry in (fast, lib.tgn_rows_call):
-            for residual in (False, True):
-                y, h = torch.empty_like(x), torch.empty_like(x)
-                total = torch.full((301, width), -1.0, dtype=dtype)
-                assert entry(address, x.data_ptr(), y.data_ptr(), 301, w.data_ptr(), 1e-6, total.data_ptr(),
+        for residual in (False, True):
+            y, h = torch.empty_like(x), torch.empty_like(x)
+            total = torch.full((301, width), -1.0, dtype=dtype)
+            assert rows_call(cfg, x.data_ptr(), y.data_ptr(), 301, w.data_ptr(), 1e-6, total.data_ptr(),
                              r.data_ptr() if residual else None, h.data_ptr() if residual else None, 2) == 0
-                y2 = torch.empty_like(x)
-                assert entry(address, x.data_ptr(), y2.data_ptr(), 301, w.data_ptr(), 1e-6, None,
+            y2 = torch.empty_like(x)
+            assert rows_call(cfg, x.data_ptr(), y2.data_ptr(), 301, w.data_ptr(), 1e-6, None,
                              r.data_ptr() if residual else None, h.data_ptr() if residual else None, 2) == 0
-                assert_bits_equal(y2, y)  # no totals kept: the same y
-                assert bool((total != -1.0).all()), f"{kind}: a row's total was not written"
-                outs.append((y, total, h if residual else None))
-        for a, b in zip(outs[:2], outs[2:]):
-            assert_bits_equal(a[0], b[0])
-            assert_bits_equal(a[1], b[1])
-        assert not bits_equal(outs[0][0], outs[1][0])  # negative control: the residual changes y
-    address = ctypes.addressof(_configs()[1][1])  # type: ignore[arg-type]
-    assert fast(address, 0, 0, 0, None, 1e-6, None, None, None, 2) == 0  # an empty input
+            assert_bits_equal(y2, y)  # no totals kept: the same y
+            assert bool((total != -1.0).all()), f"{kind}: a row's total was not written"
+            y1, h1, total1 = torch.empty_like(x), torch.empty_like(x), torch.empty_like(total)
+            res = {"residual": r, "h": h1} if residual else {}
+            if kind == "float":
+                assert native.float_rows(x, recipe, total1, y1, w, 1e-6, flags=native.TOTAL_AS_RMS, **res) == 0
+            else:
+                assert native.exact_rows(x, total1, y1, w, 1e-6, offset=0.25, **res) == 0
+            assert_bits_equal(y, y1)
+            assert_bits_equal(total, total1)
+            if residual:
+                assert_bits_equal(h, h1)
+            outs.append(y)
+        assert not bits_equal(outs[0], outs[1])  # negative control: the residual changes y
+    cfg = _configs()[1][1]
+    assert rows_call(cfg, 0, 0, 0, None, 1e-6, None, None, None, 2) == 0  # an empty input
     with pytest.raises(TypeError):
-        fast(address, x.data_ptr())
+        rows_call(cfg, x.data_ptr())
+    with pytest.raises(TypeError):
+        rows_call(cfg[:-1], None, None, 5, None, 1e-6, None, None, None, 2)  # not a configuration
     with pytest.raises(ValueError):
-        fast(address, None, None, 5, None, 1e-6, None, None, None, 2)
+        rows_call(cfg, None, None, 5, None, 1e-6, None, None, None, 2)
     with pytest.raises(TypeError):
-        fast(address, x.data_ptr(), None, 5, None, "eps", None, None, None, 2)
+        rows_call(cfg, x.data_ptr(), None, 5, None, "eps", None, None, None, 2)
+    with pytest.raises(ValueError):
+        native.module().rows_config(exact=1)  # no hidden size
 
 
 @pytest.mark.parametrize("accumulate", ["float", "exact"])

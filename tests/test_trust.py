@@ -11,11 +11,13 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import importlib.machinery
 import multiprocessing
 import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import textwrap
 import warnings
 from pathlib import Path
@@ -153,6 +155,38 @@ def test_a_corrupt_library_never_silently_disables_the_kernels(tmp_path: Path, w
     assert proc.stdout.splitlines()[-1] == torch_ops_digests()
 
 
+STALE_MODULE_C = r"""
+#include <Python.h>
+static PyObject *native_abi(PyObject *self, PyObject *unused) { return PyLong_FromLong(ABI); }
+static PyMethodDef methods[] = {{"native_abi", native_abi, METH_NOARGS, NULL}, {NULL, NULL, 0, NULL}};
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_native_portable", NULL, -1, methods};
+PyMODINIT_FUNC PyInit__native_portable(void) { return PyModule_Create(&module); }
+"""
+
+
+@needs_cc
+@pytest.mark.parametrize("abi", ["older", "none"])
+def test_a_stale_build_is_refused_before_any_kernel_runs(tmp_path: Path, abi: str) -> None:
+    """An extension module left from another version (another ``native_abi()``, or none:
+    a build from before the module had every entry point) in place of every build: it
+    is imported, refused on its ABI alone, and the torch ops run with one warning."""
+    pkg = package_copy(tmp_path)
+    for lib in (pkg / "backends" / "native").glob("_native_*"):
+        lib.unlink()
+    src = tmp_path / "stale.c"
+    code = STALE_MODULE_C.replace("ABI", str(native_abi.ABI - 1))
+    src.write_text(code if abi == "older" else code.replace('{"native_abi", native_abi, METH_NOARGS, NULL}, ', ""))
+    target = pkg / "backends" / "native" / f"_native_portable{importlib.machinery.EXTENSION_SUFFIXES[0]}"
+    assert CC is not None
+    subprocess.run([CC, "-shared", "-fPIC", f"-I{sysconfig.get_paths()['include']}", "-o", str(target), str(src)],
+                   check=True, capture_output=True)
+    proc = run_probe(probe("float", "exact"), root=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[0] == "native False"
+    assert proc.stderr.count(WARNING_CATEGORY) == 1 and "stale build" in proc.stderr, proc.stderr
+    assert proc.stdout.splitlines()[-1] == torch_ops_digests()
+
+
 def test_missing_kernels_warn_once_and_opting_out_is_silent(tmp_path: Path) -> None:
     """No library (an install without a compiler): exactly one NativeKernelsWarning
     however many calls, saying why and what it costs; TGN_NATIVE=0 runs the same
@@ -212,7 +246,9 @@ def test_the_build_is_optional_and_takes_a_compiler_with_arguments(tmp_path: Pat
     assert libs == (["_native_host", "_native_portable"][-len(libs):] if built else []), libs
     if built:
         assert "_native_portable" in libs
-        assert ctypes.CDLL(str(next((tmp_path / "lib").rglob("_native_portable*")))).tgn_native_abi() == native_abi.ABI
+        built = next((tmp_path / "lib").rglob("_native_portable*"))
+        module = native_abi.import_module(built, "taskgraph_norm.backends.native._native_portable")
+        assert module.native_abi() == native_abi.ABI
     else:
         assert "failed" in proc.stderr.lower() or "failed" in proc.stdout.lower()
 

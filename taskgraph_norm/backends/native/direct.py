@@ -35,7 +35,6 @@ from ...constants import SPLIT_NUMEL, TEAM_GRAIN
 from . import loader as _native
 from . import team as _team
 from ...lowering import Plan
-from .abi import RowsConfig
 
 __all__ = ["DirectCall", "HUGE_BYTES", "SPLIT_NUMEL", "TEAM_GRAIN", "direct_call"]
 
@@ -100,18 +99,17 @@ def direct_call(plan: Plan) -> DirectCall | None:
     keep: list[Any] = []
     # Rows per block of the team: about TEAM_GRAIN elements.
     grain = max(1, TEAM_GRAIN // max(hidden, 1))
+    kernels = _native.module()
     if exact:
-        cfg = RowsConfig(exact=1, hidden=hidden, offset=plan.offset, grain=grain)
+        cfg = kernels.rows_config(exact=1, hidden=hidden, offset=plan.offset, grain=grain)
     else:
         adds = tuple(t for level in plan.adds for t in level)
         recipe = _native.FloatRecipe(plan.chunk_size, plan.n_chunks, adds, plan.root)
         keep.append(recipe)  # holds the adds tensor whose address cfg holds
-        cfg = RowsConfig(exact=0, hidden=hidden, chunk=recipe.chunk_size, adds=recipe.adds.data_ptr(),
-                         n_adds=recipe.n_adds, root=recipe.root, total_flags=_native.TOTAL_AS_RMS,
-                         offset=plan.offset, grain=grain)
-    keep.append(cfg)
-    cfg_address = ctypes.addressof(cfg)
-    rows_call = _native.rows_entry()
+        cfg = kernels.rows_config(exact=0, hidden=hidden, chunk=recipe.chunk_size, adds=recipe.adds.data_ptr(),
+                                  n_adds=recipe.n_adds, root=recipe.root, total_flags=_native.TOTAL_AS_RMS,
+                                  offset=plan.offset, grain=grain)
+    rows_call = kernels.rows_call
     offset = plan.offset
     fp32 = torch.float32
 
@@ -149,7 +147,7 @@ def direct_call(plan: Plan) -> DirectCall | None:
             y = out
         rows = numel // hidden
         threads = _team.threads() if numel >= SPLIT_NUMEL and rows > grain else 1
-        bad = rows_call(cfg_address, x.data_ptr(), y.data_ptr(), rows, None if weight is None else weight.data_ptr(),
+        bad = rows_call(cfg, x.data_ptr(), y.data_ptr(), rows, None if weight is None else weight.data_ptr(),
                         eps, None if total is None else total.data_ptr(), rp, hp, threads)
         # A NaN total (or an exact row with no scale): the general path gives it the
         # reference's bits; what was written to a caller's out is overwritten there.

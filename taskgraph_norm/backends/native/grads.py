@@ -1,5 +1,6 @@
-"""The native kernels of the backward and of the exact weight gradient: their ctypes
-wrappers (the library, its loading and the forward's wrappers are :mod:`.loader`)."""
+"""The native kernels of the backward and of the exact weight gradient: their checked
+wrappers over the extension module's functions (the module, its loading and the
+forward's wrappers are :mod:`.loader`)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 
 from ... import caches
 from ...lowering import Plan
-from .loader import FloatRecipe, _library
+from .loader import FloatRecipe, module
 
 __all__ = ["backward_rows", "exact_dw", "exact_round", "recipe_of", "rms_of_totals"]
 
@@ -40,14 +41,14 @@ def backward_rows(
     Returns the number of rows whose ``s`` or ``k`` is not finite (their NaNs are
     C's: the caller recomputes them with torch ops).
     """
-    lib = _library()
+    lib = module()
     rows, hidden = x.shape
     tensors = [x, dy, rms] + [t for t in (weight, dx, blocks) if t is not None]
     if any(t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous() for t in tensors):
         raise ValueError("backward_rows needs contiguous fp32 CPU tensors")
     if rows == 0:
         return 0
-    bad = int(lib.tgn_backward_rows_f32_team(
+    bad = int(lib.backward_rows_f32_team(
         x.data_ptr(), dy.data_ptr(), None if weight is None else weight.data_ptr(), rms.data_ptr(),
         rows, hidden, recipe.chunk_size, recipe.adds.data_ptr(), recipe.n_adds, recipe.root, int(exact),
         None if dx is None else dx.data_ptr(), None if blocks is None else blocks.data_ptr(), grain, threads))
@@ -67,7 +68,7 @@ def rms_of_totals(total: torch.Tensor, hidden: int, eps: float, out: torch.Tenso
     rms = torch.empty(rows, 1, dtype=torch.float32) if out is None else out
     if rms.shape != (rows, 1) or rms.dtype != torch.float32 or not rms.is_contiguous():
         raise ValueError("out must be a contiguous (rows, 1) float32 tensor")
-    _library().tgn_rms_of_totals_f32(total.data_ptr(), rows, channels, hidden, float(eps), rms.data_ptr())
+    module().rms_of_totals_f32(total.data_ptr(), rows, channels, hidden, float(eps), rms.data_ptr())
     return rms
 
 
@@ -88,7 +89,7 @@ def exact_dw(state: torch.Tensor, dy: torch.Tensor, x_hat: torch.Tensor, columns
     many columns overflowed (the caller raises); rows must not pass
     ``exact_sum.ROWS_PER_ADD``.
     """
-    lib = _library()
+    lib = module()
     rows, n = dy.shape
     c0, c1 = columns or (0, n)
     if (dy.dtype != torch.float32 or x_hat.dtype != torch.float32 or x_hat.shape != dy.shape
@@ -104,8 +105,8 @@ def exact_dw(state: torch.Tensor, dy: torch.Tensor, x_hat: torch.Tensor, columns
         return 0
     item = dy.element_size()
     a, b = dy.data_ptr() + c0 * item, x_hat.data_ptr() + c0 * item
-    over = int(lib.tgn_exact_dw_f32_team(a, dy.stride(0), b, x_hat.stride(0), None if rms is None else rms.data_ptr(),
-                                         rows, c1 - c0, state.data_ptr() + c0 * 8, n, grain, threads))
+    over = int(lib.exact_dw_f32_team(a, dy.stride(0), b, x_hat.stride(0), None if rms is None else rms.data_ptr(),
+                                     rows, c1 - c0, state.data_ptr() + c0 * 8, n, grain, threads))
     if over == -1:
         raise MemoryError("the native exact dW kernel could not allocate its scratch")
     if over < 0:
@@ -126,7 +127,7 @@ def exact_round(state: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     n = state.shape[1]
     out = torch.empty(n, dtype=torch.float32)
     if n:
-        _library().tgn_exact_round_f32(state.data_ptr(), n, n, int(dtype != torch.float32), out.data_ptr())
+        module().exact_round_f32(state.data_ptr(), n, n, int(dtype != torch.float32), out.data_ptr())
     if dtype == torch.float32:
         return out
     nan = out.isnan()  # torch's vectorised fp32 -> bf16 gives NaN other bits than a NaN scalar does

@@ -15,10 +15,11 @@ executor would otherwise run, computed row by row while the row is in cache:
 ``tests/test_native.py`` checks both against the torch ops and the reference
 interpreter, edge cases included.
 
-The library is built when the package is installed (``setup.py``: two optional
-extensions next to this file, ``_native_portable`` for the compiler's default
-target and ``_native_host`` for ``-march=native``) and loaded from this file's
-own directory, never from a cache or a path taken from the environment.  The
+The kernels are built when the package is installed (``setup.py``: two optional
+extension modules next to this file, ``_native_portable`` for the compiler's default
+target and ``_native_host`` for ``-march=native``) and imported from this file's
+own directory, never from a cache or a path taken from the environment; the module's
+functions (``csrc/native_module.c``, :mod:`.abi`) are the only way in.  The
 host build carries the features of the CPU that built it, read from the file
 before it is loaded: it is loaded only on a CPU that has all of them, else the
 portable one is (``TGN_NATIVE=portable`` asks for the portable one).  A library
@@ -33,15 +34,15 @@ docs/reliability.md has the whole story.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import importlib.machinery
 import functools
 import os
 import stat
 import threading
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -56,7 +57,7 @@ from ...lowering import Plan
 
 __all__ = [
     "available", "describe", "disabled", "exact_rows",
-    "exact_scale", "float_rows", "FloatRecipe", "library_path",
+    "exact_scale", "float_rows", "FloatRecipe", "library_path", "module",
     "why_unavailable", "ROUND_PRODUCT", "ROUND_QUOTIENT", "TOTAL_AS_RMS",
 ]
 
@@ -69,8 +70,7 @@ _PORTABLE_COST = ("the same bits; the float kernel about 1.35x slower, the exact
                   "(docs/reliability.md)")
 
 _lock = threading.Lock()
-_lib: ctypes.CDLL | None = None
-_rows: Callable[..., int] | None = None
+_module: Any = None  # the extension module (abi.import_module), or None
 _path: Path | None = None
 _error: str | None = None
 _note: str | None = None  # why the host build is not the one loaded, if it is not
@@ -127,19 +127,15 @@ def _host_misfit(path: Path) -> str | None:
     return None
 
 
-def _open(path: Path) -> ctypes.CDLL:
-    lib = ctypes.CDLL(str(_trusted(path)))
-    if lib.tgn_native_abi() != native_abi.ABI:
-        raise OSError(f"{path} is a stale build (ABI {lib.tgn_native_abi()}, want {native_abi.ABI}): "
-                      "reinstall the package")
-    native_abi.check_constants(lib, path)
-    native_abi.declare(lib)
-    return lib
+def _open(path: Path) -> Any:
+    """The extension module at ``path``, imported once ``path`` is :func:`_trusted` and
+    checked (:func:`.abi.import_module`)."""
+    return native_abi.import_module(_trusted(path), f"{__package__}.{path.name.split('.')[0]}")
 
 
-def _choose() -> tuple[ctypes.CDLL | None, Path | None, list[str]]:
-    """The best library this CPU can run, its path, and why any library that is
-    there was not loaded."""
+def _choose() -> tuple[Any, Path | None, list[str]]:
+    """The module of the best build this CPU can run, its path, and why any build
+    that is there was not loaded."""
     reasons: list[str] = []
     for variant in ("portable",) if _choice == "portable" else ("host", "portable"):
         path = _find(variant)
@@ -150,7 +146,7 @@ def _choose() -> tuple[ctypes.CDLL | None, Path | None, list[str]]:
                 reasons.append(f"host build not used: {misfit}")
                 continue
             return _open(path), path, reasons
-        except (OSError, AttributeError) as exc:  # unreadable, untrusted, not a library, stale
+        except (OSError, ImportError, AttributeError) as exc:  # unreadable, untrusted, not a module, stale
             reasons.append(f"{path.name} failed to load: {exc}")
     if _find("portable") is None:
         reasons.append(f"not built: no _native_portable library in {_DIR}; they are built when the package "
@@ -159,22 +155,20 @@ def _choose() -> tuple[ctypes.CDLL | None, Path | None, list[str]]:
     return None, None, reasons
 
 
-def _load() -> ctypes.CDLL | None:
-    global _lib, _rows, _path, _error, _note, _loaded
+def _load() -> Any:
+    global _module, _path, _error, _note, _loaded
     if _loaded:  # the fast path of every call after the first
-        return _lib
+        return _module
     with _lock:
         if _loaded:
-            return _lib
-        _lib, _path, reasons = _choose()
-        _rows = None if _lib is None or _path is None else native_abi.rows_entry(
-            _lib, _trusted(_path), f"{__package__}.{_path.name.split('.')[0]}")
-        _error = None if _lib is not None else "; ".join(reasons)
-        _note = "; ".join(reasons) if _lib is not None and reasons else None
+            return _module
+        _module, _path, reasons = _choose()
+        _error = None if _module is not None else "; ".join(reasons)
+        _note = "; ".join(reasons) if _module is not None and reasons else None
         # Set last: the lock-free fast path above must never see a half-made state.
         _loaded = True
     # Only the thread that loaded gets here: one warning per process.
-    if _lib is None:
+    if _module is None:
         warnings.warn(f"taskgraph_norm's native kernels are unavailable ({_error}). The compiled executor runs "
                       f"its torch ops instead: {_COST}. Reinstall taskgraph-norm where a C compiler works, or "
                       "set TGN_NATIVE=0 to choose the torch ops without this warning.",
@@ -184,7 +178,7 @@ def _load() -> ctypes.CDLL | None:
                       f"{_PORTABLE_COST}. Reinstall taskgraph-norm on this machine to rebuild it, or set "
                       "TGN_NATIVE=portable to choose the portable build without this warning.",
                       NativeKernelsWarning, stacklevel=3)
-    return _lib
+    return _module
 
 
 def available() -> bool:
@@ -249,7 +243,7 @@ def disabled() -> Iterator[None]:
 
 
 #: The dtypes the C kernel reads directly; fp16 and bf16 are widened to fp32 first.
-_FUNCS = {torch.float32: "tgn_exact_rows_f32", torch.float64: "tgn_exact_rows_f64"}
+_FUNCS = {torch.float32: "exact_rows_f32", torch.float64: "exact_rows_f64"}
 
 
 def _check_rows(x: torch.Tensor) -> None:
@@ -257,21 +251,14 @@ def _check_rows(x: torch.Tensor) -> None:
         raise ValueError("the native kernels need a 2-D CPU float32/float64 tensor with unit stride along rows")
 
 
-def _library() -> ctypes.CDLL:
-    lib = _load()
-    if lib is None:
+def module() -> Any:
+    """The loaded extension module (``csrc/native_module.c``: one function per entry
+    point of ``tgn_native.h``, named without ``tgn_``); RuntimeError when the kernels
+    are unavailable."""
+    loaded = _load()
+    if loaded is None:
         raise RuntimeError(f"the native kernel is unavailable: {_error}")
-    return lib
-
-
-def rows_entry() -> Callable[..., int]:
-    """The direct path's call (direct.py), ``rows(cfg, x, y, rows, w, eps, total, r, h,
-    threads)`` with ``cfg`` the address of a :class:`native_abi.RowsConfig` and the
-    tensors as addresses (or ``None``): native_call.c's function where the library is
-    also a Python module, else ``tgn_rows_call`` through ctypes."""
-    _library()
-    assert _rows is not None
-    return _rows
+    return loaded
 
 
 def _finalize_args(
@@ -338,7 +325,7 @@ def exact_rows(
     ``residual`` (x's shape and dtype), each row is first replaced by
     ``h = x + residual``, written into ``h`` (which may be ``x`` or ``residual``).
     """
-    lib = _library()
+    lib = module()
     rows, hidden = x.shape
     if check:
         _check_rows(x)
@@ -354,10 +341,8 @@ def exact_rows(
 
 def exact_scale(row_max: float, hidden_size: int) -> tuple[float, float]:
     """The C form of :func:`kernels.exact_scale` for one row (for tests)."""
-    lib = _library()
-    s1, s2 = ctypes.c_double(), ctypes.c_double()
-    lib.tgn_exact_scale(row_max, hidden_size, ctypes.byref(s1), ctypes.byref(s2))
-    return s1.value, s2.value
+    s1, s2 = module().exact_scale(float(row_max), hidden_size)
+    return float(s1), float(s2)
 
 
 class FloatRecipe:
@@ -389,7 +374,7 @@ def float_rows(
     Returns the number of rows whose total is NaN: their NaN's sign and payload
     are C's, not necessarily torch's, so the caller recomputes them.
     """
-    lib = _library()
+    lib = module()
     rows, hidden = x.shape
     if check:
         _check_rows(x)
@@ -401,7 +386,7 @@ def float_rows(
     res = _residual_args(x, residual, h, check)
     if rows == 0:
         return 0
-    fn = lib.tgn_float_rows_f32 if x.dtype == torch.float32 else lib.tgn_float_rows_f64
+    fn = lib.float_rows_f32 if x.dtype == torch.float32 else lib.float_rows_f64
     nan_rows = int(fn(x.data_ptr(), rows, hidden, x.stride(0), recipe.chunk_size, recipe.adds.data_ptr(),
                       recipe.n_adds, recipe.root, total.data_ptr(), *fin, *res))
     if nan_rows < 0:

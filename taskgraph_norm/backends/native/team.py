@@ -85,14 +85,14 @@ def use_openmp(on: bool = True) -> bool:
             return False
         found = _torch_openmp() if on else None
         parallel, thread_num = found if found is not None else (None, None)
-        return bool(_native._library().tgn_team_use_openmp(parallel, thread_num))
+        return bool(_native.module().team_use_openmp(parallel, thread_num))
 
 
 def openmp() -> bool:
     """Whether the shared rows run in torch's OpenMP team (not in a forked child)."""
     if not _chosen:
         use_openmp(True)
-    return bool(_native.available() and _native._library().tgn_team_openmp())
+    return bool(_native.available() and _native.module().team_openmp())
 
 
 def threads() -> int:
@@ -106,4 +106,4 @@ def threads() -> int:
 def worker_rows() -> int:
     """Rows run by threads other than the callers', in this process (0 without the
     kernels): the tests check that the rows really are shared."""
-    return int(_native._library().tgn_team_worker_rows()) if _native.available() else 0
+    return int(_native.module().team_worker_rows()) if _native.available() else 0

@@ -18,8 +18,8 @@ order; fp64 keeps the torch FINALIZE (torch's CPU fp64 ``sqrt`` is not correctly
 rounded and C's is), as do the torch-ops path and the rows the reference finishes.
 
 Tiles can be spread over a small pool of worker threads (torch releases the
-GIL inside ops, ctypes around the native calls); each thread has its own
-workspaces.
+GIL inside ops, the native extension's functions around their kernels); each thread
+has its own workspaces.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 /* The compiled executor's native kernels: whole rows of sums of squares, in C.
  * (The forward's rows; the backward is native_backward.c, the exact weight gradient
  * native_dw.c, FINALIZE's quotient native_quotient.h, the team that shares the rows
- * native_team.c, the call from Python native_call.c.)
+ * native_team.c, the extension module Python calls native_module.c.)
  *
  * Two kernels, each the C form of the torch ops it replaces, bit for bit (the tests
  * compare them with the reference interpreter):

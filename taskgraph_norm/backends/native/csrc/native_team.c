@@ -373,8 +373,8 @@ int64_t tgn_exact_dw_f32_team(const float *dy, int64_t dy_stride, const float *x
 }
 
 /* The direct path's call (direct.py): one configuration's constants, set once, and
- * the per-call pointers; the same arguments as native_call.c's `rows` (the fast entry
- * from Python).  total NULL: the rows' totals are not kept; else `total_flags` is
+ * the per-call pointers; the same arguments as native_module.c's `rows_call` (the fast
+ * entry from Python).  total NULL: the rows' totals are not kept; else `total_flags` is
  * added to the flags (TGN_TOTAL_AS_RMS for float rows). */
 int64_t tgn_rows_call(const tgn_rows_cfg_t *c, const float *x, float *y, int64_t rows, const float *w,
                       double eps, void *total, const float *r, float *h, int64_t threads)
