@@ -9,7 +9,6 @@ import time
 from collections.abc import Callable
 
 from taskgraph_norm.tools.bench import interleaved_medians
-from taskgraph_norm.tools.progress import progress_bar
 
 __all__ = ["interleaved_medians", "median_seconds", "repeated", "seconds_per_call", "fastest", "target_row",
            "TARGET_HEADER"]
@@ -17,6 +16,10 @@ __all__ = ["interleaved_medians", "median_seconds", "repeated", "seconds_per_cal
 
 def median_seconds(fn: Callable[[], object], *, repeats: int = 7, warmup: int = 1) -> float:
     """Median wall time of ``fn()`` over ``repeats`` calls, after ``warmup`` calls."""
+    # (imported here: benchmarks/versions.py's workers import this module beside an
+    # older version of the package, which may not have it)
+    from taskgraph_norm.tools.progress import progress_bar
+
     for _ in range(warmup):
         fn()
     times = []
