@@ -68,8 +68,7 @@ def _how(x: object, weight: object | None, residual: object | None) -> int:
     weight or the residual), else straight to the pipeline."""
     if not isinstance(x, torch.Tensor):
         return ops.DIRECT  # (the pipeline raises the TypeError)
-    w = weight if isinstance(weight, torch.Tensor) else None
-    how = ops.route(x, w)
+    how = ops.route(x, weight)  # type: ignore[arg-type]  # another type: TRACED, whose checks raise
     if how == ops.DIRECT and isinstance(residual, torch.Tensor):
         how = ops.route(residual, None)
     return how
@@ -128,20 +127,15 @@ def normalize_sync(
     Same arguments and result as :func:`normalize`.  Works from inside a running
     event loop too (an async executor then runs its loop on a helper thread).
     """
-    how = _how(x, weight, residual) if residual is not None or not isinstance(x, torch.Tensor) else (
-        ops.route(x, weight))
+    how = _how(x, weight, residual)
     if how == ops.TRACED:
         options = dict(topology=topology, chunk_size=chunk_size, leaf=leaf, accumulate=accumulate,
                        casting_mode=casting_mode, offset=offset)
         return _traced(x, weight, eps, options, executor, out, residual, residual_out)
-    # the warm path: one dict lookup (find_pipeline checks every option of a cold call)
-    pipe = pipeline.cached(x.shape[-1], chunk_size, topology, leaf, accumulate, executor, casting_mode, offset,
-                           residual is not None) if isinstance(x, torch.Tensor) and x.dim() else None
+    pipe = find_pipeline(x, topology, chunk_size, leaf, accumulate, executor, weight, casting_mode, offset,
+                         residual is not None)
     if pipe is None:
-        pipe = find_pipeline(x, topology, chunk_size, leaf, accumulate, executor, weight, casting_mode, offset,
-                             residual is not None)
-        if pipe is None:
-            return _empty(x, weight, out, casting_mode, residual, residual_out)
+        return _empty(x, weight, out, casting_mode, residual, residual_out)
     if how == ops.EAGER:
         return _recorded(pipe, x, weight, eps, out, residual, residual_out, how)
     if residual is None and residual_out is None:
@@ -194,20 +188,16 @@ async def normalize(
     tensor([[1., 1., 1., 1., 1., 1., 1., 1.],
             [1., 1., 1., 1., 1., 1., 1., 1.]])
     """
-    how = _how(x, weight, residual) if residual is not None or not isinstance(x, torch.Tensor) else (
-        ops.route(x, weight))
+    how = _how(x, weight, residual)
     if how != ops.DIRECT:
         # autograd records on the caller's thread (and a tracer looks there): inline
         return normalize_sync(x, weight, eps, topology=topology, chunk_size=chunk_size, leaf=leaf,
                               accumulate=accumulate, executor=executor, out=out, casting_mode=casting_mode,
                               offset=offset, residual=residual, residual_out=residual_out)
-    pipe = pipeline.cached(x.shape[-1], chunk_size, topology, leaf, accumulate, executor, casting_mode, offset,
-                           residual is not None) if isinstance(x, torch.Tensor) and x.dim() else None
+    pipe = find_pipeline(x, topology, chunk_size, leaf, accumulate, executor, weight, casting_mode, offset,
+                         residual is not None)
     if pipe is None:
-        pipe = find_pipeline(x, topology, chunk_size, leaf, accumulate, executor, weight, casting_mode, offset,
-                             residual is not None)
-        if pipe is None:
-            return _empty(x, weight, out, casting_mode, residual, residual_out)
+        return _empty(x, weight, out, casting_mode, residual, residual_out)
     if residual is None and residual_out is None and x.numel() < OFFLOAD_NUMEL and pipe.executor not in (
             ASYNC_EXECUTORS):
         return pipe(x, weight, eps, out)  # a small call: inline, no thread hop

@@ -25,8 +25,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from contextvars import ContextVar
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import torch
 
@@ -67,21 +66,19 @@ def use(*names: str) -> Iterator[None]:
         _allowed.reset(token)
 
 
-def triton_asked() -> bool:
-    """Whether this context named Triton in :func:`use` (CPU tensors then run in its
-    interpreter under ``TRITON_INTERPRET=1``)."""
-    return _triton_asked.get()
+#: ``triton_asked()``: whether this context named Triton in :func:`use` (CPU tensors
+#: then run in its interpreter under ``TRITON_INTERPRET=1``).  (The variables' own
+#: ``get``: the pipeline asks on every call.)
+triton_asked = _triton_asked.get
+
+#: ``allowed()``: the backends this context lets run (:func:`use`), in priority order.
+allowed = _allowed.get
 
 
-def allowed() -> tuple[str, ...]:
-    """The backends this context lets run (:func:`use`), in priority order."""
-    return _allowed.get()
-
-
-@dataclass(frozen=True, slots=True)
-class Forward:
+class Forward(NamedTuple):
     """A backend's forward: ``y``, and each row's ``rms`` (``(..., 1)``, the accumulation
-    dtype) when the caller asked for it (``None`` otherwise)."""
+    dtype) when the caller asked for it (``None`` otherwise).  (A named tuple, not a
+    frozen dataclass: it is made on every call of the training path.)"""
 
     y: torch.Tensor
     rms: torch.Tensor | None
@@ -101,9 +98,12 @@ class Backend(Protocol):
         self, graph: Graph, plan: Plan, x: torch.Tensor, weight: torch.Tensor | None, eps: float, *,
         out: torch.Tensor | None = None, residual: torch.Tensor | None = None,
         residual_out: torch.Tensor | None = None, stats: bool = False, cancel: threading.Event | None = None,
+        **options: Any,
     ) -> Forward:
         """``y`` for a checked ``x`` (``h = x + residual`` written to ``residual_out`` first,
-        for a residual plan) and, with ``stats``, each row's ``rms``."""
+        for a residual plan) and, with ``stats``, each row's ``rms``.  ``options``: what
+        one backend takes (the torch-ops tiles' ``tile_rows`` and ``threads``; the native
+        backend's ``direct`` call); another raises ``ExecutionError``."""
         ...
 
     def backward(

@@ -42,16 +42,16 @@ def forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(y, rms)`` of ``x`` (``(..., D)``): ``y`` as ``normalize_sync`` gives it, ``rms``
     in the accumulation dtype, shape ``(..., 1)``."""
-    check_model_options(casting_mode, offset)
     hidden = x.shape[-1] if x.dim() else 0
     if x.numel() == 0 or hidden == 0:
+        check_model_options(casting_mode, offset)  # (else for_config's builder checks them)
         out_dtype = kernels.output_dtype(x.dtype, None if weight is None else weight.dtype, casting_mode)
         return (torch.empty_like(x, dtype=out_dtype),
                 x.new_empty(rms_shape(x), dtype=kernels.accumulation_dtype(x.dtype)))
     pipe = pipeline.for_config(hidden, chunk_size, topology, leaf, accumulate, "auto", casting_mode, offset)
-    result = pipe.forward(x, weight, eps, stats=True)
-    assert result.rms is not None
-    return result.y, result.rms
+    y, rms = pipe.forward(x, weight, eps, stats=True)
+    assert rms is not None
+    return y, rms
 
 
 def forward_op(

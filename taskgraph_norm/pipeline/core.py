@@ -256,6 +256,14 @@ class Pipeline:
             found = self._backends[key] = choose(self.plan, device, dtype, names, by_name=self.executor == "triton")
         return found
 
+    def _backend_of(self, x: torch.Tensor) -> Backend:
+        """:meth:`backend` for ``x``'s device and dtype, from one dict lookup when known."""
+        key = ("cpu" if x.is_cpu else x.device.type, x.dtype, allowed(), triton_asked())
+        found = self._backends.get(key)
+        if found is None:
+            found = self._backends[key] = self.backend(x.device, x.dtype)
+        return found
+
     def forward(
         self, x: torch.Tensor, weight: torch.Tensor | None, eps: float, *, out: torch.Tensor | None = None,
         residual: torch.Tensor | None = None, residual_out: torch.Tensor | None = None, stats: bool = False,
@@ -264,6 +272,14 @@ class Pipeline:
         """``y`` of a checked ``x`` (``eps`` resolved) and, with ``stats``, each row's ``rms``
         (``(..., 1)``, the accumulation dtype): what the ops' backward needs.  A plan runs
         on this pipeline's backend; a graph with no plan on its executor."""
+        if not options and self.plan is not None and self.executor in PLAN_EXECUTORS:
+            # the training path's call: no dict of options, the backend from one lookup
+            backend = self._backend_of(x)
+            if backend.name == "native" and residual is None:
+                return backend.forward(self.graph, self.plan, x, weight, eps, out=out, stats=stats, cancel=cancel,
+                                       direct=self.direct())
+            return backend.forward(self.graph, self.plan, x, weight, eps, out=out, residual=residual,
+                                   residual_out=residual_out, stats=stats, cancel=cancel)
         opts = dict(options or {})
         if self.plan is None or self.executor not in PLAN_EXECUTORS:
             extra = {} if residual is None else {"residual": residual, "residual_out": residual_out}
@@ -285,7 +301,7 @@ class Pipeline:
         proof), ``dW`` over fixed row blocks; on this pipeline's backend."""
         if self.plan is None:
             return graph_backward(self.graph, dy, x, weight, rms, input_grad, weight_grad, self.offset, round_x_hat)
-        backend = self.backend(x.device, x.dtype)
+        backend = self._backend_of(x)
         return backend.backward(self.plan, dy, x, weight, rms, input_grad=input_grad, weight_grad=weight_grad,
                                 offset=self.offset, round_x_hat=round_x_hat)
 
