@@ -40,6 +40,26 @@ def _import_from(tree: Path) -> Any:
     return tgn
 
 
+def _kernels(tree: Path) -> str:
+    """Which kernels this version runs, in its own words: older trees keep the native
+    kernels' loader at ``executors.native``, newer ones at ``backends.native.loader``.
+    The file is looked for in the tree first: an editable install of another checkout
+    would otherwise supply a module the tree lacks."""
+    for name in ("taskgraph_norm.backends.native.loader", "taskgraph_norm.executors.native"):
+        if (tree / (name.replace(".", "/") + ".py")).is_file():
+            return str(importlib.import_module(name).describe())
+    return "(no native kernel loader in this tree)"
+
+
+def _foreign_modules(tree: Path) -> list[str]:
+    """Loaded ``taskgraph_norm`` modules whose file is not in ``tree`` (an editable
+    install's finder serves a submodule the tree lacks from its own checkout)."""
+    root = (tree / "taskgraph_norm").resolve()
+    files = {name: getattr(module, "__file__", None) for name, module in list(sys.modules.items())
+             if name.split(".")[0] == "taskgraph_norm"}
+    return sorted(name for name, file in files.items() if file and not Path(file).resolve().is_relative_to(root))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tree", type=Path, required=True)
@@ -58,13 +78,15 @@ def main(argv: list[str] | None = None) -> None:
     chosen = {case.name: case for case in cases(tgn, args.suite)}
     for case in chosen.values():
         case.run()  # warm-up: workspaces, dispatch caches, first-touch pages
-    native = getattr(getattr(tgn, "executors", None), "native", None)
+    kernels = _kernels(args.tree)
+    if foreign := _foreign_modules(args.tree):
+        raise SystemExit(f"version_worker: modules from outside {args.tree}: {', '.join(foreign)}")
     replies.write(json.dumps({
         "package": str((args.tree / "taskgraph_norm").resolve()),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset)"),
-        "kernels": native.describe() if native is not None else "(no executors.native here)",
+        "kernels": kernels,
         "cases": [[case.name, case.calls] for case in chosen.values()],
     }) + "\n")
     for line in sys.stdin:

@@ -21,9 +21,11 @@ The table gives each case's median over rounds per version, new / old, the middl
 half of the per-round ratios (the two timings of a round saw the same load, so
 their spread is the round-to-round noise) and whether new / old is within the
 tolerance of 1.  A process can also be faster or slower than its twin for all its
-life (where its large tensors landed in memory, say), which no number of rounds
-averages out: ``--runs N`` starts a fresh pair of workers N times, prints each
-run's table, and then one over all runs' rounds with each run's new / old beside it.
+life (on a 2-core VM the worker started second was often 5-10% faster on the
+large cases), which no number of rounds averages out: ``--runs N`` starts a fresh
+pair of workers N times, which one starts first alternating (an even N balances
+it), prints each run's table, and then one over all runs' rounds with each run's
+new / old beside it.
 """
 
 from __future__ import annotations

@@ -1,8 +1,10 @@
 """``benchmarks/versions.py``'s parts that start no process: its options, the order of
-the interleaved rounds, and the table and summary from made-up timings."""
+the interleaved rounds, the table and summary from made-up timings, and the worker's
+check that every package module it loaded came from its own tree."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -88,3 +90,17 @@ def test_runs_pool_their_rounds_and_each_run_keeps_its_own_ratio() -> None:
     rows = versions.compare(old, new, {"a": 1})
     per_run = [versions.compare(*first, {"a": 1}), versions.compare(*second, {"a": 1})]
     assert "| a | 1000000.0 | 900000.0 | 0.900 | 1.200, 0.900 | no, faster |" in versions.runs_table(rows, per_run, 0.05)
+
+
+def test_a_worker_names_package_modules_loaded_from_outside_its_tree(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import ModuleType
+
+    from benchmarks import version_worker
+
+    repo = Path(__file__).resolve().parent.parent
+    assert version_worker._foreign_modules(repo) == []  # this checkout's own package
+    stray = ModuleType("taskgraph_norm.stray")
+    stray.__file__ = str(tmp_path / "taskgraph_norm" / "stray.py")  # another checkout's, say
+    monkeypatch.setitem(sys.modules, "taskgraph_norm.stray", stray)
+    assert version_worker._foreign_modules(repo) == ["taskgraph_norm.stray"]
