@@ -18,6 +18,7 @@ import importlib
 import json
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -51,11 +52,12 @@ def _kernels(tree: Path) -> str:
     return "(no native kernel loader in this tree)"
 
 
-def _foreign_modules(tree: Path) -> list[str]:
-    """Loaded ``taskgraph_norm`` modules whose file is not in ``tree`` (an editable
-    install's finder serves a submodule the tree lacks from its own checkout)."""
+def _foreign_modules(tree: Path, modules: Mapping[str, object] | None = None) -> list[str]:
+    """Loaded ``taskgraph_norm`` modules (of ``modules``, default ``sys.modules``) whose
+    file is not in ``tree``: an editable install's finder serves a submodule the tree
+    lacks from its own checkout."""
     root = (tree / "taskgraph_norm").resolve()
-    files = {name: getattr(module, "__file__", None) for name, module in list(sys.modules.items())
+    files = {name: getattr(module, "__file__", None) for name, module in dict(modules or sys.modules).items()
              if name.split(".")[0] == "taskgraph_norm"}
     return sorted(name for name, file in files.items() if file and not Path(file).resolve().is_relative_to(root))
 

@@ -4,7 +4,6 @@ check that every package module it loaded came from its own tree."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -92,15 +91,23 @@ def test_runs_pool_their_rounds_and_each_run_keeps_its_own_ratio() -> None:
     assert "| a | 1000000.0 | 900000.0 | 0.900 | 1.200, 0.900 | no, faster |" in versions.runs_table(rows, per_run, 0.05)
 
 
-def test_a_worker_names_package_modules_loaded_from_outside_its_tree(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_worker_names_package_modules_loaded_from_outside_its_tree(tmp_path: Path) -> None:
     from types import ModuleType
 
     from benchmarks import version_worker
 
-    repo = Path(__file__).resolve().parent.parent
-    assert version_worker._foreign_modules(repo) == []  # this checkout's own package
-    stray = ModuleType("taskgraph_norm.stray")
-    stray.__file__ = str(tmp_path / "taskgraph_norm" / "stray.py")  # another checkout's, say
-    monkeypatch.setitem(sys.modules, "taskgraph_norm.stray", stray)
-    assert version_worker._foreign_modules(repo) == ["taskgraph_norm.stray"]
+    def module(name: str, file: Path) -> ModuleType:
+        made = ModuleType(name)
+        made.__file__ = str(file)
+        return made
+
+    tree, other = tmp_path / "tree", tmp_path / "other"
+    modules = {
+        "taskgraph_norm": module("taskgraph_norm", tree / "taskgraph_norm" / "__init__.py"),
+        "taskgraph_norm.api": module("taskgraph_norm.api", tree / "taskgraph_norm" / "api.py"),
+        "taskgraph_norm.stray": module("taskgraph_norm.stray", other / "taskgraph_norm" / "stray.py"),
+        "torch": module("torch", other / "torch" / "__init__.py"),  # not the package: not counted
+    }
+    assert version_worker._foreign_modules(tree, modules) == ["taskgraph_norm.stray"]
+    del modules["taskgraph_norm.stray"]
+    assert version_worker._foreign_modules(tree, modules) == []
