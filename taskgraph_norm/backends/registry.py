@@ -26,12 +26,12 @@ from .native import loader as _native
 from .native import team as _team
 from .native.direct import DirectCall, direct_call
 from .torch_ops.compiled import run_compiled
-from .torch_ops.rowsum import plan_row_sum, torch_backward
+from .torch_ops.rowsum import plan_rms, plan_row_sum, torch_backward
 from .triton import backward as _triton_backward
 from .triton import exact_dw as _triton_dw
 
 __all__ = ["BACKENDS", "NativeBackend", "NoBackendError", "TorchOpsBackend", "TritonBackend", "accumulate_exact",
-           "choose", "row_totals"]
+           "choose"]
 
 
 class NoBackendError(ExecutionError):
@@ -43,19 +43,10 @@ class NoBackendError(ExecutionError):
         self.reasons = reasons
 
 
-def row_totals(plan: Plan, x: torch.Tensor) -> torch.Tensor:
-    """Each row's sum of squares in the plan's order, ``(rows, 1)`` (or an exact pair
-    ``(rows, 2)``), for a 2-D ``x``: torch ops, the compiled executor's operations."""
-    exact = plan.accumulate == "exact"
-    xa = x.to(torch.float64 if exact else kernels.accumulation_dtype(x.dtype))
-    return plan_row_sum(plan, (xa * xa).contiguous())
-
-
-def _rms(plan: Plan, x: torch.Tensor, eps: float) -> torch.Tensor:
-    """Each row's ``rms`` (``(..., 1)``, the accumulation dtype) from :func:`row_totals`."""
-    total = row_totals(plan, x.reshape(-1, plan.hidden_size))
-    rms = kernels.finalize_rms(total, plan.hidden_size, eps, kernels.accumulation_dtype(x.dtype))
-    return rms.view(*x.shape[:-1], 1)
+def _stats(plan: Plan, y: torch.Tensor, h: torch.Tensor, eps: float, stats: bool) -> Forward:
+    """``y`` and, when asked, each row's ``rms`` of ``h`` (what was normalised: ``x``, or a
+    residual plan's ``x + residual``) summed again in the plan's order by torch ops."""
+    return Forward(y, plan_rms(plan, h, eps) if stats else None)
 
 
 class TorchOpsBackend:
@@ -74,7 +65,7 @@ class TorchOpsBackend:
     ) -> Forward:
         y = run_compiled(graph, x, weight, eps, plan=plan, out=out, cancel=cancel, residual=residual,
                          residual_out=residual_out, native=False, **options)
-        return Forward(y, _rms(plan, x if residual_out is None else residual_out, eps) if stats else None)
+        return _stats(plan, y, x if residual_out is None else residual_out, eps, stats)
 
     def backward(
         self, plan: Plan, dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, rms: torch.Tensor, *,
@@ -93,15 +84,16 @@ class TorchOpsBackend:
         return True
 
 
+#: What the other backends fall back on for the rows or dtypes they do not take.
+_TORCH_OPS = TorchOpsBackend()
+
+
 class NativeBackend:
     """The C kernels (built at install): each row read once with the row in cache,
     rows shared among torch's threads; CPU, every plan with pairwise leaves and ADD
     merges, and every exact plan."""
 
     name = "native"
-
-    def __init__(self) -> None:
-        self._torch_ops = TorchOpsBackend()
 
     def not_supported_reasons(self, plan: Plan, device: torch.device, dtype: torch.dtype) -> list[str]:
         reasons = []
@@ -129,7 +121,7 @@ class NativeBackend:
                 return found
         y = run_compiled(graph, x, weight, eps, plan=plan, out=out, cancel=cancel, residual=residual,
                          residual_out=residual_out, native=True, **options)
-        return Forward(y, _rms(plan, x if residual_out is None else residual_out, eps) if stats else None)
+        return _stats(plan, y, x if residual_out is None else residual_out, eps, stats)
 
     def _direct_forward(
         self, plan: Plan, direct: DirectCall, x: torch.Tensor, weight: torch.Tensor | None, eps: float,
@@ -162,7 +154,7 @@ class NativeBackend:
                                        input_grad, weight_grad)
             if found is not None:
                 return found
-        return self._torch_ops.backward(plan, dy, x, weight, rms, input_grad=input_grad, weight_grad=weight_grad,
+        return _TORCH_OPS.backward(plan, dy, x, weight, rms, input_grad=input_grad, weight_grad=weight_grad,
                                         offset=offset, round_x_hat=round_x_hat)
 
     def backward_rows(
@@ -259,7 +251,7 @@ class TritonBackend:
             raise ExecutionError(f"the triton backend takes no options {sorted(options)} (the compiled executor's)")
         extra = {} if residual is None else {"residual": residual, "residual_out": residual_out}
         y = _triton.run_triton(graph, x, weight, eps, plan=plan, out=out, **extra)
-        return Forward(y, _rms(plan, x if residual_out is None else residual_out, eps) if stats else None)
+        return _stats(plan, y, x if residual_out is None else residual_out, eps, stats)
 
     def backward(
         self, plan: Plan, dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, rms: torch.Tensor, *,
@@ -269,14 +261,14 @@ class TritonBackend:
         ``rms``, a zero ``rms``, a NaN in ``dx``) and a non-finite ``dW`` are computed
         again by torch ops on the CPU, whose NaNs they then carry."""
         if not _triton_backward.supports_backward(plan, x, dy, weight, rms, on_cpu=True):
-            return TorchOpsBackend().backward(plan, dy, x, weight, rms, input_grad=input_grad,
+            return _TORCH_OPS.backward(plan, dy, x, weight, rms, input_grad=input_grad,
                                               weight_grad=weight_grad, offset=offset, round_x_hat=round_x_hat)
         dx, dw, bad = _triton_backward.run_backward(plan, dy, x, weight, rms, input_grad, weight_grad, offset,
                                                     round_x_hat)
         cpu = torch.device("cpu")
         w_cpu = None if weight is None else weight.to(cpu)
         if dx is not None and len(bad):
-            fixed, _ = TorchOpsBackend().backward(plan, dy[bad].to(cpu), x[bad].to(cpu), w_cpu, rms[bad].to(cpu),
+            fixed, _ = _TORCH_OPS.backward(plan, dy[bad].to(cpu), x[bad].to(cpu), w_cpu, rms[bad].to(cpu),
                                                   input_grad=True, weight_grad=False, offset=offset)
             assert fixed is not None
             dx[bad] = fixed.to(dx.device)
@@ -295,7 +287,7 @@ class TritonBackend:
 
 
 #: Every backend by name, in priority order (:data:`.base.BACKEND_NAMES`).
-BACKENDS: dict[str, Backend] = {b.name: b for b in (TritonBackend(), NativeBackend(), TorchOpsBackend())}
+BACKENDS: dict[str, Backend] = {b.name: b for b in (TritonBackend(), NativeBackend(), _TORCH_OPS)}
 
 
 #: Triton asked for by name (``executor="triton"``).

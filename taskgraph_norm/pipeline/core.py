@@ -273,7 +273,8 @@ class Pipeline:
         (``(..., 1)``, the accumulation dtype): what the ops' backward needs.  A plan runs
         on this pipeline's backend; a graph with no plan on its executor."""
         if not options and self.plan is not None and self.executor in PLAN_EXECUTORS:
-            # the training path's call: no dict of options, the backend from one lookup
+            # the training path's call: no dict of options (building and unpacking one cost
+            # ~0.5 us of a 13 us (1, 4096) forward), the backend from one lookup
             backend = self._backend_of(x)
             if backend.name == "native" and residual is None:
                 return backend.forward(self.graph, self.plan, x, weight, eps, out=out, stats=stats, cancel=cancel,

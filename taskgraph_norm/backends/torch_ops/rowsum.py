@@ -27,7 +27,8 @@ from ...graph import Graph, Node, Op
 from ...lowering import Plan, tree_levels
 from ...kernels.reference import ReferenceInterpreter
 
-__all__ = ["graph_backward", "graph_rms", "plan_row_sum", "reference_row_sum", "torch_backward"]
+__all__ = ["graph_backward", "graph_rms", "plan_rms", "plan_row_sum", "reference_row_sum", "torch_backward",
+           "torch_rms"]
 
 
 class _RowSumInterpreter(ReferenceInterpreter):
@@ -139,12 +140,22 @@ def graph_backward(
                           input_grad, weight_grad, offset, round_x_hat)
 
 
-def graph_rms(graph: Graph, x: torch.Tensor, eps: float) -> torch.Tensor:
-    """Each row's ``rms`` (``(..., 1)``, the accumulation dtype) from the sum of squares
-    in ``graph``'s order: the value FINALIZE divided by."""
+def torch_rms(row_sum: RowSum, exact: bool, x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Each row's ``rms`` (``(..., 1)``, the accumulation dtype) from the sum of squares by
+    ``row_sum`` (the graph's or the plan's order; fp64 squares for an ``exact`` one): the
+    value FINALIZE divided by."""
     hidden = x.shape[-1]
-    exact = Op.SCALE in graph.ops
     xa = x.reshape(-1, hidden).to(torch.float64 if exact else kernels.accumulation_dtype(x.dtype))
-    total = reference_row_sum(graph, (xa * xa).contiguous())
+    total = row_sum((xa * xa).contiguous())
     rms = kernels.finalize_rms(total, hidden, eps, kernels.accumulation_dtype(x.dtype))
     return rms.view(*x.shape[:-1], 1)
+
+
+def graph_rms(graph: Graph, x: torch.Tensor, eps: float) -> torch.Tensor:
+    """:func:`torch_rms` in ``graph``'s own order (a graph with no plan)."""
+    return torch_rms(lambda v: reference_row_sum(graph, v), Op.SCALE in graph.ops, x, eps)
+
+
+def plan_rms(plan: Plan, x: torch.Tensor, eps: float) -> torch.Tensor:
+    """:func:`torch_rms` in the plan's order (the compiled executor's operations)."""
+    return torch_rms(lambda v: plan_row_sum(plan, v), plan.accumulate == "exact", x, eps)
