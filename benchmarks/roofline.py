@@ -17,6 +17,11 @@ Markdown table and written to ``--json``:
   hidden size of 4096 and against the hidden size at 1024 rows, on one thread and
   on all of them (``torch.set_num_threads``), so the steps where a row or the
   whole input leaves L1 or L2 show;
+* **ceilings**: the compute ceiling of each dtype and mode: the GB/s of the same
+  ``out=`` calls on an input whose bytes fit in the caches (rows of 4096 adding up to
+  :data:`CEILING_BYTES`), where memory bandwidth does not bound them and what is left
+  is the arithmetic: the conversions of bf16 and fp16, the exact mode's fp64 lanes.
+  A call at the memory limit moves at most min(copy_'s GB/s, this ceiling);
 * **memory**: the peak extra RSS of one warm call, each in a fresh process
   (``roofline_memory.py`` says how and why that is honest).
 
@@ -57,6 +62,9 @@ TORCH_METHODS = (EAGER_W, EAGER, COMPILED)
 #: Enough bytes per timing that a timing is about a millisecond or more.
 BYTES_PER_TIMING = 16 << 20
 Methods = dict[str, Callable[[], object]]
+#: Input + output bytes of a ceiling's input: well inside L2 (2 MiB per core here) with
+#: the rows shared among the threads, so no call waits on memory.
+CEILING_BYTES = 512 << 10
 QUICK_MEMORY_CASES = ("out.copy_(x) (control: 0)", "torch.empty_like(x).fill_(0) (control: the output)",
                       "normalize_sync(x, w)", "normalize_sync(x, w, out=out)", "forward+backward tgn.RMSNorm(D)")
 
@@ -180,6 +188,29 @@ def scaling(options: Options) -> list[dict[str, Any]]:
     return points
 
 
+def ceilings(options: Options) -> list[dict[str, Any]]:
+    """Per dtype: GB/s of ``copy_`` and the ``out=`` calls on a cache-resident input
+    (rows of 4096 moving :data:`CEILING_BYTES`): the compute ceiling of each mode."""
+    points = []
+    for dtype in options.dtypes:
+        rows = max(1, CEILING_BYTES // bytes_moved(1, 4096, dtype))
+        case = time_case(rows, 4096, dtype, options.rounds, torch_too=False)
+        points.append(case)
+    print("  ceilings done", file=sys.stderr)
+    return points
+
+
+def ceiling_table(points: Sequence[dict[str, Any]]) -> str:
+    """One line per dtype: the in-cache GB/s of copy_ and of each ``out=`` mode."""
+    lines = ["| dtype | input (in cache) | copy_ GB/s | float, out= GB/s | exact, out= GB/s |",
+             "|---|---|---|---|---|"]
+    for p in points:
+        s, nbytes = p["seconds"], p["bytes"]
+        lines.append(f"| {p['dtype']} | {p['rows']}x{p['hidden']} | {gbps(nbytes, s[COPY]):.1f} "
+                     f"| {gbps(nbytes, s[FLOAT_OUT]):.1f} | {gbps(nbytes, s[EXACT_OUT]):.1f} |")
+    return "\n".join(lines)
+
+
 def _ratio(seconds: dict[str, float], a: str, b: str) -> str:
     return f"{seconds[a] / seconds[b]:.2f}x" if a in seconds and b in seconds else "n/a"
 
@@ -284,6 +315,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     result: dict[str, Any] = {"machine": facts, "options": {k: str(v) for k, v in asdict(options).items()}}
     result["roofline"] = roofline(options)
     print("GB/s (input + output bytes per second):\n" + roofline_table(result["roofline"]) + "\n")
+    result["ceilings"] = ceilings(options)
+    print("Compute ceilings (GB/s on an input in cache):\n" + ceiling_table(result["ceilings"]) + "\n")
     result["scaling"] = scaling(options)
     print(scaling_table(result["scaling"]) + "\n")
     if options.memory_shape is not None:

@@ -3,7 +3,8 @@
     python benchmarks/roofline_plot.py roofline.json --out docs/images
 
 writes ``roofline.png`` (one group of bars per shape and dtype: copy_, this
-library's four calls and torch's best) and ``scaling.png`` (GB/s against rows and
+library's four calls and torch's best, under a red dashed line at the dtype's
+compute ceiling: the float ``out=`` call's GB/s on an input in cache) and ``scaling.png`` (GB/s against rows and
 against hidden size, on one thread and on all, copy_ dashed beside the library's
 ``out=`` calls).  matplotlib is imported only here, with an install hint.
 """
@@ -52,6 +53,11 @@ def draw_roofline(result: dict[str, Any], path: Path) -> Path:
         xs = [k + (i - len(BARS) / 2) * width for k in range(len(cases))]
         style = {"color": "black"} if method == COPY else {}
         ax.bar(xs, heights, width, label=f"{method} (the floor)" if method == COPY else method, **style)
+    ceiling = {c["dtype"]: gbps(c["bytes"], c["seconds"][FLOAT_OUT]) for c in result.get("ceilings", ())}
+    for k, c in enumerate(cases):  # the dtype's compute ceiling (float out=, in cache) over its group
+        if c["dtype"] in ceiling:
+            ax.hlines(ceiling[c["dtype"]], k - 0.45, k + 0.45, colors="red", linestyles="dashed",
+                      label="compute ceiling (float out=, in cache)" if k == 0 else None)
     ax.set_xticks(range(len(cases)))
     ax.set_xticklabels([f"{c['rows']}x{c['hidden']}\n{c['dtype']}" for c in cases], fontsize=7)
     ax.set_ylabel("GB/s (input + output bytes)")

@@ -45,6 +45,14 @@ def test_the_scaling_table_has_a_line_per_size_and_thread_count() -> None:
     assert len(lines) == 4 and lines[2].startswith("| rows | 1 | 1 | 4096 | 32 | 32.8 | 8.2 | 5.5 | 4.00x | 6.00x |")
 
 
+def test_the_ceiling_table_gives_each_dtypes_in_cache_gbps() -> None:
+    assert roofline.bytes_moved(roofline.CEILING_BYTES // roofline.bytes_moved(1, 4096, "bf16"), 4096, "bf16") \
+        == roofline.CEILING_BYTES
+    point = {"rows": 32, "hidden": 4096, "dtype": "bf16", "bytes": 2**19, "calls": 32,
+             "seconds": {roofline.COPY: 2**19 / 1e11, roofline.FLOAT_OUT: 2**19 / 1e10, roofline.EXACT_OUT: 2**19 / 5e9}}
+    assert roofline.ceiling_table([point]).splitlines()[-1] == "| bf16 | 32x4096 | 100.0 | 10.0 | 5.0 |"
+
+
 def test_options() -> None:
     quick = roofline.parse_args(["--quick"])
     assert quick.rounds == 3 and not quick.compile and quick.memory_cases == roofline.QUICK_MEMORY_CASES
@@ -64,6 +72,7 @@ def test_a_quick_run_on_tiny_sizes_writes_its_json(tmp_path: Path, capsys: pytes
     assert set(result["roofline"][0]["seconds"]) == {roofline.COPY, roofline.FLOAT_OUT, roofline.EXACT_OUT,
                                                      roofline.FLOAT, roofline.EXACT, roofline.EAGER_W, roofline.EAGER}
     assert {(p["sweep"], p["threads"]) for p in result["scaling"]} >= {("rows", 1), ("hidden", 1)}
+    assert [p["dtype"] for p in result["ceilings"]] == ["fp32", "bf16"]
     assert "GB/s" in capsys.readouterr().out
     pytest.importorskip("matplotlib")
     from benchmarks import roofline_plot

@@ -1,0 +1,280 @@
+"""Every CPU speed target of issue 22 in one run, each against its baseline timed in
+the same interleaved rounds.
+
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/targets.py [--rounds 9] [--quick] [--only GROUP ...]
+
+Groups (``--only`` picks some; ``--quick`` runs each on its smaller shapes with 3
+rounds and no ``torch.compile``, a check that the script runs, not figures to quote):
+
+* ``out``: ``normalize_sync(x, w, out=out)`` against ``out.copy_(x)`` into the same
+  preallocated buffer (the memory floor: RMSNorm reads and writes each byte once), at
+  (1024, 4096) and (4096, 4096); at most 1.1x in fp32, 1.5x in bf16 and fp16;
+* ``fresh``: a fresh output through ``normalize_sync(x, w)`` and through
+  ``tgn.RMSNorm`` under ``no_grad``, against the faster of eager ``F.rms_norm`` (with
+  and without the weight: torch's weighted CPU kernel can be the slower) and
+  ``torch.compile(F.rms_norm)`` (static shapes, compiled before timing), at
+  (1024, 4096) and (4096, 4096) and on QK-norm's short rows (32768, 128) and
+  (8192, 64), fp32, bf16 and fp16: at most 1.0x;
+* ``exact``: ``accumulate="exact"`` against the same call with ``"float"`` (fp32,
+  ``out=`` and fresh alike), at most 1.25x at (1, 4096) and (64, 4096) and 1.1x at
+  (1024, 4096) and (4096, 4096);
+* ``exact_dw``: forward + backward of ``tgn.RMSNorm(4096, weight_grad="exact")``
+  against ``weight_grad="float"`` at 64, 1024 and 4096 rows: at most 1.3x;
+* ``train``: forward + backward of ``tgn.RMSNorm(4096)`` against
+  ``torch.compile(torch.nn.RMSNorm(4096))`` at 64 and 4096 rows: at most 0.7x;
+* ``small``: ``normalize_sync`` on (1, 4096) fp32 against torch's faster eager kernel:
+  at most 0.45x.
+
+Each line: our median time, the baseline's and which it was, the ratio and whether the
+target is met; the last line counts the targets met.  torch's OpenMP threads spin
+between ops, which stalls them on a loaded machine: run with
+``OMP_WAIT_POLICY=PASSIVE`` (printed in the header).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import taskgraph_norm as tgn  # noqa: E402
+from common import TARGET_HEADER, fastest, interleaved_medians, repeated, target_row  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+GROUPS = ("out", "fresh", "exact", "exact_dw", "train", "small")
+#: Bytes one timing should move at least, so each timing is about a millisecond.
+BYTES_PER_TIMING = 16 << 20
+Methods = dict[str, Callable[[], object]]
+
+
+@dataclass(frozen=True)
+class Result:
+    """One target line: ours and the baseline in seconds per call."""
+
+    case: str
+    ours: float
+    base: float
+    baseline: str
+    target: float | None
+
+    @property
+    def met(self) -> bool | None:
+        return None if self.target is None else self.ours / self.base <= self.target
+
+    def row(self) -> str:
+        return target_row(self.case, self.ours, self.base, self.baseline, self.target)
+
+
+def _input(rows: int, hidden: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, hidden, generator=g).to(dtype)
+    return x, (1 + 0.1 * torch.randn(hidden, generator=g)).to(dtype)
+
+
+def _calls(nbytes: int) -> int:
+    return max(1, min(256, BYTES_PER_TIMING // max(nbytes, 1)))
+
+
+def _time(methods: Methods, calls: int, rounds: int) -> dict[str, float]:
+    """Median seconds per call of each method, interleaved over ``rounds``."""
+    medians = interleaved_medians({k: repeated(fn, calls) for k, fn in methods.items()}, rounds)
+    return {k: v / calls for k, v in medians.items()}
+
+
+def compiled(fn: Callable[..., torch.Tensor], enabled: bool) -> Callable[..., torch.Tensor] | None:
+    """A fresh ``torch.compile(fn)`` with static shapes, or ``None`` (disabled or no
+    compiler).  dynamo's caches are reset first: they are kept per code object, so past
+    its recompile limit the one ``F.rms_norm`` would quietly run eager."""
+    if not enabled:
+        return None
+    try:
+        torch._dynamo.reset()
+        return torch.compile(fn, dynamic=False)
+    except Exception as exc:  # pragma: no cover - no C++ compiler, unsupported platform
+        print(f"(torch.compile unavailable: {type(exc).__name__}: {exc})", file=sys.stderr)
+        return None
+
+
+def _eager_and_compiled(x: torch.Tensor, w: torch.Tensor, compile_: bool) -> Methods:
+    hidden = x.shape[-1]
+    methods: Methods = {
+        "eager F.rms_norm(x, w)": lambda: F.rms_norm(x, (hidden,), w),
+        "eager F.rms_norm(x)": lambda: F.rms_norm(x, (hidden,)),
+    }
+    fn = compiled(F.rms_norm, compile_)
+    if fn is not None:
+        fn(x, (hidden,), w)  # compiled before timing
+        methods["torch.compile(F.rms_norm)"] = lambda: fn(x, (hidden,), w)
+    return methods
+
+
+def out_group(shapes: Sequence[tuple[int, int]], dtypes: Sequence[str], rounds: int) -> list[Result]:
+    results = []
+    for name in dtypes:
+        for rows, hidden in shapes:
+            x, w = _input(rows, hidden, DTYPES[name])
+            out = torch.empty_like(x).zero_()
+            t = _time({"copy_": lambda: out.copy_(x), "ours": lambda: tgn.normalize_sync(x, w, out=out)},
+                      _calls(2 * x.nbytes), rounds)
+            results.append(Result(f"out= ({rows}, {hidden}) {name}", t["ours"], t["copy_"], "out.copy_(x)",
+                                  1.1 if name == "fp32" else 1.5))
+    return results
+
+
+def fresh_group(shapes: Sequence[tuple[int, int]], dtypes: Sequence[str], rounds: int,
+                compile_: bool) -> list[Result]:
+    results = []
+    for name in dtypes:
+        for rows, hidden in shapes:
+            x, w = _input(rows, hidden, DTYPES[name])
+            module = tgn.RMSNorm(hidden, dtype=x.dtype)
+            with torch.no_grad():
+                module.weight.copy_(w)
+
+            def module_call() -> object:
+                with torch.no_grad():
+                    return module(x)
+
+            base = _eager_and_compiled(x, w, compile_)
+            t = _time({"sync": lambda: tgn.normalize_sync(x, w), "module": module_call, **base},
+                      _calls(2 * x.nbytes), rounds)
+            best = fastest(t, *base)
+            for face, label in (("sync", "normalize_sync"), ("module", "tgn.RMSNorm, no_grad")):
+                results.append(Result(f"fresh {label} ({rows}, {hidden}) {name}", t[face], t[best], best, 1.0))
+    return results
+
+
+def exact_group(shapes: Sequence[tuple[int, int]], rounds: int) -> list[Result]:
+    results = []
+    for rows, hidden in shapes:
+        x, w = _input(rows, hidden, torch.float32)
+        out = torch.empty_like(x).zero_()
+        target = 1.25 if rows <= 64 else 1.1
+        t = _time({
+            "float": lambda: tgn.normalize_sync(x, w),
+            "exact": lambda: tgn.normalize_sync(x, w, accumulate="exact"),
+            "float out": lambda: tgn.normalize_sync(x, w, out=out),
+            "exact out": lambda: tgn.normalize_sync(x, w, accumulate="exact", out=out),
+        }, _calls(2 * x.nbytes), rounds)
+        results.append(Result(f"exact forward ({rows}, {hidden}) fp32", t["exact"], t["float"],
+                              "the float forward", target))
+        results.append(Result(f"exact forward, out= ({rows}, {hidden}) fp32", t["exact out"], t["float out"],
+                              "the float forward, out=", target))
+    return results
+
+
+def _train_step(module: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor) -> Callable[[], None]:
+    def step() -> None:
+        x.grad = None
+        module.zero_grad(set_to_none=True)
+        module(x).backward(dy)
+    return step
+
+
+def _train_inputs(rows: int, hidden: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    x, dy = torch.randn(rows, hidden, generator=g), torch.randn(rows, hidden, generator=g)
+    return x, dy, 1 + 0.1 * torch.randn(hidden, generator=g)
+
+
+def _with_weight(module: torch.nn.Module, w: torch.Tensor) -> torch.nn.Module:
+    with torch.no_grad():
+        module.weight.copy_(w)  # type: ignore[operator]
+    return module
+
+
+def exact_dw_group(rows_list: Sequence[int], hidden: int, rounds: int) -> list[Result]:
+    results = []
+    for rows in rows_list:
+        x, dy, w = _train_inputs(rows, hidden)
+        exact = _with_weight(tgn.RMSNorm(hidden, weight_grad="exact"), w)
+        float_ = _with_weight(tgn.RMSNorm(hidden, weight_grad="float"), w)
+        xe, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+        t = _time({"exact": _train_step(exact, xe, dy), "float": _train_step(float_, xf, dy)},
+                  _calls(6 * x.nbytes), rounds)
+        results.append(Result(f"forward+backward, exact dW ({rows}, {hidden}) fp32", t["exact"], t["float"],
+                              'weight_grad="float"', 1.3))
+    return results
+
+
+def train_group(rows_list: Sequence[int], hidden: int, rounds: int, compile_: bool) -> list[Result]:
+    results = []
+    for rows in rows_list:
+        x, dy, w = _train_inputs(rows, hidden)
+        ours = _with_weight(tgn.RMSNorm(hidden), w)
+        theirs = _with_weight(torch.nn.RMSNorm(hidden), w)
+        xo, xt, xc = (x.clone().requires_grad_() for _ in range(3))
+        methods: Methods = {"ours": _train_step(ours, xo, dy), "eager torch.nn.RMSNorm": _train_step(theirs, xt, dy)}
+        fn = compiled(theirs, compile_)
+        if fn is not None:
+            step = _train_step(fn, xc, dy)  # type: ignore[arg-type]
+            step()  # compiled (forward and backward graphs) before timing
+            methods["torch.compile(torch.nn.RMSNorm)"] = step
+        t = _time(methods, _calls(6 * x.nbytes), rounds)
+        base = "torch.compile(torch.nn.RMSNorm)" if "torch.compile(torch.nn.RMSNorm)" in t else "eager torch.nn.RMSNorm"
+        results.append(Result(f"forward+backward ({rows}, {hidden}) fp32", t["ours"], t[base], base, 0.7))
+    return results
+
+
+def small_group(rounds: int) -> list[Result]:
+    x, w = _input(1, 4096, torch.float32)
+    base = _eager_and_compiled(x, w, False)
+    t = _time({"ours": lambda: tgn.normalize_sync(x, w), **base}, 256, rounds)
+    best = fastest(t, *base)
+    return [Result("normalize_sync (1, 4096) fp32", t["ours"], t[best], best, 0.45)]
+
+
+def run(groups: Sequence[str], rounds: int, quick: bool) -> list[Result]:
+    big = ((1024, 4096),) if quick else ((1024, 4096), (4096, 4096))
+    short = ((8192, 64),) if quick else ((32768, 128), (8192, 64))
+    dtypes = ("fp32", "bf16") if quick else tuple(DTYPES)
+    compile_ = not quick
+    results: list[Result] = []
+    for group in groups:
+        if group == "out":
+            found = out_group(big, dtypes, rounds)
+        elif group == "fresh":
+            found = fresh_group(big + short, dtypes, rounds, compile_)
+        elif group == "exact":
+            found = exact_group(((1, 4096), (64, 4096)) + big, rounds)
+        elif group == "exact_dw":
+            found = exact_dw_group((64, 1024) if quick else (64, 1024, 4096), 4096, rounds)
+        elif group == "train":
+            found = train_group((64,) if quick else (64, 4096), 4096, rounds, compile_)
+        else:
+            found = small_group(rounds)
+        for r in found:
+            print(r.row(), flush=True)
+        results.extend(found)
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> list[Result]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--rounds", type=int, help="interleaved rounds per case (default 9; --quick 3)")
+    parser.add_argument("--quick", action="store_true", help="smaller shapes, 3 rounds, no torch.compile")
+    parser.add_argument("--only", nargs="+", choices=GROUPS, default=list(GROUPS), help="groups to run")
+    args = parser.parse_args(argv)
+    rounds = args.rounds or (3 if args.quick else 9)
+    if rounds < 1:
+        parser.error("--rounds must be at least 1")
+    print(f"# issue 22 targets: torch {torch.__version__}, {torch.get_num_threads()} torch threads, "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}, load {os.getloadavg()[0]:.1f}, "
+          f"median of {rounds} interleaved rounds; {tgn.backends.native.loader.describe()}")
+    print(TARGET_HEADER)
+    results = run(args.only, rounds, args.quick)
+    judged = [r for r in results if r.met is not None]
+    print(f"\n{sum(bool(r.met) for r in judged)} of {len(judged)} targets met")
+    return results
+
+
+if __name__ == "__main__":
+    main()
