@@ -82,6 +82,16 @@ TOTAL_AS_RMS: Final = 4
 """Float rows' flag: after FINALIZE the kernel leaves each row's rms, not its total,
 in ``total`` (what the backward keeps)."""
 
+STREAM_STORES: Final = 8
+"""FINALIZE flag: write ``y`` with non-temporal stores (vectors aligned to their width;
+the rest as usual).  Never changes a bit, only where the written lines go."""
+
+STREAM_BYTES: Final = 32 << 20
+"""Output bytes from which the direct path's fp32 FINALIZE writes with non-temporal
+stores: an output this large does not stay in the caches anyway, and a store that
+misses them otherwise reads each line in before writing it (docs/performance.md,
+"Streaming stores").  Never changes a bit."""
+
 SPLIT_NUMEL: Final = 1 << 16
 """Elements from which a native call (the forward's direct path, the native
 backward) shares its rows among torch's threads.  The split never changes a bit (the

@@ -331,3 +331,25 @@ def test_the_exact_weight_gradient_shares_columns_with_the_same_state(runtime: s
     dy2 = dy.clone()
     dy2.view(torch.int32)[3, 7] += 1
     assert not bits_equal(es.add_products_(es.empty_state(cols), dy2, x_hat), want)
+
+
+@pytest.mark.parametrize("hidden", [4096, 4100])
+def test_streaming_stores_of_a_large_output_change_no_bit(hidden: int) -> None:
+    """From ``STREAM_BYTES`` of output on, FINALIZE writes with non-temporal stores (where
+    a row is aligned: 4100-wide rows alternate); the bits are the rows' computed alone."""
+    from taskgraph_norm.constants import STREAM_BYTES
+
+    rows = -(-STREAM_BYTES // (4 * hidden))
+    g = torch.Generator().manual_seed(3)
+    x, w = torch.randn(rows, hidden, generator=g), torch.randn(hidden, generator=g)
+    y = tgn.normalize_sync(x, w)
+    assert y.numel() * 4 >= STREAM_BYTES
+    for part in (x[:7], x[rows // 2: rows // 2 + 5], x[-3:]):
+        start = part.data_ptr() - x.data_ptr()
+        got = y.view(-1)[start // 4: start // 4 + part.numel()].view_as(part)
+        assert torch.equal(got.view(torch.int32), tgn.normalize_sync(part, w).view(torch.int32))
+    out = torch.empty_like(x)
+    assert torch.equal(tgn.normalize_sync(x, w, out=out).view(torch.int32), y.view(torch.int32))
+    with tgn.backends.use("torch_ops"):
+        ref = tgn.normalize_sync(x[:64], w)
+    assert torch.equal(y[:64].view(torch.int32), ref.view(torch.int32))

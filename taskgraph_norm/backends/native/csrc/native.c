@@ -247,7 +247,8 @@ static int finalize_row_float(const float *row, float *y, const float *w, int64_
     float off = (float)offset;
     if (flags & TGN_ROUND_QUOTIENT)
         return llama_row_bf16(row, y, w, hidden, rms, flags, off);
-    tgn_quotient_row_f32(row, y, w, w ? off : 0.0f, hidden, rms); /* native_quotient.h */
+    tgn_quotient_row_f32_to(row, y, w, w ? off : 0.0f, hidden, rms, /* native_quotient.h */
+                            (flags & TGN_STREAM_STORES) != 0);
     return 0;
 }
 
@@ -341,6 +342,8 @@ ADD_RESIDUAL(double)
                 pair[2 * i + 1] = t2;                                                 \
             }                                                                         \
         }                                                                             \
+        if (flags & TGN_STREAM_STORES)                                                \
+            tgn_store_fence();                                                        \
         return unscaled;                                                              \
     }
 
@@ -575,6 +578,8 @@ int64_t tgn_chunk_sums_f32(const float *row, int64_t chunk, int64_t n_full, floa
         }                                                                             \
         if (work != small)                                                            \
             free(work);                                                               \
+        if (flags & TGN_STREAM_STORES)                                                \
+            tgn_store_fence();                                                        \
         return nan_rows;                                                              \
     }
 

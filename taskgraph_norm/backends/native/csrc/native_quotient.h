@@ -116,6 +116,7 @@ static inline int tgn_quotient_rms_in_range(float rms)
 #define TGN_QV __m512
 #define TGN_Q_LOAD _mm512_loadu_ps
 #define TGN_Q_STORE _mm512_storeu_ps
+#define TGN_Q_STREAM _mm512_stream_ps
 #define TGN_Q_SET1 _mm512_set1_ps
 #define TGN_Q_MUL _mm512_mul_ps
 #define TGN_Q_ADD _mm512_add_ps
@@ -137,6 +138,7 @@ static inline int tgn_q_in_range(__m512 a)
 #define TGN_QV __m256
 #define TGN_Q_LOAD _mm256_loadu_ps
 #define TGN_Q_STORE _mm256_storeu_ps
+#define TGN_Q_STREAM _mm256_stream_ps
 #define TGN_Q_SET1 _mm256_set1_ps
 #define TGN_Q_MUL _mm256_mul_ps
 #define TGN_Q_ADD _mm256_add_ps
@@ -186,9 +188,11 @@ static inline TGN_QV tgn_q_vec(const tgn_q_div_t *d, TGN_QV a)
 
 /* y[j] = (x[j] / rms) * w[j] ((w[j] + off) when off != 0; no weight when w is NULL),
  * with the bits of the scalar loop.  y may be x (each vector is read before it is
- * written). */
-static inline void tgn_quotient_row_f32(const float *x, float *y, const float *w, float off, int64_t n,
-                                        float rms)
+ * written).  stream: write the vectors with non-temporal stores where y is aligned to
+ * a vector (TGN_STREAM_STORES: an output far larger than the caches, written past
+ * them instead of read into them first); the caller fences (tgn_store_fence). */
+static inline void tgn_quotient_row_f32_to(const float *x, float *y, const float *w, float off, int64_t n,
+                                           float rms, int stream)
 {
 #if TGN_QUOTIENT_LANES > 1
     if (!tgn_quotient_rms_in_range(rms)) {
@@ -198,6 +202,7 @@ static inline void tgn_quotient_row_f32(const float *x, float *y, const float *w
     const tgn_q_div_t d = tgn_q_setup(rms);
     const TGN_QV o = TGN_Q_SET1(off);
     const int64_t L = TGN_QUOTIENT_LANES;
+    const int nt = stream && ((uintptr_t)y % sizeof(TGN_QV)) == 0; /* then every y + j is aligned */
     int64_t j = 0;
     for (; j + L <= n; j += L) {
         TGN_QV q = tgn_q_vec(&d, TGN_Q_LOAD(x + j));
@@ -207,11 +212,29 @@ static inline void tgn_quotient_row_f32(const float *x, float *y, const float *w
                 wv = TGN_Q_ADD(wv, o);
             q = TGN_Q_MUL(q, wv);
         }
-        TGN_Q_STORE(y + j, q);
+        if (nt)
+            TGN_Q_STREAM(y + j, q);
+        else
+            TGN_Q_STORE(y + j, q);
     }
     tgn_quotient_div_f32(x + j, y + j, w ? w + j : NULL, off, n - j, rms);
 #else
+    (void)stream;
     tgn_quotient_div_f32(x, y, w, off, n, rms);
+#endif
+}
+
+static inline void tgn_quotient_row_f32(const float *x, float *y, const float *w, float off, int64_t n,
+                                        float rms)
+{
+    tgn_quotient_row_f32_to(x, y, w, off, n, rms, 0);
+}
+
+/* Orders this thread's non-temporal stores before what follows (the team's join). */
+static inline void tgn_store_fence(void)
+{
+#if TGN_QUOTIENT_LANES > 1
+    _mm_sfence();
 #endif
 }
 

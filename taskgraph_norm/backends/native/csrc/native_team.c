@@ -375,13 +375,16 @@ int64_t tgn_exact_dw_f32_team(const float *dy, int64_t dy_stride, const float *x
 /* The direct path's call (direct.py): one configuration's constants, set once, and
  * the per-call pointers; the same arguments as native_module.c's `rows_call` (the fast
  * entry from Python).  total NULL: the rows' totals are not kept; else `total_flags` is
- * added to the flags (TGN_TOTAL_AS_RMS for float rows). */
+ * added to the flags (TGN_TOTAL_AS_RMS for float rows).  An output of TGN_STREAM_BYTES
+ * or more is written with non-temporal stores (TGN_STREAM_STORES). */
 int64_t tgn_rows_call(const tgn_rows_cfg_t *c, const float *x, float *y, int64_t rows, const float *w,
                       double eps, void *total, const float *r, float *h, int64_t threads)
 {
     if (rows <= 0)
         return 0;
     int64_t d = c->hidden, flags = c->flags | (total ? c->total_flags : 0);
+    if (y && rows * d * (int64_t)sizeof(float) >= TGN_STREAM_BYTES)
+        flags |= TGN_STREAM_STORES;
     job_t j = {.kind = c->exact ? JOB_EXACT : JOB_FLOAT, .x = x, .rows = rows, .hidden = d, .row_stride = d,
                .chunk = c->chunk, .adds = c->adds, .n_adds = c->n_adds, .root = c->root, .total = total, .y = y,
                .y_stride = d, .w = w, .eps = eps, .flags = flags, .offset = c->offset, .r = r, .r_stride = d,
