@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Final
 
-NATIVE_ABI: Final = 17
+NATIVE_ABI: Final = 18
 """The version of the native extension's entry points (``tgn_native.h``'s prototypes
 and ``native_module.c``'s functions that wrap them: their names, arguments and
 meaning, and the values below).  The loader refuses a build that reports another, so
@@ -81,6 +81,16 @@ ROUND_PRODUCT: Final = 2
 TOTAL_AS_RMS: Final = 4
 """Float rows' flag: after FINALIZE the kernel leaves each row's rms, not its total,
 in ``total`` (what the backward keeps)."""
+
+DTYPE_F32: Final = 0
+"""The direct path's code for float32 in its configuration (``rows_config``'s
+``x_dtype``, ``y_dtype``, ``w_dtype``, ``w_round``): a layout C and Python share."""
+
+DTYPE_BF16: Final = 1
+"""The direct path's code for bfloat16 (see :data:`DTYPE_F32`)."""
+
+DTYPE_F16: Final = 2
+"""The direct path's code for float16 (see :data:`DTYPE_F32`)."""
 
 SPLIT_NUMEL: Final = 1 << 16
 """Elements from which a native call (the forward's direct path, the native
