@@ -253,22 +253,6 @@ static int64_t fused_step(const tgn_narrow_t *job, float *s, int64_t i, int64_t 
     return bad;
 }
 
-/* Asks for the n values from row i on of x (and r), and of y (and h) for writing. */
-static void prefetch(const tgn_narrow_t *job, int64_t i, int64_t n)
-{
-    const int64_t d = job->cfg->hidden;
-    const char *x = (const char *)((const uint16_t *)job->x + i * d), *r = job->r ? (const char *)((const uint16_t *)job->r + i * d) : 0;
-    char *y = job->cfg->y_dtype == TGN_DTYPE_F32 ? (char *)((float *)job->y + i * d) : (char *)((uint16_t *)job->y + i * d);
-    int64_t y_bytes = n * (job->cfg->y_dtype == TGN_DTYPE_F32 ? 4 : 2);
-    for (int64_t b = 0; b < 2 * n; b += 64) {
-        __builtin_prefetch(x + b, 0, 3);
-        if (r)
-            __builtin_prefetch(r + b, 0, 3);
-    }
-    for (int64_t b = 0; b < y_bytes; b += 64)
-        __builtin_prefetch(y + b, 1, 3);
-}
-
 int64_t tgn_narrow_rows(const tgn_narrow_t *job, int64_t i, int64_t n)
 {
     const tgn_rows_cfg_t *c = job->cfg;
@@ -286,8 +270,6 @@ int64_t tgn_narrow_rows(const tgn_narrow_t *job, int64_t i, int64_t n)
     for (int64_t end = i + n; i < end; i += step) {
         int64_t m = end - i < step ? end - i : step;
         const uint16_t *x = (const uint16_t *)job->x + i * d;
-        if (i + m < end) /* the next step's rows, fetched while this one computes */
-            prefetch(job, i + m, (end - i - m < step ? end - i - m : step) * d);
         if (job->r)
             add_residual(x, (const uint16_t *)job->r + i * d, (uint16_t *)job->h + i * d, code, s, m * d);
         else
