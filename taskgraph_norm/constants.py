@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Final
 
-NATIVE_ABI: Final = 17
+NATIVE_ABI: Final = 18
 """The version of the native extension's entry points (``tgn_native.h``'s prototypes
 and ``native_module.c``'s functions that wrap them: their names, arguments and
 meaning, and the values below).  The loader refuses a build that reports another, so
@@ -91,6 +91,16 @@ STREAM_BYTES: Final = 32 << 20
 stores: an output this large does not stay in the caches anyway, and a store that
 misses them otherwise reads each line in before writing it (docs/performance.md,
 "Streaming stores").  Never changes a bit."""
+
+DTYPE_F32: Final = 0
+"""The direct path's code for float32 in its configuration (``rows_config``'s
+``x_dtype``, ``y_dtype``, ``w_dtype``, ``w_round``): a layout C and Python share."""
+
+DTYPE_BF16: Final = 1
+"""The direct path's code for bfloat16 (see :data:`DTYPE_F32`)."""
+
+DTYPE_F16: Final = 2
+"""The direct path's code for float16 (see :data:`DTYPE_F32`)."""
 
 SPLIT_NUMEL: Final = 1 << 16
 """Elements from which a native call (the forward's direct path, the native

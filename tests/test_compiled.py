@@ -243,10 +243,14 @@ def test_normalize_uses_compiled_by_default(monkeypatch) -> None:
     wide = spread_input(5000, 256, torch.float32)  # the direct path splits it over two threads
     assert_bits_equal(tgn.normalize_sync(wide, chunk_size=64)[:5], y)
     assert not calls
-    half = spread_input(5000, 256, torch.bfloat16)  # not the direct kernel's dtype: tiles
+    half = spread_input(5000, 256, torch.bfloat16)  # bf16: the direct kernel too (native_narrow.c)
     y = tgn.normalize_sync(half, chunk_size=64)
-    assert calls, "normalize did not go through the compiled executor"
+    assert not calls
     assert_bits_equal(y[:5], tgn.normalize_sync(half[:5], chunk_size=64, executor="reference"))
+    double = spread_input(5000, 256, torch.float64)  # not a direct kernel's dtype: tiles
+    y = tgn.normalize_sync(double, chunk_size=64)
+    assert calls, "normalize did not go through the compiled executor"
+    assert_bits_equal(y[:5], tgn.normalize_sync(double[:5], chunk_size=64, executor="reference"))
 
 
 async def test_large_inputs_run_off_the_event_loop_thread_compiled(monkeypatch) -> None:
@@ -263,7 +267,7 @@ async def test_large_inputs_run_off_the_event_loop_thread_compiled(monkeypatch) 
     large: list[int] = []
     _spy_direct(monkeypatch, 4096, large)
     await tgn.normalize(torch.randn(64, 4096))  # fp32: the direct kernel, on a worker thread
-    await tgn.normalize(torch.randn(64, 4096, dtype=torch.bfloat16))  # bf16: tiles, on a worker thread
+    await tgn.normalize(torch.randn(64, 4096, dtype=torch.float64))  # fp64: tiles, on a worker thread
     await tgn.normalize(torch.randn(1, 16))
     assert large and large[0] != threading.get_ident()
     assert seen and seen[0] != threading.get_ident() and small == [threading.get_ident()]

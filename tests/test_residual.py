@@ -108,8 +108,11 @@ def test_the_fast_paths_take_the_native_kernels(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(native, "float_rows", float_rows)
     xb, rb, wb = _inputs(torch.bfloat16)
     y, h = _norm(xb, wb, residual=rb)
-    assert rows  # bf16: torch adds, C sums and normalises
+    assert taken == [True, True] and not rows  # bf16: one C call too (native_narrow.c)
     assert_bits_equal(h, xb + rb)
+    y2, h2 = _norm(xb, wb.double(), residual=rb)  # an fp64 weight: not the direct call's
+    assert taken[-1] is False and rows  # torch adds, C sums and normalises
+    assert_bits_equal(h2, xb + rb)
     tgn.clear_caches()
 
 

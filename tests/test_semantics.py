@@ -16,7 +16,7 @@ from taskgraph_norm.executors import reference_sum_of_squares
 from taskgraph_norm.backends.native import loader as native
 from taskgraph_norm.errors import ConfigError
 
-from .helpers import spy_direct_calls, assert_bits_equal, bits_equal
+from .helpers import assert_bits_equal, bits_equal, run_compiled, spy_direct_calls
 
 D = 200  # three full chunks of 64 and a ragged one
 EPS = 1e-6
@@ -105,10 +105,15 @@ def test_bf16_modes_run_the_native_finalize(
         pytest.skip(f"native kernels unavailable: {native.why_unavailable()}")
     calls = _spy(monkeypatch, "float_rows")
     x, w = _inputs(torch.bfloat16, wdtype)
-    _run("compiled", x, w, casting_mode=mode, offset=offset)
+    graph = tgn.build_graph(D, chunk_size=64, casting_mode=mode, offset=offset)
+    want = run_compiled(graph, x, w, EPS)  # the compiled executor's tiles
     assert calls and all(c["y"] is not None for c in calls)  # FINALIZE fused in C
     if mode == "llama":
         assert all(c["flags"] & native.ROUND_QUOTIENT for c in calls)
+    taken = spy_direct_calls(monkeypatch)
+    assert_bits_equal(_run("compiled", x, w, casting_mode=mode, offset=offset), want)
+    assert taken == [True]  # the pipeline's call: the direct path (native_narrow.c)
+    tgn.clear_caches()
 
 
 @pytest.mark.parametrize(("mode", "offset"), [("llama", 0.0), ("gemma", 1.0)])

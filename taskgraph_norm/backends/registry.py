@@ -106,7 +106,8 @@ class NativeBackend:
         return reasons
 
     def direct(self, plan: Plan) -> DirectCall | None:
-        """The plan's one-call entry for fp32 CPU rows (:func:`~taskgraph_norm.backends.native.direct.direct_call`)."""
+        """The plan's one-call entry for fp32, bf16 and fp16 CPU rows
+        (:func:`~taskgraph_norm.backends.native.direct.direct_call`)."""
         return direct_call(plan)
 
     def forward(
@@ -115,7 +116,7 @@ class NativeBackend:
         residual_out: torch.Tensor | None = None, stats: bool = False, cancel: threading.Event | None = None,
         direct: DirectCall | None = None, **options: Any,
     ) -> Forward:
-        if direct is not None and not options and x.dtype is torch.float32 and residual is None:
+        if direct is not None and not options and residual is None:
             found = self._direct_forward(plan, direct, x, weight, eps, out, stats)
             if found is not None:
                 return found

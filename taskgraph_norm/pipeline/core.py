@@ -153,16 +153,16 @@ class Pipeline:
         out: torch.Tensor | None,
     ) -> torch.Tensor | None:
         # The checks of check_input/check_out that the direct path needs, inline: the
-        # direct kernel takes only fp32 CPU tensors, so any other input falls through
-        # to the full checks, which raise torch's errors.
+        # direct kernel takes only CPU tensors of its dtypes (and an out of the output
+        # dtype), so any other input falls through to the full checks, which raise
+        # torch's errors.
         if x.dim() == 0 or x.shape[-1] != self.hidden_size:
             return None
         # (devices: the direct call takes CPU tensors only, and says so)
         if weight is not None and (not isinstance(weight, torch.Tensor) or weight.dim() != 1
                                    or weight.shape[0] != self.hidden_size):
             return None
-        if out is not None and (not isinstance(out, torch.Tensor) or out.shape != x.shape
-                                or out.dtype != x.dtype or _overlaps(out, x)
+        if out is not None and (not isinstance(out, torch.Tensor) or out.shape != x.shape or _overlaps(out, x)
                                 or (weight is not None and _overlaps(out, weight))):
             return None  # (the full checks raise, or run an in-place call)
         if eps is None:

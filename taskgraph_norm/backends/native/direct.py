@@ -1,15 +1,21 @@
 """Calls straight to the native kernel: whole rows in C, no tiles, no workspaces.
 
-The native kernels work row by row with the row in cache, so on fp32 CPU input they
-need no tiling: the pipeline asks :func:`direct_call` once per configuration for a
+The native kernels work row by row with the row in cache, so on CPU input they need
+no tiling: the pipeline asks :func:`direct_call` once per configuration for a
 function that takes a checked input and makes one native call (whose rows torch's
-threads share when the input is large enough: :mod:`.team`).  Same kernel, same per-row order, same
-bits as the compiled executor's tiles (the tests compare them).  It returns
-``None`` for an input it does not take (another dtype or device, a strided input,
-a NaN row, a gradient to record, the native kernels switched off, a residual
-written over ``x`` or itself), and the caller runs the general path.  The casting
-modes need nothing here: on fp32 rows with an fp32 weight every mode is the
-same operations, and the offset is added to the weight in C.
+threads share when the input is large enough: :mod:`.team`).  fp32 rows go to the
+row kernels as they are; bf16 and fp16 rows are widened into fp32 scratch a few rows
+at a time in C, run through the same kernels and rounded back (``native_narrow.c``),
+so a call allocates its output and nothing else.  Same kernel, same per-row order,
+same bits as the compiled executor's tiles (the tests compare them).  What FINALIZE
+does per dtype pair (output dtype, llama's roundings, the dtype ``w + offset`` is
+made in) is :func:`~..torch_ops.finish.finish_rule`'s, read once per (x dtype,
+weight dtype); the weight, of any of the three dtypes, is made in fp32 in C.
+
+It returns ``None`` for an input it does not take (fp64 anywhere, llama's fp16
+roundings, another device, a strided input, a NaN in a row's total or narrowed
+result, a gradient to record, the native kernels switched off, a residual written
+over ``x`` or itself), and the caller runs the general path.
 
 A fresh output of at least 32 MiB is advised to the kernel as a huge-page candidate
 (``madvise(MADV_HUGEPAGE)``, Linux) before the kernel first writes it: glibc serves
@@ -31,10 +37,11 @@ from typing import Any
 
 import torch
 
-from ...constants import SPLIT_NUMEL, TEAM_GRAIN
+from ...constants import DTYPE_BF16, DTYPE_F16, DTYPE_F32, SPLIT_NUMEL, TEAM_GRAIN
+from ...lowering import Plan
+from ..torch_ops.finish import finish_rule
 from . import loader as _native
 from . import team as _team
-from ...lowering import Plan
 
 __all__ = ["DirectCall", "HUGE_BYTES", "SPLIT_NUMEL", "TEAM_GRAIN", "direct_call"]
 
@@ -57,6 +64,9 @@ HUGE_BYTES = 32 << 20
 
 #: Tensors whose data pointer is real (a FakeTensor or FunctionalTensor has none).
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+#: The dtypes the C side reads and writes, by their codes there.
+_CODES = {torch.float32: DTYPE_F32, torch.bfloat16: DTYPE_BF16, torch.float16: DTYPE_F16}
 
 
 def _advise_huge() -> Callable[[int, int], None] | None:
@@ -88,7 +98,7 @@ def direct_call(plan: Plan) -> DirectCall | None:
     """The direct kernel for ``plan``, or ``None`` when the plan has no native kernel.
 
     The returned function takes an input already checked by the caller (shape,
-    weight shape and device, ``out``'s shape, dtype and device) and ``eps`` resolved.
+    weight shape and device, ``out``'s shape and device) and ``eps`` resolved.
     """
     exact = plan.accumulate == "exact"
     if not _native.runs_plan(plan):
@@ -98,59 +108,79 @@ def direct_call(plan: Plan) -> DirectCall | None:
     hidden = plan.hidden_size
     keep: list[Any] = []
     # Rows per block of the team: about TEAM_GRAIN elements.
-    grain = max(1, TEAM_GRAIN // max(hidden, 1))
-    kernels = _native.module()
+    base: dict[str, Any] = {"hidden": hidden, "offset": plan.offset, "grain": max(1, TEAM_GRAIN // max(hidden, 1))}
     if exact:
-        cfg = kernels.rows_config(exact=1, hidden=hidden, offset=plan.offset, grain=grain)
+        base["exact"] = 1
     else:
         adds = tuple(t for level in plan.adds for t in level)
         recipe = _native.FloatRecipe(plan.chunk_size, plan.n_chunks, adds, plan.root)
-        keep.append(recipe)  # holds the adds tensor whose address cfg holds
-        cfg = kernels.rows_config(exact=0, hidden=hidden, chunk=recipe.chunk_size, adds=recipe.adds.data_ptr(),
-                                  n_adds=recipe.n_adds, root=recipe.root, total_flags=_native.TOTAL_AS_RMS,
-                                  offset=plan.offset, grain=grain)
-    rows_call = kernels.rows_call
+        keep.append(recipe)  # holds the adds tensor whose address the configurations hold
+        base.update(exact=0, chunk=recipe.chunk_size, adds=recipe.adds.data_ptr(), n_adds=recipe.n_adds,
+                    root=recipe.root, total_flags=_native.TOTAL_AS_RMS)
+    rows_config, rows_call = _native.module().rows_config, _native.module().rows_call
     offset = plan.offset
-    fp32 = torch.float32
+    #: (x dtype, weight dtype) -> (configuration, output dtype), or None: not taken
+    configs: dict[tuple[torch.dtype, torch.dtype | None], tuple[bytes, torch.dtype] | None] = {}
+
+    def configure(x_dtype: torch.dtype, w_dtype: torch.dtype | None) -> tuple[bytes, torch.dtype] | None:
+        rule = finish_rule(plan.casting_mode, x_dtype, w_dtype)
+        codes = (_CODES.get(x_dtype), _CODES.get(rule.out_dtype),
+                 DTYPE_F32 if w_dtype is None else _CODES.get(w_dtype),
+                 DTYPE_F32 if rule.weight_dtype is None else _CODES.get(rule.weight_dtype))
+        found = None
+        if rule.flags is not None and None not in codes:  # (fp64 anywhere: torch's FINALIZE)
+            x_code, y_code, w_code, w_round = codes
+            found = (rows_config(**base, flags=rule.flags, x_dtype=x_code, y_dtype=y_code, w_dtype=w_code,
+                                 w_round=w_round), rule.out_dtype)
+        configs[(x_dtype, w_dtype)] = found
+        return found
 
     def call(x: torch.Tensor, weight: torch.Tensor | None, eps: float, out: torch.Tensor | None,
              residual: torch.Tensor | None = None, residual_out: torch.Tensor | None = None,
              total: torch.Tensor | None = None) -> torch.Tensor | None:
-        if (type(x) not in _PLAIN or x.dtype is not fp32 or not x.is_cpu or not x.is_contiguous()
-                or not _native.enabled()):
+        if type(x) not in _PLAIN or not x.is_cpu or not x.is_contiguous() or not _native.enabled():
             return None
+        key: tuple[torch.dtype, torch.dtype | None]
         if weight is None:
             if offset:
                 return None  # the general path says why an offset needs a weight
-        elif weight.dtype is not fp32 or not weight.is_cpu or not weight.is_contiguous():
+            key = (x.dtype, None)
+        elif not weight.is_cpu or not weight.is_contiguous():
             return None  # (another device: the general path raises DeviceMismatchError)
+        else:
+            key = (x.dtype, weight.dtype)
+        found = configs[key] if key in configs else configure(*key)
+        if found is None:
+            return None
+        cfg, out_dtype = found
         rp = hp = None
         if residual is not None:
             # h over x or the residual could not be undone for a NaN row's general path.
-            if (residual_out is None or residual.dtype is not fp32 or not residual.is_contiguous()
-                    or not residual_out.is_contiguous() or residual_out.data_ptr() in (x.data_ptr(), residual.data_ptr())
+            if (residual_out is None or residual.dtype is not x.dtype or residual_out.dtype is not x.dtype
+                    or not residual.is_contiguous() or not residual_out.is_contiguous()
+                    or residual_out.data_ptr() in (x.data_ptr(), residual.data_ptr())
                     or residual.requires_grad and torch.is_grad_enabled()):
                 return None
             rp, hp = residual.data_ptr(), residual_out.data_ptr()
-        if out is not None and (not out.is_cpu or not out.is_contiguous()):
-            return None
+        if out is not None and (not out.is_cpu or not out.is_contiguous() or out.dtype is not out_dtype):
+            return None  # (another dtype: the general path raises)
         if total is None and torch.is_grad_enabled() and (
             x.requires_grad or (weight is not None and weight.requires_grad)
         ):
             return None  # (the ops ask with ``total``, under their own autograd)
         numel = x.numel()
         if out is None:
-            y = torch.empty_like(x)
-            if _advise is not None and numel * 4 >= HUGE_BYTES:
-                _advise(y.data_ptr(), numel * 4)
+            y = torch.empty_like(x) if out_dtype is x.dtype else torch.empty(x.shape, dtype=out_dtype)
+            if _advise is not None and numel * y.element_size() >= HUGE_BYTES:
+                _advise(y.data_ptr(), numel * y.element_size())
         else:
             y = out
         rows = numel // hidden
-        threads = _team.threads() if numel >= SPLIT_NUMEL and rows > grain else 1
+        threads = _team.threads() if numel >= SPLIT_NUMEL and rows > base["grain"] else 1
         bad = rows_call(cfg, x.data_ptr(), y.data_ptr(), rows, None if weight is None else weight.data_ptr(),
                         eps, None if total is None else total.data_ptr(), rp, hp, threads)
-        # A NaN total (or an exact row with no scale): the general path gives it the
-        # reference's bits; what was written to a caller's out is overwritten there.
+        # A NaN total or result (or an exact row with no scale): the general path gives
+        # it the reference's bits; what was written to a caller's out is overwritten there.
         return None if bad else y
 
     call.keep = keep  # type: ignore[attr-defined]

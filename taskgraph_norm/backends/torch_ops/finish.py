@@ -4,7 +4,8 @@
 what the tiles do after the sum of squares: the weight the torch ops multiply by
 (``kernels.finalize_weight``, offset included), the weight and flags the native
 C FINALIZE takes (or ``None`` where C cannot give ``kernels.finalize``'s bits: an
-fp16 row in ``"llama"`` mode, an fp64 product), and the output dtype.
+fp16 row in ``"llama"`` mode, an fp64 product), and the output dtype; its dtype-only
+part, :func:`finish_rule`, is what the native direct path reads too.
 :func:`finalize_tile` is ``kernels.finalize``'s op sequence written into a tile's
 preallocated buffers.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -21,7 +23,7 @@ from ..native import loader as _native
 from ...lowering import Plan
 from .workspace import Views
 
-__all__ = ["Finish", "finalize_tile", "finish_for"]
+__all__ = ["Finish", "Rule", "finalize_tile", "finish_for", "finish_rule"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,26 +65,48 @@ def _llama_flags(x_dtype: torch.dtype, product: torch.dtype) -> int | None:
     return None
 
 
+class Rule(NamedTuple):
+    """What FINALIZE does for one casting mode, input dtype and weight dtype.
+
+    ``out_dtype``: what it returns.  ``weight_dtype``: the dtype ``w + offset`` is made
+    in (``kernels.finalize_weight``; ``None``: no weight).  ``flags``: the native
+    FINALIZE's flags, ``None`` where C cannot give ``kernels.finalize``'s bits.
+    """
+
+    out_dtype: torch.dtype
+    llama: bool
+    weight_dtype: torch.dtype | None
+    flags: int | None
+
+
+@functools.lru_cache(maxsize=64)
+def finish_rule(casting_mode: str, x_dtype: torch.dtype, w_dtype: torch.dtype | None) -> Rule:
+    """FINALIZE's :class:`Rule` (the part of :func:`finish_for` that depends on dtypes
+    only; the direct path reads it once per dtype pair)."""
+    acc = kernels.accumulation_dtype(x_dtype)
+    out_dtype = kernels.output_dtype(x_dtype, w_dtype, casting_mode)
+    llama = casting_mode == "llama" and w_dtype is not None
+    flags = _llama_flags(x_dtype, out_dtype) if llama else 0
+    if acc != torch.float32:
+        flags = None  # fp64 keeps torch's FINALIZE (its CPU sqrt is not IEEE; native/loader.py)
+    weight_dtype = None if w_dtype is None else out_dtype if llama else acc
+    return Rule(out_dtype, llama, weight_dtype, flags)
+
+
 def finish_for(plan: Plan, x_dtype: torch.dtype, weight: torch.Tensor | None, eps: float, native: bool) -> Finish:
     """FINALIZE's parameters for one call of ``plan`` on ``x_dtype`` input (the
     effective weight ``w + offset`` is made here once, not per tile)."""
+    rule = finish_rule(plan.casting_mode, x_dtype, None if weight is None else weight.dtype)
     acc = kernels.accumulation_dtype(x_dtype)
-    out_dtype = kernels.output_dtype(x_dtype, None if weight is None else weight.dtype, plan.casting_mode)
-    llama = plan.casting_mode == "llama" and weight is not None
-    flags: int | None = 0
     w: torch.Tensor | None = None
     if weight is not None:
-        if llama:
-            w = kernels.finalize_weight(weight, out_dtype, plan.offset)
-            flags = _llama_flags(x_dtype, out_dtype)
-        elif plan.offset:
-            w = kernels.finalize_weight(weight, acc, plan.offset)
+        assert rule.weight_dtype is not None
+        if rule.llama or plan.offset:
+            w = kernels.finalize_weight(weight, rule.weight_dtype, plan.offset)
         else:
             w = _weight_for(weight, acc)
-    if acc != torch.float32:
-        flags = None  # fp64 keeps torch's FINALIZE (its CPU sqrt is not IEEE; native/loader.py)
-    c_weight = w.to(acc).contiguous() if native and w is not None and flags is not None else None
-    return Finish(eps, out_dtype, w, llama, c_weight, flags)
+    c_weight = w.to(acc).contiguous() if native and w is not None and rule.flags is not None else None
+    return Finish(eps, rule.out_dtype, w, rule.llama, c_weight, rule.flags)
 
 
 @functools.lru_cache(maxsize=64)
@@ -135,3 +159,4 @@ def finalize_tile(
 
 
 caches.register(_hidden_divisor.cache_clear)
+caches.register(finish_rule.cache_clear)

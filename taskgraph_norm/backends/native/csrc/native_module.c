@@ -148,22 +148,33 @@ static PyObject *py_constants(PyObject *self, PyObject *unused)
 /* A tgn_rows_cfg_t packed into bytes (keywords; those left out are 0, grain 1). */
 static PyObject *py_rows_config(PyObject *self, PyObject *args, PyObject *kwargs)
 {
-    static char *keywords[] = {"exact", "hidden", "chunk", "adds", "n_adds", "root",
-                               "flags", "total_flags", "offset", "grain", NULL};
+    static char *keywords[] = {"exact", "hidden", "chunk", "adds", "n_adds", "root", "flags", "total_flags",
+                               "offset", "grain", "x_dtype", "y_dtype", "w_dtype", "w_round", NULL};
     tgn_rows_cfg_t cfg;
     PyObject *adds = Py_None;
     (void)self;
     memset(&cfg, 0, sizeof cfg);
     cfg.grain = 1;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|$LLLOLLLLdL:rows_config", keywords, &cfg.exact,
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|$LLLOLLLLdLLLLL:rows_config", keywords, &cfg.exact,
                                      &cfg.hidden, &cfg.chunk, &adds, &cfg.n_adds, &cfg.root, &cfg.flags,
-                                     &cfg.total_flags, &cfg.offset, &cfg.grain))
+                                     &cfg.total_flags, &cfg.offset, &cfg.grain, &cfg.x_dtype, &cfg.y_dtype,
+                                     &cfg.w_dtype, &cfg.w_round))
         return NULL;
     cfg.adds = adds == Py_None ? NULL : PyLong_AsVoidPtr(adds);
     if (!cfg.adds && adds != Py_None)
         return NULL;
     if (cfg.hidden < 1 || cfg.grain < 1) {
         PyErr_SetString(PyExc_ValueError, "rows_config(): hidden and grain must be at least 1");
+        return NULL;
+    }
+    int64_t codes[] = {cfg.x_dtype, cfg.y_dtype, cfg.w_dtype, cfg.w_round};
+    for (int k = 0; k < 4; k++)
+        if (codes[k] != TGN_DTYPE_F32 && codes[k] != TGN_DTYPE_BF16 && codes[k] != TGN_DTYPE_F16) {
+            PyErr_SetString(PyExc_ValueError, "rows_config(): a dtype code is not one of TGN_DTYPE_*");
+            return NULL;
+        }
+    if (cfg.y_dtype != TGN_DTYPE_F32 && cfg.y_dtype != cfg.x_dtype) {
+        PyErr_SetString(PyExc_ValueError, "rows_config(): a narrow y must have x's dtype");
         return NULL;
     }
     return PyBytes_FromStringAndSize((const char *)&cfg, sizeof cfg);
@@ -186,14 +197,14 @@ static PyObject *py_rows_call(PyObject *self, PyObject *const *args, Py_ssize_t 
         return NULL;
     }
     memcpy(&cfg, PyBytes_AS_STRING(args[0]), sizeof cfg); /* bytes data need not be 8-aligned */
-    const float *x = address(args[1]);
-    float *y = address(args[2]);
+    const void *x = address(args[1]);
+    void *y = address(args[2]);
     int64_t n = PyLong_AsLongLong(args[3]);
-    const float *w = address(args[4]);
+    const void *w = address(args[4]);
     double eps = PyFloat_AsDouble(args[5]);
     void *total = address(args[6]);
-    const float *r = address(args[7]);
-    float *h = address(args[8]);
+    const void *r = address(args[7]);
+    void *h = address(args[8]);
     int64_t threads = PyLong_AsLongLong(args[9]);
     if (PyErr_Occurred())
         return NULL;
@@ -220,7 +231,8 @@ static PyMethodDef methods[] = {
              "The direct path's rows on the team (c: rows_config()'s bytes); rows left to the general path."),
     {"rows_config", (PyCFunction)(void (*)(void))py_rows_config, METH_VARARGS | METH_KEYWORDS,
      "rows_config($module, /, *, exact=0, hidden=0, chunk=0, adds=None, n_adds=0, root=0, flags=0, "
-     "total_flags=0, offset=0.0, grain=1)\n--\n\nA tgn_rows_cfg_t, packed, for rows_call."},
+     "total_flags=0, offset=0.0, grain=1, x_dtype=0, y_dtype=0, w_dtype=0, w_round=0)\n--\n\n"
+     "A tgn_rows_cfg_t, packed, for rows_call."},
     FASTCALL(exact_rows_f32, "x, rows, hidden, row_stride, pair, " FORWARD_PARAMS, "tgn_exact_rows_f32."),
     FASTCALL(exact_rows_f64, "x, rows, hidden, row_stride, pair, " FORWARD_PARAMS, "tgn_exact_rows_f64."),
     FASTCALL(float_rows_f32, "x, rows, hidden, row_stride, chunk, adds, n_adds, root, total, " FORWARD_PARAMS,

@@ -37,6 +37,7 @@
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <time.h>
 
 #include "tgn_native.h"
@@ -53,13 +54,14 @@ typedef struct {
 #define SPIN_NS 50000 /* how long an idle worker spins before it sleeps (back-to-back calls) */
 #define WAIT_SPIN_NS 20000 /* how long a caller spins for the worker's last block before it sleeps */
 
-enum { JOB_FLOAT, JOB_EXACT, JOB_BACKWARD, JOB_EXACT_DW };
+enum { JOB_FLOAT, JOB_EXACT, JOB_BACKWARD, JOB_EXACT_DW, JOB_NARROW };
 
 typedef struct {
     int kind; /* JOB_FLOAT: tgn_float_rows_f32; JOB_EXACT: tgn_exact_rows_f32; JOB_BACKWARD:
                * tgn_backward_rows_f32 (x, w, hidden, chunk, adds, n_adds, root and the
                * bw_ fields); JOB_EXACT_DW: the exact weight gradient, whose "rows" are
-               * columns (x, row_stride, bw_dy, bw_rms and the dw_ fields) */
+               * columns (x, row_stride, bw_dy, bw_rms and the dw_ fields); JOB_NARROW:
+               * tgn_narrow_rows (narrow, rows) */
     const float *x;
     int64_t rows, hidden, row_stride, chunk;
     const int64_t *adds;
@@ -83,6 +85,7 @@ typedef struct {
     int64_t bw_exact;
     int64_t dw_rows, dw_dy_stride, dw_stride;
     int64_t *dw_state;
+    const tgn_narrow_t *narrow;
     part_t *parts;
     atomic_int_fast64_t result; /* the sum of the blocks' return values */
     atomic_int failed;          /* a block's negative return (-1: no scratch), else 0 */
@@ -125,6 +128,8 @@ static int64_t now_ns(void)
 
 static int64_t run_rows(const job_t *j, int64_t i, int64_t n)
 {
+    if (j->kind == JOB_NARROW)
+        return tgn_narrow_rows(j->narrow, i, n);
     const float *r = j->r ? j->r + i * j->r_stride : 0;
     float *h = j->h ? j->h + i * j->h_stride : 0;
     float *y = j->y ? j->y + i * j->y_stride : 0;
@@ -375,21 +380,46 @@ int64_t tgn_exact_dw_f32_team(const float *dy, int64_t dy_stride, const float *x
 /* The direct path's call (direct.py): one configuration's constants, set once, and
  * the per-call pointers; the same arguments as native_module.c's `rows_call` (the fast
  * entry from Python).  total NULL: the rows' totals are not kept; else `total_flags` is
- * added to the flags (TGN_TOTAL_AS_RMS for float rows).  An output of TGN_STREAM_BYTES
- * or more is written with non-temporal stores (TGN_STREAM_STORES). */
-int64_t tgn_rows_call(const tgn_rows_cfg_t *c, const float *x, float *y, int64_t rows, const float *w,
-                      double eps, void *total, const float *r, float *h, int64_t threads)
+ * added to the flags (TGN_TOTAL_AS_RMS for float rows).  fp32 rows with an fp32 weight
+ * run the row kernels as they are; a weight of another dtype (or one llama rounds) is
+ * made in fp32 first, once per call, and bf16/fp16 rows go through native_narrow.c.
+ * An fp32 output of TGN_STREAM_BYTES or more is written with non-temporal stores
+ * (TGN_STREAM_STORES). */
+int64_t tgn_rows_call(const tgn_rows_cfg_t *c, const void *x, void *y, int64_t rows, const void *w,
+                      double eps, void *total, const void *r, void *h, int64_t threads)
 {
     if (rows <= 0)
         return 0;
     int64_t d = c->hidden, flags = c->flags | (total ? c->total_flags : 0);
-    if (y && rows * d * (int64_t)sizeof(float) >= TGN_STREAM_BYTES)
-        flags |= TGN_STREAM_STORES;
-    job_t j = {.kind = c->exact ? JOB_EXACT : JOB_FLOAT, .x = x, .rows = rows, .hidden = d, .row_stride = d,
-               .chunk = c->chunk, .adds = c->adds, .n_adds = c->n_adds, .root = c->root, .total = total, .y = y,
-               .y_stride = d, .w = w, .eps = eps, .flags = flags, .offset = c->offset, .r = r, .r_stride = d,
-               .h = h, .h_stride = d, .grain = c->grain};
-    return run_team(&j, threads);
+    const float *wf = (const float *)w;
+    float *made = 0;
+    double offset = c->offset;
+    if (w && (c->w_dtype != TGN_DTYPE_F32 || c->w_round != TGN_DTYPE_F32)) {
+        made = (float *)malloc((size_t)d * sizeof(float));
+        if (!made)
+            return -1;
+        tgn_narrow_weight(c, w, made); /* the offset included */
+        wf = made;
+        offset = 0.0;
+    }
+    int64_t result;
+    if (c->x_dtype == TGN_DTYPE_F32 && c->y_dtype == TGN_DTYPE_F32) {
+        if (y && rows * d * (int64_t)sizeof(float) >= TGN_STREAM_BYTES)
+            flags |= TGN_STREAM_STORES;
+        job_t j = {.kind = c->exact ? JOB_EXACT : JOB_FLOAT, .x = (const float *)x, .rows = rows, .hidden = d,
+                   .row_stride = d, .chunk = c->chunk, .adds = c->adds, .n_adds = c->n_adds, .root = c->root,
+                   .total = total, .y = (float *)y, .y_stride = d, .w = wf, .eps = eps, .flags = flags,
+                   .offset = offset, .r = (const float *)r, .r_stride = d, .h = (float *)h, .h_stride = d,
+                   .grain = c->grain};
+        result = run_team(&j, threads);
+    } else {
+        tgn_narrow_t n = {.cfg = c, .x = x, .r = r, .y = y, .h = h, .w = wf, .eps = eps, .offset = offset,
+                          .flags = flags, .total = total};
+        job_t j = {.kind = JOB_NARROW, .rows = rows, .grain = c->grain, .narrow = &n};
+        result = run_team(&j, threads);
+    }
+    free(made);
+    return result;
 }
 
 /* How many rows threads other than the callers have run since the process (or

@@ -72,18 +72,40 @@ void tgn_exact_round_f32(const int64_t *state, int64_t n, int64_t stride, int64_
 
 /* --- native_team.c: the threads that share a call's rows ---------------------------- */
 
-/* The direct path's configuration: set once per configuration (native_module.c's
- * rows_config packs it into bytes), passed by address to tgn_rows_call. */
+/* The direct path's configuration: set once per configuration and dtypes (native_module.c's
+ * rows_config packs it into bytes), passed by address to tgn_rows_call.  The dtypes are
+ * TGN_DTYPE_* codes: x's (and the residual's and h's), y's, the weight's, and the dtype
+ * the weight plus offset is rounded to (kernels.finalize_weight's: llama's output dtype). */
 typedef struct tgn_rows_cfg {
     int64_t exact, hidden, chunk;
     const int64_t *adds;
     int64_t n_adds, root, flags, total_flags;
     double offset;
     int64_t grain;
+    int64_t x_dtype, y_dtype, w_dtype, w_round;
 } tgn_rows_cfg_t;
 
-int64_t tgn_rows_call(const tgn_rows_cfg_t *c, const float *x, float *y, int64_t rows, const float *w,
-                      double eps, void *total, const float *r, float *h, int64_t threads);
+int64_t tgn_rows_call(const tgn_rows_cfg_t *c, const void *x, void *y, int64_t rows, const void *w,
+                      double eps, void *total, const void *r, void *h, int64_t threads);
+
+/* --- native_narrow.c: bf16 and fp16 rows through the fp32 kernels ------------------ */
+
+/* One call's rows in a narrower dtype (or with a weight made here): the team's job. */
+typedef struct tgn_narrow {
+    const tgn_rows_cfg_t *cfg;
+    const void *x, *r;
+    void *y, *h;
+    const float *w; /* fp32; `offset` is added to it in the kernel */
+    double eps, offset;
+    int64_t flags;
+    void *total;
+} tgn_narrow_t;
+
+/* Rows [i, i + n) of the job; returns a nonzero count when some row is left to the caller. */
+int64_t tgn_narrow_rows(const tgn_narrow_t *job, int64_t i, int64_t n);
+/* The fp32 weight FINALIZE multiplies by (w widened, + offset, rounded to c->w_round)
+ * into out: c->hidden values. */
+void tgn_narrow_weight(const tgn_rows_cfg_t *c, const void *w, float *out);
 int64_t tgn_backward_rows_f32_team(const float *x, const float *dy, const float *w, const float *rms,
                                    int64_t rows, int64_t hidden, int64_t chunk, const int64_t *adds,
                                    int64_t n_adds, int64_t root, int64_t exact, float *dx, float *blocks,

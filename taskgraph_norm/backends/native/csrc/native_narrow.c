@@ -1,0 +1,296 @@
+/* The direct path's bf16 and fp16 rows (direct.py, native_team.c's tgn_rows_call): the
+ * fp32 row kernels of native.c, between a widening and a narrowing done here.
+ *
+ * A team block's rows go through fp32 scratch a few at a time (about SCRATCH values,
+ * so the scratch stays in L1 while the kernel reads it twice and writes it once):
+ *
+ *   s = x.to(fp32)                       exact; with a residual, h = (x + r) rounded
+ *                                        to x's dtype is written to h and s = h.to(fp32)
+ *                                        (torch's bf16/fp16 add: an fp32 add, rounded)
+ *   the fp32 kernel on s, y over s       (or straight into an fp32 y: llama with an
+ *                                        fp32 weight)
+ *   y = s rounded to y's dtype           round to nearest even
+ *
+ * which are the compiled executor's steps (widen, the same kernel, torch's cast), so the
+ * bits are the same.  Every conversion is written twice: in plain C (the portable build;
+ * c10's own bit formulas, so torch's scalar casts) and with AVX-512 / F16C where the
+ * build has them (the same roundings, vectorised; tests/test_native_narrow.py compares
+ * the two builds).  Neither gives torch's bits for a NaN (torch's scalar and vector
+ * casts of a NaN differ), so a row with a NaN in its result is counted and the caller
+ * runs the general path; every row with a NaN total is counted by the kernel already.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "native_quotient.h"
+#include "tgn_native.h"
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define LANES 16
+#endif
+
+/* fp32 values of scratch per step: 16 KiB, which leaves room in L1 for the rows'
+ * narrow input and output; a longer row gets one row of malloc'd scratch. */
+#define SCRATCH 4096
+#define MAX_STEP 256 /* rows per step at most (short rows) */
+
+static inline float f32_of(uint32_t u)
+{
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline uint32_t bits_of(float f)
+{
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    return u;
+}
+
+/* --- the scalar conversions (c10's: BFloat16.h, Half.h) ---------------------------- */
+
+static inline float bf16_to_f32(uint16_t b) { return f32_of((uint32_t)b << 16); }
+
+/* round to nearest even (a NaN may come out as anything: the caller checks for NaN) */
+static inline uint16_t f32_to_bf16(float f)
+{
+    uint32_t u = bits_of(f);
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+static inline float f16_to_f32(uint16_t h)
+{
+    const uint32_t w = (uint32_t)h << 16, sign = w & 0x80000000u, two_w = w + w;
+    const float normal = f32_of((two_w >> 4) + (UINT32_C(0xE0) << 23)) * 0x1.0p-112f;
+    const float subnormal = f32_of((two_w >> 17) | (UINT32_C(126) << 23)) - 0.5f;
+    return f32_of(sign | (two_w < (UINT32_C(1) << 27) ? bits_of(subnormal) : bits_of(normal)));
+}
+
+/* round to nearest even, subnormals and overflow to infinity included */
+static inline uint16_t f32_to_f16(float f)
+{
+    float base = (__builtin_fabsf(f) * 0x1.0p+112f) * 0x1.0p-110f;
+    const uint32_t w = bits_of(f), shl1_w = w + w, sign = w & 0x80000000u;
+    uint32_t bias = shl1_w & 0xFF000000u;
+    if (bias < 0x71000000u)
+        bias = 0x71000000u;
+    base = f32_of((bias >> 1) + 0x07800000u) + base;
+    const uint32_t bits = bits_of(base);
+    const uint32_t nonsign = ((bits >> 13) & 0x7C00u) + (bits & 0x0FFFu);
+    return (uint16_t)((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
+}
+
+/* --- rows ------------------------------------------------------------------------- */
+
+#if defined(LANES)
+static inline __m512 load_bf16(const uint16_t *p)
+{
+    __m256i b = _mm256_loadu_si256((const __m256i *)p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
+}
+
+static inline __m512 load_narrow(const uint16_t *p, int64_t code)
+{
+    return code == TGN_DTYPE_BF16 ? load_bf16(p) : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+}
+
+static inline __m256i round_bf16(__m512 v)
+{
+    __m512i u = _mm512_castps_si512(v);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb);
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
+}
+
+static inline __m256i round_narrow(__m512 v, int64_t code)
+{
+    if (code != TGN_DTYPE_BF16)
+        return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+#if defined(__AVX512BF16__)
+    /* vcvtneps2bf16 rounds to nearest even too, but flushes fp32 subnormals to zero */
+    if (!_mm512_fpclass_ps_mask(v, 0x20)) /* no subnormal lane */
+        return (__m256i)_mm512_cvtneps_pbh(v);
+#endif
+    return round_bf16(v);
+}
+#endif
+
+static inline float widen1(const uint16_t *p, int64_t code) { return code == TGN_DTYPE_BF16 ? bf16_to_f32(*p) : f16_to_f32(*p); }
+
+static inline uint16_t narrow1(float f, int64_t code) { return code == TGN_DTYPE_BF16 ? f32_to_bf16(f) : f32_to_f16(f); }
+
+/* s = x.to(fp32), n values */
+static void widen(const uint16_t *x, int64_t code, float *s, int64_t n)
+{
+    int64_t j = 0;
+#if defined(LANES)
+    for (; j + LANES <= n; j += LANES)
+        _mm512_storeu_ps(s + j, load_narrow(x + j, code));
+#endif
+    for (; j < n; ++j)
+        s[j] = widen1(x + j, code);
+}
+
+/* h = (x + r) rounded to the narrow dtype, and s = h.to(fp32), n values */
+static void add_residual(const uint16_t *x, const uint16_t *r, uint16_t *h, int64_t code, float *s, int64_t n)
+{
+    int64_t j = 0;
+#if defined(LANES)
+    for (; j + LANES <= n; j += LANES) {
+        __m256i hv = round_narrow(_mm512_add_ps(load_narrow(x + j, code), load_narrow(r + j, code)), code);
+        _mm256_storeu_si256((__m256i *)(h + j), hv);
+        _mm512_storeu_ps(s + j, load_narrow(h + j, code));
+    }
+#endif
+    for (; j < n; ++j) {
+        h[j] = narrow1(widen1(x + j, code) + widen1(r + j, code), code);
+        s[j] = widen1(h + j, code);
+    }
+}
+
+/* y = s rounded to the narrow dtype, n values; returns whether s holds a NaN */
+static int narrow(const float *s, int64_t code, uint16_t *y, int64_t n)
+{
+    int64_t j = 0;
+    int nan = 0;
+#if defined(LANES)
+    __mmask16 unordered = 0;
+    for (; j + LANES <= n; j += LANES) {
+        __m512 v = _mm512_loadu_ps(s + j);
+        unordered |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+        _mm256_storeu_si256((__m256i *)(y + j), round_narrow(v, code));
+    }
+    nan = unordered != 0;
+#endif
+    for (; j < n; ++j) {
+        nan |= s[j] != s[j];
+        y[j] = narrow1(s[j], code);
+    }
+    return nan;
+}
+
+void tgn_narrow_weight(const tgn_rows_cfg_t *c, const void *w, float *out)
+{
+    float off = (float)c->offset; /* torch adds a Python offset to a tensor as its dtype's opmath: fp32 */
+    for (int64_t j = 0; j < c->hidden; ++j) {
+        float v = c->w_dtype == TGN_DTYPE_F32 ? ((const float *)w)[j] : widen1((const uint16_t *)w + j, c->w_dtype);
+        if (off != 0.0f)
+            v = v + off;
+        if (c->w_round != TGN_DTYPE_F32)
+            v = widen1(&(uint16_t){narrow1(v, c->w_round)}, c->w_round);
+        out[j] = v;
+    }
+}
+
+/* FINALIZE of one row of scratch s straight into the narrow y: the operations of
+ * tgn_quotient_row_f32 (native_quotient.h), each vector rounded as it is made instead of
+ * stored in fp32 and read again; returns whether a NaN was met. */
+static int finalize_narrow(float *s, const float *w, float off, int64_t n, float rms, int64_t code, uint16_t *y)
+{
+#if defined(LANES) && TGN_QUOTIENT_LANES == LANES
+    if (tgn_quotient_rms_in_range(rms)) {
+        const tgn_q_div_t dv = tgn_q_setup(rms);
+        const __m512 o = _mm512_set1_ps(off);
+        __mmask16 unordered = 0;
+        int64_t j = 0;
+        for (; j + LANES <= n; j += LANES) {
+            __m512 q = tgn_q_vec(&dv, _mm512_loadu_ps(s + j));
+            if (w)
+                q = _mm512_mul_ps(q, off != 0.0f ? _mm512_add_ps(_mm512_loadu_ps(w + j), o) : _mm512_loadu_ps(w + j));
+            unordered |= _mm512_cmp_ps_mask(q, q, _CMP_UNORD_Q);
+            _mm256_storeu_si256((__m256i *)(y + j), round_narrow(q, code));
+        }
+        tgn_quotient_div_f32(s + j, s + j, w ? w + j : 0, off, n - j, rms); /* the scalar tail, as there */
+        return narrow(s + j, code, y + j, n - j) | (unordered != 0);
+    }
+#endif
+    tgn_quotient_row_f32(s, s, w, off, n, rms);
+    return narrow(s, code, y, n);
+}
+
+/* The kernel over `n` rows of fp32 scratch s (row i of the call first), FINALIZE into y
+ * (s itself, or fp32 rows of the output; NULL: the totals only, into total). */
+static int64_t kernel(const tgn_narrow_t *job, float *s, int64_t n, float *y, void *total, int64_t flags)
+{
+    const tgn_rows_cfg_t *c = job->cfg;
+    int64_t d = c->hidden;
+    if (c->exact)
+        return tgn_exact_rows_f32(s, n, d, d, (double *)total, y, d, job->w, job->eps, flags, job->offset, 0, 0, 0, 0);
+    return tgn_float_rows_f32(s, n, d, d, c->chunk, c->adds, c->n_adds, c->root, (float *)total, y, d, job->w,
+                              job->eps, flags, job->offset, 0, 0, 0, 0);
+}
+
+/* Rows [i, i + m) of the step in s: the kernel's sums (each row's rms, or exact pair),
+ * then FINALIZE and the narrowing in one pass per row. */
+static int64_t fused_step(const tgn_narrow_t *job, float *s, int64_t i, int64_t m, double *pairs, float *rmss)
+{
+    const tgn_rows_cfg_t *c = job->cfg;
+    const int64_t d = c->hidden;
+    void *total = c->exact ? (job->total ? (void *)((double *)job->total + 2 * i) : (void *)pairs)
+                           : (job->total ? (void *)((float *)job->total + i) : (void *)rmss);
+    int64_t bad = kernel(job, s, m, 0, total, job->flags | (c->exact ? 0 : TGN_TOTAL_AS_RMS));
+    if (bad < 0)
+        return bad;
+    for (int64_t k = 0; k < m; ++k) {
+        float rms;
+        if (c->exact) {
+            const double *p = (const double *)total + 2 * k;
+            if (p[0] != p[0]) /* no scale, or a NaN: counted by the kernel */
+                continue;
+            /* finalize_row_float's rms (native.c) of the pair's one rounding */
+            float mean = (float)(p[0] + p[1]) / (float)(double)d + (float)job->eps;
+            rms = (float)sqrt((double)mean);
+        } else {
+            rms = ((const float *)total)[k]; /* TGN_TOTAL_AS_RMS: the same expression */
+        }
+        bad += finalize_narrow(s + k * d, job->w, (float)job->offset, d, rms, c->y_dtype,
+                               (uint16_t *)job->y + (i + k) * d);
+    }
+    return bad;
+}
+
+int64_t tgn_narrow_rows(const tgn_narrow_t *job, int64_t i, int64_t n)
+{
+    const tgn_rows_cfg_t *c = job->cfg;
+    const int64_t d = c->hidden, code = c->x_dtype, narrow_y = c->y_dtype != TGN_DTYPE_F32;
+    float small[SCRATCH];
+    float *s = d <= SCRATCH ? small : (float *)malloc((size_t)d * sizeof(float));
+    if (!s)
+        return -1;
+    const int64_t step = d > SCRATCH ? 1 : SCRATCH / d < MAX_STEP ? SCRATCH / d : MAX_STEP; /* rows per step */
+    /* llama's roundings keep the kernel's own FINALIZE (into s, then narrowed) */
+    const int fused = narrow_y && !(job->flags & (TGN_ROUND_QUOTIENT | TGN_ROUND_PRODUCT));
+    double pairs[2 * MAX_STEP];
+    float rmss[MAX_STEP];
+    int64_t bad = 0;
+    for (int64_t end = i + n; i < end; i += step) {
+        int64_t m = end - i < step ? end - i : step;
+        const uint16_t *x = (const uint16_t *)job->x + i * d;
+        if (job->r)
+            add_residual(x, (const uint16_t *)job->r + i * d, (uint16_t *)job->h + i * d, code, s, m * d);
+        else
+            widen(x, code, s, m * d);
+        int64_t got;
+        if (fused)
+            got = fused_step(job, s, i, m, pairs, rmss);
+        else {
+            void *total = job->total ? (c->exact ? (void *)((double *)job->total + 2 * i)
+                                                 : (void *)((float *)job->total + i)) : 0;
+            got = kernel(job, s, m, narrow_y ? s : (float *)job->y + i * d, total, job->flags);
+            for (int64_t k = 0; narrow_y && got >= 0 && k < m; ++k)
+                got += narrow(s + k * d, c->y_dtype, (uint16_t *)job->y + (i + k) * d, d);
+        }
+        if (got < 0) {
+            bad = got;
+            break;
+        }
+        bad += got;
+    }
+    if (s != small)
+        free(s);
+    return bad;
+}

@@ -1,0 +1,206 @@
+"""The direct path for bf16 and fp16 rows (native_narrow.c): widened into fp32 scratch
+in C, the fp32 row kernels, rounded back.  Its bits must be the general path's (the
+torch ops, which the reference and the golden hashes pin) for every casting mode,
+offset, weight dtype, residual, plan and thread split; it must really be taken where
+it can give those bits, and leave to the general path what it cannot (NaN results,
+llama's fp16 roundings, fp64); and the portable build must give the host build's bits."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+
+import taskgraph_norm as tgn
+from taskgraph_norm.backends.native import direct
+from taskgraph_norm.pipeline import for_config
+
+from ._trust_helpers import native_status, run_probe
+from .helpers import bits_equal, spy_direct_calls
+
+NATIVE, WHY_NOT = native_status()
+pytestmark = pytest.mark.skipif(not NATIVE, reason=f"native kernels: {WHY_NOT}")
+
+HALF = (torch.bfloat16, torch.float16)
+
+
+def _rows(rows: int, hidden: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """Rows of many scales: subnormal, tiny and huge values of the dtype among them."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, hidden, generator=g, dtype=torch.float64)
+    x = x * torch.exp2(torch.randint(-10, 10, (rows, 1), generator=g).double())
+    x = x.to(dtype)
+    fi = torch.finfo(dtype)
+    if rows > 4:
+        x[0] = 0.0
+        x[1, ::2] = -0.0
+        x[2, ::3] = fi.smallest_normal * 2.0**-3  # subnormal
+        x[3] = fi.max / 4
+        x[4, :1] = fi.max
+    return x
+
+
+def _weight(hidden: int, dtype: torch.dtype | None, scale: float = 1.0) -> torch.Tensor | None:
+    if dtype is None:
+        return None
+    g = torch.Generator().manual_seed(hidden)
+    return (scale * (1 + 0.1 * torch.randn(hidden, generator=g))).to(dtype)
+
+
+def _general(x: torch.Tensor, w: torch.Tensor | None, **options: Any) -> Any:
+    with tgn.backends.use("torch_ops"):
+        return tgn.normalize_sync(x, w, **options)
+
+
+def _same(got: Any, want: Any) -> bool:
+    if isinstance(got, tuple):
+        return all(bits_equal(a, b) for a, b in zip(got, want))
+    return bits_equal(got, want)
+
+
+@pytest.fixture(params=[1, 2], ids=["1 thread", "2 threads"])
+def threads(request: pytest.FixtureRequest) -> Iterator[int]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(request.param))
+    try:
+        yield int(request.param)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("shape", [(5, 100), (3000, 1024), (8192, 64)], ids=str)
+def test_the_direct_path_gives_the_general_paths_bits(
+    monkeypatch: pytest.MonkeyPatch, threads: int, dtype: torch.dtype, shape: tuple[int, int]
+) -> None:
+    """Every casting mode, offset, weight dtype and residual, float and exact plans;
+    (3000, 1024) splits across the threads.  Taken wherever C can give the bits."""
+    taken = spy_direct_calls(monkeypatch)
+    rows, hidden = shape
+    x, r = _rows(rows, hidden, dtype, hidden), _rows(rows, hidden, dtype, hidden + 1).flip(0)
+    modes = itertools.product((None, torch.bfloat16, torch.float16, torch.float32), ("torch", "llama", "gemma"),
+                              (0.0, 1.0, 0.1), ("float", "exact"), (False, True))
+    for w_dtype, mode, offset, accumulate, residual in modes:
+        if w_dtype is None and offset:
+            continue
+        if rows > 1000 and (offset == 0.1 or mode == "gemma"):
+            continue  # (the small shapes cover them; keep the big ones quick)
+        w = _weight(hidden, w_dtype)
+        options: dict[str, Any] = dict(casting_mode=mode, offset=offset, accumulate=accumulate)
+        if residual:
+            options["residual"] = r
+        before = len(taken)
+        got = tgn.normalize_sync(x, w, **options)
+        assert _same(got, _general(x, w, **options)), (w_dtype, mode, offset, accumulate, residual)
+        fp16_llama = mode == "llama" and w_dtype is not None and dtype == torch.float16  # (rounds to fp16)
+        assert any(taken[before:]) != fp16_llama, (w_dtype, mode, offset, accumulate, residual)
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+def test_out_and_every_plan(dtype: torch.dtype) -> None:
+    """``out=`` (of the output dtype: fp32 for llama with an fp32 weight), linear and
+    tree merges, chunk sizes with tails, subnormal and overflowing results."""
+    x = _rows(300, 136, dtype, 3)
+    for topology, chunk, accumulate in itertools.product(("tree", "linear"), (64, 10, 7, 256), ("float", "exact")):
+        for w_dtype, scale, mode in ((dtype, 1e-6, "torch"), (dtype, 3e4, "torch"), (torch.float32, 1.0, "llama"),
+                                     (torch.bfloat16, 1.0, "llama")):
+            w = _weight(136, w_dtype, scale)
+            options: dict[str, Any] = dict(topology=topology, chunk_size=chunk, accumulate=accumulate,
+                                           casting_mode=mode)
+            want = _general(x, w, **options)
+            out = torch.full_like(want, 7.0)
+            assert tgn.normalize_sync(x, w, out=out, **options) is out
+            assert bits_equal(out, want), (topology, chunk, accumulate, w_dtype, scale, mode)
+            assert bits_equal(tgn.normalize_sync(x, w, **options), want)
+    # negative control: another chunk size is another sum order, which the rms the
+    # direct call keeps shows (a narrow y hides most one-ulp differences of the rms)
+    kept = []
+    for chunk in (64, 10):
+        call = for_config(136, chunk, "tree", "pairwise", "float", "auto", "torch", 0.0).direct()
+        assert call is not None
+        kept.append(torch.empty(300, 1))
+        assert call(x, None, 1e-6, None, None, None, kept[-1]) is not None
+    assert not bits_equal(kept[0], kept[1])
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+def test_rows_with_a_nan_or_inf_go_to_the_general_path(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype) -> None:
+    taken = spy_direct_calls(monkeypatch)
+    for value in (float("nan"), float("inf")):
+        x = _rows(40, 64, dtype, 5)
+        x[7, 3] = value
+        w = _weight(64, dtype)
+        y = tgn.normalize_sync(x, w)
+        assert taken[-1] is False
+        assert bits_equal(y[:7], _general(x[:7], w)) and bits_equal(y[8:], _general(x[8:], w))
+        assert bool(y[7].isnan().any())
+    x = _rows(40, 64, dtype, 5)
+    r = x.clone()
+    r[9, 1] = torch.finfo(dtype).max  # h = x + r overflows to inf in x's dtype
+    x[9, 1] = torch.finfo(dtype).max
+    want = _general(x, _weight(64, dtype), residual=r)
+    assert _same(tgn.normalize_sync(x, _weight(64, dtype), residual=r), want)
+    assert taken[-1] is False and bool(want[1][9, 1].isinf())
+
+
+def test_a_training_forward_keeps_the_rms_of_the_general_path(threads: int) -> None:
+    """The grad-enabled forward asks the direct call for each row's rms too."""
+    for dtype, accumulate in itertools.product(HALF, ("float", "exact")):
+        norm = tgn.RMSNorm(1000, accumulate=accumulate).to(dtype)
+        x = _rows(300, 1000, dtype, 9)[5:].requires_grad_(True)
+        dy = torch.randn(x.shape, dtype=dtype)
+        y = norm(x)
+        y.backward(dy)
+        got = (y.detach(), x.grad, norm.weight.grad)
+        x.grad = norm.weight.grad = None
+        with tgn.backends.use("torch_ops"):
+            y2 = norm(x)
+            y2.backward(dy)
+        for a, b in zip(got, (y2.detach(), x.grad, norm.weight.grad)):
+            assert a is not None and b is not None and bits_equal(a, b), (dtype, accumulate)
+
+
+def test_every_blocking_of_the_rows_gives_the_same_bits(monkeypatch: pytest.MonkeyPatch, threads: int) -> None:
+    x, r = _rows(203, 1024, torch.bfloat16, 1), _rows(203, 1024, torch.bfloat16, 2)
+    w = _weight(1024, torch.bfloat16)
+    want = _general(x, w, residual=r)
+    monkeypatch.setattr(direct, "SPLIT_NUMEL", 1)
+    for grain_rows in (1, 7, 64, 204):
+        monkeypatch.setattr(direct, "TEAM_GRAIN", grain_rows * 1024)
+        tgn.clear_caches()
+        assert _same(tgn.normalize_sync(x, w, residual=r), want), grain_rows
+
+
+PROBE = """
+    import hashlib, torch, taskgraph_norm as tgn
+    from taskgraph_norm.backends.native import loader as native
+    from taskgraph_norm.testing import bits
+    print(native.library_path().name if native.available() else None)
+    g = torch.Generator().manual_seed(3)
+    rows = torch.randn(300, 777, generator=g, dtype=torch.float64)
+    rows = rows * torch.exp2(torch.randint(-20, 6, (300, 777), generator=g))  # finite in fp16 too
+    for dtype in (torch.bfloat16, torch.float16):
+        x = rows.to(dtype)
+        w = (1 + 0.1 * torch.randn(777, generator=g)).to(dtype)
+        for acc, mode, chunk in ((a, m, c) for a in ("float", "exact") for m in ("torch", "llama")
+                                 for c in (64, 10)):
+            y, h = tgn.normalize_sync(x, w * 1e-4, accumulate=acc, casting_mode=mode, chunk_size=chunk,
+                                      offset=0.5, residual=x.flip(0))
+            print(dtype, acc, mode, chunk, *(hashlib.sha256(bits(t).numpy().tobytes()).hexdigest()[:16]
+                                              for t in (y, h)))
+"""
+
+
+def test_the_portable_build_gives_the_host_builds_bits() -> None:
+    """TGN_NATIVE=portable (plain C conversions) against the default (AVX-512 where
+    built) and the torch ops."""
+    portable, default, off = (run_probe(PROBE, TGN_NATIVE=v) for v in ("portable", "1", "0"))
+    for proc in (portable, default, off):
+        assert proc.returncode == 0, proc.stderr
+    p, d, o = (proc.stdout.splitlines() for proc in (portable, default, off))
+    assert p[0].startswith("_native_portable") and o[0] == "None"
+    assert p[1:] == d[1:] == o[1:] and len(p) == 17
+    assert len({line.split()[-2] for line in p[1:]}) >= 4  # negative control: the digests see dtype and mode
