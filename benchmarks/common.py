@@ -65,5 +65,6 @@ def target_row(case: str, ours_s: float, base_s: float, baseline: str, target: f
     """One line of a ``TARGET_HEADER`` table: times in microseconds, ratio ours / baseline
     (``target=None``: a line for scale, with no target)."""
     ratio = ours_s / base_s
-    goal, met = ("-", "-") if target is None else (f"<= {target:.1f}x", "yes" if ratio <= target else "**no**")
+    digits = 1 if target is None or round(target, 1) == target else 2  # (0.45 shows as 0.45, not 0.5)
+    goal, met = ("-", "-") if target is None else (f"<= {target:.{digits}f}x", "yes" if ratio <= target else "**no**")
     return f"| {case} | {ours_s * 1e6:.1f} | {base_s * 1e6:.1f} | {baseline} | {ratio:.2f}x | {goal} | {met} |"

@@ -159,8 +159,9 @@ class Pipeline:
         self, x: torch.Tensor, weight: torch.Tensor | None, eps: float | None, out: torch.Tensor | None,
     ) -> torch.Tensor | None:
         """``y`` from the direct native kernel, or ``None`` where it does not take the
-        call (then :meth:`general` runs it, or raises what the checks raise).  The caller
-        has asked :func:`taskgraph_norm.ops.route` whether the call may skip the ops."""
+        call (then :meth:`general` runs it, or raises what the checks raise).  The faces
+        ask :func:`taskgraph_norm.ops.route` first; the kernel itself refuses a tensor it
+        cannot read and an input that records a gradient."""
         direct = self._direct if self._direct_known else self._resolve_direct()
         # The checks of check_input/check_out that the direct path needs, inline: the
         # direct kernel takes only fp32 CPU tensors, so any other input falls through
