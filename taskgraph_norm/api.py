@@ -62,6 +62,9 @@ def _empty(x: torch.Tensor, weight: object | None, out: torch.Tensor | None, cas
     return y, kernels.residual_add(x, residual, out=residual_out)
 
 
+_route, _DIRECT = ops.route, ops.DIRECT  # (bound once: normalize_sync's warm path is a few us)
+
+
 def _how(x: object, weight: object | None, residual: object | None) -> int:
     """Where a call goes (:func:`taskgraph_norm.ops.route`), for the sync and async faces
     alike: through the ops when a gradient is recorded or a tracer looks (at ``x``, the
@@ -127,7 +130,19 @@ def normalize_sync(
     Same arguments and result as :func:`normalize`.  Works from inside a running
     event loop too (an async executor then runs its loop on a helper thread).
     """
-    how = _how(x, weight, residual)
+    if residual is None and residual_out is None:
+        how = _route(x, weight)
+        if how == _DIRECT and x.dim():  # (DIRECT: x is a plain tensor)
+            # The warm path: the cached pipeline from one dict lookup, then one kernel call.
+            pipe = pipeline.cached(x.shape[-1], chunk_size, topology, leaf, accumulate, executor, casting_mode,
+                                   offset)
+            if pipe is not None:
+                y = pipe.try_direct(x, weight, eps, out)
+                return pipe.general(x, weight, eps, out) if y is None else y
+        elif not isinstance(x, torch.Tensor):
+            how = _DIRECT  # (the pipeline raises the TypeError)
+    else:
+        how = _how(x, weight, residual)
     if how == ops.TRACED:
         options = dict(topology=topology, chunk_size=chunk_size, leaf=leaf, accumulate=accumulate,
                        casting_mode=casting_mode, offset=offset)

@@ -8,6 +8,7 @@ same bits (the tests compare them): they differ in speed and in where they run.
 
 from __future__ import annotations
 
+import math
 import threading
 from typing import Any
 
@@ -24,7 +25,7 @@ from .base import Backend, Forward, allowed, triton_asked
 from .native import grads as _native_grads
 from .native import loader as _native
 from .native import team as _team
-from .native.direct import DirectCall, direct_call
+from .native.direct import DirectCall, advise_fresh, direct_call
 from .torch_ops.compiled import run_compiled
 from .torch_ops.rowsum import plan_rms, plan_row_sum, torch_backward
 from .triton import backward as _triton_backward
@@ -166,7 +167,10 @@ class NativeBackend:
         ``w + offset`` made in fp32), or ``None`` where a row is not finite."""
         rows, hidden = x.shape
         dw_wanted = weight_grad and weight is not None
-        dx = torch.empty_like(x) if input_grad else None
+        dx = None
+        if input_grad:
+            dx = torch.empty_like(x)
+            advise_fresh(dx)
         n_blocks = -(-rows // kernels.ROW_BLOCK)
         blocks = torch.empty(n_blocks, hidden, dtype=torch.float32) if dw_wanted else None
         threads = _team.threads() if x.numel() >= SPLIT_NUMEL and n_blocks >= 2 else 1
@@ -178,7 +182,8 @@ class NativeBackend:
         dw = None
         if blocks is not None:
             dw = kernels.merge_blocks_(blocks)
-            if not bool(torch.isfinite(dw).all()):
+            lo, hi = dw.aminmax()  # (NaN propagates: 2 us where isfinite().all() took 12)
+            if not (math.isfinite(lo) and math.isfinite(hi)):
                 return None
         return dx, dw
 

@@ -127,20 +127,24 @@ def weight_grad_float(
 
 
 def merge_blocks_(p: torch.Tensor) -> torch.Tensor:
-    """Sum ``p`` over dim 0 by adjacent pairs, level by level, in place; returns ``p[0]``.
+    """Sum ``p`` over dim 0 by adjacent pairs, level by level; returns the sum (``p[0]``
+    where ``p`` has one row; ``p`` may be overwritten).
 
     Level by level, ``p[i] = p[2i] + p[2i + 1]``, an odd last element carried up
-    unchanged: the shape of the forward's ``tree`` merge, over row blocks.
+    unchanged: the shape of the forward's ``tree`` merge, over row blocks.  Each level
+    goes to a fresh tensor (no copy back into ``p``); the last pair is one add.
     """
     count = p.shape[0]
-    while count > 1:
+    while count > 2:
         pairs = count // 2
-        merged = p[0 : 2 * pairs : 2] + p[1 : 2 * pairs : 2]
         if count % 2:
-            p[pairs] = p[count - 1]
-        p[:pairs] = merged
-        count = pairs + count % 2
-    return p[0]
+            level = p.new_empty((pairs + 1, *p.shape[1:]))
+            torch.add(p[0 : 2 * pairs : 2], p[1 : 2 * pairs : 2], out=level[:pairs])
+            level[pairs] = p[count - 1]
+        else:
+            level = p[0 : 2 * pairs : 2] + p[1 : 2 * pairs : 2]
+        p, count = level, pairs + count % 2
+    return p[0] + p[1] if count == 2 else p[0]
 
 
 # --- forward-mode AD --------------------------------------------------------------

@@ -20,7 +20,7 @@ from .. import kernels, pipeline
 from ..errors import ConfigError
 from .forward import check_model_options
 
-__all__ = ["WEIGHT_GRAD_MODES", "backward"]
+__all__ = ["WEIGHT_GRAD_MODES", "backward", "pipe_backward"]
 
 #: How ``dW`` may merge over rows.
 WEIGHT_GRAD_MODES = ("float",)
@@ -38,17 +38,34 @@ def backward(
         raise ConfigError("weight_grad", weight_grad, " or ".join(repr(m) for m in WEIGHT_GRAD_MODES))
     input_grad, w_grad = bool(output_mask[0]), bool(output_mask[1]) and weight is not None
     hidden = x.shape[-1]
-    empty = x.new_empty(0)
     if x.numel() == 0 or hidden == 0:
+        empty = x.new_empty(0)
         dw0 = torch.zeros_like(weight) if w_grad and weight is not None else empty
         return (torch.zeros_like(x) if input_grad else empty), dw0
     pipe = pipeline.for_config(hidden, chunk_size, topology, leaf, accumulate, "auto", casting_mode, offset)
-    x2, dy2 = x.reshape(-1, hidden).contiguous(), dy.reshape(-1, hidden).contiguous()
+    dx, dw = pipe_backward(pipe, dy, x, weight, rms, input_grad, w_grad)
+    if dx is None or dw is None:
+        empty = x.new_empty(0)
+        return (empty if dx is None else dx), (empty if dw is None else dw)
+    return dx, dw
+
+
+def pipe_backward(
+    pipe: pipeline.Pipeline, dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, rms: torch.Tensor,
+    input_grad: bool, weight_grad: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(dx, dW)`` (``None`` where not asked, or without a weight) of a non-empty ``x`` on
+    the configuration's pipeline ``pipe``, whose options were checked when it was built:
+    what :func:`backward` runs, and what eager autograd calls with the forward's pipeline."""
+    hidden = x.shape[-1]
+    two_d = x.dim() == 2
+    x2 = x.contiguous() if two_d else x.reshape(-1, hidden).contiguous()
+    dy2 = dy.contiguous() if two_d else dy.reshape(-1, hidden).contiguous()
     rms2 = rms.reshape(-1, 1).contiguous()
     w = None if weight is None else weight.reshape(hidden)
     # llama rounds x_hat to x's dtype before the weight: a wider accumulation sees it in dW
-    round_x_hat = casting_mode == "llama" and kernels.accumulation_dtype(x.dtype) != x.dtype
-    dx, dw = pipe.backward(dy2, x2, w, rms2, input_grad=input_grad, weight_grad=w_grad, round_x_hat=round_x_hat)
-    dx_out = empty if dx is None else dx.view(x.shape)
-    dw_out = empty if dw is None or weight is None else dw.view(weight.shape)
-    return dx_out, dw_out
+    round_x_hat = pipe.casting_mode == "llama" and kernels.accumulation_dtype(x.dtype) != x.dtype
+    dx, dw = pipe.backward(dy2, x2, w, rms2, input_grad=input_grad, weight_grad=weight_grad and w is not None,
+                           round_x_hat=round_x_hat)
+    return (dx if dx is None or two_d else dx.view(x.shape)), (None if dw is None or weight is None
+                                                                else dw.view(weight.shape))

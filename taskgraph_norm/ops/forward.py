@@ -17,7 +17,8 @@ from .. import kernels, pipeline
 from ..checks import check_input, check_residual
 from ..errors import ConfigError
 
-__all__ = ["CASTING_MODES", "check_model_options", "forward", "forward_op", "forward_residual", "rms_shape"]
+__all__ = ["CASTING_MODES", "check_model_options", "forward", "forward_op", "forward_pipe", "forward_residual",
+           "rms_shape"]
 
 #: The casting modes the ops run (kernels.finalize defines each).
 CASTING_MODES = kernels.CASTING_MODES
@@ -42,16 +43,26 @@ def forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(y, rms)`` of ``x`` (``(..., D)``): ``y`` as ``normalize_sync`` gives it, ``rms``
     in the accumulation dtype, shape ``(..., 1)``."""
+    y, rms, _ = forward_pipe(x, weight, eps, chunk_size, topology, leaf, accumulate, casting_mode, offset)
+    return y, rms
+
+
+def forward_pipe(
+    x: torch.Tensor, weight: torch.Tensor | None, eps: float, chunk_size: int, topology: str,
+    leaf: str, accumulate: str, casting_mode: str, offset: float,
+) -> tuple[torch.Tensor, torch.Tensor, pipeline.Pipeline | None]:
+    """:func:`forward`'s ``(y, rms)`` and the pipeline that made them (``None`` for an
+    empty ``x``), which the backward may call again without looking it up."""
     hidden = x.shape[-1] if x.dim() else 0
-    if x.numel() == 0 or hidden == 0:
+    if hidden == 0 or x.numel() == 0:
         check_model_options(casting_mode, offset)  # (else for_config's builder checks them)
         out_dtype = kernels.output_dtype(x.dtype, None if weight is None else weight.dtype, casting_mode)
         return (torch.empty_like(x, dtype=out_dtype),
-                x.new_empty(rms_shape(x), dtype=kernels.accumulation_dtype(x.dtype)))
+                x.new_empty(rms_shape(x), dtype=kernels.accumulation_dtype(x.dtype)), None)
     pipe = pipeline.for_config(hidden, chunk_size, topology, leaf, accumulate, "auto", casting_mode, offset)
     y, rms = pipe.forward(x, weight, eps, stats=True)
     assert rms is not None
-    return y, rms
+    return y, rms, pipe
 
 
 def forward_op(

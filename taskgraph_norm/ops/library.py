@@ -221,7 +221,7 @@ class EagerRMSNorm(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor | None, config: tuple[Any, ...]) -> torch.Tensor:
         # config: (eps, chunk_size, topology, leaf, accumulate, casting_mode, offset), one
         # argument (each argument of apply costs time on a small call)
-        y, rms = _forward.forward(x, weight, *config)
+        y, rms, ctx.pipe = _forward.forward_pipe(x, weight, *config)
         ctx.config = config
         ctx.save_for_backward(x, weight, rms)
         return y
@@ -229,6 +229,11 @@ class EagerRMSNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[Any, ...]:
         needs = ctx.needs_input_grad
+        if ctx.pipe is not None and not torch.is_grad_enabled():
+            # the forward's pipeline (its options checked when it was built): no lookup
+            x, weight, rms = ctx.saved_tensors
+            dx, dw = _backward.pipe_backward(ctx.pipe, dy, x, weight, rms, needs[0], needs[1])
+            return dx, dw, None
         dx, dw = _grads(ctx, dy.contiguous(), needs[0], needs[1], _backward.backward)
         return dx, dw, None
 
@@ -243,7 +248,7 @@ class FuncRMSNorm(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor]) -> None:
-        ctx.config = inputs[2]
+        ctx.config, ctx.pipe = inputs[2], None
         ctx.save_for_backward(inputs[0], inputs[1], output[1])
         ctx.save_for_forward(inputs[0], inputs[1], output[1])
         ctx.mark_non_differentiable(output[1])

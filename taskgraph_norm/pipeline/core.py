@@ -58,7 +58,7 @@ class Pipeline:
     """
 
     __slots__ = ("graph", "executor", "plan", "hidden_size", "_proof", "_runner", "_direct", "_direct_known",
-                 "_backends", "casting_mode", "offset", "residual", "options")
+                 "_backends", "casting_mode", "offset", "residual", "options", "_weight_shape")
 
     def __init__(self, graph: Graph, executor: str = "auto") -> None:
         if not isinstance(graph, Graph):
@@ -68,6 +68,7 @@ class Pipeline:
         self.graph = graph
         hidden = graph.meta.get("hidden_size")
         self.hidden_size: int | None = hidden if isinstance(hidden, int) else None
+        self._weight_shape = (self.hidden_size,)  # (what the direct path's weight must be)
         if self.hidden_size is None and Op.CALL not in graph.ops:
             raise ConfigError("graph", graph, "a graph made by build_graph (meta has no hidden_size)")
         self._proof: Proof | None = None
@@ -140,27 +141,36 @@ class Pipeline:
         if self.residual or residual is not None or residual_out is not None:
             return self._call_residual(x, weight, eps, out, residual, residual_out, options)
         if not options:
-            direct = self._direct if self._direct_known else self._resolve_direct()
-            if direct is not None and isinstance(x, torch.Tensor):
-                y = self._try_direct(direct, x, weight, eps, out)
-                if y is not None:
-                    return y
+            y = self.try_direct(x, weight, eps, out)
+            if y is not None:
+                return y
+        return self.general(x, weight, eps, out, options)
+
+    def general(
+        self, x: torch.Tensor, weight: torch.Tensor | None, eps: float | None, out: torch.Tensor | None,
+        options: Mapping[str, Any] | None = None,
+    ) -> torch.Tensor:
+        """:meth:`__call__` without the direct kernel (a call :meth:`try_direct` did not
+        take): the full checks, then :meth:`run`."""
         x, weight, e = self.check(x, weight, eps, out)
         return self.run(x, weight, e, out, options)
 
-    def _try_direct(
-        self, direct: DirectCall, x: torch.Tensor, weight: torch.Tensor | None, eps: float | None,
-        out: torch.Tensor | None,
+    def try_direct(
+        self, x: torch.Tensor, weight: torch.Tensor | None, eps: float | None, out: torch.Tensor | None,
     ) -> torch.Tensor | None:
+        """``y`` from the direct native kernel, or ``None`` where it does not take the
+        call (then :meth:`general` runs it, or raises what the checks raise).  The faces
+        ask :func:`taskgraph_norm.ops.route` first; the kernel itself refuses a tensor it
+        cannot read and an input that records a gradient."""
+        direct = self._direct if self._direct_known else self._resolve_direct()
         # The checks of check_input/check_out that the direct path needs, inline: the
         # direct kernel takes only CPU tensors of its dtypes (and an out of the output
         # dtype), so any other input falls through to the full checks, which raise
         # torch's errors.
-        if x.dim() == 0 or x.shape[-1] != self.hidden_size:
+        if direct is None or not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[-1] != self.hidden_size:
             return None
         # (devices: the direct call takes CPU tensors only, and says so)
-        if weight is not None and (not isinstance(weight, torch.Tensor) or weight.dim() != 1
-                                   or weight.shape[0] != self.hidden_size):
+        if weight is not None and (not isinstance(weight, torch.Tensor) or weight.shape != self._weight_shape):
             return None
         if out is not None and (not isinstance(out, torch.Tensor) or out.shape != x.shape or _overlaps(out, x)
                                 or (weight is not None and _overlaps(out, weight))):

@@ -185,3 +185,12 @@ def direct_call(plan: Plan) -> DirectCall | None:
 
     call.keep = keep  # type: ignore[attr-defined]
     return call
+
+
+def advise_fresh(t: torch.Tensor) -> None:
+    """Advise a fresh CPU tensor ``t`` of at least :data:`HUGE_BYTES` as a huge-page
+    candidate before anything writes it, as the direct call does its output (the
+    backward's ``dx``: a fresh 64 MiB tensor faulted in 4 KiB pages costs ms)."""
+    nbytes = t.numel() * t.element_size()
+    if _advise is not None and nbytes >= HUGE_BYTES:
+        _advise(t.data_ptr(), nbytes)

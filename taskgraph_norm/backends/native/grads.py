@@ -43,9 +43,10 @@ def backward_rows(
     """
     lib = module()
     rows, hidden = x.shape
-    tensors = [x, dy, rms] + [t for t in (weight, dx, blocks) if t is not None]
-    if any(t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous() for t in tensors):
-        raise ValueError("backward_rows needs contiguous fp32 CPU tensors")
+    fp32 = torch.float32
+    for t in (x, dy, rms, weight, dx, blocks):
+        if t is not None and (t.dtype is not fp32 or not t.is_cpu or not t.is_contiguous()):
+            raise ValueError("backward_rows needs contiguous fp32 CPU tensors")
     if rows == 0:
         return 0
     bad = int(lib.backward_rows_f32_team(
