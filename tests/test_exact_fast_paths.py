@@ -3,8 +3,10 @@
 * the forward's fp32 rows: one fold where the second is provably the identity (every
   ``x**2`` a multiple of ``ulp(sigma2)``), two folds below that limit;
 * the exact dW's direct tiles (first scale from a bound of ``|dy * x_hat|``, products
-  folded as they are formed) and the tiles that fall back to the measured path (a
-  narrow tile, a product needing a third fold, a bound that is NaN or too large);
+  folded as they are formed; one fold and the exact remainder where every product is
+  a multiple of the second fold's grid) and the tiles that fall back to the measured
+  path (a narrow tile, a product needing a third fold, a bound that is NaN or too
+  large);
 * the eight-column rounding of the state (the host build on AVX-512).
 
 The portable build runs the same C without FMA and (for the rounding) column by
@@ -119,6 +121,7 @@ def test_direct_tiles_give_the_torch_state(rows: int, cols: int) -> None:
 
 def test_tiles_that_fall_back_give_the_torch_state() -> None:
     dy, x, rms = dw_case(130, 1024, 5)
+    dy[5, 20] = dy[5, 20] * 2.0**-30          # too fine for one fold: two folds, direct
     dy[3, 40] = dy[3, 40] * 2.0**-60          # a third fold in column 40's first block
     dy[70, 100] = float("nan")                 # a NaN bound (second block, column 100)
     x[10, 300] = float("inf")                  # an infinite bound

@@ -55,9 +55,17 @@
  * when it is 2^45 times smaller than its column's block maximum), and a block that
  * does recomputes them and goes on with the general folds (dw_more_folds).
  *
+ * Most tiles take a shorter route to the same integers (dw_run, dw_bound_scales):
+ * the first scale from a bound of the products instead of their measured max (the
+ * argument above holds for any M >= max |p|), the products formed again as they are
+ * folded instead of written, and, where every product is a multiple of the second
+ * fold's grid, one fold and the exact remainders.  A tile where that route could
+ * leave something (a third fold, a NaN or infinite bound) takes the measured one.
+ *
  * Every column's operations are the same IEEE operations in the same order in any
- * vectorisation (the loops run across columns; the max is order-free), so the
- * portable and host builds give the same state.  The flags keep (p + sigma) - sigma
+ * vectorisation (the loops run across columns; the max is order-free; the host
+ * build's fma(dy, xh, c) rounds as (dy * xh) + c does, the product being exact), so
+ * the portable and host builds give the same state.  The flags keep (p + sigma) - sigma
  * as written (no -ffast-math).  Returns the number of columns whose top digit
  * passes 2^40 (the caller raises).
  */
@@ -68,8 +76,9 @@
 #define DW_L TGN_EXACT_DW_FOLD_L /* ceil(log2(DW_BLOCK)) + 1 */
 #define DW_SMIN TGN_EXACT_DW_MIN_SCALE /* 2^(DW_SMIN - 52) = 2^-298: the coarsest grid of that fold */
 #define DW_TILE TGN_EXACT_DW_TILE
-/* Tiles whose products one pass along the rows forms: 4 KiB of each input row at a
- * time (sequential reads) into a 512 KiB buffer that stays in L2. */
+/* Tiles whose column bounds one pass along the rows takes: 4 KiB of each input row
+ * at a time (sequential reads); the panel (512 KiB of inputs) then stays in L2 for
+ * its tiles' folds. */
 #define DW_PANEL 32
 #define DW_TOP_LIMIT TGN_EXACT_TOP_LIMIT
 #define DW_MAX_FOLDS TGN_EXACT_DW_MAX_FOLDS /* (263 + 298) / 46 + 1 = 13 folds cover every product */
@@ -350,12 +359,16 @@ static int64_t dw_normalize(int64_t *state, int64_t cols, int64_t stride)
 #endif
 
 /* Each column's largest |dy| and |b| bits over a block of a panel (a NaN's bits are
- * above every number's), as integers. */
+ * above every number's) and smallest nonzero ones less one (UINT32_MAX: none), as
+ * integers. */
 static void dw_column_tops(const float *dy, int64_t dy_stride, const float *b, int64_t b_stride, int64_t rows,
-                           int64_t cols, uint32_t *restrict tdy, uint32_t *restrict tb)
+                           int64_t cols, uint32_t *restrict tops, uint32_t *restrict lows)
 {
-    for (int64_t j = 0; j < cols; ++j)
+    uint32_t *restrict tdy = tops, *restrict tb = tops + cols, *restrict ldy = lows, *restrict lb = lows + cols;
+    for (int64_t j = 0; j < cols; ++j) {
         tdy[j] = tb[j] = 0;
+        ldy[j] = lb[j] = UINT32_MAX;
+    }
     for (int64_t i = 0; i < rows; ++i) {
         const float *a = dy + i * dy_stride, *c = b + i * b_stride;
         for (int64_t j = 0; j < cols; ++j) {
@@ -366,46 +379,78 @@ static void dw_column_tops(const float *dy, int64_t dy_stride, const float *b, i
             v &= 0x7fffffffu;
             tdy[j] = u > tdy[j] ? u : tdy[j];
             tb[j] = v > tb[j] ? v : tb[j];
+            u -= 1u; /* 0 becomes UINT32_MAX */
+            v -= 1u;
+            ldy[j] = u < ldy[j] ? u : ldy[j];
+            lb[j] = v < lb[j] ? v : lb[j];
         }
     }
 }
 
-INLINE double dw_float_of(uint32_t bits)
+INLINE float dw_float_bits(uint32_t bits)
 {
     float f;
     memcpy(&f, &bits, sizeof f);
-    return (double)f;
+    return f;
 }
 
-/* The first scale of each column of a full tile from a bound B >= |p| instead of
- * the measured max: B = max|dy| max|x_hat|, or with rms, max|dy| Bh with
- * Bh = (max|x| / min rms) (1 + 2^-20) + 2^-149 >= |fl(x / r)| (fp32 division: relative
- * error below 2^-24, or 2^-150 absolute where the quotient is subnormal), the fp64
- * roundings covered by the margins.  The fold's argument holds for any bound of the
- * products (a larger M).  Returns 0 where a bound is NaN or above 2^256 (an Inf or
- * NaN, a tiny rms): the caller takes the measured path. */
-static int dw_bound_scales(const uint32_t *tdy, const uint32_t *tb, double inv_rmin, int with_rms, int *s1)
+/* log2 of the ulp of the fp32 number of bits `bits` (2^-149 for zero and subnormals). */
+INLINE int dw_ulp_exponent(uint32_t bits)
 {
+    int e = (int)((bits & 0x7fffffffu) >> 23);
+    return (e > 0 ? e : 1) - 150;
+}
+
+/* How a full tile's columns are folded (dw_tile_direct), from each column's bounds
+ * over the block (tops: max |dy| then max |b| bits; lows: min nonzero less one):
+ *
+ * - the first scale from a bound B >= |p| instead of the measured max: B = max|dy|
+ *   max|x_hat|, or with rms, max|dy| Bh with Bh = (max|x| / min rms) (1 + 2^-20) +
+ *   2^-149 >= |fl(x / r)| (fp32 division: relative error below 2^-24, or 2^-150
+ *   absolute where the quotient is subnormal), the fp64 roundings covered by the
+ *   margins.  The fold's argument holds for any bound of the products (a larger M).
+ * - one fold and the exact remainder where every product is a multiple of the second
+ *   fold's grid u2 = 2^(s2 - 53): p = dy h is a multiple of ulp(min|dy|) ulp(min|h|)
+ *   over the nonzero factors (ulp(v) >= ulp(min|v|)), and min|h| >= fl(min|x| / max
+ *   rms) (division rounds monotonically).  Then q1 (a multiple of u1 >= u2) and
+ *   r = p - q1 are multiples of u2 with |r| <= u1, so the second fold's q2 is r itself
+ *   and leaves nothing.
+ *
+ * Returns 2 (one fold for every column), 1 (two folds), or 0 where a bound is NaN or
+ * above 2^256 (an Inf or NaN, a tiny rms): the caller takes the measured path. */
+static int dw_bound_scales(const uint32_t *tdy, const uint32_t *tb, const uint32_t *ldy, const uint32_t *lb,
+                           double inv_rmin, float rmax, int with_rms, int *s1)
+{
+    int one_fold = 1;
     for (int j = 0; j < DW_TILE; ++j) {
-        double mb = dw_float_of(tb[j]), bound;
+        double mb = dw_float_bits(tb[j]), bound;
         if (with_rms)
-            bound = dw_float_of(tdy[j]) * ((mb * inv_rmin * (1.0 + 0x1p-20) + 0x1p-149) * (1.0 + 0x1p-50));
+            bound = dw_float_bits(tdy[j]) * ((mb * inv_rmin * (1.0 + 0x1p-20) + 0x1p-149) * (1.0 + 0x1p-50));
         else
-            bound = dw_float_of(tdy[j]) * mb; /* exact */
+            bound = dw_float_bits(tdy[j]) * mb; /* exact */
         if (!(bound <= 0x1p256)) /* NaN, or above every fp32 product (the digits' range) */
             return 0;
         s1[j] = bound > 0.0 ? dw_scale(bound) : DW_SMIN;
+        if (ldy[j] == UINT32_MAX || lb[j] == UINT32_MAX)
+            continue; /* a zero factor in every row: only zero products */
+        uint32_t hmin = lb[j] + 1u;
+        if (with_rms) {
+            float q = dw_float_bits(hmin) / rmax;
+            memcpy(&hmin, &q, sizeof hmin);
+        }
+        one_fold &= dw_ulp_exponent(ldy[j] + 1u) + dw_ulp_exponent(hmin) >= dw_second(s1[j]) - 53;
     }
-    return 1;
+    return 1 + one_fold;
 }
 
-/* The first two folds of a block x full tile with the products formed as they are
- * folded (no buffer), the same folds as dw_two_folds with scales s1: adds the sums to
- * the digits and returns 1 when nothing is left for a third fold and the sums are
- * finite (a remainder is seen by its bits: r - q2 is +0 when nothing is left); else
- * adds nothing and returns 0. */
+/* The folds of a block x full tile with the products formed as they are folded (no
+ * buffer), with scales s1 (dw_bound_scales): the first two folds as dw_two_folds
+ * makes them, or with one_fold the first and the exact remainder.  Adds the sums to
+ * the digits and returns 1 when nothing is left for a third fold (a remainder is seen
+ * by its bits: r - q2 is +0 when nothing is left) and the sums are finite; else adds
+ * nothing and returns 0. */
 INLINE int dw_tile_direct(const float *dy, int64_t dy_stride, const float *b, int64_t b_stride, const float *rms,
-                          int64_t rows, const int *s1, int64_t *state, int64_t stride)
+                          int64_t rows, const int *s1, int one_fold, int64_t *state, int64_t stride)
 {
     double g1[DW_TILE], g2[DW_TILE], a1[DW_TILE], a2[DW_TILE];
     uint64_t left[DW_TILE];
@@ -422,11 +467,15 @@ INLINE int dw_tile_direct(const float *dy, int64_t dy_stride, const float *b, in
             const float h = rms ? c[j] / r : c[j];
             double q1 = DW_MUL_ADD(a[j], h, g1[j]) - g1[j];
             double rest = DW_MUL_ADD(a[j], h, -q1); /* exact */
+            a1[j] += q1;
+            if (one_fold) {
+                a2[j] += rest;
+                continue;
+            }
             double q2 = (rest + g2[j]) - g2[j];
             double after = rest - q2;
             uint64_t bits;
             memcpy(&bits, &after, sizeof bits);
-            a1[j] += q1;
             a2[j] += q2;
             left[j] |= bits;
         }
@@ -443,6 +492,18 @@ INLINE int dw_tile_direct(const float *dy, int64_t dy_stride, const float *b, in
             dw_add_units(state + j, stride, a2[j], dw_second(s1[j]));
     }
     return 1;
+}
+
+/* dw_tile_direct with its two constant arguments inlined: one loop per case. */
+static int dw_tile_direct_any(const float *dy, int64_t dy_stride, const float *b, int64_t b_stride,
+                              const float *rms, int64_t rows, const int *s1, int one_fold, int64_t *state,
+                              int64_t stride)
+{
+    if (rms)
+        return one_fold ? dw_tile_direct(dy, dy_stride, b, b_stride, rms, rows, s1, 1, state, stride)
+                        : dw_tile_direct(dy, dy_stride, b, b_stride, rms, rows, s1, 0, state, stride);
+    return one_fold ? dw_tile_direct(dy, dy_stride, b, b_stride, NULL, rows, s1, 1, state, stride)
+                    : dw_tile_direct(dy, dy_stride, b, b_stride, NULL, rows, s1, 0, state, stride);
 }
 
 /* One block x tile by the measured path: its products into buf, each column's max,
@@ -465,23 +526,27 @@ static int64_t dw_run(const float *dy, int64_t dy_stride, const float *b, int64_
 {
     enum { PANEL = DW_PANEL * DW_TILE };
     double buf[DW_BLOCK * DW_TILE], mx[DW_TILE];
-    uint32_t tdy[PANEL], tb[PANEL];
+    uint32_t tops[2 * PANEL], lows[2 * PANEL];
     for (int64_t i0 = 0; i0 < rows; i0 += DW_BLOCK) {
         int64_t nr = rows - i0 < DW_BLOCK ? rows - i0 : DW_BLOCK;
         const float *dyb = dy + i0 * dy_stride, *bb = b + i0 * b_stride, *rb = rms ? rms + i0 : NULL;
         double rmin = rb ? INFINITY : 1.0; /* 0: an rms that is not positive (or NaN) */
-        for (int64_t i = 0; rb && i < nr; ++i)
+        float rmax = 1.0f;
+        for (int64_t i = 0; rb && i < nr; ++i) {
             rmin = !(rb[i] > 0.0f) ? 0.0 : rb[i] < rmin ? rb[i] : rmin;
+            rmax = i == 0 || rb[i] > rmax ? rb[i] : rmax;
+        }
         for (int64_t j0 = 0; j0 < cols; j0 += PANEL) {
             int64_t nc = cols - j0 < PANEL ? cols - j0 : PANEL;
-            dw_column_tops(dyb + j0, dy_stride, bb + j0, b_stride, nr, nc, tdy, tb);
+            dw_column_tops(dyb + j0, dy_stride, bb + j0, b_stride, nr, nc, tops, lows);
             for (int64_t t = 0; t * DW_TILE < nc; ++t) {
                 int64_t o = j0 + t * DW_TILE, w = nc - t * DW_TILE < DW_TILE ? nc - t * DW_TILE : DW_TILE;
-                int s1[DW_TILE];
-                if (w == DW_TILE && rmin > 0.0
-                    && dw_bound_scales(tdy + t * DW_TILE, tb + t * DW_TILE, 1.0 / rmin, rb != NULL, s1)
-                    && (rb ? dw_tile_direct(dyb + o, dy_stride, bb + o, b_stride, rb, nr, s1, state + o, stride)
-                           : dw_tile_direct(dyb + o, dy_stride, bb + o, b_stride, NULL, nr, s1, state + o, stride)))
+                int s1[DW_TILE], how = 0;
+                if (w == DW_TILE && rmin > 0.0)
+                    how = dw_bound_scales(tops + t * DW_TILE, tops + nc + t * DW_TILE, lows + t * DW_TILE,
+                                          lows + nc + t * DW_TILE, 1.0 / rmin, rmax, rb != NULL, s1);
+                if (how && dw_tile_direct_any(dyb + o, dy_stride, bb + o, b_stride, rb, nr, s1, how == 2,
+                                              state + o, stride))
                     continue;
                 if (!dw_tile_measured(dyb + o, dy_stride, bb + o, b_stride, rb, nr, w, state + o, stride, buf, mx))
                     return -2;
@@ -494,9 +559,9 @@ static int64_t dw_run(const float *dy, int64_t dy_stride, const float *b, int64_
 /* state (22 rows of row stride `stride`, columns 0..cols-1 here) += the exact column
  * sums of dy * xh over `rows` rows (unit stride along a row), then normalised.
  * The caller bounds rows (kernels/exact_sum.ROWS_PER_ADD) so no digit overflows.
- * Returns -1 when the scratch cannot be allocated, -2 if a block did not finish
- * within DW_MAX_FOLDS folds (impossible by the argument above), else the count of
- * overflowed columns. */
+ * The scratch (about 40 KiB) is on the stack, so the -1 of "no scratch" (native_team.c)
+ * is never returned.  Returns -2 if a block did not finish within DW_MAX_FOLDS folds
+ * (impossible by the argument above), else the count of overflowed columns. */
 int64_t tgn_exact_dw_f32(const float *dy, int64_t dy_stride, const float *xh, int64_t xh_stride,
                          int64_t rows, int64_t cols, int64_t *state, int64_t stride)
 {
