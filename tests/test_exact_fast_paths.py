@@ -134,6 +134,18 @@ def test_tiles_that_fall_back_give_the_torch_state() -> None:
     assert_bits_equal(native_state(dy, x, None), torch_state(dy, x, None))
 
 
+def test_large_inputs_take_the_measured_path_to_the_same_state() -> None:
+    """From 6 Mi products per call (native_dw.c's DW_DIRECT_MAX_PRODUCTS) the kernel
+    forms every product into its panel buffer; the state is the one of the same rows
+    in pieces below that size (direct tiles), merged."""
+    dy, x, rms = dw_case(1600, 4096, 11)
+    assert dy.numel() >= 6 << 20 > 400 * 4096
+    merged = es.empty_state(4096)
+    for start in range(0, 1600, 400):
+        merged += native_state(dy[start:start + 400], x[start:start + 400], rms[start:start + 400])
+    assert_bits_equal(native_state(dy, x, rms), es.normalize_(merged))
+
+
 def test_dw_negative_control() -> None:
     """One product changed by one ulp of one factor changes the state."""
     dy, x, rms = dw_case(64, 1024, 9)
