@@ -98,3 +98,15 @@ def backend_backward(name: str, pipe: Any, dy: torch.Tensor, x: torch.Tensor, w:
         pipe.plan, dy, x, w, rms, input_grad=input_grad, weight_grad=weight_grad, offset=offset,
         round_x_hat=round_x_hat)
     return result
+
+
+def product_columns(cols: list[list[tuple[float, float]]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``dy`` and ``x_hat`` whose column ``j`` holds the products ``cols[j]`` (pairs of
+    factors), padded with zeros: exact weight-gradient sums chosen column by column."""
+    rows = max(len(c) for c in cols)
+    dy = torch.zeros(rows, len(cols))
+    x_hat = torch.zeros(rows, len(cols))
+    for j, col in enumerate(cols):
+        for i, (a, b) in enumerate(col):
+            dy[i, j], x_hat[i, j] = a, b
+    return dy, x_hat

@@ -21,7 +21,7 @@ from taskgraph_norm.backends.native import loader as native
 from taskgraph_norm.ops.exact_grad import ExactGrad, ExactSum
 from taskgraph_norm.kernels import exact_sum as es
 
-from .helpers import assert_bits_equal, bits_equal
+from .helpers import assert_bits_equal, bits_equal, product_columns
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: (precision bits, minimum normal exponent, maximum exponent) of each format.
@@ -91,13 +91,7 @@ def edge_columns() -> tuple[torch.Tensor, torch.Tensor]:
         [(256.0, 256.0), (-0.0, 1.0)],                    # 65536: inf in fp16
         [(1.0, -0.0), (-0.0, 1.0)],                       # zeros: +0.0
     ]
-    rows = max(len(c) for c in cols)
-    dy = torch.zeros(rows, len(cols))
-    x_hat = torch.zeros(rows, len(cols))
-    for j, col in enumerate(cols):
-        for i, (a, b) in enumerate(col):
-            dy[i, j], x_hat[i, j] = a, b
-    return dy, x_hat
+    return product_columns(cols)
 
 
 # --- the state ------------------------------------------------------------------------

@@ -142,16 +142,32 @@ class ExactSum:
 
 class _Carry:
     """One parameter's sum and the ``param.grad`` it stands behind (``zero``: the sum
-    is known to be zero, as made)."""
+    is known to be zero, as made).  A zero sum is made when first read: a backward
+    after ``grad = None`` takes its own sum over (``add_sum``) and never reads it."""
 
-    __slots__ = ("sum", "zero", "grad_ref", "grad_version", "lock")
+    __slots__ = ("_sum", "numel", "device", "zero", "grad_ref", "grad_version", "lock")
 
     def __init__(self, param: torch.Tensor) -> None:
-        self.sum = ExactSum(param.numel(), param.device)
+        self.numel, self.device = param.numel(), param.device
+        self._sum: ExactSum | None = None
         self.zero = True
         self.grad_ref: weakref.ref[torch.Tensor] | None = None
         self.grad_version = -1
         self.lock = threading.Lock()
+
+    @property
+    def sum(self) -> ExactSum:
+        if self._sum is None:
+            self._sum = ExactSum(self.numel, self.device)
+        return self._sum
+
+    @sum.setter
+    def sum(self, total: ExactSum) -> None:
+        self._sum = total
+
+    def clear(self) -> None:
+        """Zero the sum (made when next read)."""
+        self._sum = None
 
     def stands_behind(self, grad: torch.Tensor | None) -> bool:
         """Whether ``grad`` is what this carry last saw (same tensor, not modified)."""
@@ -204,7 +220,7 @@ class ExactGrad:
         grad = param.grad
         if carry.stands_behind(grad):
             return
-        carry.sum = ExactSum(param.numel(), param.device)
+        carry.clear()
         carry.zero = grad is None
         if grad is not None:
             carry.sum.add_values(grad.detach())

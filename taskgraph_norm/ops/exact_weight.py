@@ -28,6 +28,7 @@ import weakref
 from typing import Any
 
 import torch
+from torch._functorch.utils import unwrap_dead_wrappers
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import kernels
@@ -129,6 +130,10 @@ class _ExactValue(torch.autograd.Function):
 
 
 _apply: Any = ExactWeightRMSNorm.apply
+# Function.apply binds the arguments to forward's signature at every call (~11 us, for
+# a forward without defaults); outside torch.func's transforms, its own next step:
+_base_apply: Any = super(torch.autograd.Function, ExactWeightRMSNorm).apply
+_unwrap_dead: Any = unwrap_dead_wrappers
 _exact_value: Any = _ExactValue.apply
 
 
@@ -310,5 +315,8 @@ def exact_apply(x: torch.Tensor, weight: torch.Tensor, config: tuple[Any, ...],
     if x.dtype == torch.float64 or param.dtype == torch.float64:
         raise ConfigError("weight_grad", "exact", "fp32, bf16 or fp16 inputs and weights (the exact "
                           "accumulator sums products of fp32 values; docs/training.md)")
-    y: torch.Tensor = _apply(x, weight, config, _watch(param))[0]
+    args = (x, weight, config, _watch(param))
+    if torch._C._are_functorch_transforms_active():
+        return _apply(*args)[0]  # type: ignore[no-any-return]
+    y: torch.Tensor = _base_apply(*_unwrap_dead(args))[0]
     return y

@@ -30,11 +30,12 @@
  * another order than torch.sum, with the same result.  The compile flags keep the
  * expressions as written: no -ffast-math (which would fold (v + s) - s into v and
  * set flush-to-zero) and -ffp-contract=off (an fma would round an fp64 x * x + s
- * once instead of twice).
+ * once instead of twice; fp32 rows, whose x * x is exact, use one on purpose below).
  *
  * A row with no scale (an Inf square, or an fp64 row whose bound passes 2^1023)
- * or with a NaN (seen as a NaN sum) is not finished here: its pair is set to NaN
- * and the row is counted, and the caller gives it the reference interpreter's bits.
+ * or with a NaN (seen by the fp32 rows' max, or as a NaN sum) is not finished here:
+ * its pair is set to NaN and the row is counted, and the caller gives it the
+ * reference interpreter's bits.
  */
 
 #include <math.h>
@@ -89,7 +90,6 @@ typedef float v4f __attribute__((vector_size(16)));
 #if defined(__AVX__)
 #include <immintrin.h>
 INLINE v4d load4_f32(const float *p) { return (v4d)_mm256_cvtps_pd(_mm_loadu_ps(p)); }
-INLINE v8f max8_f32(v8f a, v8f b) { return (v8f)_mm256_max_ps((__m256)a, (__m256)b); }
 INLINE v4d max4_f64(v4d a, v4d b) { return (v4d)_mm256_max_pd((__m256d)a, (__m256d)b); }
 #else
 INLINE v4d load4_f32(const float *p)
@@ -98,12 +98,7 @@ INLINE v4d load4_f32(const float *p)
     memcpy(&f, p, sizeof f);
     return __builtin_convertvector(f, v4d);
 }
-/* a > b ? a : b per lane (a NaN a gives b): what maxps does. */
-INLINE v8f max8_f32(v8f a, v8f b)
-{
-    v8i gt = a > b;
-    return (v8f)(((v8i)a & gt) | ((v8i)b & ~gt));
-}
+/* a > b ? a : b per lane (a NaN a gives b): what maxpd does. */
 INLINE v4d max4_f64(v4d a, v4d b)
 {
     v4l gt = a > b;
@@ -118,31 +113,118 @@ INLINE v4d load4_f64(const double *p)
     return d;
 }
 
-/* max|x| of a row over its non-NaN elements, squared in fp64 (|x| widens exactly).
- * A NaN is not seen here: it makes the row's sums NaN, which the caller checks. */
-static double row_max_float(const float *row, int64_t hidden)
+/* One element of the exact sums (the tails; the vector loops below are the same
+ * operations, lane by lane): S1 += q1, S2 += q2. */
+#define EXACT_STEP(xv, s1, s2, t1, t2)                                                 \
+    do {                                                                               \
+        double v_ = (double)(xv) * (double)(xv);                                       \
+        double q1_ = (v_ + (s1)) - (s1);                                               \
+        double r_ = v_ - q1_;                                                          \
+        (t1) += q1_;                                                                   \
+        (t2) += (r_ + (s2)) - (s2);                                                    \
+    } while (0)
+
+/* --- fp32 rows ----------------------------------------------------------------------
+ *
+ * One pass over the row's bits as integers (|x| orders as its bits do) gives max|x|
+ * and the smallest nonzero |x|; then one pass forms the sums, in vectors of NW fp64
+ * lanes (8 with AVX-512, 4 otherwise: lanes only change the order of exact additions).
+ *
+ * The second fold is often the identity.  Every x is a multiple of g = ulp(min|x|)
+ * over the nonzero x (ulp(x) >= g), so every v = x^2 is a multiple of g^2.  If
+ * g^2 >= u2 = ulp(sigma2) (powers of two), v and q1 (a multiple of u1 >= u2) are
+ * multiples of u2, so is r = v - q1, and |r| <= u1 / 2 < sigma2 / 2: r + sigma2 is
+ * exact and q2 = (r + sigma2) - sigma2 = r.  The pass then adds r itself (two
+ * operations fewer per element).  Rows with tiny elements (below about 2^-16 of the
+ * row's maximum for D = 4096) take the two folds.
+ *
+ * With FMA (the host build): x^2 is exact in fp64 for fp32 x, so fma(x, x, c) is the
+ * same rounding of x^2 + c as the two operations, and r = fma(x, x, -q1) is exact. */
+/* The row's largest |x| bits (a NaN's are above every number's) and its smallest
+ * nonzero |x| bits less one (UINT32_MAX when no element is nonzero).  A plain loop,
+ * which the compiler vectorises (integer max and min). */
+static void row_bits_float(const float *row, int64_t hidden, uint32_t *top, uint32_t *low)
 {
-    const v8i absmask = {INT32_MAX, INT32_MAX, INT32_MAX, INT32_MAX,
-                         INT32_MAX, INT32_MAX, INT32_MAX, INT32_MAX};
-    v8f top0 = {0}, top1 = {0};
-    int64_t j = 0;
-    for (; j + 16 <= hidden; j += 16) {
-        v8f a, b;
+    uint32_t hi = 0, lo = UINT32_MAX;
+    for (int64_t j = 0; j < hidden; ++j) {
+        uint32_t a;
         memcpy(&a, row + j, sizeof a);
-        memcpy(&b, row + j + 8, sizeof b);
-        top0 = max8_f32((v8f)((v8i)a & absmask), top0);
-        top1 = max8_f32((v8f)((v8i)b & absmask), top1);
+        a &= 0x7fffffffu;
+        hi = a > hi ? a : hi;
+        a -= 1u; /* 0 becomes UINT32_MAX */
+        lo = a < lo ? a : lo;
     }
-    float m = 0.0f;
-    for (int l = 0; l < 8; ++l) {
-        m = top0[l] > m ? top0[l] : m;
-        m = top1[l] > m ? top1[l] : m;
+    *top = hi;
+    *low = lo;
+}
+
+#if defined(__AVX512F__) && defined(__FMA__)
+#define NW 8
+typedef double vwd __attribute__((vector_size(64)));
+INLINE vwd loadw_f32(const float *p) { return (vwd)_mm512_cvtps_pd(_mm256_loadu_ps(p)); }
+/* fma(x, x, c): RN(x^2 + c) with x^2 exact, the bits of (x * x) + c */
+INLINE vwd sq_add(vwd x, vwd c) { return (vwd)_mm512_fmadd_pd((__m512d)x, (__m512d)x, (__m512d)c); }
+#else
+#define NW 4
+typedef v4d vwd;
+#define loadw_f32 load4_f32
+INLINE vwd sq_add(vwd x, vwd c) { return x * x + c; }
+#endif
+
+static int exact_row_float(const float *row, int64_t hidden, const float *next, double *t1, double *t2)
+{
+    uint32_t top, low;
+    row_bits_float(row, hidden, &top, &low);
+    float m;
+    memcpy(&m, &top, sizeof m);
+    double s1, s2;
+    if (!tgn_exact_scale((double)m * (double)m, hidden, &s1, &s2))
+        return 0; /* an Inf or a NaN */
+    /* g^2 = 2^(2 (e - 150)) for the smallest nonzero |x| of biased exponent e (1 for
+     * subnormals); no nonzero element: nothing to round */
+    int e = (int)((low + 1u) >> 23);
+    int one_fold = low == UINT32_MAX || ldexp(1.0, 2 * ((e > 0 ? e : 1) - 150)) >= s2 * 0x1p-52;
+    vwd s1v, s2v;
+    for (int l = 0; l < NW; ++l) {
+        s1v[l] = s1;
+        s2v[l] = s2;
     }
-    for (; j < hidden; ++j) {
-        float a = fabsf(row[j]);
-        m = a > m ? a : m;
+    vwd a1 = {0}, a2 = {0}, b1 = {0}, b2 = {0};
+    int64_t j = 0;
+    if (one_fold)
+        for (; j + 2 * NW <= hidden; j += 2 * NW) {
+            vwd xa = loadw_f32(row + j), xb = loadw_f32(row + j + NW);
+            vwd qa = sq_add(xa, s1v) - s1v, qb = sq_add(xb, s1v) - s1v;
+            a1 += qa;
+            b1 += qb;
+            a2 += sq_add(xa, -qa);
+            b2 += sq_add(xb, -qb);
+            if (next)
+                __builtin_prefetch(next + j, 0, 2);
+        }
+    else
+        for (; j + 2 * NW <= hidden; j += 2 * NW) {
+            vwd xa = loadw_f32(row + j), xb = loadw_f32(row + j + NW);
+            vwd qa = sq_add(xa, s1v) - s1v, qb = sq_add(xb, s1v) - s1v;
+            vwd ra = sq_add(xa, -qa), rb = sq_add(xb, -qb);
+            a1 += qa;
+            b1 += qb;
+            a2 += (ra + s2v) - s2v;
+            b2 += (rb + s2v) - s2v;
+            if (next)
+                __builtin_prefetch(next + j, 0, 2);
+        }
+    vwd acc1 = a1 + b1, acc2 = a2 + b2;
+    double u1 = 0.0, u2 = 0.0;
+    for (int l = 0; l < NW; ++l) {
+        u1 += acc1[l];
+        u2 += acc2[l];
     }
-    return (double)m * (double)m;
+    for (; j < hidden; ++j)
+        EXACT_STEP(row[j], s1, s2, u1, u2);
+    *t1 = u1;
+    *t2 = u2;
+    return 1;
 }
 
 static double row_max_double(const double *row, int64_t hidden)
@@ -284,56 +366,58 @@ ADD_RESIDUAL(double)
 #define RESIDUAL_ARGS(T) const T *r, int64_t r_stride, T *h, int64_t h_stride
 #define FINALIZE_ARGS(T) T *y, int64_t y_stride, const T *w, double eps, int64_t flags, double offset
 
-#define EXACT_ROWS(NAME, T, LOAD)                                                      \
+/* The exact pair of one row, (S1, S2) in *t1, *t2; returns 0 when the row has no
+ * scale (its sums are not formed).  A NaN in the row gives a NaN sum (fp64 rows) or
+ * no scale (fp32 rows, whose max sees it): either way the caller hands it back.
+ * `next` (or NULL): the row the caller reads next, prefetched meanwhile. */
+static int exact_row_double(const double *row, int64_t hidden, const double *next, double *t1, double *t2)
+{
+    (void)next;
+    double s1, s2;
+    if (!tgn_exact_scale(row_max_double(row, hidden), hidden, &s1, &s2))
+        return 0;
+    const v4d s1v = {s1, s1, s1, s1}, s2v = {s2, s2, s2, s2};
+    v4d a1 = {0}, a2 = {0}, b1 = {0}, b2 = {0};
+    int64_t j = 0;
+    for (; j + 8 <= hidden; j += 8) {
+        v4d xa = load4_f64(row + j), xb = load4_f64(row + j + 4);
+        v4d va = xa * xa, vb = xb * xb;
+        v4d qa = (va + s1v) - s1v, qb = (vb + s1v) - s1v;
+        v4d ra = va - qa, rb = vb - qb;
+        a1 += qa;
+        b1 += qb;
+        a2 += (ra + s2v) - s2v;
+        b2 += (rb + s2v) - s2v;
+    }
+    v4d acc1 = a1 + b1, acc2 = a2 + b2;
+    double u1 = 0.0, u2 = 0.0;
+    for (int l = 0; l < 4; ++l) {
+        u1 += acc1[l];
+        u2 += acc2[l];
+    }
+    for (; j < hidden; ++j)
+        EXACT_STEP(row[j], s1, s2, u1, u2);
+    *t1 = u1;
+    *t2 = u2;
+    return 1;
+}
+
+#define EXACT_ROWS(NAME, T)                                                            \
     int64_t NAME(const T *x, int64_t rows, int64_t hidden, int64_t row_stride,       \
-                 double *pair, FINALIZE_ARGS(T), RESIDUAL_ARGS(T))                          \
+                 double *pair, FINALIZE_ARGS(T), RESIDUAL_ARGS(T))                    \
     {                                                                                 \
         int64_t unscaled = 0;                                                         \
         for (int64_t i = 0; i < rows; ++i) {                                          \
             const T *row = x + i * row_stride;                                        \
             if (r)                                                                    \
                 row = add_residual_##T(row, r + i * r_stride, h + i * h_stride, hidden); \
-            double s1, s2;                                                            \
-            if (!tgn_exact_scale(row_max_##T(row, hidden), hidden, &s1, &s2)) {       \
-                if (pair) {                                                           \
-                    pair[2 * i] = NAN;                                                \
-                    pair[2 * i + 1] = NAN;                                            \
-                }                                                                     \
-                ++unscaled;                                                           \
-                continue;                                                             \
-            }                                                                         \
-            const v4d s1v = {s1, s1, s1, s1}, s2v = {s2, s2, s2, s2};                 \
-            v4d a1 = {0}, a2 = {0}, b1 = {0}, b2 = {0};                               \
-            int64_t j = 0;                                                            \
-            for (; j + 8 <= hidden; j += 8) {                                         \
-                v4d xa = LOAD(row + j), xb = LOAD(row + j + 4);                       \
-                v4d va = xa * xa, vb = xb * xb;                                       \
-                v4d qa = (va + s1v) - s1v, qb = (vb + s1v) - s1v;                     \
-                v4d ra = va - qa, rb = vb - qb;                                       \
-                a1 += qa;                                                             \
-                b1 += qb;                                                             \
-                a2 += (ra + s2v) - s2v;                                               \
-                b2 += (rb + s2v) - s2v;                                               \
-            }                                                                         \
-            v4d acc1 = a1 + b1, acc2 = a2 + b2;                                       \
-            double t1 = 0.0, t2 = 0.0;                                                \
-            for (int l = 0; l < 4; ++l) {                                             \
-                t1 += acc1[l];                                                        \
-                t2 += acc2[l];                                                        \
-            }                                                                         \
-            for (; j < hidden; ++j) {                                                 \
-                double xv = (double)row[j];                                           \
-                double v = xv * xv;                                                   \
-                double q1 = (v + s1) - s1;                                            \
-                double r = v - q1;                                                    \
-                t1 += q1;                                                             \
-                t2 += (r + s2) - s2;                                                  \
-            }                                                                         \
-            if (y && t1 == t1 && t2 == t2                                             \
+            double t1 = NAN, t2 = NAN;                                                \
+            if (exact_row_##T(row, hidden, !r && i + 1 < rows ? row + row_stride : NULL, &t1, &t2) \
+                && t1 == t1 && t2 == t2 && y                                          \
                 && finalize_row_##T(row, y + i * y_stride, w, hidden, (T)(t1 + t2), eps, \
                                     flags, offset))                                   \
                 t1 = NAN; /* a NaN the llama rounding left to the caller */           \
-            if (t1 != t1 || t2 != t2) { /* a NaN in the row */                        \
+            if (t1 != t1 || t2 != t2) { /* no scale, or a NaN in the row */            \
                 t1 = t2 = NAN;                                                        \
                 ++unscaled;                                                           \
             }                                                                         \
@@ -347,8 +431,8 @@ ADD_RESIDUAL(double)
         return unscaled;                                                              \
     }
 
-EXACT_ROWS(tgn_exact_rows_f32, float, load4_f32)
-EXACT_ROWS(tgn_exact_rows_f64, double, load4_f64)
+EXACT_ROWS(tgn_exact_rows_f32, float)
+EXACT_ROWS(tgn_exact_rows_f64, double)
 
 /* --- the float domain: pairwise leaves and ordered ADD merges -------------------
  *

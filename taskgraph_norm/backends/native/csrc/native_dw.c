@@ -55,9 +55,17 @@
  * when it is 2^45 times smaller than its column's block maximum), and a block that
  * does recomputes them and goes on with the general folds (dw_more_folds).
  *
+ * Most tiles take a shorter route to the same integers (dw_run, dw_bound_scales):
+ * the first scale from a bound of the products instead of their measured max (the
+ * argument above holds for any M >= max |p|), the products formed again as they are
+ * folded instead of written, and, where every product is a multiple of the second
+ * fold's grid, one fold and the exact remainders.  A tile where that route could
+ * leave something (a third fold, a NaN or infinite bound) takes the measured one.
+ *
  * Every column's operations are the same IEEE operations in the same order in any
- * vectorisation (the loops run across columns; the max is order-free), so the
- * portable and host builds give the same state.  The flags keep (p + sigma) - sigma
+ * vectorisation (the loops run across columns; the max is order-free; the host
+ * build's fma(dy, xh, c) rounds as (dy * xh) + c does, the product being exact), so
+ * the portable and host builds give the same state.  The flags keep (p + sigma) - sigma
  * as written (no -ffast-math).  Returns the number of columns whose top digit
  * passes 2^40 (the caller raises).
  */
@@ -68,8 +76,9 @@
 #define DW_L TGN_EXACT_DW_FOLD_L /* ceil(log2(DW_BLOCK)) + 1 */
 #define DW_SMIN TGN_EXACT_DW_MIN_SCALE /* 2^(DW_SMIN - 52) = 2^-298: the coarsest grid of that fold */
 #define DW_TILE TGN_EXACT_DW_TILE
-/* Tiles whose products one pass along the rows forms: 4 KiB of each input row at a
- * time (sequential reads) into a 512 KiB buffer that stays in L2. */
+/* Tiles whose column bounds (or products, dw_run_measured) one pass along the rows
+ * takes: 4 KiB of each input row at a time (sequential reads); the panel (512 KiB of
+ * inputs, or of products) then stays in L2 for its tiles' folds. */
 #define DW_PANEL 32
 #define DW_TOP_LIMIT TGN_EXACT_TOP_LIMIT
 #define DW_MAX_FOLDS TGN_EXACT_DW_MAX_FOLDS /* (263 + 298) / 46 + 1 = 13 folds cover every product */
@@ -341,18 +350,186 @@ static int64_t dw_normalize(int64_t *state, int64_t cols, int64_t stride)
     return over;
 }
 
-static int64_t dw_run(const float *dy, int64_t dy_stride, const float *b, int64_t b_stride, const float *rms,
-                      int64_t rows, int64_t cols, int64_t *state, int64_t stride)
+/* p = a * h in fp64 (exact: 48 bits) plus c, rounded once: with FMA, one fma (the
+ * same rounding, since a * h is exact). */
+#if defined(__FMA__)
+#define DW_MUL_ADD(a, h, c) fma((double)(a), (double)(h), (c))
+#else
+#define DW_MUL_ADD(a, h, c) ((double)(a) * (double)(h) + (c))
+#endif
+
+/* Each column's largest |dy| and |b| bits over a block of a panel (a NaN's bits are
+ * above every number's) and smallest nonzero ones less one (UINT32_MAX: none), as
+ * integers. */
+static void dw_column_tops(const float *dy, int64_t dy_stride, const float *b, int64_t b_stride, int64_t rows,
+                           int64_t cols, uint32_t *restrict tops, uint32_t *restrict lows)
+{
+    uint32_t *restrict tdy = tops, *restrict tb = tops + cols, *restrict ldy = lows, *restrict lb = lows + cols;
+    for (int64_t j = 0; j < cols; ++j) {
+        tdy[j] = tb[j] = 0;
+        ldy[j] = lb[j] = UINT32_MAX;
+    }
+    for (int64_t i = 0; i < rows; ++i) {
+        const float *a = dy + i * dy_stride, *c = b + i * b_stride;
+        for (int64_t j = 0; j < cols; ++j) {
+            uint32_t u, v;
+            memcpy(&u, a + j, sizeof u);
+            memcpy(&v, c + j, sizeof v);
+            u &= 0x7fffffffu;
+            v &= 0x7fffffffu;
+            tdy[j] = u > tdy[j] ? u : tdy[j];
+            tb[j] = v > tb[j] ? v : tb[j];
+            u -= 1u; /* 0 becomes UINT32_MAX */
+            v -= 1u;
+            ldy[j] = u < ldy[j] ? u : ldy[j];
+            lb[j] = v < lb[j] ? v : lb[j];
+        }
+    }
+}
+
+INLINE float dw_float_bits(uint32_t bits)
+{
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+/* log2 of the ulp of the fp32 number of bits `bits` (2^-149 for zero and subnormals). */
+INLINE int dw_ulp_exponent(uint32_t bits)
+{
+    int e = (int)((bits & 0x7fffffffu) >> 23);
+    return (e > 0 ? e : 1) - 150;
+}
+
+/* How a full tile's columns are folded (dw_tile_direct), from each column's bounds
+ * over the block (tops: max |dy| then max |b| bits; lows: min nonzero less one):
+ *
+ * - the first scale from a bound B >= |p| instead of the measured max: B = max|dy|
+ *   max|x_hat|, or with rms, max|dy| Bh with Bh = (max|x| / min rms) (1 + 2^-20) +
+ *   2^-149 >= |fl(x / r)| (fp32 division: relative error below 2^-24, or 2^-150
+ *   absolute where the quotient is subnormal), the fp64 roundings covered by the
+ *   margins.  The fold's argument holds for any bound of the products (a larger M).
+ * - one fold and the exact remainder where every product is a multiple of the second
+ *   fold's grid u2 = 2^(s2 - 53): p = dy h is a multiple of ulp(min|dy|) ulp(min|h|)
+ *   over the nonzero factors (ulp(v) >= ulp(min|v|)), and min|h| >= fl(min|x| / max
+ *   rms) (division rounds monotonically).  Then q1 (a multiple of u1 >= u2) and
+ *   r = p - q1 are multiples of u2 with |r| <= u1, so the second fold's q2 is r itself
+ *   and leaves nothing.
+ *
+ * Returns 2 (one fold for every column), 1 (two folds), or 0 where a bound is NaN or
+ * above 2^256 (an Inf or NaN, a tiny rms): the caller takes the measured path. */
+static int dw_bound_scales(const uint32_t *tdy, const uint32_t *tb, const uint32_t *ldy, const uint32_t *lb,
+                           double inv_rmin, float rmax, int with_rms, int *s1)
+{
+    int one_fold = 1;
+    for (int j = 0; j < DW_TILE; ++j) {
+        double mb = dw_float_bits(tb[j]), bound;
+        if (with_rms)
+            bound = dw_float_bits(tdy[j]) * ((mb * inv_rmin * (1.0 + 0x1p-20) + 0x1p-149) * (1.0 + 0x1p-50));
+        else
+            bound = dw_float_bits(tdy[j]) * mb; /* exact */
+        if (!(bound <= 0x1p256)) /* NaN, or above every fp32 product (the digits' range) */
+            return 0;
+        s1[j] = bound > 0.0 ? dw_scale(bound) : DW_SMIN;
+        if (ldy[j] == UINT32_MAX || lb[j] == UINT32_MAX)
+            continue; /* a zero factor in every row: only zero products */
+        uint32_t hmin = lb[j] + 1u;
+        if (with_rms) {
+            float q = dw_float_bits(hmin) / rmax;
+            memcpy(&hmin, &q, sizeof hmin);
+        }
+        one_fold &= dw_ulp_exponent(ldy[j] + 1u) + dw_ulp_exponent(hmin) >= dw_second(s1[j]) - 53;
+    }
+    return 1 + one_fold;
+}
+
+/* The folds of a block x full tile with the products formed as they are folded (no
+ * buffer), with scales s1 (dw_bound_scales): the first two folds as dw_two_folds
+ * makes them, or with one_fold the first and the exact remainder.  Adds the sums to
+ * the digits and returns 1 when nothing is left for a third fold (a remainder is seen
+ * by its bits: r - q2 is +0 when nothing is left) and the sums are finite; else adds
+ * nothing and returns 0. */
+INLINE int dw_tile_direct(const float *dy, int64_t dy_stride, const float *b, int64_t b_stride, const float *rms,
+                          int64_t rows, const int *s1, int one_fold, int64_t *state, int64_t stride)
+{
+    double g1[DW_TILE], g2[DW_TILE], a1[DW_TILE], a2[DW_TILE];
+    uint64_t left[DW_TILE];
+    for (int j = 0; j < DW_TILE; ++j) {
+        g1[j] = dw_pow2(s1[j]);
+        g2[j] = dw_pow2(dw_second(s1[j]));
+        a1[j] = a2[j] = 0.0;
+        left[j] = 0;
+    }
+    for (int64_t i = 0; i < rows; ++i) {
+        const float *a = dy + i * dy_stride, *c = b + i * b_stride;
+        const float r = rms ? rms[i] : 1.0f;
+        for (int j = 0; j < DW_TILE; ++j) {
+            const float h = rms ? c[j] / r : c[j];
+            double q1 = DW_MUL_ADD(a[j], h, g1[j]) - g1[j];
+            double rest = DW_MUL_ADD(a[j], h, -q1); /* exact */
+            a1[j] += q1;
+            if (one_fold) {
+                a2[j] += rest;
+                continue;
+            }
+            double q2 = (rest + g2[j]) - g2[j];
+            double after = rest - q2;
+            uint64_t bits;
+            memcpy(&bits, &after, sizeof bits);
+            a2[j] += q2;
+            left[j] |= bits;
+        }
+    }
+    int bad = 0;
+    for (int j = 0; j < DW_TILE; ++j)
+        bad |= (left[j] != 0) | !(fabs(a1[j]) <= 0x1p1023) | !(fabs(a2[j]) <= 0x1p1023);
+    if (bad)
+        return 0;
+    for (int j = 0; j < DW_TILE; ++j) {
+        if (a1[j] != 0.0)
+            dw_add_units(state + j, stride, a1[j], s1[j]);
+        if (a2[j] != 0.0)
+            dw_add_units(state + j, stride, a2[j], dw_second(s1[j]));
+    }
+    return 1;
+}
+
+/* dw_tile_direct with its two constant arguments inlined: one loop per case. */
+static int dw_tile_direct_any(const float *dy, int64_t dy_stride, const float *b, int64_t b_stride,
+                              const float *rms, int64_t rows, const int *s1, int one_fold, int64_t *state,
+                              int64_t stride)
+{
+    if (rms)
+        return one_fold ? dw_tile_direct(dy, dy_stride, b, b_stride, rms, rows, s1, 1, state, stride)
+                        : dw_tile_direct(dy, dy_stride, b, b_stride, rms, rows, s1, 0, state, stride);
+    return one_fold ? dw_tile_direct(dy, dy_stride, b, b_stride, NULL, rows, s1, 1, state, stride)
+                    : dw_tile_direct(dy, dy_stride, b, b_stride, NULL, rows, s1, 0, state, stride);
+}
+
+/* One block x tile by the measured path: its products into buf, each column's max,
+ * specials, then the folds (dw_tile). */
+static int dw_tile_measured(const float *dy, int64_t dy_stride, const float *b, int64_t b_stride,
+                            const float *rms, int64_t rows, int64_t cols, int64_t *state, int64_t stride,
+                            double *buf, double *mx)
+{
+    dw_products(dy, dy_stride, b, b_stride, rms, rows, cols, buf, mx);
+    return dw_tile(buf, rows, cols, state, stride, mx);
+}
+
+/* The measured path for whole panels: the products of a block x panel in one pass
+ * along the rows into a 512 KiB buffer that stays in L2 (the pass computes while it
+ * streams the inputs from memory), then each tile's folds from it. */
+static int64_t dw_run_measured(const float *dy, int64_t dy_stride, const float *b, int64_t b_stride,
+                               const float *rms, int64_t rows, int64_t cols, int64_t *state, int64_t stride)
 {
     enum { PANEL = DW_PANEL * DW_TILE };
     double *buf = (double *)malloc(sizeof(double) * (DW_BLOCK + 1) * PANEL);
     if (!buf)
         return -1;
     double *mx = buf + DW_BLOCK * PANEL;
-    int64_t done = 0;
-    for (int64_t i0 = 0; i0 < rows && !done; i0 += DW_BLOCK) {
+    for (int64_t i0 = 0; i0 < rows; i0 += DW_BLOCK) {
         int64_t nr = rows - i0 < DW_BLOCK ? rows - i0 : DW_BLOCK;
-        for (int64_t j0 = 0; j0 < cols && !done; j0 += PANEL) {
+        for (int64_t j0 = 0; j0 < cols; j0 += PANEL) {
             int64_t nc = cols - j0 < PANEL ? cols - j0 : PANEL;
             dw_products(dy + i0 * dy_stride + j0, dy_stride, b + i0 * b_stride + j0, b_stride,
                         rms ? rms + i0 : NULL, nr, nc, buf, mx);
@@ -360,14 +537,62 @@ static int64_t dw_run(const float *dy, int64_t dy_stride, const float *b, int64_
                 int64_t w = nc - t * DW_TILE < DW_TILE ? nc - t * DW_TILE : DW_TILE;
                 if (!dw_tile(buf + t * DW_BLOCK * DW_TILE, nr, w, state + j0 + t * DW_TILE, stride,
                              mx + t * DW_TILE)) {
-                    done = -2;
-                    break;
+                    free(buf);
+                    return -2;
                 }
             }
         }
     }
     free(buf);
-    return done ? done : dw_normalize(state, cols, stride);
+    return dw_normalize(state, cols, stride);
+}
+
+/* Inputs from this many products per call on take dw_run_measured: past the caches
+ * (about 48 MiB of dy and x), a pass that only streams them and a pass that only
+ * computes cost more than the measured path's one pass that does both (4096 x 4096
+ * fp32: 22-23 ms against 19 ms; 1024 x 4096: 3.4 against 3.7-4.1 ms, one thread). */
+#define DW_DIRECT_MAX_PRODUCTS (INT64_C(6) << 20)
+
+/* Per block of rows and panel of columns: each column's largest and smallest nonzero
+ * |dy| and |b| in one pass along the rows (sequential reads, 4 KiB of each row), then
+ * per full tile the direct folds from the bound; a narrow tile, a tile whose bound is
+ * not finite and a tile that needs a third fold (a product 2^45 times below its
+ * column's bound; random data has none) take the measured path. */
+static int64_t dw_run(const float *dy, int64_t dy_stride, const float *b, int64_t b_stride, const float *rms,
+                      int64_t rows, int64_t cols, int64_t *state, int64_t stride)
+{
+    if (rows * cols >= DW_DIRECT_MAX_PRODUCTS)
+        return dw_run_measured(dy, dy_stride, b, b_stride, rms, rows, cols, state, stride);
+    enum { PANEL = DW_PANEL * DW_TILE };
+    double buf[DW_BLOCK * DW_TILE], mx[DW_TILE];
+    uint32_t tops[2 * PANEL], lows[2 * PANEL];
+    for (int64_t i0 = 0; i0 < rows; i0 += DW_BLOCK) {
+        int64_t nr = rows - i0 < DW_BLOCK ? rows - i0 : DW_BLOCK;
+        const float *dyb = dy + i0 * dy_stride, *bb = b + i0 * b_stride, *rb = rms ? rms + i0 : NULL;
+        double rmin = rb ? INFINITY : 1.0; /* 0: an rms that is not positive (or NaN) */
+        float rmax = 1.0f;
+        for (int64_t i = 0; rb && i < nr; ++i) {
+            rmin = !(rb[i] > 0.0f) ? 0.0 : rb[i] < rmin ? rb[i] : rmin;
+            rmax = i == 0 || rb[i] > rmax ? rb[i] : rmax;
+        }
+        for (int64_t j0 = 0; j0 < cols; j0 += PANEL) {
+            int64_t nc = cols - j0 < PANEL ? cols - j0 : PANEL;
+            dw_column_tops(dyb + j0, dy_stride, bb + j0, b_stride, nr, nc, tops, lows);
+            for (int64_t t = 0; t * DW_TILE < nc; ++t) {
+                int64_t o = j0 + t * DW_TILE, w = nc - t * DW_TILE < DW_TILE ? nc - t * DW_TILE : DW_TILE;
+                int s1[DW_TILE], how = 0;
+                if (w == DW_TILE && rmin > 0.0)
+                    how = dw_bound_scales(tops + t * DW_TILE, tops + nc + t * DW_TILE, lows + t * DW_TILE,
+                                          lows + nc + t * DW_TILE, 1.0 / rmin, rmax, rb != NULL, s1);
+                if (how && dw_tile_direct_any(dyb + o, dy_stride, bb + o, b_stride, rb, nr, s1, how == 2,
+                                              state + o, stride))
+                    continue;
+                if (!dw_tile_measured(dyb + o, dy_stride, bb + o, b_stride, rb, nr, w, state + o, stride, buf, mx))
+                    return -2;
+            }
+        }
+    }
+    return dw_normalize(state, cols, stride);
 }
 
 /* state (22 rows of row stride `stride`, columns 0..cols-1 here) += the exact column
@@ -467,10 +692,118 @@ static float round_column(const int64_t *state, int64_t stride, int to_odd)
     return toward_zero;
 }
 
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
+/* round_column for eight columns at once (the host build on AVX-512): lane by lane
+ * the same integer and IEEE operations, so the same bits.  Branches become per-lane
+ * selects; digits that are zero in all eight columns are skipped (ordinary data uses
+ * a few of the 19); nextafter of the positive finite fp64 sum, and of the fp32
+ * result, is one step of their bits.  Returns 0 (writing nothing) when a lane has a
+ * NaN or infinite product: round_column takes those eight columns. */
+#include <immintrin.h>
+typedef int64_t v8l __attribute__((vector_size(64)));
+typedef double v8d __attribute__((vector_size(64)));
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+#define SEL(m, a, b) (((a) & (m)) | ((b) & ~(m))) /* m ? a : b per lane, m all ones or zero */
+
+INLINE v8l load8l(const int64_t *p) { return (v8l)_mm512_loadu_si512((const void *)p); }
+INLINE int any8(v8l v) { return _mm512_test_epi64_mask((__m512i)v, (__m512i)v) != 0; }
+
+INLINE v8d two_sum_error8(v8d a, v8d b, v8d s)
+{
+    v8d bb = s - a;
+    return (a - (s - bb)) + (b - bb);
+}
+
+static int round_eight(const int64_t *state, int64_t stride, int to_odd, float *out)
+{
+    if (any8(load8l(state + DW_DIGITS * stride) | load8l(state + (DW_DIGITS + 1) * stride)
+             | load8l(state + (DW_DIGITS + 2) * stride)))
+        return 0;
+    const v8l zero = {0};
+    v8l mag[DW_DIGITS];
+    int lo = DW_DIGITS, hi = -1;
+    for (int k = 0; k < DW_DIGITS; ++k) {
+        mag[k] = load8l(state + k * stride);
+        if (any8(mag[k])) {
+            lo = lo < k ? lo : k;
+            hi = k;
+        }
+    }
+    if (hi < 0) {
+        memset(out, 0, 8 * sizeof *out);
+        return 1;
+    }
+    v8l top = zero - 1, negative = zero;
+    for (int k = lo; k <= hi; ++k) {
+        v8l nz = mag[k] != 0;
+        top = SEL(nz, zero + k, top);
+        negative = SEL(nz, (v8l)(mag[k] < 0), negative);
+    }
+    v8l empty = top < 0;
+    for (int k = lo; k <= hi; ++k)
+        mag[k] = (mag[k] ^ negative) - negative; /* negative ? -mag : mag */
+    for (int k = lo; k < hi; ++k) { /* the magnitude's top digit is at most hi */
+        v8l carry = mag[k] >> 32;
+        mag[k] -= carry * ((int64_t)1 << 32);
+        mag[k + 1] += carry;
+    }
+    top = zero - 1;
+    for (int k = lo; k <= hi; ++k)
+        top = SEL((v8l)(mag[k] != 0), zero + k, top);
+    top = SEL((v8l)(top < 2), zero + 2, top);
+    v8l a = zero, b = zero, c = zero, sticky = zero;
+    for (int k = lo; k <= hi; ++k) {
+        a = SEL((v8l)(top == k), mag[k], a);
+        b = SEL((v8l)(top == k + 1), mag[k], b);
+        c = SEL((v8l)(top == k + 2), mag[k], c);
+        sticky |= (v8l)(k <= top - 3) & (v8l)(mag[k] != 0);
+    }
+    v8d da = __builtin_convertvector(a, v8d) * 0x1p64, db = __builtin_convertvector(b, v8d) * 0x1p32;
+    v8d dc = __builtin_convertvector(c, v8d);
+    v8d s1 = da + db;
+    v8d t = two_sum_error8(da, db, s1) + dc;
+    v8d sum = s1 + t;
+    v8d error = two_sum_error8(s1, t, sum);
+    v8l up = (v8l)(error > 0) | ((v8l)(error == 0) & sticky);
+    v8l inexact = (v8l)(error != 0) | sticky;
+    v8l bits = (v8l)sum;
+    v8l step = inexact & (v8l)((bits & 1) == 0); /* round to odd: one step up or down */
+    bits += step & SEL(up, zero + 1, zero - 1);
+    v8l scale = (32 * (top - 2) + DW_BASE + 1023) << 52; /* 2^(32 (top - 2) + BASE), exact */
+    v8d v = (v8d)bits * (v8d)scale;
+    v = (v8d)((v8l)v ^ (negative & (zero + INT64_MIN)));
+    v8f f = __builtin_convertvector(v, v8f);
+    v8i fb = (v8i)f;
+    if (to_odd) {
+        v8d back = __builtin_convertvector(f, v8d);
+        v8i inexact32 = __builtin_convertvector((v8l)(back != v), v8i);
+        v8d absback = (v8d)((v8l)back & INT64_MAX), absv = (v8d)((v8l)v & INT64_MAX);
+        v8i toward = __builtin_convertvector((v8l)(absback > absv), v8i); /* -1: one step toward 0 */
+        fb = SEL(inexact32, (fb + toward) | 1, fb);
+    }
+    fb &= ~__builtin_convertvector(empty, v8i); /* +0 */
+    memcpy(out, &fb, sizeof fb);
+    return 1;
+}
+#else
+static int round_eight(const int64_t *state, int64_t stride, int to_odd, float *out)
+{
+    (void)state, (void)stride, (void)to_odd, (void)out;
+    return 0; /* round_column, column by column */
+}
+#endif
+
 /* out[j] = column j of a normalised (22, n) state (row stride `stride`) rounded to
  * fp32 (to_odd = 0), or to odd at fp32 for a later bf16/fp16 conversion (1). */
 void tgn_exact_round_f32(const int64_t *state, int64_t n, int64_t stride, int64_t to_odd, float *out)
 {
-    for (int64_t j = 0; j < n; ++j)
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8)
+        if (!round_eight(state + j, stride, (int)to_odd, out + j))
+            for (int l = 0; l < 8; ++l)
+                out[j + l] = round_column(state + j + l, stride, (int)to_odd);
+    for (; j < n; ++j)
         out[j] = round_column(state + j, stride, (int)to_odd);
 }
