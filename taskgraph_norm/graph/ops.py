@@ -20,7 +20,22 @@ class Op(enum.Enum):
     """Sum of squares of ``x[..., start:stop]`` per row (attrs ``start``, ``stop``,
     ``leaf``).  ``leaf="pairwise"`` sums by explicit halving (see kernels), so its
     order is fully specified; ``leaf="native"`` calls ``torch.sum``, whose order is
-    the backend's.  Operands: ``(x,)``, or ``(x, scale)`` in the exact domain."""
+    the backend's.  Operands: ``(x,)``, or ``(x, scale)`` in the exact domain.
+    With attr ``centered=True`` (LayerNorm's variance leaf) it sums the squared
+    deviations ``d * d``, ``d = x[..., start:stop].to(acc) - mean`` (each ``d`` rounded
+    once in the accumulation dtype): operands ``(x, mean)``, or ``(x, mean, scale)``
+    in the exact domain (:mod:`taskgraph_norm.kernels.layer`)."""
+    SUM = "sum"
+    """LayerNorm's plain-sum leaf: the sum of ``x[..., start:stop].to(acc)`` per row
+    (attrs ``start``, ``stop``, ``leaf``, ``domain``, ``index``), in the leaf order
+    SUMSQ's ``leaf`` names.  Operands ``(x,)``, or ``(x, scale)`` in the exact domain
+    (every value pre-rounded onto the scale's two grids: docs/exact.md)."""
+    MEAN = "mean"
+    """LayerNorm's mean: the row total of the SUM leaves divided by ``D`` (attr
+    ``hidden_size``; attr ``domain``), a value of its own kind (``(..., 1)`` in the
+    accumulation dtype).  Float: ``total / D`` with a tensor divisor.  Exact: the
+    exact pair's value divided by ``D``, correctly rounded once
+    (:func:`taskgraph_norm.kernels.layer.mean_exact`).  Operand ``(total,)``."""
     ADD = "add"
     """Ordered binary merge ``a + b`` of two partial sums; operands ``(a, b)``."""
     ACCUMULATE = "accumulate"
@@ -29,19 +44,32 @@ class Op(enum.Enum):
     CATSUM = "catsum"
     """``torch.sum(torch.cat(parts, -1), -1)``: the order inside is the backend's."""
     ROWMAX = "rowmax"
-    """Exact domain: maximum of the squares of ``x[..., start:stop]`` per row."""
+    """Exact domain: maximum of the squares of ``x[..., start:stop]`` per row; operand
+    ``(x,)``.  Attr ``power=1``: the maximum of ``|x|`` instead (the scale of a SUM);
+    attr ``centered=True``: of the squared deviations ``d * d`` (as a centered
+    SUMSQ forms them), operands ``(x, mean)``.  Either way in fp64."""
     MAX = "max"
     """Exact domain: elementwise maximum of two row maxima (exact in any order)."""
     SCALE = "scale"
     """Exact domain: the power-of-two pre-rounding scale from the row maximum."""
     RMSNORM = "rmsnorm"
     """Opaque ``torch.nn.functional.rms_norm`` over the last dim (the baseline)."""
+    LAYERNORM = "layernorm"
+    """Opaque ``torch.nn.functional.layer_norm`` over the last dim (LayerNorm's
+    baseline); operand ``(x,)``, attr ``hidden_size``."""
     FINALIZE = "finalize"
     """``x / sqrt(total / D + eps) * w`` computed in the accumulation dtype and cast
     back to the input dtype; operands ``(x, total)``, attr ``hidden_size``.  Attrs
     ``casting_mode`` (``"torch"`` when absent, ``"llama"``, ``"gemma"``) and
     ``offset`` (``0.0`` when absent; the weight used is ``offset + w``) say how it
-    rounds: :func:`taskgraph_norm.kernels.finalize`."""
+    rounds: :func:`taskgraph_norm.kernels.finalize`.
+
+    With attr ``norm="layer"`` (LayerNorm; absent means ``"rms"``), operands
+    ``(x, total, mean)``: ``total`` is the sum of the squared deviations (the
+    centered SUMSQ merge), and ``y = (x.to(acc) - mean) / sqrt(var / D + eps) * w + b``
+    with ``var`` the total rounded once to the accumulation dtype, cast once to
+    ``x``'s dtype (:func:`taskgraph_norm.kernels.layer.finalize_layer` states the
+    op order).  No ``casting_mode`` or ``offset`` with ``norm="layer"``."""
     OUTPUT = "output"
     """Marks the graph's single result; operand ``(y,)``."""
     CALL = "call"
@@ -77,15 +105,18 @@ class Op(enum.Enum):
 #: Allowed operand counts per op: ``(minimum, maximum)``; ``None`` is unbounded.
 ARITY: Mapping[Op, tuple[int, int | None]] = {
     Op.INPUT: (0, 0),
-    Op.SUMSQ: (1, 2),
+    Op.SUMSQ: (1, 3),
+    Op.SUM: (1, 2),
+    Op.MEAN: (1, 1),
     Op.ADD: (2, 2),
     Op.ACCUMULATE: (1, None),
     Op.CATSUM: (1, None),
-    Op.ROWMAX: (1, 1),
+    Op.ROWMAX: (1, 2),
     Op.MAX: (2, 2),
     Op.SCALE: (1, 1),
     Op.RMSNORM: (1, 1),
-    Op.FINALIZE: (2, 2),
+    Op.LAYERNORM: (1, 1),
+    Op.FINALIZE: (2, 3),
     Op.OUTPUT: (1, 1),
     Op.CALL: (0, None),
     Op.ROWSUM: (1, 1),

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from .. import kernels
+from . import layer
 from ..errors import ConfigError, ExecutionError, GraphError
 from ..graph import Graph, Node, Op, validate
 
@@ -55,6 +56,8 @@ class ReferenceInterpreter:
     #: (set by the runner; see :func:`run_reference`).
     residual: torch.Tensor | None = None
     residual_out: torch.Tensor | None = None
+    #: LayerNorm's bias (set by the runner; RMSNorm graphs never read it).
+    bias: torch.Tensor | None = None
 
     def run(self, x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
         """The graph's output for ``x``."""
@@ -94,11 +97,32 @@ class ReferenceInterpreter:
     def sumsq(self, node: Node, args: list[Any]) -> torch.Tensor:
         attrs = node.attrs
         start, stop, leaf = attrs["start"], attrs["stop"], attrs["leaf"]
+        if attrs.get("centered"):
+            if attrs.get("domain") == "exact":
+                return layer.sumsq_centered_exact(args[0], start, stop, args[1], args[2])
+            if leaf == "native":
+                return layer.sumsq_centered_native(args[0], start, stop, args[1])
+            return layer.sumsq_centered_pairwise(args[0], start, stop, args[1])
         if attrs.get("domain") == "exact":
             return kernels.sumsq_exact(args[0], start, stop, args[1])
         if leaf == "native":
             return kernels.sumsq_native(args[0], start, stop)
         return kernels.sumsq_pairwise(args[0], start, stop)
+
+    def sum(self, node: Node, args: list[Any]) -> torch.Tensor:
+        attrs = node.attrs
+        start, stop = attrs["start"], attrs["stop"]
+        if attrs.get("domain") == "exact":
+            return layer.xsum_exact(args[0], start, stop, args[1])
+        if attrs["leaf"] == "native":
+            return layer.xsum_native(args[0], start, stop)
+        return layer.xsum_pairwise(args[0], start, stop)
+
+    def mean(self, node: Node, args: list[Any]) -> torch.Tensor:
+        dtype = kernels.accumulation_dtype(self.x.dtype)
+        if node.attrs.get("domain") == "exact":
+            return layer.mean_exact(args[0], node.attrs["hidden_size"], dtype)
+        return layer.mean_float(args[0], node.attrs["hidden_size"])
 
     def add(self, node: Node, args: list[Any]) -> torch.Tensor:
         return kernels.add(args[0], args[1])
@@ -111,7 +135,12 @@ class ReferenceInterpreter:
         return kernels.catsum(args)
 
     def rowmax(self, node: Node, args: list[Any]) -> torch.Tensor:
-        return kernels.rowmax_sq(args[0], node.attrs["start"], node.attrs["stop"])
+        start, stop = node.attrs["start"], node.attrs["stop"]
+        if node.attrs.get("centered"):
+            return layer.rowmax_centered(args[0], start, stop, args[1])
+        if node.attrs.get("power") == 1:
+            return layer.rowmax_abs(args[0], start, stop)
+        return kernels.rowmax_sq(args[0], start, stop)
 
     def max(self, node: Node, args: list[Any]) -> torch.Tensor:
         return kernels.maximum(args[0], args[1])
@@ -122,7 +151,13 @@ class ReferenceInterpreter:
     def rmsnorm(self, node: Node, args: list[Any]) -> torch.Tensor:
         return kernels.rms_norm_standard(args[0], node.attrs["hidden_size"], self.eps, self.weight)
 
+    def layernorm(self, node: Node, args: list[Any]) -> torch.Tensor:
+        return layer.layer_norm_standard(args[0], node.attrs["hidden_size"], self.eps, self.weight, self.bias)
+
     def finalize(self, node: Node, args: list[Any]) -> torch.Tensor:
+        if node.attrs.get("norm") == "layer":
+            return layer.finalize_layer(args[0], args[1], args[2], node.attrs["hidden_size"], self.eps,
+                                        self.weight, self.bias)
         return kernels.finalize(args[0], args[1], node.attrs["hidden_size"], self.eps, self.weight,
                                 node.attrs.get("casting_mode", "torch"), node.attrs.get("offset", 0.0))
 
@@ -175,8 +210,12 @@ def run_reference(
     cancel: threading.Event | None = None,
     residual: torch.Tensor | None = None,
     residual_out: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Execute ``graph`` sequentially on ``x`` (already checked) and return ``y``.
+
+    ``bias``: LayerNorm's ``b`` (a LayerNorm graph's FINALIZE adds it; RMSNorm
+    graphs ignore it), keyword-only so that RMSNorm's calls keep their form.
 
     ``cancel``: an event the caller sets to stop the run between nodes (it then
     raises :class:`Cancelled`).  A graph whose INPUT adds a residual takes
@@ -185,6 +224,7 @@ def run_reference(
     interpreter = ReferenceInterpreter(graph, arrival=arrival)
     interpreter.cancel = cancel
     interpreter.residual, interpreter.residual_out = residual, residual_out
+    interpreter.bias = bias
     return interpreter.run(x, weight, eps)
 
 

@@ -98,9 +98,53 @@ def _lower(graph: Graph, fingerprint: str) -> Plan:
     nodes = graph.nodes
     ops = list(map(_op_of, nodes))
     finalize = _single(graph, ops, Op.FINALIZE)
+    inputs = _positions(ops, Op.INPUT)
+    residual = bool(inputs and nodes[inputs[0]].attrs.get("residual"))
+    if finalize.attrs.get("norm") == "layer":
+        return _lower_layer(graph, ops, finalize, fingerprint, residual)
+    recipe = _recipe(graph, ops, finalize, Op.SUMSQ, graph.index[finalize.inputs[1]], None)
+    return Plan(fingerprint=fingerprint, casting_mode=finalize.attrs.get("casting_mode", "torch"),
+                offset=float(finalize.attrs.get("offset", 0.0)), residual=residual, **recipe)
+
+
+def _lower_layer(graph: Graph, ops: list[Op], finalize: Node, fingerprint: str, residual: bool) -> Plan:
+    """LayerNorm: the mean's DAG (SUM leaves up to MEAN's operand) and the variance's
+    (centered SUMSQ leaves up to FINALIZE's total) must lower to the same recipe: the
+    plan runs both sums with one chunking, one leaf kind and one merge."""
+    mean = graph.by_id[finalize.inputs[2]]
+    if mean.op is not Op.MEAN or len(finalize.inputs) != 3:
+        raise GraphError(finalize.id, "a LayerNorm FINALIZE reads (x, total, mean) with mean a MEAN node")
+    recipes = [_recipe(graph, ops, finalize, op, graph.index[root], _merges(graph, ops, graph.index[root]))
+               for op, root in ((Op.SUM, mean.inputs[0]), (Op.SUMSQ, finalize.inputs[1]))]
+    if recipes[0] != recipes[1]:
+        raise GraphError(finalize.id, "the mean's and the variance's DAGs lower to different recipes "
+                         f"({recipes[0]} vs {recipes[1]})", "the plan runs both sums with one recipe; "
+                         "use executor='reference'")
+    return Plan(fingerprint=fingerprint, residual=residual, norm="layer", **recipes[0])
+
+
+def _merges(graph: Graph, ops: list[Op], root_at: int) -> frozenset[int]:
+    """The positions of the merge nodes (ADD, ACCUMULATE, CATSUM) under ``root_at``, down
+    to its leaves: one reduction's DAG of a graph that has two."""
+    found: set[int] = set()
+    stack = [root_at]
+    sources, offsets = graph.operand_positions
+    while stack:
+        at = stack.pop()
+        if ops[at] in (Op.ADD, Op.ACCUMULATE, Op.CATSUM) and at not in found:
+            found.add(at)
+            stack.extend(sources[offsets[at]:offsets[at + 1]])
+    return frozenset(found)
+
+
+def _recipe(graph: Graph, ops: list[Op], finalize: Node, leaf_op: Op, total_at: int,
+            within: frozenset[int] | None) -> dict[str, Any]:
+    """One reduction's plan fields: its ``leaf_op`` leaves' chunking and kind, and how
+    they merge up to ``total_at`` (only through the merges ``within``, when given)."""
+    nodes = graph.nodes
     # Positions, not ids, throughout: a graph may have a million leaves, and every
     # dict keyed by its ids costs about a second (the graph's own index is shared).
-    found_at = _positions(ops, Op.SUMSQ)
+    found_at = _positions(ops, leaf_op)
     # Each leaf's attributes read once, as a dict.
     found_attrs = list(map(dict, map(_attr_pairs, map(nodes.__getitem__, found_at))))
     starts = list(map(_start_of, found_attrs))
@@ -108,7 +152,7 @@ def _lower(graph: Graph, fingerprint: str) -> Plan:
     leaf_at, leaf_attrs = [found_at[k] for k in order], [found_attrs[k] for k in order]
     leaves = list(map(nodes.__getitem__, leaf_at))
     if not leaves:
-        raise GraphError(finalize.id, "nothing to lower: no SUMSQ leaves")
+        raise GraphError(finalize.id, f"nothing to lower: no {leaf_op.name} leaves")
     hidden = finalize.attrs.get("hidden_size")
     chunk, n_full, tail = _uniform_chunking(leaves, leaf_attrs, hidden)
     leaf_kinds = set(map(_leaf_of, leaf_attrs))
@@ -116,30 +160,25 @@ def _lower(graph: Graph, fingerprint: str) -> Plan:
     if len(leaf_kinds) != 1 or len(domains) != 1 or not leaf_kinds <= {"pairwise", "native"}:
         raise GraphError(leaves[0].id, "leaves mix kinds or domains; the compiled plan needs one")
     domain = domains.pop()
-    inputs = _positions(ops, Op.INPUT)
     common: dict[str, Any] = dict(
-        hidden_size=hidden, chunk_size=chunk, n_full=n_full, tail=tail,
-        leaf=leaf_kinds.pop(), fingerprint=fingerprint,
-        casting_mode=finalize.attrs.get("casting_mode", "torch"),
-        offset=float(finalize.attrs.get("offset", 0.0)),
-        residual=bool(inputs and nodes[inputs[0]].attrs.get("residual")),
+        hidden_size=hidden, chunk_size=chunk, n_full=n_full, tail=tail, leaf=leaf_kinds.pop(),
+        adds=(), root=0,
     )
-    total_id = finalize.inputs[1]
-    total_at = graph.index[total_id]
     if domain == "exact":
-        _check_exact(graph, ops, leaves, total_at, n_full * chunk + tail)
-        return Plan(accumulate="exact", merge="exact", **common)
+        _check_exact(graph, ops, leaves, total_at, n_full * chunk + tail, leaf_op)
+        return dict(accumulate="exact", merge="exact", **common)
     slots = dict(zip(leaf_at, range(len(leaf_at))))  # leaf position -> its slot
     if total_at in slots:
-        return Plan(accumulate="float", merge="single" if len(leaves) == 1 else "adds",
-                    root=slots[total_at], **common)
+        common["root"] = slots[total_at]
+        return dict(accumulate="float", merge="single" if len(leaves) == 1 else "adds", **common)
     root = nodes[total_at]
     if root.op is Op.CATSUM and list(root.inputs) == [n.id for n in leaves]:
-        return Plan(accumulate="float", merge="cat", **common)
-    adds, root_slot = _add_levels(graph, ops, slots, total_at)
+        return dict(accumulate="float", merge="cat", **common)
+    adds, root_slot = _add_levels(graph, ops, slots, total_at, within)
+    common.update(adds=adds, root=root_slot)
     if adds == _builder_tree(len(leaves)) and root_slot == len(leaves) + sum(map(len, adds)) - 1:
-        return Plan(accumulate="float", merge="tree", root=root_slot, adds=adds, **common)
-    return Plan(accumulate="float", merge="adds", adds=adds, root=root_slot, **common)
+        return dict(accumulate="float", merge="tree", **common)
+    return dict(accumulate="float", merge="adds", **common)
 
 
 _op_of = operator.attrgetter("op")
@@ -178,7 +217,7 @@ def _uniform_chunking(
 
 
 def _add_levels(
-    graph: Graph, ops: list[Op], slots: dict[int, int], root_at: int
+    graph: Graph, ops: list[Op], slots: dict[int, int], root_at: int, within: frozenset[int] | None = None
 ) -> tuple[tuple[tuple[tuple[int, int, int], ...], ...], int]:
     """The float merge as levels of ``(dst, a, b)`` slot triples (ASAP levels), each
     level in topological order.  One pass: a linear fold has as many levels as ADDs.
@@ -197,7 +236,7 @@ def _add_levels(
              else map(graph.index.__getitem__, graph.topological_order))
     for at in order:
         op = ops[at]
-        if op in skip:
+        if op in skip or (within is not None and at not in within):
             continue
         first, end = offsets[at], offsets[at + 1]
         if op is Op.ACCUMULATE and end - first == 1:
@@ -245,12 +284,14 @@ def _builder_tree(n: int) -> tuple[tuple[tuple[int, int, int], ...], ...]:
     return tuple(levels)
 
 
-def _check_exact(graph: Graph, ops: list[Op], leaves: list[Node], total_at: int, hidden: int) -> None:
+def _check_exact(graph: Graph, ops: list[Op], leaves: list[Node], total_at: int, hidden: int,
+                 leaf_op: Op = Op.SUMSQ) -> None:
     """Whole-row exact sums equal the graph's iff each leaf reaches the root once
     and the row maxima cover the row (the chunking itself was checked)."""
-    scales = {leaf.inputs[1] for leaf in leaves if len(leaf.inputs) == 2}
+    arity = 3 if leaf_op is Op.SUMSQ and leaves[0].attrs.get("centered") else 2
+    scales = {leaf.inputs[-1] for leaf in leaves if len(leaf.inputs) == arity}
     scale = graph.by_id[scales.pop()] if len(scales) == 1 else None
-    if scale is None or scale.op is not Op.SCALE or any(len(leaf.inputs) != 2 for leaf in leaves):
+    if scale is None or scale.op is not Op.SCALE or any(len(leaf.inputs) != arity for leaf in leaves):
         raise GraphError(leaves[0].id, "exact leaves must all read one SCALE node")
     reached = list(dict.fromkeys(_walk(graph, ops, graph.index[scale.inputs[0]], (Op.MAX,), Op.ROWMAX)))
     maxima = [dict(_attr_pairs(graph.nodes[at])) for at in reached]
@@ -261,7 +302,7 @@ def _check_exact(graph: Graph, ops: list[Op], leaves: list[Node], total_at: int,
         first = min(range(len(reached)), key=lambda k: maxima[k]["start"]) if reached else None
         raise GraphError(graph.nodes[reached[first]].id if first is not None else graph.nodes[total_at].id,
                          "the row maxima do not cover the row once", "use executor='reference'")
-    uses = _walk(graph, ops, total_at, (Op.ADD, Op.ACCUMULATE, Op.CATSUM), Op.SUMSQ)
+    uses = _walk(graph, ops, total_at, (Op.ADD, Op.ACCUMULATE, Op.CATSUM), leaf_op)
     if len(set(uses)) != len(leaves) or len(uses) != len(leaves):
         raise GraphError(graph.nodes[total_at].id, "some leaf reaches the total more or less than once")
 

@@ -43,6 +43,11 @@ class Plan:
     casting_mode, offset, residual:
         FINALIZE's casting mode and weight offset, and whether INPUT adds a
         residual (``h = x + r``, then the plan runs on ``h``).
+    norm:
+        ``"rms"`` (RMSNorm: one sum of squares) or ``"layer"`` (LayerNorm: the
+        chunking, leaves and merge above run twice, over ``x`` for the mean and over
+        the squared deviations ``(x - mean)^2`` for the variance; the two DAGs of
+        the graph lowered to this one recipe).
     """
 
     hidden_size: int
@@ -58,6 +63,7 @@ class Plan:
     casting_mode: str = "torch"
     offset: float = 0.0
     residual: bool = False
+    norm: str = "rms"
 
     @property
     def n_chunks(self) -> int:
@@ -75,6 +81,8 @@ class Plan:
         lines: list[str] = []
         if self.residual:
             lines.append("residual: h = x + r in x's dtype over the tile (written out); x := h")
+        if self.norm == "layer":
+            return tuple(lines + self._layer_lines())
         if self.accumulate == "exact":
             lines += [
                 f"square: v = x.to(fp64)**2 over the tile, shape (rows, {d})",
@@ -116,6 +124,40 @@ class Plan:
         ]
         return tuple(lines)
 
+    def _layer_lines(self) -> list[str]:
+        """LayerNorm's steps: the recipe twice (kernels/layer.py has the numerics)."""
+        d = self.hidden_size
+        if self.accumulate == "exact":
+            lines = [
+                "mean rowmax: M = amax(|x.to(fp64)|, -1); (sigma1, sigma2) = kernels.exact_scale(M, D)",
+                "mean sum: (S1, S2) of x.to(fp64) pre-rounded on both grids, over whole rows "
+                "(every addition exact: equal to the graph's merge in any order)",
+                "mean: (S1 + S2) / D correctly rounded to acc (kernels.layer.mean_exact)",
+                f"deviations: d = x.to(acc) - mean over the tile, shape (rows, {d})",
+                "var rowmax: M = amax(d.to(fp64)**2, -1); (sigma1, sigma2) = kernels.exact_scale(M, D)",
+                "var sum: (S1, S2) of d.to(fp64)**2 pre-rounded on both grids, over whole rows",
+                "var: S1 + S2 correctly rounded to acc (kernels.layer.round_pair)",
+            ]
+        else:
+            lines = [f"mean leaves: s = x.to(acc) over the tile, shape (rows, {d}); " + self._leaf_text()]
+            lines += ["mean " + line for line in self._merge_lines()]
+            lines.append("mean: total / D (a tensor divisor)")
+            lines.append(f"deviations: d = x.to(acc) - mean; s = d * d, shape (rows, {d}); "
+                         + self._leaf_text())
+            lines += ["var " + line for line in self._merge_lines()]
+        return lines + [
+            "finalize: den = sqrt(var / D + eps); y = d / den; y *= w.to(acc); y += b.to(acc)",
+            "cast: y.to(x.dtype) into the output tile (skipped when acc is x.dtype)",
+        ]
+
+    def _leaf_text(self) -> str:
+        c, n = self.chunk_size, self.n_full
+        what = "halving" if self.leaf == "pairwise" else "torch.sum"
+        text = f"leaves over {n} chunks of {c}" if n else ""
+        if self.tail:
+            text += (" + " if text else "") + f"a ragged leaf of {self.tail}"
+        return text + f" ({what})"
+
     def _merge_lines(self) -> list[str]:
         n = self.n_chunks
         if self.merge == "single":
@@ -134,7 +176,8 @@ class Plan:
 
     def __str__(self) -> str:
         head = (
-            f"Plan(D={self.hidden_size}, chunk={self.chunk_size}: {self.n_full} full"
+            ("LayerNorm " if self.norm == "layer" else "")
+            + f"Plan(D={self.hidden_size}, chunk={self.chunk_size}: {self.n_full} full"
             + (f" + 1 ragged ({self.tail})" if self.tail else "")
             + f", leaf={self.leaf}, accumulate={self.accumulate}, merge={self.merge}"
             + (f", casting_mode={self.casting_mode}" if self.casting_mode != "torch" else "")

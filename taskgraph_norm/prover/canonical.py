@@ -15,14 +15,16 @@ understand sets :attr:`Reading.problem`: the prover then refuses to certify.
 
 This module is the reader's face; the pieces live in :mod:`.readers` (one node:
 its attributes, operand kinds and per-op reader), :mod:`.conclusions`
-(:func:`read_graph` and the float / exact / standard conclusions) and
+(:func:`read_graph` and the float / exact / standard conclusions), :mod:`.layer`
+(LayerNorm's two reductions; its :func:`~.layer.read_any` is this module's
+``read_graph``) and
 :mod:`.placement` (whether a distributed graph's bits depend on the world size).
 """
 
 from __future__ import annotations
 
 from .conclusions import Reading as Reading
-from .conclusions import read_graph as read_graph
+from .layer import read_any as read_graph
 from .placement import ASSUME_COLLECTIVES as ASSUME_COLLECTIVES
 from .placement import read_placement as read_placement
 from .readers import DEPENDENCIES as DEPENDENCIES

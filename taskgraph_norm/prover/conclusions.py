@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import operator
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from ..graph import Graph, Node, Op
@@ -77,6 +77,7 @@ class Reading:
     problem: str | None = None
     exact: bool = False
     races: tuple[tuple[str, int], ...] = ()
+    race_in: tuple[str, ...] = ()  # LayerNorm: which reduction each race is in ("mean", "variance")
     assumptions: tuple[str, ...] = ()
     why_deterministic: tuple[str, ...] = ()
     row_local: tuple[str, ...] = ()
@@ -85,8 +86,11 @@ class Reading:
     annotated: tuple[Node, ...] = ()  # nodes with a depends_on or placement attribute
 
 
-def read_graph(graph: Graph) -> Reading:
+def read_graph(graph: Graph, *, conclude: Callable[[_Facts], Reading | None] | None = None) -> Reading:
     """Read a validated graph.  Never raises for a graph it cannot read: see ``problem``.
+
+    ``conclude``: a conclusion tried before RMSNorm's (it returns None for a graph
+    that is not its kind); :mod:`.layer` passes LayerNorm's.
 
     Linear in the graph and its expression's length: expressions are built as
     shared :class:`~.forms.Form` pieces and rendered once, segments are walked only
@@ -121,7 +125,7 @@ def read_graph(graph: Graph) -> Reading:
     values = Indexed(graph.index, slots)
     exprs = _Expressions(values)
     try:
-        return _conclude(graph, values, tuple(order), exprs, tuple(annotated))
+        return _conclude(graph, values, tuple(order), exprs, tuple(annotated), conclude)
     except Unreadable as exc:
         return Reading(expression="", problem=str(exc), node_expressions=exprs)
 
@@ -145,8 +149,8 @@ class _Facts:
 
 
 def _conclude(graph: Graph, values: Mapping[str, _Value], order: tuple[_Value, ...],
-              exprs: Mapping[str, str],
-              annotated: tuple[Node, ...]) -> Reading:
+              exprs: Mapping[str, str], annotated: tuple[Node, ...],
+              conclude: Callable[[_Facts], Reading | None] | None = None) -> Reading:
     declaring = [n for n in annotated if "depends_on" in n.attrs]
     deps = tuple(sorted({d for n in declaring for d in _as_tuple(n.attrs["depends_on"])}))
     facts = _Facts(
@@ -163,6 +167,10 @@ def _conclude(graph: Graph, values: Mapping[str, _Value], order: tuple[_Value, .
         ),
         annotated=annotated,
     )
+    if conclude is not None:
+        found = conclude(facts)
+        if found is not None:
+            return found
     last = _node(graph, _node(graph, graph.output).inputs[0])
     if last.op is Op.RMSNORM:
         return _conclude_standard(facts, last)

@@ -55,6 +55,9 @@ class Proof:
     grouping_witness:
         For a float weight-gradient graph: two groupings of the same rows whose
         gradients differ (searched for on first access).
+    refuted_in:
+        For a LayerNorm graph's refutation: the reduction whose race it refutes
+        (``"mean"`` or ``"variance"``); empty otherwise.
     """
 
     deterministic: bool
@@ -68,6 +71,7 @@ class Proof:
     world_size_invariant: bool | None = None
     why_world_size_invariant: tuple[str, ...] = ()
     micro_batch_invariant: bool | None = None
+    refuted_in: str = ""
     # The witness searches, run on first access; never compared, hashed or printed.
     _witness: WitnessSearch | None = field(default=None, repr=False, compare=False)
     _grouping: GroupingSearch | None = field(default=None, repr=False, compare=False)
@@ -91,7 +95,7 @@ class Proof:
     def summary(self) -> str:
         """A few words for a table cell: ``"certified (structure)"``, ``"refuted"``..."""
         if self.rule == "refuted":
-            return "refuted (witness)"
+            return f"refuted (witness, {self.refuted_in})" if self.refuted_in else "refuted (witness)"
         if self.rule == "unknown":
             return "not certified (unknown)"
         if self.certified:
@@ -121,7 +125,8 @@ class Proof:
                        + (", micro-batch and world-size invariant" if self.certified
                           else ", NOT micro-batch or world-size invariant"))
         elif self.rule == "refuted":
-            verdict = "REFUTED: not deterministic"
+            verdict = "REFUTED: not deterministic" + (
+                f" (a race in the {self.refuted_in}'s reduction)" if self.refuted_in else "")
         elif self.rule == "unknown":
             verdict = "NOT CERTIFIED: the prover cannot read this graph"
         elif self.certified:

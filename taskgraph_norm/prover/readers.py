@@ -27,15 +27,18 @@ PLACEMENTS: tuple[str, ...] = ("replicated", "sharded", "all_reduce")
 #: Attributes each op may carry; ``index`` and ``level`` are labels no executor reads.
 _KNOWN_ATTRS: Mapping[Op, frozenset[str]] = {
     Op.INPUT: frozenset({"residual"}),
-    Op.SUMSQ: frozenset({"start", "stop", "leaf", "index", "domain"}),
+    Op.SUMSQ: frozenset({"start", "stop", "leaf", "index", "domain", "centered"}),
+    Op.SUM: frozenset({"start", "stop", "leaf", "index", "domain"}),
+    Op.MEAN: frozenset({"hidden_size", "domain"}),
     Op.ADD: frozenset({"level"}),
     Op.ACCUMULATE: frozenset(),
     Op.CATSUM: frozenset(),
-    Op.ROWMAX: frozenset({"start", "stop", "index"}),
+    Op.ROWMAX: frozenset({"start", "stop", "index", "power", "centered"}),
     Op.MAX: frozenset({"level"}),
     Op.SCALE: frozenset({"hidden_size"}),
     Op.RMSNORM: frozenset({"hidden_size"}),
-    Op.FINALIZE: frozenset({"hidden_size", "domain", "casting_mode", "offset"}),
+    Op.LAYERNORM: frozenset({"hidden_size"}),
+    Op.FINALIZE: frozenset({"hidden_size", "domain", "casting_mode", "offset", "norm"}),
     Op.OUTPUT: frozenset(),
 }
 
@@ -48,18 +51,32 @@ _OPERAND_KINDS: Mapping[Op, tuple[str, ...]] = {
     Op.MAX: ("max", "max"),
     Op.SCALE: ("max",),
     Op.RMSNORM: ("x",),
+    Op.LAYERNORM: ("x",),
+    Op.MEAN: ("sum",),
     Op.FINALIZE: ("x", "partial"),
     Op.OUTPUT: ("y",),
 }
+
+#: The operand kinds of the ops whose count varies with their attributes (the
+#: reader of each checks the count): SUM exact, ROWMAX centered, LayerNorm's FINALIZE.
+_WIDEST: Mapping[Op, tuple[str, ...]] = {
+    Op.SUM: ("x", "scale"),
+    Op.ROWMAX: ("x", "mean"),
+    Op.FINALIZE: ("x", "partial", "mean"),
+}
+
+#: The kinds of partial sums: RMSNorm's and the variance's sums of squares
+#: (``partial``) and the mean's sums of ``x`` (``sum``); a merge takes one kind.
+_PARTIAL_KINDS = frozenset({"partial", "sum"})
 
 #: The operand kinds of a node of one or two operands, for the inline check.
 _EXPECTED: Mapping[Op, tuple[str, ...]] = {
     op: (kinds[0][:-1],) * 2 if kinds[0].endswith("*") else kinds
     for op, kinds in _OPERAND_KINDS.items()
-} | {Op.SUMSQ: ("x", "scale")}
+} | {Op.SUMSQ: ("x", "scale"), Op.SUM: ("x", "scale"), Op.ROWMAX: ("x", "mean")}
 
 #: Ops whose result is a partial sum; their dependence marks live in the expression.
-PARTIAL_OPS = frozenset({Op.SUMSQ, Op.ADD, Op.ACCUMULATE, Op.CATSUM})
+PARTIAL_OPS = frozenset({Op.SUMSQ, Op.SUM, Op.ADD, Op.ACCUMULATE, Op.CATSUM})
 
 
 _pairs_of = operator.attrgetter("attrs.pairs")  # Node always stores an Attrs
@@ -120,7 +137,15 @@ def _read_rowmax(node: Node, attrs: dict[str, object], args: list[_Value], mark:
     start, stop = attrs.get("start"), attrs.get("stop")
     if not (type(start) is int and type(stop) is int and 0 <= start < stop):
         start, stop = _bounds(node, attrs)  # says what is wrong
-    return _Value("max", f"m[{start}:{stop}]{mark}", (start, stop))
+    name = "m"
+    if len(attrs) > 3 or len(args) != 1:  # LayerNorm's: of |x| (power=1) or (x - mean)^2 (centered)
+        centered, power = _flag(node, attrs, "centered"), attrs.get("power", 2)
+        if isinstance(power, bool) or power not in (1, 2) or (centered and power != 2):
+            raise Unreadable(f"node {node.id!r}: power={power!r} is not 1 or 2 (2 when centered)")
+        if len(args) != 1 + centered:
+            raise Unreadable(f"node {node.id!r}: ROWMAX takes (x, mean) when centered, else (x,)")
+        name = "md" if centered else "mx" if power == 1 else "m"
+    return _Value("max", f"{name}[{start}:{stop}]{mark}", (start, stop))
 
 
 def _read_max(node: Node, attrs: dict[str, object], args: list[_Value], mark: str,
@@ -144,8 +169,27 @@ def _read_rmsnorm(node: Node, attrs: dict[str, object], args: list[_Value], mark
 def _read_finalize(node: Node, attrs: dict[str, object], args: list[_Value], mark: str,
                    limit: int) -> _Value:
     _int_attr(node, attrs, "hidden_size", minimum=1)
-    semantics(node)
+    norm = attrs.get("norm", "rms")
+    if norm not in ("rms", "layer") or len(args) != (3 if norm == "layer" else 2):
+        raise Unreadable(f"node {node.id!r}: norm={norm!r} with {len(args)} operands is not "
+                          "'rms' with (x, total) or 'layer' with (x, total, mean)")
+    if semantics(node) and norm == "layer":
+        raise Unreadable(f"node {node.id!r}: LayerNorm's FINALIZE takes no casting_mode or offset")
     return _Value("y", args[1].expr, operands=(args[1],), scales=args[1].scales)
+
+
+def _read_mean(node: Node, attrs: dict[str, object], args: list[_Value], mark: str,
+               limit: int) -> _Value:
+    _int_attr(node, attrs, "hidden_size", minimum=1)
+    if attrs.get("domain", "float") not in ("float", "exact"):
+        raise Unreadable(f"node {node.id!r}: domain={attrs['domain']!r} is not 'float' or 'exact'")
+    return _Value("mean", form(("mean(", args[0].expr, ")" + mark)), operands=(args[0],),
+                  scales=args[0].scales)
+
+
+def _read_layernorm(node: Node, attrs: dict[str, object], args: list[_Value], mark: str,
+                    limit: int) -> _Value:
+    return _Value("y", f"layer_norm(x[0:{_int_attr(node, attrs, 'hidden_size', minimum=1)}]){mark}")
 
 
 def _read_output(node: Node, attrs: dict[str, object], args: list[_Value], mark: str,
@@ -189,9 +233,17 @@ def semantics(node: Node) -> tuple[str, ...]:
 
 
 def _check_operands(node: Node, args: list[_Value]) -> None:
-    spec = _OPERAND_KINDS.get(node.op, ())
+    spec = _WIDEST.get(node.op) or _OPERAND_KINDS.get(node.op, ())
     if node.op is Op.SUMSQ:
-        spec = ("x", "scale")
+        spec = ("x", "mean", "scale") if node.attrs.get("centered") else ("x", "scale")
+    elif spec and spec[0].startswith("partial"):  # a merge: one kind of partial sum
+        kinds = {arg.kind for arg in args}
+        if len(kinds) == 1 and kinds <= _PARTIAL_KINDS:
+            return
+        if kinds <= _PARTIAL_KINDS:
+            raise Unreadable(f"node {node.id!r} ({node.op.name}) merges sums of x with sums "
+                              "of squares")
+        spec = ("partial",) * len(args)
     elif spec and spec[0].endswith("*"):
         every = spec[0][:-1]
         if all(arg.kind == every for arg in args):
@@ -231,6 +283,9 @@ def dependence_mark(node: Node) -> str:
 
 def _read_sumsq(node: Node, attrs: dict[str, object], args: list[_Value], mark: str,
                 limit: int) -> _Value:
+    """SUMSQ (``s``/``n``/``q``), its centered form (``sd``/``nd``/``qd``: LayerNorm's
+    variance, operands ``(x, mean[, scale])``) and SUM (``sx``/``nx``/``qx``: the
+    mean's leaves, a ``sum`` value)."""
     start, stop = attrs.get("start"), attrs.get("stop")
     if not (type(start) is int and type(stop) is int and 0 <= start < stop):
         start, stop = _bounds(node, attrs)  # says what is wrong
@@ -239,21 +294,33 @@ def _read_sumsq(node: Node, attrs: dict[str, object], args: list[_Value], mark: 
     if leaf not in ("pairwise", "native") or domain not in ("float", "exact"):
         raise Unreadable(f"node {node.id!r}: leaf={leaf!r}, domain={domain!r} are not "
                           "('pairwise' | 'native', 'float' | 'exact')")
-    if (domain == "exact") != (len(args) == 2):
-        raise Unreadable(f"node {node.id!r}: an exact leaf takes (x, scale), a float "
-                          "leaf takes (x,) only")
+    centered = len(attrs) > 5 and _flag(node, attrs, "centered")  # builders' RMSNorm leaves have 5
+    reads = 2 if centered else 1
+    if len(args) != reads + (domain == "exact") or (centered and args[1].kind != "mean"):
+        want = "(x, mean" if centered else "(x"
+        raise Unreadable(f"node {node.id!r}: an exact leaf takes {want}, scale), a float "
+                          f"leaf takes {want}) only")
+    kind, suffix = ("sum", "x") if node.op is Op.SUM else ("partial", "d" if centered else "")
     if domain == "exact":
-        return _Value("partial", f"q[{start}:{stop}]{mark}", (start, stop),
-                      scales=args[1].scales)
+        return _Value(kind, f"q{suffix}[{start}:{stop}]{mark}", (start, stop),
+                      scales=args[-1].scales)
     name = "s" if leaf == "pairwise" else "n"
-    return _Value("partial", f"{name}[{start}:{stop}]{mark}", (start, stop))
+    return _Value(kind, f"{name}{suffix}[{start}:{stop}]{mark}", (start, stop))
+
+
+def _flag(node: Node, attrs: dict[str, object], name: str) -> bool:
+    value = attrs.get(name, False)
+    if value is not True and value is not False:
+        raise Unreadable(f"node {node.id!r}: {name}={value!r} is not True or False")
+    return value
 
 
 _READERS = {
     Op.INPUT: _read_input, Op.SUMSQ: _read_sumsq, Op.ADD: _read_add,
     Op.ACCUMULATE: _read_accumulate, Op.CATSUM: _read_catsum, Op.ROWMAX: _read_rowmax,
     Op.MAX: _read_max, Op.SCALE: _read_scale, Op.RMSNORM: _read_rmsnorm,
-    Op.FINALIZE: _read_finalize, Op.OUTPUT: _read_output,
+    Op.FINALIZE: _read_finalize, Op.OUTPUT: _read_output, Op.SUM: _read_sumsq,
+    Op.MEAN: _read_mean, Op.LAYERNORM: _read_layernorm,
 }
 
 
@@ -265,7 +332,7 @@ def _merge(expr: Text, args: list[_Value], limit: int) -> _Value:
         if a.scales is not scales:  # usually one shared set (or none)
             scales = frozenset().union(*(a.scales for a in args))
             break
-    return _Value("partial", expr, operands=tuple(args), scales=scales)
+    return _Value(args[0].kind, expr, operands=tuple(args), scales=scales)
 
 
 def _bounds(node: Node, attrs: dict[str, object]) -> tuple[int, int]:

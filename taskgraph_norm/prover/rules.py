@@ -170,11 +170,13 @@ def _prove_weight_grad(graph: Graph) -> Proof:
 
 def _refute(graph: Graph, reading: Reading, fingerprint: str, witness_dtype: str) -> Proof:
     node_id, count = reading.races[0]
+    where = reading.race_in[0] if reading.race_in else ""
     why: tuple[str, ...] = (
         f"ACCUMULATE {_node_expr(reading, node_id)} adds {count} inexact partials in arrival "
-        "order; float addition is not associative, so different arrival orders round "
-        "differently",
-    )
+        "order" + (f", in the {where}'s reduction" if where else "") + "; float addition is not "
+        "associative, so different arrival orders round differently",
+    ) + tuple(f"the {other}'s reduction races too (ACCUMULATE {_node_expr(reading, node)})"
+              for (node, _), other in zip(reading.races[1:], reading.race_in[1:]))
     if _same_operands(graph, reading, node_id):
         # Every arrival order adds the same values in the same sequence: no input can
         # tell two orders apart, so there is no witness to search for.
@@ -194,6 +196,7 @@ def _refute(graph: Graph, reading: Reading, fingerprint: str, witness_dtype: str
         assumptions=reading.assumptions,
         why_deterministic=why,
         why_batch_invariant=("a graph that is not deterministic cannot be batch-invariant",),
+        refuted_in=where,
         _witness=search,
     )
 

@@ -167,16 +167,17 @@ class Witness:
         keys = ("hidden_size", "chunk_size", "topology", "leaf", "accumulate")
         if any(k not in meta for k in keys):
             return None
-        from ..topologies import build_graph
+        from ..topologies import build_graph, build_layer_graph
 
         args = {k: meta[k] for k in keys[1:]}
+        layer = meta.get("norm") == "layer"
         try:
-            rebuilt = build_graph(meta["hidden_size"], **args)
+            rebuilt = (build_layer_graph if layer else build_graph)(meta["hidden_size"], **args)
         except (ConfigError, TypeError):
             return None
         if rebuilt != self.graph:
             return None
-        build = f"tgn.build_graph({meta['hidden_size']!r}, " + ", ".join(
+        build = ("tgn.topologies.build_layer_graph(" if layer else "tgn.build_graph(") + f"{meta['hidden_size']!r}, " + ", ".join(
             f"{k}={v!r}" for k, v in args.items()
         ) + ")"
         recipe = (

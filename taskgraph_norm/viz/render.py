@@ -118,6 +118,8 @@ _BOXSTYLE = {
     "finalize": "round,pad=0.3,rounding_size=0.15",
     "opaque": "square,pad=0.4",
     "rowleaf": "square,pad=0.3",
+    "sumleaf": "square,pad=0.3",
+    "mean": "round,pad=0.3,rounding_size=0.15",
     "exactmerge": "roundtooth,pad=0.3",
     "round": "round,pad=0.3,rounding_size=0.15",
 }

@@ -61,6 +61,8 @@ KIND_OF_OP: Mapping[Op, str] = {
     Op.INPUT: "io",
     Op.OUTPUT: "io",
     Op.SUMSQ: "leaf",
+    Op.SUM: "sumleaf",
+    Op.MEAN: "mean",
     Op.ADD: "merge",
     Op.ACCUMULATE: "race",
     Op.CATSUM: "catsum",
@@ -69,6 +71,7 @@ KIND_OF_OP: Mapping[Op, str] = {
     Op.SCALE: "exact",
     Op.FINALIZE: "finalize",
     Op.RMSNORM: "opaque",
+    Op.LAYERNORM: "opaque",
     Op.ROWSUM: "rowleaf",
     Op.ROUND: "round",
 }
@@ -76,6 +79,8 @@ KIND_OF_OP: Mapping[Op, str] = {
 KIND_STYLE: Mapping[str, KindStyle] = {
     "io": KindStyle("#eeeeee", "#666666", "oval", "input / output"),
     "leaf": KindStyle("#cfe2f3", "#3d85c6", "box", "SUMSQ leaf (chunk sum of squares)"),
+    "sumleaf": KindStyle("#d0e0e3", "#45818e", "box", "SUM leaf (LayerNorm: chunk sum of x)"),
+    "mean": KindStyle("#fce5cd", "#b45f06", "box", "MEAN: total / D (LayerNorm)"),
     "merge": KindStyle("#d9ead3", "#38761d", "ellipse", "ADD: ordered merge (0 + 1)"),
     "race": KindStyle("#f4cccc", "#990000", "doubleoctagon", "ACCUMULATE: arrival-order merge"),
     "catsum": KindStyle("#fff2cc", "#bf9000", "invtrapezium", "CATSUM: sum(cat(parts)), backend order"),
@@ -159,12 +164,16 @@ def _node_lines(node: Node, race_note: bool, caption_leaf: str | None) -> tuple[
     lines = [node.id, node.op.name]
     if node.op is Op.ROWSUM:
         lines.append(f"rows {_chunk_text(node)}")
-    elif node.op in (Op.SUMSQ, Op.ROWMAX):
+    elif node.op in (Op.SUMSQ, Op.ROWMAX, Op.SUM):
         # The leaf kind is in the caption (graph.meta); name it per node only
         # where a hand-edited node differs from it.
         detail = _chunk_text(node)
-        if node.op is Op.SUMSQ and node.attrs.get("leaf", caption_leaf) != caption_leaf:
+        if node.op is not Op.ROWMAX and node.attrs.get("leaf", caption_leaf) != caption_leaf:
             detail = f"{detail} {node.attrs['leaf']}".strip()
+        if node.attrs.get("centered"):
+            detail += " (x-mean)^2"
+        elif node.attrs.get("power") == 1:
+            detail += " |x|"
         if detail:
             lines.append(detail)
     elif node.op is Op.ACCUMULATE:
@@ -174,6 +183,8 @@ def _node_lines(node: Node, race_note: bool, caption_leaf: str | None) -> tuple[
     elif node.op is Op.FINALIZE and ("casting_mode" in node.attrs or "offset" in node.attrs):
         mode, offset = node.attrs.get("casting_mode", "torch"), node.attrs.get("offset", 0.0)
         lines.append(mode + (f", w+{offset:g}" if offset else ""))
+    elif node.op is Op.FINALIZE and node.attrs.get("norm") == "layer":
+        lines.append("(x-mean)/sqrt(var+eps)*w+b")
     elif node.op is Op.INPUT and node.attrs.get("residual"):
         lines.append("h = x + residual")
     if race_note:
@@ -185,7 +196,7 @@ def _label(consumer: Node | None, positions: Sequence[int], count: int) -> str:
     """Edge label naming operand positions; blank where order cannot be misread: a
     single operand, or an exact-mode leaf's ``(x, scale)``, whose roles differ in
     kind (those labels would crowd every leaf; the DOT ``position`` still says it)."""
-    if consumer is not None and (len(consumer.inputs) < 2 or consumer.op is Op.SUMSQ):
+    if consumer is not None and (len(consumer.inputs) < 2 or consumer.op in (Op.SUMSQ, Op.SUM, Op.ROWMAX)):
         return ""
     text = positions_text(positions)
     return text if count == 1 else f"{text} \u00d7{count}"
@@ -279,23 +290,30 @@ def _kind(graph: Graph, node: Node) -> str:
     return KIND_OF_OP[node.op]
 
 
+def _reduction(node: Node) -> str:
+    """``"mean "`` or ``"var "`` for a node of one of LayerNorm's two DAGs (their ids
+    start so), else ``""``: collapsed boxes never mix the two reductions."""
+    head = node.id.split(".", 1)[0]
+    return head + " " if head in ("mean", "var") and "." in node.id else ""
+
+
 def _group_key(node: Node) -> str:
     level = node.attrs.get("level")
-    return node.op.name if level is None else f"{node.op.name}.{level}"
+    return _reduction(node) + (node.op.name if level is None else f"{node.op.name}.{level}")
 
 
 def _group_lines(members: Sequence[Node]) -> tuple[str, ...]:
     first = members[0]
     level = first.attrs.get("level")
-    head = first.op.name if level is None else f"{first.op.name} level {level}"
+    head = _reduction(first) + (first.op.name if level is None else f"{first.op.name} level {level}")
     lines = [f"{head} \u00d7{len(members)}" if len(members) > 1 else head]
     if len(members) == 1:
         lines.insert(0, first.id)
-    if first.op in (Op.SUMSQ, Op.ROWMAX, Op.ROWSUM):
+    if first.op in (Op.SUMSQ, Op.ROWMAX, Op.ROWSUM, Op.SUM):
         widths = sorted({n.attrs.get("stop", 0) - n.attrs.get("start", 0) for n in members})
         if widths:
             lines.append("width " + "/".join(str(w) for w in widths[::-1][:2]))
-        if first.op is Op.SUMSQ and "leaf" in first.attrs:
+        if first.op in (Op.SUMSQ, Op.SUM) and "leaf" in first.attrs:
             lines.append(str(first.attrs["leaf"]))
     elif first.op in (Op.ACCUMULATE, Op.CATSUM):
         lines.append(f"{len(first.inputs)} parts" + (", arrival order" if first.op is Op.ACCUMULATE else ""))
@@ -342,7 +360,7 @@ def _collapsed_scene(graph: Graph, rank: Mapping[str, int], blamed: Sequence[str
 def should_collapse(graph: Graph, threshold: int = COLLAPSE_THRESHOLD) -> bool:
     """True when :func:`build_scene` collapses ``graph`` by default (see
     :data:`COLLAPSE_THRESHOLD`)."""
-    leaves = sum(1 for n in graph.nodes if n.op is Op.SUMSQ or n.op is Op.ROWSUM)
+    leaves = sum(1 for n in graph.nodes if n.op is Op.SUMSQ or n.op is Op.ROWSUM or n.op is Op.SUM)
     return leaves > threshold or len(graph) > 6 * threshold
 
 

@@ -54,10 +54,10 @@ def scene_to_dot(scene: Scene, *, dpi: int | None = None) -> str:
     out += [_dot_box(b) for b in scene.boxes]
     # Keep all chunk leaves on one row in chunk order; otherwise dot sinks later
     # leaves of a linear fold down next to the merge that uses them.
-    for kind in ("leaf", "exact", "rowleaf"):
+    for kind in ("leaf", "sumleaf", "exact", "rowleaf"):
         by_rank: dict[int, list[str]] = {}
         for b in scene.boxes:
-            if b.kind == kind and b.op.name in ("SUMSQ", "ROWMAX", "ROWSUM"):
+            if b.kind == kind and b.op.name in ("SUMSQ", "ROWMAX", "ROWSUM", "SUM"):
                 by_rank.setdefault(b.rank, []).append(_dot_str(b.key))
         for row in by_rank.values():
             if len(row) > 1:
@@ -146,6 +146,8 @@ _MERMAID_SHAPE = {
     "finalize": ("[", "]"),
     "opaque": ("[(", ")]"),
     "rowleaf": ("[", "]"),
+    "sumleaf": ("[", "]"),
+    "mean": ("[", "]"),
     "exactmerge": ("[[", "]]"),
     "round": ("[", "]"),
 }

@@ -1,4 +1,5 @@
-"""Builders: RMSNorm merge DAGs for every topology of the original report.
+"""Builders: RMSNorm merge DAGs for every topology of the original report (and,
+in :mod:`.layer`, LayerNorm's two DAGs of the same shape: :func:`build_layer_graph`).
 
 A graph is a function of ``(hidden_size, chunk_size, topology, leaf,
 accumulate)`` -- plus the model-facing semantics ``casting_mode``, ``offset`` and
@@ -25,11 +26,11 @@ import math
 from collections.abc import Sequence
 from itertools import repeat
 
-from . import caches
-from .constants import BACKWARD_ROW_BLOCK as ROW_BLOCK
-from .errors import ConfigError
-from .graph import Attrs, Graph, Node, Op, gc_paused, validate
-from .graph.nodes import make_attrs, make_nodes
+from .. import caches
+from ..constants import BACKWARD_ROW_BLOCK as ROW_BLOCK
+from ..errors import ConfigError
+from ..graph import Attrs, Graph, Node, Op, gc_paused, validate
+from ..graph.nodes import make_attrs, make_nodes
 
 __all__ = [
     "TOPOLOGIES",
@@ -37,6 +38,7 @@ __all__ = [
     "ACCUMULATES",
     "CASTING_MODES",
     "build_graph",
+    "build_layer_graph",
     "build_input_grad_graph",
     "build_weight_grad_graph",
     "check_semantics",
@@ -372,3 +374,7 @@ def _build_weight_grad(rows: int, weight_grad: str, row_block: int, calls: tuple
     return validate(Graph(nodes, "dw", meta))
 
 caches.register(_build_weight_grad.cache_clear)
+
+
+# LayerNorm's two merge DAGs (topologies/layer.py; imported last: it uses the above).
+from .layer import build_layer_graph as build_layer_graph  # noqa: E402
