@@ -46,11 +46,13 @@ class Finish:
 
 
 def _weight_for(weight: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
-    # y * w.to(acc): a narrower weight multiplies exactly in acc as it is; a wider
-    # one must be rounded to acc first, or the product would be computed wider.
-    if weight.dtype == acc or weight.dtype in (torch.float16, torch.bfloat16):
+    # y * w.to(acc): a bf16 weight multiplies exactly in acc as it is; a wider one must
+    # be rounded to acc first, or the product would be computed wider; an fp16 one is
+    # widened once here (kernels.widen: torch's mixed product would widen its NaNs by
+    # position).
+    if weight.dtype == acc or weight.dtype == torch.bfloat16:
         return weight
-    return weight.to(acc)
+    return kernels.widen(weight, acc)
 
 
 def _llama_flags(x_dtype: torch.dtype, product: torch.dtype) -> int | None:
@@ -145,12 +147,12 @@ def finalize_tile(
         torch.div(xt, rms, out=y)
     else:
         if not x_in_ybuf or y is not v.ybuf:
-            y.copy_(xt)
+            kernels.widen_into(y, xt)
         y.div_(rms)
     if fin.llama:
         assert fin.weight is not None
         # (x / rms).to(x.dtype), then the product in the promoted dtype.
-        torch.mul(y.to(xt.dtype).to(yt.dtype), fin.weight, out=yt)
+        kernels.bf16_nans(torch.mul(kernels.widen(y.to(xt.dtype), yt.dtype), fin.weight, out=yt))
         return
     if fin.weight is not None:
         y.mul_(fin.weight)
