@@ -24,6 +24,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "native_half.h"
 #include "native_quotient.h"
 #include "tgn_native.h"
 
@@ -36,53 +37,6 @@
  * narrow input and output; a longer row gets one row of malloc'd scratch. */
 #define SCRATCH 4096
 #define MAX_STEP 256 /* rows per step at most (short rows) */
-
-static inline float f32_of(uint32_t u)
-{
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-static inline uint32_t bits_of(float f)
-{
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    return u;
-}
-
-/* --- the scalar conversions (c10's: BFloat16.h, Half.h) ---------------------------- */
-
-static inline float bf16_to_f32(uint16_t b) { return f32_of((uint32_t)b << 16); }
-
-/* round to nearest even (a NaN may come out as anything: the caller checks for NaN) */
-static inline uint16_t f32_to_bf16(float f)
-{
-    uint32_t u = bits_of(f);
-    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-}
-
-static inline float f16_to_f32(uint16_t h)
-{
-    const uint32_t w = (uint32_t)h << 16, sign = w & 0x80000000u, two_w = w + w;
-    const float normal = f32_of((two_w >> 4) + (UINT32_C(0xE0) << 23)) * 0x1.0p-112f;
-    const float subnormal = f32_of((two_w >> 17) | (UINT32_C(126) << 23)) - 0.5f;
-    return f32_of(sign | (two_w < (UINT32_C(1) << 27) ? bits_of(subnormal) : bits_of(normal)));
-}
-
-/* round to nearest even, subnormals and overflow to infinity included */
-static inline uint16_t f32_to_f16(float f)
-{
-    float base = (__builtin_fabsf(f) * 0x1.0p+112f) * 0x1.0p-110f;
-    const uint32_t w = bits_of(f), shl1_w = w + w, sign = w & 0x80000000u;
-    uint32_t bias = shl1_w & 0xFF000000u;
-    if (bias < 0x71000000u)
-        bias = 0x71000000u;
-    base = f32_of((bias >> 1) + 0x07800000u) + base;
-    const uint32_t bits = bits_of(base);
-    const uint32_t nonsign = ((bits >> 13) & 0x7C00u) + (bits & 0x0FFFu);
-    return (uint16_t)((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
-}
 
 /* --- rows ------------------------------------------------------------------------- */
 
@@ -119,9 +73,15 @@ static inline __m256i round_narrow(__m512 v, int64_t code)
 }
 #endif
 
-static inline float widen1(const uint16_t *p, int64_t code) { return code == TGN_DTYPE_BF16 ? bf16_to_f32(*p) : f16_to_f32(*p); }
+static inline float widen1(const uint16_t *p, int64_t code)
+{
+    return code == TGN_DTYPE_BF16 ? tgn_bf16_to_f32(*p) : tgn_f16_to_f32(*p);
+}
 
-static inline uint16_t narrow1(float f, int64_t code) { return code == TGN_DTYPE_BF16 ? f32_to_bf16(f) : f32_to_f16(f); }
+static inline uint16_t narrow1(float f, int64_t code)
+{
+    return code == TGN_DTYPE_BF16 ? tgn_f32_to_bf16(f) : tgn_f32_to_f16(f);
+}
 
 /* s = x.to(fp32), n values */
 static void widen(const uint16_t *x, int64_t code, float *s, int64_t n)
