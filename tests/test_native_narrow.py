@@ -178,6 +178,28 @@ def test_llama_rounds_fp16_rows_as_torch(monkeypatch: pytest.MonkeyPatch) -> Non
     assert bits_equal(got[:-8], sub.half().float() * w32) and plain.dtype == torch.float16
 
 
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+def test_rows_with_zeros_and_tiny_values(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype) -> None:
+    """The quotient skips its per-vector range check on rows with no tiny value (every
+    fp16 row; native_quotient.h's tgn_q_vec_ranged): -0 keeps its sign there; a bf16 row
+    with a value below 2^-50 keeps the check (its scratch step tells)."""
+    taken = spy_direct_calls(monkeypatch)
+    edge = torch.tensor([0x2680, 0x267F, 0x0001, 0x2681], dtype=torch.int16).view(torch.bfloat16).to(dtype)
+    for hidden in (48, 1024, 5000):
+        x = _rows(6, hidden, dtype, hidden)[5:].repeat(6, 1)
+        x[:, ::7] = -0.0
+        x[:, 1::7] = 0.0
+        for i, value in enumerate(edge.tolist()):
+            x[i + 1, 3::11] = value  # one kind of small value per row; row 0 has none
+        w = _weight(hidden, dtype)
+        for rows in (x, x[:1], x[1:2], x[2:3]):
+            for options in (dict(), dict(casting_mode="llama"), dict(accumulate="exact", offset=1.0)):
+                got = tgn.normalize_sync(rows, w, **options)  # type: ignore[arg-type]
+                assert taken[-1] is True
+                assert _same(got, _general(rows, w, **options)), (hidden, options)
+        assert bool((tgn.normalize_sync(x[:1], w).view(torch.int16) == -0x8000).any())  # -0 kept
+
+
 def test_a_training_forward_keeps_the_rms_of_the_general_path(threads: int) -> None:
     """The grad-enabled forward asks the direct call for each row's rms too."""
     for dtype, accumulate in itertools.product(HALF, ("float", "exact")):
