@@ -45,7 +45,7 @@ SOURCES = [f"{CSRC}/{name}.c"
 CONSTANTS = "taskgraph_norm/constants.py"
 #: Generated from CONSTANTS by BuildExt (.gitignore'd).
 CONSTANTS_HEADER = f"{CSRC}/tgn_constants.h"
-DEPENDS = [f"{CSRC}/native_quotient.h", f"{CSRC}/tgn_native.h", CONSTANTS_HEADER, CONSTANTS]
+DEPENDS = [f"{CSRC}/native_half.h", f"{CSRC}/native_quotient.h", f"{CSRC}/tgn_native.h", CONSTANTS_HEADER, CONSTANTS]
 # Keep the C expressions as written (see native.c): no contraction into fmas, no
 # fast-math; -O3 comes after Python's own -O2.
 FLAGS = ["-O3", "-ffp-contract=off", "-fno-fast-math", "-Wno-psabi", "-pthread"]

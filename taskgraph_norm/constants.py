@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Final
 
-NATIVE_ABI: Final = 18
+NATIVE_ABI: Final = 19
 """The version of the native extension's entry points (``tgn_native.h``'s prototypes
 and ``native_module.c``'s functions that wrap them: their names, arguments and
 meaning, and the values below).  The loader refuses a build that reports another, so
@@ -72,11 +72,16 @@ EXACT_DW_TILE: Final = 32
 takes a multiple of it."""
 
 ROUND_QUOTIENT: Final = 1
-"""FINALIZE flag (``casting_mode="llama"`` on bf16 rows): round the quotient
-``x / rms`` to bf16 before the weight."""
+"""FINALIZE flag (``casting_mode="llama"`` on bf16 or fp16 rows): round the quotient
+``x / rms`` to the row's dtype (bf16, or fp16 with :data:`ROUND_F16`) before the weight."""
 
 ROUND_PRODUCT: Final = 2
-"""FINALIZE flag (llama, bf16 weight): round the product with the weight to bf16 too."""
+"""FINALIZE flag (llama, a weight of the row's dtype): round the product with the weight
+to that dtype too."""
+
+ROUND_F16: Final = 16
+"""FINALIZE flag, with :data:`ROUND_QUOTIENT`: llama's roundings are to fp16 (fp16
+rows), not bf16."""
 
 TOTAL_AS_RMS: Final = 4
 """Float rows' flag: after FINALIZE the kernel leaves each row's rms, not its total,

@@ -3,7 +3,7 @@ in C, the fp32 row kernels, rounded back.  Its bits must be the general path's (
 torch ops, which the reference and the golden hashes pin) for every casting mode,
 offset, weight dtype, residual, plan and thread split; it must really be taken where
 it can give those bits, and leave to the general path what it cannot (NaN results,
-llama's fp16 roundings, fp64); and the portable build must give the host build's bits."""
+fp64); and the portable build must give the host build's bits."""
 
 from __future__ import annotations
 
@@ -95,8 +95,7 @@ def test_the_direct_path_gives_the_general_paths_bits(
         before = len(taken)
         got = tgn.normalize_sync(x, w, **options)
         assert _same(got, _general(x, w, **options)), (w_dtype, mode, offset, accumulate, residual)
-        fp16_llama = mode == "llama" and w_dtype is not None and dtype == torch.float16  # (rounds to fp16)
-        assert any(taken[before:]) != fp16_llama, (w_dtype, mode, offset, accumulate, residual)
+        assert any(taken[before:]), (w_dtype, mode, offset, accumulate, residual)
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=str)
@@ -106,7 +105,8 @@ def test_out_and_every_plan(dtype: torch.dtype) -> None:
     x = _rows(300, 136, dtype, 3)
     for topology, chunk, accumulate in itertools.product(("tree", "linear"), (64, 10, 7, 256), ("float", "exact")):
         for w_dtype, scale, mode in ((dtype, 1e-6, "torch"), (dtype, 3e4, "torch"), (torch.float32, 1.0, "llama"),
-                                     (torch.bfloat16, 1.0, "llama")):
+                                     (torch.bfloat16, 1.0, "llama"), (dtype, 1e-6, "llama"), (dtype, 3e4, "llama"),
+                                     (torch.float16, 1.0, "llama")):
             w = _weight(136, w_dtype, scale)
             options: dict[str, Any] = dict(topology=topology, chunk_size=chunk, accumulate=accumulate,
                                            casting_mode=mode)
@@ -144,6 +144,60 @@ def test_rows_with_a_nan_or_inf_go_to_the_general_path(monkeypatch: pytest.Monke
     want = _general(x, _weight(64, dtype), residual=r)
     assert _same(tgn.normalize_sync(x, _weight(64, dtype), residual=r), want)
     assert taken[-1] is False and bool(want[1][9, 1].isinf())
+
+
+def test_llama_rounds_fp16_rows_as_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """llama on fp16 rows in C: the quotient rounded to fp16, with an fp16 weight the
+    product too.  With rms exactly 2 (eps 0), every fp16 subnormal's quotient is a tie
+    or exact, and the weights' products round on ties, underflow and overflow."""
+    taken = spy_direct_calls(monkeypatch)
+    subnormals = torch.arange(1, 1024, dtype=torch.int16).view(torch.float16)
+    values = torch.cat([subnormals, -subnormals])
+    d = 64
+    x = torch.zeros(-(-values.numel() // (d - 1)), d, dtype=torch.float16)
+    x.view(-1)[: values.numel()] = values  # then each row's first element makes its rms 2
+    x = torch.cat([torch.zeros(x.shape[0], 1, dtype=torch.float16), x[:, : d - 1]], 1)
+    x[:, 0] = 16.0  # 16^2 / 64 = 4: the other squares are far below its last bit
+    assert bool((x[:, 1:].float().square().sum(1) < 2.0**-12).all())
+    x = torch.cat([x, _rows(9, d, torch.float16, 4)[1:]])  # and normal values (no zero row: eps is 0)
+    r = -0.25 * x.flip(1)
+    for w in (torch.full((d,), 0.75, dtype=torch.float16), torch.linspace(-3e4, 3e4, d).half(),
+              torch.linspace(1e-7, 1e-3, d).half(), torch.linspace(0.5, 1.5, d), torch.linspace(-2, 2, d).bfloat16()):
+        for options in (dict(eps=0.0), dict(eps=1e-6, offset=0.5), dict(eps=0.0, residual=r)):
+            got = tgn.normalize_sync(x, w, casting_mode="llama", **options)  # type: ignore[arg-type]
+            assert taken[-1] is True
+            want = tgn.normalize_sync(x, w, casting_mode="llama", executor="reference", **options)  # type: ignore[arg-type]
+            assert _same(got, want), (w.dtype, options)
+            assert _same(got, _general(x, w, casting_mode="llama", **options)), (w.dtype, options)
+    # negative control: the fp32 quotient (no rounding to fp16) gives other bits
+    w32 = torch.linspace(0.5, 1.5, d)
+    plain = tgn.normalize_sync(x, w32, eps=0.0)  # torch mode: fp16 out of the fp32 product
+    got = tgn.normalize_sync(x, w32, eps=0.0, casting_mode="llama")
+    sub = x[:-8].float() / 2  # rms 2: the quotient is exact in fp32
+    assert got.dtype == torch.float32 and not bits_equal(got[:-8], sub * w32)
+    assert bits_equal(got[:-8], sub.half().float() * w32) and plain.dtype == torch.float16
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+def test_rows_with_zeros_and_tiny_values(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype) -> None:
+    """The quotient skips its per-vector range check on rows with no tiny value (every
+    fp16 row; native_quotient.h's tgn_q_vec_ranged): -0 keeps its sign there; a bf16 row
+    with a value below 2^-50 keeps the check (its scratch step tells)."""
+    taken = spy_direct_calls(monkeypatch)
+    edge = torch.tensor([0x2680, 0x267F, 0x0001, 0x2681], dtype=torch.int16).view(torch.bfloat16).to(dtype)
+    for hidden in (48, 1024, 5000):
+        x = _rows(6, hidden, dtype, hidden)[5:].repeat(6, 1)
+        x[:, ::7] = -0.0
+        x[:, 1::7] = 0.0
+        for i, value in enumerate(edge.tolist()):
+            x[i + 1, 3::11] = value  # one kind of small value per row; row 0 has none
+        w = _weight(hidden, dtype)
+        for rows in (x, x[:1], x[1:2], x[2:3]):
+            for options in (dict(), dict(casting_mode="llama"), dict(accumulate="exact", offset=1.0)):
+                got = tgn.normalize_sync(rows, w, **options)  # type: ignore[arg-type]
+                assert taken[-1] is True
+                assert _same(got, _general(rows, w, **options)), (hidden, options)
+        assert bool((tgn.normalize_sync(x[:1], w).view(torch.int16) == -0x8000).any())  # -0 kept
 
 
 def test_a_training_forward_keeps_the_rms_of_the_general_path(threads: int) -> None:

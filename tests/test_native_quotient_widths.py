@@ -37,6 +37,9 @@ HARNESS = """
 #include "native_quotient.h"
 void q_row(const float *x, float *y, const float *w, float off, int64_t n, float rms)
 { tgn_quotient_row_f32(x, y, w, off, n, rms); }
+void q_row_ranged(const float *x, float *y, const float *w, float off, int64_t n, float rms)
+{ tgn_quotient_row_f32_ranged(x, y, w, off, n, rms); }
+int q_all_ranged(const float *x, int64_t n) { return tgn_quotient_all_ranged(x, n); }
 int q_lanes(void) { return TGN_QUOTIENT_LANES; }
 """
 #: name: (compiler flags, CPU features needed, lanes)
@@ -61,6 +64,10 @@ def _build(tmp: Path, name: str, flags: tuple[str, ...]) -> ctypes.CDLL:
     dll.q_row.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float, ctypes.c_int64,
                           ctypes.c_float]
     dll.q_row.restype = None
+    dll.q_row_ranged.argtypes = dll.q_row.argtypes
+    dll.q_row_ranged.restype = None
+    dll.q_all_ranged.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+    dll.q_all_ranged.restype = ctypes.c_int
     dll.q_lanes.restype = ctypes.c_int
     return dll
 
@@ -82,9 +89,10 @@ def _width(build_dir: Path, name: str, mutant: tuple[str, ...] = ()) -> ctypes.C
 
 
 def _run(lib: ctypes.CDLL, x: torch.Tensor, rms: float, w: torch.Tensor | None = None,
-         off: float = 0.0) -> torch.Tensor:
+         off: float = 0.0, ranged: bool = False) -> torch.Tensor:
     y = torch.empty_like(x)
-    lib.q_row(x.data_ptr(), y.data_ptr(), None if w is None else w.data_ptr(), off, x.numel(), rms)
+    row = lib.q_row_ranged if ranged else lib.q_row
+    row(x.data_ptr(), y.data_ptr(), None if w is None else w.data_ptr(), off, x.numel(), rms)
     return y
 
 
@@ -164,6 +172,34 @@ def test_edges_zeros_specials_weights_and_offsets(build_dir: Path, name: str) ->
     for n in range(1, 40):
         assert_bits_equal(_run(lib, x[:n].contiguous(), 3.0, w[:n].contiguous()),
                           _division(x[:n], 3.0, w[:n]))
+
+
+@pytest.mark.parametrize("name", list(WIDTHS))
+def test_the_unchecked_quotient_of_values_in_range(build_dir: Path, name: str) -> None:
+    """tgn_q_vec_ranged, for rows known to hold only +-0 and 2^-50 <= |a| <= 2^60 (every
+    fp16 row, for one): no range check, the same bits, -0 included.  Negative control:
+    tiny dividends, outside its range, do differ from the division there."""
+    lib = _width(build_dir, name)
+    a = every_significand()
+    for b in worst_divisors() + (1.0, 98.0 * 2.0**-40, 1.5 * 2.0**39):
+        for scale in (1.0, 2.0**-49, 2.0**58):
+            x = a * scale
+            assert lib.q_all_ranged(x.data_ptr(), x.numel()) == 1
+            assert_bits_equal(_run(lib, x, b, ranged=True), _division(x, b))
+    mag = edges().view(torch.int32) & 0x7FFFFFFF
+    x = edges()[(mag == 0) | ((mag >= 0x26800000) & (mag <= 0x5D800000))].contiguous()
+    fp16 = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    fp16 = fp16[fp16.isfinite()].float()  # every finite fp16 value, -0 among them
+    for data in (x, fp16):
+        assert lib.q_all_ranged(data.data_ptr(), data.numel()) == 1 and bool((data == 0).any())
+        w = torch.randn(data.numel(), generator=torch.Generator().manual_seed(5))
+        for b in divisors():
+            assert_bits_equal(_run(lib, data, b, ranged=True), _division(data, b))
+            assert_bits_equal(_run(lib, data, b, w, 0.5, ranged=True), _division(data, b, w, 0.5))
+    tiny = edges() * 2.0**-100
+    assert lib.q_all_ranged(tiny.data_ptr(), tiny.numel()) == 0
+    if name != "divider":
+        assert not all(bits_equal(_run(lib, tiny, b, ranged=True), _division(tiny, b)) for b in divisors()[:24])
 
 
 @pytest.mark.parametrize("mutant", [("-DTGN_Q_CORRECTIONS=0",), ("-DTGN_Q_LO=1u",), ("-DTGN_Q_HI=0x7f7fffffu",),

@@ -3,9 +3,10 @@
 Every function here is row-local: it reads and writes each row of ``(..., D)``
 independently, with elementwise IEEE operations (add, multiply, divide, sqrt,
 max) whose results do not depend on how many rows there are or how they are
-vectorised.  The only exceptions are named for what they are: ``sumsq_native``
-and ``catsum`` call ``torch.sum``, whose internal order is the backend's, and
-``rms_norm_standard`` is torch's own kernel.
+vectorised (NaN bits included: :func:`widen`, :func:`bf16_nans`).  The only
+exceptions are named for what they are: ``sumsq_native`` and ``catsum`` call
+``torch.sum``, whose internal order is the backend's, and ``rms_norm_standard``
+is torch's own kernel.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ import torch.nn.functional as F
 
 __all__ = [
     "accumulation_dtype",
+    "widen",
+    "widen_into",
+    "bf16_nans",
     "DEFAULT_EPS",
     "default_eps",
     "sumsq_pairwise",
@@ -54,6 +58,49 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+# --- NaN bits that do not depend on where a value sits -------------------------------
+#
+# torch's CPU casts and bf16 arithmetic write a NaN one way in their vectorised loops
+# and another in the scalar loop that ends a tensor (or a thread's share of it): an
+# fp16 NaN widened to fp32 keeps its sign and payload in the first (IEEE's widening,
+# F16C's) and becomes 0x7FFFFFFF in the second; a bf16 sum or product that is NaN is
+# 0xFFFF in the first and 0x7FC0 in the second.  Which elements the scalar loop gets
+# depends on the tensor's length and thread split, not on the row, so these give every
+# element the vector loops' bits (CUDA's casts treat every element alike).
+
+
+def _widen_nans(out: torch.Tensor, src: torch.Tensor) -> None:
+    if src.dtype == torch.float16 and out.dtype == torch.float32 and out.device.type == "cpu":
+        nan = out.isnan()
+        if bool(nan.any()):
+            out[nan] = src[nan].to(torch.float64).to(torch.float32)  # fp64's widening keeps them everywhere
+
+
+def widen(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)``, an fp16 NaN widened to fp32 keeping its sign and payload."""
+    out = t.to(dtype)
+    if out is not t:
+        _widen_nans(out, t)
+    return out
+
+
+def widen_into(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """``dst.copy_(src)`` (same shape), an fp16 NaN widened as :func:`widen` does."""
+    dst.copy_(src)
+    _widen_nans(dst, src)
+    return dst
+
+
+def bf16_nans(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (in place), each NaN of a bf16 result of torch's arithmetic made 0xFFFF,
+    as its vector loops and every fp32-to-bf16 cast make it."""
+    if t.dtype == torch.bfloat16 and t.device.type == "cpu":
+        nan = t.isnan()
+        if bool(nan.any()):
+            t.view(torch.int16).masked_fill_(nan, -1)  # bits 0xFFFF
+    return t
+
+
 #: What ``eps=None`` means per input dtype (:func:`default_eps`), read by the warm paths.
 DEFAULT_EPS: dict[torch.dtype, float] = {}
 
@@ -83,7 +130,7 @@ def pairwise_halving_(s: torch.Tensor) -> torch.Tensor:
 
 
 def _squares(x: torch.Tensor, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
-    chunk = x[..., start:stop].to(dtype)
+    chunk = widen(x[..., start:stop], dtype)
     return chunk * chunk  # a fresh tensor: safe to reduce in place
 
 
@@ -270,18 +317,18 @@ def residual_add(x: torch.Tensor, residual: torch.Tensor, out: torch.Tensor | No
     """``h = x + residual`` in ``x``'s dtype: one IEEE addition per element (fp16 and
     bf16 are added in fp32 and rounded once, which is the correctly rounded sum).
     ``out`` may be ``x`` or ``residual`` itself (each element is read before it is
-    written)."""
+    written).  A NaN bf16 sum is 0xFFFF (:func:`bf16_nans`)."""
     if out is None:
-        return x + residual
-    return torch.add(x, residual, out=out)
+        return bf16_nans(x + residual)
+    return bf16_nans(torch.add(x, residual, out=out))
 
 
 def finalize_weight(weight: torch.Tensor, dtype: torch.dtype, offset: float) -> torch.Tensor:
     """The weight FINALIZE multiplies by: ``w.to(dtype) + offset`` in ``dtype``
     (Gemma stores ``w`` and multiplies by ``1 + w``).  ``offset=0`` adds nothing
     (so a ``-0.0`` weight keeps its sign)."""
-    w = weight.to(dtype)
-    return w + offset if offset else w
+    w = widen(weight, dtype)
+    return bf16_nans(w + offset) if offset else w
 
 
 def finalize_rms(total: torch.Tensor, hidden_size: int, eps: float, dtype: torch.dtype) -> torch.Tensor:
@@ -325,13 +372,13 @@ def finalize(
     ``rsqrt`` instead; that rounding is the only difference from its formulas.
     """
     dtype = accumulation_dtype(x.dtype)
-    y = x.to(dtype) / finalize_rms(total, hidden_size, eps, dtype)
+    y = widen(x, dtype) / finalize_rms(total, hidden_size, eps, dtype)
     if casting_mode == "llama":
         y = y.to(x.dtype)
         if weight is None:
             return y
         wide = torch.promote_types(weight.dtype, x.dtype)
-        return y.to(wide) * finalize_weight(weight, wide, offset)
+        return bf16_nans(widen(y, wide) * finalize_weight(weight, wide, offset))
     if weight is not None:
         y = y * finalize_weight(weight, dtype, offset)
     return y.to(x.dtype)

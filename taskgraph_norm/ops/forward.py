@@ -77,8 +77,9 @@ def forward_op(
 
 
 def residual_sum(x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-    """``h = x + residual`` rounded to ``x.dtype`` (elementwise: adds no reduction order)."""
-    return (x + residual).to(x.dtype)
+    """``h = x + residual`` rounded to ``x.dtype`` (elementwise: adds no reduction order;
+    kernels.residual_add, whose NaN bits do not depend on the element's position)."""
+    return kernels.residual_add(x, residual).to(x.dtype)
 
 
 def forward_residual(

@@ -12,10 +12,10 @@ does per dtype pair (output dtype, llama's roundings, the dtype ``w + offset`` i
 made in) is :func:`~..torch_ops.finish.finish_rule`'s, read once per (x dtype,
 weight dtype); the weight, of any of the three dtypes, is made in fp32 in C.
 
-It returns ``None`` for an input it does not take (fp64 anywhere, llama's fp16
-roundings, another device, a strided input, a NaN in a row's total or narrowed
-result, a gradient to record, the native kernels switched off, a residual written
-over ``x`` or itself), and the caller runs the general path.
+It returns ``None`` for an input it does not take (fp64 anywhere, another device, a
+strided input, a NaN in a row's total or narrowed result, a gradient to record, the
+native kernels switched off, a residual written over ``x`` or itself), and the caller
+runs the general path.
 
 A fresh output of at least 32 MiB is advised to the kernel as a huge-page candidate
 (``madvise(MADV_HUGEPAGE)``, Linux) before the kernel first writes it: glibc serves

@@ -49,7 +49,7 @@ import torch
 from ... import caches
 from ..base import allowed as _allowed
 from ..base import use as _use
-from ...constants import ROUND_PRODUCT, ROUND_QUOTIENT, TOTAL_AS_RMS  # FINALIZE's flags
+from ...constants import ROUND_F16, ROUND_PRODUCT, ROUND_QUOTIENT, TOTAL_AS_RMS  # FINALIZE's flags
 from ...errors import NativeKernelsWarning
 from . import abi as native_abi
 from . import cpu_features
@@ -58,7 +58,7 @@ from ...lowering import Plan
 __all__ = [
     "available", "describe", "disabled", "exact_rows",
     "exact_scale", "float_rows", "FloatRecipe", "library_path", "module",
-    "why_unavailable", "ROUND_PRODUCT", "ROUND_QUOTIENT", "TOTAL_AS_RMS",
+    "why_unavailable", "ROUND_F16", "ROUND_PRODUCT", "ROUND_QUOTIENT", "TOTAL_AS_RMS",
 ]
 
 _DIR = Path(__file__).resolve().parent
@@ -320,8 +320,8 @@ def exact_rows(
     garbage there, for the caller to replace).  ``check=False`` skips the argument
     checks (the compiled executor, whose buffers are right by construction).
     ``offset`` is added to the weight and ``flags`` (:data:`ROUND_QUOTIENT`,
-    :data:`ROUND_PRODUCT`) round as ``casting_mode="llama"`` does on bf16 rows
-    (a NaN met there makes the row's pair NaN, for the caller to redo).  With
+    :data:`ROUND_PRODUCT`, :data:`ROUND_F16`) round as ``casting_mode="llama"`` does on
+    bf16 or fp16 rows (a NaN met there makes the row's pair NaN, for the caller to redo).  With
     ``residual`` (x's shape and dtype), each row is first replaced by
     ``h = x + residual``, written into ``h`` (which may be ``x`` or ``residual``).
     """

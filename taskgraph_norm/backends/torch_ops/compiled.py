@@ -58,7 +58,7 @@ def _square(xt: torch.Tensor, sq: torch.Tensor) -> None:
     if xt.dtype == sq.dtype:
         torch.mul(xt, xt, out=sq)
     else:
-        sq.copy_(xt)
+        kernels.widen_into(sq, xt)
         sq.mul_(sq)
 
 
@@ -66,7 +66,7 @@ def _float_total(plan: Plan, v: Views, xt: torch.Tensor) -> torch.Tensor:
     if v.ybuf is not None:
         # x.to(acc) once, kept in ybuf for FINALIZE: a mixed-dtype op would
         # convert x again into a temporary of its own.
-        v.ybuf.copy_(xt)
+        kernels.widen_into(v.ybuf, xt)
         torch.mul(v.ybuf, v.ybuf, out=v.sq)
     else:
         torch.mul(xt, xt, out=v.sq)
@@ -138,7 +138,7 @@ def _native_tile(
         else:
             xt = kernels.residual_add(xt, res[0], out=res[1])
     if wide is not None:
-        wide.copy_(xt)
+        wide.copy_(xt)  # (a NaN's bits here never reach y: its row's total is NaN, redone)
         x_acc = wide
     fused = x_acc.dtype == torch.float32 and fin.c_flags is not None
     target = (yt if yt.dtype == torch.float32 else wide) if fused else None

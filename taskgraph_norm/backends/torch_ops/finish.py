@@ -3,8 +3,8 @@
 :func:`finish_for` reads a plan's casting mode and offset once per call and says
 what the tiles do after the sum of squares: the weight the torch ops multiply by
 (``kernels.finalize_weight``, offset included), the weight and flags the native
-C FINALIZE takes (or ``None`` where C cannot give ``kernels.finalize``'s bits: an
-fp16 row in ``"llama"`` mode, an fp64 product), and the output dtype; its dtype-only
+C FINALIZE takes (or ``None`` where C cannot give ``kernels.finalize``'s bits: fp64
+rows, an fp64 product), and the output dtype; its dtype-only
 part, :func:`finish_rule`, is what the native direct path reads too.
 :func:`finalize_tile` is ``kernels.finalize``'s op sequence written into a tile's
 preallocated buffers.
@@ -46,22 +46,25 @@ class Finish:
 
 
 def _weight_for(weight: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
-    # y * w.to(acc): a narrower weight multiplies exactly in acc as it is; a wider
-    # one must be rounded to acc first, or the product would be computed wider.
-    if weight.dtype == acc or weight.dtype in (torch.float16, torch.bfloat16):
+    # y * w.to(acc): a bf16 weight multiplies exactly in acc as it is; a wider one must
+    # be rounded to acc first, or the product would be computed wider; an fp16 one is
+    # widened once here (kernels.widen: torch's mixed product would widen its NaNs by
+    # position).
+    if weight.dtype == acc or weight.dtype == torch.bfloat16:
         return weight
-    return weight.to(acc)
+    return kernels.widen(weight, acc)
 
 
 def _llama_flags(x_dtype: torch.dtype, product: torch.dtype) -> int | None:
     if x_dtype == torch.float32:
         return 0 if product == torch.float32 else None  # fp32 rows: the cast is the identity
-    if x_dtype != torch.bfloat16:
+    if x_dtype not in (torch.bfloat16, torch.float16):
         return None
+    rounding = _native.ROUND_QUOTIENT | (_native.ROUND_F16 if x_dtype == torch.float16 else 0)
     if product == torch.float32:
-        return _native.ROUND_QUOTIENT
-    if product == torch.bfloat16:
-        return _native.ROUND_QUOTIENT | _native.ROUND_PRODUCT
+        return rounding
+    if product == x_dtype:
+        return rounding | _native.ROUND_PRODUCT
     return None
 
 
@@ -145,12 +148,12 @@ def finalize_tile(
         torch.div(xt, rms, out=y)
     else:
         if not x_in_ybuf or y is not v.ybuf:
-            y.copy_(xt)
+            kernels.widen_into(y, xt)
         y.div_(rms)
     if fin.llama:
         assert fin.weight is not None
         # (x / rms).to(x.dtype), then the product in the promoted dtype.
-        torch.mul(y.to(xt.dtype).to(yt.dtype), fin.weight, out=yt)
+        kernels.bf16_nans(torch.mul(kernels.widen(y.to(xt.dtype), yt.dtype), fin.weight, out=yt))
         return
     if fin.weight is not None:
         y.mul_(fin.weight)

@@ -43,6 +43,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "native_half.h"
 #include "native_quotient.h"
 #include "tgn_native.h"
 
@@ -258,18 +259,19 @@ static double row_max_double(const double *row, int64_t hidden)
  *                                native_quotient.h, then one multiply)
  *
  * with the weight w + offset (one fp32 addition, kernels.finalize_weight; none when
- * offset is 0) and, for casting_mode="llama" on a bf16 row (flags), the quotient
- * rounded to bf16 before the weight (TGN_ROUND_QUOTIENT) and, with a bf16 weight,
- * the product rounded to bf16 too (TGN_ROUND_PRODUCT): the product of two bf16
- * values is exact in fp32, so rounding it once is torch's bf16 multiply.  The
- * rounding is torch's float -> bf16 (round to nearest even); a NaN it meets is not
- * rounded here: the row is reported (return 1) and the caller gives it the
- * reference's bits, since torch's vector and scalar casts of a NaN differ.
+ * offset is 0) and, for casting_mode="llama" on a bf16 or fp16 row (flags), the
+ * quotient rounded to the row's dtype before the weight (TGN_ROUND_QUOTIENT; fp16 with
+ * TGN_ROUND_F16) and, with a weight of that dtype, the product rounded to it too
+ * (TGN_ROUND_PRODUCT): the product of two bf16 or two fp16 values is exact in fp32, so
+ * rounding it once is torch's bf16 or fp16 multiply.  The rounding is torch's float ->
+ * bf16 / fp16 (round to nearest even; native_half.h); a NaN it meets is not rounded
+ * here: the row is reported (return 1) and the caller gives it the reference's bits,
+ * since torch's vector and scalar casts of a NaN differ.
  *
  * y may be x itself (a bf16/fp16 row widened into fp32 scratch): each element is
  * read before it is written.  The caller casts a narrow result back with torch.
  */
-/* (TGN_ROUND_QUOTIENT, TGN_ROUND_PRODUCT and TGN_TOTAL_AS_RMS: tgn_constants.h.  With
+/* (TGN_ROUND_QUOTIENT, TGN_ROUND_PRODUCT, TGN_ROUND_F16 and TGN_TOTAL_AS_RMS: tgn_constants.h.  With
  * TGN_TOTAL_AS_RMS, float rows leave in total[i] the row's rms (finalize_row_float's
  * sqrt(total / D + eps)) instead of its total: what the backward keeps.) */
 
@@ -290,30 +292,28 @@ static double row_max_double(const double *row, int64_t hidden)
             (y)[j] = ((row)[j] / (rms)) * ((w)[j] + (off));                            \
     } while (0)
 
-INLINE float round_bf16(float f)
+/* llama's rounding of an fp32 value to the row's dtype, read back as fp32 */
+INLINE float round_narrow(float f, int f16)
 {
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    u = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
-    memcpy(&f, &u, sizeof f);
-    return f;
+    return f16 ? tgn_f16_to_f32(tgn_f32_to_f16(f)) : tgn_bf16_to_f32(tgn_f32_to_bf16(f));
 }
 
-/* casting_mode="llama" on a bf16 row (y is fp32 scratch holding bf16 values, or an
- * fp32 output for an fp32 weight); returns 1 if a NaN was met. */
-static int llama_row_bf16(const float *row, float *y, const float *w, int64_t hidden, float rms,
-                          int64_t flags, float off)
+/* casting_mode="llama" on a bf16 or fp16 row (y is fp32 scratch holding values of
+ * that dtype, or an fp32 output for an fp32 weight); returns 1 if a NaN was met. */
+static int llama_row(const float *row, float *y, const float *w, int64_t hidden, float rms, int64_t flags,
+                     float off)
 {
+    const int f16 = (flags & TGN_ROUND_F16) != 0;
     int nan = 0;
     for (int64_t j = 0; j < hidden; ++j) {
         float q = row[j] / rms;
         nan |= q != q;
-        q = round_bf16(q);
+        q = round_narrow(q, f16);
         if (w) {
             q = q * (off != 0.0f ? w[j] + off : w[j]);
             if (flags & TGN_ROUND_PRODUCT) {
                 nan |= q != q;
-                q = round_bf16(q);
+                q = round_narrow(q, f16);
             }
         }
         y[j] = q;
@@ -328,7 +328,7 @@ static int finalize_row_float(const float *row, float *y, const float *w, int64_
     float rms = (float)sqrt((double)mean);
     float off = (float)offset;
     if (flags & TGN_ROUND_QUOTIENT)
-        return llama_row_bf16(row, y, w, hidden, rms, flags, off);
+        return llama_row(row, y, w, hidden, rms, flags, off);
     tgn_quotient_row_f32_to(row, y, w, w ? off : 0.0f, hidden, rms, /* native_quotient.h */
                             (flags & TGN_STREAM_STORES) != 0);
     return 0;

@@ -24,6 +24,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "native_half.h"
 #include "native_quotient.h"
 #include "tgn_native.h"
 
@@ -36,53 +37,6 @@
  * narrow input and output; a longer row gets one row of malloc'd scratch. */
 #define SCRATCH 4096
 #define MAX_STEP 256 /* rows per step at most (short rows) */
-
-static inline float f32_of(uint32_t u)
-{
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-static inline uint32_t bits_of(float f)
-{
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    return u;
-}
-
-/* --- the scalar conversions (c10's: BFloat16.h, Half.h) ---------------------------- */
-
-static inline float bf16_to_f32(uint16_t b) { return f32_of((uint32_t)b << 16); }
-
-/* round to nearest even (a NaN may come out as anything: the caller checks for NaN) */
-static inline uint16_t f32_to_bf16(float f)
-{
-    uint32_t u = bits_of(f);
-    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-}
-
-static inline float f16_to_f32(uint16_t h)
-{
-    const uint32_t w = (uint32_t)h << 16, sign = w & 0x80000000u, two_w = w + w;
-    const float normal = f32_of((two_w >> 4) + (UINT32_C(0xE0) << 23)) * 0x1.0p-112f;
-    const float subnormal = f32_of((two_w >> 17) | (UINT32_C(126) << 23)) - 0.5f;
-    return f32_of(sign | (two_w < (UINT32_C(1) << 27) ? bits_of(subnormal) : bits_of(normal)));
-}
-
-/* round to nearest even, subnormals and overflow to infinity included */
-static inline uint16_t f32_to_f16(float f)
-{
-    float base = (__builtin_fabsf(f) * 0x1.0p+112f) * 0x1.0p-110f;
-    const uint32_t w = bits_of(f), shl1_w = w + w, sign = w & 0x80000000u;
-    uint32_t bias = shl1_w & 0xFF000000u;
-    if (bias < 0x71000000u)
-        bias = 0x71000000u;
-    base = f32_of((bias >> 1) + 0x07800000u) + base;
-    const uint32_t bits = bits_of(base);
-    const uint32_t nonsign = ((bits >> 13) & 0x7C00u) + (bits & 0x0FFFu);
-    return (uint16_t)((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
-}
 
 /* --- rows ------------------------------------------------------------------------- */
 
@@ -119,37 +73,78 @@ static inline __m256i round_narrow(__m512 v, int64_t code)
 }
 #endif
 
-static inline float widen1(const uint16_t *p, int64_t code) { return code == TGN_DTYPE_BF16 ? bf16_to_f32(*p) : f16_to_f32(*p); }
-
-static inline uint16_t narrow1(float f, int64_t code) { return code == TGN_DTYPE_BF16 ? f32_to_bf16(f) : f32_to_f16(f); }
-
-/* s = x.to(fp32), n values */
-static void widen(const uint16_t *x, int64_t code, float *s, int64_t n)
+static inline float widen1(const uint16_t *p, int64_t code)
 {
-    int64_t j = 0;
-#if defined(LANES)
-    for (; j + LANES <= n; j += LANES)
-        _mm512_storeu_ps(s + j, load_narrow(x + j, code));
-#endif
-    for (; j < n; ++j)
-        s[j] = widen1(x + j, code);
+    return code == TGN_DTYPE_BF16 ? tgn_bf16_to_f32(*p) : tgn_f16_to_f32(*p);
 }
 
-/* h = (x + r) rounded to the narrow dtype, and s = h.to(fp32), n values */
-static void add_residual(const uint16_t *x, const uint16_t *r, uint16_t *h, int64_t code, float *s, int64_t n)
+static inline uint16_t narrow1(float f, int64_t code)
+{
+    return code == TGN_DTYPE_BF16 ? tgn_f32_to_bf16(f) : tgn_f32_to_f16(f);
+}
+
+#if defined(LANES)
+/* Lanes of v outside tgn_q_vec_ranged's range though finite: nonzero, |v| < 2^-50 (a
+ * bf16 row's tiny values; an fp16 value never is one). */
+static inline __mmask16 tiny_lanes(__m512 v)
+{
+    __m512i mag = _mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(0x7fffffff));
+    return _mm512_cmplt_epu32_mask(_mm512_sub_epi32(mag, _mm512_set1_epi32(1)),
+                                   _mm512_set1_epi32((int)TGN_Q_LO - 1));
+}
+#endif
+
+static inline int tiny1(float f) { return (tgn_bits_of(f) & 0x7fffffffu) - 1u < TGN_Q_LO - 1u; }
+
+/* s = x.to(fp32), n values; returns 1 when none of them is tiny (tiny_lanes) */
+static int widen(const uint16_t *x, int64_t code, float *s, int64_t n)
 {
     int64_t j = 0;
+    int tiny = 0;
 #if defined(LANES)
+    if (code == TGN_DTYPE_BF16) {
+        __mmask16 t = 0;
+        for (; j + LANES <= n; j += LANES) {
+            __m512 v = load_bf16(x + j);
+            t |= tiny_lanes(v);
+            _mm512_storeu_ps(s + j, v);
+        }
+        tiny = t != 0;
+    } else {
+        for (; j + LANES <= n; j += LANES)
+            _mm512_storeu_ps(s + j, load_narrow(x + j, code));
+    }
+#endif
+    for (; j < n; ++j) {
+        s[j] = widen1(x + j, code);
+        tiny |= tiny1(s[j]);
+    }
+    return !tiny;
+}
+
+/* h = (x + r) rounded to the narrow dtype, and s = h.to(fp32), n values; returns 1 when
+ * none of them is tiny */
+static int add_residual(const uint16_t *x, const uint16_t *r, uint16_t *h, int64_t code, float *s, int64_t n)
+{
+    int64_t j = 0;
+    int tiny = 0;
+#if defined(LANES)
+    __mmask16 t = 0;
     for (; j + LANES <= n; j += LANES) {
         __m256i hv = round_narrow(_mm512_add_ps(load_narrow(x + j, code), load_narrow(r + j, code)), code);
         _mm256_storeu_si256((__m256i *)(h + j), hv);
-        _mm512_storeu_ps(s + j, load_narrow(h + j, code));
+        __m512 v = load_narrow(h + j, code);
+        t |= tiny_lanes(v);
+        _mm512_storeu_ps(s + j, v);
     }
+    tiny = t != 0;
 #endif
     for (; j < n; ++j) {
         h[j] = narrow1(widen1(x + j, code) + widen1(r + j, code), code);
         s[j] = widen1(h + j, code);
+        tiny |= tiny1(s[j]);
     }
+    return !tiny;
 }
 
 /* y = s rounded to the narrow dtype, n values; returns whether s holds a NaN */
@@ -188,26 +183,42 @@ void tgn_narrow_weight(const tgn_rows_cfg_t *c, const void *w, float *out)
 
 /* FINALIZE of one row of scratch s straight into the narrow y: the operations of
  * tgn_quotient_row_f32 (native_quotient.h), each vector rounded as it is made instead of
- * stored in fp32 and read again; returns whether a NaN was met. */
-static int finalize_narrow(float *s, const float *w, float off, int64_t n, float rms, int64_t code, uint16_t *y)
+ * stored in fp32 and read again; returns whether a NaN was met.  ranged: no value of
+ * the row is tiny, so with rms in range every one is in tgn_q_vec_ranged's (|a| <= 2^60
+ * as rms^2 >= a^2 / D, and rms is finite), and the vectors skip the range check. */
+#if defined(LANES) && TGN_QUOTIENT_LANES == LANES
+static inline __attribute__((always_inline)) int quotient_vectors(const float *s, const float *w, float off,
+                                                                  int64_t n, const tgn_q_div_t *dv, int64_t code,
+                                                                  uint16_t *y, const int ranged)
+{
+    const __m512 o = _mm512_set1_ps(off);
+    __mmask16 unordered = 0;
+    for (int64_t j = 0; j + LANES <= n; j += LANES) {
+        __m512 a = _mm512_loadu_ps(s + j);
+        __m512 q = ranged ? tgn_q_vec_ranged(dv, a) : tgn_q_vec(dv, a);
+        if (w)
+            q = _mm512_mul_ps(q, off != 0.0f ? _mm512_add_ps(_mm512_loadu_ps(w + j), o) : _mm512_loadu_ps(w + j));
+        unordered |= _mm512_cmp_ps_mask(q, q, _CMP_UNORD_Q);
+        _mm256_storeu_si256((__m256i *)(y + j), round_narrow(q, code));
+    }
+    return unordered != 0;
+}
+#endif
+
+static int finalize_narrow(float *s, const float *w, float off, int64_t n, float rms, int64_t code, uint16_t *y,
+                           int ranged)
 {
 #if defined(LANES) && TGN_QUOTIENT_LANES == LANES
     if (tgn_quotient_rms_in_range(rms)) {
         const tgn_q_div_t dv = tgn_q_setup(rms);
-        const __m512 o = _mm512_set1_ps(off);
-        __mmask16 unordered = 0;
-        int64_t j = 0;
-        for (; j + LANES <= n; j += LANES) {
-            __m512 q = tgn_q_vec(&dv, _mm512_loadu_ps(s + j));
-            if (w)
-                q = _mm512_mul_ps(q, off != 0.0f ? _mm512_add_ps(_mm512_loadu_ps(w + j), o) : _mm512_loadu_ps(w + j));
-            unordered |= _mm512_cmp_ps_mask(q, q, _CMP_UNORD_Q);
-            _mm256_storeu_si256((__m256i *)(y + j), round_narrow(q, code));
-        }
+        int nan = ranged && n < ((int64_t)1 << 38) ? quotient_vectors(s, w, off, n, &dv, code, y, 1)
+                                                   : quotient_vectors(s, w, off, n, &dv, code, y, 0);
+        int64_t j = n / LANES * LANES;
         tgn_quotient_div_f32(s + j, s + j, w ? w + j : 0, off, n - j, rms); /* the scalar tail, as there */
-        return narrow(s + j, code, y + j, n - j) | (unordered != 0);
+        return narrow(s + j, code, y + j, n - j) | nan;
     }
 #endif
+    (void)ranged;
     tgn_quotient_row_f32(s, s, w, off, n, rms);
     return narrow(s, code, y, n);
 }
@@ -226,7 +237,8 @@ static int64_t kernel(const tgn_narrow_t *job, float *s, int64_t n, float *y, vo
 
 /* Rows [i, i + m) of the step in s: the kernel's sums (each row's rms, or exact pair),
  * then FINALIZE and the narrowing in one pass per row. */
-static int64_t fused_step(const tgn_narrow_t *job, float *s, int64_t i, int64_t m, double *pairs, float *rmss)
+static int64_t fused_step(const tgn_narrow_t *job, float *s, int64_t i, int64_t m, double *pairs, float *rmss,
+                          int ranged)
 {
     const tgn_rows_cfg_t *c = job->cfg;
     const int64_t d = c->hidden;
@@ -248,7 +260,7 @@ static int64_t fused_step(const tgn_narrow_t *job, float *s, int64_t i, int64_t 
             rms = ((const float *)total)[k]; /* TGN_TOTAL_AS_RMS: the same expression */
         }
         bad += finalize_narrow(s + k * d, job->w, (float)job->offset, d, rms, c->y_dtype,
-                               (uint16_t *)job->y + (i + k) * d);
+                               (uint16_t *)job->y + (i + k) * d, ranged);
     }
     return bad;
 }
@@ -270,13 +282,12 @@ int64_t tgn_narrow_rows(const tgn_narrow_t *job, int64_t i, int64_t n)
     for (int64_t end = i + n; i < end; i += step) {
         int64_t m = end - i < step ? end - i : step;
         const uint16_t *x = (const uint16_t *)job->x + i * d;
-        if (job->r)
-            add_residual(x, (const uint16_t *)job->r + i * d, (uint16_t *)job->h + i * d, code, s, m * d);
-        else
-            widen(x, code, s, m * d);
+        int ranged = job->r ? add_residual(x, (const uint16_t *)job->r + i * d, (uint16_t *)job->h + i * d, code,
+                                           s, m * d)
+                            : widen(x, code, s, m * d);
         int64_t got;
         if (fused)
-            got = fused_step(job, s, i, m, pairs, rmss);
+            got = fused_step(job, s, i, m, pairs, rmss, ranged);
         else {
             void *total = job->total ? (c->exact ? (void *)((double *)job->total + 2 * i)
                                                  : (void *)((float *)job->total + i)) : 0;

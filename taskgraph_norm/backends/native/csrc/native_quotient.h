@@ -184,7 +184,68 @@ static inline TGN_QV tgn_q_vec(const tgn_q_div_t *d, TGN_QV a)
         q = TGN_Q_FMADD(TGN_Q_FNMADD(q, d->b, a), d->r, q);
     return q;
 }
+
+/* tgn_q_vec without the range check, for a caller that knows every lane of a is +-0
+ * or 2^-50 <= |a| <= 2^60 (an fp16 value, for one; so is any finite a of a row whose rms
+ * is in range and whose hidden size is below 2^38, except the tiny ones: rms^2 >=
+ * a^2 / D there).  |a| goes through the fmas and a's sign comes back after: a / b has
+ * |a| / b's magnitude and a's sign (b > 0), and -0 becomes -0, not +0. */
+static inline TGN_QV tgn_q_vec_ranged(const tgn_q_div_t *d, TGN_QV a)
+{
+#if TGN_QUOTIENT_LANES == 16
+    const __m512i sign = _mm512_set1_epi32((int)0x80000000u);
+    __m512 m = _mm512_castsi512_ps(_mm512_andnot_si512(sign, _mm512_castps_si512(a)));
+#else
+    const __m256 sign = _mm256_castsi256_ps(_mm256_set1_epi32((int)0x80000000u));
+    __m256 m = _mm256_andnot_ps(sign, a);
 #endif
+    TGN_QV q = TGN_Q_FMADD(m, d->r, TGN_Q_MUL(m, d->rl));
+    for (int k = 0; k < TGN_Q_CORRECTIONS; ++k)
+        q = TGN_Q_FMADD(TGN_Q_FNMADD(q, d->b, m), d->r, q);
+#if TGN_QUOTIENT_LANES == 16 /* q | (a & sign): q >= +0 */
+    return _mm512_castsi512_ps(_mm512_ternarylogic_epi32(_mm512_castps_si512(q), _mm512_castps_si512(a), sign, 0xF8));
+#else
+    return _mm256_or_ps(q, _mm256_and_ps(a, sign));
+#endif
+}
+#endif
+
+/* 1 where every lane of x[0, n) is +-0 or 2^-50 <= |a| <= 2^60 (no tiny, huge, infinite
+ * or NaN value): tgn_q_vec_ranged may divide it. */
+static inline int tgn_quotient_all_ranged(const float *x, int64_t n)
+{
+    int ok = 1;
+    for (int64_t j = 0; j < n; ++j) {
+        uint32_t u;
+        memcpy(&u, x + j, sizeof u);
+        u &= 0x7fffffffu;
+        ok &= u == 0 || (u >= TGN_Q_LO && u <= TGN_Q_HI);
+    }
+    return ok;
+}
+
+/* tgn_quotient_row_f32 for a row of which the caller knows tgn_quotient_all_ranged
+ * (the tests' entry to tgn_q_vec_ranged). */
+static inline void tgn_quotient_row_f32_ranged(const float *x, float *y, const float *w, float off, int64_t n,
+                                               float rms)
+{
+#if TGN_QUOTIENT_LANES > 1
+    if (tgn_quotient_rms_in_range(rms)) {
+        const tgn_q_div_t d = tgn_q_setup(rms);
+        const TGN_QV o = TGN_Q_SET1(off);
+        int64_t j = 0;
+        for (; j + TGN_QUOTIENT_LANES <= n; j += TGN_QUOTIENT_LANES) {
+            TGN_QV q = tgn_q_vec_ranged(&d, TGN_Q_LOAD(x + j));
+            if (w)
+                q = TGN_Q_MUL(q, off != 0.0f ? TGN_Q_ADD(TGN_Q_LOAD(w + j), o) : TGN_Q_LOAD(w + j));
+            TGN_Q_STORE(y + j, q);
+        }
+        tgn_quotient_div_f32(x + j, y + j, w ? w + j : NULL, off, n - j, rms);
+        return;
+    }
+#endif
+    tgn_quotient_div_f32(x, y, w, off, n, rms);
+}
 
 /* y[j] = (x[j] / rms) * w[j] ((w[j] + off) when off != 0; no weight when w is NULL),
  * with the bits of the scalar loop.  y may be x (each vector is read before it is

@@ -1,0 +1,54 @@
+/* Scalar bf16 and fp16 conversions with c10's bit formulas (BFloat16.h, Half.h):
+ * round to nearest even, subnormals and overflow to infinity included.  A NaN may
+ * come out as anything: torch's own casts write a NaN by the element's position, so
+ * the callers leave a row with a NaN result to the reference (kernels.widen). */
+#ifndef TGN_NATIVE_HALF_H
+#define TGN_NATIVE_HALF_H
+
+#include <stdint.h>
+#include <string.h>
+
+static inline float tgn_f32_of(uint32_t u)
+{
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline uint32_t tgn_bits_of(float f)
+{
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    return u;
+}
+
+static inline float tgn_bf16_to_f32(uint16_t b) { return tgn_f32_of((uint32_t)b << 16); }
+
+static inline uint16_t tgn_f32_to_bf16(float f)
+{
+    uint32_t u = tgn_bits_of(f);
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+static inline float tgn_f16_to_f32(uint16_t h)
+{
+    const uint32_t w = (uint32_t)h << 16, sign = w & 0x80000000u, two_w = w + w;
+    const float normal = tgn_f32_of((two_w >> 4) + (UINT32_C(0xE0) << 23)) * 0x1.0p-112f;
+    const float subnormal = tgn_f32_of((two_w >> 17) | (UINT32_C(126) << 23)) - 0.5f;
+    return tgn_f32_of(sign | (two_w < (UINT32_C(1) << 27) ? tgn_bits_of(subnormal) : tgn_bits_of(normal)));
+}
+
+static inline uint16_t tgn_f32_to_f16(float f)
+{
+    float base = (__builtin_fabsf(f) * 0x1.0p+112f) * 0x1.0p-110f;
+    const uint32_t w = tgn_bits_of(f), shl1_w = w + w, sign = w & 0x80000000u;
+    uint32_t bias = shl1_w & 0xFF000000u;
+    if (bias < 0x71000000u)
+        bias = 0x71000000u;
+    base = tgn_f32_of((bias >> 1) + 0x07800000u) + base;
+    const uint32_t bits = tgn_bits_of(base);
+    const uint32_t nonsign = ((bits >> 13) & 0x7C00u) + (bits & 0x0FFFu);
+    return (uint16_t)((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
+}
+
+#endif /* TGN_NATIVE_HALF_H */
