@@ -1,7 +1,7 @@
 """Builds the compiled executor's native kernels when the package is installed.
 
 ``taskgraph_norm/backends/native/csrc/``: ``native.c`` (the forward's kernels),
-``native_backward.c`` and ``native_dw.c`` (the backward, the exact weight gradient),
+``native_backward.c`` and ``native_dw.c``/``native_dw_round.c`` (the backward, the exact weight gradient),
 ``native_narrow.c`` (bf16 and fp16 rows through the forward's fp32 kernels),
 ``native_team.c`` (the team the forward's rows are shared by) and ``native_module.c``
 (the extension module: the functions Python calls, each wrapping one entry point)
@@ -41,11 +41,11 @@ from setuptools.command.build_ext import build_ext
 HERE = Path(__file__).resolve().parent
 CSRC = "taskgraph_norm/backends/native/csrc"
 SOURCES = [f"{CSRC}/{name}.c"
-           for name in ("native", "native_backward", "native_dw", "native_narrow", "native_team", "native_module")]
+           for name in ("native", "native_backward", "native_dw", "native_dw_round", "native_narrow", "native_team", "native_module")]
 CONSTANTS = "taskgraph_norm/constants.py"
 #: Generated from CONSTANTS by BuildExt (.gitignore'd).
 CONSTANTS_HEADER = f"{CSRC}/tgn_constants.h"
-DEPENDS = [f"{CSRC}/native_half.h", f"{CSRC}/native_quotient.h", f"{CSRC}/tgn_native.h", CONSTANTS_HEADER, CONSTANTS]
+DEPENDS = [f"{CSRC}/native_dw.h", f"{CSRC}/native_half.h", f"{CSRC}/native_quotient.h", f"{CSRC}/tgn_native.h", CONSTANTS_HEADER, CONSTANTS]
 # Keep the C expressions as written (see native.c): no contraction into fmas, no
 # fast-math; -O3 comes after Python's own -O2.
 FLAGS = ["-O3", "-ffp-contract=off", "-fno-fast-math", "-Wno-psabi", "-pthread"]
