@@ -18,3 +18,5 @@ from .core import Pipeline as Pipeline
 from .core import check_executor as check_executor
 
 __all__ = ["OFFLOAD_NUMEL", "Pipeline", "cached", "check_executor", "for_config", "for_graph", "run_coroutine_sync"]
+from .layer import LayerPipeline as LayerPipeline  # noqa: E402  (LayerNorm's, issue 23)
+from .layer import layer_pipeline as layer_pipeline  # noqa: E402
