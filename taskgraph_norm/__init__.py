@@ -40,6 +40,9 @@ from .graph import Node as Node
 from .graph import Op as Op
 from .graph import validate as validate
 from .module import RMSNorm as RMSNorm
+from .layernorm import LayerNorm as LayerNorm
+from .layernorm import layer_norm as layer_norm
+from .layernorm import layer_norm_sync as layer_norm_sync
 from .prover import Proof as Proof
 from .prover import prove as prove
 from .topologies import TOPOLOGIES as TOPOLOGIES
@@ -67,6 +70,7 @@ __all__ = [
     "GraphError",
     "InputRankError",
     "InputShapeError",
+    "LayerNorm",
     "MissingDependencyError",
     "NativeKernelsWarning",
     "Node",
@@ -91,6 +95,8 @@ __all__ = [
     "clear_caches",
     "execute",
     "execute_sync",
+    "layer_norm",
+    "layer_norm_sync",
     "normalize",
     "normalize_sync",
     "prove",

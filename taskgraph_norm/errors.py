@@ -120,6 +120,28 @@ class DtypeError(TaskGraphError, NotImplementedError):
         super().__init__(f'"rms_norm" not implemented for {dtype_name!r}')
 
 
+class BiasShapeError(WeightShapeError):
+    """LayerNorm's bias shape differs from ``normalized_shape`` (torch: RuntimeError)."""
+
+    def __init__(self, bias_shape: Sequence[int], normalized_shape: Sequence[int]) -> None:
+        RuntimeError.__init__(
+            self,
+            "Expected bias to be of same shape as normalized_shape, but got "
+            f"bias of shape {list(bias_shape)} and normalized_shape = {list(normalized_shape)}",
+        )
+
+
+class ParameterDtypeError(TaskGraphError, RuntimeError):
+    """LayerNorm's weight or bias has a dtype ``F.layer_norm`` refuses for the input's
+    (torch: RuntimeError): both must be the input's dtype, or fp32 for fp16/bf16 input."""
+
+    def __init__(self, x_dtype: object, param_dtypes: Sequence[object]) -> None:
+        super().__init__(
+            f"layer_norm: weight and bias must share one dtype, the input's ({x_dtype}) or float32 for a "
+            f"float16/bfloat16 input, but got {', '.join(map(str, param_dtypes))}"
+        )
+
+
 # --- execution ------------------------------------------------------------
 
 

@@ -48,6 +48,9 @@ ALLOWED: dict[str, set[str]] = {
             "pipeline", "ops"},
     "module": {"checks", "pipeline", "errors", "graph", "kernels", "topologies", "prover", "lowering", "backends",
                "executors", "api", "ops"},
+    # LayerNorm's faces (issue 23): the functional faces and the module
+    "layernorm": {"checks", "pipeline", "errors", "graph", "kernels", "topologies", "prover", "lowering", "backends",
+                  "executors", "ops"},
     "integrations": {"checks", "pipeline", "errors", "kernels", "api", "ops", "module"},
     "distributed": {"checks", "pipeline", "errors", "graph", "kernels", "topologies", "prover", "lowering", "backends",
                     "executors", "api", "ops", "module"},

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from ..lowering import Plan
     from ..graph import Graph
 
-__all__ = ["Backend", "BACKEND_NAMES", "Forward", "allowed", "triton_asked", "use"]
+__all__ = ["Backend", "BACKEND_NAMES", "Forward", "LayerForward", "NoLayerKernel", "allowed", "triton_asked", "use"]
 
 #: Every backend's name, fastest first (the default priority).
 BACKEND_NAMES = ("triton", "native", "torch_ops")
@@ -84,6 +84,16 @@ class Forward(NamedTuple):
     rms: torch.Tensor | None
 
 
+class LayerForward(NamedTuple):
+    """A backend's LayerNorm forward: ``y`` and, when asked, each row's ``mean`` and
+    ``den = sqrt(var / D + eps)`` (``(..., 1)``, the accumulation dtype): what the
+    backward needs (``None`` otherwise)."""
+
+    y: torch.Tensor
+    mean: torch.Tensor | None
+    den: torch.Tensor | None
+
+
 class Backend(Protocol):
     """One way to run a plan (see the module doc)."""
 
@@ -120,3 +130,42 @@ class Backend(Protocol):
         """Add ``sum over rows of dy * b`` (``b / rms`` when ``rms`` is given) to the
         exact ``state``, exactly; ``False`` when this backend does not take these operands."""
         ...
+
+    def layer_forward(
+        self, graph: Graph, plan: Plan, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+        eps: float, *, out: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+        residual_out: torch.Tensor | None = None, stats: bool = False, cancel: threading.Event | None = None,
+    ) -> LayerForward:
+        """LayerNorm's ``y`` (``Plan.norm == "layer"``) for a checked ``x`` and, with
+        ``stats``, each row's ``mean`` and ``den``."""
+        ...
+
+    def layer_backward(
+        self, plan: Plan, dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, mean: torch.Tensor,
+        den: torch.Tensor, *, input_grad: bool, weight_grad: bool, bias_grad: bool,
+        weight_dtype: torch.dtype | None = None, bias_dtype: torch.dtype | None = None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """LayerNorm's ``(dx, dW, db)`` of 2-D ``dy`` and ``x`` (``None`` where not asked)."""
+        ...
+
+
+class NoLayerKernel:
+    """For a backend with no LayerNorm kernel yet: its ``not_supported_reasons`` says so
+    for a ``norm="layer"`` plan (:meth:`layer_reasons`), so the choice falls to torch
+    ops; these methods are never reached through :func:`taskgraph_norm.backends.choose`."""
+
+    name: str
+
+    def layer_reasons(self, plan: Plan) -> list[str]:
+        """``["no LayerNorm kernel yet ..."]`` for a LayerNorm plan, else ``[]``."""
+        if plan.norm != "layer":
+            return []
+        return ["no LayerNorm kernel yet (issue 23: the torch-ops backend runs LayerNorm plans)"]
+
+    def layer_forward(self, graph: Graph, plan: Plan, *args: Any, **kwargs: Any) -> LayerForward:
+        raise NotImplementedError(f"the {self.name} backend has no LayerNorm kernel yet")
+
+    def layer_backward(
+        self, plan: Plan, *args: Any, **kwargs: Any,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        raise NotImplementedError(f"the {self.name} backend has no LayerNorm kernel yet")

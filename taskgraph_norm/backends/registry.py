@@ -21,11 +21,12 @@ from ..graph import Graph
 from ..kernels import exact_sum as _exact_sum
 from ..lowering import Plan
 from . import triton as _triton
-from .base import Backend, Forward, allowed, triton_asked
+from .base import Backend, Forward, LayerForward, NoLayerKernel, allowed, triton_asked
 from .native import grads as _native_grads
 from .native import loader as _native
 from .native import team as _team
 from .native.direct import DirectCall, advise_fresh, direct_call
+from .torch_ops import layer as _layer
 from .torch_ops.compiled import run_compiled
 from .torch_ops.rowsum import plan_rms, plan_row_sum, torch_backward
 from .triton import backward as _triton_backward
@@ -84,12 +85,30 @@ class TorchOpsBackend:
         _exact_sum.add_products_(state, dy, b)
         return True
 
+    def layer_forward(
+        self, graph: Graph, plan: Plan, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+        eps: float, *, out: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+        residual_out: torch.Tensor | None = None, stats: bool = False, cancel: threading.Event | None = None,
+    ) -> LayerForward:
+        """LayerNorm's plan as torch ops over row tiles (:func:`.torch_ops.layer.run_layer`)."""
+        return _layer.run_layer(plan, x, weight, bias, eps, out=out, residual=residual, residual_out=residual_out,
+                                stats=stats, cancel=cancel)
+
+    def layer_backward(
+        self, plan: Plan, dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, mean: torch.Tensor,
+        den: torch.Tensor, *, input_grad: bool, weight_grad: bool, bias_grad: bool,
+        weight_dtype: torch.dtype | None = None, bias_dtype: torch.dtype | None = None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """:func:`.torch_ops.layer.layer_backward` (``dx`` in the plan's order)."""
+        return _layer.layer_backward(plan, dy, x, weight, mean, den, input_grad=input_grad, weight_grad=weight_grad,
+                                     bias_grad=bias_grad, weight_dtype=weight_dtype, bias_dtype=bias_dtype)
+
 
 #: What the other backends fall back on for the rows or dtypes they do not take.
 _TORCH_OPS = TorchOpsBackend()
 
 
-class NativeBackend:
+class NativeBackend(NoLayerKernel):
     """The C kernels (built at install): each row read once with the row in cache,
     rows shared among torch's threads; CPU, every plan with pairwise leaves and ADD
     merges, and every exact plan."""
@@ -97,7 +116,7 @@ class NativeBackend:
     name = "native"
 
     def not_supported_reasons(self, plan: Plan, device: torch.device, dtype: torch.dtype) -> list[str]:
-        reasons = []
+        reasons = self.layer_reasons(plan)
         if device.type != "cpu":
             reasons.append(f"runs on CPU tensors, not {device.type}")
         if not _native.runs_plan(plan):
@@ -220,7 +239,7 @@ class NativeBackend:
             raise ExactSumOverflowError(over, f"|sum| must stay below 2**{40 + 256}")
 
 
-class TritonBackend:
+class TritonBackend(NoLayerKernel):
     """The Triton kernels: one program per row, the plan's order operation for
     operation (float) or exactly (exact), FINALIZE fused; CUDA tensors, and CPU
     tensors in Triton's interpreter (``TRITON_INTERPRET=1``) when asked for by name."""
@@ -232,7 +251,7 @@ class TritonBackend:
         self.by_name = by_name
 
     def not_supported_reasons(self, plan: Plan, device: torch.device, dtype: torch.dtype) -> list[str]:
-        reasons = []
+        reasons = self.layer_reasons(plan)
         if not _triton.available():
             reasons.append("triton is not installed (pip install 'taskgraph-norm[triton]')")
         if device.type == "cpu":

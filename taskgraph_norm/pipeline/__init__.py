@@ -2,7 +2,8 @@
 
 :class:`Pipeline` (:mod:`.core`) is one configuration made once; :func:`for_config`
 and :func:`for_graph` (:mod:`.cache`) find or make the cached pipeline of a normalize
-configuration or of a graph someone built.
+configuration or of a graph someone built; :func:`layer_pipeline` (:mod:`.layer`) that of
+a LayerNorm configuration.
 """
 
 from __future__ import annotations
@@ -16,5 +17,7 @@ from .cache import for_graph as for_graph
 from .core import OFFLOAD_NUMEL as OFFLOAD_NUMEL
 from .core import Pipeline as Pipeline
 from .core import check_executor as check_executor
+from .layer import LayerPipeline as LayerPipeline
+from .layer import layer_pipeline as layer_pipeline
 
-__all__ = ["OFFLOAD_NUMEL", "Pipeline", "cached", "check_executor", "for_config", "for_graph", "run_coroutine_sync"]
+__all__ = ["OFFLOAD_NUMEL", "LayerPipeline", "Pipeline", "cached", "check_executor", "for_config", "for_graph", "layer_pipeline", "run_coroutine_sync"]
