@@ -204,7 +204,7 @@ void tgn_narrow_weight(const tgn_rows_cfg_t *c, const void *w, float *out)
 static inline __attribute__((always_inline)) int quotient_vectors(const float *s, const float *w, float off,
                                                                   int64_t n, const tgn_q_div_t *dv, int64_t code,
                                                                   uint16_t *y, const int ranged, const int clean,
-                                                                  const uint16_t *ahead)
+                                                                  const uint16_t *ahead, const int stream)
 {
     const __m512 o = _mm512_set1_ps(off);
     __mmask16 unordered = 0;
@@ -217,13 +217,17 @@ static inline __attribute__((always_inline)) int quotient_vectors(const float *s
             q = _mm512_mul_ps(q, off != 0.0f ? _mm512_add_ps(_mm512_loadu_ps(w + j), o) : _mm512_loadu_ps(w + j));
         if (!clean)
             unordered |= _mm512_cmp_ps_mask(q, q, _CMP_UNORD_Q);
+        __m256i v;
 #if defined(__AVX512BF16__)
-        if (clean && code == TGN_DTYPE_BF16) {
-            _mm256_storeu_si256((__m256i *)(y + j), (__m256i)_mm512_cvtneps_pbh(q));
-            continue;
-        }
+        if (clean && code == TGN_DTYPE_BF16)
+            v = (__m256i)_mm512_cvtneps_pbh(q);
+        else
 #endif
-        _mm256_storeu_si256((__m256i *)(y + j), round_narrow(q, code));
+            v = round_narrow(q, code);
+        if (stream)
+            _mm256_stream_si256((__m256i *)(y + j), v);
+        else
+            _mm256_storeu_si256((__m256i *)(y + j), v);
     }
     return unordered != 0;
 }
@@ -241,20 +245,23 @@ static int weight_clean(const float *w, float off, int64_t n)
 }
 
 static int finalize_narrow(float *s, const float *w, float off, int64_t n, float rms, int64_t code, uint16_t *y,
-                           int ranged, int clean, const uint16_t *ahead)
+                           int ranged, int clean, const uint16_t *ahead, int64_t flags)
 {
 #if defined(LANES) && TGN_QUOTIENT_LANES == LANES
     if (tgn_quotient_rms_in_range(rms)) {
         const tgn_q_div_t dv = tgn_q_setup(rms);
-        int nan = !ranged || n >= ((int64_t)1 << 38) ? quotient_vectors(s, w, off, n, &dv, code, y, 0, 0, ahead)
-                  : clean ? quotient_vectors(s, w, off, n, &dv, code, y, 1, 1, ahead)
-                          : quotient_vectors(s, w, off, n, &dv, code, y, 1, 0, ahead);
+        /* TGN_STREAM_STORES: non-temporal stores where y is aligned to a vector (then
+         * every y + j is); the caller fences */
+        const int stream = (flags & TGN_STREAM_STORES) && (uintptr_t)y % 32 == 0;
+        int nan = !ranged || n >= ((int64_t)1 << 38) ? quotient_vectors(s, w, off, n, &dv, code, y, 0, 0, ahead, stream)
+                  : clean ? quotient_vectors(s, w, off, n, &dv, code, y, 1, 1, ahead, stream)
+                          : quotient_vectors(s, w, off, n, &dv, code, y, 1, 0, ahead, stream);
         int64_t j = n / LANES * LANES;
         tgn_quotient_div_f32(s + j, s + j, w ? w + j : 0, off, n - j, rms); /* the scalar tail, as there */
         return narrow(s + j, code, y + j, n - j) | nan;
     }
 #endif
-    (void)ranged, (void)clean, (void)ahead;
+    (void)ranged, (void)clean, (void)ahead, (void)flags;
     tgn_quotient_row_f32(s, s, w, off, n, rms);
     return narrow(s, code, y, n);
 }
@@ -297,7 +304,7 @@ static int64_t fused_step(const tgn_narrow_t *job, float *s, int64_t i, int64_t 
         }
         bad += finalize_narrow(s + k * d, job->w, (float)job->offset, d, rms, c->y_dtype,
                                (uint16_t *)job->y + (i + k) * d, ranged, clean,
-                               k < ahead_rows ? ahead + k * d : 0);
+                               k < ahead_rows ? ahead + k * d : 0, job->flags);
     }
     return bad;
 }
@@ -330,7 +337,9 @@ int64_t tgn_narrow_rows(const tgn_narrow_t *job, int64_t i, int64_t n)
         else {
             void *total = job->total ? (c->exact ? (void *)((double *)job->total + 2 * i)
                                                  : (void *)((float *)job->total + i)) : 0;
-            got = kernel(job, s, m, narrow_y ? s : (float *)job->y + i * d, total, job->flags);
+            /* (never streaming into the scratch) */
+            got = kernel(job, s, m, narrow_y ? s : (float *)job->y + i * d, total,
+                         narrow_y ? job->flags & ~(int64_t)TGN_STREAM_STORES : job->flags);
             for (int64_t k = 0; narrow_y && got >= 0 && k < m; ++k)
                 got += narrow(s + k * d, c->y_dtype, (uint16_t *)job->y + (i + k) * d, d);
         }
@@ -340,6 +349,8 @@ int64_t tgn_narrow_rows(const tgn_narrow_t *job, int64_t i, int64_t n)
         }
         bad += got;
     }
+    if (job->flags & TGN_STREAM_STORES)
+        tgn_store_fence();
     if (s != small)
         free(s);
     return bad;
