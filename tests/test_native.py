@@ -213,7 +213,9 @@ def torch_total(graph: Graph, x: torch.Tensor) -> torch.Tensor:
                                           (4096, 64), (4097, 4096), (96, 1),
                                           # eight full chunks at a time on AVX, plus tails
                                           (464, 16), (4096, 16), (1000, 32), (4096, 128),
-                                          (2148, 256), (2048, 256), (520, 64)])
+                                          (2148, 256), (2048, 256), (520, 64),
+                                          # short rows: a block of rows' chunks at a time, partial blocks
+                                          (128, 64), (256, 64), (96, 32), (48, 16), (8, 2)])
 def test_float_total_equals_the_reference(topology: str, dtype: torch.dtype, hidden: int, chunk: int) -> None:
     graph = tgn.build_graph(hidden, chunk_size=chunk, topology=topology)
     plan = compile_graph(graph)

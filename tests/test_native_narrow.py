@@ -200,6 +200,31 @@ def test_rows_with_zeros_and_tiny_values(monkeypatch: pytest.MonkeyPatch, dtype:
         assert bool((tgn.normalize_sync(x[:1], w).view(torch.int16) == -0x8000).any())  # -0 kept
 
 
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+def test_weights_whose_products_are_nan_or_subnormal(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype) -> None:
+    """FINALIZE skips its NaN check, and a bf16 y its look for subnormals (vcvtneps2bf16
+    flushes them), where every lane of the weight is finite and 0 or at least 2^-30
+    (native_narrow.c's weight_clean); a weight with a smaller, infinite or NaN lane keeps
+    them (an infinite lane times a zero is a NaN, which the C call must see and decline).
+    Negative control: the bf16 outputs of the 2^-130 weight hold subnormals, which a
+    flushing rounding would have made zeros."""
+    taken = spy_direct_calls(monkeypatch)
+    x = _rows(6, 1024, dtype, 7)[5:].repeat(4, 1)  # no tiny values: the unchecked quotient
+    x[:, ::5] = 0.0
+    x[1:, 1::5] = -0.0
+    for value in (2.0**-30, 2.0**-31, 2.0**-126, 2.0**-130, 0.0, -0.0, float("inf"), float("-inf"), float("nan")):
+        w = _weight(1024, dtype)
+        assert w is not None
+        w[3::7] = value
+        for options in (dict(), dict(accumulate="exact"), dict(offset=0.5)):
+            got = tgn.normalize_sync(x, w, **options)  # type: ignore[arg-type]
+            assert taken[-1] is (abs(value) < float("inf")), (value, options)  # a NaN product: declined
+            assert _same(got, _general(x, w, **options)), (value, options)
+            if value == 2.0**-130 and dtype == torch.bfloat16 and not options:
+                bits = got.view(torch.int16)
+                assert bool((((bits & 0x7F80) == 0) & ((bits & 0x7FFF) != 0)).any())
+
+
 def test_a_training_forward_keeps_the_rms_of_the_general_path(threads: int) -> None:
     """The grad-enabled forward asks the direct call for each row's rms too."""
     for dtype, accumulate in itertools.product(HALF, ("float", "exact")):

@@ -22,7 +22,7 @@ from taskgraph_norm.backends.native import direct
 from taskgraph_norm.backends.native import team
 
 from ._trust_helpers import native_status
-from .helpers import assert_bits_equal, backend_backward, bits_equal
+from .helpers import assert_bits_equal, backend_backward, bits_equal, spy_direct_calls
 
 NATIVE, WHY_NOT = native_status()
 pytestmark = pytest.mark.skipif(not NATIVE, reason=f"native kernels: {WHY_NOT}")
@@ -333,23 +333,32 @@ def test_the_exact_weight_gradient_shares_columns_with_the_same_state(runtime: s
     assert not bits_equal(es.add_products_(es.empty_state(cols), dy2, x_hat), want)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("hidden", [4096, 4100])
-def test_streaming_stores_of_a_large_output_change_no_bit(hidden: int) -> None:
+def test_streaming_stores_of_a_large_output_change_no_bit(
+    monkeypatch: pytest.MonkeyPatch, hidden: int, dtype: torch.dtype
+) -> None:
     """From ``STREAM_BYTES`` of output on, FINALIZE writes with non-temporal stores (where
-    a row is aligned: 4100-wide rows alternate); the bits are the rows' computed alone."""
+    a row is aligned: 4100-wide rows alternate); the bits are the rows' computed alone.
+    bf16 and fp16 outputs too (native_narrow.c's fused FINALIZE; llama's, which
+    rounds in fp32 scratch first, streams nothing into the scratch)."""
     from taskgraph_norm.constants import STREAM_BYTES
 
-    rows = -(-STREAM_BYTES // (4 * hidden))
+    size = torch.finfo(dtype).bits // 8
+    rows = -(-STREAM_BYTES // (size * hidden))
     g = torch.Generator().manual_seed(3)
-    x, w = torch.randn(rows, hidden, generator=g), torch.randn(hidden, generator=g)
-    y = tgn.normalize_sync(x, w)
-    assert y.numel() * 4 >= STREAM_BYTES
-    for part in (x[:7], x[rows // 2: rows // 2 + 5], x[-3:]):
-        start = part.data_ptr() - x.data_ptr()
-        got = y.view(-1)[start // 4: start // 4 + part.numel()].view_as(part)
-        assert torch.equal(got.view(torch.int32), tgn.normalize_sync(part, w).view(torch.int32))
-    out = torch.empty_like(x)
-    assert torch.equal(tgn.normalize_sync(x, w, out=out).view(torch.int32), y.view(torch.int32))
-    with tgn.backends.use("torch_ops"):
-        ref = tgn.normalize_sync(x[:64], w)
-    assert torch.equal(y[:64].view(torch.int32), ref.view(torch.int32))
+    x, w = torch.randn(rows, hidden, generator=g).to(dtype), torch.randn(hidden, generator=g).to(dtype)
+    modes = ("torch", "llama") if dtype != torch.float32 else ("torch",)
+    taken = spy_direct_calls(monkeypatch)
+    for mode in modes:
+        y = tgn.normalize_sync(x, w, casting_mode=mode)
+        assert y.numel() * y.element_size() >= STREAM_BYTES and taken[-1] is True
+        for part in (x[:7], x[rows // 2: rows // 2 + 5], x[-3:]):
+            start = (part.data_ptr() - x.data_ptr()) // size
+            got = y.view(-1)[start: start + part.numel()].view_as(part)
+            assert bits_equal(got, tgn.normalize_sync(part, w, casting_mode=mode)), mode
+        out = torch.empty_like(y)
+        assert bits_equal(tgn.normalize_sync(x, w, out=out, casting_mode=mode), y), mode
+        with tgn.backends.use("torch_ops"):
+            ref = tgn.normalize_sync(x[:64], w, casting_mode=mode)
+        assert bits_equal(y[:64], ref), mode

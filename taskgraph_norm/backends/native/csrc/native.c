@@ -1,7 +1,8 @@
 /* The compiled executor's native kernels: whole rows of sums of squares, in C.
- * (The forward's rows; the backward is native_backward.c, the exact weight gradient
- * native_dw.c, FINALIZE's quotient native_quotient.h, the team that shares the rows
- * native_team.c, the extension module Python calls native_module.c.)
+ * (The forward's rows; their float chunk sums are native_sums.c, the backward
+ * native_backward.c, the exact weight gradient native_dw.c, FINALIZE's quotient
+ * native_quotient.h, the team that shares the rows native_team.c, the extension
+ * module Python calls native_module.c.)
  *
  * Two kernels, each the C form of the torch ops it replaces, bit for bit (the tests
  * compare them with the reference interpreter):
@@ -446,165 +447,15 @@ EXACT_ROWS(tgn_exact_rows_f64, double)
  * does not keep an operand order for NaNs (which of two NaNs a sum returns), so
  * the caller gives those rows the reference interpreter's bits.
  */
-/* One chunk of a power-of-two length C, with C a compile-time constant: the same
- * halving order (h = C/2, C/4, ..., 1; s[k] += s[k + h] for k < h), which the
- * compiler unrolls and vectorises; the general loop below serves other lengths. */
-#define CHUNK_POW2(T, C)                                                               \
-    INLINE T chunk_##T##_##C(const T *restrict src)                                    \
-    {                                                                                  \
-        T buf[(C) / 2];                                                                \
-        for (int k = 0; k < (C) / 2; ++k)                                              \
-            buf[k] = src[k] * src[k] + src[k + (C) / 2] * src[k + (C) / 2];            \
-        for (int h = (C) / 4; h >= 1; h /= 2)                                          \
-            for (int k = 0; k < h; ++k)                                                \
-                buf[k] += buf[k + h];                                                  \
-        return buf[0];                                                                 \
-    }
-#define CHUNK_POW2_ALL(T) CHUNK_POW2(T, 2) CHUNK_POW2(T, 4) CHUNK_POW2(T, 8) CHUNK_POW2(T, 16) \
-    CHUNK_POW2(T, 32) CHUNK_POW2(T, 64) CHUNK_POW2(T, 128) CHUNK_POW2(T, 256)
-CHUNK_POW2_ALL(float)
-CHUNK_POW2_ALL(double)
+/* The chunk sums of one row's full chunks into slots (native_sums.c: the halving
+ * order above, vectorised; 0 when the chunk length has no specialised form). */
+#define full_chunks_float tgn_full_chunks_f32
+#define full_chunks_double tgn_full_chunks_f64
 
-/* The chunk sums of one row's full power-of-two chunks into slots; returns 0 when
- * the chunk length has no specialised form. */
-#define FULL_CHUNKS_POW2(T)                                                            \
-    static int full_chunks_##T(const T *row, int64_t chunk, int64_t n_full, T *slots) \
-    {                                                                                  \
-        switch (chunk) {                                                               \
-        case 2: for (int64_t c = 0; c < n_full; ++c) slots[c] = chunk_##T##_2(row + c * 2); return 1; \
-        case 4: for (int64_t c = 0; c < n_full; ++c) slots[c] = chunk_##T##_4(row + c * 4); return 1; \
-        case 8: for (int64_t c = 0; c < n_full; ++c) slots[c] = chunk_##T##_8(row + c * 8); return 1; \
-        case 16: for (int64_t c = 0; c < n_full; ++c) slots[c] = chunk_##T##_16(row + c * 16); return 1; \
-        case 32: for (int64_t c = 0; c < n_full; ++c) slots[c] = chunk_##T##_32(row + c * 32); return 1; \
-        case 64: for (int64_t c = 0; c < n_full; ++c) slots[c] = chunk_##T##_64(row + c * 64); return 1; \
-        case 128: for (int64_t c = 0; c < n_full; ++c) slots[c] = chunk_##T##_128(row + c * 128); return 1; \
-        case 256: for (int64_t c = 0; c < n_full; ++c) slots[c] = chunk_##T##_256(row + c * 256); return 1; \
-        default: return 0;                                                             \
-        }                                                                              \
-    }
-FULL_CHUNKS_POW2(double)
-
-#if defined(__AVX__)
-/* fp32 with AVX: eight full chunks of a power-of-two length C >= 16 at a time, the
- * same additions in the same order (so the same bits; tests/test_native.py compares
- * this host build with the portable one, which keeps the loop above).  Each chunk's
- * vertical steps (the squares' pairs, then h = C/4 ... 8) leave an 8-lane vector v
- * with v[k] = buf[k]; the last steps h = 4, 2, 1 (buf[k] += buf[k + h]) of the eight
- * vectors then run as a transposing network, each lane one of those additions with
- * its operands in the scalar order (a + b, a the lower index):
- *   t = v_c[k] + v_c[k + 4]   two chunks per vector (lanes 0-3 and 4-7)
- *   u = t[k] + t[k + 2]       four chunks per vector
- *   w = u[k] + u[k + 1]       eight chunks: lanes [c0 c2 c4 c6 | c1 c3 c5 c7]
- * docs/performance.md, "The sums, eight chunks at a time", gives its speed. */
-#define VERT8(NAME, C, FIRST)                                                          \
-    INLINE __m256 NAME##_##C(const float *s)                                           \
-    {                                                                                  \
-        __m256 p[(C) / 16];                                                            \
-        for (int i = 0; i < (C) / 16; ++i) {                                           \
-            __m256 a = _mm256_loadu_ps(s + 8 * i), b = _mm256_loadu_ps(s + (C) / 2 + 8 * i); \
-            p[i] = FIRST(a, b);                                                        \
-        }                                                                              \
-        for (int h = (C) / 32; h >= 1; h /= 2)                                         \
-            for (int i = 0; i < h; ++i)                                                \
-                p[i] = _mm256_add_ps(p[i], p[i + h]);                                  \
-        return p[0];                                                                   \
-    }
-/* the first halving step: squares of a pair (the forward), or a pair (the backward's p) */
-#define SQUARES(a, b) _mm256_add_ps(_mm256_mul_ps(a, a), _mm256_mul_ps(b, b))
-#define PAIRS(a, b) _mm256_add_ps(a, b)
-VERT8(vert8, 16, SQUARES) VERT8(vert8, 32, SQUARES) VERT8(vert8, 64, SQUARES) VERT8(vert8, 128, SQUARES)
-VERT8(vert8, 256, SQUARES)
-VERT8(vert8_sum, 16, PAIRS) VERT8(vert8_sum, 32, PAIRS) VERT8(vert8_sum, 64, PAIRS) VERT8(vert8_sum, 128, PAIRS)
-VERT8(vert8_sum, 256, PAIRS)
-
-INLINE __m256 pair_halves(__m256 a, __m256 b) /* h = 4 for two chunks */
-{
-    return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
-}
-
-INLINE void network8(const __m256 *v, float *slots)
-{
-    __m256 t01 = pair_halves(v[0], v[1]), t23 = pair_halves(v[2], v[3]);
-    __m256 t45 = pair_halves(v[4], v[5]), t67 = pair_halves(v[6], v[7]);
-    __m256 u0 = _mm256_add_ps(_mm256_shuffle_ps(t01, t23, _MM_SHUFFLE(1, 0, 1, 0)),
-                              _mm256_shuffle_ps(t01, t23, _MM_SHUFFLE(3, 2, 3, 2)));
-    __m256 u1 = _mm256_add_ps(_mm256_shuffle_ps(t45, t67, _MM_SHUFFLE(1, 0, 1, 0)),
-                              _mm256_shuffle_ps(t45, t67, _MM_SHUFFLE(3, 2, 3, 2)));
-    __m256 w = _mm256_add_ps(_mm256_shuffle_ps(u0, u1, _MM_SHUFFLE(2, 0, 2, 0)),
-                             _mm256_shuffle_ps(u0, u1, _MM_SHUFFLE(3, 1, 3, 1)));
-#if defined(__AVX2__)
-    _mm256_storeu_ps(slots, _mm256_permutevar8x32_ps(w, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
-#else
-    float o[8];
-    _mm256_storeu_ps(o, w);
-    for (int k = 0; k < 4; ++k) {
-        slots[2 * k] = o[k];
-        slots[2 * k + 1] = o[k + 4];
-    }
-#endif
-}
-
-/* Groups of eight full chunks of `row` through the network; leaves c at the first
- * chunk not summed. */
-#define EIGHT_GROUPS(VERT, C)                                                          \
-    for (c = 0; c + 8 <= n_full; c += 8) {                                             \
-        __m256 v[8];                                                                   \
-        for (int i = 0; i < 8; ++i)                                                    \
-            v[i] = VERT##_##C(row + (c + i) * (C));                                    \
-        network8(v, slots + c);                                                        \
-    }
-
-#define EIGHT_CHUNKS(C)                                                                \
-    EIGHT_GROUPS(vert8, C)                                                             \
-    for (; c < n_full; ++c)                                                            \
-        slots[c] = chunk_float_##C(row + c * (C));                                     \
-    return 1;
-
-static int full_chunks_float(const float *row, int64_t chunk, int64_t n_full, float *slots)
-{
-    int64_t c;
-    switch (chunk) {
-    case 16: EIGHT_CHUNKS(16)
-    case 32: EIGHT_CHUNKS(32)
-    case 64: EIGHT_CHUNKS(64)
-    case 128: EIGHT_CHUNKS(128)
-    case 256: EIGHT_CHUNKS(256)
-    case 2: for (c = 0; c < n_full; ++c) slots[c] = chunk_float_2(row + c * 2); return 1;
-    case 4: for (c = 0; c < n_full; ++c) slots[c] = chunk_float_4(row + c * 4); return 1;
-    case 8: for (c = 0; c < n_full; ++c) slots[c] = chunk_float_8(row + c * 8); return 1;
-    default: return 0;
-    }
-}
-
-/* The backward's dot products (native_backward.c): the same halving of each full
- * chunk of row (here p = g * x, values already formed), eight chunks at a time; the first
- * step adds pairs where the forward adds squares of pairs.  Returns how many leading
- * full chunks it summed into slots (a multiple of 8: the caller halves the rest). */
-#define EIGHT_SUMS(C)                                                                  \
-    EIGHT_GROUPS(vert8_sum, C)                                                         \
-    return c;
-
-int64_t tgn_chunk_sums_f32(const float *row, int64_t chunk, int64_t n_full, float *slots)
-{
-    int64_t c;
-    switch (chunk) {
-    case 16: EIGHT_SUMS(16)
-    case 32: EIGHT_SUMS(32)
-    case 64: EIGHT_SUMS(64)
-    case 128: EIGHT_SUMS(128)
-    case 256: EIGHT_SUMS(256)
-    default: return 0;
-    }
-}
-#else
-FULL_CHUNKS_POW2(float)
-
-int64_t tgn_chunk_sums_f32(const float *row, int64_t chunk, int64_t n_full, float *slots)
-{
-    (void)row, (void)chunk, (void)n_full, (void)slots;
-    return 0; /* the caller halves every chunk */
-}
-#endif
+/* Chunk sums per call of full_chunks for short rows (fewer than eight full chunks each,
+ * which alone would miss the eight-chunk network): a block of BLOCK_CHUNKS / n_full rows
+ * at a time, each chunk's sum the same whichever call forms it. */
+#define BLOCK_CHUNKS 32
 
 /* Each row's total is written to total[i] (its rms with TGN_TOTAL_AS_RMS); total may be
  * NULL when nobody reads them (the direct path without autograd).  So may the exact
@@ -614,18 +465,29 @@ int64_t tgn_chunk_sums_f32(const float *row, int64_t chunk, int64_t n_full, floa
               int64_t chunk, const int64_t *adds, int64_t n_adds, int64_t root,       \
               T *total, FINALIZE_ARGS(T), RESIDUAL_ARGS(T))                                 \
     {                                                                                 \
-        int64_t n_chunks = (hidden + chunk - 1) / chunk, nan_rows = 0;                \
-        int64_t need = chunk + n_chunks + n_adds;                                     \
+        int64_t n_chunks = (hidden + chunk - 1) / chunk, nan_rows = 0, n_full = hidden / chunk; \
+        /* short rows of full chunks, one after another: a block's chunks in one call */ \
+        int blocked = !r && row_stride == hidden && n_full * chunk == hidden && n_full < 8 && rows > 1; \
+        const int64_t block = blocked ? BLOCK_CHUNKS / n_full : 0;                    \
+        int64_t need = chunk + n_chunks + n_adds + block * n_full, pre_at = -block;  \
         T small[2048];                                                                \
         T *work = need <= 2048 ? small : (T *)malloc((size_t)need * sizeof(T));       \
         if (!work)                                                                    \
             return -1;                                                                \
-        T *buf = work, *slots = work + chunk;                                         \
+        T *buf = work, *slots = work + chunk, *pre = slots + n_chunks + n_adds;       \
         for (int64_t i = 0; i < rows; ++i) {                                          \
             const T *row = x + i * row_stride;                                        \
             if (r)                                                                    \
                 row = add_residual_##T(row, r + i * r_stride, h + i * h_stride, hidden); \
-            int64_t c0 = full_chunks_##T(row, chunk, hidden / chunk, slots) ? hidden / chunk : 0; \
+            if (blocked && i >= pre_at + block) {                                     \
+                pre_at = i;                                                           \
+                blocked = full_chunks_##T(row, chunk, (rows - i < block ? rows - i : block) * n_full, pre); \
+            }                                                                         \
+            int64_t c0 = n_full;                                                      \
+            if (blocked)                                                              \
+                memcpy(slots, pre + (i - pre_at) * n_full, (size_t)n_full * sizeof(T)); \
+            else if (!full_chunks_##T(row, chunk, n_full, slots))                     \
+                c0 = 0;                                                               \
             for (int64_t c = c0; c < n_chunks; ++c) {                                 \
                 const T *src = row + c * chunk;                                       \
                 int64_t length = hidden - c * chunk < chunk ? hidden - c * chunk : chunk; \

@@ -103,7 +103,17 @@ static int widen(const uint16_t *x, int64_t code, float *s, int64_t n)
     int tiny = 0;
 #if defined(LANES)
     if (code == TGN_DTYPE_BF16) {
-        __mmask16 t = 0;
+        /* tiny_lanes on the bf16 bits themselves, 32 at a time: |x| bits (x << 16) in
+         * [1, TGN_Q_LO) is |b| in [1, TGN_Q_LO >> 16) (TGN_Q_LO's low half is 0) */
+        __mmask32 t = 0;
+        for (; j + 2 * LANES <= n; j += 2 * LANES) {
+            __m512i b = _mm512_loadu_si512((const void *)(x + j));
+            __m512i mag = _mm512_and_si512(b, _mm512_set1_epi16(0x7fff));
+            t |= _mm512_cmplt_epu16_mask(_mm512_sub_epi16(mag, _mm512_set1_epi16(1)),
+                                         _mm512_set1_epi16((short)((TGN_Q_LO >> 16) - 1)));
+            _mm512_storeu_ps(s + j, load_bf16(x + j));
+            _mm512_storeu_ps(s + j + LANES, load_bf16(x + j + LANES));
+        }
         for (; j + LANES <= n; j += LANES) {
             __m512 v = load_bf16(x + j);
             t |= tiny_lanes(v);
@@ -185,40 +195,73 @@ void tgn_narrow_weight(const tgn_rows_cfg_t *c, const void *w, float *out)
  * tgn_quotient_row_f32 (native_quotient.h), each vector rounded as it is made instead of
  * stored in fp32 and read again; returns whether a NaN was met.  ranged: no value of
  * the row is tiny, so with rms in range every one is in tgn_q_vec_ranged's (|a| <= 2^60
- * as rms^2 >= a^2 / D, and rms is finite), and the vectors skip the range check. */
+ * as rms^2 >= a^2 / D, and rms is finite), and the vectors skip the range check.
+ * clean (with ranged): besides, every lane of the weight (plus offset) is finite and
+ * +-0 or at least 2^-30 in magnitude (weight_clean), so no product is a NaN or
+ * subnormal (2^-90 <= |q| <= 2^60, or q = +-0): the vectors skip the NaN check, and a
+ * bf16 y rounds with vcvtneps2bf16 without looking for subnormals. */
 #if defined(LANES) && TGN_QUOTIENT_LANES == LANES
 static inline __attribute__((always_inline)) int quotient_vectors(const float *s, const float *w, float off,
                                                                   int64_t n, const tgn_q_div_t *dv, int64_t code,
-                                                                  uint16_t *y, const int ranged)
+                                                                  uint16_t *y, const int ranged, const int clean,
+                                                                  const uint16_t *ahead, const int stream)
 {
     const __m512 o = _mm512_set1_ps(off);
     __mmask16 unordered = 0;
     for (int64_t j = 0; j + LANES <= n; j += LANES) {
+        if (ahead && !(j & 31)) /* one line of 32 values */
+            __builtin_prefetch(ahead + j, 0, 3);
         __m512 a = _mm512_loadu_ps(s + j);
         __m512 q = ranged ? tgn_q_vec_ranged(dv, a) : tgn_q_vec(dv, a);
         if (w)
             q = _mm512_mul_ps(q, off != 0.0f ? _mm512_add_ps(_mm512_loadu_ps(w + j), o) : _mm512_loadu_ps(w + j));
-        unordered |= _mm512_cmp_ps_mask(q, q, _CMP_UNORD_Q);
-        _mm256_storeu_si256((__m256i *)(y + j), round_narrow(q, code));
+        if (!clean)
+            unordered |= _mm512_cmp_ps_mask(q, q, _CMP_UNORD_Q);
+        __m256i v;
+#if defined(__AVX512BF16__)
+        if (clean && code == TGN_DTYPE_BF16)
+            v = (__m256i)_mm512_cvtneps_pbh(q);
+        else
+#endif
+            v = round_narrow(q, code);
+        if (stream)
+            _mm256_stream_si256((__m256i *)(y + j), v);
+        else
+            _mm256_storeu_si256((__m256i *)(y + j), v);
     }
     return unordered != 0;
 }
 #endif
 
+/* weight_clean's test of the weight FINALIZE multiplies by (w + off where off != 0) */
+static int weight_clean(const float *w, float off, int64_t n)
+{
+    int ok = 1;
+    for (int64_t j = 0; w && j < n; ++j) {
+        uint32_t u = tgn_bits_of(off != 0.0f ? w[j] + off : w[j]) & 0x7fffffffu;
+        ok &= u == 0 || (u >= 0x30800000u && u < 0x7f800000u); /* 2^-30 <= |v| < inf */
+    }
+    return ok;
+}
+
 static int finalize_narrow(float *s, const float *w, float off, int64_t n, float rms, int64_t code, uint16_t *y,
-                           int ranged)
+                           int ranged, int clean, const uint16_t *ahead, int64_t flags)
 {
 #if defined(LANES) && TGN_QUOTIENT_LANES == LANES
     if (tgn_quotient_rms_in_range(rms)) {
         const tgn_q_div_t dv = tgn_q_setup(rms);
-        int nan = ranged && n < ((int64_t)1 << 38) ? quotient_vectors(s, w, off, n, &dv, code, y, 1)
-                                                   : quotient_vectors(s, w, off, n, &dv, code, y, 0);
+        /* TGN_STREAM_STORES: non-temporal stores where y is aligned to a vector (then
+         * every y + j is); the caller fences */
+        const int stream = (flags & TGN_STREAM_STORES) && (uintptr_t)y % 32 == 0;
+        int nan = !ranged || n >= ((int64_t)1 << 38) ? quotient_vectors(s, w, off, n, &dv, code, y, 0, 0, ahead, stream)
+                  : clean ? quotient_vectors(s, w, off, n, &dv, code, y, 1, 1, ahead, stream)
+                          : quotient_vectors(s, w, off, n, &dv, code, y, 1, 0, ahead, stream);
         int64_t j = n / LANES * LANES;
         tgn_quotient_div_f32(s + j, s + j, w ? w + j : 0, off, n - j, rms); /* the scalar tail, as there */
         return narrow(s + j, code, y + j, n - j) | nan;
     }
 #endif
-    (void)ranged;
+    (void)ranged, (void)clean, (void)ahead, (void)flags;
     tgn_quotient_row_f32(s, s, w, off, n, rms);
     return narrow(s, code, y, n);
 }
@@ -238,7 +281,7 @@ static int64_t kernel(const tgn_narrow_t *job, float *s, int64_t n, float *y, vo
 /* Rows [i, i + m) of the step in s: the kernel's sums (each row's rms, or exact pair),
  * then FINALIZE and the narrowing in one pass per row. */
 static int64_t fused_step(const tgn_narrow_t *job, float *s, int64_t i, int64_t m, double *pairs, float *rmss,
-                          int ranged)
+                          int ranged, int clean, const uint16_t *ahead, int64_t ahead_rows)
 {
     const tgn_rows_cfg_t *c = job->cfg;
     const int64_t d = c->hidden;
@@ -260,7 +303,8 @@ static int64_t fused_step(const tgn_narrow_t *job, float *s, int64_t i, int64_t 
             rms = ((const float *)total)[k]; /* TGN_TOTAL_AS_RMS: the same expression */
         }
         bad += finalize_narrow(s + k * d, job->w, (float)job->offset, d, rms, c->y_dtype,
-                               (uint16_t *)job->y + (i + k) * d, ranged);
+                               (uint16_t *)job->y + (i + k) * d, ranged, clean,
+                               k < ahead_rows ? ahead + k * d : 0, job->flags);
     }
     return bad;
 }
@@ -276,6 +320,7 @@ int64_t tgn_narrow_rows(const tgn_narrow_t *job, int64_t i, int64_t n)
     const int64_t step = d > SCRATCH ? 1 : SCRATCH / d < MAX_STEP ? SCRATCH / d : MAX_STEP; /* rows per step */
     /* llama's roundings keep the kernel's own FINALIZE (into s, then narrowed) */
     const int fused = narrow_y && !(job->flags & (TGN_ROUND_QUOTIENT | TGN_ROUND_PRODUCT));
+    const int clean = fused && weight_clean(job->w, (float)job->offset, d);
     double pairs[2 * MAX_STEP];
     float rmss[MAX_STEP];
     int64_t bad = 0;
@@ -287,11 +332,14 @@ int64_t tgn_narrow_rows(const tgn_narrow_t *job, int64_t i, int64_t n)
                             : widen(x, code, s, m * d);
         int64_t got;
         if (fused)
-            got = fused_step(job, s, i, m, pairs, rmss, ranged);
+            got = fused_step(job, s, i, m, pairs, rmss, ranged, clean, x + m * d,
+                             end - i - m < m ? end - i - m : m); /* the next step's x, fetched meanwhile */
         else {
             void *total = job->total ? (c->exact ? (void *)((double *)job->total + 2 * i)
                                                  : (void *)((float *)job->total + i)) : 0;
-            got = kernel(job, s, m, narrow_y ? s : (float *)job->y + i * d, total, job->flags);
+            /* (never streaming into the scratch) */
+            got = kernel(job, s, m, narrow_y ? s : (float *)job->y + i * d, total,
+                         narrow_y ? job->flags & ~(int64_t)TGN_STREAM_STORES : job->flags);
             for (int64_t k = 0; narrow_y && got >= 0 && k < m; ++k)
                 got += narrow(s + k * d, c->y_dtype, (uint16_t *)job->y + (i + k) * d, d);
         }
@@ -301,6 +349,8 @@ int64_t tgn_narrow_rows(const tgn_narrow_t *job, int64_t i, int64_t n)
         }
         bad += got;
     }
+    if (job->flags & TGN_STREAM_STORES)
+        tgn_store_fence();
     if (s != small)
         free(s);
     return bad;

@@ -188,23 +188,22 @@ static inline TGN_QV tgn_q_vec(const tgn_q_div_t *d, TGN_QV a)
 /* tgn_q_vec without the range check, for a caller that knows every lane of a is +-0
  * or 2^-50 <= |a| <= 2^60 (an fp16 value, for one; so is any finite a of a row whose rms
  * is in range and whose hidden size is below 2^38, except the tiny ones: rms^2 >=
- * a^2 / D there).  |a| goes through the fmas and a's sign comes back after: a / b has
- * |a| / b's magnitude and a's sign (b > 0), and -0 becomes -0, not +0. */
+ * a^2 / D there).  Round to nearest even is symmetric, so every step of the fmas on -a
+ * is the negation of the same step on a (a nonzero a keeps q0 nonzero, and an exact
+ * zero remainder is +0 for either sign, which leaves q0 as it is): the lanes of a
+ * nonzero a come out with a's sign already.  Only a = -0 would come out +0 (RN(-0 +
+ * +0) is +0), and a's sign put back with an OR makes it -0 again without touching the
+ * others (a +0 gives +0 at every step, and a negative a's q is negative). */
 static inline TGN_QV tgn_q_vec_ranged(const tgn_q_div_t *d, TGN_QV a)
 {
-#if TGN_QUOTIENT_LANES == 16
-    const __m512i sign = _mm512_set1_epi32((int)0x80000000u);
-    __m512 m = _mm512_castsi512_ps(_mm512_andnot_si512(sign, _mm512_castps_si512(a)));
-#else
-    const __m256 sign = _mm256_castsi256_ps(_mm256_set1_epi32((int)0x80000000u));
-    __m256 m = _mm256_andnot_ps(sign, a);
-#endif
-    TGN_QV q = TGN_Q_FMADD(m, d->r, TGN_Q_MUL(m, d->rl));
+    TGN_QV q = TGN_Q_FMADD(a, d->r, TGN_Q_MUL(a, d->rl));
     for (int k = 0; k < TGN_Q_CORRECTIONS; ++k)
-        q = TGN_Q_FMADD(TGN_Q_FNMADD(q, d->b, m), d->r, q);
-#if TGN_QUOTIENT_LANES == 16 /* q | (a & sign): q >= +0 */
+        q = TGN_Q_FMADD(TGN_Q_FNMADD(q, d->b, a), d->r, q);
+#if TGN_QUOTIENT_LANES == 16 /* q | (a & sign) */
+    const __m512i sign = _mm512_set1_epi32((int)0x80000000u);
     return _mm512_castsi512_ps(_mm512_ternarylogic_epi32(_mm512_castps_si512(q), _mm512_castps_si512(a), sign, 0xF8));
 #else
+    const __m256 sign = _mm256_castsi256_ps(_mm256_set1_epi32((int)0x80000000u));
     return _mm256_or_ps(q, _mm256_and_ps(a, sign));
 #endif
 }

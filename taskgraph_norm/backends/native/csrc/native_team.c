@@ -383,8 +383,8 @@ int64_t tgn_exact_dw_f32_team(const float *dy, int64_t dy_stride, const float *x
  * added to the flags (TGN_TOTAL_AS_RMS for float rows).  fp32 rows with an fp32 weight
  * run the row kernels as they are; a weight of another dtype (or one llama rounds) is
  * made in fp32 first, once per call, and bf16/fp16 rows go through native_narrow.c.
- * An fp32 output of TGN_STREAM_BYTES or more is written with non-temporal stores
- * (TGN_STREAM_STORES). */
+ * An output of TGN_STREAM_BYTES or more (fp32, bf16 or fp16) is written with
+ * non-temporal stores (TGN_STREAM_STORES). */
 int64_t tgn_rows_call(const tgn_rows_cfg_t *c, const void *x, void *y, int64_t rows, const void *w,
                       double eps, void *total, const void *r, void *h, int64_t threads)
 {
@@ -413,6 +413,8 @@ int64_t tgn_rows_call(const tgn_rows_cfg_t *c, const void *x, void *y, int64_t r
                    .grain = c->grain};
         result = run_team(&j, threads);
     } else {
+        if (y && rows * d * (c->y_dtype == TGN_DTYPE_F32 ? 4 : 2) >= TGN_STREAM_BYTES)
+            flags |= TGN_STREAM_STORES;
         tgn_narrow_t n = {.cfg = c, .x = x, .r = r, .y = y, .h = h, .w = wf, .eps = eps, .offset = offset,
                           .flags = flags, .total = total};
         job_t j = {.kind = JOB_NARROW, .rows = rows, .grain = c->grain, .narrow = &n};

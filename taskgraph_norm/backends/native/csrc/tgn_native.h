@@ -36,6 +36,12 @@ int64_t tgn_float_rows_f64(const double *x, int64_t rows, int64_t hidden, int64_
                            const double *r, int64_t r_stride, double *h, int64_t h_stride);
 /* The exact domain's two scales of a row (kernels.exact_scale); 0 for a row without. */
 int tgn_exact_scale(double row_max, int64_t hidden, double *sigma1, double *sigma2);
+
+/* --- native_sums.c: the float domain's chunk sums ----------------------------------- */
+/* The sums of squares of a row's n_full full chunks into slots; 0 (nothing written)
+ * when the chunk length has no specialised form. */
+int tgn_full_chunks_f32(const float *row, int64_t chunk, int64_t n_full, float *slots);
+int tgn_full_chunks_f64(const double *row, int64_t chunk, int64_t n_full, double *slots);
 /* The backward's dot products: each leading full chunk of row (products already formed)
  * halved pairwise into slots, eight chunks at a time; returns how many it summed (0
  * where the build has no vector form: the caller halves the rest). */
