@@ -136,8 +136,8 @@ def normalize_sync(
             # The warm path: the cached pipeline from one dict lookup, then one kernel call.
             pipe = pipeline.cached(x.shape[-1], chunk_size, topology, leaf, accumulate, executor, casting_mode,
                                    offset)
-            if pipe is not None:
-                y = pipe.try_direct(x, weight, eps, out)
+            if pipe is not None:  # (found by x.shape[-1], as routed needs)
+                y = pipe.routed(x, weight, eps, out)
                 return pipe.general(x, weight, eps, out) if y is None else y
         elif not isinstance(x, torch.Tensor):
             how = _DIRECT  # (the pipeline raises the TypeError)

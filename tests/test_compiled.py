@@ -215,14 +215,19 @@ def _spy_direct(monkeypatch: pytest.MonkeyPatch, hidden: int, seen: list[int]) -
 
     tgn.normalize_sync(torch.randn(1, hidden))  # make the pipeline and its small call
     pipe = pipeline.for_config(hidden, 64, "tree", "pairwise", "float", "auto")
-    small = pipe._direct
+    small, routed = pipe._direct, pipe.routed  # (routed: the faces' entry)
     assert small is not None, "the native kernels are built in this environment"
 
     def spy(*args):
         seen.append(threading.get_ident())
         return small(*args)
 
+    def spy_routed(*args):
+        seen.append(threading.get_ident())
+        return routed(*args)
+
     monkeypatch.setattr(pipe, "_direct", spy)
+    monkeypatch.setattr(pipe, "routed", spy_routed)
 
 
 def test_normalize_uses_compiled_by_default(monkeypatch) -> None:

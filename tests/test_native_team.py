@@ -253,9 +253,10 @@ def test_the_direct_call_is_the_row_kernels_call(two_threads: None, runtime: str
 @pytest.mark.parametrize("accumulate", ["float", "exact"])
 def test_the_backward_shares_whole_row_blocks_with_the_same_bits(runtime: str, accumulate: str) -> None:
     """The native backward runs on the team too (ops/backward.py): whole row blocks of 32
-    per claim, so each block's weight-gradient sum is one thread's; any thread count and
+    per claim, so each block's weight-gradient sum is one thread's, merged in one order
+    (tests/test_backward_merge.py); any thread count and
     grain gives the torch ops' bits, and the other threads really run rows."""
-    from taskgraph_norm import kernels, pipeline
+    from taskgraph_norm import pipeline
     from taskgraph_norm.backends.native import grads as native_grads
     from taskgraph_norm.ops import backward as bw
     from taskgraph_norm.ops import library as ops_library
@@ -266,16 +267,15 @@ def test_the_backward_shares_whole_row_blocks_with_the_same_bits(runtime: str, a
     _, rms = ops_library.rms_norm_op(x, w, 1e-6, 64, "tree", "pairwise", accumulate, "torch", 0.0)
     want = backend_backward("torch_ops", pipe, dy, x, w, rms, True, True)
     recipe = native_grads.recipe_of(pipe.plan)  # type: ignore[arg-type]
-    n_blocks = -(-rows // 32)
     before = torch.get_num_threads()
     try:
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
             for grain in (1, 32, 33, 64, 1000):
-                dx, blocks = torch.empty_like(x), torch.empty(n_blocks, hidden)
+                dx, dw = torch.empty_like(x), torch.empty(hidden)
                 start = team.worker_rows()
                 for _ in range(50):  # until a worker has run a block (it may wake late:
-                    assert native_grads.backward_rows(x, dy, w, rms, recipe, dx, blocks,  # see below)
+                    assert native_grads.backward_rows(x, dy, w, rms, recipe, dx, dw,  # see below)
                                                       exact=accumulate == "exact", threads=team.threads(),
                                                       grain=grain) == 0
                     if threads == 1 or grain >= rows or team.worker_rows() > start:
@@ -283,7 +283,7 @@ def test_the_backward_shares_whole_row_blocks_with_the_same_bits(runtime: str, a
                     time.sleep(0.002)
                 assert threads == 1 or grain >= rows or team.worker_rows() > start, "no other thread ran rows"
                 assert_bits_equal(dx, want[0])
-                assert_bits_equal(kernels.merge_blocks_(blocks), want[1])
+                assert_bits_equal(dw, want[1])
     finally:
         torch.set_num_threads(before)
     # negative control: the weight gradient of other rows' blocks differs

@@ -259,7 +259,9 @@ def _native_backward_has_torch_bits(x: torch.Tensor, dy: torch.Tensor, w: torch.
                                   dict(accumulate="exact")], ids=["tree", "linear", "exact"])
 def test_native_backward_runs_split_with_the_torch_ops_bits(opts: dict[str, object]) -> None:
     """Large enough to split over two threads (whole row blocks each side)."""
-    rows, hidden = 101, 1000
+    rows, hidden = 601, 1000
+    from taskgraph_norm.backends import registry
+    assert rows * hidden >= registry.BACKWARD_SPLIT_NUMEL
     x, w, dy = torch.randn(rows, hidden), torch.randn(hidden), torch.randn(rows, hidden)
     _native_backward_has_torch_bits(x, dy, w, int(opts.get("chunk_size", 64)), str(opts.get("topology", "tree")),
                                     str(opts.get("accumulate", "float")))

@@ -8,7 +8,6 @@ same bits (the tests compare them): they differ in speed and in where they run.
 
 from __future__ import annotations
 
-import math
 import threading
 from typing import Any
 
@@ -104,6 +103,11 @@ class TorchOpsBackend:
                                      bias_grad=bias_grad, weight_dtype=weight_dtype, bias_dtype=bias_dtype)
 
 
+#: The native backward shares its rows among threads from this many elements on (a
+#: (64, 4096) step ran 3-7% faster on one thread than on two, (128, 4096) the same,
+#: (256, 4096) 16% faster on two: benchmarks/call_overhead.py's step, 2 cores).
+BACKWARD_SPLIT_NUMEL = 8 * SPLIT_NUMEL
+
 #: What the other backends fall back on for the rows or dtypes they do not take.
 _TORCH_OPS = TorchOpsBackend()
 
@@ -167,7 +171,7 @@ class NativeBackend(NoLayerKernel):
         input_grad: bool, weight_grad: bool, offset: float = 0.0, round_x_hat: bool = False,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """fp32 rows in one C pass (whose whole row blocks torch's threads share from
-        :data:`SPLIT_NUMEL` elements on); other dtypes, llama's rounded ``x_hat`` and
+        :data:`BACKWARD_SPLIT_NUMEL` elements on); other dtypes, llama's rounded ``x_hat`` and
         non-finite rows on torch ops (their NaNs' signs and payloads are torch's)."""
         if x.dtype == torch.float32 and not round_x_hat and (weight is None or weight.dtype == torch.float32):
             w_g = weight if weight is None or not offset else kernels.finalize_weight(weight, torch.float32, offset)
@@ -185,26 +189,16 @@ class NativeBackend(NoLayerKernel):
         """The C pass over fp32 rows (``weight``: what ``g = dy * weight`` multiplies by,
         ``w + offset`` made in fp32), or ``None`` where a row is not finite."""
         rows, hidden = x.shape
-        dw_wanted = weight_grad and weight is not None
         dx = None
         if input_grad:
             dx = torch.empty_like(x)
             advise_fresh(dx)
-        n_blocks = -(-rows // kernels.ROW_BLOCK)
-        blocks = torch.empty(n_blocks, hidden, dtype=torch.float32) if dw_wanted else None
-        threads = _team.threads() if x.numel() >= SPLIT_NUMEL and n_blocks >= 2 else 1
-        # Each thread runs whole row blocks (the blocks' sums do not depend on the split).
-        bad = _native_grads.backward_rows(x, dy, weight, rms, _native_grads.recipe_of(plan), dx, blocks,
+        dw = torch.empty(hidden, dtype=torch.float32) if weight_grad and weight is not None else None
+        threads = _team.threads() if x.numel() >= BACKWARD_SPLIT_NUMEL and rows > kernels.ROW_BLOCK else 1
+        # Each thread runs whole row blocks, and C merges the block sums in one order.
+        bad = _native_grads.backward_rows(x, dy, weight, rms, _native_grads.recipe_of(plan), dx, dw,
                                           exact=plan.accumulate == "exact", threads=threads, grain=kernels.ROW_BLOCK)
-        if bad:
-            return None
-        dw = None
-        if blocks is not None:
-            dw = kernels.merge_blocks_(blocks)
-            lo, hi = dw.aminmax()  # (NaN propagates: 2 us where isfinite().all() took 12)
-            if not (math.isfinite(lo) and math.isfinite(hi)):
-                return None
-        return dx, dw
+        return None if bad else (dx, dw)
 
     def accumulate_exact(
         self, state: torch.Tensor, dy: torch.Tensor, b: torch.Tensor, rms: torch.Tensor | None,

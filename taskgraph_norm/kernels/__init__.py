@@ -50,6 +50,7 @@ __all__ = [
     "ROW_BLOCK",
     "weight_grad_float",
     "merge_blocks_",
+    "merge_blocks_streamed",
 ]
 
 
@@ -404,6 +405,7 @@ from .backward import ROW_BLOCK as ROW_BLOCK  # noqa: E402
 from .backward import grad_operands as grad_operands  # noqa: E402
 from .backward import input_grad as input_grad  # noqa: E402
 from .backward import merge_blocks_ as merge_blocks_  # noqa: E402
+from .backward import merge_blocks_streamed as merge_blocks_streamed  # noqa: E402
 from .backward import sum_exact as sum_exact  # noqa: E402
 from .backward import sum_native as sum_native  # noqa: E402
 from .backward import sum_pairwise as sum_pairwise  # noqa: E402

@@ -10,8 +10,8 @@ from ..constants import BACKWARD_ROW_BLOCK as ROW_BLOCK
 from . import (EXACT_CHANNELS, _preround, accumulation_dtype, combine_exact, exact_scale, finalize_weight,
                output_dtype, pairwise_halving_)
 
-__all__ = ["ROW_BLOCK", "grad_operands", "input_grad", "merge_blocks_", "norm_tangent", "sum_exact", "sum_native",
-           "sum_pairwise", "weight_grad_float"]
+__all__ = ["ROW_BLOCK", "grad_operands", "input_grad", "merge_blocks_", "merge_blocks_streamed", "norm_tangent",
+           "sum_exact", "sum_native", "sum_pairwise", "weight_grad_float"]
 
 
 # --- the backward (docs/design.md, "Backward") ------------------------------------
@@ -145,6 +145,40 @@ def merge_blocks_(p: torch.Tensor) -> torch.Tensor:
             level = p[0 : 2 * pairs : 2] + p[1 : 2 * pairs : 2]
         p, count = level, pairs + count % 2
     return p[0] + p[1] if count == 2 else p[0]
+
+
+def merge_blocks_streamed(p: torch.Tensor, group: int = 1) -> torch.Tensor:
+    """:func:`merge_blocks_`'s sum of ``p`` over dim 0, the same additions in the same
+    order, holding ``group`` plus ``log2(n)`` rows: the model of the native backward's
+    merge (native_backward.c).
+
+    Node (level L, index i) of :func:`merge_blocks_`'s tree is the sum of rows
+    ``[i 2**L, min((i + 1) 2**L, n))``: left child + right child, the left alone where
+    the right is empty.  Aligned groups of ``group`` rows (a power of two) are merged
+    level by level into one node each and pushed onto a binary-counter stack, where a
+    node meeting its left sibling (the same level) becomes their parent.  The last,
+    partial group is merged by the same rule; the root is then the stack folded from
+    its smallest node up, ``acc = node + acc``: the tree's nodes cut by ``n``.
+    """
+    if group < 1 or group & (group - 1):
+        raise ValueError(f"group must be a power of two, not {group}")
+    n, g = p.shape[0], group.bit_length() - 1
+    stack: list[tuple[int, torch.Tensor]] = []
+    acc = None
+    for start in range(0, n, group):
+        node = merge_blocks_(p[start:start + group].clone())
+        if start + group > n:
+            acc = node  # the partial group: a node cut by n
+            break
+        level = g
+        while stack and stack[-1][0] == level:
+            node, level = stack.pop()[1] + node, level + 1
+        stack.append((level, node))
+    if acc is None:
+        acc = stack.pop()[1]
+    while stack:
+        acc = stack.pop()[1] + acc
+    return acc
 
 
 # --- forward-mode AD --------------------------------------------------------------

@@ -25,6 +25,7 @@ from ..backends.base import Backend, Forward, allowed, triton_asked
 from ..backends.native.direct import DirectCall
 from ..backends.registry import BACKENDS, choose
 from ..backends.torch_ops.rowsum import graph_backward, graph_rms
+from ..checks import PLAIN_TENSORS as _PLAIN
 from ..checks import check_input, check_no_partial_overlap, check_out, check_real, check_residual, resolve_eps
 from ..errors import ConfigError, ExecutionError, GraphError
 from ..executors import ASYNC_EXECUTORS, EXECUTORS, PLAN_EXECUTORS
@@ -39,7 +40,12 @@ __all__ = ["OFFLOAD_NUMEL", "Pipeline", "check_executor"]
 #: async faces; smaller ones run inline, where a thread hop would cost more than the work.
 OFFLOAD_NUMEL = 1 << 15
 
-_overlaps = torch._C._overlaps
+_grad_enabled = torch.is_grad_enabled
+
+
+def _not_taken(*args: Any) -> None:
+    """The direct entry of a pipeline without one."""
+    return None
 
 
 class Pipeline:
@@ -57,7 +63,7 @@ class Pipeline:
     ``executor="compiled"`` is asked of a graph the prover does not certify.
     """
 
-    __slots__ = ("graph", "executor", "plan", "hidden_size", "_proof", "_runner", "_direct", "_direct_known",
+    __slots__ = ("graph", "executor", "plan", "hidden_size", "_proof", "_runner", "_direct", "routed", "_direct_known",
                  "_backends", "casting_mode", "offset", "residual", "options", "_weight_shape")
 
     def __init__(self, graph: Graph, executor: str = "auto") -> None:
@@ -95,6 +101,11 @@ class Pipeline:
         self._backends: dict[tuple[Any, ...], Backend] = {}
         self._direct: DirectCall | None = None
         self._direct_known = self.plan is None or executor != "compiled"  # triton runs its kernels
+        #: ``routed(x, weight, eps, out) -> y | None``: :meth:`try_direct` for a call the
+        #: faces sent straight to the kernel (:func:`taskgraph_norm.ops.route` said
+        #: ``DIRECT``: ``x`` and ``weight`` plain tensors, no gradient recorded) on this
+        #: pipeline, found by ``x.shape[-1]``: the direct kernel's own entry once known.
+        self.routed: DirectCall = _not_taken if self._direct_known else self._routed_first
 
     @property
     def proof(self) -> Proof:
@@ -159,31 +170,24 @@ class Pipeline:
         self, x: torch.Tensor, weight: torch.Tensor | None, eps: float | None, out: torch.Tensor | None,
     ) -> torch.Tensor | None:
         """``y`` from the direct native kernel, or ``None`` where it does not take the
-        call (then :meth:`general` runs it, or raises what the checks raise).  The faces
-        ask :func:`taskgraph_norm.ops.route` first; the kernel itself refuses a tensor it
-        cannot read and an input that records a gradient."""
-        direct = self._direct if self._direct_known else self._resolve_direct()
-        # The checks of check_input/check_out that the direct path needs, inline: the
-        # direct kernel takes only CPU tensors of its dtypes (and an out of the output
-        # dtype), so any other input falls through to the full checks, which raise
-        # torch's errors.
-        if direct is None or not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[-1] != self.hidden_size:
+        call (then :meth:`general` runs it, or raises what the checks raise).  The kernel
+        refuses a tensor it cannot read and an input that records a gradient."""
+        # The checks of check_input the direct path needs, inline: any other input falls
+        # through to the full checks, which raise torch's errors.
+        if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[-1] != self.hidden_size:
             return None
-        # (devices: the direct call takes CPU tensors only, and says so)
-        if weight is not None and (not isinstance(weight, torch.Tensor) or weight.shape != self._weight_shape):
+        if weight is not None and not isinstance(weight, torch.Tensor):
             return None
-        if out is not None and (not isinstance(out, torch.Tensor) or out.shape != x.shape or _overlaps(out, x)
-                                or (weight is not None and _overlaps(out, weight))):
-            return None  # (the full checks raise, or run an in-place call)
-        if eps is None:
-            e = kernels.DEFAULT_EPS.get(x.dtype)  # (filled by the first cold call's check)
-            if e is None:
-                return None
-        elif type(eps) is float:
-            e = eps
-        else:
-            return None
-        return direct(x, weight, e, out, None, None)
+        if type(x) not in _PLAIN or _grad_enabled() and (x.requires_grad or weight is not None
+                                                          and weight.requires_grad):
+            return None  # (a fake or traced tensor; a gradient to record: the ops' path)
+        return self.routed(x, weight, eps, out)
+
+    def _routed_first(
+        self, x: torch.Tensor, weight: torch.Tensor | None, eps: float | None, out: torch.Tensor | None,
+    ) -> torch.Tensor | None:
+        """:attr:`routed` until the direct kernel is known."""
+        return self.routed(x, weight, eps, out) if self._resolve_direct() is not None else None
 
     def _call_residual(
         self, x: torch.Tensor, weight: torch.Tensor | None, eps: float | None, out: torch.Tensor | None,
@@ -241,6 +245,7 @@ class Pipeline:
             return None  # backends.use() without native is in force: ask again on a later call
         assert self.plan is not None
         self._direct = BACKENDS["native"].direct(self.plan)  # type: ignore[attr-defined]
+        self.routed = _not_taken if self._direct is None else self._direct.routed  # type: ignore[union-attr]
         self._direct_known = True
         return self._direct
 

@@ -37,8 +37,10 @@ from typing import Any
 
 import torch
 
+from ... import kernels
 from ...constants import DTYPE_BF16, DTYPE_F16, DTYPE_F32, SPLIT_NUMEL, TEAM_GRAIN
 from ...lowering import Plan
+from ..base import allowed as _allowed
 from ..torch_ops.finish import finish_rule
 from . import loader as _native
 from . import team as _team
@@ -47,7 +49,10 @@ __all__ = ["DirectCall", "HUGE_BYTES", "SPLIT_NUMEL", "TEAM_GRAIN", "direct_call
 
 #: ``fn(x, weight, eps, out, residual=None, residual_out=None, total=None) -> y | None``
 #: (``None``: not taken, run the general path; with a residual, ``h`` is then in
-#: ``residual_out``).  With ``total`` (contiguous, ``(rows, 1)`` fp32 for a float plan,
+#: ``residual_out``), for a checked input; its attribute ``routed(x, weight, eps, out)``
+#: is the faces' entry for a call :func:`taskgraph_norm.ops.route` sent straight to the
+#: kernel (``x`` and the weight plain tensors, no gradient recorded), whose last dim is
+#: the plan's hidden size: it checks the weight's shape, ``out`` and ``eps`` itself.  With ``total`` (contiguous, ``(rows, 1)`` fp32 for a float plan,
 #: ``(rows, 2)`` fp64 exact pairs for an exact one) each row's rms (float plans) or
 #: exact total pair (exact plans) is written there: what the backward needs of the
 #: forward (:mod:`taskgraph_norm.ops`).
@@ -64,6 +69,11 @@ HUGE_BYTES = 32 << 20
 
 #: Tensors whose data pointer is real (a FakeTensor or FunctionalTensor has none).
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+#: (bound once: each attribute lookup shows on a 5 us call)
+_grad_enabled = torch.is_grad_enabled
+_overlaps = torch._C._overlaps
+_DEFAULT_EPS = kernels.DEFAULT_EPS
 
 #: The dtypes the C side reads and writes, by their codes there.
 _CODES = {torch.float32: DTYPE_F32, torch.bfloat16: DTYPE_BF16, torch.float16: DTYPE_F16}
@@ -118,7 +128,7 @@ def direct_call(plan: Plan) -> DirectCall | None:
         base.update(exact=0, chunk=recipe.chunk_size, adds=recipe.adds.data_ptr(), n_adds=recipe.n_adds,
                     root=recipe.root, total_flags=_native.TOTAL_AS_RMS)
     rows_config, rows_call = _native.module().rows_config, _native.module().rows_call
-    offset = plan.offset
+    offset, grain, w_shape = plan.offset, base["grain"], (hidden,)
     #: (x dtype, weight dtype) -> (configuration, output dtype), or None: not taken
     configs: dict[tuple[torch.dtype, torch.dtype | None], tuple[bytes, torch.dtype] | None] = {}
 
@@ -138,45 +148,66 @@ def direct_call(plan: Plan) -> DirectCall | None:
     def call(x: torch.Tensor, weight: torch.Tensor | None, eps: float, out: torch.Tensor | None,
              residual: torch.Tensor | None = None, residual_out: torch.Tensor | None = None,
              total: torch.Tensor | None = None) -> torch.Tensor | None:
-        if type(x) not in _PLAIN or not x.is_cpu or not x.is_contiguous() or not _native.enabled():
+        if type(x) not in _PLAIN:
             return None
-        key: tuple[torch.dtype, torch.dtype | None]
+        if total is None and _grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)):
+            return None  # (the ops ask with ``total``, under their own autograd)
+        return routed(x, weight, eps, out, residual, residual_out, total, False)
+
+    def routed(x: torch.Tensor, weight: torch.Tensor | None, eps: float | None, out: torch.Tensor | None,
+               residual: torch.Tensor | None = None, residual_out: torch.Tensor | None = None,
+               total: torch.Tensor | None = None, faces: bool = True) -> torch.Tensor | None:
+        # (loader.enabled() inline: TGN_NATIVE=0, read at import, gives no direct call at all)
+        if not x.is_cpu or not x.is_contiguous() or "native" not in _allowed():
+            return None
+        x_dtype = x.dtype
+        if faces:  # check_input's, check_out's and resolve_eps's checks the direct path needs
+            if weight is not None and weight.shape != w_shape:
+                return None
+            if out is not None and (not isinstance(out, torch.Tensor) or out.shape != x.shape
+                                    or _overlaps(out, x) or (weight is not None and _overlaps(out, weight))):
+                return None  # (the full checks raise, or run an in-place call)
+            if eps is None:
+                eps = _DEFAULT_EPS.get(x_dtype)  # (filled by the first cold call's check)
+                if eps is None:
+                    return None
+            elif type(eps) is not float:
+                return None
         if weight is None:
             if offset:
                 return None  # the general path says why an offset needs a weight
-            key = (x.dtype, None)
+            key: tuple[torch.dtype, torch.dtype | None] = (x_dtype, None)
         elif not weight.is_cpu or not weight.is_contiguous():
             return None  # (another device: the general path raises DeviceMismatchError)
         else:
-            key = (x.dtype, weight.dtype)
-        found = configs[key] if key in configs else configure(*key)
+            key = (x_dtype, weight.dtype)
+        try:
+            found = configs[key]
+        except KeyError:
+            found = configure(*key)
         if found is None:
             return None
         cfg, out_dtype = found
         rp = hp = None
         if residual is not None:
             # h over x or the residual could not be undone for a NaN row's general path.
-            if (residual_out is None or residual.dtype is not x.dtype or residual_out.dtype is not x.dtype
+            if (residual_out is None or residual.dtype is not x_dtype or residual_out.dtype is not x_dtype
                     or not residual.is_contiguous() or not residual_out.is_contiguous()
                     or residual_out.data_ptr() in (x.data_ptr(), residual.data_ptr())
-                    or residual.requires_grad and torch.is_grad_enabled()):
+                    or residual.requires_grad and _grad_enabled()):
                 return None
             rp, hp = residual.data_ptr(), residual_out.data_ptr()
         if out is not None and (not out.is_cpu or not out.is_contiguous() or out.dtype is not out_dtype):
             return None  # (another dtype: the general path raises)
-        if total is None and torch.is_grad_enabled() and (
-            x.requires_grad or (weight is not None and weight.requires_grad)
-        ):
-            return None  # (the ops ask with ``total``, under their own autograd)
         numel = x.numel()
         if out is None:
-            y = torch.empty_like(x) if out_dtype is x.dtype else torch.empty(x.shape, dtype=out_dtype)
-            if _advise is not None and numel * y.element_size() >= HUGE_BYTES:
+            y = torch.empty_like(x) if out_dtype is x_dtype else torch.empty(x.shape, dtype=out_dtype)
+            if _advise is not None and numel * 4 >= HUGE_BYTES and numel * y.element_size() >= HUGE_BYTES:
                 _advise(y.data_ptr(), numel * y.element_size())
         else:
             y = out
         rows = numel // hidden
-        threads = _team.threads() if numel >= SPLIT_NUMEL and rows > base["grain"] else 1
+        threads = _team.threads() if numel >= SPLIT_NUMEL and rows > grain else 1
         bad = rows_call(cfg, x.data_ptr(), y.data_ptr(), rows, None if weight is None else weight.data_ptr(),
                         eps, None if total is None else total.data_ptr(), rp, hp, threads)
         # A NaN total or result (or an exact row with no scale): the general path gives
@@ -184,6 +215,7 @@ def direct_call(plan: Plan) -> DirectCall | None:
         return None if bad else y
 
     call.keep = keep  # type: ignore[attr-defined]
+    call.routed = routed  # type: ignore[attr-defined]
     return call
 
 

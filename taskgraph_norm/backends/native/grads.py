@@ -5,6 +5,7 @@ forward's wrappers are :mod:`.loader`)."""
 from __future__ import annotations
 
 import functools
+import threading
 
 import torch
 
@@ -16,43 +17,70 @@ __all__ = ["backward_rows", "exact_dw", "exact_round", "recipe_of", "rms_of_tota
 
 
 @functools.lru_cache(maxsize=256)
-def recipe_of(plan: Plan) -> FloatRecipe:
-    """The :class:`FloatRecipe` of a float plan (an exact plan gets a one-chunk dummy)."""
+def _recipe(plan: Plan) -> FloatRecipe:
     if plan.accumulate == "exact":
         return FloatRecipe(plan.hidden_size, 1, (), 0)
     return FloatRecipe(plan.chunk_size, plan.n_chunks, tuple(t for level in plan.adds for t in level), plan.root)
 
 
-caches.register(recipe_of.cache_clear)
+#: id(plan) -> (plan, its recipe): the training path asks once per backward, and
+#: hashing a frozen Plan (every field, the adds included) took ~1 us.
+_by_id: dict[int, tuple[Plan, FloatRecipe]] = {}
+_by_id_lock = threading.Lock()
+
+
+def recipe_of(plan: Plan) -> FloatRecipe:
+    """The :class:`FloatRecipe` of a float plan (an exact plan gets a one-chunk dummy)."""
+    found = _by_id.get(id(plan))
+    if found is not None and found[0] is plan:
+        return found[1]
+    recipe = _recipe(plan)
+    with _by_id_lock:
+        while len(_by_id) >= 256:
+            del _by_id[next(iter(_by_id))]
+        _by_id[id(plan)] = (plan, recipe)
+    return recipe
+
+
+@caches.register
+def _clear() -> None:
+    _recipe.cache_clear()
+    with _by_id_lock:
+        _by_id.clear()
 
 
 def backward_rows(
     x: torch.Tensor, dy: torch.Tensor, weight: torch.Tensor | None, rms: torch.Tensor, recipe: FloatRecipe,
-    dx: torch.Tensor | None, blocks: torch.Tensor | None, *, exact: bool, threads: int = 1, grain: int = 32,
+    dx: torch.Tensor | None, dw: torch.Tensor | None, *, exact: bool, threads: int = 1, grain: int = 32,
 ) -> int:
-    """The backward of fp32 rows in C (``kernels.input_grad`` and the block sums of
+    """The backward of fp32 rows in C (``kernels.input_grad`` and
     ``kernels.weight_grad_float``): ``dx`` (or ``None``) gets each row's input
-    gradient, ``blocks`` (or ``None``, ``(ceil(rows / 32), D)``) each block's sum of
-    ``dy * x_hat``.  ``x``, ``dy``, ``dx`` are contiguous ``(rows, D)`` fp32, ``rms``
-    ``(rows, 1)`` fp32.  ``exact`` picks the exact row sum (an exact plan) over the
-    recipe's float DAG.  ``threads`` share the rows (native_team.c: torch's OpenMP team
-    or its own worker) in blocks of ``grain`` rows, rounded up to whole row blocks of
-    32, so every block sum is made by one thread: the bits do not depend on the split.
-    Returns the number of rows whose ``s`` or ``k`` is not finite (their NaNs are
-    C's: the caller recomputes them with torch ops).
+    gradient, ``dw`` (or ``None``, ``(D,)``) the weight gradient: the sums of
+    ``dy * x_hat`` over blocks of 32 rows merged as ``kernels.merge_blocks_`` merges
+    them, streamed in C (scratch of a few rows per thread, none that grows with the
+    rows).  ``x``, ``dy``, ``dx`` are contiguous ``(rows, D)`` fp32, ``rms`` ``(rows, 1)``
+    fp32.  ``exact`` picks the exact row sum (an exact plan) over the recipe's float
+    DAG.  ``threads`` share the rows (native_team.c: torch's OpenMP team or its own
+    worker) in blocks of ``grain`` rows, rounded up to whole row blocks of 32, so every
+    block sum is made by one thread, and the merge's order is the same: the bits do not
+    depend on the split.  Returns the number of rows whose ``s`` or ``k`` is not finite
+    plus the number of values of ``dw`` that are not finite (C's NaNs: the caller
+    recomputes them with torch ops).
     """
     lib = module()
     rows, hidden = x.shape
     fp32 = torch.float32
-    for t in (x, dy, rms, weight, dx, blocks):
+    for t in (x, dy, rms, weight, dx, dw):
         if t is not None and (t.dtype is not fp32 or not t.is_cpu or not t.is_contiguous()):
             raise ValueError("backward_rows needs contiguous fp32 CPU tensors")
+    if dw is not None and dw.numel() != hidden:
+        raise ValueError(f"dw must hold {hidden} values")
     if rows == 0:
         return 0
     bad = int(lib.backward_rows_f32_team(
         x.data_ptr(), dy.data_ptr(), None if weight is None else weight.data_ptr(), rms.data_ptr(),
         rows, hidden, recipe.chunk_size, recipe.adds.data_ptr(), recipe.n_adds, recipe.root, int(exact),
-        None if dx is None else dx.data_ptr(), None if blocks is None else blocks.data_ptr(), grain, threads))
+        None if dx is None else dx.data_ptr(), None if dw is None else dw.data_ptr(), grain, threads))
     if bad < 0:
         raise MemoryError("the native backward could not allocate its scratch")
     return bad

@@ -5,6 +5,7 @@
  * row totals.  The forward's rows are native.c; the exact weight gradient native_dw.c.
  */
 #include <math.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -26,13 +27,14 @@
  *                               products (exact, so any order), S1 + S2 rounded to fp32
  *   k  = ((s / D) / r / r) / r
  *   dx = g / r - x * k
- * and, with blocks, t = dy * (x / r) summed over each block of TGN_BACKWARD_ROW_BLOCK
- * rows by
- * pairwise halving over the rows (kernels.weight_grad_float), one row per block in
- * blocks; the caller merges the blocks.  Every operation is the torch ops' IEEE fp32
- * (or fp64) operation in the same order (the quotients g / r and x / r formed as
- * FINALIZE's are, native_quotient.h: IEEE division's bits).  A row whose s or k is not finite is
- * counted and the caller recomputes everything with torch ops (NaN payloads).
+ * and, with a weight gradient, t = dy * (x / r) summed over each block of
+ * TGN_BACKWARD_ROW_BLOCK rows by pairwise halving over the rows and the block sums
+ * merged as kernels.merge_blocks_ merges them (kernels.weight_grad_float), streamed
+ * (below: no scratch that grows with the rows).  Every operation is the torch ops'
+ * IEEE fp32 (or fp64) operation in the same order (the quotients g / r and x / r
+ * formed as FINALIZE's are, native_quotient.h: IEEE division's bits).  A row whose s or
+ * k is not finite, and a value of the weight gradient that is not, are counted and the
+ * caller recomputes everything with torch ops (NaN payloads).
  */
 
 static float halve_in_place(float *restrict v, int64_t length)
@@ -83,58 +85,172 @@ static float row_dot_exact(const float *g, const float *x, int64_t hidden)
     return (float)(t1 + t2);
 }
 
-/* dx = g / r - x k with g = dy w (dy without a weight), one pass; the quotient is
- * native_quotient.h's (IEEE division's bits), the rest the same roundings as written. */
-static void dx_row(const float *dy, const float *w, const float *x, float r, float k, float *dx, int64_t n)
+/* dx = g / r - x k (dx non-NULL) and t = dy (x / r) into t (t non-NULL; added to t's
+ * values instead with `add`), one pass over the row.  stream: dx's vectors with
+ * non-temporal stores where dx is aligned to one (the caller fences). */
+static void dx_t_row(const float *dy, const float *w, const float *x, float r, float k, float *dx, float *t,
+                     int add, int64_t n, int stream)
 {
     int64_t j = 0;
 #if TGN_QUOTIENT_LANES > 1
     if (tgn_quotient_rms_in_range(r)) {
         const tgn_q_div_t d = tgn_q_setup(r);
         const TGN_QV kv = TGN_Q_SET1(k);
+        const int nt = dx && stream && ((uintptr_t)dx % sizeof(TGN_QV)) == 0; /* (so is every dx + j) */
         for (; j + TGN_QUOTIENT_LANES <= n; j += TGN_QUOTIENT_LANES) {
-            TGN_QV g = w ? TGN_Q_MUL(TGN_Q_LOAD(dy + j), TGN_Q_LOAD(w + j)) : TGN_Q_LOAD(dy + j);
-            TGN_Q_STORE(dx + j, TGN_Q_SUB(tgn_q_vec(&d, g), TGN_Q_MUL(TGN_Q_LOAD(x + j), kv)));
+            TGN_QV dyv = TGN_Q_LOAD(dy + j), xv = TGN_Q_LOAD(x + j);
+            if (dx) {
+                TGN_QV g = w ? TGN_Q_MUL(dyv, TGN_Q_LOAD(w + j)) : dyv;
+                TGN_QV v = TGN_Q_SUB(tgn_q_vec(&d, g), TGN_Q_MUL(xv, kv));
+                if (nt)
+                    TGN_Q_STREAM(dx + j, v);
+                else
+                    TGN_Q_STORE(dx + j, v);
+            }
+            if (t) {
+                TGN_QV tv = TGN_Q_MUL(dyv, tgn_q_vec(&d, xv));
+                TGN_Q_STORE(t + j, add ? TGN_Q_ADD(TGN_Q_LOAD(t + j), tv) : tv);
+            }
         }
     }
+#else
+    (void)stream;
 #endif
     for (; j < n; ++j) {
-        float g = w ? dy[j] * w[j] : dy[j];
-        dx[j] = g / r - x[j] * k;
+        if (dx) {
+            float g = w ? dy[j] * w[j] : dy[j];
+            dx[j] = g / r - x[j] * k;
+        }
+        if (t) {
+            float tv = dy[j] * (x[j] / r);
+            t[j] = add ? t[j] + tv : tv;
+        }
     }
 }
 
-/* t = dy (x / r), one pass (the weight gradient's term of one row). */
-static void block_row(const float *dy, const float *x, float r, float *t, int64_t n)
+/* --- the weight gradient's merge, streamed -----------------------------------------
+ *
+ * kernels.merge_blocks_ sums the n block sums by adjacent pairs, level by level, an odd
+ * last carried up: its node (level L, index i) is the sum of blocks
+ * [i 2^L, min((i + 1) 2^L, n)), the sum left + right of its two children (the left
+ * alone where the right is empty).  The same additions in the same order, kept to
+ * O(log n) nodes (kernels.merge_blocks_streamed is the model; tests/test_backward_merge.py
+ * compares both with merge_blocks_): blocks are pushed in order onto a stack, where a node meeting its
+ * left sibling on top becomes their parent (tgn_dw_push); what is left is the binary
+ * decomposition of [0, n), nodes of falling level, and the root is the last folded
+ * into the ones below it, acc = node + acc (tgn_dw_finish): the nodes cut by n.  A
+ * run of blocks that starts elsewhere (a thread's part of the rows) leaves the aligned
+ * nodes of its range, which are pushed again in order onto the whole call's stack;
+ * a run pushed from its back (the blocks other threads take from a part's end) merges
+ * a node with its right sibling on top. */
+
+/* Pushes `node` (data: a malloc'd row, owned by the stack from now on). */
+void tgn_dw_push(tgn_dw_stack_t *s, tgn_dw_node_t node, int64_t hidden, int from_back)
 {
-    int64_t j = 0;
-#if TGN_QUOTIENT_LANES > 1
-    if (tgn_quotient_rms_in_range(r)) {
-        const tgn_q_div_t d = tgn_q_setup(r);
-        for (; j + TGN_QUOTIENT_LANES <= n; j += TGN_QUOTIENT_LANES)
-            TGN_Q_STORE(t + j, TGN_Q_MUL(TGN_Q_LOAD(dy + j), tgn_q_vec(&d, TGN_Q_LOAD(x + j))));
+    while (s->n > 0) {
+        tgn_dw_node_t *top = &s->node[s->n - 1];
+        tgn_dw_node_t *left = from_back ? &node : top, *right = from_back ? top : &node;
+        if (top->level != node.level || right->index != left->index + 1 || left->index % 2)
+            break;
+        float *restrict a = left->data;
+        const float *restrict b = right->data;
+        for (int64_t j = 0; j < hidden; ++j)
+            a[j] += b[j];
+        free(right->data);
+        node = (tgn_dw_node_t){left->level + 1, left->index / 2, a};
+        --s->n;
     }
-#endif
-    for (; j < n; ++j)
-        t[j] = dy[j] * (x[j] / r);
+    s->node[s->n++] = node; /* at most 2 per level: TGN_DW_STACK suffices */
 }
 
+void tgn_dw_free(tgn_dw_stack_t *s)
+{
+    while (s->n > 0)
+        free(s->node[--s->n].data);
+}
+
+/* Folds the stack of a whole call (nodes pushed from block 0 on, in order) into dw and
+ * frees it; returns how many values of dw are not finite. */
+int64_t tgn_dw_finish(tgn_dw_stack_t *s, int64_t hidden, float *dw)
+{
+    int64_t bad = 0;
+    if (s->n == 0)
+        return 0;
+    const float *acc = s->node[s->n - 1].data;
+    for (int64_t e = s->n - 2; e >= 0; --e) {
+        float *a = s->node[e].data;
+        float *out = e == 0 ? dw : a; /* (a itself: each value is read before it is written) */
+        for (int64_t j = 0; j < hidden; ++j)
+            out[j] = a[j] + acc[j];
+        acc = out;
+    }
+    if (s->n == 1)
+        memcpy(dw, acc, (size_t)hidden * sizeof(float));
+    for (int64_t j = 0; j < hidden; ++j)
+        bad += !isfinite(dw[j]);
+    tgn_dw_free(s);
+    return bad;
+}
+
+/* This thread's scratch of at least n floats, made once and kept (grown when a call
+ * needs more; freed when the thread exits): the team calls the kernel once per block
+ * of rows.  NULL when it cannot be allocated. */
+static pthread_key_t scratch_key;
+static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
+static int scratch_ok;
+static void make_scratch_key(void) { scratch_ok = pthread_key_create(&scratch_key, free) == 0; }
+
+static float *thread_scratch(int64_t n)
+{
+    pthread_once(&scratch_once, make_scratch_key);
+    if (!scratch_ok)
+        return 0;
+    int64_t *block = (int64_t *)pthread_getspecific(scratch_key); /* its size in floats, then them */
+    if (!block || block[0] < n) {
+        free(block);
+        block = (int64_t *)malloc(sizeof(int64_t) + (size_t)n * sizeof(float));
+        pthread_setspecific(scratch_key, block);
+        if (!block)
+            return 0;
+        block[0] = n;
+    }
+    return (float *)(block + 1);
+}
+
+/* Rows [0, rows) of x and dy (row 0 starts block `first_block`): dx (or NULL; stream:
+ * written with non-temporal stores) and, with `dw`, each block's sum pushed in order
+ * onto the stack dw.  A block's scratch is 15 rows and its sum's (the halving's first
+ * step adds the second half's rows as they are made). */
 int64_t tgn_backward_rows_f32(const float *x, const float *dy, const float *w, const float *rms,
                               int64_t rows, int64_t hidden, int64_t chunk, const int64_t *adds,
-                              int64_t n_adds, int64_t root, int64_t exact, float *dx, float *blocks)
+                              int64_t n_adds, int64_t root, int64_t exact, float *dx, int64_t first_block,
+                              tgn_dw_stack_t *dw, int64_t stream)
 {
+    enum { HALF = (TGN_BACKWARD_ROW_BLOCK + 1) / 2 };
     int64_t n_chunks = (hidden + chunk - 1) / chunk, bad = 0;
-    int64_t need = 2 * hidden + n_chunks + n_adds + (blocks ? TGN_BACKWARD_ROW_BLOCK * hidden : 0);
-    float *work = (float *)malloc((size_t)need * sizeof(float));
+    int64_t need = 2 * hidden + n_chunks + n_adds + (dw ? (HALF - 1) * hidden : 0);
+    float *work = thread_scratch(need);
     if (!work)
         return -1;
-    float *g = work, *p = work + hidden, *slots = p + hidden, *tb = slots + n_chunks + n_adds;
+    float *g = work, *p = work + hidden, *slots = p + hidden, *half_rows = slots + n_chunks + n_adds;
     const float fd = (float)(double)hidden;
     for (int64_t b0 = 0; b0 < rows; b0 += TGN_BACKWARD_ROW_BLOCK) {
         int64_t in_block = rows - b0 < TGN_BACKWARD_ROW_BLOCK ? rows - b0 : TGN_BACKWARD_ROW_BLOCK;
+        /* the block's pairwise halving over its rows: row q < h is kept in lo[q], row
+         * q >= h added to lo[q - h] as it is made (the first step), then the rest */
+        int64_t h = (in_block + 1) / 2;
+        float *lo[HALF];
+        if (dw) {
+            lo[0] = (float *)malloc((size_t)hidden * sizeof(float));
+            if (!lo[0])
+                return -1;
+            for (int64_t q = 1; q < h; ++q)
+                lo[q] = half_rows + (q - 1) * hidden;
+        }
         for (int64_t i = b0; i < b0 + in_block; ++i) {
             const float *xr = x + i * hidden, *dyr = dy + i * hidden;
             const float r = rms[i];
+            float k = 0.0f;
             if (dx) {
                 float s;
                 if (exact) {
@@ -145,7 +261,7 @@ int64_t tgn_backward_rows_f32(const float *x, const float *dy, const float *w, c
                         memcpy(g, dyr, (size_t)hidden * sizeof(float));
                     s = row_dot_exact(g, xr, hidden);
                 } else {
-                    if (w) /* p = g x with g = dy w, not kept: dx_row forms g again */
+                    if (w) /* p = g x with g = dy w, not kept: dx_t_row forms g again */
                         for (int64_t j = 0; j < hidden; ++j)
                             p[j] = (dyr[j] * w[j]) * xr[j];
                     else
@@ -153,29 +269,30 @@ int64_t tgn_backward_rows_f32(const float *x, const float *dy, const float *w, c
                             p[j] = dyr[j] * xr[j];
                     s = row_dot_float(p, hidden, chunk, adds, n_adds, root, slots);
                 }
-                float k = ((s / fd) / r / r) / r;
+                k = ((s / fd) / r / r) / r;
                 if (!isfinite(s) || !isfinite(k))
                     ++bad;
-                dx_row(dyr, w, xr, r, k, dx + i * hidden, hidden);
             }
-            if (blocks)
-                block_row(dyr, xr, r, tb + (i - b0) * hidden, hidden);
+            int64_t q = i - b0;
+            dx_t_row(dyr, w, xr, r, k, dx ? dx + i * hidden : 0, dw ? lo[q < h ? q : q - h] : 0, q >= h, hidden,
+                     stream);
         }
-        if (blocks) {
-            for (int64_t length = in_block; length > 1;) {
-                int64_t half = (length + 1) / 2;
-                for (int64_t q = 0; q < length - half; ++q) {
-                    float *restrict lo = tb + q * hidden;
-                    const float *restrict hi = tb + (q + half) * hidden;
-                    for (int64_t j = 0; j < hidden; ++j)
-                        lo[j] += hi[j];
-                }
-                length = half;
+        if (!dw)
+            continue;
+        for (int64_t length = h; length > 1;) {
+            int64_t half = (length + 1) / 2;
+            for (int64_t q = 0; q < length - half; ++q) {
+                float *restrict a = lo[q];
+                const float *restrict b = lo[q + half];
+                for (int64_t j = 0; j < hidden; ++j)
+                    a[j] += b[j];
             }
-            memcpy(blocks + (b0 / TGN_BACKWARD_ROW_BLOCK) * hidden, tb, (size_t)hidden * sizeof(float));
+            length = half;
         }
+        tgn_dw_push(dw, (tgn_dw_node_t){0, first_block + b0 / TGN_BACKWARD_ROW_BLOCK, lo[0]}, hidden, 0);
     }
-    free(work);
+    if (stream)
+        tgn_store_fence();
     return bad;
 }
 

@@ -241,7 +241,7 @@ static PyMethodDef methods[] = {
              "tgn_float_rows_f64."),
     FASTCALL(exact_scale, "row_max, hidden", "(sigma1, sigma2) of tgn_exact_scale (0.0, 0.0: no scale)."),
     FASTCALL(backward_rows_f32_team,
-             "x, dy, w, rms, rows, hidden, chunk, adds, n_adds, root, exact, dx, blocks, grain, threads",
+             "x, dy, w, rms, rows, hidden, chunk, adds, n_adds, root, exact, dx, dw, grain, threads",
              "tgn_backward_rows_f32_team."),
     FASTCALL(rms_of_totals_f32, "total, rows, channels, hidden, eps, rms", "tgn_rms_of_totals_f32; returns 0."),
     FASTCALL(exact_dw_f32_team, "dy, dy_stride, xh, xh_stride, rms, rows, cols, state, stride, grain, threads",

@@ -35,6 +35,7 @@
  */
 #define _GNU_SOURCE
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -46,6 +47,7 @@
  * [front, back) not yet taken; a cache line each, so the owners do not share one. */
 typedef struct {
     _Alignas(64) atomic_uint_fast64_t span;
+    atomic_int_fast64_t back_next; /* the backward: the next block taken from the back to push */
 } part_t;
 
 #define MAX_PARTS 64 /* more threads than this steal only */
@@ -81,7 +83,9 @@ typedef struct {
     int64_t n_parts;            /* the rows' blocks in n_parts contiguous parts */
     int (*thread_num)(void);    /* the OpenMP runtime's omp_get_thread_num, for this job */
     const float *bw_dy, *bw_rms;
-    float *bw_dx, *bw_blocks;
+    float *bw_dx;
+    tgn_dw_stack_t *bw_stacks; /* the weight gradient's merge: part p's blocks from the front
+                                * (its owner's) at 2p, those taken from its back at 2p + 1 */
     int64_t bw_exact;
     int64_t dw_rows, dw_dy_stride, dw_stride;
     int64_t *dw_state;
@@ -126,7 +130,8 @@ static int64_t now_ns(void)
     return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
 }
 
-static int64_t run_rows(const job_t *j, int64_t i, int64_t n)
+/* dw: the stack a backward's blocks are pushed onto. */
+static int64_t run_rows(const job_t *j, int64_t i, int64_t n, tgn_dw_stack_t *dw)
 {
     if (j->kind == JOB_NARROW)
         return tgn_narrow_rows(j->narrow, i, n);
@@ -141,8 +146,8 @@ static int64_t run_rows(const job_t *j, int64_t i, int64_t n)
     if (j->kind == JOB_BACKWARD) /* i is a multiple of the grain, so of the row block */
         return tgn_backward_rows_f32(j->x + i * j->hidden, j->bw_dy + i * j->hidden, j->w, j->bw_rms + i, n,
                                      j->hidden, j->chunk, j->adds, j->n_adds, j->root, j->bw_exact,
-                                     j->bw_dx ? j->bw_dx + i * j->hidden : 0,
-                                     j->bw_blocks ? j->bw_blocks + i / TGN_BACKWARD_ROW_BLOCK * j->hidden : 0);
+                                     j->bw_dx ? j->bw_dx + i * j->hidden : 0, i / TGN_BACKWARD_ROW_BLOCK, dw,
+                                     (j->flags & TGN_STREAM_STORES) != 0);
     if (j->kind == JOB_EXACT)
         return tgn_exact_rows_f32(j->x + i * j->row_stride, n, j->hidden, j->row_stride,
                                   j->total ? (double *)j->total + 2 * i : 0, y, j->y_stride, j->w, j->eps,
@@ -152,12 +157,33 @@ static int64_t run_rows(const job_t *j, int64_t i, int64_t n)
                               j->eps, j->flags, j->offset, r, j->r_stride, h, j->h_stride);
 }
 
-/* Runs one block; returns its rows. */
-static int64_t run_block(job_t *j, int64_t block)
+/* Runs one block of part p (mine: from its front, else from its back); returns its rows.
+ * A backward's blocks from a part's front go on the part's front stack; one taken from
+ * its back makes its nodes on a stack of its own, waits until the blocks after it taken
+ * from that back are pushed (by their threads, each one block), and pushes its nodes
+ * there from the back. */
+static int64_t run_block(job_t *j, int64_t block, int64_t p, int mine)
 {
     int64_t i = block * j->grain;
     int64_t n = j->rows - i < j->grain ? j->rows - i : j->grain;
-    int64_t got = run_rows(j, i, n);
+    int64_t got;
+    if (j->bw_stacks && !mine) {
+        tgn_dw_stack_t own;
+        own.n = 0;
+        got = run_rows(j, i, n, &own);
+        atomic_int_fast64_t *next = &j->parts[p].back_next;
+        for (int spins = 0; atomic_load(next) != block; ++spins) {
+            relax();
+            if ((spins & 1023) == 1023)
+                sched_yield(); /* the thread before may be preempted */
+        }
+        tgn_dw_stack_t *back = &j->bw_stacks[2 * p + 1];
+        while (own.n > 0)
+            tgn_dw_push(back, own.node[--own.n], j->hidden, 1);
+        atomic_store(next, block - 1);
+    } else {
+        got = run_rows(j, i, n, j->bw_stacks ? &j->bw_stacks[2 * p] : 0);
+    }
     if (got < 0)
         atomic_store(&j->failed, (int)got); /* -1: no scratch (the exact dW: -2, no convergence) */
     else
@@ -184,7 +210,7 @@ static int64_t claim(job_t *j, int64_t own)
             uint64_t taken = mine ? front : back - 1;
             if (!atomic_compare_exchange_weak(span, &s, mine ? span_of(front + 1, back) : span_of(front, back - 1)))
                 continue; /* s now holds the part's new span */
-            ran += run_block(j, (int64_t)taken);
+            ran += run_block(j, (int64_t)taken, p, mine);
             s = atomic_load(span);
         }
     }
@@ -292,8 +318,10 @@ static void omp_body(void *arg)
 static void split(job_t *j, part_t *parts, int64_t n_parts)
 {
     int64_t blocks = (j->rows + j->grain - 1) / j->grain;
-    for (int64_t t = 0; t < n_parts; ++t)
+    for (int64_t t = 0; t < n_parts; ++t) {
         atomic_init(&parts[t].span, span_of((uint64_t)(t * blocks / n_parts), (uint64_t)((t + 1) * blocks / n_parts)));
+        atomic_init(&parts[t].back_next, (int_fast64_t)((t + 1) * blocks / n_parts - 1));
+    }
     j->parts = parts;
     j->n_parts = n_parts;
 }
@@ -304,8 +332,9 @@ static int64_t run_team(job_t *j, int64_t threads)
 {
     if (j->grain < 1)
         j->grain = 1;
+    j->n_parts = 1; /* (a backward's stacks: part 0's unless split) */
     if (threads < 2 || j->rows <= j->grain)
-        return run_rows(j, 0, j->rows); /* one thread, or too small to share */
+        return run_rows(j, 0, j->rows, j->bw_stacks); /* one thread, or too small to share */
     if ((j->rows + j->grain - 1) / j->grain > MAX_BLOCKS)
         j->grain = ((j->rows + MAX_BLOCKS - 1) / MAX_BLOCKS + TGN_BACKWARD_ROW_BLOCK - 1) / TGN_BACKWARD_ROW_BLOCK
                    * TGN_BACKWARD_ROW_BLOCK; /* block numbers fit 32 bits (and stay whole row blocks) */
@@ -322,10 +351,10 @@ static int64_t run_team(job_t *j, int64_t threads)
         return atomic_load(&j->failed) ? atomic_load(&j->failed) : atomic_load(&j->result);
     }
     if (atomic_exchange(&owner, 1))
-        return run_rows(j, 0, j->rows); /* the team is busy with another caller's rows */
+        return run_rows(j, 0, j->rows, j->bw_stacks); /* the team is busy with another caller's rows */
     if (!ensure_worker()) {
         atomic_store(&owner, 0);
-        return run_rows(j, 0, j->rows);
+        return run_rows(j, 0, j->rows, j->bw_stacks);
     }
     split(j, parts, 2);
     job = j;
@@ -342,12 +371,16 @@ static int64_t run_team(job_t *j, int64_t threads)
 }
 
 /* tgn_backward_rows_f32 on `threads` threads (ops/backward.py), in blocks of `grain`
- * rows, rounded up to a multiple of the backward's row block (the weight gradient's
- * block sums stay where one thread makes them); returns the sum of the kernel's
- * return values (rows with a non-finite s or k), -1 when a block had no scratch. */
+ * rows, rounded up to a multiple of the backward's row block (each block sum is one
+ * thread's), and, with dw, the weight gradient: the block sums merged as
+ * kernels.merge_blocks_ merges them (native_backward.c), the parts' nodes pushed in
+ * order onto one stack here and folded into dw.  A dx of TGN_STREAM_BYTES or more is
+ * written with non-temporal stores, as the forward's output is.  Returns the rows with
+ * a non-finite s or k plus the values of dw that are not finite, or -1 when a block
+ * had no scratch. */
 int64_t tgn_backward_rows_f32_team(const float *x, const float *dy, const float *w, const float *rms,
                                    int64_t rows, int64_t hidden, int64_t chunk, const int64_t *adds,
-                                   int64_t n_adds, int64_t root, int64_t exact, float *dx, float *blocks,
+                                   int64_t n_adds, int64_t root, int64_t exact, float *dx, float *dw,
                                    int64_t grain, int64_t threads)
 {
     if (rows <= 0)
@@ -355,10 +388,38 @@ int64_t tgn_backward_rows_f32_team(const float *x, const float *dy, const float 
     if (grain < 1)
         grain = 1;
     grain = (grain + TGN_BACKWARD_ROW_BLOCK - 1) / TGN_BACKWARD_ROW_BLOCK * TGN_BACKWARD_ROW_BLOCK;
+    /* (a team has at most `threads` parts, and the own worker's 2) */
+    int64_t n_stacks = 2 * (threads < 2 ? 2 : threads < MAX_PARTS ? threads : MAX_PARTS);
+    tgn_dw_stack_t *stacks = 0;
+    if (dw && !(stacks = (tgn_dw_stack_t *)malloc((size_t)n_stacks * sizeof *stacks)))
+        return -1;
+    for (int64_t k = 0; dw && k < n_stacks; ++k)
+        stacks[k].n = 0;
     job_t j = {.kind = JOB_BACKWARD, .x = x, .rows = rows, .hidden = hidden, .row_stride = hidden, .chunk = chunk,
                .adds = adds, .n_adds = n_adds, .root = root, .w = w, .grain = grain, .bw_dy = dy, .bw_rms = rms,
-               .bw_dx = dx, .bw_blocks = blocks, .bw_exact = exact};
-    return run_team(&j, threads);
+               .bw_dx = dx, .bw_stacks = stacks, .bw_exact = exact,
+               .flags = dx && rows * hidden * (int64_t)sizeof(float) >= TGN_STREAM_BYTES ? TGN_STREAM_STORES : 0};
+    int64_t result = run_team(&j, threads);
+    if (!dw)
+        return result;
+    /* onto part 0's front stack: each part's front nodes, then its back's (whose top is
+     * the leftmost) */
+    tgn_dw_stack_t *all = &stacks[0];
+    for (int64_t p = 0; result >= 0 && p < j.n_parts; ++p) {
+        tgn_dw_stack_t *front = &stacks[2 * p], *back = &stacks[2 * p + 1];
+        for (int64_t e = 0; p > 0 && e < front->n; ++e)
+            tgn_dw_push(all, front->node[e], hidden, 0);
+        if (p > 0)
+            front->n = 0;
+        while (back->n > 0)
+            tgn_dw_push(all, back->node[--back->n], hidden, 0);
+    }
+    if (result >= 0)
+        result += tgn_dw_finish(all, hidden, dw);
+    for (int64_t k = 0; k < n_stacks; ++k)
+        tgn_dw_free(&stacks[k]);
+    free(stacks);
+    return result;
 }
 
 /* tgn_exact_dw_f32 (rms NULL: xh is x_hat) or tgn_exact_dw_rows_f32 (xh is x, divided

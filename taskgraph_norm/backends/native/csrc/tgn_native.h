@@ -63,9 +63,25 @@ extern const char tgn_build_cpu[];
 #endif
 
 /* --- native_backward.c ------------------------------------------------------------- */
+/* A node of the weight gradient's block merge: the sum of blocks [index 2^level,
+ * (index + 1) 2^level) (data: `hidden` floats, malloc'd); a stack of them, which holds
+ * at most two per level. */
+typedef struct tgn_dw_node {
+    int64_t level, index;
+    float *data;
+} tgn_dw_node_t;
+#define TGN_DW_STACK 132
+typedef struct tgn_dw_stack {
+    int64_t n;
+    tgn_dw_node_t node[TGN_DW_STACK];
+} tgn_dw_stack_t;
+void tgn_dw_push(tgn_dw_stack_t *s, tgn_dw_node_t node, int64_t hidden, int from_back);
+int64_t tgn_dw_finish(tgn_dw_stack_t *s, int64_t hidden, float *dw);
+void tgn_dw_free(tgn_dw_stack_t *s);
 int64_t tgn_backward_rows_f32(const float *x, const float *dy, const float *w, const float *rms,
                               int64_t rows, int64_t hidden, int64_t chunk, const int64_t *adds,
-                              int64_t n_adds, int64_t root, int64_t exact, float *dx, float *blocks);
+                              int64_t n_adds, int64_t root, int64_t exact, float *dx, int64_t first_block,
+                              tgn_dw_stack_t *dw, int64_t stream);
 void tgn_rms_of_totals_f32(const void *total, int64_t rows, int64_t channels, int64_t hidden, double eps,
                            float *rms);
 
@@ -114,7 +130,7 @@ int64_t tgn_narrow_rows(const tgn_narrow_t *job, int64_t i, int64_t n);
 void tgn_narrow_weight(const tgn_rows_cfg_t *c, const void *w, float *out);
 int64_t tgn_backward_rows_f32_team(const float *x, const float *dy, const float *w, const float *rms,
                                    int64_t rows, int64_t hidden, int64_t chunk, const int64_t *adds,
-                                   int64_t n_adds, int64_t root, int64_t exact, float *dx, float *blocks,
+                                   int64_t n_adds, int64_t root, int64_t exact, float *dx, float *dw,
                                    int64_t grain, int64_t threads);
 int64_t tgn_exact_dw_f32_team(const float *dy, int64_t dy_stride, const float *xh, int64_t xh_stride,
                               const float *rms, int64_t rows, int64_t cols, int64_t *state, int64_t stride,
