@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 import taskgraph_norm as tgn
 from taskgraph_norm.backends import base as backends_base
+from taskgraph_norm.backends.native import loader as native
 from taskgraph_norm.backends.registry import BACKENDS, NoBackendError, choose
 from taskgraph_norm.errors import ConfigError
 from taskgraph_norm.kernels.reference import run_reference
@@ -52,26 +53,30 @@ def test_pipeline_is_the_reference_bit_for_bit(topology: str, leaf: str, accumul
 def test_the_torch_ops_backend_runs_the_plan() -> None:
     pipe = layer_pipeline(256, 64, "tree", "pairwise", "float")
     assert pipe.executor == "compiled" and pipe.plan is not None and pipe.plan.norm == "layer"
-    assert pipe.backend(torch.device("cpu"), torch.float32).name == "torch_ops"
+    # the C kernel where it is built (tests/test_native_layer.py), else torch ops
+    assert pipe.backend(torch.device("cpu"), torch.float32).name == ("native" if native.available() else "torch_ops")
+    with backends_base.use("torch_ops"):
+        assert pipe.backend(torch.device("cpu"), torch.float32).name == "torch_ops"
     # a race over three or more float chunks is not certified: the reference runs it
     assert layer_pipeline(256, 16, "race", "pairwise", "float").executor == "reference"
 
 
 @pytest.mark.parametrize("name", ["native", "triton"])
 def test_other_backends_say_they_have_no_layernorm_kernel(name: str) -> None:
-    plan = layer_pipeline(256, 64, "tree", "pairwise", "float").plan
+    # Triton has none; native C has none for exact plans (its float one: test_native_layer.py)
+    plan = layer_pipeline(256, 64, "tree", "pairwise", "exact" if name == "native" else "float").plan
     assert plan is not None
     reasons = BACKENDS[name].not_supported_reasons(plan, torch.device("cpu"), torch.float32)
-    assert any("no LayerNorm kernel" in r for r in reasons)
-    with pytest.raises(NoBackendError, match="no LayerNorm kernel"):
-        choose(plan, torch.device("cpu"), torch.float32, ("native", "triton"))
+    assert any("LayerNorm kernel" in r for r in reasons)
+    with pytest.raises(NoBackendError, match="LayerNorm kernel"):
+        choose(plan, torch.device("cpu"), torch.float32, (name,))
 
 
 def test_no_backend_lists_reasons_when_torch_ops_is_excluded() -> None:
     x, w, b = _inputs(4, 128, torch.float32)
     with backends_base.use("native"):
-        with pytest.raises(NoBackendError, match="native: no LayerNorm kernel yet"):
-            tgn.layer_norm_sync(x, w, b)
+        with pytest.raises(NoBackendError, match="native: no native LayerNorm kernel for exact plans"):
+            tgn.layer_norm_sync(x, w, b, accumulate="exact")
     with pytest.raises(NoBackendError, match="triton"):
         tgn.layer_norm_sync(x, w, b, executor="triton")
 

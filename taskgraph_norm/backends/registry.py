@@ -25,6 +25,7 @@ from .native import grads as _native_grads
 from .native import loader as _native
 from .native import team as _team
 from .native.direct import DirectCall, advise_fresh, direct_call
+from .native.layer import NativeLayer
 from .torch_ops import layer as _layer
 from .torch_ops.compiled import run_compiled
 from .torch_ops.rowsum import plan_rms, plan_row_sum, torch_backward
@@ -112,10 +113,10 @@ BACKWARD_SPLIT_NUMEL = 8 * SPLIT_NUMEL
 _TORCH_OPS = TorchOpsBackend()
 
 
-class NativeBackend(NoLayerKernel):
+class NativeBackend(NativeLayer):
     """The C kernels (built at install): each row read once with the row in cache,
     rows shared among torch's threads; CPU, every plan with pairwise leaves and ADD
-    merges, and every exact plan."""
+    merges, and every exact plan (LayerNorm: float plans, :mod:`.native.layer`)."""
 
     name = "native"
 

@@ -101,6 +101,9 @@ TGN_WRAP(exact_dw_f32_team, "pipipiipiii",
                                a[10].i))
 TGN_WRAP(exact_round_f32, "piiip", (tgn_exact_round_f32(a[0].p, a[1].i, a[2].i, a[3].i, a[4].p), 0))
 TGN_WRAP(team_use_openmp, "pp", tgn_team_use_openmp(a[0].p, a[1].p))
+TGN_WRAP(layer_rows, "ppiiipiippdppiiii",
+         tgn_layer_rows(a[0].p, a[1].p, a[2].i, a[3].i, a[4].i, a[5].p, a[6].i, a[7].i, a[8].p, a[9].p, a[10].d,
+                        a[11].p, a[12].p, a[13].i, a[14].i, a[15].i, a[16].i))
 
 static PyObject *py_exact_scale(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -248,6 +251,9 @@ static PyMethodDef methods[] = {
              "tgn_exact_dw_f32_team."),
     FASTCALL(exact_round_f32, "state, n, stride, to_odd, out", "tgn_exact_round_f32; returns 0."),
     FASTCALL(team_use_openmp, "parallel, thread_num", "tgn_team_use_openmp."),
+    FASTCALL(layer_rows,
+             "x, y, rows, hidden, chunk, adds, n_adds, root, w, b, eps, mean, den, x_dtype, w_dtype, grain, threads",
+             "tgn_layer_rows (native_layer.c): LayerNorm's float rows; returns the rows with a NaN."),
     NOARGS(team_openmp, "tgn_team_openmp."),
     NOARGS(team_worker_rows, "tgn_team_worker_rows."),
     NOARGS(native_abi, "tgn_native_abi: NATIVE_ABI as this build was made."),

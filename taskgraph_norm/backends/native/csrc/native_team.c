@@ -56,7 +56,7 @@ typedef struct {
 #define SPIN_NS 50000 /* how long an idle worker spins before it sleeps (back-to-back calls) */
 #define WAIT_SPIN_NS 20000 /* how long a caller spins for the worker's last block before it sleeps */
 
-enum { JOB_FLOAT, JOB_EXACT, JOB_BACKWARD, JOB_EXACT_DW, JOB_NARROW };
+enum { JOB_FLOAT, JOB_EXACT, JOB_BACKWARD, JOB_EXACT_DW, JOB_NARROW, JOB_FN };
 
 typedef struct {
     int kind; /* JOB_FLOAT: tgn_float_rows_f32; JOB_EXACT: tgn_exact_rows_f32; JOB_BACKWARD:
@@ -90,6 +90,8 @@ typedef struct {
     int64_t dw_rows, dw_dy_stride, dw_stride;
     int64_t *dw_state;
     const tgn_narrow_t *narrow;
+    tgn_rows_fn_t fn; /* JOB_FN: fn(ctx, i, n) runs the rows (tgn_team_rows) */
+    const void *ctx;
     part_t *parts;
     atomic_int_fast64_t result; /* the sum of the blocks' return values */
     atomic_int failed;          /* a block's negative return (-1: no scratch), else 0 */
@@ -135,6 +137,8 @@ static int64_t run_rows(const job_t *j, int64_t i, int64_t n, tgn_dw_stack_t *dw
 {
     if (j->kind == JOB_NARROW)
         return tgn_narrow_rows(j->narrow, i, n);
+    if (j->kind == JOB_FN)
+        return j->fn(j->ctx, i, n);
     const float *r = j->r ? j->r + i * j->r_stride : 0;
     float *h = j->h ? j->h + i * j->h_stride : 0;
     float *y = j->y ? j->y + i * j->y_stride : 0;
@@ -483,6 +487,15 @@ int64_t tgn_rows_call(const tgn_rows_cfg_t *c, const void *x, void *y, int64_t r
     }
     free(made);
     return result;
+}
+
+/* Any row kernel's rows on the team (native_layer.c's LayerNorm rows): fn(ctx, i, n). */
+int64_t tgn_team_rows(tgn_rows_fn_t fn, const void *ctx, int64_t rows, int64_t grain, int64_t threads)
+{
+    if (rows <= 0)
+        return 0;
+    job_t j = {.kind = JOB_FN, .rows = rows, .grain = grain, .fn = fn, .ctx = ctx};
+    return run_team(&j, threads);
 }
 
 /* How many rows threads other than the callers have run since the process (or

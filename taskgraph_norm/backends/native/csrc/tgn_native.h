@@ -136,7 +136,20 @@ int64_t tgn_exact_dw_f32_team(const float *dy, int64_t dy_stride, const float *x
                               const float *rms, int64_t rows, int64_t cols, int64_t *state, int64_t stride,
                               int64_t grain, int64_t threads);
 int64_t tgn_team_worker_rows(void);
+/* Rows [0, rows) of any row kernel on `threads` threads, in blocks of `grain` rows:
+ * fn(ctx, i, n) runs rows [i, i + n) and returns a count (negative: an error); returns
+ * their sum, or a block's negative return. */
+typedef int64_t (*tgn_rows_fn_t)(const void *ctx, int64_t i, int64_t n);
+int64_t tgn_team_rows(tgn_rows_fn_t fn, const void *ctx, int64_t rows, int64_t grain, int64_t threads);
 int tgn_team_openmp(void);
 int tgn_team_use_openmp(void *parallel, void *thread_num);
+
+/* --- native_layer.c: LayerNorm's float rows ---------------------------------------
+ * x, y: rows of x_dtype (TGN_DTYPE_*); w, b (NULL: none) of w_dtype; mean, den (NULL:
+ * not kept) one fp32 value per row.  Returns the rows with a NaN in y (the caller
+ * redoes the call), -1: no scratch. */
+int64_t tgn_layer_rows(const void *x, void *y, int64_t rows, int64_t hidden, int64_t chunk, const int64_t *adds,
+                       int64_t n_adds, int64_t root, const void *w, const void *b, double eps, float *mean,
+                       float *den, int64_t x_dtype, int64_t w_dtype, int64_t grain, int64_t threads);
 
 #endif

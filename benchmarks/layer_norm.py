@@ -1,0 +1,93 @@
+"""LayerNorm's speed on CPU: ``tgn.layer_norm_sync`` against torch's own kernels (issue 23).
+
+    python benchmarks/layer_norm.py [--rounds 15] [--shapes 1,64,1024,4096]
+
+Every case is measured side by side in one run (each round calls every method once;
+a method too short to time alone is a loop of calls, divided back to one call; the
+figure is the median over rounds; torch keeps the thread count it chose).  Per shape
+``(rows, 4096)`` and dtype (fp32, bf16), with a weight and a bias:
+
+* ``layer_norm_sync(x, w, b)`` (float, the default plan: the native C kernel where it
+  is built) against the faster of eager ``F.layer_norm`` and
+  ``torch.compile(F.layer_norm)`` (compiled once per shape, before timing): target
+  at most 1.0x;
+* ``layer_norm_sync(..., accumulate="exact")`` against the float call: target at most
+  1.3x (exact plans have no C kernel yet: torch ops).
+
+Each line gives our time, the baseline's and which baseline it was, the ratio, the
+target and whether it is met (benchmarks/common.py's ``target_row``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import taskgraph_norm as tgn  # noqa: E402
+from common import TARGET_HEADER, fastest, interleaved_medians, repeated, target_row  # noqa: E402
+from taskgraph_norm.backends.native import loader as native  # noqa: E402
+
+D = 4096
+EAGER, COMPILED = "eager F.layer_norm", "torch.compile(F.layer_norm)"
+FLOAT, EXACT = "layer_norm_sync float", "layer_norm_sync exact"
+
+
+def _compiled() -> Callable[..., torch.Tensor] | None:
+    try:
+        fn = torch.compile(F.layer_norm)
+        fn(torch.ones(2, 8), (8,))
+        return fn
+    except Exception:  # no C++ compiler, unsupported platform...
+        return None
+
+
+def _calls(rows: int) -> int:
+    """Enough calls that one timing is about a millisecond or more of work."""
+    return max(1, 256 // rows)
+
+
+def case(rows: int, dtype: torch.dtype, rounds: int, compiled: Callable[..., torch.Tensor] | None) -> list[str]:
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(rows, D, generator=g) * 2 + 0.5).to(dtype)
+    w = (1 + 0.1 * torch.randn(D, generator=g)).to(dtype)
+    b = (0.1 * torch.randn(D, generator=g)).to(dtype)
+    calls = _calls(rows)
+    methods = {
+        FLOAT: repeated(lambda: tgn.layer_norm_sync(x, w, b), calls),
+        EXACT: repeated(lambda: tgn.layer_norm_sync(x, w, b, accumulate="exact"), calls),
+        EAGER: repeated(lambda: F.layer_norm(x, (D,), w, b), calls),
+    }
+    if compiled is not None:
+        compiled(x, (D,), w, b)  # compiled for this shape before timing
+        methods[COMPILED] = repeated(lambda: compiled(x, (D,), w, b), calls)
+    for fn in methods.values():
+        fn()
+    t = {k: v / calls for k, v in interleaved_medians(methods, rounds).items()}
+    base = fastest(t, EAGER, COMPILED)
+    name = f"({rows}, {D}) {str(dtype).removeprefix('torch.')}"
+    return [target_row(f"{name} float", t[FLOAT], t[base], base, 1.0),
+            target_row(f"{name} exact", t[EXACT], t[FLOAT], "float", 1.3)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--shapes", default="1,64,1024,4096", help="row counts, comma-separated")
+    args = parser.parse_args()
+    compiled = _compiled()
+    print(f"# LayerNorm, torch {torch.__version__}, {torch.get_num_threads()} threads; {native.describe()}")
+    print(TARGET_HEADER)
+    for rows in (int(r) for r in args.shapes.split(",")):
+        for dtype in (torch.float32, torch.bfloat16):
+            for line in case(rows, dtype, args.rounds, compiled):
+                print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,288 @@
+/* LayerNorm's float rows in C (backends/native/layer.py): the torch-ops backend's
+ * float plan (backends/torch_ops/layer.py, kernels/layer.py's finalize_layer) row by
+ * row, with the row in cache, bit for bit (tests/test_native_layer.py compares them):
+ *
+ *   s    = the plan's sum of x.to(fp32)          pairwise leaves, then the ADDs in order
+ *   mean = s / D                                 (fp32; D rounded to fp32, a tensor divisor)
+ *   d    = x - mean,  v = d * d                  each rounded once
+ *   var  = the plan's sum of v                   the same leaves and ADDs
+ *   den  = sqrt(var / D + eps)                   (eps rounded to fp32; the fp64 root of
+ *                                                 an fp32 value, rounded: the IEEE one)
+ *   y    = ((x - mean) / den) * w + b            w, b when given; rounded to x's dtype
+ *
+ * The leaves are tgn_chunk_sums_f32's (native.c: eight full power-of-two chunks at a
+ * time where the build has the vector form) and this file's scalar halving for the
+ * rest, the order of kernels.pairwise_halving_: while L > 1, h = ceil(L / 2), element
+ * k < L - h becomes s[k] + s[k + h].  The squares are formed first (v), so their sum
+ * is tgn_chunk_sums_f32 of v: the same bits as the forward's squares network, which
+ * rounds each square before adding a pair.  The quotient is native_quotient.h's (IEEE
+ * division's bits).  bf16 and fp16 rows are widened into fp32 scratch, run through
+ * the same steps and rounded back (native_half.h's c10 formulas); the weight and bias,
+ * of x's dtype or fp32, are widened once per call.
+ *
+ * A row whose y holds a NaN (a NaN or Inf input, a NaN weight, den = 0) is counted
+ * and the caller gives the whole call the torch-ops backend's bits (C's NaNs need not
+ * have torch's signs and payloads).  The rows are shared by native_team.c's team
+ * (tgn_team_rows): every row is computed the same way whichever thread runs it.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "native_half.h"
+#include "native_quotient.h"
+#include "tgn_native.h"
+
+#ifdef __FAST_MATH__
+#error "native_layer.c must not be compiled with -ffast-math"
+#endif
+
+typedef struct {
+    const void *x;
+    void *y;
+    int64_t hidden, chunk;
+    const int64_t *adds;
+    int64_t n_adds, root, code;
+    const float *w, *b;
+    float eps;
+    float *mean, *den;
+} layer_job_t;
+
+/* kernels.pairwise_halving_ of src[0, length) (length >= 1), buf holding length / 2 + 1 values. */
+static float halve(const float *src, int64_t length, float *buf)
+{
+    if (length == 1)
+        return src[0];
+    int64_t half = (length + 1) / 2;
+    for (int64_t k = 0; k < length - half; ++k)
+        buf[k] = src[k] + src[k + half];
+    if (length & 1)
+        buf[half - 1] = src[half - 1];
+    for (length = half; length > 1; length = half) {
+        half = (length + 1) / 2;
+        float *restrict lo = buf;
+        const float *restrict hi = buf + half;
+        for (int64_t k = 0; k < length - half; ++k)
+            lo[k] += hi[k];
+    }
+    return buf[0];
+}
+
+/* The plan's sum of v[0, hidden): each chunk's leaf into slots, then the ADDs. */
+static float plan_sum(const layer_job_t *c, const float *v, float *buf, float *slots)
+{
+    const int64_t d = c->hidden, chunk = c->chunk, n_full = d / chunk, n_chunks = (d + chunk - 1) / chunk;
+    for (int64_t k = n_full ? tgn_chunk_sums_f32(v, chunk, n_full, slots) : 0; k < n_chunks; ++k)
+        slots[k] = halve(v + k * chunk, d - k * chunk < chunk ? d - k * chunk : chunk, buf);
+    for (int64_t t = 0; t < c->n_adds; ++t)
+        slots[c->adds[3 * t]] = slots[c->adds[3 * t + 1]] + slots[c->adds[3 * t + 2]];
+    return slots[c->root];
+}
+
+#if TGN_QUOTIENT_LANES == 16
+/* the lanes' unsigned minimum, and its reduction */
+#define MIN_U32(a, b) _mm512_min_epu32((a), (b))
+#define MIN_ALL(v) _mm512_reduce_min_epu32(v)
+typedef __m512i tgn_qi_t;
+#define QI_SET1 _mm512_set1_epi32
+#define QI_OF(v) _mm512_castps_si512(v)
+#define QI_AND _mm512_and_si512
+#define QI_SUB _mm512_sub_epi32
+#elif TGN_QUOTIENT_LANES == 8
+#define MIN_U32(a, b) _mm256_min_epu32((a), (b))
+typedef __m256i tgn_qi_t;
+#define QI_SET1 _mm256_set1_epi32
+#define QI_OF(v) _mm256_castps_si256(v)
+#define QI_AND _mm256_and_si256
+#define QI_SUB _mm256_sub_epi32
+static inline uint32_t MIN_ALL(__m256i v)
+{
+    uint32_t o[8], m = UINT32_MAX;
+    memcpy(o, &v, sizeof o);
+    for (int k = 0; k < 8; ++k)
+        m = o[k] < m ? o[k] : m;
+    return m;
+}
+#endif
+
+/* y = ((x - mean) / den) * w + b over one row (w, b finite or NULL: the caller checks
+ * mean and den, so no NaN can come out).  ranged: every x - mean is +-0 or at least
+ * 2^-50 in magnitude (squares() says), so with den in range the quotient needs no
+ * range check (native_quotient.h: |x - mean| <= sqrt(D) den <= 2^60). */
+static inline __attribute__((always_inline)) void finish_vectors(const float *x, float *y, const float *w,
+                                                                 const float *b, int64_t n, float mean, float den,
+                                                                 const int ranged)
+{
+    int64_t j = 0;
+#if TGN_QUOTIENT_LANES > 1
+    if (tgn_quotient_rms_in_range(den)) {
+        const tgn_q_div_t dv = tgn_q_setup(den);
+        const TGN_QV m = TGN_Q_SET1(mean);
+        for (; j + TGN_QUOTIENT_LANES <= n; j += TGN_QUOTIENT_LANES) {
+            TGN_QV a = TGN_Q_SUB(TGN_Q_LOAD(x + j), m);
+            TGN_QV q = ranged ? tgn_q_vec_ranged(&dv, a) : tgn_q_vec(&dv, a);
+            if (w)
+                q = TGN_Q_MUL(q, TGN_Q_LOAD(w + j));
+            if (b)
+                q = TGN_Q_ADD(q, TGN_Q_LOAD(b + j));
+            TGN_Q_STORE(y + j, q);
+        }
+    }
+#else
+    (void)ranged;
+#endif
+    for (; j < n; ++j) {
+        float q = (x[j] - mean) / den;
+        if (w)
+            q = q * w[j];
+        if (b)
+            q = q + b[j];
+        y[j] = q;
+    }
+}
+
+static void finish_row(const float *x, float *y, const float *w, const float *b, int64_t n, float mean, float den,
+                       int ranged)
+{
+    if (ranged && n < ((int64_t)1 << 38))
+        finish_vectors(x, y, w, b, n, mean, den, 1);
+    else
+        finish_vectors(x, y, w, b, n, mean, den, 0);
+}
+
+/* sq = (x - mean)^2, each difference and square rounded once; returns 1 when no
+ * difference is tiny (nonzero, below 2^-50 in magnitude: tgn_q_vec_ranged's range). */
+static int squares(const float *x, float mean, float *sq, int64_t n)
+{
+    int64_t j = 0;
+    uint32_t low = UINT32_MAX; /* the smallest |x - mean| bits less one (0 wraps) */
+#if TGN_QUOTIENT_LANES > 1
+    const TGN_QV m = TGN_Q_SET1(mean);
+    const tgn_qi_t mag = QI_SET1(0x7fffffff), one = QI_SET1(1);
+    tgn_qi_t lo = QI_SET1(-1);
+    for (; j + TGN_QUOTIENT_LANES <= n; j += TGN_QUOTIENT_LANES) {
+        TGN_QV v = TGN_Q_SUB(TGN_Q_LOAD(x + j), m);
+        lo = MIN_U32(lo, QI_SUB(QI_AND(QI_OF(v), mag), one));
+        TGN_Q_STORE(sq + j, TGN_Q_MUL(v, v));
+    }
+    low = MIN_ALL(lo);
+#endif
+    for (; j < n; ++j) {
+        float v = x[j] - mean;
+        uint32_t u = (tgn_bits_of(v) & 0x7fffffffu) - 1u;
+        low = u < low ? u : low;
+        sq[j] = v * v;
+    }
+    return low >= TGN_Q_LO - 1u;
+}
+
+/* One fp32 row x into y (fp32); sq: hidden values of scratch.  Returns 1 for a NaN row. */
+static int layer_row(const layer_job_t *c, const float *x, float *y, float *buf, float *slots, float *sq,
+                     int64_t i)
+{
+    const int64_t d = c->hidden;
+    const float mean = plan_sum(c, x, buf, slots) / (float)d;
+    const int ranged = squares(x, mean, sq, d);
+    const float var = plan_sum(c, sq, buf, slots);
+    const float den = (float)sqrt((double)(var / (float)d + c->eps));
+    if (c->mean)
+        c->mean[i] = mean;
+    if (c->den)
+        c->den[i] = den;
+    /* finite mean: every x finite; finite den > 0: every x - mean finite, so is each
+     * quotient, and w and b are finite (checked once per call): no NaN in y (an
+     * overflow to Inf has IEEE's bits, torch's) */
+    if (!(isfinite(mean) && isfinite(den) && den > 0.0f))
+        return 1;
+    finish_row(x, y, c->w, c->b, d, mean, den, ranged);
+    return 0;
+}
+
+static void widen_row(const uint16_t *x, int64_t code, float *s, int64_t n)
+{
+    if (code == TGN_DTYPE_BF16)
+        for (int64_t j = 0; j < n; ++j)
+            s[j] = tgn_bf16_to_f32(x[j]);
+    else
+        for (int64_t j = 0; j < n; ++j)
+            s[j] = tgn_f16_to_f32(x[j]);
+}
+
+static void narrow_row(const float *s, int64_t code, uint16_t *y, int64_t n)
+{
+    if (code == TGN_DTYPE_BF16)
+        for (int64_t j = 0; j < n; ++j)
+            y[j] = tgn_f32_to_bf16(s[j]);
+    else
+        for (int64_t j = 0; j < n; ++j)
+            y[j] = tgn_f32_to_f16(s[j]);
+}
+
+/* Rows [i, i + n) of the job (the team's callback); returns the NaN rows, -1: no scratch. */
+static int64_t layer_rows(const void *ctx, int64_t i, int64_t n)
+{
+    const layer_job_t *c = (const layer_job_t *)ctx;
+    const int64_t d = c->hidden, narrow = c->code != TGN_DTYPE_F32;
+    const int64_t n_chunks = (d + c->chunk - 1) / c->chunk;
+    const int64_t need = c->chunk / 2 + 1 + n_chunks + c->n_adds + d * (narrow ? 3 : 1);
+    float *work = (float *)malloc((size_t)need * sizeof(float));
+    if (!work)
+        return -1;
+    float *buf = work, *slots = buf + c->chunk / 2 + 1, *sq = slots + n_chunks + c->n_adds;
+    int64_t bad = 0;
+    for (int64_t end = i + n; i < end; ++i) {
+        if (!narrow) {
+            bad += layer_row(c, (const float *)c->x + i * d, (float *)c->y + i * d, buf, slots, sq, i);
+            continue;
+        }
+        float *xs = sq + d, *ys = xs + d;
+        widen_row((const uint16_t *)c->x + i * d, c->code, xs, d);
+        bad += layer_row(c, xs, ys, buf, slots, sq, i);
+        narrow_row(ys, c->code, (uint16_t *)c->y + i * d, d);
+    }
+    free(work);
+    return bad;
+}
+
+/* p (d values of dtype code) widened to fp32 into out; returns out, or p itself for fp32. */
+static const float *as_f32(const void *p, int64_t code, int64_t d, float *out)
+{
+    if (!p || code == TGN_DTYPE_F32)
+        return (const float *)p;
+    widen_row((const uint16_t *)p, code, out, d);
+    return out;
+}
+
+static int all_finite(const float *p, int64_t n)
+{
+    int ok = 1;
+    for (int64_t j = 0; p && j < n; ++j)
+        ok &= (tgn_bits_of(p[j]) & 0x7f800000u) != 0x7f800000u;
+    return ok;
+}
+
+int64_t tgn_layer_rows(const void *x, void *y, int64_t rows, int64_t hidden, int64_t chunk, const int64_t *adds,
+                       int64_t n_adds, int64_t root, const void *w, const void *b, double eps, float *mean,
+                       float *den, int64_t x_dtype, int64_t w_dtype, int64_t grain, int64_t threads)
+{
+    if (rows <= 0)
+        return 0;
+    if (hidden < 1 || chunk < 1)
+        return -2;
+    float *made = 0;
+    if (w_dtype != TGN_DTYPE_F32 && (w || b)) {
+        made = (float *)malloc(2 * (size_t)hidden * sizeof(float));
+        if (!made)
+            return -1;
+    }
+    layer_job_t c = {.x = x, .y = y, .hidden = hidden, .chunk = chunk, .adds = adds, .n_adds = n_adds,
+                     .root = root, .code = x_dtype, .w = as_f32(w, w_dtype, hidden, made),
+                     .b = as_f32(b, w_dtype, hidden, made ? made + hidden : 0), .eps = (float)eps,
+                     .mean = mean, .den = den};
+    int64_t result = all_finite(c.w, hidden) && all_finite(c.b, hidden)
+                         ? tgn_team_rows(layer_rows, &c, rows, grain, threads)
+                         : rows; /* a NaN may come out anywhere: every row to the caller */
+    free(made);
+    return result;
+}

@@ -1,0 +1,208 @@
+"""LayerNorm's float rows in C (native_layer.c, backends/native/layer.py): the bits of
+the torch-ops backend (and of the reference interpreter) for fp32, bf16 and fp16 rows,
+every float plan the kernel runs (tree and linear merges, full and ragged chunks),
+weight and bias present or not, one thread or all, ``out=``, the statistics the
+backward keeps; NaN rows left to torch ops; the portable build's bits the host build's;
+and the native backend really chosen where it runs, with a reason where not."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import pytest
+import torch
+
+import taskgraph_norm as tgn
+from taskgraph_norm.backends.native import layer as native_layer
+from taskgraph_norm.backends.registry import BACKENDS
+from taskgraph_norm.kernels.reference import run_reference
+from taskgraph_norm.pipeline.layer import layer_pipeline
+from taskgraph_norm.testing import bits_equal
+
+from ._trust_helpers import native_status, run_probe
+
+NATIVE, WHY_NOT = native_status()
+pytestmark = pytest.mark.skipif(not NATIVE, reason=f"native kernels: {WHY_NOT}")
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+SHAPES = ((5, 100), (300, 4096), (2000, 1024), (8192, 64))
+
+
+def _data(shape: tuple[int, int], dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g) * 3 + 1.5  # an offset mean: the two passes matter
+    w = 1 + 0.5 * torch.randn(shape[1], generator=g)
+    b = torch.randn(shape[1], generator=g)
+    return x.to(dtype), w.to(dtype), b.to(dtype)
+
+
+def _torch_ops(x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+    with tgn.backends.use("torch_ops"):
+        return tgn.layer_norm_sync(x, *args, **kwargs)
+
+
+def _spy(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Records whether each native LayerNorm call was taken (True) or left to torch ops."""
+    taken: list[bool] = []
+    real = native_layer.layer_rows
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        found = real(*args, **kwargs)
+        taken.append(found is not None)
+        return found
+
+    monkeypatch.setattr(native_layer, "layer_rows", spy)
+    return taken
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_the_kernel_gives_the_torch_ops_bits(dtype: torch.dtype, shape: tuple[int, int],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    taken = _spy(monkeypatch)
+    x, w, b = _data(shape, dtype, seed=shape[0])
+    affine = [(w, b), (None, None)] if shape != (5, 100) else [(w, b), (w, None), (None, b), (None, None)]
+    for chunk, topology, (wt, bt) in itertools.product((64, 10, 256), ("tree", "linear"), affine):
+        y = tgn.layer_norm_sync(x, wt, bt, chunk_size=chunk, topology=topology)
+        want = _torch_ops(x, wt, bt, chunk_size=chunk, topology=topology)
+        assert bits_equal(y, want), (chunk, topology, wt is None, bt is None)
+    assert taken and all(taken)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_the_kernel_gives_the_reference_bits(dtype: torch.dtype) -> None:
+    x, w, b = _data((7, 300), dtype, seed=1)
+    for chunk, topology in itertools.product((64, 10), ("tree", "linear")):
+        pipe = layer_pipeline(300, chunk, topology)
+        y = tgn.layer_norm_sync(x, w, b, chunk_size=chunk, topology=topology)
+        assert bits_equal(y, run_reference(pipe.graph, x, w, 1e-5, bias=b)), (chunk, topology)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_the_statistics_and_out_are_the_torch_ops_ones(dtype: torch.dtype) -> None:
+    x, w, b = _data((300, 1000), dtype, seed=2)
+    pipe = layer_pipeline(1000, 64, "tree")
+    assert pipe.plan is not None
+    native = pipe.backend(x.device, dtype)
+    assert native.name == "native"
+    with tgn.backends.use("torch_ops"):
+        want = pipe.backend(x.device, dtype).layer_forward(pipe.graph, pipe.plan, x, w, b, 1e-5, stats=True)
+    out = torch.empty_like(x)
+    got = native.layer_forward(pipe.graph, pipe.plan, x, w, b, 1e-5, out=out, stats=True)
+    assert got.y is out
+    for a, c in zip(got, want):
+        assert a is not None and c is not None and bits_equal(a, c)
+
+
+def test_one_thread_and_all_give_the_same_bits() -> None:
+    x, w, b = _data((2000, 1024), torch.float32, seed=3)
+    plan = layer_pipeline(1024).plan
+    assert plan is not None
+    one = native_layer.layer_rows(plan, x, w, b, 1e-5, stats=True, threads=1)
+    many = native_layer.layer_rows(plan, x, w, b, 1e-5, stats=True, threads=max(2, torch.get_num_threads()))
+    assert one is not None and many is not None
+    for a, c in zip(one, many):
+        assert a is not None and c is not None and bits_equal(a, c)
+
+
+def test_rows_with_a_nan_get_the_torch_ops_bits(monkeypatch: pytest.MonkeyPatch) -> None:
+    taken = _spy(monkeypatch)
+    x, w, b = _data((64, 256), torch.float32, seed=4)
+    x[3, 7], x[9, 0], x[10, 1] = float("nan"), float("inf"), float("-inf")
+    assert bits_equal(tgn.layer_norm_sync(x, w, b), _torch_ops(x, w, b))
+    x, _, _ = _data((64, 256), torch.bfloat16, seed=4)
+    w[5] = float("inf")  # inf * 0 may be a NaN anywhere: every row is left to torch ops
+    assert bits_equal(tgn.layer_norm_sync(x, w.bfloat16()), _torch_ops(x, w.bfloat16()))
+    zeros = torch.zeros(4, 256)
+    assert bits_equal(tgn.layer_norm_sync(zeros, eps=0.0), _torch_ops(zeros, eps=0.0))  # den = 0: 0 / 0
+    assert taken == [False, False, False]
+
+
+def test_edge_values_and_mixed_dtypes_give_the_torch_ops_bits() -> None:
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(40, 333, generator=g) * torch.exp2(torch.randint(-60, 60, (40, 1), generator=g)).float()
+    x[0] = 0.0
+    x[1] = -0.0
+    x[2, ::2] = 1e-30  # tiny deviations: the quotient's checked path
+    x[3] = 7.0  # a constant row: every deviation zero
+    w = torch.randn(333, generator=g)
+    for dtype in DTYPES:
+        xd = x.to(dtype)
+        for wt in (w, w.to(dtype)):  # fp32 parameters of a half x ("mixed dtype"), or x's own
+            assert bits_equal(tgn.layer_norm_sync(xd, wt, wt * 0.5, chunk_size=10),
+                              _torch_ops(xd, wt, wt * 0.5, chunk_size=10)), dtype
+    xh, _, _ = _data((8, 333), torch.bfloat16, seed=6)
+    assert bits_equal(tgn.layer_norm_sync(xh, w.bfloat16(), None), _torch_ops(xh, w.bfloat16(), None))
+
+
+def test_a_residual_plan_runs_the_kernel_on_h(monkeypatch: pytest.MonkeyPatch) -> None:
+    taken = _spy(monkeypatch)
+    x, w, b = _data((50, 512), torch.bfloat16, seed=7)
+    r = x.flip(0)
+    y, h = tgn.layer_norm_sync(x, w, b, residual=r)
+    wy, wh = _torch_ops(x, w, b, residual=r)
+    assert bits_equal(y, wy) and bits_equal(h, wh) and taken == [True]
+
+
+def test_the_native_backend_is_chosen_where_it_runs() -> None:
+    cpu = torch.device("cpu")
+    assert layer_pipeline(512, 64, "tree").backend(cpu, torch.float32).name == "native"
+    assert layer_pipeline(512, 64, "cat").backend(cpu, torch.float32).name == "torch_ops"
+    exact = layer_pipeline(512, 64, "tree", accumulate="exact")
+    assert exact.plan is not None and exact.backend(cpu, torch.float32).name == "torch_ops"
+    reasons = BACKENDS["native"].not_supported_reasons(exact.plan, cpu, torch.float32)
+    assert any("exact plans" in why for why in reasons)
+    x, w, b = _data((9, 512), torch.float32, seed=8)
+    for topology, accumulate in (("cat", "float"), ("tree", "exact")):  # torch ops, the same bits
+        y = tgn.layer_norm_sync(x, w, b, topology=topology, accumulate=accumulate)
+        assert bits_equal(y, _torch_ops(x, w, b, topology=topology, accumulate=accumulate))
+
+
+def test_fp64_and_strided_rows_go_to_torch_ops(monkeypatch: pytest.MonkeyPatch) -> None:
+    taken = _spy(monkeypatch)
+    x, w, b = _data((30, 200), torch.float64, seed=9)
+    assert bits_equal(tgn.layer_norm_sync(x, w, b), _torch_ops(x, w, b))
+    xs = _data((200, 30), torch.float32, seed=9)[0].t()
+    ws, bs = w.float(), b.float()
+    assert bits_equal(tgn.layer_norm_sync(xs, ws, bs), _torch_ops(xs, ws, bs))
+    assert taken == [False, False]
+
+
+def test_negative_control_another_order_changes_the_bits() -> None:
+    # The comparisons above can fail: a linear chain and a tree over the same chunks,
+    # or F.layer_norm's own order, give other bits on these rows.
+    x, w, b = _data((300, 4096), torch.float32, seed=10)
+    tree = tgn.layer_norm_sync(x, w, b, topology="tree")
+    assert not bits_equal(tree, tgn.layer_norm_sync(x, w, b, topology="linear"))
+    assert not bits_equal(tree, torch.nn.functional.layer_norm(x, (4096,), w, b))
+    assert torch.allclose(tree, torch.nn.functional.layer_norm(x, (4096,), w, b), atol=1e-5)
+
+
+PROBE = """
+    import hashlib, torch, taskgraph_norm as tgn
+    from taskgraph_norm.backends.native import loader as native
+    from taskgraph_norm.testing import bits
+    print(native.library_path().name if native.available() else None)
+    g = torch.Generator().manual_seed(3)
+    rows = torch.randn(300, 777, generator=g) * 2 + 1
+    rows[::7] *= 1e-16  # tiny deviations: the quotient's checked path
+    w, b = torch.randn(777, generator=g), torch.randn(777, generator=g)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        x = rows.to(dtype)
+        for chunk, topology in ((64, "tree"), (10, "linear"), (256, "tree")):
+            y = tgn.layer_norm_sync(x, w.to(dtype), b.to(dtype), chunk_size=chunk, topology=topology)
+            print(dtype, chunk, topology, hashlib.sha256(bits(y).numpy().tobytes()).hexdigest()[:16])
+"""
+
+
+def test_the_portable_build_gives_the_host_builds_bits() -> None:
+    """TGN_NATIVE=portable (scalar leaves and the divider) against the default build
+    (the vector leaves and quotient where built) and torch ops (TGN_NATIVE=0)."""
+    portable, default, off = (run_probe(PROBE, TGN_NATIVE=v) for v in ("portable", "1", "0"))
+    for proc in (portable, default, off):
+        assert proc.returncode == 0, proc.stderr
+    p, d, o = (proc.stdout.splitlines() for proc in (portable, default, off))
+    assert p[0].startswith("_native_portable") and o[0] == "None"
+    assert p[1:] == d[1:] == o[1:] and len(p) == 10
+    assert len({line.split()[-1] for line in p[1:]}) == 9  # negative control: the digests see dtype and plan
