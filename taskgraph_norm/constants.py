@@ -91,11 +91,12 @@ STREAM_STORES: Final = 8
 """FINALIZE flag: write ``y`` with non-temporal stores (vectors aligned to their width;
 the rest as usual).  Never changes a bit, only where the written lines go."""
 
-STREAM_BYTES: Final = 32 << 20
-"""Output bytes from which the direct path's fp32 FINALIZE writes with non-temporal
-stores: an output this large does not stay in the caches anyway, and a store that
-misses them otherwise reads each line in before writing it (docs/performance.md,
-"Streaming stores").  Never changes a bit."""
+STREAM_BYTES: Final = 8 << 20
+"""Output bytes from which the direct path's FINALIZE (and the native backward's
+``dx``) writes with non-temporal stores: an output twice the size of a core's L2 does
+not stay there, and a store that misses the caches otherwise reads each line in before
+writing it (docs/performance.md, "Streaming stores", has the measurements and the cost:
+the output is not left in the caches for the next op).  Never changes a bit."""
 
 DTYPE_F32: Final = 0
 """The direct path's code for float32 in its configuration (``rows_config``'s
