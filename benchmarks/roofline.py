@@ -18,10 +18,11 @@ Markdown table and written to ``--json``:
   on all of them (``torch.set_num_threads``), so the steps where a row or the
   whole input leaves L1 or L2 show;
 * **ceilings**: the compute ceiling of each dtype and mode: the GB/s of the same
-  ``out=`` calls on an input whose bytes fit in the caches (rows of 4096 adding up to
-  :data:`CEILING_BYTES`), where memory bandwidth does not bound them and what is left
-  is the arithmetic: the conversions of bf16 and fp16, the exact mode's fp64 lanes.
-  A call at the memory limit moves at most min(copy_'s GB/s, this ceiling);
+  ``out=`` calls on one thread on an input whose bytes fit in the caches (rows of 4096
+  adding up to :data:`CEILING_BYTES`), where memory bandwidth does not bound them and
+  what is left is the arithmetic: the conversions of bf16 and fp16, the exact mode's
+  fp64 lanes; times the run's threads.  A call moves at most min(copy_'s GB/s, this
+  ceiling);
 * **memory**: the peak extra RSS of one warm call, each in a fresh process
   (``roofline_memory.py`` says how and why that is honest).
 
@@ -190,24 +191,40 @@ def scaling(options: Options) -> list[dict[str, Any]]:
 
 def ceilings(options: Options) -> list[dict[str, Any]]:
     """Per dtype: GB/s of ``copy_`` and the ``out=`` calls on a cache-resident input
-    (rows of 4096 moving :data:`CEILING_BYTES`): the compute ceiling of each mode."""
+    (rows of 4096 moving :data:`CEILING_BYTES`), on one thread: one core's compute
+    ceiling of each mode.  (On all threads a call this short measures the threads'
+    wake-up, not their arithmetic; the rows are independent, so the ceiling of ``n``
+    threads is ``n`` times one core's, which the table and the plot use.)"""
+    threads = torch.get_num_threads()
     points = []
-    for dtype in options.dtypes:
-        rows = max(1, CEILING_BYTES // bytes_moved(1, 4096, dtype))
-        case = time_case(rows, 4096, dtype, options.rounds, torch_too=False)
-        points.append(case)
+    try:
+        torch.set_num_threads(1)
+        for dtype in options.dtypes:
+            rows = max(1, CEILING_BYTES // bytes_moved(1, 4096, dtype))
+            case = time_case(rows, 4096, dtype, options.rounds, torch_too=False)
+            points.append({**case, "threads": threads})
+    finally:
+        torch.set_num_threads(threads)
     print("  ceilings done", file=sys.stderr)
     return points
 
 
+def ceiling_gbps(point: dict[str, Any], method: str) -> float:
+    """The ceiling of ``method`` at the threads of the run: one core's GB/s times them."""
+    return point["threads"] * gbps(point["bytes"], point["seconds"][method])
+
+
 def ceiling_table(points: Sequence[dict[str, Any]]) -> str:
-    """One line per dtype: the in-cache GB/s of copy_ and of each ``out=`` mode."""
-    lines = ["| dtype | input (in cache) | copy_ GB/s | float, out= GB/s | exact, out= GB/s |",
-             "|---|---|---|---|---|"]
+    """One line per dtype: one core's in-cache GB/s of copy_ and of each ``out=`` mode,
+    and the float ceiling at the run's threads."""
+    lines = ["| dtype | input (in cache) | copy_ GB/s, 1 core | float, out= GB/s, 1 core "
+             "| exact, out= GB/s, 1 core | float ceiling at the run's threads GB/s |",
+             "|---|---|---|---|---|---|"]
     for p in points:
         s, nbytes = p["seconds"], p["bytes"]
         lines.append(f"| {p['dtype']} | {p['rows']}x{p['hidden']} | {gbps(nbytes, s[COPY]):.1f} "
-                     f"| {gbps(nbytes, s[FLOAT_OUT]):.1f} | {gbps(nbytes, s[EXACT_OUT]):.1f} |")
+                     f"| {gbps(nbytes, s[FLOAT_OUT]):.1f} | {gbps(nbytes, s[EXACT_OUT]):.1f} "
+                     f"| {ceiling_gbps(p, FLOAT_OUT):.1f} ({p['threads']} threads) |")
     return "\n".join(lines)
 
 
@@ -316,7 +333,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     result["roofline"] = roofline(options)
     print("GB/s (input + output bytes per second):\n" + roofline_table(result["roofline"]) + "\n")
     result["ceilings"] = ceilings(options)
-    print("Compute ceilings (GB/s on an input in cache):\n" + ceiling_table(result["ceilings"]) + "\n")
+    print("Compute ceilings (GB/s on an input in cache, one core; times the threads):\n" + ceiling_table(result["ceilings"]) + "\n")
     result["scaling"] = scaling(options)
     print(scaling_table(result["scaling"]) + "\n")
     if options.memory_shape is not None:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from roofline import COPY, EXACT, EXACT_OUT, FLOAT, FLOAT_OUT, gbps, torch_best  # noqa: E402
+from roofline import COPY, EXACT, EXACT_OUT, FLOAT, FLOAT_OUT, ceiling_gbps, gbps, torch_best  # noqa: E402
 
 BARS = (COPY, FLOAT_OUT, EXACT_OUT, FLOAT, EXACT)
 
@@ -37,7 +37,8 @@ def _pyplot() -> Any:
 
 def _caption(result: dict[str, Any]) -> str:
     m = result["machine"]
-    return f"{m['cpu']}, {m['cpus']} CPUs, torch {m['torch']}, {m['date']}, commit {m['commit']} (a loaded machine)"
+    return (f"{m['cpu']}, {m['cpus']} CPUs, torch {m['torch']}, {m['date']}, commit {m['commit']}, "
+            f"load average {m['load_average']:.1f} at the start")
 
 
 def draw_roofline(result: dict[str, Any], path: Path) -> Path:
@@ -53,15 +54,16 @@ def draw_roofline(result: dict[str, Any], path: Path) -> Path:
         xs = [k + (i - len(BARS) / 2) * width for k in range(len(cases))]
         style = {"color": "black"} if method == COPY else {}
         ax.bar(xs, heights, width, label=f"{method} (the floor)" if method == COPY else method, **style)
-    ceiling = {c["dtype"]: gbps(c["bytes"], c["seconds"][FLOAT_OUT]) for c in result.get("ceilings", ())}
+    ceiling = {c["dtype"]: ceiling_gbps(c, FLOAT_OUT) for c in result.get("ceilings", ())}
     for k, c in enumerate(cases):  # the dtype's compute ceiling (float out=, in cache) over its group
         if c["dtype"] in ceiling:
             ax.hlines(ceiling[c["dtype"]], k - 0.45, k + 0.45, colors="red", linestyles="dashed",
-                      label="compute ceiling (float out=, in cache)" if k == 0 else None)
+                      label="compute ceiling (float out=, in cache, 1 core x threads)" if k == 0 else None)
     ax.set_xticks(range(len(cases)))
     ax.set_xticklabels([f"{c['rows']}x{c['hidden']}\n{c['dtype']}" for c in cases], fontsize=7)
-    ax.set_ylabel("GB/s (input + output bytes)")
-    ax.set_title("RMSNorm against copy_ (higher is better)", fontsize=10)
+    ax.set_yscale("log")  # the ceilings of compute sit far above the bars of memory
+    ax.set_ylabel("GB/s (input + output bytes, log scale)")
+    ax.set_title("RMSNorm against copy_ and the compute ceiling (higher is better)", fontsize=10)
     ax.text(0, -0.2, _caption(result), transform=ax.transAxes, fontsize=7)
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=7, ncol=3)

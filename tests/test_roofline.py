@@ -48,9 +48,9 @@ def test_the_scaling_table_has_a_line_per_size_and_thread_count() -> None:
 def test_the_ceiling_table_gives_each_dtypes_in_cache_gbps() -> None:
     assert roofline.bytes_moved(roofline.CEILING_BYTES // roofline.bytes_moved(1, 4096, "bf16"), 4096, "bf16") \
         == roofline.CEILING_BYTES
-    point = {"rows": 32, "hidden": 4096, "dtype": "bf16", "bytes": 2**19, "calls": 32,
+    point = {"rows": 32, "hidden": 4096, "dtype": "bf16", "bytes": 2**19, "calls": 32, "threads": 2,
              "seconds": {roofline.COPY: 2**19 / 1e11, roofline.FLOAT_OUT: 2**19 / 1e10, roofline.EXACT_OUT: 2**19 / 5e9}}
-    assert roofline.ceiling_table([point]).splitlines()[-1] == "| bf16 | 32x4096 | 100.0 | 10.0 | 5.0 |"
+    assert roofline.ceiling_table([point]).splitlines()[-1] == "| bf16 | 32x4096 | 100.0 | 10.0 | 5.0 | 20.0 (2 threads) |"
 
 
 def test_options() -> None:
