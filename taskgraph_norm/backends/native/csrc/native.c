@@ -234,7 +234,19 @@ static void row_bits_float_fast(const float *row, int64_t hidden, uint32_t *top,
 #define row_bits_float_fast row_bits_float
 #endif
 
-static int exact_row_float(const float *row, int64_t hidden, const float *next, double *t1, double *t2)
+/* The exact sums of one fp32 row in three steps, so that the rows loop can interleave
+ * them with the previous row's FINALIZE (tgn_exact_rows_f32): exact_begin_float (the
+ * bits pass, the scales and the fold), exact_span_float over [j0, j1) (whole steps of
+ * 2 NW elements), exact_end_float (the lanes' sum and the tail).  The additions are
+ * exact, so the split changes no bit. */
+typedef struct {
+    vwd s1v, s2v, a1, a2, b1, b2;
+    double s1, s2;
+    int one_fold;
+} exact_state_float;
+
+/* 0 when the row has no scale (an Inf or a NaN). */
+static int exact_begin_float(const float *row, int64_t hidden, exact_state_float *st)
 {
     uint32_t top, low;
     row_bits_float_fast(row, hidden, &top, &low);
@@ -246,16 +258,23 @@ static int exact_row_float(const float *row, int64_t hidden, const float *next, 
     /* g^2 = 2^(2 (e - 150)) for the smallest nonzero |x| of biased exponent e (1 for
      * subnormals); no nonzero element: nothing to round */
     int e = (int)((low + 1u) >> 23);
-    int one_fold = low == UINT32_MAX || ldexp(1.0, 2 * ((e > 0 ? e : 1) - 150)) >= s2 * 0x1p-52;
-    vwd s1v, s2v;
+    st->one_fold = low == UINT32_MAX || ldexp(1.0, 2 * ((e > 0 ? e : 1) - 150)) >= s2 * 0x1p-52;
+    st->s1 = s1;
+    st->s2 = s2;
     for (int l = 0; l < NW; ++l) {
-        s1v[l] = s1;
-        s2v[l] = s2;
+        st->s1v[l] = s1;
+        st->s2v[l] = s2;
+        st->a1[l] = st->a2[l] = st->b1[l] = st->b2[l] = 0.0;
     }
-    vwd a1 = {0}, a2 = {0}, b1 = {0}, b2 = {0};
-    int64_t j = 0;
-    if (one_fold)
-        for (; j + 2 * NW <= hidden; j += 2 * NW) {
+    return 1;
+}
+
+INLINE void exact_span_float(exact_state_float *st, const float *row, int64_t j0, int64_t j1, const float *next)
+{
+    const vwd s1v = st->s1v, s2v = st->s2v;
+    vwd a1 = st->a1, a2 = st->a2, b1 = st->b1, b2 = st->b2;
+    if (st->one_fold)
+        for (int64_t j = j0; j < j1; j += 2 * NW) {
             vwd xa = loadw_f32(row + j), xb = loadw_f32(row + j + NW);
             vwd qa = sq_add(xa, s1v) - s1v, qb = sq_add(xb, s1v) - s1v;
             a1 += qa;
@@ -266,7 +285,7 @@ static int exact_row_float(const float *row, int64_t hidden, const float *next, 
                 __builtin_prefetch(next + j, 0, 2);
         }
     else
-        for (; j + 2 * NW <= hidden; j += 2 * NW) {
+        for (int64_t j = j0; j < j1; j += 2 * NW) {
             vwd xa = loadw_f32(row + j), xb = loadw_f32(row + j + NW);
             vwd qa = sq_add(xa, s1v) - s1v, qb = sq_add(xb, s1v) - s1v;
             vwd ra = sq_add(xa, -qa), rb = sq_add(xb, -qb);
@@ -277,8 +296,18 @@ static int exact_row_float(const float *row, int64_t hidden, const float *next, 
             if (next)
                 __builtin_prefetch(next + j, 0, 2);
         }
-    vwd acc1 = a1 + b1, acc2 = a2 + b2;
-    double u1 = 0.0, u2 = 0.0;
+    st->a1 = a1;
+    st->a2 = a2;
+    st->b1 = b1;
+    st->b2 = b2;
+}
+
+/* j: where the spans stopped (the tail [j, hidden) is under 2 NW elements). */
+static void exact_end_float(const exact_state_float *st, const float *row, int64_t j, int64_t hidden,
+                            double *t1, double *t2)
+{
+    vwd acc1 = st->a1 + st->b1, acc2 = st->a2 + st->b2;
+    double u1 = 0.0, u2 = 0.0, s1 = st->s1, s2 = st->s2;
     for (int l = 0; l < NW; ++l) {
         u1 += acc1[l];
         u2 += acc2[l];
@@ -287,7 +316,6 @@ static int exact_row_float(const float *row, int64_t hidden, const float *next, 
         EXACT_STEP(row[j], s1, s2, u1, u2);
     *t1 = u1;
     *t2 = u2;
-    return 1;
 }
 
 static double row_max_double(const double *row, int64_t hidden)
@@ -383,17 +411,29 @@ static int llama_row(const float *row, float *y, const float *w, int64_t hidden,
     return nan;
 }
 
+static float rms_of_total_float(float total, int64_t hidden, double eps)
+{
+    float mean = total / (float)(double)hidden + (float)eps;
+    return (float)sqrt((double)mean);
+}
+
+/* FINALIZE of n elements of a row (any part of it: each element's bits are its own)
+ * given the row's rms; 1 if the llama rounding met a NaN. */
+static int finalize_span_float(const float *row, float *y, const float *w, int64_t n, float rms,
+                               int64_t flags, double offset)
+{
+    float off = (float)offset;
+    if (flags & TGN_ROUND_QUOTIENT)
+        return llama_row(row, y, w, n, rms, flags, off);
+    tgn_quotient_row_f32_to(row, y, w, w ? off : 0.0f, n, rms, /* native_quotient.h */
+                            (flags & TGN_STREAM_STORES) != 0);
+    return 0;
+}
+
 static int finalize_row_float(const float *row, float *y, const float *w, int64_t hidden,
                               float total, double eps, int64_t flags, double offset)
 {
-    float mean = total / (float)(double)hidden + (float)eps;
-    float rms = (float)sqrt((double)mean);
-    float off = (float)offset;
-    if (flags & TGN_ROUND_QUOTIENT)
-        return llama_row(row, y, w, hidden, rms, flags, off);
-    tgn_quotient_row_f32_to(row, y, w, w ? off : 0.0f, hidden, rms, /* native_quotient.h */
-                            (flags & TGN_STREAM_STORES) != 0);
-    return 0;
+    return finalize_span_float(row, y, w, hidden, rms_of_total_float(total, hidden, eps), flags, offset);
 }
 
 /* The fp64 form is IEEE throughout, but torch's CPU fp64 sqrt is not correctly
@@ -493,8 +533,89 @@ static int exact_row_double(const double *row, int64_t hidden, const double *nex
         return unscaled;                                                              \
     }
 
-EXACT_ROWS(tgn_exact_rows_f32, float)
 EXACT_ROWS(tgn_exact_rows_f64, double)
+
+/* The fp32 rows as EXACT_ROWS, software-pipelined: row i's FINALIZE is done in slices of
+ * SLICE elements, each after a slice of row i + 1's sums, so that the core overlaps the
+ * sums' arithmetic (bound by the vector ports) with FINALIZE's loads and stores (bound
+ * by the caches and memory) instead of doing one after the other.  Each element of y,
+ * and each exact sum, has the bits it has when the rows are done one at a time. */
+#define SLICE 256 /* a multiple of 2 NW */
+
+/* The pair and the count of one row whose sums and FINALIZE are done. */
+INLINE void exact_pair_done(double t1, double t2, int64_t i, double *pair, int64_t *unscaled)
+{
+    if (t1 != t1 || t2 != t2) { /* no scale, or a NaN in the row */
+        t1 = t2 = NAN;
+        ++*unscaled;
+    }
+    if (pair) {
+        pair[2 * i] = t1;
+        pair[2 * i + 1] = t2;
+    }
+}
+
+int64_t tgn_exact_rows_f32(const float *x, int64_t rows, int64_t hidden, int64_t row_stride, double *pair,
+                           FINALIZE_ARGS(float), RESIDUAL_ARGS(float))
+{
+    int64_t unscaled = 0;
+    /* the row waiting for its FINALIZE: index, row, rms, pair; done: its elements done */
+    int64_t pi = -1, done = 0;
+    const float *prow = NULL;
+    float prms = 0.0f;
+    double p1 = 0.0, p2 = 0.0;
+    int pnan = 0;
+    for (int64_t i = 0; i <= rows; ++i) {
+        const float *row = NULL;
+        double t1 = NAN, t2 = NAN;
+        exact_state_float st = {0}; /* (set by exact_begin_float when it is read) */
+        int ok = 0;
+        int64_t main = 0;
+        if (i < rows) {
+            row = x + i * row_stride;
+            if (r)
+                row = add_residual_float(row, r + i * r_stride, h + i * h_stride, hidden);
+            ok = exact_begin_float(row, hidden, &st);
+            main = ok ? hidden - hidden % (2 * NW) : 0;
+        }
+        const float *next = !r && i + 1 < rows ? row + row_stride : NULL;
+        for (int64_t j = 0; j < main; j += SLICE) {
+            int64_t end = j + SLICE < main ? j + SLICE : main;
+            exact_span_float(&st, row, j, end, next);
+            if (pi >= 0 && done < end) {
+                pnan |= finalize_span_float(prow + done, y + pi * y_stride + done, w ? w + done : NULL,
+                                            end - done, prms, flags, offset);
+                done = end;
+            }
+        }
+        if (ok)
+            exact_end_float(&st, row, main, hidden, &t1, &t2);
+        if (pi >= 0) { /* the rest of the previous row's FINALIZE */
+            if (done < hidden)
+                pnan |= finalize_span_float(prow + done, y + pi * y_stride + done, w ? w + done : NULL,
+                                            hidden - done, prms, flags, offset);
+            if (pnan)
+                p1 = NAN; /* a NaN the llama rounding left to the caller */
+            exact_pair_done(p1, p2, pi, pair, &unscaled);
+            pi = -1;
+        }
+        if (i == rows)
+            break;
+        if (y && t1 == t1 && t2 == t2) { /* FINALIZE with the next row's sums */
+            pi = i;
+            prow = row;
+            prms = rms_of_total_float((float)(t1 + t2), hidden, eps);
+            p1 = t1;
+            p2 = t2;
+            pnan = 0;
+            done = 0;
+        } else
+            exact_pair_done(t1, t2, i, pair, &unscaled);
+    }
+    if (flags & TGN_STREAM_STORES)
+        tgn_store_fence();
+    return unscaled;
+}
 
 /* --- the float domain: pairwise leaves and ordered ADD merges -------------------
  *
