@@ -14,7 +14,8 @@
  *
  * The exact kernel is kernels.rowmax_sq_whole + kernels.exact_scale +
  * kernels.sumsq_exact over whole rows: a max pass and a sum pass per row, with the
- * row in cache.  Every operation
+ * row in cache (for fp32 rows, each FINALIZE interleaved with the next row's sum
+ * pass: tgn_exact_rows_f32).  Every operation
  * is the same IEEE binary64 operation the torch kernels perform, in round to
  * nearest even:
  *
