@@ -93,8 +93,8 @@ def _forward(tgn: ModuleType, rows: int) -> list[Case]:
             Case(f"RMSNorm forward under no_grad ({rows}, {D})", calls, no_grad)]
 
 
-def _forward_backward(tgn: ModuleType, rows: int) -> Case:
-    norm = _norm(tgn)
+def _forward_backward(tgn: ModuleType, rows: int, weight_grad: str | None = None) -> Case:
+    norm = _norm(tgn) if weight_grad is None else _with_weight(tgn.RMSNorm(D, weight_grad=weight_grad))
     g = torch.Generator().manual_seed(0)
     x, dy = torch.randn(rows, D, generator=g), torch.randn(rows, D, generator=g)
     xg = x.clone().requires_grad_()
@@ -105,7 +105,14 @@ def _forward_backward(tgn: ModuleType, rows: int) -> Case:
         norm.zero_grad(set_to_none=True)
         norm(xg).backward(dy)
 
-    return Case(f"RMSNorm forward+backward ({rows}, {D})", calls, repeated(step, calls))
+    grads = "" if weight_grad is None else f", weight_grad={weight_grad!r}"
+    return Case(f"RMSNorm forward+backward ({rows}, {D}){grads}", calls, repeated(step, calls))
+
+
+def _with_weight(norm: torch.nn.Module) -> torch.nn.Module:
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.1 * torch.randn(D, generator=torch.Generator().manual_seed(1)))  # type: ignore[operator]
+    return norm
 
 
 def small_calls(tgn: ModuleType) -> list[Case]:
@@ -120,12 +127,20 @@ def training_step(tgn: ModuleType) -> list[Case]:
             _normalize_sync(tgn, 1)]
 
 
-SUITES: dict[str, Callable[[ModuleType], list[Case]]] = {"small_calls": small_calls, "training_step": training_step}
+def exact_dw(tgn: ModuleType) -> list[Case]:
+    """``targets.py --only exact_dw``'s two steps: ``weight_grad="exact"`` and ``"float"``."""
+    return [_forward_backward(tgn, rows, grad) for rows in (64, 1024) for grad in ("exact", "float")]
+
+
+SUITES: dict[str, Callable[[ModuleType], list[Case]]] = {"small_calls": small_calls, "training_step": training_step,
+                                                         "exact_dw": exact_dw}
+#: What ``"both"`` runs.
+BOTH = ("small_calls", "training_step")
 
 
 def cases(tgn: ModuleType, suite: str) -> list[Case]:
     """The cases of ``suite`` (a key of :data:`SUITES`, or ``"both"``: each name once)."""
-    chosen = list(SUITES.values()) if suite == "both" else [SUITES[suite]]
+    chosen = [SUITES[name] for name in BOTH] if suite == "both" else [SUITES[suite]]
     by_name: dict[str, Case] = {}
     for make in chosen:
         for case in make(tgn):

@@ -1,7 +1,7 @@
 """Before/after timings of two versions of taskgraph_norm, interleaved in one run.
 
     python benchmarks/versions.py --old REV_OR_DIR --new REV_OR_DIR [--rounds 15] [--runs 1]
-                                  [--suite small_calls|training_step|both] [--tolerance 0.05]
+                                  [--suite small_calls|training_step|exact_dw|both] [--tolerance 0.05]
 
 One Python process cannot import two versions of a package, so each version gets
 its own persistent worker process (``version_worker.py``) with ``PYTHONPATH`` at
@@ -49,7 +49,7 @@ __all__ = ["VersionsError", "Options", "Tree", "Comparison", "Worker", "parse_ar
            "compare", "pooled", "table", "runs_table", "summary", "run", "main"]
 
 HERE = Path(__file__).resolve().parent
-SUITES = ("small_calls", "training_step", "both")
+SUITES = ("small_calls", "training_step", "exact_dw", "both")
 Timings = dict[str, list[float]]
 
 

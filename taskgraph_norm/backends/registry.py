@@ -216,6 +216,9 @@ class NativeBackend(NativeLayer):
             a, b = a.contiguous(), b.contiguous()
         r = None if rms is None else rms.reshape(-1, 1).contiguous()
         step = _exact_sum.ROWS_PER_ADD
+        if a.shape[0] <= step:  # one piece (every call below 2**24 rows): no views to make
+            self._exact_piece(state, a, b, r)
+            return True
         for start in range(0, a.shape[0], step):
             self._exact_piece(state, a[start:start + step], b[start:start + step],
                               None if r is None else r[start:start + step])

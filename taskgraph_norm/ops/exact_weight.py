@@ -48,6 +48,9 @@ _INT_OF_WIDTH = {4: torch.int32, 2: torch.int16}
 
 def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Same shape, dtype and bits (fp32, bf16 or fp16: the exact weights' dtypes)."""
+    if (a.data_ptr() == b.data_ptr() and a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride()
+            and a.device == b.device and a.element_size() in _INT_OF_WIDTH):
+        return True  # the same memory (autograd handed the hooks the tensor itself): no comparison to run
     return (a.shape == b.shape and a.dtype == b.dtype and a.element_size() in _INT_OF_WIDTH
             and torch.equal(a.contiguous().view(_INT_OF_WIDTH[a.element_size()]),
                             b.contiguous().view(_INT_OF_WIDTH[b.element_size()])))
