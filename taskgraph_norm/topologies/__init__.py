@@ -41,6 +41,7 @@ __all__ = [
     "build_layer_graph",
     "build_input_grad_graph",
     "build_weight_grad_graph",
+    "check_reduction",
     "check_semantics",
     "chunk_bounds",
     "merge_linear",
@@ -78,6 +79,22 @@ def check_semantics(casting_mode: object, offset: object, residual: object) -> t
     if not isinstance(residual, bool):
         raise ConfigError("residual", residual, "True or False")
     return str(casting_mode), float(offset) + 0.0, residual
+
+
+def check_reduction(hidden_size: object, chunk_size: object, topology: object, leaf: object,
+                    accumulate: object) -> None:
+    """The options every norm's merge DAG takes, checked: ConfigError (a ValueError) for
+    a size that is not an integer >= 1, a choice outside its list, or an exact
+    ``"standard"`` (torch's own kernel has no exact form)."""
+    _check_positive_int("hidden_size", hidden_size)
+    _check_positive_int("chunk_size", chunk_size)
+    _check_choice("topology", topology, TOPOLOGIES)
+    _check_choice("leaf", leaf, LEAVES)
+    _check_choice("accumulate", accumulate, ACCUMULATES)
+    if topology == "standard" and accumulate != "float":
+        raise ConfigError(
+            "accumulate", accumulate, "'float' with topology='standard' (torch's own kernel)"
+        )
 
 
 def chunk_bounds(hidden_size: int, chunk_size: int) -> tuple[tuple[int, int], ...]:
@@ -178,15 +195,7 @@ def build_graph(
     >>> [n.id for n in g if n.op.name == "ADD"]
     ['tree1.0', 'tree1.1', 'tree2.0']
     """
-    _check_positive_int("hidden_size", hidden_size)
-    _check_positive_int("chunk_size", chunk_size)
-    _check_choice("topology", topology, TOPOLOGIES)
-    _check_choice("leaf", leaf, LEAVES)
-    _check_choice("accumulate", accumulate, ACCUMULATES)
-    if topology == "standard" and accumulate != "float":
-        raise ConfigError(
-            "accumulate", accumulate, "'float' with topology='standard' (torch's own kernel)"
-        )
+    check_reduction(hidden_size, chunk_size, topology, leaf, accumulate)
     casting_mode, offset, residual = check_semantics(casting_mode, offset, residual)
     if topology == "standard" and (casting_mode, offset) != ("torch", 0.0):
         raise ConfigError(

@@ -27,8 +27,7 @@ from .. import caches
 from ..errors import ConfigError
 from ..graph import Attrs, Graph, Node, Op, gc_paused, validate
 from ..graph.nodes import make_attrs, make_nodes
-from . import (ACCUMULATES, INPUT_ID, LEAVES, OUTPUT_ID, TOPOLOGIES, _check_choice, _check_positive_int,
-               merge_linear, merge_tree)
+from . import INPUT_ID, OUTPUT_ID, check_reduction, merge_linear, merge_tree
 
 __all__ = ["build_layer_graph", "MEAN_ID"]
 
@@ -71,15 +70,7 @@ def build_layer_graph(
     >>> [n.id for n in g if n.op.name == "ADD"]
     ['mean.tree1.0', 'mean.tree1.1', 'mean.tree2.0', 'var.tree1.0', 'var.tree1.1', 'var.tree2.0']
     """
-    _check_positive_int("hidden_size", hidden_size)
-    _check_positive_int("chunk_size", chunk_size)
-    _check_choice("topology", topology, TOPOLOGIES)
-    _check_choice("leaf", leaf, LEAVES)
-    _check_choice("accumulate", accumulate, ACCUMULATES)
-    if topology == "standard" and accumulate != "float":
-        raise ConfigError(
-            "accumulate", accumulate, "'float' with topology='standard' (torch's own kernel)"
-        )
+    check_reduction(hidden_size, chunk_size, topology, leaf, accumulate)
     if not isinstance(residual, bool):
         raise ConfigError("residual", residual, "True or False")
     return _build_cached(hidden_size, chunk_size, topology, leaf, accumulate, residual)
