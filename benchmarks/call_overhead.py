@@ -27,7 +27,6 @@ import io
 import os
 import pstats
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -35,7 +34,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import taskgraph_norm as tgn  # noqa: E402
-from common import TARGET_HEADER, fastest, interleaved_medians, repeated, target_row  # noqa: E402
+from common import TARGET_HEADER, fastest, interleaved_medians, repeated, target_row, train_step  # noqa: E402
 
 D = 4096
 
@@ -70,21 +69,13 @@ def _norms() -> tuple[tgn.RMSNorm, torch.nn.Module]:
     return ours, compiled
 
 
-def _step(norm: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor) -> Callable[[], None]:
-    def run() -> None:
-        x.grad = None
-        norm.zero_grad(set_to_none=True)
-        norm(x).backward(dy)
-    return run
-
-
 def training_step(rows: int, rounds: int) -> str:
     """Forward + backward of ``tgn.RMSNorm`` against the compiled ``torch.nn.RMSNorm``."""
     ours, theirs = _norms()
     x, _, dy = _inputs(rows)
     xo, xt = x.clone().requires_grad_(), x.clone().requires_grad_()
     calls = max(1, 64 // rows)
-    steps = {"ours": repeated(_step(ours, xo, dy), calls), "torch": repeated(_step(theirs, xt, dy), calls)}
+    steps = {"ours": repeated(train_step(ours, xo, dy), calls), "torch": repeated(train_step(theirs, xt, dy), calls)}
     for step in steps.values():  # compile (and warm) before timing
         step()
     t = interleaved_medians(steps, rounds)
@@ -96,7 +87,7 @@ def profile(steps: int = 2000, top: int = 20) -> str:
     """cProfile of ``steps`` warm (1, 4096) training steps of ``tgn.RMSNorm``, as text."""
     ours, _ = _norms()
     x, _, dy = _inputs(1)
-    step = _step(ours, x.requires_grad_(), dy)
+    step = train_step(ours, x.requires_grad_(), dy)
     for _ in range(50):
         step()
     profiler = cProfile.Profile()

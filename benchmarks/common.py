@@ -7,10 +7,11 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
+from typing import Any
 
 from taskgraph_norm.tools.bench import interleaved_medians
 
-__all__ = ["interleaved_medians", "median_seconds", "repeated", "seconds_per_call", "fastest", "target_row",
+__all__ = ["interleaved_medians", "median_seconds", "repeated", "seconds_per_call", "fastest", "target_row", "train_step",
            "TARGET_HEADER"]
 
 
@@ -67,3 +68,15 @@ def target_row(case: str, ours_s: float, base_s: float, baseline: str, target: f
     ratio = ours_s / base_s
     goal, met = ("-", "-") if target is None else (f"<= {target:g}x", "yes" if ratio <= target else "**no**")
     return f"| {case} | {ours_s * 1e6:.1f} | {base_s * 1e6:.1f} | {baseline} | {ratio:.2f}x | {goal} | {met} |"
+
+
+def train_step(module: Any, x: Any, dy: Any) -> Callable[[], None]:
+    """One training step of a norm, as a timing calls it: the gradients cleared (to
+    ``None``, as an optimizer's ``zero_grad`` does), then ``module(x).backward(dy)``."""
+
+    def step() -> None:
+        x.grad = None
+        module.zero_grad(set_to_none=True)
+        module(x).backward(dy)
+
+    return step

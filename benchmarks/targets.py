@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import taskgraph_norm as tgn  # noqa: E402
-from common import TARGET_HEADER, fastest, interleaved_medians, repeated, target_row  # noqa: E402
+from common import TARGET_HEADER, fastest, interleaved_medians, repeated, target_row, train_step  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 GROUPS = ("out", "fresh", "exact", "exact_dw", "train", "small")
@@ -170,14 +170,6 @@ def exact_group(shapes: Sequence[tuple[int, int]], rounds: int) -> list[Result]:
     return results
 
 
-def _train_step(module: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor) -> Callable[[], None]:
-    def step() -> None:
-        x.grad = None
-        module.zero_grad(set_to_none=True)
-        module(x).backward(dy)
-    return step
-
-
 def _train_inputs(rows: int, hidden: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     x, dy = torch.randn(rows, hidden, generator=g), torch.randn(rows, hidden, generator=g)
@@ -197,7 +189,7 @@ def exact_dw_group(rows_list: Sequence[int], hidden: int, rounds: int) -> list[R
         exact = _with_weight(tgn.RMSNorm(hidden, weight_grad="exact"), w)
         float_ = _with_weight(tgn.RMSNorm(hidden, weight_grad="float"), w)
         xe, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
-        t = _time({"exact": _train_step(exact, xe, dy), "float": _train_step(float_, xf, dy)},
+        t = _time({"exact": train_step(exact, xe, dy), "float": train_step(float_, xf, dy)},
                   _calls(6 * x.nbytes), rounds)
         results.append(Result(f"forward+backward, exact dW ({rows}, {hidden}) fp32", t["exact"], t["float"],
                               'weight_grad="float"', 1.3))
@@ -211,10 +203,10 @@ def train_group(rows_list: Sequence[int], hidden: int, rounds: int, compile_: bo
         ours = _with_weight(tgn.RMSNorm(hidden), w)
         theirs = _with_weight(torch.nn.RMSNorm(hidden), w)
         xo, xt, xc = (x.clone().requires_grad_() for _ in range(3))
-        methods: Methods = {"ours": _train_step(ours, xo, dy), "eager torch.nn.RMSNorm": _train_step(theirs, xt, dy)}
+        methods: Methods = {"ours": train_step(ours, xo, dy), "eager torch.nn.RMSNorm": train_step(theirs, xt, dy)}
         fn = compiled(theirs, compile_)
         if fn is not None:
-            step = _train_step(fn, xc, dy)  # type: ignore[arg-type]
+            step = train_step(fn, xc, dy)
             step()  # compiled (forward and backward graphs) before timing
             methods["torch.compile(torch.nn.RMSNorm)"] = step
         t = _time(methods, _calls(6 * x.nbytes), rounds)
