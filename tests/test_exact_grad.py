@@ -137,6 +137,22 @@ def test_native_and_torch_give_the_same_state(shape: tuple[int, int]) -> None:
     assert torch.equal(ExactSum(shape[1]).add_products(dy, strided).state, expected)
 
 
+def test_repeated_adds_carry_through_the_digits_as_the_torch_form_does() -> None:
+    """Calls into one state: each normalises only the digits it wrote and the carries
+    out of them; digit sums near 2**31 and wide tiles make those carries run."""
+    if not native.available():
+        pytest.skip(f"native kernels unavailable: {native.why_unavailable()}")
+    ours, theirs = ExactSum(96), ExactSum(96)
+    for seed in range(6):
+        dy, x_hat = wide_rows(70, 96, seed)
+        dy[:, :32] = (2.0**16 - 1) * (1 - 2 * (seed % 2))  # whole digits: |sums| near 2**31, carries
+        x_hat[:, :32] = 2.0**15 + seed
+        ours.add_products(dy, x_hat)
+        with native.disabled():
+            theirs.add_products(dy, x_hat)
+        assert torch.equal(ours.state, theirs.state), seed
+
+
 def test_the_threaded_native_split_gives_the_same_state() -> None:
     dy, x_hat = wide_rows(600, 257, 5)  # above SPLIT_PRODUCTS: caller and helper share columns
     with native.disabled():

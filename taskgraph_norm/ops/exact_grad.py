@@ -32,6 +32,7 @@ product accumulated since*.  See docs/training.md.
 from __future__ import annotations
 
 import ctypes
+import sys
 import threading
 import weakref
 from collections.abc import Callable, Iterable
@@ -148,9 +149,37 @@ def _zero_state(numel: int, device: torch.device | str | None) -> torch.Tensor:
     (``OMP_WAIT_POLICY=PASSIVE``), against ~12 us for the memset."""
     if device is not None and torch.device(device).type != "cpu":
         return es.empty_state(numel, device)
-    state = torch.empty(es.STATE_ROWS, numel, dtype=torch.int64)
+    with _spares_lock:
+        state = _spares.pop(numel, None)
+    if state is None:
+        state = torch.empty(es.STATE_ROWS, numel, dtype=torch.int64)
     ctypes.memset(state.data_ptr(), 0, state.numel() * state.element_size())
     return state
+
+
+#: numel -> one CPU state a carry dropped, reused by the next :func:`_zero_state` of
+#: that size: a fresh 22-row state is hundreds of KiB that malloc maps and the
+#: memset faults in page by page (~45 us of a (64, 4096) training step), where a
+#: reused one is in cache.  At most :data:`_SPARES_MAX` sizes are kept.
+_spares: dict[int, torch.Tensor] = {}
+_spares_lock = threading.Lock()
+_SPARES_MAX = 8
+
+
+def _recycle(total: ExactSum | None) -> None:
+    """Keep ``total``'s CPU state as a spare when nothing else holds ``total`` or its
+    storage (the caller has just dropped its own reference to it)."""
+    # the references: the caller's variable, this frame's argument and getrefcount's
+    if total is None or sys.getrefcount(total) > 3:
+        return
+    state = total.state
+    if (state.device.type != "cpu" or not state.is_contiguous() or state.storage_offset() != 0
+            or sys.getrefcount(state) > 3
+            or torch._C._storage_Use_Count(state.untyped_storage()._cdata) > 2):  # with untyped_storage()'s
+        return
+    with _spares_lock:
+        if len(_spares) < _SPARES_MAX or state.shape[1] in _spares:
+            _spares[int(state.shape[1])] = state
 
 
 class _Carry:
@@ -180,7 +209,8 @@ class _Carry:
 
     def clear(self) -> None:
         """Zero the sum (made when next read)."""
-        self._sum = None
+        old, self._sum = self._sum, None
+        _recycle(old)
 
     def stands_behind(self, grad: torch.Tensor | None) -> bool:
         """Whether ``grad`` is what this carry last saw (same tensor, not modified)."""
@@ -304,7 +334,8 @@ class ExactGrad:
         carry = self._carry(param)
         with carry.lock:
             if carry.zero:
-                carry.sum = total
+                old, carry.sum = carry._sum, total
+                _recycle(old)
             else:
                 carry.sum.merge(total)
                 rounded = None

@@ -107,7 +107,8 @@ def exact_dw(state: torch.Tensor, dy: torch.Tensor, x_hat: torch.Tensor, columns
 
     The C route to :func:`kernels.exact_sum.add_products_` (the same state, bit for
     bit): ``dy`` and ``x_hat`` are 2-D CPU float32 ``(rows, n)`` with unit stride
-    along a row, ``state`` a contiguous ``(22, n)`` int64 state, normalised after.
+    along a row, ``state`` a contiguous ``(22, n)`` int64 state in its normal form (an
+    :class:`ExactSum`'s: the kernel normalises only the digits it adds to), normalised after.
     With ``rms`` (a contiguous fp32 ``(rows,)`` or ``(rows, 1)``), ``x_hat`` is ``x``
     and the kernel forms ``x / rms`` row by row, in fp32: the bits
     ``torch.div(x, rms)`` gives, without writing them anywhere.

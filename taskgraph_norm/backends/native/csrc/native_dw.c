@@ -93,17 +93,53 @@ static inline int dw_second(int s1)
     return s < DW_SMIN ? DW_SMIN : s;
 }
 
-/* digits += S * 2^(s - 53), S an integer number of units 2^(s-53), |S| < 2^53. */
-static void dw_add_units(int64_t *digits, int64_t stride, double sum, int s)
+/* digits += S * 2^(s - 53), S an integer number of units 2^(s-53), |S| < 2^53;
+ * span[0] and span[1] widen to the lowest and highest digit written (dw_normalize
+ * runs over them). */
+static void dw_add_units(int64_t *digits, int64_t stride, double sum, int s, int *span)
 {
     int64_t m = (int64_t)(sum * dw_pow2(53 - s)); /* exact: a power of two */
     int shift = s - 53 - DW_BASE; /* >= 21 */
     int k = shift >> 5, o = shift & 31;
+    span[0] = k < span[0] ? k : span[0];
+    span[1] = k + 2 > span[1] ? k + 2 : span[1];
     int64_t lo = (int64_t)(((uint64_t)m & 0xffffffffu) << o);
     int64_t hi = (m >> 32) * ((int64_t)1 << o); /* arithmetic shift: floor */
     digits[k * stride] += lo & 0xffffffff;
     digits[(k + 1) * stride] += (lo >> 32) + (hi & 0xffffffff);
     digits[(k + 2) * stride] += hi >> 32;
+}
+
+/* dw_add_units for the columns of a tile at once: digits j += sum[j] * 2^(s[j] - 53)
+ * for j < cols.  The same integers (a zero sum adds zeros), vectorised across the
+ * columns: each column's three digit words, then one pass per digit row the tile
+ * touches (3-4 rows where the columns' scales are alike, as they are in a tile). */
+static void dw_add_tile(int64_t *digits, int64_t stride, const double *sum, const int *s, int cols, int *span)
+{
+    int64_t w0[DW_TILE], w1[DW_TILE], w2[DW_TILE];
+    int k[DW_TILE], kmin = DW_DIGITS, kmax = -1;
+    for (int j = 0; j < cols; ++j) {
+        int64_t m = (int64_t)(sum[j] * dw_pow2(53 - s[j])); /* exact: a power of two */
+        int shift = s[j] - 53 - DW_BASE; /* >= 21 */
+        int o = shift & 31;
+        int64_t lo = (int64_t)(((uint64_t)m & 0xffffffffu) << o);
+        int64_t hi = (m >> 32) * ((int64_t)1 << o); /* arithmetic shift: floor */
+        k[j] = shift >> 5;
+        w0[j] = lo & 0xffffffff;
+        w1[j] = (lo >> 32) + (hi & 0xffffffff);
+        w2[j] = hi >> 32;
+    }
+    for (int j = 0; j < cols; ++j) {
+        kmin = k[j] < kmin ? k[j] : kmin;
+        kmax = k[j] > kmax ? k[j] : kmax;
+    }
+    for (int r = kmin; r <= kmax + 2; ++r) {
+        int64_t *restrict d = digits + r * stride;
+        for (int j = 0; j < cols; ++j)
+            d[j] += (k[j] == r ? w0[j] : 0) + (k[j] + 1 == r ? w1[j] : 0) + (k[j] + 2 == r ? w2[j] : 0);
+    }
+    span[0] = kmin < span[0] ? kmin : span[0];
+    span[1] = kmax + 2 > span[1] ? kmax + 2 : span[1];
 }
 
 /* One row's products over `cols` columns of a tile: row[j] = p = a[j] * xh[j] in
@@ -188,7 +224,7 @@ static void dw_specials(double *restrict buf, int64_t rows, int64_t cols, int64_
  * how many columns have a remainder left, or -1 (and adds nothing) when a sum is NaN:
  * a NaN product, which the max did not see. */
 static int dw_two_folds(const double *restrict buf, int64_t rows, int64_t cols, const int *s1,
-                        int64_t *state, int64_t stride, double *restrict mx)
+                        int64_t *state, int64_t stride, double *restrict mx, int *span)
 {
     double g1[DW_TILE], g2[DW_TILE], a1[DW_TILE], a2[DW_TILE], m2[DW_TILE];
     for (int j = 0; j < DW_TILE; ++j) {
@@ -214,12 +250,12 @@ static int dw_two_folds(const double *restrict buf, int64_t rows, int64_t cols, 
         nan |= a1[j] != a1[j];
     if (nan)
         return -1;
-    int live = 0;
+    int live = 0, s2[DW_TILE];
+    for (int j = 0; j < DW_TILE; ++j)
+        s2[j] = dw_second(s1[j]);
+    dw_add_tile(state, stride, a1, s1, (int)cols, span);
+    dw_add_tile(state, stride, a2, s2, (int)cols, span);
     for (int j = 0; j < cols; ++j) {
-        if (a1[j] != 0.0)
-            dw_add_units(state + j, stride, a1[j], s1[j]);
-        if (a2[j] != 0.0)
-            dw_add_units(state + j, stride, a2[j], dw_second(s1[j]));
         mx[j] = m2[j];
         live += m2[j] > 0.0;
     }
@@ -229,7 +265,7 @@ static int dw_two_folds(const double *restrict buf, int64_t rows, int64_t cols, 
 /* After dw_two_folds left something: its remainders into buf (the same operations),
  * then the general folds until none is left.  Returns 0 if DW_MAX_FOLDS did not do. */
 static int dw_more_folds(double *restrict buf, int64_t rows, int64_t cols, const int *s1, int64_t *state,
-                         int64_t stride, double *restrict mx)
+                         int64_t stride, double *restrict mx, int *span)
 {
     double sig[DW_TILE], g2[DW_TILE], acc[DW_TILE];
     int s[DW_TILE];
@@ -273,7 +309,7 @@ static int dw_more_folds(double *restrict buf, int64_t rows, int64_t cols, const
         live = 0;
         for (int j = 0; j < cols; ++j) {
             if (acc[j] != 0.0)
-                dw_add_units(state + j, stride, acc[j], s[j]);
+                dw_add_units(state + j, stride, acc[j], s[j], span);
             live += mx[j] > 0.0;
             s[j] = mx[j] > 0.0 ? dw_scale(mx[j]) : DW_SMIN;
         }
@@ -290,7 +326,7 @@ static void dw_scales(const double *mx, int64_t cols, int *s1)
 /* One block x tile after its products: specials counted (an infinite product shows
  * in mx, a NaN one in dw_two_folds's sums), then the folds. */
 static int dw_tile(double *restrict buf, int64_t rows, int64_t cols, int64_t *state, int64_t stride,
-                   double *restrict mx)
+                   double *restrict mx, int *span)
 {
     int s1[DW_TILE], inf = 0;
     for (int j = 0; j < DW_TILE; ++j)
@@ -298,26 +334,33 @@ static int dw_tile(double *restrict buf, int64_t rows, int64_t cols, int64_t *st
     if (inf)
         dw_specials(buf, rows, cols, state, stride, mx);
     dw_scales(mx, cols, s1);
-    int live = dw_two_folds(buf, rows, cols, s1, state, stride, mx);
+    int live = dw_two_folds(buf, rows, cols, s1, state, stride, mx, span);
     if (live < 0) { /* a NaN product: nothing was added; count, zero, and fold again */
         dw_specials(buf, rows, cols, state, stride, mx);
         dw_scales(mx, cols, s1);
-        live = dw_two_folds(buf, rows, cols, s1, state, stride, mx);
+        live = dw_two_folds(buf, rows, cols, s1, state, stride, mx, span);
     }
-    return live == 0 ? 1 : dw_more_folds(buf, rows, cols, s1, state, stride, mx);
+    return live == 0 ? 1 : dw_more_folds(buf, rows, cols, s1, state, stride, mx, span);
 }
 
-/* Balanced digits, as kernels/exact_sum.normalize_; returns the count of columns
- * whose top digit passes DW_TOP_LIMIT. */
-static int64_t dw_normalize(int64_t *state, int64_t cols, int64_t stride)
+/* Balanced digits, as kernels/exact_sum.normalize_, of a state that was balanced
+ * before digits span[0]..span[1] were added to; returns the count of columns whose
+ * top digit passes DW_TOP_LIMIT.  The digits below span[0] are as they were; from
+ * span[1] up, a row whose carries are all zero leaves every row above it as it was
+ * (balanced), so the pass stops there: ordinary data touches 4-6 of the 19 rows. */
+static int64_t dw_normalize(int64_t *state, int64_t cols, int64_t stride, const int *span)
 {
-    for (int k = 0; k < DW_DIGITS - 1; ++k) {
+    for (int k = span[0] < 0 ? 0 : span[0]; k < DW_DIGITS - 1; ++k) {
         int64_t *restrict d = state + k * stride, *restrict up = d + stride;
+        int64_t any = 0;
         for (int64_t j = 0; j < cols; ++j) {
             int64_t carry = (d[j] + ((int64_t)1 << 31)) >> 32;
             d[j] -= carry * ((int64_t)1 << 32);
             up[j] += carry;
+            any |= carry;
         }
+        if (k >= span[1] && !any)
+            break;
     }
     int64_t over = 0;
     const int64_t *top = state + (DW_DIGITS - 1) * stride;
@@ -426,7 +469,8 @@ static int dw_bound_scales(const uint32_t *tdy, const uint32_t *tb, const uint32
  * by its bits: r - q2 is +0 when nothing is left) and the sums are finite; else adds
  * nothing and returns 0. */
 INLINE int dw_tile_direct(const float *dy, int64_t dy_stride, const float *b, int64_t b_stride, const float *rms,
-                          int64_t rows, const int *s1, int one_fold, int64_t *state, int64_t stride)
+                          int64_t rows, const int *s1, int one_fold, int64_t *state, int64_t stride,
+                          int *span)
 {
     double g1[DW_TILE], g2[DW_TILE], a1[DW_TILE], a2[DW_TILE];
     uint64_t left[DW_TILE];
@@ -461,35 +505,34 @@ INLINE int dw_tile_direct(const float *dy, int64_t dy_stride, const float *b, in
         bad |= (left[j] != 0) | !(fabs(a1[j]) <= 0x1p1023) | !(fabs(a2[j]) <= 0x1p1023);
     if (bad)
         return 0;
-    for (int j = 0; j < DW_TILE; ++j) {
-        if (a1[j] != 0.0)
-            dw_add_units(state + j, stride, a1[j], s1[j]);
-        if (a2[j] != 0.0)
-            dw_add_units(state + j, stride, a2[j], dw_second(s1[j]));
-    }
+    int s2[DW_TILE];
+    for (int j = 0; j < DW_TILE; ++j)
+        s2[j] = dw_second(s1[j]);
+    dw_add_tile(state, stride, a1, s1, DW_TILE, span);
+    dw_add_tile(state, stride, a2, s2, DW_TILE, span);
     return 1;
 }
 
 /* dw_tile_direct with its two constant arguments inlined: one loop per case. */
 static int dw_tile_direct_any(const float *dy, int64_t dy_stride, const float *b, int64_t b_stride,
                               const float *rms, int64_t rows, const int *s1, int one_fold, int64_t *state,
-                              int64_t stride)
+                              int64_t stride, int *span)
 {
     if (rms)
-        return one_fold ? dw_tile_direct(dy, dy_stride, b, b_stride, rms, rows, s1, 1, state, stride)
-                        : dw_tile_direct(dy, dy_stride, b, b_stride, rms, rows, s1, 0, state, stride);
-    return one_fold ? dw_tile_direct(dy, dy_stride, b, b_stride, NULL, rows, s1, 1, state, stride)
-                    : dw_tile_direct(dy, dy_stride, b, b_stride, NULL, rows, s1, 0, state, stride);
+        return one_fold ? dw_tile_direct(dy, dy_stride, b, b_stride, rms, rows, s1, 1, state, stride, span)
+                        : dw_tile_direct(dy, dy_stride, b, b_stride, rms, rows, s1, 0, state, stride, span);
+    return one_fold ? dw_tile_direct(dy, dy_stride, b, b_stride, NULL, rows, s1, 1, state, stride, span)
+                    : dw_tile_direct(dy, dy_stride, b, b_stride, NULL, rows, s1, 0, state, stride, span);
 }
 
 /* One block x tile by the measured path: its products into buf, each column's max,
  * specials, then the folds (dw_tile). */
 static int dw_tile_measured(const float *dy, int64_t dy_stride, const float *b, int64_t b_stride,
                             const float *rms, int64_t rows, int64_t cols, int64_t *state, int64_t stride,
-                            double *buf, double *mx)
+                            double *buf, double *mx, int *span)
 {
     dw_products(dy, dy_stride, b, b_stride, rms, rows, cols, buf, mx);
-    return dw_tile(buf, rows, cols, state, stride, mx);
+    return dw_tile(buf, rows, cols, state, stride, mx, span);
 }
 
 /* The measured path for whole panels: the products of a block x panel in one pass
@@ -503,6 +546,7 @@ static int64_t dw_run_measured(const float *dy, int64_t dy_stride, const float *
     if (!buf)
         return -1;
     double *mx = buf + DW_BLOCK * PANEL;
+    int span[2] = {DW_DIGITS, -1};
     for (int64_t i0 = 0; i0 < rows; i0 += DW_BLOCK) {
         int64_t nr = rows - i0 < DW_BLOCK ? rows - i0 : DW_BLOCK;
         for (int64_t j0 = 0; j0 < cols; j0 += PANEL) {
@@ -512,7 +556,7 @@ static int64_t dw_run_measured(const float *dy, int64_t dy_stride, const float *
             for (int64_t t = 0; t * DW_TILE < nc; ++t) {
                 int64_t w = nc - t * DW_TILE < DW_TILE ? nc - t * DW_TILE : DW_TILE;
                 if (!dw_tile(buf + t * DW_BLOCK * DW_TILE, nr, w, state + j0 + t * DW_TILE, stride,
-                             mx + t * DW_TILE)) {
+                             mx + t * DW_TILE, span)) {
                     free(buf);
                     return -2;
                 }
@@ -520,7 +564,7 @@ static int64_t dw_run_measured(const float *dy, int64_t dy_stride, const float *
         }
     }
     free(buf);
-    return dw_normalize(state, cols, stride);
+    return dw_normalize(state, cols, stride, span);
 }
 
 /* Inputs from this many products per call on take dw_run_measured: past the caches
@@ -542,6 +586,7 @@ static int64_t dw_run(const float *dy, int64_t dy_stride, const float *b, int64_
     enum { PANEL = DW_PANEL * DW_TILE };
     double buf[DW_BLOCK * DW_TILE], mx[DW_TILE];
     uint32_t tops[2 * PANEL], lows[2 * PANEL];
+    int span[2] = {DW_DIGITS, -1};
     for (int64_t i0 = 0; i0 < rows; i0 += DW_BLOCK) {
         int64_t nr = rows - i0 < DW_BLOCK ? rows - i0 : DW_BLOCK;
         const float *dyb = dy + i0 * dy_stride, *bb = b + i0 * b_stride, *rb = rms ? rms + i0 : NULL;
@@ -561,14 +606,14 @@ static int64_t dw_run(const float *dy, int64_t dy_stride, const float *b, int64_
                     how = dw_bound_scales(tops + t * DW_TILE, tops + nc + t * DW_TILE, lows + t * DW_TILE,
                                           lows + nc + t * DW_TILE, 1.0 / rmin, rmax, rb != NULL, s1);
                 if (how && dw_tile_direct_any(dyb + o, dy_stride, bb + o, b_stride, rb, nr, s1, how == 2,
-                                              state + o, stride))
+                                              state + o, stride, span))
                     continue;
-                if (!dw_tile_measured(dyb + o, dy_stride, bb + o, b_stride, rb, nr, w, state + o, stride, buf, mx))
+                if (!dw_tile_measured(dyb + o, dy_stride, bb + o, b_stride, rb, nr, w, state + o, stride, buf, mx, span))
                     return -2;
             }
         }
     }
-    return dw_normalize(state, cols, stride);
+    return dw_normalize(state, cols, stride, span);
 }
 
 /* state (22 rows of row stride `stride`, columns 0..cols-1 here) += the exact column
