@@ -2,7 +2,8 @@
 
 ``taskgraph_norm/backends/native/csrc/``: ``native.c`` (the forward's kernels) and
 ``native_sums.c`` (their float chunk sums),
-``native_backward.c`` and ``native_dw.c``/``native_dw_round.c`` (the backward, the exact weight gradient),
+``native_backward.c`` and ``native_dw.c``/``native_dw_fused.c``/``native_dw_round.c`` (the backward, the exact weight
+gradient),
 ``native_narrow.c`` (bf16 and fp16 rows through the forward's fp32 kernels),
 ``native_layer.c`` (LayerNorm's float rows),
 ``native_team.c`` (the team the forward's rows are shared by) and ``native_module.c``
@@ -43,8 +44,8 @@ from setuptools.command.build_ext import build_ext
 HERE = Path(__file__).resolve().parent
 CSRC = "taskgraph_norm/backends/native/csrc"
 SOURCES = [f"{CSRC}/{name}.c"
-           for name in ("native", "native_sums", "native_backward", "native_dw", "native_dw_round", "native_narrow",
-                        "native_team", "native_layer", "native_module")]
+           for name in ("native", "native_sums", "native_backward", "native_dw", "native_dw_fused", "native_dw_round",
+                        "native_narrow", "native_team", "native_layer", "native_module")]
 CONSTANTS = "taskgraph_norm/constants.py"
 #: Generated from CONSTANTS by BuildExt (.gitignore'd).
 CONSTANTS_HEADER = f"{CSRC}/tgn_constants.h"

@@ -131,6 +131,17 @@ class Backend(Protocol):
         exact ``state``, exactly; ``False`` when this backend does not take these operands."""
         ...
 
+    def backward_exact_dw(
+        self, plan: Plan, dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, rms: torch.Tensor,
+        state: torch.Tensor, dx: torch.Tensor | None, *, offset: float,
+    ) -> bool:
+        """The backward with the exact weight gradient in the same pass: ``dx`` (when
+        given, a tensor like ``x`` to write) as :meth:`backward` makes it, and ``sum over
+        rows of dy * (x / rms)`` added to the exact ``state`` as :meth:`accumulate_exact`
+        adds it; ``False`` (and nothing written or added) when this backend has no such
+        pass for these operands: the caller then runs the two."""
+        ...
+
     def layer_forward(
         self, graph: Graph, plan: Plan, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
         eps: float, *, out: torch.Tensor | None = None, residual: torch.Tensor | None = None,

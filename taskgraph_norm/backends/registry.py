@@ -85,6 +85,12 @@ class TorchOpsBackend:
         _exact_sum.add_products_(state, dy, b)
         return True
 
+    def backward_exact_dw(
+        self, plan: Plan, dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, rms: torch.Tensor,
+        state: torch.Tensor, dx: torch.Tensor | None, *, offset: float,
+    ) -> bool:
+        return False  # the two passes: backward, then accumulate_exact
+
     def layer_forward(
         self, graph: Graph, plan: Plan, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
         eps: float, *, out: torch.Tensor | None = None, residual: torch.Tensor | None = None,
@@ -201,6 +207,28 @@ class NativeBackend(NativeLayer):
                                           exact=plan.accumulate == "exact", threads=threads, grain=kernels.ROW_BLOCK)
         return None if bad else (dx, dw)
 
+    def backward_exact_dw(
+        self, plan: Plan, dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, rms: torch.Tensor,
+        state: torch.Tensor, dx: torch.Tensor | None, *, offset: float,
+    ) -> bool:
+        """fp32 rows in one C pass: each thread adds its row blocks' exact products right
+        after their ``dx``, while the rows are in its cache (native_dw_fused.c); its rows
+        shared among torch's threads from :data:`SPLIT_NUMEL` elements on (the pass does
+        twice the backward's work per row).  ``False`` for other operands, and where a
+        row is not finite (whose NaNs torch's ops make)."""
+        fp32 = torch.float32
+        rows, hidden = x.shape
+        if (x.dtype != fp32 or dy.dtype != fp32 or rms.dtype != fp32 or state.device.type != "cpu"
+                or rows > _exact_sum.ROWS_PER_ADD or (weight is not None and weight.dtype != fp32)):
+            return False
+        w_g = weight if weight is None or not offset else kernels.finalize_weight(weight, fp32, offset)
+        threads = _team.threads() if x.numel() >= SPLIT_NUMEL and rows > kernels.ROW_BLOCK else 1
+        bad = _native_grads.backward_exact_dw(x, dy, None if w_g is None else w_g.contiguous(), rms,
+                                              _native_grads.recipe_of(plan), dx, state,
+                                              exact=plan.accumulate == "exact", threads=threads,
+                                              grain=kernels.ROW_BLOCK)
+        return bad == 0
+
     def accumulate_exact(
         self, state: torch.Tensor, dy: torch.Tensor, b: torch.Tensor, rms: torch.Tensor | None,
     ) -> bool:
@@ -307,6 +335,12 @@ class TritonBackend(NoLayerKernel):
             return False
         _triton_dw.add_products_(state, dy, b, rms)  # with rms: x / rms rounded to x's dtype in the kernel
         return True
+
+    def backward_exact_dw(
+        self, plan: Plan, dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, rms: torch.Tensor,
+        state: torch.Tensor, dx: torch.Tensor | None, *, offset: float,
+    ) -> bool:
+        return False  # the two kernels: backward, then accumulate_exact
 
 
 #: Every backend by name, in priority order (:data:`.base.BACKEND_NAMES`).

@@ -76,17 +76,24 @@ class ExactWeightRMSNorm(torch.autograd.Function):
     def backward(ctx: Any, dy: torch.Tensor, _drms: torch.Tensor | None) -> tuple[Any, ...]:
         x, weight, rms = ctx.saved_tensors
         eps, *config = ctx.config
-        dx = dw_composite = None
+        dx = dw_composite = total = None
         w_needs = _weight_grad_wanted(ctx)
         if torch.is_grad_enabled():  # create_graph=True, torch.func: differentiable ops
             dx, dw_composite = _composite_grads(dy, x, weight, eps, ctx.needs_input_grad[0], w_needs,
                                                 config[4], config[5])
-        elif ctx.needs_input_grad[0]:
+        elif w_needs and not torch._C._are_functorch_transforms_active():
+            # dx and this call's exact sum in one pass where the backend has one
+            total = ExactSum(weight.numel(), x.device)
+            fused_backward: Any = _backward.fused_exact_backward
+            fused, dx = fused_backward(dy, x, weight, rms, *config, total.state, ctx.needs_input_grad[0])
+            total = total if fused else None
+        if dx is None and ctx.needs_input_grad[0] and not torch.is_grad_enabled():
             float_backward: Any = _backward.backward
             dx, _ = float_backward(dy.contiguous(), x, weight, rms, *config, "float", [True, False])
         if not w_needs:
             return dx, None, None, None
-        total = _call_sum(dy, x, rms, weight.numel())
+        if total is None:
+            total = _call_sum(dy, x, rms, weight.numel())
         with torch._C._DisableFuncTorch():
             dw = total.result(weight.dtype).view(weight.shape)
         if ctx.watch is not None:

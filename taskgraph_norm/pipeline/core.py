@@ -321,6 +321,16 @@ class Pipeline:
         return backend.backward(self.plan, dy, x, weight, rms, input_grad=input_grad, weight_grad=weight_grad,
                                 offset=self.offset, round_x_hat=round_x_hat)
 
+    def backward_exact_dw(
+        self, dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, rms: torch.Tensor,
+        state: torch.Tensor, dx: torch.Tensor | None,
+    ) -> bool:
+        """:meth:`backward`'s ``dx`` (into ``dx``, if given) with the exact weight
+        gradient's ``sum over rows of dy * (x / rms)`` added to ``state``, in one pass
+        where the backend has one (:meth:`.Backend.backward_exact_dw`); else ``False``."""
+        return self.plan is not None and self._backend_of(x).backward_exact_dw(
+            self.plan, dy, x, weight, rms, state, dx, offset=self.offset)
+
     def check(
         self, x: object, weight: object | None, eps: float | None, out: object | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None, float]:

@@ -10,10 +10,12 @@ import threading
 import torch
 
 from ... import caches
+from ...constants import EXACT_DIGITS, EXACT_TOP_LIMIT
+from ...errors import ExactSumOverflowError
 from ...lowering import Plan
 from .loader import FloatRecipe, module
 
-__all__ = ["backward_rows", "exact_dw", "exact_round", "recipe_of", "rms_of_totals"]
+__all__ = ["backward_exact_dw", "backward_rows", "exact_dw", "exact_round", "recipe_of", "rms_of_totals"]
 
 
 @functools.lru_cache(maxsize=256)
@@ -83,6 +85,45 @@ def backward_rows(
         None if dx is None else dx.data_ptr(), None if dw is None else dw.data_ptr(), grain, threads))
     if bad < 0:
         raise MemoryError("the native backward could not allocate its scratch")
+    return bad
+
+
+def backward_exact_dw(
+    x: torch.Tensor, dy: torch.Tensor, weight: torch.Tensor | None, rms: torch.Tensor, recipe: FloatRecipe,
+    dx: torch.Tensor | None, state: torch.Tensor, *, exact: bool, threads: int = 1, grain: int = 32,
+) -> int:
+    """:func:`backward_rows`'s ``dx`` with the exact weight gradient in the same pass:
+    ``state`` (a contiguous ``(22, D)`` int64 CPU state in its normal form) += the exact
+    ``sum over rows of dy * (x / rms)``, the state :func:`exact_dw` with ``rms`` gives.
+    Each thread adds its row blocks' products into a state of its own right after their
+    ``dx`` (native_dw_fused.c: kept between calls, zero between them), then those are
+    added into ``state``: integer sums, so the state does not depend on the split.
+    Returns the rows whose ``s`` or ``k`` is not finite; when there are any, nothing is
+    added to ``state`` (the caller runs the two passes, whose NaNs are torch's).
+    Raises :class:`~taskgraph_norm.errors.ExactSumOverflowError` when a column passes
+    the state's range (the state is then as the other kernels leave it)."""
+    lib = module()
+    rows, hidden = x.shape
+    fp32 = torch.float32
+    for t in (x, dy, rms, weight, dx):
+        if t is not None and (t.dtype is not fp32 or not t.is_cpu or not t.is_contiguous()):
+            raise ValueError("backward_exact_dw needs contiguous fp32 CPU tensors")
+    if (state.shape != (EXACT_DIGITS + 3, hidden) or state.dtype != torch.int64 or not state.is_contiguous()
+            or not state.is_cpu):
+        raise ValueError(f"state must be a contiguous ({EXACT_DIGITS + 3}, {hidden}) int64 CPU tensor")
+    if rows == 0:
+        return 0
+    bad = int(lib.backward_exact_dw_f32_team(
+        x.data_ptr(), dy.data_ptr(), None if weight is None else weight.data_ptr(), rms.data_ptr(),
+        rows, hidden, recipe.chunk_size, recipe.adds.data_ptr(), recipe.n_adds, recipe.root, int(exact),
+        None if dx is None else dx.data_ptr(), state.data_ptr(), grain, threads))
+    if bad == -1:
+        raise MemoryError("the native backward could not allocate its scratch")
+    if bad == -2:
+        raise RuntimeError("the native exact dW kernel did not converge (a bug: please report it)")
+    if bad == -3:
+        over = int((state[EXACT_DIGITS - 1].abs() > EXACT_TOP_LIMIT).sum())
+        raise ExactSumOverflowError(over, f"|sum| must stay below 2**{40 + 256}")
     return bad
 
 

@@ -219,12 +219,14 @@ static float *thread_scratch(int64_t n)
 
 /* Rows [0, rows) of x and dy (row 0 starts block `first_block`): dx (or NULL; stream:
  * written with non-temporal stores) and, with `dw`, each block's sum pushed in order
- * onto the stack dw.  A block's scratch is 15 rows and its sum's (the halving's first
+ * onto the stack dw; with `xstate`, each block's exact products dy * (x / rms) added
+ * into that unnormalised state after its dx, while its rows are in cache
+ * (native_dw_fused.c; xspan: the digit rows written).  A block's scratch is 15 rows and its sum's (the halving's first
  * step adds the second half's rows as they are made). */
 int64_t tgn_backward_rows_f32(const float *x, const float *dy, const float *w, const float *rms,
                               int64_t rows, int64_t hidden, int64_t chunk, const int64_t *adds,
                               int64_t n_adds, int64_t root, int64_t exact, float *dx, int64_t first_block,
-                              tgn_dw_stack_t *dw, int64_t stream)
+                              tgn_dw_stack_t *dw, int64_t stream, int64_t *xstate, int *xspan)
 {
     enum { HALF = (TGN_BACKWARD_ROW_BLOCK + 1) / 2 };
     int64_t n_chunks = (hidden + chunk - 1) / chunk, bad = 0;
@@ -277,6 +279,9 @@ int64_t tgn_backward_rows_f32(const float *x, const float *dy, const float *w, c
             dx_t_row(dyr, w, xr, r, k, dx ? dx + i * hidden : 0, dw ? lo[q < h ? q : q - h] : 0, q >= h, hidden,
                      stream);
         }
+        if (xstate && tgn_exact_dw_add_rows(dy + b0 * hidden, x + b0 * hidden, rms + b0, in_block, hidden, xstate,
+                                            xspan) < 0)
+            return -2;
         if (!dw)
             continue;
         for (int64_t length = h; length > 1;) {

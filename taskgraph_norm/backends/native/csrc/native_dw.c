@@ -331,12 +331,15 @@ static int dw_tile(double *restrict buf, int64_t rows, int64_t cols, int64_t *st
     int s1[DW_TILE], inf = 0;
     for (int j = 0; j < DW_TILE; ++j)
         inf |= mx[j] == INFINITY;
-    if (inf)
+    if (inf) {
         dw_specials(buf, rows, cols, state, stride, mx);
+        span[2] = 1;
+    }
     dw_scales(mx, cols, s1);
     int live = dw_two_folds(buf, rows, cols, s1, state, stride, mx, span);
     if (live < 0) { /* a NaN product: nothing was added; count, zero, and fold again */
         dw_specials(buf, rows, cols, state, stride, mx);
+        span[2] = 1;
         dw_scales(mx, cols, s1);
         live = dw_two_folds(buf, rows, cols, s1, state, stride, mx, span);
     }
@@ -348,7 +351,7 @@ static int dw_tile(double *restrict buf, int64_t rows, int64_t cols, int64_t *st
  * top digit passes DW_TOP_LIMIT.  The digits below span[0] are as they were; from
  * span[1] up, a row whose carries are all zero leaves every row above it as it was
  * (balanced), so the pass stops there: ordinary data touches 4-6 of the 19 rows. */
-static int64_t dw_normalize(int64_t *state, int64_t cols, int64_t stride, const int *span)
+int64_t tgn_dw_normalize(int64_t *state, int64_t cols, int64_t stride, const int *span)
 {
     for (int k = span[0] < 0 ? 0 : span[0]; k < DW_DIGITS - 1; ++k) {
         int64_t *restrict d = state + k * stride, *restrict up = d + stride;
@@ -546,7 +549,7 @@ static int64_t dw_run_measured(const float *dy, int64_t dy_stride, const float *
     if (!buf)
         return -1;
     double *mx = buf + DW_BLOCK * PANEL;
-    int span[2] = {DW_DIGITS, -1};
+    int span[3] = {DW_DIGITS, -1, 0};
     for (int64_t i0 = 0; i0 < rows; i0 += DW_BLOCK) {
         int64_t nr = rows - i0 < DW_BLOCK ? rows - i0 : DW_BLOCK;
         for (int64_t j0 = 0; j0 < cols; j0 += PANEL) {
@@ -564,7 +567,7 @@ static int64_t dw_run_measured(const float *dy, int64_t dy_stride, const float *
         }
     }
     free(buf);
-    return dw_normalize(state, cols, stride, span);
+    return tgn_dw_normalize(state, cols, stride, span);
 }
 
 /* Inputs from this many products per call on take dw_run_measured: past the caches
@@ -573,47 +576,59 @@ static int64_t dw_run_measured(const float *dy, int64_t dy_stride, const float *
  * fp32: 22-23 ms against 19 ms; 1024 x 4096: 3.4 against 3.7-4.1 ms, one thread). */
 #define DW_DIRECT_MAX_PRODUCTS (INT64_C(6) << 20)
 
-/* Per block of rows and panel of columns: each column's largest and smallest nonzero
- * |dy| and |b| in one pass along the rows (sequential reads, 4 KiB of each row), then
- * per full tile the direct folds from the bound; a narrow tile, a tile whose bound is
- * not finite and a tile that needs a third fold (a product 2^45 times below its
- * column's bound; random data has none) take the measured path. */
+/* One block of at most DW_BLOCK rows over `cols` columns added into the digits of
+ * state, not normalised (span: the digit rows written, and span[2] set when a special
+ * product was counted).  Per panel of columns: each column's largest and smallest
+ * nonzero |dy| and |b| in one pass along the rows (sequential reads, 4 KiB of each
+ * row), then per full tile the direct folds from the bound; a narrow tile, a tile
+ * whose bound is not finite and a tile that needs a third fold (a product 2^45 times
+ * below its column's bound; random data has none) take the measured path.  Returns
+ * 0, or -2 if a tile did not finish within DW_MAX_FOLDS folds (impossible). */
+int64_t tgn_dw_block(const float *dyb, int64_t dy_stride, const float *bb, int64_t b_stride, const float *rb,
+                     int64_t nr, int64_t cols, int64_t *state, int64_t stride, int *span)
+{
+    enum { PANEL = DW_PANEL * DW_TILE };
+    double buf[DW_BLOCK * DW_TILE], mx[DW_TILE];
+    uint32_t tops[2 * PANEL], lows[2 * PANEL];
+    double rmin = rb ? INFINITY : 1.0; /* 0: an rms that is not positive (or NaN) */
+    float rmax = 1.0f;
+    for (int64_t i = 0; rb && i < nr; ++i) {
+        rmin = !(rb[i] > 0.0f) ? 0.0 : rb[i] < rmin ? rb[i] : rmin;
+        rmax = i == 0 || rb[i] > rmax ? rb[i] : rmax;
+    }
+    for (int64_t j0 = 0; j0 < cols; j0 += PANEL) {
+        int64_t nc = cols - j0 < PANEL ? cols - j0 : PANEL;
+        dw_column_tops(dyb + j0, dy_stride, bb + j0, b_stride, nr, nc, tops, lows);
+        for (int64_t t = 0; t * DW_TILE < nc; ++t) {
+            int64_t o = j0 + t * DW_TILE, w = nc - t * DW_TILE < DW_TILE ? nc - t * DW_TILE : DW_TILE;
+            int s1[DW_TILE], how = 0;
+            if (w == DW_TILE && rmin > 0.0)
+                how = dw_bound_scales(tops + t * DW_TILE, tops + nc + t * DW_TILE, lows + t * DW_TILE,
+                                      lows + nc + t * DW_TILE, 1.0 / rmin, rmax, rb != NULL, s1);
+            if (how && dw_tile_direct_any(dyb + o, dy_stride, bb + o, b_stride, rb, nr, s1, how == 2, state + o,
+                                          stride, span))
+                continue;
+            if (!dw_tile_measured(dyb + o, dy_stride, bb + o, b_stride, rb, nr, w, state + o, stride, buf, mx, span))
+                return -2;
+        }
+    }
+    return 0;
+}
+
+/* Blocks of DW_BLOCK rows through tgn_dw_block, then the state normalised. */
 static int64_t dw_run(const float *dy, int64_t dy_stride, const float *b, int64_t b_stride, const float *rms,
                       int64_t rows, int64_t cols, int64_t *state, int64_t stride)
 {
     if (rows * cols >= DW_DIRECT_MAX_PRODUCTS)
         return dw_run_measured(dy, dy_stride, b, b_stride, rms, rows, cols, state, stride);
-    enum { PANEL = DW_PANEL * DW_TILE };
-    double buf[DW_BLOCK * DW_TILE], mx[DW_TILE];
-    uint32_t tops[2 * PANEL], lows[2 * PANEL];
-    int span[2] = {DW_DIGITS, -1};
+    int span[3] = {DW_DIGITS, -1, 0};
     for (int64_t i0 = 0; i0 < rows; i0 += DW_BLOCK) {
         int64_t nr = rows - i0 < DW_BLOCK ? rows - i0 : DW_BLOCK;
-        const float *dyb = dy + i0 * dy_stride, *bb = b + i0 * b_stride, *rb = rms ? rms + i0 : NULL;
-        double rmin = rb ? INFINITY : 1.0; /* 0: an rms that is not positive (or NaN) */
-        float rmax = 1.0f;
-        for (int64_t i = 0; rb && i < nr; ++i) {
-            rmin = !(rb[i] > 0.0f) ? 0.0 : rb[i] < rmin ? rb[i] : rmin;
-            rmax = i == 0 || rb[i] > rmax ? rb[i] : rmax;
-        }
-        for (int64_t j0 = 0; j0 < cols; j0 += PANEL) {
-            int64_t nc = cols - j0 < PANEL ? cols - j0 : PANEL;
-            dw_column_tops(dyb + j0, dy_stride, bb + j0, b_stride, nr, nc, tops, lows);
-            for (int64_t t = 0; t * DW_TILE < nc; ++t) {
-                int64_t o = j0 + t * DW_TILE, w = nc - t * DW_TILE < DW_TILE ? nc - t * DW_TILE : DW_TILE;
-                int s1[DW_TILE], how = 0;
-                if (w == DW_TILE && rmin > 0.0)
-                    how = dw_bound_scales(tops + t * DW_TILE, tops + nc + t * DW_TILE, lows + t * DW_TILE,
-                                          lows + nc + t * DW_TILE, 1.0 / rmin, rmax, rb != NULL, s1);
-                if (how && dw_tile_direct_any(dyb + o, dy_stride, bb + o, b_stride, rb, nr, s1, how == 2,
-                                              state + o, stride, span))
-                    continue;
-                if (!dw_tile_measured(dyb + o, dy_stride, bb + o, b_stride, rb, nr, w, state + o, stride, buf, mx, span))
-                    return -2;
-            }
-        }
+        if (tgn_dw_block(dy + i0 * dy_stride, dy_stride, b + i0 * b_stride, b_stride, rms ? rms + i0 : NULL, nr,
+                         cols, state, stride, span) < 0)
+            return -2;
     }
-    return dw_normalize(state, cols, stride, span);
+    return tgn_dw_normalize(state, cols, stride, span);
 }
 
 /* state (22 rows of row stride `stride`, columns 0..cols-1 here) += the exact column

@@ -87,6 +87,9 @@ typedef struct {
     tgn_dw_stack_t *bw_stacks; /* the weight gradient's merge: part p's blocks from the front
                                 * (its owner's) at 2p, those taken from its back at 2p + 1 */
     int64_t bw_exact;
+    int64_t *bw_states; /* the fused exact dW (tgn_backward_exact_dw_f32_team): thread t's state
+                         * at t * TGN_EXACT_STATE_WORDS(hidden), its span bw_spans[t] */
+    int (*bw_spans)[3];
     int64_t dw_rows, dw_dy_stride, dw_stride;
     int64_t *dw_state;
     const tgn_narrow_t *narrow;
@@ -132,8 +135,9 @@ static int64_t now_ns(void)
     return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
 }
 
-/* dw: the stack a backward's blocks are pushed onto. */
-static int64_t run_rows(const job_t *j, int64_t i, int64_t n, tgn_dw_stack_t *dw)
+/* dw: the stack a backward's blocks are pushed onto; who: the running thread's index
+ * in the job (its own state in a fused exact dW). */
+static int64_t run_rows(const job_t *j, int64_t i, int64_t n, tgn_dw_stack_t *dw, int64_t who)
 {
     if (j->kind == JOB_NARROW)
         return tgn_narrow_rows(j->narrow, i, n);
@@ -151,7 +155,9 @@ static int64_t run_rows(const job_t *j, int64_t i, int64_t n, tgn_dw_stack_t *dw
         return tgn_backward_rows_f32(j->x + i * j->hidden, j->bw_dy + i * j->hidden, j->w, j->bw_rms + i, n,
                                      j->hidden, j->chunk, j->adds, j->n_adds, j->root, j->bw_exact,
                                      j->bw_dx ? j->bw_dx + i * j->hidden : 0, i / TGN_BACKWARD_ROW_BLOCK, dw,
-                                     (j->flags & TGN_STREAM_STORES) != 0);
+                                     (j->flags & TGN_STREAM_STORES) != 0,
+                                     j->bw_states ? j->bw_states + who * TGN_EXACT_STATE_WORDS(j->hidden) : 0,
+                                     j->bw_states ? j->bw_spans[who] : 0);
     if (j->kind == JOB_EXACT)
         return tgn_exact_rows_f32(j->x + i * j->row_stride, n, j->hidden, j->row_stride,
                                   j->total ? (double *)j->total + 2 * i : 0, y, j->y_stride, j->w, j->eps,
@@ -166,7 +172,7 @@ static int64_t run_rows(const job_t *j, int64_t i, int64_t n, tgn_dw_stack_t *dw
  * its back makes its nodes on a stack of its own, waits until the blocks after it taken
  * from that back are pushed (by their threads, each one block), and pushes its nodes
  * there from the back. */
-static int64_t run_block(job_t *j, int64_t block, int64_t p, int mine)
+static int64_t run_block(job_t *j, int64_t block, int64_t p, int mine, int64_t who)
 {
     int64_t i = block * j->grain;
     int64_t n = j->rows - i < j->grain ? j->rows - i : j->grain;
@@ -174,7 +180,7 @@ static int64_t run_block(job_t *j, int64_t block, int64_t p, int mine)
     if (j->bw_stacks && !mine) {
         tgn_dw_stack_t own;
         own.n = 0;
-        got = run_rows(j, i, n, &own);
+        got = run_rows(j, i, n, &own, who);
         atomic_int_fast64_t *next = &j->parts[p].back_next;
         for (int spins = 0; atomic_load(next) != block; ++spins) {
             relax();
@@ -186,7 +192,7 @@ static int64_t run_block(job_t *j, int64_t block, int64_t p, int mine)
             tgn_dw_push(back, own.node[--own.n], j->hidden, 1);
         atomic_store(next, block - 1);
     } else {
-        got = run_rows(j, i, n, j->bw_stacks ? &j->bw_stacks[2 * p] : 0);
+        got = run_rows(j, i, n, j->bw_stacks ? &j->bw_stacks[2 * p] : 0, who);
     }
     if (got < 0)
         atomic_store(&j->failed, (int)got); /* -1: no scratch (the exact dW: -2, no convergence) */
@@ -214,7 +220,7 @@ static int64_t claim(job_t *j, int64_t own)
             uint64_t taken = mine ? front : back - 1;
             if (!atomic_compare_exchange_weak(span, &s, mine ? span_of(front + 1, back) : span_of(front, back - 1)))
                 continue; /* s now holds the part's new span */
-            ran += run_block(j, (int64_t)taken, p, mine);
+            ran += run_block(j, (int64_t)taken, p, mine, own);
             s = atomic_load(span);
         }
     }
@@ -265,6 +271,7 @@ static void reset_in_child(void)
     atomic_store(&open_job, 0);
     atomic_store(&inside, 0);
     atomic_store(&worker_rows, 0);
+    tgn_dw_states_reset_in_child();
 }
 
 static pthread_once_t at_fork_once = PTHREAD_ONCE_INIT;
@@ -338,7 +345,7 @@ static int64_t run_team(job_t *j, int64_t threads)
         j->grain = 1;
     j->n_parts = 1; /* (a backward's stacks: part 0's unless split) */
     if (threads < 2 || j->rows <= j->grain)
-        return run_rows(j, 0, j->rows, j->bw_stacks); /* one thread, or too small to share */
+        return run_rows(j, 0, j->rows, j->bw_stacks, 0); /* one thread, or too small to share */
     if ((j->rows + j->grain - 1) / j->grain > MAX_BLOCKS)
         j->grain = ((j->rows + MAX_BLOCKS - 1) / MAX_BLOCKS + TGN_BACKWARD_ROW_BLOCK - 1) / TGN_BACKWARD_ROW_BLOCK
                    * TGN_BACKWARD_ROW_BLOCK; /* block numbers fit 32 bits (and stay whole row blocks) */
@@ -355,10 +362,10 @@ static int64_t run_team(job_t *j, int64_t threads)
         return atomic_load(&j->failed) ? atomic_load(&j->failed) : atomic_load(&j->result);
     }
     if (atomic_exchange(&owner, 1))
-        return run_rows(j, 0, j->rows, j->bw_stacks); /* the team is busy with another caller's rows */
+        return run_rows(j, 0, j->rows, j->bw_stacks, 0); /* the team is busy with another caller's rows */
     if (!ensure_worker()) {
         atomic_store(&owner, 0);
-        return run_rows(j, 0, j->rows, j->bw_stacks);
+        return run_rows(j, 0, j->rows, j->bw_stacks, 0);
     }
     split(j, parts, 2);
     job = j;
@@ -372,6 +379,21 @@ static int64_t run_team(job_t *j, int64_t threads)
     wait_for_worker_to_leave();
     atomic_store(&owner, 0);
     return atomic_load(&j->failed) ? atomic_load(&j->failed) : atomic_load(&j->result);
+}
+
+/* The backward's job (both entries below): blocks of `grain` rows rounded up to
+ * whole row blocks; non-temporal stores for a dx of TGN_STREAM_BYTES or more. */
+static job_t backward_job(const float *x, const float *dy, const float *w, const float *rms, int64_t rows,
+                          int64_t hidden, int64_t chunk, const int64_t *adds, int64_t n_adds, int64_t root,
+                          int64_t exact, float *dx, int64_t grain)
+{
+    grain = grain < 1 ? 1 : grain;
+    grain = (grain + TGN_BACKWARD_ROW_BLOCK - 1) / TGN_BACKWARD_ROW_BLOCK * TGN_BACKWARD_ROW_BLOCK;
+    job_t j = {.kind = JOB_BACKWARD, .x = x, .rows = rows, .hidden = hidden, .row_stride = hidden, .chunk = chunk,
+               .adds = adds, .n_adds = n_adds, .root = root, .w = w, .grain = grain, .bw_dy = dy, .bw_rms = rms,
+               .bw_dx = dx, .bw_exact = exact,
+               .flags = dx && rows * hidden * (int64_t)sizeof(float) >= TGN_STREAM_BYTES ? TGN_STREAM_STORES : 0};
+    return j;
 }
 
 /* tgn_backward_rows_f32 on `threads` threads (ops/backward.py), in blocks of `grain`
@@ -389,9 +411,6 @@ int64_t tgn_backward_rows_f32_team(const float *x, const float *dy, const float 
 {
     if (rows <= 0)
         return 0;
-    if (grain < 1)
-        grain = 1;
-    grain = (grain + TGN_BACKWARD_ROW_BLOCK - 1) / TGN_BACKWARD_ROW_BLOCK * TGN_BACKWARD_ROW_BLOCK;
     /* (a team has at most `threads` parts, and the own worker's 2) */
     int64_t n_stacks = 2 * (threads < 2 ? 2 : threads < MAX_PARTS ? threads : MAX_PARTS);
     tgn_dw_stack_t *stacks = 0;
@@ -399,10 +418,8 @@ int64_t tgn_backward_rows_f32_team(const float *x, const float *dy, const float 
         return -1;
     for (int64_t k = 0; dw && k < n_stacks; ++k)
         stacks[k].n = 0;
-    job_t j = {.kind = JOB_BACKWARD, .x = x, .rows = rows, .hidden = hidden, .row_stride = hidden, .chunk = chunk,
-               .adds = adds, .n_adds = n_adds, .root = root, .w = w, .grain = grain, .bw_dy = dy, .bw_rms = rms,
-               .bw_dx = dx, .bw_stacks = stacks, .bw_exact = exact,
-               .flags = dx && rows * hidden * (int64_t)sizeof(float) >= TGN_STREAM_BYTES ? TGN_STREAM_STORES : 0};
+    job_t j = backward_job(x, dy, w, rms, rows, hidden, chunk, adds, n_adds, root, exact, dx, grain);
+    j.bw_stacks = stacks;
     int64_t result = run_team(&j, threads);
     if (!dw)
         return result;
@@ -424,6 +441,41 @@ int64_t tgn_backward_rows_f32_team(const float *x, const float *dy, const float 
         tgn_dw_free(&stacks[k]);
     free(stacks);
     return result;
+}
+
+/* tgn_backward_rows_f32_team's dx (or none) with the exact weight gradient instead of
+ * the float one: each thread adds the exact products dy * (x / rms) of its row blocks
+ * into a state of its own right after their dx (native_dw_fused.c), and the states are
+ * added into `state` (a normal (22, hidden) state), which is then normalised.  When a
+ * row is not finite (the return value counts them, as tgn_backward_rows_f32_team's)
+ * or on an error, nothing is added to `state`.  Returns those rows, -1 (no scratch),
+ * -2 (no convergence) or -3 (a column overflowed: the caller raises). */
+int64_t tgn_backward_exact_dw_f32_team(const float *x, const float *dy, const float *w, const float *rms,
+                                       int64_t rows, int64_t hidden, int64_t chunk, const int64_t *adds,
+                                       int64_t n_adds, int64_t root, int64_t exact, float *dx, int64_t *state,
+                                       int64_t grain, int64_t threads)
+{
+    if (rows <= 0)
+        return 0;
+    threads = threads < 1 ? 1 : threads < MAX_PARTS ? threads : MAX_PARTS;
+    int64_t n_states = threads < 2 ? 1 : threads; /* every thread index a team gives is below it */
+    int from_pool;
+    int64_t *states = tgn_dw_states_take(n_states * TGN_EXACT_STATE_WORDS(hidden), &from_pool);
+    if (!states)
+        return -1;
+    int spans[MAX_PARTS][3];
+    for (int64_t t = 0; t < n_states; ++t) {
+        spans[t][0] = TGN_EXACT_DIGITS;
+        spans[t][1] = -1;
+        spans[t][2] = 0;
+    }
+    job_t j = backward_job(x, dy, w, rms, rows, hidden, chunk, adds, n_adds, root, exact, dx, grain);
+    j.bw_states = states;
+    j.bw_spans = spans;
+    int64_t result = run_team(&j, threads);
+    int64_t over = tgn_exact_dw_merge(state, hidden, states, n_states, spans, result == 0);
+    tgn_dw_states_give(states, from_pool);
+    return result != 0 ? result : over ? -3 : 0;
 }
 
 /* tgn_exact_dw_f32 (rms NULL: xh is x_hat) or tgn_exact_dw_rows_f32 (xh is x, divided

@@ -81,7 +81,7 @@ void tgn_dw_free(tgn_dw_stack_t *s);
 int64_t tgn_backward_rows_f32(const float *x, const float *dy, const float *w, const float *rms,
                               int64_t rows, int64_t hidden, int64_t chunk, const int64_t *adds,
                               int64_t n_adds, int64_t root, int64_t exact, float *dx, int64_t first_block,
-                              tgn_dw_stack_t *dw, int64_t stream);
+                              tgn_dw_stack_t *dw, int64_t stream, int64_t *xstate, int *xspan);
 void tgn_rms_of_totals_f32(const void *total, int64_t rows, int64_t channels, int64_t hidden, double eps,
                            float *rms);
 
@@ -91,6 +91,17 @@ int64_t tgn_exact_dw_f32(const float *dy, int64_t dy_stride, const float *xh, in
 int64_t tgn_exact_dw_rows_f32(const float *dy, int64_t dy_stride, const float *x, int64_t x_stride,
                               const float *rms, int64_t rows, int64_t cols, int64_t *state, int64_t stride);
 void tgn_exact_round_f32(const int64_t *state, int64_t n, int64_t stride, int64_t to_odd, float *out);
+
+/* --- native_dw_fused.c: the exact weight gradient inside the backward ---------------- */
+/* int64 words of one (22, hidden) exact state */
+#define TGN_EXACT_STATE_WORDS(hidden) ((TGN_EXACT_DIGITS + 3) * (hidden))
+int64_t *tgn_dw_states_take(int64_t words, int *from_pool);
+void tgn_dw_states_give(int64_t *states, int from_pool);
+void tgn_dw_states_reset_in_child(void);
+int64_t tgn_exact_dw_add_rows(const float *dy, const float *x, const float *rms, int64_t rows, int64_t hidden,
+                              int64_t *state, int *span);
+int64_t tgn_exact_dw_merge(int64_t *state, int64_t n, int64_t *states, int64_t n_states, int (*spans)[3],
+                           int keep);
 
 /* --- native_team.c: the threads that share a call's rows ---------------------------- */
 
@@ -132,6 +143,10 @@ int64_t tgn_backward_rows_f32_team(const float *x, const float *dy, const float 
                                    int64_t rows, int64_t hidden, int64_t chunk, const int64_t *adds,
                                    int64_t n_adds, int64_t root, int64_t exact, float *dx, float *dw,
                                    int64_t grain, int64_t threads);
+int64_t tgn_backward_exact_dw_f32_team(const float *x, const float *dy, const float *w, const float *rms,
+                                       int64_t rows, int64_t hidden, int64_t chunk, const int64_t *adds,
+                                       int64_t n_adds, int64_t root, int64_t exact, float *dx, int64_t *state,
+                                       int64_t grain, int64_t threads);
 int64_t tgn_exact_dw_f32_team(const float *dy, int64_t dy_stride, const float *xh, int64_t xh_stride,
                               const float *rms, int64_t rows, int64_t cols, int64_t *state, int64_t stride,
                               int64_t grain, int64_t threads);

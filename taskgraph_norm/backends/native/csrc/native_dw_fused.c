@@ -1,0 +1,109 @@
+/* The exact weight gradient fused into the backward (native_team.c's
+ * tgn_backward_exact_dw_f32_team, ops/exact_weight.py through backends/registry.py):
+ * each thread adds the products dy * (x / rms) of the row blocks it runs into a state
+ * of its own right after their dx, while the rows are in its cache; the threads'
+ * states are then added into the call's state and normalised.  The digits are integer
+ * sums, so the state does not depend on which thread ran which rows, nor on the blocks
+ * (tests/test_exact_dw_fused.py compares it with the separate accumulate).
+ */
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "native_dw.h"
+#include "tgn_native.h"
+
+#define DW_STATE_ROWS (DW_DIGITS + 3) /* the digits, then the NaN, +inf and -inf counts */
+
+/* The threads' states of one call, kept for the next: zero between calls (the merge
+ * zeroes the rows it reads).  One call at a time holds them; a call that finds them
+ * held, or needs more than the 2^26 words (512 MiB) kept at most, makes its own. */
+#define POOL_MAX_WORDS (INT64_C(1) << 26)
+static pthread_mutex_t pool_mu = PTHREAD_MUTEX_INITIALIZER;
+static int64_t *pool;
+static int64_t pool_words;
+static int pool_busy;
+
+int64_t *tgn_dw_states_take(int64_t words, int *from_pool)
+{
+    *from_pool = 0;
+    if (words > POOL_MAX_WORDS)
+        return (int64_t *)calloc((size_t)words, sizeof(int64_t));
+    pthread_mutex_lock(&pool_mu);
+    if (!pool_busy && pool_words < words) {
+        free(pool);
+        pool = (int64_t *)calloc((size_t)words, sizeof(int64_t));
+        pool_words = pool ? words : 0;
+    }
+    if (!pool_busy && pool) {
+        pool_busy = 1;
+        *from_pool = 1;
+    }
+    pthread_mutex_unlock(&pool_mu);
+    return *from_pool ? pool : (int64_t *)calloc((size_t)words, sizeof(int64_t));
+}
+
+void tgn_dw_states_give(int64_t *states, int from_pool)
+{
+    if (!from_pool) {
+        free(states);
+        return;
+    }
+    pthread_mutex_lock(&pool_mu);
+    pool_busy = 0;
+    pthread_mutex_unlock(&pool_mu);
+}
+
+/* In a forked child (native_team.c's pthread_atfork handler): the parent's states may
+ * be half-made by a thread that does not exist here; start without them. */
+void tgn_dw_states_reset_in_child(void)
+{
+    pthread_mutex_init(&pool_mu, 0);
+    pool = 0;
+    pool_words = 0;
+    pool_busy = 0;
+}
+
+/* state (DW_STATE_ROWS rows of `hidden`, not normalised) += the exact products of
+ * `rows` contiguous rows of dy and x / rms[i], in blocks of DW_BLOCK rows (span: see
+ * native_dw.h).  Returns 0, or -2 (tgn_dw_block's). */
+int64_t tgn_exact_dw_add_rows(const float *dy, const float *x, const float *rms, int64_t rows, int64_t hidden,
+                              int64_t *state, int *span)
+{
+    for (int64_t i0 = 0; i0 < rows; i0 += DW_BLOCK) {
+        int64_t nr = rows - i0 < DW_BLOCK ? rows - i0 : DW_BLOCK;
+        if (tgn_dw_block(dy + i0 * hidden, hidden, x + i0 * hidden, hidden, rms + i0, nr, hidden, state, hidden,
+                         span) < 0)
+            return -2;
+    }
+    return 0;
+}
+
+/* With `keep`, state (a normal form, row stride n) += the n_states threads' states
+ * (each DW_STATE_ROWS rows of n, the rows its span names), then normalised; without,
+ * nothing is added.  Either way the threads' rows are zeroed as they are read.
+ * Returns the count of columns whose top digit overflowed. */
+int64_t tgn_exact_dw_merge(int64_t *state, int64_t n, int64_t *states, int64_t n_states, int (*spans)[3],
+                           int keep)
+{
+    int span[3] = {DW_DIGITS, -1, 0};
+    for (int64_t p = 0; p < n_states; ++p) {
+        span[0] = spans[p][0] < span[0] ? spans[p][0] : span[0];
+        span[1] = spans[p][1] > span[1] ? spans[p][1] : span[1];
+        span[2] |= spans[p][2];
+    }
+    for (int r = 0; r < DW_STATE_ROWS; ++r) {
+        int counts = r >= DW_DIGITS;
+        for (int64_t p = 0; p < n_states; ++p) {
+            if (counts ? !spans[p][2] : r < spans[p][0] || r > spans[p][1])
+                continue;
+            int64_t *restrict src = states + (p * DW_STATE_ROWS + r) * n, *restrict dst = state + r * n;
+            if (keep)
+                for (int64_t j = 0; j < n; ++j)
+                    dst[j] += src[j];
+            memset(src, 0, (size_t)n * sizeof *src);
+        }
+    }
+    return keep ? tgn_dw_normalize(state, n, n, span) : 0;
+}

@@ -1,0 +1,174 @@
+"""The exact weight gradient inside the backward's pass against the two passes it replaces.
+
+``NativeBackend.backward_exact_dw`` (native_dw_fused.c through
+``native_grads.backward_exact_dw``) makes ``dx`` and adds ``sum over rows of dy * (x /
+rms)`` to the exact state in one pass, each thread into a state of its own: ``dx``
+must be the bits of ``native_grads.backward_rows`` and the state the one
+``native_grads.exact_dw(..., rms=)`` (and the torch form) gives, for any split among
+threads.  Each comparison has a negative control that must see a difference.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import taskgraph_norm as tgn
+from taskgraph_norm import pipeline
+from taskgraph_norm.backends import registry
+from taskgraph_norm.backends.native import grads as native_grads
+from taskgraph_norm.backends.native import loader as native
+from taskgraph_norm.constants import EXACT_DIGITS, EXACT_TOP_LIMIT
+from taskgraph_norm.errors import ExactSumOverflowError
+from taskgraph_norm.kernels import exact_sum as es
+from taskgraph_norm.ops.exact_grad import ExactSum
+
+from .helpers import assert_bits_equal
+
+pytestmark = pytest.mark.skipif(not native.available(), reason=f"native kernels: {native.why_unavailable()}")
+
+
+def rows_of(rows: int, hidden: int, seed: int, binades: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x, dy and the forward's rms; dy spread over ``2 * binades + 1`` binades."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, hidden, generator=g)
+    dy = torch.randn(rows, hidden, generator=g) * torch.exp2(
+        torch.randint(-binades, binades + 1, (rows, hidden), generator=g).float())
+    rms = (x.double().pow(2).mean(1, keepdim=True) + 1e-6).sqrt().float()
+    return x, dy, rms
+
+
+def start_state(hidden: int) -> torch.Tensor:
+    """A nonzero normal state to add into (an earlier micro-batch's)."""
+    x, dy, rms = rows_of(40, hidden, 99, binades=30)
+    return ExactSum(hidden).add_normalized(dy, x, rms.reshape(-1)).state.clone()
+
+
+def recipe(hidden: int, accumulate: str = "float") -> native_grads.FloatRecipe:
+    pipe = pipeline.for_config(hidden, 64, "tree", "pairwise", accumulate, "auto")
+    assert pipe.plan is not None
+    return native_grads.recipe_of(pipe.plan)
+
+
+def two_passes(x: torch.Tensor, dy: torch.Tensor, w: torch.Tensor | None, rms: torch.Tensor, state: torch.Tensor,
+               accumulate: str) -> tuple[torch.Tensor, torch.Tensor]:
+    dx = torch.empty_like(x)
+    assert native_grads.backward_rows(x, dy, w, rms, recipe(x.shape[1], accumulate), dx, None,
+                                      exact=accumulate == "exact") == 0
+    state = state.clone()
+    assert native_grads.exact_dw(state, dy, x, rms=rms) == 0
+    return dx, state
+
+
+def one_pass(x: torch.Tensor, dy: torch.Tensor, w: torch.Tensor | None, rms: torch.Tensor, state: torch.Tensor,
+             accumulate: str, threads: int, grain: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    dx, state = torch.empty_like(x), state.clone()
+    assert native_grads.backward_exact_dw(x, dy, w, rms, recipe(x.shape[1], accumulate), dx, state,
+                                          exact=accumulate == "exact", threads=threads, grain=grain) == 0
+    return dx, state
+
+
+@pytest.mark.parametrize("rows,hidden", [(1, 4096), (31, 96), (32, 4097), (33, 64), (64, 4096), (100, 1),
+                                         (3000, 257)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_one_pass_gives_the_two_passes_bits(rows: int, hidden: int, threads: int) -> None:
+    x, dy, rms = rows_of(rows, hidden, rows + hidden, binades=8)
+    w = torch.rand(hidden, generator=torch.Generator().manual_seed(1)) + 0.5
+    state = start_state(hidden)
+    for weight, accumulate in ((w, "float"), (None, "float"), (w, "exact")):
+        dx2, s2 = two_passes(x, dy, weight, rms, state, accumulate)
+        dx1, s1 = one_pass(x, dy, weight, rms, state, accumulate, threads)
+        assert_bits_equal(dx1, dx2, f"dx {rows}x{hidden} {accumulate}")
+        assert torch.equal(s1, s2), f"state {rows}x{hidden} {accumulate}"
+        with torch.no_grad():  # and the torch form's state
+            torch_state = es.add_products_(state.clone(), dy, torch.div(x, rms))
+        assert torch.equal(s1, torch_state)
+
+
+def test_the_split_among_threads_does_not_change_the_state() -> None:
+    x, dy, rms = rows_of(3000, 384, 5, binades=40)  # third folds: the measured path too
+    state = start_state(384)
+    results = [one_pass(x, dy, None, rms, state, "float", threads, grain)
+               for threads, grain in ((1, 32), (2, 32), (2, 96), (4, 64))]
+    for dx, s in results[1:]:
+        assert_bits_equal(dx, results[0][0])
+        assert torch.equal(s, results[0][1])
+
+
+def test_negative_control_one_ulp_of_dy_changes_the_state() -> None:
+    x, dy, rms = rows_of(64, 256, 3)
+    state = start_state(256)
+    _, s1 = one_pass(x, dy, None, rms, state, "float", 2)
+    dy2 = dy.clone()
+    dy2[17, 100] = torch.nextafter(dy2[17, 100], torch.tensor(float("inf")))
+    _, s2 = one_pass(x, dy2, None, rms, state, "float", 2)
+    assert not torch.equal(s1, s2)
+
+
+def test_a_row_that_is_not_finite_adds_nothing() -> None:
+    x, dy, rms = rows_of(100, 128, 4)
+    dy[40, 3] = float("nan")
+    state = start_state(128)
+    after = state.clone()
+    bad = native_grads.backward_exact_dw(x, dy, None, rms, recipe(128), torch.empty_like(x), after, exact=False,
+                                         threads=2)
+    assert bad > 0 and torch.equal(after, state)
+    # the module then runs the two passes: its gradients are those of the torch-ops backend
+    grads = []
+    for names in (("native", "torch_ops"), ("torch_ops",)):
+        norm = tgn.RMSNorm(128, weight_grad="exact")
+        xx = x.clone().requires_grad_(True)
+        with tgn.backends.use(*names):
+            norm(xx).backward(dy)
+        assert xx.grad is not None and norm.weight.grad is not None
+        grads.append((xx.grad, norm.weight.grad))
+    assert_bits_equal(grads[0][0], grads[1][0])
+    assert_bits_equal(grads[0][1], grads[1][1])
+
+
+def test_overflow_is_an_error() -> None:
+    state = torch.zeros(EXACT_DIGITS + 3, 8, dtype=torch.int64)
+    state[EXACT_DIGITS - 1] = EXACT_TOP_LIMIT  # at the bound: one more unit passes it
+    x = torch.full((4, 8), 1.5 * 2.0**127)
+    dy = torch.full((4, 8), 1.5 * 2.0**127)
+    rms = torch.ones(4, 1)
+    with pytest.raises(ExactSumOverflowError):
+        native_grads.backward_exact_dw(x, dy, None, rms, recipe(8), None, state, exact=False)
+
+
+def test_bad_operands_are_clear_errors() -> None:
+    x, dy, rms = rows_of(4, 8, 0)
+    with pytest.raises(ValueError, match="state"):
+        native_grads.backward_exact_dw(x, dy, None, rms, recipe(8), None, torch.zeros(21, 8, dtype=torch.int64),
+                                       exact=False)
+    with pytest.raises(ValueError, match="fp32"):
+        native_grads.backward_exact_dw(x.double(), dy, None, rms, recipe(8), None,
+                                       torch.zeros(22, 8, dtype=torch.int64), exact=False)
+
+
+def test_the_module_takes_the_one_pass_and_micro_batches_keep_their_bits(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    real = registry.NativeBackend.backward_exact_dw
+
+    def spy(self: registry.NativeBackend, *args: object, **kwargs: object) -> bool:
+        done = real(self, *args, **kwargs)  # type: ignore[arg-type]
+        calls.append(done)
+        return done
+
+    monkeypatch.setattr(registry.NativeBackend, "backward_exact_dw", spy)
+    x, dy, _ = rows_of(2048, 512, 8, binades=6)
+    grads = []
+    for pieces in (1, 4, 16):
+        norm = tgn.RMSNorm(512, weight_grad="exact")
+        for part_x, part_dy in zip(x.chunk(pieces), dy.chunk(pieces)):
+            norm(part_x.requires_grad_(True)).backward(part_dy)
+        assert norm.weight.grad is not None
+        grads.append(norm.weight.grad.clone())
+    assert calls and all(calls)
+    for g in grads[1:]:
+        assert_bits_equal(g, grads[0])
+    float_norm = tgn.RMSNorm(512)  # negative control: the float weight gradient of 16 pieces differs
+    for part_x, part_dy in zip(x.chunk(16), dy.chunk(16)):
+        float_norm(part_x.requires_grad_(True)).backward(part_dy)
+    assert float_norm.weight.grad is not None
+    assert not torch.equal(float_norm.weight.grad.view(torch.int32), grads[0].view(torch.int32))
