@@ -29,7 +29,10 @@ from taskgraph_norm.errors import ConfigError, MissingDependencyError, Unsupport
 from taskgraph_norm.integrations import transformers as hf  # noqa: E402
 from taskgraph_norm.integrations import replace_rmsnorm, restore_rmsnorm, rmsnorm_replaced  # noqa: E402
 
+from . import hf_helpers  # noqa: E402
 from .helpers import bits_equal  # noqa: E402
+from .hf_helpers import Calls, assert_close_to_stock, assert_compiles_as_one_graph  # noqa: E402
+from .hf_helpers import assert_norms_batch_invariant, logits, rows_that_differ_alone  # noqa: E402
 
 BASE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)
@@ -66,11 +69,6 @@ def hf_norms(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if type(m).__name__.endswith("RMSNorm")]
 
 
-def logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    with torch.no_grad():
-        return model(ids, attention_mask=mask).logits  # type: ignore[no-any-return]
-
-
 def ids(batch: int = 3, length: int = 7, seed: int = 1) -> torch.Tensor:
     return torch.randint(3, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
 
@@ -101,12 +99,7 @@ def test_every_norm_is_replaced_and_the_parameters_stay(family: str) -> None:
 @pytest.mark.parametrize("family", list(CONFIGS))
 def test_logits_are_close_to_stock(family: str, dtype: torch.dtype) -> None:
     model = tiny(family, dtype)
-    x = ids()
-    stock = logits(model, x)
-    replace_rmsnorm(model)
-    ours = logits(model, x)
-    assert ours.dtype == stock.dtype == dtype
-    assert (ours.float() - stock.float()).abs().max().item() <= TOL[dtype]
+    assert_close_to_stock(model, replace_rmsnorm, ids(), dtype, TOL[dtype])
 
 
 def test_llama_mode_matters_in_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -237,25 +230,8 @@ def test_every_mapped_class_computes_like_its_family() -> None:
 # --- batch invariance ------------------------------------------------------------
 
 
-def norm_calls(model: nn.Module, x: torch.Tensor, mask: torch.Tensor | None = None) -> list[tuple[nn.Module, torch.Tensor, torch.Tensor]]:
-    """(module, input, output) of every norm call in one forward."""
-    calls: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []
-    handles = [m.register_forward_hook(lambda m, a, out: calls.append((m, a[0], out)))
-               for m in model.modules() if isinstance(m, tgn.RMSNorm) or type(m).__name__.endswith("RMSNorm")]
-    logits(model, x, mask)
-    for h in handles:
-        h.remove()
-    return calls
-
-
-def rows_that_differ_alone(calls: list[tuple[nn.Module, torch.Tensor, torch.Tensor]]) -> int:
-    """How many rows a norm gives other bits alone than it gave inside its batch."""
-    bad = 0
-    with torch.no_grad():
-        for module, inputs, outputs in calls:
-            xs, ys = inputs.reshape(-1, inputs.shape[-1]), outputs.reshape(-1, outputs.shape[-1])
-            bad += sum(not bits_equal(module(xs[i:i + 1]), ys[i:i + 1]) for i in range(xs.shape[0]))
-    return bad
+def norm_calls(model: nn.Module, x: torch.Tensor, mask: torch.Tensor | None = None) -> Calls:
+    return hf_helpers.norm_calls(model, x, mask, tgn.RMSNorm, "RMSNorm")
 
 
 class BatchDependentRMSNorm(nn.Module):
@@ -275,16 +251,7 @@ class BatchDependentRMSNorm(nn.Module):
 def test_norm_outputs_are_batch_invariant(family: str, dtype: torch.dtype) -> None:
     model = tiny(family, dtype)
     replace_rmsnorm(model)
-    x = ids(5, 9)
-    mask = torch.ones_like(x)
-    mask[1, 6:] = mask[3, 2:] = 0  # padded sequences too
-    for m in (None, mask):
-        calls = norm_calls(model, x, m)
-        assert len(calls) == len(hf_norms(tiny(family))) and rows_that_differ_alone(calls) == 0
-    # The same row alone through the whole model: the first norm sees the same embedding
-    # bits, so its output rows must match the batch's.
-    alone, batched = norm_calls(model, x[2:3]), norm_calls(model, x)
-    assert bits_equal(alone[0][2], batched[0][2][2:3])
+    assert_norms_batch_invariant(model, norm_calls, ids(5, 9), len(hf_norms(tiny(family))))
 
 
 def test_the_invariance_check_finds_a_batch_dependent_norm() -> None:
@@ -315,15 +282,4 @@ def test_the_model_is_as_batch_invariant_as_stock_or_more() -> None:
 def test_the_replaced_model_compiles_as_one_graph(family: str) -> None:
     model = tiny(family)
     replace_rmsnorm(model)
-    x = ids()
-
-    def forward() -> torch.Tensor:
-        return logits(model, x)
-
-    torch._dynamo.reset()
-    explained = torch._dynamo.explain(forward)()
-    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons[:1]
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    with torch.no_grad():
-        assert bits_equal(compiled(input_ids=x).logits, forward())
-    torch._dynamo.reset()
+    assert_compiles_as_one_graph(model, ids())

@@ -1,4 +1,4 @@
-"""RMSNorm over a hidden dim sharded across ranks, with the single-process bits.
+"""RMSNorm and LayerNorm over a hidden dim sharded across ranks, with the single-process bits.
 
 The ranks run the single-process merge graph, split by placement: chunks stay
 global, rank-local subtrees are merged where their chunks live, one all-gather
@@ -28,22 +28,34 @@ from .graph import distributed_plan as distributed_plan
 from .graph import even_shard_sizes as even_shard_sizes
 from .graph import shard_offsets as shard_offsets
 from .launch import run_local as run_local
+from .layer_api import layer_norm as layer_norm
+from .layer_api import layer_norm_sync as layer_norm_sync
+from .layer_graph import build_distributed_layer_graph as build_distributed_layer_graph
+from .layer_runtime import ShardedLayerPipeline as ShardedLayerPipeline
+from .layer_runtime import for_layer_shards as for_layer_shards
+from .module import LayerNorm as LayerNorm
 from .pipeline import ShardedPipeline as ShardedPipeline
 from .pipeline import for_shards as for_shards
 from .module import RMSNorm as RMSNorm
 
 __all__ = [
     "DistributedPlan",
+    "LayerNorm",
     "RMSNorm",
+    "ShardedLayerPipeline",
     "ShardedPipeline",
     "all_reduce_exact_grads",
     "build_distributed_graph",
+    "build_distributed_layer_graph",
     "build_naive_graph",
     "distributed_plan",
     "even_shard_sizes",
     "exact_parameters",
     "exclude_from_ddp",
+    "for_layer_shards",
     "for_shards",
+    "layer_norm",
+    "layer_norm_sync",
     "naive_normalize_sync",
     "normalize",
     "normalize_sync",

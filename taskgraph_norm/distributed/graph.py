@@ -28,7 +28,7 @@ a MAX all-reduce, a replicated SCALE and an ACCUMULATE all-reduce.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from .. import caches
@@ -158,9 +158,16 @@ def build_distributed_graph(
 
 @functools.lru_cache(maxsize=256)
 def _build_cached(single: Graph, sizes: tuple[int, ...]) -> Graph:
+    return place(single, sizes, _exact_nodes)
+
+
+def place(single: Graph, sizes: tuple[int, ...],
+          exact_nodes: Callable[[Graph, tuple[int, ...]], list[Node]]) -> Graph:
+    """``single`` with a placement on every node (float domain), or the cheap graph
+    ``exact_nodes`` builds (exact domain); ``meta`` gains the world size and shard sizes."""
     meta = dict(single.meta) | {"world_size": len(sizes), "shard_sizes": sizes}
     if single.meta["accumulate"] == "exact":
-        return validate(Graph(_exact_nodes(single, sizes), OUTPUT_ID, meta))
+        return validate(Graph(exact_nodes(single, sizes), OUTPUT_ID, meta))
     placed: dict[str, Placement] = {}
     nodes = []
     for node in single.nodes:
@@ -171,13 +178,16 @@ def _build_cached(single: Graph, sizes: tuple[int, ...]) -> Graph:
 
 
 def _float_placement(node: Node, placed: dict[str, Placement], sizes: Sequence[int]) -> Placement:
+    """A leaf (``SUMSQ``; LayerNorm's ``SUM`` too) where its chunk lies, or replicated when
+    a shard boundary cuts it; a merge where its operands all are, else replicated;
+    LayerNorm's ``MEAN`` replicated (every rank's variance leaves read it)."""
     if node.op in (Op.INPUT, Op.FINALIZE, Op.OUTPUT):
         return "sharded"
-    if node.op is Op.SUMSQ:
+    if node.op in (Op.SUMSQ, Op.SUM):
         owners = _owners(node.attrs["start"], node.attrs["stop"], sizes)
         return owners[0] if len(owners) == 1 else "replicated"
     operands = {placed[i] for i in node.inputs}
-    if len(operands) == 1 and isinstance(next(iter(operands)), int):
+    if node.op is not Op.MEAN and len(operands) == 1 and isinstance(next(iter(operands)), int):
         return next(iter(operands))
     return "replicated"
 

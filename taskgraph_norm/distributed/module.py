@@ -1,4 +1,5 @@
-"""``taskgraph_norm.distributed.RMSNorm``: RMSNorm over hidden states sharded across ranks."""
+"""``taskgraph_norm.distributed.RMSNorm`` and ``LayerNorm``: norms over hidden states
+sharded across ranks."""
 
 from __future__ import annotations
 
@@ -11,31 +12,14 @@ from torch import nn
 from ..errors import ConfigError
 from .api import normalize_sync
 from .graph import build_distributed_graph, even_shard_sizes
+from .layer_api import layer_norm_sync
 
-__all__ = ["RMSNorm"]
+__all__ = ["LayerNorm", "RMSNorm"]
 
 
-class RMSNorm(nn.Module):
-    """Tensor-parallel RMSNorm: each rank holds a contiguous shard of the hidden dim.
-
-    The result is bit-identical to :class:`taskgraph_norm.RMSNorm` on the full hidden
-    states with the same options, at every world size.  ``weight`` is this rank's
-    shard ``(shard_size,)``; :meth:`load_full_weight` copies it out of a full weight.
-
-    Parameters
-    ----------
-    hidden_size:
-        The global hidden size ``D``.
-    shard_size:
-        This rank's share of ``D``; None: ``torch.tensor_split``'s even split
-        (:func:`even_shard_sizes`).  Uneven and empty shards work.
-    eps, elementwise_affine, device, dtype:
-        As in :class:`torch.nn.RMSNorm`.
-    group:
-        The process group over which the hidden dim is split (None: the default group).
-    topology, chunk_size, leaf, accumulate:
-        The merge graph, as in :func:`taskgraph_norm.build_graph`.
-    """
+class _ShardedNorm(nn.Module):
+    """A norm over hidden states whose hidden dim is split across ``group``: the shard
+    sizes, the weight's slice and the first call's agreement (see :class:`RMSNorm`)."""
 
     def __init__(
         self,
@@ -77,11 +61,16 @@ class RMSNorm(nn.Module):
 
     def load_full_weight(self, weight: torch.Tensor) -> None:
         """Copy this rank's slice of a full ``(hidden_size,)`` weight into ``self.weight``."""
-        if self.weight is None:
-            raise ConfigError("elementwise_affine", False, "True to load a weight")
+        self._load_slice("weight", weight)
+
+    def _load_slice(self, name: str, full: torch.Tensor) -> None:
+        mine = getattr(self, name)
+        if mine is None:
+            raise ConfigError("elementwise_affine" if name == "weight" else "bias", False,
+                              f"True to load a {name}")
         start = self.offset()
         with torch.no_grad():
-            self.weight.copy_(weight[start:start + self.shard_size])
+            mine.copy_(full[start:start + self.shard_size])
 
     def _sizes(self) -> tuple[int, ...]:
         if self._shard_sizes is None:
@@ -97,15 +86,84 @@ class RMSNorm(nn.Module):
         # The first call checks, on every rank together, that the calls fit; later
         # calls reuse the shard sizes and skip that exchange.
         first = self._shard_sizes is None
-        y = normalize_sync(
-            x_shard, self.weight, hidden_size=self.hidden_size, group=self.group,
-            eps=self.eps, shard_sizes=None if first else self._shard_sizes, **self.options,
-        )
+        y = self._norm(x_shard, None if first else self._shard_sizes)
         if first:
             self._sizes()
         return y
+
+    def _norm(self, x_shard: torch.Tensor, sizes: tuple[int, ...] | None) -> torch.Tensor:
+        raise NotImplementedError
 
     def extra_repr(self) -> str:
         return (f"{self.hidden_size}, shard_size={self.shard_size}, eps={self.eps}, "
                 f"elementwise_affine={self.elementwise_affine}, "
                 + ", ".join(f"{k}={v!r}" for k, v in self.options.items()))
+
+
+class RMSNorm(_ShardedNorm):
+    """Tensor-parallel RMSNorm: each rank holds a contiguous shard of the hidden dim.
+
+    The result is bit-identical to :class:`taskgraph_norm.RMSNorm` on the full hidden
+    states with the same options, at every world size.  ``weight`` is this rank's
+    shard ``(shard_size,)``; :meth:`load_full_weight` copies it out of a full weight.
+
+    Parameters
+    ----------
+    hidden_size:
+        The global hidden size ``D``.
+    shard_size:
+        This rank's share of ``D``; None: ``torch.tensor_split``'s even split
+        (:func:`even_shard_sizes`).  Uneven and empty shards work.
+    eps, elementwise_affine, device, dtype:
+        As in :class:`torch.nn.RMSNorm`.
+    group:
+        The process group over which the hidden dim is split (None: the default group).
+    topology, chunk_size, leaf, accumulate:
+        The merge graph, as in :func:`taskgraph_norm.build_graph`.
+    """
+
+    def _norm(self, x_shard: torch.Tensor, sizes: tuple[int, ...] | None) -> torch.Tensor:
+        return normalize_sync(x_shard, self.weight, hidden_size=self.hidden_size, group=self.group,
+                              eps=self.eps, shard_sizes=sizes, **self.options)
+
+
+class LayerNorm(_ShardedNorm):
+    """Tensor-parallel LayerNorm: each rank holds a contiguous shard of the hidden dim.
+
+    Bit-identical to :class:`taskgraph_norm.LayerNorm` on the full hidden states with
+    the same options, at every world size.  ``weight`` and ``bias`` are this rank's
+    shards ``(shard_size,)``; :meth:`load_full_weight` and :meth:`load_full_bias` copy
+    them out of full ones.  Arguments as :class:`RMSNorm` (``eps=1e-5`` by default),
+    plus ``bias`` (as in :class:`torch.nn.LayerNorm`).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        shard_size: int | None = None,
+        eps: float = 1e-5,
+        elementwise_affine: bool = True,
+        bias: bool = True,
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+        *,
+        group: Any = None,
+        topology: str = "tree",
+        chunk_size: int = 64,
+        leaf: str = "pairwise",
+        accumulate: str = "float",
+    ) -> None:
+        super().__init__(hidden_size, shard_size, eps, elementwise_affine, device, dtype, group=group,
+                         topology=topology, chunk_size=chunk_size, leaf=leaf, accumulate=accumulate)
+        if elementwise_affine and bias:
+            self.bias = nn.Parameter(torch.zeros(self.shard_size, device=device, dtype=dtype))
+        else:
+            self.register_parameter("bias", None)
+
+    def load_full_bias(self, bias: torch.Tensor) -> None:
+        """Copy this rank's slice of a full ``(hidden_size,)`` bias into ``self.bias``."""
+        self._load_slice("bias", bias)
+
+    def _norm(self, x_shard: torch.Tensor, sizes: tuple[int, ...] | None) -> torch.Tensor:
+        return layer_norm_sync(x_shard, self.weight, self.bias, hidden_size=self.hidden_size, group=self.group,
+                               eps=self.eps, shard_sizes=sizes, **self.options)

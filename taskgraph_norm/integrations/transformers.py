@@ -1,4 +1,6 @@
-"""Swap a Hugging Face ``transformers`` model's RMSNorm modules for :class:`taskgraph_norm.RMSNorm`.
+"""Swap a Hugging Face ``transformers`` model's norm modules for :class:`taskgraph_norm.RMSNorm`
+(:func:`replace_rmsnorm`) and :class:`taskgraph_norm.LayerNorm` (:func:`replace_norms`,
+which swaps both kinds in one call).
 
 Each supported norm class belongs to a :class:`NormFamily`: the casting mode and
 weight offset that reproduce its arithmetic (docs/model.md lists them and what
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import importlib
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -25,14 +27,20 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, MissingDependencyError, UnsupportedNormError
+from ..layernorm import LayerNorm
 from ..module import RMSNorm
+from .hf_layernorm import LAYER_OPTIONS, is_layer_norm, layer_norm_replacement, restore_layer_norm, why_not_layer_norm
+from .swap import adopt, class_path, original_of, skipped, slots
 
 __all__ = [
-    "FAMILIES", "NormFamily", "register_norm_class", "replace_rmsnorm", "restore_rmsnorm",
-    "rmsnorm_replaced",
+    "FAMILIES", "NormFamily", "norms_replaced", "register_norm_class", "replace_norms", "replace_rmsnorm",
+    "restore_norms", "restore_rmsnorm", "rmsnorm_replaced",
 ]
 
 HF_EXTRA = "pip install 'taskgraph-norm[hf]'"
+
+#: Our own modules: left alone by every replace.
+_OURS = (RMSNorm, LayerNorm)
 
 
 @dataclass(frozen=True)
@@ -86,20 +94,6 @@ FAMILIES: dict[str, NormFamily] = {
 #: RMSNorms, ...).  Containers such as ``...LayerNormConvLayer`` do not match.
 _NORM_NAME = re.compile(r"(rms|layer)_?norm\w{0,5}$", re.IGNORECASE)
 
-#: Where a replacement keeps the module it replaced (a plain attribute, so it is not a
-#: submodule: no state_dict keys, not moved by ``.to()``).
-_ORIGINAL = "_tgn_replaced_module"
-
-#: Forward hooks travel with the module: the replacement shares the original's dicts,
-#: so a hook registered on either (and its handle) keeps working.
-_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
-               "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
-
-
-def _class_path(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
 def register_norm_class(cls: type[nn.Module], family: NormFamily) -> None:
     """Map ``cls`` (exactly this class, not its subclasses) to ``family``.
 
@@ -113,7 +107,7 @@ def register_norm_class(cls: type[nn.Module], family: NormFamily) -> None:
         one :class:`~taskgraph_norm.RMSNorm`).
     """
     RMSNorm(8, casting_mode=family.casting_mode, offset=family.offset, device="meta")
-    FAMILIES[_class_path(cls)] = family
+    FAMILIES[class_path(cls)] = family
 
 
 def _require_transformers() -> None:
@@ -125,7 +119,7 @@ def _require_transformers() -> None:
 
 
 def _family(module: nn.Module) -> NormFamily | None:
-    return FAMILIES.get(_class_path(type(module)))
+    return FAMILIES.get(class_path(type(module)))
 
 
 def _looks_like_norm(module: nn.Module) -> bool:
@@ -133,28 +127,11 @@ def _looks_like_norm(module: nn.Module) -> bool:
     class (a subclass may compute otherwise, so it is refused unless mapped itself)."""
     return (isinstance(module, (nn.LayerNorm, nn.RMSNorm))
             or _NORM_NAME.search(type(module).__name__) is not None
-            or any(_class_path(c) in FAMILIES for c in type(module).__mro__))
+            or any(class_path(c) in FAMILIES for c in type(module).__mro__))
 
 
-def _slots(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, nn.Module]]:
-    """``(name, parent, attribute, child)`` for every submodule in ``named_modules``
-    order, a shared module once per place it is held."""
-    seen: dict[str, nn.Module] = {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        seen[name] = module
-        if name:
-            parent, _, attr = name.rpartition(".")
-            yield name, seen[parent], attr, module
-
-
-def _skipped(name: str, skip: tuple[str, ...]) -> bool:
-    return any(name == s or name.startswith(s + ".") for s in skip)
-
-
-def _why_not(module: nn.Module, family: NormFamily | None) -> str | None:
+def _why_not(module: nn.Module, family: NormFamily) -> str | None:
     """Why ``module`` cannot be replaced exactly, or ``None`` when it can."""
-    if family is None:
-        return "no casting mode is known to reproduce this class (register_norm_class maps one)"
     if "forward" in vars(module):
         return "its forward is wrapped on the instance (an accelerate device_map or offload hook?)"
     weight = getattr(module, "weight", None)
@@ -175,11 +152,51 @@ def _replacement(module: nn.Module, family: NormFamily, options: dict[str, Any])
                   device="meta", casting_mode=family.casting_mode, offset=family.offset, **options)
     if weight is not None:
         new.weight = weight  # the same Parameter: optimizer state and ties keep working
-    new.train(module.training)
-    for hooks in _HOOK_DICTS:
-        object.__setattr__(new, hooks, getattr(module, hooks))
-    object.__setattr__(new, _ORIGINAL, module)
+    adopt(new, module)
     return new
+
+
+def _plan(child: nn.Module, options: dict[str, Any], layer: bool) -> tuple[str | None, Callable[[], nn.Module]]:
+    """Why ``child`` cannot be replaced (``None`` when it can), and how to build its replacement."""
+    if layer and is_layer_norm(child):
+        return why_not_layer_norm(child), lambda: layer_norm_replacement(child, options)
+    family = _family(child)
+    if family is None:
+        if is_layer_norm(child):
+            return "a torch.nn.LayerNorm: replace_norms swaps LayerNorms as well as RMSNorms", nn.Identity
+        return "no casting mode is known to reproduce this class (register_norm_class maps one)", nn.Identity
+    return _why_not(child, family), lambda: _replacement(child, family, options)
+
+
+def _replace(model: nn.Module, skip: Iterable[str], options: dict[str, Any], layer: bool) -> list[str]:
+    """:func:`replace_rmsnorm` (``layer=False``) or :func:`replace_norms` (``layer=True``)."""
+    _require_transformers()
+    for name in ("casting_mode", "offset"):
+        if name in options:
+            raise ConfigError(name, options[name], "no value: each norm class's family sets it")
+    skip_names = tuple(skip)
+    if _looks_like_norm(model) and not isinstance(model, _OURS):
+        raise UnsupportedNormError([("<model>", class_path(type(model)), "the model itself is a norm; "
+                                     "replace it by assignment in its parent")])
+    found: list[tuple[str, nn.Module, str, nn.Module, Callable[[], nn.Module]]] = []
+    refused: list[tuple[str, str, str]] = []
+    for name, parent, attr, child in slots(model):
+        if isinstance(child, _OURS) or skipped(name, skip_names) or not _looks_like_norm(child):
+            continue
+        reason, build = _plan(child, options, layer)
+        if reason is not None:
+            refused.append((name, class_path(type(child)), reason))
+        else:
+            found.append((name, parent, attr, child, build))
+    if refused:
+        raise UnsupportedNormError(refused, "leave a part of the model as it is with skip=[name, ...]")
+    made: dict[int, nn.Module] = {}
+    for _, _, _, child, build in found:  # build all first: a bad option fails before any swap
+        if id(child) not in made:
+            made[id(child)] = build()
+    for _, parent, attr, child, _ in found:
+        setattr(parent, attr, made[id(child)])
+    return [name for name, *_ in found]
 
 
 def replace_rmsnorm(model: nn.Module, *, skip: Iterable[str] = (), **options: Any) -> list[str]:
@@ -209,7 +226,8 @@ def replace_rmsnorm(model: nn.Module, *, skip: Iterable[str] = (), **options: An
     -------
     list[str]
         The replaced modules' names (a module held in two places is named twice).
-        Norms that already are :class:`~taskgraph_norm.RMSNorm` are left alone.
+        Norms that already are :class:`~taskgraph_norm.RMSNorm` or
+        :class:`~taskgraph_norm.LayerNorm` are left alone.
 
     Raises
     ------
@@ -220,36 +238,53 @@ def replace_rmsnorm(model: nn.Module, *, skip: Iterable[str] = (), **options: An
     UnsupportedNormError
         naming every norm-like module (a class whose name ends in ``RMSNorm`` or
         ``LayerNorm``, or any ``nn.LayerNorm``/``nn.RMSNorm``) that has no
-        mapping or cannot be swapped safely; nothing is replaced.
+        mapping or cannot be swapped safely (a ``torch.nn.LayerNorm`` included:
+        :func:`replace_norms` swaps those too); nothing is replaced.
     """
-    _require_transformers()
-    for name in ("casting_mode", "offset"):
-        if name in options:
-            raise ConfigError(name, options[name], "no value: each norm class's family sets it")
-    skipped = tuple(skip)
-    if _looks_like_norm(model) and not isinstance(model, RMSNorm):
-        raise UnsupportedNormError([("<model>", _class_path(type(model)), "the model itself is a norm; "
-                                     "replace it by assignment in its parent")])
-    found: list[tuple[str, nn.Module, str, nn.Module, NormFamily]] = []
-    refused: list[tuple[str, str, str]] = []
-    for name, parent, attr, child in _slots(model):
-        if isinstance(child, RMSNorm) or _skipped(name, skipped) or not _looks_like_norm(child):
+    return _replace(model, skip, options, layer=False)
+
+
+def replace_norms(model: nn.Module, *, skip: Iterable[str] = (), **options: Any) -> list[str]:
+    """:func:`replace_rmsnorm` that swaps ``torch.nn.LayerNorm`` modules too, in one call.
+
+    Every mapped RMSNorm becomes a :class:`~taskgraph_norm.RMSNorm` (as
+    :func:`replace_rmsnorm` makes it) and every ``torch.nn.LayerNorm`` (the class
+    itself, not a subclass) a :class:`~taskgraph_norm.LayerNorm` holding the same
+    weight and bias Parameters and eps.  All or nothing, as :func:`replace_rmsnorm`:
+    any other norm-like module is refused and nothing is replaced.
+
+    ``options`` go to every replacement, so only the options both modules take:
+    ``topology``, ``chunk_size``, ``leaf``, ``accumulate``, ``weight_grad``.
+
+    Raises
+    ------
+    TypeError
+        for another option.
+    MissingDependencyError, ConfigError, UnsupportedNormError
+        as :func:`replace_rmsnorm`.
+    """
+    for name in options:
+        if name not in LAYER_OPTIONS and name not in ("casting_mode", "offset"):
+            raise TypeError(f"replace_norms() got an unexpected keyword argument {name!r} "
+                            f"(options: {', '.join(LAYER_OPTIONS)})")
+    return _replace(model, skip, options, layer=True)
+
+
+def _restore(model: nn.Module, kinds: tuple[type[nn.Module], ...]) -> list[str]:
+    restored: list[str] = []
+    for name, parent, attr, child in list(slots(model)):
+        original = original_of(child)
+        if original is None or not isinstance(child, kinds):
             continue
-        family = _family(child)
-        reason = _why_not(child, family)
-        if reason is not None or family is None:
-            refused.append((name, _class_path(type(child)), reason or ""))
+        if isinstance(child, LayerNorm):
+            restore_layer_norm(child, original)
         else:
-            found.append((name, parent, attr, child, family))
-    if refused:
-        raise UnsupportedNormError(refused, "leave a part of the model as it is with skip=[name, ...]")
-    made: dict[int, RMSNorm] = {}
-    for _, _, _, child, family in found:  # build all first: a bad option fails before any swap
-        if id(child) not in made:
-            made[id(child)] = _replacement(child, family, options)
-    for _, parent, attr, child, _ in found:
-        setattr(parent, attr, made[id(child)])
-    return [name for name, *_ in found]
+            if child.weight is not None:
+                original.weight = child.weight
+            original.train(child.training)
+        setattr(parent, attr, original)
+        restored.append(name)
+    return restored
 
 
 def restore_rmsnorm(model: nn.Module) -> list[str]:
@@ -258,19 +293,16 @@ def restore_rmsnorm(model: nn.Module) -> list[str]:
     The original gets the replacement's current weight Parameter (the same object
     unless something swapped it since, e.g. ``load_state_dict(assign=True)``) and
     training mode.  Returns the restored modules' names; other
-    :class:`~taskgraph_norm.RMSNorm` modules stay.
+    :class:`~taskgraph_norm.RMSNorm` modules (and every LayerNorm) stay.
     """
-    restored: list[str] = []
-    for name, parent, attr, child in list(_slots(model)):
-        original = vars(child).get(_ORIGINAL)
-        if not isinstance(child, RMSNorm) or not isinstance(original, nn.Module):
-            continue
-        if child.weight is not None:
-            original.weight = child.weight
-        original.train(child.training)
-        setattr(parent, attr, original)
-        restored.append(name)
-    return restored
+    return _restore(model, (RMSNorm,))
+
+
+def restore_norms(model: nn.Module) -> list[str]:
+    """Put back every module :func:`replace_norms` (or :func:`replace_rmsnorm`) replaced:
+    RMSNorms as :func:`restore_rmsnorm` does, LayerNorms with the replacement's current
+    weight and bias Parameters."""
+    return _restore(model, _OURS)
 
 
 @contextmanager
@@ -282,3 +314,13 @@ def rmsnorm_replaced(model: nn.Module, *, skip: Iterable[str] = (), **options: A
         yield names
     finally:
         restore_rmsnorm(model)
+
+
+@contextmanager
+def norms_replaced(model: nn.Module, *, skip: Iterable[str] = (), **options: Any) -> Iterator[list[str]]:
+    """:func:`replace_norms` on entry, :func:`restore_norms` on exit (even on an error)."""
+    names = replace_norms(model, skip=skip, **options)
+    try:
+        yield names
+    finally:
+        restore_norms(model)

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 
 from ..graph import Graph
 from .conclusions import Reading, read_graph
+from .layer import read_any
 
 __all__ = ["ASSUME_COLLECTIVES", "read_placement"]
 
@@ -68,7 +69,7 @@ def read_placement(graph: Graph, reading: Reading, rule: str) -> tuple[bool | No
 
 
 def _single_process_expression(meta: Mapping[str, object]) -> str | None:
-    from ..topologies import ACCUMULATES, LEAVES, TOPOLOGIES, build_graph
+    from ..topologies import ACCUMULATES, LEAVES, TOPOLOGIES, build_graph, build_layer_graph
 
     try:
         hidden, chunk = meta["hidden_size"], meta["chunk_size"]
@@ -78,6 +79,10 @@ def _single_process_expression(meta: Mapping[str, object]) -> str | None:
     if (topology not in TOPOLOGIES or leaf not in LEAVES or accumulate not in ACCUMULATES
             or not isinstance(hidden, int) or not isinstance(chunk, int)):
         return None
+    if meta.get("norm") == "layer":  # LayerNorm's reading: both reductions' expression
+        layer = build_layer_graph(hidden, chunk_size=chunk, topology=str(topology), leaf=str(leaf),
+                                  accumulate=str(accumulate))
+        return read_any(layer).expression
     single = build_graph(hidden, chunk_size=chunk, topology=str(topology), leaf=str(leaf),
                          accumulate=str(accumulate))
     return read_graph(single).expression

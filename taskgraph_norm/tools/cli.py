@@ -44,7 +44,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
     config = ReportConfig(
         shape=args.shape, dtype=args.dtype, seed=args.seed, chunk_size=args.chunk_size,
-        leaf=args.leaf, repeats=args.repeats,
+        leaf=args.leaf, repeats=args.repeats, norm=args.norm,
     )
     rows, text = run_report(config, stream=sys.stdout)
     if args.out is not None:
@@ -127,9 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = sub.add_parser(
         "report", formatter_class=_HelpFormatter, help="run every row of the original report and print one table",
-        description="Run every RMSNorm system of the original report on one input and "
-        "print time, run-to-run and batch-size invariance, and accuracy.",
+        description="Run every RMSNorm system of the original report (or, with --norm layer, "
+        "LayerNorm's rows) on one input and print time, run-to-run and batch-size invariance, "
+        "and accuracy.",
     )
+    report.add_argument("--norm", choices=("rms", "layer"), default="rms",
+                        help="which norm's rows: RMSNorm's (the original report) or LayerNorm's")
     report.add_argument("--shape", type=_shape, default="4x256x4096",
                         help="input shape; the last dimension is normalised")
     report.add_argument("--dtype", choices=("float32", "float64", "float16", "bfloat16"),

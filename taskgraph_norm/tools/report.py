@@ -43,43 +43,24 @@ from ..executors import run_concurrent, run_reference
 from ..pipeline import for_graph
 from ..executors.concurrent.trace import Trace
 from ..graph import Graph
-from ..prover import prove
 from ..testing import bits_equal
 from ..topologies import build_graph
 from .progress import ProgressBar, progress_bar
-from .report_timing import RoundTimes, max_abs, time_rounds
+from .report_rows import DTYPES, ReportConfig, ReportRow, check_effort, format_table, measure_row, ulp_error, with_best
+from .report_timing import RoundTimes, time_rounds
 
 __all__ = [
     "ReportConfig",
     "ReportRow",
     "SYSTEMS",
     "format_table",
+    "fp64_reference",
     "measure_rows",
     "report_text",
     "run_report",
     "traced_run",
+    "ulp_error",
 ]
-
-DTYPES = {
-    "float32": torch.float32,
-    "float64": torch.float64,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
-_MANTISSA_BITS = {torch.float32: 24, torch.float64: 53, torch.float16: 11, torch.bfloat16: 8}
-
-
-@dataclass(frozen=True)
-class ReportConfig:
-    """What to run: the input and the measurement effort."""
-
-    shape: tuple[int, ...] = (4, 256, 4096)
-    dtype: str = "float32"
-    seed: int = 0
-    chunk_size: int = 64
-    leaf: str = "pairwise"
-    repeats: int = 40
-
 
 @dataclass(frozen=True)
 class System:
@@ -105,50 +86,11 @@ SYSTEMS: tuple[System, ...] = (
 )
 
 
-@dataclass(frozen=True)
-class ReportRow:
-    """The measured facts of one system on one input."""
-
-    name: str
-    topology: str
-    executor: str
-    median_ms: float
-    run_spread: float
-    diff_vs_standard: float
-    batch_invariant: bool
-    max_abs_err: float
-    max_ulp_err: float
-    accumulate: str = "float"
-    proved: str = ""
-    agrees: bool = True
-    #: How the time was taken: ``"out="`` (into a preallocated output),
-    #: ``"fresh output"``, or for ``standard`` the faster of torch's two eager
-    #: kernels in this run: ``"with weight"`` or ``"without weight"``.
-    timed: str = ""
-    #: ``standard`` only: the median ms of the other (slower) of the two kernels.
-    slower_kernel_ms: float | None = None
-    #: Median over rounds of standard's time / this row's time in the same round.
-    speedup: float = 1.0
-
-
 def fp64_reference(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     """RMSNorm computed in fp64 throughout (the accuracy yardstick)."""
     x64 = x.double()
     y = x64 / torch.sqrt(x64.square().mean(-1, keepdim=True) + eps)
     return y if weight is None else y * weight.double()
-
-
-def ulp_error(y: torch.Tensor, ref64: torch.Tensor) -> float:
-    """Largest ``|y - ref| / ulp(ref)`` in ``y``'s format (subnormals use their fixed spacing)."""
-    if y.numel() == 0:
-        return 0.0
-    _, exponent = torch.frexp(ref64)
-    ulp = torch.ldexp(torch.ones_like(ref64), exponent - _MANTISSA_BITS[y.dtype])
-    info = torch.finfo(y.dtype)
-    ulp = torch.clamp(ulp, min=info.smallest_normal * info.eps)
-    err = (y.double() - ref64).abs() / ulp
-    finite = torch.isfinite(err)
-    return float(err[finite].max()) if bool(finite.any()) else 0.0
 
 
 class _Runner:
@@ -224,20 +166,6 @@ def traced_run(
     return traces[0]
 
 
-def _batch_invariant(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, full: torch.Tensor, seed: int) -> bool:
-    """Rows alone, a small prefix batch and a shuffled full batch all match ``full``."""
-    rows = x.shape[0]
-    probe = sorted({0, rows // 2, rows - 1})
-    for r in probe:
-        if not bits_equal(run(x[r : r + 1]), full[r : r + 1]):
-            return False
-    prefix = min(rows, 7)
-    if not bits_equal(run(x[:prefix]), full[:prefix]):
-        return False
-    perm = torch.randperm(rows, generator=torch.Generator().manual_seed(seed))
-    return bits_equal(run(x[perm]), full[perm])
-
-
 #: The standard row's second timing: torch's unweighted kernel.
 _UNWEIGHTED = "standard, unweighted"
 
@@ -255,46 +183,6 @@ def _time_interleaved(runners: list[_Runner], x2: torch.Tensor, repeats: int, ba
     return time_rounds(methods, repeats, observed=[run.system.name for run in runners], bar=bar)
 
 
-def _measure(
-    run: _Runner, x2: torch.Tensor, timing: RoundTimes, config: ReportConfig,
-    standard: torch.Tensor, ref64: torch.Tensor,
-) -> ReportRow:
-    seen = timing.observed[run.system.name]
-    assert seen.first is not None
-    first = seen.first
-    baseline = timing.fastest("standard", _UNWEIGHTED)
-    seconds = timing.median(run.system.name)
-    speedup = timing.speedup(run.system.name, over=baseline)
-    timed, slower = "out=" if run.compiled else "fresh output", None
-    if run.eager:
-        unweighted = timing.median(_UNWEIGHTED)
-        timed = "without weight" if baseline == _UNWEIGHTED else "with weight"
-        seconds, slower = min(seconds, unweighted), max(seconds, unweighted) * 1e3
-        speedup = 1.0
-    proof = prove(run.graph)
-    invariant = _batch_invariant(run, x2, first, config.seed)
-    # A certificate contradicted by a measurement is a bug, never a footnote.
-    agrees = not (proof.deterministic and not seen.same_bits) and not (proof.batch_invariant and not invariant)
-    system = run.system
-    return ReportRow(
-        name=system.name,
-        topology=system.topology,
-        executor=run.executor,
-        median_ms=seconds * 1e3,
-        run_spread=seen.spread,
-        diff_vs_standard=max_abs(first, standard),
-        batch_invariant=invariant,
-        max_abs_err=max_abs(first, ref64),
-        max_ulp_err=ulp_error(first, ref64),
-        accumulate=system.accumulate,
-        proved=proof.summary,
-        agrees=agrees,
-        timed=timed,
-        slower_kernel_ms=slower,
-        speedup=speedup,
-    )
-
-
 def make_input(config: ReportConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """The report's seeded input ``x`` and weight (weight ~ 1 + N(0, 0.1))."""
     gen = torch.Generator().manual_seed(config.seed)
@@ -305,13 +193,17 @@ def make_input(config: ReportConfig) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def measure_rows(config: ReportConfig) -> list[ReportRow]:
-    """Run every system of :data:`SYSTEMS` plus the best certified one; return the rows."""
+    """Run every system of :data:`SYSTEMS` plus the best certified one; return the rows
+    (``config.norm == "layer"``: LayerNorm's rows, :mod:`.report_layer`)."""
+    if config.norm == "layer":
+        from .report_layer import measure_layer_rows
+
+        return measure_layer_rows(config)
+    if config.norm != "rms":
+        raise ConfigError("norm", config.norm, "'rms' or 'layer'")
     x, weight = make_input(config)
     check_input(x, (x.shape[-1],), weight)
-    if x.numel() == 0:
-        raise ConfigError("shape", config.shape, "a shape with no zero dimension")
-    if isinstance(config.repeats, bool) or not isinstance(config.repeats, int) or config.repeats < 1:
-        raise ConfigError("repeats", config.repeats, "an integer >= 1 (timed rounds)")
+    check_effort(config, x)
     x2 = x.reshape(-1, x.shape[-1])
     eps = kernels.default_eps(x.dtype)
     standard = kernels.rms_norm_standard(x2, x2.shape[-1], eps, weight)
@@ -325,57 +217,21 @@ def measure_rows(config: ReportConfig) -> list[ReportRow]:
         rows: list[ReportRow] = []
         for run in runners:
             bar.set_postfix_str(f"checking {run.system.name}")
-            rows.append(_measure(run, x2, timing, config, standard, ref64))
+            rows.append(measure_row(run, x2, timing, config.seed, standard, ref64, ("standard", _UNWEIGHTED)))
             bar.update()
-    # "Best certified": the fastest row the prover certifies (deterministic and
-    # batch-invariant), among those whose measurements agree with the certificate.
-    candidates = [r for r in rows if r.proved.startswith("certified") and r.agrees]
-    if candidates:
-        best = max(candidates, key=lambda r: r.speedup)
-        rows.append(
-            ReportRow(**{**best.__dict__, "name": f"best: {best.name}"})
-        )
     # Sanity: our graphs must agree with normalize_sync, the public path.
     if not bits_equal(normalize_sync(x2, weight, topology="tree", chunk_size=config.chunk_size, leaf=config.leaf),
                       run_reference(build_graph(x2.shape[-1], chunk_size=config.chunk_size, topology="tree", leaf=config.leaf), x2, weight, eps)):
         raise RuntimeError("normalize_sync disagrees with the reference executor: this is a bug")
-    return rows
-
-
-_HEADERS = (
-    "system", "graph", "executor", "median ms", "run-to-run max diff",
-    "max diff vs standard", "batch-invariant (measured)", "proved", "max abs err vs fp64",
-    "max ULP err",
-)
-
-
-def format_table(rows: list[ReportRow]) -> str:
-    """A Markdown table of the rows (aligned, readable as plain text too)."""
-    cells = [
-        (
-            r.name, r.topology if r.accumulate == "float" else f"{r.topology}, {r.accumulate}",
-            r.executor, f"{r.median_ms:.3f}", f"{r.run_spread:.2e}",
-            f"{r.diff_vs_standard:.2e}", "yes" if r.batch_invariant else "NO",
-            r.proved if r.agrees else f"CONTRADICTED: {r.proved}",
-            f"{r.max_abs_err:.2e}", f"{r.max_ulp_err:.2f}",
-        )
-        for r in rows
-    ]
-    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(_HEADERS)]
-
-    def line(values: tuple[str, ...]) -> str:
-        return "| " + " | ".join(v.ljust(w) for v, w in zip(values, widths)) + " |"
-
-    out = [line(_HEADERS), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-    out += [line(c) for c in cells]
-    return "\n".join(out)
+    return with_best(rows)
 
 
 def report_text(config: ReportConfig, rows: list[ReportRow]) -> str:
     """The report as printed: a header line, the table, how rows were timed and the verdict lines."""
     from ..backends.native.loader import describe
     lines = [
-        f"taskgraph-norm report: input {'x'.join(map(str, config.shape))} {config.dtype}, "
+        f"taskgraph-norm report ({'LayerNorm' if config.norm == 'layer' else 'RMSNorm'}): input "
+        f"{'x'.join(map(str, config.shape))} {config.dtype}, "
         f"seed {config.seed}, chunk_size {config.chunk_size}, leaf {config.leaf}, "
         f"median of {config.repeats} interleaved rounds (each round runs every row once), "
         f"torch {torch.__version__} ({torch.get_num_threads()} threads); {describe()}",
@@ -384,8 +240,13 @@ def report_text(config: ReportConfig, rows: list[ReportRow]) -> str:
     ]
     standard = next(r for r in rows if r.topology == "standard")
     fresh = [r.name for r in rows if r.timed != "out=" and not r.name.startswith("best: ")]
+    torch_op = "F.layer_norm" if config.norm == "layer" else "F.rms_norm"
     lines += [
         "",
+        "standard is torch's eager F.layer_norm with the weight and bias; the rows other than linear and "
+        "tree are timed in 2 rounds of their own beside standard (their ratios are to standard in "
+        "those rounds); ULP errors are in ulps of max(|x * w / den|, |x_hat * w|), where the result "
+        "rounds." if config.norm == "layer" else
         f"standard is torch's eager F.rms_norm, timed as the faster of its kernels with and "
         f"without weight in the same rounds: {standard.timed} ({standard.median_ms:.3f} ms; "
         f"the other {standard.slower_kernel_ms or 0:.3f} ms); its bits and errors are the weighted call's.",
@@ -397,7 +258,8 @@ def report_text(config: ReportConfig, rows: list[ReportRow]) -> str:
     if best is not None:
         lines += ["", f"best certified configuration: {best.name[6:]} ({best.proved}, executor "
                   f"{best.executor}), {best.speedup:.2f}x the speed of "
-                  f"standard (torch eager F.rms_norm {standard.timed}) on this input "
+                  f"standard (torch eager {torch_op}{'' if config.norm == 'layer' else ' ' + standard.timed}) "
+                  "on this input "
                   f"(median over the rounds of standard's time / its time in the same round; "
                   f"ratio of the medians: {standard.median_ms / best.median_ms:.2f}x)"]
     if not all(r.agrees for r in rows):
