@@ -1,0 +1,47 @@
+"""The gate's elementwise numerics: ``silu`` with the same bits wherever an element sits.
+
+torch's own ``F.silu`` (and ``torch.sigmoid``) give an element different bits on the
+vectorised path than on the scalar tail a loop ends with (``exp_u20`` against
+``std::exp``: about 4% of fp32 elements), and where a loop's tail falls depends on
+the tensor's size and the thread count: a gated row's bits would then depend on the
+batch.  :func:`silu` evaluates ``g / (1 + exp(-g))`` in fp64 from additions,
+multiplications, one division and an exponent built from bits, all correctly rounded
+IEEE operations, and rounds the result once: the same bits for an element wherever
+it is and however the loop is split (``tests/test_gated.py``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["EXP_TERMS", "silu"]
+
+#: ``ln 2`` split in two (fdlibm's ``ln2HI``/``ln2LO``): ``n * LN2_HI`` is exact for
+#: ``|n| < 2**21``, so ``t - n * LN2_HI - n * LN2_LO`` reduces ``t`` to ``|r| <= ln2/2``.
+LN2_HI = 6.93147180369123816490e-01
+LN2_LO = 1.90821492927058770002e-10
+INV_LN2 = 1.44269504088896338700e00
+#: ``exp(r)`` for ``|r| <= ln2/2`` as Taylor's series to ``r**13 / 13!`` (relative error
+#: under ``2**-52`` before the fp64 roundings), by Horner's rule.
+EXP_TERMS = 14
+#: ``-g`` is clamped to ``[-CLAMP, CLAMP]``: ``exp`` stays a normal fp64 number and
+#: ``g / (1 + exp(-g))`` is already ``g`` or a signed zero in fp32 at either end.
+CLAMP = 700.0
+
+
+def _exp_fp64(t: torch.Tensor) -> torch.Tensor:
+    """``exp(t)`` of fp64 ``t`` in ``[-CLAMP, CLAMP]`` from IEEE operations only."""
+    n = torch.nan_to_num(torch.round(t * INV_LN2))
+    r = (t - n * LN2_HI) - n * LN2_LO
+    p = torch.full_like(r, 1.0)
+    for k in range(EXP_TERMS - 1, 0, -1):  # 1 + r(1 + r/2(1 + r/3(...)))
+        p = p * (r / k) + 1.0
+    scale = ((n.to(torch.int64) + 1023) << 52).view(torch.float64)  # 2**n, exactly
+    return p * scale
+
+
+def silu(g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``g * sigmoid(g)`` rounded once to ``dtype`` (fp32 or fp64): position-invariant bits."""
+    gd = g.to(torch.float64)
+    e = _exp_fp64(torch.clamp(-gd, -CLAMP, CLAMP))
+    return (gd / (e + 1.0)).to(dtype)
