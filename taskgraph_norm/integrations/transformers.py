@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, MissingDependencyError, UnsupportedNormError
-from ..module import RMSNorm
+from ..module import GatedRMSNorm, RMSNorm
 
 __all__ = [
     "FAMILIES", "NormFamily", "register_norm_class", "replace_rmsnorm", "restore_rmsnorm",
@@ -41,13 +41,18 @@ class NormFamily:
 
     ``eps_attr`` names the attribute holding its epsilon; ``weight_dtypes``, when
     set, are the weight dtypes for which ``casting_mode`` reproduces the class
-    (outside them it is refused rather than approximated).
+    (outside them it is refused rather than approximated).  ``gate``, for a gated
+    class (:class:`~taskgraph_norm.GatedRMSNorm`): ``"before"`` (``x * silu(gate)``,
+    then the norm: Mamba2) or ``"after"`` (the norm, the weight, then ``*
+    silu(gate)``: Qwen3-Next); ``group_attr`` names its group-size attribute.
     """
 
     casting_mode: str
     offset: float
     eps_attr: str
     weight_dtypes: frozenset[torch.dtype] | None = None
+    gate: str | None = None
+    group_attr: str | None = None
 
 
 #: ``(x.float() * rsqrt(mean + eps)).to(x.dtype)``, then ``weight * that``.
@@ -58,8 +63,18 @@ GEMMA = NormFamily("gemma", 1.0, "eps")
 #: promoted dtype of the weight and fp32 -- fp32 (``"torch"``) unless the weight is fp64.
 OLMO2 = NormFamily("torch", 0.0, "variance_epsilon",
                    frozenset({torch.float16, torch.bfloat16, torch.float32}))
+#: NemotronH: ``(weight.to(fp32) * x.float() * rsqrt(...)).to(x.dtype)``: ``"torch"``'s
+#: order for every weight dtype (fp32, bf16 and fp16 inputs).
+NEMOTRON_H = NormFamily("torch", 0.0, "variance_epsilon", frozenset({torch.float16, torch.bfloat16, torch.float32,
+                                                                      torch.float64}), group_attr=None)
 #: ``torch.nn.RMSNorm`` itself: ``"torch"`` is its definition.
 TORCH = NormFamily("torch", 0.0, "eps")
+#: Mamba2's gated norm: ``h = x.float() * silu(gate.float())``, each group of
+#: ``group_size`` times ``rsqrt(mean + eps)``, ``.to(x.dtype)``, then ``weight * that``.
+MAMBA2_GATED = NormFamily("llama", 0.0, "variance_epsilon", gate="before", group_attr="group_size")
+#: Qwen3-Next's gated norm: ``(x.float() * rsqrt(...)).to(x.dtype)``, ``weight * that``,
+#: then ``* silu(gate.float())`` in fp32, cast to ``x.dtype``.
+QWEN3_NEXT_GATED = NormFamily("llama", 0.0, "variance_epsilon", gate="after")
 
 _M = "transformers.models"
 
@@ -71,15 +86,30 @@ FAMILIES: dict[str, NormFamily] = {
         ("qwen2", "Qwen2RMSNorm"), ("qwen2_moe", "Qwen2MoeRMSNorm"), ("qwen3", "Qwen3RMSNorm"),
         ("qwen3_moe", "Qwen3MoeRMSNorm"), ("phi3", "Phi3RMSNorm"), ("granite", "GraniteRMSNorm"),
         ("deepseek_v3", "DeepseekV3RMSNorm"), ("glm4", "Glm4RMSNorm"),
+        ("mamba2", "Mamba2RMSNorm"), ("bamba", "BambaRMSNorm"), ("granitemoehybrid", "GraniteMoeHybridRMSNorm"),
+        ("zamba2", "Zamba2RMSNorm"),
     ]},
     **{f"{_M}.{mod}.modeling_{mod}.{cls}": GEMMA for mod, cls in [
         ("gemma", "GemmaRMSNorm"), ("gemma2", "Gemma2RMSNorm"), ("gemma3", "Gemma3RMSNorm"),
+        ("qwen3_next", "Qwen3NextRMSNorm"), ("qwen3_5", "Qwen3_5RMSNorm"), ("qwen3_5_moe", "Qwen3_5MoeRMSNorm"),
     ]},
     **{f"{_M}.{mod}.modeling_{mod}.{cls}": OLMO2 for mod, cls in [
-        ("olmo2", "Olmo2RMSNorm"), ("olmo3", "Olmo3RMSNorm"),
+        ("olmo2", "Olmo2RMSNorm"), ("olmo3", "Olmo3RMSNorm"), ("olmo_hybrid", "OlmoHybridRMSNorm"),
     ]},
+    f"{_M}.nemotron_h.modeling_nemotron_h.NemotronHRMSNorm": NEMOTRON_H,
     "torch.nn.modules.normalization.RMSNorm": TORCH,
+    **{f"{_M}.{mod}.modeling_{mod}.{cls}": MAMBA2_GATED for mod, cls in [
+        ("mamba2", "Mamba2RMSNormGated"), ("bamba", "BambaRMSNormGated"), ("nemotron_h", "NemotronHRMSNormGated"),
+        ("granitemoehybrid", "GraniteMoeHybridRMSNormGated"), ("zamba2", "Zamba2RMSNormGated"),
+    ]},
+    **{f"{_M}.{mod}.modeling_{mod}.{cls}": QWEN3_NEXT_GATED for mod, cls in [
+        ("qwen3_next", "Qwen3NextRMSNormGated"), ("qwen3_5", "Qwen3_5RMSNormGated"),
+        ("qwen3_5_moe", "Qwen3_5MoeRMSNormGated"), ("olmo_hybrid", "OlmoHybridRMSNormGated"),
+    ]},
 }
+
+#: What a replacement is: a plain or a gated norm of this library.
+_OURS = (RMSNorm, GatedRMSNorm)
 
 #: Class names that look like a norm: refused unless mapped, so that a model is never
 #: left with a norm this library did not account for (LayerNorm, T5LayerNorm, gated
@@ -164,15 +194,26 @@ def _why_not(module: nn.Module, family: NormFamily | None) -> str | None:
         return f"with a {weight.dtype} weight it multiplies in that dtype, which no casting mode does"
     if not isinstance(getattr(module, family.eps_attr, None), (float, int, type(None))):
         return f"no numeric eps in its {family.eps_attr!r} attribute"
+    if family.group_attr is not None and not isinstance(getattr(module, family.group_attr, None), int):
+        return f"no int group size in its {family.group_attr!r} attribute"
+    if family.gate is not None and getattr(module, "activation", "silu") != "silu":
+        return "its gate's activation is not silu"
     return None
 
 
-def _replacement(module: nn.Module, family: NormFamily, options: dict[str, Any]) -> RMSNorm:
+def _replacement(module: nn.Module, family: NormFamily, options: dict[str, Any]) -> RMSNorm | GatedRMSNorm:
     weight = getattr(module, "weight", None)
     shape = tuple(weight.shape) if weight is not None else tuple(getattr(module, "normalized_shape"))
     eps = getattr(module, family.eps_attr)
-    new = RMSNorm(shape, None if eps is None else float(eps), elementwise_affine=weight is not None,
-                  device="meta", casting_mode=family.casting_mode, offset=family.offset, **options)
+    new: RMSNorm | GatedRMSNorm
+    if family.gate is not None:
+        group = getattr(module, family.group_attr) if family.group_attr else None
+        new = GatedRMSNorm(shape[0], None if eps is None else float(eps), group_size=group,
+                           norm_before_gate=family.gate == "after", elementwise_affine=weight is not None,
+                           device="meta", casting_mode=family.casting_mode, offset=family.offset, **options)
+    else:
+        new = RMSNorm(shape, None if eps is None else float(eps), elementwise_affine=weight is not None,
+                      device="meta", casting_mode=family.casting_mode, offset=family.offset, **options)
     if weight is not None:
         new.weight = weight  # the same Parameter: optimizer state and ties keep working
     new.train(module.training)
@@ -183,7 +224,8 @@ def _replacement(module: nn.Module, family: NormFamily, options: dict[str, Any])
 
 
 def replace_rmsnorm(model: nn.Module, *, skip: Iterable[str] = (), **options: Any) -> list[str]:
-    """Replace every RMSNorm module of ``model`` in place with a :class:`taskgraph_norm.RMSNorm`.
+    """Replace every RMSNorm module of ``model`` in place with a :class:`taskgraph_norm.RMSNorm`
+    (a gated one, Mamba2's or Qwen3-Next's, with a :class:`taskgraph_norm.GatedRMSNorm`).
 
     Each replacement gets the casting mode and offset of its class's family
     (:data:`FAMILIES`), the module's eps, and its weight: the same
@@ -227,13 +269,13 @@ def replace_rmsnorm(model: nn.Module, *, skip: Iterable[str] = (), **options: An
         if name in options:
             raise ConfigError(name, options[name], "no value: each norm class's family sets it")
     skipped = tuple(skip)
-    if _looks_like_norm(model) and not isinstance(model, RMSNorm):
+    if _looks_like_norm(model) and not isinstance(model, _OURS):
         raise UnsupportedNormError([("<model>", _class_path(type(model)), "the model itself is a norm; "
                                      "replace it by assignment in its parent")])
     found: list[tuple[str, nn.Module, str, nn.Module, NormFamily]] = []
     refused: list[tuple[str, str, str]] = []
     for name, parent, attr, child in _slots(model):
-        if isinstance(child, RMSNorm) or _skipped(name, skipped) or not _looks_like_norm(child):
+        if isinstance(child, _OURS) or _skipped(name, skipped) or not _looks_like_norm(child):
             continue
         family = _family(child)
         reason = _why_not(child, family)
@@ -243,7 +285,7 @@ def replace_rmsnorm(model: nn.Module, *, skip: Iterable[str] = (), **options: An
             found.append((name, parent, attr, child, family))
     if refused:
         raise UnsupportedNormError(refused, "leave a part of the model as it is with skip=[name, ...]")
-    made: dict[int, RMSNorm] = {}
+    made: dict[int, RMSNorm | GatedRMSNorm] = {}
     for _, _, _, child, family in found:  # build all first: a bad option fails before any swap
         if id(child) not in made:
             made[id(child)] = _replacement(child, family, options)
@@ -263,7 +305,7 @@ def restore_rmsnorm(model: nn.Module) -> list[str]:
     restored: list[str] = []
     for name, parent, attr, child in list(_slots(model)):
         original = vars(child).get(_ORIGINAL)
-        if not isinstance(child, RMSNorm) or not isinstance(original, nn.Module):
+        if not isinstance(child, _OURS) or not isinstance(original, nn.Module):
             continue
         if child.weight is not None:
             original.weight = child.weight
