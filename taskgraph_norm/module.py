@@ -243,16 +243,24 @@ class GatedRMSNorm(nn.Module):
             raise ConfigError("weight_grad", weight_grad, "'float' with elementwise_affine=False (no weight)")
         if not isinstance(norm_before_gate, bool):
             raise ConfigError("norm_before_gate", norm_before_gate, "True or False")
-        self.hidden_size = int(hidden_size)
+        self.hidden_size: int = int(hidden_size)
         size = self.hidden_size if group_size is None else group_size
         if isinstance(size, bool) or not isinstance(size, int) or size < 1 or self.hidden_size % size:
             raise ConfigError("group_size", group_size, f"None or a positive divisor of {self.hidden_size}")
         build_graph(size, chunk_size=chunk_size, topology=topology, leaf=leaf, accumulate=accumulate,
                     casting_mode=casting_mode, offset=offset)  # a bad option fails here
-        self.eps, self.group_size, self.norm_before_gate = eps, group_size, norm_before_gate
-        self.topology, self.chunk_size, self.leaf, self.accumulate = topology, chunk_size, leaf, accumulate
-        self.casting_mode, self.offset, self.weight_grad = casting_mode, float(offset), weight_grad
-        self.elementwise_affine = elementwise_affine
+        self.eps: float | None = eps
+        self.group_size: int | None = group_size
+        self.norm_before_gate: bool = norm_before_gate
+        self.topology: str = topology
+        self.chunk_size: int = chunk_size
+        self.leaf: str = leaf
+        self.accumulate: str = accumulate
+        self.casting_mode: str = casting_mode
+        self.offset: float = float(offset)
+        self.weight_grad: str = weight_grad
+        self.elementwise_affine: bool = elementwise_affine
+        self.weight: nn.Parameter | None
         if elementwise_affine:
             self.weight = nn.Parameter(torch.ones(self.hidden_size, device=device, dtype=dtype))
         else:
