@@ -328,3 +328,19 @@ def test_bad_input_is_refused_with_torch_error_types() -> None:
         tgn.GatedRMSNorm(64, casting_mode="nope")
     with pytest.raises(TypeError):
         tgn.normalize_sync(x, w, gate=[1.0])  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_the_c_gate_gives_the_torch_form_bits(dtype: torch.dtype) -> None:
+    from taskgraph_norm.backends.native import gate as native_gate
+    from taskgraph_norm.kernels.gate import silu_sigmoid
+
+    g = (torch.randn(1 << 15, generator=torch.Generator().manual_seed(6)) * torch.logspace(-3, 2.5, 1 << 15))
+    g[:8] = torch.tensor([float("inf"), -float("inf"), float("nan"), 0.0, -0.0, 1e4, -1e4, -100.0])
+    g = g.to(dtype)
+    if not native_gate.runs(g):
+        pytest.skip("native kernels not built")
+    s, sig = native_gate.silu_sigmoid(g, True)
+    ts, tsig = silu_sigmoid(g, torch.float32, True)
+    assert tsig is not None and sig is not None
+    assert bits_equal(s, ts) and bits_equal(sig, tsig)

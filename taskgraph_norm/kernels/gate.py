@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["EXP_TERMS", "silu"]
+from ..constants import GATE_EXP_CLAMP, GATE_EXP_TERMS
+
+__all__ = ["silu", "silu_sigmoid"]
 
 #: ``ln 2`` split in two (fdlibm's ``ln2HI``/``ln2LO``): ``n * LN2_HI`` is exact for
 #: ``|n| < 2**21``, so ``t - n * LN2_HI - n * LN2_LO`` reduces ``t`` to ``|r| <= ln2/2``.
@@ -22,11 +24,10 @@ LN2_HI = 6.93147180369123816490e-01
 LN2_LO = 1.90821492927058770002e-10
 INV_LN2 = 1.44269504088896338700e00
 #: ``exp(r)`` for ``|r| <= ln2/2`` as Taylor's series to ``r**13 / 13!`` (relative error
-#: under ``2**-52`` before the fp64 roundings), by Horner's rule.
-EXP_TERMS = 14
-#: ``-g`` is clamped to ``[-CLAMP, CLAMP]``: ``exp`` stays a normal fp64 number and
-#: ``g / (1 + exp(-g))`` is already ``g`` or a signed zero in fp32 at either end.
-CLAMP = 700.0
+#: under ``2**-52`` before the fp64 roundings), by Horner's rule (constants.GATE_EXP_TERMS).
+EXP_TERMS = GATE_EXP_TERMS
+#: ``-g`` is clamped to ``[-CLAMP, CLAMP]`` (constants.GATE_EXP_CLAMP).
+CLAMP = float(GATE_EXP_CLAMP)
 
 
 def _exp_fp64(t: torch.Tensor) -> torch.Tensor:
@@ -40,8 +41,15 @@ def _exp_fp64(t: torch.Tensor) -> torch.Tensor:
     return p * scale
 
 
+def silu_sigmoid(g: torch.Tensor, dtype: torch.dtype, sigmoid: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(g / (1 + exp(-g)), 1 / (1 + exp(-g)) or None)``, each rounded once to ``dtype``
+    (fp32 or fp64) from fp64: position-invariant bits (``csrc/native_gate.c`` gives the same)."""
+    gd = g.to(torch.float64)
+    e = _exp_fp64(torch.clamp(-gd, -CLAMP, CLAMP)) + 1.0
+    return (gd / e).to(dtype), ((1.0 / e).to(dtype) if sigmoid else None)
+
+
 def silu(g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``g * sigmoid(g)`` rounded once to ``dtype`` (fp32 or fp64): position-invariant bits."""
-    gd = g.to(torch.float64)
-    e = _exp_fp64(torch.clamp(-gd, -CLAMP, CLAMP))
-    return (gd / (e + 1.0)).to(dtype)
+    return silu_sigmoid(g, dtype)[0]

@@ -35,7 +35,9 @@ import torch
 from .. import kernels, pipeline
 from ..checks import check_input, resolve_eps
 from ..errors import ConfigError, DeviceMismatchError, GateShapeError
-from ..kernels.gate import silu
+from ..backends.base import allowed
+from ..backends.native import gate as native_gate
+from ..kernels.gate import silu_sigmoid
 from . import library as _library_mod
 from .forward import check_model_options
 from .gated_weight import weight_product
@@ -74,6 +76,39 @@ def check_gated(x: object, gate: object, weight: object, group_size: object) -> 
     return size
 
 
+def _silu_sigmoid(g: torch.Tensor, acc: torch.dtype, sigmoid: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`~taskgraph_norm.kernels.gate.silu_sigmoid`, in C where it runs (the same bits)."""
+    if acc == torch.float32 and "native" in allowed() and native_gate.runs(g):
+        return native_gate.silu_sigmoid(g, sigmoid)
+    return silu_sigmoid(g, acc, sigmoid)
+
+
+class GateSilu(torch.autograd.Function):
+    """``silu(g)`` in ``acc`` with position-invariant bits, and its derivative
+    ``sigmoid(g) * (1 + g * (1 - sigmoid(g)))`` from the same ``sigmoid`` (elementwise
+    IEEE operations: ``dgate`` is position-invariant too)."""
+
+    @staticmethod
+    def forward(g: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+        return _silu_sigmoid(g, acc, False)[0]
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+        ctx.acc = inputs[1]
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx: Any, ds: torch.Tensor) -> tuple[Any, ...]:
+        (g,) = ctx.saved_tensors
+        sig = _silu_sigmoid(g, ctx.acc, True)[1]
+        assert sig is not None
+        ga = kernels.widen(g, ctx.acc)
+        return (ds * (sig * ((1.0 - sig) * ga + 1.0))).to(g.dtype), None
+
+
+_gate_silu: Any = GateSilu.apply
+
+
 def _norm(h: torch.Tensor, eps: float, config: tuple[Any, ...], executor: str) -> torch.Tensor:
     """Each row of ``h`` (already viewed as groups) over its last dim, no weight, through
     the merge graph: ``(h / rms)`` rounded to ``h``'s dtype."""
@@ -101,7 +136,7 @@ def gated_forward(
     differentiable pieces: the merge graph's ops and elementwise torch ops."""
     acc = kernels.accumulation_dtype(x.dtype)
     llama = casting_mode == "llama"
-    s = None if gate is None else silu(gate, acc)
+    s: torch.Tensor | None = None if gate is None else _gate_silu(gate, acc)
     if s is not None and not norm_before_gate:
         h = kernels.widen(x, acc) * s
     else:
@@ -121,7 +156,8 @@ def gated_forward(
     if groups > 1:
         m = m.reshape(x.shape)
     if s is not None and norm_before_gate:
-        return (m * s).to(x.dtype)
+        gated: torch.Tensor = (m * s).to(x.dtype)
+        return gated
     return m if llama else m.to(x.dtype)
 
 

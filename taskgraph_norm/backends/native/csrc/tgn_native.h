@@ -92,6 +92,12 @@ int64_t tgn_exact_dw_rows_f32(const float *dy, int64_t dy_stride, const float *x
                               const float *rms, int64_t rows, int64_t cols, int64_t *state, int64_t stride);
 void tgn_exact_round_f32(const int64_t *state, int64_t n, int64_t stride, int64_t to_odd, float *out);
 
+/* --- native_gate.c: a gated RMSNorm's gate ----------------------------------------- */
+/* silu[i] = g[i] / (1 + exp(-g[i])) and, where sigmoid is not NULL, sigmoid[i] = 1 / (1 +
+ * exp(-g[i])), in fp64 rounded once to fp32 (kernels/gate.py's operations); g of g_dtype
+ * (TGN_DTYPE_*), n elements, contiguous.  Returns 0, or -1 for an unknown dtype code. */
+int64_t tgn_gate_silu(const void *g, int64_t g_dtype, int64_t n, float *silu, float *sigmoid);
+
 /* --- native_team.c: the threads that share a call's rows ---------------------------- */
 
 /* The direct path's configuration: set once per configuration and dtypes (native_module.c's
