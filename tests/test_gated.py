@@ -185,13 +185,21 @@ def test_a_group_depends_on_its_own_values_only(before: bool) -> None:
     assert not bits_equal(ours(x, gate, w, None, before)[:, :128], ours(x2, gate2, w, None, before)[:, :128])
 
 
-def test_grad_modes_give_the_same_bits() -> None:
-    x, gate, w = data(40, 128, torch.bfloat16)
-    norm = tgn.GatedRMSNorm(128, 1e-6, group_size=32, casting_mode="llama", dtype=torch.bfloat16)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("group", [None, 32])
+@pytest.mark.parametrize("before", ORDERS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_grad_modes_give_the_same_bits(dtype: torch.dtype, before: bool, group: int | None, mode: str) -> None:
+    # no grad: the C gate (and, norm first in llama mode, FINALIZE's weight); under grad:
+    # the differentiable pieces
+    x, gate, w = data(40, 128, dtype)
+    x[3, 5] = float("nan")
+    norm = tgn.GatedRMSNorm(128, 1e-6, group_size=group, norm_before_gate=before, casting_mode=mode, dtype=dtype)
     with torch.no_grad():
         norm.weight.copy_(w)
         base = norm(x, gate)
-    assert bits_equal(norm(x.requires_grad_(), gate), base)
+    assert bits_equal(norm(x.clone().requires_grad_(), gate), base)
+    assert bits_equal(norm(x, gate.clone().requires_grad_()), base)
     with torch.inference_mode():
         assert bits_equal(norm(x.detach(), gate), base)
 

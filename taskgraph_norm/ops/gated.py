@@ -46,6 +46,8 @@ from .routing import DIRECT, TRACED, route
 
 __all__ = ["check_gated", "gated_forward", "gated_rms_norm", "gated_rms_norm_op", "gated_rms_norm_backward_op"]
 
+#: The dtypes the C gate reads and writes.
+_GATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _CONFIG = "int chunk_size, str topology, str leaf, str accumulate, str casting_mode, float offset"
 _GATED = "float eps, int group_size, bool norm_before_gate"
 
@@ -109,12 +111,20 @@ class GateSilu(torch.autograd.Function):
 _gate_silu: Any = GateSilu.apply
 
 
-def _norm(h: torch.Tensor, eps: float, config: tuple[Any, ...], executor: str) -> torch.Tensor:
+def _norm(h: torch.Tensor, eps: float, config: tuple[Any, ...], executor: str,
+          llama_weight: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
     """Each row of ``h`` (already viewed as groups) over its last dim, no weight, through
-    the merge graph: ``(h / rms)`` rounded to ``h``'s dtype."""
+    the merge graph: ``(h / rms)`` rounded to ``h``'s dtype.  ``llama_weight``, for a
+    call that records no gradient: ``(weight, offset)`` multiplied in by FINALIZE in
+    ``casting_mode="llama"`` (the bits of :func:`.gated_weight.weight_product` after it)."""
     chunk_size, topology, leaf, accumulate = config
     if h.numel() == 0:
         return torch.empty_like(h)
+    if llama_weight is not None:
+        pipe = pipeline.for_config(h.shape[-1], chunk_size, topology, leaf, accumulate, executor, "llama",
+                                   llama_weight[1])
+        weighted: torch.Tensor = pipe(h, llama_weight[0], eps)
+        return weighted
     how = route(h, None)
     if how == DIRECT:
         pipe = pipeline.for_config(h.shape[-1], chunk_size, topology, leaf, accumulate, executor)
@@ -136,16 +146,25 @@ def gated_forward(
     differentiable pieces: the merge graph's ops and elementwise torch ops."""
     acc = kernels.accumulation_dtype(x.dtype)
     llama = casting_mode == "llama"
-    s: torch.Tensor | None = None if gate is None else _gate_silu(gate, acc)
-    if s is not None and not norm_before_gate:
-        h = kernels.widen(x, acc) * s
+    # No gradient to record: the gate's product in one C pass (the same bits).
+    fused = gate is not None and acc == torch.float32 and not (torch.is_grad_enabled() and (
+        x.requires_grad or gate.requires_grad or (weight is not None and weight.requires_grad))) and (
+        "native" in allowed()) and native_gate.runs(gate, x)
+    s: torch.Tensor | None = None if gate is None or fused else _gate_silu(gate, acc)
+    if gate is not None and not norm_before_gate:
+        h = native_gate.gate_product(gate, x, acc) if fused else kernels.widen(x, acc) * s
     else:
         h = x if llama else kernels.widen(x, acc)
     hidden = x.shape[-1]
     groups = hidden // group_size if group_size else 1
     if groups > 1:
         h = h.reshape(*h.shape[:-1], groups, group_size)
-    n = _norm(h, eps, (chunk_size, topology, leaf, accumulate), executor)
+    config = (chunk_size, topology, leaf, accumulate)
+    if fused and llama and weight is not None and groups == 1 and norm_before_gate:
+        m = _norm(h, eps, config, executor, (weight, offset))  # FINALIZE multiplies by the weight
+        return native_gate.gate_product(gate, m, x.dtype) if m.dtype in _GATE_DTYPES else _same_nans(
+            (m * _gate_silu(gate, acc)).to(x.dtype))
+    n = _norm(h, eps, config, executor)
     if llama:
         n = n.to(x.dtype)
     m = n
@@ -155,10 +174,24 @@ def gated_forward(
         m = weight_product(n, w, offset, wide, exact_param)
     if groups > 1:
         m = m.reshape(x.shape)
-    if s is not None and norm_before_gate:
-        gated: torch.Tensor = (m * s).to(x.dtype)
-        return gated
+    if gate is not None and norm_before_gate:
+        if fused and m.dtype in _GATE_DTYPES:
+            return native_gate.gate_product(gate, m, x.dtype)
+        return _same_nans((m * s).to(x.dtype))
     return m if llama else m.to(x.dtype)
+
+
+def _same_nans(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with each bf16/fp16 NaN made 0xFFFF (in place, outside autograd), as
+    :func:`~taskgraph_norm.kernels.gate.gate_product` and the C gate write it: torch's
+    casts write a NaN by the element's position."""
+    with torch.no_grad():
+        d = t.detach()
+        if d.element_size() == 2 and d.device.type == "cpu":
+            nan = d.isnan()
+            if bool(nan.any()):
+                d.view(torch.int16).masked_fill_(nan, -1)
+    return t
 
 
 def output_dtype(x: torch.Tensor, gate: torch.Tensor | None, weight: torch.Tensor | None, casting_mode: str,

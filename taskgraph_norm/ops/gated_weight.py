@@ -31,7 +31,7 @@ class GatedWeight(torch.autograd.Function):
     @staticmethod
     def forward(n: torch.Tensor, weight: torch.Tensor, offset: float, wide: torch.dtype,
                 watch: _GradWatch | None) -> torch.Tensor:
-        return kernels.widen(n, wide) * kernels.finalize_weight(weight, wide, offset)
+        return kernels.bf16_nans(kernels.widen(n, wide) * kernels.finalize_weight(weight, wide, offset))
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:

@@ -97,6 +97,10 @@ void tgn_exact_round_f32(const int64_t *state, int64_t n, int64_t stride, int64_
  * exp(-g[i])), in fp64 rounded once to fp32 (kernels/gate.py's operations); g of g_dtype
  * (TGN_DTYPE_*), n elements, contiguous.  Returns 0, or -1 for an unknown dtype code. */
 int64_t tgn_gate_silu(const void *g, int64_t g_dtype, int64_t n, float *silu, float *sigmoid);
+/* out[i] = v[i] * silu(g[i]) in fp32, rounded to out_dtype (a bf16 or fp16 NaN is 0xFFFF); g, v and out
+ * contiguous, of TGN_DTYPE_* codes.  Returns 0, or -1 for an unknown dtype code. */
+int64_t tgn_gate_product(const void *g, int64_t g_dtype, const void *v, int64_t v_dtype, int64_t n, void *out,
+                         int64_t out_dtype);
 
 /* --- native_team.c: the threads that share a call's rows ---------------------------- */
 
