@@ -23,6 +23,14 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 _eager_only: Callable[[_F], _F] = torch.compiler.disable  # (typed: torch's decorator is not)
 
 
+def check_weight_grad(weight_grad: object, elementwise_affine: bool) -> None:
+    """``weight_grad`` is ``"float"`` or ``"exact"``, and ``"exact"`` needs a weight."""
+    if weight_grad not in ("float", "exact"):
+        raise ConfigError("weight_grad", weight_grad, "'float' or 'exact'")
+    if weight_grad == "exact" and not elementwise_affine:
+        raise ConfigError("weight_grad", weight_grad, "'float' with elementwise_affine=False (no weight)")
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square normalisation over the trailing ``normalized_shape`` dims.
 
@@ -58,10 +66,7 @@ class RMSNorm(nn.Module):
         weight_grad: str = "float",
     ) -> None:
         super().__init__()
-        if weight_grad not in ("float", "exact"):
-            raise ConfigError("weight_grad", weight_grad, "'float' or 'exact'")
-        if weight_grad == "exact" and not elementwise_affine:
-            raise ConfigError("weight_grad", weight_grad, "'float' with elementwise_affine=False (no weight)")
+        check_weight_grad(weight_grad, elementwise_affine)
         self.weight_grad = weight_grad
         dims: Sequence[int] = (
             (int(normalized_shape),) if isinstance(normalized_shape, numbers.Integral)
@@ -237,10 +242,7 @@ class GatedRMSNorm(nn.Module):
         super().__init__()
         if isinstance(hidden_size, bool) or not isinstance(hidden_size, numbers.Integral) or hidden_size < 1:
             raise ConfigError("hidden_size", hidden_size, "a positive int")
-        if weight_grad not in ("float", "exact"):
-            raise ConfigError("weight_grad", weight_grad, "'float' or 'exact'")
-        if weight_grad == "exact" and not elementwise_affine:
-            raise ConfigError("weight_grad", weight_grad, "'float' with elementwise_affine=False (no weight)")
+        check_weight_grad(weight_grad, elementwise_affine)
         if not isinstance(norm_before_gate, bool):
             raise ConfigError("norm_before_gate", norm_before_gate, "True or False")
         self.hidden_size: int = int(hidden_size)
