@@ -21,6 +21,7 @@ from .errors import DtypeError as DtypeError
 from .errors import ExactSumError as ExactSumError
 from .errors import ExactSumOverflowError as ExactSumOverflowError
 from .errors import ExecutionError as ExecutionError
+from .errors import GateShapeError as GateShapeError
 from .errors import GraphError as GraphError
 from .errors import InputRankError as InputRankError
 from .errors import InputShapeError as InputShapeError
@@ -39,6 +40,7 @@ from .graph import Graph as Graph
 from .graph import Node as Node
 from .graph import Op as Op
 from .graph import validate as validate
+from .module import GatedRMSNorm as GatedRMSNorm
 from .module import RMSNorm as RMSNorm
 from .layernorm import LayerNorm as LayerNorm
 from .layernorm import layer_norm as layer_norm
@@ -66,6 +68,8 @@ __all__ = [
     "ExactSumError",
     "ExactSumOverflowError",
     "ExecutionError",
+    "GateShapeError",
+    "GatedRMSNorm",
     "Graph",
     "GraphError",
     "InputRankError",

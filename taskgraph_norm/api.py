@@ -15,7 +15,7 @@ import torch
 
 from . import kernels, ops, pipeline
 from .checks import check_input, check_out
-from .errors import InputRankError
+from .errors import ConfigError, InputRankError
 from .executors import ASYNC_EXECUTORS
 from .graph import Graph
 from .pipeline import OFFLOAD_NUMEL
@@ -109,6 +109,19 @@ def _recorded(
     return (y if out is None else out.copy_(y)), (h if h_out is None else h_out.copy_(h))
 
 
+def _gated(
+    x: torch.Tensor, gate: torch.Tensor | None, weight: torch.Tensor | None, eps: float | None,
+    out: torch.Tensor | None, residual: torch.Tensor | None, residual_out: torch.Tensor | None,
+    options: dict[str, Any],
+) -> torch.Tensor:
+    """A gated or grouped call (:func:`taskgraph_norm.ops.gated_rms_norm`), into ``out`` if given."""
+    if residual is not None or residual_out is not None:
+        raise ConfigError("residual", "a tensor", "None with a gate or groups (add the residual first)")
+    y = ops.gated_rms_norm(x, gate, weight, eps, **options)
+    check_out(out, x, y.dtype)
+    return y if out is None else out.copy_(y)
+
+
 def normalize_sync(
     x: torch.Tensor,
     weight: torch.Tensor | None = None,
@@ -124,12 +137,19 @@ def normalize_sync(
     offset: float = 0.0,
     residual: torch.Tensor | None = None,
     residual_out: torch.Tensor | None = None,
+    gate: torch.Tensor | None = None,
+    norm_before_gate: bool = False,
+    group_size: int | None = None,
 ) -> Any:
     """RMSNorm of ``x`` over its last dim through a merge graph, from sync code.
 
     Same arguments and result as :func:`normalize`.  Works from inside a running
     event loop too (an async executor then runs its loop on a helper thread).
     """
+    if gate is not None or group_size is not None or norm_before_gate is not False:
+        return _gated(x, gate, weight, eps, out, residual, residual_out, dict(
+            group_size=group_size, norm_before_gate=norm_before_gate, topology=topology, chunk_size=chunk_size,
+            leaf=leaf, accumulate=accumulate, casting_mode=casting_mode, offset=offset, executor=executor))
     if residual is None and residual_out is None:
         how = _route(x, weight)
         if how == _DIRECT and x.dim():  # (DIRECT: x is a plain tensor)
@@ -173,6 +193,9 @@ async def normalize(
     offset: float = 0.0,
     residual: torch.Tensor | None = None,
     residual_out: torch.Tensor | None = None,
+    gate: torch.Tensor | None = None,
+    norm_before_gate: bool = False,
+    group_size: int | None = None,
 ) -> Any:
     """RMSNorm of ``x`` over its last dim, computed through an explicit merge graph.
 
@@ -195,6 +218,12 @@ async def normalize(
     (a fused residual add, one pass on the native kernels); ``out`` receives ``y``
     and ``residual_out`` receives ``h`` (it may be ``x`` or ``residual`` itself).
 
+    Gated, grouped RMSNorm (Mamba2, Qwen3-Next and the hybrid families): ``gate``
+    (``x``'s shape) multiplies by ``silu(gate)`` before the norm
+    (``norm_before_gate=False``, Mamba2) or after the weight (``True``, Qwen3-Next);
+    ``group_size`` normalises each group of that many values of the hidden dim on its
+    own (:func:`taskgraph_norm.ops.gated_rms_norm`; not with ``residual``).
+
     Examples
     --------
     >>> import anyio, torch, taskgraph_norm as tgn
@@ -204,11 +233,13 @@ async def normalize(
             [1., 1., 1., 1., 1., 1., 1., 1.]])
     """
     how = _how(x, weight, residual)
-    if how != ops.DIRECT:
+    gated = gate is not None or group_size is not None or norm_before_gate is not False
+    if how != ops.DIRECT or gated:
         # autograd records on the caller's thread (and a tracer looks there): inline
         return normalize_sync(x, weight, eps, topology=topology, chunk_size=chunk_size, leaf=leaf,
                               accumulate=accumulate, executor=executor, out=out, casting_mode=casting_mode,
-                              offset=offset, residual=residual, residual_out=residual_out)
+                              offset=offset, residual=residual, residual_out=residual_out, gate=gate,
+                              norm_before_gate=norm_before_gate, group_size=group_size)
     pipe = find_pipeline(x, topology, chunk_size, leaf, accumulate, executor, weight, casting_mode, offset,
                          residual is not None)
     if pipe is None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Final
 
-NATIVE_ABI: Final = 21
+NATIVE_ABI: Final = 22
 """The version of the native extension's entry points (``tgn_native.h``'s prototypes
 and ``native_module.c``'s functions that wrap them: their names, arguments and
 meaning, and the values below).  The loader refuses a build that reports another, so
@@ -121,3 +121,14 @@ same kernel whichever thread runs it."""
 SPLIT_PRODUCTS: Final = 1 << 16
 """Products per exact dW call from which torch's threads share the columns (in
 multiples of :data:`EXACT_DW_TILE`).  Never changes the state: columns are independent."""
+
+
+GATE_EXP_TERMS: Final = 14
+"""Terms of the gate's ``exp(r)`` series (``1 + r + ... + r**13/13!`` for ``|r| <= ln2/2``,
+by Horner's rule from the last term): ``kernels.gate`` and ``csrc/native_gate.c`` evaluate
+the same operations, so ``silu(gate)`` has the same bits on both."""
+
+GATE_EXP_CLAMP: Final = 700
+"""``-gate`` is clamped to ``[-GATE_EXP_CLAMP, GATE_EXP_CLAMP]`` before the exponential:
+``exp`` stays a normal fp64 number, and ``g / (1 + exp(-g))`` is already ``g`` or a
+signed zero in fp32 at either end."""

@@ -235,3 +235,11 @@ class ExactSumOverflowError(ExactSumError, OverflowError):
             f"the exact accumulator overflowed in {columns} column(s): {limit}; "
             "clear the gradient (zero_grad) more often or reduce fewer ranks at once"
         )
+
+
+class GateShapeError(TaskGraphError, RuntimeError):
+    """The gate of a gated RMSNorm is not a tensor of ``x``'s shape (RuntimeError, as
+    torch's elementwise product of mismatched shapes)."""
+
+    def __init__(self, gate_shape: Sequence[int], x_shape: Sequence[int]) -> None:
+        super().__init__(f"gate must have x's shape {list(x_shape)}, got {list(gate_shape)}")

@@ -16,11 +16,19 @@ from .checks import check_input, resolve_eps
 from .errors import ConfigError
 from .topologies import build_graph
 
-__all__ = ["RMSNorm"]
+__all__ = ["GatedRMSNorm", "RMSNorm"]
 
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 _eager_only: Callable[[_F], _F] = torch.compiler.disable  # (typed: torch's decorator is not)
+
+
+def check_weight_grad(weight_grad: object, elementwise_affine: bool) -> None:
+    """``weight_grad`` is ``"float"`` or ``"exact"``, and ``"exact"`` needs a weight."""
+    if weight_grad not in ("float", "exact"):
+        raise ConfigError("weight_grad", weight_grad, "'float' or 'exact'")
+    if weight_grad == "exact" and not elementwise_affine:
+        raise ConfigError("weight_grad", weight_grad, "'float' with elementwise_affine=False (no weight)")
 
 
 class RMSNorm(nn.Module):
@@ -58,10 +66,7 @@ class RMSNorm(nn.Module):
         weight_grad: str = "float",
     ) -> None:
         super().__init__()
-        if weight_grad not in ("float", "exact"):
-            raise ConfigError("weight_grad", weight_grad, "'float' or 'exact'")
-        if weight_grad == "exact" and not elementwise_affine:
-            raise ConfigError("weight_grad", weight_grad, "'float' with elementwise_affine=False (no weight)")
+        check_weight_grad(weight_grad, elementwise_affine)
         self.weight_grad = weight_grad
         dims: Sequence[int] = (
             (int(normalized_shape),) if isinstance(normalized_shape, numbers.Integral)
@@ -191,6 +196,104 @@ class RMSNorm(nn.Module):
             f"{self.normalized_shape}, eps={self.eps}, "
             f"elementwise_affine={self.elementwise_affine}, topology={self.topology!r}, "
             f"chunk_size={self.chunk_size}, leaf={self.leaf!r}, accumulate={self.accumulate!r}"
+            + (f", casting_mode={self.casting_mode!r}" if self.casting_mode != "torch" else "")
+            + (f", offset={self.offset!r}" if self.offset else "")
+            + (f", weight_grad={self.weight_grad!r}" if self.weight_grad != "float" else "")
+        )
+
+
+class GatedRMSNorm(nn.Module):
+    """Gated, grouped RMSNorm over the last dim: Mamba2's and Qwen3-Next's norms.
+
+    ``forward(x, gate=None)`` takes the gate second and positional, as Hugging Face's
+    gated modules are called.  ``norm_before_gate=False`` gates first (``x *
+    silu(gate)``, then the norm: Mamba2, Bamba, NemotronH); ``True`` normalises first
+    (the norm, the weight, then ``* silu(gate)``: Qwen3-Next).  ``group_size``
+    normalises each group of that many values of the hidden dim on its own, each
+    group a row of the merge graph.  ``casting_mode="llama"`` reproduces the Hugging
+    Face modules' cast order; the other options are :class:`RMSNorm`'s
+    (:func:`taskgraph_norm.ops.gated_rms_norm`, docs/model.md).
+
+    Examples
+    --------
+    >>> norm = GatedRMSNorm(8, group_size=4)
+    >>> norm(torch.ones(2, 8), torch.zeros(2, 8)).shape
+    torch.Size([2, 8])
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        eps: float | None = None,
+        *,
+        group_size: int | None = None,
+        norm_before_gate: bool = False,
+        elementwise_affine: bool = True,
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+        topology: str = "tree",
+        chunk_size: int = 64,
+        leaf: str = "pairwise",
+        accumulate: str = "float",
+        casting_mode: str = "torch",
+        offset: float = 0.0,
+        weight_grad: str = "float",
+    ) -> None:
+        super().__init__()
+        if isinstance(hidden_size, bool) or not isinstance(hidden_size, numbers.Integral) or hidden_size < 1:
+            raise ConfigError("hidden_size", hidden_size, "a positive int")
+        check_weight_grad(weight_grad, elementwise_affine)
+        if not isinstance(norm_before_gate, bool):
+            raise ConfigError("norm_before_gate", norm_before_gate, "True or False")
+        self.hidden_size: int = int(hidden_size)
+        size = self.hidden_size if group_size is None else group_size
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1 or self.hidden_size % size:
+            raise ConfigError("group_size", group_size, f"None or a positive divisor of {self.hidden_size}")
+        build_graph(size, chunk_size=chunk_size, topology=topology, leaf=leaf, accumulate=accumulate,
+                    casting_mode=casting_mode, offset=offset)  # a bad option fails here
+        self.eps: float | None = eps
+        self.group_size: int | None = group_size
+        self.norm_before_gate: bool = norm_before_gate
+        self.topology: str = topology
+        self.chunk_size: int = chunk_size
+        self.leaf: str = leaf
+        self.accumulate: str = accumulate
+        self.casting_mode: str = casting_mode
+        self.offset: float = float(offset)
+        self.weight_grad: str = weight_grad
+        self.elementwise_affine: bool = elementwise_affine
+        self.weight: nn.Parameter | None
+        if elementwise_affine:
+            self.weight = nn.Parameter(torch.ones(self.hidden_size, device=device, dtype=dtype))
+        else:
+            self.register_parameter("weight", None)
+
+    def reset_parameters(self) -> None:
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
+        weight = self.weight
+        if self.weight_grad == "exact" and weight is not None and isinstance(x, torch.Tensor) and (
+                ops.route(x, weight) != ops.DIRECT):
+            return self._forward_exact(x, gate)
+        return ops.gated_rms_norm(x, gate, weight, self.eps, group_size=self.group_size,
+                                  norm_before_gate=self.norm_before_gate, topology=self.topology,
+                                  chunk_size=self.chunk_size, leaf=self.leaf, accumulate=self.accumulate,
+                                  casting_mode=self.casting_mode, offset=self.offset)
+
+    @_eager_only  # the accumulator is Python state: eager, a graph break under compile
+    def _forward_exact(self, x: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+        assert self.weight is not None
+        return ops.gated_rms_norm(x, gate, self.weight, self.eps, group_size=self.group_size,
+                                  norm_before_gate=self.norm_before_gate, topology=self.topology,
+                                  chunk_size=self.chunk_size, leaf=self.leaf, accumulate=self.accumulate,
+                                  casting_mode=self.casting_mode, offset=self.offset, exact_param=self.weight)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.hidden_size}, eps={self.eps}, group_size={self.group_size}, "
+            f"norm_before_gate={self.norm_before_gate}, topology={self.topology!r}, chunk_size={self.chunk_size}"
             + (f", casting_mode={self.casting_mode!r}" if self.casting_mode != "torch" else "")
             + (f", offset={self.offset!r}" if self.offset else "")
             + (f", weight_grad={self.weight_grad!r}" if self.weight_grad != "float" else "")

@@ -28,7 +28,7 @@ from torch import nn
 
 from ..errors import ConfigError, MissingDependencyError, UnsupportedNormError
 from ..layernorm import LayerNorm
-from ..module import RMSNorm
+from ..module import GatedRMSNorm, RMSNorm
 from .hf_layernorm import LAYER_OPTIONS, is_layer_norm, layer_norm_replacement, restore_layer_norm, why_not_layer_norm
 from .swap import adopt, class_path, original_of, skipped, slots
 
@@ -40,7 +40,7 @@ __all__ = [
 HF_EXTRA = "pip install 'taskgraph-norm[hf]'"
 
 #: Our own modules: left alone by every replace.
-_OURS = (RMSNorm, LayerNorm)
+_OURS = (RMSNorm, GatedRMSNorm, LayerNorm)
 
 
 @dataclass(frozen=True)
@@ -49,13 +49,18 @@ class NormFamily:
 
     ``eps_attr`` names the attribute holding its epsilon; ``weight_dtypes``, when
     set, are the weight dtypes for which ``casting_mode`` reproduces the class
-    (outside them it is refused rather than approximated).
+    (outside them it is refused rather than approximated).  ``gate``, for a gated
+    class (:class:`~taskgraph_norm.GatedRMSNorm`): ``"before"`` (``x * silu(gate)``,
+    then the norm: Mamba2) or ``"after"`` (the norm, the weight, then ``*
+    silu(gate)``: Qwen3-Next); ``group_attr`` names its group-size attribute.
     """
 
     casting_mode: str
     offset: float
     eps_attr: str
     weight_dtypes: frozenset[torch.dtype] | None = None
+    gate: str | None = None
+    group_attr: str | None = None
 
 
 #: ``(x.float() * rsqrt(mean + eps)).to(x.dtype)``, then ``weight * that``.
@@ -66,8 +71,18 @@ GEMMA = NormFamily("gemma", 1.0, "eps")
 #: promoted dtype of the weight and fp32 -- fp32 (``"torch"``) unless the weight is fp64.
 OLMO2 = NormFamily("torch", 0.0, "variance_epsilon",
                    frozenset({torch.float16, torch.bfloat16, torch.float32}))
+#: NemotronH: ``(weight.to(fp32) * x.float() * rsqrt(...)).to(x.dtype)``: ``"torch"``'s
+#: order for every weight dtype (fp32, bf16 and fp16 inputs).
+NEMOTRON_H = NormFamily("torch", 0.0, "variance_epsilon", frozenset({torch.float16, torch.bfloat16, torch.float32,
+                                                                      torch.float64}), group_attr=None)
 #: ``torch.nn.RMSNorm`` itself: ``"torch"`` is its definition.
 TORCH = NormFamily("torch", 0.0, "eps")
+#: Mamba2's gated norm: ``h = x.float() * silu(gate.float())``, each group of
+#: ``group_size`` times ``rsqrt(mean + eps)``, ``.to(x.dtype)``, then ``weight * that``.
+MAMBA2_GATED = NormFamily("llama", 0.0, "variance_epsilon", gate="before", group_attr="group_size")
+#: Qwen3-Next's gated norm: ``(x.float() * rsqrt(...)).to(x.dtype)``, ``weight * that``,
+#: then ``* silu(gate.float())`` in fp32, cast to ``x.dtype``.
+QWEN3_NEXT_GATED = NormFamily("llama", 0.0, "variance_epsilon", gate="after")
 
 _M = "transformers.models"
 
@@ -79,14 +94,26 @@ FAMILIES: dict[str, NormFamily] = {
         ("qwen2", "Qwen2RMSNorm"), ("qwen2_moe", "Qwen2MoeRMSNorm"), ("qwen3", "Qwen3RMSNorm"),
         ("qwen3_moe", "Qwen3MoeRMSNorm"), ("phi3", "Phi3RMSNorm"), ("granite", "GraniteRMSNorm"),
         ("deepseek_v3", "DeepseekV3RMSNorm"), ("glm4", "Glm4RMSNorm"),
+        ("mamba2", "Mamba2RMSNorm"), ("bamba", "BambaRMSNorm"), ("granitemoehybrid", "GraniteMoeHybridRMSNorm"),
+        ("zamba2", "Zamba2RMSNorm"),
     ]},
     **{f"{_M}.{mod}.modeling_{mod}.{cls}": GEMMA for mod, cls in [
         ("gemma", "GemmaRMSNorm"), ("gemma2", "Gemma2RMSNorm"), ("gemma3", "Gemma3RMSNorm"),
+        ("qwen3_next", "Qwen3NextRMSNorm"), ("qwen3_5", "Qwen3_5RMSNorm"), ("qwen3_5_moe", "Qwen3_5MoeRMSNorm"),
     ]},
     **{f"{_M}.{mod}.modeling_{mod}.{cls}": OLMO2 for mod, cls in [
-        ("olmo2", "Olmo2RMSNorm"), ("olmo3", "Olmo3RMSNorm"),
+        ("olmo2", "Olmo2RMSNorm"), ("olmo3", "Olmo3RMSNorm"), ("olmo_hybrid", "OlmoHybridRMSNorm"),
     ]},
+    f"{_M}.nemotron_h.modeling_nemotron_h.NemotronHRMSNorm": NEMOTRON_H,
     "torch.nn.modules.normalization.RMSNorm": TORCH,
+    **{f"{_M}.{mod}.modeling_{mod}.{cls}": MAMBA2_GATED for mod, cls in [
+        ("mamba2", "Mamba2RMSNormGated"), ("bamba", "BambaRMSNormGated"), ("nemotron_h", "NemotronHRMSNormGated"),
+        ("granitemoehybrid", "GraniteMoeHybridRMSNormGated"), ("zamba2", "Zamba2RMSNormGated"),
+    ]},
+    **{f"{_M}.{mod}.modeling_{mod}.{cls}": QWEN3_NEXT_GATED for mod, cls in [
+        ("qwen3_next", "Qwen3NextRMSNormGated"), ("qwen3_5", "Qwen3_5RMSNormGated"),
+        ("qwen3_5_moe", "Qwen3_5MoeRMSNormGated"), ("olmo_hybrid", "OlmoHybridRMSNormGated"),
+    ]},
 }
 
 #: Class names that look like a norm: refused unless mapped, so that a model is never
@@ -141,15 +168,26 @@ def _why_not(module: nn.Module, family: NormFamily) -> str | None:
         return f"with a {weight.dtype} weight it multiplies in that dtype, which no casting mode does"
     if not isinstance(getattr(module, family.eps_attr, None), (float, int, type(None))):
         return f"no numeric eps in its {family.eps_attr!r} attribute"
+    if family.group_attr is not None and not isinstance(getattr(module, family.group_attr, None), int):
+        return f"no int group size in its {family.group_attr!r} attribute"
+    if family.gate is not None and getattr(module, "activation", "silu") != "silu":
+        return "its gate's activation is not silu"
     return None
 
 
-def _replacement(module: nn.Module, family: NormFamily, options: dict[str, Any]) -> RMSNorm:
+def _replacement(module: nn.Module, family: NormFamily, options: dict[str, Any]) -> RMSNorm | GatedRMSNorm:
     weight = getattr(module, "weight", None)
     shape = tuple(weight.shape) if weight is not None else tuple(getattr(module, "normalized_shape"))
     eps = getattr(module, family.eps_attr)
-    new = RMSNorm(shape, None if eps is None else float(eps), elementwise_affine=weight is not None,
-                  device="meta", casting_mode=family.casting_mode, offset=family.offset, **options)
+    new: RMSNorm | GatedRMSNorm
+    if family.gate is not None:
+        group = getattr(module, family.group_attr) if family.group_attr else None
+        new = GatedRMSNorm(shape[0], None if eps is None else float(eps), group_size=group,
+                           norm_before_gate=family.gate == "after", elementwise_affine=weight is not None,
+                           device="meta", casting_mode=family.casting_mode, offset=family.offset, **options)
+    else:
+        new = RMSNorm(shape, None if eps is None else float(eps), elementwise_affine=weight is not None,
+                      device="meta", casting_mode=family.casting_mode, offset=family.offset, **options)
     if weight is not None:
         new.weight = weight  # the same Parameter: optimizer state and ties keep working
     adopt(new, module)
@@ -200,7 +238,8 @@ def _replace(model: nn.Module, skip: Iterable[str], options: dict[str, Any], lay
 
 
 def replace_rmsnorm(model: nn.Module, *, skip: Iterable[str] = (), **options: Any) -> list[str]:
-    """Replace every RMSNorm module of ``model`` in place with a :class:`taskgraph_norm.RMSNorm`.
+    """Replace every RMSNorm module of ``model`` in place with a :class:`taskgraph_norm.RMSNorm`
+    (a gated one, Mamba2's or Qwen3-Next's, with a :class:`taskgraph_norm.GatedRMSNorm`).
 
     Each replacement gets the casting mode and offset of its class's family
     (:data:`FAMILIES`), the module's eps, and its weight: the same
@@ -295,7 +334,7 @@ def restore_rmsnorm(model: nn.Module) -> list[str]:
     training mode.  Returns the restored modules' names; other
     :class:`~taskgraph_norm.RMSNorm` modules (and every LayerNorm) stay.
     """
-    return _restore(model, (RMSNorm,))
+    return _restore(model, (RMSNorm, GatedRMSNorm))
 
 
 def restore_norms(model: nn.Module) -> list[str]:

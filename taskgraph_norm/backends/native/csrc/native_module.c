@@ -108,6 +108,9 @@ TGN_WRAP(layer_rows, "ppiiipiippdppiiii",
          tgn_layer_rows(a[0].p, a[1].p, a[2].i, a[3].i, a[4].i, a[5].p, a[6].i, a[7].i, a[8].p, a[9].p, a[10].d,
                         a[11].p, a[12].p, a[13].i, a[14].i, a[15].i, a[16].i))
 
+TGN_WRAP(gate_silu, "piipp", tgn_gate_silu(a[0].p, a[1].i, a[2].i, a[3].p, a[4].p))
+TGN_WRAP(gate_product, "pipiipi", tgn_gate_product(a[0].p, a[1].i, a[2].p, a[3].i, a[4].i, a[5].p, a[6].i))
+
 static PyObject *py_exact_scale(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     arg_t a[2];
@@ -245,6 +248,8 @@ static PyMethodDef methods[] = {
              "tgn_float_rows_f32."),
     FASTCALL(float_rows_f64, "x, rows, hidden, row_stride, chunk, adds, n_adds, root, total, " FORWARD_PARAMS,
              "tgn_float_rows_f64."),
+    FASTCALL(gate_silu, "g, g_dtype, n, silu, sigmoid", "tgn_gate_silu."),
+    FASTCALL(gate_product, "g, g_dtype, v, v_dtype, n, out, out_dtype", "tgn_gate_product."),
     FASTCALL(exact_scale, "row_max, hidden", "(sigma1, sigma2) of tgn_exact_scale (0.0, 0.0: no scale)."),
     FASTCALL(backward_rows_f32_team,
              "x, dy, w, rms, rows, hidden, chunk, adds, n_adds, root, exact, dx, dw, grain, threads",

@@ -103,6 +103,16 @@ int64_t tgn_exact_dw_add_rows(const float *dy, const float *x, const float *rms,
 int64_t tgn_exact_dw_merge(int64_t *state, int64_t n, int64_t *states, int64_t n_states, int (*spans)[3],
                            int keep);
 
+/* --- native_gate.c: a gated RMSNorm's gate ----------------------------------------- */
+/* silu[i] = g[i] / (1 + exp(-g[i])) and, where sigmoid is not NULL, sigmoid[i] = 1 / (1 +
+ * exp(-g[i])), in fp64 rounded once to fp32 (kernels/gate.py's operations); g of g_dtype
+ * (TGN_DTYPE_*), n elements, contiguous.  Returns 0, or -1 for an unknown dtype code. */
+int64_t tgn_gate_silu(const void *g, int64_t g_dtype, int64_t n, float *silu, float *sigmoid);
+/* out[i] = v[i] * silu(g[i]) in fp32, rounded to out_dtype (a bf16 or fp16 NaN is 0xFFFF); g, v and out
+ * contiguous, of TGN_DTYPE_* codes.  Returns 0, or -1 for an unknown dtype code. */
+int64_t tgn_gate_product(const void *g, int64_t g_dtype, const void *v, int64_t v_dtype, int64_t n, void *out,
+                         int64_t out_dtype);
+
 /* --- native_team.c: the threads that share a call's rows ---------------------------- */
 
 /* The direct path's configuration: set once per configuration and dtypes (native_module.c's

@@ -1,0 +1,141 @@
+/* The gate of a gated RMSNorm: silu(g) = g / (1 + exp(-g)) and sigmoid(g) = 1 / (1 +
+ * exp(-g)), each evaluated in fp64 from IEEE operations only and rounded once to fp32.
+ * The operations are kernels/gate.py's, in the same order (no fma: -ffp-contract=off),
+ * so both give the same bits, wherever an element sits in a loop. */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "native_half.h"
+#include "tgn_native.h"
+
+#if defined(__FAST_MATH__)
+#error "the native kernels must not be compiled with -ffast-math"
+#endif
+
+/* ln 2 split (fdlibm's ln2HI, ln2LO) and 1/ln 2: kernels/gate.py's LN2_HI, LN2_LO, INV_LN2. */
+static const double LN2_HI = 6.93147180369123816490e-01;
+static const double LN2_LO = 1.90821492927058770002e-10;
+static const double INV_LN2 = 1.44269504088896338700e00;
+
+/* 1 / k! (k! exact in fp64; the quotient correctly rounded): kernels/gate.py's COEFFICIENTS. */
+#if TGN_GATE_EXP_TERMS != 14
+#error "COEFFICIENTS below has 14 terms: GATE_EXP_TERMS changed"
+#endif
+static const double COEFFICIENTS[14] = {
+    1.0 / 1.0, 1.0 / 1.0, 1.0 / 2.0, 1.0 / 6.0, 1.0 / 24.0, 1.0 / 120.0, 1.0 / 720.0, 1.0 / 5040.0,
+    1.0 / 40320.0, 1.0 / 362880.0, 1.0 / 3628800.0, 1.0 / 39916800.0, 1.0 / 479001600.0, 1.0 / 6227020800.0,
+};
+
+/* Elements per block: the gate is widened into an fp32 block, then one tight loop over it
+ * (which the compiler vectorises) computes each element in fp64. */
+#define GATE_BLOCK 512
+
+/* 1 / (1 + exp(-g)) for fp64 g: clamp (a NaN stays NaN), reduce by n ln 2, the series,
+ * then 2**n from its bits (n + 1.5 * 2**52 holds n in its low bits: exact for |n| < 2**51). */
+static inline double one_plus_exp_neg(double g)
+{
+    double t = -g;
+    t = t < -(double)TGN_GATE_EXP_CLAMP ? -(double)TGN_GATE_EXP_CLAMP : t;
+    t = t > (double)TGN_GATE_EXP_CLAMP ? (double)TGN_GATE_EXP_CLAMP : t;
+    double n = nearbyint(t * INV_LN2);
+    n = n == n ? n : 0.0;
+    double r = (t - n * LN2_HI) - n * LN2_LO;
+    double p = COEFFICIENTS[TGN_GATE_EXP_TERMS - 1];
+    for (int k = TGN_GATE_EXP_TERMS - 2; k >= 0; k--)
+        p = p * r + COEFFICIENTS[k];
+    double shifted = n + 0x1.8p52;
+    uint64_t bits;
+    memcpy(&bits, &shifted, sizeof bits);
+    bits = (bits - UINT64_C(0x4338000000000000) + 1023) << 52;
+    double scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale + 1.0;
+}
+
+static void widen_block(const void *src, int64_t dtype, int64_t start, int64_t m, float *dst)
+{
+    if (dtype == TGN_DTYPE_BF16) {
+        const uint16_t *b = (const uint16_t *)src + start;
+        for (int64_t i = 0; i < m; i++)
+            dst[i] = tgn_bf16_to_f32(b[i]);
+    } else if (dtype == TGN_DTYPE_F16) {
+        const uint16_t *h = (const uint16_t *)src + start;
+        for (int64_t i = 0; i < m; i++)
+            dst[i] = tgn_f16_to_f32(h[i]);
+    } else {
+        memcpy(dst, (const float *)src + start, (size_t)m * sizeof *dst);
+    }
+}
+
+static void silu_block(const float *g, int64_t m, float *silu)
+{
+    for (int64_t i = 0; i < m; i++) {
+        double gd = (double)g[i];
+        silu[i] = (float)(gd / one_plus_exp_neg(gd));
+    }
+}
+
+static void silu_sigmoid_block(const float *g, int64_t m, float *silu, float *sigmoid)
+{
+    for (int64_t i = 0; i < m; i++) {
+        double gd = (double)g[i];
+        double e = one_plus_exp_neg(gd);
+        silu[i] = (float)(gd / e);
+        sigmoid[i] = (float)(1.0 / e);
+    }
+}
+
+static inline int known(int64_t dtype)
+{
+    return dtype == TGN_DTYPE_F32 || dtype == TGN_DTYPE_BF16 || dtype == TGN_DTYPE_F16;
+}
+
+int64_t tgn_gate_silu(const void *g, int64_t g_dtype, int64_t n, float *silu, float *sigmoid)
+{
+    float block[GATE_BLOCK];
+    if (!known(g_dtype))
+        return -1;
+    for (int64_t a = 0; a < n; a += GATE_BLOCK) {
+        int64_t m = n - a < GATE_BLOCK ? n - a : GATE_BLOCK;
+        widen_block(g, g_dtype, a, m, block);
+        if (sigmoid)
+            silu_sigmoid_block(block, m, silu + a, sigmoid + a);
+        else
+            silu_block(block, m, silu + a);
+    }
+    return 0;
+}
+
+static void store_block(const float *v, int64_t m, void *out, int64_t dtype, int64_t start)
+{
+    if (dtype == TGN_DTYPE_BF16) {
+        uint16_t *b = (uint16_t *)out + start;
+        for (int64_t i = 0; i < m; i++)
+            b[i] = v[i] != v[i] ? (uint16_t)0xFFFF : tgn_f32_to_bf16(v[i]);
+    } else if (dtype == TGN_DTYPE_F16) {
+        uint16_t *h = (uint16_t *)out + start;
+        for (int64_t i = 0; i < m; i++)
+            h[i] = v[i] != v[i] ? (uint16_t)0xFFFF : tgn_f32_to_f16(v[i]);
+    } else {
+        memcpy((float *)out + start, v, (size_t)m * sizeof *v);
+    }
+}
+
+int64_t tgn_gate_product(const void *g, int64_t g_dtype, const void *v, int64_t v_dtype, int64_t n, void *out,
+                         int64_t out_dtype)
+{
+    float gb[GATE_BLOCK], s[GATE_BLOCK], vb[GATE_BLOCK];
+    if (!known(g_dtype) || !known(v_dtype) || !known(out_dtype))
+        return -1;
+    for (int64_t a = 0; a < n; a += GATE_BLOCK) {
+        int64_t m = n - a < GATE_BLOCK ? n - a : GATE_BLOCK;
+        widen_block(g, g_dtype, a, m, gb);
+        silu_block(gb, m, s);
+        widen_block(v, v_dtype, a, m, vb);
+        for (int64_t i = 0; i < m; i++)
+            vb[i] = vb[i] * s[i];
+        store_block(vb, m, out, out_dtype, a);
+    }
+    return 0;
+}

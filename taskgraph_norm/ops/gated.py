@@ -1,0 +1,304 @@
+"""Gated, grouped RMSNorm (docs/design.md section 15) and its ``torch.library`` ops.
+
+One construction, on every face: the groups are the same merge graph at hidden size
+``group_size`` over ``rows * groups`` rows (a view of the input), so a group's bits
+depend on its own ``group_size`` values only; the gate is an elementwise step
+before the norm (``norm_before_gate=False``, Mamba2) or after the weight
+(``norm_before_gate=True``, Qwen3-Next), with its own cast order.  With
+``acc`` the accumulation dtype, ``s = silu(gate)`` in ``acc``
+(:func:`taskgraph_norm.kernels.gate.silu`, position-invariant bits) and ``n`` each
+group's ``h / rms(h)`` from the merge graph:
+
+* ``casting_mode="torch"``/``"gemma"``: ``h = x * s`` (before) or ``x``, in ``acc``;
+  ``y = n * (w + offset) [* s]`` in ``acc``, cast once to ``x.dtype``.
+* ``casting_mode="llama"`` (the Hugging Face families): before (Mamba2, Bamba,
+  NemotronH, GraniteMoeHybrid, Zamba2) ``h = x * s`` in fp32, ``n`` rounded to
+  ``x.dtype``, ``y = n * (w + offset)`` in the promoted dtype of ``w`` and ``x``;
+  after (Qwen3-Next, Qwen3.5, OLMo-hybrid) ``n`` rounded to ``x.dtype``, ``m = n *
+  (w + offset)`` in the promoted dtype, ``y = (m * s)`` rounded to ``x.dtype``.
+
+The ops: ``taskgraph_norm::gated_rms_norm(x, gate?, weight?, eps, group_size,
+norm_before_gate, <config>) -> y`` and its backward ``gated_rms_norm_backward(dy, x,
+gate?, weight?, ...) -> (dx, dgate, dW)``, one opaque node each under
+``torch.compile`` and ``torch.export`` (so a compiled call has the eager bits).  The
+backward runs the eager construction again under autograd: ``dx`` through the merge
+graph's backward, ``dgate`` elementwise, ``dW`` over fixed row blocks
+(:mod:`.gated_weight`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .. import kernels, pipeline
+from ..checks import check_input, resolve_eps
+from ..errors import ConfigError, DeviceMismatchError, GateShapeError
+from ..backends.base import allowed
+from ..backends.native import gate as native_gate
+from ..kernels.gate import silu_sigmoid
+from . import library as _library_mod
+from .forward import check_model_options
+from .gated_weight import weight_product
+from .library import LIBRARY, _register_autograd, eager_apply
+from .routing import DIRECT, TRACED, route
+
+__all__ = ["check_gated", "gated_forward", "gated_rms_norm", "gated_rms_norm_op", "gated_rms_norm_backward_op"]
+
+#: The dtypes the C gate reads and writes.
+_GATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_CONFIG = "int chunk_size, str topology, str leaf, str accumulate, str casting_mode, float offset"
+_GATED = "float eps, int group_size, bool norm_before_gate"
+
+
+def check_gated(x: object, gate: object, weight: object, group_size: object) -> int:
+    """``x``, the weight (as ``F.rms_norm`` checks them over the whole hidden dim), the
+    gate (``x``'s shape and device) and ``group_size`` (``None``: the hidden size; else a
+    positive divisor of it); returns the group size."""
+    check_input(x, (x.shape[-1] if isinstance(x, torch.Tensor) and x.dim() else 1,), weight)
+    assert isinstance(x, torch.Tensor)
+    hidden = x.shape[-1]
+    if group_size is None:
+        size = hidden
+    elif isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1 or (
+            hidden % group_size):
+        raise ConfigError("group_size", group_size, f"None or a positive divisor of the hidden size {hidden}")
+    else:
+        size = group_size
+    if gate is not None:
+        if not isinstance(gate, torch.Tensor):
+            raise TypeError(f"gate must be a torch.Tensor or None, got {type(gate).__name__}")
+        if gate.shape != x.shape:
+            raise GateShapeError(tuple(gate.shape), tuple(x.shape))
+        if gate.device != x.device:
+            raise DeviceMismatchError(gate.device, x.device)
+        if not gate.dtype.is_floating_point:
+            raise TypeError(f"gate must be a floating-point tensor, got {gate.dtype}")
+    return size
+
+
+def _silu_sigmoid(g: torch.Tensor, acc: torch.dtype, sigmoid: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`~taskgraph_norm.kernels.gate.silu_sigmoid`, in C where it runs (the same bits)."""
+    if acc == torch.float32 and "native" in allowed() and native_gate.runs(g):
+        return native_gate.silu_sigmoid(g, sigmoid)
+    return silu_sigmoid(g, acc, sigmoid)
+
+
+class GateSilu(torch.autograd.Function):
+    """``silu(g)`` in ``acc`` with position-invariant bits, and its derivative
+    ``sigmoid(g) * (1 + g * (1 - sigmoid(g)))`` from the same ``sigmoid`` (elementwise
+    IEEE operations: ``dgate`` is position-invariant too)."""
+
+    @staticmethod
+    def forward(g: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+        return _silu_sigmoid(g, acc, False)[0]
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+        ctx.acc = inputs[1]
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx: Any, ds: torch.Tensor) -> tuple[Any, ...]:
+        (g,) = ctx.saved_tensors
+        sig = _silu_sigmoid(g, ctx.acc, True)[1]
+        assert sig is not None
+        ga = kernels.widen(g, ctx.acc)
+        return (ds * (sig * ((1.0 - sig) * ga + 1.0))).to(g.dtype), None
+
+
+_gate_silu: Any = GateSilu.apply
+
+
+def _norm(h: torch.Tensor, eps: float, config: tuple[Any, ...], executor: str,
+          llama_weight: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
+    """Each row of ``h`` (already viewed as groups) over its last dim, no weight, through
+    the merge graph: ``(h / rms)`` rounded to ``h``'s dtype.  ``llama_weight``, for a
+    call that records no gradient: ``(weight, offset)`` multiplied in by FINALIZE in
+    ``casting_mode="llama"`` (the bits of :func:`.gated_weight.weight_product` after it)."""
+    chunk_size, topology, leaf, accumulate = config
+    if h.numel() == 0:
+        return torch.empty_like(h)
+    if llama_weight is not None:
+        pipe = pipeline.for_config(h.shape[-1], chunk_size, topology, leaf, accumulate, executor, "llama",
+                                   llama_weight[1])
+        weighted: torch.Tensor = pipe(h, llama_weight[0], eps)
+        return weighted
+    how = route(h, None)
+    if how == DIRECT:
+        pipe = pipeline.for_config(h.shape[-1], chunk_size, topology, leaf, accumulate, executor)
+        y: torch.Tensor = pipe(h, None, eps)
+        return y
+    if how == TRACED:
+        traced: torch.Tensor = _library_mod.rms_norm_op(h, None, eps, chunk_size, topology, leaf, accumulate,
+                                                        "torch", 0.0)[0]
+        return traced
+    return eager_apply(h, None, (eps, chunk_size, topology, leaf, accumulate, "torch", 0.0))
+
+
+def gated_forward(
+    x: torch.Tensor, gate: torch.Tensor | None, weight: torch.Tensor | None, eps: float, group_size: int,
+    norm_before_gate: bool, chunk_size: int, topology: str, leaf: str, accumulate: str, casting_mode: str,
+    offset: float, *, executor: str = "auto", exact_param: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The construction of the module doc on checked input (``eps`` resolved), as
+    differentiable pieces: the merge graph's ops and elementwise torch ops."""
+    acc = kernels.accumulation_dtype(x.dtype)
+    llama = casting_mode == "llama"
+    # No gradient to record: the gate's product in one C pass (the same bits).
+    fused = gate is not None and acc == torch.float32 and not (torch.is_grad_enabled() and (
+        x.requires_grad or gate.requires_grad or (weight is not None and weight.requires_grad))) and (
+        "native" in allowed()) and native_gate.runs(gate, x)
+    s: torch.Tensor | None = None if gate is None or fused else _gate_silu(gate, acc)
+    if gate is not None and not norm_before_gate:
+        h = native_gate.gate_product(gate, x, acc) if fused else kernels.widen(x, acc) * s
+    else:
+        h = x if llama else kernels.widen(x, acc)
+    hidden = x.shape[-1]
+    groups = hidden // group_size if group_size else 1
+    if groups > 1:
+        h = h.reshape(*h.shape[:-1], groups, group_size)
+    config = (chunk_size, topology, leaf, accumulate)
+    if fused and llama and weight is not None and groups == 1 and norm_before_gate:
+        m = _norm(h, eps, config, executor, (weight, offset))  # FINALIZE multiplies by the weight
+        return native_gate.gate_product(gate, m, x.dtype) if m.dtype in _GATE_DTYPES else _same_nans(
+            (m * _gate_silu(gate, acc)).to(x.dtype))
+    n = _norm(h, eps, config, executor)
+    if llama:
+        n = n.to(x.dtype)
+    m = n
+    if weight is not None:
+        wide = torch.promote_types(weight.dtype, x.dtype) if llama else acc
+        w = weight if groups == 1 else weight.reshape(groups, group_size)
+        m = weight_product(n, w, offset, wide, exact_param)
+    if groups > 1:
+        m = m.reshape(x.shape)
+    if gate is not None and norm_before_gate:
+        if fused and m.dtype in _GATE_DTYPES:
+            return native_gate.gate_product(gate, m, x.dtype)
+        return _same_nans((m * s).to(x.dtype))
+    return m if llama else m.to(x.dtype)
+
+
+def _same_nans(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with each bf16/fp16 NaN made 0xFFFF (in place, outside autograd), as
+    :func:`~taskgraph_norm.kernels.gate.gate_product` and the C gate write it: torch's
+    casts write a NaN by the element's position."""
+    with torch.no_grad():
+        d = t.detach()
+        if d.element_size() == 2 and d.device.type == "cpu":
+            nan = d.isnan()
+            if bool(nan.any()):
+                d.view(torch.int16).masked_fill_(nan, -1)
+    return t
+
+
+def output_dtype(x: torch.Tensor, gate: torch.Tensor | None, weight: torch.Tensor | None, casting_mode: str,
+                 norm_before_gate: bool) -> torch.dtype:
+    """``y``'s dtype: ``x``'s, except ``"llama"`` with a weight and no gate after it (the
+    promoted dtype of the weight and ``x``, as Mamba2's module returns)."""
+    if casting_mode == "llama" and weight is not None and not (gate is not None and norm_before_gate):
+        return torch.promote_types(weight.dtype, x.dtype)
+    return x.dtype
+
+
+# --- the ops -----------------------------------------------------------------------
+
+LIBRARY.define(f"gated_rms_norm(Tensor x, Tensor? gate, Tensor? weight, {_GATED}, {_CONFIG}) -> Tensor")
+LIBRARY.define(f"gated_rms_norm_backward(Tensor dy, Tensor x, Tensor? gate, Tensor? weight, {_GATED}, {_CONFIG}, "
+               "bool[3] output_mask) -> (Tensor, Tensor, Tensor)")
+
+
+def _forward_kernel(x: torch.Tensor, gate: torch.Tensor | None, weight: torch.Tensor | None, eps: float,
+                    group_size: int, norm_before_gate: bool, *config: Any) -> torch.Tensor:
+    check_gated(x, gate, weight, group_size)
+    check_model_options(config[4], config[5])
+    return gated_forward(x, gate, weight, eps, group_size, norm_before_gate, *config)
+
+
+def _backward_kernel(dy: torch.Tensor, x: torch.Tensor, gate: torch.Tensor | None, weight: torch.Tensor | None,
+                     eps: float, group_size: int, norm_before_gate: bool, *rest: Any
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    *config, mask = rest
+    leaves = [t.detach().requires_grad_(bool(need)) if t is not None else None
+              for t, need in zip((x, gate, weight), mask)]
+    wanted = [t for t, need in zip(leaves, mask) if t is not None and need]
+    grads: list[torch.Tensor | None] = [None, None, None]
+    if wanted:
+        with torch.enable_grad():
+            y = gated_forward(leaves[0], leaves[1], leaves[2], eps, group_size,  # type: ignore[arg-type]
+                              norm_before_gate, *config)
+            found = iter(torch.autograd.grad(y, wanted, dy, allow_unused=True))
+        grads = [next(found) if t is not None and need else None for t, need in zip(leaves, mask)]
+    return tuple(  # type: ignore[return-value]
+        g.detach() if g is not None else (torch.zeros_like(t) if t is not None and need else x.new_empty(0))
+        for g, t, need in zip(grads, (x, gate, weight), mask))
+
+
+LIBRARY.impl("gated_rms_norm", _forward_kernel, "CompositeExplicitAutograd")
+LIBRARY.impl("gated_rms_norm_backward", _backward_kernel, "CompositeExplicitAutograd")
+LIBRARY.impl("gated_rms_norm_backward", torch.library.fallthrough_kernel, "Autograd")
+
+gated_rms_norm_op = torch.ops.taskgraph_norm.gated_rms_norm.default
+gated_rms_norm_backward_op = torch.ops.taskgraph_norm.gated_rms_norm_backward.default
+
+
+def _forward_fake(x: torch.Tensor, gate: torch.Tensor | None, weight: torch.Tensor | None, eps: float,
+                  group_size: int, norm_before_gate: bool, *config: Any) -> torch.Tensor:
+    return torch.empty_like(x, dtype=output_dtype(x, gate, weight, config[4], norm_before_gate))
+
+
+def _backward_fake(dy: torch.Tensor, x: torch.Tensor, gate: torch.Tensor | None, weight: torch.Tensor | None,
+                   *rest: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    mask = rest[-1]
+    return tuple(  # type: ignore[return-value]
+        t.new_empty(t.shape) if t is not None and need else x.new_empty(0)
+        for t, need in zip((x, gate, weight), mask))
+
+
+_register_fake: Any = torch.library.register_fake
+_register_fake("taskgraph_norm::gated_rms_norm", _forward_fake, lib=LIBRARY)
+_register_fake("taskgraph_norm::gated_rms_norm_backward", _backward_fake, lib=LIBRARY)
+
+
+def _setup(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+    ctx.save_for_backward(*inputs[:3])
+    ctx.config = inputs[3:]
+
+
+def _backward(ctx: Any, dy: torch.Tensor) -> tuple[Any, ...]:
+    x, gate, weight = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    mask = [needs[0], needs[1] and gate is not None, needs[2] and weight is not None]
+    dx, dgate, dw = gated_rms_norm_backward_op(dy, x, gate, weight, *ctx.config, mask)
+    return (dx if mask[0] else None, dgate if mask[1] else None, dw if mask[2] else None) + (None,) * 9
+
+
+_register_autograd("gated_rms_norm", _backward, _setup)
+
+
+def gated_rms_norm(
+    x: torch.Tensor, gate: torch.Tensor | None = None, weight: torch.Tensor | None = None,
+    eps: float | None = None, *, group_size: int | None = None, norm_before_gate: bool = False,
+    topology: str = "tree", chunk_size: int = 64, leaf: str = "pairwise", accumulate: str = "float",
+    casting_mode: str = "torch", offset: float = 0.0, executor: str = "auto",
+    exact_param: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Gated, grouped RMSNorm of ``x`` over its last dim (the module doc's construction).
+
+    A traced call (``torch.compile``, ``torch.export``) is the op ``gated_rms_norm``;
+    an eager call runs the construction directly (under autograd when a gradient is
+    recorded: the same bits).  ``exact_param``: ``weight_grad="exact"`` (eager only)."""
+    if not isinstance(norm_before_gate, bool):
+        raise ConfigError("norm_before_gate", norm_before_gate, "True or False")
+    size = check_gated(x, gate, weight, group_size)
+    check_model_options(casting_mode, offset)
+    e = resolve_eps(eps, x.dtype)
+    config = (chunk_size, topology, leaf, accumulate, casting_mode, float(offset))
+    if route(x, weight) == TRACED or (gate is not None and route(gate, None) == TRACED):
+        pipeline.check_executor(executor)
+        y: torch.Tensor = gated_rms_norm_op(x, gate, weight, e, size, norm_before_gate, *config)
+        return y
+    return gated_forward(x, gate, weight, e, size, norm_before_gate, *config, executor=executor,
+                         exact_param=exact_param)
