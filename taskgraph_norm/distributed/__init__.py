@@ -31,6 +31,7 @@ from .launch import run_local as run_local
 from .pipeline import ShardedPipeline as ShardedPipeline
 from .pipeline import for_shards as for_shards
 from .module import RMSNorm as RMSNorm
+from . import dtensor as dtensor  # the faces' DTensor calls (registers itself)
 
 __all__ = [
     "DistributedPlan",
@@ -39,6 +40,7 @@ __all__ = [
     "all_reduce_exact_grads",
     "build_distributed_graph",
     "build_naive_graph",
+    "dtensor",
     "distributed_plan",
     "even_shard_sizes",
     "exact_parameters",

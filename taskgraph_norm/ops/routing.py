@@ -18,6 +18,7 @@ Everything else (no grad, real tensors, nothing tracing) may take the direct pat
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -25,7 +26,7 @@ from torch.autograd import forward_ad as _forward_ad
 
 from ..checks import PLAIN_TENSORS as _PLAIN
 
-__all__ = ["DIRECT", "EAGER", "TRACED", "dual", "forward_ad_active", "jit_tracing", "needs_op", "route", "tracing"]
+__all__ = ["DIRECT", "DTENSOR_FACES", "EAGER", "TRACED", "dtensor_face", "dual", "forward_ad_active", "jit_tracing", "needs_op", "route", "tracing"]
 
 #: Where a call goes: straight to the kernel, its kernels under eager autograd, or the op.
 DIRECT, EAGER, TRACED = 0, 1, 2
@@ -88,3 +89,18 @@ def needs_op(x: torch.Tensor, weight: torch.Tensor | None) -> bool:
     """Whether a call on ``x`` (and ``weight``) must go through the ops rather than
     straight to the kernel."""
     return route(x, weight) != DIRECT
+
+
+#: The DTensor faces by name (``"normalize"``, ``"rms_module"``, ``"layer_norm"``,
+#: ``"layer_module"``), and the DTensor class: registered by
+#: :mod:`taskgraph_norm.distributed.dtensor`, which the package imports.  A face hands a
+#: call with a DTensor to them (docs/distributed.md, "DTensor").
+DTENSOR_FACES: dict[str, Callable[..., Any]] = {}
+DTENSOR_TYPES: list[type] = []
+
+
+def dtensor_face(name: str, *tensors: object) -> Callable[..., Any] | None:
+    """The DTensor face ``name`` when one of ``tensors`` is a DTensor, else ``None``."""
+    if DTENSOR_TYPES and any(isinstance(t, DTENSOR_TYPES[0]) for t in tensors):
+        return DTENSOR_FACES[name]
+    return None
