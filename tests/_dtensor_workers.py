@@ -8,13 +8,15 @@ so one spawn per world size covers every case.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
+import anyio
 import torch
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 
 import taskgraph_norm as tgn
 
@@ -177,6 +179,16 @@ def check_modules(rank: int, world: int) -> dict[str, Any]:
             y_inference = tgn.normalize_sync(xd, w)
         if not all([same(y_no_grad, y1), same(y_inference, y1)]) or not isinstance(y_inference, DTensor):
             failed.append(f"no_grad / inference_mode on {pname}")
+    # the async faces, and a Partial() x (reduced to Replicate() first: rank 0 holds it all)
+    xd = distribute_tensor(x, mesh, [Shard(0)])
+    y_async = anyio.run(functools.partial(tgn.normalize, xd, w))
+    ln_async = anyio.run(functools.partial(tgn.layer_norm, xd, w))
+    partial = DTensor.from_local(x if rank == 0 else torch.zeros_like(x), mesh, [Partial()])
+    y_partial = tgn.normalize_sync(partial, w)
+    if not all([same(y_async, y1), same(ln_async, tgn.layer_norm_sync(x, w)), same(y_partial, y1)]):
+        failed.append("async faces or Partial()")
+    if tuple(y_partial.placements) != (Replicate(),):
+        failed.append(f"Partial() x gave {y_partial.placements}")
     # rows enough to split across threads, D a multiple of no world size
     x, dy, w = data(6, (2, 1500, 67), torch.float32)
     ref = one_process(lambda a, b: tgn.normalize_sync(a, b), x, dy, w)

@@ -14,6 +14,8 @@ accumulators of every rank with one integer all-reduce (docs/training.md).
 
 from __future__ import annotations
 
+from typing import Any
+
 from .api import naive_normalize_sync as naive_normalize_sync
 from .api import normalize as normalize
 from .api import normalize_sync as normalize_sync
@@ -31,7 +33,17 @@ from .launch import run_local as run_local
 from .pipeline import ShardedPipeline as ShardedPipeline
 from .pipeline import for_shards as for_shards
 from .module import RMSNorm as RMSNorm
-from . import dtensor as dtensor  # the faces' DTensor calls (registers itself)
+from ..ops.routing import DTENSOR_LOADER as _LOADER
+
+
+def _dtensor_faces() -> dict[str, Any]:
+    """The faces' DTensor calls (:mod:`.dtensor`), imported on the first DTensor call."""
+    from . import dtensor
+
+    return dtensor.faces()
+
+
+_LOADER[:] = [_dtensor_faces]
 
 __all__ = [
     "DistributedPlan",
@@ -40,7 +52,6 @@ __all__ = [
     "all_reduce_exact_grads",
     "build_distributed_graph",
     "build_naive_graph",
-    "dtensor",
     "distributed_plan",
     "even_shard_sizes",
     "exact_parameters",

@@ -33,11 +33,9 @@ from typing import Any
 
 import torch
 
-from .. import ops
 from ..api import normalize_sync as _normalize_sync
 from ..errors import ConfigError, InputShapeError
 from ..layernorm.api import layer_norm_sync as _layer_norm_sync
-from ..ops import routing
 from .dtensor_grad import Layout, ShardedNorm, local_param
 
 try:  # torch >= 2.5: the public DTensor module
@@ -176,20 +174,10 @@ def _too_old(*_args: Any) -> Any:
                        f"this is torch {torch.__version__}: pass x.full_tensor() or x.to_local() instead")
 
 
-def register() -> None:
-    """Hand the faces' DTensor calls to this module (the package does it on import)."""
-    faces: dict[str, Callable[..., Any]] = dict(normalize=normalize, rms_module=rms_module, layer_norm=layer_norm,
+def faces() -> dict[str, Callable[..., Any]]:
+    """The faces' DTensor entry points by name (:data:`taskgraph_norm.ops.routing.DTENSOR_FACES`)."""
+    found: dict[str, Callable[..., Any]] = dict(normalize=normalize, rms_module=rms_module, layer_norm=layer_norm,
                                                 layer_module=layer_module)
-    if DTensor is not None:
-        routing.DTENSOR_TYPES[:] = [DTensor]
-    else:  # pragma: no cover  (torch 2.4)
-        try:
-            from torch.distributed._tensor import DTensor as private  # type: ignore[attr-defined]
-        except ImportError:
-            return
-        routing.DTENSOR_TYPES[:] = [private]
-        faces = {name: _too_old for name in faces}
-    ops.routing.DTENSOR_FACES.update(faces)
-
-
-register()
+    if DTensor is None:  # pragma: no cover  (torch 2.4: a private DTensor, no public module)
+        return {name: _too_old for name in found}
+    return found

@@ -18,6 +18,7 @@ Everything else (no grad, real tensors, nothing tracing) may take the direct pat
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -92,15 +93,26 @@ def needs_op(x: torch.Tensor, weight: torch.Tensor | None) -> bool:
 
 
 #: The DTensor faces by name (``"normalize"``, ``"rms_module"``, ``"layer_norm"``,
-#: ``"layer_module"``), and the DTensor class: registered by
-#: :mod:`taskgraph_norm.distributed.dtensor`, which the package imports.  A face hands a
-#: call with a DTensor to them (docs/distributed.md, "DTensor").
+#: ``"layer_module"``), loaded on the first DTensor call by the loader that
+#: :mod:`taskgraph_norm.distributed` sets (its ``dtensor`` module).  A face hands a call
+#: with a DTensor to them (docs/distributed.md, "DTensor").
 DTENSOR_FACES: dict[str, Callable[..., Any]] = {}
-DTENSOR_TYPES: list[type] = []
+DTENSOR_LOADER: list[Callable[[], dict[str, Callable[..., Any]]]] = []
+#: Where torch keeps the DTensor class (public since torch 2.5): looked up, never
+#: imported here (a DTensor exists only once one of them is imported).
+_DTENSOR_MODULES = ("torch.distributed.tensor", "torch.distributed._tensor")
 
 
 def dtensor_face(name: str, *tensors: object) -> Callable[..., Any] | None:
     """The DTensor face ``name`` when one of ``tensors`` is a DTensor, else ``None``."""
-    if DTENSOR_TYPES and any(isinstance(t, DTENSOR_TYPES[0]) for t in tensors):
-        return DTENSOR_FACES[name]
-    return None
+    for module in _DTENSOR_MODULES:
+        cls = getattr(sys.modules.get(module), "DTensor", None)
+        if cls is not None:
+            break
+    else:
+        return None
+    if not any(isinstance(t, cls) for t in tensors):
+        return None
+    if not DTENSOR_FACES and DTENSOR_LOADER:
+        DTENSOR_FACES.update(DTENSOR_LOADER[0]())
+    return DTENSOR_FACES.get(name)
