@@ -245,9 +245,10 @@ class Block(nn.Module):
 
 
 def check_all(rank: int, world: int) -> dict[str, Any]:
-    """The faces, the modules and SequenceParallel, in one spawn."""
+    """The faces, the modules, SequenceParallel and the ops, in one spawn."""
     faces, modules, sp = check_faces(rank, world), check_modules(rank, world), check_sequence_parallel(rank, world)
-    return {"failed": faces["failed"] + modules["failed"] + sp["failed"], "found": faces["found"],
+    failed = faces["failed"] + modules["failed"] + sp["failed"] + check_ops(rank, world)["failed"]
+    return {"failed": failed, "found": faces["found"],
             "errors": modules["errors"]}
 
 
@@ -332,3 +333,32 @@ def check_fsdp2(rank: int, world: int, steps: int) -> dict[str, Any]:
         if not torch.allclose(full.detach(), q.detach(), rtol=1e-4, atol=1e-5):
             failed.append(f"parameter {name} after {steps} steps")
     return {"failed": failed, "losses": losses}
+
+
+def check_ops(rank: int, world: int) -> dict[str, Any]:
+    """The torch.library ops handed DTensors directly (DTensor's dispatch and our rules):
+    rows sharded keep their placement, the hidden dim is gathered first; the bits are
+    the one-process op's."""
+    mesh = init_device_mesh("cpu", (world,))
+    failed: list[str] = []
+    x, dy, w = data(8, (12, 12, 40), torch.float32)  # rows for every rank (DTensor's choice)
+    config = (1e-6, 16, "tree", "pairwise", "float", "torch", 0.0)
+
+    def rms(a: Any, b: Any) -> Any:
+        return torch.ops.taskgraph_norm.rms_norm(a, b, *config)[0]
+
+    def layer(a: Any, b: Any) -> Any:
+        return torch.ops.taskgraph_norm.layer_norm(a, b, None, 1e-5, 16, "tree", "pairwise", "float")[0]
+
+    for name, call in (("rms_norm", rms), ("layer_norm", layer)):
+        ref = one_process(call, x, dy, w)
+        for pname, placement in PLACEMENTS.items():
+            y, dx, dw = _dtensor_run(mesh, placement, call, x, dy, w, "dtensor")
+            if not all([same(y, ref[0]), same(dx, ref[1])]):
+                failed.append(f"{name} {pname}: y or dx")
+            rows = pname in ("Shard(0)", "Shard(1)")
+            if rows != dw.placements[0].is_partial():
+                failed.append(f"{name} {pname}: dW {dw.placements}")
+            if not torch.allclose(dw.full_tensor(), ref[2], rtol=1e-5, atol=1e-6):
+                failed.append(f"{name} {pname}: dW not close")
+    return {"failed": failed}

@@ -7,7 +7,8 @@ bits differ from the one process on the full tensors: ``normalize_sync`` on
 and bf16, float and exact accumulation, a DTensor or a plain weight, forward and
 ``dx``; ``dW`` where the placement promises it; the exact weight gradient of
 ``tgn.RMSNorm(weight_grad="exact")`` on every placement; LayerNorm with rows sharded;
-``SequenceParallel``; Liger-Kernel's DTensor cases; and the negative controls (the
+``SequenceParallel``; Liger-Kernel's DTensor cases; the ``torch.library`` ops handed
+DTensors directly (their sharding rules); and the negative controls (the
 float ``dW`` that a row-sharded batch reduces across ranks, and a planted one-ulp
 change).  FSDP2 trains a small model in its own spawn.
 """

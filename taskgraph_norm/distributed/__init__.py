@@ -34,6 +34,7 @@ from .pipeline import ShardedPipeline as ShardedPipeline
 from .pipeline import for_shards as for_shards
 from .module import RMSNorm as RMSNorm
 from ..ops.routing import DTENSOR_LOADER as _LOADER
+from . import dtensor_ops as _dtensor_ops
 
 
 def _dtensor_faces() -> dict[str, Any]:
@@ -44,6 +45,7 @@ def _dtensor_faces() -> dict[str, Any]:
 
 
 _LOADER[:] = [_dtensor_faces]
+_dtensor_ops.register()  # the ops' DTensor rules, for DTensors handed to the ops themselves
 
 __all__ = [
     "DistributedPlan",
