@@ -196,6 +196,15 @@ def check_modules(rank: int, world: int) -> dict[str, Any]:
         y, dx, _ = _dtensor_run(mesh, PLACEMENTS[pname], lambda a, b: tgn.normalize_sync(a, b), x, dy, w, "dtensor")
         if not all([same(y, ref[0]), same(dx, ref[1])]):
             failed.append(f"(2, 1500, 67) {pname}")
+    # no weight, the hidden dim sharded
+    ref = one_process(lambda a: tgn.normalize_sync(a), x, dy)
+    xd = distribute_tensor(x, mesh, [Shard(-1)]).requires_grad_()
+    y = tgn.normalize_sync(xd)
+    y.backward(distribute_tensor(dy, mesh, [Shard(-1)]))
+    if not all([same(y, ref[0]), same(xd.grad, ref[1])]):
+        failed.append("Shard(-1) without a weight")
+    if world == 4:  # a 2-D mesh: rows over one mesh dim, the hidden dim over the other
+        failed += check_2d_mesh()
     errors = []
     for bad in (lambda: tgn.normalize_sync(distribute_tensor(x, mesh, [Shard(0)]), torch.ones(5)),
                 lambda: tgn.normalize_sync(distribute_tensor(x, mesh, [Shard(0)]), w, out=torch.empty(3, 4, 6)),
@@ -208,6 +217,24 @@ def check_modules(rank: int, world: int) -> dict[str, Any]:
     failed += [f"error case {i}: {e}" for i, e in enumerate(errors) if e == "no error"]
     failed += check_liger(mesh)
     return {"failed": failed, "errors": errors}
+
+
+def check_2d_mesh() -> list[str]:
+    """``[Shard(0), Shard(-1)]`` on a 2 x 2 mesh: the exact module's y, dx and dW."""
+    mesh = init_device_mesh("cpu", (2, 2))
+    x, dy, w = data(11, (6, 5, 70), torch.float32)
+    ref_norm = tgn.RMSNorm(70, weight_grad="exact")
+    with torch.no_grad():
+        ref_norm.weight.copy_(w)
+    ref = one_process(lambda a: ref_norm(a), x, dy)
+    norm = tgn.RMSNorm(70, weight_grad="exact")
+    norm.weight = nn.Parameter(distribute_tensor(w, mesh, [Replicate(), Replicate()]))
+    placements = [Shard(0), Shard(-1)]
+    xd = distribute_tensor(x, mesh, placements).requires_grad_()
+    y = norm(xd)
+    y.backward(distribute_tensor(dy, mesh, placements))
+    ok = [same(y, ref[0]), same(xd.grad, ref[1]), same(norm.weight.grad, ref_norm.weight.grad)]
+    return [] if all(ok) else [f"2-D mesh {placements}: y, dx, dW {ok}"]
 
 
 def check_liger(mesh: Any) -> list[str]:
