@@ -166,6 +166,9 @@ def normalize_sync(
     if how == ops.TRACED:
         options = dict(topology=topology, chunk_size=chunk_size, leaf=leaf, accumulate=accumulate,
                        casting_mode=casting_mode, offset=offset)
+        face = ops.dtensor_face("normalize", x, weight, residual)
+        if face is not None:  # a DTensor: taskgraph_norm.distributed.dtensor
+            return face(x, weight, eps, dict(options, executor=executor), out, residual, residual_out)
         return _traced(x, weight, eps, options, executor, out, residual, residual_out)
     pipe = find_pipeline(x, topology, chunk_size, leaf, accumulate, executor, weight, casting_mode, offset,
                          residual is not None)

@@ -12,6 +12,7 @@ from torch import nn
 
 from . import ops
 from .api import find_pipeline, normalize_sync
+from .checks import PLAIN_TENSORS as _PLAIN
 from .checks import check_input, resolve_eps
 from .errors import ConfigError
 from .topologies import build_graph
@@ -109,6 +110,10 @@ class RMSNorm(nn.Module):
         Every call goes through :func:`taskgraph_norm.normalize_sync`, which decides where
         (the direct kernel, or the ops when a gradient is recorded or a tracer looks)."""
         weight = self.weight  # (once: a parameter is a slow attribute)
+        if type(x) not in _PLAIN or (weight is not None and type(weight) not in _PLAIN):
+            face = ops.dtensor_face("rms_module", x, weight, residual)
+            if face is not None:  # a DTensor: taskgraph_norm.distributed.dtensor
+                return face(self, x, residual)
         if self.weight_grad == "exact" and weight is not None and isinstance(x, torch.Tensor) and (
                 ops.route(x, weight) != ops.DIRECT):
             return self._forward_exact(x, residual)

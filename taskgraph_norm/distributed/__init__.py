@@ -14,6 +14,8 @@ accumulators of every rank with one integer all-reduce (docs/training.md).
 
 from __future__ import annotations
 
+from typing import Any
+
 from .api import naive_normalize_sync as naive_normalize_sync
 from .api import normalize as normalize
 from .api import normalize_sync as normalize_sync
@@ -37,6 +39,19 @@ from .module import LayerNorm as LayerNorm
 from .pipeline import ShardedPipeline as ShardedPipeline
 from .pipeline import for_shards as for_shards
 from .module import RMSNorm as RMSNorm
+from ..ops.routing import DTENSOR_LOADER as _LOADER
+from . import dtensor_ops as _dtensor_ops
+
+
+def _dtensor_faces() -> dict[str, Any]:
+    """The faces' DTensor calls (:mod:`.dtensor`), imported on the first DTensor call."""
+    from . import dtensor
+
+    return dtensor.faces()
+
+
+_LOADER[:] = [_dtensor_faces]
+_dtensor_ops.register()  # the ops' DTensor rules, for DTensors handed to the ops themselves
 
 __all__ = [
     "DistributedPlan",

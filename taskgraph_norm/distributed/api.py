@@ -28,6 +28,7 @@ from .. import kernels
 from ..checks import check_input
 from ..checks import resolve_eps as _resolve_eps
 from ..errors import ShardMismatchError
+from ..ops.forward import check_model_options
 from .graph import check_shard_sizes
 from .pipeline import for_shards
 
@@ -92,6 +93,8 @@ def normalize_sync(
     accumulate: str = "float",
     eps: float | None = None,
     shard_sizes: Sequence[int] | None = None,
+    casting_mode: str = "torch",
+    offset: float = 0.0,
 ) -> torch.Tensor:
     """RMSNorm of a row whose last dim is split into contiguous shards across ``group``.
 
@@ -110,7 +113,7 @@ def normalize_sync(
     group:
         A ``torch.distributed`` process group; None is the default group.  gloo for
         CPU tensors, nccl for CUDA tensors.
-    topology, chunk_size, leaf, accumulate, eps:
+    topology, chunk_size, leaf, accumulate, eps, casting_mode, offset:
         As in :func:`taskgraph_norm.normalize`; ``topology="standard"`` cannot span ranks.
     shard_sizes:
         Every rank's ``D_rank``, if the caller knows them; skips one small all-gather.
@@ -125,14 +128,18 @@ def normalize_sync(
     """
     rank, world = _group_info(group)
     _check_shard(x_shard, weight_shard)
+    check_model_options(casting_mode, offset)
     eps_value = _resolve_eps(eps, x_shard.dtype)
+    casting = (casting_mode, float(offset))
     sizes = _sizes(hidden_size, shard_sizes, x_shard, rank, world, group,
-                   (chunk_size, topology, leaf, accumulate, eps_value))
+                   (chunk_size, topology, leaf, accumulate, eps_value, *casting))
     pipe = for_shards(hidden_size, sizes, chunk_size, topology, leaf, accumulate)
     if x_shard.shape[:-1].numel() == 0:  # no rows on any rank (they agreed on the count)
-        return torch.empty_like(x_shard)
+        dtype = kernels.output_dtype(x_shard.dtype, None if weight_shard is None else weight_shard.dtype,
+                                     casting_mode)
+        return torch.empty_like(x_shard, dtype=dtype)
     return pipe(x_shard, weight_shard, eps_value, rank, lambda t: _gather(t, group, world),
-                _reducer(dist.ReduceOp.MAX, group, world), _reducer(dist.ReduceOp.SUM, group, world))
+                _reducer(dist.ReduceOp.MAX, group, world), _reducer(dist.ReduceOp.SUM, group, world), casting)
 
 
 def _check_shard(x: object, weight: object | None) -> None:

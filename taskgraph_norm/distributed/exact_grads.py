@@ -22,7 +22,7 @@ from ..errors import ExactSumError, ShardMismatchError
 from ..ops.exact_grad import ExactGrad, ExactSum, exact_grads
 from ..kernels import exact_sum as es
 
-__all__ = ["all_reduce_exact_grads", "exact_parameters", "exclude_from_ddp"]
+__all__ = ["all_reduce_exact_grads", "all_reduce_exact_sums", "exact_parameters", "exclude_from_ddp"]
 
 
 def exact_parameters(module_or_params: torch.nn.Module | Iterable[torch.Tensor],
@@ -102,7 +102,16 @@ def all_reduce_exact_grads(
         raise ExactSumError(
             f"the gradients of exact parameters {changed} were changed after the exact backward "
             "wrote them (is DDP reducing them too? call exclude_from_ddp(model) before wrapping)")
-    sums = [grads.state(p) for p in params]
+    sums = all_reduce_exact_sums([grads.state(p) for p in params], group)
+    for p, total in zip(params, sums):
+        grads.set_state(p, ExactSum.from_state(total.state.to(p.device)))
+    return params
+
+
+def all_reduce_exact_sums(sums: list[ExactSum], group: dist.ProcessGroup | None = None) -> list[ExactSum]:
+    """Every rank's exact sums added over ``group`` (one small MAX all-reduce, then one
+    integer SUM all-reduce of the digits in use): the same bits at any world size.
+    Every rank passes the same number of sums of the same sizes, in the same order."""
     devices = {s.state.device for s in sums}
     device = devices.pop() if len(devices) == 1 else torch.device("cpu")
     states = [s.state.to(device) for s in sums]
@@ -110,7 +119,7 @@ def all_reduce_exact_grads(
     lo, hi = _window(states)
     # One MAX all-reduce of (x, -x) pairs gives every rank the max and the min:
     # equal counts on every rank, and the union of the digit windows.
-    facts = torch.tensor([len(params), numel, hi, -len(params), -numel, -lo], dtype=torch.int64,
+    facts = torch.tensor([len(sums), numel, hi, -len(sums), -numel, -lo], dtype=torch.int64,
                          device=device)
     dist.all_reduce(facts, op=dist.ReduceOp.MAX, group=group)
     most, least = facts[:3].tolist(), (-facts[3:]).tolist()
@@ -119,7 +128,7 @@ def all_reduce_exact_grads(
             f"the ranks hold different exact parameters: between {least[0]} and {most[0]} "
             f"parameters of {least[1]} to {most[1]} elements; pass the same module on every rank")
     lo, hi = least[2], most[2]
-    if not params:
+    if not sums:
         return []
     flat = torch.cat(states, dim=1)
     payload = torch.cat([flat[lo:hi], flat[es.DIGITS:]], dim=0).contiguous()
@@ -127,9 +136,9 @@ def all_reduce_exact_grads(
     total = torch.zeros_like(flat)
     total[lo:hi] = payload[:hi - lo]
     total[es.DIGITS:] = payload[hi - lo:]
-    offset = 0
-    for p, s in zip(params, states):
+    out, offset = [], 0
+    for s in states:
         n = s.shape[1]
-        grads.set_state(p, ExactSum.from_state(total[:, offset:offset + n].to(p.device)))
+        out.append(ExactSum.from_state(total[:, offset:offset + n]))
         offset += n
-    return params
+    return out

@@ -48,12 +48,14 @@ class ShardedPipeline:
         self.plan: DistributedPlan | None = None if self.exact else distributed_plan(self.graph)
 
     def __call__(self, x_shard: torch.Tensor, weight_shard: torch.Tensor | None, eps: float, rank: int,
-                 gather: Gather, reduce_max: Reduce, reduce_sum: Reduce) -> torch.Tensor:
+                 gather: Gather, reduce_max: Reduce, reduce_sum: Reduce,
+                 casting: tuple[str, float] = ("torch", 0.0)) -> torch.Tensor:
         """Rank ``rank``'s output shard: ``gather`` is an all-gather over the group (float
-        domain), ``reduce_max``/``reduce_sum`` all-reduces (exact domain)."""
+        domain), ``reduce_max``/``reduce_sum`` all-reduces (exact domain); ``casting`` is
+        FINALIZE's ``(casting_mode, offset)``."""
         if self.plan is None:
-            return run_exact(x_shard, weight_shard, eps, self.hidden_size, reduce_max, reduce_sum)
-        return run_float(self.plan, rank, x_shard, weight_shard, eps, gather)
+            return run_exact(x_shard, weight_shard, eps, self.hidden_size, reduce_max, reduce_sum, casting)
+        return run_float(self.plan, rank, x_shard, weight_shard, eps, gather, casting)
 
     def __repr__(self) -> str:
         return f"<ShardedPipeline shards={list(self.shard_sizes)} {self.proof.summary}>"

@@ -38,12 +38,12 @@ class _RankInterpreter(ReferenceInterpreter):
     """The reference interpreter's op methods, run on one rank's part of the graph."""
 
     def __init__(self, plan: DistributedPlan, rank: int, x_local: torch.Tensor,
-                 weight: torch.Tensor | None, eps: float) -> None:
+                 weight: torch.Tensor | None, eps: float, casting: tuple[str, float] = ("torch", 0.0)) -> None:
         # The plan's graph was validated when it was built; skip re-validating per call.
         self.graph, self.arrival = plan.graph, {}
         self._order = plan.graph.topological_order
         self.plan, self.rank = plan, rank
-        self.x, self.weight, self.eps = x_local, weight, eps
+        self.x, self.weight, self.eps, self.casting = x_local, weight, eps, casting
         self.env: dict[str, Any] = {}
         self.chunks: dict[tuple[int, int], list[torch.Tensor]] = {}
 
@@ -68,7 +68,7 @@ class _RankInterpreter(ReferenceInterpreter):
         return kernels.sumsq_pairwise(x, start, stop)
 
     def finalize(self, node: Node, args: list[Any]) -> torch.Tensor:
-        return kernels.finalize(self.x, args[1], node.attrs["hidden_size"], self.eps, self.weight)
+        return kernels.finalize(self.x, args[1], node.attrs["hidden_size"], self.eps, self.weight, *self.casting)
 
 
 def float_payload(plan: DistributedPlan, rank: int, x_local: torch.Tensor) -> torch.Tensor:
@@ -116,9 +116,11 @@ def float_finish(
     weight: torch.Tensor | None,
     eps: float,
     gathered: Sequence[torch.Tensor],
+    casting: tuple[str, float] = ("torch", 0.0),
 ) -> torch.Tensor:
-    """Rank ``rank``'s output shard from every rank's payload (in rank order)."""
-    run = _RankInterpreter(plan, rank, x_local, weight, eps)
+    """Rank ``rank``'s output shard from every rank's payload (in rank order); ``casting``
+    is FINALIZE's ``(casting_mode, offset)``."""
+    run = _RankInterpreter(plan, rank, x_local, weight, eps, casting)
     run.env[_input_id(plan.graph)] = x_local
     for r, payload in enumerate(gathered):
         for col, node_id in enumerate(plan.frontier[r]):
@@ -133,10 +135,10 @@ def float_finish(
 
 def run_float(
     plan: DistributedPlan, rank: int, x_local: torch.Tensor, weight: torch.Tensor | None,
-    eps: float, gather: Gather,
+    eps: float, gather: Gather, casting: tuple[str, float] = ("torch", 0.0),
 ) -> torch.Tensor:
     """Payload, one all-gather, then the replicated merge and this rank's FINALIZE."""
-    return float_finish(plan, rank, x_local, weight, eps, gather(float_payload(plan, rank, x_local)))
+    return float_finish(plan, rank, x_local, weight, eps, gather(float_payload(plan, rank, x_local)), casting)
 
 
 def _input_id(graph: Graph) -> str:
@@ -167,7 +169,7 @@ def exact_local_pair(x_local: torch.Tensor, sigmas: torch.Tensor) -> torch.Tenso
 
 def run_exact(
     x_local: torch.Tensor, weight: torch.Tensor | None, eps: float, hidden_size: int,
-    reduce_max: Reduce, reduce_sum: Reduce,
+    reduce_max: Reduce, reduce_sum: Reduce, casting: tuple[str, float] = ("torch", 0.0),
 ) -> torch.Tensor:
     """MAX all-reduce, global scale, local exact pair, SUM all-reduce, FINALIZE.
 
@@ -177,4 +179,4 @@ def run_exact(
     """
     sigmas = kernels.exact_scale(reduce_max(exact_local_max(x_local)), hidden_size)
     total = reduce_sum(exact_local_pair(x_local, sigmas))
-    return kernels.finalize(x_local, total, hidden_size, eps, weight)
+    return kernels.finalize(x_local, total, hidden_size, eps, weight, *casting)

@@ -124,6 +124,11 @@ def layer_norm_sync(
         x, weight, bias = autocast_layer_inputs(x, weight, bias)
     how = _route(x, weight, bias, residual)
     if how != ops.DIRECT:
+        face = ops.dtensor_face("layer_norm", x, weight, bias, residual)
+        if face is not None:  # a DTensor: taskgraph_norm.distributed.dtensor
+            options = dict(topology=topology, chunk_size=chunk_size, leaf=leaf, accumulate=accumulate,
+                           executor=executor)
+            return face(x, weight, bias, eps, options, out, residual, residual_out)
         return _through_op(x, weight, bias, eps, (chunk_size, topology, leaf, accumulate), executor, out,
                            residual, residual_out)
     if not isinstance(x, torch.Tensor):

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import ops
 from ..errors import ConfigError, InputShapeError
 from ..topologies import build_layer_graph
 from .api import layer_norm_sync
@@ -99,6 +100,9 @@ class LayerNorm(nn.Module):
         options: dict[str, Any] = dict(topology=self.topology, chunk_size=self.chunk_size, leaf=self.leaf,
                                        accumulate=self.accumulate)
         k = len(self.normalized_shape)
+        face = ops.dtensor_face("layer_module", x, weight, bias, residual) if k > 1 else None
+        if face is not None:  # a DTensor: taskgraph_norm.distributed.dtensor
+            return face(self, x, residual)
         if k == 1:
             return layer_norm_sync(x, weight, bias, self.eps, residual=residual, **options)
         # several trailing dims: one hidden dim of their product, row-major

@@ -19,12 +19,12 @@ from ..checks import check_input, check_residual, resolve_eps
 from ..topologies import build_graph
 from .library import (LIBRARY, EagerRMSNorm, eager_apply, residual_apply, rms_norm_backward_op, rms_norm_op,
                       rms_norm_residual_op)
-from .routing import DIRECT, EAGER, TRACED, dual, jit_tracing, needs_op, route, tracing
+from .routing import DIRECT, EAGER, TRACED, dtensor_face, dual, jit_tracing, needs_op, route, tracing
 from .layer import layer_norm_backward_op, layer_norm_op  # LayerNorm's ops (issue 23)
 from .gated import gated_rms_norm, gated_rms_norm_backward_op, gated_rms_norm_op  # gated, grouped (issue 24)
 
 __all__ = [
-    "DIRECT", "EAGER", "EagerRMSNorm", "gated_rms_norm", "gated_rms_norm_backward_op", "gated_rms_norm_op", "LIBRARY", "TRACED", "layer_norm_backward_op", "layer_norm_op", "call_checked", "call_checked_residual", "eager_apply", "jit_tracing", "needs_op", "route", "rms_norm", "rms_norm_backward_op", "rms_norm_op", "rms_norm_residual",
+    "DIRECT", "EAGER", "EagerRMSNorm", "gated_rms_norm", "gated_rms_norm_backward_op", "gated_rms_norm_op", "LIBRARY", "TRACED", "layer_norm_backward_op", "layer_norm_op", "call_checked", "call_checked_residual", "dtensor_face", "eager_apply", "jit_tracing", "needs_op", "route", "rms_norm", "rms_norm_backward_op", "rms_norm_op", "rms_norm_residual",
     "rms_norm_residual_op", "tracing",
 ]
 

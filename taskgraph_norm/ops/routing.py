@@ -18,6 +18,8 @@ Everything else (no grad, real tensors, nothing tracing) may take the direct pat
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -25,7 +27,7 @@ from torch.autograd import forward_ad as _forward_ad
 
 from ..checks import PLAIN_TENSORS as _PLAIN
 
-__all__ = ["DIRECT", "EAGER", "TRACED", "dual", "forward_ad_active", "jit_tracing", "needs_op", "route", "tracing"]
+__all__ = ["DIRECT", "DTENSOR_FACES", "EAGER", "TRACED", "dtensor_face", "dual", "forward_ad_active", "jit_tracing", "needs_op", "route", "tracing"]
 
 #: Where a call goes: straight to the kernel, its kernels under eager autograd, or the op.
 DIRECT, EAGER, TRACED = 0, 1, 2
@@ -88,3 +90,29 @@ def needs_op(x: torch.Tensor, weight: torch.Tensor | None) -> bool:
     """Whether a call on ``x`` (and ``weight``) must go through the ops rather than
     straight to the kernel."""
     return route(x, weight) != DIRECT
+
+
+#: The DTensor faces by name (``"normalize"``, ``"rms_module"``, ``"layer_norm"``,
+#: ``"layer_module"``), loaded on the first DTensor call by the loader that
+#: :mod:`taskgraph_norm.distributed` sets (its ``dtensor`` module).  A face hands a call
+#: with a DTensor to them (docs/distributed.md, "DTensor").
+DTENSOR_FACES: dict[str, Callable[..., Any]] = {}
+DTENSOR_LOADER: list[Callable[[], dict[str, Callable[..., Any]]]] = []
+#: Where torch keeps the DTensor class (public since torch 2.5): looked up, never
+#: imported here (a DTensor exists only once one of them is imported).
+_DTENSOR_MODULES = ("torch.distributed.tensor", "torch.distributed._tensor")
+
+
+def dtensor_face(name: str, *tensors: object) -> Callable[..., Any] | None:
+    """The DTensor face ``name`` when one of ``tensors`` is a DTensor, else ``None``."""
+    for module in _DTENSOR_MODULES:
+        cls = getattr(sys.modules.get(module), "DTensor", None)
+        if cls is not None:
+            break
+    else:
+        return None
+    if not any(isinstance(t, cls) for t in tensors):
+        return None
+    if not DTENSOR_FACES and DTENSOR_LOADER:
+        DTENSOR_FACES.update(DTENSOR_LOADER[0]())
+    return DTENSOR_FACES.get(name)
