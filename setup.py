@@ -1,7 +1,7 @@
 """Builds the compiled executor's native kernels when the package is installed.
 
-``taskgraph_norm/backends/native/csrc/``: ``native.c`` (the forward's kernels) and
-``native_sums.c`` (their float chunk sums),
+``taskgraph_norm/backends/native/csrc/``: ``native.c`` and ``native_exact.c`` (the forward's float and
+exact rows, with ``native_finalize.h``'s FINALIZE) and ``native_sums.c`` (the float chunk sums),
 ``native_backward.c`` and ``native_dw.c``/``native_dw_fused.c``/``native_dw_round.c`` (the backward, the exact weight
 gradient),
 ``native_narrow.c`` (bf16 and fp16 rows through the forward's fp32 kernels),
@@ -44,12 +44,14 @@ from setuptools.command.build_ext import build_ext
 HERE = Path(__file__).resolve().parent
 CSRC = "taskgraph_norm/backends/native/csrc"
 SOURCES = [f"{CSRC}/{name}.c"
-           for name in ("native", "native_sums", "native_backward", "native_dw", "native_dw_fused", "native_dw_round",
-                        "native_narrow", "native_team", "native_layer", "native_gate", "native_module")]
+           for name in ("native", "native_exact", "native_sums", "native_backward", "native_dw", "native_dw_fused",
+                        "native_dw_round", "native_narrow", "native_team", "native_layer", "native_gate",
+                        "native_module")]
 CONSTANTS = "taskgraph_norm/constants.py"
 #: Generated from CONSTANTS by BuildExt (.gitignore'd).
 CONSTANTS_HEADER = f"{CSRC}/tgn_constants.h"
-DEPENDS = [f"{CSRC}/native_dw.h", f"{CSRC}/native_half.h", f"{CSRC}/native_quotient.h", f"{CSRC}/tgn_native.h", CONSTANTS_HEADER, CONSTANTS]
+DEPENDS = [f"{CSRC}/native_dw.h", f"{CSRC}/native_finalize.h", f"{CSRC}/native_half.h", f"{CSRC}/native_quotient.h",
+           f"{CSRC}/tgn_native.h", CONSTANTS_HEADER, CONSTANTS]
 # Keep the C expressions as written (see native.c): no contraction into fmas, no
 # fast-math; -O3 comes after Python's own -O2.
 FLAGS = ["-O3", "-ffp-contract=off", "-fno-fast-math", "-Wno-psabi", "-pthread"]

@@ -1,6 +1,6 @@
 """The compiled executor's native kernels: whole rows of sums of squares, in C.
 
-``native.c`` holds two kernels, each the C form of torch ops the compiled
+``native_exact.c`` and ``native.c`` hold two kernels, each the C form of torch ops the compiled
 executor would otherwise run, computed row by row while the row is in cache:
 
 * :func:`exact_rows`: what :func:`kernels.rowmax_sq_whole`,
