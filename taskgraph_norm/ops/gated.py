@@ -150,9 +150,8 @@ def gated_forward(
     fused = gate is not None and acc == torch.float32 and not (torch.is_grad_enabled() and (
         x.requires_grad or gate.requires_grad or (weight is not None and weight.requires_grad))) and (
         "native" in allowed()) and native_gate.runs(gate, x)
-    s: torch.Tensor | None = None if gate is None or fused else _gate_silu(gate, acc)
     if gate is not None and not norm_before_gate:
-        h = native_gate.gate_product(gate, x, acc) if fused else kernels.widen(x, acc) * s
+        h = native_gate.gate_product(gate, x, acc) if fused else kernels.widen(x, acc) * _gate_silu(gate, acc)
     else:
         h = x if llama else kernels.widen(x, acc)
     hidden = x.shape[-1]
@@ -161,9 +160,9 @@ def gated_forward(
         h = h.reshape(*h.shape[:-1], groups, group_size)
     config = (chunk_size, topology, leaf, accumulate)
     if fused and llama and weight is not None and groups == 1 and norm_before_gate:
+        assert gate is not None
         m = _norm(h, eps, config, executor, (weight, offset))  # FINALIZE multiplies by the weight
-        return native_gate.gate_product(gate, m, x.dtype) if m.dtype in _GATE_DTYPES else _same_nans(
-            (m * _gate_silu(gate, acc)).to(x.dtype))
+        return _gate_after(gate, m, acc, x.dtype, fused)
     n = _norm(h, eps, config, executor)
     if llama:
         n = n.to(x.dtype)
@@ -175,10 +174,16 @@ def gated_forward(
     if groups > 1:
         m = m.reshape(x.shape)
     if gate is not None and norm_before_gate:
-        if fused and m.dtype in _GATE_DTYPES:
-            return native_gate.gate_product(gate, m, x.dtype)
-        return _same_nans((m * s).to(x.dtype))
+        return _gate_after(gate, m, acc, x.dtype, fused)
     return m if llama else m.to(x.dtype)
+
+
+def _gate_after(gate: torch.Tensor, m: torch.Tensor, acc: torch.dtype, dtype: torch.dtype,
+                fused: bool) -> torch.Tensor:
+    """``(m * silu(gate))`` rounded to ``dtype``: in one C pass when ``fused`` (no gradient)."""
+    if fused and m.dtype in _GATE_DTYPES:
+        return native_gate.gate_product(gate, m, dtype)
+    return _same_nans((m * _gate_silu(gate, acc)).to(dtype))
 
 
 def _same_nans(t: torch.Tensor) -> torch.Tensor:
