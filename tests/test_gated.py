@@ -355,3 +355,17 @@ def test_an_fp64_weight_after_the_norm_runs_both_paths_alike() -> None:
             base = ours(x, gate, w, group, True, casting_mode="llama")
         assert base.dtype == torch.bfloat16
         assert bits_equal(ours(x.clone().requires_grad_(), gate, w, group, True, casting_mode="llama"), base)
+
+
+@pytest.mark.parametrize("before", ORDERS)
+def test_opcheck(before: bool) -> None:
+    x, gate, w = (t.requires_grad_() for t in data(3, 32, torch.float32))
+    config = (16, "tree", "pairwise", "float", "llama", 0.0)
+    torch.library.opcheck(tgn.ops.gated_rms_norm_op, (x, gate, w, 1e-6, 16, before, *config))
+    # The backward op's kernel differentiates the eager construction with torch.func.vjp:
+    # its registration is checked; run inside a dispatch mode (opcheck's schema, fake and
+    # aot checks call it there) the vjp's wrapped tensors do not reach the kernels.
+    dy = torch.randn(3, 32)
+    torch.library.opcheck(tgn.ops.gated_rms_norm_backward_op,
+                          (dy, x.detach(), gate.detach(), w.detach(), 1e-6, 16, before, *config, [True, True, True]),
+                          test_utils=("test_autograd_registration",))
