@@ -344,3 +344,28 @@ def test_the_c_gate_gives_the_torch_form_bits(dtype: torch.dtype) -> None:
     ts, tsig = silu_sigmoid(g, torch.float32, True)
     assert tsig is not None and sig is not None
     assert bits_equal(s, ts) and bits_equal(sig, tsig)
+
+
+def test_an_fp64_weight_after_the_norm_runs_both_paths_alike() -> None:
+    # llama mode multiplies by an fp64 weight in fp64: the C gate does not take that product
+    x, gate, _ = data(6, 64, torch.bfloat16)
+    w = torch.rand(64, dtype=torch.float64) + 0.5
+    for group in (None, 16):
+        with torch.no_grad():
+            base = ours(x, gate, w, group, True, casting_mode="llama")
+        assert base.dtype == torch.bfloat16
+        assert bits_equal(ours(x.clone().requires_grad_(), gate, w, group, True, casting_mode="llama"), base)
+
+
+@pytest.mark.parametrize("before", ORDERS)
+def test_opcheck(before: bool) -> None:
+    x, gate, w = (t.requires_grad_() for t in data(3, 32, torch.float32))
+    config = (16, "tree", "pairwise", "float", "llama", 0.0)
+    torch.library.opcheck(tgn.ops.gated_rms_norm_op, (x, gate, w, 1e-6, 16, before, *config))
+    # The backward op's kernel differentiates the eager construction with torch.func.vjp:
+    # its registration is checked; run inside a dispatch mode (opcheck's schema, fake and
+    # aot checks call it there) the vjp's wrapped tensors do not reach the kernels.
+    dy = torch.randn(3, 32)
+    torch.library.opcheck(tgn.ops.gated_rms_norm_backward_op,
+                          (dy, x.detach(), gate.detach(), w.detach(), 1e-6, 16, before, *config, [True, True, True]),
+                          test_utils=("test_autograd_registration",))

@@ -78,9 +78,18 @@ def check_gated(x: object, gate: object, weight: object, group_size: object) -> 
     return size
 
 
+def _real(*tensors: torch.Tensor) -> bool:
+    """Plain tensors with storage (not a torch.func wrapper, a fake or a subclass): what
+    the C gate may read."""
+    return all(type(t) is torch.Tensor and not _is_wrapped(t) for t in tensors)
+
+
+_is_wrapped: Any = torch._C._functorch.is_functorch_wrapped_tensor
+
+
 def _silu_sigmoid(g: torch.Tensor, acc: torch.dtype, sigmoid: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """:func:`~taskgraph_norm.kernels.gate.silu_sigmoid`, in C where it runs (the same bits)."""
-    if acc == torch.float32 and "native" in allowed() and native_gate.runs(g):
+    if acc == torch.float32 and "native" in allowed() and _real(g) and native_gate.runs(g):
         return native_gate.silu_sigmoid(g, sigmoid)
     return silu_sigmoid(g, acc, sigmoid)
 
@@ -149,10 +158,9 @@ def gated_forward(
     # No gradient to record: the gate's product in one C pass (the same bits).
     fused = gate is not None and acc == torch.float32 and not (torch.is_grad_enabled() and (
         x.requires_grad or gate.requires_grad or (weight is not None and weight.requires_grad))) and (
-        "native" in allowed()) and native_gate.runs(gate, x)
-    s: torch.Tensor | None = None if gate is None or fused else _gate_silu(gate, acc)
+        "native" in allowed()) and _real(gate, x) and native_gate.runs(gate, x)
     if gate is not None and not norm_before_gate:
-        h = native_gate.gate_product(gate, x, acc) if fused else kernels.widen(x, acc) * s
+        h = native_gate.gate_product(gate, x, acc) if fused else kernels.widen(x, acc) * _gate_silu(gate, acc)
     else:
         h = x if llama else kernels.widen(x, acc)
     hidden = x.shape[-1]
@@ -161,9 +169,9 @@ def gated_forward(
         h = h.reshape(*h.shape[:-1], groups, group_size)
     config = (chunk_size, topology, leaf, accumulate)
     if fused and llama and weight is not None and groups == 1 and norm_before_gate:
+        assert gate is not None
         m = _norm(h, eps, config, executor, (weight, offset))  # FINALIZE multiplies by the weight
-        return native_gate.gate_product(gate, m, x.dtype) if m.dtype in _GATE_DTYPES else _same_nans(
-            (m * _gate_silu(gate, acc)).to(x.dtype))
+        return _gate_after(gate, m, acc, x.dtype, fused)
     n = _norm(h, eps, config, executor)
     if llama:
         n = n.to(x.dtype)
@@ -175,10 +183,16 @@ def gated_forward(
     if groups > 1:
         m = m.reshape(x.shape)
     if gate is not None and norm_before_gate:
-        if fused and m.dtype in _GATE_DTYPES:
-            return native_gate.gate_product(gate, m, x.dtype)
-        return _same_nans((m * s).to(x.dtype))
+        return _gate_after(gate, m, acc, x.dtype, fused)
     return m if llama else m.to(x.dtype)
+
+
+def _gate_after(gate: torch.Tensor, m: torch.Tensor, acc: torch.dtype, dtype: torch.dtype,
+                fused: bool) -> torch.Tensor:
+    """``(m * silu(gate))`` rounded to ``dtype``: in one C pass when ``fused`` (no gradient)."""
+    if fused and m.dtype in _GATE_DTYPES:
+        return native_gate.gate_product(gate, m, dtype)
+    return _same_nans((m * _gate_silu(gate, acc)).to(dtype))
 
 
 def _same_nans(t: torch.Tensor) -> torch.Tensor:
@@ -220,20 +234,25 @@ def _forward_kernel(x: torch.Tensor, gate: torch.Tensor | None, weight: torch.Te
 def _backward_kernel(dy: torch.Tensor, x: torch.Tensor, gate: torch.Tensor | None, weight: torch.Tensor | None,
                      eps: float, group_size: int, norm_before_gate: bool, *rest: Any
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The eager construction's gradients, by ``torch.func.vjp`` (its own autograd level:
+    it works below the dispatcher's autograd keys too, as in a dispatch mode's kernel)."""
     *config, mask = rest
-    leaves = [t.detach().requires_grad_(bool(need)) if t is not None else None
-              for t, need in zip((x, gate, weight), mask)]
-    wanted = [t for t, need in zip(leaves, mask) if t is not None and need]
-    grads: list[torch.Tensor | None] = [None, None, None]
-    if wanted:
-        with torch.enable_grad():
-            y = gated_forward(leaves[0], leaves[1], leaves[2], eps, group_size,  # type: ignore[arg-type]
-                              norm_before_gate, *config)
-            found = iter(torch.autograd.grad(y, wanted, dy, allow_unused=True))
-        grads = [next(found) if t is not None and need else None for t, need in zip(leaves, mask)]
+    given = [t for t in (x, gate, weight) if t is not None]
+    flags = [t is not None for t in (x, gate, weight)]
+
+    def forward(*tensors: torch.Tensor) -> torch.Tensor:
+        found = iter(tensors)
+        args = [next(found) if present else None for present in flags]
+        return gated_forward(args[0], args[1], args[2], eps, group_size,  # type: ignore[arg-type]
+                             norm_before_gate, *config)
+
+    vjp: Any = torch.func.vjp
+    _, pullback = vjp(forward, *given)
+    found = iter(pullback(dy))
+    grads = [next(found) if present else None for present in flags]
     return tuple(  # type: ignore[return-value]
-        g.detach() if g is not None else (torch.zeros_like(t) if t is not None and need else x.new_empty(0))
-        for g, t, need in zip(grads, (x, gate, weight), mask))
+        g.detach() if g is not None and need else x.new_empty(0)
+        for g, need in zip(grads, mask))
 
 
 LIBRARY.impl("gated_rms_norm", _forward_kernel, "CompositeExplicitAutograd")
