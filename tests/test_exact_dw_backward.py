@@ -172,3 +172,25 @@ def test_the_module_takes_the_one_pass_and_micro_batches_keep_their_bits(monkeyp
         float_norm(part_x.requires_grad_(True)).backward(part_dy)
     assert float_norm.weight.grad is not None
     assert not torch.equal(float_norm.weight.grad.view(torch.int32), grads[0].view(torch.int32))
+
+
+def test_x_over_rms_keeps_the_division_bits_at_the_quotient_ranges_edges() -> None:
+    """The host build forms x / rms from the row's reciprocal pair where every x of a
+    tile is +-0 or in [2**-50, 2**60] and the rms in [2**-40, 2**40], else divides: tiles
+    on both sides of each edge, against the torch form's torch.div."""
+    g = torch.Generator().manual_seed(11)
+    rows, hidden = 64, 32 * 12
+    x = torch.randn(rows, hidden, generator=g)
+    edges = [2.0**-50, 2.0**-50 * 0.75, 2.0**60, 2.0**60 * 1.5, 0.0, -0.0, 2.0**-149, 1e38]
+    for t, v in enumerate(edges):  # tile t holds one edge value in a few rows
+        x[::7, 32 * t + 5] = v
+    dy = torch.randn(rows, hidden, generator=g)
+    for rms_values in ((2.0**-40, 2.0**40), (2.0**-41, 1.0), (1.0, 2.0**41), (0.75, 3.0)):
+        rms = torch.tensor(rms_values).repeat(rows // 2).reshape(rows, 1)
+        s1 = start_state(hidden)  # (dx of these rows is not finite: the kernel alone)
+        assert native_grads.exact_dw(s1, dy, x, rms=rms) == 0
+        expected = es.add_products_(start_state(hidden), dy, torch.div(x, rms))
+        assert torch.equal(s1, expected), rms_values
+    # negative control: x / rms rounded another way (one ulp up) gives another state
+    wrong = torch.nextafter(torch.div(x, rms), torch.tensor(float("inf")))
+    assert not torch.equal(es.add_products_(start_state(hidden), dy, wrong), s1)

@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "native_dw.h"
+#include "native_quotient.h"
 #include "tgn_native.h"
 
 #ifdef __FAST_MATH__
@@ -465,6 +466,23 @@ static int dw_bound_scales(const uint32_t *tdy, const uint32_t *tb, const uint32
     return 1 + one_fold;
 }
 
+/* x / r with IEEE division's bits from r's reciprocal pair (native_quotient.h's
+ * tgn_q_setup and tgn_q_vec_ranged: a multiply and three fmas per vector where the
+ * divider takes about five cycles), for r in [2^-40, 2^40] and x = +-0 or 2^-50 <=
+ * |x| <= 2^60: the direct fold's largest cost on rows of x. */
+#if TGN_QUOTIENT_LANES == 16 && DW_TILE % 16 == 0
+#define DW_HAS_QUOTIENT 1
+/* h[0, DW_TILE) = c[j] / r for one row of a tile, by tgn_q_vec_ranged (its range
+ * holds: dw_tile_in_quotient_range and the rows' rms). */
+INLINE void dw_quotients(const float *c, const tgn_q_div_t *d, float *restrict h)
+{
+    for (int j = 0; j < DW_TILE; j += 16)
+        _mm512_storeu_ps(h + j, tgn_q_vec_ranged(d, _mm512_loadu_ps(c + j)));
+}
+#else
+#define DW_HAS_QUOTIENT 0
+#endif
+
 /* The folds of a block x full tile with the products formed as they are folded (no
  * buffer), with scales s1 (dw_bound_scales): the first two folds as dw_two_folds
  * makes them, or with one_fold the first and the exact remainder.  Adds the sums to
@@ -472,8 +490,8 @@ static int dw_bound_scales(const uint32_t *tdy, const uint32_t *tb, const uint32
  * by its bits: r - q2 is +0 when nothing is left) and the sums are finite; else adds
  * nothing and returns 0. */
 INLINE int dw_tile_direct(const float *dy, int64_t dy_stride, const float *b, int64_t b_stride, const float *rms,
-                          int64_t rows, const int *s1, int one_fold, int64_t *state, int64_t stride,
-                          int *span)
+                          const float *recip, int64_t rows, const int *s1, int one_fold, int64_t *state,
+                          int64_t stride, int *span)
 {
     double g1[DW_TILE], g2[DW_TILE], a1[DW_TILE], a2[DW_TILE];
     uint64_t left[DW_TILE];
@@ -486,8 +504,19 @@ INLINE int dw_tile_direct(const float *dy, int64_t dy_stride, const float *b, in
     for (int64_t i = 0; i < rows; ++i) {
         const float *a = dy + i * dy_stride, *c = b + i * b_stride;
         const float r = rms ? rms[i] : 1.0f;
+#if DW_HAS_QUOTIENT
+        float hq[DW_TILE];
+        if (recip) {
+            const tgn_q_div_t d = {TGN_Q_SET1(r), TGN_Q_SET1(recip[2 * i]), TGN_Q_SET1(recip[2 * i + 1])};
+            dw_quotients(c, &d, hq);
+        }
+#endif
         for (int j = 0; j < DW_TILE; ++j) {
+#if DW_HAS_QUOTIENT
+            const float h = recip ? hq[j] : rms ? c[j] / r : c[j];
+#else
             const float h = rms ? c[j] / r : c[j];
+#endif
             double q1 = DW_MUL_ADD(a[j], h, g1[j]) - g1[j];
             double rest = DW_MUL_ADD(a[j], h, -q1); /* exact */
             a1[j] += q1;
@@ -516,16 +545,32 @@ INLINE int dw_tile_direct(const float *dy, int64_t dy_stride, const float *b, in
     return 1;
 }
 
-/* dw_tile_direct with its two constant arguments inlined: one loop per case. */
+/* dw_tile_direct with its constant arguments inlined: one loop per case (recip: the
+ * block's reciprocal pairs, where the rms and the tile's x allow the quotient). */
 static int dw_tile_direct_any(const float *dy, int64_t dy_stride, const float *b, int64_t b_stride,
-                              const float *rms, int64_t rows, const int *s1, int one_fold, int64_t *state,
-                              int64_t stride, int *span)
+                              const float *rms, const float *recip, int64_t rows, const int *s1, int one_fold,
+                              int64_t *state, int64_t stride, int *span)
 {
+#if DW_HAS_QUOTIENT
+    if (recip)
+        return one_fold ? dw_tile_direct(dy, dy_stride, b, b_stride, rms, recip, rows, s1, 1, state, stride, span)
+                        : dw_tile_direct(dy, dy_stride, b, b_stride, rms, recip, rows, s1, 0, state, stride, span);
+#endif
     if (rms)
-        return one_fold ? dw_tile_direct(dy, dy_stride, b, b_stride, rms, rows, s1, 1, state, stride, span)
-                        : dw_tile_direct(dy, dy_stride, b, b_stride, rms, rows, s1, 0, state, stride, span);
-    return one_fold ? dw_tile_direct(dy, dy_stride, b, b_stride, NULL, rows, s1, 1, state, stride, span)
-                    : dw_tile_direct(dy, dy_stride, b, b_stride, NULL, rows, s1, 0, state, stride, span);
+        return one_fold ? dw_tile_direct(dy, dy_stride, b, b_stride, rms, NULL, rows, s1, 1, state, stride, span)
+                        : dw_tile_direct(dy, dy_stride, b, b_stride, rms, NULL, rows, s1, 0, state, stride, span);
+    return one_fold ? dw_tile_direct(dy, dy_stride, b, b_stride, NULL, NULL, rows, s1, 1, state, stride, span)
+                    : dw_tile_direct(dy, dy_stride, b, b_stride, NULL, NULL, rows, s1, 0, state, stride, span);
+}
+
+/* Whether every x of a tile (its columns' largest |x| bits `tb` and smallest nonzero
+ * ones less one `lb`) lies in dw_quotient's range: +-0 or 2^-50 <= |x| <= 2^60. */
+static int dw_tile_in_quotient_range(const uint32_t *tb, const uint32_t *lb)
+{
+    int ok = 1;
+    for (int j = 0; j < DW_TILE; ++j)
+        ok &= (lb[j] == UINT32_MAX || lb[j] + 1u >= TGN_Q_LO) && tb[j] <= TGN_Q_HI;
+    return ok;
 }
 
 /* One block x tile by the measured path: its products into buf, each column's max,
@@ -592,10 +637,19 @@ int64_t tgn_dw_block(const float *dyb, int64_t dy_stride, const float *bb, int64
     uint32_t tops[2 * PANEL], lows[2 * PANEL];
     double rmin = rb ? INFINITY : 1.0; /* 0: an rms that is not positive (or NaN) */
     float rmax = 1.0f;
+    float recip[2 * DW_BLOCK]; /* each row's reciprocal pair (dw_quotient) */
+    int quotient = DW_HAS_QUOTIENT && rb != NULL;
     for (int64_t i = 0; rb && i < nr; ++i) {
         rmin = !(rb[i] > 0.0f) ? 0.0 : rb[i] < rmin ? rb[i] : rmin;
         rmax = i == 0 || rb[i] > rmax ? rb[i] : rmax;
+        quotient &= tgn_quotient_rms_in_range(rb[i]);
     }
+#if DW_HAS_QUOTIENT
+    for (int64_t i = 0; quotient && i < nr; ++i) { /* tgn_q_setup's pair */
+        recip[2 * i] = 1.0f / rb[i];
+        recip[2 * i + 1] = __builtin_fmaf(-rb[i], recip[2 * i], 1.0f) * recip[2 * i];
+    }
+#endif
     for (int64_t j0 = 0; j0 < cols; j0 += PANEL) {
         int64_t nc = cols - j0 < PANEL ? cols - j0 : PANEL;
         dw_column_tops(dyb + j0, dy_stride, bb + j0, b_stride, nr, nc, tops, lows);
@@ -605,7 +659,9 @@ int64_t tgn_dw_block(const float *dyb, int64_t dy_stride, const float *bb, int64
             if (w == DW_TILE && rmin > 0.0)
                 how = dw_bound_scales(tops + t * DW_TILE, tops + nc + t * DW_TILE, lows + t * DW_TILE,
                                       lows + nc + t * DW_TILE, 1.0 / rmin, rmax, rb != NULL, s1);
-            if (how && dw_tile_direct_any(dyb + o, dy_stride, bb + o, b_stride, rb, nr, s1, how == 2, state + o,
+            const float *rq = quotient && dw_tile_in_quotient_range(tops + nc + t * DW_TILE, lows + nc + t * DW_TILE)
+                                  ? recip : NULL;
+            if (how && dw_tile_direct_any(dyb + o, dy_stride, bb + o, b_stride, rb, rq, nr, s1, how == 2, state + o,
                                           stride, span))
                 continue;
             if (!dw_tile_measured(dyb + o, dy_stride, bb + o, b_stride, rb, nr, w, state + o, stride, buf, mx, span))
