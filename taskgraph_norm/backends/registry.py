@@ -242,7 +242,7 @@ class TritonBackend(TritonLayer):
     """The Triton kernels: one program per row, the plan's order operation for
     operation (float) or exactly (exact), FINALIZE fused; CUDA tensors, and CPU
     tensors in Triton's interpreter (``TRITON_INTERPRET=1``) when asked for by name
-    (LayerNorm: float plans' forward, :mod:`.triton.layer`)."""
+    (LayerNorm: the forward, :mod:`.triton.layer`)."""
 
     name = "triton"
 

@@ -1,15 +1,16 @@
-"""LayerNorm on the Triton backend: float plans' forward as one kernel per call
+"""LayerNorm on the Triton backend: the forward as one kernel per call
 (:mod:`.layer_kernels`), with the torch-ops backend's bits.
 
 :class:`TritonLayer` is the Triton backend's LayerNorm half (the registry's
 ``TritonBackend`` inherits it in place of :class:`~..base.NoLayerKernel`): a float
-plan with pairwise leaves and the builder's tree, a left fold or one chunk, on fp32,
-bf16 or fp16 rows (CUDA tensors; CPU tensors in Triton's interpreter), gives ``y``
-and, with ``stats``, each row's ``mean`` and ``den``.  Rows the kernel flags (a
-non-finite total, mean or ``den``, a zero ``den``) and rows whose ``y`` holds a NaN
-are computed again by torch ops (:func:`..torch_ops.layer.run_layer`); a residual
-plan's ``h = x + residual`` is the torch op, then the kernel runs on ``h``.  Exact
-plans and the backward run on torch ops (the reasons say so for the former).
+plan with pairwise leaves and the builder's tree, a left fold or one chunk, and every
+exact plan (over whole rows: the order does not matter), on fp32, bf16 or fp16 rows
+(CUDA tensors; CPU tensors in Triton's interpreter), gives ``y`` and, with
+``stats``, each row's ``mean`` and ``den``.  Rows the kernel flags (a non-finite
+total, mean or ``den``, a zero ``den``) and rows whose ``y`` holds a NaN are computed
+again by torch ops (:func:`..torch_ops.layer.run_layer`); a residual plan's ``h = x +
+residual`` is the torch op, then the kernel runs on ``h``.  The backward runs on
+torch ops.
 """
 
 from __future__ import annotations
@@ -42,11 +43,11 @@ def run_triton_layer(plan: Plan, x: torch.Tensor, weight: torch.Tensor | None, b
     Raises
     ------
     ExecutionError
-        for an exact plan or one no kernel runs (native leaves, a ``cat`` merge), an
-        fp64 input, a CPU tensor without ``TRITON_INTERPRET=1``.
+        for a plan no kernel runs (native leaves, a ``cat`` merge), an fp64 input, a
+        CPU tensor without ``TRITON_INTERPRET=1``.
     """
-    if plan.norm != "layer" or plan.accumulate != "float":
-        raise ExecutionError("the Triton LayerNorm kernel runs float LayerNorm plans (exact: torch ops)")
+    if plan.norm != "layer":
+        raise ExecutionError(f"the Triton LayerNorm kernels run LayerNorm plans, got norm={plan.norm!r}")
     shape = kernel_shape(plan)
     interpret = interpreting()
     _check_input(x, plan, interpret)
@@ -82,21 +83,26 @@ def run_triton_layer(plan: Plan, x: torch.Tensor, weight: torch.Tensor | None, b
     return LayerForward(y, mean.view(stat_shape), den.view(stat_shape))
 
 
-def layer_launch_spec(shape: KernelShape, has_weight: bool, has_bias: bool) -> tuple[str, dict[str, Any], int]:
+def layer_launch_spec(shape: KernelShape, has_weight: bool, has_bias: bool,
+                      interpret: bool = False) -> tuple[str, dict[str, Any], int]:
     """``(kernel name, compile-time arguments, num_warps)`` of one launch (the dtypes of
     x, the weight, the bias and y are the pointers' own, read by the kernel)."""
     block = min(next_pow2(shape.hidden_size), MAX_BLOCK)
     constants: dict[str, Any] = dict(D=shape.hidden_size, BLOCK=block, HAS_W=has_weight, HAS_B=has_bias)
+    if shape.kind == "exact":
+        constants.update(LOG_BLOCK=block.bit_length() - 1, FOLDS=interpret)
+        return "layer_exact_kernel", constants, _num_warps(block)
     name, width = float_layout(shape, block, constants, ("layer_tree_kernel", "layer_linear_kernel"))
     return name, constants, _num_warps(width)
 
 
 def _launch(shape: KernelShape, x2: torch.Tensor, y2: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | None,
             mean: torch.Tensor, den: torch.Tensor, flags: torch.Tensor, eps: float, interpret: bool) -> None:
-    name, constants, warps = layer_launch_spec(shape, w is not None, b is not None)
+    name, constants, warps = layer_launch_spec(shape, w is not None, b is not None, interpret)
     eps32: float = struct.unpack("f", struct.pack("f", eps))[0]  # torch rounds a Python eps to fp32
     kernel = getattr(_kernels(interpret, "layer_kernels"), name)
-    kernel[(x2.shape[0],)](x2, y2, w if w is not None else y2, b if b is not None else y2, _table(shape, x2.device),
+    table = [] if shape.kind == "exact" else [_table(shape, x2.device)]
+    kernel[(x2.shape[0],)](x2, y2, w if w is not None else y2, b if b is not None else y2, *table,
                            mean, den, flags, x2.stride(0), y2.stride(0), eps32, num_warps=warps,
                            enable_fp_fusion=False, **constants)
 
@@ -107,10 +113,10 @@ class TritonLayer:
     name: str
 
     def layer_reasons(self, plan: Plan) -> list[str]:
-        """Why the Triton kernels do not run a LayerNorm plan (``[]`` for an RMSNorm plan)."""
-        if plan.norm != "layer" or plan.accumulate != "exact":
-            return []
-        return ["no Triton LayerNorm kernel for exact plans yet (issue 23: the torch-ops backend runs them)"]
+        """Why the Triton kernels do not run a LayerNorm plan: never for a reason of its
+        own (the plans no kernel runs, ``native`` leaves or a ``cat`` merge, are refused by
+        ``kernel_shape`` as RMSNorm's are)."""
+        return []
 
     def layer_forward(
         self, graph: Graph, plan: Plan, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,

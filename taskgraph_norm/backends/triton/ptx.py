@@ -80,16 +80,19 @@ def backward_ptx(
 
 def layer_ptx(plan: Plan, dtype: torch.dtype, *, weight: bool | torch.dtype = True, bias: bool = True,
               arch: int = 90, fp_fusion: bool = False) -> str:
-    """The PTX of a float LayerNorm plan's forward kernel for ``dtype`` inputs on
+    """The PTX of a LayerNorm plan's forward kernel for ``dtype`` inputs on
     ``sm_<arch>`` (``weight``: its dtype, ``True`` for fp32 or ``False`` for none; the
     bias, when there is one, of the weight's dtype)."""
     from .layer import layer_launch_spec
 
     w_dtype = torch.float32 if weight is True else dtype if weight is False else weight
-    name, constants, _ = layer_launch_spec(kernel_shape(plan), weight is not False, bias)
-    signature = {"x_ptr": _PTR[dtype], "y_ptr": _PTR[dtype], "w_ptr": _PTR[w_dtype], "b_ptr": _PTR[w_dtype],
-                 "table_ptr": "*i32", "mean_ptr": "*fp32", "den_ptr": "*fp32", "flag_ptr": "*i8",
-                 "x_stride": "i32", "y_stride": "i32", "eps": "fp32"}
+    shape = kernel_shape(plan)
+    name, constants, _ = layer_launch_spec(shape, weight is not False, bias)
+    signature = {"x_ptr": _PTR[dtype], "y_ptr": _PTR[dtype], "w_ptr": _PTR[w_dtype], "b_ptr": _PTR[w_dtype]}
+    if shape.kind != "exact":
+        signature["table_ptr"] = "*i32"
+    signature.update({"mean_ptr": "*fp32", "den_ptr": "*fp32", "flag_ptr": "*i8", "x_stride": "i32",
+                      "y_stride": "i32", "eps": "fp32"})
     signature.update({c: "constexpr" for c in constants})
     return _compile(getattr(_kernels(False, "layer_kernels"), name), signature, constants, arch, fp_fusion)
 
