@@ -82,13 +82,15 @@ def test_the_check_finds_a_kernel_that_merges_in_another_order(monkeypatch: pyte
 
 
 @pytest.mark.usefixtures("interpreted")
-def test_non_finite_rows_strided_input_and_out() -> None:
-    plan = layer_pipeline(100, 32, "tree").plan
+@pytest.mark.parametrize("accumulate", ["float", "exact"])
+def test_non_finite_rows_strided_input_and_out(accumulate: str) -> None:
+    plan = layer_pipeline(100, 32, "tree", "pairwise", accumulate).plan
     assert plan is not None
     x, w, b = inputs(5, 100, torch.bfloat16, seed=5)
     x[0, 3] = float("inf")
     x[1, 50] = float("nan")
-    x[2] = 0.0  # a zero row: den = sqrt(eps)
+    x[2] = 0.0  # a zero row with eps = 0: den = 0, y = 0 / 0
+    x[3, 7] = float("-inf")
     want = torch_layer.run_layer(plan, x, w, b, 0.0, stats=True)
     got = triton_layer.run_triton_layer(plan, x, w, b, 0.0, stats=True)
     assert_bits_equal(got.y, want.y)
@@ -111,6 +113,10 @@ def test_the_faces_run_it_by_name_and_are_batch_invariant() -> None:
     assert bits_equal(exact, tgn.layer_norm_sync(x, w.float(), b.float(), accumulate="exact"))
     with pytest.raises(NoBackendError, match="cat"):
         tgn.layer_norm_sync(x, w.float(), b.float(), topology="cat", executor="triton")
+    r = inputs(9, 130, torch.float16, seed=4)[0]
+    y2, h = tgn.layer_norm_sync(x, w.float(), b.float(), chunk_size=16, residual=r, executor="triton")
+    want_y, want_h = tgn.layer_norm_sync(x, w.float(), b.float(), chunk_size=16, residual=r)
+    assert bits_equal(y2, want_y) and bits_equal(h, want_h)
     with backends_base.use("triton", "torch_ops"):  # by choice: triton takes the float plan
         pipe = layer_pipeline(130, 16, "tree")
         assert pipe.backend(x.device, x.dtype).name == "triton"
