@@ -1,6 +1,6 @@
 """LayerNorm through the one route (issue 23): the cached pipeline, the torch-ops backend's
 bits against the reference interpreter for every configuration, the backend choice
-(native and Triton say they have no LayerNorm kernel yet), bad input as
+(native C says it has no LayerNorm kernel for exact plans yet), bad input as
 ``F.layer_norm`` defines it, the module's state_dict and autocast."""
 
 from __future__ import annotations
@@ -62,13 +62,16 @@ def test_the_torch_ops_backend_runs_the_plan() -> None:
 
 
 @pytest.mark.parametrize("name", ["native", "triton"])
-def test_other_backends_say_they_have_no_layernorm_kernel(name: str) -> None:
-    # Triton has none; native C has none for exact plans (its float one: test_native_layer.py)
-    plan = layer_pipeline(256, 64, "tree", "pairwise", "exact" if name == "native" else "float").plan
+def test_other_backends_say_which_layernorm_plans_they_do_not_run(name: str) -> None:
+    # native C has no kernel for exact plans (its float one: test_native_layer.py); Triton
+    # runs float and exact plans (test_triton_layer.py) but no cat merge (torch.sum's order)
+    (accumulate, topology), why = (("exact", "tree"), "LayerNorm kernel") if name == "native" else (
+        ("float", "cat"), "'cat' merge")
+    plan = layer_pipeline(256, 64, topology, "pairwise", accumulate).plan
     assert plan is not None
     reasons = BACKENDS[name].not_supported_reasons(plan, torch.device("cpu"), torch.float32)
-    assert any("LayerNorm kernel" in r for r in reasons)
-    with pytest.raises(NoBackendError, match="LayerNorm kernel"):
+    assert any(why in r for r in reasons), reasons
+    with pytest.raises(NoBackendError, match=why):
         choose(plan, torch.device("cpu"), torch.float32, (name,))
 
 

@@ -193,7 +193,7 @@ def test_a_planted_cycle_is_caught(tmp_path: Path) -> None:
 #: What the package may import at module level: the standard library, its declared
 #: dependencies, and triton only in the kernel files the Triton runner loads lazily.
 DEPENDENCIES = {"torch", "anyio", "networkx", "numpy", "tqdm"}
-LAZY_KERNEL_FILES = {"backends/triton/kernels.py", "backends/triton/backward_kernels.py",
+LAZY_KERNEL_FILES = {"backends/triton/kernels.py", "backends/triton/backward_kernels.py", "backends/triton/layer_kernels.py",
                      "backends/triton/exact_dw_kernels.py"}
 
 

@@ -161,7 +161,9 @@ class Backend(Protocol):
 
 
 class NoLayerKernel:
-    """For a backend with no LayerNorm kernel yet: its ``not_supported_reasons`` says so
+    """For a backend with no LayerNorm kernel (none now: native C and Triton have theirs,
+    :class:`~.native.layer.NativeLayer` and :class:`~.triton.layer.TritonLayer`): its
+    ``not_supported_reasons`` says so
     for a ``norm="layer"`` plan (:meth:`layer_reasons`), so the choice falls to torch
     ops; these methods are never reached through :func:`taskgraph_norm.backends.choose`."""
 

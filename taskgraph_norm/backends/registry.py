@@ -20,7 +20,7 @@ from ..graph import Graph
 from ..kernels import exact_sum as _exact_sum
 from ..lowering import Plan
 from . import triton as _triton
-from .base import Backend, Forward, LayerForward, NoLayerKernel, allowed, triton_asked
+from .base import Backend, Forward, LayerForward, allowed, triton_asked
 from .native import grads as _native_grads
 from .native import loader as _native
 from .native import team as _team
@@ -31,6 +31,7 @@ from .torch_ops.compiled import run_compiled
 from .torch_ops.rowsum import plan_rms, plan_row_sum, torch_backward
 from .triton import backward as _triton_backward
 from .triton import exact_dw as _triton_dw
+from .triton.layer import TritonLayer
 
 __all__ = ["BACKENDS", "NativeBackend", "NoBackendError", "TorchOpsBackend", "TritonBackend", "accumulate_exact",
            "choose"]
@@ -265,10 +266,11 @@ class NativeBackend(NativeLayer):
             raise ExactSumOverflowError(over, f"|sum| must stay below 2**{40 + 256}")
 
 
-class TritonBackend(NoLayerKernel):
+class TritonBackend(TritonLayer):
     """The Triton kernels: one program per row, the plan's order operation for
     operation (float) or exactly (exact), FINALIZE fused; CUDA tensors, and CPU
-    tensors in Triton's interpreter (``TRITON_INTERPRET=1``) when asked for by name."""
+    tensors in Triton's interpreter (``TRITON_INTERPRET=1``) when asked for by name
+    (LayerNorm: the forward, :mod:`.triton.layer`)."""
 
     name = "triton"
 

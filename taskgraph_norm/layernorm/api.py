@@ -112,7 +112,8 @@ def layer_norm_sync(
     With ``residual`` (``x``'s shape and dtype) the call returns ``(y, h)``: ``h = x +
     residual`` in ``x``'s dtype (written into ``residual_out`` when given) and ``y`` the
     LayerNorm of ``h``.  ``executor``: ``"auto"``, ``"compiled"``, ``"reference"`` or
-    ``"triton"`` (which has no LayerNorm kernel yet, and says so).
+    ``"triton"`` (float plans with pairwise leaves and a tree or left-fold merge, and
+    exact plans; it says why it does not run the others).
 
     Examples
     --------

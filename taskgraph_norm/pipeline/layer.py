@@ -3,8 +3,9 @@ configuration (hidden size, chunk size, topology, leaf, accumulate, executor, re
 
 The same route as RMSNorm's :class:`~taskgraph_norm.pipeline.Pipeline`: the backend is
 chosen once per (device, dtype) by :func:`taskgraph_norm.backends.choose` over this
-context's allowed backends (the torch-ops backend runs ``Plan(norm="layer")``; native C
-and Triton say they have no LayerNorm kernel yet).  A graph that does not lower (a
+context's allowed backends (the torch-ops backend runs every ``Plan(norm="layer")``;
+native C runs float plans, Triton float and exact ones; each says why it does not
+run the others).  A graph that does not lower (a
 float race over three or more chunks, ``"standard"``) runs on the reference executor.
 Every LayerNorm face (``tgn.layer_norm``, ``tgn.layer_norm_sync``, ``tgn.LayerNorm``,
 the ops) calls :meth:`LayerPipeline.forward` and :meth:`LayerPipeline.backward`.
@@ -57,7 +58,7 @@ class LayerPipeline:
 
     ``executor`` is the name actually run: ``"compiled"`` (the plan on a backend) or
     ``"reference"`` (the graph node by node) for ``"auto"``; ``"triton"`` asks the
-    Triton backend alone (which has no LayerNorm kernel yet: ``NoBackendError``).
+    Triton backend alone (a plan it does not run is a ``NoBackendError``).
     """
 
     __slots__ = ("graph", "executor", "plan", "hidden_size", "residual", "options", "_proof", "_backends")

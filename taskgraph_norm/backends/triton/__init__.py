@@ -3,7 +3,8 @@
 Float plans with pairwise leaves and a tree, left-fold or single-chunk merge are
 run operation for operation; exact plans (any topology) over whole rows.
 FINALIZE is fused, in every casting mode and with the weight offset, and so is
-the residual add (``h = x + r`` written out, ``y`` the norm of ``h``).  The bits are
+the residual add (``h = x + r`` written out, ``y`` the norm of ``h``).  LayerNorm's plans
+(the same float ones, and exact ones) run their forward here too (:mod:`.layer`).  The bits are
 the CPU reference's for float32, bfloat16 and float16 inputs.  CUDA tensors run compiled kernels; with ``TRITON_INTERPRET=1``
 the kernels run in Triton's interpreter, on CPU tensors too (how they are tested
 without a GPU).  ``triton`` is optional: ``pip install "taskgraph-norm[triton]"``.

@@ -54,13 +54,7 @@ def _leaf_products(x_row, dy_row, w_ptr, table_ptr, first, ROWS: tl.constexpr, C
                    D: tl.constexpr, NATURAL: tl.constexpr, HAS_W: tl.constexpr, OFFSET: tl.constexpr):
     """``g * xa`` of ``ROWS`` chunks from chunk ``first``, placed for the folds, ``(ROWS, CW)``,
     ``-0.0`` in the padding."""
-    slots = first * CW + tl.arange(0, ROWS * CW)
-    if NATURAL:
-        cols = slots
-        mask = slots < D
-    else:
-        cols = tl.load(table_ptr + slots)
-        mask = cols >= 0
+    cols, mask = fwd._placed(table_ptr, first, ROWS, CW, D, NATURAL)
     xv = fwd._widen(tl.load(x_row + cols, mask=mask, other=0.0))
     v = tl.where(mask, _grad_g(dy_row, w_ptr, cols, mask, HAS_W, OFFSET) * xv, -0.0)
     return tl.reshape(v, [ROWS, CW])

@@ -118,6 +118,20 @@ def _load_h(x_row, r_row, offs, mask, HAS_R: tl.constexpr):
 
 
 @triton.jit
+def _placed(table_ptr, first, ROWS: tl.constexpr, CW: tl.constexpr, D: tl.constexpr, NATURAL: tl.constexpr):
+    """The columns of ``x`` in the ``ROWS * CW`` slots of ``ROWS`` chunks from chunk
+    ``first`` (as :mod:`.layout` places them for the folds), and which slots hold one."""
+    slots = first * CW + tl.arange(0, ROWS * CW)
+    if NATURAL:
+        cols = slots
+        valid = slots < D
+    else:
+        cols = tl.load(table_ptr + slots)
+        valid = cols >= 0
+    return cols, valid
+
+
+@triton.jit
 def _leaf_squares(x_row, r_row, table_ptr, first, ROWS: tl.constexpr, CW: tl.constexpr,
                   D: tl.constexpr, NATURAL: tl.constexpr, HAS_R: tl.constexpr):
     """The squares of ``ROWS`` chunks from chunk ``first``, placed for the folds, ``(ROWS, CW)``."""

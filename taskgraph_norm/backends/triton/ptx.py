@@ -18,7 +18,7 @@ from ...lowering import Plan
 from .layout import kernel_shape
 from .runner import _kernels, launch_spec
 
-__all__ = ["FORBIDDEN", "backward_ptx", "exact_dw_ptx", "forbidden_instructions", "kernel_ptx"]
+__all__ = ["FORBIDDEN", "backward_ptx", "exact_dw_ptx", "forbidden_instructions", "kernel_ptx", "layer_ptx"]
 
 #: PTX opcodes (prefixes) that round differently from the CPU reference.
 FORBIDDEN = ("fma.", "rsqrt.", "rcp.", "sqrt.approx", "div.approx", "div.full", "ex2.", "lg2.")
@@ -76,6 +76,25 @@ def backward_ptx(
         signature.update({"flag_ptr": "*i8", "x_stride": "i32", "dy_stride": "i32", "dx_stride": "i32"})
     signature.update({c: "constexpr" for c in constants})
     return _compile(getattr(_kernels(False, "backward_kernels"), name), signature, constants, arch, fp_fusion)
+
+
+def layer_ptx(plan: Plan, dtype: torch.dtype, *, weight: bool | torch.dtype = True, bias: bool = True,
+              arch: int = 90, fp_fusion: bool = False) -> str:
+    """The PTX of a LayerNorm plan's forward kernel for ``dtype`` inputs on
+    ``sm_<arch>`` (``weight``: its dtype, ``True`` for fp32 or ``False`` for none; the
+    bias, when there is one, of the weight's dtype)."""
+    from .layer import layer_launch_spec
+
+    w_dtype = torch.float32 if weight is True else dtype if weight is False else weight
+    shape = kernel_shape(plan)
+    name, constants, _ = layer_launch_spec(shape, weight is not False, bias)
+    signature = {"x_ptr": _PTR[dtype], "y_ptr": _PTR[dtype], "w_ptr": _PTR[w_dtype], "b_ptr": _PTR[w_dtype]}
+    if shape.kind != "exact":
+        signature["table_ptr"] = "*i32"
+    signature.update({"mean_ptr": "*fp32", "den_ptr": "*fp32", "flag_ptr": "*i8", "x_stride": "i32",
+                      "y_stride": "i32", "eps": "fp32"})
+    signature.update({c: "constexpr" for c in constants})
+    return _compile(getattr(_kernels(False, "layer_kernels"), name), signature, constants, arch, fp_fusion)
 
 
 def exact_dw_ptx(dtype: torch.dtype, hidden: int = 4096, *, from_x: bool = False, part: str = "dw",
