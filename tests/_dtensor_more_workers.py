@@ -178,11 +178,62 @@ def _gated_module(mesh: Any) -> list[str]:
             y_inference = norm(xd, zd)
         if not all([same(y_no_grad, ref_y), same(y_inference, ref_y), same(norm(xd, zd), ref_y)]):
             failed.append(f"fp16 gated module {pname}: no_grad, inference_mode or grad")
+    failed += _prepare_module_input(mesh)
     xd, zd = distribute_tensor(x, mesh, [Shard(0)]), distribute_tensor(z, mesh, [Shard(0)])
     y_async = anyio.run(functools.partial(tgn.normalize, xd, w, gate=zd, group_size=8))
     if not same(y_async, tgn.normalize_sync(x, w, gate=z, group_size=8)):
         failed.append("async gated face")
     return failed
+
+
+def _prepare_module_input(mesh: Any) -> list[str]:
+    """Sequence parallel for a gated module: ``PrepareModuleInput`` makes both local
+    sequence shards DTensors (torch's ``SequenceParallel`` hands a module its first
+    input only)."""
+    from torch.distributed.tensor.parallel import PrepareModuleInput, parallelize_module
+
+    world, rank = mesh.size(), mesh.get_local_rank()
+    x, dy, w = data(64, (2, 12, 96), torch.float32)  # 12: even sequence shards for 1 to 4 ranks
+    z = data(65, (2, 12, 96), torch.float32)[0] / 512
+    ref_norm = tgn.GatedRMSNorm(96, group_size=8, norm_before_gate=True)
+    ref = one_process(lambda a, c: ref_norm(a, c), x, dy, z)
+    norm = tgn.GatedRMSNorm(96, group_size=8, norm_before_gate=True)
+    layouts = (Shard(1), Shard(1))
+    parallelize_module(norm, mesh, PrepareModuleInput(input_layouts=layouts, desired_input_layouts=layouts))
+    xl, zl = (t.tensor_split(world, dim=1)[rank].clone().requires_grad_() for t in (x, z))
+    y = norm(xl, zl)
+    y.backward(distribute_tensor(dy, mesh, [Shard(1)]))
+    ok = [isinstance(y, DTensor) and same(y, ref[0]), same(xl.grad, ref[1].tensor_split(world, dim=1)[rank]),
+          same(zl.grad, ref[2].tensor_split(world, dim=1)[rank])]
+    return [] if all(ok) else [f"PrepareModuleInput gated module: y, dx, dgate {ok}"]
+
+
+def check_2d_mesh() -> list[str]:
+    """``[Shard(0), Shard(-1)]`` on a 2 x 2 mesh: LayerNorm (y, dx; dW and db summed over
+    the row group in float) and the exact gated module (y, dx, dgate, dW)."""
+    mesh = init_device_mesh("cpu", (2, 2))
+    placements = [Shard(0), Shard(-1)]
+    failed = []
+    x, dy, w = data(80, (6, 5, 96), torch.float32)
+    z = data(81, (6, 5, 96), torch.float32)[0] / 512
+    ref = one_process(lambda a, c, d: tgn.layer_norm_sync(a, c, d), x, dy, w, w - 1)
+    xd = distribute_tensor(x, mesh, placements).requires_grad_()
+    wd, bd = (distribute_tensor(p, mesh, [Replicate(), Replicate()]).requires_grad_() for p in (w, w - 1))
+    y = tgn.layer_norm_sync(xd, wd, bd)
+    y.backward(distribute_tensor(dy, mesh, placements))
+    close = all(torch.allclose(g.full_tensor(), r, rtol=1e-4, atol=1e-4) for g, r in ((wd.grad, ref[2]),
+                                                                                        (bd.grad, ref[3])))
+    if not all([same(y, ref[0]), same(xd.grad, ref[1]), close]):
+        failed.append(f"2-D mesh LayerNorm {placements}")
+    ref_norm = tgn.GatedRMSNorm(96, group_size=8, weight_grad="exact")
+    ref = one_process(lambda a, c: ref_norm(a, c), x, dy, z)
+    norm = tgn.GatedRMSNorm(96, group_size=8, weight_grad="exact")
+    norm.weight = nn.Parameter(distribute_tensor(norm.weight.detach(), mesh, [Replicate(), Replicate()]))
+    xd, zd = (distribute_tensor(t, mesh, placements).requires_grad_() for t in (x, z))
+    y = norm(xd, zd)
+    y.backward(distribute_tensor(dy, mesh, placements))
+    ok = [same(y, ref[0]), same(xd.grad, ref[1]), same(zd.grad, ref[2]), same(norm.weight.grad, ref_norm.weight.grad)]
+    return failed + ([] if all(ok) else [f"2-D mesh exact gated module {placements}: y, dx, dgate, dW {ok}"])
 
 
 def _gated_errors(mesh: Any, world: int) -> list[str]:
@@ -205,5 +256,6 @@ def _gated_errors(mesh: Any, world: int) -> list[str]:
 def check_more(rank: int, world: int) -> dict[str, Any]:
     """Both, in one spawn."""
     layer, gated = check_layer_hidden(rank, world), check_gated(rank, world)
-    return {"failed": layer["failed"] + gated["failed"], "found": {**layer["found"], **gated["found"]},
+    more = check_2d_mesh() if world == 4 else []
+    return {"failed": layer["failed"] + gated["failed"] + more, "found": {**layer["found"], **gated["found"]},
             "layer errors": layer["errors"], "gated errors": gated["errors"]}

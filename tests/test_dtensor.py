@@ -12,7 +12,8 @@ DTensors directly (their sharding rules); and the negative controls (the
 float ``dW`` that a row-sharded batch reduces across ranks, and a planted one-ulp
 change).  FSDP2 trains a small model in its own spawn.  :mod:`tests._dtensor_more_workers`
 covers LayerNorm with the hidden dim sharded (the tensor-parallel LayerNorm) and the
-gated, grouped RMSNorm on every placement, with their own negative controls.
+gated, grouped RMSNorm on every placement (``PrepareModuleInput`` for a gated module, and
+a 2-D mesh at world 4), with their own negative controls.
 """
 
 from __future__ import annotations
