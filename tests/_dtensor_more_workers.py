@@ -242,7 +242,8 @@ def _gated_errors(mesh: Any, world: int) -> list[str]:
     cases = [lambda: tgn.normalize_sync(xs, w, gate=x),  # a plain gate
              lambda: tgn.normalize_sync(xs, w, gate=distribute_tensor(x, mesh, [Shard(1)])),  # another placement
              lambda: tgn.normalize_sync(xh, w, gate=xh),  # hidden sharded, no groups
-             lambda: tgn.normalize_sync(xh, w, gate=xh, group_size=48)]  # a group cut when world > 2
+             lambda: tgn.normalize_sync(xh, w, gate=xh, group_size=48),  # a group cut when world > 2
+             lambda: tgn.normalize_sync(xs, w, gate=xs, out=torch.empty(2, 3, 96))]  # no out= with DTensors
     errors = []
     for bad in cases:
         try:

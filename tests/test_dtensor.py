@@ -55,9 +55,9 @@ def test_dtensor_layer_norm_hidden_sharded_and_gated(world: int) -> None:
         assert result["failed"] == [], f"rank {rank}: {result['failed']}"
         assert result["layer errors"] == ["NotImplementedError", "WeightShapeError"]
         # a plain gate, a gate on another placement, the hidden dim sharded without groups,
-        # and (world > 2) groups of 48 cut by a shard boundary
+        # (world > 2) groups of 48 cut by a shard boundary, and out=
         cut = "NotImplementedError" if world > 2 else "no error"
-        assert result["gated errors"] == ["TypeError", "ValueError", "NotImplementedError", cut]
+        assert result["gated errors"] == ["TypeError", "ValueError", "NotImplementedError", cut, "TypeError"]
         found = result["found"]
         if world > 1:
             # Negative controls: float all-reduces of the shards' sums (a naive tensor-parallel
