@@ -117,6 +117,8 @@ def _gated(
     """A gated or grouped call (:func:`taskgraph_norm.ops.gated_rms_norm`), into ``out`` if given."""
     if residual is not None or residual_out is not None:
         raise ConfigError("residual", "a tensor", "None with a gate or groups (add the residual first)")
+    if out is not None and ops.dtensor_face("gated", x, gate, weight) is not None:
+        raise TypeError("normalize_sync: out= is not supported with DTensor inputs")
     y = ops.gated_rms_norm(x, gate, weight, eps, **options)
     check_out(out, x, y.dtype)
     return y if out is None else out.copy_(y)

@@ -45,9 +45,9 @@ from . import dtensor_ops as _dtensor_ops
 
 def _dtensor_faces() -> dict[str, Any]:
     """The faces' DTensor calls (:mod:`.dtensor`), imported on the first DTensor call."""
-    from . import dtensor
+    from . import dtensor, dtensor_gated
 
-    return dtensor.faces()
+    return {**dtensor.faces(), **dtensor_gated.faces()}
 
 
 _LOADER[:] = [_dtensor_faces]

@@ -8,10 +8,13 @@ reduction of ours, so the faces hand a call with a DTensor here (through
 * ``Replicate()`` and ``Shard(d)`` on a dim ``d`` that is not normalised: every row is
   whole on its rank, so the one-process face runs on the local rows and the result
   keeps ``x``'s placements.
-* ``Shard`` of the normalised dim (one mesh dim; RMSNorm over one dim): the forward is
-  :func:`taskgraph_norm.distributed.normalize_sync` over that mesh dim's process group,
-  the world-size-invariant tensor-parallel reduction; the backward is
-  :mod:`.dtensor_grad`'s.
+* ``Shard`` of the normalised dim (one mesh dim; a norm over one dim): the forward is
+  :func:`taskgraph_norm.distributed.normalize_sync` (LayerNorm:
+  :func:`~taskgraph_norm.distributed.layer_norm_sync`) over that mesh dim's process
+  group, the world-size-invariant tensor-parallel reduction; the backward is
+  :mod:`.dtensor_grad`'s (LayerNorm: :mod:`.dtensor_layer`'s).
+
+The gated, grouped RMSNorm's DTensor calls are :mod:`.dtensor_gated`'s.
 * ``Partial()`` inputs are reduced to ``Replicate()`` first (torch's own redistribution,
   as torch's ops do).
 
@@ -37,6 +40,7 @@ from ..api import normalize_sync as _normalize_sync
 from ..errors import ConfigError, InputShapeError
 from ..layernorm.api import layer_norm_sync as _layer_norm_sync
 from .dtensor_grad import Layout, ShardedNorm, local_param
+from .dtensor_layer import ShardedLayerNorm
 
 try:  # torch >= 2.5: the public DTensor module
     from torch.distributed.tensor import DTensor, Replicate
@@ -149,16 +153,19 @@ def layer_module(module: Any, x: Any, residual: Any) -> Any:
 def _layer(x: Any, weight: Any, bias: Any, eps: float | None, options: dict[str, Any], residual: Any,
            k: int) -> Any:
     x, lay = _layout(x, k, "layer_norm")
-    if lay.hidden is not None:
-        raise NotImplementedError(
-            "LayerNorm of a DTensor sharded on the normalised dim needs a tensor-parallel LayerNorm "
-            "reduction, which taskgraph_norm.distributed does not have yet: shard the rows (Shard on "
-            "another dim) or redistribute x to Replicate() first")
+    if lay.hidden is not None and k > 1:
+        raise NotImplementedError("LayerNorm over several dims of a DTensor sharded on one of them: "
+                                  "shard another dim, or normalise over one dim")
+    if lay.hidden is not None and options.get("executor", "auto") != "auto":
+        raise ConfigError("executor", options["executor"], "'auto' with a DTensor sharded on the normalised dim")
     x_local = x.to_local()
     r_local = _local_like(residual, x, lay, "residual")
     h = x_local if r_local is None else x_local + r_local
     w_local, b_local = local_param(weight, lay, False), local_param(bias, lay, False)
-    if k == 1:
+    if lay.hidden is not None:  # the tensor-parallel LayerNorm of tgn.distributed
+        config = (options["chunk_size"], options["topology"], options["leaf"], options["accumulate"])
+        y = ShardedLayerNorm.run(h, w_local, b_local, eps, config, lay)
+    elif k == 1:
         y = _layer_norm_sync(h, w_local, b_local, eps, **options)
     else:
         hidden = math.prod(h.shape[h.dim() - k:])

@@ -38,7 +38,7 @@ try:  # torch >= 2.5
 except ImportError:  # pragma: no cover
     pass
 
-__all__ = ["Layout", "ShardedNorm", "chunk_sizes", "local_param"]
+__all__ = ["Layout", "ShardedNorm", "all_sizes", "chunk_sizes", "gather_columns", "local_param"]
 
 
 def chunk_sizes(size: int, parts: int) -> tuple[int, ...]:
@@ -113,7 +113,7 @@ def local_param(w: Any, lay: Layout, exact: bool) -> torch.Tensor | None:
     return w.to_local(grad_placements=grads)  # type: ignore[no-any-return]
 
 
-def _gather_columns(t: torch.Tensor, lay: Layout, sizes: tuple[int, ...]) -> torch.Tensor:
+def gather_columns(t: torch.Tensor, lay: Layout, sizes: tuple[int, ...]) -> torch.Tensor:
     """The whole rows of ``t`` (sharded on its last dim over the hidden group, ``sizes``)."""
     widest = max(sizes)
     pad = torch.nn.functional.pad(t, (0, widest - t.shape[-1])).contiguous()
@@ -122,7 +122,7 @@ def _gather_columns(t: torch.Tensor, lay: Layout, sizes: tuple[int, ...]) -> tor
     return torch.cat([p[..., :n] for p, n in zip(parts, sizes)], dim=-1)
 
 
-def _all_sizes(t: torch.Tensor, lay: Layout) -> tuple[int, ...]:
+def all_sizes(t: torch.Tensor, lay: Layout) -> tuple[int, ...]:
     if lay.sizes is not None:
         return lay.sizes
     mine = torch.tensor([t.shape[-1]], dtype=torch.int64)
@@ -158,10 +158,10 @@ class ShardedNorm(torch.autograd.Function):
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1] and w is not None
         rms = ctx.rms
         if lay.hidden is not None:  # the whole rows, then the one-process backward
-            sizes = _all_sizes(x, lay)
+            sizes = all_sizes(x, lay)
             start = sum(sizes[: lay.mesh.get_local_rank(lay.hidden)])
-            x, dy = _gather_columns(x, lay, sizes), _gather_columns(dy, lay, sizes)
-            w = None if w is None else _gather_columns(w, lay, sizes)
+            x, dy = gather_columns(x, lay, sizes), gather_columns(dy, lay, sizes)
+            w = None if w is None else gather_columns(w, lay, sizes)
             _, rms = _forward.forward(x, w, ctx.eps, *ctx.config)
         float_backward: Any = _backward.backward
         dx, dw = float_backward(dy.contiguous(), x, w, rms, *ctx.config, "float", [need_x, need_w and not ctx.exact])

@@ -42,7 +42,7 @@ from . import library as _library_mod
 from .forward import check_model_options
 from .gated_weight import weight_product
 from .library import LIBRARY, _register_autograd, eager_apply
-from .routing import DIRECT, TRACED, route
+from .routing import DIRECT, TRACED, dtensor_face, route
 
 __all__ = ["check_gated", "gated_forward", "gated_rms_norm", "gated_rms_norm_op", "gated_rms_norm_backward_op"]
 
@@ -128,7 +128,7 @@ def _norm(h: torch.Tensor, eps: float, config: tuple[Any, ...], executor: str,
     ``casting_mode="llama"`` (the bits of :func:`.gated_weight.weight_product` after it)."""
     chunk_size, topology, leaf, accumulate = config
     if h.numel() == 0:
-        return torch.empty_like(h)
+        return h.clone()  # (no rows: empty, and still a function of h for autograd)
     if llama_weight is not None:
         pipe = pipeline.for_config(h.shape[-1], chunk_size, topology, leaf, accumulate, executor, "llama",
                                    llama_weight[1])
@@ -311,6 +311,12 @@ def gated_rms_norm(
     recorded: the same bits).  ``exact_param``: ``weight_grad="exact"`` (eager only)."""
     if not isinstance(norm_before_gate, bool):
         raise ConfigError("norm_before_gate", norm_before_gate, "True or False")
+    face = dtensor_face("gated", x, gate, weight)
+    if face is not None:  # a DTensor: taskgraph_norm.distributed.dtensor_gated
+        return face(x, gate, weight, eps, dict(  # type: ignore[no-any-return]
+            group_size=group_size, norm_before_gate=norm_before_gate, topology=topology, chunk_size=chunk_size,
+            leaf=leaf, accumulate=accumulate, casting_mode=casting_mode, offset=offset, executor=executor),
+            exact_param)
     size = check_gated(x, gate, weight, group_size)
     check_model_options(casting_mode, offset)
     e = resolve_eps(eps, x.dtype)

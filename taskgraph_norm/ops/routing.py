@@ -93,7 +93,7 @@ def needs_op(x: torch.Tensor, weight: torch.Tensor | None) -> bool:
 
 
 #: The DTensor faces by name (``"normalize"``, ``"rms_module"``, ``"layer_norm"``,
-#: ``"layer_module"``), loaded on the first DTensor call by the loader that
+#: ``"layer_module"``, ``"gated"``), loaded on the first DTensor call by the loader that
 #: :mod:`taskgraph_norm.distributed` sets (its ``dtensor`` module).  A face hands a call
 #: with a DTensor to them (docs/distributed.md, "DTensor").
 DTENSOR_FACES: dict[str, Callable[..., Any]] = {}
