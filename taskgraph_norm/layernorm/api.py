@@ -22,7 +22,7 @@ from ..topologies import build_layer_graph
 __all__ = ["layer_norm", "layer_norm_sync"]
 
 
-def _route(x: object, weight: object, bias: object, residual: object) -> int:
+def layer_route(x: object, weight: object, bias: object, residual: object) -> int:
     """:func:`taskgraph_norm.ops.route` over every tensor of the call (the most demanding wins)."""
     if not isinstance(x, torch.Tensor):
         return ops.DIRECT  # (the checks raise the TypeError)
@@ -122,7 +122,7 @@ def layer_norm_sync(
     """
     if isinstance(x, torch.Tensor):
         x, weight, bias = autocast_layer_inputs(x, weight, bias)
-    how = _route(x, weight, bias, residual)
+    how = layer_route(x, weight, bias, residual)
     if how != ops.DIRECT:
         return _through_op(x, weight, bias, eps, (chunk_size, topology, leaf, accumulate), executor, out,
                            residual, residual_out)
@@ -157,7 +157,7 @@ async def layer_norm(
     (or is traced) runs inline through the op, as the sync face does."""
     if isinstance(x, torch.Tensor):
         x, weight, bias = autocast_layer_inputs(x, weight, bias)
-    if _route(x, weight, bias, residual) != ops.DIRECT or not isinstance(x, torch.Tensor):
+    if layer_route(x, weight, bias, residual) != ops.DIRECT or not isinstance(x, torch.Tensor):
         return layer_norm_sync(x, weight, bias, eps, topology=topology, chunk_size=chunk_size, leaf=leaf,
                                accumulate=accumulate, executor=executor, out=out, residual=residual,
                                residual_out=residual_out)
