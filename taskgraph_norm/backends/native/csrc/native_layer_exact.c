@@ -7,7 +7,7 @@
  * The pair: with M = max |v| over the row (fp64) and kernels.exact_scale's sigma1,
  * sigma2 for it, each v is pre-rounded as the torch form does, q1 = (v + sigma1) -
  * sigma1, q2 = ((v - q1) + sigma2) - sigma2, and S1 = sum q1, S2 = sum q2: every
- * addition is exact, so the lanes below (eight partial sums each) give the torch
+ * addition is exact, so the lanes below (sixteen partial sums each) give the torch
  * form's values.  M comes from the bits where the terms are the row's values or
  * squares (|v| orders as its bits do).  v is a float value, or the fp64 product of two (exact).
  *
@@ -31,6 +31,15 @@
 typedef double v4d __attribute__((vector_size(32)));
 typedef float v4f __attribute__((vector_size(16)));
 typedef int64_t v4l __attribute__((vector_size(32)));
+typedef double v8d __attribute__((vector_size(64))); /* one AVX-512 register, or two AVX ones */
+typedef float v8f __attribute__((vector_size(32)));
+
+static inline __attribute__((always_inline)) v8d load8(const float *p)
+{
+    v8f f;
+    memcpy(&f, p, sizeof f);
+    return __builtin_convertvector(f, v8d);
+}
 
 static inline __attribute__((always_inline)) v4d load4(const float *p)
 {
@@ -85,23 +94,23 @@ int tgn_exact_pair_f32(const float *a, const float *b, int64_t n, double *t1, do
     double m, s1, s2;
     if (!row_max(a, b, n, &m) || !tgn_exact_scale(m, n, &s1, &s2))
         return 0;
-    const v4d s1v = {s1, s1, s1, s1}, s2v = {s2, s2, s2, s2};
-    v4d a1 = {0.0, 0.0, 0.0, 0.0}, a2 = a1, b1 = a1, b2 = a1;
+    const v8d s1v = {s1, s1, s1, s1, s1, s1, s1, s1}, s2v = {s2, s2, s2, s2, s2, s2, s2, s2};
+    v8d a1 = {0.0}, a2 = a1, b1 = a1, b2 = a1;
     int64_t j = 0;
-    for (; j + 8 <= n; j += 8) { /* two independent lanes of four: exact, so any order */
-        v4d va = load4(a + j), vb = load4(a + j + 4);
+    for (; j + 16 <= n; j += 16) { /* two independent lanes of eight: exact, so any order */
+        v8d va = load8(a + j), vb = load8(a + j + 8);
         if (b) {
-            va *= load4(b + j);
-            vb *= load4(b + j + 4);
+            va *= load8(b + j);
+            vb *= load8(b + j + 8);
         }
-        v4d qa = (va + s1v) - s1v, qb = (vb + s1v) - s1v;
+        v8d qa = (va + s1v) - s1v, qb = (vb + s1v) - s1v;
         a1 += qa;
         b1 += qb;
         a2 += ((va - qa) + s2v) - s2v;
         b2 += ((vb - qb) + s2v) - s2v;
     }
     double u1 = 0.0, u2 = 0.0;
-    for (int l = 0; l < 4; ++l) {
+    for (int l = 0; l < 8; ++l) {
         u1 += a1[l] + b1[l];
         u2 += a2[l] + b2[l];
     }
