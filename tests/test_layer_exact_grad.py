@@ -156,3 +156,31 @@ def test_every_world_size_gives_the_single_process_bits(world: int) -> None:
             n += 1
     if world >= 2:  # negative control: the float all-reduce moves with the split
         assert any(float_differs)
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "grad"])
+def test_the_forward_is_the_float_modules_bits(mode: str) -> None:
+    x, _ = workers.layer_rows(ROWS, COLS, torch.bfloat16)
+    exact, plain = _norm(torch.bfloat16), _norm(torch.bfloat16, "float")
+    ctx = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode, "grad": torch.enable_grad}[mode]
+    with ctx():
+        assert bits_equal(exact(x), plain(x))
+
+
+# torch 2.13's inductor touches torch.jit.script_method on its first compile (its warning, not ours).
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_compile_without_fullgraph_keeps_the_bits() -> None:
+    x, dy = workers.layer_rows(ROWS, COLS, torch.float32)
+    eager = _norm(torch.float32)
+    want = _train(eager, x, dy, [range(0, 20), range(20, ROWS)])
+    norm = _norm(torch.float32)
+    compiled = torch.compile(norm)
+    for part in (range(0, 20), range(20, ROWS)):
+        idx = torch.tensor(list(part))
+        compiled(x[idx].clone().requires_grad_()).backward(dy[idx])
+    assert norm.weight.grad is not None and norm.bias.grad is not None
+    assert bits_equal(norm.weight.grad, want[0]) and bits_equal(norm.bias.grad, want[1])
+    # fullgraph=True refuses the eager accumulator (a graph break), as for RMSNorm
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="(?i)graph break|disable|skip"):
+        torch.compile(_norm(torch.float32), fullgraph=True)(x[:4].clone().requires_grad_())

@@ -20,7 +20,7 @@ from taskgraph_norm.kernels.reference import run_reference
 from taskgraph_norm.pipeline.layer import layer_pipeline
 from taskgraph_norm.testing import bits_equal
 
-from ._trust_helpers import native_status, run_probe
+from ._trust_helpers import builds_agree, native_status, spy_taken
 
 NATIVE, WHY_NOT = native_status()
 pytestmark = pytest.mark.skipif(not NATIVE, reason=f"native kernels: {WHY_NOT}")
@@ -44,16 +44,7 @@ def _torch_ops(x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
 
 def _spy(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     """Records whether each native LayerNorm call was taken (True) or left to torch ops."""
-    taken: list[bool] = []
-    real = native_layer.layer_rows
-
-    def spy(*args: Any, **kwargs: Any) -> Any:
-        found = real(*args, **kwargs)
-        taken.append(found is not None)
-        return found
-
-    monkeypatch.setattr(native_layer, "layer_rows", spy)
-    return taken
+    return spy_taken(monkeypatch, (native_layer,), "layer_rows")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -198,10 +189,6 @@ PROBE = """
 def test_the_portable_build_gives_the_host_builds_bits() -> None:
     """TGN_NATIVE=portable (scalar leaves and the divider) against the default build
     (the vector leaves and quotient where built) and torch ops (TGN_NATIVE=0)."""
-    portable, default, off = (run_probe(PROBE, TGN_NATIVE=v) for v in ("portable", "1", "0"))
-    for proc in (portable, default, off):
-        assert proc.returncode == 0, proc.stderr
-    p, d, o = (proc.stdout.splitlines() for proc in (portable, default, off))
-    assert p[0].startswith("_native_portable") and o[0] == "None"
-    assert p[1:] == d[1:] == o[1:] and len(p) == 10
+    p, _ = builds_agree(PROBE)
+    assert len(p) == 10
     assert len({line.split()[-1] for line in p[1:]}) == 9  # negative control: the digests see dtype and plan

@@ -18,7 +18,7 @@ from taskgraph_norm.backends.torch_ops.layer import layer_backward, run_layer
 from taskgraph_norm.pipeline.layer import layer_pipeline
 from taskgraph_norm.testing import bits_equal, count_bit_differences
 
-from ._trust_helpers import native_status
+from ._trust_helpers import native_status, spy_taken
 
 NATIVE, WHY_NOT = native_status()
 pytestmark = pytest.mark.skipif(not NATIVE, reason=f"native kernels: {WHY_NOT}")
@@ -88,16 +88,7 @@ def _grads(norm: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor) -> tuple[to
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_the_ops_autograd_runs_the_kernel(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
-    taken: list[bool] = []
-    real = layer_grads.layer_backward_rows
-
-    def spy(*args: Any, **kwargs: Any) -> Any:
-        found = real(*args, **kwargs)
-        taken.append(found is not None)
-        return found
-
-    monkeypatch.setattr(layer_grads, "layer_backward_rows", spy)
-    monkeypatch.setattr(tgn.backends.native.layer, "layer_backward_rows", spy)
+    taken = spy_taken(monkeypatch, (layer_grads, tgn.backends.native.layer), "layer_backward_rows")
     x, dy, _, _ = _data(600, 1000, dtype, seed=4)
     norm = tgn.LayerNorm(1000, dtype=dtype)
     with torch.no_grad():

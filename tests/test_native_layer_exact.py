@@ -19,7 +19,7 @@ from taskgraph_norm.backends.torch_ops.layer import layer_backward, run_layer
 from taskgraph_norm.pipeline.layer import layer_pipeline
 from taskgraph_norm.testing import bits_equal, count_bit_differences
 
-from ._trust_helpers import native_status
+from ._trust_helpers import builds_agree, native_status
 
 NATIVE, WHY_NOT = native_status()
 pytestmark = pytest.mark.skipif(not NATIVE, reason=f"native kernels: {WHY_NOT}")
@@ -115,3 +115,35 @@ def test_the_exact_bits_do_not_depend_on_the_graph() -> None:
     # negative control: float plans of those graphs give other bits on these rows
     floats = [tgn.layer_norm_sync(x, w, b, topology=t, chunk_size=c) for t, c in (("tree", 64), ("linear", 16))]
     assert count_bit_differences(floats[0], floats[1]) > 0
+
+
+PROBE = """
+    import hashlib, torch, taskgraph_norm as tgn
+    from taskgraph_norm.backends.native import loader as native
+    from taskgraph_norm.testing import bits
+    print(native.library_path().name if native.available() else None)
+    g = torch.Generator().manual_seed(3)
+    rows = torch.randn(300, 777, generator=g) * torch.exp2(torch.randint(-8, 8, (300, 777), generator=g).float()) + 1
+    dy = torch.randn(300, 777, generator=g)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for accumulate in ("float", "exact"):
+            norm = tgn.LayerNorm(777, chunk_size=10, accumulate=accumulate, dtype=dtype)
+            with torch.no_grad():
+                norm.weight.normal_(1.0, 0.5, generator=g)
+                norm.bias.normal_(generator=g)
+            x = rows.to(dtype).clone().requires_grad_()
+            y = norm(x)
+            y.backward(dy.to(dtype))
+            digest = hashlib.sha256()
+            for t in (y, x.grad, norm.weight.grad, norm.bias.grad):
+                digest.update(bits(t.detach()).numpy().tobytes())
+            print(dtype, accumulate, digest.hexdigest()[:16])
+"""
+
+
+def test_the_portable_build_gives_the_host_builds_bits() -> None:
+    """The forward and backward, float and exact, in TGN_NATIVE=portable (no vector forms),
+    the default build and torch ops (TGN_NATIVE=0): the same bits."""
+    p, _ = builds_agree(PROBE)
+    assert len(p) == 7
+    assert len({line.split()[-1] for line in p[1:]}) == 6  # negative control: the digests see dtype and plan
