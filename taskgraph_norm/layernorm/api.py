@@ -111,8 +111,9 @@ def layer_norm_sync(
     ``x``'s dtype, or fp32 for an fp16/bf16 ``x``, as ``F.layer_norm`` takes them.
     With ``residual`` (``x``'s shape and dtype) the call returns ``(y, h)``: ``h = x +
     residual`` in ``x``'s dtype (written into ``residual_out`` when given) and ``y`` the
-    LayerNorm of ``h``.  ``executor``: ``"auto"``, ``"compiled"``, ``"reference"`` or
-    ``"triton"`` (which has no LayerNorm kernel yet, and says so).
+    LayerNorm of ``h``.  ``executor``: ``"auto"``, ``"compiled"``, ``"reference"``,
+    ``"triton"`` (which has no LayerNorm kernel yet, and says so) or ``"concurrent"``
+    (the graph's nodes on the concurrent executor's worker pool).
 
     Examples
     --------
