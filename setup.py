@@ -5,7 +5,7 @@ exact rows, with ``native_finalize.h``'s FINALIZE) and ``native_sums.c`` (the fl
 ``native_backward.c`` and ``native_dw.c``/``native_dw_fused.c``/``native_dw_round.c`` (the backward, the exact weight
 gradient),
 ``native_narrow.c`` (bf16 and fp16 rows through the forward's fp32 kernels),
-``native_layer.c`` (LayerNorm's float rows),
+``native_layer.c`` (LayerNorm's float rows), ``native_layer_backward.c`` (its backward),
 ``native_team.c`` (the team the forward's rows are shared by) and ``native_module.c``
 (the extension module: the functions Python calls, each wrapping one entry point)
 become two optional extension modules in ``backends/native/``, next to ``loader.py``,
@@ -45,7 +45,8 @@ HERE = Path(__file__).resolve().parent
 CSRC = "taskgraph_norm/backends/native/csrc"
 SOURCES = [f"{CSRC}/{name}.c"
            for name in ("native", "native_exact", "native_sums", "native_backward", "native_dw", "native_dw_fused",
-                        "native_dw_round", "native_narrow", "native_team", "native_layer", "native_gate",
+                        "native_dw_round", "native_narrow", "native_team", "native_layer", "native_layer_exact",
+                        "native_layer_backward", "native_gate",
                         "native_module")]
 CONSTANTS = "taskgraph_norm/constants.py"
 #: Generated from CONSTANTS by BuildExt (.gitignore'd).

@@ -11,6 +11,7 @@ import sys
 import textwrap
 import warnings
 from pathlib import Path
+from typing import Any
 
 from taskgraph_norm.errors import NativeKernelsWarning
 from taskgraph_norm.backends.native import loader as native
@@ -63,3 +64,33 @@ def run_probe(code: str, root: Path | None = None, warnings_as_errors: bool = Fa
     flag = "error" if warnings_as_errors else "always"
     return subprocess.run([sys.executable, "-W", flag, "-c", textwrap.dedent(code)], capture_output=True,
                           text=True, env=full_env, cwd=root, timeout=300)
+
+
+def builds_agree(code: str) -> tuple[list[str], list[str]]:
+    """Run ``code`` (its first line printed: the loaded library's name, or None) under
+    TGN_NATIVE=portable, the default build and TGN_NATIVE=0 (torch ops); assert every run
+    succeeded, loaded what it should and printed the same lines after the first; returns
+    the portable and default runs' lines."""
+    portable, default, off = (run_probe(code, TGN_NATIVE=v) for v in ("portable", "1", "0"))
+    for proc in (portable, default, off):
+        assert proc.returncode == 0, proc.stderr
+    p, d, o = (proc.stdout.splitlines() for proc in (portable, default, off))
+    assert p[0].startswith("_native_portable") and o[0] == "None"
+    assert p[1:] == d[1:] == o[1:]
+    return p, d
+
+
+def spy_taken(monkeypatch: Any, owners: tuple[object, ...], name: str) -> list[bool]:
+    """Replace ``name`` on each of ``owners`` (the defining module first) by a spy that
+    records whether each call returned a result (True) or ``None`` (left to torch ops)."""
+    taken: list[bool] = []
+    real = getattr(owners[0], name)
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        found = real(*args, **kwargs)
+        taken.append(found is not None)
+        return found
+
+    for owner in owners:
+        monkeypatch.setattr(owner, name, spy)
+    return taken

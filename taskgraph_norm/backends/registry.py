@@ -24,6 +24,7 @@ from .base import Backend, Forward, LayerForward, allowed, triton_asked
 from .native import grads as _native_grads
 from .native import loader as _native
 from .native import team as _team
+from .native.team import BACKWARD_SPLIT_NUMEL
 from .native.direct import DirectCall, advise_fresh, direct_call
 from .native.layer import NativeLayer
 from .torch_ops import layer as _layer
@@ -110,11 +111,6 @@ class TorchOpsBackend:
         return _layer.layer_backward(plan, dy, x, weight, mean, den, input_grad=input_grad, weight_grad=weight_grad,
                                      bias_grad=bias_grad, weight_dtype=weight_dtype, bias_dtype=bias_dtype)
 
-
-#: The native backward shares its rows among threads from this many elements on (a
-#: (64, 4096) step ran 3-7% faster on one thread than on two, (128, 4096) the same,
-#: (256, 4096) 16% faster on two: benchmarks/call_overhead.py's step, 2 cores).
-BACKWARD_SPLIT_NUMEL = 8 * SPLIT_NUMEL
 
 #: What the other backends fall back on for the rows or dtypes they do not take.
 _TORCH_OPS = TorchOpsBackend()

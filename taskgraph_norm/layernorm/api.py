@@ -22,7 +22,7 @@ from ..topologies import build_layer_graph
 __all__ = ["layer_norm", "layer_norm_sync"]
 
 
-def _route(x: object, weight: object, bias: object, residual: object) -> int:
+def layer_route(x: object, weight: object, bias: object, residual: object) -> int:
     """:func:`taskgraph_norm.ops.route` over every tensor of the call (the most demanding wins)."""
     if not isinstance(x, torch.Tensor):
         return ops.DIRECT  # (the checks raise the TypeError)
@@ -111,9 +111,10 @@ def layer_norm_sync(
     ``x``'s dtype, or fp32 for an fp16/bf16 ``x``, as ``F.layer_norm`` takes them.
     With ``residual`` (``x``'s shape and dtype) the call returns ``(y, h)``: ``h = x +
     residual`` in ``x``'s dtype (written into ``residual_out`` when given) and ``y`` the
-    LayerNorm of ``h``.  ``executor``: ``"auto"``, ``"compiled"``, ``"reference"`` or
+    LayerNorm of ``h``.  ``executor``: ``"auto"``, ``"compiled"``, ``"reference"``,
     ``"triton"`` (float plans with pairwise leaves and a tree or left-fold merge, and
-    exact plans; it says why it does not run the others).
+    exact plans; it says why it does not run the others) or ``"concurrent"`` (the
+    graph's nodes on the concurrent executor's worker pool).
 
     Examples
     --------
@@ -123,7 +124,7 @@ def layer_norm_sync(
     """
     if isinstance(x, torch.Tensor):
         x, weight, bias = autocast_layer_inputs(x, weight, bias)
-    how = _route(x, weight, bias, residual)
+    how = layer_route(x, weight, bias, residual)
     if how != ops.DIRECT:
         face = ops.dtensor_face("layer_norm", x, weight, bias, residual)
         if face is not None:  # a DTensor: taskgraph_norm.distributed.dtensor
@@ -163,7 +164,7 @@ async def layer_norm(
     (or is traced) runs inline through the op, as the sync face does."""
     if isinstance(x, torch.Tensor):
         x, weight, bias = autocast_layer_inputs(x, weight, bias)
-    if _route(x, weight, bias, residual) != ops.DIRECT or not isinstance(x, torch.Tensor):
+    if layer_route(x, weight, bias, residual) != ops.DIRECT or not isinstance(x, torch.Tensor):
         return layer_norm_sync(x, weight, bias, eps, topology=topology, chunk_size=chunk_size, leaf=leaf,
                                accumulate=accumulate, executor=executor, out=out, residual=residual,
                                residual_out=residual_out)

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
 from .. import ops
 from ..errors import ConfigError, InputShapeError
+from ..pipeline.layer_checks import autocast_layer_inputs, check_layer_input, resolve_layer_eps
 from ..topologies import build_layer_graph
-from .api import layer_norm_sync
+from .api import layer_norm_sync, layer_route
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+_eager_only: Callable[[_F], _F] = torch.compiler.disable  # (typed: torch's decorator is not)
 
 __all__ = ["LayerNorm"]
 
@@ -28,8 +32,10 @@ class LayerNorm(nn.Module):
     :func:`taskgraph_norm.topologies.build_layer_graph`).  A multi-dimensional
     ``normalized_shape`` reduces over all those dims as one hidden dim of size
     ``prod(normalized_shape)``, flattened in row-major order (the weight and bias keep
-    their shape).  ``weight_grad="exact"`` is not built for LayerNorm yet
-    (``NotImplementedError``); ``"float"`` sums ``dW`` and ``db`` over fixed row blocks.
+    their shape).  ``weight_grad="float"`` sums ``dW`` and ``db`` over fixed row blocks;
+    ``"exact"`` makes them each call's exact sums, correctly rounded and accumulated
+    exactly across backward calls (:mod:`taskgraph_norm.ops.exact_layer`; eager: a graph
+    break under ``torch.compile``).
 
     Examples
     --------
@@ -56,11 +62,10 @@ class LayerNorm(nn.Module):
         weight_grad: str = "float",
     ) -> None:
         super().__init__()
-        if weight_grad == "exact":
-            raise NotImplementedError("LayerNorm(weight_grad='exact') is not built yet (issue 23): use "
-                                      "weight_grad='float' (dW and db over fixed row blocks)")
-        if weight_grad != "float":
-            raise ConfigError("weight_grad", weight_grad, "'float' ('exact' is not built for LayerNorm yet)")
+        if weight_grad not in ("float", "exact"):
+            raise ConfigError("weight_grad", weight_grad, "'float' or 'exact'")
+        if weight_grad == "exact" and not elementwise_affine:
+            raise ConfigError("weight_grad", weight_grad, "'float' with elementwise_affine=False (no weight)")
         self.weight_grad = weight_grad
         dims: Sequence[int] = (
             (int(normalized_shape),) if isinstance(normalized_shape, numbers.Integral)
@@ -97,6 +102,9 @@ class LayerNorm(nn.Module):
         """``y``; with ``residual``, ``(y, h)``: ``h = x + residual`` and ``y`` its LayerNorm
         (see :func:`taskgraph_norm.layer_norm_sync`, which every call goes through)."""
         weight, bias = self.weight, self.bias
+        if self.weight_grad == "exact" and weight is not None and isinstance(x, torch.Tensor) and (
+                layer_route(x, weight, bias, residual) != ops.DIRECT):
+            return self._forward_exact(x, residual)
         options: dict[str, Any] = dict(topology=self.topology, chunk_size=self.chunk_size, leaf=self.leaf,
                                        accumulate=self.accumulate)
         k = len(self.normalized_shape)
@@ -121,7 +129,33 @@ class LayerNorm(nn.Module):
             return result.reshape(x.shape)
         return result[0].reshape(x.shape), result[1].reshape(x.shape)
 
+    @_eager_only  # the accumulator is Python state: eager, a graph break under compile
+    def _forward_exact(self, x: torch.Tensor, residual: torch.Tensor | None) -> Any:
+        """The forward whose ``dW`` and ``db`` are each call's exact sums, correctly rounded,
+        accumulated exactly into the parameters' ``grad`` (``weight_grad="exact"``)."""
+        from ..ops.exact_layer import exact_layer_apply
+
+        h = x
+        if residual is not None:
+            if not isinstance(residual, torch.Tensor) or residual.shape != x.shape or residual.dtype != x.dtype:
+                raise ConfigError("residual", type(residual).__name__, "a tensor of x's shape and dtype")
+            h = x + residual  # elementwise, x's dtype: the bits of the fused residual's h
+        assert self.weight is not None
+        h, weight, bias = autocast_layer_inputs(h, self.weight, self.bias)
+        k = len(self.normalized_shape)
+        if h.dim() < k or tuple(h.shape[h.dim() - k:]) != self.normalized_shape:
+            raise InputShapeError(self.normalized_shape, tuple(h.shape))  # torch's RuntimeError
+        hidden = math.prod(self.normalized_shape)
+        flat = h.reshape(*h.shape[: h.dim() - k], hidden)
+        assert weight is not None
+        w, b = weight.reshape(hidden), None if bias is None else bias.reshape(hidden)
+        check_layer_input(flat, hidden, w, b)
+        config = (resolve_layer_eps(self.eps), self.chunk_size, self.topology, self.leaf, self.accumulate)
+        y = exact_layer_apply(flat, w, b, config, (self.weight, self.bias)).reshape(h.shape)
+        return y if residual is None else (y, h)
+
     def extra_repr(self) -> str:
         return (f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}, "
                 f"topology={self.topology!r}, chunk_size={self.chunk_size}, leaf={self.leaf!r}, "
-                f"accumulate={self.accumulate!r}")
+                f"accumulate={self.accumulate!r}"
+                + (f", weight_grad={self.weight_grad!r}" if self.weight_grad != "float" else ""))

@@ -12,7 +12,7 @@ with respect to the weight, ``torch.func.grad`` and the weight's hooks see it.
 is written.
 
 Only the accumulation into ``weight.grad`` across backward calls is exact
-(:class:`_GradWatch`, the weight's hooks): after autograd's ``AccumulateGrad`` has
+(:class:`GradWatch`, the weight's hooks): after autograd's ``AccumulateGrad`` has
 added the float gradient, the post-accumulate hook replaces ``weight.grad`` with the
 correctly rounded value of the exact sum carried by
 :data:`taskgraph_norm.ops.exact_grad.exact_grads` plus this backward's exact
@@ -40,7 +40,8 @@ from . import backward as _backward
 from . import forward as _forward
 from .library import _composite_grads
 
-__all__ = ["ExactWeightRMSNorm", "exact_apply"]
+__all__ = ["ExactWeightRMSNorm", "GradWatch", "exact_apply", "exact_value", "grad_wanted", "plain_tensor",
+           "watch_param"]
 
 _functorch: Any = torch._C._functorch
 _INT_OF_WIDTH = {4: torch.int32, 2: torch.int16}
@@ -61,7 +62,7 @@ class ExactWeightRMSNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(x: torch.Tensor, weight: torch.Tensor, config: tuple[Any, ...],
-                watch: _GradWatch | None) -> tuple[torch.Tensor, torch.Tensor]:
+                watch: GradWatch | None) -> tuple[torch.Tensor, torch.Tensor]:
         # config: (eps, chunk_size, topology, leaf, accumulate, casting_mode, offset)
         return _forward.forward(x, weight, *config)
 
@@ -77,7 +78,7 @@ class ExactWeightRMSNorm(torch.autograd.Function):
         x, weight, rms = ctx.saved_tensors
         eps, *config = ctx.config
         dx = dw_composite = total = None
-        w_needs = _weight_grad_wanted(ctx)
+        w_needs = grad_wanted(ctx, 1)
         if torch.is_grad_enabled():  # create_graph=True, torch.func: differentiable ops
             dx, dw_composite = _composite_grads(dy, x, weight, eps, ctx.needs_input_grad[0], w_needs,
                                                 config[4], config[5])
@@ -99,7 +100,7 @@ class ExactWeightRMSNorm(torch.autograd.Function):
         if ctx.watch is not None:
             ctx.watch.pending_add(total, dw)
         if dw_composite is not None:  # the exact value, differentiable as the composite's
-            dw = _exact_value(dw_composite, dw)
+            dw = exact_value(dw_composite, dw)
         return dx, dw, None, None
 
     @staticmethod
@@ -109,7 +110,7 @@ class ExactWeightRMSNorm(torch.autograd.Function):
 
     @staticmethod
     def vmap(info: Any, in_dims: tuple[int | None, ...], x: torch.Tensor, weight: torch.Tensor,
-             config: tuple[Any, ...], watch: _GradWatch | None) -> tuple[Any, tuple[int, int]]:
+             config: tuple[Any, ...], watch: GradWatch | None) -> tuple[Any, tuple[int, int]]:
         if in_dims[1] is not None or in_dims[0] is None:
             raise NotImplementedError("vmap over taskgraph_norm's RMSNorm batches x only (a batched weight "
                                       "is a different norm per sample: call it per sample)")
@@ -144,21 +145,22 @@ _apply: Any = ExactWeightRMSNorm.apply
 # a forward without defaults); outside torch.func's transforms, its own next step:
 _base_apply: Any = super(torch.autograd.Function, ExactWeightRMSNorm).apply
 _unwrap_dead: Any = unwrap_dead_wrappers
-_exact_value: Any = _ExactValue.apply
+exact_value: Any = _ExactValue.apply
 
 
-def _weight_grad_wanted(ctx: Any) -> bool:
-    """Whether this backward wants the weight's gradient: not ``backward(inputs=[x])``
-    nor ``autograd.grad(loss, [x])``, which would drop an exact sum formed for nothing."""
-    if not ctx.needs_input_grad[1]:
+def grad_wanted(ctx: Any, index: int) -> bool:
+    """Whether this backward wants the gradient of its input ``index`` (a weight or a bias):
+    not ``backward(inputs=[x])`` nor ``autograd.grad(loss, [x])``, which would drop an
+    exact sum formed for nothing."""
+    if not ctx.needs_input_grad[index]:
         return False
     try:
-        return bool(torch._C._will_engine_execute_node(ctx.next_functions[1][0]))
+        return bool(torch._C._will_engine_execute_node(ctx.next_functions[index][0]))
     except (RuntimeError, AttributeError, IndexError, TypeError):
         return True  # autograd.grad on the leaf itself (torch cannot say), or torch.func's ctx
 
 
-def _plain(t: torch.Tensor) -> torch.Tensor:
+def plain_tensor(t: torch.Tensor) -> torch.Tensor:
     """``t``'s values as a plain tensor: ``torch.func.grad``'s wrappers peeled off.  A
     batched tensor (``vmap``: ``jacrev``, per-sample gradients) has one sum per sample."""
     while _functorch.is_functorch_wrapped_tensor(t):
@@ -172,7 +174,7 @@ def _plain(t: torch.Tensor) -> torch.Tensor:
 
 def _call_sum(dy: torch.Tensor, x: torch.Tensor, rms: torch.Tensor, numel: int) -> ExactSum:
     """This call's exact ``sum over rows of dy * x_hat``."""
-    dy, x, rms = _plain(dy), _plain(x), _plain(rms)
+    dy, x, rms = plain_tensor(dy), plain_tensor(x), plain_tensor(rms)
     with torch._C._DisableFuncTorch():  # plain tensors stay plain under torch.func's grad level
         return _rows_sum(dy, x, rms, numel)
 
@@ -210,7 +212,7 @@ class _Claim:
         self.total, self.rounded, self.grad, self.before = total, rounded, grad, before
 
 
-class _GradWatch:
+class GradWatch:
     """A weight's hooks that make the accumulation into ``weight.grad`` exact.
 
     The backward of each call records its exact state, keyed by the graph task
@@ -304,16 +306,16 @@ _watches: WeakIdKeyDictionary = WeakIdKeyDictionary()
 _watches_lock = threading.Lock()
 
 
-def _watch(param: torch.Tensor) -> _GradWatch | None:
+def watch_param(param: torch.Tensor) -> GradWatch | None:
     """``param``'s hooks (made on its first exact forward), or ``None`` where there is no
     ``.grad`` to accumulate into: a non-leaf weight, or a ``torch.func`` transform."""
     if not (param.is_leaf and param.requires_grad) or torch._C._are_functorch_transforms_active():
         return None
     with _watches_lock:
-        watch: _GradWatch | None = _watches.get(param)  # type: ignore[no-untyped-call]
+        watch: GradWatch | None = _watches.get(param)  # type: ignore[no-untyped-call]
         if watch is None:
             exact_grads.register(param)
-            watch = _watches[param] = _GradWatch(param)
+            watch = _watches[param] = GradWatch(param)
     watch.at_forward(param)
     return watch
 
@@ -325,7 +327,7 @@ def exact_apply(x: torch.Tensor, weight: torch.Tensor, config: tuple[Any, ...],
     if x.dtype == torch.float64 or param.dtype == torch.float64:
         raise ConfigError("weight_grad", "exact", "fp32, bf16 or fp16 inputs and weights (the exact "
                           "accumulator sums products of fp32 values; docs/training.md)")
-    args = (x, weight, config, _watch(param))
+    args = (x, weight, config, watch_param(param))
     if torch._C._are_functorch_transforms_active():
         return _apply(*args)[0]  # type: ignore[no-any-return]
     y: torch.Tensor = _base_apply(*_unwrap_dead(args))[0]

@@ -20,7 +20,7 @@ from .. import kernels
 from ..errors import ConfigError
 from ..kernels.layer_backward import column_sum_blocks
 from .exact_grad import ExactSum
-from .exact_weight import _GradWatch, _watch
+from .exact_weight import GradWatch, watch_param
 
 __all__ = ["GatedWeight", "weight_product"]
 
@@ -30,7 +30,7 @@ class GatedWeight(torch.autograd.Function):
 
     @staticmethod
     def forward(n: torch.Tensor, weight: torch.Tensor, offset: float, wide: torch.dtype,
-                watch: _GradWatch | None) -> torch.Tensor:
+                watch: GradWatch | None) -> torch.Tensor:
         return kernels.bf16_nans(kernels.widen(n, wide) * kernels.finalize_weight(weight, wide, offset))
 
     @staticmethod
@@ -70,6 +70,6 @@ def weight_product(n: torch.Tensor, weight: torch.Tensor, offset: float, wide: t
         if n.dtype == torch.float64 or exact_param.dtype == torch.float64 or wide == torch.float64:
             raise ConfigError("weight_grad", "exact", "fp32, bf16 or fp16 inputs and weights (the exact "
                               "accumulator sums products of fp32 values; docs/training.md)")
-        watch = _watch(exact_param)  # (None: no .grad to accumulate into; the float dW)
+        watch = watch_param(exact_param)  # (None: no .grad to accumulate into; the float dW)
     y: torch.Tensor = _apply(n, weight, offset, wide, watch)
     return y

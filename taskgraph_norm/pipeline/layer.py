@@ -3,10 +3,11 @@ configuration (hidden size, chunk size, topology, leaf, accumulate, executor, re
 
 The same route as RMSNorm's :class:`~taskgraph_norm.pipeline.Pipeline`: the backend is
 chosen once per (device, dtype) by :func:`taskgraph_norm.backends.choose` over this
-context's allowed backends (the torch-ops backend runs every ``Plan(norm="layer")``;
-native C runs float plans, Triton float and exact ones; each says why it does not
-run the others).  A graph that does not lower (a
-float race over three or more chunks, ``"standard"``) runs on the reference executor.
+context's allowed backends (the torch-ops backend and native C run ``Plan(norm="layer")``;
+Triton runs float and exact ones, and says why it does not run the others).  A graph
+that does not lower (a float race over three or more chunks, ``"standard"``) runs on
+the reference executor; ``executor="concurrent"`` runs the graph's nodes on the
+concurrent executor's worker pool.
 Every LayerNorm face (``tgn.layer_norm``, ``tgn.layer_norm_sync``, ``tgn.LayerNorm``,
 the ops) calls :meth:`LayerPipeline.forward` and :meth:`LayerPipeline.backward`.
 """
@@ -28,6 +29,8 @@ from ..backends.torch_ops.layer import graph_layer_backward, graph_layer_stats
 from ..checks import check_no_partial_overlap, check_real, check_residual
 from ..errors import ConfigError, ExecutionError, GraphError
 from ..executors import PLAN_EXECUTORS
+from ..executors.concurrent.executor import run_concurrent
+from ..executors.concurrent.loops import run_coroutine_sync
 from ..graph import Graph, gc_paused
 from ..kernels.reference import run_reference
 from ..lowering import Plan, lower_certified
@@ -37,18 +40,15 @@ from .layer_checks import check_layer_input, check_layer_out, resolve_layer_eps
 
 __all__ = ["LAYER_EXECUTORS", "LayerPipeline", "check_layer_executor", "layer_pipeline"]
 
-#: The executors a LayerNorm pipeline runs on (``"concurrent"`` is not built for it yet).
-LAYER_EXECUTORS = ("auto", "reference", "compiled", "triton")
+#: The executors a LayerNorm pipeline runs on.
+LAYER_EXECUTORS = ("auto", "reference", "compiled", "triton", "concurrent")
 
 #: Inputs with at least this many elements are computed on a worker thread by the async face.
 OFFLOAD_NUMEL = 1 << 15
 
 
 def check_layer_executor(executor: object) -> None:
-    """``executor`` must be one of :data:`LAYER_EXECUTORS` (``"concurrent"``: not yet)."""
-    if executor == "concurrent":
-        raise NotImplementedError("executor='concurrent' does not run LayerNorm graphs yet "
-                                  "(use 'auto', 'compiled' or 'reference')")
+    """``executor`` must be one of :data:`LAYER_EXECUTORS`."""
     if not isinstance(executor, str) or executor not in LAYER_EXECUTORS:
         raise ConfigError("executor", executor, " or ".join(repr(e) for e in LAYER_EXECUTORS))
 
@@ -58,7 +58,9 @@ class LayerPipeline:
 
     ``executor`` is the name actually run: ``"compiled"`` (the plan on a backend) or
     ``"reference"`` (the graph node by node) for ``"auto"``; ``"triton"`` asks the
-    Triton backend alone (a plan it does not run is a ``NoBackendError``).
+    Triton backend alone (a plan it does not run is a ``NoBackendError``);
+    ``"concurrent"`` runs the graph on the concurrent executor (no plan: the backward
+    follows the graph, as the reference's does).
     """
 
     __slots__ = ("graph", "executor", "plan", "hidden_size", "residual", "options", "_proof", "_backends")
@@ -167,8 +169,12 @@ class LayerPipeline:
             backend = self.backend(x.device, x.dtype)
             return backend.layer_forward(self.graph, self.plan, x, weight, bias, eps, out=out, residual=residual,
                                          residual_out=residual_out, stats=stats, cancel=cancel)
-        y = run_reference(self.graph, x, weight, eps, cancel=cancel, residual=residual, residual_out=residual_out,
-                          bias=bias)
+        if self.executor == "concurrent":  # the graph's nodes on the worker pool, as they become ready
+            y = run_coroutine_sync(functools.partial(run_concurrent, self.graph, x, weight, eps, residual=residual,
+                                                     residual_out=residual_out, bias=bias))
+        else:
+            y = run_reference(self.graph, x, weight, eps, cancel=cancel, residual=residual,
+                              residual_out=residual_out, bias=bias)
         if out is not None:
             y = out.copy_(y)
         if not stats:

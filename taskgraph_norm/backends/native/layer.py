@@ -1,16 +1,16 @@
-"""LayerNorm on the native backend: float plans' rows in C (``csrc/native_layer.c``).
+"""LayerNorm on the native backend: its rows in C (``csrc/native_layer.c``).
 
 :class:`NativeLayer` is the native backend's LayerNorm half (:class:`~..registry.NativeBackend`
 inherits it in place of :class:`~..base.NoLayerKernel`): a float plan with pairwise
-leaves and ADD merges (:func:`.loader.runs_plan`) on CPU rows of fp32, bf16 or fp16
-runs in one C call per input (rows shared among torch's threads from
-:data:`~taskgraph_norm.constants.SPLIT_NUMEL` elements on, as the RMSNorm direct path
-shares them), with the torch-ops backend's bits: ``y``, and with ``stats`` each row's
-``mean`` and ``den``.  The rest falls back to the torch-ops backend
+leaves and ADD merges (:func:`.loader.runs_plan`), and every exact plan
+(``csrc/native_layer_exact.c``: the exact pairs, the correctly rounded mean), on CPU rows
+of fp32, bf16 or fp16 runs in one C call per input (rows shared among torch's threads
+from :data:`~taskgraph_norm.constants.SPLIT_NUMEL` elements on, as the RMSNorm direct
+path shares them), with the torch-ops backend's bits: ``y``, and with ``stats`` each
+row's ``mean`` and ``den``.  The rest falls back to the torch-ops backend
 (:func:`..torch_ops.layer.run_layer`, the same bits): fp64 rows, strided tensors, a
-row whose ``y`` holds a NaN (C's NaNs need not be torch's), and the backward.  Exact
-plans have no C kernel yet: :meth:`NativeLayer.layer_reasons` says so, and the choice
-falls to torch ops.
+row whose ``y`` holds a NaN (C's NaNs need not be torch's), an exact row with an Inf.
+The backward of the same plans and inputs is one C call too (:mod:`.layer_grads`).
 """
 
 from __future__ import annotations
@@ -21,45 +21,19 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ... import kernels
-from ...constants import DTYPE_BF16, DTYPE_F16, DTYPE_F32, SPLIT_NUMEL, TEAM_GRAIN
+from ...constants import SPLIT_NUMEL, TEAM_GRAIN
 from ..base import LayerForward
 from ..torch_ops import layer as _torch_layer
 from . import loader as _native
 from . import team as _team
+from .layer_grads import layer_backward_rows
+from .layer_plan import CODES, plan_fixed
 
 if TYPE_CHECKING:
     from ...graph import Graph
     from ...lowering import Plan
 
 __all__ = ["NativeLayer", "layer_rows"]
-
-#: The dtypes the C kernel reads and writes, by their codes there.
-_CODES = {torch.float32: DTYPE_F32, torch.bfloat16: DTYPE_BF16, torch.float16: DTYPE_F16}
-
-#: Each plan's fixed arguments of the C call (chunk, ADD triples' address, count, root,
-#: and the recipe that holds the triples' tensor), or None for a plan the kernel does
-#: not run; by the plan's id (a plan lives as long as its cached pipeline; the entry
-#: keeps the plan, so its id is not reused while the entry is there).
-_entries: dict[int, tuple[Plan, tuple[int, int, int, int, Any] | None]] = {}
-_lock = threading.Lock()
-_MAX_ENTRIES = 256
-
-
-def _fixed(plan: Plan) -> tuple[int, int, int, int, Any] | None:
-    found = _entries.get(id(plan))
-    if found is not None and found[0] is plan:
-        return found[1]
-    fixed = None
-    if plan.norm == "layer" and plan.accumulate == "float" and _native.runs_plan(plan) and _native.available():
-        recipe = _native.FloatRecipe(plan.chunk_size, plan.n_chunks,
-                                     tuple(t for level in plan.adds for t in level), plan.root)
-        fixed = (recipe.chunk_size, recipe.adds.data_ptr(), recipe.n_adds, recipe.root, recipe)
-    with _lock:
-        if len(_entries) >= _MAX_ENTRIES:
-            _entries.clear()
-        _entries[id(plan)] = (plan, fixed)
-    return fixed
-
 
 def layer_rows(
     plan: Plan, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
@@ -70,19 +44,19 @@ def layer_rows(
     LayerNorm plan it runs, not contiguous CPU fp32/bf16/fp16 tensors, or a NaN in some
     row's ``y`` (a non-finite weight or bias: every row).  ``threads``: how many threads
     share the rows (default: torch's, for a large input)."""
-    fixed = _fixed(plan)
-    code = _CODES.get(x.dtype)
+    fixed = plan_fixed(plan)
+    code = CODES.get(x.dtype)
     if fixed is None or code is None or not x.is_cpu or not x.is_contiguous() or not _native.enabled():
         return None
     w_code, w_ptr, b_ptr = code, None, None
     if weight is not None:
         if not weight.is_cpu or not weight.is_contiguous():
             return None
-        w_code, w_ptr = _CODES[weight.dtype], weight.data_ptr()
+        w_code, w_ptr = CODES[weight.dtype], weight.data_ptr()
     if bias is not None:
         if not bias.is_cpu or not bias.is_contiguous():
             return None
-        w_code, b_ptr = _CODES[bias.dtype], bias.data_ptr()
+        w_code, b_ptr = CODES[bias.dtype], bias.data_ptr()
     if out is not None and not out.is_contiguous():
         return None
     hidden = plan.hidden_size
@@ -96,9 +70,9 @@ def layer_rows(
     grain = max(1, TEAM_GRAIN // hidden)
     if threads is None:
         threads = _team.threads() if numel >= SPLIT_NUMEL and rows > grain else 1
-    chunk, adds, n_adds, root, _ = fixed
+    chunk, adds, n_adds, root, exact, _ = fixed
     bad = _native.module().layer_rows(
-        x.data_ptr(), y.data_ptr(), rows, hidden, chunk, adds, n_adds, root, w_ptr, b_ptr, eps,
+        x.data_ptr(), y.data_ptr(), rows, hidden, chunk, adds, n_adds, root, exact, w_ptr, b_ptr, eps,
         None if mean is None else mean.data_ptr(), None if den is None else den.data_ptr(), code, w_code, grain,
         threads)
     if bad < 0:
@@ -112,10 +86,9 @@ class NativeLayer:
     name: str
 
     def layer_reasons(self, plan: Plan) -> list[str]:
-        """Why the C kernels do not run a LayerNorm plan (``[]`` for an RMSNorm plan)."""
-        if plan.norm != "layer" or plan.accumulate != "exact":
-            return []
-        return ["no native LayerNorm kernel for exact plans yet (issue 23: the torch-ops backend runs them)"]
+        """Why the C kernels do not run a LayerNorm plan: ``[]`` (every LayerNorm plan the
+        choice gives this backend runs in C, or falls back per call to torch ops)."""
+        return []
 
     def layer_forward(
         self, graph: Graph, plan: Plan, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
@@ -136,5 +109,9 @@ class NativeLayer:
         self, plan: Plan, dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, mean: torch.Tensor,
         den: torch.Tensor, **kwargs: Any,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-        """The torch-ops backend's backward (no C kernel for it yet)."""
+        """One C call where :func:`.layer_grads.layer_backward_rows` takes the call; else the
+        torch-ops backend's backward (the same bits)."""
+        found = layer_backward_rows(plan, dy, x, weight, mean, den, **kwargs)
+        if found is not None:
+            return found
         return _torch_layer.layer_backward(plan, dy, x, weight, mean, den, **kwargs)

@@ -32,10 +32,16 @@ from pathlib import Path
 
 import torch
 
+from ...constants import SPLIT_NUMEL
 from . import loader as _native
 from ..torch_ops import pools
 
-__all__ = ["openmp", "threads", "use_openmp", "worker_rows"]
+__all__ = ["BACKWARD_SPLIT_NUMEL", "openmp", "threads", "use_openmp", "worker_rows"]
+
+#: The native backward shares its rows among threads from this many elements on (a
+#: (64, 4096) step ran 3-7% faster on one thread than on two, (128, 4096) the same,
+#: (256, 4096) 16% faster on two: benchmarks/call_overhead.py's step, 2 cores).
+BACKWARD_SPLIT_NUMEL = 8 * SPLIT_NUMEL
 
 #: The sonames of the OpenMP runtimes torch builds link (GNU, LLVM, Intel).
 _RUNTIMES = ("libgomp.so.1", "libomp.so", "libomp.so.5", "libiomp5.so", "libomp.dylib", "libiomp5.dylib")

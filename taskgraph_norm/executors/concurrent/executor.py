@@ -76,6 +76,7 @@ async def run_concurrent(
     functions: Mapping[str, Callable[..., Any]] | None = None,
     residual: torch.Tensor | None = None,
     residual_out: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
 ) -> Any:
     """Execute ``graph`` concurrently and return its output value.
 
@@ -97,6 +98,8 @@ async def run_concurrent(
     residual, residual_out:
         For a graph whose INPUT adds a residual: the residual, and where
         ``h = x + residual`` is written (as in :func:`.reference.run_reference`).
+    bias:
+        LayerNorm's ``b`` (a LayerNorm graph's FINALIZE adds it; as in ``run_reference``).
 
     Raises
     ------
@@ -122,6 +125,7 @@ async def run_concurrent(
     scheduler = policy.start(graph)
     interp.x, interp.weight = x, weight
     interp.residual, interp.residual_out = residual, residual_out
+    interp.bias = bias
     interp.eps = eps  # type: ignore[assignment]  # None for a general graph that takes no eps
     limit = max_workers or chosen.max_workers
     run = Run(graph, interp, chosen, scheduler, limit, tracing=trace is not None)

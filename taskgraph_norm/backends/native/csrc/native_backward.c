@@ -192,6 +192,22 @@ int64_t tgn_dw_finish(tgn_dw_stack_t *s, int64_t hidden, float *dw)
     return bad;
 }
 
+/* The rest of a block's pairwise halving over its rows, after the first step (row q >= h
+ * added to row q - h as it was made): lo[0, length) halved into lo[0], `width` floats each. */
+void tgn_dw_halve(float **lo, int64_t length, int64_t width)
+{
+    while (length > 1) {
+        int64_t half = (length + 1) / 2;
+        for (int64_t q = 0; q < length - half; ++q) {
+            float *restrict a = lo[q];
+            const float *restrict b = lo[q + half];
+            for (int64_t j = 0; j < width; ++j)
+                a[j] += b[j];
+        }
+        length = half;
+    }
+}
+
 /* This thread's scratch of at least n floats, made once and kept (grown when a call
  * needs more; freed when the thread exits): the team calls the kernel once per block
  * of rows.  NULL when it cannot be allocated. */
@@ -200,7 +216,7 @@ static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
 static int scratch_ok;
 static void make_scratch_key(void) { scratch_ok = pthread_key_create(&scratch_key, free) == 0; }
 
-static float *thread_scratch(int64_t n)
+float *tgn_thread_scratch(int64_t n)
 {
     pthread_once(&scratch_once, make_scratch_key);
     if (!scratch_ok)
@@ -231,7 +247,7 @@ int64_t tgn_backward_rows_f32(const float *x, const float *dy, const float *w, c
     enum { HALF = (TGN_BACKWARD_ROW_BLOCK + 1) / 2 };
     int64_t n_chunks = (hidden + chunk - 1) / chunk, bad = 0;
     int64_t need = 2 * hidden + n_chunks + n_adds + (dw ? (HALF - 1) * hidden : 0);
-    float *work = thread_scratch(need);
+    float *work = tgn_thread_scratch(need);
     if (!work)
         return -1;
     float *g = work, *p = work + hidden, *slots = p + hidden, *half_rows = slots + n_chunks + n_adds;
@@ -284,16 +300,7 @@ int64_t tgn_backward_rows_f32(const float *x, const float *dy, const float *w, c
             return -2;
         if (!dw)
             continue;
-        for (int64_t length = h; length > 1;) {
-            int64_t half = (length + 1) / 2;
-            for (int64_t q = 0; q < length - half; ++q) {
-                float *restrict a = lo[q];
-                const float *restrict b = lo[q + half];
-                for (int64_t j = 0; j < hidden; ++j)
-                    a[j] += b[j];
-            }
-            length = half;
-        }
+        tgn_dw_halve(lo, h, hidden);
         tgn_dw_push(dw, (tgn_dw_node_t){0, first_block + b0 / TGN_BACKWARD_ROW_BLOCK, lo[0]}, hidden, 0);
     }
     if (stream)

@@ -43,7 +43,7 @@ typedef struct {
     void *y;
     int64_t hidden, chunk;
     const int64_t *adds;
-    int64_t n_adds, root, code;
+    int64_t n_adds, root, code, exact;
     const float *w, *b;
     float eps;
     float *mean, *den;
@@ -69,15 +69,23 @@ static float halve(const float *src, int64_t length, float *buf)
     return buf[0];
 }
 
-/* The plan's sum of v[0, hidden): each chunk's leaf into slots, then the ADDs. */
-static float plan_sum(const layer_job_t *c, const float *v, float *buf, float *slots)
+/* The plan's sum of v[0, hidden) (v is not changed): each chunk's leaf into slots
+ * (n_chunks + n_adds values), then the ADDs; buf holds chunk / 2 + 1 values.  The
+ * backward's row sums (native_layer_backward.c) are this too. */
+float tgn_layer_plan_sum(const float *v, int64_t hidden, int64_t chunk, const int64_t *adds, int64_t n_adds,
+                         int64_t root, float *buf, float *slots)
 {
-    const int64_t d = c->hidden, chunk = c->chunk, n_full = d / chunk, n_chunks = (d + chunk - 1) / chunk;
+    const int64_t d = hidden, n_full = d / chunk, n_chunks = (d + chunk - 1) / chunk;
     for (int64_t k = n_full ? tgn_chunk_sums_f32(v, chunk, n_full, slots) : 0; k < n_chunks; ++k)
         slots[k] = halve(v + k * chunk, d - k * chunk < chunk ? d - k * chunk : chunk, buf);
-    for (int64_t t = 0; t < c->n_adds; ++t)
-        slots[c->adds[3 * t]] = slots[c->adds[3 * t + 1]] + slots[c->adds[3 * t + 2]];
-    return slots[c->root];
+    for (int64_t t = 0; t < n_adds; ++t)
+        slots[adds[3 * t]] = slots[adds[3 * t + 1]] + slots[adds[3 * t + 2]];
+    return slots[root];
+}
+
+static float plan_sum(const layer_job_t *c, const float *v, float *buf, float *slots)
+{
+    return tgn_layer_plan_sum(v, c->hidden, c->chunk, c->adds, c->n_adds, c->root, buf, slots);
 }
 
 #if TGN_QUOTIENT_LANES == 16
@@ -151,9 +159,10 @@ static void finish_row(const float *x, float *y, const float *w, const float *b,
         finish_vectors(x, y, w, b, n, mean, den, 0);
 }
 
-/* sq = (x - mean)^2, each difference and square rounded once; returns 1 when no
- * difference is tiny (nonzero, below 2^-50 in magnitude: tgn_q_vec_ranged's range). */
-static int squares(const float *x, float mean, float *sq, int64_t n)
+/* sq = (x - mean)^2 (square) or x - mean, each difference and square rounded once;
+ * returns 1 when no difference is tiny (nonzero, below 2^-50 in magnitude: tgn_q_vec_ranged's range). */
+static inline __attribute__((always_inline)) int deviations(const float *x, float mean, float *sq, int64_t n,
+                                                            const int square)
 {
     int64_t j = 0;
     uint32_t low = UINT32_MAX; /* the smallest |x - mean| bits less one (0 wraps) */
@@ -164,7 +173,7 @@ static int squares(const float *x, float mean, float *sq, int64_t n)
     for (; j + TGN_QUOTIENT_LANES <= n; j += TGN_QUOTIENT_LANES) {
         TGN_QV v = TGN_Q_SUB(TGN_Q_LOAD(x + j), m);
         lo = MIN_U32(lo, QI_SUB(QI_AND(QI_OF(v), mag), one));
-        TGN_Q_STORE(sq + j, TGN_Q_MUL(v, v));
+        TGN_Q_STORE(sq + j, square ? TGN_Q_MUL(v, v) : v);
     }
     low = MIN_ALL(lo);
 #endif
@@ -172,19 +181,48 @@ static int squares(const float *x, float mean, float *sq, int64_t n)
         float v = x[j] - mean;
         uint32_t u = (tgn_bits_of(v) & 0x7fffffffu) - 1u;
         low = u < low ? u : low;
-        sq[j] = v * v;
+        sq[j] = square ? v * v : v;
     }
     return low >= TGN_Q_LO - 1u;
 }
 
-/* One fp32 row x into y (fp32); sq: hidden values of scratch.  Returns 1 for a NaN row. */
+static int squares(const float *x, float mean, float *sq, int64_t n) { return deviations(x, mean, sq, n, 1); }
+
+/* An exact plan's mean and variance total of one row (native_layer_exact.c: the torch
+ * form's exact pairs, the mean correctly rounded, the total rounded once); dev: the
+ * deviations' scratch.  Returns 0 for a row the torch ops must take (no scale: an Inf
+ * or a NaN; a mean at the end of the range). */
+static int exact_stats(const float *x, int64_t d, float *dev, float *mean, float *var, int *ranged)
+{
+    double t1, t2;
+    if (!tgn_exact_pair_f32(x, 0, d, &t1, &t2))
+        return 0;
+    *mean = tgn_mean_exact_f32(t1, t2, d);
+    if (!isfinite(*mean))
+        return 0;
+    *ranged = deviations(x, *mean, dev, d, 0);
+    if (!tgn_exact_pair_f32(dev, dev, d, &t1, &t2))
+        return 0;
+    *var = tgn_round_pair_f32(t1, t2);
+    return 1;
+}
+
+/* One fp32 row x into y (fp32); sq: hidden values of scratch.  Returns 1 for a NaN row
+ * (or, exact, a row left to torch ops). */
 static int layer_row(const layer_job_t *c, const float *x, float *y, float *buf, float *slots, float *sq,
                      int64_t i)
 {
     const int64_t d = c->hidden;
-    const float mean = plan_sum(c, x, buf, slots) / (float)d;
-    const int ranged = squares(x, mean, sq, d);
-    const float var = plan_sum(c, sq, buf, slots);
+    float mean, var;
+    int ranged;
+    if (c->exact) {
+        if (!exact_stats(x, d, sq, &mean, &var, &ranged))
+            return 1;
+    } else {
+        mean = plan_sum(c, x, buf, slots) / (float)d;
+        ranged = squares(x, mean, sq, d);
+        var = plan_sum(c, sq, buf, slots);
+    }
     const float den = (float)sqrt((double)(var / (float)d + c->eps));
     if (c->mean)
         c->mean[i] = mean;
@@ -199,7 +237,7 @@ static int layer_row(const layer_job_t *c, const float *x, float *y, float *buf,
     return 0;
 }
 
-static void widen_row(const uint16_t *x, int64_t code, float *s, int64_t n)
+void tgn_layer_widen(const uint16_t *x, int64_t code, float *s, int64_t n)
 {
     if (code == TGN_DTYPE_BF16)
         for (int64_t j = 0; j < n; ++j)
@@ -209,7 +247,7 @@ static void widen_row(const uint16_t *x, int64_t code, float *s, int64_t n)
             s[j] = tgn_f16_to_f32(x[j]);
 }
 
-static void narrow_row(const float *s, int64_t code, uint16_t *y, int64_t n)
+void tgn_layer_narrow(const float *s, int64_t code, uint16_t *y, int64_t n)
 {
     if (code == TGN_DTYPE_BF16)
         for (int64_t j = 0; j < n; ++j)
@@ -237,9 +275,9 @@ static int64_t layer_rows(const void *ctx, int64_t i, int64_t n)
             continue;
         }
         float *xs = sq + d, *ys = xs + d;
-        widen_row((const uint16_t *)c->x + i * d, c->code, xs, d);
+        tgn_layer_widen((const uint16_t *)c->x + i * d, c->code, xs, d);
         bad += layer_row(c, xs, ys, buf, slots, sq, i);
-        narrow_row(ys, c->code, (uint16_t *)c->y + i * d, d);
+        tgn_layer_narrow(ys, c->code, (uint16_t *)c->y + i * d, d);
     }
     free(work);
     return bad;
@@ -250,7 +288,7 @@ static const float *as_f32(const void *p, int64_t code, int64_t d, float *out)
 {
     if (!p || code == TGN_DTYPE_F32)
         return (const float *)p;
-    widen_row((const uint16_t *)p, code, out, d);
+    tgn_layer_widen((const uint16_t *)p, code, out, d);
     return out;
 }
 
@@ -263,8 +301,8 @@ static int all_finite(const float *p, int64_t n)
 }
 
 int64_t tgn_layer_rows(const void *x, void *y, int64_t rows, int64_t hidden, int64_t chunk, const int64_t *adds,
-                       int64_t n_adds, int64_t root, const void *w, const void *b, double eps, float *mean,
-                       float *den, int64_t x_dtype, int64_t w_dtype, int64_t grain, int64_t threads)
+                       int64_t n_adds, int64_t root, int64_t exact, const void *w, const void *b, double eps,
+                       float *mean, float *den, int64_t x_dtype, int64_t w_dtype, int64_t grain, int64_t threads)
 {
     if (rows <= 0)
         return 0;
@@ -277,7 +315,7 @@ int64_t tgn_layer_rows(const void *x, void *y, int64_t rows, int64_t hidden, int
             return -1;
     }
     layer_job_t c = {.x = x, .y = y, .hidden = hidden, .chunk = chunk, .adds = adds, .n_adds = n_adds,
-                     .root = root, .code = x_dtype, .w = as_f32(w, w_dtype, hidden, made),
+                     .root = root, .exact = exact, .code = x_dtype, .w = as_f32(w, w_dtype, hidden, made),
                      .b = as_f32(b, w_dtype, hidden, made ? made + hidden : 0), .eps = (float)eps,
                      .mean = mean, .den = den};
     int64_t result = all_finite(c.w, hidden) && all_finite(c.b, hidden)

@@ -104,9 +104,12 @@ TGN_WRAP(exact_dw_f32_team, "pipipiipiii",
                                a[10].i))
 TGN_WRAP(exact_round_f32, "piiip", (tgn_exact_round_f32(a[0].p, a[1].i, a[2].i, a[3].i, a[4].p), 0))
 TGN_WRAP(team_use_openmp, "pp", tgn_team_use_openmp(a[0].p, a[1].p))
-TGN_WRAP(layer_rows, "ppiiipiippdppiiii",
-         tgn_layer_rows(a[0].p, a[1].p, a[2].i, a[3].i, a[4].i, a[5].p, a[6].i, a[7].i, a[8].p, a[9].p, a[10].d,
-                        a[11].p, a[12].p, a[13].i, a[14].i, a[15].i, a[16].i))
+TGN_WRAP(layer_rows, "ppiiipiiippdppiiii",
+         tgn_layer_rows(a[0].p, a[1].p, a[2].i, a[3].i, a[4].i, a[5].p, a[6].i, a[7].i, a[8].i, a[9].p, a[10].p,
+                        a[11].d, a[12].p, a[13].p, a[14].i, a[15].i, a[16].i, a[17].i))
+TGN_WRAP(layer_backward, "ppppppiiipiiiiiiipii",
+         tgn_layer_backward(a[0].p, a[1].p, a[2].p, a[3].p, a[4].p, a[5].p, a[6].i, a[7].i, a[8].i, a[9].p, a[10].i,
+                            a[11].i, a[12].i, a[13].i, a[14].i, a[15].i, a[16].i, a[17].p, a[18].i, a[19].i))
 
 TGN_WRAP(gate_silu, "piipp", tgn_gate_silu(a[0].p, a[1].i, a[2].i, a[3].p, a[4].p))
 TGN_WRAP(gate_product, "pipiipi", tgn_gate_product(a[0].p, a[1].i, a[2].p, a[3].i, a[4].i, a[5].p, a[6].i))
@@ -263,8 +266,13 @@ static PyMethodDef methods[] = {
     FASTCALL(exact_round_f32, "state, n, stride, to_odd, out", "tgn_exact_round_f32; returns 0."),
     FASTCALL(team_use_openmp, "parallel, thread_num", "tgn_team_use_openmp."),
     FASTCALL(layer_rows,
-             "x, y, rows, hidden, chunk, adds, n_adds, root, w, b, eps, mean, den, x_dtype, w_dtype, grain, threads",
-             "tgn_layer_rows (native_layer.c): LayerNorm's float rows; returns the rows with a NaN."),
+             "x, y, rows, hidden, chunk, adds, n_adds, root, exact, w, b, eps, mean, den, x_dtype, w_dtype, grain, "
+             "threads",
+             "tgn_layer_rows (native_layer.c): LayerNorm's rows; returns the rows left to torch ops."),
+    FASTCALL(layer_backward,
+             "x, dy, dx, w, mean, den, rows, hidden, chunk, adds, n_adds, root, exact, x_dtype, w_dtype, want_w, "
+             "want_b, dwb, grain, threads",
+             "tgn_layer_backward (native_layer_backward.c): LayerNorm's dx, dW and db."),
     NOARGS(team_openmp, "tgn_team_openmp."),
     NOARGS(team_worker_rows, "tgn_team_worker_rows."),
     NOARGS(native_abi, "tgn_native_abi: NATIVE_ABI as this build was made."),

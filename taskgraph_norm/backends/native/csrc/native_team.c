@@ -56,7 +56,7 @@ typedef struct {
 #define SPIN_NS 50000 /* how long an idle worker spins before it sleeps (back-to-back calls) */
 #define WAIT_SPIN_NS 20000 /* how long a caller spins for the worker's last block before it sleeps */
 
-enum { JOB_FLOAT, JOB_EXACT, JOB_BACKWARD, JOB_EXACT_DW, JOB_NARROW, JOB_FN };
+enum { JOB_FLOAT, JOB_EXACT, JOB_BACKWARD, JOB_EXACT_DW, JOB_NARROW, JOB_FN, JOB_FN_DW };
 
 typedef struct {
     int kind; /* JOB_FLOAT: tgn_float_rows_f32; JOB_EXACT: tgn_exact_rows_f32; JOB_BACKWARD:
@@ -94,6 +94,7 @@ typedef struct {
     int64_t *dw_state;
     const tgn_narrow_t *narrow;
     tgn_rows_fn_t fn; /* JOB_FN: fn(ctx, i, n) runs the rows (tgn_team_rows) */
+    tgn_rows_dw_fn_t fn_dw; /* JOB_FN_DW: fn_dw(ctx, i, n, dw) (tgn_team_rows_dw; hidden: the width) */
     const void *ctx;
     part_t *parts;
     atomic_int_fast64_t result; /* the sum of the blocks' return values */
@@ -143,6 +144,8 @@ static int64_t run_rows(const job_t *j, int64_t i, int64_t n, tgn_dw_stack_t *dw
         return tgn_narrow_rows(j->narrow, i, n);
     if (j->kind == JOB_FN)
         return j->fn(j->ctx, i, n);
+    if (j->kind == JOB_FN_DW)
+        return j->fn_dw(j->ctx, i, n, dw);
     const float *r = j->r ? j->r + i * j->r_stride : 0;
     float *h = j->h ? j->h + i * j->h_stride : 0;
     float *y = j->y ? j->y + i * j->y_stride : 0;
@@ -381,14 +384,53 @@ static int64_t run_team(job_t *j, int64_t threads)
     return atomic_load(&j->failed) ? atomic_load(&j->failed) : atomic_load(&j->result);
 }
 
+/* The stacks of a backward's weight-gradient merge for `threads` threads (two per
+ * part: a team has at most `threads` parts, the own worker's 2), into *n; NULL: no memory. */
+static tgn_dw_stack_t *new_stacks(int64_t threads, int64_t *n)
+{
+    *n = 2 * (threads < 2 ? 2 : threads < MAX_PARTS ? threads : MAX_PARTS);
+    tgn_dw_stack_t *stacks = (tgn_dw_stack_t *)malloc((size_t)*n * sizeof *stacks);
+    for (int64_t k = 0; stacks && k < *n; ++k)
+        stacks[k].n = 0;
+    return stacks;
+}
+
+/* Onto part 0's front stack: each part's front nodes, then its back's (whose top is
+ * the leftmost); folded into dw (`width` values) when the run succeeded; the stacks freed. */
+static int64_t merge_stacks(const job_t *j, tgn_dw_stack_t *stacks, int64_t n_stacks, int64_t result,
+                            int64_t width, float *dw)
+{
+    tgn_dw_stack_t *all = &stacks[0];
+    for (int64_t p = 0; result >= 0 && p < j->n_parts; ++p) {
+        tgn_dw_stack_t *front = &stacks[2 * p], *back = &stacks[2 * p + 1];
+        for (int64_t e = 0; p > 0 && e < front->n; ++e)
+            tgn_dw_push(all, front->node[e], width, 0);
+        if (p > 0)
+            front->n = 0;
+        while (back->n > 0)
+            tgn_dw_push(all, back->node[--back->n], width, 0);
+    }
+    if (result >= 0)
+        result += tgn_dw_finish(all, width, dw);
+    for (int64_t k = 0; k < n_stacks; ++k)
+        tgn_dw_free(&stacks[k]);
+    free(stacks);
+    return result;
+}
+
+static int64_t whole_blocks(int64_t grain)
+{
+    grain = grain < 1 ? 1 : grain;
+    return (grain + TGN_BACKWARD_ROW_BLOCK - 1) / TGN_BACKWARD_ROW_BLOCK * TGN_BACKWARD_ROW_BLOCK;
+}
+
 /* The backward's job (both entries below): blocks of `grain` rows rounded up to
  * whole row blocks; non-temporal stores for a dx of TGN_STREAM_BYTES or more. */
 static job_t backward_job(const float *x, const float *dy, const float *w, const float *rms, int64_t rows,
                           int64_t hidden, int64_t chunk, const int64_t *adds, int64_t n_adds, int64_t root,
                           int64_t exact, float *dx, int64_t grain)
 {
-    grain = grain < 1 ? 1 : grain;
-    grain = (grain + TGN_BACKWARD_ROW_BLOCK - 1) / TGN_BACKWARD_ROW_BLOCK * TGN_BACKWARD_ROW_BLOCK;
+    grain = whole_blocks(grain);
     job_t j = {.kind = JOB_BACKWARD, .x = x, .rows = rows, .hidden = hidden, .row_stride = hidden, .chunk = chunk,
                .adds = adds, .n_adds = n_adds, .root = root, .w = w, .grain = grain, .bw_dy = dy, .bw_rms = rms,
                .bw_dx = dx, .bw_exact = exact,
@@ -411,36 +453,29 @@ int64_t tgn_backward_rows_f32_team(const float *x, const float *dy, const float 
 {
     if (rows <= 0)
         return 0;
-    /* (a team has at most `threads` parts, and the own worker's 2) */
-    int64_t n_stacks = 2 * (threads < 2 ? 2 : threads < MAX_PARTS ? threads : MAX_PARTS);
+    int64_t n_stacks = 0;
     tgn_dw_stack_t *stacks = 0;
-    if (dw && !(stacks = (tgn_dw_stack_t *)malloc((size_t)n_stacks * sizeof *stacks)))
+    if (dw && !(stacks = new_stacks(threads, &n_stacks)))
         return -1;
-    for (int64_t k = 0; dw && k < n_stacks; ++k)
-        stacks[k].n = 0;
     job_t j = backward_job(x, dy, w, rms, rows, hidden, chunk, adds, n_adds, root, exact, dx, grain);
     j.bw_stacks = stacks;
     int64_t result = run_team(&j, threads);
-    if (!dw)
-        return result;
-    /* onto part 0's front stack: each part's front nodes, then its back's (whose top is
-     * the leftmost) */
-    tgn_dw_stack_t *all = &stacks[0];
-    for (int64_t p = 0; result >= 0 && p < j.n_parts; ++p) {
-        tgn_dw_stack_t *front = &stacks[2 * p], *back = &stacks[2 * p + 1];
-        for (int64_t e = 0; p > 0 && e < front->n; ++e)
-            tgn_dw_push(all, front->node[e], hidden, 0);
-        if (p > 0)
-            front->n = 0;
-        while (back->n > 0)
-            tgn_dw_push(all, back->node[--back->n], hidden, 0);
-    }
-    if (result >= 0)
-        result += tgn_dw_finish(all, hidden, dw);
-    for (int64_t k = 0; k < n_stacks; ++k)
-        tgn_dw_free(&stacks[k]);
-    free(stacks);
-    return result;
+    return dw ? merge_stacks(&j, stacks, n_stacks, result, hidden, dw) : result;
+}
+
+int64_t tgn_team_rows_dw(tgn_rows_dw_fn_t fn, const void *ctx, int64_t rows, int64_t width, float *out,
+                         int64_t grain, int64_t threads)
+{
+    if (rows <= 0)
+        return 0;
+    int64_t n_stacks = 0;
+    tgn_dw_stack_t *stacks = 0;
+    if (out && !(stacks = new_stacks(threads, &n_stacks)))
+        return -1;
+    job_t j = {.kind = JOB_FN_DW, .rows = rows, .hidden = width, .grain = whole_blocks(grain), .fn_dw = fn,
+               .ctx = ctx, .bw_stacks = stacks};
+    int64_t result = run_team(&j, threads);
+    return out ? merge_stacks(&j, stacks, n_stacks, result, width, out) : result;
 }
 
 /* tgn_backward_rows_f32_team's dx (or none) with the exact weight gradient instead of

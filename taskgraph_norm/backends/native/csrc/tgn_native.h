@@ -78,6 +78,7 @@ typedef struct tgn_dw_stack {
 void tgn_dw_push(tgn_dw_stack_t *s, tgn_dw_node_t node, int64_t hidden, int from_back);
 int64_t tgn_dw_finish(tgn_dw_stack_t *s, int64_t hidden, float *dw);
 void tgn_dw_free(tgn_dw_stack_t *s);
+void tgn_dw_halve(float **lo, int64_t length, int64_t width);
 int64_t tgn_backward_rows_f32(const float *x, const float *dy, const float *w, const float *rms,
                               int64_t rows, int64_t hidden, int64_t chunk, const int64_t *adds,
                               int64_t n_adds, int64_t root, int64_t exact, float *dx, int64_t first_block,
@@ -169,12 +170,47 @@ int64_t tgn_team_rows(tgn_rows_fn_t fn, const void *ctx, int64_t rows, int64_t g
 int tgn_team_openmp(void);
 int tgn_team_use_openmp(void *parallel, void *thread_num);
 
-/* --- native_layer.c: LayerNorm's float rows ---------------------------------------
- * x, y: rows of x_dtype (TGN_DTYPE_*); w, b (NULL: none) of w_dtype; mean, den (NULL:
+/* --- native_layer.c: LayerNorm's rows -----------------------------------------------
+ * exact: the exact plan's statistics (native_layer_exact.c; chunk, adds ignored), else
+ * the float plan's.  x, y: rows of x_dtype (TGN_DTYPE_*); w, b (NULL: none) of w_dtype; mean, den (NULL:
  * not kept) one fp32 value per row.  Returns the rows with a NaN in y (the caller
  * redoes the call), -1: no scratch. */
 int64_t tgn_layer_rows(const void *x, void *y, int64_t rows, int64_t hidden, int64_t chunk, const int64_t *adds,
-                       int64_t n_adds, int64_t root, const void *w, const void *b, double eps, float *mean,
-                       float *den, int64_t x_dtype, int64_t w_dtype, int64_t grain, int64_t threads);
+                       int64_t n_adds, int64_t root, int64_t exact, const void *w, const void *b, double eps,
+                       float *mean, float *den, int64_t x_dtype, int64_t w_dtype, int64_t grain, int64_t threads);
+/* The plan's float sum of v[0, hidden) (v unchanged; buf: chunk / 2 + 1 floats, slots:
+ * n_chunks + n_adds floats); rows of bf16 (TGN_DTYPE_BF16) or fp16 widened to fp32 and
+ * fp32 rounded back (c10's formulas). */
+float tgn_layer_plan_sum(const float *v, int64_t hidden, int64_t chunk, const int64_t *adds, int64_t n_adds,
+                         int64_t root, float *buf, float *slots);
+void tgn_layer_widen(const uint16_t *x, int64_t code, float *s, int64_t n);
+void tgn_layer_narrow(const float *s, int64_t code, uint16_t *y, int64_t n);
+
+/* --- native_layer_exact.c: LayerNorm's exact domain --------------------------------
+ * The exact pair of a[0, n) (b NULL) or of the fp64 products a * b; 0 when the row has
+ * no scale (an Inf, a NaN).  The pair's value over `hidden` correctly rounded to fp32
+ * (NaN at the end of the range), and the pair's value correctly rounded to fp32. */
+int tgn_exact_pair_f32(const float *a, const float *b, int64_t n, double *t1, double *t2);
+float tgn_mean_exact_f32(double t1, double t2, int64_t hidden);
+float tgn_round_pair_f32(double t1, double t2);
+
+/* --- native_layer_backward.c: LayerNorm's backward ---------------------------------
+ * exact as tgn_layer_rows'.  x, dy, dx (NULL: no dx) rows of x_dtype; w (NULL: none) of w_dtype; mean, den the
+ * forward's fp32 values per row; dwb (NULL: neither) `(want_w + want_b) * hidden` fp32
+ * values: dW's then db's.  Returns the rows and values the caller must redo with torch
+ * ops (a non-finite statistic, row sum, dx NaN or dW/db value), -1: no scratch. */
+int64_t tgn_layer_backward(const void *x, const void *dy, void *dx, const void *w, const float *mean,
+                           const float *den, int64_t rows, int64_t hidden, int64_t chunk, const int64_t *adds,
+                           int64_t n_adds, int64_t root, int64_t exact, int64_t x_dtype, int64_t w_dtype,
+                           int64_t want_w, int64_t want_b, float *dwb, int64_t grain, int64_t threads);
+/* Rows [0, rows) of a row kernel that also pushes row-block sums of `width` floats
+ * (fn(ctx, i, n, dw): i a multiple of TGN_BACKWARD_ROW_BLOCK, dw NULL when out is NULL)
+ * on `threads` threads, the blocks merged as the RMSNorm backward's dW (native_backward.c)
+ * into out; returns fn's counts plus out's non-finite values, or a negative return. */
+typedef int64_t (*tgn_rows_dw_fn_t)(const void *ctx, int64_t i, int64_t n, tgn_dw_stack_t *dw);
+int64_t tgn_team_rows_dw(tgn_rows_dw_fn_t fn, const void *ctx, int64_t rows, int64_t width, float *out,
+                         int64_t grain, int64_t threads);
+/* This thread's scratch of at least n floats (kept between calls; NULL: none). */
+float *tgn_thread_scratch(int64_t n);
 
 #endif

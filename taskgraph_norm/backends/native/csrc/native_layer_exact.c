@@ -1,0 +1,185 @@
+/* LayerNorm's exact domain in C (native_layer.c's exact rows, native_layer_backward.c's
+ * exact row means): the torch forms of kernels/layer.py's xsum_exact / sumsq_exact
+ * (an exact pair), mean_exact (the pair's value over D, correctly rounded to fp32) and
+ * round_pair (the pair's value correctly rounded to fp32), bit for bit
+ * (tests/test_native_layer_exact.py compares them with the torch-ops backend).
+ *
+ * The pair: with M = max |v| over the row (fp64) and kernels.exact_scale's sigma1,
+ * sigma2 for it, each v is pre-rounded as the torch form does, q1 = (v + sigma1) -
+ * sigma1, q2 = ((v - q1) + sigma2) - sigma2, and S1 = sum q1, S2 = sum q2: every
+ * addition is exact, so the lanes below (sixteen partial sums each) give the torch
+ * form's values.  M comes from the bits where the terms are the row's values or
+ * squares (|v| orders as its bits do).  v is a float value, or the fp64 product of two (exact).
+ *
+ * mean_exact: the candidate c = RN32(RN64(S1 + S2) / D), then the exact sign of
+ * S1 + S2 - mid * D at the midpoints between c and its neighbours (mid split by
+ * Veltkamp, D into two 26-bit halves: four exact products; a Shewchuk Grow-Expansion
+ * of the six terms, whose last nonzero component has the sum's sign) moves it to a
+ * neighbour, or keeps it on a tie to even.  round_pair: the fp64 TwoSum of the pair
+ * made round-to-odd, then one rounding to fp32.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "tgn_native.h"
+
+#ifdef __FAST_MATH__
+#error "native_layer_exact.c must not be compiled with -ffast-math"
+#endif
+
+typedef double v4d __attribute__((vector_size(32)));
+typedef float v4f __attribute__((vector_size(16)));
+typedef int64_t v4l __attribute__((vector_size(32)));
+typedef double v8d __attribute__((vector_size(64))); /* one AVX-512 register, or two AVX ones */
+typedef float v8f __attribute__((vector_size(32)));
+
+static inline __attribute__((always_inline)) v8d load8(const float *p)
+{
+    v8f f;
+    memcpy(&f, p, sizeof f);
+    return __builtin_convertvector(f, v8d);
+}
+
+static inline __attribute__((always_inline)) v4d load4(const float *p)
+{
+    v4f f;
+    memcpy(&f, p, sizeof f);
+    return __builtin_convertvector(f, v4d);
+}
+
+/* max |a[j]| (b NULL) or max |a[j] b[j]| (fp64, b = a: the largest square) into *m; 0 for a NaN. */
+static int row_max(const float *a, const float *b, int64_t n, double *m)
+{
+    if (!b || b == a) { /* from the bits: |a| orders as its bits do, a NaN's above Inf's */
+        uint32_t top = 0;
+        for (int64_t j = 0; j < n; ++j) {
+            uint32_t u;
+            memcpy(&u, a + j, sizeof u);
+            u &= 0x7fffffffu;
+            top = u > top ? u : top;
+        }
+        float f;
+        memcpy(&f, &top, sizeof f);
+        *m = b ? (double)f * (double)f : (double)f;
+        return top <= 0x7f800000u;
+    }
+    v4d mv = {0.0, 0.0, 0.0, 0.0};
+    v4l nan = {0, 0, 0, 0};
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4) {
+        v4d v = load4(a + j) * load4(b + j);
+        v = (v4d)((v4l)v & (int64_t)0x7fffffffffffffff);
+        nan |= v != v;
+        v4l gt = v > mv;
+        mv = (v4d)(((v4l)v & gt) | ((v4l)mv & ~gt));
+    }
+    double out = 0.0;
+    int bad = 0;
+    for (int l = 0; l < 4; ++l) {
+        out = mv[l] > out ? mv[l] : out;
+        bad |= nan[l] != 0;
+    }
+    for (; j < n; ++j) {
+        double v = fabs((double)a[j] * (double)b[j]);
+        bad |= v != v;
+        out = v > out ? v : out;
+    }
+    *m = out;
+    return !bad;
+}
+
+int tgn_exact_pair_f32(const float *a, const float *b, int64_t n, double *t1, double *t2)
+{
+    double m, s1, s2;
+    if (!row_max(a, b, n, &m) || !tgn_exact_scale(m, n, &s1, &s2))
+        return 0;
+    const v8d s1v = {s1, s1, s1, s1, s1, s1, s1, s1}, s2v = {s2, s2, s2, s2, s2, s2, s2, s2};
+    v8d a1 = {0.0}, a2 = a1, b1 = a1, b2 = a1;
+    int64_t j = 0;
+    for (; j + 16 <= n; j += 16) { /* two independent lanes of eight: exact, so any order */
+        v8d va = load8(a + j), vb = load8(a + j + 8);
+        if (b) {
+            va *= load8(b + j);
+            vb *= load8(b + j + 8);
+        }
+        v8d qa = (va + s1v) - s1v, qb = (vb + s1v) - s1v;
+        a1 += qa;
+        b1 += qb;
+        a2 += ((va - qa) + s2v) - s2v;
+        b2 += ((vb - qb) + s2v) - s2v;
+    }
+    double u1 = 0.0, u2 = 0.0;
+    for (int l = 0; l < 8; ++l) {
+        u1 += a1[l] + b1[l];
+        u2 += a2[l] + b2[l];
+    }
+    for (; j < n; ++j) {
+        double v = b ? (double)a[j] * (double)b[j] : (double)a[j], q1 = (v + s1) - s1;
+        u1 += q1;
+        u2 += ((v - q1) + s2) - s2;
+    }
+    *t1 = u1;
+    *t2 = u2;
+    return 1;
+}
+
+static void two_sum(double a, double b, double *s, double *e)
+{
+    double t = a + b, bb = t - a;
+    *s = t;
+    *e = (a - (t - bb)) + (b - bb);
+}
+
+/* The sign (-1, 0, 1) of t1 + t2 - mid * D, exactly. */
+static int side(double t1, double t2, double mid, int64_t hidden)
+{
+    const double p = mid * 134217729.0; /* 2^27 + 1: Veltkamp's split */
+    const double hi = p - (p - mid), lo = mid - hi;
+    const double d_lo = (double)(hidden % (INT64_C(1) << 26)), d_hi = (double)(hidden - hidden % (INT64_C(1) << 26));
+    const double terms[6] = {t1, t2, -(hi * d_hi), -(hi * d_lo), -(lo * d_hi), -(lo * d_lo)};
+    double comp[6];
+    int n = 0;
+    for (int k = 0; k < 6; ++k) {
+        double q = terms[k];
+        for (int i = 0; i < n; ++i)
+            two_sum(q, comp[i], &q, &comp[i]);
+        comp[n++] = q;
+    }
+    for (int i = n - 1; i >= 0; --i)
+        if (comp[i] != 0.0)
+            return comp[i] > 0.0 ? 1 : -1;
+    return 0;
+}
+
+float tgn_mean_exact_f32(double t1, double t2, int64_t hidden)
+{
+    const float c = (float)((t1 + t2) / (double)hidden);
+    const float up = nextafterf(c, INFINITY), down = nextafterf(c, -INFINITY);
+    if (!isfinite(up) || !isfinite(down))
+        return NAN; /* (the caller leaves such a row to torch ops) */
+    const int above = side(t1, t2, ((double)c + (double)up) * 0.5, hidden);
+    const int below = side(t1, t2, ((double)c + (double)down) * 0.5, hidden);
+    uint32_t bits;
+    memcpy(&bits, &c, sizeof bits);
+    const int even = (bits & 1u) == 0;
+    float out = above > 0 ? up : c;
+    if (above == 0)
+        out = even ? c : up;
+    if (below < 0)
+        out = down;
+    if (below == 0)
+        out = even ? c : down;
+    return out;
+}
+
+float tgn_round_pair_f32(double t1, double t2)
+{
+    double s, e;
+    two_sum(t1, t2, &s, &e);
+    uint64_t bits;
+    memcpy(&bits, &s, sizeof bits);
+    if (isfinite(s) && e != 0.0 && (bits & 1u) == 0)
+        s = nextafter(s, e > 0.0 ? INFINITY : -INFINITY);
+    return (float)s;
+}
