@@ -9,6 +9,10 @@
 #include "native_half.h"
 #include "tgn_native.h"
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #if defined(__FAST_MATH__)
 #error "the native kernels must not be compiled with -ffast-math"
 #endif
@@ -68,9 +72,46 @@ static void widen_block(const void *src, int64_t dtype, int64_t start, int64_t m
     }
 }
 
+#if defined(__AVX512F__)
+/* one_plus_exp_neg on eight lanes: the same IEEE operations in the same order (no fma:
+ * each product and sum its own instruction), so each lane has the scalar form's bits;
+ * the compiler's own vectors of the scalar loop are 256-bit.  -g flips the sign bit;
+ * max(-CLAMP, t) and min(CLAMP, t) return t where t is NaN, as the scalar tests do;
+ * nearbyint is round-to-nearest-even (the default mode). */
+static inline __m512d one_plus_exp_neg8(__m512d g)
+{
+    const __m512d clamp = _mm512_set1_pd((double)TGN_GATE_EXP_CLAMP);
+    __m512d t = _mm512_castsi512_pd(_mm512_xor_si512(_mm512_castpd_si512(g), _mm512_set1_epi64(INT64_MIN)));
+    t = _mm512_max_pd(_mm512_sub_pd(_mm512_setzero_pd(), clamp), t);
+    t = _mm512_min_pd(clamp, t);
+    __m512d n = _mm512_roundscale_pd(_mm512_mul_pd(t, _mm512_set1_pd(INV_LN2)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    n = _mm512_maskz_mov_pd(_mm512_cmp_pd_mask(n, n, _CMP_ORD_Q), n);
+    __m512d r = _mm512_sub_pd(_mm512_sub_pd(t, _mm512_mul_pd(n, _mm512_set1_pd(LN2_HI))),
+                              _mm512_mul_pd(n, _mm512_set1_pd(LN2_LO)));
+    __m512d p = _mm512_set1_pd(COEFFICIENTS[TGN_GATE_EXP_TERMS - 1]);
+    for (int k = TGN_GATE_EXP_TERMS - 2; k >= 0; k--)
+        p = _mm512_add_pd(_mm512_mul_pd(p, r), _mm512_set1_pd(COEFFICIENTS[k]));
+    __m512i bits = _mm512_castpd_si512(_mm512_add_pd(n, _mm512_set1_pd(0x1.8p52)));
+    bits = _mm512_slli_epi64(_mm512_add_epi64(_mm512_sub_epi64(bits, _mm512_set1_epi64(0x4338000000000000LL)),
+                                              _mm512_set1_epi64(1023)), 52);
+    return _mm512_add_pd(_mm512_mul_pd(p, _mm512_castsi512_pd(bits)), _mm512_set1_pd(1.0));
+}
+#define GATE_LANES 8
+#else
+#define GATE_LANES 0
+#endif
+
 static void silu_block(const float *g, int64_t m, float *silu)
 {
-    for (int64_t i = 0; i < m; i++) {
+    int64_t i = 0;
+#if GATE_LANES
+    for (; i + GATE_LANES <= m; i += GATE_LANES) {
+        __m512d gd = _mm512_cvtps_pd(_mm256_loadu_ps(g + i));
+        _mm256_storeu_ps(silu + i, _mm512_cvtpd_ps(_mm512_div_pd(gd, one_plus_exp_neg8(gd))));
+    }
+#endif
+    for (; i < m; i++) {
         double gd = (double)g[i];
         silu[i] = (float)(gd / one_plus_exp_neg(gd));
     }
@@ -78,7 +119,15 @@ static void silu_block(const float *g, int64_t m, float *silu)
 
 static void silu_sigmoid_block(const float *g, int64_t m, float *silu, float *sigmoid)
 {
-    for (int64_t i = 0; i < m; i++) {
+    int64_t i = 0;
+#if GATE_LANES
+    for (; i + GATE_LANES <= m; i += GATE_LANES) {
+        __m512d gd = _mm512_cvtps_pd(_mm256_loadu_ps(g + i)), e = one_plus_exp_neg8(gd);
+        _mm256_storeu_ps(silu + i, _mm512_cvtpd_ps(_mm512_div_pd(gd, e)));
+        _mm256_storeu_ps(sigmoid + i, _mm512_cvtpd_ps(_mm512_div_pd(_mm512_set1_pd(1.0), e)));
+    }
+#endif
+    for (; i < m; i++) {
         double gd = (double)g[i];
         double e = one_plus_exp_neg(gd);
         silu[i] = (float)(gd / e);
