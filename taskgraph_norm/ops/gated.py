@@ -216,7 +216,8 @@ def _one_pass(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor | None, 
     try:
         call = _one_pass_calls[key]
     except KeyError:
-        pipe = pipeline.for_config(group_size, *config, executor)
+        chunk_size, topology, leaf, accumulate = config
+        pipe = pipeline.for_config(group_size, chunk_size, topology, leaf, accumulate, executor)
         call = None if pipe.executor != "compiled" or pipe.plan is None else gated_call(
             pipe.plan, groups, casting_mode, offset)
         if len(_one_pass_calls) >= 64:

@@ -85,5 +85,6 @@ def gated_call(plan: Plan, groups: int, casting_mode: str, offset: float) -> Gat
                              None if weight is None else weight.data_ptr(), eps, groups, int(after), threads)
         return None if bad else y
 
-    call.keep = recipe  # type: ignore[attr-defined]  (holds the adds tensor the configurations name)
+    # (holds the adds tensor whose address the configurations hold)
+    call.keep = recipe  # type: ignore[attr-defined]
     return call
