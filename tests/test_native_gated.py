@@ -17,7 +17,7 @@ from taskgraph_norm import backends
 from taskgraph_norm.ops import gated as gated_ops
 from taskgraph_norm.ops.gated import gated_rms_norm
 
-from ._trust_helpers import native_status
+from ._trust_helpers import native_status, run_probe
 from .helpers import assert_bits_equal, bits_equal
 
 NATIVE, WHY_NOT = native_status()
@@ -158,4 +158,65 @@ def test_strided_input_is_left_to_the_construction(passes: list[bool]) -> None:
     xs, zs = x[:, ::2], z[:, ::2]
     y, ref = _both(xs, zs, None, group_size=32, casting_mode="torch")
     assert passes == [False]
+    assert_bits_equal(y, ref)
+
+
+PROBE = """
+    import hashlib, torch
+    from taskgraph_norm import backends
+    from taskgraph_norm.backends.native import loader as native
+    from taskgraph_norm.ops import gated
+    from taskgraph_norm.testing import bits
+    print(native.library_path().name if native.available() else None)
+    taken = []
+    real = gated._one_pass
+    def spy(*a, **k):
+        y = real(*a, **k)
+        taken.append(y is not None)
+        return y
+    gated._one_pass = spy
+    g = torch.Generator().manual_seed(11)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        x = (torch.randn(300, 200, generator=g) * 4).to(dtype)
+        z = (torch.randn(300, 200, generator=g) * 4).to(dtype)
+        w = (1 + 0.3 * torch.randn(200, generator=g)).to(dtype)
+        for after, size, mode in ((a, s, m) for a in (False, True) for s in (None, 40) for m in ("llama", "torch")):
+            with torch.no_grad():
+                y = gated.gated_rms_norm(x, z, w, 1e-6, group_size=size, norm_before_gate=after, casting_mode=mode)
+            print(dtype, after, size, mode, hashlib.sha256(bits(y).numpy().tobytes()).hexdigest()[:16])
+    print("taken", all(taken), len(taken))
+"""
+
+
+def test_the_portable_build_gives_the_host_builds_bits() -> None:
+    """TGN_NATIVE=portable (plain C, no AVX-512 lanes) against the default build and
+    the torch ops (TGN_NATIVE=0)."""
+    portable, default, off = (run_probe(PROBE, TGN_NATIVE=v) for v in ("portable", "1", "0"))
+    for proc in (portable, default, off):
+        assert proc.returncode == 0, proc.stderr
+    p, d, o = (proc.stdout.splitlines() for proc in (portable, default, off))
+    assert p[0].startswith("_native_portable") and o[0] == "None"
+    assert p[-1] == d[-1] == "taken True 24" and o[-1] == "taken True 0"
+    assert p[1:-1] == d[1:-1] == o[1:-1] and len(p) == 26
+    # negative control: the digests see the dtype, the gate's order, the groups and (but
+    # for fp32 rows, where llama's casts are the identity) the cast order
+    assert len({line.split()[-1] for line in p[1:-1]}) == 20
+
+
+@pytest.mark.parametrize("grain_rows", [1, 7, 300])
+def test_every_blocking_of_the_rows_gives_the_same_bits(monkeypatch: pytest.MonkeyPatch, grain_rows: int,
+                                                        threads: int, passes: list[bool]) -> None:
+    from taskgraph_norm.backends.native import gated_rows
+
+    x, z = _inputs(299, 256, torch.bfloat16, seed=12)
+    w = torch.randn(256, generator=torch.Generator().manual_seed(13)).to(torch.bfloat16)
+    _, ref = _both(x, z, w, group_size=64, casting_mode="llama")
+    monkeypatch.setattr(gated_rows, "SPLIT_NUMEL", 1)
+    monkeypatch.setattr(gated_rows, "TEAM_GRAIN", grain_rows * 256)
+    gated_ops._one_pass_calls.clear()
+    try:
+        y, _ = _both(x, z, w, group_size=64, casting_mode="llama")
+    finally:
+        gated_ops._one_pass_calls.clear()
+    assert passes and all(passes)
     assert_bits_equal(y, ref)

@@ -22,6 +22,7 @@ from ...lowering import Plan
 from ..torch_ops.finish import finish_rule
 from . import loader as _native
 from . import team as _team
+from .direct import advise_fresh
 
 __all__ = ["GatedCall", "gated_call"]
 
@@ -78,6 +79,7 @@ def gated_call(plan: Plan, groups: int, casting_mode: str, offset: float) -> Gat
         if cfg is None or g_code is None or x.shape[-1] != hidden:
             return None
         y = torch.empty(x.shape, dtype=out_dtype)
+        advise_fresh(y)  # (a fresh output of 32 MiB or more: a huge-page candidate, as the direct path's)
         numel = x.numel()
         rows = numel // hidden
         threads = _team.threads() if numel >= SPLIT_NUMEL and rows > grain else 1

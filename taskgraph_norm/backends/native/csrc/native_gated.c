@@ -28,6 +28,10 @@
 #include "native_half.h"
 #include "tgn_native.h"
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #if defined(__FAST_MATH__)
 #error "the native kernels must not be compiled with -ffast-math"
 #endif
@@ -63,27 +67,92 @@ static void widen_span(const void *src, int64_t code, int64_t start, int64_t n, 
             dst[j] = tgn_f16_to_f32(p[j]);
 }
 
-/* out[start, start + n) = v rounded to code's dtype; returns whether v holds a NaN */
-static int store_span(const float *v, int64_t n, void *out, int64_t code, int64_t start)
+/* The scalar form of one element's FINALIZE, gate after and store: q = h / rms (IEEE
+ * division: the quotient tgn_quotient_row_f32_to and llama_row form), llama's rounding
+ * of it to x's dtype, the product with the weight and its rounding, the gate, and y. */
+static inline int finish1(float h, float s, const float *w, int64_t j, float rms, int64_t flags, int after,
+                          int64_t y_code, void *y, int64_t at)
 {
-    int nan = 0;
-    if (code == TGN_DTYPE_F32) {
-        for (int64_t j = 0; j < n; ++j)
-            nan |= v[j] != v[j];
-        memcpy((float *)out + start, v, (size_t)n * sizeof *v);
-        return nan;
+    const int f16 = (flags & TGN_ROUND_F16) != 0;
+    float q = h / rms;
+    int nan = q != q;
+    if (flags & TGN_ROUND_QUOTIENT)
+        q = round_narrow(q, f16);
+    if (w) {
+        q = q * w[j];
+        if (flags & TGN_ROUND_PRODUCT) {
+            nan |= q != q;
+            q = round_narrow(q, f16);
+        }
     }
-    uint16_t *p = (uint16_t *)out + start;
-    if (code == TGN_DTYPE_BF16)
-        for (int64_t j = 0; j < n; ++j) {
-            nan |= v[j] != v[j];
-            p[j] = tgn_f32_to_bf16(v[j]);
-        }
+    if (after)
+        q = q * s;
+    nan |= q != q;
+    if (y_code == TGN_DTYPE_F32)
+        ((float *)y)[at] = q;
     else
-        for (int64_t j = 0; j < n; ++j) {
-            nan |= v[j] != v[j];
-            p[j] = tgn_f32_to_f16(v[j]);
+        ((uint16_t *)y)[at] = y_code == TGN_DTYPE_BF16 ? tgn_f32_to_bf16(q) : tgn_f32_to_f16(q);
+    return nan;
+}
+
+#if defined(__AVX512F__)
+/* fp32 lanes rounded to bf16 (c10's round to nearest even: native_half.h's formula) */
+static inline __m256i to_bf16(__m512 v)
+{
+    __m512i u = _mm512_castps_si512(v);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)),
+                                                                    lsb), 16));
+}
+
+static inline __m256i to_narrow(__m512 v, int f16)
+{
+    return f16 ? _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC) : to_bf16(v);
+}
+
+static inline __m512 from_narrow(__m256i b, int f16)
+{
+    return f16 ? _mm512_cvtph_ps(b) : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
+}
+#endif
+
+/* One group row: finish1 on each of its n elements (sixteen lanes at a time where the
+ * build has AVX-512: the same operations, each lane's own); returns whether a NaN was met. */
+static int finish_row(const float *h, const float *s, const float *w, int64_t n, float rms, int64_t flags,
+                      int after, int64_t y_code, void *y, int64_t at)
+{
+    int64_t j = 0;
+    int nan = 0;
+#if defined(__AVX512F__)
+    const int f16 = (flags & TGN_ROUND_F16) != 0, narrow_q = (flags & TGN_ROUND_QUOTIENT) != 0;
+    const int narrow_p = w && (flags & TGN_ROUND_PRODUCT), narrow_y = y_code != TGN_DTYPE_F32;
+    const int y16 = y_code == TGN_DTYPE_F16;
+    const __m512 r = _mm512_set1_ps(rms);
+    __mmask16 unordered = 0;
+    for (; j + 16 <= n; j += 16) {
+        __m512 q = _mm512_div_ps(_mm512_loadu_ps(h + j), r);
+        unordered |= _mm512_cmp_ps_mask(q, q, _CMP_UNORD_Q);
+        if (narrow_q)
+            q = from_narrow(to_narrow(q, f16), f16);
+        if (w) {
+            q = _mm512_mul_ps(q, _mm512_loadu_ps(w + j));
+            if (narrow_p) {
+                unordered |= _mm512_cmp_ps_mask(q, q, _CMP_UNORD_Q);
+                q = from_narrow(to_narrow(q, f16), f16);
+            }
         }
+        if (after)
+            q = _mm512_mul_ps(q, _mm512_loadu_ps(s + j));
+        unordered |= _mm512_cmp_ps_mask(q, q, _CMP_UNORD_Q);
+        if (narrow_y)
+            _mm256_storeu_si256((__m256i *)((uint16_t *)y + at + j), to_narrow(q, y16));
+        else
+            _mm512_storeu_ps((float *)y + at + j, q);
+    }
+    nan = unordered != 0;
+#endif
+    for (; j < n; ++j)
+        nan |= finish1(h[j], s[j], w, j, rms, flags, after, y_code, y, at + j);
     return nan;
 }
 
@@ -124,11 +193,9 @@ static int64_t gated_block(const void *ctx, int64_t i, int64_t n)
             break; /* a NaN total (or no scratch: -1) */
         for (int64_t r = 0; r < m; ++r) {
             const float *w = job->w ? job->w + ((k + r) % groups) * d : 0;
-            bad |= finalize_span_float(h + r * d, h + r * d, w, d, rms[r], c->flags, 0.0);
+            bad |= finish_row(h + r * d, s + r * d, w, d, rms[r], c->flags, (int)job->after, c->y_dtype, job->y,
+                              e0 + r * d);
         }
-        if (job->after)
-            multiply(h, s, len);
-        bad |= store_span(h, len, job->y, c->y_dtype, e0);
     }
     if (h != small)
         free(h);
