@@ -220,3 +220,22 @@ def test_every_blocking_of_the_rows_gives_the_same_bits(monkeypatch: pytest.Monk
         gated_ops._one_pass_calls.clear()
     assert passes and all(passes)
     assert_bits_equal(y, ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_every_narrow_gate_value_has_the_torch_forms_silu(dtype: torch.dtype) -> None:
+    """A bf16 or fp16 gate's silu is read from a table of all 65536 values (native_gate.c),
+    made by the fp64 series: each value's bits must be kernels/gate.py's, NaNs, infinities,
+    zeros and subnormals included, wherever the value sits in the gate."""
+    from taskgraph_norm.backends.native import gate as native_gate
+    from taskgraph_norm.kernels.gate import silu
+
+    every = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(dtype)
+    shuffled = every[torch.randperm(every.numel(), generator=torch.Generator().manual_seed(14))]
+    for g in (every, shuffled, every[3:].reshape(-1, 1)):
+        table, _ = native_gate.silu_sigmoid(g, False)
+        series, _ = native_gate.silu_sigmoid(g, True)  # (the sigmoid asked: the series itself)
+        assert_bits_equal(table, silu(g, torch.float32))
+        assert_bits_equal(table, series)
+    # negative control: torch's own fp32 silu is not correctly rounded, and the compare sees it
+    assert not bits_equal(native_gate.silu_sigmoid(every, False)[0], torch.nn.functional.silu(every.float()))
