@@ -23,7 +23,9 @@ gate?, weight?, ...) -> (dx, dgate, dW)``, one opaque node each under
 ``torch.compile`` and ``torch.export`` (so a compiled call has the eager bits).  The
 backward runs the eager construction again under autograd: ``dx`` through the merge
 graph's backward, ``dgate`` elementwise, ``dW`` over fixed row blocks
-(:mod:`.gated_weight`).
+(:mod:`.gated_weight`).  A call that records no gradient runs the construction in one
+native pass where it can (:mod:`taskgraph_norm.backends.native.gated_rows`: the same
+operations in the same order, so the same bits).
 """
 
 from __future__ import annotations

@@ -58,21 +58,6 @@ static inline double one_plus_exp_neg(double g)
     return p * scale + 1.0;
 }
 
-static void widen_block(const void *src, int64_t dtype, int64_t start, int64_t m, float *dst)
-{
-    if (dtype == TGN_DTYPE_BF16) {
-        const uint16_t *b = (const uint16_t *)src + start;
-        for (int64_t i = 0; i < m; i++)
-            dst[i] = tgn_bf16_to_f32(b[i]);
-    } else if (dtype == TGN_DTYPE_F16) {
-        const uint16_t *h = (const uint16_t *)src + start;
-        for (int64_t i = 0; i < m; i++)
-            dst[i] = tgn_f16_to_f32(h[i]);
-    } else {
-        memcpy(dst, (const float *)src + start, (size_t)m * sizeof *dst);
-    }
-}
-
 #if defined(__AVX512F__)
 /* one_plus_exp_neg on eight lanes: the same IEEE operations in the same order (no fma:
  * each product and sum its own instruction), so each lane has the scalar form's bits;
@@ -186,7 +171,7 @@ int64_t tgn_gate_silu(const void *g, int64_t g_dtype, int64_t n, float *silu, fl
     }
     for (int64_t a = 0; a < n; a += GATE_BLOCK) {
         int64_t m = n - a < GATE_BLOCK ? n - a : GATE_BLOCK;
-        widen_block(g, g_dtype, a, m, block);
+        tgn_widen_span(g, g_dtype, a, m, block);
         if (sigmoid)
             silu_sigmoid_block(block, m, silu + a, sigmoid + a);
         else
@@ -218,9 +203,9 @@ int64_t tgn_gate_product(const void *g, int64_t g_dtype, const void *v, int64_t 
         return -1;
     for (int64_t a = 0; a < n; a += GATE_BLOCK) {
         int64_t m = n - a < GATE_BLOCK ? n - a : GATE_BLOCK;
-        widen_block(g, g_dtype, a, m, gb);
+        tgn_widen_span(g, g_dtype, a, m, gb);
         silu_block(gb, m, s);
-        widen_block(v, v_dtype, a, m, vb);
+        tgn_widen_span(v, v_dtype, a, m, vb);
         for (int64_t i = 0; i < m; i++)
             vb[i] = vb[i] * s[i];
         store_block(vb, m, out, out_dtype, a);

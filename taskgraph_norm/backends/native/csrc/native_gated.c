@@ -51,22 +51,6 @@ typedef struct gated_job {
 
 static inline int64_t size_of(int64_t code) { return code == TGN_DTYPE_F32 ? 4 : 2; }
 
-/* dst = src[start, start + n) widened to fp32 */
-static void widen_span(const void *src, int64_t code, int64_t start, int64_t n, float *dst)
-{
-    if (code == TGN_DTYPE_F32) {
-        memcpy(dst, (const float *)src + start, (size_t)n * sizeof *dst);
-        return;
-    }
-    const uint16_t *p = (const uint16_t *)src + start;
-    if (code == TGN_DTYPE_BF16)
-        for (int64_t j = 0; j < n; ++j)
-            dst[j] = tgn_bf16_to_f32(p[j]);
-    else
-        for (int64_t j = 0; j < n; ++j)
-            dst[j] = tgn_f16_to_f32(p[j]);
-}
-
 /* The scalar form of one element's FINALIZE, gate after and store: q = h / rms (IEEE
  * division: the quotient tgn_quotient_row_f32_to and llama_row form), llama's rounding
  * of it to x's dtype, the product with the weight and its rounding, the gate, and y. */
@@ -184,7 +168,7 @@ static int64_t gated_block(const void *ctx, int64_t i, int64_t n)
             bad = -1;
             break;
         }
-        widen_span(job->x, c->x_dtype, e0, len, h);
+        tgn_widen_span(job->x, c->x_dtype, e0, len, h);
         if (!job->after)
             multiply(h, s, len);
         bad = tgn_float_rows_f32(h, m, d, d, c->chunk, c->adds, c->n_adds, c->root, rms, 0, 0, 0, job->eps,
