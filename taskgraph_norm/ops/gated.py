@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from .. import kernels, pipeline
+from .. import caches, kernels, pipeline
 from ..checks import check_input, resolve_eps
 from ..errors import ConfigError, DeviceMismatchError, GateShapeError
 from ..backends.base import allowed
@@ -200,6 +200,7 @@ def gated_forward(
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 #: The one-pass kernel per configuration (``None``: none for it).
 _one_pass_calls: dict[tuple[Any, ...], GatedCall | None] = {}
+caches.register(_one_pass_calls.clear)
 
 
 def _one_pass(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor | None, eps: float, group_size: int,
