@@ -23,7 +23,9 @@ gate?, weight?, ...) -> (dx, dgate, dW)``, one opaque node each under
 ``torch.compile`` and ``torch.export`` (so a compiled call has the eager bits).  The
 backward runs the eager construction again under autograd: ``dx`` through the merge
 graph's backward, ``dgate`` elementwise, ``dW`` over fixed row blocks
-(:mod:`.gated_weight`).
+(:mod:`.gated_weight`).  A call that records no gradient runs the construction in one
+native pass where it can (:mod:`taskgraph_norm.backends.native.gated_rows`: the same
+operations in the same order, so the same bits).
 """
 
 from __future__ import annotations
@@ -32,11 +34,12 @@ from typing import Any
 
 import torch
 
-from .. import kernels, pipeline
+from .. import caches, kernels, pipeline
 from ..checks import check_input, resolve_eps
 from ..errors import ConfigError, DeviceMismatchError, GateShapeError
 from ..backends.base import allowed
 from ..backends.native import gate as native_gate
+from ..backends.native.gated_rows import GatedCall, gated_call
 from ..kernels.gate import silu_sigmoid
 from . import library as _library_mod
 from .forward import check_model_options
@@ -159,6 +162,12 @@ def gated_forward(
     fused = gate is not None and acc == torch.float32 and not (torch.is_grad_enabled() and (
         x.requires_grad or gate.requires_grad or (weight is not None and weight.requires_grad))) and (
         "native" in allowed()) and _real(gate, x) and native_gate.runs(gate, x)
+    if fused and executor in ("auto", "compiled"):
+        assert gate is not None
+        y = _one_pass(x, gate, weight, eps, group_size, norm_before_gate, (chunk_size, topology, leaf, accumulate),
+                      casting_mode, offset, executor)
+        if y is not None:
+            return y
     if gate is not None and not norm_before_gate:
         h = native_gate.gate_product(gate, x, acc) if fused else kernels.widen(x, acc) * _gate_silu(gate, acc)
     else:
@@ -185,6 +194,42 @@ def gated_forward(
     if gate is not None and norm_before_gate:
         return _gate_after(gate, m, acc, x.dtype, fused)
     return m if llama else m.to(x.dtype)
+
+
+#: The weight's types the one pass reads (a module's Parameter is one).
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+#: The one-pass kernel per configuration (``None``: none for it).
+_one_pass_calls: dict[tuple[Any, ...], GatedCall | None] = {}
+caches.register(_one_pass_calls.clear)
+
+
+def _one_pass(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor | None, eps: float, group_size: int,
+              norm_before_gate: bool, config: tuple[Any, ...], casting_mode: str, offset: float,
+              executor: str) -> torch.Tensor | None:
+    """The whole construction in one native pass (:mod:`~taskgraph_norm.backends.native.gated_rows`,
+    the same bits) for a call that records no gradient, or ``None`` where it does not
+    run (strided or empty input, a weight that is not a plain CPU tensor, no native
+    form for the plan, a NaN in a row): the caller runs the construction."""
+    if not (x.is_contiguous() and gate.is_contiguous() and x.numel()) or (weight is not None and not (
+            type(weight) in _PLAIN and not _is_wrapped(weight) and weight.device.type == "cpu"
+            and weight.is_contiguous())):
+        return None
+    groups = x.shape[-1] // group_size
+    key = (group_size, groups, *config, executor, casting_mode, offset)
+    try:
+        call = _one_pass_calls[key]
+    except KeyError:
+        chunk_size, topology, leaf, accumulate = config
+        pipe = pipeline.for_config(group_size, chunk_size, topology, leaf, accumulate, executor)
+        call = None if pipe.executor != "compiled" or pipe.plan is None else gated_call(
+            pipe.plan, groups, casting_mode, offset)
+        if len(_one_pass_calls) >= 64:
+            _one_pass_calls.clear()
+        _one_pass_calls[key] = call
+    if call is None:
+        return None
+    return call(x, gate, weight, eps, norm_before_gate,
+                output_dtype(x, gate, weight, casting_mode, norm_before_gate))
 
 
 def _gate_after(gate: torch.Tensor, m: torch.Tensor, acc: torch.dtype, dtype: torch.dtype,

@@ -3,11 +3,16 @@
  * The operations are kernels/gate.py's, in the same order (no fma: -ffp-contract=off),
  * so both give the same bits, wherever an element sits in a loop. */
 #include <math.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <string.h>
 
 #include "native_half.h"
 #include "tgn_native.h"
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #if defined(__FAST_MATH__)
 #error "the native kernels must not be compiled with -ffast-math"
@@ -53,24 +58,46 @@ static inline double one_plus_exp_neg(double g)
     return p * scale + 1.0;
 }
 
-static void widen_block(const void *src, int64_t dtype, int64_t start, int64_t m, float *dst)
+#if defined(__AVX512F__)
+/* one_plus_exp_neg on eight lanes: the same IEEE operations in the same order (no fma:
+ * each product and sum its own instruction), so each lane has the scalar form's bits;
+ * the compiler's own vectors of the scalar loop are 256-bit.  -g flips the sign bit;
+ * max(-CLAMP, t) and min(CLAMP, t) return t where t is NaN, as the scalar tests do;
+ * nearbyint is round-to-nearest-even (the default mode). */
+static inline __m512d one_plus_exp_neg8(__m512d g)
 {
-    if (dtype == TGN_DTYPE_BF16) {
-        const uint16_t *b = (const uint16_t *)src + start;
-        for (int64_t i = 0; i < m; i++)
-            dst[i] = tgn_bf16_to_f32(b[i]);
-    } else if (dtype == TGN_DTYPE_F16) {
-        const uint16_t *h = (const uint16_t *)src + start;
-        for (int64_t i = 0; i < m; i++)
-            dst[i] = tgn_f16_to_f32(h[i]);
-    } else {
-        memcpy(dst, (const float *)src + start, (size_t)m * sizeof *dst);
-    }
+    const __m512d clamp = _mm512_set1_pd((double)TGN_GATE_EXP_CLAMP);
+    __m512d t = _mm512_castsi512_pd(_mm512_xor_si512(_mm512_castpd_si512(g), _mm512_set1_epi64(INT64_MIN)));
+    t = _mm512_max_pd(_mm512_sub_pd(_mm512_setzero_pd(), clamp), t);
+    t = _mm512_min_pd(clamp, t);
+    __m512d n = _mm512_roundscale_pd(_mm512_mul_pd(t, _mm512_set1_pd(INV_LN2)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    n = _mm512_maskz_mov_pd(_mm512_cmp_pd_mask(n, n, _CMP_ORD_Q), n);
+    __m512d r = _mm512_sub_pd(_mm512_sub_pd(t, _mm512_mul_pd(n, _mm512_set1_pd(LN2_HI))),
+                              _mm512_mul_pd(n, _mm512_set1_pd(LN2_LO)));
+    __m512d p = _mm512_set1_pd(COEFFICIENTS[TGN_GATE_EXP_TERMS - 1]);
+    for (int k = TGN_GATE_EXP_TERMS - 2; k >= 0; k--)
+        p = _mm512_add_pd(_mm512_mul_pd(p, r), _mm512_set1_pd(COEFFICIENTS[k]));
+    __m512i bits = _mm512_castpd_si512(_mm512_add_pd(n, _mm512_set1_pd(0x1.8p52)));
+    bits = _mm512_slli_epi64(_mm512_add_epi64(_mm512_sub_epi64(bits, _mm512_set1_epi64(0x4338000000000000LL)),
+                                              _mm512_set1_epi64(1023)), 52);
+    return _mm512_add_pd(_mm512_mul_pd(p, _mm512_castsi512_pd(bits)), _mm512_set1_pd(1.0));
 }
+#define GATE_LANES 8
+#else
+#define GATE_LANES 0
+#endif
 
 static void silu_block(const float *g, int64_t m, float *silu)
 {
-    for (int64_t i = 0; i < m; i++) {
+    int64_t i = 0;
+#if GATE_LANES
+    for (const int64_t lanes_end = m / GATE_LANES * GATE_LANES; i < lanes_end; i += GATE_LANES) {
+        __m512d gd = _mm512_cvtps_pd(_mm256_loadu_ps(g + i));
+        _mm256_storeu_ps(silu + i, _mm512_cvtpd_ps(_mm512_div_pd(gd, one_plus_exp_neg8(gd))));
+    }
+#endif
+    for (; i < m; i++) {
         double gd = (double)g[i];
         silu[i] = (float)(gd / one_plus_exp_neg(gd));
     }
@@ -78,7 +105,15 @@ static void silu_block(const float *g, int64_t m, float *silu)
 
 static void silu_sigmoid_block(const float *g, int64_t m, float *silu, float *sigmoid)
 {
-    for (int64_t i = 0; i < m; i++) {
+    int64_t i = 0;
+#if GATE_LANES
+    for (; i + GATE_LANES <= m; i += GATE_LANES) {
+        __m512d gd = _mm512_cvtps_pd(_mm256_loadu_ps(g + i)), e = one_plus_exp_neg8(gd);
+        _mm256_storeu_ps(silu + i, _mm512_cvtpd_ps(_mm512_div_pd(gd, e)));
+        _mm256_storeu_ps(sigmoid + i, _mm512_cvtpd_ps(_mm512_div_pd(_mm512_set1_pd(1.0), e)));
+    }
+#endif
+    for (; i < m; i++) {
         double gd = (double)g[i];
         double e = one_plus_exp_neg(gd);
         silu[i] = (float)(gd / e);
@@ -91,14 +126,52 @@ static inline int known(int64_t dtype)
     return dtype == TGN_DTYPE_F32 || dtype == TGN_DTYPE_BF16 || dtype == TGN_DTYPE_F16;
 }
 
+/* silu of every bf16 and every fp16 value (index: the 16 bits), made once per process by
+ * silu_block itself: a narrow gate's silu is then one load per element, with the bits
+ * silu_block gives it (256 KiB a table, made on first use in about 0.1 ms). */
+static float silu_table[2][1 << 16];
+static pthread_once_t table_once[2] = {PTHREAD_ONCE_INIT, PTHREAD_ONCE_INIT};
+
+static void make_table(int f16)
+{
+    float block[GATE_BLOCK];
+    for (int64_t a = 0; a < (1 << 16); a += GATE_BLOCK) {
+        for (int64_t i = 0; i < GATE_BLOCK; i++)
+            block[i] = f16 ? tgn_f16_to_f32((uint16_t)(a + i)) : tgn_bf16_to_f32((uint16_t)(a + i));
+        silu_block(block, GATE_BLOCK, silu_table[f16] + a);
+    }
+}
+
+static void make_bf16_table(void) { make_table(0); }
+static void make_f16_table(void) { make_table(1); }
+
+static void silu_of_narrow(const uint16_t *g, int f16, int64_t n, float *silu)
+{
+    pthread_once(&table_once[f16], f16 ? make_f16_table : make_bf16_table);
+    const float *table = silu_table[f16];
+    int64_t i = 0;
+#if GATE_LANES
+    for (; i + 16 <= n; i += 16) {
+        __m512i index = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(g + i)));
+        _mm512_storeu_ps(silu + i, _mm512_i32gather_ps(index, table, 4));
+    }
+#endif
+    for (; i < n; i++)
+        silu[i] = table[g[i]];
+}
+
 int64_t tgn_gate_silu(const void *g, int64_t g_dtype, int64_t n, float *silu, float *sigmoid)
 {
     float block[GATE_BLOCK];
     if (!known(g_dtype))
         return -1;
+    if (!sigmoid && g_dtype != TGN_DTYPE_F32) {
+        silu_of_narrow((const uint16_t *)g, g_dtype == TGN_DTYPE_F16, n, silu);
+        return 0;
+    }
     for (int64_t a = 0; a < n; a += GATE_BLOCK) {
         int64_t m = n - a < GATE_BLOCK ? n - a : GATE_BLOCK;
-        widen_block(g, g_dtype, a, m, block);
+        tgn_widen_span(g, g_dtype, a, m, block);
         if (sigmoid)
             silu_sigmoid_block(block, m, silu + a, sigmoid + a);
         else
@@ -130,9 +203,9 @@ int64_t tgn_gate_product(const void *g, int64_t g_dtype, const void *v, int64_t 
         return -1;
     for (int64_t a = 0; a < n; a += GATE_BLOCK) {
         int64_t m = n - a < GATE_BLOCK ? n - a : GATE_BLOCK;
-        widen_block(g, g_dtype, a, m, gb);
+        tgn_widen_span(g, g_dtype, a, m, gb);
         silu_block(gb, m, s);
-        widen_block(v, v_dtype, a, m, vb);
+        tgn_widen_span(v, v_dtype, a, m, vb);
         for (int64_t i = 0; i < m; i++)
             vb[i] = vb[i] * s[i];
         store_block(vb, m, out, out_dtype, a);

@@ -8,6 +8,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "tgn_constants.h"
+
 static inline float tgn_f32_of(uint32_t u)
 {
     float f;
@@ -49,6 +51,23 @@ static inline uint16_t tgn_f32_to_f16(float f)
     const uint32_t bits = tgn_bits_of(base);
     const uint32_t nonsign = ((bits >> 13) & 0x7C00u) + (bits & 0x0FFFu);
     return (uint16_t)((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
+}
+
+/* dst[0, n) = src[start, start + n) widened to fp32, src of the TGN_DTYPE_* code `code`
+ * (fp32, bf16 or fp16): exact. */
+static inline void tgn_widen_span(const void *src, int64_t code, int64_t start, int64_t n, float *dst)
+{
+    if (code == TGN_DTYPE_BF16) {
+        const uint16_t *b = (const uint16_t *)src + start;
+        for (int64_t i = 0; i < n; i++)
+            dst[i] = tgn_bf16_to_f32(b[i]);
+    } else if (code == TGN_DTYPE_F16) {
+        const uint16_t *h = (const uint16_t *)src + start;
+        for (int64_t i = 0; i < n; i++)
+            dst[i] = tgn_f16_to_f32(h[i]);
+    } else {
+        memcpy(dst, (const float *)src + start, (size_t)n * sizeof *dst);
+    }
 }
 
 #endif /* TGN_NATIVE_HALF_H */

@@ -196,6 +196,17 @@ static PyObject *py_rows_config(PyObject *self, PyObject *args, PyObject *kwargs
  * eps, total, r, h, threads), c the bytes of rows_config(). */
 static void *address(PyObject *o) { return o == Py_None ? NULL : PyLong_AsVoidPtr(o); }
 
+/* c, the bytes of rows_config(), copied into cfg; 0 with a TypeError set if it is not them. */
+static int unpack_config(const char *name, PyObject *c, tgn_rows_cfg_t *cfg)
+{
+    if (!PyBytes_Check(c) || PyBytes_GET_SIZE(c) != (Py_ssize_t)sizeof *cfg) {
+        PyErr_Format(PyExc_TypeError, "%s(): c must be the bytes rows_config() returns", name);
+        return 0;
+    }
+    memcpy(cfg, PyBytes_AS_STRING(c), sizeof *cfg); /* bytes data need not be 8-aligned */
+    return 1;
+}
+
 static PyObject *py_rows_call(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     tgn_rows_cfg_t cfg;
@@ -204,11 +215,8 @@ static PyObject *py_rows_call(PyObject *self, PyObject *const *args, Py_ssize_t 
         PyErr_Format(PyExc_TypeError, "rows_call() takes 10 arguments (%zd given)", nargs);
         return NULL;
     }
-    if (!PyBytes_Check(args[0]) || PyBytes_GET_SIZE(args[0]) != (Py_ssize_t)sizeof cfg) {
-        PyErr_SetString(PyExc_TypeError, "rows_call(): c must be the bytes rows_config() returns");
+    if (!unpack_config("rows_call", args[0], &cfg))
         return NULL;
-    }
-    memcpy(&cfg, PyBytes_AS_STRING(args[0]), sizeof cfg); /* bytes data need not be 8-aligned */
     const void *x = address(args[1]);
     void *y = address(args[2]);
     int64_t n = PyLong_AsLongLong(args[3]);
@@ -233,6 +241,30 @@ static PyObject *py_rows_call(PyObject *self, PyObject *const *args, Py_ssize_t 
     return PyLong_FromLongLong(result);
 }
 
+/* gated_rows(c, x, g, g_dtype, y, rows, w, eps, groups, after, threads): tgn_gated_rows, c
+ * the bytes of rows_config() (the plan of one group). */
+static PyObject *py_gated_rows(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    tgn_rows_cfg_t cfg;
+    arg_t a[10];
+    int64_t result;
+    (void)self;
+    if (nargs != 11) {
+        PyErr_Format(PyExc_TypeError, "gated_rows() takes 11 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    if (!unpack_config("gated_rows", args[0], &cfg) || !parse("gated_rows", "ppipipdiii", args + 1, 10, a))
+        return NULL;
+    if (a[4].i < 0 || (a[4].i > 0 && (!a[0].p || !a[1].p || !a[3].p))) {
+        PyErr_SetString(PyExc_ValueError, "gated_rows(): x, g and y must be addresses and rows >= 0");
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    result = tgn_gated_rows(&cfg, a[0].p, a[1].p, a[2].i, a[3].p, a[4].i, a[5].p, a[6].d, a[7].i, a[8].i, a[9].i);
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLongLong(result);
+}
+
 #define FASTCALL(name, params, doc) \
     {#name, (PyCFunction)(void (*)(void))py_##name, METH_FASTCALL, #name "($module, " params ", /)\n--\n\n" doc}
 #define NOARGS(name, doc) {#name, py_##name, METH_NOARGS, #name "($module, /)\n--\n\n" doc}
@@ -251,6 +283,8 @@ static PyMethodDef methods[] = {
              "tgn_float_rows_f32."),
     FASTCALL(float_rows_f64, "x, rows, hidden, row_stride, chunk, adds, n_adds, root, total, " FORWARD_PARAMS,
              "tgn_float_rows_f64."),
+    FASTCALL(gated_rows, "c, x, g, g_dtype, y, rows, w, eps, groups, after, threads",
+             "tgn_gated_rows (native_gated.c): a gated RMSNorm's rows in one pass; rows left to the caller."),
     FASTCALL(gate_silu, "g, g_dtype, n, silu, sigmoid", "tgn_gate_silu."),
     FASTCALL(gate_product, "g, g_dtype, v, v_dtype, n, out, out_dtype", "tgn_gate_product."),
     FASTCALL(exact_scale, "row_max, hidden", "(sigma1, sigma2) of tgn_exact_scale (0.0, 0.0: no scale)."),

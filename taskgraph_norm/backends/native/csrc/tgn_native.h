@@ -132,6 +132,16 @@ typedef struct tgn_rows_cfg {
 int64_t tgn_rows_call(const tgn_rows_cfg_t *c, const void *x, void *y, int64_t rows, const void *w,
                       double eps, void *total, const void *r, void *h, int64_t threads);
 
+/* --- native_gated.c: a gated, grouped RMSNorm's no-grad forward in one pass ---------
+ * c: rows_config() of the plan of one group (hidden: the group size; flags: FINALIZE's
+ * for the cast order; x_dtype, y_dtype, w_dtype, w_round, offset as for tgn_rows_call;
+ * grain in full rows); x of c->x_dtype and g of g_dtype, rows * groups * c->hidden
+ * contiguous values; y of c->y_dtype; w (NULL: none) groups * c->hidden values; after:
+ * the gate multiplies the result (else x before the norm).  Returns 0, a nonzero count
+ * when a row is left to the caller (a NaN total or result), or -1. */
+int64_t tgn_gated_rows(const tgn_rows_cfg_t *c, const void *x, const void *g, int64_t g_dtype, void *y,
+                       int64_t rows, const void *w, double eps, int64_t groups, int64_t after, int64_t threads);
+
 /* --- native_narrow.c: bf16 and fp16 rows through the fp32 kernels ------------------ */
 
 /* One call's rows in a narrower dtype (or with a weight made here): the team's job. */
