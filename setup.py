@@ -5,7 +5,9 @@ exact rows, with ``native_finalize.h``'s FINALIZE) and ``native_sums.c`` (the fl
 ``native_backward.c`` and ``native_dw.c``/``native_dw_fused.c``/``native_dw_round.c`` (the backward, the exact weight
 gradient),
 ``native_narrow.c`` (bf16 and fp16 rows through the forward's fp32 kernels),
-``native_layer.c`` (LayerNorm's float rows), ``native_layer_backward.c`` (its backward),
+``native_layer.c`` (LayerNorm's float rows), ``native_layer_exact.c`` (its exact rows),
+``native_layer_backward.c`` (its backward), ``native_gate.c`` and ``native_gated.c`` (the gate's
+silu, and gated and grouped rows in one pass),
 ``native_team.c`` (the team the forward's rows are shared by) and ``native_module.c``
 (the extension module: the functions Python calls, each wrapping one entry point)
 become two optional extension modules in ``backends/native/``, next to ``loader.py``,
