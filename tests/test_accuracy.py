@@ -50,3 +50,21 @@ def test_eps_none_means_what_torch_means() -> None:
         x = tiny.to(dtype)
         torch.testing.assert_close(tgn.normalize_sync(x), F.rms_norm(x, (16,)))
     torch.testing.assert_close(tgn.normalize_sync(tiny, eps=0.5), F.rms_norm(tiny, (16,), eps=0.5))
+
+
+def test_layer_norm_exact_mean_is_correctly_rounded_on_hard_rows() -> None:
+    """benchmarks/layer_accuracy.py: the exact plan's mean is the correctly rounded one
+    on every family of hard rows and its output within a few ulps of fp64; the float
+    plans' means are not always (the negative control)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import layer_accuracy
+
+    results = layer_accuracy.measure(rows=8, hidden=1024, seed=3)
+    exact = [r for r in results if r[1].startswith("tgn exact")]
+    assert len(exact) == len(layer_accuracy.FAMILIES)
+    assert all(mean == 1.0 and ulp <= 4.0 for _, _, _, ulp, mean in exact), exact
+    floats = [mean for _, name, _, _, mean in results if name.startswith("tgn float")]
+    assert any(mean is not None and mean < 1.0 for mean in floats)

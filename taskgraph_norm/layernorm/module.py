@@ -104,6 +104,9 @@ class LayerNorm(nn.Module):
         weight, bias = self.weight, self.bias
         if self.weight_grad == "exact" and weight is not None and isinstance(x, torch.Tensor) and (
                 layer_route(x, weight, bias, residual) != ops.DIRECT):
+            if ops.dtensor_face("layer_norm", x, weight, bias, residual) is not None:
+                raise NotImplementedError("LayerNorm(weight_grad='exact') takes plain tensors; DTensor inputs "
+                                          "use weight_grad='float' (the tensor-parallel LayerNorm)")
             return self._forward_exact(x, residual)
         options: dict[str, Any] = dict(topology=self.topology, chunk_size=self.chunk_size, leaf=self.leaf,
                                        accumulate=self.accumulate)
