@@ -10,6 +10,8 @@ compiled executor directly.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -116,3 +118,17 @@ def product_columns(cols: list[list[tuple[float, float]]]) -> tuple[torch.Tensor
         for i, (a, b) in enumerate(col):
             dy[i, j], x_hat[i, j] = a, b
     return dy, x_hat
+
+
+def retries(seconds: float = 10.0, pause: float = 0.002) -> Iterator[int]:
+    """Attempt numbers until ``seconds`` have passed, pausing ``pause`` between them:
+    for the checks that a second thread ran rows (on a loaded machine a worker can wake
+    after the caller has run every block, many calls in a row)."""
+    deadline = time.monotonic() + seconds
+    attempt = 0
+    while True:
+        yield attempt
+        attempt += 1
+        if time.monotonic() > deadline:
+            return
+        time.sleep(pause)

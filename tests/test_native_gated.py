@@ -20,7 +20,7 @@ from taskgraph_norm.ops import gated as gated_ops
 from taskgraph_norm.ops.gated import gated_rms_norm
 
 from ._trust_helpers import native_status, run_probe
-from .helpers import assert_bits_equal, bits_equal
+from .helpers import assert_bits_equal, bits_equal, retries
 
 NATIVE, WHY_NOT = native_status()
 pytestmark = pytest.mark.skipif(not NATIVE, reason=f"native kernels: {WHY_NOT}")
@@ -83,7 +83,7 @@ def test_one_pass_has_the_torch_ops_bits(dtype: torch.dtype, after: bool, group_
     shared = team.worker_rows()
     y, ref = _both(x, z, w, group_size=group_size, norm_before_gate=after, casting_mode=mode)
     assert passes == [True]
-    for _ in range(50 if threads == 2 else 0):  # the rows are shared (a worker may wake late: call again)
+    for _ in retries() if threads == 2 else ():  # the rows are shared (a worker may wake late: call again)
         if team.worker_rows() > shared:
             break
         with torch.no_grad():

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import re
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from taskgraph_norm.backends.native import direct
 from taskgraph_norm.backends.native import team
 
 from ._trust_helpers import native_status
-from .helpers import assert_bits_equal, backend_backward, bits_equal, spy_direct_calls
+from .helpers import assert_bits_equal, backend_backward, bits_equal, retries, spy_direct_calls
 
 NATIVE, WHY_NOT = native_status()
 pytestmark = pytest.mark.skipif(not NATIVE, reason=f"native kernels: {WHY_NOT}")
@@ -60,11 +59,11 @@ def _inputs(rows: int, hidden: int) -> tuple[torch.Tensor, torch.Tensor, torch.T
     return x, torch.randn(hidden, generator=g), torch.randn(rows, hidden, generator=g)
 
 
-def _shared_calls(fn: object, tries: int = 50) -> int:
+def _shared_calls(fn: object) -> int:
     """Call ``fn`` until the worker has run some rows (it may be slow to wake on a busy
     machine); returns the rows it ran."""
     start = team.worker_rows()
-    for _ in range(tries):
+    for _ in retries():
         fn()  # type: ignore[operator]
         if team.worker_rows() > start:
             break
@@ -274,13 +273,12 @@ def test_the_backward_shares_whole_row_blocks_with_the_same_bits(runtime: str, a
             for grain in (1, 32, 33, 64, 1000):
                 dx, dw = torch.empty_like(x), torch.empty(hidden)
                 start = team.worker_rows()
-                for _ in range(50):  # until a worker has run a block (it may wake late:
+                for _ in retries():  # until a worker has run a block (it may wake late:
                     assert native_grads.backward_rows(x, dy, w, rms, recipe, dx, dw,  # see below)
                                                       exact=accumulate == "exact", threads=team.threads(),
                                                       grain=grain) == 0
                     if threads == 1 or grain >= rows or team.worker_rows() > start:
                         break
-                    time.sleep(0.002)
                 assert threads == 1 or grain >= rows or team.worker_rows() > start, "no other thread ran rows"
                 assert_bits_equal(dx, want[0])
                 assert_bits_equal(dw, want[1])
@@ -317,10 +315,9 @@ def test_the_exact_weight_gradient_shares_columns_with_the_same_state(runtime: s
                 assert_bits_equal(state, want)
                 if threads > 1 and grain < cols:
                     ran = team.worker_rows() > start
-                    for _ in range(50):  # a worker may wake late (torch's OpenMP threads spin
+                    for _ in retries():  # a worker may wake late (torch's OpenMP threads spin
                         if ran:          # on the cores a while after its ops): its share went
                             break        # to the caller; let them go idle and call again
-                        time.sleep(0.002)
                         native_grads.exact_dw(es.empty_state(cols), dy, x, rms=rms if with_rms else None,
                                               threads=team.threads(), grain=grain)
                         ran = team.worker_rows() > start
