@@ -374,3 +374,28 @@ def test_describe_says_which_kernels_run() -> None:
     with native.disabled():
         assert "torch ops" in native.describe() and "off" in native.describe()
     assert "off" in native.describe(False)
+
+
+def test_a_direct_entry_point_keeps_the_tensor_its_configuration_points_to() -> None:
+    """The direct call's configuration holds the address of the plan's ADD triples: the
+    entry point a pipeline hands out must keep that tensor alive by itself (two threads'
+    first calls each made one and the pipeline kept the second; the first thread's call
+    then read freed memory and crashed, tests/test_native_team.py's concurrent callers)."""
+    if not native.available():
+        pytest.skip(f"native kernels unavailable: {native.why_unavailable()}")
+    import gc
+
+    from taskgraph_norm import pipeline
+    from taskgraph_norm.backends.native.direct import direct_call
+
+    plan = pipeline.for_config(2048, 64, "tree", "pairwise", "float", "auto").plan
+    assert plan is not None
+    routed = direct_call(plan).routed  # the call object itself is dropped at once
+    gc.collect()
+    n_adds = sum(len(level) for level in plan.adds)
+    junk = [torch.zeros(3 * n_adds, dtype=torch.int64) for _ in range(2000)]  # reuse what was freed
+    x = torch.randn(64, 2048, generator=gen(5))
+    y = routed(x, None, 1e-6, None)
+    assert y is not None
+    assert_bits_equal(y, tgn.normalize_sync(x, None, 1e-6, executor="reference"))
+    del junk

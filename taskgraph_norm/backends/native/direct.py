@@ -214,7 +214,11 @@ def direct_call(plan: Plan) -> DirectCall | None:
         # it the reference's bits; what was written to a caller's out is overwritten there.
         return None if bad else y
 
-    call.keep = keep  # type: ignore[attr-defined]
+    # The configurations hold the adds tensor's address: each entry point holds its
+    # tensor (a running call's frame holds its function), so a pipeline that drops this
+    # call (two threads' first calls each made one; a cleared cache) cannot free the
+    # tensor under a call still running.
+    call.keep = routed.keep = keep  # type: ignore[attr-defined]
     call.routed = routed  # type: ignore[attr-defined]
     return call
 
