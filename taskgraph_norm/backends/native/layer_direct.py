@@ -53,15 +53,6 @@ def layer_direct(plan: Plan) -> LayerRouted | None:
     w_shape = (hidden,)
     rows_call = _native.module().layer_rows
 
-    def param(p: torch.Tensor, x_dtype: torch.dtype, code: int) -> int | None:
-        """A weight's or bias's dtype code where the C call takes it as it is, else ``None``."""
-        if p.shape != w_shape or not p.is_cpu or not p.is_contiguous():
-            return None
-        dtype = p.dtype
-        if dtype is x_dtype:
-            return code
-        return DTYPE_F32 if dtype is _F32 and code != DTYPE_F32 else None  # (fp32 with a half x)
-
     def routed(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: object,
                out: object) -> torch.Tensor | None:
         if not x.is_cpu or not x.is_contiguous() or triton_asked() or "native" not in allowed():
@@ -72,16 +63,26 @@ def layer_direct(plan: Plan) -> LayerRouted | None:
             return None
         w_code = code
         w_ptr = b_ptr = None
+        # A weight and bias (checked inline: each call shows here): (hidden,), CPU,
+        # contiguous, x's dtype or fp32 with a half x, and of one dtype.
+        p_dtype = None
         if weight is not None:
-            found = param(weight, x_dtype, code)
-            if found is None:
+            p_dtype = weight.dtype
+            if weight.shape != w_shape or not weight.is_cpu or not weight.is_contiguous():
                 return None
-            w_code, w_ptr = found, weight.data_ptr()
+            w_ptr = weight.data_ptr()
         if bias is not None:
-            found = param(bias, x_dtype, code)
-            if found is None or (weight is not None and bias.dtype is not weight.dtype):
+            if p_dtype is None:
+                p_dtype = bias.dtype
+            elif bias.dtype is not p_dtype:
                 return None
-            w_code, b_ptr = found, bias.data_ptr()
+            if bias.shape != w_shape or not bias.is_cpu or not bias.is_contiguous():
+                return None
+            b_ptr = bias.data_ptr()
+        if p_dtype is not None and p_dtype is not x_dtype:
+            if p_dtype is not _F32 or code == DTYPE_F32:
+                return None
+            w_code = DTYPE_F32
         if eps is None:
             e = LAYER_EPS
         elif type(eps) is float:
