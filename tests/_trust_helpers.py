@@ -94,3 +94,33 @@ def spy_taken(monkeypatch: Any, owners: tuple[object, ...], name: str) -> list[b
     for owner in owners:
         monkeypatch.setattr(owner, name, spy)
     return taken
+
+
+def spy_layer_taken(monkeypatch: Any) -> list[bool]:
+    """:func:`spy_taken` over the native LayerNorm forward's C calls, both entries: the
+    general path's ``layer_rows`` and the faces' warm entry (``layer_direct``'s ``routed``,
+    recorded when it returns a result: a ``None`` there is followed by the general
+    path).  The LayerNorm pipelines' cache is a fresh one for the test, so each pipeline
+    resolves its warm entry through the spy (and none keeps it afterwards)."""
+    from taskgraph_norm.backends.native import layer as native_layer
+    from taskgraph_norm.pipeline import layer as pipeline_layer
+
+    taken = spy_taken(monkeypatch, (native_layer,), "layer_rows")
+    real = native_layer.layer_direct
+
+    def direct(plan: Any) -> Any:
+        routed = real(plan)
+        if routed is None:
+            return None
+
+        def spy(*args: Any) -> Any:
+            found = routed(*args)
+            if found is not None:
+                taken.append(True)
+            return found
+
+        return spy
+
+    monkeypatch.setattr(native_layer, "layer_direct", direct)
+    monkeypatch.setattr(pipeline_layer, "_by_config", {})
+    return taken

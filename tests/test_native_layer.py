@@ -20,7 +20,7 @@ from taskgraph_norm.kernels.reference import run_reference
 from taskgraph_norm.pipeline.layer import layer_pipeline
 from taskgraph_norm.testing import bits_equal
 
-from ._trust_helpers import builds_agree, native_status, spy_taken
+from ._trust_helpers import builds_agree, native_status, spy_layer_taken
 
 NATIVE, WHY_NOT = native_status()
 pytestmark = pytest.mark.skipif(not NATIVE, reason=f"native kernels: {WHY_NOT}")
@@ -43,8 +43,9 @@ def _torch_ops(x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
 
 
 def _spy(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
-    """Records whether each native LayerNorm call was taken (True) or left to torch ops."""
-    return spy_taken(monkeypatch, (native_layer,), "layer_rows")
+    """Records whether each native LayerNorm call was taken (True) or left to torch ops
+    (the general path's and the warm path's)."""
+    return spy_layer_taken(monkeypatch)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

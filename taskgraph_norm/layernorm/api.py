@@ -15,11 +15,31 @@ import torch
 
 from .. import kernels, ops
 from ..checks import check_out, check_residual
-from ..pipeline.layer import LayerPipeline, check_layer_executor, layer_pipeline
+from ..pipeline.layer import LayerPipeline, cached_layer, check_layer_executor, layer_pipeline
 from ..pipeline.layer_checks import autocast_layer_inputs, check_layer_input, resolve_layer_eps
 from ..topologies import build_layer_graph
 
-__all__ = ["layer_norm", "layer_norm_sync"]
+__all__ = ["layer_norm", "layer_norm_sync", "warm_layer"]
+
+_route, _DIRECT = ops.route, ops.DIRECT  # (bound once: the warm path is a few us)
+
+
+def warm_layer(x: object, weight: object, bias: object, eps: object, out: object, chunk_size: int, topology: str,
+               leaf: str, accumulate: str, executor: str) -> torch.Tensor | None:
+    """The warm path of a call with no residual: ``y`` from the cached pipeline's one C
+    call (:attr:`LayerPipeline.routed`) when :func:`taskgraph_norm.ops.route` sends ``x``,
+    the weight and the bias straight to the kernel and the pipeline is cached; else
+    ``None`` (the caller runs the general path, with its checks and errors)."""
+    if _route(x, weight) != _DIRECT or (  # type: ignore[arg-type]  # (another type: TRACED)
+            bias is not None and _route(bias, None) != _DIRECT):  # type: ignore[arg-type]
+        return None  # (weight=None passes route's check; DIRECT: x, weight, bias plain tensors)
+    if not x.dim():  # type: ignore[attr-defined]
+        return None
+    pipe = cached_layer(x.shape[-1], chunk_size, topology, leaf, accumulate, executor)  # type: ignore[attr-defined]
+    if pipe is None:
+        return None
+    y: torch.Tensor | None = pipe.routed(x, weight, bias, eps, out)
+    return y
 
 
 def layer_route(x: object, weight: object, bias: object, residual: object) -> int:
@@ -122,6 +142,11 @@ def layer_norm_sync(
     >>> tgn.layer_norm_sync(torch.tensor([[1.0, 3.0]]))
     tensor([[-1.0000,  1.0000]])
     """
+    if residual is None and residual_out is None:
+        # The warm path: one dict lookup, the checks the C call needs, one C call.
+        y = warm_layer(x, weight, bias, eps, out, chunk_size, topology, leaf, accumulate, executor)
+        if y is not None:
+            return y
     if isinstance(x, torch.Tensor):
         x, weight, bias = autocast_layer_inputs(x, weight, bias)
     how = layer_route(x, weight, bias, residual)

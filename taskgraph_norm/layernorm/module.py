@@ -14,7 +14,7 @@ from .. import ops
 from ..errors import ConfigError, InputShapeError
 from ..pipeline.layer_checks import autocast_layer_inputs, check_layer_input, resolve_layer_eps
 from ..topologies import build_layer_graph
-from .api import layer_norm_sync, layer_route
+from .api import layer_norm_sync, layer_route, warm_layer
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 _eager_only: Callable[[_F], _F] = torch.compiler.disable  # (typed: torch's decorator is not)
@@ -102,6 +102,11 @@ class LayerNorm(nn.Module):
         """``y``; with ``residual``, ``(y, h)``: ``h = x + residual`` and ``y`` its LayerNorm
         (see :func:`taskgraph_norm.layer_norm_sync`, which every call goes through)."""
         weight, bias = self.weight, self.bias
+        if residual is None and len(self.normalized_shape) == 1:  # the warm path (layer_norm_sync's)
+            y = warm_layer(x, weight, bias, self.eps, None, self.chunk_size, self.topology, self.leaf,
+                           self.accumulate, "auto")
+            if y is not None:
+                return y
         if self.weight_grad == "exact" and weight is not None and isinstance(x, torch.Tensor) and (
                 layer_route(x, weight, bias, residual) != ops.DIRECT):
             if ops.dtensor_face("layer_norm", x, weight, bias, residual) is not None:

@@ -24,7 +24,7 @@ import torch
 
 from .. import caches, kernels, torch_state
 from ..backends.base import Backend, LayerForward, allowed, triton_asked
-from ..backends.registry import choose
+from ..backends.registry import BACKENDS, choose
 from ..backends.torch_ops.layer import graph_layer_backward, graph_layer_stats
 from ..checks import check_no_partial_overlap, check_real, check_residual
 from ..errors import ConfigError, ExecutionError, GraphError
@@ -38,7 +38,7 @@ from ..prover import Proof, prove
 from ..topologies import build_layer_graph
 from .layer_checks import check_layer_input, check_layer_out, resolve_layer_eps
 
-__all__ = ["LAYER_EXECUTORS", "LayerPipeline", "check_layer_executor", "layer_pipeline"]
+__all__ = ["LAYER_EXECUTORS", "LayerPipeline", "cached_layer", "check_layer_executor", "layer_pipeline"]
 
 #: The executors a LayerNorm pipeline runs on.
 LAYER_EXECUTORS = ("auto", "reference", "compiled", "triton", "concurrent")
@@ -63,7 +63,7 @@ class LayerPipeline:
     follows the graph, as the reference's does).
     """
 
-    __slots__ = ("graph", "executor", "plan", "hidden_size", "residual", "options", "_proof", "_backends")
+    __slots__ = ("graph", "executor", "plan", "hidden_size", "residual", "options", "_proof", "_backends", "routed")
 
     def __init__(self, graph: Graph, executor: str = "auto") -> None:
         check_layer_executor(executor)
@@ -89,6 +89,22 @@ class LayerPipeline:
             self.plan = lower_certified(graph, self.proof)
         self.executor = executor
         self._backends: dict[tuple[Any, ...], Backend] = {}
+        #: ``routed(x, weight, bias, eps, out) -> y | None``: the faces' warm entry for a
+        #: call :func:`taskgraph_norm.ops.route` sent straight to the kernel, on this
+        #: pipeline found by ``x.shape[-1]`` (:mod:`taskgraph_norm.backends.native.layer_direct`:
+        #: one C call, or ``None`` for anything unusual: then the general path runs).
+        self.routed: Any = self._routed_first if executor == "compiled" and not self.residual else _not_taken
+
+    def _routed_first(self, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: object,
+                      out: object) -> torch.Tensor | None:
+        """:attr:`routed` until the native entry is known (asked again while a context
+        without native C is in force)."""
+        if "native" not in allowed():
+            return None
+        assert self.plan is not None
+        found = BACKENDS["native"].layer_direct(self.plan)  # type: ignore[attr-defined]
+        self.routed = _not_taken if found is None else found
+        return self.routed(x, weight, bias, eps, out)  # type: ignore[no-any-return]
 
     @property
     def proof(self) -> Proof:
@@ -233,6 +249,11 @@ class LayerPipeline:
             cancel.set()
 
 
+def _not_taken(*args: object) -> None:
+    """:attr:`LayerPipeline.routed` of a pipeline with no native entry."""
+    return None
+
+
 # --- the cache ---------------------------------------------------------------------------
 
 _lock = threading.Lock()
@@ -244,6 +265,20 @@ CACHE_SIZE = 256
 def _clear() -> None:
     with _lock:
         _by_config.clear()
+
+
+def cached_layer(
+    hidden_size: int, chunk_size: int, topology: str, leaf: str, accumulate: str, executor: str,
+) -> LayerPipeline | None:
+    """The configuration's pipeline (no residual) if one is cached, else ``None``: the
+    faces' warm path, one dict lookup (an unhashable option, or a chunk size that only
+    compares equal to an int, is never cached: ``None``)."""
+    if type(chunk_size) is not int:
+        return None
+    try:
+        return _by_config.get((hidden_size, chunk_size, topology, leaf, accumulate, executor, False))
+    except TypeError:
+        return None
 
 
 def layer_pipeline(

@@ -26,6 +26,7 @@ from ..base import LayerForward
 from ..torch_ops import layer as _torch_layer
 from . import loader as _native
 from . import team as _team
+from .layer_direct import LayerRouted, layer_direct
 from .layer_grads import layer_backward_rows
 from .layer_plan import CODES, plan_fixed
 
@@ -89,6 +90,10 @@ class NativeLayer:
         """Why the C kernels do not run a LayerNorm plan: ``[]`` (every LayerNorm plan the
         choice gives this backend runs in C, or falls back per call to torch ops)."""
         return []
+
+    def layer_direct(self, plan: Plan) -> LayerRouted | None:
+        """The faces' warm entry for ``plan`` (:func:`.layer_direct.layer_direct`), or ``None``."""
+        return layer_direct(plan)
 
     def layer_forward(
         self, graph: Graph, plan: Plan, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,

@@ -17,7 +17,8 @@
  * is tgn_chunk_sums_f32 of v: the same bits as the forward's squares network, which
  * rounds each square before adding a pair.  The quotient is native_quotient.h's (IEEE
  * division's bits).  bf16 and fp16 rows are widened into fp32 scratch, run through
- * the same steps and rounded back (native_half.h's c10 formulas); the weight and bias,
+ * the same steps and rounded back (native_half.h's c10 formulas; bf16's rounding fused
+ * into the quotient's loop, the same integer steps per lane); the weight and bias,
  * of x's dtype or fp32, are widened once per call.
  *
  * A row whose y holds a NaN (a NaN or Inf input, a NaN weight, den = 0) is counted
@@ -114,14 +115,38 @@ static inline uint32_t MIN_ALL(__m256i v)
 }
 #endif
 
+/* q rounded to bf16 lane by lane into y: tgn_f32_to_bf16's formula (native_half.h), the
+ * same integer operations on each lane, so the same bits as narrowing afterwards. */
+#if TGN_QUOTIENT_LANES == 16
+static inline void store_bf16(uint16_t *y, __m512 q)
+{
+    const __m512i u = _mm512_castps_si512(q);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), odd), 16);
+    _mm256_storeu_si256((__m256i *)y, _mm512_cvtepi32_epi16(r)); /* (r < 2^16: the low halves) */
+}
+#elif TGN_QUOTIENT_LANES == 8
+static inline void store_bf16(uint16_t *y, __m256 q)
+{
+    const __m256i u = _mm256_castps_si256(q);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), odd), 16);
+    /* (r < 2^16: packus's unsigned saturation never bites) */
+    _mm_storeu_si128((__m128i *)y, _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
+}
+#endif
+
 /* y = ((x - mean) / den) * w + b over one row (w, b finite or NULL: the caller checks
- * mean and den, so no NaN can come out).  ranged: every x - mean is +-0 or at least
+ * mean and den, so no NaN can come out), into fp32 y, or with bf16 rounded into the
+ * bf16 row y (the narrowing pass fused).  ranged: every x - mean is +-0 or at least
  * 2^-50 in magnitude (squares() says), so with den in range the quotient needs no
  * range check (native_quotient.h: |x - mean| <= sqrt(D) den <= 2^60). */
-static inline __attribute__((always_inline)) void finish_vectors(const float *x, float *y, const float *w,
+static inline __attribute__((always_inline)) void finish_vectors(const float *x, void *yv, const float *w,
                                                                  const float *b, int64_t n, float mean, float den,
-                                                                 const int ranged)
+                                                                 const int ranged, const int bf16)
 {
+    float *y = (float *)yv;
+    uint16_t *yh = (uint16_t *)yv;
     int64_t j = 0;
 #if TGN_QUOTIENT_LANES > 1
     if (tgn_quotient_rms_in_range(den)) {
@@ -134,7 +159,10 @@ static inline __attribute__((always_inline)) void finish_vectors(const float *x,
                 q = TGN_Q_MUL(q, TGN_Q_LOAD(w + j));
             if (b)
                 q = TGN_Q_ADD(q, TGN_Q_LOAD(b + j));
-            TGN_Q_STORE(y + j, q);
+            if (bf16)
+                store_bf16(yh + j, q);
+            else
+                TGN_Q_STORE(y + j, q);
         }
     }
 #else
@@ -146,17 +174,27 @@ static inline __attribute__((always_inline)) void finish_vectors(const float *x,
             q = q * w[j];
         if (b)
             q = q + b[j];
-        y[j] = q;
+        if (bf16)
+            yh[j] = tgn_f32_to_bf16(q);
+        else
+            y[j] = q;
     }
 }
 
-static void finish_row(const float *x, float *y, const float *w, const float *b, int64_t n, float mean, float den,
-                       int ranged)
+static void finish_row(const float *x, void *y, const float *w, const float *b, int64_t n, float mean, float den,
+                       int ranged, int bf16)
 {
-    if (ranged && n < ((int64_t)1 << 38))
-        finish_vectors(x, y, w, b, n, mean, den, 1);
-    else
-        finish_vectors(x, y, w, b, n, mean, den, 0);
+    ranged = ranged && n < ((int64_t)1 << 38);
+    if (bf16) {
+        if (ranged)
+            finish_vectors(x, y, w, b, n, mean, den, 1, 1);
+        else
+            finish_vectors(x, y, w, b, n, mean, den, 0, 1);
+    } else if (ranged) {
+        finish_vectors(x, y, w, b, n, mean, den, 1, 0);
+    } else {
+        finish_vectors(x, y, w, b, n, mean, den, 0, 0);
+    }
 }
 
 /* sq = (x - mean)^2 (square) or x - mean, each difference and square rounded once;
@@ -207,10 +245,10 @@ static int exact_stats(const float *x, int64_t d, float *dev, float *mean, float
     return 1;
 }
 
-/* One fp32 row x into y (fp32); sq: hidden values of scratch.  Returns 1 for a NaN row
- * (or, exact, a row left to torch ops). */
-static int layer_row(const layer_job_t *c, const float *x, float *y, float *buf, float *slots, float *sq,
-                     int64_t i)
+/* One fp32 row x into y (fp32, or with bf16 the bf16 row); sq: hidden values of scratch.
+ * Returns 1 for a NaN row (or, exact, a row left to torch ops). */
+static int layer_row(const layer_job_t *c, const float *x, void *y, float *buf, float *slots, float *sq,
+                     int64_t i, int bf16)
 {
     const int64_t d = c->hidden;
     float mean, var;
@@ -233,7 +271,7 @@ static int layer_row(const layer_job_t *c, const float *x, float *y, float *buf,
      * overflow to Inf has IEEE's bits, torch's) */
     if (!(isfinite(mean) && isfinite(den) && den > 0.0f))
         return 1;
-    finish_row(x, y, c->w, c->b, d, mean, den, ranged);
+    finish_row(x, y, c->w, c->b, d, mean, den, ranged, bf16);
     return 0;
 }
 
@@ -271,12 +309,16 @@ static int64_t layer_rows(const void *ctx, int64_t i, int64_t n)
     int64_t bad = 0;
     for (int64_t end = i + n; i < end; ++i) {
         if (!narrow) {
-            bad += layer_row(c, (const float *)c->x + i * d, (float *)c->y + i * d, buf, slots, sq, i);
+            bad += layer_row(c, (const float *)c->x + i * d, (float *)c->y + i * d, buf, slots, sq, i, 0);
             continue;
         }
         float *xs = sq + d, *ys = xs + d;
         tgn_layer_widen((const uint16_t *)c->x + i * d, c->code, xs, d);
-        bad += layer_row(c, xs, ys, buf, slots, sq, i);
+        if (c->code == TGN_DTYPE_BF16) { /* rounded to bf16 as the quotients are made */
+            bad += layer_row(c, xs, (uint16_t *)c->y + i * d, buf, slots, sq, i, 1);
+            continue;
+        }
+        bad += layer_row(c, xs, ys, buf, slots, sq, i, 0);
         tgn_layer_narrow(ys, c->code, (uint16_t *)c->y + i * d, d);
     }
     free(work);
