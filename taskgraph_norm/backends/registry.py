@@ -219,6 +219,8 @@ class NativeBackend(NativeLayer):
                 or rows > _exact_sum.ROWS_PER_ADD or (weight is not None and weight.dtype != fp32)):
             return False
         w_g = weight if weight is None or not offset else kernels.finalize_weight(weight, fp32, offset)
+        if dx is not None:
+            advise_fresh(dx)  # (a fresh dx faulted in 4 KiB pages costs ms: as backward_rows's)
         threads = _team.threads() if x.numel() >= SPLIT_NUMEL and rows > kernels.ROW_BLOCK else 1
         bad = _native_grads.backward_exact_dw(x, dy, None if w_g is None else w_g.contiguous(), rms,
                                               _native_grads.recipe_of(plan), dx, state,
