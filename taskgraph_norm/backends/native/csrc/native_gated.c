@@ -100,19 +100,16 @@ static inline __m512 from_narrow(__m256i b, int f16)
 }
 #endif
 
-/* One group row: finish1 on each of its n elements (sixteen lanes at a time where the
- * build has AVX-512: the same operations, each lane's own); returns whether a NaN was met. */
-static int finish_row(const float *h, const float *s, const float *w, int64_t n, float rms, int64_t flags,
-                      int after, int64_t y_code, void *y, int64_t at)
-{
-    int64_t j = 0;
-    int nan = 0;
 #if defined(__AVX512F__)
-    const int f16 = (flags & TGN_ROUND_F16) != 0, narrow_q = (flags & TGN_ROUND_QUOTIENT) != 0;
-    const int narrow_p = w && (flags & TGN_ROUND_PRODUCT), narrow_y = y_code != TGN_DTYPE_F32;
-    const int y16 = y_code == TGN_DTYPE_F16;
+/* finish_row's sixteen-lane loop with its options as arguments: inlined with constant
+ * ones (finish_row's common cases), each becomes one loop without a branch. */
+INLINE int64_t finish_lanes(const float *h, const float *s, const float *w, int64_t n, float rms, int f16,
+                            int narrow_q, int narrow_p, int after, int narrow_y, int y16, void *y, int64_t at,
+                            int *nan)
+{
     const __m512 r = _mm512_set1_ps(rms);
     __mmask16 unordered = 0;
+    int64_t j = 0;
     for (; j + 16 <= n; j += 16) {
         __m512 q = _mm512_div_ps(_mm512_loadu_ps(h + j), r);
         unordered |= _mm512_cmp_ps_mask(q, q, _CMP_UNORD_Q);
@@ -133,7 +130,27 @@ static int finish_row(const float *h, const float *s, const float *w, int64_t n,
         else
             _mm512_storeu_ps((float *)y + at + j, q);
     }
-    nan = unordered != 0;
+    *nan = unordered != 0;
+    return j;
+}
+#endif
+
+/* One group row: finish1 on each of its n elements (sixteen lanes at a time where the
+ * build has AVX-512: the same operations, each lane's own); returns whether a NaN was met. */
+static int finish_row(const float *h, const float *s, const float *w, int64_t n, float rms, int64_t flags,
+                      int after, int64_t y_code, void *y, int64_t at)
+{
+    int64_t j = 0;
+    int nan = 0;
+#if defined(__AVX512F__)
+    const int f16 = (flags & TGN_ROUND_F16) != 0, narrow_q = (flags & TGN_ROUND_QUOTIENT) != 0;
+    const int narrow_p = w && (flags & TGN_ROUND_PRODUCT), narrow_y = y_code != TGN_DTYPE_F32;
+    const int y16 = y_code == TGN_DTYPE_F16;
+    if (w && !f16 && narrow_q && narrow_p && narrow_y && !y16) /* llama's bf16 rows with a weight */
+        j = after ? finish_lanes(h, s, w, n, rms, 0, 1, 1, 1, 1, 0, y, at, &nan)
+                  : finish_lanes(h, s, w, n, rms, 0, 1, 1, 0, 1, 0, y, at, &nan);
+    else
+        j = finish_lanes(h, s, w, n, rms, f16, narrow_q, narrow_p, after, narrow_y, y16, y, at, &nan);
 #endif
     for (; j < n; ++j)
         nan |= finish1(h[j], s[j], w, j, rms, flags, after, y_code, y, at + j);
