@@ -31,7 +31,6 @@ product accumulated since*.  See docs/training.md.
 
 from __future__ import annotations
 
-import ctypes
 import sys
 import threading
 import weakref
@@ -43,6 +42,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from ..errors import ExactSumError, ExactSumOverflowError
 from ..backends.registry import accumulate_exact
 from ..kernels import exact_sum as es
+from .exact_state import recycle_state, zero_state
 from ..backends.native import grads as native_grads
 from ..backends.native import loader as native
 from ..backends.triton import exact_dw as triton_dw
@@ -62,7 +62,7 @@ class ExactSum:
     __slots__ = ("state",)
 
     def __init__(self, numel: int, device: torch.device | str | None = None) -> None:
-        self.state = _zero_state(numel, device)
+        self.state = zero_state(numel, device)
 
     @classmethod
     def from_state(cls, state: torch.Tensor) -> ExactSum:
@@ -142,44 +142,12 @@ class ExactSum:
         return out
 
 
-def _zero_state(numel: int, device: torch.device | str | None) -> torch.Tensor:
-    """:func:`~taskgraph_norm.kernels.exact_sum.empty_state`, on CPU zeroed by one
-    ``memset``: ``torch.zeros`` fills its 22 rows in parallel on torch's OpenMP team,
-    whose wake-up cost 50-130 us of a (64, 4096) training step on 2 cores
-    (``OMP_WAIT_POLICY=PASSIVE``), against ~12 us for the memset."""
-    if device is not None and torch.device(device).type != "cpu":
-        return es.empty_state(numel, device)
-    with _spares_lock:
-        state = _spares.pop(numel, None)
-    if state is None:
-        state = torch.empty(es.STATE_ROWS, numel, dtype=torch.int64)
-    ctypes.memset(state.data_ptr(), 0, state.numel() * state.element_size())
-    return state
-
-
-#: numel -> one CPU state a carry dropped, reused by the next :func:`_zero_state` of
-#: that size: a fresh 22-row state is hundreds of KiB that malloc maps and the
-#: memset faults in page by page (~45 us of a (64, 4096) training step), where a
-#: reused one is in cache.  At most :data:`_SPARES_MAX` sizes are kept.
-_spares: dict[int, torch.Tensor] = {}
-_spares_lock = threading.Lock()
-_SPARES_MAX = 8
-
-
 def _recycle(total: ExactSum | None) -> None:
-    """Keep ``total``'s CPU state as a spare when nothing else holds ``total`` or its
-    storage (the caller has just dropped its own reference to it)."""
+    """Keep ``total``'s CPU state as a spare (:mod:`.exact_state`) when nothing else
+    holds ``total`` (the caller has just dropped its own reference to it)."""
     # the references: the caller's variable, this frame's argument and getrefcount's
-    if total is None or sys.getrefcount(total) > 3:
-        return
-    state = total.state
-    if (state.device.type != "cpu" or not state.is_contiguous() or state.storage_offset() != 0
-            or sys.getrefcount(state) > 3
-            or torch._C._storage_Use_Count(state.untyped_storage()._cdata) > 2):  # with untyped_storage()'s
-        return
-    with _spares_lock:
-        if len(_spares) < _SPARES_MAX or state.shape[1] in _spares:
-            _spares[int(state.shape[1])] = state
+    if total is not None and sys.getrefcount(total) <= 3:
+        recycle_state(total.state)
 
 
 class _Carry:
