@@ -275,16 +275,6 @@ static int layer_row(const layer_job_t *c, const float *x, void *y, float *buf, 
     return 0;
 }
 
-void tgn_layer_widen(const uint16_t *x, int64_t code, float *s, int64_t n)
-{
-    if (code == TGN_DTYPE_BF16)
-        for (int64_t j = 0; j < n; ++j)
-            s[j] = tgn_bf16_to_f32(x[j]);
-    else
-        for (int64_t j = 0; j < n; ++j)
-            s[j] = tgn_f16_to_f32(x[j]);
-}
-
 void tgn_layer_narrow(const float *s, int64_t code, uint16_t *y, int64_t n)
 {
     if (code == TGN_DTYPE_BF16)
@@ -313,7 +303,7 @@ static int64_t layer_rows(const void *ctx, int64_t i, int64_t n)
             continue;
         }
         float *xs = sq + d, *ys = xs + d;
-        tgn_layer_widen((const uint16_t *)c->x + i * d, c->code, xs, d);
+        tgn_widen_span(c->x, c->code, i * d, d, xs);
         if (c->code == TGN_DTYPE_BF16) { /* rounded to bf16 as the quotients are made */
             bad += layer_row(c, xs, (uint16_t *)c->y + i * d, buf, slots, sq, i, 1);
             continue;
@@ -330,7 +320,7 @@ static const float *as_f32(const void *p, int64_t code, int64_t d, float *out)
 {
     if (!p || code == TGN_DTYPE_F32)
         return (const float *)p;
-    tgn_layer_widen((const uint16_t *)p, code, out, d);
+    tgn_widen_span(p, code, 0, d, out);
     return out;
 }
 

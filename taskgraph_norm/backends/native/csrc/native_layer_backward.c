@@ -138,8 +138,8 @@ static int64_t bw_rows(const void *ctx, int64_t i0, int64_t n, tgn_dw_stack_t *d
             const float *xr = (const float *)c->x + i * d, *dyr = (const float *)c->dy + i * d;
             float *dxr = c->dx ? (float *)c->dx + i * d : 0;
             if (narrow) {
-                tgn_layer_widen((const uint16_t *)c->x + i * d, c->code, xs, d);
-                tgn_layer_widen((const uint16_t *)c->dy + i * d, c->code, dys, d);
+                tgn_widen_span(c->x, c->code, i * d, d, xs);
+                tgn_widen_span(c->dy, c->code, i * d, d, dys);
                 xr = xs, dyr = dys, dxr = c->dx ? dxs : 0;
             }
             bad += bw_row(c, xr, dyr, c->mean[i], c->den[i], dxr, dw ? lo[q < h ? q : q - h] : 0, q >= h, s, buf,
@@ -169,7 +169,7 @@ int64_t tgn_layer_backward(const void *x, const void *dy, void *dx, const void *
     if (w && w_dtype != TGN_DTYPE_F32) {
         if (!(made = (float *)malloc((size_t)hidden * sizeof(float))))
             return -1;
-        tgn_layer_widen((const uint16_t *)w, w_dtype, made, hidden);
+        tgn_widen_span(w, w_dtype, 0, hidden, made);
         wf = made;
     }
     want_w = dwb && want_w, want_b = dwb && want_b;

@@ -193,7 +193,6 @@ int64_t tgn_layer_rows(const void *x, void *y, int64_t rows, int64_t hidden, int
  * fp32 rounded back (c10's formulas). */
 float tgn_layer_plan_sum(const float *v, int64_t hidden, int64_t chunk, const int64_t *adds, int64_t n_adds,
                          int64_t root, float *buf, float *slots);
-void tgn_layer_widen(const uint16_t *x, int64_t code, float *s, int64_t n);
 void tgn_layer_narrow(const float *s, int64_t code, uint16_t *y, int64_t n);
 
 /* --- native_layer_exact.c: LayerNorm's exact domain --------------------------------
