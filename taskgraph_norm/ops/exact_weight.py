@@ -78,6 +78,7 @@ class ExactWeightRMSNorm(torch.autograd.Function):
         x, weight, rms = ctx.saved_tensors
         eps, *config = ctx.config
         dx = dw_composite = total = None
+        fused = False
         w_needs = grad_wanted(ctx, 1)
         if torch.is_grad_enabled():  # create_graph=True, torch.func: differentiable ops
             dx, dw_composite = _composite_grads(dy, x, weight, eps, ctx.needs_input_grad[0], w_needs,
@@ -87,14 +88,13 @@ class ExactWeightRMSNorm(torch.autograd.Function):
             total = ExactSum(weight.numel(), x.device)
             fused_backward: Any = _backward.fused_exact_backward
             fused, dx = fused_backward(dy, x, weight, rms, *config, total.state, ctx.needs_input_grad[0])
-            total = total if fused else None
         if dx is None and ctx.needs_input_grad[0] and not torch.is_grad_enabled():
             float_backward: Any = _backward.backward
             dx, _ = float_backward(dy.contiguous(), x, weight, rms, *config, "float", [True, False])
         if not w_needs:
             return dx, None, None, None
-        if total is None:
-            total = _call_sum(dy, x, rms, weight.numel())
+        if total is None or not fused:  # (a state the one pass left untouched, zero, is added into)
+            total = _call_sum(dy, x, rms, weight.numel(), total)
         with torch._C._DisableFuncTorch():
             dw = total.result(weight.dtype).view(weight.shape)
         if ctx.watch is not None:
@@ -172,15 +172,16 @@ def plain_tensor(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _call_sum(dy: torch.Tensor, x: torch.Tensor, rms: torch.Tensor, numel: int) -> ExactSum:
-    """This call's exact ``sum over rows of dy * x_hat``."""
+def _call_sum(dy: torch.Tensor, x: torch.Tensor, rms: torch.Tensor, numel: int,
+              total: ExactSum | None = None) -> ExactSum:
+    """This call's exact ``sum over rows of dy * x_hat`` (added into ``total``, a zero
+    sum, when given)."""
     dy, x, rms = plain_tensor(dy), plain_tensor(x), plain_tensor(rms)
     with torch._C._DisableFuncTorch():  # plain tensors stay plain under torch.func's grad level
-        return _rows_sum(dy, x, rms, numel)
+        return _rows_sum(dy, x, rms, numel, ExactSum(numel, x.device) if total is None else total)
 
 
-def _rows_sum(dy: torch.Tensor, x: torch.Tensor, rms: torch.Tensor, numel: int) -> ExactSum:
-    total = ExactSum(numel, x.device)
+def _rows_sum(dy: torch.Tensor, x: torch.Tensor, rms: torch.Tensor, numel: int, total: ExactSum) -> ExactSum:
     shape = (-1, numel)
     on_triton = triton_dw.runs(x)
     if rms.dtype == torch.float32 and (x.dtype == torch.float32 or on_triton):
