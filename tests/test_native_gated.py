@@ -131,6 +131,46 @@ def test_nan_and_inf_rows_are_left_to_the_construction(dtype: torch.dtype, after
                 assert passes == [False], poison
 
 
+@pytest.mark.parametrize("after", [False, True], ids=["gate before", "gate after"])
+def test_llama_bf16_rows_edge_values_keep_the_construction_bits(after: bool, passes: list[bool]) -> None:
+    """llama's bf16 rows with a weight take native_gated.c's shortest loop (one NaN test
+    at the end, vcvtneps2bf16 for y): results that are subnormal, a NaN made on the way
+    (0/0 with eps 0, inf * 0 from the weight and a zero gate), a weight holding a NaN and
+    infinite results must still give the construction's bits."""
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(64, 128, generator=g)
+    x[3, 5:40] = 1e-38  # tiny against the row's rms: subnormal quotients and results
+    x[4, :] = 3e-39  # a row of bf16 subnormals (its rms too)
+    x[5, 7:100] = 9e-41
+    x, z = x.to(torch.bfloat16), (torch.randn(64, 128, generator=g) * 3).to(torch.bfloat16)
+    w = (torch.randn(128, generator=g) * 0.5 + 1).to(torch.bfloat16)
+    w[9] = 1e-30  # products near the bottom of the range
+    cases = {"subnormal results": (x, z, w, 1e-6, True)}
+    zero_row = x.clone()
+    zero_row[6] = 0.0
+    cases["0/0 with eps 0"] = (zero_row, z, w, 0.0, False)
+    w_inf, z_zero = w.clone(), z.clone()
+    w_inf[20] = float("inf")
+    z_zero[10, 20] = 0.0  # silu(0) = 0: inf * 0 after the gate, or (x * 0) * inf before it
+    z_zero[11, 21] = 0.0
+    cases["infinite weight, zero gate"] = (x, z_zero, w_inf, 1e-6, False)
+    w_nan = w.clone()
+    w_nan[30] = float("nan")
+    cases["a NaN in the weight"] = (x, z, w_nan, 1e-6, False)
+    for name, (xi, zi, wi, eps, finite) in cases.items():
+        passes.clear()
+        with torch.no_grad():
+            y = gated_rms_norm(xi, zi, wi, eps, norm_before_gate=after, casting_mode="llama")
+            with backends.use("torch_ops"):
+                ref = gated_rms_norm(xi, zi, wi, eps, norm_before_gate=after, casting_mode="llama")
+        assert_bits_equal(y, ref, msg=name)
+        if finite:  # the pass ran, and the subnormal vectors were met
+            assert passes == [True], name
+            assert bool((y.float().abs() < 2.0 ** -126).logical_and(y != 0).any()), name
+        else:  # a NaN in the result: the call is left to the construction
+            assert passes == [False], name
+
+
 def test_gradient_and_inference_modes(passes: list[bool]) -> None:
     x, z = _inputs(300, 128, torch.bfloat16, seed=6)
     w = torch.randn(128, generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)

@@ -145,10 +145,15 @@ static void make_table(int f16)
 static void make_bf16_table(void) { make_table(0); }
 static void make_f16_table(void) { make_table(1); }
 
-static void silu_of_narrow(const uint16_t *g, int f16, int64_t n, float *silu)
+const float *tgn_silu_table(int f16)
 {
     pthread_once(&table_once[f16], f16 ? make_f16_table : make_bf16_table);
-    const float *table = silu_table[f16];
+    return silu_table[f16];
+}
+
+static void silu_of_narrow(const uint16_t *g, int f16, int64_t n, float *silu)
+{
+    const float *table = tgn_silu_table(f16);
     int64_t i = 0;
 #if GATE_LANES
     for (; i + 16 <= n; i += 16) {

@@ -19,6 +19,11 @@
  * ops and the merge graph's rows; tests/test_native_gated.py compares the bits).  A
  * row with a NaN total, or a NaN anywhere in its result, is counted and the caller
  * runs that path for the whole call (torch's casts write a NaN by its position).
+ *
+ * llama's bf16 rows with a weight (Mamba2's and Qwen3-Next's modules in bf16) take the
+ * shortest loop, finish_llama_bf16: the roundings kept in fp32 lanes, one NaN test at
+ * the end, y rounded by vcvtneps2bf16 where it is exact, and with the gate after the
+ * norm silu gathered from the table in the loop itself (no s scratch).
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -45,6 +50,7 @@ typedef struct gated_job {
     const void *x, *g;
     void *y;
     const float *w; /* groups * hidden fp32 values, the offset included; NULL: none */
+    int w_nan;      /* whether w holds a NaN */
     double eps;
     int64_t g_dtype, groups, after;
 } gated_job_t;
@@ -101,6 +107,60 @@ static inline __m512 from_narrow(__m256i b, int f16)
 #endif
 
 #if defined(__AVX512F__)
+#define LANES_GATHER 1
+#else
+#define LANES_GATHER 0
+#endif
+
+#if defined(__AVX512F__)
+/* fp32 lanes rounded to bf16 and widened back: from_narrow(to_bf16(v)) without the
+ * narrowing (the same integer formula; the low half cleared instead of shifted out). */
+static inline __m512 keep_bf16(__m512 v)
+{
+    __m512i u = _mm512_castps_si512(v);
+    __mmask16 odd = _mm512_test_epi32_mask(u, _mm512_set1_epi32(0x10000)); /* bf16's last bit */
+    u = _mm512_mask_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), odd, u, _mm512_set1_epi32(0x8000));
+    return _mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32((int)0xFFFF0000u)));
+}
+
+/* llama's bf16 rows (x, y bf16) with a weight that holds no NaN (the caller tests it once
+ * a call): finish_lanes with one NaN test, at the end.  h holds no NaN (its row's total
+ * would be one), so a NaN made on the way is the default NaN (0/0, inf/inf, inf * 0),
+ * which the roundings keep (their carry reaches the exponent only for a payload of eight
+ * leading ones) and every later product keeps: the last value is NaN exactly when one
+ * on the way was.  y's rounding is vcvtneps2bf16 where the build has AVX512-BF16: c10's
+ * formula for every lane but a subnormal or NaN one, which fpclass finds (class bits
+ * QNaN 0x01, subnormal 0x20, SNaN 0x80): that vector takes to_bf16. */
+INLINE int64_t finish_llama_bf16(const float *h, const float *s, const float *w, int64_t n, float rms, int after,
+                                 const uint16_t *g, const float *table, uint16_t *y, int *nan)
+{
+    const __m512 r = _mm512_set1_ps(rms);
+    __mmask16 unordered = 0;
+    int64_t j = 0;
+    for (; j + 16 <= n; j += 16) {
+        __m512 q = keep_bf16(_mm512_div_ps(_mm512_loadu_ps(h + j), r));
+        q = keep_bf16(_mm512_mul_ps(q, _mm512_loadu_ps(w + j)));
+        if (after && g)
+            q = _mm512_mul_ps(q, _mm512_i32gather_ps(
+                                     _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(g + j))), table, 4));
+        else if (after)
+            q = _mm512_mul_ps(q, _mm512_loadu_ps(s + j));
+#if defined(__AVX512BF16__)
+        if (__builtin_expect(_mm512_fpclass_ps_mask(q, 0xA1) != 0, 0)) {
+            unordered |= _mm512_cmp_ps_mask(q, q, _CMP_UNORD_Q);
+            _mm256_storeu_si256((__m256i *)(y + j), to_bf16(q));
+        } else {
+            _mm256_storeu_si256((__m256i *)(y + j), (__m256i)_mm512_cvtneps_pbh(q));
+        }
+#else
+        unordered |= _mm512_cmp_ps_mask(q, q, _CMP_UNORD_Q);
+        _mm256_storeu_si256((__m256i *)(y + j), to_bf16(q));
+#endif
+    }
+    *nan = unordered != 0;
+    return j;
+}
+
 /* finish_row's sixteen-lane loop with its options as arguments: inlined with constant
  * ones (finish_row's common cases), each becomes one loop without a branch. */
 INLINE int64_t finish_lanes(const float *h, const float *s, const float *w, int64_t n, float rms, int f16,
@@ -138,7 +198,7 @@ INLINE int64_t finish_lanes(const float *h, const float *s, const float *w, int6
 /* One group row: finish1 on each of its n elements (sixteen lanes at a time where the
  * build has AVX-512: the same operations, each lane's own); returns whether a NaN was met. */
 static int finish_row(const float *h, const float *s, const float *w, int64_t n, float rms, int64_t flags,
-                      int after, int64_t y_code, void *y, int64_t at)
+                      int after, int64_t y_code, int fast, const uint16_t *g, void *y, int64_t at)
 {
     int64_t j = 0;
     int nan = 0;
@@ -146,7 +206,12 @@ static int finish_row(const float *h, const float *s, const float *w, int64_t n,
     const int f16 = (flags & TGN_ROUND_F16) != 0, narrow_q = (flags & TGN_ROUND_QUOTIENT) != 0;
     const int narrow_p = w && (flags & TGN_ROUND_PRODUCT), narrow_y = y_code != TGN_DTYPE_F32;
     const int y16 = y_code == TGN_DTYPE_F16;
-    if (w && !f16 && narrow_q && narrow_p && narrow_y && !y16) /* llama's bf16 rows with a weight */
+    if (fast && g)
+        j = finish_llama_bf16(h, 0, w, n, rms, 1, g, tgn_silu_table(0), (uint16_t *)y + at, &nan);
+    else if (fast)
+        j = after ? finish_llama_bf16(h, s, w, n, rms, 1, 0, 0, (uint16_t *)y + at, &nan)
+                  : finish_llama_bf16(h, s, w, n, rms, 0, 0, 0, (uint16_t *)y + at, &nan);
+    else if (w && !f16 && narrow_q && narrow_p && narrow_y && !y16) /* llama's bf16 rows with a weight */
         j = after ? finish_lanes(h, s, w, n, rms, 0, 1, 1, 1, 1, 0, y, at, &nan)
                   : finish_lanes(h, s, w, n, rms, 0, 1, 1, 0, 1, 0, y, at, &nan);
     else
@@ -178,10 +243,15 @@ static int64_t gated_block(const void *ctx, int64_t i, int64_t n)
     const int64_t step = d > SCRATCH ? 1 : SCRATCH / d < MAX_STEP ? SCRATCH / d : MAX_STEP;
     const char *g = (const char *)job->g;
     const int64_t g_size = size_of(job->g_dtype);
+    /* llama's bf16 rows with a NaN-free weight: finish_llama_bf16; with the gate after
+     * and bf16 rows of whole vectors, it reads silu from the table itself */
+    const int fast = job->w && !job->w_nan && c->flags == (TGN_ROUND_QUOTIENT | TGN_ROUND_PRODUCT) &&
+                     c->x_dtype == TGN_DTYPE_BF16 && c->y_dtype == TGN_DTYPE_BF16;
+    const int direct = LANES_GATHER && fast && job->after && job->g_dtype == TGN_DTYPE_BF16 && d % 16 == 0;
     int64_t bad = 0;
     for (int64_t k = i * groups, end = (i + n) * groups; k < end && !bad; k += step) {
         const int64_t m = end - k < step ? end - k : step, e0 = k * d, len = m * d;
-        if (tgn_gate_silu(g + e0 * g_size, job->g_dtype, len, s, 0) < 0) {
+        if (!direct && tgn_gate_silu(g + e0 * g_size, job->g_dtype, len, s, 0) < 0) {
             bad = -1;
             break;
         }
@@ -194,8 +264,8 @@ static int64_t gated_block(const void *ctx, int64_t i, int64_t n)
             break; /* a NaN total (or no scratch: -1) */
         for (int64_t r = 0; r < m; ++r) {
             const float *w = job->w ? job->w + ((k + r) % groups) * d : 0;
-            bad |= finish_row(h + r * d, s + r * d, w, d, rms[r], c->flags, (int)job->after, c->y_dtype, job->y,
-                              e0 + r * d);
+            bad |= finish_row(h + r * d, s + r * d, w, d, rms[r], c->flags, (int)job->after, c->y_dtype, fast,
+                              direct ? (const uint16_t *)job->g + e0 + r * d : 0, job->y, e0 + r * d);
         }
     }
     if (h != small)
@@ -211,6 +281,7 @@ int64_t tgn_gated_rows(const tgn_rows_cfg_t *c, const void *x, const void *g, in
     if (c->exact || groups < 1 || !c->chunk)
         return -1; /* float plans only */
     float *made = 0;
+    int w_nan = 0;
     if (w) {
         tgn_rows_cfg_t whole = *c;
         whole.hidden = c->hidden * groups;
@@ -218,8 +289,10 @@ int64_t tgn_gated_rows(const tgn_rows_cfg_t *c, const void *x, const void *g, in
         if (!made)
             return -1;
         tgn_narrow_weight(&whole, w, made); /* w widened, + offset, rounded to w_round */
+        for (int64_t j = 0; j < whole.hidden; ++j)
+            w_nan |= made[j] != made[j];
     }
-    gated_job_t job = {.cfg = c, .x = x, .g = g, .y = y, .w = made, .eps = eps, .g_dtype = g_dtype,
+    gated_job_t job = {.cfg = c, .x = x, .g = g, .y = y, .w = made, .w_nan = w_nan, .eps = eps, .g_dtype = g_dtype,
                        .groups = groups, .after = after != 0};
     int64_t result = tgn_team_rows(gated_block, &job, rows, c->grain, threads);
     free(made);

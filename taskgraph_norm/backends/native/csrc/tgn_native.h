@@ -109,6 +109,9 @@ int64_t tgn_exact_dw_merge(int64_t *state, int64_t n, int64_t *states, int64_t n
  * exp(-g[i])), in fp64 rounded once to fp32 (kernels/gate.py's operations); g of g_dtype
  * (TGN_DTYPE_*), n elements, contiguous.  Returns 0, or -1 for an unknown dtype code. */
 int64_t tgn_gate_silu(const void *g, int64_t g_dtype, int64_t n, float *silu, float *sigmoid);
+/* silu of each of the 65536 bf16 (f16 = 0) or fp16 (f16 = 1) values, indexed by their
+ * bits, as tgn_gate_silu gives it (made on first use) */
+const float *tgn_silu_table(int f16);
 /* out[i] = v[i] * silu(g[i]) in fp32, rounded to out_dtype (a bf16 or fp16 NaN is 0xFFFF); g, v and out
  * contiguous, of TGN_DTYPE_* codes.  Returns 0, or -1 for an unknown dtype code. */
 int64_t tgn_gate_product(const void *g, int64_t g_dtype, const void *v, int64_t v_dtype, int64_t n, void *out,
