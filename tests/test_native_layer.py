@@ -128,6 +128,36 @@ def test_edge_values_and_mixed_dtypes_give_the_torch_ops_bits() -> None:
     assert bits_equal(tgn.layer_norm_sync(xh, w.bfloat16(), None), _torch_ops(xh, w.bfloat16(), None))
 
 
+def test_wide_rows_at_the_fused_variances_edges_give_the_torch_ops_bits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows of eight chunks or more take the one-pass variance (tgn_chunk_sqdev_f32),
+    whose quotient skips the deviations' range test where |mean| >= 2^-26: means at
+    that bound and either side of it, deviations of one ulp, tiny and subnormal
+    elements beside a large mean, constant rows, and chunk counts that leave a tail."""
+    taken = _spy(monkeypatch)
+    g = torch.Generator().manual_seed(11)
+    for hidden in (512, 1000, 4096):
+        x = torch.randn(24, hidden, generator=g)
+        for k, mean in enumerate((2.0 ** -26, -(2.0 ** -26), 2.0 ** -26 * 0.75, 2.0 ** -25, 3.0, 1e-30)):
+            row = torch.full((hidden,), mean)
+            row[::3] = torch.nextafter(row[::3], torch.tensor(float("inf")))  # one ulp off the mean
+            row[1::5] = 1e-38 if k % 2 else 2e-45  # tiny and subnormal elements
+            x[k] = row
+        x[8] = 7.0  # constant
+        x[9, ::2] = 0.0  # half zeros around a mean of about 1/2 the rest
+        x[10] = (torch.randn(hidden, generator=g) * 1e-20 + 3.0 * 2.0 ** -26)
+        half = torch.where(torch.rand(hidden // 64, 32, generator=g) < 0.5, 1.0, -1.0)
+        tiny = torch.randint(1, 2 ** 23, half[:, ::2].shape, generator=g, dtype=torch.int32).view(torch.float32)
+        half[:, ::2] = tiny  # subnormal deviations and quotients: the quotient's checked path
+        x[11, :hidden // 64 * 64] = torch.cat([half, -half], 1).flatten()  # each 64-chunk's pairs cancel
+        x[11, hidden // 64 * 64:] = 0.0  # (and a zero tail): mean 0
+        for dtype in DTYPES:
+            xd = x.to(dtype)
+            for chunk in (64, 16):
+                got = tgn.layer_norm_sync(xd, chunk_size=chunk)
+                assert bits_equal(got, _torch_ops(xd, chunk_size=chunk)), (hidden, dtype, chunk)
+    assert taken and all(taken)
+
+
 def test_a_residual_plan_runs_the_kernel_on_h(monkeypatch: pytest.MonkeyPatch) -> None:
     taken = _spy(monkeypatch)
     x, w, b = _data((50, 512), torch.bfloat16, seed=7)

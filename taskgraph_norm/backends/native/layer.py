@@ -26,6 +26,7 @@ from ..base import LayerForward
 from ..torch_ops import layer as _torch_layer
 from . import loader as _native
 from . import team as _team
+from .direct import advise_fresh
 from .layer_direct import LayerRouted, layer_direct
 from .layer_grads import layer_backward_rows
 from .layer_plan import CODES, plan_fixed
@@ -63,7 +64,11 @@ def layer_rows(
     hidden = plan.hidden_size
     numel = x.numel()
     rows = numel // hidden
-    y = torch.empty_like(x) if out is None else out
+    if out is None:
+        y = torch.empty_like(x)
+        advise_fresh(y)  # (32 MiB or more: a huge-page candidate)
+    else:
+        y = out
     mean = den = None
     if stats:
         mean = torch.empty((*x.shape[:-1], 1), dtype=torch.float32)

@@ -226,6 +226,31 @@ static inline __attribute__((always_inline)) int deviations(const float *x, floa
 
 static int squares(const float *x, float mean, float *sq, int64_t n) { return deviations(x, mean, sq, n, 1); }
 
+/* The plan's sum of the squared deviations (x - mean)^2 as plan_sum(squares()) gives it,
+ * with the leading groups of eight full chunks formed and summed in one pass
+ * (tgn_chunk_sqdev_f32) and the rest from the squares; NaN where that form does not
+ * run.  The caller needs no range test of the deviations for |mean| >= 2^-26: each
+ * x - mean is then +-0 or at least 2^-50 in magnitude (finish_vectors' ranged).  If
+ * ulp(x) >= 2^-50, both operands are multiples of 2^-50 (ulp(mean) >= 2^-49), so is
+ * their difference; otherwise |x| < 2^-27 and |x - mean| >= 2^-26 - 2^-27. */
+static float variance_fused(const layer_job_t *c, const float *x, float mean, float *buf, float *slots, float *sq)
+{
+    const int64_t d = c->hidden, n_full = d / c->chunk, n_chunks = (d + c->chunk - 1) / c->chunk;
+    const int64_t done = n_full >= 8 ? tgn_chunk_sqdev_f32(x, mean, c->chunk, n_full, slots) : 0;
+    if (!done)
+        return NAN;
+    const int64_t start = done * c->chunk;
+    if (start < d)
+        squares(x + start, mean, sq, d - start);
+    for (int64_t k = done; k < n_chunks; ++k) {
+        const int64_t at = k * c->chunk, len = d - at < c->chunk ? d - at : c->chunk;
+        slots[k] = halve(sq + (at - start), len, buf);
+    }
+    for (int64_t t = 0; t < c->n_adds; ++t)
+        slots[c->adds[3 * t]] = slots[c->adds[3 * t + 1]] + slots[c->adds[3 * t + 2]];
+    return slots[c->root];
+}
+
 /* An exact plan's mean and variance total of one row (native_layer_exact.c: the torch
  * form's exact pairs, the mean correctly rounded, the total rounded once); dev: the
  * deviations' scratch.  Returns 0 for a row the torch ops must take (no scale: an Inf
@@ -258,8 +283,12 @@ static int layer_row(const layer_job_t *c, const float *x, void *y, float *buf, 
             return 1;
     } else {
         mean = plan_sum(c, x, buf, slots) / (float)d;
-        ranged = squares(x, mean, sq, d);
-        var = plan_sum(c, sq, buf, slots);
+        var = fabsf(mean) >= 0x1p-26f ? variance_fused(c, x, mean, buf, slots, sq) : NAN;
+        ranged = 1; /* (see variance_fused) */
+        if (var != var) { /* a tiny mean, a NaN, no vector form: the squares formed first */
+            ranged = squares(x, mean, sq, d);
+            var = plan_sum(c, sq, buf, slots);
+        }
     }
     const float den = (float)sqrt((double)(var / (float)d + c->eps));
     if (c->mean)

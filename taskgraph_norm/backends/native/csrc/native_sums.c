@@ -111,6 +111,34 @@ VERT_WIDE(vert8, 128, squares16) VERT_WIDE(vert8, 256, squares16)
 VERT8(vert8_sum, 16, pairs8) VERT8(vert8_sum, 32, pairs8) VERT_WIDE(vert8_sum, 64, pairs16)
 VERT_WIDE(vert8_sum, 128, pairs16) VERT_WIDE(vert8_sum, 256, pairs16)
 
+/* LayerNorm's variance (native_layer.c): the same halving of each chunk of the squared
+ * deviations (x - mean)^2, each difference and square rounded once, formed as the
+ * first step loads them instead of read from a row of squares: the same additions of
+ * the same values, so the same bits as tgn_full_chunks_f32 over that row. */
+#define VERT_DEV(NAME, C, L, V, LOAD, SET1, SUB, MUL, ADD, TO8)                       \
+    INLINE __m256 NAME##_##C(const float *s, float mean)                               \
+    {                                                                                  \
+        const V m = SET1(mean);                                                        \
+        V p[(C) / (2 * (L))];                                                          \
+        for (int i = 0; i < (C) / (2 * (L)); ++i) {                                    \
+            V a = SUB(LOAD(s + (L) * i), m), b = SUB(LOAD(s + (C) / 2 + (L) * i), m); \
+            p[i] = ADD(MUL(a, a), MUL(b, b));                                          \
+        }                                                                              \
+        for (int h = (C) / (4 * (L)); h >= 1; h /= 2)                                  \
+            for (int i = 0; i < h; ++i)                                                \
+                p[i] = ADD(p[i], p[i + h]);                                            \
+        return TO8(p[0]);                                                              \
+    }
+#define VERT_DEV8(C) VERT_DEV(vert8_dev, C, 8, __m256, _mm256_loadu_ps, _mm256_set1_ps, _mm256_sub_ps, \
+                              _mm256_mul_ps, _mm256_add_ps, SAME)
+#if defined(__AVX512F__)
+#define VERT_DEV_WIDE(C) VERT_DEV(vert8_dev, C, 16, __m512, _mm512_loadu_ps, _mm512_set1_ps, _mm512_sub_ps, \
+                                  _mm512_mul_ps, _mm512_add_ps, halves_added)
+#else
+#define VERT_DEV_WIDE VERT_DEV8
+#endif
+VERT_DEV8(16) VERT_DEV8(32) VERT_DEV_WIDE(64) VERT_DEV_WIDE(128) VERT_DEV_WIDE(256)
+
 INLINE __m256 pair_halves(__m256 a, __m256 b) /* h = 4 for two chunks */
 {
     return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
@@ -190,8 +218,36 @@ int64_t tgn_chunk_sums_f32(const float *row, int64_t chunk, int64_t n_full, floa
     default: return 0;
     }
 }
+
+#define EIGHT_DEVS(C)                                                                  \
+    for (c = 0; c + 8 <= n_full; c += 8) {                                             \
+        __m256 v[8];                                                                   \
+        for (int i = 0; i < 8; ++i)                                                    \
+            v[i] = vert8_dev_##C(row + (c + i) * (C), mean);                           \
+        network8(v, slots + c);                                                        \
+    }                                                                                  \
+    return c;
+
+int64_t tgn_chunk_sqdev_f32(const float *row, float mean, int64_t chunk, int64_t n_full, float *slots)
+{
+    int64_t c;
+    switch (chunk) {
+    case 16: EIGHT_DEVS(16)
+    case 32: EIGHT_DEVS(32)
+    case 64: EIGHT_DEVS(64)
+    case 128: EIGHT_DEVS(128)
+    case 256: EIGHT_DEVS(256)
+    default: return 0;
+    }
+}
 #else
 FULL_CHUNKS_POW2(float, tgn_full_chunks_f32)
+
+int64_t tgn_chunk_sqdev_f32(const float *row, float mean, int64_t chunk, int64_t n_full, float *slots)
+{
+    (void)row, (void)mean, (void)chunk, (void)n_full, (void)slots;
+    return 0; /* the caller forms the squares and halves every chunk */
+}
 
 int64_t tgn_chunk_sums_f32(const float *row, int64_t chunk, int64_t n_full, float *slots)
 {
