@@ -120,6 +120,15 @@ static inline uint32_t MIN_ALL(__m256i v)
 #if TGN_QUOTIENT_LANES == 16
 static inline void store_bf16(uint16_t *y, __m512 q)
 {
+#if defined(__AVX512BF16__)
+    /* vcvtneps2bf16 is that formula on every lane but a subnormal (which it flushes to
+     * zero) or a NaN one (class bits 0x01 QNaN, 0x20 subnormal, 0x80 SNaN): those
+     * vectors take the integer steps below */
+    if (__builtin_expect(_mm512_fpclass_ps_mask(q, 0xA1) == 0, 1)) {
+        _mm256_storeu_si256((__m256i *)y, (__m256i)_mm512_cvtneps_pbh(q));
+        return;
+    }
+#endif
     const __m512i u = _mm512_castps_si512(q);
     const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
     const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), odd), 16);
