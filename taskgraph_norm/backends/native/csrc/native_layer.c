@@ -272,9 +272,15 @@ static int exact_stats(const float *x, int64_t d, float *dev, float *mean, float
     *mean = tgn_mean_exact_f32(t1, t2, d);
     if (!isfinite(*mean))
         return 0;
-    *ranged = deviations(x, *mean, dev, d, 0);
-    if (!tgn_exact_pair_f32(dev, dev, d, &t1, &t2))
-        return 0;
+    if (fabsf(*mean) >= 0x1p-26f) { /* no range test (variance_fused says why), no row of deviations */
+        *ranged = 1;
+        if (!tgn_exact_dev_pair_f32(x, *mean, d, &t1, &t2))
+            return 0;
+    } else {
+        *ranged = deviations(x, *mean, dev, d, 0);
+        if (!tgn_exact_pair_f32(dev, dev, d, &t1, &t2))
+            return 0;
+    }
     *var = tgn_round_pair_f32(t1, t2);
     return 1;
 }

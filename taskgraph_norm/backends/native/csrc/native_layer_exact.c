@@ -89,16 +89,31 @@ static int row_max(const float *a, const float *b, int64_t n, double *m)
     return !bad;
 }
 
-int tgn_exact_pair_f32(const float *a, const float *b, int64_t n, double *t1, double *t2)
+/* The pair of the terms a[j] (b NULL), a[j] b[j] or (dev) (a[j] - mean)^2, each
+ * difference rounded to fp32 once, the square exact in fp64; m: their largest magnitude. */
+static inline __attribute__((always_inline)) int pair_of(const float *a, const float *b, int dev, float mean,
+                                                         double m, int64_t n, double *t1, double *t2)
 {
-    double m, s1, s2;
-    if (!row_max(a, b, n, &m) || !tgn_exact_scale(m, n, &s1, &s2))
+    double s1, s2;
+    if (!tgn_exact_scale(m, n, &s1, &s2))
         return 0;
     const v8d s1v = {s1, s1, s1, s1, s1, s1, s1, s1}, s2v = {s2, s2, s2, s2, s2, s2, s2, s2};
+    const v8f mv = {mean, mean, mean, mean, mean, mean, mean, mean};
     v8d a1 = {0.0}, a2 = a1, b1 = a1, b2 = a1;
     int64_t j = 0;
     for (; j + 16 <= n; j += 16) { /* two independent lanes of eight: exact, so any order */
-        v8d va = load8(a + j), vb = load8(a + j + 8);
+        v8d va, vb;
+        if (dev) {
+            v8f fa, fb;
+            memcpy(&fa, a + j, sizeof fa);
+            memcpy(&fb, a + j + 8, sizeof fb);
+            va = __builtin_convertvector(fa - mv, v8d);
+            vb = __builtin_convertvector(fb - mv, v8d);
+            va *= va;
+            vb *= vb;
+        } else {
+            va = load8(a + j), vb = load8(a + j + 8);
+        }
         if (b) {
             va *= load8(b + j);
             vb *= load8(b + j + 8);
@@ -115,13 +130,44 @@ int tgn_exact_pair_f32(const float *a, const float *b, int64_t n, double *t1, do
         u2 += a2[l] + b2[l];
     }
     for (; j < n; ++j) {
-        double v = b ? (double)a[j] * (double)b[j] : (double)a[j], q1 = (v + s1) - s1;
+        const double d = (double)(a[j] - mean);
+        double v = dev ? d * d : b ? (double)a[j] * (double)b[j] : (double)a[j], q1 = (v + s1) - s1;
         u1 += q1;
         u2 += ((v - q1) + s2) - s2;
     }
     *t1 = u1;
     *t2 = u2;
     return 1;
+}
+
+int tgn_exact_pair_f32(const float *a, const float *b, int64_t n, double *t1, double *t2)
+{
+    double m;
+    return row_max(a, b, n, &m) && pair_of(a, b, 0, 0.0f, m, n, t1, t2);
+}
+
+/* tgn_exact_pair_f32(dev, dev) of the deviations dev[j] = x[j] - mean (fp32, rounded
+ * once), formed as they are loaded.  The largest |dev| is at the row's largest or
+ * smallest value (rounding is monotone and odd): max(hi - mean, mean - lo), squared. */
+int tgn_exact_dev_pair_f32(const float *x, float mean, int64_t n, double *t1, double *t2)
+{
+    /* lo and hi as ordered integers (a float's bits with the magnitude flipped where it
+     * is negative order as its values do; x holds no NaN): a loop the compiler vectorises */
+    int32_t lo = INT32_MAX, hi = INT32_MIN;
+    for (int64_t j = 0; j < n; ++j) {
+        int32_t u;
+        memcpy(&u, x + j, sizeof u);
+        u ^= (u >> 31) & 0x7fffffff;
+        lo = u < lo ? u : lo;
+        hi = u > hi ? u : hi;
+    }
+    lo ^= (lo >> 31) & 0x7fffffff;
+    hi ^= (hi >> 31) & 0x7fffffff;
+    float flo, fhi;
+    memcpy(&flo, &lo, sizeof flo);
+    memcpy(&fhi, &hi, sizeof fhi);
+    const float up = fhi - mean, down = mean - flo, top = up > down ? up : down;
+    return pair_of(x, 0, 1, mean, (double)top * (double)top, n, t1, t2);
 }
 
 static void two_sum(double a, double b, double *s, double *e)

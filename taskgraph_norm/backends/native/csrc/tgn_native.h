@@ -207,6 +207,9 @@ void tgn_layer_narrow(const float *s, int64_t code, uint16_t *y, int64_t n);
  * no scale (an Inf, a NaN).  The pair's value over `hidden` correctly rounded to fp32
  * (NaN at the end of the range), and the pair's value correctly rounded to fp32. */
 int tgn_exact_pair_f32(const float *a, const float *b, int64_t n, double *t1, double *t2);
+/* tgn_exact_pair_f32(dev, dev) of dev[j] = x[j] - mean (each rounded to fp32 once),
+ * without a row of them; x holds no NaN or Inf (its exact mean is finite). */
+int tgn_exact_dev_pair_f32(const float *x, float mean, int64_t n, double *t1, double *t2);
 float tgn_mean_exact_f32(double t1, double t2, int64_t hidden);
 float tgn_round_pair_f32(double t1, double t2);
 
