@@ -78,6 +78,19 @@ static int64_t merge_stacks(const job_t *j, tgn_dw_stack_t *stacks, int64_t n_st
     return result;
 }
 
+/* Runs job j on `threads` threads and, with dw, merges the nodes its blocks push (onto
+ * stacks made here) and folds them into dw (`width` values); -1: no memory for them. */
+static int64_t run_merged(job_t *j, int64_t threads, int64_t width, float *dw)
+{
+    int64_t n_stacks = 0;
+    tgn_dw_stack_t *stacks = 0;
+    if (dw && !(stacks = new_stacks(threads, &n_stacks)))
+        return -1;
+    j->bw_stacks = stacks;
+    int64_t result = tgn_team_run(j, threads);
+    return dw ? merge_stacks(j, stacks, n_stacks, result, width, dw) : result;
+}
+
 static int64_t whole_blocks(int64_t grain)
 {
     grain = grain < 1 ? 1 : grain;
@@ -113,14 +126,8 @@ int64_t tgn_backward_rows_f32_team(const float *x, const float *dy, const float 
 {
     if (rows <= 0)
         return 0;
-    int64_t n_stacks = 0;
-    tgn_dw_stack_t *stacks = 0;
-    if (dw && !(stacks = new_stacks(threads, &n_stacks)))
-        return -1;
     job_t j = backward_job(x, dy, w, rms, rows, hidden, chunk, adds, n_adds, root, exact, dx, grain);
-    j.bw_stacks = stacks;
-    int64_t result = tgn_team_run(&j, threads);
-    return dw ? merge_stacks(&j, stacks, n_stacks, result, hidden, dw) : result;
+    return run_merged(&j, threads, hidden, dw);
 }
 
 int64_t tgn_team_rows_dw(tgn_rows_dw_fn_t fn, const void *ctx, int64_t rows, int64_t width, float *out,
@@ -128,14 +135,9 @@ int64_t tgn_team_rows_dw(tgn_rows_dw_fn_t fn, const void *ctx, int64_t rows, int
 {
     if (rows <= 0)
         return 0;
-    int64_t n_stacks = 0;
-    tgn_dw_stack_t *stacks = 0;
-    if (out && !(stacks = new_stacks(threads, &n_stacks)))
-        return -1;
     job_t j = {.kind = JOB_FN_DW, .rows = rows, .hidden = width, .grain = whole_blocks(grain), .fn_dw = fn,
-               .ctx = ctx, .bw_stacks = stacks};
-    int64_t result = tgn_team_run(&j, threads);
-    return out ? merge_stacks(&j, stacks, n_stacks, result, width, out) : result;
+               .ctx = ctx};
+    return run_merged(&j, threads, width, out);
 }
 
 /* tgn_backward_rows_f32_team's dx (or none) with the exact weight gradient instead of
