@@ -46,14 +46,16 @@ from setuptools.command.build_ext import build_ext
 HERE = Path(__file__).resolve().parent
 CSRC = "taskgraph_norm/backends/native/csrc"
 SOURCES = [f"{CSRC}/{name}.c"
-           for name in ("native", "native_exact", "native_sums", "native_backward", "native_dw", "native_dw_fused",
-                        "native_dw_round", "native_narrow", "native_team", "native_layer", "native_layer_exact",
+           for name in ("native", "native_exact", "native_exact_f64", "native_sums", "native_backward", "native_dw",
+                        "native_dw_measured", "native_dw_direct", "native_dw_fused", "native_dw_round", "native_narrow",
+                        "native_team", "native_team_jobs", "native_layer", "native_layer_exact",
                         "native_layer_backward", "native_gate", "native_gated", "native_module")]
 CONSTANTS = "taskgraph_norm/constants.py"
 #: Generated from CONSTANTS by BuildExt (.gitignore'd).
 CONSTANTS_HEADER = f"{CSRC}/tgn_constants.h"
-DEPENDS = [f"{CSRC}/native_dw.h", f"{CSRC}/native_finalize.h", f"{CSRC}/native_half.h", f"{CSRC}/native_quotient.h",
-           f"{CSRC}/tgn_native.h", CONSTANTS_HEADER, CONSTANTS]
+DEPENDS = [f"{CSRC}/native_dw.h", f"{CSRC}/native_dw_tile.h", f"{CSRC}/native_exact.h", f"{CSRC}/native_finalize.h",
+           f"{CSRC}/native_half.h", f"{CSRC}/native_quotient.h", f"{CSRC}/native_team.h", f"{CSRC}/tgn_native.h",
+           CONSTANTS_HEADER, CONSTANTS]
 # Keep the C expressions as written (see native.c): no contraction into fmas, no
 # fast-math; -O3 comes after Python's own -O2.
 FLAGS = ["-O3", "-ffp-contract=off", "-fno-fast-math", "-Wno-psabi", "-pthread"]

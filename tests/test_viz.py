@@ -403,7 +403,7 @@ def test_missing_dot_program_gives_hint(monkeypatch: pytest.MonkeyPatch, tmp_pat
 
 def test_viz_imports_only_graph_and_errors() -> None:
     """Layering (docs/design.md, "Layout and layering"): no torch, no executor, optional deps only lazily."""
-    allowed_ours = {"graph", "errors", "scene", "text", "render", "_optional", "timeline"}
+    allowed_ours = {"graph", "errors", "scene", "scene_types", "text", "render", "_optional", "timeline"}
     for path in VIZ_DIR.glob("*.py"):
         tree = ast.parse(path.read_text())
         for stmt in tree.body:  # module level only: lazy imports inside functions are fine

@@ -1,4 +1,6 @@
-"""All torch numerics of taskgraph_norm, in one place.
+"""All torch numerics of taskgraph_norm, in one place: this package (NaN-bit widening
+in ``nan_bits.py``, the exact domain in ``exact_domain.py`` and the backward in
+``backward.py``, all importable from here).
 
 Every function here is row-local: it reads and writes each row of ``(..., D)``
 independently, with elementwise IEEE operations (add, multiply, divide, sqrt,
@@ -15,6 +17,10 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+
+from .nan_bits import bf16_nans as bf16_nans
+from .nan_bits import widen as widen
+from .nan_bits import widen_into as widen_into
 
 __all__ = [
     "accumulation_dtype",
@@ -57,49 +63,6 @@ __all__ = [
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp64 stays fp64; fp32, fp16 and bf16 accumulate in fp32, as torch does."""
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-# --- NaN bits that do not depend on where a value sits -------------------------------
-#
-# torch's CPU casts and bf16 arithmetic write a NaN one way in their vectorised loops
-# and another in the scalar loop that ends a tensor (or a thread's share of it): an
-# fp16 NaN widened to fp32 keeps its sign and payload in the first (IEEE's widening,
-# F16C's) and becomes 0x7FFFFFFF in the second; a bf16 sum or product that is NaN is
-# 0xFFFF in the first and 0x7FC0 in the second.  Which elements the scalar loop gets
-# depends on the tensor's length and thread split, not on the row, so these give every
-# element the vector loops' bits (CUDA's casts treat every element alike).
-
-
-def _widen_nans(out: torch.Tensor, src: torch.Tensor) -> None:
-    if src.dtype == torch.float16 and out.dtype == torch.float32 and out.device.type == "cpu":
-        nan = out.isnan()
-        if bool(nan.any()):
-            out[nan] = src[nan].to(torch.float64).to(torch.float32)  # fp64's widening keeps them everywhere
-
-
-def widen(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``t.to(dtype)``, an fp16 NaN widened to fp32 keeping its sign and payload."""
-    out = t.to(dtype)
-    if out is not t:
-        _widen_nans(out, t)
-    return out
-
-
-def widen_into(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
-    """``dst.copy_(src)`` (same shape), an fp16 NaN widened as :func:`widen` does."""
-    dst.copy_(src)
-    _widen_nans(dst, src)
-    return dst
-
-
-def bf16_nans(t: torch.Tensor) -> torch.Tensor:
-    """``t`` (in place), each NaN of a bf16 result of torch's arithmetic made 0xFFFF,
-    as its vector loops and every fp32-to-bf16 cast make it."""
-    if t.dtype == torch.bfloat16 and t.device.type == "cpu":
-        nan = t.isnan()
-        if bool(nan.any()):
-            t.view(torch.int16).masked_fill_(nan, -1)  # bits 0xFFFF
-    return t
 
 
 #: What ``eps=None`` means per input dtype (:func:`default_eps`), read by the warm paths.
@@ -178,104 +141,6 @@ def catsum(parts: Sequence[torch.Tensor]) -> torch.Tensor:
     if channels == 1:
         return torch.sum(cat, dim=-1, keepdim=True)
     return torch.sum(cat.reshape(*cat.shape[:-1], len(parts), channels), dim=-2)
-
-
-# --- exact domain (docs/exact.md) --------------------------------------------
-#
-# A partial sum in the exact domain is a pair ``(S1, S2)`` stored in the last dim
-# (shape ``(..., 2)``, fp64): two Demmel-Nguyen folds.  Fold 1 rounds every square
-# ``v`` to the grid of ``ulp(sigma1)``; the remainder ``r = v - q1`` (exact) is
-# rounded to the finer grid of ``ulp(sigma2)``.  Every partial sum of either fold is
-# a multiple of its grid unit far below ``2**53`` units, so every addition is exact
-# and the pair is the same for any merge order, chunking or topology.  The pair is
-# combined once, in FINALIZE.
-
-EXACT_CHANNELS = 2
-
-
-def rowmax_sq(x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-    """Per-row maximum of the squares of ``x[..., start:stop]`` in fp64 (NaN wins)."""
-    s = _squares(x, start, stop, torch.float64)
-    return torch.amax(s, dim=-1, keepdim=True)
-
-
-def rowmax_sq_whole(x: torch.Tensor) -> torch.Tensor:
-    """Per-row maximum of the squares of the whole row, in fp64 (NaN wins).
-
-    The same value as the MAX merge of :func:`rowmax_sq` over any chunking of the
-    row: squaring is monotone in ``|x|`` (and fp64 rounding is monotone), so the
-    largest square is the square of the largest magnitude.  One pass over ``x``
-    in its own dtype, instead of one over its fp64 squares.
-    """
-    # amax and amin, not aminmax: aminmax is not vectorised on CPU (10x slower here).
-    hi = torch.amax(x, dim=-1, keepdim=True)
-    lo = torch.amin(x, dim=-1, keepdim=True)
-    magnitude = torch.maximum(hi.to(torch.float64), lo.to(torch.float64).neg())
-    return magnitude * magnitude
-
-
-def maximum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Elementwise maximum; exact, so the merge order of maxima never matters."""
-    return torch.maximum(a, b)
-
-
-def _pow2_at_least(bound: torch.Tensor) -> torch.Tensor:
-    """The smallest power of two ``>= bound`` for positive finite ``bound``."""
-    mantissa, exponent = torch.frexp(bound)
-    # bound = mantissa * 2**exponent with mantissa in [0.5, 1): an exact power of
-    # two has mantissa 0.5 and needs no rounding up.
-    exponent = torch.where(mantissa == 0.5, exponent - 1, exponent)
-    return torch.ldexp(torch.ones_like(bound), exponent)
-
-
-def exact_scale(row_max: torch.Tensor, hidden_size: int) -> torch.Tensor:
-    """The two pre-rounding scales ``(sigma1, sigma2)`` per row, shape ``(..., 2)``.
-
-    ``sigma1 = 2**ceil(log2(2 D M))`` bounds every fold-1 partial sum;
-    ``sigma2 = 2**ceil(log2(D ulp(sigma1)))`` bounds the sum of the fold-1
-    remainders (each at most ``ulp(sigma1) / 2``).  A zero row gets
-    ``sigma1 = 1``.  A row with no finite scale (an Inf or NaN square, or an fp64
-    row with ``2 D M`` above ``2**1023``, whose ``sigma1`` would round up to inf)
-    gets ``sigma1 = sigma2 = 0``: pre-rounding becomes the identity and the Inf or
-    NaN reaches the sum as it does in torch's kernel.  (Only fp64 rows reach such
-    bounds: an fp32 square is below ``2**256``.)
-    """
-    bound = row_max * (2.0 * hidden_size)
-    # sigma1 must be finite too: a bound above 2**1023 (fp64 rows near the top of
-    # the range) would round up to 2**1024 = inf, and (v + inf) - inf is NaN.
-    finite = torch.isfinite(bound) & (bound <= 2.0**1023)
-    safe = torch.where(finite & (row_max > 0), bound, torch.ones_like(bound))
-    sigma1 = _pow2_at_least(safe)
-    sigma2 = _pow2_at_least(sigma1 * (hidden_size * 2.0**-52))
-    zero = torch.zeros_like(sigma1)
-    return torch.cat([torch.where(finite, sigma1, zero), torch.where(finite, sigma2, zero)], dim=-1)
-
-
-def _preround(v: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    return (v + sigma) - sigma
-
-
-def sumsq_exact(x: torch.Tensor, start: int, stop: int, sigmas: torch.Tensor) -> torch.Tensor:
-    """The exact pair ``(S1, S2)`` of the squares of ``x[..., start:stop]``, ``(..., 2)``.
-
-    Every addition here and in any later merge is exact, so the order inside the
-    chunk is irrelevant and ``torch.sum`` (the fastest) is used for both folds.
-    """
-    sigma1, sigma2 = sigmas[..., :1], sigmas[..., 1:]
-    v = _squares(x, start, stop, torch.float64)
-    q1 = _preround(v, sigma1)
-    # v - q1 is exact (Sterbenz-style: q1 is v rounded to a coarser grid).  Rows with
-    # no scale (Inf/NaN) keep everything in fold 1: inf - inf must not become NaN.
-    r = torch.where(sigma1 > 0, v - q1, torch.zeros_like(v))
-    q2 = _preround(r, sigma2)
-    return torch.cat(
-        [torch.sum(q1, dim=-1, keepdim=True), torch.sum(q2, dim=-1, keepdim=True)], dim=-1
-    )
-
-
-def combine_exact(total: torch.Tensor) -> torch.Tensor:
-    """``S1 + S2`` of an exact pair in fp64: the one rounding of the exact domain."""
-    return total[..., :1] + total[..., 1:]
 
 
 # --- the end of every graph -----------------------------------------------------
@@ -399,6 +264,18 @@ def rms_norm_standard(
     y = F.rms_norm(x.contiguous(), (hidden_size,), weight, eps)
     return torch.empty_like(x).copy_(y)
 
+
+# The exact domain's kernels live in kernels/exact_domain.py (imported here, after
+# _squares, which it uses); kernels/backward.py reads them from this module.
+from .exact_domain import EXACT_CHANNELS as EXACT_CHANNELS  # noqa: E402
+from .exact_domain import _pow2_at_least as _pow2_at_least  # noqa: E402
+from .exact_domain import _preround as _preround  # noqa: E402
+from .exact_domain import combine_exact as combine_exact  # noqa: E402
+from .exact_domain import exact_scale as exact_scale  # noqa: E402
+from .exact_domain import maximum as maximum  # noqa: E402
+from .exact_domain import rowmax_sq as rowmax_sq  # noqa: E402
+from .exact_domain import rowmax_sq_whole as rowmax_sq_whole  # noqa: E402
+from .exact_domain import sumsq_exact as sumsq_exact  # noqa: E402
 
 # The backward's numerics live in kernels/backward.py (imported last: it uses the above).
 from .backward import ROW_BLOCK as ROW_BLOCK  # noqa: E402

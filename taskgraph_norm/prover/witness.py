@@ -6,7 +6,8 @@ the seed and shape of a generated input, the two orders, and the two outputs.
 :meth:`Witness.replay` recomputes both with the reference executor.
 
 This module imports torch (and the executor) only inside functions, so that
-``prove`` stays importable, and cheap, without a tensor library.
+``prove`` stays importable, and cheap, without a tensor library.  The input, the runs
+under one arrival order and the bits compared are ``prover/witness_runs.py``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..errors import ConfigError, GraphError
-from ..graph import Graph, Node, Op, ancestors
+from ..graph import Graph, Op
+from .witness_runs import _SPREAD, _bits_equal, _first_difference, _observed_graph, _order_code, _order_pairs
+from .witness_runs import _row_differs, _run, _select_row, _torch_dtype
+from .witness_runs import bits as bits
+from .witness_runs import input_width as input_width
+from .witness_runs import witness_input as witness_input
 
 if TYPE_CHECKING:
     import torch
@@ -32,10 +38,6 @@ WITNESS_DTYPES: tuple[str, ...] = ("float32", "float64", "float16", "bfloat16")
 #: Elements per searched batch: enough rows that a one-ulp change of the total
 #: shows up in some rounded fp16/bf16 output, few enough to stay well under 0.1 s.
 _BUDGET_ELEMENTS = 1 << 16
-
-#: Input exponents are drawn from ``[-spread, spread]``: partials of very different
-#: size make reorderings round differently far more often than ``randn`` does.
-_SPREAD = 6
 
 
 @dataclass(frozen=True, eq=False)
@@ -199,36 +201,6 @@ class Witness:
         )
 
 
-def witness_input(seed: int, shape: Sequence[int], dtype: str, spread: int = _SPREAD) -> torch.Tensor:
-    """A seeded input with an exponent spread: ``±m * 2**e``, ``m`` in [1, 2).
-
-    Parameters
-    ----------
-    seed:
-        Seed of a fresh CPU ``torch.Generator`` (global RNG state is untouched).
-    shape:
-        ``(rows, hidden_size)``.
-    dtype:
-        ``"float32"``, ``"float64"``, ``"float16"`` or ``"bfloat16"``.
-    spread:
-        Exponents are uniform in ``[-spread, spread]``; keep it small enough for
-        the dtype's range (the default 6 suits fp16).
-
-    Returns
-    -------
-    torch.Tensor
-        on the CPU, of the given dtype.
-    """
-    import torch
-
-    gen = torch.Generator().manual_seed(int(seed))
-    dims = tuple(int(d) for d in shape)
-    mantissa = torch.rand(dims, generator=gen, dtype=torch.float64) + 1.0
-    sign = torch.randint(0, 2, dims, generator=gen, dtype=torch.int64) * 2 - 1
-    exponent = torch.randint(-spread, spread + 1, dims, generator=gen, dtype=torch.int64)
-    return torch.ldexp(mantissa * sign, exponent).to(_torch_dtype(dtype))
-
-
 def find_witness(
     graph: Graph,
     node: str,
@@ -296,110 +268,3 @@ def find_witness(
                     return Witness(graph, node, seed, (rows, width), None, dtype, _SPREAD,
                                    (base, other), observed, eps, (first, second))
     return None
-
-
-def input_width(graph: Graph) -> int:
-    """The hidden size ``D`` a graph expects: from FINALIZE/RMSNORM, else the chunks."""
-    for n in graph.nodes:
-        if n.op in (Op.FINALIZE, Op.RMSNORM) and isinstance(n.attrs.get("hidden_size"), int):
-            return int(n.attrs["hidden_size"])
-    stops = [int(n.attrs.get("stop", 1)) for n in graph.nodes if n.op in (Op.SUMSQ, Op.ROWMAX)]
-    return max(stops, default=1)
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    """The raw bits of a float tensor as a same-width integer tensor (NaN-safe, -0 != +0)."""
-    import torch
-
-    int_of_width = {8: torch.int64, 4: torch.int32, 2: torch.int16}
-    return t.contiguous().view(int_of_width[t.element_size()])
-
-
-# --- internals ------------------------------------------------------------------------
-
-
-def _torch_dtype(name: str) -> torch.dtype:
-    import torch
-
-    return {
-        "float32": torch.float32,
-        "float64": torch.float64,
-        "float16": torch.float16,
-        "bfloat16": torch.bfloat16,
-    }[name]
-
-
-def _order_pairs(n: int) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
-    index = tuple(range(n))
-    pairs = [(index, tuple(reversed(index)))]
-    pairs += [(index, index[k:] + index[:k]) for k in (1, n - 1) if 0 < k < n]
-    return pairs
-
-
-def _order_code(order: tuple[int, ...]) -> str:
-    """Python source for a permutation, short for the ones the search tries."""
-    n = len(order)
-    if n > 4:
-        for k in range(n):
-            if order == tuple(range(k, n)) + tuple(range(k)):
-                return f"tuple(range({n}))" if k == 0 else (
-                    f"tuple(range({k}, {n})) + tuple(range({k}))")
-        if order == tuple(range(n - 1, -1, -1)):
-            return f"tuple(range({n - 1}, -1, -1))"
-    return repr(order)
-
-
-def _observed_graph(graph: Graph, node: str, observed: str) -> Graph:
-    """The graph itself, or its sub-graph that ends at ``node`` (the accumulator)."""
-    if observed == "output":
-        return graph
-    needed = ancestors(graph, node)
-    out_id = f"{node}:observed"
-    kept = [n for n in graph.nodes if n.id in needed]
-    return Graph(kept + [Node(out_id, Op.OUTPUT, (node,))], out_id, graph.meta)
-
-
-def _run(graph: Graph, node: str, x: torch.Tensor, eps: float, order: Sequence[int]) -> torch.Tensor:
-    import torch
-
-    from ..kernels.reference import run_reference
-
-    residual = torch.full_like(x, -0.0)  # h = x + (-0.0) is x, bit for bit, for a residual graph
-    return run_reference(graph, x, None, eps, arrival={node: tuple(order)}, residual=residual,
-                         residual_out=torch.empty_like(x))
-
-
-def _select_row(x: torch.Tensor, row: int | None) -> torch.Tensor:
-    return x if row is None else x[row : row + 1].clone()
-
-
-def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    import torch
-
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(bits(a), bits(b))
-
-
-def _row_differs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return (bits(a) != bits(b)).reshape(a.shape[0], -1).any(dim=1)
-
-
-def _first_difference(
-    a: torch.Tensor, b: torch.Tensor
-) -> tuple[tuple[int, ...], int, str, str, float, float] | None:
-    import torch
-
-    mask = bits(a) != bits(b)
-    if not bool(mask.any()):
-        return None
-    index = tuple(int(i) for i in torch.nonzero(mask)[0])
-    width = a.element_size() * 2
-    raw_a, raw_b = int(bits(a)[index]), int(bits(b)[index])
-    mod = 1 << (8 * a.element_size())
-    return (
-        index,
-        int(mask.sum()),
-        f"0x{raw_a % mod:0{width}x}",
-        f"0x{raw_b % mod:0{width}x}",
-        float(a[index]),
-        float(b[index]),
-    )

@@ -1,4 +1,5 @@
-/* What the exact weight gradient's two files (native_dw.c: the accumulate,
+/* What the exact weight gradient's files (native_dw.c: the accumulate, with its paths
+ * native_dw_measured.c and native_dw_direct.c; native_dw_fused.c: inside the backward;
  * native_dw_round.c: the state rounded) share: the short names of the constants
  * taskgraph_norm/constants.py defines (tgn_constants.h) and exact powers of two. */
 #ifndef TGN_NATIVE_DW_H

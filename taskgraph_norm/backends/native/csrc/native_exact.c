@@ -1,7 +1,8 @@
 /* The exact domain's rows (docs/exact.md): whole rows of sums of squares whose every
  * addition is exact, so a row's bits are the same in any order.  (The float rows are
  * native.c; FINALIZE, which both run on each row while it is in cache,
- * native_finalize.h.)
+ * native_finalize.h; the fp64 rows native_exact_f64.c; the vector lanes both files
+ * use, native_exact.h.)
  *
  * The kernel is kernels.rowmax_sq_whole + kernels.exact_scale +
  * kernels.sumsq_exact over whole rows: a max pass and a sum pass per row, with the
@@ -36,6 +37,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "native_exact.h"
 #include "native_finalize.h"
 #include "tgn_native.h"
 
@@ -68,52 +70,6 @@ int tgn_exact_scale(double row_max, int64_t hidden, double *sigma1, double *sigm
     *sigma2 = pow2_at_least(s1 * ((double)hidden * 0x1p-52));
     return 1;
 }
-
-/* GCC/Clang vector extensions: 4 fp64 lanes (one AVX register, or two SSE2 or NEON
- * ones), two of them per step; with AVX the loads, widening and maxima are the
- * one-instruction intrinsics.  memcpy loads are unaligned-safe. */
-typedef double v4d __attribute__((vector_size(32)));
-typedef float v8f __attribute__((vector_size(32)));
-typedef int32_t v8i __attribute__((vector_size(32)));
-typedef int64_t v4l __attribute__((vector_size(32)));
-typedef float v4f __attribute__((vector_size(16)));
-
-#if defined(__AVX__)
-#include <immintrin.h>
-INLINE v4d load4_f32(const float *p) { return (v4d)_mm256_cvtps_pd(_mm_loadu_ps(p)); }
-INLINE v4d max4_f64(v4d a, v4d b) { return (v4d)_mm256_max_pd((__m256d)a, (__m256d)b); }
-#else
-INLINE v4d load4_f32(const float *p)
-{
-    v4f f;
-    memcpy(&f, p, sizeof f);
-    return __builtin_convertvector(f, v4d);
-}
-/* a > b ? a : b per lane (a NaN a gives b): what maxpd does. */
-INLINE v4d max4_f64(v4d a, v4d b)
-{
-    v4l gt = a > b;
-    return (v4d)(((v4l)a & gt) | ((v4l)b & ~gt));
-}
-#endif
-
-INLINE v4d load4_f64(const double *p)
-{
-    v4d d;
-    memcpy(&d, p, sizeof d);
-    return d;
-}
-
-/* One element of the exact sums (the tails; the vector loops below are the same
- * operations, lane by lane): S1 += q1, S2 += q2. */
-#define EXACT_STEP(xv, s1, s2, t1, t2)                                                 \
-    do {                                                                               \
-        double v_ = (double)(xv) * (double)(xv);                                       \
-        double q1_ = (v_ + (s1)) - (s1);                                               \
-        double r_ = v_ - q1_;                                                          \
-        (t1) += q1_;                                                                   \
-        (t2) += (r_ + (s2)) - (s2);                                                    \
-    } while (0)
 
 /* --- fp32 rows ----------------------------------------------------------------------
  *
@@ -307,96 +263,7 @@ static void exact_end_float(const exact_state_float *st, const float *row, int64
     *t2 = u2;
 }
 
-static double row_max_double(const double *row, int64_t hidden)
-{
-    const v4l absmask = {INT64_MAX, INT64_MAX, INT64_MAX, INT64_MAX};
-    v4d top0 = {0}, top1 = {0};
-    int64_t j = 0;
-    for (; j + 8 <= hidden; j += 8) {
-        top0 = max4_f64((v4d)((v4l)load4_f64(row + j) & absmask), top0);
-        top1 = max4_f64((v4d)((v4l)load4_f64(row + j + 4) & absmask), top1);
-    }
-    double m = 0.0;
-    for (int l = 0; l < 4; ++l) {
-        m = top0[l] > m ? top0[l] : m;
-        m = top1[l] > m ? top1[l] : m;
-    }
-    for (; j < hidden; ++j) {
-        double a = fabs(row[j]);
-        m = a > m ? a : m;
-    }
-    return m * m;
-}
-
-
-/* The exact pair of one row, (S1, S2) in *t1, *t2; returns 0 when the row has no
- * scale (its sums are not formed).  A NaN in the row gives a NaN sum (fp64 rows) or
- * no scale (fp32 rows, whose max sees it): either way the caller hands it back.
- * `next` (or NULL): the row the caller reads next, prefetched meanwhile. */
-static int exact_row_double(const double *row, int64_t hidden, const double *next, double *t1, double *t2)
-{
-    (void)next;
-    double s1, s2;
-    if (!tgn_exact_scale(row_max_double(row, hidden), hidden, &s1, &s2))
-        return 0;
-    const v4d s1v = {s1, s1, s1, s1}, s2v = {s2, s2, s2, s2};
-    v4d a1 = {0}, a2 = {0}, b1 = {0}, b2 = {0};
-    int64_t j = 0;
-    for (; j + 8 <= hidden; j += 8) {
-        v4d xa = load4_f64(row + j), xb = load4_f64(row + j + 4);
-        v4d va = xa * xa, vb = xb * xb;
-        v4d qa = (va + s1v) - s1v, qb = (vb + s1v) - s1v;
-        v4d ra = va - qa, rb = vb - qb;
-        a1 += qa;
-        b1 += qb;
-        a2 += (ra + s2v) - s2v;
-        b2 += (rb + s2v) - s2v;
-    }
-    v4d acc1 = a1 + b1, acc2 = a2 + b2;
-    double u1 = 0.0, u2 = 0.0;
-    for (int l = 0; l < 4; ++l) {
-        u1 += acc1[l];
-        u2 += acc2[l];
-    }
-    for (; j < hidden; ++j)
-        EXACT_STEP(row[j], s1, s2, u1, u2);
-    *t1 = u1;
-    *t2 = u2;
-    return 1;
-}
-
-#define EXACT_ROWS(NAME, T)                                                            \
-    int64_t NAME(const T *x, int64_t rows, int64_t hidden, int64_t row_stride,       \
-                 double *pair, FINALIZE_ARGS(T), RESIDUAL_ARGS(T))                    \
-    {                                                                                 \
-        int64_t unscaled = 0;                                                         \
-        for (int64_t i = 0; i < rows; ++i) {                                          \
-            const T *row = x + i * row_stride;                                        \
-            if (r)                                                                    \
-                row = add_residual_##T(row, r + i * r_stride, h + i * h_stride, hidden); \
-            double t1 = NAN, t2 = NAN;                                                \
-            if (exact_row_##T(row, hidden, !r && i + 1 < rows ? row + row_stride : NULL, &t1, &t2) \
-                && t1 == t1 && t2 == t2 && y                                          \
-                && finalize_row_##T(row, y + i * y_stride, w, hidden, (T)(t1 + t2), eps, \
-                                    flags, offset))                                   \
-                t1 = NAN; /* a NaN the llama rounding left to the caller */           \
-            if (t1 != t1 || t2 != t2) { /* no scale, or a NaN in the row */            \
-                t1 = t2 = NAN;                                                        \
-                ++unscaled;                                                           \
-            }                                                                         \
-            if (pair) {                                                               \
-                pair[2 * i] = t1;                                                     \
-                pair[2 * i + 1] = t2;                                                 \
-            }                                                                         \
-        }                                                                             \
-        if (flags & TGN_STREAM_STORES)                                                \
-            tgn_store_fence();                                                        \
-        return unscaled;                                                              \
-    }
-
-EXACT_ROWS(tgn_exact_rows_f64, double)
-
-/* The fp32 rows as EXACT_ROWS, software-pipelined: row i's FINALIZE is done in slices of
+/* The fp32 rows as EXACT_ROWS (native_exact_f64.c), software-pipelined: row i's FINALIZE is done in slices of
  * SLICE elements, each after a slice of row i + 1's sums, so that the core overlaps the
  * sums' arithmetic (bound by the vector ports) with FINALIZE's loads and stores (bound
  * by the caches and memory) instead of doing one after the other.  Each element of y,

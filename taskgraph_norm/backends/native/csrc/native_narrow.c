@@ -1,4 +1,4 @@
-/* The direct path's bf16 and fp16 rows (direct.py, native_team.c's tgn_rows_call): the
+/* The direct path's bf16 and fp16 rows (direct.py, native_team_jobs.c's tgn_rows_call): the
  * fp32 row kernels of native.c, between a widening and a narrowing done here.
  *
  * A team block's rows go through fp32 scratch a few at a time (about SCRATCH values,

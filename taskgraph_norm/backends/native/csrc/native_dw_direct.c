@@ -1,0 +1,220 @@
+/* The exact weight gradient's direct path (native_dw.c has the argument): per panel,
+ * each column's largest and smallest nonzero |dy| and |b| over a block; from them the
+ * first fold's scales (a bound of the products instead of their measured max) and
+ * whether one fold leaves exact remainders; then the folds of a full tile with the
+ * products formed as they are folded (x / rms by the reciprocal pair where its range
+ * holds).  A tile it cannot finish takes the measured path (native_dw_measured.c). */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "native_dw.h"
+#include "native_dw_tile.h"
+#include "native_quotient.h"
+#include "tgn_native.h"
+
+#ifdef __FAST_MATH__
+#error "the native kernels must not be compiled with -ffast-math"
+#endif
+
+DW_WIDE_BEGIN
+
+/* p = a * h in fp64 (exact: 48 bits) plus c, rounded once: with FMA, one fma (the
+ * same rounding, since a * h is exact). */
+#if defined(__FMA__)
+#define DW_MUL_ADD(a, h, c) fma((double)(a), (double)(h), (c))
+#else
+#define DW_MUL_ADD(a, h, c) ((double)(a) * (double)(h) + (c))
+#endif
+
+/* Each column's largest |dy| and |b| bits over a block of a panel (a NaN's bits are
+ * above every number's) and smallest nonzero ones less one (UINT32_MAX: none), as
+ * integers. */
+void tgn_dw_column_tops(const float *dy, int64_t dy_stride, const float *b, int64_t b_stride, int64_t rows,
+                        int64_t cols, uint32_t *restrict tops, uint32_t *restrict lows)
+{
+    uint32_t *restrict tdy = tops, *restrict tb = tops + cols, *restrict ldy = lows, *restrict lb = lows + cols;
+    for (int64_t j = 0; j < cols; ++j) {
+        tdy[j] = tb[j] = 0;
+        ldy[j] = lb[j] = UINT32_MAX;
+    }
+    for (int64_t i = 0; i < rows; ++i) {
+        const float *a = dy + i * dy_stride, *c = b + i * b_stride;
+        for (int64_t j = 0; j < cols; ++j) {
+            uint32_t u, v;
+            memcpy(&u, a + j, sizeof u);
+            memcpy(&v, c + j, sizeof v);
+            u &= 0x7fffffffu;
+            v &= 0x7fffffffu;
+            tdy[j] = u > tdy[j] ? u : tdy[j];
+            tb[j] = v > tb[j] ? v : tb[j];
+            u -= 1u; /* 0 becomes UINT32_MAX */
+            v -= 1u;
+            ldy[j] = u < ldy[j] ? u : ldy[j];
+            lb[j] = v < lb[j] ? v : lb[j];
+        }
+    }
+}
+
+INLINE float dw_float_bits(uint32_t bits)
+{
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+/* log2 of the ulp of the fp32 number of bits `bits` (2^-149 for zero and subnormals). */
+INLINE int dw_ulp_exponent(uint32_t bits)
+{
+    int e = (int)((bits & 0x7fffffffu) >> 23);
+    return (e > 0 ? e : 1) - 150;
+}
+
+/* How a full tile's columns are folded (dw_tile_direct), from each column's bounds
+ * over the block (tops: max |dy| then max |b| bits; lows: min nonzero less one):
+ *
+ * - the first scale from a bound B >= |p| instead of the measured max: B = max|dy|
+ *   max|x_hat|, or with rms, max|dy| Bh with Bh = (max|x| / min rms) (1 + 2^-20) +
+ *   2^-149 >= |fl(x / r)| (fp32 division: relative error below 2^-24, or 2^-150
+ *   absolute where the quotient is subnormal), the fp64 roundings covered by the
+ *   margins.  The fold's argument holds for any bound of the products (a larger M).
+ * - one fold and the exact remainder where every product is a multiple of the second
+ *   fold's grid u2 = 2^(s2 - 53): p = dy h is a multiple of ulp(min|dy|) ulp(min|h|)
+ *   over the nonzero factors (ulp(v) >= ulp(min|v|)), and min|h| >= fl(min|x| / max
+ *   rms) (division rounds monotonically).  Then q1 (a multiple of u1 >= u2) and
+ *   r = p - q1 are multiples of u2 with |r| <= u1, so the second fold's q2 is r itself
+ *   and leaves nothing.
+ *
+ * Returns 2 (one fold for every column), 1 (two folds), or 0 where a bound is NaN or
+ * above 2^256 (an Inf or NaN, a tiny rms): the caller takes the measured path. */
+int tgn_dw_bound_scales(const uint32_t *tdy, const uint32_t *tb, const uint32_t *ldy, const uint32_t *lb,
+                        double inv_rmin, float rmax, int with_rms, int *s1)
+{
+    int one_fold = 1;
+    for (int j = 0; j < DW_TILE; ++j) {
+        double mb = dw_float_bits(tb[j]), bound;
+        if (with_rms)
+            bound = dw_float_bits(tdy[j]) * ((mb * inv_rmin * (1.0 + 0x1p-20) + 0x1p-149) * (1.0 + 0x1p-50));
+        else
+            bound = dw_float_bits(tdy[j]) * mb; /* exact */
+        if (!(bound <= 0x1p256)) /* NaN, or above every fp32 product (the digits' range) */
+            return 0;
+        s1[j] = bound > 0.0 ? dw_scale(bound) : DW_SMIN;
+        if (ldy[j] == UINT32_MAX || lb[j] == UINT32_MAX)
+            continue; /* a zero factor in every row: only zero products */
+        uint32_t hmin = lb[j] + 1u;
+        if (with_rms) {
+            float q = dw_float_bits(hmin) / rmax;
+            memcpy(&hmin, &q, sizeof hmin);
+        }
+        one_fold &= dw_ulp_exponent(ldy[j] + 1u) + dw_ulp_exponent(hmin) >= dw_second(s1[j]) - 53;
+    }
+    return 1 + one_fold;
+}
+
+/* x / r with IEEE division's bits from r's reciprocal pair (native_quotient.h's
+ * tgn_q_setup and tgn_q_vec_ranged: a multiply and three fmas per vector where the
+ * divider takes about five cycles), for r in [2^-40, 2^40] and x = +-0 or 2^-50 <=
+ * |x| <= 2^60: the direct fold's largest cost on rows of x. */
+#if DW_HAS_QUOTIENT
+/* h[0, DW_TILE) = c[j] / r for one row of a tile, by tgn_q_vec_ranged (its range
+ * holds: dw_tile_in_quotient_range and the rows' rms). */
+INLINE void dw_quotients(const float *c, const tgn_q_div_t *d, float *restrict h)
+{
+    for (int j = 0; j < DW_TILE; j += 16)
+        _mm512_storeu_ps(h + j, tgn_q_vec_ranged(d, _mm512_loadu_ps(c + j)));
+}
+#endif
+
+/* The folds of a block x full tile with the products formed as they are folded (no
+ * buffer), with scales s1 (dw_bound_scales): the first two folds as dw_two_folds
+ * makes them, or with one_fold the first and the exact remainder.  Adds the sums to
+ * the digits and returns 1 when nothing is left for a third fold (a remainder is seen
+ * by its bits: r - q2 is +0 when nothing is left) and the sums are finite; else adds
+ * nothing and returns 0. */
+INLINE int dw_tile_direct(const float *dy, int64_t dy_stride, const float *b, int64_t b_stride, const float *rms,
+                          const float *recip, int64_t rows, const int *s1, int one_fold, int64_t *state,
+                          int64_t stride, int *span)
+{
+    double g1[DW_TILE], g2[DW_TILE], a1[DW_TILE], a2[DW_TILE];
+    uint64_t left[DW_TILE];
+    for (int j = 0; j < DW_TILE; ++j) {
+        g1[j] = dw_pow2(s1[j]);
+        g2[j] = dw_pow2(dw_second(s1[j]));
+        a1[j] = a2[j] = 0.0;
+        left[j] = 0;
+    }
+    for (int64_t i = 0; i < rows; ++i) {
+        const float *a = dy + i * dy_stride, *c = b + i * b_stride;
+        const float r = rms ? rms[i] : 1.0f;
+#if DW_HAS_QUOTIENT
+        float hq[DW_TILE];
+        if (recip) {
+            const tgn_q_div_t d = {TGN_Q_SET1(r), TGN_Q_SET1(recip[2 * i]), TGN_Q_SET1(recip[2 * i + 1])};
+            dw_quotients(c, &d, hq);
+        }
+#endif
+        for (int j = 0; j < DW_TILE; ++j) {
+#if DW_HAS_QUOTIENT
+            const float h = recip ? hq[j] : rms ? c[j] / r : c[j];
+#else
+            const float h = rms ? c[j] / r : c[j];
+#endif
+            double q1 = DW_MUL_ADD(a[j], h, g1[j]) - g1[j];
+            double rest = DW_MUL_ADD(a[j], h, -q1); /* exact */
+            a1[j] += q1;
+            if (one_fold) {
+                a2[j] += rest;
+                continue;
+            }
+            double q2 = (rest + g2[j]) - g2[j];
+            double after = rest - q2;
+            uint64_t bits;
+            memcpy(&bits, &after, sizeof bits);
+            a2[j] += q2;
+            left[j] |= bits;
+        }
+    }
+    int bad = 0;
+    for (int j = 0; j < DW_TILE; ++j)
+        bad |= (left[j] != 0) | !(fabs(a1[j]) <= 0x1p1023) | !(fabs(a2[j]) <= 0x1p1023);
+    if (bad)
+        return 0;
+    int s2[DW_TILE];
+    for (int j = 0; j < DW_TILE; ++j)
+        s2[j] = dw_second(s1[j]);
+    dw_add_tile(state, stride, a1, s1, DW_TILE, span);
+    dw_add_tile(state, stride, a2, s2, DW_TILE, span);
+    return 1;
+}
+
+/* dw_tile_direct with its constant arguments inlined: one loop per case (recip: the
+ * block's reciprocal pairs, where the rms and the tile's x allow the quotient). */
+int tgn_dw_tile_direct_any(const float *dy, int64_t dy_stride, const float *b, int64_t b_stride,
+                           const float *rms, const float *recip, int64_t rows, const int *s1, int one_fold,
+                           int64_t *state, int64_t stride, int *span)
+{
+#if DW_HAS_QUOTIENT
+    if (recip)
+        return one_fold ? dw_tile_direct(dy, dy_stride, b, b_stride, rms, recip, rows, s1, 1, state, stride, span)
+                        : dw_tile_direct(dy, dy_stride, b, b_stride, rms, recip, rows, s1, 0, state, stride, span);
+#endif
+    if (rms)
+        return one_fold ? dw_tile_direct(dy, dy_stride, b, b_stride, rms, NULL, rows, s1, 1, state, stride, span)
+                        : dw_tile_direct(dy, dy_stride, b, b_stride, rms, NULL, rows, s1, 0, state, stride, span);
+    return one_fold ? dw_tile_direct(dy, dy_stride, b, b_stride, NULL, NULL, rows, s1, 1, state, stride, span)
+                    : dw_tile_direct(dy, dy_stride, b, b_stride, NULL, NULL, rows, s1, 0, state, stride, span);
+}
+
+/* Whether every x of a tile (its columns' largest |x| bits `tb` and smallest nonzero
+ * ones less one `lb`) lies in dw_quotient's range: +-0 or 2^-50 <= |x| <= 2^60. */
+int tgn_dw_tile_in_quotient_range(const uint32_t *tb, const uint32_t *lb)
+{
+    int ok = 1;
+    for (int j = 0; j < DW_TILE; ++j)
+        ok &= (lb[j] == UINT32_MAX || lb[j] + 1u >= TGN_Q_LO) && tb[j] <= TGN_Q_HI;
+    return ok;
+}
+
+DW_WIDE_END
