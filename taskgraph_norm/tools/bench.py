@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -63,11 +64,13 @@ def interleaved_times(
     *, observe: Callable[[str, object], None] | None = None, bar: ProgressBar | None = None,
 ) -> dict[str, list[float]]:
     """Seconds of each call per method, in round order; each round calls every
-    method once, in turn, so round ``r`` of two methods saw the same load.  Round
-    ``r`` starts at the ``r``-th method (the order rotates), so no method always
-    follows the same one: what a call leaves behind (the C allocator trimming the
-    heap after a torch.compile call, say, which the next fresh output must fault in
-    again) falls on every method in turn, not always on the first.
+    method once, in turn, so round ``r`` of two methods saw the same load.  Each
+    round calls them in its own order (a shuffle seeded by ``r``: the same orders
+    every run), so no method always follows the same one: what a call leaves behind
+    (the C allocator trimming the heap after a torch.compile call, which the next
+    fresh output must fault in again; another pool's threads still awake on the
+    cores) falls on a different method each round, and the medians drop it.  (A
+    rotation of one fixed order would not: it keeps each method's predecessor.)
 
     ``observe(name, result)``, when given, sees each timed call's result outside
     the timed region (the warm-up call's is not shown); the result is dropped
@@ -84,8 +87,9 @@ def interleaved_times(
     rounds = rounds if order else 0
     with nullcontext(bar) if bar is not None else progress_bar(rounds, "rounds", unit="round") as shown:
         for r in range(rounds):
-            k = r % len(order)
-            for name, fn in order[k:] + order[:k]:
+            shuffled = order[:]
+            random.Random(r).shuffle(shuffled)
+            for name, fn in shuffled:
                 t0 = time.perf_counter()
                 result = fn()
                 times[name].append(time.perf_counter() - t0)
