@@ -121,16 +121,24 @@ def test_every_option_has_help_with_its_default(monkeypatch) -> None:
     ]
 
 
-def test_interleaved_rounds_rotate_the_order() -> None:
-    """Each round calls every method once; round r starts at the r-th method, so no
-    method always runs right after the same one (what a call leaves behind, such as a
-    trimmed heap, falls on each in turn)."""
+def test_interleaved_rounds_shuffle_the_order() -> None:
+    """Each round calls every method once, in an order of its own that is the same
+    every run, so no method always runs right after the same one (what a call leaves
+    behind, such as a trimmed heap, falls on different methods in different rounds);
+    a rotation of one order, which keeps every method's predecessor, must fail this."""
     from taskgraph_norm.tools.bench import interleaved_times
 
-    calls: list[str] = []
-    methods = {name: (lambda name=name: calls.append(name)) for name in "abc"}
-    times = interleaved_times(methods, 4)
-    assert calls[:3] == list("abc")  # the warm-up, in order
-    assert calls[3:] == list("abc" "bca" "cab" "abc")
-    assert {k: len(v) for k, v in times.items()} == {"a": 4, "b": 4, "c": 4}
+    def run() -> tuple[list[str], dict[str, list[float]]]:
+        calls: list[str] = []
+        methods = {name: (lambda name=name: calls.append(name)) for name in "abcd"}
+        return calls, interleaved_times(methods, 12)
+
+    calls, times = run()
+    assert calls[:4] == list("abcd")  # the warm-up, in order
+    rounds = [calls[4 + 4 * r: 8 + 4 * r] for r in range(12)]
+    assert all(sorted(r) == list("abcd") for r in rounds)
+    assert run()[0] == calls  # the same orders every run
+    before = {m: {r[r.index(m) - 1] for r in rounds if r.index(m) > 0} for m in "abcd"}
+    assert all(len(p) >= 2 for p in before.values()), before
+    assert {k: len(v) for k, v in times.items()} == {k: 12 for k in "abcd"}
     assert interleaved_times({}, 3) == {}
