@@ -27,7 +27,7 @@ Markdown table and written to ``--json``:
   (``roofline_memory.py`` says how and why that is honest).
 
 Every timed method of a case is called once per round, the rounds interleaved (the
-order rotates) and the figure is the median over rounds, so load from other work
+order is shuffled) and the figure is the median over rounds, so load from other work
 hits all methods of a case alike: read the ratios, which compare methods timed in
 the same rounds.  A call too short to time alone is a loop of calls, divided back.
 ``--plot DIR`` draws ``roofline.png`` and ``scaling.png`` there
