@@ -74,6 +74,29 @@ def test_hard_rows_give_the_torch_ops_bits() -> None:
     _forward_same(plan, x, None, None, ALL)
 
 
+def test_sums_a_plain_fp64_sum_cannot_decide_take_the_pair() -> None:
+    """The C rows prove the mean and the variance from plain fp64 sums where they can
+    (tgn_mean_total_f32, tgn_dev_total_f32) and form the pairs where they cannot.  Here
+    each exact sum lies just above a midpoint between fp32 neighbours by a term the plain
+    sum loses (2^-80 beside 63, 2^-86 beside 2): the plain sum sits on the tie and would
+    round to even, the pair rounds up; a kernel that trusted the plain sum gives other
+    bits (checked by mutants of both functions)."""
+    mean_row = torch.ones(64)
+    mean_row[62], mean_row[63] = 1.0 + 2.0 ** -19, 2.0 ** -80  # sum 63 + 2^-19 + 2^-80: mean 63/64 + 2^-25 + ...
+    m = 2.0 ** -20  # the variance's row: mean 2^-20, deviations whose squares sum to 2 + 2^-23 + 2^-85
+    dev = torch.zeros(64, dtype=torch.float64)
+    dev[:6] = torch.tensor([1.0, -1.0, 2.0 ** -12, -(2.0 ** -12), 2.0 ** -43, -(2.0 ** -43)], dtype=torch.float64)
+    var_row = (dev + m).float()
+    assert torch.equal(var_row.double() - m, dev)  # (each x and deviation exact in fp32)
+    x = torch.stack([mean_row, var_row])
+    plan = layer_pipeline(64, accumulate="exact").plan
+    _forward_same(plan, x, None, None, 1)
+    got = native_layer.layer_rows(plan, x, None, None, 1e-5, stats=True)
+    assert got is not None and got.mean is not None
+    assert got.mean[0].item() == 63 / 64 + 2.0 ** -24  # rounded up, off the tie
+    assert got.mean[1].item() == m
+
+
 def test_rows_without_an_exact_scale_are_left_to_torch_ops() -> None:
     x, _, w, b = _rows(16, 64, torch.float32, seed=2)
     plan = layer_pipeline(64, accumulate="exact").plan

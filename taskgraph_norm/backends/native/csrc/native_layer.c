@@ -267,13 +267,17 @@ static float variance_fused(const layer_job_t *c, const float *x, float mean, fl
 static int exact_stats(const float *x, int64_t d, float *dev, float *mean, float *var, int *ranged)
 {
     double t1, t2;
-    if (!tgn_exact_pair_f32(x, 0, d, &t1, &t2))
-        return 0;
-    *mean = tgn_mean_exact_f32(t1, t2, d);
-    if (!isfinite(*mean))
-        return 0;
+    if (!tgn_mean_total_f32(x, d, mean)) { /* (not proved from a plain sum: the pair) */
+        if (!tgn_exact_pair_f32(x, 0, d, &t1, &t2))
+            return 0;
+        *mean = tgn_mean_exact_f32(t1, t2, d);
+        if (!isfinite(*mean))
+            return 0;
+    }
     if (fabsf(*mean) >= 0x1p-26f) { /* no range test (variance_fused says why), no row of deviations */
         *ranged = 1;
+        if (tgn_dev_total_f32(x, *mean, d, var))
+            return 1; /* (the pair's rounding, proved from a plain sum) */
         if (!tgn_exact_dev_pair_f32(x, *mean, d, &t1, &t2))
             return 0;
     } else {

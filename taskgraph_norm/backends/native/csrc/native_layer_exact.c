@@ -18,6 +18,7 @@
  * neighbour, or keeps it on a tie to even.  round_pair: the fp64 TwoSum of the pair
  * made round-to-odd, then one rounding to fp32.
  */
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -33,6 +34,7 @@ typedef float v4f __attribute__((vector_size(16)));
 typedef int64_t v4l __attribute__((vector_size(32)));
 typedef double v8d __attribute__((vector_size(64))); /* one AVX-512 register, or two AVX ones */
 typedef float v8f __attribute__((vector_size(32)));
+typedef int64_t v8l __attribute__((vector_size(64)));
 
 static inline __attribute__((always_inline)) v8d load8(const float *p)
 {
@@ -168,6 +170,93 @@ int tgn_exact_dev_pair_f32(const float *x, float mean, int64_t n, double *t1, do
     memcpy(&fhi, &hi, sizeof fhi);
     const float up = fhi - mean, down = mean - flo, top = up > down ? up : down;
     return pair_of(x, 0, 1, mean, (double)top * (double)top, n, t1, t2);
+}
+
+/* tgn_mean_exact_f32 of tgn_exact_pair_f32(x) where a plain fp64 sum proves it: 1 with
+ * *mean set, 0 where the caller must form the pair.  The sum s of the terms in any order
+ * is within (n - 1) 2^-53 A of their exact sum S (A = sum |x|, summed beside it), and
+ * the pair P within 4 n^3 M 2^-104 <= 4 n^3 A 2^-104 of S (as for tgn_dev_total_f32,
+ * M = max |x|); e is twice that, with a for A.  Where [s - e, s + e] lies strictly
+ * between mid D at the two midpoints around c = RN32(s / D) (each product exact in fp64:
+ * a 25-bit midpoint times D < 2^27), P / D rounds to c too. */
+int tgn_mean_total_f32(const float *x, int64_t n, float *mean)
+{
+    if (n >= (INT64_C(1) << 27))
+        return 0;
+    v8d a = {0.0}, b = a, pa = a, pb = a;
+    int64_t j = 0;
+    for (; j + 16 <= n; j += 16) {
+        const v8d va = load8(x + j), vb = load8(x + j + 8);
+        a += va;
+        b += vb;
+        pa += (v8d)((v8l)va & (int64_t)0x7fffffffffffffff);
+        pb += (v8d)((v8l)vb & (int64_t)0x7fffffffffffffff);
+    }
+    double s = 0.0, abs_sum = 0.0;
+    for (int l = 0; l < 8; ++l) {
+        s += a[l] + b[l];
+        abs_sum += pa[l] + pb[l];
+    }
+    for (; j < n; ++j) {
+        s += (double)x[j];
+        abs_sum += fabs((double)x[j]);
+    }
+    if (!(abs_sum < INFINITY)) /* (an Inf or a NaN: the pair says so) */
+        return 0;
+    const double dn = (double)n, e = abs_sum * (dn * 0x1p-52 + 8.0 * dn * dn * dn * 0x1p-104) * 1.0625;
+    const float c = (float)(s / dn);
+    const float up = nextafterf(c, INFINITY), down = nextafterf(c, -INFINITY);
+    if (!isfinite(up) || !isfinite(down))
+        return 0;
+    const double hi = ((double)c + (double)up) * 0.5 * dn, lo = ((double)c + (double)down) * 0.5 * dn;
+    if (!(s + e < hi && s - e > lo))
+        return 0;
+    *mean = c;
+    return 1;
+}
+
+/* tgn_round_pair_f32(tgn_exact_dev_pair_f32(x, mean)) where a plain fp64 sum proves it:
+ * 1 with *var set, 0 where the caller must form the pair.  The terms dev^2 (dev = x -
+ * mean rounded to fp32 once, its square exact in fp64) are positive, so the sum s of
+ * them in any order is within (n - 1) 2^-53 S of their exact sum S, and the pair is
+ * within n ulp(sigma2) / 2 <= 4 n^3 M 2^-104 <= 4 n^3 S 2^-104 of S (its second fold
+ * rounds each remainder to a multiple of ulp(sigma2), with sigma2 < 8 n^2 M 2^-52 and M
+ * the largest term: kernels.exact_scale).  e below is twice their sum, with s for S
+ * (S <= s (1 + n 2^-52)); where [s - e, s + e] lies strictly between the two midpoints
+ * around v = RN32(s), the pair rounds to v too.  (Ties, v at the top of fp32's range, an
+ * infinite s: the pair.) */
+int tgn_dev_total_f32(const float *x, float mean, int64_t n, float *var)
+{
+    const v8f mv = {mean, mean, mean, mean, mean, mean, mean, mean};
+    v8d a = {0.0}, b = a;
+    int64_t j = 0;
+    for (; j + 16 <= n; j += 16) {
+        v8f fa, fb;
+        memcpy(&fa, x + j, sizeof fa);
+        memcpy(&fb, x + j + 8, sizeof fb);
+        v8d da = __builtin_convertvector(fa - mv, v8d), db = __builtin_convertvector(fb - mv, v8d);
+        a += da * da;
+        b += db * db;
+    }
+    double s = 0.0;
+    for (int l = 0; l < 8; ++l)
+        s += a[l] + b[l];
+    for (; j < n; ++j) {
+        const double d = (double)(x[j] - mean);
+        s += d * d;
+    }
+    if (!(s < INFINITY))
+        return 0;
+    const double dn = (double)n, e = s * (dn * 0x1p-52 + 8.0 * dn * dn * dn * 0x1p-104) * 1.0625;
+    const float v = (float)s;
+    if (!(v < FLT_MAX))
+        return 0;
+    const double hi = ((double)v + (double)nextafterf(v, INFINITY)) * 0.5;
+    const double lo = ((double)v + (double)nextafterf(v, -INFINITY)) * 0.5;
+    if (!(s + e < hi && s - e > lo))
+        return 0;
+    *var = v;
+    return 1;
 }
 
 static void two_sum(double a, double b, double *s, double *e)

@@ -210,6 +210,12 @@ int tgn_exact_pair_f32(const float *a, const float *b, int64_t n, double *t1, do
 /* tgn_exact_pair_f32(dev, dev) of dev[j] = x[j] - mean (each rounded to fp32 once),
  * without a row of them; x holds no NaN or Inf (its exact mean is finite). */
 int tgn_exact_dev_pair_f32(const float *x, float mean, int64_t n, double *t1, double *t2);
+/* tgn_round_pair_f32 of that pair, where a plain fp64 sum of the deviations' squares
+ * proves it (1, *var set); 0: the caller forms the pair. */
+int tgn_dev_total_f32(const float *x, float mean, int64_t n, float *var);
+/* tgn_mean_exact_f32 of tgn_exact_pair_f32(x), where a plain fp64 sum of x proves it (1,
+ * *mean set); 0: the caller forms the pair. */
+int tgn_mean_total_f32(const float *x, int64_t n, float *mean);
 float tgn_mean_exact_f32(double t1, double t2, int64_t hidden);
 float tgn_round_pair_f32(double t1, double t2);
 
