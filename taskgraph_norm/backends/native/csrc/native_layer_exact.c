@@ -25,6 +25,10 @@
 
 #include "tgn_native.h"
 
+#if defined(__AVX512F__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
+
 #ifdef __FAST_MATH__
 #error "native_layer_exact.c must not be compiled with -ffast-math"
 #endif
@@ -34,7 +38,8 @@ typedef float v4f __attribute__((vector_size(16)));
 typedef int64_t v4l __attribute__((vector_size(32)));
 typedef double v8d __attribute__((vector_size(64))); /* one AVX-512 register, or two AVX ones */
 typedef float v8f __attribute__((vector_size(32)));
-typedef int64_t v8l __attribute__((vector_size(64)));
+typedef float v16f __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));
 
 static inline __attribute__((always_inline)) v8d load8(const float *p)
 {
@@ -174,36 +179,39 @@ int tgn_exact_dev_pair_f32(const float *x, float mean, int64_t n, double *t1, do
 
 /* tgn_mean_exact_f32 of tgn_exact_pair_f32(x) where a plain fp64 sum proves it: 1 with
  * *mean set, 0 where the caller must form the pair.  The sum s of the terms in any order
- * is within (n - 1) 2^-53 A of their exact sum S (A = sum |x|, summed beside it), and
+ * is within (n - 1) 2^-53 A of their exact sum S (A = sum |x|, summed beside it in fp32
+ * lanes, within a factor 1 + n 2^-23 of its value), and
  * the pair P within 4 n^3 M 2^-104 <= 4 n^3 A 2^-104 of S (as for tgn_dev_total_f32,
  * M = max |x|); e is twice that, with a for A.  Where [s - e, s + e] lies strictly
  * between mid D at the two midpoints around c = RN32(s / D) (each product exact in fp64:
  * a 25-bit midpoint times D < 2^27), P / D rounds to c too. */
 int tgn_mean_total_f32(const float *x, int64_t n, float *mean)
 {
-    if (n >= (INT64_C(1) << 27))
+    if (n >= (INT64_C(1) << 19))
         return 0;
-    v8d a = {0.0}, b = a, pa = a, pb = a;
+    v8d a = {0.0}, b = a;
+    v16f p = {0.0f}; /* sum |x| in fp32 lanes: within a factor 1 + n 2^-23 of A (n < 2^19) */
     int64_t j = 0;
     for (; j + 16 <= n; j += 16) {
-        const v8d va = load8(x + j), vb = load8(x + j + 8);
-        a += va;
-        b += vb;
-        pa += (v8d)((v8l)va & (int64_t)0x7fffffffffffffff);
-        pb += (v8d)((v8l)vb & (int64_t)0x7fffffffffffffff);
+        v16f f;
+        memcpy(&f, x + j, sizeof f);
+        p += (v16f)((v16i)f & 0x7fffffff);
+        a += load8(x + j);
+        b += load8(x + j + 8);
     }
     double s = 0.0, abs_sum = 0.0;
-    for (int l = 0; l < 8; ++l) {
+    for (int l = 0; l < 8; ++l)
         s += a[l] + b[l];
-        abs_sum += pa[l] + pb[l];
-    }
+    for (int l = 0; l < 16; ++l)
+        abs_sum += (double)p[l];
     for (; j < n; ++j) {
         s += (double)x[j];
         abs_sum += fabs((double)x[j]);
     }
     if (!(abs_sum < INFINITY)) /* (an Inf or a NaN: the pair says so) */
         return 0;
-    const double dn = (double)n, e = abs_sum * (dn * 0x1p-52 + 8.0 * dn * dn * dn * 0x1p-104) * 1.0625;
+    const double dn = (double)n;
+    const double e = abs_sum * (1.0 + dn * 0x1p-23) * (dn * 0x1p-52 + 8.0 * dn * dn * dn * 0x1p-104) * 1.0625;
     const float c = (float)(s / dn);
     const float up = nextafterf(c, INFINITY), down = nextafterf(c, -INFINITY);
     if (!isfinite(up) || !isfinite(down))
@@ -235,8 +243,15 @@ int tgn_dev_total_f32(const float *x, float mean, int64_t n, float *var)
         memcpy(&fa, x + j, sizeof fa);
         memcpy(&fb, x + j + 8, sizeof fb);
         v8d da = __builtin_convertvector(fa - mv, v8d), db = __builtin_convertvector(fb - mv, v8d);
+#if defined(__AVX512F__) && defined(__FMA__)
+        /* (one fma: the square of an fp32 value is exact in fp64, so RN(d d + a) is the
+         * separate product's sum, bit for bit) */
+        a = (v8d)_mm512_fmadd_pd((__m512d)da, (__m512d)da, (__m512d)a);
+        b = (v8d)_mm512_fmadd_pd((__m512d)db, (__m512d)db, (__m512d)b);
+#else
         a += da * da;
         b += db * db;
+#endif
     }
     double s = 0.0;
     for (int l = 0; l < 8; ++l)
