@@ -86,18 +86,9 @@ static inline int finish1(float h, float s, const float *w, int64_t j, float rms
 }
 
 #if defined(__AVX512F__)
-/* fp32 lanes rounded to bf16 (c10's round to nearest even: native_half.h's formula) */
-static inline __m256i to_bf16(__m512 v)
-{
-    __m512i u = _mm512_castps_si512(v);
-    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)),
-                                                                    lsb), 16));
-}
-
 static inline __m256i to_narrow(__m512 v, int f16)
 {
-    return f16 ? _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC) : to_bf16(v);
+    return f16 ? _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC) : tgn_bf16x16(v);
 }
 
 static inline __m512 from_narrow(__m256i b, int f16)
@@ -113,7 +104,7 @@ static inline __m512 from_narrow(__m256i b, int f16)
 #endif
 
 #if defined(__AVX512F__)
-/* fp32 lanes rounded to bf16 and widened back: from_narrow(to_bf16(v)) without the
+/* fp32 lanes rounded to bf16 and widened back: from_narrow(tgn_bf16x16(v)) without the
  * narrowing (the same integer formula; the low half cleared instead of shifted out). */
 static inline __m512 keep_bf16(__m512 v)
 {
@@ -128,9 +119,7 @@ static inline __m512 keep_bf16(__m512 v)
  * would be one), so a NaN made on the way is the default NaN (0/0, inf/inf, inf * 0),
  * which the roundings keep (their carry reaches the exponent only for a payload of eight
  * leading ones) and every later product keeps: the last value is NaN exactly when one
- * on the way was.  y's rounding is vcvtneps2bf16 where the build has AVX512-BF16: c10's
- * formula for every lane but a subnormal or NaN one, which fpclass finds (class bits
- * QNaN 0x01, subnormal 0x20, SNaN 0x80): that vector takes to_bf16. */
+ * on the way was.  y's rounding and that test: tgn_store_bf16x16 (native_half.h). */
 INLINE int64_t finish_llama_bf16(const float *h, const float *s, const float *w, int64_t n, float rms, int after,
                                  const uint16_t *g, const float *table, uint16_t *y, int *nan)
 {
@@ -145,17 +134,7 @@ INLINE int64_t finish_llama_bf16(const float *h, const float *s, const float *w,
                                      _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(g + j))), table, 4));
         else if (after)
             q = _mm512_mul_ps(q, _mm512_loadu_ps(s + j));
-#if defined(__AVX512BF16__)
-        if (__builtin_expect(_mm512_fpclass_ps_mask(q, 0xA1) != 0, 0)) {
-            unordered |= _mm512_cmp_ps_mask(q, q, _CMP_UNORD_Q);
-            _mm256_storeu_si256((__m256i *)(y + j), to_bf16(q));
-        } else {
-            _mm256_storeu_si256((__m256i *)(y + j), (__m256i)_mm512_cvtneps_pbh(q));
-        }
-#else
-        unordered |= _mm512_cmp_ps_mask(q, q, _CMP_UNORD_Q);
-        _mm256_storeu_si256((__m256i *)(y + j), to_bf16(q));
-#endif
+        unordered |= tgn_store_bf16x16(y + j, q);
     }
     *nan = unordered != 0;
     return j;

@@ -10,6 +10,10 @@
 
 #include "tgn_constants.h"
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 static inline float tgn_f32_of(uint32_t u)
 {
     float f;
@@ -52,6 +56,33 @@ static inline uint16_t tgn_f32_to_f16(float f)
     const uint32_t nonsign = ((bits >> 13) & 0x7C00u) + (bits & 0x0FFFu);
     return (uint16_t)((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
 }
+
+#if defined(__AVX512F__)
+/* Sixteen fp32 lanes rounded to bf16: tgn_f32_to_bf16's formula on each lane. */
+static inline __m256i tgn_bf16x16(__m512 v)
+{
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), odd), 16);
+    return _mm512_cvtepi32_epi16(r); /* (r < 2^16: the low halves) */
+}
+
+/* tgn_bf16x16(q) stored at y; returns the lanes of q that are NaN.  Where the build has
+ * AVX512-BF16, vcvtneps2bf16: that formula on every lane but a subnormal (which it
+ * flushes to zero) or a NaN one, which vfpclassps finds (class bits 0x01 QNaN, 0x20
+ * subnormal, 0x80 SNaN): only such a vector takes the integer steps and the NaN test. */
+static inline __attribute__((always_inline)) __mmask16 tgn_store_bf16x16(uint16_t *y, __m512 q)
+{
+#if defined(__AVX512BF16__)
+    if (__builtin_expect(_mm512_fpclass_ps_mask(q, 0xA1) == 0, 1)) {
+        _mm256_storeu_si256((__m256i *)y, (__m256i)_mm512_cvtneps_pbh(q));
+        return 0;
+    }
+#endif
+    _mm256_storeu_si256((__m256i *)y, tgn_bf16x16(q));
+    return _mm512_cmp_ps_mask(q, q, _CMP_UNORD_Q);
+}
+#endif
 
 /* dst[0, n) = src[start, start + n) widened to fp32, src of the TGN_DTYPE_* code `code`
  * (fp32, bf16 or fp16): exact. */

@@ -73,15 +73,25 @@ static float halve(const float *src, int64_t length, float *buf)
 /* The plan's sum of v[0, hidden) (v is not changed): each chunk's leaf into slots
  * (n_chunks + n_adds values), then the ADDs; buf holds chunk / 2 + 1 values.  The
  * backward's row sums (native_layer_backward.c) are this too. */
-float tgn_layer_plan_sum(const float *v, int64_t hidden, int64_t chunk, const int64_t *adds, int64_t n_adds,
-                         int64_t root, float *buf, float *slots)
+/* The rest of that sum once chunks [0, from) are in slots: each later chunk halved (tail:
+ * chunk from's first value), then the ADDs; the total. */
+static float sum_from(const float *tail, int64_t from, int64_t hidden, int64_t chunk, const int64_t *adds,
+                      int64_t n_adds, int64_t root, float *buf, float *slots)
 {
-    const int64_t d = hidden, n_full = d / chunk, n_chunks = (d + chunk - 1) / chunk;
-    for (int64_t k = n_full ? tgn_chunk_sums_f32(v, chunk, n_full, slots) : 0; k < n_chunks; ++k)
-        slots[k] = halve(v + k * chunk, d - k * chunk < chunk ? d - k * chunk : chunk, buf);
+    for (int64_t k = from, n_chunks = (hidden + chunk - 1) / chunk; k < n_chunks; ++k) {
+        const int64_t at = k * chunk;
+        slots[k] = halve(tail + (at - from * chunk), hidden - at < chunk ? hidden - at : chunk, buf);
+    }
     for (int64_t t = 0; t < n_adds; ++t)
         slots[adds[3 * t]] = slots[adds[3 * t + 1]] + slots[adds[3 * t + 2]];
     return slots[root];
+}
+
+float tgn_layer_plan_sum(const float *v, int64_t hidden, int64_t chunk, const int64_t *adds, int64_t n_adds,
+                         int64_t root, float *buf, float *slots)
+{
+    const int64_t n_full = hidden / chunk, from = n_full ? tgn_chunk_sums_f32(v, chunk, n_full, slots) : 0;
+    return sum_from(v + from * chunk, from, hidden, chunk, adds, n_adds, root, buf, slots);
 }
 
 static float plan_sum(const layer_job_t *c, const float *v, float *buf, float *slots)
@@ -118,22 +128,7 @@ static inline uint32_t MIN_ALL(__m256i v)
 /* q rounded to bf16 lane by lane into y: tgn_f32_to_bf16's formula (native_half.h), the
  * same integer operations on each lane, so the same bits as narrowing afterwards. */
 #if TGN_QUOTIENT_LANES == 16
-static inline void store_bf16(uint16_t *y, __m512 q)
-{
-#if defined(__AVX512BF16__)
-    /* vcvtneps2bf16 is that formula on every lane but a subnormal (which it flushes to
-     * zero) or a NaN one (class bits 0x01 QNaN, 0x20 subnormal, 0x80 SNaN): those
-     * vectors take the integer steps below */
-    if (__builtin_expect(_mm512_fpclass_ps_mask(q, 0xA1) == 0, 1)) {
-        _mm256_storeu_si256((__m256i *)y, (__m256i)_mm512_cvtneps_pbh(q));
-        return;
-    }
-#endif
-    const __m512i u = _mm512_castps_si512(q);
-    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), odd), 16);
-    _mm256_storeu_si256((__m256i *)y, _mm512_cvtepi32_epi16(r)); /* (r < 2^16: the low halves) */
-}
+static inline void store_bf16(uint16_t *y, __m512 q) { (void)tgn_store_bf16x16(y, q); }
 #elif TGN_QUOTIENT_LANES == 8
 static inline void store_bf16(uint16_t *y, __m256 q)
 {
@@ -244,20 +239,14 @@ static int squares(const float *x, float mean, float *sq, int64_t n) { return de
  * their difference; otherwise |x| < 2^-27 and |x - mean| >= 2^-26 - 2^-27. */
 static float variance_fused(const layer_job_t *c, const float *x, float mean, float *buf, float *slots, float *sq)
 {
-    const int64_t d = c->hidden, n_full = d / c->chunk, n_chunks = (d + c->chunk - 1) / c->chunk;
+    const int64_t d = c->hidden, n_full = d / c->chunk;
     const int64_t done = n_full >= 8 ? tgn_chunk_sqdev_f32(x, mean, c->chunk, n_full, slots) : 0;
     if (!done)
         return NAN;
     const int64_t start = done * c->chunk;
     if (start < d)
         squares(x + start, mean, sq, d - start);
-    for (int64_t k = done; k < n_chunks; ++k) {
-        const int64_t at = k * c->chunk, len = d - at < c->chunk ? d - at : c->chunk;
-        slots[k] = halve(sq + (at - start), len, buf);
-    }
-    for (int64_t t = 0; t < c->n_adds; ++t)
-        slots[c->adds[3 * t]] = slots[c->adds[3 * t + 1]] + slots[c->adds[3 * t + 2]];
-    return slots[c->root];
+    return sum_from(sq, done, d, c->chunk, c->adds, c->n_adds, c->root, buf, slots);
 }
 
 /* An exact plan's mean and variance total of one row (native_layer_exact.c: the torch

@@ -18,7 +18,6 @@
  * neighbour, or keeps it on a tie to even.  round_pair: the fp64 TwoSum of the pair
  * made round-to-odd, then one rounding to fp32.
  */
-#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -177,14 +176,25 @@ int tgn_exact_dev_pair_f32(const float *x, float mean, int64_t n, double *t1, do
     return pair_of(x, 0, 1, mean, (double)top * (double)top, n, t1, t2);
 }
 
+/* Whether every value within e of s, divided by scale, rounds to the fp32 c: [s - e, s +
+ * e] lies strictly between scale times the midpoints around c (each product exact: a
+ * 25-bit midpoint times scale < 2^27).  No for c at the end of fp32's range. */
+static int decides(double s, double e, float c, double scale)
+{
+    const float up = nextafterf(c, INFINITY), down = nextafterf(c, -INFINITY);
+    if (!isfinite(up) || !isfinite(down))
+        return 0;
+    const double hi = ((double)c + (double)up) * 0.5 * scale, lo = ((double)c + (double)down) * 0.5 * scale;
+    return s + e < hi && s - e > lo;
+}
+
 /* tgn_mean_exact_f32 of tgn_exact_pair_f32(x) where a plain fp64 sum proves it: 1 with
  * *mean set, 0 where the caller must form the pair.  The sum s of the terms in any order
  * is within (n - 1) 2^-53 A of their exact sum S (A = sum |x|, summed beside it in fp32
  * lanes, within a factor 1 + n 2^-23 of its value), and
  * the pair P within 4 n^3 M 2^-104 <= 4 n^3 A 2^-104 of S (as for tgn_dev_total_f32,
- * M = max |x|); e is twice that, with a for A.  Where [s - e, s + e] lies strictly
- * between mid D at the two midpoints around c = RN32(s / D) (each product exact in fp64:
- * a 25-bit midpoint times D < 2^27), P / D rounds to c too. */
+ * M = max |x|); e is twice that, with a for A.  Where decides() says so for c = RN32(s /
+ * D), P / D rounds to c too. */
 int tgn_mean_total_f32(const float *x, int64_t n, float *mean)
 {
     if (n >= (INT64_C(1) << 19))
@@ -213,11 +223,7 @@ int tgn_mean_total_f32(const float *x, int64_t n, float *mean)
     const double dn = (double)n;
     const double e = abs_sum * (1.0 + dn * 0x1p-23) * (dn * 0x1p-52 + 8.0 * dn * dn * dn * 0x1p-104) * 1.0625;
     const float c = (float)(s / dn);
-    const float up = nextafterf(c, INFINITY), down = nextafterf(c, -INFINITY);
-    if (!isfinite(up) || !isfinite(down))
-        return 0;
-    const double hi = ((double)c + (double)up) * 0.5 * dn, lo = ((double)c + (double)down) * 0.5 * dn;
-    if (!(s + e < hi && s - e > lo))
+    if (!decides(s, e, c, dn))
         return 0;
     *mean = c;
     return 1;
@@ -230,9 +236,8 @@ int tgn_mean_total_f32(const float *x, int64_t n, float *mean)
  * within n ulp(sigma2) / 2 <= 4 n^3 M 2^-104 <= 4 n^3 S 2^-104 of S (its second fold
  * rounds each remainder to a multiple of ulp(sigma2), with sigma2 < 8 n^2 M 2^-52 and M
  * the largest term: kernels.exact_scale).  e below is twice their sum, with s for S
- * (S <= s (1 + n 2^-52)); where [s - e, s + e] lies strictly between the two midpoints
- * around v = RN32(s), the pair rounds to v too.  (Ties, v at the top of fp32's range, an
- * infinite s: the pair.) */
+ * (S <= s (1 + n 2^-52)); where decides() says so for v = RN32(s), the pair rounds to v
+ * too.  (Ties, v at the top of fp32's range, an infinite s: the pair.) */
 int tgn_dev_total_f32(const float *x, float mean, int64_t n, float *var)
 {
     const v8f mv = {mean, mean, mean, mean, mean, mean, mean, mean};
@@ -264,11 +269,7 @@ int tgn_dev_total_f32(const float *x, float mean, int64_t n, float *var)
         return 0;
     const double dn = (double)n, e = s * (dn * 0x1p-52 + 8.0 * dn * dn * dn * 0x1p-104) * 1.0625;
     const float v = (float)s;
-    if (!(v < FLT_MAX))
-        return 0;
-    const double hi = ((double)v + (double)nextafterf(v, INFINITY)) * 0.5;
-    const double lo = ((double)v + (double)nextafterf(v, -INFINITY)) * 0.5;
-    if (!(s + e < hi && s - e > lo))
+    if (!decides(s, e, v, 1.0))
         return 0;
     *var = v;
     return 1;
