@@ -30,12 +30,12 @@ def warm_layer(x: object, weight: object, bias: object, eps: object, out: object
     call (:attr:`LayerPipeline.routed`) when :func:`taskgraph_norm.ops.route` sends ``x``,
     the weight and the bias straight to the kernel and the pipeline is cached; else
     ``None`` (the caller runs the general path, with its checks and errors)."""
-    if _route(x, weight) != _DIRECT or (  # type: ignore[arg-type]  # (another type: TRACED)
-            bias is not None and _route(bias, None) != _DIRECT):  # type: ignore[arg-type]
-        return None  # (weight=None passes route's check; DIRECT: x, weight, bias plain tensors)
-    if not x.dim():  # type: ignore[attr-defined]
+    if _route(x, weight, bias) != _DIRECT:  # type: ignore[arg-type]  # (another type: TRACED)
+        return None  # (DIRECT: x, weight, bias plain tensors or None)
+    shape = x.shape  # type: ignore[attr-defined]
+    if not shape:
         return None
-    pipe = cached_layer(x.shape[-1], chunk_size, topology, leaf, accumulate, executor)  # type: ignore[attr-defined]
+    pipe = cached_layer(shape[-1], chunk_size, topology, leaf, accumulate, executor)
     if pipe is None:
         return None
     y: torch.Tensor | None = pipe.routed(x, weight, bias, eps, out)
@@ -46,10 +46,10 @@ def layer_route(x: object, weight: object, bias: object, residual: object) -> in
     """:func:`taskgraph_norm.ops.route` over every tensor of the call (the most demanding wins)."""
     if not isinstance(x, torch.Tensor):
         return ops.DIRECT  # (the checks raise the TypeError)
-    how = ops.route(x, weight if isinstance(weight, torch.Tensor) else None)
-    for t in (bias, residual):
-        if isinstance(t, torch.Tensor):
-            how = max(how, ops.route(t, None))
+    how = ops.route(x, weight if isinstance(weight, torch.Tensor) else None,
+                    bias if isinstance(bias, torch.Tensor) else None)
+    if isinstance(residual, torch.Tensor):
+        how = max(how, ops.route(residual, None))
     return how
 
 

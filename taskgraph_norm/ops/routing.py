@@ -69,19 +69,22 @@ _functorch_active = torch._C._are_functorch_transforms_active
 _grad_enabled = torch.is_grad_enabled
 
 
-def route(x: torch.Tensor, weight: torch.Tensor | None) -> int:
+def route(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None = None) -> int:
     """:data:`TRACED` when a tracer looks, :data:`EAGER` when eager autograd records a
-    gradient, :data:`DIRECT` otherwise (see the module doc)."""
+    gradient, :data:`DIRECT` otherwise (see the module doc).  ``bias``: a third tensor
+    of the call (LayerNorm's bias), looked at in the same pass."""
     if _is_compiling():
         return TRACED  # constant-folded by dynamo: nothing below is traced
     if (type(x) not in _PLAIN or _dispatch_modes() > 0 or _jit_state() is not None
-            or (weight is not None and type(weight) not in _PLAIN)):
+            or (weight is not None and type(weight) not in _PLAIN)
+            or (bias is not None and type(bias) not in _PLAIN)):
         return TRACED  # (tracing(x), inline)
     if _functorch_active():
         return EAGER  # torch.func (grad, vmap...): the kernels' autograd.Function and its vmap rule
-    if _forward_ad._current_level >= 0 and dual(x, weight):
+    if _forward_ad._current_level >= 0 and dual(x, weight, bias):
         return EAGER  # forward AD: the autograd.Function's jvp (the kernel would drop the tangent)
-    if _grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)):
+    if _grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
+                            or (bias is not None and bias.requires_grad)):
         return EAGER
     return DIRECT
 

@@ -26,7 +26,7 @@ from ...lowering import Plan
 from ..base import allowed, triton_asked
 from . import loader as _native
 from . import team as _team
-from .direct import advise_fresh
+from .direct import HUGE_BYTES, advise_fresh
 from .layer_plan import CODES, plan_fixed
 
 __all__ = ["LayerRouted", "layer_direct"]
@@ -53,6 +53,7 @@ def layer_direct(plan: Plan) -> LayerRouted | None:
     grain = max(1, TEAM_GRAIN // hidden)
     w_shape = (hidden,)
     rows_call = _native.module().layer_rows
+    huge_numel = HUGE_BYTES // 4  # (no dtype here is wider: advise_fresh decides)
 
     def routed(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: object,
                out: object) -> torch.Tensor | None:
@@ -95,7 +96,8 @@ def layer_direct(plan: Plan) -> LayerRouted | None:
             return None
         if out is None:
             y = torch.empty_like(x)
-            advise_fresh(y)  # (32 MiB or more: a huge-page candidate, as RMSNorm's direct call's)
+            if numel >= huge_numel:
+                advise_fresh(y)  # (32 MiB or more: a huge-page candidate, as RMSNorm's direct call's)
         elif (type(out) not in _PLAIN or out.shape != x.shape or out.dtype is not x_dtype  # type: ignore[attr-defined]
               or not out.is_cpu or not out.is_contiguous() or _overlaps(out, x)  # type: ignore[attr-defined]
               or (weight is not None and _overlaps(out, weight)) or (bias is not None and _overlaps(out, bias))):
