@@ -244,18 +244,30 @@ def test_residual_faces_carry_tangents_and_func_grads(dtype: torch.dtype) -> Non
     dy = t_x.flip(1)
     grad_want = torch.func.grad(lambda *p: (oracle(*p)[0] * f64(dy)).sum(), argnums=(0, 1, 2))(*map(f64, primals))
     for name, fn in faces.items():
-        with torch.no_grad():
-            y0, h0 = fn(*primals)
-        with fwad.dual_level():
-            y, h = fn(*(fwad.make_dual(p, t) for p, t in zip(primals, tangents)))
-            (yp, ty), (hp, th) = fwad.unpack_dual(y), fwad.unpack_dual(h)
-        assert ty is not None and th is not None, name
-        assert_bits_equal(yp, y0)
-        assert_bits_equal(hp, h0)
-        assert_close((ty, th), want, dtype, f"{name}: forward_ad")
-        assert_close(torch.func.jvp(fn, primals, tangents)[1], want, dtype, f"{name}: func.jvp")
-        grads = torch.func.grad(lambda *p: (fn(*p)[0] * dy).sum(), argnums=(0, 1, 2))(*primals)  # noqa: B023
-        assert_close(grads, grad_want, dtype, f"{name}: func.grad")
+        check_residual_face(name, fn, primals, tangents, (want, grad_want, dy),
+                            lambda got, want, what: assert_close(got, want, dtype, what))
+
+
+def check_residual_face(name: str, fn: Callable[..., Any], primals: tuple[torch.Tensor, ...],
+                        tangents: tuple[torch.Tensor, ...], oracle: tuple[Any, Any, torch.Tensor],
+                        close: Callable[[Any, Any, str], None]) -> None:
+    """A residual face ``fn(*primals) -> (y, h)`` under forward AD, ``func.jvp`` and
+    ``func.grad``: the primals are the plain call's bits, the derivatives ``close`` to the
+    oracle's ``(tangents of (y, h), grads of <y, dy> over every primal, dy)``."""
+    want, grad_want, dy = oracle
+    with torch.no_grad():
+        y0, h0 = fn(*primals)
+    with fwad.dual_level():
+        y, h = fn(*(fwad.make_dual(p, t) for p, t in zip(primals, tangents)))
+        (yp, ty), (hp, th) = fwad.unpack_dual(y), fwad.unpack_dual(h)
+    assert ty is not None and th is not None, name
+    assert_bits_equal(yp, y0)
+    assert_bits_equal(hp, h0)
+    close((ty, th), want, f"{name}: forward_ad")
+    close(torch.func.jvp(fn, primals, tangents)[1], want, f"{name}: func.jvp")
+    argnums = tuple(range(len(primals)))
+    close(torch.func.grad(lambda *p: (fn(*p)[0] * dy).sum(), argnums=argnums)(*primals), grad_want,
+          f"{name}: func.grad")
 
 
 # --- what cannot carry a tangent says so --------------------------------------------------
@@ -269,20 +281,27 @@ def test_raw_ops_refuse_tangents_and_name_the_faces() -> None:
         "rms_norm_residual": lambda a: torch.ops.taskgraph_norm.rms_norm_residual(a, a, w, *config)[0],
     }
     for name, op in raw.items():
-        refused = f"{name} has no forward-mode AD.*ops.rms_norm"
-        with fwad.dual_level(), pytest.raises(NotImplementedError, match=refused):
-            op(fwad.make_dual(x, t_x))
-        with pytest.raises(NotImplementedError, match="forward-mode AD.*tgn.RMSNorm"):
-            torch.func.jvp(op, (x,), (t_x,))
-        with pytest.raises(NotImplementedError, match="grad transforms.*normalize_sync"):
-            torch.func.grad(lambda a: op(a).sum())(x)  # noqa: B023
-        # outside a transform, and without a tangent inside one, the op is unchanged
-        y = op(x)
-        with fwad.dual_level():
-            assert_bits_equal(op(x), y)
-        xr = x.clone().requires_grad_()
-        op(xr).sum().backward()
-        assert xr.grad is not None
+        check_raw_op_refuses(op, x, t_x, (f"{name} has no forward-mode AD.*ops.rms_norm",
+                                          "forward-mode AD.*tgn.RMSNorm", "grad transforms.*normalize_sync"))
+
+
+def check_raw_op_refuses(op: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, t_x: torch.Tensor,
+                         matches: tuple[str, str, str]) -> None:
+    """``op`` refuses a dual input, ``func.jvp`` and ``func.grad`` with errors matching
+    ``matches`` (each naming the faces that carry them), and is unchanged otherwise."""
+    with fwad.dual_level(), pytest.raises(NotImplementedError, match=matches[0]):
+        op(fwad.make_dual(x, t_x))
+    with pytest.raises(NotImplementedError, match=matches[1]):
+        torch.func.jvp(op, (x,), (t_x,))
+    with pytest.raises(NotImplementedError, match=matches[2]):
+        torch.func.grad(lambda a: op(a).sum())(x)
+    # outside a transform, and without a tangent inside one, the op is unchanged
+    y = op(x)
+    with fwad.dual_level():
+        assert_bits_equal(op(x), y)
+    xr = x.clone().requires_grad_()
+    op(xr).sum().backward()
+    assert xr.grad is not None
 
 
 def test_routing_sends_a_tangent_to_the_function() -> None:

@@ -28,7 +28,7 @@ from . import accumulation_dtype, pairwise_halving_
 from .backward import ROW_BLOCK, merge_blocks_, sum_exact
 from .layer import deviations, mean_exact, mean_float
 
-__all__ = ["column_sum_blocks", "layer_input_grad", "layer_x_hat"]
+__all__ = ["column_sum_blocks", "composite_x_hat", "layer_input_grad", "layer_tangent", "layer_x_hat"]
 
 RowSum = Callable[[torch.Tensor], torch.Tensor]
 
@@ -36,6 +36,42 @@ RowSum = Callable[[torch.Tensor], torch.Tensor]
 def layer_x_hat(x: torch.Tensor, mean: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     """``(x.to(acc) - mean) / den`` per row (``x`` ``(rows, D)``, ``mean``/``den`` ``(rows, 1)``)."""
     return deviations(x, 0, x.shape[-1], mean) / den
+
+
+def composite_x_hat(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x_hat, den)`` of ``x`` by differentiable torch ops in ``acc`` (``torch.mean``'s
+    order, not the graph's): for the derivatives that must themselves be differentiable
+    (a double backward, forward-mode AD, ``torch.func``), whose values carry no bits."""
+    xa = x.to(accumulation_dtype(x.dtype))
+    d = xa - xa.mean(dim=-1, keepdim=True)
+    den = torch.sqrt((d * d).mean(dim=-1, keepdim=True) + eps)
+    return d / den, den
+
+
+def layer_tangent(
+    x: torch.Tensor, weight: torch.Tensor | None, eps: float, t_x: torch.Tensor | None,
+    t_w: torch.Tensor | None, t_b: torch.Tensor | None,
+) -> torch.Tensor:
+    """The tangent of ``y = x_hat * w + b`` along ``t_x``, ``t_w`` and ``t_b`` (``None``: zero),
+    in ``acc`` and cast to ``x``'s dtype as the forward's step 7.
+
+    With ``tc = t_x - mean(t_x)``: ``d x_hat = (tc - x_hat * mean(x_hat * tc)) / den`` and
+    ``dy = d x_hat * w + x_hat * t_w + t_b``.  The statistics are recomputed from ``x``
+    (:func:`composite_x_hat`), not taken from the forward, so the tangent is differentiable
+    in ``x`` too (reverse over forward: ``jacrev(jacfwd(f))``) and batched under ``vmap``."""
+    acc = accumulation_dtype(x.dtype)
+    x_hat, den = composite_x_hat(x, eps)
+    tangent = torch.zeros_like(x_hat)
+    if t_x is not None:
+        ta = t_x.to(acc)
+        tc = ta - ta.mean(dim=-1, keepdim=True)
+        d_hat = (tc - x_hat * (x_hat * tc).mean(dim=-1, keepdim=True)) / den
+        tangent = tangent + (d_hat if weight is None else d_hat * weight.to(acc))
+    if t_w is not None and weight is not None:
+        tangent = tangent + x_hat * t_w.to(acc)
+    if t_b is not None:
+        tangent = tangent + t_b.to(acc)
+    return tangent.to(x.dtype)
 
 
 def _row_mean(v: torch.Tensor, row_sum: RowSum, exact: bool, dtype: torch.dtype) -> torch.Tensor:

@@ -4,7 +4,10 @@ Each finds the cached :class:`~taskgraph_norm.pipeline.layer.LayerPipeline` of i
 configuration and calls it; a call that records a gradient, or that a tracer looks at
 (``torch.compile``, ``torch.export``), goes through the op
 ``taskgraph_norm::layer_norm`` instead (its kernel is the same pipeline: the same
-bits).  Where a call goes is decided by :func:`taskgraph_norm.ops.route`, as for RMSNorm.
+bits); under a ``torch.func`` transform or with a forward-mode tangent, through
+:class:`taskgraph_norm.ops.layer_func.FuncLayerNorm` (the op's kernel and backward with
+``jvp`` and ``vmap`` rules).  Where a call goes is decided by
+:func:`taskgraph_norm.ops.route`, as for RMSNorm.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from .. import kernels, ops
 from ..checks import check_out, check_residual
 from ..pipeline.layer import LayerPipeline, cached_layer, check_layer_executor, layer_pipeline
 from ..pipeline.layer_checks import autocast_layer_inputs, check_layer_input, resolve_layer_eps
+from ..ops.layer_func import layer_apply
 from ..topologies import build_layer_graph
 
 __all__ = ["layer_norm", "layer_norm_sync", "warm_layer"]
@@ -79,8 +83,10 @@ def _through_op(
     x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: object, options: tuple[Any, ...],
     executor: str, out: torch.Tensor | None, residual: torch.Tensor | None, residual_out: torch.Tensor | None,
 ) -> Any:
-    """A call autograd records or a tracer looks at: the op (``h = x + residual`` as a
-    differentiable torch op first: the bits of the fused add)."""
+    """A call autograd records, a tracer looks at or a ``torch.func`` transform or tangent
+    reaches: the op, or :class:`~taskgraph_norm.ops.layer_func.FuncLayerNorm`
+    (:func:`~taskgraph_norm.ops.layer_func.layer_apply`), with ``h = x + residual`` as a
+    differentiable torch op first (the bits of the fused add)."""
     check_layer_executor(executor)
     hidden = x.shape[-1] if isinstance(x, torch.Tensor) and x.dim() else 1
     if not ops.jit_tracing():
@@ -95,7 +101,7 @@ def _through_op(
         check_residual(x, residual)
         assert residual is not None
         h = x + residual
-    y: torch.Tensor = ops.layer_norm_op(h, weight, bias, e, *options)[0]
+    y = layer_apply(h, weight, bias, (e, *options))
     check_out(out, x, y.dtype)
     y = y if out is None else out.copy_(y)
     if residual is None:

@@ -21,8 +21,13 @@ any micro-batching and order are the same bits, and
 ``tgn.distributed.all_reduce_exact_grads`` reduces both across ranks.
 
 Under ``create_graph=True`` the exact values carry the composite gradients' derivatives
-(:func:`taskgraph_norm.ops.layer.composite_grads`); forward-mode AD and ``vmap`` are
-not supported here (``weight_grad="float"`` supports what the op supports).
+(:func:`taskgraph_norm.ops.layer.composite_grads`).  Under forward-mode AD and the
+``torch.func`` transforms it does what RMSNorm's exact weight gradient does
+(:class:`~.exact_weight.ExactWeightRMSNorm`): the float mode's tangent
+(:func:`~.layer_func.layer_jvp`), ``vmap`` over ``x``'s rows, ``torch.func.grad`` with
+respect to the weight and bias returning this call's exact sums, and a clear
+``NotImplementedError`` where ``vmap`` would need one exact sum per sample (``jacrev``,
+``hessian`` or per-sample gradients with respect to the weight or bias).
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from ..kernels.layer_backward import layer_x_hat
 from .exact_grad import ExactSum
 from .exact_weight import GradWatch, exact_value, grad_wanted, plain_tensor, watch_param
 from .layer import composite_grads, layer_norm_backward_op, layer_norm_op
+from .layer_func import layer_jvp, layer_vmap_dim
 
 __all__ = ["ExactWeightLayerNorm", "exact_layer_apply"]
 
@@ -83,6 +89,7 @@ class ExactWeightLayerNorm(torch.autograd.Function):
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
         ctx.config, ctx.watches = inputs[3], inputs[4]
         ctx.save_for_backward(inputs[0], inputs[1], inputs[2], output[1], output[2])
+        ctx.save_for_forward(inputs[0], inputs[1], inputs[2], output[1], output[2])
         ctx.mark_non_differentiable(output[1], output[2])
 
     @staticmethod
@@ -98,11 +105,25 @@ class ExactWeightLayerNorm(torch.autograd.Function):
         elif want_x:
             dx = layer_norm_backward_op(dy.contiguous(), x, weight, bias, mean, den, *config,
                                         [True, False, False])[0]
+        if not (want_w or want_b):  # (no sum to form: nor its plain tensors, which vmap has not)
+            return dx, None, None, None, None
         total_w, total_b = _call_sums(dy, x, mean, den, x.shape[-1], want_w, want_b)
         watch_w, watch_b = ctx.watches
         dw = None if total_w is None else _rounded(total_w, weight, watch_w, cw)
         db = None if total_b is None else _rounded(total_b, bias, watch_b, cb)
         return dx, dw, db, None, None
+
+    @staticmethod
+    def jvp(ctx: Any, t_x: torch.Tensor | None, t_w: torch.Tensor | None, t_b: torch.Tensor | None,
+            *_rest: Any) -> tuple[torch.Tensor, None, None]:
+        return layer_jvp(ctx, t_x, t_w, t_b)  # the float mode's tangent: dW's sum is not in it
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple[int | None, ...], x: torch.Tensor, weight: torch.Tensor,
+             bias: torch.Tensor | None, config: tuple[Any, ...], watches: Watches) -> tuple[Any, tuple[int, int, int]]:
+        # x's rows only; a gradient of the weight or bias under vmap (jacrev, per-sample
+        # gradients) cannot form one exact sum per sample: plain_tensor says so
+        return _apply(x.movedim(layer_vmap_dim(in_dims), 0), weight, bias, config, watches), (0, 0, 0)
 
 
 _apply: Any = ExactWeightLayerNorm.apply

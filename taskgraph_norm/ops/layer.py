@@ -13,9 +13,11 @@ what the backward needs of the forward.  Both kernels call the LayerNorm pipelin
 The backward (:mod:`taskgraph_norm.kernels.layer_backward`): ``dx``'s two row sums in
 the forward's merge order (batch-invariant), ``dW`` and ``db`` over fixed row blocks.
 Under ``create_graph=True`` it is taken by differentiable torch ops instead (their
-``torch.sum`` order), so that second derivatives exist.  Forward-mode AD and
-``torch.func`` transforms are not supported by these ops (torch.library registers no
-forward rule).
+``torch.sum`` order), so that second derivatives exist.  The op has no forward-mode
+AD rule (torch.library registers none) and its autograd rule does not run under
+``torch.func``'s grad transforms: a call with a tangent, or under ``grad``/``jacrev``,
+is refused with a ``NotImplementedError`` naming the faces, which carry both through
+:class:`taskgraph_norm.ops.layer_func.FuncLayerNorm` (the same kernels and bits).
 """
 
 from __future__ import annotations
@@ -25,9 +27,10 @@ from typing import Any
 import torch
 
 from .. import kernels
+from ..kernels.layer_backward import composite_x_hat
 from ..pipeline.layer import layer_pipeline
 from ..pipeline.layer_checks import check_layer_input
-from .library import LIBRARY
+from .library import LIBRARY, _register_autograd
 
 __all__ = ["layer_norm_backward_op", "layer_norm_op"]
 
@@ -115,11 +118,7 @@ def composite_grads(
     double backward (``create_graph=True``): the same formula as the kernels."""
     acc = kernels.accumulation_dtype(x.dtype)
     hidden = x.shape[-1]
-    xa = x.to(acc)
-    mean = xa.mean(dim=-1, keepdim=True)
-    d = xa - mean
-    den = torch.sqrt((d * d).mean(dim=-1, keepdim=True) + eps)
-    x_hat = d / den
+    x_hat, den = composite_x_hat(x, eps)
     dya = dy.to(acc)
     dx = dw = db = None
     if needs[0]:
@@ -156,4 +155,7 @@ def _layer_norm_backward(ctx: Any, dy: torch.Tensor, _dmean: Any, _dden: Any) ->
             (db if needs[2] and bias is not None else None)) + (None,) * 5
 
 
-_library.register_autograd("taskgraph_norm::layer_norm", _layer_norm_backward, setup_context=_setup, lib=LIBRARY)
+# (guarded: a tangent or a torch.func grad transform is refused, never dropped; the faces
+# carry them by taskgraph_norm.ops.layer_func.FuncLayerNorm)
+_register_autograd("layer_norm", _layer_norm_backward, _setup,
+                   faces="tgn.layer_norm_sync, tgn.layer_norm or tgn.LayerNorm")

@@ -178,18 +178,20 @@ def _composite_grads(
     return dx, dw
 
 
-def _register_autograd(name: str, backward: Any, setup_context: Any) -> None:
+_RMS_FACES = "taskgraph_norm.ops.rms_norm / rms_norm_residual, tgn.RMSNorm or tgn.normalize_sync"
+
+
+def _register_autograd(name: str, backward: Any, setup_context: Any, faces: str = _RMS_FACES) -> None:
     """``torch.library.register_autograd``, with a forward-AD guard in front of its kernel.
 
     ``register_autograd`` is ``make_autograd_impl`` registered at the ``Autograd`` key
     (torch/library.py); its kernel runs a dual input's forward below autograd and
-    silently drops the tangent, so the guard refuses such a call first."""
+    silently drops the tangent, so the guard refuses such a call first, naming the
+    ``faces`` that carry it."""
     op = getattr(torch.ops.taskgraph_norm, name).default
     autograd_kernel = torch._library.autograd.make_autograd_impl(
         op, torch._library.autograd.Info(backward, setup_context))
-
-    faces = ("call taskgraph_norm.ops.rms_norm / rms_norm_residual, tgn.RMSNorm or tgn.normalize_sync, "
-             "which support it")
+    faces = f"call {faces}, which support it"
 
     def guarded(keyset: Any, *args: Any) -> Any:
         if forward_ad_active() and dual(*(a for a in args if isinstance(a, torch.Tensor))):
