@@ -188,6 +188,7 @@ typedef struct {
     vwd s1v, s2v, a1, a2, b1, b2;
     double s1, s2;
     int one_fold;
+    int plain; /* the plain sum of x^2 in a1, b1, a2, b2 (see tgn_exact_rows_f32) */
 } exact_state_float;
 
 /* 0 when the row has no scale (an Inf or a NaN). */
@@ -218,7 +219,21 @@ INLINE void exact_span_float(exact_state_float *st, const float *row, int64_t j0
 {
     const vwd s1v = st->s1v, s2v = st->s2v;
     vwd a1 = st->a1, a2 = st->a2, b1 = st->b1, b2 = st->b2;
-    if (st->one_fold)
+    if (st->plain) { /* four sums in flight: the conversions, not fma's latency, bound it */
+        int64_t j = j0;
+        for (; j + 4 * NW <= j1; j += 4 * NW) {
+            a1 = sq_add(loadw_f32(row + j), a1);
+            b1 = sq_add(loadw_f32(row + j + NW), b1);
+            a2 = sq_add(loadw_f32(row + j + 2 * NW), a2);
+            b2 = sq_add(loadw_f32(row + j + 3 * NW), b2);
+            if (next)
+                __builtin_prefetch(next + j, 0, 2);
+        }
+        if (j < j1) {
+            a1 = sq_add(loadw_f32(row + j), a1);
+            b1 = sq_add(loadw_f32(row + j + NW), b1);
+        }
+    } else if (st->one_fold)
         for (int64_t j = j0; j < j1; j += 2 * NW) {
             vwd xa = loadw_f32(row + j), xb = loadw_f32(row + j + NW);
             vwd qa = sq_add(xa, s1v) - s1v, qb = sq_add(xb, s1v) - s1v;
@@ -263,7 +278,52 @@ static void exact_end_float(const exact_state_float *st, const float *row, int64
     *t2 = u2;
 }
 
-/* The fp32 rows as EXACT_ROWS (native_exact_f64.c), software-pipelined: row i's FINALIZE is done in slices of
+/* The plain sum's end: its lanes and the tail added, then tgn_squares_total_f32's
+ * proof; 1 with t1 = RN32(RN64(T)) as a double (t2 = 0), 0 where it cannot say. */
+static int plain_end_float(const exact_state_float *st, const float *row, int64_t j, int64_t hidden, double *t1,
+                           double *t2)
+{
+    vwd acc = (st->a1 + st->b1) + (st->a2 + st->b2);
+    double s = 0.0;
+    for (int l = 0; l < NW; ++l)
+        s += acc[l];
+    for (; j < hidden; ++j)
+        s += (double)row[j] * (double)row[j]; /* (the product exact: one rounding) */
+    float c;
+    if (!tgn_squares_total_f32(s, hidden, &c))
+        return 0;
+    *t1 = c;
+    *t2 = 0.0;
+    return 1;
+}
+
+/* The pair of a whole row, not pipelined (a row the plain sum did not prove); 0 when it
+ * has no scale. */
+static int exact_whole_float(const float *row, int64_t hidden, double *t1, double *t2)
+{
+    exact_state_float st = {0};
+    if (!exact_begin_float(row, hidden, &st))
+        return 0;
+    const int64_t main = hidden - hidden % (2 * NW);
+    exact_span_float(&st, row, 0, main, NULL);
+    exact_end_float(&st, row, main, hidden, t1, t2);
+    return 1;
+}
+
+/* Where the call wants y and not the pairs (no gradient to record: the direct call),
+ * a row's FINALIZE needs only c = RN32(RN64(T)), T = S1 + S2 the pair's value, and
+ * tgn_squares_total_f32 (native_layer_exact.c: LayerNorm's variance, whose terms are
+ * squares of fp32 values under the same scales, as these are) proves it from a plain
+ * fp64 sum s of the x^2 where it can: it returns 1 only where [s - e, s + e], which
+ * holds T, lies strictly between the fp32 midpoints around c.  Its e is at least twice the sum's
+ * error bound (n - 1) 2^-53 S, so the interval reaches 2^-52 S >= ulp(T) past T on each
+ * side: RN64(T) lies strictly between those midpoints too, and rounds to c.  So such a
+ * row's spans form the plain sum s of x^2 (one fma per value, four sums in flight)
+ * instead of the pair's folds, beside the previous row's FINALIZE as the pair's are;
+ * a row it does not prove (a NaN, an Inf, a tie, a top-of-range c) forms its pair
+ * after them, as before.
+ *
+ * The fp32 rows as EXACT_ROWS (native_exact_f64.c), software-pipelined: row i's FINALIZE is done in slices of
  * SLICE elements, each after a slice of row i + 1's sums, so that the core overlaps the
  * sums' arithmetic (bound by the vector ports) with FINALIZE's loads and stores (bound
  * by the caches and memory) instead of doing one after the other.  Each element of y,
@@ -303,8 +363,13 @@ int64_t tgn_exact_rows_f32(const float *x, int64_t rows, int64_t hidden, int64_t
             row = x + i * row_stride;
             if (r)
                 row = add_residual_float(row, r + i * r_stride, h + i * h_stride, hidden);
-            ok = exact_begin_float(row, hidden, &st);
-            main = ok ? hidden - hidden % (2 * NW) : 0;
+            if (!pair && y) { /* the plain sum first (below) */
+                st.plain = ok = 1;
+                main = hidden - hidden % (2 * NW);
+            } else {
+                ok = exact_begin_float(row, hidden, &st);
+                main = ok ? hidden - hidden % (2 * NW) : 0;
+            }
         }
         const float *next = !r && i + 1 < rows ? row + row_stride : NULL;
         for (int64_t j = 0; j < main; j += SLICE) {
@@ -316,7 +381,9 @@ int64_t tgn_exact_rows_f32(const float *x, int64_t rows, int64_t hidden, int64_t
                 done = end;
             }
         }
-        if (ok)
+        if (ok && st.plain && !plain_end_float(&st, row, main, hidden, &t1, &t2))
+            ok = exact_whole_float(row, hidden, &t1, &t2); /* not proved: the pair */
+        else if (ok && !st.plain)
             exact_end_float(&st, row, main, hidden, &t1, &t2);
         if (pi >= 0) { /* the rest of the previous row's FINALIZE */
             if (done < hidden)

@@ -265,13 +265,23 @@ int tgn_dev_total_f32(const float *x, float mean, int64_t n, float *var)
         const double d = (double)(x[j] - mean);
         s += d * d;
     }
+    return tgn_squares_total_f32(s, n, var);
+}
+
+/* The decision of tgn_dev_total_f32 for s, a plain fp64 sum (any order) of n squares of
+ * fp32 values whose exact pair (kernels.exact_scale's folds, with M the largest
+ * square) is T: 1 with *total = RN32(s) where that is RN32(T), 0 where it cannot say.
+ * (e is twice the two bounds above, so it reaches at least 2^-52 S past S on each side
+ * of s: native_exact.c relies on that for RN32(RN64(T)).) */
+int tgn_squares_total_f32(double s, int64_t n, float *total)
+{
     if (!(s < INFINITY))
         return 0;
     const double dn = (double)n, e = s * (dn * 0x1p-52 + 8.0 * dn * dn * dn * 0x1p-104) * 1.0625;
     const float v = (float)s;
     if (!decides(s, e, v, 1.0))
         return 0;
-    *var = v;
+    *total = v;
     return 1;
 }
 

@@ -211,8 +211,10 @@ int tgn_exact_pair_f32(const float *a, const float *b, int64_t n, double *t1, do
  * without a row of them; x holds no NaN or Inf (its exact mean is finite). */
 int tgn_exact_dev_pair_f32(const float *x, float mean, int64_t n, double *t1, double *t2);
 /* tgn_round_pair_f32 of that pair, where a plain fp64 sum of the deviations' squares
- * proves it (1, *var set); 0: the caller forms the pair. */
+ * proves it (1, *var set); 0: the caller forms the pair.  tgn_squares_total_f32: that
+ * proof for a sum s of n squares of fp32 values, summed by the caller. */
 int tgn_dev_total_f32(const float *x, float mean, int64_t n, float *var);
+int tgn_squares_total_f32(double s, int64_t n, float *total);
 /* tgn_mean_exact_f32 of tgn_exact_pair_f32(x), where a plain fp64 sum of x proves it (1,
  * *mean set); 0: the caller forms the pair. */
 int tgn_mean_total_f32(const float *x, int64_t n, float *mean);
