@@ -144,6 +144,22 @@ def test_masks_parameter_dtypes_and_bias_alone(dtype: torch.dtype, launches: lis
 
 
 @pytest.mark.usefixtures("interpreted")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_many_row_blocks(dtype: torch.dtype, launches: list[str]) -> None:
+    # 2000 rows: 62 full row blocks and a 16-row tail, merged level by level with odd
+    # counts carried up (dx is one program per row, covered above: here dW and db alone).
+    plan = plan_of(48, 16, "tree")
+    dy, x, w, _, mean, den = operands(plan, 2000, dtype, seed=5)
+    f32 = torch.float32  # fp32 gradients: the sums' own bits, before a cast could hide their order
+    got, want = both(plan, dy, x, w, mean, den, input_grad=False, weight_dtype=f32, bias_dtype=f32)
+    assert_grads_equal(got, want, f"{dtype} 2000 rows")
+    assert launches == ["layer_dwb_blocks_kernel"]
+    assert got[1] is not None and got[2] is not None  # negative control: another row order
+    assert not bits_equal(got[1], (dy.float() * ((x.float() - mean) / den)).sum(0))
+    assert not bits_equal(got[2], dy.float().sum(0))
+
+
+@pytest.mark.usefixtures("interpreted")
 def test_the_check_finds_another_order(monkeypatch: pytest.MonkeyPatch) -> None:
     # Negative controls on a chosen input: another topology gives other dx bits, and a
     # kernel that folds in another order than the plan's fails the comparison.
