@@ -194,7 +194,7 @@ def test_a_planted_cycle_is_caught(tmp_path: Path) -> None:
 #: dependencies, and triton only in the kernel files the Triton runner loads lazily.
 DEPENDENCIES = {"torch", "anyio", "networkx", "numpy", "tqdm"}
 LAZY_KERNEL_FILES = {"backends/triton/kernels.py", "backends/triton/backward_kernels.py", "backends/triton/layer_kernels.py",
-                     "backends/triton/exact_dw_kernels.py"}
+                     "backends/triton/exact_dw_kernels.py", "backends/triton/layer_backward_kernels.py"}
 
 
 def test_module_level_imports_are_declared_dependencies() -> None:

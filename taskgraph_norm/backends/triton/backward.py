@@ -19,7 +19,6 @@ Rows whose ``dx`` a kernel cannot give the CPU's bits for (a non-finite ``s`` or
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from typing import Any
 
@@ -29,7 +28,8 @@ from ... import caches, kernels
 from ...errors import ExecutionError
 from ...lowering import Plan
 from .layout import KernelShape, float_layout, halving_positions, kernel_shape, next_pow2
-from .runner import MAX_BLOCK, _kernels, _num_warps, _offset_in, _table, available, interpreting, supports
+from .runner import (MAX_BLOCK, _kernels, _num_warps, _offset_in, _table, available, interpreting, quiet_numpy,
+                     supports)
 
 __all__ = ["DTYPES", "dw_launch_spec", "dx_launch_spec", "run_backward", "supports_backward"]
 
@@ -142,11 +142,7 @@ def run_backward(
     if x.shape[0] == 0:
         dw0 = torch.zeros_like(w) if weight_grad and w is not None else None
         return (torch.empty_like(x) if input_grad else None), dw0, bad
-    with contextlib.ExitStack() as stack:
-        if interpret:
-            import numpy
-
-            stack.enter_context(numpy.errstate(all="ignore"))  # the interpreter's numpy: IEEE overflow, NaN
+    with quiet_numpy(interpret):
         if input_grad:
             dx, flags = _input_grad(plan, x, dy, w, rms, offset, interpret)
             bad = flags.nonzero()[:, 0]

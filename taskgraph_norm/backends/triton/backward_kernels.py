@@ -76,11 +76,8 @@ def _input_grad_row(x_row, dy_row, dx_row, w_ptr, rms_ptr, flag_ptr, total,
         mask = cols < D
         xv = fwd._widen(tl.load(x_row + cols, mask=mask, other=0.0))
         g = _grad_g(dy_row, w_ptr, cols, mask, HAS_W, OFFSET)
-        dx = tl.math.div_rn(g, rms_b) - xv * k
-        nan = tl.maximum(nan, ((dx != dx) & mask).to(tl.int32))
-        fwd._store(dx_row + cols, dx, mask)
-    bad = bad | (fwd._exact_reduce(nan, LOG_BLOCK, True, FOLDS) != 0)
-    tl.store(flag_ptr, bad.to(tl.int8))
+        nan = fwd._store_grad(dx_row + cols, tl.math.div_rn(g, rms_b) - xv * k, mask, nan)
+    fwd._store_flag(flag_ptr, bad, nan, LOG_BLOCK, FOLDS)
 
 
 @triton.jit
@@ -162,21 +159,11 @@ def dw_blocks_kernel(x_ptr, dy_ptr, rms_ptr, tail_ptr, out_ptr, n_full, x_stride
     ``program_id(1)``: pairwise halving over the rows (``kernels.pairwise_halving_``),
     as folds of an ``(BLOCK_N, RB)`` tile whose slot ``p`` holds the block's row ``p``
     (a full block) or row ``tail[p]`` (the last, shorter block; ``-1``: ``-0.0``)."""
-    blk = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    slots = tl.arange(0, RB)
-    in_block = tl.where(blk < n_full, slots, tl.load(tail_ptr + slots))
-    row_ok = in_block >= 0
-    rows = blk * RB + in_block
-    col_ok = cols < D
-    mask = row_ok[None, :] & col_ok[:, None]
+    blk, cols, rows, row_ok, col_ok, mask = fwd._row_block(tail_ptr, n_full, D, RB, BLOCK_N)
     rms = tl.load(rms_ptr + rows, mask=row_ok, other=1.0)
     xv = fwd._widen(tl.load(x_ptr + rows[None, :] * x_stride + cols[:, None], mask=mask, other=0.0))
     x_hat = tl.math.div_rn(xv, tl.broadcast_to(rms[None, :], [BLOCK_N, RB]))
     if LLAMA:
         x_hat = fwd._rounded(x_hat, x_ptr)  # casting_mode="llama": x_hat rounded to x's dtype
     dy = fwd._widen(tl.load(dy_ptr + rows[None, :] * dy_stride + cols[:, None], mask=mask, other=0.0))
-    t = tl.where(mask, dy * x_hat, -0.0)
-    for _ in tl.static_range(LOG_RB):
-        t = fwd._fold_halves(t)
-    tl.store(out_ptr + blk * D + cols, tl.reshape(t, [BLOCK_N]), mask=col_ok)
+    fwd._store_block_sum(out_ptr, dy * x_hat, mask, blk, cols, col_ok, D, LOG_RB)

@@ -17,7 +17,6 @@ tensors only under ``TRITON_INTERPRET=1`` with :data:`TRITON_ON_CPU` set (tests)
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import torch
@@ -29,7 +28,7 @@ from ...constants import EXACT_DW_ROW_BLOCK as ROW_BLOCK
 from ...errors import ExactSumError, ExactSumOverflowError, ExecutionError
 from ...kernels import exact_sum as es
 from .layout import next_pow2
-from .runner import _kernels, available, interpreting
+from .runner import _kernels, available, interpreting, quiet_numpy
 
 __all__ = ["ROW_BLOCK", "TILE", "TRITON_ON_CPU", "add_products_", "launch_constants", "runs"]
 
@@ -98,11 +97,7 @@ def add_products_(state: torch.Tensor, dy: torch.Tensor, x_hat: torch.Tensor,
         return state
     module = _kernels(interpret, "exact_dw_kernels")
     flags = torch.zeros(2, dtype=torch.int32, device=state.device)  # unfinished folds, overflowed columns
-    with contextlib.ExitStack() as stack:
-        if interpret:
-            import numpy
-
-            stack.enter_context(numpy.errstate(all="ignore"))  # the interpreter's numpy: inf - inf, 0 * inf
+    with quiet_numpy(interpret):  # (the interpreter's numpy: inf - inf, 0 * inf)
         # Why no int64 digit can overflow: a fold adds below 2**33 to each of three
         # digits (lo < 2**32; (lo >> 32) + (hi mod 2**32) < 2**33; hi >> 32 < 2**20), a
         # block takes at most MAX_FOLDS = 2**5 folds, so a block adds below 2**38 to a

@@ -262,6 +262,47 @@ def _exact_reduce(p, LOG: tl.constexpr, MAX: tl.constexpr, FOLDS: tl.constexpr):
 
 
 @triton.jit
+def _store_grad(ptr, v, mask, nan):
+    """Store a gradient ``v`` (as :func:`_store`) and return ``nan`` with a 1 in each lane
+    where ``v`` is NaN (the backward's flag: which NaN is the hardware's)."""
+    _store(ptr, v, mask)
+    return tl.maximum(nan, ((v != v) & mask).to(tl.int32))
+
+
+@triton.jit
+def _store_flag(flag_ptr, bad, nan, LOG: tl.constexpr, FOLDS: tl.constexpr):
+    """A row's flag: ``bad``, or a NaN seen by :func:`_store_grad` in one of ``nan``'s
+    ``2**LOG`` lanes."""
+    bad = bad | (_exact_reduce(nan, LOG, True, FOLDS) != 0)
+    tl.store(flag_ptr, bad.to(tl.int8))
+
+
+@triton.jit
+def _row_block(tail_ptr, n_full, D: tl.constexpr, RB: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The backward's ``(block of RB rows, column tile)`` program ``(program_id(0),
+    program_id(1))``: ``(blk, cols, rows, row_ok, col_ok, mask)``, with slot ``p`` of the
+    block holding its row ``p`` (a full block, ``blk < n_full``) or row ``tail[p]`` (the
+    last, shorter block, placed as ``kernels.pairwise_halving_`` adds it; ``-1``: none)."""
+    blk = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    slots = tl.arange(0, RB)
+    in_block = tl.where(blk < n_full, slots, tl.load(tail_ptr + slots))
+    row_ok = in_block >= 0
+    col_ok = cols < D
+    return blk, cols, blk * RB + in_block, row_ok, col_ok, row_ok[None, :] & col_ok[:, None]
+
+
+@triton.jit
+def _store_block_sum(out_ptr, t, mask, blk, cols, col_ok, D: tl.constexpr, LOG_RB: tl.constexpr):
+    """Row ``blk`` of ``out``: the ``(BLOCK_N, RB)`` tile ``t`` summed over its rows by
+    pairwise halving (``-0.0`` where ``mask`` is off: it adds nothing)."""
+    t = tl.where(mask, t, -0.0)
+    for _ in tl.static_range(LOG_RB):
+        t = _fold_halves(t)
+    tl.store(out_ptr + blk * D + cols, tl.reshape(t, [t.shape[0]]), mask=col_ok)
+
+
+@triton.jit
 def _pow2_at_least(bound):
     """The smallest power of two ``>= bound`` for a positive normal fp64 ``bound``
     (``kernels._pow2_at_least``): ``bound`` itself when its mantissa is zero, else

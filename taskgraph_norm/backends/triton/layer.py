@@ -9,8 +9,8 @@ exact plan (over whole rows: the order does not matter), on fp32, bf16 or fp16 r
 ``stats``, each row's ``mean`` and ``den``.  Rows the kernel flags (a non-finite
 total, mean or ``den``, a zero ``den``) and rows whose ``y`` holds a NaN are computed
 again by torch ops (:func:`..torch_ops.layer.run_layer`); a residual plan's ``h = x +
-residual`` is the torch op, then the kernel runs on ``h``.  The backward runs on
-torch ops.
+residual`` is the torch op, then the kernel runs on ``h``.  The backward of the same
+plans and inputs runs on Triton too (:mod:`.layer_backward`).
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ from ... import kernels
 from ...errors import ExecutionError
 from ..base import LayerForward
 from ..torch_ops import layer as _torch_layer
+from . import layer_backward as _backward
 from .layout import KernelShape, float_layout, kernel_shape, next_pow2
-from .runner import MAX_BLOCK, _check_input, _kernels, _num_warps, _rows, _table, interpreting
+from .runner import MAX_BLOCK, _check_input, _kernels, _num_warps, _rows, _table, interpreting, quiet_numpy
 
 if TYPE_CHECKING:
     from ...graph import Graph
@@ -62,12 +63,7 @@ def run_triton_layer(plan: Plan, x: torch.Tensor, weight: torch.Tensor | None, b
         flags = torch.empty(rows, dtype=torch.int8, device=x.device)
         w = None if weight is None else weight.contiguous()
         b = None if bias is None else bias.contiguous()
-        if interpret:
-            import numpy
-
-            with numpy.errstate(all="ignore"):  # (numpy warns where IEEE arithmetic silently overflows)
-                _launch(shape, x2, y2, w, b, mean, den, flags, eps, interpret)
-        else:
+        with quiet_numpy(interpret):
             _launch(shape, x2, y2, w, b, mean, den, flags, eps, interpret)
         bad = ((flags != 0) | torch.isnan(y2).any(dim=-1)).nonzero()[:, 0]
         if len(bad):
@@ -134,7 +130,28 @@ class TritonLayer:
 
     def layer_backward(
         self, plan: Plan, dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, mean: torch.Tensor,
-        den: torch.Tensor, **kwargs: Any,
+        den: torch.Tensor, *, input_grad: bool, weight_grad: bool, bias_grad: bool,
+        weight_dtype: torch.dtype | None = None, bias_dtype: torch.dtype | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-        """The torch-ops backend's backward (no Triton kernel for it yet)."""
-        return _torch_layer.layer_backward(plan, dy, x, weight, mean, den, **kwargs)
+        """The Triton kernels' ``(dx, dW, db)`` (:mod:`.layer_backward`); the rows they flag,
+        and a ``dW`` or ``db`` holding a NaN, computed again by torch ops (whose NaNs they
+        then carry).  A call the kernels do not take (:func:`.layer_backward.supports_layer_backward`:
+        an fp64 operand, no rows) runs the torch-ops backend's backward: the same bits."""
+        kwargs: dict[str, Any] = dict(weight_dtype=weight_dtype, bias_dtype=bias_dtype)
+        if not _backward.supports_layer_backward(plan, dy, x, weight, mean, den):
+            return _torch_layer.layer_backward(plan, dy, x, weight, mean, den, input_grad=input_grad,
+                                               weight_grad=weight_grad, bias_grad=bias_grad, **kwargs)
+        dx, dw, db, bad = _backward.run_layer_backward(plan, dy, x, weight, mean, den, input_grad=input_grad,
+                                                       weight_grad=weight_grad, bias_grad=bias_grad, **kwargs)
+        if dx is not None and len(bad):
+            fixed = _torch_layer.layer_backward(plan, dy[bad], x[bad], weight, mean[bad], den[bad], input_grad=True,
+                                                weight_grad=False, bias_grad=False)[0]
+            assert fixed is not None
+            dx[bad] = fixed
+        redo_w = dw is not None and bool(torch.isnan(dw).any())
+        redo_b = db is not None and bool(torch.isnan(db).any())
+        if redo_w or redo_b:
+            _, fixed_w, fixed_b = _torch_layer.layer_backward(plan, dy, x, weight, mean, den, input_grad=False,
+                                                              weight_grad=redo_w, bias_grad=redo_b, **kwargs)
+            dw, db = fixed_w if redo_w else dw, fixed_b if redo_b else db
+        return dx, dw, db

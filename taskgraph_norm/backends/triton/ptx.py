@@ -18,7 +18,8 @@ from ...lowering import Plan
 from .layout import kernel_shape
 from .runner import _kernels, launch_spec
 
-__all__ = ["FORBIDDEN", "backward_ptx", "exact_dw_ptx", "forbidden_instructions", "kernel_ptx", "layer_ptx"]
+__all__ = ["FORBIDDEN", "backward_ptx", "exact_dw_ptx", "forbidden_instructions", "kernel_ptx",
+           "layer_backward_ptx", "layer_ptx"]
 
 #: PTX opcodes (prefixes) that round differently from the CPU reference.
 FORBIDDEN = ("fma.", "rsqrt.", "rcp.", "sqrt.approx", "div.approx", "div.full", "ex2.", "lg2.")
@@ -95,6 +96,32 @@ def layer_ptx(plan: Plan, dtype: torch.dtype, *, weight: bool | torch.dtype = Tr
                       "y_stride": "i32", "eps": "fp32"})
     signature.update({c: "constexpr" for c in constants})
     return _compile(getattr(_kernels(False, "layer_kernels"), name), signature, constants, arch, fp_fusion)
+
+
+def layer_backward_ptx(plan: Plan, dtype: torch.dtype, *, part: str = "dx", weight: bool | torch.dtype = True,
+                       arch: int = 90, fp_fusion: bool = False) -> str:
+    """The PTX of LayerNorm's backward kernel for ``dtype`` inputs (``dy`` too) on
+    ``sm_<arch>``: ``part="dx"`` (``plan``'s ``dx`` kernel; ``weight`` as in
+    :func:`layer_ptx`) or ``"dwb"`` (the row blocks' ``dW`` and ``db`` kernel)."""
+    from .layer_backward import layer_dw_launch_spec, layer_dx_launch_spec
+
+    x_ptr = _PTR[dtype]
+    if part == "dwb":
+        name, constants, _ = layer_dw_launch_spec(plan.hidden_size, True, True)
+        signature = {"x_ptr": x_ptr, "dy_ptr": x_ptr, "mean_ptr": "*fp32", "den_ptr": "*fp32", "tail_ptr": "*i32",
+                     "dw_ptr": "*fp32", "db_ptr": "*fp32", "n_full": "i32", "x_stride": "i32", "dy_stride": "i32"}
+    else:
+        w_dtype = torch.float32 if weight is True else dtype if weight is False else weight
+        shape = kernel_shape(plan)
+        name, constants, _ = layer_dx_launch_spec(shape, weight is not False, interpret=False)
+        signature = {"x_ptr": x_ptr, "dy_ptr": x_ptr, "dx_ptr": x_ptr, "w_ptr": _PTR[w_dtype], "mean_ptr": "*fp32",
+                     "den_ptr": "*fp32"}
+        if shape.kind != "exact":
+            signature["table_ptr"] = "*i32"
+        signature.update({"flag_ptr": "*i8", "x_stride": "i32", "dy_stride": "i32", "dx_stride": "i32"})
+    signature.update({c: "constexpr" for c in constants})
+    _kernels(False, "layer_kernels")  # (the backward's kernels call its helpers)
+    return _compile(getattr(_kernels(False, "layer_backward_kernels"), name), signature, constants, arch, fp_fusion)
 
 
 def exact_dw_ptx(dtype: torch.dtype, hidden: int = 4096, *, from_x: bool = False, part: str = "dw",

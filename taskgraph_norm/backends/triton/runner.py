@@ -13,12 +13,14 @@ the interpreted kernels are first loaded and called).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import os
 import struct
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -78,6 +80,19 @@ def _kernels(interpret: bool, stem: str = "kernels") -> ModuleType:
             spec.loader.exec_module(module)
             _modules[stem, interpret] = module
     return _modules[stem, interpret]
+
+
+@contextlib.contextmanager
+def quiet_numpy(interpret: bool) -> Iterator[None]:
+    """The interpreter's numpy with its floating-point warnings off (``interpret``): it warns
+    where IEEE arithmetic silently overflows or makes a NaN, which the kernels rely on."""
+    if not interpret:
+        yield
+        return
+    import numpy
+
+    with numpy.errstate(all="ignore"):
+        yield
 
 
 def supports(plan: Plan) -> bool:
@@ -249,14 +264,7 @@ def run_triton(
     if rows:
         w = None if weight is None else weight.contiguous()  # widened (or rounded) to fp32 by the kernel
         flags = torch.empty(rows, dtype=torch.int8, device=x.device)
-        if interpret:
-            import numpy
-
-            # The interpreter computes with numpy, which warns where IEEE arithmetic
-            # silently overflows or makes a NaN (as the GPU does, and the reference).
-            with numpy.errstate(all="ignore"):
-                _launch(shape, plan, x2, y2, w, res, flags, eps, interpret)
-        else:
+        with quiet_numpy(interpret):  # (IEEE overflow and NaN, as the GPU and the reference make them)
             _launch(shape, plan, x2, y2, w, res, flags, eps, interpret)
         bad = flags.nonzero()[:, 0]
         if len(bad):
