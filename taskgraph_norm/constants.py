@@ -87,6 +87,11 @@ TOTAL_AS_RMS: Final = 4
 """Float rows' flag: after FINALIZE the kernel leaves each row's rms, not its total,
 in ``total`` (what the backward keeps)."""
 
+TOTAL_ROUNDED: Final = 32
+"""Exact fp32 rows' flag: the caller reads each row's pair only as the fp32 value of
+its fp64 sum, so the kernel may leave that value and 0 as the pair where a plain sum
+proves it (native_exact.c).  Never changes a bit of what the caller reads."""
+
 STREAM_STORES: Final = 8
 """FINALIZE flag: write ``y`` with non-temporal stores (vectors aligned to their width;
 the rest as usual).  Never changes a bit, only where the written lines go."""

@@ -311,7 +311,8 @@ static int exact_whole_float(const float *row, int64_t hidden, double *t1, doubl
 }
 
 /* Where the call wants y and not the pairs (no gradient to record: the direct call),
- * a row's FINALIZE needs only c = RN32(RN64(T)), T = S1 + S2 the pair's value, and
+ * or reads each pair only as that (TGN_TOTAL_ROUNDED: native_narrow.c's fused rows,
+ * which get (c, 0) as the pair), a row's FINALIZE needs only c = RN32(RN64(T)), T = S1 + S2 the pair's value, and
  * tgn_squares_total_f32 (native_layer_exact.c: LayerNorm's variance, whose terms are
  * squares of fp32 values under the same scales, as these are) proves it from a plain
  * fp64 sum s of the x^2 where it can: it returns 1 only where [s - e, s + e], which
@@ -363,7 +364,7 @@ int64_t tgn_exact_rows_f32(const float *x, int64_t rows, int64_t hidden, int64_t
             row = x + i * row_stride;
             if (r)
                 row = add_residual_float(row, r + i * r_stride, h + i * h_stride, hidden);
-            if (!pair && y) { /* the plain sum first (below) */
+            if ((!pair && y) || (flags & TGN_TOTAL_ROUNDED)) { /* the plain sum first (below) */
                 st.plain = ok = 1;
                 main = hidden - hidden % (2 * NW);
             } else {

@@ -293,7 +293,9 @@ static int64_t fused_step(const tgn_narrow_t *job, float *s, int64_t i, int64_t 
     const int64_t d = c->hidden;
     void *total = c->exact ? (job->total ? (void *)((double *)job->total + 2 * i) : (void *)pairs)
                            : (job->total ? (void *)((float *)job->total + i) : (void *)rmss);
-    int64_t bad = kernel(job, s, m, 0, total, job->flags | (c->exact ? 0 : TGN_TOTAL_AS_RMS));
+    /* (the exact pairs read below only as (float)(p[0] + p[1]), unless the caller keeps them) */
+    const int64_t as = c->exact ? (job->total ? 0 : TGN_TOTAL_ROUNDED) : TGN_TOTAL_AS_RMS;
+    int64_t bad = kernel(job, s, m, 0, total, job->flags | as);
     if (bad < 0)
         return bad;
     for (int64_t k = 0; k < m; ++k) {
