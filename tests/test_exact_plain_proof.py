@@ -98,3 +98,28 @@ def test_edge_rows_match_the_torch_ops() -> None:
         y[6, 9] = bad
         ours, ref = ours_and_torch_ops(y, None)
         assert_bits_equal(ours, ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_recorded_calls_keep_the_torch_ops_bits(dtype: torch.dtype) -> None:
+    """Under grad the ops ask the kernel for each row's total (its rms for the backward):
+    a proved row's pair comes back as (total, 0); y, dx and dW stay the torch ops' bits."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.cat([tie_rows(4096), torch.randn(300, 4096, generator=g) * 2 + 0.5]).to(dtype)
+    dy = torch.randn(x.shape, generator=g).to(dtype)
+    got = []
+    for backend in (None, "torch_ops"):
+        norm = tgn.RMSNorm(4096, accumulate="exact", dtype=dtype)
+        with torch.no_grad():
+            norm.weight.copy_(torch.rand(4096, generator=torch.Generator().manual_seed(6)) + 0.5)
+        xr = x.clone().requires_grad_()
+        if backend is None:
+            y = norm(xr)
+        else:
+            with tgn.backends.use(backend):
+                y = norm(xr)
+        y.backward(dy)
+        assert xr.grad is not None and norm.weight.grad is not None
+        got.append((y.detach(), xr.grad, norm.weight.grad))
+    for ours, ref in zip(*got):
+        assert_bits_equal(ours, ref)

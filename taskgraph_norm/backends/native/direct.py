@@ -120,7 +120,9 @@ def direct_call(plan: Plan) -> DirectCall | None:
     # Rows per block of the team: about TEAM_GRAIN elements.
     base: dict[str, Any] = {"hidden": hidden, "offset": plan.offset, "grain": max(1, TEAM_GRAIN // max(hidden, 1))}
     if exact:
-        base["exact"] = 1
+        # the totals the ops ask for become each row's rms (rms_of_totals: (float)(t1 + t2)),
+        # so a pair proved from a plain sum may be left as (that value, 0)
+        base.update(exact=1, total_flags=_native.TOTAL_ROUNDED)
     else:
         adds = tuple(t for level in plan.adds for t in level)
         recipe = _native.FloatRecipe(plan.chunk_size, plan.n_chunks, adds, plan.root)

@@ -49,7 +49,7 @@ import torch
 from ... import caches
 from ..base import allowed as _allowed
 from ..base import use as _use
-from ...constants import ROUND_F16, ROUND_PRODUCT, ROUND_QUOTIENT, TOTAL_AS_RMS  # FINALIZE's flags
+from ...constants import ROUND_F16, ROUND_PRODUCT, ROUND_QUOTIENT, TOTAL_AS_RMS, TOTAL_ROUNDED  # FINALIZE's flags
 from ...errors import NativeKernelsWarning
 from . import abi as native_abi
 from . import cpu_features
@@ -58,7 +58,7 @@ from ...lowering import Plan
 __all__ = [
     "available", "describe", "disabled", "exact_rows",
     "exact_scale", "float_rows", "FloatRecipe", "library_path", "module",
-    "why_unavailable", "ROUND_F16", "ROUND_PRODUCT", "ROUND_QUOTIENT", "TOTAL_AS_RMS",
+    "why_unavailable", "ROUND_F16", "ROUND_PRODUCT", "ROUND_QUOTIENT", "TOTAL_AS_RMS", "TOTAL_ROUNDED",
 ]
 
 _DIR = Path(__file__).resolve().parent
