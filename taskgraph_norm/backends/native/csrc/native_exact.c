@@ -311,21 +311,21 @@ static int exact_whole_float(const float *row, int64_t hidden, double *t1, doubl
 }
 
 /* Where the call wants y and not the pairs (no gradient to record: the direct call),
- * or reads each pair only as that (TGN_TOTAL_ROUNDED: native_narrow.c's fused rows,
- * which get (c, 0) as the pair), a row's FINALIZE needs only c = RN32(RN64(T)), T = S1 + S2 the pair's value, and
- * tgn_squares_total_f32 (native_layer_exact.c: LayerNorm's variance, whose terms are
- * squares of fp32 values under the same scales, as these are) proves it from a plain
- * fp64 sum s of the x^2 where it can: it returns 1 only where [s - e, s + e], which
- * holds T, lies strictly between the fp32 midpoints around c.  Its e is at least twice the sum's
- * error bound (n - 1) 2^-53 S, so the interval reaches 2^-52 S >= ulp(T) past T on each
- * side: RN64(T) lies strictly between those midpoints too, and rounds to c.  So such a
- * row's spans form the plain sum s of x^2 (one fma per value, four sums in flight)
- * instead of the pair's folds, beside the previous row's FINALIZE as the pair's are;
- * a row it does not prove (a NaN, an Inf, a tie, a top-of-range c) forms its pair
- * after them, as before.
+ * or reads each pair only as its fp32 total (TGN_TOTAL_ROUNDED: the ops' rms, and
+ * native_narrow.c's fused rows, which get (c, 0) as the pair), a row needs only
+ * c = RN32(RN64(T)), T = S1 + S2 the pair's value.  tgn_squares_total_f32
+ * (native_layer_exact.c: LayerNorm's variance, whose terms are squares of fp32 values
+ * under the same scales, as these are) proves it from a plain fp64 sum s of the x^2
+ * where it can: it returns 1 only where [s - e, s + e], which holds T, lies strictly
+ * between the fp32 midpoints around c.  Its e is at least twice the sum's error bound
+ * (n - 1) 2^-53 S, so the interval reaches 2^-52 S >= ulp(T) past T on each side:
+ * RN64(T) lies strictly between those midpoints too, and rounds to c.  So such a row's
+ * spans form the plain sum s of x^2 (one fma per value, four sums in flight) instead of
+ * the pair's folds, beside the previous row's FINALIZE as the pair's are; a row it does
+ * not prove (a NaN, an Inf, a tie, a top-of-range c) forms its pair after them.
  *
- * The fp32 rows as EXACT_ROWS (native_exact_f64.c), software-pipelined: row i's FINALIZE is done in slices of
- * SLICE elements, each after a slice of row i + 1's sums, so that the core overlaps the
+ * The fp32 rows as EXACT_ROWS (native_exact_f64.c), software-pipelined: row i's FINALIZE
+ * is done in slices of SLICE elements, each after a slice of row i + 1's sums, so that the core overlaps the
  * sums' arithmetic (bound by the vector ports) with FINALIZE's loads and stores (bound
  * by the caches and memory) instead of doing one after the other.  Each element of y,
  * and each exact sum, has the bits it has when the rows are done one at a time. */
