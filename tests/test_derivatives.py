@@ -21,6 +21,7 @@ from torch.utils._pytree import tree_leaves
 
 import taskgraph_norm as tgn
 from taskgraph_norm import ops
+from taskgraph_norm.ops import library
 
 from .helpers import assert_bits_equal
 
@@ -205,6 +206,39 @@ def test_forward_ad_through_every_face(casting_mode: str, offset: float, dtype: 
             assert_close(tan, want, dtype, f"{name}, tangents {[t is not None for t in tangents]}")
 
 
+@pytest.mark.parametrize(("casting_mode", "weighted", "offset"), CASES)
+def test_a_tangent_is_differentiable_in_x(casting_mode: str, weighted: bool, offset: float,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reverse over forward: ``jacrev(jacfwd(f))`` and autograd through a tangent of inputs
+    that require grad.  The tangent's ``rms`` is recomputed from ``x``: the forward's, a
+    constant, would miss its derivative (the control: that tangent's derivative differs)."""
+    x, w, t_x, _ = inputs(torch.float64, weighted, seed=11)
+    f, r = norm_fn(casting_mode, offset), ref_fn(casting_mode, offset)
+    u = t_x.flip(1)
+
+    def through(fn: Callable[..., torch.Tensor]) -> torch.Tensor:
+        xr = x.clone().requires_grad_()
+        with fwad.dual_level():
+            tan = fwad.unpack_dual(fn(fwad.make_dual(xr, t_x), w)).tangent
+        return torch.autograd.grad((tan * u).sum(), xr)[0]
+
+    want = through(r)
+    assert_close(through(f), want, torch.float64, "autograd through the tangent")
+    jac = torch.func.jacrev(lambda a: torch.func.jvp(lambda b: f(b, w), (a,), (t_x,))[1])(x)
+    assert_close(jac, torch.func.jacrev(lambda a: torch.func.jvp(lambda b: r(b, w), (a,), (t_x,))[1])(x),
+                 torch.float64, "jacrev(jvp)")
+
+    def frozen_rms(x: torch.Tensor, weight: torch.Tensor | None, eps: float, t_x: torch.Tensor, *_: Any
+                   ) -> torch.Tensor:  # the control: the old tangent, the forward's rms a constant
+        rms = torch.sqrt(torch.mean(x.detach() ** 2, dim=-1, keepdim=True) + eps)
+        d_hat = (t_x - x / rms * torch.mean(x / rms * t_x, dim=-1, keepdim=True)) / rms
+        return d_hat if weight is None else d_hat * (weight + offset)
+
+    monkeypatch.setattr(library, "norm_tangent", frozen_rms)
+    with pytest.raises(AssertionError):
+        assert_close(through(f), want, torch.float64, "control")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_module_under_jvp_jacfwd_and_hessian(dtype: torch.dtype) -> None:
     x, w, t_x, _ = inputs(dtype, True, seed=5)
@@ -268,6 +302,34 @@ def check_residual_face(name: str, fn: Callable[..., Any], primals: tuple[torch.
     argnums = tuple(range(len(primals)))
     close(torch.func.grad(lambda *p: (fn(*p)[0] * dy).sum(), argnums=argnums)(*primals), grad_want,
           f"{name}: func.grad")
+
+
+def check_func_transforms(name: str, f: Callable[..., torch.Tensor], r: Callable[..., torch.Tensor],
+                          primals: tuple[torch.Tensor, ...], tangents: tuple[tuple[torch.Tensor, ...], ...],
+                          argnums: tuple[int, ...], dy: torch.Tensor, dtype: torch.dtype) -> None:
+    """``func.jvp`` of ``f`` along ``tangents[0]`` (its primal the plain call's bits) against
+    ``r``'s along ``tangents[1]`` (zero where ``f`` ignores an input); ``jacfwd``,
+    ``jacrev``, ``grad`` of ``<f, dy>``, its ``hessian`` and ``jacrev(jacfwd(...))`` (the
+    tangent rules' own derivatives) over ``argnums`` against the same transforms of ``r``."""
+    with torch.no_grad():
+        plain = f(*primals)
+    y, tan = torch.func.jvp(f, primals, tangents[0])
+    assert_bits_equal(y, plain)
+    assert_close(tan, torch.func.jvp(r, primals, tangents[1])[1], dtype, f"{name}: jvp")
+
+    def loss(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        return lambda *p: (fn(*p) * dy).sum()
+
+    func = torch.func
+    want_j = func.jacrev(r, argnums=argnums)(*primals)
+    assert_close(func.jacfwd(f, argnums=argnums)(*primals), want_j, dtype, f"{name}: jacfwd")
+    assert_close(func.jacrev(f, argnums=argnums)(*primals), want_j, dtype, f"{name}: jacrev")
+    assert_close(func.grad(loss(f), argnums=argnums)(*primals), func.grad(loss(r), argnums=argnums)(*primals),
+                 dtype, f"{name}: grad")
+    want_h = func.hessian(loss(r), argnums=argnums)(*primals)
+    assert_close(func.hessian(loss(f), argnums=argnums)(*primals), want_h, dtype, f"{name}: hessian")
+    assert_close(func.jacrev(func.jacfwd(loss(f), argnums=argnums), argnums=argnums)(*primals), want_h, dtype,
+                 f"{name}: jacrev(jacfwd)")
 
 
 # --- what cannot carry a tangent says so --------------------------------------------------

@@ -24,7 +24,8 @@ import taskgraph_norm as tgn
 from taskgraph_norm import ops
 
 from .helpers import assert_bits_equal
-from .test_derivatives import TOL, assert_close, check_raw_op_refuses, check_residual_face, f64
+from .test_derivatives import (TOL, assert_close, check_func_transforms, check_raw_op_refuses,
+                               check_residual_face, f64)
 
 # torch.func.jvp's first call imports torch._decomp.decompositions_for_jvp, which scripts
 # its decompositions with the deprecated torch.jit.script (torch's warning, not ours)
@@ -183,23 +184,9 @@ def test_func_transforms_match_the_formula(weighted: bool, biased: bool, accumul
     for name, f in faces(dtype, accumulate, weighted, biased).items():
         if name == "layer_norm":
             continue  # (asyncio.run under a functorch transform: the sync face's path, checked above)
-        with torch.no_grad():
-            plain = f(x, w, b)
-        y, tan = torch.func.jvp(f, (x, w, b), (t_x, t_w, t_b))
-        assert_bits_equal(y, plain)
-        want = torch.func.jvp(r, (x, w, b), (t_x, t_w if weighted else 0 * t_w, t_b if biased else 0 * t_b))[1]
-        assert_close(tan, want, dtype, f"{name}: jvp")
-        assert_close(torch.func.jacfwd(f, argnums=argnums)(x, w, b),
-                     torch.func.jacrev(r, argnums=argnums)(x, w, b), dtype, f"{name}: jacfwd")
-        assert_close(torch.func.jacrev(f, argnums=argnums)(x, w, b),
-                     torch.func.jacrev(r, argnums=argnums)(x, w, b), dtype, f"{name}: jacrev")
-        assert_close(torch.func.grad(loss(f), argnums=argnums)(x, w, b),
-                     torch.func.grad(loss(r), argnums=argnums)(x, w, b), dtype, f"{name}: grad")
-        want_h = torch.func.hessian(loss(r), argnums=argnums)(x, w, b)
-        assert_close(torch.func.hessian(loss(f), argnums=argnums)(x, w, b), want_h, dtype, f"{name}: hessian")
-        # reverse over forward: the tangent's own derivative (its statistics recomputed from x)
-        assert_close(torch.func.jacrev(torch.func.jacfwd(loss(f), argnums=argnums), argnums=argnums)(x, w, b),
-                     want_h, dtype, f"{name}: jacrev(jacfwd)")
+        # (jacrev(jacfwd): the tangent's own derivative, its statistics recomputed from x)
+        check_func_transforms(name, f, r, (x, w, b), ((t_x, t_w, t_b), (t_x, t_w if weighted else 0 * t_w,
+                              t_b if biased else 0 * t_b)), argnums, dy, dtype)
         gg = torch.func.grad(lambda a: (torch.func.grad(loss(f))(a, w, b) * dy).sum())(x)  # noqa: B023
         assert_close(gg, torch.func.grad(lambda a: (torch.func.grad(loss(r))(a, w, b) * dy).sum())(x), dtype,
                      f"{name}: grad of grad")

@@ -185,21 +185,25 @@ def merge_blocks_streamed(p: torch.Tensor, group: int = 1) -> torch.Tensor:
 
 
 def norm_tangent(
-    x: torch.Tensor, weight: torch.Tensor | None, rms: torch.Tensor, t_x: torch.Tensor | None,
+    x: torch.Tensor, weight: torch.Tensor | None, eps: float, t_x: torch.Tensor | None,
     t_w: torch.Tensor | None, casting_mode: str, offset: float,
 ) -> torch.Tensor:
-    """The tangent of ``y = x_hat * (w + offset)`` (``x_hat = x / rms``, ``rms`` the
-    forward's per-row value) along ``t_x`` and ``t_w`` (``None``: zero).
+    """The tangent of ``y = x_hat * (w + offset)`` (``x_hat = x / rms``) along ``t_x`` and
+    ``t_w`` (``None``: zero).
 
     ``d x_hat = (t_x - x_hat * mean(x_hat * t_x)) / rms`` and ``dy = d x_hat * w_eff +
     x_hat * t_w``, in the accumulation dtype and cast as the forward casts
     (:func:`~taskgraph_norm.kernels.finalize`: ``"llama"`` rounds both ``x_hat`` terms to
     ``x``'s dtype and multiplies in the promoted dtype).  Plain torch ops in
     ``torch.mean``'s order: differentiable, and batched under ``vmap`` (``jacfwd``).
+    ``rms = sqrt(mean(x**2) + eps)`` is recomputed from ``x``, not taken from the
+    forward, so the tangent is differentiable in ``x`` too (reverse over forward:
+    ``jacrev(jacfwd(f))``, or autograd through a tangent).
     """
     acc = accumulation_dtype(x.dtype)
     out = output_dtype(x.dtype, None if weight is None else weight.dtype, casting_mode)
     xa = x.to(acc)
+    rms = torch.sqrt(torch.mean(xa * xa, dim=-1, keepdim=True) + eps)
     x_hat = xa / rms
     d_hat = None
     if t_x is not None:

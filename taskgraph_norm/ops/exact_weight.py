@@ -105,8 +105,8 @@ class ExactWeightRMSNorm(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx: Any, t_x: torch.Tensor | None, t_w: torch.Tensor | None, *_rest: Any) -> tuple[Any, ...]:
-        x, weight, rms = ctx.saved_tensors
-        return norm_tangent(x, weight, rms, t_x, t_w, ctx.config[5], ctx.config[6]), None
+        x, weight = ctx.saved_tensors[:2]
+        return norm_tangent(x, weight, ctx.config[0], t_x, t_w, ctx.config[5], ctx.config[6]), None
 
     @staticmethod
     def vmap(info: Any, in_dims: tuple[int | None, ...], x: torch.Tensor, weight: torch.Tensor,

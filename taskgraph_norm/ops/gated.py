@@ -26,6 +26,13 @@ graph's backward, ``dgate`` elementwise, ``dW`` over fixed row blocks
 (:mod:`.gated_weight`).  A call that records no gradient runs the construction in one
 native pass where it can (:mod:`taskgraph_norm.backends.native.gated_rows`: the same
 operations in the same order, so the same bits).
+
+Forward-mode AD and ``torch.func``: the op has no forward rule and its autograd does not
+run under the grad transforms (its guard refuses both, naming :data:`GATED_FACES`); the
+faces run the construction's pieces instead, each with a ``jvp`` and a ``vmap`` rule
+(:class:`~.library.FuncRMSNorm`, :class:`~.gate_silu.GateSilu`,
+:class:`~.gated_weight.GatedWeight`, torch ops), never the one pass while an input
+carries a tangent: the plain call's bits, and tangents from plain torch ops.
 """
 
 from __future__ import annotations
@@ -40,12 +47,14 @@ from ..errors import ConfigError, DeviceMismatchError, GateShapeError
 from ..backends.base import allowed
 from ..backends.native import gate as native_gate
 from ..backends.native.gated_rows import GatedCall, gated_call
-from ..kernels.gate import silu_sigmoid
 from . import library as _library_mod
 from .forward import check_model_options
+from .gate_silu import gate_silu as _gate_silu
+from .gate_silu import is_wrapped as _is_wrapped
+from .gate_silu import real as _real
 from .gated_weight import weight_product
 from .library import LIBRARY, _register_autograd, eager_apply
-from .routing import DIRECT, TRACED, dtensor_face, route
+from .routing import DIRECT, TRACED, dual, dtensor_face, route
 
 __all__ = ["check_gated", "gated_forward", "gated_rms_norm", "gated_rms_norm_op", "gated_rms_norm_backward_op"]
 
@@ -79,48 +88,6 @@ def check_gated(x: object, gate: object, weight: object, group_size: object) -> 
         if not gate.dtype.is_floating_point:
             raise TypeError(f"gate must be a floating-point tensor, got {gate.dtype}")
     return size
-
-
-def _real(*tensors: torch.Tensor) -> bool:
-    """Plain tensors with storage (not a torch.func wrapper, a fake or a subclass): what
-    the C gate may read."""
-    return all(type(t) is torch.Tensor and not _is_wrapped(t) for t in tensors)
-
-
-_is_wrapped: Any = torch._C._functorch.is_functorch_wrapped_tensor
-
-
-def _silu_sigmoid(g: torch.Tensor, acc: torch.dtype, sigmoid: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """:func:`~taskgraph_norm.kernels.gate.silu_sigmoid`, in C where it runs (the same bits)."""
-    if acc == torch.float32 and "native" in allowed() and _real(g) and native_gate.runs(g):
-        return native_gate.silu_sigmoid(g, sigmoid)
-    return silu_sigmoid(g, acc, sigmoid)
-
-
-class GateSilu(torch.autograd.Function):
-    """``silu(g)`` in ``acc`` with position-invariant bits, and its derivative
-    ``sigmoid(g) * (1 + g * (1 - sigmoid(g)))`` from the same ``sigmoid`` (elementwise
-    IEEE operations: ``dgate`` is position-invariant too)."""
-
-    @staticmethod
-    def forward(g: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
-        return _silu_sigmoid(g, acc, False)[0]
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
-        ctx.acc = inputs[1]
-        ctx.save_for_backward(inputs[0])
-
-    @staticmethod
-    def backward(ctx: Any, ds: torch.Tensor) -> tuple[Any, ...]:
-        (g,) = ctx.saved_tensors
-        sig = _silu_sigmoid(g, ctx.acc, True)[1]
-        assert sig is not None
-        ga = kernels.widen(g, ctx.acc)
-        return (ds * (sig * ((1.0 - sig) * ga + 1.0))).to(g.dtype), None
-
-
-_gate_silu: Any = GateSilu.apply
 
 
 def _norm(h: torch.Tensor, eps: float, config: tuple[Any, ...], executor: str,
@@ -158,10 +125,10 @@ def gated_forward(
     differentiable pieces: the merge graph's ops and elementwise torch ops."""
     acc = kernels.accumulation_dtype(x.dtype)
     llama = casting_mode == "llama"
-    # No gradient to record: the gate's product in one C pass (the same bits).
+    # No gradient to record, no tangent: the gate's product in one C pass (the same bits).
     fused = gate is not None and acc == torch.float32 and not (torch.is_grad_enabled() and (
         x.requires_grad or gate.requires_grad or (weight is not None and weight.requires_grad))) and (
-        "native" in allowed()) and _real(gate, x) and native_gate.runs(gate, x)
+        "native" in allowed()) and _real(gate, x) and not dual(x, gate, weight) and native_gate.runs(gate, x)
     if fused and executor in ("auto", "compiled"):
         assert gate is not None
         y = _one_pass(x, gate, weight, eps, group_size, norm_before_gate, (chunk_size, topology, leaf, accumulate),
@@ -248,7 +215,7 @@ def _same_nans(t: torch.Tensor) -> torch.Tensor:
         d = t.detach()
         if d.element_size() == 2 and d.device.type == "cpu":
             nan = d.isnan()
-            if bool(nan.any()):
+            if _is_wrapped(d) or bool(nan.any()):  # (torch.func: no data-dependent branch)
                 d.view(torch.int16).masked_fill_(nan, -1)
     return t
 
@@ -339,7 +306,10 @@ def _backward(ctx: Any, dy: torch.Tensor) -> tuple[Any, ...]:
     return (dx if mask[0] else None, dgate if mask[1] else None, dw if mask[2] else None) + (None,) * 9
 
 
-_register_autograd("gated_rms_norm", _backward, _setup)
+#: The faces that carry a tangent and the torch.func transforms (named by the op's refusal).
+GATED_FACES = ("tgn.normalize_sync / tgn.normalize with gate= or group_size=, tgn.GatedRMSNorm or "
+               "taskgraph_norm.ops.gated_rms_norm")
+_register_autograd("gated_rms_norm", _backward, _setup, GATED_FACES)
 
 
 def gated_rms_norm(

@@ -37,6 +37,7 @@ class GatedWeight(torch.autograd.Function):
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
         ctx.offset, ctx.wide, ctx.watch = inputs[2], inputs[3], inputs[4]
         ctx.save_for_backward(inputs[0], inputs[1])
+        ctx.save_for_forward(inputs[0], inputs[1])
 
     @staticmethod
     def backward(ctx: Any, dm: torch.Tensor) -> tuple[Any, ...]:
@@ -56,6 +57,26 @@ class GatedWeight(torch.autograd.Function):
                 t = dm.to(acc).reshape(-1, cols) * kernels.widen(n, acc).reshape(-1, cols)
                 dw = column_sum_blocks(t, weight.dtype).view(weight.shape)
         return dn, dw, None, None, None
+
+    @staticmethod
+    def jvp(ctx: Any, t_n: torch.Tensor | None, t_w: torch.Tensor | None, *_: Any) -> torch.Tensor:
+        # forward-mode AD: the product rule, as torch ops (differentiable again)
+        n, weight = ctx.saved_tensors
+        parts = []
+        if t_n is not None:
+            parts.append(kernels.widen(t_n, ctx.wide) * kernels.finalize_weight(weight, ctx.wide, ctx.offset))
+        if t_w is not None:
+            parts.append(kernels.widen(n, ctx.wide) * kernels.widen(t_w, ctx.wide))
+        return parts[0] if len(parts) == 1 else parts[0] + parts[1]
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple[int | None, ...], n: torch.Tensor, weight: torch.Tensor, offset: float,
+             wide: torch.dtype, watch: GradWatch | None) -> tuple[torch.Tensor, int]:
+        if in_dims[1] is not None or in_dims[0] is None:
+            raise NotImplementedError("vmap over taskgraph_norm's gated RMSNorm batches x and the gate only (a "
+                                      "batched weight is a different norm per sample: call it per sample)")
+        # the weight multiplies the trailing dims: the vmapped dim becomes one more leading dim
+        return _apply(n.movedim(in_dims[0], 0), weight, offset, wide, watch), 0
 
 
 _apply: Any = GatedWeight.apply

@@ -262,9 +262,9 @@ class FuncRMSNorm(torch.autograd.Function):
     @staticmethod
     def jvp(ctx: Any, t_x: torch.Tensor | None, t_w: torch.Tensor | None, _t_config: Any) -> tuple[Any, ...]:
         # forward-mode AD (forward_ad, torch.func.jvp, jacfwd, hessian): y's tangent; rms has none
-        x, weight, rms = ctx.saved_tensors
-        _eps, _chunk, _topology, _leaf, _accumulate, casting_mode, offset = ctx.config
-        return norm_tangent(x, weight, rms, t_x, t_w, casting_mode, offset), None
+        x, weight = ctx.saved_tensors[:2]
+        eps, _chunk, _topology, _leaf, _accumulate, casting_mode, offset = ctx.config
+        return norm_tangent(x, weight, eps, t_x, t_w, casting_mode, offset), None
 
     @staticmethod
     def vmap(info: Any, in_dims: tuple[int | None, ...], x: torch.Tensor, weight: torch.Tensor | None,
