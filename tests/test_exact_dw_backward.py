@@ -126,6 +126,48 @@ def test_a_row_that_is_not_finite_adds_nothing() -> None:
     assert_bits_equal(grads[0][1], grads[1][1])
 
 
+def garbage_state(hidden: int, seed: int) -> torch.Tensor:
+    """A state's memory holding anything (a spare from an earlier step, or new memory)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(-2**62, 2**62, (EXACT_DIGITS + 3, hidden), generator=g, dtype=torch.int64)
+
+
+@pytest.mark.parametrize("rows,hidden,binades", [(1, 4096, 0), (64, 4096, 8), (33, 96, 40), (3000, 257, 20)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_fresh_state_is_written_whole_and_rounded(rows: int, hidden: int, binades: int, threads: int) -> None:
+    """``fresh``: the state's memory holds anything; the pass writes it whole with its
+    own sum (the two passes' state from zero) and rounds it from the rows the sum
+    reached (``exact_round``'s bits).  Negative control: without ``fresh`` the same
+    memory is added into, and the state differs."""
+    x, dy, rms = rows_of(rows, hidden, 7 + rows, binades=binades)
+    w = torch.rand(hidden, generator=torch.Generator().manual_seed(2)) + 0.5
+    dx2, s2 = two_passes(x, dy, w, rms, es.empty_state(hidden), "float")
+    state, rounded, dx = garbage_state(hidden, rows), torch.full((hidden,), float("nan")), torch.empty_like(x)
+    assert native_grads.backward_exact_dw(x, dy, w, rms, recipe(hidden), dx, state, exact=False, threads=threads,
+                                          fresh=True, rounded=rounded) == 0
+    assert_bits_equal(dx, dx2)
+    assert torch.equal(state, s2)
+    assert_bits_equal(rounded, native_grads.exact_round(s2, torch.float32))
+    assert_bits_equal(rounded, es.round_state(s2, torch.float32))
+    added = start_state(hidden)  # memory an earlier step left
+    assert native_grads.backward_exact_dw(x, dy, w, rms, recipe(hidden), dx, added, exact=False,
+                                          threads=threads) == 0
+    assert not torch.equal(added, s2)
+
+
+def test_a_fresh_state_with_a_row_that_is_not_finite_is_zero() -> None:
+    x, dy, rms = rows_of(100, 128, 4)
+    dy[40, 3] = float("inf")
+    state, rounded = garbage_state(128, 1), torch.full((128,), 7.0)
+    assert native_grads.backward_exact_dw(x, dy, None, rms, recipe(128), torch.empty_like(x), state, exact=False,
+                                          threads=2, fresh=True, rounded=rounded) > 0
+    assert not state.any()
+    assert torch.equal(rounded, torch.full((128,), 7.0))  # not written
+    with pytest.raises(ValueError, match="rounded"):
+        native_grads.backward_exact_dw(x, dy, None, rms, recipe(128), None, state, exact=False,
+                                       rounded=rounded)  # rounded without fresh
+
+
 def test_overflow_is_an_error() -> None:
     state = torch.zeros(EXACT_DIGITS + 3, 8, dtype=torch.int64)
     state[EXACT_DIGITS - 1] = EXACT_TOP_LIMIT  # at the bound: one more unit passes it

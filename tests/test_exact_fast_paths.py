@@ -134,6 +134,19 @@ def test_tiles_that_fall_back_give_the_torch_state() -> None:
     assert_bits_equal(native_state(dy, x, None), torch_state(dy, x, None))
 
 
+@pytest.mark.parametrize("spread", [10, 30, 50, 90])
+def test_tiles_whose_columns_differ_in_scale_give_the_torch_state(spread: int) -> None:
+    """One first scale serves a tile's 32 columns (the bound of its largest): columns
+    2**spread apart in one tile take one fold, two, or the measured path, to the same
+    integers as the torch form's."""
+    dy, x, rms = dw_case(96, 2048, spread)
+    dy[:, 27::32] *= 2.0**spread                # one large column per tile
+    x[:, 9::32] *= 2.0**-spread                 # and one small one
+    dy[:50, 31::32] *= 2.0**(-spread // 2)      # rows of a column on another scale
+    assert_bits_equal(native_state(dy, x, rms), torch_state(dy, x, rms))
+    assert_bits_equal(native_state(dy, x, None), torch_state(dy, x, None))
+
+
 def test_large_inputs_take_the_measured_path_to_the_same_state() -> None:
     """From 6 Mi products per call (native_dw.c's DW_DIRECT_MAX_PRODUCTS) the kernel
     forms every product into its panel buffer; the state is the one of the same rows

@@ -133,13 +133,17 @@ class Backend(Protocol):
 
     def backward_exact_dw(
         self, plan: Plan, dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, rms: torch.Tensor,
-        state: torch.Tensor, dx: torch.Tensor | None, *, offset: float,
+        state: torch.Tensor, dx: torch.Tensor | None, *, offset: float, fresh: bool = False,
+        rounded: torch.Tensor | None = None,
     ) -> bool:
         """The backward with the exact weight gradient in the same pass: ``dx`` (when
         given, a tensor like ``x`` to write) as :meth:`backward` makes it, and ``sum over
         rows of dy * (x / rms)`` added to the exact ``state`` as :meth:`accumulate_exact`
         adds it; ``False`` (and nothing written or added) when this backend has no such
-        pass for these operands: the caller then runs the two."""
+        pass for these operands: the caller then runs the two.  With ``fresh``,
+        ``state``'s memory holds anything: a ``True`` return has written it whole with
+        this call's sum alone (after ``False`` the caller zeroes it), and ``rounded`` (an
+        fp32 tensor of ``D`` values, or ``None``) holds the sums correctly rounded to fp32."""
         ...
 
     def layer_forward(

@@ -89,7 +89,8 @@ class TorchOpsBackend:
 
     def backward_exact_dw(
         self, plan: Plan, dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, rms: torch.Tensor,
-        state: torch.Tensor, dx: torch.Tensor | None, *, offset: float,
+        state: torch.Tensor, dx: torch.Tensor | None, *, offset: float, fresh: bool = False,
+        rounded: torch.Tensor | None = None,
     ) -> bool:
         return False  # the two passes: backward, then accumulate_exact
 
@@ -206,12 +207,14 @@ class NativeBackend(NativeLayer):
 
     def backward_exact_dw(
         self, plan: Plan, dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, rms: torch.Tensor,
-        state: torch.Tensor, dx: torch.Tensor | None, *, offset: float,
+        state: torch.Tensor, dx: torch.Tensor | None, *, offset: float, fresh: bool = False,
+        rounded: torch.Tensor | None = None,
     ) -> bool:
         """fp32 rows in one C pass: each thread adds its row blocks' exact products right
         after their ``dx``, while the rows are in its cache (native_dw_fused.c); its rows
         shared among torch's threads from :data:`SPLIT_NUMEL` elements on (the pass does
-        twice the backward's work per row).  ``False`` for other operands, and where a
+        twice the backward's work per row); a fresh state is written whole and rounded
+        from the digit rows the sum reached.  ``False`` for other operands, and where a
         row is not finite (whose NaNs torch's ops make)."""
         fp32 = torch.float32
         rows, hidden = x.shape
@@ -225,7 +228,7 @@ class NativeBackend(NativeLayer):
         bad = _native_grads.backward_exact_dw(x, dy, None if w_g is None else w_g.contiguous(), rms,
                                               _native_grads.recipe_of(plan), dx, state,
                                               exact=plan.accumulate == "exact", threads=threads,
-                                              grain=kernels.ROW_BLOCK)
+                                              grain=kernels.ROW_BLOCK, fresh=fresh, rounded=rounded)
         return bad == 0
 
     def accumulate_exact(
@@ -338,7 +341,8 @@ class TritonBackend(TritonLayer):
 
     def backward_exact_dw(
         self, plan: Plan, dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, rms: torch.Tensor,
-        state: torch.Tensor, dx: torch.Tensor | None, *, offset: float,
+        state: torch.Tensor, dx: torch.Tensor | None, *, offset: float, fresh: bool = False,
+        rounded: torch.Tensor | None = None,
     ) -> bool:
         return False  # the two kernels: backward, then accumulate_exact
 

@@ -61,8 +61,10 @@ class ExactSum:
 
     __slots__ = ("state",)
 
-    def __init__(self, numel: int, device: torch.device | str | None = None) -> None:
-        self.state = zero_state(numel, device)
+    def __init__(self, numel: int, device: torch.device | str | None = None, *, blank: bool = False) -> None:
+        # blank: a CPU state's memory not zeroed, for a kernel that writes it whole
+        # (the fused backward's fresh state; zero it with :func:`.exact_state.zero_` if not)
+        self.state = zero_state(numel, device, blank=blank)
 
     @classmethod
     def from_state(cls, state: torch.Tensor) -> ExactSum:

@@ -16,7 +16,7 @@ import torch
 
 from ..kernels import exact_sum as es
 
-__all__ = ["recycle_state", "zero_state"]
+__all__ = ["recycle_state", "zero_", "zero_state"]
 
 #: numel -> one CPU state a carry dropped, reused by the next :func:`zero_state` of
 #: that size.  At most :data:`_SPARES_MAX` sizes are kept.
@@ -25,17 +25,26 @@ _spares_lock = threading.Lock()
 _SPARES_MAX = 8
 
 
-def zero_state(numel: int, device: torch.device | str | None) -> torch.Tensor:
+def zero_state(numel: int, device: torch.device | str | None, *, blank: bool = False) -> torch.Tensor:
     """:func:`~taskgraph_norm.kernels.exact_sum.empty_state`, on CPU zeroed by one
     ``memset`` (``torch.zeros`` fills its 22 rows in parallel on torch's OpenMP team,
     whose wake-up cost 50-130 us of a (64, 4096) training step on 2 cores, against
-    ~12 us for the memset), in a dropped state of that size when one is kept."""
+    ~12 us for the memset), in a dropped state of that size when one is kept.  With
+    ``blank``, a CPU state is not zeroed: its memory holds anything, for a kernel that
+    writes it whole (the fused backward's ``fresh`` state)."""
     if device is not None and torch.device(device).type != "cpu":
         return es.empty_state(numel, device)
     with _spares_lock:
         state = _spares.pop(numel, None)
     if state is None:
         state = torch.empty(es.STATE_ROWS, numel, dtype=torch.int64)
+    if not blank:
+        zero_(state)
+    return state
+
+
+def zero_(state: torch.Tensor) -> torch.Tensor:
+    """A contiguous CPU ``state`` zeroed by one ``memset`` (:func:`zero_state`'s)."""
     ctypes.memset(state.data_ptr(), 0, state.numel() * state.element_size())
     return state
 

@@ -36,6 +36,7 @@ from ..errors import ConfigError
 from ..backends.triton import exact_dw as triton_dw
 from ..kernels.backward import norm_tangent
 from .exact_grad import ExactSum, exact_grads
+from .exact_state import zero_
 from . import backward as _backward
 from . import forward as _forward
 from .library import _composite_grads
@@ -77,17 +78,24 @@ class ExactWeightRMSNorm(torch.autograd.Function):
     def backward(ctx: Any, dy: torch.Tensor, _drms: torch.Tensor | None) -> tuple[Any, ...]:
         x, weight, rms = ctx.saved_tensors
         eps, *config = ctx.config
-        dx = dw_composite = total = None
+        dx = dw_composite = total = rounded = None
         fused = False
         w_needs = grad_wanted(ctx, 1)
         if torch.is_grad_enabled():  # create_graph=True, torch.func: differentiable ops
             dx, dw_composite = _composite_grads(dy, x, weight, eps, ctx.needs_input_grad[0], w_needs,
                                                 config[4], config[5])
         elif w_needs and not torch._C._are_functorch_transforms_active():
-            # dx and this call's exact sum in one pass where the backend has one
-            total = ExactSum(weight.numel(), x.device)
+            # dx and this call's exact sum in one pass where the backend has one, which
+            # writes the state whole (its memory not zeroed first) and rounds fp32 dW
+            cpu = x.device.type == "cpu"
+            total = ExactSum(weight.numel(), x.device, blank=cpu)
+            if cpu and weight.dtype == torch.float32:
+                rounded = torch.empty(weight.numel(), dtype=torch.float32)
             fused_backward: Any = _backward.fused_exact_backward
-            fused, dx = fused_backward(dy, x, weight, rms, *config, total.state, ctx.needs_input_grad[0])
+            fused, dx = fused_backward(dy, x, weight, rms, *config, total.state, ctx.needs_input_grad[0],
+                                       fresh=cpu, rounded=rounded)
+            if not fused and cpu:
+                zero_(total.state)
         if dx is None and ctx.needs_input_grad[0] and not torch.is_grad_enabled():
             float_backward: Any = _backward.backward
             dx, _ = float_backward(dy.contiguous(), x, weight, rms, *config, "float", [True, False])
@@ -95,8 +103,11 @@ class ExactWeightRMSNorm(torch.autograd.Function):
             return dx, None, None, None
         if total is None or not fused:  # (a state the one pass left untouched, zero, is added into)
             total = _call_sum(dy, x, rms, weight.numel(), total)
-        with torch._C._DisableFuncTorch():
-            dw = total.result(weight.dtype).view(weight.shape)
+        if fused and rounded is not None:
+            dw = rounded.view(weight.shape)
+        else:
+            with torch._C._DisableFuncTorch():
+                dw = total.result(weight.dtype).view(weight.shape)
         if ctx.watch is not None:
             ctx.watch.pending_add(total, dw)
         if dw_composite is not None:  # the exact value, differentiable as the composite's

@@ -323,13 +323,14 @@ class Pipeline:
 
     def backward_exact_dw(
         self, dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, rms: torch.Tensor,
-        state: torch.Tensor, dx: torch.Tensor | None,
+        state: torch.Tensor, dx: torch.Tensor | None, *, fresh: bool = False, rounded: torch.Tensor | None = None,
     ) -> bool:
         """:meth:`backward`'s ``dx`` (into ``dx``, if given) with the exact weight
-        gradient's ``sum over rows of dy * (x / rms)`` added to ``state``, in one pass
-        where the backend has one (:meth:`.Backend.backward_exact_dw`); else ``False``."""
+        gradient's ``sum over rows of dy * (x / rms)`` added to ``state`` (written whole,
+        and rounded into ``rounded``, with ``fresh``), in one pass where the backend has
+        one (:meth:`.Backend.backward_exact_dw`); else ``False``."""
         return self.plan is not None and self._backend_of(x).backward_exact_dw(
-            self.plan, dy, x, weight, rms, state, dx, offset=self.offset)
+            self.plan, dy, x, weight, rms, state, dx, offset=self.offset, fresh=fresh, rounded=rounded)
 
     def check(
         self, x: object, weight: object | None, eps: float | None, out: object | None = None

@@ -91,6 +91,7 @@ def backward_rows(
 def backward_exact_dw(
     x: torch.Tensor, dy: torch.Tensor, weight: torch.Tensor | None, rms: torch.Tensor, recipe: FloatRecipe,
     dx: torch.Tensor | None, state: torch.Tensor, *, exact: bool, threads: int = 1, grain: int = 32,
+    fresh: bool = False, rounded: torch.Tensor | None = None,
 ) -> int:
     """:func:`backward_rows`'s ``dx`` with the exact weight gradient in the same pass:
     ``state`` (a contiguous ``(22, D)`` int64 CPU state in its normal form) += the exact
@@ -98,8 +99,13 @@ def backward_exact_dw(
     Each thread adds its row blocks' products into a state of its own right after their
     ``dx`` (native_dw_fused.c: kept between calls, zero between them), then those are
     added into ``state``: integer sums, so the state does not depend on the split.
+    With ``fresh``, ``state``'s memory holds anything: it is written whole with this
+    call's sum alone; with ``rounded`` too (a contiguous fp32 CPU tensor of ``D``
+    values), the sums correctly rounded to fp32 (:func:`exact_round`'s bits) are
+    written into it, from the digit rows the sum reached.
     Returns the rows whose ``s`` or ``k`` is not finite; when there are any, nothing is
-    added to ``state`` (the caller runs the two passes, whose NaNs are torch's).
+    added to ``state`` (a fresh one is zeroed; the caller runs the two passes, whose
+    NaNs are torch's) and ``rounded`` is not written.
     Raises :class:`~taskgraph_norm.errors.ExactSumOverflowError` when a column passes
     the state's range (the state is then as the other kernels leave it)."""
     lib = module()
@@ -111,12 +117,16 @@ def backward_exact_dw(
     if (state.shape != (EXACT_DIGITS + 3, hidden) or state.dtype != torch.int64 or not state.is_contiguous()
             or not state.is_cpu):
         raise ValueError(f"state must be a contiguous ({EXACT_DIGITS + 3}, {hidden}) int64 CPU tensor")
+    if rounded is not None and (not fresh or rounded.dtype is not fp32 or not rounded.is_cpu
+                                or not rounded.is_contiguous() or rounded.numel() != hidden):
+        raise ValueError(f"rounded must be a contiguous fp32 CPU tensor of {hidden} values, with fresh")
     if rows == 0:
         return 0
     bad = int(lib.backward_exact_dw_f32_team(
         x.data_ptr(), dy.data_ptr(), None if weight is None else weight.data_ptr(), rms.data_ptr(),
         rows, hidden, recipe.chunk_size, recipe.adds.data_ptr(), recipe.n_adds, recipe.root, int(exact),
-        None if dx is None else dx.data_ptr(), state.data_ptr(), grain, threads))
+        None if dx is None else dx.data_ptr(), state.data_ptr(), grain, threads, int(fresh),
+        None if rounded is None else rounded.data_ptr()))
     if bad == -1:
         raise MemoryError("the native backward could not allocate its scratch")
     if bad == -2:

@@ -57,8 +57,9 @@
  * does recomputes them and goes on with the general folds (dw_more_folds).
  *
  * Most tiles take a shorter route to the same integers (dw_run, dw_bound_scales):
- * the first scale from a bound of the products instead of their measured max (the
- * argument above holds for any M >= max |p|), the products formed again as they are
+ * the first scale from a bound of the products instead of their measured max, one
+ * bound for a tile's columns (the argument above holds for any M >= max |p|: each
+ * column's integer is the same whatever scale folds it), the products formed again as they are
  * folded instead of written, and, where every product is a multiple of the second
  * fold's grid, one fold and the exact remainders.  A tile where that route could
  * leave something (a third fold, a NaN or infinite bound) takes the measured one.
@@ -81,8 +82,9 @@ DW_WIDE_BEGIN
  * before digits span[0]..span[1] were added to; returns the count of columns whose
  * top digit passes DW_TOP_LIMIT.  The digits below span[0] are as they were; from
  * span[1] up, a row whose carries are all zero leaves every row above it as it was
- * (balanced), so the pass stops there: ordinary data touches 4-6 of the 19 rows. */
-int64_t tgn_dw_normalize(int64_t *state, int64_t cols, int64_t stride, const int *span)
+ * (balanced), so the pass stops there: ordinary data touches 4-6 of the 19 rows.
+ * span[1] is raised to the highest row a carry reached. */
+int64_t tgn_dw_normalize(int64_t *state, int64_t cols, int64_t stride, int *span)
 {
     for (int k = span[0] < 0 ? 0 : span[0]; k < DW_DIGITS - 1; ++k) {
         int64_t *restrict d = state + k * stride, *restrict up = d + stride;
@@ -93,6 +95,8 @@ int64_t tgn_dw_normalize(int64_t *state, int64_t cols, int64_t stride, const int
             up[j] += carry;
             any |= carry;
         }
+        if (any && k + 1 > span[1])
+            span[1] = k + 1;
         if (k >= span[1] && !any)
             break;
     }
@@ -111,18 +115,18 @@ int64_t tgn_dw_normalize(int64_t *state, int64_t cols, int64_t stride, const int
 
 /* One block of at most DW_BLOCK rows over `cols` columns added into the digits of
  * state, not normalised (span: the digit rows written, and span[2] set when a special
- * product was counted).  Per panel of columns: each column's largest and smallest
- * nonzero |dy| and |b| in one pass along the rows (sequential reads, 4 KiB of each
- * row), then per full tile the direct folds from the bound; a narrow tile, a tile
- * whose bound is not finite and a tile that needs a third fold (a product 2^45 times
- * below its column's bound; random data has none) take the measured path.  Returns
+ * product was counted).  Per panel of columns: each full tile's largest and smallest
+ * nonzero |dy| and |b| along the block's rows, then per full tile the direct folds
+ * from the bound; a narrow tile, a tile whose bound is not finite and a tile that
+ * needs a third fold (a product 2^45 times below its tile's bound; random data has
+ * none) take the measured path.  Returns
  * 0, or -2 if a tile did not finish within DW_MAX_FOLDS folds (impossible). */
 int64_t tgn_dw_block(const float *dyb, int64_t dy_stride, const float *bb, int64_t b_stride, const float *rb,
                      int64_t nr, int64_t cols, int64_t *state, int64_t stride, int *span)
 {
     enum { PANEL = DW_PANEL * DW_TILE };
     double buf[DW_BLOCK * DW_TILE], mx[DW_TILE];
-    uint32_t tops[2 * PANEL], lows[2 * PANEL];
+    uint32_t tops[2 * DW_PANEL], lows[2 * DW_PANEL];
     double rmin = rb ? INFINITY : 1.0; /* 0: an rms that is not positive (or NaN) */
     float rmax = 1.0f;
     float recip[2 * DW_BLOCK]; /* each row's reciprocal pair (dw_quotient) */
@@ -140,16 +144,15 @@ int64_t tgn_dw_block(const float *dyb, int64_t dy_stride, const float *bb, int64
 #endif
     for (int64_t j0 = 0; j0 < cols; j0 += PANEL) {
         int64_t nc = cols - j0 < PANEL ? cols - j0 : PANEL;
-        tgn_dw_column_tops(dyb + j0, dy_stride, bb + j0, b_stride, nr, nc, tops, lows);
+        tgn_dw_tile_tops(dyb + j0, dy_stride, bb + j0, b_stride, nr, nc, tops, lows);
         for (int64_t t = 0; t * DW_TILE < nc; ++t) {
             int64_t o = j0 + t * DW_TILE, w = nc - t * DW_TILE < DW_TILE ? nc - t * DW_TILE : DW_TILE;
             int s1[DW_TILE], how = 0;
             if (w == DW_TILE && rmin > 0.0)
-                how = tgn_dw_bound_scales(tops + t * DW_TILE, tops + nc + t * DW_TILE, lows + t * DW_TILE,
-                                          lows + nc + t * DW_TILE, 1.0 / rmin, rmax, rb != NULL, s1);
+                how = tgn_dw_bound_scales(tops[2 * t], tops[2 * t + 1], lows[2 * t], lows[2 * t + 1], 1.0 / rmin,
+                                          rmax, rb != NULL, s1);
             const float *rq =
-                quotient && tgn_dw_tile_in_quotient_range(tops + nc + t * DW_TILE, lows + nc + t * DW_TILE) ? recip
-                                                                                                            : NULL;
+                how && quotient && tgn_dw_tile_in_quotient_range(tops[2 * t + 1], lows[2 * t + 1]) ? recip : NULL;
             if (how && tgn_dw_tile_direct_any(dyb + o, dy_stride, bb + o, b_stride, rb, rq, nr, s1, how == 2,
                                               state + o, stride, span))
                 continue;

@@ -28,32 +28,49 @@ DW_WIDE_BEGIN
 #define DW_MUL_ADD(a, h, c) ((double)(a) * (double)(h) + (c))
 #endif
 
-/* Each column's largest |dy| and |b| bits over a block of a panel (a NaN's bits are
+/* Each full tile's largest |dy| and |b| bits over a block of a panel (a NaN's bits are
  * above every number's) and smallest nonzero ones less one (UINT32_MAX: none), as
- * integers. */
-void tgn_dw_column_tops(const float *dy, int64_t dy_stride, const float *b, int64_t b_stride, int64_t rows,
-                        int64_t cols, uint32_t *restrict tops, uint32_t *restrict lows)
+ * integers: tops[2 t], tops[2 t + 1] (dy, b) and lows the same, for the tiles t of
+ * `cols` (the columns of a narrow last tile are not read: it takes the measured path).
+ * Each tile's four bounds stay in registers along the rows; a column's own bounds
+ * would give a finer first scale, but any bound of the products serves the fold
+ * (native_dw.c), and one per tile leaves one scale to find instead of DW_TILE. */
+void tgn_dw_tile_tops(const float *dy, int64_t dy_stride, const float *b, int64_t b_stride, int64_t rows,
+                      int64_t cols, uint32_t *restrict tops, uint32_t *restrict lows)
 {
-    uint32_t *restrict tdy = tops, *restrict tb = tops + cols, *restrict ldy = lows, *restrict lb = lows + cols;
-    for (int64_t j = 0; j < cols; ++j) {
-        tdy[j] = tb[j] = 0;
-        ldy[j] = lb[j] = UINT32_MAX;
-    }
-    for (int64_t i = 0; i < rows; ++i) {
-        const float *a = dy + i * dy_stride, *c = b + i * b_stride;
-        for (int64_t j = 0; j < cols; ++j) {
-            uint32_t u, v;
-            memcpy(&u, a + j, sizeof u);
-            memcpy(&v, c + j, sizeof v);
-            u &= 0x7fffffffu;
-            v &= 0x7fffffffu;
-            tdy[j] = u > tdy[j] ? u : tdy[j];
-            tb[j] = v > tb[j] ? v : tb[j];
-            u -= 1u; /* 0 becomes UINT32_MAX */
-            v -= 1u;
-            ldy[j] = u < ldy[j] ? u : ldy[j];
-            lb[j] = v < lb[j] ? v : lb[j];
+    for (int64_t t = 0; (t + 1) * DW_TILE <= cols; ++t) {
+        uint32_t tdy[DW_TILE], tb[DW_TILE], ldy[DW_TILE], lb[DW_TILE];
+        for (int j = 0; j < DW_TILE; ++j) {
+            tdy[j] = tb[j] = 0;
+            ldy[j] = lb[j] = UINT32_MAX;
         }
+        for (int64_t i = 0; i < rows; ++i) {
+            const float *a = dy + i * dy_stride + t * DW_TILE, *c = b + i * b_stride + t * DW_TILE;
+            for (int j = 0; j < DW_TILE; ++j) {
+                uint32_t u, v;
+                memcpy(&u, a + j, sizeof u);
+                memcpy(&v, c + j, sizeof v);
+                u &= 0x7fffffffu;
+                v &= 0x7fffffffu;
+                tdy[j] = u > tdy[j] ? u : tdy[j];
+                tb[j] = v > tb[j] ? v : tb[j];
+                u -= 1u; /* 0 becomes UINT32_MAX */
+                v -= 1u;
+                ldy[j] = u < ldy[j] ? u : ldy[j];
+                lb[j] = v < lb[j] ? v : lb[j];
+            }
+        }
+        uint32_t m0 = 0, m1 = 0, l0 = UINT32_MAX, l1 = UINT32_MAX;
+        for (int j = 0; j < DW_TILE; ++j) {
+            m0 = tdy[j] > m0 ? tdy[j] : m0;
+            m1 = tb[j] > m1 ? tb[j] : m1;
+            l0 = ldy[j] < l0 ? ldy[j] : l0;
+            l1 = lb[j] < l1 ? lb[j] : l1;
+        }
+        tops[2 * t] = m0;
+        tops[2 * t + 1] = m1;
+        lows[2 * t] = l0;
+        lows[2 * t + 1] = l1;
     }
 }
 
@@ -71,14 +88,15 @@ INLINE int dw_ulp_exponent(uint32_t bits)
     return (e > 0 ? e : 1) - 150;
 }
 
-/* How a full tile's columns are folded (dw_tile_direct), from each column's bounds
- * over the block (tops: max |dy| then max |b| bits; lows: min nonzero less one):
+/* How a full tile's columns are folded (dw_tile_direct), from the tile's bounds over
+ * the block (tdy, tb: max |dy| and max |b| bits; ldy, lb: min nonzero less one):
  *
  * - the first scale from a bound B >= |p| instead of the measured max: B = max|dy|
  *   max|x_hat|, or with rms, max|dy| Bh with Bh = (max|x| / min rms) (1 + 2^-20) +
  *   2^-149 >= |fl(x / r)| (fp32 division: relative error below 2^-24, or 2^-150
  *   absolute where the quotient is subnormal), the fp64 roundings covered by the
- *   margins.  The fold's argument holds for any bound of the products (a larger M).
+ *   margins.  The fold's argument holds for any bound of the products (a larger M),
+ *   so one scale serves the tile's columns.
  * - one fold and the exact remainder where every product is a multiple of the second
  *   fold's grid u2 = 2^(s2 - 53): p = dy h is a multiple of ulp(min|dy|) ulp(min|h|)
  *   over the nonzero factors (ulp(v) >= ulp(min|v|)), and min|h| >= fl(min|x| / max
@@ -86,29 +104,29 @@ INLINE int dw_ulp_exponent(uint32_t bits)
  *   r = p - q1 are multiples of u2 with |r| <= u1, so the second fold's q2 is r itself
  *   and leaves nothing.
  *
- * Returns 2 (one fold for every column), 1 (two folds), or 0 where a bound is NaN or
- * above 2^256 (an Inf or NaN, a tiny rms): the caller takes the measured path. */
-int tgn_dw_bound_scales(const uint32_t *tdy, const uint32_t *tb, const uint32_t *ldy, const uint32_t *lb,
-                        double inv_rmin, float rmax, int with_rms, int *s1)
+ * Writes the scale into s1[0 .. DW_TILE) and returns 2 (one fold), 1 (two folds), or
+ * 0 where the bound is NaN or above 2^256 (an Inf or NaN, a tiny rms): the caller
+ * takes the measured path. */
+int tgn_dw_bound_scales(uint32_t tdy, uint32_t tb, uint32_t ldy, uint32_t lb, double inv_rmin, float rmax,
+                        int with_rms, int *s1)
 {
-    int one_fold = 1;
-    for (int j = 0; j < DW_TILE; ++j) {
-        double mb = dw_float_bits(tb[j]), bound;
-        if (with_rms)
-            bound = dw_float_bits(tdy[j]) * ((mb * inv_rmin * (1.0 + 0x1p-20) + 0x1p-149) * (1.0 + 0x1p-50));
-        else
-            bound = dw_float_bits(tdy[j]) * mb; /* exact */
-        if (!(bound <= 0x1p256)) /* NaN, or above every fp32 product (the digits' range) */
-            return 0;
-        s1[j] = bound > 0.0 ? dw_scale(bound) : DW_SMIN;
-        if (ldy[j] == UINT32_MAX || lb[j] == UINT32_MAX)
-            continue; /* a zero factor in every row: only zero products */
-        uint32_t hmin = lb[j] + 1u;
+    double mb = dw_float_bits(tb), bound;
+    if (with_rms)
+        bound = dw_float_bits(tdy) * ((mb * inv_rmin * (1.0 + 0x1p-20) + 0x1p-149) * (1.0 + 0x1p-50));
+    else
+        bound = dw_float_bits(tdy) * mb; /* exact */
+    if (!(bound <= 0x1p256)) /* NaN, or above every fp32 product (the digits' range) */
+        return 0;
+    int s = bound > 0.0 ? dw_scale(bound) : DW_SMIN, one_fold = 1;
+    for (int j = 0; j < DW_TILE; ++j)
+        s1[j] = s;
+    if (ldy != UINT32_MAX && lb != UINT32_MAX) { /* else a zero factor in every row: only zero products */
+        uint32_t hmin = lb + 1u;
         if (with_rms) {
             float q = dw_float_bits(hmin) / rmax;
             memcpy(&hmin, &q, sizeof hmin);
         }
-        one_fold &= dw_ulp_exponent(ldy[j] + 1u) + dw_ulp_exponent(hmin) >= dw_second(s1[j]) - 53;
+        one_fold = dw_ulp_exponent(ldy + 1u) + dw_ulp_exponent(hmin) >= dw_second(s) - 53;
     }
     return 1 + one_fold;
 }
@@ -207,14 +225,11 @@ int tgn_dw_tile_direct_any(const float *dy, int64_t dy_stride, const float *b, i
                     : dw_tile_direct(dy, dy_stride, b, b_stride, NULL, NULL, rows, s1, 0, state, stride, span);
 }
 
-/* Whether every x of a tile (its columns' largest |x| bits `tb` and smallest nonzero
- * ones less one `lb`) lies in dw_quotient's range: +-0 or 2^-50 <= |x| <= 2^60. */
-int tgn_dw_tile_in_quotient_range(const uint32_t *tb, const uint32_t *lb)
+/* Whether every x of a tile (its largest |x| bits `tb` and smallest nonzero ones less
+ * one `lb`) lies in dw_quotient's range: +-0 or 2^-50 <= |x| <= 2^60. */
+int tgn_dw_tile_in_quotient_range(uint32_t tb, uint32_t lb)
 {
-    int ok = 1;
-    for (int j = 0; j < DW_TILE; ++j)
-        ok &= (lb[j] == UINT32_MAX || lb[j] + 1u >= TGN_Q_LO) && tb[j] <= TGN_Q_HI;
-    return ok;
+    return (lb == UINT32_MAX || lb + 1u >= TGN_Q_LO) && tb <= TGN_Q_HI;
 }
 
 DW_WIDE_END

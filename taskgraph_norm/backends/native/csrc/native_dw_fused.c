@@ -80,12 +80,14 @@ int64_t tgn_exact_dw_add_rows(const float *dy, const float *x, const float *rms,
     return 0;
 }
 
-/* With `keep`, state (a normal form, row stride n) += the n_states threads' states
- * (each DW_STATE_ROWS rows of n, the rows its span names), then normalised; without,
- * nothing is added.  Either way the threads' rows are zeroed as they are read.
- * Returns the count of columns whose top digit overflowed. */
+/* The n_states threads' states (each DW_STATE_ROWS rows of n, the rows its span
+ * names) into state (row stride n), then normalised: how 1 adds them to state (a normal
+ * form), how 2 writes state whole with their sum (its memory held anything before),
+ * how 0 adds nothing.  Either way the threads' rows are zeroed as they are read.
+ * rows (with how 2): the digit rows that may be nonzero after, and whether a NaN or
+ * infinity was counted.  Returns the count of columns whose top digit overflowed. */
 int64_t tgn_exact_dw_merge(int64_t *state, int64_t n, int64_t *states, int64_t n_states, int (*spans)[3],
-                           int keep)
+                           int how, int *rows)
 {
     int span[3] = {DW_DIGITS, -1, 0};
     for (int64_t p = 0; p < n_states; ++p) {
@@ -94,16 +96,25 @@ int64_t tgn_exact_dw_merge(int64_t *state, int64_t n, int64_t *states, int64_t n
         span[2] |= spans[p][2];
     }
     for (int r = 0; r < DW_STATE_ROWS; ++r) {
-        int counts = r >= DW_DIGITS;
+        int counts = r >= DW_DIGITS, written = how != 2;
+        int64_t *restrict dst = state + r * n;
         for (int64_t p = 0; p < n_states; ++p) {
             if (counts ? !spans[p][2] : r < spans[p][0] || r > spans[p][1])
                 continue;
-            int64_t *restrict src = states + (p * DW_STATE_ROWS + r) * n, *restrict dst = state + r * n;
-            if (keep)
+            int64_t *restrict src = states + (p * DW_STATE_ROWS + r) * n;
+            if (!written)
+                memcpy(dst, src, (size_t)n * sizeof *src);
+            else if (how)
                 for (int64_t j = 0; j < n; ++j)
                     dst[j] += src[j];
+            written = 1;
             memset(src, 0, (size_t)n * sizeof *src);
         }
+        if (!written)
+            memset(dst, 0, (size_t)n * sizeof *dst);
     }
-    return keep ? tgn_dw_normalize(state, n, n, span) : 0;
+    int64_t over = how ? tgn_dw_normalize(state, n, n, span) : 0;
+    if (rows)
+        memcpy(rows, span, sizeof span);
+    return over;
 }

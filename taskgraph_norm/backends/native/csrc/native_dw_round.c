@@ -29,10 +29,16 @@ static double two_sum_error(double a, double b, double s)
     return (a - (s - bb)) + (b - bb);
 }
 
-static float round_column(const int64_t *state, int64_t stride, int to_odd)
+/* rows: the digit rows [rows[0], rows[1]] that may be nonzero (the others are zero
+ * and not read), rows[2] whether the NaN and infinity counts may be. */
+static float round_column(const int64_t *state, int64_t stride, int to_odd, const int *rows)
 {
-    int64_t nan = state[DW_DIGITS * stride], pos = state[(DW_DIGITS + 1) * stride];
-    int64_t neg = state[(DW_DIGITS + 2) * stride];
+    int64_t nan = 0, pos = 0, neg = 0;
+    if (rows[2]) {
+        nan = state[DW_DIGITS * stride];
+        pos = state[(DW_DIGITS + 1) * stride];
+        neg = state[(DW_DIGITS + 2) * stride];
+    }
     if (nan > 0 || (pos > 0 && neg > 0))
         return NAN;
     if (neg > 0)
@@ -42,7 +48,7 @@ static float round_column(const int64_t *state, int64_t stride, int to_odd)
     int64_t mag[DW_DIGITS];
     int top = -1;
     for (int k = 0; k < DW_DIGITS; ++k) {
-        mag[k] = state[k * stride];
+        mag[k] = k >= rows[0] && k <= rows[1] ? state[k * stride] : 0;
         top = mag[k] != 0 ? k : top;
     }
     if (top < 0)
@@ -111,16 +117,16 @@ INLINE v8d two_sum_error8(v8d a, v8d b, v8d s)
     return (a - (s - bb)) + (b - bb);
 }
 
-static int round_eight(const int64_t *state, int64_t stride, int to_odd, float *out)
+static int round_eight(const int64_t *state, int64_t stride, int to_odd, float *out, const int *rows)
 {
-    if (any8(load8l(state + DW_DIGITS * stride) | load8l(state + (DW_DIGITS + 1) * stride)
-             | load8l(state + (DW_DIGITS + 2) * stride)))
+    if (rows[2] && any8(load8l(state + DW_DIGITS * stride) | load8l(state + (DW_DIGITS + 1) * stride)
+                        | load8l(state + (DW_DIGITS + 2) * stride)))
         return 0;
     const v8l zero = {0};
     v8l mag[DW_DIGITS];
     int lo = DW_DIGITS, hi = -1;
     for (int k = 0; k < DW_DIGITS; ++k) {
-        mag[k] = load8l(state + k * stride);
+        mag[k] = k >= rows[0] && k <= rows[1] ? load8l(state + k * stride) : zero;
         if (any8(mag[k])) {
             lo = lo < k ? lo : k;
             hi = k;
@@ -183,9 +189,9 @@ static int round_eight(const int64_t *state, int64_t stride, int to_odd, float *
     return 1;
 }
 #else
-static int round_eight(const int64_t *state, int64_t stride, int to_odd, float *out)
+static int round_eight(const int64_t *state, int64_t stride, int to_odd, float *out, const int *rows)
 {
-    (void)state, (void)stride, (void)to_odd, (void)out;
+    (void)state, (void)stride, (void)to_odd, (void)out, (void)rows;
     return 0; /* round_column, column by column */
 }
 #endif
@@ -194,11 +200,18 @@ static int round_eight(const int64_t *state, int64_t stride, int to_odd, float *
  * fp32 (to_odd = 0), or to odd at fp32 for a later bf16/fp16 conversion (1). */
 void tgn_exact_round_f32(const int64_t *state, int64_t n, int64_t stride, int64_t to_odd, float *out)
 {
+    tgn_exact_round_rows_f32(state, n, stride, to_odd, out, 0, DW_DIGITS - 1, 1);
+}
+
+void tgn_exact_round_rows_f32(const int64_t *state, int64_t n, int64_t stride, int64_t to_odd, float *out, int lo,
+                              int hi, int specials)
+{
+    const int rows[3] = {lo, hi, specials};
     int64_t j = 0;
     for (; j + 8 <= n; j += 8)
-        if (!round_eight(state + j, stride, (int)to_odd, out + j))
+        if (!round_eight(state + j, stride, (int)to_odd, out + j, rows))
             for (int l = 0; l < 8; ++l)
-                out[j + l] = round_column(state + j + l, stride, (int)to_odd);
+                out[j + l] = round_column(state + j + l, stride, (int)to_odd, rows);
     for (; j < n; ++j)
-        out[j] = round_column(state + j, stride, (int)to_odd);
+        out[j] = round_column(state + j, stride, (int)to_odd, rows);
 }

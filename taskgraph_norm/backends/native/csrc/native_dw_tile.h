@@ -90,21 +90,21 @@ static inline void dw_add_tile(int64_t *digits, int64_t stride, const double *su
 DW_WIDE_END
 
 /* native_dw_measured.c: one block x tile by the measured path, and whole panels by it
- * (past the caches).  native_dw_direct.c: each column's bounds over a block of a
- * panel, the first scales from them, the direct folds of a full tile, and whether a
+ * (past the caches).  native_dw_direct.c: each tile's bounds over a block of a
+ * panel, the first scale from them, the direct folds of a full tile, and whether a
  * tile's x lies in the quotient's range.  (Each is described where it is defined.) */
 int tgn_dw_tile_measured(const float *dy, int64_t dy_stride, const float *b, int64_t b_stride, const float *rms,
                          int64_t rows, int64_t cols, int64_t *state, int64_t stride, double *buf, double *mx,
                          int *span);
 int64_t tgn_dw_run_measured(const float *dy, int64_t dy_stride, const float *b, int64_t b_stride,
                             const float *rms, int64_t rows, int64_t cols, int64_t *state, int64_t stride);
-void tgn_dw_column_tops(const float *dy, int64_t dy_stride, const float *b, int64_t b_stride, int64_t rows,
-                        int64_t cols, uint32_t *restrict tops, uint32_t *restrict lows);
-int tgn_dw_bound_scales(const uint32_t *tdy, const uint32_t *tb, const uint32_t *ldy, const uint32_t *lb,
-                        double inv_rmin, float rmax, int with_rms, int *s1);
+void tgn_dw_tile_tops(const float *dy, int64_t dy_stride, const float *b, int64_t b_stride, int64_t rows,
+                      int64_t cols, uint32_t *restrict tops, uint32_t *restrict lows);
+int tgn_dw_bound_scales(uint32_t tdy, uint32_t tb, uint32_t ldy, uint32_t lb, double inv_rmin, float rmax,
+                        int with_rms, int *s1);
 int tgn_dw_tile_direct_any(const float *dy, int64_t dy_stride, const float *b, int64_t b_stride,
                            const float *rms, const float *recip, int64_t rows, const int *s1, int one_fold,
                            int64_t *state, int64_t stride, int *span);
-int tgn_dw_tile_in_quotient_range(const uint32_t *tb, const uint32_t *lb);
+int tgn_dw_tile_in_quotient_range(uint32_t tb, uint32_t lb);
 
 #endif /* TGN_NATIVE_DW_TILE_H */

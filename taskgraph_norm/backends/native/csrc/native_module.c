@@ -95,9 +95,9 @@ FLOAT_ROWS(float_rows_f64)
 TGN_WRAP(backward_rows_f32_team, "ppppiiipiiippii",
          tgn_backward_rows_f32_team(a[0].p, a[1].p, a[2].p, a[3].p, a[4].i, a[5].i, a[6].i, a[7].p, a[8].i,
                                     a[9].i, a[10].i, a[11].p, a[12].p, a[13].i, a[14].i))
-TGN_WRAP(backward_exact_dw_f32_team, "ppppiiipiiippii",
+TGN_WRAP(backward_exact_dw_f32_team, "ppppiiipiiippiiip",
          tgn_backward_exact_dw_f32_team(a[0].p, a[1].p, a[2].p, a[3].p, a[4].i, a[5].i, a[6].i, a[7].p, a[8].i,
-                                        a[9].i, a[10].i, a[11].p, a[12].p, a[13].i, a[14].i))
+                                        a[9].i, a[10].i, a[11].p, a[12].p, a[13].i, a[14].i, a[15].i, a[16].p))
 TGN_WRAP(rms_of_totals_f32, "piiidp", (tgn_rms_of_totals_f32(a[0].p, a[1].i, a[2].i, a[3].i, a[4].d, a[5].p), 0))
 TGN_WRAP(exact_dw_f32_team, "pipipiipiii",
          tgn_exact_dw_f32_team(a[0].p, a[1].i, a[2].p, a[3].i, a[4].p, a[5].i, a[6].i, a[7].p, a[8].i, a[9].i,
@@ -292,7 +292,7 @@ static PyMethodDef methods[] = {
              "x, dy, w, rms, rows, hidden, chunk, adds, n_adds, root, exact, dx, dw, grain, threads",
              "tgn_backward_rows_f32_team."),
     FASTCALL(backward_exact_dw_f32_team,
-             "x, dy, w, rms, rows, hidden, chunk, adds, n_adds, root, exact, dx, state, grain, threads",
+             "x, dy, w, rms, rows, hidden, chunk, adds, n_adds, root, exact, dx, state, grain, threads, fresh, dw",
              "tgn_backward_exact_dw_f32_team."),
     FASTCALL(rms_of_totals_f32, "total, rows, channels, hidden, eps, rms", "tgn_rms_of_totals_f32; returns 0."),
     FASTCALL(exact_dw_f32_team, "dy, dy_stride, xh, xh_stride, rms, rows, cols, state, stride, grain, threads",

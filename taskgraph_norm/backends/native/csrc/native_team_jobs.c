@@ -6,6 +6,7 @@
  * not depend on the split (tests/test_native_team.py). */
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "native_team.h"
 #include "tgn_native.h"
@@ -143,14 +144,18 @@ int64_t tgn_team_rows_dw(tgn_rows_dw_fn_t fn, const void *ctx, int64_t rows, int
 /* tgn_backward_rows_f32_team's dx (or none) with the exact weight gradient instead of
  * the float one: each thread adds the exact products dy * (x / rms) of its row blocks
  * into a state of its own right after their dx (native_dw_fused.c), and the states are
- * added into `state` (a normal (22, hidden) state), which is then normalised.  When a
- * row is not finite (the return value counts them, as tgn_backward_rows_f32_team's)
- * or on an error, nothing is added to `state`.  Returns those rows, -1 (no scratch),
- * -2 (no convergence) or -3 (a column overflowed: the caller raises). */
+ * added into `state` (a normal (22, hidden) state), which is then normalised.  With
+ * `fresh`, state's memory holds anything: it is written whole with this call's sum
+ * alone (zero where nothing was added).  With `dw` (and `fresh`), the state's sums
+ * correctly rounded to fp32 (tgn_exact_round_f32) are written into it, from the rows
+ * the sum reached.  When a row is not finite (the return value counts them, as
+ * tgn_backward_rows_f32_team's) or on an error, nothing is added to `state` (a fresh
+ * one is zeroed) and dw is not written.  Returns those rows, -1 (no scratch), -2 (no
+ * convergence) or -3 (a column overflowed: the caller raises). */
 int64_t tgn_backward_exact_dw_f32_team(const float *x, const float *dy, const float *w, const float *rms,
                                        int64_t rows, int64_t hidden, int64_t chunk, const int64_t *adds,
                                        int64_t n_adds, int64_t root, int64_t exact, float *dx, int64_t *state,
-                                       int64_t grain, int64_t threads)
+                                       int64_t grain, int64_t threads, int64_t fresh, float *dw)
 {
     if (rows <= 0)
         return 0;
@@ -158,8 +163,11 @@ int64_t tgn_backward_exact_dw_f32_team(const float *x, const float *dy, const fl
     int64_t n_states = threads < 2 ? 1 : threads; /* every thread index a team gives is below it */
     int from_pool;
     int64_t *states = tgn_dw_states_take(n_states * TGN_EXACT_STATE_WORDS(hidden), &from_pool);
-    if (!states)
+    if (!states) {
+        if (fresh)
+            memset(state, 0, (size_t)TGN_EXACT_STATE_WORDS(hidden) * sizeof *state);
         return -1;
+    }
     int spans[MAX_PARTS][3];
     for (int64_t t = 0; t < n_states; ++t) {
         spans[t][0] = TGN_EXACT_DIGITS;
@@ -170,8 +178,13 @@ int64_t tgn_backward_exact_dw_f32_team(const float *x, const float *dy, const fl
     j.bw_states = states;
     j.bw_spans = spans;
     int64_t result = tgn_team_run(&j, threads);
-    int64_t over = tgn_exact_dw_merge(state, hidden, states, n_states, spans, result == 0);
+    int used[3];
+    int64_t over = tgn_exact_dw_merge(state, hidden, states, n_states, spans, result != 0 ? 0 : fresh ? 2 : 1, used);
     tgn_dw_states_give(states, from_pool);
+    if (result != 0 && fresh)
+        memset(state, 0, (size_t)TGN_EXACT_STATE_WORDS(hidden) * sizeof *state);
+    if (result == 0 && !over && fresh && dw)
+        tgn_exact_round_rows_f32(state, hidden, hidden, 0, dw, used[0], used[1], used[2]);
     return result != 0 ? result : over ? -3 : 0;
 }
 

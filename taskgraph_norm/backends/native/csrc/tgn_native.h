@@ -96,6 +96,10 @@ int64_t tgn_exact_dw_f32(const float *dy, int64_t dy_stride, const float *xh, in
 int64_t tgn_exact_dw_rows_f32(const float *dy, int64_t dy_stride, const float *x, int64_t x_stride,
                               const float *rms, int64_t rows, int64_t cols, int64_t *state, int64_t stride);
 void tgn_exact_round_f32(const int64_t *state, int64_t n, int64_t stride, int64_t to_odd, float *out);
+/* tgn_exact_round_f32 of a state whose digit rows outside [lo, hi] are zero, and whose
+ * NaN and infinity counts are zero unless `specials` (those rows are not read). */
+void tgn_exact_round_rows_f32(const int64_t *state, int64_t n, int64_t stride, int64_t to_odd, float *out, int lo,
+                              int hi, int specials);
 
 /* --- native_dw_fused.c: the exact weight gradient inside the backward ---------------- */
 /* int64 words of one (22, hidden) exact state */
@@ -106,7 +110,7 @@ void tgn_dw_states_reset_in_child(void);
 int64_t tgn_exact_dw_add_rows(const float *dy, const float *x, const float *rms, int64_t rows, int64_t hidden,
                               int64_t *state, int *span);
 int64_t tgn_exact_dw_merge(int64_t *state, int64_t n, int64_t *states, int64_t n_states, int (*spans)[3],
-                           int keep);
+                           int how, int *rows);
 
 /* --- native_gate.c: a gated RMSNorm's gate ----------------------------------------- */
 /* silu[i] = g[i] / (1 + exp(-g[i])) and, where sigmoid is not NULL, sigmoid[i] = 1 / (1 +
@@ -174,7 +178,7 @@ int64_t tgn_backward_rows_f32_team(const float *x, const float *dy, const float 
 int64_t tgn_backward_exact_dw_f32_team(const float *x, const float *dy, const float *w, const float *rms,
                                        int64_t rows, int64_t hidden, int64_t chunk, const int64_t *adds,
                                        int64_t n_adds, int64_t root, int64_t exact, float *dx, int64_t *state,
-                                       int64_t grain, int64_t threads);
+                                       int64_t grain, int64_t threads, int64_t fresh, float *dw);
 int64_t tgn_exact_dw_f32_team(const float *dy, int64_t dy_stride, const float *xh, int64_t xh_stride,
                               const float *rms, int64_t rows, int64_t cols, int64_t *state, int64_t stride,
                               int64_t grain, int64_t threads);
