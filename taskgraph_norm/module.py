@@ -114,9 +114,12 @@ class RMSNorm(nn.Module):
             face = ops.dtensor_face("rms_module", x, weight, residual)
             if face is not None:  # a DTensor: taskgraph_norm.distributed.dtensor
                 return face(self, x, residual)
-        if self.weight_grad == "exact" and weight is not None and isinstance(x, torch.Tensor) and (
-                ops.route(x, weight) != ops.DIRECT):
-            return self._forward_exact(x, residual)
+        if self.weight_grad == "exact" and weight is not None and isinstance(x, torch.Tensor):
+            route = ops.route(x, weight)
+            if route == ops.EAGER:  # eager autograd: no tracer to break the graph for
+                return self._forward_exact_eager(x, residual)
+            if route == ops.TRACED:
+                return self._forward_exact(x, residual)
         if len(self.normalized_shape) == 1 and residual is None and isinstance(x, torch.Tensor):
             if ops.route(x, weight) == ops.EAGER:
                 config = self._eager_config(x, weight)
@@ -172,8 +175,7 @@ class RMSNorm(nn.Module):
             self._eager_configs[key] = config
         return config
 
-    @_eager_only  # the accumulator is Python state: eager, a graph break under compile
-    def _forward_exact(self, x: torch.Tensor, residual: torch.Tensor | None) -> Any:
+    def _forward_exact_eager(self, x: torch.Tensor, residual: torch.Tensor | None) -> Any:
         """The forward whose weight gradient is each call's exact sum, correctly rounded,
         accumulated exactly into ``weight.grad`` (``weight_grad="exact"``;
         :mod:`taskgraph_norm.ops.exact_weight`)."""
@@ -195,6 +197,9 @@ class RMSNorm(nn.Module):
         y = exact_apply(flat, w, config, self.weight)
         y = y if k == 1 else y.reshape(h.shape)
         return y if residual is None else (y, h)
+
+    # the accumulator is Python state: eager, a graph break under compile
+    _forward_exact = _eager_only(_forward_exact_eager)
 
     def extra_repr(self) -> str:
         return (

@@ -157,7 +157,7 @@ class _Carry:
     is known to be zero, as made).  A zero sum is made when first read: a backward
     after ``grad = None`` takes its own sum over (``add_sum``) and never reads it."""
 
-    __slots__ = ("_sum", "numel", "device", "zero", "grad_ref", "grad_version", "lock")
+    __slots__ = ("_sum", "numel", "device", "zero", "grad_ref", "grad_version", "lock", "__weakref__")
 
     def __init__(self, param: torch.Tensor) -> None:
         self.numel, self.device = param.numel(), param.device
@@ -209,6 +209,10 @@ class ExactGrad:
         self._carries: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self._registered: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self._lock = threading.Lock()
+        # id(param) -> (a weak reference to param, its carry): the lookup of every
+        # backward (a WeakIdKeyDictionary lookup makes a weak reference each time); the
+        # reference's target tells a live entry from a reused id
+        self._fast: dict[int, tuple[weakref.ref[torch.Tensor], weakref.ref[_Carry]]] = {}
 
     def register(self, param: torch.Tensor) -> torch.Tensor:
         """Mark ``param`` as exact (all_reduce_exact_grads then reduces it on every
@@ -223,10 +227,18 @@ class ExactGrad:
             return param in self._registered or param in self._carries
 
     def _carry(self, param: torch.Tensor) -> _Carry:
+        fast = self._fast.get(id(param))
+        if fast is not None and fast[0]() is param:
+            known = fast[1]()
+            if known is not None:
+                return known
         with self._lock:
             carry: _Carry | None = self._carries.get(param)  # type: ignore[no-untyped-call]
             if carry is None:
                 carry = self._carries[param] = _Carry(param)  # zeros: stands behind grad None
+            self._fast[id(param)] = (weakref.ref(param), weakref.ref(carry))
+            if len(self._fast) > 2 * len(self._carries) + 64:  # entries of parameters gone
+                self._fast = {k: v for k, v in self._fast.items() if v[0]() is not None}
             return carry
 
     def _restart_unless_current(self, param: torch.Tensor, carry: _Carry) -> None:
@@ -293,19 +305,30 @@ class ExactGrad:
             self._restart_unless_current(param, carry)
 
     def add_sum(self, param: torch.Tensor, total: ExactSum, *, into_grad: bool,
-                rounded: torch.Tensor | None = None) -> torch.Tensor:
+                rounded: torch.Tensor | None = None, installed: bool = False) -> torch.Tensor:
         """``param``'s sum += ``total`` (one backward's exact states, taken over); write
         ``param.grad`` as the rounded sum: into the grad tensor itself with ``into_grad``
         (autograd accumulated into the grad it had), else as a new tensor (autograd may
         have installed the gradient's own tensor, which hooks may hold a view of).  The
         sum is the one :meth:`prepare` left standing behind the grad before that
         accumulation.  ``rounded``: ``total.result(param.dtype)``, if known, written as
-        it is when the carried sum was zero (the first backward after a clear)."""
+        it is when the carried sum was zero (the first backward after a clear); with
+        ``installed``, ``rounded`` is the gradient autograd gave, which ``param.grad`` may
+        be (then kept as it is, the bits it holds being the rounded sum's)."""
         carry = self._carry(param)
         with carry.lock:
             if carry.zero:
                 old, carry.sum = carry._sum, total
                 _recycle(old)
+                grad = param.grad
+                if (installed and rounded is not None and not into_grad and grad is not None
+                        and grad.data_ptr() == rounded.data_ptr() and grad.shape == param.shape
+                        and grad.dtype == rounded.dtype and grad.is_contiguous()):
+                    carry.zero = False
+                    carry.remember(grad)
+                    return grad
+                if installed and rounded is not None:
+                    rounded = rounded.clone()  # a tensor of its own, as written otherwise
             else:
                 carry.sum.merge(total)
                 rounded = None
@@ -364,6 +387,7 @@ class ExactGrad:
         with self._lock:
             for p in params:
                 self._carries.pop(p, None)  # type: ignore[no-untyped-call]
+                self._fast.pop(id(p), None)
 
 
 def _normalize_sum_(state: torch.Tensor) -> torch.Tensor:

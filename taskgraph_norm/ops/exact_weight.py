@@ -28,7 +28,6 @@ import weakref
 from typing import Any
 
 import torch
-from torch._functorch.utils import unwrap_dead_wrappers
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import kernels
@@ -40,6 +39,7 @@ from .exact_state import zero_
 from . import backward as _backward
 from . import forward as _forward
 from .library import _composite_grads
+from .routing import forward_ad_active
 
 __all__ = ["ExactWeightRMSNorm", "GradWatch", "exact_apply", "exact_value", "grad_wanted", "plain_tensor",
            "watch_param"]
@@ -76,43 +76,7 @@ class ExactWeightRMSNorm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor, _drms: torch.Tensor | None) -> tuple[Any, ...]:
-        x, weight, rms = ctx.saved_tensors
-        eps, *config = ctx.config
-        dx = dw_composite = total = rounded = None
-        fused = False
-        w_needs = grad_wanted(ctx, 1)
-        if torch.is_grad_enabled():  # create_graph=True, torch.func: differentiable ops
-            dx, dw_composite = _composite_grads(dy, x, weight, eps, ctx.needs_input_grad[0], w_needs,
-                                                config[4], config[5])
-        elif w_needs and not torch._C._are_functorch_transforms_active():
-            # dx and this call's exact sum in one pass where the backend has one, which
-            # writes the state whole (its memory not zeroed first) and rounds fp32 dW
-            cpu = x.device.type == "cpu"
-            total = ExactSum(weight.numel(), x.device, blank=cpu)
-            if cpu and weight.dtype == torch.float32:
-                rounded = torch.empty(weight.numel(), dtype=torch.float32)
-            fused_backward: Any = _backward.fused_exact_backward
-            fused, dx = fused_backward(dy, x, weight, rms, *config, total.state, ctx.needs_input_grad[0],
-                                       fresh=cpu, rounded=rounded)
-            if not fused and cpu:
-                zero_(total.state)
-        if dx is None and ctx.needs_input_grad[0] and not torch.is_grad_enabled():
-            float_backward: Any = _backward.backward
-            dx, _ = float_backward(dy.contiguous(), x, weight, rms, *config, "float", [True, False])
-        if not w_needs:
-            return dx, None, None, None
-        if total is None or not fused:  # (a state the one pass left untouched, zero, is added into)
-            total = _call_sum(dy, x, rms, weight.numel(), total)
-        if fused and rounded is not None:
-            dw = rounded.view(weight.shape)
-        else:
-            with torch._C._DisableFuncTorch():
-                dw = total.result(weight.dtype).view(weight.shape)
-        if ctx.watch is not None:
-            ctx.watch.pending_add(total, dw)
-        if dw_composite is not None:  # the exact value, differentiable as the composite's
-            dw = exact_value(dw_composite, dw)
-        return dx, dw, None, None
+        return _exact_backward(ctx, dy)
 
     @staticmethod
     def jvp(ctx: Any, t_x: torch.Tensor | None, t_w: torch.Tensor | None, *_rest: Any) -> tuple[Any, ...]:
@@ -126,6 +90,65 @@ class ExactWeightRMSNorm(torch.autograd.Function):
             raise NotImplementedError("vmap over taskgraph_norm's RMSNorm batches x only (a batched weight "
                                       "is a different norm per sample: call it per sample)")
         return _apply(x.movedim(in_dims[0], 0), weight, config, watch), (0, 0)
+
+
+class EagerExactRMSNorm(torch.autograd.Function):
+    """:class:`ExactWeightRMSNorm` under eager autograd with no ``torch.func`` transform
+    and no forward-mode level: ``y`` alone, in the one-output form whose ``apply`` costs
+    least (as the float mode's ``EagerRMSNorm``); the same kernels, backward and bits."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, config: tuple[Any, ...],
+                watch: GradWatch | None) -> torch.Tensor:
+        y, rms, _pipe = _forward.forward_pipe(x, weight, *config)
+        ctx.config, ctx.watch = config, watch
+        ctx.save_for_backward(x, weight, rms)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[Any, ...]:
+        return _exact_backward(ctx, dy)
+
+
+def _exact_backward(ctx: Any, dy: torch.Tensor) -> tuple[Any, ...]:
+    """Both forms' backward: ``(dx, dW, None, None)``."""
+    x, weight, rms = ctx.saved_tensors
+    eps, *config = ctx.config
+    dx = dw_composite = total = rounded = None
+    fused = False
+    w_needs = grad_wanted(ctx, 1)
+    if torch.is_grad_enabled():  # create_graph=True, torch.func: differentiable ops
+        dx, dw_composite = _composite_grads(dy, x, weight, eps, ctx.needs_input_grad[0], w_needs,
+                                            config[4], config[5])
+    elif w_needs and not torch._C._are_functorch_transforms_active():
+        # dx and this call's exact sum in one pass where the backend has one, which
+        # writes the state whole (its memory not zeroed first) and rounds fp32 dW
+        cpu = x.device.type == "cpu"
+        total = ExactSum(weight.numel(), x.device, blank=cpu)
+        if cpu and weight.dtype == torch.float32:
+            rounded = torch.empty(weight.numel(), dtype=torch.float32)
+        fused_backward: Any = _backward.fused_exact_backward
+        fused, dx = fused_backward(dy, x, weight, rms, *config, total.state, ctx.needs_input_grad[0],
+                                   fresh=cpu, rounded=rounded)
+        if not fused and cpu:
+            zero_(total.state)
+    if dx is None and ctx.needs_input_grad[0] and not torch.is_grad_enabled():
+        float_backward: Any = _backward.backward
+        dx, _ = float_backward(dy.contiguous(), x, weight, rms, *config, "float", [True, False])
+    if not w_needs:
+        return dx, None, None, None
+    if total is None or not fused:  # (a state the one pass left untouched, zero, is added into)
+        total = _call_sum(dy, x, rms, weight.numel(), total)
+    if fused and rounded is not None:
+        dw = rounded.view(weight.shape)
+    else:
+        with torch._C._DisableFuncTorch():
+            dw = total.result(weight.dtype).view(weight.shape)
+    if ctx.watch is not None:
+        ctx.watch.pending_add(total, dw)
+    if dw_composite is not None:  # the exact value, differentiable as the composite's
+        dw = exact_value(dw_composite, dw)
+    return dx, dw, None, None
 
 
 class _ExactValue(torch.autograd.Function):
@@ -153,9 +176,8 @@ class _ExactValue(torch.autograd.Function):
 
 _apply: Any = ExactWeightRMSNorm.apply
 # Function.apply binds the arguments to forward's signature at every call (~11 us, for
-# a forward without defaults); outside torch.func's transforms, its own next step:
-_base_apply: Any = super(torch.autograd.Function, ExactWeightRMSNorm).apply
-_unwrap_dead: Any = unwrap_dead_wrappers
+# a forward without defaults); outside torch.func's transforms, the C apply itself:
+_eager_apply: Any = super(torch.autograd.Function, EagerExactRMSNorm).apply
 exact_value: Any = _ExactValue.apply
 
 
@@ -253,7 +275,10 @@ class GradWatch:
         hooked.register_post_accumulate_grad_hook(self._after_accumulate)
 
     def at_forward(self, param: torch.Tensor) -> None:
+        hooks = getattr(param, "_backward_hooks", None)  # the tensor hooks, in the order they run
         if self.hook is not None:
+            if hooks and next(reversed(hooks)) == self.hook.id:
+                return  # still the last
             self.hook.remove()
         hooked: Any = param
         self.hook = hooked.register_hook(self._before_accumulate)
@@ -277,7 +302,7 @@ class GradWatch:
         if total is None:  # changed by a hook, or a gradient from elsewhere: its value, exactly
             total = ExactSum(values.numel(), values.device).add_values(values)
         elif len(entries) == 1:
-            rounded = values.clone()  # one call's dW: its exact sum, rounded
+            rounded = values  # one call's dW: its exact sum, rounded (the tensor param.grad may become)
         exact_grads.prepare(param)  # before AccumulateGrad changes the grad the carry stands behind
         before = param.grad
         with self.lock:
@@ -295,7 +320,7 @@ class GradWatch:
             # into the grad tensor when it is the one accumulated into, or carries
             # create_graph's graph (its value becomes the exact one, its graph stays)
             exact_grads.add_sum(param, claim.total, into_grad=claim.before is not None or grad.requires_grad,
-                                rounded=claim.rounded)
+                                rounded=claim.rounded, installed=True)
 
 
 def _sum_if_unchanged(entries: list[tuple[ExactSum, torch.Tensor]], values: torch.Tensor) -> ExactSum | None:
@@ -316,6 +341,9 @@ def _sum_if_unchanged(entries: list[tuple[ExactSum, torch.Tensor]], values: torc
 
 _watches: WeakIdKeyDictionary = WeakIdKeyDictionary()
 _watches_lock = threading.Lock()
+#: id(param) -> a weak reference to its watch (a WeakIdKeyDictionary lookup makes a weak
+#: reference each time); the watch's own reference to its parameter tells a reused id
+_fast_watches: dict[int, weakref.ref[GradWatch]] = {}
 
 
 def watch_param(param: torch.Tensor) -> GradWatch | None:
@@ -323,11 +351,19 @@ def watch_param(param: torch.Tensor) -> GradWatch | None:
     ``.grad`` to accumulate into: a non-leaf weight, or a ``torch.func`` transform."""
     if not (param.is_leaf and param.requires_grad) or torch._C._are_functorch_transforms_active():
         return None
-    with _watches_lock:
-        watch: GradWatch | None = _watches.get(param)  # type: ignore[no-untyped-call]
-        if watch is None:
-            exact_grads.register(param)
-            watch = _watches[param] = GradWatch(param)
+    fast = _fast_watches.get(id(param))
+    watch = None if fast is None else fast()
+    if watch is None or watch.param() is not param:
+        with _watches_lock:
+            watch = _watches.get(param)  # type: ignore[no-untyped-call]
+            if watch is None:
+                exact_grads.register(param)
+                watch = _watches[param] = GradWatch(param)
+            if len(_fast_watches) > 2 * len(_watches) + 64:  # entries of parameters gone
+                for key in [k for k, v in _fast_watches.items() if v() is None]:
+                    del _fast_watches[key]
+            _fast_watches[id(param)] = weakref.ref(watch)
+    assert watch is not None
     watch.at_forward(param)
     return watch
 
@@ -339,8 +375,8 @@ def exact_apply(x: torch.Tensor, weight: torch.Tensor, config: tuple[Any, ...],
     if x.dtype == torch.float64 or param.dtype == torch.float64:
         raise ConfigError("weight_grad", "exact", "fp32, bf16 or fp16 inputs and weights (the exact "
                           "accumulator sums products of fp32 values; docs/training.md)")
-    args = (x, weight, config, watch_param(param))
-    if torch._C._are_functorch_transforms_active():
-        return _apply(*args)[0]  # type: ignore[no-any-return]
-    y: torch.Tensor = _base_apply(*_unwrap_dead(args))[0]
+    watch = watch_param(param)
+    if torch._C._are_functorch_transforms_active() or forward_ad_active():
+        return _apply(x, weight, config, watch)[0]  # type: ignore[no-any-return]
+    y: torch.Tensor = _eager_apply(x, weight, config, watch)
     return y

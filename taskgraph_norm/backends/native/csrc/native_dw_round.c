@@ -123,10 +123,10 @@ static int round_eight(const int64_t *state, int64_t stride, int to_odd, float *
                         | load8l(state + (DW_DIGITS + 2) * stride)))
         return 0;
     const v8l zero = {0};
-    v8l mag[DW_DIGITS];
+    v8l mag[DW_DIGITS]; /* (only digits lo..hi are read below: the others are zero) */
     int lo = DW_DIGITS, hi = -1;
-    for (int k = 0; k < DW_DIGITS; ++k) {
-        mag[k] = k >= rows[0] && k <= rows[1] ? load8l(state + k * stride) : zero;
+    for (int k = rows[0] > 0 ? rows[0] : 0; k <= rows[1] && k < DW_DIGITS; ++k) {
+        mag[k] = load8l(state + k * stride);
         if (any8(mag[k])) {
             lo = lo < k ? lo : k;
             hi = k;
