@@ -101,4 +101,42 @@ static inline void tgn_widen_span(const void *src, int64_t code, int64_t start, 
     }
 }
 
+/* dst[0, n) = the bf16 values b[0, n) widened to fp32 (tgn_widen_span's), and the row's
+ * span: the smallest nonzero magnitude's bits less one in the low 16 bits (0xffff: none),
+ * the largest magnitude's bits less one (as int16; -1: only zeros) in the high 16
+ * (tgn_mean_span_f32 reads the exponents from them). */
+static inline uint32_t tgn_widen_bf16_span(const uint16_t *b, int64_t n, float *dst)
+{
+    uint16_t low = 0xffff; /* min of (|bits| - 1) unsigned: +-0 wraps to the top */
+    int16_t top = -1;      /* max of (|bits| - 1) signed: +-0 counts as -1 */
+    int64_t j = 0;
+#if defined(__AVX512BW__)
+    const __m512i mag = _mm512_set1_epi16(0x7fff), one = _mm512_set1_epi16(1);
+    __m512i lo = _mm512_set1_epi16(-1), hi = lo;
+    for (; j + 32 <= n; j += 32) {
+        const __m512i r = _mm512_loadu_si512((const void *)(b + j));
+        const __m512i t = _mm512_sub_epi16(_mm512_and_si512(r, mag), one);
+        lo = _mm512_min_epu16(lo, t);
+        hi = _mm512_max_epi16(hi, t);
+        _mm512_storeu_si512((void *)(dst + j), _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(r)), 16));
+        _mm512_storeu_si512((void *)(dst + j + 16),
+                            _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(r, 1)), 16));
+    }
+    uint16_t los[32], his[32];
+    _mm512_storeu_si512((void *)los, lo);
+    _mm512_storeu_si512((void *)his, hi);
+    for (int k = 0; k < 32; ++k) {
+        low = los[k] < low ? los[k] : low;
+        top = (int16_t)his[k] > top ? (int16_t)his[k] : top;
+    }
+#endif
+    for (; j < n; ++j) {
+        const uint16_t t = (uint16_t)((b[j] & 0x7fffu) - 1u);
+        low = t < low ? t : low;
+        top = (int16_t)t > top ? (int16_t)t : top;
+        dst[j] = tgn_bf16_to_f32(b[j]);
+    }
+    return (uint32_t)low | (uint32_t)(uint16_t)top << 16;
+}
+
 #endif /* TGN_NATIVE_HALF_H */

@@ -16,10 +16,10 @@
  * k < L - h becomes s[k] + s[k + h].  The squares are formed first (v), so their sum
  * is tgn_chunk_sums_f32 of v: the same bits as the forward's squares network, which
  * rounds each square before adding a pair.  The quotient is native_quotient.h's (IEEE
- * division's bits).  bf16 and fp16 rows are widened into fp32 scratch, run through
- * the same steps and rounded back (native_half.h's c10 formulas; bf16's rounding fused
- * into the quotient's loop, the same integer steps per lane); the weight and bias,
- * of x's dtype or fp32, are widened once per call.
+ * division's bits).  bf16 and fp16 rows are widened into fp32 scratch (an exact bf16 row
+ * with its exponents' span), run through the same steps and rounded back (native_half.h's
+ * c10 formulas; bf16's rounding fused into the quotient's loop, the same integer steps
+ * per lane); the weight and bias, of x's dtype or fp32, are widened once per call.
  *
  * A row whose y holds a NaN (a NaN or Inf input, a NaN weight, den = 0) is counted
  * and the caller gives the whole call the torch-ops backend's bits (C's NaNs need not
@@ -250,13 +250,14 @@ static float variance_fused(const layer_job_t *c, const float *x, float mean, fl
 }
 
 /* An exact plan's mean and variance total of one row (native_layer_exact.c: the torch
- * form's exact pairs, the mean correctly rounded, the total rounded once); dev: the
- * deviations' scratch.  Returns 0 for a row the torch ops must take (no scale: an Inf
- * or a NaN; a mean at the end of the range). */
-static int exact_stats(const float *x, int64_t d, float *dev, float *mean, float *var, int *ranged)
+ * form's exact pairs, the mean correctly rounded, the total rounded once: from an exact
+ * plain sum where a bf16 row's span (tgn_widen_bf16_span; else -1) allows, else from one a
+ * bound proves, else the pair); dev: the deviations' scratch.  Returns 0 for a row the
+ * torch ops must take (no scale: an Inf or a NaN; a mean at the end of the range). */
+static int exact_stats(const float *x, int64_t d, int64_t span, float *dev, float *mean, float *var, int *ranged)
 {
     double t1, t2;
-    if (!tgn_mean_total_f32(x, d, mean)) { /* (not proved from a plain sum: the pair) */
+    if (!(span >= 0 && tgn_mean_span_f32(x, d, (uint32_t)span, mean)) && !tgn_mean_total_f32(x, d, mean)) {
         if (!tgn_exact_pair_f32(x, 0, d, &t1, &t2))
             return 0;
         *mean = tgn_mean_exact_f32(t1, t2, d);
@@ -278,16 +279,16 @@ static int exact_stats(const float *x, int64_t d, float *dev, float *mean, float
     return 1;
 }
 
-/* One fp32 row x into y (fp32, or with bf16 the bf16 row); sq: hidden values of scratch.
- * Returns 1 for a NaN row (or, exact, a row left to torch ops). */
+/* One fp32 row x into y (fp32, or with bf16 the bf16 row); sq: hidden values of scratch;
+ * span: exact_stats'.  Returns 1 for a NaN row (or, exact, a row left to torch ops). */
 static int layer_row(const layer_job_t *c, const float *x, void *y, float *buf, float *slots, float *sq,
-                     int64_t i, int bf16)
+                     int64_t i, int bf16, int64_t span)
 {
     const int64_t d = c->hidden;
     float mean, var;
     int ranged;
     if (c->exact) {
-        if (!exact_stats(x, d, sq, &mean, &var, &ranged))
+        if (!exact_stats(x, d, span, sq, &mean, &var, &ranged))
             return 1;
     } else {
         mean = plan_sum(c, x, buf, slots) / (float)d;
@@ -326,8 +327,7 @@ void tgn_layer_narrow(const float *s, int64_t code, uint16_t *y, int64_t n)
 static int64_t layer_rows(const void *ctx, int64_t i, int64_t n)
 {
     const layer_job_t *c = (const layer_job_t *)ctx;
-    const int64_t d = c->hidden, narrow = c->code != TGN_DTYPE_F32;
-    const int64_t n_chunks = (d + c->chunk - 1) / c->chunk;
+    const int64_t d = c->hidden, narrow = c->code != TGN_DTYPE_F32, n_chunks = (d + c->chunk - 1) / c->chunk;
     const int64_t need = c->chunk / 2 + 1 + n_chunks + c->n_adds + d * (narrow ? 3 : 1);
     float *work = (float *)malloc((size_t)need * sizeof(float));
     if (!work)
@@ -336,17 +336,18 @@ static int64_t layer_rows(const void *ctx, int64_t i, int64_t n)
     int64_t bad = 0;
     for (int64_t end = i + n; i < end; ++i) {
         if (!narrow) {
-            bad += layer_row(c, (const float *)c->x + i * d, (float *)c->y + i * d, buf, slots, sq, i, 0);
+            bad += layer_row(c, (const float *)c->x + i * d, (float *)c->y + i * d, buf, slots, sq, i, 0, -1);
             continue;
         }
         float *xs = sq + d, *ys = xs + d;
-        tgn_widen_span(c->x, c->code, i * d, d, xs);
-        if (c->code == TGN_DTYPE_BF16) { /* rounded to bf16 as the quotients are made */
-            bad += layer_row(c, xs, (uint16_t *)c->y + i * d, buf, slots, sq, i, 1);
-            continue;
-        }
-        bad += layer_row(c, xs, ys, buf, slots, sq, i, 0);
-        tgn_layer_narrow(ys, c->code, (uint16_t *)c->y + i * d, d);
+        const int64_t span = c->exact && c->code == TGN_DTYPE_BF16
+                                 ? (int64_t)tgn_widen_bf16_span((const uint16_t *)c->x + i * d, d, xs) : -1;
+        if (span < 0)
+            tgn_widen_span(c->x, c->code, i * d, d, xs);
+        const int bf16 = c->code == TGN_DTYPE_BF16; /* (rounded to bf16 as the quotients are made) */
+        bad += layer_row(c, xs, bf16 ? (void *)((uint16_t *)c->y + i * d) : ys, buf, slots, sq, i, bf16, span);
+        if (!bf16)
+            tgn_layer_narrow(ys, c->code, (uint16_t *)c->y + i * d, d);
     }
     free(work);
     return bad;

@@ -24,7 +24,7 @@
 
 #include "tgn_native.h"
 
-#if defined(__AVX512F__) && defined(__FMA__)
+#if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
@@ -40,11 +40,19 @@ typedef float v8f __attribute__((vector_size(32)));
 typedef float v16f __attribute__((vector_size(64)));
 typedef int32_t v16i __attribute__((vector_size(64)));
 
+/* Eight fp32 lanes widened to fp64 (exact): with AVX-512 one vcvtps2pd (GCC lowers
+ * __builtin_convertvector of eight lanes to halves widened and joined: 3x slower loops). */
+#if defined(__AVX512F__)
+static inline __attribute__((always_inline)) v8d widen8(v8f f) { return (v8d)_mm512_cvtps_pd((__m256)f); }
+#else
+static inline __attribute__((always_inline)) v8d widen8(v8f f) { return __builtin_convertvector(f, v8d); }
+#endif
+
 static inline __attribute__((always_inline)) v8d load8(const float *p)
 {
     v8f f;
     memcpy(&f, p, sizeof f);
-    return __builtin_convertvector(f, v8d);
+    return widen8(f);
 }
 
 static inline __attribute__((always_inline)) v4d load4(const float *p)
@@ -113,8 +121,8 @@ static inline __attribute__((always_inline)) int pair_of(const float *a, const f
             v8f fa, fb;
             memcpy(&fa, a + j, sizeof fa);
             memcpy(&fb, a + j + 8, sizeof fb);
-            va = __builtin_convertvector(fa - mv, v8d);
-            vb = __builtin_convertvector(fb - mv, v8d);
+            va = widen8(fa - mv);
+            vb = widen8(fb - mv);
             va *= va;
             vb *= vb;
         } else {
@@ -229,6 +237,54 @@ int tgn_mean_total_f32(const float *x, int64_t n, float *mean)
     return 1;
 }
 
+/* tgn_mean_total_f32 of a bf16 row x (widened) from its span (tgn_widen_bf16_span), with
+ * no error bound to sum: 1 with *mean set, 0 where the caller must try the other ways.
+ * With every nonzero |x| in [2^emin, 2^(emax + 1)), R = emax - emin, each x is a multiple
+ * of 2^(emin - 7) (eight significant bits), and so is any sum of them, below k 2^(emax + 1)
+ * for k terms: exact in fp64 while n 2^(emax + 1) <= 2^(53 + emin - 7), that is n <=
+ * 2^(45 - R), whatever the order; in fp32 for k <= 2^(16 - R), so where R <= 14 the row is
+ * summed in fp32 by fours first (emin >= -119: no sum is subnormal, so a flush-to-zero
+ * mode changes nothing).  s is then the exact sum S, and the pair within 4 n^3 M 2^-104
+ * of it (tgn_dev_total_f32 says why; M < 2^(emax + 1)): e is twice that. */
+int tgn_mean_span_f32(const float *x, int64_t n, uint32_t span, float *mean)
+{
+    const int top = (int16_t)(span >> 16), e_min = (int)(((span & 0xffffu) + 1u) >> 7) - 127;
+    const int e_max = ((top + 1) >> 7) - 127, r = e_max - e_min;
+    if (top < 0 || e_min < -119 || e_max > 100 || r > 45 || n >= (INT64_C(1) << 19) || n > (INT64_C(1) << (45 - r)))
+        return 0; /* (only zeros, a subnormal, an Inf or a NaN, too wide a span) */
+    v8d a = {0.0}, b = a, a2 = a, b2 = a; /* (four chains: the adds' latency bounds two) */
+    int64_t j = 0;
+    if (r <= 14) {
+        for (; j + 64 <= n; j += 64) {
+            v16f f0, f1, f2, f3; /* (one load each: an array of them goes through the stack) */
+            memcpy(&f0, x + j, sizeof f0);
+            memcpy(&f1, x + j + 16, sizeof f1);
+            memcpy(&f2, x + j + 32, sizeof f2);
+            memcpy(&f3, x + j + 48, sizeof f3);
+            const v16f q = (f0 + f1) + (f2 + f3); /* (exact) */
+            a += widen8(__builtin_shufflevector(q, q, 0, 1, 2, 3, 4, 5, 6, 7));
+            b += widen8(__builtin_shufflevector(q, q, 8, 9, 10, 11, 12, 13, 14, 15));
+        }
+    }
+    for (; j + 32 <= n; j += 32) {
+        a += load8(x + j);
+        b += load8(x + j + 8);
+        a2 += load8(x + j + 16);
+        b2 += load8(x + j + 24);
+    }
+    double s = 0.0;
+    for (int l = 0; l < 8; ++l)
+        s += (a[l] + b[l]) + (a2[l] + b2[l]);
+    for (; j < n; ++j)
+        s += (double)x[j];
+    const double dn = (double)n, e = ldexp(8.0 * dn * dn * dn, e_max + 1 - 104);
+    const float c = (float)(s / dn);
+    if (!decides(s, e, c, dn))
+        return 0;
+    *mean = c;
+    return 1;
+}
+
 /* tgn_round_pair_f32(tgn_exact_dev_pair_f32(x, mean)) where a plain fp64 sum proves it:
  * 1 with *var set, 0 where the caller must form the pair.  The terms dev^2 (dev = x -
  * mean rounded to fp32 once, its square exact in fp64) are positive, so the sum s of
@@ -247,7 +303,7 @@ int tgn_dev_total_f32(const float *x, float mean, int64_t n, float *var)
         v8f fa, fb;
         memcpy(&fa, x + j, sizeof fa);
         memcpy(&fb, x + j + 8, sizeof fb);
-        v8d da = __builtin_convertvector(fa - mv, v8d), db = __builtin_convertvector(fb - mv, v8d);
+        v8d da = widen8(fa - mv), db = widen8(fb - mv);
 #if defined(__AVX512F__) && defined(__FMA__)
         /* (one fma: the square of an fp32 value is exact in fp64, so RN(d d + a) is the
          * separate product's sum, bit for bit) */

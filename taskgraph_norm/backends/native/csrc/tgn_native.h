@@ -222,6 +222,9 @@ int tgn_squares_total_f32(double s, int64_t n, float *total);
 /* tgn_mean_exact_f32 of tgn_exact_pair_f32(x), where a plain fp64 sum of x proves it (1,
  * *mean set); 0: the caller forms the pair. */
 int tgn_mean_total_f32(const float *x, int64_t n, float *mean);
+/* The same for a bf16 row widened by tgn_widen_bf16_span (native_half.h), from its span:
+ * an exact plain sum, no bound to prove (1, *mean set); 0: the caller tries the others. */
+int tgn_mean_span_f32(const float *x, int64_t n, uint32_t span, float *mean);
 float tgn_mean_exact_f32(double t1, double t2, int64_t hidden);
 float tgn_round_pair_f32(double t1, double t2);
 
