@@ -250,8 +250,9 @@ class GradWatch:
     """A weight's hooks that make the accumulation into ``weight.grad`` exact.
 
     The backward of each call records its exact state, keyed by the graph task
-    (``pending_add``).  The tensor hook, registered again at every forward so that it
-    runs after every hook registered before it, sees the gradient about to be
+    (``pending_add``).  The tensor hook, registered again at a forward where another
+    hook followed it (so that it runs after every hook registered before that forward),
+    sees the gradient about to be
     accumulated: if it is the float sum of this backward's per-call ``dW`` (in their
     arrival order: what autograd adds), the exact states stand for it; otherwise a
     hook (or another use of the weight) changed it, and its value, exactly, does.
