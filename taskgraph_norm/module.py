@@ -186,15 +186,21 @@ class RMSNorm(nn.Module):
             if not isinstance(residual, torch.Tensor) or residual.shape != x.shape or residual.dtype != x.dtype:
                 raise ConfigError("residual", type(residual).__name__, "a tensor of x's shape and dtype")
             h = x + residual  # elementwise, x's dtype: the bits of the fused residual's h
-        check_input(h, self.normalized_shape, self.weight)
+        weight = self.weight
+        assert weight is not None
         k = len(self.normalized_shape)
+        # one hidden dim: the float path's configuration (checked once per dtype and options)
+        config = self._eager_config(h, weight) if k == 1 else None
+        if config is not None:
+            y = exact_apply(h, weight, config, weight)
+            return y if residual is None else (y, h)
+        check_input(h, self.normalized_shape, weight)
         hidden = math.prod(self.normalized_shape)
         flat = h if k == 1 else h.reshape(*h.shape[: h.dim() - k], hidden)
-        assert self.weight is not None
-        w = self.weight if k == 1 else self.weight.reshape(hidden)
+        w = weight if k == 1 else weight.reshape(hidden)
         config = (resolve_eps(self.eps, h.dtype), self.chunk_size, self.topology, self.leaf,
                   self.accumulate, self.casting_mode, self.offset)
-        y = exact_apply(flat, w, config, self.weight)
+        y = exact_apply(flat, w, config, weight)
         y = y if k == 1 else y.reshape(h.shape)
         return y if residual is None else (y, h)
 
