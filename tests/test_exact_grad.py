@@ -327,3 +327,49 @@ def test_rounding_in_column_blocks_matches_column_by_column() -> None:
     for dtype in DTYPES:
         pieces = torch.cat([es.round_state(s.state[:, c:c + 100], dtype) for c in range(0, 2500, 100)])
         assert_bits_equal(s.result(dtype), pieces)
+
+
+def test_the_id_lookup_of_carries_and_hooks_never_answers_for_another_object() -> None:
+    """IdLookup (the per-call lookup of a parameter's carry and hooks) answers only for
+    the object it was given, alive, and only while the value lives; entries of keys
+    gone are dropped past twice the owner's count."""
+    import gc
+
+    from taskgraph_norm.ops.exact_state import IdLookup
+
+    class Value:
+        pass
+
+    lookup: IdLookup[Value] = IdLookup()
+    key, value = torch.zeros(2), Value()
+    lookup.put(key, value, 1)
+    assert lookup.get(key) is value
+    assert lookup.get(torch.zeros(2)) is None  # another tensor
+    class Key:
+        pass
+
+    gone = Key()
+    lookup.put(gone, value, 1)
+    old_id = id(gone)
+    del gone
+    reused = next(k for k in (Key() for _ in range(1000)) if id(k) == old_id)  # CPython reuses the address
+    assert lookup.get(reused) is None  # a new object at a reused id: no answer
+    del key
+    gc.collect()
+    others = [torch.zeros(2) for _ in range(200)]
+    assert all(lookup.get(t) is None for t in others)
+    live = torch.zeros(2)
+    lookup.put(live, value, 1)
+    del value
+    gc.collect()
+    assert lookup.get(live) is None  # the value is gone: no answer
+    keep = [Value() for _ in others]
+    for key, v in zip(others, keep):
+        lookup.put(key, v, 1)
+    assert all(lookup.get(t) is v for t, v in zip(others, keep))
+    del others, key
+    gc.collect()
+    lookup.put(live, keep[0], 1)  # the keys gone are pruned on this put
+    assert len(lookup._entries) == 1 and lookup.get(live) is keep[0]
+    lookup.pop(live)
+    assert lookup.get(live) is None

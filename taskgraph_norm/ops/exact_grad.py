@@ -42,7 +42,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from ..errors import ExactSumError, ExactSumOverflowError
 from ..backends.registry import accumulate_exact
 from ..kernels import exact_sum as es
-from .exact_state import recycle_state, zero_state
+from .exact_state import IdLookup, recycle_state, zero_state
 from ..backends.native import grads as native_grads
 from ..backends.native import loader as native
 from ..backends.triton import exact_dw as triton_dw
@@ -209,10 +209,7 @@ class ExactGrad:
         self._carries: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self._registered: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self._lock = threading.Lock()
-        # id(param) -> (a weak reference to param, its carry): the lookup of every
-        # backward (a WeakIdKeyDictionary lookup makes a weak reference each time); the
-        # reference's target tells a live entry from a reused id
-        self._fast: dict[int, tuple[weakref.ref[torch.Tensor], weakref.ref[_Carry]]] = {}
+        self._fast: IdLookup[_Carry] = IdLookup()  # the carries, found on every backward
 
     def register(self, param: torch.Tensor) -> torch.Tensor:
         """Mark ``param`` as exact (all_reduce_exact_grads then reduces it on every
@@ -227,18 +224,14 @@ class ExactGrad:
             return param in self._registered or param in self._carries
 
     def _carry(self, param: torch.Tensor) -> _Carry:
-        fast = self._fast.get(id(param))
-        if fast is not None and fast[0]() is param:
-            known = fast[1]()
-            if known is not None:
-                return known
+        known = self._fast.get(param)
+        if known is not None:
+            return known
         with self._lock:
             carry: _Carry | None = self._carries.get(param)  # type: ignore[no-untyped-call]
             if carry is None:
                 carry = self._carries[param] = _Carry(param)  # zeros: stands behind grad None
-            self._fast[id(param)] = (weakref.ref(param), weakref.ref(carry))
-            if len(self._fast) > 2 * len(self._carries) + 64:  # entries of parameters gone
-                self._fast = {k: v for k, v in self._fast.items() if v[0]() is not None}
+            self._fast.put(param, carry, len(self._carries))
             return carry
 
     def _restart_unless_current(self, param: torch.Tensor, carry: _Carry) -> None:
@@ -387,7 +380,7 @@ class ExactGrad:
         with self._lock:
             for p in params:
                 self._carries.pop(p, None)  # type: ignore[no-untyped-call]
-                self._fast.pop(id(p), None)
+                self._fast.pop(p)
 
 
 def _normalize_sum_(state: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""The exact weight gradient's per-call states: zeroed CPU states, reused.
+"""The exact weight gradient's per-call states (zeroed CPU states, reused), and the
+lookup by ``id`` its carries and hooks are found by on every call.
 
 A fresh ``(22, n)`` int64 state is hundreds of KiB that malloc maps and the memset
 faults in page by page (~45 us of a (64, 4096) training step); a state a carry has
@@ -11,12 +12,14 @@ from __future__ import annotations
 import ctypes
 import sys
 import threading
+import weakref
+from typing import Generic, TypeVar
 
 import torch
 
 from ..kernels import exact_sum as es
 
-__all__ = ["recycle_state", "zero_", "zero_state"]
+__all__ = ["IdLookup", "recycle_state", "zero_", "zero_state"]
 
 #: numel -> one CPU state a carry dropped, reused by the next :func:`zero_state` of
 #: that size.  At most :data:`_SPARES_MAX` sizes are kept.
@@ -60,3 +63,32 @@ def recycle_state(state: torch.Tensor) -> None:
     with _spares_lock:
         if len(_spares) < _SPARES_MAX or state.shape[1] in _spares:
             _spares[int(state.shape[1])] = state
+
+
+_V = TypeVar("_V")
+
+
+class IdLookup(Generic[_V]):
+    """Values found by their key object's ``id``, each entry holding weak references to
+    the key and the value: the per-call lookup of a parameter's carry or hooks, beside
+    the ``WeakIdKeyDictionary`` that owns them (whose lookup makes a weak reference each
+    time).  The key's reference tells a live entry from a reused ``id``."""
+
+    __slots__ = ("_entries",)
+
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple[weakref.ref[object], weakref.ref[_V]]] = {}
+
+    def get(self, key: object) -> _V | None:
+        entry = self._entries.get(id(key))
+        return None if entry is None or entry[0]() is not key else entry[1]()
+
+    def put(self, key: object, value: _V, live: int) -> None:
+        """Remember ``value`` for ``key``; ``live``: how many keys the owner holds (past
+        twice that, the entries of keys gone are dropped)."""
+        self._entries[id(key)] = (weakref.ref(key), weakref.ref(value))
+        if len(self._entries) > 2 * live + 64:
+            self._entries = {k: v for k, v in self._entries.items() if v[0]() is not None}
+
+    def pop(self, key: object) -> None:
+        self._entries.pop(id(key), None)

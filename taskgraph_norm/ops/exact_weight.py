@@ -35,7 +35,7 @@ from ..errors import ConfigError
 from ..backends.triton import exact_dw as triton_dw
 from ..kernels.backward import norm_tangent
 from .exact_grad import ExactSum, exact_grads
-from .exact_state import zero_
+from .exact_state import IdLookup, zero_
 from . import backward as _backward
 from . import forward as _forward
 from .library import _composite_grads
@@ -342,9 +342,7 @@ def _sum_if_unchanged(entries: list[tuple[ExactSum, torch.Tensor]], values: torc
 
 _watches: WeakIdKeyDictionary = WeakIdKeyDictionary()
 _watches_lock = threading.Lock()
-#: id(param) -> a weak reference to its watch (a WeakIdKeyDictionary lookup makes a weak
-#: reference each time); the watch's own reference to its parameter tells a reused id
-_fast_watches: dict[int, weakref.ref[GradWatch]] = {}
+_fast_watches: IdLookup[GradWatch] = IdLookup()  # the watches, found on every forward
 
 
 def watch_param(param: torch.Tensor) -> GradWatch | None:
@@ -352,18 +350,14 @@ def watch_param(param: torch.Tensor) -> GradWatch | None:
     ``.grad`` to accumulate into: a non-leaf weight, or a ``torch.func`` transform."""
     if not (param.is_leaf and param.requires_grad) or torch._C._are_functorch_transforms_active():
         return None
-    fast = _fast_watches.get(id(param))
-    watch = None if fast is None else fast()
-    if watch is None or watch.param() is not param:
+    watch = _fast_watches.get(param)
+    if watch is None:
         with _watches_lock:
             watch = _watches.get(param)  # type: ignore[no-untyped-call]
             if watch is None:
                 exact_grads.register(param)
                 watch = _watches[param] = GradWatch(param)
-            if len(_fast_watches) > 2 * len(_watches) + 64:  # entries of parameters gone
-                for key in [k for k, v in _fast_watches.items() if v() is None]:
-                    del _fast_watches[key]
-            _fast_watches[id(param)] = weakref.ref(watch)
+            _fast_watches.put(param, watch, len(_watches))
     assert watch is not None
     watch.at_forward(param)
     return watch

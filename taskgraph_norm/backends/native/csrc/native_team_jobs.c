@@ -161,27 +161,24 @@ int64_t tgn_backward_exact_dw_f32_team(const float *x, const float *dy, const fl
         return 0;
     threads = threads < 1 ? 1 : threads < MAX_PARTS ? threads : MAX_PARTS;
     int64_t n_states = threads < 2 ? 1 : threads; /* every thread index a team gives is below it */
-    int from_pool;
+    int from_pool, used[3];
     int64_t *states = tgn_dw_states_take(n_states * TGN_EXACT_STATE_WORDS(hidden), &from_pool);
-    if (!states) {
-        if (fresh)
-            memset(state, 0, (size_t)TGN_EXACT_STATE_WORDS(hidden) * sizeof *state);
-        return -1;
+    int64_t result = -1, over = 0;
+    if (states) {
+        int spans[MAX_PARTS][3];
+        for (int64_t t = 0; t < n_states; ++t) {
+            spans[t][0] = TGN_EXACT_DIGITS;
+            spans[t][1] = -1;
+            spans[t][2] = 0;
+        }
+        job_t j = backward_job(x, dy, w, rms, rows, hidden, chunk, adds, n_adds, root, exact, dx, grain);
+        j.bw_states = states;
+        j.bw_spans = spans;
+        result = tgn_team_run(&j, threads);
+        over = tgn_exact_dw_merge(state, hidden, states, n_states, spans, result != 0 ? 0 : fresh ? 2 : 1, used);
+        tgn_dw_states_give(states, from_pool);
     }
-    int spans[MAX_PARTS][3];
-    for (int64_t t = 0; t < n_states; ++t) {
-        spans[t][0] = TGN_EXACT_DIGITS;
-        spans[t][1] = -1;
-        spans[t][2] = 0;
-    }
-    job_t j = backward_job(x, dy, w, rms, rows, hidden, chunk, adds, n_adds, root, exact, dx, grain);
-    j.bw_states = states;
-    j.bw_spans = spans;
-    int64_t result = tgn_team_run(&j, threads);
-    int used[3];
-    int64_t over = tgn_exact_dw_merge(state, hidden, states, n_states, spans, result != 0 ? 0 : fresh ? 2 : 1, used);
-    tgn_dw_states_give(states, from_pool);
-    if (result != 0 && fresh)
+    if (result != 0 && fresh) /* nothing added: a fresh state is zero */
         memset(state, 0, (size_t)TGN_EXACT_STATE_WORDS(hidden) * sizeof *state);
     if (result == 0 && !over && fresh && dw)
         tgn_exact_round_rows_f32(state, hidden, hidden, 0, dw, used[0], used[1], used[2]);
