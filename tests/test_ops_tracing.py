@@ -174,3 +174,6 @@ def test_torch_func_transforms() -> None:
     torch.testing.assert_close(grad, xg.grad)
     with pytest.raises(NotImplementedError, match="batched weight"):
         torch.vmap(lambda w: ops.rms_norm(x, w))(torch.ones(2, 64))
+    exact = tgn.RMSNorm(64, chunk_size=8, weight_grad="exact")  # the exact weight's Function says the same
+    with pytest.raises(NotImplementedError, match="batched weight"):
+        torch.vmap(lambda w: torch.func.functional_call(exact, {"weight": w}, (x,)))(torch.ones(2, 64))

@@ -38,7 +38,7 @@ from .exact_grad import ExactSum, exact_grads
 from .exact_state import IdLookup, zero_
 from . import backward as _backward
 from . import forward as _forward
-from .library import _composite_grads
+from .library import _composite_grads, rms_vmap_dim
 from .routing import forward_ad_active
 
 __all__ = ["ExactWeightRMSNorm", "GradWatch", "exact_apply", "exact_value", "grad_wanted", "plain_tensor",
@@ -86,10 +86,7 @@ class ExactWeightRMSNorm(torch.autograd.Function):
     @staticmethod
     def vmap(info: Any, in_dims: tuple[int | None, ...], x: torch.Tensor, weight: torch.Tensor,
              config: tuple[Any, ...], watch: GradWatch | None) -> tuple[Any, tuple[int, int]]:
-        if in_dims[1] is not None or in_dims[0] is None:
-            raise NotImplementedError("vmap over taskgraph_norm's RMSNorm batches x only (a batched weight "
-                                      "is a different norm per sample: call it per sample)")
-        return _apply(x.movedim(in_dims[0], 0), weight, config, watch), (0, 0)
+        return _apply(x.movedim(rms_vmap_dim(in_dims), 0), weight, config, watch), (0, 0)
 
 
 class EagerExactRMSNorm(torch.autograd.Function):

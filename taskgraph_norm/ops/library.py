@@ -35,7 +35,7 @@ from . import backward as _backward
 from . import forward as _forward
 from .routing import dual, forward_ad_active
 
-__all__ = ["EagerRMSNorm", "FuncRMSNorm", "LIBRARY", "eager_apply", "residual_apply", "rms_norm_op",
+__all__ = ["EagerRMSNorm", "FuncRMSNorm", "LIBRARY", "eager_apply", "residual_apply", "rms_vmap_dim", "rms_norm_op",
            "rms_norm_residual_op", "rms_norm_backward_op"]
 
 _CONFIG = "int chunk_size, str topology, str leaf, str accumulate, str casting_mode, float offset"
@@ -210,6 +210,16 @@ _register_autograd("rms_norm", _rms_norm_backward, _setup)
 _register_autograd("rms_norm_residual", _rms_norm_residual_backward, _setup_residual)
 
 
+def rms_vmap_dim(in_dims: tuple[int | None, ...]) -> int:
+    """The vmapped dim of ``x`` in ``in_dims`` (``x``, ``weight``, ...): only ``x`` may be
+    batched (a batched weight is a different norm per sample)."""
+    x_dim = in_dims[0]
+    if x_dim is None or in_dims[1] is not None:
+        raise NotImplementedError("vmap over taskgraph_norm's RMSNorm batches x only (a batched weight "
+                                  "is a different norm per sample: call it per sample)")
+    return x_dim
+
+
 class EagerRMSNorm(torch.autograd.Function):
     """The op's forward and backward kernels under eager autograd, without the dispatcher.
 
@@ -269,11 +279,8 @@ class FuncRMSNorm(torch.autograd.Function):
     @staticmethod
     def vmap(info: Any, in_dims: tuple[int | None, ...], x: torch.Tensor, weight: torch.Tensor | None,
              config: tuple[Any, ...]) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[int, int]]:
-        if in_dims[1] is not None or in_dims[0] is None:
-            raise NotImplementedError("vmap over taskgraph_norm's RMSNorm batches x only (a batched weight "
-                                      "is a different norm per sample: call it per sample)")
         # rows are independent: the vmapped dim becomes one more leading dim
-        y, rms = _full_func_apply(x.movedim(in_dims[0], 0), weight, config)
+        y, rms = _full_func_apply(x.movedim(rms_vmap_dim(in_dims), 0), weight, config)
         return (y, rms), (0, 0)
 
 
