@@ -49,7 +49,7 @@ SOURCES = [f"{CSRC}/{name}.c"
            for name in ("native", "native_exact", "native_exact_f64", "native_sums", "native_backward", "native_dw",
                         "native_dw_measured", "native_dw_direct", "native_dw_fused", "native_dw_round", "native_narrow",
                         "native_team", "native_team_jobs", "native_layer", "native_layer_exact",
-                        "native_layer_backward", "native_gate", "native_gated", "native_module")]
+                        "native_layer_backward", "native_gate", "native_gated", "native_face", "native_module")]
 CONSTANTS = "taskgraph_norm/constants.py"
 #: Generated from CONSTANTS by BuildExt (.gitignore'd).
 CONSTANTS_HEADER = f"{CSRC}/tgn_constants.h"

@@ -122,5 +122,5 @@ def spy_layer_taken(monkeypatch: Any) -> list[bool]:
         return spy
 
     monkeypatch.setattr(native_layer, "layer_direct", direct)
-    monkeypatch.setattr(pipeline_layer, "_by_config", {})
+    monkeypatch.setattr(pipeline_layer, "LAYER_PIPELINES", {})
     return taken

@@ -42,7 +42,7 @@ def general(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(LayerPipeline, "forward", forward)
-    monkeypatch.setattr(pipeline_layer, "_by_config", {})
+    monkeypatch.setattr(pipeline_layer, "LAYER_PIPELINES", {})
     yield calls
 
 

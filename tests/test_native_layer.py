@@ -104,11 +104,20 @@ def test_rows_with_a_nan_get_the_torch_ops_bits(monkeypatch: pytest.MonkeyPatch)
     x[3, 7], x[9, 0], x[10, 1] = float("nan"), float("inf"), float("-inf")
     assert bits_equal(tgn.layer_norm_sync(x, w, b), _torch_ops(x, w, b))
     x, _, _ = _data((64, 256), torch.bfloat16, seed=4)
-    w[5] = float("inf")  # inf * 0 may be a NaN anywhere: every row is left to torch ops
+    w[5] = float("nan")  # a NaN weight: NaN in every row
     assert bits_equal(tgn.layer_norm_sync(x, w.bfloat16()), _torch_ops(x, w.bfloat16()))
     zeros = torch.zeros(4, 256)
     assert bits_equal(tgn.layer_norm_sync(zeros, eps=0.0), _torch_ops(zeros, eps=0.0))  # den = 0: 0 / 0
-    assert taken == [False, False, False]
+    w[5] = float("inf")  # inf * 0: a row of equal values has zero quotients, so a NaN
+    flat = torch.cat([x[:3], torch.full((1, 256), 0.5, dtype=torch.bfloat16)])
+    assert bits_equal(tgn.layer_norm_sync(flat, w.bfloat16()), _torch_ops(flat, w.bfloat16()))
+    for wd in (torch.float32, torch.bfloat16):  # b infinite too: inf + -inf in some row
+        assert bits_equal(tgn.layer_norm_sync(x, w.to(wd), -w.to(wd)), _torch_ops(x, w.to(wd), -w.to(wd)))
+    assert taken == [False] * 6
+    # An infinite weight against nonzero quotients makes infinities, no NaN: IEEE's bits,
+    # torch's, from the kernel (it finds NaNs in its results, not in the weight).
+    assert bits_equal(tgn.layer_norm_sync(x, w.bfloat16()), _torch_ops(x, w.bfloat16()))
+    assert taken[-1] is True
 
 
 def test_edge_values_and_mixed_dtypes_give_the_torch_ops_bits() -> None:

@@ -18,6 +18,8 @@ import torch
 
 from .. import kernels, ops
 from ..checks import check_out, check_residual
+from ..backends.native import face as _face
+from ..pipeline import layer as _pipelines
 from ..pipeline.layer import LayerPipeline, cached_layer, check_layer_executor, layer_pipeline
 from ..pipeline.layer_checks import autocast_layer_inputs, check_layer_input, resolve_layer_eps
 from ..ops.layer_func import layer_apply
@@ -149,6 +151,13 @@ def layer_norm_sync(
     tensor([[-1.0000,  1.0000]])
     """
     if residual is None and residual_out is None:
+        if out is None:
+            # The warmest path: the checks and the kernel in one C call (backends/native/face.py;
+            # None for anything else, and for a tracer).
+            y = _face.layer_face(_pipelines.LAYER_PIPELINES, x, weight, bias, eps, chunk_size, topology, leaf, accumulate,
+                                 executor)
+            if y is not None:
+                return y
         # The warm path: one dict lookup, the checks the C call needs, one C call.
         y = warm_layer(x, weight, bias, eps, out, chunk_size, topology, leaf, accumulate, executor)
         if y is not None:

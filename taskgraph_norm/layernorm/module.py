@@ -11,7 +11,9 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..backends.native import face as _face
 from ..errors import ConfigError, InputShapeError
+from ..pipeline import layer as _pipelines
 from ..pipeline.layer_checks import autocast_layer_inputs, check_layer_input, resolve_layer_eps
 from ..topologies import build_layer_graph
 from .api import layer_norm_sync, layer_route, warm_layer
@@ -102,9 +104,12 @@ class LayerNorm(nn.Module):
         """``y``; with ``residual``, ``(y, h)``: ``h = x + residual`` and ``y`` its LayerNorm
         (see :func:`taskgraph_norm.layer_norm_sync`, which every call goes through)."""
         weight, bias = self.weight, self.bias
-        if residual is None and len(self.normalized_shape) == 1:  # the warm path (layer_norm_sync's)
-            y = warm_layer(x, weight, bias, self.eps, None, self.chunk_size, self.topology, self.leaf,
-                           self.accumulate, "auto")
+        if residual is None and len(self.normalized_shape) == 1:  # the warm paths (layer_norm_sync's)
+            chunk, topology, leaf, accumulate = self.chunk_size, self.topology, self.leaf, self.accumulate
+            y = _face.layer_face(_pipelines.LAYER_PIPELINES, x, weight, bias, self.eps, chunk, topology, leaf,
+                                 accumulate, "auto")
+            if y is None:
+                y = warm_layer(x, weight, bias, self.eps, None, chunk, topology, leaf, accumulate, "auto")
             if y is not None:
                 return y
         if self.weight_grad == "exact" and weight is not None and isinstance(x, torch.Tensor) and (

@@ -38,7 +38,8 @@ from ..prover import Proof, prove
 from ..topologies import build_layer_graph
 from .layer_checks import check_layer_input, check_layer_out, resolve_layer_eps
 
-__all__ = ["LAYER_EXECUTORS", "LayerPipeline", "cached_layer", "check_layer_executor", "layer_pipeline"]
+__all__ = ["LAYER_EXECUTORS", "LAYER_PIPELINES", "LayerPipeline", "cached_layer", "check_layer_executor",
+           "layer_pipeline"]
 
 #: The executors a LayerNorm pipeline runs on.
 LAYER_EXECUTORS = ("auto", "reference", "compiled", "triton", "concurrent")
@@ -63,7 +64,8 @@ class LayerPipeline:
     follows the graph, as the reference's does).
     """
 
-    __slots__ = ("graph", "executor", "plan", "hidden_size", "residual", "options", "_proof", "_backends", "routed")
+    __slots__ = ("graph", "executor", "plan", "hidden_size", "residual", "options", "_proof", "_backends", "routed",
+                 "face")
 
     def __init__(self, graph: Graph, executor: str = "auto") -> None:
         check_layer_executor(executor)
@@ -94,6 +96,9 @@ class LayerPipeline:
         #: pipeline found by ``x.shape[-1]`` (:mod:`taskgraph_norm.backends.native.layer_direct`:
         #: one C call, or ``None`` for anything unusual: then the general path runs).
         self.routed: Any = self._routed_first if executor == "compiled" and not self.residual else _not_taken
+        #: The native entry's packed plan for the C face (backends/native/face.py, which
+        #: finds this pipeline in :data:`LAYER_PIPELINES`), once :attr:`routed` is known.
+        self.face: bytes | None = None
 
     def _routed_first(self, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: object,
                       out: object) -> torch.Tensor | None:
@@ -104,6 +109,7 @@ class LayerPipeline:
         assert self.plan is not None
         found = BACKENDS["native"].layer_direct(self.plan)  # type: ignore[attr-defined]
         self.routed = _not_taken if found is None else found
+        self.face = getattr(found, "face", None)
         return self.routed(x, weight, bias, eps, out)  # type: ignore[no-any-return]
 
     @property
@@ -257,14 +263,16 @@ def _not_taken(*args: object) -> None:
 # --- the cache ---------------------------------------------------------------------------
 
 _lock = threading.Lock()
-_by_config: dict[tuple[Any, ...], LayerPipeline] = {}
+#: (hidden, chunk_size, topology, leaf, accumulate, executor, residual) -> pipeline; the
+#: C face (backends/native/face.py) looks a call's pipeline up here too.
+LAYER_PIPELINES: dict[tuple[Any, ...], LayerPipeline] = {}
 CACHE_SIZE = 256
 
 
 @caches.register
 def _clear() -> None:
     with _lock:
-        _by_config.clear()
+        LAYER_PIPELINES.clear()
 
 
 def cached_layer(
@@ -276,7 +284,7 @@ def cached_layer(
     if type(chunk_size) is not int:
         return None
     try:
-        return _by_config.get((hidden_size, chunk_size, topology, leaf, accumulate, executor, False))
+        return LAYER_PIPELINES.get((hidden_size, chunk_size, topology, leaf, accumulate, executor, False))
     except TypeError:
         return None
 
@@ -290,7 +298,7 @@ def layer_pipeline(
     key = (hidden_size, chunk_size, topology, leaf, accumulate, executor, residual)
     if type(chunk_size) is int:
         try:
-            found = _by_config.get(key)
+            found = LAYER_PIPELINES.get(key)
         except TypeError:
             found = None
         if found is not None:
@@ -303,8 +311,8 @@ def layer_pipeline(
     if type(chunk_size) is not int:
         return pipe
     with _lock:
-        pipe = _by_config.setdefault(key, pipe)
-        while len(_by_config) > CACHE_SIZE:
-            _by_config.pop(next(iter(_by_config)))
+        pipe = LAYER_PIPELINES.setdefault(key, pipe)
+        while len(LAYER_PIPELINES) > CACHE_SIZE:
+            LAYER_PIPELINES.pop(next(iter(LAYER_PIPELINES)))
     return pipe
 

@@ -24,6 +24,7 @@ from ...constants import DTYPE_F32, SPLIT_NUMEL, TEAM_GRAIN
 from ...kernels.layer import LAYER_EPS
 from ...lowering import Plan
 from ..base import allowed, triton_asked
+from . import face as _face
 from . import loader as _native
 from . import team as _team
 from .direct import HUGE_BYTES, advise_fresh
@@ -52,7 +53,8 @@ def layer_direct(plan: Plan) -> LayerRouted | None:
     hidden = plan.hidden_size
     grain = max(1, TEAM_GRAIN // hidden)
     w_shape = (hidden,)
-    rows_call = _native.module().layer_rows
+    module = _native.module()
+    rows_call = module.layer_rows
     huge_numel = HUGE_BYTES // 4  # (no dtype here is wider: advise_fresh decides)
 
     def routed(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: object,
@@ -113,4 +115,7 @@ def layer_direct(plan: Plan) -> LayerRouted | None:
         return None if bad else y
 
     routed.keep = recipe  # type: ignore[attr-defined]  # (holds the ADD triples' tensor)
+    # The C face's packed arguments (face.py; the pipeline that keeps this entry keeps them).
+    routed.face = module.layer_face_config(hidden, chunk, adds, n_adds, root, exact, grain)  # type: ignore[attr-defined]
+    _face.install(module)
     return routed

@@ -19,11 +19,13 @@
  * division's bits).  bf16 and fp16 rows are widened into fp32 scratch (an exact bf16 row
  * with its exponents' span), run through the same steps and rounded back (native_half.h's
  * c10 formulas; bf16's rounding fused into the quotient's loop, the same integer steps
- * per lane); the weight and bias, of x's dtype or fp32, are widened once per call.
+ * per lane); the weight and bias, of x's dtype or fp32, are read as fp32: bf16 ones
+ * widened lane by lane as the last pass loads them, fp16 ones once per call.
  *
- * A row whose y holds a NaN (a NaN or Inf input, a NaN weight, den = 0) is counted
- * and the caller gives the whole call the torch-ops backend's bits (C's NaNs need not
- * have torch's signs and payloads).  The rows are shared by native_team.c's team
+ * A row whose y holds a NaN (a NaN or Inf input, den = 0, a NaN weight or bias, an
+ * infinite one against a zero quotient or an opposite infinity) is counted and the
+ * caller gives the whole call the torch-ops backend's bits (C's NaNs need not have
+ * torch's signs and payloads).  The rows are shared by native_team.c's team
  * (tgn_team_rows): every row is computed the same way whichever thread runs it.
  */
 #include <math.h>
@@ -45,7 +47,8 @@ typedef struct {
     int64_t hidden, chunk;
     const int64_t *adds;
     int64_t n_adds, root, code, exact;
-    const float *w, *b;
+    const void *w, *b; /* fp32, or bf16 with wbf */
+    int wbf;
     float eps;
     float *mean, *den;
 } layer_job_t;
@@ -140,18 +143,47 @@ static inline void store_bf16(uint16_t *y, __m256 q)
 }
 #endif
 
-/* y = ((x - mean) / den) * w + b over one row (w, b finite or NULL: the caller checks
- * mean and den, so no NaN can come out), into fp32 y, or with bf16 rounded into the
- * bf16 row y (the narrowing pass fused).  ranged: every x - mean is +-0 or at least
- * 2^-50 in magnitude (squares() says), so with den in range the quotient needs no
- * range check (native_quotient.h: |x - mean| <= sqrt(D) den <= 2^60). */
-static inline __attribute__((always_inline)) void finish_vectors(const float *x, void *yv, const float *w,
-                                                                 const float *b, int64_t n, float mean, float den,
-                                                                 const int ranged, const int bf16)
+/* Lanes of p (TGN_QUOTIENT_LANES values) widened to fp32: fp32 as they are, or bf16
+ * (wbf: the weight and bias arrive in bf16) shifted into fp32's top half, exactly. */
+#if TGN_QUOTIENT_LANES == 16
+static inline __m512 load_wb(const void *p, int64_t j, const int wbf)
+{
+    if (!wbf)
+        return _mm512_loadu_ps((const float *)p + j);
+    const __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)p + j));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+#define ANY_NAN(q) ((int)_mm512_cmp_ps_mask((q), (q), _CMP_UNORD_Q))
+#elif TGN_QUOTIENT_LANES == 8
+static inline __m256 load_wb(const void *p, int64_t j, const int wbf)
+{
+    if (!wbf)
+        return _mm256_loadu_ps((const float *)p + j);
+    const __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)p + j));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+#define ANY_NAN(q) _mm256_movemask_ps(_mm256_cmp_ps((q), (q), _CMP_UNORD_Q))
+#endif
+
+static inline float scalar_wb(const void *p, int64_t j, const int wbf)
+{
+    return wbf ? tgn_bf16_to_f32(((const uint16_t *)p)[j]) : ((const float *)p)[j];
+}
+
+/* y = ((x - mean) / den) * w + b over one row (w, b NULL or of fp32, or of bf16 with
+ * wbf), into fp32 y, or with bf16 rounded into the bf16 row y (the narrowing pass
+ * fused); returns 1 when a quotient is NaN (a NaN or an infinite weight or bias: the
+ * caller checks mean and den, so nothing else makes one).  ranged: every x - mean is
+ * +-0 or at least 2^-50 in magnitude (squares() says), so with den in range the
+ * quotient needs no range check (native_quotient.h: |x - mean| <= sqrt(D) den <= 2^60). */
+static inline __attribute__((always_inline)) int finish_vectors(const float *x, void *yv, const void *w,
+                                                                const void *b, int64_t n, float mean, float den,
+                                                                const int ranged, const int bf16, const int wbf)
 {
     float *y = (float *)yv;
     uint16_t *yh = (uint16_t *)yv;
     int64_t j = 0;
+    int nan = 0;
 #if TGN_QUOTIENT_LANES > 1
     if (tgn_quotient_rms_in_range(den)) {
         const tgn_q_div_t dv = tgn_q_setup(den);
@@ -160,9 +192,11 @@ static inline __attribute__((always_inline)) void finish_vectors(const float *x,
             TGN_QV a = TGN_Q_SUB(TGN_Q_LOAD(x + j), m);
             TGN_QV q = ranged ? tgn_q_vec_ranged(&dv, a) : tgn_q_vec(&dv, a);
             if (w)
-                q = TGN_Q_MUL(q, TGN_Q_LOAD(w + j));
+                q = TGN_Q_MUL(q, load_wb(w, j, wbf));
             if (b)
-                q = TGN_Q_ADD(q, TGN_Q_LOAD(b + j));
+                q = TGN_Q_ADD(q, load_wb(b, j, wbf));
+            if (w || b)
+                nan |= ANY_NAN(q);
             if (bf16)
                 store_bf16(yh + j, q);
             else
@@ -175,30 +209,29 @@ static inline __attribute__((always_inline)) void finish_vectors(const float *x,
     for (; j < n; ++j) {
         float q = (x[j] - mean) / den;
         if (w)
-            q = q * w[j];
+            q = q * scalar_wb(w, j, wbf);
         if (b)
-            q = q + b[j];
+            q = q + scalar_wb(b, j, wbf);
+        nan |= q != q;
         if (bf16)
             yh[j] = tgn_f32_to_bf16(q);
         else
             y[j] = q;
     }
+    return nan != 0;
 }
 
-static void finish_row(const float *x, void *y, const float *w, const float *b, int64_t n, float mean, float den,
-                       int ranged, int bf16)
+static int finish_row(const float *x, void *y, const void *w, const void *b, int64_t n, float mean, float den,
+                      int ranged, int bf16, int wbf)
 {
     ranged = ranged && n < ((int64_t)1 << 38);
-    if (bf16) {
-        if (ranged)
-            finish_vectors(x, y, w, b, n, mean, den, 1, 1);
-        else
-            finish_vectors(x, y, w, b, n, mean, den, 0, 1);
-    } else if (ranged) {
-        finish_vectors(x, y, w, b, n, mean, den, 1, 0);
-    } else {
-        finish_vectors(x, y, w, b, n, mean, den, 0, 0);
-    }
+#define FINISH(r, h)                                                        \
+    (wbf ? finish_vectors(x, y, w, b, n, mean, den, (r), (h), 1)           \
+         : finish_vectors(x, y, w, b, n, mean, den, (r), (h), 0))
+    if (bf16)
+        return ranged ? FINISH(1, 1) : FINISH(0, 1);
+    return ranged ? FINISH(1, 0) : FINISH(0, 0);
+#undef FINISH
 }
 
 /* sq = (x - mean)^2 (square) or x - mean, each difference and square rounded once;
@@ -305,12 +338,11 @@ static int layer_row(const layer_job_t *c, const float *x, void *y, float *buf, 
     if (c->den)
         c->den[i] = den;
     /* finite mean: every x finite; finite den > 0: every x - mean finite, so is each
-     * quotient, and w and b are finite (checked once per call): no NaN in y (an
-     * overflow to Inf has IEEE's bits, torch's) */
+     * quotient: a NaN in y comes from a weight or bias that is NaN or infinite, and
+     * finish_row reports it (an overflow to Inf has IEEE's bits, torch's) */
     if (!(isfinite(mean) && isfinite(den) && den > 0.0f))
         return 1;
-    finish_row(x, y, c->w, c->b, d, mean, den, ranged, bf16);
-    return 0;
+    return finish_row(x, y, c->w, c->b, d, mean, den, ranged, bf16, c->wbf);
 }
 
 void tgn_layer_narrow(const float *s, int64_t code, uint16_t *y, int64_t n)
@@ -323,13 +355,20 @@ void tgn_layer_narrow(const float *s, int64_t code, uint16_t *y, int64_t n)
             y[j] = tgn_f32_to_f16(s[j]);
 }
 
+/* Each thread's scratch for a job that needs at most LOCAL_FLOATS values (a row of 4096
+ * bf16 values needs about 12.5K): no malloc and free per call, which a one-row call
+ * shows.  A thread runs one job of this file at a time (the team's callback returns
+ * before the next starts), so the scratch is never shared. */
+enum { LOCAL_FLOATS = 16384 };
+static _Thread_local float local_work[LOCAL_FLOATS];
+
 /* Rows [i, i + n) of the job (the team's callback); returns the NaN rows, -1: no scratch. */
 static int64_t layer_rows(const void *ctx, int64_t i, int64_t n)
 {
     const layer_job_t *c = (const layer_job_t *)ctx;
     const int64_t d = c->hidden, narrow = c->code != TGN_DTYPE_F32, n_chunks = (d + c->chunk - 1) / c->chunk;
     const int64_t need = c->chunk / 2 + 1 + n_chunks + c->n_adds + d * (narrow ? 3 : 1);
-    float *work = (float *)malloc((size_t)need * sizeof(float));
+    float *work = need <= LOCAL_FLOATS ? local_work : (float *)malloc((size_t)need * sizeof(float));
     if (!work)
         return -1;
     float *buf = work, *slots = buf + c->chunk / 2 + 1, *sq = slots + n_chunks + c->n_adds;
@@ -349,29 +388,9 @@ static int64_t layer_rows(const void *ctx, int64_t i, int64_t n)
         if (!bf16)
             tgn_layer_narrow(ys, c->code, (uint16_t *)c->y + i * d, d);
     }
-    free(work);
+    if (work != local_work)
+        free(work);
     return bad;
-}
-
-/* p (d values of dtype code) widened to fp32 into out; returns out, or p itself for fp32. */
-static const float *as_f32(const void *p, int64_t code, int64_t d, float *out)
-{
-    if (!p || code == TGN_DTYPE_F32)
-        return (const float *)p;
-    tgn_widen_span(p, code, 0, d, out);
-    return out;
-}
-
-static int all_finite(const float *p, int64_t n)
-{
-    if (!p)
-        return 1;
-    uint32_t top = 0; /* the largest exponent field (a loop the compiler vectorises) */
-    for (int64_t j = 0; j < n; ++j) {
-        const uint32_t e = tgn_bits_of(p[j]) & 0x7f800000u;
-        top = e > top ? e : top;
-    }
-    return top != 0x7f800000u;
 }
 
 int64_t tgn_layer_rows(const void *x, void *y, int64_t rows, int64_t hidden, int64_t chunk, const int64_t *adds,
@@ -382,19 +401,23 @@ int64_t tgn_layer_rows(const void *x, void *y, int64_t rows, int64_t hidden, int
         return 0;
     if (hidden < 1 || chunk < 1)
         return -2;
+    /* an fp16 weight and bias widened once (bf16 ones are widened lane by lane as
+     * finish_row loads them, exactly: the same values) */
     float *made = 0;
-    if (w_dtype != TGN_DTYPE_F32 && (w || b)) {
+    if (w_dtype == TGN_DTYPE_F16 && (w || b)) {
         made = (float *)malloc(2 * (size_t)hidden * sizeof(float));
         if (!made)
             return -1;
+        if (w)
+            tgn_widen_span(w, w_dtype, 0, hidden, made);
+        if (b)
+            tgn_widen_span(b, w_dtype, 0, hidden, made + hidden);
     }
     layer_job_t c = {.x = x, .y = y, .hidden = hidden, .chunk = chunk, .adds = adds, .n_adds = n_adds,
-                     .root = root, .exact = exact, .code = x_dtype, .w = as_f32(w, w_dtype, hidden, made),
-                     .b = as_f32(b, w_dtype, hidden, made ? made + hidden : 0), .eps = (float)eps,
+                     .root = root, .exact = exact, .code = x_dtype, .w = made && w ? made : w,
+                     .b = made && b ? made + hidden : b, .wbf = w_dtype == TGN_DTYPE_BF16, .eps = (float)eps,
                      .mean = mean, .den = den};
-    int64_t result = all_finite(c.w, hidden) && all_finite(c.b, hidden)
-                         ? tgn_team_rows(layer_rows, &c, rows, grain, threads)
-                         : rows; /* a NaN may come out anywhere: every row to the caller */
+    const int64_t result = tgn_team_rows(layer_rows, &c, rows, grain, threads);
     free(made);
     return result;
 }
