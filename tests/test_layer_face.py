@@ -28,6 +28,7 @@ from taskgraph_norm.pipeline import layer as pipeline_layer
 from taskgraph_norm.testing import bits_equal
 
 from ._trust_helpers import native_status
+from .test_layer_warm import _data, _torch_ops
 
 NATIVE, WHY_NOT = native_status()
 pytestmark = pytest.mark.skipif(not NATIVE, reason=f"native kernels: {WHY_NOT}")
@@ -53,19 +54,6 @@ def face(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[bool]]:
 
     monkeypatch.setattr(native_face, "layer_face", spy)
     yield calls
-
-
-def _data(rows: int, hidden: int, dtype: torch.dtype, seed: int = 0) -> tuple[torch.Tensor, ...]:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(rows, hidden, generator=g) * 3 + 1.5
-    w = 1 + 0.5 * torch.randn(hidden, generator=g)
-    b = torch.randn(hidden, generator=g)
-    return x.to(dtype), w.to(dtype), b.to(dtype)
-
-
-def _torch_ops(x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-    with tgn.backends.use("torch_ops"):
-        return tgn.layer_norm_sync(x, *args, **kwargs)
 
 
 def _call(x: object, w: object = None, b: object = None, eps: object = None, options: tuple[Any, ...] = OPTIONS) -> Any:
