@@ -14,11 +14,13 @@ from typing import Any
 import torch
 
 from . import kernels, ops, pipeline
+from .backends.native import face as _face
 from .checks import check_input, check_out
 from .errors import ConfigError, InputRankError
 from .executors import ASYNC_EXECUTORS
 from .graph import Graph
 from .pipeline import OFFLOAD_NUMEL
+from .pipeline import cache as _cache
 from .topologies import build_graph
 
 __all__ = ["execute", "execute_sync", "find_pipeline", "normalize", "normalize_sync", "OFFLOAD_NUMEL"]
@@ -153,6 +155,13 @@ def normalize_sync(
             group_size=group_size, norm_before_gate=norm_before_gate, topology=topology, chunk_size=chunk_size,
             leaf=leaf, accumulate=accumulate, casting_mode=casting_mode, offset=offset, executor=executor))
     if residual is None and residual_out is None:
+        if out is None:
+            # The warmest path: the checks and the kernel in one C call (backends/native/face.py;
+            # None for anything else, and for a tracer).
+            y = _face.rms_face(_cache.PIPELINES, x, weight, eps, chunk_size, topology, leaf, accumulate, executor,
+                               casting_mode, offset)
+            if y is not None:
+                return y
         how = _route(x, weight)
         if how == _DIRECT and x.dim():  # (DIRECT: x is a plain tensor)
             # The warm path: the cached pipeline from one dict lookup, then one kernel call.

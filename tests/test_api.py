@@ -117,7 +117,7 @@ def test_clear_caches_empties_every_cache() -> None:
     tgn.clear_caches()
     assert topologies._build_cached.cache_info().currsize == 0
     assert rules._prove_cached.cache_info().currsize == 0
-    assert not pipeline._by_config and not pipeline._by_graph
+    assert not pipeline.PIPELINES and not pipeline._by_graph
     after = pipeline.for_config(96, 32, "tree", "pairwise", "float", "auto")
     assert after is not before
     x = torch.randn(3, 96)

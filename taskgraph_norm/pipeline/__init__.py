@@ -9,7 +9,7 @@ a LayerNorm configuration.
 from __future__ import annotations
 
 from ..executors.concurrent.loops import run_coroutine_sync as run_coroutine_sync
-from .cache import _by_config as _by_config
+from .cache import PIPELINES as PIPELINES
 from .cache import _by_graph as _by_graph
 from .cache import cached as cached
 from .cache import for_config as for_config

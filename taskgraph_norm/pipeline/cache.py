@@ -18,13 +18,16 @@ from ..graph.nodes import gc_paused
 from ..topologies import build_graph
 from .core import Pipeline
 
-__all__ = ["CACHE_SIZE", "cached", "for_config", "for_graph"]
+__all__ = ["CACHE_SIZE", "PIPELINES", "cached", "for_config", "for_graph"]
 
 #: How many pipelines each cache keeps (the oldest goes first).
 CACHE_SIZE = 256
 
 _lock = threading.Lock()
-_by_config: dict[tuple[Any, ...], Pipeline] = {}
+#: (hidden, chunk_size, topology, leaf, accumulate, executor, casting_mode, offset,
+#: residual) -> pipeline; the C face (backends/native/face.py) looks a call's pipeline up
+#: here too.
+PIPELINES: dict[tuple[Any, ...], Pipeline] = {}
 _by_graph: dict[tuple[Graph, str], Pipeline] = {}
 
 
@@ -39,7 +42,7 @@ def _store(cache: dict[Any, Pipeline], key: Any, pipe: Pipeline) -> Pipeline:
 @caches.register
 def _clear() -> None:
     with _lock:
-        _by_config.clear()
+        PIPELINES.clear()
         _by_graph.clear()
 
 
@@ -54,7 +57,7 @@ def cached(
     if type(chunk_size) is not int:
         return None
     try:
-        return _by_config.get((hidden_size, chunk_size, topology, leaf, accumulate, executor, casting_mode,
+        return PIPELINES.get((hidden_size, chunk_size, topology, leaf, accumulate, executor, casting_mode,
                                offset, residual))
     except TypeError:
         return None
@@ -78,7 +81,7 @@ def for_config(
         pipe = Pipeline(graph, executor)
         pipe.options = (chunk_size, topology, leaf, accumulate, pipe.casting_mode, pipe.offset)
     key = (hidden_size, chunk_size, topology, leaf, accumulate, executor, casting_mode, offset, residual)
-    return _store(_by_config, key, pipe)
+    return _store(PIPELINES, key, pipe)
 
 
 def for_graph(graph: Graph, executor: str = "auto") -> Pipeline:

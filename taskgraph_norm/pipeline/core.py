@@ -64,7 +64,7 @@ class Pipeline:
     """
 
     __slots__ = ("graph", "executor", "plan", "hidden_size", "_proof", "_runner", "_direct", "routed", "_direct_known",
-                 "_backends", "casting_mode", "offset", "residual", "options", "_weight_shape")
+                 "_backends", "casting_mode", "offset", "residual", "options", "_weight_shape", "face")
 
     def __init__(self, graph: Graph, executor: str = "auto") -> None:
         if not isinstance(graph, Graph):
@@ -106,6 +106,9 @@ class Pipeline:
         #: ``DIRECT``: ``x`` and ``weight`` plain tensors, no gradient recorded) on this
         #: pipeline, found by ``x.shape[-1]``: the direct kernel's own entry once known.
         self.routed: DirectCall = _not_taken if self._direct_known else self._routed_first
+        #: The direct call's configurations for the C face (backends/native/face.py,
+        #: which finds this pipeline in :data:`~.cache.PIPELINES`), once it is known.
+        self.face: dict[int, bytes] | None = None
 
     @property
     def proof(self) -> Proof:
@@ -246,6 +249,7 @@ class Pipeline:
         assert self.plan is not None
         self._direct = BACKENDS["native"].direct(self.plan)  # type: ignore[attr-defined]
         self.routed = _not_taken if self._direct is None else self._direct.routed  # type: ignore[union-attr]
+        self.face = getattr(self._direct, "face", None)
         self._direct_known = True
         return self._direct
 

@@ -42,6 +42,7 @@ from ...constants import DTYPE_BF16, DTYPE_F16, DTYPE_F32, SPLIT_NUMEL, TEAM_GRA
 from ...lowering import Plan
 from ..base import allowed as _allowed
 from ..torch_ops.finish import finish_rule
+from . import face as _face
 from . import loader as _native
 from . import team as _team
 
@@ -133,6 +134,9 @@ def direct_call(plan: Plan) -> DirectCall | None:
     offset, grain, w_shape = plan.offset, base["grain"], (hidden,)
     #: (x dtype, weight dtype) -> (configuration, output dtype), or None: not taken
     configs: dict[tuple[torch.dtype, torch.dtype | None], tuple[bytes, torch.dtype] | None] = {}
+    #: The C face's (face.py) configurations: x's code * 4 + the weight's code + 1 (0: no
+    #: weight) -> configuration, for the pairs whose output is x's dtype.
+    faces: dict[int, bytes] = {}
 
     def configure(x_dtype: torch.dtype, w_dtype: torch.dtype | None) -> tuple[bytes, torch.dtype] | None:
         rule = finish_rule(plan.casting_mode, x_dtype, w_dtype)
@@ -144,6 +148,8 @@ def direct_call(plan: Plan) -> DirectCall | None:
             x_code, y_code, w_code, w_round = codes
             found = (rows_config(**base, flags=rule.flags, x_dtype=x_code, y_dtype=y_code, w_dtype=w_code,
                                  w_round=w_round), rule.out_dtype)
+            if y_code == x_code and not (w_dtype is None and offset):  # (routed's cases: below)
+                faces[x_code * 4 + (0 if w_dtype is None else w_code + 1)] = found[0]
         configs[(x_dtype, w_dtype)] = found
         return found
 
@@ -222,6 +228,8 @@ def direct_call(plan: Plan) -> DirectCall | None:
     # tensor under a call still running.
     call.keep = routed.keep = keep  # type: ignore[attr-defined]
     call.routed = routed  # type: ignore[attr-defined]
+    call.face = faces  # type: ignore[attr-defined]  # (its pipeline keeps it beside keep)
+    _face.install(_native.module())
     return call
 
 

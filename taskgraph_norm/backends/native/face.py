@@ -5,15 +5,16 @@ On a ``(1, 4096)`` LayerNorm the kernel takes about 1 us; the Python checks befo
 address read one attribute at a time) took longer, and the call missed torch's own
 eager kernel.  :data:`layer_face` makes the same checks in C and the same kernel call
 with the same arguments as :mod:`.layer_direct`'s routed entry, so the same bits; a
-tensor's metadata comes from one ``torch._C._to_dlpack`` call.  It takes calls below
+tensor's metadata comes from one ``torch._C._to_dlpack`` call.  :data:`rms_face` does
+the same for RMSNorm, with :mod:`.direct`'s configurations.  It takes calls below
 ``SPLIT_NUMEL`` elements (one thread) with no ``out``; anything else (a tracer, a
 gradient to record, a tensor subclass, strides, another device or dtype, a context
 that does not allow native C, a plan not yet run natively, a row the kernel leaves to
 torch ops) returns ``None`` having done nothing, and the face runs its Python path.
 
 :func:`install` hands the C side the Python objects it calls, once, when
-:mod:`.layer_direct` first makes a native entry; until then :data:`layer_face` is a
-function that returns ``None``.  Dynamo cannot trace a C function, so the face calls it
+:mod:`.layer_direct` or :mod:`.direct` first makes a native entry; until then both are
+a function that returns ``None``.  Dynamo cannot trace a C function, so the face calls it
 without a ``torch.compiler.is_compiling()`` guard only because :func:`install` gives
 dynamo a stand-in that returns ``None`` (``torch._dynamo.substitute_in_graph``, torch
 2.5 and later; on torch 2.4 the C face is not installed and the Python path runs).
@@ -29,10 +30,11 @@ import torch
 import torch._dynamo
 from torch.autograd import forward_ad
 
+from ...kernels import DEFAULT_EPS
 from ...kernels.layer import LAYER_EPS
 from ..base import _allowed, _triton_asked
 
-__all__ = ["install", "layer_face"]
+__all__ = ["install", "layer_face", "rms_face"]
 
 #: ``torch._dynamo.substitute_in_graph`` (torch 2.5 and later), or ``None``.
 _substitute_in_graph: Any = getattr(torch._dynamo, "substitute_in_graph", None)
@@ -47,27 +49,37 @@ def _not_installed(*args: object) -> None:
 #: executor) -> y | None``: ``by_config`` is :mod:`taskgraph_norm.pipeline.layer`'s
 #: cache of pipelines, whose ``face`` (the plan's packed arguments) the C call reads.
 layer_face: Callable[..., torch.Tensor | None] = _not_installed
+#: ``rms_face(by_config, x, weight, eps, chunk_size, topology, leaf, accumulate, executor,
+#: casting_mode, offset) -> y | None``: ``by_config`` is :mod:`taskgraph_norm.pipeline.cache`'s
+#: cache of pipelines, whose ``face`` (the direct call's configurations) the C call reads.
+rms_face: Callable[..., torch.Tensor | None] = _not_installed
 
 
 def install(module: Any) -> None:
     """Set the C face up in the loaded extension ``module`` (once)."""
-    global layer_face
+    global layer_face, rms_face
     with _lock:
         if layer_face is _not_installed and _substitute_in_graph is not None:
-            layer_face = _install(module)
+            layer_face, rms_face = _install(module)
 
 
-def _install(module: Any) -> Callable[..., torch.Tensor | None]:
-    call: Callable[..., torch.Tensor | None] = module.layer_face
+def _install(module: Any) -> tuple[Callable[..., torch.Tensor | None], Callable[..., torch.Tensor | None]]:
+    layer, rms = module.layer_face, module.rms_face
 
-    def traced(by_config: object, x: object, weight: object, bias: object, eps: object, chunk_size: object,
-               topology: object, leaf: object, accumulate: object, executor: object, /) -> None:
-        return None  # (what a tracer sees: the face's Python path, then the op)
+    # What a tracer sees: None, so the face's Python path runs, then the op.
+    def layer_traced(by_config: object, x: object, weight: object, bias: object, eps: object, chunk_size: object,
+                     topology: object, leaf: object, accumulate: object, executor: object, /) -> None:
+        return None
 
-    _substitute_in_graph(call)(traced)
+    def rms_traced(by_config: object, x: object, weight: object, eps: object, chunk_size: object, topology: object,
+                   leaf: object, accumulate: object, executor: object, casting_mode: object, offset: object,
+                   /) -> None:
+        return None
 
+    _substitute_in_graph(layer)(layer_traced)
+    _substitute_in_graph(rms)(rms_traced)
     module.face_setup(torch.Tensor, torch.nn.Parameter, torch.empty_like, torch._C._to_dlpack,
                       torch._C._len_torch_dispatch_stack, torch._C._get_tracing_state,
                       torch._C._are_functorch_transforms_active, torch.is_grad_enabled, forward_ad, _allowed,
-                      _triton_asked, float(LAYER_EPS))
-    return call
+                      _triton_asked, DEFAULT_EPS, torch.float32, torch.bfloat16, torch.float16, float(LAYER_EPS))
+    return layer, rms

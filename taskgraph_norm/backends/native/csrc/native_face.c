@@ -1,5 +1,6 @@
 /* The functional faces' warm call in C (backends/native/face.py): a short call that
- * ops.route sends straight to the kernel, checked and run in one C call.
+ * ops.route sends straight to the kernel, checked and run in one C call, for LayerNorm
+ * (layer_face) and RMSNorm (rms_face).
  *
  * On a (1, 4096) row the kernel takes about 1 us, and the Python checks before it
  * (route, the tensors' dtype, device, layout, shape and address, one attribute each)
@@ -7,7 +8,8 @@
  * torch._C._to_dlpack (the DLPack capsule's DLTensor: address, device, dtype, shape,
  * strides), ops.route's checks are the same calls ops/routing.py makes, and the kernel
  * is the same entry with the same arguments as the Python warm path's
- * (backends/native/layer_direct.py), so the same bits.  The kernel runs with the GIL
+ * (backends/native/layer_direct.py's tgn_layer_rows, direct.py's tgn_rows_call), so the
+ * same bits.  The kernel runs with the GIL
  * held: a face call is below TGN_SPLIT_NUMEL elements, a few us.
  *
  * Anything else returns None having done nothing, and the face runs its Python path
@@ -52,7 +54,7 @@ typedef struct {
 /* What face_setup hands over once (new references). */
 static struct {
     PyObject *tensor, *parameter, *empty_like, *to_dlpack, *dispatch_len, *tracing_state, *functorch_active,
-        *grad_enabled, *forward_ad, *allowed, *triton_asked;
+        *grad_enabled, *forward_ad, *allowed, *triton_asked, *default_eps, *dtypes[3];
     PyObject *native, *requires_grad, *level, *data_ptr, *face;
     double layer_eps;
     int ready;
@@ -61,24 +63,27 @@ static struct {
 PyObject *tgn_py_face_setup(PyObject *self, PyObject *args)
 {
     (void)self;
-    PyObject *o[11];
+    enum { N = 15 };
+    PyObject *o[N];
     double eps;
-    if (!PyArg_ParseTuple(args, "OOOOOOOOOOOd:face_setup", &o[0], &o[1], &o[2], &o[3], &o[4], &o[5], &o[6], &o[7],
-                          &o[8], &o[9], &o[10], &eps))
+    if (!PyArg_ParseTuple(args, "OOOOOOOOOOOOOOOd:face_setup", &o[0], &o[1], &o[2], &o[3], &o[4], &o[5], &o[6],
+                          &o[7], &o[8], &o[9], &o[10], &o[11], &o[12], &o[13], &o[14], &eps))
         return NULL;
-    if (!PyContextVar_CheckExact(o[9]) || !PyContextVar_CheckExact(o[10])) {
-        PyErr_SetString(PyExc_TypeError, "face_setup(): the backends' context variables must be ContextVars");
+    if (!PyContextVar_CheckExact(o[9]) || !PyContextVar_CheckExact(o[10]) || !PyDict_CheckExact(o[11])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "face_setup(): the backends' context variables must be ContextVars, default_eps a dict");
         return NULL;
     }
-    PyObject **slots[] = {&F.tensor,        &F.parameter,        &F.empty_like,   &F.to_dlpack,
-                          &F.dispatch_len,  &F.tracing_state,    &F.functorch_active, &F.grad_enabled,
-                          &F.forward_ad,    &F.allowed,          &F.triton_asked};
+    PyObject **slots[N] = {&F.tensor,       &F.parameter,     &F.empty_like,       &F.to_dlpack,
+                           &F.dispatch_len, &F.tracing_state, &F.functorch_active, &F.grad_enabled,
+                           &F.forward_ad,   &F.allowed,       &F.triton_asked,     &F.default_eps,
+                           &F.dtypes[TGN_DTYPE_F32], &F.dtypes[TGN_DTYPE_BF16], &F.dtypes[TGN_DTYPE_F16]};
     const char *names[] = {"native", "requires_grad", "_current_level", "data_ptr", "face"};
     PyObject **interned[] = {&F.native, &F.requires_grad, &F.level, &F.data_ptr, &F.face};
     for (int k = 0; k < 5; ++k)
         if (!*interned[k] && !(*interned[k] = PyUnicode_InternFromString(names[k])))
             return NULL;
-    for (int k = 0; k < 11; ++k) {
+    for (int k = 0; k < N; ++k) {
         Py_INCREF(o[k]);
         Py_XSETREF(*slots[k], o[k]);
     }
@@ -259,23 +264,23 @@ static PyObject *run_layer(const layer_cfg_t *c, const view_t *xv, PyObject *x, 
     return y;
 }
 
-/* The LayerNorm pipeline cached for (hidden, *options, no residual) in by_config (a new
+/* The pipeline cached for (hidden, *options[0, n), no residual) in by_config (a new
  * reference), or NULL: none, or an option that cannot be a key (the error cleared). */
-static PyObject *cached_pipeline(PyObject *by_config, int64_t hidden, PyObject *const *options)
+static PyObject *cached_pipeline(PyObject *by_config, int64_t hidden, PyObject *const *options, int n)
 {
-    PyObject *h = PyLong_FromLongLong(hidden), *key = h ? PyTuple_New(7) : NULL;
+    PyObject *h = PyLong_FromLongLong(hidden), *key = h ? PyTuple_New(n + 2) : NULL;
     if (!key) {
         Py_XDECREF(h);
         PyErr_Clear();
         return NULL;
     }
     PyTuple_SET_ITEM(key, 0, h);
-    for (int k = 0; k < 5; ++k) {
+    for (int k = 0; k < n; ++k) {
         Py_INCREF(options[k]);
         PyTuple_SET_ITEM(key, k + 1, options[k]);
     }
     Py_INCREF(Py_False);
-    PyTuple_SET_ITEM(key, 6, Py_False);
+    PyTuple_SET_ITEM(key, n + 1, Py_False);
     PyObject *pipe = PyDict_GetItemWithError(by_config, key); /* borrowed */
     Py_XINCREF(pipe);
     Py_DECREF(key);
@@ -304,7 +309,7 @@ PyObject *tgn_py_layer_face(PyObject *self, PyObject *const *args, Py_ssize_t na
     if (!view(x, &xv) || xv.ndim < 1 || xv.numel == 0 || xv.numel >= TGN_SPLIT_NUMEL)
         Py_RETURN_NONE;
     const int64_t hidden = xv.dims[xv.ndim - 1];
-    PyObject *pipe = cached_pipeline(by_config, hidden, args + 5);
+    PyObject *pipe = cached_pipeline(by_config, hidden, args + 5, 5);
     PyObject *cfg = pipe ? PyObject_GetAttr(pipe, F.face) : NULL;
     PyObject *y = NULL;
     if (cfg && PyBytes_CheckExact(cfg) && PyBytes_GET_SIZE(cfg) == (Py_ssize_t)sizeof(layer_cfg_t)) {
@@ -314,6 +319,77 @@ PyObject *tgn_py_layer_face(PyObject *self, PyObject *const *args, Py_ssize_t na
     }
     PyErr_Clear();
     Py_XDECREF(cfg); /* (cfg and the pipeline held across the call: they hold the plan c.adds points into) */
+    Py_XDECREF(pipe);
+    if (!y)
+        Py_RETURN_NONE;
+    return y;
+}
+
+/* The call once the pipeline's face (a dict: x's code * 4 + the weight's code + 1, 0 for
+ * no weight -> rows_config's bytes, for the dtype pairs whose output is x's dtype) is
+ * known: y, or NULL (nothing done). */
+static PyObject *run_rms(PyObject *faces, const view_t *xv, PyObject *x, PyObject *w, PyObject *eps)
+{
+    const int64_t hidden = xv->dims[xv->ndim - 1];
+    view_t wv;
+    wv.data = NULL;
+    wv.code = -1;
+    if (w != Py_None && (!view(w, &wv) || wv.ndim != 1 || wv.dims[0] != hidden))
+        return NULL;
+    PyObject *key = PyLong_FromLongLong(xv->code * 4 + wv.code + 1);
+    PyObject *cfg = key ? PyDict_GetItemWithError(faces, key) : NULL; /* borrowed */
+    Py_XDECREF(key);
+    if (!cfg || !PyBytes_CheckExact(cfg) || PyBytes_GET_SIZE(cfg) != (Py_ssize_t)sizeof(tgn_rows_cfg_t))
+        return NULL;
+    tgn_rows_cfg_t c;
+    memcpy(&c, PyBytes_AS_STRING(cfg), sizeof c);
+    if (c.hidden != hidden || c.x_dtype != xv->code || c.y_dtype != xv->code ||
+        (wv.code >= 0 && c.w_dtype != wv.code))
+        return NULL;
+    double e;
+    if (eps == Py_None) { /* the dtype's default, once a cold call has filled it in */
+        PyObject *d = PyDict_GetItemWithError(F.default_eps, F.dtypes[xv->code]); /* borrowed */
+        if (!d || !PyFloat_CheckExact(d))
+            return NULL;
+        e = PyFloat_AS_DOUBLE(d);
+    } else {
+        e = PyFloat_AS_DOUBLE(eps);
+    }
+    void *yp;
+    PyObject *y = fresh_like(x, &yp);
+    if (!y)
+        return NULL;
+    /* (the GIL held: fewer than TGN_SPLIT_NUMEL elements on one thread) */
+    if (tgn_rows_call(&c, xv->data, yp, xv->numel / hidden, wv.data, e, NULL, NULL, NULL, 1)) {
+        Py_DECREF(y); /* a NaN total or result (or an exact row with no scale): the Python path */
+        return NULL;
+    }
+    return y;
+}
+
+/* rms_face(by_config, x, weight, eps, chunk_size, topology, leaf, accumulate, executor,
+ * casting_mode, offset): RMSNorm's y, or None (nothing done).  by_config:
+ * pipeline/cache.py's cache of pipelines, whose `face` attribute is the direct call's
+ * dict of configurations once the plan has run natively (None before). */
+PyObject *tgn_py_rms_face(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)self;
+    if (nargs != 11) {
+        PyErr_SetString(PyExc_TypeError, "rms_face() takes 11 arguments");
+        return NULL;
+    }
+    PyObject *by_config = args[0], *x = args[1], *w = args[2], *eps = args[3];
+    if (!F.ready || !PyDict_CheckExact(by_config) || !plain(x) || (w != Py_None && !plain(w)) ||
+        (eps != Py_None && !PyFloat_CheckExact(eps)) || !PyLong_CheckExact(args[4]) || !direct(x, w, Py_None))
+        Py_RETURN_NONE;
+    view_t xv;
+    if (!view(x, &xv) || xv.ndim < 1 || xv.numel == 0 || xv.numel >= TGN_SPLIT_NUMEL)
+        Py_RETURN_NONE;
+    PyObject *pipe = cached_pipeline(by_config, xv.dims[xv.ndim - 1], args + 4, 7);
+    PyObject *faces = pipe ? PyObject_GetAttr(pipe, F.face) : NULL;
+    PyObject *y = faces && PyDict_CheckExact(faces) ? run_rms(faces, &xv, x, w, eps) : NULL;
+    PyErr_Clear();
+    Py_XDECREF(faces); /* (held across the call: they hold the plan c.adds points into) */
     Py_XDECREF(pipe);
     if (!y)
         Py_RETURN_NONE;

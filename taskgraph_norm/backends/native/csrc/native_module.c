@@ -269,6 +269,7 @@ static PyObject *py_gated_rows(PyObject *self, PyObject *const *args, Py_ssize_t
 PyObject *tgn_py_face_setup(PyObject *self, PyObject *args);
 PyObject *tgn_py_layer_face_config(PyObject *self, PyObject *args);
 PyObject *tgn_py_layer_face(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
+PyObject *tgn_py_rms_face(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 
 #define FASTCALL(name, params, doc) \
     {#name, (PyCFunction)(void (*)(void))py_##name, METH_FASTCALL, #name "($module, " params ", /)\n--\n\n" doc}
@@ -314,13 +315,16 @@ static PyMethodDef methods[] = {
              "tgn_layer_backward (native_layer_backward.c): LayerNorm's dx, dW and db."),
     {"face_setup", tgn_py_face_setup, METH_VARARGS,
      "face_setup($module, tensor, parameter, empty_like, to_dlpack, dispatch_len, tracing_state, functorch_active, "
-     "grad_enabled, forward_ad, allowed, triton_asked, layer_eps, /)\n--\n\nnative_face.c's Python objects, once."},
+     "grad_enabled, forward_ad, allowed, triton_asked, default_eps, float32, bfloat16, float16, layer_eps, /)\n--\n\nnative_face.c's Python objects, once."},
     {"layer_face_config", tgn_py_layer_face_config, METH_VARARGS,
      "layer_face_config($module, hidden, chunk, adds, n_adds, root, exact, grain, /)\n--\n\n"
      "A LayerNorm plan's packed arguments for layer_face."},
     {"layer_face", (PyCFunction)(void (*)(void))tgn_py_layer_face, METH_FASTCALL,
      "layer_face($module, by_config, x, weight, bias, eps, chunk_size, topology, leaf, accumulate, executor, /)\n--\n\n"
      "LayerNorm's warm call checked and run in C (native_face.c): y, or None."},
+    {"rms_face", (PyCFunction)(void (*)(void))tgn_py_rms_face, METH_FASTCALL,
+     "rms_face($module, by_config, x, weight, eps, chunk_size, topology, leaf, accumulate, executor, casting_mode, "
+     "offset, /)\n--\n\nRMSNorm's warm call checked and run in C (native_face.c): y, or None."},
     NOARGS(team_openmp, "tgn_team_openmp."),
     NOARGS(team_worker_rows, "tgn_team_worker_rows."),
     NOARGS(native_abi, "tgn_native_abi: NATIVE_ABI as this build was made."),
