@@ -228,6 +228,7 @@ def _spy_direct(monkeypatch: pytest.MonkeyPatch, hidden: int, seen: list[int]) -
 
     monkeypatch.setattr(pipe, "_direct", spy)
     monkeypatch.setattr(pipe, "routed", spy_routed)
+    monkeypatch.setattr(pipe, "face", None)  # (the C face, test_rms_face.py: the spies see every call)
 
 
 def test_normalize_uses_compiled_by_default(monkeypatch) -> None:

@@ -166,12 +166,12 @@ def header_prototypes() -> dict[str, list[str]]:
 def module_functions(module: Any) -> dict[str, list[str]]:
     """``tgn_<name>: parameter names`` of each of the module's functions that wraps an
     entry point (all but rows_config and constants, which wrap a struct and a table, and
-    the LayerNorm C face's three, which take Python objects: tests/test_layer_face.py)."""
+    the C faces' four, which take Python objects: tests/test_layer_face.py, test_rms_face.py)."""
     found: dict[str, list[str]] = {}
     for name in dir(module):
         fn = getattr(module, name)
         if name.startswith("_") or not callable(fn) or name in ("rows_config", "constants", "face_setup",
-                                                                 "layer_face_config", "layer_face"):
+                                                                 "layer_face_config", "layer_face", "rms_face"):
             continue
         found[f"tgn_{name}"] = list(inspect.signature(fn).parameters)
     return found

@@ -149,6 +149,7 @@ def direct_call(plan: Plan) -> DirectCall | None:
             found = (rows_config(**base, flags=rule.flags, x_dtype=x_code, y_dtype=y_code, w_dtype=w_code,
                                  w_round=w_round), rule.out_dtype)
             if y_code == x_code and not (w_dtype is None and offset):  # (routed's cases: below)
+                assert x_code is not None and w_code is not None
                 faces[x_code * 4 + (0 if w_dtype is None else w_code + 1)] = found[0]
         configs[(x_dtype, w_dtype)] = found
         return found
