@@ -150,6 +150,7 @@ def test_what_the_face_declines(face: list[bool]) -> None:
     assert _call(x, w.bfloat16(), b) is None  # weight and bias of two dtypes
     assert _call(x.bfloat16(), w.bfloat16(), b) is None
     assert _call(x, w[:100], b) is None  # the general path raises
+    assert _call(torch.ones(0, 4096).double(), w, b) is None  # (no rows, no dtype of the kernel's)
     assert _call(x, w.reshape(64, 64), b) is None
     assert _call(x, w, b, eps=1) is None  # (an int eps: the general path's checks)
     assert _call(x, w, b, options=(64.0, "tree", "pairwise", "float", "auto")) is None

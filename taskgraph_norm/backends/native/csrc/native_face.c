@@ -192,16 +192,16 @@ static int view(PyObject *t, view_t *v)
         v->ndim = d->ndim;
         v->numel = 1;
         int64_t expect = 1; /* torch's is_contiguous: sizes of 1 may have any stride */
-        ok = v->code >= 0;
+        int dense = 1;
         for (int64_t k = d->ndim - 1; k >= 0; --k) {
             v->dims[k] = d->shape[k];
             v->numel *= d->shape[k];
             if (d->shape[k] != 1) {
-                ok = ok && (!d->strides || d->strides[k] == expect);
+                dense = dense && (!d->strides || d->strides[k] == expect);
                 expect *= d->shape[k];
             }
         }
-        ok = ok || v->numel == 0;
+        ok = v->code >= 0 && (dense || v->numel == 0);
         v->data = (char *)d->data + d->byte_offset;
     }
     if (!m)
