@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import anyio
 import pytest
 import torch
 from torch.autograd import forward_ad
@@ -95,6 +96,17 @@ def test_more_dims_and_the_module(face: list[bool]) -> None:
     assert face == [True] and bits_equal(y, want)
     y = tgn.layer_norm_sync(x3, w, b)
     assert face == [True, True] and bits_equal(y, want)
+
+
+def test_the_async_face_takes_it(face: list[bool]) -> None:
+    x, w, b = _data(3, 512, torch.bfloat16, seed=4)
+
+    async def calls() -> list[torch.Tensor]:
+        return [await tgn.layer_norm(x, w, b) for _ in range(3)]  # (the first ones find the plan)
+
+    found = anyio.run(calls)
+    assert face[-1] is True
+    assert all(bits_equal(y, _torch_ops(x, w, b)) for y in found)
 
 
 def test_the_python_warm_entry_is_not_called(face: list[bool], monkeypatch: pytest.MonkeyPatch) -> None:

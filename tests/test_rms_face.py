@@ -18,6 +18,7 @@ import itertools
 from collections.abc import Iterator
 from typing import Any
 
+import anyio
 import pytest
 import torch
 from torch.autograd import forward_ad
@@ -106,6 +107,17 @@ def test_the_module_takes_it(face: list[bool]) -> None:
         del face[:]
         y = m(x)
     assert face == [True] and bits_equal(y, want)
+
+
+def test_the_async_face_takes_it(face: list[bool]) -> None:
+    x, w = _data(3, 512, torch.float16, seed=4)
+
+    async def calls() -> list[torch.Tensor]:
+        return [await tgn.normalize(x, w) for _ in range(3)]  # (the first ones find the plan)
+
+    found = anyio.run(calls)
+    assert face[-1] is True
+    assert all(bits_equal(y, _torch_ops(x, w)) for y in found)
 
 
 def test_a_different_plan_gives_different_bits(face: list[bool]) -> None:

@@ -19,6 +19,7 @@ import torch
 from .. import kernels, ops
 from ..checks import check_out, check_residual
 from ..backends.native import face as _face
+from ..pipeline import OFFLOAD_NUMEL
 from ..pipeline import layer as _pipelines
 from ..pipeline.layer import LayerPipeline, cached_layer, check_layer_executor, layer_pipeline
 from ..pipeline.layer_checks import autocast_layer_inputs, check_layer_input, resolve_layer_eps
@@ -202,6 +203,12 @@ async def layer_norm(
     input is computed on a worker thread under the caller's grad and inference mode;
     cancelling the call stops that work between tiles.  A call that records a gradient
     (or is traced) runs inline through the op, as the sync face does."""
+    if out is None and residual is None and residual_out is None:
+        # a short call: the C face, inline (no thread hop)
+        y = _face.layer_face(_pipelines.LAYER_PIPELINES, x, weight, bias, eps, chunk_size, topology, leaf, accumulate,
+                             executor)
+        if y is not None:
+            return y
     if isinstance(x, torch.Tensor):
         x, weight, bias = autocast_layer_inputs(x, weight, bias)
     if layer_route(x, weight, bias, residual) != ops.DIRECT or not isinstance(x, torch.Tensor):
@@ -211,4 +218,8 @@ async def layer_norm(
     pipe = _pipe(x, topology, chunk_size, leaf, accumulate, executor, residual is not None)
     if not x.dim() or x.shape[-1] == 0:
         return _empty(x, weight, bias, eps, out, residual, residual_out)
+    if residual is None and residual_out is None and x.numel() < OFFLOAD_NUMEL:
+        y = pipe.routed(x, weight, bias, eps, out)  # a small call: the warm entry, inline (no thread hop)
+        if y is not None:
+            return y
     return await pipe.acall(x, weight, bias, eps, out, residual=residual, residual_out=residual_out)
