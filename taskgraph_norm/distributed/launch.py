@@ -56,6 +56,11 @@ def _worker(rank: int, fn: Callable[..., Any], world_size: int, port: int, backe
     try:
         result = fn(rank, world_size, *args)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+        # Every rank past its last collective before any tears its group down (a group
+        # destroyed while a peer's asynchronous work still runs is one way a gloo rank
+        # aborts in teardown, "terminate called without an active exception": seen once
+        # in the FSDP2 test, not reproduced in ten runs since).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
