@@ -59,7 +59,7 @@ def _worker(rank: int, fn: Callable[..., Any], world_size: int, port: int, backe
         # Every rank past its last collective before any tears its group down (a group
         # destroyed while a peer's asynchronous work still runs is one way a gloo rank
         # aborts in teardown, "terminate called without an active exception": seen once
-        # in the FSDP2 test, not reproduced in ten runs since).
+        # in the FSDP2 test, not reproduced in seven runs since).
         dist.barrier()
     finally:
         dist.destroy_process_group()
