@@ -124,3 +124,22 @@ def spy_layer_taken(monkeypatch: Any) -> list[bool]:
     monkeypatch.setattr(native_layer, "layer_direct", direct)
     monkeypatch.setattr(pipeline_layer, "LAYER_PIPELINES", {})
     return taken
+
+
+def spy_c_face(monkeypatch: Any, name: str) -> list[bool]:
+    """Records each call of the C face ``backends.native.face.<name>`` (``"layer_face"``
+    or ``"rms_face"``, installed by a warm call first): True when it gave the result,
+    False when it declined."""
+    from taskgraph_norm.backends.native import face as native_face
+
+    real = getattr(native_face, name)
+    assert real is not native_face._not_installed
+    calls: list[bool] = []
+
+    def spy(*args: Any) -> Any:
+        y = real(*args)
+        calls.append(y is not None)
+        return y
+
+    monkeypatch.setattr(native_face, name, spy)
+    return calls

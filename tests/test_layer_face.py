@@ -12,7 +12,6 @@ the stand-in (no graph break)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import anyio
@@ -28,7 +27,7 @@ from taskgraph_norm.constants import SPLIT_NUMEL
 from taskgraph_norm.pipeline import layer as pipeline_layer
 from taskgraph_norm.testing import bits_equal
 
-from ._trust_helpers import native_status
+from ._trust_helpers import native_status, spy_c_face
 from .test_layer_warm import _data, _torch_ops
 
 NATIVE, WHY_NOT = native_status()
@@ -39,25 +38,15 @@ OPTIONS = (64, "tree", "pairwise", "float", "auto")
 
 
 @pytest.fixture
-def face(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[bool]]:
+def face(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     """Records each C face call: True when it gave the result, False when it declined."""
-    _data(1, 64, torch.float32)  # (any warm call installs the C face)
-    tgn.layer_norm_sync(torch.ones(1, 8))
-    tgn.layer_norm_sync(torch.ones(1, 8))
-    real = native_face.layer_face
-    assert real is not native_face._not_installed
-    calls: list[bool] = []
-
-    def spy(*args: Any) -> Any:
-        y = real(*args)
-        calls.append(y is not None)
-        return y
-
-    monkeypatch.setattr(native_face, "layer_face", spy)
-    yield calls
+    for _ in range(2):  # (a warm call installs the C face)
+        tgn.layer_norm_sync(torch.ones(1, 8))
+    return spy_c_face(monkeypatch, "layer_face")
 
 
-def _call(x: object, w: object = None, b: object = None, eps: object = None, options: tuple[Any, ...] = OPTIONS) -> Any:
+def _call(x: object, w: object = None, b: object = None, eps: object = None,
+          options: tuple[Any, ...] = OPTIONS) -> Any:
     """The C face itself, on the live pipeline cache."""
     return native_face.layer_face(pipeline_layer.LAYER_PIPELINES, x, w, b, eps, *options)
 

@@ -15,7 +15,6 @@ stand-in."""
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
 from typing import Any
 
 import anyio
@@ -30,7 +29,7 @@ from taskgraph_norm.constants import SPLIT_NUMEL
 from taskgraph_norm.pipeline import cache as pipeline_cache
 from taskgraph_norm.testing import bits_equal
 
-from ._trust_helpers import native_status
+from ._trust_helpers import native_status, spy_c_face
 from .test_layer_face import _Passthrough
 
 NATIVE, WHY_NOT = native_status()
@@ -41,21 +40,11 @@ OPTIONS = (64, "tree", "pairwise", "float", "auto", "torch", 0.0)
 
 
 @pytest.fixture
-def face(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[bool]]:
+def face(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     """Records each C face call: True when it gave the result, False when it declined."""
     for _ in range(2):  # (a warm call installs the C face)
         tgn.normalize_sync(torch.ones(1, 8))
-    real = native_face.rms_face
-    assert real is not native_face._not_installed
-    calls: list[bool] = []
-
-    def spy(*args: Any) -> Any:
-        y = real(*args)
-        calls.append(y is not None)
-        return y
-
-    monkeypatch.setattr(native_face, "rms_face", spy)
-    yield calls
+    return spy_c_face(monkeypatch, "rms_face")
 
 
 def _data(rows: int, hidden: int, dtype: torch.dtype, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -155,8 +155,8 @@ def layer_norm_sync(
         if out is None:
             # The warmest path: the checks and the kernel in one C call (backends/native/face.py;
             # None for anything else, and for a tracer).
-            y = _face.layer_face(_pipelines.LAYER_PIPELINES, x, weight, bias, eps, chunk_size, topology, leaf, accumulate,
-                                 executor)
+            y = _face.layer_face(_pipelines.LAYER_PIPELINES, x, weight, bias, eps, chunk_size, topology, leaf,
+                                 accumulate, executor)
             if y is not None:
                 return y
         # The warm path: one dict lookup, the checks the C call needs, one C call.

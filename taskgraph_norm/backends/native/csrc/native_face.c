@@ -289,6 +289,33 @@ static PyObject *cached_pipeline(PyObject *by_config, int64_t hidden, PyObject *
     return pipe;
 }
 
+/* What both faces check before their plan: the C side set up, by_config a dict, x (and
+ * the weight and bias, each None or a tensor) plain tensors, eps None or a float, the
+ * chunk size (options[0]) an int, ops.route's DIRECT, x a CPU contiguous tensor of a
+ * kernel's dtype with 1 to TGN_SPLIT_NUMEL - 1 elements (its view in xv); then the
+ * pipeline cached for (x's last dim, *options[0, n)) and its `face` attribute, both new
+ * references held across the call (they hold the plan the face's bytes point into).
+ * Returns 0, holding nothing, where any of it is not so (the error, if any, cleared). */
+static int face_of(PyObject *by_config, PyObject *x, PyObject *w, PyObject *b, PyObject *eps,
+                   PyObject *const *options, int n, view_t *xv, PyObject **pipe, PyObject **face)
+{
+    *pipe = *face = NULL;
+    if (!F.ready || !PyDict_CheckExact(by_config) || !plain(x) || (w != Py_None && !plain(w)) ||
+        (b != Py_None && !plain(b)) || (eps != Py_None && !PyFloat_CheckExact(eps)) ||
+        !PyLong_CheckExact(options[0]) || !direct(x, w, b))
+        return 0;
+    if (!view(x, xv) || xv->ndim < 1 || xv->numel == 0 || xv->numel >= TGN_SPLIT_NUMEL)
+        return 0;
+    *pipe = cached_pipeline(by_config, xv->dims[xv->ndim - 1], options, n);
+    *face = *pipe ? PyObject_GetAttr(*pipe, F.face) : NULL;
+    if (!*face) {
+        PyErr_Clear();
+        Py_CLEAR(*pipe);
+        return 0;
+    }
+    return 1;
+}
+
 /* layer_face(by_config, x, weight, bias, eps, chunk_size, topology, leaf, accumulate,
  * executor): LayerNorm's y, or None (nothing done).  by_config: pipeline/layer.py's
  * cache of pipelines, whose `face` attribute holds layer_face_config's bytes once the
@@ -300,26 +327,20 @@ PyObject *tgn_py_layer_face(PyObject *self, PyObject *const *args, Py_ssize_t na
         PyErr_SetString(PyExc_TypeError, "layer_face() takes 10 arguments");
         return NULL;
     }
-    PyObject *by_config = args[0], *x = args[1], *w = args[2], *b = args[3], *eps = args[4];
-    if (!F.ready || !PyDict_CheckExact(by_config) || !plain(x) || (w != Py_None && !plain(w)) ||
-        (b != Py_None && !plain(b)) || (eps != Py_None && !PyFloat_CheckExact(eps)) ||
-        !PyLong_CheckExact(args[5]) || !direct(x, w, b))
-        Py_RETURN_NONE;
+    PyObject *x = args[1], *w = args[2], *b = args[3], *eps = args[4], *pipe, *cfg;
     view_t xv;
-    if (!view(x, &xv) || xv.ndim < 1 || xv.numel == 0 || xv.numel >= TGN_SPLIT_NUMEL)
+    if (!face_of(args[0], x, w, b, eps, args + 5, 5, &xv, &pipe, &cfg))
         Py_RETURN_NONE;
     const int64_t hidden = xv.dims[xv.ndim - 1];
-    PyObject *pipe = cached_pipeline(by_config, hidden, args + 5, 5);
-    PyObject *cfg = pipe ? PyObject_GetAttr(pipe, F.face) : NULL;
     PyObject *y = NULL;
-    if (cfg && PyBytes_CheckExact(cfg) && PyBytes_GET_SIZE(cfg) == (Py_ssize_t)sizeof(layer_cfg_t)) {
+    if (PyBytes_CheckExact(cfg) && PyBytes_GET_SIZE(cfg) == (Py_ssize_t)sizeof(layer_cfg_t)) {
         layer_cfg_t c;
         memcpy(&c, PyBytes_AS_STRING(cfg), sizeof c);
         y = c.hidden == hidden ? run_layer(&c, &xv, x, w, b, eps) : NULL;
     }
     PyErr_Clear();
-    Py_XDECREF(cfg); /* (cfg and the pipeline held across the call: they hold the plan c.adds points into) */
-    Py_XDECREF(pipe);
+    Py_DECREF(cfg); /* (cfg and the pipeline held across the call: they hold the plan c.adds points into) */
+    Py_DECREF(pipe);
     if (!y)
         Py_RETURN_NONE;
     return y;
@@ -378,19 +399,14 @@ PyObject *tgn_py_rms_face(PyObject *self, PyObject *const *args, Py_ssize_t narg
         PyErr_SetString(PyExc_TypeError, "rms_face() takes 11 arguments");
         return NULL;
     }
-    PyObject *by_config = args[0], *x = args[1], *w = args[2], *eps = args[3];
-    if (!F.ready || !PyDict_CheckExact(by_config) || !plain(x) || (w != Py_None && !plain(w)) ||
-        (eps != Py_None && !PyFloat_CheckExact(eps)) || !PyLong_CheckExact(args[4]) || !direct(x, w, Py_None))
-        Py_RETURN_NONE;
+    PyObject *x = args[1], *w = args[2], *eps = args[3], *pipe, *faces;
     view_t xv;
-    if (!view(x, &xv) || xv.ndim < 1 || xv.numel == 0 || xv.numel >= TGN_SPLIT_NUMEL)
+    if (!face_of(args[0], x, w, Py_None, eps, args + 4, 7, &xv, &pipe, &faces))
         Py_RETURN_NONE;
-    PyObject *pipe = cached_pipeline(by_config, xv.dims[xv.ndim - 1], args + 4, 7);
-    PyObject *faces = pipe ? PyObject_GetAttr(pipe, F.face) : NULL;
-    PyObject *y = faces && PyDict_CheckExact(faces) ? run_rms(faces, &xv, x, w, eps) : NULL;
+    PyObject *y = PyDict_CheckExact(faces) ? run_rms(faces, &xv, x, w, eps) : NULL;
     PyErr_Clear();
-    Py_XDECREF(faces); /* (held across the call: they hold the plan c.adds points into) */
-    Py_XDECREF(pipe);
+    Py_DECREF(faces); /* (held across the call: they hold the plan c.adds points into) */
+    Py_DECREF(pipe);
     if (!y)
         Py_RETURN_NONE;
     return y;
