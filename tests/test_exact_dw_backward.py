@@ -236,3 +236,26 @@ def test_x_over_rms_keeps_the_division_bits_at_the_quotient_ranges_edges() -> No
     # negative control: x / rms rounded another way (one ulp up) gives another state
     wrong = torch.nextafter(torch.div(x, rms), torch.tensor(float("inf")))
     assert not torch.equal(es.add_products_(start_state(hidden), dy, wrong), s1)
+
+
+@pytest.mark.parametrize("shape", [(96, 512), (3, 32, 512)])
+def test_the_modules_backward_makes_dx_in_the_one_pass_on_the_forwards_pipeline(
+        monkeypatch: pytest.MonkeyPatch, shape: tuple[int, ...]) -> None:
+    """No second pass for ``dx`` and no pipeline lookup in the backward: ``dx`` comes
+    from the fused call on the pipeline the forward used, with the float mode's bits."""
+    x, dy, _ = rows_of(96, 512, 11, binades=3)
+    x, dy = x.reshape(shape), dy.reshape(shape)
+    exact, float_ = tgn.RMSNorm(512, weight_grad="exact"), tgn.RMSNorm(512)
+    xe, xf = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    ye, yf = exact(xe), float_(xf)
+    lookups, second_passes = [], []
+    real_lookup, real_rows = pipeline.for_config, registry.NativeBackend.backward_rows
+    monkeypatch.setattr(pipeline, "for_config", lambda *a, **k: lookups.append(a) or real_lookup(*a, **k))
+    monkeypatch.setattr(registry.NativeBackend, "backward_rows",
+                        lambda self, *a, **k: second_passes.append(a) or real_rows(self, *a, **k))
+    ye.backward(dy)
+    assert not lookups and not second_passes
+    yf.backward(dy)
+    assert second_passes  # the spy sees the float mode's pass: it would see the exact one's
+    assert xe.grad is not None and xf.grad is not None and xe.grad.shape == x.shape
+    assert_bits_equal(xe.grad, xf.grad)

@@ -36,3 +36,15 @@ def test_every_group_runs_on_tiny_sizes() -> None:
 def test_groups_are_checked() -> None:
     with pytest.raises(SystemExit):
         targets.main(["--only", "nothing"])
+
+
+def test_the_exact_dw_step_breakdown_runs_and_times_both_kernels() -> None:
+    from benchmarks import exact_dw_step
+    from taskgraph_norm.backends import registry
+
+    before = {name: getattr(registry._native_grads, name) for name in exact_dw_step.KERNELS.values()}
+    found = exact_dw_step.measure(2, 1, calls=2)
+    assert {name: getattr(registry._native_grads, name) for name in before} == before  # unwrapped again
+    assert all(len(rounds) == 1 and rounds[0][0] > rounds[0][1] > 0 for rounds in found.values())
+    lines = exact_dw_step.table(2, found)
+    assert lines[0].startswith("| (2, 4096) | all rounds (1) |")

@@ -53,23 +53,29 @@ def backward(
 def fused_exact_backward(
     dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rms: torch.Tensor, chunk_size: int, topology: str,
     leaf: str, accumulate: str, casting_mode: str, offset: float, state: torch.Tensor, input_grad: bool,
-    *, fresh: bool = False, rounded: torch.Tensor | None = None,
+    *, fresh: bool = False, rounded: torch.Tensor | None = None, pipe: pipeline.Pipeline | None = None,
 ) -> tuple[bool, torch.Tensor | None]:
     """The backward of ``weight_grad="exact"`` in one pass where the backend has one:
     ``dx`` (when ``input_grad``) as :func:`backward` makes it, and ``sum over rows of
     dy * (x / rms)`` added to the exact ``state`` (:meth:`.Pipeline.backward_exact_dw`;
-    ``fresh`` and ``rounded`` as there).  ``(False, None)``, with nothing added, where
+    ``fresh`` and ``rounded`` as there).  ``pipe``: the configuration's pipeline when
+    the caller has it (the forward's).  ``(False, None)``, with nothing added, where
     it has not."""
     hidden = x.shape[-1]
     if x.numel() == 0:
         return False, None
-    pipe = pipeline.for_config(hidden, chunk_size, topology, leaf, accumulate, "auto", casting_mode, offset)
-    x2, dy2 = x.reshape(-1, hidden).contiguous(), dy.reshape(-1, hidden).contiguous()
+    if pipe is None:
+        pipe = pipeline.for_config(hidden, chunk_size, topology, leaf, accumulate, "auto", casting_mode, offset)
+    if x.dim() == 2 and dy.dim() == 2 and rms.dim() == 2:  # the common (rows, D) call: nothing to reshape
+        x2, dy2, rms2 = x.contiguous(), dy.contiguous(), rms.contiguous()
+    else:
+        x2, dy2 = x.reshape(-1, hidden).contiguous(), dy.reshape(-1, hidden).contiguous()
+        rms2 = rms.reshape(-1, 1).contiguous()
     dx = torch.empty_like(x2) if input_grad else None
-    if not pipe.backward_exact_dw(dy2, x2, weight.reshape(hidden), rms.reshape(-1, 1).contiguous(), state, dx,
+    if not pipe.backward_exact_dw(dy2, x2, weight if weight.dim() == 1 else weight.reshape(hidden), rms2, state, dx,
                                   fresh=fresh, rounded=rounded):
         return False, None
-    return True, None if dx is None else dx.view(x.shape)
+    return True, dx if dx is None or dx.shape == x.shape else dx.view(x.shape)
 
 
 def pipe_backward(

@@ -35,7 +35,7 @@ def zero_state(numel: int, device: torch.device | str | None, *, blank: bool = F
     ~12 us for the memset), in a dropped state of that size when one is kept.  With
     ``blank``, a CPU state is not zeroed: its memory holds anything, for a kernel that
     writes it whole (the fused backward's ``fresh`` state)."""
-    if device is not None and torch.device(device).type != "cpu":
+    if device is not None and (device.type if isinstance(device, torch.device) else torch.device(device).type) != "cpu":
         return es.empty_state(numel, device)
     with _spares_lock:
         state = _spares.pop(numel, None)

@@ -69,7 +69,7 @@ class ExactWeightRMSNorm(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor]) -> None:
-        ctx.config, ctx.watch = inputs[2], inputs[3]
+        ctx.config, ctx.watch, ctx.pipe = inputs[2], inputs[3], None
         ctx.save_for_backward(inputs[0], inputs[1], output[1])
         ctx.save_for_forward(inputs[0], inputs[1], output[1])
         ctx.mark_non_differentiable(output[1])
@@ -97,7 +97,7 @@ class EagerExactRMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, config: tuple[Any, ...],
                 watch: GradWatch | None) -> torch.Tensor:
-        y, rms, _pipe = _forward.forward_pipe(x, weight, *config)
+        y, rms, ctx.pipe = _forward.forward_pipe(x, weight, *config)
         ctx.config, ctx.watch = config, watch
         ctx.save_for_backward(x, weight, rms)
         return y
@@ -126,7 +126,7 @@ def _exact_backward(ctx: Any, dy: torch.Tensor) -> tuple[Any, ...]:
             rounded = torch.empty(weight.numel(), dtype=torch.float32)
         fused_backward: Any = _backward.fused_exact_backward
         fused, dx = fused_backward(dy, x, weight, rms, *config, total.state, ctx.needs_input_grad[0],
-                                   fresh=cpu, rounded=rounded)
+                                   fresh=cpu, rounded=rounded, pipe=ctx.pipe)
         if not fused and cpu:
             zero_(total.state)
     if dx is None and ctx.needs_input_grad[0] and not torch.is_grad_enabled():
@@ -294,8 +294,8 @@ class GradWatch:
             self.claims.clear()
         if param is None:
             return
-        values = grad.detach().reshape(-1)
-        total = _sum_if_unchanged(entries, values)
+        values = grad.detach() if grad.dim() == 1 else grad.detach().reshape(-1)
+        total = _sum_if_unchanged(entries, values, grad)
         rounded = None
         if total is None:  # changed by a hook, or a gradient from elsewhere: its value, exactly
             total = ExactSum(values.numel(), values.device).add_values(values)
@@ -312,7 +312,7 @@ class GradWatch:
         grad = param.grad
         if claim is None or grad is None:
             return
-        flat = grad.detach().reshape(-1)
+        flat = grad.detach() if grad.dim() == 1 else grad.detach().reshape(-1)
         expected = claim.grad if claim.before is None else claim.before.reshape(-1) + claim.grad
         if bits_equal(flat, expected):  # AccumulateGrad added what the tensor hook saw
             # into the grad tensor when it is the one accumulated into, or carries
@@ -321,11 +321,14 @@ class GradWatch:
                                 rounded=claim.rounded, installed=True)
 
 
-def _sum_if_unchanged(entries: list[tuple[ExactSum, torch.Tensor]], values: torch.Tensor) -> ExactSum | None:
-    """The merged exact states of ``entries`` if ``values`` is the float sum autograd
-    forms of their ``dW`` (added in arrival order), else ``None``."""
+def _sum_if_unchanged(entries: list[tuple[ExactSum, torch.Tensor]], values: torch.Tensor,
+                      grad: torch.Tensor | None = None) -> ExactSum | None:
+    """The merged exact states of ``entries`` if ``values`` (``grad`` flattened) is the
+    float sum autograd forms of their ``dW`` (added in arrival order), else ``None``."""
     if not entries:
         return None
+    if len(entries) == 1 and entries[0][1] is grad:
+        return entries[0][0]  # the one backward's dW itself, as it returned it
     folded = entries[0][1].reshape(-1)
     for _, dw in entries[1:]:
         folded = folded + dw.reshape(-1)
