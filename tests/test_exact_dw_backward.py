@@ -259,3 +259,42 @@ def test_the_modules_backward_makes_dx_in_the_one_pass_on_the_forwards_pipeline(
     assert second_passes  # the spy sees the float mode's pass: it would see the exact one's
     assert xe.grad is not None and xf.grad is not None and xe.grad.shape == x.shape
     assert_bits_equal(xe.grad, xf.grad)
+
+
+@pytest.mark.parametrize("openmp", [True, False])
+@pytest.mark.parametrize("hidden", [4096, 1544])
+def test_the_merge_shared_by_column_slabs_on_either_team_gives_one_threads_bits(openmp: bool, hidden: int) -> None:
+    """The threads' states are merged, normalised and rounded by slabs of columns that
+    the team's threads claim once every row block has run (torch's OpenMP team or
+    native_team.c's own worker): the state, the rounding and ``dx`` are one thread's
+    bits, a fresh state included; a row that is not finite still adds nothing."""
+    from taskgraph_norm.backends.native import team
+
+    if team.use_openmp(openmp) != openmp:
+        team.use_openmp(True)
+        pytest.skip("torch's parallel backend here is not OpenMP")
+    try:
+        x, dy, rms = rows_of(160, hidden, 13, binades=12)
+        found = []
+        for threads in (1, 2, 3):
+            state, rounded, dx = garbage_state(hidden, threads), torch.empty(hidden), torch.empty_like(x)
+            assert native_grads.backward_exact_dw(x, dy, None, rms, recipe(hidden), dx, state, exact=False,
+                                                  threads=threads, fresh=True, rounded=rounded) == 0
+            added = start_state(hidden)
+            assert native_grads.backward_exact_dw(x, dy, None, rms, recipe(hidden), None, added, exact=False,
+                                                  threads=threads) == 0
+            found.append((state, rounded, dx, added))
+        for state, rounded, dx, added in found[1:]:
+            assert torch.equal(state, found[0][0]) and torch.equal(added, found[0][3])
+            assert_bits_equal(rounded, found[0][1])
+            assert_bits_equal(dx, found[0][2])
+        assert_bits_equal(found[0][1], es.round_state(found[0][0], torch.float32))
+        assert not torch.equal(found[0][3], found[0][0])  # negative control: added into a state that was not zero
+        dy[100, 7] = float("inf")
+        state = start_state(hidden)
+        after = state.clone()
+        assert native_grads.backward_exact_dw(x, dy, None, rms, recipe(hidden), torch.empty_like(x), after,
+                                              exact=False, threads=2) > 0
+        assert torch.equal(after, state)
+    finally:
+        team.use_openmp(True)

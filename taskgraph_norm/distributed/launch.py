@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -56,13 +57,18 @@ def _worker(rank: int, fn: Callable[..., Any], world_size: int, port: int, backe
     try:
         result = fn(rank, world_size, *args)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-        # Every rank past its last collective before any tears its group down (a group
-        # destroyed while a peer's asynchronous work still runs is one way a gloo rank
-        # aborts in teardown, "terminate called without an active exception": seen once
-        # in the FSDP2 test, not reproduced in seven runs since).
+        # Every rank past its last collective before any tears its group down.
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    # A rank whose result is written leaves without the interpreter's finalization: a
+    # gloo worker thread still holding a tensor from asynchronous work (FSDP2's) can
+    # abort the process there, "terminate called without an active exception" (torch's
+    # c10d teardown; seen in about one FSDP2 run in ten on 2 cores).  A rank that raised
+    # went through ``finally`` and raises to torch's spawn wrapper, which reports it.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_local(

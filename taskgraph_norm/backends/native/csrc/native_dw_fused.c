@@ -80,14 +80,17 @@ int64_t tgn_exact_dw_add_rows(const float *dy, const float *x, const float *rms,
     return 0;
 }
 
-/* The n_states threads' states (each DW_STATE_ROWS rows of n, the rows its span
- * names) into state (row stride n), then normalised: how 1 adds them to state (a normal
+/* Columns [0, n) of the n_states threads' states (each DW_STATE_ROWS rows of row stride
+ * `stride`, thread p's at p * DW_STATE_ROWS * stride, the rows its span names) into
+ * state (the same row stride), then normalised: how 1 adds them to state (a normal
  * form), how 2 writes state whole with their sum (its memory held anything before),
- * how 0 adds nothing.  Either way the threads' rows are zeroed as they are read.
- * rows (with how 2): the digit rows that may be nonzero after, and whether a NaN or
- * infinity was counted.  Returns the count of columns whose top digit overflowed. */
-int64_t tgn_exact_dw_merge(int64_t *state, int64_t n, int64_t *states, int64_t n_states, int (*spans)[3],
-                           int how, int *rows)
+ * how 0 adds nothing.  Either way the threads' rows are zeroed as they are read.  The
+ * columns are independent: a slab of them at a time (state and states offset by its
+ * first column) gives each column what the whole call would.  rows (with how 2): the
+ * digit rows that may be nonzero after, and whether a NaN or infinity was counted.
+ * Returns the count of columns whose top digit overflowed. */
+int64_t tgn_exact_dw_merge(int64_t *state, int64_t n, int64_t stride, int64_t *states, int64_t n_states,
+                           int (*spans)[3], int how, int *rows)
 {
     int span[3] = {DW_DIGITS, -1, 0};
     for (int64_t p = 0; p < n_states; ++p) {
@@ -97,11 +100,11 @@ int64_t tgn_exact_dw_merge(int64_t *state, int64_t n, int64_t *states, int64_t n
     }
     for (int r = 0; r < DW_STATE_ROWS; ++r) {
         int counts = r >= DW_DIGITS, written = how != 2;
-        int64_t *restrict dst = state + r * n;
+        int64_t *restrict dst = state + r * stride;
         for (int64_t p = 0; p < n_states; ++p) {
             if (counts ? !spans[p][2] : r < spans[p][0] || r > spans[p][1])
                 continue;
-            int64_t *restrict src = states + (p * DW_STATE_ROWS + r) * n;
+            int64_t *restrict src = states + (p * DW_STATE_ROWS + r) * stride;
             if (!written)
                 memcpy(dst, src, (size_t)n * sizeof *src);
             else if (how)
@@ -113,7 +116,7 @@ int64_t tgn_exact_dw_merge(int64_t *state, int64_t n, int64_t *states, int64_t n
         if (!written)
             memset(dst, 0, (size_t)n * sizeof *dst);
     }
-    int64_t over = how ? tgn_dw_normalize(state, n, n, span) : 0;
+    int64_t over = how ? tgn_dw_normalize(state, n, stride, span) : 0;
     if (rows)
         memcpy(rows, span, sizeof span);
     return over;

@@ -118,7 +118,39 @@ static int64_t run_block(job_t *j, int64_t block, int64_t p, int mine, int64_t w
         atomic_store(&j->failed, (int)got); /* -1: no scratch (the exact dW: -2, no convergence) */
     else
         atomic_fetch_add(&j->result, got);
+    atomic_fetch_add(&j->blocks_done, 1); /* (after its result: run_finish reads it) */
     return n;
+}
+
+/* The job's finish phase on this thread (one that ran the job, done claiming blocks):
+ * wait until every block has run (the other threads' last blocks; yielding now and
+ * then, for a preempted one), then claim slabs until none is left. */
+static void run_finish(job_t *j)
+{
+    if (!j->finish)
+        return;
+    for (int spins = 0; atomic_load(&j->blocks_done) < j->n_blocks; ++spins) {
+        relax();
+        if ((spins & 1023) == 1023)
+            sched_yield();
+    }
+    for (int64_t s; (s = atomic_fetch_add(&j->next_slab, 1)) < j->n_slabs;)
+        j->finish(j->finish_ctx, j, s);
+}
+
+/* The job's rows on the calling thread alone, then every slab of its finish phase. */
+static int64_t run_alone(job_t *j)
+{
+    int64_t got = tgn_team_job_rows(j, 0, j->rows, j->bw_stacks, 0);
+    if (!j->finish)
+        return got;
+    if (got < 0)
+        atomic_store(&j->failed, (int)got);
+    else
+        atomic_store(&j->result, got);
+    for (int64_t s = 0; s < j->n_slabs; ++s)
+        j->finish(j->finish_ctx, j, s);
+    return got;
 }
 
 static inline uint64_t span_of(uint64_t front, uint64_t back) { return front | back << 32; }
@@ -167,8 +199,10 @@ static void *worker(void *unused)
          * sees the job closed and never touches it, or the caller sees `inside`
          * and waits until this thread has left the job. */
         atomic_store(&inside, 1);
-        if (atomic_load(&open_job))
+        if (atomic_load(&open_job)) {
             atomic_fetch_add(&worker_rows, claim(job, 1));
+            run_finish(job);
+        }
         atomic_store(&inside, 0);
         if (atomic_load(&caller_waits)) {
             pthread_mutex_lock(&mu);
@@ -242,6 +276,7 @@ static void omp_body(void *arg)
     int64_t ran = claim(j, is_caller ? 0 : j->thread_num());
     if (!is_caller)
         atomic_fetch_add(&worker_rows, ran);
+    run_finish(j);
 }
 
 /* Splits the job's blocks into n_parts contiguous parts (part t: blocks
@@ -255,6 +290,7 @@ static void split(job_t *j, part_t *parts, int64_t n_parts)
     }
     j->parts = parts;
     j->n_parts = n_parts;
+    j->n_blocks = blocks;
 }
 
 /* Runs the job's rows on `threads` threads (the caller's included): in torch's OpenMP
@@ -265,7 +301,7 @@ int64_t tgn_team_run(job_t *j, int64_t threads)
         j->grain = 1;
     j->n_parts = 1; /* (a backward's stacks: part 0's unless split) */
     if (threads < 2 || j->rows <= j->grain)
-        return tgn_team_job_rows(j, 0, j->rows, j->bw_stacks, 0); /* one thread, or too small to share */
+        return run_alone(j); /* one thread, or too small to share */
     if ((j->rows + j->grain - 1) / j->grain > MAX_BLOCKS)
         j->grain = ((j->rows + MAX_BLOCKS - 1) / MAX_BLOCKS + TGN_BACKWARD_ROW_BLOCK - 1) / TGN_BACKWARD_ROW_BLOCK
                    * TGN_BACKWARD_ROW_BLOCK; /* block numbers fit 32 bits (and stay whole row blocks) */
@@ -282,10 +318,10 @@ int64_t tgn_team_run(job_t *j, int64_t threads)
         return atomic_load(&j->failed) ? atomic_load(&j->failed) : atomic_load(&j->result);
     }
     if (atomic_exchange(&owner, 1))
-        return tgn_team_job_rows(j, 0, j->rows, j->bw_stacks, 0); /* the team is busy with another caller's rows */
+        return run_alone(j); /* the team is busy with another caller's rows */
     if (!ensure_worker()) {
         atomic_store(&owner, 0);
-        return tgn_team_job_rows(j, 0, j->rows, j->bw_stacks, 0);
+        return run_alone(j);
     }
     split(j, parts, 2);
     job = j;
@@ -295,6 +331,7 @@ int64_t tgn_team_run(job_t *j, int64_t threads)
     pthread_cond_signal(&cv);
     pthread_mutex_unlock(&mu);
     claim(j, 0); /* returns once no block is left */
+    run_finish(j);
     atomic_store(&open_job, 0);
     wait_for_worker_to_leave();
     atomic_store(&owner, 0);

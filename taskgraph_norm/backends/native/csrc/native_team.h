@@ -60,6 +60,13 @@ typedef struct {
     part_t *parts;
     atomic_int_fast64_t result; /* the sum of the blocks' return values */
     atomic_int failed;          /* a block's negative return (-1: no scratch), else 0 */
+    /* A finish phase (the fused exact dW's merge of the threads' states): once every
+     * block has run, the threads that ran the job claim its n_slabs slabs, each by
+     * finish(finish_ctx, j, slab); NULL: none.  The blocks' count is n_blocks. */
+    void (*finish)(void *ctx, const void *j, int64_t slab);
+    void *finish_ctx;
+    int64_t n_slabs, n_blocks;
+    atomic_int_fast64_t blocks_done, next_slab;
 } job_t;
 
 /* Runs the job's rows on `threads` threads (the caller's included): in torch's OpenMP

@@ -152,6 +152,33 @@ int64_t tgn_team_rows_dw(tgn_rows_dw_fn_t fn, const void *ctx, int64_t rows, int
  * tgn_backward_rows_f32_team's) or on an error, nothing is added to `state` (a fresh
  * one is zeroed) and dw is not written.  Returns those rows, -1 (no scratch), -2 (no
  * convergence) or -3 (a column overflowed: the caller raises). */
+/* The fused exact dW's finish phase (the team's threads share it by slabs of columns):
+ * the threads' states merged into the call's state, normalised and, fresh with dw,
+ * rounded; each column's digits are its own, so the slabs give the whole call's bits. */
+typedef struct {
+    int64_t *state, *states, n_states, hidden, slab, fresh;
+    int (*spans)[3];
+    float *dw;
+    atomic_int_fast64_t over;
+} dw_finish_t;
+
+/* Columns below this many in a slab would cost more in claims than they save. */
+#define DW_FINISH_MIN_SLAB 512
+
+static void dw_finish_slab(void *ctx, const void *job, int64_t slab)
+{
+    dw_finish_t *f = (dw_finish_t *)ctx;
+    const job_t *j = (const job_t *)job;
+    int64_t c0 = slab * f->slab, n = f->hidden - c0 < f->slab ? f->hidden - c0 : f->slab;
+    int ok = !atomic_load(&j->failed) && !atomic_load(&j->result), used[3];
+    int64_t over = tgn_exact_dw_merge(f->state + c0, n, f->hidden, f->states + c0, f->n_states, f->spans,
+                                      !ok ? 0 : f->fresh ? 2 : 1, used);
+    if (over)
+        atomic_fetch_add(&f->over, over);
+    else if (ok && f->fresh && f->dw)
+        tgn_exact_round_rows_f32(f->state + c0, n, f->hidden, 0, f->dw + c0, used[0], used[1], used[2]);
+}
+
 int64_t tgn_backward_exact_dw_f32_team(const float *x, const float *dy, const float *w, const float *rms,
                                        int64_t rows, int64_t hidden, int64_t chunk, const int64_t *adds,
                                        int64_t n_adds, int64_t root, int64_t exact, float *dx, int64_t *state,
@@ -161,7 +188,7 @@ int64_t tgn_backward_exact_dw_f32_team(const float *x, const float *dy, const fl
         return 0;
     threads = threads < 1 ? 1 : threads < MAX_PARTS ? threads : MAX_PARTS;
     int64_t n_states = threads < 2 ? 1 : threads; /* every thread index a team gives is below it */
-    int from_pool, used[3];
+    int from_pool;
     int64_t *states = tgn_dw_states_take(n_states * TGN_EXACT_STATE_WORDS(hidden), &from_pool);
     int64_t result = -1, over = 0;
     if (states) {
@@ -171,17 +198,23 @@ int64_t tgn_backward_exact_dw_f32_team(const float *x, const float *dy, const fl
             spans[t][1] = -1;
             spans[t][2] = 0;
         }
+        /* two slabs a thread (whole 8-column groups for the rounding), at least DW_FINISH_MIN_SLAB wide */
+        int64_t slab = (hidden + 2 * threads - 1) / (2 * threads);
+        slab = slab < DW_FINISH_MIN_SLAB ? DW_FINISH_MIN_SLAB : (slab + 7) / 8 * 8;
+        dw_finish_t f = {.state = state, .states = states, .n_states = n_states, .hidden = hidden, .slab = slab,
+                         .fresh = fresh, .spans = spans, .dw = dw};
         job_t j = backward_job(x, dy, w, rms, rows, hidden, chunk, adds, n_adds, root, exact, dx, grain);
         j.bw_states = states;
         j.bw_spans = spans;
+        j.finish = dw_finish_slab;
+        j.finish_ctx = &f;
+        j.n_slabs = (hidden + slab - 1) / slab;
         result = tgn_team_run(&j, threads);
-        over = tgn_exact_dw_merge(state, hidden, states, n_states, spans, result != 0 ? 0 : fresh ? 2 : 1, used);
+        over = atomic_load(&f.over);
         tgn_dw_states_give(states, from_pool);
     }
     if (result != 0 && fresh) /* nothing added: a fresh state is zero */
         memset(state, 0, (size_t)TGN_EXACT_STATE_WORDS(hidden) * sizeof *state);
-    if (result == 0 && !over && fresh && dw)
-        tgn_exact_round_rows_f32(state, hidden, hidden, 0, dw, used[0], used[1], used[2]);
     return result != 0 ? result : over ? -3 : 0;
 }
 
