@@ -85,18 +85,54 @@ static float row_dot_exact(const float *g, const float *x, int64_t hidden)
     return (float)(t1 + t2);
 }
 
+/* The exact weight gradient's bounds over rows (native_dw_direct.c's tile bounds, for
+ * a whole block): the largest |dy| and |x| bits and the smallest nonzero ones less one,
+ * as integers (a NaN's bits are above every number's; UINT32_MAX: no nonzero value). */
+typedef struct {
+    uint32_t top_dy, top_x, low_dy, low_x;
+} row_tops_t;
+
+static const row_tops_t NO_TOPS = {0, 0, UINT32_MAX, UINT32_MAX};
+
+static inline void tops_add(row_tops_t *t, const row_tops_t *o)
+{
+    t->top_dy = o->top_dy > t->top_dy ? o->top_dy : t->top_dy;
+    t->top_x = o->top_x > t->top_x ? o->top_x : t->top_x;
+    t->low_dy = o->low_dy < t->low_dy ? o->low_dy : t->low_dy;
+    t->low_x = o->low_x < t->low_x ? o->low_x : t->low_x;
+}
+
+static inline void tops_scalar(row_tops_t *t, float dy, float x)
+{
+    uint32_t u, v;
+    memcpy(&u, &dy, sizeof u);
+    memcpy(&v, &x, sizeof v);
+    u &= 0x7fffffffu;
+    v &= 0x7fffffffu;
+    row_tops_t o = {u, v, u - 1u, v - 1u}; /* 0 - 1: UINT32_MAX */
+    tops_add(t, &o);
+}
+
 /* dx = g / r - x k (dx non-NULL) and t = dy (x / r) into t (t non-NULL; added to t's
- * values instead with `add`), one pass over the row.  stream: dx's vectors with
- * non-temporal stores where dx is aligned to one (the caller fences). */
-static void dx_t_row(const float *dy, const float *w, const float *x, float r, float k, float *dx, float *t,
-                     int add, int64_t n, int stream)
+ * values instead with `add`), one pass over the row; with `tops` (the host build's
+ * 16-lane vectors), the row's bounds too, from the values the pass loads.  stream:
+ * dx's vectors with non-temporal stores where dx is aligned to one (the caller fences). */
+static inline __attribute__((always_inline)) void dx_t_row(const float *dy, const float *w, const float *x,
+                                                           float r, float k, float *dx, float *t, int add,
+                                                           int64_t n, int stream, row_tops_t *tops)
 {
     int64_t j = 0;
+    row_tops_t row = NO_TOPS;
 #if TGN_QUOTIENT_LANES > 1
     if (tgn_quotient_rms_in_range(r)) {
         const tgn_q_div_t d = tgn_q_setup(r);
         const TGN_QV kv = TGN_Q_SET1(k);
         const int nt = dx && stream && ((uintptr_t)dx % sizeof(TGN_QV)) == 0; /* (so is every dx + j) */
+#if TGN_QUOTIENT_LANES == 16
+        const __m512i abs_bits = _mm512_set1_epi32(0x7fffffff), one = _mm512_set1_epi32(1);
+        __m512i top_dy = _mm512_setzero_si512(), top_x = top_dy;
+        __m512i low_dy = _mm512_set1_epi32(-1), low_x = low_dy;
+#endif
         for (; j + TGN_QUOTIENT_LANES <= n; j += TGN_QUOTIENT_LANES) {
             TGN_QV dyv = TGN_Q_LOAD(dy + j), xv = TGN_Q_LOAD(x + j);
             if (dx) {
@@ -111,7 +147,24 @@ static void dx_t_row(const float *dy, const float *w, const float *x, float r, f
                 TGN_QV tv = TGN_Q_MUL(dyv, tgn_q_vec(&d, xv));
                 TGN_Q_STORE(t + j, add ? TGN_Q_ADD(TGN_Q_LOAD(t + j), tv) : tv);
             }
+#if TGN_QUOTIENT_LANES == 16
+            if (tops) {
+                __m512i a = _mm512_and_si512(_mm512_castps_si512(dyv), abs_bits);
+                __m512i b = _mm512_and_si512(_mm512_castps_si512(xv), abs_bits);
+                top_dy = _mm512_max_epu32(top_dy, a);
+                top_x = _mm512_max_epu32(top_x, b);
+                low_dy = _mm512_min_epu32(low_dy, _mm512_sub_epi32(a, one));
+                low_x = _mm512_min_epu32(low_x, _mm512_sub_epi32(b, one));
+            }
+#endif
         }
+#if TGN_QUOTIENT_LANES == 16
+        if (tops) {
+            row_tops_t v = {_mm512_reduce_max_epu32(top_dy), _mm512_reduce_max_epu32(top_x),
+                            _mm512_reduce_min_epu32(low_dy), _mm512_reduce_min_epu32(low_x)};
+            row = v;
+        }
+#endif
     }
 #else
     (void)stream;
@@ -125,7 +178,11 @@ static void dx_t_row(const float *dy, const float *w, const float *x, float r, f
             float tv = dy[j] * (x[j] / r);
             t[j] = add ? t[j] + tv : tv;
         }
+        if (tops)
+            tops_scalar(&row, dy[j], x[j]);
     }
+    if (tops)
+        tops_add(tops, &row);
 }
 
 /* --- the weight gradient's merge, streamed -----------------------------------------
@@ -265,6 +322,15 @@ int64_t tgn_backward_rows_f32(const float *x, const float *dy, const float *w, c
             for (int64_t q = 1; q < h; ++q)
                 lo[q] = half_rows + (q - 1) * hidden;
         }
+        /* the fused exact dW's bounds over the block, gathered by the dx pass (the host
+         * build, every row's rms in the quotient's range: its vector loop runs) */
+        row_tops_t block_tops = NO_TOPS;
+        int tops = 0;
+#if TGN_QUOTIENT_LANES == 16
+        tops = xstate != 0;
+        for (int64_t i = b0; tops && i < b0 + in_block; ++i)
+            tops = tgn_quotient_rms_in_range(rms[i]);
+#endif
         for (int64_t i = b0; i < b0 + in_block; ++i) {
             const float *xr = x + i * hidden, *dyr = dy + i * hidden;
             const float r = rms[i];
@@ -292,11 +358,16 @@ int64_t tgn_backward_rows_f32(const float *x, const float *dy, const float *w, c
                     ++bad;
             }
             int64_t q = i - b0;
-            dx_t_row(dyr, w, xr, r, k, dx ? dx + i * hidden : 0, dw ? lo[q < h ? q : q - h] : 0, q >= h, hidden,
-                     stream);
+            if (tops)
+                dx_t_row(dyr, w, xr, r, k, dx ? dx + i * hidden : 0, dw ? lo[q < h ? q : q - h] : 0, q >= h,
+                         hidden, stream, &block_tops);
+            else
+                dx_t_row(dyr, w, xr, r, k, dx ? dx + i * hidden : 0, dw ? lo[q < h ? q : q - h] : 0, q >= h,
+                         hidden, stream, 0);
         }
+        const uint32_t given[4] = {block_tops.top_dy, block_tops.top_x, block_tops.low_dy, block_tops.low_x};
         if (xstate && tgn_exact_dw_add_rows(dy + b0 * hidden, x + b0 * hidden, rms + b0, in_block, hidden, xstate,
-                                            xspan) < 0)
+                                            xspan, tops ? given : 0) < 0)
             return -2;
         if (!dw)
             continue;

@@ -116,13 +116,15 @@ int64_t tgn_dw_normalize(int64_t *state, int64_t cols, int64_t stride, int *span
 /* One block of at most DW_BLOCK rows over `cols` columns added into the digits of
  * state, not normalised (span: the digit rows written, and span[2] set when a special
  * product was counted).  Per panel of columns: each full tile's largest and smallest
- * nonzero |dy| and |b| along the block's rows, then per full tile the direct folds
- * from the bound; a narrow tile, a tile whose bound is not finite and a tile that
+ * nonzero |dy| and |b| along the block's rows (or `given`'s, the same four bounds
+ * over all the block's columns, which the fused backward's dx pass gathers as it
+ * reads the rows: any bounds serve, native_dw_direct.c), then per full tile the
+ * direct folds from the bound; a narrow tile, a tile whose bound is not finite and a tile that
  * needs a third fold (a product 2^45 times below its tile's bound; random data has
  * none) take the measured path.  Returns
  * 0, or -2 if a tile did not finish within DW_MAX_FOLDS folds (impossible). */
 int64_t tgn_dw_block(const float *dyb, int64_t dy_stride, const float *bb, int64_t b_stride, const float *rb,
-                     int64_t nr, int64_t cols, int64_t *state, int64_t stride, int *span)
+                     int64_t nr, int64_t cols, int64_t *state, int64_t stride, int *span, const uint32_t *given)
 {
     enum { PANEL = DW_PANEL * DW_TILE };
     double buf[DW_BLOCK * DW_TILE], mx[DW_TILE];
@@ -144,7 +146,15 @@ int64_t tgn_dw_block(const float *dyb, int64_t dy_stride, const float *bb, int64
 #endif
     for (int64_t j0 = 0; j0 < cols; j0 += PANEL) {
         int64_t nc = cols - j0 < PANEL ? cols - j0 : PANEL;
-        tgn_dw_tile_tops(dyb + j0, dy_stride, bb + j0, b_stride, nr, nc, tops, lows);
+        if (given)
+            for (int64_t t = 0; (t + 1) * DW_TILE <= nc; ++t) {
+                tops[2 * t] = given[0];
+                tops[2 * t + 1] = given[1];
+                lows[2 * t] = given[2];
+                lows[2 * t + 1] = given[3];
+            }
+        else
+            tgn_dw_tile_tops(dyb + j0, dy_stride, bb + j0, b_stride, nr, nc, tops, lows);
         for (int64_t t = 0; t * DW_TILE < nc; ++t) {
             int64_t o = j0 + t * DW_TILE, w = nc - t * DW_TILE < DW_TILE ? nc - t * DW_TILE : DW_TILE;
             int s1[DW_TILE], how = 0;
@@ -174,7 +184,7 @@ static int64_t dw_run(const float *dy, int64_t dy_stride, const float *b, int64_
     for (int64_t i0 = 0; i0 < rows; i0 += DW_BLOCK) {
         int64_t nr = rows - i0 < DW_BLOCK ? rows - i0 : DW_BLOCK;
         if (tgn_dw_block(dy + i0 * dy_stride, dy_stride, b + i0 * b_stride, b_stride, rms ? rms + i0 : NULL, nr,
-                         cols, state, stride, span) < 0)
+                         cols, state, stride, span, NULL) < 0)
             return -2;
     }
     return tgn_dw_normalize(state, cols, stride, span);

@@ -39,7 +39,7 @@ static inline double dw_pow2(int e)
  * lowest and highest digit rows written, span[2] is set when a NaN or infinite product
  * was counted (rows DW_DIGITS.. of the state). */
 int64_t tgn_dw_block(const float *dyb, int64_t dy_stride, const float *bb, int64_t b_stride, const float *rb,
-                     int64_t nr, int64_t cols, int64_t *state, int64_t stride, int *span);
+                     int64_t nr, int64_t cols, int64_t *state, int64_t stride, int *span, const uint32_t *given);
 int64_t tgn_dw_normalize(int64_t *state, int64_t cols, int64_t stride, int *span);
 
 #endif /* TGN_NATIVE_DW_H */

@@ -2,9 +2,13 @@
  * tgn_backward_exact_dw_f32_team, ops/exact_weight.py through backends/registry.py):
  * each thread adds the products dy * (x / rms) of the row blocks it runs into a state
  * of its own right after their dx, while the rows are in its cache; the threads'
- * states are then added into the call's state and normalised.  The digits are integer
- * sums, so the state does not depend on which thread ran which rows, nor on the blocks
- * (tests/test_exact_dw_fused.py compares it with the separate accumulate).
+ * states are then added into the call's state and normalised (by slabs of columns the
+ * team's threads share once every row has run: native_team_jobs.c).  On the host build
+ * the dx pass also gathers the block's bounds of |dy| and |x| as it reads the rows, so
+ * the folds need no pass of their own for them (native_dw.c's tgn_dw_block, `given`).
+ * The digits are integer sums, so the state does not depend on which thread ran which
+ * rows, nor on the blocks or the bounds (tests/test_exact_dw_fused.py and
+ * tests/test_exact_dw_backward.py compare it with the separate accumulate).
  */
 #include <pthread.h>
 #include <stdint.h>
@@ -67,14 +71,15 @@ void tgn_dw_states_reset_in_child(void)
 
 /* state (DW_STATE_ROWS rows of `hidden`, not normalised) += the exact products of
  * `rows` contiguous rows of dy and x / rms[i], in blocks of DW_BLOCK rows (span: see
- * native_dw.h).  Returns 0, or -2 (tgn_dw_block's). */
+ * native_dw.h); `given`: bounds of |dy| and |x| over all the rows (tgn_dw_block's), or
+ * NULL.  Returns 0, or -2 (tgn_dw_block's). */
 int64_t tgn_exact_dw_add_rows(const float *dy, const float *x, const float *rms, int64_t rows, int64_t hidden,
-                              int64_t *state, int *span)
+                              int64_t *state, int *span, const uint32_t *given)
 {
     for (int64_t i0 = 0; i0 < rows; i0 += DW_BLOCK) {
         int64_t nr = rows - i0 < DW_BLOCK ? rows - i0 : DW_BLOCK;
         if (tgn_dw_block(dy + i0 * hidden, hidden, x + i0 * hidden, hidden, rms + i0, nr, hidden, state, hidden,
-                         span) < 0)
+                         span, given) < 0)
             return -2;
     }
     return 0;

@@ -108,7 +108,7 @@ int64_t *tgn_dw_states_take(int64_t words, int *from_pool);
 void tgn_dw_states_give(int64_t *states, int from_pool);
 void tgn_dw_states_reset_in_child(void);
 int64_t tgn_exact_dw_add_rows(const float *dy, const float *x, const float *rms, int64_t rows, int64_t hidden,
-                              int64_t *state, int *span);
+                              int64_t *state, int *span, const uint32_t *given);
 int64_t tgn_exact_dw_merge(int64_t *state, int64_t n, int64_t stride, int64_t *states, int64_t n_states,
                            int (*spans)[3], int how, int *rows);
 
