@@ -61,6 +61,25 @@ static inline int dw_second(int s1)
  * are in a tile). */
 static inline void dw_add_tile(int64_t *digits, int64_t stride, const double *sum, const int *s, int cols, int *span)
 {
+    int uniform = 1;
+    for (int j = 1; j < cols; ++j)
+        uniform &= s[j] == s[0];
+    if (uniform && cols > 0) { /* one scale (the direct folds'): the same words into three rows */
+        const double unit = dw_pow2(53 - s[0]); /* exact: a power of two */
+        const int shift = s[0] - 53 - DW_BASE, o = shift & 31, k = shift >> 5;
+        int64_t *restrict d0 = digits + k * stride, *restrict d1 = d0 + stride, *restrict d2 = d1 + stride;
+        for (int j = 0; j < cols; ++j) {
+            int64_t m = (int64_t)(sum[j] * unit);
+            int64_t lo = (int64_t)(((uint64_t)m & 0xffffffffu) << o);
+            int64_t hi = (m >> 32) * ((int64_t)1 << o); /* arithmetic shift: floor */
+            d0[j] += lo & 0xffffffff;
+            d1[j] += (lo >> 32) + (hi & 0xffffffff);
+            d2[j] += hi >> 32;
+        }
+        span[0] = k < span[0] ? k : span[0];
+        span[1] = k + 2 > span[1] ? k + 2 : span[1];
+        return;
+    }
     int64_t w0[DW_TILE], w1[DW_TILE], w2[DW_TILE];
     int k[DW_TILE], kmin = DW_DIGITS, kmax = -1;
     for (int j = 0; j < cols; ++j) {
