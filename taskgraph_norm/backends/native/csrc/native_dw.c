@@ -144,25 +144,32 @@ int64_t tgn_dw_block(const float *dyb, int64_t dy_stride, const float *bb, int64
         recip[2 * i + 1] = __builtin_fmaf(-rb[i], recip[2 * i], 1.0f) * recip[2 * i];
     }
 #endif
+    /* given bounds: one scale and route for every full tile of the block */
+    int given_s1[DW_TILE], given_how = 0;
+    const float *given_rq = NULL;
+    if (given && rmin > 0.0) {
+        given_how = tgn_dw_bound_scales(given[0], given[1], given[2], given[3], 1.0 / rmin, rmax, rb != NULL,
+                                        given_s1);
+        given_rq = given_how && quotient && tgn_dw_tile_in_quotient_range(given[1], given[3]) ? recip : NULL;
+    }
     for (int64_t j0 = 0; j0 < cols; j0 += PANEL) {
         int64_t nc = cols - j0 < PANEL ? cols - j0 : PANEL;
-        if (given)
-            for (int64_t t = 0; (t + 1) * DW_TILE <= nc; ++t) {
-                tops[2 * t] = given[0];
-                tops[2 * t + 1] = given[1];
-                lows[2 * t] = given[2];
-                lows[2 * t + 1] = given[3];
-            }
-        else
+        if (!given)
             tgn_dw_tile_tops(dyb + j0, dy_stride, bb + j0, b_stride, nr, nc, tops, lows);
         for (int64_t t = 0; t * DW_TILE < nc; ++t) {
             int64_t o = j0 + t * DW_TILE, w = nc - t * DW_TILE < DW_TILE ? nc - t * DW_TILE : DW_TILE;
             int s1[DW_TILE], how = 0;
-            if (w == DW_TILE && rmin > 0.0)
+            const float *rq = NULL;
+            if (w == DW_TILE && given) {
+                how = given_how;
+                rq = given_rq;
+                memcpy(s1, given_s1, sizeof s1);
+            } else if (w == DW_TILE && rmin > 0.0) {
                 how = tgn_dw_bound_scales(tops[2 * t], tops[2 * t + 1], lows[2 * t], lows[2 * t + 1], 1.0 / rmin,
                                           rmax, rb != NULL, s1);
-            const float *rq =
-                how && quotient && tgn_dw_tile_in_quotient_range(tops[2 * t + 1], lows[2 * t + 1]) ? recip : NULL;
+                rq = how && quotient && tgn_dw_tile_in_quotient_range(tops[2 * t + 1], lows[2 * t + 1]) ? recip
+                                                                                                         : NULL;
+            }
             if (how && tgn_dw_tile_direct_any(dyb + o, dy_stride, bb + o, b_stride, rb, rq, nr, s1, how == 2,
                                               state + o, stride, span))
                 continue;

@@ -16,6 +16,7 @@
 #include <string.h>
 
 #include "native_dw.h"
+#include "native_quotient.h"
 #include "tgn_native.h"
 
 #define DW_STATE_ROWS (DW_DIGITS + 3) /* the digits, then the NaN, +inf and -inf counts */
@@ -85,6 +86,27 @@ int64_t tgn_exact_dw_add_rows(const float *dy, const float *x, const float *rms,
     return 0;
 }
 
+/* n int64 words of dst zeroed with non-temporal stores where a vector is aligned (the
+ * caller fences): a fresh state's digit rows the sum did not reach, which nothing reads
+ * soon (the carried sum is read when the next backward merges into it), written past
+ * the caches instead of evicting what the caller runs next. */
+static void zero_streamed(int64_t *dst, int64_t n)
+{
+#if TGN_QUOTIENT_LANES > 1
+    const int64_t per = (int64_t)(sizeof(TGN_QV) / sizeof *dst);
+    const TGN_QV zero = TGN_Q_SET1(0.0f); /* all bits zero */
+    int64_t j = 0;
+    for (; j < n && ((uintptr_t)(dst + j) % sizeof(TGN_QV)) != 0; ++j)
+        dst[j] = 0;
+    for (; j + per <= n; j += per)
+        TGN_Q_STREAM((float *)(dst + j), zero);
+    for (; j < n; ++j)
+        dst[j] = 0;
+#else
+    memset(dst, 0, (size_t)n * sizeof *dst);
+#endif
+}
+
 /* Columns [0, n) of the n_states threads' states (each DW_STATE_ROWS rows of row stride
  * `stride`, thread p's at p * DW_STATE_ROWS * stride, the rows its span names) into
  * state (the same row stride), then normalised: how 1 adds them to state (a normal
@@ -119,8 +141,9 @@ int64_t tgn_exact_dw_merge(int64_t *state, int64_t n, int64_t stride, int64_t *s
             memset(src, 0, (size_t)n * sizeof *src);
         }
         if (!written)
-            memset(dst, 0, (size_t)n * sizeof *dst);
+            zero_streamed(dst, n);
     }
+    tgn_store_fence();
     int64_t over = how ? tgn_dw_normalize(state, n, stride, span) : 0;
     if (rows)
         memcpy(rows, span, sizeof span);
