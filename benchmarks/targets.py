@@ -25,6 +25,12 @@ rounds and no ``torch.compile``, a check that the script runs, not figures to qu
 * ``small``: ``normalize_sync`` on (1, 4096) fp32 against torch's faster eager kernel:
   at most 0.45x.
 
+Each timing makes at least MIN_CALLS calls in a row, as a loop over one method does:
+the interleaving frees one method's large tensors where the next method allocates, so
+the first call after a switch may fault in the heap blocks glibc returned to the OS
+in between (docs/performance.md, "Page faults"), a cost of the alternation that a
+lone timed call would charge to whichever method came next.
+
 Each line: our median time, the baseline's and which it was, the ratio and whether the
 target is met; the last line counts the targets met.  torch's OpenMP threads spin
 between ops, which stalls them on a loaded machine: run with
@@ -51,6 +57,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 GROUPS = ("out", "fresh", "exact", "exact_dw", "train", "small")
 #: Bytes one timing should move at least, so each timing is about a millisecond.
 BYTES_PER_TIMING = 16 << 20
+#: Calls one timing makes at least (the module docstring says why).
+MIN_CALLS = 3
 Methods = dict[str, Callable[[], object]]
 
 
@@ -79,7 +87,7 @@ def _input(rows: int, hidden: int, dtype: torch.dtype) -> tuple[torch.Tensor, to
 
 
 def _calls(nbytes: int) -> int:
-    return max(1, min(256, BYTES_PER_TIMING // max(nbytes, 1)))
+    return max(MIN_CALLS, min(256, BYTES_PER_TIMING // max(nbytes, 1)))
 
 
 def _time(methods: Methods, calls: int, rounds: int) -> dict[str, float]:

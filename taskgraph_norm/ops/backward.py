@@ -53,17 +53,20 @@ def backward(
 def fused_exact_backward(
     dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rms: torch.Tensor, chunk_size: int, topology: str,
     leaf: str, accumulate: str, casting_mode: str, offset: float, state: torch.Tensor, input_grad: bool,
-    *, fresh: bool = False, rounded: torch.Tensor | None = None, pipe: pipeline.Pipeline | None = None,
-) -> tuple[bool, torch.Tensor | None]:
+    *, fresh: bool = False, rounded: bool = False, pipe: pipeline.Pipeline | None = None,
+) -> tuple[bool, torch.Tensor | None, torch.Tensor | None]:
     """The backward of ``weight_grad="exact"`` in one pass where the backend has one:
-    ``dx`` (when ``input_grad``) as :func:`backward` makes it, and ``sum over rows of
-    dy * (x / rms)`` added to the exact ``state`` (:meth:`.Pipeline.backward_exact_dw`;
-    ``fresh`` and ``rounded`` as there).  ``pipe``: the configuration's pipeline when
-    the caller has it (the forward's).  ``(False, None)``, with nothing added, where
-    it has not."""
+    ``(done, dx, dW)``.  ``dx`` (when ``input_grad``) as :func:`backward` makes it, and
+    ``sum over rows of dy * (x / rms)`` added to the exact ``state``
+    (:meth:`.Pipeline.backward_exact_dw`; ``fresh`` as there); with ``rounded`` (and
+    ``fresh``), ``dW``: the sums correctly rounded to fp32, in a new tensor made after
+    ``dx``, as the float backward makes its ``dx`` and ``dW`` (a training loop's heap
+    then takes the same blocks in both modes), else ``None``.  ``pipe``: the
+    configuration's pipeline when the caller has it (the forward's).  ``(False, None,
+    None)``, with nothing added, where the backend has no such pass."""
     hidden = x.shape[-1]
     if x.numel() == 0:
-        return False, None
+        return False, None, None
     if pipe is None:
         pipe = pipeline.for_config(hidden, chunk_size, topology, leaf, accumulate, "auto", casting_mode, offset)
     if x.dim() == 2 and dy.dim() == 2 and rms.dim() == 2:  # the common (rows, D) call: nothing to reshape
@@ -72,10 +75,11 @@ def fused_exact_backward(
         x2, dy2 = x.reshape(-1, hidden).contiguous(), dy.reshape(-1, hidden).contiguous()
         rms2 = rms.reshape(-1, 1).contiguous()
     dx = torch.empty_like(x2) if input_grad else None
+    dw = torch.empty(hidden, dtype=torch.float32) if rounded and fresh else None
     if not pipe.backward_exact_dw(dy2, x2, weight if weight.dim() == 1 else weight.reshape(hidden), rms2, state, dx,
-                                  fresh=fresh, rounded=rounded):
-        return False, None
-    return True, dx if dx is None or dx.shape == x.shape else dx.view(x.shape)
+                                  fresh=fresh, rounded=dw):
+        return False, None, None
+    return True, dx if dx is None or dx.shape == x.shape else dx.view(x.shape), dw
 
 
 def pipe_backward(

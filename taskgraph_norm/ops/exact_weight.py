@@ -122,11 +122,10 @@ def _exact_backward(ctx: Any, dy: torch.Tensor) -> tuple[Any, ...]:
         # writes the state whole (its memory not zeroed first) and rounds fp32 dW
         cpu = x.device.type == "cpu"
         total = ExactSum(weight.numel(), x.device, blank=cpu)
-        if cpu and weight.dtype == torch.float32:
-            rounded = torch.empty(weight.numel(), dtype=torch.float32)
         fused_backward: Any = _backward.fused_exact_backward
-        fused, dx = fused_backward(dy, x, weight, rms, *config, total.state, ctx.needs_input_grad[0],
-                                   fresh=cpu, rounded=rounded, pipe=ctx.pipe)
+        fused, dx, rounded = fused_backward(dy, x, weight, rms, *config, total.state, ctx.needs_input_grad[0],
+                                            fresh=cpu, rounded=cpu and weight.dtype == torch.float32,
+                                            pipe=ctx.pipe)
         if not fused and cpu:
             zero_(total.state)
     if dx is None and ctx.needs_input_grad[0] and not torch.is_grad_enabled():
