@@ -141,17 +141,6 @@ int64_t tgn_team_rows_dw(tgn_rows_dw_fn_t fn, const void *ctx, int64_t rows, int
     return run_merged(&j, threads, width, out);
 }
 
-/* tgn_backward_rows_f32_team's dx (or none) with the exact weight gradient instead of
- * the float one: each thread adds the exact products dy * (x / rms) of its row blocks
- * into a state of its own right after their dx (native_dw_fused.c), and the states are
- * added into `state` (a normal (22, hidden) state), which is then normalised.  With
- * `fresh`, state's memory holds anything: it is written whole with this call's sum
- * alone (zero where nothing was added).  With `dw` (and `fresh`), the state's sums
- * correctly rounded to fp32 (tgn_exact_round_f32) are written into it, from the rows
- * the sum reached.  When a row is not finite (the return value counts them, as
- * tgn_backward_rows_f32_team's) or on an error, nothing is added to `state` (a fresh
- * one is zeroed) and dw is not written.  Returns those rows, -1 (no scratch), -2 (no
- * convergence) or -3 (a column overflowed: the caller raises). */
 /* The fused exact dW's finish phase (the team's threads share it by slabs of columns):
  * the threads' states merged into the call's state, normalised and, fresh with dw,
  * rounded; each column's digits are its own, so the slabs give the whole call's bits. */
@@ -179,6 +168,19 @@ static void dw_finish_slab(void *ctx, const void *job, int64_t slab)
         tgn_exact_round_rows_f32(f->state + c0, n, f->hidden, 0, f->dw + c0, used[0], used[1], used[2]);
 }
 
+/* tgn_backward_rows_f32_team's dx (or none) with the exact weight gradient instead of
+ * the float one: each thread adds the exact products dy * (x / rms) of its row blocks
+ * into a state of its own right after their dx (native_dw_fused.c), and the states are
+ * added into `state` (a normal (22, hidden) state), which is then normalised: by slabs
+ * of columns that the team's threads claim once every row block has run (the job's
+ * finish phase, dw_finish_slab; a call on one thread runs them all).  With
+ * `fresh`, state's memory holds anything: it is written whole with this call's sum
+ * alone (zero where nothing was added).  With `dw` (and `fresh`), the state's sums
+ * correctly rounded to fp32 (tgn_exact_round_f32) are written into it, from the rows
+ * the sum reached.  When a row is not finite (the return value counts them, as
+ * tgn_backward_rows_f32_team's) or on an error, nothing is added to `state` (a fresh
+ * one is zeroed) and dw is not written.  Returns those rows, -1 (no scratch), -2 (no
+ * convergence) or -3 (a column overflowed: the caller raises). */
 int64_t tgn_backward_exact_dw_f32_team(const float *x, const float *dy, const float *w, const float *rms,
                                        int64_t rows, int64_t hidden, int64_t chunk, const int64_t *adds,
                                        int64_t n_adds, int64_t root, int64_t exact, float *dx, int64_t *state,
