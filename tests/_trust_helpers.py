@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -143,3 +144,13 @@ def spy_c_face(monkeypatch: Any, name: str) -> list[bool]:
 
     monkeypatch.setattr(native_face, name, spy)
     return calls
+
+
+def warm_face_call(face: list[bool], call: Callable[[], Any]) -> Any:
+    """``call()`` once it is warm: two calls first (the first builds the pipeline, the
+    second resolves the C face's plan), ``face`` (:func:`spy_c_face`'s record) cleared,
+    then the call whose face use the test checks."""
+    for _ in range(2):
+        call()
+    del face[:]
+    return call()

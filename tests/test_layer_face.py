@@ -27,7 +27,7 @@ from taskgraph_norm.constants import SPLIT_NUMEL
 from taskgraph_norm.pipeline import layer as pipeline_layer
 from taskgraph_norm.testing import bits_equal
 
-from ._trust_helpers import native_status, spy_c_face
+from ._trust_helpers import native_status, spy_c_face, warm_face_call
 from .test_layer_warm import _data, _torch_ops
 
 NATIVE, WHY_NOT = native_status()
@@ -60,10 +60,7 @@ def test_the_face_gives_the_torch_ops_bits(dtype: torch.dtype, accumulate: str, 
             if dtype == torch.float32 and wt is not None and wt.dtype != dtype:
                 continue
             kwargs = dict(accumulate=accumulate, topology=topology)
-            tgn.layer_norm_sync(x, wt, bt, **kwargs)  # builds the pipeline
-            tgn.layer_norm_sync(x, wt, bt, **kwargs)  # finds the native entry (the face's plan)
-            del face[:]
-            y = tgn.layer_norm_sync(x, wt, bt, **kwargs)
+            y = warm_face_call(face, lambda: tgn.layer_norm_sync(x, wt, bt, **kwargs))
             assert face == [True], (rows, hidden, wt is None, bt is None)
             assert bits_equal(y, _torch_ops(x, wt, bt, **kwargs))
             assert y.dtype == x.dtype and y.shape == x.shape and y.is_contiguous()
@@ -78,10 +75,7 @@ def test_more_dims_and_the_module(face: list[bool]) -> None:
     with torch.no_grad():
         m.weight.copy_(w)
         m.bias.copy_(b)
-        for _ in range(2):
-            m(x3)
-        del face[:]
-        y = m(x3)
+        y = warm_face_call(face, lambda: m(x3))
     assert face == [True] and bits_equal(y, want)
     y = tgn.layer_norm_sync(x3, w, b)
     assert face == [True, True] and bits_equal(y, want)

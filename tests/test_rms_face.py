@@ -29,7 +29,7 @@ from taskgraph_norm.constants import SPLIT_NUMEL
 from taskgraph_norm.pipeline import cache as pipeline_cache
 from taskgraph_norm.testing import bits_equal
 
-from ._trust_helpers import native_status, spy_c_face
+from ._trust_helpers import native_status, spy_c_face, warm_face_call
 from .test_layer_face import _Passthrough
 
 NATIVE, WHY_NOT = native_status()
@@ -74,10 +74,7 @@ def test_the_face_gives_the_torch_ops_bits(dtype: torch.dtype, accumulate: str, 
             if offset and wt is None:
                 continue
             kwargs = dict(accumulate=accumulate, casting_mode=casting, offset=offset)
-            for _ in range(2):  # builds the pipeline, finds the direct call
-                tgn.normalize_sync(x, wt, **kwargs)
-            del face[:]
-            y = tgn.normalize_sync(x, wt, **kwargs)
+            y = warm_face_call(face, lambda: tgn.normalize_sync(x, wt, **kwargs))
             want = _torch_ops(x, wt, **kwargs)
             assert bits_equal(y, want), (rows, hidden, casting, offset, wt is None)
             assert face[0] == (want.dtype == x.dtype), (rows, hidden, casting, offset, wt is None)
@@ -91,10 +88,7 @@ def test_the_module_takes_it(face: list[bool]) -> None:
     want = _torch_ops(x, w)
     with torch.no_grad():
         m.weight.copy_(w)
-        for _ in range(2):
-            m(x)
-        del face[:]
-        y = m(x)
+        y = warm_face_call(face, lambda: m(x))
     assert face == [True] and bits_equal(y, want)
 
 

@@ -358,6 +358,8 @@ int64_t tgn_backward_rows_f32(const float *x, const float *dy, const float *w, c
                     ++bad;
             }
             int64_t q = i - b0;
+            /* two calls, each with a constant `tops`: the inlined loop without the bounds'
+             * instructions is the float backward's, unchanged */
             if (tops)
                 dx_t_row(dyr, w, xr, r, k, dx ? dx + i * hidden : 0, dw ? lo[q < h ? q : q - h] : 0, q >= h,
                          hidden, stream, &block_tops);

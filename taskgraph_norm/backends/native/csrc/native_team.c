@@ -87,6 +87,16 @@ static int64_t now_ns(void)
     return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
 }
 
+/* A block's (or a lone run's) return value into the job: a negative one as its failure
+ * (-1: no scratch; the exact dW: -2, no convergence), else added to its result. */
+static inline void record(job_t *j, int64_t got)
+{
+    if (got < 0)
+        atomic_store(&j->failed, (int)got);
+    else
+        atomic_fetch_add(&j->result, got);
+}
+
 /* Runs one block of part p (mine: from its front, else from its back); returns its rows.
  * A backward's blocks from a part's front go on the part's front stack; one taken from
  * its back makes its nodes on a stack of its own, waits until the blocks after it taken
@@ -114,10 +124,7 @@ static int64_t run_block(job_t *j, int64_t block, int64_t p, int mine, int64_t w
     } else {
         got = tgn_team_job_rows(j, i, n, j->bw_stacks ? &j->bw_stacks[2 * p] : 0, who);
     }
-    if (got < 0)
-        atomic_store(&j->failed, (int)got); /* -1: no scratch (the exact dW: -2, no convergence) */
-    else
-        atomic_fetch_add(&j->result, got);
+    record(j, got);
     atomic_fetch_add(&j->blocks_done, 1); /* (after its result: run_finish reads it) */
     return n;
 }
@@ -144,10 +151,7 @@ static int64_t run_alone(job_t *j)
     int64_t got = tgn_team_job_rows(j, 0, j->rows, j->bw_stacks, 0);
     if (!j->finish)
         return got;
-    if (got < 0)
-        atomic_store(&j->failed, (int)got);
-    else
-        atomic_store(&j->result, got);
+    record(j, got); /* (the finish phase reads it; the job's result starts at 0) */
     for (int64_t s = 0; s < j->n_slabs; ++s)
         j->finish(j->finish_ctx, j, s);
     return got;
