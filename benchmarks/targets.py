@@ -1,7 +1,7 @@
 """Every CPU speed target of issue 22 in one run, each against its baseline timed in
 the same interleaved rounds.
 
-    OMP_WAIT_POLICY=PASSIVE python benchmarks/targets.py [--rounds 9] [--quick] [--only GROUP ...]
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/targets.py [--rounds 10] [--quick] [--only GROUP ...]
 
 Groups (``--only`` picks some; ``--quick`` runs each on its smaller shapes with 3
 rounds and no ``torch.compile``, a check that the script runs, not figures to quote):
@@ -30,6 +30,12 @@ the interleaving frees one method's large tensors where the next method allocate
 the first call after a switch may fault in the heap blocks glibc returned to the OS
 in between (docs/performance.md, "Page faults"), a cost of the alternation that a
 lone timed call would charge to whichever method came next.
+
+The rounds call the methods in the orders of ``balanced_orders`` (tools/bench.py): over
+10 rounds, a whole period for two methods and for five (the ``fresh`` group's), every
+method follows every other one equally often, so what a call leaves behind (eager's
+fp32 temporaries push the next method's input out of the caches) falls on each alike;
+the three-method groups (``train``, ``small``) get a period and two thirds.
 
 Each line: our median time, the baseline's and which it was, the ratio and whether the
 target is met; the last line counts the targets met.  torch's OpenMP threads spin
@@ -259,11 +265,11 @@ def run(groups: Sequence[str], rounds: int, quick: bool) -> list[Result]:
 def main(argv: Sequence[str] | None = None) -> list[Result]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--rounds", type=int, help="interleaved rounds per case (default 9; --quick 3)")
+    parser.add_argument("--rounds", type=int, help="interleaved rounds per case (default 10; --quick 3)")
     parser.add_argument("--quick", action="store_true", help="smaller shapes, 3 rounds, no torch.compile")
     parser.add_argument("--only", nargs="+", choices=GROUPS, default=list(GROUPS), help="groups to run")
     args = parser.parse_args(argv)
-    rounds = args.rounds or (3 if args.quick else 9)
+    rounds = args.rounds or (3 if args.quick else 10)
     if rounds < 1:
         parser.error("--rounds must be at least 1")
     print(f"# issue 22 targets: torch {torch.__version__}, {torch.get_num_threads()} torch threads, "

@@ -96,12 +96,15 @@ STREAM_STORES: Final = 8
 """FINALIZE flag: write ``y`` with non-temporal stores (vectors aligned to their width;
 the rest as usual).  Never changes a bit, only where the written lines go."""
 
-STREAM_BYTES: Final = 8 << 20
+STREAM_BYTES: Final = 16 << 20
 """Output bytes from which the direct path's FINALIZE (and the native backward's
-``dx``) writes with non-temporal stores: an output twice the size of a core's L2 does
-not stay there, and a store that misses the caches otherwise reads each line in before
-writing it (docs/performance.md, "Streaming stores", has the measurements and the cost:
-the output is not left in the caches for the next op).  Never changes a bit."""
+``dx``) writes with non-temporal stores: a store that misses the caches reads its line
+in before writing it, and a streamed one does not, but a streamed output is not left in
+the caches, and a store that streams over a line still held dirty in a cache (the
+buffer a loop writes again, a fresh output on a recycled heap block) pays to evict it.
+On the 2-core VM the docs measure (2 MiB of L2 per core, and an L3 that keeps 8 MiB
+outputs) ordinary stores were faster up to 8 MiB and streaming ones from 16 MiB
+(docs/performance.md, "Streaming stores").  Never changes a bit."""
 
 DTYPE_F32: Final = 0
 """The direct path's code for float32 in its configuration (``rows_config``'s

@@ -121,24 +121,60 @@ def test_every_option_has_help_with_its_default(monkeypatch) -> None:
     ]
 
 
-def test_interleaved_rounds_shuffle_the_order() -> None:
-    """Each round calls every method once, in an order of its own that is the same
-    every run, so no method always runs right after the same one (what a call leaves
-    behind, such as a trimmed heap, falls on different methods in different rounds);
-    a rotation of one order, which keeps every method's predecessor, must fail this."""
-    from taskgraph_norm.tools.bench import interleaved_times
+def _carry_over_balanced(orders: list[list[str]]) -> bool:
+    """Every method right after every other one equally often, and at every place
+    equally often, over ``orders``."""
+    from collections import Counter
+
+    names = sorted(orders[0])
+    follows = Counter((a, b) for o in orders for a, b in zip(o, o[1:]))
+    places = Counter((i, m) for o in orders for i, m in enumerate(o))
+    return (len(follows) == len(names) * (len(names) - 1) and len(set(follows.values())) == 1
+            and len(places) == len(names) ** 2 and len(set(places.values())) == 1)
+
+
+@pytest.mark.parametrize("n", [2, 3, 4, 5, 6, 7])
+def test_interleaved_rounds_balance_carry_over(n: int) -> None:
+    """Each round calls every method once, in the orders of ``balanced_orders``: the
+    same every run, and over a whole period every method follows every other one
+    equally often and holds every place equally often, so what a call leaves behind
+    (eager's temporaries evicting the caches, a trimmed heap) falls on each method
+    alike.  Negative controls: a rotation of one order, and the seeded shuffles the
+    rounds used before (which put one method after eager's calls in 6 of 9 rounds and
+    another in 1), must fail the same check."""
+    import random
+
+    from taskgraph_norm.tools.bench import balanced_orders, interleaved_times
+
+    names = "abcdefg"[:n]
+    period = len(balanced_orders(n))
+    assert period == (2 * n if n % 2 else n)
 
     def run() -> tuple[list[str], dict[str, list[float]]]:
         calls: list[str] = []
-        methods = {name: (lambda name=name: calls.append(name)) for name in "abcd"}
-        return calls, interleaved_times(methods, 12)
+        methods = {name: (lambda name=name: calls.append(name)) for name in names}
+        return calls, interleaved_times(methods, 2 * period)
 
     calls, times = run()
-    assert calls[:4] == list("abcd")  # the warm-up, in order
-    rounds = [calls[4 + 4 * r: 8 + 4 * r] for r in range(12)]
-    assert all(sorted(r) == list("abcd") for r in rounds)
+    assert calls[:n] == list(names)  # the warm-up, in order
+    rounds = [calls[n + n * r: 2 * n + n * r] for r in range(2 * period)]
+    assert all(sorted(r) == list(names) for r in rounds)
     assert run()[0] == calls  # the same orders every run
-    before = {m: {r[r.index(m) - 1] for r in rounds if r.index(m) > 0} for m in "abcd"}
-    assert all(len(p) >= 2 for p in before.values()), before
-    assert {k: len(v) for k, v in times.items()} == {k: 12 for k in "abcd"}
+    assert rounds[:period] == rounds[period:]
+    assert _carry_over_balanced(rounds[:period])
+    assert {k: len(v) for k, v in times.items()} == {k: 2 * period for k in names}
+    rotations = [list(names[r:] + names[:r]) for r in range(n)]
+    assert not _carry_over_balanced(rotations) or n == 2
+    shuffled = []
+    for r in range(period):
+        order = list(names)
+        random.Random(r).shuffle(order)
+        shuffled.append(order)
+    assert not _carry_over_balanced(shuffled) or n == 2
+
+
+def test_interleaved_rounds_edge_cases() -> None:
+    from taskgraph_norm.tools.bench import balanced_orders, interleaved_times
+
+    assert balanced_orders(0) == [[]] and balanced_orders(1) == [[0]]
     assert interleaved_times({}, 3) == {}

@@ -72,12 +72,14 @@ def threads(request: pytest.FixtureRequest) -> Iterator[int]:
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=str)
-@pytest.mark.parametrize("shape", [(5, 100), (3000, 1024), (8192, 64)], ids=str)
+@pytest.mark.parametrize("shape", [(5, 100), (7, 80), (3000, 1024), (8192, 64)], ids=str)
 def test_the_direct_path_gives_the_general_paths_bits(
     monkeypatch: pytest.MonkeyPatch, threads: int, dtype: torch.dtype, shape: tuple[int, int]
 ) -> None:
     """Every casting mode, offset, weight dtype and residual, float and exact plans;
-    (3000, 1024) splits across the threads.  Taken wherever C can give the bits."""
+    (3000, 1024) splits across the threads; 80 wide is an odd number of vectors (the
+    quotient's loop takes two at a time) and 100 leaves a scalar tail.  Taken wherever
+    C can give the bits."""
     taken = spy_direct_calls(monkeypatch)
     rows, hidden = shape
     x, r = _rows(rows, hidden, dtype, hidden), _rows(rows, hidden, dtype, hidden + 1).flip(0)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import statistics
 import subprocess
 import sys
@@ -38,7 +37,7 @@ from ..backends.native import loader as native
 from ..testing import bits_equal
 from .progress import ProgressBar, progress_bar
 
-__all__ = ["BenchConfig", "run_bench", "interleaved_medians", "interleaved_times", "peak_extra_memory"]
+__all__ = ["BenchConfig", "run_bench", "balanced_orders", "interleaved_medians", "interleaved_times", "peak_extra_memory"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -59,18 +58,41 @@ class BenchConfig:
     out_dir: Path = field(default_factory=lambda: Path("bench-results"))
 
 
+def balanced_orders(n: int) -> list[list[int]]:
+    """The rounds' orders of ``n`` methods: a Williams design, as crossover trials use
+    to balance carry-over.  Its first order is 0, 1, n-1, 2, n-2, ...; order ``r`` adds
+    ``r`` to each (mod ``n``); for an odd ``n`` the reversed orders follow.  Over the
+    ``n`` orders (``2n`` for odd ``n``), each method comes right after each other one
+    equally often (once; twice for odd ``n``) and holds each place equally often."""
+    if n <= 1:
+        return [list(range(n))]
+    first, low, high = [0], 1, n - 1
+    while len(first) < n:
+        first.append(low)
+        low += 1
+        if len(first) < n:
+            first.append(high)
+            high -= 1
+    orders = [[(f + r) % n for f in first] for r in range(n)]
+    return orders + [o[::-1] for o in orders] if n % 2 else orders
+
+
 def interleaved_times(
     methods: dict[str, Callable[[], object]], rounds: int,
     *, observe: Callable[[str, object], None] | None = None, bar: ProgressBar | None = None,
 ) -> dict[str, list[float]]:
     """Seconds of each call per method, in round order; each round calls every
-    method once, in turn, so round ``r`` of two methods saw the same load.  Each
-    round calls them in its own order (a shuffle seeded by ``r``: the same orders
-    every run), so no method always follows the same one: what a call leaves behind
-    (the C allocator trimming the heap after a torch.compile call, which the next
-    fresh output must fault in again; another pool's threads still awake on the
-    cores) falls on a different method each round, and the medians drop it.  (A
-    rotation of one fixed order would not: it keeps each method's predecessor.)
+    method once, in turn, so round ``r`` of two methods saw the same load.  Round
+    ``r`` calls them in the order ``balanced_orders(n)[r % period]``: over each whole
+    period every method follows every other one equally often and sits at every place
+    equally often.  What a call leaves behind (eager's 16 MiB fp32 temporaries, which
+    push the next method's input out of the caches and its fresh output onto cold
+    heap blocks; the C allocator trimming the heap after a torch.compile call;
+    another pool's threads still awake) so falls on every method alike.  (A
+    rotation of one order keeps each method's predecessor; seeded shuffles, which
+    this used before, left one method after eager's calls in 6 of 9 rounds and
+    another in 1 of 9, which moved their medians apart by a third.)  Pass whole
+    periods of rounds (``len(balanced_orders(n))``) for the full balance.
 
     ``observe(name, result)``, when given, sees each timed call's result outside
     the timed region (the warm-up call's is not shown); the result is dropped
@@ -84,12 +106,11 @@ def interleaved_times(
         fn()  # warm-up: workspaces, dispatch caches, compiled kernels
     times: dict[str, list[float]] = {k: [] for k in methods}
     order = list(methods.items())
+    orders = balanced_orders(len(order))
     rounds = rounds if order else 0
     with nullcontext(bar) if bar is not None else progress_bar(rounds, "rounds", unit="round") as shown:
         for r in range(rounds):
-            shuffled = order[:]
-            random.Random(r).shuffle(shuffled)
-            for name, fn in shuffled:
+            for name, fn in (order[i] for i in orders[r % len(orders)]):
                 t0 = time.perf_counter()
                 result = fn()
                 times[name].append(time.perf_counter() - t0)

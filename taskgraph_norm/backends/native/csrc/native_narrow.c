@@ -104,16 +104,22 @@ static int widen(const uint16_t *x, int64_t code, float *s, int64_t n)
 #if defined(LANES)
     if (code == TGN_DTYPE_BF16) {
         /* tiny_lanes on the bf16 bits themselves, 32 at a time: |x| bits (x << 16) in
-         * [1, TGN_Q_LO) is |b| in [1, TGN_Q_LO >> 16) (TGN_Q_LO's low half is 0) */
-        __mmask32 t = 0;
+         * [1, TGN_Q_LO) is |b| in [1, TGN_Q_LO >> 16) (TGN_Q_LO's low half is 0), so the
+         * least |b| - 1 (unsigned: a zero wraps to the top) decides, compared once at the
+         * end.  Each half's words go to the high halves of fp32 lanes by one vpermw with
+         * the low halves zeroed: x << 16, load_bf16's value. */
+        __m512i least = _mm512_set1_epi16(-1);
+        const __m512i lo = _mm512_set_epi16(15, 0, 14, 0, 13, 0, 12, 0, 11, 0, 10, 0, 9, 0, 8, 0, 7, 0, 6, 0, 5, 0,
+                                             4, 0, 3, 0, 2, 0, 1, 0, 0, 0);
+        const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi32(16 << 16));
         for (; j + 2 * LANES <= n; j += 2 * LANES) {
             __m512i b = _mm512_loadu_si512((const void *)(x + j));
             __m512i mag = _mm512_and_si512(b, _mm512_set1_epi16(0x7fff));
-            t |= _mm512_cmplt_epu16_mask(_mm512_sub_epi16(mag, _mm512_set1_epi16(1)),
-                                         _mm512_set1_epi16((short)((TGN_Q_LO >> 16) - 1)));
-            _mm512_storeu_ps(s + j, load_bf16(x + j));
-            _mm512_storeu_ps(s + j + LANES, load_bf16(x + j + LANES));
+            least = _mm512_min_epu16(least, _mm512_sub_epi16(mag, _mm512_set1_epi16(1)));
+            _mm512_storeu_si512((void *)(s + j), _mm512_maskz_permutexvar_epi16(0xAAAAAAAAu, lo, b));
+            _mm512_storeu_si512((void *)(s + j + LANES), _mm512_maskz_permutexvar_epi16(0xAAAAAAAAu, hi, b));
         }
+        __mmask32 t = _mm512_cmplt_epu16_mask(least, _mm512_set1_epi16((short)((TGN_Q_LO >> 16) - 1)));
         for (; j + LANES <= n; j += LANES) {
             __m512 v = load_bf16(x + j);
             t |= tiny_lanes(v);
@@ -199,37 +205,57 @@ void tgn_narrow_weight(const tgn_rows_cfg_t *c, const void *w, float *out)
 
 /* FINALIZE of one row of scratch s straight into the narrow y: the operations of
  * tgn_quotient_row_f32 (native_quotient.h), each vector rounded as it is made instead of
- * stored in fp32 and read again; returns whether a NaN was met.  ranged: no value of
- * the row is tiny, so with rms in range every one is in tgn_q_vec_ranged's (|a| <= 2^60
- * as rms^2 >= a^2 / D, and rms is finite), and the vectors skip the range check.
- * clean (with ranged): besides, every lane of the weight (plus offset) is finite and
- * +-0 or at least 2^-30 in magnitude (weight_clean), so no product is a NaN or
- * subnormal (2^-90 <= |q| <= 2^60, or q = +-0): the vectors skip the NaN check, and a
- * bf16 y rounds with vcvtneps2bf16 without looking for subnormals. */
+ * stored in fp32 and read again; returns whether a NaN was met.  The weight comes with
+ * its offset already added (tgn_rows_call makes it so for every narrow call).  ranged:
+ * no value of the row is tiny, so with rms in range every one is in tgn_q_vec_ranged's
+ * (|a| <= 2^60 as rms^2 >= a^2 / D, and rms is finite), and the vectors skip the range
+ * check.  clean (with ranged): besides, every lane of the weight is finite and +-0 or
+ * at least 2^-30 in magnitude (weight_clean), so no product is a NaN or subnormal
+ * (2^-90 <= |q| <= 2^60, or q = +-0): the vectors skip the NaN check, and a bf16 y
+ * rounds with vcvtneps2bf16 without looking for subnormals.  Two vectors per step, the
+ * next step's x (or, with none, the scratch) prefetched once per 32 values: no branch
+ * on the offset, the dtype or the step's place in a line is left in the loop. */
 #if defined(LANES) && TGN_QUOTIENT_LANES == LANES
-static inline __attribute__((always_inline)) int quotient_vectors(const float *s, const float *w, float off,
-                                                                  int64_t n, const tgn_q_div_t *dv, int64_t code,
+static inline __attribute__((always_inline)) __m256i quotient_vector(const float *s, const float *w,
+                                                                     const tgn_q_div_t *dv, const int64_t code,
+                                                                     const int ranged, const int clean,
+                                                                     __mmask16 *unordered)
+{
+    __m512 a = _mm512_loadu_ps(s);
+    __m512 q = ranged ? tgn_q_vec_ranged(dv, a) : tgn_q_vec(dv, a);
+    if (w)
+        q = _mm512_mul_ps(q, _mm512_loadu_ps(w));
+    if (!clean)
+        *unordered |= _mm512_cmp_ps_mask(q, q, _CMP_UNORD_Q);
+#if defined(__AVX512BF16__)
+    if (clean && code == TGN_DTYPE_BF16)
+        return (__m256i)_mm512_cvtneps_pbh(q);
+#endif
+    return round_narrow(q, code);
+}
+
+static inline __attribute__((always_inline)) int quotient_vectors(const float *s, const float *w, int64_t n,
+                                                                  const tgn_q_div_t *dv, const int64_t code,
                                                                   uint16_t *y, const int ranged, const int clean,
                                                                   const uint16_t *ahead, const int stream)
 {
-    const __m512 o = _mm512_set1_ps(off);
     __mmask16 unordered = 0;
-    for (int64_t j = 0; j + LANES <= n; j += LANES) {
-        if (ahead && !(j & 31)) /* one line of 32 values */
-            __builtin_prefetch(ahead + j, 0, 3);
-        __m512 a = _mm512_loadu_ps(s + j);
-        __m512 q = ranged ? tgn_q_vec_ranged(dv, a) : tgn_q_vec(dv, a);
-        if (w)
-            q = _mm512_mul_ps(q, off != 0.0f ? _mm512_add_ps(_mm512_loadu_ps(w + j), o) : _mm512_loadu_ps(w + j));
-        if (!clean)
-            unordered |= _mm512_cmp_ps_mask(q, q, _CMP_UNORD_Q);
-        __m256i v;
-#if defined(__AVX512BF16__)
-        if (clean && code == TGN_DTYPE_BF16)
-            v = (__m256i)_mm512_cvtneps_pbh(q);
-        else
-#endif
-            v = round_narrow(q, code);
+    const char *fetch = ahead ? (const char *)ahead : (const char *)s; /* a prefetch never faults */
+    int64_t j = 0;
+    for (; j + 2 * LANES <= n; j += 2 * LANES) {
+        __builtin_prefetch(fetch + 2 * j, 0, 3); /* one line: 32 narrow values */
+        __m256i v0 = quotient_vector(s + j, w ? w + j : 0, dv, code, ranged, clean, &unordered);
+        __m256i v1 = quotient_vector(s + j + LANES, w ? w + j + LANES : 0, dv, code, ranged, clean, &unordered);
+        if (stream) {
+            _mm256_stream_si256((__m256i *)(y + j), v0);
+            _mm256_stream_si256((__m256i *)(y + j + LANES), v1);
+        } else {
+            _mm256_storeu_si256((__m256i *)(y + j), v0);
+            _mm256_storeu_si256((__m256i *)(y + j + LANES), v1);
+        }
+    }
+    if (j + LANES <= n) {
+        __m256i v = quotient_vector(s + j, w ? w + j : 0, dv, code, ranged, clean, &unordered);
         if (stream)
             _mm256_stream_si256((__m256i *)(y + j), v);
         else
@@ -237,21 +263,31 @@ static inline __attribute__((always_inline)) int quotient_vectors(const float *s
     }
     return unordered != 0;
 }
+
+/* quotient_vectors with the dtype a constant in each copy */
+static inline __attribute__((always_inline)) int quotient_dtype(const float *s, const float *w, int64_t n,
+                                                                const tgn_q_div_t *dv, int64_t code, uint16_t *y,
+                                                                const int ranged, const int clean,
+                                                                const uint16_t *ahead, int stream)
+{
+    return code == TGN_DTYPE_BF16 ? quotient_vectors(s, w, n, dv, TGN_DTYPE_BF16, y, ranged, clean, ahead, stream)
+                                  : quotient_vectors(s, w, n, dv, TGN_DTYPE_F16, y, ranged, clean, ahead, stream);
+}
 #endif
 
-/* weight_clean's test of the weight FINALIZE multiplies by (w + off where off != 0) */
-static int weight_clean(const float *w, float off, int64_t n)
+/* weight_clean's test of the weight FINALIZE multiplies by */
+static int weight_clean(const float *w, int64_t n)
 {
     int ok = 1;
     for (int64_t j = 0; w && j < n; ++j) {
-        uint32_t u = tgn_bits_of(off != 0.0f ? w[j] + off : w[j]) & 0x7fffffffu;
+        uint32_t u = tgn_bits_of(w[j]) & 0x7fffffffu;
         ok &= u == 0 || (u >= 0x30800000u && u < 0x7f800000u); /* 2^-30 <= |v| < inf */
     }
     return ok;
 }
 
-static int finalize_narrow(float *s, const float *w, float off, int64_t n, float rms, int64_t code, uint16_t *y,
-                           int ranged, int clean, const uint16_t *ahead, int64_t flags)
+static int finalize_narrow(float *s, const float *w, int64_t n, float rms, int64_t code, uint16_t *y, int ranged,
+                           int clean, const uint16_t *ahead, int64_t flags)
 {
 #if defined(LANES) && TGN_QUOTIENT_LANES == LANES
     if (tgn_quotient_rms_in_range(rms)) {
@@ -259,16 +295,16 @@ static int finalize_narrow(float *s, const float *w, float off, int64_t n, float
         /* TGN_STREAM_STORES: non-temporal stores where y is aligned to a vector (then
          * every y + j is); the caller fences */
         const int stream = (flags & TGN_STREAM_STORES) && (uintptr_t)y % 32 == 0;
-        int nan = !ranged || n >= ((int64_t)1 << 38) ? quotient_vectors(s, w, off, n, &dv, code, y, 0, 0, ahead, stream)
-                  : clean ? quotient_vectors(s, w, off, n, &dv, code, y, 1, 1, ahead, stream)
-                          : quotient_vectors(s, w, off, n, &dv, code, y, 1, 0, ahead, stream);
+        int nan = !ranged || n >= ((int64_t)1 << 38) ? quotient_dtype(s, w, n, &dv, code, y, 0, 0, ahead, stream)
+                  : clean ? quotient_dtype(s, w, n, &dv, code, y, 1, 1, ahead, stream)
+                          : quotient_dtype(s, w, n, &dv, code, y, 1, 0, ahead, stream);
         int64_t j = n / LANES * LANES;
-        tgn_quotient_div_f32(s + j, s + j, w ? w + j : 0, off, n - j, rms); /* the scalar tail, as there */
+        tgn_quotient_div_f32(s + j, s + j, w ? w + j : 0, 0.0f, n - j, rms); /* the scalar tail, as there */
         return narrow(s + j, code, y + j, n - j) | nan;
     }
 #endif
     (void)ranged, (void)clean, (void)ahead, (void)flags;
-    tgn_quotient_row_f32(s, s, w, off, n, rms);
+    tgn_quotient_row_f32(s, s, w, 0.0f, n, rms);
     return narrow(s, code, y, n);
 }
 
@@ -279,9 +315,9 @@ static int64_t kernel(const tgn_narrow_t *job, float *s, int64_t n, float *y, vo
     const tgn_rows_cfg_t *c = job->cfg;
     int64_t d = c->hidden;
     if (c->exact)
-        return tgn_exact_rows_f32(s, n, d, d, (double *)total, y, d, job->w, job->eps, flags, job->offset, 0, 0, 0, 0);
+        return tgn_exact_rows_f32(s, n, d, d, (double *)total, y, d, job->w, job->eps, flags, 0.0, 0, 0, 0, 0);
     return tgn_float_rows_f32(s, n, d, d, c->chunk, c->adds, c->n_adds, c->root, (float *)total, y, d, job->w,
-                              job->eps, flags, job->offset, 0, 0, 0, 0);
+                              job->eps, flags, 0.0, 0, 0, 0, 0);
 }
 
 /* Rows [i, i + m) of the step in s: the kernel's sums (each row's rms, or exact pair),
@@ -310,7 +346,7 @@ static int64_t fused_step(const tgn_narrow_t *job, float *s, int64_t i, int64_t 
         } else {
             rms = ((const float *)total)[k]; /* TGN_TOTAL_AS_RMS: the same expression */
         }
-        bad += finalize_narrow(s + k * d, job->w, (float)job->offset, d, rms, c->y_dtype,
+        bad += finalize_narrow(s + k * d, job->w, d, rms, c->y_dtype,
                                (uint16_t *)job->y + (i + k) * d, ranged, clean,
                                k < ahead_rows ? ahead + k * d : 0, job->flags);
     }
@@ -328,7 +364,7 @@ int64_t tgn_narrow_rows(const tgn_narrow_t *job, int64_t i, int64_t n)
     const int64_t step = d > SCRATCH ? 1 : SCRATCH / d < MAX_STEP ? SCRATCH / d : MAX_STEP; /* rows per step */
     /* llama's roundings keep the kernel's own FINALIZE (into s, then narrowed) */
     const int fused = narrow_y && !(job->flags & (TGN_ROUND_QUOTIENT | TGN_ROUND_PRODUCT));
-    const int clean = fused && weight_clean(job->w, (float)job->offset, d);
+    const int clean = fused && weight_clean(job->w, d);
     double pairs[2 * MAX_STEP];
     float rmss[MAX_STEP];
     int64_t bad = 0;

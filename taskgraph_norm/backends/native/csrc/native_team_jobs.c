@@ -253,7 +253,10 @@ int64_t tgn_rows_call(const tgn_rows_cfg_t *c, const void *x, void *y, int64_t r
     const float *wf = (const float *)w;
     float *made = 0;
     double offset = c->offset;
-    if (w && (c->w_dtype != TGN_DTYPE_F32 || c->w_round != TGN_DTYPE_F32)) {
+    const int narrow = c->x_dtype != TGN_DTYPE_F32 || c->y_dtype != TGN_DTYPE_F32;
+    /* (native_narrow.c takes its weight with the offset added: RN(w + offset) in fp32,
+     * the value the fp32 kernels' FINALIZE multiplies by) */
+    if (w && (c->w_dtype != TGN_DTYPE_F32 || c->w_round != TGN_DTYPE_F32 || (narrow && offset != 0.0))) {
         made = (float *)malloc((size_t)d * sizeof(float));
         if (!made)
             return -1;
@@ -262,7 +265,7 @@ int64_t tgn_rows_call(const tgn_rows_cfg_t *c, const void *x, void *y, int64_t r
         offset = 0.0;
     }
     int64_t result;
-    if (c->x_dtype == TGN_DTYPE_F32 && c->y_dtype == TGN_DTYPE_F32) {
+    if (!narrow) {
         if (y && rows * d * (int64_t)sizeof(float) >= TGN_STREAM_BYTES)
             flags |= TGN_STREAM_STORES;
         job_t j = {.kind = c->exact ? JOB_EXACT : JOB_FLOAT, .x = (const float *)x, .rows = rows, .hidden = d,
@@ -274,8 +277,8 @@ int64_t tgn_rows_call(const tgn_rows_cfg_t *c, const void *x, void *y, int64_t r
     } else {
         if (y && rows * d * (c->y_dtype == TGN_DTYPE_F32 ? 4 : 2) >= TGN_STREAM_BYTES)
             flags |= TGN_STREAM_STORES;
-        tgn_narrow_t n = {.cfg = c, .x = x, .r = r, .y = y, .h = h, .w = wf, .eps = eps, .offset = offset,
-                          .flags = flags, .total = total};
+        tgn_narrow_t n = {.cfg = c, .x = x, .r = r, .y = y, .h = h, .w = wf, .eps = eps, .flags = flags,
+                          .total = total};
         job_t j = {.kind = JOB_NARROW, .rows = rows, .grain = c->grain, .narrow = &n};
         result = tgn_team_run(&j, threads);
     }

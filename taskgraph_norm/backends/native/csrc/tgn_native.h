@@ -160,8 +160,8 @@ typedef struct tgn_narrow {
     const tgn_rows_cfg_t *cfg;
     const void *x, *r;
     void *y, *h;
-    const float *w; /* fp32; `offset` is added to it in the kernel */
-    double eps, offset;
+    const float *w; /* fp32, its offset added (tgn_narrow_weight) */
+    double eps;
     int64_t flags;
     void *total;
 } tgn_narrow_t;
