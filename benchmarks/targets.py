@@ -25,17 +25,15 @@ rounds and no ``torch.compile``, a check that the script runs, not figures to qu
 * ``small``: ``normalize_sync`` on (1, 4096) fp32 against torch's faster eager kernel:
   at most 0.45x.
 
-Each timing makes at least MIN_CALLS calls in a row, as a loop over one method does:
-the interleaving frees one method's large tensors where the next method allocates, so
-the first call after a switch may fault in the heap blocks glibc returned to the OS
-in between (docs/performance.md, "Page faults"), a cost of the alternation that a
-lone timed call would charge to whichever method came next.
-
-The rounds call the methods in the orders of ``balanced_orders`` (tools/bench.py): over
-10 rounds, a whole period for two methods and for five (the ``fresh`` group's), every
-method follows every other one equally often, so what a call leaves behind (eager's
-fp32 temporaries push the next method's input out of the caches) falls on each alike;
-the three-method groups (``train``, ``small``) get a period and two thirds.
+Each timing makes at least MIN_CALLS calls in a row, as a loop over one method does,
+right after one untimed call of the same method (``settle``): each method is timed in
+its own steady state, not in what the method before it left. The interleaving frees
+one method's large tensors where the next allocates, so the first call after a switch
+may fault in heap blocks glibc returned to the OS in between (docs/performance.md,
+"Page faults"), and eager's fp32 temporaries push the next method's input and Python
+objects out of the caches; timed, that first call charged those costs to whichever
+method came next. The rounds call the methods in the orders of ``balanced_orders``
+(tools/bench.py), 10 rounds a whole period for two methods and for five.
 
 Each line: our median time, the baseline's and which it was, the ratio and whether the
 target is met; the last line counts the targets met.  torch's OpenMP threads spin
@@ -97,8 +95,9 @@ def _calls(nbytes: int) -> int:
 
 
 def _time(methods: Methods, calls: int, rounds: int) -> dict[str, float]:
-    """Median seconds per call of each method, interleaved over ``rounds``."""
-    medians = interleaved_medians({k: repeated(fn, calls) for k, fn in methods.items()}, rounds)
+    """Median seconds per call of each method, interleaved over ``rounds``; each
+    timing of ``calls`` calls comes right after one untimed call of the same method."""
+    medians = interleaved_medians({k: repeated(fn, calls) for k, fn in methods.items()}, rounds, settle=methods)
     return {k: v / calls for k, v in medians.items()}
 
 

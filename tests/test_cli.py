@@ -173,6 +173,25 @@ def test_interleaved_rounds_balance_carry_over(n: int) -> None:
     assert not _carry_over_balanced(shuffled) or n == 2
 
 
+def test_interleaved_rounds_settle_each_timing() -> None:
+    """``settle[name]`` runs untimed right before each timed call of ``name`` (so every
+    timed call follows its own method), and only for the names it has."""
+    from taskgraph_norm.tools.bench import interleaved_times
+
+    calls: list[str] = []
+    methods = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    settle = {name: (lambda name=name: calls.append(name + "~")) for name in "ab"}
+    times = interleaved_times(methods, 6, settle=settle)
+    rounds = calls[3:]
+    assert len(rounds) == 6 * 5 and rounds.count("c~") == 0
+    for i, c in enumerate(rounds):
+        if c in ("a", "b"):
+            assert rounds[i - 1] == c + "~"
+        if c.endswith("~"):
+            assert rounds[i + 1] == c[0]
+    assert {k: len(v) for k, v in times.items()} == {k: 6 for k in "abc"}
+
+
 def test_interleaved_rounds_edge_cases() -> None:
     from taskgraph_norm.tools.bench import balanced_orders, interleaved_times
 

@@ -80,6 +80,7 @@ def balanced_orders(n: int) -> list[list[int]]:
 def interleaved_times(
     methods: dict[str, Callable[[], object]], rounds: int,
     *, observe: Callable[[str, object], None] | None = None, bar: ProgressBar | None = None,
+    settle: dict[str, Callable[[], object]] | None = None,
 ) -> dict[str, list[float]]:
     """Seconds of each call per method, in round order; each round calls every
     method once, in turn, so round ``r`` of two methods saw the same load.  Round
@@ -92,7 +93,15 @@ def interleaved_times(
     rotation of one order keeps each method's predecessor; seeded shuffles, which
     this used before, left one method after eager's calls in 6 of 9 rounds and
     another in 1 of 9, which moved their medians apart by a third.)  Pass whole
-    periods of rounds (``len(balanced_orders(n))``) for the full balance.
+    periods of rounds (``len(balanced_orders(n))``) for the full balance.  (The
+    first method of a round follows the last of the round before, which the design
+    does not balance: over 10 rounds of five methods one of them still came after an
+    eager call 6 times and the others 4.)
+
+    ``settle[name]``, when given, is called untimed right before each timed call of
+    ``name`` (its result dropped): a call of the same method, so that every timed
+    call follows its own method, whatever ran before the settling one.  A timing then
+    measures the method's steady state in a loop, with no other method's leftovers.
 
     ``observe(name, result)``, when given, sees each timed call's result outside
     the timed region (the warm-up call's is not shown); the result is dropped
@@ -111,6 +120,8 @@ def interleaved_times(
     with nullcontext(bar) if bar is not None else progress_bar(rounds, "rounds", unit="round") as shown:
         for r in range(rounds):
             for name, fn in (order[i] for i in orders[r % len(orders)]):
+                if settle is not None and name in settle:
+                    settle[name]()
                 t0 = time.perf_counter()
                 result = fn()
                 times[name].append(time.perf_counter() - t0)
@@ -124,9 +135,10 @@ def interleaved_times(
 def interleaved_medians(
     methods: dict[str, Callable[[], object]], rounds: int,
     *, observe: Callable[[str, object], None] | None = None, bar: ProgressBar | None = None,
+    settle: dict[str, Callable[[], object]] | None = None,
 ) -> dict[str, float]:
     """Median seconds per method over :func:`interleaved_times`' rounds."""
-    times = interleaved_times(methods, rounds, observe=observe, bar=bar)
+    times = interleaved_times(methods, rounds, observe=observe, bar=bar, settle=settle)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
