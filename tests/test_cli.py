@@ -149,20 +149,27 @@ def test_interleaved_rounds_balance_carry_over(n: int) -> None:
     names = "abcdefg"[:n]
     period = len(balanced_orders(n))
     assert period == (2 * n if n % 2 else n)
+    cycle = n * period
 
     def run() -> tuple[list[str], dict[str, list[float]]]:
         calls: list[str] = []
         methods = {name: (lambda name=name: calls.append(name)) for name in names}
-        return calls, interleaved_times(methods, 2 * period)
+        return calls, interleaved_times(methods, cycle)
 
     calls, times = run()
     assert calls[:n] == list(names)  # the warm-up, in order
-    rounds = [calls[n + n * r: 2 * n + n * r] for r in range(2 * period)]
+    rounds = [calls[n + n * r: 2 * n + n * r] for r in range(cycle)]
     assert all(sorted(r) == list(names) for r in rounds)
     assert run()[0] == calls  # the same orders every run
-    assert rounds[:period] == rounds[period:]
-    assert _carry_over_balanced(rounds[:period])
-    assert {k: len(v) for k, v in times.items()} == {k: 2 * period for k in names}
+    for p in range(n):  # each period balanced; the next one moves every method along
+        assert _carry_over_balanced(rounds[p * period: (p + 1) * period])
+        shifted = [[names[(names.index(m) + p) % n] for m in o] for o in rounds[:period]]
+        assert rounds[p * period: (p + 1) * period] == shifted
+    # over the n periods each method is first in a round (after the round before's
+    # last, which the design leaves unbalanced) equally often
+    firsts = [r[0] for r in rounds]
+    assert len({firsts.count(m) for m in names}) == 1
+    assert {k: len(v) for k, v in times.items()} == {k: cycle for k in names}
     rotations = [list(names[r:] + names[:r]) for r in range(n)]
     assert not _carry_over_balanced(rotations) or n == 2
     shuffled = []

@@ -84,19 +84,21 @@ def interleaved_times(
 ) -> dict[str, list[float]]:
     """Seconds of each call per method, in round order; each round calls every
     method once, in turn, so round ``r`` of two methods saw the same load.  Round
-    ``r`` calls them in the order ``balanced_orders(n)[r % period]``: over each whole
-    period every method follows every other one equally often and sits at every place
-    equally often.  What a call leaves behind (eager's 16 MiB fp32 temporaries, which
+    ``r`` calls them in the order ``balanced_orders(n)[r % period]``, its entry ``i``
+    naming method ``(i + r // period) % n``: over each whole period every method
+    follows every other one equally often and sits at every place equally often, and
+    from one period to the next each method moves to the next method's entries, so
+    over ``n`` periods each also takes each entry of the design (its first place in
+    a round, after the last of the round before, which the design does not balance).  What a call leaves behind (eager's 16 MiB fp32 temporaries, which
     push the next method's input out of the caches and its fresh output onto cold
     heap blocks; the C allocator trimming the heap after a torch.compile call;
     another pool's threads still awake) so falls on every method alike.  (A
     rotation of one order keeps each method's predecessor; seeded shuffles, which
     this used before, left one method after eager's calls in 6 of 9 rounds and
-    another in 1 of 9, which moved their medians apart by a third.)  Pass whole
-    periods of rounds (``len(balanced_orders(n))``) for the full balance.  (The
-    first method of a round follows the last of the round before, which the design
-    does not balance: over 10 rounds of five methods one of them still came after an
-    eager call 6 times and the others 4.)
+    another in 1 of 9, which moved their medians apart by a third; with the design
+    alone, and a fixed entry for each method, the method in one entry still ran 10-20%
+    slower than the same call in another, docs/performance.md.)  Pass ``n`` whole
+    periods of rounds (``n * len(balanced_orders(n))``) for the full balance.
 
     ``settle[name]``, when given, is called untimed right before each timed call of
     ``name`` (its result dropped): a call of the same method, so that every timed
@@ -119,7 +121,8 @@ def interleaved_times(
     rounds = rounds if order else 0
     with nullcontext(bar) if bar is not None else progress_bar(rounds, "rounds", unit="round") as shown:
         for r in range(rounds):
-            for name, fn in (order[i] for i in orders[r % len(orders)]):
+            shift = r // len(orders)
+            for name, fn in (order[(i + shift) % len(order)] for i in orders[r % len(orders)]):
                 if settle is not None and name in settle:
                     settle[name]()
                 t0 = time.perf_counter()
