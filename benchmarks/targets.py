@@ -13,12 +13,11 @@ rounds and no ``torch.compile``, a check that the script runs, not figures to qu
   ``tgn.RMSNorm`` under ``no_grad``, each in rounds of its own against the faster of
   eager ``F.rms_norm`` (with and without the weight: torch's weighted CPU kernel can be
   the slower) and ``torch.compile(F.rms_norm)`` (static shapes, compiled before
-  timing), at
-  (1024, 4096) and (4096, 4096) and on QK-norm's short rows (32768, 128) and
-  (8192, 64), fp32, bf16 and fp16: at most 1.0x;
+  timing), at (1024, 4096) and (4096, 4096) and on QK-norm's short rows (32768, 128)
+  and (8192, 64), fp32, bf16 and fp16: at most 1.0x;
 * ``exact``: ``accumulate="exact"`` against the same call with ``"float"`` (fp32,
-  ``out=`` and fresh alike, each pair in rounds of its own), at most 1.25x at (1, 4096) and (64, 4096) and 1.1x at
-  (1024, 4096) and (4096, 4096);
+  ``out=`` and fresh alike, each pair in rounds of its own), at most 1.25x at (1, 4096)
+  and (64, 4096) and 1.1x at (1024, 4096) and (4096, 4096);
 * ``exact_dw``: forward + backward of ``tgn.RMSNorm(4096, weight_grad="exact")``
   against ``weight_grad="float"`` at 64, 1024 and 4096 rows: at most 1.3x;
 * ``train``: forward + backward of ``tgn.RMSNorm(4096)`` against

@@ -37,7 +37,8 @@ from ..backends.native import loader as native
 from ..testing import bits_equal
 from .progress import ProgressBar, progress_bar
 
-__all__ = ["BenchConfig", "run_bench", "balanced_orders", "interleaved_medians", "interleaved_times", "peak_extra_memory"]
+__all__ = ["BenchConfig", "run_bench", "balanced_orders", "interleaved_medians", "interleaved_times",
+           "peak_extra_memory"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -89,10 +90,11 @@ def interleaved_times(
     follows every other one equally often and sits at every place equally often, and
     from one period to the next each method moves to the next method's entries, so
     over ``n`` periods each also takes each entry of the design (its first place in
-    a round, after the last of the round before, which the design does not balance).  What a call leaves behind (eager's 16 MiB fp32 temporaries, which
-    push the next method's input out of the caches and its fresh output onto cold
-    heap blocks; the C allocator trimming the heap after a torch.compile call;
-    another pool's threads still awake) so falls on every method alike.  (A
+    a round, after the last of the round before, which the design does not balance).
+    What a call leaves behind (eager's 16 MiB fp32 temporaries, which push the next
+    method's input out of the caches and its fresh output onto cold heap blocks; the
+    C allocator trimming the heap after a torch.compile call; another pool's threads
+    still awake) so falls on every method alike.  (A
     rotation of one order keeps each method's predecessor; seeded shuffles, which
     this used before, left one method after eager's calls in 6 of 9 rounds and
     another in 1 of 9, which moved their medians apart by a third; with the design
