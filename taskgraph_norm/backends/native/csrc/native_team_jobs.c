@@ -242,8 +242,9 @@ int64_t tgn_exact_dw_f32_team(const float *dy, int64_t dy_stride, const float *x
  * to the flags (TGN_TOTAL_AS_RMS for float rows, TGN_TOTAL_ROUNDED for exact ones).
  * fp32 rows with an fp32 weight run the row kernels as they are; a weight of another
  * dtype (or one llama rounds, or an fp32 one with an offset beside narrow rows) is made
- * in fp32 first, once per call, and bf16/fp16 rows go through native_narrow.c. An output of TGN_STREAM_BYTES or more (fp32, bf16 or fp16)
- * is written with non-temporal stores (TGN_STREAM_STORES). */
+ * in fp32 first, once per call, and bf16/fp16 rows go through native_narrow.c.  An
+ * output of TGN_STREAM_BYTES or more (fp32, bf16 or fp16) is written with non-temporal
+ * stores (TGN_STREAM_STORES). */
 int64_t tgn_rows_call(const tgn_rows_cfg_t *c, const void *x, void *y, int64_t rows, const void *w,
                       double eps, void *total, const void *r, void *h, int64_t threads)
 {
