@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Final
 
-NATIVE_ABI: Final = 26
+NATIVE_ABI: Final = 27
 """The version of the native extension's entry points (``tgn_native.h``'s prototypes
 and ``native_module.c``'s functions that wrap them: their names, arguments and
 meaning, and the values below).  The loader refuses a build that reports another, so
@@ -95,6 +95,13 @@ proves it (native_exact.c).  Never changes a bit of what the caller reads."""
 STREAM_STORES: Final = 8
 """FINALIZE flag: write ``y`` with non-temporal stores (vectors aligned to their width;
 the rest as usual).  Never changes a bit, only where the written lines go."""
+
+TREE_ADDS: Final = 64
+"""Float rows' flag that only C sets (native_team_jobs.c's tgn_rows_call, native_gated.c),
+once ``tgn_adds_tree`` has checked that the plan's ADD merges are the pairwise tree the
+``tree`` topology lowers to (level after level, ``slots[n + k] = slots[2k] + slots[2k +
+1]``): the kernel then runs those same additions as vectors.  An entry point Python
+calls with flags clears it.  Never changes a bit."""
 
 STREAM_BYTES: Final = 16 << 20
 """Output bytes from which the direct path's FINALIZE (and the native backward's

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -19,6 +20,17 @@ native_status()
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(params=[1, 2], ids=["1 thread", "2 threads"])
+def threads(request: pytest.FixtureRequest) -> Iterator[int]:
+    """torch's thread count for the test: 1, and 2 (the native team splits the rows)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(request.param))
+    try:
+        yield int(request.param)
+    finally:
+        torch.set_num_threads(before)
 
 
 def gen(seed: int) -> torch.Generator:

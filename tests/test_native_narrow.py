@@ -8,7 +8,6 @@ fp64); and the portable build must give the host build's bits."""
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -59,16 +58,6 @@ def _same(got: Any, want: Any) -> bool:
     if isinstance(got, tuple):
         return all(bits_equal(a, b) for a, b in zip(got, want))
     return bits_equal(got, want)
-
-
-@pytest.fixture(params=[1, 2], ids=["1 thread", "2 threads"])
-def threads(request: pytest.FixtureRequest) -> Iterator[int]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(int(request.param))
-    try:
-        yield int(request.param)
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=str)

@@ -40,6 +40,15 @@
  * order above, vectorised; 0 when the chunk length has no specialised form). */
 #define full_chunks_float tgn_full_chunks_f32
 #define full_chunks_double tgn_full_chunks_f64
+/* The tree topology's merges (TGN_TREE_ADDS): fp32 as vectors (native_sums.c), fp64 the
+ * same additions in a loop (no caller gives fp64 rows the flag now). */
+#define tree_adds_float tgn_adds_tree_f32
+static inline void tree_adds_double(double *s, int64_t n)
+{
+    for (double *in = s; n > 1; in += n, n /= 2)
+        for (int64_t k = 0; k < n / 2; ++k)
+            in[n + k] = in[2 * k] + in[2 * k + 1];
+}
 
 /* Chunk sums per call of full_chunks for short rows (fewer than eight full chunks each,
  * which alone would miss the eight-chunk network): a block of BLOCK_CHUNKS / n_full rows
@@ -55,6 +64,7 @@
               T *total, FINALIZE_ARGS(T), RESIDUAL_ARGS(T))                                 \
     {                                                                                 \
         int64_t n_chunks = (hidden + chunk - 1) / chunk, nan_rows = 0, n_full = hidden / chunk; \
+        const int tree = (flags & TGN_TREE_ADDS) != 0; /* tgn_adds_tree held (the caller checked) */ \
         /* short rows of full chunks, one after another: a block's chunks in one call */ \
         int blocked = !r && row_stride == hidden && n_full * chunk == hidden && n_full < 8 && rows > 1; \
         const int64_t block = blocked ? BLOCK_CHUNKS / n_full : 0;                    \
@@ -99,8 +109,11 @@
                 }                                                                     \
                 slots[c] = buf[0];                                                    \
             }                                                                         \
-            for (int64_t t = 0; t < n_adds; ++t)                                      \
-                slots[adds[3 * t]] = slots[adds[3 * t + 1]] + slots[adds[3 * t + 2]]; \
+            if (tree)                                                                 \
+                tree_adds_##T(slots, n_chunks);                                       \
+            else                                                                      \
+                for (int64_t t = 0; t < n_adds; ++t)                                  \
+                    slots[adds[3 * t]] = slots[adds[3 * t + 1]] + slots[adds[3 * t + 2]]; \
             T tot = slots[root];                                                      \
             if (y && finalize_row_##T(row, y + i * y_stride, w, hidden, tot, eps,     \
                                       flags, offset))                                 \

@@ -84,9 +84,11 @@ static int parse(const char *name, const char *spec, PyObject *const *args, Py_s
                          a[k + 6].p, a[k + 7].i, a[k + 8].p, a[k + 9].i
 #define EXACT_ROWS(name) \
     TGN_WRAP(name, "piiip" "pipdid" "pipi", tgn_##name(a[0].p, a[1].i, a[2].i, a[3].i, a[4].p, FINALIZE_ARGS(5)))
+/* (flags without TGN_TREE_ADDS: only C sets it, having checked the plan's merges) */
 #define FLOAT_ROWS(name)                                                                                    \
     TGN_WRAP(name, "piiiipiip" "pipdid" "pipi",                                                             \
-             tgn_##name(a[0].p, a[1].i, a[2].i, a[3].i, a[4].i, a[5].p, a[6].i, a[7].i, a[8].p, FINALIZE_ARGS(9)))
+             (a[13].i &= ~(int64_t)TGN_TREE_ADDS,                                                           \
+              tgn_##name(a[0].p, a[1].i, a[2].i, a[3].i, a[4].i, a[5].p, a[6].i, a[7].i, a[8].p, FINALIZE_ARGS(9))))
 EXACT_ROWS(exact_rows_f32)
 EXACT_ROWS(exact_rows_f64)
 FLOAT_ROWS(float_rows_f32)
@@ -113,6 +115,7 @@ TGN_WRAP(layer_backward, "ppppppiiipiiiiiiipii",
 
 TGN_WRAP(gate_silu, "piipp", tgn_gate_silu(a[0].p, a[1].i, a[2].i, a[3].p, a[4].p))
 TGN_WRAP(gate_product, "pipiipi", tgn_gate_product(a[0].p, a[1].i, a[2].p, a[3].i, a[4].i, a[5].p, a[6].i))
+TGN_WRAP(adds_tree, "piii", tgn_adds_tree(a[0].p, a[1].i, a[2].i, a[3].i))
 
 static PyObject *py_exact_scale(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -293,6 +296,8 @@ static PyMethodDef methods[] = {
              "tgn_gated_rows (native_gated.c): a gated RMSNorm's rows in one pass; rows left to the caller."),
     FASTCALL(gate_silu, "g, g_dtype, n, silu, sigmoid", "tgn_gate_silu."),
     FASTCALL(gate_product, "g, g_dtype, v, v_dtype, n, out, out_dtype", "tgn_gate_product."),
+    FASTCALL(adds_tree, "adds, n_adds, n_chunks, root",
+             "tgn_adds_tree: 1 when the merges are the tree topology's pairwise levels."),
     FASTCALL(exact_scale, "row_max, hidden", "(sigma1, sigma2) of tgn_exact_scale (0.0, 0.0: no scale)."),
     FASTCALL(backward_rows_f32_team,
              "x, dy, w, rms, rows, hidden, chunk, adds, n_adds, root, exact, dx, dw, grain, threads",

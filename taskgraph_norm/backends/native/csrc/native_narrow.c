@@ -210,16 +210,15 @@ void tgn_narrow_weight(const tgn_rows_cfg_t *c, const void *w, float *out)
  * no value of the row is tiny, so with rms in range every one is in tgn_q_vec_ranged's
  * (|a| <= 2^60 as rms^2 >= a^2 / D, and rms is finite), and the vectors skip the range
  * check.  clean (with ranged): besides, every lane of the weight is finite and +-0 or
- * at least 2^-30 in magnitude (weight_clean), so no product is a NaN or subnormal
+ * at least 2^-30 in magnitude (tgn_narrow_weight_clean), so no product is a NaN or subnormal
  * (2^-90 <= |q| <= 2^60, or q = +-0): the vectors skip the NaN check, and a bf16 y
  * rounds with vcvtneps2bf16 without looking for subnormals.  Two vectors per step, the
  * next step's x (or, with none, the scratch) prefetched once per 32 values: no branch
  * on the offset, the dtype or the step's place in a line is left in the loop. */
 #if defined(LANES) && TGN_QUOTIENT_LANES == LANES
-static inline __attribute__((always_inline)) __m256i quotient_vector(const float *s, const float *w,
-                                                                     const tgn_q_div_t *dv, const int64_t code,
-                                                                     const int ranged, const int clean,
-                                                                     __mmask16 *unordered)
+static inline __attribute__((always_inline)) __m512 quotient_q(const float *s, const float *w, const tgn_q_div_t *dv,
+                                                                const int ranged, const int clean,
+                                                                __mmask16 *unordered)
 {
     __m512 a = _mm512_loadu_ps(s);
     __m512 q = ranged ? tgn_q_vec_ranged(dv, a) : tgn_q_vec(dv, a);
@@ -227,6 +226,15 @@ static inline __attribute__((always_inline)) __m256i quotient_vector(const float
         q = _mm512_mul_ps(q, _mm512_loadu_ps(w));
     if (!clean)
         *unordered |= _mm512_cmp_ps_mask(q, q, _CMP_UNORD_Q);
+    return q;
+}
+
+static inline __attribute__((always_inline)) __m256i quotient_vector(const float *s, const float *w,
+                                                                     const tgn_q_div_t *dv, const int64_t code,
+                                                                     const int ranged, const int clean,
+                                                                     __mmask16 *unordered)
+{
+    __m512 q = quotient_q(s, w, dv, ranged, clean, unordered);
 #if defined(__AVX512BF16__)
     if (clean && code == TGN_DTYPE_BF16)
         return (__m256i)_mm512_cvtneps_pbh(q);
@@ -244,6 +252,18 @@ static inline __attribute__((always_inline)) int quotient_vectors(const float *s
     int64_t j = 0;
     for (; j + 2 * LANES <= n; j += 2 * LANES) {
         __builtin_prefetch(fetch + 2 * j, 0, 3); /* one line: 32 narrow values */
+#if defined(__AVX512BF16__)
+        if (clean && code == TGN_DTYPE_BF16) { /* both vectors rounded by one vcvtne2ps2bf16 */
+            __m512 q0 = quotient_q(s + j, w ? w + j : 0, dv, ranged, clean, &unordered);
+            __m512 q1 = quotient_q(s + j + LANES, w ? w + j + LANES : 0, dv, ranged, clean, &unordered);
+            __m512i v = (__m512i)_mm512_cvtne2ps_pbh(q1, q0);
+            if (stream)
+                _mm512_stream_si512((void *)(y + j), v);
+            else
+                _mm512_storeu_si512((void *)(y + j), v);
+            continue;
+        }
+#endif
         __m256i v0 = quotient_vector(s + j, w ? w + j : 0, dv, code, ranged, clean, &unordered);
         __m256i v1 = quotient_vector(s + j + LANES, w ? w + j + LANES : 0, dv, code, ranged, clean, &unordered);
         if (stream) {
@@ -275,8 +295,7 @@ static inline __attribute__((always_inline)) int quotient_dtype(const float *s, 
 }
 #endif
 
-/* weight_clean's test of the weight FINALIZE multiplies by */
-static int weight_clean(const float *w, int64_t n)
+int tgn_narrow_weight_clean(const float *w, int64_t n)
 {
     int ok = 1;
     for (int64_t j = 0; w && j < n; ++j) {
@@ -294,7 +313,7 @@ static int finalize_narrow(float *s, const float *w, int64_t n, float rms, int64
         const tgn_q_div_t dv = tgn_q_setup(rms);
         /* TGN_STREAM_STORES: non-temporal stores where y is aligned to a vector (then
          * every y + j is); the caller fences */
-        const int stream = (flags & TGN_STREAM_STORES) && (uintptr_t)y % 32 == 0;
+        const int stream = (flags & TGN_STREAM_STORES) && (uintptr_t)y % 64 == 0;
         int nan = !ranged || n >= ((int64_t)1 << 38) ? quotient_dtype(s, w, n, &dv, code, y, 0, 0, ahead, stream)
                   : clean ? quotient_dtype(s, w, n, &dv, code, y, 1, 1, ahead, stream)
                           : quotient_dtype(s, w, n, &dv, code, y, 1, 0, ahead, stream);
@@ -364,7 +383,7 @@ int64_t tgn_narrow_rows(const tgn_narrow_t *job, int64_t i, int64_t n)
     const int64_t step = d > SCRATCH ? 1 : SCRATCH / d < MAX_STEP ? SCRATCH / d : MAX_STEP; /* rows per step */
     /* llama's roundings keep the kernel's own FINALIZE (into s, then narrowed) */
     const int fused = narrow_y && !(job->flags & (TGN_ROUND_QUOTIENT | TGN_ROUND_PRODUCT));
-    const int clean = fused && weight_clean(job->w, d);
+    const int clean = fused && job->w_clean;
     double pairs[2 * MAX_STEP];
     float rmss[MAX_STEP];
     int64_t bad = 0;

@@ -250,7 +250,9 @@ int64_t tgn_rows_call(const tgn_rows_cfg_t *c, const void *x, void *y, int64_t r
 {
     if (rows <= 0)
         return 0;
-    int64_t d = c->hidden, flags = c->flags | (total ? c->total_flags : 0);
+    int64_t d = c->hidden, flags = (c->flags | (total ? c->total_flags : 0)) & ~(int64_t)TGN_TREE_ADDS;
+    if (!c->exact && tgn_adds_tree(c->adds, c->n_adds, (d + c->chunk - 1) / c->chunk, c->root))
+        flags |= TGN_TREE_ADDS;
     const float *wf = (const float *)w;
     float *made = 0;
     double offset = c->offset;
@@ -278,8 +280,8 @@ int64_t tgn_rows_call(const tgn_rows_cfg_t *c, const void *x, void *y, int64_t r
     } else {
         if (y && rows * d * (c->y_dtype == TGN_DTYPE_F32 ? 4 : 2) >= TGN_STREAM_BYTES)
             flags |= TGN_STREAM_STORES;
-        tgn_narrow_t n = {.cfg = c, .x = x, .r = r, .y = y, .h = h, .w = wf, .eps = eps, .flags = flags,
-                          .total = total};
+        tgn_narrow_t n = {.cfg = c, .x = x, .r = r, .y = y, .h = h, .w = wf,
+                          .w_clean = tgn_narrow_weight_clean(wf, d), .eps = eps, .flags = flags, .total = total};
         job_t j = {.kind = JOB_NARROW, .rows = rows, .grain = c->grain, .narrow = &n};
         result = tgn_team_run(&j, threads);
     }

@@ -50,6 +50,10 @@ int64_t tgn_chunk_sums_f32(const float *row, int64_t chunk, int64_t n_full, floa
  * rounded once) as tgn_full_chunks_f32 would give them over those squares, eight chunks
  * at a time; returns how many leading full chunks it summed (0: no vector form). */
 int64_t tgn_chunk_sqdev_f32(const float *row, float mean, int64_t chunk, int64_t n_full, float *slots);
+/* Whether a plan's ADD merges are the tree topology's pairwise levels over n_chunks
+ * slots (then the kernel may take TGN_TREE_ADDS), and those merges run as vectors. */
+int tgn_adds_tree(const int64_t *adds, int64_t n_adds, int64_t n_chunks, int64_t root);
+void tgn_adds_tree_f32(float *slots, int64_t n_chunks);
 /* NATIVE_ABI: the loader refuses a library that returns another. */
 int tgn_native_abi(void);
 
@@ -161,6 +165,7 @@ typedef struct tgn_narrow {
     const void *x, *r;
     void *y, *h;
     const float *w; /* fp32, its offset added (tgn_narrow_weight) */
+    int w_clean; /* tgn_narrow_weight_clean(w, hidden), once per call */
     double eps;
     int64_t flags;
     void *total;
@@ -168,6 +173,9 @@ typedef struct tgn_narrow {
 
 /* Rows [i, i + n) of the job; returns a nonzero count when some row is left to the caller. */
 int64_t tgn_narrow_rows(const tgn_narrow_t *job, int64_t i, int64_t n);
+/* 1 when every one of the n values of w (NULL: none) is +-0 or finite and at least 2^-30
+ * in magnitude, so no product of a quotient in range with it is a NaN or subnormal. */
+int tgn_narrow_weight_clean(const float *w, int64_t n);
 /* The fp32 weight FINALIZE multiplies by (w widened, + offset, rounded to c->w_round)
  * into out: c->hidden values. */
 void tgn_narrow_weight(const tgn_rows_cfg_t *c, const void *w, float *out);
