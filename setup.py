@@ -8,6 +8,7 @@ gradient),
 ``native_layer.c`` (LayerNorm's float rows), ``native_layer_exact.c`` (its exact rows),
 ``native_layer_backward.c`` (its backward), ``native_gate.c`` and ``native_gated.c`` (the gate's
 silu, and gated and grouped rows in one pass),
+``native_face.c`` and ``native_face_calls.c`` (the functional faces' warm calls checked and run in C),
 ``native_team.c`` (the team the forward's rows are shared by) and ``native_module.c``
 (the extension module: the functions Python calls, each wrapping one entry point)
 become two optional extension modules in ``backends/native/``, next to ``loader.py``,
@@ -49,12 +50,14 @@ SOURCES = [f"{CSRC}/{name}.c"
            for name in ("native", "native_exact", "native_exact_f64", "native_sums", "native_backward", "native_dw",
                         "native_dw_measured", "native_dw_direct", "native_dw_fused", "native_dw_round", "native_narrow",
                         "native_team", "native_team_jobs", "native_layer", "native_layer_exact",
-                        "native_layer_backward", "native_gate", "native_gated", "native_face", "native_module")]
+                        "native_layer_backward", "native_gate", "native_gated", "native_face", "native_face_calls",
+                        "native_module")]
 CONSTANTS = "taskgraph_norm/constants.py"
 #: Generated from CONSTANTS by BuildExt (.gitignore'd).
 CONSTANTS_HEADER = f"{CSRC}/tgn_constants.h"
 DEPENDS = [f"{CSRC}/native_dw.h", f"{CSRC}/native_dw_tile.h", f"{CSRC}/native_exact.h", f"{CSRC}/native_finalize.h",
-           f"{CSRC}/native_half.h", f"{CSRC}/native_quotient.h", f"{CSRC}/native_team.h", f"{CSRC}/tgn_native.h",
+           f"{CSRC}/native_face.h", f"{CSRC}/native_half.h", f"{CSRC}/native_quotient.h", f"{CSRC}/native_team.h",
+           f"{CSRC}/tgn_native.h",
            CONSTANTS_HEADER, CONSTANTS]
 # Keep the C expressions as written (see native.c): no contraction into fmas, no
 # fast-math; -O3 comes after Python's own -O2.

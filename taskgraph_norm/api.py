@@ -155,13 +155,12 @@ def normalize_sync(
             group_size=group_size, norm_before_gate=norm_before_gate, topology=topology, chunk_size=chunk_size,
             leaf=leaf, accumulate=accumulate, casting_mode=casting_mode, offset=offset, executor=executor))
     if residual is None and residual_out is None:
-        if out is None:
-            # The warmest path: the checks and the kernel in one C call (backends/native/face.py;
-            # None for anything else, and for a tracer).
-            y = _face.rms_face(_cache.PIPELINES, x, weight, eps, chunk_size, topology, leaf, accumulate, executor,
-                               casting_mode, offset)
-            if y is not None:
-                return y
+        # The warmest path: the checks and the kernel in one C call, of any size
+        # (backends/native/face.py; None for anything else, and for a tracer).
+        y = _face.rms_face(_cache.PIPELINES, x, weight, eps, chunk_size, topology, leaf, accumulate, executor,
+                           casting_mode, offset, out, True)
+        if y is not None:
+            return y
         how = _route(x, weight)
         if how == _DIRECT and x.dim():  # (DIRECT: x is a plain tensor)
             # The warm path: the cached pipeline from one dict lookup, then one kernel call.
@@ -247,10 +246,10 @@ async def normalize(
             [1., 1., 1., 1., 1., 1., 1., 1.]])
     """
     gated = gate is not None or group_size is not None or norm_before_gate is not False
-    if out is None and residual is None and residual_out is None and not gated:
+    if residual is None and residual_out is None and not gated:
         # a short call: the C face, inline (as the small calls below: no thread hop)
         y = _face.rms_face(_cache.PIPELINES, x, weight, eps, chunk_size, topology, leaf, accumulate, executor,
-                           casting_mode, offset)
+                           casting_mode, offset, out, False)
         if y is not None:
             return y
     how = _how(x, weight, residual)

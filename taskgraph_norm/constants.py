@@ -113,6 +113,11 @@ On the 2-core VM the docs measure (2 MiB of L2 per core, and an L3 that keeps 8 
 outputs) ordinary stores were faster up to 8 MiB and streaming ones from 16 MiB
 (docs/performance.md, "Streaming stores").  Never changes a bit."""
 
+HUGE_BYTES: Final = 32 << 20
+"""Fresh outputs of at least this many bytes are advised as huge-page candidates before
+anything writes them (glibc's largest dynamic mmap threshold: blocks this big are
+always fresh mmaps, and one faulted in 4 KiB pages costs ms).  Never changes a bit."""
+
 DTYPE_F32: Final = 0
 """The direct path's code for float32 in its configuration (``rows_config``'s
 ``x_dtype``, ``y_dtype``, ``w_dtype``, ``w_round``): a layout C and Python share."""

@@ -172,7 +172,7 @@ def test_the_c_functions_refuse_wrong_arguments() -> None:
     with pytest.raises(ValueError, match="at least 1"):
         module.layer_face_config(0, 64, 0, 0, 0, 0, 1)
     with pytest.raises(TypeError, match="ContextVar"):
-        module.face_setup(*[None] * 15, 1e-5)
+        module.face_setup(*[None] * 16, 1e-5)
     x = torch.ones(1, 8)
     assert module.layer_face({}, x, None, None, None, *OPTIONS) is None  # no pipeline
     assert module.layer_face([], x, None, None, None, *OPTIONS) is None  # not a dict

@@ -1,16 +1,19 @@
-"""RMSNorm's C face (backends/native/face.py's ``rms_face``, csrc/native_face.c): a short
-``normalize_sync`` or ``tgn.RMSNorm`` call with no gradient to record, no tracer, no
-residual and no ``out`` is checked and run in one C call, with the direct call's
-configuration (backends/native/direct.py).
+"""RMSNorm's C face (backends/native/face.py's ``rms_face``, csrc/native_face.c and
+native_face_calls.c): a ``normalize_sync`` or ``tgn.RMSNorm`` call with no gradient to
+record, no tracer and no residual is checked and run in one C call, with the direct
+call's configuration (backends/native/direct.py), into a fresh output or ``out``; calls of
+``SPLIT_NUMEL`` elements or more share their rows among the team's threads (not from the
+async face, which runs them on a worker thread).
 
 Its bits are the torch-ops backend's (fp32/bf16/fp16 ``x``; weights of ``x``'s dtype,
-fp32 or none; the three casting modes and an offset; float and exact plans); it is
-really taken (a spy sees a result); and what it must leave to the Python path comes back
-``None`` with nothing done: a dtype pair whose output is not ``x``'s dtype, a gradient to
-record, a dispatch mode, forward AD, ``vmap``, strides, fp64, a misshapen weight, an
-offset with no weight, an int ``eps``, no rows, ``SPLIT_NUMEL`` elements, a context
-without native C, a NaN row.  Under ``torch.compile(fullgraph=True)`` dynamo traces the
-stand-in."""
+fp32 or none; the three casting modes and an offset; float and exact plans; 1 and 2
+threads); it is really taken (a spy sees a result); and what it must leave to the Python
+path comes back ``None`` with nothing done: a dtype pair whose output is not ``x``'s
+dtype, a gradient to record, a dispatch mode, forward AD, ``vmap``, strides, fp64, a
+misshapen weight, an offset with no weight, an int ``eps``, no rows, a large call from the
+async face, an ``out`` the direct path does not write (another dtype, shape or layout, or
+bytes shared with ``x`` or the weight), a context without native C, a NaN row.  Under
+``torch.compile(fullgraph=True)`` dynamo traces the stand-in."""
 
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ from torch.autograd import forward_ad
 
 import taskgraph_norm as tgn
 from taskgraph_norm.backends.native import face as native_face
+from taskgraph_norm.backends.native import team
 from taskgraph_norm.backends.native import loader as native_loader
 from taskgraph_norm.constants import SPLIT_NUMEL
 from taskgraph_norm.pipeline import cache as pipeline_cache
@@ -59,8 +63,9 @@ def _torch_ops(x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         return tgn.normalize_sync(x, *args, **kwargs)
 
 
-def _call(x: object, w: object = None, eps: object = None, options: tuple[Any, ...] = OPTIONS) -> Any:
-    return native_face.rms_face(pipeline_cache.PIPELINES, x, w, eps, *options)
+def _call(x: object, w: object = None, eps: object = None, options: tuple[Any, ...] = OPTIONS, out: object = None,
+          large: bool = True) -> Any:
+    return native_face.rms_face(pipeline_cache.PIPELINES, x, w, eps, *options, out, large)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -140,7 +145,7 @@ def test_what_the_face_declines(face: list[bool]) -> None:
     assert _call(x, w, options=(64.0,) + OPTIONS[1:]) is None
     assert _call(torch.randn(1, 4097), None) is None  # no pipeline of that size yet
     assert _call(torch.empty(0, 4096), w) is None
-    assert _call(torch.randn(SPLIT_NUMEL // 4096, 4096), w) is None
+    assert _call(torch.randn(SPLIT_NUMEL // 4096, 4096), w, large=False) is None  # the async face's
     with tgn.backends.use("torch_ops"):
         assert _call(x, w) is None
     with native_loader.disabled():
@@ -166,10 +171,76 @@ def test_what_the_face_declines(face: list[bool]) -> None:
 
 def test_the_c_function_refuses_wrong_arguments() -> None:
     module = native_loader.module()
-    with pytest.raises(TypeError, match="takes 11 arguments"):
+    with pytest.raises(TypeError, match="takes 13 arguments"):
         module.rms_face(*[None] * 12)
     x = torch.ones(1, 8)
-    assert module.rms_face({}, x, None, None, *OPTIONS) is None  # no pipeline
+    assert module.rms_face({}, x, None, None, *OPTIONS, None, True) is None  # no pipeline
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_large_calls_share_their_rows(dtype: torch.dtype, threads: int, face: list[bool]) -> None:
+    """(3000, 1024) and (8192, 64): the face takes them, on the team's threads (2: some rows
+    run on a thread other than the caller's), fresh and into ``out``, with the bits of the
+    torch ops; the async face leaves them to its worker thread, with the same bits."""
+    for rows, hidden in ((3000, 1024), (8192, 64)):
+        x, w = _data(rows, hidden, dtype, seed=rows)
+        want = _torch_ops(x, w)
+        shared = team.worker_rows()
+        y = warm_face_call(face, lambda: tgn.normalize_sync(x, w))
+        assert face == [True] and bits_equal(y, want)
+        assert (team.worker_rows() > shared) == (threads > 1)
+        out = torch.full_like(x, float("nan"))
+        assert warm_face_call(face, lambda: tgn.normalize_sync(x, w, out=out)) is out
+        assert face == [True] and bits_equal(out, want)
+        assert _call(x, w, large=False) is None
+        assert bits_equal(anyio.run(lambda: tgn.normalize(x, w)), want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_out_is_written_and_returned(dtype: torch.dtype, face: list[bool]) -> None:
+    """A short call with ``out``: the face writes it and returns it (the sync, async and
+    module faces' caller returns ``out`` itself)."""
+    x, w = _data(5, 4096, dtype, seed=11)
+    out = torch.empty_like(x)
+    assert warm_face_call(face, lambda: tgn.normalize_sync(x, w, out=out)) is out
+    assert face == [True] and bits_equal(out, _torch_ops(x, w))
+    out.zero_()
+    assert _call(x, w, out=out, large=False) is out and bits_equal(out, _torch_ops(x, w))
+
+
+def test_what_out_the_face_declines(face: list[bool]) -> None:
+    """An ``out`` the direct path does not write comes back ``None`` with nothing written;
+    the Python path then raises (another dtype or shape, bytes shared with ``x`` or the
+    weight) or runs the call (strides, ``x`` itself: in place), as before."""
+    rows = torch.zeros(5 * 4096)  # x is its first four rows; an out over rows 1-4 shares three
+    x = rows[: 4 * 4096].view(4, 4096)
+    x.copy_(_data(4, 4096, torch.float32, seed=13)[0])
+    weights = torch.zeros(5 * 4096)  # the weight is its first row; an out from its middle shares half
+    w = weights[:4096]
+    w.copy_(_data(4, 4096, torch.float32, seed=13)[1])
+    for _ in range(2):
+        tgn.normalize_sync(x, w)
+    declined = {
+        "another dtype": torch.zeros(4, 4096, dtype=torch.bfloat16),
+        "another shape": torch.zeros(2, 8192),
+        "strides": torch.zeros(4096, 4).t(),
+        "x itself": x,
+        "bytes of x": rows[4096:].view(4, 4096),
+        "the weight's bytes": weights[2048 : 2048 + 4 * 4096].view(4, 4096),
+    }
+    for why, out in declined.items():
+        before = out.clone()
+        assert _call(x, w, out=out) is None, why
+        assert bits_equal(out, before), why
+    assert _call(x, w, out=torch.zeros(2, 4, 4096)[1]) is not None  # the control: another tensor's rows
+    want = _torch_ops(x, w)
+    with pytest.raises(tgn.ConfigError, match="out"):
+        tgn.normalize_sync(x, w, out=declined["another shape"])
+    for shared in ("bytes of x", "the weight's bytes"):
+        with pytest.raises(tgn.OverlapError):
+            tgn.normalize_sync(x, w, out=declined[shared])
+    assert bits_equal(tgn.normalize_sync(x, w, out=declined["strides"]), want)
+    assert tgn.normalize_sync(x, w, out=x) is x and bits_equal(x, want)  # in place
 
 
 def test_compiled_fullgraph_traces_the_stand_in(face: list[bool]) -> None:

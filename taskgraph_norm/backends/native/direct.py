@@ -29,16 +29,13 @@ they are not advised.
 
 from __future__ import annotations
 
-import ctypes
-import mmap
-import sys
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from ... import kernels
-from ...constants import DTYPE_BF16, DTYPE_F16, DTYPE_F32, SPLIT_NUMEL, TEAM_GRAIN
+from ...constants import DTYPE_BF16, DTYPE_F16, DTYPE_F32, HUGE_BYTES, SPLIT_NUMEL, TEAM_GRAIN
 from ...lowering import Plan
 from ..base import allowed as _allowed
 from ..torch_ops.finish import finish_rule
@@ -64,10 +61,6 @@ DirectCall = Callable[..., "torch.Tensor | None"]
 # of the rows, then steals blocks of about TEAM_GRAIN elements left in the others', so
 # none waits for another to wake).  Both are module attributes the tests set.
 
-#: Fresh outputs of at least this many bytes are advised as huge-page candidates
-#: (glibc's largest dynamic mmap threshold: blocks this big are always fresh mmaps).
-HUGE_BYTES = 32 << 20
-
 #: Tensors whose data pointer is real (a FakeTensor or FunctionalTensor has none).
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
@@ -80,29 +73,9 @@ _DEFAULT_EPS = kernels.DEFAULT_EPS
 _CODES = {torch.float32: DTYPE_F32, torch.bfloat16: DTYPE_BF16, torch.float16: DTYPE_F16}
 
 
-def _advise_huge() -> Callable[[int, int], None] | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        madvise = libc.madvise
-    except (OSError, AttributeError):
-        return None
-    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    madvise.restype = ctypes.c_int
-    page, huge_advice = mmap.PAGESIZE, getattr(mmap, "MADV_HUGEPAGE", None)
-    if huge_advice is None:
-        return None
-
-    def advise(ptr: int, nbytes: int) -> None:
-        start = -(-ptr // page) * page
-        if nbytes > start - ptr:
-            madvise(start, (nbytes - (start - ptr)) // page * page, huge_advice)  # advice only: ignore errors
-
-    return advise
-
-
-_advise = _advise_huge()
+def _advise(ptr: int, nbytes: int) -> None:
+    """Advise a fresh output's pages as huge-page candidates (``tgn_advise_huge``)."""
+    _native.module().advise_huge(ptr, nbytes)
 
 
 def direct_call(plan: Plan) -> DirectCall | None:
@@ -211,7 +184,7 @@ def direct_call(plan: Plan) -> DirectCall | None:
         numel = x.numel()
         if out is None:
             y = torch.empty_like(x) if out_dtype is x_dtype else torch.empty(x.shape, dtype=out_dtype)
-            if _advise is not None and numel * 4 >= HUGE_BYTES and numel * y.element_size() >= HUGE_BYTES:
+            if numel * y.element_size() >= HUGE_BYTES:
                 _advise(y.data_ptr(), numel * y.element_size())
         else:
             y = out
@@ -239,5 +212,5 @@ def advise_fresh(t: torch.Tensor) -> None:
     candidate before anything writes it, as the direct call does its output (the
     backward's ``dx``: a fresh 64 MiB tensor faulted in 4 KiB pages costs ms)."""
     nbytes = t.numel() * t.element_size()
-    if _advise is not None and nbytes >= HUGE_BYTES:
+    if nbytes >= HUGE_BYTES and _native.available():
         _advise(t.data_ptr(), nbytes)

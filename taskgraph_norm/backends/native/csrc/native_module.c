@@ -116,6 +116,7 @@ TGN_WRAP(layer_backward, "ppppppiiipiiiiiiipii",
 TGN_WRAP(gate_silu, "piipp", tgn_gate_silu(a[0].p, a[1].i, a[2].i, a[3].p, a[4].p))
 TGN_WRAP(gate_product, "pipiipi", tgn_gate_product(a[0].p, a[1].i, a[2].p, a[3].i, a[4].i, a[5].p, a[6].i))
 TGN_WRAP(adds_tree, "piii", tgn_adds_tree(a[0].p, a[1].i, a[2].i, a[3].i))
+TGN_WRAP(advise_huge, "pi", (tgn_advise_huge(a[0].p, a[1].i), 0))
 
 static PyObject *py_exact_scale(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -296,6 +297,7 @@ static PyMethodDef methods[] = {
              "tgn_gated_rows (native_gated.c): a gated RMSNorm's rows in one pass; rows left to the caller."),
     FASTCALL(gate_silu, "g, g_dtype, n, silu, sigmoid", "tgn_gate_silu."),
     FASTCALL(gate_product, "g, g_dtype, v, v_dtype, n, out, out_dtype", "tgn_gate_product."),
+    FASTCALL(advise_huge, "p, bytes", "tgn_advise_huge: the pages of a fresh output advised as huge-page candidates."),
     FASTCALL(adds_tree, "adds, n_adds, n_chunks, root",
              "tgn_adds_tree: 1 when the merges are the tree topology's pairwise levels."),
     FASTCALL(exact_scale, "row_max, hidden", "(sigma1, sigma2) of tgn_exact_scale (0.0, 0.0: no scale)."),
@@ -320,16 +322,17 @@ static PyMethodDef methods[] = {
              "tgn_layer_backward (native_layer_backward.c): LayerNorm's dx, dW and db."),
     {"face_setup", tgn_py_face_setup, METH_VARARGS,
      "face_setup($module, tensor, parameter, empty_like, to_dlpack, dispatch_len, tracing_state, functorch_active, "
-     "grad_enabled, forward_ad, allowed, triton_asked, default_eps, float32, bfloat16, float16, layer_eps, /)\n--\n\nnative_face.c's Python objects, once."},
+     "grad_enabled, forward_ad, allowed, triton_asked, default_eps, float32, bfloat16, float16, threads, layer_eps, "
+     "/)\n--\n\nnative_face.c's Python objects, once."},
     {"layer_face_config", tgn_py_layer_face_config, METH_VARARGS,
      "layer_face_config($module, hidden, chunk, adds, n_adds, root, exact, grain, /)\n--\n\n"
      "A LayerNorm plan's packed arguments for layer_face."},
     {"layer_face", (PyCFunction)(void (*)(void))tgn_py_layer_face, METH_FASTCALL,
      "layer_face($module, by_config, x, weight, bias, eps, chunk_size, topology, leaf, accumulate, executor, /)\n--\n\n"
-     "LayerNorm's warm call checked and run in C (native_face.c): y, or None."},
+     "LayerNorm's warm call checked and run in C (native_face_calls.c): y, or None."},
     {"rms_face", (PyCFunction)(void (*)(void))tgn_py_rms_face, METH_FASTCALL,
      "rms_face($module, by_config, x, weight, eps, chunk_size, topology, leaf, accumulate, executor, casting_mode, "
-     "offset, /)\n--\n\nRMSNorm's warm call checked and run in C (native_face.c): y, or None."},
+     "offset, out, large, /)\n--\n\nRMSNorm's warm call checked and run in C (native_face_calls.c): y (out), or None."},
     NOARGS(team_openmp, "tgn_team_openmp."),
     NOARGS(team_worker_rows, "tgn_team_worker_rows."),
     NOARGS(native_abi, "tgn_native_abi: NATIVE_ABI as this build was made."),

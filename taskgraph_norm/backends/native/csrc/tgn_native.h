@@ -54,6 +54,10 @@ int64_t tgn_chunk_sqdev_f32(const float *row, float mean, int64_t chunk, int64_t
  * slots (then the kernel may take TGN_TREE_ADDS), and those merges run as vectors. */
 int tgn_adds_tree(const int64_t *adds, int64_t n_adds, int64_t n_chunks, int64_t root);
 void tgn_adds_tree_f32(float *slots, int64_t n_chunks);
+/* native_face.c: advise the whole pages of [p, p + bytes) as huge-page candidates
+ * (Linux's MADV_HUGEPAGE; advice only, errors ignored; nothing elsewhere): a fresh output
+ * of TGN_HUGE_BYTES or more, before anything writes it. */
+void tgn_advise_huge(void *p, int64_t bytes);
 /* NATIVE_ABI: the loader refuses a library that returns another. */
 int tgn_native_abi(void);
 
