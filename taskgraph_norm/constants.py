@@ -134,10 +134,12 @@ SPLIT_NUMEL: Final = 1 << 16
 backward) shares its rows among torch's threads.  The split never changes a bit (the
 tests run both sides of it); it decides only when threads start."""
 
-TEAM_GRAIN: Final = 1 << 14
+TEAM_GRAIN: Final = 1 << 16
 """Elements per block of the forward's rows a thread steals from another's part once
-its own is done (4 rows of 4096).  Never changes a bit: every row is computed by the
-same kernel whichever thread runs it."""
+its own is done (16 rows of 4096).  Each block costs its atomics and, for a streamed
+output, a store fence: at 4 rows of 4096 they took 3-9% of a (1024, 4096) or (4096,
+4096) call on 2 threads (docs/performance.md, "How the rows are shared").  Never
+changes a bit: every row is computed by the same kernel whichever thread runs it."""
 
 SPLIT_PRODUCTS: Final = 1 << 16
 """Products per exact dW call from which torch's threads share the columns (in
