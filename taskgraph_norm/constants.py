@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Final
 
-NATIVE_ABI: Final = 27
+NATIVE_ABI: Final = 28
 """The version of the native extension's entry points (``tgn_native.h``'s prototypes
 and ``native_module.c``'s functions that wrap them: their names, arguments and
 meaning, and the values below).  The loader refuses a build that reports another, so

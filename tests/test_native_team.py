@@ -217,10 +217,10 @@ def test_the_direct_call_is_the_row_kernels_call(two_threads: None, runtime: str
             y, h = torch.empty_like(x), torch.empty_like(x)
             total = torch.full((301, width), -1.0, dtype=dtype)
             assert rows_call(cfg, x.data_ptr(), y.data_ptr(), 301, w.data_ptr(), 1e-6, total.data_ptr(),
-                             r.data_ptr() if residual else None, h.data_ptr() if residual else None, 2) == 0
+                             r.data_ptr() if residual else None, h.data_ptr() if residual else None, 2, False) == 0
             y2 = torch.empty_like(x)
             assert rows_call(cfg, x.data_ptr(), y2.data_ptr(), 301, w.data_ptr(), 1e-6, None,
-                             r.data_ptr() if residual else None, h.data_ptr() if residual else None, 2) == 0
+                             r.data_ptr() if residual else None, h.data_ptr() if residual else None, 2, False) == 0
             assert_bits_equal(y2, y)  # no totals kept: the same y
             assert bool((total != -1.0).all()), f"{kind}: a row's total was not written"
             y1, h1, total1 = torch.empty_like(x), torch.empty_like(x), torch.empty_like(total)
@@ -236,15 +236,15 @@ def test_the_direct_call_is_the_row_kernels_call(two_threads: None, runtime: str
             outs.append(y)
         assert not bits_equal(outs[0], outs[1])  # negative control: the residual changes y
     cfg = _configs()[1][1]
-    assert rows_call(cfg, 0, 0, 0, None, 1e-6, None, None, None, 2) == 0  # an empty input
+    assert rows_call(cfg, 0, 0, 0, None, 1e-6, None, None, None, 2, False) == 0  # an empty input
     with pytest.raises(TypeError):
         rows_call(cfg, x.data_ptr())
     with pytest.raises(TypeError):
-        rows_call(cfg[:-1], None, None, 5, None, 1e-6, None, None, None, 2)  # not a configuration
+        rows_call(cfg[:-1], None, None, 5, None, 1e-6, None, None, None, 2, False)  # not a configuration
     with pytest.raises(ValueError):
-        rows_call(cfg, None, None, 5, None, 1e-6, None, None, None, 2)
+        rows_call(cfg, None, None, 5, None, 1e-6, None, None, None, 2, False)
     with pytest.raises(TypeError):
-        rows_call(cfg, x.data_ptr(), None, 5, None, "eps", None, None, None, 2)
+        rows_call(cfg, x.data_ptr(), None, 5, None, "eps", None, None, None, 2, False)
     with pytest.raises(ValueError):
         native.module().rows_config(exact=1)  # no hidden size
 

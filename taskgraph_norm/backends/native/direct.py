@@ -182,16 +182,18 @@ def direct_call(plan: Plan) -> DirectCall | None:
         if out is not None and (not out.is_cpu or not out.is_contiguous() or out.dtype is not out_dtype):
             return None  # (another dtype: the general path raises)
         numel = x.numel()
+        mapped = False  # a fresh mapping, faulted in as it is written: no streaming stores (csrc)
         if out is None:
             y = torch.empty_like(x) if out_dtype is x_dtype else torch.empty(x.shape, dtype=out_dtype)
             if numel * y.element_size() >= HUGE_BYTES:
                 _advise(y.data_ptr(), numel * y.element_size())
+                mapped = True
         else:
             y = out
         rows = numel // hidden
         threads = _team.threads() if numel >= SPLIT_NUMEL and rows > grain else 1
         bad = rows_call(cfg, x.data_ptr(), y.data_ptr(), rows, None if weight is None else weight.data_ptr(),
-                        eps, None if total is None else total.data_ptr(), rp, hp, threads)
+                        eps, None if total is None else total.data_ptr(), rp, hp, threads, mapped)
         # A NaN total or result (or an exact row with no scale): the general path gives
         # it the reference's bits; what was written to a caller's out is overwritten there.
         return None if bad else y

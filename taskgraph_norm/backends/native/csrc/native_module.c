@@ -197,7 +197,7 @@ static PyObject *py_rows_config(PyObject *self, PyObject *args, PyObject *kwargs
 }
 
 /* The direct path's hot call, unrolled (no spec walk): rows_call(c, x, y, rows, w,
- * eps, total, r, h, threads), c the bytes of rows_config(). */
+ * eps, total, r, h, threads, mapped), c the bytes of rows_config(). */
 static void *address(PyObject *o) { return o == Py_None ? NULL : PyLong_AsVoidPtr(o); }
 
 /* c, the bytes of rows_config(), copied into cfg; 0 with a TypeError set if it is not them. */
@@ -215,8 +215,8 @@ static PyObject *py_rows_call(PyObject *self, PyObject *const *args, Py_ssize_t 
 {
     tgn_rows_cfg_t cfg;
     (void)self;
-    if (nargs != 10) {
-        PyErr_Format(PyExc_TypeError, "rows_call() takes 10 arguments (%zd given)", nargs);
+    if (nargs != 11) {
+        PyErr_Format(PyExc_TypeError, "rows_call() takes 11 arguments (%zd given)", nargs);
         return NULL;
     }
     if (!unpack_config("rows_call", args[0], &cfg))
@@ -230,7 +230,8 @@ static PyObject *py_rows_call(PyObject *self, PyObject *const *args, Py_ssize_t 
     const void *r = address(args[7]);
     void *h = address(args[8]);
     int64_t threads = PyLong_AsLongLong(args[9]);
-    if (PyErr_Occurred())
+    int64_t mapped = PyObject_IsTrue(args[10]);
+    if (mapped < 0 || PyErr_Occurred())
         return NULL;
     if (n < 0 || (!x && n > 0)) {
         PyErr_SetString(PyExc_ValueError, "rows_call(): x must be an address and rows >= 0");
@@ -240,7 +241,7 @@ static PyObject *py_rows_call(PyObject *self, PyObject *const *args, Py_ssize_t 
         return PyLong_FromLong(0); /* an empty input: nothing to read or write */
     int64_t result;
     Py_BEGIN_ALLOW_THREADS
-    result = tgn_rows_call(&cfg, x, y, n, w, eps, total, r, h, threads);
+    result = tgn_rows_call(&cfg, x, y, n, w, eps, total, r, h, threads, mapped);
     Py_END_ALLOW_THREADS
     return PyLong_FromLongLong(result);
 }
@@ -281,7 +282,7 @@ PyObject *tgn_py_rms_face(PyObject *self, PyObject *const *args, Py_ssize_t narg
 #define FORWARD_PARAMS "y, y_stride, w, eps, flags, offset, r, r_stride, h, h_stride"
 
 static PyMethodDef methods[] = {
-    FASTCALL(rows_call, "c, x, y, rows, w, eps, total, r, h, threads",
+    FASTCALL(rows_call, "c, x, y, rows, w, eps, total, r, h, threads, mapped",
              "The direct path's rows on the team (c: rows_config()'s bytes); rows left to the general path."),
     {"rows_config", (PyCFunction)(void (*)(void))py_rows_config, METH_VARARGS | METH_KEYWORDS,
      "rows_config($module, /, *, exact=0, hidden=0, chunk=0, adds=None, n_adds=0, root=0, flags=0, "

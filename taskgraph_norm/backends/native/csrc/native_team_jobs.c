@@ -244,9 +244,11 @@ int64_t tgn_exact_dw_f32_team(const float *dy, int64_t dy_stride, const float *x
  * dtype (or one llama rounds, or an fp32 one with an offset beside narrow rows) is made
  * in fp32 first, once per call, and bf16/fp16 rows go through native_narrow.c.  An
  * output of TGN_STREAM_BYTES or more (fp32, bf16 or fp16) is written with non-temporal
- * stores (TGN_STREAM_STORES). */
+ * stores (TGN_STREAM_STORES), unless `mapped`: y is a fresh output of TGN_HUGE_BYTES or
+ * more, a fresh mapping whose pages fault in as the rows are written, which ordinary
+ * stores wrote 10-24% faster (docs/performance.md, "Streaming stores"). */
 int64_t tgn_rows_call(const tgn_rows_cfg_t *c, const void *x, void *y, int64_t rows, const void *w,
-                      double eps, void *total, const void *r, void *h, int64_t threads)
+                      double eps, void *total, const void *r, void *h, int64_t threads, int64_t mapped)
 {
     if (rows <= 0)
         return 0;
@@ -269,7 +271,7 @@ int64_t tgn_rows_call(const tgn_rows_cfg_t *c, const void *x, void *y, int64_t r
     }
     int64_t result;
     if (!narrow) {
-        if (y && rows * d * (int64_t)sizeof(float) >= TGN_STREAM_BYTES)
+        if (y && !mapped && rows * d * (int64_t)sizeof(float) >= TGN_STREAM_BYTES)
             flags |= TGN_STREAM_STORES;
         job_t j = {.kind = c->exact ? JOB_EXACT : JOB_FLOAT, .x = (const float *)x, .rows = rows, .hidden = d,
                    .row_stride = d, .chunk = c->chunk, .adds = c->adds, .n_adds = c->n_adds, .root = c->root,
@@ -278,7 +280,7 @@ int64_t tgn_rows_call(const tgn_rows_cfg_t *c, const void *x, void *y, int64_t r
                    .grain = c->grain};
         result = tgn_team_run(&j, threads);
     } else {
-        if (y && rows * d * (c->y_dtype == TGN_DTYPE_F32 ? 4 : 2) >= TGN_STREAM_BYTES)
+        if (y && !mapped && rows * d * (c->y_dtype == TGN_DTYPE_F32 ? 4 : 2) >= TGN_STREAM_BYTES)
             flags |= TGN_STREAM_STORES;
         tgn_narrow_t n = {.cfg = c, .x = x, .r = r, .y = y, .h = h, .w = wf,
                           .w_clean = tgn_narrow_weight_clean(wf, d), .eps = eps, .flags = flags, .total = total};

@@ -149,7 +149,7 @@ typedef struct tgn_rows_cfg {
 } tgn_rows_cfg_t;
 
 int64_t tgn_rows_call(const tgn_rows_cfg_t *c, const void *x, void *y, int64_t rows, const void *w,
-                      double eps, void *total, const void *r, void *h, int64_t threads);
+                      double eps, void *total, const void *r, void *h, int64_t threads, int64_t mapped);
 
 /* --- native_gated.c: a gated, grouped RMSNorm's no-grad forward in one pass ---------
  * c: rows_config() of the plan of one group (hidden: the group size; flags: FINALIZE's
