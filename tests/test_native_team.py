@@ -85,9 +85,16 @@ def test_every_blocking_of_the_rows_gives_the_same_bits(
         monkeypatch.setattr(direct, "TEAM_GRAIN", grain_rows * hidden)
         tgn.clear_caches()
         got: list[torch.Tensor] = []
-        ran = _shared_calls(lambda: got.append(tgn.normalize_sync(x, w, topology=topology, accumulate=accumulate)))
+
+        def call() -> None:
+            got.append(tgn.normalize_sync(x, w, topology=topology, accumulate=accumulate))
+
         if grain_rows < rows:
-            assert ran > 0, "the worker never ran a row"
+            assert _shared_calls(call) > 0, "the worker never ran a row"
+        else:  # one block: the caller runs it alone (no waiting for a worker that never comes)
+            start = team.worker_rows()
+            call()
+            assert team.worker_rows() == start
         for y in got:
             assert_bits_equal(y, reference)
         y, h = tgn.normalize_sync(x, w, topology=topology, accumulate=accumulate, residual=r)
