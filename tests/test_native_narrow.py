@@ -157,7 +157,8 @@ def test_llama_rounds_fp16_rows_as_torch(monkeypatch: pytest.MonkeyPatch) -> Non
         for options in (dict(eps=0.0), dict(eps=1e-6, offset=0.5), dict(eps=0.0, residual=r)):
             got = tgn.normalize_sync(x, w, casting_mode="llama", **options)  # type: ignore[arg-type]
             assert taken[-1] is True
-            want = tgn.normalize_sync(x, w, casting_mode="llama", executor="reference", **options)  # type: ignore[arg-type]
+            want = tgn.normalize_sync(x, w, casting_mode="llama", executor="reference",
+                                      **options)  # type: ignore[arg-type]
             assert _same(got, want), (w.dtype, options)
             assert _same(got, _general(x, w, casting_mode="llama", **options)), (w.dtype, options)
     # negative control: the fp32 quotient (no rounding to fp16) gives other bits

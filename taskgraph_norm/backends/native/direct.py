@@ -50,8 +50,9 @@ __all__ = ["DirectCall", "HUGE_BYTES", "SPLIT_NUMEL", "TEAM_GRAIN", "direct_call
 #: ``residual_out``), for a checked input; its attribute ``routed(x, weight, eps, out)``
 #: is the faces' entry for a call :func:`taskgraph_norm.ops.route` sent straight to the
 #: kernel (``x`` and the weight plain tensors, no gradient recorded), whose last dim is
-#: the plan's hidden size: it checks the weight's shape, ``out`` and ``eps`` itself.  With ``total`` (contiguous, ``(rows, 1)`` fp32 for a float plan,
-#: ``(rows, 2)`` fp64 exact pairs for an exact one) each row's rms (float plans) or
+#: the plan's hidden size: it checks the weight's shape, ``out`` and ``eps`` itself.
+#: With ``total`` (contiguous, ``(rows, 1)`` fp32 for a float plan, ``(rows, 2)`` fp64
+#: exact pairs for an exact one) each row's rms (float plans) or
 #: exact total pair (exact plans) is written there: what the backward needs of the
 #: forward (:mod:`taskgraph_norm.ops`).
 DirectCall = Callable[..., "torch.Tensor | None"]

@@ -210,9 +210,10 @@ void tgn_narrow_weight(const tgn_rows_cfg_t *c, const void *w, float *out)
  * no value of the row is tiny, so with rms in range every one is in tgn_q_vec_ranged's
  * (|a| <= 2^60 as rms^2 >= a^2 / D, and rms is finite), and the vectors skip the range
  * check.  clean (with ranged): besides, every lane of the weight is finite and +-0 or
- * at least 2^-30 in magnitude (tgn_narrow_weight_clean), so no product is a NaN or subnormal
- * (2^-90 <= |q| <= 2^60, or q = +-0): the vectors skip the NaN check, and a bf16 y
- * rounds with vcvtneps2bf16 without looking for subnormals.  Two vectors per step, the
+ * at least 2^-30 in magnitude (tgn_narrow_weight_clean), so no product is a NaN or
+ * subnormal (2^-90 <= |q| <= 2^60, or q = +-0): the vectors skip the NaN check, and a
+ * bf16 y rounds with vcvtne2ps2bf16 (two vectors at once) without looking for
+ * subnormals.  Two vectors per step, the
  * next step's x (or, with none, the scratch) prefetched once per 32 values: no branch
  * on the offset, the dtype or the step's place in a line is left in the loop. */
 #if defined(LANES) && TGN_QUOTIENT_LANES == LANES
@@ -311,8 +312,8 @@ static int finalize_narrow(float *s, const float *w, int64_t n, float rms, int64
 #if defined(LANES) && TGN_QUOTIENT_LANES == LANES
     if (tgn_quotient_rms_in_range(rms)) {
         const tgn_q_div_t dv = tgn_q_setup(rms);
-        /* TGN_STREAM_STORES: non-temporal stores where y is aligned to a vector (then
-         * every y + j is); the caller fences */
+        /* TGN_STREAM_STORES: non-temporal stores where y is 64-byte aligned (then every
+         * vector, and every pair a clean bf16 row stores at once, is); the caller fences */
         const int stream = (flags & TGN_STREAM_STORES) && (uintptr_t)y % 64 == 0;
         int nan = !ranged || n >= ((int64_t)1 << 38) ? quotient_dtype(s, w, n, &dv, code, y, 0, 0, ahead, stream)
                   : clean ? quotient_dtype(s, w, n, &dv, code, y, 1, 1, ahead, stream)
