@@ -261,14 +261,18 @@ static int overlap(const char *a, int64_t na, const char *b, int64_t nb) { retur
  * when it can take the rows (a plain CPU contiguous tensor of x's dtype and shape whose
  * bytes meet neither x's nor the weight's, wv: direct.py's checks; else the Python path
  * checks it and raises, or runs an in-place call), or a fresh tensor like x, advised as
- * a huge-page candidate from TGN_HUGE_BYTES on; NULL where neither (error cleared). */
+ * a huge-page candidate from TGN_HUGE_BYTES on (*mapped: 1, tgn_rows_call's `mapped`);
+ * NULL where neither (error cleared). */
 PyObject *tgn_face_output(PyObject *out, PyObject *x, const tgn_view_t *xv, int64_t bytes, const tgn_view_t *wv,
-                          int64_t w_bytes, void **at)
+                          int64_t w_bytes, void **at, int64_t *mapped)
 {
+    *mapped = 0;
     if (out == Py_None) {
         PyObject *y = tgn_face_fresh(x, at);
-        if (y && bytes >= TGN_HUGE_BYTES)
+        if (y && bytes >= TGN_HUGE_BYTES) {
             tgn_advise_huge(*at, bytes);
+            *mapped = 1;
+        }
         return y;
     }
     tgn_view_t ov;

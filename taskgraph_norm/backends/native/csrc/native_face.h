@@ -37,6 +37,6 @@ int tgn_face_of(PyObject *by_config, PyObject *x, PyObject *w, PyObject *b, PyOb
                 int n, int64_t limit, tgn_view_t *xv, PyObject **pipe, PyObject **face);
 /* The call's output (native_face.c says which). */
 PyObject *tgn_face_output(PyObject *out, PyObject *x, const tgn_view_t *xv, int64_t bytes, const tgn_view_t *wv,
-                          int64_t w_bytes, void **at);
+                          int64_t w_bytes, void **at, int64_t *mapped);
 
 #endif /* TGN_NATIVE_FACE_H */

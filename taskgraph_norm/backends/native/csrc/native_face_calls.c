@@ -146,18 +146,17 @@ static PyObject *run_rms(PyObject *faces, const tgn_view_t *xv, PyObject *x, PyO
             return NULL;
     }
     void *yp;
-    const int64_t bytes = xv->numel * (xv->code == TGN_DTYPE_F32 ? 4 : 2);
-    PyObject *y = tgn_face_output(out, x, xv, bytes, &wv, hidden * (wv.code == TGN_DTYPE_F32 ? 4 : 2), &yp);
-    const int64_t mapped = out == Py_None && bytes >= TGN_HUGE_BYTES; /* (tgn_rows_call: no streaming) */
+    int64_t mapped, bad;
+    PyObject *y = tgn_face_output(out, x, xv, xv->numel * (xv->code == TGN_DTYPE_F32 ? 4 : 2), &wv,
+                                  hidden * (wv.code == TGN_DTYPE_F32 ? 4 : 2), &yp, &mapped);
     if (!y)
         return NULL;
-    int64_t bad;
     if (large) {
         Py_BEGIN_ALLOW_THREADS
         bad = tgn_rows_call(&c, xv->data, yp, rows, wv.data, e, NULL, NULL, NULL, threads, mapped);
         Py_END_ALLOW_THREADS
-    } else {
-        bad = tgn_rows_call(&c, xv->data, yp, rows, wv.data, e, NULL, NULL, NULL, 1, 0); /* a few us: the GIL held */
+    } else { /* a few us: the GIL held */
+        bad = tgn_rows_call(&c, xv->data, yp, rows, wv.data, e, NULL, NULL, NULL, threads, mapped);
     }
     if (bad) {
         Py_DECREF(y); /* a NaN total or result (or an exact row with no scale): the Python path */

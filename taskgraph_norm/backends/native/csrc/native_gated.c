@@ -53,7 +53,7 @@ typedef struct gated_job {
     int w_nan;      /* whether w holds a NaN */
     double eps;
     int64_t g_dtype, groups, after;
-    int64_t tree; /* TGN_TREE_ADDS when the plan's merges are the tree's (tgn_adds_tree), else 0 */
+    int64_t tree; /* tgn_rows_tree_flag(cfg), once per call */
 } gated_job_t;
 
 static inline int64_t size_of(int64_t code) { return code == TGN_DTYPE_F32 ? 4 : 2; }
@@ -273,9 +273,7 @@ int64_t tgn_gated_rows(const tgn_rows_cfg_t *c, const void *x, const void *g, in
             w_nan |= made[j] != made[j];
     }
     gated_job_t job = {.cfg = c, .x = x, .g = g, .y = y, .w = made, .w_nan = w_nan, .eps = eps, .g_dtype = g_dtype,
-                       .groups = groups, .after = after != 0,
-                       .tree = tgn_adds_tree(c->adds, c->n_adds, (c->hidden + c->chunk - 1) / c->chunk, c->root)
-                                   ? TGN_TREE_ADDS : 0};
+                       .groups = groups, .after = after != 0, .tree = tgn_rows_tree_flag(c)};
     int64_t result = tgn_team_rows(gated_block, &job, rows, c->grain, threads);
     free(made);
     return result;

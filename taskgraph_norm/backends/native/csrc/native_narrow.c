@@ -213,9 +213,9 @@ void tgn_narrow_weight(const tgn_rows_cfg_t *c, const void *w, float *out)
  * at least 2^-30 in magnitude (tgn_narrow_weight_clean), so no product is a NaN or
  * subnormal (2^-90 <= |q| <= 2^60, or q = +-0): the vectors skip the NaN check, and a
  * bf16 y rounds with vcvtne2ps2bf16 (two vectors at once) without looking for
- * subnormals.  Two vectors per step, the
- * next step's x (or, with none, the scratch) prefetched once per 32 values: no branch
- * on the offset, the dtype or the step's place in a line is left in the loop. */
+ * subnormals.  Two vectors per step, the next step's x (or, with none, the scratch)
+ * prefetched once per 32 values: no branch on the offset, the dtype or the step's place
+ * in a line is left in the loop. */
 #if defined(LANES) && TGN_QUOTIENT_LANES == LANES
 static inline __attribute__((always_inline)) __m512 quotient_q(const float *s, const float *w, const tgn_q_div_t *dv,
                                                                 const int ranged, const int clean,
@@ -243,6 +243,15 @@ static inline __attribute__((always_inline)) __m256i quotient_vector(const float
     return round_narrow(q, code);
 }
 
+/* 16 narrow values of y: a non-temporal store, or an ordinary one */
+static inline void put16(uint16_t *y, __m256i v, const int stream)
+{
+    if (stream)
+        _mm256_stream_si256((__m256i *)y, v);
+    else
+        _mm256_storeu_si256((__m256i *)y, v);
+}
+
 static inline __attribute__((always_inline)) int quotient_vectors(const float *s, const float *w, int64_t n,
                                                                   const tgn_q_div_t *dv, const int64_t code,
                                                                   uint16_t *y, const int ranged, const int clean,
@@ -265,23 +274,12 @@ static inline __attribute__((always_inline)) int quotient_vectors(const float *s
             continue;
         }
 #endif
-        __m256i v0 = quotient_vector(s + j, w ? w + j : 0, dv, code, ranged, clean, &unordered);
-        __m256i v1 = quotient_vector(s + j + LANES, w ? w + j + LANES : 0, dv, code, ranged, clean, &unordered);
-        if (stream) {
-            _mm256_stream_si256((__m256i *)(y + j), v0);
-            _mm256_stream_si256((__m256i *)(y + j + LANES), v1);
-        } else {
-            _mm256_storeu_si256((__m256i *)(y + j), v0);
-            _mm256_storeu_si256((__m256i *)(y + j + LANES), v1);
-        }
+        put16(y + j, quotient_vector(s + j, w ? w + j : 0, dv, code, ranged, clean, &unordered), stream);
+        put16(y + j + LANES, quotient_vector(s + j + LANES, w ? w + j + LANES : 0, dv, code, ranged, clean,
+                                             &unordered), stream);
     }
-    if (j + LANES <= n) {
-        __m256i v = quotient_vector(s + j, w ? w + j : 0, dv, code, ranged, clean, &unordered);
-        if (stream)
-            _mm256_stream_si256((__m256i *)(y + j), v);
-        else
-            _mm256_storeu_si256((__m256i *)(y + j), v);
-    }
+    if (j + LANES <= n)
+        put16(y + j, quotient_vector(s + j, w ? w + j : 0, dv, code, ranged, clean, &unordered), stream);
     return unordered != 0;
 }
 

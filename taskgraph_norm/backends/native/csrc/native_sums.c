@@ -259,6 +259,12 @@ int tgn_adds_tree(const int64_t *adds, int64_t n_adds, int64_t n_chunks, int64_t
     return (int)ok;
 }
 
+int64_t tgn_rows_tree_flag(const tgn_rows_cfg_t *c)
+{
+    return !c->exact && tgn_adds_tree(c->adds, c->n_adds, (c->hidden + c->chunk - 1) / c->chunk, c->root)
+               ? TGN_TREE_ADDS : 0;
+}
+
 void tgn_adds_tree_f32(float *s, int64_t n)
 {
     float *in = s;

@@ -252,9 +252,8 @@ int64_t tgn_rows_call(const tgn_rows_cfg_t *c, const void *x, void *y, int64_t r
 {
     if (rows <= 0)
         return 0;
-    int64_t d = c->hidden, flags = (c->flags | (total ? c->total_flags : 0)) & ~(int64_t)TGN_TREE_ADDS;
-    if (!c->exact && tgn_adds_tree(c->adds, c->n_adds, (d + c->chunk - 1) / c->chunk, c->root))
-        flags |= TGN_TREE_ADDS;
+    int64_t d = c->hidden;
+    int64_t flags = ((c->flags | (total ? c->total_flags : 0)) & ~(int64_t)TGN_TREE_ADDS) | tgn_rows_tree_flag(c);
     const float *wf = (const float *)w;
     float *made = 0;
     double offset = c->offset;

@@ -150,6 +150,9 @@ typedef struct tgn_rows_cfg {
 
 int64_t tgn_rows_call(const tgn_rows_cfg_t *c, const void *x, void *y, int64_t rows, const void *w,
                       double eps, void *total, const void *r, void *h, int64_t threads, int64_t mapped);
+/* native_sums.c: TGN_TREE_ADDS when c's plan is float and its merges are the tree's
+ * (tgn_adds_tree), else 0: what a call of c adds to its kernels' flags. */
+int64_t tgn_rows_tree_flag(const tgn_rows_cfg_t *c);
 
 /* --- native_gated.c: a gated, grouped RMSNorm's no-grad forward in one pass ---------
  * c: rows_config() of the plan of one group (hidden: the group size; flags: FINALIZE's
