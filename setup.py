@@ -39,7 +39,10 @@ from __future__ import annotations
 import ast
 import os
 import runpy
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
@@ -122,12 +125,24 @@ class BuildExt(build_ext):
         super().run()
 
     def build_extension(self, ext: Extension) -> None:
-        base = self.build_temp
+        base, compile_all = self.build_temp, self.compiler.compile
         self.build_temp = os.path.join(base, ext.name.rpartition(".")[2])
+        self.compiler.compile = parallel(compile_all)  # type: ignore[method-assign]
         try:
             super().build_extension(ext)
         finally:
-            self.build_temp = base
+            self.build_temp, self.compiler.compile = base, compile_all  # type: ignore[method-assign]
+
+
+def parallel(compile_all: Callable[..., list[str]]) -> Callable[..., list[str]]:
+    """``compile_all`` (a compiler's ``compile``) over each source on its own, the sources
+    on as many threads as there are cores: the same commands, the objects in order.  The
+    first failure is raised as ``compile_all`` would raise it."""
+    def compile_each(sources: list[str], *args: Any, **kwargs: Any) -> list[str]:
+        with ThreadPoolExecutor(max(1, min(len(sources), os.cpu_count() or 1))) as pool:
+            parts = list(pool.map(lambda source: compile_all([source], *args, **kwargs), sources))
+        return [obj for part in parts for obj in part]
+    return compile_each
 
 
 setup(ext_modules=extensions(), cmdclass={"build_ext": BuildExt})

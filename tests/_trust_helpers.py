@@ -3,6 +3,8 @@ from this package or from a copy of it that a test has altered."""
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 import shlex
 import shutil
@@ -67,12 +69,66 @@ def run_probe(code: str, root: Path | None = None, warnings_as_errors: bool = Fa
                           text=True, env=full_env, cwd=root, timeout=300)
 
 
-def builds_agree(code: str) -> tuple[list[str], list[str]]:
-    """Run ``code`` (its first line printed: the loaded library's name, or None) under
-    TGN_NATIVE=portable, the default build and TGN_NATIVE=0 (torch ops); assert every run
-    succeeded, loaded what it should and printed the same lines after the first; returns
-    the portable and default runs' lines."""
-    portable, default, off = (run_probe(code, TGN_NATIVE=v) for v in ("portable", "1", "0"))
+#: The probes that compare the builds (:func:`build_runs`), by name, as their test modules
+#: register them on import (:func:`build_probe`).
+BUILD_PROBES: dict[str, str] = {}
+#: The builds the probes compare: TGN_NATIVE=portable, the default build, torch ops.
+BUILDS = ("portable", "1", "0")
+#: Runs each probe of a JSON object {name: code} from stdin, its own globals and captured
+#: output each, and writes {name: [returncode, stdout, stderr]}.
+PROBE_RUNNER = """
+import contextlib, io, json, sys, traceback
+out = {}
+for name, code in json.loads(sys.stdin.read()).items():
+    stdout, stderr, rc = io.StringIO(), io.StringIO(), 0
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            exec(compile(code, name, "exec"), {"__name__": "__main__"})
+    except BaseException:
+        rc = 1
+        stderr.write(traceback.format_exc())
+    out[name] = [rc, stdout.getvalue(), stderr.getvalue()]
+sys.__stdout__.write(json.dumps(out))
+"""
+
+
+def build_probe(name: str, code: str) -> str:
+    """Registers ``code`` (its first line printed: the loaded library's name, or None) as a
+    probe of the builds; returns ``name``, for :func:`build_runs`."""
+    BUILD_PROBES[name] = textwrap.dedent(code)
+    return name
+
+
+@functools.cache
+def _runs_of(names: tuple[str, ...]) -> tuple[dict[str, list[Any]], ...]:
+    """Every probe in ``names`` run under each of BUILDS: one fresh interpreter per build
+    (the three at once) runs them all, one after the other, each in its own globals."""
+    code = json.dumps({name: BUILD_PROBES[name] for name in names})
+    procs = [subprocess.Popen([sys.executable, "-W", "always", "-c", PROBE_RUNNER], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "TGN_NATIVE": build}) for build in BUILDS]
+    runs = []
+    for build, proc in zip(BUILDS, procs):
+        out, err = proc.communicate(code, timeout=600)
+        assert proc.returncode == 0, f"TGN_NATIVE={build}: {err}"
+        runs.append(json.loads(out))
+    return tuple(runs)
+
+
+def build_runs(name: str) -> tuple[subprocess.CompletedProcess[str], ...]:
+    """The probe ``name`` (:func:`build_probe`) as it ran under TGN_NATIVE=portable, the
+    default build and TGN_NATIVE=0 (torch ops), in that order.  The first call runs every
+    registered probe (one interpreter per build shares the start-up of torch)."""
+    runs = _runs_of(tuple(sorted(BUILD_PROBES)))
+    return tuple(subprocess.CompletedProcess(["probe", name, f"TGN_NATIVE={build}"], *run[name])
+                 for build, run in zip(BUILDS, runs))
+
+
+def builds_agree(name: str) -> tuple[list[str], list[str]]:
+    """The probe ``name`` under TGN_NATIVE=portable, the default build and TGN_NATIVE=0
+    (:func:`build_runs`); asserts every run succeeded, loaded what it should and printed
+    the same lines after the first; returns the portable and default runs' lines."""
+    portable, default, off = build_runs(name)
     for proc in (portable, default, off):
         assert proc.returncode == 0, proc.stderr
     p, d, o = (proc.stdout.splitlines() for proc in (portable, default, off))

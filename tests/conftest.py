@@ -6,6 +6,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
+from ._triton_interpreter import skip_repatching
 from ._trust_helpers import native_status
 
 #: CI runs reduced sweeps; TGN_FULL=1 runs the full matrices of the slow tests.
@@ -31,6 +32,14 @@ def threads(request: pytest.FixtureRequest) -> Iterator[int]:
         yield int(request.param)
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.fixture
+def interpreted(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Triton's interpreter (``TRITON_INTERPRET=1``) for the test; skipped without triton."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    skip_repatching(monkeypatch)
 
 
 def gen(seed: int) -> torch.Generator:

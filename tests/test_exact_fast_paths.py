@@ -24,7 +24,7 @@ from taskgraph_norm.backends.native import grads as native_grads
 from taskgraph_norm.backends.native import loader as native
 from taskgraph_norm.kernels import exact_sum as es
 
-from ._trust_helpers import run_probe
+from ._trust_helpers import build_probe, build_runs
 from .helpers import assert_bits_equal, bits_equal, product_columns
 
 pytestmark = pytest.mark.skipif(not native.available(), reason=f"native kernels: {native.why_unavailable()}")
@@ -216,7 +216,7 @@ def test_rounding_negative_control() -> None:
                           native_grads.exact_round(state, torch.float32)[:1])
 
 
-SHORTCUT_PROBE = """
+SHORTCUT_PROBE = build_probe("test_exact_fast_paths", """
     import hashlib, torch
     from taskgraph_norm.backends.native import loader as native
     from taskgraph_norm.ops.exact_grad import ExactSum
@@ -235,11 +235,11 @@ SHORTCUT_PROBE = """
     for r in (rms, None):
         total = ExactSum(2088).add_normalized(dy, xx, r) if r is not None else ExactSum(2088).add_products(dy, xx)
         print("dw", h(total.state), *(h(total.result(d)) for d in (torch.float32, torch.bfloat16, torch.float16)))
-"""
+""")
 
 
 def test_the_portable_build_and_torch_ops_give_the_same_bits() -> None:
-    procs = [run_probe(SHORTCUT_PROBE, TGN_NATIVE=v) for v in ("portable", "1", "0")]
+    procs = build_runs(SHORTCUT_PROBE)
     for proc in procs:
         assert proc.returncode == 0, proc.stderr
     p, d, o = (proc.stdout.splitlines() for proc in procs)

@@ -127,9 +127,8 @@ def test_every_backend_gives_the_torch_ops_bits(name: str, dtype: torch.dtype) -
             assert bits_equal(ours(x, gate, w, 128, before, casting_mode=mode, executor="reference"), oracle)
 
 
-def test_triton_gives_the_torch_ops_bits(monkeypatch: pytest.MonkeyPatch) -> None:
-    pytest.importorskip("triton")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+@pytest.mark.usefixtures("interpreted")
+def test_triton_gives_the_torch_ops_bits() -> None:
     x, gate, w = data(6, 64, torch.float32)
     for before in ORDERS:
         with backend("torch_ops"):

@@ -25,7 +25,7 @@ from taskgraph_norm.backends.native.loader import FloatRecipe
 from taskgraph_norm.graph import Graph, Node, Op
 from .helpers import assert_bits_equal, bits_equal, compile_graph, run_compiled
 
-from ._trust_helpers import CC, native_status, run_probe
+from ._trust_helpers import CC, build_probe, build_runs, native_status
 from .conftest import gen
 NATIVE, WHY_NOT = native_status()
 needs_native = pytest.mark.skipif(not NATIVE, reason=f"native kernels: {WHY_NOT}")
@@ -70,7 +70,7 @@ def test_native_kernels_are_built_where_a_compiler_is() -> None:
     assert path is not None and path.exists()
 
 
-PORTABLE_PROBE = """
+PORTABLE_PROBE = build_probe("test_native", """
     import hashlib, torch, taskgraph_norm as tgn
     from taskgraph_norm.backends.native import loader as native
     from taskgraph_norm.testing import bits
@@ -90,7 +90,7 @@ PORTABLE_PROBE = """
     print("dW", hashlib.sha256(total.state.numpy().tobytes()).hexdigest()[:16],
           *(hashlib.sha256(bits(total.result(d)).numpy().tobytes()).hexdigest()[:16]
             for d in (torch.float32, torch.bfloat16)))
-"""
+""")
 
 
 @needs_native
@@ -100,7 +100,7 @@ def test_the_portable_build_gives_the_host_builds_bits() -> None:
     (512-bit vectors in the exact weight gradient on AVX-512) and as the torch ops,
     on edge cases too: the forward, and the exact weight gradient's state and
     rounding."""
-    portable, default, off = (run_probe(PORTABLE_PROBE, TGN_NATIVE=v) for v in ("portable", "1", "0"))
+    portable, default, off = build_runs(PORTABLE_PROBE)
     for proc in (portable, default, off):
         assert proc.returncode == 0, proc.stderr
     p, d, o = (proc.stdout.splitlines() for proc in (portable, default, off))

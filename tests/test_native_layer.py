@@ -20,7 +20,7 @@ from taskgraph_norm.kernels.reference import run_reference
 from taskgraph_norm.pipeline.layer import layer_pipeline
 from taskgraph_norm.testing import bits_equal
 
-from ._trust_helpers import builds_agree, native_status, spy_layer_taken
+from ._trust_helpers import build_probe, builds_agree, native_status, spy_layer_taken
 
 NATIVE, WHY_NOT = native_status()
 pytestmark = pytest.mark.skipif(not NATIVE, reason=f"native kernels: {WHY_NOT}")
@@ -209,7 +209,7 @@ def test_negative_control_another_order_changes_the_bits() -> None:
     assert torch.allclose(tree, torch.nn.functional.layer_norm(x, (4096,), w, b), atol=1e-5)
 
 
-PROBE = """
+PROBE = build_probe("test_native_layer", """
     import hashlib, torch, taskgraph_norm as tgn
     from taskgraph_norm.backends.native import loader as native
     from taskgraph_norm.testing import bits
@@ -223,7 +223,7 @@ PROBE = """
         for chunk, topology in ((64, "tree"), (10, "linear"), (256, "tree")):
             y = tgn.layer_norm_sync(x, w.to(dtype), b.to(dtype), chunk_size=chunk, topology=topology)
             print(dtype, chunk, topology, hashlib.sha256(bits(y).numpy().tobytes()).hexdigest()[:16])
-"""
+""")
 
 
 def test_the_portable_build_gives_the_host_builds_bits() -> None:

@@ -19,7 +19,7 @@ from taskgraph_norm.backends.torch_ops.layer import layer_backward, run_layer
 from taskgraph_norm.pipeline.layer import layer_pipeline
 from taskgraph_norm.testing import bits_equal, count_bit_differences
 
-from ._trust_helpers import builds_agree, native_status
+from ._trust_helpers import build_probe, builds_agree, native_status
 
 NATIVE, WHY_NOT = native_status()
 pytestmark = pytest.mark.skipif(not NATIVE, reason=f"native kernels: {WHY_NOT}")
@@ -140,7 +140,7 @@ def test_the_exact_bits_do_not_depend_on_the_graph() -> None:
     assert count_bit_differences(floats[0], floats[1]) > 0
 
 
-PROBE = """
+PROBE = build_probe("test_native_layer_exact", """
     import hashlib, torch, taskgraph_norm as tgn
     from taskgraph_norm.backends.native import loader as native
     from taskgraph_norm.testing import bits
@@ -161,7 +161,7 @@ PROBE = """
             for t in (y, x.grad, norm.weight.grad, norm.bias.grad):
                 digest.update(bits(t.detach()).numpy().tobytes())
             print(dtype, accumulate, digest.hexdigest()[:16])
-"""
+""")
 
 
 def test_the_portable_build_gives_the_host_builds_bits() -> None:

@@ -17,7 +17,7 @@ import taskgraph_norm as tgn
 from taskgraph_norm.backends.native import direct
 from taskgraph_norm.pipeline import for_config
 
-from ._trust_helpers import native_status, run_probe
+from ._trust_helpers import build_probe, build_runs, native_status
 from .helpers import bits_equal, spy_direct_calls
 
 NATIVE, WHY_NOT = native_status()
@@ -245,7 +245,7 @@ def test_every_blocking_of_the_rows_gives_the_same_bits(monkeypatch: pytest.Monk
         assert _same(tgn.normalize_sync(x, w, residual=r), want), grain_rows
 
 
-PROBE = """
+PROBE = build_probe("test_native_narrow", """
     import hashlib, torch, taskgraph_norm as tgn
     from taskgraph_norm.backends.native import loader as native
     from taskgraph_norm.testing import bits
@@ -262,13 +262,13 @@ PROBE = """
                                       offset=0.5, residual=x.flip(0))
             print(dtype, acc, mode, chunk, *(hashlib.sha256(bits(t).numpy().tobytes()).hexdigest()[:16]
                                               for t in (y, h)))
-"""
+""")
 
 
 def test_the_portable_build_gives_the_host_builds_bits() -> None:
     """TGN_NATIVE=portable (plain C conversions) against the default (AVX-512 where
     built) and the torch ops."""
-    portable, default, off = (run_probe(PROBE, TGN_NATIVE=v) for v in ("portable", "1", "0"))
+    portable, default, off = build_runs(PROBE)
     for proc in (portable, default, off):
         assert proc.returncode == 0, proc.stderr
     p, d, o = (proc.stdout.splitlines() for proc in (portable, default, off))

@@ -28,12 +28,6 @@ PLANS = [(50, 7, "tree", "float"), (64, 16, "tree", "float"), (50, 8, "linear", 
 PLAN_IDS = ["tree-placed", "tree-natural", "linear", "single", "exact"]
 
 
-@pytest.fixture
-def interpreted(monkeypatch: pytest.MonkeyPatch) -> None:
-    pytest.importorskip("triton")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-
-
 def pipe_of(hidden: int, chunk: int, topology: str, accumulate: str, mode: str = "torch",
             offset: float = 0.0) -> pipeline.Pipeline:
     return pipeline.for_config(hidden, chunk, topology, "pairwise", accumulate, "auto", mode, offset)

@@ -31,12 +31,6 @@ CUDA = torch.cuda.is_available()
 TINY = 2.0**-149  # the smallest fp32 subnormal: TINY * TINY = 2**-298, the smallest product
 
 
-@pytest.fixture
-def interpreted(monkeypatch: pytest.MonkeyPatch) -> None:
-    pytest.importorskip("triton")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-
-
 def torch_state(dy: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
     return es.add_products_(es.empty_state(dy.shape[-1]), dy, x_hat)
 

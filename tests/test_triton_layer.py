@@ -20,7 +20,7 @@ from taskgraph_norm.executors import run_reference
 from taskgraph_norm.pipeline.layer import layer_pipeline
 
 from .helpers import assert_bits_equal, bits_equal
-from .test_triton import DTYPES, interpreted, spread_input  # noqa: F401 (a fixture)
+from .test_triton import DTYPES, spread_input
 
 #: (hidden, chunk, topology): natural layouts, tables (a ragged tail, odd chunks), one chunk.
 CASES = [(256, 64, "tree"), (100, 32, "tree"), (300, 64, "linear"), (96, 10, "linear"), (7, 64, "tree"),

@@ -22,7 +22,7 @@ from taskgraph_norm.errors import ExecutionError
 from taskgraph_norm.pipeline.layer import layer_pipeline
 
 from .helpers import assert_bits_equal, bits_equal
-from .test_triton import DTYPES, interpreted  # noqa: F401 (a fixture)
+from .test_triton import DTYPES
 from .test_triton_layer import hard_rows, inputs
 
 #: (hidden, chunk, topology, accumulate): natural layouts, tables (a ragged last chunk,

@@ -25,7 +25,6 @@ from taskgraph_norm.graph import Graph
 from .conftest import FULL, gen
 from .helpers import assert_bits_equal, bits_equal, run_compiled
 from .test_triton import DTYPES, adversarial_rows, spread_input
-from .test_triton import interpreted as interpreted  # the fixture, used by name
 
 EPS = 1e-6
 #: (casting_mode, offset): every mode, offsets 0 and 1.0 (gemma's), in CI.
