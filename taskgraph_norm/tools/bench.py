@@ -94,13 +94,12 @@ def interleaved_times(
     What a call leaves behind (eager's 16 MiB fp32 temporaries, which push the next
     method's input out of the caches and its fresh output onto cold heap blocks; the
     C allocator trimming the heap after a torch.compile call; another pool's threads
-    still awake) so falls on every method alike.  (A
-    rotation of one order keeps each method's predecessor; seeded shuffles, which
-    this used before, left one method after eager's calls in 6 of 9 rounds and
-    another in 1 of 9, which moved their medians apart by a third; with the design
-    alone, and a fixed entry for each method, the method in one entry still ran 10-20%
-    slower than the same call in another, docs/performance.md.)  Pass ``n`` whole
-    periods of rounds (``n * len(balanced_orders(n))``) for the full balance.
+    still awake) so falls on every method alike.  (A rotation of one order would
+    keep each method's predecessor, and random orders leave one method after eager's
+    calls far more often than another, which moves medians apart by a third; with the
+    design alone, a method kept in one entry ran 10-20% slower than the same call in
+    another, docs/performance.md.)  Pass ``n`` whole periods of rounds
+    (``n * len(balanced_orders(n))``) for the full balance.
 
     ``settle[name]``, when given, is called untimed right before each timed call of
     ``name`` (its result dropped): a call of the same method, so that every timed
