@@ -6,6 +6,8 @@ from collections.abc import Iterator
 import pytest
 import torch
 
+from taskgraph_norm.backends.native import team
+
 from ._triton_interpreter import skip_repatching
 from ._trust_helpers import native_status
 
@@ -21,6 +23,13 @@ native_status()
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _spinning_policy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The suite's split decisions as under the runtime's default wait policy, whatever
+    OMP_WAIT_POLICY the tests run under (tests/test_native_team.py sets PASSIVE itself)."""
+    monkeypatch.setattr(team, "PASSIVE", False)
 
 
 @pytest.fixture(params=[1, 2], ids=["1 thread", "2 threads"])

@@ -175,6 +175,41 @@ def test_the_openmp_team_is_torch_own_runtime() -> None:
         assert len(runtimes) == 1, runtimes
 
 
+def test_a_sleeping_team_leaves_short_forward_calls_to_the_caller(monkeypatch: pytest.MonkeyPatch,
+                                                                   two_threads: None) -> None:
+    """Under OMP_WAIT_POLICY=PASSIVE (team.PASSIVE) on torch's OpenMP team, a forward of
+    at most PASSIVE_SERIAL_NUMEL elements runs on the caller alone (the C face, the
+    module under grad, LayerNorm); a larger one is shared; the bits are the same.  The
+    negative control: under the default policy the same call is shared."""
+    if not team.use_openmp(True):
+        pytest.skip("torch's parallel backend here is not OpenMP")
+    x, w, _ = _inputs(64, 4096)
+    assert x.numel() == team.PASSIVE_SERIAL_NUMEL
+    big, wb, _ = _inputs(65, 4096)
+    b = torch.randn(4096, generator=torch.Generator().manual_seed(5))
+    xg = x.clone().requires_grad_()
+    module = tgn.RMSNorm(4096)
+    monkeypatch.setattr(team, "PASSIVE", True)
+    assert (team.threads(x.numel()), team.threads(big.numel()), team.threads()) == (1, 2, 2)
+    start = team.worker_rows()
+    alone = [tgn.normalize_sync(x, w), module(xg).detach(), tgn.layer_norm_sync(x, w, b)]
+    for _ in range(5):
+        tgn.normalize_sync(x, w), module(xg), tgn.layer_norm_sync(x, w, b)
+    assert team.worker_rows() == start, "a worker ran rows of a call the caller should run alone"
+    assert _shared_calls(lambda: tgn.normalize_sync(big, wb)) > 0
+    monkeypatch.setattr(team, "PASSIVE", False)
+    for call in (lambda: tgn.normalize_sync(x, w), lambda: module(xg), lambda: tgn.layer_norm_sync(x, w, b)):
+        assert _shared_calls(call) > 0
+    shared = [tgn.normalize_sync(x, w), module(xg).detach(), tgn.layer_norm_sync(x, w, b)]
+    for a, s in zip(alone, shared):
+        assert_bits_equal(a, s)
+    monkeypatch.setattr(team, "PASSIVE", True)
+    try:  # native_team.c's own worker spins for its next job: no floor there
+        assert team.use_openmp(False) is False and team.threads(x.numel()) == 2
+    finally:
+        team.use_openmp(True)
+
+
 @pytest.mark.parametrize("threads", [3, 4, 7])
 def test_more_threads_than_cores_get_the_same_bits(runtime: str, threads: int) -> None:
     """Each of torch's threads owns a part of the rows and steals from the others; with

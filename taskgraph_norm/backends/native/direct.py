@@ -60,7 +60,8 @@ DirectCall = Callable[..., "torch.Tensor | None"]
 # From SPLIT_NUMEL elements on, the rows are shared among torch's threads (:mod:`.team`:
 # torch's own OpenMP team, or ``native_team.c``'s worker; each thread runs its own part
 # of the rows, then steals blocks of about TEAM_GRAIN elements left in the others', so
-# none waits for another to wake).  Both are module attributes the tests set.
+# none waits for another to wake); under OMP_WAIT_POLICY=PASSIVE, above
+# team.PASSIVE_SERIAL_NUMEL.  Both are module attributes the tests set.
 
 #: Tensors whose data pointer is real (a FakeTensor or FunctionalTensor has none).
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
@@ -192,7 +193,7 @@ def direct_call(plan: Plan) -> DirectCall | None:
         else:
             y = out
         rows = numel // hidden
-        threads = _team.threads() if numel >= SPLIT_NUMEL and rows > grain else 1
+        threads = _team.threads(numel) if numel >= SPLIT_NUMEL and rows > grain else 1
         bad = rows_call(cfg, x.data_ptr(), y.data_ptr(), rows, None if weight is None else weight.data_ptr(),
                         eps, None if total is None else total.data_ptr(), rp, hp, threads, mapped)
         # A NaN total or result (or an exact row with no scale): the general path gives

@@ -36,12 +36,27 @@ from ...constants import SPLIT_NUMEL
 from . import loader as _native
 from ..torch_ops import pools
 
-__all__ = ["BACKWARD_SPLIT_NUMEL", "openmp", "threads", "use_openmp", "worker_rows"]
+__all__ = ["BACKWARD_SPLIT_NUMEL", "PASSIVE", "PASSIVE_SERIAL_NUMEL", "openmp", "threads", "use_openmp",
+           "worker_rows"]
 
 #: The native backward shares its rows among threads from this many elements on (a
 #: (64, 4096) step ran 3-7% faster on one thread than on two, (128, 4096) the same,
 #: (256, 4096) 16% faster on two: benchmarks/call_overhead.py's step, 2 cores).
 BACKWARD_SPLIT_NUMEL = 8 * SPLIT_NUMEL
+
+#: Whether torch's OpenMP threads sleep as soon as a parallel region ends
+#: (``OMP_WAIT_POLICY=PASSIVE``, read once, as the runtime read it when torch loaded it):
+#: then every region that shares rows first wakes them.
+PASSIVE = os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE"
+#: A forward call of at most this many elements runs on the caller's thread alone when
+#: :data:`PASSIVE` holds and the OpenMP team would run its rows (:func:`threads` with
+#: ``numel``): waking a sleeping thread costs about 50 us on the 2-core VM.  There an
+#: fp32 ``out=`` call of (32, 4096) took 32 us alone and 91 us shared, (64, 4096) 107 us
+#: either way (its training step 676 against 692 us), (96, 4096) 163 us alone and 142
+#: us shared; bf16 (64, 4096) 69 against 93 us (docs/performance.md, "The wait
+#: policy").  Spinning threads (the runtime's default policy) wake in a few us: there
+#: the rows are shared from ``SPLIT_NUMEL`` elements on.
+PASSIVE_SERIAL_NUMEL = 4 * SPLIT_NUMEL
 
 #: The sonames of the OpenMP runtimes torch builds link (GNU, LLVM, Intel).
 _RUNTIMES = ("libgomp.so.1", "libomp.so", "libomp.so.5", "libiomp5.so", "libomp.dylib", "libiomp5.dylib")
@@ -101,12 +116,19 @@ def openmp() -> bool:
     return bool(_native.available() and _native.module().team_openmp())
 
 
-def threads() -> int:
+def threads(numel: int | None = None) -> int:
     """How many threads a native call may share its rows among: torch's thread count,
-    or 1 on one of this package's own pool workers (a nested call)."""
+    or 1 on one of this package's own pool workers (a nested call).  With ``numel``
+    (a forward's elements, its rows bound by memory, not arithmetic), also 1 for at
+    most :data:`PASSIVE_SERIAL_NUMEL` elements when :data:`PASSIVE` holds and the
+    OpenMP team runs the rows."""
     if not _chosen:
         use_openmp(True)
-    return 1 if pools.on_worker() else torch.get_num_threads()
+    if pools.on_worker():
+        return 1
+    if numel is not None and numel <= PASSIVE_SERIAL_NUMEL and PASSIVE and openmp():
+        return 1
+    return torch.get_num_threads()
 
 
 def worker_rows() -> int:

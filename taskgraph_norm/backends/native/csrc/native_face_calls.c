@@ -107,7 +107,7 @@ PyObject *tgn_py_layer_face(PyObject *self, PyObject *const *args, Py_ssize_t na
 /* The call once the pipeline's face (a dict: x's code * 4 + the weight's code + 1, 0 for
  * no weight -> rows_config's bytes, for the dtype pairs whose output is x's dtype) is
  * known: y (out, when given), or NULL (nothing done).  A call of TGN_SPLIT_NUMEL
- * elements or more shares its rows among team.threads() threads with the GIL released,
+ * elements or more shares its rows among team.threads(numel) threads with the GIL released,
  * as direct.py's routed call. */
 static PyObject *run_rms(PyObject *faces, const tgn_view_t *xv, PyObject *x, PyObject *w, PyObject *eps, PyObject *out)
 {
@@ -139,7 +139,8 @@ static PyObject *run_rms(PyObject *faces, const tgn_view_t *xv, PyObject *x, PyO
     const int64_t rows = xv->numel / hidden, large = xv->numel >= TGN_SPLIT_NUMEL;
     int64_t threads = 1;
     if (large && rows > c.grain) {
-        PyObject *t = PyObject_CallNoArgs(tgn_face.threads);
+        PyObject *n = PyLong_FromLongLong(xv->numel), *t = n ? PyObject_CallOneArg(tgn_face.threads, n) : NULL;
+        Py_XDECREF(n);
         threads = t && PyLong_Check(t) ? PyLong_AsLongLong(t) : -1;
         Py_XDECREF(t);
         if (threads < 1)
