@@ -46,7 +46,7 @@ typedef struct {
     void *y;
     int64_t hidden, chunk;
     const int64_t *adds;
-    int64_t n_adds, root, code, exact;
+    int64_t n_adds, root, code, exact, tree; /* tree: tgn_layer_tree, once per call */
     const void *w, *b; /* fp32, or bf16 with wbf */
     int wbf;
     float eps;
@@ -77,13 +77,20 @@ static float halve(const float *src, int64_t length, float *buf)
  * (n_chunks + n_adds values), then the ADDs; buf holds chunk / 2 + 1 values.  The
  * backward's row sums (native_layer_backward.c) are this too. */
 /* The rest of that sum once chunks [0, from) are in slots: each later chunk halved (tail:
- * chunk from's first value), then the ADDs; the total. */
+ * chunk from's first value), then the ADDs; the total.  tree (tgn_layer_tree): the ADDs
+ * are the tree topology's pairwise levels, run as vectors (tgn_adds_tree_f32: the same
+ * additions) where a row has 16 chunks or more; shorter rows keep the loop of triples. */
 static float sum_from(const float *tail, int64_t from, int64_t hidden, int64_t chunk, const int64_t *adds,
-                      int64_t n_adds, int64_t root, float *buf, float *slots)
+                      int64_t n_adds, int64_t root, float *buf, float *slots, int64_t tree)
 {
-    for (int64_t k = from, n_chunks = (hidden + chunk - 1) / chunk; k < n_chunks; ++k) {
+    const int64_t n_chunks = (hidden + chunk - 1) / chunk;
+    for (int64_t k = from; k < n_chunks; ++k) {
         const int64_t at = k * chunk;
         slots[k] = halve(tail + (at - from * chunk), hidden - at < chunk ? hidden - at : chunk, buf);
+    }
+    if (tree && n_chunks >= 16) {
+        tgn_adds_tree_f32(slots, n_chunks);
+        return slots[root];
     }
     for (int64_t t = 0; t < n_adds; ++t)
         slots[adds[3 * t]] = slots[adds[3 * t + 1]] + slots[adds[3 * t + 2]];
@@ -91,15 +98,20 @@ static float sum_from(const float *tail, int64_t from, int64_t hidden, int64_t c
 }
 
 float tgn_layer_plan_sum(const float *v, int64_t hidden, int64_t chunk, const int64_t *adds, int64_t n_adds,
-                         int64_t root, float *buf, float *slots)
+                         int64_t root, float *buf, float *slots, int64_t tree)
 {
     const int64_t n_full = hidden / chunk, from = n_full ? tgn_chunk_sums_f32(v, chunk, n_full, slots) : 0;
-    return sum_from(v + from * chunk, from, hidden, chunk, adds, n_adds, root, buf, slots);
+    return sum_from(v + from * chunk, from, hidden, chunk, adds, n_adds, root, buf, slots, tree);
+}
+
+int64_t tgn_layer_tree(const int64_t *adds, int64_t n_adds, int64_t hidden, int64_t chunk, int64_t root)
+{
+    return tgn_adds_tree(adds, n_adds, (hidden + chunk - 1) / chunk, root);
 }
 
 static float plan_sum(const layer_job_t *c, const float *v, float *buf, float *slots)
 {
-    return tgn_layer_plan_sum(v, c->hidden, c->chunk, c->adds, c->n_adds, c->root, buf, slots);
+    return tgn_layer_plan_sum(v, c->hidden, c->chunk, c->adds, c->n_adds, c->root, buf, slots, c->tree);
 }
 
 #if TGN_QUOTIENT_LANES == 16
@@ -279,7 +291,7 @@ static float variance_fused(const layer_job_t *c, const float *x, float mean, fl
     const int64_t start = done * c->chunk;
     if (start < d)
         squares(x + start, mean, sq, d - start);
-    return sum_from(sq, done, d, c->chunk, c->adds, c->n_adds, c->root, buf, slots);
+    return sum_from(sq, done, d, c->chunk, c->adds, c->n_adds, c->root, buf, slots, c->tree);
 }
 
 /* An exact plan's mean and variance total of one row (native_layer_exact.c: the torch
@@ -416,7 +428,7 @@ int64_t tgn_layer_rows(const void *x, void *y, int64_t rows, int64_t hidden, int
     layer_job_t c = {.x = x, .y = y, .hidden = hidden, .chunk = chunk, .adds = adds, .n_adds = n_adds,
                      .root = root, .exact = exact, .code = x_dtype, .w = made && w ? made : w,
                      .b = made && b ? made + hidden : b, .wbf = w_dtype == TGN_DTYPE_BF16, .eps = (float)eps,
-                     .mean = mean, .den = den};
+                     .mean = mean, .den = den, .tree = tgn_layer_tree(adds, n_adds, hidden, chunk, root)};
     const int64_t result = tgn_team_rows(layer_rows, &c, rows, grain, threads);
     free(made);
     return result;

@@ -44,7 +44,7 @@ typedef struct {
     const float *w, *mean, *den;
     int64_t hidden, chunk;
     const int64_t *adds;
-    int64_t n_adds, root, exact, code, want_w, want_b, width;
+    int64_t n_adds, root, exact, code, want_w, want_b, width, tree; /* tree: tgn_layer_tree */
 } layer_bw_t;
 
 enum { HALF = (TGN_BACKWARD_ROW_BLOCK + 1) / 2 };
@@ -74,10 +74,10 @@ static int64_t bw_row(const layer_bw_t *c, const float *x, const float *dy, floa
             mg = ok ? tgn_mean_exact_f32(t1, t2, d) : NAN;
             mgx = ok ? tgn_mean_exact_f32(u1, u2, d) : NAN;
         } else {
-            mg = tgn_layer_plan_sum(g, d, c->chunk, c->adds, c->n_adds, c->root, buf, slots) / fd;
+            mg = tgn_layer_plan_sum(g, d, c->chunk, c->adds, c->n_adds, c->root, buf, slots, c->tree) / fd;
             for (int64_t j = 0; j < d; ++j)
                 p[j] = g[j] * xh[j];
-            mgx = tgn_layer_plan_sum(p, d, c->chunk, c->adds, c->n_adds, c->root, buf, slots) / fd;
+            mgx = tgn_layer_plan_sum(p, d, c->chunk, c->adds, c->n_adds, c->root, buf, slots, c->tree) / fd;
         }
         bad += !(isfinite(mg) && isfinite(mgx));
         int nan = 0;
@@ -175,7 +175,8 @@ int64_t tgn_layer_backward(const void *x, const void *dy, void *dx, const void *
     want_w = dwb && want_w, want_b = dwb && want_b;
     layer_bw_t c = {.x = x, .dy = dy, .dx = dx, .w = wf, .mean = mean, .den = den, .hidden = hidden,
                     .chunk = chunk, .adds = adds, .n_adds = n_adds, .root = root, .exact = exact, .code = x_dtype,
-                    .want_w = want_w, .want_b = want_b, .width = (want_w + want_b) * hidden};
+                    .want_w = want_w, .want_b = want_b, .width = (want_w + want_b) * hidden,
+                    .tree = tgn_layer_tree(adds, n_adds, hidden, chunk, root)};
     int64_t result = tgn_team_rows_dw(bw_rows, &c, rows, c.width, c.width ? dwb : 0, grain, threads);
     free(made);
     return result;

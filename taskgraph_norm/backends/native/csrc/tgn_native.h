@@ -214,11 +214,14 @@ int tgn_team_use_openmp(void *parallel, void *thread_num);
 int64_t tgn_layer_rows(const void *x, void *y, int64_t rows, int64_t hidden, int64_t chunk, const int64_t *adds,
                        int64_t n_adds, int64_t root, int64_t exact, const void *w, const void *b, double eps,
                        float *mean, float *den, int64_t x_dtype, int64_t w_dtype, int64_t grain, int64_t threads);
-/* The plan's float sum of v[0, hidden) (v unchanged; buf: chunk / 2 + 1 floats, slots:
- * n_chunks + n_adds floats); rows of bf16 (TGN_DTYPE_BF16) or fp16 widened to fp32 and
- * fp32 rounded back (c10's formulas). */
+/* tgn_layer_tree: 1 when a plan's ADDs are the tree topology's pairwise levels
+ * (tgn_adds_tree over its chunks), checked once per call.  The plan's float sum of
+ * v[0, hidden) (v unchanged; buf: chunk / 2 + 1 floats, slots: n_chunks + n_adds floats;
+ * tree: tgn_layer_tree's answer, the ADDs then run as vectors, the same additions); rows
+ * of bf16 (TGN_DTYPE_BF16) or fp16 widened to fp32 and fp32 rounded back (c10's formulas). */
+int64_t tgn_layer_tree(const int64_t *adds, int64_t n_adds, int64_t hidden, int64_t chunk, int64_t root);
 float tgn_layer_plan_sum(const float *v, int64_t hidden, int64_t chunk, const int64_t *adds, int64_t n_adds,
-                         int64_t root, float *buf, float *slots);
+                         int64_t root, float *buf, float *slots, int64_t tree);
 void tgn_layer_narrow(const float *s, int64_t code, uint16_t *y, int64_t n);
 
 /* --- native_layer_exact.c: LayerNorm's exact domain --------------------------------
