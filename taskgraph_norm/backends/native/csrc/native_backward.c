@@ -50,13 +50,19 @@ static float halve_in_place(float *restrict v, int64_t length)
     return v[0];
 }
 
+/* tree: the ADDs are the tree topology's pairwise levels (tgn_adds_tree) and the row has
+ * 16 chunks or more: they run as vectors (tgn_adds_tree_f32, the same additions). */
 static float row_dot_float(float *p, int64_t hidden, int64_t chunk, const int64_t *adds, int64_t n_adds,
-                           int64_t root, float *slots)
+                           int64_t root, float *slots, int tree)
 {
     int64_t n_chunks = (hidden + chunk - 1) / chunk;
     for (int64_t c = tgn_chunk_sums_f32(p, chunk, hidden / chunk, slots); c < n_chunks; ++c) {
         int64_t length = hidden - c * chunk < chunk ? hidden - c * chunk : chunk;
         slots[c] = halve_in_place(p + c * chunk, length);
+    }
+    if (tree) {
+        tgn_adds_tree_f32(slots, n_chunks);
+        return slots[root];
     }
     for (int64_t t = 0; t < n_adds; ++t)
         slots[adds[3 * t]] = slots[adds[3 * t + 1]] + slots[adds[3 * t + 2]];
@@ -303,6 +309,7 @@ int64_t tgn_backward_rows_f32(const float *x, const float *dy, const float *w, c
 {
     enum { HALF = (TGN_BACKWARD_ROW_BLOCK + 1) / 2 };
     int64_t n_chunks = (hidden + chunk - 1) / chunk, bad = 0;
+    const int tree = !exact && n_chunks >= 16 && tgn_adds_tree(adds, n_adds, n_chunks, root);
     int64_t need = 2 * hidden + n_chunks + n_adds + (dw ? (HALF - 1) * hidden : 0);
     float *work = tgn_thread_scratch(need);
     if (!work)
@@ -351,7 +358,7 @@ int64_t tgn_backward_rows_f32(const float *x, const float *dy, const float *w, c
                     else
                         for (int64_t j = 0; j < hidden; ++j)
                             p[j] = dyr[j] * xr[j];
-                    s = row_dot_float(p, hidden, chunk, adds, n_adds, root, slots);
+                    s = row_dot_float(p, hidden, chunk, adds, n_adds, root, slots, tree);
                 }
                 k = ((s / fd) / r / r) / r;
                 if (!isfinite(s) || !isfinite(k))
