@@ -3,7 +3,7 @@
 Under ``TRITON_INTERPRET=1`` a launch patches ``triton.language`` with its numpy
 builtins, runs every program, and restores the language.  Triton (3.x) also patches
 the language again at every call of a ``@triton.jit`` helper inside a kernel,
-although the launch has patched it already: about a millisecond each, half the time
+although the launch has patched it already: 0.7 ms each on the 2-core VM, half the time
 of the Triton tests on CPU.  :func:`skip_repatching` lets a helper called inside a
 launch, on the launch's own thread, skip that second patch; every launch still
 patches and restores the language itself, so each kernel runs the same numpy
