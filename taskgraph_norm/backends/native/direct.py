@@ -187,9 +187,7 @@ def direct_call(plan: Plan) -> DirectCall | None:
         mapped = False  # a fresh mapping, faulted in as it is written: no streaming stores (csrc)
         if out is None:
             y = torch.empty_like(x) if out_dtype is x_dtype else torch.empty(x.shape, dtype=out_dtype)
-            if numel * y.element_size() >= HUGE_BYTES:
-                _advise(y.data_ptr(), numel * y.element_size())
-                mapped = True
+            mapped = advise_fresh(y)
         else:
             y = out
         rows = numel // hidden
@@ -211,10 +209,14 @@ def direct_call(plan: Plan) -> DirectCall | None:
     return call
 
 
-def advise_fresh(t: torch.Tensor) -> None:
+def advise_fresh(t: torch.Tensor) -> bool:
     """Advise a fresh CPU tensor ``t`` of at least :data:`HUGE_BYTES` as a huge-page
     candidate before anything writes it, as the direct call does its output (the
-    backward's ``dx``: a fresh 64 MiB tensor faulted in 4 KiB pages costs ms)."""
+    backward's ``dx``: a fresh 64 MiB tensor faulted in 4 KiB pages costs ms).  Returns
+    whether it did: ``t`` is then a fresh mapping, which ``rows_call`` writes with
+    ordinary stores (its ``mapped``)."""
     nbytes = t.numel() * t.element_size()
-    if nbytes >= HUGE_BYTES and _native.available():
-        _advise(t.data_ptr(), nbytes)
+    if nbytes < HUGE_BYTES or not _native.available():
+        return False
+    _advise(t.data_ptr(), nbytes)
+    return True
