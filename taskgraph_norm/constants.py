@@ -98,11 +98,11 @@ the rest as usual).  Never changes a bit, only where the written lines go."""
 
 TREE_ADDS: Final = 64
 """Float rows' flag that only C sets (native_team_jobs.c's tgn_rows_call, native_gated.c),
-once ``tgn_adds_tree`` has checked that the plan's ADD merges are the pairwise tree the
-``tree`` topology lowers to (level after level, ``slots[n + k] = slots[2k] + slots[2k +
-1]``): the kernel then runs those same additions as vectors (rows of 16 chunks or
-more; shorter ones keep the loop of triples).  An entry point Python calls with flags
-clears it.  Never changes a bit."""
+once ``tgn_tree_vectors`` has checked that the plan's ADD merges are the pairwise tree
+the ``tree`` topology lowers to (level after level, ``slots[n + k] = slots[2k] +
+slots[2k + 1]``) over 16 chunks or more (shorter rows keep the loop of triples): the
+kernel then runs those same additions as vectors.  An entry point Python calls with
+flags clears it.  Never changes a bit."""
 
 STREAM_BYTES: Final = 16 << 20
 """Output bytes from which the direct path's FINALIZE (and the native backward's

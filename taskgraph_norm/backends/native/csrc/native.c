@@ -64,9 +64,8 @@ static inline void tree_adds_double(double *s, int64_t n)
               T *total, FINALIZE_ARGS(T), RESIDUAL_ARGS(T))                                 \
     {                                                                                 \
         int64_t n_chunks = (hidden + chunk - 1) / chunk, nan_rows = 0, n_full = hidden / chunk; \
-        /* tgn_adds_tree held (the caller checked); below 16 chunks (QK-norm's rows) */ \
-        /* the loop of triples is quicker than a call: no level fills a vector */     \
-        const int tree = (flags & TGN_TREE_ADDS) != 0 && n_chunks >= 16;             \
+        /* tgn_tree_vectors held (the caller checked, tgn_rows_tree_flag) */          \
+        const int tree = (flags & TGN_TREE_ADDS) != 0;                                \
         /* short rows of full chunks, one after another: a block's chunks in one call */ \
         int blocked = !r && row_stride == hidden && n_full * chunk == hidden && n_full < 8 && rows > 1; \
         const int64_t block = blocked ? BLOCK_CHUNKS / n_full : 0;                    \

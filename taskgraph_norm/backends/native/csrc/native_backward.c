@@ -50,8 +50,7 @@ static float halve_in_place(float *restrict v, int64_t length)
     return v[0];
 }
 
-/* tree: the ADDs are the tree topology's pairwise levels (tgn_adds_tree) and the row has
- * 16 chunks or more: they run as vectors (tgn_adds_tree_f32, the same additions). */
+/* tree (tgn_tree_vectors): the ADDs run as vectors (tgn_adds_tree_f32, the same additions). */
 static float row_dot_float(float *p, int64_t hidden, int64_t chunk, const int64_t *adds, int64_t n_adds,
                            int64_t root, float *slots, int tree)
 {
@@ -309,7 +308,7 @@ int64_t tgn_backward_rows_f32(const float *x, const float *dy, const float *w, c
 {
     enum { HALF = (TGN_BACKWARD_ROW_BLOCK + 1) / 2 };
     int64_t n_chunks = (hidden + chunk - 1) / chunk, bad = 0;
-    const int tree = !exact && n_chunks >= 16 && tgn_adds_tree(adds, n_adds, n_chunks, root);
+    const int tree = !exact && tgn_tree_vectors(adds, n_adds, n_chunks, root);
     int64_t need = 2 * hidden + n_chunks + n_adds + (dw ? (HALF - 1) * hidden : 0);
     float *work = tgn_thread_scratch(need);
     if (!work)

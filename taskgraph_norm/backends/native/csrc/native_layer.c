@@ -78,8 +78,7 @@ static float halve(const float *src, int64_t length, float *buf)
  * backward's row sums (native_layer_backward.c) are this too. */
 /* The rest of that sum once chunks [0, from) are in slots: each later chunk halved (tail:
  * chunk from's first value), then the ADDs; the total.  tree (tgn_layer_tree): the ADDs
- * are the tree topology's pairwise levels, run as vectors (tgn_adds_tree_f32: the same
- * additions) where a row has 16 chunks or more; shorter rows keep the loop of triples. */
+ * run as vectors (tgn_adds_tree_f32: the same additions), else as the loop of triples. */
 static float sum_from(const float *tail, int64_t from, int64_t hidden, int64_t chunk, const int64_t *adds,
                       int64_t n_adds, int64_t root, float *buf, float *slots, int64_t tree)
 {
@@ -88,7 +87,7 @@ static float sum_from(const float *tail, int64_t from, int64_t hidden, int64_t c
         const int64_t at = k * chunk;
         slots[k] = halve(tail + (at - from * chunk), hidden - at < chunk ? hidden - at : chunk, buf);
     }
-    if (tree && n_chunks >= 16) {
+    if (tree) {
         tgn_adds_tree_f32(slots, n_chunks);
         return slots[root];
     }
@@ -106,7 +105,7 @@ float tgn_layer_plan_sum(const float *v, int64_t hidden, int64_t chunk, const in
 
 int64_t tgn_layer_tree(const int64_t *adds, int64_t n_adds, int64_t hidden, int64_t chunk, int64_t root)
 {
-    return tgn_adds_tree(adds, n_adds, (hidden + chunk - 1) / chunk, root);
+    return tgn_tree_vectors(adds, n_adds, (hidden + chunk - 1) / chunk, root);
 }
 
 static float plan_sum(const layer_job_t *c, const float *v, float *buf, float *slots)

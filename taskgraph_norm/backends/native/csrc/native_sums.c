@@ -259,9 +259,18 @@ int tgn_adds_tree(const int64_t *adds, int64_t n_adds, int64_t n_chunks, int64_t
     return (int)ok;
 }
 
+/* Rows of fewer chunks keep the loop of triples: no level fills a vector, and on
+ * QK-norm's rows (2 chunks, one addition) the call cost more than the loop. */
+#define TREE_VECTOR_CHUNKS 16
+
+int tgn_tree_vectors(const int64_t *adds, int64_t n_adds, int64_t n_chunks, int64_t root)
+{
+    return n_chunks >= TREE_VECTOR_CHUNKS && tgn_adds_tree(adds, n_adds, n_chunks, root);
+}
+
 int64_t tgn_rows_tree_flag(const tgn_rows_cfg_t *c)
 {
-    return !c->exact && tgn_adds_tree(c->adds, c->n_adds, (c->hidden + c->chunk - 1) / c->chunk, c->root)
+    return !c->exact && tgn_tree_vectors(c->adds, c->n_adds, (c->hidden + c->chunk - 1) / c->chunk, c->root)
                ? TGN_TREE_ADDS : 0;
 }
 

@@ -53,6 +53,9 @@ int64_t tgn_chunk_sqdev_f32(const float *row, float mean, int64_t chunk, int64_t
 /* Whether a plan's ADD merges are the tree topology's pairwise levels over n_chunks
  * slots (then the kernel may take TGN_TREE_ADDS), and those merges run as vectors. */
 int tgn_adds_tree(const int64_t *adds, int64_t n_adds, int64_t n_chunks, int64_t root);
+/* tgn_adds_tree, and n_chunks enough for the vectors to pay (16 or more): the one test
+ * of whether a row's merges run as tgn_adds_tree_f32. */
+int tgn_tree_vectors(const int64_t *adds, int64_t n_adds, int64_t n_chunks, int64_t root);
 void tgn_adds_tree_f32(float *slots, int64_t n_chunks);
 /* native_face.c: advise the whole pages of [p, p + bytes) as huge-page candidates
  * (Linux's MADV_HUGEPAGE; advice only, errors ignored; nothing elsewhere): a fresh output
@@ -150,8 +153,8 @@ typedef struct tgn_rows_cfg {
 
 int64_t tgn_rows_call(const tgn_rows_cfg_t *c, const void *x, void *y, int64_t rows, const void *w,
                       double eps, void *total, const void *r, void *h, int64_t threads, int64_t mapped);
-/* native_sums.c: TGN_TREE_ADDS when c's plan is float and its merges are the tree's
- * (tgn_adds_tree), else 0: what a call of c adds to its kernels' flags. */
+/* native_sums.c: TGN_TREE_ADDS when c's plan is float and its merges run as vectors
+ * (tgn_tree_vectors), else 0: what a call of c adds to its kernels' flags. */
 int64_t tgn_rows_tree_flag(const tgn_rows_cfg_t *c);
 
 /* --- native_gated.c: a gated, grouped RMSNorm's no-grad forward in one pass ---------
@@ -214,8 +217,8 @@ int tgn_team_use_openmp(void *parallel, void *thread_num);
 int64_t tgn_layer_rows(const void *x, void *y, int64_t rows, int64_t hidden, int64_t chunk, const int64_t *adds,
                        int64_t n_adds, int64_t root, int64_t exact, const void *w, const void *b, double eps,
                        float *mean, float *den, int64_t x_dtype, int64_t w_dtype, int64_t grain, int64_t threads);
-/* tgn_layer_tree: 1 when a plan's ADDs are the tree topology's pairwise levels
- * (tgn_adds_tree over its chunks), checked once per call.  The plan's float sum of
+/* tgn_layer_tree: 1 when a plan's ADDs run as vectors (tgn_tree_vectors over its
+ * chunks), checked once per call.  The plan's float sum of
  * v[0, hidden) (v unchanged; buf: chunk / 2 + 1 floats, slots: n_chunks + n_adds floats;
  * tree: tgn_layer_tree's answer, the ADDs then run as vectors, the same additions); rows
  * of bf16 (TGN_DTYPE_BF16) or fp16 widened to fp32 and fp32 rounded back (c10's formulas). */
