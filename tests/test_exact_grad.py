@@ -137,6 +137,34 @@ def test_native_and_torch_give_the_same_state(shape: tuple[int, int]) -> None:
     assert torch.equal(ExactSum(shape[1]).add_products(dy, strided).state, expected)
 
 
+def test_the_direct_folds_worst_cases_keep_the_exact_integer() -> None:
+    """The C kernel's direct route folds a 64-row block of a 32-column tile once, its
+    first fold's sum kept biased (native_dw_direct.c): columns whose 64 products all
+    equal the tile's bound, of either sign (the largest sum the bias must hold), and
+    columns of products that fall exactly halfway between two of the fold's grid points
+    (ties, rounded to even, so the remainders are exactly half a unit) or just off them,
+    beside rows that put the bound at 1.  The state must be the exact integer (a bias
+    that let the sum's grid get finer than the first fold's unit fails here)."""
+    if not native.available():
+        pytest.skip(f"native kernels unavailable: {native.why_unavailable()}")
+    rows, cols = 64, 32  # one block, one full tile: the direct route
+    dy, x_hat = torch.zeros(rows, cols), torch.ones(rows, cols)
+    dy[:, 0:8] = 1.0  # every product the bound 1, summing to 64
+    dy[:, 8:16] = -1.0
+    # the tile's bound 1 gives s1 = 7, the biased grid 2**-44: odd multiples of 2**-45 are ties
+    k = torch.arange(rows, dtype=torch.float32)
+    dy[:, 16:24] = ((2 * k + 1) * 2.0**-45).unsqueeze(1) * torch.tensor([1, -1, 3, -3, 5, -5, 7, -7])
+    # just off the ties, by 2**-50 (still one fold, whose test is the tile's smallest |dy|
+    # ulp, 2**-68, times |x_hat|'s, 2**-23, against the second fold's unit 2**-92)
+    dy[:, 24:32] = ((2 * k + 1) * 2.0**-45 + 2.0**-50).unsqueeze(1) * torch.tensor([1, -1] * 4)
+    dy[0, 16:] = 1.0  # the bound in the tied columns too
+    with native.disabled():
+        expected = ExactSum(cols).add_products(dy, x_hat).state
+    state = ExactSum(cols).add_products(dy, x_hat).state
+    assert state_value(state) == exact_column_sums(dy, x_hat)
+    assert torch.equal(state, expected)
+
+
 def test_repeated_adds_carry_through_the_digits_as_the_torch_form_does() -> None:
     """Calls into one state: each normalises only the digits it wrote and the carries
     out of them; digit sums near 2**31 and wide tiles make those carries run."""

@@ -238,20 +238,21 @@ def test_residual_bits() -> None:
     assert_bits_equal(y, tgn.normalize_sync(h, w, chunk_size=16))
 
 
-def _native_backward_has_torch_bits(x: torch.Tensor, dy: torch.Tensor, w: torch.Tensor, chunk: int = 64,
+def _native_backward_has_torch_bits(x: torch.Tensor, dy: torch.Tensor, w: torch.Tensor | None, chunk: int = 64,
                                     topology: str = "tree", accumulate: str = "float") -> torch.Tensor:
-    """The C backward's dx and dW against the torch ops', bit for bit, given the
-    forward's rms (returned: a test may check it)."""
+    """The C backward's dx (and dW, given a weight) against the torch ops', bit for bit,
+    given the forward's rms (returned: a test may check it)."""
     from taskgraph_norm import pipeline
     from taskgraph_norm.ops import backward as bw
 
     pipe = pipeline.for_config(x.shape[-1], chunk, topology, "pairwise", accumulate, "auto")
     _, rms = ops.rms_norm_op(x, w, 1e-6, chunk, topology, "pairwise", accumulate, "torch", 0.0)
-    found = BACKENDS["native"].backward_rows(pipe.plan, dy, x, w, rms, True, True)
+    found = BACKENDS["native"].backward_rows(pipe.plan, dy, x, w, rms, True, w is not None)
     assert found is not None
-    want = backend_backward("torch_ops", pipe, dy, x, w, rms, True, True)
+    want = backend_backward("torch_ops", pipe, dy, x, w, rms, True, w is not None)
     assert_bits_equal(found[0], want[0])
-    assert_bits_equal(found[1], want[1])
+    if w is not None:
+        assert_bits_equal(found[1], want[1])
     return rms
 
 
@@ -284,17 +285,20 @@ def test_native_backward_quotients_on_hard_rows_have_the_torch_ops_bits(accumula
     _native_backward_has_torch_bits(x, dy, w, accumulate=accumulate)
 
 
+@pytest.mark.parametrize("weighted", [True, False], ids=["weight", "no-weight"])
 @pytest.mark.parametrize("chunk", [16, 32, 64, 128, 256, 48])
-def test_native_backward_dot_in_every_chunk_size(chunk: int) -> None:
-    """The C backward sums s = sum(g * x) eight power-of-two chunks at a time (the
-    forward's add network, native.c's tgn_chunk_sums_f32), the rest one by one: every
-    chunk size, with whole groups of eight and tails, over values of many magnitudes
-    (so any other pairing of the additions rounds differently), gives the torch ops' bits."""
+def test_native_backward_dot_in_every_chunk_size(chunk: int, weighted: bool) -> None:
+    """The C backward sums s = sum(g * x) eight power-of-two chunks at a time, forming
+    the products g * x = (dy * w) * x as it loads them (native_sums.c's
+    tgn_chunk_dots_f32: the forward's add network), the rest one by one: every chunk
+    size, with and without a weight, with whole groups of eight and tails, over values
+    of many magnitudes (so any other pairing of the additions, or a product fused into
+    an fma, rounds differently), gives the torch ops' bits."""
     hidden = chunk * 19 + 5  # two groups of eight chunks, three more, and a tail
     g = torch.Generator().manual_seed(chunk)
     x = torch.randn(37, hidden, generator=g) * torch.exp2(torch.randint(-12, 12, (37, hidden), generator=g).float())
     dy, w = torch.randn(37, hidden, generator=g), torch.randn(hidden, generator=g)
-    _native_backward_has_torch_bits(x, dy, w, chunk)
+    _native_backward_has_torch_bits(x, dy, w if weighted else None, chunk)
 
 
 def test_native_backward_quotients_on_subnormal_ties() -> None:

@@ -50,12 +50,21 @@ static float halve_in_place(float *restrict v, int64_t length)
     return v[0];
 }
 
-/* tree (tgn_tree_vectors): the ADDs run as vectors (tgn_adds_tree_f32, the same additions). */
-static float row_dot_float(float *p, int64_t hidden, int64_t chunk, const int64_t *adds, int64_t n_adds,
-                           int64_t root, float *slots, int tree)
+/* s = sum(g * x) by the plan's float DAG, g = dy * w (dy where w is NULL): the full
+ * chunks' leaves summed as the products are formed (tgn_chunk_dots_f32), the products
+ * of the rest written into p and halved there; tree (tgn_tree_vectors): the ADDs run as
+ * vectors (tgn_adds_tree_f32, the same additions). */
+static float row_dot_float(const float *dy, const float *w, const float *x, float *p, int64_t hidden, int64_t chunk,
+                           const int64_t *adds, int64_t n_adds, int64_t root, float *slots, int tree)
 {
-    int64_t n_chunks = (hidden + chunk - 1) / chunk;
-    for (int64_t c = tgn_chunk_sums_f32(p, chunk, hidden / chunk, slots); c < n_chunks; ++c) {
+    int64_t n_chunks = (hidden + chunk - 1) / chunk, c = tgn_chunk_dots_f32(dy, w, x, chunk, hidden / chunk, slots);
+    if (w)
+        for (int64_t j = c * chunk; j < hidden; ++j)
+            p[j] = (dy[j] * w[j]) * x[j];
+    else
+        for (int64_t j = c * chunk; j < hidden; ++j)
+            p[j] = dy[j] * x[j];
+    for (; c < n_chunks; ++c) {
         int64_t length = hidden - c * chunk < chunk ? hidden - c * chunk : chunk;
         slots[c] = halve_in_place(p + c * chunk, length);
     }
@@ -350,14 +359,8 @@ int64_t tgn_backward_rows_f32(const float *x, const float *dy, const float *w, c
                     else
                         memcpy(g, dyr, (size_t)hidden * sizeof(float));
                     s = row_dot_exact(g, xr, hidden);
-                } else {
-                    if (w) /* p = g x with g = dy w, not kept: dx_t_row forms g again */
-                        for (int64_t j = 0; j < hidden; ++j)
-                            p[j] = (dyr[j] * w[j]) * xr[j];
-                    else
-                        for (int64_t j = 0; j < hidden; ++j)
-                            p[j] = dyr[j] * xr[j];
-                    s = row_dot_float(p, hidden, chunk, adds, n_adds, root, slots, tree);
+                } else { /* (g = dy w not kept: dx_t_row forms it again) */
+                    s = row_dot_float(dyr, w, xr, p, hidden, chunk, adds, n_adds, root, slots, tree);
                 }
                 k = ((s / fd) / r / r) / r;
                 if (!isfinite(s) || !isfinite(k))

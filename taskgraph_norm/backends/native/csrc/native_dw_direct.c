@@ -150,7 +150,18 @@ INLINE void dw_quotients(const float *c, const tgn_q_div_t *d, float *restrict h
  * makes them, or with one_fold the first and the exact remainder.  Adds the sums to
  * the digits and returns 1 when nothing is left for a third fold (a remainder is seen
  * by its bits: r - q2 is +0 when nothing is left) and the sums are finite; else adds
- * nothing and returns 0. */
+ * nothing and returns 0.
+ *
+ * one_fold keeps the first fold's sum biased instead of forming each q1 (one operation
+ * less per product): A starts at 3 * 2^s1, in the binade [2^(s1+1), 2^(s1+2)) whose
+ * grid is u = 2^(s1-51), and |sum of the q| <= 64 (2^(s1-L) + u/2) < 2^s1 keeps every
+ * A there.  Each step t = fl(A + p) rounds p to that grid: q = t - A is exact
+ * (Sterbenz), so A - t = -q is too, and p - q = (A + p) - t, the addition's rounding
+ * error, is a number (|.| <= u/2), which fma(dy, h, A - t) gives exactly.  The q sum
+ * A - 3 * 2^s1 (exact) is a multiple of u, below 2^53 units 2^(s1-53) of s1's digits;
+ * the remainders are multiples of the product grid, itself a multiple of the second
+ * fold's unit u2 (one_fold's test), and their sum, at most 64 u/2 = 2^53 u2, is exact:
+ * the same integers as the unbiased fold's (native_dw.c's argument for any split). */
 INLINE int dw_tile_direct(const float *dy, int64_t dy_stride, const float *b, int64_t b_stride, const float *rms,
                           const float *recip, int64_t rows, const int *s1, int one_fold, int64_t *state,
                           int64_t stride, int *span)
@@ -163,6 +174,9 @@ INLINE int dw_tile_direct(const float *dy, int64_t dy_stride, const float *b, in
         a1[j] = a2[j] = 0.0;
         left[j] = 0;
     }
+    if (one_fold)
+        for (int j = 0; j < DW_TILE; ++j)
+            a1[j] = 3.0 * g1[j]; /* the biased sum A (above) */
     for (int64_t i = 0; i < rows; ++i) {
         const float *a = dy + i * dy_stride, *c = b + i * b_stride;
         const float r = rms ? rms[i] : 1.0f;
@@ -179,13 +193,15 @@ INLINE int dw_tile_direct(const float *dy, int64_t dy_stride, const float *b, in
 #else
             const float h = rms ? c[j] / r : c[j];
 #endif
+            if (one_fold) {
+                double t = DW_MUL_ADD(a[j], h, a1[j]);
+                a2[j] += DW_MUL_ADD(a[j], h, a1[j] - t); /* p - q, exact */
+                a1[j] = t;
+                continue;
+            }
             double q1 = DW_MUL_ADD(a[j], h, g1[j]) - g1[j];
             double rest = DW_MUL_ADD(a[j], h, -q1); /* exact */
             a1[j] += q1;
-            if (one_fold) {
-                a2[j] += rest;
-                continue;
-            }
             double q2 = (rest + g2[j]) - g2[j];
             double after = rest - q2;
             uint64_t bits;
@@ -194,6 +210,9 @@ INLINE int dw_tile_direct(const float *dy, int64_t dy_stride, const float *b, in
             left[j] |= bits;
         }
     }
+    if (one_fold)
+        for (int j = 0; j < DW_TILE; ++j)
+            a1[j] -= 3.0 * g1[j]; /* the q sum, exact (NaN or infinite where a product was) */
     int bad = 0;
     for (int j = 0; j < DW_TILE; ++j)
         bad |= (left[j] != 0) | !(fabs(a1[j]) <= 0x1p1023) | !(fabs(a2[j]) <= 0x1p1023);

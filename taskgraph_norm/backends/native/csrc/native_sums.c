@@ -219,6 +219,66 @@ int64_t tgn_chunk_sums_f32(const float *row, int64_t chunk, int64_t n_full, floa
     }
 }
 
+/* The backward's dot products formed as the first step loads them (no row of products
+ * written and read again): p = (dy * w) * x, or dy * x without a weight, each product
+ * rounded as native_backward.c's scalar loop rounds it (two multiplies, no fma), then
+ * the halving of tgn_chunk_sums_f32 over that row of products: the same values in the
+ * same additions, so the same bits.  (Chunks of 64 or more take 16 lanes, as there.) */
+#define VERT_DOT(NAME, C, L, V, LOAD, MUL, ADD, TO8)                                   \
+    INLINE V NAME##_prod_##C(const float *dy, const float *w, const float *x, int64_t o) \
+    {                                                                                  \
+        return w ? MUL(MUL(LOAD(dy + o), LOAD(w + o)), LOAD(x + o)) : MUL(LOAD(dy + o), LOAD(x + o)); \
+    }                                                                                  \
+    INLINE __m256 NAME##_##C(const float *dy, const float *w, const float *x)          \
+    {                                                                                  \
+        V p[(C) / (2 * (L))];                                                          \
+        for (int i = 0; i < (C) / (2 * (L)); ++i)                                      \
+            p[i] = ADD(NAME##_prod_##C(dy, w, x, (L) * i), NAME##_prod_##C(dy, w, x, (C) / 2 + (L) * i)); \
+        for (int h = (C) / (4 * (L)); h >= 1; h /= 2)                                  \
+            for (int i = 0; i < h; ++i)                                                \
+                p[i] = ADD(p[i], p[i + h]);                                            \
+        return TO8(p[0]);                                                              \
+    }
+#define VERT_DOT8(C) VERT_DOT(vert8_dot, C, 8, __m256, _mm256_loadu_ps, _mm256_mul_ps, _mm256_add_ps, SAME)
+#if defined(__AVX512F__)
+#define VERT_DOT_WIDE(C) VERT_DOT(vert8_dot, C, 16, __m512, _mm512_loadu_ps, _mm512_mul_ps, _mm512_add_ps, \
+                                  halves_added)
+#else
+#define VERT_DOT_WIDE VERT_DOT8
+#endif
+VERT_DOT8(16) VERT_DOT8(32) VERT_DOT_WIDE(64) VERT_DOT_WIDE(128) VERT_DOT_WIDE(256)
+
+/* W: the weight, or NULL as a constant (each case its own loop, the test not in it). */
+#define DOT_GROUPS(C, W)                                                               \
+    for (c = 0; c + 8 <= n_full; c += 8) {                                             \
+        __m256 v[8];                                                                   \
+        for (int i = 0; i < 8; ++i) {                                                  \
+            const int64_t o = (c + i) * (C);                                           \
+            v[i] = vert8_dot_##C(dy + o, (W) ? (W) + o : 0, x + o);                    \
+        }                                                                              \
+        network8(v, slots + c);                                                        \
+    }                                                                                  \
+    return c;
+#define EIGHT_DOTS(C)                                                                  \
+    if (w) {                                                                           \
+        DOT_GROUPS(C, w)                                                               \
+    }                                                                                  \
+    DOT_GROUPS(C, (const float *)0)
+
+int64_t tgn_chunk_dots_f32(const float *dy, const float *w, const float *x, int64_t chunk, int64_t n_full,
+                           float *slots)
+{
+    int64_t c;
+    switch (chunk) {
+    case 16: EIGHT_DOTS(16)
+    case 32: EIGHT_DOTS(32)
+    case 64: EIGHT_DOTS(64)
+    case 128: EIGHT_DOTS(128)
+    case 256: EIGHT_DOTS(256)
+    default: return 0;
+    }
+}
+
 #define EIGHT_DEVS(C)                                                                  \
     for (c = 0; c + 8 <= n_full; c += 8) {                                             \
         __m256 v[8];                                                                   \
@@ -317,6 +377,13 @@ int64_t tgn_chunk_sums_f32(const float *row, int64_t chunk, int64_t n_full, floa
 {
     (void)row, (void)chunk, (void)n_full, (void)slots;
     return 0; /* the caller halves every chunk */
+}
+
+int64_t tgn_chunk_dots_f32(const float *dy, const float *w, const float *x, int64_t chunk, int64_t n_full,
+                           float *slots)
+{
+    (void)dy, (void)w, (void)x, (void)chunk, (void)n_full, (void)slots;
+    return 0; /* the caller forms the products and halves every chunk */
 }
 #endif
 

@@ -46,6 +46,10 @@ int tgn_full_chunks_f64(const double *row, int64_t chunk, int64_t n_full, double
  * halved pairwise into slots, eight chunks at a time; returns how many it summed (0
  * where the build has no vector form: the caller halves the rest). */
 int64_t tgn_chunk_sums_f32(const float *row, int64_t chunk, int64_t n_full, float *slots);
+/* The same sums of the products p = (dy * w) * x (dy * x where w is NULL) formed as they
+ * are loaded: the bits of tgn_chunk_sums_f32 over that row of products. */
+int64_t tgn_chunk_dots_f32(const float *dy, const float *w, const float *x, int64_t chunk, int64_t n_full,
+                           float *slots);
 /* LayerNorm's variance: the chunk sums of (row[j] - mean)^2 (each difference and square
  * rounded once) as tgn_full_chunks_f32 would give them over those squares, eight chunks
  * at a time; returns how many leading full chunks it summed (0: no vector form). */
