@@ -11,8 +11,20 @@ from typing import Any
 
 from taskgraph_norm.tools.bench import interleaved_medians
 
-__all__ = ["interleaved_medians", "median_seconds", "repeated", "seconds_per_call", "fastest", "target_row", "train_step",
-           "TARGET_HEADER"]
+__all__ = ["interleaved_medians", "median_seconds", "minor_faults", "repeated", "seconds_per_call", "fastest",
+           "target_row", "train_step", "TARGET_HEADER"]
+
+try:
+    import resource
+except ImportError:  # not a Unix: no fault counts
+    resource = None  # type: ignore[assignment]
+
+
+def minor_faults() -> int:
+    """This process's minor page faults so far (0 where the platform does not count
+    them): pages the kernel mapped in on first touch, such as a heap block glibc gave
+    back to the OS and a later allocation took again (docs/performance.md, "Page faults")."""
+    return 0 if resource is None else resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def median_seconds(fn: Callable[[], object], *, repeats: int = 7, warmup: int = 1) -> float:

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import taskgraph_norm as tgn  # noqa: E402
-from common import TARGET_HEADER, fastest, interleaved_medians, repeated, target_row  # noqa: E402
+from common import TARGET_HEADER, fastest, interleaved_medians, minor_faults, repeated, target_row  # noqa: E402
 
 D = 4096
 EAGER_W, EAGER = "eager F.rms_norm(x, (D,), w)", "eager F.rms_norm(x, (D,))"
@@ -75,16 +75,12 @@ def _faults_per_call(methods: Methods, rounds: int = 3) -> dict[str, float]:
     """Minor page faults per call of each method (median over interleaved rounds): a
     method whose output the C allocator hands back to the OS after every call faults
     it in again on the next (see docs/performance.md, "Page faults")."""
-    try:
-        import resource
-    except ImportError:  # not a Unix: no fault counts
-        return dict.fromkeys(methods, 0.0)
     counts: dict[str, list[float]] = {k: [] for k in methods}
     for _ in range(rounds):
         for name, fn in methods.items():
-            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            before = minor_faults()
             fn()
-            counts[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+            counts[name].append(minor_faults() - before)
     return {k: statistics.median(v) for k, v in counts.items()}
 
 

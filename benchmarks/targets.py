@@ -38,7 +38,10 @@ design to the next: 16 rounds are the whole cycle for four methods (the ``fresh`
 group's: a face and three baselines) and four cycles for two.
 
 Each line: our median time, the baseline's and which it was, the ratio and whether the
-target is met; the last line counts the targets met.  torch's OpenMP threads spin
+target is met; then the count of targets met, and the lines whose method or baseline
+took minor page faults in its timed calls, with their number per call (glibc may give
+a freed 16 MiB block back to the OS and fault it in again on the next call, in some
+processes and not others: docs/performance.md, "Page faults").  torch's OpenMP threads spin
 between ops, which stalls them on a loaded machine: run with
 ``OMP_WAIT_POLICY=PASSIVE`` (printed in the header).
 """
@@ -57,7 +60,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import taskgraph_norm as tgn  # noqa: E402
-from common import TARGET_HEADER, fastest, interleaved_medians, repeated, target_row, train_step  # noqa: E402
+from common import (  # noqa: E402
+    TARGET_HEADER, fastest, interleaved_medians, minor_faults, repeated, target_row, train_step,
+)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 GROUPS = ("out", "fresh", "exact", "exact_dw", "train", "small")
@@ -65,6 +70,9 @@ GROUPS = ("out", "fresh", "exact", "exact_dw", "train", "small")
 BYTES_PER_TIMING = 16 << 20
 #: Calls one timing makes at least (the module docstring says why).
 MIN_CALLS = 3
+#: A line whose ours or baseline took this many minor page faults per timed call or
+#: more gets a note under the table.
+NOTED_FAULTS = 1.0
 Methods = dict[str, Callable[[], object]]
 
 
@@ -77,6 +85,8 @@ class Result:
     base: float
     baseline: str
     target: float | None
+    #: Minor page faults per timed call of ours and of the baseline.
+    faults: tuple[float, float] = (0.0, 0.0)
 
     @property
     def met(self) -> bool | None:
@@ -96,11 +106,36 @@ def _calls(nbytes: int) -> int:
     return max(MIN_CALLS, min(256, BYTES_PER_TIMING // max(nbytes, 1)))
 
 
+#: Minor page faults per timed call of each method of the last :func:`_time`.
+_faults: dict[str, float] = {}
+
+
 def _time(methods: Methods, calls: int, rounds: int) -> dict[str, float]:
     """Median seconds per call of each method, interleaved over ``rounds``; each
-    timing of ``calls`` calls comes right after one untimed call of the same method."""
-    medians = interleaved_medians({k: repeated(fn, calls) for k, fn in methods.items()}, rounds, settle=methods)
+    timing of ``calls`` calls comes right after one untimed call of the same method.
+    The timed calls' page faults per call are left in ``_faults``."""
+    counts = {k: [0, 0] for k in methods}  # faults, calls
+
+    def counted(name: str, fn: Callable[[], object]) -> Callable[[], None]:
+        run = repeated(fn, calls)
+
+        def timed() -> None:
+            before = minor_faults()
+            run()
+            counts[name][0] += minor_faults() - before
+            counts[name][1] += calls
+
+        return timed
+
+    medians = interleaved_medians({k: counted(k, fn) for k, fn in methods.items()}, rounds, settle=methods)
+    _faults.clear()
+    _faults.update({k: f / max(n, 1) for k, (f, n) in counts.items()})
     return {k: v / calls for k, v in medians.items()}
+
+
+def _result(case: str, t: dict[str, float], ours: str, base: str, baseline: str, target: float | None) -> Result:
+    """The line of ``ours`` against ``base`` in timings ``t`` of the last :func:`_time`."""
+    return Result(case, t[ours], t[base], baseline, target, (_faults[ours], _faults[base]))
 
 
 def compiled(fn: Callable[..., torch.Tensor], enabled: bool) -> Callable[..., torch.Tensor] | None:
@@ -138,8 +173,8 @@ def out_group(shapes: Sequence[tuple[int, int]], dtypes: Sequence[str], rounds: 
             out = torch.empty_like(x).zero_()
             t = _time({"copy_": lambda: out.copy_(x), "ours": lambda: tgn.normalize_sync(x, w, out=out)},
                       _calls(2 * x.nbytes), rounds)
-            results.append(Result(f"out= ({rows}, {hidden}) {name}", t["ours"], t["copy_"], "out.copy_(x)",
-                                  1.1 if name == "fp32" else 1.5))
+            results.append(_result(f"out= ({rows}, {hidden}) {name}", t, "ours", "copy_", "out.copy_(x)",
+                                   1.1 if name == "fp32" else 1.5))
     return results
 
 
@@ -165,7 +200,7 @@ def fresh_group(shapes: Sequence[tuple[int, int]], dtypes: Sequence[str], rounds
                                 (module_call, "tgn.RMSNorm, no_grad")):
                 t = _time({"ours": face, **base}, _calls(2 * x.nbytes), rounds)
                 best = fastest(t, *base)
-                results.append(Result(f"fresh {label} ({rows}, {hidden}) {name}", t["ours"], t[best], best, 1.0))
+                results.append(_result(f"fresh {label} ({rows}, {hidden}) {name}", t, "ours", best, best, 1.0))
     return results
 
 
@@ -181,14 +216,14 @@ def exact_group(shapes: Sequence[tuple[int, int]], rounds: int) -> list[Result]:
             "float": lambda: tgn.normalize_sync(x, w),
             "exact": lambda: tgn.normalize_sync(x, w, accumulate="exact"),
         }, _calls(2 * x.nbytes), rounds)
-        t |= _time({
+        results.append(_result(f"exact forward ({rows}, {hidden}) fp32", t, "exact", "float", "the float forward",
+                               target))
+        t = _time({
             "float out": lambda: tgn.normalize_sync(x, w, out=out),
             "exact out": lambda: tgn.normalize_sync(x, w, accumulate="exact", out=out),
         }, _calls(2 * x.nbytes), rounds)
-        results.append(Result(f"exact forward ({rows}, {hidden}) fp32", t["exact"], t["float"],
-                              "the float forward", target))
-        results.append(Result(f"exact forward, out= ({rows}, {hidden}) fp32", t["exact out"], t["float out"],
-                              "the float forward, out=", target))
+        results.append(_result(f"exact forward, out= ({rows}, {hidden}) fp32", t, "exact out", "float out",
+                               "the float forward, out=", target))
     return results
 
 
@@ -213,8 +248,8 @@ def exact_dw_group(rows_list: Sequence[int], hidden: int, rounds: int) -> list[R
         xe, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
         t = _time({"exact": train_step(exact, xe, dy), "float": train_step(float_, xf, dy)},
                   _calls(6 * x.nbytes), rounds)
-        results.append(Result(f"forward+backward, exact dW ({rows}, {hidden}) fp32", t["exact"], t["float"],
-                              'weight_grad="float"', 1.3))
+        results.append(_result(f"forward+backward, exact dW ({rows}, {hidden}) fp32", t, "exact", "float",
+                               'weight_grad="float"', 1.3))
     return results
 
 
@@ -233,7 +268,7 @@ def train_group(rows_list: Sequence[int], hidden: int, rounds: int, compile_: bo
             methods["torch.compile(torch.nn.RMSNorm)"] = step
         t = _time(methods, _calls(6 * x.nbytes), rounds)
         base = "torch.compile(torch.nn.RMSNorm)" if "torch.compile(torch.nn.RMSNorm)" in t else "eager torch.nn.RMSNorm"
-        results.append(Result(f"forward+backward ({rows}, {hidden}) fp32", t["ours"], t[base], base, 0.7))
+        results.append(_result(f"forward+backward ({rows}, {hidden}) fp32", t, "ours", base, base, 0.7))
     return results
 
 
@@ -242,7 +277,7 @@ def small_group(rounds: int) -> list[Result]:
     base = _eager_and_compiled(x, w, False)
     t = _time({"ours": lambda: tgn.normalize_sync(x, w), **base}, 256, rounds)
     best = fastest(t, *base)
-    return [Result("normalize_sync (1, 4096) fp32", t["ours"], t[best], best, 0.45)]
+    return [_result("normalize_sync (1, 4096) fp32", t, "ours", best, best, 0.45)]
 
 
 def run(groups: Sequence[str], rounds: int, quick: bool) -> list[Result]:
@@ -287,6 +322,12 @@ def main(argv: Sequence[str] | None = None) -> list[Result]:
     results = run(args.only, rounds, args.quick)
     judged = [r for r in results if r.met is not None]
     print(f"\n{sum(bool(r.met) for r in judged)} of {len(judged)} targets met")
+    faulted = [r for r in results if max(r.faults) >= NOTED_FAULTS]
+    if faulted:
+        print("\nMinor page faults per timed call (the C allocator gave a freed block back to the OS and "
+              "the next call faulted it in again: docs/performance.md, \"Page faults\"):")
+        for r in faulted:
+            print(f"- {r.case}: ours {r.faults[0]:.0f}, {r.baseline} {r.faults[1]:.0f}")
     return results
 
 
