@@ -2,6 +2,7 @@
 the same interleaved rounds.
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/targets.py [--rounds 16] [--quick] [--only GROUP ...]
+                                                         [--processes N]
 
 Groups (``--only`` picks some; ``--quick`` runs each on its smaller shapes with 3
 rounds and no ``torch.compile``, a check that the script runs, not figures to quote):
@@ -37,6 +38,13 @@ method came next. The rounds call the methods in the orders of ``balanced_orders
 design to the next: 16 rounds are the whole cycle for four methods (the ``fresh``
 group's: a face and three baselines) and four cycles for two.
 
+``--processes N`` runs the whole set in N fresh interpreters, one after the other, and
+takes each line from the process whose ratio is the median of the N (listing every
+process's ratio under the table): a process draws its heap layout and its tensors'
+physical pages once, and some lines fall into a slower or faster mode for a whole
+process (glibc's page faults, below), as pyperf runs its benchmarks in several
+processes for the same reason.
+
 Each line: our median time, the baseline's and which it was, the ratio and whether the
 target is met; then the count of targets met, and the lines whose method or baseline
 took minor page faults in its timed calls, with their number per call (glibc may give
@@ -49,7 +57,11 @@ between ops, which stalls them on a loaded machine: run with
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
+import statistics
+import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -280,7 +292,7 @@ def small_group(rounds: int) -> list[Result]:
     return [_result("normalize_sync (1, 4096) fp32", t, "ours", best, best, 0.45)]
 
 
-def run(groups: Sequence[str], rounds: int, quick: bool) -> list[Result]:
+def run(groups: Sequence[str], rounds: int, quick: bool, echo: bool = True) -> list[Result]:
     big = ((1024, 4096),) if quick else ((1024, 4096), (4096, 4096))
     short = ((8192, 64),) if quick else ((32768, 128), (8192, 64))
     dtypes = ("fp32", "bf16") if quick else tuple(DTYPES)
@@ -300,9 +312,36 @@ def run(groups: Sequence[str], rounds: int, quick: bool) -> list[Result]:
         else:
             found = small_group(rounds)
         for r in found:
-            print(r.row(), flush=True)
+            if echo:
+                print(r.row(), flush=True)
         results.extend(found)
     return results
+
+
+def median_process(runs: Sequence[Sequence[Result]]) -> tuple[list[Result], dict[str, list[float]]]:
+    """Each case's line from the process whose ratio is the median of the processes'
+    (the lower middle one for an even count), and every process's ratio per case."""
+    ratios: dict[str, list[float]] = {}
+    merged = []
+    for lines in zip(*runs):
+        case = lines[0].case
+        if any(r.case != case for r in lines):
+            raise ValueError(f"the processes timed different cases: {[r.case for r in lines]}")
+        ratios[case] = [r.ours / r.base for r in lines]
+        merged.append(sorted(lines, key=lambda r: r.ours / r.base)[(len(lines) - 1) // 2])
+    return merged, ratios
+
+
+def _in_processes(argv: Sequence[str], processes: int) -> list[list[Result]]:
+    """This script's run in ``processes`` fresh interpreters, one after the other, each
+    with ``argv`` (its progress bars on this terminal): their results."""
+    runs = []
+    for _ in range(processes):
+        done = subprocess.run([sys.executable, __file__, *argv, "--json"], stdout=subprocess.PIPE, text=True,
+                              check=True)
+        runs.append([Result(**{**fields, "faults": tuple(fields["faults"])})
+                     for fields in map(json.loads, done.stdout.splitlines())])
+    return runs
 
 
 def main(argv: Sequence[str] | None = None) -> list[Result]:
@@ -311,15 +350,35 @@ def main(argv: Sequence[str] | None = None) -> list[Result]:
     parser.add_argument("--rounds", type=int, help="interleaved rounds per case (default 16; --quick 3)")
     parser.add_argument("--quick", action="store_true", help="smaller shapes, 3 rounds, no torch.compile")
     parser.add_argument("--only", nargs="+", choices=GROUPS, default=list(GROUPS), help="groups to run")
+    parser.add_argument("--processes", type=int, default=1,
+                        help="run in this many fresh processes, one after the other, and take each line "
+                             "from the process of the median ratio")
+    parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)  # (a worker of --processes)
     args = parser.parse_args(argv)
     rounds = args.rounds or (3 if args.quick else 16)
     if rounds < 1:
         parser.error("--rounds must be at least 1")
+    if args.processes < 1:
+        parser.error("--processes must be at least 1")
+    if args.json:
+        results = run(args.only, rounds, args.quick, echo=False)
+        for r in results:
+            print(json.dumps(dataclasses.asdict(r)), flush=True)
+        return results
     print(f"# issue 22 targets: torch {torch.__version__}, {torch.get_num_threads()} torch threads, "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}, load {os.getloadavg()[0]:.1f}, "
-          f"median of {rounds} interleaved rounds; {tgn.backends.native.loader.describe()}")
+          f"median of {rounds} interleaved rounds"
+          + (f", each line from the median of {args.processes} processes" if args.processes > 1 else "")
+          + f"; {tgn.backends.native.loader.describe()}")
     print(TARGET_HEADER)
-    results = run(args.only, rounds, args.quick)
+    ratios: dict[str, list[float]] = {}
+    if args.processes > 1:
+        worker = ["--rounds", str(rounds), "--only", *args.only, *(["--quick"] if args.quick else [])]
+        results, ratios = median_process(_in_processes(worker, args.processes))
+        for r in results:
+            print(r.row())
+    else:
+        results = run(args.only, rounds, args.quick)
     judged = [r for r in results if r.met is not None]
     print(f"\n{sum(bool(r.met) for r in judged)} of {len(judged)} targets met")
     faulted = [r for r in results if max(r.faults) >= NOTED_FAULTS]
@@ -328,6 +387,10 @@ def main(argv: Sequence[str] | None = None) -> list[Result]:
               "the next call faulted it in again: docs/performance.md, \"Page faults\"):")
         for r in faulted:
             print(f"- {r.case}: ours {r.faults[0]:.0f}, {r.baseline} {r.faults[1]:.0f}")
+    if ratios:
+        print("\nEach process's ratio (in the order they ran):")
+        for case, found in ratios.items():
+            print(f"- {case}: " + ", ".join(f"{v:.2f}x" for v in found))
     return results
 
 

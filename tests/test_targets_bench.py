@@ -48,3 +48,29 @@ def test_the_exact_dw_step_breakdown_runs_and_times_both_kernels() -> None:
     assert all(len(rounds) == 1 and rounds[0][0] > rounds[0][1] > 0 for rounds in found.values())
     lines = exact_dw_step.table(2, found)
     assert lines[0].startswith("| (2, 4096) | all rounds (1) |")
+
+
+def test_each_line_comes_from_the_process_of_the_median_ratio() -> None:
+    runs = [[targets.Result("a", 1.0, 1.0, "b", 1.0, (0.0, 3.0)), targets.Result("c", 3.0, 1.0, "d", 2.0)],
+            [targets.Result("a", 1.2, 1.0, "b", 1.0), targets.Result("c", 1.0, 1.0, "e", 2.0)],
+            [targets.Result("a", 0.5, 1.0, "b", 1.0), targets.Result("c", 3.6, 2.0, "d", 2.0)]]
+    merged, ratios = targets.median_process(runs)
+    assert merged == [runs[0][0], runs[2][1]]  # ratios 1.0 (of 1.0, 1.2, 0.5); 1.8 (of 3.0, 1.0, 1.8)
+    assert ratios == {"a": [1.0, 1.2, 0.5], "c": [3.0, 1.0, 1.8]}
+    assert targets.median_process(runs[:2])[0] == [runs[0][0], runs[1][1]]  # even: the lower middle
+    with pytest.raises(ValueError, match="different cases"):
+        targets.median_process([runs[0], runs[1][::-1]])
+
+
+def test_a_worker_prints_its_results_as_json(capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    found = targets.main(["--quick", "--only", "small", "--rounds", "1", "--json"])
+    lines = capsys.readouterr().out.splitlines()
+    assert [targets.Result(**{**json.loads(line), "faults": tuple(json.loads(line)["faults"])})
+            for line in lines] == found
+
+
+def test_processes_are_checked() -> None:
+    with pytest.raises(SystemExit):
+        targets.main(["--processes", "0"])
