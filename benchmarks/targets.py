@@ -60,7 +60,6 @@ import argparse
 import dataclasses
 import json
 import os
-import statistics
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
