@@ -117,14 +117,19 @@ def _calls(nbytes: int) -> int:
     return max(MIN_CALLS, min(256, BYTES_PER_TIMING // max(nbytes, 1)))
 
 
-#: Minor page faults per timed call of each method of the last :func:`_time`.
-_faults: dict[str, float] = {}
+class Timings(dict[str, float]):
+    """Median seconds per call of each method (the dict), and ``faults``: each method's
+    minor page faults per timed call."""
+
+    def __init__(self, seconds: dict[str, float], faults: dict[str, float]) -> None:
+        super().__init__(seconds)
+        self.faults = faults
 
 
-def _time(methods: Methods, calls: int, rounds: int) -> dict[str, float]:
+def _time(methods: Methods, calls: int, rounds: int) -> Timings:
     """Median seconds per call of each method, interleaved over ``rounds``; each
     timing of ``calls`` calls comes right after one untimed call of the same method.
-    The timed calls' page faults per call are left in ``_faults``."""
+    With them, the timed calls' page faults per call."""
     counts = {k: [0, 0] for k in methods}  # faults, calls
 
     def counted(name: str, fn: Callable[[], object]) -> Callable[[], None]:
@@ -139,14 +144,12 @@ def _time(methods: Methods, calls: int, rounds: int) -> dict[str, float]:
         return timed
 
     medians = interleaved_medians({k: counted(k, fn) for k, fn in methods.items()}, rounds, settle=methods)
-    _faults.clear()
-    _faults.update({k: f / max(n, 1) for k, (f, n) in counts.items()})
-    return {k: v / calls for k, v in medians.items()}
+    return Timings({k: v / calls for k, v in medians.items()}, {k: f / max(n, 1) for k, (f, n) in counts.items()})
 
 
-def _result(case: str, t: dict[str, float], ours: str, base: str, baseline: str, target: float | None) -> Result:
-    """The line of ``ours`` against ``base`` in timings ``t`` of the last :func:`_time`."""
-    return Result(case, t[ours], t[base], baseline, target, (_faults[ours], _faults[base]))
+def _result(case: str, t: Timings, ours: str, base: str, baseline: str, target: float | None) -> Result:
+    """The line of ``ours`` against ``base`` in timings ``t``."""
+    return Result(case, t[ours], t[base], baseline, target, (t.faults[ours], t.faults[base]))
 
 
 def compiled(fn: Callable[..., torch.Tensor], enabled: bool) -> Callable[..., torch.Tensor] | None:
