@@ -191,7 +191,7 @@ def direct_call(plan: Plan) -> DirectCall | None:
         else:
             y = out
         rows = numel // hidden
-        threads = _team.threads(numel) if numel >= SPLIT_NUMEL and rows > grain else 1
+        threads = _team.forward_threads(numel, rows, grain, SPLIT_NUMEL)
         bad = rows_call(cfg, x.data_ptr(), y.data_ptr(), rows, None if weight is None else weight.data_ptr(),
                         eps, None if total is None else total.data_ptr(), rp, hp, threads, mapped)
         # A NaN total or result (or an exact row with no scale): the general path gives

@@ -82,7 +82,7 @@ def gated_call(plan: Plan, groups: int, casting_mode: str, offset: float) -> Gat
         advise_fresh(y)  # (a fresh output of 32 MiB or more: a huge-page candidate, as the direct path's)
         numel = x.numel()
         rows = numel // hidden
-        threads = _team.threads(numel) if numel >= SPLIT_NUMEL and rows > grain else 1
+        threads = _team.forward_threads(numel, rows, grain, SPLIT_NUMEL)
         bad = lib.gated_rows(cfg, x.data_ptr(), gate.data_ptr(), g_code, y.data_ptr(), rows,
                              None if weight is None else weight.data_ptr(), eps, groups, int(after), threads)
         return None if bad else y

@@ -75,7 +75,7 @@ def layer_rows(
         den = torch.empty((*x.shape[:-1], 1), dtype=torch.float32)
     grain = max(1, TEAM_GRAIN // hidden)
     if threads is None:
-        threads = _team.threads(numel) if numel >= SPLIT_NUMEL and rows > grain else 1
+        threads = _team.forward_threads(numel, rows, grain, SPLIT_NUMEL)
     chunk, adds, n_adds, root, exact, _ = fixed
     bad = _native.module().layer_rows(
         x.data_ptr(), y.data_ptr(), rows, hidden, chunk, adds, n_adds, root, exact, w_ptr, b_ptr, eps,

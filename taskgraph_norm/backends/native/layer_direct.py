@@ -107,7 +107,7 @@ def layer_direct(plan: Plan) -> LayerRouted | None:
         else:
             y = out  # type: ignore[assignment]
         rows = numel // hidden
-        threads = _team.threads(numel) if numel >= SPLIT_NUMEL and rows > grain else 1
+        threads = _team.forward_threads(numel, rows, grain, SPLIT_NUMEL)
         bad = rows_call(x.data_ptr(), y.data_ptr(), rows, hidden, chunk, adds, n_adds, root, exact, w_ptr, b_ptr, e,
                         None, None, code, w_code, grain, threads)
         # A NaN row (or an exact row left to torch ops), or no scratch: the general path

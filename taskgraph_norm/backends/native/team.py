@@ -36,8 +36,8 @@ from ...constants import SPLIT_NUMEL
 from . import loader as _native
 from ..torch_ops import pools
 
-__all__ = ["BACKWARD_SPLIT_NUMEL", "PASSIVE", "PASSIVE_SERIAL_NUMEL", "openmp", "threads", "use_openmp",
-           "worker_rows"]
+__all__ = ["BACKWARD_SPLIT_NUMEL", "PASSIVE", "PASSIVE_SERIAL_NUMEL", "forward_threads", "openmp", "threads",
+           "use_openmp", "worker_rows"]
 
 #: The native backward shares its rows among threads from this many elements on (a
 #: (64, 4096) step ran 3-7% faster on one thread than on two, (128, 4096) the same,
@@ -129,6 +129,14 @@ def threads(numel: int | None = None) -> int:
     if numel is not None and numel <= PASSIVE_SERIAL_NUMEL and PASSIVE and openmp():
         return 1
     return torch.get_num_threads()
+
+
+def forward_threads(numel: int, rows: int, grain: int, split_numel: int = SPLIT_NUMEL) -> int:
+    """How many threads a forward call of ``numel`` elements in ``rows`` rows shares
+    them among: :func:`threads` with ``numel`` from ``split_numel`` elements on (the
+    caller's threshold, which the tests lower) when there is more than one block of
+    ``grain`` rows, else 1 (the direct and LayerNorm paths and the gated rows)."""
+    return threads(numel) if numel >= split_numel and rows > grain else 1
 
 
 def worker_rows() -> int:
