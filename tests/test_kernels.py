@@ -90,3 +90,48 @@ def test_sqrt_is_correctly_rounded() -> None:
     # 2.13) and in ~0.6% on an H100, so it cannot give the same bits everywhere.
     t = torch.rand(1 << 16, generator=gen(4)) * 100 + 0.01
     assert_bits_equal(kernels._sqrt_correctly_rounded(t), torch.from_numpy(np.sqrt(t.numpy())))
+
+
+def _fp64_cases() -> torch.Tensor:
+    """fp64 values of every scale (subnormals too), squares and their neighbours, and
+    the binades' edges."""
+    g = gen(5)
+    spread = torch.rand(1 << 17, generator=g, dtype=torch.float64)
+    spread = spread * torch.exp2(torch.randint(-1074, 1023, spread.shape, generator=g).double())
+    roots = torch.rand(1 << 14, generator=g, dtype=torch.float64) + 1
+    squares = roots * roots
+    up, down = torch.full_like(squares, 9.0), torch.zeros_like(squares)
+    edges = torch.tensor([2.0**-1074, 2.0**-1073 * 3, 2.0**-1022, 1.0, 2.0, 4.0 - 2.0**-51, 4.0, 2.0**1023,
+                          torch.finfo(torch.float64).max], dtype=torch.float64)
+    return torch.cat([spread, squares, torch.nextafter(squares, up), torch.nextafter(squares, down), edges])
+
+
+def test_the_fp64_root_is_ieee_sqrt() -> None:
+    """kernels.sqrt_fp64 against NumPy's fp64 root (the hardware's IEEE sqrt), on values
+    of every scale; zero, -0, inf, NaN and negatives keep torch's (exact) values."""
+    t = _fp64_cases()
+    assert_bits_equal(kernels.sqrt_fp64(t), torch.from_numpy(np.sqrt(t.numpy())))
+    specials = torch.tensor([0.0, -0.0, float("inf"), float("nan"), -1.0, float("-inf")], dtype=torch.float64)
+    assert_bits_equal(kernels.sqrt_fp64(specials), torch.sqrt(specials))
+    with pytest.raises(TypeError):
+        kernels.sqrt_fp64(t.float())
+
+
+@pytest.mark.parametrize("ulps", [-2, -1, 1, 2])
+def test_the_fp64_root_corrects_a_start_up_to_two_ulps_off(ulps: int) -> None:
+    """The residual test moves a start that is off by up to two ulps to the IEEE root.
+    Negative control: the starts themselves differ from it everywhere."""
+    from taskgraph_norm.kernels.sqrt import _rooted
+
+    def off(f: torch.Tensor) -> torch.Tensor:
+        r = torch.from_numpy(np.sqrt(f.numpy()))
+        toward = torch.full_like(r, 4.0 if ulps > 0 else 0.0)
+        for _ in range(abs(ulps)):
+            r = torch.nextafter(r, toward)
+        return r
+
+    t = _fp64_cases()
+    assert_bits_equal(_rooted(t, off), torch.from_numpy(np.sqrt(t.numpy())))
+    f = t[(t >= 1) & (t < 4)]  # what _rooted starts from: t scaled into [1, 4)
+    assert f.numel() > 1000
+    assert bool((off(f) != torch.from_numpy(np.sqrt(f.numpy()))).all())  # negative control

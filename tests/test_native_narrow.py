@@ -217,6 +217,36 @@ def test_weights_whose_products_are_nan_or_subnormal(monkeypatch: pytest.MonkeyP
                 assert bool((((bits & 0x7F80) == 0) & ((bits & 0x7FFF) != 0)).any())
 
 
+def test_the_cheap_quotient_of_bf16_rows_keeps_the_bits(monkeypatch: pytest.MonkeyPatch, threads: int) -> None:
+    """A clean bf16 row's FINALIZE multiplies by RN(1 / rms) instead of dividing, and
+    does a pair of vectors again with the exact quotient where a lane lands within
+    NARROW_GUARD bit patterns of a bf16 rounding boundary (native_narrow.c).  Its bits
+    must be the division's.  Negative control: on these rows the cheap product alone,
+    rounded to bf16, differs from the division's in some elements, so the guard is
+    what keeps them (a guard of 1 pattern fails this test)."""
+    taken = spy_direct_calls(monkeypatch)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2048, 1024, generator=g).to(torch.bfloat16)
+    w = (1 + 0.1 * torch.randn(1024, generator=g)).to(torch.bfloat16)
+    differ = 0
+    for weight, n in ((w, 1024), (None, 1024), (w[:1000], 1000)):  # 1000: an odd vector and a tail
+        rows = x[:, :n].contiguous()
+        call = for_config(n, 64, "tree", "pairwise", "float", "auto", "torch", 0.0).direct()
+        assert call is not None
+        rms = torch.empty(rows.shape[0], 1)
+        y = call(rows, weight, 1e-6, None, None, None, rms)
+        assert y is not None
+        wf = torch.ones(n) if weight is None else weight.float()
+        exact = ((rows.float() / rms) * wf).to(torch.bfloat16)
+        cheap = ((rows.float() * (1 / rms)) * wf).to(torch.bfloat16)
+        assert bits_equal(y, exact), n
+        differ += int((cheap.view(torch.int16) != exact.view(torch.int16)).sum())
+        got = tgn.normalize_sync(rows, weight, eps=1e-6)
+        assert taken[-1] is True
+        assert bits_equal(got, _general(rows, weight, eps=1e-6)), n
+    assert differ >= 10, differ  # negative control
+
+
 def test_a_training_forward_keeps_the_rms_of_the_general_path(threads: int) -> None:
     """The grad-enabled forward asks the direct call for each row's rms too."""
     for dtype, accumulate in itertools.product(HALF, ("float", "exact")):

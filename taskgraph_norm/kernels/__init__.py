@@ -21,12 +21,14 @@ import torch.nn.functional as F
 from .nan_bits import bf16_nans as bf16_nans
 from .nan_bits import widen as widen
 from .nan_bits import widen_into as widen_into
+from .sqrt import sqrt_fp64 as sqrt_fp64
 
 __all__ = [
     "accumulation_dtype",
     "widen",
     "widen_into",
     "bf16_nans",
+    "sqrt_fp64",
     "DEFAULT_EPS",
     "default_eps",
     "sumsq_pairwise",
@@ -154,15 +156,14 @@ def _sqrt_correctly_rounded(t: torch.Tensor) -> torch.Tensor:
     of an fp32 value computed in fp64 and rounded to fp32 is the correctly rounded
     fp32 one: the exact root of a 24-bit value is at least ``2**-49`` (relative)
     away from every midpoint between fp32 neighbours, far more than the fp64
-    root's error.  That holds even where torch's fp64 ``sqrt`` is itself not
-    correctly rounded, as on this project's CPU build (about 1.3% of random fp64
-    inputs differ from IEEE ``sqrt`` there, within one ulp): so fp32 results are
-    the same on every device, but an fp64 input's ``rms`` may differ in its last
-    bit between devices (docs/design.md).  It is one value per row, so the cost
-    is nil.
+    root's error, which is why torch's fp64 ``sqrt`` serves there although it is
+    itself not correctly rounded on this project's CPU build (about 1.3% of random
+    fp64 inputs differ from IEEE ``sqrt``, within one ulp, and which ones depends on
+    the CPU).  An fp64 ``t`` takes :func:`~taskgraph_norm.kernels.sqrt.sqrt_fp64`, the
+    IEEE root in torch ops.  It is one value per row, so the cost is nil.
     """
     if t.dtype == torch.float64:
-        return torch.sqrt(t)
+        return sqrt_fp64(t)
     return torch.sqrt(t.double()).to(t.dtype)
 
 

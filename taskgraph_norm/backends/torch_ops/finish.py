@@ -135,7 +135,7 @@ def finalize_tile(
         rms.div_(divisor)
     rms.add_(fin.eps)
     if rms.dtype == torch.float64:
-        rms.sqrt_()
+        rms.copy_(kernels.sqrt_fp64(rms))
     else:
         rms.copy_(rms.double().sqrt_())
     if v.ybuf is not None:

@@ -235,12 +235,7 @@ static inline __attribute__((always_inline)) __m256i quotient_vector(const float
                                                                      const int ranged, const int clean,
                                                                      __mmask16 *unordered)
 {
-    __m512 q = quotient_q(s, w, dv, ranged, clean, unordered);
-#if defined(__AVX512BF16__)
-    if (clean && code == TGN_DTYPE_BF16)
-        return (__m256i)_mm512_cvtneps_pbh(q);
-#endif
-    return round_narrow(q, code);
+    return round_narrow(quotient_q(s, w, dv, ranged, clean, unordered), code);
 }
 
 /* 16 narrow values of y: a non-temporal store, or an ordinary one */
@@ -252,6 +247,91 @@ static inline void put16(uint16_t *y, __m256i v, const int stream)
         _mm256_storeu_si256((__m256i *)y, v);
 }
 
+/* A clean bf16 row's products without the exact quotient.  y is bf16, so it needs the
+ * fp32 p = RN(RN(a / b) w) only to round it again, and a cheaper p' = RN(RN(a r) w),
+ * r = RN(1 / b), rounds the same way unless a bf16 rounding boundary lies between them:
+ *
+ *   RN(a r) = (a / b)(1 + d1)(1 + d2) and RN(a / b) = (a / b)(1 + d3), |di| <= 2^-24;
+ *   with w's product and its rounding (d4, d5), p' / p lies within 1 +- 5.0001 2^-24,
+ *   and fp32 values are more than |v| 2^-24 apart near v, so at most 5 fp32 values lie
+ *   between p' and p (6 across a power of two; counted on the bit patterns, which
+ *   order the fp32 values of one sign, and p' and p have a's and w's sign).
+ *
+ * Every boundary of bf16's round to nearest even (the midpoint of two neighbouring bf16
+ * values, where the rounding switches) is an fp32 value whose low 16 bits are 0x8000:
+ * bf16 is fp32 with 16 fewer bits, over the same exponents.  So where p's low 16 bits lie
+ * NARROW_GUARD or more from 0x8000 (NARROW_GUARD > 6), p rounds as p' does, and a pair
+ * of vectors with a lane that does not (about 1 in 2048 lanes) is done again with the
+ * exact quotient (quotient_q).  Neither is subnormal (a clean row's |p| >= 2^-120 or p
+ * is +-0, the same +-0 both ways); a p' or p past fp32's largest value lies past bf16's
+ * largest boundary too (both round to infinity).  So y has the exact quotient's bits:
+ * tests/test_native_narrow.py::test_the_cheap_quotient_of_bf16_rows_keeps_the_bits finds
+ * rows where p' alone rounds otherwise.  An fp16 y keeps the exact quotient: its
+ * boundaries are 13 bits apart (1 lane in 256 would be done again, each pair a
+ * mispredicted branch, which cost more than the quotient saves) and its subnormals
+ * round at other bits. */
+#define NARROW_GUARD 8
+
+static inline __attribute__((always_inline)) __m512 cheap_product(const float *s, const float *w,
+                                                                   const tgn_q_div_t *dv)
+{
+    __m512 q = _mm512_mul_ps(_mm512_loadu_ps(s), dv->r);
+    return w ? _mm512_mul_ps(q, _mm512_loadu_ps(w)) : q;
+}
+
+/* Lanes of p' whose low 16 bits lie in [0x8000 - G, 0x8000 + G) */
+static inline __attribute__((always_inline)) __mmask16 near_boundary(__m512 p)
+{
+    const __m512i bits = _mm512_castps_si512(p);
+    return _mm512_testn_epi32_mask(_mm512_sub_epi32(bits, _mm512_set1_epi32(0x8000 - NARROW_GUARD)),
+                                   _mm512_set1_epi32(0xFFFF & -2 * NARROW_GUARD));
+}
+
+/* bf16 values of two vectors (q1 after q0), or of q0 alone */
+static inline __attribute__((always_inline)) void put_bf16(uint16_t *y, __m512 q0, __m512 q1, const int two,
+                                                           const int stream)
+{
+#if defined(__AVX512BF16__)
+    /* no subnormal product: one vcvtne2ps2bf16 for both */
+    __m512i v = (__m512i)_mm512_cvtne2ps_pbh(q1, q0);
+    if (!two)
+        put16(y, _mm512_castsi512_si256(v), stream);
+    else if (stream)
+        _mm512_stream_si512((void *)y, v);
+    else
+        _mm512_storeu_si512((void *)y, v);
+#else
+    put16(y, round_narrow(q0, TGN_DTYPE_BF16), stream);
+    if (two)
+        put16(y + LANES, round_narrow(q1, TGN_DTYPE_BF16), stream);
+#endif
+}
+
+/* A clean bf16 row's y (see above) */
+static inline __attribute__((always_inline)) void cheap_vectors(const float *s, const float *w, int64_t n,
+                                                                const tgn_q_div_t *dv, uint16_t *y, const char *fetch,
+                                                                const int stream)
+{
+    __mmask16 unused = 0;
+    int64_t j = 0;
+    for (; j + 2 * LANES <= n; j += 2 * LANES) {
+        __builtin_prefetch(fetch + 2 * j, 0, 3); /* one line: 32 narrow values */
+        __m512 p0 = cheap_product(s + j, w ? w + j : 0, dv);
+        __m512 p1 = cheap_product(s + j + LANES, w ? w + j + LANES : 0, dv);
+        if (__builtin_expect((near_boundary(p0) | near_boundary(p1)) != 0, 0)) {
+            p0 = quotient_q(s + j, w ? w + j : 0, dv, 1, 1, &unused);
+            p1 = quotient_q(s + j + LANES, w ? w + j + LANES : 0, dv, 1, 1, &unused);
+        }
+        put_bf16(y + j, p0, p1, 1, stream);
+    }
+    if (j + LANES <= n) { /* one vector left */
+        __m512 p = cheap_product(s + j, w ? w + j : 0, dv);
+        if (near_boundary(p))
+            p = quotient_q(s + j, w ? w + j : 0, dv, 1, 1, &unused);
+        put_bf16(y + j, p, p, 0, stream);
+    }
+}
+
 static inline __attribute__((always_inline)) int quotient_vectors(const float *s, const float *w, int64_t n,
                                                                   const tgn_q_div_t *dv, const int64_t code,
                                                                   uint16_t *y, const int ranged, const int clean,
@@ -259,21 +339,13 @@ static inline __attribute__((always_inline)) int quotient_vectors(const float *s
 {
     __mmask16 unordered = 0;
     const char *fetch = ahead ? (const char *)ahead : (const char *)s; /* a prefetch never faults */
+    if (clean && code == TGN_DTYPE_BF16) {
+        cheap_vectors(s, w, n, dv, y, fetch, stream);
+        return 0;
+    }
     int64_t j = 0;
     for (; j + 2 * LANES <= n; j += 2 * LANES) {
         __builtin_prefetch(fetch + 2 * j, 0, 3); /* one line: 32 narrow values */
-#if defined(__AVX512BF16__)
-        if (clean && code == TGN_DTYPE_BF16) { /* both vectors rounded by one vcvtne2ps2bf16 */
-            __m512 q0 = quotient_q(s + j, w ? w + j : 0, dv, ranged, clean, &unordered);
-            __m512 q1 = quotient_q(s + j + LANES, w ? w + j + LANES : 0, dv, ranged, clean, &unordered);
-            __m512i v = (__m512i)_mm512_cvtne2ps_pbh(q1, q0);
-            if (stream)
-                _mm512_stream_si512((void *)(y + j), v);
-            else
-                _mm512_storeu_si512((void *)(y + j), v);
-            continue;
-        }
-#endif
         put16(y + j, quotient_vector(s + j, w ? w + j : 0, dv, code, ranged, clean, &unordered), stream);
         put16(y + j + LANES, quotient_vector(s + j + LANES, w ? w + j + LANES : 0, dv, code, ranged, clean,
                                              &unordered), stream);
