@@ -59,8 +59,8 @@ CONSTANTS = "taskgraph_norm/constants.py"
 #: Generated from CONSTANTS by BuildExt (.gitignore'd).
 CONSTANTS_HEADER = f"{CSRC}/tgn_constants.h"
 DEPENDS = [f"{CSRC}/native_dw.h", f"{CSRC}/native_dw_tile.h", f"{CSRC}/native_exact.h", f"{CSRC}/native_finalize.h",
-           f"{CSRC}/native_face.h", f"{CSRC}/native_half.h", f"{CSRC}/native_quotient.h", f"{CSRC}/native_team.h",
-           f"{CSRC}/tgn_native.h",
+           f"{CSRC}/native_face.h", f"{CSRC}/native_half.h", f"{CSRC}/native_narrow.h", f"{CSRC}/native_quotient.h",
+           f"{CSRC}/native_team.h", f"{CSRC}/tgn_native.h",
            CONSTANTS_HEADER, CONSTANTS]
 # Keep the C expressions as written (see native.c): no contraction into fmas, no
 # fast-math; -O3 comes after Python's own -O2.

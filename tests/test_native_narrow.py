@@ -220,7 +220,7 @@ def test_weights_whose_products_are_nan_or_subnormal(monkeypatch: pytest.MonkeyP
 def test_the_cheap_quotient_of_bf16_rows_keeps_the_bits(monkeypatch: pytest.MonkeyPatch, threads: int) -> None:
     """A clean bf16 row's FINALIZE multiplies by RN(1 / rms) instead of dividing, and
     does a pair of vectors again with the exact quotient where a lane lands within
-    NARROW_GUARD bit patterns of a bf16 rounding boundary (native_narrow.c).  Its bits
+    NARROW_GUARD bit patterns of a bf16 rounding boundary (native_narrow.h).  Its bits
     must be the division's.  Negative control: on these rows the cheap product alone,
     rounded to bf16, differs from the division's in some elements, so the guard is
     what keeps them (a guard of 1 pattern fails this test)."""
