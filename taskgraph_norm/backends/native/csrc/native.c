@@ -117,7 +117,7 @@ static inline void tree_adds_double(double *s, int64_t n)
                     slots[adds[3 * t]] = slots[adds[3 * t + 1]] + slots[adds[3 * t + 2]]; \
             T tot = slots[root];                                                      \
             if (y && finalize_row_##T(row, y + i * y_stride, w, hidden, tot, eps,     \
-                                      flags, offset))                                 \
+                                      flags, offset, !r && i + 1 < rows ? row + row_stride : NULL)) \
                 tot = NAN; /* a NaN the llama rounding left to the caller */          \
             else if (flags & TGN_TOTAL_AS_RMS)                                        \
                 tot = (T)sqrt((double)(tot / (T)(double)hidden + (T)eps));            \

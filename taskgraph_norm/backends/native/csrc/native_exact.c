@@ -226,8 +226,10 @@ INLINE void exact_span_float(exact_state_float *st, const float *row, int64_t j0
             b1 = sq_add(loadw_f32(row + j + NW), b1);
             a2 = sq_add(loadw_f32(row + j + 2 * NW), a2);
             b2 = sq_add(loadw_f32(row + j + 3 * NW), b2);
-            if (next)
+            if (next) { /* both lines of the step's 4 NW floats */
                 __builtin_prefetch(next + j, 0, 2);
+                __builtin_prefetch(next + j + 2 * NW, 0, 2);
+            }
         }
         if (j < j1) {
             a1 = sq_add(loadw_f32(row + j), a1);

@@ -84,7 +84,7 @@ static int exact_row_double(const double *row, int64_t hidden, const double *nex
             if (exact_row_##T(row, hidden, !r && i + 1 < rows ? row + row_stride : NULL, &t1, &t2) \
                 && t1 == t1 && t2 == t2 && y                                          \
                 && finalize_row_##T(row, y + i * y_stride, w, hidden, (T)(t1 + t2), eps, \
-                                    flags, offset))                                   \
+                                    flags, offset, NULL))                             \
                 t1 = NAN; /* a NaN the llama rounding left to the caller */           \
             if (t1 != t1 || t2 != t2) { /* no scale, or a NaN in the row */            \
                 t1 = t2 = NAN;                                                        \

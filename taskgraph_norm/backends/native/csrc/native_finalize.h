@@ -105,19 +105,26 @@ static inline int finalize_span_float(const float *row, float *y, const float *w
     return 0;
 }
 
+/* A whole row's FINALIZE; ahead (NULL: none): the next row, prefetched as this one goes
+ * (a row read from memory next, whose sums then find it in L2) */
 static inline int finalize_row_float(const float *row, float *y, const float *w, int64_t hidden,
-                              float total, double eps, int64_t flags, double offset)
+                              float total, double eps, int64_t flags, double offset, const float *ahead)
 {
-    return finalize_span_float(row, y, w, hidden, rms_of_total_float(total, hidden, eps), flags, offset);
+    const float rms = rms_of_total_float(total, hidden, eps);
+    if (flags & TGN_ROUND_QUOTIENT)
+        return llama_row(row, y, w, hidden, rms, flags, (float)offset);
+    tgn_quotient_row_f32_ahead(row, y, w, w ? (float)offset : 0.0f, hidden, rms, (flags & TGN_STREAM_STORES) != 0,
+                               ahead);
+    return 0;
 }
 
 /* The fp64 form is IEEE throughout, but torch's CPU fp64 sqrt is not correctly
  * rounded (docs/design.md), so loader.py never asks for it: fp64 rows keep torch's
  * FINALIZE.  It is here because the kernels are written once for both dtypes. */
 static inline int finalize_row_double(const double *row, double *y, const double *w, int64_t hidden,
-                               double total, double eps, int64_t flags, double offset)
+                               double total, double eps, int64_t flags, double offset, const double *ahead)
 {
-    (void)flags;
+    (void)flags, (void)ahead;
     double mean = total / (double)hidden + eps;
     double rms = sqrt(mean);
     if (w && offset != 0.0)

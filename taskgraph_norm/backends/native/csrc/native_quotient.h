@@ -250,9 +250,10 @@ static inline void tgn_quotient_row_f32_ranged(const float *x, float *y, const f
  * with the bits of the scalar loop.  y may be x (each vector is read before it is
  * written).  stream: write the vectors with non-temporal stores where y is aligned to
  * a vector (TGN_STREAM_STORES: an output far larger than the caches, written past
- * them instead of read into them first); the caller fences (tgn_store_fence). */
-static inline void tgn_quotient_row_f32_to(const float *x, float *y, const float *w, float off, int64_t n,
-                                           float rms, int stream)
+ * them instead of read into them first); the caller fences (tgn_store_fence).  ahead
+ * (NULL: none): the next row, whose lines are prefetched into L2 as this one goes. */
+static inline void tgn_quotient_row_f32_ahead(const float *x, float *y, const float *w, float off, int64_t n,
+                                              float rms, int stream, const float *ahead)
 {
 #if TGN_QUOTIENT_LANES > 1
     if (!tgn_quotient_rms_in_range(rms)) {
@@ -265,6 +266,8 @@ static inline void tgn_quotient_row_f32_to(const float *x, float *y, const float
     const int nt = stream && ((uintptr_t)y % sizeof(TGN_QV)) == 0; /* then every y + j is aligned */
     int64_t j = 0;
     for (; j + L <= n; j += L) {
+        if (ahead && j % 16 == 0)
+            __builtin_prefetch(ahead + j, 0, 2); /* one line of the next row */
         TGN_QV q = tgn_q_vec(&d, TGN_Q_LOAD(x + j));
         if (w) {
             TGN_QV wv = TGN_Q_LOAD(w + j);
@@ -279,9 +282,15 @@ static inline void tgn_quotient_row_f32_to(const float *x, float *y, const float
     }
     tgn_quotient_div_f32(x + j, y + j, w ? w + j : NULL, off, n - j, rms);
 #else
-    (void)stream;
+    (void)stream, (void)ahead;
     tgn_quotient_div_f32(x, y, w, off, n, rms);
 #endif
+}
+
+static inline void tgn_quotient_row_f32_to(const float *x, float *y, const float *w, float off, int64_t n,
+                                           float rms, int stream)
+{
+    tgn_quotient_row_f32_ahead(x, y, w, off, n, rms, stream, 0);
 }
 
 static inline void tgn_quotient_row_f32(const float *x, float *y, const float *w, float off, int64_t n,
