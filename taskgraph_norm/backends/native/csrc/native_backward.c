@@ -133,7 +133,8 @@ static inline void tops_scalar(row_tops_t *t, float dy, float x)
  * dx's vectors with non-temporal stores where dx is aligned to one (the caller fences). */
 static inline __attribute__((always_inline)) void dx_t_row(const float *dy, const float *w, const float *x,
                                                            float r, float k, float *dx, float *t, int add,
-                                                           int64_t n, int stream, row_tops_t *tops)
+                                                           int64_t n, int stream, row_tops_t *tops,
+                                                           const float *next_dy, const float *next_x)
 {
     int64_t j = 0;
     row_tops_t row = NO_TOPS;
@@ -148,6 +149,10 @@ static inline __attribute__((always_inline)) void dx_t_row(const float *dy, cons
         __m512i low_dy = _mm512_set1_epi32(-1), low_x = low_dy;
 #endif
         for (; j + TGN_QUOTIENT_LANES <= n; j += TGN_QUOTIENT_LANES) {
+            if (next_dy && j % 16 == 0) { /* the next row's lines into L2, for its dot product */
+                __builtin_prefetch(next_dy + j, 0, 2);
+                __builtin_prefetch(next_x + j, 0, 2);
+            }
             TGN_QV dyv = TGN_Q_LOAD(dy + j), xv = TGN_Q_LOAD(x + j);
             if (dx) {
                 TGN_QV g = w ? TGN_Q_MUL(dyv, TGN_Q_LOAD(w + j)) : dyv;
@@ -181,7 +186,7 @@ static inline __attribute__((always_inline)) void dx_t_row(const float *dy, cons
 #endif
     }
 #else
-    (void)stream;
+    (void)stream, (void)next_dy, (void)next_x;
 #endif
     for (; j < n; ++j) {
         if (dx) {
@@ -369,12 +374,17 @@ int64_t tgn_backward_rows_f32(const float *x, const float *dy, const float *w, c
             int64_t q = i - b0;
             /* two calls, each with a constant `tops`: the inlined loop without the bounds'
              * instructions is the float backward's, unchanged */
+            /* rows far larger than the caches (stream: dx of TGN_STREAM_BYTES or more) come from
+             * memory: the next row's lines are fetched as this one goes (on rows in cache
+             * the prefetches cost more than they save) */
+            const int ahead = stream && i + 1 < rows;
+            const float *ndy = ahead ? dyr + hidden : 0, *nx = ahead ? xr + hidden : 0;
             if (tops)
                 dx_t_row(dyr, w, xr, r, k, dx ? dx + i * hidden : 0, dw ? lo[q < h ? q : q - h] : 0, q >= h,
-                         hidden, stream, &block_tops);
+                         hidden, stream, &block_tops, ndy, nx);
             else
                 dx_t_row(dyr, w, xr, r, k, dx ? dx + i * hidden : 0, dw ? lo[q < h ? q : q - h] : 0, q >= h,
-                         hidden, stream, 0);
+                         hidden, stream, 0, ndy, nx);
         }
         const uint32_t given[4] = {block_tops.top_dy, block_tops.top_x, block_tops.low_dy, block_tops.low_x};
         if (xstate && tgn_exact_dw_add_rows(dy + b0 * hidden, x + b0 * hidden, rms + b0, in_block, hidden, xstate,
