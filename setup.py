@@ -50,9 +50,9 @@ from setuptools.command.build_ext import build_ext
 HERE = Path(__file__).resolve().parent
 CSRC = "taskgraph_norm/backends/native/csrc"
 SOURCES = [f"{CSRC}/{name}.c"
-           for name in ("native", "native_exact", "native_exact_f64", "native_sums", "native_backward", "native_dw",
-                        "native_dw_measured", "native_dw_direct", "native_dw_fused", "native_dw_round", "native_narrow",
-                        "native_team", "native_team_jobs", "native_layer", "native_layer_exact",
+           for name in ("native", "native_exact", "native_exact_f64", "native_sums", "native_tree", "native_backward",
+                        "native_dw", "native_dw_measured", "native_dw_direct", "native_dw_fused", "native_dw_round",
+                        "native_narrow", "native_team", "native_team_jobs", "native_layer", "native_layer_exact",
                         "native_layer_backward", "native_gate", "native_gated", "native_face", "native_face_calls",
                         "native_module")]
 CONSTANTS = "taskgraph_norm/constants.py"

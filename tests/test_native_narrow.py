@@ -7,6 +7,7 @@ fp64); and the portable build must give the host build's bits."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from typing import Any
 
@@ -52,6 +53,10 @@ def _weight(hidden: int, dtype: torch.dtype | None, scale: float = 1.0) -> torch
 def _general(x: torch.Tensor, w: torch.Tensor | None, **options: Any) -> Any:
     with tgn.backends.use("torch_ops"):
         return tgn.normalize_sync(x, w, **options)
+
+
+def _nothing() -> contextlib.AbstractContextManager[None]:
+    return contextlib.nullcontext()
 
 
 def _same(got: Any, want: Any) -> bool:
@@ -245,6 +250,40 @@ def test_the_cheap_quotient_of_bf16_rows_keeps_the_bits(monkeypatch: pytest.Monk
         assert taken[-1] is True
         assert bits_equal(got, _general(rows, weight, eps=1e-6)), n
     assert differ >= 10, differ  # negative control
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+def test_rows_without_the_scratch_keep_the_bits(monkeypatch: pytest.MonkeyPatch, threads: int,
+                                                dtype: torch.dtype) -> None:
+    """The plans whose rows skip the fp32 scratch (native_narrow.c's direct_row: chunks of
+    64, 128 or 256 in whole groups of 8, the tree's merges, a clean weight): the general
+    path's bits and rms, with rows the scratch path must take back (zero, tiny, huge,
+    infinite and NaN rows: _rows' first five, and a NaN below) among them; chunk 100
+    and 1000-wide rows keep the scratch."""
+    taken = spy_direct_calls(monkeypatch)
+    for hidden, chunk in ((1024, 64), (2048, 128), (4096, 256), (4096, 64), (1000, 64), (1024, 100)):
+        x = _rows(40, hidden, dtype, hidden)
+        x[7, 3] = float("nan")
+        for weight in (_weight(hidden, dtype), None):
+            got = tgn.normalize_sync(x, weight, chunk_size=chunk)  # (declined: the NaN row)
+            assert _same(got, _general(x, weight, chunk_size=chunk)), (hidden, chunk)
+            got = tgn.normalize_sync(x[:7], weight, chunk_size=chunk)
+            assert taken[-1] is True
+            assert _same(got, _general(x[:7], weight, chunk_size=chunk)), (hidden, chunk)
+        # the rms a training forward keeps (its gradients read it) is the general path's
+        norm = tgn.RMSNorm(hidden, chunk_size=chunk).to(dtype)
+        rows = x[8:].clone().requires_grad_(True)
+        dy = torch.randn(rows.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+        results = []
+        for backend in ("native", "torch_ops"):
+            with tgn.backends.use(backend) if backend == "torch_ops" else _nothing():
+                y = norm(rows)
+                y.backward(dy)
+            assert rows.grad is not None and norm.weight.grad is not None
+            results.append((y.detach(), rows.grad, norm.weight.grad))
+            rows.grad = norm.weight.grad = None
+        for a, b in zip(*results):
+            assert bits_equal(a, b), (hidden, chunk)
 
 
 def test_a_training_forward_keeps_the_rms_of_the_general_path(threads: int) -> None:

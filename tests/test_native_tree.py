@@ -1,4 +1,4 @@
-"""The tree topology's merges as vectors (native_sums.c's tgn_adds_tree_f32).
+"""The tree topology's merges as vectors (native_tree.c's tgn_adds_tree_f32).
 
 Where a plan's chunk count is a power of two, ``topology="tree"`` lowers to pairwise
 levels, ``slots[n + k] = slots[2k] + slots[2k + 1]`` and so on to the root; the direct

@@ -26,6 +26,7 @@
 #include <string.h>
 
 #include "native_narrow.h"
+#include "native_widen.h"
 #include "tgn_native.h"
 
 /* fp32 values of scratch per step: 16 KiB, which leaves room in L1 for the rows'
@@ -177,7 +178,104 @@ static int64_t fused_step(const tgn_narrow_t *job, float *s, int64_t i, int64_t 
     return bad;
 }
 
+/* Rows without the scratch.  For the common plan (float sums, chunks of 64, 128 or 256
+ * in whole groups of 8 and the tree's merges, no residual, a narrow y of x's dtype, a
+ * clean weight) a row's sums widen x as they load it (tgn_narrow_chunks_f32) and
+ * FINALIZE widens it again, from L1, instead of writing 4 bytes a value of fp32 scratch
+ * and reading them twice: the same values in the same operations, so the same bits,
+ * and a smaller working set (x, y and the fp32 weight: 32 KiB for a row of 4096, with
+ * no 16 KiB of scratch beside them in a 48 KiB L1).  A row with a tiny value (bf16) or
+ * an rms outside the quotient's range (zero, infinite, NaN rows) goes to the scratch
+ * path, which gives it the same bits or counts it. */
+#define DIRECT_SLOTS 2048 /* slots for n_full chunks and their n_full - 1 merges */
+
+#if defined(TGN_WIDEN32) && TGN_QUOTIENT_LANES == LANES
+static int direct_plan(const tgn_narrow_t *job)
+{
+    const tgn_rows_cfg_t *c = job->cfg;
+    const int64_t d = c->hidden, n_full = d / c->chunk;
+    return !c->exact && !job->r && job->w_clean && c->y_dtype == c->x_dtype && (job->flags & TGN_TREE_ADDS) &&
+           !(job->flags & (TGN_ROUND_QUOTIENT | TGN_ROUND_PRODUCT)) && n_full * c->chunk == d && n_full % 8 == 0 &&
+           2 * n_full <= DIRECT_SLOTS && (c->chunk == 64 || c->chunk == 128 || c->chunk == 256);
+}
+
+/* Row k of the job; returns 0 (done: nothing to count, as the plan's rows have no NaN
+ * product) or -1: left to the scratch path. */
+static int direct_row(const tgn_narrow_t *job, int64_t k, const uint16_t *next)
+{
+    const tgn_rows_cfg_t *c = job->cfg;
+    const int64_t d = c->hidden, code = c->x_dtype;
+    const int bf16 = code == TGN_DTYPE_BF16;
+    const uint16_t *x = (const uint16_t *)job->x + k * d;
+    float slots[DIRECT_SLOTS];
+    int tiny = 1;
+    if (!tgn_narrow_chunks_f32(x, code, c->chunk, d / c->chunk, slots, &tiny) || tiny)
+        return -1;
+    tgn_adds_tree_f32(slots, d / c->chunk);
+    const float tot = slots[c->root];
+    /* the float kernel's TGN_TOTAL_AS_RMS (native.c), the value fused_step reads */
+    const float rms = (float)sqrt((double)(tot / (float)(double)d + (float)job->eps));
+    if (!tgn_quotient_rms_in_range(rms))
+        return -1;
+    if (job->total)
+        ((float *)job->total)[k] = rms;
+    const tgn_q_div_t dv = tgn_q_setup(rms);
+    uint16_t *y = (uint16_t *)job->y + k * d;
+    const int stream = (job->flags & TGN_STREAM_STORES) && (uintptr_t)y % 64 == 0;
+    const float *w = job->w;
+    __m512i least = _mm512_setzero_si512(); /* (the sums checked the row) */
+    __mmask16 unused = 0;
+    for (int64_t j = 0; j < d; j += 2 * LANES) {
+        if (next)
+            __builtin_prefetch(next + j, 0, 3); /* one line: 32 narrow values */
+        __m512 a0, a1;
+        tgn_widen32(x + j, bf16, &a0, &a1, &least);
+        if (bf16) { /* the cheap product (native_narrow.h) */
+            __m512 p0 = _mm512_mul_ps(a0, dv.r), p1 = _mm512_mul_ps(a1, dv.r);
+            if (w) {
+                p0 = _mm512_mul_ps(p0, _mm512_loadu_ps(w + j));
+                p1 = _mm512_mul_ps(p1, _mm512_loadu_ps(w + j + LANES));
+            }
+            if (__builtin_expect((near_boundary(p0) | near_boundary(p1)) != 0, 0)) {
+                p0 = quotient_v(a0, w ? w + j : 0, &dv, 1, 1, &unused);
+                p1 = quotient_v(a1, w ? w + j + LANES : 0, &dv, 1, 1, &unused);
+            }
+            put_bf16(y + j, p0, p1, 1, stream);
+        } else {
+            put16(y + j, round_narrow(quotient_v(a0, w ? w + j : 0, &dv, 1, 1, &unused), TGN_DTYPE_F16), stream);
+            put16(y + j + LANES, round_narrow(quotient_v(a1, w ? w + j + LANES : 0, &dv, 1, 1, &unused),
+                                              TGN_DTYPE_F16), stream);
+        }
+    }
+    return 0;
+}
+#endif
+
+static int64_t scratch_rows(const tgn_narrow_t *job, int64_t i, int64_t n);
+
 int64_t tgn_narrow_rows(const tgn_narrow_t *job, int64_t i, int64_t n)
+{
+#if defined(TGN_WIDEN32) && TGN_QUOTIENT_LANES == LANES
+    if (direct_plan(job)) {
+        const int64_t d = job->cfg->hidden;
+        int64_t bad = 0;
+        for (int64_t k = i; k < i + n && bad >= 0; ++k) {
+            const uint16_t *next = k + 1 < i + n ? (const uint16_t *)job->x + (k + 1) * d : 0;
+            if (direct_row(job, k, next) < 0) {
+                int64_t got = scratch_rows(job, k, 1);
+                bad = got < 0 ? got : bad + got;
+            }
+        }
+        if (job->flags & TGN_STREAM_STORES)
+            tgn_store_fence();
+        return bad;
+    }
+#endif
+    return scratch_rows(job, i, n);
+}
+
+/* The rows through the fp32 scratch, a step of rows at a time */
+static int64_t scratch_rows(const tgn_narrow_t *job, int64_t i, int64_t n)
 {
     const tgn_rows_cfg_t *c = job->cfg;
     const int64_t d = c->hidden, code = c->x_dtype, narrow_y = c->y_dtype != TGN_DTYPE_F32;

@@ -107,17 +107,23 @@ static int narrow(const float *s, int64_t code, uint16_t *y, int64_t n)
  * prefetched once per 32 values: no branch on the offset, the dtype or the step's place
  * in a line is left in the loop. */
 #if defined(LANES) && TGN_QUOTIENT_LANES == LANES
-static inline __attribute__((always_inline)) __m512 quotient_q(const float *s, const float *w, const tgn_q_div_t *dv,
+static inline __attribute__((always_inline)) __m512 quotient_v(__m512 a, const float *w, const tgn_q_div_t *dv,
                                                                 const int ranged, const int clean,
                                                                 __mmask16 *unordered)
 {
-    __m512 a = _mm512_loadu_ps(s);
     __m512 q = ranged ? tgn_q_vec_ranged(dv, a) : tgn_q_vec(dv, a);
     if (w)
         q = _mm512_mul_ps(q, _mm512_loadu_ps(w));
     if (!clean)
         *unordered |= _mm512_cmp_ps_mask(q, q, _CMP_UNORD_Q);
     return q;
+}
+
+static inline __attribute__((always_inline)) __m512 quotient_q(const float *s, const float *w, const tgn_q_div_t *dv,
+                                                                const int ranged, const int clean,
+                                                                __mmask16 *unordered)
+{
+    return quotient_v(_mm512_loadu_ps(s), w, dv, ranged, clean, unordered);
 }
 
 static inline __attribute__((always_inline)) __m256i quotient_vector(const float *s, const float *w,

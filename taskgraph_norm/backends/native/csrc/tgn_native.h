@@ -42,6 +42,10 @@ int tgn_exact_scale(double row_max, int64_t hidden, double *sigma1, double *sigm
  * when the chunk length has no specialised form. */
 int tgn_full_chunks_f32(const float *row, int64_t chunk, int64_t n_full, float *slots);
 int tgn_full_chunks_f64(const double *row, int64_t chunk, int64_t n_full, double *slots);
+/* The same chunk sums of a bf16 or fp16 row (code: TGN_DTYPE_*), widened as they load, for
+ * chunks of 64, 128 or 256 and n_full a multiple of 8 (0, nothing written, otherwise or
+ * without AVX-512); *tiny: whether a bf16 value has |x| below 2^-50 (not zero). */
+int tgn_narrow_chunks_f32(const uint16_t *x, int64_t code, int64_t chunk, int64_t n_full, float *slots, int *tiny);
 /* The backward's dot products: each leading full chunk of row (products already formed)
  * halved pairwise into slots, eight chunks at a time; returns how many it summed (0
  * where the build has no vector form: the caller halves the rest). */
@@ -54,6 +58,7 @@ int64_t tgn_chunk_dots_f32(const float *dy, const float *w, const float *x, int6
  * rounded once) as tgn_full_chunks_f32 would give them over those squares, eight chunks
  * at a time; returns how many leading full chunks it summed (0: no vector form). */
 int64_t tgn_chunk_sqdev_f32(const float *row, float mean, int64_t chunk, int64_t n_full, float *slots);
+/* --- native_tree.c: the tree topology's merges ------------------------------------- */
 /* Whether a plan's ADD merges are the tree topology's pairwise levels over n_chunks
  * slots (then the kernel may take TGN_TREE_ADDS), and those merges run as vectors. */
 int tgn_adds_tree(const int64_t *adds, int64_t n_adds, int64_t n_chunks, int64_t root);
@@ -157,7 +162,7 @@ typedef struct tgn_rows_cfg {
 
 int64_t tgn_rows_call(const tgn_rows_cfg_t *c, const void *x, void *y, int64_t rows, const void *w,
                       double eps, void *total, const void *r, void *h, int64_t threads, int64_t mapped);
-/* native_sums.c: TGN_TREE_ADDS when c's plan is float and its merges run as vectors
+/* native_tree.c: TGN_TREE_ADDS when c's plan is float and its merges run as vectors
  * (tgn_tree_vectors), else 0: what a call of c adds to its kernels' flags. */
 int64_t tgn_rows_tree_flag(const tgn_rows_cfg_t *c);
 
