@@ -258,18 +258,25 @@ def test_rows_without_the_scratch_keep_the_bits(monkeypatch: pytest.MonkeyPatch,
     """The plans whose rows skip the fp32 scratch (native_narrow.c's direct_row: chunks of
     64, 128 or 256 in whole groups of 8, the tree's merges, a clean weight): the general
     path's bits and rms, with rows the scratch path must take back (zero, tiny, huge,
-    infinite and NaN rows: _rows' first five, and a NaN below) among them; chunk 100
-    and 1000-wide rows keep the scratch."""
+    infinite and NaN rows: _rows' first five, a NaN and tiny rows below) among them; the
+    linear merges, QK-norm's short rows, chunk 100, chunk 32 and 1000-wide rows keep the
+    scratch."""
     taken = spy_direct_calls(monkeypatch)
-    for hidden, chunk in ((1024, 64), (2048, 128), (4096, 256), (4096, 64), (1000, 64), (1024, 100)):
-        x = _rows(40, hidden, dtype, hidden)
+    cases = ((1024, 64, "tree"), (2048, 128, "tree"), (4096, 256, "tree"), (4096, 64, "tree"), (1024, 64, "linear"),
+             (64, 64, "tree"), (128, 64, "tree"), (256, 64, "linear"), (512, 128, "tree"), (1000, 64, "tree"),
+             (1024, 100, "tree"), (96, 32, "tree"))
+    for hidden, chunk, topology in cases:
+        x = _rows(41, hidden, dtype, hidden)
         x[7, 3] = float("nan")
+        x[20:24] = x[20:24] * 2.0**-60  # tiny values (bf16)
         for weight in (_weight(hidden, dtype), None):
-            got = tgn.normalize_sync(x, weight, chunk_size=chunk)  # (declined: the NaN row)
-            assert _same(got, _general(x, weight, chunk_size=chunk)), (hidden, chunk)
-            got = tgn.normalize_sync(x[:7], weight, chunk_size=chunk)
-            assert taken[-1] is True
-            assert _same(got, _general(x[:7], weight, chunk_size=chunk)), (hidden, chunk)
+            options: dict[str, Any] = dict(chunk_size=chunk, topology=topology)
+            got = tgn.normalize_sync(x, weight, **options)  # (declined: the NaN row)
+            assert _same(got, _general(x, weight, **options)), (hidden, chunk)
+            for rows in (x[:7], x[8:]):
+                got = tgn.normalize_sync(rows, weight, **options)
+                assert taken[-1] is True
+                assert _same(got, _general(rows, weight, **options)), (hidden, chunk, topology)
         # the rms a training forward keeps (its gradients read it) is the general path's
         norm = tgn.RMSNorm(hidden, chunk_size=chunk).to(dtype)
         rows = x[8:].clone().requires_grad_(True)
