@@ -380,7 +380,7 @@ int64_t tgn_exact_rows_f32(const float *x, int64_t rows, int64_t hidden, int64_t
             exact_span_float(&st, row, j, end, next);
             if (pi >= 0 && done < end) {
                 pnan |= finalize_span_float(prow + done, y + pi * y_stride + done, w ? w + done : NULL,
-                                            end - done, prms, flags, offset);
+                                            end - done, prms, flags, offset, NULL); /* (the sums fetch) */
                 done = end;
             }
         }
@@ -391,7 +391,7 @@ int64_t tgn_exact_rows_f32(const float *x, int64_t rows, int64_t hidden, int64_t
         if (pi >= 0) { /* the rest of the previous row's FINALIZE */
             if (done < hidden)
                 pnan |= finalize_span_float(prow + done, y + pi * y_stride + done, w ? w + done : NULL,
-                                            hidden - done, prms, flags, offset);
+                                            hidden - done, prms, flags, offset, NULL);
             if (pnan)
                 p1 = NAN; /* a NaN the llama rounding left to the caller */
             exact_pair_done(p1, p2, pi, pair, &unscaled);

@@ -58,7 +58,7 @@
     } while (0)
 
 /* llama's rounding of an fp32 value to the row's dtype, read back as fp32 */
-INLINE float round_narrow(float f, int f16)
+INLINE float round_llama(float f, int f16)
 {
     return f16 ? tgn_f16_to_f32(tgn_f32_to_f16(f)) : tgn_bf16_to_f32(tgn_f32_to_bf16(f));
 }
@@ -73,12 +73,12 @@ static inline int llama_row(const float *row, float *y, const float *w, int64_t 
     for (int64_t j = 0; j < hidden; ++j) {
         float q = row[j] / rms;
         nan |= q != q;
-        q = round_narrow(q, f16);
+        q = round_llama(q, f16);
         if (w) {
             q = q * (off != 0.0f ? w[j] + off : w[j]);
             if (flags & TGN_ROUND_PRODUCT) {
                 nan |= q != q;
-                q = round_narrow(q, f16);
+                q = round_llama(q, f16);
             }
         }
         y[j] = q;
@@ -93,29 +93,24 @@ static inline float rms_of_total_float(float total, int64_t hidden, double eps)
 }
 
 /* FINALIZE of n elements of a row (any part of it: each element's bits are its own)
- * given the row's rms; 1 if the llama rounding met a NaN. */
+ * given the row's rms; 1 if the llama rounding met a NaN.  ahead (NULL: none): the
+ * next row's same elements, prefetched as these go (a row read from memory next, whose
+ * sums then find it in L2). */
 static inline int finalize_span_float(const float *row, float *y, const float *w, int64_t n, float rms,
-                               int64_t flags, double offset)
+                               int64_t flags, double offset, const float *ahead)
 {
     float off = (float)offset;
     if (flags & TGN_ROUND_QUOTIENT)
         return llama_row(row, y, w, n, rms, flags, off);
-    tgn_quotient_row_f32_to(row, y, w, w ? off : 0.0f, n, rms, /* native_quotient.h */
-                            (flags & TGN_STREAM_STORES) != 0);
+    tgn_quotient_row_f32_ahead(row, y, w, w ? off : 0.0f, n, rms, /* native_quotient.h */
+                               (flags & TGN_STREAM_STORES) != 0, ahead);
     return 0;
 }
 
-/* A whole row's FINALIZE; ahead (NULL: none): the next row, prefetched as this one goes
- * (a row read from memory next, whose sums then find it in L2) */
 static inline int finalize_row_float(const float *row, float *y, const float *w, int64_t hidden,
                               float total, double eps, int64_t flags, double offset, const float *ahead)
 {
-    const float rms = rms_of_total_float(total, hidden, eps);
-    if (flags & TGN_ROUND_QUOTIENT)
-        return llama_row(row, y, w, hidden, rms, flags, (float)offset);
-    tgn_quotient_row_f32_ahead(row, y, w, w ? (float)offset : 0.0f, hidden, rms, (flags & TGN_STREAM_STORES) != 0,
-                               ahead);
-    return 0;
+    return finalize_span_float(row, y, w, hidden, rms_of_total_float(total, hidden, eps), flags, offset, ahead);
 }
 
 /* The fp64 form is IEEE throughout, but torch's CPU fp64 sqrt is not correctly

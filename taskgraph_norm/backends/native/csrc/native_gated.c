@@ -68,12 +68,12 @@ static inline int finish1(float h, float s, const float *w, int64_t j, float rms
     float q = h / rms;
     int nan = q != q;
     if (flags & TGN_ROUND_QUOTIENT)
-        q = round_narrow(q, f16);
+        q = round_llama(q, f16);
     if (w) {
         q = q * w[j];
         if (flags & TGN_ROUND_PRODUCT) {
             nan |= q != q;
-            q = round_narrow(q, f16);
+            q = round_llama(q, f16);
         }
     }
     if (after)

@@ -25,6 +25,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "native_finalize.h"
 #include "native_narrow.h"
 #include "native_widen.h"
 #include "tgn_native.h"
@@ -41,23 +42,21 @@ static int widen(const uint16_t *x, int64_t code, float *s, int64_t n)
     int tiny = 0;
 #if defined(LANES)
     if (code == TGN_DTYPE_BF16) {
-        /* tiny_lanes on the bf16 bits themselves, 32 at a time: |x| bits (x << 16) in
-         * [1, TGN_Q_LO) is |b| in [1, TGN_Q_LO >> 16) (TGN_Q_LO's low half is 0), so the
-         * least |b| - 1 (unsigned: a zero wraps to the top) decides, compared once at the
-         * end.  Each half's words go to the high halves of fp32 lanes by one vpermw with
-         * the low halves zeroed: x << 16, load_bf16's value. */
+        /* tiny_lanes on the bf16 bits themselves, 32 at a time (tgn_widen32): |x| bits (x <<
+         * 16) in [1, TGN_Q_LO) is |b| in [1, TGN_Q_LO >> 16) (TGN_Q_LO's low half is 0), so
+         * the least |b| - 1 (unsigned: a zero wraps to the top) decides, compared once at
+         * the end. */
+        __mmask32 t = 0;
+#if defined(TGN_WIDEN32)
         __m512i least = _mm512_set1_epi16(-1);
-        const __m512i lo = _mm512_set_epi16(15, 0, 14, 0, 13, 0, 12, 0, 11, 0, 10, 0, 9, 0, 8, 0, 7, 0, 6, 0, 5, 0,
-                                             4, 0, 3, 0, 2, 0, 1, 0, 0, 0);
-        const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi32(16 << 16));
         for (; j + 2 * LANES <= n; j += 2 * LANES) {
-            __m512i b = _mm512_loadu_si512((const void *)(x + j));
-            __m512i mag = _mm512_and_si512(b, _mm512_set1_epi16(0x7fff));
-            least = _mm512_min_epu16(least, _mm512_sub_epi16(mag, _mm512_set1_epi16(1)));
-            _mm512_storeu_si512((void *)(s + j), _mm512_maskz_permutexvar_epi16(0xAAAAAAAAu, lo, b));
-            _mm512_storeu_si512((void *)(s + j + LANES), _mm512_maskz_permutexvar_epi16(0xAAAAAAAAu, hi, b));
+            __m512 lo, hi;
+            tgn_widen32(x + j, 1, &lo, &hi, &least);
+            _mm512_storeu_ps(s + j, lo);
+            _mm512_storeu_ps(s + j + LANES, hi);
         }
-        __mmask32 t = _mm512_cmplt_epu16_mask(least, _mm512_set1_epi16((short)((TGN_Q_LO >> 16) - 1)));
+        t = _mm512_cmplt_epu16_mask(least, _mm512_set1_epi16((short)((TGN_Q_LO >> 16) - 1)));
+#endif
         for (; j + LANES <= n; j += LANES) {
             __m512 v = load_bf16(x + j);
             t |= tiny_lanes(v);
@@ -101,7 +100,6 @@ static int add_residual(const uint16_t *x, const uint16_t *r, uint16_t *h, int64
     return !tiny;
 }
 
-
 void tgn_narrow_weight(const tgn_rows_cfg_t *c, const void *w, float *out)
 {
     /* widened, + offset, rounded to w_round: each step a loop of its own with no branch
@@ -121,7 +119,6 @@ void tgn_narrow_weight(const tgn_rows_cfg_t *c, const void *w, float *out)
             out[j] = tgn_f16_to_f32(tgn_f32_to_f16(out[j]));
 }
 
-
 int tgn_narrow_weight_clean(const float *w, int64_t n)
 {
     int ok = 1;
@@ -131,7 +128,6 @@ int tgn_narrow_weight_clean(const float *w, int64_t n)
     }
     return ok;
 }
-
 
 /* The kernel over `n` rows of fp32 scratch s (row i of the call first), FINALIZE into y
  * (s itself, or fp32 rows of the output; NULL: the totals only, into total). */
@@ -165,9 +161,7 @@ static int64_t fused_step(const tgn_narrow_t *job, float *s, int64_t i, int64_t 
             const double *p = (const double *)total + 2 * k;
             if (p[0] != p[0]) /* no scale, or a NaN: counted by the kernel */
                 continue;
-            /* finalize_row_float's rms (native.c) of the pair's one rounding */
-            float mean = (float)(p[0] + p[1]) / (float)(double)d + (float)job->eps;
-            rms = (float)sqrt((double)mean);
+            rms = rms_of_total_float((float)(p[0] + p[1]), d, job->eps); /* the pair's one rounding */
         } else {
             rms = ((const float *)total)[k]; /* TGN_TOTAL_AS_RMS: the same expression */
         }
@@ -212,9 +206,7 @@ static int direct_row(const tgn_narrow_t *job, int64_t k, const uint16_t *next)
     if (!tgn_narrow_chunks_f32(x, code, c->chunk, d / c->chunk, slots, &tiny) || tiny)
         return -1;
     tgn_adds_tree_f32(slots, d / c->chunk);
-    const float tot = slots[c->root];
-    /* the float kernel's TGN_TOTAL_AS_RMS (native.c), the value fused_step reads */
-    const float rms = (float)sqrt((double)(tot / (float)(double)d + (float)job->eps));
+    const float rms = rms_of_total_float(slots[c->root], d, job->eps); /* TGN_TOTAL_AS_RMS's value */
     if (!tgn_quotient_rms_in_range(rms))
         return -1;
     if (job->total)
@@ -224,28 +216,12 @@ static int direct_row(const tgn_narrow_t *job, int64_t k, const uint16_t *next)
     const int stream = (job->flags & TGN_STREAM_STORES) && (uintptr_t)y % 64 == 0;
     const float *w = job->w;
     __m512i least = _mm512_setzero_si512(); /* (the sums checked the row) */
-    __mmask16 unused = 0;
     for (int64_t j = 0; j < d; j += 2 * LANES) {
         if (next)
             __builtin_prefetch(next + j, 0, 3); /* one line: 32 narrow values */
         __m512 a0, a1;
         tgn_widen32(x + j, bf16, &a0, &a1, &least);
-        if (bf16) { /* the cheap product (native_narrow.h) */
-            __m512 p0 = _mm512_mul_ps(a0, dv.r), p1 = _mm512_mul_ps(a1, dv.r);
-            if (w) {
-                p0 = _mm512_mul_ps(p0, _mm512_loadu_ps(w + j));
-                p1 = _mm512_mul_ps(p1, _mm512_loadu_ps(w + j + LANES));
-            }
-            if (__builtin_expect((near_boundary(p0) | near_boundary(p1)) != 0, 0)) {
-                p0 = quotient_v(a0, w ? w + j : 0, &dv, 1, 1, &unused);
-                p1 = quotient_v(a1, w ? w + j + LANES : 0, &dv, 1, 1, &unused);
-            }
-            put_bf16(y + j, p0, p1, 1, stream);
-        } else {
-            put16(y + j, round_narrow(quotient_v(a0, w ? w + j : 0, &dv, 1, 1, &unused), TGN_DTYPE_F16), stream);
-            put16(y + j + LANES, round_narrow(quotient_v(a1, w ? w + j + LANES : 0, &dv, 1, 1, &unused),
-                                              TGN_DTYPE_F16), stream);
-        }
+        clean_pair(a0, a1, w ? w + j : 0, &dv, code, y + j, stream);
     }
     return 0;
 }

@@ -158,7 +158,7 @@ static inline void put16(uint16_t *y, __m256i v, const int stream)
  * bf16 is fp32 with 16 fewer bits, over the same exponents.  So where p's low 16 bits lie
  * NARROW_GUARD or more from 0x8000 (NARROW_GUARD > 6), p rounds as p' does, and a pair
  * of vectors with a lane that does not (about 1 in 2048 lanes) is done again with the
- * exact quotient (quotient_q).  Neither is subnormal (a clean row's |p| >= 2^-120 or p
+ * exact quotient (quotient_v).  Neither is subnormal (a clean row's |p| >= 2^-120 or p
  * is +-0, the same +-0 both ways); a p' or p past fp32's largest value lies past bf16's
  * largest boundary too (both round to infinity).  So y has the exact quotient's bits:
  * tests/test_native_narrow.py::test_the_cheap_quotient_of_bf16_rows_keeps_the_bits finds
@@ -168,10 +168,9 @@ static inline void put16(uint16_t *y, __m256i v, const int stream)
  * round at other bits. */
 #define NARROW_GUARD 8
 
-static inline __attribute__((always_inline)) __m512 cheap_product(const float *s, const float *w,
-                                                                   const tgn_q_div_t *dv)
+static inline __attribute__((always_inline)) __m512 cheap_product(__m512 a, const float *w, const tgn_q_div_t *dv)
 {
-    __m512 q = _mm512_mul_ps(_mm512_loadu_ps(s), dv->r);
+    __m512 q = _mm512_mul_ps(a, dv->r);
     return w ? _mm512_mul_ps(q, _mm512_loadu_ps(w)) : q;
 }
 
@@ -203,28 +202,25 @@ static inline __attribute__((always_inline)) void put_bf16(uint16_t *y, __m512 q
 #endif
 }
 
-/* A clean bf16 row's y (see above) */
-static inline __attribute__((always_inline)) void cheap_vectors(const float *s, const float *w, int64_t n,
-                                                                const tgn_q_div_t *dv, uint16_t *y, const char *fetch,
-                                                                const int stream)
+/* 32 values of a clean row's y from their fp32 values a0 and a1 (whose row's rms is in
+ * the quotient's range and has no tiny value): bf16 from the cheap product (see above),
+ * fp16 from the exact quotient.  The scratch path reads a0 and a1 from the scratch,
+ * native_narrow.c's rows without it widen them from x. */
+static inline __attribute__((always_inline)) void clean_pair(__m512 a0, __m512 a1, const float *w,
+                                                             const tgn_q_div_t *dv, const int64_t code, uint16_t *y,
+                                                             const int stream)
 {
     __mmask16 unused = 0;
-    int64_t j = 0;
-    for (; j + 2 * LANES <= n; j += 2 * LANES) {
-        __builtin_prefetch(fetch + 2 * j, 0, 3); /* one line: 32 narrow values */
-        __m512 p0 = cheap_product(s + j, w ? w + j : 0, dv);
-        __m512 p1 = cheap_product(s + j + LANES, w ? w + j + LANES : 0, dv);
+    if (code == TGN_DTYPE_BF16) {
+        __m512 p0 = cheap_product(a0, w, dv), p1 = cheap_product(a1, w ? w + LANES : 0, dv);
         if (__builtin_expect((near_boundary(p0) | near_boundary(p1)) != 0, 0)) {
-            p0 = quotient_q(s + j, w ? w + j : 0, dv, 1, 1, &unused);
-            p1 = quotient_q(s + j + LANES, w ? w + j + LANES : 0, dv, 1, 1, &unused);
+            p0 = quotient_v(a0, w, dv, 1, 1, &unused);
+            p1 = quotient_v(a1, w ? w + LANES : 0, dv, 1, 1, &unused);
         }
-        put_bf16(y + j, p0, p1, 1, stream);
-    }
-    if (j + LANES <= n) { /* one vector left */
-        __m512 p = cheap_product(s + j, w ? w + j : 0, dv);
-        if (near_boundary(p))
-            p = quotient_q(s + j, w ? w + j : 0, dv, 1, 1, &unused);
-        put_bf16(y + j, p, p, 0, stream);
+        put_bf16(y, p0, p1, 1, stream);
+    } else {
+        put16(y, round_narrow(quotient_v(a0, w, dv, 1, 1, &unused), code), stream);
+        put16(y + LANES, round_narrow(quotient_v(a1, w ? w + LANES : 0, dv, 1, 1, &unused), code), stream);
     }
 }
 
@@ -235,18 +231,25 @@ static inline __attribute__((always_inline)) int quotient_vectors(const float *s
 {
     __mmask16 unordered = 0;
     const char *fetch = ahead ? (const char *)ahead : (const char *)s; /* a prefetch never faults */
-    if (clean && code == TGN_DTYPE_BF16) {
-        cheap_vectors(s, w, n, dv, y, fetch, stream);
-        return 0;
-    }
     int64_t j = 0;
     for (; j + 2 * LANES <= n; j += 2 * LANES) {
         __builtin_prefetch(fetch + 2 * j, 0, 3); /* one line: 32 narrow values */
+        if (clean) {
+            clean_pair(_mm512_loadu_ps(s + j), _mm512_loadu_ps(s + j + LANES), w ? w + j : 0, dv, code, y + j,
+                       stream);
+            continue;
+        }
         put16(y + j, quotient_vector(s + j, w ? w + j : 0, dv, code, ranged, clean, &unordered), stream);
         put16(y + j + LANES, quotient_vector(s + j + LANES, w ? w + j + LANES : 0, dv, code, ranged, clean,
                                              &unordered), stream);
     }
-    if (j + LANES <= n)
+    if (j + LANES <= n && clean && code == TGN_DTYPE_BF16) { /* one vector left */
+        const __m512 a = _mm512_loadu_ps(s + j);
+        __m512 p = cheap_product(a, w ? w + j : 0, dv);
+        if (near_boundary(p))
+            p = quotient_v(a, w ? w + j : 0, dv, 1, 1, &unordered);
+        put_bf16(y + j, p, p, 0, stream);
+    } else if (j + LANES <= n)
         put16(y + j, quotient_vector(s + j, w ? w + j : 0, dv, code, ranged, clean, &unordered), stream);
     return unordered != 0;
 }
