@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from . import EXACT_CHANNELS, accumulation_dtype, finalize_rms, pairwise_halving_, rowmax_sq, sumsq_exact
+from .sqrt import split
 
 __all__ = [
     "LAYER_EPS",
@@ -124,15 +125,10 @@ def _sign(components: list[torch.Tensor]) -> torch.Tensor:
     return sign
 
 
-_SPLIT = 134217729.0  # 2**27 + 1: Veltkamp's split of a 53-bit value into two of <= 26 bits
-
-
 def _times_d(a: torch.Tensor, hidden_size: int) -> list[torch.Tensor]:
     """``a * D`` as four fp64 products whose sum is exact (``a`` split by Veltkamp into
     two halves of <= 26 bits, ``D < 2**52`` into two integers of <= 26 bits)."""
-    p = a * _SPLIT
-    hi = p - (p - a)
-    lo = a - hi
+    hi, lo = split(a)
     d_lo = float(hidden_size % (1 << 26))
     d_hi = float(hidden_size - hidden_size % (1 << 26))
     return [hi * d_hi, hi * d_lo, lo * d_hi, lo * d_lo]

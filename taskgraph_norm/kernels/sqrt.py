@@ -33,13 +33,15 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["sqrt_fp64"]
+__all__ = ["split", "sqrt_fp64"]
 
 #: Dekker's splitter for a 53-bit significand: ``2**27 + 1``.
 _SPLITTER = 134217729.0
 
 
-def _split(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def split(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Veltkamp's split of fp64 ``v``: ``(hi, lo)``, ``hi + lo = v`` exactly, each of at most
+    26 significant bits (so products of halves are exact); ``|v|`` below ``2**996``."""
     g = v * _SPLITTER
     hi = g - (g - v)
     return hi, v - hi
@@ -47,8 +49,8 @@ def _split(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _product(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(p, e)``: ``p = RN(a * b)`` and ``a * b = p + e`` exactly (no underflow or overflow)."""
-    ah, al = _split(a)
-    bh, bl = _split(b)
+    ah, al = split(a)
+    bh, bl = split(b)
     p = a * b
     return p, ((ah * bh - p) + ah * bl + al * bh) + al * bl
 
