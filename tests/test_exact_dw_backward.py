@@ -85,6 +85,23 @@ def test_one_pass_gives_the_two_passes_bits(rows: int, hidden: int, threads: int
         assert torch.equal(s1, torch_state)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_rows_from_memory_give_the_two_passes_bits(threads: int) -> None:
+    """A dx of STREAM_BYTES or more: the one pass runs its folds 16 rows at a time
+    (native_backward.c's FUSED_DW_STREAM_ROWS), here with a last block of 5 rows."""
+    from taskgraph_norm.constants import STREAM_BYTES
+    hidden = 4096
+    rows = STREAM_BYTES // 4 // hidden + 5
+    x, dy, rms = rows_of(rows, hidden, 17, binades=30)
+    state = start_state(hidden)
+    dx2, s2 = two_passes(x, dy, None, rms, state, "float")
+    dx1, s1 = one_pass(x, dy, None, rms, state, "float", threads)
+    assert_bits_equal(dx1, dx2)
+    assert torch.equal(s1, s2)
+    dy[rows - 3, 7] = torch.nextafter(dy[rows - 3, 7], torch.tensor(float("inf")))  # the last block's rows count
+    assert not torch.equal(one_pass(x, dy, None, rms, state, "float", threads)[1], s1)
+
+
 def test_the_split_among_threads_does_not_change_the_state() -> None:
     x, dy, rms = rows_of(3000, 384, 5, binades=40)  # third folds: the measured path too
     state = start_state(384)

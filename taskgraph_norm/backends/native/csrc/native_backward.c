@@ -315,6 +315,8 @@ float *tgn_thread_scratch(int64_t n)
  * into that unnormalised state after its dx, while its rows are in cache
  * (native_dw_fused.c; xspan: the digit rows written).  A block's scratch is 15 rows and its sum's (the halving's first
  * step adds the second half's rows as they are made). */
+#define FUSED_DW_STREAM_ROWS 16
+
 int64_t tgn_backward_rows_f32(const float *x, const float *dy, const float *w, const float *rms,
                               int64_t rows, int64_t hidden, int64_t chunk, const int64_t *adds,
                               int64_t n_adds, int64_t root, int64_t exact, float *dx, int64_t first_block,
@@ -329,8 +331,15 @@ int64_t tgn_backward_rows_f32(const float *x, const float *dy, const float *w, c
         return -1;
     float *g = work, *p = work + hidden, *slots = p + hidden, *half_rows = slots + n_chunks + n_adds;
     const float fd = (float)(double)hidden;
-    for (int64_t b0 = 0; b0 < rows; b0 += TGN_BACKWARD_ROW_BLOCK) {
-        int64_t in_block = rows - b0 < TGN_BACKWARD_ROW_BLOCK ? rows - b0 : TGN_BACKWARD_ROW_BLOCK;
+    /* The fused exact dW's rows from memory (stream) run 16 at a time: the folds then find
+     * the block's x and dy (512 KiB at 4096 wide) in L2, where 32 rows with their dx
+     * overflowed a 1 MiB L2 (C call at 1024 x 4096 on two threads: 1372 -> 1250 us).  The
+     * digits are integer sums, so the blocks do not change them; on rows held in L3 the
+     * folds' per-block work cost more than it saved (64 x 4096: 119 -> 142 us), and a
+     * float dW's blocks are its merge's. */
+    const int64_t rb = xstate && !dw && stream ? FUSED_DW_STREAM_ROWS : TGN_BACKWARD_ROW_BLOCK;
+    for (int64_t b0 = 0; b0 < rows; b0 += rb) {
+        int64_t in_block = rows - b0 < rb ? rows - b0 : rb;
         /* the block's pairwise halving over its rows: row q < h is kept in lo[q], row
          * q >= h added to lo[q - h] as it is made (the first step), then the rest */
         int64_t h = (in_block + 1) / 2;
