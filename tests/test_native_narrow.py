@@ -293,6 +293,42 @@ def test_rows_without_the_scratch_keep_the_bits(monkeypatch: pytest.MonkeyPatch,
             assert bits_equal(a, b), (hidden, chunk)
 
 
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+def test_short_rows_keep_the_general_paths_rms(monkeypatch: pytest.MonkeyPatch, threads: int,
+                                                dtype: torch.dtype) -> None:
+    """Rows of fewer than 8 full chunks (QK-norm's): their chunk sums made for a step of
+    rows at once and each row's merges after (native_narrow.c's short_totals), then every
+    row's rms and reciprocal pair 16 rows a vector (divisors).  The op's fp32 rms shows
+    what y's rounding to bf16/fp16 would hide: it must be the general path's for 1 to 7
+    chunks, linear and tree merges, a residual, a chunk length without vector sums (100) and rows
+    the scratch path finishes otherwise (zero, subnormal, huge, NaN); and the merges'
+    order must show in it (the negative control)."""
+    taken = spy_direct_calls(monkeypatch)
+    op = torch.ops.taskgraph_norm
+    cases = ((64, 64), (128, 64), (192, 64), (256, 64), (320, 64), (448, 64), (96, 32), (24, 8), (200, 100))
+    rms_of: dict[tuple[int, str], torch.Tensor] = {}
+    for hidden, chunk in cases:
+        x, r = _rows(300, hidden, dtype, hidden), _rows(300, hidden, dtype, hidden + 1).flip(0)
+        w = _weight(hidden, dtype)
+        for topology in ("linear", "tree"):  # (the topologies whose rows have a C plan)
+            config = (1e-6, chunk, topology, "pairwise", "float", "torch", 0.0)
+            for rows in (x[5:], x[5:6], x):  # many steps; one row; with the rows of _rows' specials
+                got = op.rms_norm(rows, w, *config)
+                with tgn.backends.use("torch_ops"):
+                    want = op.rms_norm(rows, w, *config)
+                assert _same(got, want), (hidden, chunk, topology, rows.shape)
+            tgn.normalize_sync(x[5:], w, chunk_size=chunk, topology=topology)
+            assert taken[-1] is True
+            got = op.rms_norm_residual(x[5:], r[5:], w, *config)
+            with tgn.backends.use("torch_ops"):
+                want = op.rms_norm_residual(x[5:], r[5:], w, *config)
+            assert _same(got, want), (hidden, chunk, topology, "residual")
+            rms_of[hidden, topology] = op.rms_norm(x[5:], w, *config)[1]
+    # merges in another order give other rms bits: the comparison above sees the order
+    assert not bits_equal(rms_of[256, "linear"], rms_of[256, "tree"])
+    assert not bits_equal(rms_of[448, "linear"], rms_of[448, "tree"])
+
+
 def test_a_training_forward_keeps_the_rms_of_the_general_path(threads: int) -> None:
     """The grad-enabled forward asks the direct call for each row's rms too."""
     for dtype, accumulate in itertools.product(HALF, ("float", "exact")):

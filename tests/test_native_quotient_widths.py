@@ -34,6 +34,7 @@ from .helpers import assert_bits_equal, bits_equal
 HEADER_DIR = Path(__file__).resolve().parents[1] / "taskgraph_norm" / "backends" / "native" / "csrc"
 HARNESS = """
 #include <stdint.h>
+#include <string.h>
 #include "native_quotient.h"
 void q_row(const float *x, float *y, const float *w, float off, int64_t n, float rms)
 { tgn_quotient_row_f32(x, y, w, off, n, rms); }
@@ -41,6 +42,20 @@ void q_row_ranged(const float *x, float *y, const float *w, float off, int64_t n
 { tgn_quotient_row_f32_ranged(x, y, w, off, n, rms); }
 int q_all_ranged(const float *x, int64_t n) { return tgn_quotient_all_ranged(x, n); }
 int q_lanes(void) { return TGN_QUOTIENT_LANES; }
+void q_pairs(const float *b, int64_t n, float *pairs) { tgn_q_pairs(b, n, pairs); }
+void q_setup_pair(float b, float *pair)
+{
+#if TGN_QUOTIENT_LANES > 1
+    tgn_q_div_t d = tgn_q_setup(b);
+    float r[TGN_QUOTIENT_LANES], rl[TGN_QUOTIENT_LANES];
+    memcpy(r, &d.r, sizeof r);
+    memcpy(rl, &d.rl, sizeof rl);
+    pair[0] = r[TGN_QUOTIENT_LANES - 1];
+    pair[1] = rl[TGN_QUOTIENT_LANES - 1];
+#else
+    tgn_q_pair1(b, pair, pair + 1);
+#endif
+}
 """
 #: name: (compiler flags, CPU features needed, lanes)
 WIDTHS = {
@@ -69,6 +84,10 @@ def _build(tmp: Path, name: str, flags: tuple[str, ...]) -> ctypes.CDLL:
     dll.q_all_ranged.argtypes = [ctypes.c_void_p, ctypes.c_int64]
     dll.q_all_ranged.restype = ctypes.c_int
     dll.q_lanes.restype = ctypes.c_int
+    dll.q_pairs.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+    dll.q_pairs.restype = None
+    dll.q_setup_pair.argtypes = [ctypes.c_float, ctypes.c_void_p]
+    dll.q_setup_pair.restype = None
     return dll
 
 
@@ -200,6 +219,31 @@ def test_the_unchecked_quotient_of_values_in_range(build_dir: Path, name: str) -
     assert lib.q_all_ranged(tiny.data_ptr(), tiny.numel()) == 0
     if name != "divider":
         assert not all(bits_equal(_run(lib, tiny, b, ranged=True), _division(tiny, b)) for b in divisors()[:24])
+
+
+@pytest.mark.parametrize("name", list(WIDTHS))
+def test_the_pairs_of_many_divisors_are_each_divisors_setup(build_dir: Path, name: str) -> None:
+    """tgn_q_pairs (a step of short rows' reciprocal pairs, 16 a vector) against
+    tgn_q_setup's pair of each divisor alone, bit for bit: the hardest divisors, the
+    range's edges, zero, infinity, NaN, random ones, and every count past whole vectors.
+    Negative control: the pairs of the neighbouring divisors differ."""
+    lib = _width(build_dir, name)
+    g = torch.Generator().manual_seed(11)
+    b = torch.tensor(divisors() + [float("nan"), -1.0], dtype=torch.float32)
+    b = torch.cat([b, torch.exp2(torch.rand(4000, generator=g) * 80 - 40).float()])
+    want = torch.empty(2 * b.numel(), dtype=torch.float32)
+    one = torch.empty(2, dtype=torch.float32)
+    for k, v in enumerate(b.tolist()):
+        lib.q_setup_pair(v, one.data_ptr())
+        want[2 * k: 2 * k + 2] = one
+    for n in (b.numel(), 1, 15, 16, 17, 33):
+        got = torch.empty(2 * n, dtype=torch.float32)
+        lib.q_pairs(b.data_ptr(), n, got.data_ptr())
+        assert_bits_equal(got, want[: 2 * n])
+    near = (b.view(torch.int32) + 1).view(torch.float32)
+    got = torch.empty_like(want)
+    lib.q_pairs(near.data_ptr(), near.numel(), got.data_ptr())
+    assert not bits_equal(got, want)
 
 
 @pytest.mark.parametrize("mutant", [("-DTGN_Q_CORRECTIONS=0",), ("-DTGN_Q_LO=1u",), ("-DTGN_Q_HI=0x7f7fffffu",),

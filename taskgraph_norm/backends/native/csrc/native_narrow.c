@@ -141,33 +141,91 @@ static int64_t kernel(const tgn_narrow_t *job, float *s, int64_t n, float *y, vo
                               job->eps, flags, 0.0, 0, 0, 0, 0);
 }
 
-/* Rows [i, i + m) of the step in s: the kernel's sums (each row's rms, or exact pair),
+/* The rms of m rows from their totals, as rms_of_total_float makes each (the same IEEE
+ * operations: an fp32 division and add, fp64's root rounded to fp32), 16 rows a vector,
+ * then their reciprocal pairs (tgn_q_pairs): a step of short rows spent more on each
+ * row's division and root, one at a time, than on its quotients.  rms may be tot. */
+static void divisors(const float *tot, int64_t m, int64_t d, double eps, float *rms, float *rcp)
+{
+    int64_t k = 0;
+#if defined(LANES) && TGN_QUOTIENT_LANES == LANES
+    const __m512 hidden = _mm512_set1_ps((float)(double)d), e = _mm512_set1_ps((float)eps);
+    for (; k + LANES <= m; k += LANES) {
+        __m512 mean = _mm512_add_ps(_mm512_div_ps(_mm512_loadu_ps(tot + k), hidden), e);
+        __m256 lo = _mm512_cvtpd_ps(_mm512_sqrt_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(mean))));
+        __m256 hi = _mm512_cvtpd_ps(_mm512_sqrt_pd(_mm512_cvtps_pd(_mm512_extractf32x8_ps(mean, 1))));
+        _mm512_storeu_ps(rms + k, _mm512_insertf32x8(_mm512_castps256_ps512(lo), hi, 1));
+    }
+#endif
+    for (; k < m; ++k)
+        rms[k] = rms_of_total_float(tot[k], d, eps);
+    tgn_q_pairs(rms, m, rcp);
+}
+
+/* Totals of m short rows of s (fewer than 8 full chunks each, none partial): every
+ * chunk sum of the step at once, eight chunks at a time (tgn_full_chunks_f32 over the
+ * rows one after another, as FLOAT_ROWS's blocked rows take them), then each row's
+ * merges (the plan's triples: rows this short have no tree vectors).  The same
+ * additions as the kernel's; returns the rows whose total is NaN, or -2 where the
+ * chunk length has no such sums (the kernel then runs). */
+static int64_t short_totals(const tgn_rows_cfg_t *c, const float *s, int64_t m, float *tot)
+{
+    const int64_t n_full = c->hidden / c->chunk;
+    float pre[7 * MAX_STEP], work[16];
+    if (n_full * c->chunk != c->hidden || n_full >= 8 || 2 * n_full > 16 ||
+        !tgn_full_chunks_f32(s, c->chunk, n_full * m, pre))
+        return -2;
+    int64_t nan = 0;
+    for (int64_t k = 0; k < m; ++k) {
+        const float *row = pre + k * n_full;
+        float t;
+        if (n_full == 1) {
+            t = row[0];
+        } else {
+            memcpy(work, row, (size_t)n_full * sizeof(float));
+            for (int64_t a = 0; a < c->n_adds; ++a)
+                work[c->adds[3 * a]] = work[c->adds[3 * a + 1]] + work[c->adds[3 * a + 2]];
+            t = work[c->root];
+        }
+        tot[k] = t;
+        nan += t != t;
+    }
+    return nan;
+}
+
+/* Rows [i, i + m) of the step in s: the kernel's sums (each row's total, or exact pair),
  * then FINALIZE and the narrowing in one pass per row. */
 static int64_t fused_step(const tgn_narrow_t *job, float *s, int64_t i, int64_t m, double *pairs, float *rmss,
                           int ranged, int clean, const uint16_t *ahead, int64_t ahead_rows)
 {
     const tgn_rows_cfg_t *c = job->cfg;
     const int64_t d = c->hidden;
-    void *total = c->exact ? (job->total ? (void *)((double *)job->total + 2 * i) : (void *)pairs)
-                           : (job->total ? (void *)((float *)job->total + i) : (void *)rmss);
+    if (!c->exact) { /* totals, then every row's rms and reciprocal pair at once */
+        float *rms = job->total ? (float *)job->total + i : rmss, rcp[2 * MAX_STEP];
+        int64_t bad = m > 1 ? short_totals(c, s, m, rms) : -2;
+        if (bad == -2)
+            bad = kernel(job, s, m, 0, rms, job->flags & ~(int64_t)TGN_TOTAL_AS_RMS);
+        if (bad < 0)
+            return bad;
+        divisors(rms, m, d, job->eps, rms, rcp);
+        for (int64_t k = 0; k < m; ++k)
+            bad += finalize_narrow(s + k * d, job->w, d, rms[k], rcp + 2 * k, c->y_dtype,
+                                   (uint16_t *)job->y + (i + k) * d, ranged, clean,
+                                   k < ahead_rows ? ahead + k * d : 0, job->flags);
+        return bad;
+    }
+    void *total = job->total ? (void *)((double *)job->total + 2 * i) : (void *)pairs;
     /* (the exact pairs read below only as (float)(p[0] + p[1]), unless the caller keeps them) */
-    const int64_t as = c->exact ? (job->total ? 0 : TGN_TOTAL_ROUNDED) : TGN_TOTAL_AS_RMS;
-    int64_t bad = kernel(job, s, m, 0, total, job->flags | as);
+    int64_t bad = kernel(job, s, m, 0, total, job->flags | (job->total ? 0 : TGN_TOTAL_ROUNDED));
     if (bad < 0)
         return bad;
     for (int64_t k = 0; k < m; ++k) {
-        float rms;
-        if (c->exact) {
-            const double *p = (const double *)total + 2 * k;
-            if (p[0] != p[0]) /* no scale, or a NaN: counted by the kernel */
-                continue;
-            rms = rms_of_total_float((float)(p[0] + p[1]), d, job->eps); /* the pair's one rounding */
-        } else {
-            rms = ((const float *)total)[k]; /* TGN_TOTAL_AS_RMS: the same expression */
-        }
-        bad += finalize_narrow(s + k * d, job->w, d, rms, c->y_dtype,
-                               (uint16_t *)job->y + (i + k) * d, ranged, clean,
-                               k < ahead_rows ? ahead + k * d : 0, job->flags);
+        const double *p = (const double *)total + 2 * k;
+        if (p[0] != p[0]) /* no scale, or a NaN: counted by the kernel */
+            continue;
+        float rms = rms_of_total_float((float)(p[0] + p[1]), d, job->eps); /* the pair's one rounding */
+        bad += finalize_narrow(s + k * d, job->w, d, rms, 0, c->y_dtype, (uint16_t *)job->y + (i + k) * d, ranged,
+                               clean, k < ahead_rows ? ahead + k * d : 0, job->flags);
     }
     return bad;
 }

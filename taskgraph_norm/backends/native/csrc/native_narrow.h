@@ -265,12 +265,15 @@ static inline __attribute__((always_inline)) int quotient_dtype(const float *s, 
 }
 #endif
 
-static int finalize_narrow(float *s, const float *w, int64_t n, float rms, int64_t code, uint16_t *y, int ranged,
-                           int clean, const uint16_t *ahead, int64_t flags)
+/* rcp: rms's reciprocal pair (tgn_q_setup's r and rl, made for a step's rows at once:
+ * native_narrow.c's divisors), or NULL: made here. */
+static int finalize_narrow(float *s, const float *w, int64_t n, float rms, const float *rcp, int64_t code,
+                           uint16_t *y, int ranged, int clean, const uint16_t *ahead, int64_t flags)
 {
 #if defined(LANES) && TGN_QUOTIENT_LANES == LANES
     if (tgn_quotient_rms_in_range(rms)) {
-        const tgn_q_div_t dv = tgn_q_setup(rms);
+        const tgn_q_div_t dv = rcp ? (tgn_q_div_t){_mm512_set1_ps(rms), _mm512_set1_ps(rcp[0]), _mm512_set1_ps(rcp[1])}
+                                   : tgn_q_setup(rms);
         /* TGN_STREAM_STORES: non-temporal stores where y is 64-byte aligned (then every
          * vector, and every pair a clean bf16 row stores at once, is); the caller fences */
         const int stream = (flags & TGN_STREAM_STORES) && (uintptr_t)y % 64 == 0;
@@ -282,7 +285,7 @@ static int finalize_narrow(float *s, const float *w, int64_t n, float rms, int64
         return narrow(s + j, code, y + j, n - j) | nan;
     }
 #endif
-    (void)ranged, (void)clean, (void)ahead, (void)flags;
+    (void)rcp, (void)ranged, (void)clean, (void)ahead, (void)flags;
     tgn_quotient_row_f32(s, s, w, 0.0f, n, rms);
     return narrow(s, code, y, n);
 }

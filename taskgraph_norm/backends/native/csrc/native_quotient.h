@@ -159,6 +159,13 @@ static inline int tgn_q_in_range(__m256 a)
 }
 #endif
 
+/* y = RN(1/b) and yl = RN(RN(1 - b y) y) (see the top): 1/b - y to 2^-23. */
+static inline void tgn_q_pair1(float b, float *y, float *yl)
+{
+    *y = 1.0f / b;
+    *yl = __builtin_fmaf(-b, *y, 1.0f) * *y;
+}
+
 #if TGN_QUOTIENT_LANES > 1
 /* One row's divisor, ready for tgn_q_vec: b, y = RN(1/b) and yl (see the top). */
 typedef struct {
@@ -167,8 +174,8 @@ typedef struct {
 
 static inline tgn_q_div_t tgn_q_setup(float rms)
 {
-    const float inv = 1.0f / rms;
-    const float lo = __builtin_fmaf(-rms, inv, 1.0f) * inv; /* e y: 1/b - y, to 2^-23 */
+    float inv, lo;
+    tgn_q_pair1(rms, &inv, &lo);
     tgn_q_div_t d = {TGN_Q_SET1(rms), TGN_Q_SET1(inv), TGN_Q_SET1(lo)};
     return d;
 }
@@ -208,6 +215,27 @@ static inline TGN_QV tgn_q_vec_ranged(const tgn_q_div_t *d, TGN_QV a)
 #endif
 }
 #endif
+
+/* tgn_q_setup's y and yl for n divisors b at once, into pairs[2 k] and pairs[2 k + 1]
+ * (native_narrow.c makes a step of short rows' pairs in one pass): the same three
+ * operations, lane by lane (tests/test_native_quotient_widths.py compares them). */
+static inline void tgn_q_pairs(const float *b, int64_t n, float *pairs)
+{
+    int64_t k = 0;
+#if TGN_QUOTIENT_LANES == 16
+    const __m512 one = _mm512_set1_ps(1.0f);
+    const __m512i first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(8));
+    for (; k + 16 <= n; k += 16) {
+        const __m512 v = _mm512_loadu_ps(b + k), inv = _mm512_div_ps(one, v);
+        const __m512 lo = _mm512_mul_ps(_mm512_fnmadd_ps(v, inv, one), inv);
+        _mm512_storeu_ps(pairs + 2 * k, _mm512_permutex2var_ps(inv, first, lo));
+        _mm512_storeu_ps(pairs + 2 * k + 16, _mm512_permutex2var_ps(inv, second, lo));
+    }
+#endif
+    for (; k < n; ++k)
+        tgn_q_pair1(b[k], pairs + 2 * k, pairs + 2 * k + 1);
+}
 
 /* 1 where every lane of x[0, n) is +-0 or 2^-50 <= |a| <= 2^60 (no tiny, huge, infinite
  * or NaN value): tgn_q_vec_ranged may divide it. */
