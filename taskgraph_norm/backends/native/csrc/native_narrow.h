@@ -281,6 +281,8 @@ static int finalize_narrow(float *s, const float *w, int64_t n, float rms, const
                   : clean ? quotient_dtype(s, w, n, &dv, code, y, 1, 1, ahead, stream)
                           : quotient_dtype(s, w, n, &dv, code, y, 1, 0, ahead, stream);
         int64_t j = n / LANES * LANES;
+        if (j == n) /* (QK-norm's short rows: no tail, no call) */
+            return nan;
         tgn_quotient_div_f32(s + j, s + j, w ? w + j : 0, 0.0f, n - j, rms); /* the scalar tail, as there */
         return narrow(s + j, code, y + j, n - j) | nan;
     }
