@@ -52,7 +52,7 @@ CSRC = "taskgraph_norm/backends/native/csrc"
 SOURCES = [f"{CSRC}/{name}.c"
            for name in ("native", "native_exact", "native_exact_f64", "native_sums", "native_tree", "native_backward",
                         "native_dw", "native_dw_measured", "native_dw_direct", "native_dw_fused", "native_dw_round",
-                        "native_narrow", "native_team", "native_team_jobs", "native_layer", "native_layer_exact",
+                        "native_narrow", "native_narrow_direct", "native_team", "native_team_jobs", "native_layer", "native_layer_exact",
                         "native_layer_backward", "native_gate", "native_gated", "native_face", "native_face_calls",
                         "native_module")]
 CONSTANTS = "taskgraph_norm/constants.py"
@@ -60,7 +60,7 @@ CONSTANTS = "taskgraph_norm/constants.py"
 CONSTANTS_HEADER = f"{CSRC}/tgn_constants.h"
 DEPENDS = [f"{CSRC}/native_dw.h", f"{CSRC}/native_dw_tile.h", f"{CSRC}/native_exact.h", f"{CSRC}/native_finalize.h",
            f"{CSRC}/native_face.h", f"{CSRC}/native_half.h", f"{CSRC}/native_narrow.h", f"{CSRC}/native_quotient.h",
-           f"{CSRC}/native_team.h", f"{CSRC}/tgn_native.h",
+           f"{CSRC}/native_team.h", f"{CSRC}/native_widen.h", f"{CSRC}/tgn_native.h",
            CONSTANTS_HEADER, CONSTANTS]
 # Keep the C expressions as written (see native.c): no contraction into fmas, no
 # fast-math; -O3 comes after Python's own -O2.

@@ -18,7 +18,9 @@
  * the two builds).  Neither gives torch's bits for a NaN (torch's scalar and vector
  * casts of a NaN differ), so a row with a NaN in its result is counted and the caller
  * runs the general path; every row with a NaN total is counted by the kernel already.
- * The conversions and the FINALIZE into a narrow y are in native_narrow.h.
+ * The conversions and the FINALIZE into a narrow y are in native_narrow.h; the rows that
+ * skip the scratch (tgn_narrow_rows takes them first where the plan allows) in
+ * native_narrow_direct.c.
  */
 #include <math.h>
 #include <stdint.h>
@@ -141,56 +143,20 @@ static int64_t kernel(const tgn_narrow_t *job, float *s, int64_t n, float *y, vo
                               job->eps, flags, 0.0, 0, 0, 0, 0);
 }
 
-/* The rms of m rows from their totals, as rms_of_total_float makes each (the same IEEE
- * operations: an fp32 division and add, fp64's root rounded to fp32), 16 rows a vector,
- * then their reciprocal pairs (tgn_q_pairs): a step of short rows spent more on each
- * row's division and root, one at a time, than on its quotients.  rms may be tot. */
-static void divisors(const float *tot, int64_t m, int64_t d, double eps, float *rms, float *rcp)
-{
-    int64_t k = 0;
-#if defined(LANES) && TGN_QUOTIENT_LANES == LANES
-    const __m512 hidden = _mm512_set1_ps((float)(double)d), e = _mm512_set1_ps((float)eps);
-    for (; k + LANES <= m; k += LANES) {
-        __m512 mean = _mm512_add_ps(_mm512_div_ps(_mm512_loadu_ps(tot + k), hidden), e);
-        __m256 lo = _mm512_cvtpd_ps(_mm512_sqrt_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(mean))));
-        __m256 hi = _mm512_cvtpd_ps(_mm512_sqrt_pd(_mm512_cvtps_pd(_mm512_extractf32x8_ps(mean, 1))));
-        _mm512_storeu_ps(rms + k, _mm512_insertf32x8(_mm512_castps256_ps512(lo), hi, 1));
-    }
-#endif
-    for (; k < m; ++k)
-        rms[k] = rms_of_total_float(tot[k], d, eps);
-    tgn_q_pairs(rms, m, rcp);
-}
-
 /* Totals of m short rows of s (fewer than 8 full chunks each, none partial): every
  * chunk sum of the step at once, eight chunks at a time (tgn_full_chunks_f32 over the
  * rows one after another, as FLOAT_ROWS's blocked rows take them), then each row's
- * merges (the plan's triples: rows this short have no tree vectors).  The same
- * additions as the kernel's; returns the rows whose total is NaN, or -2 where the
- * chunk length has no such sums (the kernel then runs). */
+ * merges (tgn_narrow_step_totals).  The same additions as the kernel's; returns the rows
+ * whose total is NaN, or -2 where the chunk length has no such sums (the kernel then
+ * runs). */
 static int64_t short_totals(const tgn_rows_cfg_t *c, const float *s, int64_t m, float *tot)
 {
     const int64_t n_full = c->hidden / c->chunk;
-    float pre[7 * MAX_STEP], work[16];
-    if (n_full * c->chunk != c->hidden || n_full >= 8 || 2 * n_full > 16 ||
+    float pre[7 * MAX_STEP];
+    if (n_full * c->chunk != c->hidden || n_full >= 8 || c->n_adds >= 16 - n_full ||
         !tgn_full_chunks_f32(s, c->chunk, n_full * m, pre))
         return -2;
-    int64_t nan = 0;
-    for (int64_t k = 0; k < m; ++k) {
-        const float *row = pre + k * n_full;
-        float t;
-        if (n_full == 1) {
-            t = row[0];
-        } else {
-            memcpy(work, row, (size_t)n_full * sizeof(float));
-            for (int64_t a = 0; a < c->n_adds; ++a)
-                work[c->adds[3 * a]] = work[c->adds[3 * a + 1]] + work[c->adds[3 * a + 2]];
-            t = work[c->root];
-        }
-        tot[k] = t;
-        nan += t != t;
-    }
-    return nan;
+    return tgn_narrow_step_totals(c, pre, m, tot);
 }
 
 /* Rows [i, i + m) of the step in s: the kernel's sums (each row's total, or exact pair),
@@ -207,7 +173,7 @@ static int64_t fused_step(const tgn_narrow_t *job, float *s, int64_t i, int64_t 
             bad = kernel(job, s, m, 0, rms, job->flags & ~(int64_t)TGN_TOTAL_AS_RMS);
         if (bad < 0)
             return bad;
-        divisors(rms, m, d, job->eps, rms, rcp);
+        tgn_narrow_divisors(rms, m, d, job->eps, rms, rcp);
         for (int64_t k = 0; k < m; ++k)
             bad += finalize_narrow(s + k * d, job->w, d, rms[k], rcp + 2 * k, c->y_dtype,
                                    (uint16_t *)job->y + (i + k) * d, ranged, clean,
@@ -230,82 +196,34 @@ static int64_t fused_step(const tgn_narrow_t *job, float *s, int64_t i, int64_t 
     return bad;
 }
 
-/* Rows without the scratch.  For the common plan (float sums, chunks of 64, 128 or 256
- * in whole groups of 8 and the tree's merges, no residual, a narrow y of x's dtype, a
- * clean weight) a row's sums widen x as they load it (tgn_narrow_chunks_f32) and
- * FINALIZE widens it again, from L1, instead of writing 4 bytes a value of fp32 scratch
- * and reading them twice: the same values in the same operations, so the same bits,
- * and a smaller working set (x, y and the fp32 weight: 32 KiB for a row of 4096, with
- * no 16 KiB of scratch beside them in a 48 KiB L1).  A row with a tiny value (bf16) or
- * an rms outside the quotient's range (zero, infinite, NaN rows) goes to the scratch
- * path, which gives it the same bits or counts it. */
-#define DIRECT_SLOTS 2048 /* slots for n_full chunks and their n_full - 1 merges */
-
-#if defined(TGN_WIDEN32) && TGN_QUOTIENT_LANES == LANES
-static int direct_plan(const tgn_narrow_t *job)
-{
-    const tgn_rows_cfg_t *c = job->cfg;
-    const int64_t d = c->hidden, n_full = d / c->chunk;
-    return !c->exact && !job->r && job->w_clean && c->y_dtype == c->x_dtype && (job->flags & TGN_TREE_ADDS) &&
-           !(job->flags & (TGN_ROUND_QUOTIENT | TGN_ROUND_PRODUCT)) && n_full * c->chunk == d && n_full % 8 == 0 &&
-           2 * n_full <= DIRECT_SLOTS && (c->chunk == 64 || c->chunk == 128 || c->chunk == 256);
-}
-
-/* Row k of the job; returns 0 (done: nothing to count, as the plan's rows have no NaN
- * product) or -1: left to the scratch path. */
-static int direct_row(const tgn_narrow_t *job, int64_t k, const uint16_t *next)
-{
-    const tgn_rows_cfg_t *c = job->cfg;
-    const int64_t d = c->hidden, code = c->x_dtype;
-    const int bf16 = code == TGN_DTYPE_BF16;
-    const uint16_t *x = (const uint16_t *)job->x + k * d;
-    float slots[DIRECT_SLOTS];
-    int tiny = 1;
-    if (!tgn_narrow_chunks_f32(x, code, c->chunk, d / c->chunk, slots, &tiny) || tiny)
-        return -1;
-    tgn_adds_tree_f32(slots, d / c->chunk);
-    const float rms = rms_of_total_float(slots[c->root], d, job->eps); /* TGN_TOTAL_AS_RMS's value */
-    if (!tgn_quotient_rms_in_range(rms))
-        return -1;
-    if (job->total)
-        ((float *)job->total)[k] = rms;
-    const tgn_q_div_t dv = tgn_q_setup(rms);
-    uint16_t *y = (uint16_t *)job->y + k * d;
-    const int stream = (job->flags & TGN_STREAM_STORES) && (uintptr_t)y % 64 == 0;
-    const float *w = job->w;
-    __m512i least = _mm512_setzero_si512(); /* (the sums checked the row) */
-    for (int64_t j = 0; j < d; j += 2 * LANES) {
-        if (next)
-            __builtin_prefetch(next + j, 0, 3); /* one line: 32 narrow values */
-        __m512 a0, a1;
-        tgn_widen32(x + j, bf16, &a0, &a1, &least);
-        clean_pair(a0, a1, w ? w + j : 0, &dv, code, y + j, stream);
-    }
-    return 0;
-}
-#endif
-
 static int64_t scratch_rows(const tgn_narrow_t *job, int64_t i, int64_t n);
 
 int64_t tgn_narrow_rows(const tgn_narrow_t *job, int64_t i, int64_t n)
 {
-#if defined(TGN_WIDEN32) && TGN_QUOTIENT_LANES == LANES
-    if (direct_plan(job)) {
-        const int64_t d = job->cfg->hidden;
-        int64_t bad = 0;
+    const int64_t d = job->cfg->hidden;
+    int64_t bad = 0;
+    if (tgn_narrow_direct_plan(job)) { /* long rows without the scratch (native_narrow_direct.c) */
         for (int64_t k = i; k < i + n && bad >= 0; ++k) {
             const uint16_t *next = k + 1 < i + n ? (const uint16_t *)job->x + (k + 1) * d : 0;
-            if (direct_row(job, k, next) < 0) {
+            if (tgn_narrow_direct_row(job, k, next) < 0) {
                 int64_t got = scratch_rows(job, k, 1);
                 bad = got < 0 ? got : bad + got;
             }
         }
-        if (job->flags & TGN_STREAM_STORES)
-            tgn_store_fence();
-        return bad;
+    } else if (tgn_narrow_short_plan(job)) { /* short ones, a step at a time */
+        for (int64_t k = i; k < i + n && bad >= 0; k += TGN_NARROW_SHORT_STEP) {
+            const int64_t m = i + n - k < TGN_NARROW_SHORT_STEP ? i + n - k : TGN_NARROW_SHORT_STEP;
+            if (tgn_narrow_short_step(job, k, m) < 0) {
+                int64_t got = scratch_rows(job, k, m);
+                bad = got < 0 ? got : bad + got;
+            }
+        }
+    } else {
+        return scratch_rows(job, i, n);
     }
-#endif
-    return scratch_rows(job, i, n);
+    if (job->flags & TGN_STREAM_STORES)
+        tgn_store_fence();
+    return bad;
 }
 
 /* The rows through the fp32 scratch, a step of rows at a time */

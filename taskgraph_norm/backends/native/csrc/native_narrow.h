@@ -73,7 +73,7 @@ static inline __mmask16 tiny_lanes(__m512 v)
 static inline int tiny1(float f) { return (tgn_bits_of(f) & 0x7fffffffu) - 1u < TGN_Q_LO - 1u; }
 
 /* y = s rounded to the narrow dtype, n values; returns whether s holds a NaN */
-static int narrow(const float *s, int64_t code, uint16_t *y, int64_t n)
+static inline int narrow(const float *s, int64_t code, uint16_t *y, int64_t n)
 {
     int64_t j = 0;
     int nan = 0;
@@ -267,7 +267,7 @@ static inline __attribute__((always_inline)) int quotient_dtype(const float *s, 
 
 /* rcp: rms's reciprocal pair (tgn_q_setup's r and rl, made for a step's rows at once:
  * native_narrow.c's divisors), or NULL: made here. */
-static int finalize_narrow(float *s, const float *w, int64_t n, float rms, const float *rcp, int64_t code,
+static inline int finalize_narrow(float *s, const float *w, int64_t n, float rms, const float *rcp, int64_t code,
                            uint16_t *y, int ranged, int clean, const uint16_t *ahead, int64_t flags)
 {
 #if defined(LANES) && TGN_QUOTIENT_LANES == LANES

@@ -192,6 +192,23 @@ typedef struct tgn_narrow {
 
 /* Rows [i, i + n) of the job; returns a nonzero count when some row is left to the caller. */
 int64_t tgn_narrow_rows(const tgn_narrow_t *job, int64_t i, int64_t n);
+
+/* native_narrow_direct.c: the rows without the fp32 scratch.  Whether the call's long
+ * rows (whole groups of 8 chunks) or short ones (fewer than 8) may take them; a long row
+ * k (next: the row after it, prefetched, or NULL), or a step of m <= TGN_NARROW_SHORT_STEP
+ * short rows from row i: 0 when done, -1 when left to the scratch path (nothing
+ * written). */
+#define TGN_NARROW_SHORT_STEP 32
+int tgn_narrow_direct_plan(const tgn_narrow_t *job);
+int tgn_narrow_short_plan(const tgn_narrow_t *job);
+int tgn_narrow_direct_row(const tgn_narrow_t *job, int64_t k, const uint16_t *next);
+int tgn_narrow_short_step(const tgn_narrow_t *job, int64_t i, int64_t m);
+/* The rms of m rows from their totals (rms_of_total_float's operations, 16 rows a vector;
+ * rms may be tot) and their reciprocal pairs (tgn_q_pairs) into rcp. */
+void tgn_narrow_divisors(const float *tot, int64_t m, int64_t d, double eps, float *rms, float *rcp);
+/* The totals of m rows of c's short rows from their chunk sums pre (n_full a row, one
+ * row after another), each row's merges the plan's triples; returns the NaN totals. */
+int64_t tgn_narrow_step_totals(const tgn_rows_cfg_t *c, const float *pre, int64_t m, float *tot);
 /* 1 when every one of the n values of w (NULL: none) is +-0 or finite and at least 2^-30
  * in magnitude, so no product of a quotient in range with it is a NaN or subnormal. */
 int tgn_narrow_weight_clean(const float *w, int64_t n);
