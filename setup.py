@@ -4,7 +4,8 @@
 exact rows, with ``native_finalize.h``'s FINALIZE) and ``native_sums.c`` (the float chunk sums),
 ``native_backward.c`` and ``native_dw.c``/``native_dw_fused.c``/``native_dw_round.c`` (the backward, the exact weight
 gradient),
-``native_narrow.c`` (bf16 and fp16 rows through the forward's fp32 kernels),
+``native_narrow.c`` (bf16 and fp16 rows through the forward's fp32 kernels) and ``native_narrow_direct.c``
+(those rows without the fp32 scratch),
 ``native_layer.c`` (LayerNorm's float rows), ``native_layer_exact.c`` (its exact rows),
 ``native_layer_backward.c`` (its backward), ``native_gate.c`` and ``native_gated.c`` (the gate's
 silu, and gated and grouped rows in one pass),
