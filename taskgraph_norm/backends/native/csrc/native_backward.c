@@ -333,7 +333,7 @@ int64_t tgn_backward_rows_f32(const float *x, const float *dy, const float *w, c
     const float fd = (float)(double)hidden;
     /* The fused exact dW's rows from memory (stream) run 16 at a time: the folds then find
      * the block's x and dy (512 KiB at 4096 wide) in L2, where 32 rows with their dx
-     * overflowed a 1 MiB L2 (C call at 1024 x 4096 on two threads: 1372 -> 1250 us).  The
+     * overflowed a 1 MiB L2 (C call at 1024 x 4096 on two threads: 1323 -> 1269 us).  The
      * digits are integer sums, so the blocks do not change them; on rows held in L3 the
      * folds' per-block work cost more than it saved (64 x 4096: 119 -> 142 us), and a
      * float dW's blocks are its merge's. */

@@ -217,8 +217,9 @@ static inline TGN_QV tgn_q_vec_ranged(const tgn_q_div_t *d, TGN_QV a)
 #endif
 
 /* tgn_q_setup's y and yl for n divisors b at once, into pairs[2 k] and pairs[2 k + 1]
- * (native_narrow.c makes a step of short rows' pairs in one pass): the same three
- * operations, lane by lane (tests/test_native_quotient_widths.py compares them). */
+ * (native_narrow_direct.c's tgn_narrow_divisors: a step of short rows' pairs in one
+ * pass): the same three operations, lane by lane (tests/test_native_quotient_widths.py
+ * compares them). */
 static inline void tgn_q_pairs(const float *b, int64_t n, float *pairs)
 {
     int64_t k = 0;
