@@ -67,11 +67,13 @@ int64_t tgn_narrow_step_totals(const tgn_rows_cfg_t *c, const float *pre, int64_
 
 #define DIRECT_SLOTS 2048 /* slots for n_full chunks and their n_full - 1 merges */
 
-/* What both kinds of rows need of the call */
+/* What both kinds of rows need of the call (an fp32 x with a weight made here has no
+ * narrow values to widen: every row would be handed back) */
 static int direct_call(const tgn_narrow_t *job)
 {
     const tgn_rows_cfg_t *c = job->cfg;
     return !c->exact && !job->r && job->w_clean && c->y_dtype == c->x_dtype &&
+           (c->x_dtype == TGN_DTYPE_BF16 || c->x_dtype == TGN_DTYPE_F16) &&
            !(job->flags & (TGN_ROUND_QUOTIENT | TGN_ROUND_PRODUCT)) &&
            (c->chunk == 64 || c->chunk == 128 || c->chunk == 256) && c->hidden % c->chunk == 0;
 }
