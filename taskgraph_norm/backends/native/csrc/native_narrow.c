@@ -153,8 +153,7 @@ static int64_t short_totals(const tgn_rows_cfg_t *c, const float *s, int64_t m, 
 {
     const int64_t n_full = c->hidden / c->chunk;
     float pre[7 * MAX_STEP];
-    if (n_full * c->chunk != c->hidden || n_full >= 8 || c->n_adds >= 16 - n_full ||
-        !tgn_full_chunks_f32(s, c->chunk, n_full * m, pre))
+    if (!tgn_narrow_short_rows(c) || !tgn_full_chunks_f32(s, c->chunk, n_full * m, pre))
         return -2;
     return tgn_narrow_step_totals(c, pre, m, tot);
 }

@@ -266,14 +266,13 @@ static inline __attribute__((always_inline)) int quotient_dtype(const float *s, 
 #endif
 
 /* rcp: rms's reciprocal pair (tgn_q_setup's r and rl, made for a step's rows at once:
- * native_narrow.c's divisors), or NULL: made here. */
+ * tgn_narrow_divisors), or NULL: made here. */
 static inline int finalize_narrow(float *s, const float *w, int64_t n, float rms, const float *rcp, int64_t code,
-                           uint16_t *y, int ranged, int clean, const uint16_t *ahead, int64_t flags)
+                                  uint16_t *y, int ranged, int clean, const uint16_t *ahead, int64_t flags)
 {
 #if defined(LANES) && TGN_QUOTIENT_LANES == LANES
     if (tgn_quotient_rms_in_range(rms)) {
-        const tgn_q_div_t dv = rcp ? (tgn_q_div_t){_mm512_set1_ps(rms), _mm512_set1_ps(rcp[0]), _mm512_set1_ps(rcp[1])}
-                                   : tgn_q_setup(rms);
+        const tgn_q_div_t dv = rcp ? tgn_q_from_pair(rms, rcp) : tgn_q_setup(rms);
         /* TGN_STREAM_STORES: non-temporal stores where y is 64-byte aligned (then every
          * vector, and every pair a clean bf16 row stores at once, is); the caller fences */
         const int stream = (flags & TGN_STREAM_STORES) && (uintptr_t)y % 64 == 0;

@@ -43,6 +43,12 @@ void tgn_narrow_divisors(const float *tot, int64_t m, int64_t d, double eps, flo
     tgn_q_pairs(rms, m, rcp);
 }
 
+int tgn_narrow_short_rows(const tgn_rows_cfg_t *c)
+{
+    const int64_t n_full = c->hidden / c->chunk;
+    return n_full * c->chunk == c->hidden && n_full < 8 && c->n_adds < 16 - n_full; /* (work[16] below) */
+}
+
 int64_t tgn_narrow_step_totals(const tgn_rows_cfg_t *c, const float *pre, int64_t m, float *tot)
 {
     const int64_t n_full = c->hidden / c->chunk;
@@ -92,8 +98,7 @@ int tgn_narrow_direct_plan(const tgn_narrow_t *job)
 int tgn_narrow_short_plan(const tgn_narrow_t *job)
 {
 #if defined(TGN_WIDEN32) && TGN_QUOTIENT_LANES == LANES
-    const int64_t n_full = job->cfg->hidden / job->cfg->chunk;
-    return direct_call(job) && n_full < 8 && job->cfg->n_adds < 16 - n_full;
+    return direct_call(job) && tgn_narrow_short_rows(job->cfg);
 #else
     (void)job;
     return 0;
@@ -163,7 +168,7 @@ int tgn_narrow_short_step(const tgn_narrow_t *job, int64_t i, int64_t m)
     uint16_t *y = (uint16_t *)job->y + i * d;
     const int stream = (job->flags & TGN_STREAM_STORES) && (uintptr_t)y % 64 == 0; /* (then every row's is) */
     for (int64_t k = 0; k < m; ++k) {
-        const tgn_q_div_t dv = {_mm512_set1_ps(rms[k]), _mm512_set1_ps(rcp[2 * k]), _mm512_set1_ps(rcp[2 * k + 1])};
+        const tgn_q_div_t dv = tgn_q_from_pair(rms[k], rcp + 2 * k);
         direct_finalize(x + k * d, d, code, job->w, &dv, y + k * d, stream, 0);
     }
     return 0;

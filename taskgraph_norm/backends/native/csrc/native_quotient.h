@@ -180,6 +180,13 @@ static inline tgn_q_div_t tgn_q_setup(float rms)
     return d;
 }
 
+/* tgn_q_setup's divisor from a pair tgn_q_pairs made: pair[0] = y, pair[1] = yl */
+static inline tgn_q_div_t tgn_q_from_pair(float rms, const float *pair)
+{
+    tgn_q_div_t d = {TGN_Q_SET1(rms), TGN_Q_SET1(pair[0]), TGN_Q_SET1(pair[1])};
+    return d;
+}
+
 /* a / b per lane, IEEE division's bits; b from tgn_q_setup of an rms for which
  * tgn_quotient_rms_in_range holds (a vector with a lane outside a's range divides). */
 static inline TGN_QV tgn_q_vec(const tgn_q_div_t *d, TGN_QV a)

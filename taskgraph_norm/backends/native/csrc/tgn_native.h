@@ -206,6 +206,9 @@ int tgn_narrow_short_step(const tgn_narrow_t *job, int64_t i, int64_t m);
 /* The rms of m rows from their totals (rms_of_total_float's operations, 16 rows a vector;
  * rms may be tot) and their reciprocal pairs (tgn_q_pairs) into rcp. */
 void tgn_narrow_divisors(const float *tot, int64_t m, int64_t d, double eps, float *rms, float *rcp);
+/* Whether c's rows are short: fewer than 8 full chunks and no partial one (and merges
+ * few enough for tgn_narrow_step_totals). */
+int tgn_narrow_short_rows(const tgn_rows_cfg_t *c);
 /* The totals of m rows of c's short rows from their chunk sums pre (n_full a row, one
  * row after another), each row's merges the plan's triples; returns the NaN totals. */
 int64_t tgn_narrow_step_totals(const tgn_rows_cfg_t *c, const float *pre, int64_t m, float *tot);
